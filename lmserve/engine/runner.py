@@ -1,0 +1,116 @@
+"""The only place that builds tensors: one step's inputs, the model call, sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
+from lmserve.model.attention import AttentionMetadata, PrefillSeq
+from lmserve.request import SampleLogprobs
+from lmserve.sampling.sampler import Sampler, SamplingMetadata, to_sample_logprobs
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor  # (num_tokens,)
+    positions: torch.Tensor  # (num_tokens,)
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # (num_sampled,) rows of the hidden states to sample from
+    sampled_seqs: list[ScheduledSeq]
+
+
+@dataclass
+class StepResult:
+    token_ids: dict[str, int]
+    logprobs: dict[str, SampleLogprobs]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 block_size: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        inp = self.prepare(out)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        if not inp.sampled_seqs:
+            return StepResult({}, {})
+        logits = self.model.compute_logits(hidden[inp.logits_indices])  # (num_sampled, vocab)
+        return self._sample(logits, inp.sampled_seqs)
+
+    def prepare(self, out: SchedulerOutput) -> ModelInput:
+        # Decodes first (one token each, batched attention), then prefill chunks.
+        decodes = [s for s in out.seqs if s.num_new_tokens == 1]
+        prefills = [s for s in out.seqs if s.num_new_tokens > 1]
+        ids, positions, slots, logits_rows, sampled = [], [], [], [], []
+        prefill_meta = []
+        for seq in decodes + prefills:
+            req, start = seq.request, seq.num_computed_tokens
+            end = start + seq.num_new_tokens
+            if seq.num_new_tokens > 1:
+                prefill_meta.append(PrefillSeq(len(ids), seq.num_new_tokens, end,
+                                               self._slots(req.block_ids, end) if start else None))
+            ids.extend(req.all_ids[start:end])
+            positions.extend(range(start, end))
+            slots.append(self._slots(req.block_ids, end)[start:end])
+            if seq.samples:
+                logits_rows.append(len(ids) - 1)
+                sampled.append(seq)
+        meta = AttentionMetadata(torch.cat(slots), len(decodes), *self._decode_tables(decodes), prefill_meta)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return ModelInput(as_long(ids), as_long(positions), meta, as_long(logits_rows), sampled)
+
+    def _slots(self, block_ids: list[int], length: int) -> torch.Tensor:
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        offsets = torch.arange(self.block_size, device=self.device)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:length]  # (length,)
+
+    def _decode_tables(self, decodes: list[ScheduledSeq]):
+        if not decodes:
+            return None, None
+        context_lens = np.array([s.num_computed_tokens + 1 for s in decodes])
+        max_blocks = max(len(s.request.block_ids) for s in decodes)
+        table = np.zeros((len(decodes), max_blocks), dtype=np.int64)  # padded with block 0, masked below
+        for row, seq in enumerate(decodes):
+            table[row, : len(seq.request.block_ids)] = seq.request.block_ids
+        max_len = int(context_lens.max())
+        slots = (table[:, :, None] * self.block_size + np.arange(self.block_size)).reshape(len(decodes), -1)
+        slots = torch.from_numpy(np.ascontiguousarray(slots[:, :max_len])).to(self.device)  # (S, L)
+        valid = torch.from_numpy(np.arange(max_len)[None, :] < context_lens[:, None]).to(self.device)
+        bias = torch.zeros(valid.shape, device=self.device).masked_fill_(~valid, float("-inf"))
+        return slots, bias[:, None, None, :]  # (S, 1, 1, L)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
+        requests = [s.request for s in seqs]
+        meta = SamplingMetadata(
+            params=[r.params for r in requests],
+            prompt_ids=[r.prompt_ids for r in requests],
+            output_ids=[r.output_ids for r in requests],
+            generators=[self._generator(r) for r in requests],
+        )
+        result = self.sampler(logits, meta)
+        token_ids = result.token_ids.tolist()  # the step's one host sync
+        logprobs = to_sample_logprobs(result, meta.params)
+        ids = [r.request_id for r in requests]
+        return StepResult(dict(zip(ids, token_ids)),
+                          {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None})
+
+    def _generator(self, request) -> torch.Generator | None:
+        seed = request.params.seed
+        if seed is None:
+            return None
+        if request.request_id not in self.generators:
+            self.generators[request.request_id] = torch.Generator(self.device).manual_seed(seed)
+        return self.generators[request.request_id]

@@ -1,0 +1,157 @@
+"""Continuous batching by token counts. Pure Python: no torch.
+
+Every step, running requests go first (decodes and unfinished prefill chunks), then waiting
+ones join with whatever their cached prefix saves them, all under one token budget. Prefill,
+chunked prefill, prefix hits and recompute after preemption are the same path: a request
+needs `num_tokens - num_computed_tokens` more tokens through the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from lmserve.cache.block_pool import BlockPool
+from lmserve.cache.prefix import hash_full_blocks
+from lmserve.config import SchedulerConfig
+from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
+from lmserve.request import FinishReason, Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool):
+        self.config = config
+        self.block_size = block_size
+        self.pool = pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow(request, count):
+                victim = self.running.pop()  # the newest request makes room
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is request:
+                    break
+            else:
+                out.seqs.append(ScheduledSeq(request, count))
+                budget -= count
+                index += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if not request.block_ids:
+                self._take_cached_prefix(request)
+            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow(request, count):
+                self._drop_blocks(request)  # hold nothing while waiting; the lookup is redone next time
+                break  # waiting requests never preempt running ones
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(ScheduledSeq(request, count))
+            budget -= count
+
+    def _take_cached_prefix(self, request: Request) -> None:
+        # At least one token must run through the model to produce logits.
+        ids = request.all_ids
+        request.block_hashes = hash_full_blocks(ids, self.block_size, request.block_hashes)
+        usable = (len(ids) - 1) // self.block_size
+        request.block_ids = self.pool.lookup(request.block_hashes[:usable])
+        request.num_computed_tokens = len(request.block_ids) * self.block_size
+        request.num_registered_blocks = len(request.block_ids)
+        if request.num_preemptions == 0:
+            request.num_cached_prompt_tokens = request.num_computed_tokens
+
+    def _grow(self, request: Request, count: int) -> bool:
+        """Give `request` blocks for `count` more tokens; False if the pool is short."""
+        needed = math.ceil((request.num_computed_tokens + count) / self.block_size) - len(request.block_ids)
+        if needed <= 0:
+            return True
+        blocks = self.pool.allocate(needed)
+        if blocks is None:
+            return False
+        request.block_ids.extend(blocks)
+        return True
+
+    def _drop_blocks(self, request: Request) -> None:
+        self.pool.release(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.num_registered_blocks = 0
+
+    def _preempt(self, request: Request) -> None:
+        self._drop_blocks(request)
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance scheduled requests by the tokens they ran and append the sampled ones.
+        Returns the requests that finished by length or stop token in this step."""
+        finished = []
+        for seq in out.seqs:
+            request = seq.request
+            if request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += seq.num_new_tokens
+            self._register_full_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_output(token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+                finished.append(request)
+        return finished
+
+    def _register_full_blocks(self, request: Request) -> None:
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= request.num_registered_blocks:
+            return
+        request.block_hashes = hash_full_blocks(request.all_ids[: num_full * self.block_size],
+                                                self.block_size, request.block_hashes[:num_full])
+        for index in range(request.num_registered_blocks, num_full):
+            self.pool.register(request.block_ids[index], request.block_hashes[index])
+        request.num_registered_blocks = num_full
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
+            return FinishReason.STOP
+        if len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Finish a request wherever it is and free its blocks. Idempotent."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.pool.release(request.block_ids)
+        request.block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason

@@ -1,0 +1,84 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is two tensors of shape (num_slots, num_kv_heads, head_dim), where
+slot = block_id * block_size + offset. The runner orders each step's tokens decodes first
+(one query token per sequence), then prefill chunks, and describes them here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    """One sequence's chunk of query tokens [query_start, query_start + query_len)."""
+
+    query_start: int
+    query_len: int
+    context_len: int  # tokens attended to, the chunk included
+    slot_ids: torch.Tensor | None  # (context_len,) cache slots; None when the chunk is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) cache slot written by each token
+    num_decodes: int  # the first num_decodes tokens are single-token decodes
+    decode_slots: torch.Tensor | None  # (num_decodes, max_context_len) slots to read, padded
+    decode_bias: torch.Tensor | None  # (num_decodes, 1, 1, max_context_len) 0 or -inf for padding
+    prefills: list[PrefillSeq]
+
+
+def write_kv(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    k_cache, v_cache = cache
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """q (num_tokens, num_heads, head_dim); k, v the same tokens' keys and values, already in
+    the cache. Returns (num_tokens, num_heads * head_dim)."""
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], cache, meta, scale)
+    for seq in meta.prefills:
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], cache, seq, scale)
+    return out.flatten(1)
+
+
+def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    # A grouped matmul + softmax beats SDPA for single-token queries on CPU.
+    k_cache, v_cache = cache
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    keys = k_cache[meta.decode_slots].to(q.dtype)  # (S, L, Hkv, D)
+    values = v_cache[meta.decode_slots].to(q.dtype)  # (S, L, Hkv, D)
+    q = q.view(num_seqs, num_kv_heads, group, head_dim)  # (S, Hkv, G, D)
+    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, L)
+    probs = torch.softmax(scores + meta.decode_bias, dim=-1)
+    return torch.matmul(probs, values.transpose(1, 2)).view(num_seqs, num_heads, head_dim)
+
+
+def _prefill_attention(q, k, v, cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
+    if seq.slot_ids is None:
+        mask, causal = None, True
+    else:
+        k_cache, v_cache = cache
+        k = k_cache[seq.slot_ids].to(q.dtype)  # (context_len, Hkv, D)
+        v = v_cache[seq.slot_ids].to(q.dtype)
+        offset = seq.context_len - seq.query_len
+        mask = torch.ones(seq.query_len, seq.context_len, dtype=torch.bool, device=q.device).tril(offset)
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+    )  # (1, H, query_len, D)
+    return out.squeeze(0).transpose(0, 1)

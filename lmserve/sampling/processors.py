@@ -1,0 +1,103 @@
+"""Logits processors: repetition, presence and frequency penalties, and logit bias.
+
+Each function edits some rows of a contiguous (B, V) float32 logits tensor in place and
+touches only the token ids it is given (gather, compute, scatter back), so the cost grows
+with the number of ids, not with B * V. Rows not listed are left alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RowTokens:
+    """Token ids of some rows of a (B, V) logits tensor, padded into a rectangle.
+
+    Padding repeats the row's last id, so a scatter that writes the same value for every copy
+    of an id stays exact on the padding.
+    """
+
+    rows: torch.Tensor  # (n,) int64 batch row of each entry
+    ids: torch.Tensor  # (n, L) int64 token ids
+    valid: torch.Tensor  # (n, L) bool, False on padding
+
+    @classmethod
+    def build(cls, rows: list[int], id_lists: list[Sequence[int]], device: torch.device) -> RowTokens:
+        """Pad `id_lists[i]` (the ids of batch row `rows[i]`, non-empty) into tensors on `device`."""
+        lengths = np.array([len(ids) for ids in id_lists], dtype=np.int64)  # (n,)
+        assert lengths.min(initial=1) > 0, "rows without token ids should be left out"
+        # One C-level pass over all ids: torch.tensor on nested lists is ~7x slower.
+        flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=lengths.sum())
+        width = max(1, int(lengths.max(initial=1)))
+        positions = np.minimum(np.arange(width)[None, :], lengths[:, None] - 1)  # (n, L)
+        starts = np.cumsum(lengths) - lengths  # (n,)
+        return cls(
+            rows=torch.tensor(rows, dtype=torch.int64, device=device),
+            ids=torch.from_numpy(flat[starts[:, None] + positions]).to(device),
+            valid=torch.from_numpy(np.arange(width)[None, :] < lengths[:, None]).to(device),
+        )
+
+    def flat_index(self, vocab_size: int) -> torch.Tensor:
+        """(n, L) positions of the ids in the flattened (B * V) logits."""
+        return self.rows[:, None] * vocab_size + self.ids
+
+    def counts(self, vocab_size: int) -> torch.Tensor:
+        """(n, V) float32 occurrences of each token id in each listed row; padding counts 0."""
+        counts = torch.zeros(self.ids.shape[0], vocab_size, device=self.ids.device)  # (n, V)
+        return counts.scatter_add_(1, self.ids, self.valid.to(counts.dtype))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, tokens: RowTokens, penalties: list[float]) -> None:
+    """HF/vLLM repetition penalty, in place.
+
+    For every id in `tokens` (the row's prompt and output), the logit is divided by the row's
+    penalty if positive and multiplied by it otherwise. `penalties[i]` belongs to `tokens.rows[i]`.
+    """
+    flat, index = logits.view(-1), tokens.flat_index(logits.shape[1])
+    penalty = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]  # (n, 1)
+    values = flat.take(index)  # (n, L)
+    flat.put_(index, torch.where(values > 0, values / penalty, values * penalty))
+
+
+def apply_presence_frequency_penalties(
+    logits: torch.Tensor, tokens: RowTokens, presence: list[float], frequency: list[float]
+) -> None:
+    """OpenAI presence/frequency penalties over generated tokens, in place.
+
+    A token occurring `count` times in the row's output loses
+    `frequency * count + presence * (count > 0)`. `presence[i]`, `frequency[i]` belong to
+    `tokens.rows[i]`.
+    """
+    flat, index = logits.view(-1), tokens.flat_index(logits.shape[1])
+    counts = tokens.counts(logits.shape[1]).gather(1, tokens.ids)  # (n, L)
+    presence_t = torch.tensor(presence, dtype=logits.dtype, device=logits.device)[:, None]
+    frequency_t = torch.tensor(frequency, dtype=logits.dtype, device=logits.device)[:, None]
+    # Every copy of an id (padding included) reads the same count, so duplicate writes agree.
+    delta = counts * frequency_t + presence_t  # (n, L); every listed id occurs at least once
+    flat.put_(index, flat.take(index) - delta)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[int],
+                     biases: list[Sequence[tuple[int, float]]]) -> None:
+    """Add OpenAI logit_bias (token id -> bias in [-100, 100]) to the listed rows, in place.
+
+    Raises ValueError for a token id outside the logits' vocabulary; the server should have
+    rejected it already, so reaching this is a conversion bug rather than a user error.
+    """
+    vocab_size = logits.shape[1]
+    entries = [(row, token_id, value) for row, bias in zip(rows, biases) for token_id, value in bias]
+    bad = [token_id for _, token_id, _ in entries if not 0 <= token_id < vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token ids {bad} are outside the vocabulary ({vocab_size})")
+    if not entries:
+        return
+    row_ids, token_ids, values = zip(*entries)
+    index = (torch.tensor(row_ids, device=logits.device), torch.tensor(token_ids, device=logits.device))
+    values_t = torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    logits.index_put_(index, values_t, accumulate=True)  # accumulate: a repeated id adds up

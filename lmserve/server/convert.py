@@ -1,0 +1,302 @@
+"""Requests -> engine inputs: prompt token ids and one SamplingParams per choice.
+
+Every recognised request field is honoured here or refused with a 400 naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from lmserve.request import SamplingParams
+from lmserve.server.errors import bad_request, unsupported
+from lmserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ContentPart,
+    SamplingFields,
+)
+
+if TYPE_CHECKING:
+    from lmserve.text.tokenizer import Tokenizer
+
+MAX_ABS_LOGIT_BIAS = 100.0
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One choice of a response: one engine request."""
+
+    index: int  # choice index in the response
+    request_id: str  # engine request id
+    prompt_index: int  # which of the plan's prompts it continues
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything the engine runs for one API request."""
+
+    prompts: list[list[int]]  # prompt token ids, one list per prompt
+    sequences: list[Sequence]
+    echo_texts: list[str] | None = None  # per prompt: text put before each choice's output
+
+    @property
+    def want_logprobs(self) -> bool:
+        return self.sequences[0].params.logprobs is not None
+
+
+# ---------------------------------------------------------------- chat
+
+
+def chat_plan(
+    request: ChatCompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int
+) -> GenerationPlan:
+    """Render the chat template, tokenize it, and build one SamplingParams per choice."""
+    _check_chat_supported(request)
+    _check_stream_options(request)
+    prompt_ids = _render_chat(request.messages, tokenizer)
+    if not prompt_ids:
+        raise bad_request("the rendered chat prompt is empty", param="messages")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    base = _base_params(request, tokenizer, logprobs)
+    max_tokens, param = _requested_max_tokens(request)
+    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
+    return GenerationPlan([prompt_ids], _sequences([prompt_ids], base, request.n, response_id, limit))
+
+
+def _check_chat_supported(request: ChatCompletionRequest) -> None:
+    if request.response_format is not None and request.response_format.type != "text":
+        raise unsupported("response_format", f"response_format type '{request.response_format.type}'")
+    if request.tools and request.tool_choice != "none":
+        raise unsupported("tools", "tool calling ('tools')")
+    if request.tool_choice not in (None, "none", "auto"):
+        raise unsupported("tool_choice", f"tool_choice {request.tool_choice!r}")
+    if request.functions and request.function_call != "none":
+        raise unsupported("functions", "function calling ('functions')")
+    if request.function_call not in (None, "none", "auto"):
+        raise unsupported("function_call", f"function_call {request.function_call!r}")
+    if request.audio is not None:
+        raise unsupported("audio", "audio output")
+    if request.modalities and any(m != "text" for m in request.modalities):
+        raise unsupported("modalities", f"modalities {request.modalities!r} (only ['text'])")
+    if request.top_logprobs and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+
+
+def _requested_max_tokens(request: ChatCompletionRequest) -> tuple[int | None, str]:
+    if request.max_completion_tokens is not None:
+        return request.max_completion_tokens, "max_completion_tokens"
+    return request.max_tokens, "max_tokens"
+
+
+def _render_chat(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]:
+    rendered = [_template_message(message, i) for i, message in enumerate(messages)]
+    try:
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tools=None)
+    except ValueError as exc:  # ChatTemplateError: the template rejected these messages
+        raise bad_request(str(exc), param="messages") from exc
+    # The template already holds BOS where the model wants one.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:
+    """The message as the chat template sees it: plain-text content, extra fields kept."""
+    rendered = message.model_dump(exclude_none=True)
+    # "developer" is OpenAI's newer name for the system role; templates know "system".
+    rendered["role"] = "system" if message.role == "developer" else message.role
+    rendered["content"] = _text_content(message.content, i)
+    return rendered
+
+
+def _text_content(content: str | list[ContentPart] | None, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    for j, part in enumerate(content):
+        _check_text_part(part, f"messages[{i}].content[{j}]")
+    return "\n".join(part.text for part in content)
+
+
+def _check_text_part(part: ContentPart, param: str) -> None:
+    if part.type != "text":
+        raise unsupported(param, f"content part type '{part.type}' (only 'text')")
+    if part.text is None:
+        raise bad_request("a text content part needs 'text'", param=f"{param}.text")
+
+
+# ---------------------------------------------------------------- text completions
+
+
+def completion_plan(
+    request: CompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int
+) -> GenerationPlan:
+    """Tokenize the prompt(s) and build n SamplingParams per prompt."""
+    _check_completion_supported(request)
+    _check_stream_options(request)
+    prompt_items = _prompt_items(request.prompt)
+    prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
+    base = _base_params(request, tokenizer, request.logprobs)
+    limit = _ContextLimit(max_model_len, request.max_tokens, "max_tokens", prompt_param="prompt")
+    sequences = _sequences(prompts, base, request.n, response_id, limit)
+    echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
+    return GenerationPlan(prompts, sequences, echo_texts)
+
+
+def _check_completion_supported(request: CompletionRequest) -> None:
+    if request.suffix:
+        raise unsupported("suffix", "'suffix' (insertion)")
+    if request.best_of is not None and request.best_of > request.n:
+        raise unsupported("best_of", "best_of > n")
+    if request.best_of is not None and request.best_of < request.n:
+        raise bad_request(f"best_of ({request.best_of}) must be >= n ({request.n})", param="best_of")
+    if request.echo and request.logprobs is not None:
+        raise unsupported("echo", "echo with logprobs (prompt logprobs)")
+
+
+def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The request's prompts as a list: one string or one list of token ids each."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int]:
+    param = f"prompt[{i}]" if i else "prompt"
+    if not item:
+        raise bad_request("prompt must not be empty", param=param)
+    if isinstance(item, str):
+        return tokenizer.encode(item, add_special_tokens=True)
+    return _checked_token_ids(item, tokenizer.vocab_size, param)
+
+
+def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special_tokens: bool) -> list[str]:
+    return [
+        item if isinstance(item, str) else tokenizer.decode(item, skip_special_tokens=skip_special_tokens)
+        for item in items
+    ]
+
+
+# ---------------------------------------------------------------- shared
+
+
+def _check_stream_options(request: SamplingFields) -> None:
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _base_params(request: SamplingFields, tokenizer: Tokenizer, logprobs: int | None) -> SamplingParams:
+    """The request's sampling fields as SamplingParams (max_tokens is set per prompt later)."""
+    vocab_size = tokenizer.vocab_size
+    optional = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": 0 if request.top_k == -1 else request.top_k,  # vLLM spells "off" as -1
+        "min_p": request.min_p,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "repetition_penalty": request.repetition_penalty,
+        "seed": request.seed,
+    }
+    return _make_params(
+        **{name: value for name, value in optional.items() if value is not None},
+        logit_bias=_logit_bias(request.logit_bias or {}, vocab_size),
+        stop=_stop_strings(request.stop),
+        stop_token_ids=tuple(_checked_token_ids(request.stop_token_ids or [], vocab_size, "stop_token_ids")),
+        ignore_eos=request.ignore_eos,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        skip_special_tokens=request.skip_special_tokens,
+        logprobs=logprobs,
+    )
+
+
+def _make_params(**kwargs: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:  # its message starts with the field's name: "top_p must be ..."
+        message = str(exc)
+        raise bad_request(message, param=message.split(" ", 1)[0]) from exc
+
+
+def _logit_bias(logit_bias: dict[str, float], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    pairs = []
+    for key, bias in logit_bias.items():
+        if not key.strip().isdigit() or int(key) >= vocab_size:
+            raise bad_request(
+                f"logit_bias key {key!r} is not a token id below {vocab_size}", param="logit_bias"
+            )
+        if abs(bias) > MAX_ABS_LOGIT_BIAS:
+            raise bad_request(f"logit_bias values must be in [-100, 100], got {bias}", param="logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if any(s == "" for s in strings):
+        raise bad_request("stop strings must not be empty", param="stop")
+    return strings
+
+
+def _checked_token_ids(token_ids: list[int], vocab_size: int, param: str) -> list[int]:
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
+    return list(token_ids)
+
+
+@dataclass(frozen=True)
+class _ContextLimit:
+    """max_tokens as requested, checked against the room the context leaves after a prompt."""
+
+    max_model_len: int
+    requested: int | None  # None: all the remaining context
+    param: str  # "max_tokens" or "max_completion_tokens"
+    prompt_param: str  # "messages" or "prompt"
+
+    def max_tokens_for(self, num_prompt_tokens: int) -> int:
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"request has {num_prompt_tokens} input tokens. Please reduce the length of the input.",
+                param=self.prompt_param,
+                code="context_length_exceeded",
+            )
+        if self.requested is None:
+            return room
+        if self.requested > room:
+            raise bad_request(
+                f"'{self.param}' is too large: {self.requested}. This model's maximum context length is "
+                f"{self.max_model_len} tokens and your request has {num_prompt_tokens} input tokens "
+                f"({self.requested} > {self.max_model_len} - {num_prompt_tokens}).",
+                param=self.param,
+                code="context_length_exceeded",
+            )
+        return self.requested
+
+
+def _sequences(
+    prompts: list[list[int]], base: SamplingParams, n: int, response_id: str, limit: _ContextLimit
+) -> list[Sequence]:
+    """n choices per prompt; choice index = prompt_index * n + i, as OpenAI numbers them."""
+    num_choices = len(prompts) * n
+    sequences = []
+    for prompt_index, prompt_ids in enumerate(prompts):
+        params = replace(base, max_tokens=limit.max_tokens_for(len(prompt_ids)))
+        for i in range(n):
+            index = prompt_index * n + i
+            request_id = response_id if num_choices == 1 else f"{response_id}-{index}"
+            sequences.append(Sequence(index, request_id, prompt_index, _seeded(params, index)))
+    return sequences
+
+
+def _seeded(params: SamplingParams, index: int) -> SamplingParams:
+    # Distinct seeds keep seeded choices reproducible without making them identical.
+    return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)

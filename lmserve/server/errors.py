@@ -1,0 +1,113 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, and their handlers."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
+
+logger = logging.getLogger(__name__)
+
+# pydantic puts union members and validator kinds into error locations: "str", "list[int]",
+# "function-after[...]", "ContentPart". They are not fields, so they stay out of `param`.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[A-Z]\w*)$|[\[\-]")
+
+
+class APIError(Exception):
+    """An error the client gets as an OpenAI error body with this HTTP status."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unsupported(param: str, what: str | None = None) -> APIError:
+    """A recognised parameter (or value) that lmserve does not implement yet."""
+    detail = what or f"'{param}'"
+    return bad_request(f"{detail} is not supported by lmserve", param=param, code="unsupported_parameter")
+
+
+def server_error(message: str, status_code: int = 500) -> APIError:
+    return APIError(status_code, message, type="server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _handle_api_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
+    app.add_exception_handler(Exception, _handle_unexpected)
+
+
+async def _handle_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code)
+
+
+async def _handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(validation_error(exc.errors()).body(), status_code=400)
+
+
+async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    body = error_body(str(exc.detail), kind, code=str(exc.status_code))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, ClientDisconnect):  # a stream's client went away (ASGI 2.4 servers)
+        logger.info("client disconnected from %s", request.url.path)
+        return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    body = error_body(f"internal server error: {type(exc).__name__}: {exc}", "server_error")
+    return JSONResponse(body, status_code=500)
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """Turn pydantic's error list into one 400 naming the first offending field."""
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    if first["type"] == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return bad_request(f"malformed JSON body: {detail}".rstrip(": "))
+    param = error_param(first["loc"])
+    if param is None:
+        return bad_request(f"invalid request body: {first['msg']}")
+    if first["type"] == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param=param)
+    return bad_request(f"Invalid value for '{param}': {first['msg']}", param=param)
+
+
+def error_param(loc: tuple | list) -> str | None:
+    """("body", "messages", 0, "role") -> "messages[0].role"; None for the body as a whole."""
+    param = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not _UNION_TAG.search(part):
+            param += f".{part}" if param else part
+    return param or None

@@ -1,0 +1,94 @@
+"""Run the sequences of one API request on the engine and merge their outputs.
+
+Each sequence's engine generator is driven by its own task so the choices of an n > 1
+request interleave as they are produced. Whatever ends the merge (done, error, client gone,
+cancellation), every engine generator is closed before it returns: that aborts unfinished
+requests and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+
+from lmserve.request import RequestOutput
+from lmserve.server.convert import GenerationPlan, Sequence
+
+if TYPE_CHECKING:
+    from lmserve.engine.async_engine import AsyncEngine
+
+T = TypeVar("T")
+_DONE = object()  # a pump's last queue item
+
+
+async def merge_outputs(
+    engine: AsyncEngine, plan: GenerationPlan
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yield (choice index, output) for all sequences of `plan` as the engine produces them.
+
+    Use it under `contextlib.aclosing` so an early exit closes the engine generators at once.
+    An exception raised by the engine is re-raised here.
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    pumps = [
+        asyncio.create_task(_pump(seq.index, _generate(engine, plan, seq), queue)) for seq in plan.sequences
+    ]
+    try:
+        num_running = len(pumps)
+        while num_running:
+            index, item = await queue.get()
+            if item is _DONE:
+                num_running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        await _stop(pumps)
+
+
+def _generate(engine: AsyncEngine, plan: GenerationPlan, seq: Sequence) -> AsyncIterator[RequestOutput]:
+    return engine.generate(seq.request_id, plan.prompts[seq.prompt_index], seq.params)
+
+
+async def _pump(index: int, outputs: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:
+    try:
+        async for output in outputs:
+            queue.put_nowait((index, output))
+    except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        queue.put_nowait((index, exc))
+    finally:
+        await outputs.aclose()  # cancelled mid-request: the engine aborts it here
+        queue.put_nowait((index, _DONE))
+
+
+async def _stop(pumps: list[asyncio.Task]) -> None:
+    for pump in pumps:
+        pump.cancel()
+    # Shielded: when the client disconnects, the caller runs inside a cancelled scope.
+    with anyio.CancelScope(shield=True):
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def until_disconnected(receive: Callable[[], Awaitable[dict]], work: Awaitable[T]) -> T | None:
+    """Await `work`, or cancel it and return None if the HTTP client disconnects first.
+
+    For non-streaming responses, whose request body has already been read: the next ASGI
+    message is the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        await _stop([task] if not task.done() else [])
+    return None if task.cancelled() else task.result()
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,185 @@
+"""Server-sent events: the chunk streams of chat and text completions.
+
+Framing is `data: {json}\\n\\n` per chunk and `data: [DONE]\\n\\n` at the end. An error after
+the stream has started is sent as `data: {"error": {...}}` before [DONE]. Closing the stream
+(client gone) closes the engine generators, which aborts their requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+import anyio
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+from lmserve.request import RequestOutput
+from lmserve.server.convert import GenerationPlan
+from lmserve.server.errors import APIError, server_error
+from lmserve.server.fanout import merge_outputs
+from lmserve.server.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+)
+from lmserve.server.results import (
+    ResponseMeta,
+    chat_logprobs,
+    check_finished,
+    completion_logprobs,
+    finish_name,
+    new_results,
+    usage,
+)
+
+if TYPE_CHECKING:
+    from lmserve.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A StreamingResponse that always closes its event generator, however sending ends.
+
+    Starlette leaves the generator suspended when `send` fails on a dropped connection;
+    closing it here aborts the engine requests now rather than at garbage collection.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def frame(chunk: BaseModel, include_usage: bool) -> str:
+    """One SSE event; chunks carry a `usage` key only when the client asked for usage."""
+    return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
+
+
+async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events`, then [DONE]; an error raised on the way becomes an error event first."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    except APIError as exc:
+        yield _error_event(exc)
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report it in-band
+        logger.exception("error while streaming")
+        yield _error_event(server_error(f"internal server error: {type(exc).__name__}: {exc}"))
+    yield DONE
+
+
+def _error_event(error: APIError) -> str:
+    return f"data: {json.dumps(error.body(), ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------- chat
+
+
+async def chat_events(
+    engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool
+) -> AsyncIterator[str]:
+    """Role chunk per choice, content chunks as produced, a finish chunk per choice, usage."""
+
+    def event(choices: list[ChatChunkChoice], **fields: object) -> str:
+        chunk = ChatCompletionChunk(
+            id=meta.id, created=meta.created, model=meta.model, choices=choices, **fields
+        )
+        return frame(chunk, include_usage)
+
+    for seq in plan.sequences:
+        yield event([ChatChunkChoice(index=seq.index, delta=DeltaMessage(role="assistant", content=""))])
+    results = new_results(plan)
+    async with aclosing(merge_outputs(engine, plan)) as outputs:
+        async for index, output in outputs:
+            results[index].add(output)
+            for choice in _chat_choices(engine, plan, index, output):
+                yield event([choice])
+    check_finished(results)
+    if include_usage:
+        yield event([], usage=usage(plan, results))
+
+
+def _chat_choices(
+    engine: AsyncEngine, plan: GenerationPlan, index: int, output: RequestOutput
+) -> list[ChatChunkChoice]:
+    choices = []
+    logprobs = None
+    if plan.want_logprobs and output.new_logprobs:
+        logprobs = chat_logprobs(engine.tokenizer, output.new_logprobs)
+    if output.text_delta or logprobs:
+        choices.append(
+            ChatChunkChoice(index=index, delta=DeltaMessage(content=output.text_delta), logprobs=logprobs)
+        )
+    if output.finish_reason is not None:
+        choices.append(
+            ChatChunkChoice(
+                index=index, delta=DeltaMessage(), finish_reason=finish_name(output.finish_reason)
+            )
+        )
+    return choices
+
+
+# ---------------------------------------------------------------- text completions
+
+
+async def completion_events(
+    engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool
+) -> AsyncIterator[str]:
+    """The echoed prompt (if asked), text chunks as produced, a finish chunk per choice, usage."""
+
+    def event(choices: list[CompletionChoice], **fields: object) -> str:
+        chunk = CompletionResponse(
+            id=meta.id, created=meta.created, model=meta.model, choices=choices, **fields
+        )
+        return frame(chunk, include_usage)
+
+    offsets = {}  # choice index -> text offset of its next token, for logprobs
+    for seq in plan.sequences:
+        prefix = plan.echo_texts[seq.prompt_index] if plan.echo_texts else ""
+        offsets[seq.index] = len(prefix)
+        if prefix:
+            yield event([CompletionChoice(index=seq.index, text=prefix)])
+    results = new_results(plan)
+    async with aclosing(merge_outputs(engine, plan)) as outputs:
+        async for index, output in outputs:
+            results[index].add(output)
+            for choice in _completion_choices(engine, plan, index, output, offsets):
+                yield event([choice])
+    check_finished(results)
+    if include_usage:
+        yield event([], usage=usage(plan, results))
+
+
+def _completion_choices(
+    engine: AsyncEngine, plan: GenerationPlan, index: int, output: RequestOutput, offsets: dict[int, int]
+) -> list[CompletionChoice]:
+    choices = []
+    logprobs = None
+    if plan.want_logprobs and output.new_logprobs:
+        logprobs = completion_logprobs(engine.tokenizer, output.new_logprobs, offsets[index])
+        offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+    if output.text_delta or logprobs:
+        choices.append(CompletionChoice(index=index, text=output.text_delta, logprobs=logprobs))
+    if output.finish_reason is not None:
+        choices.append(
+            CompletionChoice(index=index, text="", finish_reason=finish_name(output.finish_reason))
+        )
+    return choices

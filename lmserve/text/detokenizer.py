@@ -1,0 +1,103 @@
+"""Incremental detokenization for streaming: UTF-8 safe text deltas with stop strings."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+from lmserve.text.tokenizer import Tokenizer
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's generated token ids into text deltas, one instance per sequence.
+
+    Contract:
+    - A delta never ends inside a multi-byte character: bytes wait until the character completes
+      (invalid bytes become U+FFFD, as a plain decode would make them).
+    - No delta contains any part of a stop string: the longest tail of the pending text that could
+      begin a stop string is held back until it can no longer.
+    - Without a stop, the deltas of `add` plus `flush` equal `tokenizer.decode(all_ids,
+      skip_special_tokens)` (exactly, for vocabularies whose token bytes are exact).
+    - When a stop string completes, `add` returns the text before the earliest one (and the stop
+      string itself if include_stop_str_in_output) with stopped=True; no `add` may follow.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+    ):
+        self._tokenizer = tokenizer
+        self._stop = [s for s in stop if s]  # an empty stop string would match everywhere
+        self._skip_special_tokens = skip_special_tokens
+        self._include_stop = include_stop_str_in_output
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip_space = tokenizer.strip_leading_space  # drop the first byte if it is a space
+        self._pending = ""  # decoded, not yet emitted: it may be the start of a stop string
+        self._emitted: list[str] = []  # deltas so far; joined on demand (no quadratic +=)
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._emitted)
+
+    def add(self, token_ids: list[int]) -> tuple[str, bool]:
+        """Feed newly generated ids; returns (text safe to emit now, stopped_by_stop_string)."""
+        assert not self.stopped, "add() after a stop string matched"
+        self._pending += self._utf8.decode(self._bytes_of(token_ids))
+        if not self._stop:
+            return self._emit(len(self._pending)), False
+        match = self._earliest_stop()
+        if match is not None:
+            start, stop = match
+            self.stopped = True
+            return self._emit(start + len(stop) if self._include_stop else start), True
+        return self._emit(len(self._pending) - self._held_back_length()), False
+
+    def flush(self) -> str:
+        """At the end of a sequence not stopped by a stop string: everything still held back."""
+        if self.stopped:
+            return ""
+        self._pending += self._utf8.decode(b"", final=True)
+        return self._emit(len(self._pending))
+
+    def _bytes_of(self, token_ids: list[int]) -> bytes:
+        tok = self._tokenizer
+        if self._skip_special_tokens:
+            data = b"".join([tok.token_bytes(i) for i in token_ids if not tok.is_special(i)])
+        else:
+            data = b"".join([tok.token_bytes(i) for i in token_ids])
+        if self._strip_space and data:
+            # SentencePiece: decode() drops one leading space of the whole text, so do we.
+            self._strip_space = False
+            if data[:1] == b" ":
+                data = data[1:]
+        return data
+
+    def _earliest_stop(self) -> tuple[int, str] | None:
+        """(start, stop string) of the first stop string in the pending text, if any."""
+        best = None
+        for stop in self._stop:
+            start = self._pending.find(stop)
+            if start >= 0 and (best is None or start < best[0]):
+                best = (start, stop)
+        return best
+
+    def _held_back_length(self) -> int:
+        """Length of the longest suffix of the pending text that is a prefix of some stop string."""
+        pending = self._pending
+        longest = min(len(pending), max(len(s) for s in self._stop) - 1)
+        for length in range(longest, 0, -1):
+            tail = pending[-length:]
+            if any(stop.startswith(tail) for stop in self._stop):
+                return length
+        return 0
+
+    def _emit(self, end: int) -> str:
+        delta, self._pending = self._pending[:end], self._pending[end:]
+        if delta:
+            self._emitted.append(delta)
+        return delta

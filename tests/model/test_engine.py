@@ -1,0 +1,127 @@
+"""The engine on the real default model: continuous batching over the paged cache gives each
+sequence exactly what it gets alone; seeds, stop strings and aborts behave per sequence."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.engine.engine import LLMEngine
+from lmserve.request import FinishReason, SamplingParams
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain gravity to a child in one sentence, please, with an example from everyday life.",
+    "Hi",
+    "What is 2 + 2? Answer with one number only.",
+    "Name a color, any color you like.",
+    "Describe a cat. " * 12,
+]
+
+
+def make_engine(loaded, kv_bytes=64 << 20, budget=64, max_seqs=8, max_len=1024) -> LLMEngine:
+    config = EngineConfig("unused", "test", cache=CacheConfig(16, kv_bytes),
+                          scheduler=SchedulerConfig(max_seqs, budget, max_len))
+    return LLMEngine(config, loaded)
+
+
+def chat_ids(tokenizer, text):
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]),
+                            add_special_tokens=False)
+
+
+def run_staggered(engine, prompts, params, start_every=2):
+    """Add one prompt every `start_every` steps while the others run."""
+    tokens = {f"r{i}": [] for i in range(len(prompts))}
+    pending = list(enumerate(prompts))
+    steps = 0
+    while pending or engine.has_unfinished:
+        if pending and steps % start_every == 0:
+            i, prompt = pending.pop(0)
+            engine.add_request(f"r{i}", prompt, params)
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+        steps += 1
+    return [tokens[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def engine(default_model):
+    return make_engine(default_model)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(default_model):
+    return [chat_ids(default_model.tokenizer, p) for p in PROMPTS]
+
+
+def test_paris(engine, default_model):
+    [out] = engine.generate([chat_ids(default_model.tokenizer, PROMPTS[0])], SamplingParams(temperature=0, max_tokens=20))
+    assert "Paris" in default_model.tokenizer.decode(out)
+
+
+def test_staggered_batch_equals_each_prompt_alone(engine, prompt_ids):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [engine.generate([ids], params)[0] for ids in prompt_ids]
+    assert len({len(ids) for ids in prompt_ids}) == len(prompt_ids)  # all lengths differ
+    assert run_staggered(engine, prompt_ids, params) == alone
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model, prompt_ids):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    roomy = make_engine(default_model)
+    alone = [roomy.generate([ids], params)[0] for ids in prompt_ids]
+    # 15 blocks of 16 tokens: not enough for all 8 at once, so requests get preempted.
+    tight = make_engine(default_model, kv_bytes=15 * 16 * 46080, budget=16, max_len=240)
+    assert tight.pool.num_blocks == 15
+    preempted = 0
+    original_step = tight.step
+
+    def counting_step():
+        nonlocal preempted
+        outputs = original_step()
+        preempted += tight.last_stats.num_preempted
+        return outputs
+
+    tight.step = counting_step
+    got = run_staggered(tight, prompt_ids, params, start_every=1)
+    assert preempted > 0
+    assert got == alone
+
+
+def test_seeded_sampling_ignores_batch_neighbours(engine, prompt_ids):
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
+    [alone] = engine.generate([prompt_ids[1]], seeded)
+    engine.add_request("noise-a", prompt_ids[0], SamplingParams(temperature=1.0, max_tokens=10))
+    engine.add_request("noise-b", prompt_ids[3], SamplingParams(temperature=0.7, max_tokens=10))
+    [together] = engine.generate([prompt_ids[1]], seeded)
+    while engine.has_unfinished:
+        engine.step()
+    assert together == alone
+
+
+def test_stop_string_finishes_and_is_not_emitted(engine, default_model):
+    tok = default_model.tokenizer
+    engine.add_request("s", chat_ids(tok, PROMPTS[0]), SamplingParams(temperature=0, max_tokens=30, stop=("France",)))
+    outputs = []
+    while engine.has_unfinished:
+        outputs.extend(engine.step())
+    text = "".join(o.text_delta for o in outputs)
+    assert outputs[-1].finish_reason == FinishReason.STOP
+    assert text == "The capital of "
+
+
+def test_abort_frees_blocks(engine, prompt_ids):
+    engine.add_request("a", prompt_ids[3], SamplingParams(temperature=0, max_tokens=50))
+    engine.step()
+    assert engine.pool.num_free < engine.pool.num_blocks
+    engine.abort_request("a")
+    assert engine.pool.num_free == engine.pool.num_blocks and not engine.has_unfinished
+
+
+def test_prompt_longer_than_context_is_refused(engine):
+    with pytest.raises(ValueError, match="1024"):
+        engine.add_request("long", [1] * 1024, SamplingParams())

@@ -1,0 +1,103 @@
+"""lmserve's Llama and Qwen2 models against transformers on tiny random configs, loaded from
+safetensors folders and from GGUF files, through the paged KV cache (whole prefill, chunked
+prefill and single-token decodes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.cache.kv_cache import allocate_kv_caches
+from lmserve.model.attention import AttentionMetadata, PrefillSeq
+from lmserve.weights.load import load_weights
+from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model, write_gguf
+
+BLOCK = 4
+
+
+def reference_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()  # (len, vocab)
+
+
+def _slots(block_ids, length):
+    return (torch.tensor(block_ids)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:length]
+
+
+def run_paged(model, config, ids: list[int], chunks: list[int]) -> torch.Tensor:
+    """Feed `ids` in chunks of the given sizes (size 1 goes through the decode path) over a
+    cache whose blocks are deliberately out of order; return logits for every position."""
+    caches = allocate_kv_caches(config, 64, BLOCK, torch.float32, torch.device("cpu"))
+    block_ids = list(range(63, 63 - (len(ids) + BLOCK - 1) // BLOCK, -1))
+    logits, start = [], 0
+    for size in chunks:
+        end = start + size
+        all_slots = _slots(block_ids, end)
+        if size == 1:
+            meta = AttentionMetadata(all_slots[start:end], 1, all_slots[None, :], torch.zeros(1, 1, 1, end), [])
+        else:
+            meta = AttentionMetadata(all_slots[start:end], 0, None, None,
+                                     [PrefillSeq(0, size, end, all_slots if start else None)])
+        hidden = model(torch.tensor(ids[start:end]), torch.arange(start, end), caches, meta)
+        logits.append(model.compute_logits(hidden))
+        start = end
+    return torch.cat(logits)
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def family(request):
+    return request.param
+
+
+def test_safetensors_prefill_matches_transformers(tmp_path, family):
+    hf = tiny_hf_model(family)
+    model, config, _ = load_weights(save_hf_folder(hf, tmp_path / "m"))
+    ids = torch.randint(0, 300, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = run_paged(model, config, ids, [23])
+    torch.testing.assert_close(ours, reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_and_decode_match_transformers(tmp_path, family):
+    hf = tiny_hf_model(family, seed=3)
+    model, config, _ = load_weights(save_hf_folder(hf, tmp_path / "m"))
+    ids = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours = run_paged(model, config, ids, [7, 9, 1, 1, 5, 1, 6])
+    torch.testing.assert_close(ours, reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embeddings(tmp_path):
+    hf = tiny_hf_model("llama", tie=True, seed=5)
+    model, config, _ = load_weights(save_hf_folder(hf, tmp_path / "m"))
+    assert config.tie_word_embeddings
+    ids = list(range(10, 30))
+    torch.testing.assert_close(run_paged(model, config, ids, [20]), reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_gguf_f32_matches_transformers(tmp_path, family, tie):
+    hf = tiny_hf_model(family, tie=tie, seed=7)
+    model, config, gguf = load_weights(write_gguf(hf, tmp_path / "m.gguf", family))
+    assert gguf.architecture == family and config.attention_bias == (family == "qwen2")
+    ids = list(range(40, 61))
+    ours = run_paged(model, config, ids, [12, 1, 1, 7])
+    torch.testing.assert_close(ours, reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant,tolerance", [("F16", 2e-2), ("BF16", 1e-1), ("Q8_0", 1e-1)])
+def test_gguf_quantized_close_to_transformers(tmp_path, quant, tolerance):
+    hf = tiny_hf_model("llama", seed=9)
+    model, config, _ = load_weights(write_gguf(hf, tmp_path / "m.gguf", "llama", quant))
+    ids = list(range(5, 25))
+    diff = (run_paged(model, config, ids, [20]) - reference_logits(hf, ids)).abs().max().item()
+    assert 0 < diff < tolerance  # dequantized, so close but not bit-equal
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    import gguf
+
+    path = tmp_path / "x.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    with pytest.raises(ValueError, match="mamba"):
+        load_weights(path)

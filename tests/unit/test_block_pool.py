@@ -1,0 +1,79 @@
+from lmserve.cache.block_pool import BlockPool
+from lmserve.cache.prefix import hash_block, hash_full_blocks
+
+
+def test_allocate_until_empty_and_release_returns_blocks():
+    pool = BlockPool(4)
+    assert pool.allocate(3) == [0, 1, 2]
+    assert pool.allocate(2) is None  # only one left: all or nothing
+    assert pool.num_free == 1
+    pool.release([0, 1, 2])
+    assert pool.num_free == 4 and pool.ref_counts == [0, 0, 0, 0]
+
+
+def test_release_puts_tail_blocks_first_in_eviction_order():
+    pool = BlockPool(4)
+    blocks = pool.allocate(4)
+    pool.release(blocks)
+    assert pool.allocate(4) == [3, 2, 1, 0]
+
+
+def test_hashes_chain_on_parent():
+    a = hash_full_blocks([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    assert len(a) == 2  # the ninth token is not a full block
+    b = hash_full_blocks([9, 9, 9, 9, 5, 6, 7, 8], 4)
+    assert a[1] != b[1]  # same tokens, different parent
+    assert a[0] == hash_block(None, [1, 2, 3, 4])
+    assert hash_full_blocks([1, 2, 3, 4, 5, 6, 7, 8], 4, known=a[:1]) == a
+
+
+def test_lookup_finds_longest_cached_run_and_takes_references():
+    pool = BlockPool(4)
+    hashes = hash_full_blocks(list(range(12)), 4)
+    blocks = pool.allocate(3)
+    for block, h in zip(blocks, hashes):
+        pool.register(block, h)
+    pool.release(blocks)
+    other = hash_full_blocks(list(range(8)) + [99, 99, 99, 99], 4)
+    found = pool.lookup(other)
+    assert found == blocks[:2]
+    assert [pool.ref_counts[b] for b in found] == [1, 1]
+    assert pool.num_free == 2
+    assert (pool.num_hits, pool.num_queries) == (2, 3)
+
+
+def test_shared_block_needs_every_reference_released():
+    pool = BlockPool(2)
+    h = hash_full_blocks([1, 2], 2)
+    [block] = pool.allocate(1)
+    pool.register(block, h[0])
+    assert pool.lookup(h) == [block]
+    assert pool.ref_counts[block] == 2
+    pool.release([block])
+    assert pool.num_free == 1  # still held by the second user
+    pool.release([block])
+    assert pool.num_free == 2
+
+
+def test_eviction_drops_hash_least_recently_freed_first():
+    pool = BlockPool(2)
+    h1, h2 = hash_block(None, [1]), hash_block(None, [2])
+    [b1] = pool.allocate(1)
+    [b2] = pool.allocate(1)
+    pool.register(b1, h1)
+    pool.register(b2, h2)
+    pool.release([b1])
+    pool.release([b2])
+    [reused] = pool.allocate(1)
+    assert reused == b1
+    assert pool.lookup([h1]) == []  # evicted
+    assert pool.lookup([h2]) == [b2]  # still cached
+
+
+def test_disabled_prefix_caching_never_hits():
+    pool = BlockPool(2, enable_prefix_caching=False)
+    h = hash_full_blocks([1, 2], 2)
+    [block] = pool.allocate(1)
+    pool.register(block, h[0])
+    pool.release([block])
+    assert pool.lookup(h) == []

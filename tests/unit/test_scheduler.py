@@ -1,0 +1,145 @@
+from lmserve.cache.block_pool import BlockPool
+from lmserve.config import SchedulerConfig
+from lmserve.engine.scheduler import Scheduler
+from lmserve.request import FinishReason, Request, RequestStatus, SamplingParams
+
+
+def make(num_blocks=16, block_size=4, budget=8, max_seqs=4, max_len=64):
+    pool = BlockPool(num_blocks)
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len), block_size, pool), pool
+
+
+def req(rid, n_prompt, max_tokens=8, first=100, **kw):
+    return Request(rid, list(range(first, first + n_prompt)), SamplingParams(max_tokens=max_tokens, **kw),
+                   eos_token_ids=frozenset({2}))
+
+
+def step(sched, token=7):
+    out = sched.schedule()
+    sampled = {s.request.request_id: token for s in out.seqs if s.samples}
+    finished = sched.update(out, sampled)
+    return out, finished
+
+
+def test_long_prompt_is_chunked_under_the_token_budget():
+    sched, _ = make(budget=8)
+    r = req("a", 20)
+    sched.add(r)
+    sizes = []
+    for _ in range(3):
+        out, _ = step(sched)
+        sizes.append([(s.request.request_id, s.num_new_tokens, s.samples) for s in out.seqs])
+    assert sizes == [[("a", 8, False)], [("a", 8, False)], [("a", 4, True)]]
+    assert r.output_ids == [7] and r.num_computed_tokens == 20
+
+
+def test_running_decodes_go_before_waiting_prefill():
+    sched, _ = make(budget=8)
+    a, b = req("a", 3), req("b", 30)
+    sched.add(a)
+    step(sched)
+    sched.add(b)
+    out, _ = step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("a", 1), ("b", 7)]
+
+
+def test_finishes_on_eos_max_tokens_and_stop_ids_and_frees_blocks():
+    sched, pool = make(budget=64)
+    a, b, c = req("a", 3, max_tokens=2), req("b", 3), req("c", 3, stop_token_ids=(7,))
+    for r in (a, b, c):
+        sched.add(r)
+    _, finished = step(sched, token=7)
+    assert [r.request_id for r in finished] == ["c"]
+    out = sched.schedule()
+    finished = sched.update(out, {"a": 5, "b": 2})
+    assert {r.request_id: r.finish_reason for r in finished} == {"a": FinishReason.LENGTH, "b": FinishReason.STOP}
+    assert pool.num_free == pool.num_blocks and not sched.has_unfinished
+
+
+def test_ignore_eos_keeps_going():
+    sched, _ = make()
+    a = req("a", 3, max_tokens=3, ignore_eos=True)
+    sched.add(a)
+    for _ in range(3):
+        step(sched, token=2)
+    assert a.output_ids == [2, 2, 2] and a.finish_reason == FinishReason.LENGTH
+
+
+def test_context_length_stops_generation():
+    sched, _ = make(max_len=6)
+    a = req("a", 4, max_tokens=100)
+    sched.add(a)
+    step(sched)
+    step(sched)
+    assert a.finish_reason == FinishReason.LENGTH and a.num_tokens == 6
+
+
+def test_preemption_frees_newest_and_recomputes_it_later():
+    sched, pool = make(num_blocks=4, block_size=4, budget=64)
+    a, b = req("a", 7, max_tokens=9), req("b", 7, max_tokens=9, first=200)  # 16 tokens: a alone fits
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # both prefilled: 2 blocks each, pool exhausted
+    step(sched)  # position 7 still fits in block 2
+    assert pool.num_free == 0
+    out, _ = step(sched)  # a needs a 3rd block for position 8: b, the newest, is preempted
+    assert out.num_preempted == 1 and b.status == RequestStatus.PREEMPTED and b.block_ids == []
+    assert [s.request.request_id for s in out.seqs] == ["a"]
+    assert b.output_ids == [7, 7] and b.num_computed_tokens == 0
+    while a.status != RequestStatus.FINISHED:
+        step(sched)
+    out, _ = step(sched)  # b comes back and recomputes prompt + its generated token
+    assert out.seqs[0].request is b and out.seqs[0].num_new_tokens == 9 and out.seqs[0].samples
+
+
+def test_prefix_cache_hit_skips_cached_blocks():
+    sched, pool = make(budget=64)
+    a = req("a", 13, max_tokens=1)
+    sched.add(a)
+    step(sched)
+    assert a.is_finished
+    b = req("b", 13, max_tokens=1)
+    sched.add(b)
+    out, _ = step(sched)
+    assert out.seqs[0].num_new_tokens == 1  # 12 of 13 prompt tokens came from the cache
+    assert b.num_cached_prompt_tokens == 12
+
+
+def test_fully_cached_prompt_still_runs_its_last_block():
+    sched, _ = make(budget=64)
+    a = req("a", 8, max_tokens=1)
+    sched.add(a)
+    step(sched)
+    b = req("b", 8, max_tokens=1)
+    sched.add(b)
+    out, _ = step(sched)
+    assert out.seqs[0].num_new_tokens == 4 and b.num_cached_prompt_tokens == 4
+
+
+def test_max_num_seqs_limits_running():
+    sched, _ = make(max_seqs=2, budget=64)
+    for i in range(3):
+        sched.add(req(str(i), 3))
+    out, _ = step(sched)
+    assert len(out.seqs) == 2 and len(sched.waiting) == 1
+
+
+def test_finish_of_waiting_request_removes_it():
+    sched, _ = make()
+    a = req("a", 3)
+    sched.add(a)
+    sched.finish(a, FinishReason.ABORT)
+    assert not sched.has_unfinished and a.finish_reason == FinishReason.ABORT
+
+
+def test_preempted_request_recovers_shared_prefix_blocks():
+    # Two identical sequences share cached blocks: after preemption, the victim takes them back.
+    sched, pool = make(num_blocks=4, block_size=4, budget=64)
+    a, b = req("a", 7, max_tokens=20), req("b", 7, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    for _ in range(3):
+        out, _ = step(sched)
+    assert out.num_preempted == 1
+    assert b.block_ids[:2] == a.block_ids[:2] and pool.ref_counts[a.block_ids[0]] == 2
+    assert [s.request.request_id for s in out.seqs] == ["a", "b"]
