@@ -62,9 +62,14 @@ class AsyncEngine:
         self._commands.put(("stop",))
         self._thread.join(timeout=10)
 
-    @property
-    def num_free_blocks(self) -> int:
-        return self.engine.pool.num_free
+    def snapshot(self) -> dict[str, int]:
+        """Current load, read without locking (approximate while a step runs)."""
+        return {
+            "num_running": len(self.engine.scheduler.running),
+            "num_waiting": len(self.engine.scheduler.waiting),
+            "num_kv_blocks": self.engine.pool.num_blocks,
+            "num_free_kv_blocks": self.engine.pool.num_free,
+        }
 
     def _run(self) -> None:
         while not self._stopped:

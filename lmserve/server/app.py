@@ -79,7 +79,7 @@ def json_response(body: Any) -> Response:
 async def health(state: State) -> JSONResponse:
     if state.engine is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", **state.engine.snapshot()})
 
 
 @router.get("/models", response_model=ModelList)

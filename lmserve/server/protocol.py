@@ -85,6 +85,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's documented default for text completions (chat defaults to the remaining context);
+    # null asks for the remaining context.
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None

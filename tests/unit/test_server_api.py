@@ -78,6 +78,9 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self.closed_early.append(request_id)
 
+    def snapshot(self) -> dict[str, int]:
+        return {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 8, "num_free_kv_blocks": 8}
+
     async def generate(self, request_id, prompt_ids, params):
         self.calls.append((request_id, list(prompt_ids), params))
         finished = False
@@ -543,7 +546,7 @@ def test_health_and_loading_then_ready():
     assert_error(chat(client), 503, code="model_loading")
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] is None
     state.engine = FakeEngine()
-    assert (client.get("/health").status_code, client.get("/health").json()) == (200, {"status": "ok"})
+    assert (client.get("/health").status_code, client.get("/health").json()) == (200, {"status": "ok", **FakeEngine().snapshot()})
     assert chat(client).status_code == 200
 
 

@@ -89,7 +89,8 @@ def test_context_length_checks_name_the_numbers():
 def test_completion_prompt_forms():
     assert convert.completion_plan(CompletionRequest(prompt="ab"), "r", TOKENIZER, 50).prompts == [[0, 2, 3]]
     assert convert.completion_plan(CompletionRequest(prompt=[5, 6]), "r", TOKENIZER, 50).prompts == [[5, 6]]
-    plan = convert.completion_plan(CompletionRequest(prompt=["a", "bc"], n=2, echo=True), "r", TOKENIZER, 50)
+    request = CompletionRequest(prompt=["a", "bc"], n=2, echo=True, max_tokens=None)
+    plan = convert.completion_plan(request, "r", TOKENIZER, 50)
     assert plan.prompts == [[0, 2], [0, 3, 4]]
     assert [(s.index, s.prompt_index, s.request_id) for s in plan.sequences] == [
         (0, 0, "r-0"),
@@ -99,6 +100,8 @@ def test_completion_prompt_forms():
     ]
     assert [s.params.max_tokens for s in plan.sequences] == [48, 48, 47, 47]
     assert plan.echo_texts == ["a", "bc"]
+    default = convert.completion_plan(CompletionRequest(prompt="ab"), "r", TOKENIZER, 50)
+    assert default.sequences[0].params.max_tokens == 16  # OpenAI's default for text completions
     token_echo = convert.completion_plan(CompletionRequest(prompt=[[0, 2]], echo=True), "r", TOKENIZER, 50)
     assert token_echo.echo_texts == ["a"]
 

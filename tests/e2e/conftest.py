@@ -1,0 +1,76 @@
+"""A real `lmserve serve` process on the packaged default model, shared by the e2e tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+MAX_MODEL_LEN = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> list[int]:
+    """Poll /health; return the status codes seen (503 while loading, then 200)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            seen.append(httpx.get(f"{url}/health", timeout=2).status_code)
+            if seen[-1] == 200:
+                return seen
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("server did not become ready")
+
+
+def start_server(*extra: str):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "lmserve.cli", "serve", "--port", str(port),
+           "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB", "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        health_codes = _wait_ready(url, proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, url, health_codes
+
+
+@pytest.fixture(scope="session")
+def server():
+    proc, url, health_codes = start_server()
+    yield {"url": url, "health_codes": health_codes, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model):
+    return default_model.tokenizer

@@ -1,0 +1,87 @@
+"""User-caused errors come back OpenAI-shaped with the right status, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def post(server, path, body, raw=False):
+    content = body if raw else json.dumps(body)
+    return httpx.post(f"{server['url']}{path}", content=content, headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+def assert_error(response, status, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_malformed_json_is_400(server):
+    assert_error(post(server, "/v1/chat/completions", "{not json", raw=True), 400)
+
+
+def test_invalid_field_is_400_naming_it(server):
+    error = assert_error(post(server, "/v1/chat/completions", {"messages": PARIS, "temperature": "hot"}), 400)
+    assert "temperature" in error["message"] or error["param"] == "temperature"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=PARIS)
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_context_overflow_names_both_numbers(server):
+    error = assert_error(post(server, "/v1/completions", {"prompt": "hello " * 100, "max_tokens": 2000}), 400)
+    assert "2000" in error["message"] and "2048" in error["message"]
+
+
+def test_unsupported_parameter_is_400_naming_it(server):
+    error = assert_error(post(server, "/v1/completions", {"prompt": "hi", "suffix": "bye"}), 400, param="suffix")
+    assert "suffix" in error["message"]
+
+
+def test_unknown_extra_fields_are_tolerated(server):
+    response = post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 2, "my_extension": 1})
+    assert response.status_code == 200
+
+
+def test_routes_without_v1_prefix(server):
+    assert httpx.get(f"{server['url']}/models").status_code == 200
+    assert post(server, "/chat/completions", {"messages": PARIS, "max_tokens": 2}).status_code == 200
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    body = {"messages": PARIS, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server['url']}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        busy = httpx.get(f"{server['url']}/health").json()
+        assert busy["num_running"] == 1 and busy["num_free_kv_blocks"] < busy["num_kv_blocks"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{server['url']}/health").json()
+        if health["num_running"] == 0 and health["num_free_kv_blocks"] == health["num_kv_blocks"]:
+            break
+        time.sleep(0.05)
+    assert health["num_running"] == 0 and health["num_free_kv_blocks"] == health["num_kv_blocks"]
+    # And the server still answers.
+    assert post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 2}).status_code == 200
+
+
+def test_docs_and_openapi(server):
+    assert httpx.get(f"{server['url']}/docs").status_code == 200
+    spec = httpx.get(f"{server['url']}/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"] and "/v1/completions" in spec["paths"]
