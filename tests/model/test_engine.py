@@ -125,3 +125,21 @@ def test_abort_frees_blocks(engine, prompt_ids):
 def test_prompt_longer_than_context_is_refused(engine):
     with pytest.raises(ValueError, match="1024"):
         engine.add_request("long", [1] * 1024, SamplingParams())
+
+
+def test_model_failure_errors_that_batch_and_engine_keeps_serving(engine, prompt_ids):
+    engine.add_request("doomed", prompt_ids[0], SamplingParams(temperature=0, max_tokens=5))
+    original = engine.runner.execute
+
+    def broken(out):
+        raise RuntimeError("simulated device failure")
+
+    engine.runner.execute = broken
+    try:
+        [output] = engine.step()
+    finally:
+        engine.runner.execute = original
+    assert output.finish_reason == FinishReason.ERROR and "simulated device failure" in output.error
+    assert not engine.has_unfinished and engine.pool.num_free == engine.pool.num_blocks
+    [after] = engine.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=5))
+    assert len(after) == 5
