@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory", type=parse_size, default=parse_size("1GiB"), help="KV cache budget, e.g. 512MiB")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="matmul weight dtype; activations stay float32 (bfloat16: faster, not bit-exact)")
     serve.add_argument("--threads", type=int, help="torch threads for the engine (default: torch's)")
     serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -68,6 +70,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model_path=str(path),
         served_model_name=args.served_model_name or served_name(path),
+        dtype=args.dtype,
         num_threads=args.threads,
         cache=CacheConfig(args.block_size, args.kv_cache_memory, not args.no_prefix_caching),
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len),

@@ -18,7 +18,7 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dty
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                        device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (keys, values) pair per layer, each (num_blocks * block_size, num_kv_heads, head_dim)."""
-    shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+    """One (keys, values) pair per layer, each (num_kv_heads, num_blocks * block_size, head_dim)."""
+    shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)]

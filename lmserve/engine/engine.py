@@ -15,7 +15,7 @@ from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmserve.text.detokenizer import IncrementalDetokenizer
-from lmserve.weights.load import DTYPES, LoadedModel, load_model
+from lmserve.weights.load import LoadedModel, load_model
 
 log = logging.getLogger("lmserve.engine")
 
@@ -50,7 +50,7 @@ class LLMEngine:
                                  loaded.config.max_position_embeddings)
         device = torch.device(config.device)
         block_size = config.cache.block_size
-        kv_dtype = DTYPES[config.dtype]
+        kv_dtype = torch.float32  # bf16 K/V would add rounding on top of bf16 weights
         num_blocks = num_blocks_for_budget(loaded.config, block_size, kv_dtype, config.cache.kv_cache_memory_bytes)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(

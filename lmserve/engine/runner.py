@@ -90,7 +90,7 @@ class ModelRunner:
         slots = torch.from_numpy(np.ascontiguousarray(slots[:, :max_len])).to(self.device)  # (S, L)
         valid = torch.from_numpy(np.arange(max_len)[None, :] < context_lens[:, None]).to(self.device)
         bias = torch.zeros(valid.shape, device=self.device).masked_fill_(~valid, float("-inf"))
-        return slots, bias[:, None, None, :]  # (S, 1, 1, L)
+        return slots, bias[:, None, :]  # (S, 1, L), broadcast over (Hkv, S, G, L) scores
 
     def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
         requests = [s.request for s in seqs]

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache.
 
-The cache of one layer is two tensors of shape (num_slots, num_kv_heads, head_dim), where
-slot = block_id * block_size + offset. The runner orders each step's tokens decodes first
-(one query token per sequence), then prefill chunks, and describes them here.
+The cache of one layer is two tensors of shape (num_kv_heads, num_slots, head_dim), where
+slot = block_id * block_size + offset. Heads lead so that a gather along the slot axis comes out
+as (num_kv_heads, ...) and feeds the batched matmuls without a transposing copy. The runner
+orders each step's tokens decodes first (one query token per sequence), then prefill chunks.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot written by each token
     num_decodes: int  # the first num_decodes tokens are single-token decodes
     decode_slots: torch.Tensor | None  # (num_decodes, max_context_len) slots to read, padded
-    decode_bias: torch.Tensor | None  # (num_decodes, 1, 1, max_context_len) 0 or -inf for padding
+    decode_bias: torch.Tensor | None  # (num_decodes, 1, max_context_len) 0 or -inf for padding
     prefills: list[PrefillSeq]
 
 
 def write_kv(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
+    """k, v (num_tokens, num_kv_heads, head_dim) into their slots."""
     k_cache, v_cache = cache
-    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -53,32 +55,41 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.flatten(1)
 
 
+def _gather(cache_part: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # index_select copies whole rows; advanced indexing takes a much slower generic path.
+    num_kv_heads, _, head_dim = cache_part.shape
+    rows = cache_part.index_select(1, slots.reshape(-1)).to(dtype)
+    return rows.view(num_kv_heads, *slots.shape, head_dim)
+
+
 def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     # A grouped matmul + softmax beats SDPA for single-token queries on CPU.
     k_cache, v_cache = cache
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
+    num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
-    keys = k_cache[meta.decode_slots].to(q.dtype)  # (S, L, Hkv, D)
-    values = v_cache[meta.decode_slots].to(q.dtype)  # (S, L, Hkv, D)
-    q = q.view(num_seqs, num_kv_heads, group, head_dim)  # (S, Hkv, G, D)
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scale  # (S, Hkv, G, L)
+    keys = _gather(k_cache, meta.decode_slots, q.dtype)  # (Hkv, S, L, D)
+    values = _gather(v_cache, meta.decode_slots, q.dtype)  # (Hkv, S, L, D)
+    q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)  # (Hkv, S, G, D)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (Hkv, S, G, L)
     probs = torch.softmax(scores.float() + meta.decode_bias, dim=-1).to(q.dtype)  # softmax in fp32
-    return torch.matmul(probs, values.transpose(1, 2)).view(num_seqs, num_heads, head_dim)
+    out = torch.matmul(probs, values)  # (Hkv, S, G, D)
+    return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
 
 def _prefill_attention(q, k, v, cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
     if seq.slot_ids is None:
         mask, causal = None, True
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, context_len, D)
     else:
         k_cache, v_cache = cache
-        k = k_cache[seq.slot_ids].to(q.dtype)  # (context_len, Hkv, D)
-        v = v_cache[seq.slot_ids].to(q.dtype)
+        k = _gather(k_cache, seq.slot_ids, q.dtype)  # (Hkv, context_len, D)
+        v = _gather(v_cache, seq.slot_ids, q.dtype)
         offset = seq.context_len - seq.query_len
         mask = torch.ones(seq.query_len, seq.context_len, dtype=torch.bool, device=q.device).tril(offset)
         causal = False
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
     )  # (1, H, query_len, D)
     return out.squeeze(0).transpose(0, 1)

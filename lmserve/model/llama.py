@@ -1,7 +1,9 @@
 """Llama-family decoders (Llama 2/3, SmolLM, TinyLlama, Mistral) and Qwen2 (q/k/v biases).
 
-Parameter names mirror Hugging Face checkpoints. The model is a pure function of its inputs
-and the KV cache it is handed.
+Parameter names mirror Hugging Face checkpoints for loading; `prepare()` then fuses q/k/v and
+gate/up into single matrices and casts the projection weights to the serving dtype. The
+residual stream, norms and attention softmax stay in float32. The model is a pure function of
+its inputs and the KV cache it is handed.
 """
 
 from __future__ import annotations
@@ -12,9 +14,28 @@ from torch import nn
 
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
-from lmserve.model.rope import RotaryEmbedding
+from lmserve.model.rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Linear(nn.Linear):
+    """A projection whose weight may be stored in a narrower dtype than the activations:
+    inputs are cast to it and outputs back (bf16 weights halve the bytes read per token)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def fuse_linears(parts: list[nn.Linear], dtype: torch.dtype) -> Linear:
+    """One Linear computing all of `parts` side by side (one matmul instead of several)."""
+    weight = torch.cat([p.weight.detach() for p in parts]).to(dtype)
+    has_bias = parts[0].bias is not None
+    fused = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]).to(dtype), requires_grad=False)
+    return fused
 
 
 class RMSNorm(nn.Module):
@@ -36,14 +57,21 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.o_proj = Linear(self.num_heads * d, h, bias=False)
         self.scale = d ** -0.5
 
-    def forward(self, x, positions, rope: RotaryEmbedding, cache: KVCache, meta: AttentionMetadata):
+    def prepare(self, dtype: torch.dtype) -> None:
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj], dtype)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.o_proj.to(dtype)
+
+    def forward(self, x, rotary: tuple[torch.Tensor, torch.Tensor], cache: KVCache, meta: AttentionMetadata):
         n = x.shape[0]
-        q = rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), positions)
-        k = rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), positions)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), *rotary)
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), *rotary)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         write_kv(cache, k, v, meta.slot_mapping)
         return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
 
@@ -52,12 +80,19 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
+        self.intermediate_size = i
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        self.down_proj = Linear(i, h, bias=False)
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj], dtype)
+        del self.gate_proj, self.up_proj
+        self.down_proj.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -68,8 +103,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rope, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
+    def forward(self, x, rotary, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -83,25 +118,35 @@ class LlamaBackbone(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids (T,), positions (T,), kv_caches, meta) -> hidden (T, hidden_size);
-    compute_logits(hidden (N, hidden_size)) -> (N, vocab_size) float32."""
+    compute_logits(hidden (N, hidden_size)) -> (N, vocab_size) float32.
+    Call prepare() once after the weights are loaded."""
 
     def __init__(self, config: ModelConfig, max_positions: int, rope_freq_factors: torch.Tensor | None = None):
         super().__init__()
         self.config = config
         self.model = LlamaBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config, max_positions, rope_freq_factors)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def prepare(self, weight_dtype: torch.dtype) -> None:
+        """Fuse projections and cast matmul weights to `weight_dtype`; embeddings and norms stay float32."""
+        for layer in self.model.layers:
+            layer.self_attn.prepare(weight_dtype)
+            layer.mlp.prepare(weight_dtype)
+        if self.lm_head.weight.dtype != weight_dtype:  # a tied head gets its own narrower copy
+            self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().to(weight_dtype), requires_grad=False)
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        rotary = self.rope(positions)  # gathered once, shared by every layer
         for layer, cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, self.rope, cache, meta)
+            x = layer(x, rotary, cache, meta)
         return self.model.norm(x)
 
     @torch.inference_mode()

@@ -40,7 +40,8 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
 
 def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_positions: int | None = None) -> tuple[torch.nn.Module, ModelConfig, GGUFFile | None]:
-    """The model alone; also the opened GGUF file (None for an HF folder) for the tokenizer."""
+    """The model alone; also the opened GGUF file (None for an HF folder) for the tokenizer.
+    `dtype` is the matmul weights' dtype; activations, norms and embeddings stay float32."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
@@ -53,7 +54,8 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
         gguf = GGUFFile.open(path)
         config, tensors, freqs = _read_gguf(gguf)
     model = build_model(config, max_positions or config.max_position_embeddings, freqs)
-    _fill(model, tensors, DTYPES[dtype])
+    _fill(model, tensors, torch.float32)
+    model.prepare(DTYPES[dtype])
     return model.to(device).eval(), config, gguf
 
 
