@@ -1,0 +1,53 @@
+"""bf16 matmul weights (float32 activations) against the float32 model on the default model:
+the fast path must stay close, measured teacher-forced so one early flip does not compound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.cache.kv_cache import allocate_kv_caches
+from lmserve.cli import default_model_path
+from lmserve.model.attention import AttentionMetadata, PrefillSeq
+from lmserve.request import SamplingParams
+from lmserve.weights.load import load_model
+from tests.model.test_engine import PROMPTS, chat_ids, make_engine
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    return load_model(default_model_path(), "bfloat16", max_positions=2048)
+
+
+def all_logits(model, ids: list[int]) -> torch.Tensor:
+    caches = allocate_kv_caches(model.config, (len(ids) + 15) // 16, 16, torch.float32, torch.device("cpu"))
+    meta = AttentionMetadata(torch.arange(len(ids)), 0, None, None, [PrefillSeq(0, len(ids), len(ids), None)])
+    return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), caches, meta))
+
+
+def test_bf16_weights_are_actually_bf16(bf16_model):
+    layer = bf16_model.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    assert bf16_model.model.lm_head.weight.dtype == torch.bfloat16
+    assert layer.input_layernorm.weight.dtype == torch.float32
+
+
+def test_bf16_tracks_float32_teacher_forced(default_model, bf16_model):
+    prompts = [chat_ids(default_model.tokenizer, p) for p in PROMPTS]
+    reference = make_engine(default_model).generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    agree = total = 0
+    for prompt, output in zip(prompts, reference):
+        ids = prompt + output
+        a = all_logits(default_model.model, ids)[len(prompt) - 1:-1]
+        b = all_logits(bf16_model.model, ids)[len(prompt) - 1:-1]
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        total += len(output)
+        kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
+        assert 0 < kl < 2e-3
+    assert agree / total >= 0.95
+
+
+def test_bf16_answers_paris(bf16_model):
+    engine = make_engine(bf16_model)
+    [out] = engine.generate([chat_ids(bf16_model.tokenizer, PROMPTS[0])], SamplingParams(temperature=0, max_tokens=20))
+    assert "Paris" in bf16_model.tokenizer.decode(out)
