@@ -143,3 +143,22 @@ def test_model_failure_errors_that_batch_and_engine_keeps_serving(engine, prompt
     assert not engine.has_unfinished and engine.pool.num_free == engine.pool.num_blocks
     [after] = engine.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=5))
     assert len(after) == 5
+
+
+def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    cold_engine = make_engine(default_model)
+    cold_engine.pool.enable_prefix_caching = False
+    cold = [cold_engine.generate([ids], params)[0] for ids in prompt_ids]
+    warm_engine = make_engine(default_model)
+    warm_engine.generate([prompt_ids[7]], params)  # caches the shared system prompt and more
+    cached = []
+    for ids in prompt_ids:
+        warm_engine.add_request("w", ids, params)
+        tokens = []
+        while warm_engine.has_unfinished:
+            for out in warm_engine.step():
+                tokens.extend(out.new_token_ids)
+                cached.append(out.num_cached_tokens)
+        assert tokens == cold[prompt_ids.index(ids)]
+    assert min(cached) >= 16  # every prompt reused at least the system prompt's first block

@@ -66,6 +66,14 @@ def test_chunked_prefill_and_decode_match_transformers(tmp_path, family):
     torch.testing.assert_close(ours, reference_logits(hf, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_chunked_prefill_equals_one_shot(tmp_path):
+    hf = tiny_hf_model("qwen2", seed=4)
+    model, config, _ = load_weights(save_hf_folder(hf, tmp_path / "m"))
+    ids = list(range(3, 40))
+    one_shot = run_paged(model, config, ids, [37])
+    torch.testing.assert_close(run_paged(model, config, ids, [5, 16, 3, 13]), one_shot, atol=1e-5, rtol=1e-5)
+
+
 def test_tied_embeddings(tmp_path):
     hf = tiny_hf_model("llama", tie=True, seed=5)
     model, config, _ = load_weights(save_hf_folder(hf, tmp_path / "m"))
