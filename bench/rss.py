@@ -1,0 +1,62 @@
+"""Peak resident memory of a server process and its children, sampled on a thread."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from typing import Self  # 3.11+, and only for the checker
+
+
+class PeakRSSSampler:
+    """`with PeakRSSSampler(pid) as sampler: ...` then `sampler.peak_bytes` (None without a pid).
+
+    Sampling every 100 ms misses spikes shorter than that; a server's footprint (weights, KV cache,
+    activations of a full batch) lasts for the whole level, so the peak is still representative.
+    """
+
+    def __init__(self, pid: int | None, interval_s: float = 0.1) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+
+    def __enter__(self) -> Self:
+        if self.pid is not None:
+            self._sample()  # at least one sample, however short the level
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        rss = tree_rss_bytes(self.pid)
+        if rss is not None and (self.peak_bytes is None or rss > self.peak_bytes):
+            self.peak_bytes = rss
+
+
+def tree_rss_bytes(pid: int) -> int | None:
+    """RSS of `pid` plus all its descendants; None once the process is gone."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:  # a child that exited between listing and sampling
+            pass
+    return total
