@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import re
 import sys
 import threading
@@ -37,6 +38,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
 def served_name(path: Path) -> str:
     # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
     name = path.name if path.is_dir() else path.stem
@@ -51,15 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--served-model-name", help="the model id clients send (default: from the file name)")
-    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (prefill chunk budget)")
+    serve.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences decoded at once")
+    serve.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per engine step (prefill chunk budget)")
     serve.add_argument("--kv-cache-memory", type=parse_size, default=parse_size("1GiB"), help="KV cache budget, e.g. 512MiB")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="matmul weight dtype; activations stay float32 (bfloat16: faster, not bit-exact)")
-    serve.add_argument("--threads", type=int, help="torch threads for the engine (default: torch's)")
+    serve.add_argument("--threads", type=positive_int, help="torch threads for the engine (default: torch's)")
     serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -83,7 +94,10 @@ def serve(args: argparse.Namespace) -> None:
     from lmserve.server.app import create_app
     from lmserve.server.state import ServerState
 
-    config = engine_config(args)
+    try:
+        config = engine_config(args)
+    except ValueError as exc:
+        raise SystemExit(f"lmserve: {exc}") from None
     if not Path(config.model_path).exists():
         raise SystemExit(f"model path {config.model_path!r} does not exist")
     state = ServerState(model_id=config.served_model_name, engine=None, api_keys=tuple(args.api_key))
@@ -99,9 +113,11 @@ def _load_engine(config: EngineConfig, state) -> None:
         log.info("loading %s", config.model_path)
         state.engine = AsyncEngine(LLMEngine.from_config(config))
         log.info("model %s ready", config.served_model_name)
+    except ValueError as exc:  # a model or setting lmserve cannot serve: say why, no traceback
+        log.error("cannot serve %s: %s", config.model_path, exc)
+        os._exit(2)
     except Exception:  # noqa: BLE001 - a model that cannot load ends the server
         log.exception("failed to load the model")
-        import os
         os._exit(1)
 
 

@@ -52,6 +52,7 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed must fit in a signed 64-bit integer"),
         ]
         for ok, message in checks:
             if not ok:

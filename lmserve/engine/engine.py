@@ -46,8 +46,11 @@ class LLMEngine:
         self.config = config
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = min(config.scheduler.max_model_len or loaded.config.max_position_embeddings,
-                                 loaded.config.max_position_embeddings)
+        model_len = loaded.config.max_position_embeddings
+        if (config.scheduler.max_model_len or 0) > model_len:
+            raise ValueError(f"max_model_len {config.scheduler.max_model_len} exceeds the model's context "
+                             f"length {model_len}")
+        self.max_model_len = config.scheduler.max_model_len or model_len
         device = torch.device(config.device)
         block_size = config.cache.block_size
         kv_dtype = torch.float32  # bf16 K/V would add rounding on top of bf16 weights

@@ -56,6 +56,7 @@ def chat_plan(
     """Render the chat template, tokenize it, and build one SamplingParams per choice."""
     _check_chat_supported(request)
     _check_stream_options(request)
+    _check_known_unsupported(request)
     prompt_ids = _render_chat(request.messages, tokenizer)
     if not prompt_ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
@@ -98,7 +99,7 @@ def _render_chat(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]
     except ValueError as exc:  # ChatTemplateError: the template rejected these messages
         raise bad_request(str(exc), param="messages") from exc
     # The template already holds BOS where the model wants one.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return _encode(tokenizer, text, add_special_tokens=False, param="messages")
 
 
 def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:
@@ -136,6 +137,7 @@ def completion_plan(
     """Tokenize the prompt(s) and build n SamplingParams per prompt."""
     _check_completion_supported(request)
     _check_stream_options(request)
+    _check_known_unsupported(request)
     prompt_items = _prompt_items(request.prompt)
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
     base = _base_params(request, tokenizer, request.logprobs)
@@ -172,7 +174,7 @@ def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int
     if not item:
         raise bad_request("prompt must not be empty", param=param)
     if isinstance(item, str):
-        return tokenizer.encode(item, add_special_tokens=True)
+        return _encode(tokenizer, item, add_special_tokens=True, param=param)
     return _checked_token_ids(item, tokenizer.vocab_size, param)
 
 
@@ -184,6 +186,32 @@ def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special
 
 
 # ---------------------------------------------------------------- shared
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    # JSON may carry lone surrogates ("\ud800"): valid in a Python str, not encodable as UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode text: {exc.reason}", param=param) from exc
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+# Parameters other servers (OpenAI, vLLM, llama.cpp) accept that would change the output here
+# but are not implemented: refused by name rather than tolerated as unknown extras.
+KNOWN_UNSUPPORTED = (
+    "min_tokens", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "grammar", "json_schema", "n_predict", "chat_template_kwargs",
+    "reasoning_effort", "prediction", "web_search_options", "verbosity", "mirostat", "typical_p",
+    "tfs_z", "dynatemp_range", "xtc_probability", "dry_multiplier", "use_beam_search", "length_penalty",
+)
+
+
+def _check_known_unsupported(request: SamplingFields) -> None:
+    extras = request.model_extra or {}
+    for name in KNOWN_UNSUPPORTED:
+        if extras.get(name) is not None:
+            raise unsupported(name)
 
 
 def _check_stream_options(request: SamplingFields) -> None:
@@ -227,7 +255,7 @@ def _make_params(**kwargs: Any) -> SamplingParams:
 def _logit_bias(logit_bias: dict[str, float], vocab_size: int) -> tuple[tuple[int, float], ...]:
     pairs = []
     for key, bias in logit_bias.items():
-        if not key.strip().isdigit() or int(key) >= vocab_size:
+        if not 0 <= _token_id_key(key) < vocab_size:
             raise bad_request(
                 f"logit_bias key {key!r} is not a token id below {vocab_size}", param="logit_bias"
             )
@@ -235,6 +263,13 @@ def _logit_bias(logit_bias: dict[str, float], vocab_size: int) -> tuple[tuple[in
             raise bad_request(f"logit_bias values must be in [-100, 100], got {bias}", param="logit_bias")
         pairs.append((int(key), float(bias)))
     return tuple(pairs)
+
+
+def _token_id_key(key: str) -> int:
+    """A logit_bias key as a token id; -1 when it is not a plain decimal number."""
+    key = key.strip()
+    # isdigit() alone lets through digits int() refuses, such as "²".
+    return int(key) if key.isascii() and key.isdigit() else -1
 
 
 def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -299,4 +334,6 @@ def _sequences(
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:
     # Distinct seeds keep seeded choices reproducible without making them identical.
-    return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
+    if params.seed is None or index == 0:
+        return params
+    return replace(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)  # wrap within int64

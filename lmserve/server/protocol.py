@@ -15,7 +15,9 @@ FinishReasonName = Literal["stop", "length"]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a wrong JSON type is a 400 naming the field (as OpenAI answers), never coerced
+    # ("2" for n, "yes" for stream, 1 for logprobs); NaN and infinities are refused too.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- requests
@@ -56,7 +58,7 @@ class SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a torch generator takes 64 bits
     user: str | None = None
     # extensions
     top_k: int | None = None  # 0 or -1: off

@@ -13,11 +13,13 @@ class IncrementalDetokenizer:
 
     Contract:
     - A delta never ends inside a multi-byte character: bytes wait until the character completes
-      (invalid bytes become U+FFFD, as a plain decode would make them).
+      (invalid bytes become U+FFFD, as a plain decode would make them). A character still
+      incomplete when the sequence ends (max_tokens cut it) is dropped, not shown as U+FFFD.
     - No delta contains any part of a stop string: the longest tail of the pending text that could
       begin a stop string is held back until it can no longer.
     - Without a stop, the deltas of `add` plus `flush` equal `tokenizer.decode(all_ids,
-      skip_special_tokens)` (exactly, for vocabularies whose token bytes are exact).
+      skip_special_tokens)` (exactly, for vocabularies whose token bytes are exact), less that
+      incomplete last character.
     - When a stop string completes, `add` returns the text before the earliest one (and the stop
       string itself if include_stop_str_in_output) with stopped=True; no `add` may follow.
     """
@@ -61,7 +63,9 @@ class IncrementalDetokenizer:
         """At the end of a sequence not stopped by a stop string: everything still held back."""
         if self.stopped:
             return ""
-        self._pending += self._utf8.decode(b"", final=True)
+        # The decoder buffers only the bytes of a character that could still complete; the
+        # tokens carrying them still count as generated, their half character is not text.
+        self._utf8.reset()
         return self._emit(len(self._pending))
 
     def _bytes_of(self, token_ids: list[int]) -> bytes:

@@ -85,3 +85,39 @@ def test_docs_and_openapi(server):
     assert httpx.get(f"{server['url']}/docs").status_code == 200
     spec = httpx.get(f"{server['url']}/openapi.json").json()
     assert "/v1/chat/completions" in spec["paths"] and "/v1/completions" in spec["paths"]
+
+
+def test_wrong_json_types_are_400_not_coerced(server):
+    for field, value in (("n", "2"), ("stream", "yes"), ("max_tokens", 2.5), ("logprobs", 1)):
+        body = {"messages": PARIS, "max_tokens": 2, field: value}
+        assert_error(post(server, "/v1/chat/completions", body), 400, param=field)
+    assert_error(post(server, "/v1/chat/completions", '{"messages": [], "temperature": NaN}', raw=True), 400)
+
+
+def test_bad_values_that_used_to_fail_the_engine_are_400(server):
+    # A seed beyond 64 bits failed every request in the same engine step with a 500.
+    assert_error(post(server, "/v1/completions", {"prompt": "hi", "seed": 2**70, "max_tokens": 2}), 400, "seed")
+    assert_error(post(server, "/v1/completions", {"prompt": "hi", "logit_bias": {"²": 1}}), 400, "logit_bias")
+    body = '{"prompt": "hi \\ud800", "max_tokens": 2}'
+    assert_error(post(server, "/v1/completions", body, raw=True), 400, "prompt")
+
+
+def test_unknown_model_is_404_on_every_route(server):
+    assert_error(post(server, "/v1/completions", {"prompt": "hi", "model": "gpt-4"}), 404, "model")
+    assert_error(httpx.get(f"{server['url']}/v1/models/gpt-4"), 404, "model")
+
+
+def test_unsupported_chat_parameters_are_400_naming_them(server):
+    cases = [({"response_format": {"type": "json_object"}}, "response_format"),
+             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+             ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+              "messages[0].content[0]")]
+    for fields, param in cases:
+        error = assert_error(post(server, "/v1/chat/completions", {"messages": PARIS, **fields}), 400, param)
+        assert error["code"] == "unsupported_parameter"
+
+
+def test_chat_over_context_names_the_numbers(server):
+    body = {"messages": PARIS, "max_completion_tokens": 5000}
+    error = assert_error(post(server, "/v1/chat/completions", body), 400, "max_completion_tokens")
+    assert "5000" in error["message"] and "2048" in error["message"]

@@ -74,21 +74,32 @@ def test_real_tokens_split_emoji(tok):
 
 def test_invalid_bytes_become_replacement_like_decode(tok, byte_ids):
     for data in (
-        b"ab\xe2\x82",
         b"a\x80b",
         b"\xc3(ok",
         b"\xed\xa0\x80z",
-        b"x\xf0\x9f\x98",
+        b"x\xf0\x9f\x98y",
+        b"ab\x80",
     ):
         ids = byte_ids(data)
         deltas, _ = run(IncrementalDetokenizer(tok), ids)
         assert "".join(deltas) == tok.decode(ids) == data.decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("data", [b"ab\xe2\x82", b"x\xf0\x9f\x98", "да".encode()[:-1]])
+def test_character_cut_by_the_end_of_the_sequence_is_dropped(tok, byte_ids, data):
+    # max_tokens can stop generation inside a multi-byte character: no U+FFFD at the end.
     detok = IncrementalDetokenizer(tok)
-    assert detok.add(byte_ids(b"ab\xe2\x82")) == (
-        "ab",
-        False,
-    )  # the incomplete character waits
-    assert detok.flush() == "\ufffd"
+    text = data.decode("utf-8", errors="ignore")
+    assert detok.add(byte_ids(data)) == (text, False)  # the incomplete character waits
+    assert detok.flush() == ""
+    assert detok.text == text
+
+
+def test_character_cut_at_the_end_is_dropped_with_real_tokens(tok):
+    ids = tok.encode("Ok 😀", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, stop=["zz"])
+    deltas, _ = run(detok, ids[:-1])
+    assert "".join(deltas) == "Ok " and detok.text == "Ok "
 
 
 @pytest.mark.parametrize("skip", [True, False])

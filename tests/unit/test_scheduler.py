@@ -143,3 +143,11 @@ def test_preempted_request_recovers_shared_prefix_blocks():
     assert out.num_preempted == 1
     assert b.block_ids[:2] == a.block_ids[:2] and pool.ref_counts[a.block_ids[0]] == 2
     assert [s.request.request_id for s in out.seqs] == ["a", "b"]
+
+
+def test_seed_outside_int64_is_refused_at_construction():
+    import pytest
+
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**63)
+    assert SamplingParams(seed=-(2**63)).seed == -(2**63)

@@ -23,6 +23,7 @@ from lmserve.request import (
     SamplingParams,
     TokenLogprob,
 )
+from lmserve.server import convert
 from lmserve.server.app import create_app
 from lmserve.server.state import ServerState
 
@@ -413,6 +414,59 @@ def test_wrong_type_names_the_field():
     assert_error(make_client().post("/v1/completions", json={"prompt": {"a": 1}}), 400, "prompt")
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": "2"}, "n"),
+        ({"n": 2.0}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"temperature": True}, "temperature"),
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"seed": "7"}, "seed"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ],
+)
+def test_wrong_json_types_are_not_coerced(fields, param):
+    assert_error(chat(make_client(), **fields), 400, param)
+
+
+def raw_chat(client, body: str):
+    return client.post("/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"})
+
+
+def test_non_finite_numbers_are_400():
+    # Python's json module reads NaN and Infinity; they must not reach the sampler.
+    messages = '"messages": [{"role": "user", "content": "hi"}]'
+    for field, value, param in [
+        ("temperature", "NaN", "temperature"),
+        ("temperature", "Infinity", "temperature"),
+        ("repetition_penalty", "Infinity", "repetition_penalty"),
+        ("logit_bias", '{"5": NaN}', "logit_bias.5"),
+    ]:
+        assert_error(raw_chat(make_client(), f'{{{messages}, "{field}": {value}}}'), 400, param)
+
+
+def test_seed_outside_64_bits_is_400_not_an_engine_failure():
+    assert_error(chat(make_client(), seed=2**64), 400, "seed")
+    assert_error(chat(make_client(), seed=-(2**63) - 1), 400, "seed")
+    assert chat(make_client(), seed=2**63 - 1, n=2).status_code == 200
+
+
+def test_logit_bias_key_that_only_looks_like_a_digit_is_400():
+    assert_error(chat(make_client(), logit_bias={"²": 1}), 400, "logit_bias")
+    assert chat(make_client(), logit_bias={" 5": 1}).status_code == 200
+
+
+def test_lone_surrogates_are_400():
+    body = '{"messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    assert_error(raw_chat(make_client(), body), 400, "messages", contains=["Unicode"])
+    response = make_client().post(
+        "/v1/completions", content=b'{"prompt": ["ok", "\\udfff"]}', headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, "prompt[1]")
+
+
 def test_sampling_params_rejection_is_400():
     assert_error(chat(make_client(), top_p=0), 400, "top_p", contains=["top_p"])
     assert_error(chat(make_client(), logit_bias={"999": 1}), 400, "logit_bias")
@@ -467,6 +521,17 @@ def test_too_long_prompt_names_the_numbers():
 def test_unsupported_chat_parameters_are_refused(fields, param):
     error = assert_error(chat(make_client(), **fields), 400, param, code="unsupported_parameter")
     assert "not supported" in error["message"]
+
+
+@pytest.mark.parametrize("name", convert.KNOWN_UNSUPPORTED)
+def test_other_servers_parameters_that_change_output_are_refused_by_name(name):
+    for response in (chat(make_client(), **{name: 1}),
+                     make_client().post("/v1/completions", json={"prompt": "hi", name: 1})):
+        assert_error(response, 400, name, code="unsupported_parameter")
+
+
+def test_parameters_that_do_not_change_output_are_tolerated():
+    assert chat(make_client(), store=False, metadata={"a": "b"}, service_tier="auto").status_code == 200
 
 
 def test_tools_with_tool_choice_none_are_accepted():
