@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lmserve.text.tokenizer import (
-    PRE_TOKENIZERS,
-    ChatTemplateError,
-    Tokenizer,
-    byte_level_bytes,
-    bytes_to_unicode,
-)
+from lmserve.text.gguf_vocab import PRE_TOKENIZERS
+from lmserve.text.token_bytes import byte_level_bytes, bytes_to_unicode
+from lmserve.text.tokenizer import ChatTemplateError, Tokenizer
 from lmserve.weights.gguf import GGUFFile
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -274,8 +270,8 @@ def _spm_token_type(sp, token_id: int) -> int:
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
     """A tiny SentencePiece BPE model with byte fallback, trained here, and its GGUF."""
-    import sentencepiece as spm
     import gguf
+    import sentencepiece as spm
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(SPM_CORPUS.splitlines()),
