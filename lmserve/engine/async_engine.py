@@ -10,9 +10,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-from lmserve.engine.engine import LLMEngine, StepStats
+from lmserve.engine.engine import LLMEngine
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger("lmserve.engine")
@@ -26,7 +26,6 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
-        self.stats_listeners: list[Callable[[StepStats], None]] = []
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
@@ -84,8 +83,6 @@ class AsyncEngine:
             log.exception("engine step failed outside the model")
             outputs = self.engine.fail_all(exc)
         self._deliver(outputs)
-        for listener in self.stats_listeners:
-            listener(self.engine.last_stats)
 
     def _drain_commands(self, block: bool) -> None:
         while True:

@@ -44,7 +44,6 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel):
         self.config = config
-        self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         model_len = loaded.config.max_position_embeddings
         if (config.scheduler.max_model_len or 0) > model_len:
@@ -95,10 +94,10 @@ class LLMEngine:
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> None:
-        tracked = self.live.pop(request_id, None)
+        tracked = self.live.get(request_id)
         if tracked is not None:
             self.scheduler.finish(tracked.request, FinishReason.ABORT)
-            self.runner.forget(request_id)
+            self._forget(request_id)
 
     def step(self) -> list[RequestOutput]:
         """Run one batch through the model. If the model fails, every request in the batch
@@ -123,8 +122,7 @@ class LLMEngine:
 
     def _fail(self, request: Request, exc: Exception) -> RequestOutput:
         self.scheduler.finish(request, FinishReason.ERROR)
-        self.live.pop(request.request_id, None)
-        self.runner.forget(request.request_id)
+        self._forget(request.request_id)
         return RequestOutput(request.request_id, [], finish_reason=FinishReason.ERROR,
                              num_prompt_tokens=len(request.prompt_ids), error=f"engine error: {exc}")
 
@@ -140,12 +138,15 @@ class LLMEngine:
         if request.is_finished and not stopped:
             delta += tracked.detokenizer.flush()
         if request.is_finished:
-            self.live.pop(request.request_id, None)
-            self.runner.forget(request.request_id)
+            self._forget(request.request_id)
         return RequestOutput(
             request.request_id, new_ids, delta,
             [logprobs] if logprobs is not None and new_ids else None,
             request.finish_reason, len(request.prompt_ids), request.num_cached_prompt_tokens)
+
+    def _forget(self, request_id: str) -> None:
+        self.live.pop(request_id, None)
+        self.runner.forget(request_id)
 
     def _record(self, out, seconds: float) -> None:
         self.last_stats = StepStats(out.num_tokens, len(self.scheduler.running), len(self.scheduler.waiting),

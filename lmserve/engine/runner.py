@@ -64,16 +64,22 @@ class ModelRunner:
                                                self._slots(req.block_ids, end) if start else None))
             ids.extend(req.all_ids[start:end])
             positions.extend(range(start, end))
-            slots.append(self._slots(req.block_ids, end)[start:end])
+            slots.extend(self._slot(req.block_ids, p) for p in range(start, end))
             if seq.samples:
                 logits_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        meta = AttentionMetadata(torch.cat(slots), len(decodes), *self._decode_tables(decodes), prefill_meta)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return ModelInput(as_long(ids), as_long(positions), meta, as_long(logits_rows), sampled)
+        meta = AttentionMetadata(self._long(slots), len(decodes), *self._decode_tables(decodes), prefill_meta)
+        return ModelInput(self._long(ids), self._long(positions), meta, self._long(logits_rows), sampled)
+
+    def _long(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _slot(self, block_ids: list[int], position: int) -> int:
+        return block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
     def _slots(self, block_ids: list[int], length: int) -> torch.Tensor:
-        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        """Cache slots of positions [0, length), for attention over earlier context."""
+        blocks = self._long(block_ids)
         offsets = torch.arange(self.block_size, device=self.device)
         return (blocks[:, None] * self.block_size + offsets).flatten()[:length]  # (length,)
 

@@ -101,29 +101,26 @@ def _model_card(state: ServerState) -> ModelCard:
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMABLE)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
-    engine = state.engine_for(body.model)
-    meta = results.ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_id)
-    plan = convert.chat_plan(body, meta.id, engine.tokenizer, engine.max_model_len)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStreamResponse(sse.with_done(sse.chat_events(engine, plan, meta, include_usage)))
-    gathered = await until_disconnected(request.receive, results.collect_results(engine, plan))
-    if gathered is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return json_response(results.chat_response(meta, plan, gathered, engine.tokenizer))
+    return await _generate(body, request, state, "chatcmpl", convert.chat_plan, sse.chat_events,
+                           results.chat_response)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=STREAMABLE)
 async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
+    return await _generate(body, request, state, "cmpl", convert.completion_plan, sse.completion_events,
+                           results.completion_response)
+
+
+async def _generate(body, request: Request, state: ServerState, id_prefix: str, make_plan, stream_events,
+                    make_response) -> Response:
+    """The shared shape of both generation routes: plan, then stream SSE or gather one response."""
     engine = state.engine_for(body.model)
-    meta = results.ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.model_id)
-    plan = convert.completion_plan(body, meta.id, engine.tokenizer, engine.max_model_len)
+    meta = results.ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_id)
+    plan = make_plan(body, meta.id, engine.tokenizer, engine.max_model_len)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStreamResponse(
-            sse.with_done(sse.completion_events(engine, plan, meta, include_usage))
-        )
+        return sse.EventStreamResponse(sse.with_done(stream_events(engine, plan, meta, include_usage)))
     gathered = await until_disconnected(request.receive, results.collect_results(engine, plan))
     if gathered is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return json_response(results.completion_response(meta, plan, gathered, engine.tokenizer))
+    return json_response(make_response(meta, plan, gathered, engine.tokenizer))

@@ -14,7 +14,8 @@ def chat_prompt_ids(tokenizer, messages):
 
 
 def test_health_went_from_loading_to_ready(server):
-    assert server["health_codes"][-1] == 200
+    codes = server["health_codes"]
+    assert codes[-1] == 200 and 503 in codes  # loading takes seconds; /health answered 503 meanwhile
     body = httpx.get(f"{server['url']}/health").json()
     assert body["status"] == "ok" and body["num_free_kv_blocks"] <= body["num_kv_blocks"]
 
