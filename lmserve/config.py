@@ -50,3 +50,16 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r} (float32, bfloat16)")
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """An embedding model (an HF folder of a BERT-family encoder) served beside the chat model."""
+
+    model_path: str
+    served_model_name: str
+    max_batch_tokens: int = 8192  # padded tokens (sequences x longest) per encoder forward
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be >= 1")

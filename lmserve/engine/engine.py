@@ -13,6 +13,7 @@ from lmserve.cache.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from lmserve.config import EngineConfig
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
+from lmserve.sampling.grammar import GrammarCompiler
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmserve.text.detokenizer import IncrementalDetokenizer
 from lmserve.weights.load import LoadedModel, load_model
@@ -30,6 +31,8 @@ class StepStats:
     num_preempted: int = 0
     kv_cache_usage: float = 0.0
     step_seconds: float = 0.0
+    num_prefix_cache_queries: int = 0  # KV blocks looked up in the prefix cache, since start
+    num_prefix_cache_hits: int = 0  # of those, blocks found cached, since start
 
 
 @dataclass
@@ -63,7 +66,8 @@ class LLMEngine:
         sched_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(sched_config, block_size, self.pool)
         caches = allocate_kv_caches(loaded.config, num_blocks, block_size, kv_dtype, device)
-        self.runner = ModelRunner(loaded.model, caches, block_size, device)
+        grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, num_threads=torch.get_num_threads())
+        self.runner = ModelRunner(loaded.model, caches, block_size, device, grammar)
         self.live: dict[str, _Tracked] = {}
         self.last_stats = StepStats()
 
@@ -112,7 +116,12 @@ class LLMEngine:
             log.exception("engine step failed")
             return [self._fail(seq.request, exc) for seq in out.seqs]
         self.scheduler.update(out, result.token_ids)
-        outputs = [self._output(seq.request, result) for seq in out.seqs if seq.request.request_id in result.token_ids]
+        failed = [self._fail(self.live[rid].request, ValueError(why)) for rid, why in result.grammar_errors.items()]
+        for rid in result.grammar_finished:  # complete grammar: nothing may follow (e.g. under ignore_eos)
+            if not self.live[rid].request.is_finished:
+                self.scheduler.finish(self.live[rid].request, FinishReason.STOP)
+        outputs = failed + [self._output(seq.request, result) for seq in out.seqs
+                            if seq.request.request_id in result.token_ids and seq.request.request_id in self.live]
         self._record(out, time.perf_counter() - started)
         return outputs
 
@@ -150,7 +159,8 @@ class LLMEngine:
 
     def _record(self, out, seconds: float) -> None:
         self.last_stats = StepStats(out.num_tokens, len(self.scheduler.running), len(self.scheduler.waiting),
-                                    out.num_preempted, self.pool.usage, seconds)
+                                    out.num_preempted, self.pool.usage, seconds,
+                                    self.pool.num_queries, self.pool.num_hits)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Convenience for tests and offline use: run prompts to completion, return token ids."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ import torch
 from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.request import SampleLogprobs
+from lmserve.sampling.grammar import GrammarCompiler, GrammarMask
 from lmserve.sampling.sampler import Sampler, SamplingMetadata, to_sample_logprobs
 
 
@@ -26,20 +27,25 @@ class ModelInput:
 class StepResult:
     token_ids: dict[str, int]
     logprobs: dict[str, SampleLogprobs]
+    grammar_errors: dict[str, str] = field(default_factory=dict)  # request id -> why its grammar failed
+    grammar_finished: set[str] = field(default_factory=set)  # grammar complete: nothing more may follow
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, grammar: GrammarCompiler | None = None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self.grammar = grammar
+        self.matchers: dict[str, object] = {}  # request id -> its xgrammar GrammarMatcher
 
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.matchers.pop(request_id, None)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -100,18 +106,51 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
         requests = [s.request for s in seqs]
+        matchers, grammar_errors = self._matchers(requests)
         meta = SamplingMetadata(
             params=[r.params for r in requests],
             prompt_ids=[r.prompt_ids for r in requests],
             output_ids=[r.output_ids for r in requests],
             generators=[self._generator(r) for r in requests],
+            grammar_mask=GrammarMask.fill(matchers, len(requests), logits.shape[1]) if matchers else None,
         )
         result = self.sampler(logits, meta)
         token_ids = result.token_ids.tolist()  # the step's one host sync
         logprobs = to_sample_logprobs(result, meta.params)
         ids = [r.request_id for r in requests]
-        return StepResult(dict(zip(ids, token_ids)),
-                          {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None})
+        step = StepResult(dict(zip(ids, token_ids)), {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
+                          grammar_errors)
+        for row, matcher in matchers.items():
+            self._advance(matcher, ids[row], token_ids[row], step)
+        return step
+
+    def _matchers(self, requests) -> tuple[dict[int, object], dict[str, str]]:
+        """Batch row -> grammar matcher of the constrained rows, created on a request's first sample;
+        a grammar that fails to compile fails its own request only."""
+        matchers, errors = {}, {}
+        for row, request in enumerate(requests):
+            if request.params.grammar is None:
+                continue
+            try:
+                matchers[row] = self._matcher(request)
+            except ValueError as exc:  # GrammarError; the server validates first, so rare
+                errors[request.request_id] = str(exc)
+        return matchers, errors
+
+    def _matcher(self, request):
+        if request.request_id not in self.matchers:
+            if self.grammar is None:
+                raise ValueError("this engine has no grammar compiler")
+            self.matchers[request.request_id] = self.grammar.matcher(request.params.grammar)
+        return self.matchers[request.request_id]
+
+    @staticmethod
+    def _advance(matcher, request_id: str, token_id: int, step: StepResult) -> None:
+        """Feed the sampled token to the request's grammar; the mask should make this always succeed."""
+        if not matcher.accept_token(token_id):
+            step.grammar_errors[request_id] = f"token {token_id} was sampled outside the grammar"
+        elif matcher.is_terminated():
+            step.grammar_finished.add(request_id)
 
     def _generator(self, request) -> torch.Generator | None:
         seed = request.params.seed

@@ -1,7 +1,7 @@
 """Turn one step's logits into one token per sequence, vectorised over the batch.
 
 Order of operations, per row: repetition penalty, presence/frequency penalties, logit bias,
-then greedy argmax (temperature 0), or temperature, min_p, top_k, top_p over what is left
+the grammar mask, then greedy argmax (temperature 0), or temperature, min_p, top_k, top_p over what is left
 (vLLM's order) and a draw. Logprobs are those of the raw model distribution (OpenAI/vLLM semantics).
 
 Two choices keep a step cheap on CPU, where a (B, V) sort or a (B, V) exponential draw costs
@@ -16,6 +16,7 @@ that row's logits, so a seeded sequence is the same whatever shares its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -33,6 +34,11 @@ from lmserve.sampling.processors import (
 _MAX_NUCLEUS_ROUNDS = 64
 
 
+class GrammarMaskLike(Protocol):
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the tokens each constrained row may not take to -inf, in place."""
+
+
 @dataclass
 class SamplingMetadata:
     """Per-step sampling inputs for B sequences, in batch-row order.
@@ -45,6 +51,7 @@ class SamplingMetadata:
     prompt_ids: list[list[int]]  # for repetition_penalty (prompt + output tokens, HF/vLLM)
     output_ids: list[list[int]]  # for presence/frequency penalties (generated tokens only)
     generators: list[torch.Generator | None]  # per-row generator for seeded rows, else None
+    grammar_mask: GrammarMaskLike | None = None  # constrained rows' allowed tokens this step
 
     def __post_init__(self) -> None:
         lengths = {len(self.params), len(self.prompt_ids), len(self.output_ids), len(self.generators)}
@@ -108,7 +115,7 @@ def _apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Ten
     counted = [i for i, p in enumerate(params)
                if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and meta.output_ids[i]]
     biased = [i for i, p in enumerate(params) if p.logit_bias]
-    if not (repetition or counted or biased):
+    if not (repetition or counted or biased) and meta.grammar_mask is None:
         return logits
     x = logits.clone(memory_format=torch.contiguous_format)  # raw logits stay intact for logprobs
     if repetition:
@@ -121,6 +128,8 @@ def _apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Ten
                                            [params[i].frequency_penalty for i in counted])
     if biased:
         apply_logit_bias(x, biased, [params[i].logit_bias for i in biased])
+    if meta.grammar_mask is not None:  # last: no bias can bring back a token the grammar forbids
+        meta.grammar_mask.apply(x)
     return x
 
 

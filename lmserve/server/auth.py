@@ -7,6 +7,7 @@ refused before its body is read or validated.
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -15,8 +16,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from lmserve.server.errors import error_body
 from lmserve.server.state import ServerState
 
-# Liveness and the API description stay reachable without a key.
-PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Liveness, the metrics scrape (aggregate numbers only; scrapers often hold no key, as with
+# vLLM) and the API description stay reachable without a key.
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 class ApiKeyMiddleware:
@@ -38,6 +40,19 @@ class ApiKeyMiddleware:
         if scope["path"] in PUBLIC_PATHS or scope["method"] == "OPTIONS":
             return True
         return key_matches(presented_key(Headers(scope=scope)), self.state.api_keys)
+
+
+def read_api_key_file(path: str | Path) -> tuple[str, ...]:
+    """The keys in `path`: one per line, surrounding whitespace stripped, blank lines and lines
+    starting with '#' skipped. A missing, unreadable or keyless file raises ValueError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read API key file {str(path)!r}: {exc}") from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"API key file {str(path)!r} holds no keys (one per line; '#' starts a comment)")
+    return keys
 
 
 def presented_key(headers: Headers) -> str | None:

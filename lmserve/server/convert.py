@@ -9,7 +9,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from lmserve.request import SamplingParams
+from lmserve.server.chat_prompt import render_chat, reply_format
+from lmserve.server.constraints import grammar_spec
 from lmserve.server.errors import bad_request, unsupported
+from lmserve.server.reply import ReplyFormat
+from lmserve.server.tools import ToolsPlan, plan_tools
 from lmserve.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -19,6 +23,7 @@ from lmserve.server.protocol import (
 )
 
 if TYPE_CHECKING:
+    from lmserve.sampling.grammar import GrammarCompiler
     from lmserve.text.tokenizer import Tokenizer
 
 MAX_ABS_LOGIT_BIAS = 100.0
@@ -41,6 +46,7 @@ class GenerationPlan:
     prompts: list[list[int]]  # prompt token ids, one list per prompt
     sequences: list[Sequence]
     echo_texts: list[str] | None = None  # per prompt: text put before each choice's output
+    reply: ReplyFormat | None = None  # chat: how to split replies into reasoning, content, tool calls
 
     @property
     def want_logprobs(self) -> bool:
@@ -51,29 +57,44 @@ class GenerationPlan:
 
 
 def chat_plan(
-    request: ChatCompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int
+    request: ChatCompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int,
+    grammar: GrammarCompiler | None = None,
 ) -> GenerationPlan:
     """Render the chat template, tokenize it, and build one SamplingParams per choice."""
     _check_chat_supported(request)
     _check_stream_options(request)
     _check_known_unsupported(request)
-    prompt_ids = _render_chat(request.messages, tokenizer)
+    tools = plan_tools(request, tokenizer, model_name="")
+    text = render_chat(request.messages, tokenizer, tools)
+    prompt_ids = _encode(tokenizer, text, add_special_tokens=False, param="messages")  # BOS is in the template
     if not prompt_ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    base = _base_params(request, tokenizer, logprobs)
+    base = _with_tools(_base_params(request, tokenizer, logprobs, grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
-    return GenerationPlan([prompt_ids], _sequences([prompt_ids], base, request.n, response_id, limit))
+    sequences = _sequences([prompt_ids], base, request.n, response_id, limit)
+    return GenerationPlan([prompt_ids], sequences, reply=reply_format(tokenizer, text, tools))
+
+
+def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:
+    """Params whose grammar enforces the tool calls, and which keep the special tokens a format needs."""
+    if tools is None:
+        return base
+    if base.grammar is not None:
+        raise bad_request("an output constraint (response_format, grammar, ...) cannot be combined with tools; "
+                          "set tool_choice to 'none' or drop the constraint", param="tools")
+    spec = tools.grammar()
+    if grammar is None:
+        raise unsupported("tools", "tool calling on this model")
+    try:
+        grammar.compile(spec)
+    except ValueError as exc:  # GrammarError: a parameters schema the grammar cannot express
+        raise bad_request(f"a tool's parameters schema is not usable: {exc}", param="tools") from None
+    return replace(base, grammar=spec, skip_special_tokens=base.skip_special_tokens and not tools.needs_special_tokens)
 
 
 def _check_chat_supported(request: ChatCompletionRequest) -> None:
-    if request.response_format is not None and request.response_format.type != "text":
-        raise unsupported("response_format", f"response_format type '{request.response_format.type}'")
-    if request.tools and request.tool_choice != "none":
-        raise unsupported("tools", "tool calling ('tools')")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", f"tool_choice {request.tool_choice!r}")
     if request.functions and request.function_call != "none":
         raise unsupported("functions", "function calling ('functions')")
     if request.function_call not in (None, "none", "auto"):
@@ -92,47 +113,12 @@ def _requested_max_tokens(request: ChatCompletionRequest) -> tuple[int | None, s
     return request.max_tokens, "max_tokens"
 
 
-def _render_chat(messages: list[ChatMessage], tokenizer: Tokenizer) -> list[int]:
-    rendered = [_template_message(message, i) for i, message in enumerate(messages)]
-    try:
-        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tools=None)
-    except ValueError as exc:  # ChatTemplateError: the template rejected these messages
-        raise bad_request(str(exc), param="messages") from exc
-    # The template already holds BOS where the model wants one.
-    return _encode(tokenizer, text, add_special_tokens=False, param="messages")
-
-
-def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:
-    """The message as the chat template sees it: plain-text content, extra fields kept."""
-    rendered = message.model_dump(exclude_none=True)
-    # "developer" is OpenAI's newer name for the system role; templates know "system".
-    rendered["role"] = "system" if message.role == "developer" else message.role
-    rendered["content"] = _text_content(message.content, i)
-    return rendered
-
-
-def _text_content(content: str | list[ContentPart] | None, i: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    for j, part in enumerate(content):
-        _check_text_part(part, f"messages[{i}].content[{j}]")
-    return "\n".join(part.text for part in content)
-
-
-def _check_text_part(part: ContentPart, param: str) -> None:
-    if part.type != "text":
-        raise unsupported(param, f"content part type '{part.type}' (only 'text')")
-    if part.text is None:
-        raise bad_request("a text content part needs 'text'", param=f"{param}.text")
-
-
 # ---------------------------------------------------------------- text completions
 
 
 def completion_plan(
-    request: CompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int
+    request: CompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int,
+    grammar: GrammarCompiler | None = None,
 ) -> GenerationPlan:
     """Tokenize the prompt(s) and build n SamplingParams per prompt."""
     _check_completion_supported(request)
@@ -140,7 +126,7 @@ def completion_plan(
     _check_known_unsupported(request)
     prompt_items = _prompt_items(request.prompt)
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
-    base = _base_params(request, tokenizer, request.logprobs)
+    base = _base_params(request, tokenizer, request.logprobs, grammar)
     limit = _ContextLimit(max_model_len, request.max_tokens, "max_tokens", prompt_param="prompt")
     sequences = _sequences(prompts, base, request.n, response_id, limit)
     echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
@@ -200,8 +186,7 @@ def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: st
 # Parameters other servers (OpenAI, vLLM, llama.cpp) accept that would change the output here
 # but are not implemented: refused by name rather than tolerated as unknown extras.
 KNOWN_UNSUPPORTED = (
-    "min_tokens", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "guided_decoding_backend", "grammar", "json_schema", "n_predict", "chat_template_kwargs",
+    "min_tokens", "prompt_logprobs", "n_predict", "chat_template_kwargs",
     "reasoning_effort", "prediction", "web_search_options", "verbosity", "mirostat", "typical_p",
     "tfs_z", "dynatemp_range", "xtc_probability", "dry_multiplier", "use_beam_search", "length_penalty",
 )
@@ -219,7 +204,8 @@ def _check_stream_options(request: SamplingFields) -> None:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
 
-def _base_params(request: SamplingFields, tokenizer: Tokenizer, logprobs: int | None) -> SamplingParams:
+def _base_params(request: SamplingFields, tokenizer: Tokenizer, logprobs: int | None,
+                 grammar: GrammarCompiler | None) -> SamplingParams:
     """The request's sampling fields as SamplingParams (max_tokens is set per prompt later)."""
     vocab_size = tokenizer.vocab_size
     optional = {
@@ -241,6 +227,7 @@ def _base_params(request: SamplingFields, tokenizer: Tokenizer, logprobs: int | 
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens,
         logprobs=logprobs,
+        grammar=grammar_spec(request, grammar),
     )
 
 

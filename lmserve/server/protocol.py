@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-FinishReasonName = Literal["stop", "length"]
+FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
 class _Request(BaseModel):
@@ -30,18 +30,69 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; some clients an object
+
+
+class MessageToolCall(_Request):
+    """A call an earlier assistant message made, sent back in the conversation."""
+
+    id: str | None = None
+    type: str = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    reasoning_content: str | None = None  # assistant (dropped from the prompt, as templates do)
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: str  # only "function"
+    function: FunctionDefinition | None = None
 
 
 class StreamOptions(_Request):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
-    type: str
+    type: str  # "text" | "json_object" | "json_schema" | "structural_tag"
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp: json_object + schema
+    format: dict[str, Any] | None = None  # structural_tag (xgrammar / vLLM)
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` object: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
 
 
 class SamplingFields(_Request):
@@ -68,6 +119,18 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # constrained decoding: OpenAI's response_format, or one of the extensions below
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None  # GBNF (llama.cpp)
+    json_schema: dict[str, Any] | None = None  # llama.cpp
+    regex: str | None = None
+    choice: list[str] | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM (older names)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: one backend here
+    structured_outputs: StructuredOutputs | None = None  # vLLM
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -75,9 +138,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None  # deprecated form of tools
     function_call: str | dict[str, Any] | None = None  # deprecated form of tool_choice
@@ -94,6 +156,14 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(_Request):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None  # missing: the embedding model if one is served, else the chat model
+    encoding_format: Literal["float", "base64"] | None = "float"  # None: float
+    dimensions: int | None = Field(None, ge=1)  # only the model's own size is accepted
+    user: str | None = None
 
 
 # ---------------------------------------------------------------- responses
@@ -125,10 +195,23 @@ class ChatLogprobs(BaseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+    reasoning_content: str | None = None  # the model's <think> text (vLLM/DeepSeek's field name)
 
 
 class ChatChoice(BaseModel):
@@ -148,11 +231,35 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """One streamed tool call piece: the first carries id, type and name; later ones arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class DeltaMessage(BaseModel):
     """A streamed message delta: only the keys that are set ({} on the finish chunk)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
@@ -210,6 +317,25 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmserve"
     max_model_len: int | None = None  # None while the model is loading
+    kind: Literal["chat", "embedding"] = "chat"  # chat: all routes; embedding: /v1/embeddings only
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelList(BaseModel):
@@ -226,3 +352,34 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# ---------------------------------------------------------------- llama.cpp's token routes
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize, as llama.cpp's server takes it."""
+
+    content: str
+    add_special: bool = False  # BOS, if the model's tokenizer asks for one
+    parse_special: bool = True  # special-token text becomes its id; false is refused (400)
+    with_pieces: bool = False
+    model: str | None = None
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int]  # the token's bytes: text when valid UTF-8, else the byte values
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeRequest(_Request):
+    tokens: list[int]
+    model: str | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    content: str

@@ -10,6 +10,7 @@ from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, TokenLo
 from lmserve.server.convert import GenerationPlan
 from lmserve.server.errors import server_error
 from lmserve.server.fanout import merge_outputs
+from lmserve.server.reply import ReplyFormat, parse_reply
 from lmserve.server.protocol import (
     ChatChoice,
     ChatCompletionResponse,
@@ -21,6 +22,8 @@ from lmserve.server.protocol import (
     CompletionResponse,
     FinishReasonName,
     PromptTokensDetails,
+    ResponseFunction,
+    ResponseToolCall,
     TopLogprob,
     UsageInfo,
 )
@@ -172,18 +175,36 @@ def _top_dict(tokenizer: Tokenizer, sample: SampleLogprobs) -> dict[str, float]:
 def chat_response(
     meta: ResponseMeta, plan: GenerationPlan, results: dict[int, ChoiceResult], tokenizer: Tokenizer
 ) -> ChatCompletionResponse:
-    choices = [
-        ChatChoice(
+    choices = []
+    for index, result in sorted(results.items()):
+        message = chat_message(plan.reply, result.text)
+        choices.append(ChatChoice(
             index=index,
-            message=ChatResponseMessage(content=result.text),
+            message=message,
             logprobs=chat_logprobs(tokenizer, result.logprobs) if plan.want_logprobs else None,
-            finish_reason=finish_name(result.finish_reason),
-        )
-        for index, result in sorted(results.items())
-    ]
+            finish_reason=chat_finish_name(plan.reply, result.finish_reason, bool(message.tool_calls)),
+        ))
     return ChatCompletionResponse(
         id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=usage(plan, results)
     )
+
+
+def chat_message(fmt: ReplyFormat | None, text: str) -> ChatResponseMessage:
+    """The assistant message of a whole reply: content, and reasoning and tool calls when parsed."""
+    if fmt is None:
+        return ChatResponseMessage(content=text)
+    reply = parse_reply(fmt, text)
+    calls = [ResponseToolCall(id=c.id, function=ResponseFunction(name=c.name, arguments=c.arguments))
+             for c in reply.tool_calls]
+    return ChatResponseMessage(content=reply.content, tool_calls=calls or None, reasoning_content=reply.reasoning)
+
+
+def chat_finish_name(fmt: ReplyFormat | None, reason: FinishReason | None, has_tool_calls: bool) -> FinishReasonName | None:
+    """OpenAI answers "tool_calls" when the model chose to call tools, "stop" when a named
+    tool_choice forced the call."""
+    if has_tool_calls and reason == FinishReason.STOP and fmt is not None and fmt.tools.mode != "named":
+        return "tool_calls"
+    return finish_name(reason)
 
 
 def completion_response(

@@ -27,10 +27,14 @@ from lmserve.server.protocol import (
     ChatCompletionChunk,
     CompletionChoice,
     CompletionResponse,
+    DeltaFunction,
     DeltaMessage,
+    DeltaToolCall,
 )
+from lmserve.server.reply import ReplyDelta, ReplyParser
 from lmserve.server.results import (
     ResponseMeta,
+    chat_finish_name,
     chat_logprobs,
     check_finished,
     completion_logprobs,
@@ -107,10 +111,11 @@ async def chat_events(
     for seq in plan.sequences:
         yield event([ChatChunkChoice(index=seq.index, delta=DeltaMessage(role="assistant", content=""))])
     results = new_results(plan)
+    parsers = {seq.index: ReplyParser(plan.reply) for seq in plan.sequences} if plan.reply else {}
     async with aclosing(merge_outputs(engine, plan)) as outputs:
         async for index, output in outputs:
             results[index].add(output)
-            for choice in _chat_choices(engine, plan, index, output):
+            for choice in _chat_choices(engine, plan, index, output, parsers.get(index)):
                 yield event([choice])
     check_finished(results)
     if include_usage:
@@ -118,23 +123,36 @@ async def chat_events(
 
 
 def _chat_choices(
-    engine: AsyncEngine, plan: GenerationPlan, index: int, output: RequestOutput
+    engine: AsyncEngine, plan: GenerationPlan, index: int, output: RequestOutput, parser: ReplyParser | None
 ) -> list[ChatChunkChoice]:
     choices = []
     logprobs = None
     if plan.want_logprobs and output.new_logprobs:
         logprobs = chat_logprobs(engine.tokenizer, output.new_logprobs)
-    if output.text_delta or logprobs:
-        choices.append(
-            ChatChunkChoice(index=index, delta=DeltaMessage(content=output.text_delta), logprobs=logprobs)
-        )
+    delta = _delta(output, parser)
+    if delta.content or delta.reasoning_content or delta.tool_calls or logprobs:
+        choices.append(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs))
     if output.finish_reason is not None:
-        choices.append(
-            ChatChunkChoice(
-                index=index, delta=DeltaMessage(), finish_reason=finish_name(output.finish_reason)
-            )
-        )
+        has_calls = parser is not None and parser.num_tool_calls > 0
+        reason = chat_finish_name(plan.reply, output.finish_reason, has_calls)
+        choices.append(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason))
     return choices
+
+
+def _delta(output: RequestOutput, parser: ReplyParser | None) -> DeltaMessage:
+    """The output's text as a message delta; through the reply parser when the plan has one."""
+    if parser is None:
+        return DeltaMessage(content=output.text_delta or None)
+    parts = parser.feed(output.text_delta)
+    if output.finish_reason is not None:
+        rest = parser.finish()
+        parts = ReplyDelta(parts.content + rest.content, parts.reasoning + rest.reasoning,
+                           parts.tool_calls + rest.tool_calls)
+    calls = [DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
+                           function=DeltaFunction(name=c.name, arguments=c.arguments))
+             for c in parts.tool_calls]
+    return DeltaMessage(content=parts.content or None, reasoning_content=parts.reasoning or None,
+                        tool_calls=calls or None)
 
 
 # ---------------------------------------------------------------- text completions

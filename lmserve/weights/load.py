@@ -91,15 +91,20 @@ def _read_hf_folder(path: Path):
     if not config_file.exists():
         raise FileNotFoundError(f"{str(path)!r} has no config.json")
     config = ModelConfig.from_hf(json.loads(config_file.read_text()))
-    files = sorted(path.glob("*.safetensors"))
+    return config, read_safetensors(path), None
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's *.safetensors files, by checkpoint name."""
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{str(path)!r} has no *.safetensors files")
+        raise FileNotFoundError(f"{str(folder)!r} has no *.safetensors files")
     tensors = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 tensors[name] = f.get_tensor(name)
-    return config, tensors, None
+    return tensors
 
 
 def _fill(model: torch.nn.Module, tensors: dict, dtype: torch.dtype) -> None:

@@ -20,9 +20,9 @@ def test_health_went_from_loading_to_ready(server):
     assert body["status"] == "ok" and body["num_free_kv_blocks"] <= body["num_kv_blocks"]
 
 
-def test_models_lists_the_default_model(client):
+def test_models_lists_the_default_models(client):
     models = client.models.list().data
-    assert [m.id for m in models] == ["SmolLM2-135M-Instruct"]
+    assert [m.id for m in models] == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"]  # chat first, then embedding
     assert models[0].object == "model"
 
 

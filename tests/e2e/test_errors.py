@@ -108,8 +108,7 @@ def test_unknown_model_is_404_on_every_route(server):
 
 
 def test_unsupported_chat_parameters_are_400_naming_them(server):
-    cases = [({"response_format": {"type": "json_object"}}, "response_format"),
-             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    cases = [({"response_format": {"type": "xml"}}, "response_format.type"),
              ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
               "messages[0].content[0]")]
     for fields, param in cases:

@@ -39,6 +39,7 @@ class ByteTokenizer:
 
     vocab_size = 258
     eos_token_ids = (1,)
+    chat_template = None  # no template of its own: no tools, no reasoning
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([0] if add_special_tokens else []) + [b + 2 for b in text.encode()]
@@ -54,8 +55,8 @@ class ByteTokenizer:
         return b"".join(pieces).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, **extra) -> str:
-        if any(m["role"] == "tool" for m in messages):
-            raise ChatTemplateError("this template has no tool role")
+        if any(m["role"] == "function" for m in messages):
+            raise ChatTemplateError("this template has no function role")
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
 
@@ -70,6 +71,7 @@ class FakeEngine:
     def __init__(self, reply="Hé!", max_model_len=64, hang_after=None, fail_after=None, raise_after=None):
         self.tokenizer = ByteTokenizer()
         self.max_model_len = max_model_len
+        self.grammar = None  # constrained decoding is tested against the real engine
         self.reply = reply
         self.hang_after, self.fail_after, self.raise_after = hang_after, fail_after, raise_after
         self.calls: list[tuple[str, list[int], SamplingParams]] = []
@@ -498,7 +500,6 @@ def test_too_long_prompt_names_the_numbers():
     [
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
@@ -561,8 +562,9 @@ def test_other_request_errors():
     assert_error(chat(client, top_logprobs=2), 400, "top_logprobs")
     assert_error(chat(client, stop=["ok", ""]), 400, "stop")
     assert_error(chat(client, messages=[]), 400, "messages")
-    tool_message = [{"role": "tool", "content": "42", "tool_call_id": "c1"}]
-    assert_error(chat(client, messages=tool_message), 400, "messages", contains=["no tool role"])
+    function_message = [{"role": "function", "content": "42", "name": "f"}]
+    assert_error(chat(client, messages=function_message), 400, "messages", contains=["no function role"])
+    assert_error(chat(client, tool_choice="required"), 400, "tool_choice", contains=["needs 'tools'"])
 
 
 def test_engine_error_is_500_and_server_stays_up():

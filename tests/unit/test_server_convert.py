@@ -13,6 +13,7 @@ class CharTokenizer:
     """One token per character of a tiny alphabet ("a" is 2); id 0 is BOS."""
 
     chars = " abcdefghijklmnopqrstuvwxyz:\n"
+    chat_template = None  # no template of its own: no tools, no reasoning
     vocab_size = len(chars) + 1
 
     def encode(self, text, add_special_tokens=True):

@@ -1,0 +1,96 @@
+"""Constrained decoding: compile a GrammarSpec once, keep one matcher per request, mask each step.
+
+Backed by xgrammar: its compiler caches compiled grammars and precomputes per-state token masks,
+so filling a row's mask costs microseconds and applying the masks of a whole batch well under a
+millisecond (measured on the 49k-token SmolLM2 vocabulary), far below a forward step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+import xgrammar as xgr
+
+from lmserve.request import GrammarSpec
+from lmserve.text.tokenizer import Tokenizer
+
+
+class GrammarError(ValueError):
+    """A schema, regex or grammar that cannot be compiled; the message names the problem."""
+
+
+# xgrammar prefixes its messages with "[time] /path/file.cc:123: "; users need only the rest.
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
+
+
+class GrammarCompiler:
+    """Compiles GrammarSpecs against one tokenizer's vocabulary. Thread-safe; caches results."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1):
+        # Special tokens get no bytes: the grammar can never emit them as text (a masked
+        # <|im_end|> inside a JSON string would vanish from the decoded output). Stop tokens
+        # are still allowed once the grammar is complete.
+        vocab = [b"" if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size,
+                                 stop_token_ids=sorted(tokenizer.eos_token_ids))
+        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(info, max_threads=num_threads, cache_enabled=True)
+
+    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        """The compiled grammar for `spec`; GrammarError if it is invalid."""
+        try:
+            return self._compile(spec)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {_clean(exc)}") from None
+
+    def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        if spec.kind == "json_object":  # any object, compact like json_schema below
+            return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if spec.kind == "json_schema":
+            # Compact JSON: with free whitespace a sampled model can pad forever between tokens.
+            return self._compiler.compile_json_schema(spec.text, any_whitespace=False, strict_mode=spec.strict)
+        if spec.kind == "regex":
+            return self._compiler.compile_regex(spec.text)
+        if spec.kind == "ebnf":
+            return self._compiler.compile_grammar(spec.text)
+        if spec.kind == "structural_tag":
+            return self._compiler.compile_structural_tag(spec.text)
+        raise ValueError(f"unknown grammar kind {spec.kind!r}")
+
+    def matcher(self, spec: GrammarSpec) -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(self.compile(spec))
+
+
+def _clean(exc: Exception) -> str:
+    return _CPP_PREFIX.sub("", str(exc).strip()).strip()
+
+
+def choice_spec(choices: list[str]) -> GrammarSpec:
+    """Exactly one of `choices`, verbatim (vLLM's guided_choice)."""
+    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+    return GrammarSpec("ebnf", f"root ::= {alternatives}")
+
+
+@dataclass
+class GrammarMask:
+    """One step's token masks for the constrained rows of a (B, V) logits tensor."""
+
+    bitmask: torch.Tensor  # (B, ceil(V / 32)) int32, xgrammar's packed layout
+    rows: list[int]  # batch rows that carry a grammar
+    vocab_size: int
+
+    @classmethod
+    def fill(cls, matchers: dict[int, xgr.GrammarMatcher], batch_size: int, vocab_size: int) -> GrammarMask:
+        """Masks of the next token for each batch row -> matcher."""
+        bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
+        for row, matcher in matchers.items():
+            matcher.fill_next_token_bitmask(bitmask, row)
+        return cls(bitmask, sorted(matchers), vocab_size)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set disallowed tokens to -inf in the constrained rows, in place."""
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device), indices=self.rows,
+                                        vocab_size=self.vocab_size)

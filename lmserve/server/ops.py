@@ -1,0 +1,100 @@
+"""The operator's routes: llama.cpp's /tokenize, /detokenize and /props, and Prometheus /metrics."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse, Response
+
+from lmserve.request import SamplingParams
+from lmserve.server.errors import bad_request, unsupported
+from lmserve.server.metrics import CONTENT_TYPE
+from lmserve.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenPiece,
+)
+from lmserve.server.state import ServerState
+from lmserve.text.chat_template import CHATML_TEMPLATE
+
+# Served with and without /v1, like the OpenAI routes.
+token_router = APIRouter(tags=["tokens"])
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.lmserve
+
+
+State = Annotated[ServerState, Depends(_state)]
+
+
+@token_router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, state: State) -> Response:
+    tokenizer = state.engine_for(body.model).tokenizer
+    if not body.parse_special:
+        raise unsupported("parse_special", "'parse_special': false (special-token text is always parsed)")
+    ids = tokenizer.encode(body.content, add_special_tokens=body.add_special)
+    tokens = [TokenPiece(id=i, piece=piece(tokenizer.token_bytes(i))) for i in ids] if body.with_pieces else ids
+    return Response(TokenizeResponse(tokens=tokens).model_dump_json(), media_type="application/json")
+
+
+@token_router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, state: State) -> Response:
+    """Special tokens are kept in the text, as llama.cpp does."""
+    tokenizer = state.engine_for(body.model).tokenizer
+    for position, token_id in enumerate(body.tokens):
+        if not 0 <= token_id < tokenizer.vocab_size:
+            raise bad_request(f"token id {token_id} is not in the vocabulary (0 to {tokenizer.vocab_size - 1})",
+                              param=f"tokens[{position}]", code="invalid_token_id")
+    content = tokenizer.decode(body.tokens, skip_special_tokens=False)
+    return Response(DetokenizeResponse(content=content).model_dump_json(), media_type="application/json")
+
+
+def piece(raw: bytes) -> str | list[int]:
+    """A token's bytes as llama.cpp shows them: text if valid UTF-8, otherwise the byte values."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+async def props(state: State) -> JSONResponse:
+    """llama.cpp's GET /props, with the fields lmserve can fill truthfully."""
+    engine = state.engine_for(None)
+    tokenizer = engine.tokenizer
+    return JSONResponse({
+        "default_generation_settings": {"n_ctx": engine.max_model_len, "params": default_params()},
+        "total_slots": engine.config.scheduler.max_num_seqs,
+        "model_path": engine.config.model_path,
+        "chat_template": tokenizer.chat_template or CHATML_TEMPLATE,  # the template the chat route renders
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "modalities": {"vision": False, "audio": False},
+        "build_info": f"lmserve {importlib.metadata.version('lmserve')}",
+    })
+
+
+def default_params() -> dict[str, Any]:
+    """What a request gets for each sampling field it leaves out, in llama.cpp's names."""
+    defaults = SamplingParams()
+    return {
+        "temperature": defaults.temperature,
+        "top_k": defaults.top_k,
+        "top_p": defaults.top_p,
+        "min_p": defaults.min_p,
+        "repeat_penalty": defaults.repetition_penalty,
+        "presence_penalty": defaults.presence_penalty,
+        "frequency_penalty": defaults.frequency_penalty,
+        "stop": list(defaults.stop),
+        "ignore_eos": defaults.ignore_eos,
+        "n_probs": 0,
+    }
+
+
+async def metrics(state: State) -> Response:
+    snapshot = state.engine.snapshot() if state.engine is not None else None
+    return Response(state.metrics.render(snapshot), media_type=CONTENT_TYPE)

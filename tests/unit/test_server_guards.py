@@ -1,0 +1,213 @@
+"""API keys (and key files), CORS and the request-body cap, over ASGI against the fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lmserve.cli import api_keys, build_parser
+from lmserve.server.app import create_app
+from lmserve.server.auth import read_api_key_file
+from lmserve.server.cors import parse_origins
+from lmserve.server.limits import BodyLimitMiddleware
+from lmserve.server.state import ServerState
+from tests.unit.test_server_api import MODEL, FakeEngine, chat
+
+KEY = "sk-test-1"
+ALLOWED = "https://app.example"
+OTHER = "https://evil.example"
+
+
+def make_client(**state_fields) -> TestClient:
+    return TestClient(create_app(ServerState(MODEL, FakeEngine(), **state_fields)))
+
+
+# ---------------------------------------------------------------- API keys
+
+
+@pytest.fixture
+def keyed():
+    return make_client(api_keys=(KEY, "sk-test-2"))
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-Api-Key": "wrong"},
+                                     {"Authorization": KEY}, {"Authorization": "Basic " + KEY}])
+@pytest.mark.parametrize("method, path", [("POST", "/tokenize"), ("POST", "/v1/detokenize"), ("GET", "/props"),
+                                          ("GET", "/v1/models"), ("POST", "/v1/chat/completions")])
+def test_missing_or_wrong_key_is_401(keyed, headers, method, path):
+    response = keyed.request(method, path, headers=headers, json={"content": "a"})
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"X-Api-Key": KEY},
+                                     {"Authorization": "bearer sk-test-2"}])
+def test_bearer_and_x_api_key_are_accepted(keyed, headers):
+    assert keyed.post("/tokenize", headers=headers, json={"content": "a"}).status_code == 200
+    assert chat(keyed.__class__(keyed.app, headers=headers)).status_code == 200
+
+
+def test_health_and_metrics_need_no_key(keyed):
+    assert keyed.get("/health").status_code == 200
+    assert keyed.get("/metrics").status_code == 200
+
+
+def test_api_key_file_skips_blanks_and_comments(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# team keys\n\n  sk-one  \n#sk-disabled\nsk-two\n")
+    assert read_api_key_file(path) == ("sk-one", "sk-two")
+
+
+@pytest.mark.parametrize("content", [None, "", "\n# only a comment\n   \n"])
+def test_missing_or_keyless_api_key_file_stops_start_up(tmp_path, content):
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    args = build_parser().parse_args(["serve", "--api-key-file", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        api_keys(args)
+    assert str(path) in str(exit_info.value)
+    assert ("no keys" if content is not None else "cannot read") in str(exit_info.value)
+
+
+def test_api_key_flags_and_file_combine(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("sk-file\nsk-flag\n")
+    args = build_parser().parse_args(["serve", "--api-key", "sk-flag", "--api-key-file", str(path)])
+    assert api_keys(args) == ("sk-flag", "sk-file")
+    assert api_keys(build_parser().parse_args(["serve"])) == ()
+
+
+# ---------------------------------------------------------------- CORS
+
+
+@pytest.fixture
+def cors():
+    return make_client(api_keys=(KEY,), allowed_origins=parse_origins([f"{ALLOWED}/,https://b.example"]))
+
+
+def preflight(client, origin, method="POST", headers="authorization,content-type"):
+    return client.options("/v1/chat/completions", headers={
+        "Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers})
+
+
+def test_parse_origins_splits_commas_and_repeats():
+    assert parse_origins(["https://a.example/, https://b.example", "https://a.example", "http://c:3000"]) == (
+        "https://a.example", "https://b.example", "http://c:3000")
+
+
+def test_preflight_from_an_allowed_origin_needs_no_key(cors):
+    response = preflight(cors, ALLOWED)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ALLOWED
+    assert "POST" in response.headers["access-control-allow-methods"]
+    assert response.headers["access-control-allow-headers"] == "authorization,content-type"
+    assert preflight(cors, "https://b.example").status_code == 200
+
+
+def test_preflight_from_another_origin_is_403(cors):
+    response = preflight(cors, OTHER)
+    assert response.status_code == 403
+    assert "access-control-allow-origin" not in response.headers
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("permission_error", "origin_not_allowed")
+
+
+def test_preflight_for_an_unserved_method_is_400(cors):
+    response = preflight(cors, ALLOWED, method="DELETE")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "cors_preflight_refused"
+
+
+def test_actual_responses_carry_cors_headers_for_allowed_origins_even_401(cors):
+    ok = cors.get("/v1/models", headers={"Origin": ALLOWED, "Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ALLOWED
+    assert "x-request-id" in ok.headers["access-control-expose-headers"].lower()
+    refused = cors.get("/v1/models", headers={"Origin": ALLOWED})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ALLOWED
+
+
+def test_other_origins_get_no_cors_headers(cors):
+    response = cors.get("/v1/models", headers={"Origin": OTHER, "Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
+
+
+def test_without_allowed_origins_there_is_no_cors():
+    client = make_client()
+    assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": ALLOWED}).headers
+    assert preflight(client, ALLOWED).status_code == 405
+
+
+# ---------------------------------------------------------------- body size
+
+
+LIMIT = 2000
+
+
+@pytest.fixture
+def capped():
+    return make_client(max_request_body=LIMIT)
+
+
+def big_body() -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "x" * 3 * LIMIT}]}).encode()
+
+
+def assert_413(response):
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_too_large")
+    assert str(LIMIT) in error["message"]
+
+
+def test_content_length_over_the_cap_is_413(capped):
+    assert_413(capped.post("/v1/chat/completions", content=big_body(), headers={"content-type": "application/json"}))
+    assert chat(capped).status_code == 200
+
+
+def test_chunked_body_over_the_cap_is_413(capped):
+    def chunks():
+        body = big_body()
+        for start in range(0, len(body), 500):
+            yield body[start:start + 500]
+
+    assert_413(capped.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}))
+    assert chat(capped).status_code == 200
+
+
+def test_a_body_at_the_cap_is_served(capped):
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    body += b" " * (LIMIT - len(body))
+    response = capped.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200
+
+
+def test_unauthenticated_big_body_is_401_not_413():
+    client = make_client(api_keys=(KEY,), max_request_body=LIMIT)
+    assert client.post("/v1/chat/completions", content=big_body()).status_code == 401
+
+
+def test_chunked_body_stops_being_read_at_the_cap():
+    """ASGI level: the middleware pulls no more chunks once the cap is crossed."""
+    chunks_read = []
+
+    async def receive():
+        chunks_read.append(1)
+        return {"type": "http.request", "body": b"x" * 100, "more_body": True}  # an endless body
+
+    async def app(scope, receive, send):
+        while (await receive())["more_body"]:
+            pass
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+    asyncio.run(BodyLimitMiddleware(app, max_bytes=1000)(scope, receive, send))
+    assert len(chunks_read) == 11  # 1100 bytes: one chunk past the cap, then no more
+    assert sent[0]["status"] == 413

@@ -1,0 +1,208 @@
+"""ServerMetrics as an engine observer, and AsyncEngine's observer hook, without a model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+from types import SimpleNamespace
+
+import pytest
+
+from lmserve.engine.async_engine import AsyncEngine
+from lmserve.engine.engine import StepStats
+from lmserve.request import FinishReason, RequestOutput, SamplingParams
+from lmserve.server.metrics import ServerMetrics
+from tests.unit.test_server_ops import metric_samples
+
+
+def value(metrics: ServerMetrics, name: str, **labels) -> float:
+    return metric_samples(metrics.render(None).decode()).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def out(rid, token_ids, finish=None, num_prompt_tokens=5):
+    return RequestOutput(rid, token_ids, finish_reason=finish, num_prompt_tokens=num_prompt_tokens)
+
+
+# ---------------------------------------------------------------- ServerMetrics
+
+
+def test_token_counts_and_latencies_from_one_request():
+    metrics = ServerMetrics()
+    metrics.request_added("a", now=10.0)
+    metrics.step_done(StepStats(num_scheduled_tokens=5), [out("a", [7])], now=10.5)
+    metrics.step_done(StepStats(num_scheduled_tokens=1), [out("a", [8])], now=10.75)
+    metrics.step_done(StepStats(num_scheduled_tokens=1), [out("a", [9], FinishReason.LENGTH)], now=11.0)
+    assert value(metrics, "lmserve:prompt_tokens_total") == 5  # once, not per output
+    assert value(metrics, "lmserve:generation_tokens_total") == 3
+    assert value(metrics, "lmserve:time_to_first_token_seconds_count") == 1
+    assert value(metrics, "lmserve:time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    assert value(metrics, "lmserve:inter_token_latency_seconds_count") == 2
+    assert value(metrics, "lmserve:inter_token_latency_seconds_sum") == pytest.approx(0.5)
+    assert value(metrics, "lmserve:e2e_request_latency_seconds_sum") == pytest.approx(1.0)
+    assert value(metrics, "lmserve:request_success_total", finished_reason="length") == 1
+    assert value(metrics, "lmserve:tokens_per_step_count") == 3
+    assert value(metrics, "lmserve:tokens_per_step_sum") == 7
+    assert value(metrics, "lmserve:tokens_per_step_bucket", le="4.0") == 2
+
+
+def test_aborted_requests_leave_no_latency_and_unknown_ids_are_ignored():
+    metrics = ServerMetrics()
+    metrics.request_added("a", now=0.0)
+    metrics.step_done(StepStats(num_scheduled_tokens=5), [out("a", [7]), out("ghost", [1])], now=1.0)
+    metrics.request_aborted("a")
+    metrics.step_done(None, [out("a", [8], FinishReason.STOP)], now=2.0)  # too late: forgotten
+    assert value(metrics, "lmserve:generation_tokens_total") == 1
+    assert value(metrics, "lmserve:e2e_request_latency_seconds_count") == 0
+    assert value(metrics, "lmserve:tokens_per_step_count") == 1  # None stats are not a step
+
+
+def test_errors_finish_without_a_latency_sample():
+    metrics = ServerMetrics()
+    metrics.request_added("a", now=0.0)
+    metrics.step_done(None, [out("a", [], FinishReason.ERROR)], now=1.0)
+    assert value(metrics, "lmserve:time_to_first_token_seconds_count") == 0
+    assert value(metrics, "lmserve:request_success_total", finished_reason="error") == 1
+
+
+def test_prefix_cache_counters_follow_the_cumulative_stats():
+    metrics = ServerMetrics()
+    metrics.step_done(StepStats(num_prefix_cache_queries=4, num_prefix_cache_hits=1, num_preempted=1), [], now=0)
+    metrics.step_done(StepStats(num_prefix_cache_queries=10, num_prefix_cache_hits=5), [], now=1)
+    assert value(metrics, "lmserve:prefix_cache_queries_total") == 10
+    assert value(metrics, "lmserve:prefix_cache_hits_total") == 5
+    assert value(metrics, "lmserve:prefix_cache_hit_rate") == 0.5
+    assert value(metrics, "lmserve:num_preemptions_total") == 1
+
+
+def test_load_gauges_are_read_from_the_snapshot():
+    metrics = ServerMetrics()
+    text = metrics.render({"num_running": 3, "num_waiting": 2, "num_kv_blocks": 8, "num_free_kv_blocks": 2})
+    samples = metric_samples(text.decode())
+    assert samples[("lmserve:num_requests_running", ())] == 3
+    assert samples[("lmserve:num_requests_waiting", ())] == 2
+    assert samples[("lmserve:kv_cache_usage_perc", ())] == 0.75
+
+
+# ---------------------------------------------------------------- AsyncEngine's hook
+
+
+class CountingEngine:
+    """A stand-in LLMEngine: each request gets one token per step, and finishes after three."""
+
+    config = tokenizer = None
+    max_model_len = 16
+    runner = SimpleNamespace(grammar=None)
+
+    def __init__(self):
+        self.live: dict[str, int] = {}
+        self.last_stats = StepStats()
+        self.idle_steps = 0
+
+    @property
+    def has_unfinished(self):
+        return bool(self.live)
+
+    def add_request(self, request_id, prompt_ids, params):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.live[request_id] = 0
+
+    def abort_request(self, request_id):
+        self.live.pop(request_id, None)
+
+    def step(self):
+        if self.idle_steps:  # a step that schedules nothing records no stats
+            self.idle_steps -= 1
+            return []
+        outputs = []
+        for rid in list(self.live):
+            self.live[rid] += 1
+            done = self.live[rid] == 3
+            outputs.append(out(rid, [self.live[rid]], FinishReason.LENGTH if done else None, num_prompt_tokens=2))
+            if done:
+                del self.live[rid]
+        self.last_stats = StepStats(num_scheduled_tokens=len(outputs))
+        return outputs
+
+    def fail_all(self, exc):
+        return []
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def request_added(self, request_id, now):
+        self.events.append(("added", request_id))
+
+    def request_aborted(self, request_id):
+        self.events.append(("aborted", request_id))
+
+    def step_done(self, stats, outputs, now):
+        self.events.append(("step", None if stats is None else stats.num_scheduled_tokens,
+                            [(o.request_id, o.new_token_ids) for o in outputs]))
+
+
+class Broken:
+    def __getattr__(self, name):
+        def fail(*args):
+            raise RuntimeError("observer bug")
+        return fail
+
+
+def run(engine: AsyncEngine, consume):
+    async def main():
+        return await consume(engine)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+async def collect(engine, request_id="r", prompt=(1, 2)):
+    return [o.new_token_ids async for o in engine.generate(request_id, list(prompt), SamplingParams())]
+
+
+def test_observers_see_adds_steps_and_outputs_and_a_broken_one_does_no_harm():
+    recorder, metrics = Recorder(), ServerMetrics()
+    engine = AsyncEngine(CountingEngine(), observers=[Broken(), recorder, metrics])
+    assert run(engine, collect) == [[1], [2], [3]]
+    assert recorder.events == [("added", "r"), ("step", 1, [("r", [1])]), ("step", 1, [("r", [2])]),
+                               ("step", 1, [("r", [3])])]
+    assert value(metrics, "lmserve:generation_tokens_total") == 3
+    assert value(metrics, "lmserve:e2e_request_latency_seconds_count") == 1
+
+
+def test_a_step_without_new_stats_reports_none():
+    stub = CountingEngine()
+    stub.idle_steps = 1
+    recorder = Recorder()
+    assert run(AsyncEngine(stub, observers=[recorder]), collect) == [[1], [2], [3]]
+    assert recorder.events[1] == ("step", None, [])
+
+
+def test_a_request_left_early_is_reported_aborted():
+    recorder = Recorder()
+
+    async def first_only(engine):
+        async with aclosing(engine.generate("r", [1], SamplingParams())) as outputs:
+            first = (await anext(outputs)).new_token_ids
+        deadline = time.monotonic() + 5
+        while ("aborted", "r") not in recorder.events and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return first
+
+    assert run(AsyncEngine(CountingEngine(), observers=[recorder]), first_only) == [1]
+    assert ("aborted", "r") in recorder.events
+
+
+def test_a_refused_request_is_not_reported_added():
+    recorder = Recorder()
+
+    async def empty_prompt(engine):
+        return [o.finish_reason async for o in engine.generate("r", [], SamplingParams())]
+
+    assert run(AsyncEngine(CountingEngine(), observers=[recorder]), empty_prompt) == [FinishReason.ERROR]
+    assert ("added", "r") not in recorder.events

@@ -1,0 +1,128 @@
+"""Tool calling on the request side (plan, grammar, prompt) and the reply parser chain."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import xgrammar as xgr
+
+from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX
+from lmserve.sampling.grammar import GrammarCompiler
+from lmserve.server.chat_prompt import render_chat, reply_format
+from lmserve.server.errors import APIError
+from lmserve.server.protocol import ChatCompletionRequest
+from lmserve.server.reply import ReplyFormat, ReplyParser, parse_reply
+from lmserve.server.tools import plan_tools
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+ECHO = {"type": "function", "function": {"name": "echo", "parameters": {
+    "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}
+USER = [{"role": "user", "content": "hi"}]
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=fields.pop("messages", USER), **fields)
+
+
+@pytest.fixture(scope="module")
+def compiler(default_tokenizer):
+    return GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
+
+
+def accepts(compiler, spec, text: str) -> bool:
+    """Whether the grammar accepts `text` as a complete output."""
+    matcher = xgr.GrammarMatcher(compiler.compile(spec))
+    return matcher.accept_string(text) and matcher.is_completed()
+
+
+def test_no_tools_or_none_means_no_plan(default_tokenizer):
+    assert plan_tools(request(), default_tokenizer, "") is None
+    assert plan_tools(request(tools=[ADD], tool_choice="none"), default_tokenizer, "") is None
+
+
+@pytest.mark.parametrize(("fields", "param", "needle"), [
+    ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+    ({"tools": [ADD], "tool_choice": "sometimes"}, "tool_choice", "sometimes"),
+    ({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "mul"}}}, "tool_choice", "mul"),
+    ({"tools": [ADD], "tool_choice": {"type": "function"}}, "tool_choice", "name"),
+    ({"tools": [ADD, ADD]}, "tools[1].function.name", "two tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "retrieval"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function", "function"),
+])
+def test_bad_tool_requests_are_400_naming_the_field(default_tokenizer, fields, param, needle):
+    with pytest.raises(APIError) as error:
+        plan_tools(request(**fields), default_tokenizer, "")
+    assert error.value.status_code == 400 and error.value.param == param and needle in error.value.message
+
+
+def test_required_grammar_accepts_only_calls_to_offered_tools(default_tokenizer, compiler):
+    spec = plan_tools(request(tools=[ADD, ECHO], tool_choice="required"), default_tokenizer, "").grammar()
+    add = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')])
+    two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("echo", '{"text": "x"}')])
+    assert accepts(compiler, spec, add) and accepts(compiler, spec, two)
+    assert not accepts(compiler, spec, "Sure! " + add)  # required: no text
+    assert not accepts(compiler, spec, HERMES_SYNTAX.render([("mul", '{"a": 1, "b": 2}')]))
+    assert not accepts(compiler, spec, HERMES_SYNTAX.render([("add", '{"a": "one", "b": 2}')]))
+    assert not accepts(compiler, spec, "")
+
+
+def test_single_call_and_named_grammars(default_tokenizer, compiler):
+    two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("add", '{"a": 3, "b": 4}')])
+    one_only = plan_tools(request(tools=[ADD, ECHO], tool_choice="required", parallel_tool_calls=False),
+                          default_tokenizer, "").grammar()
+    assert not accepts(compiler, one_only, two)
+    named = plan_tools(request(tools=[ADD, ECHO], tool_choice={"type": "function", "function": {"name": "echo"}}),
+                       default_tokenizer, "").grammar()
+    assert accepts(compiler, named, HERMES_SYNTAX.render([("echo", '{"text": "hi"}')]))
+    assert not accepts(compiler, named, HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+
+
+def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, compiler):
+    spec = plan_tools(request(tools=[ADD]), default_tokenizer, "").grammar()
+    assert accepts(compiler, spec, "No tools needed, the answer is 3.")
+    assert accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+    assert not accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1}')]))
+
+
+def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokenizer):
+    plan = plan_tools(request(tools=[ADD]), default_tokenizer, "")
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    messages = request(messages=[*USER, {"role": "assistant", "tool_calls": [call]},
+                                 {"role": "tool", "tool_call_id": "call_1", "content": "5"}]).messages
+    text = render_chat(messages, default_tokenizer, plan)
+    assert text.startswith("<|im_start|>system\n") and '"name": "add"' in text and "<tools>" in text
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in text
+    assert "<tool_response>\n5\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert reply_format(default_tokenizer, text, plan).tools is plan
+
+
+def test_streamed_reply_equals_whole_reply_for_any_chunking():
+    calls = HERMES_SYNTAX.render([("add", '{"a": 1, "b": {"c": "}</tool_call>"}}')])
+    text = "<think>\nadd them\n</think>\n\nI'll call add. " + calls
+    fmt = ReplyFormat(tools=plan_tools(request(tools=[ADD]), _TemplateOnly(), ""), reasoning=True)
+    whole = parse_reply(fmt, text)
+    assert whole.reasoning == "add them" and whole.content == "I'll call add."
+    assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == [("add", {"a": 1, "b": {"c": "}</tool_call>"}})]
+    rng = random.Random(0)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(text)), 8))
+        parser = ReplyParser(fmt)
+        deltas = [parser.feed(text[i:j]) for i, j in zip([0, *cuts], [*cuts, len(text)])] + [parser.finish()]
+        assert "".join(d.content for d in deltas) == whole.content
+        assert "".join(d.reasoning for d in deltas) == whole.reasoning
+        arguments = "".join(c.arguments for d in deltas for c in d.tool_calls)
+        assert arguments == whole.tool_calls[0].arguments and parser.num_tool_calls == 1
+
+
+def test_mistral_template_selects_mistral_calls():
+    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"), "")
+    assert plan.syntax == MISTRAL_SYNTAX and plan.needs_special_tokens
+
+
+class _TemplateOnly:
+    def __init__(self, chat_template: str = "{{ messages }}"):
+        self.chat_template = chat_template
