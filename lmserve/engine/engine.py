@@ -116,7 +116,7 @@ class LLMEngine:
             log.exception("engine step failed")
             return [self._fail(seq.request, exc) for seq in out.seqs]
         self.scheduler.update(out, result.token_ids)
-        failed = [self._fail(self.live[rid].request, ValueError(why)) for rid, why in result.grammar_errors.items()]
+        failed = [self._fail(self.live[rid].request, ValueError(why)) for rid, why in result.errors.items()]
         for rid in result.grammar_finished:  # complete grammar: nothing may follow (e.g. under ignore_eos)
             if not self.live[rid].request.is_finished:
                 self.scheduler.finish(self.live[rid].request, FinishReason.STOP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,8 @@ from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.request import SampleLogprobs
 from lmserve.sampling.grammar import GrammarCompiler, GrammarMask
 from lmserve.sampling.sampler import Sampler, SamplingMetadata, to_sample_logprobs
+
+log = logging.getLogger("lmserve.engine")
 
 
 @dataclass
@@ -27,7 +30,13 @@ class ModelInput:
 class StepResult:
     token_ids: dict[str, int]
     logprobs: dict[str, SampleLogprobs]
-    grammar_errors: dict[str, str] = field(default_factory=dict)  # request id -> why its grammar failed
+    errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed this step
+
+    def merge(self, other: StepResult) -> None:
+        self.token_ids.update(other.token_ids)
+        self.logprobs.update(other.logprobs)
+        self.errors.update(other.errors)
+        self.grammar_finished |= other.grammar_finished
     grammar_finished: set[str] = field(default_factory=set)  # grammar complete: nothing more may follow
 
 
@@ -105,6 +114,24 @@ class ModelRunner:
         return slots, bias[:, None, :]  # (S, 1, L), broadcast over (Hkv, S, G, L) scores
 
     def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
+        """Sample the whole batch; if that raises, sample row by row so only the rows that
+        cannot be sampled fail (a seeded row then draws from a generator the failed try may
+        have advanced)."""
+        try:
+            return self._sample_batch(logits, seqs)
+        except Exception:  # noqa: BLE001 - isolated below, reported per request
+            if len(seqs) == 1:
+                raise
+            log.exception("sampling the batch failed; sampling its %d rows one by one", len(seqs))
+        step = StepResult({}, {})
+        for row, seq in enumerate(seqs):
+            try:
+                step.merge(self._sample_batch(logits[row : row + 1], [seq]))
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                step.errors[seq.request.request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+        return step
+
+    def _sample_batch(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
         requests = [s.request for s in seqs]
         matchers, grammar_errors = self._matchers(requests)
         meta = SamplingMetadata(
@@ -148,7 +175,7 @@ class ModelRunner:
     def _advance(matcher, request_id: str, token_id: int, step: StepResult) -> None:
         """Feed the sampled token to the request's grammar; the mask should make this always succeed."""
         if not matcher.accept_token(token_id):
-            step.grammar_errors[request_id] = f"token {token_id} was sampled outside the grammar"
+            step.errors[request_id] = f"token {token_id} was sampled outside the grammar"
         elif matcher.is_terminated():
             step.grammar_finished.add(request_id)
 

@@ -145,6 +145,33 @@ def test_model_failure_errors_that_batch_and_engine_keeps_serving(engine, prompt
     assert len(after) == 5
 
 
+def test_a_request_the_sampler_cannot_sample_fails_alone(engine, prompt_ids):
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    solo = engine.generate([prompt_ids[1]], greedy)[0]
+    poisoned = SamplingParams(temperature=0.5, top_k=7, max_tokens=6, ignore_eos=True)
+    original = engine.runner.sampler
+
+    def sampler(logits, meta):  # fails whenever the poisoned request is in the batch
+        if any(p.top_k == 7 for p in meta.params):
+            raise RuntimeError("cannot sample this row")
+        return original(logits, meta)
+
+    engine.runner.sampler = sampler
+    try:
+        engine.add_request("poisoned", prompt_ids[0], poisoned)
+        engine.add_request("healthy", prompt_ids[1], greedy)
+        outputs: dict[str, list] = {"poisoned": [], "healthy": []}
+        while engine.has_unfinished:
+            for output in engine.step():
+                outputs[output.request_id].append(output)
+    finally:
+        engine.runner.sampler = original
+    assert outputs["poisoned"][-1].finish_reason == FinishReason.ERROR
+    assert "cannot sample this row" in outputs["poisoned"][-1].error
+    assert [t for o in outputs["healthy"] for t in o.new_token_ids] == solo
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
 def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     cold_engine = make_engine(default_model)
