@@ -106,12 +106,10 @@ class ModelRunner:
         table = np.zeros((len(decodes), max_blocks), dtype=np.int64)  # padded with block 0, masked below
         for row, seq in enumerate(decodes):
             table[row, : len(seq.request.block_ids)] = seq.request.block_ids
-        max_len = int(context_lens.max())
-        slots = (table[:, :, None] * self.block_size + np.arange(self.block_size)).reshape(len(decodes), -1)
-        slots = torch.from_numpy(np.ascontiguousarray(slots[:, :max_len])).to(self.device)  # (S, L)
-        valid = torch.from_numpy(np.arange(max_len)[None, :] < context_lens[:, None]).to(self.device)
+        length = max_blocks * self.block_size
+        valid = torch.from_numpy(np.arange(length)[None, :] < context_lens[:, None]).to(self.device)
         bias = torch.zeros(valid.shape, device=self.device).masked_fill_(~valid, float("-inf"))
-        return slots, bias[:, None, :]  # (S, 1, L), broadcast over (Hkv, S, G, L) scores
+        return torch.from_numpy(table).to(self.device), bias[:, None, :]  # (S, B), (S, 1, B * block_size)
 
     def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
         """Sample the whole batch; if that raises, sample row by row so only the rows that

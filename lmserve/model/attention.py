@@ -28,8 +28,8 @@ class PrefillSeq:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot written by each token
     num_decodes: int  # the first num_decodes tokens are single-token decodes
-    decode_slots: torch.Tensor | None  # (num_decodes, max_context_len) slots to read, padded
-    decode_bias: torch.Tensor | None  # (num_decodes, 1, max_context_len) 0 or -inf for padding
+    decode_blocks: torch.Tensor | None  # (num_decodes, max_blocks) block table, padded with block 0
+    decode_bias: torch.Tensor | None  # (num_decodes, 1, max_blocks * block_size) 0, or -inf past the context
     prefills: list[PrefillSeq]
 
 
@@ -62,18 +62,30 @@ def _gather(cache_part: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -
     return rows.view(num_kv_heads, *slots.shape, head_dim)
 
 
+def _gather_blocks(cache_part: torch.Tensor, blocks: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks of each sequence, (Hkv, S, max_blocks * block_size, D). Copying a block
+    (block_size * D contiguous values) at a time is about twice as fast as slot by slot."""
+    num_kv_heads, num_slots, head_dim = cache_part.shape
+    num_seqs, max_blocks = blocks.shape
+    block_size = length // max_blocks
+    by_block = cache_part.view(num_kv_heads, num_slots // block_size, block_size * head_dim)
+    rows = by_block.index_select(1, blocks.reshape(-1)).to(dtype)
+    return rows.view(num_kv_heads, num_seqs, length, head_dim)
+
+
 def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     # A grouped matmul + softmax beats SDPA for single-token queries on CPU.
     k_cache, v_cache = cache
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
-    keys = _gather(k_cache, meta.decode_slots, q.dtype)  # (Hkv, S, L, D)
-    values = _gather(v_cache, meta.decode_slots, q.dtype)  # (Hkv, S, L, D)
-    q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)  # (Hkv, S, G, D)
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (Hkv, S, G, L)
-    probs = torch.softmax(scores.float() + meta.decode_bias, dim=-1).to(q.dtype)  # softmax in fp32
-    out = torch.matmul(probs, values)  # (Hkv, S, G, D)
+    # Matmuls in the cache's dtype: a bf16 cache is read and multiplied without widening copies.
+    keys = _gather_blocks(k_cache, meta.decode_blocks, meta.decode_bias.shape[-1], k_cache.dtype)  # (Hkv, S, L, D)
+    values = _gather_blocks(v_cache, meta.decode_blocks, meta.decode_bias.shape[-1], v_cache.dtype)  # (Hkv, S, L, D)
+    q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1).to(k_cache.dtype)  # (Hkv, S, G, D)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # (Hkv, S, G, L)
+    probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(v_cache.dtype)  # softmax in fp32
+    out = torch.matmul(probs, values).float()  # (Hkv, S, G, D)
     return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
 
