@@ -55,7 +55,7 @@ class LLMEngine:
         self.max_model_len = config.scheduler.max_model_len or model_len
         device = torch.device(config.device)
         block_size = config.cache.block_size
-        kv_dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        kv_dtype = torch.float32 if config.dtype == "float32" else torch.bfloat16
         num_blocks = num_blocks_for_budget(loaded.config, block_size, kv_dtype, config.cache.kv_cache_memory_bytes)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(

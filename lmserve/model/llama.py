@@ -19,12 +19,31 @@ from lmserve.model.rope import RotaryEmbedding, apply_rotary
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
+# Steps of at most this many tokens use a Linear's int8 copy: at 1-4 rows the product is bound by
+# the bytes of weights read, and int8 weight-only GEMV reads half of bf16's; larger steps are
+# compute-bound, where the bf16 matmul is faster.
+INT8_MAX_TOKENS = 4
+
+
 class Linear(nn.Linear):
     """A projection whose weight may be stored in a narrower dtype than the activations:
-    inputs are cast to it and outputs back (bf16 weights halve the bytes read per token)."""
+    inputs are cast to it and outputs back (bf16 weights halve the bytes read per token).
+    After quantize_int8(), small steps run on an int8 copy (per-row scales, bf16 activations)."""
+
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, K) int8 weight, (N,) bf16 scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None and x.shape[0] <= INT8_MAX_TOKENS:
+            out = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), *self.int8)
+            return (out if self.bias is None else out + self.bias).to(x.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    def quantize_int8(self) -> None:
+        """Keep a symmetric per-output-row int8 copy of the weight beside it."""
+        weight = self.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        self.int8 = (quantized, scales.to(torch.bfloat16))
 
 
 def fuse_linears(parts: list[nn.Linear], dtype: torch.dtype) -> Linear:
@@ -139,6 +158,12 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.prepare(weight_dtype)
         if self.lm_head.weight.dtype != weight_dtype:  # a tied head gets its own narrower copy
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().to(weight_dtype), requires_grad=False)
+
+    def quantize_int8(self) -> None:
+        """int8 copies of every projection and the head, for steps of few tokens (after prepare)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quantize_int8()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],

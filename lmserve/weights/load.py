@@ -20,7 +20,8 @@ from lmserve.text.tokenizer import Tokenizer
 from lmserve.weights.gguf import GGUFFile
 from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "int8": bf16 weights plus int8 copies used by steps of few tokens (see model/llama.py)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.bfloat16}
 
 
 @dataclass
@@ -56,6 +57,8 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
     model = build_model(config, max_positions or config.max_position_embeddings, freqs)
     _fill(model, tensors, torch.float32)
     model.prepare(DTYPES[dtype])
+    if dtype == "int8":
+        model.quantize_int8()
     return model.to(device).eval(), config, gguf
 
 

@@ -25,6 +25,11 @@ def all_logits(model, ids: list[int]) -> torch.Tensor:
     return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), caches, meta))
 
 
+@pytest.fixture(scope="module")
+def int8_model():
+    return load_model(default_model_path(), "int8", max_positions=2048)
+
+
 def decoded_logits(model, ids: list[int], num_prompt: int, kv_dtype: torch.dtype) -> torch.Tensor:
     """Logits for positions num_prompt-1 .. len(ids)-2: the prompt prefilled, then each later
     token fed as a one-token decode reading the paged cache, as the engine decodes."""
@@ -64,6 +69,26 @@ def test_bf16_tracks_float32_teacher_forced(default_model, bf16_model):
         assert 0 < kl < 2e-3, kl
         kls.append(kl)
     print(f"top-1 agreement {agree / total:.3f}, max KL {max(kls):.2e}")
+    assert agree / total >= 0.95
+
+
+def test_int8_single_token_steps_track_float32_teacher_forced(default_model, int8_model):
+    """--dtype int8: one-token decode steps run on int8 weight copies (the prompt's prefill on bf16)."""
+    layer = int8_model.model.model.layers[0]
+    assert layer.mlp.gate_up_proj.int8[0].dtype == torch.int8 and int8_model.model.lm_head.int8 is not None
+    prompts = [chat_ids(default_model.tokenizer, p) for p in PROMPTS[:4]]
+    reference = make_engine(default_model).generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    agree = total = 0
+    for prompt, output in zip(prompts, reference):
+        ids = prompt + output
+        a = all_logits(default_model.model, ids)[len(prompt) - 1:-1]
+        b = decoded_logits(int8_model.model, ids, len(prompt), torch.bfloat16)
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        total += len(output)
+        kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
+        print(f"int8 KL {kl:.2e}")
+        assert 0 < kl < 8e-3, kl
+    print(f"int8 top-1 agreement {agree / total:.3f}")
     assert agree / total >= 0.95
 
 
