@@ -74,6 +74,12 @@ class EmbeddingWorker:
         return jobs
 
     def _serve(self, jobs: list[_Job]) -> None:
+        # Jobs whose client hung up while they waited are skipped: a queue of abandoned large
+        # requests would otherwise hold up everyone behind it. (A racy read is harmless: at
+        # worst one cancelled job is computed, and _settle drops its result.)
+        jobs = [job for job in jobs if not job.future.cancelled()]
+        if not jobs:
+            return
         flat = [ids for job in jobs for ids in job.batch]
         try:
             vectors = embed_in_batches(self.embedder, flat, self.max_batch_tokens)

@@ -26,10 +26,18 @@ class GrammarError(ValueError):
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
 
 
-class GrammarCompiler:
-    """Compiles GrammarSpecs against one tokenizer's vocabulary. Thread-safe; caches results."""
+# Compiled grammars cached for reuse. A compiled grammar holds per-state token masks (~1 MB for a
+# small schema), and clients may send a new schema or tool set with every request: unbounded,
+# the cache would grow for the server's lifetime. Evicted grammars live on in their matchers.
+DEFAULT_CACHE_BYTES = 256 * 2**20
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1):
+
+class GrammarCompiler:
+    """Compiles GrammarSpecs against one tokenizer's vocabulary. Thread-safe; caches results, up to
+    `cache_bytes` (least recently used evicted first)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         # Special tokens get no bytes: the grammar can never emit them as text (a masked
         # <|im_end|> inside a JSON string would vanish from the decoded output). Stop tokens
         # are still allowed once the grammar is complete.
@@ -37,7 +45,8 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size,
                                  stop_token_ids=sorted(tokenizer.eos_token_ids))
         self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(info, max_threads=num_threads, cache_enabled=True)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=num_threads, cache_enabled=True,
+                                             cache_limit_bytes=cache_bytes)
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """The compiled grammar for `spec`; GrammarError if it is invalid."""
@@ -59,6 +68,11 @@ class GrammarCompiler:
         if spec.kind == "structural_tag":
             return self._compiler.compile_structural_tag(spec.text)
         raise ValueError(f"unknown grammar kind {spec.kind!r}")
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory held by the cache of compiled grammars now."""
+        return self._compiler.get_cache_size_bytes()
 
     def matcher(self, spec: GrammarSpec) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(spec))

@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from starlette.responses import JSONResponse, Response
@@ -148,7 +149,10 @@ async def _generate(body, request: Request, state: ServerState, id_prefix: str, 
     """The shared shape of both generation routes: plan, then stream SSE or gather one response."""
     engine = state.engine_for(body.model)
     meta = results.ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_id)
-    plan = make_plan(body, meta.id, engine.tokenizer, engine.max_model_len, engine.grammar)
+    # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
+    # event loop must keep serving the other requests' streams meanwhile.
+    plan = await anyio.to_thread.run_sync(make_plan, body, meta.id, engine.tokenizer, engine.max_model_len,
+                                          engine.grammar)
     engine = _counting_tokens(engine, request, plan)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

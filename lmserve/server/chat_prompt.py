@@ -38,9 +38,11 @@ def render_chat(messages: list[ChatMessage], tokenizer: Tokenizer, tools: ToolsP
         raise bad_request(str(exc), param="messages") from exc
 
 
-def reply_format(tokenizer: Tokenizer, prompt_text: str, tools: ToolsPlan | None) -> ReplyFormat | None:
-    """How to read replies: tool calls when tools are offered, reasoning when the model thinks."""
-    reasoning = THINK_OPEN in (tokenizer.chat_template or "")
+def reply_format(tokenizer: Tokenizer, prompt_text: str, tools: ToolsPlan | None,
+                 forced: bool = False) -> ReplyFormat | None:
+    """How to read replies: tool calls when tools are offered, reasoning when the model thinks
+    and no grammar forces the reply from its first token (`forced`)."""
+    reasoning = THINK_OPEN in (tokenizer.chat_template or "") and not forced
     if tools is None and not reasoning:
         return None
     return ReplyFormat(tools, reasoning, reasoning and template_opens_reasoning(prompt_text))

@@ -74,12 +74,23 @@ def _response_format(fmt: ResponseFormat) -> GrammarSpec | None:
             return GrammarSpec("json_object")
         return _schema(schema, "response_format.json_schema.schema", strict=bool(fmt.json_schema.strict))
     if fmt.type == "structural_tag":
-        if fmt.format is None:
-            raise bad_request("response_format of type 'structural_tag' needs a 'format' object",
-                              param="response_format.format")
-        return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": fmt.format}))
+        return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": _tag_format(fmt)}))
     raise unsupported("response_format.type", f"response_format type {fmt.type!r} (use 'text', 'json_object', "
                       "'json_schema' or 'structural_tag')")
+
+
+def _tag_format(fmt: ResponseFormat) -> dict[str, Any]:
+    """xgrammar's `format`, given as is or as vLLM's older `structures` + `triggers`: free text
+    until a trigger, then one of the structures that begins with it."""
+    if fmt.format is not None:
+        return fmt.format
+    if fmt.structures is None or fmt.triggers is None:
+        raise bad_request("response_format of type 'structural_tag' needs a 'format' object "
+                          "(or 'structures' and 'triggers')", param="response_format.format")
+    tags = [{"type": "tag", "begin": s.begin, "end": s.end,
+             "content": {"type": "json_schema", "json_schema": s.schema_ if s.schema_ is not None else {}}}
+            for s in fmt.structures]
+    return {"type": "triggered_tags", "triggers": fmt.triggers, "tags": tags}
 
 
 def _structured_outputs(so: StructuredOutputs) -> list[tuple[str, GrammarSpec]]:

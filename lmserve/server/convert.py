@@ -66,7 +66,7 @@ def chat_plan(
     _check_known_unsupported(request)
     tools = plan_tools(request, tokenizer, model_name="")
     text = render_chat(request.messages, tokenizer, tools)
-    prompt_ids = _encode(tokenizer, text, add_special_tokens=False, param="messages")  # BOS is in the template
+    prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages")  # BOS is in the template
     if not prompt_ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -74,7 +74,10 @@ def chat_plan(
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
     sequences = _sequences([prompt_ids], base, request.n, response_id, limit)
-    return GenerationPlan([prompt_ids], sequences, reply=reply_format(tokenizer, text, tools))
+    # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
+    # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
+    forced = base.grammar is not None and (tools is None or tools.mode != "auto")
+    return GenerationPlan([prompt_ids], sequences, reply=reply_format(tokenizer, text, tools, forced))
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:
@@ -160,7 +163,7 @@ def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int
     if not item:
         raise bad_request("prompt must not be empty", param=param)
     if isinstance(item, str):
-        return _encode(tokenizer, item, add_special_tokens=True, param=param)
+        return encode_text(tokenizer, item, add_special_tokens=True, param=param)
     return _checked_token_ids(item, tokenizer.vocab_size, param)
 
 
@@ -174,7 +177,8 @@ def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special
 # ---------------------------------------------------------------- shared
 
 
-def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    """`text` as token ids; text that is not valid Unicode is a 400 naming `param`."""
     # JSON may carry lone surrogates ("\ud800"): valid in a Python str, not encodable as UTF-8.
     try:
         text.encode("utf-8")

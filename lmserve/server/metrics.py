@@ -38,6 +38,10 @@ STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+# The method label takes these; any other method a client invents is "other", so clients cannot
+# grow the registry (and every scrape) without end.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 @dataclass
 class _Timing:
@@ -142,7 +146,8 @@ class ServerMetrics:
 
     def request_done(self, record: AccessRecord) -> None:
         """Count one finished HTTP request (an access-middleware sink)."""
-        self.http_requests.labels(record.method, record.route, str(record.status)).inc()
+        method = record.method if record.method in HTTP_METHODS else "other"
+        self.http_requests.labels(method, record.route, str(record.status)).inc()
 
     def render(self, snapshot: dict[str, int] | None) -> bytes:
         """The Prometheus text exposition; gauges of engine load are read now from `snapshot`."""

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
 from lmserve.request import SamplingParams
+from lmserve.server.convert import encode_text
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
@@ -37,7 +38,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
     tokenizer = state.engine_for(body.model).tokenizer
     if not body.parse_special:
         raise unsupported("parse_special", "'parse_special': false (special-token text is always parsed)")
-    ids = tokenizer.encode(body.content, add_special_tokens=body.add_special)
+    ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content")
     tokens = [TokenPiece(id=i, piece=piece(tokenizer.token_bytes(i))) for i in ids] if body.with_pieces else ids
     return Response(TokenizeResponse(tokens=tokens).model_dump_json(), media_type="application/json")
 

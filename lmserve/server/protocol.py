@@ -77,11 +77,21 @@ class JsonSchemaFormat(_Request):
     strict: bool | None = None
 
 
+class TagStructure(_Request):
+    """One structure of vLLM's older structural_tag form: begin, a JSON schema, end."""
+
+    begin: str
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    end: str
+
+
 class ResponseFormat(_Request):
     type: str  # "text" | "json_object" | "json_schema" | "structural_tag"
     json_schema: JsonSchemaFormat | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp: json_object + schema
     format: dict[str, Any] | None = None  # structural_tag (xgrammar / vLLM)
+    structures: list[TagStructure] | None = None  # structural_tag, vLLM's older form, with triggers
+    triggers: list[str] | None = None
 
 
 class StructuredOutputs(_Request):

@@ -140,6 +140,29 @@ def test_requests_arriving_together_share_one_forward():
     assert len(embedder.calls) == 2 and len(embedder.calls[1]) == 6  # the three requests, one forward
 
 
+def test_requests_cancelled_while_queued_are_not_computed():
+    # a client that hung up while its job waited behind a long forward costs no forward of its own
+    gate = threading.Event()
+    embedder = RecordingEmbedder(gate)
+    worker = EmbeddingWorker(embedder, max_batch_tokens=64)
+
+    async def scenario():
+        first = asyncio.ensure_future(worker.embed([[1, 2]]))
+        await asyncio.get_running_loop().run_in_executor(None, embedder.started.wait, 10)
+        gone = asyncio.ensure_future(worker.embed([[7] * 9]))
+        kept = asyncio.ensure_future(worker.embed([[5]]))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await first, await kept
+
+    first, kept = asyncio.run(scenario())
+    worker.shutdown()
+    assert kept.tolist() == [[1, 5, 5]]
+    assert embedder.calls == [[[1, 2]], [[5]]]
+
+
 def test_a_failing_forward_fails_its_requests_and_the_worker_lives_on():
     class Flaky(RecordingEmbedder):
         def embed(self, batch):

@@ -818,3 +818,94 @@ def test_official_sync_client_over_testclient():
     assert [c.message.content for c in completion.choices] == ["Hé!", "Hé!"]
     stream = client.completions.create(model=MODEL, prompt="hi", stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == "Hé!"
+
+
+# ---------------------------------------------------------------- the event loop stays free
+
+
+class SlowGrammar:
+    """A grammar compiler whose compile blocks until released, as a big schema's does (seconds)."""
+
+    def __init__(self):
+        import threading
+
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def compile(self, spec):
+        self.started.set()
+        assert self.release.wait(5), "never released"
+
+
+def test_compiling_a_constraint_does_not_block_other_requests():
+    engine = FakeEngine()
+    engine.grammar = SlowGrammar()
+    app = create_app(ServerState(MODEL, engine))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            body = {"messages": [{"role": "user", "content": "hi"}], "regex": "[a-z]+"}
+            constrained = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            while not engine.grammar.started.is_set():
+                await asyncio.sleep(0.01)
+            models = await asyncio.wait_for(client.get("/v1/models"), 2)  # answered while compiling
+            engine.grammar.release.set()
+            return models, await constrained
+
+    models, constrained = asyncio.run(scenario())
+    assert models.status_code == 200 and constrained.status_code == 200
+
+
+# ---------------------------------------------------------------- constraints on a thinking model
+
+
+class ThinkingTokenizer(ByteTokenizer):
+    """A template that opens <think> in the generation prompt, as DeepSeek-R1 and Qwen3's do."""
+
+    chat_template = "{{ messages }}<think>"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, **extra) -> str:
+        return super().apply_chat_template(messages, add_generation_prompt, tools) + "<think>\n"
+
+
+class AnyGrammar:
+    def compile(self, spec):
+        return spec
+
+
+def thinking_engine(reply: str) -> FakeEngine:
+    engine = FakeEngine(reply=reply, max_model_len=128)
+    engine.tokenizer, engine.grammar = ThinkingTokenizer(), AnyGrammar()
+    return engine
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_constrained_output_of_a_thinking_model_is_content(stream):
+    # the grammar shapes the reply from its first token: no reasoning can come first, even though
+    # the prompt left <think> open, so the JSON is the content
+    client = make_client(thinking_engine('{"a": 1}'))
+    response = chat(client, stream=stream, response_format={"type": "json_object"})
+    if stream:
+        deltas = [e["choices"][0]["delta"] for e in events(response)[:-1] if e["choices"]]
+        content = "".join(d.get("content") or "" for d in deltas)
+        assert not any(d.get("reasoning_content") for d in deltas)
+    else:
+        message = response.json()["choices"][0]["message"]
+        content = message["content"]
+        assert message["reasoning_content"] is None
+    assert content == '{"a": 1}'
+
+
+def test_unconstrained_thinking_model_still_reasons():
+    response = chat(make_client(thinking_engine("hmm</think>Hi")))
+    message = response.json()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("hmm", "Hi")
+
+
+def test_required_tool_call_of_a_thinking_model_is_parsed():
+    engine = thinking_engine('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
+    engine.max_model_len = 1024  # the tools section is in the prompt
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    response = chat(make_client(engine), tools=tools, tool_choice="required")
+    choice = response.json()["choices"][0]
+    assert choice["message"]["reasoning_content"] is None and choice["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["f"]

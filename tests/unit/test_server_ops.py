@@ -67,6 +67,13 @@ def test_tokenize_with_pieces_gives_bytes_for_partial_utf8(client):
     ]}
 
 
+def test_tokenize_refuses_text_that_is_not_unicode(client):
+    # JSON may carry a lone surrogate; it cannot be encoded as UTF-8, so it is the client's error
+    response = client.post("/tokenize", content=b'{"content": "a\\ud800b"}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "content"
+
+
 @pytest.mark.parametrize("tokens", [[5, 258], [-1], [3, 1_000_000]])
 def test_detokenize_refuses_ids_outside_the_vocabulary(client, tokens):
     response = client.post("/detokenize", json={"tokens": tokens})
@@ -136,6 +143,15 @@ def test_metrics_count_http_requests_by_route_and_status(client):
     assert count("/v1/chat/completions", "200") == 2
     assert count("/v1/chat/completions", "400") == 1
     assert count("/v1/models/{model_id}", "200", "GET") == 1
+
+
+def test_metrics_label_unknown_http_methods_as_other(client):
+    # the method is the client's choice: each new one must not add label sets without end
+    for method in ("FOO1", "FOO2", "FOO3"):
+        assert client.request(method, "/v1/models").status_code == 405
+    samples = metric_samples(client.get("/metrics").text)
+    methods = {dict(labels)["method"] for name, labels in samples if name == "lmserve:http_requests_total"}
+    assert methods == {"other"}
 
 
 def test_metrics_gauges_come_from_the_engine_snapshot(client):
