@@ -40,8 +40,9 @@ class GrammarCompiler:
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         # Special tokens get no bytes: the grammar can never emit them as text (a masked
         # <|im_end|> inside a JSON string would vanish from the decoded output). Stop tokens
-        # are still allowed once the grammar is complete.
-        vocab = [b"" if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        # are still allowed once the grammar is complete. Tool-call and reasoning markers keep
+        # their text, so a grammar can write [TOOL_CALLS] as the one token the model was trained on.
+        vocab = [_grammar_bytes(tokenizer, i) for i in range(tokenizer.vocab_size)]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size,
                                  stop_token_ids=sorted(tokenizer.eos_token_ids))
         self.vocab_size = vocab_size
@@ -76,6 +77,16 @@ class GrammarCompiler:
 
     def matcher(self, spec: GrammarSpec) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(self.compile(spec))
+
+
+# Special tokens that tool-call and reasoning formats write as markup (Mistral, Llama 3, Qwen).
+MARKUP_TOKENS = frozenset({b"[TOOL_CALLS]", b"[ARGS]", b"[CALL_ID]", b"<|python_tag|>", b"<tool_call>",
+                           b"</tool_call>", b"<think>", b"</think>"})
+
+
+def _grammar_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    text = tokenizer.token_bytes(token_id)
+    return text if not tokenizer.is_special(token_id) or text in MARKUP_TOKENS else b""
 
 
 def _clean(exc: Exception) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import xgrammar as xgr
+
 from lmserve.request import GrammarSpec
 from lmserve.sampling.grammar import DEFAULT_CACHE_BYTES, GrammarCompiler
 
@@ -26,3 +28,25 @@ def test_compiled_grammar_cache_is_bounded(default_tokenizer):
 def test_the_cache_is_bounded_by_default(default_tokenizer):
     compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
     assert compiler._compiler.cache_limit_bytes == DEFAULT_CACHE_BYTES > 0  # xgrammar's own default: unbounded
+
+
+class MarkupTokenizer:
+    """Bytes 0-255 are ids 3-258; 0 is </s>, 1 an ordinary control token, 2 Mistral's [TOOL_CALLS]."""
+
+    vocab_size = 259
+    eos_token_ids = (0,)
+    specials = [b"</s>", b"<ctrl>", b"[TOOL_CALLS]"]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.specials[token_id] if token_id < 3 else bytes([token_id - 3])
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id < 3
+
+
+def test_markup_special_tokens_can_be_written_by_a_grammar_others_cannot():
+    compiler = GrammarCompiler(MarkupTokenizer(), 259)
+    calls = xgr.GrammarMatcher(compiler.compile(GrammarSpec("regex", r"\[TOOL_CALLS\]x")))
+    assert calls.accept_token(2) and calls.accept_token(ord("x") + 3)
+    text = xgr.GrammarMatcher(compiler.compile(GrammarSpec("regex", "<ctrl>")))
+    assert not text.accept_token(1)  # an ordinary control token never stands in for its text

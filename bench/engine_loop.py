@@ -1,0 +1,84 @@
+"""Decode throughput of the engine alone (no HTTP), for comparing engine changes.
+
+    .venv/bin/python -m bench.engine_loop --dtype bfloat16,int8 --batch 1,64 [--profile]
+
+For each batch size, the dtypes take turns (three rounds) on the default model: B requests with
+128-token prompts, 40 greedy tokens each; prints tok/s per round, and with --profile the top ops
+of torch.profiler over ten decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lmserve.cli import default_model_path
+from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.engine.engine import LLMEngine
+from lmserve.request import SamplingParams
+from lmserve.weights.load import load_model
+
+PROMPT = list(range(1000, 1128))
+
+
+def make_engine(dtype: str) -> LLMEngine:
+    loaded = load_model(default_model_path(), dtype, max_positions=2048)
+    config = EngineConfig("default", "bench", dtype=dtype, cache=CacheConfig(16, 1 << 30),
+                          scheduler=SchedulerConfig(64, 512, 1024))
+    return LLMEngine(config, loaded)
+
+
+def decode_tok_s(engine: LLMEngine, batch: int, tag: str) -> float:
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", PROMPT, params)
+    for _ in range(3):  # prefill and warm-up
+        engine.step()
+    started, steps = time.perf_counter(), 0
+    while engine.has_unfinished:
+        engine.step()
+        steps += 1
+    return batch * steps / (time.perf_counter() - started)
+
+
+def profile(engine: LLMEngine, batch: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"profile-{i}", PROMPT, params)
+    for _ in range(5):
+        engine.step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            engine.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    while engine.has_unfinished:
+        engine.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bfloat16,int8")
+    parser.add_argument("--batch", default="1,64")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    engines = {dtype: make_engine(dtype) for dtype in args.dtype.split(",")}
+    for batch in (int(b) for b in args.batch.split(",")):
+        rounds = {dtype: [] for dtype in engines}
+        for r in range(3):
+            for dtype, engine in engines.items():
+                rounds[dtype].append(decode_tok_s(engine, batch, f"{dtype}-{batch}-{r}"))
+        for dtype, values in rounds.items():
+            print(f"batch {batch:>3} {dtype:>9}: " + " ".join(f"{v:7.1f}" for v in values) + " tok/s")
+            if args.profile:
+                profile(engines[dtype], batch)
+
+
+if __name__ == "__main__":
+    main()
