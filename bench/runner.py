@@ -28,7 +28,9 @@ class LevelRun:
 
 def run_workload(target: Target, workload: Workload, server: str, server_pid: int | None,
                  options: RunOptions = RunOptions()) -> LevelRun:
-    from bench.rss import PeakRSSSampler  # psutil: a bench extra, kept out of the unit tests' imports
+    from bench.rss import (
+        PeakRSSSampler,  # psutil: a bench extra, kept out of the unit tests' imports
+    )
 
     prompts = workload_prompts(workload, options.seed)
     if options.warmup:

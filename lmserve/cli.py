@@ -183,7 +183,7 @@ def _load_engine(config: EngineConfig, state) -> None:
     except ValueError as exc:  # a model or setting lmserve cannot serve: say why, no traceback
         log.error("cannot serve %s: %s", config.model_path, exc)
         os._exit(2)
-    except Exception:  # noqa: BLE001 - a model that cannot load ends the server
+    except Exception:
         log.exception("failed to load the model")
         os._exit(1)
 
@@ -210,7 +210,7 @@ def _load_embedder(config: EmbeddingConfig, state) -> None:
         log.error("cannot serve embedding model %s: %s (--no-embedding-model serves without one)",
                   config.model_path, exc)
         os._exit(2)
-    except Exception:  # noqa: BLE001 - a model that cannot load ends the server
+    except Exception:
         log.exception("failed to load the embedding model")
         os._exit(1)
 

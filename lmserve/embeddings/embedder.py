@@ -15,7 +15,6 @@ from typing import Protocol
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.embeddings.pooling import Pooling, read_sentence_transformer_config
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model.bert import BertModel, load_bert
@@ -104,9 +103,9 @@ class DecoderEmbedder:
         lengths = [len(ids) for ids in batch]
         ids = torch.tensor([i for seq in batch for i in seq], dtype=torch.long, device=device)  # (T,)
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # (T,)
-        # block_size 1: slot = token index, so the private cache is exactly T tokens long
-        caches = allocate_kv_caches(self.model.config, len(ids), 1, torch.float32, device)
-        hidden = self.model(ids, positions, caches, _prefill_meta(lengths, device))  # (T, H)
+        # Whole-context prefills attend to their own k and v: no KV cache to keep or read.
+        no_cache = [None] * self.model.config.num_hidden_layers
+        hidden = self.model(ids, positions, no_cache, _prefill_meta(lengths, device))  # (T, H)
         padded = pad_sequence(list(hidden.split(lengths)), batch_first=True)  # (B, L, H)
         mask = torch.arange(padded.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         return self.pooling(padded, mask)

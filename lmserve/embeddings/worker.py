@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmserve.embeddings")
 
-# The decoder's private KV cache costs ~46 KB per token for SmolLM2-135M: 2048 tokens keep a
-# forward under 100 MB on top of the engine's own cache.
+# Tokens per chat-model forward: bounds its activations and how long one forward holds up the
+# requests queued behind it (it shares the cores with generation).
 DECODER_BATCH_TOKENS = 2048
 
 
@@ -83,7 +83,7 @@ class EmbeddingWorker:
         flat = [ids for job in jobs for ids in job.batch]
         try:
             vectors = embed_in_batches(self.embedder, flat, self.max_batch_tokens)
-        except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, not the thread
+        except Exception as exc:
             log.exception("embedding forward failed")
             for job in jobs:
                 job.loop.call_soon_threadsafe(_settle, job.future, None, exc)

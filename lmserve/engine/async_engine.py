@@ -98,7 +98,7 @@ class AsyncEngine:
         previous_stats = self.engine.last_stats
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the engine thread
+        except Exception as exc:
             log.exception("engine step failed outside the model")
             outputs = self.engine.fail_all(exc)
         # step() records a new StepStats object only when it ran a batch to the end.
@@ -154,7 +154,7 @@ class AsyncEngine:
         for observer in self.observers:
             try:
                 getattr(observer, event)(*args)
-            except Exception:  # noqa: BLE001 - metrics must never take the engine down
+            except Exception:
                 log.exception("engine observer %r failed on %s", observer, event)
 
 

@@ -13,10 +13,10 @@ from lmserve.cache.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from lmserve.config import EngineConfig
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
-from lmserve.sampling.grammar import GrammarCompiler
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
+from lmserve.sampling.grammar import GrammarCompiler
 from lmserve.text.detokenizer import IncrementalDetokenizer
-from lmserve.weights.load import LoadedModel, load_model
+from lmserve.weights.load import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger("lmserve.engine")
 
@@ -55,7 +55,7 @@ class LLMEngine:
         self.max_model_len = config.scheduler.max_model_len or model_len
         device = torch.device(config.device)
         block_size = config.cache.block_size
-        kv_dtype = torch.float32 if config.dtype == "float32" else torch.bfloat16
+        kv_dtype = DTYPES[config.dtype]  # the weights' dtype (bf16 under int8)
         num_blocks = num_blocks_for_budget(loaded.config, block_size, kv_dtype, config.cache.kv_cache_memory_bytes)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
@@ -72,7 +72,7 @@ class LLMEngine:
         self.last_stats = StepStats()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         loaded = load_model(config.model_path, config.dtype, config.device,
@@ -112,7 +112,7 @@ class LLMEngine:
             return []
         try:
             result = self.runner.execute(out)
-        except Exception as exc:  # noqa: BLE001 - reported per request, the engine lives on
+        except Exception as exc:
             log.exception("engine step failed")
             return [self._fail(seq.request, exc) for seq in out.seqs]
         self.scheduler.update(out, result.token_ids)

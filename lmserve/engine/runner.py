@@ -31,13 +31,13 @@ class StepResult:
     token_ids: dict[str, int]
     logprobs: dict[str, SampleLogprobs]
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed this step
+    grammar_finished: set[str] = field(default_factory=set)  # grammar complete: nothing more may follow
 
     def merge(self, other: StepResult) -> None:
         self.token_ids.update(other.token_ids)
         self.logprobs.update(other.logprobs)
         self.errors.update(other.errors)
         self.grammar_finished |= other.grammar_finished
-    grammar_finished: set[str] = field(default_factory=set)  # grammar complete: nothing more may follow
 
 
 class ModelRunner:
@@ -117,7 +117,7 @@ class ModelRunner:
         have advanced)."""
         try:
             return self._sample_batch(logits, seqs)
-        except Exception:  # noqa: BLE001 - isolated below, reported per request
+        except Exception:
             if len(seqs) == 1:
                 raise
             log.exception("sampling the batch failed; sampling its %d rows one by one", len(seqs))

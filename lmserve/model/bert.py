@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.weights.gguf import UnsupportedModelError
-from lmserve.weights.load import read_safetensors
+from lmserve.weights.load import fill_parameters, read_safetensors
 
 # HF model_type values whose checkpoints are plain BertModel weights.
 BERT_MODEL_TYPES = ("bert",)
@@ -194,13 +194,5 @@ def load_bert(folder: str | Path) -> BertModel:
     with torch.device("meta"):
         model = BertModel(config)
     tensors = {name.removeprefix("bert."): t for name, t in read_safetensors(Path(folder)).items()}
-    expected = dict(model.named_parameters())
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
-    for name, param in expected.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise ValueError(f"parameter {name}: checkpoint shape {tuple(tensors[name].shape)}, "
-                             f"model expects {tuple(param.shape)}")
-    model.load_state_dict({name: tensors[name].float().contiguous() for name in expected}, strict=False, assign=True)
+    fill_parameters(model, tensors, torch.float32)
     return model.eval()

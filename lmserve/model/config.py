@@ -34,7 +34,7 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type", "")
         if model_type not in HF_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -63,7 +63,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, metadata: dict[str, Any], has_output_weight: bool) -> "ModelConfig":
+    def from_gguf(cls, metadata: dict[str, Any], has_output_weight: bool) -> ModelConfig:
         arch = metadata.get("general.architecture", "")
         if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(

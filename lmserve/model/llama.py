@@ -84,14 +84,15 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.o_proj.to(dtype)
 
-    def forward(self, x, rotary: tuple[torch.Tensor, torch.Tensor], cache: KVCache, meta: AttentionMetadata):
+    def forward(self, x, rotary: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None, meta: AttentionMetadata):
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rotary(q.view(n, self.num_heads, self.head_dim), *rotary)
         k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), *rotary)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        write_kv(cache, k, v, meta.slot_mapping)
+        if cache is not None:  # None: a forward that keeps no KV (whole-context prefills only)
+            write_kv(cache, k, v, meta.slot_mapping)
         return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
 
 

@@ -18,7 +18,11 @@ from lmserve.parsing.events import (
     collect_events,
     make_tool_call_id,
 )
-from lmserve.parsing.reasoning import ReasoningDelta, ReasoningParser, template_opens_reasoning
+from lmserve.parsing.reasoning import (
+    ReasoningDelta,
+    ReasoningParser,
+    template_opens_reasoning,
+)
 from lmserve.parsing.syntax import (
     HERMES_SYNTAX,
     LLAMA3_SYNTAX,

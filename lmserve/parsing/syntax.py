@@ -6,8 +6,8 @@ A reply holding calls c1..cn is
     call(c) = call_prefix + NAME + arguments_infix + ARGS + call_suffix
 
 where NAME is the function name (a JSON string if name_quoted, else the bare name) and ARGS the
-arguments JSON object. In tool_choice "auto" the model may write content first; `trigger` is the
-text that starts the calls (what a lazy grammar waits for).
+arguments JSON object. In tool_choice "auto" the model may write content first; a grammar waits
+for calls_prefix + call_prefix before it constrains a call.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ class ToolCallSyntax:
     """How one format writes tool calls; see the module docstring for the layout."""
 
     format: str
-    trigger: str
     calls_prefix: str
     call_prefix: str
     name_quoted: bool
@@ -44,7 +43,6 @@ class ToolCallSyntax:
 
 HERMES_SYNTAX = ToolCallSyntax(
     format="hermes",
-    trigger="<tool_call>",
     calls_prefix="",
     call_prefix='<tool_call>\n{"name": ',
     name_quoted=True,
@@ -57,7 +55,6 @@ HERMES_SYNTAX = ToolCallSyntax(
 # Llama 3.1/3.2/3.3 JSON tool calling (tools in the prompt), as its chat template asks for it.
 LLAMA3_SYNTAX = ToolCallSyntax(
     format="llama3_json",
-    trigger="{",
     calls_prefix="",
     call_prefix='{"name": ',
     name_quoted=True,
@@ -70,7 +67,6 @@ LLAMA3_SYNTAX = ToolCallSyntax(
 # Mistral v3 tokenizers (Mistral-7B-Instruct-v0.3, Mixtral 8x22B).
 MISTRAL_SYNTAX = ToolCallSyntax(
     format="mistral",
-    trigger="[TOOL_CALLS]",
     calls_prefix="[TOOL_CALLS][",
     call_prefix='{"name": ',
     name_quoted=True,
@@ -83,7 +79,6 @@ MISTRAL_SYNTAX = ToolCallSyntax(
 # Mistral v11+ tokenizers (Mistral Small 3.1+, Devstral, Magistral).
 MISTRAL_V11_SYNTAX = ToolCallSyntax(
     format="mistral_v11",
-    trigger="[TOOL_CALLS]",
     calls_prefix="",
     call_prefix="[TOOL_CALLS]",
     name_quoted=False,

@@ -27,10 +27,22 @@ import re
 from collections.abc import Callable
 from typing import ClassVar
 
-from lmserve.parsing.events import Emitter, Event, ParsedToolOutput, collect_events, make_tool_call_id
+from lmserve.parsing.events import (
+    Emitter,
+    Event,
+    ParsedToolOutput,
+    collect_events,
+    make_tool_call_id,
+)
 from lmserve.parsing.json_call import CallObject, Step
 from lmserve.parsing.scan import hold_start, is_prefix_of_any, skip_space
-from lmserve.parsing.syntax import HERMES_SYNTAX, LLAMA3_SYNTAX, MISTRAL_SYNTAX, MISTRAL_V11_SYNTAX, ToolCallSyntax
+from lmserve.parsing.syntax import (
+    HERMES_SYNTAX,
+    LLAMA3_SYNTAX,
+    MISTRAL_SYNTAX,
+    MISTRAL_V11_SYNTAX,
+    ToolCallSyntax,
+)
 
 
 class ToolParser:

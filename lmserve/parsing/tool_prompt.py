@@ -4,6 +4,7 @@ template would have produced."""
 
 from __future__ import annotations
 
+import functools
 import json
 from itertools import groupby
 from typing import Any
@@ -29,6 +30,7 @@ def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
     return _TOOLS_HEADER + lines + _TOOLS_FOOTER
 
 
+@functools.lru_cache(maxsize=16)  # asked per chat request; lexing a template costs ~0.1-1 ms
 def template_renders_tools(chat_template: str) -> bool:
     """Whether the template's code reads the `tools` variable (text outside jinja tags, such as
     an example prompt mentioning tools, does not count)."""

@@ -33,7 +33,7 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 
 
 class GrammarCompiler:
-    """Compiles GrammarSpecs against one tokenizer's vocabulary. Thread-safe; caches results, up to
+    """Compiles GrammarSpecs against one tokenizer's vocabulary. Thread-safe; caches results, up to about
     `cache_bytes` (least recently used evicted first)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1,

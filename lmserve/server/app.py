@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from starlette.responses import JSONResponse, Response
 
 from lmserve.server import convert, embeddings, ops, results, sse
 from lmserve.server.access import (
+    CLIENT_CLOSED_REQUEST,
     AccessMiddleware,
     TokenCountingEngine,
     access_record,
@@ -37,10 +38,7 @@ from lmserve.server.protocol import (
     ModelCard,
     ModelList,
 )
-from lmserve.server.state import ServerState
-
-# A client that hung up gets no answer; 499 is what the access log shows.
-CLIENT_CLOSED_REQUEST = 499
+from lmserve.server.state import ServerState, State, json_response
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)
@@ -89,17 +87,6 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
                 operation["responses"].pop("422", None)
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def server_state(request: Request) -> ServerState:
-    return request.app.state.lmserve
-
-
-State = Annotated[ServerState, Depends(server_state)]
-
-
-def json_response(body: Any) -> Response:
-    return Response(body.model_dump_json(), media_type="application/json")
 
 
 async def health(state: State) -> JSONResponse:
@@ -176,7 +163,8 @@ def _counting_tokens(engine, request: Request, plan):
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: State) -> Response:
     worker = state.embedder_for(body.model)
-    batch = embeddings.embedding_inputs(body, worker.embedder)
+    # In a worker thread, as generation plans are: up to 2048 texts to tokenize.
+    batch = await anyio.to_thread.run_sync(embeddings.embedding_inputs, body, worker.embedder)
     vectors = await until_disconnected(request.receive, worker.embed(batch))
     if vectors is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)

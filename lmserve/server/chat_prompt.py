@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lmserve.parsing import add_tools_system_prompt, messages_for_template, template_opens_reasoning
-from lmserve.parsing import template_renders_tools
+from lmserve.parsing import (
+    add_tools_system_prompt,
+    messages_for_template,
+    template_opens_reasoning,
+    template_renders_tools,
+)
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatMessage, ContentPart
 from lmserve.server.reply import ReplyFormat

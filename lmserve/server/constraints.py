@@ -28,13 +28,20 @@ def grammar_spec(request: SamplingFields, compiler: GrammarCompiler | None) -> G
         names = ", ".join(param for param, _ in found)
         raise bad_request(f"give at most one output constraint; this request has {names}", param=found[1][0])
     param, spec = found[0]
+    check_compiles(spec, compiler, param)
+    return spec
+
+
+def check_compiles(spec: GrammarSpec, compiler: GrammarCompiler | None, param: str,
+                   feature: str = "constrained decoding", context: str = "") -> None:
+    """400 naming `param` if `spec` does not compile (the compiled grammar stays cached for the
+    engine); `feature` names what an engine without a compiler does not support."""
     if compiler is None:
-        raise unsupported(param, "constrained decoding on this model")
+        raise unsupported(param, f"{feature} on this model")
     try:
         compiler.compile(spec)
     except GrammarError as exc:
-        raise bad_request(str(exc), param=param) from None
-    return spec
+        raise bad_request(f"{context}{exc}", param=param) from None
 
 
 def requested_constraints(request: SamplingFields) -> list[tuple[str, GrammarSpec]]:

@@ -10,17 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from lmserve.request import SamplingParams
 from lmserve.server.chat_prompt import render_chat, reply_format
-from lmserve.server.constraints import grammar_spec
+from lmserve.server.constraints import check_compiles, grammar_spec
 from lmserve.server.errors import bad_request, unsupported
-from lmserve.server.reply import ReplyFormat
-from lmserve.server.tools import ToolsPlan, plan_tools
 from lmserve.server.protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
-    ContentPart,
     SamplingFields,
 )
+from lmserve.server.reply import ReplyFormat
+from lmserve.server.tools import ToolsPlan, plan_tools
 
 if TYPE_CHECKING:
     from lmserve.sampling.grammar import GrammarCompiler
@@ -88,12 +86,7 @@ def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarC
         raise bad_request("an output constraint (response_format, grammar, ...) cannot be combined with tools; "
                           "set tool_choice to 'none' or drop the constraint", param="tools")
     spec = tools.grammar()
-    if grammar is None:
-        raise unsupported("tools", "tool calling on this model")
-    try:
-        grammar.compile(spec)
-    except ValueError as exc:  # GrammarError: a parameters schema the grammar cannot express
-        raise bad_request(f"a tool's parameters schema is not usable: {exc}", param="tools") from None
+    check_compiles(spec, grammar, "tools", "tool calling", "a tool's parameters schema is not usable: ")
     return replace(base, grammar=spec, skip_special_tokens=base.skip_special_tokens and not tools.needs_special_tokens)
 
 
@@ -164,7 +157,7 @@ def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int
         raise bad_request("prompt must not be empty", param=param)
     if isinstance(item, str):
         return encode_text(tokenizer, item, add_special_tokens=True, param=param)
-    return _checked_token_ids(item, tokenizer.vocab_size, param)
+    return checked_token_ids(item, tokenizer.vocab_size, param)
 
 
 def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special_tokens: bool) -> list[str]:
@@ -226,7 +219,7 @@ def _base_params(request: SamplingFields, tokenizer: Tokenizer, logprobs: int | 
         **{name: value for name, value in optional.items() if value is not None},
         logit_bias=_logit_bias(request.logit_bias or {}, vocab_size),
         stop=_stop_strings(request.stop),
-        stop_token_ids=tuple(_checked_token_ids(request.stop_token_ids or [], vocab_size, "stop_token_ids")),
+        stop_token_ids=tuple(checked_token_ids(request.stop_token_ids or [], vocab_size, "stop_token_ids")),
         ignore_eos=request.ignore_eos,
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens,
@@ -270,7 +263,8 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return strings
 
 
-def _checked_token_ids(token_ids: list[int], vocab_size: int, param: str) -> list[int]:
+def checked_token_ids(token_ids: list[int], vocab_size: int, param: str) -> list[int]:
+    """The ids, or a 400 naming `param` if one is outside the vocabulary."""
     bad = [t for t in token_ids if not 0 <= t < vocab_size]
     if bad:
         raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)

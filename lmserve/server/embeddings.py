@@ -7,8 +7,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmserve.server.convert import checked_token_ids, encode_text
 from lmserve.server.errors import bad_request
-from lmserve.server.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from lmserve.server.protocol import (
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+)
 
 if TYPE_CHECKING:
     from lmserve.embeddings.embedder import Embedder
@@ -48,27 +54,14 @@ def _input_items(value: str | list[str] | list[int] | list[list[int]]) -> list[t
 def _input_ids(item: str | list[int], param: str, embedder: Embedder) -> list[int]:
     if not item:
         raise bad_request(f"'{param}' must not be empty", param=param)
-    ids = _encode(item, embedder, param) if isinstance(item, str) else _checked_ids(item, embedder.vocab_size, param)
+    if isinstance(item, str):
+        ids = encode_text(embedder.tokenizer, item, add_special_tokens=True, param=param)
+    else:
+        ids = checked_token_ids(item, embedder.vocab_size, param)
     if len(ids) > embedder.max_input_tokens:
         raise bad_request(f"'{param}' has {len(ids)} tokens; this model's maximum input length is "
                           f"{embedder.max_input_tokens} tokens", param=param, code="context_length_exceeded")
     return ids
-
-
-def _encode(text: str, embedder: Embedder, param: str) -> list[int]:
-    # JSON may carry lone surrogates ("\ud800"): valid in a Python str, not encodable as UTF-8.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request(f"'{param}' is not valid Unicode text: {exc.reason}", param=param) from exc
-    return embedder.tokenizer.encode(text, add_special_tokens=True)
-
-
-def _checked_ids(token_ids: list[int], vocab_size: int, param: str) -> list[int]:
-    bad = [t for t in token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise bad_request(f"token id {bad[0]} in '{param}' is out of range [0, {vocab_size})", param=param)
-    return list(token_ids)
 
 
 def embedding_response(model_id: str, vectors: np.ndarray, num_tokens: int,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from starlette.responses import JSONResponse, Response
 
 from lmserve.request import SamplingParams
@@ -19,18 +19,13 @@ from lmserve.server.protocol import (
     TokenizeResponse,
     TokenPiece,
 )
-from lmserve.server.state import ServerState
+from lmserve.server.state import State, json_response
 from lmserve.text.chat_template import CHATML_TEMPLATE
+
+BUILD_INFO = f"lmserve {importlib.metadata.version('lmserve')}"  # read once: it is package metadata on disk
 
 # Served with and without /v1, like the OpenAI routes.
 token_router = APIRouter(tags=["tokens"])
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.lmserve
-
-
-State = Annotated[ServerState, Depends(_state)]
 
 
 @token_router.post("/tokenize", response_model=TokenizeResponse)
@@ -40,7 +35,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
         raise unsupported("parse_special", "'parse_special': false (special-token text is always parsed)")
     ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content")
     tokens = [TokenPiece(id=i, piece=piece(tokenizer.token_bytes(i))) for i in ids] if body.with_pieces else ids
-    return Response(TokenizeResponse(tokens=tokens).model_dump_json(), media_type="application/json")
+    return json_response(TokenizeResponse(tokens=tokens))
 
 
 @token_router.post("/detokenize", response_model=DetokenizeResponse)
@@ -52,7 +47,7 @@ async def detokenize(body: DetokenizeRequest, state: State) -> Response:
             raise bad_request(f"token id {token_id} is not in the vocabulary (0 to {tokenizer.vocab_size - 1})",
                               param=f"tokens[{position}]", code="invalid_token_id")
     content = tokenizer.decode(body.tokens, skip_special_tokens=False)
-    return Response(DetokenizeResponse(content=content).model_dump_json(), media_type="application/json")
+    return json_response(DetokenizeResponse(content=content))
 
 
 def piece(raw: bytes) -> str | list[int]:
@@ -75,7 +70,7 @@ async def props(state: State) -> JSONResponse:
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "modalities": {"vision": False, "audio": False},
-        "build_info": f"lmserve {importlib.metadata.version('lmserve')}",
+        "build_info": BUILD_INFO,
     })
 
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmserve.parsing import ContentDelta, ReasoningParser, ToolCall, ToolCallDelta, collect_events
+from lmserve.parsing import (
+    ContentDelta,
+    ReasoningParser,
+    ToolCall,
+    ToolCallDelta,
+    collect_events,
+)
 from lmserve.server.tools import ToolsPlan
 
 
@@ -27,9 +33,6 @@ class ReplyDelta:
     reasoning: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
-
 
 @dataclass
 class Reply:
@@ -44,21 +47,21 @@ class ReplyParser:
     def __init__(self, fmt: ReplyFormat):
         self._reasoning = ReasoningParser(starts_in_reasoning=fmt.starts_in_reasoning) if fmt.reasoning else None
         self._tools = fmt.tools.parser() if fmt.tools is not None else None
-        self.num_tool_calls = 0
 
-    def feed(self, text: str) -> ReplyDelta:
+    @property
+    def num_tool_calls(self) -> int:
+        """Calls started so far."""
+        return self._tools.num_tool_calls if self._tools is not None else 0
+
+    def feed(self, text: str, final: bool = False) -> ReplyDelta:
+        """What `text` makes certain; with `final`, also everything held back (the reply ended)."""
         if self._reasoning is None:
-            return self._content(text, final=False)
+            return self._content(text, final)
         split = self._reasoning.feed(text)
-        delta = self._content(split.content, final=False)
-        delta.reasoning = split.reasoning
-        return delta
-
-    def finish(self) -> ReplyDelta:
-        if self._reasoning is None:
-            return self._content("", final=True)
-        split = self._reasoning.finish()
-        delta = self._content(split.content, final=True)
+        if final:
+            rest = self._reasoning.finish()
+            split.reasoning, split.content = split.reasoning + rest.reasoning, split.content + rest.content
+        delta = self._content(split.content, final)
         delta.reasoning = split.reasoning
         return delta
 
@@ -70,14 +73,10 @@ class ReplyParser:
             events += self._tools.finish()
         delta = ReplyDelta(content="".join(e.text for e in events if isinstance(e, ContentDelta)),
                            tool_calls=[e for e in events if isinstance(e, ToolCallDelta)])
-        self.num_tool_calls = max([self.num_tool_calls] + [call.index + 1 for call in delta.tool_calls])
         return delta
 
 
 def parse_reply(fmt: ReplyFormat, text: str) -> Reply:
-    parser = ReplyParser(fmt)
-    parts = [parser.feed(text), parser.finish()]
-    reasoning = "".join(p.reasoning for p in parts)
-    calls = collect_events([c for p in parts for c in p.tool_calls]).tool_calls
-    content = "".join(p.content for p in parts)
-    return Reply(content if content or not calls else None, reasoning or None, calls)
+    whole = ReplyParser(fmt).feed(text, final=True)
+    calls = collect_events(whole.tool_calls).tool_calls
+    return Reply(whole.content if whole.content or not calls else None, whole.reasoning or None, calls)

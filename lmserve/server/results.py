@@ -10,7 +10,6 @@ from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, TokenLo
 from lmserve.server.convert import GenerationPlan
 from lmserve.server.errors import server_error
 from lmserve.server.fanout import merge_outputs
-from lmserve.server.reply import ReplyFormat, parse_reply
 from lmserve.server.protocol import (
     ChatChoice,
     ChatCompletionResponse,
@@ -27,6 +26,7 @@ from lmserve.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from lmserve.server.reply import ReplyFormat, parse_reply
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine

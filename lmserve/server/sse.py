@@ -31,7 +31,7 @@ from lmserve.server.protocol import (
     DeltaMessage,
     DeltaToolCall,
 )
-from lmserve.server.reply import ReplyDelta, ReplyParser
+from lmserve.server.reply import ReplyParser
 from lmserve.server.results import (
     ResponseMeta,
     chat_finish_name,
@@ -84,7 +84,7 @@ async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
                 yield event
     except APIError as exc:
         yield _error_event(exc)
-    except Exception as exc:  # noqa: BLE001 - the stream has started: report it in-band
+    except Exception as exc:
         logger.exception("error while streaming")
         yield _error_event(server_error(f"internal server error: {type(exc).__name__}: {exc}"))
     yield DONE
@@ -143,11 +143,7 @@ def _delta(output: RequestOutput, parser: ReplyParser | None) -> DeltaMessage:
     """The output's text as a message delta; through the reply parser when the plan has one."""
     if parser is None:
         return DeltaMessage(content=output.text_delta or None)
-    parts = parser.feed(output.text_delta)
-    if output.finish_reason is not None:
-        rest = parser.finish()
-        parts = ReplyDelta(parts.content + rest.content, parts.reasoning + rest.reasoning,
-                           parts.tool_calls + rest.tool_calls)
+    parts = parser.feed(output.text_delta, final=output.finish_reason is not None)
     calls = [DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
                            function=DeltaFunction(name=c.name, arguments=c.arguments))
              for c in parts.tool_calls]

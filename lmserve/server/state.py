@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Request
+from pydantic import BaseModel
+from starlette.responses import Response
 
 from lmserve.server.errors import APIError
 from lmserve.server.limits import DEFAULT_MAX_REQUEST_BODY
@@ -83,3 +87,14 @@ class ServerState:
 
 def _loading() -> APIError:
     return APIError(503, "The model is still loading; retry shortly.", type="server_error", code="model_loading")
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.lmserve
+
+
+State = Annotated[ServerState, Depends(server_state)]  # a route parameter: the app's ServerState
+
+
+def json_response(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")

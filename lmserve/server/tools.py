@@ -13,7 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lmserve.parsing import ToolCallSyntax, ToolParser, tool_call_syntax_for, tool_parser_for
+from lmserve.parsing import (
+    ToolCallSyntax,
+    ToolParser,
+    tool_call_syntax_for,
+    tool_parser_for,
+)
 from lmserve.request import GrammarSpec
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatCompletionRequest, ToolDefinition

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 # Quant types the loader accepts; anything else is refused by name before any work is done.
@@ -30,7 +30,7 @@ class GGUFFile:
     metadata: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path) -> "GGUFFile":
+    def open(cls, path: str | Path) -> GGUFFile:
         reader = GGUFReader(str(path), "r")
         metadata = {name: field.contents() for name, field in reader.fields.items()}
         return cls(Path(path), reader, metadata)

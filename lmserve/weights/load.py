@@ -56,7 +56,8 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
         gguf = GGUFFile.open(path)
         config, tensors, freqs = _read_gguf(gguf)
     model = build_model(config, max_positions or config.max_position_embeddings, freqs)
-    _fill(model, tensors, torch.float32)
+    fill_parameters(model, tensors, torch.float32)
+    model.tie_weights()
     model.prepare(DTYPES[dtype])
     if dtype == "int8":
         model.quantize_int8()
@@ -113,7 +114,9 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _fill(model: torch.nn.Module, tensors: dict, dtype: torch.dtype) -> None:
+def fill_parameters(model: torch.nn.Module, tensors: dict, dtype: torch.dtype) -> None:
+    """Assign every parameter of a model built on the meta device from `tensors` (by name);
+    a missing parameter or a shape mismatch is a ValueError. A tied lm_head is left out."""
     expected = dict(model.named_parameters())
     if getattr(model.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
@@ -128,7 +131,6 @@ def _fill(model: torch.nn.Module, tensors: dict, dtype: torch.dtype) -> None:
             raise ValueError(f"parameter {name}: checkpoint shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
         state[name] = value.to(dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
 
 
 def _return_freed_memory() -> None:

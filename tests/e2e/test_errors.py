@@ -91,7 +91,8 @@ def test_wrong_json_types_are_400_not_coerced(server):
     for field, value in (("n", "2"), ("stream", "yes"), ("max_tokens", 2.5), ("logprobs", 1)):
         body = {"messages": PARIS, "max_tokens": 2, field: value}
         assert_error(post(server, "/v1/chat/completions", body), 400, param=field)
-    assert_error(post(server, "/v1/chat/completions", '{"messages": [], "temperature": NaN}', raw=True), 400)
+    nan = '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+    assert_error(post(server, "/v1/chat/completions", nan, raw=True), 400, param="temperature")
 
 
 def test_bad_values_that_used_to_fail_the_engine_are_400(server):

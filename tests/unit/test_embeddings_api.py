@@ -90,6 +90,7 @@ def test_every_input_form(client, value, ids):
 def test_base64_is_the_same_little_endian_float32_values(client):
     floats = embed(client, input=["ab", "xyz"], encoding_format="float").json()["data"]
     encoded = embed(client, input=["ab", "xyz"], encoding_format="base64").json()["data"]
+    assert len(floats) == len(encoded) == 2
     for f, e in zip(floats, encoded):
         decoded = np.frombuffer(base64.b64decode(e["embedding"]), dtype="<f4")
         assert decoded.tolist() == np.float32(f["embedding"]).tolist()

@@ -17,7 +17,8 @@ from tests.unit.test_server_ops import metric_samples
 
 
 def value(metrics: ServerMetrics, name: str, **labels) -> float:
-    return metric_samples(metrics.render(None).decode()).get((name, tuple(sorted(labels.items()))), 0.0)
+    # KeyError when the sample is missing: a renamed or unregistered metric must not read as 0
+    return metric_samples(metrics.render(None).decode())[(name, tuple(sorted(labels.items())))]
 
 
 def out(rid, token_ids, finish=None, num_prompt_tokens=5):

@@ -111,7 +111,8 @@ def test_streamed_reply_equals_whole_reply_for_any_chunking():
     for _ in range(30):
         cuts = sorted(rng.sample(range(1, len(text)), 8))
         parser = ReplyParser(fmt)
-        deltas = [parser.feed(text[i:j]) for i, j in zip([0, *cuts], [*cuts, len(text)])] + [parser.finish()]
+        bounds = list(zip([0, *cuts], [*cuts, len(text)]))
+        deltas = [parser.feed(text[i:j], final=(i, j) == bounds[-1]) for i, j in bounds]
         assert "".join(d.content for d in deltas) == whole.content
         assert "".join(d.reasoning for d in deltas) == whole.reasoning
         arguments = "".join(c.arguments for d in deltas for c in d.tool_calls)
