@@ -41,15 +41,15 @@ class SchedulerConfig:
 class EngineConfig:
     model_path: str
     served_model_name: str
-    dtype: str = "float32"  # matmul weights and KV cache (float32, bfloat16, int8); activations and norms stay float32
+    dtype: str = "float32"  # matmul weights and KV cache (float32, bfloat16, int8, int4); activations and norms stay float32
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads for the engine; None keeps torch's default
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "int8"):
-            raise ValueError(f"unsupported dtype {self.dtype!r} (float32, bfloat16, int8)")
+        if self.dtype not in ("float32", "bfloat16", "int8", "int4"):
+            raise ValueError(f"unsupported dtype {self.dtype!r} (float32, bfloat16, int8, int4)")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ def _gather_blocks(cache_part: torch.Tensor, blocks: torch.Tensor, length: int, 
     return rows.view(num_kv_heads, num_seqs, length, head_dim)
 
 
+FLOAT32_DECODE_SEQS = 8
+
+
 def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     # A grouped matmul + softmax beats SDPA for single-token queries on CPU.
     k_cache, v_cache = cache
@@ -80,11 +83,14 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     # Matmuls in the cache's dtype: a bf16 cache is read and multiplied without widening copies.
-    keys = _gather_blocks(k_cache, meta.decode_blocks, meta.decode_bias.shape[-1], k_cache.dtype)  # (Hkv, S, L, D)
-    values = _gather_blocks(v_cache, meta.decode_blocks, meta.decode_bias.shape[-1], v_cache.dtype)  # (Hkv, S, L, D)
-    q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1).to(k_cache.dtype)  # (Hkv, S, G, D)
+    # Few sequences widen to float32 instead: a bf16 batched matmul has a fixed cost of ~25 us on
+    # CPU, several times a float32 one of that size, and the widening copy is small.
+    dtype = torch.float32 if num_seqs <= FLOAT32_DECODE_SEQS else k_cache.dtype
+    keys = _gather_blocks(k_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
+    values = _gather_blocks(v_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
+    q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1).to(dtype)  # (Hkv, S, G, D)
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # (Hkv, S, G, L)
-    probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(v_cache.dtype)  # softmax in fp32
+    probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(dtype)  # softmax in fp32
     out = torch.matmul(probs, values).float()  # (Hkv, S, G, D)
     return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 

@@ -19,31 +19,63 @@ from lmserve.model.rope import RotaryEmbedding, apply_rotary
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
-# Steps of at most this many tokens use a Linear's int8 copy: at 1-4 rows the product is bound by
-# the bytes of weights read, and int8 weight-only GEMV reads half of bf16's; larger steps are
-# compute-bound, where the bf16 matmul is faster.
-INT8_MAX_TOKENS = 4
+# Steps of at most this many tokens use a Linear's narrow copy: at a few rows the product is bound
+# by the bytes of weights read, and weight-only int8/int4 kernels read a half or a quarter of bf16's;
+# larger steps are compute-bound, where the bf16 matmul is faster (crossovers measured with
+# bench/engine_loop.py: int8 loses to bf16 from 8 rows, int4 from about 12).
+SMALL_STEP_TOKENS = {"int8": 4, "int4": 8}
+INT4_GROUP = 32  # input columns per int4 scale/zero pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
 
 
 class Linear(nn.Linear):
     """A projection whose weight may be stored in a narrower dtype than the activations:
     inputs are cast to it and outputs back (bf16 weights halve the bytes read per token).
-    After quantize_int8(), small steps run on an int8 copy (per-row scales, bf16 activations)."""
+    After quantize(), small steps run on a weight-only int8 or int4 copy (bf16 activations)."""
 
-    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, K) int8 weight, (N,) bf16 scales
+    narrow: tuple | None = None  # ("int8", (N, K) int8, (N,) scales) or ("int4", packed, (K/G, N, 2) scale/zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None and x.shape[0] <= INT8_MAX_TOKENS:
-            out = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), *self.int8)
+        if self.narrow is not None and x.shape[0] <= SMALL_STEP_TOKENS[self.narrow[0]]:
+            kind, weight, scales = self.narrow
+            xb = x.to(torch.bfloat16).contiguous()
+            if kind == "int4":
+                out = torch._weight_int4pack_mm_for_cpu(xb, weight, INT4_GROUP, scales)
+            else:
+                out = torch._weight_int8pack_mm(xb, weight, scales)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
-    def quantize_int8(self) -> None:
-        """Keep a symmetric per-output-row int8 copy of the weight beside it."""
-        weight = self.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
-        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.int8 = (quantized, scales.to(torch.bfloat16))
+    def quantize(self, kind: str) -> str:
+        """Keep a narrow copy of the weight beside it; returns the kind kept ("int4" falls back to
+        "int8" where the kernel's shape rules (N % 16, K % 32) do not hold)."""
+        n, k = self.weight.shape
+        if kind == "int4" and n % 16 == 0 and k % INT4_GROUP == 0:
+            self.narrow = ("int4", *quantize_int4(self.weight.detach()))
+            return "int4"
+        self.narrow = ("int8", *quantize_int8(self.weight.detach()))
+        return "int8"
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: (N, K) int8 values and (N,) bf16 scales."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return quantized, scales.to(torch.bfloat16)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of INT4_GROUP input columns, w = (q - 8) * scale + zero, packed for
+    the CPU kernel. Each group's min and max map to 0 and 15, which is how Q4_1 quantizes: weights
+    dequantized from a Q4_1 file come back to the file's own integers (and Q4_0's sit on its grid)."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+    return packed, scale_zero.to(torch.bfloat16)
 
 
 def fuse_linears(parts: list[nn.Linear], dtype: torch.dtype) -> Linear:
@@ -160,11 +192,13 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head.weight.dtype != weight_dtype:  # a tied head gets its own narrower copy
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().to(weight_dtype), requires_grad=False)
 
-    def quantize_int8(self) -> None:
-        """int8 copies of every projection and the head, for steps of few tokens (after prepare)."""
-        for module in self.modules():
+    def quantize(self, kind: str, head_kind: str = "int8") -> None:
+        """Narrow copies ("int8" or "int4") of every projection, and `head_kind` of the head, for
+        steps of few tokens (after prepare)."""
+        for module in self.model.layers.modules():
             if isinstance(module, Linear):
-                module.quantize_int8()
+                module.quantize(kind)
+        self.lm_head.quantize(head_kind)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],

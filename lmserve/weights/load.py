@@ -7,6 +7,7 @@ what is missing.
 from __future__ import annotations
 
 import ctypes
+import logging
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,11 @@ from lmserve.text.tokenizer import Tokenizer
 from lmserve.weights.gguf import GGUFFile
 from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 
-# "int8": bf16 weights plus int8 copies used by steps of few tokens (see model/llama.py)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.bfloat16}
+# "int8" / "int4": bf16 weights plus int8 / int4 copies used by steps of few tokens (model/llama.py)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int8": torch.bfloat16, "int4": torch.bfloat16}
+HEAD_KIND = "int8"  # the head of a tied GGUF is Q8_0: int4 would add error (KL 7e-2 measured)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,8 +63,11 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
     fill_parameters(model, tensors, torch.float32)
     model.tie_weights()
     model.prepare(DTYPES[dtype])
-    if dtype == "int8":
-        model.quantize_int8()
+    if dtype in ("int8", "int4"):
+        if torch.device(device).type == "cpu":
+            model.quantize(dtype, HEAD_KIND)
+        else:  # the weight-only kernels used for small steps are CPU ones
+            log.warning("--dtype %s: no %s kernels on %s; serving bfloat16 weights", dtype, dtype, device)
     del tensors
     _return_freed_memory()
     return model.to(device).eval(), config, gguf

@@ -1,0 +1,69 @@
+"""Weight-only int8 / int4 copies of a Linear: exactness on weights that already sit on a 4-bit
+grid, the shape fallback, and which path a step of a given size takes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmserve.model.llama import INT4_GROUP, SMALL_STEP_TOKENS, Linear, quantize_int4
+
+
+def q4_1_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Weights as a Q4_1 file dequantizes them: per group of 32, d * q + m with q in 0..15, each
+    group using both ends of its range (as Q4_1's quantizer sets d and m from the group's min/max)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols // INT4_GROUP, INT4_GROUP), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = torch.rand(rows, cols // INT4_GROUP, 1, generator=g) * 0.02 + 0.001
+    m = torch.randn(rows, cols // INT4_GROUP, 1, generator=g) * 0.05
+    return (d * q + m).view(rows, cols)
+
+
+def linear_with(weight: torch.Tensor, kind: str) -> Linear:
+    layer = Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+    layer.quantize(kind)
+    return layer
+
+
+def test_int4_reproduces_a_q4_1_grid():
+    """Only the bf16 rounding of scale and zero stands between the int4 product and the exact
+    one; an off-by-one integer anywhere would cost a whole step d (~1e-2) on some output."""
+    weight = q4_1_weight(64, 256)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    packed, scale_zero = quantize_int4(weight)
+    assert scale_zero.shape == (256 // INT4_GROUP, 64, 2)
+    out = torch._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scale_zero).float()
+    exact = x.float() @ weight.t()
+    scale_error = weight.abs().max().item() * 2 ** -8  # bf16 keeps 8 significant bits
+    assert (out - exact).abs().max().item() < scale_error * x.float().abs().sum(-1).max().item()
+    assert (out - exact).abs().max().item() < 0.05 * exact.abs().max().item()
+
+
+def test_int4_is_closer_than_int8_on_a_q4_grid():
+    weight = q4_1_weight(128, 512, seed=1)
+    x = torch.randn(4, 512)
+    exact = x @ weight.t()
+    err4 = (linear_with(weight, "int4")(x) - exact).abs().mean().item()
+    err8 = (linear_with(weight, "int8")(x) - exact).abs().mean().item()
+    assert err4 < err8, (err4, err8)
+
+
+def test_int4_falls_back_to_int8_where_the_kernel_cannot_pack():
+    assert linear_with(torch.randn(24, 64), "int4").narrow[0] == "int8"  # N not a multiple of 16
+    assert linear_with(torch.randn(32, 48), "int4").narrow[0] == "int8"  # K not a multiple of 32
+    assert linear_with(torch.randn(32, 64), "int4").narrow[0] == "int4"
+
+
+def test_small_steps_use_the_narrow_copy_and_larger_ones_bf16():
+    weight = q4_1_weight(64, 128, seed=2)
+    layer = linear_with(weight, "int4")
+    _, packed, scale_zero = layer.narrow
+    limit = SMALL_STEP_TOKENS["int4"]
+    for rows in (1, limit, limit + 1, 32):
+        x = torch.randn(rows, 128)
+        narrow = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, scale_zero).float()
+        dense = F.linear(x.bfloat16(), layer.weight).float()
+        assert not torch.equal(narrow, dense)  # the two paths are distinguishable on this input
+        assert torch.equal(layer(x), narrow if rows <= limit else dense), rows
