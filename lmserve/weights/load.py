@@ -68,6 +68,8 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
             model.quantize(dtype, HEAD_KIND)
         else:  # the weight-only kernels used for small steps are CPU ones
             log.warning("--dtype %s: no %s kernels on %s; serving bfloat16 weights", dtype, dtype, device)
+    if torch.device(device).type == "cpu":
+        model.pack_for_cpu()
     del tensors
     _return_freed_memory()
     return model.to(device).eval(), config, gguf

@@ -67,3 +67,22 @@ def test_small_steps_use_the_narrow_copy_and_larger_ones_bf16():
         dense = F.linear(x.bfloat16(), layer.weight).float()
         assert not torch.equal(narrow, dense)  # the two paths are distinguishable on this input
         assert torch.equal(layer(x), narrow if rows <= limit else dense), rows
+
+
+def test_packed_weights_give_the_plain_products():
+    """oneDNN's blocked layout changes how the weight is stored, never the product."""
+    torch.manual_seed(3)
+    layer = Linear(96, 48, bias=True)
+    layer.to(torch.bfloat16)
+    plain_weight, bias = layer.weight.detach().clone(), layer.bias.detach()
+    layer.pack_for_cpu()
+    assert layer.packed and layer.weight.is_mkldnn
+    for rows in (1, 9, 64, 300):
+        x = torch.randn(rows, 96)
+        assert torch.equal(layer(x), F.linear(x.bfloat16(), plain_weight, bias).float()), rows
+
+
+def test_model_packs_only_bf16_weights(default_model):
+    """The float32 default keeps plain weights (oneDNN's bf16 path is what pays)."""
+    assert not default_model.model.pack_for_cpu()
+    assert not default_model.model.lm_head.packed
