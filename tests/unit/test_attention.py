@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmserve.model.attention import FLOAT32_DECODE_SEQS, AttentionMetadata, paged_attention
+from lmserve.model.attention import FLOAT32_DECODE_SEQS, AttentionMetadata, PrefillSeq, paged_attention
 
 HKV, GROUP, D, BLOCK = 2, 3, 16, 4
 
@@ -42,3 +42,28 @@ def test_decode_attention_matches_reference(num_seqs):
         expected = reference(q[i], k_cache, v_cache, tables[i], lengths[i])
         tolerance = 1e-5 if num_seqs <= FLOAT32_DECODE_SEQS else 3e-2  # bf16 rounds q and the probabilities
         assert torch.allclose(out[i], expected, atol=tolerance), (i, (out[i] - expected).abs().max())
+
+
+@pytest.mark.parametrize("cache_dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_chunked_prefill_attends_like_one_shot(cache_dtype, tolerance):
+    """A second chunk reads the first from the paged cache (in the cache's dtype) and must
+    equal one causal pass over the whole context."""
+    g = torch.Generator().manual_seed(7)
+    total, first = 11, 6
+    q = torch.randn(total, HKV * GROUP, D, generator=g)
+    k = torch.randn(total, HKV, D, generator=g)
+    v = torch.randn(total, HKV, D, generator=g)
+    blocks = [2, 0, 3]  # scattered
+    slots = (torch.tensor(blocks)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:total]
+    k_cache = torch.zeros(HKV, 4 * BLOCK, D, dtype=cache_dtype)
+    v_cache = torch.zeros(HKV, 4 * BLOCK, D, dtype=cache_dtype)
+    k_cache[:, slots] = k.transpose(0, 1).to(cache_dtype)
+    v_cache[:, slots] = v.transpose(0, 1).to(cache_dtype)
+    rows = slice(first, total)
+    meta = AttentionMetadata(slots[rows], 0, None, None, [PrefillSeq(0, total - first, total, slots)])
+    out = paged_attention(q[rows], k[rows], v[rows], (k_cache, v_cache), meta, D ** -0.5)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(GROUP, 0), v.transpose(0, 1).repeat_interleave(GROUP, 0),
+        is_causal=True, scale=D ** -0.5).transpose(0, 1)[rows].flatten(1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=tolerance), (out - expected).abs().max()
