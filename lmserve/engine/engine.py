@@ -13,6 +13,7 @@ from lmserve.cache.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from lmserve.config import EngineConfig
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
+from lmserve.kernels import paged_decode_attention as native_decode_attention
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmserve.sampling.grammar import GrammarCompiler
 from lmserve.text.detokenizer import IncrementalDetokenizer
@@ -68,6 +69,8 @@ class LLMEngine:
         caches = allocate_kv_caches(loaded.config, num_blocks, block_size, kv_dtype, device)
         grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, num_threads=torch.get_num_threads())
         self.runner = ModelRunner(loaded.model, caches, block_size, device, grammar)
+        if device.type == "cpu":  # load (or, once per machine, compile) now rather than in the first step
+            log.info("decode attention: %s", "native kernel" if native_decode_attention() else "PyTorch")
         self.live: dict[str, _Tracked] = {}
         self.last_stats = StepStats()
 

@@ -83,7 +83,9 @@ class ModelRunner:
             if seq.samples:
                 logits_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        meta = AttentionMetadata(self._long(slots), len(decodes), *self._decode_tables(decodes), prefill_meta)
+        table, bias = self._decode_tables(decodes)
+        lens = self._long([s.num_computed_tokens + 1 for s in decodes]) if decodes else None
+        meta = AttentionMetadata(self._long(slots), len(decodes), table, bias, prefill_meta, lens)
         return ModelInput(self._long(ids), self._long(positions), meta, self._long(logits_rows), sampled)
 
     def _long(self, values: list[int]) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""Native CPU kernels, compiled once per machine with the system's C++ compiler.
+
+`paged_decode_attention()` returns the compiled op, or None (with one warning) where it cannot
+be built: the engine then uses its PyTorch path, which gives the same results more slowly.
+`python -m lmserve.kernels` builds ahead of time (scripts/setup.sh does), so a server start
+never waits for the compiler. LMSERVE_NATIVE_KERNELS=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]  # -fopenmp: at::parallel_for uses both cores
+
+
+def build_directory() -> Path:
+    """Keyed by source, flags, torch version and this CPU's feature flags (-march=native)."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(CFLAGS).encode())
+    key.update(torch.__version__.encode())
+    key.update(platform.machine().encode())
+    try:
+        key.update(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).encode())
+    except (OSError, StopIteration):
+        pass
+    root = Path(os.environ.get("LMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "lmserve" / "kernels"))
+    return root / key.hexdigest()[:16]
+
+
+@functools.cache
+def paged_decode_attention():
+    if os.environ.get("LMSERVE_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        module = load(name="lmserve_paged_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                      extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+        return module.paged_decode_attention
+    except Exception as exc:  # noqa: BLE001 - no compiler, headers or ninja: the PyTorch path serves
+        log.warning("native decode attention unavailable (%s: %s); using the PyTorch path", type(exc).__name__, exc)
+        return None
