@@ -31,8 +31,9 @@ def build_directory() -> Path:
     key.update(torch.__version__.encode())
     key.update(platform.machine().encode())
     try:
-        key.update(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).encode())
-    except (OSError, StopIteration):
+        with open("/proc/cpuinfo") as cpuinfo:
+            key.update(next((line for line in cpuinfo if line.startswith("flags")), "").encode())
+    except OSError:
         pass
     root = Path(os.environ.get("LMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "lmserve" / "kernels"))
     return root / key.hexdigest()[:16]

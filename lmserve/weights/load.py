@@ -7,8 +7,8 @@ what is missing.
 from __future__ import annotations
 
 import ctypes
-import logging
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 

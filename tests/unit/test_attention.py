@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.kernels import paged_decode_attention as native_decode_attention
-from lmserve.model.attention import FLOAT32_DECODE_SEQS, AttentionMetadata, PrefillSeq, paged_attention
+from lmserve.model.attention import (
+    FLOAT32_DECODE_SEQS,
+    AttentionMetadata,
+    PrefillSeq,
+    paged_attention,
+)
 
 HKV, GROUP, D, BLOCK = 2, 3, 16, 4
 
