@@ -122,7 +122,14 @@ def test_decode_path_matches_prefill_logits(default_model):
     assert torch.allclose(decoded_logits(default_model.model, ids, len(ids) - 6, torch.float32), expected, atol=1e-3)
 
 
+# Phrasings whose first answer token leads the float32 runner-up by > 1 nat. The bare "What is the
+# capital of France?" is a near-tie in float32 ("The" over "L" by 0.08 nats), which bf16 rounding
+# flips on some CPUs (seen on an AMD EPYC), so it tests the CPU rather than the weights.
+CLEAR_PARIS_PROMPTS = ["What is the capital city of France? Answer in one sentence.", "Name the capital of France."]
+
+
 def test_bf16_answers_paris(bf16_model):
     engine = make_engine(bf16_model)
-    [out] = engine.generate([chat_ids(bf16_model.tokenizer, PROMPTS[0])], SamplingParams(temperature=0, max_tokens=20))
-    assert "Paris" in bf16_model.tokenizer.decode(out)
+    prompts = [chat_ids(bf16_model.tokenizer, p) for p in CLEAR_PARIS_PROMPTS]
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+    assert all("Paris" in bf16_model.tokenizer.decode(out) for out in outs)
