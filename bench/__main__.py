@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 import time
@@ -148,8 +149,18 @@ def flatten(runs: dict[str, list[LevelRun]]) -> list[LevelRun]:
     return [run for label_runs in runs.values() for run in label_runs]
 
 
+BENCH_MODULES = ("httpx", "psutil", "tqdm", "matplotlib")  # the `bench` extra of pyproject.toml
+
+
+def missing_modules() -> list[str]:
+    return [name for name in BENCH_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    missing = missing_modules()
+    if missing:  # say so now, not after the first level has run for minutes
+        sys.exit(f"bench needs {', '.join(missing)}: pip install -e '.[bench]'")
     {"run": command_run, "compare": command_compare}[args.command](args)
 
 
