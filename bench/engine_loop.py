@@ -1,6 +1,7 @@
 """Decode throughput of the engine alone (no HTTP), for comparing engine changes.
 
     .venv/bin/python -m bench.engine_loop --dtype bfloat16,int8 --batch 1,64 [--profile]
+    .venv/bin/python -m bench.engine_loop --dtype int4,int4-python    # native decoder vs Python layers
 
 For each batch size, the dtypes take turns (three rounds) on the default model: B requests with
 128-token prompts, 40 greedy tokens each; prints tok/s per round, and with --profile the top ops
@@ -23,8 +24,12 @@ from lmserve.weights.load import load_model
 PROMPT = list(range(1000, 1128))
 
 
-def make_engine(dtype: str) -> LLMEngine:
+def make_engine(variant: str) -> LLMEngine:
+    """`variant` is a --dtype, with "-python" appended to run every step's layers in Python."""
+    dtype = variant.removesuffix("-python")
     loaded = load_model(default_model_path(), dtype, max_positions=2048)
+    if variant.endswith("-python"):
+        loaded.model.native = None
     config = EngineConfig("default", "bench", dtype=dtype, cache=CacheConfig(16, 1 << 30),
                           scheduler=SchedulerConfig(64, 512, 1024))
     return LLMEngine(config, loaded)

@@ -1,7 +1,9 @@
 """Native CPU kernels, compiled once per machine with the system's C++ compiler.
 
-`paged_decode_attention()` returns the compiled op, or None (with one warning) where it cannot
-be built: the engine then uses its PyTorch path, which gives the same results more slowly.
+`paged_decode_attention()` returns the compiled attention op and `native_module()` the whole
+module (also NativeDecoder, the decoder layers of decode-only steps), or None (with one warning)
+where it cannot be built: the engine then uses its PyTorch path, which gives the same results more
+slowly.
 `python -m lmserve.kernels` builds ahead of time (scripts/setup.sh does), so a server start
 never waits for the compiler. LMSERVE_NATIVE_KERNELS=0 turns the kernels off.
 """
@@ -19,14 +21,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]  # -fopenmp: at::parallel_for uses both cores
 
 
 def build_directory() -> Path:
     """Keyed by source, flags, torch version and this CPU's feature flags (-march=native)."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join(CFLAGS).encode())
     key.update(torch.__version__.encode())
     key.update(platform.machine().encode())
@@ -39,8 +42,13 @@ def build_directory() -> Path:
     return root / key.hexdigest()[:16]
 
 
-@functools.cache
 def paged_decode_attention():
+    module = native_module()
+    return None if module is None else module.paged_decode_attention
+
+
+@functools.cache
+def native_module():
     if os.environ.get("LMSERVE_NATIVE_KERNELS", "1") == "0":
         return None
     try:
@@ -48,9 +56,9 @@ def paged_decode_attention():
 
         folder = build_directory()
         folder.mkdir(parents=True, exist_ok=True)
-        module = load(name="lmserve_paged_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        module = load(name="lmserve_native", sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS,
                       extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
-        return module.paged_decode_attention
+        return module
     except Exception as exc:  # noqa: BLE001 - no compiler, headers or ninja: the PyTorch path serves
-        log.warning("native decode attention unavailable (%s: %s); using the PyTorch path", type(exc).__name__, exc)
+        log.warning("native kernels unavailable (%s: %s); using the PyTorch path", type(exc).__name__, exc)
         return None

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels import native_module
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
@@ -70,6 +71,18 @@ class Linear(nn.Linear):
             return "int4"
         self.narrow = ("int8", *quantize_int8(self.weight.detach()))
         return "int8"
+
+
+NARROW_KINDS = {None: 0, "int8": 1, "int4": 2}  # Narrow in kernels/decoder.cpp
+
+
+def native_linear(module, linear: Linear):
+    """The kernels' view of a Linear: the same tensors, not copies."""
+    kind, narrow_weight, narrow_scales = linear.narrow or (None, None, None)
+    weight = linear.weight if linear.packed else linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    return module.NativeLinear(weight, bias, linear.packed, NARROW_KINDS[kind], narrow_weight, narrow_scales,
+                               SMALL_STEP_TOKENS.get(kind, 0))
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,12 +214,37 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def prepare(self, weight_dtype: torch.dtype) -> None:
-        """Fuse projections and cast matmul weights to `weight_dtype`; embeddings and norms stay float32."""
+        """Fuse projections and cast matmul weights to `weight_dtype`. The embedding table is stored
+        in it too (rows are looked up, then widened: the residual stream and norms stay float32)."""
         for layer in self.model.layers:
             layer.self_attn.prepare(weight_dtype)
             layer.mlp.prepare(weight_dtype)
         if self.lm_head.weight.dtype != weight_dtype:  # a tied head gets its own narrower copy
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().to(weight_dtype), requires_grad=False)
+        embed = self.model.embed_tokens
+        if embed.weight.dtype != weight_dtype:  # bf16: half the table's memory (56 MiB on SmolLM2-135M)
+            embed.weight = nn.Parameter(embed.weight.detach().to(weight_dtype), requires_grad=False)
+
+    native = None  # a NativeDecoder running decode-only steps' layers (enable_native_decode)
+
+    def enable_native_decode(self) -> bool:
+        """Run the layers of decode-only steps in C++ (lmserve/kernels/decoder.cpp): the same ATen
+        ops in the same order, so the same results, without ~50 Python-level op calls per layer.
+        Call after prepare, quantize and pack_for_cpu (it holds the weights as they are then).
+        False, and nothing changed, off the CPU or where the native kernels are unavailable."""
+        module = native_module()
+        if module is None or self.lm_head.weight.device.type != "cpu":
+            return False
+        layers = self.model.layers
+        attn = layers[0].self_attn
+        native = module.NativeDecoder(attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                      layers[0].mlp.intermediate_size, layers[0].input_layernorm.eps, attn.scale)
+        for layer in layers:
+            linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+            native.add_layer([native_linear(module, linear) for linear in linears],
+                             layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
+        self.native = native
+        return True
 
     def pack_for_cpu(self) -> bool:
         """Lay bf16 projection weights out for oneDNN (after prepare and quantize); False, and
@@ -229,8 +267,13 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).float()
         rotary = self.rope(positions)  # gathered once, shared by every layer
+        if self.native is not None and not meta.prefills and meta.decode_lens is not None:
+            block_size = meta.decode_bias.shape[-1] // meta.decode_blocks.shape[1]
+            x = self.native.forward(x, *rotary, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+                                    meta.slot_mapping, meta.decode_blocks, meta.decode_lens, block_size)
+            return self.model.norm(x)
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, rotary, cache, meta)
         return self.model.norm(x)

@@ -47,7 +47,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
 def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_positions: int | None = None) -> tuple[torch.nn.Module, ModelConfig, GGUFFile | None]:
     """The model alone; also the opened GGUF file (None for an HF folder) for the tokenizer.
-    `dtype` is the matmul weights' dtype; activations, norms and embeddings stay float32."""
+    `dtype` is the matmul weights' and embedding table's dtype; activations and norms stay float32."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
@@ -72,7 +72,9 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
         model.pack_for_cpu()
     del tensors
     _return_freed_memory()
-    return model.to(device).eval(), config, gguf
+    model = model.to(device).eval()
+    model.enable_native_decode()
+    return model, config, gguf
 
 
 def _read_gguf(gguf: GGUFFile):

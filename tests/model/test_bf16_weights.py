@@ -57,6 +57,7 @@ def test_bf16_weights_are_actually_bf16(bf16_model):
     assert layer.self_attn.qkv_proj.weight.dtype == torch.bfloat16
     assert bf16_model.model.lm_head.weight.dtype == torch.bfloat16
     assert layer.input_layernorm.weight.dtype == torch.float32
+    assert bf16_model.model.model.embed_tokens.weight.dtype == torch.bfloat16  # half the table's memory
     assert layer.self_attn.qkv_proj.packed and bf16_model.model.lm_head.packed  # oneDNN layout on CPU
 
 

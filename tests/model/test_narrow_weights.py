@@ -86,3 +86,4 @@ def test_model_packs_only_bf16_weights(default_model):
     """The float32 default keeps plain weights (oneDNN's bf16 path is what pays)."""
     assert not default_model.model.pack_for_cpu()
     assert not default_model.model.lm_head.packed
+    assert default_model.model.model.embed_tokens.weight.dtype == torch.float32  # float32 stays exact

@@ -1,0 +1,130 @@
+// The decoder layers of a decode-only step, run from C++: the same ATen ops in the same order as
+// lmserve/model/llama.py (so the same results, bit for bit), without ~50 Python-level op calls
+// per layer. At a few sequences a step is dominated by that dispatch, not by arithmetic.
+#include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& block_table,
+                                     const torch::Tensor& context_lens, int64_t block_size, double scale);
+
+namespace {
+
+constexpr int64_t kInt4Group = 32;  // INT4_GROUP in model/llama.py
+
+enum Narrow : int64_t { kNone = 0, kInt8 = 1, kInt4 = 2 };
+
+// One projection as model/llama.py's Linear holds it.
+struct NativeLinear {
+    torch::Tensor weight;  // plain (N, K) or oneDNN-packed
+    std::optional<torch::Tensor> bias;
+    bool packed;
+    int64_t narrow;  // Narrow
+    torch::Tensor narrow_weight, narrow_scales;
+    int64_t small_step_tokens;  // steps of at most this many tokens use the narrow copy
+
+    torch::Tensor operator()(const torch::Tensor& x) const {
+        if (narrow != kNone && x.size(0) <= small_step_tokens) {
+            auto xb = x.to(at::kBFloat16).contiguous();
+            auto out = narrow == kInt4 ? at::_weight_int4pack_mm_for_cpu(xb, narrow_weight, kInt4Group, narrow_scales)
+                                       : at::_weight_int8pack_mm(xb, narrow_weight, narrow_scales);
+            if (bias) out = out + *bias;
+            return out.to(x.scalar_type());
+        }
+        if (packed) {
+            static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+            std::vector<c10::IValue> stack{x.to(weight.scalar_type()), weight,
+                                           bias ? c10::IValue(*bias) : c10::IValue(),
+                                           c10::IValue(std::string("none")),
+                                           c10::IValue(c10::List<std::optional<c10::Scalar>>({std::nullopt})),
+                                           c10::IValue(std::string(""))};
+            op.callBoxed(&stack);
+            return stack[0].toTensor().to(x.scalar_type());
+        }
+        return at::linear(x.to(weight.scalar_type()), weight, bias).to(x.scalar_type());
+    }
+};
+
+struct NativeLayer {
+    NativeLinear qkv, o, gate_up, down;
+    torch::Tensor input_norm, post_attention_norm;
+};
+
+torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+    // apply_rotary in model/rope.py: half-split layout
+    const int64_t half = x.size(-1) / 2;
+    auto rotated = at::cat({at::neg(x.slice(-1, half)), x.slice(-1, 0, half)}, -1);
+    return x * cos + rotated * sin;
+}
+
+class NativeDecoder {
+  public:
+    NativeDecoder(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size,
+                  double eps, double scale)
+        : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
+          intermediate_size_(intermediate_size), eps_(eps), scale_(scale) {}
+
+    void add_layer(const std::vector<NativeLinear>& linears, torch::Tensor input_norm,
+                   torch::Tensor post_attention_norm) {
+        TORCH_CHECK(linears.size() == 4, "qkv, o, gate_up, down");
+        layers_.push_back({linears[0], linears[1], linears[2], linears[3], std::move(input_norm),
+                           std::move(post_attention_norm)});
+    }
+
+    // x (S, hidden) float32, one token per sequence; returns the hidden states after the last layer.
+    torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                          const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                          const torch::Tensor& slot_mapping, const torch::Tensor& block_table,
+                          const torch::Tensor& context_lens, int64_t block_size) const {
+        TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
+        const int64_t n = x.size(0), hidden = x.size(1);
+        const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+        for (size_t i = 0; i < layers_.size(); ++i) {
+            const auto& layer = layers_[i];
+            auto h = at::rms_norm(x, {hidden}, layer.input_norm, eps_);
+            auto parts = layer.qkv(h).split_with_sizes({q_size, kv_size, kv_size}, -1);
+            auto q = rotate(parts[0].view({n, num_heads_, head_dim_}), cos, sin);
+            auto k = rotate(parts[1].view({n, num_kv_heads_, head_dim_}), cos, sin);
+            auto v = parts[2].view({n, num_kv_heads_, head_dim_});
+            const auto& k_cache = k_caches[i];
+            const auto& v_cache = v_caches[i];
+            k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.scalar_type()));
+            v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.scalar_type()));
+            auto attn = paged_decode_attention(q.contiguous(), k_cache, v_cache, block_table, context_lens,
+                                               block_size, scale_);
+            x = x + layer.o(attn.view({n, q_size}));
+            h = at::rms_norm(x, {hidden}, layer.post_attention_norm, eps_);
+            auto gate_up = layer.gate_up(h).split(intermediate_size_, -1);
+            x = x + layer.down(at::silu(gate_up[0]) * gate_up[1]);
+        }
+        return x;
+    }
+
+  private:
+    int64_t num_heads_, num_kv_heads_, head_dim_, intermediate_size_;
+    double eps_, scale_;
+    std::vector<NativeLayer> layers_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+    py::class_<NativeLinear>(m, "NativeLinear")
+        .def(py::init([](torch::Tensor weight, std::optional<torch::Tensor> bias, bool packed, int64_t narrow,
+                         std::optional<torch::Tensor> narrow_weight, std::optional<torch::Tensor> narrow_scales,
+                         int64_t small_step_tokens) {
+            return NativeLinear{std::move(weight), std::move(bias), packed, narrow,
+                                narrow_weight.value_or(torch::Tensor()), narrow_scales.value_or(torch::Tensor()),
+                                small_step_tokens};
+        }));
+    py::class_<NativeDecoder>(m, "NativeDecoder")
+        .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double>())
+        .def("add_layer", &NativeDecoder::add_layer)
+        .def("forward", &NativeDecoder::forward);  // keeps the GIL, as the Python layers do: the HTTP
+                                                   // thread would otherwise take a core from the matmuls
+}
