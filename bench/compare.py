@@ -68,8 +68,8 @@ def check_binaries(config: CompareConfig) -> None:
         raise SystemExit(f"lmserve not found at {config.lmserve}: run `bash scripts/setup.sh` or pass --lmserve")
 
 
-def kv_bytes_per_token(gguf: Path) -> int:
-    """K and V bytes per token for lmserve, from the GGUF's shape (lmserve keeps K/V in float32)."""
+def kv_values_per_token(gguf: Path) -> int:
+    """K and V values per token (all layers), from the GGUF's shape."""
     from gguf import GGUFReader
 
     fields = GGUFReader(gguf).fields
@@ -83,7 +83,19 @@ def kv_bytes_per_token(gguf: Path) -> int:
     arch = str(fields["general.architecture"].contents())
     num_heads = value(f"{arch}.attention.head_count")
     head_dim = value(f"{arch}.attention.key_length", value(f"{arch}.embedding_length") // num_heads)
-    return 2 * value(f"{arch}.block_count") * value(f"{arch}.attention.head_count_kv", num_heads) * head_dim * 4
+    return 2 * value(f"{arch}.block_count") * value(f"{arch}.attention.head_count_kv", num_heads) * head_dim
+
+
+def lmserve_kv_value_bytes(lmserve_args: list[str]) -> int:
+    """Bytes per cached K/V value: lmserve keeps its KV cache in float32 under --dtype float32 (its
+    default) and in bf16 under the others, as llama.cpp keeps f16."""
+    dtype = "float32"
+    for i, arg in enumerate(lmserve_args):
+        if arg == "--dtype" and i + 1 < len(lmserve_args):
+            dtype = lmserve_args[i + 1]
+        elif arg.startswith("--dtype="):
+            dtype = arg.split("=", 1)[1]
+    return 4 if dtype == "float32" else 2
 
 
 @dataclass(frozen=True)
@@ -94,12 +106,13 @@ class Plan:
     commands: tuple[ServerCommand, ...]
 
 
-def plan_workload(config: CompareConfig, workload: Workload, model: str, kv_bytes: int) -> Plan:
+def plan_workload(config: CompareConfig, workload: Workload, model: str, kv_values: int) -> Plan:
     logs = config.out_dir / "logs"
     # The same per-sequence context and KV capacity in tokens as llama.cpp's slots and -c (lmserve
     # needs its budget to hold max_model_len). Later --lmserve-args override these: argparse's last wins.
     defaults = ["--threads", str(config.threads), "--max-model-len", str(slot_tokens(workload)),
-                "--kv-cache-memory", str(llama_context_tokens(workload) * kv_bytes)]
+                "--kv-cache-memory",
+                str(llama_context_tokens(workload) * kv_values * lmserve_kv_value_bytes(config.lmserve_args))]
     max_num_seqs = max(w.concurrency for w in config.workloads)
     lmserve_port, llama_port = free_ports(2)
     lmserve = lmserve_command(config.lmserve, config.gguf, model, lmserve_port, max_num_seqs,
@@ -117,10 +130,10 @@ def run_compare(config: CompareConfig, on_level: Callable[[Runs], None] = lambda
     (to save partial results: a full comparison takes a while)."""
     check_binaries(config)
     model = config.gguf.stem
-    kv_bytes = kv_bytes_per_token(config.gguf)
+    kv_values = kv_values_per_token(config.gguf)
     runs: Runs = {label: [] for label in SERVERS}
     for workload in config.workloads:
-        for command in plan_workload(config, workload, model, kv_bytes).commands:
+        for command in plan_workload(config, workload, model, kv_values).commands:
             runs[command.label].append(_measure(command, workload, model, config.options))
             on_level(runs)
     return runs

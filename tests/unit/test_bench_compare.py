@@ -18,12 +18,12 @@ def option(argv: list[str], name: str) -> str:
 
 
 def test_both_servers_get_the_same_slots_and_kv_capacity():
-    plan = plan_workload(config(), DECODE, "model", kv_bytes=100)
+    plan = plan_workload(config(), DECODE, "model", kv_values=100)
     lmserve, llama = plan.commands
     assert (lmserve.label, llama.label) == ("lmserve", "llama.cpp")
     assert lmserve.argv[:3] == ["/v/lmserve", "serve", "/m/model.gguf"]
     assert option(lmserve.argv, "--max-model-len") == "512"  # 128 + 256, rounded up to 256
-    assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100)
+    assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100 * 4)  # float32 values by default
     assert option(lmserve.argv, "--max-num-seqs") == "16"  # the largest concurrency of the set
     assert option(llama.argv, "--parallel") == "4" and option(llama.argv, "-c") == str(4 * 512)
     assert option(llama.argv, "-t") == "2" and option(lmserve.argv, "--threads") == "2"
@@ -32,12 +32,19 @@ def test_both_servers_get_the_same_slots_and_kv_capacity():
 
 
 def test_llama_server_args_come_last():
-    llama = plan_workload(config(llama_server_args=["--no-repack"]), DECODE, "model", kv_bytes=100).commands[1]
+    llama = plan_workload(config(llama_server_args=["--no-repack"]), DECODE, "model", kv_values=100).commands[1]
     assert llama.argv[-1] == "--no-repack"
 
 
 def test_lmserve_args_come_last_so_they_override_the_defaults():
     lmserve = plan_workload(config(lmserve_args=["--kv-cache-memory", "2GiB", "--dtype", "bfloat16"]),
-                            SHARED, "model", kv_bytes=100).commands[0]
+                            SHARED, "model", kv_values=100).commands[0]
     assert option(lmserve.argv, "--kv-cache-memory") == "2GiB" and lmserve.argv[-2:] == ["--dtype", "bfloat16"]
     assert option(lmserve.argv, "--max-model-len") == "1792"
+
+
+def test_lmserve_kv_budget_holds_the_same_tokens_in_bf16():
+    """Under a bf16 KV cache lmserve gets half the bytes: the same tokens as llama.cpp's slots."""
+    for args in (["--dtype", "int4"], ["--dtype=bfloat16"]):
+        lmserve = plan_workload(config(lmserve_args=args), DECODE, "model", kv_values=100).commands[0]
+        assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100 * 2)
