@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -100,6 +101,112 @@ inline void softmax(float* s, int64_t n) {
     for (t = 0; t < n; ++t) s[t] *= inv;
 }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// r[i] = sum of v[i]'s 16 lanes, for 16 vectors at once: 15 shuffle-adds instead of 16 reductions.
+inline __m512 sum16x16(const __m512* v) {
+    __m512 pairs[8], quads[4];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of v[4i .. 4i+3]
+        const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+        quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+constexpr int64_t kMaxGroup = 8;  // groups compiled with their accumulators in registers
+
+// head_dim a multiple of 16, GROUP query heads per kv head. Scores 16 positions at a time, the 16
+// accumulators in registers, with one transposing reduction; values one 16-wide slice of head_dim
+// at a time, even and odd positions in separate accumulators (independent FMA chains).
+template <int GROUP, typename T>
+void decode_avx512(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                   const int64_t* lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                   int64_t num_slots, int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale) {
+    const int64_t chunks = head_dim / 16;
+    at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores, keys(16 * head_dim);
+        std::vector<int64_t> rows;
+        for (int64_t task = begin; task < end; ++task) {
+            const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
+            const int64_t len = lens[s];
+            const float* qs = q + (s * num_heads + h * GROUP) * head_dim;
+            const int64_t* blocks = table + s * max_blocks;
+            rows.resize(len);  // offset of each position's row within one head's cache
+            for (int64_t b = 0, t = 0; t < len; ++b)
+                for (int64_t o = 0; o < block_size && t < len; ++o, ++t) rows[t] = (blocks[b] * block_size + o) * head_dim;
+            const T* kh = k_cache + h * num_slots * head_dim;
+            const T* vh = v_cache + h * num_slots * head_dim;
+            scores.resize(GROUP * len);
+            for (int64_t t0 = 0; t0 < len; t0 += 16) {
+                const int64_t n = std::min<int64_t>(16, len - t0);
+                for (int64_t i = 0; i < n; ++i)
+                    for (int64_t c = 0; c < chunks; ++c)
+                        _mm512_storeu_ps(keys.data() + i * head_dim + 16 * c, load16(kh + rows[t0 + i] + 16 * c));
+                if (n < 16) std::fill(keys.begin() + n * head_dim, keys.end(), 0.f);
+                for (int g = 0; g < GROUP; ++g) {
+                    __m512 acc[16];
+                    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+                    for (int64_t c = 0; c < chunks; ++c) {
+                        const __m512 qv = _mm512_loadu_ps(qs + g * head_dim + 16 * c);
+                        for (int i = 0; i < 16; ++i)
+                            acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(keys.data() + i * head_dim + 16 * c), acc[i]);
+                    }
+                    const __m512 r = _mm512_mul_ps(sum16x16(acc), _mm512_set1_ps(scale));
+                    _mm512_mask_storeu_ps(scores.data() + g * len + t0, static_cast<__mmask16>((1u << n) - 1), r);
+                }
+            }
+            for (int g = 0; g < GROUP; ++g) softmax(scores.data() + g * len, len);
+            float* os = out + (s * num_heads + h * GROUP) * head_dim;
+            for (int64_t c = 0; c < chunks; ++c) {
+                __m512 even[GROUP], odd[GROUP];
+                for (int g = 0; g < GROUP; ++g) even[g] = odd[g] = _mm512_setzero_ps();
+                int64_t t = 0;
+                for (; t + 2 <= len; t += 2) {
+                    const __m512 v0 = load16(vh + rows[t] + 16 * c), v1 = load16(vh + rows[t + 1] + 16 * c);
+                    for (int g = 0; g < GROUP; ++g) {
+                        even[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), v0, even[g]);
+                        odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t + 1]), v1, odd[g]);
+                    }
+                }
+                if (t < len) {
+                    const __m512 v0 = load16(vh + rows[t] + 16 * c);
+                    for (int g = 0; g < GROUP; ++g) even[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), v0, even[g]);
+                }
+                for (int g = 0; g < GROUP; ++g) _mm512_storeu_ps(os + g * head_dim + 16 * c, _mm512_add_ps(even[g], odd[g]));
+            }
+        }
+    });
+}
+
+// decode_avx512 for this group size if one is compiled for it; false otherwise.
+template <typename T>
+bool decode_fast(int64_t group, const float* q, const T* k, const T* v, const int64_t* table, const int64_t* lens,
+                 float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t num_slots,
+                 int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale) {
+    if (head_dim % 16 != 0) return false;
+    switch (group) {
+#define LMSERVE_GROUP(G) \
+    case G: decode_avx512<G>(q, k, v, table, lens, out, num_seqs, num_heads, num_kv_heads, num_slots, head_dim, max_blocks, block_size, scale); return true;
+        LMSERVE_GROUP(1) LMSERVE_GROUP(2) LMSERVE_GROUP(3) LMSERVE_GROUP(4)
+        LMSERVE_GROUP(5) LMSERVE_GROUP(6) LMSERVE_GROUP(7) LMSERVE_GROUP(8)
+#undef LMSERVE_GROUP
+        default: return false;
+    }
+}
+#endif
+
 template <typename T>
 void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
             const int64_t* lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
@@ -150,14 +257,20 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     TORCH_CHECK(k_cache.size(2) == head_dim && num_heads % num_kv_heads == 0, "head shapes");
     auto out = torch::empty_like(q);
     const auto* table = block_table.data_ptr<int64_t>();
+    const auto run = [&](auto... args) {
+#if defined(__AVX512F__)
+        if (decode_fast(num_heads / num_kv_heads, args...)) return;
+#endif
+        decode(args...);
+    };
     const auto* lens = context_lens.data_ptr<int64_t>();
     if (k_cache.scalar_type() == at::kBFloat16) {
-        decode(q.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), table, lens,
+        run(q.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), table, lens,
                out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, num_slots, head_dim, block_table.size(1),
                block_size, static_cast<float>(scale));
     } else {
         TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "caches: float32 or bfloat16");
-        decode(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, lens,
+        run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, lens,
                out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, num_slots, head_dim, block_table.size(1),
                block_size, static_cast<float>(scale));
     }
