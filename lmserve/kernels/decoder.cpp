@@ -125,6 +125,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<NativeDecoder>(m, "NativeDecoder")
         .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double>())
         .def("add_layer", &NativeDecoder::add_layer)
-        .def("forward", &NativeDecoder::forward);  // keeps the GIL, as the Python layers do: the HTTP
-                                                   // thread would otherwise take a core from the matmuls
+        // Without the GIL: the HTTP thread streams the previous step's tokens while this one computes
+        // (through the server: 64 streams 428 -> 477 tok/s, 1 stream 88.6 -> 97.4).
+        .def("forward", &NativeDecoder::forward, py::call_guard<py::gil_scoped_release>());
 }
