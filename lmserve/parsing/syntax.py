@@ -7,7 +7,10 @@ A reply holding calls c1..cn is
 
 where NAME is the function name (a JSON string if name_quoted, else the bare name) and ARGS the
 arguments JSON object. In tool_choice "auto" the model may write content first; a grammar waits
-for calls_prefix + call_prefix before it constrains a call.
+for the format's trigger before it constrains a call. The trigger is where the format's parser
+opens a call (`<tool_call>`, `[TOOL_CALLS]`), so that no call the parser reports escaped the
+grammar: a trigger longer than that (`<tool_call>\n{"name": `) let a model write
+`<tool_call>{"name": "made_up"...` unconstrained, and the parser still read it as a call.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ class ToolCallSyntax:
     call_suffix: str
     call_separator: str
     calls_suffix: str
+    opens_at: str = ""  # where the parser opens a call, if shorter than calls_prefix + call_prefix
+
+    @property
+    def trigger(self) -> str:
+        """The text after which a tool_choice "auto" grammar constrains the rest as a call."""
+        return self.opens_at or self.calls_prefix + self.call_prefix
 
     def render_call(self, name: str, arguments_json: str) -> str:
         """The text of one call, as the format's parser expects it."""
@@ -50,6 +59,7 @@ HERMES_SYNTAX = ToolCallSyntax(
     call_suffix="}\n</tool_call>",
     call_separator="\n",
     calls_suffix="",
+    opens_at="<tool_call>",
 )
 
 # Llama 3.1/3.2/3.3 JSON tool calling (tools in the prompt), as its chat template asks for it.
@@ -74,6 +84,7 @@ MISTRAL_SYNTAX = ToolCallSyntax(
     call_suffix="}",
     call_separator=", ",
     calls_suffix="]",
+    opens_at="[TOOL_CALLS]",
 )
 
 # Mistral v11+ tokenizers (Mistral Small 3.1+, Devstral, Magistral).

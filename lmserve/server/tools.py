@@ -54,7 +54,7 @@ class ToolsPlan:
         if self.mode == "auto":  # free text, then calls once the trigger appears
             s = self.syntax
             tags = [_call_tag(s, tool, s.calls_prefix, s.calls_suffix) for tool in tools]
-            return {"type": "triggered_tags", "triggers": [s.calls_prefix + s.call_prefix], "tags": tags,
+            return {"type": "triggered_tags", "triggers": [s.trigger], "tags": tags,
                     "stop_after_first": not self.parallel}
         tags = [_call_tag(self.syntax, tool) for tool in tools]
         if self.mode == "required" and self.parallel:

@@ -87,6 +87,28 @@ def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, compiler):
     assert not accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1}')]))
 
 
+@pytest.mark.parametrize("off_format", [
+    '<tool_call>{"name": "add2", "arguments": {"x": 1}}</tool_call>',  # no newline after the tag
+    '<tool_call> {"name":"add", "arguments": {}}',
+    '<tool_call>\n{"name": "add2", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+])
+def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_tokenizer, compiler, off_format):
+    """Seen in a sampled reply: a call written slightly off the format (no newline after the tag)
+    slipped past a trigger longer than the parser's opening tag, and was parsed as a call to an
+    unknown tool. The grammar must take over at the very tag the parser opens calls at."""
+    plan = plan_tools(request(tools=[ADD]), default_tokenizer, "")
+    parsed = parse_reply(ReplyFormat(tools=plan), "Sure. " + off_format)
+    assert parsed.tool_calls  # the parser reads these as calls...
+    assert not accepts(compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
+
+
+def test_tag_formats_trigger_where_their_parser_opens_a_call():
+    from lmserve.parsing import HermesToolParser, MistralToolParser
+
+    for parser in (HermesToolParser, MistralToolParser):
+        assert parser._open_tags == (parser.syntax.trigger,)
+
+
 def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokenizer):
     plan = plan_tools(request(tools=[ADD]), default_tokenizer, "")
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
