@@ -87,15 +87,13 @@ def kv_values_per_token(gguf: Path) -> int:
 
 
 def lmserve_kv_value_bytes(lmserve_args: list[str]) -> int:
-    """Bytes per cached K/V value: lmserve keeps its KV cache in float32 under --dtype float32 (its
-    default) and in bf16 under the others, as llama.cpp keeps f16."""
-    dtype = "float32"
-    for i, arg in enumerate(lmserve_args):
-        if arg == "--dtype" and i + 1 < len(lmserve_args):
-            dtype = lmserve_args[i + 1]
-        elif arg.startswith("--dtype="):
-            dtype = arg.split("=", 1)[1]
-    return 4 if dtype == "float32" else 2
+    """Bytes per cached K/V value under these `lmserve serve` arguments, read with lmserve's own
+    parser and dtype table (float32 by default, bf16 under bfloat16/int8/int4, as llama.cpp's f16)."""
+    from lmserve.cli import build_parser
+    from lmserve.weights.load import DTYPES
+
+    args, _ = build_parser().parse_known_args(["serve", "model.gguf", *lmserve_args])
+    return DTYPES[args.dtype].itemsize
 
 
 @dataclass(frozen=True)

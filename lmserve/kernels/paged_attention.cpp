@@ -125,8 +125,6 @@ inline __m512 sum16x16(const __m512* v) {
                          _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-constexpr int64_t kMaxGroup = 8;  // groups compiled with their accumulators in registers
-
 // head_dim a multiple of 16, GROUP query heads per kv head. Scores 16 positions at a time, the 16
 // accumulators in registers, with one transposing reduction; values one 16-wide slice of head_dim
 // at a time, even and odd positions in separate accumulators (independent FMA chains).
@@ -190,7 +188,7 @@ void decode_avx512(const float* q, const T* k_cache, const T* v_cache, const int
     });
 }
 
-// decode_avx512 for this group size if one is compiled for it; false otherwise.
+// decode_avx512 for this group size if one is compiled for it (1-8); false otherwise.
 template <typename T>
 bool decode_fast(int64_t group, const float* q, const T* k, const T* v, const int64_t* table, const int64_t* lens,
                  float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t num_slots,

@@ -35,6 +35,11 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     decode_lens: torch.Tensor | None = None  # (num_decodes,) int64 context lengths, for the native kernel
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block, as the decode table and bias lay them out."""
+        return self.decode_bias.shape[-1] // self.decode_blocks.shape[1]
+
 
 def write_kv(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
@@ -85,8 +90,8 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     num_seqs, num_heads, head_dim = q.shape
     kernel = native_decode_attention() if meta.decode_lens is not None and q.device.type == "cpu" else None
     if kernel is not None:  # reads the blocks in place: 2-5x faster than the gather + matmuls below
-        block_size = meta.decode_bias.shape[-1] // meta.decode_blocks.shape[1]
-        return kernel(q.float().contiguous(), k_cache, v_cache, meta.decode_blocks, meta.decode_lens, block_size, scale)
+        return kernel(q.float().contiguous(), k_cache, v_cache, meta.decode_blocks, meta.decode_lens, meta.block_size,
+                      scale)
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     # Matmuls in the cache's dtype: a bf16 cache is read and multiplied without widening copies.

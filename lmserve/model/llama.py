@@ -270,9 +270,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids).float()
         rotary = self.rope(positions)  # gathered once, shared by every layer
         if self.native is not None and not meta.prefills and meta.decode_lens is not None:
-            block_size = meta.decode_bias.shape[-1] // meta.decode_blocks.shape[1]
             x = self.native.forward(x, *rotary, [k for k, _ in kv_caches], [v for _, v in kv_caches],
-                                    meta.slot_mapping, meta.decode_blocks, meta.decode_lens, block_size)
+                                    meta.slot_mapping, meta.decode_blocks, meta.decode_lens, meta.block_size)
             return self.model.norm(x)
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, rotary, cache, meta)

@@ -183,7 +183,7 @@ class HermesToolParser(ToolParser):
     tolerated (the call ends with its JSON object), and so is one cut short at the end."""
 
     syntax = HERMES_SYNTAX
-    _open_tags = ("<tool_call>",)
+    _open_tags = (HERMES_SYNTAX.trigger,)  # "<tool_call>": the auto grammar takes over at the same tag
     _close_tag = "</tool_call>"
 
     def _on_open_tag(self, body_start: int) -> None:
@@ -254,7 +254,7 @@ class MistralToolParser(ToolParser):
     in the text: detokenize with skip_special_tokens=False."""
 
     syntax = MISTRAL_SYNTAX
-    _open_tags = ("[TOOL_CALLS]",)
+    _open_tags = (MISTRAL_SYNTAX.trigger,)  # "[TOOL_CALLS]", as the auto grammar's trigger
     _args_tag = "[ARGS]"
     _call_id_tag = "[CALL_ID]"
     _name_pattern = re.compile(r"[A-Za-z0-9_\-.]")

@@ -102,11 +102,12 @@ def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_t
     assert not accepts(compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
 
 
-def test_tag_formats_trigger_where_their_parser_opens_a_call():
-    from lmserve.parsing import HermesToolParser, MistralToolParser
-
-    for parser in (HermesToolParser, MistralToolParser):
-        assert parser._open_tags == (parser.syntax.trigger,)
+def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(compiler):
+    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"), "")
+    off_format = 'Sure. [TOOL_CALLS] [{"name": "add2", "arguments": {"x": 1}}]'  # a space after the tag
+    assert parse_reply(ReplyFormat(tools=plan), off_format).tool_calls
+    assert not accepts(compiler, plan.grammar(), off_format)
+    assert accepts(compiler, plan.grammar(), "Sure. " + MISTRAL_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
 
 
 def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokenizer):
