@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -125,81 +126,159 @@ inline __m512 sum16x16(const __m512* v) {
                          _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// head_dim a multiple of 16, GROUP query heads per kv head. Scores 16 positions at a time, the 16
-// accumulators in registers, with one transposing reduction; values one 16-wide slice of head_dim
-// at a time, even and odd positions in separate accumulators (independent FMA chains).
-template <int GROUP, typename T>
-void decode_avx512(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
-                   const int64_t* lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                   int64_t num_slots, int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale) {
-    const int64_t chunks = head_dim / 16;
+constexpr int64_t kAhead = 48;  // positions between a key row's prefetch and its use
+
+template <typename T>
+inline void prefetch_row(const T* row, int hint_l1) {
+    const char* p = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < static_cast<int64_t>(sizeof(T)) * 64; b += 64) {  // callers' rows: DIM >= 64 values
+        if (hint_l1) _mm_prefetch(p + b, _MM_HINT_T0);
+        else _mm_prefetch(p + b, _MM_HINT_T1);
+    }
+}
+
+// Scores of 16 positions for each of the GROUP query heads: scores[g * stride + i] = q_g . k_i * scale.
+// The 16 accumulators stay in registers and meet in one transposing reduction.
+template <int GROUP, int DIM, typename T>
+inline void score16(const float* q, const T* const* keys, float* scores, int64_t stride, float scale) {
+    for (int g = 0; g < GROUP; ++g) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+        for (int c = 0; c < DIM / 16; ++c) {
+            const __m512 qv = _mm512_loadu_ps(q + g * DIM + 16 * c);
+            for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(qv, load16(keys[i] + 16 * c), acc[i]);
+        }
+        _mm512_storeu_ps(scores + g * stride, _mm512_mul_ps(sum16x16(acc), _mm512_set1_ps(scale)));
+    }
+}
+
+#if defined(__AVX512BF16__)
+// A bf16 cache: the query is rounded to bf16 once (as the PyTorch path's bf16 matmuls do) and each
+// product pair is one dpbf16 instruction on the cached row as stored, with float32 accumulation.
+template <int GROUP, int DIM>
+inline void score16(const __m512bh* q, const c10::BFloat16* const* keys, float* scores, int64_t stride, float scale) {
+    for (int g = 0; g < GROUP; ++g) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+        for (int c = 0; c < DIM / 32; ++c)
+            for (int i = 0; i < 16; ++i)
+                acc[i] = _mm512_dpbf16_ps(acc[i], q[g * (DIM / 32) + c], (__m512bh)_mm512_loadu_si512(keys[i] + 32 * c));
+        _mm512_storeu_ps(scores + g * stride, _mm512_mul_ps(sum16x16(acc), _mm512_set1_ps(scale)));
+    }
+}
+#endif
+
+// Softmax of s[0:n] in place without the final division (s[n:padded] must be -inf); returns 1 / sum.
+inline float softmax_unnormalized(float* s, int64_t padded) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < padded; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + t));
+    const __m512 topv = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), topv));
+        _mm512_storeu_ps(s + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// One query token per sequence, GROUP query heads per kv head, head_dim DIM (64 or 128). Per
+// (sequence, kv head) task: scores 16 positions at a time from the rows in place (the next rows
+// prefetched: the cache is far larger than the CPU's caches), a vectorised softmax, then the values
+// one position at a time into GROUP x 4 register accumulators (64 dims per pass).
+template <int GROUP, int DIM, typename T>
+void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                  const int64_t* lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                  int64_t num_slots, int64_t max_blocks, int64_t block_size, float scale) {
+    constexpr bool kDotBf16 =
+#if defined(__AVX512BF16__)
+        std::is_same_v<T, c10::BFloat16>;
+#else
+        false;
+#endif
     at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores, keys(16 * head_dim);
-        std::vector<int64_t> rows;
+        std::vector<float> scores;
+        std::vector<const T*> keys, values;
+        const std::vector<T> zeros(DIM, T(0));
         for (int64_t task = begin; task < end; ++task) {
             const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
-            const int64_t len = lens[s];
-            const float* qs = q + (s * num_heads + h * GROUP) * head_dim;
+            const int64_t len = lens[s], padded = (len + 15) / 16 * 16;
+            const float* qs = q + (s * num_heads + h * GROUP) * DIM;
             const int64_t* blocks = table + s * max_blocks;
-            rows.resize(len);  // offset of each position's row within one head's cache
+            const T* kh = k_cache + h * num_slots * DIM;
+            const T* vh = v_cache + h * num_slots * DIM;
+            keys.assign(padded + kAhead, zeros.data());  // past the end: a row of zeros, never a branch
+            values.resize(padded);
             for (int64_t b = 0, t = 0; t < len; ++b)
-                for (int64_t o = 0; o < block_size && t < len; ++o, ++t) rows[t] = (blocks[b] * block_size + o) * head_dim;
-            const T* kh = k_cache + h * num_slots * head_dim;
-            const T* vh = v_cache + h * num_slots * head_dim;
-            scores.resize(GROUP * len);
-            for (int64_t t0 = 0; t0 < len; t0 += 16) {
-                const int64_t n = std::min<int64_t>(16, len - t0);
-                for (int64_t i = 0; i < n; ++i)
-                    for (int64_t c = 0; c < chunks; ++c)
-                        _mm512_storeu_ps(keys.data() + i * head_dim + 16 * c, load16(kh + rows[t0 + i] + 16 * c));
-                if (n < 16) std::fill(keys.begin() + n * head_dim, keys.end(), 0.f);
-                for (int g = 0; g < GROUP; ++g) {
-                    __m512 acc[16];
-                    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-                    for (int64_t c = 0; c < chunks; ++c) {
-                        const __m512 qv = _mm512_loadu_ps(qs + g * head_dim + 16 * c);
-                        for (int i = 0; i < 16; ++i)
-                            acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(keys.data() + i * head_dim + 16 * c), acc[i]);
-                    }
-                    const __m512 r = _mm512_mul_ps(sum16x16(acc), _mm512_set1_ps(scale));
-                    _mm512_mask_storeu_ps(scores.data() + g * len + t0, static_cast<__mmask16>((1u << n) - 1), r);
+                for (int64_t o = 0, row = blocks[b] * block_size; o < block_size && t < len; ++o, ++t) {
+                    keys[t] = kh + (row + o) * DIM;
+                    values[t] = vh + (row + o) * DIM;
                 }
+            scores.resize(GROUP * padded);
+#if defined(__AVX512BF16__)
+            __m512bh qb[GROUP * DIM / 32];
+            if constexpr (kDotBf16)
+                for (int i = 0; i < GROUP * DIM / 32; ++i)
+                    qb[i] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qs + 32 * i + 16), _mm512_loadu_ps(qs + 32 * i));
+#endif
+            for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+                for (int64_t i = t0 + kAhead; i < std::min(t0 + kAhead + 16, len); ++i) prefetch_row(keys[i], 1);
+                for (int64_t i = t0; i < std::min(t0 + 16, len); ++i) prefetch_row(values[i], 0);
+#if defined(__AVX512BF16__)
+                if constexpr (kDotBf16) {
+                    score16<GROUP, DIM>(qb, keys.data() + t0, scores.data() + t0, padded, scale);
+                    continue;
+                }
+#endif
+                score16<GROUP, DIM>(qs, keys.data() + t0, scores.data() + t0, padded, scale);
             }
-            for (int g = 0; g < GROUP; ++g) softmax(scores.data() + g * len, len);
-            float* os = out + (s * num_heads + h * GROUP) * head_dim;
-            for (int64_t c = 0; c < chunks; ++c) {
-                __m512 even[GROUP], odd[GROUP];
-                for (int g = 0; g < GROUP; ++g) even[g] = odd[g] = _mm512_setzero_ps();
-                int64_t t = 0;
-                for (; t + 2 <= len; t += 2) {
-                    const __m512 v0 = load16(vh + rows[t] + 16 * c), v1 = load16(vh + rows[t + 1] + 16 * c);
+            float inv[GROUP];
+            for (int g = 0; g < GROUP; ++g) {
+                std::fill(scores.begin() + g * padded + len, scores.begin() + (g + 1) * padded, -INFINITY);
+                inv[g] = softmax_unnormalized(scores.data() + g * padded, padded);
+            }
+            float* os = out + (s * num_heads + h * GROUP) * DIM;
+            for (int c0 = 0; c0 < DIM / 16; c0 += 4) {
+                // Two interleaved accumulator sets when one head alone would leave only four FMA chains.
+                constexpr int kSets = GROUP == 1 ? 2 : 1;
+                __m512 acc[kSets][GROUP][4];
+                for (int a = 0; a < kSets; ++a)
+                    for (int g = 0; g < GROUP; ++g)
+                        for (int c = 0; c < 4; ++c) acc[a][g][c] = _mm512_setzero_ps();
+                for (int64_t t = 0; t < len; ++t) {
+                    const int a = kSets == 1 ? 0 : static_cast<int>(t & 1);
+                    __m512 v[4];
+                    for (int c = 0; c < 4; ++c) v[c] = load16(values[t] + 16 * (c0 + c));
                     for (int g = 0; g < GROUP; ++g) {
-                        even[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), v0, even[g]);
-                        odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t + 1]), v1, odd[g]);
+                        const __m512 p = _mm512_set1_ps(scores[g * padded + t]);
+                        for (int c = 0; c < 4; ++c) acc[a][g][c] = _mm512_fmadd_ps(p, v[c], acc[a][g][c]);
                     }
                 }
-                if (t < len) {
-                    const __m512 v0 = load16(vh + rows[t] + 16 * c);
-                    for (int g = 0; g < GROUP; ++g) even[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + t]), v0, even[g]);
-                }
-                for (int g = 0; g < GROUP; ++g) _mm512_storeu_ps(os + g * head_dim + 16 * c, _mm512_add_ps(even[g], odd[g]));
+                for (int g = 0; g < GROUP; ++g)
+                    for (int c = 0; c < 4; ++c) {
+                        __m512 total = acc[0][g][c];
+                        if constexpr (kSets == 2) total = _mm512_add_ps(total, acc[kSets - 1][g][c]);
+                        _mm512_storeu_ps(os + g * DIM + 16 * (c0 + c), _mm512_mul_ps(total, _mm512_set1_ps(inv[g])));
+                    }
             }
         }
     });
 }
 
-// decode_avx512 for this group size if one is compiled for it (1-8); false otherwise.
+// decode_tiled for this group size (1-8) and head_dim (64, 128) if compiled; false otherwise.
 template <typename T>
 bool decode_fast(int64_t group, const float* q, const T* k, const T* v, const int64_t* table, const int64_t* lens,
                  float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t num_slots,
                  int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale) {
-    if (head_dim % 16 != 0) return false;
-    switch (group) {
-#define LMSERVE_GROUP(G) \
-    case G: decode_avx512<G>(q, k, v, table, lens, out, num_seqs, num_heads, num_kv_heads, num_slots, head_dim, max_blocks, block_size, scale); return true;
+    if (head_dim != 64 && head_dim != 128) return false;
+    switch (group * 1000 + head_dim) {
+#define LMSERVE_TILE(G, D) \
+    case G * 1000 + D: decode_tiled<G, D>(q, k, v, table, lens, out, num_seqs, num_heads, num_kv_heads, num_slots, max_blocks, block_size, scale); return true;
+#define LMSERVE_GROUP(G) LMSERVE_TILE(G, 64) LMSERVE_TILE(G, 128)
         LMSERVE_GROUP(1) LMSERVE_GROUP(2) LMSERVE_GROUP(3) LMSERVE_GROUP(4)
         LMSERVE_GROUP(5) LMSERVE_GROUP(6) LMSERVE_GROUP(7) LMSERVE_GROUP(8)
 #undef LMSERVE_GROUP
+#undef LMSERVE_TILE
         default: return false;
     }
 }
@@ -254,6 +333,9 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
     TORCH_CHECK(k_cache.size(2) == head_dim && num_heads % num_kv_heads == 0, "head shapes");
     auto out = torch::empty_like(q);
+    // A bf16 cache is attended with the query rounded to bf16 too, on every CPU (the dpbf16 kernel
+    // multiplies bf16 pairs exactly; elsewhere the rounded copy gives the same products in float32).
+    const auto q_used = k_cache.scalar_type() == at::kBFloat16 ? q.to(at::kBFloat16).to(at::kFloat) : q;
     const auto* table = block_table.data_ptr<int64_t>();
     const auto run = [&](auto... args) {
 #if defined(__AVX512F__)
@@ -263,7 +345,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     };
     const auto* lens = context_lens.data_ptr<int64_t>();
     if (k_cache.scalar_type() == at::kBFloat16) {
-        run(q.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), table, lens,
+        run(q_used.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), table, lens,
                out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, num_slots, head_dim, block_table.size(1),
                block_size, static_cast<float>(scale));
     } else {

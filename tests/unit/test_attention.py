@@ -75,15 +75,16 @@ def test_chunked_prefill_attends_like_one_shot(cache_dtype, tolerance):
     assert torch.allclose(out, expected, atol=tolerance), (out - expected).abs().max()
 
 
-def paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed):
+def paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed, block_size=4, max_len=23):
     g = torch.Generator().manual_seed(seed)
-    block_size, max_len = 4, 23
-    num_blocks = num_seqs * 6 + 1
+    per_seq = (max_len + block_size - 1) // block_size
+    num_blocks = num_seqs * per_seq + 1
     k_cache = torch.randn(num_kv_heads, num_blocks * block_size, head_dim, generator=g).to(cache_dtype)
     v_cache = torch.randn(num_kv_heads, num_blocks * block_size, head_dim, generator=g).to(cache_dtype)
     order = torch.randperm(num_blocks, generator=g).tolist()
     lens = [int(x) for x in torch.randint(1, max_len + 1, (num_seqs,), generator=g)]
-    tables = [order[6 * i: 6 * i + (n + block_size - 1) // block_size] for i, n in enumerate(lens)]
+    lens[0] = max_len
+    tables = [order[per_seq * i: per_seq * i + (n + block_size - 1) // block_size] for i, n in enumerate(lens)]
     width = max(len(t) for t in tables)
     table = torch.zeros(num_seqs, width, dtype=torch.long)
     bias = torch.full((num_seqs, 1, width * block_size), float("-inf"))
@@ -97,16 +98,27 @@ def paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed):
     return q, (k_cache, v_cache), with_lens, without
 
 
-@pytest.mark.parametrize("num_seqs, num_kv_heads, group, head_dim", [(1, 3, 3, 64), (5, 2, 1, 32), (24, 1, 7, 24)])
+@pytest.mark.parametrize("num_seqs, num_kv_heads, group, head_dim, block_size, max_len", [
+    (1, 3, 3, 64, 4, 23), (5, 2, 1, 32, 4, 23), (24, 1, 7, 24, 4, 23),  # scalar-tail and generic kernels
+    (3, 3, 3, 64, 16, 150), (2, 1, 1, 64, 16, 77), (4, 2, 4, 128, 16, 61), (3, 1, 8, 64, 8, 40),  # tiled
+])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_native_decode_kernel_matches_the_pytorch_path(num_seqs, num_kv_heads, group, head_dim, cache_dtype):
+def test_native_decode_kernel_matches_the_pytorch_path(num_seqs, num_kv_heads, group, head_dim, block_size, max_len,
+                                                       cache_dtype):
     """The compiled kernel (built by scripts/setup.sh; this fails if it was not) reads the blocks
-    in place; head_dim 24 exercises its scalar tail, group 7 a long group of query heads."""
+    in place; head_dim 24 exercises its scalar tail, group 7 a long group of query heads, head_dim
+    64/128 the tiled kernel over several 16-position tiles with a partial last one. A bf16 cache is
+    attended with the query rounded to bf16 (every product then exact in float32)."""
     assert native_decode_attention() is not None, "native kernel not built: run python -m lmserve.kernels"
-    q, cache, with_lens, without = paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed=num_seqs)
+    q, cache, with_lens, without = paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed=num_seqs,
+                                              block_size=block_size, max_len=max_len)
     native = paged_attention(q, q, q, cache, with_lens, head_dim ** -0.5)
     # The PyTorch path in float32 throughout (few sequences widen the cache; compare against that
     # precision whatever the batch size).
     float_cache = tuple(c.float() for c in cache)
-    expected = paged_attention(q, q, q, float_cache, without, head_dim ** -0.5)
+    q_used = q.bfloat16().float() if cache_dtype == torch.bfloat16 else q
+    expected = paged_attention(q_used, q_used, q_used, float_cache, without, head_dim ** -0.5)
     assert torch.allclose(native, expected, atol=2e-5), (native - expected).abs().max()
+    if cache_dtype == torch.bfloat16:  # the rounding is real: the unrounded query gives other outputs
+        unrounded = paged_attention(q, q, q, float_cache, without, head_dim ** -0.5)
+        assert not torch.allclose(native, unrounded, atol=2e-5)
