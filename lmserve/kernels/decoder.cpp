@@ -1,11 +1,13 @@
-// The decoder layers of a decode-only step, run from C++: the same ATen ops in the same order as
-// lmserve/model/llama.py (so the same results, bit for bit), without ~50 Python-level op calls
-// per layer. At a few sequences a step is dominated by that dispatch, not by arithmetic.
+// The decoder layers of a step on the CPU, run from C++: the same ATen ops in the same order as
+// lmserve/model/llama.py and model/attention.py (so the same results, bit for bit), without ~50
+// Python-level op calls per layer. At a few sequences a step is dominated by that dispatch, not by
+// arithmetic, and steps that carry a prompt chunk beside many decodes are as common as decode-only ones.
 #include <torch/extension.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -61,6 +63,40 @@ torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& cos, const tor
     return x * cos + rotated * sin;
 }
 
+// One sequence's chunk of prompt tokens in a step (PrefillSeq in model/attention.py): the rows
+// [query_start, query_start + query_len), attending to context_len tokens; slot_ids holds the cache
+// slots of the whole context when the chunk is not the whole of it.
+using Prefill = std::tuple<int64_t, int64_t, int64_t, std::optional<torch::Tensor>>;
+
+// _gather in model/attention.py
+torch::Tensor gather(const torch::Tensor& cache_part, const torch::Tensor& slots, at::ScalarType dtype) {
+    auto rows = cache_part.index_select(1, slots.reshape(-1)).to(dtype);
+    return rows.view({cache_part.size(0), slots.numel(), cache_part.size(2)});
+}
+
+// _prefill_attention in model/attention.py, op for op.
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
+                                double scale) {
+    const auto& [query_start, query_len, context_len, slot_ids] = seq;
+    const auto dtype = k_cache.scalar_type();
+    torch::Tensor keys, values;
+    std::optional<torch::Tensor> mask;
+    bool causal = true;
+    if (!slot_ids) {
+        keys = k.transpose(0, 1).to(dtype);
+        values = v.transpose(0, 1).to(dtype);
+    } else {
+        keys = gather(k_cache, *slot_ids, dtype);
+        values = gather(v_cache, *slot_ids, dtype);
+        mask = at::ones({query_len, context_len}, q.options().dtype(at::kBool)).tril(context_len - query_len);
+        causal = false;
+    }
+    auto out = at::scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0).to(dtype), keys.unsqueeze(0),
+                                                values.unsqueeze(0), mask, 0.0, causal, scale, true);
+    return out.squeeze(0).transpose(0, 1).to(q.scalar_type());
+}
+
 class NativeDecoder {
   public:
     NativeDecoder(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size,
@@ -75,12 +111,16 @@ class NativeDecoder {
                            std::move(post_attention_norm)});
     }
 
-    // x (S, hidden) float32, one token per sequence; returns the hidden states after the last layer.
+    // x (T, hidden) float32: the step's first num_decodes rows are single-token decodes, then the
+    // prefill chunks; returns the hidden states after the last layer.
     torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
                           const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
-                          const torch::Tensor& slot_mapping, const torch::Tensor& block_table,
-                          const torch::Tensor& context_lens, int64_t block_size) const {
+                          const torch::Tensor& slot_mapping, int64_t num_decodes,
+                          const std::optional<torch::Tensor>& block_table,
+                          const std::optional<torch::Tensor>& context_lens, int64_t block_size,
+                          const std::vector<Prefill>& prefills) const {
         TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
+        TORCH_CHECK(num_decodes == 0 || (block_table && context_lens), "decodes need a block table and lengths");
         const int64_t n = x.size(0), hidden = x.size(1);
         const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
         for (size_t i = 0; i < layers_.size(); ++i) {
@@ -94,9 +134,18 @@ class NativeDecoder {
             const auto& v_cache = v_caches[i];
             k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.scalar_type()));
             v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.scalar_type()));
-            auto attn = paged_decode_attention(q.contiguous(), k_cache, v_cache, block_table, context_lens,
-                                               block_size, scale_);
-            x = x + layer.o(attn.view({n, q_size}));
+            // paged_attention in model/attention.py
+            auto attn = at::empty_like(q);
+            if (num_decodes > 0)
+                attn.slice(0, 0, num_decodes).copy_(paged_decode_attention(
+                    q.slice(0, 0, num_decodes).to(at::kFloat).contiguous(), k_cache, v_cache, *block_table,
+                    *context_lens, block_size, scale_));
+            for (const auto& seq : prefills) {
+                const int64_t start = std::get<0>(seq), end = start + std::get<1>(seq);
+                attn.slice(0, start, end).copy_(prefill_attention(q.slice(0, start, end), k.slice(0, start, end),
+                                                                  v.slice(0, start, end), k_cache, v_cache, seq, scale_));
+            }
+            x = x + layer.o(attn.flatten(1));
             h = at::rms_norm(x, {hidden}, layer.post_attention_norm, eps_);
             auto gate_up = layer.gate_up(h).split(intermediate_size_, -1);
             x = x + layer.down(at::silu(gate_up[0]) * gate_up[1]);

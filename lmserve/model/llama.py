@@ -225,11 +225,12 @@ class LlamaForCausalLM(nn.Module):
         if embed.weight.dtype != weight_dtype:  # bf16: half the table's memory (56 MiB on SmolLM2-135M)
             embed.weight = nn.Parameter(embed.weight.detach().to(weight_dtype), requires_grad=False)
 
-    native = None  # a NativeDecoder running decode-only steps' layers (enable_native_decode)
+    native = None  # a NativeDecoder running the steps' layers (enable_native_decode)
 
     def enable_native_decode(self) -> bool:
-        """Run the layers of decode-only steps in C++ (lmserve/kernels/decoder.cpp): the same ATen
-        ops in the same order, so the same results, without ~50 Python-level op calls per layer.
+        """Run the layers of every step with a KV cache in C++ (lmserve/kernels/decoder.cpp): the
+        same ATen ops in the same order, so the same results, without ~50 Python-level op calls per
+        layer.
         Call after prepare, quantize and pack_for_cpu (it holds the weights as they are then).
         False, and nothing changed, off the CPU or where the native kernels are unavailable."""
         module = native_module()
@@ -269,9 +270,13 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids).float()
         rotary = self.rope(positions)  # gathered once, shared by every layer
-        if self.native is not None and not meta.prefills and meta.decode_lens is not None:
+        if (self.native is not None and (meta.num_decodes == 0 or meta.decode_lens is not None)
+                and kv_caches and kv_caches[0] is not None):  # no caches: decoder embeddings
+            block_size = meta.block_size if meta.num_decodes else 0
+            prefills = [(p.query_start, p.query_len, p.context_len, p.slot_ids) for p in meta.prefills]
             x = self.native.forward(x, *rotary, [k for k, _ in kv_caches], [v for _, v in kv_caches],
-                                    meta.slot_mapping, meta.decode_blocks, meta.decode_lens, meta.block_size)
+                                    meta.slot_mapping, meta.num_decodes, meta.decode_blocks, meta.decode_lens,
+                                    block_size, prefills)
             return self.model.norm(x)
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, rotary, cache, meta)

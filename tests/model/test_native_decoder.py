@@ -1,7 +1,8 @@
-"""Decode-only steps run their layers in C++ (lmserve/kernels/decoder.cpp) with the same ATen ops as
-the Python layers: the hidden states and the KV they write must be bit-identical, for every weight
-kind (float32, bf16 oneDNN-packed, int8 and int4 narrow copies, q/k/v biases) and for step sizes on
-both sides of the narrow copies' row limit."""
+"""Steps run their layers in C++ (lmserve/kernels/decoder.cpp) with the same ATen ops as the Python
+layers: the hidden states and the KV they write must be bit-identical, for every weight kind
+(float32, bf16 oneDNN-packed, int8 and int4 narrow copies, q/k/v biases), for step sizes on both
+sides of the narrow copies' row limit, and for every kind of step: whole prompts, decode-only, and
+decodes mixed with a first prompt chunk and a later one (attending to cached context)."""
 
 from __future__ import annotations
 
@@ -20,39 +21,69 @@ BLOCKS_PER_SEQ = 8  # room for each sequence's prompt and decoded tokens
 
 def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, native: bool, seed: int = 0):
     """Prefill num_seqs random prompts of different lengths one by one, then decode `steps` random
-    tokens for all of them together; returns each decode step's output and the caches."""
+    tokens for all of them together, the first two decode steps also carrying a newcomer's prompt
+    in two chunks; returns every step's output and the caches."""
     kept, model.native = model.native, (model.native if native else None)
     try:
         g = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
-        caches = allocate_kv_caches(model.config, num_seqs * BLOCKS_PER_SEQ, BLOCK, kv_dtype, torch.device("cpu"))
-        lengths = []
+        caches = allocate_kv_caches(model.config, (num_seqs + 1) * BLOCKS_PER_SEQ, BLOCK, kv_dtype,
+                                    torch.device("cpu"))
+        outputs, lengths = [], []
         for s in range(num_seqs):
             n = 3 + 2 * s % 9
             slots = torch.arange(n) + s * BLOCKS_PER_SEQ * BLOCK
             meta = AttentionMetadata(slots, 0, None, None, [PrefillSeq(0, n, n, None)])
-            model(torch.randint(vocab, (n,), generator=g), torch.arange(n), caches, meta)
+            outputs.append(model(torch.randint(vocab, (n,), generator=g), torch.arange(n), caches, meta))
             lengths.append(n)
         table = torch.arange(num_seqs * BLOCKS_PER_SEQ).view(num_seqs, BLOCKS_PER_SEQ)
-        outputs = []
-        for _ in range(steps):
+        newcomer = num_seqs * BLOCKS_PER_SEQ * BLOCK  # its first slot
+        chunks = [(0, 5), (5, 4)]  # (start, length): the whole context first, then attending to it
+        for step in range(steps):
             positions = torch.tensor(lengths)
             slots = positions + torch.arange(num_seqs) * BLOCKS_PER_SEQ * BLOCK
+            ids = torch.randint(vocab, (num_seqs,), generator=g)
             bias = torch.full((num_seqs, 1, BLOCKS_PER_SEQ * BLOCK), float("-inf"))
             for s, n in enumerate(lengths):
                 bias[s, :, : n + 1] = 0
-            meta = AttentionMetadata(slots, num_seqs, table, bias, [], positions + 1)
-            outputs.append(model(torch.randint(vocab, (num_seqs,), generator=g), positions, caches, meta))
+            prefills = []
+            if step < len(chunks):
+                start, count = chunks[step]
+                end = start + count
+                context = torch.arange(end) + newcomer if start else None
+                prefills.append(PrefillSeq(num_seqs, count, end, context))
+                positions = torch.cat([positions, torch.arange(start, end)])
+                slots = torch.cat([slots, torch.arange(start, end) + newcomer])
+                ids = torch.cat([ids, torch.randint(vocab, (count,), generator=g)])
+            meta = AttentionMetadata(slots, num_seqs, table, bias, prefills, torch.tensor(lengths) + 1)
+            outputs.append(model(ids, positions, caches, meta))
             lengths = [n + 1 for n in lengths]
         return outputs, caches
     finally:
         model.native = kept
 
 
+class Counting:
+    """Wraps the native decoder and counts the steps it runs."""
+
+    def __init__(self, native):
+        self.native, self.calls = native, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.native.forward(*args)
+
+
 def assert_native_matches_python(model, num_seqs: int, kv_dtype: torch.dtype, steps: int = 3):
     assert model.native is not None, "native decoder not enabled: run python -m lmserve.kernels"
     python_out, python_caches = hidden_states(model, num_seqs, steps, kv_dtype, native=False)
-    native_out, native_caches = hidden_states(model, num_seqs, steps, kv_dtype, native=True)
+    kept = model.native
+    model.native = counting = Counting(kept)
+    try:
+        native_out, native_caches = hidden_states(model, num_seqs, steps, kv_dtype, native=True)
+    finally:
+        model.native = kept
+    assert counting.calls == num_seqs + steps  # every step ran natively, mixed ones included
     for step, (a, b) in enumerate(zip(python_out, native_out)):
         assert torch.equal(a, b), (step, (a - b).abs().max())
     for (k1, v1), (k2, v2) in zip(python_caches, native_caches):
@@ -81,16 +112,16 @@ def test_default_model_native_decode_is_bit_identical(dtype):
         assert_native_matches_python(model, num_seqs, kv_dtype, steps=2)
 
 
-def test_steps_with_a_prefill_use_the_python_layers(tiny_qwen2_folder):
-    """The native decoder only takes decode-only steps: a mixed step must not reach it."""
+def test_steps_without_a_cache_use_the_python_layers(tiny_qwen2_folder):
+    """Decoder embeddings run whole prompts with no KV cache: the native decoder is not for them."""
     model, _, _ = load_weights(tiny_qwen2_folder, "float32")
 
     class Refuse:
         def forward(self, *args):
-            raise AssertionError("native decoder called for a step with a prefill")
+            raise AssertionError("native decoder called for a step without a KV cache")
 
-    model.native = Refuse()
-    caches = allocate_kv_caches(model.config, 4, BLOCK, torch.float32, torch.device("cpu"))
-    meta = AttentionMetadata(torch.arange(5), 0, None, None, [PrefillSeq(0, 5, 5, None)], torch.tensor([5]))
-    out = model(torch.arange(5), torch.arange(5), caches, meta)
-    assert out.shape == (5, model.config.hidden_size)
+    kept, model.native = model.native, Refuse()
+    meta = AttentionMetadata(torch.arange(5), 0, None, None, [PrefillSeq(0, 5, 5, None)])
+    out = model(torch.arange(5), torch.arange(5), [None] * model.config.num_hidden_layers, meta)
+    model.native = kept
+    assert torch.equal(out, model(torch.arange(5), torch.arange(5), [None] * model.config.num_hidden_layers, meta))
