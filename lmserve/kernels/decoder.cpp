@@ -10,6 +10,9 @@
 #include <tuple>
 #include <vector>
 
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
+                          const std::optional<torch::Tensor>& bias, int64_t block);
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
                                      const torch::Tensor& context_lens, int64_t block_size, double scale);
@@ -22,12 +25,14 @@ enum Narrow : int64_t { kNone = 0, kInt8 = 1, kInt4 = 2 };
 
 // One projection as model/llama.py's Linear holds it.
 struct NativeLinear {
-    torch::Tensor weight;  // plain (N, K) or oneDNN-packed
+    torch::Tensor weight;  // plain (N, K) or oneDNN-packed; undefined once quantized
     std::optional<torch::Tensor> bias;
     bool packed;
     int64_t narrow;  // Narrow
     torch::Tensor narrow_weight, narrow_scales;
     int64_t small_step_tokens;  // steps of at most this many tokens use the narrow copy
+    torch::Tensor wide_weight, wide_scales;  // int8 (N, K) and float32 (N,): larger steps, int8 activations
+    int64_t wide_block;  // Hadamard block of the wide weight's columns (model/int8.py)
 
     torch::Tensor operator()(const torch::Tensor& x) const {
         if (narrow != kNone && x.size(0) <= small_step_tokens) {
@@ -37,6 +42,7 @@ struct NativeLinear {
             if (bias) out = out + *bias;
             return out.to(x.scalar_type());
         }
+        if (wide_weight.defined()) return int8_linear(x.to(at::kFloat), wide_weight, wide_scales, bias, wide_block).to(x.scalar_type());
         if (packed) {
             static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
             std::vector<c10::IValue> stack{x.to(weight.scalar_type()), weight,
@@ -163,13 +169,18 @@ class NativeDecoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+    m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations");
+    m.def("quantize_rows", &quantize_rows, "blockwise Hadamard transform, then per-row symmetric int8");
     py::class_<NativeLinear>(m, "NativeLinear")
-        .def(py::init([](torch::Tensor weight, std::optional<torch::Tensor> bias, bool packed, int64_t narrow,
-                         std::optional<torch::Tensor> narrow_weight, std::optional<torch::Tensor> narrow_scales,
-                         int64_t small_step_tokens) {
-            return NativeLinear{std::move(weight), std::move(bias), packed, narrow,
+        .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, bool packed,
+                         int64_t narrow, std::optional<torch::Tensor> narrow_weight,
+                         std::optional<torch::Tensor> narrow_scales, int64_t small_step_tokens,
+                         std::optional<torch::Tensor> wide_weight, std::optional<torch::Tensor> wide_scales,
+                         int64_t wide_block) {
+            return NativeLinear{weight.value_or(torch::Tensor()), std::move(bias), packed, narrow,
                                 narrow_weight.value_or(torch::Tensor()), narrow_scales.value_or(torch::Tensor()),
-                                small_step_tokens};
+                                small_step_tokens, wide_weight.value_or(torch::Tensor()),
+                                wide_scales.value_or(torch::Tensor()), wide_block};
         }));
     py::class_<NativeDecoder>(m, "NativeDecoder")
         .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double>())

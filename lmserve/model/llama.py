@@ -15,6 +15,7 @@ from torch import nn
 from lmserve.kernels import native_module
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
+from lmserve.model.int8 import hadamard_block, int8_linear, rotate_weight
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -37,6 +38,7 @@ class Linear(nn.Linear):
     After quantize(), small steps run on a weight-only int8 or int4 copy (bf16 activations)."""
 
     narrow: tuple | None = None  # ("int8", (N, K) int8, (N,) scales) or ("int4", packed, (K/G, N, 2) scale/zero)
+    wide: tuple | None = None  # (N, K) int8, (N,) float32 scales, Hadamard block: larger steps (W8A8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.narrow is not None and x.shape[0] <= SMALL_STEP_TOKENS[self.narrow[0]]:
@@ -47,6 +49,9 @@ class Linear(nn.Linear):
             else:
                 out = torch._weight_int8pack_mm(xb, weight, scales)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
+        if self.wide is not None:
+            weight, scales, block = self.wide
+            return int8_linear(x.float(), weight, scales, self.bias, block).to(x.dtype)
         if self.packed:
             out = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, "none", [None], "")
             return out.to(x.dtype)
@@ -63,14 +68,21 @@ class Linear(nn.Linear):
         self.packed = True
 
     def quantize(self, kind: str) -> str:
-        """Keep a narrow copy of the weight beside it; returns the kind kept ("int4" falls back to
-        "int8" where the kernel's shape rules (N % 16, K % 32) do not hold)."""
-        n, k = self.weight.shape
+        """Replace the weight by a narrow copy for small steps and an int8 one of its Hadamard
+        transform for larger steps (int8 activations, see model/int8.py); returns the narrow kind
+        kept ("int4" falls back to "int8" where the kernel's shape rules (N % 16, K % 32) do not
+        hold)."""
+        weight = self.weight.detach()
+        n, k = weight.shape
+        block = hadamard_block(k)
+        wide_weight, wide_scales = quantize_int8(rotate_weight(weight.float(), block))
+        self.wide = (wide_weight, wide_scales.float(), block)
         if kind == "int4" and n % 16 == 0 and k % INT4_GROUP == 0:
-            self.narrow = ("int4", *quantize_int4(self.weight.detach()))
-            return "int4"
-        self.narrow = ("int8", *quantize_int8(self.weight.detach()))
-        return "int8"
+            self.narrow = ("int4", *quantize_int4(weight))
+        else:
+            self.narrow = ("int8", *quantize_int8(weight))
+        self.weight = None  # every step now runs on one of the copies
+        return self.narrow[0]
 
 
 NARROW_KINDS = {None: 0, "int8": 1, "int4": 2}  # Narrow in kernels/decoder.cpp
@@ -79,18 +91,21 @@ NARROW_KINDS = {None: 0, "int8": 1, "int4": 2}  # Narrow in kernels/decoder.cpp
 def native_linear(module, linear: Linear):
     """The kernels' view of a Linear: the same tensors, not copies."""
     kind, narrow_weight, narrow_scales = linear.narrow or (None, None, None)
-    weight = linear.weight if linear.packed else linear.weight.detach()
+    wide_weight, wide_scales, wide_block = linear.wide or (None, None, 1)
+    weight = linear.weight if linear.packed or linear.weight is None else linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     return module.NativeLinear(weight, bias, linear.packed, NARROW_KINDS[kind], narrow_weight, narrow_scales,
-                               SMALL_STEP_TOKENS.get(kind, 0))
+                               SMALL_STEP_TOKENS.get(kind, 0), wide_weight, wide_scales, wide_block)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-row int8: (N, K) int8 values and (N,) bf16 scales."""
+    """Symmetric per-output-row int8: (N, K) int8 values and (N,) bf16 scales. The values are
+    rounded against the bf16 scales themselves, so int8 * scale is the weight as closely as the
+    stored scale allows (the weight-only kernel takes bf16 scales, W8A8 the same ones widened)."""
     weight = weight.float()
-    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-    quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return quantized, scales.to(torch.bfloat16)
+    scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+    quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return quantized, scales
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,17 +228,19 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def prepare(self, weight_dtype: torch.dtype) -> None:
+    def prepare(self, weight_dtype: torch.dtype, embed_dtype: torch.dtype | None = None) -> None:
         """Fuse projections and cast matmul weights to `weight_dtype`. The embedding table is stored
-        in it too (rows are looked up, then widened: the residual stream and norms stay float32)."""
+        in `embed_dtype`, by default the same (rows are looked up, then widened: the residual
+        stream and norms stay float32). Weights about to be quantized stay float32 until then."""
+        embed_dtype = embed_dtype or weight_dtype
         for layer in self.model.layers:
             layer.self_attn.prepare(weight_dtype)
             layer.mlp.prepare(weight_dtype)
         if self.lm_head.weight.dtype != weight_dtype:  # a tied head gets its own narrower copy
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().to(weight_dtype), requires_grad=False)
         embed = self.model.embed_tokens
-        if embed.weight.dtype != weight_dtype:  # bf16: half the table's memory (56 MiB on SmolLM2-135M)
-            embed.weight = nn.Parameter(embed.weight.detach().to(weight_dtype), requires_grad=False)
+        if embed.weight.dtype != embed_dtype:  # bf16: half the table's memory (56 MiB on SmolLM2-135M)
+            embed.weight = nn.Parameter(embed.weight.detach().to(embed_dtype), requires_grad=False)
 
     native = None  # a NativeDecoder running the steps' layers (enable_native_decode)
 
@@ -234,7 +251,7 @@ class LlamaForCausalLM(nn.Module):
         Call after prepare, quantize and pack_for_cpu (it holds the weights as they are then).
         False, and nothing changed, off the CPU or where the native kernels are unavailable."""
         module = native_module()
-        if module is None or self.lm_head.weight.device.type != "cpu":
+        if module is None or self.model.embed_tokens.weight.device.type != "cpu":
             return False
         layers = self.model.layers
         attn = layers[0].self_attn
@@ -250,8 +267,8 @@ class LlamaForCausalLM(nn.Module):
     def pack_for_cpu(self) -> bool:
         """Lay bf16 projection weights out for oneDNN (after prepare and quantize); False, and
         nothing changed, where oneDNN is missing or the weights are not bf16."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if not torch.backends.mkldnn.is_available() or any(m.weight.dtype != torch.bfloat16 for m in linears):
+        linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight is not None]  # None: quantized
+        if not linears or not torch.backends.mkldnn.is_available() or any(m.weight.dtype != torch.bfloat16 for m in linears):
             return False
         for module in linears:
             module.pack_for_cpu()

@@ -62,11 +62,13 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
     model = build_model(config, max_positions or config.max_position_embeddings, freqs)
     fill_parameters(model, tensors, torch.float32)
     model.tie_weights()
-    model.prepare(DTYPES[dtype])
-    if dtype in ("int8", "int4"):
-        if torch.device(device).type == "cpu":
-            model.quantize(dtype, HEAD_KIND)
-        else:  # the weight-only kernels used for small steps are CPU ones
+    quantized = dtype in ("int8", "int4") and torch.device(device).type == "cpu"
+    if quantized:  # the narrow and int8 copies are taken from the float32 weights
+        model.prepare(torch.float32, embed_dtype=DTYPES[dtype])
+        model.quantize(dtype, HEAD_KIND)
+    else:
+        model.prepare(DTYPES[dtype])
+        if dtype in ("int8", "int4"):  # the int8/int4 kernels are CPU ones
             log.warning("--dtype %s: no %s kernels on %s; serving bfloat16 weights", dtype, dtype, device)
     if torch.device(device).type == "cpu":
         model.pack_for_cpu()

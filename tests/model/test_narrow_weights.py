@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmserve.model.int8 import int8_linear_reference
 from lmserve.model.llama import INT4_GROUP, SMALL_STEP_TOKENS, Linear, quantize_int4
 
 
@@ -56,17 +57,22 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot_pack():
     assert linear_with(torch.randn(32, 64), "int4").narrow[0] == "int4"
 
 
-def test_small_steps_use_the_narrow_copy_and_larger_ones_bf16():
+def test_small_steps_use_the_narrow_copy_and_larger_ones_w8a8():
     weight = q4_1_weight(64, 128, seed=2)
     layer = linear_with(weight, "int4")
+    assert layer.weight is None  # the bf16 weight is gone: the copies serve every step
     _, packed, scale_zero = layer.narrow
+    wide_weight, wide_scales, block = layer.wide
+    assert wide_weight.dtype == torch.int8 and block == 64
     limit = SMALL_STEP_TOKENS["int4"]
     for rows in (1, limit, limit + 1, 32):
         x = torch.randn(rows, 128)
         narrow = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, scale_zero).float()
-        dense = F.linear(x.bfloat16(), layer.weight).float()
-        assert not torch.equal(narrow, dense)  # the two paths are distinguishable on this input
-        assert torch.equal(layer(x), narrow if rows <= limit else dense), rows
+        wide = int8_linear_reference(x, wide_weight, wide_scales, None, block)
+        assert not torch.equal(narrow, wide)  # the two paths are distinguishable on this input
+        assert torch.equal(layer(x), narrow if rows <= limit else wide), rows
+        exact = x @ weight.t()
+        assert (wide - exact).abs().max() < 0.06 * exact.abs().max(), rows  # and both compute x W^T
 
 
 def test_packed_weights_give_the_plain_products():

@@ -99,8 +99,11 @@ def tiny_qwen2_folder(tmp_path_factory):
 @pytest.mark.parametrize("num_seqs", [1, 3, 10])  # 10 rows: past int8's and int4's small-step limits
 def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num_seqs):
     model, _, _ = load_weights(tiny_qwen2_folder, dtype)
-    if dtype != "float32":
-        assert model.model.layers[0].self_attn.qkv_proj.packed  # the oneDNN path is exercised too
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    if dtype == "bfloat16":
+        assert qkv.packed  # the oneDNN path is exercised too
+    if dtype in ("int8", "int4"):
+        assert qkv.wide is not None and qkv.weight is None  # and past the narrow limit, the W8A8 one
     assert_native_matches_python(model, num_seqs, torch.float32 if dtype == "float32" else torch.bfloat16)
 
 

@@ -1,0 +1,80 @@
+"""Projections with int8 weights and int8 activations (W8A8) for steps of many tokens.
+
+Each input row is quantized to int8 with its own scale and multiplied by a per-output-row int8
+weight with int32 sums (oneDNN's VNNI kernels behind torch._int_mm), then scaled back to float32.
+On this 2-core AVX-512 machine the int8 product runs ~1.7x as fast as oneDNN's bf16 one at 32-512
+rows, from half the weight bytes.
+
+A per-row scale is hostage to a row's largest value, and these models carry a few channels many
+times larger than the rest (in SmolLM2's residual stream, 20x the median). So both sides are first
+multiplied by a Walsh-Hadamard matrix in blocks of HADAMARD_BLOCK columns: (x H)(W H)^T / B = x W^T,
+and x H spreads each large channel evenly over its block. Teacher-forced against float32 on the
+default model this takes the prefill's KL from 3.6e-2 to 4.5e-3 (top-1 agreement 0.89 -> 0.98).
+
+`int8_linear` runs the compiled kernel (lmserve/kernels/int8_linear.cpp) when it is built and
+`int8_linear_reference` otherwise: the same arithmetic in ATen ops, the same results bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmserve.kernels import native_module
+
+MIN_ABS_MAX = 1e-12  # kMinAbsMax in kernels/int8_linear.cpp
+HADAMARD_BLOCK = 64  # columns mixed together (smaller where K is not a multiple of it)
+
+
+def hadamard_block(k: int) -> int:
+    """The largest power of two up to HADAMARD_BLOCK dividing k (1: no transform)."""
+    block = HADAMARD_BLOCK
+    while k % block:
+        block //= 2
+    return block
+
+
+def hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(M, K) rows times the unnormalized Walsh-Hadamard matrix, blockwise: stage h = 1, 2, 4, ...
+    maps each pair (a, b) at distance h to (a + b, a - b), as the kernel's `hadamard` does."""
+    rows, cols = x.shape
+    h = 1
+    while h < block:
+        pairs = x.reshape(rows, cols // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        x = torch.stack([a + b, a - b], dim=2).reshape(rows, cols)
+        h *= 2
+    return x
+
+
+def rotate_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """W H / block for (N, K) W, computed in float64: the weight side of the transform."""
+    n, k = weight.shape
+    eye = torch.eye(block, dtype=torch.float64)
+    h = hadamard_rows(eye, block)  # H itself (symmetric)
+    return (weight.double().reshape(n, k // block, block) @ h / block).reshape(n, k).float()
+
+
+def quantize_rows_reference(x: torch.Tensor, block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float32 -> (M, K) int8 and (M,) float32 scales (after the blockwise transform),
+    round half to even."""
+    x = hadamard_rows(x, block)
+    scales = x.abs().amax(dim=-1).clamp(min=MIN_ABS_MAX) / 127
+    q = torch.round(x / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                          bias: torch.Tensor | None, block: int = 1) -> torch.Tensor:
+    xq, x_scales = quantize_rows_reference(x, block)
+    out = torch._int_mm(xq, weight.t()).float() * x_scales[:, None] * scales
+    return out if bias is None else out + bias.float()
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                block: int) -> torch.Tensor:
+    """x (M, K) float32, weight (N, K) int8 quantized after rotate_weight(., block), scales (N,)
+    float32 -> (M, N) float32."""
+    module = native_module()
+    if module is None:
+        return int8_linear_reference(x, weight, scales, bias, block)
+    return module.int8_linear(x, weight, scales, bias, block)
