@@ -6,11 +6,18 @@
 For each batch size, the dtypes take turns (three rounds) on the default model: B requests with
 128-token prompts, 40 greedy tokens each; prints tok/s per round, and with --profile the top ops
 of torch.profiler over ten decode steps.
+
+    .venv/bin/python -m bench.engine_loop --dtype int4 --batch 64 --whole-requests 256
+
+instead times whole requests as the server's output tok/s counts them: B requests with distinct
+random 128-token prompts (no prefix-cache hits) and 256 tokens out, from the first prefill chunk to
+the last token, under the server's default scheduler budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
@@ -48,6 +55,17 @@ def decode_tok_s(engine: LLMEngine, batch: int, tag: str) -> float:
     return batch * steps / (time.perf_counter() - started)
 
 
+def whole_requests_tok_s(engine: LLMEngine, batch: int, max_tokens: int, tag: str) -> float:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    rng = random.Random(tag)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", [rng.randrange(1000, 40000) for _ in range(len(PROMPT))], params)
+    started = time.perf_counter()
+    while engine.has_unfinished:
+        engine.step()
+    return batch * max_tokens / (time.perf_counter() - started)
+
+
 def profile(engine: LLMEngine, batch: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -71,6 +89,8 @@ def main() -> None:
     parser.add_argument("--batch", default="1,64")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--whole-requests", type=int, metavar="MAX_TOKENS",
+                        help="time whole requests of this many output tokens, prefill included")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engines = {dtype: make_engine(dtype) for dtype in args.dtype.split(",")}
@@ -78,7 +98,9 @@ def main() -> None:
         rounds = {dtype: [] for dtype in engines}
         for r in range(3):
             for dtype, engine in engines.items():
-                rounds[dtype].append(decode_tok_s(engine, batch, f"{dtype}-{batch}-{r}"))
+                tag = f"{dtype}-{batch}-{r}"
+                rounds[dtype].append(whole_requests_tok_s(engine, batch, args.whole_requests, tag)
+                                     if args.whole_requests else decode_tok_s(engine, batch, tag))
         for dtype, values in rounds.items():
             print(f"batch {batch:>3} {dtype:>9}: " + " ".join(f"{v:7.1f}" for v in values) + " tok/s")
             if args.profile:
