@@ -38,7 +38,7 @@ def make_engine(variant: str) -> LLMEngine:
     if variant.endswith("-python"):
         loaded.model.native = None
     config = EngineConfig("default", "bench", dtype=dtype, cache=CacheConfig(16, 1 << 30),
-                          scheduler=SchedulerConfig(64, 512, 1024))
+                          scheduler=SchedulerConfig(64, 512, 2048))
     return LLMEngine(config, loaded)
 
 

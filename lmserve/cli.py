@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "int4"],
                        help="matmul weights and KV cache; activations stay float32 (bfloat16: faster, not bit-exact; "
-                            "int8 / int4: bfloat16 plus int8 / int4 weight copies for steps of <= 4 / <= 8 tokens)")
+                            "int8 / int4: int8 / int4 weights for steps of <= 4 / <= 8 tokens, int8 x int8 (W8A8) for larger ones)")
     serve.add_argument("--threads", type=positive_int, help="torch threads for the engine (default: torch's)")
     serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
     serve.add_argument("--api-key-file", metavar="PATH", help="require the keys in this file: one per line, '#' comments")

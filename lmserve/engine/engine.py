@@ -71,7 +71,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, caches, block_size, device, grammar)
         if device.type == "cpu":  # load (or, once per machine, compile) now rather than in the first step
             native_layers = getattr(loaded.model, "native", None) is not None
-            log.info("decode attention: %s; decode-only steps' layers: %s",
+            log.info("decode attention: %s; the steps' layers: %s",
                      "native kernel" if native_decode_attention() else "PyTorch", "C++" if native_layers else "Python")
         self.live: dict[str, _Tracked] = {}
         self.last_stats = StepStats()

@@ -79,6 +79,14 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
                                                        int64_t dim, const torch::Tensor& slots,
                                                        const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
     const int64_t n = qkv.size(0), width = qkv.size(1), half = dim / 2, num_slots = k_cache.size(1);
+    TORCH_CHECK(qkv.is_contiguous() && width == (heads + 2 * kv_heads) * dim, "qkv: contiguous (n, (H + 2 Hkv) D)");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                k_cache.size(0) == kv_heads && k_cache.size(2) == dim, "caches: contiguous (Hkv, slots, D)");
+    TORCH_CHECK(slots.numel() == n && cos.numel() == n * dim && sin.numel() == n * dim, "one slot and angle row per token");
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t slot = slots.data_ptr<int64_t>()[t];
+        TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot ", slot, " outside 0..", num_slots - 1);
+    }
     auto q = torch::empty({n, heads, dim}, qkv.options());
     auto k = torch::empty({n, kv_heads, dim}, qkv.options());
     const float* src = qkv.data_ptr<float>();
@@ -183,10 +191,14 @@ class NativeDecoder {
         TORCH_CHECK(num_decodes == 0 || (block_table && context_lens), "decodes need a block table and lengths");
         const int64_t n = x.size(0), hidden = x.size(1);
         const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
-        const auto cos_rows = cos.to(at::kFloat).reshape({n, head_dim_}).contiguous();
-        const auto sin_rows = sin.to(at::kFloat).reshape({n, head_dim_}).contiguous();
-        const auto slots = slot_mapping.to(at::kLong).contiguous();
-        const bool fused_rope = cos.scalar_type() == at::kFloat && cos.numel() == n * head_dim_ && head_dim_ % 2 == 0;
+        const bool fused_rope = cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                                cos.numel() == n * head_dim_ && sin.numel() == n * head_dim_ && head_dim_ % 2 == 0;
+        torch::Tensor cos_rows, sin_rows, slots;
+        if (fused_rope) {
+            cos_rows = cos.reshape({n, head_dim_}).contiguous();
+            sin_rows = sin.reshape({n, head_dim_}).contiguous();
+            slots = slot_mapping.to(at::kLong).contiguous();
+        }
         for (size_t i = 0; i < layers_.size(); ++i) {
             const auto& layer = layers_[i];
             auto h = at::rms_norm(x, {hidden}, layer.input_norm, eps_);

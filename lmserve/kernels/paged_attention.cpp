@@ -128,10 +128,10 @@ inline __m512 sum16x16(const __m512* v) {
 
 constexpr int64_t kAhead = 48;  // positions between a key row's prefetch and its use
 
-template <typename T>
-inline void prefetch_row(const T* row, int hint_l1) {
+template <int DIM, typename T>
+inline void prefetch_row(const T* row, int hint_l1) {  // the whole row: DIM values
     const char* p = reinterpret_cast<const char*>(row);
-    for (int64_t b = 0; b < static_cast<int64_t>(sizeof(T)) * 64; b += 64) {  // callers' rows: DIM >= 64 values
+    for (int64_t b = 0; b < static_cast<int64_t>(sizeof(T)) * DIM; b += 64) {
         if (hint_l1) _mm_prefetch(p + b, _MM_HINT_T0);
         else _mm_prefetch(p + b, _MM_HINT_T1);
     }
@@ -153,7 +153,8 @@ inline void score16(const float* q, const T* const* keys, float* scores, int64_t
 }
 
 #if defined(__AVX512BF16__)
-// A bf16 cache: the query is rounded to bf16 once (as the PyTorch path's bf16 matmuls do) and each
+// A bf16 cache: the query is rounded to bf16 once (as the PyTorch path's bf16 matmuls do above
+// FLOAT32_DECODE_SEQS sequences; the entry point rounds it for every kernel and CPU) and each
 // product pair is one dpbf16 instruction on the cached row as stored, with float32 accumulation.
 template <int GROUP, int DIM>
 inline void score16(const __m512bh* q, const c10::BFloat16* const* keys, float* scores, int64_t stride, float scale) {
@@ -207,7 +208,9 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
             const int64_t* blocks = table + s * max_blocks;
             const T* kh = k_cache + h * num_slots * DIM;
             const T* vh = v_cache + h * num_slots * DIM;
-            keys.assign(padded + kAhead, zeros.data());  // past the end: a row of zeros, never a branch
+            // Past the end: a row of zeros, never a branch. Their scores are set to -inf below, which
+            // exp16's clamp turns into ~1e-38 each in the sum: nothing in float32 terms.
+            keys.assign(padded + kAhead, zeros.data());
             values.resize(padded);
             for (int64_t b = 0, t = 0; t < len; ++b)
                 for (int64_t o = 0, row = blocks[b] * block_size; o < block_size && t < len; ++o, ++t) {
@@ -222,8 +225,8 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
                     qb[i] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qs + 32 * i + 16), _mm512_loadu_ps(qs + 32 * i));
 #endif
             for (int64_t t0 = 0; t0 < padded; t0 += 16) {
-                for (int64_t i = t0 + kAhead; i < std::min(t0 + kAhead + 16, len); ++i) prefetch_row(keys[i], 1);
-                for (int64_t i = t0; i < std::min(t0 + 16, len); ++i) prefetch_row(values[i], 0);
+                for (int64_t i = t0 + kAhead; i < std::min(t0 + kAhead + 16, len); ++i) prefetch_row<DIM>(keys[i], 1);
+                for (int64_t i = t0; i < std::min(t0 + 16, len); ++i) prefetch_row<DIM>(values[i], 0);
 #if defined(__AVX512BF16__)
                 if constexpr (kDotBf16) {
                     score16<GROUP, DIM>(qb, keys.data() + t0, scores.data() + t0, padded, scale);
@@ -332,6 +335,12 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
     const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
     TORCH_CHECK(k_cache.size(2) == head_dim && num_heads % num_kv_heads == 0, "head shapes");
+    {  // every context within its block-table row, and not empty (the kernels index by these)
+        const auto* l = context_lens.data_ptr<int64_t>();
+        const int64_t capacity = block_table.size(1) * block_size;
+        for (int64_t s = 0; s < num_seqs; ++s)
+            TORCH_CHECK(l[s] >= 1 && l[s] <= capacity, "context length ", l[s], " outside 1..", capacity);
+    }
     auto out = torch::empty_like(q);
     // A bf16 cache is attended with the query rounded to bf16 too, on every CPU (the dpbf16 kernel
     // multiplies bf16 pairs exactly; elsewhere the rounded copy gives the same products in float32).

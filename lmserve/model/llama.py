@@ -15,7 +15,7 @@ from torch import nn
 from lmserve.kernels import native_module
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
-from lmserve.model.int8 import hadamard_block, int8_linear, rotate_weight
+from lmserve.model.int8 import hadamard_block, int8_linear, int8_matmul_pays, rotate_weight
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -23,8 +23,9 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 # Steps of at most this many tokens use a Linear's narrow copy: at a few rows the product is bound
 # by the bytes of weights read, and weight-only int8/int4 kernels read a half or a quarter of bf16's;
-# larger steps are compute-bound, where the bf16 matmul is faster (crossovers measured with
-# bench/engine_loop.py: int8 loses to bf16 from 8 rows, int4 from about 12).
+# larger steps are compute-bound and run W8A8 (model/int8.py) where the CPU has int8 dot products,
+# bf16 elsewhere (crossovers measured against bf16 with bench/engine_loop.py: int8 loses from 8
+# rows, int4 from about 12; W8A8 is ahead of bf16 from 8 rows on).
 SMALL_STEP_TOKENS = {"int8": 4, "int4": 8}
 INT4_GROUP = 32  # input columns per int4 scale/zero pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
 
@@ -35,7 +36,8 @@ PACK_BATCH_HINT = 64  # rows oneDNN picks the blocked weight layout for (any row
 class Linear(nn.Linear):
     """A projection whose weight may be stored in a narrower dtype than the activations:
     inputs are cast to it and outputs back (bf16 weights halve the bytes read per token).
-    After quantize(), small steps run on a weight-only int8 or int4 copy (bf16 activations)."""
+    After quantize(), small steps run on a weight-only int8 or int4 copy (bf16 activations) and,
+    where the CPU has int8 dot products, larger ones on a W8A8 copy, the weight itself dropped."""
 
     narrow: tuple | None = None  # ("int8", (N, K) int8, (N,) scales) or ("int4", packed, (K/G, N, 2) scale/zero)
     wide: tuple | None = None  # (N, K) int8, (N,) float32 scales, Hadamard block: larger steps (W8A8)
@@ -67,20 +69,23 @@ class Linear(nn.Linear):
         self.weight = weight  # a plain attribute: an opaque oneDNN tensor cannot be a Parameter
         self.packed = True
 
-    def quantize(self, kind: str) -> str:
+    def quantize(self, kind: str, wide: bool = True) -> str:
         """Replace the weight by a narrow copy for small steps and an int8 one of its Hadamard
         transform for larger steps (int8 activations, see model/int8.py); returns the narrow kind
         kept ("int4" falls back to "int8" where the kernel's shape rules (N % 16, K % 32) do not
-        hold)."""
+        hold). wide=False keeps the weight, cast to bf16, for the larger steps instead."""
         weight = self.weight.detach()
         n, k = weight.shape
-        block = hadamard_block(k)
-        wide_weight, wide_scales = quantize_int8(rotate_weight(weight.float(), block))
-        self.wide = (wide_weight, wide_scales.float(), block)
         if kind == "int4" and n % 16 == 0 and k % INT4_GROUP == 0:
             self.narrow = ("int4", *quantize_int4(weight))
         else:
             self.narrow = ("int8", *quantize_int8(weight))
+        if not wide:
+            self.to(torch.bfloat16)  # weight and bias, as prepare() casts an unquantized bf16 model
+            return self.narrow[0]
+        block = hadamard_block(k)
+        wide_weight, wide_scales = quantize_int8(rotate_weight(weight.float(), block))
+        self.wide = (wide_weight, wide_scales.float(), block)
         self.weight = None  # every step now runs on one of the copies
         return self.narrow[0]
 
@@ -276,11 +281,13 @@ class LlamaForCausalLM(nn.Module):
 
     def quantize(self, kind: str, head_kind: str = "int8") -> None:
         """Narrow copies ("int8" or "int4") of every projection, and `head_kind` of the head, for
-        steps of few tokens (after prepare)."""
+        steps of few tokens, and W8A8 copies for larger steps where int8 products pay
+        (int8_matmul_pays()); after prepare."""
+        wide = int8_matmul_pays()
         for module in self.model.layers.modules():
             if isinstance(module, Linear):
-                module.quantize(kind)
-        self.lm_head.quantize(head_kind)
+                module.quantize(kind, wide)
+        self.lm_head.quantize(head_kind, wide)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],

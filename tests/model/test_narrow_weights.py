@@ -75,6 +75,17 @@ def test_small_steps_use_the_narrow_copy_and_larger_ones_w8a8():
         assert (wide - exact).abs().max() < 0.06 * exact.abs().max(), rows  # and both compute x W^T
 
 
+def test_without_int8_products_larger_steps_keep_bf16():
+    """On a CPU without int8 dot products (quantize(wide=False)) larger steps run the bf16 weight."""
+    weight = q4_1_weight(64, 128, seed=4)
+    layer = Linear(128, 64, bias=True)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    assert layer.quantize("int4", wide=False) == "int4"
+    assert layer.wide is None and layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    x = torch.randn(SMALL_STEP_TOKENS["int4"] + 1, 128)
+    assert torch.equal(layer(x), F.linear(x.bfloat16(), layer.weight, layer.bias).float())
+
+
 def test_packed_weights_give_the_plain_products():
     """oneDNN's blocked layout changes how the weight is stored, never the product."""
     torch.manual_seed(3)

@@ -74,10 +74,12 @@ def test_kernel_matches_the_reference_bit_for_bit(rows, cols, out):
 
 
 def test_rows_round_half_to_even_and_saturate_at_127():
-    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 63.5, -127.0]])  # scale exactly 1
+    values = [127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 63.5, -127.0]  # scale exactly 1
+    expected = [127, 0, 2, 2, 0, -2, 64, -127]
+    x = torch.tensor([values * 5])  # 40 columns: the kernel's 16-wide path and its scalar tail
     q, scales = quantize_rows_reference(x)
     assert scales.item() == 1.0
-    assert q.tolist() == [[127, 0, 2, 2, 0, -2, 64, -127]]
+    assert q.tolist() == [expected * 5]
     assert torch.equal(native_module().quantize_rows(x, 1)[0], q)
 
 
