@@ -15,6 +15,7 @@
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
                           const std::optional<torch::Tensor>& bias, int64_t block);
 std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block);
+torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
                                      const torch::Tensor& context_lens, int64_t block_size, double scale);
@@ -252,6 +253,7 @@ class NativeDecoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations");
+    m.def("argmax_rows", &argmax_rows, "each row's first maximum (NaN counts as the maximum)");
     m.def("quantize_rows", &quantize_rows, "blockwise Hadamard transform, then per-row symmetric int8");
     py::class_<NativeLinear>(m, "NativeLinear")
         .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, bool packed,

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from lmserve.kernels import native_module
 from lmserve.request import SampleLogprobs, SamplingParams, TokenLogprob
 from lmserve.sampling.processors import (
     RowTokens,
@@ -152,7 +153,13 @@ def _sample(x: torch.Tensor, params: list[SamplingParams],
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """(n,) index of each row's first maximum; max(dim) is ~3x faster than argmax on CPU."""
+    """(n,) index of each row's first maximum, a NaN counting as the maximum: the compiled kernel
+    for CPU float32 logits (64 x 49,152: ~0.2 ms against max(dim)'s ~0.85), else max(dim), ~3x
+    faster than argmax on CPU."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0:
+        module = native_module()
+        if module is not None:
+            return module.argmax_rows(x)
     return x.max(dim=-1).indices
 
 

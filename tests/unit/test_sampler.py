@@ -385,3 +385,28 @@ def test_to_sample_logprobs_gives_each_row_its_own_count():
 def test_rejects_logits_that_do_not_match_the_batch():
     with pytest.raises(ValueError):
         sampler(torch.zeros(2, 10), make_meta([SamplingParams()]))
+
+
+@pytest.mark.parametrize("rows, cols", [(64, 49152), (3, 20), (5, 33), (50, 1000)])
+def test_native_argmax_is_max_dims_first_index(rows, cols):
+    """The compiled greedy argmax against torch.max(dim): random rows, ties (the first index wins),
+    a NaN (it counts as the maximum, the first NaN wins), all -inf, +inf; widths below, at and
+    past its 16-wide path with a tail."""
+    from lmserve.kernels import native_module
+    from lmserve.sampling.sampler import _argmax
+
+    module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
+    g = torch.Generator().manual_seed(rows * cols)
+    x = torch.randn(rows, cols, generator=g)
+    x[1] = torch.randint(0, 3, (cols,), generator=g).float()  # many ties at the maximum
+    x[2, cols // 2] = float("nan")
+    x[2, cols - 1] = float("nan")
+    if rows > 3:
+        x[3] = float("-inf")
+    if rows > 4:
+        x[4, cols - 1] = float("inf")
+    expected = x.max(dim=-1).indices
+    assert expected[2] == cols // 2
+    assert torch.equal(module.argmax_rows(x), expected)
+    assert torch.equal(_argmax(x), expected)
