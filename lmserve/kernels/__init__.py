@@ -22,10 +22,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "sampling.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen
 # paths would not make (int8_linear.cpp matches model/int8.py bit for bit)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (none where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return frozenset(next((line for line in cpuinfo if line.startswith("flags")), "").split(":", 1)[-1].split())
+    except OSError:
+        return frozenset()
 
 
 def build_directory() -> Path:
@@ -36,11 +46,7 @@ def build_directory() -> Path:
     key.update(" ".join(CFLAGS).encode())
     key.update(torch.__version__.encode())
     key.update(platform.machine().encode())
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            key.update(next((line for line in cpuinfo if line.startswith("flags")), "").encode())
-    except OSError:
-        pass
+    key.update(" ".join(sorted(cpu_flags())).encode())
     root = Path(os.environ.get("LMSERVE_KERNEL_CACHE", Path.home() / ".cache" / "lmserve" / "kernels"))
     return root / key.hexdigest()[:16]
 

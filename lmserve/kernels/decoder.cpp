@@ -71,9 +71,10 @@ void store_row(const float* src, T* dst, int64_t n) {
 }
 
 // The attention inputs of a step from its q/k/v projection, in one pass instead of ~14 ATen ops:
-// q and k rotated exactly as rotate() below computes them (x * cos, rotated * sin and their sum
-// each rounded once: this file is built without FMA contraction), k and v written to their cache
-// slots in the cache's dtype as index_copy_ after .to() does. Returns q (n, H, D) and k (n, Hkv, D).
+// q and k rotated exactly as apply_rotary in model/rope.py computes them (x * cos, rotated * sin and
+// their sum each rounded once: this file is built without FMA contraction), k and v written to
+// their cache slots (checked by the caller) in the cache's dtype as write_kv's index_copy_ after
+// .to() does. Returns q (n, H, D) and k (n, Hkv, D).
 template <typename T>
 std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos,
                                                        const torch::Tensor& sin, int64_t heads, int64_t kv_heads,
@@ -84,10 +85,6 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                 k_cache.size(0) == kv_heads && k_cache.size(2) == dim, "caches: contiguous (Hkv, slots, D)");
     TORCH_CHECK(slots.numel() == n && cos.numel() == n * dim && sin.numel() == n * dim, "one slot and angle row per token");
-    for (int64_t t = 0; t < n; ++t) {
-        const int64_t slot = slots.data_ptr<int64_t>()[t];
-        TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot ", slot, " outside 0..", num_slots - 1);
-    }
     auto q = torch::empty({n, heads, dim}, qkv.options());
     auto k = torch::empty({n, kv_heads, dim}, qkv.options());
     const float* src = qkv.data_ptr<float>();
@@ -123,13 +120,6 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
         }
     });
     return {q, k};
-}
-
-torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-    // apply_rotary in model/rope.py: half-split layout
-    const int64_t half = x.size(-1) / 2;
-    auto rotated = at::cat({at::neg(x.slice(-1, half)), x.slice(-1, 0, half)}, -1);
-    return x * cos + rotated * sin;
 }
 
 // One sequence's chunk of prompt tokens in a step (PrefillSeq in model/attention.py): the rows
@@ -192,37 +182,36 @@ class NativeDecoder {
         TORCH_CHECK(num_decodes == 0 || (block_table && context_lens), "decodes need a block table and lengths");
         const int64_t n = x.size(0), hidden = x.size(1);
         const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
-        const bool fused_rope = cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
-                                cos.numel() == n * head_dim_ && sin.numel() == n * head_dim_ && head_dim_ % 2 == 0;
-        torch::Tensor cos_rows, sin_rows, slots;
-        if (fused_rope) {
-            cos_rows = cos.reshape({n, head_dim_}).contiguous();
-            sin_rows = sin.reshape({n, head_dim_}).contiguous();
-            slots = slot_mapping.to(at::kLong).contiguous();
+        // The rope tables are float32 (model/rope.py), the projections return float32 and the
+        // attention kernel takes float32 or bf16 caches: the fused pass below covers every step.
+        TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && head_dim_ % 2 == 0,
+                    "float32 rope tables, even head_dim");
+        const auto cos_rows = cos.reshape({n, head_dim_}).contiguous();
+        const auto sin_rows = sin.reshape({n, head_dim_}).contiguous();
+        const auto slots = slot_mapping.to(at::kLong).contiguous();
+        const int64_t num_slots = k_caches.empty() ? 0 : k_caches[0].size(1);  // allocate_kv_caches: one size
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t slot = slots.data_ptr<int64_t>()[t];
+            TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot ", slot, " outside 0..", num_slots - 1);
         }
         for (size_t i = 0; i < layers_.size(); ++i) {
             const auto& layer = layers_[i];
             auto h = at::rms_norm(x, {hidden}, layer.input_norm, eps_);
             const auto& k_cache = k_caches[i];
             const auto& v_cache = v_caches[i];
-            auto qkv = layer.qkv(h);
-            torch::Tensor q, k, v;
-            if (fused_rope && qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == v_cache.scalar_type() &&
-                (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16)) {
-                qkv = qkv.contiguous();
-                std::tie(q, k) = k_cache.scalar_type() == at::kFloat
-                    ? rope_and_cache<float>(qkv, cos_rows, sin_rows, num_heads_, num_kv_heads_, head_dim_, slots, k_cache, v_cache)
-                    : rope_and_cache<c10::BFloat16>(qkv, cos_rows, sin_rows, num_heads_, num_kv_heads_, head_dim_, slots,
-                                                    k_cache, v_cache);
-                v = qkv.slice(1, q_size + kv_size).view({n, num_kv_heads_, head_dim_});
-            } else {  // model/llama.py's ops as they are
-                auto parts = qkv.split_with_sizes({q_size, kv_size, kv_size}, -1);
-                q = rotate(parts[0].view({n, num_heads_, head_dim_}), cos, sin);
-                k = rotate(parts[1].view({n, num_kv_heads_, head_dim_}), cos, sin);
-                v = parts[2].view({n, num_kv_heads_, head_dim_});
-                k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.scalar_type()));
-                v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.scalar_type()));
-            }
+            const auto qkv = layer.qkv(h).contiguous();
+            TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == v_cache.scalar_type(),
+                        "float32 projections, one cache dtype");
+            torch::Tensor q, k;
+            if (k_cache.scalar_type() == at::kFloat)
+                std::tie(q, k) = rope_and_cache<float>(qkv, cos_rows, sin_rows, num_heads_, num_kv_heads_, head_dim_,
+                                                       slots, k_cache, v_cache);
+            else if (k_cache.scalar_type() == at::kBFloat16)
+                std::tie(q, k) = rope_and_cache<c10::BFloat16>(qkv, cos_rows, sin_rows, num_heads_, num_kv_heads_,
+                                                               head_dim_, slots, k_cache, v_cache);
+            else
+                TORCH_CHECK(false, "KV cache: float32 or bfloat16");
+            const auto v = qkv.slice(1, q_size + kv_size).view({n, num_kv_heads_, head_dim_});
             // paged_attention in model/attention.py
             auto attn = at::empty_like(q);
             if (num_decodes > 0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lmserve.kernels import native_module
+from lmserve.kernels import cpu_flags, native_module
 
 MIN_ABS_MAX = 1e-12  # kMinAbsMax in kernels/int8_linear.cpp
 HADAMARD_BLOCK = 64  # columns mixed together (smaller where K is not a multiple of it)
@@ -28,12 +28,7 @@ HADAMARD_BLOCK = 64  # columns mixed together (smaller where K is not a multiple
 def int8_matmul_pays() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI), on which the
     W8A8 product was measured ~1.7x bf16's. Elsewhere (unmeasured) larger steps keep bf16 weights."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return not cpu_flags().isdisjoint({"avx512_vnni", "avx_vnni"})
 
 
 def hadamard_block(k: int) -> int:

@@ -247,9 +247,9 @@ class LlamaForCausalLM(nn.Module):
         if embed.weight.dtype != embed_dtype:  # bf16: half the table's memory (56 MiB on SmolLM2-135M)
             embed.weight = nn.Parameter(embed.weight.detach().to(embed_dtype), requires_grad=False)
 
-    native = None  # a NativeDecoder running the steps' layers (enable_native_decode)
+    native = None  # a NativeDecoder running the steps' layers (enable_native_layers)
 
-    def enable_native_decode(self) -> bool:
+    def enable_native_layers(self) -> bool:
         """Run the layers of every step with a KV cache in C++ (lmserve/kernels/decoder.cpp): the
         same ATen ops in the same order, so the same results, without ~50 Python-level op calls per
         layer.

@@ -76,7 +76,7 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
     del tensors
     _return_freed_memory()
     model = model.to(device).eval()
-    model.enable_native_decode()
+    model.enable_native_layers()
     return model, config, gguf
 
 

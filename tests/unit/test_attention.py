@@ -99,8 +99,9 @@ def paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed, block
 
 
 @pytest.mark.parametrize("num_seqs, num_kv_heads, group, head_dim, block_size, max_len", [
-    (1, 3, 3, 64, 4, 23), (5, 2, 1, 32, 4, 23), (24, 1, 7, 24, 4, 23),  # scalar-tail and generic kernels
-    (3, 3, 3, 64, 16, 150), (2, 1, 1, 64, 16, 77), (4, 2, 4, 128, 16, 61), (3, 1, 8, 64, 8, 40),  # tiled
+    (5, 2, 1, 32, 4, 23), (24, 1, 7, 24, 4, 23),  # the generic kernel (head_dim not 64/128), its scalar tail
+    (1, 3, 3, 64, 4, 23), (3, 3, 3, 64, 16, 150), (2, 1, 1, 64, 16, 77), (4, 2, 4, 128, 16, 61),
+    (3, 1, 8, 64, 8, 40),  # the tiled kernel, blocks of 4-16 positions
 ])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_native_decode_kernel_matches_the_pytorch_path(num_seqs, num_kv_heads, group, head_dim, block_size, max_len,
