@@ -15,6 +15,7 @@
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
                           const std::optional<torch::Tensor>& bias, int64_t block);
 std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block);
+bool int8_packed_supported();
 torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
@@ -34,7 +35,7 @@ struct NativeLinear {
     int64_t narrow;  // Narrow
     torch::Tensor narrow_weight, narrow_scales;
     int64_t small_step_tokens;  // steps of at most this many tokens use the narrow copy
-    torch::Tensor wide_weight, wide_scales;  // int8 (N, K) and float32 (N,): larger steps, int8 activations
+    torch::Tensor wide_weight, wide_scales;  // int8 (N, K) or packed, float32 (N,): larger steps, int8 activations
     int64_t wide_block;  // Hadamard block of the wide weight's columns (model/int8.py)
 
     torch::Tensor operator()(const torch::Tensor& x) const {
@@ -244,6 +245,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations");
     m.def("argmax_rows", &argmax_rows, "each row's first maximum (NaN counts as the maximum)");
     m.def("quantize_rows", &quantize_rows, "blockwise Hadamard transform, then per-row symmetric int8");
+    m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")
         .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, bool packed,
                          int64_t narrow, std::optional<torch::Tensor> narrow_weight,

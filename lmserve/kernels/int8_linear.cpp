@@ -1,7 +1,8 @@
 // Projections with int8 weights and int8 activations (W8A8): each row of the input is quantized
-// symmetrically to int8 with its own scale, multiplied by the int8 weight with int32 accumulation
-// (oneDNN's VNNI kernels behind at::_int_mm: ~1.7x bf16's speed at 64 rows), and the int32 sums are
-// scaled back to float32. The arithmetic is the one lmserve/model/int8.py spells out in ATen ops,
+// symmetrically to int8 with its own scale, multiplied by the int8 weight with int32 accumulation,
+// and the int32 sums are scaled back to float32. The product runs on this file's AVX512-VNNI kernel
+// where the weight was packed for it (model/int8.py's pack_weight; 1.5-2x oneDNN's at::_int_mm at
+// 16-64 rows, which re-lays out the weight on every call) and on at::_int_mm otherwise. The arithmetic is the one lmserve/model/int8.py spells out in ATen ops,
 // step for step, so both give the same results bit for bit (this file is built with
 // -ffp-contract=off: no fused multiply-adds where the ATen ops round twice).
 #include <torch/extension.h>
@@ -119,24 +120,180 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x_in
     return {q, scales};
 }
 
-// x (M, K) float32, weight (N, K) int8 with (N,) float32 scales, bias (N,) float32 or none
-// -> (M, N) float32 = (int32 sums * x_scale[m]) * w_scale[n] (+ bias[n]). The weight was quantized
-// after the same blockwise transform (and its 1/block), so the transforms cancel in the product.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LMSERVE_VNNI_GEMM 1
+
+namespace {
+
+// The packed weight: (N/16, K/4, 16, 4) uint8 holding w + 128, so that vpdpbusd (unsigned bytes
+// times signed bytes, four products summed into each int32 lane) takes 64 bytes of weight, four
+// columns of K for 16 outputs, against four bytes of one activation row broadcast to every lane.
+// sum_k (w + 128) a = sum_k w a + 128 sum_k a: the second term (kOffset times the row sum) is
+// subtracted before scaling, so the int32 sums are exactly at::_int_mm's.
+constexpr int32_t kOffset = 128;
+constexpr int kRows = 4;    // activation rows a register tile covers
+constexpr int kBlocks = 4;  // 16-output blocks a register tile covers: 16 int32 accumulators
+
+#define LM_TILE(X) X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3) \
+    X(2, 0) X(2, 1) X(2, 2) X(2, 3) X(3, 0) X(3, 1) X(3, 2) X(3, 3)
+
+// out[i, 16 j + l] for i < R, j < B from rows a (stride k) and B blocks of the packed weight from w
+// (each k * 16 bytes, one after another). Named accumulators and an inline-asm vpdpbusd: with an
+// array of vectors and the intrinsic, GCC 12 spills the accumulators or copies them every step.
+// Over the k loop, one cache line of the weights that follow (prefetch, every `prefetch_every`
+// steps) is fetched, so the next tile's weights arrive from memory while this one computes.
+template <int R, int B>
+inline void vnni_tile(const int8_t* a, int64_t k, const uint8_t* w, const int32_t* row_offsets,
+                      const float* x_scales, const float* w_scales, const float* bias, float* out, int64_t ldo,
+                      const uint8_t* prefetch, int64_t prefetch_every) {
+    static_assert(R >= 1 && R <= kRows && B >= 1 && B <= kBlocks, "tile size");
+#define LM_ZERO(i, j) __m512i c##i##j = _mm512_setzero_si512();
+    LM_TILE(LM_ZERO)
+#undef LM_ZERO
+    const int64_t block_bytes = k * 16;
+    __m512i w0, w1, w2, w3, a0, a1, a2, a3;
+    for (int64_t g = 0; g < k / 4; ++g) {
+        if (prefetch != nullptr && g % prefetch_every == 0)
+            _mm_prefetch(reinterpret_cast<const char*>(prefetch + (g / prefetch_every) * 64), _MM_HINT_T0);
+        const uint8_t* wg = w + g * 64;
+        w0 = _mm512_loadu_si512(wg);
+        if constexpr (B > 1) w1 = _mm512_loadu_si512(wg + block_bytes);
+        if constexpr (B > 2) w2 = _mm512_loadu_si512(wg + 2 * block_bytes);
+        if constexpr (B > 3) w3 = _mm512_loadu_si512(wg + 3 * block_bytes);
+        const int8_t* ag = a + g * 4;
+        a0 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ag));
+        if constexpr (R > 1) a1 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ag + k));
+        if constexpr (R > 2) a2 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ag + 2 * k));
+        if constexpr (R > 3) a3 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ag + 3 * k));
+#define LM_DOT(i, j) if constexpr (R > i && B > j) asm("vpdpbusd %2, %1, %0" : "+v"(c##i##j) : "v"(w##j), "v"(a##i));
+        LM_TILE(LM_DOT)
+#undef LM_DOT
+    }
+    // ((float) sum * x_scale) * w_scale (+ bias): int8_linear's order of operations, below and in model/int8.py
+#define LM_STORE(i, j) if constexpr (R > i && B > j) { \
+        __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(c##i##j, _mm512_set1_epi32(row_offsets[i]))); \
+        v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(x_scales[i])), _mm512_loadu_ps(w_scales + j * 16)); \
+        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j * 16)); \
+        _mm512_storeu_ps(out + i * ldo + j * 16, v); }
+    LM_TILE(LM_STORE)
+#undef LM_STORE
+}
+#undef LM_TILE
+
+// Rows [0, m) against B weight blocks, kRows at a time; `next_lines` cache lines of the weights
+// that follow are prefetched, spread over the full-height tiles.
+template <int B>
+void vnni_rows(int64_t m, const int8_t* a, int64_t k, const uint8_t* w, const int32_t* row_offsets,
+               const float* x_scales, const float* w_scales, const float* bias, float* out, int64_t ldo,
+               int64_t next_lines) {
+    const int64_t tiles = m / kRows;
+    const int64_t per_tile = tiles > 0 ? (next_lines + tiles - 1) / tiles : 0;
+    const int64_t every = per_tile > 0 ? std::max<int64_t>(1, (k / 4) / per_tile) : 1;
+    int64_t i = 0;
+    for (int64_t t = 0; t < tiles; ++t, i += kRows) {
+        const uint8_t* prefetch = per_tile > 0 ? w + B * k * 16 + t * per_tile * 64 : nullptr;
+        vnni_tile<kRows, B>(a + i * k, k, w, row_offsets + i, x_scales + i, w_scales, bias, out + i * ldo, ldo,
+                            prefetch, every);
+    }
+    switch (m - i) {
+#define LM_TAIL(r) case r: vnni_tile<r, B>(a + i * k, k, w, row_offsets + i, x_scales + i, w_scales, bias, \
+                                           out + i * ldo, ldo, nullptr, 1); break;
+        LM_TAIL(1) LM_TAIL(2) LM_TAIL(3)
+#undef LM_TAIL
+        default: break;
+    }
+}
+
+// (M, K) int8 rows with (M,) scales times the packed (N/16, K/4, 16, 4) weight -> (M, N) float32.
+// Each thread takes an even share of the 16-output blocks and, 64 rows at a time, runs every row
+// against each tile of its blocks, so a tile's weights are read from memory once per 64 rows.
+torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scales, const torch::Tensor& packed,
+                           const torch::Tensor& w_scales, const float* bias) {
+    const int64_t m = xq.size(0), k = xq.size(1), blocks = packed.size(0), n = blocks * 16;
+    auto out = torch::empty({m, n}, x_scales.options());
+    const int8_t* a = xq.data_ptr<int8_t>();
+    std::vector<int32_t> row_offsets(m);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t r = 0; r < m; ++r) {
+        const int8_t* row = a + r * k;
+        __m512i sum = _mm512_setzero_si512();
+        int64_t c = 0;
+        for (; c + 64 <= k; c += 64) sum = _mm512_dpbusd_epi32(sum, ones, _mm512_loadu_si512(row + c));
+        int32_t total = _mm512_reduce_add_epi32(sum);
+        for (; c < k; ++c) total += row[c];
+        row_offsets[r] = kOffset * total;
+    }
+    const uint8_t* w = packed.data_ptr<uint8_t>();
+    const float* xs = x_scales.data_ptr<float>();
+    const float* ws = w_scales.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const int64_t block_bytes = k * 16, lines_per_block = k / 4;
+    constexpr int64_t kChunkRows = 64;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t m0 = 0; m0 < m; m0 += kChunkRows) {
+            const int64_t rows = std::min(kChunkRows, m - m0);
+            const int8_t* am = a + m0 * k;
+            for (int64_t j = begin; j < end;) {
+                const int64_t width = std::min<int64_t>(kBlocks, end - j);
+                const int64_t next_lines = std::min<int64_t>(kBlocks, end - j - width) * lines_per_block;
+                const uint8_t* wj = w + j * block_bytes;
+                const float* bj = bias != nullptr ? bias + j * 16 : nullptr;
+                float* oj = op + m0 * n + j * 16;
+                const int32_t* offsets = row_offsets.data() + m0;
+                switch (width) {
+#define LM_WIDTH(b) case b: vnni_rows<b>(rows, am, k, wj, offsets, xs + m0, ws + j * 16, bj, oj, n, next_lines); break;
+                    LM_WIDTH(1) LM_WIDTH(2) LM_WIDTH(3) LM_WIDTH(4)
+#undef LM_WIDTH
+                }
+                j += width;
+            }
+        }
+    });
+    return out;
+}
+
+}  // namespace
+#endif
+
+// Whether int8_linear takes packed weights here (built for a CPU with AVX512-VNNI).
+bool int8_packed_supported() {
+#if defined(LMSERVE_VNNI_GEMM)
+    return true;
+#else
+    return false;
+#endif
+}
+
+// x (M, K) float32, weight (N, K) int8 or packed (N/16, K/4, 16, 4) uint8 (pack_weight in
+// model/int8.py) with (N,) float32 scales, bias (N,) float32 or none -> (M, N) float32
+// = (int32 sums * x_scale[m]) * w_scale[n] (+ bias[n]). The weight was quantized after the same
+// blockwise transform (and its 1/block), so the transforms cancel in the product.
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
                           const std::optional<torch::Tensor>& bias, int64_t block) {
-    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "weight: int8 (N, K)");
-    TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.numel() == weight.size(0) && w_scales.is_contiguous(),
+    const bool packed = weight.scalar_type() == at::kByte;
+    TORCH_CHECK(packed ? weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4 && weight.is_contiguous()
+                       : weight.dim() == 2 && weight.scalar_type() == at::kChar,
+                "weight: int8 (N, K) or packed uint8 (N/16, K/4, 16, 4)");
+    const int64_t n = packed ? weight.size(0) * 16 : weight.size(0), k = packed ? weight.size(1) * 4 : weight.size(1);
+    TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.numel() == n && w_scales.is_contiguous(),
                 "weight scales: float32 (N,)");
-    TORCH_CHECK(x.size(-1) == weight.size(1), "x and weight: the same K");
-    auto [xq, x_scales] = quantize_rows(x, block);
-    const auto sums = at::_int_mm(xq, weight.t());  // (M, N) int32
-    const int64_t rows = sums.size(0), cols = sums.size(1);
-    auto out = torch::empty({rows, cols}, x.options());
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
     std::optional<torch::Tensor> b;
     if (bias) {
         b = bias->to(at::kFloat).contiguous();
-        TORCH_CHECK(b->numel() == cols, "bias: (N,)");
+        TORCH_CHECK(b->numel() == n, "bias: (N,)");
     }
+    auto [xq, x_scales] = quantize_rows(x, block);
+    if (packed) {
+#if defined(LMSERVE_VNNI_GEMM)
+        return vnni_product(xq, x_scales, weight, w_scales, b ? b->data_ptr<float>() : nullptr);
+#else
+        TORCH_CHECK(false, "packed int8 weights need a build with AVX512-VNNI (int8_packed_supported())");
+#endif
+    }
+    const auto sums = at::_int_mm(xq, weight.t());  // (M, N) int32
+    const int64_t rows = sums.size(0), cols = sums.size(1);
+    auto out = torch::empty({rows, cols}, x.options());
     const int32_t* ap = sums.data_ptr<int32_t>();
     const float* xs = x_scales.data_ptr<float>();
     const float* ws = w_scales.data_ptr<float>();

@@ -15,7 +15,7 @@ from torch import nn
 from lmserve.kernels import native_module
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
-from lmserve.model.int8 import hadamard_block, int8_linear, int8_matmul_pays, rotate_weight
+from lmserve.model.int8 import can_pack, hadamard_block, int8_linear, int8_matmul_pays, pack_weight, packs_weights, rotate_weight
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -40,7 +40,7 @@ class Linear(nn.Linear):
     where the CPU has int8 dot products, larger ones on a W8A8 copy, the weight itself dropped."""
 
     narrow: tuple | None = None  # ("int8", (N, K) int8, (N,) scales) or ("int4", packed, (K/G, N, 2) scale/zero)
-    wide: tuple | None = None  # (N, K) int8, (N,) float32 scales, Hadamard block: larger steps (W8A8)
+    wide: tuple | None = None  # (N, K) int8 or its pack_weight, (N,) float32 scales, Hadamard block: larger steps (W8A8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.narrow is not None and x.shape[0] <= SMALL_STEP_TOKENS[self.narrow[0]]:
@@ -85,6 +85,8 @@ class Linear(nn.Linear):
             return self.narrow[0]
         block = hadamard_block(k)
         wide_weight, wide_scales = quantize_int8(rotate_weight(weight.float(), block))
+        if packs_weights() and can_pack(wide_weight):
+            wide_weight = pack_weight(wide_weight)
         self.wide = (wide_weight, wide_scales.float(), block)
         self.weight = None  # every step now runs on one of the copies
         return self.narrow[0]

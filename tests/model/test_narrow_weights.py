@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmserve.model.int8 import int8_linear_reference
+from lmserve.model.int8 import int8_linear_reference, packs_weights
 from lmserve.model.llama import INT4_GROUP, SMALL_STEP_TOKENS, Linear, quantize_int4
 
 
@@ -63,7 +63,8 @@ def test_small_steps_use_the_narrow_copy_and_larger_ones_w8a8():
     assert layer.weight is None  # the bf16 weight is gone: the copies serve every step
     _, packed, scale_zero = layer.narrow
     wide_weight, wide_scales, block = layer.wide
-    assert wide_weight.dtype == torch.int8 and block == 64
+    # packed for the VNNI product where the kernels have it, (N, K) int8 for torch._int_mm elsewhere
+    assert wide_weight.dtype == (torch.uint8 if packs_weights() else torch.int8) and block == 64
     limit = SMALL_STEP_TOKENS["int4"]
     for rows in (1, limit, limit + 1, 32):
         x = torch.randn(rows, 128)

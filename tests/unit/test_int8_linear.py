@@ -1,20 +1,25 @@
 """W8A8 projections (model/int8.py, kernels/int8_linear.cpp): the compiled kernel against the ATen
 reference bit for bit, the blockwise Hadamard transform against the matrix it stands for, and what
-the transform is for: a row with one large channel quantizes far better after it."""
+the transform is for: a row with one large channel quantizes far better after it. The packed
+weights of the AVX512-VNNI product: their layout and the product's tiles, tails and row chunks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmserve.kernels import native_module
+from lmserve.kernels import cpu_flags, native_module
 from lmserve.model.int8 import (
+    can_pack,
     hadamard_block,
     hadamard_rows,
     int8_linear,
     int8_linear_reference,
+    pack_weight,
+    packs_weights,
     quantize_rows_reference,
     rotate_weight,
+    unpack_weight,
 )
 from lmserve.model.llama import quantize_int8
 
@@ -94,3 +99,62 @@ def test_the_transform_is_what_makes_an_outlier_row_quantize_well():
     rotated_error = (rotated - exact).abs().mean().item()
     assert rotated_error < plain_error / 2.5, (rotated_error, plain_error)
     assert rotated_error < 0.05 * exact.abs().mean().item()
+
+
+def test_packed_layout_groups_four_bytes_of_sixteen_outputs_and_round_trips():
+    weight = torch.randint(-127, 128, (32, 8), dtype=torch.int8)
+    weight[0, 0], weight[1, 0] = -127, 127
+    packed = pack_weight(weight)
+    assert packed.shape == (2, 2, 16, 4) and packed.dtype == torch.uint8
+    # block 1 (outputs 16-31), group 1 (columns 4-7), lane 3 (output 19): weight + 128
+    assert packed[1, 1, 3].tolist() == [v + 128 for v in weight[19, 4:8].tolist()]
+    assert packed[0, 0, 0, 0].item() == 1 and packed[0, 0, 1, 0].item() == 255
+    assert torch.equal(unpack_weight(packed), weight)
+    assert can_pack(weight) and not can_pack(weight[:24]) and not can_pack(weight[:, :6])
+
+
+def test_packed_products_exist_exactly_where_the_cpu_has_avx512_vnni():
+    # so that on such a CPU (this project's machines) the packed tests below cannot pass unrun
+    assert packs_weights() == ("avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags())
+
+
+# rows: full 4-row tiles, 1-3 row tails, more than one 64-row chunk; out: 1-4 blocks of 16 per
+# thread's share (tails of 1, 2, 3 blocks); cols: Hadamard blocks 4 to 64, a K with a 64-byte tail
+@pytest.mark.parametrize("rows, cols, out", [(1, 4, 16), (2, 24, 48), (3, 576, 960), (5, 96, 80), (7, 36, 112),
+                                             (64, 576, 3072), (130, 1536, 576), (67, 100, 208)])
+def test_packed_product_matches_the_reference_bit_for_bit(rows, cols, out):
+    if not packs_weights():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    x, weight, bias = w8a8_case(rows, cols, out, seed=rows + cols)
+    block = hadamard_block(cols)
+    q, scales = quantize_int8(rotate_weight(weight, block))
+    packed = pack_weight(q)
+    for b in (None, bias):
+        expected = int8_linear_reference(x, q, scales.float(), b, block)
+        assert torch.equal(int8_linear(x, packed, scales.float(), b, block), expected)
+        assert torch.equal(int8_linear_reference(x, packed, scales.float(), b, block), expected)
+
+
+def test_packed_product_sums_saturated_rows_without_overflow():
+    if not packs_weights():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    # every activation and weight at +-127: the largest sums the unsigned-offset trick must undo
+    k = 1536
+    x = torch.full((5, k), 3.0)
+    x[1] = -3.0
+    x[2, ::2] = -3.0
+    weight = torch.full((32, k), 127, dtype=torch.int8)
+    weight[16:] = -127
+    scales = torch.ones(32)
+    expected = int8_linear_reference(x, weight, scales, None, 1)
+    assert expected.abs().max().item() == pytest.approx(127 * k * 3.0)  # int32 sums of 127 * 127 * k
+    assert torch.equal(int8_linear(x, pack_weight(weight), scales, None, 1), expected)
+
+
+def test_a_mis_shaped_packed_weight_is_refused():
+    module = native_module()
+    packed = pack_weight(torch.zeros(32, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="packed uint8"):
+        module.int8_linear(torch.zeros(2, 8), packed.reshape(2, 2, 64), torch.ones(32), None, 1)
+    with pytest.raises(RuntimeError, match="the weight's K"):
+        module.int8_linear(torch.zeros(2, 12), packed, torch.ones(32), None, 1)
