@@ -27,6 +27,12 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 # bf16 elsewhere (crossovers measured against bf16 with bench/engine_loop.py: int8 loses from 8
 # rows, int4 from about 12; W8A8 is ahead of bf16 from 8 rows on).
 SMALL_STEP_TOKENS = {"int8": 4, "int4": 8}
+# Where the W8A8 weight is packed for the kernels' VNNI product (model/int8.py), that product is
+# ahead of the weight-only kernels from 2 rows for int4 and from 1 row for int8 (120 projections of
+# the default model, weights cycling: 1 row 3.4 ms vs int4 3.5 and int8 5.3; 8 rows 5.2 vs 9.1 and
+# 10.6). int4 keeps single-token steps (the GGUF's own 4-bit values, a quarter of the bytes); int8
+# needs no narrow copy at all.
+PACKED_SMALL_STEP_TOKENS = {"int8": 0, "int4": 1}
 INT4_GROUP = 32  # input columns per int4 scale/zero pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
 
 
@@ -40,10 +46,11 @@ class Linear(nn.Linear):
     where the CPU has int8 dot products, larger ones on a W8A8 copy, the weight itself dropped."""
 
     narrow: tuple | None = None  # ("int8", (N, K) int8, (N,) scales) or ("int4", packed, (K/G, N, 2) scale/zero)
+    small_step_tokens = 0  # steps of at most this many tokens run the narrow copy
     wide: tuple | None = None  # (N, K) int8 or its pack_weight, (N,) float32 scales, Hadamard block: larger steps (W8A8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.narrow is not None and x.shape[0] <= SMALL_STEP_TOKENS[self.narrow[0]]:
+        if self.narrow is not None and x.shape[0] <= self.small_step_tokens:
             kind, weight, scales = self.narrow
             xb = x.to(torch.bfloat16).contiguous()
             if kind == "int4":
@@ -69,27 +76,31 @@ class Linear(nn.Linear):
         self.weight = weight  # a plain attribute: an opaque oneDNN tensor cannot be a Parameter
         self.packed = True
 
-    def quantize(self, kind: str, wide: bool = True) -> str:
+    def quantize(self, kind: str, wide: bool = True) -> str | None:
         """Replace the weight by a narrow copy for small steps and an int8 one of its Hadamard
         transform for larger steps (int8 activations, see model/int8.py); returns the narrow kind
         kept ("int4" falls back to "int8" where the kernel's shape rules (N % 16, K % 32) do not
-        hold). wide=False keeps the weight, cast to bf16, for the larger steps instead."""
+        hold; None where the packed W8A8 product serves every step). wide=False keeps the weight,
+        cast to bf16, for the larger steps instead."""
         weight = self.weight.detach()
         n, k = weight.shape
-        if kind == "int4" and n % 16 == 0 and k % INT4_GROUP == 0:
-            self.narrow = ("int4", *quantize_int4(weight))
-        else:
-            self.narrow = ("int8", *quantize_int8(weight))
+        narrow_kind = "int4" if kind == "int4" and n % 16 == 0 and k % INT4_GROUP == 0 else "int8"
+        limits = SMALL_STEP_TOKENS
+        if wide:
+            block = hadamard_block(k)
+            wide_weight, wide_scales = quantize_int8(rotate_weight(weight.float(), block))
+            if packs_weights() and can_pack(wide_weight):
+                wide_weight = pack_weight(wide_weight)
+                limits = PACKED_SMALL_STEP_TOKENS
+            self.wide = (wide_weight, wide_scales.float(), block)
+        self.small_step_tokens = limits[narrow_kind]
+        if self.small_step_tokens > 0:
+            self.narrow = (narrow_kind, *(quantize_int4 if narrow_kind == "int4" else quantize_int8)(weight))
         if not wide:
             self.to(torch.bfloat16)  # weight and bias, as prepare() casts an unquantized bf16 model
-            return self.narrow[0]
-        block = hadamard_block(k)
-        wide_weight, wide_scales = quantize_int8(rotate_weight(weight.float(), block))
-        if packs_weights() and can_pack(wide_weight):
-            wide_weight = pack_weight(wide_weight)
-        self.wide = (wide_weight, wide_scales.float(), block)
-        self.weight = None  # every step now runs on one of the copies
-        return self.narrow[0]
+        else:
+            self.weight = None  # every step now runs on one of the copies
+        return self.narrow[0] if self.narrow is not None else None
 
 
 NARROW_KINDS = {None: 0, "int8": 1, "int4": 2}  # Narrow in kernels/decoder.cpp
@@ -102,7 +113,7 @@ def native_linear(module, linear: Linear):
     weight = linear.weight if linear.packed or linear.weight is None else linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     return module.NativeLinear(weight, bias, linear.packed, NARROW_KINDS[kind], narrow_weight, narrow_scales,
-                               SMALL_STEP_TOKENS.get(kind, 0), wide_weight, wide_scales, wide_block)
+                               linear.small_step_tokens, wide_weight, wide_scales, wide_block)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

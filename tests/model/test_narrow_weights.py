@@ -21,10 +21,10 @@ def q4_1_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return (d * q + m).view(rows, cols)
 
 
-def linear_with(weight: torch.Tensor, kind: str) -> Linear:
+def linear_with(weight: torch.Tensor, kind: str, wide: bool = True) -> Linear:
     layer = Linear(weight.shape[1], weight.shape[0], bias=False)
     layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
-    layer.quantize(kind)
+    layer.quantize(kind, wide)
     return layer
 
 
@@ -46,15 +46,29 @@ def test_int4_is_closer_than_int8_on_a_q4_grid():
     weight = q4_1_weight(128, 512, seed=1)
     x = torch.randn(4, 512)
     exact = x @ weight.t()
-    err4 = (linear_with(weight, "int4")(x) - exact).abs().mean().item()
-    err8 = (linear_with(weight, "int8")(x) - exact).abs().mean().item()
+    err4 = (linear_with(weight, "int4", wide=False)(x) - exact).abs().mean().item()  # the narrow copies
+    err8 = (linear_with(weight, "int8", wide=False)(x) - exact).abs().mean().item()
     assert err4 < err8, (err4, err8)
 
 
 def test_int4_falls_back_to_int8_where_the_kernel_cannot_pack():
-    assert linear_with(torch.randn(24, 64), "int4").narrow[0] == "int8"  # N not a multiple of 16
-    assert linear_with(torch.randn(32, 48), "int4").narrow[0] == "int8"  # K not a multiple of 32
-    assert linear_with(torch.randn(32, 64), "int4").narrow[0] == "int4"
+    assert linear_with(torch.randn(24, 64), "int4", wide=False).narrow[0] == "int8"  # N not a multiple of 16
+    assert linear_with(torch.randn(32, 48), "int4", wide=False).narrow[0] == "int8"  # K not a multiple of 32
+    assert linear_with(torch.randn(32, 64), "int4", wide=False).narrow[0] == "int4"
+
+
+def test_a_packed_w8a8_weight_serves_every_int8_step():
+    """Where the W8A8 weight is packed its product outruns the weight-only int8 kernel from one
+    row: no int8 narrow copy is kept. Where it cannot be packed (N % 16) the copy stays."""
+    packed, unpackable = linear_with(torch.randn(32, 48), "int8"), linear_with(torch.randn(24, 64), "int8")
+    assert unpackable.narrow[0] == "int8" and unpackable.small_step_tokens == SMALL_STEP_TOKENS["int8"]
+    if packs_weights():
+        assert packed.narrow is None and packed.small_step_tokens == 0 and packed.wide[0].dtype == torch.uint8
+        x = torch.randn(1, 48)
+        wide_weight, wide_scales, block = packed.wide
+        assert torch.equal(packed(x), int8_linear_reference(x, wide_weight, wide_scales, None, block))
+    else:
+        assert packed.narrow[0] == "int8" and packed.wide[0].dtype == torch.int8
 
 
 def test_small_steps_use_the_narrow_copy_and_larger_ones_w8a8():
@@ -65,7 +79,8 @@ def test_small_steps_use_the_narrow_copy_and_larger_ones_w8a8():
     wide_weight, wide_scales, block = layer.wide
     # packed for the VNNI product where the kernels have it, (N, K) int8 for torch._int_mm elsewhere
     assert wide_weight.dtype == (torch.uint8 if packs_weights() else torch.int8) and block == 64
-    limit = SMALL_STEP_TOKENS["int4"]
+    limit = layer.small_step_tokens
+    assert limit == (1 if packs_weights() else SMALL_STEP_TOKENS["int4"])
     for rows in (1, limit, limit + 1, 32):
         x = torch.randn(rows, 128)
         narrow = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, scale_zero).float()
@@ -83,6 +98,7 @@ def test_without_int8_products_larger_steps_keep_bf16():
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
     assert layer.quantize("int4", wide=False) == "int4"
     assert layer.wide is None and layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert layer.small_step_tokens == SMALL_STEP_TOKENS["int4"]  # measured against bf16, not the packed product
     x = torch.randn(SMALL_STEP_TOKENS["int4"] + 1, 128)
     assert torch.equal(layer(x), F.linear(x.bfloat16(), layer.weight, layer.bias).float())
 
