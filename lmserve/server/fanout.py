@@ -1,15 +1,16 @@
 """Run the sequences of one API request on the engine and merge their outputs.
 
 Each sequence's engine generator is driven by its own task so the choices of an n > 1
-request interleave as they are produced. Whatever ends the merge (done, error, client gone,
-cancellation), every engine generator is closed before it returns: that aborts unfinished
-requests and frees their KV blocks.
+request interleave as they are produced (a single sequence's is iterated directly). Whatever
+ends the merge (done, error, client gone, cancellation), every engine generator is closed before
+it returns: that aborts unfinished requests and frees their KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -32,6 +33,12 @@ async def merge_outputs(
     Use it under `contextlib.aclosing` so an early exit closes the engine generators at once.
     An exception raised by the engine is re-raised here.
     """
+    if len(plan.sequences) == 1:  # nothing to interleave: no pump task, one wake-up less per token
+        seq = plan.sequences[0]
+        async with aclosing(_generate(engine, plan, seq)) as outputs:
+            async for output in outputs:
+                yield seq.index, output
+        return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     pumps = [
         asyncio.create_task(_pump(seq.index, _generate(engine, plan, seq), queue)) for seq in plan.sequences

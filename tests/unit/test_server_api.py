@@ -679,11 +679,12 @@ async def _call_then_disconnect(app, path: str, body: dict, disconnected: asynci
     return sent
 
 
-def test_stream_disconnect_closes_engine_generators():
+@pytest.mark.parametrize("n", [1, 2])  # one sequence is iterated directly, several through pump tasks
+def test_stream_disconnect_closes_engine_generators(n):
     """ASGI 2.3 (uvicorn): starlette watches receive() and cancels the stream on disconnect."""
     engine = FakeEngine(hang_after=2)
     app = create_app(ServerState(MODEL, engine))
-    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2}
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "n": n}
 
     async def scenario():
         disconnected = asyncio.Event()
@@ -696,7 +697,7 @@ def test_stream_disconnect_closes_engine_generators():
         sent = await _call_then_disconnect(app, "/v1/chat/completions", body, disconnected)
         waiter.cancel()
         # Asserted before asyncio.run's teardown, which would close leftover generators itself.
-        assert len(engine.closed_early) == 2
+        assert len(engine.closed_early) == n
         assert sorted(engine.closed_early) == sorted(call[0] for call in engine.calls)
         return sent
 
