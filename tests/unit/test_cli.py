@@ -2,6 +2,7 @@ import argparse
 
 import pytest
 
+from lmserve import cli
 from lmserve.cli import build_parser, parse_size, served_name
 
 
@@ -29,3 +30,30 @@ def test_non_positive_sizes_are_argparse_errors(option, capsys):
 def test_defaults():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.max_num_seqs, args.api_key, args.dtype) == ("127.0.0.1", 8080, 64, [], "float32")
+
+
+def test_loading_the_engine_freezes_what_it_loaded(monkeypatch):
+    """A full collection over the loaded model's objects stalls every stream: _load_engine puts
+    them out of the collector's reach once the engine is up."""
+    import gc
+
+    from lmserve.engine import async_engine, engine
+
+    loaded = [[i] for i in range(1000)]  # stands for the model's objects (lists: always tracked)
+    monkeypatch.setattr(engine.LLMEngine, "from_config", classmethod(lambda cls, config: loaded))
+    monkeypatch.setattr(async_engine, "AsyncEngine", lambda built, observers: ("engine", built))
+
+    class State:
+        engine = None
+        metrics = None
+
+    state = State()
+    config = type("Config", (), {"model_path": "m.gguf", "served_model_name": "m"})()
+    assert any(o is loaded[0] for o in gc.get_objects())
+    try:
+        cli._load_engine(config, state)
+        assert state.engine == ("engine", loaded)
+        assert gc.get_freeze_count() >= len(loaded)
+        assert not any(o is loaded[0] for o in gc.get_objects())  # frozen objects are not collected
+    finally:
+        gc.unfreeze()
