@@ -1,10 +1,11 @@
 // Projections with int8 weights and int8 activations (W8A8): each row of the input is quantized
 // symmetrically to int8 with its own scale, multiplied by the int8 weight with int32 accumulation,
 // and the int32 sums are scaled back to float32. The product runs on this file's AVX512-VNNI kernel
-// where the weight was packed for it (model/int8.py's pack_weight; 1.5-2x oneDNN's at::_int_mm at
-// 16-64 rows, which re-lays out the weight on every call) and on at::_int_mm otherwise. The arithmetic is the one lmserve/model/int8.py spells out in ATen ops,
-// step for step, so both give the same results bit for bit (this file is built with
-// -ffp-contract=off: no fused multiply-adds where the ATen ops round twice).
+// where the weight was packed for it at load (model/int8.py's pack_weight: 1.3-2.3x oneDNN's
+// at::_int_mm at 9-64 rows, about even from 256) and on at::_int_mm otherwise. The arithmetic is
+// the one lmserve/model/int8.py spells out in ATen ops, step for step, so both give the same
+// results bit for bit (this file is built with -ffp-contract=off: no fused multiply-adds where the
+// ATen ops round twice).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

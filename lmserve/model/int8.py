@@ -4,8 +4,8 @@ Each input row is quantized to int8 with its own scale and multiplied by a per-o
 weight with int32 sums, then scaled back to float32. Where the kernels are built with AVX512-VNNI
 the weight is stored packed for their own product (`pack_weight`); elsewhere it stays (N, K) for
 torch._int_mm (oneDNN). On this 2-core AVX-512 machine oneDNN's int8 product runs ~1.7x as fast as
-its bf16 one at 32-512 rows, from half the weight bytes, and the packed kernel 1.5-2x oneDNN's
-int8 one at 16-64 rows.
+its bf16 one at 32-512 rows, from half the weight bytes, and the packed kernel 1.3-2.3x oneDNN's
+int8 one at 9-64 rows (about even from 256 rows).
 
 A per-row scale is hostage to a row's largest value, and these models carry a few channels many
 times larger than the rest (in SmolLM2's residual stream, 20x the median). So both sides are first
