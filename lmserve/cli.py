@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "int4"],
                        help="matmul weights and KV cache; activations stay float32 (bfloat16: faster, not bit-exact; "
-                            "int8 / int4: int8 / int4 weights for steps of <= 4 / <= 8 tokens, int8 x int8 (W8A8) for larger ones)")
+                            "int8 / int4: int8 x int8 (W8A8) products, with int4 weights for single-token steps under int4; "
+                            "without AVX512-VNNI, int8 / int4 weights for steps of <= 4 / <= 8 tokens)")
     serve.add_argument("--threads", type=positive_int, help="torch threads for the engine (default: torch's)")
     serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
     serve.add_argument("--api-key-file", metavar="PATH", help="require the keys in this file: one per line, '#' comments")
@@ -190,14 +191,13 @@ def _load_engine(config: EngineConfig, state) -> None:
         os._exit(1)
 
 
-def freeze_loaded_objects() -> int:
+def freeze_loaded_objects() -> None:
     """Collect once, then put every object alive now (the model's modules, the tokenizer, the app)
-    out of the garbage collector's reach; returns how many were frozen. With the default model a
+    out of the garbage collector's reach. With the default model a
     full collection walks ~370,000 such objects in ~0.2 s, a stall of the engine thread and,
     through the GIL, of every stream."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def _check_embedding_config(embedding: EmbeddingConfig | None, config: EngineConfig) -> None:

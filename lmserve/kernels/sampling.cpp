@@ -25,13 +25,14 @@ torch::Tensor argmax_rows(const torch::Tensor& x_in) {
             int64_t best_at = 0;
             int64_t c = 0;
 #if defined(__AVX512F__)
-            if (cols >= 32) {  // per-lane maxima (first index per lane on ties), then across lanes
+            // per-lane maxima (first index per lane on ties; int32 indices), then across lanes
+            if (cols >= 32 && cols < (int64_t{1} << 31)) {
                 __m512 top = _mm512_loadu_ps(row);
                 __m512i top_at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
                 __m512i at = top_at;
                 const __m512i step = _mm512_set1_epi32(16);
                 __mmask16 nan = _mm512_cmp_ps_mask(top, top, _CMP_UNORD_Q);
-                for (c = 16; c + 16 <= cols && cols < (int64_t{1} << 31); c += 16) {
+                for (c = 16; c + 16 <= cols; c += 16) {
                     at = _mm512_add_epi32(at, step);
                     const __m512 v = _mm512_loadu_ps(row + c);
                     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);

@@ -268,7 +268,7 @@ class LlamaForCausalLM(nn.Module):
 
     def enable_native_layers(self) -> bool:
         """Run the layers of every step with a KV cache in C++ (lmserve/kernels/decoder.cpp): the
-        same ATen ops in the same order, so the same results, without ~50 Python-level op calls per
+        same operations in the same order, so the same results, without ~50 Python-level op calls per
         layer.
         Call after prepare, quantize and pack_for_cpu (it holds the weights as they are then).
         False, and nothing changed, off the CPU or where the native kernels are unavailable."""

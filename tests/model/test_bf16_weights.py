@@ -10,6 +10,7 @@ from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model.int8 import packs_weights
+from lmserve.model.llama import PACKED_SMALL_STEP_TOKENS, SMALL_STEP_TOKENS
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
 from tests.model.test_engine import PROMPTS, chat_ids, make_engine
@@ -119,7 +120,8 @@ def test_int4_single_token_steps_track_float32_teacher_forced(default_model, int
     2.9e-3, top-1 agreement 0.984, and --dtype int8 all-W8A8 6.2e-3 and 0.974)."""
     layer = int4_model.model.model.layers[0]
     assert layer.mlp.gate_up_proj.narrow[0] == "int4" and layer.self_attn.qkv_proj.narrow[0] == "int4"
-    assert layer.mlp.gate_up_proj.small_step_tokens == (1 if packs_weights() else 8)
+    limits = PACKED_SMALL_STEP_TOKENS if packs_weights() else SMALL_STEP_TOKENS
+    assert layer.mlp.gate_up_proj.small_step_tokens == limits["int4"]
     assert (int4_model.model.lm_head.narrow is None) if packs_weights() else int4_model.model.lm_head.narrow[0] == "int8"
     assert teacher_forced_agreement(default_model, int4_model, 4, 4e-3) >= 0.95
 
