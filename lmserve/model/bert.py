@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.model.unfilled import unfilled_embedding
 from lmserve.weights.gguf import UnsupportedModelError
 from lmserve.weights.load import fill_parameters, read_safetensors
 
@@ -74,9 +75,9 @@ class BertConfig:
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.word_embeddings = unfilled_embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = unfilled_embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = unfilled_embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
 from lmserve.model.int8 import can_pack, hadamard_block, int8_linear, int8_matmul_pays, pack_weight, packs_weights, rotate_weight
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
+from lmserve.model.unfilled import unfilled_embedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -229,7 +230,7 @@ class DecoderLayer(nn.Module):
 class LlamaBackbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = unfilled_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

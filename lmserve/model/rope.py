@@ -11,8 +11,10 @@ from lmserve.weights.gguf import UnsupportedModelError
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    # On the CPU even while the model is built on the meta device: the tables are computed, not
+    # loaded (and arange on meta runs a Python decomposition that imports torch._dynamo).
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     scaling = dict(config.rope_scaling or ())
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -44,7 +46,7 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq = inverse_frequencies(config)
         if freq_factors is not None:  # GGUF rope_freqs: per-frequency divisors
             inv_freq = inv_freq / freq_factors.to(torch.float64)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (max_positions, head_dim)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
