@@ -99,7 +99,7 @@ class DecoderEmbedder:
 
     @torch.inference_mode()
     def embed(self, batch: list[list[int]]) -> torch.Tensor:
-        device = self.model.model.embed_tokens.weight.device
+        device = self.model.device
         lengths = [len(ids) for ids in batch]
         ids = torch.tensor([i for seq in batch for i in seq], dtype=torch.long, device=device)  # (T,)
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # (T,)

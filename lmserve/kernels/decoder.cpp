@@ -20,6 +20,8 @@
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
                           const std::optional<torch::Tensor>& bias, int64_t block);
 std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block);
+torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor& w_scales, const torch::Tensor& ids,
+                               int64_t block);
 bool int8_packed_supported();
 torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -306,6 +308,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("argmax_rows", &argmax_rows, "each row's first maximum (NaN counts as the maximum)");
     m.def("rms_norm_rows", &rms_norm_rows, "float32 rows times 1 / sqrt(mean(x^2) + eps) times a float32 weight");
     m.def("quantize_rows", &quantize_rows, "blockwise Hadamard transform, then per-row symmetric int8");
+    m.def("int8_weight_rows", &int8_weight_rows, "rows of the float weight an int8_linear weight stands for");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")
         .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, bool packed,

@@ -323,3 +323,46 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     });
     return out;
 }
+
+// Rows `ids` of the float weight an int8_linear weight stands for: weight (N, K) int8 or packed
+// (N/16, K/4, 16, 4) uint8, quantized after rotate_weight (W H / block), with (N,) float32 scales
+// -> (T, K) float32 = hadamard(q[id]) * scale[id], since (W H / block) H = W. A tied head's W8A8
+// copy serves as the embedding table this way (weight_rows_reference in model/int8.py: the same
+// values bit for bit; the transform of small integers is exact in float32).
+torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor& w_scales, const torch::Tensor& ids_in,
+                               int64_t block) {
+    const bool packed = weight.scalar_type() == at::kByte;
+    TORCH_CHECK(packed ? weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4 && weight.is_contiguous()
+                       : weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+                "weight: int8 (N, K) or packed uint8 (N/16, K/4, 16, 4)");
+    const int64_t n = packed ? weight.size(0) * 16 : weight.size(0), k = packed ? weight.size(1) * 4 : weight.size(1);
+    TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.numel() == n && w_scales.is_contiguous(),
+                "weight scales: float32 (N,)");
+    TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0 && k % block == 0, "block: a power of two dividing K");
+    const auto ids = ids_in.to(at::kLong).contiguous();
+    TORCH_CHECK(ids.dim() == 1, "ids: (T,)");
+    const int64_t rows = ids.size(0);
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < n, "id ", ip[r], " out of range [0, ", n, ")");
+    auto out = torch::empty({rows, k}, w_scales.options());
+    const float* sp = w_scales.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const int64_t id = ip[r];
+            float* row = op + r * k;
+            if (packed) {  // output id's 4 bytes of each K group sit at (id / 16, g, id % 16)
+                const uint8_t* base = weight.data_ptr<uint8_t>() + (id / 16) * k * 16 + (id % 16) * 4;
+                for (int64_t g = 0; g < k / 4; ++g)
+                    for (int b = 0; b < 4; ++b) row[g * 4 + b] = static_cast<float>(static_cast<int32_t>(base[g * 64 + b]) - 128);
+            } else {
+                const int8_t* source = weight.data_ptr<int8_t>() + id * k;
+                for (int64_t c = 0; c < k; ++c) row[c] = static_cast<float>(source[c]);
+            }
+            if (block > 1) hadamard(row, k, block);
+            const float scale = sp[id];
+            for (int64_t c = 0; c < k; ++c) row[c] = row[c] * scale;
+        }
+    });
+    return out;
+}

@@ -115,3 +115,24 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     if module is None:
         return int8_linear_reference(x, weight, scales, bias, block)
     return module.int8_linear(x, weight, scales, bias, block)
+
+
+def weight_rows_reference(weight: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, block: int) -> torch.Tensor:
+    """Rows `ids` of the float weight that `weight` (int8 (N, K) quantized after rotate_weight(., block),
+    or its pack_weight) and `scales` stand for: hadamard_rows(q) * scale, since (W H / block) H = W."""
+    ids = ids.long()
+    if weight.dtype == torch.uint8:  # output i's bytes sit at [i // 16, :, i % 16, :]
+        q = (weight[ids // PACK_OUTPUTS, :, ids % PACK_OUTPUTS, :].to(torch.int16) - 128).reshape(len(ids), -1)
+    else:
+        q = weight[ids]
+    return hadamard_rows(q.float(), block) * scales[ids][:, None]
+
+
+def int8_weight_rows(weight: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, block: int) -> torch.Tensor:
+    """(T,) ids -> (T, K) float32: weight_rows_reference, on the kernels when they are built."""
+    module = native_module()
+    if module is None:
+        if not ((ids >= 0) & (ids < scales.numel())).all():
+            raise IndexError(f"ids out of range [0, {scales.numel()})")
+        return weight_rows_reference(weight, scales, ids, block)
+    return module.int8_weight_rows(weight, scales, ids, block)

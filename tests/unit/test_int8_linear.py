@@ -1,7 +1,8 @@
 """W8A8 projections (model/int8.py, kernels/int8_linear.cpp): the compiled kernel against the ATen
 reference bit for bit, the blockwise Hadamard transform against the matrix it stands for, and what
 the transform is for: a row with one large channel quantizes far better after it. The packed
-weights of the AVX512-VNNI product: their layout and the product's tiles, tails and row chunks."""
+weights of the AVX512-VNNI product: their layout and the product's tiles, tails and row chunks.
+Rows of the float weight read back from a W8A8 copy (a tied head's copy is the embedding table)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from lmserve.model.int8 import (
     hadamard_rows,
     int8_linear,
     int8_linear_reference,
+    int8_weight_rows,
     pack_weight,
     packs_weights,
     quantize_rows_reference,
     rotate_weight,
     unpack_weight,
+    weight_rows_reference,
 )
 from lmserve.model.llama import quantize_int8
 
@@ -158,3 +161,27 @@ def test_a_mis_shaped_packed_weight_is_refused():
         module.int8_linear(torch.zeros(2, 8), packed.reshape(2, 2, 64), torch.ones(32), None, 1)
     with pytest.raises(RuntimeError, match="the weight's K"):
         module.int8_linear(torch.zeros(2, 12), packed, torch.ones(32), None, 1)
+
+
+@pytest.mark.parametrize("cols, out", [(576, 96), (96, 48), (24, 16), (36, 32)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_weight_rows_give_back_the_float_weight_bit_for_bit_with_the_reference(cols, out, packed):
+    weight = w8a8_case(1, cols, out, seed=cols)[1]
+    block = hadamard_block(cols)
+    q, scales = quantize_int8(rotate_weight(weight, block))
+    stored = pack_weight(q) if packed else q
+    ids = torch.tensor([out - 1, 0, 5, 5, out // 2, 17 % out])  # repeats, the first and last rows
+    rows = int8_weight_rows(stored, scales.float(), ids, block)
+    assert torch.equal(rows, weight_rows_reference(stored, scales.float(), ids, block))
+    assert torch.equal(weight_rows_reference(q, scales.float(), ids, block), rows)  # packed or not, the same
+    # within the int8 grid's rounding of the rotated rows, carried back through the transform
+    step = (weight[ids].abs().amax(dim=1, keepdim=True) / 127)
+    assert (rows - weight[ids]).abs().max() < step.max() * 2
+    assert (rows - weight[ids]).norm() < 0.02 * weight[ids].norm()
+
+
+@pytest.mark.parametrize("bad", [-1, 48])
+def test_weight_rows_refuse_an_id_out_of_range(bad):
+    q, scales = quantize_int8(rotate_weight(torch.randn(48, 64), 64))
+    with pytest.raises((RuntimeError, IndexError), match="out of range"):
+        int8_weight_rows(pack_weight(q), scales.float(), torch.tensor([0, bad]), 64)
