@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "int4"],
                        help="matmul weights and KV cache; activations stay float32 (bfloat16: faster, not bit-exact; "
-                            "int8 / int4: int8 x int8 (W8A8) products, with int4 weights for single-token steps under int4; "
-                            "without AVX512-VNNI, int8 / int4 weights for steps of <= 4 / <= 8 tokens)")
+                            "int8: int8 x int8 (W8A8) products; int4: the GGUF's 4-bit weights x int8 (W4A8) products at "
+                            "every step, the smallest; without AVX512-VNNI, int8 / int4 weights for steps of <= 4 / <= 8 "
+                            "tokens)")
     serve.add_argument("--threads", type=positive_int, help="torch threads for the engine (default: torch's)")
     serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
     serve.add_argument("--api-key-file", metavar="PATH", help="require the keys in this file: one per line, '#' comments")

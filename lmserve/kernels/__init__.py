@@ -22,7 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "sampling.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "int4_linear.cpp",
+                                                       "sampling.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen
 # paths would not make (int8_linear.cpp matches model/int8.py bit for bit)

@@ -1,4 +1,5 @@
-"""Projections with int8 weights and int8 activations (W8A8) for steps of many tokens.
+"""Projections with int8 weights and int8 activations (W8A8) for steps of many tokens, and with
+4-bit weights and int8 activations (W4A8, at the end of this file) for every step under --dtype int4.
 
 Each input row is quantized to int8 with its own scale and multiplied by a per-output-row int8
 weight with int32 sums, then scaled back to float32. Where the kernels are built with AVX512-VNNI
@@ -136,3 +137,82 @@ def int8_weight_rows(weight: torch.Tensor, scales: torch.Tensor, ids: torch.Tens
             raise IndexError(f"ids out of range [0, {scales.numel()})")
         return weight_rows_reference(weight, scales, ids, block)
     return module.int8_weight_rows(weight, scales, ids, block)
+
+
+# W4A8: 4-bit weights with int8 activations (kernels/int4_linear.cpp), for --dtype int4 where the
+# kernels run. The weight keeps its 4-bit integers q (0..15) with a scale and a low value per group of
+# INT4_GROUP input columns (Q4_1's form); activations are quantized to int8 in the same groups.
+INT4_GROUP = 32  # input columns per scale/low pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
+INT4_PACK_DEPTH = 8  # a packed int4 weight's blocks: 16 outputs x 8 columns of K (two nibbles a byte)
+
+
+def int4_linear_supported() -> bool:
+    """Whether int4_linear here runs on the kernels' W4A8 product (built with AVX512-VNNI)."""
+    module = native_module()
+    return module is not None and module.int4_linear_supported()
+
+
+def can_pack_int4(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return n % PACK_OUTPUTS == 0 and k % INT4_GROUP == 0
+
+
+def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (N, K) uint8 q in 0..15, (K/G, N) float16 scales and lows, w ~ q * scale + low.
+    Each group's min and max map to 0 and 15, which is how Q4_1 quantizes: weights dequantized from
+    a Q4_1 file come back to the file's own integers, and its float16 scales and lows to themselves."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low = groups.amin(dim=-1).half().float()
+    scale = ((groups.amax(dim=-1) - low) / 15).clamp(min=1e-12).half().float().clamp(min=6e-8)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
+    return q, scale.t().half().contiguous(), low.t().half().contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 in 0..15 -> (N/16, K/8, 16, 4) uint8: byte [j, s, l, b] holds q[16 j + l, 8 s + b]
+    in its low nibble and q[16 j + l, 8 s + 4 + b] in its high one (the kernel's vpdpbusd layout)."""
+    n, k = q.shape
+    r = q.reshape(n // PACK_OUTPUTS, PACK_OUTPUTS, k // INT4_PACK_DEPTH, 2, 4)  # [j, l, s, half, b]
+    return (r[:, :, :, 0, :] | (r[:, :, :, 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4's inverse."""
+    blocks, steps = packed.shape[:2]
+    halves = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [j, s, l, half, b]
+    return halves.permute(0, 2, 1, 3, 4).reshape(blocks * PACK_OUTPUTS, steps * INT4_PACK_DEPTH)
+
+
+def quantize_groups_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, K) float32 -> (M, K) int8, (M, K/G) scales and (M, K/G) sums (scale * sum of the group's
+    integers), each group of INT4_GROUP columns on its own scale, round half to even."""
+    m, k = x.shape
+    groups = x.reshape(m, k // INT4_GROUP, INT4_GROUP)
+    scales = groups.abs().amax(dim=-1).clamp(min=MIN_ABS_MAX) / 127
+    q = torch.round(groups / scales[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(m, k), scales, q.sum(dim=-1) * scales
+
+
+def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """kernels/int4_linear.cpp's arithmetic in float64 (the kernel accumulates in float32):
+    sum over groups of x_scale * w_scale * (int sum of q x_q) + w_low * x_sum."""
+    m, k = x.shape
+    q = unpack_int4(packed)
+    n, groups = q.shape[0], k // INT4_GROUP
+    xq, x_scales, x_sums = quantize_groups_reference(x.float())
+    dots = torch.einsum("mgc,ngc->mgn", xq.reshape(m, groups, INT4_GROUP).double(),
+                        q.reshape(n, groups, INT4_GROUP).double())  # exact: integers below 2^53
+    out = (dots * x_scales.double()[..., None] * scales.double()[None]
+           + x_sums.double()[..., None] * lows.double()[None]).sum(dim=1).float()
+    return out if bias is None else out + bias.float()
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) float32, packed (N/16, K/8, 16, 4) uint8 from pack_int4, scales and lows (K/G, N)
+    float16 -> (M, N) float32."""
+    if not int4_linear_supported():
+        return int4_linear_reference(x, packed, scales, lows, bias)
+    return native_module().int4_linear(x, packed, scales, lows, bias)

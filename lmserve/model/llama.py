@@ -15,8 +15,9 @@ from torch import nn
 from lmserve.kernels import native_module
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
-from lmserve.model.int8 import (can_pack, hadamard_block, int8_linear, int8_matmul_pays, int8_weight_rows, pack_weight,
-                                packs_weights, rotate_weight)
+from lmserve.model.int8 import (INT4_GROUP, can_pack, can_pack_int4, hadamard_block, int4_linear, int4_linear_supported,
+                                int8_linear, int8_matmul_pays, int8_weight_rows, pack_int4, pack_weight, packs_weights,
+                                quantize_int4_groups, rotate_weight)
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
 from lmserve.model.unfilled import unfilled_embedding
 
@@ -32,10 +33,9 @@ SMALL_STEP_TOKENS = {"int8": 4, "int4": 8}
 # Where the W8A8 weight is packed for the kernels' VNNI product (model/int8.py), that product is
 # ahead of the weight-only kernels from 2 rows for int4 and from 1 row for int8 (120 projections of
 # the default model, weights cycling: 1 row 3.4 ms vs int4 3.5 and int8 5.3; 8 rows 5.2 vs 9.1 and
-# 10.6). int4 keeps single-token steps (the GGUF's own 4-bit values, a quarter of the bytes); int8
-# needs no narrow copy at all.
+# 10.6): int8 needs no narrow copy at all. (The same builds run the W4A8 product, which takes int4
+# weights at every step instead: Linear.quantize.)
 PACKED_SMALL_STEP_TOKENS = {"int8": 0, "int4": 1}
-INT4_GROUP = 32  # input columns per int4 scale/zero pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
 
 
 PACK_BATCH_HINT = 64  # rows oneDNN picks the blocked weight layout for (any row count works)
@@ -48,6 +48,7 @@ class Linear(nn.Linear):
     where the CPU has int8 dot products, larger ones on a W8A8 copy, the weight itself dropped."""
 
     narrow: tuple | None = None  # ("int8", (N, K) int8, (N,) scales) or ("int4", packed, (K/G, N, 2) scale/zero)
+    int4: tuple | None = None  # W4A8 for every step: pack_int4'd (N/16, K/8, 16, 4), (K/G, N) float16 scales, lows
     small_step_tokens = 0  # steps of at most this many tokens run the narrow copy
     wide: tuple | None = None  # (N, K) int8 or its pack_weight, (N,) float32 scales, Hadamard block: larger steps (W8A8)
 
@@ -60,6 +61,8 @@ class Linear(nn.Linear):
             else:
                 out = torch._weight_int8pack_mm(xb, weight, scales)
             return (out if self.bias is None else out + self.bias).to(x.dtype)
+        if self.int4 is not None:
+            return int4_linear(x.float(), *self.int4, self.bias).to(x.dtype)
         if self.wide is not None:
             weight, scales, block = self.wide
             return int8_linear(x.float(), weight, scales, self.bias, block).to(x.dtype)
@@ -79,13 +82,20 @@ class Linear(nn.Linear):
         self.packed = True
 
     def quantize(self, kind: str, wide: bool = True) -> str | None:
-        """Replace the weight by a narrow copy for small steps and an int8 one of its Hadamard
-        transform for larger steps (int8 activations, see model/int8.py); returns the narrow kind
-        kept ("int4" falls back to "int8" where the kernel's shape rules (N % 16, K % 32) do not
+        """Replace the weight by quantized copies. "int4" where the kernels' W4A8 product runs
+        (int4_linear_supported(), N % 16 and K % 32): one copy, the weight's 4-bit integers with
+        int8 activations, for every step. Otherwise a narrow copy for small steps and an int8 one of
+        its Hadamard transform for larger steps (int8 activations, see model/int8.py). Returns the
+        kind serving single-token steps ("int4" falls back to "int8" where the shape rules do not
         hold; None where the packed W8A8 product serves every step). wide=False keeps the weight,
         cast to bf16, for the larger steps instead."""
         weight = self.weight.detach()
         n, k = weight.shape
+        if kind == "int4" and wide and int4_linear_supported() and can_pack_int4(weight):
+            q, scales, lows = quantize_int4_groups(weight)
+            self.int4 = (pack_int4(q), scales, lows)
+            self.weight = None
+            return "int4"
         narrow_kind = "int4" if kind == "int4" and n % 16 == 0 and k % INT4_GROUP == 0 else "int8"
         limits = SMALL_STEP_TOKENS
         if wide:
@@ -114,8 +124,10 @@ def native_linear(module, linear: Linear):
     wide_weight, wide_scales, wide_block = linear.wide or (None, None, 1)
     weight = linear.weight if linear.packed or linear.weight is None else linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
+    int4_weight, int4_scales, int4_lows = linear.int4 or (None, None, None)
     return module.NativeLinear(weight, bias, linear.packed, NARROW_KINDS[kind], narrow_weight, narrow_scales,
-                               linear.small_step_tokens, wide_weight, wide_scales, wide_block)
+                               linear.small_step_tokens, wide_weight, wide_scales, wide_block,
+                               int4_weight, int4_scales, int4_lows)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

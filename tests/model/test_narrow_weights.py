@@ -1,12 +1,15 @@
-"""Weight-only int8 / int4 copies of a Linear: exactness on weights that already sit on a 4-bit
-grid, the shape fallback, and which path a step of a given size takes."""
+"""Quantized copies of a Linear: exactness on weights that already sit on a 4-bit grid, the shape
+fallback, and which path a step of a given size takes (W4A8 at every step for int4 where the kernels
+run; elsewhere weight-only int8 / int4 copies for small steps and W8A8 or bf16 for larger ones)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from lmserve.model.int8 import int8_linear_reference, packs_weights
+from lmserve.model import llama
+from lmserve.model.int8 import int4_linear, int4_linear_supported, int8_linear_reference, packs_weights, unpack_int4
 from lmserve.model.llama import INT4_GROUP, SMALL_STEP_TOKENS, Linear, quantize_int4
 
 
@@ -71,16 +74,38 @@ def test_a_packed_w8a8_weight_serves_every_int8_step():
         assert packed.narrow[0] == "int8" and packed.wide[0].dtype == torch.int8
 
 
-def test_small_steps_use_the_narrow_copy_and_larger_ones_w8a8():
+def test_int4_runs_w4a8_at_every_step_where_the_kernels_do():
+    """One copy, the weight's 4-bit integers (tests/unit/test_int4_linear.py: a Q4_1 file's own,
+    exactly), for every step size."""
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    weight = q4_1_weight(64, 128, seed=5)
+    layer = Linear(128, 64, bias=True)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    assert layer.quantize("int4") == "int4"
+    assert layer.weight is None and layer.narrow is None and layer.wide is None and layer.small_step_tokens == 0
+    packed, scales, lows = layer.int4
+    restored = (unpack_int4(packed).float() * scales.t().float().repeat_interleave(INT4_GROUP, 1)
+                + lows.t().float().repeat_interleave(INT4_GROUP, 1))
+    assert (restored - weight).abs().max() < scales.float().max() / 2 + 1e-3  # half a step and float16 rounding
+    for rows in (1, 2, 9, 70):
+        x = torch.randn(rows, 128)
+        assert torch.equal(layer(x), int4_linear(x, packed, scales, lows, layer.bias)), rows
+
+
+def test_without_the_kernels_small_steps_use_the_narrow_copy_and_larger_ones_w8a8(monkeypatch):
+    """Without the native kernels on a CPU with int8 dot products, int4 keeps torch's weight-only
+    int4 kernel for steps of few tokens and W8A8 on torch._int_mm for larger ones."""
+    monkeypatch.setattr(llama, "int4_linear_supported", lambda: False)
+    monkeypatch.setattr(llama, "packs_weights", lambda: False)
     weight = q4_1_weight(64, 128, seed=2)
     layer = linear_with(weight, "int4")
-    assert layer.weight is None  # the bf16 weight is gone: the copies serve every step
+    assert layer.weight is None and layer.int4 is None  # the bf16 weight is gone: the copies serve every step
     _, packed, scale_zero = layer.narrow
     wide_weight, wide_scales, block = layer.wide
-    # packed for the VNNI product where the kernels have it, (N, K) int8 for torch._int_mm elsewhere
-    assert wide_weight.dtype == (torch.uint8 if packs_weights() else torch.int8) and block == 64
+    assert wide_weight.dtype == torch.int8 and block == 64  # (N, K) for torch._int_mm
     limit = layer.small_step_tokens
-    assert limit == (1 if packs_weights() else SMALL_STEP_TOKENS["int4"])
+    assert limit == SMALL_STEP_TOKENS["int4"]
     for rows in (1, limit, limit + 1, 32):
         x = torch.randn(rows, 128)
         narrow = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, scale_zero).float()

@@ -1,6 +1,6 @@
 """Steps run their layers in C++ (lmserve/kernels/decoder.cpp) with the same ATen ops as the Python
 layers: the hidden states and the KV they write must be bit-identical, for every weight kind
-(float32, bf16 oneDNN-packed, int8 and int4 narrow copies, q/k/v biases), for step sizes on both
+(float32, bf16 oneDNN-packed, int8 narrow copies and W8A8, int4's W4A8, q/k/v biases), for step sizes on both
 sides of the narrow copies' row limit, and for every kind of step: whole prompts, decode-only, and
 decodes mixed with a first prompt chunk and a later one (attending to cached context)."""
 
@@ -12,6 +12,7 @@ import torch
 from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
+from lmserve.model.int8 import int4_linear_supported
 from lmserve.weights.load import load_weights
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
 
@@ -102,8 +103,10 @@ def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num
     qkv = model.model.layers[0].self_attn.qkv_proj
     if dtype == "bfloat16":
         assert qkv.packed  # the oneDNN path is exercised too
-    if dtype in ("int8", "int4"):
+    if dtype == "int8":
         assert qkv.wide is not None and qkv.weight is None  # and past the narrow limit, the W8A8 one
+    if dtype == "int4":  # W4A8 at every step where the kernels run it
+        assert (qkv.int4 is not None) == int4_linear_supported() and qkv.weight is None
     assert_native_matches_python(model, num_seqs, torch.float32 if dtype == "float32" else torch.bfloat16)
 
 

@@ -1,0 +1,220 @@
+// Projections with 4-bit weights and int8 activations (W4A8), as llama.cpp multiplies Q4_1 by Q8_1:
+// the weight keeps its own 4-bit integers q (0..15) with a scale and a low value per group of 32
+// input columns (w = q * scale + low, Q4_1's form), each row of the input is quantized to int8 in the
+// same groups of 32, each with its own scale, and every group's int32 sum is scaled back in float32:
+//   out[m, n] = sum_g x_scale[m, g] * w_scale[g, n] * sum_k q[n, k] x_q[m, k] + w_low[g, n] * x_sum[m, g]
+// where x_sum[m, g] = x_scale[m, g] * sum_k x_q[m, k] (the group's sum as quantized). Group-wise
+// activation scales keep one large channel from coarsening the rest of its row (no Hadamard
+// transform needed), and the weight stays the GGUF's own 4-bit values at half the bytes of int8.
+// model/int8.py's w4a8_linear_reference spells the same arithmetic out in float64.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;       // INT4_GROUP in model/llama.py, Q4_0/Q4_1's block
+constexpr float kMinAbsMax = 1e-12f;  // MIN_ABS_MAX in model/int8.py
+
+}  // namespace
+
+// x (M, K) float32 -> (M, K) int8, (M, K/32) float32 scales and (M, K/32) float32 sums: in each group
+// of 32 columns x ~ q * scale, scale = max|x| / 127, rounded half to even, and sum = scale * sum(q).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x_in) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % kGroup == 0,
+                "x: float32 (M, K), K a multiple of 32");
+    const auto x = x_in.contiguous();
+    const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup;
+    auto q = torch::empty({rows, cols}, x.options().dtype(at::kChar));
+    auto scales = torch::empty({rows, groups}, x.options());
+    auto sums = torch::empty({rows, groups}, x.options());
+    const float* xp = x.data_ptr<float>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = scales.data_ptr<float>();
+    float* up = sums.data_ptr<float>();
+    at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float* v = xp + i * kGroup;  // groups are contiguous: row r, group g is i = r * groups + g
+            int8_t* out = qp + i * kGroup;
+            float top = 0.f;
+            for (int64_t c = 0; c < kGroup; ++c) top = std::max(top, std::fabs(v[c]));
+            const float scale = std::max(top, kMinAbsMax) / 127.f;
+            int32_t total = 0;
+            for (int64_t c = 0; c < kGroup; ++c) {  // nearbyint: round half to even, as torch.round
+                const int32_t value = static_cast<int32_t>(std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / scale))));
+                out[c] = static_cast<int8_t>(value);
+                total += value;
+            }
+            sp[i] = scale;
+            up[i] = static_cast<float>(total) * scale;
+        }
+    });
+    return {q, scales, sums};
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LMSERVE_W4A8_GEMM 1
+
+namespace {
+
+// The packed weight: (N/16, K/8, 16, 4) uint8. Byte [j, s, l, b] holds q[16 j + l, 8 s + b] in its
+// low nibble and q[16 j + l, 8 s + 4 + b] in its high one, so that one 64-byte load, masked or
+// shifted, gives vpdpbusd (unsigned bytes times signed bytes, four products summed into each int32
+// lane) four columns of K for 16 outputs, twice. Weights are 0..15: no offset to undo.
+constexpr int kRows = 4;    // activation rows a register tile covers
+constexpr int kBlocks = 2;  // 16-output blocks a register tile covers: 8 int32 and 8 float accumulators
+
+#define LM4_TILE(X) X(0, 0) X(0, 1) X(1, 0) X(1, 1) X(2, 0) X(2, 1) X(3, 0) X(3, 1)
+
+// out[i, 16 j + l] for i < R, j < B, from rows a (stride k) with their group scales and sums (stride
+// groups) and B blocks of the packed weight from w (each k * 8 bytes, one after another), the
+// weight's group scales and lows from ws / wl (stride n, float16). Named accumulators and an
+// inline-asm vpdpbusd, as in int8_linear.cpp (an array of vectors gets spilled by GCC 12).
+template <int R, int B>
+inline void w4a8_tile(const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
+                      const uint8_t* w, const at::Half* ws, const at::Half* wl, int64_t n, const float* bias,
+                      float* out, int64_t ldo) {
+    static_assert(R >= 1 && R <= kRows && B >= 1 && B <= kBlocks, "tile size");
+#define LM4_ZERO(i, j) __m512 f##i##j = _mm512_setzero_ps();
+    LM4_TILE(LM4_ZERO)
+#undef LM4_ZERO
+    const int64_t block_bytes = k * 8;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int64_t g = 0; g < groups; ++g) {
+#define LM4_CLEAR(i, j) __m512i c##i##j = _mm512_setzero_si512();
+        LM4_TILE(LM4_CLEAR)
+#undef LM4_CLEAR
+        for (int s = 0; s < 4; ++s) {  // four steps of 8 columns: 32, one group
+            const int64_t step = g * 4 + s;
+            __m512i lo0, hi0, lo1, hi1;
+            {
+                const __m512i v = _mm512_loadu_si512(w + step * 64);
+                lo0 = _mm512_and_si512(v, nibble);
+                hi0 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            }
+            if constexpr (B > 1) {
+                const __m512i v = _mm512_loadu_si512(w + block_bytes + step * 64);
+                lo1 = _mm512_and_si512(v, nibble);
+                hi1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            }
+#define LM4_DOT(i, j) if constexpr (R > i && B > j) { \
+                const int8_t* ai = a + i * k + step * 8; \
+                const __m512i al = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ai)); \
+                const __m512i ah = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ai + 4)); \
+                asm("vpdpbusd %2, %1, %0" : "+v"(c##i##j) : "v"(lo##j), "v"(al)); \
+                asm("vpdpbusd %2, %1, %0" : "+v"(c##i##j) : "v"(hi##j), "v"(ah)); }
+            LM4_TILE(LM4_DOT)
+#undef LM4_DOT
+        }
+        // f += (float) sum * (w_scale * x_scale) + w_low * x_sum
+        const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * n)));
+        const __m512 l0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + g * n)));
+        __m512 s1 = s0, l1 = l0;
+        if constexpr (B > 1) {
+            s1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * n + 16)));
+            l1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + g * n + 16)));
+        }
+#define LM4_SCALE(i, j) if constexpr (R > i && B > j) { \
+            f##i##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##i##j), _mm512_mul_ps(s##j, _mm512_set1_ps(x_scales[i * groups + g])), f##i##j); \
+            f##i##j = _mm512_fmadd_ps(l##j, _mm512_set1_ps(x_sums[i * groups + g]), f##i##j); }
+        LM4_TILE(LM4_SCALE)
+#undef LM4_SCALE
+    }
+#define LM4_STORE(i, j) if constexpr (R > i && B > j) { \
+        __m512 v = f##i##j; \
+        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j * 16)); \
+        _mm512_storeu_ps(out + i * ldo + j * 16, v); }
+    LM4_TILE(LM4_STORE)
+#undef LM4_STORE
+}
+#undef LM4_TILE
+
+template <int B>
+void w4a8_rows(int64_t m, const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
+               const uint8_t* w, const at::Half* ws, const at::Half* wl, int64_t n, const float* bias, float* out,
+               int64_t ldo) {
+    int64_t i = 0;
+    for (; i + kRows <= m; i += kRows)
+        w4a8_tile<kRows, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, w, ws, wl, n, bias,
+                            out + i * ldo, ldo);
+    switch (m - i) {
+#define LM4_TAIL(r) case r: w4a8_tile<r, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, w, ws, \
+                                            wl, n, bias, out + i * ldo, ldo); break;
+        LM4_TAIL(1) LM4_TAIL(2) LM4_TAIL(3)
+#undef LM4_TAIL
+        default: break;
+    }
+}
+
+}  // namespace
+#endif
+
+// Whether int4_linear runs here (built for a CPU with AVX512-VNNI).
+bool int4_linear_supported() {
+#if defined(LMSERVE_W4A8_GEMM)
+    return true;
+#else
+    return false;
+#endif
+}
+
+// x (M, K) float32, packed (N/16, K/8, 16, 4) uint8 (pack_int4 in model/int8.py), scales and lows
+// (K/32, N) float16, bias (N,) float32 or none -> (M, N) float32. Each thread takes an even share of
+// the 16-output blocks and, 64 rows at a time, runs every row against each tile of its blocks.
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
+                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias) {
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
+                packed.is_contiguous(), "weight: packed uint8 (N/16, K/8, 16, 4)");
+    const int64_t blocks = packed.size(0), n = blocks * 16, k = packed.size(1) * 8, groups = k / kGroup;
+    TORCH_CHECK(k % kGroup == 0, "weight: K a multiple of 32");
+    for (const auto* t : {&w_scales, &w_lows})
+        TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == groups && t->size(1) == n &&
+                    t->is_contiguous(), "weight scales and lows: float16 (K/32, N)");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
+    std::optional<torch::Tensor> b;
+    if (bias) {
+        b = bias->to(at::kFloat).contiguous();
+        TORCH_CHECK(b->numel() == n, "bias: (N,)");
+    }
+#if defined(LMSERVE_W4A8_GEMM)
+    auto [xq, x_scales, x_sums] = quantize_groups(x.to(at::kFloat));
+    const int64_t m = xq.size(0);
+    auto out = torch::empty({m, n}, x_scales.options());
+    const int8_t* a = xq.data_ptr<int8_t>();
+    const float* xs = x_scales.data_ptr<float>();
+    const float* xu = x_sums.data_ptr<float>();
+    const uint8_t* w = packed.data_ptr<uint8_t>();
+    const at::Half* ws = w_scales.data_ptr<at::Half>();
+    const at::Half* wl = w_lows.data_ptr<at::Half>();
+    const float* bp = b ? b->data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    const int64_t block_bytes = k * 8;
+    constexpr int64_t kChunkRows = 64;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t m0 = 0; m0 < m; m0 += kChunkRows) {
+            const int64_t rows = std::min(kChunkRows, m - m0);
+            for (int64_t j = begin; j < end;) {
+                const int64_t width = std::min<int64_t>(kBlocks, end - j);
+                const float* bj = bp != nullptr ? bp + j * 16 : nullptr;
+                if (width == 2)
+                    w4a8_rows<2>(rows, a + m0 * k, k, xs + m0 * groups, xu + m0 * groups, groups, w + j * block_bytes,
+                                 ws + j * 16, wl + j * 16, n, bj, op + m0 * n + j * 16, n);
+                else
+                    w4a8_rows<1>(rows, a + m0 * k, k, xs + m0 * groups, xu + m0 * groups, groups, w + j * block_bytes,
+                                 ws + j * 16, wl + j * 16, n, bj, op + m0 * n + j * 16, n);
+                j += width;
+            }
+        }
+    });
+    return out;
+#else
+    TORCH_CHECK(false, "int4_linear needs a build with AVX512-VNNI (int4_linear_supported())");
+#endif
+}

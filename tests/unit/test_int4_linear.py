@@ -1,0 +1,136 @@
+"""W4A8 projections (model/int8.py, kernels/int4_linear.cpp): 4-bit weights in groups of 32 with a
+float16 scale and low each, int8 activations in the same groups. The packed layout round-trips, a
+Q4_1 file's weights come back to their own integers, scales and lows, the activation quantizer matches
+its reference bit for bit, and the product matches the float64 reference to float32 accumulation
+error through every tile shape, tail and row chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.kernels import cpu_flags, native_module
+from lmserve.model.int8 import (
+    INT4_GROUP,
+    can_pack_int4,
+    int4_linear,
+    int4_linear_reference,
+    int4_linear_supported,
+    pack_int4,
+    quantize_groups_reference,
+    quantize_int4_groups,
+    unpack_int4,
+)
+
+
+def q4_1_file_weight(rows: int, cols: int, seed: int = 0):
+    """Weights as a Q4_1 file dequantizes them, with the file's parts: integers q (0..15, each group
+    using both ends), float16 d and m per group of 32; w = d * q + m."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols // INT4_GROUP, INT4_GROUP), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(rows, cols // INT4_GROUP, 1, generator=g) * 0.02 + 0.001).half()
+    m = (torch.randn(rows, cols // INT4_GROUP, 1, generator=g) * 0.05).half()
+    weight = (d.float() * q + m.float()).view(rows, cols)
+    return weight, q.view(rows, cols), d.view(rows, -1), m.view(rows, -1)
+
+
+def activations(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 3
+    x[:, 1] *= 40  # one channel far larger than the rest, as these models have: only its group pays
+    if rows > 2:
+        x[0] = 0  # an all-zero row still gets finite scales
+        x[1, :INT4_GROUP] = 0  # and so does an all-zero group
+    return x
+
+
+def test_w4a8_runs_exactly_where_the_cpu_has_avx512_vnni():
+    # so that on such a CPU (this project's machines) the kernel tests below cannot pass unrun
+    assert int4_linear_supported() == ("avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags())
+
+
+def test_packed_layout_puts_two_columns_of_k_in_each_byte_and_round_trips():
+    q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (2, 8, 16, 4) and packed.dtype == torch.uint8
+    # byte [j, s, l, b]: q[16 j + l, 8 s + b] low, q[16 j + l, 8 s + 4 + b] high
+    assert packed[1, 3, 5, 2].item() == q[21, 26].item() | (q[21, 30].item() << 4)
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_a_q4_1_files_weights_come_back_to_their_own_integers_scales_and_lows():
+    weight, q, d, m = q4_1_file_weight(48, 128)
+    q_out, scales, lows = quantize_int4_groups(weight)
+    assert scales.dtype == lows.dtype == torch.float16 and scales.shape == (128 // INT4_GROUP, 48)
+    assert torch.equal(q_out, q.to(torch.uint8))
+    assert torch.equal(scales.t(), d) and torch.equal(lows.t(), m)
+
+
+def test_shape_rules():
+    assert can_pack_int4(torch.zeros(32, 64)) and can_pack_int4(torch.zeros(16, 32))
+    assert not can_pack_int4(torch.zeros(24, 64)) and not can_pack_int4(torch.zeros(32, 48))
+
+
+def test_activation_groups_quantize_as_the_reference_bit_for_bit():
+    module = native_module()
+    x = activations(9, 256, seed=1)
+    x[2, 40] = 2.5 * (x[2, 32:64].abs().max() / 127)  # a value halfway between two steps: round to even
+    expected = quantize_groups_reference(x)
+    got = module.quantize_groups(x)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    q, scales, sums = expected
+    assert q.abs().max().item() == 127 and scales[0].min().item() > 0  # the zero row's scale is finite
+    assert torch.equal(sums, q.view(9, -1, INT4_GROUP).sum(-1).float() * scales)
+
+
+# rows: full 4-row tiles, 1-3 row tails, more than one 64-row chunk; out: odd and even numbers of
+# 16-output blocks per thread (2-block tiles and 1-block tails); cols: one group to the MLP's 1536
+@pytest.mark.parametrize("rows, cols, out", [(1, 32, 16), (2, 64, 48), (3, 576, 960), (5, 96, 80), (7, 160, 112),
+                                             (64, 576, 3072), (130, 1536, 576), (67, 128, 208)])
+def test_product_matches_the_reference(rows, cols, out):
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    weight = q4_1_file_weight(out, cols, seed=rows + cols)[0]
+    q, scales, lows = quantize_int4_groups(weight)
+    packed = pack_int4(q)
+    x = activations(rows, cols, seed=rows)
+    bias = torch.randn(out)
+    for b in (None, bias):
+        expected = int4_linear_reference(x, packed, scales, lows, b)  # float64 sums, rounded once
+        got = int4_linear(x, packed, scales, lows, b)
+        # float32 accumulation over cols / 32 groups: far below one int8 step of any activation
+        assert (got - expected).abs().max() <= 2e-6 * expected.abs().max() * (cols // INT4_GROUP), (rows, cols, out)
+    # and what it stands for: x W^T up to the activations' int8 rounding (coarser in the outlier's group)
+    exact = x @ weight.t()
+    assert (int4_linear(x, packed, scales, lows, None) - exact).norm() < 0.03 * exact.norm()
+
+
+def test_extreme_values_do_not_overflow():
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    # every integer at its largest (15 against +-127) over K = 1536: the largest int32 group sums
+    k = 1536
+    weight = torch.full((32, k), 15.0 * 0.01)
+    weight[:, ::INT4_GROUP] = 0.0  # each group's low 0 and scale 0.01: q = 15 elsewhere
+    q, scales, lows = quantize_int4_groups(weight)
+    assert q.max().item() == 15
+    x = torch.full((3, k), 2.0)
+    x[1] = -2.0
+    expected = int4_linear_reference(x, pack_int4(q), scales, lows, None)
+    got = int4_linear(x, pack_int4(q), scales, lows, None)
+    assert torch.allclose(got, expected, rtol=1e-5) and expected[1].max() < 0 < expected[0].min()
+
+
+def test_a_mis_shaped_weight_is_refused():
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    q, scales, lows = quantize_int4_groups(torch.randn(32, 64))
+    packed = pack_int4(q)
+    with pytest.raises(RuntimeError, match="packed uint8"):
+        int4_linear(torch.zeros(2, 64), packed.reshape(2, 8, 64), scales, lows, None)
+    with pytest.raises(RuntimeError, match="the weight's K"):
+        int4_linear(torch.zeros(2, 32), packed, scales, lows, None)
+    with pytest.raises(RuntimeError, match="float16"):
+        int4_linear(torch.zeros(2, 64), packed, scales.float(), lows, None)
