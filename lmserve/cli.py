@@ -178,11 +178,13 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
 def _load_engine(config: EngineConfig, state) -> None:
     from lmserve.engine.async_engine import AsyncEngine
     from lmserve.engine.engine import LLMEngine
+    from lmserve.weights.load import return_freed_memory
 
     try:
         log.info("loading %s", config.model_path)
         state.engine = AsyncEngine(LLMEngine.from_config(config), observers=[state.metrics])
         freeze_loaded_objects()
+        return_freed_memory()
         log.info("model %s ready", config.served_model_name)
     except ValueError as exc:  # a model or setting lmserve cannot serve: say why, no traceback
         log.error("cannot serve %s: %s", config.model_path, exc)
