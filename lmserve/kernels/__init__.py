@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled once per machine with the system's C++ compiler.
 
 `paged_decode_attention()` returns the compiled attention op and `native_module()` the whole
-module (also NativeDecoder, the decoder layers of every step with a KV cache, and the W8A8
-product), or None (with one warning) where it cannot be built: the engine then uses its PyTorch
+module (also NativeDecoder, the decoder layers of every step with a KV cache, and the W8A8 and
+W4A8 products), or None (with one warning) where it cannot be built: the engine then uses its PyTorch
 path, which gives the same results more slowly, except that on a bf16 KV cache the kernel rounds
 the query to bf16 at any batch size and the PyTorch path only above FLOAT32_DECODE_SEQS sequences.
 `python -m lmserve.kernels` builds ahead of time (scripts/setup.sh does), so a server start

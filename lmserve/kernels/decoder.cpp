@@ -34,7 +34,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 
 namespace {
 
-constexpr int64_t kInt4Group = 32;  // INT4_GROUP in model/llama.py
+constexpr int64_t kInt4Group = 32;  // INT4_GROUP in model/int8.py
 
 enum Narrow : int64_t { kNone = 0, kInt8 = 1, kInt4 = 2 };
 

@@ -1,12 +1,13 @@
 // Projections with 4-bit weights and int8 activations (W4A8), as llama.cpp multiplies Q4_1 by Q8_1:
 // the weight keeps its own 4-bit integers q (0..15) with a scale and a low value per group of 32
-// input columns (w = q * scale + low, Q4_1's form), each row of the input is quantized to int8 in the
-// same groups of 32, each with its own scale, and every group's int32 sum is scaled back in float32:
+// input columns (w = q * scale + low: Q4_1's form, and Q4_0's with low = -8 * scale), each row of
+// the input is quantized to int8 in the same groups of 32, each with its own scale, and every
+// group's int32 sum is scaled back in float32:
 //   out[m, n] = sum_g x_scale[m, g] * w_scale[g, n] * sum_k q[n, k] x_q[m, k] + w_low[g, n] * x_sum[m, g]
 // where x_sum[m, g] = x_scale[m, g] * sum_k x_q[m, k] (the group's sum as quantized). Group-wise
 // activation scales keep one large channel from coarsening the rest of its row (no Hadamard
 // transform needed), and the weight stays the GGUF's own 4-bit values at half the bytes of int8.
-// model/int8.py's w4a8_linear_reference spells the same arithmetic out in float64.
+// model/int8.py's int4_linear_reference spells the same arithmetic out in float64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -20,7 +21,7 @@
 
 namespace {
 
-constexpr int64_t kGroup = 32;       // INT4_GROUP in model/llama.py, Q4_0/Q4_1's block
+constexpr int64_t kGroup = 32;       // INT4_GROUP in model/int8.py, Q4_0/Q4_1's block
 constexpr float kMinAbsMax = 1e-12f;  // MIN_ABS_MAX in model/int8.py
 
 }  // namespace

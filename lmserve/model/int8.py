@@ -159,14 +159,29 @@ def can_pack_int4(weight: torch.Tensor) -> bool:
 
 def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float -> (N, K) uint8 q in 0..15, (K/G, N) float16 scales and lows, w ~ q * scale + low.
-    Each group's min and max map to 0 and 15, which is how Q4_1 quantizes: weights dequantized from
-    a Q4_1 file come back to the file's own integers, and its float16 scales and lows to themselves."""
+    Each group of INT4_GROUP takes the closer of two grids: Q4_1's (the group's min and max at 0 and
+    15) and Q4_0's (w = (q - 8) * d, the value of largest magnitude at q = 0, so d and with it the
+    scale may be negative). Weights dequantized from a Q4_1 or a Q4_0 file come back to the file's
+    own integers, scales and lows; other weights are rounded to the closer grid."""
     n, k = weight.shape
     groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
-    low = groups.amin(dim=-1).half().float()
-    scale = ((groups.amax(dim=-1) - low) / 15).clamp(min=1e-12).half().float().clamp(min=6e-8)
-    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
-    return q, scale.t().half().contiguous(), low.t().half().contiguous()
+    low1 = groups.amin(dim=-1).half().float()
+    scale1 = ((groups.amax(dim=-1) - low1) / 15).half().float()
+    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    scale0 = (extreme / -8).half().float()
+    best = None
+    for scale, low in ((scale1, low1), (scale0, -8 * scale0)):
+        divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # a constant group: q = 0, w = low
+        q = torch.round((groups - low[..., None]) / divisor[..., None]).clamp(0, 15)
+        error = (q * scale[..., None] + low[..., None] - groups).abs().amax(dim=-1)
+        if best is None:
+            best = (q, scale, low, error)
+        else:  # Q4_0's grid where it is strictly closer
+            closer = error < best[3]
+            best = (torch.where(closer[..., None], q, best[0]), torch.where(closer, scale, best[1]),
+                    torch.where(closer, low, best[2]), error)
+    q, scale, low, _ = best
+    return q.to(torch.uint8).view(n, k), scale.t().half().contiguous(), low.t().half().contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,10 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 # rows, int4 from about 12; W8A8 is ahead of bf16 from 8 rows on).
 SMALL_STEP_TOKENS = {"int8": 4, "int4": 8}
 # Where the W8A8 weight is packed for the kernels' VNNI product (model/int8.py), that product is
-# ahead of the weight-only kernels from 2 rows for int4 and from 1 row for int8 (120 projections of
-# the default model, weights cycling: 1 row 3.4 ms vs int4 3.5 and int8 5.3; 8 rows 5.2 vs 9.1 and
-# 10.6): int8 needs no narrow copy at all. (The same builds run the W4A8 product, which takes int4
-# weights at every step instead: Linear.quantize.)
-PACKED_SMALL_STEP_TOKENS = {"int8": 0, "int4": 1}
+# ahead of the weight-only int8 kernel from 1 row (120 projections of the default model, weights
+# cycling: 1 row 3.4 ms vs 5.3; 8 rows 5.2 vs 10.6): int8 needs no narrow copy at all. int4 has no
+# entry: the builds that pack run the W4A8 product, which serves int4 weights at every step.
+PACKED_SMALL_STEP_TOKENS = {"int8": 0}
 
 
 PACK_BATCH_HINT = 64  # rows oneDNN picks the blocked weight layout for (any row count works)
@@ -44,8 +43,9 @@ PACK_BATCH_HINT = 64  # rows oneDNN picks the blocked weight layout for (any row
 class Linear(nn.Linear):
     """A projection whose weight may be stored in a narrower dtype than the activations:
     inputs are cast to it and outputs back (bf16 weights halve the bytes read per token).
-    After quantize(), small steps run on a weight-only int8 or int4 copy (bf16 activations) and,
-    where the CPU has int8 dot products, larger ones on a W8A8 copy, the weight itself dropped."""
+    After quantize() the weight itself is dropped: under int4 where the kernels run W4A8, one copy
+    of its 4-bit integers serves every step; otherwise small steps run on a weight-only int8 or int4
+    copy (bf16 activations) and, where the CPU has int8 dot products, larger ones on a W8A8 copy."""
 
     narrow: tuple | None = None  # ("int8", (N, K) int8, (N,) scales) or ("int4", packed, (K/G, N, 2) scale/zero)
     int4: tuple | None = None  # W4A8 for every step: pack_int4'd (N/16, K/8, 16, 4), (K/G, N) float16 scales, lows
@@ -325,9 +325,10 @@ class LlamaForCausalLM(nn.Module):
         return True
 
     def quantize(self, kind: str, head_kind: str = "int8") -> None:
-        """Narrow copies ("int8" or "int4") of every projection, and `head_kind` of the head, for
-        steps of few tokens, and W8A8 copies for larger steps where int8 products pay
-        (int8_matmul_pays()); after prepare. A tied model's embeddings are then read from the
+        """Quantized copies of every projection (Linear.quantize: under "int4" the W4A8 one where the
+        kernels run it, else narrow "int8" / "int4" copies for steps of few tokens and W8A8 copies
+        for larger steps where int8 products pay, int8_matmul_pays()) and `head_kind` ones of the
+        head; after prepare. A tied model's embeddings are then read from the
         head's W8A8 copy (HeadEmbedding), their own table dropped."""
         wide = int8_matmul_pays()
         for module in self.model.layers.modules():

@@ -22,8 +22,10 @@ from lmserve.text.tokenizer import Tokenizer
 from lmserve.weights.gguf import GGUFFile
 from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 
-# "int8" / "int4": int8 / int4 weight copies for steps of few tokens and W8A8 ones for larger steps
-# (bf16 weights for those where the CPU lacks int8 dot products; model/llama.py, model/int8.py)
+# "int8": W8A8 (int8 weight copies for steps of few tokens where the kernels cannot pack them);
+# "int4": W4A8 at every step where the kernels run it, else int4 copies for steps of few tokens
+# and W8A8 for larger ones; bf16 weights for those where the CPU lacks int8 dot products
+# (model/llama.py, model/int8.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.bfloat16, "int4": torch.bfloat16}
 HEAD_KIND = "int8"  # the head of a tied GGUF is Q8_0: int4 would add error (KL 7e-2 measured)

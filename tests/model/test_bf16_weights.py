@@ -134,7 +134,8 @@ def test_a_tied_quantized_model_reads_its_embeddings_from_the_heads_int8_copy(de
     """No table of its own (bf16, 54 MiB on this model): rows come back from the Q8_0 head's W8A8
     copy within int8 rounding (measured: at most 1.0% of a row's norm; bf16 rounding is 0.16%).
     The teacher-forced tests above and below run with it."""
-    assert int8_matmul_pays()  # this project's machines: the head has a W8A8 copy
+    if not int8_matmul_pays():
+        pytest.skip("no int8 dot products: the head keeps bf16 weights and the embeddings their table")
     embed, head = int4_model.model.model.embed_tokens, int4_model.model.lm_head
     assert isinstance(embed, HeadEmbedding) and embed.wide[0] is head.wide[0]
     assert list(embed.parameters()) == []

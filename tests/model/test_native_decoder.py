@@ -12,6 +12,7 @@ import torch
 from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
+from lmserve.model import llama
 from lmserve.model.int8 import int4_linear_supported
 from lmserve.weights.load import load_weights
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
@@ -96,9 +97,18 @@ def tiny_qwen2_folder(tmp_path_factory):
     return save_hf_folder(tiny_hf_model("qwen2"), tmp_path_factory.mktemp("qwen2"))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4", "int4-without-kernels"])
 @pytest.mark.parametrize("num_seqs", [1, 3, 10])  # 10 rows: past int8's and int4's small-step limits
-def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num_seqs):
+def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num_seqs, monkeypatch):
+    if dtype == "int4-without-kernels":  # quantized as where the W4A8 and packed W8A8 products do not
+        # run (torch's weight-only int4 kernel, then W8A8 on torch._int_mm); the layers still run in C++
+        monkeypatch.setattr(llama, "int4_linear_supported", lambda: False)
+        monkeypatch.setattr(llama, "packs_weights", lambda: False)
+        model, _, _ = load_weights(tiny_qwen2_folder, "int4")
+        qkv = model.model.layers[0].self_attn.qkv_proj
+        assert qkv.narrow[0] == "int4" and qkv.wide[0].dtype == torch.int8 and qkv.int4 is None
+        assert_native_matches_python(model, num_seqs, torch.bfloat16)
+        return
     model, _, _ = load_weights(tiny_qwen2_folder, dtype)
     qkv = model.model.layers[0].self_attn.qkv_proj
     if dtype == "bfloat16":

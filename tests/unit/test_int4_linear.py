@@ -67,6 +67,37 @@ def test_a_q4_1_files_weights_come_back_to_their_own_integers_scales_and_lows():
     assert torch.equal(scales.t(), d) and torch.equal(lows.t(), m)
 
 
+def test_a_q4_0_files_weights_come_back_exactly_too():
+    """Q4_0: w = (q - 8) * d, the group's value of largest magnitude at q = 0, so d takes its
+    opposite sign; groups of both signs, most not reaching the other end of the range."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 32, 128
+    q = torch.randint(1, 15, (rows, cols // INT4_GROUP, INT4_GROUP), generator=g)
+    q[..., 0] = 0
+    sign = torch.where(torch.rand(rows, cols // INT4_GROUP, 1, generator=g) < 0.5, -1.0, 1.0)
+    d = ((torch.rand(rows, cols // INT4_GROUP, 1, generator=g) * 0.02 + 0.001) * sign).half()
+    weight = ((q - 8) * d.float()).view(rows, cols)
+    q_out, scales, lows = quantize_int4_groups(weight)
+    restored = (q_out.float().view(rows, -1, INT4_GROUP) * scales.t().float()[..., None]
+                + lows.t().float()[..., None]).view(rows, cols)
+    assert torch.equal(restored, weight)
+    assert (scales < 0).any() and (scales > 0).any()
+
+
+def test_other_weights_take_the_closer_grid():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4)) * 0.05
+    q, scales, lows = quantize_int4_groups(weight)
+    groups = weight.view(64, -1, INT4_GROUP)
+    error = (q.float().view(64, -1, INT4_GROUP) * scales.t().float()[..., None] + lows.t().float()[..., None]
+             - groups).abs().amax(-1)
+    q4_1_step = ((groups.amax(-1) - groups.amin(-1)) / 15)
+    assert (error <= q4_1_step / 2 * 1.01 + 1e-4).all()  # never worse than half a step of Q4_1's grid
+    constant = torch.zeros(16, 32)
+    constant[3] = 0.25  # a constant group (scale 0) comes back exactly
+    q, scales, lows = quantize_int4_groups(constant)
+    assert torch.equal(q.float() * scales.t().float() + lows.t().float(), constant)
+
+
 def test_shape_rules():
     assert can_pack_int4(torch.zeros(32, 64)) and can_pack_int4(torch.zeros(16, 32))
     assert not can_pack_int4(torch.zeros(24, 64)) and not can_pack_int4(torch.zeros(32, 48))
@@ -112,8 +143,8 @@ def test_extreme_values_do_not_overflow():
         pytest.skip("this CPU has no AVX512-VNNI")
     # every integer at its largest (15 against +-127) over K = 1536: the largest int32 group sums
     k = 1536
-    weight = torch.full((32, k), 15.0 * 0.01)
-    weight[:, ::INT4_GROUP] = 0.0  # each group's low 0 and scale 0.01: q = 15 elsewhere
+    weight = torch.full((32, k), 15.0 * 2**-6)
+    weight[:, ::INT4_GROUP] = 0.0  # each group's low 0 and scale 2^-6 (exact in float16): q = 15 elsewhere
     q, scales, lows = quantize_int4_groups(weight)
     assert q.max().item() == 15
     x = torch.full((3, k), 2.0)
