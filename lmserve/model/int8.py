@@ -88,7 +88,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 -> (N/16, K/4, 16, 4) uint8 holding weight + 128: for each 16 outputs, K in
     groups of 4, the 16 outputs' 4 bytes together, as the kernel's vpdpbusd takes them."""
     n, k = weight.shape
-    shifted = (weight.to(torch.int16) + 128).to(torch.uint8)
+    shifted = weight.view(torch.uint8) ^ 0x80  # w + 128: the sign bit flipped, no wider copy
     return shifted.reshape(n // PACK_OUTPUTS, PACK_OUTPUTS, k // PACK_DEPTH, PACK_DEPTH).permute(0, 2, 1, 3).contiguous()
 
 

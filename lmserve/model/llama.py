@@ -100,7 +100,7 @@ class Linear(nn.Linear):
         limits = SMALL_STEP_TOKENS
         if wide:
             block = hadamard_block(k)
-            wide_weight, wide_scales = quantize_int8(rotate_weight(weight.float(), block))
+            wide_weight, wide_scales = rotated_int8(weight, block)
             if packs_weights() and can_pack(wide_weight):
                 wide_weight = pack_weight(wide_weight)
                 limits = PACKED_SMALL_STEP_TOKENS
@@ -138,6 +138,13 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
     quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return quantized, scales
+
+
+def rotated_int8(weight: torch.Tensor, block: int, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8(rotate_weight(weight, block)), `rows` rows at a time (every step is per row):
+    the transform works in float64, which for a whole embedding-sized head is 4x its float32 bytes."""
+    parts = [quantize_int8(rotate_weight(part.float(), block)) for part in weight.split(rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,14 +289,25 @@ class LlamaForCausalLM(nn.Module):
         """Fuse projections and cast matmul weights to `weight_dtype`. The embedding table is stored
         in `embed_dtype`, by default the same (rows are looked up, then widened: the residual
         stream and norms stay float32). Weights about to be quantized stay float32 until then."""
-        embed_dtype = embed_dtype or weight_dtype
         for layer in self.model.layers:
-            layer.self_attn.prepare(weight_dtype)
-            layer.mlp.prepare(weight_dtype)
-        if self.lm_head.weight.dtype != weight_dtype:  # a tied head gets its own narrower copy
-            self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().to(weight_dtype), requires_grad=False)
+            self.prepare_layer(layer, weight_dtype)
+        self.prepare_outer(weight_dtype, embed_dtype)
+
+    @staticmethod
+    def prepare_layer(layer: DecoderLayer, weight_dtype: torch.dtype) -> None:
+        """prepare() for one decoder layer (the loader prepares each as soon as it is filled)."""
+        layer.self_attn.prepare(weight_dtype)
+        layer.mlp.prepare(weight_dtype)
+
+    def prepare_outer(self, weight_dtype: torch.dtype, embed_dtype: torch.dtype | None = None) -> None:
+        """prepare() for the head and the embedding table (a head already quantized, and embeddings
+        read from it, are left as they are)."""
+        embed_dtype = embed_dtype or weight_dtype
+        head = self.lm_head.weight
+        if head is not None and head.dtype != weight_dtype:  # a tied head gets its own narrower copy
+            self.lm_head.weight = nn.Parameter(head.detach().to(weight_dtype), requires_grad=False)
         embed = self.model.embed_tokens
-        if embed.weight.dtype != embed_dtype:  # bf16: half the table's memory (56 MiB on SmolLM2-135M)
+        if isinstance(embed, nn.Embedding) and embed.weight.dtype != embed_dtype:  # bf16: half the table's memory
             embed.weight = nn.Parameter(embed.weight.detach().to(embed_dtype), requires_grad=False)
 
     native = None  # a NativeDecoder running the steps' layers (enable_native_layers)
@@ -330,11 +348,21 @@ class LlamaForCausalLM(nn.Module):
         for larger steps where int8 products pay, int8_matmul_pays()) and `head_kind` ones of the
         head; after prepare. A tied model's embeddings are then read from the
         head's W8A8 copy (HeadEmbedding), their own table dropped."""
+        for layer in self.model.layers:
+            self.quantize_layer(layer, kind)
+        self.quantize_head(head_kind)
+
+    @staticmethod
+    def quantize_layer(layer: DecoderLayer, kind: str) -> None:
+        """quantize() for one prepared decoder layer."""
         wide = int8_matmul_pays()
-        for module in self.model.layers.modules():
+        for module in layer.modules():
             if isinstance(module, Linear):
                 module.quantize(kind, wide)
-        self.lm_head.quantize(head_kind, wide)
+
+    def quantize_head(self, head_kind: str) -> None:
+        """quantize() for the prepared head; a tied model's embeddings then read its W8A8 copy."""
+        self.lm_head.quantize(head_kind, int8_matmul_pays())
         if self.config.tie_word_embeddings and self.lm_head.wide is not None:
             self.model.embed_tokens = HeadEmbedding(self.lm_head)
 

@@ -28,11 +28,15 @@ class GGUFFile:
     path: Path
     reader: GGUFReader
     metadata: dict[str, Any]
+    _by_name: dict | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> GGUFFile:
         reader = GGUFReader(str(path), "r")
         metadata = {name: field.contents() for name, field in reader.fields.items()}
+        # The reader's own view of the metadata is a numpy array per part of every field (~150,000
+        # for a 49k-token vocabulary, ~75 MiB): read once into `metadata`, it is let go.
+        reader.fields = {}
         return cls(Path(path), reader, metadata)
 
     @property
@@ -54,7 +58,17 @@ class GGUFFile:
     def iter_tensors(self):
         """Yield (gguf_name, float32 array in PyTorch [out, in] order) for every tensor."""
         for tensor in self.reader.tensors:
-            array = dequantize(tensor.data, tensor.tensor_type)
-            # GGUF lists dims innermost first; numpy wants them outermost first.
-            shape = tuple(int(d) for d in reversed(tensor.shape))
-            yield tensor.name, np.ascontiguousarray(array.reshape(shape), dtype=np.float32)
+            yield tensor.name, self.read_tensor(tensor.name)
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """One tensor, dequantized now: a float32 array in PyTorch [out, in] order."""
+        tensor = self._tensors()[name]
+        array = dequantize(tensor.data, tensor.tensor_type)
+        # GGUF lists dims innermost first; numpy wants them outermost first.
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        return np.ascontiguousarray(array.reshape(shape), dtype=np.float32)
+
+    def _tensors(self) -> dict:
+        if self._by_name is None:
+            self._by_name = {t.name: t for t in self.reader.tensors}
+        return self._by_name

@@ -7,8 +7,10 @@ what is missing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,16 +65,24 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
         gguf = GGUFFile.open(path)
         config, tensors, freqs = _read_gguf(gguf)
     model = build_model(config, max_positions or config.max_position_embeddings, freqs)
-    fill_parameters(model, tensors, torch.float32)
-    model.tie_weights()
+    check_parameters(model, tensors)  # before any tensor is read: a missing one fails fast
     quantized = dtype in ("int8", "int4") and torch.device(device).type == "cpu"
-    if quantized:  # the narrow and int8 copies are taken from the float32 weights
-        model.prepare(torch.float32, embed_dtype=DTYPES[dtype])
-        model.quantize(dtype, HEAD_KIND)
-    else:
-        model.prepare(DTYPES[dtype])
-        if dtype in ("int8", "int4"):  # the int8/int4 kernels are CPU ones
-            log.warning("--dtype %s: no %s kernels on %s; serving bfloat16 weights", dtype, dtype, device)
+    if not quantized and dtype in ("int8", "int4"):  # the int8/int4 kernels are CPU ones
+        log.warning("--dtype %s: no %s kernels on %s; serving bfloat16 weights", dtype, dtype, device)
+    # Layer by layer: each layer's tensors are read (dequantized to float32), fused, cast or
+    # quantized, and their float32 copies dropped before the next layer is read, so loading holds
+    # one layer's float32 weights at a time rather than the whole model's.
+    weight_dtype = torch.float32 if quantized else DTYPES[dtype]  # copies are taken from float32
+    for index, layer in enumerate(model.model.layers):
+        fill_parameters(layer, tensors, torch.float32, prefix=f"model.layers.{index}.")
+        model.prepare_layer(layer, weight_dtype)
+        if quantized:
+            model.quantize_layer(layer, dtype)
+    fill_parameters(model, tensors, torch.float32, skip="model.layers.")
+    model.tie_weights()
+    if quantized:  # before the table is cast: a tied head's copy then stands in for it
+        model.quantize_head(HEAD_KIND)
+    model.prepare_outer(weight_dtype, embed_dtype=DTYPES[dtype])
     if torch.device(device).type == "cpu":
         model.pack_for_cpu()
     del tensors
@@ -82,20 +92,40 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
     return model, config, gguf
 
 
+class LazyTensors(Mapping):
+    """A checkpoint's tensors by HF name, each read (and dequantized) when looked up, not kept."""
+
+    def __init__(self, readers: dict[str, Callable[[], np.ndarray | torch.Tensor]]):
+        self._readers = readers
+
+    def __getitem__(self, name: str) -> np.ndarray | torch.Tensor:
+        return self._readers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
 def _read_gguf(gguf: GGUFFile):
     gguf.check_quant_types()
-    config = ModelConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensor_names())
-    tensors: dict[str, np.ndarray] = {}
+    names = gguf.tensor_names()
+    config = ModelConfig.from_gguf(gguf.metadata, "output.weight" in names)
+    readers = {}
     freqs = None
-    for name, array in gguf.iter_tensors():
+    for name in names:
         if name == ROPE_FREQS:
-            freqs = torch.from_numpy(array.copy())
+            freqs = torch.from_numpy(gguf.read_tensor(name))
             continue
         hf_name = gguf_to_hf(name)
-        if hf_name is None:
-            continue
-        tensors[hf_name] = _fix_rope_layout(config, hf_name, array, gguf.architecture)
-    return config, tensors, freqs
+        if hf_name is not None:
+            readers[hf_name] = functools.partial(_read_gguf_tensor, gguf, config, name, hf_name)
+    return config, LazyTensors(readers), freqs
+
+
+def _read_gguf_tensor(gguf: GGUFFile, config: ModelConfig, name: str, hf_name: str) -> np.ndarray:
+    return _fix_rope_layout(config, hf_name, gguf.read_tensor(name), gguf.architecture)
 
 
 def _fix_rope_layout(config: ModelConfig, hf_name: str, array: np.ndarray, arch: str) -> np.ndarray:
@@ -114,38 +144,65 @@ def _read_hf_folder(path: Path):
     if not config_file.exists():
         raise FileNotFoundError(f"{str(path)!r} has no config.json")
     config = ModelConfig.from_hf(json.loads(config_file.read_text()))
-    return config, read_safetensors(path), None
+    return config, lazy_safetensors(path), None
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's *.safetensors files, by checkpoint name."""
+    return dict(lazy_safetensors(folder).items())
+
+
+def lazy_safetensors(folder: Path) -> LazyTensors:
+    """The folder's *.safetensors tensors by checkpoint name, each read when looked up."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{str(folder)!r} has no *.safetensors files")
-    tensors = {}
+    readers = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    return tensors
+                readers[name] = functools.partial(_read_safetensor, file, name)
+    return LazyTensors(readers)
 
 
-def fill_parameters(model: torch.nn.Module, tensors: dict, dtype: torch.dtype) -> None:
-    """Assign every parameter of a model built on the meta device from `tensors` (by name);
-    a missing parameter or a shape mismatch is a ValueError. A tied lm_head is left out."""
-    expected = dict(model.named_parameters())
-    if getattr(model.config, "tie_word_embeddings", False):
+def _read_safetensor(file: Path, name: str) -> torch.Tensor:
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _expected_parameters(model: torch.nn.Module, prefix: str = "", skip: str | None = None) -> dict:
+    """The parameters a checkpoint must fill, by checkpoint name; a tied lm_head is left out."""
+    expected = {prefix + name: param for name, param in model.named_parameters()
+                if skip is None or not (prefix + name).startswith(skip)}
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
+    return expected
+
+
+def check_parameters(model: torch.nn.Module, tensors: Mapping) -> None:
+    """ValueError naming what the checkpoint lacks for the (unfilled) model, before any is read."""
+    missing = sorted(set(_expected_parameters(model)) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def fill_parameters(model: torch.nn.Module, tensors: Mapping, dtype: torch.dtype, prefix: str = "",
+                    skip: str | None = None) -> None:
+    """Assign every parameter of a module built on the meta device from `tensors`, found by its name
+    under `prefix` (a layer's "model.layers.3."), leaving out names starting with `skip`; a
+    missing parameter or a shape mismatch is a ValueError. A tied lm_head is left out."""
+    expected = _expected_parameters(model, prefix, skip)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
     state = {}
     for name, param in expected.items():
-        value = torch.as_tensor(np.array(tensors[name]) if isinstance(tensors[name], np.ndarray) else tensors[name])
+        value = tensors[name]
+        if isinstance(value, np.ndarray):  # a fresh, writable array is shared, not copied
+            value = torch.from_numpy(value if value.flags.writeable else value.copy())
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"parameter {name}: checkpoint shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
-        state[name] = value.to(dtype).contiguous()
+        state[name.removeprefix(prefix)] = value.to(dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
 
 

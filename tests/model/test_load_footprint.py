@@ -1,10 +1,15 @@
-"""What loading a model leaves in the server process besides the model."""
+"""What loading a model leaves in the server process besides the model, and what it holds while
+it loads."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
+from lmserve.model.llama import LlamaForCausalLM
+from lmserve.weights import load
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model, write_gguf
 
 # torch's compiler stack: ~900 modules and ~70 MiB resident for the server's whole life, were it
@@ -34,3 +39,47 @@ def test_loading_a_gguf_imports_no_compiler_modules(tmp_path):
 def test_loading_an_hf_folder_imports_no_compiler_modules(tmp_path):
     path = save_hf_folder(tiny_hf_model("qwen2"), tmp_path / "qwen2")
     assert imported_by_loading(path, "bfloat16") == []
+
+
+@pytest.mark.parametrize("dtype", ["int4", "bfloat16"])
+def test_layers_are_read_one_at_a_time(tmp_path, monkeypatch, dtype):
+    """Loading reads a layer's tensors only once the layer before is done (quantized, or fused and
+    cast), so the float32 copies of one layer at a time are alive, not the whole model's."""
+    path = write_gguf(tiny_hf_model("llama", tie=True), tmp_path / "tiny.gguf", "llama")
+    events = []
+    read = load._read_gguf_tensor
+    monkeypatch.setattr(load, "_read_gguf_tensor", lambda gguf, config, name, hf_name: (
+        events.append(("read", hf_name)), read(gguf, config, name, hf_name))[1])
+    done = LlamaForCausalLM.quantize_layer if dtype == "int4" else LlamaForCausalLM.prepare_layer
+    name = done.__name__
+    monkeypatch.setattr(LlamaForCausalLM, name, staticmethod(lambda layer, kind: (
+        events.append(("done", id(layer))), done(layer, kind))[1]))
+    model, _, _ = load.load_weights(path, dtype)
+    index = {id(layer): i for i, layer in enumerate(model.model.layers)}
+    open_layers, finished = set(), []
+    for kind, what in events:
+        if kind == "read" and what.startswith("model.layers."):
+            layer = int(what.split(".")[2])
+            assert layer == len(finished), f"layer {layer} read while layer {len(finished)} was not done"
+            open_layers.add(layer)
+        elif kind == "done":
+            finished.append(index[what])
+            open_layers.discard(index[what])
+    assert finished == list(range(model.config.num_hidden_layers)) and not open_layers
+    assert events[-1][0] == "read" and not events[-1][1].startswith("model.layers.")  # then the rest
+
+
+def test_a_missing_tensor_fails_before_any_is_read(tmp_path, monkeypatch):
+    path = write_gguf(tiny_hf_model("llama"), tmp_path / "tiny.gguf", "llama")
+    real = load._read_gguf
+    monkeypatch.setattr(load, "_read_gguf", lambda gguf: _without(real(gguf), "model.layers.1.mlp.up_proj.weight"))
+    reads = []
+    monkeypatch.setattr(load, "_read_gguf_tensor", lambda *args: reads.append(args))
+    with pytest.raises(ValueError, match="missing 1 parameters.*model.layers.1.mlp.up_proj.weight"):
+        load.load_weights(path, "int4")
+    assert reads == []
+
+
+def _without(read, name):
+    config, tensors, freqs = read
+    return config, load.LazyTensors({n: tensors._readers[n] for n in tensors if n != name}), freqs
