@@ -23,41 +23,83 @@ namespace {
 
 constexpr int64_t kGroup = 32;       // INT4_GROUP in model/int8.py, Q4_0/Q4_1's block
 constexpr float kMinAbsMax = 1e-12f;  // MIN_ABS_MAX in model/int8.py
+// Steps of at most this many rows (single-token decodes) quantize the activations twice: the int8
+// rows and then what they missed, run as as many more rows and added. The product there is bound by
+// the weights' bytes, so the second pass costs ~10% of it, and the activations keep ~15 bits where
+// int8 keeps 7 (RESIDUAL_ROWS in model/int8.py).
+constexpr int64_t kResidualRows = 1;
+
+// One group of 32: v ~ out * scale, scale = max|v| / 127, rounded half to even; sum = scale * sum(out).
+inline void quantize_group(const float* v, int8_t* out, float& scale_out, float& sum_out) {
+#if defined(__AVX512F__)
+    const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float scale = std::max(top, kMinAbsMax) / 127.f;
+    const __m512 sv = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // half to even, as nearbyint
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(v0, sv), kNearest), lo), hi));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(v1, sv), kNearest), lo), hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(q1));
+    scale_out = scale;
+    sum_out = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * scale;
+#else
+    float top = 0.f;
+    for (int64_t c = 0; c < kGroup; ++c) top = std::max(top, std::fabs(v[c]));
+    const float scale = std::max(top, kMinAbsMax) / 127.f;
+    int32_t total = 0;
+    for (int64_t c = 0; c < kGroup; ++c) {  // nearbyint: round half to even, as torch.round
+        const int32_t value = static_cast<int32_t>(std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / scale))));
+        out[c] = static_cast<int8_t>(value);
+        total += value;
+    }
+    scale_out = scale;
+    sum_out = static_cast<float>(total) * scale;
+#endif
+}
+
+// quantize_groups, and with `residual` M more rows after the first M: what those missed
+// (x - q * scale, rounded as model/int8.py's ATen ops round it), quantized the same way.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows_in_groups(const torch::Tensor& x_in, bool residual) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % kGroup == 0,
+                "x: float32 (M, K), K a multiple of 32");
+    const auto x = x_in.contiguous();
+    const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup, out_rows = residual ? 2 * rows : rows;
+    auto q = torch::empty({out_rows, cols}, x.options().dtype(at::kChar));
+    auto scales = torch::empty({out_rows, groups}, x.options());
+    auto sums = torch::empty({out_rows, groups}, x.options());
+    const float* xp = x.data_ptr<float>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = scales.data_ptr<float>();
+    float* up = sums.data_ptr<float>();
+    const int64_t second = rows * groups;  // the residual rows' first group
+    at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
+        float missed[kGroup];
+        for (int64_t i = begin; i < end; ++i) {  // groups are contiguous: row r, group g is i = r * groups + g
+            quantize_group(xp + i * kGroup, qp + i * kGroup, sp[i], up[i]);
+            if (!residual) continue;
+            int64_t c = 0;
+#if defined(__AVX512F__)
+            const __m512 sv = _mm512_set1_ps(sp[i]);
+            for (; c < kGroup; c += 16) {
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp + i * kGroup + c))));
+                _mm512_storeu_ps(missed + c, _mm512_sub_ps(_mm512_loadu_ps(xp + i * kGroup + c), _mm512_mul_ps(q, sv)));
+            }
+#endif
+            for (; c < kGroup; ++c)
+                missed[c] = xp[i * kGroup + c] - static_cast<float>(qp[i * kGroup + c]) * sp[i];
+            quantize_group(missed, qp + (second + i) * kGroup, sp[second + i], up[second + i]);
+        }
+    });
+    return {q, scales, sums};
+}
 
 }  // namespace
 
 // x (M, K) float32 -> (M, K) int8, (M, K/32) float32 scales and (M, K/32) float32 sums: in each group
 // of 32 columns x ~ q * scale, scale = max|x| / 127, rounded half to even, and sum = scale * sum(q).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x_in) {
-    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % kGroup == 0,
-                "x: float32 (M, K), K a multiple of 32");
-    const auto x = x_in.contiguous();
-    const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup;
-    auto q = torch::empty({rows, cols}, x.options().dtype(at::kChar));
-    auto scales = torch::empty({rows, groups}, x.options());
-    auto sums = torch::empty({rows, groups}, x.options());
-    const float* xp = x.data_ptr<float>();
-    int8_t* qp = q.data_ptr<int8_t>();
-    float* sp = scales.data_ptr<float>();
-    float* up = sums.data_ptr<float>();
-    at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const float* v = xp + i * kGroup;  // groups are contiguous: row r, group g is i = r * groups + g
-            int8_t* out = qp + i * kGroup;
-            float top = 0.f;
-            for (int64_t c = 0; c < kGroup; ++c) top = std::max(top, std::fabs(v[c]));
-            const float scale = std::max(top, kMinAbsMax) / 127.f;
-            int32_t total = 0;
-            for (int64_t c = 0; c < kGroup; ++c) {  // nearbyint: round half to even, as torch.round
-                const int32_t value = static_cast<int32_t>(std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / scale))));
-                out[c] = static_cast<int8_t>(value);
-                total += value;
-            }
-            sp[i] = scale;
-            up[i] = static_cast<float>(total) * scale;
-        }
-    });
-    return {q, scales, sums};
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x) {
+    return quantize_rows_in_groups(x, false);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -185,7 +227,11 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
         TORCH_CHECK(b->numel() == n, "bias: (N,)");
     }
 #if defined(LMSERVE_W4A8_GEMM)
-    auto [xq, x_scales, x_sums] = quantize_groups(x.to(at::kFloat));
+    const int64_t rows_in = x.size(0);
+    const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
+    auto [xq, x_scales, x_sums] = quantize_rows_in_groups(x.to(at::kFloat), residual);
+    std::optional<torch::Tensor> added_bias;
+    if (residual) std::swap(added_bias, b);  // added once, after the two halves are summed
     const int64_t m = xq.size(0);
     auto out = torch::empty({m, n}, x_scales.options());
     const int8_t* a = xq.data_ptr<int8_t>();
@@ -214,6 +260,14 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
             }
         }
     });
+    if (residual) {
+        const float* ab = added_bias ? added_bias->data_ptr<float>() : nullptr;
+        for (int64_t i = 0; i < rows_in * n; ++i) {
+            op[i] = op[i] + op[rows_in * n + i];
+            if (ab != nullptr) op[i] = op[i] + ab[i % n];
+        }
+        return out.narrow(0, 0, rows_in);
+    }
     return out;
 #else
     TORCH_CHECK(false, "int4_linear needs a build with AVX512-VNNI (int4_linear_supported())");

@@ -117,9 +117,11 @@ def test_int8_single_token_steps_track_float32_teacher_forced(default_model, int
 def test_int4_single_token_steps_track_float32_teacher_forced(default_model, int4_model):
     """--dtype int4: the Q4_1 projections keep the file's own 4-bit integers, float16 scales and
     lows, and run W4A8 at every step where the kernels do (int8 activations in groups of 32, as
-    llama.cpp multiplies Q4_1 by Q8_1); the Q8_0 head stays int8 (W8A8). Measured: per-prompt KL
-    2.6-3.8e-3, top-1 agreement 0.958. Torch's weight-only int4 kernel (bf16 activations), which
-    this replaced for one-token steps: 1.9-2.8e-3 and 0.984; --dtype int8, all W8A8: 3.9-5.8e-3, 0.990."""
+    llama.cpp multiplies Q4_1 by Q8_1; one-token steps quantize the activations twice, the int8
+    rows and what they missed); the Q8_0 head stays int8 (W8A8). Measured: per-prompt KL 1.3-2.7e-3,
+    top-1 agreement 0.969 (with the activations quantized once: 2.6-3.8e-3 and 0.958). Torch's
+    weight-only int4 kernel (bf16 activations), which this replaced for one-token steps: 1.9-2.8e-3
+    and 0.984; --dtype int8, all W8A8: 3.9-5.8e-3, 0.990."""
     layer = int4_model.model.model.layers[0]
     for linear in (layer.mlp.gate_up_proj, layer.self_attn.qkv_proj):
         if int4_linear_supported():
@@ -127,7 +129,7 @@ def test_int4_single_token_steps_track_float32_teacher_forced(default_model, int
         else:
             assert linear.narrow[0] == "int4"
     assert (int4_model.model.lm_head.narrow is None) if packs_weights() else int4_model.model.lm_head.narrow[0] == "int8"
-    assert teacher_forced_agreement(default_model, int4_model, 4, 5e-3) >= 0.95
+    assert teacher_forced_agreement(default_model, int4_model, 4, 4e-3) >= 0.95
 
 
 def test_a_tied_quantized_model_reads_its_embeddings_from_the_heads_int8_copy(default_model, int4_model):

@@ -118,7 +118,7 @@ def test_activation_groups_quantize_as_the_reference_bit_for_bit():
 
 # rows: full 4-row tiles, 1-3 row tails, more than one 64-row chunk; out: odd and even numbers of
 # 16-output blocks per thread (2-block tiles and 1-block tails); cols: one group to the MLP's 1536
-@pytest.mark.parametrize("rows, cols, out", [(1, 32, 16), (2, 64, 48), (3, 576, 960), (5, 96, 80), (7, 160, 112),
+@pytest.mark.parametrize("rows, cols, out", [(1, 32, 16), (1, 1536, 576), (2, 64, 48), (3, 576, 960), (5, 96, 80), (7, 160, 112),
                                              (64, 576, 3072), (130, 1536, 576), (67, 128, 208)])
 def test_product_matches_the_reference(rows, cols, out):
     if not int4_linear_supported():
