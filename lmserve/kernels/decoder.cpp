@@ -78,7 +78,7 @@ struct NativeLinear {
 // x (M, H) float32 -> x * (1 / sqrt(mean(x^2) + eps)) * weight, row by row: each row's sum of
 // squares in 16 float32 lanes, then one reduction. One pass and one call where ATen's rms_norm is
 // ~5 ops (8-16 us a call from Python at 1-64 rows against 0.8-4; 61 calls a step). model/llama.py's RMSNorm calls this too
-// (rms_norm_rows), so its layers and these give the same results; against F.rms_norm they agree
+// (through rms_norm below), so its layers and these give the same results; against F.rms_norm they agree
 // to float32 rounding (a test holds them to that).
 torch::Tensor rms_norm_rows(const torch::Tensor& x_in, const torch::Tensor& weight, double eps) {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: float32 (M, H)");
@@ -121,7 +121,8 @@ torch::Tensor rms_norm_rows(const torch::Tensor& x_in, const torch::Tensor& weig
 
 namespace {
 
-// RMSNorm.forward in model/llama.py: rms_norm_rows for a float32 weight, ATen's otherwise.
+// rms_norm_rows for float32 rows and weight, ATen's rms_norm otherwise. Bound as `rms_norm`:
+// model/llama.py's RMSNorm calls it on the CPU too, so the rule is written once.
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
     if (weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && x.dim() == 2)
         return rms_norm_rows(x, weight, eps);
@@ -313,6 +314,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations");
     m.def("argmax_rows", &argmax_rows, "each row's first maximum (NaN counts as the maximum)");
+    m.def("rms_norm", &rms_norm, "rms_norm_rows for float32 rows and weight, ATen's rms_norm otherwise");
     m.def("rms_norm_rows", &rms_norm_rows, "float32 rows times 1 / sqrt(mean(x^2) + eps) times a float32 weight");
     m.def("quantize_rows", &quantize_rows, "blockwise Hadamard transform, then per-row symmetric int8");
     m.def("int8_weight_rows", &int8_weight_rows, "rows of the float weight an int8_linear weight stands for");

@@ -19,14 +19,16 @@
 #include <immintrin.h>
 #endif
 
+std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
+
 namespace {
 
 constexpr int64_t kGroup = 32;       // INT4_GROUP in model/int8.py, Q4_0/Q4_1's block
 constexpr float kMinAbsMax = 1e-12f;  // MIN_ABS_MAX in model/int8.py
 // Steps of at most this many rows (single-token decodes) quantize the activations twice: the int8
-// rows and then what they missed, run as as many more rows and added. The product there is bound by
-// the weights' bytes, so the second pass costs ~10% of it, and the activations keep ~15 bits where
-// int8 keeps 7 (RESIDUAL_ROWS in model/int8.py).
+// rows and then what they missed, run as as many more rows and added: the activations keep ~15 bits
+// where int8 keeps 7, for 18-21% more time on a one-row step's 120 projections (measured against the
+// build without; RESIDUAL_ROWS in model/int8.py).
 constexpr int64_t kResidualRows = 1;
 
 // One group of 32: v ~ out * scale, scale = max|v| / 127, rounded half to even; sum = scale * sum(out).
@@ -221,11 +223,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
         TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == groups && t->size(1) == n &&
                     t->is_contiguous(), "weight scales and lows: float16 (K/32, N)");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
-    std::optional<torch::Tensor> b;
-    if (bias) {
-        b = bias->to(at::kFloat).contiguous();
-        TORCH_CHECK(b->numel() == n, "bias: (N,)");
-    }
+    auto b = float_bias(bias, n);
 #if defined(LMSERVE_W4A8_GEMM)
     const int64_t rows_in = x.size(0);
     const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows

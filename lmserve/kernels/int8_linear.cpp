@@ -256,6 +256,15 @@ torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scale
 }  // namespace
 #endif
 
+// A projection's optional bias as contiguous float32, checked to hold N values (int8_linear,
+// int4_linear).
+std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n) {
+    if (!bias) return std::nullopt;
+    auto b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == n, "bias: (N,)");
+    return b;
+}
+
 // Whether int8_linear takes packed weights here (built for a CPU with AVX512-VNNI).
 bool int8_packed_supported() {
 #if defined(LMSERVE_VNNI_GEMM)
@@ -279,11 +288,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.numel() == n && w_scales.is_contiguous(),
                 "weight scales: float32 (N,)");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
-    std::optional<torch::Tensor> b;
-    if (bias) {
-        b = bias->to(at::kFloat).contiguous();
-        TORCH_CHECK(b->numel() == n, "bias: (N,)");
-    }
+    const auto b = float_bias(bias, n);
     auto [xq, x_scales] = quantize_rows(x, block);
     if (packed) {
 #if defined(LMSERVE_VNNI_GEMM)

@@ -96,7 +96,7 @@ class Linear(nn.Linear):
             self.int4 = (pack_int4(q), scales, lows)
             self.weight = None
             return "int4"
-        narrow_kind = "int4" if kind == "int4" and n % 16 == 0 and k % INT4_GROUP == 0 else "int8"
+        narrow_kind = "int4" if kind == "int4" and can_pack_int4(weight) else "int8"
         limits = SMALL_STEP_TOKENS
         if wide:
             block = hadamard_block(k)
@@ -179,10 +179,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu":
-            module = native_module()  # one pass where ATen's is ~5 ops (kernels/decoder.cpp)
+        if x.device.type == "cpu":
+            module = native_module()  # float32 rows: one pass where ATen's is ~5 ops (kernels/decoder.cpp)
             if module is not None:
-                return module.rms_norm_rows(x, self.weight, self.eps)
+                return module.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ class GGUFFile:
     path: Path
     reader: GGUFReader
     metadata: dict[str, Any]
-    _by_name: dict | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> GGUFFile:
@@ -62,13 +62,12 @@ class GGUFFile:
 
     def read_tensor(self, name: str) -> np.ndarray:
         """One tensor, dequantized now: a float32 array in PyTorch [out, in] order."""
-        tensor = self._tensors()[name]
+        tensor = self._tensors_by_name[name]
         array = dequantize(tensor.data, tensor.tensor_type)
         # GGUF lists dims innermost first; numpy wants them outermost first.
         shape = tuple(int(d) for d in reversed(tensor.shape))
         return np.ascontiguousarray(array.reshape(shape), dtype=np.float32)
 
-    def _tensors(self) -> dict:
-        if self._by_name is None:
-            self._by_name = {t.name: t for t in self.reader.tensors}
-        return self._by_name
+    @functools.cached_property
+    def _tensors_by_name(self) -> dict:
+        return {t.name: t for t in self.reader.tensors}

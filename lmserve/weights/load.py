@@ -147,18 +147,27 @@ def _read_hf_folder(path: Path):
     return config, lazy_safetensors(path), None
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{str(folder)!r} has no *.safetensors files")
+    return files
+
+
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's *.safetensors files, by checkpoint name."""
-    return dict(lazy_safetensors(folder).items())
+    tensors = {}
+    for file in _safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
 
 
 def lazy_safetensors(folder: Path) -> LazyTensors:
     """The folder's *.safetensors tensors by checkpoint name, each read when looked up."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{str(folder)!r} has no *.safetensors files")
     readers = {}
-    for file in files:
+    for file in _safetensors_files(folder):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 readers[name] = functools.partial(_read_safetensor, file, name)
@@ -181,7 +190,11 @@ def _expected_parameters(model: torch.nn.Module, prefix: str = "", skip: str | N
 
 def check_parameters(model: torch.nn.Module, tensors: Mapping) -> None:
     """ValueError naming what the checkpoint lacks for the (unfilled) model, before any is read."""
-    missing = sorted(set(_expected_parameters(model)) - set(tensors))
+    _require(_expected_parameters(model), tensors)
+
+
+def _require(expected: dict, tensors: Mapping) -> None:
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
 
@@ -192,9 +205,7 @@ def fill_parameters(model: torch.nn.Module, tensors: Mapping, dtype: torch.dtype
     under `prefix` (a layer's "model.layers.3."), leaving out names starting with `skip`; a
     missing parameter or a shape mismatch is a ValueError. A tied lm_head is left out."""
     expected = _expected_parameters(model, prefix, skip)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
+    _require(expected, tensors)
     state = {}
     for name, param in expected.items():
         value = tensors[name]
