@@ -88,12 +88,14 @@ def kv_values_per_token(gguf: Path) -> int:
 
 def lmserve_kv_value_bytes(lmserve_args: list[str]) -> int:
     """Bytes per cached K/V value under these `lmserve serve` arguments, read with lmserve's own
-    parser and dtype table (float32 by default, bf16 under bfloat16/int8/int4, as llama.cpp's f16)."""
+    parser and dtype table (float32 by default, bf16 under bfloat16/int8/int4, as llama.cpp's f16).
+    Without importing torch: the pages of libtorch this process touched would be shared with the
+    server's, and a server can then not release the ones only its start-up used."""
     from lmserve.cli import build_parser
-    from lmserve.weights.load import DTYPES
+    from lmserve.config import DTYPE_BYTES, DTYPE_NAMES
 
     args, _ = build_parser().parse_known_args(["serve", "model.gguf", *lmserve_args])
-    return DTYPES[args.dtype].itemsize
+    return DTYPE_BYTES[DTYPE_NAMES[args.dtype]]
 
 
 @dataclass(frozen=True)

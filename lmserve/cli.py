@@ -178,14 +178,17 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
 def _load_engine(config: EngineConfig, state) -> None:
     from lmserve.engine.async_engine import AsyncEngine
     from lmserve.engine.engine import LLMEngine
-    from lmserve.weights.load import return_freed_memory
+    from lmserve.memory import large_blocks_mapped_apart, release_startup_pages, return_freed_memory
 
     try:
         log.info("loading %s", config.model_path)
-        state.engine = AsyncEngine(LLMEngine.from_config(config), observers=[state.metrics])
+        with large_blocks_mapped_apart():
+            state.engine = AsyncEngine(LLMEngine.from_config(config), observers=[state.metrics])
         freeze_loaded_objects()
         return_freed_memory()
-        log.info("model %s ready", config.served_model_name)
+        released = release_startup_pages()
+        log.info("model %s ready (%d MiB of start-up-only library pages released)",
+                 config.served_model_name, released >> 20)
     except ValueError as exc:  # a model or setting lmserve cannot serve: say why, no traceback
         log.error("cannot serve %s: %s", config.model_path, exc)
         os._exit(2)
@@ -216,10 +219,12 @@ def _check_embedding_config(embedding: EmbeddingConfig | None, config: EngineCon
 def _load_embedder(config: EmbeddingConfig, state) -> None:
     from lmserve.embeddings.embedder import EncoderEmbedder
     from lmserve.embeddings.worker import EmbeddingWorker
+    from lmserve.memory import release_startup_pages
 
     try:
         log.info("loading embedding model %s", config.model_path)
         state.embedder = EmbeddingWorker(EncoderEmbedder.from_folder(config.model_path), config.max_batch_tokens)
+        release_startup_pages()  # what loading it touched, as after the chat model
         log.info("embedding model %s ready", config.served_model_name)
     except (ValueError, OSError) as exc:  # a model lmserve cannot serve: say why, no traceback
         log.error("cannot serve embedding model %s: %s (--no-embedding-model serves without one)",

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The torch dtype, by name, of the weights that stay floating point and of the KV cache under each
+# `dtype` (the int8 and int4 kinds keep bf16 for both). Names, not torch dtypes: a process that only
+# plans servers (the benchmark) reads this without importing torch.
+DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+               "int8": "bfloat16", "int4": "bfloat16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
 
 @dataclass(frozen=True)
 class CacheConfig:

@@ -6,7 +6,6 @@ what is missing.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import logging
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from lmserve.config import DTYPE_NAMES
+from lmserve.memory import return_freed_memory
 from lmserve.model.config import ModelConfig
 from lmserve.model.registry import build_model
 from lmserve.text.tokenizer import Tokenizer
@@ -28,8 +29,7 @@ from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 # "int4": W4A8 at every step where the kernels run it, else int4 copies for steps of few tokens
 # and W8A8 for larger ones; bf16 weights for those where the CPU lacks int8 dot products
 # (model/llama.py, model/int8.py)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "int8": torch.bfloat16, "int4": torch.bfloat16}
+DTYPES = {kind: getattr(torch, name) for kind, name in DTYPE_NAMES.items()}
 HEAD_KIND = "int8"  # the head of a tied GGUF is Q8_0: int4 would add error (KL 7e-2 measured)
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,3 @@ def fill_parameters(model: torch.nn.Module, tensors: Mapping, dtype: torch.dtype
         state[name.removeprefix(prefix)] = value.to(dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
 
-
-def return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS, which glibc keeps otherwise: after the weights load, the
-    float32 staging copies (~160 MB of resident memory on the default model); once the server's
-    engine is up, the GGUF reader's objects (~15 MiB more)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

@@ -48,3 +48,23 @@ def test_lmserve_kv_budget_holds_the_same_tokens_in_bf16():
     for args in (["--dtype", "int4"], ["--dtype=bfloat16"]):
         lmserve = plan_workload(config(lmserve_args=args), DECODE, "model", kv_values=100).commands[0]
         assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100 * 2)
+
+
+def test_planning_imports_no_torch():
+    """The benchmark process must not map libtorch: pages it touched would be shared with the
+    server's, which then could not release the ones only its start-up used, and are counted by both."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from pathlib import Path\n"
+             "import bench.__main__\n"
+             "from bench.compare import CompareConfig, plan_workload\n"
+             "from bench.workloads import Workload\n"
+             "c = CompareConfig(Path('/m.gguf'), Path('/l'), Path('/v'), lmserve_args=['--dtype', 'int4'],\n"
+             "                  workloads=[Workload('decode-c1', 'decode', 1, 4, 128, 256)], out_dir=Path('/o'))\n"
+             "argv = plan_workload(c, c.workloads[0], 'm', kv_values=10).commands[0].argv\n"
+             "print(argv[argv.index('--kv-cache-memory') + 1], 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(512 * 10 * 2), "False"]  # bf16 K/V under int4

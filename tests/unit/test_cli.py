@@ -37,8 +37,8 @@ def test_loading_the_engine_freezes_what_it_loaded(monkeypatch):
     them out of the collector's reach once the engine is up."""
     import gc
 
+    from lmserve import memory
     from lmserve.engine import async_engine, engine
-    from lmserve.weights import load
 
     loaded = [[i] for i in range(1000)]  # stands for the model's objects (lists: always tracked)
     monkeypatch.setattr(engine.LLMEngine, "from_config", classmethod(lambda cls, config: loaded))
@@ -51,12 +51,15 @@ def test_loading_the_engine_freezes_what_it_loaded(monkeypatch):
     state = State()
     config = type("Config", (), {"model_path": "m.gguf", "served_model_name": "m"})()
     trimmed = []  # and the heap pages the loading freed (the GGUF reader's) go back to the OS
-    monkeypatch.setattr(load, "return_freed_memory", lambda: trimmed.append(gc.get_freeze_count()))
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: trimmed.append(gc.get_freeze_count()))
+    released = []  # then the library pages only start-up touched
+    monkeypatch.setattr(memory, "release_startup_pages", lambda: released.append(len(trimmed)) or 0)
     assert any(o is loaded[0] for o in gc.get_objects())
     try:
         cli._load_engine(config, state)
         assert state.engine == ("engine", loaded)
         assert len(trimmed) == 1 and trimmed[0] >= len(loaded)  # once, after the collection
+        assert released == [1]  # once, after the trim
         assert gc.get_freeze_count() >= len(loaded)
         assert not any(o is loaded[0] for o in gc.get_objects())  # frozen objects are not collected
     finally:
