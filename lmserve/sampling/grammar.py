@@ -3,19 +3,28 @@
 Backed by xgrammar: its compiler caches compiled grammars and precomputes per-state token masks,
 so filling a row's mask costs microseconds and applying the masks of a whole batch well under a
 millisecond (measured on the 49k-token SmolLM2 vocabulary), far below a forward step.
+
+xgrammar is imported, and its view of the vocabulary built, by the first request that carries a
+constraint (~1.5 s once, in that request's worker thread): importing it pulls in transformers and
+huggingface_hub, ~33 MiB resident for the server's whole life, which a server that never sees a
+constraint does not need.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
 
 from lmserve.request import GrammarSpec
 from lmserve.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 
 class GrammarError(ValueError):
@@ -38,16 +47,34 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1,
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.num_threads = num_threads
+        self.cache_limit_bytes = cache_bytes
+        self._built: xgr.GrammarCompiler | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _compiler(self) -> xgr.GrammarCompiler:
+        """xgrammar's compiler, built on first use (see the module's docstring)."""
+        if self._built is None:
+            with self._lock:
+                if self._built is None:
+                    self._built = self._build()
+        return self._built
+
+    def _build(self) -> xgr.GrammarCompiler:
+        import xgrammar as xgr
+
         # Special tokens get no bytes: the grammar can never emit them as text (a masked
         # <|im_end|> inside a JSON string would vanish from the decoded output). Stop tokens
         # are still allowed once the grammar is complete. Tool-call and reasoning markers keep
         # their text, so a grammar can write [TOOL_CALLS] as the one token the model was trained on.
-        vocab = [_grammar_bytes(tokenizer, i) for i in range(tokenizer.vocab_size)]
-        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size,
-                                 stop_token_ids=sorted(tokenizer.eos_token_ids))
-        self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(info, max_threads=num_threads, cache_enabled=True,
-                                             cache_limit_bytes=cache_bytes)
+        vocab = [_grammar_bytes(self.tokenizer, i) for i in range(self.tokenizer.vocab_size)]
+        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                 stop_token_ids=sorted(self.tokenizer.eos_token_ids))
+        return xgr.GrammarCompiler(info, max_threads=self.num_threads, cache_enabled=True,
+                                   cache_limit_bytes=self.cache_limit_bytes)
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """The compiled grammar for `spec`; GrammarError if it is invalid."""
@@ -73,9 +100,11 @@ class GrammarCompiler:
     @property
     def cache_bytes(self) -> int:
         """Memory held by the cache of compiled grammars now."""
-        return self._compiler.get_cache_size_bytes()
+        return 0 if self._built is None else self._built.get_cache_size_bytes()
 
     def matcher(self, spec: GrammarSpec) -> xgr.GrammarMatcher:
+        import xgrammar as xgr
+
         return xgr.GrammarMatcher(self.compile(spec))
 
 
@@ -110,6 +139,8 @@ class GrammarMask:
     @classmethod
     def fill(cls, matchers: dict[int, xgr.GrammarMatcher], batch_size: int, vocab_size: int) -> GrammarMask:
         """Masks of the next token for each batch row -> matcher."""
+        import xgrammar as xgr
+
         bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
         for row, matcher in matchers.items():
             matcher.fill_next_token_bitmask(bitmask, row)
@@ -117,5 +148,7 @@ class GrammarMask:
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set disallowed tokens to -inf in the constrained rows, in place."""
+        import xgrammar as xgr
+
         xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device), indices=self.rows,
                                         vocab_size=self.vocab_size)

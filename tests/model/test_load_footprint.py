@@ -83,3 +83,29 @@ def test_a_missing_tensor_fails_before_any_is_read(tmp_path, monkeypatch):
 def _without(read, name):
     config, tensors, freqs = read
     return config, load.LazyTensors({n: tensors._readers[n] for n in tensors if n != name}), freqs
+
+
+ENGINE_PROBE = """
+import sys
+from lmserve.cli import default_model_path
+from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.engine.engine import LLMEngine
+from lmserve.request import GrammarSpec
+import lmserve.server.app
+engine = LLMEngine.from_config(EngineConfig(str(default_model_path()), "m", cache=CacheConfig(16, 8 << 20),
+                                            scheduler=SchedulerConfig(max_model_len=64)))
+heavy = ("xgrammar", "transformers", "huggingface_hub")
+print(" ".join(m for m in heavy if m in sys.modules))
+compiled = engine.runner.grammar.compile(GrammarSpec("regex", "(yes|no)"))
+print(type(compiled).__module__.split(".")[0], " ".join(m for m in heavy if m in sys.modules))
+"""
+
+
+def test_xgrammar_is_imported_by_the_first_constraint_not_at_start():
+    """Importing xgrammar brings transformers and huggingface_hub (~33 MiB resident): a server
+    imports it when a request first carries a constraint, not at start-up."""
+    done = subprocess.run([sys.executable, "-c", ENGINE_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    at_start, after_compile = done.stdout.splitlines()
+    assert at_start == ""
+    assert after_compile.split() == ["xgrammar", "xgrammar", "transformers", "huggingface_hub"]
