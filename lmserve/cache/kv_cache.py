@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from lmserve.model.config import ModelConfig
@@ -18,7 +21,18 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dty
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                        device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (keys, values) pair per layer, each (num_kv_heads, num_blocks * block_size, head_dim)."""
+    """One (keys, values) pair per layer, each (num_kv_heads, num_blocks * block_size, head_dim),
+    all zeros. On the CPU they lie in anonymous mappings: the kernel's zero pages, committed one page
+    at a time as blocks are first written, so the budget's unused part costs no resident memory
+    (a server started with the default 1 GiB budget holds only what its requests have used)."""
     shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    return [(_zeros(shape, dtype, torch.device(device)), _zeros(shape, dtype, torch.device(device)))
             for _ in range(config.num_hidden_layers)]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    pages = mmap.mmap(-1, max(nbytes, 1))  # anonymous, private, zero-filled; the tensor keeps it alive
+    return torch.frombuffer(pages, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)

@@ -5,7 +5,7 @@ so filling a row's mask costs microseconds and applying the masks of a whole bat
 millisecond (measured on the 49k-token SmolLM2 vocabulary), far below a forward step.
 
 xgrammar is imported, and its view of the vocabulary built, by the first request that carries a
-constraint (~1.5 s once, in that request's worker thread): importing it pulls in transformers and
+constraint (~0.8 s once, in that request's worker thread): importing it pulls in transformers and
 huggingface_hub, ~33 MiB resident for the server's whole life, which a server that never sees a
 constraint does not need.
 """
