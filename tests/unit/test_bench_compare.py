@@ -50,21 +50,30 @@ def test_lmserve_kv_budget_holds_the_same_tokens_in_bf16():
         assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100 * 2)
 
 
-def test_planning_imports_no_torch():
-    """The benchmark process must not map libtorch: pages it touched would be shared with the
-    server's, which then could not release the ones only its start-up used, and are counted by both."""
+def test_the_driver_maps_none_of_the_servers_libraries():
+    """The benchmark process must not map libtorch, numpy or lmserve's server stack: pages of
+    them it touched would be shared with the lmserve server's, which then could not release the
+    ones only its start-up used, and its RSS would count them. The KV sizes are read in a child."""
     import subprocess
     import sys
+
+    from lmserve.cli import default_model_path
 
     probe = ("import sys\n"
              "from pathlib import Path\n"
              "import bench.__main__\n"
-             "from bench.compare import CompareConfig, plan_workload\n"
+             "from bench.compare import CompareConfig, kv_sizes_apart, plan_workload\n"
              "from bench.workloads import Workload\n"
-             "c = CompareConfig(Path('/m.gguf'), Path('/l'), Path('/v'), lmserve_args=['--dtype', 'int4'],\n"
+             "c = CompareConfig(Path(sys.argv[1]), Path('/l'), Path('/v'), lmserve_args=['--dtype', 'int4'],\n"
              "                  workloads=[Workload('decode-c1', 'decode', 1, 4, 128, 256)], out_dir=Path('/o'))\n"
-             "argv = plan_workload(c, c.workloads[0], 'm', kv_values=10).commands[0].argv\n"
-             "print(argv[argv.index('--kv-cache-memory') + 1], 'torch' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+             "values, value_bytes = kv_sizes_apart(c)\n"
+             "argv = plan_workload(c, c.workloads[0], 'm', values, value_bytes).commands[0].argv\n"
+             "print(values, value_bytes, argv[argv.index('--kv-cache-memory') + 1])\n"
+             "print(' '.join(m for m in ('torch', 'numpy', 'gguf', 'lmserve', 'fastapi', 'pydantic') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(default_model_path())], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(512 * 10 * 2), "False"]  # bf16 K/V under int4
+    sizes, imported = (done.stdout.splitlines() + [""])[:2]
+    values = 2 * 30 * 3 * 64  # SmolLM2-135M: 30 layers, 3 KV heads of 64
+    assert sizes.split() == [str(values), "2", str(512 * values * 2)]  # bf16 K/V under int4
+    assert imported == ""
