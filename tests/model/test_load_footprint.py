@@ -109,3 +109,33 @@ def test_xgrammar_is_imported_by_the_first_constraint_not_at_start():
     at_start, after_compile = done.stdout.splitlines()
     assert at_start == ""
     assert after_compile.split() == ["xgrammar", "xgrammar", "transformers", "huggingface_hub"]
+
+
+KERNELS_PROBE = """
+import sys
+from lmserve.kernels import build_directory, native_module
+module = native_module()
+print((build_directory() / "lmserve_native.so").is_file(), module is not None and hasattr(module, "paged_decode_attention"))
+print(" ".join(m for m in ("setuptools", "distutils", "torch.utils.cpp_extension") if m in sys.modules))
+"""
+
+
+def test_built_kernels_load_without_the_build_tooling():
+    """Set-up builds the kernels once; a server then imports the built module directly, not
+    through torch's `load`, which imports setuptools and ~90 modules to find it up to date."""
+    done = subprocess.run([sys.executable, "-c", KERNELS_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    built, imported = (done.stdout.splitlines() + [""])[:2]
+    assert built == "True True"
+    assert imported == ""
+
+
+def test_a_broken_built_module_is_built_again(tmp_path):
+    """A file left by a build cut short does not import: `_import_built` says so (None) and
+    `native_module` goes on to torch's `load`, which builds it again."""
+    from lmserve.kernels import _import_built
+
+    broken = tmp_path / "lmserve_native.so"
+    broken.write_bytes(b"\x7fELF cut short")
+    assert _import_built(broken) is None
+    assert _import_built(tmp_path / "absent.so") is None
