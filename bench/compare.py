@@ -108,15 +108,14 @@ class Plan:
     commands: tuple[ServerCommand, ...]
 
 
-def plan_workload(config: CompareConfig, workload: Workload, model: str, kv_values: int,
-                  kv_value_bytes: int | None = None) -> Plan:
+def plan_workload(config: CompareConfig, workload: Workload, model: str, kv_token_bytes: int) -> Plan:
+    """`kv_token_bytes`: lmserve's KV cache bytes per token (kv_bytes_per_token)."""
     logs = config.out_dir / "logs"
     # The same per-sequence context and KV capacity in tokens as llama.cpp's slots and -c (lmserve
     # needs its budget to hold max_model_len). Later --lmserve-args override these: argparse's last wins.
     defaults = ["--threads", str(config.threads), "--max-model-len", str(slot_tokens(workload)),
                 "--kv-cache-memory",
-                str(llama_context_tokens(workload) * kv_values
-                    * (kv_value_bytes or lmserve_kv_value_bytes(config.lmserve_args)))]
+                str(llama_context_tokens(workload) * kv_token_bytes)]
     max_num_seqs = max(w.concurrency for w in config.workloads)
     lmserve_port, llama_port = free_ports(2)
     lmserve = lmserve_command(config.lmserve, config.gguf, model, lmserve_port, max_num_seqs,
@@ -134,28 +133,28 @@ def run_compare(config: CompareConfig, on_level: Callable[[Runs], None] = lambda
     (to save partial results: a full comparison takes a while)."""
     check_binaries(config)
     model = config.gguf.stem
-    kv_values, kv_value_bytes = kv_sizes_apart(config)
+    kv_token_bytes = kv_bytes_per_token_apart(config)
     runs: Runs = {label: [] for label in SERVERS}
     for workload in config.workloads:
-        for command in plan_workload(config, workload, model, kv_values, kv_value_bytes).commands:
+        for command in plan_workload(config, workload, model, kv_token_bytes).commands:
             runs[command.label].append(_measure(command, workload, model, config.options))
             on_level(runs)
     return runs
 
 
-def kv_sizes_apart(config: CompareConfig) -> tuple[int, int]:
-    """K/V values per token of the model and bytes per value under lmserve's arguments, worked out
-    in a child process. Reading them imports numpy, gguf and lmserve's CLI (with FastAPI and
+def kv_bytes_per_token_apart(config: CompareConfig) -> int:
+    """kv_bytes_per_token, worked out in a child process. Reading them imports numpy, gguf and lmserve's CLI (with FastAPI and
     pydantic): were they mapped in this process, their libraries' pages would be shared with the
     measured lmserve server, which could not release the ones only its start-up touched, and
     its RSS would count them (~16 MiB at one stream; llama-server maps none of them)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_kv_sizes, config.gguf, config.lmserve_args).result()
+        return pool.submit(kv_bytes_per_token, config.gguf, config.lmserve_args).result()
 
 
-def _kv_sizes(gguf: Path, lmserve_args: list[str]) -> tuple[int, int]:
-    return kv_values_per_token(gguf), lmserve_kv_value_bytes(lmserve_args)
+def kv_bytes_per_token(gguf: Path, lmserve_args: list[str]) -> int:
+    """lmserve's KV cache bytes per token of this model under these arguments."""
+    return kv_values_per_token(gguf) * lmserve_kv_value_bytes(lmserve_args)
 
 
 def _measure(command: ServerCommand, workload: Workload, model: str, options: RunOptions) -> LevelRun:

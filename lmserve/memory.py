@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (file pages are re-read when touched again)
 
 

@@ -12,7 +12,7 @@ from lmserve.model.config import ModelConfig
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-    return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+    return per_token * block_size * dtype.itemsize
 
 
 def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
@@ -26,13 +26,12 @@ def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dt
     at a time as blocks are first written, so the budget's unused part costs no resident memory
     (a server started with the default 1 GiB budget holds only what its requests have used)."""
     shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
-    return [(_zeros(shape, dtype, torch.device(device)), _zeros(shape, dtype, torch.device(device)))
-            for _ in range(config.num_hidden_layers)]
+    return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(config.num_hidden_layers)]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-    pages = mmap.mmap(-1, max(nbytes, 1))  # anonymous, private, zero-filled; the tensor keeps it alive
+    nbytes = math.prod(shape) * dtype.itemsize
+    pages = mmap.mmap(-1, nbytes)  # anonymous, private, zero-filled; the tensor keeps it alive
     return torch.frombuffer(pages, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)

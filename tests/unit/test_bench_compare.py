@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from bench.compare import CompareConfig, plan_workload
+from bench.compare import CompareConfig, lmserve_kv_value_bytes, plan_workload
 from bench.workloads import Workload
 
 DECODE = Workload("decode-c4", "decode", 4, 8, 128, 256)
@@ -18,12 +18,12 @@ def option(argv: list[str], name: str) -> str:
 
 
 def test_both_servers_get_the_same_slots_and_kv_capacity():
-    plan = plan_workload(config(), DECODE, "model", kv_values=100)
+    plan = plan_workload(config(), DECODE, "model", kv_token_bytes=100 * 4)
     lmserve, llama = plan.commands
     assert (lmserve.label, llama.label) == ("lmserve", "llama.cpp")
     assert lmserve.argv[:3] == ["/v/lmserve", "serve", "/m/model.gguf"]
     assert option(lmserve.argv, "--max-model-len") == "512"  # 128 + 256, rounded up to 256
-    assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100 * 4)  # float32 values by default
+    assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100 * 4)  # the slots' tokens
     assert option(lmserve.argv, "--max-num-seqs") == "16"  # the largest concurrency of the set
     assert option(llama.argv, "--parallel") == "4" and option(llama.argv, "-c") == str(4 * 512)
     assert option(llama.argv, "-t") == "2" and option(lmserve.argv, "--threads") == "2"
@@ -32,22 +32,23 @@ def test_both_servers_get_the_same_slots_and_kv_capacity():
 
 
 def test_llama_server_args_come_last():
-    llama = plan_workload(config(llama_server_args=["--no-repack"]), DECODE, "model", kv_values=100).commands[1]
+    llama = plan_workload(config(llama_server_args=["--no-repack"]), DECODE, "model", kv_token_bytes=400).commands[1]
     assert llama.argv[-1] == "--no-repack"
 
 
 def test_lmserve_args_come_last_so_they_override_the_defaults():
     lmserve = plan_workload(config(lmserve_args=["--kv-cache-memory", "2GiB", "--dtype", "bfloat16"]),
-                            SHARED, "model", kv_values=100).commands[0]
+                            SHARED, "model", kv_token_bytes=400).commands[0]
     assert option(lmserve.argv, "--kv-cache-memory") == "2GiB" and lmserve.argv[-2:] == ["--dtype", "bfloat16"]
     assert option(lmserve.argv, "--max-model-len") == "1792"
 
 
-def test_lmserve_kv_budget_holds_the_same_tokens_in_bf16():
-    """Under a bf16 KV cache lmserve gets half the bytes: the same tokens as llama.cpp's slots."""
-    for args in (["--dtype", "int4"], ["--dtype=bfloat16"]):
-        lmserve = plan_workload(config(lmserve_args=args), DECODE, "model", kv_values=100).commands[0]
-        assert option(lmserve.argv, "--kv-cache-memory") == str(4 * 512 * 100 * 2)
+def test_lmserve_kv_values_take_the_bytes_of_its_dtype():
+    """float32 values by default; under a bf16 KV cache (bfloat16, int8, int4) half the bytes, so
+    the budget holds the same tokens as llama.cpp's slots."""
+    assert lmserve_kv_value_bytes([]) == 4
+    for args in (["--dtype", "int4"], ["--dtype=bfloat16"], ["--threads", "2", "--dtype", "int8"]):
+        assert lmserve_kv_value_bytes(args) == 2
 
 
 def test_the_driver_maps_none_of_the_servers_libraries():
@@ -62,18 +63,18 @@ def test_the_driver_maps_none_of_the_servers_libraries():
     probe = ("import sys\n"
              "from pathlib import Path\n"
              "import bench.__main__\n"
-             "from bench.compare import CompareConfig, kv_sizes_apart, plan_workload\n"
+             "from bench.compare import CompareConfig, kv_bytes_per_token_apart, plan_workload\n"
              "from bench.workloads import Workload\n"
              "c = CompareConfig(Path(sys.argv[1]), Path('/l'), Path('/v'), lmserve_args=['--dtype', 'int4'],\n"
              "                  workloads=[Workload('decode-c1', 'decode', 1, 4, 128, 256)], out_dir=Path('/o'))\n"
-             "values, value_bytes = kv_sizes_apart(c)\n"
-             "argv = plan_workload(c, c.workloads[0], 'm', values, value_bytes).commands[0].argv\n"
-             "print(values, value_bytes, argv[argv.index('--kv-cache-memory') + 1])\n"
+             "token_bytes = kv_bytes_per_token_apart(c)\n"
+             "argv = plan_workload(c, c.workloads[0], 'm', token_bytes).commands[0].argv\n"
+             "print(token_bytes, argv[argv.index('--kv-cache-memory') + 1])\n"
              "print(' '.join(m for m in ('torch', 'numpy', 'gguf', 'lmserve', 'fastapi', 'pydantic') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", probe, str(default_model_path())], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     sizes, imported = (done.stdout.splitlines() + [""])[:2]
     values = 2 * 30 * 3 * 64  # SmolLM2-135M: 30 layers, 3 KV heads of 64
-    assert sizes.split() == [str(values), "2", str(512 * values * 2)]  # bf16 K/V under int4
+    assert sizes.split() == [str(values * 2), str(512 * values * 2)]  # bf16 K/V under int4
     assert imported == ""
