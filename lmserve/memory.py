@@ -18,7 +18,7 @@ MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (file pages are re-read
 def return_freed_memory() -> None:
     """Hand freed heap pages back to the OS, which glibc keeps otherwise: after the weights load, the
     float32 staging copies (~160 MB of resident memory on the default model); once the server's
-    engine is up, the GGUF reader's objects (~15 MiB more)."""
+    engine is up, whatever else loading freed."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do

@@ -211,7 +211,7 @@ def _tiny_sentencepiece() -> Tokenizer:
         "tokenizer.ggml.eos_token_id": 2,
         "tokenizer.ggml.unknown_token_id": 0,
     }
-    return Tokenizer.from_gguf(GGUFFile(path=Path("memory.gguf"), reader=None, metadata=metadata))
+    return Tokenizer.from_gguf(GGUFFile(path=Path("memory.gguf"), tensors=[], metadata=metadata))
 
 
 def test_sentencepiece_first_space_is_stripped_like_decode():

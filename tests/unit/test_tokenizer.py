@@ -363,7 +363,7 @@ def test_spm_prefixes_space_after_special_tokens_like_llama_cpp(spm_model, spm_t
 
 
 def _memory_gguf(**metadata) -> GGUFFile:
-    return GGUFFile(path=Path("memory.gguf"), reader=None, metadata=metadata)
+    return GGUFFile(path=Path("memory.gguf"), tensors=[], metadata=metadata)
 
 
 def _byte_vocab_gguf(pre: str) -> GGUFFile:

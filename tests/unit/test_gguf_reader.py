@@ -1,0 +1,146 @@
+"""lmserve's GGUF header parser against the gguf package's reader, and its errors on bad files."""
+
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+from lmserve.weights.gguf import GGUFFile, UnsupportedModelError
+
+T = gguf.GGUFValueType
+
+VALUES = {
+    "v.u8": (200, T.UINT8), "v.i8": (-100, T.INT8), "v.u16": (60000, T.UINT16), "v.i16": (-30000, T.INT16),
+    "v.u32": (4_000_000_000, T.UINT32), "v.i32": (-2_000_000_000, T.INT32), "v.f32": (0.1, T.FLOAT32),
+    "v.bool": (True, T.BOOL), "v.false": (False, T.BOOL), "v.str": ("héllo <|im_start|>", T.STRING),
+    "v.u64": (2**63 + 5, T.UINT64), "v.i64": (-(2**62), T.INT64), "v.f64": (1e-300, T.FLOAT64),
+    "v.empty": ("", T.STRING),
+    "a.ints": ([1, -2, 3], T.ARRAY, T.INT32), "a.floats": ([0.5, -1.25, 1e-3], T.ARRAY, T.FLOAT32),
+    "a.strs": (["Ġthe", "", "日本"], T.ARRAY, T.STRING), "a.bools": ([True, False], T.ARRAY, T.BOOL),
+    "a.u8": ([0, 255], T.ARRAY, T.UINT8),
+}
+
+
+def _write(path, alignment=None, with_values=True):
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if alignment:
+        writer.add_custom_alignment(alignment)
+    if with_values:
+        for key, (value, vtype, *sub) in VALUES.items():
+            writer.add_key_value(key, value, vtype, sub[0] if sub else None)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("f32", rng.standard_normal((3, 5)).astype(np.float32))
+    writer.add_tensor("f16", rng.standard_normal((2, 4)).astype(np.float16))
+    weights = rng.standard_normal((4, 64)).astype(np.float32)
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1):
+        writer.add_tensor(qtype.name.lower(), gguf.quants.quantize(weights, qtype), raw_dtype=qtype)
+    writer.add_tensor("vector", np.arange(7, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _reference(path):
+    reader = gguf.GGUFReader(str(path))
+    metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return metadata, reader.tensors
+
+
+@pytest.mark.parametrize("alignment", [None, 64, 4096])
+def test_metadata_and_tensors_match_the_gguf_package(tmp_path, alignment):
+    path = _write(tmp_path / "m.gguf", alignment)
+    ours = GGUFFile.open(path)
+    metadata, tensors = _reference(path)
+    assert ours.metadata == metadata
+    assert {k: type(v) for k, v in ours.metadata.items()} == {k: type(v) for k, v in metadata.items()}
+    assert ours.metadata["a.floats"] == [0.5, -1.25, float(np.float32(1e-3))]  # float32, widened
+    assert ours.metadata["v.u64"] == 2**63 + 5 and ours.metadata["v.str"] == "héllo <|im_start|>"
+    assert [t.name for t in ours.tensors] == ["f32", "f16", "q8_0", "q4_1", "vector"]
+    for mine, ref in zip(ours.tensors, tensors, strict=True):
+        assert (mine.name, mine.tensor_type, mine.shape) == (ref.name, ref.tensor_type, tuple(int(d) for d in ref.shape))
+        assert mine.data.dtype == ref.data.dtype and mine.data.shape == ref.data.shape
+        np.testing.assert_array_equal(mine.data, ref.data)
+    np.testing.assert_array_equal(ours.read_tensor("vector"), np.arange(7, dtype=np.float32))
+
+
+def test_nested_arrays_read_as_lists_of_lists(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "n.gguf"), "llama")
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.add_array("nested_strs", [["a", "b"], ["c"]])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    metadata = GGUFFile.open(tmp_path / "n.gguf").metadata
+    assert metadata["nested"] == [[1, 2], [3]] and metadata["nested_strs"] == [["a", "b"], ["c"]]
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile.open(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("keep", [6, 30, 300])
+def test_a_header_cut_short_is_named_truncated(tmp_path, keep):
+    raw = _write(tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(raw[:keep])
+    with pytest.raises(ValueError, match="truncated or not a valid GGUF"):
+        GGUFFile.open(tmp_path / "cut.gguf")
+
+
+def test_tensor_data_cut_short_is_named_truncated(tmp_path):
+    raw = _write(tmp_path / "m.gguf", with_values=False).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(raw[:-8])  # the last tensor loses its last two floats
+    with pytest.raises(ValueError, match="truncated: tensor 'vector'"):
+        GGUFFile.open(tmp_path / "cut.gguf")
+
+
+@pytest.mark.parametrize("version, message", [
+    (struct.pack("<I", 1), "GGUF version 1"),
+    (struct.pack(">I", 3), "big-endian"),
+])
+def test_unsupported_versions_are_refused_by_name(tmp_path, version, message):
+    raw = bytearray(_write(tmp_path / "m.gguf").read_bytes())
+    raw[4:8] = version
+    (tmp_path / "v.gguf").write_bytes(bytes(raw))
+    with pytest.raises(UnsupportedModelError, match=message):
+        GGUFFile.open(tmp_path / "v.gguf")
+
+
+def test_unknown_value_and_tensor_types_are_named(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "u.gguf"), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    raw = bytearray((tmp_path / "u.gguf").read_bytes())
+    # The one value is general.architecture = "llama": its type id follows the key.
+    at = raw.index(b"general.architecture") + len(b"general.architecture")
+    raw[at:at + 4] = struct.pack("<I", 77)
+    (tmp_path / "bad.gguf").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="unknown metadata value type 77"):
+        GGUFFile.open(tmp_path / "bad.gguf")
+
+    raw = bytearray(_write(tmp_path / "m.gguf", with_values=False).read_bytes())
+    at = raw.index(b"vector") + len(b"vector")  # name, then n_dims (4), one dim (8), the type id
+    raw[at + 12:at + 16] = struct.pack("<I", 250)
+    (tmp_path / "t.gguf").write_bytes(bytes(raw))
+    with pytest.raises(UnsupportedModelError, match="'vector' has tensor type 250"):
+        GGUFFile.open(tmp_path / "t.gguf")
+
+
+def test_the_default_model_reads_as_the_gguf_package_reads_it():
+    from lmserve.cli import default_model_path
+
+    path = default_model_path()
+    ours = GGUFFile.open(path)
+    metadata, tensors = _reference(path)
+    assert ours.metadata == metadata and len(ours.metadata["tokenizer.ggml.tokens"]) == 49152
+    assert [(t.name, t.tensor_type, t.shape, t.data.shape) for t in ours.tensors] == [
+        (t.name, t.tensor_type, tuple(int(d) for d in t.shape), t.data.shape) for t in tensors]
+    for mine, ref in zip(ours.tensors, tensors):
+        assert mine.data.ctypes.data - ours.tensors[0].data.ctypes.data == ref.data_offset - tensors[0].data_offset
+    np.testing.assert_array_equal(ours.tensors[-1].data, tensors[-1].data)
