@@ -9,6 +9,7 @@ heap). Dequantization is the gguf package's.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,7 @@ class _Header:
             except ValueError:
                 raise UnsupportedModelError(f"tensor {name!r} has tensor type {type_id}, unknown to lmserve") from None
             block_size, type_size = GGML_QUANT_SIZES[qtype]
-            count = int(np.prod(dims, dtype=np.int64))
+            count = math.prod(dims)  # Python ints: a corrupt size cannot wrap around
             if count % block_size:
                 raise ValueError(f"tensor {name!r}: {count} values do not fill {qtype.name} blocks of {block_size}")
             first = start + offset

@@ -144,3 +144,30 @@ def test_the_default_model_reads_as_the_gguf_package_reads_it():
     for mine, ref in zip(ours.tensors, tensors):
         assert mine.data.ctypes.data - ours.tensors[0].data.ctypes.data == ref.data_offset - tensors[0].data_offset
     np.testing.assert_array_equal(ours.tensors[-1].data, tensors[-1].data)
+
+
+def test_damaged_headers_fail_with_value_errors_only(tmp_path):
+    """Seeded damage to the header (bytes, sizes, cuts) yields a file or a ValueError, never another
+    exception type, a hang or a huge allocation: the server reports a bad model file cleanly."""
+    import random
+
+    raw = _write(tmp_path / "m.gguf").read_bytes()
+    header_end = raw.index(b"vector") + 40
+    rng = random.Random(0)
+    outcomes = {"parsed": 0, "refused": 0}
+    for _ in range(300):
+        damaged = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(8, header_end)
+            if rng.random() < 0.5:
+                damaged[at] = rng.randrange(256)
+            else:
+                damaged[at:at + 8] = struct.pack("<Q", rng.choice([2**63 - 1, 2**40, 2**32 + 1, rng.randrange(2**64)]))
+        cut = len(damaged) if rng.random() < 0.7 else rng.randrange(8, len(damaged))
+        (tmp_path / "d.gguf").write_bytes(bytes(damaged[:cut]))
+        try:
+            GGUFFile.open(tmp_path / "d.gguf")
+            outcomes["parsed"] += 1
+        except ValueError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 200 and sum(outcomes.values()) == 300
