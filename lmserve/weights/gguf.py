@@ -28,6 +28,11 @@ SUPPORTED_QUANT_TYPES = frozenset(
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+# Sanity bounds for damaged or hostile files. The largest vocabularies have ~260k entries; a
+# scalar array costs ~16 bytes of Python objects per item, so an unbounded count could cost 16x
+# the file. Arrays of arrays do not occur in models at all.
+MAX_ARRAY_ITEMS = 1 << 24
+MAX_ARRAY_NESTING = 8
 # Metadata value types (GGUF spec): struct codes of the scalars; 8 is a string, 9 an array.
 _SCALAR_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -115,7 +120,7 @@ class _Header:
             raise ValueError(f"{self.name!r} is not a GGUF file (no GGUF magic number at its start)")
         self.pos = 4
         version = self._take("I")
-        if version & 0xFFFF == 0:  # the version's bytes are swapped: written big-endian
+        if version & 0xFFFF == 0 and version:  # the version's bytes are swapped: written big-endian
             raise UnsupportedModelError(f"{self.name!r} is a big-endian GGUF file; lmserve reads little-endian ones")
         if version not in SUPPORTED_VERSIONS:
             raise UnsupportedModelError(f"{self.name!r} is GGUF version {version}; lmserve reads versions 2 and 3")
@@ -123,6 +128,8 @@ class _Header:
         metadata = {}
         for _ in range(n_values):
             key = self._string()
+            if key in metadata:
+                raise ValueError(f"{self.name!r} holds metadata key {key!r} twice")
             metadata[key] = self._value(self._take("I"))
         entries = []
         for _ in range(n_tensors):
@@ -132,7 +139,7 @@ class _Header:
             self.pos += 8 * n_dims
             entries.append((name, dims, self._take("I"), self._take("Q")))
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"{self.name!r}: general.alignment {alignment!r} is not a power of two")
         start = -(-self.pos // alignment) * alignment
         return metadata, self._tensors(data, start, entries)
@@ -148,6 +155,8 @@ class _Header:
             except ValueError:
                 raise UnsupportedModelError(f"tensor {name!r} has tensor type {type_id}, unknown to lmserve") from None
             block_size, type_size = GGML_QUANT_SIZES[qtype]
+            if any(d >= 1 << 40 for d in dims):
+                raise ValueError(f"{self.name!r}: tensor {name!r} has an impossible shape {list(dims)}")
             count = math.prod(dims)  # Python ints: a corrupt size cannot wrap around
             if count % block_size:
                 raise ValueError(f"tensor {name!r}: {count} values do not fill {qtype.name} blocks of {block_size}")
@@ -178,15 +187,19 @@ class _Header:
         self.pos = end
         return text
 
-    def _value(self, value_type: int) -> Any:
+    def _value(self, value_type: int, depth: int = 0) -> Any:
         if value_type == _STRING:
             return self._string()
         if value_type == _ARRAY:
             item_type, count = self._take("I"), self._take("Q")
+            if count > MAX_ARRAY_ITEMS:
+                raise ValueError(f"{self.name!r}: a metadata array of {count} items (at most {MAX_ARRAY_ITEMS} read)")
             if item_type == _STRING:
                 return [self._string() for _ in range(count)]
             if item_type == _ARRAY:
-                return [self._value(_ARRAY) for _ in range(count)]
+                if depth + 1 >= MAX_ARRAY_NESTING:
+                    raise ValueError(f"{self.name!r}: metadata arrays nested over {MAX_ARRAY_NESTING} deep")
+                return [self._value(_ARRAY, depth + 1) for _ in range(count)]
             code = self._code(item_type)
             items = struct.unpack_from(f"<{count}{code}", self.buffer, self.pos)
             self.pos += count * struct.calcsize(code)

@@ -171,3 +171,41 @@ def test_damaged_headers_fail_with_value_errors_only(tmp_path):
         except ValueError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 200 and sum(outcomes.values()) == 300
+
+
+def _metadata_file(path, *values):
+    """A GGUF with no tensors and these (key, type id, packed value) entries, written by hand."""
+    body = b"".join(struct.pack("<Q", len(k)) + k.encode() + struct.pack("<I", t) + v for k, t, v in values)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(values)) + body)
+    return path
+
+
+def test_hostile_metadata_is_refused(tmp_path, monkeypatch):
+    nested = struct.pack("<IQ", 9, 1) * 40 + struct.pack("<IQ", 5, 0)  # arrays 40 deep
+    with pytest.raises(ValueError, match="nested over 8 deep"):
+        GGUFFile.open(_metadata_file(tmp_path / "n.gguf", ("x", 9, nested)))
+    twice = ("tokenizer.ggml.model", 8, struct.pack("<Q", 4) + b"gpt2")
+    with pytest.raises(ValueError, match="'tokenizer.ggml.model' twice"):
+        GGUFFile.open(_metadata_file(tmp_path / "d.gguf", twice, twice))
+    with pytest.raises(ValueError, match="general.alignment True"):
+        GGUFFile.open(_metadata_file(tmp_path / "a.gguf", ("general.alignment", 7, b"\x01")))
+    monkeypatch.setattr("lmserve.weights.gguf.MAX_ARRAY_ITEMS", 100)
+    items = struct.pack("<IQ", 0, 101) + bytes(101)
+    with pytest.raises(ValueError, match="array of 101 items"):
+        GGUFFile.open(_metadata_file(tmp_path / "c.gguf", ("x", 9, items)))
+    assert GGUFFile.open(_metadata_file(tmp_path / "ok.gguf", ("x", 9, struct.pack("<IQ", 0, 100) + bytes(100)))).metadata == {"x": [0] * 100}
+
+
+def test_version_zero_is_not_called_big_endian(tmp_path):
+    (tmp_path / "v.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 0, 0, 0))
+    with pytest.raises(UnsupportedModelError, match="GGUF version 0"):
+        GGUFFile.open(tmp_path / "v.gguf")
+
+
+def test_an_impossible_tensor_shape_is_named(tmp_path):
+    raw = bytearray(_write(tmp_path / "m.gguf", with_values=False).read_bytes())
+    at = raw.index(b"vector") + len(b"vector")  # name, then n_dims (4), its one dim (8)
+    raw[at + 4:at + 12] = struct.pack("<Q", 2**50)
+    (tmp_path / "s.gguf").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="'vector' has an impossible shape"):
+        GGUFFile.open(tmp_path / "s.gguf")
