@@ -71,21 +71,13 @@ def check_binaries(config: CompareConfig) -> None:
 
 
 def kv_values_per_token(gguf: Path) -> int:
-    """K and V values per token (all layers), from the GGUF's shape."""
-    from gguf import GGUFReader
+    """K and V values per token (all layers), from the GGUF's shape as lmserve itself reads it."""
+    from lmserve.model.config import ModelConfig
+    from lmserve.weights.gguf import GGUFFile
 
-    fields = GGUFReader(gguf).fields
-
-    def value(key: str, default: int | None = None) -> int:
-        found = fields.get(key)
-        if found is None and default is None:
-            raise SystemExit(f"{gguf}: no {key} in its metadata; pass --kv-cache-memory in --lmserve-args")
-        return int(found.contents()) if found is not None else default
-
-    arch = str(fields["general.architecture"].contents())
-    num_heads = value(f"{arch}.attention.head_count")
-    head_dim = value(f"{arch}.attention.key_length", value(f"{arch}.embedding_length") // num_heads)
-    return 2 * value(f"{arch}.block_count") * value(f"{arch}.attention.head_count_kv", num_heads) * head_dim
+    file = GGUFFile.open(gguf)
+    config = ModelConfig.from_gguf(file.metadata, "output.weight" in file.tensor_names())
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
 
 
 def lmserve_kv_value_bytes(lmserve_args: list[str]) -> int:

@@ -35,6 +35,7 @@ MAX_ARRAY_ITEMS = 1 << 24
 MAX_ARRAY_NESTING = 8
 # Metadata value types (GGUF spec): struct codes of the scalars; 8 is a string, 9 an array.
 _SCALAR_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRUCTS = {code: struct.Struct("<" + code) for code in _SCALAR_CODES.values()}  # compiled once
 _STRING, _ARRAY = 8, 9
 _PLAIN_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
@@ -65,10 +66,9 @@ class GGUFFile:
     @classmethod
     def open(cls, path: str | Path) -> GGUFFile:
         """Raises ValueError for a file that is not a GGUF lmserve can read, naming the problem."""
-        data = np.memmap(path, dtype=np.uint8, mode="r")
-        header = _Header(memoryview(data), str(path))
+        header = _Header(np.memmap(path, dtype=np.uint8, mode="r"), str(path))
         try:
-            metadata, tensors = header.read(data)
+            metadata, tensors = header.read()
         except (struct.error, UnicodeDecodeError, IndexError) as exc:
             raise ValueError(f"{str(path)!r} is truncated or not a valid GGUF file ({exc})") from None
         return cls(Path(path), tensors, metadata)
@@ -110,12 +110,13 @@ class GGUFFile:
 class _Header:
     """A cursor over a GGUF file's header (little-endian, versions 2 and 3)."""
 
-    def __init__(self, buffer: memoryview, name: str):
-        self.buffer = buffer
+    def __init__(self, data: np.ndarray, name: str):
+        self.data = data  # the whole file, mapped: the tensors are views of it
+        self.buffer = memoryview(data)
         self.name = name
         self.pos = 0
 
-    def read(self, data: np.ndarray) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    def read(self) -> tuple[dict[str, Any], list[GGUFTensor]]:
         if bytes(self.buffer[:4]) != GGUF_MAGIC:
             raise ValueError(f"{self.name!r} is not a GGUF file (no GGUF magic number at its start)")
         self.pos = 4
@@ -142,9 +143,9 @@ class _Header:
         if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"{self.name!r}: general.alignment {alignment!r} is not a power of two")
         start = -(-self.pos // alignment) * alignment
-        return metadata, self._tensors(data, start, entries)
+        return metadata, self._tensors(start, entries)
 
-    def _tensors(self, data: np.ndarray, start: int, entries: list) -> list[GGUFTensor]:
+    def _tensors(self, start: int, entries: list) -> list[GGUFTensor]:
         tensors, seen = [], set()
         for name, dims, type_id, offset in entries:
             if name in seen:
@@ -162,10 +163,10 @@ class _Header:
                 raise ValueError(f"tensor {name!r}: {count} values do not fill {qtype.name} blocks of {block_size}")
             first = start + offset
             last = first + count // block_size * type_size
-            if last > len(data):
+            if last > len(self.data):
                 raise ValueError(f"{self.name!r} is truncated: tensor {name!r} ends past the end of the file")
             shape = tuple(reversed(dims))  # numpy's order: outermost first
-            raw = data[first:last]
+            raw = self.data[first:last]
             if qtype in _PLAIN_TYPES:
                 array = raw.view(_PLAIN_TYPES[qtype]).reshape(shape)
             else:
@@ -174,8 +175,9 @@ class _Header:
         return tensors
 
     def _take(self, code: str):
-        (value,) = struct.unpack_from("<" + code, self.buffer, self.pos)
-        self.pos += struct.calcsize(code)
+        unpack = _STRUCTS[code]
+        (value,) = unpack.unpack_from(self.buffer, self.pos)
+        self.pos += unpack.size
         return value
 
     def _string(self) -> str:

@@ -22,6 +22,13 @@ VALUES = {
 }
 
 
+def _finish(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _write(path, alignment=None, with_values=True):
     writer = gguf.GGUFWriter(str(path), "llama")
     if alignment:
@@ -36,10 +43,7 @@ def _write(path, alignment=None, with_values=True):
     for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1):
         writer.add_tensor(qtype.name.lower(), gguf.quants.quantize(weights, qtype), raw_dtype=qtype)
     writer.add_tensor("vector", np.arange(7, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 
@@ -47,6 +51,13 @@ def _reference(path):
     reader = gguf.GGUFReader(str(path))
     metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     return metadata, reader.tensors
+
+
+def _metadata_file(path, *values):
+    """A GGUF with no tensors and these (key, type id, packed value) entries, written by hand."""
+    body = b"".join(struct.pack("<Q", len(k)) + k.encode() + struct.pack("<I", t) + v for k, t, v in values)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(values)) + body)
+    return path
 
 
 @pytest.mark.parametrize("alignment", [None, 64, 4096])
@@ -70,10 +81,7 @@ def test_nested_arrays_read_as_lists_of_lists(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "n.gguf"), "llama")
     writer.add_array("nested", [[1, 2], [3]])
     writer.add_array("nested_strs", [["a", "b"], ["c"]])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     metadata = GGUFFile.open(tmp_path / "n.gguf").metadata
     assert metadata["nested"] == [[1, 2], [3]] and metadata["nested_strs"] == [["a", "b"], ["c"]]
 
@@ -112,17 +120,8 @@ def test_unsupported_versions_are_refused_by_name(tmp_path, version, message):
 
 
 def test_unknown_value_and_tensor_types_are_named(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "u.gguf"), "llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
-    raw = bytearray((tmp_path / "u.gguf").read_bytes())
-    # The one value is general.architecture = "llama": its type id follows the key.
-    at = raw.index(b"general.architecture") + len(b"general.architecture")
-    raw[at:at + 4] = struct.pack("<I", 77)
-    (tmp_path / "bad.gguf").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="unknown metadata value type 77"):
-        GGUFFile.open(tmp_path / "bad.gguf")
+        GGUFFile.open(_metadata_file(tmp_path / "bad.gguf", ("general.architecture", 77, b"llama")))
 
     raw = bytearray(_write(tmp_path / "m.gguf", with_values=False).read_bytes())
     at = raw.index(b"vector") + len(b"vector")  # name, then n_dims (4), one dim (8), the type id
@@ -171,13 +170,6 @@ def test_damaged_headers_fail_with_value_errors_only(tmp_path):
         except ValueError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 200 and sum(outcomes.values()) == 300
-
-
-def _metadata_file(path, *values):
-    """A GGUF with no tensors and these (key, type id, packed value) entries, written by hand."""
-    body = b"".join(struct.pack("<Q", len(k)) + k.encode() + struct.pack("<I", t) + v for k, t, v in values)
-    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(values)) + body)
-    return path
 
 
 def test_hostile_metadata_is_refused(tmp_path, monkeypatch):
