@@ -80,16 +80,18 @@ def kv_values_per_token(gguf: Path) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
 
 
-def lmserve_kv_value_bytes(lmserve_args: list[str]) -> int:
-    """Bytes per cached K/V value under these `lmserve serve` arguments, read with lmserve's own
-    parser and dtype table (float32 by default, bf16 under bfloat16/int8/int4, as llama.cpp's f16).
-    Without importing torch: the pages of libtorch this process touched would be shared with the
-    server's, and a server can then not release the ones only its start-up used."""
+def lmserve_kv_value_bytes(gguf: Path, lmserve_args: list[str]) -> int:
+    """Bytes per cached K/V value of this model under these `lmserve serve` arguments, read with
+    lmserve's own parser and dtype rules (--dtype auto by default; float32 values, or bf16 under
+    bfloat16/int8/int4, as llama.cpp's f16). Without importing torch: the pages of libtorch this
+    process touched would be shared with the server's, and a server can then not release the ones
+    only its start-up used."""
     from lmserve.cli import build_parser
     from lmserve.config import DTYPE_BYTES, DTYPE_NAMES
+    from lmserve.weights.dtype import serving_dtype
 
     args, _ = build_parser().parse_known_args(["serve", "model.gguf", *lmserve_args])
-    return DTYPE_BYTES[DTYPE_NAMES[args.dtype]]
+    return DTYPE_BYTES[DTYPE_NAMES[serving_dtype(gguf, args.dtype)]]
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def kv_bytes_per_token_apart(config: CompareConfig) -> int:
 
 def kv_bytes_per_token(gguf: Path, lmserve_args: list[str]) -> int:
     """lmserve's KV cache bytes per token of this model under these arguments."""
-    return kv_values_per_token(gguf) * lmserve_kv_value_bytes(lmserve_args)
+    return kv_values_per_token(gguf) * lmserve_kv_value_bytes(gguf, lmserve_args)
 
 
 def _measure(command: ServerCommand, workload: Workload, model: str, options: RunOptions) -> LevelRun:

@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from lmserve.config import CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
+from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.server.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -87,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory", type=parse_size, default=parse_size("1GiB"), help="KV cache budget, e.g. 512MiB")
     serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "int4"],
-                       help="matmul weights and KV cache; activations stay float32 (bfloat16: faster, not bit-exact; "
-                            "int8: int8 x int8 (W8A8) products; int4: the GGUF's 4-bit weights x int8 (W4A8) products at "
-                            "every step, the smallest; without AVX512-VNNI, int8 / int4 weights for steps of <= 4 / <= 8 "
-                            "tokens)")
+    serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="matmul weights and KV cache; activations stay float32 (auto: the checkpoint's own, "
+                            "e.g. int4 for a Q4 GGUF; float32: exact and batch-invariant; bfloat16: faster, not "
+                            "bit-exact; int8: int8 x int8 (W8A8) products; int4: 4-bit weights x int8 (W4A8) "
+                            "products, the smallest)")
     serve.add_argument("--threads", type=positive_int, help="torch threads for the engine (default: torch's)")
     serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
     serve.add_argument("--api-key-file", metavar="PATH", help="require the keys in this file: one per line, '#' comments")

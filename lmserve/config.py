@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The torch dtype, by name, of the weights that stay floating point and of the KV cache under each
-# `dtype` (the int8 and int4 kinds keep bf16 for both). Names, not torch dtypes: a process that only
-# plans servers (the benchmark) reads this without importing torch.
-DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
-               "int8": "bfloat16", "int4": "bfloat16"}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The serving dtypes, each with the torch dtype, by name, of the weights that stay floating point
+# and of the KV cache (the int8 and int4 kinds keep bf16 for both). Names, not torch dtypes: a
+# process that only plans servers (the benchmark) reads this without importing torch.
+DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "int8": "bfloat16", "int4": "bfloat16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# What --dtype takes: a serving dtype, or "auto" (the checkpoint's own; lmserve/weights/dtype.py).
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,15 @@ class SchedulerConfig:
 class EngineConfig:
     model_path: str
     served_model_name: str
-    dtype: str = "float32"  # matmul weights and KV cache (float32, bfloat16, int8, int4); activations and norms stay float32
+    dtype: str = "auto"  # matmul weights and KV cache (DTYPE_CHOICES); activations and norms stay float32
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads for the engine; None keeps torch's default
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "int8", "int4"):
-            raise ValueError(f"unsupported dtype {self.dtype!r} (float32, bfloat16, int8, int4)")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"unsupported dtype {self.dtype!r} ({', '.join(DTYPE_CHOICES)})")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ class LLMEngine:
         self.max_model_len = config.scheduler.max_model_len or model_len
         device = torch.device(config.device)
         block_size = config.cache.block_size
-        kv_dtype = DTYPES[config.dtype]  # the weights' dtype (bf16 under int8)
+        self.dtype = loaded.dtype  # what config.dtype chose ("auto" picks the checkpoint's own)
+        kv_dtype = DTYPES[loaded.dtype]  # the weights' dtype (bf16 under int8)
         num_blocks = num_blocks_for_budget(loaded.config, block_size, kv_dtype, config.cache.kv_cache_memory_bytes)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lmserve.cpu import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "int4_linear.cpp",
@@ -28,16 +30,6 @@ SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "d
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen
 # paths would not make (int8_linear.cpp matches model/int8.py bit for bit)
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as /proc/cpuinfo lists them (none where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return frozenset(next((line for line in cpuinfo if line.startswith("flags")), "").split(":", 1)[-1].split())
-    except OSError:
-        return frozenset()
 
 
 def build_directory() -> Path:

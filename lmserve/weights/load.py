@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lmserve.config import DTYPE_NAMES
+from lmserve.config import DTYPE_CHOICES, DTYPE_NAMES
 from lmserve.memory import return_freed_memory
 from lmserve.model.config import ModelConfig
 from lmserve.model.registry import build_model
 from lmserve.text.tokenizer import Tokenizer
+from lmserve.weights.dtype import choose_dtype, gguf_weight_type, hf_dtype_source
 from lmserve.weights.gguf import GGUFFile
 from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 
@@ -39,24 +40,31 @@ class LoadedModel:
     model: torch.nn.Module
     config: ModelConfig
     tokenizer: Tokenizer
+    dtype: str  # the serving dtype it was loaded in (never "auto")
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
                max_positions: int | None = None) -> LoadedModel:
-    """Load model and tokenizer from a `.gguf` file or a folder with config.json and *.safetensors."""
-    model, config, gguf = load_weights(path, dtype, device, max_positions)
+    """Load model and tokenizer from a `.gguf` file or a folder with config.json and *.safetensors.
+    `dtype` "auto" takes the checkpoint's own (lmserve/weights/dtype.py)."""
+    model, config, gguf, dtype = _load(path, dtype, device, max_positions)
     tokenizer = Tokenizer.from_gguf(gguf) if gguf is not None else Tokenizer.from_hf_folder(path)
-    return LoadedModel(model, config, tokenizer)
+    return LoadedModel(model, config, tokenizer, dtype)
 
 
 def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
                  max_positions: int | None = None) -> tuple[torch.nn.Module, ModelConfig, GGUFFile | None]:
     """The model alone; also the opened GGUF file (None for an HF folder) for the tokenizer.
     `dtype` is the matmul weights' and embedding table's dtype; activations and norms stay float32."""
+    model, config, gguf, _ = _load(path, dtype, device, max_positions)
+    return model, config, gguf
+
+
+def _load(path: str | Path, dtype: str, device: str, max_positions: int | None):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_CHOICES:
         raise ValueError(f"unsupported dtype {dtype!r}")
     gguf = None
     if path.is_dir():
@@ -64,8 +72,21 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
     else:
         gguf = GGUFFile.open(path)
         config, tensors, freqs = _read_gguf(gguf)
+    if dtype == "auto":
+        dtype = _auto_dtype(path, gguf, device)
     model = build_model(config, max_positions or config.max_position_embeddings, freqs)
     check_parameters(model, tensors)  # before any tensor is read: a missing one fails fast
+    return _fill(model, tensors, dtype, device), config, gguf, dtype
+
+
+def _auto_dtype(path: Path, gguf: GGUFFile | None, device: str) -> str:
+    source = hf_dtype_source(path) if gguf is None else "gguf:" + gguf_weight_type(gguf.tensors)
+    choice = choose_dtype(source, torch.device(device).type)
+    log.info("--dtype auto: %s", choice.reason)
+    return choice.dtype
+
+
+def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str) -> torch.nn.Module:
     quantized = dtype in ("int8", "int4") and torch.device(device).type == "cpu"
     if not quantized and dtype in ("int8", "int4"):  # the int8/int4 kernels are CPU ones
         log.warning("--dtype %s: no %s kernels on %s; serving bfloat16 weights", dtype, dtype, device)
@@ -89,7 +110,7 @@ def load_weights(path: str | Path, dtype: str = "float32", device: str = "cpu",
     return_freed_memory()
     model = model.to(device).eval()
     model.enable_native_layers()
-    return model, config, gguf
+    return model
 
 
 class LazyTensors(Mapping):

@@ -68,6 +68,18 @@ def client(server):
 
 
 @pytest.fixture(scope="session")
+def float32_client():
+    """A client of a second server run with `--dtype float32`: the path whose outputs do not depend
+    on what else shares a step (the default server runs the packaged Q4_1 model as int4)."""
+    import openai
+
+    proc, url, _ = start_server("--dtype", "float32", "--no-embedding-model")
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
 def model_id(client):
     return client.models.list().data[0].id
 

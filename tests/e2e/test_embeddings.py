@@ -120,7 +120,8 @@ def test_unknown_model_and_wrong_kind(client):
 @pytest.fixture(scope="module")
 def tiny_bert_server(tmp_path_factory):
     """A second server: --embedding-model pointing at a random 2-layer BERT that shares MiniLM's
-    tokenizer files, under its own name, with last-token pooling for the chat model."""
+    tokenizer files, under its own name, with last-token pooling for the chat model, in float32 like
+    the local decoder its embeddings are compared with."""
     import shutil
 
     import transformers
@@ -134,7 +135,7 @@ def tiny_bert_server(tmp_path_factory):
     transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_embedding_model_path() / name, folder / name)
-    proc, url, _ = start_server("--embedding-model", str(folder), "--embedding-model-name", "tiny-bert",
+    proc, url, _ = start_server("--dtype", "float32", "--embedding-model", str(folder), "--embedding-model-name", "tiny-bert",
                                 "--chat-embedding-pooling", "last")
     yield url
     proc.terminate()

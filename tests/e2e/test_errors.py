@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+PARIS = [{"role": "user", "content": "Name the capital of France."}]
 
 
 def post(server, path, body, raw=False):

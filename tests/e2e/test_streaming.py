@@ -7,7 +7,7 @@ import json
 
 import httpx
 
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+PARIS = [{"role": "user", "content": "Name the capital of France."}]
 
 
 def sse_payloads(server, path, body) -> list:

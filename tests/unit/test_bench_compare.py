@@ -43,12 +43,21 @@ def test_lmserve_args_come_last_so_they_override_the_defaults():
     assert option(lmserve.argv, "--max-model-len") == "1792"
 
 
-def test_lmserve_kv_values_take_the_bytes_of_its_dtype():
-    """float32 values by default; under a bf16 KV cache (bfloat16, int8, int4) half the bytes, so
-    the budget holds the same tokens as llama.cpp's slots."""
-    assert lmserve_kv_value_bytes([]) == 4
+def test_lmserve_kv_values_take_the_bytes_of_its_dtype(monkeypatch):
+    """float32 values under float32; under a bf16 KV cache (bfloat16, int8, int4) half the bytes, so
+    the budget holds the same tokens as llama.cpp's slots. The default, auto, keeps the Q4_1 file's
+    precision (int4) where the CPU has int8 dot products, else falls back as the server would."""
+    from lmserve.cli import default_model_path
+    from lmserve.weights import dtype as auto
+
+    gguf = default_model_path()
+    assert lmserve_kv_value_bytes(gguf, ["--dtype", "float32"]) == 4
     for args in (["--dtype", "int4"], ["--dtype=bfloat16"], ["--threads", "2", "--dtype", "int8"]):
-        assert lmserve_kv_value_bytes(args) == 2
+        assert lmserve_kv_value_bytes(gguf, args) == 2
+    monkeypatch.setattr(auto, "cpu_flags", lambda: frozenset({"avx512_vnni", "avx512_bf16"}))
+    assert lmserve_kv_value_bytes(gguf, []) == 2
+    monkeypatch.setattr(auto, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert lmserve_kv_value_bytes(gguf, []) == 4
 
 
 def test_the_driver_maps_none_of_the_servers_libraries():

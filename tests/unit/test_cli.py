@@ -29,7 +29,7 @@ def test_non_positive_sizes_are_argparse_errors(option, capsys):
 
 def test_defaults():
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.max_num_seqs, args.api_key, args.dtype) == ("127.0.0.1", 8080, 64, [], "float32")
+    assert (args.host, args.port, args.max_num_seqs, args.api_key, args.dtype) == ("127.0.0.1", 8080, 64, [], "auto")
 
 
 def test_loading_the_engine_freezes_what_it_loaded(monkeypatch):

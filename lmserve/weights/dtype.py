@@ -1,0 +1,101 @@
+"""`--dtype auto`: the checkpoint's own precision picks the serving dtype.
+
+A GGUF keeps its quantization: the type holding most of its layers' projection weights decides
+(4-bit -> int4, which keeps a Q4_0/Q4_1 file's own integers; 5- to 8-bit -> int8, the narrowest
+path that loses nothing the file has; F16/BF16 -> bfloat16; F32 -> float32). A Hugging Face folder
+follows its config's `torch_dtype`. Then the CPU is asked: int8 and int4 run on int8 dot products
+and bfloat16 on bf16 ones; a CPU without them gets the next path it has, and the log says why.
+
+Torch-free, so the benchmark can plan a server's KV cache without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from lmserve.cpu import cpu_flags, has_bf16_dot_products, has_int8_dot_products
+
+# GGUF tensor type name -> the dtype that keeps it.
+GGUF_TYPE_DTYPES = {
+    "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4",
+    "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q8_0": "int8",
+    "F16": "bfloat16", "BF16": "bfloat16", "F32": "float32",
+}
+# config.json's torch_dtype (or dtype) -> the dtype that keeps it; float16 has no path of its own.
+HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str  # a serving dtype (config.DTYPE_NAMES)
+    reason: str  # for the log: what in the checkpoint and the CPU chose it
+
+
+def gguf_weight_type(tensors) -> str:
+    """The GGUF type name holding most elements of the layers' matrices (blk.*, two dimensions:
+    the projections, not norms, embeddings or head). `tensors` are GGUFFile.tensors entries."""
+    counts: Counter[str] = Counter()
+    for tensor in tensors:
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            counts[tensor.tensor_type.name] += prod(tensor.shape)
+    if not counts:
+        raise ValueError("the GGUF has no layer weight matrices (blk.*) to choose a dtype from")
+    return counts.most_common(1)[0][0]
+
+
+def checkpoint_dtype(source: str) -> str:
+    """The dtype that keeps a checkpoint's precision, from a GGUF type name ("gguf:Q4_1") or a
+    config.json torch_dtype ("hf:bfloat16"; "hf:" when it names none, which means float32)."""
+    kind, _, name = source.partition(":")
+    if kind == "gguf":
+        if name not in GGUF_TYPE_DTYPES:
+            raise ValueError(f"no serving dtype for GGUF tensor type {name}")
+        return GGUF_TYPE_DTYPES[name]
+    return HF_DTYPES.get(name or "float32", "float32")
+
+
+def fit_to_device(dtype: str, device: str, flags: frozenset[str]) -> tuple[str, str]:
+    """The best path at or below `dtype` that this device runs natively, and why it moved (or "")."""
+    if dtype in ("int8", "int4") and device != "cpu":
+        return "bfloat16", f"{dtype} kernels are CPU ones; on {device}: bfloat16"
+    if device != "cpu":
+        return dtype, ""
+    if dtype in ("int8", "int4") and not has_int8_dot_products(flags):
+        moved = "bfloat16" if has_bf16_dot_products(flags) else "float32"
+        return moved, f"this CPU has no int8 dot products (AVX512-VNNI or AVX-VNNI) for {dtype}: {moved}"
+    if dtype == "bfloat16" and not has_bf16_dot_products(flags):
+        return "float32", "this CPU has no bf16 dot products (AVX512-BF16 or AMX-BF16): float32"
+    return dtype, ""
+
+
+def choose_dtype(source: str, device: str = "cpu", flags: frozenset[str] | None = None) -> DtypeChoice:
+    """`--dtype auto` for a checkpoint described as in checkpoint_dtype."""
+    kept = checkpoint_dtype(source)
+    dtype, moved = fit_to_device(kept, device, cpu_flags() if flags is None else flags)
+    described = f"GGUF weights are {source[5:]}" if source.startswith("gguf:") else \
+        f"config.json's torch_dtype is {source[3:] or 'unset (float32)'}"
+    reason = f"{described} -> {kept}" + (f"; {moved}" if moved else "")
+    return DtypeChoice(dtype, reason)
+
+
+def hf_dtype_source(folder: Path) -> str:
+    """"hf:<torch_dtype>" from a Hugging Face folder's config.json (newer ones write `dtype`)."""
+    config = json.loads((folder / "config.json").read_text())
+    return f"hf:{config.get('torch_dtype') or config.get('dtype') or ''}"
+
+
+def serving_dtype(path: str | Path, requested: str, device: str = "cpu") -> str:
+    """`requested` itself, or for "auto" what the checkpoint at `path` chooses (opening a GGUF's
+    header: for callers that have not opened the checkpoint, such as the benchmark)."""
+    if requested != "auto":
+        return requested
+    path = Path(path)
+    if path.is_dir():
+        return choose_dtype(hf_dtype_source(path), device).dtype
+    from lmserve.weights.gguf import GGUFFile
+
+    return choose_dtype("gguf:" + gguf_weight_type(GGUFFile.open(path).tensors), device).dtype
