@@ -27,7 +27,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "d
                                                        "sampling.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen
-# paths would not make (int8_linear.cpp matches model/int8.py bit for bit)
+# paths would not make (int8_linear.cpp matches model/weight_formats/int8.py bit for bit)
 
 
 @functools.cache

@@ -15,22 +15,23 @@ from torch import nn
 from lmserve.kernels import native_module
 from lmserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from lmserve.model.config import ModelConfig
-from lmserve.model.int8 import (INT4_GROUP, can_pack, can_pack_int4, hadamard_block, int4_linear, int4_linear_supported,
-                                int8_linear, int8_matmul_pays, int8_weight_rows, pack_int4, pack_weight, packs_weights,
-                                quantize_int4_groups, rotate_weight)
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
 from lmserve.model.unfilled import unfilled_embedding
+from lmserve.model.weight_formats.int4 import (INT4_GROUP, can_pack_int4, int4_linear, int4_linear_supported, pack_int4,
+                                               quantize_int4_groups)
+from lmserve.model.weight_formats.int8 import (can_pack, hadamard_block, int8_linear, int8_matmul_pays, int8_weight_rows,
+                                               pack_weight, packs_weights, rotate_weight)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 # Steps of at most this many tokens use a Linear's narrow copy: at a few rows the product is bound
 # by the bytes of weights read, and weight-only int8/int4 kernels read a half or a quarter of bf16's;
-# larger steps are compute-bound and run W8A8 (model/int8.py) where the CPU has int8 dot products,
+# larger steps are compute-bound and run W8A8 (model/weight_formats/int8.py) where the CPU has int8 dot products,
 # bf16 elsewhere (crossovers measured against bf16 with bench/engine_loop.py: int8 loses from 8
 # rows, int4 from about 12; W8A8 is ahead of bf16 from 8 rows on).
 SMALL_STEP_TOKENS = {"int8": 4, "int4": 8}
-# Where the W8A8 weight is packed for the kernels' VNNI product (model/int8.py), that product is
+# Where the W8A8 weight is packed for the kernels' VNNI product (model/weight_formats/int8.py), that product is
 # ahead of the weight-only int8 kernel from 1 row (120 projections of the default model, weights
 # cycling: 1 row 3.4 ms vs 5.3; 8 rows 5.2 vs 10.6): int8 needs no narrow copy at all. int4 has no
 # entry: the builds that pack run the W4A8 product, which serves int4 weights at every step.
@@ -85,7 +86,7 @@ class Linear(nn.Linear):
         """Replace the weight by quantized copies. "int4" where the kernels' W4A8 product runs
         (int4_linear_supported(), N % 16 and K % 32): one copy, the weight's 4-bit integers with
         int8 activations, for every step. Otherwise a narrow copy for small steps and an int8 one of
-        its Hadamard transform for larger steps (int8 activations, see model/int8.py). Returns the
+        its Hadamard transform for larger steps (int8 activations, see model/weight_formats/int8.py). Returns the
         kind serving single-token steps ("int4" falls back to "int8" where the shape rules do not
         hold; None where the packed W8A8 product serves every step). wide=False keeps the weight,
         cast to bf16, for the larger steps instead."""

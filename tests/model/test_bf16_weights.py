@@ -9,8 +9,8 @@ import torch
 from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
-from lmserve.model.int8 import packs_weights
-from lmserve.model.int8 import int4_linear_supported, int8_matmul_pays
+from lmserve.model.weight_formats.int4 import int4_linear_supported
+from lmserve.model.weight_formats.int8 import int8_matmul_pays, packs_weights
 from lmserve.model.llama import HeadEmbedding
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
@@ -150,7 +150,7 @@ def test_a_tied_quantized_model_reads_its_embeddings_from_the_heads_int8_copy(de
 def test_int4_batched_steps_track_float32_teacher_forced(default_model, int4_model):
     """--dtype int4: the whole sequence in one step, on W4A8 where the kernels run it. Measured:
     per-prompt KL 2.3-4.7e-3, top-1 agreement 0.969. The W8A8 path this replaced for int4 (int8
-    activations after a blockwise Hadamard transform, model/int8.py, as --dtype int8 still runs):
+    activations after a blockwise Hadamard transform, model/weight_formats/int8.py, as --dtype int8 still runs):
     3.5-6.4e-3 and 0.979; W8A8 without the transform: 3.6e-2 and 0.89."""
     layer = int4_model.model.model.layers[0]
     assert (layer.mlp.down_proj.int4 is not None) == int4_linear_supported() and layer.mlp.down_proj.weight is None

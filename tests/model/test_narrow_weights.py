@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.model import llama
-from lmserve.model.int8 import int4_linear, int4_linear_supported, int8_linear_reference, packs_weights, unpack_int4
+from lmserve.model.weight_formats.int4 import int4_linear, int4_linear_supported, unpack_int4
+from lmserve.model.weight_formats.int8 import int8_linear_reference, packs_weights
 from lmserve.model.llama import INT4_GROUP, SMALL_STEP_TOKENS, Linear, quantize_int4
 
 

@@ -13,7 +13,7 @@ from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model import llama
-from lmserve.model.int8 import int4_linear_supported
+from lmserve.model.weight_formats.int4 import int4_linear_supported
 from lmserve.weights.load import load_weights
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
 
