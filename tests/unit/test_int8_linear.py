@@ -20,12 +20,12 @@ from lmserve.model.weight_formats.int8 import (
     int8_weight_rows,
     pack_weight,
     packs_weights,
+    quantize_int8,
     quantize_rows_reference,
     rotate_weight,
     unpack_weight,
     weight_rows_reference,
 )
-from lmserve.model.llama import quantize_int8
 
 
 def sylvester(n: int) -> torch.Tensor:

@@ -1,11 +1,15 @@
 """Projections with 4-bit weights and int8 activations (W4A8, kernels/int4_linear.cpp) for every
-step under --dtype int4 where the kernels run it.
+step under --dtype int4 where the kernels run it, and weight-only int4 copies (bf16 activations,
+torch's kernel) for steps of few tokens where they do not.
 
 The weight keeps its 4-bit integers q (0..15) with a scale and a low value per group of INT4_GROUP
 input columns (Q4_1's form); activations are quantized to int8 in the same groups.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -112,3 +116,60 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, low
     if not int4_linear_supported():
         return int4_linear_reference(x, packed, scales, lows, bias)
     return native_module().int4_linear(x, packed, scales, lows, bias)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of INT4_GROUP input columns, w = (q - 8) * scale + zero, packed for
+    torch's weight-only kernel. Each group's min and max map to 0 and 15, which is how Q4_1 quantizes:
+    weights dequantized from a Q4_1 file come back to the file's own integers (and Q4_0's sit on its grid)."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+    return packed, scale_zero.to(torch.bfloat16)
+
+
+@dataclass(frozen=True, eq=False)
+class W4A8Weight:
+    """A weight's 4-bit integers with a float16 scale and low per group, multiplied by int8
+    activations in the same groups (int4_linear)."""
+
+    weight: torch.Tensor  # (N/16, K/8, 16, 4) uint8 from pack_int4
+    scales: torch.Tensor  # (K/G, N) float16
+    lows: torch.Tensor  # (K/G, N) float16
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> W4A8Weight:
+        """(N, K) float (can_pack_int4) -> its W4A8 copy."""
+        q, scales, lows = quantize_int4_groups(weight)
+        return cls(pack_int4(q), scales, lows)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int4_linear(x.float(), self.weight, self.scales, self.lows, bias).to(x.dtype)
+
+    def native_fields(self) -> dict[str, Any]:
+        return {"int4_weight": self.weight, "int4_scales": self.scales, "int4_lows": self.lows}
+
+
+@dataclass(frozen=True, eq=False)
+class Int4WeightOnly:
+    """Asymmetric 4-bit weights in groups of INT4_GROUP with bf16 activations, on torch's weight-only kernel."""
+
+    weight: torch.Tensor  # torch's int4pack layout of the (N, K) 4-bit integers (quantize_int4)
+    scale_zero: torch.Tensor  # (K/G, N, 2) bfloat16: each group's scale and zero
+    NATIVE_KIND = 2  # kInt4 of kernels/decoder.cpp's Narrow
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int4WeightOnly:
+        """(N, K) float (can_pack_int4) -> its weight-only int4 copy."""
+        return cls(*quantize_int4(weight))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.weight, INT4_GROUP, self.scale_zero)
+        return (out if bias is None else out + bias).to(x.dtype)
+
+    def native_fields(self) -> dict[str, Any]:
+        return {"narrow": self.NATIVE_KIND, "narrow_weight": self.weight, "narrow_scales": self.scale_zero}

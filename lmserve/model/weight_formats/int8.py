@@ -1,5 +1,6 @@
-"""Projections with int8 weights and int8 activations (W8A8) for steps of many tokens (4-bit
-weights with int8 activations, W4A8, are in int4.py beside this file).
+"""Projections with int8 weights and int8 activations (W8A8) for steps of many tokens, and
+weight-only int8 copies (bf16 activations, torch's kernel) for steps of few (4-bit weights with
+int8 activations, W4A8, are in int4.py beside this file).
 
 Each input row is quantized to int8 with its own scale and multiplied by a per-output-row int8
 weight with int32 sums, then scaled back to float32. Where the kernels are built with AVX512-VNNI
@@ -19,6 +20,9 @@ default model this takes the prefill's KL from 3.6e-2 to 4.5e-3 (top-1 agreement
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -137,3 +141,72 @@ def int8_weight_rows(weight: torch.Tensor, scales: torch.Tensor, ids: torch.Tens
             raise IndexError(f"ids out of range [0, {scales.numel()})")
         return weight_rows_reference(weight, scales, ids, block)
     return module.int8_weight_rows(weight, scales, ids, block)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: (N, K) int8 values and (N,) bf16 scales. The values are
+    rounded against the bf16 scales themselves, so int8 * scale is the weight as closely as the
+    stored scale allows (the weight-only kernel takes bf16 scales, W8A8 the same ones widened)."""
+    weight = weight.float()
+    scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+    quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return quantized, scales
+
+
+def rotated_int8(weight: torch.Tensor, block: int, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8(rotate_weight(weight, block)), `rows` rows at a time (every step is per row):
+    the transform works in float64, which for a whole embedding-sized head is 4x its float32 bytes."""
+    parts = [quantize_int8(rotate_weight(part.float(), block)) for part in weight.split(rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+
+
+@dataclass(frozen=True, eq=False)
+class W8A8Weight:
+    """A weight's Hadamard transform in int8, multiplied by int8 activations (int8_linear)."""
+
+    weight: torch.Tensor  # (N, K) int8 quantized after rotate_weight(., block), or its pack_weight (N/16, K/4, 16, 4) uint8
+    scales: torch.Tensor  # (N,) float32
+    block: int  # Hadamard block of K's columns (hadamard_block)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, pack: bool) -> W8A8Weight:
+        """(N, K) float -> its W8A8 copy, packed for the kernels' product where `pack` and its shape allow."""
+        block = hadamard_block(weight.shape[1])
+        quantized, scales = rotated_int8(weight, block)
+        if pack and can_pack(quantized):
+            quantized = pack_weight(quantized)
+        return cls(quantized, scales.float(), block)
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.dtype == torch.uint8
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int8_linear(x.float(), self.weight, self.scales, bias, self.block).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T,) ids -> (T, K) float32: those rows of the float weight this copy stands for."""
+        return int8_weight_rows(self.weight, self.scales, ids, self.block)
+
+    def native_fields(self) -> dict[str, Any]:
+        return {"wide_weight": self.weight, "wide_scales": self.scales, "wide_block": self.block}
+
+
+@dataclass(frozen=True, eq=False)
+class Int8WeightOnly:
+    """Per-row int8 weights with bf16 activations, on torch's weight-only kernel."""
+
+    weight: torch.Tensor  # (N, K) int8
+    scales: torch.Tensor  # (N,) bfloat16
+    NATIVE_KIND = 1  # kInt8 of kernels/decoder.cpp's Narrow
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8WeightOnly:
+        return cls(*quantize_int8(weight))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scales)
+        return (out if bias is None else out + bias).to(x.dtype)
+
+    def native_fields(self) -> dict[str, Any]:
+        return {"narrow": self.NATIVE_KIND, "narrow_weight": self.weight, "narrow_scales": self.scales}
