@@ -81,8 +81,8 @@ def native_module():
 def _import_built(path: Path):
     """The module built before into its source-keyed folder, imported as is; None if there is none
     or it does not import (a build cut short: `load` then builds it again). torch's `load` would
-    import setuptools, distutils and packaging (~90 modules, ~4 MiB resident for the server's
-    life) only to find the build up to date."""
+    import setuptools, distutils and packaging (~90 modules, resident for the server's life:
+    bench/RESULTS.md, "Figures the code cites") only to find the build up to date."""
     if not path.is_file():
         return None
     spec = importlib.util.spec_from_file_location("lmserve_native", path)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from lmserve.model import linear
 from lmserve.model.linear import SMALL_STEP_TOKENS, Linear
 from lmserve.model.weight_formats.floating import FloatWeight, OneDNNPackedWeight
-from lmserve.model.weight_formats.int4 import (INT4_GROUP, Int4WeightOnly, W4A8Weight, int4_linear, int4_linear_supported,
-                                               quantize_int4, unpack_int4)
+from lmserve.model.weight_formats.int4 import (INT4_GROUP, Int4WeightOnly, W4A8Weight, int4_linear,
+                                               int4_linear_supported, quantize_int4, unpack_int4)
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_linear_reference, packs_weights
 
 
@@ -109,7 +109,8 @@ def test_without_the_kernels_small_steps_use_the_weight_only_copy_and_larger_one
     monkeypatch.setattr(linear, "packs_weights", lambda: False)
     weight = q4_1_weight(64, 128, seed=2)
     layer = linear_with(weight, "int4")
-    assert layer.weight is None and isinstance(layer.storage, W8A8Weight)  # the bf16 weight is gone: the copies serve every step
+    assert layer.weight is None  # the bf16 weight is gone: the copies serve every step
+    assert isinstance(layer.storage, W8A8Weight)
     small = layer.small_step_copy.storage
     assert isinstance(small, Int4WeightOnly)
     packed, scale_zero = small.weight, small.scale_zero
@@ -136,7 +137,8 @@ def test_without_int8_products_larger_steps_keep_bf16():
     assert isinstance(layer.small_step_copy.storage, Int4WeightOnly)
     assert isinstance(layer.storage, FloatWeight) and layer.storage.weight is layer.weight
     assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
-    assert layer.small_step_copy.max_tokens == SMALL_STEP_TOKENS[Int4WeightOnly]  # measured against bf16, not the packed product
+    # the small-step limit measured against bf16, not the packed product
+    assert layer.small_step_copy.max_tokens == SMALL_STEP_TOKENS[Int4WeightOnly]
     x = torch.randn(SMALL_STEP_TOKENS[Int4WeightOnly] + 1, 128)
     assert torch.equal(layer(x), F.linear(x.bfloat16(), layer.weight, layer.bias).float())
 

@@ -2,7 +2,7 @@
 step under --dtype int4 where the kernels run it, and weight-only int4 copies (bf16 activations,
 torch's kernel) for steps of few tokens where they do not.
 
-The weight keeps its 4-bit integers q (0..15) with a scale and a low value per group of INT4_GROUP
+W4A8: the weight keeps its 4-bit integers q (0..15) with a scale and a low value per group of INT4_GROUP
 input columns (Q4_1's form); activations are quantized to int8 in the same groups.
 """
 
@@ -20,7 +20,7 @@ INT4_GROUP = 32  # input columns per scale/low pair: Q4_0/Q4_1's block, so a Q4 
 INT4_PACK_DEPTH = 8  # a packed int4 weight's blocks: 16 outputs x 8 columns of K (two nibbles a byte)
 # Steps of at most this many rows (single-token decodes) quantize the activations twice, the int8
 # rows and what they missed (kResidualRows in kernels/int4_linear.cpp): ~15 bits instead of 7, for
-# 18-21% more time on the 120 projections of a one-row step (measured against the build without).
+# a fifth more time in a one-row step's projections (bench/RESULTS.md, "Figures the code cites").
 RESIDUAL_ROWS = 1
 
 
@@ -168,7 +168,8 @@ class Int4WeightOnly:
         return cls(*quantize_int4(weight))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), self.weight, INT4_GROUP, self.scale_zero)
+        xb = x.to(torch.bfloat16).contiguous()
+        out = torch._weight_int4pack_mm_for_cpu(xb, self.weight, INT4_GROUP, self.scale_zero)
         return (out if bias is None else out + bias).to(x.dtype)
 
     def native_fields(self) -> dict[str, Any]:

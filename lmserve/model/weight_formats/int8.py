@@ -1,19 +1,17 @@
-"""Projections with int8 weights and int8 activations (W8A8) for steps of many tokens, and
-weight-only int8 copies (bf16 activations, torch's kernel) for steps of few (4-bit weights with
-int8 activations, W4A8, are in int4.py beside this file).
+"""int8 weights: W8A8 (int8 activations too) for steps of many tokens, and weight-only copies
+(bf16 activations, torch's kernel) for steps of few, where reading the weight is the cost (4-bit
+weights with int8 activations, W4A8, are in int4.py beside this file).
 
-Each input row is quantized to int8 with its own scale and multiplied by a per-output-row int8
+W8A8: each input row is quantized to int8 with its own scale and multiplied by a per-output-row int8
 weight with int32 sums, then scaled back to float32. Where the kernels are built with AVX512-VNNI
 the weight is stored packed for their own product (`pack_weight`); elsewhere it stays (N, K) for
-torch._int_mm (oneDNN). On this 2-core AVX-512 machine oneDNN's int8 product runs ~1.7x as fast as
-its bf16 one at 32-512 rows, from half the weight bytes, and the packed kernel 1.3-2.3x oneDNN's
-int8 one at 9-64 rows (about even from 256 rows).
+torch._int_mm (oneDNN). From half the weight bytes both outrun bf16, and the packed product
+oneDNN's int8 one up to about 256 rows (bench/RESULTS.md, "Figures the code cites").
 
 A per-row scale is hostage to a row's largest value, and these models carry a few channels many
-times larger than the rest (in SmolLM2's residual stream, 20x the median). So both sides are first
-multiplied by a Walsh-Hadamard matrix in blocks of HADAMARD_BLOCK columns: (x H)(W H)^T / B = x W^T,
-and x H spreads each large channel evenly over its block. Teacher-forced against float32 on the
-default model this takes the prefill's KL from 3.6e-2 to 4.5e-3 (top-1 agreement 0.89 -> 0.98).
+times larger than the rest. So both sides are first multiplied by a Walsh-Hadamard matrix in blocks
+of HADAMARD_BLOCK columns: (x H)(W H)^T / B = x W^T, and x H spreads each large channel evenly over
+its block (what that does to the error against float32: the same section).
 
 `int8_linear` runs the compiled kernel (lmserve/kernels/int8_linear.cpp) when it is built and
 `int8_linear_reference` otherwise: the same arithmetic in ATen ops, the same results bit for bit.
@@ -35,7 +33,8 @@ PACK_OUTPUTS, PACK_DEPTH = 16, 4  # a packed weight's blocks: 16 outputs (int32 
 
 def int8_matmul_pays() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI), on which the
-    W8A8 product was measured ~1.7x bf16's. Elsewhere (unmeasured) larger steps keep bf16 weights."""
+    W8A8 product outruns bf16's (bench/RESULTS.md, "Figures the code cites"). Elsewhere (unmeasured)
+    larger steps keep bf16 weights."""
     return not cpu_flags().isdisjoint({"avx512_vnni", "avx_vnni"})
 
 
@@ -164,7 +163,7 @@ def rotated_int8(weight: torch.Tensor, block: int, rows: int = 4096) -> tuple[to
 class W8A8Weight:
     """A weight's Hadamard transform in int8, multiplied by int8 activations (int8_linear)."""
 
-    weight: torch.Tensor  # (N, K) int8 quantized after rotate_weight(., block), or its pack_weight (N/16, K/4, 16, 4) uint8
+    weight: torch.Tensor  # (N, K) int8 of rotate_weight(W, block), or its pack_weight: (N/16, K/4, 16, 4) uint8
     scales: torch.Tensor  # (N,) float32
     block: int  # Hadamard block of K's columns (hadamard_block)
 
