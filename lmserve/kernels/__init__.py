@@ -29,7 +29,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "d
                                                        "sampling.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen
-# paths would not make (int8_linear.cpp matches model/int8.py bit for bit)
+# paths would not make (int8_linear.cpp matches model/weight_formats/int8.py bit for bit)
 
 
 def build_directory() -> Path:
@@ -73,8 +73,8 @@ def native_module():
 def _import_built(path: Path):
     """The module built before into its source-keyed folder, imported as is; None if there is none
     or it does not import (a build cut short: `load` then builds it again). torch's `load` would
-    import setuptools, distutils and packaging (~90 modules, ~4 MiB resident for the server's
-    life) only to find the build up to date."""
+    import setuptools, distutils and packaging (~90 modules, resident for the server's life:
+    bench/RESULTS.md, "Figures the code cites") only to find the build up to date."""
     if not path.is_file():
         return None
     spec = importlib.util.spec_from_file_location("lmserve_native", path)

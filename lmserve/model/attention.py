@@ -72,7 +72,8 @@ def _gather(cache_part: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -
 
 def _gather_blocks(cache_part: torch.Tensor, blocks: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """Whole blocks of each sequence, (Hkv, S, max_blocks * block_size, D). Copying a block
-    (block_size * D contiguous values) at a time is about twice as fast as slot by slot."""
+    (block_size * D contiguous values) at a time beats slot by slot (bench/RESULTS.md, "Figures the
+    code cites")."""
     num_kv_heads, num_slots, head_dim = cache_part.shape
     num_seqs, max_blocks = blocks.shape
     block_size = length // max_blocks
@@ -89,14 +90,15 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     k_cache, v_cache = cache
     num_seqs, num_heads, head_dim = q.shape
     kernel = native_decode_attention() if meta.decode_lens is not None and q.device.type == "cpu" else None
-    if kernel is not None:  # reads the blocks in place: 2-5x faster than the gather + matmuls below
+    if kernel is not None:  # reads the blocks in place, faster than the gather + matmuls below
         return kernel(q.float().contiguous(), k_cache, v_cache, meta.decode_blocks, meta.decode_lens, meta.block_size,
                       scale)
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
     # Matmuls in the cache's dtype: a bf16 cache is read and multiplied without widening copies.
-    # Few sequences widen to float32 instead: a bf16 batched matmul has a fixed cost of ~25 us on
-    # CPU, several times a float32 one of that size, and the widening copy is small.
+    # Few sequences widen to float32 instead: a bf16 batched matmul has a fixed cost several times
+    # a float32 one of that size on CPU, and the widening copy is small (figures for this function:
+    # bench/RESULTS.md, "Figures the code cites").
     dtype = torch.float32 if num_seqs <= FLOAT32_DECODE_SEQS else k_cache.dtype
     keys = _gather_blocks(k_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
     values = _gather_blocks(v_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
@@ -108,8 +110,8 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
 
 
 def _prefill_attention(q, k, v, cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
-    # In the cache's dtype: with a bf16 cache the flash kernel runs 3-4x faster than in float32
-    # (2,000 tokens: 8.7 vs 34 ms per layer) and accumulates in float32 either way.
+    # In the cache's dtype: with a bf16 cache the flash kernel runs faster than in float32
+    # (bench/RESULTS.md, "Figures the code cites") and accumulates in float32 either way.
     dtype = cache[0].dtype if cache is not None else q.dtype
     if seq.slot_ids is None:
         mask, causal = None, True

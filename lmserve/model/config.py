@@ -29,10 +29,6 @@ class ModelConfig:
     attention_bias: bool
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_scaling as sorted items
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type", "")

@@ -2,8 +2,8 @@
 
 The header is parsed here, straight from a memory map: one Python object per metadata value, where
 the gguf package's reader builds numpy views for every part of every field (~150,000 for a
-49k-token vocabulary: 2.2 s and ~70 MiB at start-up, whose freed pieces stay scattered through the
-heap). Dequantization is the gguf package's.
+49k-token vocabulary; their cost at start-up: bench/RESULTS.md, "Figures the code cites"), whose
+freed pieces stay scattered through the heap. Dequantization is the gguf package's.
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 # "int8": W8A8 (int8 weight copies for steps of few tokens where the kernels cannot pack them);
 # "int4": W4A8 at every step where the kernels run it, else int4 copies for steps of few tokens
 # and W8A8 for larger ones; bf16 weights for those where the CPU lacks int8 dot products
-# (model/llama.py, model/int8.py)
+# (model/llama.py, model/weight_formats/)
 DTYPES = {kind: getattr(torch, name) for kind, name in DTYPE_NAMES.items()}
-HEAD_KIND = "int8"  # the head of a tied GGUF is Q8_0: int4 would add error (KL 7e-2 measured)
+HEAD_KIND = "int8"  # the head of a tied GGUF is Q8_0: int4 would add error (bench/RESULTS.md, "Figures the code cites")
 log = logging.getLogger(__name__)
 
 

@@ -9,9 +9,10 @@ import torch
 from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
-from lmserve.model.int8 import packs_weights
-from lmserve.model.int8 import int4_linear_supported, int8_matmul_pays
-from lmserve.model.llama import HeadEmbedding
+from lmserve.model.linear import HeadEmbedding
+from lmserve.model.weight_formats.floating import OneDNNPackedWeight
+from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, int4_linear_supported
+from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_matmul_pays, packs_weights
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
 from tests.model.test_engine import PROMPTS, chat_ids, make_engine
@@ -57,11 +58,12 @@ def decoded_logits(model, ids: list[int], num_prompt: int, kv_dtype: torch.dtype
 
 def test_bf16_weights_are_actually_bf16(bf16_model):
     layer = bf16_model.model.model.layers[0]
-    assert layer.self_attn.qkv_proj.weight.dtype == torch.bfloat16
-    assert bf16_model.model.lm_head.weight.dtype == torch.bfloat16
+    qkv, head = layer.self_attn.qkv_proj.storage, bf16_model.model.lm_head.storage
+    assert qkv.weight.dtype == torch.bfloat16
+    assert head.weight.dtype == torch.bfloat16
     assert layer.input_layernorm.weight.dtype == torch.float32
     assert bf16_model.model.model.embed_tokens.weight.dtype == torch.bfloat16  # half the table's memory
-    assert layer.self_attn.qkv_proj.packed and bf16_model.model.lm_head.packed  # oneDNN layout on CPU
+    assert isinstance(qkv, OneDNNPackedWeight) and isinstance(head, OneDNNPackedWeight)  # oneDNN layout on CPU
 
 
 def test_bf16_tracks_float32_teacher_forced(default_model, bf16_model):
@@ -104,13 +106,15 @@ def teacher_forced_agreement(reference, model, num_prompts: int, max_kl: float) 
 
 def test_int8_single_token_steps_track_float32_teacher_forced(default_model, int8_model):
     """--dtype int8: one-token decode steps run on int8 weight copies (the prompt's prefill on W8A8),
-    or on W8A8 too where its weights are packed (faster there from one row: model/llama.py)."""
+    or on W8A8 too where its weights are packed (faster there from one row: model/linear.py)."""
     layer = int8_model.model.model.layers[0]
     for linear in (layer.mlp.gate_up_proj, int8_model.model.lm_head):
+        assert isinstance(linear.storage, W8A8Weight)
         if packs_weights():
-            assert linear.narrow is None and linear.small_step_tokens == 0 and linear.wide[0].dtype == torch.uint8
+            assert linear.small_step_copy is None and linear.storage.weight.dtype == torch.uint8
         else:
-            assert linear.narrow[0] == "int8" and linear.narrow[1].dtype == torch.int8
+            small = linear.small_step_copy.storage
+            assert isinstance(small, Int8WeightOnly) and small.weight.dtype == torch.int8
     assert teacher_forced_agreement(default_model, int8_model, 4, 8e-3) >= 0.95
 
 
@@ -125,10 +129,11 @@ def test_int4_single_token_steps_track_float32_teacher_forced(default_model, int
     layer = int4_model.model.model.layers[0]
     for linear in (layer.mlp.gate_up_proj, layer.self_attn.qkv_proj):
         if int4_linear_supported():
-            assert linear.int4 is not None and linear.narrow is None and linear.wide is None
+            assert isinstance(linear.storage, W4A8Weight) and linear.small_step_copy is None
         else:
-            assert linear.narrow[0] == "int4"
-    assert (int4_model.model.lm_head.narrow is None) if packs_weights() else int4_model.model.lm_head.narrow[0] == "int8"
+            assert isinstance(linear.small_step_copy.storage, Int4WeightOnly)
+    head_copy = int4_model.model.lm_head.small_step_copy
+    assert (head_copy is None) if packs_weights() else isinstance(head_copy.storage, Int8WeightOnly)
     assert teacher_forced_agreement(default_model, int4_model, 4, 4e-3) >= 0.95
 
 
@@ -139,7 +144,7 @@ def test_a_tied_quantized_model_reads_its_embeddings_from_the_heads_int8_copy(de
     if not int8_matmul_pays():
         pytest.skip("no int8 dot products: the head keeps bf16 weights and the embeddings their table")
     embed, head = int4_model.model.model.embed_tokens, int4_model.model.lm_head
-    assert isinstance(embed, HeadEmbedding) and embed.wide[0] is head.wide[0]
+    assert isinstance(embed, HeadEmbedding) and isinstance(head.storage, W8A8Weight) and embed.head is head.storage
     assert list(embed.parameters()) == []
     ids = torch.arange(0, default_model.config.vocab_size, 7)
     exact = default_model.model.model.embed_tokens(ids)
@@ -150,16 +155,17 @@ def test_a_tied_quantized_model_reads_its_embeddings_from_the_heads_int8_copy(de
 def test_int4_batched_steps_track_float32_teacher_forced(default_model, int4_model):
     """--dtype int4: the whole sequence in one step, on W4A8 where the kernels run it. Measured:
     per-prompt KL 2.3-4.7e-3, top-1 agreement 0.969. The W8A8 path this replaced for int4 (int8
-    activations after a blockwise Hadamard transform, model/int8.py, as --dtype int8 still runs):
+    activations after a blockwise Hadamard transform, model/weight_formats/int8.py, as --dtype int8 still runs):
     3.5-6.4e-3 and 0.979; W8A8 without the transform: 3.6e-2 and 0.89."""
     layer = int4_model.model.model.layers[0]
-    assert (layer.mlp.down_proj.int4 is not None) == int4_linear_supported() and layer.mlp.down_proj.weight is None
+    down = layer.mlp.down_proj
+    assert isinstance(down.storage, W4A8Weight) == int4_linear_supported() and down.weight is None
     prompts = [chat_ids(default_model.tokenizer, p) for p in PROMPTS[:4]]
     outputs = make_engine(default_model).generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
     agree = total = 0
     for prompt, output in zip(prompts, outputs):
         ids = prompt + output
-        assert len(ids) > 8  # past the narrow limit
+        assert len(ids) > 8  # past the small-step limit
         a = all_logits(default_model.model, ids)[len(prompt) - 1:-1]
         b = all_logits(int4_model.model, ids)[len(prompt) - 1:-1]
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()

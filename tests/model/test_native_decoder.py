@@ -1,7 +1,7 @@
 """Steps run their layers in C++ (lmserve/kernels/decoder.cpp) with the same ATen ops as the Python
-layers: the hidden states and the KV they write must be bit-identical, for every weight kind
-(float32, bf16 oneDNN-packed, int8 narrow copies and W8A8, int4's W4A8, q/k/v biases), for step sizes on both
-sides of the narrow copies' row limit, and for every kind of step: whole prompts, decode-only, and
+layers: the hidden states and the KV they write must be bit-identical, for every weight format
+(float32, bf16 oneDNN-packed, int8 weight-only copies and W8A8, int4's W4A8, q/k/v biases), for step
+sizes on both sides of the small-step copies' row limit, and for every kind of step: whole prompts, decode-only, and
 decodes mixed with a first prompt chunk and a later one (attending to cached context)."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import torch
 from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
-from lmserve.model import llama
-from lmserve.model.int8 import int4_linear_supported
+from lmserve.model import linear
+from lmserve.model.weight_formats.floating import OneDNNPackedWeight
+from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, int4_linear_supported
+from lmserve.model.weight_formats.int8 import W8A8Weight
 from lmserve.weights.load import load_weights
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
 
@@ -102,21 +104,22 @@ def tiny_qwen2_folder(tmp_path_factory):
 def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num_seqs, monkeypatch):
     if dtype == "int4-without-kernels":  # quantized as where the W4A8 and packed W8A8 products do not
         # run (torch's weight-only int4 kernel, then W8A8 on torch._int_mm); the layers still run in C++
-        monkeypatch.setattr(llama, "int4_linear_supported", lambda: False)
-        monkeypatch.setattr(llama, "packs_weights", lambda: False)
+        monkeypatch.setattr(linear, "int4_linear_supported", lambda: False)
+        monkeypatch.setattr(linear, "packs_weights", lambda: False)
         model, _, _ = load_weights(tiny_qwen2_folder, "int4")
         qkv = model.model.layers[0].self_attn.qkv_proj
-        assert qkv.narrow[0] == "int4" and qkv.wide[0].dtype == torch.int8 and qkv.int4 is None
+        assert isinstance(qkv.small_step_copy.storage, Int4WeightOnly)
+        assert isinstance(qkv.storage, W8A8Weight) and qkv.storage.weight.dtype == torch.int8
         assert_native_matches_python(model, num_seqs, torch.bfloat16)
         return
     model, _, _ = load_weights(tiny_qwen2_folder, dtype)
     qkv = model.model.layers[0].self_attn.qkv_proj
     if dtype == "bfloat16":
-        assert qkv.packed  # the oneDNN path is exercised too
+        assert isinstance(qkv.storage, OneDNNPackedWeight)  # the oneDNN path is exercised too
     if dtype == "int8":
-        assert qkv.wide is not None and qkv.weight is None  # and past the narrow limit, the W8A8 one
+        assert isinstance(qkv.storage, W8A8Weight) and qkv.weight is None  # and past the small-step limit, W8A8
     if dtype == "int4":  # W4A8 at every step where the kernels run it
-        assert (qkv.int4 is not None) == int4_linear_supported() and qkv.weight is None
+        assert isinstance(qkv.storage, W4A8Weight) == int4_linear_supported() and qkv.weight is None
     assert_native_matches_python(model, num_seqs, torch.float32 if dtype == "float32" else torch.bfloat16)
 
 

@@ -1,8 +1,8 @@
-"""W4A8 projections (model/int8.py, kernels/int4_linear.cpp): 4-bit weights in groups of 32 with a
-float16 scale and low each, int8 activations in the same groups. The packed layout round-trips, a
-Q4_1 file's weights come back to their own integers, scales and lows, the activation quantizer matches
-its reference bit for bit, and the product matches the float64 reference to float32 accumulation
-error through every tile shape, tail and row chunk."""
+"""W4A8 projections (model/weight_formats/int4.py, kernels/int4_linear.cpp): 4-bit weights in groups
+of 32 with a float16 scale and low each, int8 activations in the same groups. The packed layout
+round-trips, a Q4_1 file's weights come back to their own integers, scales and lows, the activation
+quantizer matches its reference bit for bit, and the product matches the float64 reference to
+float32 accumulation error through every tile shape, tail and row chunk."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmserve.kernels import cpu_flags, native_module
-from lmserve.model.int8 import (
+from lmserve.model.weight_formats.int4 import (
     INT4_GROUP,
     can_pack_int4,
     int4_linear,

@@ -1,8 +1,9 @@
-"""W8A8 projections (model/int8.py, kernels/int8_linear.cpp): the compiled kernel against the ATen
-reference bit for bit, the blockwise Hadamard transform against the matrix it stands for, and what
-the transform is for: a row with one large channel quantizes far better after it. The packed
-weights of the AVX512-VNNI product: their layout and the product's tiles, tails and row chunks.
-Rows of the float weight read back from a W8A8 copy (a tied head's copy is the embedding table)."""
+"""W8A8 projections (model/weight_formats/int8.py, kernels/int8_linear.cpp): the compiled kernel
+against the ATen reference bit for bit, the blockwise Hadamard transform against the matrix it
+stands for, and what the transform is for: a row with one large channel quantizes far better after
+it. The packed weights of the AVX512-VNNI product: their layout and the product's tiles, tails and
+row chunks. Rows of the float weight read back from a W8A8 copy (a tied head's copy is the
+embedding table)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from lmserve.kernels import cpu_flags, native_module
-from lmserve.model.int8 import (
+from lmserve.model.weight_formats.int8 import (
     can_pack,
     hadamard_block,
     hadamard_rows,
@@ -19,12 +20,12 @@ from lmserve.model.int8 import (
     int8_weight_rows,
     pack_weight,
     packs_weights,
+    quantize_int8,
     quantize_rows_reference,
     rotate_weight,
     unpack_weight,
     weight_rows_reference,
 )
-from lmserve.model.llama import quantize_int8
 
 
 def sylvester(n: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Quantized copies of a Linear: exactness on weights that already sit on a 4-bit grid, the shape
-fallback, and which path a step of a given size takes (W4A8 at every step for int4 where the kernels
-run; elsewhere weight-only int8 / int4 copies for small steps and W8A8 or bf16 for larger ones)."""
+"""Quantized copies of a Linear (model/linear.py): exactness on weights that already sit on a 4-bit
+grid, the shape fallback, and which weight format a step of a given size takes (W4A8 at every step
+for int4 where the kernels run; elsewhere weight-only int8 / int4 copies for small steps and W8A8 or
+bf16 for larger ones)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmserve.model import llama
-from lmserve.model.int8 import int4_linear, int4_linear_supported, int8_linear_reference, packs_weights, unpack_int4
-from lmserve.model.llama import INT4_GROUP, SMALL_STEP_TOKENS, Linear, quantize_int4
+from lmserve.model import linear
+from lmserve.model.linear import SMALL_STEP_TOKENS, Linear
+from lmserve.model.weight_formats.floating import FloatWeight, OneDNNPackedWeight
+from lmserve.model.weight_formats.int4 import (INT4_GROUP, Int4WeightOnly, W4A8Weight, int4_linear,
+                                               int4_linear_supported, quantize_int4, unpack_int4)
+from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_linear_reference, packs_weights
 
 
 def q4_1_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -24,10 +28,10 @@ def q4_1_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return (d * q + m).view(rows, cols)
 
 
-def linear_with(weight: torch.Tensor, kind: str, wide: bool = True) -> Linear:
+def linear_with(weight: torch.Tensor, kind: str, w8a8: bool = True) -> Linear:
     layer = Linear(weight.shape[1], weight.shape[0], bias=False)
     layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
-    layer.quantize(kind, wide)
+    layer.quantize(kind, w8a8)
     return layer
 
 
@@ -49,29 +53,34 @@ def test_int4_is_closer_than_int8_on_a_q4_grid():
     weight = q4_1_weight(128, 512, seed=1)
     x = torch.randn(4, 512)
     exact = x @ weight.t()
-    err4 = (linear_with(weight, "int4", wide=False)(x) - exact).abs().mean().item()  # the narrow copies
-    err8 = (linear_with(weight, "int8", wide=False)(x) - exact).abs().mean().item()
+    err4 = (linear_with(weight, "int4", w8a8=False)(x) - exact).abs().mean().item()  # the weight-only copies
+    err8 = (linear_with(weight, "int8", w8a8=False)(x) - exact).abs().mean().item()
     assert err4 < err8, (err4, err8)
 
 
 def test_int4_falls_back_to_int8_where_the_kernel_cannot_pack():
-    assert linear_with(torch.randn(24, 64), "int4", wide=False).narrow[0] == "int8"  # N not a multiple of 16
-    assert linear_with(torch.randn(32, 48), "int4", wide=False).narrow[0] == "int8"  # K not a multiple of 32
-    assert linear_with(torch.randn(32, 64), "int4", wide=False).narrow[0] == "int4"
+    def small_step_format(weight):
+        return type(linear_with(weight, "int4", w8a8=False).small_step_copy.storage)
+
+    assert small_step_format(torch.randn(24, 64)) is Int8WeightOnly  # N not a multiple of 16
+    assert small_step_format(torch.randn(32, 48)) is Int8WeightOnly  # K not a multiple of 32
+    assert small_step_format(torch.randn(32, 64)) is Int4WeightOnly
 
 
 def test_a_packed_w8a8_weight_serves_every_int8_step():
     """Where the W8A8 weight is packed its product outruns the weight-only int8 kernel from one
-    row: no int8 narrow copy is kept. Where it cannot be packed (N % 16) the copy stays."""
+    row: no weight-only int8 copy is kept. Where it cannot be packed (N % 16) the copy stays."""
     packed, unpackable = linear_with(torch.randn(32, 48), "int8"), linear_with(torch.randn(24, 64), "int8")
-    assert unpackable.narrow[0] == "int8" and unpackable.small_step_tokens == SMALL_STEP_TOKENS["int8"]
+    copy = unpackable.small_step_copy
+    assert isinstance(copy.storage, Int8WeightOnly) and copy.max_tokens == SMALL_STEP_TOKENS[Int8WeightOnly]
+    assert isinstance(packed.storage, W8A8Weight)
     if packs_weights():
-        assert packed.narrow is None and packed.small_step_tokens == 0 and packed.wide[0].dtype == torch.uint8
+        assert packed.small_step_copy is None and packed.storage.weight.dtype == torch.uint8
         x = torch.randn(1, 48)
-        wide_weight, wide_scales, block = packed.wide
-        assert torch.equal(packed(x), int8_linear_reference(x, wide_weight, wide_scales, None, block))
+        w8a8 = packed.storage
+        assert torch.equal(packed(x), int8_linear_reference(x, w8a8.weight, w8a8.scales, None, w8a8.block))
     else:
-        assert packed.narrow[0] == "int8" and packed.wide[0].dtype == torch.int8
+        assert isinstance(packed.small_step_copy.storage, Int8WeightOnly) and packed.storage.weight.dtype == torch.int8
 
 
 def test_int4_runs_w4a8_at_every_step_where_the_kernels_do():
@@ -82,9 +91,9 @@ def test_int4_runs_w4a8_at_every_step_where_the_kernels_do():
     weight = q4_1_weight(64, 128, seed=5)
     layer = Linear(128, 64, bias=True)
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-    assert layer.quantize("int4") == "int4"
-    assert layer.weight is None and layer.narrow is None and layer.wide is None and layer.small_step_tokens == 0
-    packed, scales, lows = layer.int4
+    layer.quantize("int4")
+    assert isinstance(layer.storage, W4A8Weight) and layer.weight is None and layer.small_step_copy is None
+    packed, scales, lows = layer.storage.weight, layer.storage.scales, layer.storage.lows
     restored = (unpack_int4(packed).float() * scales.t().float().repeat_interleave(INT4_GROUP, 1)
                 + lows.t().float().repeat_interleave(INT4_GROUP, 1))
     assert (restored - weight).abs().max() < scales.float().max() / 2 + 1e-3  # half a step and float16 rounding
@@ -93,38 +102,44 @@ def test_int4_runs_w4a8_at_every_step_where_the_kernels_do():
         assert torch.equal(layer(x), int4_linear(x, packed, scales, lows, layer.bias)), rows
 
 
-def test_without_the_kernels_small_steps_use_the_narrow_copy_and_larger_ones_w8a8(monkeypatch):
+def test_without_the_kernels_small_steps_use_the_weight_only_copy_and_larger_ones_w8a8(monkeypatch):
     """Without the native kernels on a CPU with int8 dot products, int4 keeps torch's weight-only
     int4 kernel for steps of few tokens and W8A8 on torch._int_mm for larger ones."""
-    monkeypatch.setattr(llama, "int4_linear_supported", lambda: False)
-    monkeypatch.setattr(llama, "packs_weights", lambda: False)
+    monkeypatch.setattr(linear, "int4_linear_supported", lambda: False)
+    monkeypatch.setattr(linear, "packs_weights", lambda: False)
     weight = q4_1_weight(64, 128, seed=2)
     layer = linear_with(weight, "int4")
-    assert layer.weight is None and layer.int4 is None  # the bf16 weight is gone: the copies serve every step
-    _, packed, scale_zero = layer.narrow
-    wide_weight, wide_scales, block = layer.wide
-    assert wide_weight.dtype == torch.int8 and block == 64  # (N, K) for torch._int_mm
-    limit = layer.small_step_tokens
-    assert limit == SMALL_STEP_TOKENS["int4"]
+    assert layer.weight is None  # the bf16 weight is gone: the copies serve every step
+    assert isinstance(layer.storage, W8A8Weight)
+    small = layer.small_step_copy.storage
+    assert isinstance(small, Int4WeightOnly)
+    packed, scale_zero = small.weight, small.scale_zero
+    w8a8 = layer.storage
+    assert w8a8.weight.dtype == torch.int8 and w8a8.block == 64  # (N, K) for torch._int_mm
+    limit = layer.small_step_copy.max_tokens
+    assert limit == SMALL_STEP_TOKENS[Int4WeightOnly]
     for rows in (1, limit, limit + 1, 32):
         x = torch.randn(rows, 128)
-        narrow = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, scale_zero).float()
-        wide = int8_linear_reference(x, wide_weight, wide_scales, None, block)
-        assert not torch.equal(narrow, wide)  # the two paths are distinguishable on this input
-        assert torch.equal(layer(x), narrow if rows <= limit else wide), rows
+        small_out = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, scale_zero).float()
+        large_out = int8_linear_reference(x, w8a8.weight, w8a8.scales, None, w8a8.block)
+        assert not torch.equal(small_out, large_out)  # the two paths are distinguishable on this input
+        assert torch.equal(layer(x), small_out if rows <= limit else large_out), rows
         exact = x @ weight.t()
-        assert (wide - exact).abs().max() < 0.06 * exact.abs().max(), rows  # and both compute x W^T
+        assert (large_out - exact).abs().max() < 0.06 * exact.abs().max(), rows  # and both compute x W^T
 
 
 def test_without_int8_products_larger_steps_keep_bf16():
-    """On a CPU without int8 dot products (quantize(wide=False)) larger steps run the bf16 weight."""
+    """On a CPU without int8 dot products (quantize(w8a8=False)) larger steps run the bf16 weight."""
     weight = q4_1_weight(64, 128, seed=4)
     layer = Linear(128, 64, bias=True)
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-    assert layer.quantize("int4", wide=False) == "int4"
-    assert layer.wide is None and layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
-    assert layer.small_step_tokens == SMALL_STEP_TOKENS["int4"]  # measured against bf16, not the packed product
-    x = torch.randn(SMALL_STEP_TOKENS["int4"] + 1, 128)
+    layer.quantize("int4", w8a8=False)
+    assert isinstance(layer.small_step_copy.storage, Int4WeightOnly)
+    assert isinstance(layer.storage, FloatWeight) and layer.storage.weight is layer.weight
+    assert layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    # the small-step limit measured against bf16, not the packed product
+    assert layer.small_step_copy.max_tokens == SMALL_STEP_TOKENS[Int4WeightOnly]
+    x = torch.randn(SMALL_STEP_TOKENS[Int4WeightOnly] + 1, 128)
     assert torch.equal(layer(x), F.linear(x.bfloat16(), layer.weight, layer.bias).float())
 
 
@@ -135,7 +150,7 @@ def test_packed_weights_give_the_plain_products():
     layer.to(torch.bfloat16)
     plain_weight, bias = layer.weight.detach().clone(), layer.bias.detach()
     layer.pack_for_cpu()
-    assert layer.packed and layer.weight.is_mkldnn
+    assert isinstance(layer.storage, OneDNNPackedWeight) and layer.storage.weight.is_mkldnn and layer.weight is None
     for rows in (1, 9, 64, 300):
         x = torch.randn(rows, 96)
         assert torch.equal(layer(x), F.linear(x.bfloat16(), plain_weight, bias).float()), rows
@@ -144,5 +159,5 @@ def test_packed_weights_give_the_plain_products():
 def test_model_packs_only_bf16_weights(default_model):
     """The float32 default keeps plain weights (oneDNN's bf16 path is what pays)."""
     assert not default_model.model.pack_for_cpu()
-    assert not default_model.model.lm_head.packed
+    assert isinstance(default_model.model.lm_head.storage, FloatWeight)
     assert default_model.model.model.embed_tokens.weight.dtype == torch.float32  # float32 stays exact

@@ -1,0 +1,176 @@
+"""Projections with 4-bit weights and int8 activations (W4A8, kernels/int4_linear.cpp) for every
+step under --dtype int4 where the kernels run it, and weight-only int4 copies (bf16 activations,
+torch's kernel) for steps of few tokens where they do not.
+
+W4A8: the weight keeps its 4-bit integers q (0..15) with a scale and a low value per group of INT4_GROUP
+input columns (Q4_1's form); activations are quantized to int8 in the same groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmserve.kernels import native_module
+from lmserve.model.weight_formats.int8 import MIN_ABS_MAX, PACK_OUTPUTS
+
+INT4_GROUP = 32  # input columns per scale/low pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
+INT4_PACK_DEPTH = 8  # a packed int4 weight's blocks: 16 outputs x 8 columns of K (two nibbles a byte)
+# Steps of at most this many rows (single-token decodes) quantize the activations twice, the int8
+# rows and what they missed (kResidualRows in kernels/int4_linear.cpp): ~15 bits instead of 7, for
+# a fifth more time in a one-row step's projections (bench/RESULTS.md, "Figures the code cites").
+RESIDUAL_ROWS = 1
+
+
+def int4_linear_supported() -> bool:
+    """Whether int4_linear here runs on the kernels' W4A8 product (built with AVX512-VNNI)."""
+    module = native_module()
+    return module is not None and module.int4_linear_supported()
+
+
+def can_pack_int4(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return n % PACK_OUTPUTS == 0 and k % INT4_GROUP == 0
+
+
+def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (N, K) uint8 q in 0..15, (K/G, N) float16 scales and lows, w ~ q * scale + low.
+    Each group of INT4_GROUP takes the closer of two grids: Q4_1's (the group's min and max at 0 and
+    15) and Q4_0's (w = (q - 8) * d, the value of largest magnitude at q = 0, so d and with it the
+    scale may be negative). Weights dequantized from a Q4_1 or a Q4_0 file come back to the file's
+    own integers, scales and lows; other weights are rounded to the closer grid."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low1 = groups.amin(dim=-1).half().float()
+    scale1 = ((groups.amax(dim=-1) - low1) / 15).half().float()
+    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    scale0 = (extreme / -8).half().float()
+    best = None
+    for scale, low in ((scale1, low1), (scale0, -8 * scale0)):
+        divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # a constant group: q = 0, w = low
+        q = torch.round((groups - low[..., None]) / divisor[..., None]).clamp(0, 15)
+        error = (q * scale[..., None] + low[..., None] - groups).abs().amax(dim=-1)
+        if best is None:
+            best = (q, scale, low, error)
+        else:  # Q4_0's grid where it is strictly closer
+            closer = error < best[3]
+            best = (torch.where(closer[..., None], q, best[0]), torch.where(closer, scale, best[1]),
+                    torch.where(closer, low, best[2]), error)
+    q, scale, low, _ = best
+    return q.to(torch.uint8).view(n, k), scale.t().half().contiguous(), low.t().half().contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 in 0..15 -> (N/16, K/8, 16, 4) uint8: byte [j, s, l, b] holds q[16 j + l, 8 s + b]
+    in its low nibble and q[16 j + l, 8 s + 4 + b] in its high one (the kernel's vpdpbusd layout)."""
+    n, k = q.shape
+    r = q.reshape(n // PACK_OUTPUTS, PACK_OUTPUTS, k // INT4_PACK_DEPTH, 2, 4)  # [j, l, s, half, b]
+    return (r[:, :, :, 0, :] | (r[:, :, :, 1, :] << 4)).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4's inverse."""
+    blocks, steps = packed.shape[:2]
+    halves = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [j, s, l, half, b]
+    return halves.permute(0, 2, 1, 3, 4).reshape(blocks * PACK_OUTPUTS, steps * INT4_PACK_DEPTH)
+
+
+def quantize_groups_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, K) float32 -> (M, K) int8, (M, K/G) scales and (M, K/G) sums (scale * sum of the group's
+    integers), each group of INT4_GROUP columns on its own scale, round half to even."""
+    m, k = x.shape
+    groups = x.reshape(m, k // INT4_GROUP, INT4_GROUP)
+    scales = groups.abs().amax(dim=-1).clamp(min=MIN_ABS_MAX) / 127
+    q = torch.round(groups / scales[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(m, k), scales, q.sum(dim=-1) * scales
+
+
+def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """kernels/int4_linear.cpp's arithmetic in float64 (the kernel accumulates in float32):
+    sum over groups of x_scale * w_scale * (int sum of q x_q) + w_low * x_sum, for the int8 rows
+    and, in steps of at most RESIDUAL_ROWS rows, for the rows of what they missed as well."""
+    m, k = x.shape
+    q = unpack_int4(packed)
+    n, groups = q.shape[0], k // INT4_GROUP
+    x = x.float()
+    parts = [quantize_groups_reference(x)]
+    if m <= RESIDUAL_ROWS:
+        xq, x_scales, _ = parts[0]
+        parts.append(quantize_groups_reference(x - (xq.float().view(m, groups, INT4_GROUP) * x_scales[..., None]).view(m, k)))
+    out = 0
+    for xq, x_scales, x_sums in parts:
+        dots = torch.einsum("mgc,ngc->mgn", xq.reshape(m, groups, INT4_GROUP).double(),
+                            q.reshape(n, groups, INT4_GROUP).double())  # exact: integers below 2^53
+        out = out + (dots * x_scales.double()[..., None] * scales.double()[None]
+                     + x_sums.double()[..., None] * lows.double()[None]).sum(dim=1).float()
+    return out if bias is None else out + bias.float()
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) float32, packed (N/16, K/8, 16, 4) uint8 from pack_int4, scales and lows (K/G, N)
+    float16 -> (M, N) float32."""
+    if not int4_linear_supported():
+        return int4_linear_reference(x, packed, scales, lows, bias)
+    return native_module().int4_linear(x, packed, scales, lows, bias)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of INT4_GROUP input columns, w = (q - 8) * scale + zero, packed for
+    torch's weight-only kernel. Each group's min and max map to 0 and 15, which is how Q4_1 quantizes:
+    weights dequantized from a Q4_1 file come back to the file's own integers (and Q4_0's sit on its grid)."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+    return packed, scale_zero.to(torch.bfloat16)
+
+
+@dataclass(frozen=True, eq=False)
+class W4A8Weight:
+    """A weight's 4-bit integers with a float16 scale and low per group, multiplied by int8
+    activations in the same groups (int4_linear)."""
+
+    weight: torch.Tensor  # (N/16, K/8, 16, 4) uint8 from pack_int4
+    scales: torch.Tensor  # (K/G, N) float16
+    lows: torch.Tensor  # (K/G, N) float16
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> W4A8Weight:
+        """(N, K) float (can_pack_int4) -> its W4A8 copy."""
+        q, scales, lows = quantize_int4_groups(weight)
+        return cls(pack_int4(q), scales, lows)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int4_linear(x.float(), self.weight, self.scales, self.lows, bias).to(x.dtype)
+
+    def native_fields(self) -> dict[str, Any]:
+        return {"int4_weight": self.weight, "int4_scales": self.scales, "int4_lows": self.lows}
+
+
+@dataclass(frozen=True, eq=False)
+class Int4WeightOnly:
+    """Asymmetric 4-bit weights in groups of INT4_GROUP with bf16 activations, on torch's weight-only kernel."""
+
+    weight: torch.Tensor  # torch's int4pack layout of the (N, K) 4-bit integers (quantize_int4)
+    scale_zero: torch.Tensor  # (K/G, N, 2) bfloat16: each group's scale and zero
+    NATIVE_KIND = 2  # kInt4 of kernels/decoder.cpp's Narrow
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int4WeightOnly:
+        """(N, K) float (can_pack_int4) -> its weight-only int4 copy."""
+        return cls(*quantize_int4(weight))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        xb = x.to(torch.bfloat16).contiguous()
+        out = torch._weight_int4pack_mm_for_cpu(xb, self.weight, INT4_GROUP, self.scale_zero)
+        return (out if bias is None else out + bias).to(x.dtype)
+
+    def native_fields(self) -> dict[str, Any]:
+        return {"narrow": self.NATIVE_KIND, "narrow_weight": self.weight, "narrow_scales": self.scale_zero}
