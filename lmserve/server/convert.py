@@ -62,7 +62,7 @@ def chat_plan(
     _check_chat_supported(request)
     _check_stream_options(request)
     _check_known_unsupported(request)
-    tools = plan_tools(request, tokenizer, model_name="")
+    tools = plan_tools(request, tokenizer)
     text = render_chat(request.messages, tokenizer, tools)
     prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages")  # BOS is in the template
     if not prompt_ids:

@@ -39,8 +39,8 @@ def accepts(compiler, spec, text: str) -> bool:
 
 
 def test_no_tools_or_none_means_no_plan(default_tokenizer):
-    assert plan_tools(request(), default_tokenizer, "") is None
-    assert plan_tools(request(tools=[ADD], tool_choice="none"), default_tokenizer, "") is None
+    assert plan_tools(request(), default_tokenizer) is None
+    assert plan_tools(request(tools=[ADD], tool_choice="none"), default_tokenizer) is None
 
 
 @pytest.mark.parametrize(("fields", "param", "needle"), [
@@ -54,12 +54,12 @@ def test_no_tools_or_none_means_no_plan(default_tokenizer):
 ])
 def test_bad_tool_requests_are_400_naming_the_field(default_tokenizer, fields, param, needle):
     with pytest.raises(APIError) as error:
-        plan_tools(request(**fields), default_tokenizer, "")
+        plan_tools(request(**fields), default_tokenizer)
     assert error.value.status_code == 400 and error.value.param == param and needle in error.value.message
 
 
 def test_required_grammar_accepts_only_calls_to_offered_tools(default_tokenizer, compiler):
-    spec = plan_tools(request(tools=[ADD, ECHO], tool_choice="required"), default_tokenizer, "").grammar()
+    spec = plan_tools(request(tools=[ADD, ECHO], tool_choice="required"), default_tokenizer).grammar()
     add = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')])
     two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("echo", '{"text": "x"}')])
     assert accepts(compiler, spec, add) and accepts(compiler, spec, two)
@@ -72,16 +72,16 @@ def test_required_grammar_accepts_only_calls_to_offered_tools(default_tokenizer,
 def test_single_call_and_named_grammars(default_tokenizer, compiler):
     two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("add", '{"a": 3, "b": 4}')])
     one_only = plan_tools(request(tools=[ADD, ECHO], tool_choice="required", parallel_tool_calls=False),
-                          default_tokenizer, "").grammar()
+                          default_tokenizer).grammar()
     assert not accepts(compiler, one_only, two)
     named = plan_tools(request(tools=[ADD, ECHO], tool_choice={"type": "function", "function": {"name": "echo"}}),
-                       default_tokenizer, "").grammar()
+                       default_tokenizer).grammar()
     assert accepts(compiler, named, HERMES_SYNTAX.render([("echo", '{"text": "hi"}')]))
     assert not accepts(compiler, named, HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
 
 
 def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, compiler):
-    spec = plan_tools(request(tools=[ADD]), default_tokenizer, "").grammar()
+    spec = plan_tools(request(tools=[ADD]), default_tokenizer).grammar()
     assert accepts(compiler, spec, "No tools needed, the answer is 3.")
     assert accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
     assert not accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1}')]))
@@ -96,14 +96,14 @@ def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_t
     """Seen in a sampled reply: a call written slightly off the format (no newline after the tag)
     slipped past a trigger longer than the parser's opening tag, and was parsed as a call to an
     unknown tool. The grammar must take over at the very tag the parser opens calls at."""
-    plan = plan_tools(request(tools=[ADD]), default_tokenizer, "")
+    plan = plan_tools(request(tools=[ADD]), default_tokenizer)
     parsed = parse_reply(ReplyFormat(tools=plan), "Sure. " + off_format)
     assert parsed.tool_calls  # the parser reads these as calls...
     assert not accepts(compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
 
 
 def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(compiler):
-    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"), "")
+    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"))
     off_format = 'Sure. [TOOL_CALLS] [{"name": "add2", "arguments": {"x": 1}}]'  # a space after the tag
     assert parse_reply(ReplyFormat(tools=plan), off_format).tool_calls
     assert not accepts(compiler, plan.grammar(), off_format)
@@ -111,7 +111,7 @@ def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(compiler):
 
 
 def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokenizer):
-    plan = plan_tools(request(tools=[ADD]), default_tokenizer, "")
+    plan = plan_tools(request(tools=[ADD]), default_tokenizer)
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
     messages = request(messages=[*USER, {"role": "assistant", "tool_calls": [call]},
                                  {"role": "tool", "tool_call_id": "call_1", "content": "5"}]).messages
@@ -126,7 +126,7 @@ def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokeniz
 def test_streamed_reply_equals_whole_reply_for_any_chunking():
     calls = HERMES_SYNTAX.render([("add", '{"a": 1, "b": {"c": "}</tool_call>"}}')])
     text = "<think>\nadd them\n</think>\n\nI'll call add. " + calls
-    fmt = ReplyFormat(tools=plan_tools(request(tools=[ADD]), _TemplateOnly(), ""), reasoning=True)
+    fmt = ReplyFormat(tools=plan_tools(request(tools=[ADD]), _TemplateOnly()), reasoning=True)
     whole = parse_reply(fmt, text)
     assert whole.reasoning == "add them" and whole.content == "I'll call add."
     assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == [("add", {"a": 1, "b": {"c": "}</tool_call>"}})]
@@ -143,7 +143,7 @@ def test_streamed_reply_equals_whole_reply_for_any_chunking():
 
 
 def test_mistral_template_selects_mistral_calls():
-    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"), "")
+    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"))
     assert plan.syntax == MISTRAL_SYNTAX and plan.needs_special_tokens
 
 
