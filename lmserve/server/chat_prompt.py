@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lmserve.parsing import (
+    ReplyFormat,
     add_tools_system_prompt,
     messages_for_template,
     template_opens_reasoning,
@@ -18,7 +19,6 @@ from lmserve.parsing import (
 )
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatMessage, ContentPart
-from lmserve.server.reply import ReplyFormat
 from lmserve.server.tools import ToolsPlan
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ def reply_format(tokenizer: Tokenizer, prompt_text: str, tools: ToolsPlan | None
     reasoning = THINK_OPEN in (tokenizer.chat_template or "") and not forced
     if tools is None and not reasoning:
         return None
-    return ReplyFormat(tools, reasoning, reasoning and template_opens_reasoning(prompt_text))
+    tool_parser = tools.parser if tools is not None else None
+    return ReplyFormat(tool_parser, reasoning, reasoning and template_opens_reasoning(prompt_text))
 
 
 def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from lmserve.parsing import ReplyFormat
 from lmserve.request import SamplingParams
 from lmserve.server.chat_prompt import render_chat, reply_format
 from lmserve.server.constraints import check_compiles, grammar_spec
@@ -17,7 +18,6 @@ from lmserve.server.protocol import (
     CompletionRequest,
     SamplingFields,
 )
-from lmserve.server.reply import ReplyFormat
 from lmserve.server.tools import ToolsPlan, plan_tools
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class GenerationPlan:
     sequences: list[Sequence]
     echo_texts: list[str] | None = None  # per prompt: text put before each choice's output
     reply: ReplyFormat | None = None  # chat: how to split replies into reasoning, content, tool calls
+    tools: ToolsPlan | None = None  # chat: the tools offered and how the model must use them
 
     @property
     def want_logprobs(self) -> bool:
@@ -75,7 +76,7 @@ def chat_plan(
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
     forced = base.grammar is not None and (tools is None or tools.mode != "auto")
-    return GenerationPlan([prompt_ids], sequences, reply=reply_format(tokenizer, text, tools, forced))
+    return GenerationPlan([prompt_ids], sequences, reply=reply_format(tokenizer, text, tools, forced), tools=tools)
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:

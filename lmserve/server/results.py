@@ -6,6 +6,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from lmserve.parsing import ReplyFormat, parse_reply
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, TokenLogprob
 from lmserve.server.convert import GenerationPlan
 from lmserve.server.errors import server_error
@@ -26,10 +27,10 @@ from lmserve.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from lmserve.server.reply import ReplyFormat, parse_reply
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.server.tools import ToolsPlan
     from lmserve.text.tokenizer import Tokenizer
 
 # JSON has no -inf; vLLM uses the same floor for impossible tokens.
@@ -182,7 +183,7 @@ def chat_response(
             index=index,
             message=message,
             logprobs=chat_logprobs(tokenizer, result.logprobs) if plan.want_logprobs else None,
-            finish_reason=chat_finish_name(plan.reply, result.finish_reason, bool(message.tool_calls)),
+            finish_reason=chat_finish_name(plan.tools, result.finish_reason, bool(message.tool_calls)),
         ))
     return ChatCompletionResponse(
         id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=usage(plan, results)
@@ -199,10 +200,11 @@ def chat_message(fmt: ReplyFormat | None, text: str) -> ChatResponseMessage:
     return ChatResponseMessage(content=reply.content, tool_calls=calls or None, reasoning_content=reply.reasoning)
 
 
-def chat_finish_name(fmt: ReplyFormat | None, reason: FinishReason | None, has_tool_calls: bool) -> FinishReasonName | None:
+def chat_finish_name(tools: ToolsPlan | None, reason: FinishReason | None,
+                     has_tool_calls: bool) -> FinishReasonName | None:
     """OpenAI answers "tool_calls" when the model chose to call tools, "stop" when a named
     tool_choice forced the call."""
-    if has_tool_calls and reason == FinishReason.STOP and fmt is not None and fmt.tools.mode != "named":
+    if has_tool_calls and reason == FinishReason.STOP and tools is not None and tools.mode != "named":
         return "tool_calls"
     return finish_name(reason)
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
+from lmserve.parsing import ReplyParser
 from lmserve.request import RequestOutput
 from lmserve.server.convert import GenerationPlan
 from lmserve.server.errors import APIError, server_error
@@ -31,7 +32,6 @@ from lmserve.server.protocol import (
     DeltaMessage,
     DeltaToolCall,
 )
-from lmserve.server.reply import ReplyParser
 from lmserve.server.results import (
     ResponseMeta,
     chat_finish_name,
@@ -134,7 +134,7 @@ def _chat_choices(
         choices.append(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs))
     if output.finish_reason is not None:
         has_calls = parser is not None and parser.num_tool_calls > 0
-        reason = chat_finish_name(plan.reply, output.finish_reason, has_calls)
+        reason = chat_finish_name(plan.tools, output.finish_reason, has_calls)
         choices.append(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason))
     return choices
 

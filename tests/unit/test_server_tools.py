@@ -8,12 +8,11 @@ import random
 import pytest
 import xgrammar as xgr
 
-from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX
+from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, ReplyFormat, ReplyParser, parse_reply
 from lmserve.sampling.grammar import GrammarCompiler
 from lmserve.server.chat_prompt import render_chat, reply_format
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
-from lmserve.server.reply import ReplyFormat, ReplyParser, parse_reply
 from lmserve.server.tools import plan_tools
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
@@ -97,7 +96,7 @@ def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_t
     slipped past a trigger longer than the parser's opening tag, and was parsed as a call to an
     unknown tool. The grammar must take over at the very tag the parser opens calls at."""
     plan = plan_tools(request(tools=[ADD]), default_tokenizer)
-    parsed = parse_reply(ReplyFormat(tools=plan), "Sure. " + off_format)
+    parsed = parse_reply(ReplyFormat(tool_parser=plan.parser), "Sure. " + off_format)
     assert parsed.tool_calls  # the parser reads these as calls...
     assert not accepts(compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
 
@@ -105,7 +104,7 @@ def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_t
 def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(compiler):
     plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"))
     off_format = 'Sure. [TOOL_CALLS] [{"name": "add2", "arguments": {"x": 1}}]'  # a space after the tag
-    assert parse_reply(ReplyFormat(tools=plan), off_format).tool_calls
+    assert parse_reply(ReplyFormat(tool_parser=plan.parser), off_format).tool_calls
     assert not accepts(compiler, plan.grammar(), off_format)
     assert accepts(compiler, plan.grammar(), "Sure. " + MISTRAL_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
 
@@ -120,13 +119,13 @@ def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokeniz
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in text
     assert "<tool_response>\n5\n</tool_response>" in text
     assert text.endswith("<|im_start|>assistant\n")
-    assert reply_format(default_tokenizer, text, plan).tools is plan
+    assert reply_format(default_tokenizer, text, plan).tool_parser is plan.parser
 
 
 def test_streamed_reply_equals_whole_reply_for_any_chunking():
     calls = HERMES_SYNTAX.render([("add", '{"a": 1, "b": {"c": "}</tool_call>"}}')])
     text = "<think>\nadd them\n</think>\n\nI'll call add. " + calls
-    fmt = ReplyFormat(tools=plan_tools(request(tools=[ADD]), _TemplateOnly()), reasoning=True)
+    fmt = ReplyFormat(tool_parser=plan_tools(request(tools=[ADD]), _TemplateOnly()).parser, reasoning=True)
     whole = parse_reply(fmt, text)
     assert whole.reasoning == "add them" and whole.content == "I'll call add."
     assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == [("add", {"a": 1, "b": {"c": "}</tool_call>"}})]
