@@ -28,7 +28,7 @@ MAX_ABS_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)
-class Sequence:
+class ChoicePlan:
     """One choice of a response: one engine request."""
 
     index: int  # choice index in the response
@@ -42,14 +42,14 @@ class GenerationPlan:
     """Everything the engine runs for one API request."""
 
     prompts: list[list[int]]  # prompt token ids, one list per prompt
-    sequences: list[Sequence]
+    choices: list[ChoicePlan]  # in choice index order
     echo_texts: list[str] | None = None  # per prompt: text put before each choice's output
     reply: ReplyFormat | None = None  # chat: how to split replies into reasoning, content, tool calls
     tools: ToolsPlan | None = None  # chat: the tools offered and how the model must use them
 
     @property
     def want_logprobs(self) -> bool:
-        return self.sequences[0].params.logprobs is not None
+        return self.choices[0].params.logprobs is not None
 
 
 # ---------------------------------------------------------------- chat
@@ -72,11 +72,11 @@ def chat_plan(
     base = _with_tools(_base_params(request, tokenizer, logprobs, grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
-    sequences = _sequences([prompt_ids], base, request.n, response_id, limit)
+    choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
     forced = base.grammar is not None and (tools is None or tools.mode != "auto")
-    return GenerationPlan([prompt_ids], sequences, reply=reply_format(tokenizer, text, tools, forced), tools=tools)
+    return GenerationPlan([prompt_ids], choices, reply=reply_format(tokenizer, text, tools, forced), tools=tools)
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:
@@ -125,9 +125,9 @@ def completion_plan(
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
     base = _base_params(request, tokenizer, request.logprobs, grammar)
     limit = _ContextLimit(max_model_len, request.max_tokens, "max_tokens", prompt_param="prompt")
-    sequences = _sequences(prompts, base, request.n, response_id, limit)
+    choices = _choice_plans(prompts, base, request.n, response_id, limit)
     echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
-    return GenerationPlan(prompts, sequences, echo_texts)
+    return GenerationPlan(prompts, choices, echo_texts)
 
 
 def _check_completion_supported(request: CompletionRequest) -> None:
@@ -303,19 +303,19 @@ class _ContextLimit:
         return self.requested
 
 
-def _sequences(
+def _choice_plans(
     prompts: list[list[int]], base: SamplingParams, n: int, response_id: str, limit: _ContextLimit
-) -> list[Sequence]:
+) -> list[ChoicePlan]:
     """n choices per prompt; choice index = prompt_index * n + i, as OpenAI numbers them."""
     num_choices = len(prompts) * n
-    sequences = []
+    choices = []
     for prompt_index, prompt_ids in enumerate(prompts):
         params = replace(base, max_tokens=limit.max_tokens_for(len(prompt_ids)))
         for i in range(n):
             index = prompt_index * n + i
             request_id = response_id if num_choices == 1 else f"{response_id}-{index}"
-            sequences.append(Sequence(index, request_id, prompt_index, _seeded(params, index)))
-    return sequences
+            choices.append(ChoicePlan(index, request_id, prompt_index, _seeded(params, index)))
+    return choices
 
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:

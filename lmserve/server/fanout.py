@@ -1,7 +1,7 @@
-"""Run the sequences of one API request on the engine and merge their outputs.
+"""Run the choices of one API request on the engine and merge their outputs.
 
-Each sequence's engine generator is driven by its own task so the choices of an n > 1
-request interleave as they are produced (a single sequence's is iterated directly). Whatever
+Each choice's engine generator is driven by its own task so the choices of an n > 1
+request interleave as they are produced (a single choice's is iterated directly). Whatever
 ends the merge (done, error, client gone, cancellation), every engine generator is closed before
 it returns: that aborts unfinished requests and frees their KV blocks.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from lmserve.request import RequestOutput
-from lmserve.server.convert import GenerationPlan, Sequence
+from lmserve.server.convert import ChoicePlan, GenerationPlan
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
@@ -28,20 +28,20 @@ _DONE = object()  # a pump's last queue item
 async def merge_outputs(
     engine: AsyncEngine, plan: GenerationPlan
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Yield (choice index, output) for all sequences of `plan` as the engine produces them.
+    """Yield (choice index, output) for all choices of `plan` as the engine produces them.
 
     Use it under `contextlib.aclosing` so an early exit closes the engine generators at once.
     An exception raised by the engine is re-raised here.
     """
-    if len(plan.sequences) == 1:  # nothing to interleave: no pump task, one wake-up less per token
-        seq = plan.sequences[0]
-        async with aclosing(_generate(engine, plan, seq)) as outputs:
+    if len(plan.choices) == 1:  # nothing to interleave: no pump task, one wake-up less per token
+        choice = plan.choices[0]
+        async with aclosing(_generate(engine, plan, choice)) as outputs:
             async for output in outputs:
-                yield seq.index, output
+                yield choice.index, output
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     pumps = [
-        asyncio.create_task(_pump(seq.index, _generate(engine, plan, seq), queue)) for seq in plan.sequences
+        asyncio.create_task(_pump(choice.index, _generate(engine, plan, choice), queue)) for choice in plan.choices
     ]
     try:
         num_running = len(pumps)
@@ -57,8 +57,8 @@ async def merge_outputs(
         await _stop(pumps)
 
 
-def _generate(engine: AsyncEngine, plan: GenerationPlan, seq: Sequence) -> AsyncIterator[RequestOutput]:
-    return engine.generate(seq.request_id, plan.prompts[seq.prompt_index], seq.params)
+def _generate(engine: AsyncEngine, plan: GenerationPlan, choice: ChoicePlan) -> AsyncIterator[RequestOutput]:
+    return engine.generate(choice.request_id, plan.prompts[choice.prompt_index], choice.params)
 
 
 async def _pump(index: int, outputs: AsyncIterator[RequestOutput], queue: asyncio.Queue) -> None:

@@ -48,7 +48,7 @@ class ResponseMeta:
 
 @dataclass
 class ChoiceResult:
-    """What one sequence has produced so far."""
+    """What one choice has produced so far."""
 
     text_parts: list[str] = field(default_factory=list)
     num_tokens: int = 0
@@ -82,7 +82,7 @@ def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
 
 
 def new_results(plan: GenerationPlan) -> dict[int, ChoiceResult]:
-    return {seq.index: ChoiceResult() for seq in plan.sequences}
+    return {choice.index: ChoiceResult() for choice in plan.choices}
 
 
 def check_finished(results: dict[int, ChoiceResult]) -> None:
@@ -106,9 +106,9 @@ def usage(plan: GenerationPlan, results: dict[int, ChoiceResult]) -> UsageInfo:
     num_prompt_tokens = sum(len(ids) for ids in plan.prompts)
     num_completion_tokens = sum(result.num_tokens for result in results.values())
     cached_by_prompt: dict[int, int] = {}
-    for seq in plan.sequences:
-        cached = results[seq.index].num_cached_tokens
-        cached_by_prompt[seq.prompt_index] = min(cached, cached_by_prompt.get(seq.prompt_index, cached))
+    for choice in plan.choices:
+        cached = results[choice.index].num_cached_tokens
+        cached_by_prompt[choice.prompt_index] = min(cached, cached_by_prompt.get(choice.prompt_index, cached))
     return UsageInfo(
         prompt_tokens=num_prompt_tokens,
         completion_tokens=num_completion_tokens,
@@ -213,15 +213,15 @@ def completion_response(
     meta: ResponseMeta, plan: GenerationPlan, results: dict[int, ChoiceResult], tokenizer: Tokenizer
 ) -> CompletionResponse:
     choices = []
-    for seq in plan.sequences:
-        result = results[seq.index]
-        prefix = plan.echo_texts[seq.prompt_index] if plan.echo_texts else ""
+    for choice in plan.choices:
+        result = results[choice.index]
+        prefix = plan.echo_texts[choice.prompt_index] if plan.echo_texts else ""
         logprobs = (
             completion_logprobs(tokenizer, result.logprobs, len(prefix)) if plan.want_logprobs else None
         )
         choices.append(
             CompletionChoice(
-                index=seq.index,
+                index=choice.index,
                 text=prefix + result.text,
                 logprobs=logprobs,
                 finish_reason=finish_name(result.finish_reason),

@@ -108,15 +108,15 @@ async def chat_events(
         )
         return frame(chunk, include_usage)
 
-    for seq in plan.sequences:
-        yield event([ChatChunkChoice(index=seq.index, delta=DeltaMessage(role="assistant", content=""))])
+    for choice in plan.choices:
+        yield event([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
     results = new_results(plan)
-    parsers = {seq.index: ReplyParser(plan.reply) for seq in plan.sequences} if plan.reply else {}
+    parsers = {choice.index: ReplyParser(plan.reply) for choice in plan.choices} if plan.reply else {}
     async with aclosing(merge_outputs(engine, plan)) as outputs:
         async for index, output in outputs:
             results[index].add(output)
-            for choice in _chat_choices(engine, plan, index, output, parsers.get(index)):
-                yield event([choice])
+            for chunk_choice in _chat_choices(engine, plan, index, output, parsers.get(index)):
+                yield event([chunk_choice])
     check_finished(results)
     if include_usage:
         yield event([], usage=usage(plan, results))
@@ -166,17 +166,17 @@ async def completion_events(
         return frame(chunk, include_usage)
 
     offsets = {}  # choice index -> text offset of its next token, for logprobs
-    for seq in plan.sequences:
-        prefix = plan.echo_texts[seq.prompt_index] if plan.echo_texts else ""
-        offsets[seq.index] = len(prefix)
+    for choice in plan.choices:
+        prefix = plan.echo_texts[choice.prompt_index] if plan.echo_texts else ""
+        offsets[choice.index] = len(prefix)
         if prefix:
-            yield event([CompletionChoice(index=seq.index, text=prefix)])
+            yield event([CompletionChoice(index=choice.index, text=prefix)])
     results = new_results(plan)
     async with aclosing(merge_outputs(engine, plan)) as outputs:
         async for index, output in outputs:
             results[index].add(output)
-            for choice in _completion_choices(engine, plan, index, output, offsets):
-                yield event([choice])
+            for chunk_choice in _completion_choices(engine, plan, index, output, offsets):
+                yield event([chunk_choice])
     check_finished(results)
     if include_usage:
         yield event([], usage=usage(plan, results))

@@ -48,31 +48,31 @@ def refused(make_plan, param: str) -> APIError:
 def test_chat_prompt_is_the_rendered_template_without_extra_bos():
     plan = convert.chat_plan(chat_request(), "r", TOKENIZER, 100)
     assert plan.prompts == [TOKENIZER.encode("user:hi\nassistant:", add_special_tokens=False)]
-    [seq] = plan.sequences
-    assert (seq.index, seq.request_id, seq.prompt_index) == (0, "r", 0)
-    assert seq.params.max_tokens == 100 - len(plan.prompts[0])
-    assert seq.params.logprobs is None and not plan.want_logprobs
+    [choice] = plan.choices
+    assert (choice.index, choice.request_id, choice.prompt_index) == (0, "r", 0)
+    assert choice.params.max_tokens == 100 - len(plan.prompts[0])
+    assert choice.params.logprobs is None and not plan.want_logprobs
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
     plan = convert.chat_plan(chat_request(max_tokens=9, max_completion_tokens=4), "r", TOKENIZER, 100)
-    assert plan.sequences[0].params.max_tokens == 4
+    assert plan.choices[0].params.max_tokens == 4
 
 
 def test_n_choices_get_their_own_ids_and_seeds():
     plan = convert.chat_plan(chat_request(n=3, seed=10), "r", TOKENIZER, 100)
-    assert [s.request_id for s in plan.sequences] == ["r-0", "r-1", "r-2"]
-    assert [s.params.seed for s in plan.sequences] == [10, 11, 12]
+    assert [c.request_id for c in plan.choices] == ["r-0", "r-1", "r-2"]
+    assert [c.params.seed for c in plan.choices] == [10, 11, 12]
     unseeded = convert.chat_plan(chat_request(n=2), "r", TOKENIZER, 100)
-    assert [s.params.seed for s in unseeded.sequences] == [None, None]
+    assert [c.params.seed for c in unseeded.choices] == [None, None]
 
 
 def test_chat_logprobs_map_to_top_k():
     assert (
-        convert.chat_plan(chat_request(logprobs=True), "r", TOKENIZER, 100).sequences[0].params.logprobs == 0
+        convert.chat_plan(chat_request(logprobs=True), "r", TOKENIZER, 100).choices[0].params.logprobs == 0
     )
     plan = convert.chat_plan(chat_request(logprobs=True, top_logprobs=5), "r", TOKENIZER, 100)
-    assert plan.sequences[0].params.logprobs == 5 and plan.want_logprobs
+    assert plan.choices[0].params.logprobs == 5 and plan.want_logprobs
 
 
 def test_context_length_checks_name_the_numbers():
@@ -84,7 +84,7 @@ def test_context_length_checks_name_the_numbers():
     error = refused(lambda: convert.chat_plan(chat_request(), "r", TOKENIZER, prompt_len), "messages")
     assert str(prompt_len) in error.message
     exact = convert.chat_plan(chat_request(max_tokens=4), "r", TOKENIZER, prompt_len + 4)
-    assert exact.sequences[0].params.max_tokens == 4
+    assert exact.choices[0].params.max_tokens == 4
 
 
 def test_completion_prompt_forms():
@@ -93,23 +93,23 @@ def test_completion_prompt_forms():
     request = CompletionRequest(prompt=["a", "bc"], n=2, echo=True, max_tokens=None)
     plan = convert.completion_plan(request, "r", TOKENIZER, 50)
     assert plan.prompts == [[0, 2], [0, 3, 4]]
-    assert [(s.index, s.prompt_index, s.request_id) for s in plan.sequences] == [
+    assert [(c.index, c.prompt_index, c.request_id) for c in plan.choices] == [
         (0, 0, "r-0"),
         (1, 0, "r-1"),
         (2, 1, "r-2"),
         (3, 1, "r-3"),
     ]
-    assert [s.params.max_tokens for s in plan.sequences] == [48, 48, 47, 47]
+    assert [c.params.max_tokens for c in plan.choices] == [48, 48, 47, 47]
     assert plan.echo_texts == ["a", "bc"]
     default = convert.completion_plan(CompletionRequest(prompt="ab"), "r", TOKENIZER, 50)
-    assert default.sequences[0].params.max_tokens == 16  # OpenAI's default for text completions
+    assert default.choices[0].params.max_tokens == 16  # OpenAI's default for text completions
     token_echo = convert.completion_plan(CompletionRequest(prompt=[[0, 2]], echo=True), "r", TOKENIZER, 50)
     assert token_echo.echo_texts == ["a"]
 
 
 def test_completion_logprobs_and_refusals():
     plan = convert.completion_plan(CompletionRequest(prompt="a", logprobs=3), "r", TOKENIZER, 50)
-    assert plan.sequences[0].params.logprobs == 3
+    assert plan.choices[0].params.logprobs == 3
     refused(
         lambda: convert.completion_plan(CompletionRequest(prompt="a", suffix="b"), "r", TOKENIZER, 50),
         "suffix",
@@ -124,7 +124,7 @@ def test_completion_logprobs_and_refusals():
     )
     assert convert.completion_plan(
         CompletionRequest(prompt="a", n=2, best_of=2), "r", TOKENIZER, 50
-    ).sequences
+    ).choices
     refused(
         lambda: convert.completion_plan(CompletionRequest(prompt=[[1], []]), "r", TOKENIZER, 50), "prompt[1]"
     )
@@ -133,7 +133,7 @@ def test_completion_logprobs_and_refusals():
 
 def test_sampling_fields_and_their_errors():
     request = chat_request(stop=["a", "b"], logit_bias={"3": 2.5}, top_k=-1, stop_token_ids=[4], min_p=0.1)
-    params = convert.chat_plan(request, "r", TOKENIZER, 100).sequences[0].params
+    params = convert.chat_plan(request, "r", TOKENIZER, 100).choices[0].params
     assert (params.stop, params.logit_bias, params.top_k, params.stop_token_ids, params.min_p) == (
         ("a", "b"),
         ((3, 2.5),),
@@ -178,7 +178,7 @@ def test_chat_refusals():
     )
     assert convert.chat_plan(
         chat_request(tool_choice="auto", modalities=["text"]), "r", TOKENIZER, 100
-    ).sequences
+    ).choices
 
 
 def test_assistant_message_without_content_renders_empty():
