@@ -23,7 +23,6 @@ from lmserve.request import (
     SamplingParams,
     TokenLogprob,
 )
-from lmserve.server import convert
 from lmserve.server.app import create_app
 from lmserve.server.state import ServerState
 
@@ -524,7 +523,11 @@ def test_unsupported_chat_parameters_are_refused(fields, param):
     assert "not supported" in error["message"]
 
 
-@pytest.mark.parametrize("name", convert.KNOWN_UNSUPPORTED)
+@pytest.mark.parametrize("name", [
+    "min_tokens", "prompt_logprobs", "n_predict", "chat_template_kwargs",
+    "reasoning_effort", "prediction", "web_search_options", "verbosity", "mirostat", "typical_p",
+    "tfs_z", "dynatemp_range", "xtc_probability", "dry_multiplier", "use_beam_search", "length_penalty",
+])
 def test_other_servers_parameters_that_change_output_are_refused_by_name(name):
     for response in (chat(make_client(), **{name: 1}),
                      make_client().post("/v1/completions", json={"prompt": "hi", name: 1})):
@@ -750,16 +753,18 @@ def test_nonstream_disconnect_closes_engine_generator():
 
 
 def test_closing_the_event_stream_closes_engine_generators():
-    from lmserve.server import convert, sse
     from lmserve.server.protocol import ChatCompletionRequest
-    from lmserve.server.results import ResponseMeta
+    from lmserve.server.requests.plan import chat_plan
+    from lmserve.server.responses import event_stream
+    from lmserve.server.responses.choices import ResponseMeta
 
     engine = FakeEngine(hang_after=3)
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
-    plan = convert.chat_plan(request, "chatcmpl-x", engine.tokenizer, engine.max_model_len)
+    plan = chat_plan(request, "chatcmpl-x", engine.tokenizer, engine.max_model_len)
 
     async def scenario():
-        stream = sse.with_done(sse.chat_events(engine, plan, ResponseMeta("chatcmpl-x", 0, MODEL), False))
+        chunks = event_stream.chat_events(engine, plan, ResponseMeta("chatcmpl-x", 0, MODEL), False)
+        stream = event_stream.with_done(chunks)
         first = [await stream.__anext__() for _ in range(2)]  # the role chunk and "H"
         await stream.aclose()
         assert engine.closed_early == ["chatcmpl-x"]

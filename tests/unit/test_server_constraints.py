@@ -6,7 +6,7 @@ import pytest
 import xgrammar as xgr
 
 from lmserve.sampling.grammar import GrammarCompiler
-from lmserve.server.constraints import grammar_spec
+from lmserve.server.requests.constraints import grammar_spec
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
 

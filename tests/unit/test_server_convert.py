@@ -1,10 +1,10 @@
-"""convert.py: requests -> prompt ids and SamplingParams, exactly."""
+"""requests/plan.py: requests -> prompt ids and SamplingParams, exactly."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmserve.server import convert
+from lmserve.server.requests import plan as convert
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest, CompletionRequest
 

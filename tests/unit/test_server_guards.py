@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 
 from lmserve.cli import api_keys, build_parser
 from lmserve.server.app import create_app
-from lmserve.server.auth import read_api_key_file
-from lmserve.server.cors import parse_origins
-from lmserve.server.limits import BodyLimitMiddleware
+from lmserve.server.middleware.auth import read_api_key_file
+from lmserve.server.middleware.cors import parse_origins
+from lmserve.server.middleware.limits import BodyLimitMiddleware
 from lmserve.server.state import ServerState
 from tests.unit.test_server_api import MODEL, FakeEngine, chat
 

@@ -10,10 +10,10 @@ import xgrammar as xgr
 
 from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, ReplyFormat, ReplyParser, parse_reply
 from lmserve.sampling.grammar import GrammarCompiler
-from lmserve.server.chat_prompt import render_chat, reply_format
+from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
-from lmserve.server.tools import plan_tools
+from lmserve.server.requests.tools import plan_tools
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}

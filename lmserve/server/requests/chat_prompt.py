@@ -19,7 +19,7 @@ from lmserve.parsing import (
 )
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatMessage, ContentPart
-from lmserve.server.tools import ToolsPlan
+from lmserve.server.requests.tools import ToolsPlan
 
 if TYPE_CHECKING:
     from lmserve.text.tokenizer import Tokenizer

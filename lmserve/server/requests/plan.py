@@ -1,4 +1,4 @@
-"""Requests -> engine inputs: prompt token ids and one SamplingParams per choice.
+"""Chat and text completion requests -> a GenerationPlan: prompt token ids and one SamplingParams per choice.
 
 Every recognised request field is honoured here or refused with a 400 naming it.
 """
@@ -10,15 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 from lmserve.parsing import ReplyFormat
 from lmserve.request import SamplingParams
-from lmserve.server.chat_prompt import render_chat, reply_format
-from lmserve.server.constraints import check_compiles, grammar_spec
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
 )
-from lmserve.server.tools import ToolsPlan, plan_tools
+from lmserve.server.requests.chat_prompt import render_chat, reply_format
+from lmserve.server.requests.constraints import check_compiles, grammar_spec
+from lmserve.server.requests.tokens import checked_token_ids, encode_text
+from lmserve.server.requests.tools import ToolsPlan, plan_tools
 
 if TYPE_CHECKING:
     from lmserve.sampling.grammar import GrammarCompiler
@@ -76,7 +77,8 @@ def chat_plan(
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
     forced = base.grammar is not None and (tools is None or tools.mode != "auto")
-    return GenerationPlan([prompt_ids], choices, reply=reply_format(tokenizer, text, tools, forced), tools=tools)
+    reply = reply_format(tokenizer, text, tools, forced)
+    return GenerationPlan([prompt_ids], choices, reply=reply, tools=tools)
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:
@@ -171,16 +173,6 @@ def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special
 # ---------------------------------------------------------------- shared
 
 
-def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
-    """`text` as token ids; text that is not valid Unicode is a 400 naming `param`."""
-    # JSON may carry lone surrogates ("\ud800"): valid in a Python str, not encodable as UTF-8.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request(f"{param} is not valid Unicode text: {exc.reason}", param=param) from exc
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-
 # Parameters other servers (OpenAI, vLLM, llama.cpp) accept that would change the output here
 # but are not implemented: refused by name rather than tolerated as unknown extras.
 KNOWN_UNSUPPORTED = (
@@ -262,14 +254,6 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     if any(s == "" for s in strings):
         raise bad_request("stop strings must not be empty", param="stop")
     return strings
-
-
-def checked_token_ids(token_ids: list[int], vocab_size: int, param: str) -> list[int]:
-    """The ids, or a 400 naming `param` if one is outside the vocabulary."""
-    bad = [t for t in token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
-    return list(token_ids)
 
 
 @dataclass(frozen=True)

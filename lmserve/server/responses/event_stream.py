@@ -20,9 +20,7 @@ from starlette.types import Send
 
 from lmserve.parsing import ReplyParser
 from lmserve.request import RequestOutput
-from lmserve.server.convert import GenerationPlan
 from lmserve.server.errors import APIError, server_error
-from lmserve.server.fanout import merge_outputs
 from lmserve.server.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -32,16 +30,17 @@ from lmserve.server.protocol import (
     DeltaMessage,
     DeltaToolCall,
 )
-from lmserve.server.results import (
+from lmserve.server.requests.plan import GenerationPlan
+from lmserve.server.responses.choices import (
     ResponseMeta,
     chat_finish_name,
-    chat_logprobs,
     check_finished,
-    completion_logprobs,
     finish_name,
     new_results,
     usage,
 )
+from lmserve.server.responses.fanout import merge_outputs
+from lmserve.server.responses.logprobs import chat_logprobs, completion_logprobs
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine

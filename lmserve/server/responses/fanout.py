@@ -9,19 +9,18 @@ it returns: that aborts unfinished requests and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from lmserve.request import RequestOutput
-from lmserve.server.convert import ChoicePlan, GenerationPlan
+from lmserve.server.requests.plan import ChoicePlan, GenerationPlan
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
 
-T = TypeVar("T")
 _DONE = object()  # a pump's last queue item
 
 
@@ -54,7 +53,7 @@ async def merge_outputs(
             else:
                 yield index, item
     finally:
-        await _stop(pumps)
+        await stop_tasks(pumps)
 
 
 def _generate(engine: AsyncEngine, plan: GenerationPlan, choice: ChoicePlan) -> AsyncIterator[RequestOutput]:
@@ -72,30 +71,11 @@ async def _pump(index: int, outputs: AsyncIterator[RequestOutput], queue: asynci
         queue.put_nowait((index, _DONE))
 
 
-async def _stop(pumps: list[asyncio.Task]) -> None:
-    for pump in pumps:
-        pump.cancel()
+async def stop_tasks(tasks: list[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
     # Shielded: when the client disconnects, the caller runs inside a cancelled scope.
     with anyio.CancelScope(shield=True):
-        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-
-async def until_disconnected(receive: Callable[[], Awaitable[dict]], work: Awaitable[T]) -> T | None:
-    """Await `work`, or cancel it and return None if the HTTP client disconnects first.
-
-    For non-streaming responses, whose request body has already been read: the next ASGI
-    message is the disconnect.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        await _stop([task] if not task.done() else [])
-    return None if task.cancelled() else task.result()
-
-
-async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
