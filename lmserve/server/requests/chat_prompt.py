@@ -22,12 +22,12 @@ from lmserve.server.protocol import ChatMessage, ContentPart
 from lmserve.server.requests.tools import ToolsPlan
 
 if TYPE_CHECKING:
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 THINK_OPEN = "<think>"
 
 
-def render_chat(messages: list[ChatMessage], tokenizer: Tokenizer, tools: ToolsPlan | None) -> str:
+def render_chat(messages: list[ChatMessage], tokenizer: ChatTokenizer, tools: ToolsPlan | None) -> str:
     """The prompt text, ending with the assistant's turn opened. Template errors are 400s."""
     rendered = [_template_message(message, i) for i, message in enumerate(messages)]
     renders_tools = template_renders_tools(tokenizer.chat_template or "")
@@ -42,7 +42,7 @@ def render_chat(messages: list[ChatMessage], tokenizer: Tokenizer, tools: ToolsP
         raise bad_request(str(exc), param="messages") from exc
 
 
-def reply_format(tokenizer: Tokenizer, prompt_text: str, tools: ToolsPlan | None,
+def reply_format(tokenizer: ChatTokenizer, prompt_text: str, tools: ToolsPlan | None,
                  forced: bool = False) -> ReplyFormat | None:
     """How to read replies: tool calls when tools are offered, reasoning when the model thinks
     and no grammar forces the reply from its first token (`forced`)."""

@@ -23,7 +23,7 @@ from lmserve.server.requests.tools import ToolsPlan, plan_tools
 
 if TYPE_CHECKING:
     from lmserve.sampling.grammar import GrammarCompiler
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 MAX_ABS_LOGIT_BIAS = 100.0
 
@@ -57,7 +57,7 @@ class GenerationPlan:
 
 
 def chat_plan(
-    request: ChatCompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int,
+    request: ChatCompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
     grammar: GrammarCompiler | None = None,
 ) -> GenerationPlan:
     """Render the chat template, tokenize it, and build one SamplingParams per choice."""
@@ -116,7 +116,7 @@ def _requested_max_tokens(request: ChatCompletionRequest) -> tuple[int | None, s
 
 
 def completion_plan(
-    request: CompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int,
+    request: CompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
     grammar: GrammarCompiler | None = None,
 ) -> GenerationPlan:
     """Tokenize the prompt(s) and build n SamplingParams per prompt."""
@@ -154,7 +154,7 @@ def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list
     return list(prompt)
 
 
-def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int]:
+def _prompt_ids(item: str | list[int], i: int, tokenizer: ChatTokenizer) -> list[int]:
     param = f"prompt[{i}]" if i else "prompt"
     if not item:
         raise bad_request("prompt must not be empty", param=param)
@@ -163,7 +163,8 @@ def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int
     return checked_token_ids(item, tokenizer.vocab_size, param)
 
 
-def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special_tokens: bool) -> list[str]:
+def _echo_texts(items: list[str | list[int]], tokenizer: ChatTokenizer,
+                skip_special_tokens: bool) -> list[str]:
     return [
         item if isinstance(item, str) else tokenizer.decode(item, skip_special_tokens=skip_special_tokens)
         for item in items
@@ -194,7 +195,7 @@ def _check_stream_options(request: SamplingFields) -> None:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
 
-def _base_params(request: SamplingFields, tokenizer: Tokenizer, logprobs: int | None,
+def _base_params(request: SamplingFields, tokenizer: ChatTokenizer, logprobs: int | None,
                  grammar: GrammarCompiler | None) -> SamplingParams:
     """The request's sampling fields as SamplingParams (max_tokens is set per prompt later)."""
     vocab_size = tokenizer.vocab_size

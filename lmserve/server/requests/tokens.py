@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 from lmserve.server.errors import bad_request
 
 if TYPE_CHECKING:
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 
-def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+def encode_text(tokenizer: ChatTokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
     """`text` as token ids; text that is not valid Unicode is a 400 naming `param`."""
     # JSON may carry lone surrogates ("\ud800"): valid in a Python str, not encodable as UTF-8.
     try:

@@ -24,7 +24,7 @@ from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatCompletionRequest, ToolDefinition
 
 if TYPE_CHECKING:
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 # Whitespace runs inside arguments: a sampled small model can otherwise pad without end.
 MAX_ARGUMENT_WHITESPACE = 2
@@ -83,7 +83,7 @@ def _wrapped(inner: dict[str, Any], prefix: str, suffix: str) -> dict[str, Any]:
     return inner if len(parts) == 1 else {"type": "sequence", "elements": parts}
 
 
-def plan_tools(request: ChatCompletionRequest, tokenizer: Tokenizer) -> ToolsPlan | None:
+def plan_tools(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> ToolsPlan | None:
     """The request's tool use, validated; None when the model is not to call tools."""
     choice = request.tool_choice if request.tool_choice is not None else "auto"
     if not request.tools:

@@ -30,7 +30,7 @@ from lmserve.server.responses.logprobs import chat_logprobs, completion_logprobs
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 
 async def collect_results(engine: AsyncEngine, plan: GenerationPlan) -> dict[int, ChoiceResult]:
@@ -44,7 +44,7 @@ async def collect_results(engine: AsyncEngine, plan: GenerationPlan) -> dict[int
 
 
 def chat_response(
-    meta: ResponseMeta, plan: GenerationPlan, results: dict[int, ChoiceResult], tokenizer: Tokenizer
+    meta: ResponseMeta, plan: GenerationPlan, results: dict[int, ChoiceResult], tokenizer: ChatTokenizer
 ) -> ChatCompletionResponse:
     choices = []
     for index, result in sorted(results.items()):
@@ -71,7 +71,7 @@ def chat_message(fmt: ReplyFormat | None, text: str) -> ChatResponseMessage:
 
 
 def completion_response(
-    meta: ResponseMeta, plan: GenerationPlan, results: dict[int, ChoiceResult], tokenizer: Tokenizer
+    meta: ResponseMeta, plan: GenerationPlan, results: dict[int, ChoiceResult], tokenizer: ChatTokenizer
 ) -> CompletionResponse:
     choices = []
     for choice in plan.choices:

@@ -9,13 +9,13 @@ from lmserve.request import SampleLogprobs, TokenLogprob
 from lmserve.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 if TYPE_CHECKING:
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 # JSON has no -inf; vLLM uses the same floor for impossible tokens.
 MIN_LOGPROB = -9999.0
 
 
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+def token_text(tokenizer: ChatTokenizer, token_id: int) -> str:
     return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
@@ -23,14 +23,14 @@ def _logprob(value: float) -> float:
     return max(value, MIN_LOGPROB)
 
 
-def _top_logprob(tokenizer: Tokenizer, entry: TokenLogprob) -> TopLogprob:
+def _top_logprob(tokenizer: ChatTokenizer, entry: TokenLogprob) -> TopLogprob:
     raw = tokenizer.token_bytes(entry.token_id)
     return TopLogprob(
         token=raw.decode("utf-8", errors="replace"), logprob=_logprob(entry.logprob), bytes=list(raw)
     )
 
 
-def chat_logprobs(tokenizer: Tokenizer, samples: list[SampleLogprobs]) -> ChatLogprobs:
+def chat_logprobs(tokenizer: ChatTokenizer, samples: list[SampleLogprobs]) -> ChatLogprobs:
     """`choices[i].logprobs` of a chat completion: one entry per generated token."""
     content = [
         ChatTokenLogprob(
@@ -43,7 +43,7 @@ def chat_logprobs(tokenizer: Tokenizer, samples: list[SampleLogprobs]) -> ChatLo
 
 
 def completion_logprobs(
-    tokenizer: Tokenizer, samples: list[SampleLogprobs], text_offset: int
+    tokenizer: ChatTokenizer, samples: list[SampleLogprobs], text_offset: int
 ) -> CompletionLogprobs:
     """Legacy completions logprobs; `text_offset` is where the first token's text starts."""
     logprobs = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
@@ -57,7 +57,7 @@ def completion_logprobs(
     return logprobs
 
 
-def _top_dict(tokenizer: Tokenizer, sample: SampleLogprobs) -> dict[str, float]:
+def _top_dict(tokenizer: ChatTokenizer, sample: SampleLogprobs) -> dict[str, float]:
     """The k alternatives plus the sampled token (OpenAI: up to logprobs + 1 entries)."""
     top: dict[str, float] = {}
     for entry in [*sample.top, sample.sampled]:
