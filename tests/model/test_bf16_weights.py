@@ -14,7 +14,7 @@ from lmserve.model.int8 import int4_linear_supported, int8_matmul_pays
 from lmserve.model.llama import HeadEmbedding
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
-from tests.model.test_engine import PROMPTS, chat_ids, make_engine
+from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,14 @@ from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.tools import plan_tools
+from tests.helpers.fake_engine import ByteTokenizer
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
 ECHO = {"type": "function", "function": {"name": "echo", "parameters": {
     "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}
 USER = [{"role": "user", "content": "hi"}]
+MISTRAL_TOKENIZER = ByteTokenizer(chat_template="{{ '[TOOL_CALLS]' }}{{ tools }}")  # only the template is read
 
 
 def request(**fields) -> ChatCompletionRequest:
@@ -102,7 +104,7 @@ def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_t
 
 
 def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(compiler):
-    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"))
+    plan = plan_tools(request(tools=[ADD]), MISTRAL_TOKENIZER)
     off_format = 'Sure. [TOOL_CALLS] [{"name": "add2", "arguments": {"x": 1}}]'  # a space after the tag
     assert parse_reply(ReplyFormat(tool_parser=plan.parser), off_format).tool_calls
     assert not accepts(compiler, plan.grammar(), off_format)
@@ -125,7 +127,8 @@ def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokeniz
 def test_streamed_reply_equals_whole_reply_for_any_chunking():
     calls = HERMES_SYNTAX.render([("add", '{"a": 1, "b": {"c": "}</tool_call>"}}')])
     text = "<think>\nadd them\n</think>\n\nI'll call add. " + calls
-    fmt = ReplyFormat(tool_parser=plan_tools(request(tools=[ADD]), _TemplateOnly()).parser, reasoning=True)
+    plan = plan_tools(request(tools=[ADD]), ByteTokenizer(chat_template="{{ messages }}"))
+    fmt = ReplyFormat(tool_parser=plan.parser, reasoning=True)
     whole = parse_reply(fmt, text)
     assert whole.reasoning == "add them" and whole.content == "I'll call add."
     assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == [("add", {"a": 1, "b": {"c": "}</tool_call>"}})]
@@ -142,10 +145,5 @@ def test_streamed_reply_equals_whole_reply_for_any_chunking():
 
 
 def test_mistral_template_selects_mistral_calls():
-    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"))
+    plan = plan_tools(request(tools=[ADD]), MISTRAL_TOKENIZER)
     assert plan.syntax == MISTRAL_SYNTAX and plan.needs_special_tokens
-
-
-class _TemplateOnly:
-    def __init__(self, chat_template: str = "{{ messages }}"):
-        self.chat_template = chat_template
