@@ -1,14 +1,22 @@
-"""What a whole response and an event stream share: labels, each choice's result, usage, finish reasons."""
+"""Each choice's result as the engine produces it, recorded while streaming or gathered whole, and
+what both response forms say of it: labels, usage, finish reasons."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs
 from lmserve.server.errors import server_error
 from lmserve.server.protocol import FinishReasonName, PromptTokensDetails, UsageInfo
 from lmserve.server.requests.plan import GenerationPlan
 from lmserve.server.requests.tools import ToolsPlan
+from lmserve.server.responses.fanout import merge_outputs
+
+if TYPE_CHECKING:
+    from lmserve.engine.async_engine import AsyncEngine
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,27 @@ def chat_finish_name(tools: ToolsPlan | None, reason: FinishReason | None,
 
 def new_results(plan: GenerationPlan) -> dict[int, ChoiceResult]:
     return {choice.index: ChoiceResult() for choice in plan.choices}
+
+
+async def recorded_outputs(
+    engine: AsyncEngine, plan: GenerationPlan, results: dict[int, ChoiceResult]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """merge_outputs, each output added to its choice's result before it is yielded; at the end,
+    a server error if a choice ended without a finish reason. Use it under `contextlib.aclosing`."""
+    async with aclosing(merge_outputs(engine, plan)) as outputs:
+        async for index, output in outputs:
+            results[index].add(output)
+            yield index, output
+    check_finished(results)
+
+
+async def collect_results(engine: AsyncEngine, plan: GenerationPlan) -> dict[int, ChoiceResult]:
+    """Run `plan` to the end and gather every choice (for a whole response)."""
+    results = new_results(plan)
+    async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
+        async for _ in outputs:
+            pass
+    return results
 
 
 def check_finished(results: dict[int, ChoiceResult]) -> None:

@@ -1,8 +1,7 @@
-"""Engine outputs -> one whole OpenAI response (requests without "stream": true)."""
+"""Every choice's whole result -> one OpenAI response (requests without "stream": true)."""
 
 from __future__ import annotations
 
-from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 from lmserve.parsing import ReplyFormat, parse_reply
@@ -16,31 +15,11 @@ from lmserve.server.protocol import (
     ResponseToolCall,
 )
 from lmserve.server.requests.plan import GenerationPlan
-from lmserve.server.responses.choices import (
-    ChoiceResult,
-    ResponseMeta,
-    chat_finish_name,
-    check_finished,
-    finish_name,
-    new_results,
-    usage,
-)
-from lmserve.server.responses.fanout import merge_outputs
+from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, chat_finish_name, finish_name, usage
 from lmserve.server.responses.logprobs import chat_logprobs, completion_logprobs
 
 if TYPE_CHECKING:
-    from lmserve.engine.async_engine import AsyncEngine
     from lmserve.text.tokenizer import ChatTokenizer
-
-
-async def collect_results(engine: AsyncEngine, plan: GenerationPlan) -> dict[int, ChoiceResult]:
-    """Run `plan` to the end and gather every choice."""
-    results = new_results(plan)
-    async with aclosing(merge_outputs(engine, plan)) as outputs:
-        async for index, output in outputs:
-            results[index].add(output)
-    check_finished(results)
-    return results
 
 
 def chat_response(

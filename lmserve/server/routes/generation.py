@@ -20,7 +20,7 @@ from lmserve.server.protocol import (
 )
 from lmserve.server.requests.plan import chat_plan, completion_plan
 from lmserve.server.responses import event_stream, json_body
-from lmserve.server.responses.choices import ResponseMeta
+from lmserve.server.responses.choices import ResponseMeta, collect_results
 from lmserve.server.routes.disconnect import until_disconnected
 from lmserve.server.state import ServerState, State, json_response
 
@@ -56,7 +56,7 @@ async def _generate(body, request: Request, state: ServerState, id_prefix: str, 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = stream_events(engine, plan, meta, include_usage)
         return event_stream.EventStreamResponse(event_stream.with_done(events))
-    gathered = await until_disconnected(request.receive, json_body.collect_results(engine, plan))
+    gathered = await until_disconnected(request.receive, collect_results(engine, plan))
     if gathered is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return json_response(make_response(meta, plan, gathered, engine.tokenizer))
