@@ -6,15 +6,14 @@ import json
 import random
 
 import pytest
-import xgrammar as xgr
 
 from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, ReplyFormat, ReplyParser, parse_reply
-from lmserve.sampling.grammar import GrammarCompiler
-from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
+from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.requests.tools import plan_tools
 from tests.helpers.fake_engine import ByteTokenizer
+from tests.helpers.grammar import accepts
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -26,17 +25,6 @@ MISTRAL_TOKENIZER = ByteTokenizer(chat_template="{{ '[TOOL_CALLS]' }}{{ tools }}
 
 def request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=fields.pop("messages", USER), **fields)
-
-
-@pytest.fixture(scope="module")
-def compiler(default_tokenizer):
-    return GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
-
-
-def accepts(compiler, spec, text: str) -> bool:
-    """Whether the grammar accepts `text` as a complete output."""
-    matcher = xgr.GrammarMatcher(compiler.compile(spec))
-    return matcher.accept_string(text) and matcher.is_completed()
 
 
 def test_no_tools_or_none_means_no_plan(default_tokenizer):
@@ -59,33 +47,33 @@ def test_bad_tool_requests_are_400_naming_the_field(default_tokenizer, fields, p
     assert error.value.status_code == 400 and error.value.param == param and needle in error.value.message
 
 
-def test_required_grammar_accepts_only_calls_to_offered_tools(default_tokenizer, compiler):
+def test_required_grammar_accepts_only_calls_to_offered_tools(default_tokenizer, grammar_compiler):
     spec = plan_tools(request(tools=[ADD, ECHO], tool_choice="required"), default_tokenizer).grammar()
     add = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')])
     two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("echo", '{"text": "x"}')])
-    assert accepts(compiler, spec, add) and accepts(compiler, spec, two)
-    assert not accepts(compiler, spec, "Sure! " + add)  # required: no text
-    assert not accepts(compiler, spec, HERMES_SYNTAX.render([("mul", '{"a": 1, "b": 2}')]))
-    assert not accepts(compiler, spec, HERMES_SYNTAX.render([("add", '{"a": "one", "b": 2}')]))
-    assert not accepts(compiler, spec, "")
+    assert accepts(grammar_compiler, spec, add) and accepts(grammar_compiler, spec, two)
+    assert not accepts(grammar_compiler, spec, "Sure! " + add)  # required: no text
+    assert not accepts(grammar_compiler, spec, HERMES_SYNTAX.render([("mul", '{"a": 1, "b": 2}')]))
+    assert not accepts(grammar_compiler, spec, HERMES_SYNTAX.render([("add", '{"a": "one", "b": 2}')]))
+    assert not accepts(grammar_compiler, spec, "")
 
 
-def test_single_call_and_named_grammars(default_tokenizer, compiler):
+def test_single_call_and_named_grammars(default_tokenizer, grammar_compiler):
     two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("add", '{"a": 3, "b": 4}')])
     one_only = plan_tools(request(tools=[ADD, ECHO], tool_choice="required", parallel_tool_calls=False),
                           default_tokenizer).grammar()
-    assert not accepts(compiler, one_only, two)
+    assert not accepts(grammar_compiler, one_only, two)
     named = plan_tools(request(tools=[ADD, ECHO], tool_choice={"type": "function", "function": {"name": "echo"}}),
                        default_tokenizer).grammar()
-    assert accepts(compiler, named, HERMES_SYNTAX.render([("echo", '{"text": "hi"}')]))
-    assert not accepts(compiler, named, HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+    assert accepts(grammar_compiler, named, HERMES_SYNTAX.render([("echo", '{"text": "hi"}')]))
+    assert not accepts(grammar_compiler, named, HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
 
 
-def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, compiler):
+def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, grammar_compiler):
     spec = plan_tools(request(tools=[ADD]), default_tokenizer).grammar()
-    assert accepts(compiler, spec, "No tools needed, the answer is 3.")
-    assert accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
-    assert not accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1}')]))
+    assert accepts(grammar_compiler, spec, "No tools needed, the answer is 3.")
+    assert accepts(grammar_compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+    assert not accepts(grammar_compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1}')]))
 
 
 @pytest.mark.parametrize("off_format", [
@@ -93,22 +81,24 @@ def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, compiler):
     '<tool_call> {"name":"add", "arguments": {}}',
     '<tool_call>\n{"name": "add2", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
 ])
-def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_tokenizer, compiler, off_format):
+def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_tokenizer, grammar_compiler,
+                                                                        off_format):
     """Seen in a sampled reply: a call written slightly off the format (no newline after the tag)
     slipped past a trigger longer than the parser's opening tag, and was parsed as a call to an
     unknown tool. The grammar must take over at the very tag the parser opens calls at."""
     plan = plan_tools(request(tools=[ADD]), default_tokenizer)
     parsed = parse_reply(ReplyFormat(tool_parser=plan.parser), "Sure. " + off_format)
     assert parsed.tool_calls  # the parser reads these as calls...
-    assert not accepts(compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
+    assert not accepts(grammar_compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
 
 
-def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(compiler):
+def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(grammar_compiler):
     plan = plan_tools(request(tools=[ADD]), MISTRAL_TOKENIZER)
     off_format = 'Sure. [TOOL_CALLS] [{"name": "add2", "arguments": {"x": 1}}]'  # a space after the tag
     assert parse_reply(ReplyFormat(tool_parser=plan.parser), off_format).tool_calls
-    assert not accepts(compiler, plan.grammar(), off_format)
-    assert accepts(compiler, plan.grammar(), "Sure. " + MISTRAL_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+    assert not accepts(grammar_compiler, plan.grammar(), off_format)
+    call = MISTRAL_SYNTAX.render([("add", '{"a": 1, "b": 2}')])
+    assert accepts(grammar_compiler, plan.grammar(), "Sure. " + call)
 
 
 def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokenizer):
