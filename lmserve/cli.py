@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
-from lmserve.server.limits import DEFAULT_MAX_REQUEST_BODY
+from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
 
@@ -139,7 +139,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from lmserve.server.app import create_app
-    from lmserve.server.cors import parse_origins
+    from lmserve.server.middleware.cors import parse_origins
     from lmserve.server.state import ServerState
 
     try:
@@ -164,7 +164,7 @@ def serve(args: argparse.Namespace) -> None:
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     """--api-key values, then the keys of --api-key-file; a bad key file ends start-up."""
-    from lmserve.server.auth import read_api_key_file
+    from lmserve.server.middleware.auth import read_api_key_file
 
     keys = list(args.api_key)
     if args.api_key_file:

@@ -20,6 +20,14 @@ def default_tokenizer():
     return Tokenizer.from_gguf(GGUFFile.open(default_model_path()))
 
 
+@pytest.fixture(scope="session")
+def grammar_compiler(default_tokenizer):
+    """A GrammarCompiler over the default model's vocabulary."""
+    from lmserve.sampling.grammar import GrammarCompiler
+
+    return GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     # A skipped test is not a passing one: every test here must run on a set-up machine.

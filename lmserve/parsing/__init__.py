@@ -7,6 +7,7 @@ parser, so detokenize with skip_special_tokens=False when a format needs them.
 Chaining, per sequence: detokenizer text deltas -> ReasoningParser.feed (if the model reasons)
 -> its `content` -> ToolParser.feed (if the request has tools); finish() both at the end, in
 that order, feeding the reasoning parser's final content to the tool parser before its finish().
+ReplyParser (reply.py) is that chain, set up from one request's ReplyFormat.
 """
 
 from lmserve.parsing.events import (
@@ -22,6 +23,13 @@ from lmserve.parsing.reasoning import (
     ReasoningDelta,
     ReasoningParser,
     template_opens_reasoning,
+)
+from lmserve.parsing.reply import (
+    Reply,
+    ReplyDelta,
+    ReplyFormat,
+    ReplyParser,
+    parse_reply,
 )
 from lmserve.parsing.syntax import (
     HERMES_SYNTAX,
@@ -58,6 +66,10 @@ __all__ = [
     "ParsedToolOutput",
     "ReasoningDelta",
     "ReasoningParser",
+    "Reply",
+    "ReplyDelta",
+    "ReplyFormat",
+    "ReplyParser",
     "ToolCall",
     "ToolCallDelta",
     "ToolCallSyntax",
@@ -66,6 +78,7 @@ __all__ = [
     "collect_events",
     "make_tool_call_id",
     "messages_for_template",
+    "parse_reply",
     "template_opens_reasoning",
     "template_renders_tools",
     "tool_call_syntax_for",

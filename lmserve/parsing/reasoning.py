@@ -69,12 +69,6 @@ class ReasoningParser:
         reasoning = first.reasoning + last.reasoning
         return reasoning or None, first.content + last.content
 
-    @property
-    def in_reasoning(self) -> bool:
-        """Whether the text so far ends inside the reasoning block (e.g. for a grammar that
-        should apply only to the content)."""
-        return self._state == "reasoning" or (self._state == "start" and self._starts_in_reasoning)
-
     def _run(self) -> ReasoningDelta:
         while getattr(self, "_step_" + self._state)():
             pass

@@ -339,10 +339,10 @@ class MistralToolParser(ToolParser):
         return True
 
 
-def tool_parser_for(chat_template: str | None, model_name: str) -> type[ToolParser]:
-    """The parser for the format the model was trained to call tools in: read from what its
-    chat template writes, else guessed from the model name; Hermes by default (it is also the
-    format tools_system_prompt teaches templates that know no tools)."""
+def tool_parser_for(chat_template: str | None) -> type[ToolParser]:
+    """The parser for the format the model was trained to call tools in, read from what its chat
+    template writes; Hermes by default (it is also the format tools_system_prompt teaches
+    templates that know no tools)."""
     template = chat_template or ""
     if "<tool_call>" in template:
         return HermesToolParser
@@ -350,18 +350,13 @@ def tool_parser_for(chat_template: str | None, model_name: str) -> type[ToolPars
         return MistralToolParser
     if "<|python_tag|>" in template or "ipython" in template:
         return Llama3JsonToolParser
-    name = model_name.lower()
-    if any(key in name for key in ("mistral", "mixtral", "ministral", "devstral", "magistral")):
-        return MistralToolParser
-    if re.search(r"llama-?3", name):
-        return Llama3JsonToolParser
     return HermesToolParser
 
 
-def tool_call_syntax_for(chat_template: str | None, model_name: str) -> ToolCallSyntax:
+def tool_call_syntax_for(chat_template: str | None) -> ToolCallSyntax:
     """The syntax a grammar should produce for this model: its parser's, except that Mistral
     templates writing `[ARGS]` are v11+ (one `[TOOL_CALLS]NAME[ARGS]{...}` per call)."""
-    parser_cls = tool_parser_for(chat_template, model_name)
+    parser_cls = tool_parser_for(chat_template)
     if parser_cls is MistralToolParser and "[ARGS]" in (chat_template or ""):
         return MISTRAL_V11_SYNTAX
     return parser_cls.syntax

@@ -1,53 +1,39 @@
-"""The HTTP routes. Validation lives in protocol.py, conversion in convert.py, streaming in sse.py.
+"""The ASGI app: middleware around the routes, OpenAI-shaped errors, the OpenAPI schema.
 
-Every route exists under /v1 (OpenAI) and without the prefix (as llama.cpp offers them).
+One chat completion, hop by hop:
+
+1. middleware/: access.py opens the request's access record (outermost), cors.py answers
+   browser preflights, auth.py checks the API key, limits.py caps the body size.
+2. routes/generation.py: FastAPI validates the body against protocol.py (a bad one is a 400
+   from errors.py); state.py gives the engine serving the requested model.
+3. requests/plan.py turns the request into a GenerationPlan: the prompt from
+   requests/chat_prompt.py, a grammar from requests/tools.py or requests/constraints.py, one
+   SamplingParams per choice.
+4. The engine runs each choice (AsyncEngine.generate); responses/fanout.py merges their outputs.
+5. responses/json_body.py answers one JSON body, or responses/event_stream.py streams SSE
+   chunks; lmserve/parsing/reply.py splits the reply into reasoning, content and tool calls.
+
+Every route exists under /v1 (OpenAI) and without the prefix (as llama.cpp offers them), except
+/health, /props and /metrics, which are served at the root only.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any
 
-import anyio
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from starlette.responses import JSONResponse, Response
 
-from lmserve.server import convert, embeddings, ops, results, sse
-from lmserve.server.access import (
-    CLIENT_CLOSED_REQUEST,
-    AccessMiddleware,
-    TokenCountingEngine,
-    access_record,
-    log_access,
-)
-from lmserve.server.auth import ApiKeyMiddleware
-from lmserve.server.cors import LmserveCORSMiddleware
-from lmserve.server.errors import APIError, install_error_handlers
-from lmserve.server.fanout import until_disconnected
-from lmserve.server.limits import BodyLimitMiddleware
-from lmserve.server.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    EmbeddingRequest,
-    EmbeddingResponse,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-)
-from lmserve.server.state import ServerState, State, json_response
+from lmserve.server.errors import ERROR_RESPONSES, install_error_handlers
+from lmserve.server.middleware.access import AccessMiddleware, log_access
+from lmserve.server.middleware.auth import ApiKeyMiddleware
+from lmserve.server.middleware.cors import LmserveCORSMiddleware
+from lmserve.server.middleware.limits import BodyLimitMiddleware
+from lmserve.server.routes import embeddings, generation, models, ops
+from lmserve.server.state import ServerState
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)
-}
-
-# Generation routes answer JSON, or SSE chunks when the request says "stream": true.
-STREAMABLE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
-
-router = APIRouter()
+# Mounted with and without /v1, in this order (it is the order of the OpenAPI schema's paths).
+PREFIXED_ROUTERS = (models.router, generation.router, embeddings.router, ops.token_router)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -56,13 +42,10 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.lmserve = state
     install_error_handlers(app)
     _add_middleware(app, state)
-    app.include_router(router, prefix="/v1", responses=ERROR_RESPONSES)
-    app.include_router(router, include_in_schema=False)  # llama.cpp-style paths, same handlers
-    app.include_router(ops.token_router, prefix="/v1", responses=ERROR_RESPONSES)
-    app.include_router(ops.token_router, include_in_schema=False)
-    app.add_api_route("/health", health, methods=["GET"], tags=["server"])
-    app.add_api_route("/props", ops.props, methods=["GET"], tags=["server"], responses=ERROR_RESPONSES)
-    app.add_api_route("/metrics", ops.metrics, methods=["GET"], tags=["server"])
+    for router in PREFIXED_ROUTERS:
+        app.include_router(router, prefix="/v1", responses=ERROR_RESPONSES)
+        app.include_router(router, include_in_schema=False)  # llama.cpp-style paths, same handlers
+    app.include_router(ops.server_router)
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     return app
 
@@ -87,87 +70,3 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
                 operation["responses"].pop("422", None)
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-async def health(state: State) -> JSONResponse:
-    if not state.ready:  # 200 only once every served model (chat and embedding) can answer
-        return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ok", **state.engine.snapshot()})
-
-
-@router.get("/models", response_model=ModelList)
-async def list_models(state: State) -> Response:
-    return json_response(ModelList(data=_model_cards(state)))
-
-
-@router.get("/models/{model_id:path}", response_model=ModelCard)
-async def get_model(model_id: str, state: State) -> Response:
-    for card in _model_cards(state):
-        if card.id == model_id:
-            return json_response(card)
-    raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-
-
-def _model_cards(state: ServerState) -> list[ModelCard]:
-    """The chat model first, then the embedding model if one is served."""
-    max_model_len = state.engine.max_model_len if state.engine is not None else None
-    cards = [ModelCard(id=state.model_id, created=state.created, max_model_len=max_model_len)]
-    if state.embedding_model_id is not None:
-        max_input = state.embedder.embedder.max_input_tokens if state.embedder is not None else None
-        cards.append(ModelCard(id=state.embedding_model_id, created=state.created, max_model_len=max_input,
-                               kind="embedding"))
-    return cards
-
-
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMABLE)
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
-    return await _generate(body, request, state, "chatcmpl", convert.chat_plan, sse.chat_events,
-                           results.chat_response)
-
-
-@router.post("/completions", response_model=CompletionResponse, responses=STREAMABLE)
-async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
-    return await _generate(body, request, state, "cmpl", convert.completion_plan, sse.completion_events,
-                           results.completion_response)
-
-
-async def _generate(body, request: Request, state: ServerState, id_prefix: str, make_plan, stream_events,
-                    make_response) -> Response:
-    """The shared shape of both generation routes: plan, then stream SSE or gather one response."""
-    engine = state.engine_for(body.model)
-    meta = results.ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_id)
-    # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
-    # event loop must keep serving the other requests' streams meanwhile.
-    plan = await anyio.to_thread.run_sync(make_plan, body, meta.id, engine.tokenizer, engine.max_model_len,
-                                          engine.grammar)
-    engine = _counting_tokens(engine, request, plan)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.EventStreamResponse(sse.with_done(stream_events(engine, plan, meta, include_usage)))
-    gathered = await until_disconnected(request.receive, results.collect_results(engine, plan))
-    if gathered is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return json_response(make_response(meta, plan, gathered, engine.tokenizer))
-
-
-def _counting_tokens(engine, request: Request, plan):
-    """Tell the access log this request's token counts; prompts count once each, as in usage."""
-    record = access_record(request)
-    if record is None:
-        return engine
-    record.prompt_tokens = sum(len(ids) for ids in plan.prompts)
-    record.completion_tokens = 0
-    return TokenCountingEngine(engine, record)
-
-
-@router.post("/embeddings", response_model=EmbeddingResponse)
-async def create_embeddings(body: EmbeddingRequest, request: Request, state: State) -> Response:
-    worker = state.embedder_for(body.model)
-    # In a worker thread, as generation plans are: up to 2048 texts to tokenize.
-    batch = await anyio.to_thread.run_sync(embeddings.embedding_inputs, body, worker.embedder)
-    vectors = await until_disconnected(request.receive, worker.embed(batch))
-    if vectors is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    model_id = body.model or state.default_embedding_model
-    num_tokens = sum(len(ids) for ids in batch)
-    return json_response(embeddings.embedding_response(model_id, vectors, num_tokens, body.encoding_format))

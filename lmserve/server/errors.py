@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,7 +12,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
+from lmserve.server.protocol import ErrorResponse
+
 logger = logging.getLogger(__name__)
+
+# A client that hung up before any response: nginx's code, as the routes and the access log use it.
+CLIENT_CLOSED_REQUEST = 499
+
+# The error answers the OpenAPI schema documents for a route.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)
+}
 
 # pydantic puts union members and validator kinds into error locations: "str", "list[int]",
 # "function-after[...]", "ContentPart". They are not fields, so they stay out of `param`.
@@ -82,7 +93,8 @@ async def _handle_http_exception(request: Request, exc: StarletteHTTPException) 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ClientDisconnect):  # a stream's client went away (ASGI 2.4 servers)
         logger.info("client disconnected from %s", request.url.path)
-        return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=499)
+        body = error_body("client disconnected", "invalid_request_error")
+        return JSONResponse(body, status_code=CLIENT_CLOSED_REQUEST)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     body = error_body(f"internal server error: {type(exc).__name__}: {exc}", "server_error")
     return JSONResponse(body, status_code=500)

@@ -24,7 +24,7 @@ from lmserve.request import FinishReason, RequestOutput
 
 if TYPE_CHECKING:
     from lmserve.engine.engine import StepStats
-    from lmserve.server.access import AccessRecord
+    from lmserve.server.middleware.access import AccessRecord
 
 # Buckets as vLLM uses them, in seconds; tokens per step in powers of two.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

@@ -1,8 +1,8 @@
 """Pydantic schemas of the OpenAI API: the requests we accept and the responses we send.
 
 Requests tolerate unknown fields (extra="allow"); every field declared here is either
-honoured or refused with a 400 by convert.py. Responses mirror the official `openai`
-client types field for field.
+honoured or refused with a 400 by the request side (requests/). Responses mirror the official
+`openai` client types field for field.
 """
 
 from __future__ import annotations

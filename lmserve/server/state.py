@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from lmserve.server.errors import APIError
-from lmserve.server.limits import DEFAULT_MAX_REQUEST_BODY
+from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jinja2
 import tokenizers
@@ -23,7 +23,32 @@ from lmserve.text.gguf_vocab import read_gguf_vocab
 from lmserve.text.token_bytes import byte_level_bytes, sentencepiece_bytes
 from lmserve.weights.gguf import GGUFFile
 
-__all__ = ["ChatTemplateError", "Tokenizer"]
+__all__ = ["ChatTemplateError", "ChatTokenizer", "Tokenizer"]
+
+
+@runtime_checkable
+class ChatTokenizer(Protocol):
+    """What the HTTP server uses of a tokenizer: text <-> token ids, each token's bytes, and the
+    chat template. `Tokenizer` below is the implementation; the server's tests use a fake."""
+
+    chat_template: str | None  # None: the model has none (ChatML is rendered)
+    bos_token: str | None
+    eos_token: str | None
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The prompt text; raises a ValueError (ChatTemplateError) when the template refuses the messages."""
+        ...
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import start_server
+from tests.helpers.live_server import start_server
 
 KEY = "e2e-secret"
 

@@ -127,7 +127,7 @@ def tiny_bert_server(tmp_path_factory):
     import transformers
 
     from lmserve.cli import default_embedding_model_path
-    from tests.e2e.conftest import start_server
+    from tests.helpers.live_server import start_server
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     config = transformers.BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

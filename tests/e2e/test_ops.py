@@ -10,8 +10,8 @@ import sys
 import httpx
 import pytest
 
-from tests.e2e.conftest import MAX_MODEL_LEN, start_server
-from tests.unit.test_server_ops import metric_samples
+from tests.helpers.live_server import MAX_MODEL_LEN, start_server
+from tests.helpers.prometheus import metric_samples
 
 KEY = "ops-secret"
 ORIGIN = "http://ui.example:3000"

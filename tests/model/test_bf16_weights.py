@@ -15,7 +15,7 @@ from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, int4_l
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_matmul_pays, packs_weights
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
-from tests.model.test_engine import PROMPTS, chat_ids, make_engine
+from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
 
 
 @pytest.fixture(scope="module")

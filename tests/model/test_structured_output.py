@@ -10,7 +10,7 @@ import pytest
 
 from lmserve.request import FinishReason, GrammarSpec, SamplingParams
 from lmserve.sampling.grammar import GrammarCompiler, GrammarError, choice_spec
-from tests.model.test_engine import chat_ids, make_engine
+from tests.helpers.real_engine import chat_ids, make_engine
 
 NUM_SAMPLES = 50
 

@@ -8,13 +8,11 @@ import base64
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from openai.types import CreateEmbeddingResponse
 
 from lmserve.embeddings.worker import EmbeddingWorker
-from lmserve.server.app import create_app
-from lmserve.server.state import ServerState
-from tests.unit.test_server_api import MODEL, ByteTokenizer, FakeEngine, chat
+from tests.helpers.fake_engine import ByteTokenizer
+from tests.helpers.server import MODEL, chat, make_client, served_state
 
 EMBED_MODEL = "tiny-embed"
 MAX_INPUT = 8
@@ -38,16 +36,10 @@ def expected(ids: list[int]) -> list[float]:
 
 
 @pytest.fixture
-def state():
-    state = ServerState(MODEL, FakeEngine(), embedding_model_id=EMBED_MODEL)
-    state.embedder = EmbeddingWorker(FakeEmbedder())
-    yield state
-    state.embedder.shutdown()
-
-
-@pytest.fixture
-def client(state):
-    return TestClient(create_app(state))
+def client():
+    worker = EmbeddingWorker(FakeEmbedder())
+    yield make_client(embedding_model_id=EMBED_MODEL, embedder=worker)
+    worker.shutdown()
 
 
 def embed(client, path="/v1/embeddings", **body):
@@ -158,17 +150,16 @@ def test_models_lists_both_with_their_kind(client):
 
 
 def test_health_waits_for_the_embedding_model_and_embeddings_answer_503():
-    state = ServerState(MODEL, FakeEngine(), embedding_model_id=EMBED_MODEL)
-    client = TestClient(create_app(state))
+    client = make_client(embedding_model_id=EMBED_MODEL)
     assert client.get("/health").status_code == 503
     assert_error(embed(client, input="a"), 503, None, "model_loading")
     assert chat(client).status_code == 200  # the chat model is not held back
-    state.embedder = EmbeddingWorker(FakeEmbedder())
+    worker = served_state(client).embedder = EmbeddingWorker(FakeEmbedder())
     assert client.get("/health").status_code == 200 and embed(client, input="a").status_code == 200
-    state.embedder.shutdown()
+    worker.shutdown()
 
 
 def test_without_an_embedding_model_only_the_chat_model_is_listed():
-    client = TestClient(create_app(ServerState(MODEL, FakeEngine())))
+    client = make_client()
     assert [c["id"] for c in client.get("/v1/models").json()["data"]] == [MODEL]
     assert client.get("/health").status_code == 200

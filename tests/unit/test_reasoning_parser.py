@@ -85,10 +85,8 @@ def test_deltas_hold_back_only_a_possible_tag():
     parser = ReasoningParser()
     assert parser.feed("<th") == ReasoningDelta("", "")
     assert parser.feed("ink>abc") == ReasoningDelta("abc", "")
-    assert parser.in_reasoning
     assert parser.feed(" def </thi") == ReasoningDelta(" def", "")  # " </thi" may be the end
     assert parser.feed("nk>\n\n") == ReasoningDelta("", "")  # whitespace after </think> dropped
-    assert not parser.in_reasoning
     assert parser.feed("Hi") == ReasoningDelta("", "Hi")
     assert parser.feed(" <think>") == ReasoningDelta("", " <think>")
     assert parser.finish() == ReasoningDelta("", "")

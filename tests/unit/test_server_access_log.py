@@ -6,26 +6,15 @@ import json
 import logging
 
 import pytest
-from fastapi.testclient import TestClient
 
-from lmserve.server.app import create_app
-from lmserve.server.state import ServerState
-from tests.unit.test_server_api import (
-    MODEL,
-    PROMPT_IDS,
-    REPLY_LEN,
-    FakeEngine,
-    chat,
-    events,
-)
+from tests.helpers.server import MODEL, PROMPT_IDS, REPLY_LEN, chat, events, make_client
 
 FIELDS = {"request_id", "method", "path", "route", "status", "prompt_tokens", "completion_tokens", "latency_ms"}
 
 
 @pytest.fixture
 def client():
-    return TestClient(create_app(ServerState(MODEL, FakeEngine(), api_keys=("k",))),
-                      headers={"Authorization": "Bearer k"})
+    return make_client(api_keys=("k",), headers={"Authorization": "Bearer k"})
 
 
 @pytest.fixture

@@ -11,153 +11,21 @@ import json
 import httpx
 import openai
 import pytest
-from fastapi.testclient import TestClient
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from starlette.requests import ClientDisconnect
 
-from lmserve.request import (
-    FinishReason,
-    RequestOutput,
-    SampleLogprobs,
-    SamplingParams,
-    TokenLogprob,
+from lmserve.request import SamplingParams
+from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
+from tests.helpers.server import (
+    MODEL,
+    PROMPT_IDS,
+    REPLY_LEN,
+    chat,
+    events,
+    make_client,
+    served_state,
 )
-from lmserve.server import convert
-from lmserve.server.app import create_app
-from lmserve.server.state import ServerState
-
-MODEL = "tiny-chat"
-
-
-class ChatTemplateError(ValueError):
-    pass
-
-
-class ByteTokenizer:
-    """Token id = byte value + 2; 0 is <s>, 1 is </s>. Multi-byte characters span tokens."""
-
-    vocab_size = 258
-    eos_token_ids = (1,)
-    chat_template = None  # no template of its own: no tools, no reasoning
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return ([0] if add_special_tokens else []) + [b + 2 for b in text.encode()]
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return [b"<s>", b"</s>"][token_id] if token_id < 2 else bytes([token_id - 2])
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id < 2
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        pieces = [self.token_bytes(i) for i in ids if not (skip_special_tokens and self.is_special(i))]
-        return b"".join(pieces).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, **extra) -> str:
-        if any(m["role"] == "function" for m in messages):
-            raise ChatTemplateError("this template has no function role")
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return text + ("assistant: " if add_generation_prompt else "")
-
-
-class FakeEngine:
-    """Replies `reply` one token per output (UTF-8 safe deltas), logprobs when asked.
-
-    `hang_after` tokens it blocks forever; `fail_after` tokens it finishes with ERROR;
-    `raise_after` tokens it raises. Records calls, and requests closed before finishing.
-    """
-
-    def __init__(self, reply="Hé!", max_model_len=64, hang_after=None, fail_after=None, raise_after=None):
-        self.tokenizer = ByteTokenizer()
-        self.max_model_len = max_model_len
-        self.grammar = None  # constrained decoding is tested against the real engine
-        self.reply = reply
-        self.hang_after, self.fail_after, self.raise_after = hang_after, fail_after, raise_after
-        self.calls: list[tuple[str, list[int], SamplingParams]] = []
-        self.closed_early: list[str] = []
-        self.hanging = asyncio.Event()
-
-    def abort(self, request_id: str) -> None:
-        self.closed_early.append(request_id)
-
-    def snapshot(self) -> dict[str, int]:
-        return {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 8, "num_free_kv_blocks": 8}
-
-    async def generate(self, request_id, prompt_ids, params):
-        self.calls.append((request_id, list(prompt_ids), params))
-        finished = False
-        try:
-            async for output in self._outputs(request_id, prompt_ids, params):
-                finished = output.finish_reason is not None
-                yield output
-        finally:
-            if not finished:
-                self.closed_early.append(request_id)
-
-    async def _outputs(self, request_id, prompt_ids, params):
-        reply_ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
-        ids = reply_ids[: params.max_tokens]
-        finish = FinishReason.STOP if len(reply_ids) <= params.max_tokens else FinishReason.LENGTH
-        emitted = ""
-        for k, token_id in enumerate(ids):
-            await self._maybe_misbehave(k)
-            if k == self.fail_after:
-                yield RequestOutput(
-                    request_id, [], finish_reason=FinishReason.ERROR, error="device fell over"
-                )
-                return
-            last = k == len(ids) - 1
-            text = self.tokenizer.decode(ids[: k + 1])
-            delta = "" if text.endswith("\ufffd") and not last else text[len(emitted) :]
-            emitted += delta
-            logprobs = self._logprobs(token_id, params)
-            yield RequestOutput(
-                request_id, [token_id], delta, logprobs, finish if last else None, len(prompt_ids), 3
-            )
-            await asyncio.sleep(0)
-
-    async def _maybe_misbehave(self, k):
-        if k == self.hang_after:
-            self.hanging.set()
-            await asyncio.Event().wait()
-        if k == self.raise_after:
-            raise RuntimeError("kaboom")
-
-    @staticmethod
-    def _logprobs(token_id, params):
-        if params.logprobs is None:
-            return None
-        top = [
-            TokenLogprob(token_id, -0.25),
-            TokenLogprob(2 + ord("x"), -2.0),
-            TokenLogprob(2 + ord("y"), float("-inf")),
-        ]
-        return [SampleLogprobs(TokenLogprob(token_id, -0.25), top[: params.logprobs])]
-
-
-def make_client(engine=None, api_keys=(), **kwargs) -> TestClient:
-    state = ServerState(MODEL, engine if engine is not None else FakeEngine(), api_keys=api_keys)
-    return TestClient(create_app(state), **kwargs)
-
-
-def chat(client, stream=False, **fields):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **fields}
-    return client.post("/v1/chat/completions", json=body)
-
-
-def events(response) -> list:
-    """The SSE payloads of a response: parsed JSON, or the string "[DONE]"."""
-    assert response.headers["content-type"].startswith("text/event-stream")
-    frames = response.text.split("\n\n")
-    assert frames[-1] == ""
-    assert all(f.startswith("data: ") for f in frames[:-1])
-    return [f[6:] if f[6:] == "[DONE]" else json.loads(f[6:]) for f in frames[:-1]]
-
-
-CHAT_PROMPT = "user: hi\nassistant: "
-PROMPT_IDS = ByteTokenizer().encode(CHAT_PROMPT, add_special_tokens=False)
-REPLY_LEN = len("Hé!".encode())
 
 
 # ---------------------------------------------------------------- chat, non-streaming
@@ -524,7 +392,11 @@ def test_unsupported_chat_parameters_are_refused(fields, param):
     assert "not supported" in error["message"]
 
 
-@pytest.mark.parametrize("name", convert.KNOWN_UNSUPPORTED)
+@pytest.mark.parametrize("name", [
+    "min_tokens", "prompt_logprobs", "n_predict", "chat_template_kwargs",
+    "reasoning_effort", "prediction", "web_search_options", "verbosity", "mirostat", "typical_p",
+    "tfs_z", "dynatemp_range", "xtc_probability", "dry_multiplier", "use_beam_search", "length_penalty",
+])
 def test_other_servers_parameters_that_change_output_are_refused_by_name(name):
     for response in (chat(make_client(), **{name: 1}),
                      make_client().post("/v1/completions", json={"prompt": "hi", name: 1})):
@@ -607,12 +479,11 @@ def test_api_key_required_when_configured():
 
 
 def test_health_and_loading_then_ready():
-    state = ServerState(MODEL, None)
-    client = TestClient(create_app(state))
+    client = make_client(None)
     assert (client.get("/health").status_code, client.get("/health").json()) == (503, {"status": "loading"})
     assert_error(chat(client), 503, code="model_loading")
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] is None
-    state.engine = FakeEngine()
+    served_state(client).engine = FakeEngine()
     assert (client.get("/health").status_code, client.get("/health").json()) == (200, {"status": "ok", **FakeEngine().snapshot()})
     assert chat(client).status_code == 200
 
@@ -683,7 +554,7 @@ async def _call_then_disconnect(app, path: str, body: dict, disconnected: asynci
 def test_stream_disconnect_closes_engine_generators(n):
     """ASGI 2.3 (uvicorn): starlette watches receive() and cancels the stream on disconnect."""
     engine = FakeEngine(hang_after=2)
-    app = create_app(ServerState(MODEL, engine))
+    app = make_client(engine).app
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "n": n}
 
     async def scenario():
@@ -708,7 +579,7 @@ def test_stream_disconnect_closes_engine_generators(n):
 def test_stream_send_failure_closes_engine_generators():
     """ASGI 2.4: starlette learns of the disconnect when send() fails, and leaves the generator open."""
     engine = FakeEngine(reply="x" * 40)
-    app = create_app(ServerState(MODEL, engine))
+    app = make_client(engine).app
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
 
     async def scenario():
@@ -729,7 +600,7 @@ def test_stream_send_failure_closes_engine_generators():
 
 def test_nonstream_disconnect_closes_engine_generator():
     engine = FakeEngine(hang_after=1)
-    app = create_app(ServerState(MODEL, engine))
+    app = make_client(engine).app
     body = {"prompt": "hi"}
 
     async def scenario():
@@ -750,16 +621,18 @@ def test_nonstream_disconnect_closes_engine_generator():
 
 
 def test_closing_the_event_stream_closes_engine_generators():
-    from lmserve.server import convert, sse
     from lmserve.server.protocol import ChatCompletionRequest
-    from lmserve.server.results import ResponseMeta
+    from lmserve.server.requests.plan import chat_plan
+    from lmserve.server.responses import event_stream
+    from lmserve.server.responses.choices import ResponseMeta
 
     engine = FakeEngine(hang_after=3)
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
-    plan = convert.chat_plan(request, "chatcmpl-x", engine.tokenizer, engine.max_model_len)
+    plan = chat_plan(request, "chatcmpl-x", engine.tokenizer, engine.max_model_len)
 
     async def scenario():
-        stream = sse.with_done(sse.chat_events(engine, plan, ResponseMeta("chatcmpl-x", 0, MODEL), False))
+        chunks = event_stream.chat_events(engine, plan, ResponseMeta("chatcmpl-x", 0, MODEL), False)
+        stream = event_stream.with_done(chunks)
         first = [await stream.__anext__() for _ in range(2)]  # the role chunk and "H"
         await stream.aclose()
         assert engine.closed_early == ["chatcmpl-x"]
@@ -773,7 +646,7 @@ def test_closing_the_event_stream_closes_engine_generators():
 
 
 def test_official_async_client():
-    app = create_app(ServerState(MODEL, FakeEngine(), api_keys=("k",)))
+    app = make_client(api_keys=("k",)).app
 
     async def scenario():
         http_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
@@ -840,7 +713,7 @@ class SlowGrammar:
 def test_compiling_a_constraint_does_not_block_other_requests():
     engine = FakeEngine()
     engine.grammar = SlowGrammar()
-    app = create_app(ServerState(MODEL, engine))
+    app = make_client(engine).app
 
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -859,24 +732,15 @@ def test_compiling_a_constraint_does_not_block_other_requests():
 # ---------------------------------------------------------------- constraints on a thinking model
 
 
-class ThinkingTokenizer(ByteTokenizer):
-    """A template that opens <think> in the generation prompt, as DeepSeek-R1 and Qwen3's do."""
-
-    chat_template = "{{ messages }}<think>"
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, **extra) -> str:
-        return super().apply_chat_template(messages, add_generation_prompt, tools) + "<think>\n"
-
-
 class AnyGrammar:
     def compile(self, spec):
         return spec
 
 
 def thinking_engine(reply: str) -> FakeEngine:
-    engine = FakeEngine(reply=reply, max_model_len=128)
-    engine.tokenizer, engine.grammar = ThinkingTokenizer(), AnyGrammar()
-    return engine
+    """A template that opens <think> in the generation prompt, as DeepSeek-R1 and Qwen3's do."""
+    tokenizer = ByteTokenizer(chat_template="{{ messages }}<think>", prompt_suffix="<think>\n")
+    return FakeEngine(reply=reply, max_model_len=128, tokenizer=tokenizer, grammar=AnyGrammar())
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
-from lmserve.server.auth import key_matches, presented_key
 from lmserve.server.errors import error_param, validation_error
+from lmserve.server.middleware.auth import key_matches, presented_key
 from lmserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 

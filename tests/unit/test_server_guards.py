@@ -6,23 +6,17 @@ import asyncio
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 
 from lmserve.cli import api_keys, build_parser
-from lmserve.server.app import create_app
-from lmserve.server.auth import read_api_key_file
-from lmserve.server.cors import parse_origins
-from lmserve.server.limits import BodyLimitMiddleware
-from lmserve.server.state import ServerState
-from tests.unit.test_server_api import MODEL, FakeEngine, chat
+from lmserve.server.middleware.auth import read_api_key_file
+from lmserve.server.middleware.cors import parse_origins
+from lmserve.server.middleware.limits import BodyLimitMiddleware
+from tests.helpers.server import chat, make_client
 
 KEY = "sk-test-1"
+KEYS = (KEY, "sk-test-2")
 ALLOWED = "https://app.example"
 OTHER = "https://evil.example"
-
-
-def make_client(**state_fields) -> TestClient:
-    return TestClient(create_app(ServerState(MODEL, FakeEngine(), **state_fields)))
 
 
 # ---------------------------------------------------------------- API keys
@@ -30,7 +24,7 @@ def make_client(**state_fields) -> TestClient:
 
 @pytest.fixture
 def keyed():
-    return make_client(api_keys=(KEY, "sk-test-2"))
+    return make_client(api_keys=KEYS)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"X-Api-Key": "wrong"},
@@ -48,7 +42,7 @@ def test_missing_or_wrong_key_is_401(keyed, headers, method, path):
                                      {"Authorization": "bearer sk-test-2"}])
 def test_bearer_and_x_api_key_are_accepted(keyed, headers):
     assert keyed.post("/tokenize", headers=headers, json={"content": "a"}).status_code == 200
-    assert chat(keyed.__class__(keyed.app, headers=headers)).status_code == 200
+    assert chat(make_client(api_keys=KEYS, headers=headers)).status_code == 200
 
 
 def test_health_and_metrics_need_no_key(keyed):

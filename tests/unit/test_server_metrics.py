@@ -13,7 +13,7 @@ from lmserve.engine.async_engine import AsyncEngine
 from lmserve.engine.engine import StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.server.metrics import ServerMetrics
-from tests.unit.test_server_ops import metric_samples
+from tests.helpers.prometheus import metric_samples
 
 
 def value(metrics: ServerMetrics, name: str, **labels) -> float:

@@ -1,43 +1,27 @@
-"""/tokenize, /detokenize, /props and /metrics over ASGI, against the fake engine of test_server_api."""
+"""/tokenize, /detokenize, /props and /metrics over ASGI, against the fake engine."""
 
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from lmserve.config import EngineConfig, SchedulerConfig
-from lmserve.server.app import create_app
-from lmserve.server.state import ServerState
-from tests.unit.test_server_api import MODEL, ByteTokenizer, FakeEngine, chat
+from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
+from tests.helpers.prometheus import metric_samples
+from tests.helpers.server import MODEL, chat, make_client
 
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
-class PropsTokenizer(ByteTokenizer):
-    chat_template = TEMPLATE
-    bos_token, eos_token = "<s>", "</s>"
-
-
-class OpsEngine(FakeEngine):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.tokenizer = PropsTokenizer()
-        self.config = EngineConfig("/models/tiny.gguf", MODEL, scheduler=SchedulerConfig(max_num_seqs=7))
+def ops_engine() -> FakeEngine:
+    """The fake engine with a chat template, and the config /props reads."""
+    engine = FakeEngine(tokenizer=ByteTokenizer(chat_template=TEMPLATE))
+    engine.config = EngineConfig("/models/tiny.gguf", MODEL, scheduler=SchedulerConfig(max_num_seqs=7))
+    return engine
 
 
 @pytest.fixture
 def client():
-    return TestClient(create_app(ServerState(MODEL, OpsEngine())))
-
-
-def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    """Prometheus text -> {(sample name, sorted labels): value}."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return make_client(ops_engine())
 
 
 # ---------------------------------------------------------------- tokenize / detokenize
@@ -92,7 +76,7 @@ def test_token_routes_check_types_model_and_parse_special(client):
 
 
 def test_token_routes_answer_503_while_loading():
-    client = TestClient(create_app(ServerState(MODEL, None)))
+    client = make_client(None)
     assert client.post("/tokenize", json={"content": "a"}).status_code == 503
     assert client.get("/props").status_code == 503
 
@@ -113,9 +97,9 @@ def test_props_are_the_engine_settings(client):
 
 
 def test_props_shows_the_chatml_fallback_when_the_model_has_no_template():
-    engine = OpsEngine()
+    engine = ops_engine()
     engine.tokenizer.chat_template = None
-    props = TestClient(create_app(ServerState(MODEL, engine))).get("/props").json()
+    props = make_client(engine).get("/props").json()
     assert "<|im_start|>" in props["chat_template"]
 
 
@@ -161,7 +145,7 @@ def test_metrics_gauges_come_from_the_engine_snapshot(client):
 
 
 def test_each_app_has_its_own_registry():
-    first, second = (TestClient(create_app(ServerState(MODEL, OpsEngine()))) for _ in range(2))
+    first, second = (make_client(ops_engine()) for _ in range(2))
     chat(first)
     key = ("lmserve:http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"), ("status", "200")))
     assert metric_samples(first.get("/metrics").text)[key] == 1

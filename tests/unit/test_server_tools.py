@@ -6,41 +6,30 @@ import json
 import random
 
 import pytest
-import xgrammar as xgr
 
-from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX
-from lmserve.sampling.grammar import GrammarCompiler
-from lmserve.server.chat_prompt import render_chat, reply_format
+from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, ReplyFormat, ReplyParser, parse_reply
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
-from lmserve.server.reply import ReplyFormat, ReplyParser, parse_reply
-from lmserve.server.tools import plan_tools
+from lmserve.server.requests.chat_prompt import render_chat, reply_format
+from lmserve.server.requests.tools import plan_tools
+from tests.helpers.fake_engine import ByteTokenizer
+from tests.helpers.grammar import accepts
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
 ECHO = {"type": "function", "function": {"name": "echo", "parameters": {
     "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}
 USER = [{"role": "user", "content": "hi"}]
+MISTRAL_TOKENIZER = ByteTokenizer(chat_template="{{ '[TOOL_CALLS]' }}{{ tools }}")  # only the template is read
 
 
 def request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest(messages=fields.pop("messages", USER), **fields)
 
 
-@pytest.fixture(scope="module")
-def compiler(default_tokenizer):
-    return GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
-
-
-def accepts(compiler, spec, text: str) -> bool:
-    """Whether the grammar accepts `text` as a complete output."""
-    matcher = xgr.GrammarMatcher(compiler.compile(spec))
-    return matcher.accept_string(text) and matcher.is_completed()
-
-
 def test_no_tools_or_none_means_no_plan(default_tokenizer):
-    assert plan_tools(request(), default_tokenizer, "") is None
-    assert plan_tools(request(tools=[ADD], tool_choice="none"), default_tokenizer, "") is None
+    assert plan_tools(request(), default_tokenizer) is None
+    assert plan_tools(request(tools=[ADD], tool_choice="none"), default_tokenizer) is None
 
 
 @pytest.mark.parametrize(("fields", "param", "needle"), [
@@ -54,37 +43,37 @@ def test_no_tools_or_none_means_no_plan(default_tokenizer):
 ])
 def test_bad_tool_requests_are_400_naming_the_field(default_tokenizer, fields, param, needle):
     with pytest.raises(APIError) as error:
-        plan_tools(request(**fields), default_tokenizer, "")
+        plan_tools(request(**fields), default_tokenizer)
     assert error.value.status_code == 400 and error.value.param == param and needle in error.value.message
 
 
-def test_required_grammar_accepts_only_calls_to_offered_tools(default_tokenizer, compiler):
-    spec = plan_tools(request(tools=[ADD, ECHO], tool_choice="required"), default_tokenizer, "").grammar()
+def test_required_grammar_accepts_only_calls_to_offered_tools(default_tokenizer, grammar_compiler):
+    spec = plan_tools(request(tools=[ADD, ECHO], tool_choice="required"), default_tokenizer).grammar()
     add = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')])
     two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("echo", '{"text": "x"}')])
-    assert accepts(compiler, spec, add) and accepts(compiler, spec, two)
-    assert not accepts(compiler, spec, "Sure! " + add)  # required: no text
-    assert not accepts(compiler, spec, HERMES_SYNTAX.render([("mul", '{"a": 1, "b": 2}')]))
-    assert not accepts(compiler, spec, HERMES_SYNTAX.render([("add", '{"a": "one", "b": 2}')]))
-    assert not accepts(compiler, spec, "")
+    assert accepts(grammar_compiler, spec, add) and accepts(grammar_compiler, spec, two)
+    assert not accepts(grammar_compiler, spec, "Sure! " + add)  # required: no text
+    assert not accepts(grammar_compiler, spec, HERMES_SYNTAX.render([("mul", '{"a": 1, "b": 2}')]))
+    assert not accepts(grammar_compiler, spec, HERMES_SYNTAX.render([("add", '{"a": "one", "b": 2}')]))
+    assert not accepts(grammar_compiler, spec, "")
 
 
-def test_single_call_and_named_grammars(default_tokenizer, compiler):
+def test_single_call_and_named_grammars(default_tokenizer, grammar_compiler):
     two = HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}'), ("add", '{"a": 3, "b": 4}')])
     one_only = plan_tools(request(tools=[ADD, ECHO], tool_choice="required", parallel_tool_calls=False),
-                          default_tokenizer, "").grammar()
-    assert not accepts(compiler, one_only, two)
+                          default_tokenizer).grammar()
+    assert not accepts(grammar_compiler, one_only, two)
     named = plan_tools(request(tools=[ADD, ECHO], tool_choice={"type": "function", "function": {"name": "echo"}}),
-                       default_tokenizer, "").grammar()
-    assert accepts(compiler, named, HERMES_SYNTAX.render([("echo", '{"text": "hi"}')]))
-    assert not accepts(compiler, named, HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+                       default_tokenizer).grammar()
+    assert accepts(grammar_compiler, named, HERMES_SYNTAX.render([("echo", '{"text": "hi"}')]))
+    assert not accepts(grammar_compiler, named, HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
 
 
-def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, compiler):
-    spec = plan_tools(request(tools=[ADD]), default_tokenizer, "").grammar()
-    assert accepts(compiler, spec, "No tools needed, the answer is 3.")
-    assert accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
-    assert not accepts(compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1}')]))
+def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, grammar_compiler):
+    spec = plan_tools(request(tools=[ADD]), default_tokenizer).grammar()
+    assert accepts(grammar_compiler, spec, "No tools needed, the answer is 3.")
+    assert accepts(grammar_compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+    assert not accepts(grammar_compiler, spec, "Let me add. " + HERMES_SYNTAX.render([("add", '{"a": 1}')]))
 
 
 @pytest.mark.parametrize("off_format", [
@@ -92,26 +81,28 @@ def test_auto_grammar_allows_text_but_checks_calls(default_tokenizer, compiler):
     '<tool_call> {"name":"add", "arguments": {}}',
     '<tool_call>\n{"name": "add2", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
 ])
-def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_tokenizer, compiler, off_format):
+def test_auto_grammar_constrains_everything_the_parser_reads_as_a_call(default_tokenizer, grammar_compiler,
+                                                                        off_format):
     """Seen in a sampled reply: a call written slightly off the format (no newline after the tag)
     slipped past a trigger longer than the parser's opening tag, and was parsed as a call to an
     unknown tool. The grammar must take over at the very tag the parser opens calls at."""
-    plan = plan_tools(request(tools=[ADD]), default_tokenizer, "")
-    parsed = parse_reply(ReplyFormat(tools=plan), "Sure. " + off_format)
+    plan = plan_tools(request(tools=[ADD]), default_tokenizer)
+    parsed = parse_reply(ReplyFormat(tool_parser=plan.parser), "Sure. " + off_format)
     assert parsed.tool_calls  # the parser reads these as calls...
-    assert not accepts(compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
+    assert not accepts(grammar_compiler, plan.grammar(), "Sure. " + off_format)  # ...so the grammar forbids them
 
 
-def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(compiler):
-    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"), "")
+def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(grammar_compiler):
+    plan = plan_tools(request(tools=[ADD]), MISTRAL_TOKENIZER)
     off_format = 'Sure. [TOOL_CALLS] [{"name": "add2", "arguments": {"x": 1}}]'  # a space after the tag
-    assert parse_reply(ReplyFormat(tools=plan), off_format).tool_calls
-    assert not accepts(compiler, plan.grammar(), off_format)
-    assert accepts(compiler, plan.grammar(), "Sure. " + MISTRAL_SYNTAX.render([("add", '{"a": 1, "b": 2}')]))
+    assert parse_reply(ReplyFormat(tool_parser=plan.parser), off_format).tool_calls
+    assert not accepts(grammar_compiler, plan.grammar(), off_format)
+    call = MISTRAL_SYNTAX.render([("add", '{"a": 1, "b": 2}')])
+    assert accepts(grammar_compiler, plan.grammar(), "Sure. " + call)
 
 
 def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokenizer):
-    plan = plan_tools(request(tools=[ADD]), default_tokenizer, "")
+    plan = plan_tools(request(tools=[ADD]), default_tokenizer)
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
     messages = request(messages=[*USER, {"role": "assistant", "tool_calls": [call]},
                                  {"role": "tool", "tool_call_id": "call_1", "content": "5"}]).messages
@@ -120,13 +111,14 @@ def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokeniz
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in text
     assert "<tool_response>\n5\n</tool_response>" in text
     assert text.endswith("<|im_start|>assistant\n")
-    assert reply_format(default_tokenizer, text, plan).tools is plan
+    assert reply_format(default_tokenizer, text, plan).tool_parser is plan.parser
 
 
 def test_streamed_reply_equals_whole_reply_for_any_chunking():
     calls = HERMES_SYNTAX.render([("add", '{"a": 1, "b": {"c": "}</tool_call>"}}')])
     text = "<think>\nadd them\n</think>\n\nI'll call add. " + calls
-    fmt = ReplyFormat(tools=plan_tools(request(tools=[ADD]), _TemplateOnly(), ""), reasoning=True)
+    plan = plan_tools(request(tools=[ADD]), ByteTokenizer(chat_template="{{ messages }}"))
+    fmt = ReplyFormat(tool_parser=plan.parser, reasoning=True)
     whole = parse_reply(fmt, text)
     assert whole.reasoning == "add them" and whole.content == "I'll call add."
     assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == [("add", {"a": 1, "b": {"c": "}</tool_call>"}})]
@@ -143,10 +135,5 @@ def test_streamed_reply_equals_whole_reply_for_any_chunking():
 
 
 def test_mistral_template_selects_mistral_calls():
-    plan = plan_tools(request(tools=[ADD]), _TemplateOnly("{{ '[TOOL_CALLS]' }}{{ tools }}"), "")
+    plan = plan_tools(request(tools=[ADD]), MISTRAL_TOKENIZER)
     assert plan.syntax == MISTRAL_SYNTAX and plan.needs_special_tokens
-
-
-class _TemplateOnly:
-    def __init__(self, chat_template: str = "{{ messages }}"):
-        self.chat_template = chat_template

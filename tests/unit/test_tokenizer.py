@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import io
 import json
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 
 from lmserve.text.gguf_vocab import PRE_TOKENIZERS
 from lmserve.text.token_bytes import byte_level_bytes, bytes_to_unicode
-from lmserve.text.tokenizer import ChatTemplateError, Tokenizer
+from lmserve.text.tokenizer import ChatTemplateError, ChatTokenizer, Tokenizer
 from lmserve.weights.gguf import GGUFFile
+from tests.helpers.fake_engine import ByteTokenizer
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -76,6 +78,20 @@ def smollm(default_tokenizer) -> Tokenizer:
 @pytest.fixture(scope="module")
 def smollm_reference(smollm_path):
     return _transformers_gguf_backend(smollm_path)
+
+
+# --- what the server needs ------------------------------------------------------------------------
+
+
+def test_the_tokenizer_and_the_servers_fake_are_chat_tokenizers(smollm):
+    """The server is typed against ChatTokenizer; the real tokenizer and its tests' fake both fit it."""
+    for tokenizer in (smollm, ByteTokenizer()):
+        assert isinstance(tokenizer, ChatTokenizer)
+        for name in ("encode", "decode", "token_bytes", "apply_chat_template"):
+            wanted = list(inspect.signature(getattr(ChatTokenizer, name)).parameters.values())
+            given = list(inspect.signature(getattr(type(tokenizer), name)).parameters.values())
+            assert [(p.name, p.default) for p in given[: len(wanted)]] == [(p.name, p.default) for p in wanted]
+            assert all(p.kind == p.VAR_KEYWORD for p in given[len(wanted) :])  # only **extra may follow
 
 
 # --- SmolLM2 (gpt2 / smollm) ---------------------------------------------------------------------

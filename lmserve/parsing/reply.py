@@ -8,21 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmserve.parsing import (
-    ContentDelta,
-    ReasoningParser,
-    ToolCall,
-    ToolCallDelta,
-    collect_events,
-)
-from lmserve.server.tools import ToolsPlan
+from lmserve.parsing.events import ContentDelta, ToolCall, ToolCallDelta, collect_events
+from lmserve.parsing.reasoning import ReasoningParser
+from lmserve.parsing.tool_parsers import ToolParser
 
 
 @dataclass(frozen=True)
 class ReplyFormat:
     """How to read one chat request's replies."""
 
-    tools: ToolsPlan | None = None  # parse tool calls in this plan's format
+    tool_parser: type[ToolParser] | None = None  # parse tool calls in this format
     reasoning: bool = False  # split <think>...</think> into reasoning_content
     starts_in_reasoning: bool = False  # the prompt already opened <think>
 
@@ -42,11 +37,11 @@ class Reply:
 
 
 class ReplyParser:
-    """One sequence's parser chain: reasoning split first, then tool calls in what is content."""
+    """One reply's parser chain: reasoning split first, then tool calls in what is content."""
 
     def __init__(self, fmt: ReplyFormat):
         self._reasoning = ReasoningParser(starts_in_reasoning=fmt.starts_in_reasoning) if fmt.reasoning else None
-        self._tools = fmt.tools.parser() if fmt.tools is not None else None
+        self._tools = fmt.tool_parser() if fmt.tool_parser is not None else None
 
     @property
     def num_tool_calls(self) -> int:

@@ -21,6 +21,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmserve.server.errors import CLIENT_CLOSED_REQUEST
+
 if TYPE_CHECKING:
     from lmserve.request import RequestOutput, SamplingParams
 
@@ -28,8 +30,6 @@ access_logger = logging.getLogger("lmserve.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 _MAX_REQUEST_ID_LENGTH = 128
-# A client that hung up before any response: nginx's code, as the generation routes use it.
-CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -18,10 +18,9 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
+from lmserve.parsing import ReplyParser
 from lmserve.request import RequestOutput
-from lmserve.server.convert import GenerationPlan
 from lmserve.server.errors import APIError, server_error
-from lmserve.server.fanout import merge_outputs
 from lmserve.server.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -31,17 +30,16 @@ from lmserve.server.protocol import (
     DeltaMessage,
     DeltaToolCall,
 )
-from lmserve.server.reply import ReplyParser
-from lmserve.server.results import (
+from lmserve.server.requests.plan import GenerationPlan
+from lmserve.server.responses.choices import (
     ResponseMeta,
     chat_finish_name,
-    chat_logprobs,
-    check_finished,
-    completion_logprobs,
     finish_name,
     new_results,
+    recorded_outputs,
     usage,
 )
+from lmserve.server.responses.logprobs import chat_logprobs, completion_logprobs
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
@@ -94,6 +92,17 @@ def _error_event(error: APIError) -> str:
     return f"data: {json.dumps(error.body(), ensure_ascii=False)}\n\n"
 
 
+def _chunk_events(chunk_type: type[ChatCompletionChunk] | type[CompletionResponse], meta: ResponseMeta,
+                  include_usage: bool) -> Callable[..., str]:
+    """`event(choices, **fields)`: one SSE event, a `chunk_type` chunk labelled as `meta` says."""
+
+    def event(choices: list, **fields: object) -> str:
+        chunk = chunk_type(id=meta.id, created=meta.created, model=meta.model, choices=choices, **fields)
+        return frame(chunk, include_usage)
+
+    return event
+
+
 # ---------------------------------------------------------------- chat
 
 
@@ -101,23 +110,15 @@ async def chat_events(
     engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool
 ) -> AsyncIterator[str]:
     """Role chunk per choice, content chunks as produced, a finish chunk per choice, usage."""
-
-    def event(choices: list[ChatChunkChoice], **fields: object) -> str:
-        chunk = ChatCompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, choices=choices, **fields
-        )
-        return frame(chunk, include_usage)
-
-    for seq in plan.sequences:
-        yield event([ChatChunkChoice(index=seq.index, delta=DeltaMessage(role="assistant", content=""))])
+    event = _chunk_events(ChatCompletionChunk, meta, include_usage)
+    for choice in plan.choices:
+        yield event([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
     results = new_results(plan)
-    parsers = {seq.index: ReplyParser(plan.reply) for seq in plan.sequences} if plan.reply else {}
-    async with aclosing(merge_outputs(engine, plan)) as outputs:
+    parsers = {choice.index: ReplyParser(plan.reply) for choice in plan.choices} if plan.reply else {}
+    async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
         async for index, output in outputs:
-            results[index].add(output)
-            for choice in _chat_choices(engine, plan, index, output, parsers.get(index)):
-                yield event([choice])
-    check_finished(results)
+            for chunk_choice in _chat_choices(engine, plan, index, output, parsers.get(index)):
+                yield event([chunk_choice])
     if include_usage:
         yield event([], usage=usage(plan, results))
 
@@ -134,7 +135,7 @@ def _chat_choices(
         choices.append(ChatChunkChoice(index=index, delta=delta, logprobs=logprobs))
     if output.finish_reason is not None:
         has_calls = parser is not None and parser.num_tool_calls > 0
-        reason = chat_finish_name(plan.reply, output.finish_reason, has_calls)
+        reason = chat_finish_name(plan.tools, output.finish_reason, has_calls)
         choices.append(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason))
     return choices
 
@@ -158,26 +159,18 @@ async def completion_events(
     engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool
 ) -> AsyncIterator[str]:
     """The echoed prompt (if asked), text chunks as produced, a finish chunk per choice, usage."""
-
-    def event(choices: list[CompletionChoice], **fields: object) -> str:
-        chunk = CompletionResponse(
-            id=meta.id, created=meta.created, model=meta.model, choices=choices, **fields
-        )
-        return frame(chunk, include_usage)
-
+    event = _chunk_events(CompletionResponse, meta, include_usage)
     offsets = {}  # choice index -> text offset of its next token, for logprobs
-    for seq in plan.sequences:
-        prefix = plan.echo_texts[seq.prompt_index] if plan.echo_texts else ""
-        offsets[seq.index] = len(prefix)
+    for choice in plan.choices:
+        prefix = plan.echo_texts[choice.prompt_index] if plan.echo_texts else ""
+        offsets[choice.index] = len(prefix)
         if prefix:
-            yield event([CompletionChoice(index=seq.index, text=prefix)])
+            yield event([CompletionChoice(index=choice.index, text=prefix)])
     results = new_results(plan)
-    async with aclosing(merge_outputs(engine, plan)) as outputs:
+    async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
         async for index, output in outputs:
-            results[index].add(output)
-            for choice in _completion_choices(engine, plan, index, output, offsets):
-                yield event([choice])
-    check_finished(results)
+            for chunk_choice in _completion_choices(engine, plan, index, output, offsets):
+                yield event([chunk_choice])
     if include_usage:
         yield event([], usage=usage(plan, results))
 

@@ -1,20 +1,12 @@
-"""/v1/embeddings: request -> checked token-id lists, vectors -> OpenAI's response shape."""
+"""/v1/embeddings requests -> checked token-id lists, one per input."""
 
 from __future__ import annotations
 
-import base64
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from lmserve.server.convert import checked_token_ids, encode_text
 from lmserve.server.errors import bad_request
-from lmserve.server.protocol import (
-    Embedding,
-    EmbeddingRequest,
-    EmbeddingResponse,
-    EmbeddingUsage,
-)
+from lmserve.server.protocol import EmbeddingRequest
+from lmserve.server.requests.tokens import checked_token_ids, encode_text
 
 if TYPE_CHECKING:
     from lmserve.embeddings.embedder import Embedder
@@ -62,17 +54,3 @@ def _input_ids(item: str | list[int], param: str, embedder: Embedder) -> list[in
         raise bad_request(f"'{param}' has {len(ids)} tokens; this model's maximum input length is "
                           f"{embedder.max_input_tokens} tokens", param=param, code="context_length_exceeded")
     return ids
-
-
-def embedding_response(model_id: str, vectors: np.ndarray, num_tokens: int,
-                       encoding_format: str | None) -> EmbeddingResponse:
-    """vectors (N, dim) float32 -> OpenAI's list of embeddings, as floats or base64."""
-    encode = _base64 if encoding_format == "base64" else np.ndarray.tolist
-    data = [Embedding(index=i, embedding=encode(row)) for i, row in enumerate(vectors)]
-    return EmbeddingResponse(data=data, model=model_id, usage=EmbeddingUsage(prompt_tokens=num_tokens,
-                                                                             total_tokens=num_tokens))
-
-
-def _base64(row: np.ndarray) -> str:
-    """Little-endian float32 bytes, base64: what the openai client decodes with np.frombuffer."""
-    return base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")

@@ -1,4 +1,4 @@
-"""The operator's routes: llama.cpp's /tokenize, /detokenize and /props, and Prometheus /metrics."""
+"""The operator's routes: llama.cpp's /tokenize, /detokenize and /props, Prometheus /metrics, /health."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from fastapi import APIRouter
 from starlette.responses import JSONResponse, Response
 
 from lmserve.request import SamplingParams
-from lmserve.server.convert import encode_text
-from lmserve.server.errors import bad_request, unsupported
+from lmserve.server.errors import ERROR_RESPONSES, bad_request, unsupported
 from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
     DetokenizeRequest,
@@ -19,6 +18,7 @@ from lmserve.server.protocol import (
     TokenizeResponse,
     TokenPiece,
 )
+from lmserve.server.requests.tokens import encode_text
 from lmserve.server.state import State, json_response
 from lmserve.text.chat_template import CHATML_TEMPLATE
 
@@ -26,6 +26,8 @@ BUILD_INFO = f"lmserve {importlib.metadata.version('lmserve')}"  # read once: it
 
 # Served with and without /v1, like the OpenAI routes.
 token_router = APIRouter(tags=["tokens"])
+# Served at the root only.
+server_router = APIRouter(tags=["server"])
 
 
 @token_router.post("/tokenize", response_model=TokenizeResponse)
@@ -58,6 +60,14 @@ def piece(raw: bytes) -> str | list[int]:
         return list(raw)
 
 
+@server_router.get("/health")
+async def health(state: State) -> JSONResponse:
+    if not state.ready:  # 200 only once every served model (chat and embedding) can answer
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok", **state.engine.snapshot()})
+
+
+@server_router.get("/props", responses=ERROR_RESPONSES)
 async def props(state: State) -> JSONResponse:
     """llama.cpp's GET /props, with the fields lmserve can fill truthfully."""
     engine = state.engine_for(None)
@@ -91,6 +101,7 @@ def default_params() -> dict[str, Any]:
     }
 
 
+@server_router.get("/metrics")
 async def metrics(state: State) -> Response:
     snapshot = state.engine.snapshot() if state.engine is not None else None
     return Response(state.metrics.render(snapshot), media_type=CONTENT_TYPE)

@@ -24,7 +24,7 @@ from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatCompletionRequest, ToolDefinition
 
 if TYPE_CHECKING:
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 # Whitespace runs inside arguments: a sampled small model can otherwise pad without end.
 MAX_ARGUMENT_WHITESPACE = 2
@@ -83,7 +83,7 @@ def _wrapped(inner: dict[str, Any], prefix: str, suffix: str) -> dict[str, Any]:
     return inner if len(parts) == 1 else {"type": "sequence", "elements": parts}
 
 
-def plan_tools(request: ChatCompletionRequest, tokenizer: Tokenizer, model_name: str) -> ToolsPlan | None:
+def plan_tools(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> ToolsPlan | None:
     """The request's tool use, validated; None when the model is not to call tools."""
     choice = request.tool_choice if request.tool_choice is not None else "auto"
     if not request.tools:
@@ -97,7 +97,7 @@ def plan_tools(request: ChatCompletionRequest, tokenizer: Tokenizer, model_name:
         return None
     template = tokenizer.chat_template
     return ToolsPlan(tools, mode, forced, request.parallel_tool_calls is not False,
-                     tool_call_syntax_for(template, model_name), tool_parser_for(template, model_name))
+                     tool_call_syntax_for(template), tool_parser_for(template))
 
 
 def _tool_dict(tool: ToolDefinition, i: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Requests -> engine inputs: prompt token ids and one SamplingParams per choice.
+"""Chat and text completion requests -> a GenerationPlan: prompt token ids and one SamplingParams per choice.
 
 Every recognised request field is honoured here or refused with a 400 naming it.
 """
@@ -8,27 +8,28 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from lmserve.parsing import ReplyFormat
 from lmserve.request import SamplingParams
-from lmserve.server.chat_prompt import render_chat, reply_format
-from lmserve.server.constraints import check_compiles, grammar_spec
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
 )
-from lmserve.server.reply import ReplyFormat
-from lmserve.server.tools import ToolsPlan, plan_tools
+from lmserve.server.requests.chat_prompt import render_chat, reply_format
+from lmserve.server.requests.constraints import check_compiles, grammar_spec
+from lmserve.server.requests.tokens import checked_token_ids, encode_text
+from lmserve.server.requests.tools import ToolsPlan, plan_tools
 
 if TYPE_CHECKING:
     from lmserve.sampling.grammar import GrammarCompiler
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 MAX_ABS_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)
-class Sequence:
+class ChoicePlan:
     """One choice of a response: one engine request."""
 
     index: int  # choice index in the response
@@ -42,27 +43,28 @@ class GenerationPlan:
     """Everything the engine runs for one API request."""
 
     prompts: list[list[int]]  # prompt token ids, one list per prompt
-    sequences: list[Sequence]
+    choices: list[ChoicePlan]  # in choice index order
     echo_texts: list[str] | None = None  # per prompt: text put before each choice's output
     reply: ReplyFormat | None = None  # chat: how to split replies into reasoning, content, tool calls
+    tools: ToolsPlan | None = None  # chat: the tools offered and how the model must use them
 
     @property
     def want_logprobs(self) -> bool:
-        return self.sequences[0].params.logprobs is not None
+        return self.choices[0].params.logprobs is not None
 
 
 # ---------------------------------------------------------------- chat
 
 
 def chat_plan(
-    request: ChatCompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int,
+    request: ChatCompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
     grammar: GrammarCompiler | None = None,
 ) -> GenerationPlan:
     """Render the chat template, tokenize it, and build one SamplingParams per choice."""
     _check_chat_supported(request)
     _check_stream_options(request)
     _check_known_unsupported(request)
-    tools = plan_tools(request, tokenizer, model_name="")
+    tools = plan_tools(request, tokenizer)
     text = render_chat(request.messages, tokenizer, tools)
     prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages")  # BOS is in the template
     if not prompt_ids:
@@ -71,11 +73,12 @@ def chat_plan(
     base = _with_tools(_base_params(request, tokenizer, logprobs, grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
-    sequences = _sequences([prompt_ids], base, request.n, response_id, limit)
+    choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
     forced = base.grammar is not None and (tools is None or tools.mode != "auto")
-    return GenerationPlan([prompt_ids], sequences, reply=reply_format(tokenizer, text, tools, forced))
+    reply = reply_format(tokenizer, text, tools, forced)
+    return GenerationPlan([prompt_ids], choices, reply=reply, tools=tools)
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:
@@ -113,7 +116,7 @@ def _requested_max_tokens(request: ChatCompletionRequest) -> tuple[int | None, s
 
 
 def completion_plan(
-    request: CompletionRequest, response_id: str, tokenizer: Tokenizer, max_model_len: int,
+    request: CompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
     grammar: GrammarCompiler | None = None,
 ) -> GenerationPlan:
     """Tokenize the prompt(s) and build n SamplingParams per prompt."""
@@ -124,9 +127,9 @@ def completion_plan(
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
     base = _base_params(request, tokenizer, request.logprobs, grammar)
     limit = _ContextLimit(max_model_len, request.max_tokens, "max_tokens", prompt_param="prompt")
-    sequences = _sequences(prompts, base, request.n, response_id, limit)
+    choices = _choice_plans(prompts, base, request.n, response_id, limit)
     echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
-    return GenerationPlan(prompts, sequences, echo_texts)
+    return GenerationPlan(prompts, choices, echo_texts)
 
 
 def _check_completion_supported(request: CompletionRequest) -> None:
@@ -151,7 +154,7 @@ def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list
     return list(prompt)
 
 
-def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int]:
+def _prompt_ids(item: str | list[int], i: int, tokenizer: ChatTokenizer) -> list[int]:
     param = f"prompt[{i}]" if i else "prompt"
     if not item:
         raise bad_request("prompt must not be empty", param=param)
@@ -160,7 +163,8 @@ def _prompt_ids(item: str | list[int], i: int, tokenizer: Tokenizer) -> list[int
     return checked_token_ids(item, tokenizer.vocab_size, param)
 
 
-def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special_tokens: bool) -> list[str]:
+def _echo_texts(items: list[str | list[int]], tokenizer: ChatTokenizer,
+                skip_special_tokens: bool) -> list[str]:
     return [
         item if isinstance(item, str) else tokenizer.decode(item, skip_special_tokens=skip_special_tokens)
         for item in items
@@ -168,16 +172,6 @@ def _echo_texts(items: list[str | list[int]], tokenizer: Tokenizer, skip_special
 
 
 # ---------------------------------------------------------------- shared
-
-
-def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
-    """`text` as token ids; text that is not valid Unicode is a 400 naming `param`."""
-    # JSON may carry lone surrogates ("\ud800"): valid in a Python str, not encodable as UTF-8.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request(f"{param} is not valid Unicode text: {exc.reason}", param=param) from exc
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 # Parameters other servers (OpenAI, vLLM, llama.cpp) accept that would change the output here
@@ -201,7 +195,7 @@ def _check_stream_options(request: SamplingFields) -> None:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
 
 
-def _base_params(request: SamplingFields, tokenizer: Tokenizer, logprobs: int | None,
+def _base_params(request: SamplingFields, tokenizer: ChatTokenizer, logprobs: int | None,
                  grammar: GrammarCompiler | None) -> SamplingParams:
     """The request's sampling fields as SamplingParams (max_tokens is set per prompt later)."""
     vocab_size = tokenizer.vocab_size
@@ -263,14 +257,6 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return strings
 
 
-def checked_token_ids(token_ids: list[int], vocab_size: int, param: str) -> list[int]:
-    """The ids, or a 400 naming `param` if one is outside the vocabulary."""
-    bad = [t for t in token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
-    return list(token_ids)
-
-
 @dataclass(frozen=True)
 class _ContextLimit:
     """max_tokens as requested, checked against the room the context leaves after a prompt."""
@@ -302,19 +288,19 @@ class _ContextLimit:
         return self.requested
 
 
-def _sequences(
+def _choice_plans(
     prompts: list[list[int]], base: SamplingParams, n: int, response_id: str, limit: _ContextLimit
-) -> list[Sequence]:
+) -> list[ChoicePlan]:
     """n choices per prompt; choice index = prompt_index * n + i, as OpenAI numbers them."""
     num_choices = len(prompts) * n
-    sequences = []
+    choices = []
     for prompt_index, prompt_ids in enumerate(prompts):
         params = replace(base, max_tokens=limit.max_tokens_for(len(prompt_ids)))
         for i in range(n):
             index = prompt_index * n + i
             request_id = response_id if num_choices == 1 else f"{response_id}-{index}"
-            sequences.append(Sequence(index, request_id, prompt_index, _seeded(params, index)))
-    return sequences
+            choices.append(ChoicePlan(index, request_id, prompt_index, _seeded(params, index)))
+    return choices
 
 
 def _seeded(params: SamplingParams, index: int) -> SamplingParams:

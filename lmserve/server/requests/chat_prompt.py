@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lmserve.parsing import (
+    ReplyFormat,
     add_tools_system_prompt,
     messages_for_template,
     template_opens_reasoning,
@@ -18,16 +19,15 @@ from lmserve.parsing import (
 )
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatMessage, ContentPart
-from lmserve.server.reply import ReplyFormat
-from lmserve.server.tools import ToolsPlan
+from lmserve.server.requests.tools import ToolsPlan
 
 if TYPE_CHECKING:
-    from lmserve.text.tokenizer import Tokenizer
+    from lmserve.text.tokenizer import ChatTokenizer
 
 THINK_OPEN = "<think>"
 
 
-def render_chat(messages: list[ChatMessage], tokenizer: Tokenizer, tools: ToolsPlan | None) -> str:
+def render_chat(messages: list[ChatMessage], tokenizer: ChatTokenizer, tools: ToolsPlan | None) -> str:
     """The prompt text, ending with the assistant's turn opened. Template errors are 400s."""
     rendered = [_template_message(message, i) for i, message in enumerate(messages)]
     renders_tools = template_renders_tools(tokenizer.chat_template or "")
@@ -42,14 +42,15 @@ def render_chat(messages: list[ChatMessage], tokenizer: Tokenizer, tools: ToolsP
         raise bad_request(str(exc), param="messages") from exc
 
 
-def reply_format(tokenizer: Tokenizer, prompt_text: str, tools: ToolsPlan | None,
+def reply_format(tokenizer: ChatTokenizer, prompt_text: str, tools: ToolsPlan | None,
                  forced: bool = False) -> ReplyFormat | None:
     """How to read replies: tool calls when tools are offered, reasoning when the model thinks
     and no grammar forces the reply from its first token (`forced`)."""
     reasoning = THINK_OPEN in (tokenizer.chat_template or "") and not forced
     if tools is None and not reasoning:
         return None
-    return ReplyFormat(tools, reasoning, reasoning and template_opens_reasoning(prompt_text))
+    tool_parser = tools.parser if tools is not None else None
+    return ReplyFormat(tool_parser, reasoning, reasoning and template_opens_reasoning(prompt_text))
 
 
 def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
-from lmserve.server.access import REQUEST_ID_HEADER
+from lmserve.server.middleware.access import REQUEST_ID_HEADER
 from lmserve.server.errors import error_body
 
 ALLOWED_METHODS = ("GET", "POST", "OPTIONS")

@@ -1,0 +1,119 @@
+"""Each choice's result as the engine produces it, recorded while streaming or gathered whole, and
+what both response forms say of it: labels, usage, finish reasons."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lmserve.request import FinishReason, RequestOutput, SampleLogprobs
+from lmserve.server.errors import server_error
+from lmserve.server.protocol import FinishReasonName, PromptTokensDetails, UsageInfo
+from lmserve.server.requests.plan import GenerationPlan
+from lmserve.server.requests.tools import ToolsPlan
+from lmserve.server.responses.fanout import merge_outputs
+
+if TYPE_CHECKING:
+    from lmserve.engine.async_engine import AsyncEngine
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """How a response labels itself: the same id, created and model on every chunk."""
+
+    id: str
+    created: int
+    model: str
+
+
+@dataclass
+class ChoiceResult:
+    """What one choice has produced so far."""
+
+    text_parts: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    logprobs: list[SampleLogprobs] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0
+
+    def add(self, output: RequestOutput) -> None:
+        """Record `output`; an engine ERROR or ABORT finish becomes a server error."""
+        _raise_if_failed(output)
+        self.text_parts.append(output.text_delta)
+        self.num_tokens += len(output.new_token_ids)
+        self.logprobs.extend(output.new_logprobs or ())
+        self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
+        self.finish_reason = output.finish_reason or self.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+def _raise_if_failed(output: RequestOutput) -> None:
+    if output.finish_reason == FinishReason.ERROR:
+        raise server_error(f"generation failed: {output.error or 'engine error'}")
+    if output.finish_reason == FinishReason.ABORT:
+        raise server_error("the request was aborted by the server", status_code=503)
+
+
+def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
+    return None if reason is None else reason.value  # type: ignore[return-value]
+
+
+def chat_finish_name(tools: ToolsPlan | None, reason: FinishReason | None,
+                     has_tool_calls: bool) -> FinishReasonName | None:
+    """OpenAI answers "tool_calls" when the model chose to call tools, "stop" when a named
+    tool_choice forced the call."""
+    if has_tool_calls and reason == FinishReason.STOP and tools is not None and tools.mode != "named":
+        return "tool_calls"
+    return finish_name(reason)
+
+
+def new_results(plan: GenerationPlan) -> dict[int, ChoiceResult]:
+    return {choice.index: ChoiceResult() for choice in plan.choices}
+
+
+async def recorded_outputs(
+    engine: AsyncEngine, plan: GenerationPlan, results: dict[int, ChoiceResult]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """merge_outputs, each output added to its choice's result before it is yielded; at the end,
+    a server error if a choice ended without a finish reason. Use it under `contextlib.aclosing`."""
+    async with aclosing(merge_outputs(engine, plan)) as outputs:
+        async for index, output in outputs:
+            results[index].add(output)
+            yield index, output
+    check_finished(results)
+
+
+async def collect_results(engine: AsyncEngine, plan: GenerationPlan) -> dict[int, ChoiceResult]:
+    """Run `plan` to the end and gather every choice (for a whole response)."""
+    results = new_results(plan)
+    async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
+        async for _ in outputs:
+            pass
+    return results
+
+
+def check_finished(results: dict[int, ChoiceResult]) -> None:
+    unfinished = [index for index, result in results.items() if result.finish_reason is None]
+    if unfinished:
+        raise server_error(f"the engine ended choice {unfinished[0]} without a finish reason")
+
+
+def usage(plan: GenerationPlan, results: dict[int, ChoiceResult]) -> UsageInfo:
+    """Prompt tokens count once per prompt however many choices continue it."""
+    num_prompt_tokens = sum(len(ids) for ids in plan.prompts)
+    num_completion_tokens = sum(result.num_tokens for result in results.values())
+    cached_by_prompt: dict[int, int] = {}
+    for choice in plan.choices:
+        cached = results[choice.index].num_cached_tokens
+        cached_by_prompt[choice.prompt_index] = min(cached, cached_by_prompt.get(choice.prompt_index, cached))
+    return UsageInfo(
+        prompt_tokens=num_prompt_tokens,
+        completion_tokens=num_completion_tokens,
+        total_tokens=num_prompt_tokens + num_completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached_by_prompt.values())),
+    )

@@ -1,0 +1,29 @@
+"""POST /embeddings: token ids per input, vectors from the embedding worker, OpenAI's response."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from lmserve.server.errors import CLIENT_CLOSED_REQUEST
+from lmserve.server.protocol import EmbeddingRequest, EmbeddingResponse
+from lmserve.server.requests.embeddings import embedding_inputs
+from lmserve.server.responses.embeddings import embedding_response
+from lmserve.server.routes.disconnect import until_disconnected
+from lmserve.server.state import State, json_response
+
+router = APIRouter()
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(body: EmbeddingRequest, request: Request, state: State) -> Response:
+    worker = state.embedder_for(body.model)
+    # In a worker thread, as generation plans are: up to 2048 texts to tokenize.
+    batch = await anyio.to_thread.run_sync(embedding_inputs, body, worker.embedder)
+    vectors = await until_disconnected(request.receive, worker.embed(batch))
+    if vectors is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    model_id = body.model or state.default_embedding_model
+    num_tokens = sum(len(ids) for ids in batch)
+    return json_response(embedding_response(model_id, vectors, num_tokens, body.encoding_format))

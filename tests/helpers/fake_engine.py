@@ -1,0 +1,120 @@
+"""A fake AsyncEngine for the server's tests, and the byte-level tokenizer it speaks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, SamplingParams, TokenLogprob
+from lmserve.text.chat_template import ChatTemplateError
+
+
+class ByteTokenizer:
+    """Token id = byte value + 2; 0 is <s>, 1 is </s>. Multi-byte characters span tokens.
+
+    A lmserve.text.tokenizer.ChatTokenizer. Chat renders as "role: content" lines, then
+    "assistant: " and `prompt_suffix` (a template that opens <think> adds "<think>\\n"). Its
+    `chat_template` is only read, as the server reads it (tool format, reasoning), never rendered.
+    """
+
+    vocab_size = 258
+    eos_token_ids = (1,)
+    bos_token, eos_token = "<s>", "</s>"
+
+    def __init__(self, chat_template: str | None = None, prompt_suffix: str = ""):
+        self.chat_template = chat_template  # None: no template of its own, so no tools and no reasoning
+        self.prompt_suffix = prompt_suffix
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([0] if add_special_tokens else []) + [b + 2 for b in text.encode()]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return [b"<s>", b"</s>"][token_id] if token_id < 2 else bytes([token_id - 2])
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id < 2
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        pieces = [self.token_bytes(i) for i in ids if not (skip_special_tokens and self.is_special(i))]
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> str:
+        if any(m["role"] == "function" for m in messages):
+            raise ChatTemplateError("this template has no function role")
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant: " + self.prompt_suffix if add_generation_prompt else "")
+
+
+class FakeEngine:
+    """Replies `reply` one token per output (UTF-8 safe deltas), logprobs when asked.
+
+    `hang_after` tokens it blocks forever; `fail_after` tokens it finishes with ERROR;
+    `raise_after` tokens it raises. Records calls, and requests closed before finishing.
+    """
+
+    def __init__(self, reply="Hé!", max_model_len=64, hang_after=None, fail_after=None, raise_after=None,
+                 tokenizer: ByteTokenizer | None = None, grammar=None):
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.max_model_len = max_model_len
+        self.grammar = grammar  # None: no constrained decoding (tested against the real engine)
+        self.reply = reply
+        self.hang_after, self.fail_after, self.raise_after = hang_after, fail_after, raise_after
+        self.calls: list[tuple[str, list[int], SamplingParams]] = []
+        self.closed_early: list[str] = []
+        self.hanging = asyncio.Event()
+
+    def abort(self, request_id: str) -> None:
+        self.closed_early.append(request_id)
+
+    def snapshot(self) -> dict[str, int]:
+        return {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 8, "num_free_kv_blocks": 8}
+
+    async def generate(self, request_id, prompt_ids, params):
+        self.calls.append((request_id, list(prompt_ids), params))
+        finished = False
+        try:
+            async for output in self._outputs(request_id, prompt_ids, params):
+                finished = output.finish_reason is not None
+                yield output
+        finally:
+            if not finished:
+                self.closed_early.append(request_id)
+
+    async def _outputs(self, request_id, prompt_ids, params):
+        reply_ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
+        ids = reply_ids[: params.max_tokens]
+        finish = FinishReason.STOP if len(reply_ids) <= params.max_tokens else FinishReason.LENGTH
+        emitted = ""
+        for k, token_id in enumerate(ids):
+            await self._maybe_misbehave(k)
+            if k == self.fail_after:
+                yield RequestOutput(
+                    request_id, [], finish_reason=FinishReason.ERROR, error="device fell over"
+                )
+                return
+            last = k == len(ids) - 1
+            text = self.tokenizer.decode(ids[: k + 1])
+            delta = "" if text.endswith("\ufffd") and not last else text[len(emitted) :]
+            emitted += delta
+            logprobs = self._logprobs(token_id, params)
+            yield RequestOutput(
+                request_id, [token_id], delta, logprobs, finish if last else None, len(prompt_ids), 3
+            )
+            await asyncio.sleep(0)
+
+    async def _maybe_misbehave(self, k):
+        if k == self.hang_after:
+            self.hanging.set()
+            await asyncio.Event().wait()
+        if k == self.raise_after:
+            raise RuntimeError("kaboom")
+
+    @staticmethod
+    def _logprobs(token_id, params):
+        if params.logprobs is None:
+            return None
+        top = [
+            TokenLogprob(token_id, -0.25),
+            TokenLogprob(2 + ord("x"), -2.0),
+            TokenLogprob(2 + ord("y"), float("-inf")),
+        ]
+        return [SampleLogprobs(TokenLogprob(token_id, -0.25), top[: params.logprobs])]
