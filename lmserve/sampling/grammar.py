@@ -16,11 +16,12 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmserve.request import GrammarSpec
+from lmserve.sampling.schema_depth import MAX_SCHEMA_DEPTH, embedded_schemas, schema_depth
 from lmserve.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -79,7 +80,10 @@ class GrammarCompiler:
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """The compiled grammar for `spec`; GrammarError if it is invalid."""
         try:
+            check_schema_depth(spec)
             return self._compile(spec)
+        except GrammarError:
+            raise
         except (RuntimeError, ValueError, TypeError) as exc:
             raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {_clean(exc)}") from None
 
@@ -111,6 +115,34 @@ class GrammarCompiler:
 # Special tokens that tool-call and reasoning formats write as markup (Mistral, Llama 3, Qwen).
 MARKUP_TOKENS = frozenset({b"[TOOL_CALLS]", b"[ARGS]", b"[CALL_ID]", b"<|python_tag|>", b"<tool_call>",
                            b"</tool_call>", b"<think>", b"</think>"})
+
+
+def check_schema_depth(spec: GrammarSpec) -> None:
+    """GrammarError if a JSON schema in `spec` (its own, or one a structural tag carries) nests deeper
+    than MAX_SCHEMA_DEPTH: deeper ones can crash the compiler (schema_depth.py)."""
+    if spec.kind not in ("json_schema", "structural_tag"):
+        return
+    document = _parse_json(spec.text)
+    schemas = [document] if spec.kind == "json_schema" else [document, *embedded_schemas(document)]
+    for schema in schemas:
+        if isinstance(schema, str):  # a structural tag may carry a schema as JSON text
+            schema = _parse_json(schema)
+        if schema is _TOO_DEEP or schema_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: it nests deeper than {MAX_SCHEMA_DEPTH} "
+                               "levels (objects and arrays, counting each $ref as nesting its target)")
+
+
+_TOO_DEEP = object()  # JSON nested past the parser's own recursion limit
+
+
+def _parse_json(text: str) -> Any:
+    """The value, _TOO_DEEP, or None for text that is not JSON (the compiler then says what is wrong)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError:
+        return None
 
 
 def _grammar_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:

@@ -121,3 +121,26 @@ def test_chat_over_context_names_the_numbers(server):
     body = {"messages": PARIS, "max_completion_tokens": 5000}
     error = assert_error(post(server, "/v1/chat/completions", body), 400, "max_completion_tokens")
     assert "5000" in error["message"] and "2048" in error["message"]
+
+
+def deep_ref_chain(links: int) -> dict:
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}, "required": ["x"]}
+            for i in range(links)}
+    defs[f"d{links}"] = {"type": "integer"}
+    return {"$ref": "#/$defs/d0", "$defs": defs}
+
+
+def test_a_schema_too_deep_to_compile_is_400_on_every_spelling(server):
+    # 4,000 links of $ref used to crash the grammar compiler, and with it the server
+    schema = deep_ref_chain(4_000)
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    for fields in ({"json_schema": schema}, {"guided_json": schema},
+                   {"response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}},
+                   {"tools": [tool], "tool_choice": "required"}):
+        error = assert_error(post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 2, **fields}), 400)
+        assert "nests deeper than 128 levels" in error["message"], fields.keys()
+    assert server["proc"].poll() is None
+    assert post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 2}).status_code == 200
+    nested = post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 40,
+                                                   "json_schema": deep_ref_chain(3)})
+    assert isinstance(json.loads(nested.json()["choices"][0]["message"]["content"])["x"]["x"]["x"], int)
