@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 
 from lmserve.parsing.events import Emitter
 
@@ -90,6 +91,19 @@ class Step(enum.Enum):
     BAD = enum.auto()  # not a call after all (nothing was emitted): release the text
 
 
+class _State(enum.Enum):
+    """Where CallObject is in the call's text."""
+
+    OPEN = enum.auto()  # before the `{`
+    KEY_OR_END = enum.auto()
+    KEY = enum.auto()
+    COLON = enum.auto()
+    VALUE_START = enum.auto()
+    VALUE = enum.auto()
+    COMMA_OR_END = enum.auto()
+    DONE = enum.auto()  # takes no more characters
+
+
 class CallObject:
     """One call written as `{"name": NAME, "arguments": ARGS}` (keys in any order, extra keys
     skipped, "parameters" accepted for "arguments"), or, with bare_arguments(), just ARGS.
@@ -105,7 +119,7 @@ class CallObject:
     def __init__(self, emitter: Emitter, require_arguments: bool = False):
         self._emitter = emitter
         self._require_arguments = require_arguments
-        self._state = "open"
+        self._state = _State.OPEN
         self._bare = False
         self._key: str | None = None
         self._scanner: ValueScanner | None = None
@@ -115,34 +129,43 @@ class CallObject:
         self._args_raw: str | None = None
         self._args_seen = False
         self.committed = False
+        # VALUE is scanned by _push_value (whitespace included); DONE takes no characters.
+        self._handlers: dict[_State, Callable[[str], Step]] = {
+            _State.OPEN: self._on_open,
+            _State.KEY_OR_END: self._on_key_or_end,
+            _State.KEY: self._on_key,
+            _State.COLON: self._on_colon,
+            _State.VALUE_START: self._on_value_start,
+            _State.COMMA_OR_END: self._on_comma_or_end,
+        }
 
     @classmethod
     def bare_arguments(cls, emitter: Emitter, name: str) -> CallObject:
         """A call whose name is already known and whose text is just the arguments value."""
         call = cls(emitter)
-        call._bare, call._name, call._key, call._state = True, name, ARGUMENT_KEYS[0], "value_start"
+        call._bare, call._name, call._key, call._state = True, name, ARGUMENT_KEYS[0], _State.VALUE_START
         return call
 
     def push(self, ch: str) -> Step:
         """Scan the next character of the call."""
-        if self._state == "value":
+        if self._state is _State.VALUE:
             return self._push_value(ch)
-        if ch.isspace() and self._state != "key":
+        if ch.isspace() and self._state is not _State.KEY:
             return Step.CONSUMED
-        return getattr(self, "_on_" + self._state)(ch)
+        return self._handlers[self._state](ch)
 
     def finish(self) -> None:
         """The text ended: complete a pending literal (`"arguments": null` cut before `}`)."""
-        if self._state == "value" and self._scanner.kind == "literal":
+        if self._state is _State.VALUE and self._scanner.kind == "literal":
             self._end_value()
 
     def _on_open(self, ch: str) -> Step:
-        return self._go("key_or_end") if ch == "{" else self._bad()
+        return self._go(_State.KEY_OR_END) if ch == "{" else self._bad()
 
     def _on_key_or_end(self, ch: str) -> Step:
         if ch == '"':
             self._begin_value(ch)
-            return self._go("key")
+            return self._go(_State.KEY)
         return self._end_object() if ch == "}" else self._bad()
 
     def _on_key(self, ch: str) -> Step:
@@ -154,10 +177,10 @@ class CallObject:
             self._key = json.loads("".join(self._value))
         except ValueError:
             return self._bad()
-        return self._go("colon")
+        return self._go(_State.COLON)
 
     def _on_colon(self, ch: str) -> Step:
-        return self._go("value_start") if ch == ":" else self._bad()
+        return self._go(_State.VALUE_START) if ch == ":" else self._bad()
 
     def _on_value_start(self, ch: str) -> Step:
         if not starts_value(ch):
@@ -166,11 +189,11 @@ class CallObject:
         if self._is_arguments_key() and self._name is not None and ch in "{[":
             self._commit(ch)  # from here on the arguments stream as they come
             self._streaming = True
-        return self._go("value")
+        return self._go(_State.VALUE)
 
     def _on_comma_or_end(self, ch: str) -> Step:
         if ch == ",":
-            return self._go("key_or_end")
+            return self._go(_State.KEY_OR_END)
         return self._end_object() if ch == "}" else self._bad()
 
     def _push_value(self, ch: str) -> Step:
@@ -196,7 +219,7 @@ class CallObject:
         self._streaming = False
         if self._bare:
             return self._go_done()
-        return self._go("comma_or_end")
+        return self._go(_State.COMMA_OR_END)
 
     def _set_name(self, raw: str) -> bool:
         try:
@@ -237,16 +260,16 @@ class CallObject:
         else:
             self._value.append(ch)
 
-    def _go(self, state: str) -> Step:
+    def _go(self, state: _State) -> Step:
         self._state = state
         return Step.CONSUMED
 
     def _go_done(self) -> Step:
-        self._state = "done"
+        self._state = _State.DONE
         return Step.DONE
 
     def _bad(self) -> Step:
-        self._state = "done"
+        self._state = _State.DONE
         return Step.DONE_BEFORE if self.committed else Step.BAD
 
     @staticmethod

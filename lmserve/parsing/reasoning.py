@@ -7,6 +7,8 @@ parser keeps both; Qwen3's own template strips them when it renders the history.
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmserve.parsing.scan import hold_start, skip_space
@@ -25,6 +27,15 @@ def template_opens_reasoning(rendered_prompt: str, start: str = "<think>", end: 
     templates end with `<think>\\n`), so the output starts inside it: starts_in_reasoning."""
     tail = rendered_prompt.rstrip()
     return tail.endswith(start) and not tail.endswith(end)
+
+
+class _State(enum.Enum):
+    """Where ReasoningParser is in the text."""
+
+    START = enum.auto()  # before the first decisive character
+    REASONING = enum.auto()
+    CONTENT_AFTER_END = enum.auto()  # just after the closing tag: whitespace there is dropped
+    CONTENT = enum.auto()
 
 
 class ReasoningParser:
@@ -47,9 +58,15 @@ class ReasoningParser:
         self._text = ""
         self._pos = 0
         self._final = False
-        self._state = "start"
+        self._state = _State.START
         self._skip_space = True  # at the start of the reasoning: whitespace there is dropped
         self._delta = ReasoningDelta()
+        self._steps: dict[_State, Callable[[], bool]] = {
+            _State.START: self._step_start,
+            _State.REASONING: self._step_reasoning,
+            _State.CONTENT_AFTER_END: self._step_content_after_end,
+            _State.CONTENT: self._step_content,
+        }
 
     def feed(self, text_delta: str) -> ReasoningDelta:
         """Add generated text; returns the reasoning and content it makes certain."""
@@ -70,7 +87,7 @@ class ReasoningParser:
         return reasoning or None, first.content + last.content
 
     def _run(self) -> ReasoningDelta:
-        while getattr(self, "_step_" + self._state)():
+        while self._steps[self._state]():
             pass
         delta, self._delta = self._delta, ReasoningDelta()
         return delta
@@ -81,9 +98,9 @@ class ReasoningParser:
         if not self._final and self._start.startswith(rest):
             return False  # nothing decisive yet (empty, whitespace, or a partial tag)
         if rest.startswith(self._start):
-            self._pos, self._state = begin + len(self._start), "reasoning"
+            self._pos, self._state = begin + len(self._start), _State.REASONING
         else:
-            self._state = "reasoning" if self._starts_in_reasoning else "content"
+            self._state = _State.REASONING if self._starts_in_reasoning else _State.CONTENT
         return True
 
     def _step_reasoning(self) -> bool:
@@ -95,7 +112,7 @@ class ReasoningParser:
         if end >= 0:
             self._delta.reasoning += text[self._pos : end].rstrip()
             self._pos = end + len(self._end)
-            self._state = "content_after_end"
+            self._state = _State.CONTENT_AFTER_END
             return True
         stop = len(text) if self._final else hold_start(text, self._pos, (self._end,))
         self._delta.reasoning += text[self._pos : stop].rstrip() if self._final else text[self._pos : stop]
@@ -106,7 +123,7 @@ class ReasoningParser:
         self._pos = skip_space(self._text, self._pos)
         if self._pos == len(self._text):
             return False
-        self._state = "content"
+        self._state = _State.CONTENT
         return True
 
     def _step_content(self) -> bool:

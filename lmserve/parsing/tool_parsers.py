@@ -23,6 +23,7 @@ Contract, for every format and every way of cutting the text into deltas:
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable
 from typing import ClassVar
@@ -45,17 +46,33 @@ from lmserve.parsing.syntax import (
 )
 
 
+class _State(enum.Enum):
+    """The states of the parsers; each parser's _step_table() says which ones it uses."""
+
+    CONTENT = enum.auto()  # all parsers
+    PASSTHROUGH = enum.auto()
+    CALL = enum.auto()
+    CLOSE = enum.auto()  # Hermes
+    START = enum.auto()  # Llama 3
+    SEPARATOR = enum.auto()
+    CALLS_START = enum.auto()  # Mistral
+    ARRAY_ITEM = enum.auto()
+    ARRAY_SEPARATOR = enum.auto()
+    NAME = enum.auto()
+    CALL_ID = enum.auto()
+
+
 class ToolParser:
     """The shared interface and machinery: a state machine over all text fed so far.
 
-    Each `_step_<state>` method consumes what it can decide and returns True if it made
-    progress, False if it must wait for more text (or, after finish(), if the text is used up).
+    Each state's step method (see _step_table) consumes what it can decide and returns True if it
+    made progress, False if it must wait for more text (or, after finish(), if the text is used up).
     """
 
     syntax: ClassVar[ToolCallSyntax]
-    _initial_state: ClassVar[str] = "content"
+    _initial_state: ClassVar[_State] = _State.CONTENT
     _open_tags: ClassVar[tuple[str, ...]] = ()
-    _release_state: ClassVar[str] = "content"
+    _release_state: ClassVar[_State] = _State.CONTENT
 
     def __init__(self, id_factory: Callable[[], str] = make_tool_call_id):
         self._id_factory = id_factory
@@ -64,12 +81,13 @@ class ToolParser:
         self._pos = 0  # first character not yet decided
         self._final = False
         self._state = self._initial_state
+        self._steps = self._step_table()
         self._skip_space = False  # drop whitespace at _pos (it follows a call)
         self._gap = ""  # whitespace between content and the calls after it, emitted if content resumes
         self._in_calls = False  # between a call's tag and the next content
         self._emitted_content = False
         self._call: CallObject | None = None
-        self._after_call = "content"
+        self._after_call = _State.CONTENT
         self._release_pos = 0  # where the text of the uncommitted call (and its tag) begins
         self._rescan_pos = 0  # where to re-read as content if that call fails
 
@@ -94,8 +112,16 @@ class ToolParser:
         """Calls started so far (for finish_reason "tool_calls")."""
         return self._emit.num_calls
 
+    def _step_table(self) -> dict[_State, Callable[[], bool]]:
+        """Each state's step method; a subclass returns this updated with the states it adds."""
+        return {
+            _State.CONTENT: self._step_content,
+            _State.PASSTHROUGH: self._step_passthrough,
+            _State.CALL: self._step_call,
+        }
+
     def _run(self) -> list[Event]:
-        while getattr(self, "_step_" + self._state)():
+        while self._steps[self._state]():
             pass
         return self._emit.take()
 
@@ -145,8 +171,8 @@ class ToolParser:
 
     # --- one call --------------------------------------------------------------------------
 
-    def _begin_call(self, call: CallObject, pos: int, after: str) -> None:
-        self._call, self._pos, self._after_call, self._state = call, pos, after, "call"
+    def _begin_call(self, call: CallObject, pos: int, after: _State) -> None:
+        self._call, self._pos, self._after_call, self._state = call, pos, after, _State.CALL
 
     def _step_call(self) -> bool:
         text, call = self._text, self._call
@@ -186,9 +212,12 @@ class HermesToolParser(ToolParser):
     _open_tags = (HERMES_SYNTAX.trigger,)  # "<tool_call>": the auto grammar takes over at the same tag
     _close_tag = "</tool_call>"
 
+    def _step_table(self) -> dict[_State, Callable[[], bool]]:
+        return {**super()._step_table(), _State.CLOSE: self._step_close}
+
     def _on_open_tag(self, body_start: int) -> None:
         self._rescan_pos = body_start
-        self._begin_call(self._new_call(), body_start, after="close")
+        self._begin_call(self._new_call(), body_start, after=_State.CLOSE)
 
     def _step_close(self) -> bool:
         """After a call's JSON: whitespace, then (normally) the closing tag."""
@@ -200,7 +229,7 @@ class HermesToolParser(ToolParser):
             if not self._final:
                 return False
             self._pos = len(self._text)  # output cut inside the closing tag: still not content
-        self._state, self._skip_space = "content", True
+        self._state, self._skip_space = _State.CONTENT, True
         return True
 
 
@@ -211,9 +240,12 @@ class Llama3JsonToolParser(ToolParser):
     without a name and parameters/arguments is content too (a JSON answer, not a call)."""
 
     syntax = LLAMA3_SYNTAX
-    _initial_state = "start"
-    _release_state = "passthrough"
+    _initial_state = _State.START
+    _release_state = _State.PASSTHROUGH
     _python_tag = "<|python_tag|>"
+
+    def _step_table(self) -> dict[_State, Callable[[], bool]]:
+        return {**super()._step_table(), _State.START: self._step_start, _State.SEPARATOR: self._step_separator}
 
     def _step_start(self) -> bool:
         return self._try_call_at(skip_space(self._text, self._pos), fallback=self._pos)
@@ -238,11 +270,11 @@ class Llama3JsonToolParser(ToolParser):
         if rest.startswith("{") or rest.startswith(self._python_tag):
             body = start if rest.startswith("{") else start + len(self._python_tag)
             self._release_pos, self._rescan_pos = self._pos, self._pos
-            self._begin_call(self._new_call(require_arguments=True), body, after="separator")
+            self._begin_call(self._new_call(require_arguments=True), body, after=_State.SEPARATOR)
             return True
         if rest and not self._final and self._python_tag.startswith(rest):
             return False
-        self._pos, self._state = fallback, "passthrough"
+        self._pos, self._state = fallback, _State.PASSTHROUGH
         return True
 
 
@@ -259,8 +291,23 @@ class MistralToolParser(ToolParser):
     _call_id_tag = "[CALL_ID]"
     _name_pattern = re.compile(r"[A-Za-z0-9_\-.]")
 
+    def __init__(self, id_factory: Callable[[], str] = make_tool_call_id):
+        super().__init__(id_factory)
+        self._name_start = 0  # where a v11 NAME begins
+        self._name = ""  # that NAME, kept while its `[CALL_ID]` is skipped
+
+    def _step_table(self) -> dict[_State, Callable[[], bool]]:
+        return {
+            **super()._step_table(),
+            _State.CALLS_START: self._step_calls_start,
+            _State.ARRAY_ITEM: self._step_array_item,
+            _State.ARRAY_SEPARATOR: self._step_array_separator,
+            _State.NAME: self._step_name,
+            _State.CALL_ID: self._step_call_id,
+        }
+
     def _on_open_tag(self, body_start: int) -> None:
-        self._pos, self._rescan_pos, self._state = body_start, body_start, "calls_start"
+        self._pos, self._rescan_pos, self._state = body_start, body_start, _State.CALLS_START
 
     def _step_calls_start(self) -> bool:
         start = skip_space(self._text, self._pos)
@@ -268,10 +315,10 @@ class MistralToolParser(ToolParser):
             return self._final and self._release()
         ch = self._text[start]
         if ch == "[":
-            self._pos, self._state = start + 1, "array_item"
+            self._pos, self._state = start + 1, _State.ARRAY_ITEM
             return True
         if self._name_pattern.match(ch):
-            self._pos, self._name_start, self._state = start, start, "name"
+            self._pos, self._name_start, self._state = start, start, _State.NAME
             return True
         return self._release()
 
@@ -281,11 +328,11 @@ class MistralToolParser(ToolParser):
             return self._final and self._release()
         ch = self._text[start]
         if ch == "]":
-            self._pos, self._state, self._skip_space = start + 1, "content", True
+            self._pos, self._state, self._skip_space = start + 1, _State.CONTENT, True
             return True
         if ch != "{":
             return self._release()
-        self._begin_call(self._new_call(), start, after="array_separator")
+        self._begin_call(self._new_call(), start, after=_State.ARRAY_SEPARATOR)
         return True
 
     def _step_array_separator(self) -> bool:
@@ -295,11 +342,11 @@ class MistralToolParser(ToolParser):
             return False
         if start < len(text) and text[start] == ",":
             self._release_pos = self._rescan_pos = self._pos  # a failed next item is content
-            self._pos, self._state = start + 1, "array_item"
+            self._pos, self._state = start + 1, _State.ARRAY_ITEM
             return True
         if start < len(text) and text[start] == "]":
             start += 1
-        self._pos, self._state, self._skip_space = start, "content", True
+        self._pos, self._state, self._skip_space = start, _State.CONTENT, True
         return True
 
     def _step_name(self) -> bool:
@@ -314,7 +361,7 @@ class MistralToolParser(ToolParser):
             return self._final and self._release()
         name = text[self._name_start : end]
         if rest.startswith(self._call_id_tag):
-            self._name, self._pos, self._state = name, marker + len(self._call_id_tag), "call_id"
+            self._name, self._pos, self._state = name, marker + len(self._call_id_tag), _State.CALL_ID
             return True
         return self._begin_bare_call(name, marker)
 
@@ -334,7 +381,7 @@ class MistralToolParser(ToolParser):
         args = marker + len(self._args_tag) if text.startswith(self._args_tag, marker) else marker
         if not name or text.startswith("[", args):
             return self._release()
-        self._begin_call(CallObject.bare_arguments(self._emit, name), args, after="content")
+        self._begin_call(CallObject.bare_arguments(self._emit, name), args, after=_State.CONTENT)
         self._skip_space = True
         return True
 
