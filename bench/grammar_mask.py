@@ -31,12 +31,12 @@ PREFIX = '{"name": "Ada'  # a state inside a string: the mask allows most of the
 
 
 def mask_ms(engine: LLMEngine, batch: int, repeats: int = 50) -> float:
-    compiled = engine.runner.grammar.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)))
+    compiled = engine.grammar.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)))
     matchers = {}
     for row in range(batch):
         matchers[row] = xgr.GrammarMatcher(compiled)
         assert matchers[row].accept_string(PREFIX)
-    vocab_size = engine.runner.grammar.vocab_size
+    vocab_size = engine.grammar.vocab_size
     logits = torch.randn(batch, vocab_size)
     times = []
     for _ in range(repeats):

@@ -75,14 +75,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def needs_penalties(self) -> bool:
-        return (
-            self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-            or self.repetition_penalty != 1.0
-        )
-
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -128,7 +120,7 @@ class Request:
 
 @dataclass
 class TokenLogprob:
-    """Log-probability of one token, with the bytes of its text piece."""
+    """Log-probability of one token (its text and bytes are looked up from the id when a response is built)."""
 
     token_id: int
     logprob: float

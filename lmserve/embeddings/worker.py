@@ -128,6 +128,6 @@ def _chunks(order: list[int], lengths: list[int], max_batch_tokens: int) -> list
 def decoder_worker(engine: AsyncEngine, pooling_mode: str) -> EmbeddingWorker:
     """Embeddings from the chat engine's model: its weights (read-only, shared with the engine
     thread), its tokenizer and context length; L2-normalised."""
-    embedder = DecoderEmbedder(engine.engine.runner.model, engine.tokenizer, Pooling(pooling_mode, normalize=True),
+    embedder = DecoderEmbedder(engine.model, engine.tokenizer, Pooling(pooling_mode, normalize=True),
                                engine.max_model_len)
     return EmbeddingWorker(embedder, DECODER_BATCH_TOKENS)

@@ -1,6 +1,6 @@
 """One engine thread, per-request asyncio queues.
 
-The HTTP event loop never runs the model: it posts commands (add, abort) to the engine
+The HTTP event loop never runs the model: it posts commands (add, abort, close) to the engine
 thread and receives outputs through `loop.call_soon_threadsafe`. Observers (metrics) hear of
 every added and aborted request and every step's stats and outputs, on the engine thread.
 """
@@ -8,6 +8,7 @@ every added and aborted request and every step's stats and outputs, on the engin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -15,10 +16,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from lmserve.engine.engine import LLMEngine, StepStats
+from lmserve.engine.engine import EngineStep, LLMEngine, StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger("lmserve.engine")
+
+_NOT_ACCEPTING = "the model is being unloaded; retry the request"
 
 
 class EngineObserver(Protocol):
@@ -34,16 +37,24 @@ class EngineObserver(Protocol):
 
 
 class AsyncEngine:
+    """An LLMEngine run by its own thread, for asyncio callers.
+
+    Its public face: generate, abort, snapshot, drain, close, and what the server reads: config,
+    tokenizer, max_model_len, grammar (to validate constraints before they reach the
+    engine) and model (the decoder, for embeddings)."""
+
     def __init__(self, engine: LLMEngine, observers: Sequence[EngineObserver] = ()):
-        self.engine = engine
+        self._engine = engine
         self.config = engine.config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
-        self.grammar = engine.runner.grammar  # compiles request constraints on the server side
+        self.grammar = engine.grammar
+        self.model = engine.model
         self.observers = tuple(observers)
         self._commands: queue.Queue = queue.Queue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
+        self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
@@ -51,14 +62,19 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens arrive; the last has finish_reason set. Leaving the loop
-        early (break, aclose, cancellation) aborts the request and frees its blocks."""
+        early (break, aclose, cancellation) aborts the request and frees its blocks. Once the
+        engine drains or closes, a new request gets one ABORT output saying so."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._queues:
                 raise ValueError(f"request id {request_id!r} is already running")
+            if not self._accepting:
+                yield RequestOutput(request_id, [], finish_reason=FinishReason.ABORT,
+                                    num_prompt_tokens=len(prompt_ids), error=_NOT_ACCEPTING)
+                return
             self._queues[request_id] = (loop, outputs)
-        self._commands.put(("add", request_id, prompt_ids, params))
+            self._commands.put(("add", request_id, prompt_ids, params))  # under the lock: never after "close"
         finished = False
         try:
             while not finished:
@@ -74,37 +90,51 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def shutdown(self) -> None:
-        self._stopped = True
-        self._commands.put(("stop",))
-        self._thread.join(timeout=10)
-
     def snapshot(self) -> dict[str, int]:
         """Current load, read without locking (approximate while a step runs)."""
-        return {
-            "num_running": len(self.engine.scheduler.running),
-            "num_waiting": len(self.engine.scheduler.waiting),
-            "num_kv_blocks": self.engine.pool.num_blocks,
-            "num_free_kv_blocks": self.engine.pool.num_free,
-        }
+        return dataclasses.asdict(self._engine.load())
+
+    @property
+    def num_requests(self) -> int:
+        """Requests being generated for a caller now (added, not yet finished or abandoned)."""
+        return len(self._queues)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Take no new requests (each gets an ABORT output) and wait until the ones running have
+        finished. False if some were still running after `timeout` seconds."""
+        with self._lock:
+            self._accepting = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queues:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def close(self) -> None:
+        """Take no new requests, abort the running ones (each gets an ABORT output), stop the
+        engine thread and let go of the model and the KV cache. Safe to call more than once."""
+        with self._lock:
+            self._accepting = False
+        if self._thread.is_alive():
+            self._commands.put(("close",))
+            self._thread.join(timeout=30)
+        self.model = None
 
     def _run(self) -> None:
         while not self._stopped:
-            self._drain_commands(block=not self.engine.has_unfinished)
-            if self.engine.has_unfinished:
+            self._drain_commands(block=not self._engine.has_unfinished)
+            if self._engine.has_unfinished and not self._stopped:
                 self._step()
 
     def _step(self) -> None:
-        previous_stats = self.engine.last_stats
         try:
-            outputs = self.engine.step()
+            step = self._engine.step()
         except Exception as exc:
             log.exception("engine step failed outside the model")
-            outputs = self.engine.fail_all(exc)
-        # step() records a new StepStats object only when it ran a batch to the end.
-        stats = self.engine.last_stats if self.engine.last_stats is not previous_stats else None
-        self._notify("step_done", stats, outputs, time.monotonic())
-        self._deliver(outputs)
+            step = EngineStep(self._engine.fail_all(exc), None)
+        self._notify("step_done", step.stats, step.outputs, time.monotonic())
+        self._deliver(step.outputs)
 
     def _drain_commands(self, block: bool) -> None:
         while True:
@@ -120,14 +150,18 @@ class AsyncEngine:
         if kind == "add":
             _, request_id, prompt_ids, params = command
             try:
-                self.engine.add_request(request_id, prompt_ids, params)
+                self._engine.add_request(request_id, prompt_ids, params)
             except ValueError as exc:
                 self._deliver([RequestOutput(request_id, [], finish_reason=FinishReason.ERROR, error=str(exc))])
             else:
                 self._notify("request_added", request_id, time.monotonic())
         elif kind == "abort":
             self._abort(command[1])
-        elif kind == "stop":
+        elif kind == "close":
+            outputs = self._engine.close(why=_NOT_ACCEPTING)
+            for output in outputs:
+                self._notify("request_aborted", output.request_id)
+            self._deliver(outputs)
             self._stopped = True
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -147,7 +181,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(_put_all, batch)
 
     def _abort(self, request_id: str) -> None:
-        self.engine.abort_request(request_id)
+        self._engine.abort_request(request_id)
         self._notify("request_aborted", request_id)
 
     def _notify(self, event: str, *args: object) -> None:

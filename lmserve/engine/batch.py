@@ -1,10 +1,23 @@
-"""What the scheduler hands the runner for one step."""
+"""What the engine's parts hand each other: a live request's record, and one step's batch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from lmserve.request import Request
+from lmserve.text.detokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class LiveRequest:
+    """Everything the engine keeps for one request until it finishes, and drops all at once then."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None  # seeded sampling draws from its own generator
+    matcher: object | None  # the constraint's xgrammar GrammarMatcher, advanced token by token
 
 
 @dataclass
@@ -21,6 +34,8 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
+    """What the scheduler hands the runner for one step."""
+
     seqs: list[ScheduledSeq] = field(default_factory=list)
     num_preempted: int = 0
 

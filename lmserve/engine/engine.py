@@ -11,6 +11,7 @@ import torch
 from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.kv_cache import allocate_kv_caches, num_blocks_for_budget
 from lmserve.config import EngineConfig
+from lmserve.engine.batch import LiveRequest, SchedulerOutput
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
 from lmserve.kernels import paged_decode_attention as native_decode_attention
@@ -22,7 +23,7 @@ from lmserve.weights.load import DTYPES, LoadedModel, load_model
 log = logging.getLogger("lmserve.engine")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepStats:
     """What one step did; metrics consume these outside the core."""
 
@@ -37,24 +38,46 @@ class StepStats:
 
 
 @dataclass
-class _Tracked:
-    request: Request
-    detokenizer: IncrementalDetokenizer
+class EngineStep:
+    """What one call of step() produced: an output per sequence that moved, and the step's stats
+    (None when no batch ran, or the model failed before the step was done)."""
+
+    outputs: list[RequestOutput]
+    stats: StepStats | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineLoad:
+    """How busy the engine is now."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed (its model unloaded); it takes no more requests."""
 
 
 class LLMEngine:
     """Owns the model, the KV cache, the scheduler and every live request. Not thread-safe:
-    one thread calls it (see AsyncEngine)."""
+    one thread calls it (see AsyncEngine).
+
+    Its public face: add_request, abort_request, step, fail_all, has_unfinished, load, close, and
+    what other parts read: tokenizer, max_model_len, dtype, grammar (the constraint compiler) and
+    model (the decoder, for embeddings)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel):
         self.config = config
         self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
         model_len = loaded.config.max_position_embeddings
         if (config.scheduler.max_model_len or 0) > model_len:
             raise ValueError(f"max_model_len {config.scheduler.max_model_len} exceeds the model's context "
                              f"length {model_len}")
         self.max_model_len = config.scheduler.max_model_len or model_len
-        device = torch.device(config.device)
+        self.device = torch.device(config.device)
         block_size = config.cache.block_size
         self.dtype = loaded.dtype  # what config.dtype chose ("auto" picks the checkpoint's own)
         kv_dtype = DTYPES[loaded.dtype]  # the weights' dtype (bf16 under int8)
@@ -64,18 +87,17 @@ class LLMEngine:
                 f"the KV cache budget holds {num_blocks * block_size} tokens, fewer than max_model_len "
                 f"{self.max_model_len}: raise --kv-cache-memory or lower --max-model-len")
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, num_blocks * block_size)
-        self.pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
+        self._pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
         sched_config = replace(config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(sched_config, block_size, self.pool)
-        caches = allocate_kv_caches(loaded.config, num_blocks, block_size, kv_dtype, device)
-        grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, num_threads=torch.get_num_threads())
-        self.runner = ModelRunner(loaded.model, caches, block_size, device, grammar)
-        if device.type == "cpu":  # load (or, once per machine, compile) now rather than in the first step
+        self._scheduler = Scheduler(sched_config, block_size, self._pool)
+        caches = allocate_kv_caches(loaded.config, num_blocks, block_size, kv_dtype, self.device)
+        self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, num_threads=torch.get_num_threads())
+        self._runner: ModelRunner | None = ModelRunner(loaded.model, caches, block_size, self.device)
+        if self.device.type == "cpu":  # load (or, once per machine, compile) now rather than in the first step
             native_layers = getattr(loaded.model, "native", None) is not None
             log.info("decode attention: %s; the steps' layers: %s",
                      "native kernel" if native_decode_attention() else "PyTorch", "C++" if native_layers else "Python")
-        self.live: dict[str, _Tracked] = {}
-        self.last_stats = StepStats()
+        self._live: dict[str, LiveRequest] = {}
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -87,86 +109,145 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.live)
+        return bool(self._live)
+
+    def load(self) -> EngineLoad:
+        """Current load; safe to read from another thread (approximate while a step runs)."""
+        return EngineLoad(num_running=len(self._scheduler.running), num_waiting=len(self._scheduler.waiting),
+                          num_kv_blocks=self._pool.num_blocks, num_free_kv_blocks=self._pool.num_free)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request. Raises ValueError for a request that can never run."""
-        if request_id in self.live:
+        """Queue a request. Raises ValueError for a request that can never run (GrammarError for
+        a constraint that does not compile), EngineClosed once the engine is closed."""
+        if self._runner is None:
+            raise EngineClosed("the model was unloaded")
+        if request_id in self._live:
             raise ValueError(f"request id {request_id!r} is already running")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context length is {self.max_model_len}")
         request = Request(request_id, list(prompt_ids), params, self.tokenizer.eos_token_ids, time.monotonic())
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
-                                       params.include_stop_str_in_output)
-        self.live[request_id] = _Tracked(request, detok)
-        self.scheduler.add(request)
+        self._live[request_id] = LiveRequest(
+            request=request,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                               params.include_stop_str_in_output),
+            generator=None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed),
+            matcher=None if params.grammar is None else self.grammar.matcher(params.grammar),
+        )
+        self._scheduler.add(request)
 
     def abort_request(self, request_id: str) -> None:
-        tracked = self.live.get(request_id)
-        if tracked is not None:
-            self.scheduler.finish(tracked.request, FinishReason.ABORT)
-            self._forget(request_id)
+        live = self._live.pop(request_id, None)
+        if live is not None:
+            self._scheduler.finish(live.request, FinishReason.ABORT)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> EngineStep:
         """Run one batch through the model. If the model fails, every request in the batch
         finishes with an error output and the engine stays usable."""
         started = time.perf_counter()
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
+        scheduled = self._scheduler.schedule()
+        if scheduled.is_empty:
+            return EngineStep([], None)
         try:
-            result = self.runner.execute(out)
+            sampled = self._runner.execute(scheduled, self._live)
         except Exception as exc:
             log.exception("engine step failed")
-            return [self._fail(seq.request, exc) for seq in out.seqs]
-        self.scheduler.update(out, result.token_ids)
-        failed = [self._fail(self.live[rid].request, ValueError(why)) for rid, why in result.errors.items()]
-        for rid in result.grammar_finished:  # complete grammar: nothing may follow (e.g. under ignore_eos)
-            if not self.live[rid].request.is_finished:
-                self.scheduler.finish(self.live[rid].request, FinishReason.STOP)
-        outputs = failed + [self._output(seq.request, result) for seq in out.seqs
-                            if seq.request.request_id in result.token_ids and seq.request.request_id in self.live]
-        self._record(out, time.perf_counter() - started)
-        return outputs
+            return EngineStep(self._fail_each([seq.request for seq in scheduled.seqs], exc), None)
+        self._scheduler.update(scheduled, sampled.token_ids)
+        failed = self._fail_sampling_errors(sampled.errors)
+        self._finish_complete_grammars(sampled.grammar_finished)
+        outputs = self._emit(scheduled, sampled)
+        return EngineStep(failed + outputs, self._stats(scheduled, time.perf_counter() - started))
 
     def fail_all(self, exc: Exception) -> list[RequestOutput]:
         """Finish every live request with an error output (after an unexpected failure)."""
-        return [self._fail(tracked.request, exc) for tracked in list(self.live.values())]
+        return self._fail_each([live.request for live in self._live.values()], exc)
+
+    def close(self, why: str = "the model was unloaded") -> list[RequestOutput]:
+        """Abort every live request (an ABORT output each, with `why`) and let go of the model and
+        the KV cache: their memory is freed once no one else holds them. Later requests raise
+        EngineClosed."""
+        outputs = []
+        for live in list(self._live.values()):
+            self.abort_request(live.request.request_id)
+            outputs.append(RequestOutput(live.request.request_id, [], finish_reason=FinishReason.ABORT,
+                                         num_prompt_tokens=len(live.request.prompt_ids), error=why))
+        self._runner = None
+        self.model = None
+        return outputs
+
+    @property
+    def closed(self) -> bool:
+        return self._runner is None
+
+    def _fail_each(self, requests: list[Request], exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for request in requests:
+            outputs.append(self._fail(request, exc))
+        return outputs
+
+    def _fail_sampling_errors(self, errors: dict[str, str]) -> list[RequestOutput]:
+        outputs = []
+        for rid, why in errors.items():
+            outputs.append(self._fail(self._live[rid].request, ValueError(why)))
+        return outputs
+
+    def _finish_complete_grammars(self, request_ids: set[str]) -> None:
+        """A complete grammar lets nothing follow (under ignore_eos the model would go on)."""
+        for rid in request_ids:
+            live = self._live.get(rid)
+            if live is not None and not live.request.is_finished:
+                self._scheduler.finish(live.request, FinishReason.STOP)
+
+    def _emit(self, scheduled: SchedulerOutput, sampled: StepResult) -> list[RequestOutput]:
+        """An output for each sequence that sampled a token this step, in batch order."""
+        outputs = []
+        for seq in scheduled.seqs:
+            live = self._live.get(seq.request.request_id)
+            if live is not None and seq.request.request_id in sampled.token_ids:
+                outputs.append(self._output(live, sampled))
+        return outputs
 
     def _fail(self, request: Request, exc: Exception) -> RequestOutput:
-        self.scheduler.finish(request, FinishReason.ERROR)
-        self._forget(request.request_id)
+        self._scheduler.finish(request, FinishReason.ERROR)
+        self._live.pop(request.request_id, None)
         return RequestOutput(request.request_id, [], finish_reason=FinishReason.ERROR,
                              num_prompt_tokens=len(request.prompt_ids), error=f"engine error: {exc}")
 
-    def _output(self, request: Request, result: StepResult) -> RequestOutput:
-        token = request.output_ids[-1]
-        logprobs = result.logprobs.get(request.request_id)
+    def _output(self, live: LiveRequest, sampled: StepResult) -> RequestOutput:
+        request = live.request
+        logprobs = sampled.logprobs.get(request.request_id)
         is_stop_token = request.finish_reason == FinishReason.STOP  # eos / stop id: not part of the text
-        new_ids = [] if is_stop_token else [token]
-        tracked = self.live[request.request_id]
-        delta, stopped = tracked.detokenizer.add(new_ids) if new_ids else ("", False)
+        new_ids = [] if is_stop_token else [request.output_ids[-1]]
+        delta, stopped = live.detokenizer.add(new_ids) if new_ids else ("", False)
         if stopped:
-            self.scheduler.finish(request, FinishReason.STOP)
+            self._scheduler.finish(request, FinishReason.STOP)
         if request.is_finished and not stopped:
-            delta += tracked.detokenizer.flush()
+            delta += live.detokenizer.flush()
         if request.is_finished:
-            self._forget(request.request_id)
+            del self._live[request.request_id]
         return RequestOutput(
-            request.request_id, new_ids, delta,
-            [logprobs] if logprobs is not None and new_ids else None,
-            request.finish_reason, len(request.prompt_ids), request.num_cached_prompt_tokens)
+            request_id=request.request_id,
+            new_token_ids=new_ids,
+            text_delta=delta,
+            new_logprobs=[logprobs] if logprobs is not None and new_ids else None,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=len(request.prompt_ids),
+            num_cached_tokens=request.num_cached_prompt_tokens,
+        )
 
-    def _forget(self, request_id: str) -> None:
-        self.live.pop(request_id, None)
-        self.runner.forget(request_id)
-
-    def _record(self, out, seconds: float) -> None:
-        self.last_stats = StepStats(out.num_tokens, len(self.scheduler.running), len(self.scheduler.waiting),
-                                    out.num_preempted, self.pool.usage, seconds,
-                                    self.pool.num_queries, self.pool.num_hits)
+    def _stats(self, scheduled: SchedulerOutput, seconds: float) -> StepStats:
+        return StepStats(
+            num_scheduled_tokens=scheduled.num_tokens,
+            num_running=len(self._scheduler.running),
+            num_waiting=len(self._scheduler.waiting),
+            num_preempted=scheduled.num_preempted,
+            kv_cache_usage=self._pool.usage,
+            step_seconds=seconds,
+            num_prefix_cache_queries=self._pool.num_queries,
+            num_prefix_cache_hits=self._pool.num_hits,
+        )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Convenience for tests and offline use: run prompts to completion, return token ids."""
@@ -174,8 +255,8 @@ class LLMEngine:
         for rid, prompt in zip(ids, prompts):
             self.add_request(rid, prompt, params)
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-        while any(rid in self.live for rid in ids):
-            for output in self.step():
+        while any(rid in self._live for rid in ids):
+            for output in self.step().outputs:
                 if output.request_id in tokens:
                     tokens[output.request_id].extend(output.new_token_ids)
         return [tokens[rid] for rid in ids]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
+from lmserve.engine.batch import LiveRequest, ScheduledSeq, SchedulerOutput
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.request import SampleLogprobs
-from lmserve.sampling.grammar import GrammarCompiler, GrammarMask
+from lmserve.sampling.grammar import GrammarMask
 from lmserve.sampling.sampler import Sampler, SamplingMetadata, to_sample_logprobs
 
 log = logging.getLogger("lmserve.engine")
@@ -41,29 +42,25 @@ class StepResult:
 
 
 class ModelRunner:
+    """Builds a step's tensors, runs the model and samples. Holds no per-request state: a request's
+    generator and grammar matcher come with it, in the engine's LiveRequest records."""
+
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, device: torch.device, grammar: GrammarCompiler | None = None):
+                 block_size: int, device: torch.device):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
-        self.generators: dict[str, torch.Generator] = {}
-        self.grammar = grammar
-        self.matchers: dict[str, object] = {}  # request id -> its xgrammar GrammarMatcher
-
-    def forget(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
-        self.matchers.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput, live: Mapping[str, LiveRequest]) -> StepResult:
         inp = self.prepare(out)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
         if not inp.sampled_seqs:
             return StepResult({}, {})
         logits = self.model.compute_logits(hidden[inp.logits_indices])  # (num_sampled, vocab)
-        return self._sample(logits, inp.sampled_seqs)
+        return self._sample(logits, [live[seq.request.request_id] for seq in inp.sampled_seqs])
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         # Decodes first (one token each, batched attention), then prefill chunks.
@@ -85,8 +82,10 @@ class ModelRunner:
                 sampled.append(seq)
         table, bias = self._decode_tables(decodes)
         lens = self._long([s.num_computed_tokens + 1 for s in decodes]) if decodes else None
-        meta = AttentionMetadata(self._long(slots), len(decodes), table, bias, prefill_meta, lens)
-        return ModelInput(self._long(ids), self._long(positions), meta, self._long(logits_rows), sampled)
+        meta = AttentionMetadata(slot_mapping=self._long(slots), num_decodes=len(decodes), decode_blocks=table,
+                                 decode_bias=bias, prefills=prefill_meta, decode_lens=lens)
+        return ModelInput(input_ids=self._long(ids), positions=self._long(positions), meta=meta,
+                          logits_indices=self._long(logits_rows), sampled_seqs=sampled)
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -113,63 +112,42 @@ class ModelRunner:
         bias = torch.zeros(valid.shape, device=self.device).masked_fill_(~valid, float("-inf"))
         return torch.from_numpy(table).to(self.device), bias[:, None, :]  # (S, B), (S, 1, B * block_size)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
+    def _sample(self, logits: torch.Tensor, rows: list[LiveRequest]) -> StepResult:
         """Sample the whole batch; if that raises, sample row by row so only the rows that
         cannot be sampled fail (a seeded row then draws from a generator the failed try may
         have advanced)."""
         try:
-            return self._sample_batch(logits, seqs)
+            return self._sample_batch(logits, rows)
         except Exception:
-            if len(seqs) == 1:
+            if len(rows) == 1:
                 raise
-            log.exception("sampling the batch failed; sampling its %d rows one by one", len(seqs))
+            log.exception("sampling the batch failed; sampling its %d rows one by one", len(rows))
         step = StepResult({}, {})
-        for row, seq in enumerate(seqs):
+        for index, row in enumerate(rows):
             try:
-                step.merge(self._sample_batch(logits[row : row + 1], [seq]))
+                step.merge(self._sample_batch(logits[index : index + 1], [row]))
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                step.errors[seq.request.request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+                step.errors[row.request.request_id] = f"sampling failed: {type(exc).__name__}: {exc}"
         return step
 
-    def _sample_batch(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> StepResult:
-        requests = [s.request for s in seqs]
-        matchers, grammar_errors = self._matchers(requests)
+    def _sample_batch(self, logits: torch.Tensor, rows: list[LiveRequest]) -> StepResult:
+        requests = [row.request for row in rows]
+        matchers = {index: row.matcher for index, row in enumerate(rows) if row.matcher is not None}
         meta = SamplingMetadata(
             params=[r.params for r in requests],
             prompt_ids=[r.prompt_ids for r in requests],
             output_ids=[r.output_ids for r in requests],
-            generators=[self._generator(r) for r in requests],
+            generators=[row.generator for row in rows],
             grammar_mask=GrammarMask.fill(matchers, len(requests), logits.shape[1]) if matchers else None,
         )
         result = self.sampler(logits, meta)
         token_ids = result.token_ids.tolist()  # the step's one host sync
         logprobs = to_sample_logprobs(result, meta.params)
         ids = [r.request_id for r in requests]
-        step = StepResult(dict(zip(ids, token_ids)), {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None},
-                          grammar_errors)
-        for row, matcher in matchers.items():
-            self._advance(matcher, ids[row], token_ids[row], step)
+        step = StepResult(dict(zip(ids, token_ids)), {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None})
+        for index, matcher in matchers.items():
+            self._advance(matcher, ids[index], token_ids[index], step)
         return step
-
-    def _matchers(self, requests) -> tuple[dict[int, object], dict[str, str]]:
-        """Batch row -> grammar matcher of the constrained rows, created on a request's first sample;
-        a grammar that fails to compile fails its own request only."""
-        matchers, errors = {}, {}
-        for row, request in enumerate(requests):
-            if request.params.grammar is None:
-                continue
-            try:
-                matchers[row] = self._matcher(request)
-            except ValueError as exc:  # GrammarError; the server validates first, so rare
-                errors[request.request_id] = str(exc)
-        return matchers, errors
-
-    def _matcher(self, request):
-        if request.request_id not in self.matchers:
-            if self.grammar is None:
-                raise ValueError("this engine has no grammar compiler")
-            self.matchers[request.request_id] = self.grammar.matcher(request.params.grammar)
-        return self.matchers[request.request_id]
 
     @staticmethod
     def _advance(matcher, request_id: str, token_id: int, step: StepResult) -> None:
@@ -178,11 +156,3 @@ class ModelRunner:
             step.errors[request_id] = f"token {token_id} was sampled outside the grammar"
         elif matcher.is_terminated():
             step.grammar_finished.add(request_id)
-
-    def _generator(self, request) -> torch.Generator | None:
-        seed = request.params.seed
-        if seed is None:
-            return None
-        if request.request_id not in self.generators:
-            self.generators[request.request_id] = torch.Generator(self.device).manual_seed(seed)
-        return self.generators[request.request_id]

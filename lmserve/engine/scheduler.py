@@ -26,10 +26,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
-    @property
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 

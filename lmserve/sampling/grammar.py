@@ -39,19 +39,19 @@ _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
 # Compiled grammars cached for reuse. A compiled grammar holds per-state token masks (~1 MB for a
 # small schema), and clients may send a new schema or tool set with every request: unbounded,
 # the cache would grow for the server's lifetime. Evicted grammars live on in their matchers.
-DEFAULT_CACHE_BYTES = 256 * 2**20
+DEFAULT_MAX_CACHE_BYTES = 256 * 2**20
 
 
 class GrammarCompiler:
     """Compiles GrammarSpecs against one tokenizer's vocabulary. Thread-safe; caches results, up to about
-    `cache_bytes` (least recently used evicted first)."""
+    `max_cache_bytes` (least recently used evicted first); `cache_bytes` is what it holds now."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.num_threads = num_threads
-        self.cache_limit_bytes = cache_bytes
+        self.max_cache_bytes = max_cache_bytes
         self._built: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
 
@@ -75,7 +75,7 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
                                  stop_token_ids=sorted(self.tokenizer.eos_token_ids))
         return xgr.GrammarCompiler(info, max_threads=self.num_threads, cache_enabled=True,
-                                   cache_limit_bytes=self.cache_limit_bytes)
+                                   cache_limit_bytes=self.max_cache_bytes)
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """The compiled grammar for `spec`; GrammarError if it is invalid."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from lmserve.engine.engine import EngineLoad, EngineStep, StepStats
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, SamplingParams, TokenLogprob
 from lmserve.text.chat_template import ChatTemplateError
 
@@ -118,3 +119,59 @@ class FakeEngine:
             TokenLogprob(2 + ord("y"), float("-inf")),
         ]
         return [SampleLogprobs(TokenLogprob(token_id, -0.25), top[: params.logprobs])]
+
+
+class CountingEngine:
+    """A stand-in LLMEngine for AsyncEngine's tests: each request gets one token per step (1, 2,
+    3, ...) and finishes after `length` of them. `idle_steps` steps schedule nothing first; while
+    `gate` (a threading.Event) is given and not set, steps make no progress."""
+
+    config = tokenizer = grammar = model = None
+    max_model_len = 16
+
+    def __init__(self, length: int = 3, gate=None):
+        self.length = length
+        self.gate = gate
+        self.live: dict[str, int] = {}
+        self.idle_steps = 0
+        self.closed = False
+
+    @property
+    def has_unfinished(self):
+        return bool(self.live)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(num_running=len(self.live), num_waiting=0, num_kv_blocks=8, num_free_kv_blocks=8)
+
+    def add_request(self, request_id, prompt_ids, params):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.live[request_id] = 0
+
+    def abort_request(self, request_id):
+        self.live.pop(request_id, None)
+
+    def step(self) -> EngineStep:
+        if self.idle_steps:  # a step that schedules nothing records no stats
+            self.idle_steps -= 1
+            return EngineStep([], None)
+        if self.gate is not None and not self.gate.wait(0.005):
+            return EngineStep([], None)
+        outputs = []
+        for rid in list(self.live):
+            self.live[rid] += 1
+            done = self.live[rid] == self.length
+            outputs.append(RequestOutput(rid, [self.live[rid]], finish_reason=FinishReason.LENGTH if done else None,
+                                         num_prompt_tokens=2))
+            if done:
+                del self.live[rid]
+        return EngineStep(outputs, StepStats(num_scheduled_tokens=len(outputs)))
+
+    def fail_all(self, exc):
+        return []
+
+    def close(self, why: str) -> list[RequestOutput]:
+        outputs = [RequestOutput(rid, [], finish_reason=FinishReason.ABORT, error=why) for rid in self.live]
+        self.live.clear()
+        self.closed = True
+        return outputs

@@ -17,8 +17,8 @@ PROMPTS = [
 ]
 
 
-def make_engine(loaded, kv_bytes=64 << 20, budget=64, max_seqs=8, max_len=1024) -> LLMEngine:
-    config = EngineConfig("unused", "test", cache=CacheConfig(16, kv_bytes),
+def make_engine(loaded, kv_bytes=64 << 20, budget=64, max_seqs=8, max_len=1024, prefix_caching=True) -> LLMEngine:
+    config = EngineConfig("unused", "test", cache=CacheConfig(16, kv_bytes, enable_prefix_caching=prefix_caching),
                           scheduler=SchedulerConfig(max_seqs, budget, max_len))
     return LLMEngine(config, loaded)
 

@@ -73,11 +73,10 @@ def test_smollm2_embeddings_shape_norm_and_batch_invariance(default_model):
 
 
 class EngineStub:
-    """What decoder_worker reads from an AsyncEngine: engine.runner.model, tokenizer, max_model_len."""
+    """What decoder_worker reads from an AsyncEngine: model, tokenizer, max_model_len."""
 
     def __init__(self, loaded):
-        self.engine = type("LLMEngineStub", (), {})()
-        self.engine.runner = type("RunnerStub", (), {"model": loaded.model})()
+        self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.max_model_len = 2048
 

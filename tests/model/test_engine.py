@@ -18,10 +18,15 @@ def run_staggered(engine, prompts, params, start_every=2):
         if pending and steps % start_every == 0:
             i, prompt = pending.pop(0)
             engine.add_request(f"r{i}", prompt, params)
-        for out in engine.step():
+        for out in engine.step().outputs:
             tokens[out.request_id].extend(out.new_token_ids)
         steps += 1
     return [tokens[f"r{i}"] for i in range(len(prompts))]
+
+
+def assert_all_blocks_free(engine):
+    load = engine.load()
+    assert load.num_free_kv_blocks == load.num_kv_blocks and load.num_running == load.num_waiting == 0
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def test_staggered_batch_equals_each_prompt_alone(engine, prompt_ids):
     alone = [engine.generate([ids], params)[0] for ids in prompt_ids]
     assert len({len(ids) for ids in prompt_ids}) == len(prompt_ids)  # all lengths differ
     assert run_staggered(engine, prompt_ids, params) == alone
-    assert engine.pool.num_free == engine.pool.num_blocks
+    assert_all_blocks_free(engine)
 
 
 def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model, prompt_ids):
@@ -53,15 +58,15 @@ def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model,
     alone = [roomy.generate([ids], params)[0] for ids in prompt_ids]
     # 15 blocks of 16 tokens: not enough for all 8 at once, so requests get preempted.
     tight = make_engine(default_model, kv_bytes=15 * 16 * 46080, budget=16, max_len=240)
-    assert tight.pool.num_blocks == 15
+    assert tight.load().num_kv_blocks == 15
     preempted = 0
     original_step = tight.step
 
     def counting_step():
         nonlocal preempted
-        outputs = original_step()
-        preempted += tight.last_stats.num_preempted
-        return outputs
+        step = original_step()
+        preempted += step.stats.num_preempted if step.stats is not None else 0
+        return step
 
     tight.step = counting_step
     got = run_staggered(tight, prompt_ids, params, start_every=1)
@@ -85,7 +90,7 @@ def test_stop_string_finishes_and_is_not_emitted(engine, default_model):
     engine.add_request("s", chat_ids(tok, PROMPTS[0]), SamplingParams(temperature=0, max_tokens=30, stop=("France",)))
     outputs = []
     while engine.has_unfinished:
-        outputs.extend(engine.step())
+        outputs.extend(engine.step().outputs)
     text = "".join(o.text_delta for o in outputs)
     assert outputs[-1].finish_reason == FinishReason.STOP
     assert text == "The capital of "
@@ -94,9 +99,10 @@ def test_stop_string_finishes_and_is_not_emitted(engine, default_model):
 def test_abort_frees_blocks(engine, prompt_ids):
     engine.add_request("a", prompt_ids[3], SamplingParams(temperature=0, max_tokens=50))
     engine.step()
-    assert engine.pool.num_free < engine.pool.num_blocks
+    assert engine.load().num_free_kv_blocks < engine.load().num_kv_blocks
     engine.abort_request("a")
-    assert engine.pool.num_free == engine.pool.num_blocks and not engine.has_unfinished
+    assert_all_blocks_free(engine)
+    assert not engine.has_unfinished
 
 
 def test_prompt_longer_than_context_is_refused(engine):
@@ -106,18 +112,20 @@ def test_prompt_longer_than_context_is_refused(engine):
 
 def test_model_failure_errors_that_batch_and_engine_keeps_serving(engine, prompt_ids):
     engine.add_request("doomed", prompt_ids[0], SamplingParams(temperature=0, max_tokens=5))
-    original = engine.runner.execute
+    original = engine._runner.execute  # fault injection reaches inside
 
-    def broken(out):
+    def broken(out, live):
         raise RuntimeError("simulated device failure")
 
-    engine.runner.execute = broken
+    engine._runner.execute = broken
     try:
-        [output] = engine.step()
+        step = engine.step()
     finally:
-        engine.runner.execute = original
+        engine._runner.execute = original
+    [output] = step.outputs
     assert output.finish_reason == FinishReason.ERROR and "simulated device failure" in output.error
-    assert not engine.has_unfinished and engine.pool.num_free == engine.pool.num_blocks
+    assert step.stats is None and not engine.has_unfinished
+    assert_all_blocks_free(engine)
     [after] = engine.generate([prompt_ids[0]], SamplingParams(temperature=0, max_tokens=5))
     assert len(after) == 5
 
@@ -126,33 +134,32 @@ def test_a_request_the_sampler_cannot_sample_fails_alone(engine, prompt_ids):
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     solo = engine.generate([prompt_ids[1]], greedy)[0]
     poisoned = SamplingParams(temperature=0.5, top_k=7, max_tokens=6, ignore_eos=True)
-    original = engine.runner.sampler
+    original = engine._runner.sampler  # fault injection reaches inside
 
     def sampler(logits, meta):  # fails whenever the poisoned request is in the batch
         if any(p.top_k == 7 for p in meta.params):
             raise RuntimeError("cannot sample this row")
         return original(logits, meta)
 
-    engine.runner.sampler = sampler
+    engine._runner.sampler = sampler
     try:
         engine.add_request("poisoned", prompt_ids[0], poisoned)
         engine.add_request("healthy", prompt_ids[1], greedy)
         outputs: dict[str, list] = {"poisoned": [], "healthy": []}
         while engine.has_unfinished:
-            for output in engine.step():
+            for output in engine.step().outputs:
                 outputs[output.request_id].append(output)
     finally:
-        engine.runner.sampler = original
+        engine._runner.sampler = original
     assert outputs["poisoned"][-1].finish_reason == FinishReason.ERROR
     assert "cannot sample this row" in outputs["poisoned"][-1].error
     assert [t for o in outputs["healthy"] for t in o.new_token_ids] == solo
-    assert engine.pool.num_free == engine.pool.num_blocks
+    assert_all_blocks_free(engine)
 
 
 def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    cold_engine = make_engine(default_model)
-    cold_engine.pool.enable_prefix_caching = False
+    cold_engine = make_engine(default_model, prefix_caching=False)
     cold = [cold_engine.generate([ids], params)[0] for ids in prompt_ids]
     warm_engine = make_engine(default_model)
     warm_engine.generate([prompt_ids[7]], params)  # caches the shared system prompt and more
@@ -161,8 +168,33 @@ def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids):
         warm_engine.add_request("w", ids, params)
         tokens = []
         while warm_engine.has_unfinished:
-            for out in warm_engine.step():
+            for out in warm_engine.step().outputs:
                 tokens.extend(out.new_token_ids)
                 cached.append(out.num_cached_tokens)
         assert tokens == cold[prompt_ids.index(ids)]
     assert min(cached) >= 16  # every prompt reused at least the system prompt's first block
+
+
+def test_close_aborts_live_requests_and_lets_go_of_the_model(default_model, prompt_ids):
+    from lmserve.engine.engine import EngineClosed
+
+    engine = make_engine(default_model)
+    engine.add_request("running", prompt_ids[0], SamplingParams(temperature=0, max_tokens=50))
+    engine.add_request("waiting", prompt_ids[1], SamplingParams(temperature=0, max_tokens=50))
+    engine.step()
+    outputs = engine.close(why="unloading for a test")
+    assert {(o.request_id, o.finish_reason, o.error) for o in outputs} == {
+        ("running", FinishReason.ABORT, "unloading for a test"), ("waiting", FinishReason.ABORT, "unloading for a test")}
+    assert engine.closed and engine.model is None and not engine.has_unfinished
+    assert_all_blocks_free(engine)
+    with pytest.raises(EngineClosed):
+        engine.add_request("late", prompt_ids[0], SamplingParams())
+
+
+def test_a_constraint_that_does_not_compile_is_refused_when_added(engine, prompt_ids):
+    from lmserve.request import GrammarSpec
+    from lmserve.sampling.grammar import GrammarError
+
+    with pytest.raises(GrammarError, match="parenthesis"):
+        engine.add_request("bad", prompt_ids[0], SamplingParams(grammar=GrammarSpec("regex", "(a")))
+    assert not engine.has_unfinished

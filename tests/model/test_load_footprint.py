@@ -96,7 +96,7 @@ engine = LLMEngine.from_config(EngineConfig(str(default_model_path()), "m", cach
                                             scheduler=SchedulerConfig(max_model_len=64)))
 heavy = ("xgrammar", "transformers", "huggingface_hub")
 print(" ".join(m for m in heavy if m in sys.modules))
-compiled = engine.runner.grammar.compile(GrammarSpec("regex", "(yes|no)"))
+compiled = engine.grammar.compile(GrammarSpec("regex", "(yes|no)"))
 print(type(compiled).__module__.split(".")[0], " ".join(m for m in heavy if m in sys.modules))
 """
 

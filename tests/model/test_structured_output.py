@@ -95,7 +95,7 @@ def test_json_object_mode_gives_json_objects(engine, prompt):
         engine.add_request(f"object-{i}", prompt, params)
     texts, reasons, counts = {}, {}, {}
     while engine.has_unfinished:
-        for output in engine.step():
+        for output in engine.step().outputs:
             texts[output.request_id] = texts.get(output.request_id, "") + output.text_delta
             counts[output.request_id] = counts.get(output.request_id, 0) + len(output.new_token_ids)
             reasons[output.request_id] = output.finish_reason
@@ -135,7 +135,7 @@ def test_constrained_and_free_requests_share_a_batch(engine, prompt, default_mod
         engine.add_request(f"constrained-{i}", prompt, constrained)
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished:
-        for output in engine.step():
+        for output in engine.step().outputs:
             tokens.setdefault(output.request_id, []).extend(output.new_token_ids)
     assert tokens["free"] == solo
     for i in range(4):

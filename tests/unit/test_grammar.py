@@ -7,7 +7,7 @@ import json
 import xgrammar as xgr
 
 from lmserve.request import GrammarSpec
-from lmserve.sampling.grammar import DEFAULT_CACHE_BYTES, GrammarCompiler
+from lmserve.sampling.grammar import DEFAULT_MAX_CACHE_BYTES, GrammarCompiler
 
 
 def schema(i: int) -> GrammarSpec:
@@ -17,8 +17,8 @@ def schema(i: int) -> GrammarSpec:
 def test_compiled_grammar_cache_is_bounded(default_tokenizer):
     # every request may bring a new schema or tool set: the cache must not grow with them
     limit = 16 * 2**10
-    unbounded = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size, cache_bytes=2**40)
-    bounded = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size, cache_bytes=limit)
+    unbounded = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size, max_cache_bytes=2**40)
+    bounded = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size, max_cache_bytes=limit)
     for i in range(60):
         unbounded.compile(schema(i))
         bounded.compile(schema(i))
@@ -29,7 +29,7 @@ def test_compiled_grammar_cache_is_bounded(default_tokenizer):
 
 def test_the_cache_is_bounded_by_default(default_tokenizer):
     compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
-    assert compiler._compiler.cache_limit_bytes == DEFAULT_CACHE_BYTES > 0  # xgrammar's own default: unbounded
+    assert compiler._compiler.cache_limit_bytes == compiler.max_cache_bytes == DEFAULT_MAX_CACHE_BYTES > 0  # xgrammar's own default: unbounded
 
 
 class MarkupTokenizer:

@@ -53,7 +53,7 @@ def test_finishes_on_eos_max_tokens_and_stop_ids_and_frees_blocks():
     out = sched.schedule()
     finished = sched.update(out, {"a": 5, "b": 2})
     assert {r.request_id: r.finish_reason for r in finished} == {"a": FinishReason.LENGTH, "b": FinishReason.STOP}
-    assert pool.num_free == pool.num_blocks and not sched.has_unfinished
+    assert pool.num_free == pool.num_blocks and not (sched.waiting or sched.running)
 
 
 def test_ignore_eos_keeps_going():
@@ -129,7 +129,7 @@ def test_finish_of_waiting_request_removes_it():
     a = req("a", 3)
     sched.add(a)
     sched.finish(a, FinishReason.ABORT)
-    assert not sched.has_unfinished and a.finish_reason == FinishReason.ABORT
+    assert not (sched.waiting or sched.running) and a.finish_reason == FinishReason.ABORT
 
 
 def test_preempted_request_recovers_shared_prefix_blocks():

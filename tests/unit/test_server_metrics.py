@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +12,7 @@ from lmserve.engine.async_engine import AsyncEngine
 from lmserve.engine.engine import StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.server.metrics import ServerMetrics
+from tests.helpers.fake_engine import CountingEngine
 from tests.helpers.prometheus import metric_samples
 
 
@@ -88,48 +88,6 @@ def test_load_gauges_are_read_from_the_snapshot():
 # ---------------------------------------------------------------- AsyncEngine's hook
 
 
-class CountingEngine:
-    """A stand-in LLMEngine: each request gets one token per step, and finishes after three."""
-
-    config = tokenizer = None
-    max_model_len = 16
-    runner = SimpleNamespace(grammar=None)
-
-    def __init__(self):
-        self.live: dict[str, int] = {}
-        self.last_stats = StepStats()
-        self.idle_steps = 0
-
-    @property
-    def has_unfinished(self):
-        return bool(self.live)
-
-    def add_request(self, request_id, prompt_ids, params):
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        self.live[request_id] = 0
-
-    def abort_request(self, request_id):
-        self.live.pop(request_id, None)
-
-    def step(self):
-        if self.idle_steps:  # a step that schedules nothing records no stats
-            self.idle_steps -= 1
-            return []
-        outputs = []
-        for rid in list(self.live):
-            self.live[rid] += 1
-            done = self.live[rid] == 3
-            outputs.append(out(rid, [self.live[rid]], FinishReason.LENGTH if done else None, num_prompt_tokens=2))
-            if done:
-                del self.live[rid]
-        self.last_stats = StepStats(num_scheduled_tokens=len(outputs))
-        return outputs
-
-    def fail_all(self, exc):
-        return []
-
-
 class Recorder:
     def __init__(self):
         self.events = []
@@ -159,7 +117,7 @@ def run(engine: AsyncEngine, consume):
     try:
         return asyncio.run(main())
     finally:
-        engine.shutdown()
+        engine.close()
 
 
 async def collect(engine, request_id="r", prompt=(1, 2)):

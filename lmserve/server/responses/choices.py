@@ -56,7 +56,7 @@ def _raise_if_failed(output: RequestOutput) -> None:
     if output.finish_reason == FinishReason.ERROR:
         raise server_error(f"generation failed: {output.error or 'engine error'}")
     if output.finish_reason == FinishReason.ABORT:
-        raise server_error("the request was aborted by the server", status_code=503)
+        raise server_error(output.error or "the request was aborted by the server", status_code=503)
 
 
 def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
