@@ -1,0 +1,109 @@
+"""What a server can serve: model entries declared on the command line or found in a folder.
+
+An entry is a name and a source, not a loaded model: the fleet (fleet.py) loads entries when they
+are asked for. A `--models-dir` folder is read again each time the catalogue is listed, so a file
+added or removed while the server runs shows up (or goes) without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+ModelKind = Literal["chat", "embedding"]
+# Hugging Face model types served as embedding models (lmserve/model/bert.py); every other is chat.
+EMBEDDING_MODEL_TYPES = frozenset({"bert"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    id: str  # what clients send as `model`
+    source: str  # a .gguf file or a Hugging Face folder
+    kind: ModelKind = "chat"
+    aliases: tuple[str, ...] = ()
+    ttl: float | None = None  # seconds idle before it is unloaded; None: the fleet's default
+    pinned: bool = False  # loaded at start and never unloaded
+    settings: dict = field(default_factory=dict, compare=False)  # per-model engine settings (dtype, ...)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+
+class UnknownModel(LookupError):
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(f"The model '{name}' does not exist; this server serves "
+                         + ", ".join(f"'{k}'" for k in known) + ".")
+        self.name, self.known = name, known
+
+
+def served_name(path: Path) -> str:
+    """A model's id from its file or folder: "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"."""
+    name = path.name if path.is_dir() else path.stem
+    return re.sub(r"[.-](Q\d\w*|F16|F32|BF16|IQ\w+)$", "", name, flags=re.IGNORECASE)
+
+
+def model_kind(path: Path) -> ModelKind:
+    """A GGUF is a chat model; a folder is an embedding model when its config.json names a BERT."""
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            return "chat"  # loading it will say what is wrong
+        return "embedding" if model_type in EMBEDDING_MODEL_TYPES else "chat"
+    return "chat"
+
+
+def entry_for(path: Path, **fields) -> ModelEntry:
+    return ModelEntry(id=fields.pop("id", None) or served_name(path), source=str(path), kind=model_kind(path),
+                      **fields)
+
+
+def scan_models_dir(folder: Path) -> list[ModelEntry]:
+    """Every .gguf file and every folder with a config.json directly in `folder`, by name."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        if (path.is_file() and path.suffix.lower() == ".gguf") or (path.is_dir() and (path / "config.json").is_file()):
+            found.append(entry_for(path))
+    return found
+
+
+class Catalogue:
+    """Declared entries first, then those of the models folder that are not declared already (by
+    name or by file)."""
+
+    def __init__(self, declared: list[ModelEntry], models_dir: Path | None = None):
+        seen: dict[str, str] = {}
+        for entry in declared:
+            for name in entry.names:
+                if name in seen:
+                    raise ValueError(f"two models are named {name!r}: {seen[name]} and {entry.source}")
+                seen[name] = entry.source
+        self.declared = list(declared)
+        self.models_dir = models_dir
+
+    def entries(self) -> list[ModelEntry]:
+        if self.models_dir is None:
+            return list(self.declared)
+        taken = {name for entry in self.declared for name in entry.names}
+        sources = {Path(entry.source).resolve() for entry in self.declared}
+        return self.declared + [e for e in scan_models_dir(self.models_dir)
+                                if e.id not in taken and Path(e.source).resolve() not in sources]
+
+    def resolve(self, name: str | None, kind: ModelKind = "chat") -> ModelEntry:
+        """The entry `name` names (its id or an alias). None, or a name no entry has when the
+        catalogue holds exactly one model of `kind`, means that one (clients written for OpenAI
+        send "gpt-4o-mini"); otherwise UnknownModel listing the known ids."""
+        entries = self.entries()
+        for entry in entries:
+            if name in entry.names:
+                return entry
+        of_kind = [e for e in entries if e.kind == kind]
+        if len(of_kind) == 1:
+            return of_kind[0]
+        raise UnknownModel(name or "", [e.id for e in entries])

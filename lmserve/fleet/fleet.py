@@ -1,0 +1,294 @@
+"""Models loaded when a request asks for them, and unloaded when idle or when room is needed.
+
+The fleet holds one Slot per catalogue entry it has seen. `acquire(name)` answers with a Lease on
+the model, loading it first if it is not loaded (requests that arrive while it
+loads share that one load). A model is busy while leases on it are held: a server holds one for a
+request's whole life, streaming included, so a busy model is never unloaded under a request.
+
+Room: with `max_loaded` models loaded (or loading), loading another first unloads the least
+recently used idle one; when every loaded model is busy the request waits for one to become
+idle, up to `wait_timeout`, then gets FleetBusy (503 with Retry-After). Idle models are
+unloaded after their ttl (`reap_idle`, called periodically by the server). Unloading closes the
+engine in the server's process: measured, that gives the weights' and KV cache's memory back to
+the OS (bench/RESULTS.md), so no worker process per model is needed.
+
+Models are whatever `load` returns: anything with `drain(timeout)` and `close()` (models.py).
+Loading runs in a worker thread; the event loop keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lmserve.fleet.catalogue import Catalogue, ModelEntry
+
+log = logging.getLogger("lmserve.fleet")
+
+
+class Servable(Protocol):
+    async def drain(self, timeout: float | None = None) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class ModelStatus(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+
+
+class FleetBusy(RuntimeError):
+    """No room to load a model now: every loaded model has requests in flight."""
+
+
+class ModelFailed(RuntimeError):
+    """The model could not be loaded; the message says why."""
+
+
+class NotLoaded(RuntimeError):
+    """The model is not loaded and the fleet does not load on demand."""
+
+
+@dataclass
+class Slot:
+    """One catalogue entry as the fleet sees it."""
+
+    entry: ModelEntry
+    status: ModelStatus = ModelStatus.UNLOADED
+    model: Any = None  # a Servable once loaded
+    error: str | None = None  # why the last load failed
+    loading: asyncio.Future | None = None  # set while loading: what requests for it wait on
+    leases: int = 0  # requests holding the model now
+    last_used: float = 0.0  # time.monotonic() of the last lease's release (or of the load)
+    loaded_at: float = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.leases > 0
+
+
+class Lease:
+    """A request's hold on a loaded model (`model`, what the loader made of `entry`); release it
+    once the request is done (idempotent)."""
+
+    def __init__(self, fleet: Fleet, slot: Slot):
+        self._fleet, self._slot, self._released = fleet, slot, False
+        self.entry = slot.entry
+        self.model = slot.model
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._fleet._release(self._slot)
+
+
+class Fleet:
+    def __init__(self, catalogue: Catalogue, load: Callable[[ModelEntry], Servable], *,
+                 max_loaded: int | None = None, default_ttl: float | None = None, autoload: bool = True,
+                 wait_timeout: float = 60.0, drain_timeout: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.catalogue = catalogue
+        self._load = load
+        self.max_loaded = max_loaded
+        self.default_ttl = default_ttl
+        self.autoload = autoload
+        self.wait_timeout = wait_timeout
+        self.drain_timeout = drain_timeout
+        self._clock = clock
+        self._slots: dict[str, Slot] = {}
+        self._room = asyncio.Condition()  # notified whenever a model becomes idle or is unloaded
+
+    # ---------------------------------------------------------------- what a request does
+
+    async def acquire(self, name: str | None, kind: str = "chat") -> Lease:
+        """A lease on the model `name` resolves to (catalogue.resolve), loaded first if needed.
+        Raises UnknownModel, ModelFailed, NotLoaded (no autoload) or FleetBusy."""
+        slot = self._slot(self.catalogue.resolve(name, kind))
+        if slot.status is not ModelStatus.LOADED and not self.autoload and slot.loading is None:
+            raise NotLoaded(f"The model '{slot.entry.id}' is not loaded; load it with POST /models/load "
+                            f'{{"model": "{slot.entry.id}"}}.')
+        await self._ensure_loaded(slot)
+        slot.leases += 1
+        return Lease(self, slot)
+
+    async def load(self, name: str) -> Slot:
+        """Load `name` now (POST /models/load); a failed model is tried again."""
+        slot = self._slot(self.catalogue.resolve(name))
+        if slot.status is ModelStatus.FAILED:
+            slot.status, slot.error = ModelStatus.UNLOADED, None
+        await self._ensure_loaded(slot)
+        return slot
+
+    async def unload(self, name: str, drain_timeout: float | None = None) -> bool:
+        """Unload `name` (POST /models/unload): new requests for it wait for a fresh load, those in
+        flight get up to `drain_timeout` (default the fleet's) to finish, then are aborted.
+        False if it was not loaded."""
+        slot = self._slot(self.catalogue.resolve(name))
+        if slot.loading is not None:  # let the load under way finish, then unload what it loaded
+            with contextlib.suppress(FleetBusy):
+                await asyncio.shield(slot.loading)
+        if slot.status is not ModelStatus.LOADED:
+            return False
+        model = slot.model
+        slot.model, slot.status = None, ModelStatus.UNLOADED
+        log.info("unloading %s", slot.entry.id)
+        await model.drain(self.drain_timeout if drain_timeout is None else drain_timeout)
+        await asyncio.to_thread(model.close)
+        await self._notify_room()
+        return True
+
+    async def reap_idle(self) -> list[str]:
+        """Unload every idle model whose ttl has passed; the ids unloaded."""
+        now = self._clock()
+        expired = [s for s in self._slots.values()
+                   if s.status is ModelStatus.LOADED and not s.busy and not s.entry.pinned
+                   and (ttl := self._ttl(s.entry)) is not None and now - s.last_used >= ttl]
+        for slot in expired:
+            log.info("unloading %s: idle for %.0f s", slot.entry.id, now - slot.last_used)
+            await self._close(slot)
+        if expired:
+            await self._notify_room()
+        return [s.entry.id for s in expired]
+
+    def adopt(self, name: str, model: Servable) -> None:
+        """Serve `model`, loaded elsewhere, as the entry `name` names (as if the fleet had loaded it)."""
+        slot = self._slot(self.catalogue.resolve(name))
+        slot.model, slot.status, slot.error = model, ModelStatus.LOADED, None
+        slot.loaded_at = slot.last_used = self._clock()
+
+    async def reap_forever(self, every: float = 1.0) -> None:
+        """reap_idle every `every` seconds, until cancelled (the server runs this)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.reap_idle()
+            except Exception:  # noqa: BLE001 - an unload that failed is logged; reaping goes on
+                log.exception("unloading idle models failed")
+
+    async def load_pinned(self) -> None:
+        """Load the pinned models (at start-up); one that fails shows as failed."""
+        for entry in self.catalogue.entries():
+            if entry.pinned:
+                try:
+                    await self.load(entry.id)
+                except (ModelFailed, FleetBusy) as exc:
+                    log.error("pinned model %s: %s", entry.id, exc)
+
+    async def close(self) -> None:
+        """Unload everything (server shutdown)."""
+        for slot in list(self._slots.values()):
+            if slot.status is ModelStatus.LOADED:
+                await self.unload(slot.entry.id, drain_timeout=0)
+
+    def slots(self) -> list[Slot]:
+        """Every catalogue entry, in catalogue order, with its state."""
+        return [self._slot(entry) for entry in self.catalogue.entries()]
+
+    # ---------------------------------------------------------------- loading and room
+
+    def _slot(self, entry: ModelEntry) -> Slot:
+        slot = self._slots.get(entry.id)
+        if slot is None or slot.entry.source != entry.source:  # new, or a models-dir file replaced
+            slot = self._slots[entry.id] = Slot(entry)
+        return slot
+
+    def _ttl(self, entry: ModelEntry) -> float | None:
+        return entry.ttl if entry.ttl is not None else self.default_ttl
+
+    async def _ensure_loaded(self, slot: Slot) -> None:
+        if slot.status is ModelStatus.LOADED:
+            return
+        if slot.status is ModelStatus.FAILED:
+            raise ModelFailed(f"The model '{slot.entry.id}' failed to load: {slot.error}")
+        if slot.loading is None:
+            slot.loading = asyncio.get_running_loop().create_future()
+            asyncio.create_task(self._load_slot(slot))
+        await asyncio.shield(slot.loading)
+        if slot.status is not ModelStatus.LOADED:  # failed, or unloaded again before this request ran
+            await self._ensure_loaded(slot)
+
+    async def _load_slot(self, slot: Slot) -> None:
+        try:
+            await self._make_room(slot)
+            started = self._clock()
+            log.info("loading %s from %s", slot.entry.id, slot.entry.source)
+            slot.model = await asyncio.to_thread(self._load, slot.entry)
+            slot.status, slot.loaded_at, slot.last_used = ModelStatus.LOADED, self._clock(), self._clock()
+            log.info("loaded %s in %.1f s", slot.entry.id, self._clock() - started)
+        except FleetBusy as exc:
+            slot.status = ModelStatus.UNLOADED
+            self._finish_loading(slot, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the model fails, the fleet goes on
+            log.error("cannot load %s: %s", slot.entry.id, exc)
+            slot.status, slot.error, slot.model = ModelStatus.FAILED, str(exc) or type(exc).__name__, None
+        except BaseException as exc:  # cancelled (the server is stopping): the next request loads it afresh
+            slot.status = ModelStatus.UNLOADED
+            self._finish_loading(slot, FleetBusy("the load was cancelled"))
+            raise exc
+        self._finish_loading(slot, None)
+
+    @staticmethod
+    def _finish_loading(slot: Slot, exc: Exception | None) -> None:
+        future, slot.loading = slot.loading, None
+        if exc is None:
+            future.set_result(None)
+        else:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a load nobody waited for is not an unhandled error
+
+    async def _make_room(self, slot: Slot) -> None:
+        """Unload least recently used idle models until `slot` fits under max_loaded, waiting for one
+        to become idle when all are busy (up to wait_timeout), and mark `slot` loading."""
+        if self.max_loaded is None:
+            slot.status = ModelStatus.LOADING
+            return
+        deadline = self._clock() + self.wait_timeout
+        async with self._room:
+            while self._occupied(slot) >= self.max_loaded:
+                idle = [s for s in self._slots.values() if s is not slot and s.status is ModelStatus.LOADED
+                        and not s.busy and not s.entry.pinned]
+                if idle:
+                    victim = min(idle, key=lambda s: s.last_used)
+                    log.info("unloading %s (least recently used) to load %s", victim.entry.id, slot.entry.id)
+                    await self._close(victim)
+                    continue
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise FleetBusy(f"no room to load '{slot.entry.id}': {self.max_loaded} models are loaded "
+                                    "and all are serving requests; retry shortly")
+                try:
+                    await asyncio.wait_for(self._room.wait(), remaining)
+                except TimeoutError:
+                    pass
+            slot.status = ModelStatus.LOADING  # under the lock: counted by the next load's room check
+
+    def _occupied(self, slot: Slot) -> int:
+        return sum(1 for s in self._slots.values() if s is not slot
+                   and (s.status is ModelStatus.LOADED or s.status is ModelStatus.LOADING))
+
+    @staticmethod
+    async def _close(slot: Slot) -> None:
+        """Unload an idle model (no request holds it, so there is nothing to drain)."""
+        model = slot.model
+        slot.model, slot.status = None, ModelStatus.UNLOADED
+        await asyncio.to_thread(model.close)
+
+    def _release(self, slot: Slot) -> None:
+        slot.leases -= 1
+        slot.last_used = self._clock()
+        if slot.leases == 0:
+            asyncio.get_running_loop().create_task(self._notify_room())
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
