@@ -1,18 +1,16 @@
-"""`lmserve serve [MODEL] ...`: load a model and serve it behind the OpenAI API."""
+"""`lmserve serve [MODEL ...]`: serve models behind the OpenAI API, loading each when it is asked for."""
 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import logging
-import os
 import re
 import sys
-import threading
 from pathlib import Path
 
 from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
+from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -67,20 +65,39 @@ def positive_int(text: str) -> int:
     return value
 
 
-def served_name(path: Path) -> str:
-    # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"
-    name = path.name if path.is_dir() else path.stem
-    return re.sub(r"[.-](Q\d\w*|F16|F32|BF16|IQ\w+)$", "", name, flags=re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SECONDS = {"ms": 1e-3, "s": 1, "": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds, as Ollama's keep_alive takes them: '300', '30s', '5m', '1h'; a negative one
+    (-1) means never (None)."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 300, 30s, 5m, 1h; -1 for never)")
+    value = float(match.group(1)) * _SECONDS[match.group(2) or ""]
+    return None if value < 0 else value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
-    serve.add_argument("model", nargs="?", help="a GGUF file or a Hugging Face folder (default: packaged SmolLM2-135M-Instruct)")
+    serve.add_argument("model", nargs="*", help="GGUF files or Hugging Face folders, one or several (default: packaged "
+                                                "SmolLM2-135M-Instruct)")
+    serve.add_argument("--models-dir", metavar="DIR", type=Path,
+                       help="every .gguf file and Hugging Face folder in DIR is a model too (read again when listed)")
+    serve.add_argument("--max-loaded-models", type=positive_int,
+                       help="models loaded at once; loading another unloads the least recently used idle one")
+    serve.add_argument("--default-ttl", type=parse_duration, default=None, metavar="DURATION",
+                       help="unload a model idle this long (300, 5m, 1h; default: never)")
+    serve.add_argument("--no-autoload", action="store_true",
+                       help="do not load a model when a request names it (POST /models/load does)")
+    serve.add_argument("--load-timeout", type=parse_duration, default=600.0, metavar="DURATION",
+                       help="how long a request waits for its model to load before a 503 (default 600 s)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--served-model-name", help="the model id clients send (default: from the file name)")
+    serve.add_argument("--served-model-name", help="the model id clients send, with one MODEL (default: from the file name)")
     serve.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     serve.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences decoded at once")
     serve.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per engine step (prefill chunk budget)")
@@ -111,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    path = Path(args.model) if args.model else default_model_path()
+    """The engine settings every chat model gets (its path and name come from its catalogue entry)."""
+    path = Path(args.model[0]) if args.model else default_model_path()
     return EngineConfig(
         model_path=str(path),
         served_model_name=args.served_model_name or served_name(path),
@@ -135,29 +153,59 @@ def embedding_config(args: argparse.Namespace) -> EmbeddingConfig | None:
     return EmbeddingConfig(str(path), args.embedding_model_name or DEFAULT_EMBEDDING_NAME)
 
 
+def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: EmbeddingConfig | None) -> Catalogue:
+    """The models to serve: the MODELs (or the packaged default when none is given and there is no
+    --models-dir), the embedding model, and --models-dir's. A single chat model and the embedding
+    model beside it are pinned: loaded at start-up, as one model always was."""
+    paths = [Path(m) for m in args.model]
+    if not paths and args.models_dir is None:
+        paths = [Path(config.model_path)]
+    if args.served_model_name and len(paths) != 1:
+        raise ValueError("--served-model-name names one MODEL; with several, each is named from its file")
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"model path {str(path)!r} does not exist")
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise ValueError(f"--models-dir {str(args.models_dir)!r} is not a folder")
+    pinned = len(paths) == 1 and args.models_dir is None
+    entries = [entry_for(path, id=args.served_model_name if pinned else None, pinned=pinned) for path in paths]
+    if embedding is not None:
+        entries.append(ModelEntry(id=embedding.served_model_name, source=embedding.model_path, kind="embedding",
+                                  pinned=pinned))
+    return Catalogue(entries, models_dir=args.models_dir)
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from lmserve.fleet.fleet import Fleet
+    from lmserve.fleet.models import model_loader
     from lmserve.server.app import create_app
+    from lmserve.server.metrics import ServerMetrics
     from lmserve.server.middleware.cors import parse_origins
     from lmserve.server.state import ServerState
 
     try:
         config = engine_config(args)
         embedding = embedding_config(args)
+        if embedding is not None and not Path(embedding.model_path).is_dir():
+            raise ValueError(f"embedding model folder {embedding.model_path!r} does not exist")
+        models = catalogue(args, config, embedding)
     except ValueError as exc:
         raise SystemExit(f"lmserve: {exc}") from None
-    if not Path(config.model_path).exists():
-        raise SystemExit(f"model path {config.model_path!r} does not exist")
-    _check_embedding_config(embedding, config)
-    state = ServerState(model_id=config.served_model_name, engine=None, api_keys=api_keys(args),
-                        allowed_origins=parse_origins(args.allowed_origins), max_request_body=args.max_request_body,
-                        embedding_model_id=embedding.served_model_name if embedding else None,
-                        chat_embedding_pooling=args.chat_embedding_pooling)
-    threading.Thread(target=_load_engine, args=(config, state), name="lmserve-load", daemon=True).start()
-    if embedding is not None:  # loads beside the chat model; /health answers 200 once both are in
-        threading.Thread(target=_load_embedder, args=(embedding, state), name="lmserve-load-embed",
-                         daemon=True).start()
+    metrics = ServerMetrics()
+    load = model_loader(config, embedding or EmbeddingConfig("", ""), observers=[metrics],
+                        pooling=args.chat_embedding_pooling)
+    fleet = Fleet(models, load, max_loaded=args.max_loaded_models, default_ttl=args.default_ttl,
+                  autoload=not args.no_autoload)
+    pinned_only = all(entry.pinned for entry in models.entries())
+    state = ServerState(fleet, api_keys=api_keys(args), allowed_origins=parse_origins(args.allowed_origins),
+                        max_request_body=args.max_request_body, metrics=metrics, load_timeout=args.load_timeout,
+                        exit_if_pinned_fails=pinned_only)
+    if config.num_threads:
+        import torch
+
+        torch.set_num_threads(config.num_threads)
     # lmserve's own access log (lmserve.access) replaces uvicorn's.
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
@@ -173,66 +221,6 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
         except ValueError as exc:
             raise SystemExit(f"lmserve: {exc}") from None
     return tuple(dict.fromkeys(keys))
-
-
-def _load_engine(config: EngineConfig, state) -> None:
-    from lmserve.engine.async_engine import AsyncEngine
-    from lmserve.engine.engine import LLMEngine
-    from lmserve.memory import large_blocks_mapped_apart, release_startup_pages, return_freed_memory
-
-    try:
-        log.info("loading %s", config.model_path)
-        with large_blocks_mapped_apart():
-            state.engine = AsyncEngine(LLMEngine.from_config(config), observers=[state.metrics])
-        freeze_loaded_objects()
-        return_freed_memory()
-        released = release_startup_pages()
-        log.info("model %s ready (%d MiB of start-up-only library pages released)",
-                 config.served_model_name, released >> 20)
-    except ValueError as exc:  # a model or setting lmserve cannot serve: say why, no traceback
-        log.error("cannot serve %s: %s", config.model_path, exc)
-        os._exit(2)
-    except Exception:
-        log.exception("failed to load the model")
-        os._exit(1)
-
-
-def freeze_loaded_objects() -> None:
-    """Collect once, then put every object alive now (the model's modules, the tokenizer, the app)
-    out of the garbage collector's reach. With the default model a
-    full collection walks ~370,000 such objects in ~0.2 s, a stall of the engine thread and,
-    through the GIL, of every stream."""
-    gc.collect()
-    gc.freeze()
-
-
-def _check_embedding_config(embedding: EmbeddingConfig | None, config: EngineConfig) -> None:
-    if embedding is None:
-        return
-    if not Path(embedding.model_path).is_dir():
-        raise SystemExit(f"embedding model folder {embedding.model_path!r} does not exist")
-    if embedding.served_model_name == config.served_model_name:
-        raise SystemExit(f"the chat and embedding models are both named {config.served_model_name!r}: "
-                         "set --embedding-model-name")
-
-
-def _load_embedder(config: EmbeddingConfig, state) -> None:
-    from lmserve.embeddings.embedder import EncoderEmbedder
-    from lmserve.embeddings.worker import EmbeddingWorker
-    from lmserve.memory import release_startup_pages
-
-    try:
-        log.info("loading embedding model %s", config.model_path)
-        state.embedder = EmbeddingWorker(EncoderEmbedder.from_folder(config.model_path), config.max_batch_tokens)
-        release_startup_pages()  # what loading it touched, as after the chat model
-        log.info("embedding model %s ready", config.served_model_name)
-    except (ValueError, OSError) as exc:  # a model lmserve cannot serve: say why, no traceback
-        log.error("cannot serve embedding model %s: %s (--no-embedding-model serves without one)",
-                  config.model_path, exc)
-        os._exit(2)
-    except Exception:
-        log.exception("failed to load the embedding model")
-        os._exit(1)
 
 
 def configure_logging(level: str) -> None:

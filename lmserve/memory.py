@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (file pages are re-read when touched again)
 
@@ -90,3 +91,15 @@ def large_blocks_mapped_apart(threshold: int = 1 << 20):
     finally:
         mallopt(M_MMAP_THRESHOLD, 32 << 20)
         mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+def settle_after_load() -> int:
+    """After a model is loaded: collect once, then put every object alive now (the model's modules,
+    its tokenizer) out of the garbage collector's reach (with the default model a full collection
+    walks ~370,000 such objects in ~0.2 s, a stall of the engine thread and, through the GIL, of
+    every stream); hand the heap pages loading freed back to the OS; then the library pages only
+    start-up touched. The bytes of those pages released."""
+    gc.collect()
+    gc.freeze()
+    return_freed_memory()
+    return release_startup_pages()

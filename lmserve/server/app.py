@@ -5,7 +5,8 @@ One chat completion, hop by hop:
 1. middleware/: access.py opens the request's access record (outermost), cors.py answers
    browser preflights, auth.py checks the API key, limits.py caps the body size.
 2. routes/generation.py: FastAPI validates the body against protocol.py (a bad one is a 400
-   from errors.py); state.py gives the engine serving the requested model.
+   from errors.py); state.py leases the requested model from the fleet (lmserve/fleet/),
+   which loads it first if it is not loaded, and holds it until the response is sent.
 3. requests/plan.py turns the request into a GenerationPlan: the prompt from
    requests/chat_prompt.py, a grammar from requests/tools.py or requests/constraints.py, one
    SamplingParams per choice.
@@ -19,11 +20,16 @@ Every route exists under /v1 (OpenAI) and without the prefix (as llama.cpp offer
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from lmserve.fleet.fleet import ModelStatus
 from lmserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from lmserve.server.middleware.access import AccessMiddleware, log_access
 from lmserve.server.middleware.auth import ApiKeyMiddleware
@@ -32,13 +38,16 @@ from lmserve.server.middleware.limits import BodyLimitMiddleware
 from lmserve.server.routes import embeddings, generation, models, ops
 from lmserve.server.state import ServerState
 
+logger = logging.getLogger("lmserve")
+
 # Mounted with and without /v1, in this order (it is the order of the OpenAPI schema's paths).
 PREFIXED_ROUTERS = (models.router, generation.router, embeddings.router, ops.token_router)
 
 
 def create_app(state: ServerState) -> FastAPI:
-    """The ASGI app serving `state`; the caller owns loading the engine into it."""
-    app = FastAPI(title="lmserve", summary="Local LLMs behind the OpenAI API")
+    """The ASGI app serving `state`'s fleet of models. While the app runs (its lifespan), the
+    pinned models load in the background and idle ones are unloaded after their ttl."""
+    app = FastAPI(title="lmserve", summary="Local LLMs behind the OpenAI API", lifespan=_lifespan)
     app.state.lmserve = state
     install_error_handlers(app)
     _add_middleware(app, state)
@@ -48,6 +57,31 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(ops.server_router)
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.lmserve
+    tasks = [asyncio.create_task(_load_pinned(state)), asyncio.create_task(state.fleet.reap_forever())]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await state.fleet.close()
+
+
+async def _load_pinned(state: ServerState) -> None:
+    """Load the models served from start-up; /health answers 503 until they are in. When a failed
+    one leaves nothing to serve (`state.exit_if_pinned_fails`), the process ends: as a single
+    model that cannot load always did, with the reason and no traceback."""
+    await state.fleet.load_pinned()
+    failed = [slot for slot in state.fleet.slots() if slot.entry.pinned and slot.status is ModelStatus.FAILED]
+    for slot in failed:
+        logger.error("cannot serve %s: %s", slot.entry.source, slot.error)
+    if failed and state.exit_if_pinned_fails:
+        os._exit(2)
 
 
 def _add_middleware(app: FastAPI, state: ServerState) -> None:

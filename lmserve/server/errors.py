@@ -21,7 +21,7 @@ CLIENT_CLOSED_REQUEST = 499
 
 # The error answers the OpenAPI schema documents for a route.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 503)
 }
 
 # pydantic puts union members and validator kinds into error locations: "str", "list[int]",
@@ -39,6 +39,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -46,6 +47,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -77,7 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 async def _handle_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status_code)
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

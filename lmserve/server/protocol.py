@@ -321,13 +321,32 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class ModelStatusInfo(BaseModel):
+    """Where a model is in its life, in the shape of llama.cpp's router."""
+
+    value: Literal["unloaded", "loading", "loaded", "failed"]
+    error: str | None = None  # why it failed to load
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lmserve"
-    max_model_len: int | None = None  # None while the model is loading
+    max_model_len: int | None = None  # None while the model is not loaded
     kind: Literal["chat", "embedding"] = "chat"  # chat: all routes; embedding: /v1/embeddings only
+    aliases: list[str] = []  # other names requests may use for it
+    status: ModelStatusInfo
+
+
+class ModelAction(BaseModel):
+    """POST /models/load and /models/unload (llama.cpp's router)."""
+
+    model: str
+
+
+class ModelActionResult(BaseModel):
+    success: bool
 
 
 class Embedding(BaseModel):

@@ -1,7 +1,9 @@
-"""What the routes share: the served models' names, the engines once loaded, the API keys."""
+"""What the routes share: the fleet of models, the API keys and the server's limits."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
@@ -10,83 +12,87 @@ from fastapi import Depends, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from lmserve.fleet.catalogue import UnknownModel
+from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatus, NotLoaded, Slot
 from lmserve.server.errors import APIError
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from lmserve.embeddings.worker import EmbeddingWorker
     from lmserve.engine.async_engine import AsyncEngine
+
+# How long a client is told to wait before trying again after a 503 about loading or room.
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass
 class ServerState:
-    """Owned by the CLI: it creates this, starts uvicorn, and sets `engine` (and `embedder`) once loaded."""
+    """Owned by the CLI: it builds the fleet of models, creates this and starts uvicorn."""
 
-    model_id: str  # the served model name, e.g. "SmolLM2-135M-Instruct"
-    engine: AsyncEngine | None  # None while the model is loading
+    fleet: Fleet
     api_keys: tuple[str, ...] = ()  # empty: no auth
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # bytes; larger bodies answer 413
     metrics: ServerMetrics = field(default_factory=ServerMetrics, repr=False)  # this server's own registry
     created: int = field(default_factory=lambda: int(time.time()))  # unix time for /v1/models
-    embedding_model_id: str | None = None  # the served embedding model's name; None: none is served
-    embedder: EmbeddingWorker | None = None  # set by the CLI once the embedding model is loaded
-    chat_embedding_pooling: str = "mean"  # how /v1/embeddings pools the chat model: "mean" or "last"
-    _chat_embedder: EmbeddingWorker | None = field(default=None, init=False, repr=False)  # made on first use
+    load_timeout: float = 600.0  # seconds a request waits for its model to load before a 503
+    exit_if_pinned_fails: bool = False  # end the process when a model served from start-up cannot load
 
     @property
     def ready(self) -> bool:
-        """Every served model is loaded (what /health reports)."""
-        return self.engine is not None and (self.embedding_model_id is None or self.embedder is not None)
+        """Every pinned model (the models served from start-up) is loaded: what /health reports."""
+        return all(slot.status is ModelStatus.LOADED for slot in self.fleet.slots() if slot.entry.pinned)
 
-    @property
-    def served_model_ids(self) -> list[str]:
-        return [self.model_id] + ([self.embedding_model_id] if self.embedding_model_id else [])
+    def loaded_engines(self) -> list[AsyncEngine]:
+        return [slot.model.engine for slot in self.fleet.slots()
+                if slot.status is ModelStatus.LOADED and slot.entry.kind == "chat"]
 
-    def engine_for(self, model: str | None) -> AsyncEngine:
-        """The engine serving `model` (None means the served one); 400, 404 or 503 otherwise."""
-        if model is not None and model == self.embedding_model_id:
-            raise APIError(400, f"The model '{model}' is an embedding model; use /v1/embeddings with it.",
+    async def chat_model(self, name: str | None) -> Lease:
+        """A lease on the chat model `name` names (loaded first if needed); release it when the
+        request is done. 400 for an embedding model; 404, 409, 500 or 503 as _lease says."""
+        lease = await self._lease(name, "chat")
+        if lease.entry.kind != "chat":
+            lease.release()
+            raise APIError(400, f"The model '{lease.entry.id}' is an embedding model; use /v1/embeddings with it.",
                            param="model", code="model_not_supported")
-        if model is not None and model != self.model_id:
-            raise self._not_found(model)
-        if self.engine is None:
-            raise _loading()
-        return self.engine
+        return lease
 
-    @property
-    def default_embedding_model(self) -> str:
-        """What /v1/embeddings uses when `model` is missing."""
-        return self.embedding_model_id or self.model_id
+    async def embedding_model(self, name: str | None) -> Lease:
+        """A lease on what /v1/embeddings uses for `name`: an embedding model, or a chat model's
+        own hidden states; with `name` missing, the embedding model (or the chat model if there is
+        none)."""
+        has_embedding = any(entry.kind == "embedding" for entry in self.fleet.catalogue.entries())
+        return await self._lease(name, "embedding" if has_embedding else "chat")
 
-    def embedder_for(self, model: str | None) -> EmbeddingWorker:
-        """The embedding worker for `model`: the embedding model, or the chat model's own hidden
-        states (None means default_embedding_model); 404 or 503 otherwise."""
-        model = model or self.default_embedding_model
-        if model == self.model_id:
-            return self._chat_embedder_for(self.engine_for(model))
-        if model != self.embedding_model_id:
-            raise self._not_found(model)
-        if self.embedder is None:
-            raise _loading()
-        return self.embedder
+    async def load_model(self, name: str) -> Slot:
+        """Load `name` now (POST /models/load), with the errors a request for it would get."""
+        with _fleet_errors():
+            return await asyncio.wait_for(self.fleet.load(name), self.load_timeout)
 
-    def _chat_embedder_for(self, engine: AsyncEngine) -> EmbeddingWorker:
-        if self._chat_embedder is None:  # no await in between: the event loop cannot race this
-            from lmserve.embeddings.worker import decoder_worker
-
-            self._chat_embedder = decoder_worker(engine, self.chat_embedding_pooling)
-        return self._chat_embedder
-
-    def _not_found(self, model: str) -> APIError:
-        served = ", ".join(f"'{m}'" for m in self.served_model_ids)
-        return APIError(404, f"The model '{model}' does not exist; this server serves {served}.",
-                        param="model", code="model_not_found")
+    async def _lease(self, name: str | None, kind: str) -> Lease:
+        with _fleet_errors():
+            return await asyncio.wait_for(self.fleet.acquire(name, kind), self.load_timeout)
 
 
-def _loading() -> APIError:
-    return APIError(503, "The model is still loading; retry shortly.", type="server_error", code="model_loading")
+@contextlib.contextmanager
+def _fleet_errors():
+    """The fleet's refusals as OpenAI-shaped errors."""
+    try:
+        yield
+    except UnknownModel as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from None
+    except NotLoaded as exc:
+        raise APIError(409, str(exc), param="model", code="model_not_loaded") from None
+    except ModelFailed as exc:
+        raise APIError(500, str(exc), type="server_error", code="model_load_failed") from None
+    except FleetBusy as exc:
+        raise _retry_later(f"The model cannot be loaded now: {exc}.", "model_capacity") from None
+    except TimeoutError:
+        raise _retry_later("The model is still loading; retry shortly.", "model_loading") from None
+
+
+def _retry_later(message: str, code: str) -> APIError:
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def server_state(request: Request) -> ServerState:

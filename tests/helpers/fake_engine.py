@@ -61,10 +61,17 @@ class FakeEngine:
         self.hang_after, self.fail_after, self.raise_after = hang_after, fail_after, raise_after
         self.calls: list[tuple[str, list[int], SamplingParams]] = []
         self.closed_early: list[str] = []
+        self.closed = False  # unloaded
         self.hanging = asyncio.Event()
 
     def abort(self, request_id: str) -> None:
         self.closed_early.append(request_id)
+
+    async def drain(self, timeout=None) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
 
     def snapshot(self) -> dict[str, int]:
         return {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 8, "num_free_kv_blocks": 8}

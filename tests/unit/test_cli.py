@@ -32,35 +32,78 @@ def test_defaults():
     assert (args.host, args.port, args.max_num_seqs, args.api_key, args.dtype) == ("127.0.0.1", 8080, 64, [], "auto")
 
 
-def test_loading_the_engine_freezes_what_it_loaded(monkeypatch):
-    """A full collection over the loaded model's objects stalls every stream: _load_engine puts
-    them out of the collector's reach once the engine is up."""
+def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
+    """A full collection over the loaded model's objects stalls every stream: the fleet's loader
+    puts them out of the collector's reach once the engine is up."""
     import gc
 
     from lmserve import memory
+    from lmserve.config import EmbeddingConfig, EngineConfig
     from lmserve.engine import async_engine, engine
+    from lmserve.fleet.catalogue import ModelEntry
+    from lmserve.fleet.models import model_loader
 
     loaded = [[i] for i in range(1000)]  # stands for the model's objects (lists: always tracked)
     monkeypatch.setattr(engine.LLMEngine, "from_config", classmethod(lambda cls, config: loaded))
     monkeypatch.setattr(async_engine, "AsyncEngine", lambda built, observers: ("engine", built))
-
-    class State:
-        engine = None
-        metrics = None
-
-    state = State()
-    config = type("Config", (), {"model_path": "m.gguf", "served_model_name": "m"})()
     trimmed = []  # and the heap pages the loading freed (the GGUF reader's) go back to the OS
     monkeypatch.setattr(memory, "return_freed_memory", lambda: trimmed.append(gc.get_freeze_count()))
     released = []  # then the library pages only start-up touched
     monkeypatch.setattr(memory, "release_startup_pages", lambda: released.append(len(trimmed)) or 0)
     assert any(o is loaded[0] for o in gc.get_objects())
+    load = model_loader(EngineConfig("m.gguf", "m"), EmbeddingConfig("", ""))
     try:
-        cli._load_engine(config, state)
-        assert state.engine == ("engine", loaded)
+        model = load(ModelEntry(id="m", source="m.gguf"))
+        assert model.engine == ("engine", loaded)
         assert len(trimmed) == 1 and trimmed[0] >= len(loaded)  # once, after the collection
         assert released == [1]  # once, after the trim
         assert gc.get_freeze_count() >= len(loaded)
         assert not any(o is loaded[0] for o in gc.get_objects())  # frozen objects are not collected
     finally:
         gc.unfreeze()
+
+
+def test_durations_take_ollamas_spellings():
+    from lmserve.cli import parse_duration
+
+    assert [parse_duration(t) for t in ("300", "30s", "5m", "1h", "250ms", "0")] == [300, 30, 300, 3600, 0.25, 0]
+    assert parse_duration("-1") is None  # never
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_duration("soon")
+
+
+def models_of(*argv: str):
+    args = build_parser().parse_args(["serve", *argv])
+    return cli.catalogue(args, cli.engine_config(args), cli.embedding_config(args))
+
+
+def test_one_model_and_the_embedding_model_load_at_start_as_before(tmp_path):
+    model = tmp_path / "Tiny.Q8_0.gguf"
+    model.write_bytes(b"GGUF")
+    entries = models_of(str(model)).entries()
+    assert [(e.id, e.kind, e.pinned) for e in entries] == [("Tiny", "chat", True), ("all-MiniLM-L6-v2", "embedding", True)]
+    assert models_of(str(model), "--served-model-name", "mine", "--no-embedding-model").resolve(None).id == "mine"
+    assert models_of("--no-embedding-model").resolve(None).source == str(cli.default_model_path())
+
+
+def test_several_models_or_a_models_folder_load_on_demand(tmp_path):
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    several = models_of(str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"), "--no-embedding-model").entries()
+    assert [(e.id, e.pinned) for e in several] == [("a", False), ("b", False)]
+    folder = models_of("--models-dir", str(tmp_path)).entries()  # no MODEL: only the folder's, no default
+    assert [(e.id, e.kind, e.pinned) for e in folder] == [("all-MiniLM-L6-v2", "embedding", False), ("a", "chat", False),
+                                                          ("b", "chat", False)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.gguf"], "does not exist"),
+    (["--models-dir", "no-such-folder"], "is not a folder"),
+    (["a.gguf", "b.gguf", "--served-model-name", "x"], "names one MODEL"),
+])
+def test_bad_model_arguments_stop_start_up_with_the_reason(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=message):
+        models_of(*argv)

@@ -11,8 +11,8 @@ import torch
 from openai.types import CreateEmbeddingResponse
 
 from lmserve.embeddings.worker import EmbeddingWorker
-from tests.helpers.fake_engine import ByteTokenizer
-from tests.helpers.server import MODEL, chat, make_client, served_state
+from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
+from tests.helpers.server import MODEL, chat, loading_client, make_client, served_state, wait_until
 
 EMBED_MODEL = "tiny-embed"
 MAX_INPUT = 8
@@ -130,9 +130,9 @@ def test_too_many_inputs_are_refused(client):
     assert_error(embed(client, input=["a"] * 2049), 400, "input", text="2048")
 
 
-def test_unknown_model_is_404_naming_the_served_ones(client):
-    error = assert_error(embed(client, input="a", model="text-embedding-3-small"), 404, "model", "model_not_found")
-    assert MODEL in error["message"] and EMBED_MODEL in error["message"]
+def test_an_openai_embedding_name_is_served_by_the_one_embedding_model(client):
+    body = embed(client, input="a", model="text-embedding-3-small").json()
+    assert body["model"] == EMBED_MODEL and body["data"][0]["embedding"] == expected([0, 2 + ord("a")])
 
 
 def test_chat_routes_refuse_the_embedding_model(client):
@@ -150,13 +150,15 @@ def test_models_lists_both_with_their_kind(client):
 
 
 def test_health_waits_for_the_embedding_model_and_embeddings_answer_503():
-    client = make_client(embedding_model_id=EMBED_MODEL)
-    assert client.get("/health").status_code == 503
-    assert_error(embed(client, input="a"), 503, None, "model_loading")
-    assert chat(client).status_code == 200  # the chat model is not held back
-    worker = served_state(client).embedder = EmbeddingWorker(FakeEmbedder())
-    assert client.get("/health").status_code == 200 and embed(client, input="a").status_code == 200
-    worker.shutdown()
+    with loading_client(FakeEngine(), embedding_model_id=EMBED_MODEL) as (client, loader):
+        assert client.get("/health").status_code == 503
+        assert_error(embed(client, input="a"), 503, None, "model_loading")
+        assert chat(client).status_code == 200  # the chat model is not held back
+        worker = EmbeddingWorker(FakeEmbedder())
+        loader.finish(EMBED_MODEL, worker)
+        wait_until(lambda: client.get("/health").status_code == 200)
+        assert embed(client, input="a").status_code == 200
+    assert not worker._thread.is_alive()  # the server's end unloaded it
 
 
 def test_without_an_embedding_model_only_the_chat_model_is_listed():

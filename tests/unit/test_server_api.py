@@ -23,8 +23,10 @@ from tests.helpers.server import (
     REPLY_LEN,
     chat,
     events,
+    loading_client,
     make_client,
     served_state,
+    wait_until,
 )
 
 
@@ -343,9 +345,21 @@ def test_sampling_params_rejection_is_400():
     assert_error(chat(make_client(), stop_token_ids=[258]), 400, "stop_token_ids")
 
 
-def test_unknown_model_is_404():
-    error = assert_error(chat(make_client(), model="gpt-4"), 404, "model", code="model_not_found")
-    assert "gpt-4" in error["message"]
+def test_with_one_chat_model_any_name_is_served_by_it_under_its_own_id():
+    response = chat(make_client(), model="gpt-4o-mini")  # what clients written for OpenAI send
+    assert response.status_code == 200 and response.json()["model"] == MODEL
+
+
+def test_with_several_chat_models_each_is_served_by_name_and_an_unknown_name_is_404():
+    other = FakeEngine(reply="other")
+    client = make_client(more_models={"second": other})
+    second = chat(client, model="second").json()
+    assert (second["model"], second["choices"][0]["message"]["content"]) == ("second", "other")
+    assert chat(client).json()["choices"][0]["message"]["content"] == "Hé!"
+    error = assert_error(chat(client, model="gpt-4"), 404, "model", code="model_not_found")
+    assert "'gpt-4'" in error["message"] and f"'{MODEL}', 'second'" in error["message"]
+    assert_error(client.post("/tokenize", json={"content": "a", "model": "gpt-4"}), 404, "model")
+    assert [c["id"] for c in client.get("/v1/models").json()["data"]] == [MODEL, "second"]
 
 
 def test_too_long_prompt_names_the_numbers():
@@ -479,13 +493,17 @@ def test_api_key_required_when_configured():
 
 
 def test_health_and_loading_then_ready():
-    client = make_client(None)
-    assert (client.get("/health").status_code, client.get("/health").json()) == (503, {"status": "loading"})
-    assert_error(chat(client), 503, code="model_loading")
-    assert client.get("/v1/models").json()["data"][0]["max_model_len"] is None
-    served_state(client).engine = FakeEngine()
-    assert (client.get("/health").status_code, client.get("/health").json()) == (200, {"status": "ok", **FakeEngine().snapshot()})
-    assert chat(client).status_code == 200
+    with loading_client() as (client, loader):
+        assert (client.get("/health").status_code, client.get("/health").json()) == (503, {"status": "loading"})
+        response = chat(client)
+        assert_error(response, 503, code="model_loading")
+        assert response.headers["retry-after"] == "5"
+        [card] = client.get("/v1/models").json()["data"]
+        assert (card["max_model_len"], card["status"]) == (None, {"value": "loading", "error": None})
+        loader.finish(MODEL, FakeEngine())
+        wait_until(lambda: client.get("/health").status_code == 200)
+        assert client.get("/health").json() == {"status": "ok", **FakeEngine().snapshot()}
+        assert chat(client).status_code == 200
 
 
 def test_models_listing():
@@ -556,12 +574,15 @@ def test_stream_disconnect_closes_engine_generators(n):
     engine = FakeEngine(hang_after=2)
     app = make_client(engine).app
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "n": n}
+    [slot] = app.state.lmserve.fleet.slots()
+    held = []
 
     async def scenario():
         disconnected = asyncio.Event()
 
         async def hang_up():
             await engine.hanging.wait()
+            held.append(slot.leases)  # the stream holds its model while it runs
             disconnected.set()
 
         waiter = asyncio.create_task(hang_up())
@@ -574,6 +595,7 @@ def test_stream_disconnect_closes_engine_generators(n):
 
     sent = asyncio.run(scenario())
     assert sent[0]["status"] == 200
+    assert held == [1] and slot.leases == 0  # and lets it go when the client leaves
 
 
 def test_stream_send_failure_closes_engine_generators():
@@ -670,7 +692,7 @@ def test_official_async_client():
                 response_format={"type": "json_object"},
             )
         with pytest.raises(openai.NotFoundError):
-            await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+            await client.models.retrieve("nope")
         await http_client.aclose()
         return completion, chunks, text, models, bad.value
 

@@ -58,8 +58,9 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> None:
         super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close  # called once the stream has ended, however it ended
 
     async def stream_response(self, send: Send) -> None:
         try:
@@ -67,6 +68,8 @@ class EventStreamResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            if self.on_close is not None:
+                self.on_close()
 
 
 def frame(chunk: BaseModel, include_usage: bool) -> str:

@@ -18,12 +18,15 @@ router = APIRouter()
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: State) -> Response:
-    worker = state.embedder_for(body.model)
-    # In a worker thread, as generation plans are: up to 2048 texts to tokenize.
-    batch = await anyio.to_thread.run_sync(embedding_inputs, body, worker.embedder)
-    vectors = await until_disconnected(request.receive, worker.embed(batch))
+    lease = await state.embedding_model(body.model)
+    try:
+        worker = lease.model.embedder()
+        # In a worker thread, as generation plans are: up to 2048 texts to tokenize.
+        batch = await anyio.to_thread.run_sync(embedding_inputs, body, worker.embedder)
+        vectors = await until_disconnected(request.receive, worker.embed(batch))
+    finally:
+        lease.release()
     if vectors is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    model_id = body.model or state.default_embedding_model
     num_tokens = sum(len(ids) for ids in batch)
-    return json_response(embedding_response(model_id, vectors, num_tokens, body.encoding_format))
+    return json_response(embedding_response(lease.entry.id, vectors, num_tokens, body.encoding_format))

@@ -44,22 +44,31 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
 
 async def _generate(body, request: Request, state: ServerState, id_prefix: str, make_plan, stream_events,
                     make_response) -> Response:
-    """The shared shape of both generation routes: plan, then stream SSE or gather one response."""
-    engine = state.engine_for(body.model)
-    meta = ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_id)
-    # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
-    # event loop must keep serving the other requests' streams meanwhile.
-    plan = await anyio.to_thread.run_sync(make_plan, body, meta.id, engine.tokenizer, engine.max_model_len,
-                                          engine.grammar)
-    engine = _counting_tokens(engine, request, plan)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = stream_events(engine, plan, meta, include_usage)
-        return event_stream.EventStreamResponse(event_stream.with_done(events))
-    gathered = await until_disconnected(request.receive, collect_results(engine, plan))
-    if gathered is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return json_response(make_response(meta, plan, gathered, engine.tokenizer))
+    """The shared shape of both generation routes: plan, then stream SSE or gather one response.
+    The request holds its model (a lease) until its last byte is sent, so the model is not
+    unloaded under it."""
+    lease = await state.chat_model(body.model)
+    try:
+        engine = lease.model.engine
+        meta = ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
+        # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
+        # event loop must keep serving the other requests' streams meanwhile.
+        plan = await anyio.to_thread.run_sync(make_plan, body, meta.id, engine.tokenizer, engine.max_model_len,
+                                              engine.grammar)
+        engine = _counting_tokens(engine, request, plan)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = stream_events(engine, plan, meta, include_usage)
+            response = event_stream.EventStreamResponse(event_stream.with_done(events), on_close=lease.release)
+            lease = None  # the response releases it once the stream ends
+            return response
+        gathered = await until_disconnected(request.receive, collect_results(engine, plan))
+        if gathered is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return json_response(make_response(meta, plan, gathered, engine.tokenizer))
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 def _counting_tokens(engine, request: Request, plan):

@@ -19,7 +19,7 @@ from lmserve.server.protocol import (
     TokenPiece,
 )
 from lmserve.server.requests.tokens import encode_text
-from lmserve.server.state import State, json_response
+from lmserve.server.state import ServerState, State, json_response
 from lmserve.text.chat_template import CHATML_TEMPLATE
 
 BUILD_INFO = f"lmserve {importlib.metadata.version('lmserve')}"  # read once: it is package metadata on disk
@@ -32,7 +32,7 @@ server_router = APIRouter(tags=["server"])
 
 @token_router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: State) -> Response:
-    tokenizer = state.engine_for(body.model).tokenizer
+    tokenizer = await _tokenizer(state, body.model)
     if not body.parse_special:
         raise unsupported("parse_special", "'parse_special': false (special-token text is always parsed)")
     ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content")
@@ -43,13 +43,20 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
 @token_router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, state: State) -> Response:
     """Special tokens are kept in the text, as llama.cpp does."""
-    tokenizer = state.engine_for(body.model).tokenizer
+    tokenizer = await _tokenizer(state, body.model)
     for position, token_id in enumerate(body.tokens):
         if not 0 <= token_id < tokenizer.vocab_size:
             raise bad_request(f"token id {token_id} is not in the vocabulary (0 to {tokenizer.vocab_size - 1})",
                               param=f"tokens[{position}]", code="invalid_token_id")
     content = tokenizer.decode(body.tokens, skip_special_tokens=False)
     return json_response(DetokenizeResponse(content=content))
+
+
+async def _tokenizer(state: ServerState, model: str | None):
+    """The tokenizer of the chat model `model` names (loaded first if it is not)."""
+    lease = await state.chat_model(model)
+    lease.release()  # a tokenizer outlives its engine's unloading: nothing of the model is held
+    return lease.model.engine.tokenizer
 
 
 def piece(raw: bytes) -> str | list[int]:
@@ -62,15 +69,27 @@ def piece(raw: bytes) -> str | list[int]:
 
 @server_router.get("/health")
 async def health(state: State) -> JSONResponse:
-    if not state.ready:  # 200 only once every served model (chat and embedding) can answer
+    if not state.ready:  # 200 once the models served from start-up (chat and embedding) can answer
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ok", **state.engine.snapshot()})
+    return JSONResponse({"status": "ok", **total_load(state)})
+
+
+def total_load(state: ServerState) -> dict[str, int]:
+    """The loaded chat models' load, added up (llama.cpp's /health fields, for one model or several)."""
+    total = {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 0, "num_free_kv_blocks": 0}
+    for engine in state.loaded_engines():
+        for key, value in engine.snapshot().items():
+            total[key] += value
+    return total
 
 
 @server_router.get("/props", responses=ERROR_RESPONSES)
-async def props(state: State) -> JSONResponse:
-    """llama.cpp's GET /props, with the fields lmserve can fill truthfully."""
-    engine = state.engine_for(None)
+async def props(state: State, model: str | None = None) -> JSONResponse:
+    """llama.cpp's GET /props (`?model=ID` with several models, as its router takes), with the
+    fields lmserve can fill truthfully."""
+    lease = await state.chat_model(model)
+    lease.release()
+    engine = lease.model.engine
     tokenizer = engine.tokenizer
     return JSONResponse({
         "default_generation_settings": {"n_ctx": engine.max_model_len, "params": default_params()},
@@ -103,5 +122,5 @@ def default_params() -> dict[str, Any]:
 
 @server_router.get("/metrics")
 async def metrics(state: State) -> Response:
-    snapshot = state.engine.snapshot() if state.engine is not None else None
+    snapshot = total_load(state) if state.loaded_engines() else None
     return Response(state.metrics.render(snapshot), media_type=CONTENT_TYPE)

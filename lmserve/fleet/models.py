@@ -1,0 +1,103 @@
+"""What the fleet holds for a loaded model, and how a catalogue entry is loaded into one.
+
+A chat model is its AsyncEngine, plus the embedding worker over its hidden states once
+/v1/embeddings asks for it; an embedding model is its EmbeddingWorker. Both drain and close as
+the fleet expects, and closing lets go of every reference to the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from lmserve.config import EmbeddingConfig, EngineConfig
+from lmserve.fleet.catalogue import ModelEntry
+
+if TYPE_CHECKING:
+    from lmserve.embeddings.worker import EmbeddingWorker
+    from lmserve.engine.async_engine import AsyncEngine
+
+log = logging.getLogger("lmserve.fleet")
+
+
+class ChatModel:
+    kind = "chat"
+
+    def __init__(self, engine: AsyncEngine, pooling: str = "mean"):
+        self.engine = engine
+        self.pooling = pooling  # how its embeddings pool hidden states: "mean" or "last"
+        self._embedder: EmbeddingWorker | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def embedder(self) -> EmbeddingWorker:
+        """Embeddings from this model's hidden states, its worker made on first use."""
+        if self._embedder is None:  # no await in between: the event loop cannot race this
+            from lmserve.embeddings.worker import decoder_worker
+
+            self._embedder = decoder_worker(self.engine, self.pooling)
+        return self._embedder
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        return await self.engine.drain(timeout)
+
+    def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.shutdown()
+            self._embedder = None
+        self.engine.close()
+
+
+class EmbeddingModel:
+    kind = "embedding"
+
+    def __init__(self, worker: EmbeddingWorker):
+        self.worker = worker
+
+    @property
+    def max_model_len(self) -> int:
+        return self.worker.embedder.max_input_tokens
+
+    def embedder(self) -> EmbeddingWorker:
+        return self.worker
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        return True  # a request holds its lease until its vectors are back: the fleet waits on those
+
+    def close(self) -> None:
+        self.worker.shutdown()
+
+
+def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingConfig, *,
+                 observers: Sequence[Any] = (), pooling: str = "mean") -> Callable[[ModelEntry], Any]:
+    """A fleet loader: an entry becomes a ChatModel built from `engine_defaults` (with the entry's
+    path, name and settings), or an EmbeddingModel. Runs in a worker thread; raises ValueError
+    (or OSError) with the reason for a model that cannot be served."""
+
+    def load(entry: ModelEntry) -> ChatModel | EmbeddingModel:
+        from lmserve import memory
+
+        if entry.kind == "embedding":
+            from lmserve.embeddings.embedder import EncoderEmbedder
+            from lmserve.embeddings.worker import EmbeddingWorker
+
+            config = replace(embedding_defaults, model_path=entry.source, served_model_name=entry.id)
+            model = EmbeddingModel(EmbeddingWorker(EncoderEmbedder.from_folder(config.model_path),
+                                                   config.max_batch_tokens))
+        else:
+            from lmserve.engine.async_engine import AsyncEngine
+            from lmserve.engine.engine import LLMEngine
+
+            config = replace(engine_defaults, model_path=entry.source, served_model_name=entry.id, **entry.settings)
+            with memory.large_blocks_mapped_apart():
+                model = ChatModel(AsyncEngine(LLMEngine.from_config(config), observers=observers), pooling)
+        released = memory.settle_after_load()
+        log.info("model %s ready (%d MiB of start-up-only library pages released)", entry.id, released >> 20)
+        return model
+
+    return load
+
