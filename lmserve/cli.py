@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
-from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
+from lmserve.fleet.catalogue import Catalogue, ModelEntry, duration_seconds, entry_for, served_name
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -65,18 +65,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SECONDS = {"ms": 1e-3, "s": 1, "": 1, "m": 60, "h": 3600}
-
-
 def parse_duration(text: str) -> float | None:
-    """Seconds, as Ollama's keep_alive takes them: '300', '30s', '5m', '1h'; a negative one
-    (-1) means never (None)."""
-    match = _DURATION.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 300, 30s, 5m, 1h; -1 for never)")
-    value = float(match.group(1)) * _SECONDS[match.group(2) or ""]
-    return None if value < 0 else value
+    """--default-ttl and --load-timeout: seconds or '30s', '5m', '1h'; a negative one (-1) is never (None)."""
+    try:
+        return duration_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-embedding-pooling", default="mean", choices=["mean", "last"],
                        help="how /v1/embeddings pools the chat model's hidden states")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ps = commands.add_parser("ps", help="list a running server's models: status, memory, requests, time to unload")
+    ps.add_argument("--url", default="http://127.0.0.1:8080", help="the server (default http://127.0.0.1:8080)")
+    ps.add_argument("--api-key", help="its API key, if it requires one")
+    ps.add_argument("--all", action="store_true", help="every model it can serve, not only the loaded ones")
+    ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -236,11 +235,51 @@ def configure_logging(level: str) -> None:
     access.propagate = False
 
 
+def ps(args: argparse.Namespace) -> None:
+    """`lmserve ps`: the server's GET / status, as a table (like `ollama ps`)."""
+    import httpx
+
+    headers = {"Accept": "application/json"} | ({"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
+    try:
+        response = httpx.get(args.url.rstrip("/") + "/", headers=headers, timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"lmserve ps: cannot read {args.url}: {exc}") from None
+    print(ps_table(response.json()["models"], everything=args.all))
+
+
+def ps_table(models: list[dict], everything: bool = False) -> str:
+    rows = [("NAME", "KIND", "STATUS", "MEMORY", "REQUESTS", "UNLOADS")]
+    for model in models:
+        if not everything and model["status"] != "loaded":
+            continue
+        unloads = "never" if model["unloads_in_seconds"] is None else _duration_text(model["unloads_in_seconds"])
+        if model["status"] != "loaded":
+            unloads = "-"
+        elif model["requests"]:
+            unloads = "in use"
+        rows.append((model["id"], model["kind"], model["status"] + (f" ({model['error']})" if model["error"] else ""),
+                     f"{model['memory_mib']} MiB" if model["status"] == "loaded" else "-",
+                     str(model["requests"]), unloads))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _duration_text(seconds: float) -> str:
+    if seconds < 60:
+        return f"in {seconds:.0f} s"
+    if seconds < 3600:
+        return f"in {seconds / 60:.0f} min"
+    return f"in {seconds / 3600:.1f} h"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     if args.command == "serve":
         serve(args)
+    elif args.command == "ps":
+        ps(args)
 
 
 if __name__ == "__main__":

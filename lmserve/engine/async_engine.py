@@ -40,7 +40,7 @@ class AsyncEngine:
     """An LLMEngine run by its own thread, for asyncio callers.
 
     Its public face: generate, abort, snapshot, drain, close, and what the server reads: config,
-    tokenizer, max_model_len, grammar (to validate constraints before they reach the
+    tokenizer, max_model_len, kv_block_bytes, grammar (to validate constraints before they reach the
     engine) and model (the decoder, for embeddings)."""
 
     def __init__(self, engine: LLMEngine, observers: Sequence[EngineObserver] = ()):
@@ -48,6 +48,7 @@ class AsyncEngine:
         self.config = engine.config
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.kv_block_bytes = engine.kv_block_bytes
         self.grammar = engine.grammar
         self.model = engine.model
         self.observers = tuple(observers)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lmserve.cache.block_pool import BlockPool
-from lmserve.cache.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from lmserve.cache.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
 from lmserve.config import EngineConfig
 from lmserve.engine.batch import LiveRequest, SchedulerOutput
 from lmserve.engine.runner import ModelRunner, StepResult
@@ -65,8 +65,8 @@ class LLMEngine:
     one thread calls it (see AsyncEngine).
 
     Its public face: add_request, abort_request, step, fail_all, has_unfinished, load, close, and
-    what other parts read: tokenizer, max_model_len, dtype, grammar (the constraint compiler) and
-    model (the decoder, for embeddings)."""
+    what other parts read: tokenizer, max_model_len, dtype, kv_block_bytes, grammar (the constraint
+    compiler) and model (the decoder, for embeddings)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel):
         self.config = config
@@ -81,6 +81,7 @@ class LLMEngine:
         block_size = config.cache.block_size
         self.dtype = loaded.dtype  # what config.dtype chose ("auto" picks the checkpoint's own)
         kv_dtype = DTYPES[loaded.dtype]  # the weights' dtype (bf16 under int8)
+        self.kv_block_bytes = bytes_per_block(loaded.config, block_size, kv_dtype)
         num_blocks = num_blocks_for_budget(loaded.config, block_size, kv_dtype, config.cache.kv_cache_memory_bytes)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(

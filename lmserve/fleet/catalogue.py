@@ -33,6 +33,22 @@ class ModelEntry:
         return (self.id, *self.aliases)
 
 
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SECONDS = {"ms": 1e-3, "s": 1, "": 1, "m": 60, "h": 3600}
+
+
+def duration_seconds(value: str | float) -> float | None:
+    """A duration as Ollama's keep_alive takes it: seconds (a number, or '300'), or '30s', '5m',
+    '1h', '250ms'; a negative one (-1) means never (None). ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"not a duration: {value!r} (e.g. 300, '30s', '5m', '1h'; -1 for never)")
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (e.g. 300, '30s', '5m', '1h'; -1 for never)")
+    seconds = float(match.group(1)) * _SECONDS[match.group(2) or ""]
+    return None if seconds < 0 else seconds
+
+
 class UnknownModel(LookupError):
     def __init__(self, name: str, known: list[str]):
         super().__init__(f"The model '{name}' does not exist; this server serves "

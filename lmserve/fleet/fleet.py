@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class Slot:
     leases: int = 0  # requests holding the model now
     last_used: float = 0.0  # time.monotonic() of the last lease's release (or of the load)
     loaded_at: float = 0.0
+    keep_alive: float | None = None  # set by the last request that asked (Ollama's keep_alive): wins over the ttl
 
     @property
     def busy(self) -> bool:
@@ -83,11 +85,12 @@ class Lease:
         self._fleet, self._slot, self._released = fleet, slot, False
         self.entry = slot.entry
         self.model = slot.model
+        self.keep_alive: float | None = None  # seconds the model stays loaded once idle (inf: always); None: its ttl
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._fleet._release(self._slot)
+            self._fleet._release(self._slot, self.keep_alive)
 
 
 class Fleet:
@@ -139,7 +142,7 @@ class Fleet:
         if slot.status is not ModelStatus.LOADED:
             return False
         model = slot.model
-        slot.model, slot.status = None, ModelStatus.UNLOADED
+        slot.model, slot.status, slot.keep_alive = None, ModelStatus.UNLOADED, None
         log.info("unloading %s", slot.entry.id)
         await model.drain(self.drain_timeout if drain_timeout is None else drain_timeout)
         await asyncio.to_thread(model.close)
@@ -151,7 +154,7 @@ class Fleet:
         now = self._clock()
         expired = [s for s in self._slots.values()
                    if s.status is ModelStatus.LOADED and not s.busy and not s.entry.pinned
-                   and (ttl := self._ttl(s.entry)) is not None and now - s.last_used >= ttl]
+                   and (ttl := self._ttl(s)) is not None and now - s.last_used >= ttl]
         for slot in expired:
             log.info("unloading %s: idle for %.0f s", slot.entry.id, now - slot.last_used)
             await self._close(slot)
@@ -189,6 +192,14 @@ class Fleet:
             if slot.status is ModelStatus.LOADED:
                 await self.unload(slot.entry.id, drain_timeout=0)
 
+    def unloads_in(self, slot: Slot) -> float | None:
+        """Seconds until `slot`'s model is unloaded for idleness if nothing uses it; None if it will
+        not be (not loaded, busy, pinned, or no ttl)."""
+        ttl = self._ttl(slot)
+        if slot.status is not ModelStatus.LOADED or slot.busy or slot.entry.pinned or ttl is None:
+            return None
+        return max(0.0, ttl - (self._clock() - slot.last_used))
+
     def slots(self) -> list[Slot]:
         """Every catalogue entry, in catalogue order, with its state."""
         return [self._slot(entry) for entry in self.catalogue.entries()]
@@ -201,8 +212,12 @@ class Fleet:
             slot = self._slots[entry.id] = Slot(entry)
         return slot
 
-    def _ttl(self, entry: ModelEntry) -> float | None:
-        return entry.ttl if entry.ttl is not None else self.default_ttl
+    def _ttl(self, slot: Slot) -> float | None:
+        """Seconds idle before unloading: the last request's keep_alive, else the entry's ttl, else
+        the fleet's; None is never."""
+        if slot.keep_alive is not None:
+            return None if slot.keep_alive == math.inf else slot.keep_alive
+        return slot.entry.ttl if slot.entry.ttl is not None else self.default_ttl
 
     async def _ensure_loaded(self, slot: Slot) -> None:
         if slot.status is ModelStatus.LOADED:
@@ -280,14 +295,19 @@ class Fleet:
     async def _close(slot: Slot) -> None:
         """Unload an idle model (no request holds it, so there is nothing to drain)."""
         model = slot.model
-        slot.model, slot.status = None, ModelStatus.UNLOADED
+        slot.model, slot.status, slot.keep_alive = None, ModelStatus.UNLOADED, None
         await asyncio.to_thread(model.close)
 
-    def _release(self, slot: Slot) -> None:
+    def _release(self, slot: Slot, keep_alive: float | None) -> None:
         slot.leases -= 1
         slot.last_used = self._clock()
+        if keep_alive is not None:
+            slot.keep_alive = keep_alive
         if slot.leases == 0:
-            asyncio.get_running_loop().create_task(self._notify_room())
+            loop = asyncio.get_running_loop()
+            loop.create_task(self._notify_room())
+            if slot.keep_alive == 0:  # "unload after this request"
+                loop.create_task(self.reap_idle())
 
     async def _notify_room(self) -> None:
         async with self._room:

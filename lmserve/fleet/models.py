@@ -22,17 +22,49 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmserve.fleet")
 
 
+def weights_bytes(root: object) -> int:
+    """Bytes of every tensor storage reachable from `root` through object attributes, containers
+    and module trees (each storage once): a loaded model's weights, whatever formats hold them."""
+    import torch
+
+    seen_objects, storages, total = set(), set(), 0
+    pending = [root]
+    while pending:
+        value = pending.pop()
+        if id(value) in seen_objects:
+            continue
+        seen_objects.add(id(value))
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in storages:
+                storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif hasattr(value, "__dict__") and type(value).__module__.startswith(("lmserve", "torch")):
+            pending.extend(vars(value).values())
+    return total
+
+
 class ChatModel:
     kind = "chat"
 
     def __init__(self, engine: AsyncEngine, pooling: str = "mean"):
         self.engine = engine
+        self.weights_bytes = weights_bytes(engine.model) if engine.model is not None else 0
         self.pooling = pooling  # how its embeddings pool hidden states: "mean" or "last"
         self._embedder: EmbeddingWorker | None = None
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    def memory_bytes(self) -> int:
+        """Its weights, and the KV blocks its requests hold now (the rest of the budget is not touched)."""
+        load = self.engine.snapshot()
+        return self.weights_bytes + (load["num_kv_blocks"] - load["num_free_kv_blocks"]) * self.engine.kv_block_bytes
 
     def embedder(self) -> EmbeddingWorker:
         """Embeddings from this model's hidden states, its worker made on first use."""
@@ -57,10 +89,14 @@ class EmbeddingModel:
 
     def __init__(self, worker: EmbeddingWorker):
         self.worker = worker
+        self.weights_bytes = weights_bytes(worker.embedder)
 
     @property
     def max_model_len(self) -> int:
         return self.worker.embedder.max_input_tokens
+
+    def memory_bytes(self) -> int:
+        return self.weights_bytes
 
     def embedder(self) -> EmbeddingWorker:
         return self.worker
@@ -96,7 +132,8 @@ def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingCon
             with memory.large_blocks_mapped_apart():
                 model = ChatModel(AsyncEngine(LLMEngine.from_config(config), observers=observers), pooling)
         released = memory.settle_after_load()
-        log.info("model %s ready (%d MiB of start-up-only library pages released)", entry.id, released >> 20)
+        log.info("model %s ready: %d MiB of weights (%d MiB of start-up-only library pages released)", entry.id,
+                 model.weights_bytes >> 20, released >> 20)
         return model
 
     return load

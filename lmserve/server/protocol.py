@@ -109,6 +109,7 @@ class SamplingFields(_Request):
     """Fields shared by chat and text completions (OpenAI, then vLLM/llama.cpp extensions)."""
 
     model: str | None = None  # missing: the served model, as llama.cpp does
+    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded once idle
     temperature: float | None = None
     top_p: float | None = None
     n: int = Field(1, ge=1, le=128)
@@ -171,6 +172,7 @@ class CompletionRequest(SamplingFields):
 class EmbeddingRequest(_Request):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None  # missing: the embedding model if one is served, else the chat model
+    keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded once idle
     encoding_format: Literal["float", "base64"] | None = "float"  # None: float
     dimensions: int | None = Field(None, ge=1)  # only the model's own size is accepted
     user: str | None = None

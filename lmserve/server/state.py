@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
@@ -12,7 +13,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from lmserve.fleet.catalogue import UnknownModel
+from lmserve.fleet.catalogue import UnknownModel, duration_seconds
 from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatus, NotLoaded, Slot
 from lmserve.server.errors import APIError
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
@@ -47,31 +48,50 @@ class ServerState:
         return [slot.model.engine for slot in self.fleet.slots()
                 if slot.status is ModelStatus.LOADED and slot.entry.kind == "chat"]
 
-    async def chat_model(self, name: str | None) -> Lease:
+    async def chat_model(self, name: str | None, keep_alive: str | float | None = None) -> Lease:
         """A lease on the chat model `name` names (loaded first if needed); release it when the
-        request is done. 400 for an embedding model; 404, 409, 500 or 503 as _lease says."""
-        lease = await self._lease(name, "chat")
+        request is done. `keep_alive` is Ollama's: how long the model stays loaded once idle.
+        400 for an embedding model or a bad keep_alive; 404, 409, 500 or 503 as _lease says."""
+        lease = await self._lease(name, "chat", keep_alive)
         if lease.entry.kind != "chat":
             lease.release()
             raise APIError(400, f"The model '{lease.entry.id}' is an embedding model; use /v1/embeddings with it.",
                            param="model", code="model_not_supported")
         return lease
 
-    async def embedding_model(self, name: str | None) -> Lease:
+    async def embedding_model(self, name: str | None, keep_alive: str | float | None = None) -> Lease:
         """A lease on what /v1/embeddings uses for `name`: an embedding model, or a chat model's
         own hidden states; with `name` missing, the embedding model (or the chat model if there is
         none)."""
         has_embedding = any(entry.kind == "embedding" for entry in self.fleet.catalogue.entries())
-        return await self._lease(name, "embedding" if has_embedding else "chat")
+        return await self._lease(name, "embedding" if has_embedding else "chat", keep_alive)
 
     async def load_model(self, name: str) -> Slot:
         """Load `name` now (POST /models/load), with the errors a request for it would get."""
         with _fleet_errors():
             return await asyncio.wait_for(self.fleet.load(name), self.load_timeout)
 
-    async def _lease(self, name: str | None, kind: str) -> Lease:
+    async def _lease(self, name: str | None, kind: str, keep_alive: str | float | None = None) -> Lease:
+        keep_seconds = _keep_alive_seconds(keep_alive)
         with _fleet_errors():
-            return await asyncio.wait_for(self.fleet.acquire(name, kind), self.load_timeout)
+            lease = await asyncio.wait_for(self.fleet.acquire(name, kind), self.load_timeout)
+        if keep_seconds is not None and keep_seconds != math.inf and lease.entry.pinned:
+            lease.release()
+            raise APIError(400, f"The model '{lease.entry.id}' stays loaded for the server's life; keep_alive "
+                                "can only be -1 for it.", param="keep_alive", code="model_pinned")
+        lease.keep_alive = keep_seconds
+        return lease
+
+
+def _keep_alive_seconds(value: str | float | None) -> float | None:
+    """Ollama's keep_alive as seconds (math.inf: keep loaded), None when not given; 400 if malformed."""
+    if value is None:
+        return None
+    try:
+        seconds = duration_seconds(value)
+    except ValueError as exc:
+        raise APIError(400, f"Invalid value for 'keep_alive': {exc}", param="keep_alive") from None
+    return math.inf if seconds is None else seconds
 
 
 @contextlib.contextmanager

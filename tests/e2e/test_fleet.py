@@ -102,3 +102,16 @@ def test_a_file_added_to_the_folder_is_listed_without_a_restart(fleet):
     assert "gamma" in statuses(fleet)
     (fleet["folder"] / "gamma.gguf").unlink()
     assert "gamma" not in statuses(fleet)
+
+
+def test_lmserve_ps_lists_the_loaded_model_with_its_memory(fleet):
+    import subprocess
+    import sys
+
+    assert ask(fleet, "beta", keep_alive="10m").status_code == 200
+    shown = subprocess.run([sys.executable, "-m", "lmserve.cli", "ps", "--url", fleet["url"]], capture_output=True,
+                           text=True, timeout=60, check=True).stdout.splitlines()
+    assert shown[0].split()[:3] == ["NAME", "KIND", "STATUS"] and len(shown) == 2
+    name, kind, status, memory, unit, requests, *unloads = shown[1].split()
+    assert (name, kind, status, unit, requests) == ("beta", "chat", "loaded", "MiB", "0")
+    assert 60 < int(memory) < 400 and unloads[:2] == ["in", "10"]  # int4 weights (~90 MiB) + KV in use

@@ -56,6 +56,8 @@ class FakeEngine:
                  tokenizer: ByteTokenizer | None = None, grammar=None):
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.max_model_len = max_model_len
+        self.model = None  # no weights
+        self.kv_block_bytes = 1 << 20
         self.grammar = grammar  # None: no constrained decoding (tested against the real engine)
         self.reply = reply
         self.hang_after, self.fail_after, self.raise_after = hang_after, fail_after, raise_after
@@ -135,6 +137,7 @@ class CountingEngine:
 
     config = tokenizer = grammar = model = None
     max_model_len = 16
+    kv_block_bytes = 0
 
     def __init__(self, length: int = 3, gate=None):
         self.length = length

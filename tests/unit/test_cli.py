@@ -1,4 +1,5 @@
 import argparse
+from types import SimpleNamespace
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
 
     loaded = [[i] for i in range(1000)]  # stands for the model's objects (lists: always tracked)
     monkeypatch.setattr(engine.LLMEngine, "from_config", classmethod(lambda cls, config: loaded))
-    monkeypatch.setattr(async_engine, "AsyncEngine", lambda built, observers: ("engine", built))
+    monkeypatch.setattr(async_engine, "AsyncEngine", lambda built, observers: SimpleNamespace(built=built, model=None))
     trimmed = []  # and the heap pages the loading freed (the GGUF reader's) go back to the OS
     monkeypatch.setattr(memory, "return_freed_memory", lambda: trimmed.append(gc.get_freeze_count()))
     released = []  # then the library pages only start-up touched
@@ -54,7 +55,7 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
     load = model_loader(EngineConfig("m.gguf", "m"), EmbeddingConfig("", ""))
     try:
         model = load(ModelEntry(id="m", source="m.gguf"))
-        assert model.engine == ("engine", loaded)
+        assert model.engine.built is loaded
         assert len(trimmed) == 1 and trimmed[0] >= len(loaded)  # once, after the collection
         assert released == [1]  # once, after the trim
         assert gc.get_freeze_count() >= len(loaded)

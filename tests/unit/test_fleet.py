@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 
 import pytest
@@ -273,3 +274,28 @@ def test_unload_drains_the_requests_in_flight_then_closes():
     slot, again = asyncio.run(main())
     assert loader.events[:3] == [("load", "a"), ("drain", "a", 7), ("close", "a")]
     assert loader.loads() == ["a", "a"] and slot.leases == 1 and not again.model.closed
+
+
+def test_keep_alive_from_a_request_wins_over_the_ttl():
+    loader, clock = Loader(), Clock()
+
+    async def use(fleet, name, keep_alive):
+        lease = await fleet.acquire(name)
+        lease.keep_alive = keep_alive
+        lease.release()
+        await asyncio.sleep(0.01)  # keep_alive 0 unloads right after the release, in a task
+
+    async def main():
+        fleet = Fleet(catalogue("a", "b", "c"), loader, default_ttl=60, clock=clock)
+        await use(fleet, "a", 0)  # unload after this request
+        await use(fleet, "b", math.inf)  # keep loaded
+        await use(fleet, "c", 5)
+        after_release = {s.entry.id: s.status for s in fleet.slots()}
+        clock.now += 6
+        reaped = await fleet.reap_idle()
+        clock.now += 3600
+        return after_release, reaped, await fleet.reap_idle()
+
+    after_release, reaped, later = asyncio.run(main())
+    assert after_release == {"a": ModelStatus.UNLOADED, "b": ModelStatus.LOADED, "c": ModelStatus.LOADED}
+    assert reaped == ["c"] and later == []  # b stays, whatever the ttl

@@ -52,3 +52,41 @@ def test_props_names_its_model_when_there_are_several():
     client = make_client(more_models={"second": second})
     assert client.get("/props?model=second").json()["default_generation_settings"]["n_ctx"] == 32
     assert client.get("/props").status_code == 404  # which one? the message lists them
+
+
+def test_keep_alive_is_ollamas_and_a_pinned_model_refuses_to_be_unloaded_by_it():
+    second = FakeEngine()
+    client = make_client(more_models={"second": second})
+    assert chat(client, model="second", keep_alive=0).status_code == 200  # unload after this request
+    wait_until(lambda: second.closed)
+    assert client.get("/v1/models/second").json()["status"]["value"] == "unloaded"
+    assert chat(client, model="second", keep_alive="5m").status_code == 200  # loads it again
+    assert client.get("/v1/models/second").json()["status"]["value"] == "loaded"
+    assert chat(client, keep_alive=-1).status_code == 200  # the pinned model: "keep loaded" agrees
+    error = chat(client, keep_alive="5m").json()["error"]
+    assert (error["param"], error["code"]) == ("keep_alive", "model_pinned")
+    error = chat(client, model="second", keep_alive="soon").json()["error"]
+    assert error["param"] == "keep_alive" and "not a duration" in error["message"]
+    assert leases(client) == 0 and leases(client, "second") == 0
+
+
+def test_the_status_document_and_lmserve_ps_table():
+    from lmserve.cli import ps_table
+
+    second = FakeEngine()
+    client = make_client(more_models={"second": second})
+    assert client.get("/", headers={"Accept": "text/html"}).status_code == 404  # kept for a web page
+    assert chat(client, model="second", keep_alive="90s").status_code == 200
+    document = client.get("/", headers={"Accept": "application/json"}).json()
+    assert document["status"] == "ok"
+    first, other = document["models"]
+    assert (first["id"], first["status"], first["pinned"], first["requests"], first["unloads_in_seconds"]) == (
+        MODEL, "loaded", True, 0, None)
+    assert other["id"] == "second" and 85 <= other["unloads_in_seconds"] <= 90
+    assert set(other) >= {"running", "waiting", "memory_mib", "loaded_seconds", "aliases", "error", "kind"}
+    client.post("/models/unload", json={"model": "second"})
+    table = ps_table(client.get("/").json()["models"], everything=True).splitlines()
+    assert table[0].split() == ["NAME", "KIND", "STATUS", "MEMORY", "REQUESTS", "UNLOADS"]
+    assert table[1].split() == [MODEL, "chat", "loaded", "0", "MiB", "0", "never"]
+    assert table[2].split() == ["second", "chat", "unloaded", "-", "0", "-"]
+    assert len(ps_table(client.get("/").json()["models"]).splitlines()) == 2  # loaded ones only

@@ -18,7 +18,7 @@ router = APIRouter()
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: State) -> Response:
-    lease = await state.embedding_model(body.model)
+    lease = await state.embedding_model(body.model, body.keep_alive)
     try:
         worker = lease.model.embedder()
         # In a worker thread, as generation plans are: up to 2048 texts to tokenize.

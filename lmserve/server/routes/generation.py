@@ -47,7 +47,7 @@ async def _generate(body, request: Request, state: ServerState, id_prefix: str, 
     """The shared shape of both generation routes: plan, then stream SSE or gather one response.
     The request holds its model (a lease) until its last byte is sent, so the model is not
     unloaded under it."""
-    lease = await state.chat_model(body.model)
+    lease = await state.chat_model(body.model, body.keep_alive)
     try:
         engine = lease.model.engine
         meta = ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)

@@ -1,15 +1,18 @@
-"""The operator's routes: llama.cpp's /tokenize, /detokenize and /props, Prometheus /metrics, /health."""
+"""The operator's routes: llama.cpp's /tokenize, /detokenize and /props, Prometheus /metrics, /health,
+and the status document at / (`lmserve ps`)."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from lmserve.fleet.fleet import ModelStatus, Slot
 from lmserve.request import SamplingParams
-from lmserve.server.errors import ERROR_RESPONSES, bad_request, unsupported
+from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request, unsupported
 from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
     DetokenizeRequest,
@@ -81,6 +84,37 @@ def total_load(state: ServerState) -> dict[str, int]:
         for key, value in engine.snapshot().items():
             total[key] += value
     return total
+
+
+@server_router.get("/", responses=ERROR_RESPONSES)
+async def status(request: Request, state: State) -> JSONResponse:
+    """The server's state for programs (`lmserve ps`): every model with its status, requests and
+    memory. Browsers asking for a page get a 404: `/` is kept for a web page."""
+    if "text/html" in request.headers.get("accept", ""):
+        raise APIError(404, "No page here yet; GET / with Accept: application/json gives the server's status.",
+                       code="not_found")
+    return JSONResponse({"status": "ok" if state.ready else "loading",
+                         "models": [model_status(state, slot) for slot in state.fleet.slots()]})
+
+
+def model_status(state: ServerState, slot: Slot) -> dict[str, Any]:
+    loaded = slot.status is ModelStatus.LOADED
+    load = slot.model.engine.snapshot() if loaded and slot.entry.kind == "chat" else {}
+    unloads_in = state.fleet.unloads_in(slot)
+    return {
+        "id": slot.entry.id,
+        "kind": slot.entry.kind,
+        "status": slot.status.value,
+        "error": slot.error,
+        "aliases": list(slot.entry.aliases),
+        "pinned": slot.entry.pinned,
+        "requests": slot.leases,  # requests holding the model: running, waiting or streaming out
+        "running": load.get("num_running", 0),
+        "waiting": load.get("num_waiting", 0),
+        "memory_mib": round(slot.model.memory_bytes() / 2**20) if loaded else 0,  # weights + KV blocks in use
+        "loaded_seconds": round(time.monotonic() - slot.loaded_at, 1) if loaded else None,
+        "unloads_in_seconds": None if unloads_in is None else round(unloads_in, 1),
+    }
 
 
 @server_router.get("/props", responses=ERROR_RESPONSES)
