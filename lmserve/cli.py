@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, duration_seconds, entry_for, served_name
+from lmserve.fleet.config_file import read_config
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
     serve.add_argument("model", nargs="*", help="GGUF files or Hugging Face folders, one or several (default: packaged "
                                                 "SmolLM2-135M-Instruct)")
+    serve.add_argument("--config", metavar="FILE", type=Path,
+                       help="a TOML file of models: [models.NAME] tables with source, aliases, dtype, max_model_len, "
+                            "kv_cache_memory, ttl, pinned, preload and defaults")
     serve.add_argument("--models-dir", metavar="DIR", type=Path,
                        help="every .gguf file and Hugging Face folder in DIR is a model too (read again when listed)")
     serve.add_argument("--max-loaded-models", type=positive_int,
@@ -154,10 +158,12 @@ def embedding_config(args: argparse.Namespace) -> EmbeddingConfig | None:
 
 def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: EmbeddingConfig | None) -> Catalogue:
     """The models to serve: the MODELs (or the packaged default when none is given and there is no
-    --models-dir), the embedding model, and --models-dir's. A single chat model and the embedding
-    model beside it are pinned: loaded at start-up, as one model always was."""
+    --config or --models-dir), the --config file's, the embedding model, and --models-dir's. A
+    single chat model and the embedding model beside it are pinned: loaded at start-up, as one
+    model always was; in a --config file each model says."""
+    configured = read_config(args.config, parse_size) if args.config is not None else []
     paths = [Path(m) for m in args.model]
-    if not paths and args.models_dir is None:
+    if not paths and args.models_dir is None and not configured:
         paths = [Path(config.model_path)]
     if args.served_model_name and len(paths) != 1:
         raise ValueError("--served-model-name names one MODEL; with several, each is named from its file")
@@ -166,8 +172,9 @@ def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: Embeddi
             raise ValueError(f"model path {str(path)!r} does not exist")
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise ValueError(f"--models-dir {str(args.models_dir)!r} is not a folder")
-    pinned = len(paths) == 1 and args.models_dir is None
+    pinned = len(paths) == 1 and args.models_dir is None and not configured
     entries = [entry_for(path, id=args.served_model_name if pinned else None, pinned=pinned) for path in paths]
+    entries += configured
     if embedding is not None:
         entries.append(ModelEntry(id=embedding.served_model_name, source=embedding.model_path, kind="embedding",
                                   pinned=pinned))
@@ -193,14 +200,14 @@ def serve(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise SystemExit(f"lmserve: {exc}") from None
     metrics = ServerMetrics()
-    load = model_loader(config, embedding or EmbeddingConfig("", ""), observers=[metrics],
+    load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,
                         pooling=args.chat_embedding_pooling)
     fleet = Fleet(models, load, max_loaded=args.max_loaded_models, default_ttl=args.default_ttl,
-                  autoload=not args.no_autoload)
-    pinned_only = all(entry.pinned for entry in models.entries())
+                  autoload=not args.no_autoload, events=metrics)
+    one_model = len(args.model) <= 1 and args.config is None and args.models_dir is None  # as lmserve always was
     state = ServerState(fleet, api_keys=api_keys(args), allowed_origins=parse_origins(args.allowed_origins),
                         max_request_body=args.max_request_body, metrics=metrics, load_timeout=args.load_timeout,
-                        exit_if_pinned_fails=pinned_only)
+                        exit_if_pinned_fails=one_model)
     if config.num_threads:
         import torch
 

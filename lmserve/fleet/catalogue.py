@@ -24,9 +24,11 @@ class ModelEntry:
     source: str  # a .gguf file or a Hugging Face folder
     kind: ModelKind = "chat"
     aliases: tuple[str, ...] = ()
-    ttl: float | None = None  # seconds idle before it is unloaded; None: the fleet's default
+    ttl: float | None = None  # seconds idle before it is unloaded (inf: never); None: the fleet's default
     pinned: bool = False  # loaded at start and never unloaded
-    settings: dict = field(default_factory=dict, compare=False)  # per-model engine settings (dtype, ...)
+    settings: dict = field(default_factory=dict, compare=False)  # engine settings: dtype, max_model_len, kv_cache_memory
+    defaults: dict = field(default_factory=dict, compare=False)  # sampling defaults a request's own values override
+    preload: list[dict[str, str]] | None = field(default=None, compare=False)  # messages prefilled at load
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -46,6 +46,28 @@ class ModelStatus(enum.Enum):
     FAILED = "failed"
 
 
+class FleetEvents(Protocol):
+    """Told of loads and unloads (metrics); called on the event loop."""
+
+    def model_loaded(self, model: str, seconds: float) -> None: ...
+
+    def model_failed(self, model: str) -> None: ...
+
+    def model_unloaded(self, model: str, reason: str) -> None:
+        """`reason`: idle (ttl or keep_alive), room (another needed it), requested, shutdown."""
+
+
+class _NoEvents:
+    def model_loaded(self, model: str, seconds: float) -> None:
+        pass
+
+    def model_failed(self, model: str) -> None:
+        pass
+
+    def model_unloaded(self, model: str, reason: str) -> None:
+        pass
+
+
 class FleetBusy(RuntimeError):
     """No room to load a model now: every loaded model has requests in flight."""
 
@@ -96,7 +118,8 @@ class Lease:
 class Fleet:
     def __init__(self, catalogue: Catalogue, load: Callable[[ModelEntry], Servable], *,
                  max_loaded: int | None = None, default_ttl: float | None = None, autoload: bool = True,
-                 wait_timeout: float = 60.0, drain_timeout: float = 30.0, clock: Callable[[], float] = time.monotonic):
+                 wait_timeout: float = 60.0, drain_timeout: float = 30.0, events: FleetEvents | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.catalogue = catalogue
@@ -107,6 +130,7 @@ class Fleet:
         self.wait_timeout = wait_timeout
         self.drain_timeout = drain_timeout
         self._clock = clock
+        self._events = events if events is not None else _NoEvents()
         self._slots: dict[str, Slot] = {}
         self._room = asyncio.Condition()  # notified whenever a model becomes idle or is unloaded
 
@@ -131,7 +155,7 @@ class Fleet:
         await self._ensure_loaded(slot)
         return slot
 
-    async def unload(self, name: str, drain_timeout: float | None = None) -> bool:
+    async def unload(self, name: str, drain_timeout: float | None = None, reason: str = "requested") -> bool:
         """Unload `name` (POST /models/unload): new requests for it wait for a fresh load, those in
         flight get up to `drain_timeout` (default the fleet's) to finish, then are aborted.
         False if it was not loaded."""
@@ -146,6 +170,7 @@ class Fleet:
         log.info("unloading %s", slot.entry.id)
         await model.drain(self.drain_timeout if drain_timeout is None else drain_timeout)
         await asyncio.to_thread(model.close)
+        self._events.model_unloaded(slot.entry.id, reason)
         await self._notify_room()
         return True
 
@@ -157,7 +182,7 @@ class Fleet:
                    and (ttl := self._ttl(s)) is not None and now - s.last_used >= ttl]
         for slot in expired:
             log.info("unloading %s: idle for %.0f s", slot.entry.id, now - slot.last_used)
-            await self._close(slot)
+            await self._close(slot, "idle")
         if expired:
             await self._notify_room()
         return [s.entry.id for s in expired]
@@ -190,7 +215,7 @@ class Fleet:
         """Unload everything (server shutdown)."""
         for slot in list(self._slots.values()):
             if slot.status is ModelStatus.LOADED:
-                await self.unload(slot.entry.id, drain_timeout=0)
+                await self.unload(slot.entry.id, drain_timeout=0, reason="shutdown")
 
     def unloads_in(self, slot: Slot) -> float | None:
         """Seconds until `slot`'s model is unloaded for idleness if nothing uses it; None if it will
@@ -216,8 +241,10 @@ class Fleet:
         """Seconds idle before unloading: the last request's keep_alive, else the entry's ttl, else
         the fleet's; None is never."""
         if slot.keep_alive is not None:
-            return None if slot.keep_alive == math.inf else slot.keep_alive
-        return slot.entry.ttl if slot.entry.ttl is not None else self.default_ttl
+            ttl = slot.keep_alive
+        else:
+            ttl = slot.entry.ttl if slot.entry.ttl is not None else self.default_ttl
+        return None if ttl == math.inf else ttl
 
     async def _ensure_loaded(self, slot: Slot) -> None:
         if slot.status is ModelStatus.LOADED:
@@ -239,6 +266,7 @@ class Fleet:
             slot.model = await asyncio.to_thread(self._load, slot.entry)
             slot.status, slot.loaded_at, slot.last_used = ModelStatus.LOADED, self._clock(), self._clock()
             log.info("loaded %s in %.1f s", slot.entry.id, self._clock() - started)
+            self._events.model_loaded(slot.entry.id, self._clock() - started)
         except FleetBusy as exc:
             slot.status = ModelStatus.UNLOADED
             self._finish_loading(slot, exc)
@@ -246,6 +274,7 @@ class Fleet:
         except Exception as exc:  # noqa: BLE001 - the model fails, the fleet goes on
             log.error("cannot load %s: %s", slot.entry.id, exc)
             slot.status, slot.error, slot.model = ModelStatus.FAILED, str(exc) or type(exc).__name__, None
+            self._events.model_failed(slot.entry.id)
         except BaseException as exc:  # cancelled (the server is stopping): the next request loads it afresh
             slot.status = ModelStatus.UNLOADED
             self._finish_loading(slot, FleetBusy("the load was cancelled"))
@@ -275,7 +304,7 @@ class Fleet:
                 if idle:
                     victim = min(idle, key=lambda s: s.last_used)
                     log.info("unloading %s (least recently used) to load %s", victim.entry.id, slot.entry.id)
-                    await self._close(victim)
+                    await self._close(victim, "room")
                     continue
                 remaining = deadline - self._clock()
                 if remaining <= 0:
@@ -291,12 +320,12 @@ class Fleet:
         return sum(1 for s in self._slots.values() if s is not slot
                    and (s.status is ModelStatus.LOADED or s.status is ModelStatus.LOADING))
 
-    @staticmethod
-    async def _close(slot: Slot) -> None:
+    async def _close(self, slot: Slot, reason: str) -> None:
         """Unload an idle model (no request holds it, so there is nothing to drain)."""
         model = slot.model
         slot.model, slot.status, slot.keep_alive = None, ModelStatus.UNLOADED, None
         await asyncio.to_thread(model.close)
+        self._events.model_unloaded(slot.entry.id, reason)
 
     def _release(self, slot: Slot, keep_alive: float | None) -> None:
         slot.leases -= 1

@@ -8,7 +8,7 @@ the fleet expects, and closing lets go of every reference to the weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -108,11 +108,38 @@ class EmbeddingModel:
         self.worker.shutdown()
 
 
-def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingConfig, *,
-                 observers: Sequence[Any] = (), pooling: str = "mean") -> Callable[[ModelEntry], Any]:
+def engine_config_for(defaults: EngineConfig, entry: ModelEntry) -> EngineConfig:
+    """The server's engine settings with the entry's path and name, and its own settings on top."""
+    settings = entry.settings
+    return replace(
+        defaults, model_path=entry.source, served_model_name=entry.id, dtype=settings.get("dtype", defaults.dtype),
+        cache=replace(defaults.cache, kv_cache_memory_bytes=settings.get("kv_cache_memory",
+                                                                         defaults.cache.kv_cache_memory_bytes)),
+        scheduler=replace(defaults.scheduler, max_model_len=settings.get("max_model_len",
+                                                                         defaults.scheduler.max_model_len)),
+    )
+
+
+def preload(engine, messages: list[dict[str, str]]) -> int:
+    """Prefill `messages` (as the chat template renders them, without the assistant's turn) into
+    the engine's prefix cache, so requests that begin with them find those blocks cached. Returns
+    the tokens prefilled."""
+    from lmserve.request import SamplingParams
+
+    tokenizer = engine.tokenizer
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False),
+                           add_special_tokens=False)
+    engine.generate([ids], SamplingParams(temperature=0, max_tokens=1))
+    log.info("preloaded %d prompt tokens", len(ids))
+    return len(ids)
+
+
+def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingConfig, *, metrics: Any = None,
+                 pooling: str = "mean") -> Callable[[ModelEntry], Any]:
     """A fleet loader: an entry becomes a ChatModel built from `engine_defaults` (with the entry's
-    path, name and settings), or an EmbeddingModel. Runs in a worker thread; raises ValueError
-    (or OSError) with the reason for a model that cannot be served."""
+    path, name and settings), its engine observed by `metrics.observer(id)`, or an
+    EmbeddingModel. Runs in a worker thread; raises ValueError (or OSError) with the reason for a
+    model that cannot be served."""
 
     def load(entry: ModelEntry) -> ChatModel | EmbeddingModel:
         from lmserve import memory
@@ -128,9 +155,13 @@ def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingCon
             from lmserve.engine.async_engine import AsyncEngine
             from lmserve.engine.engine import LLMEngine
 
-            config = replace(engine_defaults, model_path=entry.source, served_model_name=entry.id, **entry.settings)
+            config = engine_config_for(engine_defaults, entry)
             with memory.large_blocks_mapped_apart():
-                model = ChatModel(AsyncEngine(LLMEngine.from_config(config), observers=observers), pooling)
+                engine = LLMEngine.from_config(config)
+                if entry.preload:
+                    preload(engine, entry.preload)
+                observers = [metrics.observer(entry.id)] if metrics is not None else []
+                model = ChatModel(AsyncEngine(engine, observers=observers), pooling)
         released = memory.settle_after_load()
         log.info("model %s ready: %d MiB of weights (%d MiB of start-up-only library pages released)", entry.id,
                  model.weights_bytes >> 20, released >> 20)

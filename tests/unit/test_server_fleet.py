@@ -90,3 +90,24 @@ def test_the_status_document_and_lmserve_ps_table():
     assert table[1].split() == [MODEL, "chat", "loaded", "0", "MiB", "0", "never"]
     assert table[2].split() == ["second", "chat", "unloaded", "-", "0", "-"]
     assert len(ps_table(client.get("/").json()["models"]).splitlines()) == 2  # loaded ones only
+
+
+def test_a_models_defaults_fill_what_a_request_leaves_out():
+    from fastapi.testclient import TestClient
+
+    from lmserve.fleet.catalogue import Catalogue, ModelEntry
+    from lmserve.fleet.fleet import Fleet
+    from lmserve.server.app import create_app
+    from lmserve.server.state import ServerState
+    from tests.helpers.server import wrap
+
+    engine = FakeEngine(reply="abcdef")
+    entry = ModelEntry(id=MODEL, source="/models/tiny.gguf", defaults={"max_tokens": 2, "temperature": 0.0})
+    fleet = Fleet(Catalogue([entry]), lambda e: wrap(e, engine))
+    fleet.adopt(MODEL, wrap(entry, engine))
+    client = TestClient(create_app(ServerState(fleet)))
+    defaulted = chat(client).json()
+    assert defaulted["usage"]["completion_tokens"] == 2 and defaulted["choices"][0]["finish_reason"] == "length"
+    assert engine.calls[-1][2].temperature == 0.0
+    assert chat(client, max_tokens=4, temperature=0.5).json()["usage"]["completion_tokens"] == 4  # the request wins
+    assert engine.calls[-1][2].temperature == 0.5

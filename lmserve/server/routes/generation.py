@@ -49,6 +49,7 @@ async def _generate(body, request: Request, state: ServerState, id_prefix: str, 
     unloaded under it."""
     lease = await state.chat_model(body.model, body.keep_alive)
     try:
+        body = with_model_defaults(body, lease.entry.defaults)
         engine = lease.model.engine
         meta = ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
         # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
@@ -69,6 +70,12 @@ async def _generate(body, request: Request, state: ServerState, id_prefix: str, 
     finally:
         if lease is not None:
             lease.release()
+
+
+def with_model_defaults(body, defaults: dict[str, Any]):
+    """`body` with its model's sampling defaults (--config) for the fields the request left out."""
+    missing = {key: value for key, value in defaults.items() if key not in body.model_fields_set}
+    return body.model_copy(update=missing) if missing else body
 
 
 def _counting_tokens(engine, request: Request, plan):
