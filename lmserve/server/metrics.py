@@ -1,13 +1,15 @@
 """Prometheus metrics for one server, fed from the outside of the core.
 
-`ServerMetrics` is an engine observer (see async_engine.EngineObserver): it hears each added and
-aborted request and each step's stats and outputs on the engine thread, and derives token
-counts and per-request latencies from them. HTTP request counts come from the access
+Each model's engine gets an observer (`ServerMetrics.observer(model)`, see
+async_engine.EngineObserver): it hears each added and aborted request and each step's stats and
+outputs on the engine thread, and derives token counts and per-request latencies from them, in
+series labelled with the model. The fleet reports loads and unloads. HTTP request counts come from the access
 middleware's finished records. Every app owns its own CollectorRegistry: nothing global.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                480.0, 960.0, 1920.0, 7680.0)
 STEP_TOKEN_BUCKETS = tuple(float(2**k) for k in range(14))  # 1 .. 8192
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOAD_SECONDS_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -56,8 +59,6 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._timings: dict[str, _Timing] = {}  # engine request id -> clock; engine thread only
-        self._last_prefix_counts = (0, 0)  # (queries, hits) at the previous step
         self._define_http_and_tokens()
         self._define_latencies()
         self._define_engine_state()
@@ -67,40 +68,95 @@ class ServerMetrics:
         self.http_requests = Counter("lmserve:http_requests", "HTTP requests by method, route and status code.",
                                      ["method", "route", "status"], registry=r)
         self.prompt_tokens = Counter("lmserve:prompt_tokens", "Prompt tokens of engine requests that ran.",
-                                     registry=r)
-        self.generation_tokens = Counter("lmserve:generation_tokens", "Tokens generated.", registry=r)
+                                     ["model"], registry=r)
+        self.generation_tokens = Counter("lmserve:generation_tokens", "Tokens generated.", ["model"], registry=r)
         self.requests_finished = Counter("lmserve:request_success", "Engine requests finished, by reason.",
-                                         ["finished_reason"], registry=r)
+                                         ["model", "finished_reason"], registry=r)
 
     def _define_latencies(self) -> None:
         r = self.registry
         self.ttft = Histogram("lmserve:time_to_first_token_seconds", "From arrival at the engine to the first "
-                              "token.", buckets=TTFT_BUCKETS, registry=r)
+                              "token.", ["model"], buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("lmserve:inter_token_latency_seconds", "Between consecutive tokens of a request.",
-                             buckets=ITL_BUCKETS, registry=r)
+                             ["model"], buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("lmserve:e2e_request_latency_seconds", "From arrival at the engine to the last "
-                             "output.", buckets=E2E_BUCKETS, registry=r)
+                             "output.", ["model"], buckets=E2E_BUCKETS, registry=r)
         self.tokens_per_step = Histogram("lmserve:tokens_per_step", "Tokens run through the model per engine "
-                                         "step.", buckets=STEP_TOKEN_BUCKETS, registry=r)
+                                         "step.", ["model"], buckets=STEP_TOKEN_BUCKETS, registry=r)
         self.step_seconds = Histogram("lmserve:step_duration_seconds", "Wall time of one engine step.",
-                                      buckets=STEP_SECONDS_BUCKETS, registry=r)
+                                      ["model"], buckets=STEP_SECONDS_BUCKETS, registry=r)
 
     def _define_engine_state(self) -> None:
         r = self.registry
-        self.running = Gauge("lmserve:num_requests_running", "Sequences being decoded.", registry=r)
-        self.waiting = Gauge("lmserve:num_requests_waiting", "Sequences waiting to be scheduled.", registry=r)
-        self.kv_usage = Gauge("lmserve:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).",
+        self.running = Gauge("lmserve:num_requests_running", "Sequences being decoded.", ["model"], registry=r)
+        self.waiting = Gauge("lmserve:num_requests_waiting", "Sequences waiting to be scheduled.", ["model"],
+                             registry=r)
+        self.kv_usage = Gauge("lmserve:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", ["model"],
                               registry=r)
         self.preemptions = Counter("lmserve:num_preemptions", "Sequences preempted for lack of KV blocks.",
-                                   registry=r)
+                                   ["model"], registry=r)
         self.prefix_queries = Counter("lmserve:prefix_cache_queries", "KV blocks looked up in the prefix cache.",
-                                      registry=r)
-        self.prefix_hits = Counter("lmserve:prefix_cache_hits", "KV blocks found in the prefix cache.",
+                                      ["model"], registry=r)
+        self.prefix_hits = Counter("lmserve:prefix_cache_hits", "KV blocks found in the prefix cache.", ["model"],
                                    registry=r)
-        self.prefix_hit_rate = Gauge("lmserve:prefix_cache_hit_rate", "Prefix cache hits / queries since start.",
-                                     registry=r)
+        self.prefix_hit_rate = Gauge("lmserve:prefix_cache_hit_rate", "Prefix cache hits / queries since the "
+                                     "model loaded.", ["model"], registry=r)
+        self.loads = Counter("lmserve:model_loads", "Model loads, by outcome (loaded or failed).",
+                             ["model", "outcome"], registry=r)
+        self.unloads = Counter("lmserve:model_unloads", "Model unloads, by reason (idle, room, requested, "
+                               "shutdown).", ["model", "reason"], registry=r)
+        self.load_seconds = Histogram("lmserve:model_load_seconds", "Time to load a model.", ["model"],
+                                      buckets=LOAD_SECONDS_BUCKETS, registry=r)
 
-    # --- engine observer (engine thread) ----------------------------------------------------
+    def observer(self, model: str) -> ModelMetrics:
+        """The engine observer for one model's engine: its series carry `model`."""
+        return ModelMetrics(self, model)
+
+    # --- the fleet's events (event loop) ----------------------------------------------------
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        self.loads.labels(model, "loaded").inc()
+        self.load_seconds.labels(model).observe(seconds)
+
+    def model_failed(self, model: str) -> None:
+        self.loads.labels(model, "failed").inc()
+
+    def model_unloaded(self, model: str, reason: str) -> None:
+        self.unloads.labels(model, reason).inc()
+        for gauge in (self.running, self.waiting, self.kv_usage, self.prefix_hit_rate):  # gone with the model
+            with contextlib.suppress(KeyError):
+                gauge.remove(model)
+
+    # --- HTTP side (event loop) -------------------------------------------------------------
+
+    def request_done(self, record: AccessRecord) -> None:
+        """Count one finished HTTP request (an access-middleware sink)."""
+        method = record.method if record.method in HTTP_METHODS else "other"
+        self.http_requests.labels(method, record.route, str(record.status)).inc()
+
+    def render(self, loads: dict[str, dict[str, int]]) -> bytes:
+        """The Prometheus text exposition; gauges of engine load are read now from `loads` (model id
+        -> its engine's snapshot, for the loaded chat models)."""
+        for model, snapshot in loads.items():
+            self.running.labels(model).set(snapshot["num_running"])
+            self.waiting.labels(model).set(snapshot["num_waiting"])
+            self.kv_usage.labels(model).set(1.0 - snapshot["num_free_kv_blocks"] / max(snapshot["num_kv_blocks"], 1))
+        return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """An engine observer (see async_engine.EngineObserver) feeding one model's series of
+    ServerMetrics; called on that engine's thread."""
+
+    def __init__(self, metrics: ServerMetrics, model: str):
+        self.model = model
+        self._m = metrics
+        self._timings: dict[str, _Timing] = {}  # engine request id -> clock
+        self._last_prefix_counts = (0, 0)  # (queries, hits) at the previous step: this engine's since it loaded
+        for series in (metrics.prompt_tokens, metrics.generation_tokens, metrics.ttft, metrics.itl, metrics.e2e,
+                       metrics.tokens_per_step, metrics.step_seconds, metrics.preemptions, metrics.prefix_queries,
+                       metrics.prefix_hits):
+            series.labels(model)  # exported from the start, at zero, rather than from the first event
 
     def request_added(self, request_id: str, now: float) -> None:
         self._timings[request_id] = _Timing(now)
@@ -115,44 +171,32 @@ class ServerMetrics:
             self._observe_output(output, now)
 
     def _observe_stats(self, stats: StepStats) -> None:
-        self.tokens_per_step.observe(stats.num_scheduled_tokens)
-        self.step_seconds.observe(stats.step_seconds)
-        self.preemptions.inc(stats.num_preempted)
+        m, model = self._m, self.model
+        m.tokens_per_step.labels(model).observe(stats.num_scheduled_tokens)
+        m.step_seconds.labels(model).observe(stats.step_seconds)
+        m.preemptions.labels(model).inc(stats.num_preempted)
         queries, hits = stats.num_prefix_cache_queries, stats.num_prefix_cache_hits
         last_queries, last_hits = self._last_prefix_counts
-        self.prefix_queries.inc(max(queries - last_queries, 0))
-        self.prefix_hits.inc(max(hits - last_hits, 0))
+        m.prefix_queries.labels(model).inc(max(queries - last_queries, 0))
+        m.prefix_hits.labels(model).inc(max(hits - last_hits, 0))
         self._last_prefix_counts = (queries, hits)
         if queries:
-            self.prefix_hit_rate.set(hits / queries)
+            m.prefix_hit_rate.labels(model).set(hits / queries)
 
     def _observe_output(self, output: RequestOutput, now: float) -> None:
+        m, model = self._m, self.model
         timing = self._timings.get(output.request_id)
         if timing is None:  # not added through the observed engine
             return
         if timing.last_output is None:
-            self.prompt_tokens.inc(output.num_prompt_tokens)
+            m.prompt_tokens.labels(model).inc(output.num_prompt_tokens)
         if output.finish_reason != FinishReason.ERROR:
-            latency = self.ttft if timing.last_output is None else self.itl
-            latency.observe(now - (timing.last_output if timing.last_output is not None else timing.arrival))
+            latency = m.ttft if timing.last_output is None else m.itl
+            latency.labels(model).observe(now - (timing.last_output if timing.last_output is not None
+                                                 else timing.arrival))
         timing.last_output = now
-        self.generation_tokens.inc(len(output.new_token_ids))
+        m.generation_tokens.labels(model).inc(len(output.new_token_ids))
         if output.finished:
             del self._timings[output.request_id]
-            self.e2e.observe(now - timing.arrival)
-            self.requests_finished.labels(output.finish_reason.value).inc()
-
-    # --- HTTP side (event loop) -------------------------------------------------------------
-
-    def request_done(self, record: AccessRecord) -> None:
-        """Count one finished HTTP request (an access-middleware sink)."""
-        method = record.method if record.method in HTTP_METHODS else "other"
-        self.http_requests.labels(method, record.route, str(record.status)).inc()
-
-    def render(self, snapshot: dict[str, int] | None) -> bytes:
-        """The Prometheus text exposition; gauges of engine load are read now from `snapshot`."""
-        if snapshot is not None:
-            self.running.set(snapshot["num_running"])
-            self.waiting.set(snapshot["num_waiting"])
-            self.kv_usage.set(1.0 - snapshot["num_free_kv_blocks"] / max(snapshot["num_kv_blocks"], 1))
-        return generate_latest(self.registry)
+            m.e2e.labels(model).observe(now - timing.arrival)
+            m.requests_finished.labels(model, output.finish_reason.value).inc()

@@ -60,8 +60,10 @@ def test_metrics_move_by_the_tokens_of_a_known_request(ops_server):
         "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "ignore_eos": True}).json()
     after = metric_samples(httpx.get(f"{ops_server}/metrics").text)
 
-    def moved(name, **labels):
-        key = (name, tuple(sorted(labels.items())))
+    model = reply["model"]
+
+    def moved(name, **labels):  # engine series carry the model's id
+        key = (name, tuple(sorted({"model": model, **labels}.items())))
         return after.get(key, 0) - before.get(key, 0)
 
     assert reply["usage"]["completion_tokens"] == 3
@@ -71,9 +73,11 @@ def test_metrics_move_by_the_tokens_of_a_known_request(ops_server):
     assert moved("lmserve:inter_token_latency_seconds_count") == 2
     assert moved("lmserve:e2e_request_latency_seconds_count") == 1
     assert moved("lmserve:request_success_total", finished_reason="length") == 1
-    assert moved("lmserve:http_requests_total", method="POST", route="/v1/completions", status="200") == 1
+    http = ("lmserve:http_requests_total", (("method", "POST"), ("route", "/v1/completions"), ("status", "200")))
+    assert after[http] - before.get(http, 0) == 1
     assert moved("lmserve:tokens_per_step_sum") == reply["usage"]["prompt_tokens"] + 2  # prefill, then 2 decodes
-    assert after[("lmserve:num_requests_running", ())] == 0
+    assert after[("lmserve:num_requests_running", (("model", model),))] == 0
+    assert after[("lmserve:model_loads_total", (("model", model), ("outcome", "loaded")))] == 1
 
 
 def test_cors_preflight_and_actual_requests(ops_server):

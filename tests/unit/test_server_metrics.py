@@ -16,9 +16,11 @@ from tests.helpers.fake_engine import CountingEngine
 from tests.helpers.prometheus import metric_samples
 
 
-def value(metrics: ServerMetrics, name: str, **labels) -> float:
+def value(metrics: ServerMetrics, name: str, model: str | None = "m", **labels) -> float:
+    """One sample; engine series carry the model's label (model=None for those that do not)."""
     # KeyError when the sample is missing: a renamed or unregistered metric must not read as 0
-    return metric_samples(metrics.render(None).decode())[(name, tuple(sorted(labels.items())))]
+    labels = labels if model is None else {**labels, "model": model}
+    return metric_samples(metrics.render({}).decode())[(name, tuple(sorted(labels.items())))]
 
 
 def out(rid, token_ids, finish=None, num_prompt_tokens=5):
@@ -30,10 +32,11 @@ def out(rid, token_ids, finish=None, num_prompt_tokens=5):
 
 def test_token_counts_and_latencies_from_one_request():
     metrics = ServerMetrics()
-    metrics.request_added("a", now=10.0)
-    metrics.step_done(StepStats(num_scheduled_tokens=5), [out("a", [7])], now=10.5)
-    metrics.step_done(StepStats(num_scheduled_tokens=1), [out("a", [8])], now=10.75)
-    metrics.step_done(StepStats(num_scheduled_tokens=1), [out("a", [9], FinishReason.LENGTH)], now=11.0)
+    observer = metrics.observer("m")
+    observer.request_added("a", now=10.0)
+    observer.step_done(StepStats(num_scheduled_tokens=5), [out("a", [7])], now=10.5)
+    observer.step_done(StepStats(num_scheduled_tokens=1), [out("a", [8])], now=10.75)
+    observer.step_done(StepStats(num_scheduled_tokens=1), [out("a", [9], FinishReason.LENGTH)], now=11.0)
     assert value(metrics, "lmserve:prompt_tokens_total") == 5  # once, not per output
     assert value(metrics, "lmserve:generation_tokens_total") == 3
     assert value(metrics, "lmserve:time_to_first_token_seconds_count") == 1
@@ -49,10 +52,11 @@ def test_token_counts_and_latencies_from_one_request():
 
 def test_aborted_requests_leave_no_latency_and_unknown_ids_are_ignored():
     metrics = ServerMetrics()
-    metrics.request_added("a", now=0.0)
-    metrics.step_done(StepStats(num_scheduled_tokens=5), [out("a", [7]), out("ghost", [1])], now=1.0)
-    metrics.request_aborted("a")
-    metrics.step_done(None, [out("a", [8], FinishReason.STOP)], now=2.0)  # too late: forgotten
+    observer = metrics.observer("m")
+    observer.request_added("a", now=0.0)
+    observer.step_done(StepStats(num_scheduled_tokens=5), [out("a", [7]), out("ghost", [1])], now=1.0)
+    observer.request_aborted("a")
+    observer.step_done(None, [out("a", [8], FinishReason.STOP)], now=2.0)  # too late: forgotten
     assert value(metrics, "lmserve:generation_tokens_total") == 1
     assert value(metrics, "lmserve:e2e_request_latency_seconds_count") == 0
     assert value(metrics, "lmserve:tokens_per_step_count") == 1  # None stats are not a step
@@ -60,29 +64,52 @@ def test_aborted_requests_leave_no_latency_and_unknown_ids_are_ignored():
 
 def test_errors_finish_without_a_latency_sample():
     metrics = ServerMetrics()
-    metrics.request_added("a", now=0.0)
-    metrics.step_done(None, [out("a", [], FinishReason.ERROR)], now=1.0)
+    observer = metrics.observer("m")
+    observer.request_added("a", now=0.0)
+    observer.step_done(None, [out("a", [], FinishReason.ERROR)], now=1.0)
     assert value(metrics, "lmserve:time_to_first_token_seconds_count") == 0
     assert value(metrics, "lmserve:request_success_total", finished_reason="error") == 1
 
 
 def test_prefix_cache_counters_follow_the_cumulative_stats():
     metrics = ServerMetrics()
-    metrics.step_done(StepStats(num_prefix_cache_queries=4, num_prefix_cache_hits=1, num_preempted=1), [], now=0)
-    metrics.step_done(StepStats(num_prefix_cache_queries=10, num_prefix_cache_hits=5), [], now=1)
+    observer = metrics.observer("m")
+    observer.step_done(StepStats(num_prefix_cache_queries=4, num_prefix_cache_hits=1, num_preempted=1), [], now=0)
+    observer.step_done(StepStats(num_prefix_cache_queries=10, num_prefix_cache_hits=5), [], now=1)
     assert value(metrics, "lmserve:prefix_cache_queries_total") == 10
     assert value(metrics, "lmserve:prefix_cache_hits_total") == 5
     assert value(metrics, "lmserve:prefix_cache_hit_rate") == 0.5
     assert value(metrics, "lmserve:num_preemptions_total") == 1
 
 
-def test_load_gauges_are_read_from_the_snapshot():
+def test_load_gauges_are_read_from_the_snapshots_per_model():
     metrics = ServerMetrics()
-    text = metrics.render({"num_running": 3, "num_waiting": 2, "num_kv_blocks": 8, "num_free_kv_blocks": 2})
+    text = metrics.render({"a": {"num_running": 3, "num_waiting": 2, "num_kv_blocks": 8, "num_free_kv_blocks": 2},
+                           "b": {"num_running": 1, "num_waiting": 0, "num_kv_blocks": 8, "num_free_kv_blocks": 8}})
     samples = metric_samples(text.decode())
-    assert samples[("lmserve:num_requests_running", ())] == 3
-    assert samples[("lmserve:num_requests_waiting", ())] == 2
-    assert samples[("lmserve:kv_cache_usage_perc", ())] == 0.75
+    assert samples[("lmserve:num_requests_running", (("model", "a"),))] == 3
+    assert samples[("lmserve:num_requests_waiting", (("model", "a"),))] == 2
+    assert samples[("lmserve:kv_cache_usage_perc", (("model", "a"),))] == 0.75
+    assert samples[("lmserve:num_requests_running", (("model", "b"),))] == 1
+    metrics.model_unloaded("b", "idle")  # an unloaded model's gauges go with it
+    samples = metric_samples(metrics.render({}).decode())
+    assert ("lmserve:num_requests_running", (("model", "b"),)) not in samples
+    assert samples[("lmserve:model_unloads_total", (("model", "b"), ("reason", "idle")))] == 1
+
+
+def test_two_models_series_stay_apart():
+    metrics = ServerMetrics()
+    a, b = metrics.observer("a"), metrics.observer("b")
+    a.step_done(StepStats(num_prefix_cache_queries=10, num_prefix_cache_hits=5), [], now=0)
+    b.step_done(StepStats(num_prefix_cache_queries=4, num_prefix_cache_hits=4), [], now=0)
+    a.step_done(StepStats(num_prefix_cache_queries=12, num_prefix_cache_hits=5), [], now=1)
+    assert value(metrics, "lmserve:prefix_cache_queries_total", model="a") == 12  # each engine's own running totals
+    assert value(metrics, "lmserve:prefix_cache_queries_total", model="b") == 4
+    assert value(metrics, "lmserve:prefix_cache_hit_rate", model="b") == 1.0
+    metrics.model_loaded("a", 2.5)
+    metrics.model_failed("c")
+    assert value(metrics, "lmserve:model_load_seconds_sum", model="a") == 2.5
+    assert value(metrics, "lmserve:model_loads_total", model="c", outcome="failed") == 1
 
 
 # ---------------------------------------------------------------- AsyncEngine's hook
@@ -126,7 +153,7 @@ async def collect(engine, request_id="r", prompt=(1, 2)):
 
 def test_observers_see_adds_steps_and_outputs_and_a_broken_one_does_no_harm():
     recorder, metrics = Recorder(), ServerMetrics()
-    engine = AsyncEngine(CountingEngine(), observers=[Broken(), recorder, metrics])
+    engine = AsyncEngine(CountingEngine(), observers=[Broken(), recorder, metrics.observer("m")])
     assert run(engine, collect) == [[1], [2], [3]]
     assert recorder.events == [("added", "r"), ("step", 1, [("r", [1])]), ("step", 1, [("r", [2])]),
                                ("step", 1, [("r", [3])])]

@@ -140,8 +140,8 @@ def test_metrics_label_unknown_http_methods_as_other(client):
 
 def test_metrics_gauges_come_from_the_engine_snapshot(client):
     samples = metric_samples(client.get("/metrics").text)
-    assert samples[("lmserve:num_requests_running", ())] == 0
-    assert samples[("lmserve:kv_cache_usage_perc", ())] == 0.0  # the fake has 8 of 8 blocks free
+    assert samples[("lmserve:num_requests_running", (("model", MODEL),))] == 0
+    assert samples[("lmserve:kv_cache_usage_perc", (("model", MODEL),))] == 0.0  # the fake has 8 of 8 blocks free
 
 
 def test_each_app_has_its_own_registry():

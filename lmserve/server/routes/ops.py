@@ -156,5 +156,6 @@ def default_params() -> dict[str, Any]:
 
 @server_router.get("/metrics")
 async def metrics(state: State) -> Response:
-    snapshot = total_load(state) if state.loaded_engines() else None
-    return Response(state.metrics.render(snapshot), media_type=CONTENT_TYPE)
+    loads = {slot.entry.id: slot.model.engine.snapshot() for slot in state.fleet.slots()
+             if slot.status is ModelStatus.LOADED and slot.entry.kind == "chat"}
+    return Response(state.metrics.render(loads), media_type=CONTENT_TYPE)
