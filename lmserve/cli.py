@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every .gguf file and Hugging Face folder in DIR is a model too (read again when listed)")
     serve.add_argument("--max-loaded-models", type=positive_int,
                        help="models loaded at once; loading another unloads the least recently used idle one")
+    serve.add_argument("--models-memory", type=positive_size, metavar="SIZE",
+                       help="what loaded models may take together (weights + KV cache budgets), e.g. 4GiB; loading "
+                            "one more first unloads the least recently used idle ones")
     serve.add_argument("--default-ttl", type=parse_duration, default=None, metavar="DURATION",
                        help="unload a model idle this long (300, 5m, 1h; default: never)")
     serve.add_argument("--no-autoload", action="store_true",
@@ -185,7 +188,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from lmserve.fleet.fleet import Fleet
-    from lmserve.fleet.models import model_loader
+    from lmserve.fleet.models import footprint_estimator, model_loader
     from lmserve.server.app import create_app
     from lmserve.server.metrics import ServerMetrics
     from lmserve.server.middleware.cors import parse_origins
@@ -203,7 +206,8 @@ def serve(args: argparse.Namespace) -> None:
     load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,
                         pooling=args.chat_embedding_pooling)
     fleet = Fleet(models, load, max_loaded=args.max_loaded_models, default_ttl=args.default_ttl,
-                  autoload=not args.no_autoload, events=metrics)
+                  autoload=not args.no_autoload, events=metrics, max_memory=args.models_memory,
+                  footprint=footprint_estimator(config))
     one_model = len(args.model) <= 1 and args.config is None and args.models_dir is None  # as lmserve always was
     state = ServerState(fleet, api_keys=api_keys(args), allowed_origins=parse_origins(args.allowed_origins),
                         max_request_body=args.max_request_body, metrics=metrics, load_timeout=args.load_timeout,

@@ -76,6 +76,10 @@ class ModelFailed(RuntimeError):
     """The model could not be loaded; the message says why."""
 
 
+class ModelTooLarge(ValueError):
+    """The model needs more than the fleet's whole memory budget: it can never be loaded."""
+
+
 class NotLoaded(RuntimeError):
     """The model is not loaded and the fleet does not load on demand."""
 
@@ -92,6 +96,7 @@ class Slot:
     leases: int = 0  # requests holding the model now
     last_used: float = 0.0  # time.monotonic() of the last lease's release (or of the load)
     loaded_at: float = 0.0
+    footprint: int = 0  # bytes it takes loaded (weights and KV budget), estimated before loading
     keep_alive: float | None = None  # set by the last request that asked (Ollama's keep_alive): wins over the ttl
 
     @property
@@ -119,6 +124,7 @@ class Fleet:
     def __init__(self, catalogue: Catalogue, load: Callable[[ModelEntry], Servable], *,
                  max_loaded: int | None = None, default_ttl: float | None = None, autoload: bool = True,
                  wait_timeout: float = 60.0, drain_timeout: float = 30.0, events: FleetEvents | None = None,
+                 max_memory: int | None = None, footprint: Callable[[ModelEntry], int] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
@@ -129,6 +135,8 @@ class Fleet:
         self.autoload = autoload
         self.wait_timeout = wait_timeout
         self.drain_timeout = drain_timeout
+        self.max_memory = max_memory  # bytes the loaded models' footprints may add up to
+        self._footprint = footprint if footprint is not None else (lambda entry: 0)
         self._clock = clock
         self._events = events if events is not None else _NoEvents()
         self._slots: dict[str, Slot] = {}
@@ -208,7 +216,7 @@ class Fleet:
             if entry.pinned:
                 try:
                     await self.load(entry.id)
-                except (ModelFailed, FleetBusy) as exc:
+                except (ModelFailed, FleetBusy, ModelTooLarge) as exc:
                     log.error("pinned model %s: %s", entry.id, exc)
 
     async def close(self) -> None:
@@ -267,7 +275,7 @@ class Fleet:
             slot.status, slot.loaded_at, slot.last_used = ModelStatus.LOADED, self._clock(), self._clock()
             log.info("loaded %s in %.1f s", slot.entry.id, self._clock() - started)
             self._events.model_loaded(slot.entry.id, self._clock() - started)
-        except FleetBusy as exc:
+        except (FleetBusy, ModelTooLarge) as exc:
             slot.status = ModelStatus.UNLOADED
             self._finish_loading(slot, exc)
             return
@@ -291,14 +299,18 @@ class Fleet:
             future.exception()  # retrieved: a load nobody waited for is not an unhandled error
 
     async def _make_room(self, slot: Slot) -> None:
-        """Unload least recently used idle models until `slot` fits under max_loaded, waiting for one
-        to become idle when all are busy (up to wait_timeout), and mark `slot` loading."""
-        if self.max_loaded is None:
-            slot.status = ModelStatus.LOADING
-            return
+        """Unload least recently used idle models until `slot` fits under max_loaded and max_memory,
+        waiting for one to become idle when all are busy (up to wait_timeout), and mark `slot`
+        loading. ModelTooLarge when it could never fit."""
+        if self.max_memory is not None:
+            slot.footprint = await asyncio.to_thread(self._footprint, slot.entry)
+            if slot.footprint > self.max_memory:
+                raise ModelTooLarge(f"The model '{slot.entry.id}' needs {slot.footprint >> 20} MiB (weights and KV "
+                                    f"cache), more than the {self.max_memory >> 20} MiB all models may take "
+                                    "(--models-memory)")
         deadline = self._clock() + self.wait_timeout
         async with self._room:
-            while self._occupied(slot) >= self.max_loaded:
+            while self._crowded(slot):
                 idle = [s for s in self._slots.values() if s is not slot and s.status is ModelStatus.LOADED
                         and not s.busy and not s.entry.pinned]
                 if idle:
@@ -308,17 +320,21 @@ class Fleet:
                     continue
                 remaining = deadline - self._clock()
                 if remaining <= 0:
-                    raise FleetBusy(f"no room to load '{slot.entry.id}': {self.max_loaded} models are loaded "
-                                    "and all are serving requests; retry shortly")
+                    raise FleetBusy(f"no room to load '{slot.entry.id}': the loaded models are all serving "
+                                    "requests; retry shortly")
                 try:
                     await asyncio.wait_for(self._room.wait(), remaining)
                 except TimeoutError:
                     pass
             slot.status = ModelStatus.LOADING  # under the lock: counted by the next load's room check
 
-    def _occupied(self, slot: Slot) -> int:
-        return sum(1 for s in self._slots.values() if s is not slot
-                   and (s.status is ModelStatus.LOADED or s.status is ModelStatus.LOADING))
+    def _crowded(self, slot: Slot) -> bool:
+        """Loading `slot` now would go over max_loaded or max_memory."""
+        others = [s for s in self._slots.values() if s is not slot
+                  and (s.status is ModelStatus.LOADED or s.status is ModelStatus.LOADING)]
+        too_many = self.max_loaded is not None and len(others) >= self.max_loaded
+        too_big = self.max_memory is not None and sum(s.footprint for s in others) + slot.footprint > self.max_memory
+        return too_many or too_big
 
     async def _close(self, slot: Slot, reason: str) -> None:
         """Unload an idle model (no request holds it, so there is nothing to drain)."""

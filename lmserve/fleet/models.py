@@ -35,7 +35,11 @@ def weights_bytes(root: object) -> int:
             continue
         seen_objects.add(id(value))
         if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
+            try:
+                storage = value.untyped_storage()
+            except NotImplementedError:  # oneDNN-packed weights hold their bytes opaquely
+                total += value.numel() * value.element_size()
+                continue
             if storage.data_ptr() not in storages:
                 storages.add(storage.data_ptr())
                 total += storage.nbytes()
@@ -132,6 +136,29 @@ def preload(engine, messages: list[dict[str, str]]) -> int:
     engine.generate([ids], SamplingParams(temperature=0, max_tokens=1))
     log.info("preloaded %d prompt tokens", len(ids))
     return len(ids)
+
+
+def footprint_estimator(engine_defaults: EngineConfig) -> Callable[[ModelEntry], int]:
+    """Bytes a catalogue entry will take loaded, from its header alone: weights in the dtype it will
+    be served in, plus its whole KV cache budget (for --models-memory). 0 when the checkpoint
+    cannot be read: loading it will say why."""
+
+    def footprint(entry: ModelEntry) -> int:
+        from lmserve.weights.size import estimated_weight_bytes
+
+        if entry.kind == "embedding":
+            config, kv_budget = None, 0
+        else:
+            config = engine_config_for(engine_defaults, entry)
+            kv_budget = config.cache.kv_cache_memory_bytes
+        try:
+            weights = estimated_weight_bytes(entry.source, config.dtype if config else "float32", engine_defaults.device)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("cannot size %s before loading it: %s", entry.id, exc)
+            return 0
+        return weights + kv_budget
+
+    return footprint
 
 
 def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingConfig, *, metrics: Any = None,

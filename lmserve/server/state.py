@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from lmserve.fleet.catalogue import UnknownModel, duration_seconds
-from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatus, NotLoaded, Slot
+from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatus, ModelTooLarge, NotLoaded, Slot
 from lmserve.server.errors import APIError
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
@@ -107,6 +107,8 @@ def _fleet_errors():
         raise APIError(500, str(exc), type="server_error", code="model_load_failed") from None
     except FleetBusy as exc:
         raise _retry_later(f"The model cannot be loaded now: {exc}.", "model_capacity") from None
+    except ModelTooLarge as exc:
+        raise APIError(400, f"{exc}.", param="model", code="model_too_large") from None
     except TimeoutError:
         raise _retry_later("The model is still loading; retry shortly.", "model_loading") from None
 

@@ -128,8 +128,8 @@ def test_chat_over_context_names_the_numbers(server):
 
 
 def deep_ref_chain(links: int) -> dict:
-    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}, "required": ["x"]}
-            for i in range(links)}
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}, "required": ["x"],
+                      "additionalProperties": False} for i in range(links)}
     defs[f"d{links}"] = {"type": "integer"}
     return {"$ref": "#/$defs/d0", "$defs": defs}
 
@@ -145,6 +145,8 @@ def test_a_schema_too_deep_to_compile_is_400_on_every_spelling(server):
         assert "nests deeper than 128 levels" in error["message"], fields.keys()
     assert server["proc"].poll() is None
     assert post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 2}).status_code == 200
-    nested = post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 40,
-                                                   "json_schema": deep_ref_chain(3)})
+    nested = post(server, "/v1/chat/completions", {"messages": PARIS, "max_tokens": 40, "temperature": 0,
+                                                   "json_schema": {**deep_ref_chain(3), "$defs": {
+                                                       **deep_ref_chain(3)["$defs"],
+                                                       "d3": {"type": "integer", "minimum": 0, "maximum": 9}}}})
     assert isinstance(json.loads(nested.json()["choices"][0]["message"]["content"])["x"]["x"]["x"], int)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import pytest
+
 from lmserve.cli import default_model_path
 from lmserve.config import CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.fleet.catalogue import ModelEntry
@@ -45,3 +47,14 @@ def test_preloaded_messages_are_cached_for_the_first_request():
     _, warm = first_request_cached_tokens([{"role": "system", "content": SYSTEM}])
     assert cold == 0
     assert warm == system_tokens // 16 * 16 >= 32  # every full KV block of the system turn
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8", "bfloat16", "float32"])
+def test_the_size_estimate_matches_the_loaded_weights(dtype):
+    from lmserve.fleet.models import weights_bytes
+    from lmserve.weights.load import load_model
+    from lmserve.weights.size import estimated_weight_bytes
+
+    loaded = load_model(default_model_path(), dtype, max_positions=512)
+    actual = weights_bytes(loaded.model)
+    assert abs(estimated_weight_bytes(default_model_path(), dtype) - actual) <= 0.03 * actual

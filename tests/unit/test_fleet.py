@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, UnknownModel, entry_for, scan_models_dir
-from lmserve.fleet.fleet import Fleet, FleetBusy, ModelFailed, ModelStatus, NotLoaded
+from lmserve.fleet.fleet import Fleet, FleetBusy, ModelFailed, ModelStatus, ModelTooLarge, NotLoaded
 
 
 class StandIn:
@@ -299,3 +299,26 @@ def test_keep_alive_from_a_request_wins_over_the_ttl():
     after_release, reaped, later = asyncio.run(main())
     assert after_release == {"a": ModelStatus.UNLOADED, "b": ModelStatus.LOADED, "c": ModelStatus.LOADED}
     assert reaped == ["c"] and later == []  # b stays, whatever the ttl
+
+
+def test_a_memory_budget_evicts_for_room_and_refuses_what_never_fits():
+    loader, clock = Loader(), Clock()
+    sizes = {"a": 60, "b": 60, "c": 30, "huge": 150}
+
+    async def use(fleet, name):
+        lease = await fleet.acquire(name)
+        clock.now += 1
+        lease.release()
+
+    async def main():
+        fleet = Fleet(catalogue(*sizes), loader, max_memory=100, footprint=lambda entry: sizes[entry.id], clock=clock)
+        await use(fleet, "a")
+        await use(fleet, "b")  # 60 + 60 > 100: "a" goes
+        await use(fleet, "c")  # 60 + 30 fits beside "b"
+        loaded = {s.entry.id for s in fleet.slots() if s.status is ModelStatus.LOADED}
+        with pytest.raises(ModelTooLarge, match="'huge' needs"):
+            await fleet.acquire("huge")
+        return loaded
+
+    assert asyncio.run(main()) == {"b", "c"}
+    assert loader.loads() == ["a", "b", "c"] and loader.closes() == ["a"]

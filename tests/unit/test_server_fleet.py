@@ -111,3 +111,19 @@ def test_a_models_defaults_fill_what_a_request_leaves_out():
     assert engine.calls[-1][2].temperature == 0.0
     assert chat(client, max_tokens=4, temperature=0.5).json()["usage"]["completion_tokens"] == 4  # the request wins
     assert engine.calls[-1][2].temperature == 0.5
+
+
+def test_a_model_bigger_than_the_memory_budget_is_a_400():
+    from fastapi.testclient import TestClient
+
+    from lmserve.fleet.catalogue import Catalogue, ModelEntry
+    from lmserve.fleet.fleet import Fleet
+    from lmserve.server.app import create_app
+    from lmserve.server.state import ServerState
+    from tests.helpers.server import wrap
+
+    entry = ModelEntry(id=MODEL, source="/models/tiny.gguf")
+    fleet = Fleet(Catalogue([entry]), lambda e: wrap(e, FakeEngine()), max_memory=2**30, footprint=lambda e: 2**31)
+    error = chat(TestClient(create_app(ServerState(fleet)))).json()["error"]
+    assert (error["code"], error["param"]) == ("model_too_large", "model")
+    assert "2048 MiB" in error["message"] and "1024 MiB" in error["message"]
