@@ -12,6 +12,7 @@ from pathlib import Path
 from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, duration_seconds, entry_for, served_name
 from lmserve.fleet.config_file import read_config
+from lmserve.fleet.download import add_pull_parser, pull
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-embedding-pooling", default="mean", choices=["mean", "last"],
                        help="how /v1/embeddings pools the chat model's hidden states")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_pull_parser(commands)
     ps = commands.add_parser("ps", help="list a running server's models: status, memory, requests, time to unload")
     ps.add_argument("--url", default="http://127.0.0.1:8080", help="the server (default http://127.0.0.1:8080)")
     ps.add_argument("--api-key", help="its API key, if it requires one")
@@ -291,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(args)
     elif args.command == "ps":
         ps(args)
+    elif args.command == "pull":
+        pull(args)
 
 
 if __name__ == "__main__":
