@@ -12,7 +12,7 @@ from pathlib import Path
 from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, duration_seconds, entry_for, served_name
 from lmserve.fleet.config_file import read_config
-from lmserve.fleet.download import add_pull_parser, pull
+from lmserve.fleet.download import add_pull_parser, is_remote, pull
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings every chat model gets (its path and name come from its catalogue entry)."""
-    path = Path(args.model[0]) if args.model else default_model_path()
+    path = Path(args.model[0]) if args.model and not is_remote(args.model[0]) else default_model_path()
     return EngineConfig(
         model_path=str(path),
         served_model_name=args.served_model_name or served_name(path),
@@ -167,13 +167,13 @@ def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: Embeddi
     single chat model and the embedding model beside it are pinned: loaded at start-up, as one
     model always was; in a --config file each model says."""
     configured = read_config(args.config, parse_size) if args.config is not None else []
-    paths = [Path(m) for m in args.model]
+    paths = [m if is_remote(m) else Path(m) for m in args.model]  # a remote source stays a string
     if not paths and args.models_dir is None and not configured:
         paths = [Path(config.model_path)]
     if args.served_model_name and len(paths) != 1:
         raise ValueError("--served-model-name names one MODEL; with several, each is named from its file")
     for path in paths:
-        if not path.exists():
+        if isinstance(path, Path) and not path.exists():
             raise ValueError(f"model path {str(path)!r} does not exist")
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise ValueError(f"--models-dir {str(args.models_dir)!r} is not a folder")

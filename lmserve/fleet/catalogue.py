@@ -58,9 +58,14 @@ class UnknownModel(LookupError):
         self.name, self.known = name, known
 
 
-def served_name(path: Path) -> str:
-    """A model's id from its file or folder: "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct"."""
-    name = path.name if path.is_dir() else path.stem
+def served_name(path: Path | str) -> str:
+    """A model's id from its file or folder: "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct";
+    from a remote source, its last part ("hf:org/repo/x.Q4_0.gguf@v1" -> "x", "hf:org/repo" -> "repo")."""
+    if isinstance(path, str):
+        last = path.split("@")[0].rstrip("/").split("/")[-1].split(":")[-1]
+        name = last[: -len(".gguf")] if last.lower().endswith(".gguf") else last
+    else:
+        name = path.name if path.is_dir() else path.stem
     return re.sub(r"[.-](Q\d\w*|F16|F32|BF16|IQ\w+)$", "", name, flags=re.IGNORECASE)
 
 
@@ -75,9 +80,11 @@ def model_kind(path: Path) -> ModelKind:
     return "chat"
 
 
-def entry_for(path: Path, **fields) -> ModelEntry:
-    return ModelEntry(id=fields.pop("id", None) or served_name(path), source=str(path), kind=model_kind(path),
-                      **fields)
+def entry_for(path: Path | str, **fields) -> ModelEntry:
+    """The entry for a local path, or a remote source (a string: "hf:...", "https://..."; a chat
+    model unless `kind` says otherwise, since nothing of it can be read before it is downloaded)."""
+    kind = fields.pop("kind", None) or (model_kind(path) if isinstance(path, Path) else "chat")
+    return ModelEntry(id=fields.pop("id", None) or served_name(path), source=str(path), kind=kind, **fields)
 
 
 def scan_models_dir(folder: Path) -> list[ModelEntry]:

@@ -1,7 +1,7 @@
 """`--config FILE`: the models a server serves, one TOML table each.
 
     [models.qwen]
-    source = "/models/qwen2.5-0.5b-instruct-q8_0.gguf"   # a .gguf file or a Hugging Face folder
+    source = "/models/qwen2.5-0.5b-instruct-q8_0.gguf"   # a .gguf file, a Hugging Face folder, hf:..., https://...
     aliases = ["gpt-4o-mini"]          # other names requests may use
     dtype = "int8"                     # as --dtype (default: the server's)
     max_model_len = 4096               # as --max-model-len
@@ -25,6 +25,7 @@ from typing import Any
 
 from lmserve.config import DTYPE_CHOICES
 from lmserve.fleet.catalogue import ModelEntry, duration_seconds, model_kind
+from lmserve.fleet.download import is_remote
 
 MODEL_KEYS = frozenset({"source", "aliases", "kind", "dtype", "max_model_len", "kv_cache_memory", "ttl", "pinned",
                         "preload", "defaults"})
@@ -69,13 +70,16 @@ def _entry(path: Path, name: str, table: Any, parse_size) -> ModelEntry:
     source = table.get("source")
     if not isinstance(source, str) or not source:
         raise fail("source", "is required: a .gguf file or a Hugging Face folder")
-    source_path = (path.parent / source).expanduser() if not Path(source).is_absolute() else Path(source)
-    if not source_path.exists():
-        raise fail("source", f"names {str(source_path)!r}, which does not exist")
+    if is_remote(source):  # downloaded when first needed
+        source_path = source
+    else:
+        source_path = (path.parent / source).expanduser() if not Path(source).is_absolute() else Path(source)
+        if not source_path.exists():
+            raise fail("source", f"names {str(source_path)!r}, which does not exist")
     aliases = table.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise fail("aliases", "must be a list of names")
-    kind = table.get("kind", model_kind(source_path))
+    kind = table.get("kind", model_kind(source_path) if isinstance(source_path, Path) else "chat")
     if kind not in ("chat", "embedding"):
         raise fail("kind", "must be 'chat' or 'embedding'")
     pinned = table.get("pinned", False)

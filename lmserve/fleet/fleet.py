@@ -12,8 +12,9 @@ unloaded after their ttl (`reap_idle`, called periodically by the server). Unloa
 engine in the server's process: measured, that gives the weights' and KV cache's memory back to
 the OS (bench/RESULTS.md), so no worker process per model is needed.
 
-Models are whatever `load` returns: anything with `drain(timeout)` and `close()` (models.py).
-Loading runs in a worker thread; the event loop keeps serving meanwhile.
+Models are whatever `load(entry, progress)` returns: anything with `drain(timeout)` and `close()`
+(models.py); a loader that downloads first reports progress(bytes done, total), shown as the
+model's `downloading` status. Loading runs in a worker thread; the event loop keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Servable(Protocol):
 
 class ModelStatus(enum.Enum):
     UNLOADED = "unloaded"
+    DOWNLOADING = "downloading"  # its source is remote and its bytes are arriving (Slot.progress)
     LOADING = "loading"
     LOADED = "loaded"
     FAILED = "failed"
@@ -97,11 +99,18 @@ class Slot:
     last_used: float = 0.0  # time.monotonic() of the last lease's release (or of the load)
     loaded_at: float = 0.0
     footprint: int = 0  # bytes it takes loaded (weights and KV budget), estimated before loading
+    progress: tuple[int, int] | None = None  # (bytes done, total; 0 while unknown) while downloading
     keep_alive: float | None = None  # set by the last request that asked (Ollama's keep_alive): wins over the ttl
 
     @property
     def busy(self) -> bool:
         return self.leases > 0
+
+
+def _downloading(slot: Slot, done: int, total: int) -> None:
+    """The loader's progress report (from its thread): downloading until every byte is in."""
+    slot.progress = (done, total)
+    slot.status = ModelStatus.DOWNLOADING if total == 0 or done < total else ModelStatus.LOADING
 
 
 class Lease:
@@ -121,7 +130,7 @@ class Lease:
 
 
 class Fleet:
-    def __init__(self, catalogue: Catalogue, load: Callable[[ModelEntry], Servable], *,
+    def __init__(self, catalogue: Catalogue, load: Callable[[ModelEntry, Callable[[int, int], None]], Servable], *,
                  max_loaded: int | None = None, default_ttl: float | None = None, autoload: bool = True,
                  wait_timeout: float = 60.0, drain_timeout: float = 30.0, events: FleetEvents | None = None,
                  max_memory: int | None = None, footprint: Callable[[ModelEntry], int] | None = None,
@@ -271,7 +280,8 @@ class Fleet:
             await self._make_room(slot)
             started = self._clock()
             log.info("loading %s from %s", slot.entry.id, slot.entry.source)
-            slot.model = await asyncio.to_thread(self._load, slot.entry)
+            slot.model = await asyncio.to_thread(self._load, slot.entry, lambda done, total: _downloading(slot, done, total))
+            slot.progress = None
             slot.status, slot.loaded_at, slot.last_used = ModelStatus.LOADED, self._clock(), self._clock()
             log.info("loaded %s in %.1f s", slot.entry.id, self._clock() - started)
             self._events.model_loaded(slot.entry.id, self._clock() - started)
@@ -331,7 +341,7 @@ class Fleet:
     def _crowded(self, slot: Slot) -> bool:
         """Loading `slot` now would go over max_loaded or max_memory."""
         others = [s for s in self._slots.values() if s is not slot
-                  and (s.status is ModelStatus.LOADED or s.status is ModelStatus.LOADING)]
+                  and s.status in (ModelStatus.LOADED, ModelStatus.LOADING, ModelStatus.DOWNLOADING)]
         too_many = self.max_loaded is not None and len(others) >= self.max_loaded
         too_big = self.max_memory is not None and sum(s.footprint for s in others) + slot.footprint > self.max_memory
         return too_many or too_big

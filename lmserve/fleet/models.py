@@ -168,8 +168,12 @@ def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingCon
     EmbeddingModel. Runs in a worker thread; raises ValueError (or OSError) with the reason for a
     model that cannot be served."""
 
-    def load(entry: ModelEntry) -> ChatModel | EmbeddingModel:
+    def load(entry: ModelEntry, progress: Callable[[int, int], None] | None = None) -> ChatModel | EmbeddingModel:
         from lmserve import memory
+        from lmserve.fleet.download import download, is_remote
+
+        if is_remote(entry.source):  # into the Hugging Face cache (or lmserve's), reported as it arrives
+            entry = replace(entry, source=str(download(entry.source, progress)))
 
         if entry.kind == "embedding":
             from lmserve.embeddings.embedder import EncoderEmbedder

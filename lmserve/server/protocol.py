@@ -326,8 +326,9 @@ class CompletionResponse(BaseModel):
 class ModelStatusInfo(BaseModel):
     """Where a model is in its life, in the shape of llama.cpp's router."""
 
-    value: Literal["unloaded", "loading", "loaded", "failed"]
+    value: Literal["unloaded", "downloading", "loading", "loaded", "failed"]
     error: str | None = None  # why it failed to load
+    progress: dict[str, int] | None = None  # while downloading: {"done": bytes, "total": bytes (0: unknown)}
 
 
 class ModelCard(BaseModel):

@@ -115,3 +115,50 @@ def test_lmserve_ps_lists_the_loaded_model_with_its_memory(fleet):
     name, kind, status, memory, unit, requests, *unloads = shown[1].split()
     assert (name, kind, status, unit, requests) == ("beta", "chat", "loaded", "MiB", "0")
     assert 60 < int(memory) < 400 and unloads[:2] == ["in", "10"]  # int4 weights (~90 MiB) + KV in use
+
+
+def test_a_model_named_by_a_hub_source_is_downloaded_then_served(tmp_path, monkeypatch):
+    from tests.helpers.hub_stand_in import HubStandIn
+
+    gguf = default_model_path()
+    with HubStandIn() as hub:
+        hub.add_repo("tests/smol", {gguf.name: gguf.read_bytes()})
+        for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HOME"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)  # the server process inherits these
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        proc, url, codes = start_server(f"hf:tests/smol/{gguf.name}", "--no-embedding-model")
+        try:
+            assert 503 in codes  # /health waited for the download and the load
+            [card] = httpx.get(f"{url}/v1/models").json()["data"]
+            assert (card["id"], card["status"]["value"]) == ("SmolLM2-135M-Instruct", "loaded")
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "messages": PROMPT, "temperature": 0, "max_tokens": 8}).json()
+            assert reply["model"] == "SmolLM2-135M-Instruct" and reply["choices"][0]["message"]["content"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert [p.stat().st_size for p in (tmp_path / "hub").rglob(gguf.name)] == [gguf.stat().st_size]
+        assert hub.seen("GET", gguf.name)  # fetched from the stand-in, nowhere else
+
+
+def test_two_models_loaded_at_once_answer_as_each_does_alone(tmp_path, client, model_id):
+    for name in ("left", "right"):
+        (tmp_path / f"{name}.gguf").symlink_to(default_model_path())
+    proc, url, _ = start_server("--models-dir", str(tmp_path), "--no-embedding-model")
+    both = {"url": url}
+    try:
+        alone = client.chat.completions.create(model=model_id, messages=PROMPT, temperature=0, max_tokens=24)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one request to each, at the same time
+            replies = list(pool.map(lambda m: ask(both, m, max_tokens=24).json(), ["left", "right"]))
+        assert [r["choices"][0]["message"]["content"] for r in replies] == [alone.choices[0].message.content] * 2
+        assert statuses(both) == {"left": "loaded", "right": "loaded"}
+        assert ask(both, "left", keep_alive=0).status_code == 200  # Ollama's "unload after this request"
+        deadline = time.monotonic() + 10
+        while statuses(both)["left"] != "unloaded":
+            assert time.monotonic() < deadline, "keep_alive 0 did not unload the model"
+            time.sleep(0.1)
+        assert statuses(both)["right"] == "loaded"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -31,7 +31,7 @@ class GatedLoader:
         self.models = dict(models)
         self.gates = {model_id: threading.Event() for model_id, value in models.items() if value is None}
 
-    def __call__(self, entry: ModelEntry):
+    def __call__(self, entry: ModelEntry, progress=None):
         if entry.id in self.gates and not self.gates[entry.id].wait(30):
             raise RuntimeError("the test never finished loading this model")
         return wrap(entry, self.models[entry.id])

@@ -37,7 +37,7 @@ class Loader:
         self.events: list = []
         self.gate = gate
 
-    def __call__(self, entry: ModelEntry) -> StandIn:
+    def __call__(self, entry: ModelEntry, progress=None) -> StandIn:
         if self.gate is not None:
             assert self.gate.wait(5)
         if entry.source == "broken":
@@ -322,3 +322,27 @@ def test_a_memory_budget_evicts_for_room_and_refuses_what_never_fits():
 
     assert asyncio.run(main()) == {"b", "c"}
     assert loader.loads() == ["a", "b", "c"] and loader.closes() == ["a"]
+
+
+def test_a_remote_model_shows_its_download_progress_then_loads():
+    reported, finish = threading.Event(), threading.Event()
+
+    def load(entry, progress):
+        progress(300, 1000)
+        reported.set()
+        assert finish.wait(5)
+        progress(1000, 1000)
+        return StandIn(entry, [])
+
+    async def main():
+        fleet = Fleet(Catalogue([ModelEntry(id="remote", source="hf:org/repo/m.gguf")]), load)
+        waiting = asyncio.create_task(fleet.acquire("remote"))
+        while not reported.is_set():
+            await asyncio.sleep(0.01)
+        [slot] = fleet.slots()
+        during = (slot.status, slot.progress)
+        finish.set()
+        await waiting
+        return during, (slot.status, slot.progress)
+
+    assert asyncio.run(main()) == ((ModelStatus.DOWNLOADING, (300, 1000)), (ModelStatus.LOADED, None))

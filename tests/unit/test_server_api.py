@@ -499,7 +499,7 @@ def test_health_and_loading_then_ready():
         assert_error(response, 503, code="model_loading")
         assert response.headers["retry-after"] == "5"
         [card] = client.get("/v1/models").json()["data"]
-        assert (card["max_model_len"], card["status"]) == (None, {"value": "loading", "error": None})
+        assert (card["max_model_len"], card["status"]) == (None, {"value": "loading", "error": None, "progress": None})
         loader.finish(MODEL, FakeEngine())
         wait_until(lambda: client.get("/health").status_code == 200)
         assert client.get("/health").json() == {"status": "ok", **FakeEngine().snapshot()}

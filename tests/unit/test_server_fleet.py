@@ -23,8 +23,8 @@ def test_models_are_listed_with_their_status_and_aliases():
     client = make_client(more_models={"second": FakeEngine()})
     cards = client.get("/v1/models").json()["data"]
     assert [(c["id"], c["kind"], c["status"], c["max_model_len"]) for c in cards] == [
-        (MODEL, "chat", {"value": "loaded", "error": None}, 64),
-        ("second", "chat", {"value": "loaded", "error": None}, 64)]
+        (MODEL, "chat", {"value": "loaded", "error": None, "progress": None}, 64),
+        ("second", "chat", {"value": "loaded", "error": None, "progress": None}, 64)]
 
 
 def test_unload_then_load_by_route():
@@ -103,7 +103,7 @@ def test_a_models_defaults_fill_what_a_request_leaves_out():
 
     engine = FakeEngine(reply="abcdef")
     entry = ModelEntry(id=MODEL, source="/models/tiny.gguf", defaults={"max_tokens": 2, "temperature": 0.0})
-    fleet = Fleet(Catalogue([entry]), lambda e: wrap(e, engine))
+    fleet = Fleet(Catalogue([entry]), lambda e, progress: wrap(e, engine))
     fleet.adopt(MODEL, wrap(entry, engine))
     client = TestClient(create_app(ServerState(fleet)))
     defaulted = chat(client).json()
@@ -123,7 +123,17 @@ def test_a_model_bigger_than_the_memory_budget_is_a_400():
     from tests.helpers.server import wrap
 
     entry = ModelEntry(id=MODEL, source="/models/tiny.gguf")
-    fleet = Fleet(Catalogue([entry]), lambda e: wrap(e, FakeEngine()), max_memory=2**30, footprint=lambda e: 2**31)
+    fleet = Fleet(Catalogue([entry]), lambda e, progress: wrap(e, FakeEngine()), max_memory=2**30, footprint=lambda e: 2**31)
     error = chat(TestClient(create_app(ServerState(fleet)))).json()["error"]
     assert (error["code"], error["param"]) == ("model_too_large", "model")
     assert "2048 MiB" in error["message"] and "1024 MiB" in error["message"]
+
+
+def test_a_model_whose_engine_fails_leaves_the_others_serving():
+    client = make_client(FakeEngine(fail_after=0), more_models={"second": FakeEngine()},
+                         raise_server_exceptions=False)
+    failed = chat(client)
+    assert failed.status_code == 500 and "device fell over" in failed.json()["error"]["message"]
+    assert chat(client, model="second").status_code == 200
+    assert chat(client, model="second", stream=True).status_code == 200
+    assert leases(client) == 0 and leases(client, "second") == 0

@@ -53,4 +53,11 @@ def _model_card(state: ServerState, slot: Slot) -> ModelCard:
     loaded = slot.status is ModelStatus.LOADED
     return ModelCard(id=slot.entry.id, created=state.created, kind=slot.entry.kind, aliases=list(slot.entry.aliases),
                      max_model_len=slot.model.max_model_len if loaded else None,
-                     status=ModelStatusInfo(value=slot.status.value, error=slot.error))
+                     status=ModelStatusInfo(value=slot.status.value, error=slot.error, progress=_progress(slot)))
+
+
+def _progress(slot: Slot) -> dict[str, int] | None:
+    if slot.status is not ModelStatus.DOWNLOADING or slot.progress is None:
+        return None
+    done, total = slot.progress
+    return {"done": done, "total": total}

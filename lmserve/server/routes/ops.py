@@ -106,6 +106,8 @@ def model_status(state: ServerState, slot: Slot) -> dict[str, Any]:
         "kind": slot.entry.kind,
         "status": slot.status.value,
         "error": slot.error,
+        "download": {"done": slot.progress[0], "total": slot.progress[1]}
+        if slot.status is ModelStatus.DOWNLOADING and slot.progress else None,
         "aliases": list(slot.entry.aliases),
         "pinned": slot.entry.pinned,
         "requests": slot.leases,  # requests holding the model: running, waiting or streaming out
