@@ -208,7 +208,8 @@ def serve(args: argparse.Namespace) -> None:
     load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,
                         pooling=args.chat_embedding_pooling)
     fleet = Fleet(models, load, max_loaded=args.max_loaded_models, default_ttl=args.default_ttl,
-                  autoload=not args.no_autoload, events=metrics, max_memory=args.models_memory,
+                  autoload=not args.no_autoload, wait_timeout=args.load_timeout, events=metrics,
+                  max_memory=args.models_memory,
                   footprint=footprint_estimator(config))
     one_model = len(args.model) <= 1 and args.config is None and args.models_dir is None  # as lmserve always was
     state = ServerState(fleet, api_keys=api_keys(args), allowed_origins=parse_origins(args.allowed_origins),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import math
 import time
@@ -132,7 +133,7 @@ class Lease:
 class Fleet:
     def __init__(self, catalogue: Catalogue, load: Callable[[ModelEntry, Callable[[int, int], None]], Servable], *,
                  max_loaded: int | None = None, default_ttl: float | None = None, autoload: bool = True,
-                 wait_timeout: float = 60.0, drain_timeout: float = 30.0, events: FleetEvents | None = None,
+                 wait_timeout: float | None = 60.0, drain_timeout: float = 30.0, events: FleetEvents | None = None,
                  max_memory: int | None = None, footprint: Callable[[ModelEntry], int] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         if max_loaded is not None and max_loaded < 1:
@@ -280,7 +281,8 @@ class Fleet:
             await self._make_room(slot)
             started = self._clock()
             log.info("loading %s from %s", slot.entry.id, slot.entry.source)
-            slot.model = await asyncio.to_thread(self._load, slot.entry, lambda done, total: _downloading(slot, done, total))
+            report = functools.partial(_downloading, slot)
+            slot.model = await asyncio.to_thread(self._load, slot.entry, report)
             slot.progress = None
             slot.status, slot.loaded_at, slot.last_used = ModelStatus.LOADED, self._clock(), self._clock()
             log.info("loaded %s in %.1f s", slot.entry.id, self._clock() - started)
@@ -318,7 +320,7 @@ class Fleet:
                 raise ModelTooLarge(f"The model '{slot.entry.id}' needs {slot.footprint >> 20} MiB (weights and KV "
                                     f"cache), more than the {self.max_memory >> 20} MiB all models may take "
                                     "(--models-memory)")
-        deadline = self._clock() + self.wait_timeout
+        deadline = None if self.wait_timeout is None else self._clock() + self.wait_timeout
         async with self._room:
             while self._crowded(slot):
                 idle = [s for s in self._slots.values() if s is not slot and s.status is ModelStatus.LOADED
@@ -328,8 +330,8 @@ class Fleet:
                     log.info("unloading %s (least recently used) to load %s", victim.entry.id, slot.entry.id)
                     await self._close(victim, "room")
                     continue
-                remaining = deadline - self._clock()
-                if remaining <= 0:
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
                     raise FleetBusy(f"no room to load '{slot.entry.id}': the loaded models are all serving "
                                     "requests; retry shortly")
                 try:

@@ -36,7 +36,7 @@ class ServerState:
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # bytes; larger bodies answer 413
     metrics: ServerMetrics = field(default_factory=ServerMetrics, repr=False)  # this server's own registry
     created: int = field(default_factory=lambda: int(time.time()))  # unix time for /v1/models
-    load_timeout: float = 600.0  # seconds a request waits for its model to load before a 503
+    load_timeout: float | None = 600.0  # seconds a request waits for its model to load before a 503; None: no limit
     exit_if_pinned_fails: bool = False  # end the process when a model served from start-up cannot load
 
     @property
