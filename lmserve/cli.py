@@ -186,6 +186,20 @@ def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: Embeddi
     return Catalogue(entries, models_dir=args.models_dir)
 
 
+def preflight_pinned(models: Catalogue, config: EngineConfig) -> None:
+    """The models loaded at start-up are checked from their headers first, so a setting they cannot
+    run with (a KV budget below the context length) stops the server before it says it is up."""
+    from lmserve.engine.engine import preflight
+    from lmserve.fleet.models import engine_config_for
+
+    for entry in models.entries():
+        if entry.pinned and entry.kind == "chat" and not is_remote(entry.source):
+            try:
+                preflight(engine_config_for(config, entry))
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"cannot serve {entry.source}: {exc}") from None
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -202,6 +216,7 @@ def serve(args: argparse.Namespace) -> None:
         if embedding is not None and not Path(embedding.model_path).is_dir():
             raise ValueError(f"embedding model folder {embedding.model_path!r} does not exist")
         models = catalogue(args, config, embedding)
+        preflight_pinned(models, config)
     except ValueError as exc:
         raise SystemExit(f"lmserve: {exc}") from None
     metrics = ServerMetrics()

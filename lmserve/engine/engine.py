@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,6 +16,7 @@ from lmserve.engine.batch import LiveRequest, SchedulerOutput
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
 from lmserve.kernels import paged_decode_attention as native_decode_attention
+from lmserve.model.config import ModelConfig
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmserve.sampling.grammar import GrammarCompiler
 from lmserve.text.detokenizer import IncrementalDetokenizer
@@ -60,6 +62,33 @@ class EngineClosed(RuntimeError):
     """The engine was closed (its model unloaded); it takes no more requests."""
 
 
+def check_sizes(config: EngineConfig, model: ModelConfig, dtype: str) -> tuple[int, int]:
+    """(max_model_len, KV blocks) for `config` on a model of `model`'s shape served in `dtype`;
+    ValueError when the context asked for exceeds the model's or the KV budget cannot hold it."""
+    model_len = model.max_position_embeddings
+    if (config.scheduler.max_model_len or 0) > model_len:
+        raise ValueError(f"max_model_len {config.scheduler.max_model_len} exceeds the model's context "
+                         f"length {model_len}")
+    max_model_len = config.scheduler.max_model_len or model_len
+    block_size = config.cache.block_size
+    num_blocks = num_blocks_for_budget(model, block_size, DTYPES[dtype], config.cache.kv_cache_memory_bytes)
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(
+            f"the KV cache budget holds {num_blocks * block_size} tokens, fewer than max_model_len "
+            f"{max_model_len}: raise --kv-cache-memory or lower --max-model-len")
+    return max_model_len, num_blocks
+
+
+def preflight(config: EngineConfig) -> None:
+    """What LLMEngine would refuse about `config`, found from the checkpoint's header alone (a
+    fraction of a second), so a server stops before it says it is up: ValueError."""
+    from lmserve.weights.dtype import serving_dtype
+    from lmserve.weights.load import read_model_config
+
+    path = Path(config.model_path)
+    check_sizes(config, read_model_config(path), serving_dtype(path, config.dtype, config.device))
+
+
 class LLMEngine:
     """Owns the model, the KV cache, the scheduler and every live request. Not thread-safe:
     one thread calls it (see AsyncEngine).
@@ -72,21 +101,12 @@ class LLMEngine:
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
-        model_len = loaded.config.max_position_embeddings
-        if (config.scheduler.max_model_len or 0) > model_len:
-            raise ValueError(f"max_model_len {config.scheduler.max_model_len} exceeds the model's context "
-                             f"length {model_len}")
-        self.max_model_len = config.scheduler.max_model_len or model_len
+        self.max_model_len, num_blocks = check_sizes(config, loaded.config, loaded.dtype)
         self.device = torch.device(config.device)
         block_size = config.cache.block_size
         self.dtype = loaded.dtype  # what config.dtype chose ("auto" picks the checkpoint's own)
         kv_dtype = DTYPES[loaded.dtype]  # the weights' dtype (bf16 under int8)
         self.kv_block_bytes = bytes_per_block(loaded.config, block_size, kv_dtype)
-        num_blocks = num_blocks_for_budget(loaded.config, block_size, kv_dtype, config.cache.kv_cache_memory_bytes)
-        if num_blocks * block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache budget holds {num_blocks * block_size} tokens, fewer than max_model_len "
-                f"{self.max_model_len}: raise --kv-cache-memory or lower --max-model-len")
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, num_blocks * block_size)
         self._pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
         sched_config = replace(config.scheduler, max_model_len=self.max_model_len)

@@ -129,6 +129,14 @@ class LazyTensors(Mapping):
         return len(self._readers)
 
 
+def read_model_config(path: Path) -> ModelConfig:
+    """The model's shape from its header (a GGUF's metadata, or config.json), no weights read."""
+    if path.is_dir():
+        return _read_hf_folder(path)[0]
+    gguf = GGUFFile.open(path)
+    return ModelConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensor_names())
+
+
 def _read_gguf(gguf: GGUFFile):
     gguf.check_quant_types()
     names = gguf.tensor_names()

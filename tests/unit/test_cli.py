@@ -108,3 +108,14 @@ def test_bad_model_arguments_stop_start_up_with_the_reason(tmp_path, monkeypatch
         (tmp_path / name).write_bytes(b"GGUF")
     with pytest.raises(ValueError, match=message):
         models_of(*argv)
+
+
+def test_a_kv_budget_below_the_context_stops_start_up_before_the_server_is_up(monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server started"))
+    args = build_parser().parse_args(["serve", "--kv-cache-memory", "64MiB", "--no-embedding-model"])
+    with pytest.raises(SystemExit, match="KV cache budget holds 2912 tokens, fewer than max_model_len 8192"):
+        cli.serve(args)
+    fits = build_parser().parse_args(["serve", "--kv-cache-memory", "64MiB", "--max-model-len", "2048"])
+    cli.preflight_pinned(cli.catalogue(fits, cli.engine_config(fits), None), cli.engine_config(fits))  # no error
