@@ -111,14 +111,27 @@ class Catalogue:
                 seen[name] = entry.source
         self.declared = list(declared)
         self.models_dir = models_dir
+        self._scanned: tuple[int | None, list[ModelEntry]] = (None, [])  # (folder mtime, its entries)
 
     def entries(self) -> list[ModelEntry]:
         if self.models_dir is None:
             return list(self.declared)
-        taken = {name for entry in self.declared for name in entry.names}
-        sources = {Path(entry.source).resolve() for entry in self.declared}
-        return self.declared + [e for e in scan_models_dir(self.models_dir)
-                                if e.id not in taken and Path(e.source).resolve() not in sources]
+        return self.declared + self._folder_entries()
+
+    def _folder_entries(self) -> list[ModelEntry]:
+        """The models folder's entries, read again only when the folder changed (its mtime moves
+        when a file is added, removed or renamed): every request resolves its model through here."""
+        try:
+            stamp = self.models_dir.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp is None or stamp != self._scanned[0]:
+            taken = {name for entry in self.declared for name in entry.names}
+            sources = {Path(entry.source).resolve() for entry in self.declared}
+            found = [e for e in scan_models_dir(self.models_dir)
+                     if e.id not in taken and Path(e.source).resolve() not in sources]
+            self._scanned = (stamp, found)
+        return list(self._scanned[1])
 
     def resolve(self, name: str | None, kind: ModelKind = "chat") -> ModelEntry:
         """The entry `name` names (its id or an alias). None, or a name no entry has when the

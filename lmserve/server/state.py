@@ -44,9 +44,10 @@ class ServerState:
         """Every pinned model (the models served from start-up) is loaded: what /health reports."""
         return all(slot.status is ModelStatus.LOADED for slot in self.fleet.slots() if slot.entry.pinned)
 
-    def loaded_engines(self) -> list[AsyncEngine]:
-        return [slot.model.engine for slot in self.fleet.slots()
-                if slot.status is ModelStatus.LOADED and slot.entry.kind == "chat"]
+    def loaded_engines(self) -> dict[str, AsyncEngine]:
+        """The loaded chat models' engines, by model id."""
+        return {slot.entry.id: slot.model.engine for slot in self.fleet.slots()
+                if slot.status is ModelStatus.LOADED and slot.entry.kind == "chat"}
 
     async def chat_model(self, name: str | None, keep_alive: str | float | None = None) -> Lease:
         """A lease on the chat model `name` names (loaded first if needed); release it when the

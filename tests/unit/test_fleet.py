@@ -346,3 +346,18 @@ def test_a_remote_model_shows_its_download_progress_then_loads():
         return during, (slot.status, slot.progress)
 
     assert asyncio.run(main()) == ((ModelStatus.DOWNLOADING, (300, 1000)), (ModelStatus.LOADED, None))
+
+
+def test_the_models_folder_is_read_again_only_when_it_changed(tmp_path, monkeypatch):
+    from lmserve.fleet import catalogue as catalogue_module
+
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    scans = []
+    real_scan = catalogue_module.scan_models_dir
+    monkeypatch.setattr(catalogue_module, "scan_models_dir", lambda folder: scans.append(1) or real_scan(folder))
+    shelf = Catalogue([], models_dir=tmp_path)
+    for _ in range(3):  # every request resolves its model: one read of the folder serves them all
+        assert shelf.resolve("a").id == "a"
+    assert len(scans) == 1
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    assert [e.id for e in shelf.entries()] == ["a", "b"] and len(scans) == 2

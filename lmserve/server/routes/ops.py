@@ -80,7 +80,7 @@ async def health(state: State) -> JSONResponse:
 def total_load(state: ServerState) -> dict[str, int]:
     """The loaded chat models' load, added up (llama.cpp's /health fields, for one model or several)."""
     total = {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 0, "num_free_kv_blocks": 0}
-    for engine in state.loaded_engines():
+    for engine in state.loaded_engines().values():
         for key, value in engine.snapshot().items():
             total[key] += value
     return total
@@ -158,6 +158,5 @@ def default_params() -> dict[str, Any]:
 
 @server_router.get("/metrics")
 async def metrics(state: State) -> Response:
-    loads = {slot.entry.id: slot.model.engine.snapshot() for slot in state.fleet.slots()
-             if slot.status is ModelStatus.LOADED and slot.entry.kind == "chat"}
+    loads = {model: engine.snapshot() for model, engine in state.loaded_engines().items()}
     return Response(state.metrics.render(loads), media_type=CONTENT_TYPE)
