@@ -28,6 +28,79 @@ class GrammarSpec:
     strict: bool = True  # json_schema: no properties beyond those the schema names
 
 
+# llama.cpp's default sampler order (its `samplers` list, penalties aside: they always come first).
+DEFAULT_CHAIN_ORDER = ("dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature")
+CHAIN_SAMPLERS = frozenset(DEFAULT_CHAIN_ORDER)
+DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
+
+
+@dataclass(frozen=True)
+class DryPenalty:
+    """DRY ("don't repeat yourself"): a token that would extend a repeat of an earlier sequence
+    longer than `allowed_length` loses multiplier * base ** (length - allowed_length)."""
+
+    multiplier: float
+    base: float = 1.75
+    allowed_length: int = 2
+    window: int = 64  # how many of the last tokens (prompt + output) are scanned; 0: all of them
+    breaker_ids: tuple[tuple[int, ...], ...] = ()  # each sequence breaker, tokenized: a repeat never spans one
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.multiplier > 0.0, "dry_multiplier must be > 0"),
+            (self.base >= 1.0, "dry_base must be >= 1"),
+            (self.allowed_length >= 1, "dry_allowed_length must be >= 1"),
+            (self.window >= 0, "dry_penalty_last_n must be >= -1"),
+        ]
+        _check(checks)
+
+
+@dataclass(frozen=True)
+class SamplerChain:
+    """llama.cpp's sampler chain, for rows that ask for one of its samplers or its order.
+
+    Applied after the penalties and logit bias, in `order`; it reads top_k, top_p, min_p and
+    temperature from the row's SamplingParams. Mirostat (1 or 2) replaces the truncating
+    samplers, as in llama.cpp. sampling/chain.py runs it.
+    """
+
+    order: tuple[str, ...] = DEFAULT_CHAIN_ORDER
+    typical_p: float = 1.0
+    top_n_sigma: float = 0.0  # 0: off (llama.cpp spells off as -1)
+    min_keep: int = 0  # truncating samplers keep at least this many tokens
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    mirostat: int = 0  # 0 off, 1 Mirostat, 2 Mirostat 2.0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry: DryPenalty | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.order if name not in CHAIN_SAMPLERS]
+        checks = [
+            (not unknown, f"samplers has unknown names {unknown}; known: {sorted(CHAIN_SAMPLERS)}"),
+            (0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]"),
+            (self.top_n_sigma >= 0.0, "top_n_sigma must be > 0, or -1 to disable it"),
+            (self.min_keep >= 0, "min_keep must be >= 0"),
+            (0.0 <= self.xtc_probability <= 1.0, "xtc_probability must be in [0, 1]"),
+            (0.0 <= self.xtc_threshold <= 1.0, "xtc_threshold must be in [0, 1]"),
+            (self.dynatemp_range >= 0.0, "dynatemp_range must be >= 0"),
+            (self.dynatemp_exponent > 0.0, "dynatemp_exponent must be > 0"),
+            (self.mirostat in (0, 1, 2), "mirostat must be 0, 1 or 2"),
+            (self.mirostat_tau > 0.0, "mirostat_tau must be > 0"),
+            (self.mirostat_eta > 0.0, "mirostat_eta must be > 0"),
+        ]
+        _check(checks)
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is sampled and when it stops.
@@ -53,6 +126,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus k alternatives
     skip_special_tokens: bool = True
     grammar: GrammarSpec | None = None  # constrained decoding
+    repetition_window: int = 0  # repetition_penalty sees the last N tokens (prompt + output); 0: all
+    unpenalized_ids: tuple[int, ...] = ()  # ids every penalty leaves alone (llama.cpp's penalize_nl: false)
+    min_tokens: int = 0  # eos and stop token ids are banned until this many tokens are out (vLLM)
+    chain: SamplerChain | None = None  # llama.cpp's samplers; None: the fast path's order (sampler.py)
+    post_sampling_probs: bool = False  # logprobs report probabilities after the chain (llama.cpp)
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,10 +144,10 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed must fit in a signed 64-bit integer"),
+            (self.repetition_window >= 0, "repeat_last_n must be >= -1"),
+            (self.min_tokens >= 0, "min_tokens must be >= 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        _check(checks)
 
     @property
     def greedy(self) -> bool:
