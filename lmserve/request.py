@@ -131,6 +131,7 @@ class SamplingParams:
     min_tokens: int = 0  # eos and stop token ids are banned until this many tokens are out (vLLM)
     chain: SamplerChain | None = None  # llama.cpp's samplers; None: the fast path's order (sampler.py)
     post_sampling_probs: bool = False  # logprobs report probabilities after the chain (llama.cpp)
+    read_prefix_cache: bool = True  # false: the prompt is computed afresh (llama.cpp's cache_prompt: false)
 
     def __post_init__(self) -> None:
         checks = [

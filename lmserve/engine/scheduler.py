@@ -71,7 +71,7 @@ class Scheduler:
         # At least one token must run through the model to produce logits.
         ids = request.all_ids
         request.block_hashes = hash_full_blocks(ids, self.block_size, request.block_hashes)
-        usable = (len(ids) - 1) // self.block_size
+        usable = (len(ids) - 1) // self.block_size if request.params.read_prefix_cache else 0
         request.block_ids = self.pool.lookup(request.block_hashes[:usable])
         request.num_computed_tokens = len(request.block_ids) * self.block_size
         request.num_registered_blocks = len(request.block_ids)

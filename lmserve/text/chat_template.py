@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import ClassVar
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -58,8 +60,18 @@ def _strftime_now(format):
 
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in the sandboxed environment transformers renders them in."""
+    return _environment().from_string(source)
+
+
+@functools.lru_cache(maxsize=16)
+def read_variables(source: str) -> frozenset[str]:
+    """The variables a template reads from its caller (messages, tools, enable_thinking, ...)."""
+    return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(source)))
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
+    return env

@@ -104,9 +104,9 @@ def test_mistral_auto_grammar_takes_over_at_the_parsers_tag(grammar_compiler):
 def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokenizer):
     plan = plan_tools(request(tools=[ADD]), default_tokenizer)
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
-    messages = request(messages=[*USER, {"role": "assistant", "tool_calls": [call]},
-                                 {"role": "tool", "tool_call_id": "call_1", "content": "5"}]).messages
-    text = render_chat(messages, default_tokenizer, plan)
+    body = request(messages=[*USER, {"role": "assistant", "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": "call_1", "content": "5"}])
+    text = render_chat(body, default_tokenizer, plan)
     assert text.startswith("<|im_start|>system\n") and '"name": "add"' in text and "<tools>" in text
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in text
     assert "<tool_response>\n5\n</tool_response>" in text

@@ -112,13 +112,14 @@ class SamplingFields(_Request):
     top_p: float | None = None
     n: int = Field(1, ge=1, le=128)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | list[int] | None = None  # strings; token ids as mistral.rs takes them
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a torch generator takes 64 bits
+    # OpenAI: {"token id": bias}; llama.cpp also [[id or text, bias or false]] and text keys
+    logit_bias: dict[str, float | bool] | list[tuple[int | str, float | bool]] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # 64 bits, as a torch generator; -1: random
     user: str | None = None
     # extensions
     top_k: int | None = None  # 0 or -1: off
@@ -140,12 +141,42 @@ class SamplingFields(_Request):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None  # accepted and ignored: one backend here
     structured_outputs: StructuredOutputs | None = None  # vLLM
+    # llama.cpp's samplers (and the same ones under mlx-lm's, lmdeploy's and Ollama's names);
+    # requests/peer_sampling.py turns them into SamplingParams.
+    n_predict: int | None = Field(None, ge=-1)  # llama.cpp's max_tokens; -1: until the context ends
+    repeat_penalty: float | None = Field(None, gt=0)  # over the last repeat_last_n tokens
+    repeat_last_n: int | None = Field(None, ge=-1)  # default 64; 0 disables the penalty, -1: all
+    repetition_context_size: int | None = Field(None, ge=1)  # mlx-lm's repeat_last_n (default 20)
+    penalize_nl: bool | None = None  # false: the newline token is never penalised
+    typical_p: float | None = None
+    min_keep: int | None = Field(None, ge=0)
+    top_n_sigma: float | None = None  # <= 0: off
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = Field(None, ge=-1)
+    dry_sequence_breakers: list[str] | None = None
+    samplers: list[str] | str | None = None  # llama.cpp's order: names, or its one-letter sequence
+    min_tokens: int | None = Field(None, ge=0)  # vLLM
+    min_new_tokens: int | None = Field(None, ge=0)  # lmdeploy's min_tokens
+    n_probs: int | None = Field(None, ge=0, le=20)  # llama.cpp's top logprobs
+    post_sampling_probs: bool = False
+    id_slot: int | None = Field(None, ge=-1)  # llama.cpp: the slot to run in; -1: any
+    cache_prompt: bool = True  # false: this request neither reads nor fills the prefix cache
+    timings_per_token: bool = False  # llama.cpp's `timings` on the response (and each chunk)
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] | str = Field(min_length=1)  # a string: one user message (mistral.rs)
     max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens
-    logprobs: bool | None = False
+    logprobs: bool | int | None = False  # an integer: that many top logprobs (mlx-lm)
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
@@ -154,6 +185,11 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = None  # deprecated form of tool_choice
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
+    # the template's inputs (vLLM, llama.cpp, lmdeploy, mistral.rs)
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables, e.g. enable_thinking
+    enable_thinking: bool | None = None  # lmdeploy's and mistral.rs' chat_template_kwargs.enable_thinking
+    add_generation_prompt: bool = True  # false: the template does not open the assistant's turn
+    continue_final_message: bool = False  # the reply continues the last (assistant) message
 
 
 class CompletionRequest(SamplingFields):

@@ -18,8 +18,9 @@ from lmserve.parsing import (
     template_renders_tools,
 )
 from lmserve.server.errors import bad_request, unsupported
-from lmserve.server.protocol import ChatMessage, ContentPart
+from lmserve.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart
 from lmserve.server.requests.tools import ToolsPlan
+from lmserve.text.chat_template import CHATML_TEMPLATE, read_variables
 
 if TYPE_CHECKING:
     from lmserve.text.tokenizer import ChatTokenizer
@@ -27,8 +28,10 @@ if TYPE_CHECKING:
 THINK_OPEN = "<think>"
 
 
-def render_chat(messages: list[ChatMessage], tokenizer: ChatTokenizer, tools: ToolsPlan | None) -> str:
-    """The prompt text, ending with the assistant's turn opened. Template errors are 400s."""
+def render_chat(request: ChatCompletionRequest, tokenizer: ChatTokenizer, tools: ToolsPlan | None) -> str:
+    """The prompt text, ending with the assistant's turn opened (or, with continue_final_message,
+    inside the last assistant message). Template errors are 400s."""
+    messages = chat_messages(request.messages)
     rendered = [_template_message(message, i) for i, message in enumerate(messages)]
     renders_tools = template_renders_tools(tokenizer.chat_template or "")
     if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in rendered):
@@ -36,10 +39,55 @@ def render_chat(messages: list[ChatMessage], tokenizer: ChatTokenizer, tools: To
     if tools is not None and not renders_tools:
         rendered = add_tools_system_prompt(rendered, list(tools.tools))
     offered = list(tools.tools) if tools is not None and renders_tools else None
+    variables = template_variables(request, tokenizer)
     try:
-        return tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tools=offered)
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=request.add_generation_prompt,
+                                             tools=offered, **variables)
     except ValueError as exc:  # ChatTemplateError: the template rejected these messages
         raise bad_request(str(exc), param="messages") from exc
+    return _continued(text, rendered[-1]) if request.continue_final_message else text
+
+
+def chat_messages(messages: list[ChatMessage] | str) -> list[ChatMessage]:
+    """The conversation; a plain string is one user message (as mistral.rs takes it)."""
+    return [ChatMessage(role="user", content=messages)] if isinstance(messages, str) else messages
+
+
+# Variables the route sets itself: chat_template_kwargs may not override them.
+_ROUTE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def template_variables(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> dict[str, Any]:
+    """chat_template_kwargs (and the top-level enable_thinking of lmdeploy and mistral.rs), each
+    refused by name unless the model's template reads it: a variable it never reads would be
+    accepted and ignored."""
+    variables = dict(request.chat_template_kwargs or {})
+    if request.enable_thinking is not None:
+        variables.setdefault("enable_thinking", request.enable_thinking)
+    reserved = sorted(_ROUTE_VARIABLES & variables.keys())
+    if reserved:
+        raise bad_request(f"chat_template_kwargs may not set {reserved}; use the request's own fields",
+                          param="chat_template_kwargs")
+    read = read_variables(tokenizer.chat_template or CHATML_TEMPLATE)
+    unread = sorted(variables.keys() - read)
+    if unread:
+        raise bad_request(f"the model's chat template does not use {unread}, so they would change nothing",
+                          param="chat_template_kwargs", code="unsupported_parameter")
+    return variables
+
+
+def _continued(text: str, final: dict[str, Any]) -> str:
+    """The prompt cut right after the final assistant message's content (vLLM's
+    continue_final_message), so the reply continues it."""
+    if final["role"] != "assistant":
+        raise bad_request("continue_final_message needs the last message to be the assistant's",
+                          param="continue_final_message")
+    content = final["content"]
+    position = text.rfind(content) if content else -1
+    if position < 0:
+        raise bad_request("the chat template did not render the final message's content as it is, "
+                          "so it cannot be continued", param="continue_final_message")
+    return text[: position + len(content)]
 
 
 def reply_format(tokenizer: ChatTokenizer, prompt_text: str, tools: ToolsPlan | None,

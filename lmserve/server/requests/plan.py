@@ -5,6 +5,7 @@ Every recognised request field is honoured here or refused with a 400 naming it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from lmserve.server.protocol import (
 )
 from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.requests.constraints import check_compiles, grammar_spec
+from lmserve.server.requests.known_params import check_known_params
+from lmserve.server.requests.peer_sampling import peer_sampling
 from lmserve.server.requests.tokens import checked_token_ids, encode_text
 from lmserve.server.requests.tools import ToolsPlan, plan_tools
 
@@ -63,14 +66,13 @@ def chat_plan(
     """Render the chat template, tokenize it, and build one SamplingParams per choice."""
     _check_chat_supported(request)
     _check_stream_options(request)
-    _check_known_unsupported(request)
+    check_known_params(request.model_extra or {})
     tools = plan_tools(request, tokenizer)
-    text = render_chat(request.messages, tokenizer, tools)
+    text = render_chat(request, tokenizer, tools)
     prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages")  # BOS is in the template
     if not prompt_ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
-    logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    base = _with_tools(_base_params(request, tokenizer, logprobs, grammar), tools, grammar)
+    base = _with_tools(_base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
     choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
@@ -102,14 +104,37 @@ def _check_chat_supported(request: ChatCompletionRequest) -> None:
         raise unsupported("audio", "audio output")
     if request.modalities and any(m != "text" for m in request.modalities):
         raise unsupported("modalities", f"modalities {request.modalities!r} (only ['text'])")
-    if request.top_logprobs and not request.logprobs:
+    if request.top_logprobs and request.logprobs is not True:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+
+
+def _chat_logprobs(request: ChatCompletionRequest) -> int | None:
+    """How many top logprobs per token, None for none: OpenAI's logprobs + top_logprobs, mlx-lm's
+    logprobs: N, or llama.cpp's n_probs."""
+    if request.logprobs is True:
+        return request.top_logprobs or 0
+    if request.logprobs not in (None, False):  # an integer: mlx-lm's number of top logprobs
+        if not 0 <= request.logprobs <= 20:
+            raise bad_request("logprobs as a number of top logprobs must be in [0, 20]", param="logprobs")
+        return request.logprobs
+    return request.n_probs or None
 
 
 def _requested_max_tokens(request: ChatCompletionRequest) -> tuple[int | None, str]:
     if request.max_completion_tokens is not None:
         return request.max_completion_tokens, "max_completion_tokens"
+    if request.n_predict is not None:
+        return _n_predict(request), "n_predict"
     return request.max_tokens, "max_tokens"
+
+
+def _n_predict(request: SamplingFields) -> int | None:
+    """llama.cpp's n_predict as max_tokens: -1 is the rest of the context."""
+    if "max_tokens" in request.model_fields_set and request.max_tokens != request.n_predict:
+        raise bad_request("max_tokens and n_predict are the same setting and disagree", param="n_predict")
+    if request.n_predict == 0:
+        raise unsupported("n_predict", "n_predict: 0 (evaluating the prompt only)")
+    return None if request.n_predict == -1 else request.n_predict
 
 
 # ---------------------------------------------------------------- text completions
@@ -122,11 +147,14 @@ def completion_plan(
     """Tokenize the prompt(s) and build n SamplingParams per prompt."""
     _check_completion_supported(request)
     _check_stream_options(request)
-    _check_known_unsupported(request)
+    check_known_params(request.model_extra or {})
     prompt_items = _prompt_items(request.prompt)
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
-    base = _base_params(request, tokenizer, request.logprobs, grammar)
-    limit = _ContextLimit(max_model_len, request.max_tokens, "max_tokens", prompt_param="prompt")
+    logprobs = request.logprobs if request.logprobs is not None else request.n_probs or None
+    base = _base_params(request, tokenizer, logprobs, grammar)
+    max_tokens, param = (_n_predict(request), "n_predict") if request.n_predict is not None else (
+        request.max_tokens, "max_tokens")
+    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="prompt")
     choices = _choice_plans(prompts, base, request.n, response_id, limit)
     echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
     return GenerationPlan(prompts, choices, echo_texts)
@@ -174,22 +202,6 @@ def _echo_texts(items: list[str | list[int]], tokenizer: ChatTokenizer,
 # ---------------------------------------------------------------- shared
 
 
-# Parameters other servers (OpenAI, vLLM, llama.cpp) accept that would change the output here
-# but are not implemented: refused by name rather than tolerated as unknown extras.
-KNOWN_UNSUPPORTED = (
-    "min_tokens", "prompt_logprobs", "n_predict", "chat_template_kwargs",
-    "reasoning_effort", "prediction", "web_search_options", "verbosity", "mirostat", "typical_p",
-    "tfs_z", "dynatemp_range", "xtc_probability", "dry_multiplier", "use_beam_search", "length_penalty",
-)
-
-
-def _check_known_unsupported(request: SamplingFields) -> None:
-    extras = request.model_extra or {}
-    for name in KNOWN_UNSUPPORTED:
-        if extras.get(name) is not None:
-            raise unsupported(name)
-
-
 def _check_stream_options(request: SamplingFields) -> None:
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
@@ -206,14 +218,15 @@ def _base_params(request: SamplingFields, tokenizer: ChatTokenizer, logprobs: in
         "min_p": request.min_p,
         "presence_penalty": request.presence_penalty,
         "frequency_penalty": request.frequency_penalty,
-        "repetition_penalty": request.repetition_penalty,
-        "seed": request.seed,
+        "seed": None if request.seed == -1 else request.seed,  # llama.cpp's -1: a random seed
     }
+    stop_strings, stop_ids = _stops(request.stop, request.stop_token_ids or [], vocab_size)
     return _make_params(
         **{name: value for name, value in optional.items() if value is not None},
-        logit_bias=_logit_bias(request.logit_bias or {}, vocab_size),
-        stop=_stop_strings(request.stop),
-        stop_token_ids=tuple(checked_token_ids(request.stop_token_ids or [], vocab_size, "stop_token_ids")),
+        **peer_sampling(request, tokenizer),
+        logit_bias=_logit_bias(request.logit_bias or {}, tokenizer),
+        stop=stop_strings,
+        stop_token_ids=stop_ids,
         ignore_eos=request.ignore_eos,
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens,
@@ -230,17 +243,35 @@ def _make_params(**kwargs: Any) -> SamplingParams:
         raise bad_request(message, param=message.split(" ", 1)[0]) from exc
 
 
-def _logit_bias(logit_bias: dict[str, float], vocab_size: int) -> tuple[tuple[int, float], ...]:
+def _logit_bias(logit_bias: dict[str, float | bool] | list[tuple[int | str, float | bool]],
+                tokenizer: ChatTokenizer) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias}, or llama.cpp's forms: [[id, bias]], a text instead of an id
+    (each of its tokens gets the bias) and false for a bias that bans the token."""
+    items = logit_bias.items() if isinstance(logit_bias, dict) else logit_bias
     pairs = []
-    for key, bias in logit_bias.items():
-        if not 0 <= _token_id_key(key) < vocab_size:
-            raise bad_request(
-                f"logit_bias key {key!r} is not a token id below {vocab_size}", param="logit_bias"
-            )
-        if abs(bias) > MAX_ABS_LOGIT_BIAS:
-            raise bad_request(f"logit_bias values must be in [-100, 100], got {bias}", param="logit_bias")
-        pairs.append((int(key), float(bias)))
+    for key, bias in items:
+        pairs.extend((token_id, _bias_value(bias)) for token_id in _bias_ids(key, tokenizer))
     return tuple(pairs)
+
+
+def _bias_ids(key: int | str, tokenizer: ChatTokenizer) -> list[int]:
+    if isinstance(key, int) or _token_id_key(key) >= 0:
+        token_id = int(key)
+        if not 0 <= token_id < tokenizer.vocab_size:
+            raise bad_request(f"logit_bias key {key!r} is not a token id below {tokenizer.vocab_size}",
+                              param="logit_bias")
+        return [token_id]
+    if not key:
+        raise bad_request("logit_bias keys must not be empty", param="logit_bias")
+    return encode_text(tokenizer, key, add_special_tokens=False, param="logit_bias")
+
+
+def _bias_value(bias: float | bool) -> float:
+    if bias is False:
+        return -math.inf  # llama.cpp: the token is never produced
+    if bias is True or abs(bias) > MAX_ABS_LOGIT_BIAS:
+        raise bad_request(f"logit_bias values must be in [-100, 100] or false, got {bias}", param="logit_bias")
+    return float(bias)
 
 
 def _token_id_key(key: str) -> int:
@@ -248,6 +279,15 @@ def _token_id_key(key: str) -> int:
     key = key.strip()
     # isdigit() alone lets through digits int() refuses, such as "²".
     return int(key) if key.isascii() and key.isdigit() else -1
+
+
+def _stops(stop: str | list[str] | list[int] | None, stop_token_ids: list[int],
+           vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Stop strings, and stop token ids: vLLM's stop_token_ids plus mistral.rs' ids in `stop`."""
+    if stop and isinstance(stop, list) and isinstance(stop[0], int):
+        ids = checked_token_ids(stop_token_ids + list(stop), vocab_size, "stop")
+        return (), tuple(ids)
+    return _stop_strings(stop), tuple(checked_token_ids(stop_token_ids, vocab_size, "stop_token_ids"))
 
 
 def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

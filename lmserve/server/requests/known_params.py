@@ -1,0 +1,194 @@
+"""The request parameters the peers document, and what lmserve does with each.
+
+One table for the chat and text completion routes. A name is either
+- HONOURED: a field of the request schema (protocol/requests.py), mapped onto the engine;
+- NEUTRAL: accepted only with values that change nothing here (what front ends always send,
+  such as llama.cpp's `tfs_z: 1.0`); any other value is refused by name with a 400;
+- REFUSED: any value other than null is refused by name with a 400.
+Names no peer documents stay tolerated, as OpenAI's own server tolerates them.
+
+Peers: OpenAI, llama.cpp's server, vLLM's OpenAI server, mlx-lm's server, mistral.rs,
+lmdeploy's api_server, lllms and Ollama (its `options` names).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.server.errors import APIError, bad_request
+
+
+class Handling(enum.Enum):
+    HONOURED = "honoured"
+    NEUTRAL = "neutral"
+    REFUSED = "refused"
+
+
+ANY = object()  # NEUTRAL for every value: the parameter changes speed or bookkeeping, never output
+
+
+@dataclass(frozen=True)
+class KnownParam:
+    handling: Handling
+    neutral: tuple[Any, ...] = ()  # NEUTRAL: the values accepted (ANY: all of them)
+    why: str = ""  # NEUTRAL/REFUSED: what the 400 says (or why any value is accepted)
+
+
+def _honoured() -> KnownParam:
+    return KnownParam(Handling.HONOURED)
+
+
+def _neutral(*values: Any, why: str) -> KnownParam:
+    return KnownParam(Handling.NEUTRAL, values, why)
+
+
+def _refused(why: str) -> KnownParam:
+    return KnownParam(Handling.REFUSED, (), why)
+
+
+_HONOURED = (
+    # OpenAI
+    "model", "messages", "prompt", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens",
+    "stop", "stream", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
+    "user", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions",
+    "function_call", "response_format", "echo", "suffix", "best_of", "audio", "modalities",
+    # vLLM
+    "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
+    "skip_special_tokens", "min_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "structured_outputs", "regex", "choice", "chat_template_kwargs",
+    "add_generation_prompt", "continue_final_message",
+    # llama.cpp
+    "n_predict", "repeat_penalty", "repeat_last_n", "penalize_nl", "typical_p", "min_keep", "top_n_sigma",
+    "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "mirostat", "mirostat_tau",
+    "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+    "dry_sequence_breakers", "samplers", "n_probs", "post_sampling_probs", "id_slot", "cache_prompt",
+    "timings_per_token", "grammar", "json_schema",
+    # mlx-lm, lmdeploy, mistral.rs, Ollama
+    "repetition_context_size", "min_new_tokens", "enable_thinking", "keep_alive",
+)
+
+KNOWN_PARAMS: dict[str, KnownParam] = {name: _honoured() for name in _HONOURED} | {
+    # llama.cpp: accepted at the values its front ends send by default
+    "tfs_z": _neutral(1.0, why="tail-free sampling (llama.cpp removed it); only 1.0 (off) is accepted"),
+    "n_keep": _neutral(0, -1, why="lmserve never shifts the context, so it keeps every prompt token (0 or -1)"),
+    "n_discard": _neutral(0, why="lmserve never shifts the context"),
+    "n_indent": _neutral(0, why="minimum line indentation is not supported; only 0 is accepted"),
+    "n_cache_reuse": _neutral(0, why="KV shifting is not supported; prefixes are reused by the prefix cache"),
+    "t_max_prompt_ms": _neutral(0, -1, why="time limits are not supported; only 0 (off) is accepted"),
+    "t_max_predict_ms": _neutral(0, -1, why="time limits are not supported; only 0 (off) is accepted"),
+    "return_progress": _neutral(False, why="prompt progress events are not sent"),
+    "verbose": _neutral(False, why="the __verbose debug field is not sent"),
+    "sse_ping_interval": _neutral(ANY, why="SSE keep-alive pings change no output"),
+    "backend_sampling": _neutral(False, why="sampling always runs in lmserve's own sampler"),
+    "adaptive_target": _neutral(-1, -1.0, why="the adaptive-p sampler is not supported; only -1 (off)"),
+    "adaptive_decay": _neutral(ANY, why="only read by adaptive-p, which stays off"),
+    "lora": _neutral((), why="LoRA adapters are not supported; only an empty list"),
+    "speculative.n_max": _neutral(ANY, why="speculative decoding settings change speed, never output"),
+    "speculative.n_min": _neutral(ANY, why="speculative decoding settings change speed, never output"),
+    "speculative.p_min": _neutral(ANY, why="speculative decoding settings change speed, never output"),
+    "speculative.type": _neutral(ANY, why="speculative decoding settings change speed, never output"),
+    "reasoning_format": _neutral("auto", "deepseek", why="reasoning is always split into reasoning_content"),
+    "thinking_forced_open": _neutral(False, why="the template decides whether thinking is open"),
+    "parse_tool_calls": _neutral(True, why="tool calls are always parsed when tools are offered"),
+    "grammar_lazy": _refused("lazy grammars are internal to llama.cpp; use tools or grammar"),
+    "grammar_triggers": _refused("lazy grammars are internal to llama.cpp; use tools or grammar"),
+    "preserved_tokens": _refused("lazy grammars are internal to llama.cpp; use tools or grammar"),
+    "chat_format": _refused("llama.cpp's internal chat format; the model's template decides"),
+    "reasoning_budget_tokens": _neutral(-1, why="reasoning budgets are not supported; only -1 (off)"),
+    "reasoning_budget_message": _neutral(ANY, why="only read with a reasoning budget, which stays off"),
+    "response_fields": _refused("response field selection is not supported"),
+    "n_cmpl": _refused("use n"),
+    # vLLM
+    "use_beam_search": _neutral(False, why="beam search is not supported"),
+    "length_penalty": _neutral(1.0, why="only used by beam search, which is not supported"),
+    "early_stopping": _neutral(False, why="only used by beam search, which is not supported"),
+    "prompt_logprobs": _neutral(0, why="prompt logprobs are not supported"),
+    "allowed_token_ids": _refused("allowed_token_ids is not supported; use logit_bias or a grammar"),
+    "bad_words": _refused("bad_words is not supported; use logit_bias"),
+    "truncate_prompt_tokens": _refused("prompts are never truncated; a long one is a 400"),
+    "spaces_between_special_tokens": _neutral(True, why="special tokens are always joined with spaces as vLLM does"),
+    "add_special_tokens": _refused("the chat template places the special tokens"),
+    "documents": _refused("documents (RAG templates) are not supported"),
+    "chat_template": _refused("a per-request chat template is not supported; start the server with --chat-template-file"),
+    "mm_processor_kwargs": _refused("multimodal inputs are not supported"),
+    "priority": _neutral(0, why="priority scheduling is not supported; only 0"),
+    "request_id": _neutral(ANY, why="an id for logs only"),
+    "cache_salt": _neutral(ANY, why="changes which prefixes are shared, never output"),
+    "kv_transfer_params": _refused("KV transfer between servers is not supported"),
+    "vllm_xargs": _refused("vLLM's extra arguments are not supported"),
+    "logits_processors": _refused("custom logits processors are not supported"),
+    "return_tokens_as_token_ids": _neutral(False, why="tokens are returned as text"),
+    "return_token_ids": _neutral(False, why="token ids are returned only by llama.cpp's /completion (return_tokens)"),
+    "thinking_token_budget": _refused("thinking budgets are not supported"),
+    "guided_whitespace_pattern": _refused("a custom whitespace pattern is not supported"),
+    "guided_decoding": _refused("use response_format or structured_outputs"),
+    "reasoning_effort": _refused("reasoning effort is not supported"),
+    "prediction": _refused("predicted outputs are not supported"),
+    "web_search_options": _refused("web search is not supported"),
+    "verbosity": _refused("verbosity is not supported"),
+    "service_tier": _neutral(ANY, why="one tier here"),
+    "store": _neutral(False, why="completions are not stored"),
+    "metadata": _neutral(ANY, why="stored with nothing: completions are not stored"),
+    # mlx-lm
+    "role_mapping": _refused("role_mapping is not supported; the model's chat template decides"),
+    "adapters": _refused("adapters are not supported"),
+    "draft_model": _refused("a per-request draft model is not supported"),
+    "num_draft_tokens": _neutral(ANY, why="speculative decoding settings change speed, never output"),
+    # mistral.rs
+    "truncate_sequence": _neutral(False, why="prompts are never truncated; a long one is a 400"),
+    "tool_schemas": _refused("use tools"),
+    "dry_params": _refused("send dry_multiplier, dry_base, dry_allowed_length and dry_sequence_breakers"),
+    # lmdeploy
+    "session_id": _neutral(-1, why="sessions are not supported on this route"),
+    "do_preprocess": _neutral(True, why="the chat template is always applied"),
+    "interactive_mode": _neutral(False, why="sessions are not supported on this route"),
+    # lllms
+    "repeat_penalty_num": _refused("repeat_penalty_num is not supported; use repeat_penalty and repeat_last_n"),
+    # Ollama (its options)
+    "num_predict": _refused("send max_tokens (or n_predict)"),
+    "num_keep": _neutral(0, -1, why="lmserve never shifts the context, so it keeps every prompt token (0 or -1)"),
+    "penalize_newline": _refused("send penalize_nl"),
+    "num_ctx": _refused("the context size is set at start-up (-c / --max-model-len)"),
+    "num_batch": _neutral(ANY, why="a load-time setting that changes speed, never output"),
+    "num_gpu": _neutral(ANY, why="a load-time setting that changes speed, never output"),
+    "main_gpu": _neutral(ANY, why="a load-time setting that changes speed, never output"),
+    "num_thread": _neutral(ANY, why="a load-time setting that changes speed, never output"),
+    "use_mmap": _neutral(ANY, why="a load-time setting that changes speed, never output"),
+    "numa": _neutral(ANY, why="a load-time setting that changes speed, never output"),
+    "options": _refused("Ollama's options object is not read here; send its fields at the top level"),
+}
+
+
+def check_known_params(extras: dict[str, Any]) -> None:
+    """Refuse, by name, each undeclared field the table refuses or whose value is not neutral."""
+    for name, value in extras.items():
+        known = KNOWN_PARAMS.get(name)
+        if known is None or value is None or known.handling is Handling.HONOURED:
+            continue
+        if known.handling is Handling.NEUTRAL and _is_neutral(value, known.neutral):
+            continue
+        raise _refusal(name, value, known)
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    if ANY in neutral:
+        return True
+    if isinstance(value, list):
+        value = tuple(value)
+    # bool is an int in Python: True must not pass for 1, nor 0 for False.
+    return any(type(value) is type(v) or _both_numbers(value, v) for v in neutral if value == v)
+
+
+def _both_numbers(a: Any, b: Any) -> bool:
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
+
+
+def _refusal(name: str, value: Any, known: KnownParam) -> APIError:
+    if known.handling is Handling.NEUTRAL:
+        accepted = " or ".join(repr(v) for v in known.neutral)
+        message = f"'{name}': {value!r} is not supported by lmserve: {known.why} (accepted: {accepted})"
+    else:
+        message = f"'{name}' is not supported by lmserve: {known.why}"
+    return bad_request(message, param=name, code="unsupported_parameter")
