@@ -225,6 +225,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    stop_string: str | None = None  # the stop string that finished it (finish_reason STOP)
 
     @property
     def finished(self) -> bool:

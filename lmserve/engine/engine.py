@@ -256,6 +256,7 @@ class LLMEngine:
             finish_reason=request.finish_reason,
             num_prompt_tokens=len(request.prompt_ids),
             num_cached_tokens=request.num_cached_prompt_tokens,
+            stop_string=live.detokenizer.stop_string if stopped else None,
         )
 
     def _stats(self, scheduled: SchedulerOutput, seconds: float) -> StepStats:

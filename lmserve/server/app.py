@@ -15,7 +15,8 @@ One chat completion, hop by hop:
    chunks; lmserve/parsing/reply.py splits the reply into reasoning, content and tool calls.
 
 Every route exists under /v1 (OpenAI) and without the prefix (as llama.cpp offers them), except
-/health, /props and /metrics, which are served at the root only.
+/health, /props and /metrics, which are served at the root only, and /completions: under /v1 it
+is OpenAI's, without it llama.cpp's native one (also at /completion), as llama.cpp routes them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def create_app(state: ServerState) -> FastAPI:
     for router in PREFIXED_ROUTERS:
         app.include_router(router, prefix="/v1", responses=ERROR_RESPONSES)
         app.include_router(router, include_in_schema=False)  # llama.cpp-style paths, same handlers
+    app.include_router(generation.v1_router, prefix="/v1", responses=ERROR_RESPONSES)
+    app.include_router(generation.llama_router, responses=ERROR_RESPONSES)
     app.include_router(ops.server_router)
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     return app

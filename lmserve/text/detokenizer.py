@@ -40,6 +40,7 @@ class IncrementalDetokenizer:
         self._pending = ""  # decoded, not yet emitted: it may be the start of a stop string
         self._emitted: list[str] = []  # deltas so far; joined on demand (no quadratic +=)
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that ended the text, once one has
 
     @property
     def text(self) -> str:
@@ -55,7 +56,7 @@ class IncrementalDetokenizer:
         match = self._earliest_stop()
         if match is not None:
             start, stop = match
-            self.stopped = True
+            self.stopped, self.stop_string = True, stop
             return self._emit(start + len(stop) if self._include_stop else start), True
         return self._emit(len(self._pending) - self._held_back_length()), False
 

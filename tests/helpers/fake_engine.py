@@ -38,10 +38,12 @@ class ByteTokenizer:
         pieces = [self.token_bytes(i) for i in ids if not (skip_special_tokens and self.is_special(i))]
         return b"".join(pieces).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> str:
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, **variables) -> str:
+        """Extra template variables render as "name=value" lines first."""
         if any(m["role"] == "function" for m in messages):
             raise ChatTemplateError("this template has no function role")
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        text = "".join(f"{name}={value}\n" for name, value in variables.items())
+        text += "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " + self.prompt_suffix if add_generation_prompt else "")
 
 

@@ -120,7 +120,6 @@ class SamplingFields(_Request):
     # OpenAI: {"token id": bias}; llama.cpp also [[id or text, bias or false]] and text keys
     logit_bias: dict[str, float | bool] | list[tuple[int | str, float | bool]] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # 64 bits, as a torch generator; -1: random
-    user: str | None = None
     # extensions
     top_k: int | None = None  # 0 or -1: off
     min_p: float | None = None
@@ -139,7 +138,6 @@ class SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None  # accepted and ignored: one backend here
     structured_outputs: StructuredOutputs | None = None  # vLLM
     # llama.cpp's samplers (and the same ones under mlx-lm's, lmdeploy's and Ollama's names);
     # requests/peer_sampling.py turns them into SamplingParams.
@@ -193,7 +191,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's forms (a string, strings, token ids, lists of ids) and llama.cpp's: a list mixing
+    # ids and strings is one prompt; a list of strings and such lists is several.
+    prompt: str | list[int | str | list[int | str]]
     # OpenAI's documented default for text completions (chat defaults to the remaining context);
     # null asks for the remaining context.
     max_tokens: int | None = Field(16, ge=1)
@@ -201,6 +201,13 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+
+class LlamaCompletionRequest(CompletionRequest):
+    """llama.cpp's POST /completion: the same fields, its defaults and its answer's shape."""
+
+    max_tokens: int | None = Field(None, ge=1)  # llama.cpp: until the context ends, unless n_predict says
+    return_tokens: bool = False  # the generated token ids in `tokens`
 
 
 class EmbeddingRequest(_Request):

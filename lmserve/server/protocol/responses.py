@@ -22,6 +22,26 @@ class UsageInfo(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    # mistral.rs' throughput fields, as the server measures them (queueing counts as prompt time)
+    avg_tok_per_sec: float | None = None
+    avg_prompt_tok_per_sec: float | None = None
+    avg_compl_tok_per_sec: float | None = None
+    total_time_sec: float | None = None
+    total_prompt_time_sec: float | None = None
+    total_completion_time_sec: float | None = None
+
+
+class _WithTimings(BaseModel):
+    """A response that carries llama.cpp's `timings` when the request asked (timings_per_token)."""
+
+    timings: dict[str, float | int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked_timings(self, handler: Any) -> dict[str, Any]:
+        body = handler(self)
+        if body.get("timings", 0) is None:
+            del body["timings"]
+        return body
 
 
 class TopLogprob(BaseModel):
@@ -65,7 +85,7 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReasonName
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_WithTimings):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -117,7 +137,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReasonName | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_WithTimings):
     """One SSE event. `usage` is sent (null until the last chunk) only with include_usage."""
 
     id: str
@@ -143,7 +163,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReasonName | None = None  # None only in stream chunks
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_WithTimings):
     """A text completion, and also each streamed chunk of one (same object name)."""
 
     id: str

@@ -52,19 +52,19 @@ _HONOURED = (
     # OpenAI
     "model", "messages", "prompt", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens",
     "stop", "stream", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
-    "user", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions",
+    "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions",
     "function_call", "response_format", "echo", "suffix", "best_of", "audio", "modalities",
     # vLLM
     "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output",
     "skip_special_tokens", "min_tokens", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "guided_decoding_backend", "structured_outputs", "regex", "choice", "chat_template_kwargs",
+    "structured_outputs", "regex", "choice", "chat_template_kwargs",
     "add_generation_prompt", "continue_final_message",
     # llama.cpp
     "n_predict", "repeat_penalty", "repeat_last_n", "penalize_nl", "typical_p", "min_keep", "top_n_sigma",
     "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "mirostat", "mirostat_tau",
     "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
     "dry_sequence_breakers", "samplers", "n_probs", "post_sampling_probs", "id_slot", "cache_prompt",
-    "timings_per_token", "grammar", "json_schema",
+    "timings_per_token", "grammar", "json_schema", "return_tokens",
     # mlx-lm, lmdeploy, mistral.rs, Ollama
     "repetition_context_size", "min_new_tokens", "enable_thinking", "keep_alive",
 )
@@ -122,6 +122,7 @@ KNOWN_PARAMS: dict[str, KnownParam] = {name: _honoured() for name in _HONOURED} 
     "return_tokens_as_token_ids": _neutral(False, why="tokens are returned as text"),
     "return_token_ids": _neutral(False, why="token ids are returned only by llama.cpp's /completion (return_tokens)"),
     "thinking_token_budget": _refused("thinking budgets are not supported"),
+    "guided_decoding_backend": _neutral(ANY, why="one constrained-decoding backend here, the same output"),
     "guided_whitespace_pattern": _refused("a custom whitespace pattern is not supported"),
     "guided_decoding": _refused("use response_format or structured_outputs"),
     "reasoning_effort": _refused("reasoning effort is not supported"),
@@ -129,6 +130,7 @@ KNOWN_PARAMS: dict[str, KnownParam] = {name: _honoured() for name in _HONOURED} 
     "web_search_options": _refused("web search is not supported"),
     "verbosity": _refused("verbosity is not supported"),
     "service_tier": _neutral(ANY, why="one tier here"),
+    "user": _neutral(ANY, why="an end-user id for abuse tracking; changes no output"),
     "store": _neutral(False, why="completions are not stored"),
     "metadata": _neutral(ANY, why="stored with nothing: completions are not stored"),
     # mlx-lm

@@ -5,6 +5,7 @@ Every recognised request field is honoured here or refused with a 400 naming it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -171,32 +172,46 @@ def _check_completion_supported(request: CompletionRequest) -> None:
         raise unsupported("echo", "echo with logprobs (prompt logprobs)")
 
 
-def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """The request's prompts as a list: one string or one list of token ids each."""
+def _prompt_items(prompt: str | list[int | str | list[int | str]]) -> list[str | list[int | str]]:
+    """The request's prompts: a string or a list of ids (and, as llama.cpp takes them, strings) each.
+    A list holding any id is one prompt; otherwise each of its items is one."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
         raise bad_request("prompt must not be empty", param="prompt")
-    if isinstance(prompt[0], int):
+    if any(isinstance(item, int) for item in prompt):
         return [prompt]
     return list(prompt)
 
 
-def _prompt_ids(item: str | list[int], i: int, tokenizer: ChatTokenizer) -> list[int]:
+def _prompt_ids(item: str | list[int | str], i: int, tokenizer: ChatTokenizer) -> list[int]:
     param = f"prompt[{i}]" if i else "prompt"
     if not item:
         raise bad_request("prompt must not be empty", param=param)
     if isinstance(item, str):
         return encode_text(tokenizer, item, add_special_tokens=True, param=param)
-    return checked_token_ids(item, tokenizer.vocab_size, param)
+    ids: list[int] = []
+    for position, piece in enumerate(item):  # llama.cpp: BOS only when the prompt opens with text
+        if isinstance(piece, str):
+            ids += encode_text(tokenizer, piece, add_special_tokens=position == 0, param=param)
+        else:
+            ids.append(piece)
+    return checked_token_ids(ids, tokenizer.vocab_size, param)
 
 
-def _echo_texts(items: list[str | list[int]], tokenizer: ChatTokenizer,
+def _echo_texts(items: list[str | list[int | str]], tokenizer: ChatTokenizer,
                 skip_special_tokens: bool) -> list[str]:
-    return [
-        item if isinstance(item, str) else tokenizer.decode(item, skip_special_tokens=skip_special_tokens)
-        for item in items
-    ]
+    return [_echo_text(item, tokenizer, skip_special_tokens) for item in items]
+
+
+def _echo_text(item: str | list[int | str], tokenizer: ChatTokenizer, skip_special_tokens: bool) -> str:
+    if isinstance(item, str):
+        return item
+    parts = []  # runs of ids decode together, so a character split over tokens stays whole
+    for is_text, run in itertools.groupby(item, key=lambda piece: isinstance(piece, str)):
+        run = list(run)
+        parts.append("".join(run) if is_text else tokenizer.decode(run, skip_special_tokens=skip_special_tokens))
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------- shared

@@ -4,6 +4,7 @@ what both response forms say of it: labels, usage, finish reasons."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,22 +31,35 @@ class ResponseMeta:
 
 @dataclass
 class ChoiceResult:
-    """What one choice has produced so far."""
+    """What one choice has produced so far, and when (llama.cpp's timings)."""
 
     text_parts: list[str] = field(default_factory=list)
-    num_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampleLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    stop_string: str | None = None  # the stop string that finished it
     num_cached_tokens: int = 0
+    num_prompt_tokens: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None  # the prompt is computed by then
+    last_token_at: float | None = None
 
     def add(self, output: RequestOutput) -> None:
         """Record `output`; an engine ERROR or ABORT finish becomes a server error."""
         _raise_if_failed(output)
         self.text_parts.append(output.text_delta)
-        self.num_tokens += len(output.new_token_ids)
+        self.token_ids.extend(output.new_token_ids)
         self.logprobs.extend(output.new_logprobs or ())
         self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
+        self.num_prompt_tokens = output.num_prompt_tokens or self.num_prompt_tokens
         self.finish_reason = output.finish_reason or self.finish_reason
+        self.stop_string = output.stop_string or self.stop_string
+        self.last_token_at = time.monotonic()
+        self.first_token_at = self.first_token_at or self.last_token_at
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def text(self) -> str:
@@ -116,4 +130,48 @@ def usage(plan: GenerationPlan, results: dict[int, ChoiceResult]) -> UsageInfo:
         completion_tokens=num_completion_tokens,
         total_tokens=num_prompt_tokens + num_completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached_by_prompt.values())),
+        **throughput(num_prompt_tokens, num_completion_tokens, list(results.values())),
     )
+
+
+def throughput(num_prompt_tokens: int, num_completion_tokens: int, results: list[ChoiceResult]) -> dict[str, float]:
+    """mistral.rs' usage fields: the request's times (its slowest choice) and tokens per second."""
+    now = time.monotonic()
+    started = min(result.started_at for result in results)
+    first = max(result.first_token_at or now for result in results)
+    last = max(result.last_token_at or now for result in results)
+    prompt_seconds, completion_seconds, total_seconds = first - started, last - first, last - started
+    return {
+        "avg_tok_per_sec": _per_second(num_prompt_tokens + num_completion_tokens, total_seconds),
+        "avg_prompt_tok_per_sec": _per_second(num_prompt_tokens, prompt_seconds),
+        "avg_compl_tok_per_sec": _per_second(num_completion_tokens, completion_seconds),
+        "total_time_sec": total_seconds,
+        "total_prompt_time_sec": prompt_seconds,
+        "total_completion_time_sec": completion_seconds,
+    }
+
+
+def _per_second(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def timings(result: ChoiceResult) -> dict[str, float | int]:
+    """llama.cpp's `timings` of one choice, as the server sees it: the prompt's time runs from
+    arrival to the first token (queueing included), generation from there to the last."""
+    now = time.monotonic()
+    first = result.first_token_at or now
+    prompt_ms = (first - result.started_at) * 1000
+    predicted_ms = ((result.last_token_at or now) - first) * 1000
+    num_prompt = max(result.num_prompt_tokens - result.num_cached_tokens, 0)
+    num_predicted = max(result.num_tokens - 1, 0)  # the first token comes with the prompt
+    return {
+        "cache_n": result.num_cached_tokens,
+        "prompt_n": num_prompt,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / num_prompt if num_prompt else 0.0,
+        "prompt_per_second": num_prompt / prompt_ms * 1000 if prompt_ms > 0 else 0.0,
+        "predicted_n": result.num_tokens,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / num_predicted if num_predicted else 0.0,
+        "predicted_per_second": num_predicted / predicted_ms * 1000 if predicted_ms > 0 else 0.0,
+    }

@@ -37,6 +37,7 @@ from lmserve.server.responses.choices import (
     finish_name,
     new_results,
     recorded_outputs,
+    timings,
     usage,
 )
 from lmserve.server.responses.logprobs import chat_logprobs, completion_logprobs
@@ -79,6 +80,15 @@ def frame(chunk: BaseModel, include_usage: bool) -> str:
 
 async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """`events`, then [DONE]; an error raised on the way becomes an error event first."""
+    async with aclosing(with_errors(events)) as framed:
+        async for event in framed:
+            yield event
+    yield DONE
+
+
+async def with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events`; an error raised on the way becomes a last error event (llama.cpp's native
+    streams end there, with no [DONE])."""
     try:
         async with aclosing(events):
             async for event in events:
@@ -88,7 +98,6 @@ async def with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
     except Exception as exc:
         logger.exception("error while streaming")
         yield _error_event(server_error(f"internal server error: {type(exc).__name__}: {exc}"))
-    yield DONE
 
 
 def _error_event(error: APIError) -> str:
@@ -110,9 +119,10 @@ def _chunk_events(chunk_type: type[ChatCompletionChunk] | type[CompletionRespons
 
 
 async def chat_events(
-    engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool
+    engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool, with_timings: bool = False
 ) -> AsyncIterator[str]:
-    """Role chunk per choice, content chunks as produced, a finish chunk per choice, usage."""
+    """Role chunk per choice, content chunks as produced, a finish chunk per choice, usage.
+    `with_timings`: each chunk carries llama.cpp's timings of its choice."""
     event = _chunk_events(ChatCompletionChunk, meta, include_usage)
     for choice in plan.choices:
         yield event([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
@@ -121,7 +131,7 @@ async def chat_events(
     async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
         async for index, output in outputs:
             for chunk_choice in _chat_choices(engine, plan, index, output, parsers.get(index)):
-                yield event([chunk_choice])
+                yield event([chunk_choice], timings=timings(results[index]) if with_timings else None)
     if include_usage:
         yield event([], usage=usage(plan, results))
 
@@ -159,9 +169,10 @@ def _delta(output: RequestOutput, parser: ReplyParser | None) -> DeltaMessage:
 
 
 async def completion_events(
-    engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool
+    engine: AsyncEngine, plan: GenerationPlan, meta: ResponseMeta, include_usage: bool, with_timings: bool = False
 ) -> AsyncIterator[str]:
-    """The echoed prompt (if asked), text chunks as produced, a finish chunk per choice, usage."""
+    """The echoed prompt (if asked), text chunks as produced, a finish chunk per choice, usage.
+    `with_timings`: each chunk carries llama.cpp's timings of its choice."""
     event = _chunk_events(CompletionResponse, meta, include_usage)
     offsets = {}  # choice index -> text offset of its next token, for logprobs
     for choice in plan.choices:
@@ -173,7 +184,7 @@ async def completion_events(
     async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
         async for index, output in outputs:
             for chunk_choice in _completion_choices(engine, plan, index, output, offsets):
-                yield event([chunk_choice])
+                yield event([chunk_choice], timings=timings(results[index]) if with_timings else None)
     if include_usage:
         yield event([], usage=usage(plan, results))
 

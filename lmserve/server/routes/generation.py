@@ -1,14 +1,18 @@
-"""POST /chat/completions and /completions: plan the request, run it, answer JSON or SSE."""
+"""POST /chat/completions and /v1/completions (OpenAI's shapes) and llama.cpp's POST /completion
+(its own shape, also at /completions without /v1, as llama.cpp routes it): plan the request,
+run it, answer JSON or SSE."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from lmserve.server.errors import CLIENT_CLOSED_REQUEST
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
@@ -17,56 +21,108 @@ from lmserve.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    LlamaCompletionRequest,
 )
-from lmserve.server.requests.plan import chat_plan, completion_plan
+from lmserve.server.requests.plan import GenerationPlan, chat_plan, completion_plan
 from lmserve.server.responses import event_stream, json_body
-from lmserve.server.responses.choices import ResponseMeta, collect_results
+from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, collect_results, timings
+from lmserve.server.responses.llama_native import NativeSettings, native_body, native_events
 from lmserve.server.routes.disconnect import until_disconnected
 from lmserve.server.state import ServerState, State, json_response
 
 # Generation routes answer JSON, or SSE chunks when the request says "stream": true.
 STREAMABLE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
-router = APIRouter()
+router = APIRouter()  # served with and without /v1
+v1_router = APIRouter()  # served under /v1 only: without it, /completions is llama.cpp's
+llama_router = APIRouter(tags=["llama.cpp"])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one route answers: its plan, its SSE stream and its whole body."""
+
+    id_prefix: str
+    make_plan: Callable[..., GenerationPlan]
+    stream: Callable[[Any, GenerationPlan, ResponseMeta, Any], AsyncIterator[str]]  # (engine, plan, meta, body)
+    whole: Callable[[ResponseMeta, GenerationPlan, dict[int, ChoiceResult], Any, Any], Response]
+
+
+def _openai_stream(events):
+    def stream(engine, plan, meta, body):
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream.with_done(events(engine, plan, meta, include_usage, body.timings_per_token))
+    return stream
+
+
+def _openai_whole(make_response):
+    def whole(meta, plan, results, engine, body):
+        response = make_response(meta, plan, results, engine.tokenizer)
+        if body.timings_per_token:
+            response.timings = timings(results[plan.choices[0].index])
+        return json_response(response)
+    return whole
+
+
+def _native_settings(plan: GenerationPlan, engine, body) -> NativeSettings:
+    return NativeSettings(return_tokens=body.return_tokens, timings_per_token=body.timings_per_token,
+                          n_ctx=engine.max_model_len, id_slots={})
+
+
+def _native_stream(engine, plan, meta, body):
+    return event_stream.with_errors(native_events(engine, plan, meta, _native_settings(plan, engine, body)))
+
+
+def _native_whole(meta, plan, results, engine, body):
+    return JSONResponse(native_body(meta, plan, results, engine.tokenizer, _native_settings(plan, engine, body)))
+
+
+CHAT = Shape("chatcmpl", chat_plan, _openai_stream(event_stream.chat_events), _openai_whole(json_body.chat_response))
+COMPLETION = Shape("cmpl", completion_plan, _openai_stream(event_stream.completion_events),
+                   _openai_whole(json_body.completion_response))
+NATIVE = Shape("cmpl", completion_plan, _native_stream, _native_whole)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMABLE)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
-    return await _generate(body, request, state, "chatcmpl", chat_plan, event_stream.chat_events,
-                           json_body.chat_response)
+    return await generate(body, request, state, CHAT)
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=STREAMABLE)
+@v1_router.post("/completions", response_model=CompletionResponse, responses=STREAMABLE)
 async def completions(body: CompletionRequest, request: Request, state: State) -> Response:
-    return await _generate(body, request, state, "cmpl", completion_plan, event_stream.completion_events,
-                           json_body.completion_response)
+    return await generate(body, request, state, COMPLETION)
 
 
-async def _generate(body, request: Request, state: ServerState, id_prefix: str, make_plan, stream_events,
-                    make_response) -> Response:
-    """The shared shape of both generation routes: plan, then stream SSE or gather one response.
+@llama_router.post("/completion", responses=STREAMABLE)
+@llama_router.post("/completions", responses=STREAMABLE, include_in_schema=False)
+async def llama_completion(body: LlamaCompletionRequest, request: Request, state: State) -> Response:
+    """llama.cpp's native completion: its prompt forms and samplers, its answer's shape."""
+    return await generate(body, request, state, NATIVE)
+
+
+async def generate(body, request: Request, state: ServerState, shape: Shape) -> Response:
+    """The shared shape of the generation routes: plan, then stream SSE or gather one response.
     The request holds its model (a lease) until its last byte is sent, so the model is not
     unloaded under it."""
     lease = await state.chat_model(body.model, body.keep_alive)
     try:
         body = with_model_defaults(body, lease.entry.defaults)
         engine = lease.model.engine
-        meta = ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
+        meta = ResponseMeta(f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
         # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
         # event loop must keep serving the other requests' streams meanwhile.
-        plan = await anyio.to_thread.run_sync(make_plan, body, meta.id, engine.tokenizer, engine.max_model_len,
-                                              engine.grammar)
+        plan = await anyio.to_thread.run_sync(shape.make_plan, body, meta.id, engine.tokenizer,
+                                              engine.max_model_len, engine.grammar)
         engine = _counting_tokens(engine, request, plan)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = stream_events(engine, plan, meta, include_usage)
-            response = event_stream.EventStreamResponse(event_stream.with_done(events), on_close=lease.release)
+            response = event_stream.EventStreamResponse(shape.stream(engine, plan, meta, body),
+                                                        on_close=lease.release)
             lease = None  # the response releases it once the stream ends
             return response
         gathered = await until_disconnected(request.receive, collect_results(engine, plan))
         if gathered is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return json_response(make_response(meta, plan, gathered, engine.tokenizer))
+        return shape.whole(meta, plan, gathered, engine, body)
     finally:
         if lease is not None:
             lease.release()
