@@ -29,6 +29,7 @@ class Embedder(Protocol):
 
     tokenizer: Tokenizer
     max_input_tokens: int
+    pooling: Pooling  # how token vectors become one, and whether it is L2-normalised
 
     @property
     def dim(self) -> int: ...

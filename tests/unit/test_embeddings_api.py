@@ -10,6 +10,7 @@ import pytest
 import torch
 from openai.types import CreateEmbeddingResponse
 
+from lmserve.embeddings.pooling import Pooling
 from lmserve.embeddings.worker import EmbeddingWorker
 from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
 from tests.helpers.server import MODEL, chat, loading_client, make_client, served_state, wait_until
@@ -25,6 +26,7 @@ class FakeEmbedder:
     vocab_size = 258
     max_input_tokens = MAX_INPUT
     tokenizer = ByteTokenizer()
+    pooling = Pooling("mean", normalize=True)
 
     def embed(self, batch: list[list[int]]) -> torch.Tensor:
         raw = torch.tensor([[len(ids), sum(ids), 1.0, 0.0] for ids in batch])
@@ -165,3 +167,31 @@ def test_without_an_embedding_model_only_the_chat_model_is_listed():
     client = make_client()
     assert [c["id"] for c in client.get("/v1/models").json()["data"]] == [MODEL]
     assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/embedding", "/embeddings"])
+def test_llama_cpps_content_form_answers_in_its_shape(client, path):
+    response = embed(client, path=path, content=["ab", "c"])
+    assert response.status_code == 200
+    body = response.json()
+    assert [item["index"] for item in body] == [0, 1]
+    assert np.allclose(body[1]["embedding"], [expected([0, 2 + ord("c")])], atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [0, 1, 2, 3])
+def test_embd_normalize_against_numpy(client, norm):
+    raw = np.array(expected([0, 2 + ord("a"), 2 + ord("b")]))
+    reference = {0: raw / (np.abs(raw).max() / 32760.0), 1: raw / np.abs(raw).sum(),
+                 2: raw / np.linalg.norm(raw), 3: raw / (np.abs(raw) ** 3).sum() ** (1 / 3)}[norm]
+    [item] = embed(client, path="/embedding", content="ab", embd_normalize=norm).json()
+    assert np.allclose(item["embedding"][0], reference, rtol=1e-5)
+
+
+def test_raw_vectors_of_a_normalising_model_are_refused_by_name(client):
+    assert_error(embed(client, path="/embedding", content="ab", embd_normalize=-1), 400, "embd_normalize",
+                 code="unsupported_parameter")
+
+
+def test_input_or_content_one_of_them(client):
+    assert_error(embed(client, input="a", content="b"), 400, "input")
+    assert_error(client.post("/v1/embeddings", json={"model": EMBED_MODEL}), 400, "input")

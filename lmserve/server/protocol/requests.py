@@ -211,7 +211,11 @@ class LlamaCompletionRequest(CompletionRequest):
 
 
 class EmbeddingRequest(_Request):
-    input: str | list[str] | list[int] | list[list[int]]
+    """OpenAI's (`input`), or llama.cpp's native form (`content`, answered in its own shape)."""
+
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    content: str | list[str] | list[int] | list[list[int]] | None = None  # llama.cpp
+    embd_normalize: int = Field(2, ge=-1)  # llama.cpp, with content: -1 none, 0 max-abs, 1 taxicab, 2 L2, p > 2
     model: str | None = None  # missing: the embedding model if one is served, else the chat model
     keep_alive: str | float | None = None  # Ollama's: how long the model stays loaded once idle
     encoding_format: Literal["float", "base64"] | None = "float"  # None: float

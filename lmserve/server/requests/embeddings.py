@@ -1,8 +1,10 @@
-"""/v1/embeddings requests -> checked token-id lists, one per input."""
+"""/v1/embeddings requests -> checked token-id lists, one per input; llama.cpp's normalisations."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from lmserve.server.errors import bad_request
 from lmserve.server.protocol import EmbeddingRequest
@@ -19,10 +21,35 @@ def embedding_inputs(request: EmbeddingRequest, embedder: Embedder) -> list[list
     input length; `dimensions` checked too. Texts get the model's special tokens (BERT's
     [CLS] ... [SEP]); token-id inputs are taken exactly as given."""
     _check_dimensions(request.dimensions, embedder.dim)
-    items = _input_items(request.input)
+    items = _input_items(_inputs(request))
     if len(items) > MAX_INPUTS:
         raise bad_request(f"'input' has {len(items)} items; at most {MAX_INPUTS} are allowed", param="input")
     return [_input_ids(item, param, embedder) for param, item in items]
+
+
+def _inputs(request: EmbeddingRequest) -> str | list[str] | list[int] | list[list[int]]:
+    if (request.input is None) == (request.content is None):
+        raise bad_request("send 'input' (OpenAI) or 'content' (llama.cpp), one of them", param="input")
+    if request.content is not None and request.dimensions is not None:
+        raise bad_request("'dimensions' goes with 'input', not llama.cpp's 'content'", param="dimensions")
+    return request.input if request.input is not None else request.content
+
+
+def normalized(vectors: np.ndarray, norm: int, model_normalizes: bool) -> np.ndarray:
+    """llama.cpp's embd_normalize of (n, dim) `vectors`: -1 none, 0 scaled so the largest
+    magnitude is 32760 (int16's range), 1 taxicab, 2 Euclidean, p > 2 the p-norm. Every norm is
+    blind to scale, so a vector the model already L2-normalised gives the same result; only -1
+    needs the raw vector, which such a model never hands out."""
+    if norm == -1:
+        if model_normalizes:
+            raise bad_request("embd_normalize -1: this model's embeddings are always L2-normalised",
+                              param="embd_normalize", code="unsupported_parameter")
+        return vectors
+    if norm == 0:
+        scale = np.abs(vectors).max(axis=1, keepdims=True) / 32760.0
+    else:
+        scale = (np.abs(vectors) ** norm).sum(axis=1, keepdims=True) ** (1.0 / norm)
+    return vectors / np.where(scale > 0, scale, 1.0)
 
 
 def _check_dimensions(dimensions: int | None, native: int) -> None:
