@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import jinja2
 import tokenizers
 
+from lmserve.text.fim import FimTokens, fim_from_gguf, fim_from_vocabulary
 from lmserve.text.chat_template import (
     CHATML_TEMPLATE,
     ChatTemplateError,
@@ -34,6 +35,7 @@ class ChatTokenizer(Protocol):
     chat_template: str | None  # None: the model has none (ChatML is rendered)
     bos_token: str | None
     eos_token: str | None
+    fim: FimTokens  # fill-in-the-middle tokens, for /infill and `suffix`
 
     @property
     def vocab_size(self) -> int: ...
@@ -72,6 +74,7 @@ class Tokenizer:
     prepend_bos: bool  # encode(add_special_tokens=True) puts bos_token_id first
     strip_leading_space: bool  # SentencePiece: decode drops the space the encoder prefixed
     exact_bytes: bool = True  # False: token bytes are approximations, decode goes through the backend
+    fim: FimTokens = FimTokens()  # fill-in-the-middle tokens; all None for a model without them
     _template: jinja2.Template | None = field(default=None, init=False, repr=False)
 
     @property
@@ -100,6 +103,7 @@ class Tokenizer:
             chat_template=meta.get("tokenizer.chat_template"),
             prepend_bos=bos_id is not None and bool(meta.get("tokenizer.ggml.add_bos_token", vocab.add_bos_default)),
             strip_leading_space=vocab.strip_leading_space,
+            fim=fim_from_gguf(meta, vocab.backend.token_to_id),
         )
 
     @classmethod
@@ -138,6 +142,7 @@ class Tokenizer:
             prepend_bos=bool(config.get("add_bos_token")) and bos_id is not None and not _adds_bos(backend, bos_id),
             strip_leading_space=strip,
             exact_bytes=kind != "other",
+            fim=fim_from_vocabulary(backend.token_to_id),
         )
 
     # --- encode / decode --------------------------------------------------------------------

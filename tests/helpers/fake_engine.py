@@ -7,6 +7,7 @@ import asyncio
 from lmserve.engine.engine import EngineLoad, EngineStep, StepStats
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, SamplingParams, TokenLogprob
 from lmserve.text.chat_template import ChatTemplateError
+from lmserve.text.fim import FimTokens
 
 
 class ByteTokenizer:
@@ -20,6 +21,7 @@ class ByteTokenizer:
     vocab_size = 258
     eos_token_ids = (1,)
     bos_token, eos_token = "<s>", "</s>"
+    fim = FimTokens()  # none: FIM is tested with FimByteTokenizer
 
     def __init__(self, chat_template: str | None = None, prompt_suffix: str = ""):
         self.chat_template = chat_template  # None: no template of its own, so no tools and no reasoning
@@ -45,6 +47,19 @@ class ByteTokenizer:
         text = "".join(f"{name}={value}\n" for name, value in variables.items())
         text += "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " + self.prompt_suffix if add_generation_prompt else "")
+
+
+class FimByteTokenizer(ByteTokenizer):
+    """A ByteTokenizer whose ids 258, 259 and 260 are <PRE>, <SUF> and <MID>."""
+
+    vocab_size = 261
+    fim = FimTokens(prefix=258, suffix=259, middle=260)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return [b"<PRE>", b"<SUF>", b"<MID>"][token_id - 258] if token_id >= 258 else super().token_bytes(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id < 2 or token_id >= 258
 
 
 class FakeEngine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
+from tests.helpers.fake_engine import ByteTokenizer, FakeEngine, FimByteTokenizer
 from tests.helpers.server import MODEL, chat, events, make_client
 
 TOKENIZER = ByteTokenizer()
@@ -96,3 +96,40 @@ def test_seed_minus_one_is_random_and_n_predict_is_max_tokens():
     assert params.seed is None and params.max_tokens == 2
     response = chat(client, n_predict=2, max_tokens=3)
     assert response.status_code == 400 and response.json()["error"]["param"] == "n_predict"
+
+
+FIM = FimByteTokenizer()
+PRE, SUF, MID = 258, 259, 260
+
+
+def text_ids(text: str) -> list[int]:
+    return FIM.encode(text, add_special_tokens=False)
+
+
+def test_infill_builds_llama_cpps_fim_prompt():
+    engine = FakeEngine(reply="x = 1", tokenizer=FIM)
+    body = make_client(engine).post("/infill", json={
+        "input_prefix": "def f():\n", "input_suffix": "\nreturn x", "prompt": "  ",
+        "input_extra": [{"filename": "a.py", "text": "y"}]}).json()
+    assert body["content"] == "x = 1" and body["stop_type"] == "eos"
+    separator = text_ids("\n\n--- snippet ---\n\n")
+    assert engine.calls[-1][1] == [*separator, *text_ids("y"), 0, PRE, *text_ids("def f():\n"), *text_ids("  "),
+                                   SUF, *text_ids("\nreturn x"), MID]
+
+
+def test_openai_suffix_fills_the_middle_on_a_fim_model():
+    engine = FakeEngine(reply="mid", tokenizer=FIM)
+    body = make_client(engine).post("/v1/completions", json={"prompt": "ab", "suffix": "yz"}).json()
+    assert body["choices"][0]["text"] == "mid"
+    assert engine.calls[-1][1] == [0, PRE, *text_ids("ab"), SUF, *text_ids("yz"), MID]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/infill", {"input_prefix": "a", "input_suffix": "b"}, "input_prefix"),
+    ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
+])
+def test_a_model_without_fim_tokens_says_what_is_missing(path, body, param):
+    response = make_client().post(path, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and "prefix, suffix, middle missing" in error["message"]

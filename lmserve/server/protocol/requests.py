@@ -210,6 +210,20 @@ class LlamaCompletionRequest(CompletionRequest):
     return_tokens: bool = False  # the generated token ids in `tokens`
 
 
+class InfillChunk(_Request):
+    filename: str = "tmp"
+    text: str = ""
+
+
+class InfillRequest(LlamaCompletionRequest):
+    """llama.cpp's POST /infill: fill the code between input_prefix and input_suffix."""
+
+    prompt: str | list[int | str | list[int | str]] = ""  # the start of the middle, if known
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillChunk] = []  # other files, as context
+
+
 class EmbeddingRequest(_Request):
     """OpenAI's (`input`), or llama.cpp's native form (`content`, answered in its own shape)."""
 

@@ -16,6 +16,7 @@ from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    InfillRequest,
     SamplingFields,
 )
 from lmserve.server.requests.chat_prompt import render_chat, reply_format
@@ -24,6 +25,7 @@ from lmserve.server.requests.known_params import check_known_params
 from lmserve.server.requests.peer_sampling import peer_sampling
 from lmserve.server.requests.tokens import checked_token_ids, encode_text
 from lmserve.server.requests.tools import ToolsPlan, plan_tools
+from lmserve.text.fim import infill_ids
 
 if TYPE_CHECKING:
     from lmserve.sampling.grammar import GrammarCompiler
@@ -151,6 +153,8 @@ def completion_plan(
     check_known_params(request.model_extra or {})
     prompt_items = _prompt_items(request.prompt)
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
+    if request.suffix:  # OpenAI's insertion: the reply goes between each prompt and the suffix
+        prompts = [_fim_prompt(tokenizer, ids, request.suffix, "suffix") for ids in prompts]
     logprobs = request.logprobs if request.logprobs is not None else request.n_probs or None
     base = _base_params(request, tokenizer, logprobs, grammar)
     max_tokens, param = (_n_predict(request), "n_predict") if request.n_predict is not None else (
@@ -161,9 +165,52 @@ def completion_plan(
     return GenerationPlan(prompts, choices, echo_texts)
 
 
+def infill_plan(
+    request: InfillRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
+    grammar: GrammarCompiler | None = None,
+) -> GenerationPlan:
+    """llama.cpp's /infill: its FIM prompt (other files, <PRE> prefix prompt <SUF> suffix <MID>),
+    then a completion of it."""
+    missing_fim(tokenizer, "input_prefix")
+    prompt_ids = [] if request.prompt == "" else _prompt_ids(_prompt_items(request.prompt)[0], 0, tokenizer)
+    extra = [(chunk.filename, chunk.text) for chunk in request.input_extra]
+    ids = infill_ids(tokenizer.fim, _plain_encoder(tokenizer), request.input_prefix, request.input_suffix,
+                     _without_bos(tokenizer, prompt_ids), extra, _bos_ids(tokenizer))
+    return completion_plan(request.model_copy(update={"prompt": ids, "echo": False}), response_id, tokenizer,
+                           max_model_len, grammar)
+
+
+def missing_fim(tokenizer: ChatTokenizer, param: str) -> None:
+    missing = tokenizer.fim.missing
+    if missing:
+        raise bad_request(f"this model has no fill-in-the-middle tokens ({', '.join(missing)} missing), "
+                          "so it cannot infill", param=param, code="unsupported_parameter")
+
+
+def _fim_prompt(tokenizer: ChatTokenizer, prompt_ids: list[int], suffix: str, param: str) -> list[int]:
+    """OpenAI's suffix: the prompt is the prefix, the reply fills the middle."""
+    missing_fim(tokenizer, param)
+    return infill_ids(tokenizer.fim, _plain_encoder(tokenizer), "", suffix, _without_bos(tokenizer, prompt_ids),
+                      [], _bos_ids(tokenizer))
+
+
+def _bos_ids(tokenizer: ChatTokenizer) -> list[int]:
+    """What the tokenizer puts before a text: BOS for models that want one, else nothing."""
+    return tokenizer.encode("", add_special_tokens=True)
+
+
+def _without_bos(tokenizer: ChatTokenizer, ids: list[int]) -> list[int]:
+    bos = _bos_ids(tokenizer)
+    return ids[len(bos):] if bos and ids[: len(bos)] == bos else ids
+
+
+def _plain_encoder(tokenizer: ChatTokenizer):
+    return lambda text: encode_text(tokenizer, text, add_special_tokens=False, param="prompt") if text else []
+
+
 def _check_completion_supported(request: CompletionRequest) -> None:
-    if request.suffix:
-        raise unsupported("suffix", "'suffix' (insertion)")
+    if request.suffix and request.echo:
+        raise unsupported("suffix", "'suffix' with echo")
     if request.best_of is not None and request.best_of > request.n:
         raise unsupported("best_of", "best_of > n")
     if request.best_of is not None and request.best_of < request.n:

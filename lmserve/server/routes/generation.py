@@ -21,9 +21,10 @@ from lmserve.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    InfillRequest,
     LlamaCompletionRequest,
 )
-from lmserve.server.requests.plan import GenerationPlan, chat_plan, completion_plan
+from lmserve.server.requests.plan import GenerationPlan, chat_plan, completion_plan, infill_plan
 from lmserve.server.responses import event_stream, json_body
 from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, collect_results, timings
 from lmserve.server.responses.llama_native import NativeSettings, native_body, native_events
@@ -81,6 +82,7 @@ CHAT = Shape("chatcmpl", chat_plan, _openai_stream(event_stream.chat_events), _o
 COMPLETION = Shape("cmpl", completion_plan, _openai_stream(event_stream.completion_events),
                    _openai_whole(json_body.completion_response))
 NATIVE = Shape("cmpl", completion_plan, _native_stream, _native_whole)
+INFILL = Shape("cmpl", infill_plan, _native_stream, _native_whole)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMABLE)
@@ -98,6 +100,12 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
 async def llama_completion(body: LlamaCompletionRequest, request: Request, state: State) -> Response:
     """llama.cpp's native completion: its prompt forms and samplers, its answer's shape."""
     return await generate(body, request, state, NATIVE)
+
+
+@llama_router.post("/infill", responses=STREAMABLE)
+async def llama_infill(body: InfillRequest, request: Request, state: State) -> Response:
+    """llama.cpp's fill-in-the-middle, for models with FIM tokens; its answer's shape."""
+    return await generate(body, request, state, INFILL)
 
 
 async def generate(body, request: Request, state: ServerState, shape: Shape) -> Response:
