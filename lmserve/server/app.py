@@ -36,7 +36,7 @@ from lmserve.server.middleware.access import AccessMiddleware, log_access
 from lmserve.server.middleware.auth import ApiKeyMiddleware
 from lmserve.server.middleware.cors import LmserveCORSMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
-from lmserve.server.routes import embeddings, generation, models, ops
+from lmserve.server.routes import embeddings, generation, models, ops, slots
 from lmserve.server.state import ServerState
 
 logger = logging.getLogger("lmserve")
@@ -57,6 +57,7 @@ def create_app(state: ServerState) -> FastAPI:
         app.include_router(router, include_in_schema=False)  # llama.cpp-style paths, same handlers
     app.include_router(generation.v1_router, prefix="/v1", responses=ERROR_RESPONSES)
     app.include_router(generation.llama_router, responses=ERROR_RESPONSES)
+    app.include_router(slots.router)
     app.include_router(ops.server_router)
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     return app

@@ -7,6 +7,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
@@ -18,6 +19,7 @@ from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatu
 from lmserve.server.errors import APIError
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
+from lmserve.server.slots import SlotTable
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
@@ -38,6 +40,9 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))  # unix time for /v1/models
     load_timeout: float | None = 600.0  # seconds a request waits for its model to load before a 503; None: no limit
     exit_if_pinned_fails: bool = False  # end the process when a model served from start-up cannot load
+    slots_endpoint: bool = True  # GET /slots is served (llama-server's --no-slots turns it off)
+    slot_save_path: Path | None = None  # the folder /slots/{id}?action=save writes to; None: saving is off
+    _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
 
     @property
     def ready(self) -> bool:
@@ -48,6 +53,15 @@ class ServerState:
         """The loaded chat models' engines, by model id."""
         return {slot.entry.id: slot.model.engine for slot in self.fleet.slots()
                 if slot.status is ModelStatus.LOADED and slot.entry.kind == "chat"}
+
+    def slot_table(self, lease: Lease) -> SlotTable:
+        """The slots of the chat model `lease` holds: new with each load of the model."""
+        engine = lease.model.engine
+        held = self._slot_tables.get(lease.entry.id)
+        if held is None or held[0] is not engine:
+            table = SlotTable(engine.config.scheduler.max_num_seqs, engine.max_model_len)
+            self._slot_tables[lease.entry.id] = held = (engine, table)
+        return held[1]
 
     async def chat_model(self, name: str | None, keep_alive: str | float | None = None) -> Lease:
         """A lease on the chat model `name` names (loaded first if needed); release it when the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from lmserve.config import EngineConfig, SchedulerConfig
 from lmserve.engine.engine import EngineLoad, EngineStep, StepStats
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, SamplingParams, TokenLogprob
 from lmserve.text.chat_template import ChatTemplateError
@@ -72,6 +73,7 @@ class FakeEngine:
     def __init__(self, reply="Hé!", max_model_len=64, hang_after=None, fail_after=None, raise_after=None,
                  tokenizer: ByteTokenizer | None = None, grammar=None):
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.config = EngineConfig("/models/fake.gguf", "fake", scheduler=SchedulerConfig(max_num_seqs=4))
         self.max_model_len = max_model_len
         self.model = None  # no weights
         self.kv_block_bytes = 1 << 20

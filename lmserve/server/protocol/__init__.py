@@ -20,6 +20,7 @@ from lmserve.server.protocol.requests import (
     LlamaCompletionRequest,
     EmbeddingRequest,
     ModelAction,
+    SlotAction,
     TokenizeRequest,
     DetokenizeRequest,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "LlamaCompletionRequest",
     "EmbeddingRequest",
     "ModelAction",
+    "SlotAction",
     "TokenizeRequest",
     "DetokenizeRequest",
     "ChatChoice",

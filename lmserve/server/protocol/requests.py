@@ -237,6 +237,12 @@ class EmbeddingRequest(_Request):
     user: str | None = None
 
 
+class SlotAction(_Request):
+    """POST /slots/{id}?action=save|restore (llama.cpp): the file under --slot-save-path."""
+
+    filename: str | None = None
+
+
 class ModelAction(_Request):
     """POST /models/load and /models/unload (llama.cpp's router)."""
 

@@ -37,7 +37,7 @@ class NativeSettings:
         self.return_tokens = return_tokens
         self.timings_per_token = timings_per_token
         self.n_ctx = n_ctx  # the model's context, reported in generation_settings
-        self.id_slots = id_slots  # choice index -> the slot it ran in (-1: none)
+        self.id_slots = id_slots  # engine request id -> the slot it ran in (-1: none)
 
 
 def final_object(meta: ResponseMeta, plan: GenerationPlan, choice: ChoicePlan, result: ChoiceResult,
@@ -46,7 +46,7 @@ def final_object(meta: ResponseMeta, plan: GenerationPlan, choice: ChoicePlan, r
         "index": choice.index,
         "content": "" if stream else _echo(plan, choice) + result.text,
         "tokens": [] if stream or not settings.return_tokens else result.token_ids,
-        "id_slot": settings.id_slots.get(choice.index, -1),
+        "id_slot": settings.id_slots.get(choice.request_id, -1),
         "stop": True,
         "model": meta.model,
         "tokens_predicted": result.num_tokens,
@@ -147,7 +147,7 @@ def _partial(choice: ChoicePlan, result: ChoiceResult, text: str, token_ids: lis
         "content": text,
         "tokens": token_ids,
         "stop": False,
-        "id_slot": settings.id_slots.get(choice.index, -1),
+        "id_slot": settings.id_slots.get(choice.request_id, -1),
         "tokens_predicted": result.num_tokens,
         "tokens_evaluated": result.num_prompt_tokens,
     }

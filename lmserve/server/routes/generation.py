@@ -14,7 +14,7 @@ import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from lmserve.server.errors import CLIENT_CLOSED_REQUEST
+from lmserve.server.errors import CLIENT_CLOSED_REQUEST, bad_request
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
 from lmserve.server.protocol import (
     ChatCompletionRequest,
@@ -29,6 +29,7 @@ from lmserve.server.responses import event_stream, json_body
 from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, collect_results, timings
 from lmserve.server.responses.llama_native import NativeSettings, native_body, native_events
 from lmserve.server.routes.disconnect import until_disconnected
+from lmserve.server.slots import SlottedEngine, SlotTable
 from lmserve.server.state import ServerState, State, json_response
 
 # Generation routes answer JSON, or SSE chunks when the request says "stream": true.
@@ -67,7 +68,7 @@ def _openai_whole(make_response):
 
 def _native_settings(plan: GenerationPlan, engine, body) -> NativeSettings:
     return NativeSettings(return_tokens=body.return_tokens, timings_per_token=body.timings_per_token,
-                          n_ctx=engine.max_model_len, id_slots={})
+                          n_ctx=engine.max_model_len, id_slots=engine.id_slots)
 
 
 def _native_stream(engine, plan, meta, body):
@@ -121,7 +122,7 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
         # event loop must keep serving the other requests' streams meanwhile.
         plan = await anyio.to_thread.run_sync(shape.make_plan, body, meta.id, engine.tokenizer,
                                               engine.max_model_len, engine.grammar)
-        engine = _counting_tokens(engine, request, plan)
+        engine = _counting_tokens(_slotted(engine, state.slot_table(lease), body.id_slot, plan), request, plan)
         if body.stream:
             response = event_stream.EventStreamResponse(shape.stream(engine, plan, meta, body),
                                                         on_close=lease.release)
@@ -140,6 +141,17 @@ def with_model_defaults(body, defaults: dict[str, Any]):
     """`body` with its model's sampling defaults (--config) for the fields the request left out."""
     missing = {key: value for key, value in defaults.items() if key not in body.model_fields_set}
     return body.model_copy(update=missing) if missing else body
+
+
+def _slotted(engine, table: SlotTable, id_slot: int | None, plan: GenerationPlan) -> SlottedEngine:
+    """Each sequence runs in a slot; `id_slot` names the one of a single-sequence request."""
+    if id_slot is not None and id_slot >= 0:
+        if id_slot >= len(table.slots):
+            raise bad_request(f"id_slot {id_slot} does not exist: slots are 0 to {len(table.slots) - 1}",
+                              param="id_slot")
+        if len(plan.choices) > 1:
+            raise bad_request("id_slot names one slot, and this request runs several sequences", param="id_slot")
+    return SlottedEngine(engine, table, id_slot)
 
 
 def _counting_tokens(engine, request: Request, plan):
