@@ -1,16 +1,18 @@
 """Saving a cached prefix's KV to a file and restoring it, on tiny random models: a restarted engine
 restored from the file reports the prefix as cached and computes exactly what the first engine does
 from its own cache; a file of another model, a damaged one or one that does not fit is handled as
-LLMEngine.restore_prefix documents."""
+LLMEngine.restore_prefix documents; and all of it through AsyncEngine."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from lmserve.engine.async_engine import AsyncEngine
 from lmserve.engine.engine import EngineClosed
 from lmserve.request import SamplingParams
 from tests.helpers.real_engine import tiny_engine
@@ -244,3 +246,38 @@ def test_a_closed_engine_refuses(folder, saved, tmp_path):
         engine.restore_prefix(saved[0])
     with pytest.raises(EngineClosed):
         engine.forget_prefix(PROMPT)
+
+
+async def generate(engine: AsyncEngine, request_id: str, prompt: list[int], params=GREEDY):
+    outputs = [o async for o in engine.generate(request_id, prompt, params)]
+    return [t for o in outputs for t in o.new_token_ids], outputs[-1].num_cached_tokens
+
+
+def test_async_engine_saves_between_steps_restores_and_forgets(folder, saved, tmp_path):
+    path, uncached, _ = saved
+    first, restarted = AsyncEngine(tiny_engine(folder)), AsyncEngine(tiny_engine(folder))
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(path.read_bytes()[:100])
+
+    async def main():
+        await generate(first, "warm", PROMPT)
+        long = first.generate("long", OTHER, SamplingParams(temperature=0, max_tokens=220))
+        await anext(long)
+        saved_count = await first.save_prefix(PROMPT, tmp_path / "slot.bin")
+        assert first.snapshot()["num_running"] == 1  # saved between the steps of a running request
+        assert [o async for o in long][-1].finish_reason is not None
+        restored_count = await restarted.restore_prefix(tmp_path / "slot.bin")
+        after_restore = await generate(restarted, "again", PROMPT)
+        with pytest.raises(ValueError, match="truncated"):
+            await restarted.restore_prefix(truncated)
+        return saved_count, restored_count, after_restore, await restarted.forget_prefix(PROMPT)
+
+    try:
+        saved_count, restored_count, (token_ids, num_cached), forgotten = asyncio.run(main())
+    finally:
+        first.close()
+        restarted.close()
+    assert (saved_count, restored_count, num_cached, forgotten) == (5 * BLOCK,) * 4
+    assert token_ids == uncached.token_ids
+    with pytest.raises(EngineClosed):
+        asyncio.run(first.save_prefix(PROMPT, tmp_path / "late.bin"))
