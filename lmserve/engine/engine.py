@@ -109,8 +109,9 @@ class LLMEngine:
     one thread calls it (see AsyncEngine).
 
     Its public face: add_request, abort_request, step, fail_all, has_unfinished, load, close,
-    save_prefix, restore_prefix, forget_prefix, and what other parts read: tokenizer, max_model_len, dtype, kv_block_bytes, grammar (the constraint
-    compiler) and model (the decoder, for embeddings)."""
+    save_prefix, restore_prefix, forget_prefix, and what other parts read: tokenizer,
+    max_model_len, dtype, kv_block_bytes, grammar (the constraint compiler) and model (the
+    decoder, for embeddings)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel):
         self.config = config

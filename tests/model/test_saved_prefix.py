@@ -132,15 +132,15 @@ def other_weights(tmp_path_factory):
     return save_hf_folder(tiny_hf_model("llama", seed=1), tmp_path_factory.mktemp("reseeded"))
 
 
-@pytest.mark.parametrize("engine_of, difference", [
-    (lambda f, deeper, reseeded: tiny_engine(deeper), "num_hidden_layers: the file's 2, this engine's 3"),
-    (lambda f, deeper, reseeded: tiny_engine(reseeded), "weights: the file's '"),
-    (lambda f, deeper, reseeded: tiny_engine(f, "bfloat16"), "dtype: the file's 'float32', this engine's 'bfloat16'"),
-    (lambda f, deeper, reseeded: tiny_engine(f, block_size=8, num_blocks=32), "block_size: the file's 4, this engine's 8"),
+@pytest.mark.parametrize("model, settings, difference", [
+    ("three_layers", {}, "num_hidden_layers: the file's 2, this engine's 3"),
+    ("other_weights", {}, "weights: the file's '"),
+    ("folder", {"dtype": "bfloat16"}, "dtype: the file's 'float32', this engine's 'bfloat16'"),
+    ("folder", {"block_size": 8, "num_blocks": 32}, "block_size: the file's 4, this engine's 8"),
 ], ids=["layers", "weights", "dtype", "block_size"])
-def test_a_file_of_another_model_or_layout_is_refused_naming_the_difference(
-        folder, three_layers, other_weights, saved, engine_of, difference):
-    engine = engine_of(folder, three_layers, other_weights)
+def test_a_file_of_another_model_or_layout_is_refused_naming_the_difference(request, saved, model, settings,
+                                                                            difference):
+    engine = tiny_engine(request.getfixturevalue(model), **settings)
     with pytest.raises(ValueError, match="was saved by another model or KV layout") as refused:
         engine.restore_prefix(saved[0])
     assert difference in str(refused.value)
