@@ -56,18 +56,39 @@ class BlockPool:
         """Blocks holding the longest cached run of `hashes`, each with a new reference."""
         if not self.enable_prefix_caching:
             return []
+        found = self.cached_run(hashes)
+        self.num_queries += len(hashes)
+        self.num_hits += len(found)
+        self.hold(found)
+        return found
+
+    def cached_run(self, hashes: list[BlockHash]) -> list[int]:
+        """Blocks holding the longest cached run of `hashes`; no references taken, nothing counted."""
         found = []
         for h in hashes:
             block = self.cached.get(h)
             if block is None:
                 break
             found.append(block)
-        self.num_queries += len(hashes)
-        self.num_hits += len(found)
-        for block in found:
+        return found
+
+    def hold(self, blocks: list[int]) -> None:
+        """One more reference to each block (a free one leaves the free list, keeping its content)."""
+        for block in blocks:
             self.ref_counts[block] += 1
             self.free.pop(block, None)
-        return found
+
+    def uncache(self, hashes: list[BlockHash]) -> int:
+        """Forget the content of every free block holding one of `hashes` and reuse those blocks
+        first; blocks someone holds keep theirs. Returns the blocks forgotten."""
+        forgotten = 0
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is not None and self.ref_counts[block] == 0:
+                self._evict(block)
+                self.free.move_to_end(block, last=False)
+                forgotten += 1
+        return forgotten
 
     def register(self, block: int, block_hash: BlockHash) -> None:
         """Record that a full block holds the content `block_hash`."""

@@ -1,8 +1,9 @@
 """One engine thread, per-request asyncio queues.
 
-The HTTP event loop never runs the model: it posts commands (add, abort, close) to the engine
-thread and receives outputs through `loop.call_soon_threadsafe`. Observers (metrics) hear of
-every added and aborted request and every step's stats and outputs, on the engine thread.
+The HTTP event loop never runs the model: it posts commands (add, abort, close, and calls such as
+saving a prefix) to the engine thread, which runs them in order between steps, and receives outputs
+and results through `loop.call_soon_threadsafe`. Observers (metrics) hear of every added and
+aborted request and every step's stats and outputs, on the engine thread.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
-from lmserve.engine.engine import EngineStep, LLMEngine, StepStats
+from lmserve.engine.engine import EngineClosed, EngineStep, LLMEngine, StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger("lmserve.engine")
@@ -39,9 +41,10 @@ class EngineObserver(Protocol):
 class AsyncEngine:
     """An LLMEngine run by its own thread, for asyncio callers.
 
-    Its public face: generate, abort, snapshot, drain, close, and what the server reads: config,
-    tokenizer, max_model_len, kv_block_bytes, grammar (to validate constraints before they reach the
-    engine) and model (the decoder, for embeddings)."""
+    Its public face: generate, abort, snapshot, drain, close, save_prefix, restore_prefix,
+    forget_prefix, and what the server reads: config, tokenizer, max_model_len, kv_block_bytes,
+    grammar (to validate constraints before they reach the engine) and model (the decoder, for
+    embeddings)."""
 
     def __init__(self, engine: LLMEngine, observers: Sequence[EngineObserver] = ()):
         self._engine = engine
@@ -55,7 +58,8 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
-        self._accepting = True
+        self._accepting = True  # new requests are taken (False from drain or close on)
+        self._closing = False  # close was called: no more commands of any kind
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
@@ -91,6 +95,30 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def save_prefix(self, token_ids: list[int], path: Path) -> int:
+        """LLMEngine.save_prefix on the engine thread, between steps (generation pauses while the
+        file is written)."""
+        return await self._call(self._engine.save_prefix, list(token_ids), Path(path))
+
+    async def restore_prefix(self, path: Path) -> int:
+        """LLMEngine.restore_prefix on the engine thread, between steps."""
+        return await self._call(self._engine.restore_prefix, Path(path))
+
+    async def forget_prefix(self, token_ids: list[int]) -> int:
+        """LLMEngine.forget_prefix on the engine thread, between steps."""
+        return await self._call(self._engine.forget_prefix, list(token_ids))
+
+    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)`'s result or exception, from the engine thread. These run while the
+        engine drains; once it closes they raise EngineClosed."""
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+        with self._lock:
+            if self._closing:
+                raise EngineClosed(_NOT_ACCEPTING)
+            self._commands.put(("call", function, args, loop, result))  # under the lock: before "close"
+        return await result
+
     def snapshot(self) -> dict[str, int]:
         """Current load, read without locking (approximate while a step runs)."""
         return dataclasses.asdict(self._engine.load())
@@ -117,6 +145,7 @@ class AsyncEngine:
         engine thread and let go of the model and the KV cache. Safe to call more than once."""
         with self._lock:
             self._accepting = False
+            self._closing = True
         if self._thread.is_alive():
             self._commands.put(("close",))
             self._thread.join(timeout=30)
@@ -158,12 +187,26 @@ class AsyncEngine:
                 self._notify("request_added", request_id, time.monotonic())
         elif kind == "abort":
             self._abort(command[1])
+        elif kind == "call":
+            self._run_call(*command[1:])
         elif kind == "close":
             outputs = self._engine.close(why=_NOT_ACCEPTING)
             for output in outputs:
                 self._notify("request_aborted", output.request_id)
             self._deliver(outputs)
             self._stopped = True
+
+    @staticmethod
+    def _run_call(function: Callable[..., Any], args: tuple, loop: asyncio.AbstractEventLoop,
+                  result: asyncio.Future) -> None:
+        try:
+            value, error = function(*args), None
+        except Exception as exc:  # noqa: BLE001 - the caller's to handle, not the engine thread's
+            value, error = None, exc
+        try:
+            loop.call_soon_threadsafe(_settle, result, value, error)
+        except RuntimeError:  # the caller's event loop has closed: no one is waiting
+            log.debug("engine call %r finished after its caller's event loop closed", function)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         # One wake-up of each event loop per step, not one per output: with 64 streams the
@@ -191,6 +234,15 @@ class AsyncEngine:
                 getattr(observer, event)(*args)
             except Exception:
                 log.exception("engine observer %r failed on %s", observer, event)
+
+
+def _settle(result: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if result.done():  # its caller was cancelled
+        return
+    if error is not None:
+        result.set_exception(error)
+    else:
+        result.set_result(value)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -11,7 +11,9 @@ import torch
 
 from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
-from lmserve.config import EngineConfig
+from lmserve.cache.kv_file import KVFile, KVFileIdentity, checkpoint_fingerprint, open_kv_file, write_kv_file
+from lmserve.cache.prefix import BlockHash, hash_full_blocks
+from lmserve.config import DTYPE_NAMES, EngineConfig
 from lmserve.engine.batch import LiveRequest, SchedulerOutput
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
@@ -79,6 +81,19 @@ def check_sizes(config: EngineConfig, model: ModelConfig, dtype: str) -> tuple[i
     return max_model_len, num_blocks
 
 
+def _kv_identity(config: EngineConfig, loaded: LoadedModel, block_size: int) -> KVFileIdentity | None:
+    """What a saved prefix must match to be restored here; None when the checkpoint is not on disk
+    (an engine built from weights in memory). Read now: the file could change while the engine runs."""
+    fingerprint = checkpoint_fingerprint(config.model_path)
+    if fingerprint is None:
+        return None
+    model = loaded.config
+    return KVFileIdentity(family=model.family, num_hidden_layers=model.num_hidden_layers,
+                          num_key_value_heads=model.num_key_value_heads, head_dim=model.head_dim,
+                          block_size=block_size, dtype=loaded.dtype, kv_dtype=DTYPE_NAMES[loaded.dtype],
+                          weights=fingerprint)
+
+
 def preflight(config: EngineConfig) -> None:
     """What LLMEngine would refuse about `config`, found from the checkpoint's header alone (a
     fraction of a second), so a server stops before it says it is up: ValueError."""
@@ -93,9 +108,10 @@ class LLMEngine:
     """Owns the model, the KV cache, the scheduler and every live request. Not thread-safe:
     one thread calls it (see AsyncEngine).
 
-    Its public face: add_request, abort_request, step, fail_all, has_unfinished, load, close, and
-    what other parts read: tokenizer, max_model_len, dtype, kv_block_bytes, grammar (the constraint
-    compiler) and model (the decoder, for embeddings)."""
+    Its public face: add_request, abort_request, step, fail_all, has_unfinished, load, close,
+    save_prefix, restore_prefix, forget_prefix, and what other parts read: tokenizer,
+    max_model_len, dtype, kv_block_bytes, grammar (the constraint compiler) and model (the
+    decoder, for embeddings)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel):
         self.config = config
@@ -119,6 +135,8 @@ class LLMEngine:
             log.info("decode attention: %s; the steps' layers: %s",
                      "native kernel" if native_decode_attention() else "PyTorch", "C++" if native_layers else "Python")
         self._live: dict[str, LiveRequest] = {}
+        self._block_size = block_size
+        self._kv_identity = _kv_identity(config, loaded, block_size)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -201,6 +219,68 @@ class LLMEngine:
     @property
     def closed(self) -> bool:
         return self._runner is None
+
+    def save_prefix(self, token_ids: list[int], path: Path) -> int:
+        """Write the KV of the longest run of `token_ids`' full blocks that the prefix cache holds to
+        `path` (lmserve/cache/kv_file.py), replacing it atomically. Returns the tokens saved, a
+        multiple of the block size. With nothing cached it still writes a valid file covering 0
+        tokens, so `path` never keeps an older save. ValueError when the model's checkpoint is not
+        on disk to fingerprint; OSError when the file cannot be written."""
+        identity = self._saved_prefix_identity()
+        blocks = self._pool.cached_run(hash_full_blocks(list(token_ids), self._block_size))
+        saved_ids = list(token_ids[: len(blocks) * self._block_size])
+        write_kv_file(Path(path), identity, saved_ids, self._runner.read_blocks(blocks))
+        return len(saved_ids)
+
+    def restore_prefix(self, path: Path) -> int:
+        """Put the blocks saved in `path` back into the prefix cache, so a request whose prompt
+        starts with their tokens finds them cached (num_cached_tokens) and runs only the rest.
+        The restored blocks are free and evictable like any cached block. Blocks already cached
+        are kept; the rest take free blocks, evicting other cached content least recently used
+        first but never a block a request holds. When fewer are free than the file has, the
+        leading blocks that fit are restored. Returns the file's tokens the cache now holds from
+        its start. ValueError, before the cache changes, for a file of another model or KV
+        layout (naming what differs), a damaged one, or with prefix caching off; FileNotFoundError
+        when there is no file."""
+        identity = self._saved_prefix_identity()
+        if not self._pool.enable_prefix_caching:
+            raise ValueError("prefix caching is off (--no-prefix-caching): a restored prefix could not be found")
+        with open_kv_file(Path(path)) as file:
+            file.check(identity)
+            file.verify()
+            return self._restore_blocks(file, hash_full_blocks(file.token_ids, self._block_size))
+
+    def forget_prefix(self, token_ids: list[int]) -> int:
+        """Drop the cached content of `token_ids`' full blocks from the prefix cache; blocks a
+        running request holds keep theirs (they are shared, and freed when it finishes). This
+        takes blocks other cached prompts share with `token_ids` too (a common system prompt).
+        Returns the tokens forgotten."""
+        if self.closed:
+            raise EngineClosed("the model was unloaded")
+        return self._pool.uncache(hash_full_blocks(list(token_ids), self._block_size)) * self._block_size
+
+    def _saved_prefix_identity(self) -> KVFileIdentity:
+        if self.closed:
+            raise EngineClosed("the model was unloaded")
+        if self._kv_identity is None:
+            raise ValueError(f"the model path {self.config.model_path!r} is not on disk, so a saved prefix "
+                             "could not be tied to its weights")
+        return self._kv_identity
+
+    def _restore_blocks(self, file: KVFile, hashes: list[BlockHash]) -> int:
+        """Hold the blocks of `hashes` already cached (so allocating cannot evict them), copy the
+        file's blocks into fresh ones after them, register those, then free them all."""
+        held = self._pool.cached_run(hashes)
+        self._pool.hold(held)
+        fresh = self._pool.allocate(min(len(hashes) - len(held), self._pool.num_free))
+        try:
+            for layer, (keys, values) in enumerate(file.layers(len(held), len(fresh))):
+                self._runner.write_blocks(layer, fresh, keys, values)
+            for block, block_hash in zip(fresh, hashes[len(held):]):
+                self._pool.register(block, block_hash)
+        finally:
+            self._pool.release(held + fresh)
+        return (len(held) + len(fresh)) * self._block_size
 
     def _fail_each(self, requests: list[Request], exc: Exception) -> list[RequestOutput]:
         outputs = []

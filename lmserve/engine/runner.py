@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,6 +86,23 @@ class ModelRunner:
                                  decode_bias=bias, prefills=prefill_meta, decode_lens=lens)
         return ModelInput(input_ids=self._long(ids), positions=self._long(positions), meta=meta,
                           logits_indices=self._long(logits_rows), sampled_seqs=sampled)
+
+    def read_blocks(self, block_ids: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the blocks' keys and values, layer by layer, each
+        (num_kv_heads, len(block_ids), block_size, head_dim) in the cache's dtype."""
+        index = self._long(block_ids)
+        for keys, values in self.kv_caches:
+            yield self._by_block(keys).index_select(1, index), self._by_block(values).index_select(1, index)
+
+    def write_blocks(self, layer: int, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put one layer's keys and values, shaped as read_blocks yields them, into its blocks."""
+        index = self._long(block_ids)
+        for cache, data in zip(self.kv_caches[layer], (keys, values)):
+            self._by_block(cache).index_copy_(1, index, data.to(cache.device, cache.dtype))
+
+    def _by_block(self, cache: torch.Tensor) -> torch.Tensor:
+        num_kv_heads, num_slots, head_dim = cache.shape
+        return cache.view(num_kv_heads, num_slots // self.block_size, self.block_size, head_dim)  # (Hkv, B, bs, D)
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

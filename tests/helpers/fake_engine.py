@@ -199,6 +199,12 @@ class CountingEngine:
     def fail_all(self, exc):
         return []
 
+    def forget_prefix(self, token_ids) -> int:
+        """Claims every token forgotten; refuses an empty list, as a ValueError for the caller."""
+        if not token_ids:
+            raise ValueError("nothing to forget")
+        return len(token_ids)
+
     def close(self, why: str) -> list[RequestOutput]:
         outputs = [RequestOutput(rid, [], finish_reason=FinishReason.ABORT, error=why) for rid in self.live]
         self.live.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
 
@@ -26,3 +28,37 @@ def make_engine(loaded, kv_bytes=64 << 20, budget=64, max_seqs=8, max_len=1024, 
 def chat_ids(tokenizer, text):
     return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]),
                             add_special_tokens=False)
+
+
+class IdTokenizer:
+    """Stands in for the tokenizer a tiny random model lacks: token i reads "<i>"; nothing is
+    special and no token ends a sequence."""
+
+    eos_token_ids = ()
+    strip_leading_space = False
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return f"<{token_id}>".encode()
+
+    def is_special(self, token_id: int) -> bool:
+        return False
+
+
+def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_len=None,
+                model_path=None) -> LLMEngine:
+    """The real LLMEngine on a tiny random model's HF folder (tests/helpers/tiny_models.py), its
+    KV cache `num_blocks` blocks of `block_size` tokens; max_len defaults to all of them. Its
+    config names `model_path` instead of the folder if given."""
+    from lmserve.cache.kv_cache import bytes_per_block
+    from lmserve.weights.load import DTYPES, LoadedModel, load_weights
+
+    model, model_config, _ = load_weights(folder, dtype)
+    loaded = LoadedModel(model, model_config, IdTokenizer(model_config.vocab_size), dtype)
+    kv_bytes = num_blocks * bytes_per_block(model_config, block_size, DTYPES[dtype])
+    max_len = max_len or min(num_blocks * block_size, model_config.max_position_embeddings)
+    config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=CacheConfig(block_size, kv_bytes),
+                          scheduler=SchedulerConfig(4, 64, max_len))
+    return LLMEngine(config, loaded)

@@ -24,14 +24,16 @@ HF_TO_GGUF_LAYER = {
 }
 
 
-def tiny_hf_model(family: str, tie: bool = False, seed: int = 0):
-    """A random transformers model: 2 layers, GQA (4 heads, 2 KV heads), head_dim 16."""
+def tiny_hf_model(family: str, tie: bool = False, seed: int = 0, **shape):
+    """A random transformers model: 2 layers, GQA (4 heads, 2 KV heads), head_dim 16, unless
+    `shape` (config fields) says otherwise."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=tie)
+    common.update(shape)
     if family == "llama":
         config = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(config)

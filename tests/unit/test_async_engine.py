@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from lmserve.engine.async_engine import AsyncEngine
+from lmserve.engine.engine import EngineClosed
 from lmserve.request import FinishReason, SamplingParams
 from tests.helpers.fake_engine import CountingEngine
 
@@ -73,3 +76,18 @@ def test_snapshot_reads_the_engines_load():
         assert engine.snapshot() == {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 8, "num_free_kv_blocks": 8}
     finally:
         engine.close()
+
+
+def test_engine_calls_answer_while_draining_raise_the_engines_errors_and_are_refused_once_closed():
+    engine = AsyncEngine(CountingEngine())
+
+    async def main():
+        assert await engine.drain() is True
+        assert await engine.forget_prefix([5, 6, 7]) == 3
+        with pytest.raises(ValueError, match="nothing to forget"):
+            await engine.forget_prefix([])
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    engine.close()
+    with pytest.raises(EngineClosed):
+        asyncio.run(engine.forget_prefix([1]))

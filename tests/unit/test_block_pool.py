@@ -77,3 +77,39 @@ def test_disabled_prefix_caching_never_hits():
     pool.register(block, h[0])
     pool.release([block])
     assert pool.lookup(h) == []
+
+
+def cached_pool(num_blocks: int, tokens: list[int], block_size: int):
+    """A pool whose first blocks hold `tokens`' full blocks, registered and released (free, cached)."""
+    pool = BlockPool(num_blocks)
+    hashes = hash_full_blocks(tokens, block_size)
+    blocks = pool.allocate(len(hashes))
+    for block, h in zip(blocks, hashes):
+        pool.register(block, h)
+    pool.release(blocks)
+    return pool, hashes, blocks
+
+
+def test_cached_run_finds_blocks_without_references_or_counting():
+    pool, hashes, blocks = cached_pool(4, list(range(12)), 4)
+    other = hash_full_blocks(list(range(8)) + [99, 99, 99, 99], 4)
+    assert pool.cached_run(other) == blocks[:2]
+    assert pool.ref_counts == [0, 0, 0, 0] and pool.num_free == 4
+    assert (pool.num_hits, pool.num_queries) == (0, 0)
+
+
+def test_hold_takes_free_cached_blocks_off_the_free_list():
+    pool, hashes, blocks = cached_pool(4, list(range(8)), 4)
+    pool.hold(blocks)
+    assert pool.num_free == 2 and [pool.ref_counts[b] for b in blocks] == [1, 1]
+    assert pool.allocate(2) == [2, 3]  # the held blocks are not reused
+    assert pool.cached_run(hashes) == blocks  # and keep their content
+
+
+def test_uncache_forgets_free_blocks_keeps_held_ones_and_reuses_forgotten_first():
+    pool, hashes, blocks = cached_pool(4, list(range(12)), 4)
+    pool.hold(blocks[:1])
+    assert pool.uncache(hashes) == 2
+    assert pool.cached_run(hashes) == blocks[:1]  # the held first block keeps its content
+    assert pool.allocate(2) == [blocks[2], blocks[1]]  # forgotten blocks go first, tail first
+    assert pool.uncache(hash_full_blocks([7, 7, 7, 7], 4)) == 0
