@@ -97,6 +97,22 @@ class FakeEngine:
     def snapshot(self) -> dict[str, int]:
         return {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 8, "num_free_kv_blocks": 8}
 
+    # Saved prefixes: the file holds the token ids, "cached" is what a restore brought back.
+    async def save_prefix(self, token_ids, path) -> int:
+        path.write_text(" ".join(map(str, token_ids)))
+        return len(token_ids)
+
+    async def restore_prefix(self, path) -> int:
+        text = path.read_text()
+        if not text.replace(" ", "").isdigit():
+            raise ValueError("not a saved prefix")
+        self.restored = [int(t) for t in text.split()]
+        return len(self.restored)
+
+    async def forget_prefix(self, token_ids) -> int:
+        self.forgotten = list(token_ids)
+        return len(token_ids)
+
     async def generate(self, request_id, prompt_ids, params):
         self.calls.append((request_id, list(prompt_ids), params))
         finished = False
