@@ -34,9 +34,10 @@ async def get_slots(state: State, model: str | None = None, fail_on_no_slot: int
 
 
 @router.post("/slots/{id_slot}")
-async def slot_action(id_slot: int, body: SlotAction, state: State,
-                      action: Literal["save", "restore", "erase"], model: str | None = None) -> JSONResponse:
+async def slot_action(id_slot: int, state: State, action: Literal["save", "restore", "erase"],
+                      body: SlotAction | None = None, model: str | None = None) -> JSONResponse:
     _check_enabled(state)
+    body = body or SlotAction()
     lease = await state.chat_model(model)
     try:
         table = state.slot_table(lease)
