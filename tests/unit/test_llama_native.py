@@ -133,3 +133,20 @@ def test_a_model_without_fim_tokens_says_what_is_missing(path, body, param):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and "prefix, suffix, middle missing" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions/input_tokens", "/chat/completions/input_tokens"])
+def test_chat_input_tokens_counts_the_rendered_prompt(path):
+    engine = FakeEngine()
+    client = make_client(engine)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    counted = client.post(path, json=body).json()
+    chat(client)
+    assert counted == {"object": "response.input_tokens", "input_tokens": len(engine.calls[-1][1])}
+
+
+def test_props_in_llama_cpps_shape():
+    body = make_client().get("/props").json()
+    settings = body["default_generation_settings"]
+    assert settings["n_ctx"] == 64 and settings["params"]["seed"] == -1 and settings["params"]["n_predict"] == -1
+    assert body["total_slots"] == 4 and body["model_alias"] == MODEL and body["is_sleeping"] is False

@@ -71,10 +71,7 @@ def chat_plan(
     _check_stream_options(request)
     check_known_params(request.model_extra or {})
     tools = plan_tools(request, tokenizer)
-    text = render_chat(request, tokenizer, tools)
-    prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages")  # BOS is in the template
-    if not prompt_ids:
-        raise bad_request("the rendered chat prompt is empty", param="messages")
+    text, prompt_ids = chat_prompt(request, tokenizer, tools)
     base = _with_tools(_base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
@@ -84,6 +81,21 @@ def chat_plan(
     forced = base.grammar is not None and (tools is None or tools.mode != "auto")
     reply = reply_format(tokenizer, text, tools, forced)
     return GenerationPlan([prompt_ids], choices, reply=reply, tools=tools)
+
+
+def chat_prompt(request: ChatCompletionRequest, tokenizer: ChatTokenizer,
+                tools: ToolsPlan | None) -> tuple[str, list[int]]:
+    """The rendered prompt and its token ids (the template holds the BOS)."""
+    text = render_chat(request, tokenizer, tools)
+    prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages")
+    if not prompt_ids:
+        raise bad_request("the rendered chat prompt is empty", param="messages")
+    return text, prompt_ids
+
+
+def count_chat_tokens(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> int:
+    """How many tokens the request's prompt takes, tools included (however long it is)."""
+    return len(chat_prompt(request, tokenizer, plan_tools(request, tokenizer))[1])
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:

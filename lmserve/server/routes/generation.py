@@ -24,7 +24,7 @@ from lmserve.server.protocol import (
     InfillRequest,
     LlamaCompletionRequest,
 )
-from lmserve.server.requests.plan import GenerationPlan, chat_plan, completion_plan, infill_plan
+from lmserve.server.requests.plan import GenerationPlan, chat_plan, completion_plan, count_chat_tokens, infill_plan
 from lmserve.server.responses import event_stream, json_body
 from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, collect_results, timings
 from lmserve.server.responses.llama_native import NativeSettings, native_body, native_events
@@ -89,6 +89,15 @@ INFILL = Shape("cmpl", infill_plan, _native_stream, _native_whole)
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMABLE)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
     return await generate(body, request, state, CHAT)
+
+
+@router.post("/chat/completions/input_tokens")
+async def chat_input_tokens(body: ChatCompletionRequest, state: State) -> JSONResponse:
+    """llama.cpp's token count of a chat completion body: what its prompt would take."""
+    lease = await state.chat_model(body.model, body.keep_alive)
+    lease.release()  # a tokenizer outlives its engine's unloading
+    count = await anyio.to_thread.run_sync(count_chat_tokens, body, lease.model.engine.tokenizer)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
 
 @v1_router.post("/completions", response_model=CompletionResponse, responses=STREAMABLE)

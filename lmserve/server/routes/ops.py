@@ -22,6 +22,7 @@ from lmserve.server.protocol import (
     TokenPiece,
 )
 from lmserve.server.requests.tokens import encode_text
+from lmserve.server.responses.llama_native import generation_settings
 from lmserve.server.state import ServerState, State, json_response
 from lmserve.text.chat_template import CHATML_TEMPLATE
 
@@ -128,32 +129,26 @@ async def props(state: State, model: str | None = None) -> JSONResponse:
     engine = lease.model.engine
     tokenizer = engine.tokenizer
     return JSONResponse({
-        "default_generation_settings": {"n_ctx": engine.max_model_len, "params": default_params()},
-        "total_slots": engine.config.scheduler.max_num_seqs,
+        "default_generation_settings": {
+            "id": 0, "id_task": -1, "n_ctx": engine.max_model_len, "speculative": False, "is_processing": False,
+            # /completion's defaults: n_predict -1, until the context ends
+            "params": generation_settings(SamplingParams(), engine.max_model_len, lease.entry.id)
+            | {"n_predict": -1, "max_tokens": -1},
+            "prompt": "",
+            "next_token": {"has_next_token": True, "has_new_line": False, "n_remain": -1, "n_decoded": 0,
+                           "stopping_word": ""},
+        },
+        "total_slots": len(state.slot_table(lease).slots),
         "model_path": engine.config.model_path,
+        "model_alias": lease.entry.id,
         "chat_template": tokenizer.chat_template or CHATML_TEMPLATE,  # the template the chat route renders
+        "chat_template_caps": {},
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "modalities": {"vision": False, "audio": False},
         "build_info": BUILD_INFO,
+        "is_sleeping": False,
     })
-
-
-def default_params() -> dict[str, Any]:
-    """What a request gets for each sampling field it leaves out, in llama.cpp's names."""
-    defaults = SamplingParams()
-    return {
-        "temperature": defaults.temperature,
-        "top_k": defaults.top_k,
-        "top_p": defaults.top_p,
-        "min_p": defaults.min_p,
-        "repeat_penalty": defaults.repetition_penalty,
-        "presence_penalty": defaults.presence_penalty,
-        "frequency_penalty": defaults.frequency_penalty,
-        "stop": list(defaults.stop),
-        "ignore_eos": defaults.ignore_eos,
-        "n_probs": 0,
-    }
 
 
 @server_router.get("/metrics")
