@@ -41,22 +41,33 @@ VLLM = [
     "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "guided_decoding_backend",
     "guided_whitespace_pattern", "priority", "request_id", "logits_processors", "return_tokens_as_token_ids",
     "return_token_ids", "cache_salt", "kv_transfer_params", "vllm_xargs", "thinking_token_budget",
+    "include_reasoning", "repetition_detection", "stream_interval", "truncation_side", "watermarking",
+    "logprob_token_ids", "ec_transfer_params", "prompt_embeds", "mm_payload", "media_io_kwargs",
+    "return_mm_kwargs", "return_prompt_text", "return_token_offsets", "return_weight_versions",
+    "routed_experts_prompt_start",
 ]
 MLX_LM = ["role_mapping", "repetition_penalty", "repetition_context_size", "logit_bias", "logprobs",
-          "top_k", "min_p", "adapters", "draft_model", "num_draft_tokens", "xtc_probability", "xtc_threshold"]
+          "top_k", "min_p", "adapters", "draft_model", "num_draft_tokens", "xtc_probability", "xtc_threshold",
+          "frequency_context_size", "presence_context_size"]
 MISTRAL_RS = ["top_k", "min_p", "repetition_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
               "dry_sequence_breakers", "grammar", "adapters", "truncate_sequence", "web_search_options",
-              "enable_thinking", "tool_schemas"]
+              "enable_thinking", "tool_schemas", "adapter", "agent_permission", "code_execution_permission",
+              "enable_shell", "files", "max_tool_rounds", "session_id"]
 LMDEPLOY = ["session_id", "repetition_penalty", "min_new_tokens", "do_preprocess", "skip_special_tokens",
             "spaces_between_special_tokens", "enable_thinking", "top_k", "min_p", "ignore_eos",
-            "include_stop_str_in_output", "interactive_mode"]
+            "include_stop_str_in_output", "interactive_mode", "adapter_name", "cancel", "image_data",
+            "image_url", "input_ids", "repetition_ngram_size", "repetition_ngram_threshold", "request_output_len",
+            "return_logprob", "return_routed_experts", "return_token_ids", "stop_token_ids", "media_io_kwargs",
+            "mm_processor_kwargs"]
 LLLMS = ["repeat_penalty_num"]
 OLLAMA_OPTIONS = [
     "num_keep", "seed", "num_predict", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n", "temperature",
     "repeat_penalty", "presence_penalty", "frequency_penalty", "penalize_newline", "stop", "numa", "num_ctx",
     "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "mirostat", "mirostat_tau", "mirostat_eta",
-    "tfs_z", "keep_alive",
+    "tfs_z", "keep_alive", "draft_num_predict",
 ]
+OLLAMA_API = ["_debug_render_only", "context", "format", "images", "options", "raw", "reasoning", "shift",
+              "system", "template", "think", "truncate", "keep_alive"]
 
 # Honoured: the route, a value, and the other fields it needs; the plan must differ from the
 # plan without it.
@@ -153,12 +164,15 @@ NEUTRAL = {
     "return_tokens_as_token_ids": ([False], True), "return_token_ids": ([False], True),
     "store": ([False], True), "truncate_sequence": ([False], True), "session_id": ([-1], 7),
     "do_preprocess": ([True], False), "interactive_mode": ([False], True), "num_keep": ([0, -1], 5),
+    "include_reasoning": ([True], False), "return_mm_kwargs": ([False], True), "return_prompt_text": ([False], True),
+    "return_token_offsets": ([False], True), "return_weight_versions": ([False], True),
+    "return_routed_experts": ([False], True), "cancel": ([False], True), "shift": ([False], True),
 }
 NEUTRAL_ANY = [
     "sse_ping_interval", "adaptive_decay", "speculative.n_max", "speculative.n_min", "speculative.p_min",
     "speculative.type", "reasoning_budget_message", "request_id", "cache_salt", "service_tier", "metadata",
     "user", "guided_decoding_backend", "num_draft_tokens", "num_batch", "num_gpu", "main_gpu", "num_thread",
-    "use_mmap", "numa",
+    "use_mmap", "numa", "draft_num_predict", "stream_interval",
 ]
 REFUSED = [
     "grammar_lazy", "grammar_triggers", "preserved_tokens", "chat_format", "response_fields", "n_cmpl",
@@ -167,6 +181,12 @@ REFUSED = [
     "thinking_token_budget", "guided_whitespace_pattern", "guided_decoding", "reasoning_effort", "prediction",
     "web_search_options", "verbosity", "role_mapping", "adapters", "draft_model", "tool_schemas", "dry_params",
     "repeat_penalty_num", "num_predict", "penalize_newline", "num_ctx", "options",
+    "repetition_detection", "truncation_side", "watermarking", "logprob_token_ids", "ec_transfer_params",
+    "prompt_embeds", "mm_payload", "media_io_kwargs", "routed_experts_prompt_start", "frequency_context_size",
+    "presence_context_size", "adapter", "agent_permission", "code_execution_permission", "enable_shell", "files",
+    "max_tool_rounds", "adapter_name", "image_data", "image_url", "input_ids", "repetition_ngram_size",
+    "repetition_ngram_threshold", "request_output_len", "return_logprob", "_debug_render_only", "context",
+    "format", "images", "raw", "reasoning", "system", "template", "think", "truncate",
 ]
 
 
@@ -187,7 +207,7 @@ def refused_as(route: str, fields: dict, name: str) -> APIError:
 
 def test_every_peer_name_is_in_the_table():
     openai = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
-    documented = set(LLAMA_CPP + VLLM + MLX_LM + MISTRAL_RS + LMDEPLOY + LLLMS + OLLAMA_OPTIONS)
+    documented = set(LLAMA_CPP + VLLM + MLX_LM + MISTRAL_RS + LMDEPLOY + LLLMS + OLLAMA_OPTIONS + OLLAMA_API)
     assert sorted(documented - set(KNOWN_PARAMS) - openai) == []
 
 
@@ -241,3 +261,8 @@ def test_a_true_does_not_pass_for_a_neutral_one_nor_zero_for_false():
 
 def test_names_no_peer_documents_stay_tolerated():
     assert plan("chat", {"x_custom_field": 3}) == plan("chat", {})
+
+
+def test_usage_on_every_chunk_is_refused_by_name():
+    fields = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    refused_as("chat", fields, "stream_options.continuous_usage_stats")

@@ -279,6 +279,8 @@ def _echo_text(item: str | list[int | str], tokenizer: ChatTokenizer, skip_speci
 def _check_stream_options(request: SamplingFields) -> None:
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    if request.stream_options is not None and (request.stream_options.model_extra or {}).get("continuous_usage_stats"):
+        raise unsupported("stream_options.continuous_usage_stats", "usage on every chunk (continuous_usage_stats)")
 
 
 def _base_params(request: SamplingFields, tokenizer: ChatTokenizer, logprobs: int | None,
