@@ -102,7 +102,7 @@ def write_gguf(model, path: Path, arch: str, quant: str = "F32", tokenizer_metad
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     for key, value in (tokenizer_metadata or {}).items():
-        writer.add_key_value(key, value[0], value[1])
+        writer.add_key_value(key, *value)  # (value, type) or, for an array, (values, ARRAY, item type)
     qtype = gguf.GGMLQuantizationType[quant]
     for name, array in gguf_tensors(model, arch).items():
         if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
