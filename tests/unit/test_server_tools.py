@@ -1,4 +1,5 @@
-"""Tool calling on the request side (plan, grammar, prompt) and the reply parser chain."""
+"""Tool calling on the request side (plan, grammar, prompt), the reply parser chain, and replies
+through the server."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.requests.tools import plan_tools
-from tests.helpers.fake_engine import ByteTokenizer
+from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
 from tests.helpers.grammar import accepts
+from tests.helpers.server import chat, events, make_client
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -137,3 +139,51 @@ def test_streamed_reply_equals_whole_reply_for_any_chunking():
 def test_mistral_template_selects_mistral_calls():
     plan = plan_tools(request(tools=[ADD]), MISTRAL_TOKENIZER)
     assert plan.syntax == MISTRAL_SYNTAX and plan.needs_special_tokens
+
+
+def test_reply_format_knows_the_offered_tools(default_tokenizer):
+    plan = plan_tools(request(tools=[ADD, ECHO]), default_tokenizer)
+    fmt = reply_format(default_tokenizer, "", plan)
+    assert fmt.tool_names == {"add", "echo"}
+    call = parse_reply(fmt, '{"name": "add", "arguments": {"a": 1, "b": 2}}')
+    assert [(c.name, c.arguments) for c in call.tool_calls] == [("add", '{"a": 1, "b": 2}')] and call.content is None
+    assert parse_reply(fmt, '{"name": "mul", "arguments": {}}').content == '{"name": "mul", "arguments": {}}'
+
+
+def reply_through_server(reply: str, grammar_compiler, stream: bool, **fields) -> tuple:
+    """(content, [(name, arguments)], finish_reason) of a chat with ADD and ECHO offered, as the
+    JSON response or the concatenated SSE deltas say."""
+    client = make_client(FakeEngine(reply=reply, max_model_len=4096, grammar=grammar_compiler))
+    response = chat(client, stream=stream, tools=[ADD, ECHO], **fields)
+    assert response.status_code == 200, response.text
+    if not stream:
+        choice = response.json()["choices"][0]
+        calls = [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"] or []]
+        return choice["message"]["content"], calls, choice["finish_reason"]
+    chunks = [e["choices"][0] for e in events(response)[:-1] if e["choices"]]
+    content = "".join(c["delta"].get("content") or "" for c in chunks)
+    calls = []
+    for delta in (d for c in chunks for d in c["delta"].get("tool_calls") or []):
+        if delta.get("id"):
+            calls.append((delta["function"]["name"], ""))
+        calls[delta["index"]] = (calls[delta["index"]][0], calls[delta["index"]][1] + delta["function"]["arguments"])
+    return content or None, calls, chunks[-1]["finish_reason"]
+
+
+ADD_CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("reply", "max_tokens", "expected"), [
+    # a bare JSON call, as Qwen2.5 writes one under "auto", is a call
+    (ADD_CALL, None, (None, [("add", '{"a": 1, "b": 2}')], "tool_calls")),
+    ('{"name": "mul", "arguments": {"a": 1}}', None, ('{"name": "mul", "arguments": {"a": 1}}', [], "stop")),
+    # cut by max_tokens inside the second call: the first stands, the second is not content
+    (HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]) + '\n<tool_call>\n{"name": "echo", "arguments": {"te',
+     len(HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]) + '\n<tool_call>\n{"name": "echo", "arguments":'),
+     (None, [("add", '{"a": 1, "b": 2}')], "length")),
+    ("Let me add.\n<tool_call>", len("Let me add.\n<tool"), ("Let me add.", [], "length")),
+])
+def test_replies_through_the_server(grammar_compiler, stream, reply, max_tokens, expected):
+    fields = {"max_tokens": max_tokens} if max_tokens is not None else {}
+    assert reply_through_server(reply, grammar_compiler, stream, **fields) == expected
