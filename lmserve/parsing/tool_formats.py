@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection
 
-from lmserve.parsing.events import make_tool_call_id
+from lmserve.parsing.events import make_mistral_tool_call_id
 from lmserve.parsing.json_call import CallObject
 from lmserve.parsing.scan import is_prefix_of_any, skip_space
 from lmserve.parsing.syntax import (
@@ -66,7 +66,8 @@ class MistralToolParser(ToolParser):
     tokenizers: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`) or, v11+, one
     `NAME[ARGS]{...}` per `[TOOL_CALLS]` (an optional `[CALL_ID]id` before `[ARGS]` is read and
     ignored; `NAME{...}` without `[ARGS]` is accepted). Needs the `[TOOL_CALLS]` special token
-    in the text: detokenize with skip_special_tokens=False."""
+    in the text: detokenize with skip_special_tokens=False. Call ids are 9 alphanumerics, the
+    only ones Mistral's templates take back."""
 
     syntax = MISTRAL_SYNTAX
     _open_tags = (MISTRAL_SYNTAX.trigger,)  # "[TOOL_CALLS]", as the auto grammar's trigger
@@ -74,7 +75,7 @@ class MistralToolParser(ToolParser):
     _call_id_tag = "[CALL_ID]"
     _name_pattern = re.compile(r"[A-Za-z0-9_\-.]")
 
-    def __init__(self, id_factory: Callable[[], str] = make_tool_call_id,
+    def __init__(self, id_factory: Callable[[], str] = make_mistral_tool_call_id,
                  tool_names: Collection[str] | None = None):
         super().__init__(id_factory, tool_names)
         self._name_start = 0  # where a v11 NAME begins

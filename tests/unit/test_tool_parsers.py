@@ -208,6 +208,11 @@ def test_default_ids_are_openai_style():
     assert calls[0].id != calls[1].id
 
 
+def test_mistral_ids_are_what_its_templates_take_back():
+    calls = MistralToolParser().parse(MISTRAL_SYNTAX.render([("a", "{}"), ("b", "{}")])).tool_calls
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", call.id) for call in calls) and calls[0].id != calls[1].id
+
+
 # --- Llama 3 JSON ------------------------------------------------------------------------------
 
 
