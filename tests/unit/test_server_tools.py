@@ -15,7 +15,7 @@ from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.requests.tools import plan_tools
 from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
 from tests.helpers.grammar import accepts
-from tests.helpers.server import chat, events, make_client
+from tests.helpers.server import chat, chat_reply, make_client
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -146,28 +146,15 @@ def test_reply_format_knows_the_offered_tools(default_tokenizer):
     fmt = reply_format(default_tokenizer, "", plan)
     assert fmt.tool_names == {"add", "echo"}
     call = parse_reply(fmt, '{"name": "add", "arguments": {"a": 1, "b": 2}}')
-    assert [(c.name, c.arguments) for c in call.tool_calls] == [("add", '{"a": 1, "b": 2}')] and call.content is None
+    assert [(c.name, c.arguments) for c in call.tool_calls] == [("add", '{"a": 1, "b": 2}')]
+    assert call.content is None
     assert parse_reply(fmt, '{"name": "mul", "arguments": {}}').content == '{"name": "mul", "arguments": {}}'
 
 
 def reply_through_server(reply: str, grammar_compiler, stream: bool, **fields) -> tuple:
-    """(content, [(name, arguments)], finish_reason) of a chat with ADD and ECHO offered, as the
-    JSON response or the concatenated SSE deltas say."""
+    """What the server answers a chat offering ADD and ECHO when the model replies `reply`."""
     client = make_client(FakeEngine(reply=reply, max_model_len=4096, grammar=grammar_compiler))
-    response = chat(client, stream=stream, tools=[ADD, ECHO], **fields)
-    assert response.status_code == 200, response.text
-    if not stream:
-        choice = response.json()["choices"][0]
-        calls = [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"] or []]
-        return choice["message"]["content"], calls, choice["finish_reason"]
-    chunks = [e["choices"][0] for e in events(response)[:-1] if e["choices"]]
-    content = "".join(c["delta"].get("content") or "" for c in chunks)
-    calls = []
-    for delta in (d for c in chunks for d in c["delta"].get("tool_calls") or []):
-        if delta.get("id"):
-            calls.append((delta["function"]["name"], ""))
-        calls[delta["index"]] = (calls[delta["index"]][0], calls[delta["index"]][1] + delta["function"]["arguments"])
-    return content or None, calls, chunks[-1]["finish_reason"]
+    return chat_reply(chat(client, stream=stream, tools=[ADD, ECHO], **fields), stream)
 
 
 ADD_CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
