@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, ReplyFormat, ReplyParser, parse_reply
+from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, HermesToolParser, ReplyFormat, ReplyParser, parse_reply
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.chat_prompt import render_chat, reply_format
@@ -16,6 +16,7 @@ from lmserve.server.requests.tools import plan_tools
 from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
 from tests.helpers.grammar import accepts
 from tests.helpers.server import chat, chat_reply, make_client
+from tests.helpers.tool_streams import chunkings, streamed_reply
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -174,3 +175,15 @@ ADD_CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
 def test_replies_through_the_server(grammar_compiler, stream, reply, max_tokens, expected):
     fields = {"max_tokens": max_tokens} if max_tokens is not None else {}
     assert reply_through_server(reply, grammar_compiler, stream, **fields) == expected
+
+
+def test_bare_json_call_after_reasoning():
+    """Untagged calls are read where the reply starts after the thinking (Qwen3, DeepSeek-R1)."""
+    fmt = ReplyFormat(tool_parser=HermesToolParser, reasoning=True, tool_names=frozenset({"add"}))
+    text = '<think>\nThe user wants a sum.\n</think>\n\n{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    expected = ("The user wants a sum.", "", [("add", '{"a": 1, "b": 2}')])
+    for cuts in chunkings(text, num_random=10):
+        assert streamed_reply(fmt, text, cuts) == expected, cuts
+    whole = parse_reply(fmt, text)
+    assert (whole.reasoning, whole.content, [(c.name, c.arguments) for c in whole.tool_calls]) == (
+        "The user wants a sum.", None, [("add", '{"a": 1, "b": 2}')])
