@@ -38,14 +38,14 @@ from lmserve.parsing.syntax import (
     MISTRAL_V11_SYNTAX,
     ToolCallSyntax,
 )
-from lmserve.parsing.tool_parsers import (
+from lmserve.parsing.tool_formats import (
     HermesToolParser,
     Llama3JsonToolParser,
     MistralToolParser,
-    ToolParser,
     tool_call_syntax_for,
     tool_parser_for,
 )
+from lmserve.parsing.tool_parsers import ToolParser
 from lmserve.parsing.tool_prompt import (
     add_tools_system_prompt,
     messages_for_template,

@@ -15,6 +15,13 @@ def make_tool_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
 
+def make_mistral_tool_call_id() -> str:
+    """A fresh id of 9 alphanumerics: Mistral's chat templates refuse any other id when the
+    conversation comes back ("Tool call IDs should be alphanumeric strings with length 9!");
+    vLLM gives Mistral models' calls the same kind."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(9))
+
+
 @dataclass
 class ContentDelta:
     """Plain assistant text (never any part of a tool-call tag)."""

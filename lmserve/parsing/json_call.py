@@ -14,6 +14,9 @@ from collections.abc import Callable
 from lmserve.parsing.events import Emitter
 
 ARGUMENT_KEYS = ("arguments", "parameters")  # Hermes/Mistral say arguments, Llama 3 parameters
+# The keys an untagged call may open with ("type": "function" is the OpenAI wrapper's, which
+# Llama 3 models copy from the tool list; llama.cpp's JSON tool parser allows it too).
+UNTAGGED_CALL_KEYS = ("name", "type", *ARGUMENT_KEYS)
 _LITERAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.")
 
 
@@ -108,6 +111,11 @@ class CallObject:
     """One call written as `{"name": NAME, "arguments": ARGS}` (keys in any order, extra keys
     skipped, "parameters" accepted for "arguments"), or, with bare_arguments(), just ARGS.
 
+    `untagged`: no tag announced the object (a model answering with bare JSON), so it is a call
+    only if it reads as one from its first key on: until the commit every key is one of
+    UNTAGGED_CALL_KEYS, and the object must have arguments. `tool_names`: the names a call may
+    have (None: any); a call naming another is not a call.
+
     The call is committed (its first delta emitted) once the name is known and the arguments
     value has begun with `{` or `[`; from then on every arguments character is streamed as it
     arrives. A string, literal or early (before the name) arguments value is buffered and
@@ -116,9 +124,10 @@ class CallObject:
     are never contradicted.
     """
 
-    def __init__(self, emitter: Emitter, require_arguments: bool = False):
+    def __init__(self, emitter: Emitter, untagged: bool = False, tool_names: frozenset[str] | None = None):
         self._emitter = emitter
-        self._require_arguments = require_arguments
+        self._untagged = untagged
+        self._tool_names = tool_names
         self._state = _State.OPEN
         self._bare = False
         self._key: str | None = None
@@ -154,6 +163,11 @@ class CallObject:
             return Step.CONSUMED
         return self._handlers[self._state](ch)
 
+    @property
+    def has_name(self) -> bool:
+        """The name has been read (and is one the call may have)."""
+        return self._name is not None
+
     def finish(self) -> None:
         """The text ended: complete a pending literal (`"arguments": null` cut before `}`)."""
         if self._state is _State.VALUE and self._scanner.kind == "literal":
@@ -177,6 +191,8 @@ class CallObject:
             self._key = json.loads("".join(self._value))
         except ValueError:
             return self._bad()
+        if self._untagged and not self.committed and self._key not in UNTAGGED_CALL_KEYS:
+            return self._bad()  # a JSON answer, not a call: say so before its end
         return self._go(_State.COLON)
 
     def _on_colon(self, ch: str) -> Step:
@@ -228,6 +244,8 @@ class CallObject:
             return False
         if not isinstance(name, str) or not name:
             return False
+        if self._tool_names is not None and name not in self._tool_names:
+            return False
         self._name = name
         if self._args_raw is not None:
             self._commit(normalize_arguments(self._args_raw))
@@ -235,7 +253,7 @@ class CallObject:
 
     def _end_object(self) -> Step:
         if not self.committed:
-            if self._name is None or (self._require_arguments and not self._args_seen):
+            if self._name is None or (self._untagged and not self._args_seen):
                 return self._bad()
             self._commit("{}")
         return self._go_done()

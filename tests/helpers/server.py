@@ -106,6 +106,28 @@ def events(response) -> list:
     return [f[6:] if f[6:] == "[DONE]" else json.loads(f[6:]) for f in frames[:-1]]
 
 
+def chat_reply(response, stream: bool) -> tuple[str | None, list[tuple[str, str]], str]:
+    """(content, tool calls as (name, arguments), finish_reason) of a one-choice chat response:
+    the JSON message, or what a client concatenating the SSE deltas has."""
+    assert response.status_code == 200, response.text
+    if not stream:
+        choice = response.json()["choices"][0]
+        calls = choice["message"].get("tool_calls") or []
+        return (choice["message"]["content"], [(c["function"]["name"], c["function"]["arguments"]) for c in calls],
+                choice["finish_reason"])
+    chunks = [e["choices"][0] for e in events(response)[:-1] if e["choices"]]
+    content = "".join(chunk["delta"].get("content") or "" for chunk in chunks)
+    names: list[str] = []
+    arguments: list[str] = []
+    for call in (call for chunk in chunks for call in chunk["delta"].get("tool_calls") or []):
+        if call.get("id"):
+            assert call["index"] == len(names) and call["type"] == "function"
+            names.append(call["function"]["name"])
+            arguments.append("")
+        arguments[call["index"]] += call["function"]["arguments"]
+    return content or None, list(zip(names, arguments, strict=True)), chunks[-1]["finish_reason"]
+
+
 def wait_until(condition, timeout: float = 10.0) -> None:
     """Poll `condition` (a background load finishing, say) until it holds; fail after `timeout` s."""
     deadline = time.monotonic() + timeout

@@ -1,4 +1,5 @@
-"""Tool calling on the request side (plan, grammar, prompt) and the reply parser chain."""
+"""Tool calling on the request side (plan, grammar, prompt), the reply parser chain, and replies
+through the server."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import random
 
 import pytest
 
-from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, ReplyFormat, ReplyParser, parse_reply
+from lmserve.parsing import HERMES_SYNTAX, MISTRAL_SYNTAX, HermesToolParser, ReplyFormat, ReplyParser, parse_reply
 from lmserve.server.errors import APIError
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.requests.tools import plan_tools
-from tests.helpers.fake_engine import ByteTokenizer
+from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
 from tests.helpers.grammar import accepts
+from tests.helpers.server import chat, chat_reply, make_client
+from tests.helpers.tool_streams import chunkings, streamed_reply
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -137,3 +140,50 @@ def test_streamed_reply_equals_whole_reply_for_any_chunking():
 def test_mistral_template_selects_mistral_calls():
     plan = plan_tools(request(tools=[ADD]), MISTRAL_TOKENIZER)
     assert plan.syntax == MISTRAL_SYNTAX and plan.needs_special_tokens
+
+
+def test_reply_format_knows_the_offered_tools(default_tokenizer):
+    plan = plan_tools(request(tools=[ADD, ECHO]), default_tokenizer)
+    fmt = reply_format(default_tokenizer, "", plan)
+    assert fmt.tool_names == {"add", "echo"}
+    call = parse_reply(fmt, '{"name": "add", "arguments": {"a": 1, "b": 2}}')
+    assert [(c.name, c.arguments) for c in call.tool_calls] == [("add", '{"a": 1, "b": 2}')]
+    assert call.content is None
+    assert parse_reply(fmt, '{"name": "mul", "arguments": {}}').content == '{"name": "mul", "arguments": {}}'
+
+
+def reply_through_server(reply: str, grammar_compiler, stream: bool, **fields) -> tuple:
+    """What the server answers a chat offering ADD and ECHO when the model replies `reply`."""
+    client = make_client(FakeEngine(reply=reply, max_model_len=4096, grammar=grammar_compiler))
+    return chat_reply(chat(client, stream=stream, tools=[ADD, ECHO], **fields), stream)
+
+
+ADD_CALL = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("reply", "max_tokens", "expected"), [
+    # a bare JSON call, as Qwen2.5 writes one under "auto", is a call
+    (ADD_CALL, None, (None, [("add", '{"a": 1, "b": 2}')], "tool_calls")),
+    ('{"name": "mul", "arguments": {"a": 1}}', None, ('{"name": "mul", "arguments": {"a": 1}}', [], "stop")),
+    # cut by max_tokens inside the second call: the first stands, the second is not content
+    (HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]) + '\n<tool_call>\n{"name": "echo", "arguments": {"te',
+     len(HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]) + '\n<tool_call>\n{"name": "echo", "arguments":'),
+     (None, [("add", '{"a": 1, "b": 2}')], "length")),
+    ("Let me add.\n<tool_call>", len("Let me add.\n<tool"), ("Let me add.", [], "length")),
+])
+def test_replies_through_the_server(grammar_compiler, stream, reply, max_tokens, expected):
+    fields = {"max_tokens": max_tokens} if max_tokens is not None else {}
+    assert reply_through_server(reply, grammar_compiler, stream, **fields) == expected
+
+
+def test_bare_json_call_after_reasoning():
+    """Untagged calls are read where the reply starts after the thinking (Qwen3, DeepSeek-R1)."""
+    fmt = ReplyFormat(tool_parser=HermesToolParser, reasoning=True, tool_names=frozenset({"add"}))
+    text = '<think>\nThe user wants a sum.\n</think>\n\n{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    expected = ("The user wants a sum.", "", [("add", '{"a": 1, "b": 2}')])
+    for cuts in chunkings(text, num_random=10):
+        assert streamed_reply(fmt, text, cuts) == expected, cuts
+    whole = parse_reply(fmt, text)
+    assert (whole.reasoning, whole.content, [(c.name, c.arguments) for c in whole.tool_calls]) == (
+        "The user wants a sum.", None, [("add", '{"a": 1, "b": 2}')])

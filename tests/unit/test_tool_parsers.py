@@ -22,7 +22,6 @@ from lmserve.parsing import (
     HermesToolParser,
     Llama3JsonToolParser,
     MistralToolParser,
-    ParsedToolOutput,
     ToolCallDelta,
     add_tools_system_prompt,
     collect_events,
@@ -36,60 +35,14 @@ from lmserve.parsing import (
 from lmserve.parsing.reasoning import ReasoningParser
 from lmserve.parsing.json_call import normalize_arguments
 from lmserve.text.chat_template import CHATML_TEMPLATE, compile_chat_template
-
-
-def counting_ids():
-    counter = itertools.count()
-    return lambda: f"id{next(counter)}"
-
-
-def stream(parser_cls, text: str, cuts: list[int]) -> list:
-    parser = parser_cls(counting_ids())
-    bounds = [0, *cuts, len(text)]
-    events = [e for a, b in itertools.pairwise(bounds) for e in parser.feed(text[a:b])]
-    return events + parser.finish()
-
-
-def chunkings(text: str, seed: int = 0, num_random: int = 20):
-    """Whole, one character at a time, every single cut (a sample of them in long texts), and
-    random cuts."""
-    yield []
-    yield list(range(1, len(text)))
-    rng = random.Random(seed)
-    single_cuts = range(1, len(text))
-    if len(single_cuts) > 150:
-        single_cuts = sorted(rng.sample(single_cuts, 60))
-    yield from ([cut] for cut in single_cuts)
-    for _ in range(num_random if len(text) > 1 else 0):
-        yield sorted(rng.sample(range(1, len(text)), k=rng.randint(1, max(1, len(text) // 4))))
-
-
-def assert_shape(events: list) -> None:
-    """OpenAI's streaming shape: a call starts with index, id and name; then fragments only."""
-    started = 0
-    for event in events:
-        if isinstance(event, ContentDelta):
-            assert event.text
-            continue
-        if event.id is not None:
-            assert event.index == started and event.name and re.fullmatch(r"id\d+", event.id)
-            started += 1
-        else:
-            assert event.name is None and event.arguments and event.index == started - 1
-
-
-def without_ids(result: ParsedToolOutput):
-    return result.content, [(call.name, call.arguments) for call in result.tool_calls]
-
-
-def assert_agrees(parser_cls, text: str, content: str, calls: list[tuple[str, str]], **chunk_kwargs) -> None:
-    """parse() gives (content, calls), and so does every chunking of the stream."""
-    parsed = parser_cls(counting_ids()).parse(text)
-    assert without_ids(parsed) == (content, calls)
-    for cuts in chunkings(text, **chunk_kwargs):
-        events = stream(parser_cls, text, cuts)
-        assert_shape(events)
-        assert without_ids(collect_events(events)) == (content, calls), cuts
+from tests.helpers.tool_streams import (
+    assert_agrees,
+    assert_shape,
+    chunkings,
+    counting_ids,
+    stream,
+    without_ids,
+)
 
 
 def hermes(*bodies: str) -> str:
@@ -171,16 +124,30 @@ MALFORMED_HERMES = [
     '<tool_call>\n{"name": 5, "arguments": {}}\n</tool_call>',
     '<tool_call>\n{"arguments": {"a": 1}}\n</tool_call>',
     '<tool_call>\n{"name": "s" "arguments": {}}\n</tool_call>',
-    # cut short before the call was committed
-    "<tool_call>",
-    '<tool_call>\n{"name": "s"',
-    '<tool_call>\n{"name": "s", "arguments": "{\\"a',
 ]
 
 
 @pytest.mark.parametrize("text", MALFORMED_HERMES)
 def test_hermes_malformed_call_is_content(text):
     assert_agrees(HermesToolParser, "Hi\n" + text, "Hi\n" + text, [])
+
+
+CUT_HERMES = [
+    "<tool_call>",
+    "<tool_call>\n",
+    '<tool_call>\n{"na',
+    '<tool_call>\n{"name": "s"',
+    '<tool_call>\n{"name": "s", "arguments":',
+    '<tool_call>\n{"name": "s", "arguments": "{\\"a',  # a string is committed only once it ends
+]
+
+
+@pytest.mark.parametrize("cut", CUT_HERMES)
+def test_hermes_call_cut_before_its_commit_is_dropped(cut):
+    """max_tokens inside a call: complete calls stand, the partial one is never content."""
+    done = hermes('{"name": "a", "arguments": {"x": 1}}')
+    assert_agrees(HermesToolParser, "Hi\n" + done + "\n" + cut, "Hi", [("a", '{"x": 1}')])
+    assert_agrees(HermesToolParser, "Hi\n" + cut, "Hi", [])
 
 
 def test_hermes_malformed_call_does_not_stop_later_calls():
@@ -239,6 +206,11 @@ def test_default_ids_are_openai_style():
     calls = HermesToolParser().parse(hermes('{"name": "a"}', '{"name": "b"}')).tool_calls
     assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", call.id) for call in calls)
     assert calls[0].id != calls[1].id
+
+
+def test_mistral_ids_are_what_its_templates_take_back():
+    calls = MistralToolParser().parse(MISTRAL_SYNTAX.render([("a", "{}"), ("b", "{}")])).tool_calls
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", call.id) for call in calls) and calls[0].id != calls[1].id
 
 
 # --- Llama 3 JSON ------------------------------------------------------------------------------
@@ -304,8 +276,13 @@ MISTRAL_CASES = [
     # not calls
     ("[TOOL_CALLS] nonsense!", "[TOOL_CALLS] nonsense!", []),
     ("[TOOL_CALLS]a[NOPE]{}", "[TOOL_CALLS]a[NOPE]{}", []),
-    ("[TOOL_CALLS]", "[TOOL_CALLS]", []),
-    ("[TOOL_CALLS] [", "[TOOL_CALLS] [", []),
+    # cut short (max_tokens) before a call was committed: dropped, never content
+    ("Hi [TOOL_CALLS]", "Hi", []),
+    ("[TOOL_CALLS] [", "", []),
+    ('[TOOL_CALLS] [{"name": "a", "arguments": {}}, {"name": "b", "argu', "", [("a", "{}")]),
+    ("[TOOL_CALLS]get_weather", "", []),
+    ("[TOOL_CALLS]get_weather[AR", "", []),
+    ("[TOOL_CALLS]a[ARGS]{}[TOOL_CALLS]b[CALL_ID]12", "", [("a", "{}")]),
     ("a [TOOL_CALL] b [TOOL", "a [TOOL_CALL] b [TOOL", []),
     ('[TOOL_CALLS][{"name": "a", "arguments": {}}, oops]', ", oops]", [("a", "{}")]),
 ]
@@ -314,6 +291,120 @@ MISTRAL_CASES = [
 @pytest.mark.parametrize("text,content,calls", MISTRAL_CASES)
 def test_mistral(text, content, calls):
     assert_agrees(MistralToolParser, text, content, calls)
+
+
+# --- untagged calls: a reply that is bare JSON, in every format --------------------------------
+
+OFFERED = ("get_weather", "get_time")
+PARIS = '{"city": "Paris"}'
+
+UNTAGGED_CASES = [
+    # Qwen2.5 skipping its <tool_call> tags, Llama 3 as its template asks; leading whitespace
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "", [("get_weather", PARIS)]),
+    ('\n\n  {"name": "get_weather", "parameters": {"city": "Paris"}}\n', "", [("get_weather", PARIS)]),
+    ('{"type": "function", "name": "get_time", "parameters": {}}', "", [("get_time", "{}")]),
+    ('{"arguments": {"city": "Paris"}, "name": "get_weather"}', "", [("get_weather", PARIS)]),
+    # several: separated by ";" or newlines, or as a list
+    (
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n{"name": "get_time", "arguments": {}}',
+        "",
+        [("get_weather", PARIS), ("get_time", "{}")],
+    ),
+    (
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}',
+        "",
+        [("get_weather", PARIS), ("get_time", "{}")],
+    ),
+    (
+        ' [{"name": "get_weather", "arguments": {"city": "Paris"}},\n {"name": "get_time", "arguments": {}}]',
+        "",
+        [("get_weather", PARIS), ("get_time", "{}")],
+    ),
+    # text after the calls is content
+    ('{"name": "get_time", "arguments": {}}\n\nDone.', "Done.", [("get_time", "{}")]),
+    ('[{"name": "get_time", "arguments": {}}] Done.', "Done.", [("get_time", "{}")]),
+    # not calls of an offered tool: content, unchanged
+    ('{"name": "send_email", "arguments": {"to": "x"}}', '{"name": "send_email", "arguments": {"to": "x"}}', []),
+    ('{"city": "Paris", "temperature": 21}', '{"city": "Paris", "temperature": 21}', []),
+    ('{"name": "get_weather"}', '{"name": "get_weather"}', []),
+    ('{"name": "get_weather" "arguments": {}}', '{"name": "get_weather" "arguments": {}}', []),
+    ("  {not json}", "  {not json}", []),
+    ("[1, 2, 3]", "[1, 2, 3]", []),
+    ('[{"a": 1}]', '[{"a": 1}]', []),
+    ("[]", "[]", []),
+    ('Sure: {"name": "get_time", "arguments": {}}', 'Sure: {"name": "get_time", "arguments": {}}', []),
+    # a call, then something that is not one
+    (
+        '{"name": "get_time", "arguments": {}}\n{"name": "nope", "arguments": {}}',
+        '{"name": "nope", "arguments": {}}',
+        [("get_time", "{}")],
+    ),
+    ('[{"name": "get_time", "arguments": {}}, 7]', ", 7]", [("get_time", "{}")]),
+    # cut short (max_tokens): a call is dropped once its name is read, or after another call
+    ('{"name": "get_weather", "arguments": {"city": "Pa', "", [("get_weather", '{"city": "Pa')]),
+    ('{"name": "get_weather", "arguments":', "", []),
+    ('{"name": "get_time", "arguments": {}}; {"name": "get_w', "", [("get_time", "{}")]),
+    ('[{"name": "get_time", "arguments": {}}, {"na', "", [("get_time", "{}")]),
+    ('{"name": "get_wea', '{"name": "get_wea', []),  # maybe a JSON answer cut short
+    ('[{"na', '[{"na', []),
+    ("[", "[", []),
+]
+
+
+@pytest.mark.parametrize("parser_cls", [HermesToolParser, Llama3JsonToolParser, MistralToolParser])
+@pytest.mark.parametrize("text,content,calls", UNTAGGED_CASES)
+def test_untagged_calls(parser_cls, text, content, calls):
+    assert_agrees(parser_cls, text, content, calls, tool_names=OFFERED, num_random=8)
+
+
+def test_untagged_calls_of_any_name_without_offered_tools():
+    text = '{"name": "anything", "arguments": {}}'
+    assert_agrees(HermesToolParser, text, "", [("anything", "{}")])
+
+
+def test_untagged_then_tagged_calls():
+    text = '{"name": "get_time", "arguments": {}}\n<tool_call>\n{"name": "s", "arguments": {}}\n</tool_call>'
+    assert_agrees(HermesToolParser, text, "", [("get_time", "{}"), ("s", "{}")], tool_names=OFFERED)
+
+
+def test_untagged_text_is_released_as_soon_as_it_cannot_be_a_call():
+    parser = HermesToolParser(counting_ids(), OFFERED)
+    assert parser.feed(" \n") == []
+    assert parser.feed('{"') == []
+    assert parser.feed('city": ') == [ContentDelta(' \n{"city":')]  # "city" opens no call
+    assert parser.feed('"Paris"}') == [ContentDelta(' "Paris"}')]  # (a space may precede a tag)
+    parser = HermesToolParser(counting_ids(), OFFERED)
+    assert parser.feed('{"name": "send_') == []
+    assert parser.feed('email", ') == [ContentDelta('{"name": "send_email",')]  # not offered
+    parser = HermesToolParser(counting_ids(), OFFERED)
+    assert parser.feed("[") == []
+    assert parser.feed("1") == [ContentDelta("[1")]
+    assert HermesToolParser(counting_ids(), OFFERED).feed("Hello") == [ContentDelta("Hello")]
+
+
+def test_untagged_arguments_stream():
+    parser = HermesToolParser(counting_ids(), OFFERED)
+    assert parser.feed('{"name": "get_weather", ') == []
+    assert parser.feed('"arguments": {"ci') == [ToolCallDelta(0, "id0", "get_weather", '{"ci')]
+    assert parser.feed('ty": "Oslo"}}') == [ToolCallDelta(0, None, None, 'ty": "Oslo"}')]
+    assert parser.finish() == [] and parser.num_tool_calls == 1
+
+
+@pytest.mark.parametrize(
+    "parser_cls,text,content",
+    [
+        (HermesToolParser, "Let me check.\n<tool_ca", "Let me check."),
+        (HermesToolParser, '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<', ""),
+        (MistralToolParser, "Checking [TOOL_CA", "Checking"),
+        (HermesToolParser, "Plain words, cut  ", "Plain words, cut  "),
+    ],
+)
+def test_partial_tag_at_the_end_of_truncated_output_is_dropped(parser_cls, text, content):
+    """max_tokens cut inside the tag opening the next call (several tokens in a vocabulary
+    without it as a special token, e.g. SmolLM2's); the model ending there leaves it content."""
+    calls = [("a", "{}")] if "arguments" in text else []
+    assert_agrees(parser_cls, text, content, calls, truncated=True)
+    assert without_ids(parser_cls(counting_ids()).parse(text)) == (text.split("</tool_call>\n")[-1], calls)
 
 
 # --- syntax tables: what a grammar produces, the parser reads -----------------------------------
@@ -388,22 +479,25 @@ def test_random_calls_round_trip_through_every_chunking(syntax, parser_cls):
 
 @pytest.mark.parametrize("parser_cls", [HermesToolParser, Llama3JsonToolParser, MistralToolParser])
 def test_every_prefix_streams_like_it_parses(parser_cls):
-    """Output cut anywhere (max_tokens): stream and parse still agree, and nothing is lost
-    while no call is committed."""
-    syntax = {
-        HermesToolParser: HERMES_SYNTAX,
-        Llama3JsonToolParser: LLAMA3_SYNTAX,
-        MistralToolParser: MISTRAL_V11_SYNTAX,
+    """Output cut anywhere (max_tokens): stream and parse still agree; complete calls stand, a
+    call cut after its commit keeps its arguments so far, and the text of a call cut before its
+    commit is never content. Until a call is certain, nothing is lost."""
+    syntax, lead, certain = {
+        HermesToolParser: (HERMES_SYNTAX, "Hi ", "<tool_call>"),
+        Llama3JsonToolParser: (LLAMA3_SYNTAX, "", '"a"'),  # untagged: a call once its name is read
+        MistralToolParser: (MISTRAL_V11_SYNTAX, "Hi ", "[TOOL_CALLS]"),
     }[parser_cls]
-    lead = "" if parser_cls is Llama3JsonToolParser else "Hi "
-    text = lead + syntax.render([("a", '{"s": "x}\\"y", "n": [1, {"m": null}]}'), ("b", "{}")])
+    calls = [("a", '{"s": "x}\\"y", "n": [1, {"m": null}]}'), ("b", "{}")]
+    text = lead + syntax.render(calls)
     for end in range(len(text) + 1):
         prefix = text[:end]
-        parsed = parser_cls(counting_ids()).parse(prefix)
-        if not parsed.tool_calls:
-            assert parsed.content == prefix.rstrip() or parsed.content == prefix
+        parsed = parser_cls(counting_ids()).parse(prefix, truncated=True)
+        content, got = without_ids(parsed)
+        assert content == lead.strip() or (content == prefix and certain not in prefix), prefix
+        assert all(name == calls[i][0] and calls[i][1].startswith(args) for i, (name, args) in enumerate(got))
         for cuts in itertools.islice(chunkings(prefix, seed=end), 0, None, 7):
-            assert without_ids(collect_events(stream(parser_cls, prefix, cuts))) == without_ids(parsed), (prefix, cuts)
+            events = stream(parser_cls, prefix, cuts, truncated=True)
+            assert without_ids(collect_events(events)) == (content, got), (prefix, cuts)
 
 
 def test_random_hermes_soup_streams_like_it_parses():

@@ -97,8 +97,12 @@ def reply_format(tokenizer: ChatTokenizer, prompt_text: str, tools: ToolsPlan | 
     reasoning = THINK_OPEN in (tokenizer.chat_template or "") and not forced
     if tools is None and not reasoning:
         return None
-    tool_parser = tools.parser if tools is not None else None
-    return ReplyFormat(tool_parser, reasoning, reasoning and template_opens_reasoning(prompt_text))
+    return ReplyFormat(
+        tool_parser=tools.parser if tools is not None else None,
+        reasoning=reasoning,
+        starts_in_reasoning=reasoning and template_opens_reasoning(prompt_text),
+        tool_names=tools.names if tools is not None else None,
+    )
 
 
 def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:

@@ -42,6 +42,11 @@ class ToolsPlan:
     parser: type[ToolParser]
 
     @property
+    def names(self) -> frozenset[str]:
+        """The offered functions' names: a reply's untagged JSON call must name one."""
+        return frozenset(tool["function"]["name"] for tool in self.tools)
+
+    @property
     def needs_special_tokens(self) -> bool:
         """The format's markers ([TOOL_CALLS], <|python_tag|>) are special tokens the parser must see."""
         return self.syntax.format != "hermes"

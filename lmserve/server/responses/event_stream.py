@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Send
 
 from lmserve.parsing import ReplyParser
-from lmserve.request import RequestOutput
+from lmserve.request import FinishReason, RequestOutput
 from lmserve.server.errors import APIError, server_error
 from lmserve.server.protocol import (
     ChatChunkChoice,
@@ -157,7 +157,8 @@ def _delta(output: RequestOutput, parser: ReplyParser | None) -> DeltaMessage:
     """The output's text as a message delta; through the reply parser when the plan has one."""
     if parser is None:
         return DeltaMessage(content=output.text_delta or None)
-    parts = parser.feed(output.text_delta, final=output.finish_reason is not None)
+    parts = parser.feed(output.text_delta, final=output.finish_reason is not None,
+                        truncated=output.finish_reason == FinishReason.LENGTH)
     calls = [DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
                            function=DeltaFunction(name=c.name, arguments=c.arguments))
              for c in parts.tool_calls]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lmserve.parsing import ReplyFormat, parse_reply
+from lmserve.request import FinishReason
 from lmserve.server.protocol import (
     ChatChoice,
     ChatCompletionResponse,
@@ -27,7 +28,7 @@ def chat_response(
 ) -> ChatCompletionResponse:
     choices = []
     for index, result in sorted(results.items()):
-        message = chat_message(plan.reply, result.text)
+        message = chat_message(plan.reply, result.text, truncated=result.finish_reason == FinishReason.LENGTH)
         choices.append(ChatChoice(
             index=index,
             message=message,
@@ -39,11 +40,12 @@ def chat_response(
     )
 
 
-def chat_message(fmt: ReplyFormat | None, text: str) -> ChatResponseMessage:
-    """The assistant message of a whole reply: content, and reasoning and tool calls when parsed."""
+def chat_message(fmt: ReplyFormat | None, text: str, truncated: bool = False) -> ChatResponseMessage:
+    """The assistant message of a whole reply: content, and reasoning and tool calls when parsed
+    (`truncated`: max_tokens ended the reply)."""
     if fmt is None:
         return ChatResponseMessage(content=text)
-    reply = parse_reply(fmt, text)
+    reply = parse_reply(fmt, text, truncated)
     calls = [ResponseToolCall(id=c.id, function=ResponseFunction(name=c.name, arguments=c.arguments))
              for c in reply.tool_calls]
     return ChatResponseMessage(content=reply.content, tool_calls=calls or None, reasoning_content=reply.reasoning)
