@@ -128,7 +128,8 @@ async def props(state: State, model: str | None = None) -> JSONResponse:
     engine = lease.model.engine
     tokenizer = engine.tokenizer
     return JSONResponse({
-        "default_generation_settings": {"n_ctx": engine.max_model_len, "params": default_params()},
+        "default_generation_settings": {"n_ctx": engine.max_model_len,
+                                        "params": default_params(lease.entry.defaults)},
         "total_slots": engine.config.scheduler.max_num_seqs,
         "model_path": engine.config.model_path,
         "chat_template": tokenizer.chat_template or CHATML_TEMPLATE,  # the template the chat route renders
@@ -139,19 +140,26 @@ async def props(state: State, model: str | None = None) -> JSONResponse:
     })
 
 
-def default_params() -> dict[str, Any]:
-    """What a request gets for each sampling field it leaves out, in llama.cpp's names."""
-    defaults = SamplingParams()
+def default_params(model_defaults: dict[str, Any]) -> dict[str, Any]:
+    """What a request gets for each sampling field it leaves out, in llama.cpp's names: the model's
+    defaults (its --config defaults over the server's --temp and the like), else lmserve's."""
+    own = SamplingParams()
+    defaults = {"temperature": own.temperature, "top_k": own.top_k, "top_p": own.top_p, "min_p": own.min_p,
+                "repetition_penalty": own.repetition_penalty, "presence_penalty": own.presence_penalty,
+                "frequency_penalty": own.frequency_penalty, "stop": own.stop, "ignore_eos": own.ignore_eos,
+                "max_tokens": None} | model_defaults
+    stop = defaults["stop"]
     return {
-        "temperature": defaults.temperature,
-        "top_k": defaults.top_k,
-        "top_p": defaults.top_p,
-        "min_p": defaults.min_p,
-        "repeat_penalty": defaults.repetition_penalty,
-        "presence_penalty": defaults.presence_penalty,
-        "frequency_penalty": defaults.frequency_penalty,
-        "stop": list(defaults.stop),
-        "ignore_eos": defaults.ignore_eos,
+        "temperature": defaults["temperature"],
+        "top_k": defaults["top_k"],
+        "top_p": defaults["top_p"],
+        "min_p": defaults["min_p"],
+        "repeat_penalty": defaults["repetition_penalty"],
+        "presence_penalty": defaults["presence_penalty"],
+        "frequency_penalty": defaults["frequency_penalty"],
+        "stop": [stop] if isinstance(stop, str) else list(stop),
+        "ignore_eos": defaults["ignore_eos"],
+        "n_predict": defaults["max_tokens"] or -1,  # -1: the rest of the context (a chat request's default)
         "n_probs": 0,
     }
 
