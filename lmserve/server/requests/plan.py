@@ -58,9 +58,11 @@ class GenerationPlan:
 
 def chat_plan(
     request: ChatCompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None,
+    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
-    """Render the chat template, tokenize it, and build one SamplingParams per choice."""
+    """Render the chat template, tokenize it, and build one SamplingParams per choice.
+    `clip_max_tokens`: max_tokens is the model's default, not the client's: it ends at the
+    context's end rather than being refused for not fitting."""
     _check_chat_supported(request)
     _check_stream_options(request)
     _check_known_unsupported(request)
@@ -72,7 +74,7 @@ def chat_plan(
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     base = _with_tools(_base_params(request, tokenizer, logprobs, grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
-    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
+    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages", clip=clip_max_tokens)
     choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
@@ -117,16 +119,17 @@ def _requested_max_tokens(request: ChatCompletionRequest) -> tuple[int | None, s
 
 def completion_plan(
     request: CompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None,
+    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
-    """Tokenize the prompt(s) and build n SamplingParams per prompt."""
+    """Tokenize the prompt(s) and build n SamplingParams per prompt (`clip_max_tokens` as for chat)."""
     _check_completion_supported(request)
     _check_stream_options(request)
     _check_known_unsupported(request)
     prompt_items = _prompt_items(request.prompt)
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
     base = _base_params(request, tokenizer, request.logprobs, grammar)
-    limit = _ContextLimit(max_model_len, request.max_tokens, "max_tokens", prompt_param="prompt")
+    limit = _ContextLimit(max_model_len, request.max_tokens, "max_tokens", prompt_param="prompt",
+                          clip=clip_max_tokens)
     choices = _choice_plans(prompts, base, request.n, response_id, limit)
     echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
     return GenerationPlan(prompts, choices, echo_texts)
@@ -265,6 +268,7 @@ class _ContextLimit:
     requested: int | None  # None: all the remaining context
     param: str  # "max_tokens" or "max_completion_tokens"
     prompt_param: str  # "messages" or "prompt"
+    clip: bool = False  # `requested` is a default: at most the room left, never a 400
 
     def max_tokens_for(self, num_prompt_tokens: int) -> int:
         room = self.max_model_len - num_prompt_tokens
@@ -277,6 +281,8 @@ class _ContextLimit:
             )
         if self.requested is None:
             return room
+        if self.clip:
+            return min(self.requested, room)
         if self.requested > room:
             raise bad_request(
                 f"'{self.param}' is too large: {self.requested}. This model's maximum context length is "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from lmserve.server.errors import CLIENT_CLOSED_REQUEST
+from lmserve.server.errors import CLIENT_CLOSED_REQUEST, APIError
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
 from lmserve.server.protocol import (
     ChatCompletionRequest,
@@ -47,15 +48,21 @@ async def _generate(body, request: Request, state: ServerState, id_prefix: str, 
     """The shared shape of both generation routes: plan, then stream SSE or gather one response.
     The request holds its model (a lease) until its last byte is sent, so the model is not
     unloaded under it."""
+    if state.embeddings_only:
+        raise APIError(501, "This server serves embeddings only (it was started with --embedding); use "
+                            "/v1/embeddings.", type="not_supported_error", code="embeddings_only")
     lease = await state.chat_model(body.model, body.keep_alive)
     try:
+        # A model's default max_tokens is a cap, as llama-server's -n: it ends at the context's end.
+        defaulted_max_tokens = "max_tokens" in lease.entry.defaults and not (
+            {"max_tokens", "max_completion_tokens"} & body.model_fields_set)
         body = with_model_defaults(body, lease.entry.defaults)
         engine = lease.model.engine
         meta = ResponseMeta(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
         # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
         # event loop must keep serving the other requests' streams meanwhile.
-        plan = await anyio.to_thread.run_sync(make_plan, body, meta.id, engine.tokenizer, engine.max_model_len,
-                                              engine.grammar)
+        plan = await anyio.to_thread.run_sync(partial(make_plan, clip_max_tokens=defaulted_max_tokens), body, meta.id,
+                                              engine.tokenizer, engine.max_model_len, engine.grammar)
         engine = _counting_tokens(engine, request, plan)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
