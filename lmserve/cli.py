@@ -13,6 +13,17 @@ from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineCo
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, duration_seconds, entry_for, served_name
 from lmserve.fleet.config_file import read_config
 from lmserve.fleet.download import add_pull_parser, is_remote, pull
+from lmserve.llama_flags import add_llama_flags
+from lmserve.llama_options import (
+    DEFAULT_MAX_NUM_SEQS,
+    add_llama_options,
+    chat_template,
+    context_limits,
+    model_sources,
+    sampling_defaults,
+    served_names,
+    ssl_options,
+)
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -67,6 +78,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int | None:
+    """--threads (-t): a positive count, or -1 (llama-server's default) for torch's own (None)."""
+    return None if text.strip() == "-1" else positive_int(text)
+
+
 def parse_duration(text: str) -> float | None:
     """--default-ttl and --load-timeout: seconds or '30s', '5m', '1h'; a negative one (-1) is never (None)."""
     try:
@@ -78,7 +94,10 @@ def parse_duration(text: str) -> float | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI API",
+                                description="Serve models over the OpenAI API. llama-server's flags are taken too: "
+                                            "those below, and some that change nothing here (logged at start-up); "
+                                            "any other is refused by name.")
     serve.add_argument("model", nargs="*", help="GGUF files or Hugging Face folders, one or several (default: packaged "
                                                 "SmolLM2-135M-Instruct)")
     serve.add_argument("--config", metavar="FILE", type=Path,
@@ -93,28 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "one more first unloads the least recently used idle ones")
     serve.add_argument("--default-ttl", type=parse_duration, default=None, metavar="DURATION",
                        help="unload a model idle this long (300, 5m, 1h; default: never)")
-    serve.add_argument("--no-autoload", action="store_true",
+    serve.add_argument("--no-autoload", "--no-models-autoload", action="store_true",
                        help="do not load a model when a request names it (POST /models/load does)")
     serve.add_argument("--load-timeout", type=parse_duration, default=600.0, metavar="DURATION",
                        help="how long a request waits for its model to load before a 503 (default 600 s)")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on, or a UNIX socket path ending "
+                                                          "in .sock (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--served-model-name", help="the model id clients send, with one MODEL (default: from the file name)")
     serve.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
-    serve.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences decoded at once")
-    serve.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per engine step (prefill chunk budget)")
-    serve.add_argument("--kv-cache-memory", type=parse_size, default=parse_size("1GiB"), help="KV cache budget, e.g. 512MiB")
+    serve.add_argument("--max-num-seqs", type=positive_int,
+                       help=f"sequences decoded at once (default {DEFAULT_MAX_NUM_SEQS})")
+    serve.add_argument("--max-num-batched-tokens", "-ub", "--ubatch-size", type=positive_int, default=512,
+                       help="tokens per engine step (prefill chunk budget)")
+    serve.add_argument("--kv-cache-memory", type=parse_size, help="KV cache budget, e.g. 512MiB (default 1GiB)")
     serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
-    serve.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    serve.add_argument("--no-prefix-caching", "--no-cache-prompt", action="store_true",
+                       help="disable automatic prefix caching")
     serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="matmul weights and KV cache; activations stay float32 (auto: the checkpoint's own, "
                             "e.g. int4 for a Q4 GGUF; float32: exact and batch-invariant; bfloat16: faster, not "
                             "bit-exact; int8: int8 x int8 (W8A8) products; int4: 4-bit weights x int8 (W4A8) "
                             "products, the smallest)")
-    serve.add_argument("--threads", type=positive_int, help="torch threads for the engine (default: torch's)")
-    serve.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
+    serve.add_argument("--threads", "-t", type=thread_count, help="torch threads for the engine (default: torch's)")
+    serve.add_argument("--api-key", action="append", default=[],
+                       help="require this key (repeatable; comma-separated keys, as llama-server splits them)")
     serve.add_argument("--api-key-file", metavar="PATH", help="require the keys in this file: one per line, '#' comments")
-    serve.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGINS",
+    serve.add_argument("--allowed-origins", "--cors-origins", action="append", default=[], metavar="ORIGINS",
                        help="CORS: browser origins allowed to call the API (repeatable or comma-separated; '*' for any)")
     serve.add_argument("--max-request-body", type=positive_size, default=DEFAULT_MAX_REQUEST_BODY,
                        help="largest request body, e.g. 16MiB (default); larger bodies answer 413")
@@ -126,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-embedding-pooling", default="mean", choices=["mean", "last"],
                        help="how /v1/embeddings pools the chat model's hidden states")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_llama_options(serve)
+    add_llama_flags(serve)
     add_pull_parser(commands)
     ps = commands.add_parser("ps", help="list a running server's models: status, memory, requests, time to unload")
     ps.add_argument("--url", default="http://127.0.0.1:8080", help="the server (default http://127.0.0.1:8080)")
@@ -137,20 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings every chat model gets (its path and name come from its catalogue entry)."""
-    path = Path(args.model[0]) if args.model and not is_remote(args.model[0]) else default_model_path()
+    sources = model_sources(args)
+    path = Path(sources[0]) if sources and not is_remote(sources[0]) else default_model_path()
+    limits = context_limits(args)
     return EngineConfig(
         model_path=str(path),
-        served_model_name=args.served_model_name or served_name(path),
+        served_model_name=served_names(args)[0] or served_name(path),
         dtype=args.dtype,
         num_threads=args.threads,
-        cache=CacheConfig(args.block_size, args.kv_cache_memory, not args.no_prefix_caching),
-        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len),
+        cache=CacheConfig(args.block_size, limits.kv_cache_memory_bytes, not args.no_prefix_caching,
+                          kv_cache_tokens=limits.kv_cache_tokens),
+        scheduler=SchedulerConfig(limits.max_num_seqs, args.max_num_batched_tokens, limits.max_model_len),
+        chat_template=chat_template(args),
     )
 
 
 def embedding_config(args: argparse.Namespace) -> EmbeddingConfig | None:
-    """The embedding model to serve beside the chat model, or None."""
-    if args.no_embedding_model:
+    """The embedding model to serve beside the chat model, or None (with --embedding: MODEL is it)."""
+    if args.embeddings_only and args.embedding_model:
+        raise ValueError("--embedding serves MODEL for embeddings: --embedding-model names another; give one")
+    if args.no_embedding_model or args.embeddings_only:
         return None
     if args.embedding_model:
         path = Path(args.embedding_model)
@@ -167,23 +199,24 @@ def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: Embeddi
     single chat model and the embedding model beside it are pinned: loaded at start-up, as one
     model always was; in a --config file each model says."""
     configured = read_config(args.config, parse_size) if args.config is not None else []
-    paths = [m if is_remote(m) else Path(m) for m in args.model]  # a remote source stays a string
+    paths = [m if is_remote(m) else Path(m) for m in model_sources(args)]  # a remote source stays a string
     if not paths and args.models_dir is None and not configured:
         paths = [Path(config.model_path)]
-    if args.served_model_name and len(paths) != 1:
-        raise ValueError("--served-model-name names one MODEL; with several, each is named from its file")
+    name, aliases = served_names(args)
+    if name and len(paths) != 1:
+        raise ValueError("--served-model-name (-a) names one MODEL; with several, each is named from its file")
     for path in paths:
         if isinstance(path, Path) and not path.exists():
             raise ValueError(f"model path {str(path)!r} does not exist")
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise ValueError(f"--models-dir {str(args.models_dir)!r} is not a folder")
     pinned = len(paths) == 1 and args.models_dir is None and not configured
-    entries = [entry_for(path, id=args.served_model_name if pinned else None, pinned=pinned) for path in paths]
+    entries = [entry_for(path, id=name, aliases=aliases, pinned=pinned) for path in paths]  # a name: one path
     entries += configured
     if embedding is not None:
         entries.append(ModelEntry(id=embedding.served_model_name, source=embedding.model_path, kind="embedding",
                                   pinned=pinned))
-    return Catalogue(entries, models_dir=args.models_dir)
+    return Catalogue(entries, models_dir=args.models_dir, sampling_defaults=sampling_defaults(args))
 
 
 def preflight_pinned(models: Catalogue, config: EngineConfig) -> None:
@@ -207,7 +240,6 @@ def serve(args: argparse.Namespace) -> None:
     from lmserve.fleet.models import footprint_estimator, model_loader
     from lmserve.server.app import create_app
     from lmserve.server.metrics import ServerMetrics
-    from lmserve.server.middleware.cors import parse_origins
     from lmserve.server.state import ServerState
 
     try:
@@ -217,8 +249,11 @@ def serve(args: argparse.Namespace) -> None:
             raise ValueError(f"embedding model folder {embedding.model_path!r} does not exist")
         models = catalogue(args, config, embedding)
         preflight_pinned(models, config)
+        settings, listen = state_settings(args), listen_options(args)
     except ValueError as exc:
         raise SystemExit(f"lmserve: {exc}") from None
+    for given, why in args.llama_accepted:
+        log.info("%s changes nothing: %s", given, why)
     metrics = ServerMetrics()
     load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,
                         pooling=args.chat_embedding_pooling)
@@ -226,23 +261,45 @@ def serve(args: argparse.Namespace) -> None:
                   autoload=not args.no_autoload, wait_timeout=args.load_timeout, events=metrics,
                   max_memory=args.models_memory,
                   footprint=footprint_estimator(config))
-    one_model = len(args.model) <= 1 and args.config is None and args.models_dir is None  # as lmserve always was
-    state = ServerState(fleet, api_keys=api_keys(args), allowed_origins=parse_origins(args.allowed_origins),
-                        max_request_body=args.max_request_body, metrics=metrics, load_timeout=args.load_timeout,
-                        exit_if_pinned_fails=one_model)
+    one_model = len(model_sources(args)) <= 1 and args.config is None and args.models_dir is None  # as always
+    state = ServerState(fleet, metrics=metrics, load_timeout=args.load_timeout, exit_if_pinned_fails=one_model,
+                        **settings)
     if config.num_threads:
         import torch
 
         torch.set_num_threads(config.num_threads)
     # lmserve's own access log (lmserve.access) replaces uvicorn's.
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(create_app(state), **listen, log_level=args.log_level, access_log=False)
+
+
+def state_settings(args: argparse.Namespace) -> dict:
+    """The ServerState fields the command line sets, besides the fleet and the metrics."""
+    from lmserve.server.middleware.cors import parse_origins
+
+    origins = parse_origins(args.allowed_origins)
+    if "localhost" in origins:
+        raise ValueError("--cors-origins localhost (llama-server's shorthand) is not taken here: name the origins, "
+                         "e.g. http://localhost:3000")
+    return {"api_keys": api_keys(args), "allowed_origins": origins, "max_request_body": args.max_request_body,
+            "serve_slots": args.serve_slots, "slot_save_path": args.slot_save_path,
+            "embeddings_only": args.embeddings_only}
+
+
+def listen_options(args: argparse.Namespace) -> dict:
+    """Where uvicorn listens: --host and --port, or a UNIX socket (a --host ending in .sock); HTTPS
+    with --ssl-key-file and --ssl-cert-file."""
+    if "," in args.host:
+        raise ValueError(f"--host {args.host!r}: lmserve listens on one address")
+    where = {"uds": args.host} if args.host.endswith(".sock") else {"host": args.host, "port": args.port}
+    return where | ssl_options(args)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
-    """--api-key values, then the keys of --api-key-file; a bad key file ends start-up."""
+    """--api-key values (each maybe comma-separated), then the keys of --api-key-file; a bad key
+    file ends start-up."""
     from lmserve.server.middleware.auth import read_api_key_file
 
-    keys = list(args.api_key)
+    keys = [key.strip() for value in args.api_key for key in value.split(",") if key.strip()]
     if args.api_key_file:
         try:
             keys.extend(read_api_key_file(args.api_key_file))

@@ -15,17 +15,21 @@ DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache: fixed blocks of `block_size` tokens, as many as the memory budget holds."""
+    """Paged KV cache: fixed blocks of `block_size` tokens, as many as the memory budget holds, or
+    as many as hold `kv_cache_tokens` tokens when that is set (llama-server's -c counts tokens)."""
 
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
+    kv_cache_tokens: int | None = None  # the budget in tokens, whatever a token takes; None: the bytes decide
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.kv_cache_memory_bytes < 1:
             raise ValueError("kv cache memory must be > 0")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError("kv_cache_tokens must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads for the engine; None keeps torch's default
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    chat_template: str | None = None  # Jinja source used instead of the model's own; None: the model's
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:

@@ -13,7 +13,7 @@ from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
 from lmserve.cache.kv_file import KVFile, KVFileIdentity, checkpoint_fingerprint, open_kv_file, write_kv_file
 from lmserve.cache.prefix import BlockHash, hash_full_blocks
-from lmserve.config import DTYPE_NAMES, EngineConfig
+from lmserve.config import DTYPE_NAMES, CacheConfig, EngineConfig
 from lmserve.engine.batch import LiveRequest, SchedulerOutput
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
@@ -73,7 +73,7 @@ def check_sizes(config: EngineConfig, model: ModelConfig, dtype: str) -> tuple[i
                          f"length {model_len}")
     max_model_len = config.scheduler.max_model_len or model_len
     block_size = config.cache.block_size
-    num_blocks = num_blocks_for_budget(model, block_size, DTYPES[dtype], config.cache.kv_cache_memory_bytes)
+    num_blocks = num_kv_blocks(config.cache, model, dtype)
     if num_blocks * block_size < max_model_len:
         raise ValueError(
             f"the KV cache budget holds {num_blocks * block_size} tokens, fewer than max_model_len "
@@ -92,6 +92,27 @@ def _kv_identity(config: EngineConfig, loaded: LoadedModel, block_size: int) -> 
                           num_key_value_heads=model.num_key_value_heads, head_dim=model.head_dim,
                           block_size=block_size, dtype=loaded.dtype, kv_dtype=DTYPE_NAMES[loaded.dtype],
                           weights=fingerprint)
+
+
+def num_kv_blocks(cache: CacheConfig, model: ModelConfig, dtype: str) -> int:
+    """The KV blocks `cache` budgets for a model of `model`'s shape served in `dtype`: enough for
+    its kv_cache_tokens when set, else as many as its bytes hold."""
+    if cache.kv_cache_tokens is not None:
+        return -(-cache.kv_cache_tokens // cache.block_size)
+    return num_blocks_for_budget(model, cache.block_size, DTYPES[dtype], cache.kv_cache_memory_bytes)
+
+
+def kv_cache_bytes(config: EngineConfig) -> int:
+    """What the KV cache of `config` will take, from the checkpoint's header when its budget is
+    counted in tokens (for --models-memory)."""
+    if config.cache.kv_cache_tokens is None:
+        return config.cache.kv_cache_memory_bytes
+    from lmserve.weights.dtype import serving_dtype
+    from lmserve.weights.load import read_model_config
+
+    path = Path(config.model_path)
+    model, dtype = read_model_config(path), serving_dtype(path, config.dtype, config.device)
+    return num_kv_blocks(config.cache, model, dtype) * bytes_per_block(model, config.cache.block_size, DTYPES[dtype])
 
 
 def preflight(config: EngineConfig) -> None:
@@ -116,6 +137,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel):
         self.config = config
         self.tokenizer = loaded.tokenizer
+        if config.chat_template is not None:  # --chat-template: every chat model renders this one
+            self.tokenizer = replace(loaded.tokenizer, chat_template=config.chat_template)
         self.model = loaded.model
         self.max_model_len, num_blocks = check_sizes(config, loaded.config, loaded.dtype)
         self.device = torch.device(config.device)

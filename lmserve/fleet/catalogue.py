@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -100,16 +100,19 @@ def scan_models_dir(folder: Path) -> list[ModelEntry]:
 
 class Catalogue:
     """Declared entries first, then those of the models folder that are not declared already (by
-    name or by file)."""
+    name or by file). `sampling_defaults` are the server's (llama-server's --temp and the like):
+    every chat model has them under its own `defaults`."""
 
-    def __init__(self, declared: list[ModelEntry], models_dir: Path | None = None):
+    def __init__(self, declared: list[ModelEntry], models_dir: Path | None = None,
+                 sampling_defaults: dict | None = None):
         seen: dict[str, str] = {}
         for entry in declared:
             for name in entry.names:
                 if name in seen:
                     raise ValueError(f"two models are named {name!r}: {seen[name]} and {entry.source}")
                 seen[name] = entry.source
-        self.declared = list(declared)
+        self.sampling_defaults = dict(sampling_defaults or {})
+        self.declared = [self._with_server_defaults(entry) for entry in declared]
         self.models_dir = models_dir
         self._scanned: tuple[int | None, list[ModelEntry]] = (None, [])  # (folder mtime, its entries)
 
@@ -128,10 +131,15 @@ class Catalogue:
         if stamp is None or stamp != self._scanned[0]:
             taken = {name for entry in self.declared for name in entry.names}
             sources = {Path(entry.source).resolve() for entry in self.declared}
-            found = [e for e in scan_models_dir(self.models_dir)
+            found = [self._with_server_defaults(e) for e in scan_models_dir(self.models_dir)
                      if e.id not in taken and Path(e.source).resolve() not in sources]
             self._scanned = (stamp, found)
         return list(self._scanned[1])
+
+    def _with_server_defaults(self, entry: ModelEntry) -> ModelEntry:
+        if entry.kind != "chat" or not self.sampling_defaults:
+            return entry
+        return replace(entry, defaults={**self.sampling_defaults, **entry.defaults})
 
     def resolve(self, name: str | None, kind: ModelKind = "chat") -> ModelEntry:
         """The entry `name` names (its id or an alias). None, or a name no entry has when the

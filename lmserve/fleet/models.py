@@ -113,12 +113,15 @@ class EmbeddingModel:
 
 
 def engine_config_for(defaults: EngineConfig, entry: ModelEntry) -> EngineConfig:
-    """The server's engine settings with the entry's path and name, and its own settings on top."""
+    """The server's engine settings with the entry's path and name, and its own settings on top
+    (its kv_cache_memory replaces a budget the server counts in tokens, -c)."""
     settings = entry.settings
+    cache = defaults.cache
+    if "kv_cache_memory" in settings:
+        cache = replace(cache, kv_cache_memory_bytes=settings["kv_cache_memory"], kv_cache_tokens=None)
     return replace(
         defaults, model_path=entry.source, served_model_name=entry.id, dtype=settings.get("dtype", defaults.dtype),
-        cache=replace(defaults.cache, kv_cache_memory_bytes=settings.get("kv_cache_memory",
-                                                                         defaults.cache.kv_cache_memory_bytes)),
+        cache=cache,
         scheduler=replace(defaults.scheduler, max_model_len=settings.get("max_model_len",
                                                                          defaults.scheduler.max_model_len)),
     )
@@ -144,15 +147,13 @@ def footprint_estimator(engine_defaults: EngineConfig) -> Callable[[ModelEntry],
     cannot be read: loading it will say why."""
 
     def footprint(entry: ModelEntry) -> int:
+        from lmserve.engine.engine import kv_cache_bytes
         from lmserve.weights.size import estimated_weight_bytes
 
-        if entry.kind == "embedding":
-            config, kv_budget = None, 0
-        else:
-            config = engine_config_for(engine_defaults, entry)
-            kv_budget = config.cache.kv_cache_memory_bytes
+        config = engine_config_for(engine_defaults, entry) if entry.kind == "chat" else None
         try:
             weights = estimated_weight_bytes(entry.source, config.dtype if config else "float32", engine_defaults.device)
+            kv_budget = kv_cache_bytes(config) if config else 0
         except (OSError, ValueError, KeyError) as exc:
             log.warning("cannot size %s before loading it: %s", entry.id, exc)
             return 0

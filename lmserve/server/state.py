@@ -40,8 +40,9 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))  # unix time for /v1/models
     load_timeout: float | None = 600.0  # seconds a request waits for its model to load before a 503; None: no limit
     exit_if_pinned_fails: bool = False  # end the process when a model served from start-up cannot load
-    slots_endpoint: bool = True  # GET /slots is served (llama-server's --no-slots turns it off)
-    slot_save_path: Path | None = None  # the folder /slots/{id}?action=save writes to; None: saving is off
+    embeddings_only: bool = False  # llama-server's --embedding: the generation routes answer 501
+    serve_slots: bool = True  # llama-server's --slots / --no-slots: whether GET /slots is served
+    slot_save_path: Path | None = None  # llama-server's --slot-save-path: where slots are saved; None: not at all
     _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
 
     @property

@@ -30,7 +30,10 @@ def test_non_positive_sizes_are_argparse_errors(option, capsys):
 
 def test_defaults():
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.max_num_seqs, args.api_key, args.dtype) == ("127.0.0.1", 8080, 64, [], "auto")
+    assert (args.host, args.port, args.api_key, args.dtype) == ("127.0.0.1", 8080, [], "auto")
+    config = cli.engine_config(args)  # the limits -c and -np may set are resolved here
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_model_len) == (64, None)
+    assert (config.cache.kv_cache_memory_bytes, config.cache.kv_cache_tokens) == (2**30, None)
 
 
 def test_loading_a_model_freezes_what_it_loaded(monkeypatch):

@@ -65,4 +65,4 @@ def test_refusals(engine, tmp_path):
 
 def test_saving_needs_a_folder_and_slots_can_be_turned_off(engine):
     assert make_client(engine).post("/slots/0?action=save", json={"filename": "a"}).status_code == 501
-    assert make_client(engine, slots_endpoint=False).get("/slots").status_code == 501
+    assert make_client(engine, serve_slots=False).get("/slots").status_code == 501

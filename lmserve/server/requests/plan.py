@@ -64,9 +64,11 @@ class GenerationPlan:
 
 def chat_plan(
     request: ChatCompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None,
+    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
-    """Render the chat template, tokenize it, and build one SamplingParams per choice."""
+    """Render the chat template, tokenize it, and build one SamplingParams per choice.
+    `clip_max_tokens`: max_tokens is the model's default, not the client's: it ends at the
+    context's end rather than being refused for not fitting."""
     _check_chat_supported(request)
     _check_stream_options(request)
     check_known_params(request.model_extra or {})
@@ -74,7 +76,7 @@ def chat_plan(
     text, prompt_ids = chat_prompt(request, tokenizer, tools)
     base = _with_tools(_base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
-    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages")
+    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages", clip=clip_max_tokens)
     choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
@@ -157,9 +159,9 @@ def _n_predict(request: SamplingFields) -> int | None:
 
 def completion_plan(
     request: CompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None,
+    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
-    """Tokenize the prompt(s) and build n SamplingParams per prompt."""
+    """Tokenize the prompt(s) and build n SamplingParams per prompt (`clip_max_tokens` as for chat)."""
     _check_completion_supported(request)
     _check_stream_options(request)
     check_known_params(request.model_extra or {})
@@ -171,7 +173,7 @@ def completion_plan(
     base = _base_params(request, tokenizer, logprobs, grammar)
     max_tokens, param = (_n_predict(request), "n_predict") if request.n_predict is not None else (
         request.max_tokens, "max_tokens")
-    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="prompt")
+    limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="prompt", clip=clip_max_tokens)
     choices = _choice_plans(prompts, base, request.n, response_id, limit)
     echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
     return GenerationPlan(prompts, choices, echo_texts)
@@ -179,7 +181,7 @@ def completion_plan(
 
 def infill_plan(
     request: InfillRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None,
+    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
     """llama.cpp's /infill: its FIM prompt (other files, <PRE> prefix prompt <SUF> suffix <MID>),
     then a completion of it."""
@@ -189,7 +191,7 @@ def infill_plan(
     ids = infill_ids(tokenizer.fim, _plain_encoder(tokenizer), request.input_prefix, request.input_suffix,
                      _without_bos(tokenizer, prompt_ids), extra, _bos_ids(tokenizer))
     return completion_plan(request.model_copy(update={"prompt": ids, "echo": False}), response_id, tokenizer,
-                           max_model_len, grammar)
+                           max_model_len, grammar, clip_max_tokens=clip_max_tokens)
 
 
 def missing_fim(tokenizer: ChatTokenizer, param: str) -> None:
@@ -381,6 +383,7 @@ class _ContextLimit:
     requested: int | None  # None: all the remaining context
     param: str  # "max_tokens" or "max_completion_tokens"
     prompt_param: str  # "messages" or "prompt"
+    clip: bool = False  # `requested` is a default: at most the room left, never a 400
 
     def max_tokens_for(self, num_prompt_tokens: int) -> int:
         room = self.max_model_len - num_prompt_tokens
@@ -393,6 +396,8 @@ class _ContextLimit:
             )
         if self.requested is None:
             return room
+        if self.clip:
+            return min(self.requested, room)
         if self.requested > room:
             raise bad_request(
                 f"'{self.param}' is too large: {self.requested}. This model's maximum context length is "

@@ -8,13 +8,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from lmserve.server.errors import CLIENT_CLOSED_REQUEST, bad_request
+from lmserve.server.errors import CLIENT_CLOSED_REQUEST, APIError, bad_request
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
 from lmserve.server.protocol import (
     ChatCompletionRequest,
@@ -122,15 +123,21 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
     """The shared shape of the generation routes: plan, then stream SSE or gather one response.
     The request holds its model (a lease) until its last byte is sent, so the model is not
     unloaded under it."""
+    if state.embeddings_only:
+        raise APIError(501, "This server serves embeddings only (it was started with --embedding); use "
+                            "/v1/embeddings.", type="not_supported_error", code="embeddings_only")
     lease = await state.chat_model(body.model, body.keep_alive)
     try:
+        # A model's default max_tokens is a cap, as llama-server's -n: it ends at the context's end.
+        defaulted_max_tokens = "max_tokens" in lease.entry.defaults and not (
+            {"max_tokens", "max_completion_tokens", "n_predict"} & body.model_fields_set)
         body = with_model_defaults(body, lease.entry.defaults)
         engine = lease.model.engine
         meta = ResponseMeta(f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
         # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
         # event loop must keep serving the other requests' streams meanwhile.
-        plan = await anyio.to_thread.run_sync(shape.make_plan, body, meta.id, engine.tokenizer,
-                                              engine.max_model_len, engine.grammar)
+        plan = await anyio.to_thread.run_sync(partial(shape.make_plan, clip_max_tokens=defaulted_max_tokens), body,
+                                              meta.id, engine.tokenizer, engine.max_model_len, engine.grammar)
         engine = _counting_tokens(_slotted(engine, state.slot_table(lease), body.id_slot, plan), request, plan)
         if body.stream:
             response = event_stream.EventStreamResponse(shape.stream(engine, plan, meta, body),

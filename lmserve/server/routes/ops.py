@@ -131,9 +131,9 @@ async def props(state: State, model: str | None = None) -> JSONResponse:
     return JSONResponse({
         "default_generation_settings": {
             "id": 0, "id_task": -1, "n_ctx": engine.max_model_len, "speculative": False, "is_processing": False,
-            # /completion's defaults: n_predict -1, until the context ends
+            # the model's defaults (its --config ones over the server's --temp and the like)
             "params": generation_settings(SamplingParams(), engine.max_model_len, lease.entry.id)
-            | {"n_predict": -1, "max_tokens": -1},
+            | default_params(lease.entry.defaults),
             "prompt": "",
             "next_token": {"has_next_token": True, "has_new_line": False, "n_remain": -1, "n_decoded": 0,
                            "stopping_word": ""},
@@ -149,6 +149,30 @@ async def props(state: State, model: str | None = None) -> JSONResponse:
         "build_info": BUILD_INFO,
         "is_sleeping": False,
     })
+
+
+def default_params(model_defaults: dict[str, Any]) -> dict[str, Any]:
+    """What a request gets for each sampling field it leaves out, in llama.cpp's names: the model's
+    defaults (its --config defaults over the server's --temp and the like), else lmserve's."""
+    own = SamplingParams()
+    defaults = {"temperature": own.temperature, "top_k": own.top_k, "top_p": own.top_p, "min_p": own.min_p,
+                "repetition_penalty": own.repetition_penalty, "presence_penalty": own.presence_penalty,
+                "frequency_penalty": own.frequency_penalty, "stop": own.stop, "ignore_eos": own.ignore_eos,
+                "max_tokens": None} | model_defaults
+    stop = defaults["stop"]
+    return {
+        "temperature": defaults["temperature"],
+        "top_k": defaults["top_k"],
+        "top_p": defaults["top_p"],
+        "min_p": defaults["min_p"],
+        "repeat_penalty": defaults["repetition_penalty"],
+        "presence_penalty": defaults["presence_penalty"],
+        "frequency_penalty": defaults["frequency_penalty"],
+        "stop": [stop] if isinstance(stop, str) else list(stop),
+        "ignore_eos": defaults["ignore_eos"],
+        "n_predict": defaults["max_tokens"] or -1,  # -1: the rest of the context (a chat request's default)
+        "n_probs": 0,
+    }
 
 
 @server_router.get("/metrics")

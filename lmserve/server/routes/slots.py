@@ -72,7 +72,7 @@ async def _act(action: str, slot, body: SlotAction, state: ServerState, engine) 
 
 
 def _check_enabled(state: ServerState) -> None:
-    if not state.slots_endpoint:
+    if not state.serve_slots:
         raise APIError(501, "This server does not serve slots: it was started with --no-slots.",
                        type="not_supported_error", code="not_supported")
 

@@ -1,0 +1,535 @@
+"""llama-server's flags on `lmserve serve`: the table (lmserve/llama_flags.py) against llama-server's
+README and against the parser, both ways, and what the honoured ones set."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from lmserve import cli
+from lmserve.cli import build_parser, default_model_path
+from lmserve.llama_flags import LLAMA_SERVER_FLAGS
+from lmserve.text.builtin_templates import BUILTIN_TEMPLATES
+
+# Every spelling of every flag in llama-server's README tables (Common, Sampling and
+# Server-specific params) at llama.cpp 0c1e570, one README row a line.
+README_FLAGS = [
+    "-h", "--help", "--usage",
+    "--version",
+    "-cl", "--cache-list",
+    "--completion-bash",
+    "-t", "--threads",
+    "-tb", "--threads-batch",
+    "-C", "--cpu-mask",
+    "-Cr", "--cpu-range",
+    "--cpu-strict",
+    "--prio",
+    "--poll",
+    "-Cb", "--cpu-mask-batch",
+    "-Crb", "--cpu-range-batch",
+    "--cpu-strict-batch",
+    "--prio-batch",
+    "--poll-batch",
+    "-c", "--ctx-size",
+    "-n", "--predict", "--n-predict",
+    "-b", "--batch-size",
+    "-ub", "--ubatch-size",
+    "--keep",
+    "--swa-full",
+    "-fa", "--flash-attn",
+    "--perf", "--no-perf",
+    "-e", "--escape", "--no-escape",
+    "--rope-scaling",
+    "--rope-scale",
+    "--rope-freq-base",
+    "--rope-freq-scale",
+    "--yarn-orig-ctx",
+    "--yarn-ext-factor",
+    "--yarn-attn-factor",
+    "--yarn-beta-slow",
+    "--yarn-beta-fast",
+    "-kvo", "--kv-offload", "-nkvo", "--no-kv-offload",
+    "--repack", "-nr", "--no-repack",
+    "--no-host",
+    "-ctk", "--cache-type-k",
+    "-ctv", "--cache-type-v",
+    "-dt", "--defrag-thold",
+    "--rpc",
+    "-lm", "--load-mode",
+    "-lzm", "--lazy-mode",
+    "--numa",
+    "-dev", "--device",
+    "--list-devices",
+    "-ot", "--override-tensor",
+    "-cmoe", "--cpu-moe",
+    "-ncmoe", "--n-cpu-moe",
+    "-ncffn", "--n-cpu-ffn",
+    "-ngl", "--gpu-layers", "--n-gpu-layers",
+    "-sm", "--split-mode",
+    "-ts", "--tensor-split",
+    "-mg", "--main-gpu",
+    "-fit", "--fit",
+    "-fitt", "--fit-target",
+    "-fitc", "--fit-ctx",
+    "--check-tensors",
+    "--override-kv",
+    "--op-offload", "--no-op-offload",
+    "--lora",
+    "--lora-scaled",
+    "--control-vector",
+    "--control-vector-scaled",
+    "--control-vector-layer-range",
+    "-m", "--model",
+    "-mu", "--model-url",
+    "-dr", "--docker-repo",
+    "-hf", "-hfr", "--hf-repo",
+    "-hff", "--hf-file",
+    "-hft", "--hf-token",
+    "--log-disable",
+    "--log-file",
+    "--log-jsonl", "--no-log-jsonl",
+    "--log-colors",
+    "-v", "--verbose", "--log-verbose",
+    "--offline",
+    "-lv", "--verbosity", "--log-verbosity",
+    "--log-prefix", "--no-log-prefix",
+    "--log-timestamps", "--no-log-timestamps",
+    "--spec-draft-type-k", "-ctkd", "--cache-type-k-draft",
+    "--spec-draft-type-v", "-ctvd", "--cache-type-v-draft",
+    "--samplers",
+    "-s", "--seed",
+    "--sampler-seq", "--sampling-seq",
+    "--ignore-eos",
+    "--temp", "--temperature",
+    "--top-k",
+    "--top-p",
+    "--min-p",
+    "--top-nsigma", "--top-n-sigma",
+    "--xtc-probability",
+    "--xtc-threshold",
+    "--typical", "--typical-p",
+    "--repeat-last-n",
+    "--repeat-penalty",
+    "--presence-penalty",
+    "--frequency-penalty",
+    "--dry-multiplier",
+    "--dry-base",
+    "--dry-allowed-length",
+    "--dry-penalty-last-n",
+    "--dry-sequence-breaker",
+    "--adaptive-target",
+    "--adaptive-decay",
+    "--dynatemp-range",
+    "--dynatemp-exp",
+    "--mirostat",
+    "--mirostat-lr",
+    "--mirostat-ent",
+    "-l", "--logit-bias",
+    "--grammar",
+    "--grammar-file",
+    "-j", "--json-schema",
+    "-jf", "--json-schema-file",
+    "-bs", "--backend-sampling",
+    "-lcs", "--lookup-cache-static",
+    "-lcd", "--lookup-cache-dynamic",
+    "--kv-unified-per-slot",
+    "-ctxcp", "--ctx-checkpoints", "--swa-checkpoints",
+    "-cms", "--checkpoint-min-step",
+    "-cram", "--cache-ram",
+    "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
+    "--cache-idle-slots", "--no-cache-idle-slots",
+    "--context-shift", "--no-context-shift",
+    "-r", "--reverse-prompt",
+    "-sp", "--special",
+    "--warmup", "--no-warmup",
+    "--spm-infill",
+    "--pooling",
+    "-np", "--parallel",
+    "-cb", "--cont-batching", "-nocb", "--no-cont-batching",
+    "-mm", "--mmproj",
+    "-mmu", "--mmproj-url",
+    "--mmproj-auto", "--no-mmproj", "--no-mmproj-auto",
+    "--mmproj-offload", "--no-mmproj-offload",
+    "-mmdev", "--mmproj-device",
+    "--image-min-tokens",
+    "--image-max-tokens",
+    "--mtmd-batch-max-tokens",
+    "--video-fps",
+    "--video-timestamp-interval",
+    "--video-ffmpeg-dir",
+    "-a", "--alias",
+    "--tags",
+    "--embd-normalize",
+    "--host",
+    "--port",
+    "--reuse-port",
+    "--path",
+    "--cors-origins",
+    "--cors-methods",
+    "--cors-headers",
+    "--cors-credentials", "--no-cors-credentials",
+    "--api-prefix",
+    "--ui-config", "--webui-config",
+    "--ui-config-file", "--webui-config-file",
+    "--ui-mcp-proxy", "--webui-mcp-proxy", "--no-ui-mcp-proxy", "--no-webui-mcp-proxy",
+    "--tools",
+    "--tools-runtime",
+    "--mcp-servers-config",
+    "--mcp-servers-json",
+    "-ag", "--agent", "-no-ag", "--no-agent",
+    "--ui", "--webui", "--no-ui", "--no-webui",
+    "--embedding", "--embeddings",
+    "--rerank", "--reranking",
+    "--api-key",
+    "--api-key-file",
+    "--ssl-key-file",
+    "--ssl-cert-file",
+    "--chat-template-kwargs",
+    "-to", "--timeout",
+    "--sse-ping-interval",
+    "--threads-http",
+    "--cache-prompt", "--no-cache-prompt",
+    "--cache-reuse",
+    "--metrics",
+    "--props",
+    "--slots", "--no-slots",
+    "--slot-save-path",
+    "--media-path",
+    "--models-dir",
+    "--models-preset",
+    "--models-max",
+    "--models-autoload", "--no-models-autoload",
+    "--jinja", "--no-jinja",
+    "--reasoning-format",
+    "-rea", "--reasoning",
+    "--reasoning-effort",
+    "--reasoning-budget",
+    "--reasoning-budget-message",
+    "--reasoning-preserve", "--no-reasoning-preserve",
+    "--chat-template",
+    "--chat-template-file",
+    "--skip-chat-parsing", "--no-skip-chat-parsing",
+    "--prefill-assistant", "--no-prefill-assistant",
+    "-sps", "--slot-prompt-similarity",
+    "--lora-init-without-apply",
+    "--sleep-idle-seconds",
+    "--log-prompts-dir",
+    "--spec-draft-hf", "-hfd", "-hfrd", "--hf-repo-draft",
+    "--spec-draft-threads", "-td", "--threads-draft",
+    "--spec-draft-threads-batch", "-tbd", "--threads-batch-draft",
+    "--spec-draft-cpu-mask", "-Cd", "--cpu-mask-draft",
+    "--spec-draft-cpu-range", "-Crd", "--cpu-range-draft",
+    "--spec-draft-cpu-strict", "--cpu-strict-draft",
+    "--spec-draft-prio", "--prio-draft",
+    "--spec-draft-poll", "--poll-draft",
+    "--spec-draft-cpu-mask-batch", "-Cbd", "--cpu-mask-batch-draft",
+    "--spec-draft-cpu-strict-batch", "--cpu-strict-batch-draft",
+    "--spec-draft-prio-batch", "--prio-batch-draft",
+    "--spec-draft-poll-batch", "--poll-batch-draft",
+    "--spec-draft-override-tensor", "-otd", "--override-tensor-draft",
+    "--spec-draft-cpu-moe", "-cmoed", "--cpu-moe-draft",
+    "--spec-draft-n-cpu-moe", "--spec-draft-ncmoe", "-ncmoed", "--n-cpu-moe-draft",
+    "--spec-draft-n-max",
+    "--spec-draft-n-min",
+    "--spec-synth-len",
+    "--spec-synth-rates",
+    "--spec-draft-p-split", "--draft-p-split",
+    "--spec-draft-p-min", "--draft-p-min",
+    "--spec-draft-backend-sampling", "--no-spec-draft-backend-sampling",
+    "--spec-draft-device", "-devd", "--device-draft",
+    "--spec-draft-ngl", "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft",
+    "--spec-draft-model", "-md", "--model-draft",
+    "--spec-type",
+    "--spec-ngram-mod-n-min",
+    "--spec-ngram-mod-n-max",
+    "--spec-ngram-mod-n-match",
+    "--spec-ngram-simple-size-n",
+    "--spec-ngram-simple-size-m",
+    "--spec-ngram-simple-min-hits",
+    "--spec-ngram-map-k-size-n",
+    "--spec-ngram-map-k-size-m",
+    "--spec-ngram-map-k-min-hits",
+    "--spec-ngram-map-k4v-size-n",
+    "--spec-ngram-map-k4v-size-m",
+    "--spec-ngram-map-k4v-min-hits",
+    "--draft", "--draft-n", "--draft-max",
+    "--draft-min", "--draft-n-min",
+    "--spec-ngram-size-n",
+    "--spec-ngram-size-m",
+    "--spec-ngram-min-hits",
+    "--embd-gemma-default",
+    "--fim-qwen-1.5b-default",
+    "--fim-qwen-3b-default",
+    "--fim-qwen-7b-default",
+    "--fim-qwen-7b-spec",
+    "--fim-qwen-14b-spec",
+    "--fim-qwen-30b-default",
+    "--gpt-oss-20b-default",
+    "--gpt-oss-120b-default",
+    "--vision-gemma-4b-default",
+    "--vision-gemma-12b-default",
+    "--spec-default",
+]
+
+
+def table(kind: str) -> list[str]:
+    return [name for flag in LLAMA_SERVER_FLAGS if flag.kind == kind for name in flag.spellings]
+
+
+def flag_row(name: str):
+    return next(flag for flag in LLAMA_SERVER_FLAGS if name in flag.spellings)
+
+
+def test_the_table_has_every_flag_of_llama_servers_readme_and_no_other():
+    names = [name for flag in LLAMA_SERVER_FLAGS for name in flag.spellings]
+    assert len(names) == len(set(names))  # each spelling once
+    assert sorted(names) == sorted(set(README_FLAGS))
+
+
+@pytest.mark.parametrize("name", table("refused"))
+def test_a_refused_flag_is_refused_by_name(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", name, "1", "--port", "1"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"lmserve: {name} is a llama-server flag lmserve does not support: ")
+    assert error.strip().endswith(flag_row(name).note)
+
+
+def served(*argv: str) -> SimpleNamespace:
+    """What `lmserve serve ARGV` would serve with: its settings, as serve() builds them."""
+    args = build_parser().parse_args(["serve", *argv])
+    engine = cli.engine_config(args)
+    embedding = cli.embedding_config(args)
+    models = cli.catalogue(args, engine, embedding)
+    return SimpleNamespace(args=args, engine=engine, embedding=embedding, models=models, chat=models.entries()[0],
+                           state=cli.state_settings(args), listen=cli.listen_options(args))
+
+
+def comparable(settings: SimpleNamespace) -> tuple:
+    return (settings.engine, settings.embedding, settings.models.entries(), settings.chat.defaults, settings.state,
+            settings.listen, vars(settings.args) | {"llama_accepted": ()})
+
+
+@pytest.mark.parametrize("name", table("accepted"))
+def test_an_accepted_flag_changes_nothing_and_says_why(name):
+    flag = flag_row(name)
+    value = [(flag.values or ("99",))[0]] if flag.takes_value else []
+    settings = served(name, *value)
+    assert settings.args.llama_accepted == ((" ".join([name, *value]), flag.note),)
+    assert comparable(settings) == comparable(served())
+
+
+@pytest.mark.parametrize("argv", ["--reasoning-format none", "-fit on", "--embd-normalize 0", "-dev cuda0",
+                                  "--sleep-idle-seconds 60", "--cache-reuse 256", "--log-colors on", "-rea on",
+                                  "--reasoning-budget 0", "--reasoning-effort high"])
+def test_an_accepted_flag_with_a_value_lmserve_does_not_match_is_refused(argv, capsys):
+    name, value = argv.split()
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", name, value])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.startswith(f"lmserve: {argv} is a llama-server setting lmserve does not support: ")
+    assert f"(it takes {name} {' or '.join(flag_row(name).values)})" in error
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, str]:
+    (tmp_path / "tiny.Q8_0.gguf").write_bytes(b"GGUF")
+    (tmp_path / "keys").write_text("sk-file\n")
+    (tmp_path / "template.jinja").write_text("{{ messages[0]['content'] }}")
+    (tmp_path / "pem").write_text("-----BEGIN-----")
+    return {"gguf": str(tmp_path / "tiny.Q8_0.gguf"), "dir": str(tmp_path), "keys": str(tmp_path / "keys"),
+            "jinja": str(tmp_path / "template.jinja"), "pem": str(tmp_path / "pem")}
+
+
+# Each honoured spelling (first in argv) and what it sets. --help, --usage and --version print.
+HONOURED = [
+    ("-t 3", lambda s: s.engine.num_threads, 3),
+    ("--threads -1", lambda s: s.engine.num_threads, None),
+    ("-c 2048", lambda s: (s.engine.scheduler.max_model_len, s.engine.cache.kv_cache_tokens), (2048, 2048)),
+    ("--ctx-size 1024 -np 4", lambda s: (s.engine.scheduler.max_model_len, s.engine.cache.kv_cache_tokens),
+     (256, 1024)),
+    ("-n 128", lambda s: s.chat.defaults["max_tokens"], 128),
+    ("--predict -1", lambda s: s.chat.defaults["max_tokens"], None),
+    ("--n-predict 64", lambda s: s.chat.defaults["max_tokens"], 64),
+    ("-ub 256", lambda s: s.engine.scheduler.max_num_batched_tokens, 256),
+    ("--ubatch-size 128", lambda s: s.engine.scheduler.max_num_batched_tokens, 128),
+    ("-m {gguf}", lambda s: (s.chat.id, s.chat.source, s.engine.model_path), ("tiny", "{gguf}", "{gguf}")),
+    ("--model {gguf}", lambda s: s.chat.source, "{gguf}"),
+    ("-mu https://example.com/m.Q4_0.gguf", lambda s: (s.chat.id, s.chat.source),
+     ("m", "https://example.com/m.Q4_0.gguf")),
+    ("--model-url https://example.com/m.gguf", lambda s: s.chat.source, "https://example.com/m.gguf"),
+    ("-hf org/repo:Q4_K_M -hff m.gguf", lambda s: s.chat.source, "hf:org/repo/m.gguf"),
+    ("-hfr org/repo -hff m.gguf", lambda s: s.chat.source, "hf:org/repo/m.gguf"),
+    ("--hf-repo org/repo -hff m.gguf", lambda s: s.chat.source, "hf:org/repo/m.gguf"),
+    ("-hff m.gguf -hf org/repo", lambda s: s.chat.source, "hf:org/repo/m.gguf"),
+    ("--hf-file m.gguf -hf org/repo", lambda s: s.chat.source, "hf:org/repo/m.gguf"),
+    ("-v", lambda s: s.args.log_level, "debug"),
+    ("--verbose", lambda s: s.args.log_level, "debug"),
+    ("--log-verbose", lambda s: s.args.log_level, "debug"),
+    ("-lv 2", lambda s: s.args.log_level, "warning"),
+    ("--verbosity 0", lambda s: s.args.log_level, "error"),
+    ("--log-verbosity 5", lambda s: s.args.log_level, "debug"),
+    ("-s 7", lambda s: s.chat.defaults["seed"], 7),
+    ("--seed -1", lambda s: "seed" in s.chat.defaults, False),
+    ("--ignore-eos", lambda s: s.chat.defaults["ignore_eos"], True),
+    ("--temp 0.5", lambda s: s.chat.defaults["temperature"], 0.5),
+    ("--temperature -1", lambda s: s.chat.defaults["temperature"], 0.0),
+    ("--top-k 20", lambda s: s.chat.defaults["top_k"], 20),
+    ("--top-p 0.9", lambda s: s.chat.defaults["top_p"], 0.9),
+    ("--min-p 0.1", lambda s: s.chat.defaults["min_p"], 0.1),
+    ("--repeat-penalty 1.1", lambda s: s.chat.defaults["repetition_penalty"], 1.1),
+    ("--presence-penalty 0.5", lambda s: s.chat.defaults["presence_penalty"], 0.5),
+    ("--frequency-penalty 0.25", lambda s: s.chat.defaults["frequency_penalty"], 0.25),
+    ("-kvu -c 2048 -np 4", lambda s: s.engine.scheduler.max_model_len, 2048),
+    ("--kv-unified -c 2048 -np 4", lambda s: s.engine.scheduler.max_model_len, 2048),
+    ("-no-kvu -c 2048 -np 4", lambda s: s.engine.scheduler.max_model_len, 512),
+    ("--no-kv-unified -c 2048 -np 2", lambda s: s.engine.scheduler.max_model_len, 1024),
+    ("-sp", lambda s: s.chat.defaults["skip_special_tokens"], False),
+    ("--special", lambda s: s.chat.defaults["skip_special_tokens"], False),
+    ("--pooling last", lambda s: s.args.chat_embedding_pooling, "last"),
+    ("-np 4", lambda s: s.engine.scheduler.max_num_seqs, 4),
+    ("--parallel 2", lambda s: s.engine.scheduler.max_num_seqs, 2),
+    ("-a mymodel", lambda s: (s.chat.id, s.chat.aliases), ("mymodel", ())),
+    ("--alias zeta,alpha", lambda s: (s.chat.id, s.chat.aliases), ("alpha", ("zeta",))),
+    ("--host 0.0.0.0", lambda s: s.listen["host"], "0.0.0.0"),
+    ("--port 9999", lambda s: s.listen["port"], 9999),
+    ("--cors-origins http://a.test,http://b.test", lambda s: s.state["allowed_origins"],
+     ("http://a.test", "http://b.test")),
+    ("--embedding", lambda s: (s.state["embeddings_only"], s.embedding), (True, None)),
+    ("--embeddings", lambda s: (s.state["embeddings_only"], s.embedding), (True, None)),
+    ("--api-key sk-1,sk-2", lambda s: s.state["api_keys"], ("sk-1", "sk-2")),
+    ("--api-key-file {keys}", lambda s: s.state["api_keys"], ("sk-file",)),
+    ("--ssl-key-file {pem} --ssl-cert-file {pem}", lambda s: (s.listen["ssl_keyfile"], s.listen["ssl_certfile"]),
+     ("{pem}", "{pem}")),
+    ("--ssl-cert-file {pem} --ssl-key-file {pem}", lambda s: "ssl_certfile" in s.listen, True),
+    ("--no-cache-prompt", lambda s: s.engine.cache.enable_prefix_caching, False),
+    ("--slots", lambda s: s.state["serve_slots"], True),
+    ("--no-slots", lambda s: s.state["serve_slots"], False),
+    ("--slot-save-path {dir}", lambda s: str(s.state["slot_save_path"]), "{dir}"),
+    ("--models-dir {dir}", lambda s: str(s.models.models_dir), "{dir}"),
+    ("--models-max 2", lambda s: s.args.max_loaded_models, 2),
+    ("--models-autoload --no-autoload --models-autoload", lambda s: s.args.no_autoload, False),
+    ("--no-models-autoload", lambda s: s.args.no_autoload, True),
+    ("--chat-template llama3", lambda s: s.engine.chat_template, BUILTIN_TEMPLATES["llama3"]),
+    ("--chat-template-file {jinja}", lambda s: s.engine.chat_template, "{{ messages[0]['content'] }}"),
+]
+PRINTING = ["-h", "--help", "--usage", "--version"]
+
+
+def test_the_honoured_flags_tested_are_the_tables():
+    assert sorted({argv.split()[0] for argv, _, _ in HONOURED} | set(PRINTING)) == sorted(table("honoured"))
+
+
+@pytest.mark.parametrize("argv, setting, expected", HONOURED, ids=[argv.split()[0] for argv, _, _ in HONOURED])
+def test_an_honoured_flag_sets_what_it_should(argv, setting, expected, files):
+    settings = served(*argv.format(**files).split())
+    if isinstance(expected, str) and "{" in expected and "{{" not in expected:
+        expected = expected.format(**files)
+    elif isinstance(expected, tuple):
+        expected = tuple(e.format(**files) if isinstance(e, str) else e for e in expected)
+    assert setting(settings) == expected
+
+
+@pytest.mark.parametrize("name", PRINTING)
+def test_help_and_version_print_and_exit(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", name])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("lmserve " if name == "--version" else "usage: lmserve serve")
+
+
+# ---------------------------------------------------------------- -c and -np
+
+
+@pytest.mark.parametrize("argv, max_model_len, max_num_seqs, kv_cache_tokens", [
+    ("", None, 64, None),  # lmserve's own: the model's context, --kv-cache-memory
+    ("-c 2048", 2048, 64, 2048),  # no -np: llama-server's slots share the whole cache (unified)
+    ("-c 2048 -np 4", 512, 4, 2048),  # -np: each slot gets -c / -np
+    ("-c 2048 -np 3", 682, 3, 2048),  # (llama.cpp rounds each slot up to a multiple of 256: 768)
+    ("-c 2048 -np 4 -kvu", 2048, 4, 2048),
+    ("-c 2048 -np -1", 2048, 64, 2048),  # -1: auto
+    ("-c 2048 -no-kvu", 2048, 64, 2048),  # without -np, llama-server unifies anyway
+    ("-np 4", None, 4, None),  # without -c: the model's context per request
+    ("-c 0 -np 4", None, 4, None),  # 0: the model's
+    ("--max-model-len 1024 --max-num-seqs 8", 1024, 8, None),
+    ("-c 4096 --max-num-seqs 8", 4096, 8, 4096),
+])
+def test_ctx_size_and_parallel_give_llama_servers_limits(argv, max_model_len, max_num_seqs, kv_cache_tokens):
+    config = cli.engine_config(build_parser().parse_args(["serve", *argv.split()]))
+    assert (config.scheduler.max_model_len, config.scheduler.max_num_seqs, config.cache.kv_cache_tokens) == (
+        max_model_len, max_num_seqs, kv_cache_tokens)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("-c 2048 --max-model-len 1024", "-c and --max-model-len both set the context"),
+    ("-c 2048 --kv-cache-memory 1GiB", "-c sizes the KV cache in tokens and --kv-cache-memory in bytes"),
+    ("-np 4 --max-num-seqs 8", "-np is llama-server's spelling of --max-num-seqs"),
+    ("-c 4 -np 4", "-c 4 leaves each of the 4 slots 1 token(s) of context"),
+    ("-a a --served-model-name b", "-a and --served-model-name both name the model"),
+    ("-a ,", "-a ',' names nothing"),
+    ("-hf org/repo", "-hf REPO needs -hff FILE"),
+    ("-hff m.gguf", "-hf REPO needs -hff FILE"),
+    ("-mu http://example.com/m.gguf", "over https:// only"),
+    ("--chat-template chatglm4", "'chatglm4' is not a template lmserve has; it has chatml, command-r"),
+    ("--chat-template {%-if", "the chat template does not render"),
+    ("--chat-template-file no-such.jinja", "cannot read --chat-template-file 'no-such.jinja'"),
+    ("--chat-template chatml --chat-template-file x.jinja", "--chat-template and --chat-template-file both"),
+    ("--top-p 2", "a sampling option's value is out of range: top_p must be in (0, 1]"),
+    ("--embedding --embedding-model x", "--embedding serves MODEL for embeddings"),
+    ("--cors-origins localhost", "--cors-origins localhost (llama-server's shorthand) is not taken here"),
+    ("--host 127.0.0.1,::1", "lmserve listens on one address"),
+    ("--ssl-key-file k.pem", "HTTPS needs both --ssl-key-file and --ssl-cert-file"),
+])
+def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
+    with pytest.raises(ValueError) as refused:
+        served(*argv.split())
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("argv", ["-np 0", "-np -2", "-n 0", "-c -1", "--models-max -1", "--pooling cls", "-t 0"])
+def test_values_llama_server_refuses_are_argument_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", *argv.split()])
+    assert exit_info.value.code == 2 and argv.split()[0] in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- models and names
+
+
+def test_dash_m_is_one_more_model_and_a_names_only_one(files):
+    both = served(files["gguf"], "-m", str(default_model_path()), "--no-embedding-model").models.entries()
+    assert [e.source for e in both] == [files["gguf"], str(default_model_path())]
+    with pytest.raises(ValueError, match=r"--served-model-name \(-a\) names one MODEL"):
+        served(files["gguf"], "-m", str(default_model_path()), "-a", "x")
+
+
+def test_a_unix_socket_host_listens_there():
+    assert served("--host", "/tmp/lmserve.sock").listen == {"uds": "/tmp/lmserve.sock"}
+
+
+def test_a_jinja_template_given_inline_is_used_as_it_is():
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert served("--chat-template", template).engine.chat_template == template
+
+
+def test_accepted_flags_are_logged_at_start_up(monkeypatch, caplog):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "preflight_pinned", lambda models, config: None)
+    with caplog.at_level("INFO", logger="lmserve"):
+        cli.serve(build_parser().parse_args(["serve", "-ngl", "99", "--metrics", "--no-embedding-model"]))
+    logged = [r.getMessage() for r in caplog.records]
+    assert "-ngl 99 changes nothing: lmserve runs on the CPU; as llama.cpp built without GPU support, it offloads " \
+           "no layer" in logged
+    assert "--metrics changes nothing: GET /metrics is always served" in logged
+
+
+def test_a_name_given_to_the_one_model_holds_beside_a_models_folder(files, tmp_path):
+    folder = tmp_path / "more"
+    folder.mkdir()
+    entries = served(files["gguf"], "-a", "mine,other", "--models-dir", str(folder)).models.entries()
+    assert [(e.id, e.aliases, e.pinned) for e in entries][0] == ("mine", ("other",), False)

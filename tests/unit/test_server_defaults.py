@@ -1,0 +1,70 @@
+"""The server's sampling defaults (llama-server's --temp, -n ...) under each model's own, as requests
+and GET /props see them; a default max_tokens ends at the context's end; --embedding's 501."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from lmserve.config import EngineConfig
+from lmserve.fleet.catalogue import Catalogue, ModelEntry
+from lmserve.fleet.fleet import Fleet
+from lmserve.server.app import create_app
+from lmserve.server.state import ServerState
+from tests.helpers.fake_engine import FakeEngine
+from tests.helpers.server import MODEL, chat, wrap
+
+SERVER_DEFAULTS = {"temperature": 0.2, "top_k": 40, "max_tokens": 1000, "seed": 7}
+
+
+def client_of(engine: FakeEngine, own_defaults: dict | None = None, **state_fields) -> TestClient:
+    entry = ModelEntry(id=MODEL, source="/models/tiny.gguf", defaults=own_defaults or {})
+    catalogue = Catalogue([entry], sampling_defaults=SERVER_DEFAULTS)
+    fleet = Fleet(catalogue, lambda e, progress: wrap(e, engine))
+    fleet.adopt(MODEL, wrap(catalogue.resolve(MODEL), engine))
+    return TestClient(create_app(ServerState(fleet, **state_fields)))
+
+
+def test_the_servers_defaults_lie_under_the_models_own_and_the_requests_values():
+    engine = FakeEngine()
+    client = client_of(engine, own_defaults={"temperature": 0.9})
+    chat(client)
+    params = engine.calls[-1][2]
+    assert (params.temperature, params.top_k, params.seed) == (0.9, 40, 7)  # the model's own temperature wins
+    chat(client, top_k=5, seed=1)
+    assert (engine.calls[-1][2].top_k, engine.calls[-1][2].seed) == (5, 1)  # the request's win over both
+
+
+def test_embedding_models_get_no_sampling_defaults():
+    entries = [ModelEntry(id="e", source="/models/e", kind="embedding"), ModelEntry(id="c", source="/c.gguf")]
+    catalogue = Catalogue(entries, sampling_defaults={"temperature": 0.2})
+    assert [e.defaults for e in catalogue.entries()] == [{}, {"temperature": 0.2}]
+
+
+def test_a_default_max_tokens_ends_at_the_contexts_end_and_a_requested_one_is_checked():
+    engine = FakeEngine(reply="x" * 80, max_model_len=64)
+    client = client_of(engine)
+    body = chat(client).json()
+    prompt_tokens = body["usage"]["prompt_tokens"]
+    assert engine.calls[-1][2].max_tokens == 64 - prompt_tokens  # not 1000, and not refused
+    assert body["choices"][0]["finish_reason"] == "length"
+    refused = chat(client, max_tokens=1000).json()["error"]
+    assert (refused["param"], refused["code"]) == ("max_tokens", "context_length_exceeded")
+    chat(client, max_completion_tokens=3)
+    assert engine.calls[-1][2].max_tokens == 3  # the client's own limit, under either name
+
+
+def test_props_shows_what_a_request_gets_in_llama_cpps_names():
+    engine = FakeEngine()
+    engine.config = EngineConfig("/models/tiny.gguf", MODEL)
+    props = client_of(engine, own_defaults={"stop": "END", "repetition_penalty": 1.1}).get("/props").json()
+    params = props["default_generation_settings"]["params"]
+    assert (params["temperature"], params["top_k"], params["top_p"], params["repeat_penalty"]) == (0.2, 40, 1.0, 1.1)
+    assert (params["n_predict"], params["stop"]) == (1000, ["END"])
+
+
+def test_an_embeddings_only_server_answers_generation_with_501():
+    client = client_of(FakeEngine(), embeddings_only=True)
+    for response in (chat(client), client.post("/v1/completions", json={"prompt": "hi"})):
+        assert response.status_code == 501
+        assert response.json()["error"]["code"] == "embeddings_only"
+    assert client.post("/tokenize", json={"content": "hi"}).status_code == 200
