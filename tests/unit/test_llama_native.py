@@ -150,3 +150,13 @@ def test_props_in_llama_cpps_shape():
     settings = body["default_generation_settings"]
     assert settings["n_ctx"] == 64 and settings["params"]["seed"] == -1 and settings["params"]["n_predict"] == -1
     assert body["total_slots"] == 4 and body["model_alias"] == MODEL and body["is_sleeping"] is False
+
+
+def test_logit_bias_in_llama_cpps_forms():
+    engine = FakeEngine()
+    client = make_client(engine)
+    assert client.post("/completion", json={"prompt": "x", "logit_bias": [[5, 1.5], ["ab", False]]}).status_code == 200
+    assert engine.calls[-1][2].logit_bias == ((5, 1.5), (2 + ord("a"), float("-inf")), (2 + ord("b"), float("-inf")))
+    for bad in ([[5]], [[5, "x"]], [[1.5, 1]], [[5, True]]):
+        response = client.post("/completion", json={"prompt": "x", "logit_bias": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias", bad

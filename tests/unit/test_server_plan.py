@@ -123,7 +123,7 @@ def test_sampling_fields_and_their_errors():
     refused(lambda: chat_plan(chat_request(temperature=-1), "r", TOKENIZER, 100), "temperature")
     refused(lambda: chat_plan(chat_request(top_k=-2), "r", TOKENIZER, 100), "top_k")
     refused(lambda: chat_plan(chat_request(logit_bias={"": 1}), "r", TOKENIZER, 100), "logit_bias")
-    refused(lambda: chat_plan(chat_request(logit_bias=[(3, True)]), "r", TOKENIZER, 100), "logit_bias")
+    refused(lambda: chat_plan(chat_request(logit_bias=[[3, True]]), "r", TOKENIZER, 100), "logit_bias")
     refused(lambda: chat_plan(chat_request(logit_bias={"3": 101}), "r", TOKENIZER, 100), "logit_bias")
     refused(lambda: chat_plan(chat_request(stop=""), "r", TOKENIZER, 100), "stop")
 

@@ -118,7 +118,7 @@ class SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     # OpenAI: {"token id": bias}; llama.cpp also [[id or text, bias or false]] and text keys
-    logit_bias: dict[str, float | bool] | list[tuple[int | str, float | bool]] | None = None
+    logit_bias: dict[str, float | bool] | list[list[int | str | float | bool]] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # 64 bits, as a torch generator; -1: random
     # extensions
     top_k: int | None = None  # 0 or -1: off

@@ -321,15 +321,22 @@ def _make_params(**kwargs: Any) -> SamplingParams:
         raise bad_request(message, param=message.split(" ", 1)[0]) from exc
 
 
-def _logit_bias(logit_bias: dict[str, float | bool] | list[tuple[int | str, float | bool]],
+def _logit_bias(logit_bias: dict[str, float | bool] | list[list[int | str | float | bool]],
                 tokenizer: ChatTokenizer) -> tuple[tuple[int, float], ...]:
     """OpenAI's {"token id": bias}, or llama.cpp's forms: [[id, bias]], a text instead of an id
     (each of its tokens gets the bias) and false for a bias that bans the token."""
     items = logit_bias.items() if isinstance(logit_bias, dict) else logit_bias
+    if not isinstance(logit_bias, dict) and not all(_is_bias_pair(item) for item in items):
+        raise bad_request("logit_bias as a list takes [token id or text, bias or false] pairs", param="logit_bias")
     pairs = []
     for key, bias in items:
         pairs.extend((token_id, _bias_value(bias)) for token_id in _bias_ids(key, tokenizer))
     return tuple(pairs)
+
+
+def _is_bias_pair(item: list) -> bool:
+    return (len(item) == 2 and isinstance(item[0], int | str) and not isinstance(item[0], bool | float)
+            and (item[1] is False or isinstance(item[1], int | float) and not isinstance(item[1], bool)))
 
 
 def _bias_ids(key: int | str, tokenizer: ChatTokenizer) -> list[int]:
