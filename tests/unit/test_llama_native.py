@@ -160,3 +160,8 @@ def test_logit_bias_in_llama_cpps_forms():
     for bad in ([[5]], [[5, "x"]], [[1.5, 1]], [[5, True]]):
         response = client.post("/completion", json={"prompt": "x", "logit_bias": bad})
         assert response.status_code == 400 and response.json()["error"]["param"] == "logit_bias", bad
+
+
+def test_apply_template_returns_the_rendered_prompt():
+    body = make_client().post("/apply-template", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert body == {"prompt": "user: hi\nassistant: "}

@@ -100,6 +100,11 @@ def count_chat_tokens(request: ChatCompletionRequest, tokenizer: ChatTokenizer) 
     return len(chat_prompt(request, tokenizer, plan_tools(request, tokenizer))[1])
 
 
+def chat_prompt_text(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> str:
+    """The prompt text the chat template makes of the request, tools included."""
+    return render_chat(request, tokenizer, plan_tools(request, tokenizer))
+
+
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:
     """Params whose grammar enforces the tool calls, and which keep the special tokens a format needs."""
     if tools is None:

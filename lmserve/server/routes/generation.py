@@ -25,7 +25,14 @@ from lmserve.server.protocol import (
     InfillRequest,
     LlamaCompletionRequest,
 )
-from lmserve.server.requests.plan import GenerationPlan, chat_plan, completion_plan, count_chat_tokens, infill_plan
+from lmserve.server.requests.plan import (
+    GenerationPlan,
+    chat_plan,
+    chat_prompt_text,
+    completion_plan,
+    count_chat_tokens,
+    infill_plan,
+)
 from lmserve.server.responses import event_stream, json_body
 from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, collect_results, timings
 from lmserve.server.responses.llama_native import NativeSettings, native_body, native_events
@@ -99,6 +106,15 @@ async def chat_input_tokens(body: ChatCompletionRequest, state: State) -> JSONRe
     lease.release()  # a tokenizer outlives its engine's unloading
     count = await anyio.to_thread.run_sync(count_chat_tokens, body, lease.model.engine.tokenizer)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
+
+
+@llama_router.post("/apply-template")
+async def apply_template(body: ChatCompletionRequest, state: State) -> JSONResponse:
+    """llama.cpp's POST /apply-template: the prompt text the chat template makes of a chat body."""
+    lease = await state.chat_model(body.model, body.keep_alive)
+    lease.release()  # a tokenizer outlives its engine's unloading
+    text = await anyio.to_thread.run_sync(chat_prompt_text, body, lease.model.engine.tokenizer)
+    return JSONResponse({"prompt": text})
 
 
 @v1_router.post("/completions", response_model=CompletionResponse, responses=STREAMABLE)
