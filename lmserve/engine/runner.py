@@ -139,6 +139,7 @@ class ModelRunner:
             output_ids=[r.output_ids for r in requests],
             generators=[row.generator for row in rows],
             grammar_mask=GrammarMask.fill(matchers, len(requests), logits.shape[1]) if matchers else None,
+            eos_token_ids=[r.eos_token_ids for r in requests],
         )
         result = self.sampler(logits, meta)
         token_ids = result.token_ids.tolist()  # the step's one host sync
