@@ -20,7 +20,9 @@ class SamplingMetadata:
     """Per-step sampling inputs for B sequences, in batch-row order.
 
     Only the rows whose params need them read `prompt_ids` and `output_ids`. A generator must
-    live on the logits' device or on the CPU; it is advanced only by rows that draw.
+    live on the logits' device or on the CPU; it is advanced only by rows that draw. Per-request
+    state lives with the request (the engine's LiveRequest) and comes in here each step:
+    the generators, and Mirostat's mu, whose next value the sampler hands back in SamplerOutput.
     """
 
     params: list[SamplingParams]
@@ -29,10 +31,11 @@ class SamplingMetadata:
     generators: list[torch.Generator | None]  # per-row generator for seeded rows, else None
     grammar_mask: GrammarMaskLike | None = None  # constrained rows' allowed tokens this step
     eos_token_ids: list[frozenset[int]] | None = None  # per row, banned under min_tokens; None: no row has any
+    mirostat_mu: list[float | None] | None = None  # per row; None (or a None entry): first step, mu = 2 * tau
 
     def __post_init__(self) -> None:
         lengths = {len(self.params), len(self.prompt_ids), len(self.output_ids), len(self.generators)}
-        lengths |= {len(self.eos_token_ids)} if self.eos_token_ids is not None else set()
+        lengths |= {len(x) for x in (self.eos_token_ids, self.mirostat_mu) if x is not None}
         assert len(lengths) == 1, "SamplingMetadata fields must have one entry per row"
 
     def select(self, rows: list[int]) -> SamplingMetadata:
@@ -42,20 +45,28 @@ class SamplingMetadata:
 
         return SamplingMetadata(params=pick(self.params), prompt_ids=pick(self.prompt_ids),
                                 output_ids=pick(self.output_ids), generators=pick(self.generators),
-                                eos_token_ids=pick(self.eos_token_ids))
+                                eos_token_ids=pick(self.eos_token_ids), mirostat_mu=pick(self.mirostat_mu))
 
     def eos_ids(self, row: int) -> frozenset[int]:
         return frozenset() if self.eos_token_ids is None else self.eos_token_ids[row]
 
+    def mu(self, row: int) -> float | None:
+        return None if self.mirostat_mu is None else self.mirostat_mu[row]
+
 
 @dataclass
 class SamplerOutput:
-    """One sampled token per row, plus raw-distribution logprobs when some row asked.
+    """One sampled token per row, plus logprobs when some row asked, plus Mirostat's next mu.
 
-    The logprob tensors hold zeros in rows that did not ask; `to_sample_logprobs` drops them.
+    A row's logprobs are of the raw model distribution, or, under post_sampling_probs, of the
+    distribution the sampler chain left (llama.cpp's post_sampling_probs); there a token the
+    chain dropped has -inf, and `to_sample_logprobs` leaves it out. The logprob tensors hold
+    zeros in rows that did not ask; `to_sample_logprobs` drops them.
     """
 
     token_ids: torch.Tensor  # (B,) int64
     logprobs: torch.Tensor | None  # (B,) float32 logprob of the sampled token, None if no row asked
     top_ids: torch.Tensor | None  # (B, K) int64, K = max top_logprobs asked in the batch
     top_logprobs: torch.Tensor | None  # (B, K) float32, sorted descending along K
+    mirostat_mu: list[float | None] | None = None  # per row: mu after this step, None without Mirostat;
+    # the list is None when no row uses Mirostat

@@ -4,7 +4,9 @@ Order of operations, per row: repetition penalty (over the last repetition_windo
 presence/frequency penalties (unpenalized_ids keep their logits through all three), logit
 bias, the min_tokens ban on eos and stop ids, the grammar mask; then greedy argmax
 (temperature 0), or temperature, min_p, top_k, top_p over what is left (vLLM's order) and a
-draw. Logprobs are those of the raw model distribution (OpenAI/vLLM semantics).
+draw. Rows with a SamplerChain (llama.cpp's samplers) take the same processed logits to
+chain.py instead. Logprobs are those of the raw model distribution (OpenAI/vLLM semantics),
+or under post_sampling_probs those after the chain.
 
 Two choices keep a step cheap on CPU, where a (B, V) sort or a (B, V) exponential draw costs
 tens of milliseconds:
@@ -21,8 +23,9 @@ import torch
 
 from lmserve.kernels import native_module
 from lmserve.request import SamplingParams
+from lmserve.sampling.chain import runs_chain, sample_chain
 from lmserve.sampling.draws import column, draw, index, take_rows, uniforms
-from lmserve.sampling.logprobs import batch_logprobs, to_sample_logprobs
+from lmserve.sampling.logprobs import ChainLogprobs, batch_logprobs, to_sample_logprobs
 from lmserve.sampling.metadata import GrammarMaskLike, SamplerOutput, SamplingMetadata
 from lmserve.sampling.processors import (
     RowTokens,
@@ -44,15 +47,43 @@ _MAX_NUCLEUS_ROUNDS = 64
 
 
 class Sampler:
-    """Stateless sampler; per-request state (seeded generators) arrives in SamplingMetadata."""
+    """Stateless sampler; per-request state (seeded generators, Mirostat's mu) arrives in
+    SamplingMetadata, and Mirostat's next mu leaves in SamplerOutput."""
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """Sample from (B, V) logits; never modifies `logits`. Everything stays on its device."""
         if logits.dim() != 2 or logits.shape[0] != len(meta.params):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(meta.params)} rows")
         raw = logits.float()
-        token_ids = _sample(_apply_processors(raw, meta), meta.params, meta.generators)
+        x = _apply_processors(raw, meta)
+        chained = [i for i, p in enumerate(meta.params) if runs_chain(p)]
+        if chained:
+            return _sample_with_chain(raw, x, meta, chained)
+        token_ids = _sample(x, meta.params, meta.generators)
         return SamplerOutput(token_ids, *batch_logprobs(raw, token_ids, meta.params))
+
+
+def _sample_with_chain(raw: torch.Tensor, x: torch.Tensor, meta: SamplingMetadata,
+                       chained: list[int]) -> SamplerOutput:
+    """The batch when some rows (`chained`) run llama.cpp's chain: those in chain.py, the rest
+    on the fast path."""
+    params = meta.params
+    token_ids = torch.empty(len(params), dtype=torch.int64, device=x.device)  # (B,)
+    fast = sorted(set(range(len(params))) - set(chained))
+    if fast:
+        drawn = _sample(take_rows(x, fast), [params[i] for i in fast], [meta.generators[i] for i in fast])
+        token_ids.index_copy_(0, index(fast, x.device), drawn)
+    result = sample_chain(take_rows(x, chained), meta.select(chained))
+    token_ids.index_copy_(0, index(chained, x.device), result.token_ids)
+    reported = None
+    if result.logprobs is not None:
+        reported = ChainLogprobs(rows=[chained[i] for i in result.logprobs.rows], sampled=result.logprobs.sampled,
+                                 top_ids=result.logprobs.top_ids, top_logprobs=result.logprobs.top_logprobs)
+    mus: list[float | None] = [None] * len(params)
+    for row, mu in zip(chained, result.mirostat_mu):
+        mus[row] = mu
+    return SamplerOutput(token_ids, *batch_logprobs(raw, token_ids, params, reported),
+                         mirostat_mu=mus if any(mu is not None for mu in mus) else None)
 
 
 # ---- logits processors ---------------------------------------------------------------------
