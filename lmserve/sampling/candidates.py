@@ -32,10 +32,18 @@ class Candidates:
     ids: torch.Tensor  # (g, W) int64 vocabulary ids
 
     @classmethod
-    def sort(cls, x: torch.Tensor) -> Candidates:
-        """Every token of (g, V) logits `x` as a candidate (those at -inf excepted)."""
-        logits, ids = x.sort(dim=-1, descending=True, stable=True)  # (g, V) each
-        return cls(logits, ids).compact()
+    def sort(cls, x: torch.Tensor, limit: int | None = None) -> Candidates:
+        """The tokens of (g, V) logits `x` (those at -inf excepted) as candidates, at most
+        `limit` per row. A full sort of the vocabulary is the chain's largest cost; when few
+        tokens are live (or wanted), topk over them is far cheaper and gives the same order."""
+        width = max(1, min(int((x > -torch.inf).sum(dim=-1).max()), limit or x.shape[1]))
+        if width == 1:  # max(dim) takes the first of tied maxima, as the fast path's argmax does
+            logits, ids = x.max(dim=-1, keepdim=True)  # (g, 1) each
+        elif width * 8 <= x.shape[1]:
+            logits, ids = x.topk(width, dim=-1)  # (g, width) each, sorted
+        else:
+            logits, ids = x.sort(dim=-1, descending=True, stable=True)  # (g, V) each
+        return cls(logits[:, :width], ids[:, :width])
 
     def live(self) -> torch.Tensor:
         return self.logits > -torch.inf  # (g, W) bool
@@ -117,23 +125,25 @@ def min_p(c: Candidates, ps: list[float], min_keeps: list[int]) -> Candidates:
     return c.keep_first(torch.where(column(ps, c.logits) <= 0.0, n, length))
 
 
-def typical(c: Candidates, ps: list[float], min_keeps: list[int]) -> Candidates:
+def typical(x: torch.Tensor, ps: list[float], min_keeps: list[int]) -> torch.Tensor:
     """Locally typical sampling (Meister et al.): rank tokens by |-ln p - H|, H the entropy, and
-    keep the shortest run of that ranking whose mass exceeds p, and at least min_keep."""
+    keep the shortest run of that ranking whose mass exceeds p, and at least min_keep. On (g, W)
+    logits in any order (its own ranking needs no sort by logit); returns them with the rest at -inf."""
     if all(p >= 1.0 for p in ps):
-        return c
-    p, n, live = column(ps, c.logits), c.num_live(), c.live()
-    probs = c.probs()  # (g, W)
-    log_probs = probs.log()
+        return x
+    live = x > -torch.inf  # (g, W)
+    p, n = column(ps, x), live.sum(dim=-1, keepdim=True)
+    log_probs = x.double().log_softmax(dim=-1)
+    probs = log_probs.exp()
     entropy = -(probs * log_probs).where(live, 0.0).sum(dim=-1, keepdim=True)  # (g, 1)
     order = (-log_probs - entropy).abs().masked_fill(~live, torch.inf).argsort(dim=-1, stable=True)
     mass = probs.gather(1, order).cumsum(dim=-1)  # (g, W) in typicality order
-    exceeded = (mass > p) & (c.positions() + 1 >= column(min_keeps, c.logits, torch.int64))
+    positions = torch.arange(x.shape[1], device=x.device)[None, :]
+    exceeded = (mass > p) & (positions + 1 >= column(min_keeps, x, torch.int64))
     first, found = first_true(exceeded)
-    length = torch.where(found, torch.minimum(first + 1, n), n)
-    length = torch.where(p >= 1.0, n, length)
-    keep = torch.zeros_like(live).scatter_(1, order, c.positions() < length)
-    return c.keep(keep & live)
+    length = torch.where(found & (p < 1.0), torch.minimum(first + 1, n), n)
+    kept = torch.zeros_like(live).scatter_(1, order, positions < length)
+    return x.masked_fill(~kept, -torch.inf)
 
 
 def xtc(c: Candidates, chances: torch.Tensor, probabilities: list[float], thresholds: list[float],
@@ -153,18 +163,21 @@ def xtc(c: Candidates, chances: torch.Tensor, probabilities: list[float], thresh
     return c.keep(c.positions() >= torch.where(applies, drop, 0))
 
 
-def top_n_sigma(c: Candidates, ns: list[float]) -> Candidates:
+def top_n_sigma(x: torch.Tensor, ns: list[float]) -> torch.Tensor:
     """Top-nσ (Tang et al.): keep logits within n standard deviations of the maximum logit
-    (population deviation over the candidates); n <= 0 is off."""
+    (population deviation over the candidates); n <= 0 is off. On (g, W) logits in any order
+    (a sorted row stays sorted); returns them with the rest at -inf."""
     if all(k <= 0.0 for k in ns):
-        return c
-    live, n = c.live(), c.num_live()
-    logits = c.logits.double().where(live, 0.0)  # (g, W)
+        return x
+    live = x > -torch.inf  # (g, W)
+    n = live.sum(dim=-1, keepdim=True)
+    logits = x.double().where(live, 0.0)
     mean = logits.sum(dim=-1, keepdim=True) / n
     std = ((logits - mean) ** 2).where(live, 0.0).sum(dim=-1, keepdim=True).div(n).sqrt()
-    sigmas = column(ns, c.logits)
-    kept = ((logits >= logits[:, :1] - sigmas * std) & live).sum(dim=-1, keepdim=True)
-    return c.keep_first(torch.where((sigmas <= 0.0) | (n <= 1), n, kept))
+    sigmas = column(ns, x)
+    floor = x.amax(dim=-1, keepdim=True).double() - sigmas * std  # (g, 1)
+    dropped = (logits < floor) & (sigmas > 0.0) & (n > 1)
+    return x.masked_fill(dropped, -torch.inf)
 
 
 def temperature(c: Candidates, temperatures: list[float], ranges: list[float], exponents: list[float]) -> Candidates:
@@ -211,10 +224,11 @@ def mirostat_v1(c: Candidates, mus: torch.Tensor, vocab_size: int) -> Candidates
     return c.keep_first(torch.where(n > 1, k.clamp(min=1), 1).minimum(n))
 
 
-def mirostat_v2(c: Candidates, mus: torch.Tensor) -> Candidates:
-    """Mirostat 2.0: keep the most-likely-first run of tokens whose surprise -log2 p is at most
-    mu (at least one)."""
-    surprise = -c.probs().log2()  # (g, W); inf for dropped tokens
-    first, found = first_true(surprise > mus)
-    length = torch.where(found, first, c.num_live()).clamp(min=1)
-    return c.keep_first(length)
+def mirostat_v2(x: torch.Tensor, mus: torch.Tensor) -> torch.Tensor:
+    """Mirostat 2.0: keep the tokens whose surprise -log2 p is at most mu (`mus` (g, 1)), or the
+    most likely one when none is: llama.cpp's most-likely-first run, found without a sort. On
+    (g, W) logits in any order; returns them with the rest at -inf."""
+    surprise = -x.double().log_softmax(dim=-1) / math.log(2)  # (g, W); inf for dropped tokens
+    kept = surprise <= mus
+    kept |= ~kept.any(dim=-1, keepdim=True) & (x == x.amax(dim=-1, keepdim=True))
+    return x.masked_fill(~kept, -torch.inf)

@@ -101,15 +101,40 @@ def sample_chain(x: torch.Tensor, meta: SamplingMetadata) -> ChainResult:
 def _run(x: torch.Tensor, steps: tuple[str, ...], group: _Group) -> tuple[Candidates, torch.Tensor]:
     """The candidates the steps leave, and the drawn position (g, 1) in them."""
     greedy = steps[-1:] == ("greedy",)
-    if steps[:1] == ("dry",):  # first (llama.cpp's default): on the vocabulary, before the one sort
-        x, steps = _subtract_dry(x, group), steps[1:]
-    c = Candidates.sort(x)
+    steps = tuple(step for step in steps if not _off(step, group))
+    while steps and steps[0] in _BEFORE_SORT:  # llama.cpp's default order starts so
+        x, steps = _BEFORE_SORT[steps[0]](x, group), steps[1:]
+    c = Candidates.sort(x, limit=_leading_top_k(steps, group))
     for step in steps:
         c = _STEPS[step](c, group)
     if greedy:
         return c, torch.zeros(c.logits.shape[0], 1, dtype=torch.int64, device=x.device)
     chosen, _ = draw(c.probs(), uniforms(group.meta.generators, x.device))
     return c, chosen
+
+
+def _off(step: str, group: _Group) -> bool:
+    """Whether a step leaves every row of the group alone (so it need not wait for a sort)."""
+    params, chains = group.params, group.chains
+    off = {
+        "top_k": lambda: all(p.top_k <= 0 for p in params),
+        "typ_p": lambda: all(c.typical_p >= 1.0 for c in chains),
+        "top_p": lambda: all(p.top_p >= 1.0 for p in params),
+        "min_p": lambda: all(p.min_p <= 0.0 for p in params),
+        "xtc": lambda: all(c.xtc_probability <= 0.0 or c.xtc_threshold > 0.5 for c in chains),
+        "top_n_sigma": lambda: all(c.top_n_sigma <= 0.0 for c in chains),
+    }
+    return step in off and off[step]()
+
+
+def _leading_top_k(steps: tuple[str, ...], group: _Group) -> int | None:
+    """How many candidates the first sorted step can keep at most: top_k's largest k, or 1 when
+    greedy; None when unknown. The sort then only needs that many."""
+    if steps[:1] == ("greedy",):
+        return 1
+    if steps[:1] == ("top_k",) and all(p.top_k > 0 for p in group.params):
+        return max(p.top_k for p in group.params)
+    return None
 
 
 def _subtract_dry(x: torch.Tensor, group: _Group) -> torch.Tensor:
@@ -164,18 +189,32 @@ def _temperature(c: Candidates, group: _Group, dynamic: bool = True) -> Candidat
     return cand.temperature(c, [p.temperature for p in group.params], ranges, group.settings("dynatemp_exponent"))
 
 
+def _plain_temperature(x: torch.Tensor, group: _Group) -> torch.Tensor:
+    """Mirostat's temperature, on the unsorted logits: positive here (0 is greedy's plan)."""
+    return x / cand.column([p.temperature for p in group.params], x, torch.float32)
+
+
+# Steps that need no sorted candidates, for as long as a plan starts with them.
+_BEFORE_SORT = {
+    "dry": _subtract_dry,
+    "top_n_sigma": lambda x, g: cand.top_n_sigma(x, g.settings("top_n_sigma")),
+    "typ_p": lambda x, g: cand.typical(x, g.settings("typical_p"), g.settings("min_keep")),
+    "plain_temperature": _plain_temperature,
+    "mirostat_v2": lambda x, g: cand.mirostat_v2(x, g.mus),
+}
+
 _STEPS = {
     "dry": _dry_sorted,
     "top_k": lambda c, g: cand.top_k(c, [p.top_k for p in g.params]),
-    "typ_p": lambda c, g: cand.typical(c, g.settings("typical_p"), g.settings("min_keep")),
+    "typ_p": lambda c, g: c.with_logits(cand.typical(c.logits, g.settings("typical_p"), g.settings("min_keep"))),
     "top_p": lambda c, g: cand.top_p(c, [p.top_p for p in g.params], g.settings("min_keep")),
     "min_p": lambda c, g: cand.min_p(c, [p.min_p for p in g.params], g.settings("min_keep")),
     "xtc": _xtc,
     "temperature": _temperature,
     "plain_temperature": lambda c, g: _temperature(c, g, dynamic=False),
-    "top_n_sigma": lambda c, g: cand.top_n_sigma(c, g.settings("top_n_sigma")),
+    "top_n_sigma": lambda c, g: Candidates(cand.top_n_sigma(c.logits, g.settings("top_n_sigma")), c.ids).compact(),
     "mirostat_v1": lambda c, g: cand.mirostat_v1(c, g.mus, g.vocab_size),
-    "mirostat_v2": lambda c, g: cand.mirostat_v2(c, g.mus),
+    "mirostat_v2": lambda c, g: Candidates(cand.mirostat_v2(c.logits, g.mus), c.ids).compact(),
     "greedy": lambda c, g: c.keep_first(torch.ones_like(c.logits[:, :1], dtype=torch.int64)),
 }
 
