@@ -43,6 +43,14 @@ def chain_distribution(logits: torch.Tensor, params: SamplingParams, **meta) -> 
     return {t.token_id: t.prob for t in reported.top}
 
 
+def survivors(logits: torch.Tensor, params: SamplingParams, **meta) -> dict[int, float]:
+    """Like chain_distribution, for any vocabulary, when fewer than 20 tokens survive."""
+    asked = replace(params, logprobs=20, post_sampling_probs=True)
+    [reported] = to_sample_logprobs(sampler(logits[None], make_meta([asked], **meta)), [asked])
+    assert len(reported.top) < 20
+    return {t.token_id: t.prob for t in reported.top}
+
+
 def assert_same_distribution(got: dict[int, float], expected: dict[int, float]) -> None:
     assert set(got) == set(expected)
     for token, prob in expected.items():
@@ -210,6 +218,29 @@ def test_each_sampler_matches_its_reference(params, seed):
 def test_chains_match_the_reference_in_order(params, seed):
     logits = random_logits(VOCAB, seed)
     assert_same_distribution(chain_distribution(logits, params), ref_chain(logits, params))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_k=12, top_p=0.95, temperature=0.7, chain=SamplerChain()),
+    SamplingParams(chain=SamplerChain(top_n_sigma=0.3)),
+    SamplingParams(temperature=1.5, chain=SamplerChain(typical_p=0.5)),
+    SamplingParams(temperature=0.0, chain=SamplerChain(dry=DryPenalty(3.0))),
+], ids=["top_k", "top_n_sigma", "typ_p", "greedy"])
+def test_large_vocabularies_sort_only_what_can_survive(params):
+    # 4,000 tokens: the chain cuts before its sort and sorts by topk; the result must not change.
+    logits = random_logits(4000, 13, scale=3.0)
+    logits[:8] = 20.0 - 0.3 * torch.arange(8)  # a few likely tokens: the cuts keep some of them
+    got = survivors(logits, params)
+    assert len(got) > 1 or params.greedy
+    assert_same_distribution(got, ref_chain(logits, params))
+
+
+def test_large_vocabulary_mirostat_2_cuts_before_sorting():
+    logits = random_logits(4000, 14, scale=3.0)
+    p = SamplingParams(temperature=0.8, chain=SamplerChain(mirostat=2, mirostat_tau=1.5))
+    ids, probs = ref_mirostat(logits, 0.8, 3.0, 2)
+    assert 1 < len(ids) < 20
+    assert_same_distribution(survivors(logits, p), as_distribution(ids, np.log(probs)))
 
 
 def test_order_changes_what_min_p_keeps():
