@@ -61,7 +61,8 @@ class SamplerChain:
 
     Applied after the penalties and logit bias, in `order`; it reads top_k, top_p, min_p and
     temperature from the row's SamplingParams. Mirostat (1 or 2) replaces the truncating
-    samplers, as in llama.cpp. sampling/chain.py runs it.
+    samplers and dynamic temperature, as in llama.cpp (DRY still applies). min_keep binds
+    top_p, min_p, typ_p and xtc, the samplers llama.cpp gives it. sampling/chain.py runs it.
     """
 
     order: tuple[str, ...] = DEFAULT_CHAIN_ORDER
@@ -202,15 +203,23 @@ class TokenLogprob:
     """Log-probability of one token (its text and bytes are looked up from the id when a response is built)."""
 
     token_id: int
-    logprob: float
+    logprob: float  # of the raw model distribution; under post_sampling_probs, log(prob)
+    prob: float | None = None  # post_sampling_probs only: the probability after the sampler chain
 
 
 @dataclass
 class SampleLogprobs:
-    """The sampled token's logprob and its `k` most likely alternatives."""
+    """The sampled token's logprob and its `k` most likely alternatives: of the raw model
+    distribution, or under post_sampling_probs of what the sampler chain left (then each entry
+    has a `prob`, and the list holds only tokens the chain kept, so it may be shorter than k)."""
 
     sampled: TokenLogprob
     top: list[TokenLogprob]
+
+    @property
+    def post_sampling(self) -> bool:
+        """True when the values are probabilities after the chain (llama.cpp's post_sampling_probs)."""
+        return self.sampled.prob is not None
 
 
 @dataclass

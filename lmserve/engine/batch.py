@@ -18,6 +18,7 @@ class LiveRequest:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None  # seeded sampling draws from its own generator
     matcher: object | None  # the constraint's xgrammar GrammarMatcher, advanced token by token
+    mirostat_mu: float | None = None  # Mirostat's mu, from the sampler after each step; None before the first
 
 
 @dataclass

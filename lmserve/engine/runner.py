@@ -43,7 +43,7 @@ class StepResult:
 
 class ModelRunner:
     """Builds a step's tensors, runs the model and samples. Holds no per-request state: a request's
-    generator and grammar matcher come with it, in the engine's LiveRequest records."""
+    generator, grammar matcher and Mirostat mu come with it, in the engine's LiveRequest records."""
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  block_size: int, device: torch.device):
@@ -156,9 +156,14 @@ class ModelRunner:
             output_ids=[r.output_ids for r in requests],
             generators=[row.generator for row in rows],
             grammar_mask=GrammarMask.fill(matchers, len(requests), logits.shape[1]) if matchers else None,
+            eos_token_ids=[r.eos_token_ids for r in requests],
+            mirostat_mu=[row.mirostat_mu for row in rows],
         )
         result = self.sampler(logits, meta)
         token_ids = result.token_ids.tolist()  # the step's one host sync
+        if result.mirostat_mu is not None:  # Mirostat's state lives with the request
+            for row, mu in zip(rows, result.mirostat_mu):
+                row.mirostat_mu = mu
         logprobs = to_sample_logprobs(result, meta.params)
         ids = [r.request_id for r in requests]
         step = StepResult(dict(zip(ids, token_ids)), {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None})

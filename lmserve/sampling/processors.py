@@ -1,4 +1,4 @@
-"""Logits processors: repetition, presence and frequency penalties, and logit bias.
+"""Logits processors: repetition, presence and frequency penalties, logit bias and bans.
 
 Each function edits some rows of a contiguous (B, V) float32 logits tensor in place and
 touches only the token ids it is given (gather, compute, scatter back), so the cost grows
@@ -101,3 +101,37 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[int],
     index = (torch.tensor(row_ids, device=logits.device), torch.tensor(token_ids, device=logits.device))
     values_t = torch.tensor(values, dtype=logits.dtype, device=logits.device)
     logits.index_put_(index, values_t, accumulate=True)  # accumulate: a repeated id adds up
+
+
+def last_tokens(prompt_ids: Sequence[int], output_ids: Sequence[int], window: int) -> list[int]:
+    """The last `window` tokens of prompt + output (all of them for window 0), oldest first,
+    without copying more of the prompt than that."""
+    if window <= 0:
+        return [*prompt_ids, *output_ids]
+    if window <= len(output_ids):
+        return list(output_ids[-window:])
+    return [*prompt_ids[max(0, len(prompt_ids) - (window - len(output_ids))):], *output_ids]
+
+
+def read_ids(logits: torch.Tensor, tokens: RowTokens) -> torch.Tensor:
+    """(n, L) the logits at `tokens`, to write back with `write_ids` after the penalties (ids
+    every penalty leaves alone). ValueError for an id outside the vocabulary."""
+    vocab_size = logits.shape[1]
+    if bool(((tokens.ids < 0) | (tokens.ids >= vocab_size)).any()):
+        raise ValueError(f"unpenalized token ids are outside the vocabulary ({vocab_size})")
+    return logits.view(-1).take(tokens.flat_index(vocab_size))
+
+
+def write_ids(logits: torch.Tensor, tokens: RowTokens, values: torch.Tensor) -> None:
+    """Put (n, L) `values` back at `tokens`, in place; padding repeats an id with its own value."""
+    logits.view(-1).put_(tokens.flat_index(logits.shape[1]), values)
+
+
+def ban_tokens(logits: torch.Tensor, rows: list[int], id_lists: list[Sequence[int]]) -> None:
+    """Set the listed ids of the listed rows to -inf, in place. An id outside the vocabulary
+    can never be sampled anyway, so it is skipped."""
+    vocab_size = logits.shape[1]
+    entries = [(row, token_id) for row, ids in zip(rows, id_lists) for token_id in ids if 0 <= token_id < vocab_size]
+    if entries:
+        row_ids, token_ids = zip(*entries)
+        logits[torch.tensor(row_ids, device=logits.device), torch.tensor(token_ids, device=logits.device)] = -torch.inf

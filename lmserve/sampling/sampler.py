@@ -1,8 +1,12 @@
 """Turn one step's logits into one token per sequence, vectorised over the batch.
 
-Order of operations, per row: repetition penalty, presence/frequency penalties, logit bias,
-the grammar mask, then greedy argmax (temperature 0), or temperature, min_p, top_k, top_p over what is left
-(vLLM's order) and a draw. Logprobs are those of the raw model distribution (OpenAI/vLLM semantics).
+Order of operations, per row: repetition penalty (over the last repetition_window tokens),
+presence/frequency penalties (unpenalized_ids keep their logits through all three), logit
+bias, the min_tokens ban on eos and stop ids, the grammar mask; then greedy argmax
+(temperature 0), or temperature, min_p, top_k, top_p over what is left (vLLM's order) and a
+draw. Rows with a SamplerChain (llama.cpp's samplers) take the same processed logits to
+chain.py instead. Logprobs are those of the raw model distribution (OpenAI/vLLM semantics),
+or under post_sampling_probs those after the chain.
 
 Two choices keep a step cheap on CPU, where a (B, V) sort or a (B, V) exponential draw costs
 tens of milliseconds:
@@ -15,19 +19,26 @@ that row's logits, so a seeded sequence is the same whatever shares its batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
 from lmserve.kernels import native_module
-from lmserve.request import SampleLogprobs, SamplingParams, TokenLogprob
+from lmserve.request import SamplingParams
+from lmserve.sampling.chain import runs_chain, sample_chain
+from lmserve.sampling.draws import column, draw, index, take_rows, uniforms
+from lmserve.sampling.logprobs import ChainLogprobs, batch_logprobs, to_sample_logprobs
+from lmserve.sampling.metadata import GrammarMaskLike, SamplerOutput, SamplingMetadata
 from lmserve.sampling.processors import (
     RowTokens,
     apply_logit_bias,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
+    ban_tokens,
+    last_tokens,
+    read_ids,
+    write_ids,
 )
+
+__all__ = ["GrammarMaskLike", "Sampler", "SamplerOutput", "SamplingMetadata", "to_sample_logprobs"]
 
 # Rejection rounds before falling back to the most likely token (always inside the nucleus).
 # Each round accepts with probability >= top_p, so only NaN logits or a top_p near 0 over a
@@ -35,103 +46,98 @@ from lmserve.sampling.processors import (
 _MAX_NUCLEUS_ROUNDS = 64
 
 
-class GrammarMaskLike(Protocol):
-    def apply(self, logits: torch.Tensor) -> None:
-        """Set the tokens each constrained row may not take to -inf, in place."""
-
-
-@dataclass
-class SamplingMetadata:
-    """Per-step sampling inputs for B sequences, in batch-row order.
-
-    Only the rows whose params need them read `prompt_ids` and `output_ids`. A generator must
-    live on the logits' device or on the CPU; it is advanced only by rows that draw.
-    """
-
-    params: list[SamplingParams]
-    prompt_ids: list[list[int]]  # for repetition_penalty (prompt + output tokens, HF/vLLM)
-    output_ids: list[list[int]]  # for presence/frequency penalties (generated tokens only)
-    generators: list[torch.Generator | None]  # per-row generator for seeded rows, else None
-    grammar_mask: GrammarMaskLike | None = None  # constrained rows' allowed tokens this step
-
-    def __post_init__(self) -> None:
-        lengths = {len(self.params), len(self.prompt_ids), len(self.output_ids), len(self.generators)}
-        assert len(lengths) == 1, "SamplingMetadata fields must have one entry per row"
-
-
-@dataclass
-class SamplerOutput:
-    """One sampled token per row, plus raw-distribution logprobs when some row asked.
-
-    The logprob tensors hold zeros in rows that did not ask; `to_sample_logprobs` drops them.
-    """
-
-    token_ids: torch.Tensor  # (B,) int64
-    logprobs: torch.Tensor | None  # (B,) float32 logprob of the sampled token, None if no row asked
-    top_ids: torch.Tensor | None  # (B, K) int64, K = max top_logprobs asked in the batch
-    top_logprobs: torch.Tensor | None  # (B, K) float32, sorted descending along K
-
-
 class Sampler:
-    """Stateless sampler; per-request state (seeded generators) arrives in SamplingMetadata."""
+    """Stateless sampler; per-request state (seeded generators, Mirostat's mu) arrives in
+    SamplingMetadata, and Mirostat's next mu leaves in SamplerOutput."""
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """Sample from (B, V) logits; never modifies `logits`. Everything stays on its device."""
         if logits.dim() != 2 or logits.shape[0] != len(meta.params):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(meta.params)} rows")
         raw = logits.float()
-        token_ids = _sample(_apply_processors(raw, meta), meta.params, meta.generators)
-        logprobs, top_ids, top_logprobs = _logprobs(raw, token_ids, meta.params)
-        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+        x = _apply_processors(raw, meta)
+        chained = [i for i, p in enumerate(meta.params) if runs_chain(p)]
+        if chained:
+            return _sample_with_chain(raw, x, meta, chained)
+        token_ids = _sample(x, meta.params, meta.generators)
+        return SamplerOutput(token_ids, *batch_logprobs(raw, token_ids, meta.params))
 
 
-def to_sample_logprobs(out: SamplerOutput, params: list[SamplingParams]) -> list[SampleLogprobs | None]:
-    """Host-side logprobs per row: None where `params[i].logprobs` is None, else the sampled
-    token and its `params[i].logprobs` most likely alternatives. Copies each tensor once."""
-    if out.logprobs is None:
-        return [None] * len(params)
-    token_ids, sampled = out.token_ids.tolist(), out.logprobs.tolist()
-    top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
-    result: list[SampleLogprobs | None] = []
-    for row, p in enumerate(params):
-        if p.logprobs is None:
-            result.append(None)
-            continue
-        top = zip(top_ids[row][: p.logprobs], top_logprobs[row][: p.logprobs])
-        result.append(SampleLogprobs(TokenLogprob(token_ids[row], sampled[row]),
-                                     [TokenLogprob(t, lp) for t, lp in top]))
-    return result
+def _sample_with_chain(raw: torch.Tensor, x: torch.Tensor, meta: SamplingMetadata,
+                       chained: list[int]) -> SamplerOutput:
+    """The batch when some rows (`chained`) run llama.cpp's chain: those in chain.py, the rest
+    on the fast path."""
+    params = meta.params
+    token_ids = torch.empty(len(params), dtype=torch.int64, device=x.device)  # (B,)
+    fast = sorted(set(range(len(params))) - set(chained))
+    if fast:
+        drawn = _sample(take_rows(x, fast), [params[i] for i in fast], [meta.generators[i] for i in fast])
+        token_ids.index_copy_(0, index(fast, x.device), drawn)
+    result = sample_chain(take_rows(x, chained), meta.select(chained))
+    token_ids.index_copy_(0, index(chained, x.device), result.token_ids)
+    reported = None
+    if result.logprobs is not None:
+        reported = ChainLogprobs(rows=[chained[i] for i in result.logprobs.rows], sampled=result.logprobs.sampled,
+                                 top_ids=result.logprobs.top_ids, top_logprobs=result.logprobs.top_logprobs)
+    mus: list[float | None] = [None] * len(params)
+    for row, mu in zip(chained, result.mirostat_mu):
+        mus[row] = mu
+    return SamplerOutput(token_ids, *batch_logprobs(raw, token_ids, params, reported),
+                         mirostat_mu=mus if any(mu is not None for mu in mus) else None)
 
 
 # ---- logits processors ---------------------------------------------------------------------
 
 
 def _apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Repetition penalty, presence/frequency penalties, then logit bias, on a copy; returns
-    `logits` itself when no row needs any. Bias comes last so -100/+100 ban/force a token
-    whatever the penalties did."""
+    """Penalties, logit bias, the min_tokens ban, the grammar mask, on a copy; returns `logits`
+    itself when no row needs any. Bias comes after the penalties so -100/+100 ban/force a
+    token whatever the penalties did."""
     params = meta.params
     repetition = [i for i, p in enumerate(params)
                   if p.repetition_penalty != 1.0 and (meta.prompt_ids[i] or meta.output_ids[i])]
     counted = [i for i, p in enumerate(params)
                if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and meta.output_ids[i]]
     biased = [i for i, p in enumerate(params) if p.logit_bias]
-    if not (repetition or counted or biased) and meta.grammar_mask is None:
+    banned = [i for i, p in enumerate(params) if p.min_tokens > len(meta.output_ids[i])]
+    if not (repetition or counted or biased or banned) and meta.grammar_mask is None:
         return logits
     x = logits.clone(memory_format=torch.contiguous_format)  # raw logits stay intact for logprobs
+    if repetition or counted:
+        _apply_penalties(x, meta, repetition, counted)
+    if biased:
+        apply_logit_bias(x, biased, [params[i].logit_bias for i in biased])
+    if banned:
+        ban_tokens(x, banned, [_stop_ids(params[i], meta.eos_ids(i)) for i in banned])
+    if meta.grammar_mask is not None:  # last: no bias can bring back a token the grammar forbids
+        meta.grammar_mask.apply(x)
+    return x
+
+
+def _apply_penalties(x: torch.Tensor, meta: SamplingMetadata, repetition: list[int], counted: list[int]) -> None:
+    """Repetition penalty over each row's last repetition_window tokens (prompt + output; all
+    for 0), presence/frequency over its output; ids in unpenalized_ids get their logits back."""
+    params = meta.params
+    protected = sorted(i for i in {*repetition, *counted} if params[i].unpenalized_ids)
+    if protected:
+        kept = RowTokens.build(protected, [params[i].unpenalized_ids for i in protected], x.device)
+        kept_values = read_ids(x, kept)
     if repetition:
-        seen = [meta.prompt_ids[i] + meta.output_ids[i] for i in repetition]
+        seen = [last_tokens(meta.prompt_ids[i], meta.output_ids[i], params[i].repetition_window) for i in repetition]
         apply_repetition_penalty(x, RowTokens.build(repetition, seen, x.device),
                                  [params[i].repetition_penalty for i in repetition])
     if counted:
         tokens = RowTokens.build(counted, [meta.output_ids[i] for i in counted], x.device)
         apply_presence_frequency_penalties(x, tokens, [params[i].presence_penalty for i in counted],
                                            [params[i].frequency_penalty for i in counted])
-    if biased:
-        apply_logit_bias(x, biased, [params[i].logit_bias for i in biased])
-    if meta.grammar_mask is not None:  # last: no bias can bring back a token the grammar forbids
-        meta.grammar_mask.apply(x)
-    return x
+    if protected:
+        write_ids(x, kept, kept_values)
+
+
+def _stop_ids(p: SamplingParams, eos_token_ids: frozenset[int]) -> list[int]:
+    """What min_tokens bans: the stop token ids, and eos unless ignore_eos (then eos does not
+    stop the sequence anyway; vLLM's rule)."""
+    return [*p.stop_token_ids, *(() if p.ignore_eos else sorted(eos_token_ids))]
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -146,10 +152,10 @@ def _sample(x: torch.Tensor, params: list[SamplingParams],
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     token_ids = torch.empty(len(params), dtype=torch.int64, device=x.device)  # (B,)
     if greedy:
-        token_ids.index_copy_(0, _index(greedy, x.device), _argmax(_take_rows(x, greedy)))
-    drawn = _sample_random(_take_rows(x, sampled), [params[i] for i in sampled],
+        token_ids.index_copy_(0, index(greedy, x.device), _argmax(take_rows(x, greedy)))
+    drawn = _sample_random(take_rows(x, sampled), [params[i] for i in sampled],
                            [generators[i] for i in sampled])
-    return token_ids.index_copy_(0, _index(sampled, x.device), drawn)
+    return token_ids.index_copy_(0, index(sampled, x.device), drawn)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
@@ -172,14 +178,14 @@ def _sample_random(x: torch.Tensor, params: list[SamplingParams],
     """
     device = x.device
     top = x.amax(dim=-1, keepdim=True)  # (n, 1)
-    temperature = _column(params, "temperature", device)
+    temperature = column(params, "temperature", device)
     weights = _weights(x, top, temperature, params)
     floor = _floor(x, top, temperature, params)
     weights = _floored(x, weights, floor)
-    choice, total = _draw(weights, _uniforms(generators, device))
+    choice, total = draw(weights, uniforms(generators, device))
     if all(p.top_p >= 1.0 for p in params):
         return choice.squeeze(1)
-    top_p = _column(params, "top_p", device)
+    top_p = column(params, "top_p", device)
     # Infinite for top_p = 1, so rounding in the mass sums can never cut a token.
     limit = torch.where(top_p < 1.0, top_p * total, torch.inf)  # (n, 1)
     return _nucleus_rejection(x, top, weights, limit, choice, generators)
@@ -203,7 +209,7 @@ def _floor(x: torch.Tensor, top: torch.Tensor, temperature: torch.Tensor,
     if not any(p.min_p > 0.0 or p.top_k > 0 for p in params):
         return None
     # p >= min_p * p_max  <=>  logit >= top + T * ln(min_p); min_p = 0 gives -inf.
-    floor = top + temperature * _column(params, "min_p", x.device).log()
+    floor = top + temperature * column(params, "min_p", x.device).log()
     if any(p.top_k > 0 for p in params):
         floor = torch.maximum(floor, _kth_logit(x, params))
     return floor
@@ -214,10 +220,10 @@ def _kth_logit(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     (HF semantics), and the value does not depend on how topk orders ties."""
     rows = [i for i, p in enumerate(params) if p.top_k > 0]
     num_candidates = min(max(params[i].top_k for i in rows), x.shape[1])
-    values = _take_rows(x, rows).topk(num_candidates, dim=-1).values  # (r, K) sorted descending
+    values = take_rows(x, rows).topk(num_candidates, dim=-1).values  # (r, K) sorted descending
     k = torch.tensor([min(params[i].top_k, num_candidates) for i in rows], device=x.device)
     kth = torch.full((x.shape[0], 1), -torch.inf, device=x.device)  # (n, 1)
-    return kth.index_copy_(0, _index(rows, x.device), values.gather(1, k[:, None] - 1))
+    return kth.index_copy_(0, index(rows, x.device), values.gather(1, k[:, None] - 1))
 
 
 def _nucleus_rejection(x: torch.Tensor, top: torch.Tensor, weights: torch.Tensor,
@@ -241,7 +247,7 @@ def _nucleus_rejection(x: torch.Tensor, top: torch.Tensor, weights: torch.Tensor
         if not active:
             return token_ids
         x = x.index_select(0, redraw)  # (r, V)
-        choice, _ = _draw(weights, _uniforms([generators[i] for i in active], x.device))
+        choice, _ = draw(weights, uniforms([generators[i] for i in active], x.device))
         token_ids[rows] = choice.squeeze(1)
     token_ids[rows] = _argmax(x)  # the likeliest token is always inside the nucleus
     return token_ids
@@ -278,76 +284,3 @@ def _above(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """(n, V) 1.0 where x > threshold (n, 1, finite), else 0.0. Branch-free arithmetic: a
     torch.where on an unpredictable mask is ~5x slower on CPU."""
     return (x - threshold).relu_().sign_()
-
-
-def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one index per row with probability proportional to `weights` (n, V), one uniform
-    (n, 1) each; returns the indices (n, 1) and each row's total weight (n, 1).
-
-    Inverse CDF: searchsorted(right=True) finds the first index whose cumulative sum exceeds
-    the target, so a zero weight (cut or underflowed) is never chosen.
-    """
-    cdf = weights.cumsum(dim=-1)  # (n, V); CPU cumsum accumulates float32 in double
-    total = cdf[:, -1:].clone()  # a copy, so the caller does not keep all of cdf alive
-    # Keep the target strictly below the total, or rounding could step past the last token.
-    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
-    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=weights.shape[1] - 1)
-    return choice, total
-
-
-def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
-    """(n, 1) float32 uniforms in [0, 1): seeded rows from their own generator, one call each;
-    the others from one batched draw of the global generator."""
-    uniforms = torch.rand(len(generators), 1, device=device)  # (n, 1)
-    seeded = [i for i, g in enumerate(generators) if g is not None]
-    if seeded:
-        draws = [torch.rand(1, generator=generators[i], device=generators[i].device) for i in seeded]
-        uniforms[seeded] = torch.cat(draws).to(device)[:, None]
-    return uniforms
-
-
-def _column(params: list[SamplingParams], name: str, device: torch.device) -> torch.Tensor:
-    """(n, 1) float32 tensor of one SamplingParams field, one entry per row."""
-    return torch.tensor([float(getattr(p, name)) for p in params], device=device)[:, None]
-
-
-def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x[rows], without a copy when rows is every row in order. index_select rather than
-    x[rows]: advanced indexing is far slower on CPU for (n, V) rows."""
-    if rows == list(range(x.shape[0])):
-        return x
-    return x.index_select(0, _index(rows, x.device))
-
-
-def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    """(n,) int64 row indices on `device`."""
-    return torch.tensor(rows, dtype=torch.int64, device=device)
-
-
-# ---- logprobs ------------------------------------------------------------------------------
-
-
-def _logprobs(raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
-              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Sampled-token logprob (B,) and top-K ids/logprobs (B, K) of log_softmax(raw logits).
-
-    Computed only for rows that asked; other rows hold zeros. All None when no row asked.
-    """
-    asked = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if not asked:
-        return None, None, None
-    num_top = max(params[i].logprobs for i in asked)
-    logprobs = _take_rows(raw, asked).log_softmax(dim=-1)  # (n, V)
-    rows = torch.tensor(asked, device=raw.device)
-    sampled = logprobs.gather(1, token_ids[rows, None]).squeeze(1)  # (n,)
-    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)  # (n, K) sorted descending
-    if len(asked) == len(params):
-        return sampled, top_ids, top_logprobs
-    return tuple(_scatter_rows(t, rows, len(params)) for t in (sampled, top_ids, top_logprobs))
-
-
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """A (num_rows, ...) zero tensor with `values` written at `rows`."""
-    full = torch.zeros((num_rows, *values.shape[1:]), dtype=values.dtype, device=values.device)
-    full[rows] = values
-    return full

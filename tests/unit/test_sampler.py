@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -211,6 +212,63 @@ def test_sampler_leaves_input_logits_untouched():
     params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=1.0, logit_bias=((3, 5.0),))] * 2
     sampler(logits, make_meta(params, prompt_ids=[[1, 2]] * 2, output_ids=[[3, 3]] * 2))
     assert torch.equal(logits, before)
+
+
+def processed(logits, params, prompt_ids, output_ids, eos_token_ids=None) -> torch.Tensor:
+    from lmserve.sampling.sampler import _apply_processors
+
+    meta = SamplingMetadata(params=params, prompt_ids=prompt_ids, output_ids=output_ids,
+                            generators=[None] * len(params), eos_token_ids=eos_token_ids)
+    return _apply_processors(logits, meta)
+
+
+@pytest.mark.parametrize("window, expected", [
+    (0, [1.0, 1.0, 1.0, 1.0, -1.0, 1.0]),  # all of prompt + output
+    (3, [2.0, 1.0, 1.0, 1.0, -1.0, 1.0]),  # 1 (prompt), 2, 3 (output)
+    (1, [2.0, 2.0, 2.0, 1.0, -1.0, 1.0]),  # 3 only
+    (9, [1.0, 1.0, 1.0, 1.0, -1.0, 1.0]),  # longer than the history
+])
+def test_repetition_window_penalises_only_the_last_tokens(window, expected):
+    logits = torch.tensor([[2.0, 2.0, 2.0, 2.0, -1.0, 1.0]])
+    p = SamplingParams(repetition_penalty=2.0, repetition_window=window)
+    assert processed(logits, [p], [[0, 1]], [[2, 3]])[0].tolist() == expected
+
+
+def test_unpenalized_ids_keep_their_logits_through_every_penalty():
+    logits = BASE[:1].expand(2, -1).contiguous()  # [2.0, -1.0, 0.5, -0.25, 3.0, 0.0] twice
+    p = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
+                       unpenalized_ids=(0, 3), logit_bias=((3, 1.0),))
+    got = processed(logits, [p, replace(p, unpenalized_ids=())], [[0, 3]] * 2, [[0, 0, 3, 4]] * 2)
+    assert got[0].tolist() == [2.0, -1.0, 0.5, -0.25 + 1.0, 3.0 / 2 - 0.75, 0.0]  # bias is no penalty
+    assert got[1].tolist() == [2.0 / 2 - 1.0, -1.0, 0.5, -0.25 * 2 - 0.75 + 1.0, 3.0 / 2 - 0.75, 0.0]
+    assert torch.equal(logits, BASE[:1].expand(2, -1))
+
+
+def test_unpenalized_ids_outside_the_vocabulary_are_refused():
+    p = SamplingParams(repetition_penalty=2.0, unpenalized_ids=(6,))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        processed(BASE[:1].clone(), [p], [[1]], [[]])
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_enough_are_out():
+    logits = torch.zeros(4, 6)
+    params = [SamplingParams(min_tokens=3, stop_token_ids=(4,)),
+              SamplingParams(min_tokens=2, stop_token_ids=(4,)),  # 2 out: done
+              SamplingParams(min_tokens=3, stop_token_ids=(4,), ignore_eos=True),  # eos does not stop anyway
+              SamplingParams(min_tokens=3)]
+    got = processed(logits, params, [[1]] * 4, [[1, 2]] * 4, eos_token_ids=[frozenset({5, 0})] * 4)
+    banned = [[i for i, v in enumerate(row) if v == -math.inf] for row in got.tolist()]
+    assert banned == [[0, 4, 5], [], [4], [0, 5]]
+
+
+def test_min_tokens_moves_a_greedy_pick_off_eos():
+    logits = torch.tensor([[0.0, 1.0, 3.0]])
+    p = SamplingParams(temperature=0.0, min_tokens=1)
+    meta = SamplingMetadata(params=[p], prompt_ids=[[0]], output_ids=[[]], generators=[None],
+                            eos_token_ids=[frozenset({2})])
+    assert sampler(logits, meta).token_ids.tolist() == [1]
+    meta.output_ids = [[1]]
+    assert sampler(logits, meta).token_ids.tolist() == [2]
 
 
 # ---- seeds ---------------------------------------------------------------------------------
