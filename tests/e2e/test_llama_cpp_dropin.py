@@ -84,6 +84,10 @@ def test_llama_cpp_sampling_and_constraints(served):
     assert isinstance(json.loads(constrained["content"])["n"], int)
     probs = complete(url, prompt="Hi", n_predict=2, n_probs=3)["completion_probabilities"]
     assert len(probs) == 2 and len(probs[0]["top_logprobs"]) == 3
+    post = complete(url, prompt="Hi", n_predict=2, n_probs=3, top_k=2, post_sampling_probs=True)
+    first = post["completion_probabilities"][0]
+    assert len(first["top_probs"]) <= 2 and 0 < first["prob"] <= 1  # after the chain: top_k 2 kept two
+    assert abs(sum(t["prob"] for t in first["top_probs"]) - 1) < 1e-4
     sampled = complete(url, prompt="Hi", n_predict=4, seed=-1, mirostat=2, typical_p=0.9, tfs_z=1.0,
                        dynatemp_range=0, samplers=["top_k", "typ_p", "temperature"])
     assert sampled["tokens_predicted"] == 4

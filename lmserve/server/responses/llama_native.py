@@ -108,7 +108,7 @@ def probabilities(tokenizer: ChatTokenizer, samples: list[SampleLogprobs],
                   params: SamplingParams) -> list[dict[str, Any]]:
     """completion_probabilities: per token its id, text, bytes and logprob (or prob after the
     sampler chain with post_sampling_probs) and the top ones."""
-    post = params.post_sampling_probs
+    post = params.post_sampling_probs  # the sampler then reports probabilities after its chain
     value_key, top_key = ("prob", "top_probs") if post else ("logprob", "top_logprobs")
     return [{**_entry(tokenizer, sample.sampled, value_key, post),
              top_key: [_entry(tokenizer, entry, value_key, post) for entry in sample.top]}
@@ -117,7 +117,7 @@ def probabilities(tokenizer: ChatTokenizer, samples: list[SampleLogprobs],
 
 def _entry(tokenizer: ChatTokenizer, entry: TokenLogprob, key: str, post: bool) -> dict[str, Any]:
     raw = tokenizer.token_bytes(entry.token_id)
-    value = entry.logprob if post else max(entry.logprob, MIN_LOGPROB)
+    value = entry.prob if post and entry.prob is not None else max(entry.logprob, MIN_LOGPROB)
     return {"id": entry.token_id, "token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), key: value}
 
 
