@@ -59,7 +59,7 @@ LMDEPLOY = ["session_id", "repetition_penalty", "min_new_tokens", "do_preprocess
             "image_url", "input_ids", "repetition_ngram_size", "repetition_ngram_threshold", "request_output_len",
             "return_logprob", "return_routed_experts", "return_token_ids", "stop_token_ids", "media_io_kwargs",
             "mm_processor_kwargs"]
-LLLMS = ["repeat_penalty_num"]
+LLLMS = ["repeat_penalty_num", "top_k", "min_p", "repeat_penalty"]
 OLLAMA_OPTIONS = [
     "num_keep", "seed", "num_predict", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n", "temperature",
     "repeat_penalty", "presence_penalty", "frequency_penalty", "penalize_newline", "stop", "numa", "num_ctx",
@@ -115,6 +115,7 @@ HONOURED = {
     "repeat_penalty": ("chat", 1.2, {}),
     "repeat_last_n": ("chat", 8, {"repeat_penalty": 1.2}),
     "repetition_context_size": ("chat", 8, {"repetition_penalty": 1.2}),
+    "repeat_penalty_num": ("chat", 8, {"repeat_penalty": 1.2}),
     "penalize_nl": ("chat", False, {"repeat_penalty": 1.2}),
     "typical_p": ("chat", 0.9, {}),
     "min_keep": ("chat", 2, {}),
@@ -180,7 +181,7 @@ REFUSED = [
     "chat_template", "mm_processor_kwargs", "kv_transfer_params", "vllm_xargs", "logits_processors",
     "thinking_token_budget", "guided_whitespace_pattern", "guided_decoding", "reasoning_effort", "prediction",
     "web_search_options", "verbosity", "role_mapping", "adapters", "draft_model", "tool_schemas", "dry_params",
-    "repeat_penalty_num", "num_predict", "penalize_newline", "num_ctx", "options",
+    "num_predict", "penalize_newline", "num_ctx", "options",
     "repetition_detection", "truncation_side", "watermarking", "logprob_token_ids", "ec_transfer_params",
     "prompt_embeds", "mm_payload", "media_io_kwargs", "routed_experts_prompt_start", "frequency_context_size",
     "presence_context_size", "adapter", "agent_permission", "code_execution_permission", "enable_shell", "files",
@@ -266,3 +267,24 @@ def test_names_no_peer_documents_stay_tolerated():
 def test_usage_on_every_chunk_is_refused_by_name():
     fields = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     refused_as("chat", fields, "stream_options.continuous_usage_stats")
+
+
+def test_synonyms_that_disagree_are_refused_and_windows_are_honoured():
+    params = plan("chat", {"repeat_penalty": 1.3, "repeat_penalty_num": 8}).choices[0].params
+    assert (params.repetition_penalty, params.repetition_window) == (1.3, 8)
+    assert plan("chat", {"repeat_penalty": 1.3}).choices[0].params.repetition_window == 64  # llama.cpp's default
+    assert plan("chat", {"repetition_penalty": 1.3}).choices[0].params.repetition_window == 0  # vLLM's: all
+    assert plan("chat", {"repeat_penalty": 1.3, "repeat_last_n": 0}).choices[0].params.repetition_penalty == 1.0
+    refused_as("chat", {"repeat_penalty": 1.3, "repetition_penalty": 1.5}, "repetition_penalty")
+    refused_as("chat", {"min_tokens": 2, "min_new_tokens": 3}, "min_new_tokens")
+
+
+def test_peer_shapes_of_messages_stop_and_logprobs():
+    as_string = plan("chat", {"messages": "hi"})
+    assert as_string.prompts == plan("chat", {}).prompts  # one user message
+    params = plan("chat", {"stop": [4, 5]}).choices[0].params
+    assert (params.stop, params.stop_token_ids) == ((), (4, 5))
+    assert plan("chat", {"logprobs": 3}).choices[0].params.logprobs == 3  # mlx-lm: a count
+    assert plan("chat", {"logprobs": True, "top_logprobs": 2}).choices[0].params.logprobs == 2
+    assert plan("chat", {"seed": -1}).choices[0].params.seed is None
+    refused_as("chat", {"logprobs": 21}, "logprobs")

@@ -145,6 +145,7 @@ class SamplingFields(_Request):
     repeat_penalty: float | None = Field(None, gt=0)  # over the last repeat_last_n tokens
     repeat_last_n: int | None = Field(None, ge=-1)  # default 64; 0 disables the penalty, -1: all
     repetition_context_size: int | None = Field(None, ge=1)  # mlx-lm's repeat_last_n (default 20)
+    repeat_penalty_num: int | None = Field(None, ge=0)  # lllms' repeat_last_n
     penalize_nl: bool | None = None  # false: the newline token is never penalised
     typical_p: float | None = None
     min_keep: int | None = Field(None, ge=0)

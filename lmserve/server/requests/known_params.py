@@ -66,7 +66,7 @@ _HONOURED = (
     "dry_sequence_breakers", "samplers", "n_probs", "post_sampling_probs", "id_slot", "cache_prompt",
     "timings_per_token", "grammar", "json_schema", "return_tokens",
     # mlx-lm, lmdeploy, mistral.rs, Ollama
-    "repetition_context_size", "min_new_tokens", "enable_thinking", "keep_alive",
+    "repetition_context_size", "min_new_tokens", "enable_thinking", "keep_alive", "repeat_penalty_num",
 )
 
 KNOWN_PARAMS: dict[str, KnownParam] = {name: _honoured() for name in _HONOURED} | {
@@ -146,8 +146,6 @@ KNOWN_PARAMS: dict[str, KnownParam] = {name: _honoured() for name in _HONOURED} 
     "session_id": _neutral(-1, why="sessions are not supported on this route"),
     "do_preprocess": _neutral(True, why="the chat template is always applied"),
     "interactive_mode": _neutral(False, why="sessions are not supported on this route"),
-    # lllms
-    "repeat_penalty_num": _refused("repeat_penalty_num is not supported; use repeat_penalty and repeat_last_n"),
     # Ollama (its options)
     "num_predict": _refused("send max_tokens (or n_predict)"),
     "num_keep": _neutral(0, -1, why="lmserve never shifts the context, so it keeps every prompt token (0 or -1)"),

@@ -70,7 +70,7 @@ def _repetition(request: SamplingFields) -> dict[str, Any]:
     penalty = _one_of(request, "repeat_penalty", "repetition_penalty")
     if penalty is None or penalty == 1.0:
         return {}
-    window = _one_of(request, "repeat_last_n", "repetition_context_size")
+    window = _one_of(request, "repeat_last_n", "repetition_context_size", "repeat_penalty_num")
     if window is None and request.repeat_penalty is not None:
         window = LLAMA_REPEAT_LAST_N
     if window == 0:
