@@ -91,7 +91,7 @@ def test_docs_and_openapi(server):
 
 
 def test_wrong_json_types_are_400_not_coerced(server):
-    for field, value in (("n", "2"), ("stream", "yes"), ("max_tokens", 2.5), ("logprobs", 1)):
+    for field, value in (("n", "2"), ("stream", "yes"), ("max_tokens", 2.5), ("logprobs", "1")):
         body = {"messages": PARIS, "max_tokens": 2, field: value}
         assert_error(post(server, "/v1/chat/completions", body), 400, param=field)
     nan = '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'

@@ -288,3 +288,18 @@ def test_peer_shapes_of_messages_stop_and_logprobs():
     assert plan("chat", {"logprobs": True, "top_logprobs": 2}).choices[0].params.logprobs == 2
     assert plan("chat", {"seed": -1}).choices[0].params.seed is None
     refused_as("chat", {"logprobs": 21}, "logprobs")
+
+
+@pytest.mark.parametrize(("route", "name", "value"), [
+    ("chat", "echo", True), ("chat", "suffix", "x"), ("chat", "prompt", "x"), ("chat", "return_tokens", True),
+    ("completion", "tools", TOOLS), ("completion", "messages", [{"role": "user", "content": "x"}]),
+    ("completion", "chat_template_kwargs", {"enable_thinking": True}), ("completion", "return_tokens", True),
+])
+def test_a_name_honoured_on_another_route_is_refused_here(route, name, value):
+    error = refused_as(route, {name: value}, name)
+    assert error.code == "unsupported_parameter" and "not supported on" in error.message
+
+
+def test_an_empty_or_false_value_of_another_routes_name_changes_nothing_and_passes():
+    assert plan("chat", {"echo": False, "return_tokens": False}) == plan("chat", {})
+    assert plan("completion", {"tools": []}) == plan("completion", {})

@@ -211,12 +211,19 @@ KNOWN_PARAMS: dict[str, KnownParam] = {name: _honoured() for name in _HONOURED} 
 }
 
 
-def check_known_params(extras: dict[str, Any]) -> None:
-    """Refuse, by name, each undeclared field the table refuses or whose value is not neutral."""
+def check_known_params(extras: dict[str, Any], route: str) -> None:
+    """Refuse, by name, each field the route's schema does not declare (its `extras`) that the
+    table refuses, or sends with a value that is not neutral. A name honoured on another route
+    (`echo` on chat, `tools` on completions, `return_tokens` outside llama.cpp's /completion) is
+    refused here unless its value is empty or false."""
     for name, value in extras.items():
         known = KNOWN_PARAMS.get(name)
-        if known is None or value is None or known.handling is Handling.HONOURED:
+        if known is None or value is None:
             continue
+        if known.handling is Handling.HONOURED:
+            if value in (False, "", [], {}):
+                continue
+            raise bad_request(f"'{name}' is not supported on {route}", param=name, code="unsupported_parameter")
         if known.handling is Handling.NEUTRAL and _is_neutral(value, known.neutral):
             continue
         raise _refusal(name, value, known)

@@ -71,7 +71,7 @@ def chat_plan(
     context's end rather than being refused for not fitting."""
     _check_chat_supported(request)
     _check_stream_options(request)
-    check_known_params(request.model_extra or {})
+    check_known_params(request.model_extra or {}, "chat completions")
     tools = plan_tools(request, tokenizer)
     text, prompt_ids = chat_prompt(request, tokenizer, tools)
     base = _with_tools(_base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
@@ -169,7 +169,7 @@ def completion_plan(
     """Tokenize the prompt(s) and build n SamplingParams per prompt (`clip_max_tokens` as for chat)."""
     _check_completion_supported(request)
     _check_stream_options(request)
-    check_known_params(request.model_extra or {})
+    check_known_params(request.model_extra or {}, _COMPLETION_ROUTES.get(type(request).__name__, "completions"))
     prompt_items = _prompt_items(request.prompt)
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
     if request.suffix:  # OpenAI's insertion: the reply goes between each prompt and the suffix
@@ -182,6 +182,10 @@ def completion_plan(
     choices = _choice_plans(prompts, base, request.n, response_id, limit)
     echo_texts = _echo_texts(prompt_items, tokenizer, request.skip_special_tokens) if request.echo else None
     return GenerationPlan(prompts, choices, echo_texts)
+
+
+_COMPLETION_ROUTES = {"CompletionRequest": "/v1/completions (OpenAI's shape)",
+                      "LlamaCompletionRequest": "llama.cpp's /completion", "InfillRequest": "/infill"}
 
 
 def infill_plan(
