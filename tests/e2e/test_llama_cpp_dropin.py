@@ -103,6 +103,30 @@ def test_openai_clients_get_the_model_whatever_name_they_send(served):
     assert reply.model == "mymodel" and reply.model_extra["timings"]["predicted_n"] == 3
 
 
+def test_openai_clients_send_llama_cpps_samplers_in_extra_body(served):
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "List fruits: apple, apple, apple"}]
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
+    dry = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=12, temperature=0,
+        extra_body={"dry_multiplier": 3.0, "dry_allowed_length": 1, "min_tokens": 12, "penalize_nl": False,
+                    "repeat_penalty": 1.3, "repeat_last_n": 32})
+    assert dry.choices[0].message.content != plain.choices[0].message.content
+    assert dry.usage.completion_tokens == 12  # min_tokens held the end off
+    sampled = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=6, seed=7,
+        extra_body={"xtc_probability": 0.5, "xtc_threshold": 0.1, "top_n_sigma": 1.5, "min_keep": 2,
+                    "dynatemp_range": 0.5, "samplers": "kpxt"})
+    again = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=6, seed=7,
+        extra_body={"xtc_probability": 0.5, "xtc_threshold": 0.1, "top_n_sigma": 1.5, "min_keep": 2,
+                    "dynatemp_range": 0.5, "samplers": "kpxt"})
+    assert sampled.choices[0].message.content == again.choices[0].message.content  # seeded chain
+    embedded = httpx.post(f"{url}/embedding", json={"content": "hello"}, timeout=60).json()
+    assert len(embedded) == 1 and abs(sum(x * x for x in embedded[0]["embedding"][0]) - 1) < 1e-4
+
+
 def test_ops_routes(served):
     url, _ = served
     props = httpx.get(f"{url}/props").json()
