@@ -3,6 +3,7 @@ and GET /props see them; a default max_tokens ends at the context's end; --embed
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from lmserve.config import EngineConfig
@@ -16,9 +17,10 @@ from tests.helpers.server import MODEL, chat, wrap
 SERVER_DEFAULTS = {"temperature": 0.2, "top_k": 40, "max_tokens": 1000, "seed": 7}
 
 
-def client_of(engine: FakeEngine, own_defaults: dict | None = None, **state_fields) -> TestClient:
+def client_of(engine: FakeEngine, own_defaults: dict | None = None, server_defaults: dict = SERVER_DEFAULTS,
+              **state_fields) -> TestClient:
     entry = ModelEntry(id=MODEL, source="/models/tiny.gguf", defaults=own_defaults or {})
-    catalogue = Catalogue([entry], sampling_defaults=SERVER_DEFAULTS)
+    catalogue = Catalogue([entry], sampling_defaults=server_defaults)
     fleet = Fleet(catalogue, lambda e, progress: wrap(e, engine))
     fleet.adopt(MODEL, wrap(catalogue.resolve(MODEL), engine))
     return TestClient(create_app(ServerState(fleet, **state_fields)))
@@ -32,6 +34,45 @@ def test_the_servers_defaults_lie_under_the_models_own_and_the_requests_values()
     assert (params.temperature, params.top_k, params.seed) == (0.9, 40, 7)  # the model's own temperature wins
     chat(client, top_k=5, seed=1)
     assert (engine.calls[-1][2].top_k, engine.calls[-1][2].seed) == (5, 1)  # the request's win over both
+
+
+# A default, what the request sends of the same setting under another name, and what it runs with.
+SYNONYMS = [
+    ({"repeat_penalty": 1.5}, {"repetition_penalty": 1.2}, "repetition_penalty repetition_window", (1.2, 0)),
+    ({"repetition_penalty": 1.5}, {"repeat_penalty": 1.2}, "repetition_penalty repetition_window", (1.2, 64)),
+    ({"repeat_last_n": 32}, {"repetition_penalty": 1.2, "repetition_context_size": 8}, "repetition_window", 8),
+    ({"min_tokens": 4}, {"min_new_tokens": 2}, "min_tokens", 2),
+    ({"max_tokens": 1000}, {"n_predict": 3}, "max_tokens", 3),
+    ({"n_predict": 5}, {"max_tokens": 3}, "max_tokens", 3),
+]
+
+
+@pytest.mark.parametrize("default, sent, fields, expected", SYNONYMS, ids=[next(iter(d)) for d, *_ in SYNONYMS])
+def test_a_default_gives_way_to_the_same_setting_sent_under_another_name(default, sent, fields, expected):
+    for defaults in ({"server_defaults": default}, {"own_defaults": default}):
+        engine = FakeEngine()
+        response = chat(client_of(engine, **defaults), **sent)
+        assert response.status_code == 200, response.text  # not a 400 for two names that disagree
+        params = engine.calls[-1][2]
+        ran = tuple(getattr(params, field) for field in fields.split())
+        assert ran == (expected if isinstance(expected, tuple) else (expected,))
+
+
+def test_a_models_own_default_replaces_the_servers_under_any_name():
+    entries = [ModelEntry(id="c", source="/c.gguf", defaults={"repetition_penalty": 1.1, "n_predict": 8})]
+    catalogue = Catalogue(entries, sampling_defaults={"repeat_penalty": 1.5, "max_tokens": 100, "top_k": 40})
+    assert catalogue.entries()[0].defaults == {"repetition_penalty": 1.1, "n_predict": 8, "top_k": 40}
+
+
+def test_a_requests_own_llama_cpp_samplers_win_over_the_servers():
+    engine = FakeEngine()
+    client = client_of(engine, server_defaults={"repeat_penalty": 1.5, "repeat_last_n": 32, "mirostat": 2})
+    chat(client)
+    params = engine.calls[-1][2]
+    assert (params.repetition_penalty, params.repetition_window, params.chain.mirostat) == (1.5, 32, 2)
+    chat(client, repeat_penalty=1.1, mirostat=0)
+    params = engine.calls[-1][2]
+    assert (params.repetition_penalty, params.repetition_window, params.chain) == (1.1, 32, None)
 
 
 def test_embedding_models_get_no_sampling_defaults():
