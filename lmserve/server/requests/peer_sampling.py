@@ -141,18 +141,23 @@ def _dry(request: SamplingFields, tokenizer: ChatTokenizer) -> DryPenalty | None
         raise bad_request(str(exc), param=str(exc).split(" ", 1)[0]) from exc
 
 
-def _order(samplers: list[str] | str, request: SamplingFields) -> tuple[str, ...]:
-    """llama.cpp's `samplers`: names (any case, its aliases) or its one-letter sequence ("edkypmxt")."""
+def sampler_names(samplers: list[str] | str) -> list[str]:
+    """llama.cpp's `samplers` (names in any case, its aliases, or its one-letter sequence
+    "edkypmxt") in llama.cpp's own names; a 400 naming one lmserve does not have."""
     if isinstance(samplers, str):
-        names = [_named(letter, _SAMPLER_LETTERS) for letter in samplers]
-    else:
-        names = [_named(name.lower(), _SAMPLER_NAMES) for name in samplers]
+        return [_named(letter, _SAMPLER_LETTERS) for letter in samplers]
+    return [_named(name.lower(), _SAMPLER_NAMES) for name in samplers]
+
+
+def _order(samplers: list[str] | str, request: SamplingFields) -> tuple[str, ...]:
+    names = sampler_names(samplers)
     if "penalties" in names[1:]:
         raise bad_request("samplers: 'penalties' is supported only in the first place (penalties come first)",
                           param="samplers")
     if names[:1] != ["penalties"] and _penalised(request):
-        raise bad_request("samplers leaves out 'penalties' while the request sets a penalty; "
-                          "add 'penalties' first or drop the penalty", param="samplers")
+        raise bad_request("samplers leaves out 'penalties' while a penalty is set (repeat_penalty, "
+                          "repetition_penalty, presence_penalty or frequency_penalty); add 'penalties' first or drop "
+                          "the penalty", param="samplers")
     return tuple(name for name in names if name != "penalties")
 
 
