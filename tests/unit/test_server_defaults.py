@@ -94,13 +94,46 @@ def test_a_default_max_tokens_ends_at_the_contexts_end_and_a_requested_one_is_ch
     assert engine.calls[-1][2].max_tokens == 3  # the client's own limit, under either name
 
 
-def test_props_shows_what_a_request_gets_in_llama_cpps_names():
+def props_params(own_defaults: dict | None = None, server_defaults: dict = SERVER_DEFAULTS) -> dict:
     engine = FakeEngine()
     engine.config = EngineConfig("/models/tiny.gguf", MODEL)
-    props = client_of(engine, own_defaults={"stop": "END", "repetition_penalty": 1.1}).get("/props").json()
-    params = props["default_generation_settings"]["params"]
-    assert (params["temperature"], params["top_k"], params["top_p"], params["repeat_penalty"]) == (0.2, 40, 1.0, 1.1)
-    assert (params["n_predict"], params["stop"]) == (1000, ["END"])
+    props = client_of(engine, own_defaults, server_defaults).get("/props").json()
+    return props["default_generation_settings"]["params"]
+
+
+def test_props_shows_what_a_request_gets_in_llama_cpps_names():
+    params = props_params(own_defaults={"stop": "END", "repetition_penalty": 1.1})
+    assert (params["temperature"], params["top_k"], params["top_p"], params["seed"]) == (0.2, 40, 1.0, 7)
+    assert (params["repeat_penalty"], params["repeat_last_n"]) == (1.1, -1)  # vLLM's: over the whole context
+    assert (params["n_predict"], params["max_tokens"], params["stop"]) == (1000, 1000, ["END"])
+
+
+LLAMA_CPP_SAMPLERS = ["repeat_penalty", "repeat_last_n", "top_n_sigma", "xtc_probability", "xtc_threshold",
+                      "typical_p", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+                      "dry_sequence_breakers", "dynatemp_range", "dynatemp_exponent", "mirostat", "mirostat_tau",
+                      "mirostat_eta", "samplers"]
+
+
+def test_props_shows_lmserves_own_llama_cpp_sampler_settings_when_nothing_is_set():
+    params = props_params(server_defaults={})
+    assert {name: params[name] for name in LLAMA_CPP_SAMPLERS} == {
+        "repeat_penalty": 1.0, "repeat_last_n": 64, "top_n_sigma": -1.0, "xtc_probability": 0.0, "xtc_threshold": 0.1,
+        "typical_p": 1.0, "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 64,
+        "dry_sequence_breakers": ["\n", ":", '"', "*"], "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
+        "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "samplers": []}
+    assert (params["seed"], params["n_predict"]) == (-1, -1)
+
+
+def test_props_shows_the_servers_llama_cpp_sampler_defaults():
+    server = {"repeat_penalty": 1.5, "repeat_last_n": 32, "top_n_sigma": 1.5, "xtc_probability": 0.5,
+              "xtc_threshold": 0.2, "typical_p": 0.9, "dry_multiplier": 0.8, "dry_base": 2.0, "dry_allowed_length": 3,
+              "dry_penalty_last_n": 128, "dry_sequence_breakers": ["###"], "dynatemp_range": 0.5,
+              "dynatemp_exponent": 2.0, "mirostat": 2, "mirostat_tau": 4.0, "mirostat_eta": 0.2, "samplers": "ekyt"}
+    params = props_params(server_defaults=server)
+    assert {name: params[name] for name in LLAMA_CPP_SAMPLERS} == server | {
+        "samplers": ["penalties", "top_k", "typ_p", "temperature"]}  # in llama.cpp's names
+    named = props_params(server_defaults={"samplers": ["Top-K", "nucleus", "temp"]})
+    assert named["samplers"] == ["top_k", "top_p", "temperature"]
 
 
 def test_an_embeddings_only_server_answers_generation_with_501():
