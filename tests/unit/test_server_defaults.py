@@ -75,6 +75,27 @@ def test_a_requests_own_llama_cpp_samplers_win_over_the_servers():
     assert (params.repetition_penalty, params.repetition_window, params.chain) == (1.1, 32, None)
 
 
+def test_a_requests_own_order_without_penalties_gets_no_default_penalty():
+    engine = FakeEngine()
+    client = client_of(engine, server_defaults={"repeat_penalty": 1.5, "presence_penalty": 0.5, "top_k": 40})
+    response = chat(client, samplers=["top_k", "temperature"])
+    assert response.status_code == 200, response.text  # as llama.cpp: the order decides whether penalties run
+    params = engine.calls[-1][2]
+    assert (params.repetition_penalty, params.presence_penalty, params.top_k) == (1.0, 0.0, 40)
+    chat(client, samplers="ekt")
+    assert (engine.calls[-1][2].repetition_penalty, engine.calls[-1][2].presence_penalty) == (1.5, 0.5)
+
+
+def test_a_requests_own_penalty_runs_first_under_a_default_order_that_leaves_penalties_out():
+    for order in (["top_k", "temperature"], "kt"):
+        engine = FakeEngine()
+        client = client_of(engine, server_defaults={"samplers": order})
+        response = chat(client, frequency_penalty=0.5)
+        assert response.status_code == 200, response.text  # not a 400 for the server's order
+        params = engine.calls[-1][2]
+        assert (params.frequency_penalty, params.chain.order) == (0.5, ("top_k", "temperature"))
+
+
 def test_embedding_models_get_no_sampling_defaults():
     entries = [ModelEntry(id="e", source="/models/e", kind="embedding"), ModelEntry(id="c", source="/c.gguf")]
     catalogue = Catalogue(entries, sampling_defaults={"temperature": 0.2})

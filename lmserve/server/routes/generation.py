@@ -26,6 +26,7 @@ from lmserve.server.protocol import (
     InfillRequest,
     LlamaCompletionRequest,
 )
+from lmserve.server.requests.peer_sampling import defaults_for_order
 from lmserve.server.requests.plan import GenerationPlan, chat_plan, completion_plan, count_chat_tokens, infill_plan
 from lmserve.server.responses import event_stream, json_body
 from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, collect_results, timings
@@ -155,8 +156,9 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
 
 def with_model_defaults(body, defaults: dict[str, Any]):
     """`body` with its model's sampling defaults (--config, over the server's) for the settings the
-    request left out under every name (a default n_predict does not meet the request's max_tokens)."""
-    missing = defaults_left_out(defaults, body.model_fields_set)
+    request left out under every name (a default n_predict does not meet the request's max_tokens),
+    squared with the request's own sampler order and penalties."""
+    missing = defaults_for_order(defaults_left_out(defaults, body.model_fields_set), body)
     return body.model_copy(update=missing) if missing else body
 
 
