@@ -17,11 +17,11 @@ from typing import Literal
 ModelKind = Literal["chat", "embedding"]
 # Hugging Face model types served as embedding models (lmserve/model/bert.py); every other is chat.
 EMBEDDING_MODEL_TYPES = frozenset({"bert"})
-# Request fields that are one setting under the peers' names (a request sending two that disagree
-# gets a 400): a default for one of them is no default for a request that sets another.
+# Request fields that are one setting under the peers' names: a default for one of them is no
+# default for a request that sets another (two that disagree in one request are a 400).
 SAME_SETTING = (
     frozenset({"repeat_penalty", "repetition_penalty"}),
-    frozenset({"repeat_last_n", "repetition_context_size"}),
+    frozenset({"repeat_last_n", "repetition_context_size", "repeat_penalty_num"}),  # llama.cpp's, mlx-lm's, lllms'
     frozenset({"min_tokens", "min_new_tokens"}),
     frozenset({"max_tokens", "n_predict", "max_completion_tokens"}),
 )
