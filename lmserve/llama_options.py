@@ -75,7 +75,7 @@ def _add_sampling_options(group) -> None:
                        help="max_tokens of requests that send none, ending at the context's end; -1: until the "
                             "context ends")
     for option in SAMPLING_OPTIONS:
-        group.add_argument(*option.spellings, dest=option.dest, type=option.type, metavar="N",
+        group.add_argument(*option.spellings, dest=option.dest, type=option.parse, metavar="N",
                            help=f"{option.field} of requests that send none{option.note}")
     group.add_argument("--samplers", dest="default_samplers", type=_sampler_list, metavar="SAMPLERS",
                        help="samplers of requests that send none: llama.cpp's sampler names in order, separated by ';'")
@@ -184,7 +184,7 @@ class SamplingOption:
 
     spellings: tuple[str, ...]
     field: str  # the request field it is the default of, in llama.cpp's sense (requests.py: SamplingFields)
-    type: Callable[[str], Any] = float
+    parse: Callable[[str], Any] = float  # argparse's type
     note: str = ""  # appended to the help
 
     @property
@@ -285,7 +285,7 @@ def sampling_defaults(args: argparse.Namespace) -> dict:
     """The server's sampling defaults (request field -> value), from llama-server's sampling
     options, as llama.cpp means them; ValueError for a value a request could not have."""
     defaults = _sampler_defaults(args)
-    check_sampling_defaults(defaults)
+    _check_sampling_defaults(defaults)
     if args.n_predict is not None:
         defaults["max_tokens"] = None if args.n_predict == -1 else args.n_predict  # None: the rest of the context
     if args.ignore_eos:
@@ -338,7 +338,7 @@ _SAMPLERS_ON = {"dry_multiplier": 1.0, "dry_penalty_last_n": -1, "xtc_probabilit
                 "mirostat": 2}
 
 
-def check_sampling_defaults(defaults: dict) -> None:
+def _check_sampling_defaults(defaults: dict) -> None:
     """ValueError, naming the option, unless `defaults` plan as a request's own fields would: as
     they are, and with every sampler a request can turn on turned on. They are planned by the
     request side itself (base_params), so a default holds exactly when a request could send it."""
