@@ -58,7 +58,7 @@ _CPU = "lmserve runs on the CPU"
 _GPU = f"{_CPU}: there is no GPU to place anything on"
 _THREADS = "CPU affinity and priority: run lmserve under taskset, numactl or nice"
 _DRAFT = "lmserve has no speculative decoding"
-_SAMPLER = "no such sampler here; a request's own sampling fields are the ones lmserve takes"
+_ADAPTIVE = "lmserve has no adaptive-p sampler"
 _MEDIA = "lmserve serves text models only"
 _UI = "lmserve has no web UI"
 _AGENT = "lmserve runs no tools of its own"
@@ -97,7 +97,8 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
                                                 "flash-attention switch", ("on", "off", "auto")),
     refused("--perf", "lmserve prints no libllama timings (GET /metrics has its own)"),
     accepted("--no-perf", "lmserve prints no libllama timings"),
-    accepted("-e, --escape, --no-escape", "lmserve takes no prompt text on its command line to unescape"),
+    honoured("-e, --escape, --no-escape", "whether --dry-sequence-breaker's escapes (\\n, \\t, \\xHH ...) are "
+                                         "processed (the default), as llama-server does"),
     refused("--rope-scaling {none,linear,yarn}", _ROPE),
     refused("--rope-scale N", _ROPE),
     refused("--rope-freq-base N", _ROPE),
@@ -164,35 +165,37 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
     refused("--spec-draft-type-k, -ctkd, --cache-type-k-draft TYPE", _DRAFT),
     refused("--spec-draft-type-v, -ctvd, --cache-type-v-draft TYPE", _DRAFT),
     # ---- Sampling params: the server's defaults for requests that leave a field out
-    refused("--samplers SAMPLERS", "lmserve applies its samplers in one fixed order"),
+    honoured("--samplers SAMPLERS", "samplers of requests that send none: llama.cpp's names, ';'-separated"),
     honoured("-s, --seed SEED", "seed of requests that send none (-1: random)"),
-    refused("--sampler-seq, --sampling-seq SEQUENCE", "lmserve applies its samplers in one fixed order"),
+    honoured("--sampler-seq, --sampling-seq SEQUENCE", "samplers of requests that send none: the one-letter "
+                                                       "sequence"),
     honoured("--ignore-eos", "ignore_eos of requests that send none"),
     honoured("--temp, --temperature N", "temperature of requests that send none (<= 0: greedy)"),
     honoured("--top-k N", "top_k of requests that send none (0: off)"),
     honoured("--top-p N", "top_p of requests that send none"),
     honoured("--min-p N", "min_p of requests that send none"),
-    refused("--top-nsigma, --top-n-sigma N", _SAMPLER),
-    refused("--xtc-probability N", _SAMPLER),
-    refused("--xtc-threshold N", _SAMPLER),
-    refused("--typical, --typical-p N", _SAMPLER),
-    refused("--repeat-last-n N", "repetition_penalty sees the whole prompt and output here"),
-    honoured("--repeat-penalty N", "repetition_penalty of requests that send none (over the whole prompt and output, "
-                                   "not the last 64 tokens)"),
+    honoured("--top-nsigma, --top-n-sigma N", "top_n_sigma of requests that send none (-1: off)"),
+    honoured("--xtc-probability N", "xtc_probability of requests that send none"),
+    honoured("--xtc-threshold N", "xtc_threshold of requests that send none"),
+    honoured("--typical, --typical-p N", "typical_p of requests that send none"),
+    honoured("--repeat-last-n N", "repeat_last_n of requests that send none: repeat_penalty's window (0: off)"),
+    honoured("--repeat-penalty N", "repeat_penalty of requests that send none (llama.cpp's: over the last "
+                                   "repeat_last_n tokens, 64 unless --repeat-last-n)"),
     honoured("--presence-penalty N", "presence_penalty of requests that send none"),
     honoured("--frequency-penalty N", "frequency_penalty of requests that send none"),
-    refused("--dry-multiplier N", _SAMPLER),
-    refused("--dry-base N", _SAMPLER),
-    refused("--dry-allowed-length N", _SAMPLER),
-    refused("--dry-penalty-last-n N", _SAMPLER),
-    refused("--dry-sequence-breaker STRING", _SAMPLER),
-    refused("--adaptive-target N", _SAMPLER),
-    refused("--adaptive-decay N", _SAMPLER),
-    refused("--dynatemp-range N", _SAMPLER),
-    refused("--dynatemp-exp N", _SAMPLER),
-    refused("--mirostat N", _SAMPLER),
-    refused("--mirostat-lr N", _SAMPLER),
-    refused("--mirostat-ent N", _SAMPLER),
+    honoured("--dry-multiplier N", "dry_multiplier of requests that send none"),
+    honoured("--dry-base N", "dry_base of requests that send none (< 1 is refused, where llama-server ignores it)"),
+    honoured("--dry-allowed-length N", "dry_allowed_length of requests that send none"),
+    honoured("--dry-penalty-last-n N", "dry_penalty_last_n of requests that send none"),
+    honoured("--dry-sequence-breaker STRING", "dry_sequence_breakers of requests that send none: each one given, in "
+                                              "place of the default ones (none: no breakers)"),
+    refused("--adaptive-target N", _ADAPTIVE),
+    refused("--adaptive-decay N", _ADAPTIVE),
+    honoured("--dynatemp-range N", "dynatemp_range of requests that send none"),
+    honoured("--dynatemp-exp N", "dynatemp_exponent of requests that send none"),
+    honoured("--mirostat N", "mirostat of requests that send none"),
+    honoured("--mirostat-lr N", "mirostat_eta of requests that send none"),
+    honoured("--mirostat-ent N", "mirostat_tau of requests that send none"),
     refused("-l, --logit-bias TOKEN_ID(+/-)BIAS", "send logit_bias with the request"),
     refused("--grammar GRAMMAR", "send a grammar (or response_format) with the request"),
     refused("--grammar-file FNAME", "send a grammar (or response_format) with the request"),

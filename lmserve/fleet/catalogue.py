@@ -10,12 +10,21 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 ModelKind = Literal["chat", "embedding"]
 # Hugging Face model types served as embedding models (lmserve/model/bert.py); every other is chat.
 EMBEDDING_MODEL_TYPES = frozenset({"bert"})
+# Request fields that are one setting under the peers' names: a default for one of them is no
+# default for a request that sets another (two that disagree in one request are a 400).
+SAME_SETTING = (
+    frozenset({"repeat_penalty", "repetition_penalty"}),
+    frozenset({"repeat_last_n", "repetition_context_size", "repeat_penalty_num"}),  # llama.cpp's, mlx-lm's, lllms'
+    frozenset({"min_tokens", "min_new_tokens"}),
+    frozenset({"max_tokens", "n_predict", "max_completion_tokens"}),
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +58,17 @@ def duration_seconds(value: str | float) -> float | None:
         raise ValueError(f"not a duration: {value!r} (e.g. 300, '30s', '5m', '1h'; -1 for never)")
     seconds = float(match.group(1)) * _SECONDS[match.group(2) or ""]
     return None if seconds < 0 else seconds
+
+
+def defaults_left_out(defaults: dict, fields_set: Iterable[str]) -> dict:
+    """The defaults (request field -> value) of the settings `fields_set` leaves out under every
+    one of their names: a server's repeat_penalty is no default for a request that sends
+    repetition_penalty, so the two never meet and disagree."""
+    taken = set(fields_set)
+    for names in SAME_SETTING:
+        if names & taken:
+            taken |= names
+    return {key: value for key, value in defaults.items() if key not in taken}
 
 
 class UnknownModel(LookupError):
@@ -139,7 +159,7 @@ class Catalogue:
     def _with_server_defaults(self, entry: ModelEntry) -> ModelEntry:
         if entry.kind != "chat" or not self.sampling_defaults:
             return entry
-        return replace(entry, defaults={**self.sampling_defaults, **entry.defaults})
+        return replace(entry, defaults={**defaults_left_out(self.sampling_defaults, entry.defaults), **entry.defaults})
 
     def resolve(self, name: str | None, kind: ModelKind = "chat") -> ModelEntry:
         """The entry `name` names (its id or an alias). None, or a name no entry has when the

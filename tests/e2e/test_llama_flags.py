@@ -32,6 +32,33 @@ def test_llama_server_flags_give_its_limits_name_and_defaults():
         proc.wait(timeout=30)
 
 
+def test_llama_server_sampler_flags_are_the_defaults_props_shows_and_requests_run_with():
+    proc, url, _ = start_server("-m", str(default_model_path()), "--repeat-penalty", "1.5", "--repeat-last-n", "32",
+                                "--mirostat", "2", "--no-embedding-model")
+    try:
+        shown = httpx.get(f"{url}/props").json()["default_generation_settings"]["params"]
+        assert (shown["repeat_penalty"], shown["repeat_last_n"], shown["mirostat"]) == (1.5, 32, 2)
+        ran = httpx.post(f"{url}/completion", json={"prompt": "Hi", "n_predict": 2}, timeout=120).json()
+        settings = ran["generation_settings"]  # what the request ran with, in llama.cpp's names
+        assert (settings["repeat_penalty"], settings["repeat_last_n"], settings["mirostat"]) == (1.5, 32, 2)
+        # vLLM's name for the penalty wins over the server's llama.cpp one, with no 400 for disagreeing
+        own = httpx.post(f"{url}/completion", json={"prompt": "Hi", "n_predict": 2, "repetition_penalty": 1.1,
+                                                    "mirostat": 0}, timeout=120)
+        assert own.status_code == 200, own.text
+        settings = own.json()["generation_settings"]
+        assert (settings["repeat_penalty"], settings["repeat_last_n"], settings["mirostat"]) == (1.1, 32, 0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_sampler_flag_value_no_request_could_send_stops_start_up_by_name():
+    done = subprocess.run([sys.executable, "-m", "lmserve.cli", "serve", "-m", str(default_model_path()),
+                           "--dry-base", "0.5"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == "lmserve: --dry-base cannot be a request's default: dry_base must be >= 1\n"
+
+
 def test_an_unsupported_llama_server_flag_stops_start_up_by_name():
     done = subprocess.run([sys.executable, "-m", "lmserve.cli", "serve", "-m", str(default_model_path()),
                            "--rope-scaling", "yarn"], capture_output=True, text=True, timeout=60)

@@ -380,7 +380,32 @@ HONOURED = [
     ("--top-k 20", lambda s: s.chat.defaults["top_k"], 20),
     ("--top-p 0.9", lambda s: s.chat.defaults["top_p"], 0.9),
     ("--min-p 0.1", lambda s: s.chat.defaults["min_p"], 0.1),
-    ("--repeat-penalty 1.1", lambda s: s.chat.defaults["repetition_penalty"], 1.1),
+    ("--top-nsigma 1.5", lambda s: s.chat.defaults["top_n_sigma"], 1.5),
+    ("--top-n-sigma -1", lambda s: s.chat.defaults["top_n_sigma"], -1.0),
+    ("--xtc-probability 0.5", lambda s: s.chat.defaults["xtc_probability"], 0.5),
+    ("--xtc-threshold 0.2", lambda s: s.chat.defaults["xtc_threshold"], 0.2),
+    ("--typical 0.9", lambda s: s.chat.defaults["typical_p"], 0.9),
+    ("--typical-p 0.8", lambda s: s.chat.defaults["typical_p"], 0.8),
+    ("--repeat-last-n 32", lambda s: s.chat.defaults["repeat_last_n"], 32),
+    ("--repeat-penalty 1.1", lambda s: (s.chat.defaults["repeat_penalty"], "repetition_penalty" in s.chat.defaults),
+     (1.1, False)),  # llama.cpp's windowed penalty, not vLLM's over the whole context
+    ("--dry-multiplier 0.8", lambda s: s.chat.defaults["dry_multiplier"], 0.8),
+    ("--dry-base 2", lambda s: s.chat.defaults["dry_base"], 2.0),
+    ("--dry-allowed-length 3", lambda s: s.chat.defaults["dry_allowed_length"], 3),
+    ("--dry-penalty-last-n 128", lambda s: s.chat.defaults["dry_penalty_last_n"], 128),
+    ("--dry-sequence-breaker \\n --dry-sequence-breaker ###", lambda s: s.chat.defaults["dry_sequence_breakers"],
+     ["\n", "###"]),
+    ("--dynatemp-range 0.5", lambda s: s.chat.defaults["dynatemp_range"], 0.5),
+    ("--dynatemp-exp 2", lambda s: s.chat.defaults["dynatemp_exponent"], 2.0),
+    ("--mirostat 2", lambda s: s.chat.defaults["mirostat"], 2),
+    ("--mirostat-lr 0.2", lambda s: s.chat.defaults["mirostat_eta"], 0.2),
+    ("--mirostat-ent 4", lambda s: s.chat.defaults["mirostat_tau"], 4.0),
+    ("--samplers penalties;top_k;temp", lambda s: s.chat.defaults["samplers"], ["penalties", "top_k", "temp"]),
+    ("--sampler-seq ekmt", lambda s: s.chat.defaults["samplers"], "ekmt"),
+    ("--sampling-seq kt", lambda s: s.chat.defaults["samplers"], "kt"),
+    ("-e --dry-sequence-breaker \\t", lambda s: s.chat.defaults["dry_sequence_breakers"], ["\t"]),
+    ("--escape --dry-sequence-breaker \\x41", lambda s: s.chat.defaults["dry_sequence_breakers"], ["A"]),
+    ("--no-escape --dry-sequence-breaker \\n", lambda s: s.chat.defaults["dry_sequence_breakers"], ["\\n"]),
     ("--presence-penalty 0.5", lambda s: s.chat.defaults["presence_penalty"], 0.5),
     ("--frequency-penalty 0.25", lambda s: s.chat.defaults["frequency_penalty"], 0.25),
     ("-kvu -c 2048 -np 4", lambda s: s.engine.scheduler.max_model_len, 2048),
@@ -477,7 +502,29 @@ def test_ctx_size_and_parallel_give_llama_servers_limits(argv, max_model_len, ma
     ("--chat-template {%-if", "the chat template does not render"),
     ("--chat-template-file no-such.jinja", "cannot read --chat-template-file 'no-such.jinja'"),
     ("--chat-template chatml --chat-template-file x.jinja", "--chat-template and --chat-template-file both"),
-    ("--top-p 2", "a sampling option's value is out of range: top_p must be in (0, 1]"),
+    ("--top-p 2", "--top-p cannot be a request's default: top_p must be in (0, 1]"),
+    ("--repeat-penalty 0", "--repeat-penalty cannot be a request's default: repeat_penalty: Input should be greater "
+                           "than 0"),
+    ("--temp nan", "--temp/--temperature cannot be a request's default: temperature: Input should be a finite number"),
+    ("--typical 1.5", "--typical/--typical-p cannot be a request's default: typical_p must be in (0, 1]"),
+    ("--xtc-probability 0.5 --xtc-threshold 2", "--xtc-threshold cannot be a request's default: xtc_threshold must "
+                                                "be in [0, 1]"),
+    ("--mirostat 3", "--mirostat cannot be a request's default: mirostat must be 0, 1 or 2"),
+    ("--dry-multiplier -1", "--dry-multiplier cannot be a request's default: dry_multiplier must be > 0"),
+    ("--dry-allowed-length 0", "--dry-allowed-length cannot be a request's default: dry_allowed_length must be >= 1"),
+    ("--samplers top_k;nope", "--samplers/--sampler-seq cannot be a request's default: samplers: unknown sampler "
+                              "'nope'"),
+    ("--sampler-seq kat", "--samplers/--sampler-seq cannot be a request's default: samplers: the adaptive-p sampler "
+                          "is not supported by lmserve"),
+    ("--samplers top_k;temp --repeat-penalty 1.1", "--samplers/--sampler-seq cannot be a request's default: samplers "
+                                                   "leaves out 'penalties' while a penalty is set"),
+    # A setting of a sampler the defaults leave off still holds for a request that turns the sampler on.
+    ("--dry-base 0.5", "--dry-base cannot be a request's default: dry_base must be >= 1"),
+    ("--dry-multiplier 0.8 --dry-penalty-last-n 0 --dry-base 0.5", "--dry-base cannot be a request's default"),
+    ("--mirostat-lr 0", "--mirostat-lr cannot be a request's default: mirostat_eta must be > 0"),
+    ("--mirostat 0 --mirostat-ent -1", "--mirostat-ent cannot be a request's default: mirostat_tau must be > 0"),
+    ("--xtc-threshold 2", "--xtc-threshold cannot be a request's default: xtc_threshold must be in [0, 1]"),
+    ("--dynatemp-exp 0", "--dynatemp-exp cannot be a request's default: dynatemp_exponent must be > 0"),
     ("--embedding --embedding-model x", "--embedding serves MODEL for embeddings"),
     ("--cors-origins localhost", "--cors-origins localhost (llama-server's shorthand) is not taken here"),
     ("--host 127.0.0.1,::1", "lmserve listens on one address"),
@@ -489,11 +536,31 @@ def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
     assert message in str(refused.value)
 
 
-@pytest.mark.parametrize("argv", ["-np 0", "-np -2", "-n 0", "-c -1", "--models-max -1", "--pooling cls", "-t 0"])
+@pytest.mark.parametrize("argv", ["-np 0", "-np -2", "-n 0", "-c -1", "--models-max -1", "--pooling cls", "-t 0",
+                                  "--repeat-last-n -1", "--dry-penalty-last-n -1", "--mirostat 1.5", "--top-k x"])
 def test_values_llama_server_refuses_are_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["serve", *argv.split()])
     assert exit_info.value.code == 2 and argv.split()[0] in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sampling defaults
+
+
+@pytest.mark.parametrize("argv, breakers", [
+    ("--dry-sequence-breaker a --dry-sequence-breaker b", ["a", "b"]),  # in place of the default ones
+    ("--dry-sequence-breaker none", []),
+    ("--dry-sequence-breaker a --dry-sequence-breaker none --dry-sequence-breaker b", ["b"]),  # none clears
+    ("--dry-sequence-breaker \\n\\\\n\\q\\\"", ["\n\\n\\q\""]),  # llama.cpp's escapes; others stay
+])
+def test_dry_sequence_breakers_as_llama_server_collects_them(argv, breakers):
+    assert served(*argv.split()).chat.defaults["dry_sequence_breakers"] == breakers
+
+
+def test_the_sampling_defaults_are_the_request_fields_llama_cpp_names():
+    argv = "--temp 0.7 --repeat-penalty 1.5 --repeat-last-n 32 --mirostat 2 --mirostat-ent 3 --dry-multiplier 0.8"
+    assert served(*argv.split()).chat.defaults == {"temperature": 0.7, "repeat_penalty": 1.5, "repeat_last_n": 32,
+                                                   "mirostat": 2, "mirostat_tau": 3.0, "dry_multiplier": 0.8}
 
 
 # ---------------------------------------------------------------- models and names

@@ -141,18 +141,39 @@ def _dry(request: SamplingFields, tokenizer: ChatTokenizer) -> DryPenalty | None
         raise bad_request(str(exc), param=str(exc).split(" ", 1)[0]) from exc
 
 
-def _order(samplers: list[str] | str, request: SamplingFields) -> tuple[str, ...]:
-    """llama.cpp's `samplers`: names (any case, its aliases) or its one-letter sequence ("edkypmxt")."""
+def defaults_for_order(defaults: dict[str, Any], request: SamplingFields) -> dict[str, Any]:
+    """The defaults (request field -> value) a request gets, squared with the penalties and order it
+    sets itself. llama.cpp runs the penalties only where `samplers` lists them, so a request whose
+    own order leaves them out gets no default penalty; and a default order that leaves them out
+    lists them first for a request that sets its own penalty (which llama-server would drop unsaid;
+    a 400 would blame the client for the server's order)."""
+    if request.samplers is not None:
+        if "penalties" in sampler_names(request.samplers):
+            return defaults
+        return {field: value for field, value in defaults.items() if field not in _PENALTY_FIELDS}
+    order = defaults.get("samplers")
+    if order is None or not _penalised(request) or "penalties" in sampler_names(order):
+        return defaults
+    return defaults | {"samplers": "e" + order if isinstance(order, str) else ["penalties", *order]}
+
+
+def sampler_names(samplers: list[str] | str) -> list[str]:
+    """llama.cpp's `samplers` (names in any case, its aliases, or its one-letter sequence
+    "edkypmxt") in llama.cpp's own names; a 400 naming one lmserve does not have."""
     if isinstance(samplers, str):
-        names = [_named(letter, _SAMPLER_LETTERS) for letter in samplers]
-    else:
-        names = [_named(name.lower(), _SAMPLER_NAMES) for name in samplers]
+        return [_named(letter, _SAMPLER_LETTERS) for letter in samplers]
+    return [_named(name.lower(), _SAMPLER_NAMES) for name in samplers]
+
+
+def _order(samplers: list[str] | str, request: SamplingFields) -> tuple[str, ...]:
+    names = sampler_names(samplers)
     if "penalties" in names[1:]:
         raise bad_request("samplers: 'penalties' is supported only in the first place (penalties come first)",
                           param="samplers")
     if names[:1] != ["penalties"] and _penalised(request):
-        raise bad_request("samplers leaves out 'penalties' while the request sets a penalty; "
-                          "add 'penalties' first or drop the penalty", param="samplers")
+        raise bad_request("samplers leaves out 'penalties' while a penalty is set (repeat_penalty, "
+                          "repetition_penalty, presence_penalty or frequency_penalty); add 'penalties' first or drop "
+                          "the penalty", param="samplers")
     return tuple(name for name in names if name != "penalties")
 
 
@@ -168,3 +189,6 @@ def _named(name: str, table: dict[str, str]) -> str:
 def _penalised(request: SamplingFields) -> bool:
     penalties = (request.repeat_penalty, request.repetition_penalty)
     return any(p not in (None, 1.0) for p in penalties) or bool(request.presence_penalty or request.frequency_penalty)
+
+
+_PENALTY_FIELDS = ("repeat_penalty", "repetition_penalty", "presence_penalty", "frequency_penalty")

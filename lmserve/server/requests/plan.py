@@ -74,7 +74,7 @@ def chat_plan(
     check_known_params(request.model_extra or {}, "chat completions")
     tools = plan_tools(request, tokenizer)
     text, prompt_ids = chat_prompt(request, tokenizer, tools)
-    base = _with_tools(_base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
+    base = _with_tools(base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages", clip=clip_max_tokens)
     choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
@@ -175,7 +175,7 @@ def completion_plan(
     if request.suffix:  # OpenAI's insertion: the reply goes between each prompt and the suffix
         prompts = [_fim_prompt(tokenizer, ids, request.suffix, "suffix") for ids in prompts]
     logprobs = request.logprobs if request.logprobs is not None else request.n_probs or None
-    base = _base_params(request, tokenizer, logprobs, grammar)
+    base = base_params(request, tokenizer, logprobs, grammar)
     max_tokens, param = (_n_predict(request), "n_predict") if request.n_predict is not None else (
         request.max_tokens, "max_tokens")
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="prompt", clip=clip_max_tokens)
@@ -294,9 +294,10 @@ def _check_stream_options(request: SamplingFields) -> None:
         raise unsupported("stream_options.continuous_usage_stats", "usage on every chunk (continuous_usage_stats)")
 
 
-def _base_params(request: SamplingFields, tokenizer: ChatTokenizer, logprobs: int | None,
-                 grammar: GrammarCompiler | None) -> SamplingParams:
-    """The request's sampling fields as SamplingParams (max_tokens is set per prompt later)."""
+def base_params(request: SamplingFields, tokenizer: ChatTokenizer, logprobs: int | None = None,
+                grammar: GrammarCompiler | None = None) -> SamplingParams:
+    """The request's sampling fields as SamplingParams (max_tokens is set per prompt later); a 400
+    for a field no request may have. Start-up checks the server's sampling defaults with it."""
     vocab_size = tokenizer.vocab_size
     optional = {
         "temperature": request.temperature,

@@ -15,6 +15,7 @@ import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from lmserve.fleet.catalogue import defaults_left_out
 from lmserve.server.errors import CLIENT_CLOSED_REQUEST, APIError, bad_request
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
 from lmserve.server.protocol import (
@@ -25,6 +26,7 @@ from lmserve.server.protocol import (
     InfillRequest,
     LlamaCompletionRequest,
 )
+from lmserve.server.requests.peer_sampling import defaults_for_order
 from lmserve.server.requests.plan import (
     GenerationPlan,
     chat_plan,
@@ -145,8 +147,7 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
     lease = await state.chat_model(body.model, body.keep_alive)
     try:
         # A model's default max_tokens is a cap, as llama-server's -n: it ends at the context's end.
-        defaulted_max_tokens = "max_tokens" in lease.entry.defaults and not (
-            {"max_tokens", "max_completion_tokens", "n_predict"} & body.model_fields_set)
+        defaulted_max_tokens = "max_tokens" in defaults_left_out(lease.entry.defaults, body.model_fields_set)
         body = with_model_defaults(body, lease.entry.defaults)
         engine = lease.model.engine
         meta = ResponseMeta(f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
@@ -170,8 +171,10 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
 
 
 def with_model_defaults(body, defaults: dict[str, Any]):
-    """`body` with its model's sampling defaults (--config) for the fields the request left out."""
-    missing = {key: value for key, value in defaults.items() if key not in body.model_fields_set}
+    """`body` with its model's sampling defaults (--config, over the server's) for the settings the
+    request left out under every name (a default n_predict does not meet the request's max_tokens),
+    squared with the request's own sampler order and penalties."""
+    missing = defaults_for_order(defaults_left_out(defaults, body.model_fields_set), body)
     return body.model_copy(update=missing) if missing else body
 
 

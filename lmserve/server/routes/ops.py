@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from lmserve.fleet.fleet import ModelStatus, Slot
-from lmserve.request import SamplingParams
+from lmserve.request import DEFAULT_DRY_BREAKERS, DryPenalty, SamplerChain, SamplingParams
 from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request, unsupported
 from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
@@ -21,6 +21,7 @@ from lmserve.server.protocol import (
     TokenizeResponse,
     TokenPiece,
 )
+from lmserve.server.requests.peer_sampling import LLAMA_REPEAT_LAST_N, sampler_names
 from lmserve.server.requests.tokens import encode_text
 from lmserve.server.responses.llama_native import generation_settings
 from lmserve.server.state import ServerState, State, json_response
@@ -151,28 +152,54 @@ async def props(state: State, model: str | None = None) -> JSONResponse:
     })
 
 
+# The sampling fields /props shows, in llama.cpp's names (and llama.cpp's request fields').
+_SHOWN = ("seed", "temperature", "dynatemp_range", "dynatemp_exponent", "top_k", "top_p", "min_p", "top_n_sigma",
+          "xtc_probability", "xtc_threshold", "typical_p", "repeat_last_n", "repeat_penalty", "presence_penalty",
+          "frequency_penalty", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+          "dry_sequence_breakers", "mirostat", "mirostat_tau", "mirostat_eta", "ignore_eos")
+
+
 def default_params(model_defaults: dict[str, Any]) -> dict[str, Any]:
     """What a request gets for each sampling field it leaves out, in llama.cpp's names: the model's
     defaults (its --config defaults over the server's --temp and the like), else lmserve's."""
-    own = SamplingParams()
-    defaults = {"temperature": own.temperature, "top_k": own.top_k, "top_p": own.top_p, "min_p": own.min_p,
-                "repetition_penalty": own.repetition_penalty, "presence_penalty": own.presence_penalty,
-                "frequency_penalty": own.frequency_penalty, "stop": own.stop, "ignore_eos": own.ignore_eos,
-                "max_tokens": None} | model_defaults
+    defaults = _lmserve_defaults() | _in_llama_cpp_names(model_defaults)
     stop = defaults["stop"]
+    n_predict = defaults["max_tokens"] or -1  # -1: the rest of the context (a chat request's default)
     return {
-        "temperature": defaults["temperature"],
-        "top_k": defaults["top_k"],
-        "top_p": defaults["top_p"],
-        "min_p": defaults["min_p"],
-        "repeat_penalty": defaults["repetition_penalty"],
-        "presence_penalty": defaults["presence_penalty"],
-        "frequency_penalty": defaults["frequency_penalty"],
+        **{name: defaults[name] for name in _SHOWN},
         "stop": [stop] if isinstance(stop, str) else list(stop),
-        "ignore_eos": defaults["ignore_eos"],
-        "n_predict": defaults["max_tokens"] or -1,  # -1: the rest of the context (a chat request's default)
+        "n_predict": n_predict,
+        "max_tokens": n_predict,
         "n_probs": 0,
+        # lmserve's own order unless a default names one (its fast path then, shown as none)
+        "samplers": sampler_names(defaults["samplers"]) if defaults["samplers"] is not None else [],
     }
+
+
+def _lmserve_defaults() -> dict[str, Any]:
+    """What a request that sends no sampling field runs with, by llama.cpp's request fields."""
+    own, chain, dry = SamplingParams(), SamplerChain(), DryPenalty(multiplier=1.0)
+    return {
+        "seed": -1, "temperature": own.temperature, "dynatemp_range": chain.dynatemp_range,
+        "dynatemp_exponent": chain.dynatemp_exponent, "top_k": own.top_k, "top_p": own.top_p, "min_p": own.min_p,
+        "top_n_sigma": -1.0, "xtc_probability": chain.xtc_probability, "xtc_threshold": chain.xtc_threshold,
+        "typical_p": chain.typical_p, "repeat_last_n": LLAMA_REPEAT_LAST_N, "repeat_penalty": own.repetition_penalty,
+        "presence_penalty": own.presence_penalty, "frequency_penalty": own.frequency_penalty, "dry_multiplier": 0.0,
+        "dry_base": dry.base, "dry_allowed_length": dry.allowed_length, "dry_penalty_last_n": dry.window,
+        "dry_sequence_breakers": list(DEFAULT_DRY_BREAKERS), "mirostat": chain.mirostat,
+        "mirostat_tau": chain.mirostat_tau, "mirostat_eta": chain.mirostat_eta, "stop": own.stop,
+        "ignore_eos": own.ignore_eos, "max_tokens": None, "samplers": None,
+    }
+
+
+def _in_llama_cpp_names(defaults: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's repetition_penalty (a --config default) is llama.cpp's repeat_penalty over the
+    whole context (-1) unless a repeat_last_n default says otherwise."""
+    renamed = dict(defaults)
+    if "repetition_penalty" in renamed:
+        renamed["repeat_penalty"] = renamed.pop("repetition_penalty")
+        renamed.setdefault("repeat_last_n", -1)
+    return renamed
 
 
 @server_router.get("/metrics")
