@@ -15,7 +15,17 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from lmserve.fleet.catalogue import UnknownModel, duration_seconds
-from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatus, ModelTooLarge, NotLoaded, Slot
+from lmserve.fleet.fleet import (
+    Fleet,
+    FleetBusy,
+    FleetClosed,
+    Lease,
+    ModelFailed,
+    ModelStatus,
+    ModelTooLarge,
+    NotLoaded,
+    Slot,
+)
 from lmserve.server.errors import APIError
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
@@ -121,6 +131,8 @@ def _fleet_errors():
         raise APIError(409, str(exc), param="model", code="model_not_loaded") from None
     except ModelFailed as exc:
         raise APIError(500, str(exc), type="server_error", code="model_load_failed") from None
+    except FleetClosed:
+        raise _retry_later("The server is shutting down; retry the request.", "server_shutting_down") from None
     except FleetBusy as exc:
         raise _retry_later(f"The model cannot be loaded now: {exc}.", "model_capacity") from None
     except ModelTooLarge as exc:
