@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from lmserve.config import DEFAULT_SHUTDOWN_TIMEOUT
 from lmserve.fleet.catalogue import UnknownModel, duration_seconds
 from lmserve.fleet.fleet import (
     Fleet,
@@ -27,6 +28,7 @@ from lmserve.fleet.fleet import (
     Slot,
 )
 from lmserve.server.errors import APIError
+from lmserve.server.middleware.draining import InFlight, stop_serving
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.slots import SlotTable
@@ -53,12 +55,21 @@ class ServerState:
     embeddings_only: bool = False  # llama-server's --embedding: the generation routes answer 501
     serve_slots: bool = True  # llama-server's --slots / --no-slots: whether GET /slots is served
     slot_save_path: Path | None = None  # llama-server's --slot-save-path: where slots are saved; None: not at all
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds requests in flight get once the server stops
+    requests: InFlight = field(default_factory=InFlight, repr=False)  # the HTTP requests being answered
+    _stopping: asyncio.Task | None = field(default=None, repr=False)
     _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
 
     @property
     def ready(self) -> bool:
         """Every pinned model (the models served from start-up) is loaded: what /health reports."""
         return all(slot.status is ModelStatus.LOADED for slot in self.fleet.slots() if slot.entry.pinned)
+
+    async def stop(self) -> None:
+        """Stop serving (middleware/draining.py's stop_serving); every call waits on the one stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(stop_serving(self.requests, self.fleet, self.shutdown_timeout))
+        await asyncio.shield(self._stopping)
 
     def loaded_engines(self) -> dict[str, AsyncEngine]:
         """The loaded chat models' engines, by model id."""
