@@ -54,7 +54,7 @@ class GracefulServer(uvicorn.Server):
             _exit(128 + sig)
         self.stop_signal = sig
         self.should_exit = True  # uvicorn's main loop notices within 0.1 s and calls shutdown()
-        log.info("%s: stopping; requests in flight have up to %.0f s (%s again exits at once)",
+        log.info("%s: stopping; requests in flight have up to %g s (%s again exits at once)",
                  name, self.state.shutdown_timeout, name)
         deadline = self.state.shutdown_timeout + SETTLE_SECONDS
         threading.Thread(target=_exit_after, args=(deadline,), name="lmserve-stop-watchdog", daemon=True).start()

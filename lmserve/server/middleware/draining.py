@@ -69,9 +69,9 @@ async def stop_serving(requests: InFlight, fleet: Fleet, timeout: float) -> None
     every model."""
     requests.stopping = True
     if requests:
-        log.info("stopping: %d requests in flight have up to %.0f s to finish", len(requests), timeout)
+        log.info("stopping: %d requests in flight have up to %g s to finish", len(requests), timeout)
     if not await requests.wait_idle(timeout):
-        log.warning("stopping: ending %d requests still running after %.0f s", len(requests), timeout)
+        log.warning("stopping: ending %d requests still running after %g s", len(requests), timeout)
     await fleet.close(drain_timeout=0)  # the decoding requests end with the engine's abort
     requests.cancel(unstarted_only=True)  # the others answer 503
     if not await requests.wait_idle(ENDING_SECONDS):
