@@ -9,7 +9,14 @@ import re
 import sys
 from pathlib import Path
 
-from lmserve.config import DTYPE_CHOICES, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
+from lmserve.config import (
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DTYPE_CHOICES,
+    CacheConfig,
+    EmbeddingConfig,
+    EngineConfig,
+    SchedulerConfig,
+)
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, duration_seconds, entry_for, served_name
 from lmserve.fleet.config_file import read_config
 from lmserve.fleet.download import add_pull_parser, is_remote, pull
@@ -91,6 +98,14 @@ def parse_duration(text: str) -> float | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def shutdown_duration(text: str) -> float:
+    """--shutdown-timeout: a duration of 0 or more (the point of it is a bound)."""
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not load a model when a request names it (POST /models/load does)")
     serve.add_argument("--load-timeout", type=parse_duration, default=600.0, metavar="DURATION",
                        help="how long a request waits for its model to load before a 503 (default 600 s)")
+    serve.add_argument("--shutdown-timeout", type=shutdown_duration, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                       metavar="DURATION",
+                       help="on SIGTERM or SIGINT, how long requests in flight may take to finish before they end with "
+                            "an error (default 30 s); new requests are refused meanwhile, and a second signal exits "
+                            "at once")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on, or a UNIX socket path ending "
                                                           "in .sock (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
@@ -234,11 +254,10 @@ def preflight_pinned(models: Catalogue, config: EngineConfig) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from lmserve.fleet.fleet import Fleet
     from lmserve.fleet.models import footprint_estimator, model_loader
     from lmserve.server.app import create_app
+    from lmserve.server.graceful import serve as run_server
     from lmserve.server.metrics import ServerMetrics
     from lmserve.server.state import ServerState
 
@@ -263,13 +282,13 @@ def serve(args: argparse.Namespace) -> None:
                   footprint=footprint_estimator(config))
     one_model = len(model_sources(args)) <= 1 and args.config is None and args.models_dir is None  # as always
     state = ServerState(fleet, metrics=metrics, load_timeout=args.load_timeout, exit_if_pinned_fails=one_model,
-                        **settings)
+                        shutdown_timeout=args.shutdown_timeout, **settings)
     if config.num_threads:
         import torch
 
         torch.set_num_threads(config.num_threads)
     # lmserve's own access log (lmserve.access) replaces uvicorn's.
-    uvicorn.run(create_app(state), **listen, log_level=args.log_level, access_log=False)
+    run_server(create_app(state), state, **listen, log_level=args.log_level, access_log=False)
 
 
 def state_settings(args: argparse.Namespace) -> dict:

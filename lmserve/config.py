@@ -11,6 +11,7 @@ DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "int8": "bfloat16",
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 # What --dtype takes: a serving dtype, or "auto" (the checkpoint's own; lmserve/weights/dtype.py).
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds requests in flight get to finish once the server is stopping
 
 
 @dataclass(frozen=True)

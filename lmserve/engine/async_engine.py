@@ -59,6 +59,7 @@ class AsyncEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._accepting = True  # new requests are taken (False from drain or close on)
+        self._refusal = _NOT_ACCEPTING  # what requests refused or aborted from then on are told
         self._closing = False  # close was called: no more commands of any kind
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
@@ -76,7 +77,7 @@ class AsyncEngine:
                 raise ValueError(f"request id {request_id!r} is already running")
             if not self._accepting:
                 yield RequestOutput(request_id, [], finish_reason=FinishReason.ABORT,
-                                    num_prompt_tokens=len(prompt_ids), error=_NOT_ACCEPTING)
+                                    num_prompt_tokens=len(prompt_ids), error=self._refusal)
                 return
             self._queues[request_id] = (loop, outputs)
             self._commands.put(("add", request_id, prompt_ids, params))  # under the lock: never after "close"
@@ -115,7 +116,7 @@ class AsyncEngine:
         result = loop.create_future()
         with self._lock:
             if self._closing:
-                raise EngineClosed(_NOT_ACCEPTING)
+                raise EngineClosed(self._refusal)
             self._commands.put(("call", function, args, loop, result))  # under the lock: before "close"
         return await result
 
@@ -140,10 +141,13 @@ class AsyncEngine:
             await asyncio.sleep(0.02)
         return True
 
-    def close(self) -> None:
-        """Take no new requests, abort the running ones (each gets an ABORT output), stop the
-        engine thread and let go of the model and the KV cache. Safe to call more than once."""
+    def close(self, why: str = _NOT_ACCEPTING) -> None:
+        """Take no new requests, abort the running ones (each gets an ABORT output saying `why`),
+        stop the engine thread and let go of the model and the KV cache. Safe to call more than
+        once."""
         with self._lock:
+            if not self._closing:
+                self._refusal = why
             self._accepting = False
             self._closing = True
         if self._thread.is_alive():
@@ -190,7 +194,7 @@ class AsyncEngine:
         elif kind == "call":
             self._run_call(*command[1:])
         elif kind == "close":
-            outputs = self._engine.close(why=_NOT_ACCEPTING)
+            outputs = self._engine.close(why=self._refusal)
             for output in outputs:
                 self._notify("request_aborted", output.request_id)
             self._deliver(outputs)

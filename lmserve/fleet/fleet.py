@@ -12,7 +12,7 @@ unloaded after their ttl (`reap_idle`, called periodically by the server). Unloa
 engine in the server's process: measured, that gives the weights' and KV cache's memory back to
 the OS (bench/RESULTS.md), so no worker process per model is needed.
 
-Models are whatever `load(entry, progress)` returns: anything with `drain(timeout)` and `close()`
+Models are whatever `load(entry, progress)` returns: anything with `drain(timeout)` and `close(why)`
 (models.py); a loader that downloads first reports progress(bytes done, total), shown as the
 model's `downloading` status. Loading runs in a worker thread; the event loop keeps serving meanwhile.
 """
@@ -38,7 +38,13 @@ log = logging.getLogger("lmserve.fleet")
 class Servable(Protocol):
     async def drain(self, timeout: float | None = None) -> bool: ...
 
-    def close(self) -> None: ...
+    def close(self, why: str) -> None:
+        """Let go of the model; requests still running end with an error saying `why`."""
+
+
+# What the requests an unload cuts short are told, by the unload's reason (FleetEvents.model_unloaded).
+_UNLOAD_ERRORS = {"shutdown": "the server is shutting down; retry the request"}
+_UNLOAD_ERROR = "the model is being unloaded; retry the request"
 
 
 class ModelStatus(enum.Enum):
@@ -85,6 +91,10 @@ class ModelTooLarge(ValueError):
 
 class NotLoaded(RuntimeError):
     """The model is not loaded and the fleet does not load on demand."""
+
+
+class FleetClosed(RuntimeError):
+    """The fleet has been closed (the server is shutting down): it serves and loads nothing more."""
 
 
 @dataclass
@@ -150,13 +160,15 @@ class Fleet:
         self._clock = clock
         self._events = events if events is not None else _NoEvents()
         self._slots: dict[str, Slot] = {}
+        self._closed = False  # close() was called
         self._room = asyncio.Condition()  # notified whenever a model becomes idle or is unloaded
 
     # ---------------------------------------------------------------- what a request does
 
     async def acquire(self, name: str | None, kind: str = "chat") -> Lease:
         """A lease on the model `name` resolves to (catalogue.resolve), loaded first if needed.
-        Raises UnknownModel, ModelFailed, NotLoaded (no autoload) or FleetBusy."""
+        Raises UnknownModel, ModelFailed, NotLoaded (no autoload), FleetBusy or FleetClosed."""
+        self._check_open()
         slot = self._slot(self.catalogue.resolve(name, kind))
         if slot.status is not ModelStatus.LOADED and not self.autoload and slot.loading is None:
             raise NotLoaded(f"The model '{slot.entry.id}' is not loaded; load it with POST /models/load "
@@ -167,6 +179,7 @@ class Fleet:
 
     async def load(self, name: str) -> Slot:
         """Load `name` now (POST /models/load); a failed model is tried again."""
+        self._check_open()
         slot = self._slot(self.catalogue.resolve(name))
         if slot.status is ModelStatus.FAILED:
             slot.status, slot.error = ModelStatus.UNLOADED, None
@@ -187,7 +200,7 @@ class Fleet:
         slot.model, slot.status, slot.keep_alive = None, ModelStatus.UNLOADED, None
         log.info("unloading %s", slot.entry.id)
         await model.drain(self.drain_timeout if drain_timeout is None else drain_timeout)
-        await asyncio.to_thread(model.close)
+        await asyncio.to_thread(model.close, _UNLOAD_ERRORS.get(reason, _UNLOAD_ERROR))
         self._events.model_unloaded(slot.entry.id, reason)
         await self._notify_room()
         return True
@@ -229,11 +242,18 @@ class Fleet:
                 except (ModelFailed, FleetBusy, ModelTooLarge) as exc:
                     log.error("pinned model %s: %s", entry.id, exc)
 
-    async def close(self) -> None:
-        """Unload everything (server shutdown)."""
-        for slot in list(self._slots.values()):
-            if slot.status is ModelStatus.LOADED:
-                await self.unload(slot.entry.id, drain_timeout=0, reason="shutdown")
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Unload everything (server shutdown), as `unload` does, every model at once: requests in
+        flight get up to `drain_timeout` seconds, then end with an error saying the server is
+        shutting down. From now on requests and loads raise FleetClosed; a load under way is not
+        waited for (its model is let go with the process). Safe to call more than once."""
+        self._closed = True
+        loaded = [slot.entry.id for slot in self._slots.values() if slot.status is ModelStatus.LOADED]
+        await asyncio.gather(*(self.unload(name, drain_timeout, reason="shutdown") for name in loaded))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FleetClosed("the server is shutting down")
 
     def unloads_in(self, slot: Slot) -> float | None:
         """Seconds until `slot`'s model is unloaded for idleness if nothing uses it; None if it will
@@ -352,7 +372,7 @@ class Fleet:
         """Unload an idle model (no request holds it, so there is nothing to drain)."""
         model = slot.model
         slot.model, slot.status, slot.keep_alive = None, ModelStatus.UNLOADED, None
-        await asyncio.to_thread(model.close)
+        await asyncio.to_thread(model.close, _UNLOAD_ERROR)  # idle: no request to tell
         self._events.model_unloaded(slot.entry.id, reason)
 
     def _release(self, slot: Slot, keep_alive: float | None) -> None:

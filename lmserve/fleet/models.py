@@ -81,11 +81,12 @@ class ChatModel:
     async def drain(self, timeout: float | None = None) -> bool:
         return await self.engine.drain(timeout)
 
-    def close(self) -> None:
+    def close(self, why: str) -> None:
+        """Stop; the requests still running end with an error saying `why`."""
         if self._embedder is not None:
             self._embedder.shutdown()
             self._embedder = None
-        self.engine.close()
+        self.engine.close(why)
 
 
 class EmbeddingModel:
@@ -108,7 +109,8 @@ class EmbeddingModel:
     async def drain(self, timeout: float | None = None) -> bool:
         return True  # a request holds its lease until its vectors are back: the fleet waits on those
 
-    def close(self) -> None:
+    def close(self, why: str) -> None:
+        """Stop once the jobs already posted are done: no request is cut short, so `why` is never told."""
         self.worker.shutdown()
 
 

@@ -35,6 +35,7 @@ from lmserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from lmserve.server.middleware.access import AccessMiddleware, log_access
 from lmserve.server.middleware.auth import ApiKeyMiddleware
 from lmserve.server.middleware.cors import LmserveCORSMiddleware
+from lmserve.server.middleware.draining import DrainingMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
 from lmserve.server.routes import embeddings, generation, models, ops, slots
 from lmserve.server.state import ServerState
@@ -73,7 +74,7 @@ async def _lifespan(app: FastAPI):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await state.fleet.close()
+        await state.stop()  # begun already when a signal stopped the server (graceful.py)
 
 
 async def _load_pinned(state: ServerState) -> None:
@@ -91,7 +92,8 @@ async def _load_pinned(state: ServerState) -> None:
 def _add_middleware(app: FastAPI, state: ServerState) -> None:
     """Outermost last. The access log sees every answer; CORS comes before the key check so
     preflights need no key and a 401 still carries CORS headers; the body cap is checked only
-    for requests with a valid key."""
+    for requests with a valid key; innermost, the count of requests in flight that a stop waits on."""
+    app.add_middleware(DrainingMiddleware, requests=state.requests)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_body)
     app.add_middleware(ApiKeyMiddleware, state=state)
     if state.allowed_origins:

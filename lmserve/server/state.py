@@ -14,9 +14,21 @@ from fastapi import Depends, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from lmserve.config import DEFAULT_SHUTDOWN_TIMEOUT
 from lmserve.fleet.catalogue import UnknownModel, duration_seconds
-from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatus, ModelTooLarge, NotLoaded, Slot
+from lmserve.fleet.fleet import (
+    Fleet,
+    FleetBusy,
+    FleetClosed,
+    Lease,
+    ModelFailed,
+    ModelStatus,
+    ModelTooLarge,
+    NotLoaded,
+    Slot,
+)
 from lmserve.server.errors import APIError
+from lmserve.server.middleware.draining import InFlight, stop_serving
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.slots import SlotTable
@@ -43,12 +55,21 @@ class ServerState:
     embeddings_only: bool = False  # llama-server's --embedding: the generation routes answer 501
     serve_slots: bool = True  # llama-server's --slots / --no-slots: whether GET /slots is served
     slot_save_path: Path | None = None  # llama-server's --slot-save-path: where slots are saved; None: not at all
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds requests in flight get once the server stops
+    requests: InFlight = field(default_factory=InFlight, repr=False)  # the HTTP requests being answered
+    _stopping: asyncio.Task | None = field(default=None, repr=False)
     _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
 
     @property
     def ready(self) -> bool:
         """Every pinned model (the models served from start-up) is loaded: what /health reports."""
         return all(slot.status is ModelStatus.LOADED for slot in self.fleet.slots() if slot.entry.pinned)
+
+    async def stop(self) -> None:
+        """Stop serving (middleware/draining.py's stop_serving); every call waits on the one stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(stop_serving(self.requests, self.fleet, self.shutdown_timeout))
+        await asyncio.shield(self._stopping)
 
     def loaded_engines(self) -> dict[str, AsyncEngine]:
         """The loaded chat models' engines, by model id."""
@@ -121,6 +142,8 @@ def _fleet_errors():
         raise APIError(409, str(exc), param="model", code="model_not_loaded") from None
     except ModelFailed as exc:
         raise APIError(500, str(exc), type="server_error", code="model_load_failed") from None
+    except FleetClosed:
+        raise _retry_later("The server is shutting down; retry the request.", "server_shutting_down") from None
     except FleetBusy as exc:
         raise _retry_later(f"The model cannot be loaded now: {exc}.", "model_capacity") from None
     except ModelTooLarge as exc:

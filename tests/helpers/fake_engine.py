@@ -91,7 +91,7 @@ class FakeEngine:
     async def drain(self, timeout=None) -> bool:
         return True
 
-    def close(self) -> None:
+    def close(self, why: str = "the model was unloaded") -> None:
         self.closed = True
 
     def snapshot(self) -> dict[str, int]:

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, UnknownModel, entry_for, scan_models_dir
-from lmserve.fleet.fleet import Fleet, FleetBusy, ModelFailed, ModelStatus, ModelTooLarge, NotLoaded
+from lmserve.fleet.fleet import Fleet, FleetBusy, FleetClosed, ModelFailed, ModelStatus, ModelTooLarge, NotLoaded
 
 
 class StandIn:
@@ -24,9 +24,10 @@ class StandIn:
         self.events.append(("drain", self.entry.id, timeout))
         return True
 
-    def close(self):
+    def close(self, why):
         self.closed = True
         self.events.append(("close", self.entry.id))
+        self.why = why
 
 
 class Loader:
@@ -274,6 +275,37 @@ def test_unload_drains_the_requests_in_flight_then_closes():
     slot, again = asyncio.run(main())
     assert loader.events[:3] == [("load", "a"), ("drain", "a", 7), ("close", "a")]
     assert loader.loads() == ["a", "a"] and slot.leases == 1 and not again.model.closed
+
+
+def test_close_unloads_every_model_at_once_and_then_refuses():
+    loader = Loader()
+
+    async def main():
+        fleet = Fleet(catalogue("a", "b"), loader, drain_timeout=7)
+        held = [await fleet.acquire("a"), await fleet.acquire("b")]
+        await fleet.close(drain_timeout=2)
+        await fleet.close(drain_timeout=2)  # a second close finds nothing loaded
+        with pytest.raises(FleetClosed):
+            await fleet.acquire("a")
+        with pytest.raises(FleetClosed):
+            await fleet.load("b")
+        return held
+
+    held = asyncio.run(main())
+    assert sorted(loader.events[2:], key=repr) == [("close", "a"), ("close", "b"), ("drain", "a", 2), ("drain", "b", 2)]
+    assert [lease.model.why for lease in held] == ["the server is shutting down; retry the request"] * 2
+
+
+def test_an_unload_cut_short_says_the_model_is_being_unloaded():
+    loader = Loader()
+
+    async def main():
+        fleet = Fleet(catalogue("a"), loader)
+        lease = await fleet.acquire("a")
+        await fleet.unload("a", drain_timeout=0)
+        return lease
+
+    assert asyncio.run(main()).model.why == "the model is being unloaded; retry the request"
 
 
 def test_keep_alive_from_a_request_wins_over_the_ttl():

@@ -24,7 +24,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Sta
     try:
         worker = lease.model.embedder()
         # In a worker thread, as generation plans are: up to 2048 texts to tokenize.
-        batch = await anyio.to_thread.run_sync(embedding_inputs, body, worker.embedder)
+        batch = await anyio.to_thread.run_sync(embedding_inputs, body, worker.embedder, abandon_on_cancel=True)
         vectors = await until_disconnected(request.receive, worker.embed(batch))
     finally:
         lease.release()

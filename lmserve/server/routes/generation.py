@@ -106,7 +106,8 @@ async def chat_input_tokens(body: ChatCompletionRequest, state: State) -> JSONRe
     """llama.cpp's token count of a chat completion body: what its prompt would take."""
     lease = await state.chat_model(body.model, body.keep_alive)
     lease.release()  # a tokenizer outlives its engine's unloading
-    count = await anyio.to_thread.run_sync(count_chat_tokens, body, lease.model.engine.tokenizer)
+    count = await anyio.to_thread.run_sync(count_chat_tokens, body, lease.model.engine.tokenizer,
+                                           abandon_on_cancel=True)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": count})
 
 
@@ -115,7 +116,7 @@ async def apply_template(body: ChatCompletionRequest, state: State) -> JSONRespo
     """llama.cpp's POST /apply-template: the prompt text the chat template makes of a chat body."""
     lease = await state.chat_model(body.model, body.keep_alive)
     lease.release()  # a tokenizer outlives its engine's unloading
-    text = await anyio.to_thread.run_sync(chat_prompt_text, body, lease.model.engine.tokenizer)
+    text = await anyio.to_thread.run_sync(chat_prompt_text, body, lease.model.engine.tokenizer, abandon_on_cancel=True)
     return JSONResponse({"prompt": text})
 
 
@@ -152,9 +153,11 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
         engine = lease.model.engine
         meta = ResponseMeta(f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
         # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
-        # event loop must keep serving the other requests' streams meanwhile.
+        # event loop must keep serving the other requests' streams meanwhile. Abandoned when the
+        # request is cancelled (a server stopping): its answer does not wait for the compile.
         plan = await anyio.to_thread.run_sync(partial(shape.make_plan, clip_max_tokens=defaulted_max_tokens), body,
-                                              meta.id, engine.tokenizer, engine.max_model_len, engine.grammar)
+                                              meta.id, engine.tokenizer, engine.max_model_len, engine.grammar,
+                                              abandon_on_cancel=True)
         engine = _counting_tokens(_slotted(engine, state.slot_table(lease), body.id_slot, plan), request, plan)
         if body.stream:
             response = event_stream.EventStreamResponse(shape.stream(engine, plan, meta, body),
