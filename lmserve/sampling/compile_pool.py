@@ -15,8 +15,11 @@ tokenizer info.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import tempfile
 import threading
 import time
+import weakref
 from typing import Any
 
 # How often a waiting caller looks at its deadline and at its request.
@@ -39,15 +42,21 @@ class CompilerCrashed(Exception):
 
 class CompilePool:
     """Up to `max_workers` worker processes, started when needed, each compiling one grammar at a
-    time against the tokenizer `tokenizer_info_json` describes. Thread-safe."""
+    time against the tokenizer `tokenizer_info_json` (xgrammar's TokenizerInfo) describes. Thread-safe."""
 
     def __init__(self, tokenizer_info_json: str, max_workers: int, timeout_s: float):
-        self.tokenizer_info_json = tokenizer_info_json
+        # Workers read the tokenizer from a file: as a process argument, its 1.6 MB would block the
+        # start until the new worker had imported the main module and read it.
+        fd, self.tokenizer_info_path = tempfile.mkstemp(prefix="lmserve-tokenizer-", suffix=".json")
+        with os.fdopen(fd, "w") as file:
+            file.write(tokenizer_info_json)
+        weakref.finalize(self, os.remove, self.tokenizer_info_path)
         self.max_workers = max_workers
         self.timeout_s = timeout_s
         self._context = mp.get_context("forkserver")
-        # The forkserver imports xgrammar once; the workers forked from it share it.
-        self._context.set_forkserver_preload(["xgrammar", __name__])
+        # The forkserver imports xgrammar once; the workers forked from it share it. With the main
+        # module preloaded too, a worker does not import it again (lmserve's CLI: ~0.5 s each).
+        self._context.set_forkserver_preload(["__main__", "xgrammar", __name__])
         self._idle: list[_Worker] = []
         self._num_workers = 0
         self._changed = threading.Condition()
@@ -87,7 +96,7 @@ class CompilePool:
                 return self._idle.pop()
             self._num_workers += 1
         try:
-            return _Worker(self._context, self.tokenizer_info_json)
+            return _Worker(self._context, self.tokenizer_info_path, abandoned)
         except BaseException:
             self._release(None, False)
             raise
@@ -104,26 +113,33 @@ class CompilePool:
 class _Worker:
     """One worker process and the pipe to it."""
 
-    def __init__(self, context: Any, tokenizer_info_json: str):
+    def __init__(self, context: Any, tokenizer_info_path: str, abandoned: threading.Event | None):
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=serve, args=(child_conn, tokenizer_info_json), daemon=True,
+        self.process = context.Process(target=serve, args=(child_conn, tokenizer_info_path), daemon=True,
                                        name="lmserve-grammar-compile")
         self.process.start()
         child_conn.close()
-        if not self.conn.poll(MAX_START_S) or self.conn.recv() != "ready":
+        not_started = CompilerCrashed("the grammar compile worker did not start")
+        self._wait(time.monotonic() + MAX_START_S, abandoned, not_started)
+        try:
+            self.conn.recv()  # "ready"
+        except EOFError:
             self.stop()
-            raise CompilerCrashed("the grammar compile worker did not start")
+            raise not_started from None
 
-    def run(self, job: tuple[str, str, bool], timeout_s: float, abandoned: threading.Event | None) -> tuple[str, str]:
-        self.conn.send(job)
-        deadline = time.monotonic() + timeout_s
-        while not self.conn.poll(POLL_INTERVAL_S):  # also True once the worker has died
+    def _wait(self, deadline: float, abandoned: threading.Event | None, timed_out: Exception) -> None:
+        """Until the worker has sent something (or died); killed first if abandoned or past `deadline`."""
+        while not self.conn.poll(POLL_INTERVAL_S):
             if abandoned is not None and abandoned.is_set():
                 self.stop()
                 raise CompileAbandoned()
             if time.monotonic() > deadline:
                 self.stop()
-                raise CompileTimeout()
+                raise timed_out
+
+    def run(self, job: tuple[str, str, bool], timeout_s: float, abandoned: threading.Event | None) -> tuple[str, str]:
+        self.conn.send(job)
+        self._wait(time.monotonic() + timeout_s, abandoned, CompileTimeout())  # poll is also True once it died
         try:
             return self.conn.recv()
         except EOFError:
@@ -136,11 +152,12 @@ class _Worker:
         self.conn.close()
 
 
-def serve(conn: Any, tokenizer_info_json: str) -> None:
+def serve(conn: Any, tokenizer_info_path: str) -> None:
     """A worker's loop: (kind, text, strict) in, ("ok", serialized) or ("invalid", why) out."""
     import xgrammar as xgr
 
-    info = xgr.TokenizerInfo.deserialize_json(tokenizer_info_json)
+    with open(tokenizer_info_path) as file:
+        info = xgr.TokenizerInfo.deserialize_json(file.read())
     # One thread: a compile must not take the cores decoding runs on. No cache: the caller keeps one.
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     conn.send("ready")

@@ -31,7 +31,7 @@ class GrammarLimits:
     max_choice_chars: int = 32 * 2**10  # their total length
     max_regex_chars: int = 16 * 2**10
     max_grammar_bytes: int = 64 * 2**10  # a GBNF grammar
-    max_grammar_rules: int = 1_024
+    max_grammar_rules: int = 256
     max_structural_tags: int = 256  # tags of a structural tag (one per tool)
     compile_timeout_s: float = 10.0  # one compile, in a worker process
 

@@ -18,8 +18,9 @@ from tests.helpers.grammar import accepts
 
 SMALL = GrammarLimits(max_schema_bytes=200, max_schema_nodes=30, max_choices=3, max_choice_chars=12,
                       max_regex_chars=10, max_grammar_bytes=60, max_grammar_rules=2, max_structural_tags=2)
-# Small to write, minutes to compile: xgrammar expands a string's length bound into states.
-HOSTILE = GrammarSpec("json_schema", '{"type": "string", "maxLength": 1000000}')
+# Within the limits, minutes to compile: optional properties of one object cost about cubically.
+HOSTILE = GrammarSpec("json_schema", json.dumps({"type": "object",
+                                                 "properties": {f"p{i}": {"type": "string"} for i in range(1_500)}}))
 
 
 @pytest.fixture(scope="module")
