@@ -14,6 +14,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # client went away or the server aborted it
     ERROR = "error"  # the engine failed while running it
+    UNSATISFIABLE = "unsatisfiable"  # its output constraint allows no next token: the request's fault
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,8 @@ class GrammarSpec:
     Plain data, so params stay hashable and torch-free; sampling/grammar.py compiles it.
     """
 
-    kind: str  # "json_object" | "json_schema" | "regex" | "ebnf" | "structural_tag"
-    text: str = ""  # the JSON schema / regex / EBNF (GBNF) grammar / structural tag JSON
+    kind: str  # "json_object" | "json_schema" | "regex" | "ebnf" | "structural_tag" | "choice"
+    text: str = ""  # the JSON schema / regex / EBNF (GBNF) grammar / structural tag JSON / JSON list of choices
     strict: bool = True  # json_schema: no properties beyond those the schema names
 
 

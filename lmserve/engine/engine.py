@@ -151,7 +151,7 @@ class LLMEngine:
         sched_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self._scheduler = Scheduler(sched_config, block_size, self._pool)
         caches = allocate_kv_caches(loaded.config, num_blocks, block_size, kv_dtype, self.device)
-        self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, num_threads=torch.get_num_threads())
+        self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size)
         self._runner: ModelRunner | None = ModelRunner(loaded.model, caches, block_size, self.device)
         if self.device.type == "cpu":  # load (or, once per machine, compile) now rather than in the first step
             native_layers = getattr(loaded.model, "native", None) is not None
@@ -217,7 +217,7 @@ class LLMEngine:
             log.exception("engine step failed")
             return EngineStep(self._fail_each([seq.request for seq in scheduled.seqs], exc), None)
         self._scheduler.update(scheduled, sampled.token_ids)
-        failed = self._fail_sampling_errors(sampled.errors)
+        failed = self._fail_sampling_errors(sampled.errors) + self._fail_unsatisfiable(sampled.unsatisfiable)
         self._finish_complete_grammars(sampled.grammar_finished)
         outputs = self._emit(scheduled, sampled)
         return EngineStep(failed + outputs, self._stats(scheduled, time.perf_counter() - started))
@@ -237,6 +237,7 @@ class LLMEngine:
                                          num_prompt_tokens=len(live.request.prompt_ids), error=why))
         self._runner = None
         self.model = None
+        self.grammar.close()
         return outputs
 
     @property
@@ -317,6 +318,10 @@ class LLMEngine:
             outputs.append(self._fail(self._live[rid].request, ValueError(why)))
         return outputs
 
+    def _fail_unsatisfiable(self, reasons: dict[str, str]) -> list[RequestOutput]:
+        """A request whose constraint allows no token ends as the client's error, not the engine's."""
+        return [self._fail(self._live[rid].request, why, FinishReason.UNSATISFIABLE) for rid, why in reasons.items()]
+
     def _finish_complete_grammars(self, request_ids: set[str]) -> None:
         """A complete grammar lets nothing follow (under ignore_eos the model would go on)."""
         for rid in request_ids:
@@ -333,11 +338,12 @@ class LLMEngine:
                 outputs.append(self._output(live, sampled))
         return outputs
 
-    def _fail(self, request: Request, exc: Exception) -> RequestOutput:
-        self._scheduler.finish(request, FinishReason.ERROR)
+    def _fail(self, request: Request, exc: Exception | str, reason: FinishReason = FinishReason.ERROR) -> RequestOutput:
+        self._scheduler.finish(request, reason)
         self._live.pop(request.request_id, None)
-        return RequestOutput(request.request_id, [], finish_reason=FinishReason.ERROR,
-                             num_prompt_tokens=len(request.prompt_ids), error=f"engine error: {exc}")
+        why = f"engine error: {exc}" if reason == FinishReason.ERROR else str(exc)
+        return RequestOutput(request.request_id, [], finish_reason=reason,
+                             num_prompt_tokens=len(request.prompt_ids), error=why)
 
     def _output(self, live: LiveRequest, sampled: StepResult) -> RequestOutput:
         request = live.request

@@ -33,12 +33,14 @@ class StepResult:
     logprobs: dict[str, SampleLogprobs]
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed this step
     grammar_finished: set[str] = field(default_factory=set)  # grammar complete: nothing more may follow
+    unsatisfiable: dict[str, str] = field(default_factory=dict)  # request id -> why its grammar allows no token
 
     def merge(self, other: StepResult) -> None:
         self.token_ids.update(other.token_ids)
         self.logprobs.update(other.logprobs)
         self.errors.update(other.errors)
         self.grammar_finished |= other.grammar_finished
+        self.unsatisfiable.update(other.unsatisfiable)
 
 
 class ModelRunner:
@@ -150,12 +152,14 @@ class ModelRunner:
     def _sample_batch(self, logits: torch.Tensor, rows: list[LiveRequest]) -> StepResult:
         requests = [row.request for row in rows]
         matchers = {index: row.matcher for index, row in enumerate(rows) if row.matcher is not None}
+        grammar_mask = GrammarMask.fill(matchers, len(requests), logits.shape[1]) if matchers else None
+        dead = grammar_mask.dead_rows() if grammar_mask is not None else []
         meta = SamplingMetadata(
             params=[r.params for r in requests],
             prompt_ids=[r.prompt_ids for r in requests],
             output_ids=[r.output_ids for r in requests],
             generators=[row.generator for row in rows],
-            grammar_mask=GrammarMask.fill(matchers, len(requests), logits.shape[1]) if matchers else None,
+            grammar_mask=grammar_mask,
             eos_token_ids=[r.eos_token_ids for r in requests],
             mirostat_mu=[row.mirostat_mu for row in rows],
         )
@@ -167,8 +171,13 @@ class ModelRunner:
         logprobs = to_sample_logprobs(result, meta.params)
         ids = [r.request_id for r in requests]
         step = StepResult(dict(zip(ids, token_ids)), {rid: lp for rid, lp in zip(ids, logprobs) if lp is not None})
+        for index in dead:
+            num_output = len(requests[index].output_ids)
+            step.unsatisfiable[ids[index]] = (f"the output constraint allows no token after {num_output} tokens "
+                                              "of output: no output can satisfy it")
         for index, matcher in matchers.items():
-            self._advance(matcher, ids[index], token_ids[index], step)
+            if index not in dead:
+                self._advance(matcher, ids[index], token_ids[index], step)
         return step
 
     @staticmethod

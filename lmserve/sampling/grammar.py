@@ -1,8 +1,10 @@
 """Constrained decoding: compile a GrammarSpec once, keep one matcher per request, mask each step.
 
-Backed by xgrammar: its compiler caches compiled grammars and precomputes per-state token masks,
-so filling a row's mask costs microseconds and applying the masks of a whole batch well under a
-millisecond (measured on the 49k-token SmolLM2 vocabulary), far below a forward step.
+Backed by xgrammar: its compiler precomputes per-state token masks, so filling a row's mask costs
+microseconds and applying the masks of a whole batch well under a millisecond (measured on the
+49k-token SmolLM2 vocabulary), far below a forward step. Compiling is what can be slow, or crash
+on a hostile input: a spec is checked against limits first (constraint_limits.py), then compiled
+in a worker process that is killed at a timeout or when its request is abandoned (compile_pool.py).
 
 xgrammar is imported, and its view of the vocabulary built, by the first request that carries a
 constraint (~0.8 s once, in that request's worker thread): importing it pulls in transformers and
@@ -15,12 +17,23 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmserve.request import GrammarSpec
+from lmserve.sampling.compile_pool import CompilePool, CompilerCrashed, CompileTimeout
+from lmserve.sampling.constraint_limits import (
+    UNENFORCED_KEYWORDS,
+    ConstraintLimitError,
+    GrammarLimits,
+    check_choices,
+    check_document,
+    check_size,
+    unenforced_keywords,
+)
 from lmserve.sampling.schema_depth import MAX_SCHEMA_DEPTH, embedded_schemas, schema_depth
 from lmserve.text.tokenizer import Tokenizer
 
@@ -40,31 +53,37 @@ _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
 # small schema), and clients may send a new schema or tool set with every request: unbounded,
 # the cache would grow for the server's lifetime. Evicted grammars live on in their matchers.
 DEFAULT_MAX_CACHE_BYTES = 256 * 2**20
+# Compiles running at once, each in its own worker process (compile_pool.py); more wait.
+DEFAULT_MAX_COMPILE_WORKERS = 2
 
 
 class GrammarCompiler:
-    """Compiles GrammarSpecs against one tokenizer's vocabulary. Thread-safe; caches results, up to about
-    `max_cache_bytes` (least recently used evicted first); `cache_bytes` is what it holds now."""
+    """Compiles GrammarSpecs against one tokenizer's vocabulary, in worker processes, after
+    checking them against `limits`. Thread-safe; caches results, up to about `max_cache_bytes`
+    (least recently used evicted first); `cache_bytes` is what it holds now."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, num_threads: int = 1,
-                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+                 limits: GrammarLimits = GrammarLimits(), max_compile_workers: int = DEFAULT_MAX_COMPILE_WORKERS):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.num_threads = num_threads
         self.max_cache_bytes = max_cache_bytes
-        self._built: xgr.GrammarCompiler | None = None
+        self.limits = limits
+        self.max_compile_workers = max_compile_workers
+        self._built: tuple[xgr.TokenizerInfo, CompilePool] | None = None
+        self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
 
-    @property
-    def _compiler(self) -> xgr.GrammarCompiler:
-        """xgrammar's compiler, built on first use (see the module's docstring)."""
-        if self._built is None:
-            with self._lock:
-                if self._built is None:
-                    self._built = self._build()
-        return self._built
+    def _backend(self) -> tuple[xgr.TokenizerInfo, CompilePool]:
+        """The vocabulary as xgrammar sees it, and the worker pool, built on first use."""
+        with self._lock:
+            if self._built is None:
+                info = self._tokenizer_info()
+                self._built = info, CompilePool(info.serialize_json(), self.max_compile_workers,
+                                                self.limits.compile_timeout_s)
+            return self._built
 
-    def _build(self) -> xgr.GrammarCompiler:
+    def _tokenizer_info(self) -> xgr.TokenizerInfo:
         import xgrammar as xgr
 
         # Special tokens get no bytes: the grammar can never emit them as text (a masked
@@ -72,44 +91,91 @@ class GrammarCompiler:
         # are still allowed once the grammar is complete. Tool-call and reasoning markers keep
         # their text, so a grammar can write [TOOL_CALLS] as the one token the model was trained on.
         vocab = [_grammar_bytes(self.tokenizer, i) for i in range(self.tokenizer.vocab_size)]
-        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+        return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
                                  stop_token_ids=sorted(self.tokenizer.eos_token_ids))
-        return xgr.GrammarCompiler(info, max_threads=self.num_threads, cache_enabled=True,
-                                   cache_limit_bytes=self.max_cache_bytes)
 
-    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
-        """The compiled grammar for `spec`; GrammarError if it is invalid."""
+    def compile(self, spec: GrammarSpec, abandoned: threading.Event | None = None) -> xgr.CompiledGrammar:
+        """The compiled grammar for `spec`; GrammarError if it is invalid, over a limit, allows no
+        output, or does not compile within the timeout. CompileAbandoned once `abandoned` is set
+        (the request has gone): its compile is stopped."""
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        check_spec(spec, self.limits)
+        compiled = self._compile(_as_compiled(spec), abandoned)
+        self._remember(spec, compiled)
+        return compiled
+
+    def _compile(self, spec: GrammarSpec, abandoned: threading.Event | None) -> xgr.CompiledGrammar:
+        import xgrammar as xgr
+
+        info, pool = self._backend()
+        what = f"invalid {spec.kind.replace('_', ' ')}"
         try:
-            check_schema_depth(spec)
-            return self._compile(spec)
-        except GrammarError:
-            raise
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {_clean(exc)}") from None
+            status, payload = pool.compile(spec.kind, spec.text, spec.strict, abandoned)
+        except CompileTimeout:
+            raise GrammarError(f"{what}: it did not compile within the limit (compile_timeout_s) of "
+                               f"{self.limits.compile_timeout_s:g} s") from None
+        except CompilerCrashed as exc:
+            raise GrammarError(f"{what}: {exc}") from None
+        if status != "ok":
+            raise GrammarError(f"{what}: {_clean(payload)}")
+        compiled = xgr.CompiledGrammar.deserialize_json(payload, info)
+        if allows_no_token(compiled, self.vocab_size):
+            raise GrammarError(f"{what}: no output can satisfy it (it allows no first token)")
+        return compiled
 
-    def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
-        if spec.kind == "json_object":  # any object, compact like json_schema below
-            return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-        if spec.kind == "json_schema":
-            # Compact JSON: with free whitespace a sampled model can pad forever between tokens.
-            return self._compiler.compile_json_schema(spec.text, any_whitespace=False, strict_mode=spec.strict)
-        if spec.kind == "regex":
-            return self._compiler.compile_regex(spec.text)
-        if spec.kind == "ebnf":
-            return self._compiler.compile_grammar(spec.text)
-        if spec.kind == "structural_tag":
-            return self._compiler.compile_structural_tag(spec.text)
-        raise ValueError(f"unknown grammar kind {spec.kind!r}")
+    def _remember(self, spec: GrammarSpec, compiled: xgr.CompiledGrammar) -> None:
+        with self._lock:
+            if spec in self._cache:
+                return
+            self._cache[spec] = compiled
+            self._cache_bytes += compiled.memory_size_bytes
+            while self._cache_bytes > self.max_cache_bytes and len(self._cache) > 1:
+                _, evicted = self._cache.popitem(last=False)
+                self._cache_bytes -= evicted.memory_size_bytes
 
     @property
     def cache_bytes(self) -> int:
         """Memory held by the cache of compiled grammars now."""
-        return 0 if self._built is None else self._built.get_cache_size_bytes()
+        return self._cache_bytes
+
+    @property
+    def num_compile_workers(self) -> int:
+        """Compile worker processes alive now."""
+        return 0 if self._built is None else self._built[1].num_workers
 
     def matcher(self, spec: GrammarSpec) -> xgr.GrammarMatcher:
         import xgrammar as xgr
 
         return xgr.GrammarMatcher(self.compile(spec))
+
+    def close(self) -> None:
+        """Stop the idle compile workers (the model is going away); later compiles start new ones."""
+        if self._built is not None:
+            self._built[1].close()
+
+
+@dataclass(frozen=True)
+class RequestCompiler:
+    """A GrammarCompiler as one request uses it: its compiles stop once `abandoned` is set (the
+    client has gone), so a runaway compile does not outlive its request."""
+
+    compiler: GrammarCompiler
+    abandoned: threading.Event
+
+    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        return self.compiler.compile(spec, self.abandoned)
+
+
+def allows_no_token(compiled: xgr.CompiledGrammar, vocab_size: int) -> bool:
+    """Whether the grammar's start allows no token at all (its language is empty)."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+    return not bool(bitmask.any())
 
 
 # Special tokens that tool-call and reasoning formats write as markup (Mistral, Llama 3, Qwen).
@@ -117,12 +183,29 @@ MARKUP_TOKENS = frozenset({b"[TOOL_CALLS]", b"[ARGS]", b"[CALL_ID]", b"<|python_
                            b"</tool_call>", b"<think>", b"</think>"})
 
 
-def check_schema_depth(spec: GrammarSpec) -> None:
-    """GrammarError if a JSON schema in `spec` (its own, or one a structural tag carries) nests deeper
-    than MAX_SCHEMA_DEPTH: deeper ones can crash the compiler (schema_depth.py)."""
-    if spec.kind not in ("json_schema", "structural_tag"):
-        return
+def check_spec(spec: GrammarSpec, limits: GrammarLimits) -> None:
+    """GrammarError if `spec` is over one of `limits`, nests too deep, or uses a schema keyword the
+    compiler would ignore; checked before compiling, in time linear in its size."""
+    what = f"invalid {'choice' if spec.kind == 'choice' else spec.kind.replace('_', ' ')}"
+    try:
+        if spec.kind == "choice":
+            check_choices(json.loads(spec.text), limits)
+            return
+        check_size(spec.kind, spec.text, limits)
+        if spec.kind in ("json_schema", "structural_tag"):
+            _check_document(spec, limits)
+    except ConstraintLimitError as exc:
+        raise GrammarError(f"{what}: {exc}") from None
+
+
+def _check_document(spec: GrammarSpec, limits: GrammarLimits) -> None:
+    """Nodes and tags, then each schema's depth (deeper ones can crash the compiler,
+    schema_depth.py) and keywords."""
     document = _parse_json(spec.text)
+    if document is None:
+        return  # not JSON: the compiler says what is wrong
+    if document is not _TOO_DEEP:
+        check_document(spec.kind, document, limits)
     schemas = [document] if spec.kind == "json_schema" else [document, *embedded_schemas(document)]
     for schema in schemas:
         if isinstance(schema, str):  # a structural tag may carry a schema as JSON text
@@ -130,6 +213,14 @@ def check_schema_depth(spec: GrammarSpec) -> None:
         if schema is _TOO_DEEP or schema_depth(schema) > MAX_SCHEMA_DEPTH:
             raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: it nests deeper than {MAX_SCHEMA_DEPTH} "
                                "levels (objects and arrays, counting each $ref as nesting its target)")
+        if spec.kind == "json_schema" or schema is not document:
+            _check_keywords(spec, schema)
+
+
+def _check_keywords(spec: GrammarSpec, schema: Any) -> None:
+    for pointer, keyword in unenforced_keywords(schema):
+        raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: the keyword {keyword!r} (at {pointer}) is "
+                           f"not supported: {UNENFORCED_KEYWORDS[keyword]} when decoding is constrained")
 
 
 _TOO_DEEP = object()  # JSON nested past the parser's own recursion limit
@@ -155,8 +246,16 @@ def _clean(exc: Exception) -> str:
 
 
 def choice_spec(choices: list[str]) -> GrammarSpec:
-    """Exactly one of `choices`, verbatim (vLLM's guided_choice)."""
-    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+    """Exactly one of `choices`, verbatim (vLLM's guided_choice); its limits are checked on the
+    items, before it becomes a grammar."""
+    return GrammarSpec("choice", json.dumps(choices, ensure_ascii=False))
+
+
+def _as_compiled(spec: GrammarSpec) -> GrammarSpec:
+    """`spec` in a kind the compiler takes: a choice becomes the grammar of its alternatives."""
+    if spec.kind != "choice":
+        return spec
+    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(spec.text))
     return GrammarSpec("ebnf", f"root ::= {alternatives}")
 
 
@@ -177,6 +276,14 @@ class GrammarMask:
         for row, matcher in matchers.items():
             matcher.fill_next_token_bitmask(bitmask, row)
         return cls(bitmask, sorted(matchers), vocab_size)
+
+    def dead_rows(self) -> list[int]:
+        """Constrained rows whose grammar allows no token now, opened to the whole vocabulary so they
+        still sample (their request fails, but the batch's sampling does not: an all -inf row
+        would make NaN probabilities)."""
+        dead = [row for row in self.rows if not bool(self.bitmask[row].any())]
+        self.bitmask[dead] = -1
+        return dead
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set disallowed tokens to -inf in the constrained rows, in place."""

@@ -190,7 +190,7 @@ class ModelMetrics:
             return
         if timing.last_output is None:
             m.prompt_tokens.labels(model).inc(output.num_prompt_tokens)
-        if output.finish_reason != FinishReason.ERROR:
+        if output.finish_reason not in (FinishReason.ERROR, FinishReason.UNSATISFIABLE):
             latency = m.ttft if timing.last_output is None else m.itl
             latency.labels(model).observe(now - (timing.last_output if timing.last_output is not None
                                                  else timing.arrival))

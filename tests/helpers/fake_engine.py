@@ -66,12 +66,12 @@ class FimByteTokenizer(ByteTokenizer):
 class FakeEngine:
     """Replies `reply` one token per output (UTF-8 safe deltas), logprobs when asked.
 
-    `hang_after` tokens it blocks forever; `fail_after` tokens it finishes with ERROR;
+    `hang_after` tokens it blocks forever; `fail_after` tokens it finishes with `fail_reason` (ERROR);
     `raise_after` tokens it raises. Records calls, and requests closed before finishing.
     """
 
     def __init__(self, reply="Hé!", max_model_len=64, hang_after=None, fail_after=None, raise_after=None,
-                 tokenizer: ByteTokenizer | None = None, grammar=None):
+                 tokenizer: ByteTokenizer | None = None, grammar=None, fail_reason=FinishReason.ERROR):
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.config = EngineConfig("/models/fake.gguf", "fake", scheduler=SchedulerConfig(max_num_seqs=4))
         self.max_model_len = max_model_len
@@ -80,6 +80,7 @@ class FakeEngine:
         self.grammar = grammar  # None: no constrained decoding (tested against the real engine)
         self.reply = reply
         self.hang_after, self.fail_after, self.raise_after = hang_after, fail_after, raise_after
+        self.fail_reason = fail_reason
         self.calls: list[tuple[str, list[int], SamplingParams]] = []
         self.closed_early: list[str] = []
         self.closed = False  # unloaded
@@ -133,7 +134,7 @@ class FakeEngine:
             await self._maybe_misbehave(k)
             if k == self.fail_after:
                 yield RequestOutput(
-                    request_id, [], finish_reason=FinishReason.ERROR, error="device fell over"
+                    request_id, [], finish_reason=self.fail_reason, error="device fell over"
                 )
                 return
             last = k == len(ids) - 1

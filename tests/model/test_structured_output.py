@@ -156,3 +156,19 @@ def test_invalid_grammars_name_the_problem(default_model):
     for spec, needle in cases:
         with pytest.raises(GrammarError, match=needle):
             compiler.compile(spec)
+
+
+def test_a_grammar_that_runs_out_of_tokens_ends_its_request_as_unsatisfiable(engine, prompt):
+    # "a" is allowed, then nothing: only the runtime can find this dead end. The free request in
+    # the same batch goes on.
+    engine.add_request("dead-end", prompt, SamplingParams(temperature=1.0, max_tokens=8,
+                                                          grammar=GrammarSpec("regex", r"a[^\s\S]")))
+    engine.add_request("free", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    finished = {}
+    while engine.has_unfinished:
+        for output in engine.step().outputs:
+            if output.finish_reason is not None:
+                finished[output.request_id] = output
+    assert finished["dead-end"].finish_reason == FinishReason.UNSATISFIABLE
+    assert "allows no token after 1 tokens" in finished["dead-end"].error
+    assert finished["free"].finish_reason == FinishReason.LENGTH

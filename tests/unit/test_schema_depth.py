@@ -8,6 +8,7 @@ import pytest
 import xgrammar as xgr
 
 from lmserve.request import GrammarSpec
+from lmserve.sampling.constraint_limits import GrammarLimits
 from lmserve.sampling.grammar import GrammarCompiler, GrammarError
 from lmserve.sampling.schema_depth import MAX_SCHEMA_DEPTH, embedded_schemas, schema_depth
 
@@ -79,24 +80,31 @@ def test_embedded_schemas_are_found_in_a_structural_tag_but_not_inside_a_schema(
     assert len(found) == 2 and inner in found and {"type": "integer"} in found
 
 
+@pytest.fixture(scope="module")
+def unsized_compiler(default_tokenizer):
+    """A compiler without size limits: the depth check must hold on its own (limits may be raised)."""
+    limits = GrammarLimits(max_schema_bytes=2**30, max_schema_nodes=2**30)
+    return GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size, limits=limits)
+
+
 @pytest.mark.parametrize("links", [4_000, 50_000])
-def test_the_compiler_refuses_a_deep_ref_chain(grammar_compiler, links):
+def test_the_compiler_refuses_a_deep_ref_chain(unsized_compiler, links):
     with pytest.raises(GrammarError, match=f"nests deeper than {MAX_SCHEMA_DEPTH} levels"):
-        grammar_compiler.compile(GrammarSpec("json_schema", json.dumps(ref_chain(links))))
+        unsized_compiler.compile(GrammarSpec("json_schema", json.dumps(ref_chain(links))))
 
 
-def test_the_compiler_refuses_a_deep_schema_inside_a_structural_tag(grammar_compiler):
+def test_the_compiler_refuses_a_deep_schema_inside_a_structural_tag(unsized_compiler):
     for schema in (ref_chain(4_000), json.dumps(ref_chain(4_000))):  # as an object and as JSON text
         tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>",
                                                    "content": {"type": "json_schema", "json_schema": schema}}}
         with pytest.raises(GrammarError, match="nests deeper"):
-            grammar_compiler.compile(GrammarSpec("structural_tag", json.dumps(tag)))
+            unsized_compiler.compile(GrammarSpec("structural_tag", json.dumps(tag)))
 
 
-def test_json_nested_past_the_parsers_own_limit_is_refused(grammar_compiler):
+def test_json_nested_past_the_parsers_own_limit_is_refused(unsized_compiler):
     text = '{"type": "array", "items": ' * 100_000 + "{}" + "}" * 100_000
     with pytest.raises(GrammarError, match="nests deeper"):
-        grammar_compiler.compile(GrammarSpec("json_schema", text))
+        unsized_compiler.compile(GrammarSpec("json_schema", text))
 
 
 def test_a_schema_at_the_limit_still_compiles_and_constrains(grammar_compiler, default_tokenizer):

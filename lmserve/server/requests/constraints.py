@@ -16,10 +16,10 @@ from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ResponseFormat, SamplingFields, StructuredOutputs
 
 if TYPE_CHECKING:
-    from lmserve.sampling.grammar import GrammarCompiler
+    from lmserve.sampling.grammar import GrammarCompiler, RequestCompiler
 
 
-def grammar_spec(request: SamplingFields, compiler: GrammarCompiler | None) -> GrammarSpec | None:
+def grammar_spec(request: SamplingFields, compiler: GrammarCompiler | RequestCompiler | None) -> GrammarSpec | None:
     """The request's single output constraint, checked to compile; None when it has none."""
     found = requested_constraints(request)
     if not found:
@@ -32,16 +32,17 @@ def grammar_spec(request: SamplingFields, compiler: GrammarCompiler | None) -> G
     return spec
 
 
-def check_compiles(spec: GrammarSpec, compiler: GrammarCompiler | None, param: str,
+def check_compiles(spec: GrammarSpec, compiler: GrammarCompiler | RequestCompiler | None, param: str,
                    feature: str = "constrained decoding", context: str = "") -> None:
-    """400 naming `param` if `spec` does not compile (the compiled grammar stays cached for the
-    engine); `feature` names what an engine without a compiler does not support."""
+    """400 naming `param` if `spec` does not compile, is over a limit or allows no output (the
+    compiled grammar stays cached for the engine); `feature` names what an engine without a
+    compiler does not support."""
     if compiler is None:
         raise unsupported(param, f"{feature} on this model")
     try:
         compiler.compile(spec)
     except GrammarError as exc:
-        raise bad_request(f"{context}{exc}", param=param) from None
+        raise bad_request(f"{param}: {context}{exc}", param=param) from None
 
 
 def requested_constraints(request: SamplingFields) -> list[tuple[str, GrammarSpec]]:

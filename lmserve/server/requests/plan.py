@@ -28,7 +28,7 @@ from lmserve.server.requests.tools import ToolsPlan, plan_tools
 from lmserve.text.fim import infill_ids
 
 if TYPE_CHECKING:
-    from lmserve.sampling.grammar import GrammarCompiler
+    from lmserve.sampling.grammar import GrammarCompiler, RequestCompiler
     from lmserve.text.tokenizer import ChatTokenizer
 
 MAX_ABS_LOGIT_BIAS = 100.0
@@ -64,7 +64,7 @@ class GenerationPlan:
 
 def chat_plan(
     request: ChatCompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
+    grammar: GrammarCompiler | RequestCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
     """Render the chat template, tokenize it, and build one SamplingParams per choice.
     `clip_max_tokens`: max_tokens is the model's default, not the client's: it ends at the
@@ -105,7 +105,8 @@ def chat_prompt_text(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -
     return render_chat(request, tokenizer, plan_tools(request, tokenizer))
 
 
-def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:
+def _with_tools(base: SamplingParams, tools: ToolsPlan | None,
+                grammar: GrammarCompiler | RequestCompiler | None) -> SamplingParams:
     """Params whose grammar enforces the tool calls, and which keep the special tokens a format needs."""
     if tools is None:
         return base
@@ -164,7 +165,7 @@ def _n_predict(request: SamplingFields) -> int | None:
 
 def completion_plan(
     request: CompletionRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
+    grammar: GrammarCompiler | RequestCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
     """Tokenize the prompt(s) and build n SamplingParams per prompt (`clip_max_tokens` as for chat)."""
     _check_completion_supported(request)
@@ -190,7 +191,7 @@ _COMPLETION_ROUTES = {"CompletionRequest": "/v1/completions (OpenAI's shape)",
 
 def infill_plan(
     request: InfillRequest, response_id: str, tokenizer: ChatTokenizer, max_model_len: int,
-    grammar: GrammarCompiler | None = None, *, clip_max_tokens: bool = False,
+    grammar: GrammarCompiler | RequestCompiler | None = None, *, clip_max_tokens: bool = False,
 ) -> GenerationPlan:
     """llama.cpp's /infill: its FIM prompt (other files, <PRE> prefix prompt <SUF> suffix <MID>),
     then a completion of it."""
@@ -295,7 +296,7 @@ def _check_stream_options(request: SamplingFields) -> None:
 
 
 def base_params(request: SamplingFields, tokenizer: ChatTokenizer, logprobs: int | None = None,
-                grammar: GrammarCompiler | None = None) -> SamplingParams:
+                grammar: GrammarCompiler | RequestCompiler | None = None) -> SamplingParams:
     """The request's sampling fields as SamplingParams (max_tokens is set per prompt later); a 400
     for a field no request may have. Start-up checks the server's sampling defaults with it."""
     vocab_size = tokenizer.vocab_size

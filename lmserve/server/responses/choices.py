@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs
-from lmserve.server.errors import server_error
+from lmserve.server.errors import bad_request, server_error
 from lmserve.server.protocol import FinishReasonName, PromptTokensDetails, UsageInfo
 from lmserve.server.requests.plan import GenerationPlan
 from lmserve.server.requests.tools import ToolsPlan
@@ -45,7 +45,8 @@ class ChoiceResult:
     last_token_at: float | None = None
 
     def add(self, output: RequestOutput) -> None:
-        """Record `output`; an engine ERROR or ABORT finish becomes a server error."""
+        """Record `output`; an engine ERROR or ABORT finish becomes a server error, an UNSATISFIABLE
+        one a 400."""
         _raise_if_failed(output)
         self.text_parts.append(output.text_delta)
         self.token_ids.extend(output.new_token_ids)
@@ -67,6 +68,8 @@ class ChoiceResult:
 
 
 def _raise_if_failed(output: RequestOutput) -> None:
+    if output.finish_reason == FinishReason.UNSATISFIABLE:  # the request's constraint, not the server
+        raise bad_request(output.error or "the output constraint allows no token", code="unsatisfiable_constraint")
     if output.finish_reason == FinishReason.ERROR:
         raise server_error(f"generation failed: {output.error or 'engine error'}")
     if output.finish_reason == FinishReason.ABORT:

@@ -4,6 +4,7 @@ run it, answer JSON or SSE."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from lmserve.fleet.catalogue import defaults_left_out
+from lmserve.sampling.grammar import GrammarCompiler, RequestCompiler
 from lmserve.server.errors import CLIENT_CLOSED_REQUEST, APIError, bad_request
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
 from lmserve.server.protocol import (
@@ -152,12 +154,10 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
         body = with_model_defaults(body, lease.entry.defaults)
         engine = lease.model.engine
         meta = ResponseMeta(f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), lease.entry.id)
-        # In a worker thread: compiling a constraint can take seconds (a long maxLength), and the
-        # event loop must keep serving the other requests' streams meanwhile. Abandoned when the
-        # request is cancelled (a server stopping): its answer does not wait for the compile.
-        plan = await anyio.to_thread.run_sync(partial(shape.make_plan, clip_max_tokens=defaulted_max_tokens), body,
-                                              meta.id, engine.tokenizer, engine.max_model_len, engine.grammar,
-                                              abandon_on_cancel=True)
+        plan = await _plan(request, partial(shape.make_plan, body, meta.id, engine.tokenizer, engine.max_model_len,
+                                            clip_max_tokens=defaulted_max_tokens), engine.grammar)
+        if plan is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         engine = _counting_tokens(_slotted(engine, state.slot_table(lease), body.id_slot, plan), request, plan)
         if body.stream:
             response = event_stream.EventStreamResponse(shape.stream(engine, plan, meta, body),
@@ -171,6 +171,20 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
     finally:
         if lease is not None:
             lease.release()
+
+
+async def _plan(request: Request, make_plan: Callable[..., GenerationPlan],
+                compiler: GrammarCompiler | None) -> GenerationPlan | None:
+    """`make_plan(compiler)` in a worker thread, or None if the client disconnects first: compiling a
+    constraint can take seconds, and the event loop must keep serving the other requests meanwhile.
+    A compile still running when the client leaves is stopped (its worker process killed)."""
+    abandoned = threading.Event()
+    compiles = None if compiler is None else RequestCompiler(compiler, abandoned)
+    try:
+        return await until_disconnected(request.receive, anyio.to_thread.run_sync(make_plan, compiles,
+                                                                                   abandon_on_cancel=True))
+    finally:
+        abandoned.set()
 
 
 def with_model_defaults(body, defaults: dict[str, Any]):

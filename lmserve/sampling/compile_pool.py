@@ -1,0 +1,188 @@
+"""Grammar compiles in worker processes, so one that runs away can be stopped.
+
+xgrammar compiles in C++ and cannot be interrupted from Python: in a thread of the server, a
+hostile constraint (a long maxLength, a huge alternation) would hold a core and its request for
+minutes after the client left, and a compiler crash would take the server down. In a worker
+process it is killed at the compile timeout or as soon as its request is abandoned, and a crash
+costs only that worker. Workers fork from multiprocessing's forkserver, which has xgrammar
+imported once, so a new worker is ready in tens of milliseconds; what they cost in memory and
+time is in bench/RESULTS.md ("Grammar compile limits").
+
+A worker returns the compiled grammar serialized; the caller deserializes it against its own
+tokenizer info.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any
+
+# How often a waiting caller looks at its deadline and at its request.
+POLL_INTERVAL_S = 0.02
+# A worker's start: the forkserver's first start imports xgrammar (seconds on a busy machine).
+MAX_START_S = 120.0
+
+
+class CompileTimeout(Exception):
+    """The compile ran past the timeout; its worker was killed."""
+
+
+class CompileAbandoned(Exception):
+    """The request that wanted the compile has gone; its worker was killed."""
+
+
+class CompilerCrashed(Exception):
+    """The worker died while compiling (the compiler crashed on the input)."""
+
+
+class CompilePool:
+    """Up to `max_workers` worker processes, started when needed, each compiling one grammar at a
+    time against the tokenizer `tokenizer_info_json` (xgrammar's TokenizerInfo) describes. Thread-safe."""
+
+    def __init__(self, tokenizer_info_json: str, max_workers: int, timeout_s: float):
+        # Workers read the tokenizer from a file: as a process argument, its 1.6 MB would block the
+        # start until the new worker had imported the main module and read it.
+        fd, self.tokenizer_info_path = tempfile.mkstemp(prefix="lmserve-tokenizer-", suffix=".json")
+        with os.fdopen(fd, "w") as file:
+            file.write(tokenizer_info_json)
+        weakref.finalize(self, os.remove, self.tokenizer_info_path)
+        self.max_workers = max_workers
+        self.timeout_s = timeout_s
+        self._context = mp.get_context("forkserver")
+        # The forkserver imports xgrammar once; the workers forked from it share it. With the main
+        # module preloaded too, a worker does not import it again (lmserve's CLI: ~0.5 s each).
+        self._context.set_forkserver_preload(["__main__", "xgrammar", __name__])
+        self._idle: list[_Worker] = []
+        self._num_workers = 0
+        self._changed = threading.Condition()
+
+    def compile(self, kind: str, text: str, strict: bool, abandoned: threading.Event | None = None) -> tuple[str, str]:
+        """("ok", serialized CompiledGrammar) or ("invalid", why) for an input the compiler refused.
+        Raises CompileTimeout, CompileAbandoned (once `abandoned` is set), CompilerCrashed."""
+        worker = self._acquire(abandoned)
+        kept = False
+        try:
+            reply = worker.run((kind, text, strict), self.timeout_s, abandoned)
+            kept = True
+            return reply
+        finally:
+            self._release(worker, kept)
+
+    @property
+    def num_workers(self) -> int:
+        """Worker processes alive now, busy or idle."""
+        return self._num_workers
+
+    def close(self) -> None:
+        """Stop the idle workers; a busy one stops when its compile ends."""
+        with self._changed:
+            idle, self._idle = self._idle, []
+            self._num_workers -= len(idle)
+        for worker in idle:
+            worker.stop()
+
+    def _acquire(self, abandoned: threading.Event | None) -> _Worker:
+        with self._changed:
+            while not self._idle and self._num_workers >= self.max_workers:
+                if abandoned is not None and abandoned.is_set():
+                    raise CompileAbandoned()
+                self._changed.wait(POLL_INTERVAL_S)
+            if self._idle:
+                return self._idle.pop()
+            self._num_workers += 1
+        try:
+            return _Worker(self._context, self.tokenizer_info_path, abandoned)
+        except BaseException:
+            self._release(None, False)
+            raise
+
+    def _release(self, worker: _Worker | None, keep: bool) -> None:
+        with self._changed:
+            if keep and worker is not None:
+                self._idle.append(worker)
+            else:
+                self._num_workers -= 1
+            self._changed.notify()
+
+
+class _Worker:
+    """One worker process and the pipe to it."""
+
+    def __init__(self, context: Any, tokenizer_info_path: str, abandoned: threading.Event | None):
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=serve, args=(child_conn, tokenizer_info_path), daemon=True,
+                                       name="lmserve-grammar-compile")
+        self.process.start()
+        child_conn.close()
+        not_started = CompilerCrashed("the grammar compile worker did not start")
+        self._wait(time.monotonic() + MAX_START_S, abandoned, not_started)
+        try:
+            self.conn.recv()  # "ready"
+        except EOFError:
+            self.stop()
+            raise not_started from None
+
+    def _wait(self, deadline: float, abandoned: threading.Event | None, timed_out: Exception) -> None:
+        """Until the worker has sent something (or died); killed first if abandoned or past `deadline`."""
+        while not self.conn.poll(POLL_INTERVAL_S):
+            if abandoned is not None and abandoned.is_set():
+                self.stop()
+                raise CompileAbandoned()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise timed_out
+
+    def run(self, job: tuple[str, str, bool], timeout_s: float, abandoned: threading.Event | None) -> tuple[str, str]:
+        self.conn.send(job)
+        self._wait(time.monotonic() + timeout_s, abandoned, CompileTimeout())  # poll is also True once it died
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.stop()
+            raise CompilerCrashed(f"the compiler crashed on it (exit code {self.process.exitcode})") from None
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+def serve(conn: Any, tokenizer_info_path: str) -> None:
+    """A worker's loop: (kind, text, strict) in, ("ok", serialized) or ("invalid", why) out."""
+    import xgrammar as xgr
+
+    with open(tokenizer_info_path) as file:
+        info = xgr.TokenizerInfo.deserialize_json(file.read())
+    # One thread: a compile must not take the cores decoding runs on. No cache: the caller keeps one.
+    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    conn.send("ready")
+    while True:
+        try:
+            kind, text, strict = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", compile_with(compiler, kind, text, strict).serialize_json()))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            conn.send(("invalid", str(exc)))
+
+
+def compile_with(compiler: Any, kind: str, text: str, strict: bool) -> Any:
+    """xgrammar's CompiledGrammar of one GrammarSpec's kind and text."""
+    if kind == "json_object":  # any object, compact like json_schema below
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+    if kind == "json_schema":
+        # Compact JSON: with free whitespace a sampled model can pad forever between tokens.
+        return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=strict)
+    if kind == "regex":
+        return compiler.compile_regex(text)
+    if kind == "ebnf":
+        return compiler.compile_grammar(text)
+    if kind == "structural_tag":
+        return compiler.compile_structural_tag(text)
+    raise ValueError(f"unknown grammar kind {kind!r}")
