@@ -6,7 +6,10 @@ into its engine while their sequences fit under `max_running`; the others wait. 
 queue per client (its API key, else its address), and the clients' lines take turns: each
 admission hands the turn to the next line, so a burst from one client costs a newcomer one turn,
 not the whole burst. A request that would push the waiting sequences past `max_queued` is refused
-at once (QueueFull); one still waiting after `queue_timeout` seconds is refused then (QueueTimeout).
+at once (QueueFull), unless another client holds more of the queue than it would: then that
+client's newest waiting request is refused instead (pushed out), so one client's burst cannot
+fill the queue against the others either. A request still waiting after `queue_timeout` seconds
+is refused then (QueueTimeout).
 
 Invariants, on the event loop (no locks: nothing here awaits between reading and writing):
 - num_running is the sum of the sequences of the tickets handed out and not yet released;
@@ -95,7 +98,7 @@ class AdmissionGate:
         when the request is done. QueueFull or QueueTimeout when the request is refused."""
         if not self._lines and self._fits(num_seqs):
             return self._start(num_seqs)
-        if self.num_queued and self.num_queued + num_seqs > self.limits.max_queued:
+        if not self._make_room(client, num_seqs):
             raise QueueFull(f"{self.num_queued} sequences are already waiting (at most {self.limits.max_queued})")
         waiter = _Waiter(client, num_seqs, asyncio.get_running_loop().create_future())
         self._lines.setdefault(client, deque()).append(waiter)
@@ -107,17 +110,19 @@ class AdmissionGate:
         try:
             # Shielded: a timeout or a cancellation must not cancel a ticket being handed over.
             return await asyncio.wait_for(asyncio.shield(waiter.admitted), self.limits.queue_timeout)
+        except QueueFull:  # pushed out by another client's request
+            raise
         except TimeoutError:
-            if waiter.admitted.done():  # let in as the time ran out
+            if waiter.admitted.done():  # let in, or pushed out, as the time ran out
                 return waiter.admitted.result()
             self._leave(waiter)
             raise QueueTimeout(f"waited {time.monotonic() - started:.0f} s without starting "
                                f"(at most {self.limits.queue_timeout:g} s)") from None
         except BaseException:  # cancelled: its client went away
-            if waiter.admitted.done():
-                waiter.admitted.result().release()
-            else:
+            if not waiter.admitted.done():
                 self._leave(waiter)
+            elif waiter.admitted.exception() is None:
+                waiter.admitted.result().release()
             raise
 
     def wake(self) -> None:
@@ -132,6 +137,26 @@ class AdmissionGate:
                 self._lines[client] = line
             self.num_queued -= waiter.num_seqs
             waiter.admitted.set_result(self._start(waiter.num_seqs))
+
+    def _make_room(self, client: str, num_seqs: int) -> bool:
+        """Whether `num_seqs` more sequences of `client`'s may wait, pushing out the newest requests
+        of a client holding more of the queue than `client` then would."""
+        if not self.num_queued:
+            return True  # a request larger than the whole queue may still wait alone
+        own = self._num_waiting(client) + num_seqs
+        while self.num_queued + num_seqs > self.limits.max_queued:
+            heaviest = max(self._lines, key=self._num_waiting)
+            if self._num_waiting(heaviest) <= own:
+                return False
+            victim = self._lines[heaviest][-1]
+            self._leave(victim)
+            victim.admitted.set_exception(QueueFull(
+                f"pushed out of a full queue ({self.limits.max_queued} sequences) by another client's request: "
+                "this client had the most waiting"))
+        return True
+
+    def _num_waiting(self, client: str) -> int:
+        return sum(waiter.num_seqs for waiter in self._lines.get(client, ()))
 
     def _fits(self, num_seqs: int) -> bool:
         return self.num_running == 0 or self.num_running + num_seqs <= self.limits.max_running

@@ -62,12 +62,36 @@ def test_a_full_queue_refuses_at_once():
         queued = [asyncio.ensure_future(g.admit("a", 1)) for _ in range(3)]
         await settle()
         with pytest.raises(QueueFull, match="3 sequences are already waiting"):
-            await g.admit("b", 1)
+            await g.admit("a", 1)
         assert g.num_queued == 3
         for task in queued:
             task.cancel()
         await asyncio.gather(*queued, return_exceptions=True)
         assert g.num_queued == 0 and g.num_running == 1
+    asyncio.run(main())
+
+
+def test_a_client_filling_the_queue_is_pushed_out_of_it_by_the_others():
+    """A holds the whole queue; B and C each take a place from A's newest requests; D finds every
+    client holding no more than it would, and is refused."""
+    async def main():
+        g = gate(max_running=1, max_queued=3)
+        await g.admit("a", 1)
+        a = [asyncio.ensure_future(g.admit("a", 1)) for _ in range(3)]
+        await settle()
+        b = asyncio.ensure_future(g.admit("b", 1))
+        c = asyncio.ensure_future(g.admit("c", 1))
+        await settle()
+        assert [task.done() for task in a] == [False, True, True]
+        for task in a[1:]:
+            with pytest.raises(QueueFull, match="pushed out .* this client had the most waiting"):
+                task.result()
+        with pytest.raises(QueueFull, match="3 sequences are already waiting"):
+            await g.admit("d", 1)
+        assert g.num_queued == 3 and not b.done() and not c.done()
+        for task in (a[0], b, c):
+            task.cancel()
+        await asyncio.gather(a[0], b, c, return_exceptions=True)
     asyncio.run(main())
 
 
@@ -78,7 +102,7 @@ def test_n_choices_count_as_n_sequences_in_the_queue():
         queued = asyncio.ensure_future(g.admit("a", 3))
         await settle()
         with pytest.raises(QueueFull):
-            await g.admit("b", 2)  # 3 + 2 > 4
+            await g.admit("a", 2)  # 3 + 2 > 4
         queued.cancel()
         await asyncio.gather(queued, return_exceptions=True)
     asyncio.run(main())
