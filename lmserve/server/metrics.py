@@ -127,7 +127,8 @@ class ServerMetrics:
 
     def model_unloaded(self, model: str, reason: str) -> None:
         self.unloads.labels(model, reason).inc()
-        for gauge in (self.running, self.waiting, self.queued, self.kv_usage, self.prefix_hit_rate):  # gone with the model
+        # gone with the model
+        for gauge in (self.running, self.waiting, self.queued, self.kv_usage, self.prefix_hit_rate):
             with contextlib.suppress(KeyError):
                 gauge.remove(model)
 
