@@ -105,6 +105,13 @@ class AdmissionGate:
         self.num_queued += num_seqs
         return await self._wait(waiter)
 
+    def refuses(self, client: str, num_seqs: int = 1) -> bool:
+        """Whether `admit` would refuse `num_seqs` sequences of `client`'s now: asked before a request
+        is planned, so that a full queue costs a refused request no work."""
+        if not self.num_queued or self.num_queued + num_seqs <= self.limits.max_queued:
+            return False
+        return max(map(self._num_waiting, self._lines)) <= self._num_waiting(client) + num_seqs
+
     async def _wait(self, waiter: _Waiter) -> Ticket:
         started = time.monotonic()
         try:

@@ -87,6 +87,13 @@ class ServerState:
             self._gates[lease.entry.id] = held = (engine, AdmissionGate(limits))
         return held[1]
 
+    def refuse_if_full(self, lease: Lease, client: str) -> None:
+        """429 now, before any work, when `lease`'s model's queue would refuse even one sequence."""
+        gate = self.admission_gate(lease)
+        if gate.refuses(client):
+            self.metrics.request_rejected(lease.entry.id, "queue_full")
+            raise _queue_full(f"{gate.num_queued} sequences are already waiting (at most {gate.limits.max_queued})")
+
     async def admit(self, lease: Lease, client: str, num_seqs: int) -> Ticket:
         """A turn on the engine of `lease`'s model for `num_seqs` sequences of `client`'s (see
         admission.py); 429 when its queue is full, 503 when the request waited too long."""
@@ -94,8 +101,7 @@ class ServerState:
             return await self.admission_gate(lease).admit(client, num_seqs)
         except QueueFull as exc:
             self.metrics.request_rejected(lease.entry.id, "queue_full")
-            raise APIError(429, f"The server is busy: {exc}. Retry later.", type="server_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+            raise _queue_full(str(exc)) from None
         except QueueTimeout as exc:
             self.metrics.request_rejected(lease.entry.id, "queue_timeout")
             raise _retry_later(f"The server is busy: the request {exc}. Retry later.", "queue_timeout") from None
@@ -171,6 +177,11 @@ def _fleet_errors():
         raise APIError(400, f"{exc}.", param="model", code="model_too_large") from None
     except TimeoutError:
         raise _retry_later("The model is still loading; retry shortly.", "model_loading") from None
+
+
+def _queue_full(why: str) -> APIError:
+    return APIError(429, f"The server is busy: {why}. Retry later.", type="server_error", code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def _retry_later(message: str, code: str) -> APIError:

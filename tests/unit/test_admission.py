@@ -61,6 +61,7 @@ def test_a_full_queue_refuses_at_once():
         await g.admit("a", 1)
         queued = [asyncio.ensure_future(g.admit("a", 1)) for _ in range(3)]
         await settle()
+        assert g.refuses("a") and not g.refuses("b")  # B would push one of A's out
         with pytest.raises(QueueFull, match="3 sequences are already waiting"):
             await g.admit("a", 1)
         assert g.num_queued == 3
@@ -86,6 +87,7 @@ def test_a_client_filling_the_queue_is_pushed_out_of_it_by_the_others():
         for task in a[1:]:
             with pytest.raises(QueueFull, match="pushed out .* this client had the most waiting"):
                 task.result()
+        assert g.refuses("d")
         with pytest.raises(QueueFull, match="3 sequences are already waiting"):
             await g.admit("d", 1)
         assert g.num_queued == 3 and not b.done() and not c.done()

@@ -148,6 +148,7 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
     lease = await state.chat_model(body.model, body.keep_alive)
     ticket = None
     try:
+        state.refuse_if_full(lease, client_key(request, state))
         # A model's default max_tokens is a cap, as llama-server's -n: it ends at the context's end.
         defaulted_max_tokens = "max_tokens" in lease.entry.defaults and not (
             {"max_tokens", "max_completion_tokens", "n_predict"} & body.model_fields_set)
