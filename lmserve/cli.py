@@ -31,6 +31,7 @@ from lmserve.llama_options import (
     served_names,
     ssl_options,
 )
+from lmserve.server.admission import DEFAULT_QUEUE_TIMEOUT
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
 
 log = logging.getLogger("lmserve")
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM or SIGINT, how long requests in flight may take to finish before they end with "
                             "an error (default 30 s); new requests are refused meanwhile, and a second signal exits "
                             "at once")
+    serve.add_argument("--max-queued-requests", type=positive_int, metavar="N",
+                       help="sequences (a request with n choices counts n) that may wait for a turn on a model before "
+                            "new requests get 429 with Retry-After (default: 4 x what its engine runs at once, "
+                            "--max-num-seqs capped by its KV blocks)")
+    serve.add_argument("--queue-timeout", type=parse_duration, default=DEFAULT_QUEUE_TIMEOUT, metavar="DURATION",
+                       help="a request that waits longer than this to start gets 503 with Retry-After (default "
+                            f"{DEFAULT_QUEUE_TIMEOUT:g} s; -1: wait without limit)")
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on, or a UNIX socket path ending "
                                                           "in .sock (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080)
@@ -301,7 +309,8 @@ def state_settings(args: argparse.Namespace) -> dict:
                          "e.g. http://localhost:3000")
     return {"api_keys": api_keys(args), "allowed_origins": origins, "max_request_body": args.max_request_body,
             "serve_slots": args.serve_slots, "slot_save_path": args.slot_save_path,
-            "embeddings_only": args.embeddings_only}
+            "embeddings_only": args.embeddings_only, "max_queued_requests": args.max_queued_requests,
+            "queue_timeout": args.queue_timeout}
 
 
 def listen_options(args: argparse.Namespace) -> dict:

@@ -21,7 +21,7 @@ CLIENT_CLOSED_REQUEST = 499
 
 # The error answers the OpenAPI schema documents for a route.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 429, 500, 503)
 }
 
 # pydantic puts union members and validator kinds into error locations: "str", "list[int]",

@@ -91,6 +91,10 @@ class ServerMetrics:
         self.running = Gauge("lmserve:num_requests_running", "Sequences being decoded.", ["model"], registry=r)
         self.waiting = Gauge("lmserve:num_requests_waiting", "Sequences waiting to be scheduled.", ["model"],
                              registry=r)
+        self.queued = Gauge("lmserve:num_requests_queued", "Sequences waiting at the admission gate for a turn on "
+                            "the engine (a request with n choices counts n).", ["model"], registry=r)
+        self.rejected = Counter("lmserve:requests_rejected", "Generation requests refused for load, by reason "
+                                "(queue_full: 429, queue_timeout: 503).", ["model", "reason"], registry=r)
         self.kv_usage = Gauge("lmserve:kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", ["model"],
                               registry=r)
         self.preemptions = Counter("lmserve:num_preemptions", "Sequences preempted for lack of KV blocks.",
@@ -123,7 +127,8 @@ class ServerMetrics:
 
     def model_unloaded(self, model: str, reason: str) -> None:
         self.unloads.labels(model, reason).inc()
-        for gauge in (self.running, self.waiting, self.kv_usage, self.prefix_hit_rate):  # gone with the model
+        # gone with the model
+        for gauge in (self.running, self.waiting, self.queued, self.kv_usage, self.prefix_hit_rate):
             with contextlib.suppress(KeyError):
                 gauge.remove(model)
 
@@ -134,9 +139,16 @@ class ServerMetrics:
         method = record.method if record.method in HTTP_METHODS else "other"
         self.http_requests.labels(method, record.route, str(record.status)).inc()
 
-    def render(self, loads: dict[str, dict[str, int]]) -> bytes:
+    def request_rejected(self, model: str, reason: str) -> None:
+        """Count one generation request the admission gate refused."""
+        self.rejected.labels(model, reason).inc()
+
+    def render(self, loads: dict[str, dict[str, int]], queued: dict[str, int] | None = None) -> bytes:
         """The Prometheus text exposition; gauges of engine load are read now from `loads` (model id
-        -> its engine's snapshot, for the loaded chat models)."""
+        -> its engine's snapshot, for the loaded chat models) and `queued` (model id -> sequences
+        waiting at its admission gate)."""
+        for model, num_queued in (queued or {}).items():
+            self.queued.labels(model).set(num_queued)
         for model, snapshot in loads.items():
             self.running.labels(model).set(snapshot["num_running"])
             self.waiting.labels(model).set(snapshot["num_waiting"])
@@ -157,6 +169,8 @@ class ModelMetrics:
                        metrics.tokens_per_step, metrics.step_seconds, metrics.preemptions, metrics.prefix_queries,
                        metrics.prefix_hits):
             series.labels(model)  # exported from the start, at zero, rather than from the first event
+        for reason in ("queue_full", "queue_timeout"):
+            metrics.rejected.labels(model, reason)
 
     def request_added(self, request_id: str, now: float) -> None:
         self._timings[request_id] = _Timing(now)

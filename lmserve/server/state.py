@@ -27,6 +27,14 @@ from lmserve.fleet.fleet import (
     NotLoaded,
     Slot,
 )
+from lmserve.server.admission import (
+    DEFAULT_QUEUE_TIMEOUT,
+    AdmissionGate,
+    AdmissionLimits,
+    QueueFull,
+    QueueTimeout,
+    Ticket,
+)
 from lmserve.server.errors import APIError
 from lmserve.server.middleware.draining import InFlight, stop_serving
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
@@ -36,7 +44,8 @@ from lmserve.server.slots import SlotTable
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
 
-# How long a client is told to wait before trying again after a 503 about loading or room.
+# How long a client is told to wait before trying again after a 503 about loading or room, or a
+# 429 or 503 about a full queue.
 RETRY_AFTER_SECONDS = 5
 
 
@@ -58,7 +67,10 @@ class ServerState:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # seconds requests in flight get once the server stops
     requests: InFlight = field(default_factory=InFlight, repr=False)  # the HTTP requests being answered
     _stopping: asyncio.Task | None = field(default=None, repr=False)
+    max_queued_requests: int | None = None  # sequences waiting per model before a 429; None: sized from its engine
+    queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT  # seconds a request waits to start before a 503; None: no limit
     _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
+    _gates: dict[str, tuple[object, AdmissionGate]] = field(default_factory=dict, repr=False)
 
     @property
     def ready(self) -> bool:
@@ -84,6 +96,44 @@ class ServerState:
             table = SlotTable(engine.config.scheduler.max_num_seqs, engine.max_model_len)
             self._slot_tables[lease.entry.id] = held = (engine, table)
         return held[1]
+
+    def admission_gate(self, lease: Lease) -> AdmissionGate:
+        """The admission gate of the chat model `lease` holds: new with each load of the model."""
+        engine = lease.model.engine
+        held = self._gates.get(lease.entry.id)
+        if held is None or held[0] is not engine:
+            limits = AdmissionLimits.sized_for(max_num_seqs=engine.config.scheduler.max_num_seqs,
+                                               num_kv_blocks=engine.snapshot()["num_kv_blocks"],
+                                               max_queued=self.max_queued_requests, queue_timeout=self.queue_timeout)
+            self._gates[lease.entry.id] = held = (engine, AdmissionGate(limits))
+        return held[1]
+
+    def refuse_if_full(self, lease: Lease, client: str) -> None:
+        """429 now, before any work, when `lease`'s model's queue would refuse even one sequence."""
+        gate = self.admission_gate(lease)
+        if gate.refuses(client):
+            self.metrics.request_rejected(lease.entry.id, "queue_full")
+            raise _queue_full(f"{gate.num_queued} sequences are already waiting (at most {gate.limits.max_queued})")
+
+    async def admit(self, lease: Lease, client: str, num_seqs: int) -> Ticket:
+        """A turn on the engine of `lease`'s model for `num_seqs` sequences of `client`'s (see
+        admission.py); 429 when its queue is full, 503 when the request waited too long."""
+        try:
+            return await self.admission_gate(lease).admit(client, num_seqs)
+        except QueueFull as exc:
+            self.metrics.request_rejected(lease.entry.id, "queue_full")
+            raise _queue_full(str(exc)) from None
+        except QueueTimeout as exc:
+            self.metrics.request_rejected(lease.entry.id, "queue_timeout")
+            raise _retry_later(f"The server is busy: the request {exc}. Retry later.", "queue_timeout") from None
+
+    def queued_sequences(self) -> dict[str, int]:
+        """Sequences waiting for a turn, by loaded chat model."""
+        queued = {}
+        for model, engine in self.loaded_engines().items():
+            held = self._gates.get(model)
+            queued[model] = held[1].num_queued if held is not None and held[0] is engine else 0
+        return queued
 
     async def chat_model(self, name: str | None, keep_alive: str | float | None = None) -> Lease:
         """A lease on the chat model `name` names (loaded first if needed); release it when the
@@ -150,6 +200,11 @@ def _fleet_errors():
         raise APIError(400, f"{exc}.", param="model", code="model_too_large") from None
     except TimeoutError:
         raise _retry_later("The model is still loading; retry shortly.", "model_loading") from None
+
+
+def _queue_full(why: str) -> APIError:
+    return APIError(429, f"The server is busy: {why}. Retry later.", type="server_error", code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def _retry_later(message: str, code: str) -> APIError:

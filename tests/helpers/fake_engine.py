@@ -67,13 +67,15 @@ class FakeEngine:
     """Replies `reply` one token per output (UTF-8 safe deltas), logprobs when asked.
 
     `hang_after` tokens it blocks forever; `fail_after` tokens it finishes with `fail_reason` (ERROR);
-    `raise_after` tokens it raises. Records calls, and requests closed before finishing.
+    `raise_after` tokens it raises; while `hold` (an asyncio.Event) is given and not set, requests
+    wait before their first token. Records calls, and requests closed before finishing.
     """
 
     def __init__(self, reply="Hé!", max_model_len=64, hang_after=None, fail_after=None, raise_after=None,
-                 tokenizer: ByteTokenizer | None = None, grammar=None, fail_reason=FinishReason.ERROR):
+                 tokenizer: ByteTokenizer | None = None, grammar=None, fail_reason=FinishReason.ERROR,
+                 max_num_seqs=4, hold=None):
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-        self.config = EngineConfig("/models/fake.gguf", "fake", scheduler=SchedulerConfig(max_num_seqs=4))
+        self.config = EngineConfig("/models/fake.gguf", "fake", scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
         self.max_model_len = max_model_len
         self.model = None  # no weights
         self.kv_block_bytes = 1 << 20
@@ -85,6 +87,7 @@ class FakeEngine:
         self.closed_early: list[str] = []
         self.closed = False  # unloaded
         self.hanging = asyncio.Event()
+        self.hold = hold
 
     def abort(self, request_id: str) -> None:
         self.closed_early.append(request_id)
@@ -130,6 +133,8 @@ class FakeEngine:
         ids = reply_ids[: params.max_tokens]
         finish = FinishReason.STOP if len(reply_ids) <= params.max_tokens else FinishReason.LENGTH
         emitted = ""
+        if self.hold is not None:
+            await self.hold.wait()
         for k, token_id in enumerate(ids):
             await self._maybe_misbehave(k)
             if k == self.fail_after:

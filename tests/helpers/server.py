@@ -69,9 +69,17 @@ def make_client(engine=None, *, headers: dict[str, str] | None = None, raise_ser
     """A client of the app serving MODEL with `engine` (a fresh FakeEngine unless given), already
     loaded, and the other models named; other ServerState fields by keyword. `client.app` is the
     ASGI app, `served_state(client)` its ServerState."""
-    fleet, _ = make_fleet(engine if engine is not None else FakeEngine(), embedding_model_id, embedder, more_models)
-    app = create_app(ServerState(fleet, **state_fields))
+    app = make_app(engine, embedding_model_id=embedding_model_id, embedder=embedder, more_models=more_models,
+                   **state_fields)
     return TestClient(app, headers=headers, raise_server_exceptions=raise_server_exceptions)
+
+
+def make_app(engine=None, *, embedding_model_id: str | None = None, embedder=None,
+             more_models: dict[str, object] | None = None, **state_fields):
+    """The ASGI app make_client talks to, for clients of one's own (httpx.ASGITransport, for
+    concurrent requests on the test's event loop)."""
+    fleet, _ = make_fleet(engine if engine is not None else FakeEngine(), embedding_model_id, embedder, more_models)
+    return create_app(ServerState(fleet, **state_fields))
 
 
 @contextlib.contextmanager

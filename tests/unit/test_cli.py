@@ -21,7 +21,8 @@ def test_served_name_drops_the_quant_suffix(tmp_path):
     assert served_name(tmp_path / "qwen2.5-0.5b-instruct-q8_0.gguf") == "qwen2.5-0.5b-instruct"
 
 
-@pytest.mark.parametrize("option", ["--max-num-seqs", "--max-model-len", "--max-num-batched-tokens", "--block-size"])
+@pytest.mark.parametrize("option", ["--max-num-seqs", "--max-model-len", "--max-num-batched-tokens", "--block-size",
+                                    "--max-queued-requests"])
 def test_non_positive_sizes_are_argparse_errors(option, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["serve", option, "0"])
@@ -74,6 +75,16 @@ def test_durations_take_ollamas_spellings():
     assert parse_duration("-1") is None  # never
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration("soon")
+
+
+def test_the_queue_bound_and_timeout_reach_the_server_state():
+    settings = cli.state_settings(build_parser().parse_args(["serve"]))
+    assert (settings["max_queued_requests"], settings["queue_timeout"]) == (None, 60.0)  # None: sized per engine
+    argv = ["serve", "--max-queued-requests", "32", "--queue-timeout", "2m"]
+    settings = cli.state_settings(build_parser().parse_args(argv))
+    assert (settings["max_queued_requests"], settings["queue_timeout"]) == (32, 120.0)
+    settings = cli.state_settings(build_parser().parse_args(["serve", "--queue-timeout", "-1"]))
+    assert settings["queue_timeout"] is None  # wait without limit
 
 
 def models_of(*argv: str):

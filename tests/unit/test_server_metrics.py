@@ -97,6 +97,19 @@ def test_load_gauges_are_read_from_the_snapshots_per_model():
     assert samples[("lmserve:model_unloads_total", (("model", "b"), ("reason", "idle")))] == 1
 
 
+def test_the_admission_queue_and_its_refusals_per_model():
+    metrics = ServerMetrics()
+    metrics.observer("m")  # its refusal counts are exported at zero from the start
+    assert value(metrics, "lmserve:requests_rejected_total", reason="queue_timeout") == 0
+    metrics.request_rejected("m", "queue_full")
+    metrics.request_rejected("m", "queue_full")
+    samples = metric_samples(metrics.render({}, {"m": 3}).decode())
+    assert samples[("lmserve:num_requests_queued", (("model", "m"),))] == 3
+    assert samples[("lmserve:requests_rejected_total", (("model", "m"), ("reason", "queue_full")))] == 2
+    metrics.model_unloaded("m", "idle")
+    assert ("lmserve:num_requests_queued", (("model", "m"),)) not in metric_samples(metrics.render({}).decode())
+
+
 def test_two_models_series_stay_apart():
     metrics = ServerMetrics()
     a, b = metrics.observer("a"), metrics.observer("b")

@@ -21,6 +21,14 @@ from lmserve.server.protocol import (
 )
 from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.requests.constraints import check_compiles, grammar_spec
+from lmserve.server.requests.cost import (
+    check_chat_size,
+    check_logit_bias,
+    check_sequence_tokens,
+    check_sequences,
+    check_stop_strings,
+    check_stop_token_ids,
+)
 from lmserve.server.requests.known_params import check_known_params
 from lmserve.server.requests.peer_sampling import peer_sampling
 from lmserve.server.requests.tokens import checked_token_ids, encode_text
@@ -72,6 +80,7 @@ def chat_plan(
     _check_chat_supported(request)
     _check_stream_options(request)
     check_known_params(request.model_extra or {}, "chat completions")
+    check_chat_size(1 if isinstance(request.messages, str) else len(request.messages), len(request.tools or ()))
     tools = plan_tools(request, tokenizer)
     text, prompt_ids = chat_prompt(request, tokenizer, tools)
     base = _with_tools(base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
@@ -172,6 +181,7 @@ def completion_plan(
     _check_stream_options(request)
     check_known_params(request.model_extra or {}, _COMPLETION_ROUTES.get(type(request).__name__, "completions"))
     prompt_items = _prompt_items(request.prompt)
+    check_sequences(len(prompt_items), request.n)  # before tokenizing them all
     prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
     if request.suffix:  # OpenAI's insertion: the reply goes between each prompt and the suffix
         prompts = [_fim_prompt(tokenizer, ids, request.suffix, "suffix") for ids in prompts]
@@ -337,11 +347,13 @@ def _logit_bias(logit_bias: dict[str, float | bool] | list[list[int | str | floa
     """OpenAI's {"token id": bias}, or llama.cpp's forms: [[id, bias]], a text instead of an id
     (each of its tokens gets the bias) and false for a bias that bans the token."""
     items = logit_bias.items() if isinstance(logit_bias, dict) else logit_bias
+    check_logit_bias(len(items))  # before tokenizing text keys
     if not isinstance(logit_bias, dict) and not all(_is_bias_pair(item) for item in items):
         raise bad_request("logit_bias as a list takes [token id or text, bias or false] pairs", param="logit_bias")
     pairs = []
     for key, bias in items:
         pairs.extend((token_id, _bias_value(bias)) for token_id in _bias_ids(key, tokenizer))
+    check_logit_bias(len(pairs))  # a text key counts as its tokens
     return tuple(pairs)
 
 
@@ -381,8 +393,10 @@ def _stops(stop: str | list[str] | list[int] | None, stop_token_ids: list[int],
            vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Stop strings, and stop token ids: vLLM's stop_token_ids plus mistral.rs' ids in `stop`."""
     if stop and isinstance(stop, list) and isinstance(stop[0], int):
+        check_stop_token_ids(stop_token_ids + list(stop), "stop")
         ids = checked_token_ids(stop_token_ids + list(stop), vocab_size, "stop")
         return (), tuple(ids)
+    check_stop_token_ids(stop_token_ids, "stop_token_ids")
     return _stop_strings(stop), tuple(checked_token_ids(stop_token_ids, vocab_size, "stop_token_ids"))
 
 
@@ -390,6 +404,7 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(s == "" for s in strings):
         raise bad_request("stop strings must not be empty", param="stop")
+    check_stop_strings(strings)
     return strings
 
 
@@ -432,9 +447,11 @@ def _choice_plans(
 ) -> list[ChoicePlan]:
     """n choices per prompt; choice index = prompt_index * n + i, as OpenAI numbers them."""
     num_choices = len(prompts) * n
+    max_tokens = [limit.max_tokens_for(len(prompt_ids)) for prompt_ids in prompts]
+    check_sequence_tokens([count for count in max_tokens for _ in range(n)], limit.param)
     choices = []
     for prompt_index, prompt_ids in enumerate(prompts):
-        params = replace(base, max_tokens=limit.max_tokens_for(len(prompt_ids)))
+        params = replace(base, max_tokens=max_tokens[prompt_index])
         for i in range(n):
             index = prompt_index * n + i
             request_id = response_id if num_choices == 1 else f"{response_id}-{index}"

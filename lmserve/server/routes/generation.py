@@ -18,8 +18,11 @@ from starlette.responses import JSONResponse, Response
 
 from lmserve.fleet.catalogue import defaults_left_out
 from lmserve.sampling.grammar import GrammarCompiler, RequestCompiler
+from lmserve.fleet.fleet import Lease
+from lmserve.server.admission import Ticket
 from lmserve.server.errors import CLIENT_CLOSED_REQUEST, APIError, bad_request
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
+from lmserve.server.middleware.auth import presented_key
 from lmserve.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -141,14 +144,16 @@ async def llama_infill(body: InfillRequest, request: Request, state: State) -> R
 
 
 async def generate(body, request: Request, state: ServerState, shape: Shape) -> Response:
-    """The shared shape of the generation routes: plan, then stream SSE or gather one response.
-    The request holds its model (a lease) until its last byte is sent, so the model is not
-    unloaded under it."""
+    """The shared shape of the generation routes: plan, wait for a turn on the engine, then stream
+    SSE or gather one response. The request holds its model (a lease) and its turn (a ticket) until
+    its last byte is sent, so the model is not unloaded under it and the next request waits."""
     if state.embeddings_only:
         raise APIError(501, "This server serves embeddings only (it was started with --embedding); use "
                             "/v1/embeddings.", type="not_supported_error", code="embeddings_only")
     lease = await state.chat_model(body.model, body.keep_alive)
+    ticket = None
     try:
+        state.refuse_if_full(lease, client_key(request, state))
         # A model's default max_tokens is a cap, as llama-server's -n: it ends at the context's end.
         defaulted_max_tokens = "max_tokens" in defaults_left_out(lease.entry.defaults, body.model_fields_set)
         body = with_model_defaults(body, lease.entry.defaults)
@@ -158,19 +163,38 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
                                             clip_max_tokens=defaulted_max_tokens), engine.grammar)
         if plan is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        ticket = await until_disconnected(request.receive,
+                                          state.admit(lease, client_key(request, state), len(plan.choices)))
+        if ticket is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         engine = _counting_tokens(_slotted(engine, state.slot_table(lease), body.id_slot, plan), request, plan)
         if body.stream:
             response = event_stream.EventStreamResponse(shape.stream(engine, plan, meta, body),
-                                                        on_close=lease.release)
-            lease = None  # the response releases it once the stream ends
+                                                        on_close=partial(_release, ticket, lease))
+            lease = ticket = None  # the response releases them once the stream ends
             return response
         gathered = await until_disconnected(request.receive, collect_results(engine, plan))
         if gathered is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return shape.whole(meta, plan, gathered, engine, body)
     finally:
-        if lease is not None:
-            lease.release()
+        _release(ticket, lease)
+
+
+def _release(ticket: Ticket | None, lease: Lease | None) -> None:
+    if ticket is not None:
+        ticket.release()
+    if lease is not None:
+        lease.release()
+
+
+def client_key(request: Request, state: ServerState) -> str:
+    """Whose line a request waits in: its API key when the server checks keys, else its address
+    (behind a proxy every client has the proxy's)."""
+    key = presented_key(request.headers) if state.api_keys else None
+    if key is not None:
+        return f"key:{key}"
+    return f"address:{request.client.host if request.client else ''}"
 
 
 async def _plan(request: Request, make_plan: Callable[..., GenerationPlan],

@@ -205,4 +205,4 @@ def _in_llama_cpp_names(defaults: dict[str, Any]) -> dict[str, Any]:
 @server_router.get("/metrics")
 async def metrics(state: State) -> Response:
     loads = {model: engine.snapshot() for model, engine in state.loaded_engines().items()}
-    return Response(state.metrics.render(loads), media_type=CONTENT_TYPE)
+    return Response(state.metrics.render(loads, state.queued_sequences()), media_type=CONTENT_TYPE)
