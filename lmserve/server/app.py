@@ -27,7 +27,7 @@ import logging
 import os
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from lmserve.fleet.fleet import ModelStatus
@@ -36,6 +36,7 @@ from lmserve.server.middleware.access import AccessMiddleware, log_access
 from lmserve.server.middleware.auth import ApiKeyMiddleware
 from lmserve.server.middleware.cors import LmserveCORSMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
+from lmserve.server.requests.body_text import check_body_text
 from lmserve.server.routes import embeddings, generation, models, ops, slots
 from lmserve.server.state import ServerState
 
@@ -48,7 +49,8 @@ PREFIXED_ROUTERS = (models.router, generation.router, embeddings.router, ops.tok
 def create_app(state: ServerState) -> FastAPI:
     """The ASGI app serving `state`'s fleet of models. While the app runs (its lifespan), the
     pinned models load in the background and idle ones are unloaded after their ttl."""
-    app = FastAPI(title="lmserve", summary="Local LLMs behind the OpenAI API", lifespan=_lifespan)
+    app = FastAPI(title="lmserve", summary="Local LLMs behind the OpenAI API", lifespan=_lifespan,
+                  dependencies=[Depends(check_body_text)])
     app.state.lmserve = state
     install_error_handlers(app)
     _add_middleware(app, state)

@@ -89,6 +89,9 @@ async def _handle_validation_error(request: Request, exc: RequestValidationError
 async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     body = error_body(str(exc.detail), kind, code=str(exc.status_code))
+    if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's body reader: bytes JSON cannot hold
+        body = error_body(f"The request body is not valid UTF-8: {exc.__cause__.reason} at byte "
+                          f"{exc.__cause__.start}.", kind, code="invalid_unicode")
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 

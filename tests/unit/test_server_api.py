@@ -333,7 +333,7 @@ def test_logit_bias_key_that_only_looks_like_a_digit_is_text():
 
 def test_lone_surrogates_are_400():
     body = '{"messages": [{"role": "user", "content": "hi \\ud800"}]}'
-    assert_error(raw_chat(make_client(), body), 400, "messages", contains=["Unicode"])
+    assert_error(raw_chat(make_client(), body), 400, "messages[0].content", contains=["Unicode"])
     response = make_client().post(
         "/v1/completions", content=b'{"prompt": ["ok", "\\udfff"]}', headers={"content-type": "application/json"}
     )
