@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -71,6 +72,12 @@ def server_error(message: str, status_code: int = 500) -> APIError:
     return APIError(status_code, message, type="server_error")
 
 
+def internal_error(reference: str) -> APIError:
+    """A 500 that tells the client nothing of the code (no exception names or messages): the
+    server log line tagged with `reference` ("request id ...") has the details."""
+    return server_error(f"Internal server error; the server log has the details under {reference}.")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _handle_api_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
@@ -100,9 +107,18 @@ async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.info("client disconnected from %s", request.url.path)
         body = error_body("client disconnected", "invalid_request_error")
         return JSONResponse(body, status_code=CLIENT_CLOSED_REQUEST)
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = error_body(f"internal server error: {type(exc).__name__}: {exc}", "server_error")
-    return JSONResponse(body, status_code=500)
+    request_id = _request_id(request)
+    logger.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
+    # Answered outside the access middleware (Starlette's outermost error handler): it adds the header here.
+    return JSONResponse(internal_error(f"request id {request_id}").body(), status_code=500,
+                        headers={"X-Request-Id": request_id})
+
+
+def _request_id(request: Request) -> str:
+    """The id the access log and the X-Request-Id header give this request (a fresh one if
+    the access middleware is not installed)."""
+    record = getattr(request.state, "access", None)
+    return getattr(record, "request_id", None) or uuid.uuid4().hex
 
 
 def validation_error(errors: list[dict]) -> APIError:

@@ -198,12 +198,12 @@ def test_chat_stream_n2_interleaves_by_index():
     assert [c.choices[0].index for c in chunks[:2]] == [0, 1]  # both role chunks first
 
 
-def test_stream_error_after_start_is_an_event_then_done():
+def test_stream_error_after_start_is_an_event_then_done(caplog):
     engine = FakeEngine(fail_after=1)
     payloads = events(chat(make_client(engine), stream=True))
     assert payloads[-1] == "[DONE]"
     assert payloads[-2]["error"]["type"] == "server_error"
-    assert "device fell over" in payloads[-2]["error"]["message"]
+    assert_names_no_internals(payloads[-2]["error"]["message"], "device fell over", caplog)
 
 
 # ---------------------------------------------------------------- text completions
@@ -443,21 +443,33 @@ def test_other_request_errors():
     assert_error(chat(client, tool_choice="required"), 400, "tool_choice", contains=["needs 'tools'"])
 
 
-def test_engine_error_is_500_and_server_stays_up():
+def assert_names_no_internals(message: str, internal: str, caplog) -> None:
+    """A 5xx message names no code, only the id under which the log has the details."""
+    assert internal not in message and "Error" not in message
+    reference = message.rsplit(" ", 1)[-1].rstrip(".")
+    assert any(reference in record.getMessage() and (internal in record.getMessage() or internal in
+                                                    (record.exc_text or "")) for record in caplog.records)
+
+
+def test_engine_error_is_500_and_server_stays_up(caplog):
     engine = FakeEngine(fail_after=1)
     client = make_client(engine)
     error = assert_error(chat(client), 500)
-    assert error["type"] == "server_error" and "device fell over" in error["message"]
+    assert error["type"] == "server_error"
+    assert_names_no_internals(error["message"], "device fell over", caplog)
     engine.fail_after = None
     assert chat(client).status_code == 200
 
 
-def test_unexpected_exception_is_500_openai_shaped():
+def test_unexpected_exception_is_500_openai_shaped_and_names_no_code(caplog):
     client = make_client(FakeEngine(raise_after=1), raise_server_exceptions=False)
-    error = assert_error(chat(client), 500)
-    assert error["type"] == "server_error" and "kaboom" in error["message"]
+    response = chat(client)
+    error = assert_error(response, 500)
+    assert error["type"] == "server_error" and response.headers["x-request-id"] in error["message"]
+    assert_names_no_internals(error["message"], "kaboom", caplog)
     payloads = events(chat(client, stream=True))
-    assert "kaboom" in payloads[-2]["error"]["message"] and payloads[-1] == "[DONE]"
+    assert payloads[-1] == "[DONE]"
+    assert_names_no_internals(payloads[-2]["error"]["message"], "kaboom", caplog)
 
 
 def test_unknown_route_is_openai_shaped_404():
