@@ -21,6 +21,7 @@ from lmserve.text.chat_template import (
     compile_chat_template,
 )
 from lmserve.text.gguf_vocab import read_gguf_vocab
+from lmserve.text.length_bound import LengthBound, length_bound
 from lmserve.text.token_bytes import byte_level_bytes, sentencepiece_bytes
 from lmserve.weights.gguf import GGUFFile
 
@@ -41,6 +42,10 @@ class ChatTokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def min_num_tokens(self, data: bytes) -> int:
+        """A lower bound on the tokens the UTF-8 text `data` encodes to; 0 if none is known."""
+        ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -75,6 +80,7 @@ class Tokenizer:
     strip_leading_space: bool  # SentencePiece: decode drops the space the encoder prefixed
     exact_bytes: bool = True  # False: token bytes are approximations, decode goes through the backend
     fim: FimTokens = FimTokens()  # fill-in-the-middle tokens; all None for a model without them
+    length_bound: LengthBound | None = None  # see min_num_tokens; None: no bound is known
     _template: jinja2.Template | None = field(default=None, init=False, repr=False)
 
     @property
@@ -104,6 +110,7 @@ class Tokenizer:
             prepend_bos=bos_id is not None and bool(meta.get("tokenizer.ggml.add_bos_token", vocab.add_bos_default)),
             strip_leading_space=vocab.strip_leading_space,
             fim=fim_from_gguf(meta, vocab.backend.token_to_id),
+            length_bound=length_bound(vocab.backend, vocab.token_bytes_table),
         )
 
     @classmethod
@@ -130,9 +137,10 @@ class Tokenizer:
             _token_text(config.get("eos_token")),
         )
         bos_id = backend.token_to_id(bos_token) if bos_token else generation.get("bos_token_id")
+        table = _hf_token_bytes(backend, kind)
         return cls(
             backend=backend,
-            token_bytes_table=_hf_token_bytes(backend, kind),
+            token_bytes_table=table,
             special_ids=frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special),
             bos_token_id=bos_id,
             eos_token_ids=_hf_end_ids(backend, eos_token, generation),
@@ -143,6 +151,7 @@ class Tokenizer:
             strip_leading_space=strip,
             exact_bytes=kind != "other",
             fim=fim_from_vocabulary(backend.token_to_id),
+            length_bound=length_bound(backend, table) if kind != "other" else None,
         )
 
     # --- encode / decode --------------------------------------------------------------------
@@ -153,10 +162,18 @@ class Tokenizer:
         add_special_tokens adds BOS only if the model asks for it. A prompt rendered by a chat
         template that already writes BOS itself should be encoded with add_special_tokens=False.
         """
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, not encode: it lets go of the GIL while it works, so a worker thread
+        # tokenizing megabytes does not stop the event loop (encode holds the GIL throughout).
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.prepend_bos:
             ids.insert(0, self.bos_token_id)
         return ids
+
+    def min_num_tokens(self, data: bytes) -> int:
+        """A lower bound on how many tokens the UTF-8 text `data` encodes to, so that a text that
+        cannot fit a context is refused by its length, untokenized; 0 when this tokenizer has no
+        such bound (lmserve/text/length_bound.py says when it has)."""
+        return self.length_bound.min_num_tokens(data) if self.length_bound is not None else 0
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids` (see the class docstring for the exact rule)."""

@@ -31,6 +31,9 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([0] if add_special_tokens else []) + [b + 2 for b in text.encode()]
 
+    def min_num_tokens(self, data: bytes) -> int:
+        return len(data)  # a token per byte
+
     def token_bytes(self, token_id: int) -> bytes:
         return [b"<s>", b"</s>"][token_id] if token_id < 2 else bytes([token_id - 2])
 

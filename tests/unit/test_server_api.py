@@ -374,8 +374,24 @@ def test_too_long_prompt_names_the_numbers():
         contains=["10", "24", str(n)],
     )
     assert_error(chat(client, max_completion_tokens=10), 400, "max_completion_tokens", contains=["10", "24"])
-    long_prompt = {"prompt": "x" * 30}
-    assert_error(client.post("/v1/completions", json=long_prompt), 400, "prompt", contains=["24", "31"])
+    long_prompt = {"prompt": "x" * 23}  # 24 tokens with the BOS: no room for a reply
+    assert_error(client.post("/v1/completions", json=long_prompt), 400, "prompt", contains=["24", "24 input"])
+
+
+def test_a_prompt_that_cannot_fit_is_refused_by_its_length_untokenized():
+    engine = FakeEngine(max_model_len=24)
+    client = make_client(engine)
+    encoded: list[str] = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text, **kw: encoded.append(text) or encode(text, **kw)
+    for prompt, param in (("x" * 30, "prompt"), (["ok", "y" * 30], "prompt[1]")):
+        response = client.post("/v1/completions", json={"prompt": prompt})
+        error = assert_error(response, 400, param, code="context_length_exceeded")
+        assert "30 bytes" in error["message"] and "at least 30 tokens" in error["message"]
+    error = assert_error(chat(client, messages=[{"role": "user", "content": "z" * 30}]), 400, "messages",
+                         code="context_length_exceeded")
+    assert "at most 23" in error["message"]
+    assert all(len(text) < 24 for text in encoded)
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,21 @@ if TYPE_CHECKING:
     from lmserve.text.tokenizer import ChatTokenizer
 
 
-def encode_text(tokenizer: ChatTokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
-    """`text` as token ids; text that is not valid Unicode is a 400 naming `param`."""
+def encode_text(tokenizer: ChatTokenizer, text: str, add_special_tokens: bool, param: str,
+                max_num_tokens: int | None = None) -> list[int]:
+    """`text` as token ids; text that is not valid Unicode is a 400 naming `param`, and so is
+    text too long to make at most `max_num_tokens` tokens: refused by its length before it is
+    tokenized (tokenizing megabytes takes seconds) where the tokenizer bounds its token count."""
     # JSON may carry lone surrogates ("\ud800"): valid in a Python str, not encodable as UTF-8.
     try:
-        text.encode("utf-8")
+        data = text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise bad_request(f"{param} is not valid Unicode text: {exc.reason}", param=param) from exc
+    min_num_tokens = tokenizer.min_num_tokens(data) if max_num_tokens is not None else 0
+    if max_num_tokens is not None and min_num_tokens > max_num_tokens:
+        raise bad_request(f"'{param}' is too long: its {len(data)} bytes of text make at least {min_num_tokens} "
+                          f"tokens, and at most {max_num_tokens} fit this model's context. Please reduce the "
+                          "length of the input.", param=param, code="context_length_exceeded")
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import time
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
@@ -39,6 +40,11 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
     tokenizer = await _tokenizer(state, body.model)
     if not body.parse_special:
         raise unsupported("parse_special", "'parse_special': false (special-token text is always parsed)")
+    # In a worker thread, as the answer too: megabytes of text take seconds, the loop serves on.
+    return await anyio.to_thread.run_sync(_tokenize, body, tokenizer)
+
+
+def _tokenize(body: TokenizeRequest, tokenizer) -> Response:
     ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content")
     tokens = [TokenPiece(id=i, piece=piece(tokenizer.token_bytes(i))) for i in ids] if body.with_pieces else ids
     return json_response(TokenizeResponse(tokens=tokens))
@@ -48,6 +54,10 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
 async def detokenize(body: DetokenizeRequest, state: State) -> Response:
     """Special tokens are kept in the text, as llama.cpp does."""
     tokenizer = await _tokenizer(state, body.model)
+    return await anyio.to_thread.run_sync(_detokenize, body, tokenizer)
+
+
+def _detokenize(body: DetokenizeRequest, tokenizer) -> Response:
     for position, token_id in enumerate(body.tokens):
         if not 0 <= token_id < tokenizer.vocab_size:
             raise bad_request(f"token id {token_id} is not in the vocabulary (0 to {tokenizer.vocab_size - 1})",
