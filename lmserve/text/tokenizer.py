@@ -6,13 +6,16 @@ bytes each token contributes, so that `decode` and the streaming detokenizer agr
 
 from __future__ import annotations
 
+import bisect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jinja2
 import tokenizers
+from tokenizers import AddedToken
 
 from lmserve.text.fim import FimTokens, fim_from_gguf, fim_from_vocabulary
 from lmserve.text.chat_template import (
@@ -26,6 +29,10 @@ from lmserve.text.token_bytes import byte_level_bytes, sentencepiece_bytes
 from lmserve.weights.gguf import GGUFFile
 
 __all__ = ["ChatTemplateError", "ChatTokenizer", "Tokenizer"]
+
+# Starts a text encoded by the plain backend so the text is not the input's first piece (some
+# pre-tokenizers prefix '▁' to that one only); an added token of the plain copy only.
+_ANCHOR = "\ue000lmserve-anchor\ue001"
 
 
 @runtime_checkable
@@ -42,6 +49,19 @@ class ChatTokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As encode, with special-token text encoded as the plain text it spells."""
+        ...
+
+    def encode_prompt(self, text: str, plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """A rendered prompt (no special tokens added): special-token text is parsed except in `plain_spans`."""
+        ...
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """The texts encode parses as special tokens, such as "<|im_start|>"."""
+        ...
 
     def min_num_tokens(self, data: bytes) -> int:
         """A lower bound on the tokens the UTF-8 text `data` encodes to; 0 if none is known."""
@@ -82,6 +102,7 @@ class Tokenizer:
     fim: FimTokens = FimTokens()  # fill-in-the-middle tokens; all None for a model without them
     length_bound: LengthBound | None = None  # see min_num_tokens; None: no bound is known
     _template: jinja2.Template | None = field(default=None, init=False, repr=False)
+    _plain: tokenizers.Tokenizer | None = field(default=None, init=False, repr=False)  # see _plain_backend
 
     @property
     def vocab_size(self) -> int:
@@ -169,6 +190,56 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
+    def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As encode, with special-token text encoded as the plain text it spells (llama.cpp's
+        parse_special false); special tokens are still added as add_special_tokens asks."""
+        ids = self._plain_backend().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        if add_special_tokens and self.prepend_bos:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def encode_prompt(self, text: str, plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """A prompt a chat template rendered, adding no special tokens (the template holds its
+        BOS): special-token text is parsed everywhere except in `plain_spans`, the (start, end)
+        character spans of text the request wrote (lmserve/text/special_text.py).
+
+        A run of text between two of the template's special tokens that holds such a span is
+        encoded as encode_plain encodes it, so the prompt is tokenized as if the request's text
+        had never spelled a special token; without any, this is encode(text, False).
+        """
+        encoding = self.backend.encode_batch([text], add_special_tokens=False)[0]
+        ids, offsets = encoding.ids, encoding.offsets
+        forged = [i for i, token_id in enumerate(ids)
+                  if token_id in self.special_ids and _overlaps(offsets[i], plain_spans)]
+        if not forged:
+            return ids
+        forged_set = set(forged)
+        trusted = [i for i, token_id in enumerate(ids) if token_id in self.special_ids and i not in forged_set]
+        for first, last in reversed(_runs_around(forged, trusted, len(ids))):  # right to left: indexes hold
+            start = offsets[first - 1][1] if first > 0 else 0
+            end = offsets[last + 1][0] if last + 1 < len(ids) else len(text)
+            ids[first : last + 1] = self._plain_run(text[start:end], at_start=start == 0)
+        return ids
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """The texts encode parses as special tokens, such as "<|im_start|>"."""
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
+
+    def _plain_run(self, text: str, at_start: bool) -> list[int]:
+        if at_start:
+            return self._plain_backend().encode_batch([text], add_special_tokens=False)[0].ids
+        return self._plain_backend().encode_batch([_ANCHOR + text], add_special_tokens=False)[0].ids[1:]
+
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes special-token text as plain text, and knows _ANCHOR."""
+        if self._plain is None:
+            plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            plain.add_tokens([AddedToken(_ANCHOR, special=False, normalized=False)])
+            self._plain = plain
+        return self._plain
+
     def min_num_tokens(self, data: bytes) -> int:
         """A lower bound on how many tokens the UTF-8 text `data` encodes to, so that a text that
         cannot fit a context is refused by its length, untokenized; 0 when this tokenizer has no
@@ -224,6 +295,26 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError) as error:
             # TypeError: a template doing arithmetic on what it did not expect, e.g. content=None.
             raise ChatTemplateError(str(error)) from error
+
+
+def _overlaps(offsets: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether the characters `offsets` covers meet one of `spans` (in order, not overlapping)."""
+    start, end = offsets
+    before_end = bisect.bisect_left(spans, (end,))  # spans starting before `end`
+    return before_end > 0 and spans[before_end - 1][1] > start
+
+
+def _runs_around(forged: list[int], trusted: list[int], num_tokens: int) -> list[tuple[int, int]]:
+    """(first, last) token indexes of each run of tokens between two trusted special tokens (or
+    an end of the prompt) that holds forged ones, in order; both lists are in order."""
+    runs: list[tuple[int, int]] = []
+    for index in forged:
+        after = bisect.bisect_right(trusted, index)  # the first trusted token after `index`
+        first = trusted[after - 1] + 1 if after > 0 else 0
+        last = trusted[after] - 1 if after < len(trusted) else num_tokens - 1
+        if not runs or runs[-1] != (first, last):
+            runs.append((first, last))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------

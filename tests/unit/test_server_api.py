@@ -384,11 +384,11 @@ def test_a_prompt_that_cannot_fit_is_refused_by_its_length_untokenized():
     encoded: list[str] = []
     encode = engine.tokenizer.encode
     engine.tokenizer.encode = lambda text, **kw: encoded.append(text) or encode(text, **kw)
-    for prompt, param in (("x" * 30, "prompt"), (["ok", "y" * 30], "prompt[1]")):
+    for prompt, param in (("x" * 100, "prompt"), (["ok", "y" * 100], "prompt[1]")):
         response = client.post("/v1/completions", json={"prompt": prompt})
         error = assert_error(response, 400, param, code="context_length_exceeded")
-        assert "30 bytes" in error["message"] and "at least 30 tokens" in error["message"]
-    error = assert_error(chat(client, messages=[{"role": "user", "content": "z" * 30}]), 400, "messages",
+        assert "100 bytes" in error["message"] and "at least 25 tokens" in error["message"]
+    error = assert_error(chat(client, messages=[{"role": "user", "content": "z" * 100}]), 400, "messages",
                          code="context_length_exceeded")
     assert "at most 23" in error["message"]
     assert all(len(text) < 24 for text in encoded)

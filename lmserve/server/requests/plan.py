@@ -23,9 +23,10 @@ from lmserve.server.requests.chat_prompt import render_chat, reply_format
 from lmserve.server.requests.constraints import check_compiles, grammar_spec
 from lmserve.server.requests.known_params import check_known_params
 from lmserve.server.requests.peer_sampling import peer_sampling
-from lmserve.server.requests.tokens import checked_token_ids, encode_text
+from lmserve.server.requests.tokens import checked_token_ids, encode_prompt, encode_text
 from lmserve.server.requests.tools import ToolsPlan, plan_tools
 from lmserve.text.fim import infill_ids
+from lmserve.text.special_text import PromptText
 
 if TYPE_CHECKING:
     from lmserve.sampling.grammar import GrammarCompiler
@@ -75,27 +76,27 @@ def chat_plan(
     tools = plan_tools(request, tokenizer)
     base = _with_tools(_base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
     # After the fields' checks: a prompt too long to fit is refused, but a wrong field named first.
-    text, prompt_ids = chat_prompt(request, tokenizer, tools, max_num_tokens=max_model_len - 1)
+    prompt, prompt_ids = chat_prompt(request, tokenizer, tools, max_num_tokens=max_model_len - 1)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages", clip=clip_max_tokens)
     choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
     forced = base.grammar is not None and (tools is None or tools.mode != "auto")
-    reply = reply_format(tokenizer, text, tools, forced)
+    reply = reply_format(tokenizer, prompt.text, tools, forced)
     return GenerationPlan([prompt_ids], choices, reply=reply, tools=tools)
 
 
 def chat_prompt(request: ChatCompletionRequest, tokenizer: ChatTokenizer, tools: ToolsPlan | None,
-                max_num_tokens: int | None = None) -> tuple[str, list[int]]:
-    """The rendered prompt and its token ids (the template holds the BOS); a prompt that cannot
-    take at most `max_num_tokens` tokens is refused by its length, untokenized."""
-    text = render_chat(request, tokenizer, tools)
-    prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages",
-                             max_num_tokens=max_num_tokens)
+                max_num_tokens: int | None = None) -> tuple[PromptText, list[int]]:
+    """The rendered prompt and its token ids (the template holds the BOS; special-token text the
+    request wrote is plain text unless it sets parse_special); a prompt that cannot take at most
+    `max_num_tokens` tokens is refused by its length, untokenized."""
+    prompt = render_chat(request, tokenizer, tools)
+    prompt_ids = encode_prompt(tokenizer, prompt, param="messages", max_num_tokens=max_num_tokens)
     if not prompt_ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
-    return text, prompt_ids
+    return prompt, prompt_ids
 
 
 def count_chat_tokens(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> int:
@@ -105,7 +106,7 @@ def count_chat_tokens(request: ChatCompletionRequest, tokenizer: ChatTokenizer) 
 
 def chat_prompt_text(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> str:
     """The prompt text the chat template makes of the request, tools included."""
-    return render_chat(request, tokenizer, plan_tools(request, tokenizer))
+    return render_chat(request, tokenizer, plan_tools(request, tokenizer)).text
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None, grammar: GrammarCompiler | None) -> SamplingParams:

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from lmserve.fleet.fleet import ModelStatus, Slot
 from lmserve.request import SamplingParams
-from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request, unsupported
+from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request
 from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
     DetokenizeRequest,
@@ -38,14 +38,13 @@ server_router = APIRouter(tags=["server"])
 @token_router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: State) -> Response:
     tokenizer = await _tokenizer(state, body.model)
-    if not body.parse_special:
-        raise unsupported("parse_special", "'parse_special': false (special-token text is always parsed)")
     # In a worker thread, as the answer too: megabytes of text take seconds, the loop serves on.
     return await anyio.to_thread.run_sync(_tokenize, body, tokenizer)
 
 
 def _tokenize(body: TokenizeRequest, tokenizer) -> Response:
-    ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content")
+    ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content",
+                      parse_special=body.parse_special)
     tokens = [TokenPiece(id=i, piece=piece(tokenizer.token_bytes(i))) for i in ids] if body.with_pieces else ids
     return json_response(TokenizeResponse(tokens=tokens))
 
