@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", metavar="PATH", help="require the keys in this file: one per line, '#' comments")
     serve.add_argument("--allowed-origins", "--cors-origins", action="append", default=[], metavar="ORIGINS",
                        help="CORS: browser origins allowed to call the API (repeatable or comma-separated; '*' for any)")
+    serve.add_argument("--allowed-hosts", action="append", default=[], metavar="HOSTS",
+                       help="Host header names served besides IP addresses and localhost, against DNS rebinding "
+                            "(repeatable or comma-separated; NAME for any port, NAME:PORT for one; '*' for any; "
+                            "default on 0.0.0.0: this machine's names)")
     serve.add_argument("--max-request-body", type=positive_size, default=DEFAULT_MAX_REQUEST_BODY,
                        help="largest request body, e.g. 16MiB (default); larger bodies answer 413")
     embedding = serve.add_mutually_exclusive_group()
@@ -275,12 +279,15 @@ def serve(args: argparse.Namespace) -> None:
 def state_settings(args: argparse.Namespace) -> dict:
     """The ServerState fields the command line sets, besides the fleet and the metrics."""
     from lmserve.server.middleware.cors import parse_origins
+    from lmserve.server.middleware.hosts import default_allowed_hosts, parse_allowed_hosts
 
     origins = parse_origins(args.allowed_origins)
+    hosts = parse_allowed_hosts([*default_allowed_hosts(args.host), *args.allowed_hosts])
     if "localhost" in origins:
         raise ValueError("--cors-origins localhost (llama-server's shorthand) is not taken here: name the origins, "
                          "e.g. http://localhost:3000")
-    return {"api_keys": api_keys(args), "allowed_origins": origins, "max_request_body": args.max_request_body,
+    return {"api_keys": api_keys(args), "allowed_origins": origins, "allowed_hosts": hosts,
+            "max_request_body": args.max_request_body,
             "serve_slots": args.serve_slots, "slot_save_path": args.slot_save_path,
             "embeddings_only": args.embeddings_only}
 

@@ -2,8 +2,9 @@
 
 One chat completion, hop by hop:
 
-1. middleware/: access.py opens the request's access record (outermost), cors.py answers
-   browser preflights, auth.py checks the API key, limits.py caps the body size.
+1. middleware/: access.py opens the request's access record (outermost), hosts.py checks the
+   Host header, cors.py answers browser preflights, auth.py checks the API key, limits.py caps
+   the body size.
 2. routes/generation.py: FastAPI validates the body against protocol.py (a bad one is a 400
    from errors.py); state.py leases the requested model from the fleet (lmserve/fleet/),
    which loads it first if it is not loaded, and holds it until the response is sent.
@@ -35,6 +36,7 @@ from lmserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from lmserve.server.middleware.access import AccessMiddleware, log_access
 from lmserve.server.middleware.auth import ApiKeyMiddleware
 from lmserve.server.middleware.cors import LmserveCORSMiddleware
+from lmserve.server.middleware.hosts import HostCheckMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
 from lmserve.server.requests.body_text import check_body_text
 from lmserve.server.routes import embeddings, generation, models, ops, slots
@@ -91,13 +93,15 @@ async def _load_pinned(state: ServerState) -> None:
 
 
 def _add_middleware(app: FastAPI, state: ServerState) -> None:
-    """Outermost last. The access log sees every answer; CORS comes before the key check so
+    """Outermost last. The access log sees every answer; a Host this server does not answer to
+    is refused before anything else looks at the request; CORS comes before the key check so
     preflights need no key and a 401 still carries CORS headers; the body cap is checked only
     for requests with a valid key."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_body)
     app.add_middleware(ApiKeyMiddleware, state=state)
     if state.allowed_origins:
         app.add_middleware(LmserveCORSMiddleware, allowed_origins=state.allowed_origins)
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=state.allowed_hosts)
     app.add_middleware(AccessMiddleware, sinks=[log_access, state.metrics.request_done])
 
 

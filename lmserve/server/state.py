@@ -35,6 +35,9 @@ class ServerState:
     fleet: Fleet
     api_keys: tuple[str, ...] = ()  # empty: no auth
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    # Host names served besides IP addresses and localhost (middleware/hosts.py); ("*",): any. The
+    # CLI sets them from --host and --allowed-hosts.
+    allowed_hosts: tuple[str, ...] = ("*",)
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # bytes; larger bodies answer 413
     metrics: ServerMetrics = field(default_factory=ServerMetrics, repr=False)  # this server's own registry
     created: int = field(default_factory=lambda: int(time.time()))  # unix time for /v1/models

@@ -1,15 +1,18 @@
-"""API keys (and key files), CORS and the request-body cap, over ASGI against the fake engine."""
+"""API keys (and key files), CORS, the Host check and the request-body cap, over ASGI against
+the fake engine."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
-from lmserve.cli import api_keys, build_parser
+from lmserve.cli import api_keys, build_parser, state_settings
 from lmserve.server.middleware.auth import read_api_key_file
 from lmserve.server.middleware.cors import parse_origins
+from lmserve.server.middleware.hosts import default_allowed_hosts, host_allowed, machine_names
 from lmserve.server.middleware.limits import BodyLimitMiddleware
 from tests.helpers.server import chat, make_client
 
@@ -133,6 +136,71 @@ def test_without_allowed_origins_there_is_no_cors():
     client = make_client()
     assert "access-control-allow-origin" not in client.get("/v1/models", headers={"Origin": ALLOWED}).headers
     assert preflight(client, ALLOWED).status_code == 405
+
+
+# ---------------------------------------------------------------- Host header (DNS rebinding)
+
+
+@pytest.mark.parametrize(("host", "allowed", "served"), [
+    ("localhost:8080", (), True),
+    ("LOCALHOST.", (), True),
+    ("app.localhost:3000", (), True),
+    ("127.0.0.1:8080", (), True),
+    ("[::1]:8080", (), True),
+    ("192.168.1.20", (), True),  # an address: the browser was pointed at it, no name to rebind
+    (None, (), True),  # HTTP/1.0: no browser
+    ("evil.example:8080", (), False),
+    ("localhost.evil.example", (), False),
+    ("127.0.0.1.nip.io:8080", (), False),
+    ("[::1", (), False),
+    ("localhost:80:80", (), False),
+    ("mybox:8080", ("mybox",), True),
+    ("MyBox.:9000", ("mybox",), True),
+    ("mybox:8080", ("mybox:8080",), True),
+    ("mybox:9000", ("mybox:8080",), False),
+    ("anything.example", ("*",), True),
+])
+def test_host_allowed(host, allowed, served):
+    assert host_allowed(host, allowed) is served
+
+
+def test_a_host_it_does_not_answer_to_is_403_before_the_key_check():
+    client = make_client(api_keys=KEYS, allowed_hosts=("mybox",), raise_server_exceptions=False)
+    refused = client.get("/health", headers={"Host": "evil.example:8080"})
+    assert refused.status_code == 403
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("permission_error", "host_not_allowed")
+    assert "evil.example" in error["message"] and "--allowed-hosts" in error["message"]
+    assert client.get("/health", headers={"Host": "mybox:8080"}).status_code == 200
+    assert client.get("/v1/models", headers={"Host": "localhost:8080"}).status_code == 401  # the key, next
+
+
+@pytest.mark.parametrize(("listen", "names"), [
+    ("127.0.0.1", ()), ("localhost", ()), ("::1", ()), ("127.0.0.5", ()), ("/tmp/lmserve.sock", ("*",)),
+])
+def test_default_allowed_hosts_on_loopback_and_sockets(listen, names):
+    assert default_allowed_hosts(listen) == names
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "::", "192.168.1.20"])
+def test_on_other_interfaces_the_machines_own_names_are_served(listen):
+    names = default_allowed_hosts(listen)
+    assert names == tuple(machine_names()) and names
+    assert socket.gethostname().lower() in names and all(not name.startswith("0.0") for name in names)
+
+
+def test_listening_on_a_name_serves_that_name():
+    assert default_allowed_hosts("box.lan")[0] == "box.lan"
+
+
+def test_allowed_hosts_flags_add_to_the_defaults():
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "a.example, B.example", "--allowed-hosts", "c:81"])
+    assert state_settings(args)["allowed_hosts"] == ("a.example", "b.example", "c:81")
+    assert state_settings(build_parser().parse_args(["serve"]))["allowed_hosts"] == ()
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--allowed-hosts", "x"])
+    assert state_settings(args)["allowed_hosts"] == (*machine_names(), "x")
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "x,*"])
+    assert state_settings(args)["allowed_hosts"] == ("*",)
 
 
 # ---------------------------------------------------------------- body size
