@@ -97,7 +97,7 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
     is refused before anything else looks at the request; CORS comes before the key check so
     preflights need no key and a 401 still carries CORS headers; the body cap is checked only
     for requests with a valid key."""
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_body)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_body, timeout=state.read_timeout)
     app.add_middleware(ApiKeyMiddleware, state=state)
     if state.allowed_origins:
         app.add_middleware(LmserveCORSMiddleware, allowed_origins=state.allowed_origins)

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from lmserve.fleet.catalogue import UnknownModel, duration_seconds
 from lmserve.fleet.fleet import Fleet, FleetBusy, Lease, ModelFailed, ModelStatus, ModelTooLarge, NotLoaded, Slot
 from lmserve.server.errors import APIError
-from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
+from lmserve.server.middleware.limits import DEFAULT_READ_TIMEOUT, DEFAULT_MAX_REQUEST_BODY
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.slots import SlotTable
 
@@ -39,6 +39,7 @@ class ServerState:
     # CLI sets them from --host and --allowed-hosts.
     allowed_hosts: tuple[str, ...] = ("*",)
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # bytes; larger bodies answer 413
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds for a body, plus its size's share; later: 408
     metrics: ServerMetrics = field(default_factory=ServerMetrics, repr=False)  # this server's own registry
     created: int = field(default_factory=lambda: int(time.time()))  # unix time for /v1/models
     load_timeout: float | None = 600.0  # seconds a request waits for its model to load before a 503; None: no limit

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
 import pytest
 
@@ -273,3 +274,77 @@ def test_chunked_body_stops_being_read_at_the_cap():
     asyncio.run(BodyLimitMiddleware(app, max_bytes=1000)(scope, receive, send))
     assert len(chunks_read) == 11  # 1100 bytes: one chunk past the cap, then no more
     assert sent[0]["status"] == 413
+
+
+# ---------------------------------------------------------------- body read deadline
+
+
+def run_guarded(receive, timeout: float, read_after_body: bool = False) -> list[dict]:
+    """The messages BodyLimitMiddleware sends for an app that reads the whole body (and then,
+    if asked, waits for the disconnect, as a non-streaming route does)."""
+    async def app(scope, receive, send):
+        while (await receive())["more_body"]:
+            pass
+        if read_after_body:
+            await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+    asyncio.run(BodyLimitMiddleware(app, max_bytes=10**6, timeout=timeout)(scope, receive, send))
+    return sent
+
+
+def chunks_then(chunks: list[tuple[float, bytes]], last: dict | None = None):
+    """A receive giving each (delay, bytes) chunk, then `last` (or waiting forever)."""
+    queue = list(chunks)
+
+    async def receive():
+        if queue:
+            delay, body = queue.pop(0)
+            await asyncio.sleep(delay)
+            return {"type": "http.request", "body": body, "more_body": True}
+        if last is None:
+            await asyncio.Event().wait()
+        return last
+
+    return receive
+
+
+def test_a_body_that_stops_coming_is_408():
+    started = time.monotonic()
+    sent = run_guarded(chunks_then([(0, b"x" * 100)]), timeout=0.2)
+    assert sent[0]["status"] == 408 and time.monotonic() - started < 2
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "request_timeout" and dict(sent[0]["headers"])[b"connection"] == b"close"
+
+
+def test_a_trickling_body_is_408_even_though_each_piece_is_on_time():
+    sent = run_guarded(chunks_then([(0.05, b"x")] * 100), timeout=0.3)
+    assert sent[0]["status"] == 408
+
+
+def test_a_body_sent_steadily_is_read_whole_however_long_it_takes():
+    # 10 pieces of 4 KiB a tenth of a second apart: 1 s in all against a 0.3 s base, but each
+    # piece earns a quarter of a second at 16 KiB/s
+    end = {"type": "http.request", "body": b"", "more_body": False}
+    sent = run_guarded(chunks_then([(0.1, b"x" * 4096)] * 10, last=end), timeout=0.3)
+    assert sent[0]["status"] == 200
+
+
+def test_waiting_for_a_disconnect_after_the_body_has_no_deadline():
+    end = {"type": "http.request", "body": b"x", "more_body": False}
+    queue = [end]
+
+    async def receive():
+        if queue:
+            return queue.pop()
+        await asyncio.sleep(0.5)  # the response takes longer than the read timeout
+        return {"type": "http.disconnect"}
+
+    assert run_guarded(receive, timeout=0.1, read_after_body=True)[0]["status"] == 200
