@@ -38,7 +38,7 @@ from lmserve.server.middleware.auth import ApiKeyMiddleware
 from lmserve.server.middleware.cors import LmserveCORSMiddleware
 from lmserve.server.middleware.hosts import HostCheckMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
-from lmserve.server.requests.body_text import check_body_text
+from lmserve.server.requests.body_text import check_json_body
 from lmserve.server.routes import embeddings, generation, models, ops, slots
 from lmserve.server.state import ServerState
 
@@ -52,7 +52,7 @@ def create_app(state: ServerState) -> FastAPI:
     """The ASGI app serving `state`'s fleet of models. While the app runs (its lifespan), the
     pinned models load in the background and idle ones are unloaded after their ttl."""
     app = FastAPI(title="lmserve", summary="Local LLMs behind the OpenAI API", lifespan=_lifespan,
-                  dependencies=[Depends(check_body_text)])
+                  dependencies=[Depends(check_json_body)])
     app.state.lmserve = state
     install_error_handlers(app)
     _add_middleware(app, state)

@@ -95,11 +95,22 @@ async def _handle_validation_error(request: Request, exc: RequestValidationError
 
 async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    body = error_body(str(exc.detail), kind, code=str(exc.status_code))
-    if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's body reader: bytes JSON cannot hold
-        body = error_body(f"The request body is not valid UTF-8: {exc.__cause__.reason} at byte "
-                          f"{exc.__cause__.start}.", kind, code="invalid_unicode")
+    body = _unreadable_body(exc.__cause__) or error_body(str(exc.detail), kind, code=str(exc.status_code))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _unreadable_body(cause: BaseException | None) -> dict | None:
+    """What FastAPI's body reader hides behind "There was an error parsing the body" (its 400
+    for a body JSON cannot read other than malformed JSON), said plainly."""
+    if isinstance(cause, UnicodeDecodeError):
+        return error_body(f"The request body is not valid UTF-8: {cause.reason} at byte {cause.start}.",
+                          "invalid_request_error", code="invalid_unicode")
+    if isinstance(cause, RecursionError):
+        return error_body("The request body is not valid JSON here: it is nested too deeply.",
+                          "invalid_request_error", code="nested_too_deeply")
+    if isinstance(cause, ValueError):  # an integer too long for Python's int ("Exceeds the limit (4300 digits)")
+        return error_body(f"The request body is not valid JSON here: {cause}.", "invalid_request_error")
+    return None
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

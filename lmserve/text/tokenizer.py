@@ -295,6 +295,8 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError) as error:
             # TypeError: a template doing arithmetic on what it did not expect, e.g. content=None.
             raise ChatTemplateError(str(error)) from error
+        except RecursionError as error:  # a value nested deeper than rendering it (tojson) can go
+            raise ChatTemplateError("the messages nest too deeply to render") from error
 
 
 def _overlaps(offsets: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:

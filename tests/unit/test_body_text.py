@@ -7,24 +7,40 @@ import json
 
 import pytest
 
-from lmserve.server.requests.body_text import lone_surrogate_at
+from lmserve.server.requests.body_text import MAX_BODY_DEPTH, body_problem
 from tests.helpers.server import MODEL, make_client
 
 LONE = "\ud800"
 HELLO = [{"role": "user", "content": "hi"}]
 
 
+SURROGATE = "not valid Unicode text (it holds a lone surrogate, U+{:04X})"
+
+
 @pytest.mark.parametrize(("value", "where"), [
     ("fine", None),
     ("an emoji 😀 is a pair, not a lone surrogate", None),
-    (LONE, ((), LONE)),
-    ({"a": [1, {"b": "x\udfff"}]}, (("a", 1, "b"), "\udfff")),
-    ({"a": "ok", "k\udc00": 1}, ((), "\udc00")),  # a bad key: located at its object
-    ([[], ["", "\ud83d"]], ((1, 1), "\ud83d")),
+    (LONE, ((), SURROGATE.format(0xD800))),
+    ({"a": [1, {"b": "x\udfff"}]}, (("a", 1, "b"), SURROGATE.format(0xDFFF))),
+    ({"a": "ok", "k\udc00": 1}, ((), "not valid Unicode text (a key holds a lone surrogate, U+DC00)")),
+    ([[], ["", "\ud83d"], "\udc00"], ((1, 1), SURROGATE.format(0xD83D))),  # the first in order
     ({"n": 1.5, "b": True, "z": None}, None),
 ])
-def test_lone_surrogate_at(value, where):
-    assert lone_surrogate_at(value) == where
+def test_body_problem_finds_lone_surrogates(value, where):
+    assert body_problem(value) == where
+
+
+def nested(levels: int):
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def test_body_problem_bounds_nesting():
+    assert body_problem({"a": nested(MAX_BODY_DEPTH - 1)}) is None
+    loc, what = body_problem({"a": nested(MAX_BODY_DEPTH)})
+    assert loc == ("a", *[0] * (MAX_BODY_DEPTH - 1)) and str(MAX_BODY_DEPTH) in what
 
 
 def post_raw(client, path: str, body: dict | bytes):
@@ -77,3 +93,19 @@ def test_invalid_utf8_is_a_400_saying_so(client):
 def test_surrogate_pairs_and_escaped_backslashes_are_text(client):
     response = post_raw(client, "/tokenize", b'{"content": "\\ud83d\\ude00 \\\\ud800"}')
     assert response.status_code == 200, response.text
+
+
+def test_a_body_nested_too_deeply_is_a_400_naming_where(client):
+    body = {"messages": HELLO, "chat_template_kwargs": {"x": nested(MAX_BODY_DEPTH)}}
+    error = post_raw(client, "/v1/chat/completions", body).json()["error"]
+    assert error["code"] == "nested_too_deeply" and error["param"].startswith("chat_template_kwargs.x[0][0]")
+
+
+@pytest.mark.parametrize(("body", "what"), [
+    (b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    (b'{"messages": "hi", "n": ' + b"9" * 5000 + b"}", "digits"),
+    (b'{"messages": "hi", ', "JSON"),
+])
+def test_bodies_json_cannot_read_say_why(client, body, what):
+    response = post_raw(client, "/v1/chat/completions", body)
+    assert response.status_code == 400 and what in response.json()["error"]["message"]
