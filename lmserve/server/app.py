@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -34,7 +35,7 @@ from fastapi.openapi.utils import get_openapi
 from lmserve.fleet.fleet import ModelStatus
 from lmserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from lmserve.server.middleware.access import AccessMiddleware, log_access
-from lmserve.server.middleware.auth import ApiKeyMiddleware
+from lmserve.server.middleware.auth import PUBLIC_PATHS, ApiKeyMiddleware
 from lmserve.server.middleware.cors import LmserveCORSMiddleware
 from lmserve.server.middleware.hosts import HostCheckMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
@@ -106,11 +107,29 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
 
 
 def _openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema without the 422 it documents by default: invalid bodies answer 400."""
+    """FastAPI's schema without the 422 it documents by default (invalid bodies answer 400),
+    and with the answers the middleware gives any operation (see _middleware_errors)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        for path in schema["paths"].values():
-            for operation in path.values():
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
                 operation["responses"].pop("422", None)
+                for status in _middleware_errors(path, operation):
+                    operation["responses"].setdefault(str(status), {
+                        "description": HTTPStatus(status).phrase,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    })
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _middleware_errors(path: str, operation: dict[str, Any]) -> list[int]:
+    """What any operation may answer before (or around) its route: 403 for a Host not served,
+    401 without a valid key (where keys are checked), 400 for parameters or a body that do not
+    validate, 408 and 413 for a body too slow or too large, 500 for a failure."""
+    statuses = [403, 500] + ([] if path in PUBLIC_PATHS else [401])
+    if operation.get("parameters"):
+        statuses.append(400)
+    if "requestBody" in operation:
+        statuses += [400, 408, 413]
+    return statuses

@@ -543,6 +543,18 @@ def test_openapi_and_docs():
     assert client.get("/docs").status_code == 200
 
 
+def test_openapi_documents_the_errors_every_operation_can_answer():
+    paths = make_client().get("/openapi.json").json()["paths"]
+    chat = paths["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "403", "404", "408", "413", "500", "501", "503"} <= set(chat) and "422" not in chat
+    assert chat["413"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
+    health = paths["/health"]["get"]["responses"]
+    assert {"200", "403", "503"} <= set(health) and "401" not in health  # /health needs no key
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    embeddings = paths["/v1/embeddings"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert len(embeddings["anyOf"]) == 2  # OpenAI's answer, and llama.cpp's list for `content`
+
+
 # ---------------------------------------------------------------- client disconnects
 
 

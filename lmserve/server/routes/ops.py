@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from lmserve.fleet.fleet import ModelStatus, Slot
 from lmserve.request import SamplingParams
@@ -18,6 +18,7 @@ from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
+    HealthStatus,
     TokenizeRequest,
     TokenizeResponse,
     TokenPiece,
@@ -80,7 +81,7 @@ def piece(raw: bytes) -> str | list[int]:
         return list(raw)
 
 
-@server_router.get("/health")
+@server_router.get("/health", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
 async def health(state: State) -> JSONResponse:
     if not state.ready:  # 200 once the models served from start-up (chat and embedding) can answer
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -184,7 +185,7 @@ def default_params(model_defaults: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@server_router.get("/metrics")
+@server_router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: State) -> Response:
     loads = {model: engine.snapshot() for model, engine in state.loaded_engines().items()}
     return Response(state.metrics.render(loads), media_type=CONTENT_TYPE)
