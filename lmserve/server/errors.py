@@ -139,6 +139,8 @@ def validation_error(errors: list[dict]) -> APIError:
         detail = first.get("ctx", {}).get("error", "")
         return bad_request(f"malformed JSON body: {detail}".rstrip(": "))
     param = error_param(first["loc"])
+    if param is None and first["type"] == "missing":
+        return bad_request("The request body is missing: send a JSON object.")
     if param is None:
         return bad_request(f"invalid request body: {first['msg']}")
     if first["type"] == "missing":
@@ -146,10 +148,15 @@ def validation_error(errors: list[dict]) -> APIError:
     return bad_request(f"Invalid value for '{param}': {first['msg']}", param=param)
 
 
+# Where FastAPI says a failing value came from: not part of the parameter's name.
+_LOCATIONS = ("body", "path", "query", "header", "cookie")
+
+
 def error_param(loc: tuple | list) -> str | None:
-    """("body", "messages", 0, "role") -> "messages[0].role"; None for the body as a whole."""
+    """("body", "messages", 0, "role") -> "messages[0].role"; ("query", "action") -> "action";
+    None for the body as a whole."""
     param = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in _LOCATIONS else loc:
         if isinstance(part, int):
             param += f"[{part}]"
         elif not _UNION_TAG.search(part):
