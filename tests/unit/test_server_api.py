@@ -378,6 +378,12 @@ def test_too_long_prompt_names_the_numbers():
     assert_error(client.post("/v1/completions", json=long_prompt), 400, "prompt", contains=["24", "24 input"])
 
 
+def test_a_prompt_mixing_ids_and_lists_is_refused():
+    # found by fuzzing the schema: a 500 when the nested list was taken for a token id
+    response = make_client().post("/v1/completions", json={"prompt": [5, ["a", 6]]})
+    assert_error(response, 400, "prompt", contains=["mixes"])
+
+
 def test_a_prompt_that_cannot_fit_is_refused_by_its_length_untokenized():
     engine = FakeEngine(max_model_len=24)
     client = make_client(engine)

@@ -260,6 +260,9 @@ def _prompt_items(prompt: str | list[int | str | list[int | str]]) -> list[str |
     if not prompt:
         raise bad_request("prompt must not be empty", param="prompt")
     if any(isinstance(item, int) for item in prompt):
+        if any(isinstance(item, list) for item in prompt):
+            raise bad_request("prompt mixes token ids with lists: send one prompt (ids and strings) or a list of "
+                              "prompts", param="prompt")
         return [prompt]
     return list(prompt)
 
