@@ -32,7 +32,7 @@ from lmserve.llama_options import (
     ssl_options,
 )
 from lmserve.server.admission import DEFAULT_QUEUE_TIMEOUT
-from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
+from lmserve.server.middleware.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BODY, DEFAULT_READ_TIMEOUT
 
 log = logging.getLogger("lmserve")
 
@@ -89,6 +89,14 @@ def positive_int(text: str) -> int:
 def thread_count(text: str) -> int | None:
     """--threads (-t): a positive count, or -1 (llama-server's default) for torch's own (None)."""
     return None if text.strip() == "-1" else positive_int(text)
+
+
+def positive_duration(text: str) -> float:
+    """--read-timeout: seconds or '30s', '2m'; more than none."""
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, not {text!r}")
+    return seconds
 
 
 def parse_duration(text: str) -> float | None:
@@ -168,8 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", metavar="PATH", help="require the keys in this file: one per line, '#' comments")
     serve.add_argument("--allowed-origins", "--cors-origins", action="append", default=[], metavar="ORIGINS",
                        help="CORS: browser origins allowed to call the API (repeatable or comma-separated; '*' for any)")
+    serve.add_argument("--allowed-hosts", action="append", default=[], metavar="HOSTS",
+                       help="Host header names served besides IP addresses and localhost, against DNS rebinding "
+                            "(repeatable or comma-separated; NAME for any port, NAME:PORT for one; '*' for any; "
+                            "default on 0.0.0.0: this machine's names)")
     serve.add_argument("--max-request-body", type=positive_size, default=DEFAULT_MAX_REQUEST_BODY,
                        help="largest request body, e.g. 16MiB (default); larger bodies answer 413")
+    serve.add_argument("--read-timeout", type=positive_duration, default=DEFAULT_READ_TIMEOUT, metavar="DURATION",
+                       help="how long a client may take to send a request's head, and its body (plus a second per "
+                            "16 KiB received); slower ones answer 408 (default 30 s)")
+    serve.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                       help=f"open connections at once; past it a new one answers 503 (default {DEFAULT_MAX_CONNECTIONS})")
     embedding = serve.add_mutually_exclusive_group()
     embedding.add_argument("--embedding-model", metavar="PATH",
                            help="HF folder of a BERT-family embedding model to serve too (default: packaged all-MiniLM-L6-v2)")
@@ -296,18 +313,22 @@ def serve(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(config.num_threads)
     # lmserve's own access log (lmserve.access) replaces uvicorn's.
-    run_server(create_app(state), state, **listen, log_level=args.log_level, access_log=False)
+    run_server(create_app(state), state, **listen, **connection_options(args), log_level=args.log_level,
+               access_log=False)
 
 
 def state_settings(args: argparse.Namespace) -> dict:
     """The ServerState fields the command line sets, besides the fleet and the metrics."""
     from lmserve.server.middleware.cors import parse_origins
+    from lmserve.server.middleware.hosts import default_allowed_hosts, parse_allowed_hosts
 
     origins = parse_origins(args.allowed_origins)
+    hosts = parse_allowed_hosts([*default_allowed_hosts(args.host), *args.allowed_hosts])
     if "localhost" in origins:
         raise ValueError("--cors-origins localhost (llama-server's shorthand) is not taken here: name the origins, "
                          "e.g. http://localhost:3000")
-    return {"api_keys": api_keys(args), "allowed_origins": origins, "max_request_body": args.max_request_body,
+    return {"api_keys": api_keys(args), "allowed_origins": origins, "allowed_hosts": hosts,
+            "max_request_body": args.max_request_body, "read_timeout": args.read_timeout,
             "serve_slots": args.serve_slots, "slot_save_path": args.slot_save_path,
             "embeddings_only": args.embeddings_only, "max_queued_requests": args.max_queued_requests,
             "queue_timeout": args.queue_timeout}
@@ -320,6 +341,13 @@ def listen_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--host {args.host!r}: lmserve listens on one address")
     where = {"uds": args.host} if args.host.endswith(".sock") else {"host": args.host, "port": args.port}
     return where | ssl_options(args)
+
+
+def connection_options(args: argparse.Namespace) -> dict:
+    """uvicorn's settings for slow and many clients: a deadline per request head, a cap on connections."""
+    from lmserve.server.connections import ConnectionLimits, uvicorn_options
+
+    return uvicorn_options(ConnectionLimits(read_timeout=args.read_timeout, max_connections=args.max_connections))
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

@@ -91,7 +91,7 @@ def _decoded_arguments(arguments: Any) -> Any:
         return {} if arguments is None else arguments
     try:
         return json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past the parser's limit
         return arguments  # not JSON: keep the model's text rather than guess
 
 

@@ -2,8 +2,9 @@
 
 One chat completion, hop by hop:
 
-1. middleware/: access.py opens the request's access record (outermost), cors.py answers
-   browser preflights, auth.py checks the API key, limits.py caps the body size.
+1. middleware/: access.py opens the request's access record (outermost), hosts.py checks the
+   Host header, cors.py answers browser preflights, auth.py checks the API key, limits.py caps
+   the body size.
 2. routes/generation.py: FastAPI validates the body against protocol.py (a bad one is a 400
    from errors.py); state.py leases the requested model from the fleet (lmserve/fleet/),
    which loads it first if it is not loaded, and holds it until the response is sent.
@@ -27,18 +28,21 @@ import asyncio
 import contextlib
 import logging
 import os
+from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from lmserve.fleet.fleet import ModelStatus
 from lmserve.server.errors import ERROR_RESPONSES, install_error_handlers
 from lmserve.server.middleware.access import AccessMiddleware, log_access
-from lmserve.server.middleware.auth import ApiKeyMiddleware
+from lmserve.server.middleware.auth import PUBLIC_PATHS, ApiKeyMiddleware
 from lmserve.server.middleware.cors import LmserveCORSMiddleware
 from lmserve.server.middleware.draining import DrainingMiddleware
+from lmserve.server.middleware.hosts import HostCheckMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
+from lmserve.server.requests.body_text import check_json_body
 from lmserve.server.routes import embeddings, generation, models, ops, slots
 from lmserve.server.state import ServerState
 
@@ -51,7 +55,8 @@ PREFIXED_ROUTERS = (models.router, generation.router, embeddings.router, ops.tok
 def create_app(state: ServerState) -> FastAPI:
     """The ASGI app serving `state`'s fleet of models. While the app runs (its lifespan), the
     pinned models load in the background and idle ones are unloaded after their ttl."""
-    app = FastAPI(title="lmserve", summary="Local LLMs behind the OpenAI API", lifespan=_lifespan)
+    app = FastAPI(title="lmserve", summary="Local LLMs behind the OpenAI API", lifespan=_lifespan,
+                  dependencies=[Depends(check_json_body)])
     app.state.lmserve = state
     install_error_handlers(app)
     _add_middleware(app, state)
@@ -92,23 +97,43 @@ async def _load_pinned(state: ServerState) -> None:
 
 
 def _add_middleware(app: FastAPI, state: ServerState) -> None:
-    """Outermost last. The access log sees every answer; CORS comes before the key check so
+    """Outermost last. The access log sees every answer; a Host this server does not answer to
+    is refused before anything else looks at the request; CORS comes before the key check so
     preflights need no key and a 401 still carries CORS headers; the body cap is checked only
     for requests with a valid key; innermost, the count of requests in flight that a stop waits on."""
     app.add_middleware(DrainingMiddleware, requests=state.requests)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_body)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_request_body, timeout=state.read_timeout)
     app.add_middleware(ApiKeyMiddleware, state=state)
     if state.allowed_origins:
         app.add_middleware(LmserveCORSMiddleware, allowed_origins=state.allowed_origins)
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=state.allowed_hosts)
     app.add_middleware(AccessMiddleware, sinks=[log_access, state.metrics.request_done])
 
 
 def _openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema without the 422 it documents by default: invalid bodies answer 400."""
+    """FastAPI's schema without the 422 it documents by default (invalid bodies answer 400),
+    and with the answers the middleware gives any operation (see _middleware_errors)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        for path in schema["paths"].values():
-            for operation in path.values():
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
                 operation["responses"].pop("422", None)
+                for status in _middleware_errors(path, operation):
+                    operation["responses"].setdefault(str(status), {
+                        "description": HTTPStatus(status).phrase,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    })
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _middleware_errors(path: str, operation: dict[str, Any]) -> list[int]:
+    """What any operation may answer before (or around) its route: 403 for a Host not served,
+    401 without a valid key (where keys are checked), 400 for parameters or a body that do not
+    validate, 408 and 413 for a body too slow or too large, 500 for a failure."""
+    statuses = [403, 500] + ([] if path in PUBLIC_PATHS else [401])
+    if operation.get("parameters"):
+        statuses.append(400)
+    if "requestBody" in operation:
+        statuses += [400, 408, 413]
+    return statuses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -71,6 +72,12 @@ def server_error(message: str, status_code: int = 500) -> APIError:
     return APIError(status_code, message, type="server_error")
 
 
+def internal_error(reference: str) -> APIError:
+    """A 500 that tells the client nothing of the code (no exception names or messages): the
+    server log line tagged with `reference` ("request id ...") has the details."""
+    return server_error(f"Internal server error; the server log has the details under {reference}.")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _handle_api_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
@@ -88,8 +95,22 @@ async def _handle_validation_error(request: Request, exc: RequestValidationError
 
 async def _handle_http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    body = error_body(str(exc.detail), kind, code=str(exc.status_code))
+    body = _unreadable_body(exc.__cause__) or error_body(str(exc.detail), kind, code=str(exc.status_code))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _unreadable_body(cause: BaseException | None) -> dict | None:
+    """What FastAPI's body reader hides behind "There was an error parsing the body" (its 400
+    for a body JSON cannot read other than malformed JSON), said plainly."""
+    if isinstance(cause, UnicodeDecodeError):
+        return error_body(f"The request body is not valid UTF-8: {cause.reason} at byte {cause.start}.",
+                          "invalid_request_error", code="invalid_unicode")
+    if isinstance(cause, RecursionError):
+        return error_body("The request body is not valid JSON here: it is nested too deeply.",
+                          "invalid_request_error", code="nested_too_deeply")
+    if isinstance(cause, ValueError):  # an integer too long for Python's int ("Exceeds the limit (4300 digits)")
+        return error_body(f"The request body is not valid JSON here: {cause}.", "invalid_request_error")
+    return None
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -97,9 +118,18 @@ async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.info("client disconnected from %s", request.url.path)
         body = error_body("client disconnected", "invalid_request_error")
         return JSONResponse(body, status_code=CLIENT_CLOSED_REQUEST)
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = error_body(f"internal server error: {type(exc).__name__}: {exc}", "server_error")
-    return JSONResponse(body, status_code=500)
+    request_id = _request_id(request)
+    logger.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
+    # Answered outside the access middleware (Starlette's outermost error handler): it adds the header here.
+    return JSONResponse(internal_error(f"request id {request_id}").body(), status_code=500,
+                        headers={"X-Request-Id": request_id})
+
+
+def _request_id(request: Request) -> str:
+    """The id the access log and the X-Request-Id header give this request (a fresh one if
+    the access middleware is not installed)."""
+    record = getattr(request.state, "access", None)
+    return getattr(record, "request_id", None) or uuid.uuid4().hex
 
 
 def validation_error(errors: list[dict]) -> APIError:
@@ -109,6 +139,8 @@ def validation_error(errors: list[dict]) -> APIError:
         detail = first.get("ctx", {}).get("error", "")
         return bad_request(f"malformed JSON body: {detail}".rstrip(": "))
     param = error_param(first["loc"])
+    if param is None and first["type"] == "missing":
+        return bad_request("The request body is missing: send a JSON object.")
     if param is None:
         return bad_request(f"invalid request body: {first['msg']}")
     if first["type"] == "missing":
@@ -116,10 +148,15 @@ def validation_error(errors: list[dict]) -> APIError:
     return bad_request(f"Invalid value for '{param}': {first['msg']}", param=param)
 
 
+# Where FastAPI says a failing value came from: not part of the parameter's name.
+_LOCATIONS = ("body", "path", "query", "header", "cookie")
+
+
 def error_param(loc: tuple | list) -> str | None:
-    """("body", "messages", 0, "role") -> "messages[0].role"; None for the body as a whole."""
+    """("body", "messages", 0, "role") -> "messages[0].role"; ("query", "action") -> "action";
+    None for the body as a whole."""
     param = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in _LOCATIONS else loc:
         if isinstance(part, int):
             param += f"[{part}]"
         elif not _UNION_TAG.search(part):

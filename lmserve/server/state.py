@@ -37,7 +37,7 @@ from lmserve.server.admission import (
 )
 from lmserve.server.errors import APIError
 from lmserve.server.middleware.draining import InFlight, stop_serving
-from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY
+from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY, DEFAULT_READ_TIMEOUT
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.slots import SlotTable
 
@@ -56,7 +56,11 @@ class ServerState:
     fleet: Fleet
     api_keys: tuple[str, ...] = ()  # empty: no auth
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    # Host names served besides IP addresses and localhost (middleware/hosts.py); ("*",): any. The
+    # CLI sets them from --host and --allowed-hosts.
+    allowed_hosts: tuple[str, ...] = ("*",)
     max_request_body: int = DEFAULT_MAX_REQUEST_BODY  # bytes; larger bodies answer 413
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds for a body, plus its size's share; later: 408
     metrics: ServerMetrics = field(default_factory=ServerMetrics, repr=False)  # this server's own registry
     created: int = field(default_factory=lambda: int(time.time()))  # unix time for /v1/models
     load_timeout: float | None = 600.0  # seconds a request waits for its model to load before a 503; None: no limit

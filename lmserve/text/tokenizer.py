@@ -6,13 +6,16 @@ bytes each token contributes, so that `decode` and the streaming detokenizer agr
 
 from __future__ import annotations
 
+import bisect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jinja2
 import tokenizers
+from tokenizers import AddedToken
 
 from lmserve.text.fim import FimTokens, fim_from_gguf, fim_from_vocabulary
 from lmserve.text.chat_template import (
@@ -21,10 +24,15 @@ from lmserve.text.chat_template import (
     compile_chat_template,
 )
 from lmserve.text.gguf_vocab import read_gguf_vocab
+from lmserve.text.length_bound import LengthBound, length_bound
 from lmserve.text.token_bytes import byte_level_bytes, sentencepiece_bytes
 from lmserve.weights.gguf import GGUFFile
 
 __all__ = ["ChatTemplateError", "ChatTokenizer", "Tokenizer"]
+
+# Starts a text encoded by the plain backend so the text is not the input's first piece (some
+# pre-tokenizers prefix '▁' to that one only); an added token of the plain copy only.
+_ANCHOR = "\ue000lmserve-anchor\ue001"
 
 
 @runtime_checkable
@@ -41,6 +49,23 @@ class ChatTokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As encode, with special-token text encoded as the plain text it spells."""
+        ...
+
+    def encode_prompt(self, text: str, plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """A rendered prompt (no special tokens added): special-token text is parsed except in `plain_spans`."""
+        ...
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """The texts encode parses as special tokens, such as "<|im_start|>"."""
+        ...
+
+    def min_num_tokens(self, data: bytes) -> int:
+        """A lower bound on the tokens the UTF-8 text `data` encodes to; 0 if none is known."""
+        ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -75,7 +100,9 @@ class Tokenizer:
     strip_leading_space: bool  # SentencePiece: decode drops the space the encoder prefixed
     exact_bytes: bool = True  # False: token bytes are approximations, decode goes through the backend
     fim: FimTokens = FimTokens()  # fill-in-the-middle tokens; all None for a model without them
+    length_bound: LengthBound | None = None  # see min_num_tokens; None: no bound is known
     _template: jinja2.Template | None = field(default=None, init=False, repr=False)
+    _plain: tokenizers.Tokenizer | None = field(default=None, init=False, repr=False)  # see _plain_backend
 
     @property
     def vocab_size(self) -> int:
@@ -104,6 +131,7 @@ class Tokenizer:
             prepend_bos=bos_id is not None and bool(meta.get("tokenizer.ggml.add_bos_token", vocab.add_bos_default)),
             strip_leading_space=vocab.strip_leading_space,
             fim=fim_from_gguf(meta, vocab.backend.token_to_id),
+            length_bound=length_bound(vocab.backend, vocab.token_bytes_table),
         )
 
     @classmethod
@@ -130,9 +158,10 @@ class Tokenizer:
             _token_text(config.get("eos_token")),
         )
         bos_id = backend.token_to_id(bos_token) if bos_token else generation.get("bos_token_id")
+        table = _hf_token_bytes(backend, kind)
         return cls(
             backend=backend,
-            token_bytes_table=_hf_token_bytes(backend, kind),
+            token_bytes_table=table,
             special_ids=frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special),
             bos_token_id=bos_id,
             eos_token_ids=_hf_end_ids(backend, eos_token, generation),
@@ -143,6 +172,7 @@ class Tokenizer:
             strip_leading_space=strip,
             exact_bytes=kind != "other",
             fim=fim_from_vocabulary(backend.token_to_id),
+            length_bound=length_bound(backend, table) if kind != "other" else None,
         )
 
     # --- encode / decode --------------------------------------------------------------------
@@ -153,10 +183,68 @@ class Tokenizer:
         add_special_tokens adds BOS only if the model asks for it. A prompt rendered by a chat
         template that already writes BOS itself should be encoded with add_special_tokens=False.
         """
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, not encode: it lets go of the GIL while it works, so a worker thread
+        # tokenizing megabytes does not stop the event loop (encode holds the GIL throughout).
+        ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.prepend_bos:
             ids.insert(0, self.bos_token_id)
         return ids
+
+    def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """As encode, with special-token text encoded as the plain text it spells (llama.cpp's
+        parse_special false); special tokens are still added as add_special_tokens asks."""
+        ids = self._plain_backend().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        if add_special_tokens and self.prepend_bos:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def encode_prompt(self, text: str, plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """A prompt a chat template rendered, adding no special tokens (the template holds its
+        BOS): special-token text is parsed everywhere except in `plain_spans`, the (start, end)
+        character spans of text the request wrote (lmserve/text/special_text.py).
+
+        A run of text between two of the template's special tokens that holds such a span is
+        encoded as encode_plain encodes it, so the prompt is tokenized as if the request's text
+        had never spelled a special token; without any, this is encode(text, False).
+        """
+        encoding = self.backend.encode_batch([text], add_special_tokens=False)[0]
+        ids, offsets = encoding.ids, encoding.offsets
+        forged = [i for i, token_id in enumerate(ids)
+                  if token_id in self.special_ids and _overlaps(offsets[i], plain_spans)]
+        if not forged:
+            return ids
+        forged_set = set(forged)
+        trusted = [i for i, token_id in enumerate(ids) if token_id in self.special_ids and i not in forged_set]
+        for first, last in reversed(_runs_around(forged, trusted, len(ids))):  # right to left: indexes hold
+            start = offsets[first - 1][1] if first > 0 else 0
+            end = offsets[last + 1][0] if last + 1 < len(ids) else len(text)
+            ids[first : last + 1] = self._plain_run(text[start:end], at_start=start == 0)
+        return ids
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """The texts encode parses as special tokens, such as "<|im_start|>"."""
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
+
+    def _plain_run(self, text: str, at_start: bool) -> list[int]:
+        if at_start:
+            return self._plain_backend().encode_batch([text], add_special_tokens=False)[0].ids
+        return self._plain_backend().encode_batch([_ANCHOR + text], add_special_tokens=False)[0].ids[1:]
+
+    def _plain_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes special-token text as plain text, and knows _ANCHOR."""
+        if self._plain is None:
+            plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            plain.add_tokens([AddedToken(_ANCHOR, special=False, normalized=False)])
+            self._plain = plain
+        return self._plain
+
+    def min_num_tokens(self, data: bytes) -> int:
+        """A lower bound on how many tokens the UTF-8 text `data` encodes to, so that a text that
+        cannot fit a context is refused by its length, untokenized; 0 when this tokenizer has no
+        such bound (lmserve/text/length_bound.py says when it has)."""
+        return self.length_bound.min_num_tokens(data) if self.length_bound is not None else 0
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids` (see the class docstring for the exact rule)."""
@@ -207,6 +295,28 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError) as error:
             # TypeError: a template doing arithmetic on what it did not expect, e.g. content=None.
             raise ChatTemplateError(str(error)) from error
+        except RecursionError as error:  # a value nested deeper than rendering it (tojson) can go
+            raise ChatTemplateError("the messages nest too deeply to render") from error
+
+
+def _overlaps(offsets: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether the characters `offsets` covers meet one of `spans` (in order, not overlapping)."""
+    start, end = offsets
+    before_end = bisect.bisect_left(spans, (end,))  # spans starting before `end`
+    return before_end > 0 and spans[before_end - 1][1] > start
+
+
+def _runs_around(forged: list[int], trusted: list[int], num_tokens: int) -> list[tuple[int, int]]:
+    """(first, last) token indexes of each run of tokens between two trusted special tokens (or
+    an end of the prompt) that holds forged ones, in order; both lists are in order."""
+    runs: list[tuple[int, int]] = []
+    for index in forged:
+        after = bisect.bisect_right(trusted, index)  # the first trusted token after `index`
+        first = trusted[after - 1] + 1 if after > 0 else 0
+        last = trusted[after] - 1 if after < len(trusted) else num_tokens - 1
+        if not runs or runs[-1] != (first, last):
+            runs.append((first, last))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------

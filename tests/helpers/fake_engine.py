@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 from lmserve.config import EngineConfig, SchedulerConfig
 from lmserve.engine.engine import EngineLoad, EngineStep, StepStats
@@ -29,7 +30,26 @@ class ByteTokenizer:
         self.prompt_suffix = prompt_suffix
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([0] if add_special_tokens else []) + self.encode_prompt(text)
+
+    special_texts = ("<s>", "</s>")  # encode parses them: "<s>" in a text is id 0
+
+    def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([0] if add_special_tokens else []) + [b + 2 for b in text.encode()]
+
+    def encode_prompt(self, text: str, plain_spans=()) -> list[int]:
+        """Special-token text outside `plain_spans` is its id; the rest is bytes."""
+        ids: list[int] = []
+        end = 0
+        for found in re.finditer("</s>|<s>", text):
+            if not any(start < found.end() and found.start() < stop for start, stop in plain_spans):
+                ids += self.encode_plain(text[end : found.start()], add_special_tokens=False)
+                ids.append(1 if found.group() == "</s>" else 0)
+                end = found.end()
+        return ids + self.encode_plain(text[end:], add_special_tokens=False)
+
+    def min_num_tokens(self, data: bytes) -> int:
+        return -(-len(data) // 4)  # a token per byte, or "</s>"
 
     def token_bytes(self, token_id: int) -> bytes:
         return [b"<s>", b"</s>"][token_id] if token_id < 2 else bytes([token_id - 2])

@@ -36,15 +36,16 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> lis
     raise TimeoutError("server did not become ready")
 
 
-def start_server(*extra: str, stdout=None, sizes: bool = True):
-    """A server on a free port with `extra` arguments; `stdout` as for subprocess.Popen. `sizes`:
-    the tests' context and KV budget (leave them out when `extra` sets them another way)."""
+def start_server(*extra: str, stdout=None, stderr=None, sizes: bool = True):
+    """A server on a free port with `extra` arguments; `stdout` and `stderr` as for
+    subprocess.Popen. `sizes`: the tests' context and KV budget (leave them out when `extra`
+    sets them another way)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     limits = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB"] if sizes else []
     cmd = [sys.executable, "-m", "lmserve.cli", "serve", "--port", str(port), *limits, "--log-level", "warning",
            *extra]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=stdout, text=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=stdout, stderr=stderr, text=True)
     try:
         health_codes = _wait_ready(url, proc)
     except Exception:

@@ -583,9 +583,9 @@ def test_a_jinja_template_given_inline_is_used_as_it_is():
 
 
 def test_accepted_flags_are_logged_at_start_up(monkeypatch, caplog):
-    import uvicorn
+    import lmserve.server.graceful
 
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(lmserve.server.graceful, "serve", lambda *a, **k: None)  # no server started
     monkeypatch.setattr(cli, "preflight_pinned", lambda models, config: None)
     with caplog.at_level("INFO", logger="lmserve"):
         cli.serve(build_parser().parse_args(["serve", "-ngl", "99", "--metrics", "--no-embedding-model"]))

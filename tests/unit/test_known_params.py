@@ -108,6 +108,7 @@ HONOURED = {
     "chat_template_kwargs": ("chat", {"enable_thinking": False}, {}),
     "enable_thinking": ("chat", False, {}),
     "add_generation_prompt": ("chat", False, {}),
+    "parse_special": ("chat", True, {"messages": [{"role": "user", "content": "a</s>"}]}),
     "continue_final_message": ("chat", True, {"add_generation_prompt": False,
                                               "messages": [{"role": "user", "content": "hi"},
                                                            {"role": "assistant", "content": "Hel"}]}),

@@ -88,3 +88,15 @@ def test_request_id_is_echoed_and_logged(client, access_lines):
 def test_model_id_path_is_a_template_in_the_log(client, access_lines):
     client.get(f"/v1/models/{MODEL}")
     assert access_lines()[0]["route"] == "/v1/models/{model_id}"
+
+
+@pytest.mark.parametrize("path", ["/v1/models/", "/v1/models/v1", "/v1/models/%2F", "/v1/models/models/models"])
+def test_any_model_id_path_is_logged_under_its_template(client, access_lines, path):
+    assert client.get(path).status_code == 404
+    line = access_lines()[0]
+    assert (line["route"], line["status"]) == ("/v1/models/{model_id}", 404)
+
+
+def test_a_method_the_route_does_not_serve_is_logged_under_its_template(client, access_lines):
+    assert client.post("/v1/models").status_code == 405
+    assert access_lines()[0]["route"] == "/v1/models"

@@ -198,12 +198,12 @@ def test_chat_stream_n2_interleaves_by_index():
     assert [c.choices[0].index for c in chunks[:2]] == [0, 1]  # both role chunks first
 
 
-def test_stream_error_after_start_is_an_event_then_done():
+def test_stream_error_after_start_is_an_event_then_done(caplog):
     engine = FakeEngine(fail_after=1)
     payloads = events(chat(make_client(engine), stream=True))
     assert payloads[-1] == "[DONE]"
     assert payloads[-2]["error"]["type"] == "server_error"
-    assert "device fell over" in payloads[-2]["error"]["message"]
+    assert_names_no_internals(payloads[-2]["error"]["message"], "device fell over", caplog)
 
 
 # ---------------------------------------------------------------- text completions
@@ -333,7 +333,7 @@ def test_logit_bias_key_that_only_looks_like_a_digit_is_text():
 
 def test_lone_surrogates_are_400():
     body = '{"messages": [{"role": "user", "content": "hi \\ud800"}]}'
-    assert_error(raw_chat(make_client(), body), 400, "messages", contains=["Unicode"])
+    assert_error(raw_chat(make_client(), body), 400, "messages[0].content", contains=["Unicode"])
     response = make_client().post(
         "/v1/completions", content=b'{"prompt": ["ok", "\\udfff"]}', headers={"content-type": "application/json"}
     )
@@ -374,8 +374,30 @@ def test_too_long_prompt_names_the_numbers():
         contains=["10", "24", str(n)],
     )
     assert_error(chat(client, max_completion_tokens=10), 400, "max_completion_tokens", contains=["10", "24"])
-    long_prompt = {"prompt": "x" * 30}
-    assert_error(client.post("/v1/completions", json=long_prompt), 400, "prompt", contains=["24", "31"])
+    long_prompt = {"prompt": "x" * 23}  # 24 tokens with the BOS: no room for a reply
+    assert_error(client.post("/v1/completions", json=long_prompt), 400, "prompt", contains=["24", "24 input"])
+
+
+def test_a_prompt_mixing_ids_and_lists_is_refused():
+    # found by fuzzing the schema: a 500 when the nested list was taken for a token id
+    response = make_client().post("/v1/completions", json={"prompt": [5, ["a", 6]]})
+    assert_error(response, 400, "prompt", contains=["mixes"])
+
+
+def test_a_prompt_that_cannot_fit_is_refused_by_its_length_untokenized():
+    engine = FakeEngine(max_model_len=24)
+    client = make_client(engine)
+    encoded: list[str] = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text, **kw: encoded.append(text) or encode(text, **kw)
+    for prompt, param in (("x" * 100, "prompt"), (["ok", "y" * 100], "prompt[1]")):
+        response = client.post("/v1/completions", json={"prompt": prompt})
+        error = assert_error(response, 400, param, code="context_length_exceeded")
+        assert "100 bytes" in error["message"] and "at least 25 tokens" in error["message"]
+    error = assert_error(chat(client, messages=[{"role": "user", "content": "z" * 100}]), 400, "messages",
+                         code="context_length_exceeded")
+    assert "at most 23" in error["message"]
+    assert all(len(text) < 24 for text in encoded)
 
 
 @pytest.mark.parametrize(
@@ -443,21 +465,33 @@ def test_other_request_errors():
     assert_error(chat(client, tool_choice="required"), 400, "tool_choice", contains=["needs 'tools'"])
 
 
-def test_engine_error_is_500_and_server_stays_up():
+def assert_names_no_internals(message: str, internal: str, caplog) -> None:
+    """A 5xx message names no code, only the id under which the log has the details."""
+    assert internal not in message and "Error" not in message
+    reference = message.rsplit(" ", 1)[-1].rstrip(".")
+    assert any(reference in record.getMessage() and (internal in record.getMessage() or internal in
+                                                    (record.exc_text or "")) for record in caplog.records)
+
+
+def test_engine_error_is_500_and_server_stays_up(caplog):
     engine = FakeEngine(fail_after=1)
     client = make_client(engine)
     error = assert_error(chat(client), 500)
-    assert error["type"] == "server_error" and "device fell over" in error["message"]
+    assert error["type"] == "server_error"
+    assert_names_no_internals(error["message"], "device fell over", caplog)
     engine.fail_after = None
     assert chat(client).status_code == 200
 
 
-def test_unexpected_exception_is_500_openai_shaped():
+def test_unexpected_exception_is_500_openai_shaped_and_names_no_code(caplog):
     client = make_client(FakeEngine(raise_after=1), raise_server_exceptions=False)
-    error = assert_error(chat(client), 500)
-    assert error["type"] == "server_error" and "kaboom" in error["message"]
+    response = chat(client)
+    error = assert_error(response, 500)
+    assert error["type"] == "server_error" and response.headers["x-request-id"] in error["message"]
+    assert_names_no_internals(error["message"], "kaboom", caplog)
     payloads = events(chat(client, stream=True))
-    assert "kaboom" in payloads[-2]["error"]["message"] and payloads[-1] == "[DONE]"
+    assert payloads[-1] == "[DONE]"
+    assert_names_no_internals(payloads[-2]["error"]["message"], "kaboom", caplog)
 
 
 def test_unknown_route_is_openai_shaped_404():
@@ -513,6 +547,18 @@ def test_openapi_and_docs():
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_documents_the_errors_every_operation_can_answer():
+    paths = make_client().get("/openapi.json").json()["paths"]
+    chat = paths["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "403", "404", "408", "413", "500", "501", "503"} <= set(chat) and "422" not in chat
+    assert chat["413"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
+    health = paths["/health"]["get"]["responses"]
+    assert {"200", "403", "503"} <= set(health) and "401" not in health  # /health needs no key
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    embeddings = paths["/v1/embeddings"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert len(embeddings["anyOf"]) == 2  # OpenAI's answer, and llama.cpp's list for `content`
 
 
 # ---------------------------------------------------------------- client disconnects

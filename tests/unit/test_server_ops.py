@@ -71,8 +71,9 @@ def test_token_routes_check_types_model_and_parse_special(client):
     assert client.post("/detokenize", json={"tokens": ["a"]}).status_code == 400
     assert client.post("/tokenize", json={}).json()["error"]["param"] == "content"
     assert client.post("/tokenize", json={"content": "a", "model": "other"}).status_code == 200  # the one model
-    refused = client.post("/tokenize", json={"content": "a", "parse_special": False})
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "parse_special"
+    assert client.post("/tokenize", json={"content": "a</s>"}).json() == {"tokens": [99, 1]}
+    assert client.post("/tokenize", json={"content": "a</s>", "parse_special": False}).json() == {
+        "tokens": [99, *(b + 2 for b in b"</s>")]}
 
 
 def test_token_routes_answer_503_while_loading():

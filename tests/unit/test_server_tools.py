@@ -109,7 +109,7 @@ def test_prompt_of_a_template_without_tools_teaches_hermes_calls(default_tokeniz
     call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
     body = request(messages=[*USER, {"role": "assistant", "tool_calls": [call]},
                              {"role": "tool", "tool_call_id": "call_1", "content": "5"}])
-    text = render_chat(body, default_tokenizer, plan)
+    text = render_chat(body, default_tokenizer, plan).text
     assert text.startswith("<|im_start|>system\n") and '"name": "add"' in text and "<tools>" in text
     assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in text
     assert "<tool_response>\n5\n</tool_response>" in text

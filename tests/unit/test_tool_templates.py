@@ -80,7 +80,7 @@ def call_message(call_id: str) -> dict:
 
 def render(tokenizer, messages: list[dict]) -> str:
     request = ChatCompletionRequest(messages=messages, tools=TOOLS)
-    return render_chat(request, tokenizer, plan_tools(request, tokenizer))
+    return render_chat(request, tokenizer, plan_tools(request, tokenizer)).text
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -266,7 +266,7 @@ def test_typical_replies_stream_like_they_parse(tokenizers, name, reply):
     tokenizer = tokenizers[name]
     request = ChatCompletionRequest(messages=[QUESTION], tools=TOOLS)
     plan = plan_tools(request, tokenizer)
-    fmt = reply_format(tokenizer, render_chat(request, tokenizer, plan), plan)
+    fmt = reply_format(tokenizer, render_chat(request, tokenizer, plan).text, plan)
     text, truncated = (reply.text, False) if reply.cut is None else (reply.cut, True)
     whole = parse_reply(fmt, text, truncated)
     assert (whole.content or None, [(c.name, c.arguments) for c in whole.tool_calls]) == (reply.content, reply.calls)

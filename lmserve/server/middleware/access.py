@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
+from starlette.routing import replace_params
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmserve.server.errors import CLIENT_CLOSED_REQUEST
@@ -113,14 +114,22 @@ def _request_id(headers: Headers) -> str:
 def route_template(scope: Scope) -> str:
     """The path of the route that handled `scope` with its parameters named, so metrics labels
     stay few: "/v1/models/{model_id}". Requests answered before routing (401, 413, CORS
-    preflights) and unknown paths are "unmatched"."""
-    if scope.get("endpoint") is None and scope.get("route") is None:
+    preflights) and unknown paths are "unmatched".
+
+    Built from the route's own template, never by searching the path for parameter values: a
+    value may be empty (GET /v1/models/) or occur elsewhere in the path. The route knows its
+    path without the prefix it was included under ("/models/{model_id}"); the prefix is what
+    of the path comes before the route's part."""
+    route = scope.get("route")
+    template = getattr(route, "path_format", None)
+    if not isinstance(template, str) or not template:
         return "unmatched"
+    try:
+        own, _ = replace_params(template, route.param_convertors, dict(scope.get("path_params", {})))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return template
     path = scope["path"]
-    for name, value in scope.get("path_params", {}).items():
-        head, found, tail = path.rpartition(str(value))
-        path = f"{head}{{{name}}}{tail}" if found else path
-    return path
+    return path[: len(path) - len(own)] + template if path.endswith(own) else template
 
 
 @dataclass

@@ -188,6 +188,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables, e.g. enable_thinking
     enable_thinking: bool | None = None  # lmdeploy's and mistral.rs' chat_template_kwargs.enable_thinking
     add_generation_prompt: bool = True  # false: the template does not open the assistant's turn
+    # true: special-token text in the request's messages (and tools) becomes control tokens, as the
+    # template's own do; by default it is plain text, so a message cannot open a turn of its own
+    parse_special: bool = False
     continue_final_message: bool = False  # the reply continues the last (assistant) message
 
 
@@ -258,7 +261,7 @@ class TokenizeRequest(_Request):
 
     content: str
     add_special: bool = False  # BOS, if the model's tokenizer asks for one
-    parse_special: bool = True  # special-token text becomes its id; false is refused (400)
+    parse_special: bool = True  # special-token text becomes its id; false: it is plain text
     with_pieces: bool = False
     model: str | None = None
 

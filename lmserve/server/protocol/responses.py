@@ -232,6 +232,23 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class LlamaEmbedding(BaseModel):
+    """One item of llama.cpp's /embeddings answer to its `content` form: a vector per input."""
+
+    index: int
+    embedding: list[list[float]]
+
+
+class HealthStatus(BaseModel):
+    """GET /health: "ok" with the loaded chat models' load added up, or "loading" (a 503)."""
+
+    status: Literal["ok", "loading"]
+    num_running: int | None = None
+    num_waiting: int | None = None
+    num_kv_blocks: int | None = None
+    num_free_kv_blocks: int | None = None
+
+
 # ---------------------------------------------------------------- llama.cpp's token routes
 
 

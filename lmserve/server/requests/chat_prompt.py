@@ -4,6 +4,10 @@ Templates that render tools themselves (Qwen2.5, Llama 3.1, Mistral) get them as
 variable. Templates that know no tools (plain ChatML, as the default SmolLM2 has) get a
 Hermes-style tools section in the system message, and tool calls and tool results in earlier
 turns rewritten as `<tool_call>` / `<tool_response>` text, so `role: "tool"` round-trips.
+
+Special-token text in the request's own strings (messages, tools, template variables) stays
+plain text unless the request sets parse_special (lmserve/text/special_text.py): it is masked
+before lmserve adds its own markup and the template renders, so only those stay special.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart
 from lmserve.server.requests.tools import ToolsPlan
 from lmserve.text.chat_template import CHATML_TEMPLATE, read_variables
+from lmserve.text.special_text import PromptText, SpecialTextMask
 
 if TYPE_CHECKING:
     from lmserve.text.tokenizer import ChatTokenizer
@@ -28,24 +33,26 @@ if TYPE_CHECKING:
 THINK_OPEN = "<think>"
 
 
-def render_chat(request: ChatCompletionRequest, tokenizer: ChatTokenizer, tools: ToolsPlan | None) -> str:
+def render_chat(request: ChatCompletionRequest, tokenizer: ChatTokenizer, tools: ToolsPlan | None) -> PromptText:
     """The prompt text, ending with the assistant's turn opened (or, with continue_final_message,
-    inside the last assistant message). Template errors are 400s."""
+    inside the last assistant message), and where in it the request spelled special tokens.
+    Template errors are 400s."""
+    mask = SpecialTextMask(() if request.parse_special else tokenizer.special_texts)
     messages = chat_messages(request.messages)
-    rendered = [_template_message(message, i) for i, message in enumerate(messages)]
+    rendered = mask.hide([_template_message(message, i) for i, message in enumerate(messages)])
+    offered_tools = mask.hide(list(tools.tools)) if tools is not None else None
     renders_tools = template_renders_tools(tokenizer.chat_template or "")
     if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in rendered):
         rendered = messages_for_template(rendered, renders_tools)
-    if tools is not None and not renders_tools:
-        rendered = add_tools_system_prompt(rendered, list(tools.tools))
-    offered = list(tools.tools) if tools is not None and renders_tools else None
-    variables = template_variables(request, tokenizer)
+    if offered_tools is not None and not renders_tools:
+        rendered = add_tools_system_prompt(rendered, offered_tools)
+    variables = mask.hide(template_variables(request, tokenizer))
     try:
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt=request.add_generation_prompt,
-                                             tools=offered, **variables)
+                                             tools=offered_tools if renders_tools else None, **variables)
     except ValueError as exc:  # ChatTemplateError: the template rejected these messages
-        raise bad_request(str(exc), param="messages") from exc
-    return _continued(text, rendered[-1]) if request.continue_final_message else text
+        raise bad_request(mask.reveal(str(exc)).text, param="messages") from exc
+    return mask.reveal(_continued(text, rendered[-1]) if request.continue_final_message else text)
 
 
 def chat_messages(messages: list[ChatMessage] | str) -> list[ChatMessage]:

@@ -121,7 +121,7 @@ def _schema(schema: dict[str, Any] | str | None, param: str, strict: bool = Fals
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested past the parser's limit
             raise bad_request(f"{param} is not valid JSON: {exc}", param=param) from None
     if not isinstance(schema, dict):
         raise bad_request(f"{param} must be a JSON object (a JSON schema)", param=param)

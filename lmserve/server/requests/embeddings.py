@@ -74,7 +74,8 @@ def _input_ids(item: str | list[int], param: str, embedder: Embedder) -> list[in
     if not item:
         raise bad_request(f"'{param}' must not be empty", param=param)
     if isinstance(item, str):
-        ids = encode_text(embedder.tokenizer, item, add_special_tokens=True, param=param)
+        ids = encode_text(embedder.tokenizer, item, add_special_tokens=True, param=param,
+                          max_num_tokens=embedder.max_input_tokens)
     else:
         ids = checked_token_ids(item, embedder.vocab_size, param)
     if len(ids) > embedder.max_input_tokens:

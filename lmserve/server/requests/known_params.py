@@ -67,6 +67,8 @@ _HONOURED = (
     "timings_per_token", "grammar", "json_schema", "return_tokens",
     # mlx-lm, lmdeploy, mistral.rs, Ollama
     "repetition_context_size", "min_new_tokens", "enable_thinking", "keep_alive", "repeat_penalty_num",
+    # lmserve (llama.cpp's name on /tokenize): the request's special-token text becomes control tokens
+    "parse_special",
 )
 
 KNOWN_PARAMS: dict[str, KnownParam] = {name: _honoured() for name in _HONOURED} | {

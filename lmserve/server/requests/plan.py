@@ -31,9 +31,10 @@ from lmserve.server.requests.cost import (
 )
 from lmserve.server.requests.known_params import check_known_params
 from lmserve.server.requests.peer_sampling import peer_sampling
-from lmserve.server.requests.tokens import checked_token_ids, encode_text
+from lmserve.server.requests.tokens import checked_token_ids, encode_prompt, encode_text
 from lmserve.server.requests.tools import ToolsPlan, plan_tools
 from lmserve.text.fim import infill_ids
+from lmserve.text.special_text import PromptText
 
 if TYPE_CHECKING:
     from lmserve.sampling.grammar import GrammarCompiler, RequestCompiler
@@ -82,26 +83,29 @@ def chat_plan(
     check_known_params(request.model_extra or {}, "chat completions")
     check_chat_size(1 if isinstance(request.messages, str) else len(request.messages), len(request.tools or ()))
     tools = plan_tools(request, tokenizer)
-    text, prompt_ids = chat_prompt(request, tokenizer, tools)
     base = _with_tools(base_params(request, tokenizer, _chat_logprobs(request), grammar), tools, grammar)
+    # After the fields' checks: a prompt too long to fit is refused, but a wrong field named first.
+    prompt, prompt_ids = chat_prompt(request, tokenizer, tools, max_num_tokens=max_model_len - 1)
     max_tokens, param = _requested_max_tokens(request)
     limit = _ContextLimit(max_model_len, max_tokens, param, prompt_param="messages", clip=clip_max_tokens)
     choices = _choice_plans([prompt_ids], base, request.n, response_id, limit)
     # Only tool_choice "auto" leaves free text before the grammar; any other grammar shapes the
     # reply from its first token, so it holds no reasoning even when the prompt opened <think>.
     forced = base.grammar is not None and (tools is None or tools.mode != "auto")
-    reply = reply_format(tokenizer, text, tools, forced)
+    reply = reply_format(tokenizer, prompt.text, tools, forced)
     return GenerationPlan([prompt_ids], choices, reply=reply, tools=tools)
 
 
-def chat_prompt(request: ChatCompletionRequest, tokenizer: ChatTokenizer,
-                tools: ToolsPlan | None) -> tuple[str, list[int]]:
-    """The rendered prompt and its token ids (the template holds the BOS)."""
-    text = render_chat(request, tokenizer, tools)
-    prompt_ids = encode_text(tokenizer, text, add_special_tokens=False, param="messages")
+def chat_prompt(request: ChatCompletionRequest, tokenizer: ChatTokenizer, tools: ToolsPlan | None,
+                max_num_tokens: int | None = None) -> tuple[PromptText, list[int]]:
+    """The rendered prompt and its token ids (the template holds the BOS; special-token text the
+    request wrote is plain text unless it sets parse_special); a prompt that cannot take at most
+    `max_num_tokens` tokens is refused by its length, untokenized."""
+    prompt = render_chat(request, tokenizer, tools)
+    prompt_ids = encode_prompt(tokenizer, prompt, param="messages", max_num_tokens=max_num_tokens)
     if not prompt_ids:
         raise bad_request("the rendered chat prompt is empty", param="messages")
-    return text, prompt_ids
+    return prompt, prompt_ids
 
 
 def count_chat_tokens(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> int:
@@ -111,7 +115,7 @@ def count_chat_tokens(request: ChatCompletionRequest, tokenizer: ChatTokenizer) 
 
 def chat_prompt_text(request: ChatCompletionRequest, tokenizer: ChatTokenizer) -> str:
     """The prompt text the chat template makes of the request, tools included."""
-    return render_chat(request, tokenizer, plan_tools(request, tokenizer))
+    return render_chat(request, tokenizer, plan_tools(request, tokenizer)).text
 
 
 def _with_tools(base: SamplingParams, tools: ToolsPlan | None,
@@ -182,9 +186,10 @@ def completion_plan(
     check_known_params(request.model_extra or {}, _COMPLETION_ROUTES.get(type(request).__name__, "completions"))
     prompt_items = _prompt_items(request.prompt)
     check_sequences(len(prompt_items), request.n)  # before tokenizing them all
-    prompts = [_prompt_ids(item, i, tokenizer) for i, item in enumerate(prompt_items)]
+    max_prompt_tokens = max_model_len - 1  # a prompt leaves room for one token of reply
+    prompts = [_prompt_ids(item, i, tokenizer, max_prompt_tokens) for i, item in enumerate(prompt_items)]
     if request.suffix:  # OpenAI's insertion: the reply goes between each prompt and the suffix
-        prompts = [_fim_prompt(tokenizer, ids, request.suffix, "suffix") for ids in prompts]
+        prompts = [_fim_prompt(tokenizer, ids, request.suffix, "suffix", max_prompt_tokens) for ids in prompts]
     logprobs = request.logprobs if request.logprobs is not None else request.n_probs or None
     base = base_params(request, tokenizer, logprobs, grammar)
     max_tokens, param = (_n_predict(request), "n_predict") if request.n_predict is not None else (
@@ -206,9 +211,12 @@ def infill_plan(
     """llama.cpp's /infill: its FIM prompt (other files, <PRE> prefix prompt <SUF> suffix <MID>),
     then a completion of it."""
     missing_fim(tokenizer, "input_prefix")
-    prompt_ids = [] if request.prompt == "" else _prompt_ids(_prompt_items(request.prompt)[0], 0, tokenizer)
+    max_prompt_tokens = max_model_len - 1
+    prompt_ids = [] if request.prompt == "" else _prompt_ids(_prompt_items(request.prompt)[0], 0, tokenizer,
+                                                              max_prompt_tokens)
     extra = [(chunk.filename, chunk.text) for chunk in request.input_extra]
-    ids = infill_ids(tokenizer.fim, _plain_encoder(tokenizer), request.input_prefix, request.input_suffix,
+    ids = infill_ids(tokenizer.fim, _plain_encoder(tokenizer, max_prompt_tokens), request.input_prefix,
+                     request.input_suffix,
                      _without_bos(tokenizer, prompt_ids), extra, _bos_ids(tokenizer))
     return completion_plan(request.model_copy(update={"prompt": ids, "echo": False}), response_id, tokenizer,
                            max_model_len, grammar, clip_max_tokens=clip_max_tokens)
@@ -221,11 +229,12 @@ def missing_fim(tokenizer: ChatTokenizer, param: str) -> None:
                           "so it cannot infill", param=param, code="unsupported_parameter")
 
 
-def _fim_prompt(tokenizer: ChatTokenizer, prompt_ids: list[int], suffix: str, param: str) -> list[int]:
+def _fim_prompt(tokenizer: ChatTokenizer, prompt_ids: list[int], suffix: str, param: str,
+                max_num_tokens: int) -> list[int]:
     """OpenAI's suffix: the prompt is the prefix, the reply fills the middle."""
     missing_fim(tokenizer, param)
-    return infill_ids(tokenizer.fim, _plain_encoder(tokenizer), "", suffix, _without_bos(tokenizer, prompt_ids),
-                      [], _bos_ids(tokenizer))
+    return infill_ids(tokenizer.fim, _plain_encoder(tokenizer, max_num_tokens), "", suffix,
+                      _without_bos(tokenizer, prompt_ids), [], _bos_ids(tokenizer))
 
 
 def _bos_ids(tokenizer: ChatTokenizer) -> list[int]:
@@ -238,8 +247,9 @@ def _without_bos(tokenizer: ChatTokenizer, ids: list[int]) -> list[int]:
     return ids[len(bos):] if bos and ids[: len(bos)] == bos else ids
 
 
-def _plain_encoder(tokenizer: ChatTokenizer):
-    return lambda text: encode_text(tokenizer, text, add_special_tokens=False, param="prompt") if text else []
+def _plain_encoder(tokenizer: ChatTokenizer, max_num_tokens: int):
+    return lambda text: encode_text(tokenizer, text, add_special_tokens=False, param="prompt",
+                                    max_num_tokens=max_num_tokens) if text else []
 
 
 def _check_completion_supported(request: CompletionRequest) -> None:
@@ -261,20 +271,24 @@ def _prompt_items(prompt: str | list[int | str | list[int | str]]) -> list[str |
     if not prompt:
         raise bad_request("prompt must not be empty", param="prompt")
     if any(isinstance(item, int) for item in prompt):
+        if any(isinstance(item, list) for item in prompt):
+            raise bad_request("prompt mixes token ids with lists: send one prompt (ids and strings) or a list of "
+                              "prompts", param="prompt")
         return [prompt]
     return list(prompt)
 
 
-def _prompt_ids(item: str | list[int | str], i: int, tokenizer: ChatTokenizer) -> list[int]:
+def _prompt_ids(item: str | list[int | str], i: int, tokenizer: ChatTokenizer, max_num_tokens: int) -> list[int]:
     param = f"prompt[{i}]" if i else "prompt"
     if not item:
         raise bad_request("prompt must not be empty", param=param)
     if isinstance(item, str):
-        return encode_text(tokenizer, item, add_special_tokens=True, param=param)
+        return encode_text(tokenizer, item, add_special_tokens=True, param=param, max_num_tokens=max_num_tokens)
     ids: list[int] = []
     for position, piece in enumerate(item):  # llama.cpp: BOS only when the prompt opens with text
         if isinstance(piece, str):
-            ids += encode_text(tokenizer, piece, add_special_tokens=position == 0, param=param)
+            ids += encode_text(tokenizer, piece, add_special_tokens=position == 0, param=param,
+                               max_num_tokens=max_num_tokens)
         else:
             ids.append(piece)
     return checked_token_ids(ids, tokenizer.vocab_size, param)

@@ -3,8 +3,9 @@ what both response forms say of it: labels, usage, finish reasons."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from lmserve.server.responses.fanout import merge_outputs
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ def _raise_if_failed(output: RequestOutput) -> None:
     if output.finish_reason == FinishReason.UNSATISFIABLE:  # the request's constraint, not the server
         raise bad_request(output.error or "the output constraint allows no token", code="unsatisfiable_constraint")
     if output.finish_reason == FinishReason.ERROR:
-        raise server_error(f"generation failed: {output.error or 'engine error'}")
+        # The engine's reason names code ("sampling failed: RuntimeError: ..."): the log has it.
+        logger.error("generation of %s failed: %s", output.request_id, output.error or "engine error")
+        raise server_error(f"Generation failed; the server log has the details under request {output.request_id}.")
     if output.finish_reason == FinishReason.ABORT:
         raise server_error(output.error or "the request was aborted by the server", status_code=503)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from starlette.types import Send
 
 from lmserve.parsing import ReplyParser
 from lmserve.request import FinishReason, RequestOutput
-from lmserve.server.errors import APIError, server_error
+from lmserve.server.errors import APIError, internal_error
 from lmserve.server.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -95,9 +96,10 @@ async def with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
                 yield event
     except APIError as exc:
         yield _error_event(exc)
-    except Exception as exc:
-        logger.exception("error while streaming")
-        yield _error_event(server_error(f"internal server error: {type(exc).__name__}: {exc}"))
+    except Exception:
+        error_id = uuid.uuid4().hex  # the response has begun: this id ties the event to the log line
+        logger.exception("error while streaming (error id %s)", error_id)
+        yield _error_event(internal_error(f"error id {error_id}"))
 
 
 def _error_event(error: APIError) -> str:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from lmserve.server.errors import CLIENT_CLOSED_REQUEST
-from lmserve.server.protocol import EmbeddingRequest, EmbeddingResponse
+from lmserve.server.protocol import EmbeddingRequest, EmbeddingResponse, LlamaEmbedding
 from lmserve.server.requests.embeddings import embedding_inputs, normalized
 from lmserve.server.responses.embeddings import embedding_response
 from lmserve.server.routes.disconnect import until_disconnected
@@ -17,7 +17,7 @@ from lmserve.server.state import State, json_response
 router = APIRouter()
 
 
-@router.post("/embeddings", response_model=EmbeddingResponse)
+@router.post("/embeddings", response_model=EmbeddingResponse | list[LlamaEmbedding])  # OpenAI's; llama.cpp's
 @router.post("/embedding", include_in_schema=False)  # llama.cpp's older name
 async def create_embeddings(body: EmbeddingRequest, request: Request, state: State) -> Response:
     lease = await state.embedding_model(body.model, body.keep_alive)

@@ -28,6 +28,7 @@ from lmserve.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     InfillRequest,
     LlamaCompletionRequest,
 )
@@ -47,8 +48,10 @@ from lmserve.server.routes.disconnect import until_disconnected
 from lmserve.server.slots import SlottedEngine, SlotTable
 from lmserve.server.state import ServerState, State, json_response
 
-# Generation routes answer JSON, or SSE chunks when the request says "stream": true.
-STREAMABLE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
+# Generation routes answer JSON, or SSE chunks when the request says "stream": true; a server
+# started with --embedding answers them 501.
+STREAMABLE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}},
+                                               501: {"model": ErrorResponse, "description": "Not Implemented"}}
 
 router = APIRouter()  # served with and without /v1
 v1_router = APIRouter()  # served under /v1 only: without it, /completions is llama.cpp's

@@ -7,16 +7,18 @@ import importlib.metadata
 import time
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from lmserve.fleet.fleet import ModelStatus, Slot
 from lmserve.request import DEFAULT_DRY_BREAKERS, DryPenalty, SamplerChain, SamplingParams
-from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request, unsupported
+from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request
 from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
+    HealthStatus,
     TokenizeRequest,
     TokenizeResponse,
     TokenPiece,
@@ -38,9 +40,13 @@ server_router = APIRouter(tags=["server"])
 @token_router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: State) -> Response:
     tokenizer = await _tokenizer(state, body.model)
-    if not body.parse_special:
-        raise unsupported("parse_special", "'parse_special': false (special-token text is always parsed)")
-    ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content")
+    # In a worker thread, as the answer too: megabytes of text take seconds, the loop serves on.
+    return await anyio.to_thread.run_sync(_tokenize, body, tokenizer)
+
+
+def _tokenize(body: TokenizeRequest, tokenizer) -> Response:
+    ids = encode_text(tokenizer, body.content, add_special_tokens=body.add_special, param="content",
+                      parse_special=body.parse_special)
     tokens = [TokenPiece(id=i, piece=piece(tokenizer.token_bytes(i))) for i in ids] if body.with_pieces else ids
     return json_response(TokenizeResponse(tokens=tokens))
 
@@ -49,6 +55,10 @@ async def tokenize(body: TokenizeRequest, state: State) -> Response:
 async def detokenize(body: DetokenizeRequest, state: State) -> Response:
     """Special tokens are kept in the text, as llama.cpp does."""
     tokenizer = await _tokenizer(state, body.model)
+    return await anyio.to_thread.run_sync(_detokenize, body, tokenizer)
+
+
+def _detokenize(body: DetokenizeRequest, tokenizer) -> Response:
     for position, token_id in enumerate(body.tokens):
         if not 0 <= token_id < tokenizer.vocab_size:
             raise bad_request(f"token id {token_id} is not in the vocabulary (0 to {tokenizer.vocab_size - 1})",
@@ -72,7 +82,7 @@ def piece(raw: bytes) -> str | list[int]:
         return list(raw)
 
 
-@server_router.get("/health")
+@server_router.get("/health", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
 async def health(state: State) -> JSONResponse:
     if not state.ready:  # 200 once the models served from start-up (chat and embedding) can answer
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -202,7 +212,7 @@ def _in_llama_cpp_names(defaults: dict[str, Any]) -> dict[str, Any]:
     return renamed
 
 
-@server_router.get("/metrics")
+@server_router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: State) -> Response:
     loads = {model: engine.snapshot() for model, engine in state.loaded_engines().items()}
     return Response(state.metrics.render(loads, state.queued_sequences()), media_type=CONTENT_TYPE)

@@ -15,10 +15,11 @@ from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
 from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request
-from lmserve.server.protocol import SlotAction
+from lmserve.server.protocol import ErrorResponse, SlotAction
 from lmserve.server.state import ServerState, State
 
-router = APIRouter(tags=["llama.cpp"], responses=ERROR_RESPONSES)
+# 501: slots are not served (--no-slots), or not saved (no --slot-save-path)
+router = APIRouter(tags=["llama.cpp"], responses=ERROR_RESPONSES | {501: {"model": ErrorResponse}})
 
 
 @router.get("/slots")
