@@ -176,7 +176,7 @@ CASES = [
     Case("bias table", "POST", "/v1/chat/completions", chat(logit_bias={str(i): 1 for i in range(60_000)}),
          param="logit_bias"),
     Case("50000 messages", "POST", "/v1/chat/completions", {"messages": HI * 50_000, "max_tokens": 1},
-         param="messages", code="context_length_exceeded"),
+         param="messages", code="request_too_costly"),
     Case("prompt list", "POST", "/v1/completions", {"prompt": [[1] * 3000] * 100}, param="prompt",
          code="context_length_exceeded"),
     # paths and file names that try to leave where they belong
