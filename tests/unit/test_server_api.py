@@ -763,7 +763,7 @@ class SlowGrammar:
 
         self.started, self.release = threading.Event(), threading.Event()
 
-    def compile(self, spec):
+    def compile(self, spec, abandoned=None):
         self.started.set()
         assert self.release.wait(5), "never released"
 
@@ -777,8 +777,11 @@ def test_compiling_a_constraint_does_not_block_other_requests():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             body = {"messages": [{"role": "user", "content": "hi"}], "regex": "[a-z]+"}
             constrained = asyncio.create_task(client.post("/v1/chat/completions", json=body))
-            while not engine.grammar.started.is_set():
+            for _ in range(500):
+                if engine.grammar.started.is_set() or constrained.done():
+                    break
                 await asyncio.sleep(0.01)
+            assert engine.grammar.started.is_set(), "the compile never started"
             models = await asyncio.wait_for(client.get("/v1/models"), 2)  # answered while compiling
             engine.grammar.release.set()
             return models, await constrained
@@ -791,7 +794,7 @@ def test_compiling_a_constraint_does_not_block_other_requests():
 
 
 class AnyGrammar:
-    def compile(self, spec):
+    def compile(self, spec, abandoned=None):
         return spec
 
 
