@@ -176,7 +176,9 @@ class ModelMetrics:
         self._timings[request_id] = _Timing(now)
 
     def request_aborted(self, request_id: str) -> None:
-        self._timings.pop(request_id, None)
+        # counted as finished by abort (its client left), with no latency sample
+        if self._timings.pop(request_id, None) is not None:
+            self._m.requests_finished.labels(self.model, FinishReason.ABORT.value).inc()
 
     def step_done(self, stats: StepStats | None, outputs: list[RequestOutput], now: float) -> None:
         if stats is not None:

@@ -37,7 +37,7 @@ def first_request_cached_tokens(preload) -> tuple[int, int]:
     outputs = asyncio.run(run())
     system_turn = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages[:1], add_generation_prompt=False),
                                           add_special_tokens=False)
-    model.close()
+    model.close("the test is over")
     assert engine.model is None  # closed: the weights are let go
     return len(system_turn), outputs[-1].num_cached_tokens
 

@@ -60,6 +60,9 @@ def test_aborted_requests_leave_no_latency_and_unknown_ids_are_ignored():
     assert value(metrics, "lmserve:generation_tokens_total") == 1
     assert value(metrics, "lmserve:e2e_request_latency_seconds_count") == 0
     assert value(metrics, "lmserve:tokens_per_step_count") == 1  # None stats are not a step
+    assert value(metrics, "lmserve:request_success_total", finished_reason="abort") == 1  # counted once
+    observer.request_aborted("a")
+    assert value(metrics, "lmserve:request_success_total", finished_reason="abort") == 1
 
 
 def test_errors_finish_without_a_latency_sample():
