@@ -88,12 +88,12 @@ def loading_client(engine=None, embedding_model_id: str | None = None, embedder=
     `loader.finish(id, value)`; yields (client, loader). Requests wait `load_timeout` for a model."""
     fleet, loader = make_fleet(engine, embedding_model_id, embedder)
     app = create_app(ServerState(fleet, load_timeout=load_timeout))
-    try:
-        with TestClient(app) as client:
+    with TestClient(app) as client:
+        try:
             yield client, loader
-    finally:
-        for gate in loader.gates.values():  # let a load still waiting end
-            gate.set()
+        finally:
+            for gate in loader.gates.values():  # let a load still waiting end before the app stops
+                gate.set()
 
 
 def served_state(client: TestClient) -> ServerState:
