@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -74,15 +74,20 @@ class EmbeddingWorker:
         return jobs
 
     def _serve(self, jobs: list[_Job]) -> None:
-        # Jobs whose client hung up while they waited are skipped: a queue of abandoned large
-        # requests would otherwise hold up everyone behind it. (A racy read is harmless: at
-        # worst one cancelled job is computed, and _settle drops its result.)
+        # Jobs whose client hung up while they waited are skipped, and once every client of a run
+        # has hung up its remaining forwards are: a queue of abandoned large requests would
+        # otherwise hold up everyone behind it. (A racy read is harmless: at worst one more
+        # forward is computed, and _settle drops its result.)
         jobs = [job for job in jobs if not job.future.cancelled()]
         if not jobs:
             return
         flat = [ids for job in jobs for ids in job.batch]
         try:
-            vectors = embed_in_batches(self.embedder, flat, self.max_batch_tokens)
+            vectors = embed_in_batches(self.embedder, flat, self.max_batch_tokens,
+                                       abandoned=lambda: all(job.future.cancelled() for job in jobs))
+            if vectors is None:
+                log.info("embedding request abandoned by its client; its remaining forwards were skipped")
+                return
         except Exception as exc:
             log.exception("embedding forward failed")
             for job in jobs:
@@ -104,12 +109,16 @@ def _settle(future: asyncio.Future, rows: np.ndarray | None, error: Exception | 
         future.set_result(rows)
 
 
-def embed_in_batches(embedder: Embedder, inputs: list[list[int]], max_batch_tokens: int) -> np.ndarray:
+def embed_in_batches(embedder: Embedder, inputs: list[list[int]], max_batch_tokens: int,
+                     abandoned: Callable[[], bool] = lambda: False) -> np.ndarray | None:
     """(len(inputs), dim) float32. Inputs are sorted by length so padding stays small, and cut
-    into forwards of at most max_batch_tokens padded tokens."""
+    into forwards of at most max_batch_tokens padded tokens. None, with the forwards left undone,
+    once `abandoned()` is true between two forwards."""
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     out = np.empty((len(inputs), embedder.dim), dtype=np.float32)
     for chunk in _chunks(order, [len(ids) for ids in inputs], max_batch_tokens):
+        if abandoned():
+            return None
         out[chunk] = embedder.embed([inputs[i] for i in chunk]).cpu().numpy()
     return out
 

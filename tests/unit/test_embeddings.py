@@ -163,6 +163,52 @@ def test_requests_cancelled_while_queued_are_not_computed():
     assert embedder.calls == [[[1, 2]], [[5]]]
 
 
+def test_a_request_abandoned_mid_run_skips_its_remaining_forwards():
+    # 4 inputs of 8 ids with a budget of 8 tokens: 4 forwards; the client leaves during the first
+    gate = threading.Event()
+    embedder = RecordingEmbedder(gate)
+    embedder.max_input_tokens = 8
+    worker = EmbeddingWorker(embedder, max_batch_tokens=8)
+
+    async def scenario():
+        gone = asyncio.ensure_future(worker.embed([[i] * 8 for i in range(1, 5)]))
+        await asyncio.get_running_loop().run_in_executor(None, embedder.started.wait, 10)
+        gone.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await worker.embed([[5]])  # served next: the worker is free again
+
+    after = asyncio.run(scenario())
+    worker.shutdown()
+    assert after.tolist() == [[1, 5, 5]]
+    assert embedder.calls == [[[1] * 8], [[5]]]  # one forward of the abandoned request, not four
+
+
+def test_a_run_shared_with_a_waiting_client_is_finished():
+    # two requests in one run: one client leaving does not cut the other's forwards
+    gate = threading.Event()
+    embedder = RecordingEmbedder(gate)
+    embedder.max_input_tokens = 8
+    worker = EmbeddingWorker(embedder, max_batch_tokens=8)
+
+    async def scenario():
+        first = asyncio.ensure_future(worker.embed([[9]]))
+        await asyncio.get_running_loop().run_in_executor(None, embedder.started.wait, 10)
+        gone = asyncio.ensure_future(worker.embed([[1] * 8, [2] * 8]))
+        kept = asyncio.ensure_future(worker.embed([[3] * 8]))
+        await asyncio.sleep(0.05)
+        gate.set()  # both wait behind the first forward, then run together: 3 forwards
+        while len(embedder.calls) < 2:
+            await asyncio.sleep(0.001)
+        gone.cancel()
+        return await first, await kept
+
+    first, kept = asyncio.run(scenario())
+    worker.shutdown()
+    assert kept.tolist() == [[8, 24, 3]]
+    assert len(embedder.calls) == 4
+
+
 def test_a_failing_forward_fails_its_requests_and_the_worker_lives_on():
     class Flaky(RecordingEmbedder):
         def embed(self, batch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +31,14 @@ def native_body(meta: ResponseMeta, plan: GenerationPlan, results: dict[int, Cho
     return bodies[0] if len(bodies) == 1 else bodies
 
 
+@dataclass(frozen=True, kw_only=True)
 class NativeSettings:
     """What the request asked of the answer's shape."""
 
-    def __init__(self, *, return_tokens: bool, timings_per_token: bool, n_ctx: int, id_slots: dict[int, int]):
-        self.return_tokens = return_tokens
-        self.timings_per_token = timings_per_token
-        self.n_ctx = n_ctx  # the model's context, reported in generation_settings
-        self.id_slots = id_slots  # engine request id -> the slot it ran in (-1: none)
+    return_tokens: bool
+    timings_per_token: bool
+    n_ctx: int  # the model's context, reported in generation_settings
+    id_slots: dict[int, int]  # engine request id -> the slot it ran in (-1: none)
 
 
 def final_object(meta: ResponseMeta, plan: GenerationPlan, choice: ChoicePlan, result: ChoiceResult,
