@@ -3,7 +3,8 @@
 The header is parsed here, straight from a memory map: one Python object per metadata value, where
 the gguf package's reader builds numpy views for every part of every field (~150,000 for a
 49k-token vocabulary; their cost at start-up: bench/RESULTS.md, "Figures the code cites"), whose
-freed pieces stay scattered through the heap. Dequantization is the gguf package's.
+freed pieces stay scattered through the heap. Dequantization is the gguf package's, but for the
+common block types (gguf_blocks.py).
 """
 
 from __future__ import annotations
@@ -96,8 +97,13 @@ class GGUFFile:
 
     def read_tensor(self, name: str) -> np.ndarray:
         """One tensor, dequantized now: a float32 array in PyTorch [out, in] order."""
+        from lmserve.weights.gguf_blocks import FAST_TYPES, dequantize_blocks
+
         tensor = self._tensors_by_name[name]
-        array = dequantize(tensor.data, tensor.tensor_type)
+        if tensor.tensor_type in FAST_TYPES:
+            array = dequantize_blocks(tensor.data, tensor.tensor_type)
+        else:
+            array = dequantize(tensor.data, tensor.tensor_type)
         # GGUF lists dims innermost first; numpy wants them outermost first.
         shape = tuple(int(d) for d in reversed(tensor.shape))
         return np.ascontiguousarray(array.reshape(shape), dtype=np.float32)

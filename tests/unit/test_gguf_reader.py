@@ -5,6 +5,7 @@ import struct
 import gguf
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 
 from lmserve.weights.gguf import GGUFFile, UnsupportedModelError
 
@@ -201,3 +202,24 @@ def test_an_impossible_tensor_shape_is_named(tmp_path):
     (tmp_path / "s.gguf").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="'vector' has an impossible shape"):
         GGUFFile.open(tmp_path / "s.gguf")
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
+def test_fast_block_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    from lmserve.weights.gguf_blocks import PIECE_BLOCKS, dequantize_blocks
+
+    # random bytes over more blocks than one piece (and not a multiple of it); the float16 scales
+    # and lows get every finite value class: zero, subnormal, negative, large
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    blocks = rng.integers(0, 256, (PIECE_BLOCKS * 2 + 37, type_size), dtype=np.uint8)
+    halves = 2 if qtype == GGMLQuantizationType.Q4_1 else 1
+    for h in range(halves):
+        blocks[:, 2 * h + 1] &= 0x7B  # exponent below all-ones: no inf or NaN
+        blocks[:3, 2 * h:2 * h + 2] = np.array([[0, 0], [1, 0], [0, 0x80]], dtype=np.uint8)  # 0, subnormal, -0
+    ours = dequantize_blocks(blocks, qtype)
+    reference = dequantize(blocks, qtype).reshape(-1)
+    assert ours.dtype == np.float32 and np.array_equal(ours, reference)
