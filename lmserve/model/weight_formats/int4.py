@@ -35,12 +35,31 @@ def can_pack_int4(weight: torch.Tensor) -> bool:
     return n % PACK_OUTPUTS == 0 and k % INT4_GROUP == 0
 
 
+# Rows quantized at a time: each piece's float32 temporaries stay well under the 1 MiB above which
+# loading maps every allocation apart (memory.large_blocks_mapped_apart); whole-weight temporaries
+# would each be mapped and faulted in afresh, which tripled a model's quantizing time.
+QUANTIZE_PIECE_BYTES = 256 << 10
+
+
 def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float -> (N, K) uint8 q in 0..15, (K/G, N) float16 scales and lows, w ~ q * scale + low.
     Each group of INT4_GROUP takes the closer of two grids: Q4_1's (the group's min and max at 0 and
     15) and Q4_0's (w = (q - 8) * d, the value of largest magnitude at q = 0, so d and with it the
     scale may be negative). Weights dequantized from a Q4_1 or a Q4_0 file come back to the file's
     own integers, scales and lows; other weights are rounded to the closer grid."""
+    n, k = weight.shape
+    q = torch.empty((n, k), dtype=torch.uint8)
+    scale = torch.empty((n, k // INT4_GROUP), dtype=torch.float16)
+    low = torch.empty_like(scale)
+    rows = max(1, QUANTIZE_PIECE_BYTES // (4 * k))
+    for start in range(0, n, rows):
+        piece = slice(start, start + rows)
+        q[piece], scale[piece], low[piece] = _quantize_rows(weight[piece])
+    return q, scale.t().contiguous(), low.t().contiguous()
+
+
+def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_int4_groups of a few rows, scales and lows still (rows, K/G)."""
     n, k = weight.shape
     groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
     low1 = groups.amin(dim=-1).half().float()
@@ -59,7 +78,7 @@ def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
             best = (torch.where(closer[..., None], q, best[0]), torch.where(closer, scale, best[1]),
                     torch.where(closer, low, best[2]), error)
     q, scale, low, _ = best
-    return q.to(torch.uint8).view(n, k), scale.t().half().contiguous(), low.t().half().contiguous()
+    return q.to(torch.uint8).view(n, k), scale.half(), low.half()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
