@@ -4,6 +4,10 @@ Every step, running requests go first (decodes and unfinished prefill chunks), t
 ones join with whatever their cached prefix saves them, all under one token budget. Prefill,
 chunked prefill, prefix hits and recompute after preemption are the same path: a request
 needs `num_tokens - num_computed_tokens` more tokens through the model.
+
+A waiting request whose next prompt block a running request is computing right now waits for
+it rather than computing it again: a burst of requests sharing a long system prompt prefills
+it once, and the others then find it in the prefix cache.
 """
 
 from __future__ import annotations
@@ -53,19 +57,35 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        in_flight: set | None = None  # hashes of the prompt blocks running requests are computing
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[index]
             if not request.block_ids:
                 self._take_cached_prefix(request)
+            if in_flight is None:
+                in_flight = {h for running in self.running for h in _unregistered_hashes(running)}
+            if self._next_block_hash(request) in in_flight:
+                self._drop_blocks(request)  # it waits for them to be cached; the lookup is redone then
+                index += 1
+                continue
             count = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._grow(request, count):
                 self._drop_blocks(request)  # hold nothing while waiting; the lookup is redone next time
                 break  # waiting requests never preempt running ones
-            self.waiting.popleft()
+            del self.waiting[index]
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.seqs.append(ScheduledSeq(request, count))
+            in_flight.update(_unregistered_hashes(request))
             budget -= count
+
+    def _next_block_hash(self, request: Request):
+        """The hash of the first prompt block `request` would compute that the prefix cache could
+        have given it; None if it reads no cache or has no such block left."""
+        usable = (len(request.all_ids) - 1) // self.block_size if request.params.read_prefix_cache else 0
+        index = request.num_computed_tokens // self.block_size
+        return request.block_hashes[index] if index < usable else None
 
     def _take_cached_prefix(self, request: Request) -> None:
         # At least one token must run through the model to produce logits.
@@ -125,8 +145,10 @@ class Scheduler:
         num_full = request.num_computed_tokens // self.block_size
         if num_full <= request.num_registered_blocks:
             return
-        request.block_hashes = hash_full_blocks(request.all_ids[: num_full * self.block_size],
-                                                self.block_size, request.block_hashes[:num_full])
+        if len(request.block_hashes) < num_full:  # the prompt's were hashed at its lookup: kept, so
+            # the blocks still being computed stay known (see _schedule_waiting)
+            request.block_hashes = hash_full_blocks(request.all_ids[: num_full * self.block_size],
+                                                    self.block_size, request.block_hashes)
         for index in range(request.num_registered_blocks, num_full):
             self.pool.register(request.block_ids[index], request.block_hashes[index])
         request.num_registered_blocks = num_full
@@ -151,3 +173,8 @@ class Scheduler:
         request.block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+
+
+def _unregistered_hashes(request: Request) -> list:
+    """Hashes of `request`'s full prompt blocks not yet in the prefix cache (being computed)."""
+    return request.block_hashes[request.num_registered_blocks:]

@@ -3,6 +3,8 @@ sequence exactly what it gets alone; seeds, stop strings and aborts behave per s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lmserve.request import FinishReason, SamplingParams
@@ -173,6 +175,37 @@ def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids):
                 cached.append(out.num_cached_tokens)
         assert tokens == cold[prompt_ids.index(ids)]
     assert min(cached) >= 16  # every prompt reused at least the system prompt's first block
+
+
+def test_a_burst_sharing_a_system_prompt_computes_it_once_and_answers_as_alone(default_model):
+    # prompts sharing a system prompt longer than one step's budget, added at once: the first
+    # computes the shared blocks, the others wait for them, and every answer is the cold one
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    cold_engine = make_engine(default_model, prefix_caching=False)
+    tokenizer = default_model.tokenizer
+    system = "You are a careful assistant for a hardware shop. " * 12
+    burst = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                             {"role": "user", "content": question}]),
+                              add_special_tokens=False)
+             for question in ("Do you sell hammers?", "When do you open?", "Where are you?", "Hi!")]
+    cold = [cold_engine.generate([ids], params)[0] for ids in burst]
+    engine = make_engine(default_model, budget=48)
+    for i, ids in enumerate(burst):
+        engine.add_request(f"b{i}", ids, params)
+    tokens: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    computed = 0
+    while engine.has_unfinished:
+        step = engine.step()
+        computed += step.stats.num_scheduled_tokens if step.stats else 0
+        for out in step.outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            cached[out.request_id] = out.num_cached_tokens
+    assert [tokens[f"b{i}"] for i in range(4)] == cold
+    shared_blocks = min(len(os.path.commonprefix([burst[0], ids])) for ids in burst[1:]) // 16
+    assert shared_blocks >= 7 and all(cached[f"b{i}"] >= 16 * shared_blocks for i in (1, 2, 3))
+    assert computed == sum(len(ids) for ids in burst) - sum(cached.values()) + 4 * (params.max_tokens - 1)
+    assert_all_blocks_free(engine)
 
 
 def test_close_aborts_live_requests_and_lets_go_of_the_model(default_model, prompt_ids):

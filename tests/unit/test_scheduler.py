@@ -137,9 +137,12 @@ def test_preempted_request_recovers_shared_prefix_blocks():
     sched, pool = make(num_blocks=4, block_size=4, budget=64)
     a, b = req("a", 7, max_tokens=20), req("b", 7, max_tokens=20)
     sched.add(a)
-    sched.add(b)
+    step(sched)
+    sched.add(b)  # a step later: a's first block is cached by then, so b does not wait for it
     for _ in range(3):
         out, _ = step(sched)
+        if out.num_preempted:
+            break
     assert out.num_preempted == 1
     assert b.block_ids[:2] == a.block_ids[:2] and pool.ref_counts[a.block_ids[0]] == 2
     assert [s.request.request_id for s in out.seqs] == ["a", "b"]
@@ -151,3 +154,71 @@ def test_seed_outside_int64_is_refused_at_construction():
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**63)
     assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+
+
+# ---------------------------------------------------------------- prefixes being computed
+
+
+def shared(rid, tail, max_tokens=2, **kw):
+    """24 shared prompt tokens (6 blocks of 4), then `tail` tokens of its own."""
+    ids = list(range(100, 124)) + [1000 + 10 * int(rid[-1]) + i for i in range(tail)]
+    return Request(rid, ids, SamplingParams(max_tokens=max_tokens, **kw), eos_token_ids=frozenset({2}))
+
+
+def run_all(sched):
+    scheduled = []
+    while sched.waiting or sched.running:
+        out, _ = step(sched)
+        scheduled.append([(s.request.request_id, s.num_new_tokens) for s in out.seqs])
+    return scheduled
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once():
+    sched, pool = make(num_blocks=64, block_size=4, budget=16, max_seqs=8)
+    burst = [shared(f"r{i}", tail=3) for i in range(4)]
+    for request in burst:
+        sched.add(request)
+    scheduled = run_all(sched)
+    # r0 prefills in two chunks; the budget its second leaves is not spent on the blocks it is
+    # computing: the others wait for them, then each computes only its own tail
+    assert scheduled[:3] == [[("r0", 16)], [("r0", 11)], [("r0", 1), ("r1", 3), ("r2", 3), ("r3", 3)]]
+    assert [r.num_cached_prompt_tokens for r in burst] == [0, 24, 24, 24]
+    total = sum(n for seqs in scheduled for _, n in seqs)
+    assert total == 27 + 3 * 3 + 4 * 1  # r0's prompt, the others' tails, one decode each
+    assert pool.num_free == pool.num_blocks
+
+
+def test_a_request_with_another_prompt_is_not_held_up_by_one_that_waits():
+    sched, _ = make(num_blocks=64, block_size=4, budget=16, max_seqs=8)
+    first, follower, other = shared("r0", 3), shared("r1", 3), req("x", 4, first=500)
+    for request in (first, follower, other):
+        sched.add(request)
+    out, _ = step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("r0", 16)]  # budget spent
+    out, _ = step(sched)
+    # r0's last 11 tokens; r1 waits for r0's blocks; x takes the budget left
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("r0", 11), ("x", 4)]
+    assert list(sched.waiting) == [follower]
+
+
+def test_a_request_that_reads_no_cache_does_not_wait():
+    sched, _ = make(num_blocks=64, block_size=4, budget=64, max_seqs=8)
+    first, uncached = shared("r0", 3), shared("r1", 3, read_prefix_cache=False)
+    sched.add(first)
+    sched.add(uncached)
+    out, _ = step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("r0", 27), ("r1", 27)]
+
+
+def test_a_waiting_request_goes_ahead_once_the_one_computing_its_prefix_is_aborted():
+    sched, pool = make(num_blocks=64, block_size=4, budget=8, max_seqs=8)
+    first, follower = shared("r0", 3), shared("r1", 3)
+    sched.add(first)
+    sched.add(follower)
+    step(sched)  # r0 computed 8 tokens (two blocks, cached); r1 waits for the rest
+    sched.finish(first, FinishReason.ABORT)
+    out, _ = step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [("r1", 8)]
+    assert follower.num_cached_prompt_tokens == 8  # what r0 had computed before it went
+    run_all(sched)
+    assert follower.is_finished and pool.num_free == pool.num_blocks
