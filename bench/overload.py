@@ -7,8 +7,13 @@ server's peak resident memory. Not run by CI.
     python -m bench.overload --seconds 120 --flood 400 --server-args "--max-queued-requests 100000"
     python -m bench.overload --url http://127.0.0.1:8080 --server-pid PID   # a server already up
 
-The flood client sends again 0.2 s after a refusal (an impatient client, not a hot loop); the
-probe client is another API key, so it gets its own turns.
+The flood client sends again 0.2 s after a refusal (an impatient client, not a hot loop), or with
+--honour-retry-after waits the seconds the refusal's Retry-After says, as the OpenAI clients do.
+With --cut F it streams, and a fraction F of its requests hang up at a random point of their
+stream (the disconnects counted as "cut"). The probe client is another API key, so it gets its
+own turns.
+
+    python -m bench.overload --honour-retry-after --cut 0.4
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
+import random
 import shlex
 import subprocess
 import sys
@@ -36,16 +43,48 @@ def chat_body(max_tokens: int) -> dict:
             "temperature": 0, "ignore_eos": True}
 
 
-async def flood_worker(http: httpx.AsyncClient, until: float, max_tokens: int, counts: collections.Counter) -> None:
+@dataclasses.dataclass(frozen=True)
+class Flood:
+    max_tokens: int
+    honour_retry_after: bool = False  # wait what a refusal's Retry-After says, else 0.2 s
+    cut: float = 0.0  # the fraction of requests that hang up mid-stream (then every request streams)
+
+
+async def flood_worker(http: httpx.AsyncClient, until: float, flood: Flood, counts: collections.Counter,
+                       rng: random.Random) -> None:
     while time.monotonic() < until:
         try:
-            response = await http.post("/v1/chat/completions", json=chat_body(max_tokens),
-                                       headers={"Authorization": f"Bearer {FLOOD_KEY}"})
-            counts[response.status_code] += 1
-            if response.status_code != 200:
-                await asyncio.sleep(0.2)
+            if flood.cut:
+                status, headers = await _streamed(http, flood, rng.randrange(flood.max_tokens)
+                                                  if rng.random() < flood.cut else None, counts)
+            else:
+                response = await http.post("/v1/chat/completions", json=chat_body(flood.max_tokens),
+                                           headers={"Authorization": f"Bearer {FLOOD_KEY}"})
+                status, headers = response.status_code, response.headers
+            counts[status] += 1
+            if status != 200:
+                wait = float(headers.get("Retry-After", 1)) if flood.honour_retry_after else 0.2
+                await asyncio.sleep(wait)
         except httpx.HTTPError as exc:
             counts[type(exc).__name__] += 1
+
+
+async def _streamed(http: httpx.AsyncClient, flood: Flood, cut_after: int | None,
+                    counts: collections.Counter) -> tuple[int, httpx.Headers]:
+    """One streamed flood request, hanging up after `cut_after` events (None: read it all)."""
+    body = {**chat_body(flood.max_tokens), "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body,
+                           headers={"Authorization": f"Bearer {FLOOD_KEY}"}) as response:
+        if response.status_code != 200:
+            await response.aread()
+            return response.status_code, response.headers
+        events = 0
+        async for line in response.aiter_lines():
+            events += line.startswith("data: ")
+            if cut_after is not None and events > cut_after:
+                counts["cut"] += 1
+                break  # leaving the block closes the connection
+        return 200, response.headers
 
 
 async def probe(http: httpx.AsyncClient, until: float, latencies: list[float], counts: collections.Counter) -> None:
@@ -59,21 +98,21 @@ async def probe(http: httpx.AsyncClient, until: float, latencies: list[float], c
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
 
 
-async def soak(url: str, seconds: float, flood: int, max_tokens: int) -> tuple[collections.Counter, collections.Counter,
-                                                                               list[float]]:
+async def soak(url: str, seconds: float, num_flood: int, flood: Flood) -> tuple[collections.Counter,
+                                                                              collections.Counter, list[float]]:
     flood_counts: collections.Counter = collections.Counter()
     probe_counts: collections.Counter = collections.Counter()
     latencies: list[float] = []
     until = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=flood + 4, max_keepalive_connections=flood + 4)
+    limits = httpx.Limits(max_connections=num_flood + 4, max_keepalive_connections=num_flood + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        workers = [flood_worker(http, until, max_tokens, flood_counts) for _ in range(flood)]
+        workers = [flood_worker(http, until, flood, flood_counts, random.Random(i)) for i in range(num_flood)]
         await asyncio.gather(probe(http, until, latencies, probe_counts), *workers)
     return flood_counts, probe_counts, latencies
 
 
 def report(flood_counts, probe_counts, latencies: list[float], peak_bytes: int | None, seconds: float) -> str:
-    sent = sum(flood_counts.values())
+    sent = sum(value for key, value in flood_counts.items() if key != "cut")  # a cut request is also a 200
     lines = [f"{seconds:.0f} s; flood requests {sent}: " + ", ".join(f"{k}: {v}" for k, v in sorted(
         flood_counts.items(), key=str)), "probe requests: " + ", ".join(f"{k}: {v}" for k, v in probe_counts.items())]
     if latencies:
@@ -93,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--flood", type=int, default=400, help="the flood's concurrent requests")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per flood request")
+    parser.add_argument("--honour-retry-after", action="store_true", help="the flood waits as Retry-After says")
+    parser.add_argument("--cut", type=float, default=0.0, help="fraction of flood requests cut mid-stream")
     args = parser.parse_args(argv)
+    flood = Flood(args.max_tokens, args.honour_retry_after, args.cut)
     proc = None
     url, pid = args.url, args.server_pid
     if url is None:
@@ -103,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         pid = proc.pid
     try:
         with PeakRSSSampler(pid) as sampler:
-            flood_counts, probe_counts, latencies = asyncio.run(soak(url, args.seconds, args.flood, args.max_tokens))
+            flood_counts, probe_counts, latencies = asyncio.run(soak(url, args.seconds, args.flood, flood))
         print(report(flood_counts, probe_counts, latencies, sampler.peak_bytes, args.seconds))
     finally:
         if proc is not None:
