@@ -8,7 +8,7 @@ One chat completion, hop by hop:
 2. routes/generation.py: FastAPI validates the body against protocol.py (a bad one is a 400
    from errors.py); state.py leases the requested model from the fleet (lmserve/fleet/),
    which loads it first if it is not loaded, and holds it until the response is sent.
-3. requests/plan.py turns the request into a GenerationPlan, within requests/cost.py's limits:
+3. requests/plan/ turns the request into a GenerationPlan, within requests/cost.py's limits:
    the prompt from requests/chat_prompt.py, a grammar from requests/tools.py or
    requests/constraints.py, one SamplingParams per choice.
 4. admission.py gives the request a turn on its model's engine (clients take turns; a full queue

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 
 from lmserve import cli
-from lmserve.cli import build_parser, parse_size, served_name
+from lmserve.cli import build_parser, parse_size
+from lmserve.fleet.catalogue import served_name
 
 
 def test_parse_size_units():

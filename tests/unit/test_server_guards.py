@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from lmserve.cli import api_keys, build_parser, state_settings
+from lmserve.cli import build_parser
+from lmserve.serve_settings import api_keys, state_settings
 from lmserve.server.middleware.auth import read_api_key_file
 from lmserve.server.middleware.cors import parse_origins
 from lmserve.server.middleware.hosts import default_allowed_hosts, host_allowed, machine_names

@@ -1,4 +1,4 @@
-"""requests/plan.py: requests -> prompt ids and SamplingParams, exactly."""
+"""requests/plan/: requests -> prompt ids and SamplingParams, exactly."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import tokenizers
 from tokenizers import AddedToken, models, pre_tokenizers
 
 from lmserve.server.protocol import ChatCompletionRequest
-from lmserve.server.requests.plan import chat_prompt, chat_prompt_text
+from lmserve.server.requests.plan.chat import chat_prompt, chat_prompt_text
 from lmserve.server.requests.tools import plan_tools
 from lmserve.text.special_text import PromptText, SpecialTextMask
 from lmserve.text.tokenizer import Tokenizer

