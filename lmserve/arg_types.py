@@ -47,7 +47,7 @@ def thread_count(text: str) -> int | None:
 
 
 def positive_duration(text: str) -> float:
-    """--read-timeout: seconds or '30s', '2m'; more than none."""
+    """--read-timeout and --write-timeout: seconds or '30s', '2m'; more than none."""
     seconds = parse_duration(text)
     if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive duration, not {text!r}")

@@ -33,7 +33,12 @@ from lmserve.serve_settings import (
     state_settings,
 )
 from lmserve.server.admission import DEFAULT_QUEUE_TIMEOUT
-from lmserve.server.middleware.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BODY, DEFAULT_READ_TIMEOUT
+from lmserve.server.middleware.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_WRITE_TIMEOUT,
+)
 
 log = logging.getLogger("lmserve")
 
@@ -108,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--read-timeout", type=positive_duration, default=DEFAULT_READ_TIMEOUT, metavar="DURATION",
                        help="how long a client may take to send a request's head, and its body (plus a second per "
                             "16 KiB received); slower ones answer 408 (default 30 s)")
+    serve.add_argument("--write-timeout", type=positive_duration, default=DEFAULT_WRITE_TIMEOUT, metavar="DURATION",
+                       help="how long a client may leave a response unread once the socket's buffers are full "
+                            "before its connection is dropped and its request ended (default 10 min)")
     serve.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
                        help=f"open connections at once; past it a new one answers 503 (default {DEFAULT_MAX_CONNECTIONS})")
     embedding = serve.add_mutually_exclusive_group()

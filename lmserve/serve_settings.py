@@ -143,10 +143,12 @@ def listen_options(args: argparse.Namespace) -> dict:
 
 
 def connection_options(args: argparse.Namespace) -> dict:
-    """uvicorn's settings for slow and many clients: a deadline per request head, a cap on connections."""
+    """uvicorn's settings for slow and many clients: a deadline per request head and for reading
+    a response, a cap on connections."""
     from lmserve.server.connections import ConnectionLimits, uvicorn_options
 
-    return uvicorn_options(ConnectionLimits(read_timeout=args.read_timeout, max_connections=args.max_connections))
+    return uvicorn_options(ConnectionLimits(read_timeout=args.read_timeout, max_connections=args.max_connections,
+                                            write_timeout=args.write_timeout))
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

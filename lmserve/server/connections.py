@@ -7,6 +7,11 @@ buffer. Here each head (the request line and headers) must arrive whole within `
 seconds of the connection opening or the previous response ending; the body that follows has
 its own deadline (middleware/limits.py). Past `max_connections` open connections a new one is
 answered 503 and closed, before the process runs out of descriptors.
+
+A client that stops reading a response fills its socket's buffers; uvicorn then holds the
+response's sender until it reads again, and with it the request's turn on the model and its
+model. If it reads nothing more for `write_timeout` seconds the connection is dropped, which
+ends its request as a disconnect does.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lmserve.server.errors import error_body
-from lmserve.server.middleware.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT
+from lmserve.server.middleware.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default, stated: an idle connection is closed after this
 MAX_HEAD_BYTES = 64 * 2**10  # a longer request line and headers: a 400 (h11's default is 16 KiB)
 
@@ -30,6 +35,7 @@ MAX_HEAD_BYTES = 64 * 2**10  # a longer request line and headers: a 400 (h11's d
 class ConnectionLimits:
     read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds a request head may take to arrive
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open at once; past it: 503 and closed
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT  # seconds a client may leave a response unread
 
 
 def uvicorn_options(limits: ConnectionLimits) -> dict[str, Any]:
@@ -39,12 +45,14 @@ def uvicorn_options(limits: ConnectionLimits) -> dict[str, Any]:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline per request head and a cap on connections."""
+    """uvicorn's h11 protocol with a deadline per request head, one on reading what it is sent,
+    and a cap on connections."""
 
     def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -67,7 +75,32 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        self._stop_write_deadline()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The socket's buffers are full: the client has that long to read some of it."""
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.limits.write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._stop_write_deadline()
+        super().resume_writing()
+
+    def _stop_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_timed_out(self) -> None:
+        self._write_deadline = None
+        if self.transport.is_closing():
+            return
+        prefix = "%s:%d - " % self.client if self.client else ""
+        self.logger.warning("%sclosing a connection whose client read nothing of its response for %g seconds",
+                            prefix, self.limits.write_timeout)
+        self.transport.abort()  # close() would wait for the unread bytes to go first
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are no HTTP request (h11 also refuses a head over

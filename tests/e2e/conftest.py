@@ -51,13 +51,14 @@ HOSTILE_READ_TIMEOUT = 2
 @pytest.fixture(scope="session")
 def hostile_server(tmp_path_factory):
     """A server for hostile input (tests/e2e/test_hostile_inputs.py, test_openapi_fuzz.py): a
-    short --read-timeout, a low --max-connections, slots saved to a folder of its own; its log
+    short --read-timeout and --write-timeout, a low --max-connections, slots saved to a folder of its own; its log
     (stderr) in `log`, read by the tests that no traceback reached it."""
     folder = tmp_path_factory.mktemp("hostile")
     (folder / "slots").mkdir()
     log = folder / "server.log"
     with open(log, "w") as stderr:
         proc, url, _ = start_server("--read-timeout", str(HOSTILE_READ_TIMEOUT), "--max-connections", "40",
+                                    "--write-timeout", str(HOSTILE_READ_TIMEOUT),
                                     "--slot-save-path", str(folder / "slots"), stderr=stderr)
     yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "log": log, "read_timeout": HOSTILE_READ_TIMEOUT}
     proc.terminate()

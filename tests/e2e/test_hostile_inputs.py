@@ -404,6 +404,34 @@ def test_a_body_that_trickles_is_answered_408(hostile_server):
     assert_healthy(hostile_server)
 
 
+def test_a_client_that_stops_reading_its_response_is_dropped_after_the_write_timeout(hostile_server):
+    # ~15 MB of embeddings, asked for and never read: once the socket's buffers are full the
+    # server waits --write-timeout for the client to read, then drops the connection
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.connect(("127.0.0.1", hostile_server["port"]))
+    body = json.dumps({"input": [f"sentence number {i}" for i in range(2048)], "encoding_format": "float"}).encode()
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    log = hostile_server["log"]
+    deadline = time.monotonic() + 90
+    while "read nothing of its response" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert "read nothing of its response" in log.read_text()
+    received = b""
+    sock.settimeout(5)
+    try:
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    except ConnectionResetError:
+        pass  # dropped with unread bytes still queued
+    sock.close()
+    head, _, content = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    assert head.startswith(b"HTTP/1.1 200") and 0 < len(content) < length  # cut short, not finished
+    assert_healthy(hostile_server)
+
+
 @pytest.mark.parametrize("garbage", [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
                                      b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"])
 def test_bytes_that_are_no_http_request_get_an_openai_shaped_400(hostile_server, garbage):

@@ -27,6 +27,7 @@ DEFAULT_MAX_REQUEST_BODY = 16 * 2**20
 # allowance for the bytes received
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 512  # --max-connections (connections.py)
+DEFAULT_WRITE_TIMEOUT = 600.0  # --write-timeout (connections.py): llama-server's --timeout default
 MIN_BODY_BYTES_PER_SECOND = 16 * 2**10  # 128 kbit/s
 
 
