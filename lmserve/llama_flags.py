@@ -5,7 +5,7 @@ Server-specific params, llama.cpp 0c1e570), every spelling, as one of:
 
 - honoured: it does in lmserve what it does in llama-server. It is one of the serve command's own
   options (`note` says what it sets): another spelling of an lmserve option, or one of
-  llama_options.py's.
+  llama_options.py's (sampling_defaults.py's for the sampling options).
 - accepted: lmserve already does what it asks (continuous batching, metrics, Jinja templates), or
   on a CPU-only server it asks nothing (-ngl 99, as llama.cpp built without GPU support takes
   it). It parses, and start-up logs why it changes nothing. `values`, when set, are the only
