@@ -41,6 +41,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def non_negative_int(text: str) -> int:
+    if integer(text) < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
+    return int(text)
+
+
 def thread_count(text: str) -> int | None:
     """--threads (-t): a positive count, or -1 (llama-server's default) for torch's own (None)."""
     return None if text.strip() == "-1" else positive_int(text)

