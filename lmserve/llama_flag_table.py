@@ -272,8 +272,8 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
     honoured("--ssl-key-file FNAME", "HTTPS, with --ssl-cert-file"),
     honoured("--ssl-cert-file FNAME", "HTTPS, with --ssl-key-file"),
     refused("--chat-template-kwargs STRING", "lmserve passes no extra variables to chat templates"),
-    refused("-to, --timeout N", "lmserve times reads only: --read-timeout (a request's head, and its body by its "
-                                "size); a response takes as long as it takes"),
+    honoured("-to, --timeout N", "--read-timeout and --write-timeout: N seconds for a request to arrive and for "
+                                 "a client to read its response"),
     refused("--sse-ping-interval N", "lmserve's streams send no pings"),
     accepted("--threads-http N", "one event loop serves every connection"),
     accepted("--cache-prompt", "lmserve caches prompts (prefix caching) unless --no-prefix-caching"),

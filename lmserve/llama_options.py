@@ -20,7 +20,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmserve.arg_types import integer, non_negative_int
+from lmserve.arg_types import integer, non_negative_int, positive_duration
 from lmserve.sampling_defaults import add_sampling_options
 
 DEFAULT_MAX_NUM_SEQS = 64
@@ -84,6 +84,8 @@ def _add_server_options(group) -> None:
                        help="every chat model's template: a llama.cpp built-in name (chatml, llama3, mistral-v7, ...) "
                             "or a Jinja template")
     group.add_argument("--chat-template-file", type=Path, metavar="FILE", help="every chat model's Jinja template")
+    group.add_argument("-to", "--timeout", action=_BothTimeouts, type=positive_duration, default=argparse.SUPPRESS,
+                       metavar="N", help="--read-timeout and --write-timeout: N seconds")
     group.add_argument("--ssl-key-file", metavar="FILE", help="serve HTTPS with this PEM key (and --ssl-cert-file)")
     group.add_argument("--ssl-cert-file", metavar="FILE", help="serve HTTPS with this PEM certificate")
     group.add_argument("--models-max", dest="max_loaded_models", type=_models_max, default=argparse.SUPPRESS,
@@ -95,6 +97,13 @@ def _add_server_options(group) -> None:
     group.add_argument("-lv", "--verbosity", "--log-verbosity", dest="log_level", type=_verbosity,
                        default=argparse.SUPPRESS, metavar="N", help="--log-level: 0-1 error, 2 warning, 3 info, "
                                                                     "4-5 debug")
+
+
+class _BothTimeouts(argparse.Action):
+    """llama-server's -to: one timeout for reading requests and writing responses."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.read_timeout = namespace.write_timeout = values
 
 
 def _slot_count(text: str) -> int | None:

@@ -436,6 +436,8 @@ HONOURED = [
     ("--slot-save-path {dir}", lambda s: str(s.state["slot_save_path"]), "{dir}"),
     ("--models-dir {dir}", lambda s: str(s.models.models_dir), "{dir}"),
     ("--models-max 2", lambda s: s.args.max_loaded_models, 2),
+    ("-to 90", lambda s: (s.args.read_timeout, s.args.write_timeout), (90.0, 90.0)),
+    ("--timeout 90 --read-timeout 5", lambda s: (s.args.read_timeout, s.args.write_timeout), (5.0, 90.0)),
     ("--models-autoload --no-autoload --models-autoload", lambda s: s.args.no_autoload, False),
     ("--no-models-autoload", lambda s: s.args.no_autoload, True),
     ("--chat-template llama3", lambda s: s.engine.chat_template, BUILTIN_TEMPLATES["llama3"]),
