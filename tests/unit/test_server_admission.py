@@ -85,7 +85,7 @@ def test_a_request_that_waits_too_long_answers_503_with_retry_after():
     async def main():
         server = Server(max_num_seqs=1, queue_timeout=0.05)
         running = server.chat("r")
-        await asyncio.sleep(0.01)
+        await server.until_running(1)  # planning runs in worker threads: make "r" the one that runs
         late = await server.chat("late", stream=True)
         assert late.status_code == 503 and late.headers["Retry-After"] == "5"
         assert late.json()["error"]["code"] == "queue_timeout"
