@@ -14,6 +14,11 @@ stream (the disconnects counted as "cut"). The probe client is another API key, 
 own turns.
 
     python -m bench.overload --honour-retry-after --cut 0.4
+    python -m bench.overload --costly            # every flood request at the per-request cost limits
+
+With --costly each flood request asks for n=16, 256 stop strings and a 1,024-token logit_bias (the
+limits of lmserve/server/requests/cost.py), and every tenth one goes one over a limit (a 400); the
+report adds the server's resident memory before the flood and after it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import sys
 import time
 
 import httpx
+import psutil
 
 from bench.rss import PeakRSSSampler
 from bench.stats import percentile
@@ -43,11 +49,20 @@ def chat_body(max_tokens: int) -> dict:
             "temperature": 0, "ignore_eos": True}
 
 
+def costly_body(max_tokens: int, rng: random.Random) -> dict:
+    """A request at the per-request cost limits; one in ten has 257 stop strings, one over (a 400)."""
+    over = rng.random() < 0.1
+    stops = [f"stop marker {i:04d}" for i in range(256 + over)]
+    bias = {str(token): -1.0 for token in range(1000, 2024)}
+    return {**chat_body(max_tokens), "temperature": 1.0, "n": 16, "stop": stops, "logit_bias": bias}
+
+
 @dataclasses.dataclass(frozen=True)
 class Flood:
     max_tokens: int
     honour_retry_after: bool = False  # wait what a refusal's Retry-After says, else 0.2 s
     cut: float = 0.0  # the fraction of requests that hang up mid-stream (then every request streams)
+    costly: bool = False  # every request at the per-request cost limits
 
 
 async def flood_worker(http: httpx.AsyncClient, until: float, flood: Flood, counts: collections.Counter,
@@ -58,7 +73,8 @@ async def flood_worker(http: httpx.AsyncClient, until: float, flood: Flood, coun
                 status, headers = await _streamed(http, flood, rng.randrange(flood.max_tokens)
                                                   if rng.random() < flood.cut else None, counts)
             else:
-                response = await http.post("/v1/chat/completions", json=chat_body(flood.max_tokens),
+                body = costly_body(flood.max_tokens, rng) if flood.costly else chat_body(flood.max_tokens)
+                response = await http.post("/v1/chat/completions", json=body,
                                            headers={"Authorization": f"Bearer {FLOOD_KEY}"})
                 status, headers = response.status_code, response.headers
             counts[status] += 1
@@ -134,8 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per flood request")
     parser.add_argument("--honour-retry-after", action="store_true", help="the flood waits as Retry-After says")
     parser.add_argument("--cut", type=float, default=0.0, help="fraction of flood requests cut mid-stream")
+    parser.add_argument("--costly", action="store_true", help="flood requests at the per-request cost limits")
     args = parser.parse_args(argv)
-    flood = Flood(args.max_tokens, args.honour_retry_after, args.cut)
+    flood = Flood(args.max_tokens, args.honour_retry_after, args.cut, args.costly)
     proc = None
     url, pid = args.url, args.server_pid
     if url is None:
@@ -144,9 +161,13 @@ def main(argv: list[str] | None = None) -> None:
         proc, url, _ = start_server(*extra, stdout=subprocess.DEVNULL)
         pid = proc.pid
     try:
+        before = psutil.Process(pid).memory_info().rss
         with PeakRSSSampler(pid) as sampler:
             flood_counts, probe_counts, latencies = asyncio.run(soak(url, args.seconds, args.flood, flood))
+        time.sleep(2)  # the last refusals and aborts settle
+        after = psutil.Process(pid).memory_info().rss
         print(report(flood_counts, probe_counts, latencies, sampler.peak_bytes, args.seconds))
+        print(f"server RSS before the flood {before / 2**20:.0f} MiB, after it {after / 2**20:.0f} MiB")
     finally:
         if proc is not None:
             proc.terminate()
