@@ -163,12 +163,17 @@ def test_requests_cancelled_while_queued_are_not_computed():
     assert embedder.calls == [[[1, 2]], [[5]]]
 
 
-def test_a_request_abandoned_mid_run_skips_its_remaining_forwards():
-    # 4 inputs of 8 ids with a budget of 8 tokens: 4 forwards; the client leaves during the first
+def gated_worker_of_8_tokens() -> tuple[threading.Event, RecordingEmbedder, EmbeddingWorker]:
+    """A worker whose forwards take at most 8 tokens, and whose first forward waits for the gate."""
     gate = threading.Event()
     embedder = RecordingEmbedder(gate)
     embedder.max_input_tokens = 8
-    worker = EmbeddingWorker(embedder, max_batch_tokens=8)
+    return gate, embedder, EmbeddingWorker(embedder, max_batch_tokens=8)
+
+
+def test_a_request_abandoned_mid_run_skips_its_remaining_forwards():
+    # 4 inputs of 8 ids with a budget of 8 tokens: 4 forwards; the client leaves during the first
+    gate, embedder, worker = gated_worker_of_8_tokens()
 
     async def scenario():
         gone = asyncio.ensure_future(worker.embed([[i] * 8 for i in range(1, 5)]))
@@ -186,10 +191,7 @@ def test_a_request_abandoned_mid_run_skips_its_remaining_forwards():
 
 def test_a_run_shared_with_a_waiting_client_is_finished():
     # two requests in one run: one client leaving does not cut the other's forwards
-    gate = threading.Event()
-    embedder = RecordingEmbedder(gate)
-    embedder.max_input_tokens = 8
-    worker = EmbeddingWorker(embedder, max_batch_tokens=8)
+    gate, embedder, worker = gated_worker_of_8_tokens()
 
     async def scenario():
         first = asyncio.ensure_future(worker.embed([[9]]))
