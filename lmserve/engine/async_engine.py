@@ -46,7 +46,17 @@ class AsyncEngine:
     grammar (to validate constraints before they reach the engine) and model (the decoder, for
     embeddings)."""
 
-    def __init__(self, engine: LLMEngine, observers: Sequence[EngineObserver] = ()):
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], observers: Sequence[EngineObserver] = ()):
+        """`engine`, or a function that builds one: it is then called on the engine's thread
+        (and its exception raised here). Build a model on the thread that will step it: stepped
+        on another thread than the one that loaded it, the native forward runs at a third of its
+        speed at one sequence (bench/RESULTS.md, 2026-12-03, third sitting)."""
+        self._ready = threading.Event()  # set once __init__ is done: then the thread runs the engine
+        if callable(engine):
+            engine = self._built_on_own_thread(engine)
+        else:
+            self._thread = threading.Thread(target=self._run_when_ready, name="lmserve-engine", daemon=True)
+            self._thread.start()
         self._engine = engine
         self.config = engine.config
         self.tokenizer = engine.tokenizer
@@ -62,8 +72,33 @@ class AsyncEngine:
         self._refusal = _NOT_ACCEPTING  # what requests refused or aborted from then on are told
         self._closing = False  # close was called: no more commands of any kind
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
+        self._ready.set()
+
+    def _run_when_ready(self) -> None:
+        self._ready.wait()
+        self._run()
+
+    def _built_on_own_thread(self, build: Callable[[], LLMEngine]) -> LLMEngine:
+        """`build()` on a new thread, which then runs the engine; its exception raised here."""
+        built: list = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                built.append(build())
+            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+                built.append(exc)
+                done.set()
+                return
+            done.set()
+            self._run_when_ready()
+
+        self._thread = threading.Thread(target=run, name="lmserve-engine", daemon=True)
         self._thread.start()
+        done.wait()
+        if isinstance(built[0], BaseException):
+            raise built[0]
+        return built[0]
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:

@@ -190,12 +190,16 @@ def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingCon
             from lmserve.engine.engine import LLMEngine
 
             config = engine_config_for(engine_defaults, entry)
-            with memory.large_blocks_mapped_apart():
+
+            def build() -> LLMEngine:  # on the engine's own thread: see AsyncEngine
                 engine = LLMEngine.from_config(config)
                 if entry.preload:
                     preload(engine, entry.preload)
-                observers = [metrics.observer(entry.id)] if metrics is not None else []
-                model = ChatModel(AsyncEngine(engine, observers=observers), pooling)
+                return engine
+
+            observers = [metrics.observer(entry.id)] if metrics is not None else []
+            with memory.large_blocks_mapped_apart():
+                model = ChatModel(AsyncEngine(build, observers=observers), pooling)
         released = memory.settle_after_load()
         log.info("model %s ready: %d MiB of weights (%d MiB of start-up-only library pages released)", entry.id,
                  model.weights_bytes >> 20, released >> 20)
