@@ -12,6 +12,12 @@ A client that stops reading a response fills its socket's buffers; uvicorn then 
 response's sender until it reads again, and with it the request's turn on the model and its
 model. If it reads nothing more for `write_timeout` seconds the connection is dropped, which
 ends its request as a disconnect does.
+
+A refusal (408, 503, a 400 for bytes that are not HTTP) is followed by a lingering close: the
+server stops sending, then reads and drops whatever the client still sends until it has been
+quiet for LINGER_QUIET seconds (at most LINGER_MAX), and only then closes. Closing a socket with
+unread bytes in it makes the kernel reset the connection, and a reset can discard the refusal
+before the client has read it (a slow client is by definition still sending).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from lmserve.server.errors import error_body
 from lmserve.server.middleware.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, DEFAULT_WRITE_TIMEOUT
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default, stated: an idle connection is closed after this
 MAX_HEAD_BYTES = 64 * 2**10  # a longer request line and headers: a 400 (h11's default is 16 KiB)
+LINGER_QUIET = 1.0  # seconds without a byte from the client before a refused connection is closed
+LINGER_MAX = 5.0  # seconds a refused connection is kept at most, however the client goes on sending
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class GuardedH11Protocol(H11Protocol):
         self.limits = limits
         self._head_deadline: asyncio.TimerHandle | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
+        self._linger_ends: float | None = None  # loop time a refused connection is closed by, at the latest
+        self._linger_close: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -64,6 +74,9 @@ class GuardedH11Protocol(H11Protocol):
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_ends is not None:  # refused: what it still sends is dropped
+            self._linger()
+            return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the head is in (or the connection is done)
             self._stop_waiting()
@@ -76,6 +89,8 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
         self._stop_write_deadline()
+        if self._linger_close is not None:
+            self._linger_close.cancel()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -135,4 +150,17 @@ class GuardedH11Protocol(H11Protocol):
         head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
                 "connection: close\r\n\r\n").encode()
         self.transport.write(head + body)
-        self.transport.close()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the refusal, then the end of what this side sends
+            self._linger_ends = self.loop.time() + LINGER_MAX
+            self._linger()
+        else:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """(Re)start the quiet period after which a refused connection is closed (see the module's
+        docstring); the client's own end of the connection closes it sooner (eof_received)."""
+        if self._linger_close is not None:
+            self._linger_close.cancel()
+        self._linger_close = self.loop.call_at(min(self.loop.time() + LINGER_QUIET, self._linger_ends),
+                                               self.transport.close)
