@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import codecs
 from collections.abc import Sequence
 
@@ -33,6 +34,8 @@ class IncrementalDetokenizer:
     ):
         self._tokenizer = tokenizer
         self._stop = [s for s in stop if s]  # an empty stop string would match everywhere
+        self._sorted_stop = sorted(self._stop)  # a text is a prefix of a stop iff of the first stop >= it
+        self._longest_stop = max(map(len, self._stop), default=0)
         self._skip_special_tokens = skip_special_tokens
         self._include_stop = include_stop_str_in_output
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -92,12 +95,14 @@ class IncrementalDetokenizer:
         return best
 
     def _held_back_length(self) -> int:
-        """Length of the longest suffix of the pending text that is a prefix of some stop string."""
-        pending = self._pending
-        longest = min(len(pending), max(len(s) for s in self._stop) - 1)
+        """Length of the longest suffix of the pending text that is a prefix of some stop string:
+        a binary search of the sorted stops per length, so 256 stop strings cost what a few do."""
+        pending, stops = self._pending, self._sorted_stop
+        longest = min(len(pending), self._longest_stop - 1)
         for length in range(longest, 0, -1):
             tail = pending[-length:]
-            if any(stop.startswith(tail) for stop in self._stop):
+            index = bisect.bisect_left(stops, tail)
+            if index < len(stops) and stops[index].startswith(tail):
                 return length
         return 0
 

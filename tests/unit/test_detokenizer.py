@@ -147,6 +147,30 @@ def test_multiple_stop_strings_earliest_wins(tok, byte_ids):
     assert detok.add(byte_ids(b"abcdef")) == ("a", True)
 
 
+def test_exactly_the_longest_tail_that_could_begin_a_stop_is_held_back(tok, byte_ids):
+    # Many stops sharing prefixes, fed a byte at a time: after each byte the text out is all of
+    # the text in but its longest tail that begins some stop (checked by brute force).
+    import random
+
+    rng = random.Random(7)
+    for _ in range(40):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 40))]
+        text = "".join(rng.choice("abcd") for _ in range(60))
+        detok = IncrementalDetokenizer(tok, stop=stops)
+        out = ""
+        for end in range(1, len(text) + 1):
+            delta, stopped = detok.add(byte_ids(text[end - 1].encode()))
+            out += delta
+            fed = text[:end]
+            if stopped:
+                first = min(fed.index(stop) for stop in stops if stop in fed)
+                assert out == fed[:first]
+                break
+            held = max((n for n in range(1, len(fed) + 1) if any(stop.startswith(fed[-n:]) for stop in stops)),
+                       default=0)
+            assert out == fed[: len(fed) - held], (stops, fed)
+
+
 def test_include_stop_str_in_output(tok, byte_ids):
     detok = IncrementalDetokenizer(tok, stop=["</answer>"], include_stop_str_in_output=True)
     deltas, stopped = run(detok, byte_ids(b"<answer>7</answer> trailing"))

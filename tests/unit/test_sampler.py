@@ -178,6 +178,27 @@ def test_logit_bias_adds_to_listed_rows():
     assert torch.equal(logits, expected)
 
 
+def test_logit_bias_on_many_rows_equals_adding_each_entry():
+    # Fresh bias tuples each round (their ids may be reused once freed): the converted tensors
+    # kept between steps must never be another bias's.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        base = torch.randn(5, 40, generator=generator)
+        biases = [tuple((int(t), float(v)) for t, v in zip(torch.randint(0, 40, (n,), generator=generator),
+                                                             torch.randn(n, generator=generator)))
+                  for n in (3, 0, 17)]
+        rows = [4, 1, 0]
+        expected = base.clone()
+        for row, bias in zip(rows, biases):
+            for token_id, value in bias:
+                expected[row, token_id] += value
+        for _ in range(2):  # again, as at the next step: the same result
+            logits = base.clone()
+            apply_logit_bias(logits, rows, biases)
+            torch.testing.assert_close(logits, expected)
+        del biases
+
+
 def test_logit_bias_rejects_out_of_vocabulary_ids():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         apply_logit_bias(BASE.clone(), [0], [((6, 1.0),)])
