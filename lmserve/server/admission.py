@@ -1,23 +1,26 @@
-"""Admission: how many sequences a model's engine is given at once, whose request goes next, and
+"""Admission: how many sequences a model's engine is given at once, whose sequence goes next, and
 when a request is told to come back later instead of waiting without end.
 
-A request costs as many sequences as it has choices (n per prompt). A model's gate lets requests
-into its engine while their sequences fit under `max_running`; the others wait. Waiting requests
-queue per client (its API key, else its address), and the clients' lines take turns: each
-admission hands the turn to the next line, so a burst from one client costs a newcomer one turn,
-not the whole burst. A request that would push the waiting sequences past `max_queued` is refused
-at once (QueueFull), unless another client holds more of the queue than it would: then that
-client's newest waiting request is refused instead (pushed out), so one client's burst cannot
-fill the queue against the others either. A request still waiting after `queue_timeout` seconds
-is refused then (QueueTimeout).
+A request runs as many sequences as it has choices (n per prompt), and each sequence needs a seat:
+a model's gate hands out at most `max_running` seats at once. Requests that wait queue per client
+(its API key, else its address), and the clients' lines take turns a seat at a time: each seat
+handed out passes the turn to the next line, so a burst from one client costs a newcomer one
+sequence's turn, not the whole burst, and a request of many choices (n=16, or n=128 on an engine of
+64 seats) runs its sequences as seats come free, side by side with everyone else's, instead of
+waiting for the engine to empty and then holding all of it. A request starts with its first seat.
+
+A request not yet started that would push the queue past `max_queued` sequences is refused at once
+(QueueFull), unless another client holds more of the queue than it would: then that client's
+newest waiting request is refused instead (pushed out), so one client's burst cannot fill the
+queue against the others either. A request still not started after `queue_timeout` seconds is
+refused then (QueueTimeout). A started request is never refused: its other sequences wait for
+their turns.
 
 Invariants, on the event loop (no locks: nothing here awaits between reading and writing):
-- num_running is the sum of the sequences of the tickets handed out and not yet released;
-- num_queued is the sum of the waiting requests' sequences, at most max_queued, except that one
-  request larger than the whole queue may still wait alone;
-- the line whose turn it is blocks the others while its first request does not fit (nobody skips
-  ahead), so a request of many sequences is never starved by a stream of small ones. A request
-  larger than max_running is let in alone, once the engine is empty.
+- num_running is the number of seats handed out and not yet given back;
+- num_queued is the sum of the sequences of the requests not yet started, at most max_queued,
+  except that one request larger than the whole queue may still wait alone;
+- while any request waits in a line, every seat is taken (wake hands out free seats at once).
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
 
 # The queue holds this many turns of what the engine can run at once: the last request queued
 # starts after about four full batches have finished, within the default queue timeout for
@@ -61,27 +67,54 @@ class AdmissionLimits:
                    queue_timeout=queue_timeout)
 
 
-@dataclass(eq=False)
 class Ticket:
-    """A request's place in the engine: `num_seqs` of the gate's running sequences, until released."""
+    """A request's seats on the engine, one per sequence while it runs: `seat()` before a sequence
+    starts, `stand()` when it ends, `release()` when the request is done (seats and any place
+    still held in the queue go back; once only)."""
 
-    gate: AdmissionGate
-    num_seqs: int
-    released: bool = False
+    def __init__(self, gate: AdmissionGate, client: str, num_seqs: int):
+        self.gate = gate
+        self.client = client
+        self.num_seqs = num_seqs
+        self.num_unseated = num_seqs  # sequences still waiting for a seat to be handed over
+        self.num_free = 0  # seats handed over that no sequence has taken yet
+        self.num_held = 0  # seats handed over and not given back
+        self.released = False
+        self.started: asyncio.Future = asyncio.get_running_loop().create_future()  # set by the first seat
+        self._granted = asyncio.Event()  # a seat was handed over
 
-    def release(self) -> None:
-        """Give the sequences back and let the next waiting request in; once only."""
-        if not self.released:
-            self.released = True
-            self.gate.num_running -= self.num_seqs
+    async def seat(self) -> None:
+        """Take a seat for one more sequence, waiting for the client's turn if none is free."""
+        while not self.num_free:
+            self._granted.clear()
+            await self._granted.wait()
+        self.num_free -= 1
+
+    def stand(self) -> None:
+        """A sequence ended: its seat goes to the next in turn."""
+        if not self.released and self.num_held:
+            self.num_held -= 1
+            self.gate.num_running -= 1
             self.gate.wake()
 
+    def release(self) -> None:
+        """Give every seat back and leave the queue; once only."""
+        if self.released:
+            return
+        self.released = True
+        self.gate.num_running -= self.num_held
+        self.num_held = self.num_free = 0
+        if self.num_unseated:
+            self.gate._leave(self)  # wakes the next
+        else:
+            self.gate.wake()
 
-@dataclass(eq=False)
-class _Waiter:
-    client: str
-    num_seqs: int
-    admitted: asyncio.Future = field(repr=False)  # its Ticket, once let in
+    def _hand_seat(self) -> None:
+        self.num_unseated -= 1
+        self.num_free += 1
+        self.num_held += 1
+        self.gate.num_running += 1
+        self._granted.set()
 
 
 class AdmissionGate:
@@ -89,21 +122,27 @@ class AdmissionGate:
 
     def __init__(self, limits: AdmissionLimits):
         self.limits = limits
-        self.num_running = 0  # sequences of the tickets out
-        self.num_queued = 0  # sequences of the waiting requests
-        self._lines: dict[str, deque[_Waiter]] = {}  # by client; dict order is the turn order
+        self.num_running = 0  # seats handed out
+        self.num_queued = 0  # sequences of the requests not yet started
+        self._lines: dict[str, deque[Ticket]] = {}  # by client; dict order is the turn order
 
     async def admit(self, client: str, num_seqs: int) -> Ticket:
-        """A ticket for `num_seqs` sequences once it is `client`'s turn and they fit; release it
-        when the request is done. QueueFull or QueueTimeout when the request is refused."""
-        if not self._lines and self._fits(num_seqs):
-            return self._start(num_seqs)
+        """A ticket for a request of `num_seqs` sequences, once its first has a seat (it may hold more
+        already); release it when the request is done. QueueFull or QueueTimeout when the request
+        is refused."""
+        ticket = Ticket(self, client, num_seqs)
+        if not self._lines and self._has_room():
+            self._start(ticket)
+            while ticket.num_unseated and self._has_room():
+                ticket._hand_seat()
+            if ticket.num_unseated:
+                self._lines[client] = deque([ticket])
+            return ticket
         if not self._make_room(client, num_seqs):
             raise QueueFull(f"{self.num_queued} sequences are already waiting (at most {self.limits.max_queued})")
-        waiter = _Waiter(client, num_seqs, asyncio.get_running_loop().create_future())
-        self._lines.setdefault(client, deque()).append(waiter)
+        self._lines.setdefault(client, deque()).append(ticket)
         self.num_queued += num_seqs
-        return await self._wait(waiter)
+        return await self._wait(ticket)
 
     def refuses(self, client: str, num_seqs: int = 1) -> bool:
         """Whether `admit` would refuse `num_seqs` sequences of `client`'s now: asked before a request
@@ -112,42 +151,46 @@ class AdmissionGate:
             return False
         return max(map(self._num_waiting, self._lines)) <= self._num_waiting(client) + num_seqs
 
-    async def _wait(self, waiter: _Waiter) -> Ticket:
+    async def _wait(self, ticket: Ticket) -> Ticket:
         started = time.monotonic()
         try:
-            # Shielded: a timeout or a cancellation must not cancel a ticket being handed over.
-            return await asyncio.wait_for(asyncio.shield(waiter.admitted), self.limits.queue_timeout)
+            # Shielded: a timeout or a cancellation must not cancel a start being handed over.
+            await asyncio.wait_for(asyncio.shield(ticket.started), self.limits.queue_timeout)
+            return ticket
         except QueueFull:  # pushed out by another client's request
             raise
         except TimeoutError:
-            if waiter.admitted.done():  # let in, or pushed out, as the time ran out
-                return waiter.admitted.result()
-            self._leave(waiter)
+            if ticket.started.done():  # started, or pushed out, as the time ran out
+                ticket.started.result()
+                return ticket
+            self._leave(ticket)
             raise QueueTimeout(f"waited {time.monotonic() - started:.0f} s without starting "
                                f"(at most {self.limits.queue_timeout:g} s)") from None
         except BaseException:  # cancelled: its client went away
-            if not waiter.admitted.done():
-                self._leave(waiter)
-            elif waiter.admitted.exception() is None:
-                waiter.admitted.result().release()
+            if not ticket.started.done():
+                self._leave(ticket)
+            elif ticket.started.exception() is None:
+                ticket.release()
             raise
 
     def wake(self) -> None:
-        """Let in waiting requests, a line at a time, while the first of the line whose turn it is fits."""
-        while self._lines:
+        """Hand free seats to the waiting requests, a seat per line in turn."""
+        while self._lines and self._has_room():
             client, line = next(iter(self._lines.items()))
-            if not self._fits(line[0].num_seqs):
-                return
-            waiter = line.popleft()
+            ticket = line[0]
+            if not ticket.started.done():
+                self._start(ticket)
+                self.num_queued -= ticket.num_seqs
+            ticket._hand_seat()
             del self._lines[client]
+            if not ticket.num_unseated:
+                line.popleft()
             if line:  # to the back: the next client's turn
                 self._lines[client] = line
-            self.num_queued -= waiter.num_seqs
-            waiter.admitted.set_result(self._start(waiter.num_seqs))
 
     def _make_room(self, client: str, num_seqs: int) -> bool:
         """Whether `num_seqs` more sequences of `client`'s may wait, pushing out the newest requests
-        of a client holding more of the queue than `client` then would."""
+        not yet started of a client holding more of the queue than `client` then would."""
         if not self.num_queued:
             return True  # a request larger than the whole queue may still wait alone
         own = self._num_waiting(client) + num_seqs
@@ -155,27 +198,53 @@ class AdmissionGate:
             heaviest = max(self._lines, key=self._num_waiting)
             if self._num_waiting(heaviest) <= own:
                 return False
-            victim = self._lines[heaviest][-1]
+            victim = self._lines[heaviest][-1]  # not started: only a line's first can be
             self._leave(victim)
-            victim.admitted.set_exception(QueueFull(
+            victim.started.set_exception(QueueFull(
                 f"pushed out of a full queue ({self.limits.max_queued} sequences) by another client's request: "
                 "this client had the most waiting"))
         return True
 
     def _num_waiting(self, client: str) -> int:
-        return sum(waiter.num_seqs for waiter in self._lines.get(client, ()))
+        """The sequences of `client`'s requests not yet started."""
+        return sum(ticket.num_seqs for ticket in self._lines.get(client, ()) if not ticket.started.done())
 
-    def _fits(self, num_seqs: int) -> bool:
-        return self.num_running == 0 or self.num_running + num_seqs <= self.limits.max_running
+    def _has_room(self) -> bool:
+        return self.num_running < self.limits.max_running
 
-    def _start(self, num_seqs: int) -> Ticket:
-        self.num_running += num_seqs
-        return Ticket(self, num_seqs)
+    @staticmethod
+    def _start(ticket: Ticket) -> None:
+        ticket.started.set_result(None)
 
-    def _leave(self, waiter: _Waiter) -> None:
-        line = self._lines[waiter.client]
-        line.remove(waiter)
-        if not line:
-            del self._lines[waiter.client]
-        self.num_queued -= waiter.num_seqs
-        self.wake()  # it may have been the request that blocked the others
+    def _leave(self, ticket: Ticket) -> None:
+        line = self._lines.get(ticket.client)
+        if line is not None and ticket in line:
+            line.remove(ticket)
+            if not line:
+                del self._lines[ticket.client]
+            if not ticket.started.done():
+                self.num_queued -= ticket.num_seqs
+        ticket.num_unseated = 0
+        self.wake()  # seats it had, or its place, may let others in
+
+
+@dataclass
+class SeatedEngine:
+    """The engine as one admitted request sees it: each of its sequences takes a seat of the
+    request's ticket before it starts and gives it back when it ends. Other attributes are the
+    engine's own."""
+
+    engine: Any
+    ticket: Ticket
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: Any) -> AsyncIterator[Any]:
+        await self.ticket.seat()
+        try:
+            async with aclosing(self.engine.generate(request_id, prompt_ids, params)) as outputs:
+                async for output in outputs:
+                    yield output
+        finally:
+            self.ticket.stand()

@@ -27,31 +27,73 @@ def test_default_limits_follow_the_engine_and_its_kv_blocks():
     assert AdmissionLimits.sized_for(max_num_seqs=4, num_kv_blocks=8, max_queued=3, queue_timeout=None).max_queued == 3
 
 
-def test_requests_run_at_once_while_their_sequences_fit_and_wait_after():
+def test_a_request_starts_with_its_first_seat_and_its_others_follow_as_seats_free_up():
     async def main():
         g = gate(max_running=3)
         first = await g.admit("a", 2)
-        waiting = asyncio.ensure_future(g.admit("b", 2))  # 2 + 2 > 3
+        assert (first.num_free, first.num_unseated, g.num_running) == (2, 0, 2)
+        second = await g.admit("b", 2)  # one seat is free: it starts with it
+        assert (second.num_free, second.num_unseated, g.num_running, g.num_queued) == (1, 1, 3, 0)
+        await second.seat()
+        waiting = asyncio.ensure_future(second.seat())
         await settle()
-        assert not waiting.done() and (g.num_running, g.num_queued) == (2, 2)
-        first.release()
-        second = await waiting
-        assert (g.num_running, g.num_queued) == (2, 0)
+        assert not waiting.done()
+        await first.seat()
+        first.stand()  # a's sequence ends: its seat is b's
+        await waiting
+        assert g.num_running == 3 and second.num_unseated == 0
         second.release()
         second.release()  # once only
+        assert g.num_running == 1
+        first.release()
         assert g.num_running == 0
     asyncio.run(main())
 
 
-def test_a_request_larger_than_the_engine_runs_alone():
+def test_a_request_larger_than_the_engine_runs_its_sequences_in_turn_with_the_others():
+    """B's eight sequences on an engine of two seats start beside A's one; C's single sequence,
+    arriving later, gets the second seat that comes free, not the seventh."""
     async def main():
         g = gate(max_running=2, max_queued=4)
         small = await g.admit("a", 1)
-        large = asyncio.ensure_future(g.admit("b", 8))  # larger than the whole queue, and the queue is empty
+        large = await g.admit("b", 8)  # larger than the whole queue, and it starts at once
+        assert (large.num_free, large.num_unseated, g.num_running) == (1, 7, 2)
+        late = asyncio.ensure_future(g.admit("c", 1))
         await settle()
-        assert not large.done()
-        small.release()
-        assert (await large).num_seqs == 8 and g.num_running == 8
+        assert not late.done() and g.num_queued == 1
+        small.release()  # b's turn
+        await large.seat()
+        await large.seat()
+        await settle()
+        assert not late.done()
+        large.stand()  # c's turn
+        await settle()
+        assert late.done() and g.num_running == 2 and large.num_unseated == 6
+        large.release()
+        late.result().release()
+        assert g.num_running == 0 and g.num_queued == 0
+    asyncio.run(main())
+
+
+def test_seats_never_exceed_the_engine_whatever_the_requests():
+    async def main():
+        g = gate(max_running=3, max_queued=64)
+        peak = 0
+
+        async def sequence(ticket):
+            nonlocal peak
+            await ticket.seat()
+            peak = max(peak, g.num_running)
+            await asyncio.sleep(0)
+            ticket.stand()
+
+        async def request(client, n):
+            ticket = await g.admit(client, n)
+            await asyncio.gather(*(sequence(ticket) for _ in range(n)))
+            ticket.release()
+
+        await asyncio.gather(*(request(f"c{i % 3}", 1 + i % 5) for i in range(12)))
+        assert peak == 3 and g.num_running == 0 and g.num_queued == 0
     asyncio.run(main())
 
 
@@ -122,19 +164,20 @@ def test_a_request_waiting_too_long_is_refused_and_leaves_the_queue():
     asyncio.run(main())
 
 
-def test_a_cancelled_waiter_gives_its_place_back_and_unblocks_the_others():
+def test_a_cancelled_waiter_gives_its_place_back():
     async def main():
-        g = gate(max_running=2, max_queued=8)
+        g = gate(max_running=1, max_queued=8)
         held = await g.admit("a", 1)
-        big = asyncio.ensure_future(g.admit("a", 2))  # does not fit beside `held`: blocks its turn
+        big = asyncio.ensure_future(g.admit("a", 2))
         small = asyncio.ensure_future(g.admit("b", 1))
         await settle()
-        assert not small.done()
+        assert g.num_queued == 3
         big.cancel()
         await asyncio.gather(big, return_exceptions=True)
-        await settle()
-        assert small.done() and g.num_running == 2 and g.num_queued == 0
+        assert g.num_queued == 1 and not small.done()
         held.release()
+        await settle()
+        assert small.done() and g.num_running == 1 and g.num_queued == 0
     asyncio.run(main())
 
 

@@ -127,3 +127,37 @@ def test_each_kind_of_answer_gives_its_turn_back():
         server.engine.fail_after = None
         assert (await server.chat("t")).status_code == 200
     asyncio.run(main())
+
+
+def test_a_request_of_many_choices_shares_the_engine_seat_by_seat():
+    """A's n=4 on an engine of two seats runs two choices at a time, and B's request, sent while
+    A's first two run, runs before A's last choice rather than after all of them."""
+    async def main():
+        server = Server(max_num_seqs=2, api_keys=KEYS, max_queued_requests=16)
+        server.engine.reply = "a reply long enough to outlast the path from a seat to the engine " * 2
+        live = peak = 0
+        generate = server.engine.generate
+
+        async def counted(*args):
+            nonlocal live, peak
+            live += 1
+            peak = max(peak, live)
+            try:
+                async for output in generate(*args):
+                    yield output
+            finally:
+                live -= 1
+
+        server.engine.generate = counted
+        many = server.chat("a", "key-a", n=4)
+        await server.until_running(2)
+        single = server.chat("b", "key-b")
+        await server.until_queued(1)
+        server.hold.set()
+        answers = await asyncio.gather(many, single)
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert [choice["index"] for choice in answers[0].json()["choices"]] == [0, 1, 2, 3]
+        return [prompt_of(call) for call in server.engine.calls], peak
+    order, peak = asyncio.run(main())
+    assert peak == 2
+    assert sorted(order) == ["a", "a", "a", "a", "b"] and order.index("b") < 4

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from lmserve.fleet.catalogue import defaults_left_out
 from lmserve.sampling.grammar import GrammarCompiler, RequestCompiler
 from lmserve.fleet.fleet import Lease
-from lmserve.server.admission import Ticket
+from lmserve.server.admission import SeatedEngine, Ticket
 from lmserve.server.errors import CLIENT_CLOSED_REQUEST, APIError, bad_request
 from lmserve.server.middleware.access import TokenCountingEngine, access_record
 from lmserve.server.middleware.auth import presented_key
@@ -148,8 +148,9 @@ async def llama_infill(body: InfillRequest, request: Request, state: State) -> R
 
 async def generate(body, request: Request, state: ServerState, shape: Shape) -> Response:
     """The shared shape of the generation routes: plan, wait for a turn on the engine, then stream
-    SSE or gather one response. The request holds its model (a lease) and its turn (a ticket) until
-    its last byte is sent, so the model is not unloaded under it and the next request waits."""
+    SSE or gather one response. The request holds its model (a lease) until its last byte is sent,
+    so the model is not unloaded under it, and each of its sequences a seat on the engine (its
+    ticket) while it runs."""
     if state.embeddings_only:
         raise APIError(501, "This server serves embeddings only (it was started with --embedding); use "
                             "/v1/embeddings.", type="not_supported_error", code="embeddings_only")
@@ -170,7 +171,8 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
                                           state.admit(lease, client_key(request, state), len(plan.choices)))
         if ticket is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        engine = _counting_tokens(_slotted(engine, state.slot_table(lease), body.id_slot, plan), request, plan)
+        engine = SeatedEngine(_counting_tokens(_slotted(engine, state.slot_table(lease), body.id_slot, plan),
+                                               request, plan), ticket)
         if body.stream:
             response = event_stream.EventStreamResponse(shape.stream(engine, plan, meta, body),
                                                         on_close=partial(_release, ticket, lease))
