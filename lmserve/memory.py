@@ -71,10 +71,14 @@ def resident_bytes() -> int:
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+MAPPED_APART_BYTES = 1 << 20  # while loading, allocations this large or larger get their own mapping
+# Load-time work done a piece at a time keeps each piece's temporaries this small, well under
+# MAPPED_APART_BYTES: a temporary above it is mapped and faulted in afresh at every allocation.
+LOAD_PIECE_BYTES = MAPPED_APART_BYTES // 4
 
 
 @contextlib.contextmanager
-def large_blocks_mapped_apart(threshold: int = 1 << 20):
+def large_blocks_mapped_apart(threshold: int = MAPPED_APART_BYTES):
     """While loading, every allocation of `threshold` bytes or more gets its own mapping, returned to
     the OS when freed. Loading frees large float32 staging copies between the small ones it keeps;
     with glibc's adaptive threshold (raised to the largest block freed, up to 32 MiB) they land in

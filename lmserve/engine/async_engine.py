@@ -88,10 +88,10 @@ class AsyncEngine:
                 built.append(build())
             except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
                 built.append(exc)
+            finally:
                 done.set()
-                return
-            done.set()
-            self._run_when_ready()
+            if not isinstance(built[0], BaseException):
+                self._run_when_ready()
 
         self._thread = threading.Thread(target=run, name="lmserve-engine", daemon=True)
         self._thread.start()

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from lmserve.memory import LOAD_PIECE_BYTES
+
 FAST_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
-# Blocks dequantized at a time: the float32 temporaries of a piece stay under the size above which
-# loading maps allocations apart (memory.large_blocks_mapped_apart), so they neither add to the
-# peak nor get faulted in afresh; only the output is the tensor's size.
-PIECE_BLOCKS = 4096
+# Blocks are dequantized a piece at a time (memory.LOAD_PIECE_BYTES of float32 each), so a piece's
+# temporaries neither add to the peak nor get faulted in afresh; only the output is the tensor's size.
 
 
 def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -30,8 +30,9 @@ def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarr
         warnings.simplefilter("ignore", UserWarning)
         blocks = torch.from_numpy(np.asarray(data).reshape(-1, type_size))
     out = torch.empty((blocks.shape[0], block_size), dtype=torch.float32)
-    for start in range(0, blocks.shape[0], PIECE_BLOCKS):
-        piece = slice(start, start + PIECE_BLOCKS)
+    piece_blocks = max(1, LOAD_PIECE_BYTES // (4 * block_size))
+    for start in range(0, blocks.shape[0], piece_blocks):
+        piece = slice(start, start + piece_blocks)
         _dequantize_into(out[piece], blocks[piece], qtype)
     return out.reshape(-1).numpy()
 

@@ -209,13 +209,15 @@ def test_fast_block_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
     from gguf import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
-    from lmserve.weights.gguf_blocks import PIECE_BLOCKS, dequantize_blocks
+    from lmserve.memory import LOAD_PIECE_BYTES
+    from lmserve.weights.gguf_blocks import dequantize_blocks
 
     # random bytes over more blocks than one piece (and not a multiple of it); the float16 scales
     # and lows get every finite value class: zero, subnormal, negative, large
-    _, type_size = GGML_QUANT_SIZES[qtype]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(int(qtype))
-    blocks = rng.integers(0, 256, (PIECE_BLOCKS * 2 + 37, type_size), dtype=np.uint8)
+    piece_blocks = LOAD_PIECE_BYTES // (4 * block_size)
+    blocks = rng.integers(0, 256, (piece_blocks * 2 + 37, type_size), dtype=np.uint8)
     halves = 2 if qtype == GGMLQuantizationType.Q4_1 else 1
     for h in range(halves):
         blocks[:, 2 * h + 1] &= 0x7B  # exponent below all-ones: no inf or NaN

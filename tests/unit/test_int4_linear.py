@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lmserve.kernels import cpu_flags, native_module
+from lmserve.memory import LOAD_PIECE_BYTES
 from lmserve.model.weight_formats.int4 import (
     INT4_GROUP,
-    QUANTIZE_PIECE_BYTES,
     can_pack_int4,
     int4_linear,
     int4_linear_reference,
@@ -102,7 +102,7 @@ def test_other_weights_take_the_closer_grid():
 def test_a_weight_quantized_in_pieces_is_quantized_as_each_row_alone():
     # 4096 columns: 16 rows a piece, so 40 rows take three pieces, the last one short
     weight = torch.randn(40, 4096, generator=torch.Generator().manual_seed(5))
-    assert QUANTIZE_PIECE_BYTES // (4 * 4096) == 16
+    assert LOAD_PIECE_BYTES // (4 * 4096) == 16
     q, scales, lows = quantize_int4_groups(weight)
     for row in (0, 15, 16, 31, 32, 39):
         q_row, scales_row, lows_row = quantize_int4_groups(weight[row:row + 1])

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lmserve.kernels import native_module
+from lmserve.memory import LOAD_PIECE_BYTES
 from lmserve.model.weight_formats.int8 import MIN_ABS_MAX, PACK_OUTPUTS
 
 INT4_GROUP = 32  # input columns per scale/low pair: Q4_0/Q4_1's block, so a Q4 GGUF maps exactly
@@ -35,11 +36,6 @@ def can_pack_int4(weight: torch.Tensor) -> bool:
     return n % PACK_OUTPUTS == 0 and k % INT4_GROUP == 0
 
 
-# Rows quantized at a time: each piece's float32 temporaries stay well under the 1 MiB above which
-# loading maps every allocation apart (memory.large_blocks_mapped_apart); whole-weight temporaries
-# would each be mapped and faulted in afresh, which tripled a model's quantizing time.
-QUANTIZE_PIECE_BYTES = 256 << 10
-
 
 def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float -> (N, K) uint8 q in 0..15, (K/G, N) float16 scales and lows, w ~ q * scale + low.
@@ -51,7 +47,9 @@ def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     q = torch.empty((n, k), dtype=torch.uint8)
     scale = torch.empty((n, k // INT4_GROUP), dtype=torch.float16)
     low = torch.empty_like(scale)
-    rows = max(1, QUANTIZE_PIECE_BYTES // (4 * k))
+    # Rows a piece at a time (memory.LOAD_PIECE_BYTES of float32): whole-weight temporaries would each be
+    # mapped and faulted in afresh while loading, which tripled a model's quantizing time.
+    rows = max(1, LOAD_PIECE_BYTES // (4 * k))
     for start in range(0, n, rows):
         piece = slice(start, start + rows)
         q[piece], scale[piece], low[piece] = _quantize_rows(weight[piece])
