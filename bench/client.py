@@ -146,16 +146,32 @@ async def run_requests(
 
     Returns the results in prompt order and the wall time from the first send to the last finish.
     """
-    results: list[RequestResult | None] = [None] * len(prompts)
-    pending = iter(enumerate(prompts))  # shared: each worker takes the next prompt when it is free
+    return await run_jobs(target, [[(prompt_ids, max_tokens)] for prompt_ids in prompts], concurrency, on_done)
+
+
+async def run_jobs(
+    target: Target,
+    jobs: Sequence[Sequence[tuple[list[int], int]]],
+    concurrency: int,
+    on_done: Callable[[RequestResult], None] = lambda result: None,
+) -> tuple[list[RequestResult], float]:
+    """Run `concurrency` jobs at once (fewer only at the tail); a job is turns of (prompt ids,
+    max_tokens), each sent when the one before it has finished (a conversation).
+
+    Returns the results in job then turn order and the wall time from the first send to the last finish.
+    """
+    results: list[list[RequestResult]] = [[] for _ in jobs]
+    pending = iter(enumerate(jobs))  # shared: each worker takes the next job when it is free
 
     async def worker(client: httpx.AsyncClient) -> None:
-        for index, prompt_ids in pending:
-            results[index] = await send_request(client, target, prompt_ids, max_tokens)
-            on_done(results[index])
+        for index, turns in pending:
+            for prompt_ids, max_tokens in turns:
+                result = await send_request(client, target, prompt_ids, max_tokens)
+                results[index].append(result)
+                on_done(result)
 
     async with new_client(target, concurrency) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall_s = time.perf_counter() - start
-    return results, wall_s  # type: ignore[return-value]
+    return [result for turns in results for result in turns], wall_s

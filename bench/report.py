@@ -60,7 +60,7 @@ def summarize_level(
         itl_p50_s=percentile(itls, 50), itl_p95_s=percentile(itls, 95),
         tpot_p50_s=percentile([t for t in map(time_per_output_token, ok) if t is not None], 50),
         e2e_p50_s=percentile([result.e2e_s for result in ok], 50),
-        prefill_tok_s=workload.prompt_tokens / ttft_p50 if ttft_p50 else None,
+        prefill_tok_s=workload.prompt_tokens / ttft_p50 if ttft_p50 and workload.kind not in ("mix", "chat") else None,
         prompt_tokens_reported=mean([r.prompt_tokens for r in ok if r.prompt_tokens is not None]),
         cached_tokens_mean=mean([r.cached_tokens for r in ok if r.cached_tokens is not None]),
         num_errors=len(errors), first_error=errors[0] if errors else None,
@@ -104,6 +104,9 @@ KIND_METRICS = {
     "prefill": ("prefill_tok_s", "ttft_p50_s", "peak_rss_mib", "num_errors"),
     "shared": ("ttft_p50_s", "ttft_p95_s", "cached_tokens_mean", "output_tok_s", "peak_rss_mib", "num_errors"),
     "cold": ("ttft_p50_s", "ttft_p95_s", "cached_tokens_mean", "output_tok_s", "peak_rss_mib", "num_errors"),
+    "mix": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "peak_rss_mib", "num_errors"),
+    "chat": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "cached_tokens_mean",
+             "peak_rss_mib", "num_errors"),
 }
 
 LEVEL_COLUMNS = ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "prefill_tok_s",

@@ -6,9 +6,9 @@ import asyncio
 import sys
 from dataclasses import dataclass
 
-from bench.client import RequestResult, Target, run_requests
+from bench.client import RequestResult, Target, run_jobs
 from bench.report import LevelReport, summarize_level
-from bench.workloads import Workload, workload_prompts
+from bench.workloads import Workload, workload_jobs
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,15 @@ def run_workload(target: Target, workload: Workload, server: str, server_pid: in
         PeakRSSSampler,  # psutil: a bench extra, kept out of the unit tests' imports
     )
 
-    prompts = workload_prompts(workload, options.seed)
+    jobs = workload_jobs(workload, options.seed)
     if options.warmup:
         # One short request first: the first request on a fresh server pays one-off costs.
-        asyncio.run(run_requests(target, prompts[:1], min(workload.max_tokens, 4), 1))
+        (prompt_ids, _), = jobs[0]
+        asyncio.run(run_jobs(target, [[(prompt_ids, min(workload.max_tokens, 4))]], 1))
     bar = _progress(options, f"{server} {workload.name}", workload.num_requests)
     with PeakRSSSampler(server_pid) as sampler, bar:
         results, wall_s = asyncio.run(
-            run_requests(target, prompts[1:], workload.max_tokens, workload.concurrency, lambda _: bar.update(1))
+            run_jobs(target, jobs[1:], workload.concurrency, lambda _: bar.update(1))
         )
     return LevelRun(summarize_level(server, workload, results, wall_s, sampler.peak_bytes), results)
 

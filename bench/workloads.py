@@ -1,13 +1,31 @@
-"""Workloads: what one measured level sends, and the named sets `compare` runs."""
+"""Workloads: what one measured level sends, and the named sets `compare` runs.
+
+Next to the fixed-length levels, two realistic mixes:
+- "mix": prompt and output lengths drawn from long-tailed (log-normal) distributions, around
+  `prompt_tokens` and MIX_MEDIAN_OUTPUT, capped at 4 x `prompt_tokens` and `max_tokens`;
+- "chat": conversations of `turns` turns under one shared system prompt (`shared_prefix_tokens`):
+  each turn sends the whole history (system prompt, earlier user messages and replies) and a new
+  user message of `prompt_tokens` ids; reply lengths are drawn as in "mix", capped at `max_tokens`.
+  The history carries a reply as random ids of the length the server produced: both servers then
+  find the earlier prompt, not the earlier reply, in their prefix caches.
+"""
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from bench.prompts import make_prompts
+from bench.prompts import make_prompts, random_ids
 
-KINDS = ("decode", "prefill", "prefix")  # "prefix" is a pair: shared-prefix and cold
+KINDS = ("decode", "prefill", "prefix", "mix", "chat")  # "prefix" is a pair: shared-prefix and cold
+MIX_MEDIAN_OUTPUT = 64  # tokens; a log-normal of this median with MIX_SIGMA: p95 ~5x the median
+MIX_SIGMA = 1.0
+PROMPT_SIGMA = 0.8
+
+Turn = tuple[list[int], int]  # prompt ids, max_tokens
+Job = list[Turn]  # turns sent one after another, each once the previous one has finished
 DEFAULT_CONCURRENCIES = (1, 4, 16, 32, 64)
 QUICK_CONCURRENCIES = (1, 4, 16)
 
@@ -17,22 +35,29 @@ class Workload:
     """One measured level: `concurrency` requests kept in flight until `num_requests` are done."""
 
     name: str
-    kind: str  # decode | prefill | shared | cold
-    concurrency: int
-    num_requests: int
-    prompt_tokens: int
-    max_tokens: int
+    kind: str  # decode | prefill | shared | cold | mix | chat
+    concurrency: int  # requests in flight; for chat, conversations in flight
+    num_requests: int  # for chat, conversations x turns
+    prompt_tokens: int  # for mix, the median prompt; for chat, each user message
+    max_tokens: int  # for mix and chat, the cap of the drawn output lengths
     shared_prefix_tokens: int = 0
+    turns: int = 1  # chat only
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.num_requests < 1 or self.max_tokens < 1:
             raise ValueError(f"{self.name}: concurrency, num_requests and max_tokens must be >= 1")
-        if not 0 <= self.shared_prefix_tokens <= self.prompt_tokens:
+        if self.kind != "chat" and not 0 <= self.shared_prefix_tokens <= self.prompt_tokens:
             raise ValueError(f"{self.name}: shared prefix longer than the prompt")
+        if self.kind == "chat" and self.num_requests % self.turns:
+            raise ValueError(f"{self.name}: num_requests must be whole conversations of {self.turns} turns")
 
     @property
     def context_tokens(self) -> int:
-        """Prompt plus output of one request: the KV a server must hold per sequence."""
+        """Prompt plus output of the longest request: the KV a server must hold per sequence."""
+        if self.kind == "mix":
+            return 4 * self.prompt_tokens + self.max_tokens
+        if self.kind == "chat":
+            return self.shared_prefix_tokens + self.turns * (self.prompt_tokens + self.max_tokens)
         return self.prompt_tokens + self.max_tokens
 
 
@@ -92,6 +117,14 @@ def workload_set(
                                   1 if quick else 3, 1024 if quick else 2000, 1))
     if "prefix" in kinds:
         workloads += _prefix_pair(min(4 if quick else 16, max(concurrencies)), 16 if quick else 32)
+    concurrency = min(4 if quick else 16, max(concurrencies))
+    if "mix" in kinds:
+        workloads.append(Workload(f"mix-c{concurrency}", "mix", concurrency, 4 * concurrency, 128,
+                                  128 if quick else 512))
+    if "chat" in kinds:
+        turns = 3 if quick else 6
+        workloads.append(Workload(f"chat-c{concurrency}", "chat", concurrency, turns * concurrency, 48,
+                                  64 if quick else 256, shared_prefix_tokens=400, turns=turns))
     return workloads
 
 
@@ -110,3 +143,37 @@ def workload_prompts(workload: Workload, seed: str) -> list[list[int]]:
     """
     return make_prompts(workload.num_requests + 1, workload.prompt_tokens, workload.shared_prefix_tokens,
                         seed=f"{seed}:{workload.name}")
+
+
+def drawn_length(rng: random.Random, median: int, sigma: float, low: int, high: int) -> int:
+    """A log-normal draw of this median, rounded and clipped to [low, high]."""
+    return min(high, max(low, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def workload_jobs(workload: Workload, seed: str) -> list[Job]:
+    """The warm-up request first (one turn), then the measured jobs: one turn each, or for chat one
+    conversation each, its turns sent one after another. Outputs are exact (`ignore_eos`), so a
+    conversation's later prompts are known before it starts."""
+    prompts = workload_prompts(workload, seed) if workload.kind not in ("mix", "chat") else None
+    if prompts is not None:
+        return [[(prompt, workload.max_tokens)] for prompt in prompts]
+    rng = random.Random(f"{seed}:{workload.name}")
+    if workload.kind == "mix":
+        jobs = []
+        for _ in range(workload.num_requests + 1):
+            length = drawn_length(rng, workload.prompt_tokens, PROMPT_SIGMA, 16, 4 * workload.prompt_tokens)
+            output = drawn_length(rng, MIX_MEDIAN_OUTPUT, MIX_SIGMA, 1, workload.max_tokens)
+            jobs.append([(random_ids(rng, length), output)])
+        return jobs
+    system = random_ids(rng, workload.shared_prefix_tokens)
+    jobs = [[(system + random_ids(rng, workload.prompt_tokens), 4)]]  # the warm-up caches the system prompt
+    for _ in range(workload.num_requests // workload.turns):
+        conversation: Job = []
+        history = list(system)
+        for turn in range(workload.turns):
+            history += random_ids(rng, workload.prompt_tokens)
+            reply = drawn_length(rng, MIX_MEDIAN_OUTPUT, MIX_SIGMA, 1, workload.max_tokens)
+            conversation.append((list(history), reply))
+            history += random_ids(rng, reply)  # the reply as the next turn's history carries it
+        jobs.append(conversation)
+    return jobs

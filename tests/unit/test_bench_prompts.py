@@ -1,7 +1,7 @@
 import pytest
 
 from bench.prompts import TOKEN_ID_RANGE, make_prompts
-from bench.workloads import Workload, level_workloads, parse_kinds, workload_prompts, workload_set
+from bench.workloads import Workload, level_workloads, parse_kinds, workload_jobs, workload_prompts, workload_set
 
 
 def test_prompts_have_exact_lengths_and_safe_ids():
@@ -46,9 +46,10 @@ def test_level_workloads():
 def test_default_and_quick_workload_sets():
     default = {w.name: w for w in workload_set()}
     assert list(default) == ["decode-c1", "decode-c4", "decode-c16", "decode-c32", "decode-c64",
-                             "prefill-2000", "shared-c16", "cold-c16"]
+                             "prefill-2000", "shared-c16", "cold-c16", "mix-c16", "chat-c16"]
     assert (default["decode-c64"].num_requests, default["decode-c64"].context_tokens) == (128, 384)
     assert (default["shared-c16"].shared_prefix_tokens, default["cold-c16"].shared_prefix_tokens) == (1500, 0)
+    assert (default["chat-c16"].num_requests, default["chat-c16"].context_tokens) == (96, 400 + 6 * (48 + 256))
     quick = workload_set(parse_kinds("decode,prefix"), quick=True, concurrencies=[1, 2], max_tokens=16)
     assert [(w.name, w.num_requests, w.max_tokens) for w in quick] == [
         ("decode-c1", 2, 16), ("decode-c2", 2, 16), ("shared-c2", 2, 16), ("cold-c2", 2, 16)]
@@ -59,3 +60,33 @@ def test_default_and_quick_workload_sets():
 def test_workload_validates():
     with pytest.raises(ValueError):
         Workload("x", "decode", 0, 1, 10, 1)
+
+
+def test_the_mix_draws_long_tailed_lengths_within_their_caps():
+    (mix,) = workload_set(("mix",))
+    jobs = workload_jobs(mix, "0")
+    assert len(jobs) == mix.num_requests + 1 and all(len(job) == 1 for job in jobs)
+    prompts = sorted(len(prompt) for (prompt, _), in jobs)
+    outputs = sorted(max_tokens for (_, max_tokens), in jobs)
+    assert 16 <= prompts[0] and prompts[-1] <= 4 * mix.prompt_tokens
+    assert 1 <= outputs[0] and outputs[-1] <= mix.max_tokens
+    assert outputs[int(0.95 * len(outputs))] > 2.5 * outputs[len(outputs) // 2]  # a long tail
+    assert max(len(prompt) + max_tokens for (prompt, max_tokens), in jobs) <= mix.context_tokens
+    assert workload_jobs(mix, "0") == jobs and workload_jobs(mix, "1") != jobs
+
+
+def test_each_chat_turn_sends_the_history_so_far_under_one_system_prompt():
+    (chat,) = workload_set(("chat",))
+    jobs = workload_jobs(chat, "0")
+    conversations = jobs[1:]
+    assert len(conversations) * chat.turns == chat.num_requests
+    system = jobs[0][0][0][: chat.shared_prefix_tokens]
+    for turns in conversations:
+        assert len(turns) == chat.turns
+        for (before, reply), (after, _) in zip(turns, turns[1:]):
+            # the next prompt: this one, a reply of the length asked for, a new user message
+            assert after[: len(before)] == before
+            assert len(after) == len(before) + reply + chat.prompt_tokens
+        assert all(prompt[: chat.shared_prefix_tokens] == system for prompt, _ in turns)
+        assert max(len(prompt) + max_tokens for prompt, max_tokens in turns) <= chat.context_tokens
+    assert len({tuple(turns[0][0]) for turns in conversations}) == len(conversations)
