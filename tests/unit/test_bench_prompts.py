@@ -90,3 +90,16 @@ def test_each_chat_turn_sends_the_history_so_far_under_one_system_prompt():
         assert all(prompt[: chat.shared_prefix_tokens] == system for prompt, _ in turns)
         assert max(len(prompt) + max_tokens for prompt, max_tokens in turns) <= chat.context_tokens
     assert len({tuple(turns[0][0]) for turns in conversations}) == len(conversations)
+
+
+def test_the_big_shape_keeps_the_tokenizer_and_pads_its_vocabulary_with_control_tokens():
+    import gguf
+
+    from bench.big_shape import SHAPE, tokenizer_metadata
+
+    fields = tokenizer_metadata(SHAPE["vocab"])
+    tokens, types = fields["tokenizer.ggml.tokens"][0], fields["tokenizer.ggml.token_type"][0]
+    assert len(tokens) == len(types) == SHAPE["vocab"] == len(set(tokens))
+    assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's own come first
+    assert tokens[-1] == f"<|extra_{SHAPE['vocab'] - 49152 - 1}|>" and types[-1] == int(gguf.TokenType.CONTROL)
+    assert fields["tokenizer.ggml.model"][0] == "gpt2" and len(fields["tokenizer.ggml.merges"][0]) > 1000

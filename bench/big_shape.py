@@ -1,0 +1,123 @@
+"""A bigger model for the side-by-side benchmark: random weights in the shape of Qwen2-0.5B
+(hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocabulary 151,936, tied embeddings),
+written as GGUF files by the gguf package, one per quantization. Speed only: its text is noise.
+
+    python -m bench.big_shape                       # Q4_1 and Q8_0 under ~/.cache/lmserve-bench/
+    python -m bench compare --gguf ~/.cache/lmserve-bench/qwen2-0.5b-shape.Q4_1.gguf \\
+        --lmserve-args=--no-embedding-model --workloads decode --concurrency 1,16,64 --max-tokens 64
+
+The tokenizer is the packaged SmolLM2's (a byte-level BPE both servers load), its vocabulary padded
+with control tokens to 151,936 entries; the benchmark sends token ids, so only the shapes matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "lmserve-bench"
+SHAPE = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "ffn": 4864, "vocab": 151_936,
+         "context": 32_768, "rope_theta": 1_000_000.0, "rms_eps": 1e-6}
+STD = 0.02  # the initializer range of Qwen2's config: activations stay finite through 24 layers
+
+
+def tokenizer_metadata(vocab: int) -> dict[str, tuple]:
+    """SmolLM2's tokenizer fields, its tokens padded with control tokens to `vocab` entries."""
+    import gguf
+
+    from lmserve.cli import default_model_path
+
+    reader = gguf.GGUFReader(default_model_path())
+    fields = {}
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            item = field.types[-1]
+            values = [field.parts[i].tobytes().decode() if item == gguf.GGUFValueType.STRING
+                      else field.parts[i].tolist()[0] for i in field.data]
+            fields[name] = (values, gguf.GGUFValueType.ARRAY, item)
+        elif kind == gguf.GGUFValueType.STRING:
+            fields[name] = (field.parts[field.data[0]].tobytes().decode(), kind)
+        else:
+            fields[name] = (field.parts[field.data[0]].tolist()[0], kind)
+    tokens, types = fields["tokenizer.ggml.tokens"][0], fields["tokenizer.ggml.token_type"][0]
+    extra = vocab - len(tokens)
+    tokens += [f"<|extra_{i}|>" for i in range(extra)]
+    types += [int(gguf.TokenType.CONTROL)] * extra
+    return fields
+
+
+def write_model(path: Path, quant: str, seed: int = 0) -> Path:
+    import gguf
+
+    s = SHAPE
+    head_dim = s["hidden"] // s["heads"]
+    rng = np.random.default_rng(seed)
+    qtype = gguf.GGMLQuantizationType[quant]
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_name("qwen2-0.5b-shape")
+    writer.add_block_count(s["layers"])
+    writer.add_context_length(s["context"])
+    writer.add_embedding_length(s["hidden"])
+    writer.add_feed_forward_length(s["ffn"])
+    writer.add_head_count(s["heads"])
+    writer.add_head_count_kv(s["kv_heads"])
+    writer.add_rope_freq_base(s["rope_theta"])
+    writer.add_layer_norm_rms_eps(s["rms_eps"])
+    writer.add_vocab_size(s["vocab"])
+    for key, value in tokenizer_metadata(s["vocab"]).items():
+        writer.add_key_value(key, *value)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        data = rng.normal(0.0, STD, (rows, cols)).astype(np.float32)
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    def vector(name: str, size: int, value: float | None = None) -> None:
+        data = np.full(size, value, np.float32) if value is not None else rng.normal(0.0, STD, size).astype(np.float32)
+        writer.add_tensor(name, data)
+
+    matrix("token_embd.weight", s["vocab"], s["hidden"])
+    vector("output_norm.weight", s["hidden"], 1.0)
+    kv = s["kv_heads"] * head_dim
+    for layer in range(s["layers"]):
+        blk = f"blk.{layer}"
+        vector(f"{blk}.attn_norm.weight", s["hidden"], 1.0)
+        vector(f"{blk}.ffn_norm.weight", s["hidden"], 1.0)
+        matrix(f"{blk}.attn_q.weight", s["hidden"], s["hidden"])
+        vector(f"{blk}.attn_q.bias", s["hidden"])
+        matrix(f"{blk}.attn_k.weight", kv, s["hidden"])
+        vector(f"{blk}.attn_k.bias", kv)
+        matrix(f"{blk}.attn_v.weight", kv, s["hidden"])
+        vector(f"{blk}.attn_v.bias", kv)
+        matrix(f"{blk}.attn_output.weight", s["hidden"], s["hidden"])
+        matrix(f"{blk}.ffn_gate.weight", s["ffn"], s["hidden"])
+        matrix(f"{blk}.ffn_up.weight", s["ffn"], s["hidden"])
+        matrix(f"{blk}.ffn_down.weight", s["hidden"], s["ffn"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.big_shape", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quant", default="Q4_1,Q8_0", help="comma list of GGUF types")
+    parser.add_argument("--out", type=Path, default=CACHE)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for quant in args.quant.split(","):
+        path = args.out / f"qwen2-0.5b-shape.{quant}.gguf"
+        started = time.monotonic()
+        write_model(path, quant)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
