@@ -17,6 +17,9 @@ from lmserve.sampling.sampler import Sampler, SamplingMetadata, to_sample_logpro
 
 log = logging.getLogger("lmserve.engine")
 
+# Chunks of at most this many tokens run as decode rows (see ModelRunner.prepare).
+DECODE_ROW_CHUNK = 16
+
 
 @dataclass
 class ModelInput:
@@ -65,26 +68,32 @@ class ModelRunner:
         return self._sample(logits, [live[seq.request.request_id] for seq in inp.sampled_seqs])
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
-        # Decodes first (one token each, batched attention), then prefill chunks.
-        decodes = [s for s in out.seqs if s.num_new_tokens == 1]
-        prefills = [s for s in out.seqs if s.num_new_tokens > 1]
+        # Decode rows first (batched attention over the paged cache), then prefill chunks. A chunk of
+        # at most DECODE_ROW_CHUNK tokens runs as that many decode rows, each attending to the
+        # context up to itself: its keys and values are in the cache before attention runs, and
+        # a few-token chunk (the tail after a prefix-cache hit, a short prompt) then costs what
+        # that many decodes do instead of a gather, a mask and a prefill attention per layer.
+        decodes = [s for s in out.seqs if s.num_new_tokens <= DECODE_ROW_CHUNK]
+        prefills = [s for s in out.seqs if s.num_new_tokens > DECODE_ROW_CHUNK]
         ids, positions, slots, logits_rows, sampled = [], [], [], [], []
-        prefill_meta = []
+        prefill_meta, rows = [], []  # rows: (block ids, context length) of each decode row
         for seq in decodes + prefills:
             req, start = seq.request, seq.num_computed_tokens
             end = start + seq.num_new_tokens
-            if seq.num_new_tokens > 1:
+            if seq.num_new_tokens > DECODE_ROW_CHUNK:
                 prefill_meta.append(PrefillSeq(len(ids), seq.num_new_tokens, end,
                                                self._slots(req.block_ids, end) if start else None))
+            else:
+                rows.extend((req.block_ids, position + 1) for position in range(start, end))
             ids.extend(req.all_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(self._slot(req.block_ids, p) for p in range(start, end))
             if seq.samples:
                 logits_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        table, bias = self._decode_tables(decodes)
-        lens = self._long([s.num_computed_tokens + 1 for s in decodes]) if decodes else None
-        meta = AttentionMetadata(slot_mapping=self._long(slots), num_decodes=len(decodes), decode_blocks=table,
+        table, bias = self._decode_tables(rows)
+        lens = self._long([length for _, length in rows]) if rows else None
+        meta = AttentionMetadata(slot_mapping=self._long(slots), num_decodes=len(rows), decode_blocks=table,
                                  decode_bias=bias, prefills=prefill_meta, decode_lens=lens)
         return ModelInput(input_ids=self._long(ids), positions=self._long(positions), meta=meta,
                           logits_indices=self._long(logits_rows), sampled_seqs=sampled)
@@ -118,14 +127,15 @@ class ModelRunner:
         offsets = torch.arange(self.block_size, device=self.device)
         return (blocks[:, None] * self.block_size + offsets).flatten()[:length]  # (length,)
 
-    def _decode_tables(self, decodes: list[ScheduledSeq]):
-        if not decodes:
+    def _decode_tables(self, rows: list[tuple[list[int], int]]):
+        """Block table and bias of the decode rows, each (block ids, context length)."""
+        if not rows:
             return None, None
-        context_lens = np.array([s.num_computed_tokens + 1 for s in decodes])
-        max_blocks = max(len(s.request.block_ids) for s in decodes)
-        table = np.zeros((len(decodes), max_blocks), dtype=np.int64)  # padded with block 0, masked below
-        for row, seq in enumerate(decodes):
-            table[row, : len(seq.request.block_ids)] = seq.request.block_ids
+        context_lens = np.array([length for _, length in rows])
+        max_blocks = max(len(block_ids) for block_ids, _ in rows)
+        table = np.zeros((len(rows), max_blocks), dtype=np.int64)  # padded with block 0, masked below
+        for row, (block_ids, _) in enumerate(rows):
+            table[row, : len(block_ids)] = block_ids
         length = max_blocks * self.block_size
         valid = torch.from_numpy(np.arange(length)[None, :] < context_lens[:, None]).to(self.device)
         bias = torch.zeros(valid.shape, device=self.device).masked_fill_(~valid, float("-inf"))

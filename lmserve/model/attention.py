@@ -29,7 +29,7 @@ class PrefillSeq:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot written by each token
-    num_decodes: int  # the first num_decodes tokens are single-token decodes
+    num_decodes: int  # the first num_decodes tokens are decode rows: each attends to the cache up to itself
     decode_blocks: torch.Tensor | None  # (num_decodes, max_blocks) block table, padded with block 0
     decode_bias: torch.Tensor | None  # (num_decodes, 1, max_blocks * block_size) 0, or -inf past the context
     prefills: list[PrefillSeq]

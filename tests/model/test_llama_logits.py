@@ -151,3 +151,42 @@ def test_unsupported_quant_type_is_named(tmp_path):
     _write_raw_tensor(tmp_path / "q2.gguf", "Q2_K", raw, 1)
     with pytest.raises(ValueError, match="Q2_K"):
         load_weights(tmp_path / "q2.gguf")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_runner_steps_with_few_token_chunks_as_decode_rows_match_transformers(tmp_path, native):
+    """Through ModelRunner.prepare: a chunk of at most DECODE_ROW_CHUNK tokens runs as decode rows
+    (each attending to the cache up to itself), a longer one as a prefill chunk, in one step beside
+    another sequence's; every position's logits are transformers' own."""
+    from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
+    from lmserve.engine.runner import DECODE_ROW_CHUNK, ModelRunner
+    from lmserve.request import Request, SamplingParams
+
+    hf = tiny_hf_model("qwen2", seed=5)
+    model, config, _ = load_weights(save_hf_folder(hf, tmp_path / "m"))
+    if not native:
+        model.native = None
+    caches = allocate_kv_caches(config, 64, BLOCK, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(model, caches, BLOCK, torch.device("cpu"))
+    g = torch.Generator().manual_seed(6)
+    requests = [Request(name, torch.randint(0, 300, (40,), generator=g).tolist(), SamplingParams())
+                for name in ("a", "b")]
+    requests[0].block_ids = list(range(63, 53, -1))  # out of order
+    requests[1].block_ids = list(range(10))
+    plans = {"a": [20, 3, 1, 16], "b": [2, 17, 1, 20]}  # chunk sizes, step by step
+    logits = {"a": [], "b": []}
+    for step in range(4):
+        seqs = [ScheduledSeq(request, plans[request.request_id][step]) for request in requests]
+        inp = runner.prepare(SchedulerOutput(seqs))
+        assert inp.meta.num_decodes == sum(s.num_new_tokens for s in seqs if s.num_new_tokens <= DECODE_ROW_CHUNK)
+        step_logits = model.compute_logits(model(inp.input_ids, inp.positions, caches, inp.meta))
+        # decode rows first, then prefill chunks, each sequence's tokens in order
+        ordered = sorted(seqs, key=lambda s: s.num_new_tokens > DECODE_ROW_CHUNK)
+        start = 0
+        for seq in ordered:
+            logits[seq.request.request_id].append(step_logits[start:start + seq.num_new_tokens])
+            start += seq.num_new_tokens
+            seq.request.num_computed_tokens += seq.num_new_tokens
+    for request in requests:
+        torch.testing.assert_close(torch.cat(logits[request.request_id]), reference_logits(hf, request.prompt_ids),
+                                   atol=1e-4, rtol=1e-4)
