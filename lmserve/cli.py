@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lmserve.arg_types import (
+    non_negative_int,
     parse_duration,
     parse_size,
     positive_duration,
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"sequences decoded at once (default {DEFAULT_MAX_NUM_SEQS})")
     serve.add_argument("--max-num-batched-tokens", "-ub", "--ubatch-size", type=positive_int, default=512,
                        help="tokens per engine step (prefill chunk budget)")
+    serve.add_argument("--speculative-ngram", type=non_negative_int, default=0, metavar="K",
+                       help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "
+                            "requests while at most 4 run (default 0: off)")
     serve.add_argument("--kv-cache-memory", type=parse_size, help="KV cache budget, e.g. 512MiB (default 1GiB)")
     serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     serve.add_argument("--no-prefix-caching", "--no-cache-prompt", action="store_true",

@@ -40,6 +40,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens through the model in one step (chunked prefill budget)
     max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own
+    num_speculative_tokens: int = 0  # prompt-lookup drafts per step and sequence (engine/speculation.py); 0: off
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -48,6 +49,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
+        if self.num_speculative_tokens < 0:
+            raise ValueError("num_speculative_tokens must be >= 0")
 
 
 @dataclass(frozen=True)

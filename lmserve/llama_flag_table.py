@@ -59,7 +59,8 @@ def refused(spellings: str, note: str) -> LlamaFlag:
 _CPU = "lmserve runs on the CPU"
 _GPU = f"{_CPU}: there is no GPU to place anything on"
 _THREADS = "CPU affinity and priority: run lmserve under taskset, numactl or nice"
-_DRAFT = "lmserve has no speculative decoding"
+_DRAFT = ("lmserve has no draft models and none of llama.cpp's speculative settings; its speculative decoding is "
+          "prompt lookup, --speculative-ngram K")
 _ADAPTIVE = "lmserve has no adaptive-p sampler"
 _MEDIA = "lmserve serves text models only"
 _UI = "lmserve has no web UI"

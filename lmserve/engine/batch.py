@@ -24,13 +24,15 @@ class LiveRequest:
 @dataclass
 class ScheduledSeq:
     request: Request
-    num_new_tokens: int  # tokens to run through the model this step, from num_computed_tokens on
+    num_new_tokens: int  # tokens to run through the model this step, from num_computed_tokens on, drafts included
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the last known one (speculation.py)
     num_computed_tokens: int = field(init=False)  # where this chunk starts
     samples: bool = field(init=False)  # the chunk reaches the last known token: its logits give the next
 
     def __post_init__(self) -> None:
         self.num_computed_tokens = self.request.num_computed_tokens
-        self.samples = self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        known = self.num_new_tokens - len(self.draft)
+        self.samples = self.num_computed_tokens + known == self.request.num_tokens
 
 
 @dataclass

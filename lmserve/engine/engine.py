@@ -39,6 +39,8 @@ class StepStats:
     step_seconds: float = 0.0
     num_prefix_cache_queries: int = 0  # KV blocks looked up in the prefix cache, since start
     num_prefix_cache_hits: int = 0  # of those, blocks found cached, since start
+    num_draft_tokens: int = 0  # speculative drafts verified, since start
+    num_accepted_tokens: int = 0  # of those, drafts kept, since start
 
 
 @dataclass
@@ -158,6 +160,8 @@ class LLMEngine:
             log.info("decode attention: %s; the steps' layers: %s",
                      "native kernel" if native_decode_attention() else "PyTorch", "C++" if native_layers else "Python")
         self._live: dict[str, LiveRequest] = {}
+        self.num_draft_tokens = 0  # prompt-lookup drafts verified since start (speculation.py)
+        self.num_accepted_tokens = 0  # of those, drafts kept
         self._block_size = block_size
         self._kv_identity = _kv_identity(config, loaded, block_size)
 
@@ -216,10 +220,13 @@ class LLMEngine:
         except Exception as exc:
             log.exception("engine step failed")
             return EngineStep(self._fail_each([seq.request for seq in scheduled.seqs], exc), None)
-        self._scheduler.update(scheduled, sampled.token_ids)
+        known = {seq.request.request_id: len(seq.request.output_ids) for seq in scheduled.seqs}
+        self._scheduler.update(scheduled, sampled.token_ids, sampled.accepted)
         failed = self._fail_sampling_errors(sampled.errors) + self._fail_unsatisfiable(sampled.unsatisfiable)
         self._finish_complete_grammars(sampled.grammar_finished)
-        outputs = self._emit(scheduled, sampled)
+        outputs = self._emit(scheduled, sampled, known)
+        self.num_draft_tokens += sampled.num_draft_tokens
+        self.num_accepted_tokens += sampled.num_accepted_tokens
         return EngineStep(failed + outputs, self._stats(scheduled, time.perf_counter() - started))
 
     def fail_all(self, exc: Exception) -> list[RequestOutput]:
@@ -329,13 +336,14 @@ class LLMEngine:
             if live is not None and not live.request.is_finished:
                 self._scheduler.finish(live.request, FinishReason.STOP)
 
-    def _emit(self, scheduled: SchedulerOutput, sampled: StepResult) -> list[RequestOutput]:
-        """An output for each sequence that sampled a token this step, in batch order."""
+    def _emit(self, scheduled: SchedulerOutput, sampled: StepResult, known: dict[str, int]) -> list[RequestOutput]:
+        """An output for each sequence that sampled a token this step, in batch order; `known` is
+        how many output tokens each had before the step."""
         outputs = []
         for seq in scheduled.seqs:
             live = self._live.get(seq.request.request_id)
             if live is not None and seq.request.request_id in sampled.token_ids:
-                outputs.append(self._output(live, sampled))
+                outputs.append(self._output(live, sampled, known[seq.request.request_id]))
         return outputs
 
     def _fail(self, request: Request, exc: Exception | str, reason: FinishReason = FinishReason.ERROR) -> RequestOutput:
@@ -345,12 +353,21 @@ class LLMEngine:
         return RequestOutput(request.request_id, [], finish_reason=reason,
                              num_prompt_tokens=len(request.prompt_ids), error=why)
 
-    def _output(self, live: LiveRequest, sampled: StepResult) -> RequestOutput:
+    def _output(self, live: LiveRequest, sampled: StepResult, known: int) -> RequestOutput:
+        """The step's tokens of one request (one, or more when drafts were kept), detokenized a token
+        at a time so that a stop string ends the output at the token that completes it."""
         request = live.request
         logprobs = sampled.logprobs.get(request.request_id)
         is_stop_token = request.finish_reason == FinishReason.STOP  # eos / stop id: not part of the text
-        new_ids = [] if is_stop_token else [request.output_ids[-1]]
-        delta, stopped = live.detokenizer.add(new_ids) if new_ids else ("", False)
+        new_ids = request.output_ids[known:len(request.output_ids) - is_stop_token]
+        delta, stopped = "", False
+        for count, token_id in enumerate(new_ids, 1):
+            piece, stopped = live.detokenizer.add([token_id])
+            delta += piece
+            if stopped:
+                del request.output_ids[known + count:]  # what followed the stop string was never output
+                new_ids = new_ids[:count]
+                break
         if stopped:
             self._scheduler.finish(request, FinishReason.STOP)
         if request.is_finished and not stopped:
@@ -378,6 +395,8 @@ class LLMEngine:
             step_seconds=seconds,
             num_prefix_cache_queries=self._pool.num_queries,
             num_prefix_cache_hits=self._pool.num_hits,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

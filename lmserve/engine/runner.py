@@ -13,12 +13,9 @@ from lmserve.engine.batch import LiveRequest, ScheduledSeq, SchedulerOutput
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.request import SampleLogprobs
 from lmserve.sampling.grammar import GrammarMask
-from lmserve.sampling.sampler import Sampler, SamplingMetadata, to_sample_logprobs
+from lmserve.sampling.sampler import Sampler, SamplingMetadata, argmax_rows, to_sample_logprobs
 
 log = logging.getLogger("lmserve.engine")
-
-# Chunks of at most this many tokens run as decode rows (see ModelRunner.prepare).
-DECODE_ROW_CHUNK = 16
 
 
 @dataclass
@@ -26,7 +23,7 @@ class ModelInput:
     input_ids: torch.Tensor  # (num_tokens,)
     positions: torch.Tensor  # (num_tokens,)
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # (num_sampled,) rows of the hidden states to sample from
+    logits_indices: torch.Tensor  # (num_sampled + num_drafts,) rows to sample from, then the drafts' rows
     sampled_seqs: list[ScheduledSeq]
 
 
@@ -37,6 +34,9 @@ class StepResult:
     errors: dict[str, str] = field(default_factory=dict)  # request id -> why it failed this step
     grammar_finished: set[str] = field(default_factory=set)  # grammar complete: nothing more may follow
     unsatisfiable: dict[str, str] = field(default_factory=dict)  # request id -> why its grammar allows no token
+    accepted: dict[str, list[int]] = field(default_factory=dict)  # request id -> tokens after token_ids' its drafts gave
+    num_draft_tokens: int = 0  # drafts verified this step
+    num_accepted_tokens: int = 0  # of those, drafts kept
 
     def merge(self, other: StepResult) -> None:
         self.token_ids.update(other.token_ids)
@@ -64,39 +64,73 @@ class ModelRunner:
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
         if not inp.sampled_seqs:
             return StepResult({}, {})
-        logits = self.model.compute_logits(hidden[inp.logits_indices])  # (num_sampled, vocab)
-        return self._sample(logits, [live[seq.request.request_id] for seq in inp.sampled_seqs])
+        logits = self.model.compute_logits(hidden[inp.logits_indices])  # (num_sampled + num_drafts, vocab)
+        num_sampled = len(inp.sampled_seqs)
+        step = self._sample(logits[:num_sampled], [live[seq.request.request_id] for seq in inp.sampled_seqs])
+        if num_sampled < logits.shape[0]:
+            self._verify_drafts(logits[num_sampled:], inp.sampled_seqs, step)
+        return step
+
+    @staticmethod
+    def _verify_drafts(logits: torch.Tensor, seqs: list[ScheduledSeq], step: StepResult) -> None:
+        """Keep each sequence's drafts while they are what greedy decoding picks: draft i stands if
+        the token sampled before it (the step's own, then the drafts' argmaxes) equals it; the
+        argmax after the last standing draft follows it. `logits` holds the drafts' rows in order."""
+        greedy = argmax_rows(logits).tolist()
+        row = 0
+        for seq in seqs:
+            if not seq.draft:
+                continue
+            rid = seq.request.request_id
+            picks = greedy[row:row + len(seq.draft)]  # the token after each draft
+            row += len(seq.draft)
+            step.num_draft_tokens += len(seq.draft)
+            if rid in step.errors or rid not in step.token_ids:
+                continue
+            previous, kept = step.token_ids[rid], []
+            for draft, pick in zip(seq.draft, picks):
+                if previous != draft:
+                    break
+                kept.append(pick)
+                previous = pick
+            step.num_accepted_tokens += len(kept)
+            if kept:
+                step.accepted[rid] = kept
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
-        # Decode rows first (batched attention over the paged cache), then prefill chunks. A chunk of
-        # at most DECODE_ROW_CHUNK tokens runs as that many decode rows, each attending to the
-        # context up to itself: its keys and values are in the cache before attention runs, and
-        # a few-token chunk (the tail after a prefix-cache hit, a short prompt) then costs what
-        # that many decodes do instead of a gather, a mask and a prefill attention per layer.
-        decodes = [s for s in out.seqs if s.num_new_tokens <= DECODE_ROW_CHUNK]
-        prefills = [s for s in out.seqs if s.num_new_tokens > DECODE_ROW_CHUNK]
+        # Decode rows first (batched attention over the paged cache), then prefill chunks. A decode
+        # with drafts (speculation.py) runs as that many decode rows, each attending to the context
+        # up to itself (its keys and values are in the cache before attention runs): a few rows cost
+        # about what one decode does, where a prefill chunk over the context costs twice that. A
+        # prompt's chunks keep the prefill path, so a prompt's tail after a prefix-cache hit is
+        # computed as the whole prompt was.
+        decodes = [s for s in out.seqs if s.num_new_tokens == 1 or s.draft]
+        prefills = [s for s in out.seqs if not (s.num_new_tokens == 1 or s.draft)]
         ids, positions, slots, logits_rows, sampled = [], [], [], [], []
         prefill_meta, rows = [], []  # rows: (block ids, context length) of each decode row
+        draft_rows = []  # the hidden rows of the drafts: their logits verify them
         for seq in decodes + prefills:
             req, start = seq.request, seq.num_computed_tokens
             end = start + seq.num_new_tokens
-            if seq.num_new_tokens > DECODE_ROW_CHUNK:
+            if seq.num_new_tokens > 1 and not seq.draft:
                 prefill_meta.append(PrefillSeq(len(ids), seq.num_new_tokens, end,
                                                self._slots(req.block_ids, end) if start else None))
             else:
                 rows.extend((req.block_ids, position + 1) for position in range(start, end))
-            ids.extend(req.all_ids[start:end])
+            ids.extend(req.all_ids[start:end - len(seq.draft)])
+            ids.extend(seq.draft)
             positions.extend(range(start, end))
             slots.extend(self._slot(req.block_ids, p) for p in range(start, end))
             if seq.samples:
-                logits_rows.append(len(ids) - 1)
+                logits_rows.append(len(ids) - 1 - len(seq.draft))
                 sampled.append(seq)
+                draft_rows.extend(range(len(ids) - len(seq.draft), len(ids)))
         table, bias = self._decode_tables(rows)
         lens = self._long([length for _, length in rows]) if rows else None
         meta = AttentionMetadata(slot_mapping=self._long(slots), num_decodes=len(rows), decode_blocks=table,
                                  decode_bias=bias, prefills=prefill_meta, decode_lens=lens)
         return ModelInput(input_ids=self._long(ids), positions=self._long(positions), meta=meta,
-                          logits_indices=self._long(logits_rows), sampled_seqs=sampled)
+                          logits_indices=self._long(logits_rows + draft_rows), sampled_seqs=sampled)
 
     def read_blocks(self, block_ids: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Copies of the blocks' keys and values, layer by layer, each

@@ -18,6 +18,7 @@ from collections import deque
 from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.prefix import hash_full_blocks
 from lmserve.config import SchedulerConfig
+from lmserve.engine import speculation
 from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
 from lmserve.request import FinishReason, Request, RequestStatus
 
@@ -44,6 +45,12 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             count = min(request.num_tokens - request.num_computed_tokens, budget)
+            draft = self._draft(request, budget - count) if count == 1 else []
+            if draft and self._grow(request, count + len(draft)):  # drafts never cost anyone a preemption
+                out.seqs.append(ScheduledSeq(request, count + len(draft), draft))
+                budget -= count + len(draft)
+                index += 1
+                continue
             while not self._grow(request, count):
                 victim = self.running.pop()  # the newest request makes room
                 self._preempt(victim)
@@ -55,6 +62,16 @@ class Scheduler:
                 budget -= count
                 index += 1
         return budget
+
+    def _draft(self, request: Request, budget: int) -> list[int]:
+        """Prompt-lookup drafts for a decoding request, within the budget, its max_tokens and the
+        context; [] when speculation is off or does not apply (speculation.py)."""
+        wanted = self.config.num_speculative_tokens
+        if not wanted or len(self.running) > speculation.MAX_RUNNING or not speculation.drafts_for(request.params):
+            return []
+        room = min(wanted, budget, request.params.max_tokens - len(request.output_ids) - 1,
+                   self.config.max_model_len - request.num_tokens - 1)
+        return speculation.propose(request.all_ids, room)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         in_flight: set | None = None  # hashes of the prompt blocks running requests are computing
@@ -121,21 +138,33 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance scheduled requests by the tokens they ran and append the sampled ones.
-        Returns the requests that finished by length or stop token in this step."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, int],
+               accepted: dict[str, list[int]] | None = None) -> list[Request]:
+        """Advance scheduled requests by the tokens they ran and append the sampled ones: `sampled`
+        the token after each request's last known one, `accepted` the tokens after that which its
+        drafts let it keep (its accepted drafts but the last, whose successor is the last). Stops at
+        the first token that ends a request. Returns the requests that finished by length or stop
+        token in this step."""
         finished = []
         for seq in out.seqs:
             request = seq.request
             if request.is_finished:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += seq.num_new_tokens
-            self._register_full_blocks(request)
+            request.num_computed_tokens += seq.num_new_tokens - len(seq.draft)
             token = sampled.get(request.request_id)
             if token is None:
+                self._register_full_blocks(request)
                 continue
-            request.append_output(token)
-            reason = self._stop_reason(request, token)
+            tokens = [token, *(accepted or {}).get(request.request_id, ())]
+            reason = None
+            for index, token in enumerate(tokens):
+                request.append_output(token)
+                if index < len(tokens) - 1:
+                    request.num_computed_tokens += 1  # an accepted draft: its keys and values are this token's
+                reason = self._stop_reason(request, token)
+                if reason is not None:
+                    break
+            self._register_full_blocks(request)
             if reason is not None:
                 self.finish(request, reason)
                 finished.append(request)

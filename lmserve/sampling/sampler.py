@@ -38,7 +38,7 @@ from lmserve.sampling.processors import (
     write_ids,
 )
 
-__all__ = ["GrammarMaskLike", "Sampler", "SamplerOutput", "SamplingMetadata", "to_sample_logprobs"]
+__all__ = ["GrammarMaskLike", "Sampler", "SamplerOutput", "SamplingMetadata", "argmax_rows", "to_sample_logprobs"]
 
 # Rejection rounds before falling back to the most likely token (always inside the nucleus).
 # Each round accepts with probability >= top_p, so only NaN logits or a top_p near 0 over a
@@ -156,6 +156,11 @@ def _sample(x: torch.Tensor, params: list[SamplingParams],
     drawn = _sample_random(take_rows(x, sampled), [params[i] for i in sampled],
                            [generators[i] for i in sampled])
     return token_ids.index_copy_(0, index(sampled, x.device), drawn)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n,) greedy pick of each row of (n, V) logits, as the sampler makes it."""
+    return _argmax(x.float())
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:

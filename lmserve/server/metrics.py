@@ -105,6 +105,10 @@ class ServerMetrics:
                                    registry=r)
         self.prefix_hit_rate = Gauge("lmserve:prefix_cache_hit_rate", "Prefix cache hits / queries since the "
                                      "model loaded.", ["model"], registry=r)
+        self.spec_drafts = Counter("lmserve:spec_decode_num_draft_tokens", "Prompt-lookup draft tokens verified "
+                                   "(--speculative-ngram).", ["model"], registry=r)
+        self.spec_accepted = Counter("lmserve:spec_decode_num_accepted_tokens", "Of those, drafts kept.", ["model"],
+                                     registry=r)
         self.loads = Counter("lmserve:model_loads", "Model loads, by outcome (loaded or failed).",
                              ["model", "outcome"], registry=r)
         self.unloads = Counter("lmserve:model_unloads", "Model unloads, by reason (idle, room, requested, "
@@ -165,9 +169,10 @@ class ModelMetrics:
         self._m = metrics
         self._timings: dict[str, _Timing] = {}  # engine request id -> clock
         self._last_prefix_counts = (0, 0)  # (queries, hits) at the previous step: this engine's since it loaded
+        self._last_draft_counts = (0, 0)  # (drafted, accepted) likewise
         for series in (metrics.prompt_tokens, metrics.generation_tokens, metrics.ttft, metrics.itl, metrics.e2e,
                        metrics.tokens_per_step, metrics.step_seconds, metrics.preemptions, metrics.prefix_queries,
-                       metrics.prefix_hits):
+                       metrics.prefix_hits, metrics.spec_drafts, metrics.spec_accepted):
             series.labels(model)  # exported from the start, at zero, rather than from the first event
         for reason in ("queue_full", "queue_timeout"):
             metrics.rejected.labels(model, reason)
@@ -198,6 +203,10 @@ class ModelMetrics:
         self._last_prefix_counts = (queries, hits)
         if queries:
             m.prefix_hit_rate.labels(model).set(hits / queries)
+        drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+        m.spec_drafts.labels(model).inc(max(drafted - self._last_draft_counts[0], 0))
+        m.spec_accepted.labels(model).inc(max(accepted - self._last_draft_counts[1], 0))
+        self._last_draft_counts = (drafted, accepted)
 
     def _observe_output(self, output: RequestOutput, now: float) -> None:
         m, model = self._m, self.model

@@ -19,9 +19,10 @@ PROMPTS = [
 ]
 
 
-def make_engine(loaded, kv_bytes=64 << 20, budget=64, max_seqs=8, max_len=1024, prefix_caching=True) -> LLMEngine:
+def make_engine(loaded, kv_bytes=64 << 20, budget=64, max_seqs=8, max_len=1024, prefix_caching=True,
+                speculative=0) -> LLMEngine:
     config = EngineConfig("unused", "test", cache=CacheConfig(16, kv_bytes, enable_prefix_caching=prefix_caching),
-                          scheduler=SchedulerConfig(max_seqs, budget, max_len))
+                          scheduler=SchedulerConfig(max_seqs, budget, max_len, num_speculative_tokens=speculative))
     return LLMEngine(config, loaded)
 
 

@@ -154,12 +154,12 @@ def test_unsupported_quant_type_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_runner_steps_with_few_token_chunks_as_decode_rows_match_transformers(tmp_path, native):
-    """Through ModelRunner.prepare: a chunk of at most DECODE_ROW_CHUNK tokens runs as decode rows
-    (each attending to the cache up to itself), a longer one as a prefill chunk, in one step beside
-    another sequence's; every position's logits are transformers' own."""
+def test_runner_steps_with_drafts_run_as_decode_rows_and_match_transformers(tmp_path, native):
+    """Through ModelRunner.prepare: a decode with drafts runs its last token and drafts as decode
+    rows (each attending to the cache up to itself), in steps beside another sequence's prompt
+    chunks; with every draft kept, every position's logits are transformers' own."""
     from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
-    from lmserve.engine.runner import DECODE_ROW_CHUNK, ModelRunner
+    from lmserve.engine.runner import ModelRunner
     from lmserve.request import Request, SamplingParams
 
     hf = tiny_hf_model("qwen2", seed=5)
@@ -169,24 +169,31 @@ def test_runner_steps_with_few_token_chunks_as_decode_rows_match_transformers(tm
     caches = allocate_kv_caches(config, 64, BLOCK, torch.float32, torch.device("cpu"))
     runner = ModelRunner(model, caches, BLOCK, torch.device("cpu"))
     g = torch.Generator().manual_seed(6)
-    requests = [Request(name, torch.randint(0, 300, (40,), generator=g).tolist(), SamplingParams())
-                for name in ("a", "b")]
-    requests[0].block_ids = list(range(63, 53, -1))  # out of order
-    requests[1].block_ids = list(range(10))
-    plans = {"a": [20, 3, 1, 16], "b": [2, 17, 1, 20]}  # chunk sizes, step by step
-    logits = {"a": [], "b": []}
-    for step in range(4):
-        seqs = [ScheduledSeq(request, plans[request.request_id][step]) for request in requests]
+    spec_ids = torch.randint(0, 300, (40,), generator=g).tolist()  # a 20-token prompt, then 20 "outputs"
+    spec = Request("spec", spec_ids[:20], SamplingParams(temperature=0))
+    spec.block_ids = list(range(63, 53, -1))  # out of order
+    other = Request("other", torch.randint(0, 300, (30,), generator=g).tolist(), SamplingParams(temperature=0))
+    other.block_ids = list(range(10))
+    hidden_of = {"spec": [], "other": []}
+    plan = [(20, 0, 12), (1, 3, 9), (1, 5, 9), (1, 0, 0), (1, 2, 0), (1, 4, 0)]  # spec's count, drafts; other's
+    for count, num_drafts, other_count in plan:
+        known = len(spec.output_ids)
+        draft = spec_ids[20 + known:20 + known + num_drafts] if count == 1 else []
+        seqs = [ScheduledSeq(spec, count + len(draft), draft)]
+        if other_count:
+            seqs.append(ScheduledSeq(other, other_count))
         inp = runner.prepare(SchedulerOutput(seqs))
-        assert inp.meta.num_decodes == sum(s.num_new_tokens for s in seqs if s.num_new_tokens <= DECODE_ROW_CHUNK)
-        step_logits = model.compute_logits(model(inp.input_ids, inp.positions, caches, inp.meta))
-        # decode rows first, then prefill chunks, each sequence's tokens in order
-        ordered = sorted(seqs, key=lambda s: s.num_new_tokens > DECODE_ROW_CHUNK)
+        assert inp.meta.num_decodes == (1 + len(draft) if count == 1 else 0)
+        hidden = model(inp.input_ids, inp.positions, caches, inp.meta)
         start = 0
-        for seq in ordered:
-            logits[seq.request.request_id].append(step_logits[start:start + seq.num_new_tokens])
+        for seq in sorted(seqs, key=lambda s: not (s.num_new_tokens == 1 or s.draft)):  # decode rows first
+            hidden_of[seq.request.request_id].append(hidden[start:start + seq.num_new_tokens])
             start += seq.num_new_tokens
-            seq.request.num_computed_tokens += seq.num_new_tokens
-    for request in requests:
-        torch.testing.assert_close(torch.cat(logits[request.request_id]), reference_logits(hf, request.prompt_ids),
-                                   atol=1e-4, rtol=1e-4)
+        spec.num_computed_tokens += count + len(draft)
+        for token in spec_ids[20 + known:20 + known + len(draft) + 1]:  # every draft kept, then the next
+            spec.append_output(token)
+        other.num_computed_tokens += other_count
+    ours = model.compute_logits(torch.cat(hidden_of["spec"]))
+    torch.testing.assert_close(ours, reference_logits(hf, spec_ids[:ours.shape[0]]), atol=1e-4, rtol=1e-4)
+    theirs = model.compute_logits(torch.cat(hidden_of["other"]))
+    torch.testing.assert_close(theirs, reference_logits(hf, other.prompt_ids), atol=1e-4, rtol=1e-4)

@@ -222,3 +222,41 @@ def test_a_waiting_request_goes_ahead_once_the_one_computing_its_prefix_is_abort
     assert follower.num_cached_prompt_tokens == 8  # what r0 had computed before it went
     run_all(sched)
     assert follower.is_finished and pool.num_free == pool.num_blocks
+
+
+def test_drafts_run_with_the_last_token_and_the_kept_ones_advance_the_request():
+    pool = BlockPool(16)
+    sched = Scheduler(SchedulerConfig(4, 64, 64, num_speculative_tokens=3), 4, pool)
+    r = Request("a", [5, 6, 7, 8, 5, 6], SamplingParams(temperature=0, max_tokens=8), eos_token_ids=frozenset({2}))
+    sched.add(r)
+    out = sched.schedule()
+    sched.update(out, {"a": 7})  # prompt "... 5 6" then 7: the tail "6 7" recurs, followed by 8 5 6
+    out = sched.schedule()
+    (seq,) = out.seqs
+    assert (seq.num_new_tokens, seq.draft, seq.samples) == (4, [8, 5, 6], True)
+    finished = sched.update(out, {"a": 8}, {"a": [5, 1]})  # 8 and 5 stand; 1 follows the first that did not
+    assert not finished and r.output_ids == [7, 8, 5, 1]
+    assert r.num_computed_tokens == r.num_tokens - 1  # the last token, 1, is the only one not run yet
+
+
+def test_kept_drafts_stop_at_the_first_token_that_ends_the_request():
+    pool = BlockPool(16)
+    sched = Scheduler(SchedulerConfig(4, 64, 64, num_speculative_tokens=4), 4, pool)
+    r = Request("a", [5, 6, 7, 5, 6], SamplingParams(temperature=0, max_tokens=3), eos_token_ids=frozenset({2}))
+    sched.add(r)
+    sched.update(sched.schedule(), {"a": 7})
+    out = sched.schedule()
+    assert out.seqs[0].draft == [5]  # room for max_tokens 3: one draft, then the token after it
+    finished = sched.update(out, {"a": 5}, {"a": [6]})
+    assert finished == [r] and r.output_ids == [7, 5, 6] and r.finish_reason == FinishReason.LENGTH
+    assert pool.num_free == pool.num_blocks
+
+
+def test_no_drafts_when_speculation_is_off_or_the_request_samples():
+    for config, params in ((SchedulerConfig(4, 64, 64), SamplingParams(temperature=0)),
+                           (SchedulerConfig(4, 64, 64, num_speculative_tokens=3), SamplingParams(temperature=1.0))):
+        sched = Scheduler(config, 4, BlockPool(16))
+        r = Request("a", [5, 6, 7, 8, 5, 6], params)
+        sched.add(r)
+        sched.update(sched.schedule(), {"a": 7})
+        assert sched.schedule().seqs[0].draft == []

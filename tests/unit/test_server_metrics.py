@@ -85,6 +85,15 @@ def test_prefix_cache_counters_follow_the_cumulative_stats():
     assert value(metrics, "lmserve:num_preemptions_total") == 1
 
 
+def test_speculative_draft_counters_follow_the_cumulative_stats():
+    metrics = ServerMetrics()
+    observer = metrics.observer("m")
+    observer.step_done(StepStats(num_draft_tokens=4, num_accepted_tokens=3), [], now=0)
+    observer.step_done(StepStats(num_draft_tokens=9, num_accepted_tokens=3), [], now=1)
+    assert value(metrics, "lmserve:spec_decode_num_draft_tokens_total") == 9
+    assert value(metrics, "lmserve:spec_decode_num_accepted_tokens_total") == 3
+
+
 def test_load_gauges_are_read_from_the_snapshots_per_model():
     metrics = ServerMetrics()
     text = metrics.render({"a": {"num_running": 3, "num_waiting": 2, "num_kv_blocks": 8, "num_free_kv_blocks": 2},

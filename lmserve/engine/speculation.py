@@ -1,0 +1,66 @@
+"""Prompt lookup: draft tokens for speculative decoding, taken from the sequence itself.
+
+The last few tokens of a sequence (its prompt and its output so far) are looked up earlier in it,
+and the tokens that followed their latest earlier occurrence are the draft (llama.cpp's lookup
+decoding and vLLM's ngram method do the same). A step runs the sequence's last token and its draft
+together, a few decode rows (engine/runner.py), and keeps the drafts greedy decoding would have
+produced, up to the first it would not, plus the token that follows: the output is exactly plain
+greedy decoding's, in fewer steps when the text repeats what it has already seen (edits, code,
+quotes, extraction).
+
+Only greedy sequences whose next token depends on nothing but the logits get drafts (no penalties,
+biases, constraints, logprobs or llama.cpp sampler chain), and only while a step runs at most
+MAX_RUNNING sequences: past that a step is bound by compute rather than by reading the weights,
+and verifying drafts costs more than it saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lmserve.request import SamplingParams
+
+MAX_NGRAM = 4  # the longest tail looked up
+MIN_NGRAM = 2  # a single repeated token predicts too little
+MAX_RUNNING = 4
+LOOKBACK = 4096  # tokens searched back from the end: the lookup stays cheap on long contexts
+
+
+def propose(ids: Sequence[int], num_tokens: int) -> list[int]:
+    """Up to `num_tokens` tokens that followed the latest earlier occurrence of `ids`' longest tail
+    (MAX_NGRAM down to MIN_NGRAM tokens) found in it; [] when none recurs."""
+    if num_tokens <= 0:
+        return []
+    length = len(ids)
+    window = ids[max(0, length - LOOKBACK):] if length > LOOKBACK else ids
+    window = list(window)
+    size = len(window)
+    for n in range(min(MAX_NGRAM, size - 1), MIN_NGRAM - 1, -1):
+        tail = window[size - n:]
+        first = tail[0]
+        start = size - n - 1
+        while start >= 0:
+            try:
+                start = _rindex(window, first, start)
+            except ValueError:
+                break
+            if window[start:start + n] == tail:
+                return window[start + n:start + n + num_tokens]
+            start -= 1
+    return []
+
+
+def _rindex(values: list[int], value: int, end: int) -> int:
+    """The last index <= end holding `value`; ValueError if none."""
+    for index in range(end, -1, -1):
+        if values[index] == value:
+            return index
+    raise ValueError(value)
+
+
+def drafts_for(params: SamplingParams) -> bool:
+    """Whether a sequence sampled with `params` may take drafts: its next token is the logits' argmax
+    and nothing else it asked for needs the tokens one step at a time."""
+    return (params.greedy and params.logprobs is None and params.grammar is None and params.chain is None
+            and not params.logit_bias and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and params.min_tokens == 0)

@@ -1,0 +1,77 @@
+"""Prompt-lookup speculative decoding on the real default model (float32: batch-invariant, so any
+difference would be speculation's): token for token and text for text what plain greedy decoding
+gives, stop strings, stop tokens and max_tokens included, in fewer steps when the text repeats."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve.request import SamplingParams
+from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
+
+REPEATING = [
+    "Repeat this sentence exactly three times: The quick brown fox jumps over the lazy dog.",
+    "Copy this list word for word: apple, banana, cherry, apple, banana, cherry, apple, banana, cherry.",
+    "Rewrite this code with the same names:\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n",
+]
+
+
+def run(engine, prompts, params) -> tuple[list[tuple[list[int], str, object]], int]:
+    """Every prompt at once: (tokens, text, finish reason) of each, and the steps taken."""
+    results = {f"r{i}": ([], [], None) for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    steps = 0
+    while engine.has_unfinished:
+        for out in engine.step().outputs:
+            tokens, text, _ = results[out.request_id]
+            tokens.extend(out.new_token_ids)
+            text.append(out.text_delta)
+            results[out.request_id] = (tokens, text, out.finish_reason)
+        steps += 1
+    return [(tokens, "".join(text), reason) for tokens, text, reason in results.values()], steps
+
+
+@pytest.fixture(scope="module")
+def engines(default_model):
+    return make_engine(default_model), make_engine(default_model, speculative=4)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=60),
+    SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=9),
+    SamplingParams(temperature=0, max_tokens=60, stop=("banana, cherry", "lazy", "\n\n")),
+    SamplingParams(temperature=0, max_tokens=60, stop=("fox",), include_stop_str_in_output=True),
+], ids=["eos", "ignore_eos", "max_tokens", "stop", "stop_included"])
+def test_speculation_gives_exactly_plain_greedy_decoding(default_model, engines, params):
+    plain, spec = engines
+    prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING + PROMPTS[:2]]
+    for batch in ([prompts[0]], [prompts[1]], [prompts[2]], prompts[2:]):  # alone, and three at once
+        expected, plain_steps = run(plain, batch, params)
+        got, spec_steps = run(spec, batch, params)
+        assert got == expected
+        assert spec_steps <= plain_steps
+
+
+def test_repeating_text_takes_fewer_steps_and_the_drafts_are_counted(default_model, engines):
+    plain, spec = engines
+    prompt = chat_ids(default_model.tokenizer, REPEATING[1])
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    drafted, accepted = spec.num_draft_tokens, spec.num_accepted_tokens
+    expected, plain_steps = run(plain, [prompt], params)
+    got, spec_steps = run(spec, [prompt], params)
+    assert got == expected and len(got[0][0]) == 60
+    kept = spec.num_accepted_tokens - accepted
+    assert kept >= 10 and spec.num_draft_tokens - drafted >= kept
+    assert spec_steps == plain_steps - kept  # every kept draft saves one step
+
+
+def test_more_requests_than_speculation_serves_decode_without_drafts(default_model):
+    # a budget that lets all six in at the first step: none ever decodes with four or fewer running
+    plain, spec = make_engine(default_model, budget=1024), make_engine(default_model, budget=1024, speculative=4)
+    prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING + PROMPTS[:3]]  # 6 > MAX_RUNNING
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    drafted = spec.num_draft_tokens
+    assert run(spec, prompts, params)[0] == run(plain, prompts, params)[0]
+    assert spec.num_draft_tokens == drafted
