@@ -1,0 +1,113 @@
+"""Engine-alone timings behind figures in bench/RESULTS.md (no HTTP), on the default model, int4,
+2 threads:
+
+    .venv/bin/python -m bench.engine_steps costly     # ms per step of 16 rows: stop strings, logit_bias
+    .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
+    .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lmserve.cli import default_model_path
+from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.engine.engine import LLMEngine
+from lmserve.request import SamplingParams
+from lmserve.weights.load import load_model
+
+PROMPT = list(range(1000, 1128))
+REWRITE = ("Rewrite the following paragraph, fixing only the spelling mistakes and keeping everything else the "
+           "same:\n\nThe quick brown fox jumpd over the lazy dog. The dog was not amused, and it barkd at the fox "
+           "for a long time. Later that day, the fox came back and jumpd over the dog again, because foxes like to "
+           "jump over dogs when they are bored. The dog, still not amused, decided to sleep insted.")
+STORY = "Write a short story about a robot who learns to paint."
+
+
+def engine(loaded, speculative: int = 0) -> LLMEngine:
+    return LLMEngine(EngineConfig("default", "bench", dtype="int4", cache=CacheConfig(16, 1 << 30),
+                                  scheduler=SchedulerConfig(64, 512, 2048, num_speculative_tokens=speculative)),
+                     loaded)
+
+
+def costly(loaded) -> None:
+    """16 rows, temperature 1, 64 tokens: plain, 256 stop strings, 1,024 biases, both; two rounds."""
+    e = engine(loaded)
+    stops = tuple(f"stop marker {i:04d}" for i in range(256))
+    bias = tuple((t, -1.0) for t in range(1000, 2024))
+    base = dict(temperature=1.0, max_tokens=64, ignore_eos=True, seed=1)
+    variants = {"plain": SamplingParams(**base), "stops": SamplingParams(**base, stop=stops),
+                "bias": SamplingParams(**base, logit_bias=bias),
+                "both": SamplingParams(**base, stop=stops, logit_bias=bias)}
+    for round_ in range(2):
+        for name, params in variants.items():
+            for i in range(16):
+                e.add_request(f"{name}-{round_}-{i}", PROMPT, params)
+            e.step(), e.step()  # the prompts
+            started, steps = time.perf_counter(), 0
+            while e.has_unfinished:
+                e.step()
+                steps += 1
+            print(f"round {round_} {name:>5}: {(time.perf_counter() - started) / steps * 1000:6.1f} ms/step")
+
+
+def chunk(loaded) -> None:
+    """One step of N tokens after 192 cached ones (a prompt's tail: the prefill path), then decodes."""
+    e = engine(loaded)
+    base = [1000 + (j * 7) % 30000 for j in range(192)]
+    once = SamplingParams(temperature=0, max_tokens=1)
+    e.generate([base], once)
+    for extra in (1, 2, 3, 5, 9, 17):
+        times = []
+        for r in range(8):
+            e.add_request(f"c{extra}-{r}", base + [2000 + r * 31 + i for i in range(extra)], once)
+            started = time.perf_counter()
+            e.step()
+            times.append(time.perf_counter() - started)
+            while e.has_unfinished:
+                e.step()
+        print(f"{extra:3d} tokens over 192 cached: {sorted(times)[len(times) // 2] * 1000:6.2f} ms")
+    e.add_request("decode", base + [5, 6, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    e.step(), e.step()
+    times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        e.step()
+        times.append(time.perf_counter() - started)
+    print(f"a decode step at that context: {sorted(times)[len(times) // 2] * 1000:.2f} ms")
+
+
+def lookup(loaded) -> None:
+    """One greedy request at a time, prompt cached, best of 3, with --speculative-ngram 0, 4 and 8."""
+    from tests.helpers.real_engine import chat_ids
+
+    for name, text in (("rewrite", REWRITE), ("story", STORY)):
+        ids = chat_ids(loaded.tokenizer, text)
+        params = SamplingParams(temperature=0, max_tokens=128)
+        for k in (0, 4, 8):
+            e = engine(loaded, k)
+            e.generate([ids], params)
+            best, out = float("inf"), []
+            for _ in range(3):
+                started = time.perf_counter()
+                out = e.generate([ids], params)[0]
+                best = min(best, time.perf_counter() - started)
+            print(f"{name:8s} K={k}: {len(out)} tokens, {len(out) / best:6.1f} tok/s, "
+                  f"drafts kept {e.num_accepted_tokens} of {e.num_draft_tokens}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("costly", "chunk", "lookup"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    loaded = load_model(default_model_path(), "int4", max_positions=2048)
+    {"costly": costly, "chunk": chunk, "lookup": lookup}[args.what](loaded)
+
+
+if __name__ == "__main__":
+    main()
