@@ -100,7 +100,7 @@ def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: Embeddi
 def preflight_pinned(models: Catalogue, config: EngineConfig) -> None:
     """The models loaded at start-up are checked from their headers first, so a setting they cannot
     run with (a KV budget below the context length) stops the server before it says it is up."""
-    from lmserve.engine.engine import preflight
+    from lmserve.engine.sizing import preflight
     from lmserve.fleet.models import engine_config_for
 
     for entry in models.entries():

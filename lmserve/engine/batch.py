@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmserve.request import Request
+from lmserve.sampling.processors import BiasTensors
 from lmserve.text.detokenizer import IncrementalDetokenizer
 
 
@@ -19,6 +20,7 @@ class LiveRequest:
     generator: torch.Generator | None  # seeded sampling draws from its own generator
     matcher: object | None  # the constraint's xgrammar GrammarMatcher, advanced token by token
     mirostat_mu: float | None = None  # Mirostat's mu, from the sampler after each step; None before the first
+    logit_bias: BiasTensors | None = None  # the request's logit_bias as tensors, made once
 
 
 @dataclass
@@ -33,6 +35,12 @@ class ScheduledSeq:
         self.num_computed_tokens = self.request.num_computed_tokens
         known = self.num_new_tokens - len(self.draft)
         self.samples = self.num_computed_tokens + known == self.request.num_tokens
+
+    @property
+    def runs_as_decode_rows(self) -> bool:
+        """A decode (with its drafts, if any): each of its tokens attends to the cache up to itself
+        (engine/runner.py). A prompt chunk takes the prefill path instead."""
+        return self.num_new_tokens == 1 or bool(self.draft)
 
 
 @dataclass

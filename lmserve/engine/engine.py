@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from lmserve.cache.block_pool import BlockPool
-from lmserve.cache.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
+from lmserve.cache.kv_cache import allocate_kv_caches, bytes_per_block
 from lmserve.cache.kv_file import KVFile, KVFileIdentity, checkpoint_fingerprint, open_kv_file, write_kv_file
 from lmserve.cache.prefix import BlockHash, hash_full_blocks
-from lmserve.config import DTYPE_NAMES, CacheConfig, EngineConfig
+from lmserve.config import DTYPE_NAMES, EngineConfig
 from lmserve.engine.batch import LiveRequest, SchedulerOutput
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.sizing import check_sizes
 from lmserve.kernels import paged_decode_attention as native_decode_attention
-from lmserve.model.config import ModelConfig
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmserve.sampling.grammar import GrammarCompiler
+from lmserve.sampling.processors import BiasTensors
 from lmserve.text.detokenizer import IncrementalDetokenizer
 from lmserve.weights.load import DTYPES, LoadedModel, load_model
 
@@ -66,23 +67,6 @@ class EngineClosed(RuntimeError):
     """The engine was closed (its model unloaded); it takes no more requests."""
 
 
-def check_sizes(config: EngineConfig, model: ModelConfig, dtype: str) -> tuple[int, int]:
-    """(max_model_len, KV blocks) for `config` on a model of `model`'s shape served in `dtype`;
-    ValueError when the context asked for exceeds the model's or the KV budget cannot hold it."""
-    model_len = model.max_position_embeddings
-    if (config.scheduler.max_model_len or 0) > model_len:
-        raise ValueError(f"max_model_len {config.scheduler.max_model_len} exceeds the model's context "
-                         f"length {model_len}")
-    max_model_len = config.scheduler.max_model_len or model_len
-    block_size = config.cache.block_size
-    num_blocks = num_kv_blocks(config.cache, model, dtype)
-    if num_blocks * block_size < max_model_len:
-        raise ValueError(
-            f"the KV cache budget holds {num_blocks * block_size} tokens, fewer than max_model_len "
-            f"{max_model_len}: raise --kv-cache-memory or lower --max-model-len")
-    return max_model_len, num_blocks
-
-
 def _kv_identity(config: EngineConfig, loaded: LoadedModel, block_size: int) -> KVFileIdentity | None:
     """What a saved prefix must match to be restored here; None when the checkpoint is not on disk
     (an engine built from weights in memory). Read now: the file could change while the engine runs."""
@@ -94,37 +78,6 @@ def _kv_identity(config: EngineConfig, loaded: LoadedModel, block_size: int) -> 
                           num_key_value_heads=model.num_key_value_heads, head_dim=model.head_dim,
                           block_size=block_size, dtype=loaded.dtype, kv_dtype=DTYPE_NAMES[loaded.dtype],
                           weights=fingerprint)
-
-
-def num_kv_blocks(cache: CacheConfig, model: ModelConfig, dtype: str) -> int:
-    """The KV blocks `cache` budgets for a model of `model`'s shape served in `dtype`: enough for
-    its kv_cache_tokens when set, else as many as its bytes hold."""
-    if cache.kv_cache_tokens is not None:
-        return -(-cache.kv_cache_tokens // cache.block_size)
-    return num_blocks_for_budget(model, cache.block_size, DTYPES[dtype], cache.kv_cache_memory_bytes)
-
-
-def kv_cache_bytes(config: EngineConfig) -> int:
-    """What the KV cache of `config` will take, from the checkpoint's header when its budget is
-    counted in tokens (for --models-memory)."""
-    if config.cache.kv_cache_tokens is None:
-        return config.cache.kv_cache_memory_bytes
-    from lmserve.weights.dtype import serving_dtype
-    from lmserve.weights.load import read_model_config
-
-    path = Path(config.model_path)
-    model, dtype = read_model_config(path), serving_dtype(path, config.dtype, config.device)
-    return num_kv_blocks(config.cache, model, dtype) * bytes_per_block(model, config.cache.block_size, DTYPES[dtype])
-
-
-def preflight(config: EngineConfig) -> None:
-    """What LLMEngine would refuse about `config`, found from the checkpoint's header alone (a
-    fraction of a second), so a server stops before it says it is up: ValueError."""
-    from lmserve.weights.dtype import serving_dtype
-    from lmserve.weights.load import read_model_config
-
-    path = Path(config.model_path)
-    check_sizes(config, read_model_config(path), serving_dtype(path, config.dtype, config.device))
 
 
 class LLMEngine:
@@ -200,6 +153,7 @@ class LLMEngine:
                                                params.include_stop_str_in_output),
             generator=None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed),
             matcher=None if params.grammar is None else self.grammar.matcher(params.grammar),
+            logit_bias=BiasTensors.of(params.logit_bias) if params.logit_bias else None,
         )
         self._scheduler.add(request)
 

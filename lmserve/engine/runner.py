@@ -104,19 +104,19 @@ class ModelRunner:
         # about what one decode does, where a prefill chunk over the context costs twice that. A
         # prompt's chunks keep the prefill path, so a prompt's tail after a prefix-cache hit is
         # computed as the whole prompt was.
-        decodes = [s for s in out.seqs if s.num_new_tokens == 1 or s.draft]
-        prefills = [s for s in out.seqs if not (s.num_new_tokens == 1 or s.draft)]
+        decodes = [s for s in out.seqs if s.runs_as_decode_rows]
+        prefills = [s for s in out.seqs if not s.runs_as_decode_rows]
         ids, positions, slots, logits_rows, sampled = [], [], [], [], []
         prefill_meta, rows = [], []  # rows: (block ids, context length) of each decode row
         draft_rows = []  # the hidden rows of the drafts: their logits verify them
         for seq in decodes + prefills:
             req, start = seq.request, seq.num_computed_tokens
             end = start + seq.num_new_tokens
-            if seq.num_new_tokens > 1 and not seq.draft:
+            if seq.runs_as_decode_rows:
+                rows.extend((req.block_ids, position + 1) for position in range(start, end))
+            else:
                 prefill_meta.append(PrefillSeq(len(ids), seq.num_new_tokens, end,
                                                self._slots(req.block_ids, end) if start else None))
-            else:
-                rows.extend((req.block_ids, position + 1) for position in range(start, end))
             ids.extend(req.all_ids[start:end - len(seq.draft)])
             ids.extend(seq.draft)
             positions.extend(range(start, end))
@@ -206,6 +206,7 @@ class ModelRunner:
             grammar_mask=grammar_mask,
             eos_token_ids=[r.eos_token_ids for r in requests],
             mirostat_mu=[row.mirostat_mu for row in rows],
+            logit_bias=[row.logit_bias for row in rows],
         )
         result = self.sampler(logits, meta)
         token_ids = result.token_ids.tolist()  # the step's one host sync

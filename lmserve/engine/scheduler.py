@@ -46,11 +46,8 @@ class Scheduler:
             request = self.running[index]
             count = min(request.num_tokens - request.num_computed_tokens, budget)
             draft = self._draft(request, budget - count) if count == 1 else []
-            if draft and self._grow(request, count + len(draft)):  # drafts never cost anyone a preemption
-                out.seqs.append(ScheduledSeq(request, count + len(draft), draft))
-                budget -= count + len(draft)
-                index += 1
-                continue
+            if draft and not self._grow(request, count + len(draft)):
+                draft = []  # drafts never cost anyone a preemption; grown, the loop below finds room at once
             while not self._grow(request, count):
                 victim = self.running.pop()  # the newest request makes room
                 self._preempt(victim)
@@ -58,8 +55,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.seqs.append(ScheduledSeq(request, count))
-                budget -= count
+                out.seqs.append(ScheduledSeq(request, count + len(draft), draft))
+                budget -= count + len(draft)
                 index += 1
         return budget
 
@@ -141,10 +138,10 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: dict[str, int],
                accepted: dict[str, list[int]] | None = None) -> list[Request]:
         """Advance scheduled requests by the tokens they ran and append the sampled ones: `sampled`
-        the token after each request's last known one, `accepted` the tokens after that which its
-        drafts let it keep (its accepted drafts but the last, whose successor is the last). Stops at
-        the first token that ends a request. Returns the requests that finished by length or stop
-        token in this step."""
+        the token after each request's last known one, `accepted` the tokens its kept drafts add
+        after it (the greedy pick after each kept draft), each kept draft's keys and values then
+        counting as computed. Stops at the first token that ends a request. Returns the requests
+        that finished by length or stop token in this step."""
         finished = []
         for seq in out.seqs:
             request = seq.request

@@ -28,34 +28,17 @@ LOOKBACK = 4096  # tokens searched back from the end: the lookup stays cheap on 
 
 def propose(ids: Sequence[int], num_tokens: int) -> list[int]:
     """Up to `num_tokens` tokens that followed the latest earlier occurrence of `ids`' longest tail
-    (MAX_NGRAM down to MIN_NGRAM tokens) found in it; [] when none recurs."""
+    (MAX_NGRAM down to MIN_NGRAM tokens) within its last LOOKBACK tokens; [] when none recurs."""
     if num_tokens <= 0:
         return []
-    length = len(ids)
-    window = ids[max(0, length - LOOKBACK):] if length > LOOKBACK else ids
-    window = list(window)
+    window = list(ids[-LOOKBACK:])
     size = len(window)
     for n in range(min(MAX_NGRAM, size - 1), MIN_NGRAM - 1, -1):
         tail = window[size - n:]
-        first = tail[0]
-        start = size - n - 1
-        while start >= 0:
-            try:
-                start = _rindex(window, first, start)
-            except ValueError:
-                break
-            if window[start:start + n] == tail:
+        for start in range(size - n - 1, -1, -1):
+            if window[start] == tail[0] and window[start:start + n] == tail:
                 return window[start + n:start + n + num_tokens]
-            start -= 1
     return []
-
-
-def _rindex(values: list[int], value: int, end: int) -> int:
-    """The last index <= end holding `value`; ValueError if none."""
-    for index in range(end, -1, -1):
-        if values[index] == value:
-            return index
-    raise ValueError(value)
 
 
 def drafts_for(params: SamplingParams) -> bool:

@@ -149,7 +149,7 @@ def footprint_estimator(engine_defaults: EngineConfig) -> Callable[[ModelEntry],
     cannot be read: loading it will say why."""
 
     def footprint(entry: ModelEntry) -> int:
-        from lmserve.engine.engine import kv_cache_bytes
+        from lmserve.engine.sizing import kv_cache_bytes
         from lmserve.weights.size import estimated_weight_bytes
 
         config = engine_config_for(engine_defaults, entry) if entry.kind == "chat" else None

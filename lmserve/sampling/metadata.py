@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from lmserve.request import SamplingParams
+from lmserve.sampling.processors import BiasTensors
 
 
 class GrammarMaskLike(Protocol):
@@ -32,10 +33,11 @@ class SamplingMetadata:
     grammar_mask: GrammarMaskLike | None = None  # constrained rows' allowed tokens this step
     eos_token_ids: list[frozenset[int]] | None = None  # per row, banned under min_tokens; None: no row has any
     mirostat_mu: list[float | None] | None = None  # per row; None (or a None entry): first step, mu = 2 * tau
+    logit_bias: list[BiasTensors | None] | None = None  # per row, made once per request; None: made here each step
 
     def __post_init__(self) -> None:
         lengths = {len(self.params), len(self.prompt_ids), len(self.output_ids), len(self.generators)}
-        lengths |= {len(x) for x in (self.eos_token_ids, self.mirostat_mu) if x is not None}
+        lengths |= {len(x) for x in (self.eos_token_ids, self.mirostat_mu, self.logit_bias) if x is not None}
         assert len(lengths) == 1, "SamplingMetadata fields must have one entry per row"
 
     def select(self, rows: list[int]) -> SamplingMetadata:
@@ -45,10 +47,16 @@ class SamplingMetadata:
 
         return SamplingMetadata(params=pick(self.params), prompt_ids=pick(self.prompt_ids),
                                 output_ids=pick(self.output_ids), generators=pick(self.generators),
-                                eos_token_ids=pick(self.eos_token_ids), mirostat_mu=pick(self.mirostat_mu))
+                                eos_token_ids=pick(self.eos_token_ids), mirostat_mu=pick(self.mirostat_mu),
+                                logit_bias=pick(self.logit_bias))
 
     def eos_ids(self, row: int) -> frozenset[int]:
         return frozenset() if self.eos_token_ids is None else self.eos_token_ids[row]
+
+    def bias(self, row: int) -> BiasTensors:
+        """The row's logit_bias as tensors: the request's own copy when given."""
+        given = None if self.logit_bias is None else self.logit_bias[row]
+        return given if given is not None else BiasTensors.of(self.params[row].logit_bias)
 
     def mu(self, row: int) -> float | None:
         return None if self.mirostat_mu is None else self.mirostat_mu[row]

@@ -106,7 +106,7 @@ def _apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Ten
     if repetition or counted:
         _apply_penalties(x, meta, repetition, counted)
     if biased:
-        apply_logit_bias(x, biased, [params[i].logit_bias for i in biased])
+        apply_logit_bias(x, biased, [meta.bias(i) for i in biased])
     if banned:
         ban_tokens(x, banned, [_stop_ids(params[i], meta.eos_ids(i)) for i in banned])
     if meta.grammar_mask is not None:  # last: no bias can bring back a token the grammar forbids

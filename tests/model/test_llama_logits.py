@@ -186,7 +186,7 @@ def test_runner_steps_with_drafts_run_as_decode_rows_and_match_transformers(tmp_
         assert inp.meta.num_decodes == (1 + len(draft) if count == 1 else 0)
         hidden = model(inp.input_ids, inp.positions, caches, inp.meta)
         start = 0
-        for seq in sorted(seqs, key=lambda s: not (s.num_new_tokens == 1 or s.draft)):  # decode rows first
+        for seq in sorted(seqs, key=lambda s: not s.runs_as_decode_rows):  # decode rows first
             hidden_of[seq.request.request_id].append(hidden[start:start + seq.num_new_tokens])
             start += seq.num_new_tokens
         spec.num_computed_tokens += count + len(draft)

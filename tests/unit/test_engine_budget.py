@@ -10,7 +10,8 @@ import pytest
 
 from lmserve.cli import default_model_path
 from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from lmserve.engine.engine import LLMEngine, check_sizes, kv_cache_bytes
+from lmserve.engine.engine import LLMEngine
+from lmserve.engine.sizing import check_sizes, kv_cache_bytes
 from lmserve.fleet.catalogue import ModelEntry
 from lmserve.fleet.models import engine_config_for
 

@@ -10,6 +10,7 @@ import torch
 
 from lmserve.request import SamplingParams
 from lmserve.sampling.processors import (
+    BiasTensors,
     RowTokens,
     apply_logit_bias,
     apply_presence_frequency_penalties,
@@ -171,7 +172,7 @@ def test_row_tokens_pads_with_a_real_id_and_counts_occurrences():
 
 def test_logit_bias_adds_to_listed_rows():
     logits = BASE.clone()
-    apply_logit_bias(logits, [1], [((2, 0.5), (5, -100.0))])
+    apply_logit_bias(logits, [1], [BiasTensors.of(((2, 0.5), (5, -100.0)))])
     expected = BASE.clone()
     expected[1, 2] += 0.5
     expected[1, 5] += -100.0
@@ -179,8 +180,7 @@ def test_logit_bias_adds_to_listed_rows():
 
 
 def test_logit_bias_on_many_rows_equals_adding_each_entry():
-    # Fresh bias tuples each round (their ids may be reused once freed): the converted tensors
-    # kept between steps must never be another bias's.
+    # rows with many biases (repeated ids included), none, and a few, in one batched scatter
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
         base = torch.randn(5, 40, generator=generator)
@@ -192,16 +192,22 @@ def test_logit_bias_on_many_rows_equals_adding_each_entry():
         for row, bias in zip(rows, biases):
             for token_id, value in bias:
                 expected[row, token_id] += value
-        for _ in range(2):  # again, as at the next step: the same result
-            logits = base.clone()
-            apply_logit_bias(logits, rows, biases)
-            torch.testing.assert_close(logits, expected)
-        del biases
+        logits = base.clone()
+        apply_logit_bias(logits, rows, [BiasTensors.of(bias) for bias in biases])
+        torch.testing.assert_close(logits, expected)
+
+
+def test_the_requests_own_bias_tensors_are_used_and_made_from_params_otherwise():
+    params = [SamplingParams(temperature=0.0, logit_bias=((1, 50.0),))] * 2
+    own = BiasTensors.of(((2, 50.0),))  # the engine's copy, made when the request was added
+    meta = make_meta(params, prompt_ids=[[], []], output_ids=[[], []])
+    meta.logit_bias = [own, None]
+    assert sampler(torch.zeros(2, 4), meta).token_ids.tolist() == [2, 1]
 
 
 def test_logit_bias_rejects_out_of_vocabulary_ids():
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        apply_logit_bias(BASE.clone(), [0], [((6, 1.0),)])
+        apply_logit_bias(BASE.clone(), [0], [BiasTensors.of(((6, 1.0),))])
 
 
 def test_sampler_applies_penalties_to_the_right_sources():
