@@ -13,7 +13,7 @@ from lmserve.engine.batch import LiveRequest, ScheduledSeq, SchedulerOutput
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.request import SampleLogprobs
 from lmserve.sampling.grammar import GrammarMask
-from lmserve.sampling.sampler import Sampler, SamplingMetadata, argmax_rows, to_sample_logprobs
+from lmserve.sampling.sampler import Sampler, SamplingMetadata, to_sample_logprobs
 
 log = logging.getLogger("lmserve.engine")
 
@@ -71,18 +71,26 @@ class ModelRunner:
             self._verify_drafts(logits[num_sampled:], inp.sampled_seqs, step)
         return step
 
-    @staticmethod
-    def _verify_drafts(logits: torch.Tensor, seqs: list[ScheduledSeq], step: StepResult) -> None:
-        """Keep each sequence's drafts while they are what greedy decoding picks: draft i stands if
-        the token sampled before it (the step's own, then the drafts' argmaxes) equals it; the
-        argmax after the last standing draft follows it. `logits` holds the drafts' rows in order."""
-        greedy = argmax_rows(logits).tolist()
+    def _verify_drafts(self, logits: torch.Tensor, seqs: list[ScheduledSeq], step: StepResult) -> None:
+        """Keep each sequence's drafts while they are what its sampling picks: draft i stands if the
+        token picked before it (the step's own, then the picks at the drafts' rows) equals it; the
+        pick after the last standing draft follows it. `logits` holds the drafts' rows in order.
+
+        Each draft row is sampled as the sequence's next step would be, with fresh random numbers:
+        a kept token was drawn from exactly the distribution plain decoding draws it from, given
+        the same tokens before it, so the output is distributed as plain decoding's (exactly
+        greedy decoding's for greedy requests), and a draft stands with the probability its
+        sampling gives it."""
+        params = [seq.request.params for seq in seqs for _ in seq.draft]
+        meta = SamplingMetadata(params=params, prompt_ids=[[]] * len(params), output_ids=[[]] * len(params),
+                                generators=[None] * len(params))
+        picked = self.sampler(logits, meta).token_ids.tolist()
         row = 0
         for seq in seqs:
             if not seq.draft:
                 continue
             rid = seq.request.request_id
-            picks = greedy[row:row + len(seq.draft)]  # the token after each draft
+            picks = picked[row:row + len(seq.draft)]  # the token after each draft
             row += len(seq.draft)
             step.num_draft_tokens += len(seq.draft)
             if rid in step.errors or rid not in step.token_ids:

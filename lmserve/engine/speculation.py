@@ -3,15 +3,18 @@
 The last few tokens of a sequence (its prompt and its output so far) are looked up earlier in it,
 and the tokens that followed their latest earlier occurrence are the draft (llama.cpp's lookup
 decoding and vLLM's ngram method do the same). A step runs the sequence's last token and its draft
-together, a few decode rows (engine/runner.py), and keeps the drafts greedy decoding would have
-produced, up to the first it would not, plus the token that follows: the output is exactly plain
-greedy decoding's, in fewer steps when the text repeats what it has already seen (edits, code,
-quotes, extraction).
+together, a few decode rows (engine/runner.py), samples every row as plain decoding would, and
+keeps the drafts that match what was picked before them, up to the first that does not, plus the
+token picked after the last one kept. Every kept token was drawn from the distribution plain
+decoding draws it from, so the output is distributed as plain decoding's (and is exactly greedy
+decoding's for greedy requests), in fewer steps when the text repeats what it has already seen
+(edits, code, quotes, extraction). A draft stands with the probability the sampler gives it.
 
-Only greedy sequences whose next token depends on nothing but the logits get drafts (no penalties,
-biases, constraints, logprobs or llama.cpp sampler chain), and only while a step runs at most
-MAX_RUNNING sequences: past that a step is bound by compute rather than by reading the weights,
-and verifying drafts costs more than it saves.
+Only sequences whose next token depends on nothing but the logits and fresh random numbers get
+drafts: no penalties, biases, constraints, logprobs, llama.cpp sampler chain, or seed (a seeded
+request's numbers come one per token from its own generator, so its output stays the same whatever
+else runs). And only while a step runs at most MAX_RUNNING sequences: past that a step is bound by
+compute rather than by reading the weights, and verifying drafts costs more than it saves.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def propose(ids: Sequence[int], num_tokens: int) -> list[int]:
 
 
 def drafts_for(params: SamplingParams) -> bool:
-    """Whether a sequence sampled with `params` may take drafts: its next token is the logits' argmax
-    and nothing else it asked for needs the tokens one step at a time."""
-    return (params.greedy and params.logprobs is None and params.grammar is None and params.chain is None
-            and not params.logit_bias and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0 and params.min_tokens == 0)
+    """Whether a sequence sampled with `params` may take drafts: its next token depends only on the
+    logits (and, unseeded, fresh random numbers), and nothing else it asked for needs the tokens
+    one step at a time."""
+    return ((params.greedy or params.seed is None) and params.logprobs is None and params.grammar is None
+            and params.chain is None and not params.logit_bias and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and params.min_tokens == 0)

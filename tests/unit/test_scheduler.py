@@ -252,11 +252,19 @@ def test_kept_drafts_stop_at_the_first_token_that_ends_the_request():
     assert pool.num_free == pool.num_blocks
 
 
-def test_no_drafts_when_speculation_is_off_or_the_request_samples():
-    for config, params in ((SchedulerConfig(4, 64, 64), SamplingParams(temperature=0)),
-                           (SchedulerConfig(4, 64, 64, num_speculative_tokens=3), SamplingParams(temperature=1.0))):
-        sched = Scheduler(config, 4, BlockPool(16))
-        r = Request("a", [5, 6, 7, 8, 5, 6], params)
-        sched.add(r)
-        sched.update(sched.schedule(), {"a": 7})
-        assert sched.schedule().seqs[0].draft == []
+def drafts_after_one_step(config: SchedulerConfig, params: SamplingParams) -> list[int]:
+    sched = Scheduler(config, 4, BlockPool(16))
+    r = Request("a", [5, 6, 7, 8, 5, 6], params)
+    sched.add(r)
+    sched.update(sched.schedule(), {"a": 7})
+    return sched.schedule().seqs[0].draft
+
+
+def test_unseeded_sampling_takes_drafts_and_seeded_or_penalised_sampling_does_not():
+    spec = SchedulerConfig(4, 64, 64, num_speculative_tokens=3)
+    assert drafts_after_one_step(spec, SamplingParams(temperature=0.8, top_p=0.9)) == [8, 5, 6]
+    assert drafts_after_one_step(spec, SamplingParams(temperature=0, seed=3)) == [8, 5, 6]  # greedy: the seed draws nothing
+    for params in (SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=0.8, presence_penalty=0.5),
+                   SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0, logit_bias=((5, 1.0),))):
+        assert drafts_after_one_step(spec, params) == [], params
+    assert drafts_after_one_step(SchedulerConfig(4, 64, 64), SamplingParams(temperature=0)) == []  # speculation off
