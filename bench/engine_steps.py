@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.engine_steps costly     # ms per step of 16 rows: stop strings, logit_bias
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
+    .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ REWRITE = ("Rewrite the following paragraph, fixing only the spelling mistakes a
            "for a long time. Later that day, the fox came back and jumpd over the dog again, because foxes like to "
            "jump over dogs when they are bored. The dog, still not amused, decided to sleep insted.")
 STORY = "Write a short story about a robot who learns to paint."
+QUESTIONS = ("What are the main causes of climate change, and what can one person do about it?",
+             "Explain how a hash table works to a new programmer.",
+             "Give me three ideas for a weekend trip with children, with a packing list for each.",
+             "Write a Python function that checks whether a string is a palindrome, and explain it.")
+REPEATS = 5
+DECODINGS = {"greedy": dict(temperature=0), "t0.7/p0.9": dict(temperature=0.7, top_p=0.9),
+             "t1.0": dict(temperature=1.0)}
 
 
 def engine(loaded, speculative: int = 0) -> LLMEngine:
@@ -99,14 +107,47 @@ def lookup(loaded) -> None:
                   f"drafts kept {e.num_accepted_tokens} of {e.num_draft_tokens}")
 
 
+def lookup_matrix(loaded) -> None:
+    """Prompt lookup off and on (K=4) across texts, decodings and 1 or 4 requests at once: output
+    tok/s and the median ratio of REPEATS pairs of runs, off then on (160 tokens each, eos ignored,
+    so every run does the same work; one at a time goes through the texts in turn), seeded
+    globally per run."""
+    from tests.helpers.real_engine import chat_ids
+
+    texts = {"rewrite": [REWRITE], "story": [STORY], "questions": list(QUESTIONS)}
+    engines = {k: engine(loaded, k) for k in (0, 4)}
+    for text_name, texts_ in texts.items():
+        prompts = [chat_ids(loaded.tokenizer, t) for t in texts_]
+        for e in engines.values():
+            e.generate(prompts, SamplingParams(temperature=0, max_tokens=1))  # prompts cached
+        for decoding, fields in DECODINGS.items():
+            params = SamplingParams(max_tokens=160, ignore_eos=True, **fields)
+            for width in (1, 4):
+                batches = [[p] for p in prompts] if width == 1 else [[prompts[i % len(prompts)] for i in range(4)]]
+                rates: dict[int, list[float]] = {0: [], 4: []}
+                drafted = engines[4].num_draft_tokens, engines[4].num_accepted_tokens
+                for _ in range(REPEATS):  # off and on in turn: a drift in the machine's speed hits both
+                    for k, e in engines.items():
+                        torch.manual_seed(0)
+                        started = time.perf_counter()
+                        tokens = sum(len(out) for batch in batches for out in e.generate(batch, params))
+                        rates[k].append(tokens / (time.perf_counter() - started))
+                ratios = sorted(on / off for off, on in zip(rates[0], rates[4]))
+                best = {k: max(v) for k, v in rates.items()}
+                kept = (engines[4].num_accepted_tokens - drafted[1], engines[4].num_draft_tokens - drafted[0])
+                print(f"{text_name:9s} {decoding:9s} x{width}: best off {best[0]:6.1f} on {best[4]:6.1f} tok/s; "
+                      f"on/off median {ratios[len(ratios) // 2]:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+                      f"drafts kept {kept[0]}/{kept[1]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("costly", "chunk", "lookup"))
+    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)
-    {"costly": costly, "chunk": chunk, "lookup": lookup}[args.what](loaded)
+    {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix}[args.what](loaded)
 
 
 if __name__ == "__main__":

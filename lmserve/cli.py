@@ -17,7 +17,7 @@ from lmserve.arg_types import (
     shutdown_duration,
     thread_count,
 )
-from lmserve.config import DEFAULT_SHUTDOWN_TIMEOUT, DTYPE_CHOICES, EmbeddingConfig
+from lmserve.config import DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SPECULATIVE_TOKENS, DTYPE_CHOICES, EmbeddingConfig
 from lmserve.fleet.download import add_pull_parser, pull
 from lmserve.llama_flags import add_llama_flags
 from lmserve.llama_options import DEFAULT_MAX_NUM_SEQS, add_llama_options, model_sources
@@ -90,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"sequences decoded at once (default {DEFAULT_MAX_NUM_SEQS})")
     serve.add_argument("--max-num-batched-tokens", "-ub", "--ubatch-size", type=positive_int, default=512,
                        help="tokens per engine step (prefill chunk budget)")
-    serve.add_argument("--speculative-ngram", type=non_negative_int, default=0, metavar="K",
+    serve.add_argument("--speculative-ngram", type=non_negative_int, default=DEFAULT_SPECULATIVE_TOKENS, metavar="K",
                        help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "
-                            "requests while at most 4 run (default 0: off)")
+                            f"requests while at most 4 run (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off)")
+    serve.add_argument("--speculative-sampling", action="store_true",
+                       help="sampled requests (temperature > 0, no seed) take prompt-lookup drafts too; the output "
+                            "keeps the sampling distribution")
     serve.add_argument("--kv-cache-memory", type=parse_size, help="KV cache budget, e.g. 512MiB (default 1GiB)")
     serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     serve.add_argument("--no-prefix-caching", "--no-cache-prompt", action="store_true",

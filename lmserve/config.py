@@ -14,6 +14,9 @@ DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds requests in flight get to finish once the server is stopping
 
 
+DEFAULT_SPECULATIVE_TOKENS = 4  # the server's prompt-lookup drafts per step (greedy requests)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache: fixed blocks of `block_size` tokens, as many as the memory budget holds, or
@@ -41,6 +44,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens through the model in one step (chunked prefill budget)
     max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own
     num_speculative_tokens: int = 0  # prompt-lookup drafts per step and sequence (engine/speculation.py); 0: off
+    speculative_sampling: bool = False  # sampled (not only greedy) requests take drafts too
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

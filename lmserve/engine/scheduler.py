@@ -30,6 +30,7 @@ class Scheduler:
         self.pool = pool
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.drafters: dict[str, speculation.Drafter] = {}  # request id -> its prompt lookup
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -64,11 +65,12 @@ class Scheduler:
         """Prompt-lookup drafts for a decoding request, within the budget, its max_tokens and the
         context; [] when speculation is off or does not apply (speculation.py)."""
         wanted = self.config.num_speculative_tokens
-        if not wanted or len(self.running) > speculation.MAX_RUNNING or not speculation.drafts_for(request.params):
+        if not wanted or len(self.running) > speculation.MAX_RUNNING or not speculation.drafts_for(request.params, self.config.speculative_sampling):
             return []
         room = min(wanted, budget, request.params.max_tokens - len(request.output_ids) - 1,
                    self.config.max_model_len - request.num_tokens - 1)
-        return speculation.propose(request.all_ids, room)
+        drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
+        return drafter.drafts(request.all_ids, room)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         in_flight: set | None = None  # hashes of the prompt blocks running requests are computing
@@ -196,6 +198,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.pool.release(request.block_ids)
+        self.drafters.pop(request.request_id, None)
         request.block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

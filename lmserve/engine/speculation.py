@@ -19,7 +19,9 @@ compute rather than by reading the weights, and verifying drafts costs more than
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from lmserve.request import SamplingParams
 
@@ -27,27 +29,78 @@ MAX_NGRAM = 4  # the longest tail looked up
 MIN_NGRAM = 2  # a single repeated token predicts too little
 MAX_RUNNING = 4
 LOOKBACK = 4096  # tokens searched back from the end: the lookup stays cheap on long contexts
+WORTH = float(os.environ.get("LMSERVE_SPEC_WORTH", "0.3"))  # a draft token runs only if it is kept at least this often
+DECAY = float(os.environ.get("LMSERVE_SPEC_DECAY", "0.75"))  # weight of the past in a request's running tally
 
 
-def propose(ids: Sequence[int], num_tokens: int) -> list[int]:
-    """Up to `num_tokens` tokens that followed the latest earlier occurrence of `ids`' longest tail
-    (MAX_NGRAM down to MIN_NGRAM tokens) within its last LOOKBACK tokens; [] when none recurs."""
-    if num_tokens <= 0:
-        return []
-    window = list(ids[-LOOKBACK:])
-    size = len(window)
-    for n in range(min(MAX_NGRAM, size - 1), MIN_NGRAM - 1, -1):
-        tail = window[size - n:]
-        for start in range(size - n - 1, -1, -1):
-            if window[start] == tail[0] and window[start:start + n] == tail:
-                return window[start + n:start + n + num_tokens]
-    return []
-
-
-def drafts_for(params: SamplingParams) -> bool:
-    """Whether a sequence sampled with `params` may take drafts: its next token depends only on the
-    logits (and, unseeded, fresh random numbers), and nothing else it asked for needs the tokens
-    one step at a time."""
-    return ((params.greedy or params.seed is None) and params.logprobs is None and params.grammar is None
+def drafts_for(params: SamplingParams, sampled: bool = False) -> bool:
+    """Whether a sequence sampled with `params` may take drafts: it is greedy (or, with `sampled`,
+    draws from fresh random numbers rather than a seed), its next token depends only on the logits,
+    and nothing else it asked for needs the tokens one step at a time."""
+    return ((params.greedy or (sampled and params.seed is None)) and params.logprobs is None and params.grammar is None
             and params.chain is None and not params.logit_bias and params.repetition_penalty == 1.0
             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and params.min_tokens == 0)
+
+
+@dataclass
+class Drafter:
+    """One request's prompt lookup, and how often its proposals come true.
+
+    The lookup keeps, for every 2- to 4-token n-gram of the sequence's last LOOKBACK tokens (and
+    of all it adds since) that some token follows, where its latest occurrence ended; each step
+    indexes only the tokens added since the last, so a proposal costs a few dict lookups.
+
+    Every proposal is checked against the tokens that followed it, whether it ran or not (a
+    proposal that did not run is checked against the next token alone): the tally of tokens that
+    matched and of mismatches, both decayed, gives the chance `rate` that a draft token is kept,
+    and the i-th token of a proposal runs only while rate ** i >= WORTH. A request whose text stops
+    repeating itself soon runs no drafts, and one whose text starts repeating runs them again.
+    """
+
+    kept: float = 1.0  # a prior of one match and one mismatch: rate 0.5 at the start
+    missed: float = 1.0
+    last: list[int] = field(default_factory=list)  # the latest proposal
+    since: int = 0  # the sequence's length when it was made
+    ends: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> where its latest occurrence ended
+    indexed: int = 0  # n-grams ending at or before this position are in `ends`
+
+    def drafts(self, ids: Sequence[int], room: int) -> list[int]:
+        """The drafts worth running after `ids` (at most `room`), after tallying the last proposal."""
+        self._observe(ids)
+        proposal = self.lookup(ids, room)
+        self.last, self.since = proposal, len(ids)
+        rate = self.kept / (self.kept + self.missed)
+        count, chance = 0, rate
+        while count < len(proposal) and chance >= WORTH:
+            count, chance = count + 1, chance * rate
+        return proposal[:count]
+
+    def lookup(self, ids: Sequence[int], num_tokens: int) -> list[int]:
+        """Up to `num_tokens` tokens that followed the latest earlier occurrence of `ids`' longest
+        tail (MAX_NGRAM down to MIN_NGRAM tokens); [] when none recurs. `ids` only ever grows."""
+        size = len(ids)
+        for end in range(max(self.indexed + 1, size - LOOKBACK, MIN_NGRAM), size):  # a token follows each
+            for n in range(MIN_NGRAM, min(MAX_NGRAM, end) + 1):
+                self.ends[tuple(ids[end - n:end])] = end
+        self.indexed = max(self.indexed, size - 1)
+        if num_tokens <= 0:
+            return []
+        for n in range(min(MAX_NGRAM, size - 1), MIN_NGRAM - 1, -1):
+            end = self.ends.get(tuple(ids[size - n:]))
+            if end is not None:
+                return list(ids[end:end + num_tokens])
+        return []
+
+    def _observe(self, ids: Sequence[int]) -> None:
+        """Tally the latest proposal against the tokens that followed it."""
+        if not self.last:
+            return
+        new = ids[self.since:]
+        matched = 0
+        for draft, token in zip(self.last, new):
+            if draft != token:
+                break
+            matched += 1
+        self.kept = self.kept * DECAY + matched
+        self.missed = self.missed * DECAY + (matched < min(len(self.last), len(new)))
+        self.last = []

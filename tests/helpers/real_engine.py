@@ -49,7 +49,7 @@ class IdTokenizer:
 
 
 def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_len=None,
-                model_path=None, speculative=0) -> LLMEngine:
+                model_path=None, speculative=0, speculative_sampling=False) -> LLMEngine:
     """The real LLMEngine on a tiny random model's HF folder (tests/helpers/tiny_models.py), its
     KV cache `num_blocks` blocks of `block_size` tokens; max_len defaults to all of them. Its
     config names `model_path` instead of the folder if given."""
@@ -61,5 +61,6 @@ def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_
     kv_bytes = num_blocks * bytes_per_block(model_config, block_size, DTYPES[dtype])
     max_len = max_len or min(num_blocks * block_size, model_config.max_position_embeddings)
     config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=CacheConfig(block_size, kv_bytes),
-                          scheduler=SchedulerConfig(4, 64, max_len, num_speculative_tokens=speculative))
+                          scheduler=SchedulerConfig(4, 64, max_len, num_speculative_tokens=speculative,
+                                                    speculative_sampling=speculative_sampling))
     return LLMEngine(config, loaded)

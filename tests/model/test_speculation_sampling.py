@@ -102,7 +102,7 @@ def marginal(exact: dict, positions: tuple[int, ...]) -> dict:
 ], ids=["temperature", "top_p"])
 def test_drafted_sampling_draws_from_the_model_distribution(peaked, params):
     model, folder, prompt = peaked
-    engine = tiny_engine(folder, speculative=3, num_blocks=256)
+    engine = tiny_engine(folder, speculative=3, speculative_sampling=True, num_blocks=256)
     got = sample(engine, prompt, params)
     assert all(len(seq) == NUM_TOKENS for seq in got)
     assert engine.num_draft_tokens >= SAMPLES // 2 and engine.num_accepted_tokens >= SAMPLES // 4

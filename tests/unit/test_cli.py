@@ -36,12 +36,14 @@ def test_defaults():
     config = cli.engine_config(args)  # the limits -c and -np may set are resolved here
     assert (config.scheduler.max_num_seqs, config.scheduler.max_model_len) == (64, None)
     assert (config.cache.kv_cache_memory_bytes, config.cache.kv_cache_tokens) == (2**30, None)
-    assert config.scheduler.num_speculative_tokens == 0
+    assert (config.scheduler.num_speculative_tokens, config.scheduler.speculative_sampling) == (4, False)
 
 
 def test_speculative_ngram_sets_the_drafts_per_step(capsys):
     args = build_parser().parse_args(["serve", "--speculative-ngram", "6"])
     assert cli.engine_config(args).scheduler.num_speculative_tokens == 6
+    args = build_parser().parse_args(["serve", "--speculative-ngram", "0", "--speculative-sampling"])
+    assert (cli.engine_config(args).scheduler.num_speculative_tokens, cli.engine_config(args).scheduler.speculative_sampling) == (0, True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--speculative-ngram", "-1"])
     assert "--speculative-ngram" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 from lmserve.cache.block_pool import BlockPool
 from lmserve.config import SchedulerConfig
 from lmserve.engine.scheduler import Scheduler
+from lmserve.engine.speculation import Drafter
 from lmserve.request import FinishReason, Request, RequestStatus, SamplingParams
 
 
@@ -229,6 +230,7 @@ def test_drafts_run_with_the_last_token_and_the_kept_ones_advance_the_request():
     sched = Scheduler(SchedulerConfig(4, 64, 64, num_speculative_tokens=3), 4, pool)
     r = Request("a", [5, 6, 7, 8, 5, 6], SamplingParams(temperature=0, max_tokens=8), eos_token_ids=frozenset({2}))
     sched.add(r)
+    sched.drafters["a"] = Drafter(kept=9.0, missed=1.0)  # its proposals came true before: all three run
     out = sched.schedule()
     sched.update(out, {"a": 7})  # prompt "... 5 6" then 7: the tail "6 7" recurs, followed by 8 5 6
     out = sched.schedule()
@@ -244,6 +246,7 @@ def test_kept_drafts_stop_at_the_first_token_that_ends_the_request():
     sched = Scheduler(SchedulerConfig(4, 64, 64, num_speculative_tokens=4), 4, pool)
     r = Request("a", [5, 6, 7, 5, 6], SamplingParams(temperature=0, max_tokens=3), eos_token_ids=frozenset({2}))
     sched.add(r)
+    sched.drafters["a"] = Drafter(kept=9.0, missed=1.0)
     sched.update(sched.schedule(), {"a": 7})
     out = sched.schedule()
     assert out.seqs[0].draft == [5]  # room for max_tokens 3: one draft, then the token after it
@@ -256,12 +259,15 @@ def drafts_after_one_step(config: SchedulerConfig, params: SamplingParams) -> li
     sched = Scheduler(config, 4, BlockPool(16))
     r = Request("a", [5, 6, 7, 8, 5, 6], params)
     sched.add(r)
+    sched.drafters["a"] = Drafter(kept=9.0, missed=1.0)
     sched.update(sched.schedule(), {"a": 7})
     return sched.schedule().seqs[0].draft
 
 
-def test_unseeded_sampling_takes_drafts_and_seeded_or_penalised_sampling_does_not():
-    spec = SchedulerConfig(4, 64, 64, num_speculative_tokens=3)
+def test_unseeded_sampling_takes_drafts_when_asked_and_seeded_or_penalised_sampling_does_not():
+    greedy_only = SchedulerConfig(4, 64, 64, num_speculative_tokens=3)
+    assert drafts_after_one_step(greedy_only, SamplingParams(temperature=0.8, top_p=0.9)) == []
+    spec = SchedulerConfig(4, 64, 64, num_speculative_tokens=3, speculative_sampling=True)
     assert drafts_after_one_step(spec, SamplingParams(temperature=0.8, top_p=0.9)) == [8, 5, 6]
     assert drafts_after_one_step(spec, SamplingParams(temperature=0, seed=3)) == [8, 5, 6]  # greedy: the seed draws nothing
     for params in (SamplingParams(temperature=0.8, seed=3), SamplingParams(temperature=0.8, presence_penalty=0.5),

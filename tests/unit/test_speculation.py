@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from lmserve.engine.speculation import LOOKBACK, drafts_for, propose
+from lmserve.engine.speculation import LOOKBACK, WORTH, Drafter, drafts_for
 from lmserve.request import SamplingParams
+
+
+def propose(ids: list[int], num_tokens: int) -> list[int]:
+    return Drafter().lookup(ids, num_tokens)
 
 
 def test_the_tokens_after_the_latest_earlier_occurrence_of_the_tail_are_the_draft():
@@ -30,15 +36,56 @@ def test_a_draft_near_the_end_is_shorter_and_the_lookup_stays_in_its_window():
     assert propose(far, 2) == []  # its only earlier "1 2" is past the lookback
 
 
+def test_the_lookup_follows_a_growing_sequence_as_a_fresh_one_would():
+    rng = random.Random(0)
+    drafter, ids = Drafter(), []
+    for _ in range(400):
+        ids.append(rng.randrange(6))
+        assert drafter.lookup(ids, 3) == propose(list(ids), 3) == slow_lookup(ids, 3)
+
+
+def slow_lookup(ids: list[int], num_tokens: int) -> list[int]:
+    """The definition: scan every earlier position, longest tail first, latest occurrence first."""
+    for n in range(min(4, len(ids) - 1), 1, -1):
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start:start + n] == ids[len(ids) - n:]:
+                return ids[start + n:start + n + num_tokens]
+    return []
+
+
+def test_drafts_run_only_while_they_come_true():
+    ids = [1, 2, 3, 4] * 3
+    drafter = Drafter()
+    assert len(drafter.drafts(ids, 4)) == 1  # rate 0.5 at first: only the first token is worth it
+    for _ in range(6):  # the text keeps repeating: every proposal comes true, and more of it runs
+        ids += [ids[-4]]
+        drafter.drafts(ids, 4)
+    assert len(drafter.drafts(ids + [ids[-4]], 4)) == 4
+    wrong = Drafter()
+    ids = [1, 2, 3, 4] * 3
+    for step in range(8):  # the text never follows the proposal: soon nothing runs
+        ids += [9 + step, 1, 2]
+        wrong.drafts(ids, 4)
+        ids += [50 + step]
+    assert wrong.drafts(ids + [1, 2], 4) == []
+    assert wrong.kept / (wrong.kept + wrong.missed) < WORTH
+
+
+def test_sampled_sequences_take_drafts_only_when_the_server_says_so():
+    params = SamplingParams(temperature=0.7)
+    assert not drafts_for(params) and drafts_for(params, sampled=True)
+
+
 @pytest.mark.parametrize("params, expected", [
     (SamplingParams(temperature=0), True),
     (SamplingParams(temperature=0, stop=("x",), max_tokens=5, seed=3), True),
-    (SamplingParams(temperature=0.7), False),
+    (SamplingParams(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05), True),
+    (SamplingParams(temperature=0.7, seed=3), False),
     (SamplingParams(temperature=0, logprobs=0), False),
     (SamplingParams(temperature=0, logit_bias=((1, 2.0),)), False),
     (SamplingParams(temperature=0, repetition_penalty=1.1), False),
     (SamplingParams(temperature=0, presence_penalty=0.5), False),
     (SamplingParams(temperature=0, min_tokens=2), False),
 ])
-def test_only_plain_greedy_sequences_take_drafts(params, expected):
-    assert drafts_for(params) is expected
+def test_only_sequences_sampled_from_the_logits_alone_take_drafts(params, expected):
+    assert drafts_for(params, sampled=True) is expected
