@@ -8,18 +8,18 @@ keeps the drafts that match what was picked before them, up to the first that do
 token picked after the last one kept. Every kept token was drawn from the distribution plain
 decoding draws it from, so the output is distributed as plain decoding's (and is exactly greedy
 decoding's for greedy requests), in fewer steps when the text repeats what it has already seen
-(edits, code, quotes, extraction). A draft stands with the probability the sampler gives it.
+(edits, code, quotes, extraction). A draft stands with the probability the sampler gives it, and a
+Drafter runs drafts only while its request's proposals come true.
 
-Only sequences whose next token depends on nothing but the logits and fresh random numbers get
-drafts: no penalties, biases, constraints, logprobs, llama.cpp sampler chain, or seed (a seeded
+Only sequences whose next token depends on nothing but the logits get drafts: greedy ones, and
+with the server's speculative_sampling sampled ones that draw fresh random numbers (a seeded
 request's numbers come one per token from its own generator, so its output stays the same whatever
-else runs). And only while a step runs at most MAX_RUNNING sequences: past that a step is bound by
+else runs); no penalties, biases, constraints, logprobs or llama.cpp sampler chain. And only while a step runs at most MAX_RUNNING sequences: past that a step is bound by
 compute rather than by reading the weights, and verifying drafts costs more than it saves.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,8 +29,8 @@ MAX_NGRAM = 4  # the longest tail looked up
 MIN_NGRAM = 2  # a single repeated token predicts too little
 MAX_RUNNING = 4
 LOOKBACK = 4096  # tokens searched back from the end: the lookup stays cheap on long contexts
-WORTH = float(os.environ.get("LMSERVE_SPEC_WORTH", "0.3"))  # a draft token runs only if it is kept at least this often
-DECAY = float(os.environ.get("LMSERVE_SPEC_DECAY", "0.75"))  # weight of the past in a request's running tally
+WORTH = 0.3  # a draft token runs only if it is kept at least this often
+DECAY = 0.75  # weight of the past in a request's running tally
 
 
 def drafts_for(params: SamplingParams, sampled: bool = False) -> bool:
