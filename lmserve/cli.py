@@ -24,6 +24,7 @@ from lmserve.llama_options import DEFAULT_MAX_NUM_SEQS, add_llama_options, model
 from lmserve.serve_settings import (
     catalogue,
     connection_options,
+    data_dir,
     # The packaged models' paths: tests and benchmarks import them from lmserve.cli.
     default_embedding_model_path as default_embedding_model_path,
     default_model_path as default_model_path,
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM or SIGINT, how long requests in flight may take to finish before they end with "
                             "an error (default 30 s); new requests are refused meanwhile, and a second signal exits "
                             "at once")
+    serve.add_argument("--data-dir", metavar="DIR",
+                       help="where stored responses live (a SQLite file); 'none' keeps them in memory until the server "
+                            "stops (default: $XDG_DATA_HOME/lmserve, else ~/.local/share/lmserve)")
     serve.add_argument("--max-queued-requests", type=positive_int, metavar="N",
                        help="sequences (a request with n choices counts n) that may wait for a turn on a model before "
                             "new requests get 429 with Retry-After (default: 4 x what its engine runs at once, "
@@ -151,6 +155,7 @@ def serve(args: argparse.Namespace) -> None:
     from lmserve.server.graceful import serve as run_server
     from lmserve.server.metrics import ServerMetrics
     from lmserve.server.state import ServerState
+    from lmserve.store.conversations import ConversationStore, StoreError
 
     try:
         config = engine_config(args)
@@ -160,7 +165,8 @@ def serve(args: argparse.Namespace) -> None:
         models = catalogue(args, config, embedding)
         preflight_pinned(models, config)
         settings, listen = state_settings(args), listen_options(args)
-    except ValueError as exc:
+        store = ConversationStore.in_folder(data_dir(args.data_dir))
+    except (ValueError, StoreError) as exc:
         raise SystemExit(f"lmserve: {exc}") from None
     for given, why in args.llama_accepted:
         log.info("%s changes nothing: %s", given, why)
@@ -173,7 +179,7 @@ def serve(args: argparse.Namespace) -> None:
                   footprint=footprint_estimator(config))
     one_model = len(model_sources(args)) <= 1 and args.config is None and args.models_dir is None  # as always
     state = ServerState(fleet, metrics=metrics, load_timeout=args.load_timeout, exit_if_pinned_fails=one_model,
-                        shutdown_timeout=args.shutdown_timeout, **settings)
+                        shutdown_timeout=args.shutdown_timeout, store=store, **settings)
     if config.num_threads:
         import torch
 

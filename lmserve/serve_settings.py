@@ -6,6 +6,7 @@ start-up ends), the server state's settings, and where and how uvicorn listens.
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 from pathlib import Path
 
@@ -145,6 +146,13 @@ def connection_options(args: argparse.Namespace) -> dict:
 
     return uvicorn_options(ConnectionLimits(read_timeout=args.read_timeout, max_connections=args.max_connections,
                                             write_timeout=args.write_timeout))
+
+
+def data_dir(given: str | None) -> Path | None:
+    """--data-dir: the folder given, None for 'none' (in memory), else the per-user data folder."""
+    if given is not None:
+        return None if given.lower() == "none" else Path(given).expanduser()
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lmserve"
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from lmserve.server.middleware.draining import InFlight, stop_serving
 from lmserve.server.middleware.limits import DEFAULT_MAX_REQUEST_BODY, DEFAULT_READ_TIMEOUT
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.slots import SlotTable
+from lmserve.store.conversations import ConversationStore
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
@@ -73,6 +74,7 @@ class ServerState:
     _stopping: asyncio.Task | None = field(default=None, repr=False)
     max_queued_requests: int | None = None  # sequences waiting per model before a 429; None: sized from its engine
     queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT  # seconds a request waits to start before a 503; None: no limit
+    store: ConversationStore = field(default_factory=lambda: ConversationStore(None), repr=False)  # stored responses
     _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
     _gates: dict[str, tuple[object, AdmissionGate]] = field(default_factory=dict, repr=False)
 

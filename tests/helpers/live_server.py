@@ -43,6 +43,8 @@ def start_server(*extra: str, stdout=None, stderr=None, sizes: bool = True):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     limits = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB"] if sizes else []
+    if "--data-dir" not in extra:  # stored responses stay in memory, out of the user's data folder
+        limits += ["--data-dir", "none"]
     cmd = [sys.executable, "-m", "lmserve.cli", "serve", "--port", str(port), *limits, "--log-level", "warning",
            *extra]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=stdout, stderr=stderr, text=True)

@@ -4,6 +4,7 @@ run it, answer JSON or SSE."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import uuid
@@ -65,7 +66,7 @@ class Shape:
     id_prefix: str
     make_plan: Callable[..., GenerationPlan]
     stream: Callable[[Any, GenerationPlan, ResponseMeta, Any], AsyncIterator[str]]  # (engine, plan, meta, body)
-    whole: Callable[[ResponseMeta, GenerationPlan, dict[int, ChoiceResult], Any, Any], Response]
+    whole: Callable[[ResponseMeta, GenerationPlan, dict[int, ChoiceResult], Any, Any], Response]  # or awaits one
 
 
 def _openai_stream(events):
@@ -181,7 +182,8 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
         gathered = await until_disconnected(request.receive, collect_results(engine, plan))
         if gathered is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return shape.whole(meta, plan, gathered, engine, body)
+        response = shape.whole(meta, plan, gathered, engine, body)
+        return await response if inspect.isawaitable(response) else response
     finally:
         _release(ticket, lease)
 

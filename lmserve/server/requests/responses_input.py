@@ -1,0 +1,159 @@
+"""A Responses API request -> the chat request lmserve runs, and the input items it stores.
+
+Input items become chat messages: a message item (string content or input_text / output_text
+parts) keeps its role (developer counts as system), function_call items become an assistant
+message's tool calls, function_call_output items tool messages, and reasoning items are left out
+of the prompt, as chat templates leave out earlier reasoning. `instructions` is a system message
+first, for this response only (a continuation does not carry it over). Function tools, tool_choice
+and text.format map onto the chat request's tools, tool_choice and response_format, so they are
+enforced the same way.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from lmserve.server.errors import APIError, bad_request
+from lmserve.server.protocol import ChatCompletionRequest
+from lmserve.server.protocol.responses_api import ResponsesRequest
+
+ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+TEXT_PARTS = ("input_text", "output_text", "text")
+REFUSED = {  # set to anything but null/false/empty, these are refused by name
+    "conversation": "conversations are not served yet; continue with previous_response_id",
+    "background": "background responses are not supported",
+    "include": "extra output data (include) is not supported",
+    "top_logprobs": "logprobs are not supported on /v1/responses; use /v1/chat/completions",
+    "max_tool_calls": "max_tool_calls is not supported",
+    "prompt": "stored prompt templates are not supported",
+}
+
+
+def _refused(message: str, param: str) -> APIError:
+    return bad_request(message, param=param, code="unsupported_parameter")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def refuse_unsupported(body: ResponsesRequest) -> None:
+    for name, why in REFUSED.items():
+        if getattr(body, name):
+            raise _refused(f"'{name}': {why}", param=name)
+    if body.truncation == "auto":
+        raise _refused("'truncation': 'auto' is not supported; a conversation longer than the context is an error",
+                          param="truncation")
+    if body.reasoning and body.reasoning.get("effort") is not None:
+        raise _refused("'reasoning.effort': the models served here have no reasoning effort setting",
+                          param="reasoning.effort")
+
+
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as stored items, each with an id."""
+    if isinstance(body.input, str):
+        return [message_item("user", body.input)]
+    items = []
+    for position, item in enumerate(body.input):
+        kind = item.get("type", "message")
+        if kind == "message" or ("role" in item and "type" not in item):
+            role = item.get("role")
+            if role not in ROLES:
+                raise bad_request(f"input[{position}].role must be one of {sorted(ROLES)}", param=f"input[{position}].role")
+            items.append(message_item(role, _text(item.get("content"), position), item.get("id")))
+        elif kind in ("function_call", "function_call_output", "reasoning"):
+            items.append({"id": item.get("id") or new_id({"reasoning": "rs"}.get(kind, "fc")), **item})
+        else:
+            raise _refused(f"input[{position}]: items of type {kind!r} are not supported", param=f"input[{position}].type")
+    return items
+
+
+def message_item(role: str, text: str, item_id: str | None = None) -> dict[str, Any]:
+    part = "output_text" if role == "assistant" else "input_text"
+    return {"type": "message", "id": item_id or new_id("msg"), "role": role, "status": "completed",
+            "content": [{"type": part, "text": text}]}
+
+
+def _text(content: Any, position: int) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"input[{position}].content must be a string or a list of parts", param=f"input[{position}].content")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise _refused(f"input[{position}].content: parts of type {kind!r} are not supported (text only)",
+                              param=f"input[{position}].content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def chat_messages(items: list[dict[str, Any]], instructions: str | None) -> list[dict[str, Any]]:
+    """The chat messages of a context of stored items."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            text = "".join(part.get("text", "") for part in item["content"])
+            messages.append({"role": ROLES[item["role"]], "content": text})
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item.get("arguments", "{}")}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": output if isinstance(output, str) else str(output)})
+    return messages
+
+
+def chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request that runs `body` over `messages`."""
+    fields: dict[str, Any] = {"model": body.model, "messages": messages, "stream": body.stream}
+    if body.max_output_tokens is not None:
+        fields["max_completion_tokens"] = body.max_output_tokens
+    for name in ("temperature", "top_p", "parallel_tool_calls", "keep_alive"):
+        if getattr(body, name) is not None:
+            fields[name] = getattr(body, name)
+    if body.tools:
+        fields["tools"] = [_chat_tool(tool, i) for i, tool in enumerate(body.tools)]
+    if body.tool_choice is not None:
+        fields["tool_choice"] = _chat_tool_choice(body.tool_choice)
+    response_format = _response_format((body.text or {}).get("format"))
+    if response_format is not None:
+        fields["response_format"] = response_format
+    return ChatCompletionRequest.model_validate(fields, strict=False)
+
+
+def _chat_tool(tool: dict[str, Any], position: int) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise _refused(f"tools[{position}]: only function tools are served (not {tool.get('type')!r})",
+                          param=f"tools[{position}].type")
+    function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise _refused(f"tool_choice {choice!r} is not supported", param="tool_choice")
+
+
+def _response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    raise bad_request(f"text.format.type {fmt.get('type')!r} is not one of text, json_object, json_schema",
+                      param="text.format.type")

@@ -1,0 +1,130 @@
+"""OpenAI's Responses API: POST /v1/responses (whole or streamed), GET and DELETE
+/v1/responses/{id}, GET /v1/responses/{id}/input_items, on the server's conversation store.
+
+A response runs as the chat request its input makes (requests/responses_input.py), through the
+same planning, admission and engine path as /v1/chat/completions. `previous_response_id`
+continues from the stored context of that response, so the prompt begins with the tokens of the
+earlier turn and the prefix cache serves them. Each API key sees only its own responses; another
+key's id is a 404, as a missing one is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, Query, Request
+from starlette.responses import JSONResponse, Response
+
+from lmserve.server.errors import APIError
+from lmserve.server.middleware.auth import presented_key
+from lmserve.server.protocol.responses_api import ResponsesRequest
+from lmserve.server.requests.plan import chat_plan
+from lmserve.server.requests.responses_input import (
+    chat_messages,
+    chat_request,
+    input_items,
+    new_id,
+    refuse_unsupported,
+)
+from lmserve.server.responses import event_stream
+from lmserve.server.responses.responses_api import (
+    ResponseContext,
+    finished_response,
+    response_events,
+    whole_output,
+)
+from lmserve.server.routes.generation import STREAMABLE, Shape, generate
+from lmserve.server.state import ServerState, State
+from lmserve.store.conversations import ConversationStore, StoredResponse
+
+router = APIRouter()  # served under /v1
+
+
+@router.post("/responses", responses=STREAMABLE)
+async def create_response(body: ResponsesRequest, request: Request, state: State) -> Response:
+    refuse_unsupported(body)
+    owner, store = owner_of(request, state), state.store
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        previous = await anyio.to_thread.run_sync(store.get_response, owner, body.previous_response_id)
+        if previous is None:
+            raise not_found(body.previous_response_id, param="previous_response_id")
+        history = previous.context
+    context = history + input_items(body)
+    chat_body = chat_request(body, chat_messages(context, body.instructions))
+    return await generate(chat_body, request, state, _shape(body, context, store, owner))
+
+
+def _shape(body: ResponsesRequest, context: list[dict[str, Any]], store: ConversationStore, owner: str) -> Shape:
+    """How this response answers: the Responses shapes over the chat plan, stored at the end."""
+    response_id, created_at = new_id("resp"), int(time.time())
+
+    async def save(response: dict[str, Any]) -> None:
+        if body.store:
+            stored = StoredResponse(response_id, created_at, response, context)
+            await anyio.to_thread.run_sync(store.put_response, owner, stored)
+
+    def stream(engine, plan, meta, _chat_body):
+        ctx = ResponseContext(response_id, created_at, meta.model, body)
+        return event_stream.with_errors(response_events(engine, plan, ctx, save))
+
+    async def whole(meta, plan, results, _engine, _chat_body) -> Response:
+        ctx = ResponseContext(response_id, created_at, meta.model, body)
+        result = results[plan.choices[0].index]
+        response = finished_response(ctx, plan, result, whole_output(plan, result))
+        await save(response)
+        return JSONResponse(response)
+
+    return Shape("resp", chat_plan, stream, whole)
+
+
+@router.get("/responses/{response_id}")
+async def get_response(response_id: str, request: Request, state: State) -> JSONResponse:
+    stored = await _stored(response_id, request, state)
+    return JSONResponse(stored.response)
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, request: Request, state: State) -> JSONResponse:
+    deleted = await anyio.to_thread.run_sync(state.store.delete_response, owner_of(request, state), response_id)
+    if not deleted:
+        raise not_found(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.get("/responses/{response_id}/input_items")
+async def list_input_items(response_id: str, request: Request, state: State,
+                           limit: int = Query(20, ge=1, le=100), order: Literal["asc", "desc"] = "desc",
+                           after: str | None = None) -> JSONResponse:
+    """The response's whole input context (earlier turns included), newest first by default;
+    `after` an item id pages on."""
+    stored = await _stored(response_id, request, state)
+    items = stored.input_items if order == "asc" else stored.input_items[::-1]
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise APIError(400, f"no input item {after!r} in response {response_id!r}", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+
+async def _stored(response_id: str, request: Request, state: ServerState) -> StoredResponse:
+    stored = await anyio.to_thread.run_sync(state.store.get_response, owner_of(request, state), response_id)
+    if stored is None:
+        raise not_found(response_id)
+    return stored
+
+
+def owner_of(request: Request, state: ServerState) -> str:
+    """Whose responses a request sees: a hash of its API key when the server checks keys, else ""."""
+    key = presented_key(request.headers) if state.api_keys else None
+    return "" if key is None else hashlib.sha256(key.encode()).hexdigest()
+
+
+def not_found(response_id: str, param: str | None = None) -> APIError:
+    return APIError(404, f"No response found with id '{response_id}'.", param=param, code="not_found")

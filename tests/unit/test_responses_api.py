@@ -1,0 +1,202 @@
+"""The Responses API through the official `openai` client, against the app on a fake engine:
+whole and streamed responses (the typed events, in order), continuation on the server's copy,
+the stored responses' routes, function calls, reasoning, ownership by API key, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from lmserve.parsing import HERMES_SYNTAX
+from lmserve.server.state import ServerState
+from lmserve.store.conversations import ConversationStore
+from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
+from tests.helpers.server import make_client
+
+ADD = {"type": "function", "name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}
+
+
+def client_of(engine: FakeEngine, api_key: str = "unused", **state_fields) -> openai.OpenAI:
+    http = make_client(engine, **state_fields)
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=api_key, http_client=http, max_retries=0)
+
+
+def prompt_text(engine: FakeEngine, call: int = -1) -> str:
+    return engine.tokenizer.decode(engine.calls[call][1])
+
+
+def test_a_whole_response_is_stored_and_read_back():
+    engine = FakeEngine(reply="Hello there", max_model_len=1024)
+    client = client_of(engine)
+    response = client.responses.create(model="fake", input="Hi", instructions="Be brief")
+    assert response.id.startswith("resp_") and response.status == "completed"
+    assert response.output_text == "Hello there" and response.instructions == "Be brief"
+    assert [item.type for item in response.output] == ["message"]
+    prompt = prompt_text(engine)
+    assert prompt.index("system: Be brief") < prompt.index("user: Hi")
+    assert response.usage.input_tokens == len(engine.calls[-1][1])
+    assert response.usage.output_tokens == len("Hello there")
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    again = client.responses.retrieve(response.id)
+    assert again.model_dump() == response.model_dump()
+    items = client.responses.input_items.list(response.id)
+    assert [(item.type, item.role, item.content[0].text) for item in items.data] == [("message", "user", "Hi")]
+
+
+def test_a_continuation_starts_from_the_stored_turns_without_their_instructions():
+    engine = FakeEngine(reply="Paris", max_model_len=1024)
+    client = client_of(engine)
+    first = client.responses.create(model="fake", input="Capital of France?", instructions="Answer in one word")
+    second = client.responses.create(model="fake", input="And of Italy?", previous_response_id=first.id)
+    prompt = prompt_text(engine)
+    assert prompt.index("user: Capital of France?") < prompt.index("assistant: Paris") < prompt.index("user: And of Italy?")
+    assert "Answer in one word" not in prompt  # instructions belong to the response that gave them
+    assert second.previous_response_id == first.id
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [(item.role, item.content[0].text) for item in items.data] == [
+        ("user", "Capital of France?"), ("assistant", "Paris"), ("user", "And of Italy?")]
+    newest_first = client.responses.input_items.list(second.id, limit=2)
+    assert [item.content[0].text for item in newest_first.data] == ["And of Italy?", "Paris"]
+    assert newest_first.has_more
+    rest = client.responses.input_items.list(second.id, limit=2, after=newest_first.data[-1].id)
+    assert [item.content[0].text for item in rest.data] == ["Capital of France?"] and not rest.has_more
+
+
+def test_a_streamed_response_sends_the_typed_events_in_order():
+    engine = FakeEngine(reply="Hi!", max_model_len=1024)
+    client = client_of(engine)
+    events = list(client.responses.create(model="fake", input="Hello", stream=True))
+    assert [event.type for event in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        *["response.output_text.delta"] * 3, "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == "Hi!"
+    item_id = events[2].item.id
+    assert all(event.item_id == item_id for event in events[3:-2])
+    completed = events[-1].response
+    assert completed.output_text == "Hi!" and completed.status == "completed"
+    assert events[0].response.id == completed.id and events[0].response.status == "in_progress"
+    assert client.responses.retrieve(completed.id).output_text == "Hi!"  # stored before the last event
+
+
+def test_the_stream_helper_accumulates_the_same_response():
+    engine = FakeEngine(reply="Streamed answer", max_model_len=1024)
+    client = client_of(engine)
+    with client.responses.stream(model="fake", input="Go") as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "Streamed answer"
+
+
+def test_max_output_tokens_ends_an_incomplete_response():
+    client = client_of(FakeEngine(reply="Hello there", max_model_len=1024))
+    response = client.responses.create(model="fake", input="Hi", max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == "Hel" and response.usage.output_tokens == 3
+    events = list(client.responses.create(model="fake", input="Hi", max_output_tokens=3, stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == "Hel"
+
+
+def test_unstored_deleted_and_unknown_responses_are_404():
+    client = client_of(FakeEngine(reply="x", max_model_len=1024))
+    unstored = client.responses.create(model="fake", input="Hi", store=False)
+    assert unstored.store is False
+    for missing in (unstored.id, "resp_nothing"):
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(missing)
+    stored = client.responses.create(model="fake", input="Hi")
+    client.responses.delete(stored.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(stored.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(stored.id)
+    with pytest.raises(openai.NotFoundError) as error:
+        client.responses.create(model="fake", input="Hi", previous_response_id=stored.id)
+    assert error.value.body["param"] == "previous_response_id"
+
+
+def test_each_api_key_sees_only_its_own_responses():
+    engine = FakeEngine(reply="mine", max_model_len=1024)
+    store = ConversationStore(None)
+    alice = client_of(engine, api_key="alice", api_keys=("alice", "bob"), store=store)
+    bob = client_of(engine, api_key="bob", api_keys=("alice", "bob"), store=store)
+    response = alice.responses.create(model="fake", input="Hi")
+    assert alice.responses.retrieve(response.id).output_text == "mine"
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.create(model="fake", input="Hi", previous_response_id=response.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.delete(response.id)
+    assert alice.responses.retrieve(response.id).id == response.id
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_function_call_is_an_output_item_and_its_output_continues_the_turn(grammar_compiler, stream):
+    engine = FakeEngine(reply=HERMES_SYNTAX.render([("add", '{"a": 1, "b": 2}')]), max_model_len=4096,
+                        grammar=grammar_compiler)
+    client = client_of(engine)
+    if stream:
+        events = list(client.responses.create(model="fake", input="1 + 2?", tools=[ADD], stream=True))
+        kinds = [event.type for event in events]
+        assert "response.function_call_arguments.delta" in kinds
+        done = next(event for event in events if event.type == "response.function_call_arguments.done")
+        assert done.arguments == '{"a": 1, "b": 2}'
+        response = events[-1].response
+    else:
+        response = client.responses.create(model="fake", input="1 + 2?", tools=[ADD])
+    (call,) = response.output
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "add", {"a": 1, "b": 2})
+    assert call.call_id and call.status == "completed"
+    engine.reply = "It is 3."
+    follow = client.responses.create(model="fake", previous_response_id=response.id, tools=[ADD],
+                                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": "3"}])
+    assert follow.output_text == "It is 3."
+    prompt = prompt_text(engine)
+    call_text = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    assert prompt.index("user: 1 + 2?") < prompt.index(call_text) < prompt.index("<tool_response>\n3\n</tool_response>")
+
+
+def test_reasoning_comes_as_its_own_item_before_the_message():
+    engine = FakeEngine(reply="<think>\nPondering.\n</think>\n\nAnswer.", max_model_len=1024,
+                        tokenizer=ByteTokenizer(chat_template="<think>"))
+    client = client_of(engine)
+    whole = client.responses.create(model="fake", input="Q?")
+    events = list(client.responses.create(model="fake", input="Q?", stream=True))
+    for response in (whole, events[-1].response):
+        reasoning, message = response.output
+        assert reasoning.type == "reasoning" and reasoning.content[0].text.strip() == "Pondering."
+        assert message.type == "message" and response.output_text == "Answer."
+    kinds = [event.type for event in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"background": True}, "background"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": [{"role": "critic", "content": "x"}]}, "input[0].role"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
+])
+def test_what_is_not_served_is_refused_by_name(fields, param):
+    client = client_of(FakeEngine(reply="x", max_model_len=1024))
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(**{"model": "fake", "input": "Hi", **fields})
+    assert error.value.body["param"] == param
+
+
+def test_the_store_keeps_responses_in_a_file_across_servers(tmp_path):
+    engine = FakeEngine(reply="kept", max_model_len=1024)
+    first = client_of(engine, store=ConversationStore.in_folder(tmp_path))
+    response = first.responses.create(model="fake", input="Remember")
+    second = client_of(engine, store=ConversationStore.in_folder(tmp_path))
+    assert second.responses.retrieve(response.id).output_text == "kept"
+    assert ServerState.__dataclass_fields__["store"].default_factory().path is None  # in memory unless told
