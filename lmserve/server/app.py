@@ -43,7 +43,7 @@ from lmserve.server.middleware.draining import DrainingMiddleware
 from lmserve.server.middleware.hosts import HostCheckMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
 from lmserve.server.requests.body_text import check_json_body
-from lmserve.server.routes import embeddings, generation, models, ops, responses, slots
+from lmserve.server.routes import conversations, embeddings, generation, interactive, models, ops, responses, slots
 from lmserve.server.state import ServerState
 
 logger = logging.getLogger("lmserve")
@@ -65,6 +65,8 @@ def create_app(state: ServerState) -> FastAPI:
         app.include_router(router, include_in_schema=False)  # llama.cpp-style paths, same handlers
     app.include_router(generation.v1_router, prefix="/v1", responses=ERROR_RESPONSES)
     app.include_router(responses.router, prefix="/v1", responses=ERROR_RESPONSES)
+    app.include_router(conversations.router, prefix="/v1", responses=ERROR_RESPONSES)
+    app.include_router(interactive.router, responses=ERROR_RESPONSES)
     app.include_router(generation.llama_router, responses=ERROR_RESPONSES)
     app.include_router(slots.router)
     app.include_router(ops.server_router)

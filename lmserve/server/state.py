@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -75,8 +76,17 @@ class ServerState:
     max_queued_requests: int | None = None  # sequences waiting per model before a 429; None: sized from its engine
     queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT  # seconds a request waits to start before a 503; None: no limit
     store: ConversationStore = field(default_factory=lambda: ConversationStore(None), repr=False)  # stored responses
+    running_sessions: dict[str, str] = field(default_factory=dict, repr=False)  # lmdeploy session -> its request id
     _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
     _gates: dict[str, tuple[object, AdmissionGate]] = field(default_factory=dict, repr=False)
+
+    def owner_of(self, request: Request) -> str:
+        """Whose stored responses and conversations a request sees: a hash of its API key when the
+        server checks keys, else "" (everyone's)."""
+        from lmserve.server.middleware.auth import presented_key  # auth imports this module
+
+        key = presented_key(request.headers) if self.api_keys else None
+        return "" if key is None else hashlib.sha256(key.encode()).hexdigest()
 
     @property
     def ready(self) -> bool:

@@ -177,7 +177,7 @@ def test_reasoning_comes_as_its_own_item_before_the_message():
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"background": True}, "background"),
-    ({"conversation": "conv_1"}, "conversation"),
+    ({"conversation": "conv_1", "previous_response_id": "resp_1"}, "conversation"),
     ({"truncation": "auto"}, "truncation"),
     ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
@@ -200,3 +200,55 @@ def test_the_store_keeps_responses_in_a_file_across_servers(tmp_path):
     second = client_of(engine, store=ConversationStore.in_folder(tmp_path))
     assert second.responses.retrieve(response.id).output_text == "kept"
     assert ServerState.__dataclass_fields__["store"].default_factory().path is None  # in memory unless told
+
+
+def test_a_conversation_holds_its_items_and_responses_add_to_it():
+    engine = FakeEngine(reply="Paris", max_model_len=1024)
+    client = client_of(engine)
+    conversation = client.conversations.create(items=[{"role": "system", "content": "Be terse"}],
+                                               metadata={"title": "Capitals"})
+    assert conversation.id.startswith("conv_") and conversation.metadata == {"title": "Capitals"}
+    first = client.responses.create(model="fake", input="Capital of France?", conversation=conversation.id)
+    assert first.conversation.id == conversation.id
+    engine.reply = "Rome"
+    client.responses.create(model="fake", input="And of Italy?", conversation={"id": conversation.id})
+    prompt = prompt_text(engine)
+    assert (prompt.index("system: Be terse") < prompt.index("user: Capital of France?") < prompt.index("assistant: Paris")
+            < prompt.index("user: And of Italy?"))
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    assert [(item.role, item.content[0].text) for item in items] == [
+        ("system", "Be terse"), ("user", "Capital of France?"), ("assistant", "Paris"),
+        ("user", "And of Italy?"), ("assistant", "Rome")]
+    assert client.conversations.items.retrieve(items[2].id, conversation_id=conversation.id).content[0].text == "Paris"
+    added = client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "Thanks"}])
+    assert [item.content[0].text for item in added.data] == ["Thanks"]
+    client.conversations.items.delete(items[0].id, conversation_id=conversation.id)
+    newest = client.conversations.items.list(conversation.id, limit=2).data
+    assert [item.content[0].text for item in newest] == ["Thanks", "Rome"]
+    assert len(client.conversations.items.list(conversation.id, limit=100).data) == 5
+    renamed = client.conversations.update(conversation.id, metadata={"title": "Europe"})
+    assert client.conversations.retrieve(conversation.id).metadata == renamed.metadata == {"title": "Europe"}
+    listed = client.get("/conversations", cast_to=object)
+    assert [c["id"] for c in listed["data"]] == [conversation.id]
+    client.conversations.delete(conversation.id)
+    for call in (lambda: client.conversations.retrieve(conversation.id),
+                 lambda: client.conversations.items.list(conversation.id),
+                 lambda: client.responses.create(model="fake", input="Hi", conversation=conversation.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+
+
+def test_conversations_belong_to_their_api_key():
+    store = ConversationStore(None)
+    engine = FakeEngine(reply="x", max_model_len=1024)
+    alice = client_of(engine, api_key="alice", api_keys=("alice", "bob"), store=store)
+    bob = client_of(engine, api_key="bob", api_keys=("alice", "bob"), store=store)
+    conversation = alice.conversations.create()
+    for call in (lambda: bob.conversations.retrieve(conversation.id),
+                 lambda: bob.conversations.items.create(conversation.id, items=[{"role": "user", "content": "x"}]),
+                 lambda: bob.conversations.delete(conversation.id),
+                 lambda: bob.responses.create(model="fake", input="Hi", conversation=conversation.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert bob.get("/conversations", cast_to=object)["data"] == []
+    assert alice.conversations.items.list(conversation.id).data == []

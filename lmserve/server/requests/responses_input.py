@@ -20,8 +20,9 @@ from lmserve.server.protocol.responses_api import ResponsesRequest
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 TEXT_PARTS = ("input_text", "output_text", "text")
+NEEDS = {"function_call": ("call_id", "name", "arguments"), "function_call_output": ("call_id", "output"),
+         "reasoning": ()}  # the other item types served, and their required string fields
 REFUSED = {  # set to anything but null/false/empty, these are refused by name
-    "conversation": "conversations are not served yet; continue with previous_response_id",
     "background": "background responses are not supported",
     "include": "extra output data (include) is not supported",
     "top_logprobs": "logprobs are not supported on /v1/responses; use /v1/chat/completions",
@@ -50,22 +51,42 @@ def refuse_unsupported(body: ResponsesRequest) -> None:
                           param="reasoning.effort")
 
 
-def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as stored items, each with an id."""
-    if isinstance(body.input, str):
-        return [message_item("user", body.input)]
+def conversation_id(body: ResponsesRequest) -> str | None:
+    """The conversation the response continues and adds to (`conversation`: an id or {"id": ...})."""
+    given = body.conversation
+    if given is None:
+        return None
+    if body.previous_response_id is not None:
+        raise bad_request("conversation and previous_response_id cannot be used together", param="conversation")
+    if isinstance(given, dict):
+        given = given.get("id")
+    if not isinstance(given, str) or not given:
+        raise bad_request("conversation must be a conversation id or {\"id\": ...}", param="conversation")
+    return given
+
+
+def input_items(given: str | list[dict[str, Any]], field: str = "input") -> list[dict[str, Any]]:
+    """Input (a string, or a list of items) as stored items, each with an id; `field` names it in errors."""
+    if isinstance(given, str):
+        return [message_item("user", given)]
     items = []
-    for position, item in enumerate(body.input):
+    for position, item in enumerate(given):
+        if not isinstance(item, dict):
+            raise bad_request(f"{field}[{position}] must be an item object", param=f"{field}[{position}]")
         kind = item.get("type", "message")
         if kind == "message" or ("role" in item and "type" not in item):
             role = item.get("role")
             if role not in ROLES:
-                raise bad_request(f"input[{position}].role must be one of {sorted(ROLES)}", param=f"input[{position}].role")
-            items.append(message_item(role, _text(item.get("content"), position), item.get("id")))
-        elif kind in ("function_call", "function_call_output", "reasoning"):
-            items.append({"id": item.get("id") or new_id({"reasoning": "rs"}.get(kind, "fc")), **item})
+                raise bad_request(f"{field}[{position}].role must be one of {sorted(ROLES)}", param=f"{field}[{position}].role")
+            items.append(message_item(role, _text(item.get("content"), f"{field}[{position}]"), item.get("id")))
+        elif kind in NEEDS:
+            missing = [name for name in NEEDS[kind] if not isinstance(item.get(name), str)]
+            if missing:
+                raise bad_request(f"{field}[{position}] ({kind}) needs a string '{missing[0]}'",
+                                  param=f"{field}[{position}].{missing[0]}")
+            items.append({**item, "id": item.get("id") or new_id({"reasoning": "rs"}.get(kind, "fc"))})
         else:
-            raise _refused(f"input[{position}]: items of type {kind!r} are not supported", param=f"input[{position}].type")
+            raise _refused(f"{field}[{position}]: items of type {kind!r} are not supported", param=f"{field}[{position}].type")
     return items
 
 
@@ -75,17 +96,17 @@ def message_item(role: str, text: str, item_id: str | None = None) -> dict[str, 
             "content": [{"type": part, "text": text}]}
 
 
-def _text(content: Any, position: int) -> str:
+def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise bad_request(f"input[{position}].content must be a string or a list of parts", param=f"input[{position}].content")
+        raise bad_request(f"{where}.content must be a string or a list of parts", param=f"{where}.content")
     texts = []
     for part in content:
         if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise _refused(f"input[{position}].content: parts of type {kind!r} are not supported (text only)",
-                              param=f"input[{position}].content")
+            raise _refused(f"{where}.content: parts of type {kind!r} are not supported (text only)",
+                           param=f"{where}.content")
         texts.append(part["text"])
     return "".join(texts)
 

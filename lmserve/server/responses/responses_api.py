@@ -20,9 +20,10 @@ from lmserve.parsing import ReplyParser
 from lmserve.parsing.events import ToolCallDelta
 from lmserve.parsing.reply import ReplyDelta
 from lmserve.request import FinishReason
+from lmserve.server.errors import APIError
 from lmserve.server.protocol.responses_api import ResponsesRequest
 from lmserve.server.requests.plan import GenerationPlan
-from lmserve.server.requests.responses_input import new_id
+from lmserve.server.requests.responses_input import conversation_id, new_id
 from lmserve.server.responses.choices import ChoiceResult, new_results, recorded_outputs
 
 if TYPE_CHECKING:
@@ -140,7 +141,22 @@ def response_object(ctx: ResponseContext, status: str, output: list[dict[str, An
         "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_p": body.top_p,
         "truncation": body.truncation or "disabled", "usage": usage, "user": body.user, "metadata": body.metadata or {},
+        "conversation": {"id": conversation_id(body)} if body.conversation is not None else None,
     }
+
+
+def item_page(items: list[dict[str, Any]], limit: int, order: str, after: str | None) -> dict[str, Any]:
+    """One page of a list of items (oldest first in `items`), in OpenAI's list shape: `order`
+    "asc" or "desc", starting after the item whose id is `after`."""
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item.get("id") for item in ordered]
+        if after not in ids:
+            raise APIError(400, f"no item {after!r} in this list", param="after")
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
 
 
 def usage_of(plan: GenerationPlan, result: ChoiceResult) -> dict[str, Any]:

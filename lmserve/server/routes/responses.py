@@ -10,7 +10,6 @@ key's id is a 404, as a missing one is.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any, Literal
 
@@ -19,12 +18,12 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from lmserve.server.errors import APIError
-from lmserve.server.middleware.auth import presented_key
 from lmserve.server.protocol.responses_api import ResponsesRequest
 from lmserve.server.requests.plan import chat_plan
 from lmserve.server.requests.responses_input import (
     chat_messages,
     chat_request,
+    conversation_id,
     input_items,
     new_id,
     refuse_unsupported,
@@ -33,6 +32,7 @@ from lmserve.server.responses import event_stream
 from lmserve.server.responses.responses_api import (
     ResponseContext,
     finished_response,
+    item_page,
     response_events,
     whole_output,
 )
@@ -46,26 +46,44 @@ router = APIRouter()  # served under /v1
 @router.post("/responses", responses=STREAMABLE)
 async def create_response(body: ResponsesRequest, request: Request, state: State) -> Response:
     refuse_unsupported(body)
-    owner, store = owner_of(request, state), state.store
-    history: list[dict[str, Any]] = []
-    if body.previous_response_id is not None:
-        previous = await anyio.to_thread.run_sync(store.get_response, owner, body.previous_response_id)
-        if previous is None:
-            raise not_found(body.previous_response_id, param="previous_response_id")
-        history = previous.context
-    context = history + input_items(body)
+    owner, store = state.owner_of(request), state.store
+    new_items = input_items(body.input)
+    history = await _history(body, store, owner)
+    context = history + new_items
     chat_body = chat_request(body, chat_messages(context, body.instructions))
-    return await generate(chat_body, request, state, _shape(body, context, store, owner))
+    return await generate(chat_body, request, state, _shape(body, context, new_items, store, owner))
 
 
-def _shape(body: ResponsesRequest, context: list[dict[str, Any]], store: ConversationStore, owner: str) -> Shape:
-    """How this response answers: the Responses shapes over the chat plan, stored at the end."""
+async def _history(body: ResponsesRequest, store: ConversationStore, owner: str) -> list[dict[str, Any]]:
+    """The items before this response's input: its conversation's, or its previous response's context."""
+    conversation = conversation_id(body)
+    if conversation is not None:
+        items = await anyio.to_thread.run_sync(store.items, owner, conversation)
+        if items is None:
+            raise APIError(404, f"No conversation found with id '{conversation}'.", param="conversation",
+                           code="not_found")
+        return items
+    if body.previous_response_id is None:
+        return []
+    previous = await anyio.to_thread.run_sync(store.get_response, owner, body.previous_response_id)
+    if previous is None:
+        raise not_found(body.previous_response_id, param="previous_response_id")
+    return previous.context
+
+
+def _shape(body: ResponsesRequest, context: list[dict[str, Any]], new_items: list[dict[str, Any]],
+           store: ConversationStore, owner: str) -> Shape:
+    """How this response answers: the Responses shapes over the chat plan, stored at the end (and
+    its input and output added to its conversation)."""
     response_id, created_at = new_id("resp"), int(time.time())
+    conversation = conversation_id(body)
 
     async def save(response: dict[str, Any]) -> None:
         if body.store:
             stored = StoredResponse(response_id, created_at, response, context)
             await anyio.to_thread.run_sync(store.put_response, owner, stored)
+        if conversation is not None:
+            await anyio.to_thread.run_sync(store.add_items, owner, conversation, new_items + response["output"])
 
     def stream(engine, plan, meta, _chat_body):
         ctx = ResponseContext(response_id, created_at, meta.model, body)
@@ -89,7 +107,7 @@ async def get_response(response_id: str, request: Request, state: State) -> JSON
 
 @router.delete("/responses/{response_id}")
 async def delete_response(response_id: str, request: Request, state: State) -> JSONResponse:
-    deleted = await anyio.to_thread.run_sync(state.store.delete_response, owner_of(request, state), response_id)
+    deleted = await anyio.to_thread.run_sync(state.store.delete_response, state.owner_of(request), response_id)
     if not deleted:
         raise not_found(response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
@@ -102,28 +120,14 @@ async def list_input_items(response_id: str, request: Request, state: State,
     """The response's whole input context (earlier turns included), newest first by default;
     `after` an item id pages on."""
     stored = await _stored(response_id, request, state)
-    items = stored.input_items if order == "asc" else stored.input_items[::-1]
-    if after is not None:
-        ids = [item.get("id") for item in items]
-        if after not in ids:
-            raise APIError(400, f"no input item {after!r} in response {response_id!r}", param="after")
-        items = items[ids.index(after) + 1:]
-    page = items[:limit]
-    return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                         "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+    return JSONResponse(item_page(stored.input_items, limit, order, after))
 
 
 async def _stored(response_id: str, request: Request, state: ServerState) -> StoredResponse:
-    stored = await anyio.to_thread.run_sync(state.store.get_response, owner_of(request, state), response_id)
+    stored = await anyio.to_thread.run_sync(state.store.get_response, state.owner_of(request), response_id)
     if stored is None:
         raise not_found(response_id)
     return stored
-
-
-def owner_of(request: Request, state: ServerState) -> str:
-    """Whose responses a request sees: a hash of its API key when the server checks keys, else ""."""
-    key = presented_key(request.headers) if state.api_keys else None
-    return "" if key is None else hashlib.sha256(key.encode()).hexdigest()
 
 
 def not_found(response_id: str, param: str | None = None) -> APIError:
