@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--api-key", help="its API key, if it requires one")
     ps.add_argument("--all", action="store_true", help="every model it can serve, not only the loaded ones")
     ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    chat = commands.add_parser("chat", help="chat in the terminal with a running server's model, streamed")
+    chat.add_argument("model", nargs="?", help="the model id (default: the server's first chat model)")
+    chat.add_argument("--url", default="http://127.0.0.1:8080", help="the server (default http://127.0.0.1:8080)")
+    chat.add_argument("--api-key", help="its API key, if it requires one")
+    chat.add_argument("--system", help="a system prompt to start with")
+    chat.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -240,6 +246,30 @@ def _duration_text(seconds: float) -> str:
     return f"in {seconds / 3600:.1f} h"
 
 
+def chat(args: argparse.Namespace) -> None:
+    """`lmserve chat`: lmserve/chat_cli.py's loop on the terminal."""
+    import httpx
+
+    from lmserve.chat_cli import ChatError, ChatSession, first_model, run
+
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(10.0, read=None)) as client:
+        try:
+            model = args.model or first_model(client)
+        except (ChatError, httpx.HTTPError) as exc:
+            raise SystemExit(f"lmserve chat: cannot reach a model at {args.url}: {exc}") from None
+        run(ChatSession(client, model, system=args.system), input, _write)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -249,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         ps(args)
     elif args.command == "pull":
         pull(args)
+    elif args.command == "chat":
+        chat(args)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from tests.helpers.server import make_client
 EXAMPLES_PER_OPERATION = 12
 # Fields that make a request run longer, and the most each may ask for here.
 CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "n_predict": 4, "min_tokens": 2, "min_new_tokens": 2,
-        "n": 2, "best_of": 2}
-GENERATING = {"/v1/chat/completions", "/v1/completions", "/completion", "/infill"}
+        "n": 2, "best_of": 2, "max_output_tokens": 4, "request_output_len": 4}
+# The generating routes, and the field that bounds each one's reply.
+GENERATING = {"/v1/chat/completions": "max_tokens", "/v1/completions": "max_tokens", "/completion": "max_tokens",
+              "/infill": "max_tokens", "/v1/responses": "max_output_tokens", "/v1/chat/interactive": "request_output_len"}
 
 
 # The schema as the app makes it (it depends on the routes only), read when the tests are
@@ -51,8 +53,9 @@ def capped(path: str, body, negative: bool):
     if not negative:
         body = {key: min(value, CAPS[key]) if key in CAPS and type(value) is int and value > CAPS[key] else value
                 for key, value in body.items()}
-    if path in GENERATING and body.get("max_tokens") is None and body.get("n_predict") in (None, -1):
-        body = {**body, "max_tokens": CAPS["max_tokens"]}
+    length = GENERATING.get(path)
+    if length is not None and body.get(length) is None and body.get("n_predict") in (None, -1):
+        body = {**body, length: CAPS[length]}
     return body
 
 

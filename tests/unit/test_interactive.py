@@ -52,6 +52,8 @@ def test_an_empty_turn_with_no_output_ends_the_session():
     assert turn(client, "", session_id=3, request_output_len=0) == {
         "text": "", "tokens": 0, "input_tokens": 0, "history_tokens": 0, "finish_reason": "stop"}
     assert len(engine.calls) == calls  # nothing generated
+    assert turn(client, "Hi", session_id=4, request_output_len=0)["finish_reason"] == "length"
+    assert len(engine.calls) == calls
     turn(client, "Again", session_id=3, interactive_mode=True)
     assert "Remember this" not in prompt_text(engine)
 

@@ -6,7 +6,8 @@ the server's store, so sessions outlive a restart with --data-dir); with false t
 the session's history if it has one, and then the session ends. An empty prompt with
 `request_output_len: 0` and `interactive_mode: false` just ends it; `cancel: true` stops the
 session's running request. The answer is lmdeploy's: `text`, `tokens`, `input_tokens`,
-`history_tokens`, `finish_reason`; streamed, one such JSON object per line, `text` the new part.
+`history_tokens`, `finish_reason`; streamed, one such JSON object per line, `text` the new part
+(as text/event-stream, as lmdeploy sends it). `request_output_len: 0` generates nothing.
 lmdeploy's own defaults apply (temperature 0.8, top_p 0.8, top_k 40).
 """
 
@@ -28,7 +29,7 @@ from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.plan import GenerationPlan, chat_plan
 from lmserve.server.requests.responses_input import chat_messages, input_items, message_item
 from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, finish_name, new_results, recorded_outputs
-from lmserve.server.routes.generation import Shape, generate
+from lmserve.server.routes.generation import STREAMABLE, Shape, generate
 from lmserve.server.state import ServerState, State
 from lmserve.store.conversations import Conversation
 
@@ -63,7 +64,7 @@ class InteractiveRequest(BaseModel):
 EMPTY = {"text": "", "tokens": 0, "input_tokens": 0, "history_tokens": 0, "finish_reason": "stop"}
 
 
-@router.post("/v1/chat/interactive")
+@router.post("/v1/chat/interactive", responses=STREAMABLE)
 async def chat_interactive(body: InteractiveRequest, request: Request, state: State) -> Response:
     for name in ("image_url", "adapter_name"):
         if getattr(body, name):
@@ -72,9 +73,11 @@ async def chat_interactive(body: InteractiveRequest, request: Request, state: St
     session = None if body.session_id == -1 else _session_key(owner, body.session_id)  # -1: a one-off turn
     if body.cancel:
         return await _cancel(body, session, state)
-    if session is not None and not body.interactive_mode and body.prompt == "" and body.request_output_len == 0:
-        await anyio.to_thread.run_sync(state.store.delete_conversation, owner, session)
-        return JSONResponse(EMPTY)
+    if body.request_output_len == 0:  # nothing to generate; with an empty prompt outside interactive mode,
+        if session is not None and not body.interactive_mode and body.prompt == "":  # the end of a session
+            await anyio.to_thread.run_sync(state.store.delete_conversation, owner, session)
+            return JSONResponse(EMPTY)
+        return JSONResponse({**EMPTY, "finish_reason": "length"})
     found = None if session is None else await anyio.to_thread.run_sync(state.store.get_conversation, owner, session)
     history = await anyio.to_thread.run_sync(state.store.items, owner, session) if found else []
     turn = _Turn(state, owner, session, found, input_items(body.prompt, field="prompt"), body.interactive_mode)
