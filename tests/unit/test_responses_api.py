@@ -252,3 +252,17 @@ def test_conversations_belong_to_their_api_key():
             call()
     assert bob.get("/conversations", cast_to=object)["data"] == []
     assert alice.conversations.items.list(conversation.id).data == []
+
+
+def test_an_error_after_the_stream_began_ends_it_with_an_error_event_and_a_failed_response():
+    engine = FakeEngine(reply="Hello there", max_model_len=1024, fail_after=3)
+    client = client_of(engine)
+    events = list(client.responses.create(model="fake", input="Hi", stream=True))
+    assert [event.type for event in events[-2:]] == ["error", "response.failed"]
+    assert "Generation failed" in events[-2].message and events[-2].code == "server_error"
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.message == events[-2].message
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Hel"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    with pytest.raises(openai.NotFoundError):  # a failed response is not stored
+        client.responses.retrieve(failed.id)

@@ -11,6 +11,8 @@ the reply ends, so every item added is done before `response.completed`.
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from lmserve.parsing import ReplyParser
 from lmserve.parsing.events import ToolCallDelta
 from lmserve.parsing.reply import ReplyDelta
 from lmserve.request import FinishReason
-from lmserve.server.errors import APIError
+from lmserve.server.errors import APIError, internal_error
 from lmserve.server.protocol.responses_api import ResponsesRequest
 from lmserve.server.requests.plan import GenerationPlan
 from lmserve.server.requests.responses_input import conversation_id, new_id
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
 
 Event = dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,10 +192,18 @@ def _parsed(plan: GenerationPlan, text: str, final: bool, truncated: bool, parse
     return parser.feed(text, final=final, truncated=truncated)
 
 
+def _logged(exc: Exception) -> APIError:
+    """An unexpected error, logged under an id the client gets."""
+    error_id = uuid.uuid4().hex
+    logger.error("error while streaming a response (error id %s)", error_id, exc_info=exc)
+    return internal_error(f"error id {error_id}")
+
+
 async def response_events(engine: AsyncEngine, plan: GenerationPlan, ctx: ResponseContext,
                           on_finished: Callable[[dict[str, Any]], Any]) -> AsyncIterator[str]:
     """The typed SSE events of one response, in OpenAI's order; `on_finished(response)` runs (and
-    is awaited) before the last event, so a stored response can be read once the client has it."""
+    is awaited) before the last event, so a stored response can be read once the client has it.
+    An error after the start ends the stream with an `error` event and `response.failed`."""
     number = iter(range(1 << 62))
 
     def frame(event: Event) -> str:
@@ -203,12 +214,20 @@ async def response_events(engine: AsyncEngine, plan: GenerationPlan, ctx: Respon
     yield frame({"type": "response.in_progress", "response": response_object(ctx, "in_progress", [])})
     items, results = OutputItems(), new_results(plan)
     parser = ReplyParser(plan.reply) if plan.reply else None
-    async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
-        async for _, output in outputs:
-            delta = _parsed(plan, output.text_delta, final=output.finish_reason is not None,
-                            truncated=output.finish_reason == FinishReason.LENGTH, parser=parser)
-            for event in items.feed(delta):
-                yield frame(event)
+    try:
+        async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
+            async for _, output in outputs:
+                delta = _parsed(plan, output.text_delta, final=output.finish_reason is not None,
+                                truncated=output.finish_reason == FinishReason.LENGTH, parser=parser)
+                for event in items.feed(delta):
+                    yield frame(event)
+    except Exception as exc:  # noqa: BLE001 - the stream has begun: the error is its last events
+        error = exc if isinstance(exc, APIError) else _logged(exc)
+        code = error.code or error.type
+        yield frame({"type": "error", "code": code, "message": error.message, "param": error.param})
+        failed = response_object(ctx, "failed", items.items, error={"code": code, "message": error.message})
+        yield frame({"type": "response.failed", "response": failed})
+        return
     for event in items.finish():
         yield frame(event)
     response = finished_response(ctx, plan, results[plan.choices[0].index], items.items)

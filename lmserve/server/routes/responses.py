@@ -28,7 +28,6 @@ from lmserve.server.requests.responses_input import (
     new_id,
     refuse_unsupported,
 )
-from lmserve.server.responses import event_stream
 from lmserve.server.responses.responses_api import (
     ResponseContext,
     finished_response,
@@ -87,7 +86,7 @@ def _shape(body: ResponsesRequest, context: list[dict[str, Any]], new_items: lis
 
     def stream(engine, plan, meta, _chat_body):
         ctx = ResponseContext(response_id, created_at, meta.model, body)
-        return event_stream.with_errors(response_events(engine, plan, ctx, save))
+        return response_events(engine, plan, ctx, save)
 
     async def whole(meta, plan, results, _engine, _chat_body) -> Response:
         ctx = ResponseContext(response_id, created_at, meta.model, body)
