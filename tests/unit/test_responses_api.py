@@ -178,7 +178,6 @@ def test_reasoning_comes_as_its_own_item_before_the_message():
 @pytest.mark.parametrize(("fields", "param"), [
     ({"background": True}, "background"),
     ({"conversation": "conv_1", "previous_response_id": "resp_1"}, "conversation"),
-    ({"truncation": "auto"}, "truncation"),
     ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
@@ -266,3 +265,25 @@ def test_an_error_after_the_stream_began_ends_it_with_an_error_event_and_a_faile
     assert [event.sequence_number for event in events] == list(range(len(events)))
     with pytest.raises(openai.NotFoundError):  # a failed response is not stored
         client.responses.retrieve(failed.id)
+
+
+def test_truncation_auto_drops_the_oldest_turns_that_do_not_fit_and_disabled_refuses():
+    engine = FakeEngine(reply="ok", max_model_len=110)
+    client = client_of(engine)
+    first = client.responses.create(model="fake", input="first question here", instructions="Be brief")
+    second = client.responses.create(model="fake", input="second question here", previous_response_id=first.id)
+    third = dict(model="fake", input="third question here", previous_response_id=second.id, instructions="Be brief",
+                 max_output_tokens=8)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.create(**third)
+    assert error.value.body["code"] == "context_length_exceeded"
+    response = client.responses.create(**third, truncation="auto")
+    assert response.output_text == "ok" and response.truncation == "auto"
+    prompt = prompt_text(engine)
+    assert "first question" not in prompt and prompt.startswith("system: Be brief")
+    assert prompt.index("user: second question here") < prompt.index("user: third question here")
+    assert len(engine.calls[-1][1]) + 8 <= 110
+    stored = client.responses.input_items.list(response.id, order="asc").data
+    assert stored[0].content[0].text == "first question here"  # the store keeps the whole conversation
+    with pytest.raises(openai.BadRequestError):  # the newest turn alone does not fit
+        client.responses.create(model="fake", input="x" * 120, truncation="auto")

@@ -16,6 +16,7 @@ from typing import Any
 
 from lmserve.server.errors import APIError, bad_request
 from lmserve.server.protocol import ChatCompletionRequest
+from lmserve.server.requests.plan import GenerationPlan, chat_plan
 from lmserve.server.protocol.responses_api import ResponsesRequest
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -43,12 +44,9 @@ def refuse_unsupported(body: ResponsesRequest) -> None:
     for name, why in REFUSED.items():
         if getattr(body, name):
             raise _refused(f"'{name}': {why}", param=name)
-    if body.truncation == "auto":
-        raise _refused("'truncation': 'auto' is not supported; a conversation longer than the context is an error",
-                          param="truncation")
     if body.reasoning and body.reasoning.get("effort") is not None:
         raise _refused("'reasoning.effort': the models served here have no reasoning effort setting",
-                          param="reasoning.effort")
+                       param="reasoning.effort")
 
 
 def conversation_id(body: ResponsesRequest) -> str | None:
@@ -63,6 +61,25 @@ def conversation_id(body: ResponsesRequest) -> str | None:
     if not isinstance(given, str) or not given:
         raise bad_request("conversation must be a conversation id or {\"id\": ...}", param="conversation")
     return given
+
+
+def truncating_plan(request: ChatCompletionRequest, *args: Any, **fields: Any) -> GenerationPlan:
+    """chat_plan for `truncation: "auto"`: while the prompt (with the reply's room) does not fit the
+    context, the oldest message after the leading system ones is dropped (a tool result whose call
+    went with it too); the newest message always stays, and if it alone does not fit, that is
+    the context error."""
+    while True:
+        try:
+            return chat_plan(request, *args, **fields)
+        except APIError as error:
+            messages = list(request.messages)
+            first = next((i for i, m in enumerate(messages) if m.role not in ("system", "developer")), len(messages))
+            if error.code != "context_length_exceeded" or first >= len(messages) - 1:
+                raise
+            del messages[first]
+            while first < len(messages) - 1 and messages[first].role == "tool":
+                del messages[first]
+            request = request.model_copy(update={"messages": messages})
 
 
 def input_items(given: str | list[dict[str, Any]], field: str = "input") -> list[dict[str, Any]]:
@@ -155,7 +172,7 @@ def chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> Chat
 def _chat_tool(tool: dict[str, Any], position: int) -> dict[str, Any]:
     if tool.get("type") != "function":
         raise _refused(f"tools[{position}]: only function tools are served (not {tool.get('type')!r})",
-                          param=f"tools[{position}].type")
+                       param=f"tools[{position}].type")
     function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
     return {"type": "function", "function": function}
 

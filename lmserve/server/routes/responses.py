@@ -27,6 +27,7 @@ from lmserve.server.requests.responses_input import (
     input_items,
     new_id,
     refuse_unsupported,
+    truncating_plan,
 )
 from lmserve.server.responses.responses_api import (
     ResponseContext,
@@ -95,7 +96,7 @@ def _shape(body: ResponsesRequest, context: list[dict[str, Any]], new_items: lis
         await save(response)
         return JSONResponse(response)
 
-    return Shape("resp", chat_plan, stream, whole)
+    return Shape("resp", truncating_plan if body.truncation == "auto" else chat_plan, stream, whole)
 
 
 @router.get("/responses/{response_id}")
