@@ -1,5 +1,7 @@
 """`lmserve chat [MODEL]`: a terminal chat against a running server (lmserve's, or any server with
-OpenAI's chat completions), streamed as it is written.
+OpenAI's chat completions), streamed as it is written. Given a model file or folder, or nothing
+while no server answers at the default address, it starts a server of its own for the model (the
+packaged one by default) on a private socket, for as long as the chat lasts.
 
 The conversation stays in the terminal and goes with each request, so any such server will do.
 Commands: /system TEXT (a new system prompt; starts over), /reset (starts over), /bye (or Ctrl-D)
@@ -10,9 +12,15 @@ chat; the part already shown stays in the history.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -28,6 +36,7 @@ class ChatSession:
     client: httpx.Client
     model: str
     system: str | None = None
+    settings: dict[str, float | int] = field(default_factory=dict)  # sent with every turn (temperature, max_tokens)
     messages: list[dict[str, str]] = field(default_factory=list)
 
     def send(self, text: str, write: Callable[[str], None]) -> None:
@@ -64,7 +73,7 @@ class ChatSession:
 
     def _deltas(self) -> Iterator[str]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        body = {"model": self.model, "messages": system + self.messages, "stream": True}
+        body = {"model": self.model, "messages": system + self.messages, "stream": True, **self.settings}
         with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 response.read()
@@ -90,6 +99,49 @@ def _error_message(response: httpx.Response) -> str:
         return response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}"
+
+
+@contextlib.contextmanager
+def own_server(model: str | None, timeout: float = 600.0) -> Iterator[httpx.Client]:
+    """`lmserve serve MODEL` (the packaged model for None) on a UNIX socket in a temporary folder,
+    stopped when the chat ends; yields a client of it. The server runs in a session of its own, so
+    the terminal's Ctrl-C stops a reply, not the server."""
+    with tempfile.TemporaryDirectory(prefix="lmserve-chat-") as folder:
+        socket_path = str(Path(folder) / "lmserve.sock")
+        command = [sys.executable, "-m", "lmserve.cli", "serve", *([model] if model else []), "--host", socket_path,
+                   "--data-dir", "none", "--no-embedding-model", "--log-level", "warning"]
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
+        transport = httpx.HTTPTransport(uds=socket_path)
+        try:
+            with httpx.Client(transport=transport, base_url="http://lmserve", timeout=httpx.Timeout(10.0, read=None)) as client:
+                _wait_ready(client, server, timeout)
+                yield client
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+def _wait_ready(client: httpx.Client, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise ChatError(f"the model's server exited ({server.returncode}) before it was ready")
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise ChatError("the model's server was not ready in time")
+
+
+def answers(url: str) -> bool:
+    """Whether a server answers at `url`."""
+    try:
+        httpx.get(f"{url}/health", timeout=2)
+    except httpx.TransportError:
+        return False
+    return True
 
 
 def first_model(client: httpx.Client) -> str:

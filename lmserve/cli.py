@@ -42,6 +42,7 @@ from lmserve.server.middleware.limits import (
     DEFAULT_WRITE_TIMEOUT,
 )
 
+DEFAULT_CHAT_URL = "http://127.0.0.1:8080"  # where `lmserve chat` and `lmserve ps` look for a server
 log = logging.getLogger("lmserve")
 
 
@@ -141,15 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_llama_flags(serve)
     add_pull_parser(commands)
     ps = commands.add_parser("ps", help="list a running server's models: status, memory, requests, time to unload")
-    ps.add_argument("--url", default="http://127.0.0.1:8080", help="the server (default http://127.0.0.1:8080)")
+    ps.add_argument("--url", default=DEFAULT_CHAT_URL, help=f"the server (default {DEFAULT_CHAT_URL})")
     ps.add_argument("--api-key", help="its API key, if it requires one")
     ps.add_argument("--all", action="store_true", help="every model it can serve, not only the loaded ones")
     ps.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    chat = commands.add_parser("chat", help="chat in the terminal with a running server's model, streamed")
-    chat.add_argument("model", nargs="?", help="the model id (default: the server's first chat model)")
-    chat.add_argument("--url", default="http://127.0.0.1:8080", help="the server (default http://127.0.0.1:8080)")
+    chat = commands.add_parser("chat", help="chat in the terminal with a model, streamed")
+    chat.add_argument("model", nargs="?", help="a model id on the server; or a model file or folder, served for the "
+                                               "chat by a server of its own (default: the server's first chat model, "
+                                               "or the packaged model when no server answers)")
+    chat.add_argument("--url", default=DEFAULT_CHAT_URL, help=f"the server (default {DEFAULT_CHAT_URL})")
     chat.add_argument("--api-key", help="its API key, if it requires one")
     chat.add_argument("--system", help="a system prompt to start with")
+    chat.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
+    chat.add_argument("--max-tokens", type=positive_int, help="the longest reply (default: the rest of the context)")
     chat.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -247,22 +252,31 @@ def _duration_text(seconds: float) -> str:
 
 
 def chat(args: argparse.Namespace) -> None:
-    """`lmserve chat`: lmserve/chat_cli.py's loop on the terminal."""
+    """`lmserve chat`: lmserve/chat_cli.py's loop on the terminal, against --url or a server of its own."""
     import httpx
 
-    from lmserve.chat_cli import ChatError, ChatSession, first_model, run
+    from lmserve.chat_cli import ChatError, ChatSession, answers, first_model, own_server, run
 
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(10.0, read=None)) as client:
-        try:
-            model = args.model or first_model(client)
-        except (ChatError, httpx.HTTPError) as exc:
-            raise SystemExit(f"lmserve chat: cannot reach a model at {args.url}: {exc}") from None
-        run(ChatSession(client, model, system=args.system), input, _write)
+    local = args.model is not None and Path(args.model).expanduser().exists()
+    if local or (args.model is None and args.url == DEFAULT_CHAT_URL and not answers(args.url)):
+        if not local:
+            _write(f"(no server at {args.url}: starting one for the packaged model)\n")
+        connection = own_server(str(Path(args.model).expanduser()) if local else None)
+    else:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        connection = httpx.Client(base_url=args.url, headers=headers, timeout=httpx.Timeout(10.0, read=None))
+    try:
+        with connection as client:
+            model = first_model(client) if local or args.model is None else args.model
+            settings = {name: value for name, value in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
+                        if value is not None}
+            run(ChatSession(client, model, system=args.system, settings=settings), input, _write)
+    except (ChatError, httpx.HTTPError) as exc:
+        raise SystemExit(f"lmserve chat: {exc}") from None
 
 
 def _write(text: str) -> None:

@@ -48,6 +48,15 @@ def test_turns_stream_and_carry_the_conversation():
             < prompt.index("user: And Italy?"))
 
 
+def test_the_sampling_settings_go_with_every_turn():
+    engine = FakeEngine(reply="Hello there", max_model_len=1024)
+    client = make_client(engine)
+    session = ChatSession(client, MODEL, settings={"temperature": 0.0, "max_tokens": 3})
+    run(session, script(["Hi", "Again"]), lambda text: None)
+    assert [(p.temperature, p.max_tokens) for _, _, p in engine.calls] == [(0.0, 3), (0.0, 3)]
+    assert session.messages[1]["content"] == "Hel"
+
+
 def test_commands_and_multi_line_messages():
     engine = FakeEngine(reply="ok", max_model_len=1024)
     session, shown = chat(engine, ["First", "/reset", '"""', "line one", "line two", '"""', "/system Be kind",
@@ -84,8 +93,10 @@ def test_a_refused_turn_is_shown_and_the_chat_goes_on():
 
 
 def test_the_command_line():
-    args = build_parser().parse_args(["chat", "m1", "--url", "http://h:1", "--api-key", "k", "--system", "s"])
+    args = build_parser().parse_args(["chat", "m1", "--url", "http://h:1", "--api-key", "k", "--system", "s",
+                                      "--temperature", "0.5", "--max-tokens", "9"])
     assert (args.command, args.model, args.url, args.api_key, args.system) == ("chat", "m1", "http://h:1", "k", "s")
+    assert (args.temperature, args.max_tokens) == (0.5, 9)
     assert build_parser().parse_args(["chat"]).model is None
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["chat", "--temperature", "1"])
+        build_parser().parse_args(["chat", "--top-k", "1"])
