@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -79,14 +78,6 @@ class ServerState:
     running_sessions: dict[str, str] = field(default_factory=dict, repr=False)  # lmdeploy session -> its request id
     _slot_tables: dict[str, tuple[object, SlotTable]] = field(default_factory=dict, repr=False)
     _gates: dict[str, tuple[object, AdmissionGate]] = field(default_factory=dict, repr=False)
-
-    def owner_of(self, request: Request) -> str:
-        """Whose stored responses and conversations a request sees: a hash of its API key when the
-        server checks keys, else "" (everyone's)."""
-        from lmserve.server.middleware.auth import presented_key  # auth imports this module
-
-        key = presented_key(request.headers) if self.api_keys else None
-        return "" if key is None else hashlib.sha256(key.encode()).hexdigest()
 
     @property
     def ready(self) -> bool:

@@ -6,10 +6,12 @@ refused before its body is read or validated.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -53,6 +55,13 @@ def read_api_key_file(path: str | Path) -> tuple[str, ...]:
     if not keys:
         raise ValueError(f"API key file {str(path)!r} holds no keys (one per line; '#' starts a comment)")
     return keys
+
+
+def owner_of(request: Request, state: ServerState) -> str:
+    """Whose stored responses and conversations a request sees: a hash of its API key when the
+    server checks keys, else "" (everyone's)."""
+    key = presented_key(request.headers) if state.api_keys else None
+    return "" if key is None else hashlib.sha256(key.encode()).hexdigest()
 
 
 def presented_key(headers: Headers) -> str | None:

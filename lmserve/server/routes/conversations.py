@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from lmserve.server.errors import APIError
+from lmserve.server.middleware.auth import owner_of
 from lmserve.server.requests.responses_input import input_items, new_id
 from lmserve.server.responses.responses_api import item_page
 from lmserve.server.state import ServerState, State
@@ -48,13 +49,13 @@ class NewItems(_Body):
 async def create_conversation(body: NewConversation, request: Request, state: State) -> JSONResponse:
     items = input_items(body.items or [], field="items")
     conversation = Conversation(new_id("conv"), int(time.time()), body.metadata or {})
-    await anyio.to_thread.run_sync(state.store.create_conversation, state.owner_of(request), conversation, items)
+    await anyio.to_thread.run_sync(state.store.create_conversation, owner_of(request, state), conversation, items)
     return JSONResponse(conversation.to_json())
 
 
 @router.get("/conversations")
 async def list_conversations(request: Request, state: State) -> JSONResponse:
-    conversations = await anyio.to_thread.run_sync(state.store.list_conversations, state.owner_of(request))
+    conversations = await anyio.to_thread.run_sync(state.store.list_conversations, owner_of(request, state))
     return JSONResponse({"object": "list", "data": [c.to_json() for c in conversations]})
 
 
@@ -66,7 +67,7 @@ async def get_conversation(conversation_id: str, request: Request, state: State)
 @router.post("/conversations/{conversation_id}")
 async def update_conversation(conversation_id: str, body: ConversationUpdate, request: Request,
                               state: State) -> JSONResponse:
-    owner = state.owner_of(request)
+    owner = owner_of(request, state)
     if not await anyio.to_thread.run_sync(state.store.update_conversation, owner, conversation_id, body.metadata):
         raise not_found(conversation_id)
     return JSONResponse((await _conversation(conversation_id, request, state)).to_json())
@@ -74,7 +75,7 @@ async def update_conversation(conversation_id: str, body: ConversationUpdate, re
 
 @router.delete("/conversations/{conversation_id}")
 async def delete_conversation(conversation_id: str, request: Request, state: State) -> JSONResponse:
-    if not await anyio.to_thread.run_sync(state.store.delete_conversation, state.owner_of(request), conversation_id):
+    if not await anyio.to_thread.run_sync(state.store.delete_conversation, owner_of(request, state), conversation_id):
         raise not_found(conversation_id)
     return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
@@ -82,7 +83,7 @@ async def delete_conversation(conversation_id: str, request: Request, state: Sta
 @router.post("/conversations/{conversation_id}/items")
 async def add_items(conversation_id: str, body: NewItems, request: Request, state: State) -> JSONResponse:
     items = input_items(body.items, field="items")
-    if not await anyio.to_thread.run_sync(state.store.add_items, state.owner_of(request), conversation_id, items):
+    if not await anyio.to_thread.run_sync(state.store.add_items, owner_of(request, state), conversation_id, items):
         raise not_found(conversation_id)
     return JSONResponse(item_page(items, limit=len(items), order="asc", after=None))
 
@@ -104,7 +105,7 @@ async def get_item(conversation_id: str, item_id: str, request: Request, state: 
 
 @router.delete("/conversations/{conversation_id}/items/{item_id}")
 async def delete_item(conversation_id: str, item_id: str, request: Request, state: State) -> JSONResponse:
-    owner = state.owner_of(request)
+    owner = owner_of(request, state)
     if not await anyio.to_thread.run_sync(state.store.delete_item, owner, conversation_id, item_id):
         await _conversation(conversation_id, request, state)  # a 404 for the conversation first
         raise APIError(404, f"No item found with id '{item_id}'.", param="item_id", code="not_found")
@@ -112,14 +113,14 @@ async def delete_item(conversation_id: str, item_id: str, request: Request, stat
 
 
 async def _conversation(conversation_id: str, request: Request, state: ServerState) -> Conversation:
-    found = await anyio.to_thread.run_sync(state.store.get_conversation, state.owner_of(request), conversation_id)
+    found = await anyio.to_thread.run_sync(state.store.get_conversation, owner_of(request, state), conversation_id)
     if found is None:
         raise not_found(conversation_id)
     return found
 
 
 async def _items(conversation_id: str, request: Request, state: ServerState) -> list[dict[str, Any]]:
-    items = await anyio.to_thread.run_sync(state.store.items, state.owner_of(request), conversation_id)
+    items = await anyio.to_thread.run_sync(state.store.items, owner_of(request, state), conversation_id)
     if items is None:
         raise not_found(conversation_id)
     return items

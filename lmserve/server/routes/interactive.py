@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from lmserve.server.errors import APIError, bad_request
+from lmserve.server.middleware.auth import owner_of
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.plan import GenerationPlan, chat_plan
 from lmserve.server.requests.responses_input import chat_messages, input_items, message_item
@@ -69,7 +70,7 @@ async def chat_interactive(body: InteractiveRequest, request: Request, state: St
     for name in ("image_url", "adapter_name"):
         if getattr(body, name):
             raise bad_request(f"'{name}' is not supported by lmserve", param=name, code="unsupported_parameter")
-    owner = state.owner_of(request)
+    owner = owner_of(request, state)
     session = None if body.session_id == -1 else _session_key(owner, body.session_id)  # -1: a one-off turn
     if body.cancel:
         return await _cancel(body, session, state)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from lmserve.server.errors import APIError
+from lmserve.server.middleware.auth import owner_of
 from lmserve.server.protocol.responses_api import ResponsesRequest
 from lmserve.server.requests.plan import chat_plan
 from lmserve.server.requests.responses_input import (
@@ -46,7 +47,7 @@ router = APIRouter()  # served under /v1
 @router.post("/responses", responses=STREAMABLE)
 async def create_response(body: ResponsesRequest, request: Request, state: State) -> Response:
     refuse_unsupported(body)
-    owner, store = state.owner_of(request), state.store
+    owner, store = owner_of(request, state), state.store
     new_items = input_items(body.input)
     history = await _history(body, store, owner)
     context = history + new_items
@@ -107,7 +108,7 @@ async def get_response(response_id: str, request: Request, state: State) -> JSON
 
 @router.delete("/responses/{response_id}")
 async def delete_response(response_id: str, request: Request, state: State) -> JSONResponse:
-    deleted = await anyio.to_thread.run_sync(state.store.delete_response, state.owner_of(request), response_id)
+    deleted = await anyio.to_thread.run_sync(state.store.delete_response, owner_of(request, state), response_id)
     if not deleted:
         raise not_found(response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
@@ -124,7 +125,7 @@ async def list_input_items(response_id: str, request: Request, state: State,
 
 
 async def _stored(response_id: str, request: Request, state: ServerState) -> StoredResponse:
-    stored = await anyio.to_thread.run_sync(state.store.get_response, state.owner_of(request), response_id)
+    stored = await anyio.to_thread.run_sync(state.store.get_response, owner_of(request, state), response_id)
     if stored is None:
         raise not_found(response_id)
     return stored
