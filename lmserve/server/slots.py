@@ -39,9 +39,10 @@ class Slot:
 class SlotTable:
     """The slots of one loaded engine."""
 
-    def __init__(self, num_slots: int, n_ctx: int):
+    def __init__(self, num_slots: int, n_ctx: int, speculative: bool = False):
         self.slots = [Slot(i) for i in range(num_slots)]
         self.n_ctx = n_ctx
+        self.speculative = speculative  # the engine drafts tokens (prompt lookup)
         self._task_ids = itertools.count()
 
     def get(self, id_slot: int) -> Slot:
@@ -78,7 +79,7 @@ class SlotTable:
             "id": slot.id,
             "id_task": slot.id_task if busy else -1,
             "n_ctx": self.n_ctx,
-            "speculative": False,
+            "speculative": self.speculative,
             "is_processing": busy,
             "params": generation_settings(params, self.n_ctx, model=""),
             "n_prompt_tokens": len(slot.prompt_ids),

@@ -100,7 +100,8 @@ class ServerState:
         engine = lease.model.engine
         held = self._slot_tables.get(lease.entry.id)
         if held is None or held[0] is not engine:
-            table = SlotTable(engine.config.scheduler.max_num_seqs, engine.max_model_len)
+            scheduler = engine.config.scheduler
+            table = SlotTable(scheduler.max_num_seqs, engine.max_model_len, scheduler.num_speculative_tokens > 0)
             self._slot_tables[lease.entry.id] = held = (engine, table)
         return held[1]
 

@@ -9,7 +9,7 @@ import json
 import httpx
 
 from tests.helpers.fake_engine import FakeEngine
-from tests.helpers.server import make_app, make_client
+from tests.helpers.server import make_app, make_client, served_state
 
 URL = "/v1/chat/interactive"
 
@@ -117,3 +117,13 @@ def test_cancel_stops_the_sessions_running_request():
     cancelled, aborted = asyncio.run(scenario())
     assert cancelled.json()["tokens"] == 0
     assert aborted == [engine.calls[-1][0]]  # the abort reached the engine
+
+
+def test_a_failed_turn_leaves_the_session_as_it_was_and_forgets_its_request():
+    engine = FakeEngine(reply="Hello", max_model_len=1024, fail_after=2)
+    client = make_client(engine, raise_server_exceptions=False)
+    assert client.post(URL, json={"prompt": "Hi", "session_id": 9, "interactive_mode": True}).status_code == 500
+    assert served_state(client).running_sessions == {}
+    engine.fail_after = None
+    turn(client, "Again", session_id=9, interactive_mode=True)
+    assert prompt_text(engine) == "user: Again\nassistant: "  # the failed turn was not kept

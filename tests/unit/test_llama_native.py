@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from lmserve.config import EngineConfig, SchedulerConfig
 from tests.helpers.fake_engine import ByteTokenizer, FakeEngine, FimByteTokenizer
 from tests.helpers.server import MODEL, chat, events, make_client
 
@@ -153,6 +154,7 @@ def test_props_in_llama_cpps_shape():
     body = make_client().get("/props").json()
     settings = body["default_generation_settings"]
     assert settings["n_ctx"] == 64 and settings["params"]["seed"] == -1 and settings["params"]["n_predict"] == -1
+    assert settings["speculative"] is False  # the fake engine's config drafts nothing
     assert body["total_slots"] == 4 and body["model_alias"] == MODEL and body["is_sleeping"] is False
 
 
@@ -169,3 +171,12 @@ def test_logit_bias_in_llama_cpps_forms():
 def test_apply_template_returns_the_rendered_prompt():
     body = make_client().post("/apply-template", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert body == {"prompt": "user: hi\nassistant: "}
+
+
+def test_props_and_slots_say_when_the_engine_drafts():
+    engine = FakeEngine()
+    engine.config = EngineConfig("/models/fake.gguf", "fake", scheduler=SchedulerConfig(4, num_speculative_tokens=4))
+    client = make_client(engine)
+    assert client.get("/props").json()["default_generation_settings"]["speculative"] is True
+    assert all(slot["speculative"] is True for slot in client.get("/slots").json())
+    assert all(slot["speculative"] is False for slot in make_client().get("/slots").json())

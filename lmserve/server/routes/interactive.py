@@ -83,7 +83,11 @@ async def chat_interactive(body: InteractiveRequest, request: Request, state: St
     history = await anyio.to_thread.run_sync(state.store.items, owner, session) if found else []
     turn = _Turn(state, owner, session, found, input_items(body.prompt, field="prompt"), body.interactive_mode)
     chat_body = _chat_body(body, chat_messages((history or []) + turn.items, None))
-    return await generate(chat_body, request, state, turn.shape())
+    try:
+        return await generate(chat_body, request, state, turn.shape())
+    finally:
+        if not body.stream:  # a streamed turn forgets its request when its stream ends
+            turn.forget()
 
 
 class _Turn:
@@ -126,7 +130,7 @@ class _Turn:
         except APIError as error:
             yield json.dumps(error.body()) + "\n"
         finally:
-            self._forget()
+            self.forget()
 
     def _answer(self, plan: GenerationPlan, result: ChoiceResult, text: str) -> dict[str, Any]:
         return {"text": text, "tokens": result.num_tokens, "input_tokens": len(plan.prompts[0]) - self.history_tokens,
@@ -134,7 +138,7 @@ class _Turn:
 
     async def _finish(self, plan: GenerationPlan, result: ChoiceResult) -> None:
         """Keep the turn in the session (interactive mode), or end the session."""
-        self._forget()
+        self.forget()
         store, owner, session = self.state.store, self.owner, self.session
         if session is None:
             return
@@ -148,7 +152,7 @@ class _Turn:
         await anyio.to_thread.run_sync(store.update_conversation, owner, session, tokens)
         await anyio.to_thread.run_sync(store.add_items, owner, session, self.items + [message_item("assistant", result.text)])
 
-    def _forget(self) -> None:
+    def forget(self) -> None:
         if self.session is not None:
             self.state.running_sessions.pop(self.session, None)
 

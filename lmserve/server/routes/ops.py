@@ -141,7 +141,8 @@ async def props(state: State, model: str | None = None) -> JSONResponse:
     tokenizer = engine.tokenizer
     return JSONResponse({
         "default_generation_settings": {
-            "id": 0, "id_task": -1, "n_ctx": engine.max_model_len, "speculative": False, "is_processing": False,
+            "id": 0, "id_task": -1, "n_ctx": engine.max_model_len, "is_processing": False,
+            "speculative": engine.config.scheduler.num_speculative_tokens > 0,  # prompt lookup
             # the model's defaults (its --config ones over the server's --temp and the like)
             "params": generation_settings(SamplingParams(), engine.max_model_len, lease.entry.id)
             | default_params(lease.entry.defaults),
