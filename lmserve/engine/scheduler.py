@@ -65,7 +65,8 @@ class Scheduler:
         """Prompt-lookup drafts for a decoding request, within the budget, its max_tokens and the
         context; [] when speculation is off or does not apply (speculation.py)."""
         wanted = self.config.num_speculative_tokens
-        if not wanted or len(self.running) > speculation.MAX_RUNNING or not speculation.drafts_for(request.params, self.config.speculative_sampling):
+        if (not wanted or len(self.running) > speculation.MAX_RUNNING
+                or not speculation.drafts_for(request.params, self.config.speculative_sampling)):
             return []
         room = min(wanted, budget, request.params.max_tokens - len(request.output_ids) - 1,
                    self.config.max_model_len - request.num_tokens - 1)
@@ -141,7 +142,7 @@ class Scheduler:
                accepted: dict[str, list[int]] | None = None) -> list[Request]:
         """Advance scheduled requests by the tokens they ran and append the sampled ones: `sampled`
         the token after each request's last known one, `accepted` the tokens its kept drafts add
-        after it (the greedy pick after each kept draft), each kept draft's keys and values then
+        after it (the pick after each kept draft), each kept draft's keys and values then
         counting as computed. Stops at the first token that ends a request. Returns the requests
         that finished by length or stop token in this step."""
         finished = []

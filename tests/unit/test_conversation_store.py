@@ -14,7 +14,7 @@ RESPONSE = StoredResponse("resp_1", 100, {"id": "resp_1", "output": [{"id": "msg
                           [{"id": "msg_1", "type": "message"}])
 
 
-def test_what_is_written_is_on_disk_when_the_call_returns(tmp_path):
+def test_what_one_connection_writes_another_reads_and_every_write_is_synced(tmp_path):
     store = ConversationStore.in_folder(tmp_path)
     store.put_response("alice", RESPONSE)
     store.create_conversation("alice", Conversation("conv_1", 5, {"title": "t"}), [{"id": "a"}, {"id": "b"}])
@@ -27,6 +27,7 @@ def test_what_is_written_is_on_disk_when_the_call_returns(tmp_path):
     assert [item["id"] for item in reader.items("alice", "conv_1")] == ["a", "b", "c"]
     mode = sqlite3.connect(tmp_path / FILE_NAME).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit returns once synced
 
 
 def test_owners_never_see_each_others_rows():

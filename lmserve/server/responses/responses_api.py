@@ -25,7 +25,7 @@ from lmserve.request import FinishReason
 from lmserve.server.errors import APIError, internal_error
 from lmserve.server.protocol.responses_api import ResponsesRequest
 from lmserve.server.requests.plan import GenerationPlan
-from lmserve.server.requests.responses_input import conversation_id, new_id
+from lmserve.server.requests.responses_input import new_id
 from lmserve.server.responses.choices import ChoiceResult, new_results, recorded_outputs
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class ResponseContext:
     created_at: int
     model: str
     body: ResponsesRequest
+    conversation: str | None = None  # the conversation it continues and adds to
 
 
 class OutputItems:
@@ -144,7 +145,7 @@ def response_object(ctx: ResponseContext, status: str, output: list[dict[str, An
         "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "top_p": body.top_p,
         "truncation": body.truncation or "disabled", "usage": usage, "user": body.user, "metadata": body.metadata or {},
-        "conversation": {"id": conversation_id(body)} if body.conversation is not None else None,
+        "conversation": {"id": ctx.conversation} if ctx.conversation is not None else None,
     }
 
 
@@ -180,13 +181,13 @@ def finished_response(ctx: ResponseContext, plan: GenerationPlan, result: Choice
 def whole_output(plan: GenerationPlan, result: ChoiceResult) -> list[dict[str, Any]]:
     """The output items of a whole reply, built as a stream would build them."""
     items = OutputItems()
-    items.feed(_parsed(plan, result.text, final=True, truncated=result.finish_reason == FinishReason.LENGTH,
+    items.feed(_parsed(result.text, final=True, truncated=result.finish_reason == FinishReason.LENGTH,
                        parser=ReplyParser(plan.reply) if plan.reply else None))
     items.finish()
     return items.items
 
 
-def _parsed(plan: GenerationPlan, text: str, final: bool, truncated: bool, parser: ReplyParser | None) -> ReplyDelta:
+def _parsed(text: str, final: bool, truncated: bool, parser: ReplyParser | None) -> ReplyDelta:
     if parser is None:
         return ReplyDelta(content=text)
     return parser.feed(text, final=final, truncated=truncated)
@@ -217,7 +218,7 @@ async def response_events(engine: AsyncEngine, plan: GenerationPlan, ctx: Respon
     try:
         async with aclosing(recorded_outputs(engine, plan, results)) as outputs:
             async for _, output in outputs:
-                delta = _parsed(plan, output.text_delta, final=output.finish_reason is not None,
+                delta = _parsed(output.text_delta, final=output.finish_reason is not None,
                                 truncated=output.finish_reason == FinishReason.LENGTH, parser=parser)
                 for event in items.feed(delta):
                     yield frame(event)

@@ -4,11 +4,10 @@ run it, answer JSON or SSE."""
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -66,7 +65,7 @@ class Shape:
     id_prefix: str
     make_plan: Callable[..., GenerationPlan]
     stream: Callable[[Any, GenerationPlan, ResponseMeta, Any], AsyncIterator[str]]  # (engine, plan, meta, body)
-    whole: Callable[[ResponseMeta, GenerationPlan, dict[int, ChoiceResult], Any, Any], Response]  # or awaits one
+    whole: Callable[[ResponseMeta, GenerationPlan, dict[int, ChoiceResult], Any, Any], Awaitable[Response]]
 
 
 def _openai_stream(events):
@@ -77,7 +76,7 @@ def _openai_stream(events):
 
 
 def _openai_whole(make_response):
-    def whole(meta, plan, results, engine, body):
+    async def whole(meta, plan, results, engine, body):
         response = make_response(meta, plan, results, engine.tokenizer)
         if body.timings_per_token:
             response.timings = timings(results[plan.choices[0].index])
@@ -94,7 +93,7 @@ def _native_stream(engine, plan, meta, body):
     return event_stream.with_errors(native_events(engine, plan, meta, _native_settings(plan, engine, body)))
 
 
-def _native_whole(meta, plan, results, engine, body):
+async def _native_whole(meta, plan, results, engine, body):
     return JSONResponse(native_body(meta, plan, results, engine.tokenizer, _native_settings(plan, engine, body)))
 
 
@@ -182,8 +181,7 @@ async def generate(body, request: Request, state: ServerState, shape: Shape) -> 
         gathered = await until_disconnected(request.receive, collect_results(engine, plan))
         if gathered is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        response = shape.whole(meta, plan, gathered, engine, body)
-        return await response if inspect.isawaitable(response) else response
+        return await shape.whole(meta, plan, gathered, engine, body)
     finally:
         _release(ticket, lease)
 

@@ -146,11 +146,13 @@ class _Turn:
             await anyio.to_thread.run_sync(store.delete_conversation, owner, session)
             return
         tokens = {"tokens": str(len(plan.prompts[0]) + result.num_tokens)}
+        items = self.items + [message_item("assistant", result.text)]
         if self.found is None:
             await anyio.to_thread.run_sync(store.create_conversation, owner,
-                                           Conversation(session, int(time.time()), tokens), [])
+                                           Conversation(session, int(time.time()), tokens), items)
+            return
         await anyio.to_thread.run_sync(store.update_conversation, owner, session, tokens)
-        await anyio.to_thread.run_sync(store.add_items, owner, session, self.items + [message_item("assistant", result.text)])
+        await anyio.to_thread.run_sync(store.add_items, owner, session, items)
 
     def forget(self) -> None:
         if self.session is not None:

@@ -48,16 +48,15 @@ router = APIRouter()  # served under /v1
 async def create_response(body: ResponsesRequest, request: Request, state: State) -> Response:
     refuse_unsupported(body)
     owner, store = owner_of(request, state), state.store
-    new_items = input_items(body.input)
-    history = await _history(body, store, owner)
-    context = history + new_items
+    new_items, conversation = input_items(body.input), conversation_id(body)
+    context = await _history(body, conversation, store, owner) + new_items
     chat_body = chat_request(body, chat_messages(context, body.instructions))
-    return await generate(chat_body, request, state, _shape(body, context, new_items, store, owner))
+    return await generate(chat_body, request, state, _shape(body, conversation, context, new_items, store, owner))
 
 
-async def _history(body: ResponsesRequest, store: ConversationStore, owner: str) -> list[dict[str, Any]]:
+async def _history(body: ResponsesRequest, conversation: str | None, store: ConversationStore,
+                   owner: str) -> list[dict[str, Any]]:
     """The items before this response's input: its conversation's, or its previous response's context."""
-    conversation = conversation_id(body)
     if conversation is not None:
         items = await anyio.to_thread.run_sync(store.items, owner, conversation)
         if items is None:
@@ -72,12 +71,11 @@ async def _history(body: ResponsesRequest, store: ConversationStore, owner: str)
     return previous.context
 
 
-def _shape(body: ResponsesRequest, context: list[dict[str, Any]], new_items: list[dict[str, Any]],
-           store: ConversationStore, owner: str) -> Shape:
+def _shape(body: ResponsesRequest, conversation: str | None, context: list[dict[str, Any]],
+           new_items: list[dict[str, Any]], store: ConversationStore, owner: str) -> Shape:
     """How this response answers: the Responses shapes over the chat plan, stored at the end (and
     its input and output added to its conversation)."""
     response_id, created_at = new_id("resp"), int(time.time())
-    conversation = conversation_id(body)
 
     async def save(response: dict[str, Any]) -> None:
         if body.store:
@@ -86,14 +84,15 @@ def _shape(body: ResponsesRequest, context: list[dict[str, Any]], new_items: lis
         if conversation is not None:
             await anyio.to_thread.run_sync(store.add_items, owner, conversation, new_items + response["output"])
 
+    def labels(meta) -> ResponseContext:
+        return ResponseContext(response_id, created_at, meta.model, body, conversation)
+
     def stream(engine, plan, meta, _chat_body):
-        ctx = ResponseContext(response_id, created_at, meta.model, body)
-        return response_events(engine, plan, ctx, save)
+        return response_events(engine, plan, labels(meta), save)
 
     async def whole(meta, plan, results, _engine, _chat_body) -> Response:
-        ctx = ResponseContext(response_id, created_at, meta.model, body)
         result = results[plan.choices[0].index]
-        response = finished_response(ctx, plan, result, whole_output(plan, result))
+        response = finished_response(labels(meta), plan, result, whole_output(plan, result))
         await save(response)
         return JSONResponse(response)
 
