@@ -3,4 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The web page's tests drive Debian's chromium through Playwright; Playwright's own browser
+# download cannot work on these machines, so the system's package is installed once.
+if ! command -v chromium >/dev/null; then
+    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+    $sudo apt-get install -y -q chromium >/dev/null 2>&1 || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium; }
+fi
 exec .venv/bin/python -m pytest -q "$@"

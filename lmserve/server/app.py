@@ -18,8 +18,9 @@ One chat completion, hop by hop:
    chunks; lmserve/parsing/reply.py splits the reply into reasoning, content and tool calls.
 
 Every route exists under /v1 (OpenAI) and without the prefix (as llama.cpp offers them), except
-/health, /props and /metrics, which are served at the root only, and /completions: under /v1 it
-is OpenAI's, without it llama.cpp's native one (also at /completion), as llama.cpp routes them.
+/health, /props and /metrics, which are served at the root only (as is the web chat page at /,
+server/web/), and /completions: under /v1 it is OpenAI's, without it llama.cpp's native one
+(also at /completion), as llama.cpp routes them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from lmserve.server.middleware.cors import LmserveCORSMiddleware
 from lmserve.server.middleware.draining import DrainingMiddleware
 from lmserve.server.middleware.hosts import HostCheckMiddleware
 from lmserve.server.middleware.limits import BodyLimitMiddleware
+from lmserve.server import web
 from lmserve.server.requests.body_text import check_json_body
 from lmserve.server.routes import conversations, embeddings, generation, interactive, models, ops, responses, slots
 from lmserve.server.state import ServerState
@@ -70,6 +72,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(generation.llama_router, responses=ERROR_RESPONSES)
     app.include_router(slots.router)
     app.include_router(ops.server_router)
+    app.mount(web.UI_PREFIX, web.static_files(), name="ui")
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     return app
 

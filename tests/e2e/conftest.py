@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.browser import chromium_path
 from tests.helpers.live_server import start_server
 
 
@@ -63,3 +64,14 @@ def hostile_server(tmp_path_factory):
     yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "log": log, "read_timeout": HOSTILE_READ_TIMEOUT}
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, driven by Playwright (the README's test command installs both)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=chromium_path())
+        yield chromium
+        chromium.close()

@@ -75,7 +75,8 @@ def test_the_status_document_and_lmserve_ps_table():
 
     second = FakeEngine()
     client = make_client(more_models={"second": second})
-    assert client.get("/", headers={"Accept": "text/html"}).status_code == 404  # kept for a web page
+    page = client.get("/", headers={"Accept": "text/html"})  # a browser gets the chat page
+    assert page.headers["content-type"].startswith("text/html") and '<select id="model"' in page.text
     assert chat(client, model="second", keep_alive="90s").status_code == 200
     document = client.get("/", headers={"Accept": "application/json"}).json()
     assert document["status"] == "ok"

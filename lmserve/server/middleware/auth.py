@@ -17,9 +17,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmserve.server.errors import error_body
 from lmserve.server.state import ServerState
+from lmserve.server.web import UI_PREFIX, wants_page
 
 # Liveness, the metrics scrape (aggregate numbers only; scrapers often hold no key, as with
-# vLLM) and the API description stay reachable without a key.
+# vLLM) and the API description stay reachable without a key; so does the web page (server/web/:
+# it holds no data and asks for the key its calls need).
 PUBLIC_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
@@ -39,9 +41,12 @@ class ApiKeyMiddleware:
     def _allowed(self, scope: Scope) -> bool:
         if scope["type"] != "http" or not self.state.api_keys:
             return True
-        if scope["path"] in PUBLIC_PATHS or scope["method"] == "OPTIONS":
+        path, headers = scope["path"], Headers(scope=scope)
+        if path in PUBLIC_PATHS or scope["method"] == "OPTIONS" or path.startswith(UI_PREFIX + "/"):
             return True
-        return key_matches(presented_key(Headers(scope=scope)), self.state.api_keys)
+        if path == "/" and wants_page(headers):
+            return True
+        return key_matches(presented_key(headers), self.state.api_keys)
 
 
 def read_api_key_file(path: str | Path) -> tuple[str, ...]:

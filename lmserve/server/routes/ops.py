@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from lmserve.fleet.fleet import ModelStatus, Slot
 from lmserve.request import DEFAULT_DRY_BREAKERS, DryPenalty, SamplerChain, SamplingParams
-from lmserve.server.errors import ERROR_RESPONSES, APIError, bad_request
+from lmserve.server.errors import ERROR_RESPONSES, bad_request
 from lmserve.server.metrics import CONTENT_TYPE
 from lmserve.server.protocol import (
     DetokenizeRequest,
@@ -27,6 +27,7 @@ from lmserve.server.requests.peer_sampling import LLAMA_REPEAT_LAST_N, sampler_n
 from lmserve.server.requests.tokens import encode_text
 from lmserve.server.responses.llama_native import generation_settings
 from lmserve.server.state import ServerState, State, json_response
+from lmserve.server.web import page, wants_page
 from lmserve.text.chat_template import CHATML_TEMPLATE
 
 BUILD_INFO = f"lmserve {importlib.metadata.version('lmserve')}"  # read once: it is package metadata on disk
@@ -99,12 +100,11 @@ def total_load(state: ServerState) -> dict[str, int]:
 
 
 @server_router.get("/", responses=ERROR_RESPONSES)
-async def status(request: Request, state: State) -> JSONResponse:
+async def status(request: Request, state: State) -> Response:
     """The server's state for programs (`lmserve ps`): every model with its status, requests and
-    memory. Browsers asking for a page get a 404: `/` is kept for a web page."""
-    if "text/html" in request.headers.get("accept", ""):
-        raise APIError(404, "No page here yet; GET / with Accept: application/json gives the server's status.",
-                       code="not_found")
+    memory. A browser (a request that accepts HTML) gets the web chat page instead."""
+    if wants_page(request.headers):
+        return page()
     return JSONResponse({"status": "ok" if state.ready else "loading",
                          "models": [model_status(state, slot) for slot in state.fleet.slots()]})
 
