@@ -236,6 +236,37 @@ def test_stored_reasoning_and_tool_calls_are_shown_folded_and_escaped(page, web)
     assert reasoning.get_attribute("open") is not None
 
 
+# ChatML whose generation prompt opens a reasoning block, as DeepSeek-R1's and Qwen3's do: the
+# reply streams as reasoning until the model closes it (the small default model never does).
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def test_streamed_reasoning_is_shown_folded_and_stored(browser, tmp_path):
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING_TEMPLATE)
+    proc, url, _ = start_server("--no-embedding-model", "--chat-template-file", str(template))
+    try:
+        context = browser.new_context(bypass_csp=True)
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready=true]")
+        ask(page, "Why is the sky blue?", temperature=0, **{"max-tokens": 24})
+        reply = wait_reply(page)
+        reasoning = reply.locator("details.reasoning")
+        assert reasoning.get_attribute("open") is None  # folded while and after it streams
+        shown = reasoning.locator(".reasoning-text").text_content()
+        stored = httpx.get(f"{url}/v1/conversations/{current_conversation(page)}/items?order=asc").json()["data"]
+        assert [item["type"] for item in stored] == ["message", "reasoning"]
+        letters = lambda text: re.sub(r"[\s*_#`>|-]", "", text)  # noqa: E731 - markdown renders away marks and breaks
+        assert letters(shown) and letters(shown) == letters(stored[1]["content"][0]["text"])
+        context.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_markdown_renders_replies_and_lets_no_markup_through(page):
     rendered = page.evaluate("""async () => {
         const { renderMarkdown } = await import('/ui/markdown.js');
