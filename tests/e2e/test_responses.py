@@ -1,6 +1,6 @@
 """The Responses API on the real default model, through the official client: a continuation by
-previous_response_id reads the earlier turn from the prefix cache, and a stream's deltas make the
-stored response."""
+previous_response_id reads the earlier turn from the prefix cache, a stream's deltas make the
+stored response, and the Conversations calls keep a chat on the server."""
 
 from __future__ import annotations
 
@@ -29,3 +29,39 @@ def test_a_stream_builds_the_stored_response(client, model_id):
     assert "".join(deltas) == final.output_text and final.output_text
     assert client.responses.retrieve(final.id).output_text == final.output_text
     client.responses.delete(final.id)
+
+
+def test_the_clients_conversation_calls_keep_a_chat_on_the_server(client, model_id):
+    import openai
+
+    conversation = client.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "My name is Ada."},
+               {"type": "message", "role": "assistant", "content": "Nice to meet you, Ada."}],
+        metadata={"topic": "names"})
+    assert client.conversations.retrieve(conversation.id).metadata == {"topic": "names"}
+    assert client.conversations.update(conversation.id, metadata={"topic": "greetings"}).metadata == {"topic": "greetings"}
+
+    first = client.responses.create(model=model_id, input="What is my name?", conversation=conversation.id,
+                                    temperature=0, max_output_tokens=16)
+    second = client.responses.create(model=model_id, input="Say it again.", conversation=conversation.id,
+                                     temperature=0, max_output_tokens=16)
+    assert second.usage.input_tokens_details.cached_tokens > 0  # the conversation so far is in the cache
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    assert [item.type for item in items] == ["message"] * 6
+    assert [item.role for item in items] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert items[3].content[0].text == first.output_text and items[5].content[0].text == second.output_text
+
+    added = client.conversations.items.create(conversation.id, items=[
+        {"type": "message", "role": "user", "content": "One more thing."}])
+    assert client.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id).role == "user"
+    client.conversations.items.delete(added.data[0].id, conversation_id=conversation.id)
+    assert len(client.conversations.items.list(conversation.id).data) == 6
+
+    assert client.conversations.delete(conversation.id).deleted
+    for call in (lambda: client.conversations.retrieve(conversation.id),
+                 lambda: client.responses.create(model=model_id, input="Hi", conversation=conversation.id)):
+        try:
+            call()
+        except openai.NotFoundError:
+            continue
+        raise AssertionError("a deleted conversation answered")

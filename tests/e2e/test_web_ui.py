@@ -117,8 +117,15 @@ def test_a_question_streams_its_answer_into_a_stored_conversation(page, web):
             if (body && document.body.classList.contains('streaming')) window.seen.push(body.textContent.length);
         }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
     }""")
-    ask(page, "List five fruits, one per line.", temperature=0, **{"max-tokens": 80})
+    with page.expect_request("**/v1/responses") as sent:
+        ask(page, "List five fruits, one per line.", system="Answer briefly.", temperature=0,
+            **{"top-p": 0.9, "max-tokens": 80})
     reply = wait_reply(page)
+    body = sent.value.post_data_json  # the settings go with the request, by their API names
+    assert {k: body[k] for k in ("instructions", "temperature", "top_p", "max_output_tokens", "model", "stream")} == {
+        "instructions": "Answer briefly.", "temperature": 0, "top_p": 0.9, "max_output_tokens": 80,
+        "model": "alpha", "stream": True}
+    assert body["conversation"].startswith("conv_")
     text = reply.locator(".body").get_attribute("data-text")
     seen = page.evaluate("window.seen")
     assert text and len([n for n in seen if 0 < n]) >= 3, seen  # it grew in steps before the end
