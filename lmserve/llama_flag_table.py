@@ -59,8 +59,9 @@ def refused(spellings: str, note: str) -> LlamaFlag:
 _CPU = "lmserve runs on the CPU"
 _GPU = f"{_CPU}: there is no GPU to place anything on"
 _THREADS = "CPU affinity and priority: run lmserve under taskset, numactl or nice"
-_DRAFT = ("lmserve has no draft models and none of llama.cpp's speculative settings; its speculative decoding is "
-          "prompt lookup, --speculative-ngram K")
+_DRAFT = ("lmserve has no draft models and none of llama.cpp's other speculative settings; its speculative decoding "
+          "is prompt lookup (--spec-type ngram-simple), --speculative-ngram K")
+_LOOKUP_N = "lmserve's prompt lookup looks up the sequence's last 4, 3, then 2 tokens; the length is not a setting"
 _ADAPTIVE = "lmserve has no adaptive-p sampler"
 _MEDIA = "lmserve serves text models only"
 _UI = "lmserve has no web UI"
@@ -338,14 +339,16 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
     refused("--spec-draft-device, -devd, --device-draft <dev1,dev2,..>", _DRAFT),
     refused("--spec-draft-ngl, -ngld, --gpu-layers-draft, --n-gpu-layers-draft N", _DRAFT),
     refused("--spec-draft-model, -md, --model-draft FNAME", _DRAFT),
-    refused("--spec-type none,draft-simple,draft-eagle3,draft-mtp,draft-dflash,draft-dspark,ngram-simple,ngram-map-k,"
-            "ngram-map-k4v,ngram-mod,ngram-cache", _DRAFT),
+    honoured("--spec-type none,draft-simple,draft-eagle3,draft-mtp,draft-dflash,draft-dspark,ngram-simple,ngram-map-k,"
+             "ngram-map-k4v,ngram-mod,ngram-cache", "ngram-simple: prompt lookup (--speculative-ngram, on by default); "
+             "none: --speculative-ngram 0; the other types are refused"),
     refused("--spec-ngram-mod-n-min N", _DRAFT),
     refused("--spec-ngram-mod-n-max N", _DRAFT),
     refused("--spec-ngram-mod-n-match N", _DRAFT),
-    refused("--spec-ngram-simple-size-n N", _DRAFT),
-    refused("--spec-ngram-simple-size-m N", _DRAFT),
-    refused("--spec-ngram-simple-min-hits N", _DRAFT),
+    refused("--spec-ngram-simple-size-n N", _LOOKUP_N),
+    honoured("--spec-ngram-simple-size-m N", "--speculative-ngram N: the most tokens one draft proposes"),
+    accepted("--spec-ngram-simple-min-hits N", "prompt lookup proposes what followed the n-gram's latest "
+             "occurrence: one hit", ("1",)),
     refused("--spec-ngram-map-k-size-n N", _DRAFT),
     refused("--spec-ngram-map-k-size-m N", _DRAFT),
     refused("--spec-ngram-map-k-min-hits N", _DRAFT),
@@ -354,9 +357,10 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
     refused("--spec-ngram-map-k4v-min-hits N", _DRAFT),
     refused("--draft, --draft-n, --draft-max N", _DRAFT),
     refused("--draft-min, --draft-n-min N", _DRAFT),
-    refused("--spec-ngram-size-n N", _DRAFT),
-    refused("--spec-ngram-size-m N", _DRAFT),
-    refused("--spec-ngram-min-hits N", _DRAFT),
+    refused("--spec-ngram-size-n N", _LOOKUP_N),
+    honoured("--spec-ngram-size-m N", "--speculative-ngram N: the most tokens one draft proposes"),
+    accepted("--spec-ngram-min-hits N", "prompt lookup proposes what followed the n-gram's latest "
+             "occurrence: one hit", ("1",)),
     refused("--embd-gemma-default", _PRESET),
     refused("--fim-qwen-1.5b-default", _PRESET),
     refused("--fim-qwen-3b-default", _PRESET),

@@ -80,6 +80,9 @@ def _add_server_options(group) -> None:
                        help="serve GET /slots (the default)")
     group.add_argument("--no-slots", dest="serve_slots", action="store_false", help="do not serve GET /slots")
     group.add_argument("--slot-save-path", type=_folder, metavar="DIR", help="where POST /slots saves slots")
+    group.add_argument("--spec-type", type=_spec_type, metavar="{none,ngram-simple}",
+                       help="ngram-simple: prompt lookup (on by default, --speculative-ngram); none: "
+                            "--speculative-ngram 0")
     group.add_argument("--chat-template", metavar="NAME|JINJA",
                        help="every chat model's template: a llama.cpp built-in name (chatml, llama3, mistral-v7, ...) "
                             "or a Jinja template")
@@ -112,6 +115,17 @@ def _slot_count(text: str) -> int | None:
     if value == 0 or value < -1:
         raise argparse.ArgumentTypeError(f"must be a positive integer or -1, not {text!r}")
     return None if value == -1 else value
+
+
+def _spec_type(text: str) -> str:
+    """--spec-type's comma-separated types: "ngram-simple" when it is among them (llama.cpp's lookup
+    decoding is lmserve's prompt lookup), "none" when that is all; any other type is refused."""
+    types = set(text.split(","))
+    others = sorted(types - {"none", "ngram-simple"})
+    if others:
+        raise argparse.ArgumentTypeError(f"{others[0]!r}: lmserve's speculative decoding is prompt lookup "
+                                         "(ngram-simple); it has no draft models or other n-gram methods")
+    return "ngram-simple" if "ngram-simple" in types else "none"
 
 
 def _models_max(text: str) -> int | None:

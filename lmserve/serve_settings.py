@@ -52,7 +52,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(args.block_size, limits.kv_cache_memory_bytes, not args.no_prefix_caching,
                           kv_cache_tokens=limits.kv_cache_tokens),
         scheduler=SchedulerConfig(limits.max_num_seqs, args.max_num_batched_tokens, limits.max_model_len,
-                                  num_speculative_tokens=args.speculative_ngram,
+                                  num_speculative_tokens=0 if args.spec_type == "none" else args.speculative_ngram,
                                   speculative_sampling=args.speculative_sampling),
         chat_template=chat_template(args),
     )

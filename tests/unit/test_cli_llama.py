@@ -323,7 +323,7 @@ def test_an_accepted_flag_changes_nothing_and_says_why(name):
 
 @pytest.mark.parametrize("argv", ["--reasoning-format none", "-fit on", "--embd-normalize 0", "-dev cuda0",
                                   "--sleep-idle-seconds 60", "--cache-reuse 256", "--log-colors on", "-rea on",
-                                  "--reasoning-budget 0", "--reasoning-effort high"])
+                                  "--reasoning-budget 0", "--reasoning-effort high", "--spec-ngram-simple-min-hits 2"])
 def test_an_accepted_flag_with_a_value_lmserve_does_not_match_is_refused(argv, capsys):
     name, value = argv.split()
     with pytest.raises(SystemExit) as exit_info:
@@ -440,6 +440,11 @@ HONOURED = [
     ("--timeout 90 --read-timeout 5", lambda s: (s.args.read_timeout, s.args.write_timeout), (5.0, 90.0)),
     ("--models-autoload --no-autoload --models-autoload", lambda s: s.args.no_autoload, False),
     ("--no-models-autoload", lambda s: s.args.no_autoload, True),
+    ("--spec-type ngram-simple", lambda s: s.engine.scheduler.num_speculative_tokens, 4),  # lmserve's default K
+    ("--spec-type none", lambda s: s.engine.scheduler.num_speculative_tokens, 0),
+    ("--spec-type none,ngram-simple --spec-ngram-simple-size-m 8", lambda s: s.engine.scheduler.num_speculative_tokens, 8),
+    ("--spec-ngram-simple-size-m 6", lambda s: s.engine.scheduler.num_speculative_tokens, 6),
+    ("--spec-ngram-size-m 2", lambda s: s.engine.scheduler.num_speculative_tokens, 2),
     ("--chat-template llama3", lambda s: s.engine.chat_template, BUILTIN_TEMPLATES["llama3"]),
     ("--chat-template-file {jinja}", lambda s: s.engine.chat_template, "{{ messages[0]['content'] }}"),
 ]
@@ -539,7 +544,9 @@ def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
 
 
 @pytest.mark.parametrize("argv", ["-np 0", "-np -2", "-n 0", "-c -1", "--models-max -1", "--pooling cls", "-t 0",
-                                  "--repeat-last-n -1", "--dry-penalty-last-n -1", "--mirostat 1.5", "--top-k x"])
+                                  "--repeat-last-n -1", "--dry-penalty-last-n -1", "--mirostat 1.5", "--top-k x",
+                                  "--spec-type draft-simple", "--spec-type ngram-simple,ngram-mod",
+                                  "--spec-ngram-simple-size-m -1"])
 def test_values_llama_server_refuses_are_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["serve", *argv.split()])
