@@ -1,0 +1,1 @@
+"""Scaling lmserve out: replicas behind one endpoint and the routing between them."""
