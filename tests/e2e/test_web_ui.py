@@ -122,9 +122,9 @@ def test_a_question_streams_its_answer_into_a_stored_conversation(page, web):
             **{"top-p": 0.9, "max-tokens": 80})
     reply = wait_reply(page)
     body = sent.value.post_data_json  # the settings go with the request, by their API names
-    assert {k: body[k] for k in ("instructions", "temperature", "top_p", "max_output_tokens", "model", "stream")} == {
+    assert {k: body[k] for k in ("instructions", "temperature", "top_p", "max_output_tokens", "model", "stream", "truncation")} == {
         "instructions": "Answer briefly.", "temperature": 0, "top_p": 0.9, "max_output_tokens": 80,
-        "model": "alpha", "stream": True}
+        "model": "alpha", "stream": True, "truncation": "auto"}
     assert body["conversation"].startswith("conv_")
     text = reply.locator(".body").get_attribute("data-text")
     seen = page.evaluate("window.seen")
@@ -295,6 +295,19 @@ def test_markdown_renders_replies_and_lets_no_markup_through(page):
         "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr></tbody></table>")
     assert "<pre><code>let a = 1;</code></pre>" in rendered["streaming"]  # an open fence is code already
     assert page.evaluate("window.hit") is None
+
+
+def test_a_chat_longer_than_the_context_goes_on_without_its_oldest_turns(page, web):
+    words = " ".join(["lorem ipsum dolor sit amet"] * 120)  # ~600 tokens a turn; the tests' context is 2,048
+    items = [{"type": "message", "role": role, "content": f"{n}: {words}"}
+             for n in range(8) for role in ("user", "assistant")]
+    conversation = api(web, "POST", "/v1/conversations", json={"items": items}).json()["id"]
+    page.goto(f"{web}/#{conversation}")
+    page.wait_for_selector(".turn.assistant")
+    ask(page, "Summarise.", **{"max-tokens": 8})
+    reply = wait_reply(page)
+    assert page.is_hidden("#error") and reply.locator(".stats").inner_text().startswith("alpha ·")
+    assert len(items_of(web, conversation)) == 18  # everything kept on the server
 
 
 def test_an_error_the_user_causes_is_shown_and_the_message_kept(page, web):

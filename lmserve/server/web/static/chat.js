@@ -214,7 +214,9 @@ class Chat {
   }
 
   request(text, model) {
-    const body = { model, input: text, conversation: this.conversationId };
+    // truncation "auto": a chat longer than the context leaves its oldest turns out of the prompt
+    // (the server keeps them all) rather than failing every message from then on
+    const body = { model, input: text, conversation: this.conversationId, truncation: "auto" };
     const system = $("system").value.trim();
     if (system) body.instructions = system;
     for (const [id, name] of Object.entries(NUMBERS)) if ($(id).value !== "") body[name] = Number($(id).value);
