@@ -4,6 +4,8 @@ stored response, and the Conversations calls keep a chat on the server."""
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_a_continuation_reads_the_earlier_turn_from_the_prefix_cache(client, model_id):
     first = client.responses.create(model=model_id, input="What is the capital of France?", temperature=0,
@@ -65,3 +67,16 @@ def test_the_clients_conversation_calls_keep_a_chat_on_the_server(client, model_
         except openai.NotFoundError:
             continue
         raise AssertionError("a deleted conversation answered")
+
+
+def test_output_text_logprobs_are_the_chat_completions_ones(client, model_id):
+    question = "Name a prime number."
+    response = client.responses.create(model=model_id, input=question, temperature=0, max_output_tokens=8,
+                                       include=["message.output_text.logprobs"], top_logprobs=3)
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": question}],
+                                          temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    ours = response.output[0].content[0].logprobs
+    theirs = chat.choices[0].logprobs.content
+    assert response.output_text == chat.choices[0].message.content
+    assert [(e.token, e.bytes, len(e.top_logprobs)) for e in ours] == [(e.token, e.bytes, 3) for e in theirs]
+    assert [e.logprob for e in ours] == pytest.approx([e.logprob for e in theirs], abs=1e-4)

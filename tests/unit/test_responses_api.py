@@ -175,7 +175,33 @@ def test_reasoning_comes_as_its_own_item_before_the_message():
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
 
 
+def test_logprobs_of_the_output_text_whole_and_streamed():
+    engine = FakeEngine(reply="Héllo", max_model_len=1024)  # é: two byte tokens, one character
+    client = client_of(engine)
+    whole = client.responses.create(model="fake", input="Hi", include=["message.output_text.logprobs"],
+                                    top_logprobs=2)
+    events = list(client.responses.create(model="fake", input="Hi", top_logprobs=2, stream=True))
+    streamed = [entry for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    for logprobs in (whole.output[0].content[0].logprobs, streamed, events[-1].response.output[0].content[0].logprobs):
+        assert "".join(bytes(entry.bytes).decode("latin-1") for entry in logprobs).encode("latin-1") == "Héllo".encode()
+        assert [entry.logprob for entry in logprobs] == [-0.25] * len("Héllo".encode())
+        assert all(len(entry.top_logprobs) == 2 for entry in logprobs)
+    text_done = next(e for e in events if e.type == "response.output_text.done")
+    assert len(text_done.logprobs) == len("Héllo".encode())
+    plain = client.responses.create(model="fake", input="Hi")
+    assert plain.output[0].content[0].logprobs == []  # not asked for
+
+
+def test_logprobs_with_a_parsed_reply_are_refused_by_name():
+    engine = FakeEngine(reply="x", max_model_len=1024, tokenizer=ByteTokenizer(chat_template="<think>"))
+    with pytest.raises(openai.BadRequestError) as error:
+        client_of(engine).responses.create(model="fake", input="Hi", include=["message.output_text.logprobs"])
+    assert error.value.body["param"] == "include" and "chat/completions" in error.value.body["message"]
+
+
 @pytest.mark.parametrize(("fields", "param"), [
+    ({"include": ["reasoning.encrypted_content"]}, "include[0]"),
+    ({"top_logprobs": 21}, "top_logprobs"),
     ({"background": True}, "background"),
     ({"conversation": "conv_1", "previous_response_id": "resp_1"}, "conversation"),
     ({"reasoning": {"effort": "high"}}, "reasoning.effort"),

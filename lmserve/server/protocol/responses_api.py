@@ -35,7 +35,7 @@ class ResponsesRequest(BaseModel):
     # declared so a value is refused by name rather than ignored
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
-    include: list[str] | None = None
-    top_logprobs: int | None = None
+    include: list[str] | None = None  # "message.output_text.logprobs" only
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tool_calls: int | None = None
     prompt: dict[str, Any] | None = None

@@ -25,11 +25,10 @@ NEEDS = {"function_call": ("call_id", "name", "arguments"), "function_call_outpu
          "reasoning": ()}  # the other item types served, and their required string fields
 REFUSED = {  # set to anything but null/false/empty, these are refused by name
     "background": "background responses are not supported",
-    "include": "extra output data (include) is not supported",
-    "top_logprobs": "logprobs are not supported on /v1/responses; use /v1/chat/completions",
     "max_tool_calls": "max_tool_calls is not supported",
     "prompt": "stored prompt templates are not supported",
 }
+LOGPROBS = "message.output_text.logprobs"  # the one `include` served
 
 
 def _refused(message: str, param: str) -> APIError:
@@ -44,6 +43,10 @@ def refuse_unsupported(body: ResponsesRequest) -> None:
     for name, why in REFUSED.items():
         if getattr(body, name):
             raise _refused(f"'{name}': {why}", param=name)
+    for position, name in enumerate(body.include or ()):
+        if name != LOGPROBS:
+            raise _refused(f"include[{position}]: {name!r} is not served (only {LOGPROBS!r})",
+                           param=f"include[{position}]")
     if body.reasoning and body.reasoning.get("effort") is not None:
         raise _refused("'reasoning.effort': the models served here have no reasoning effort setting",
                        param="reasoning.effort")
@@ -61,6 +64,20 @@ def conversation_id(body: ResponsesRequest) -> str | None:
     if not isinstance(given, str) or not given:
         raise bad_request("conversation must be a conversation id or {\"id\": ...}", param="conversation")
     return given
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Logprobs on the output text: asked for by `include`, or by `top_logprobs` alone."""
+    return LOGPROBS in (body.include or ()) or body.top_logprobs is not None
+
+
+def logprobs_plan(plan: GenerationPlan) -> GenerationPlan:
+    """A plan whose tokens are all message text, as the output_text logprobs need: a reply parsed
+    into reasoning or tool calls would mix them in, so it is refused by name."""
+    if plan.reply is not None:
+        raise _refused("logprobs on /v1/responses are served for plain text replies; with tools or a reasoning "
+                       "model use /v1/chat/completions", param="include")
+    return plan
 
 
 def truncating_plan(request: ChatCompletionRequest, *args: Any, **fields: Any) -> GenerationPlan:
@@ -163,6 +180,8 @@ def chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> Chat
         fields["tools"] = [_chat_tool(tool, i) for i, tool in enumerate(body.tools)]
     if body.tool_choice is not None:
         fields["tool_choice"] = _chat_tool_choice(body.tool_choice)
+    if wants_logprobs(body):
+        fields |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
     response_format = _response_format((body.text or {}).get("format"))
     if response_format is not None:
         fields["response_format"] = response_format

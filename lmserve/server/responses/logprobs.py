@@ -42,6 +42,11 @@ def chat_logprobs(tokenizer: ChatTokenizer, samples: list[SampleLogprobs]) -> Ch
     return ChatLogprobs(content=content, refusal=None)
 
 
+def response_logprobs(tokenizer: ChatTokenizer, samples: list[SampleLogprobs]) -> list[dict]:
+    """The Responses API's `logprobs` of output text: chat's entries, as plain objects."""
+    return [entry.model_dump() for entry in chat_logprobs(tokenizer, samples).content]
+
+
 def completion_logprobs(
     tokenizer: ChatTokenizer, samples: list[SampleLogprobs], text_offset: int
 ) -> CompletionLogprobs:

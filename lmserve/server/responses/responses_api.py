@@ -27,9 +27,11 @@ from lmserve.server.protocol.responses_api import ResponsesRequest
 from lmserve.server.requests.plan import GenerationPlan
 from lmserve.server.requests.responses_input import new_id
 from lmserve.server.responses.choices import ChoiceResult, new_results, recorded_outputs
+from lmserve.server.responses.logprobs import response_logprobs
 
 if TYPE_CHECKING:
     from lmserve.engine.async_engine import AsyncEngine
+    from lmserve.text.tokenizer import ChatTokenizer
 
 Event = dict[str, Any]
 logger = logging.getLogger(__name__)
@@ -55,13 +57,18 @@ class OutputItems:
         self._open: dict[str, Any] | None = None  # the item still growing
         self._text = ""  # its text (message, reasoning) or arguments (function call)
         self._calls: dict[int, dict[str, Any]] = {}  # tool call index -> its item
+        self._logprobs: list[dict[str, Any]] = []  # the open message's, when asked for
+        self._pending: list[dict[str, Any]] = []  # tokens whose text has not shown yet (part of a character)
 
-    def feed(self, delta: ReplyDelta) -> list[Event]:
+    def feed(self, delta: ReplyDelta, logprobs: list[dict[str, Any]] | None = None) -> list[Event]:
         events = []
         if delta.reasoning:
             events += self._grow_text("reasoning", delta.reasoning)
         if delta.content:
-            events += self._grow_text("message", delta.content)
+            events += self._grow_text("message", delta.content, self._pending + (logprobs or []))
+            self._pending = []
+        elif logprobs:
+            self._pending += logprobs
         for call in delta.tool_calls:
             events += self._grow_call(call)
         return events
@@ -71,11 +78,12 @@ class OutputItems:
         events = [] if self.items else self._add("message")
         return events + self._close()
 
-    def _grow_text(self, kind: str, text: str) -> list[Event]:
+    def _grow_text(self, kind: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[Event]:
         events = [] if self._open is not None and self._open["type"] == kind else self._close() + self._add(kind)
         self._text += text
+        self._logprobs += logprobs or []
         name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra = {"logprobs": logprobs} if kind == "message" else {}
         return events + [self._event(name, content_index=0, delta=text, **extra)]
 
     def _grow_call(self, call: ToolCallDelta) -> list[Event]:
@@ -115,15 +123,16 @@ class OutputItems:
             events.append(self._event("response.function_call_arguments.done", arguments=self._text, name=item["name"]))
         else:
             message = item["type"] == "message"
-            part = ({"type": "output_text", "text": self._text, "annotations": [], "logprobs": []} if message
-                    else {"type": "reasoning_text", "text": self._text})
+            part = ({"type": "output_text", "text": self._text, "annotations": [], "logprobs": self._logprobs}
+                    if message else {"type": "reasoning_text", "text": self._text})
             item["content"] = [part]
             done = "response.output_text.done" if message else "response.reasoning_text.done"
-            events.append(self._event(done, content_index=0, text=self._text, **({"logprobs": []} if message else {})))
+            events.append(self._event(done, content_index=0, text=self._text,
+                                      **({"logprobs": self._logprobs} if message else {})))
             events.append(self._event("response.content_part.done", content_index=0, part=dict(part)))
         item["status"] = "completed"
         events.append({"type": "response.output_item.done", "output_index": len(self.items) - 1, "item": dict(item)})
-        self._open, self._text = None, ""
+        self._open, self._text, self._logprobs = None, "", []
         return events
 
     def _event(self, kind: str, **fields: Any) -> Event:
@@ -178,11 +187,12 @@ def finished_response(ctx: ResponseContext, plan: GenerationPlan, result: Choice
                            incomplete="max_output_tokens" if cut else None)
 
 
-def whole_output(plan: GenerationPlan, result: ChoiceResult) -> list[dict[str, Any]]:
+def whole_output(plan: GenerationPlan, result: ChoiceResult, tokenizer: ChatTokenizer) -> list[dict[str, Any]]:
     """The output items of a whole reply, built as a stream would build them."""
     items = OutputItems()
+    logprobs = response_logprobs(tokenizer, result.logprobs) if plan.want_logprobs else None
     items.feed(_parsed(result.text, final=True, truncated=result.finish_reason == FinishReason.LENGTH,
-                       parser=ReplyParser(plan.reply) if plan.reply else None))
+                       parser=ReplyParser(plan.reply) if plan.reply else None), logprobs)
     items.finish()
     return items.items
 
@@ -220,7 +230,9 @@ async def response_events(engine: AsyncEngine, plan: GenerationPlan, ctx: Respon
             async for _, output in outputs:
                 delta = _parsed(output.text_delta, final=output.finish_reason is not None,
                                 truncated=output.finish_reason == FinishReason.LENGTH, parser=parser)
-                for event in items.feed(delta):
+                logprobs = (response_logprobs(engine.tokenizer, output.new_logprobs)
+                            if plan.want_logprobs and output.new_logprobs else None)
+                for event in items.feed(delta, logprobs):
                     yield frame(event)
     except Exception as exc:  # noqa: BLE001 - the stream has begun: the error is its last events
         error = exc if isinstance(exc, APIError) else _logged(exc)

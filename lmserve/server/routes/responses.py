@@ -26,9 +26,11 @@ from lmserve.server.requests.responses_input import (
     chat_request,
     conversation_id,
     input_items,
+    logprobs_plan,
     new_id,
     refuse_unsupported,
     truncating_plan,
+    wants_logprobs,
 )
 from lmserve.server.responses.responses_api import (
     ResponseContext,
@@ -90,13 +92,19 @@ def _shape(body: ResponsesRequest, conversation: str | None, context: list[dict[
     def stream(engine, plan, meta, _chat_body):
         return response_events(engine, plan, labels(meta), save)
 
-    async def whole(meta, plan, results, _engine, _chat_body) -> Response:
+    async def whole(meta, plan, results, engine, _chat_body) -> Response:
         result = results[plan.choices[0].index]
-        response = finished_response(labels(meta), plan, result, whole_output(plan, result))
+        response = finished_response(labels(meta), plan, result, whole_output(plan, result, engine.tokenizer))
         await save(response)
         return JSONResponse(response)
 
-    return Shape("resp", truncating_plan if body.truncation == "auto" else chat_plan, stream, whole)
+    base_plan = truncating_plan if body.truncation == "auto" else chat_plan
+
+    def plan(*args, **fields):
+        built = base_plan(*args, **fields)
+        return logprobs_plan(built) if wants_logprobs(body) else built
+
+    return Shape("resp", plan, stream, whole)
 
 
 @router.get("/responses/{response_id}")
