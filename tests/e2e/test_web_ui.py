@@ -5,6 +5,7 @@ reasoning and tool calls, and an error a user can cause."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -221,6 +222,37 @@ def test_regenerate_replaces_the_last_reply_and_copy_copies_it(page, web):
     assert page.evaluate("navigator.clipboard.readText()") == texts(stored)[1][1]
 
 
+FAILING_STREAM = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in [
+    {"type": "response.created", "response": {}},
+    {"type": "response.output_item.added", "output_index": 0,
+     "item": {"type": "message", "id": "msg_x", "role": "assistant", "content": []}},
+    {"type": "response.output_text.delta", "output_index": 0, "delta": "Half an ans"},
+    {"type": "error", "code": "server_error", "message": "the engine stopped"},
+    {"type": "response.failed", "response": {"error": {"message": "the engine stopped"}}},
+])
+
+
+def test_regenerating_a_failed_reply_resends_it_and_leaves_earlier_turns_alone(page, web):
+    ask(page, "First question.", **{"max-tokens": 8})
+    wait_reply(page)
+    conversation = current_conversation(page)
+    first_turn = texts(items_of(web, conversation))
+    page.route("**/v1/responses", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=FAILING_STREAM))
+    ask(page, "Second question.")
+    page.wait_for_selector(".turn.assistant.failed")
+    assert "the engine stopped" in page.inner_text("#error")
+    assert page.locator(".turn.assistant.failed .body").inner_text() == "Half an ans"
+    page.unroute("**/v1/responses")
+    page.locator(".turn.assistant").last.locator(".regenerate").click()
+    page.wait_for_function("document.querySelectorAll('.turn').length === 4 && "
+                           "!document.querySelector('.turn.failed') && "
+                           "document.querySelector('.turn.assistant:last-child .stats').textContent")
+    stored = texts(items_of(web, conversation))
+    assert stored[:2] == first_turn and [role for role, _ in stored] == ["user", "assistant"] * 2
+    assert stored[2] == ("user", "Second question.")
+
+
 def test_stored_reasoning_and_tool_calls_are_shown_folded_and_escaped(page, web):
     items = [
         {"type": "message", "role": "user", "content": "Weather in Paris?"},
@@ -283,6 +315,8 @@ def test_markdown_renders_replies_and_lets_no_markup_through(page):
             link: '[click](javascript:window.hit=1) and [site](https://example.org/?a=1&b=2)',
             rich: '# Title\\n\\n- one\\n- **two**\\n\\n1. first\\n2. `x<y`\\n\\n| a | b |\\n|---|---|\\n| 1 | 2 |',
             streaming: 'Here:\\n```js\\nlet a = 1;',
+            linkThenUnderscore: 'see [docs](https://x.io/a_b) then y_ z and [c](http://x/**) d**',
+            deepQuote: '>'.repeat(20000) + ' deep',
         };
         return Object.fromEntries(Object.entries(cases).map(([k, v]) => [k, renderMarkdown(v)]));
     }""")
@@ -295,6 +329,10 @@ def test_markdown_renders_replies_and_lets_no_markup_through(page):
         "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr></tbody></table>")
     assert "<pre><code>let a = 1;</code></pre>" in rendered["streaming"]  # an open fence is code already
     assert page.evaluate("window.hit") is None
+    built = rendered["linkThenUnderscore"]  # markup the renderer made is not marked up again
+    assert re.findall(r'<a href="([^"]*)" target="_blank"', built) == ["https://x.io/a_b", "http://x/**"]
+    assert "<em>" not in built and "<strong>" not in built
+    assert rendered["deepQuote"].count("<blockquote>") == 8 and rendered["deepQuote"].endswith("</blockquote>" * 8)
 
 
 def test_a_chat_longer_than_the_context_goes_on_without_its_oldest_turns(page, web):

@@ -106,7 +106,8 @@ async def status(request: Request, state: State) -> Response:
     if wants_page(request.headers):
         return page()
     return JSONResponse({"status": "ok" if state.ready else "loading",
-                         "models": [model_status(state, slot) for slot in state.fleet.slots()]})
+                         "models": [model_status(state, slot) for slot in state.fleet.slots()]},
+                        headers={"Vary": "Accept"})  # browsers get the page here
 
 
 def model_status(state: ServerState, slot: Slot) -> dict[str, Any]:

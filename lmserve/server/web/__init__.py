@@ -1,4 +1,4 @@
-"""The web chat page, shipped with the package: index.html and the scripts and style beside it.
+"""The web chat page, shipped with the package: index.html, and its scripts and style in static/.
 
 GET / answers the page to a browser (a request that accepts HTML; programs keep the server's
 status there, routes/ops.py), and UI_PREFIX serves its files. Neither needs a key: the page holds
@@ -24,6 +24,7 @@ PAGE_HEADERS = {
                                "frame-ancestors 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
+    "Vary": "Accept",  # the same address answers programs with JSON (routes/ops.py)
 }
 
 
@@ -32,9 +33,10 @@ def wants_page(headers: Headers) -> bool:
 
 
 def page() -> FileResponse:
-    return FileResponse(WEB_DIR / "static" / "index.html", headers=PAGE_HEADERS)
+    return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
 
 
 def static_files() -> StaticFiles:
-    """The page's files, mounted at UI_PREFIX (Python files excepted)."""
+    """The page's scripts and style, mounted at UI_PREFIX (the page itself is served only at /,
+    with its headers)."""
     return StaticFiles(directory=WEB_DIR / "static")

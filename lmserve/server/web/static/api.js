@@ -28,30 +28,34 @@ export class Api {
     const response = await this.fetch("POST", "/v1/responses", { ...body, stream: true }, signal);
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += value;
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const frame = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const data = frame.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
-        if (data) yield JSON.parse(data);
+    try {
+      for (let done = false; !done;) {
+        const chunk = await reader.read();
+        done = chunk.done;
+        buffer = (buffer + (chunk.value ?? "")).replace(/\r\n?/g, "\n");
+        const frames = buffer.split("\n\n");
+        buffer = done ? "" : frames.pop(); // the last piece may be a frame still arriving
+        for (const frame of frames) {
+          const data = frame.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+          if (data) yield JSON.parse(data);
+        }
       }
+    } finally {
+      reader.cancel().catch(() => {});
     }
   }
 
   async fetch(method, path, body, signal) {
-    for (let message = "";;) {
+    for (;;) {
+      const key = this.key;
       const headers = body === undefined ? {} : { "Content-Type": "application/json" };
-      if (this.key) headers.Authorization = `Bearer ${this.key}`;
+      if (key) headers.Authorization = `Bearer ${key}`;
       const response = await fetch(path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
       if (response.ok) return response;
       const error = new ApiError(response.status, await response.json().catch(() => null));
       if (response.status !== 401) throw error;
-      message = this.key ? error.message : "";
-      this.key = await this.askKey(message);
+      if (this.key !== key) continue; // another call was given a new key meanwhile
+      this.key = await this.askKey(key ? error.message : "");
       localStorage.setItem(KEY_STORE, this.key);
     }
   }

@@ -16,6 +16,20 @@ class Chat {
     this.api = new Api((message) => askKey(message));
     this.conversationId = null;
     this.controller = null; // aborts the reply streaming now
+    this.locked = false; // one action at a time: a send, a regenerate, an open, a delete
+  }
+
+  // Run `action` unless another is under way (then say so); its error is shown, not lost.
+  async exclusive(action) {
+    if (this.locked) return this.showError("Wait for the reply to finish, or stop it.");
+    this.locked = true;
+    try {
+      await action();
+    } catch (error) {
+      this.showError(error.message);
+    } finally {
+      this.locked = false;
+    }
   }
 
   async start() {
@@ -30,7 +44,7 @@ class Chat {
   // The conversation the address names (#conv_...), as a link or a reload gives it.
   async openAddressed() {
     const id = location.hash.slice(1);
-    if (id.startsWith("conv_") && id !== this.conversationId) await this.open(id).catch(() => this.newChat());
+    if (id.startsWith("conv_") && id !== this.conversationId) await this.open(id).catch(() => this.clear());
   }
 
   bind() {
@@ -39,7 +53,8 @@ class Chat {
       if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); this.submit(); }
     });
     $("stop").addEventListener("click", () => this.controller?.abort());
-    $("new-chat").addEventListener("click", () => this.newChat());
+    document.addEventListener("keydown", (e) => { if (e.key === "Escape") this.controller?.abort(); });
+    $("new-chat").addEventListener("click", () => this.exclusive(async () => this.clear()));
     $("model").addEventListener("change", () => { localStorage.setItem("lmserve.model", $("model").value); this.showStatus(); });
     $("settings-toggle").addEventListener("click", () => {
       $("settings").hidden = !$("settings").hidden;
@@ -80,15 +95,15 @@ class Chat {
     const li = document.createElement("li");
     li.dataset.id = conversation.id;
     li.classList.toggle("active", conversation.id === this.conversationId);
-    const title = button("title", conversation.metadata?.title || "Untitled", () => this.open(conversation.id));
+    const title = button("title", conversation.metadata?.title || "Untitled",
+                         () => this.exclusive(() => this.open(conversation.id)));
     const rename = button("rename", "Rename", () => this.rename(li, conversation), "\u270E");
-    const remove = button("delete", "Delete", () => this.remove(conversation), "\u2715");
+    const remove = button("delete", "Delete", () => this.exclusive(() => this.remove(conversation)), "\u2715");
     li.append(title, rename, remove);
     return li;
   }
 
   async open(id) {
-    if (this.controller) return;
     const items = await this.items(id);
     this.conversationId = id;
     history.replaceState(null, "", `#${id}`);
@@ -107,8 +122,7 @@ class Chat {
     return items;
   }
 
-  newChat() {
-    if (this.controller) return;
+  clear() {
     this.conversationId = null;
     history.replaceState(null, "", location.pathname);
     $("messages").replaceChildren();
@@ -129,7 +143,11 @@ class Chat {
       if (done) return;
       done = true;
       const title = input.value.trim().slice(0, MAX_TITLE);
-      if (save && title) await this.api.json("POST", `/v1/conversations/${conversation.id}`, { metadata: { ...conversation.metadata, title } });
+      try {
+        if (save && title) await this.api.json("POST", `/v1/conversations/${conversation.id}`, { metadata: { ...conversation.metadata, title } });
+      } catch (error) {
+        this.showError(error.message);
+      }
       await this.loadConversations();
     };
     input.addEventListener("keydown", (e) => {
@@ -145,13 +163,13 @@ class Chat {
   async remove(conversation) {
     if (!confirm(`Delete "${conversation.metadata?.title || "Untitled"}"?`)) return;
     await this.api.json("DELETE", `/v1/conversations/${conversation.id}`);
-    if (conversation.id === this.conversationId) this.newChat();
+    if (conversation.id === this.conversationId) this.clear();
     await this.loadConversations();
   }
 
   // ---- turns
 
-  addTurn(role, items) {
+  addTurn(role, items, stored = true) {
     const turn = document.createElement("article");
     turn.className = `turn ${role}`;
     const body = document.createElement("div");
@@ -160,6 +178,7 @@ class Chat {
     if (role === "user") {
       body.textContent = items.map(textOf).join("");
     } else {
+      turn.dataset.stored = String(stored);
       turn.append(actions(), stats());
       const reply = new Reply(body);
       items.forEach((item, index) => reply.set(index, item));
@@ -172,9 +191,9 @@ class Chat {
 
   submit() {
     const text = $("prompt").value;
-    if (!text.trim() || this.controller) return;
+    if (!text.trim() || this.locked) return;
     $("prompt").value = "";
-    this.send(text);
+    this.exclusive(() => this.send(text));
   }
 
   async send(text) {
@@ -183,26 +202,38 @@ class Chat {
     try {
       if (!this.conversationId) await this.create(text);
     } catch (error) {
-      return this.failed(error, text, [], true);
+      return this.failed(error, text, []);
     }
     const turns = [this.addTurn("user", [{ type: "message", role: "user", content: [{ type: "input_text", text }] }]),
-                   this.addTurn("assistant", [])];
+                   this.addTurn("assistant", [], false)];
     const reply = new Reply(turns[1].querySelector(".body"));
     this.busy(new AbortController());
     try {
       for await (const event of this.api.events(this.request(text, model), this.controller.signal)) reply.apply(event);
-      reply.flush();
-      turns[1].querySelector(".stats").textContent = reply.summary(model);
-      if (reply.error) this.showError(reply.error);
-      turns[1].classList.toggle("failed", Boolean(reply.error));
+      if (!reply.status && !reply.error) reply.error = "The connection closed before the reply was finished.";
+      this.finishTurn(turns[1], reply, model);
     } catch (error) {
-      reply.flush();
-      if (error.name !== "AbortError") return this.failed(error, text, reply.started ? [] : turns, !reply.started);
-      await this.keepStopped(text, reply, turns[1]);
+      if (error.name === "AbortError") {
+        // Stopped: unless the reply had finished first (then the server stored it), keep what it wrote.
+        return reply.status ? this.finishTurn(turns[1], reply, model) : await this.keepStopped(text, reply, turns[1]);
+      }
+      if (!reply.started) return this.failed(error, text, turns);
+      reply.error = error.message;
+      this.finishTurn(turns[1], reply, model);
     } finally {
       this.busy(null);
       this.loadModels();
     }
+  }
+
+  // A reply that ended: its numbers, or its error. Only a reply the server stored may be regenerated
+  // by deleting it there.
+  finishTurn(turn, reply, model) {
+    reply.flush();
+    turn.querySelector(".stats").textContent = reply.summary(model);
+    if (reply.error) this.showError(reply.error);
+    turn.classList.toggle("failed", Boolean(reply.error));
+    turn.dataset.stored = String(!reply.error);
   }
 
   async create(text) {
@@ -232,12 +263,13 @@ class Chat {
     const items = [{ type: "message", role: "user", content: text },
                    ...written.map((item) => ({ type: "message", role: "assistant", content: textOf(item) }))];
     await this.api.json("POST", `/v1/conversations/${this.conversationId}/items`, { items });
+    turn.dataset.stored = "true";
   }
 
-  // A failed request: when nothing was answered, its turns leave and the message goes back to the box.
-  failed(error, text, turns, restore) {
+  // A request that failed before any answer: its turns leave and the message goes back to the box.
+  failed(error, text, turns) {
     for (const turn of turns) turn.remove();
-    if (restore) $("prompt").value ||= text;
+    $("prompt").value ||= text;
     this.showError(error.message);
   }
 
@@ -259,22 +291,25 @@ class Chat {
     const turn = target.closest(".turn");
     if (target.classList.contains("copy-code")) await copy(target.parentElement.querySelector("code").textContent, target);
     if (target.classList.contains("copy")) await copy(turn.querySelector(".body").dataset.text ?? "", target);
-    if (target.classList.contains("regenerate")) await this.regenerate(turn);
+    if (target.classList.contains("regenerate")) await this.exclusive(() => this.regenerate(turn));
   }
 
   // Regenerate the last reply: its turn (the user's message and everything after it) leaves the
-  // conversation on the server and the page, and the message is sent again.
+  // page and, if the server stored it, the conversation there; then the message is sent again.
   async regenerate(turn) {
-    if (this.controller || turn !== $("messages").lastElementChild) return;
-    const items = await this.items(this.conversationId);
-    const last = items.findLastIndex((item) => item.type === "message" && item.role === "user");
-    if (last < 0) return;
-    for (const item of items.slice(last)) {
-      await this.api.json("DELETE", `/v1/conversations/${this.conversationId}/items/${item.id}`);
+    if (turn !== $("messages").lastElementChild) return;
+    const asked = turn.previousElementSibling;
+    const text = asked?.querySelector(".body").textContent ?? "";
+    if (turn.dataset.stored === "true") {
+      const items = await this.items(this.conversationId);
+      const last = items.findLastIndex((item) => item.type === "message" && item.role === "user");
+      for (const item of last < 0 ? [] : items.slice(last)) {
+        await this.api.json("DELETE", `/v1/conversations/${this.conversationId}/items/${item.id}`);
+      }
     }
-    turn.previousElementSibling?.remove();
+    asked?.remove();
     turn.remove();
-    await this.send(textOf(items[last]));
+    if (text) await this.send(text);
   }
 }
 

@@ -10,18 +10,20 @@ export function escapeHtml(text) {
   return text.replace(/[&<>"']/g, (c) => ESCAPES[c]);
 }
 
-export function renderMarkdown(text) {
+const MAX_DEPTH = 8; // quotes within quotes: deeper ones are plain text
+
+export function renderMarkdown(text, depth = 0) {
   const lines = text.replace(/\r\n?/g, "\n").split("\n");
   const out = [];
   let i = 0;
   while (i < lines.length) {
-    const block = BLOCKS.find((b) => b.starts(lines, i));
+    const block = BLOCKS.find((b) => b.starts(lines, i, depth));
     if (block) {
-      i = block.render(lines, i, out);
+      i = block.render(lines, i, out, depth);
     } else if (lines[i].trim() === "") {
       i += 1;
     } else {
-      i = paragraph(lines, i, out);
+      i = paragraph(lines, i, out, depth);
     }
   }
   return out.join("");
@@ -39,7 +41,7 @@ const BLOCKS = [
   { starts: (l, i) => HEADING.test(l[i]), render: heading },
   { starts: (l, i) => RULE.test(l[i]), render: (l, i, out) => (out.push("<hr>"), i + 1) },
   { starts: (l, i) => ITEM.test(l[i]), render: list },
-  { starts: (l, i) => QUOTE.test(l[i]), render: quote },
+  { starts: (l, i, depth) => depth < MAX_DEPTH && QUOTE.test(l[i]), render: quote },
   { starts: (l, i) => l[i].includes("|") && i + 1 < l.length && TABLE_RULE.test(l[i + 1]) && l[i + 1].includes("-"),
     render: table },
 ];
@@ -83,11 +85,11 @@ function list(lines, i, out) {
   return j;
 }
 
-function quote(lines, i, out) {
+function quote(lines, i, out, depth) {
   const body = [];
   let j = i;
   while (j < lines.length && QUOTE.test(lines[j])) body.push(lines[j++].match(QUOTE)[1]);
-  out.push(`<blockquote>${renderMarkdown(body.join("\n"))}</blockquote>`);
+  out.push(`<blockquote>${renderMarkdown(body.join("\n"), depth + 1)}</blockquote>`);
   return j;
 }
 
@@ -105,32 +107,38 @@ function table(lines, i, out) {
   return j;
 }
 
-function paragraph(lines, i, out) {
+function paragraph(lines, i, out, depth) {
   const body = [];
   let j = i;
-  while (j < lines.length && lines[j].trim() !== "" && !BLOCKS.some((b) => b.starts(lines, j))) body.push(lines[j++]);
+  while (j < lines.length && lines[j].trim() !== "" && !BLOCKS.some((b) => b.starts(lines, j, depth))) body.push(lines[j++]);
   out.push(`<p>${body.map(inline).join("<br>")}</p>`);
   return j;
 }
 
-// Inline markup, on escaped text: code spans are set aside first so nothing inside them changes.
+// Inline markup, on escaped text. Code spans and links are set aside first (as numbered
+// placeholders) so that nothing inside them, and no markup they carry, is touched again.
 export function inline(text) {
   const spans = [];
-  let html = escapeHtml(text.replace(/\u0000/g, "")).replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, _ticks, code) => {
-    spans.push(`<code>${code.trim()}</code>`);
-    return `\u0000${spans.length - 1}\u0000`;
-  });
-  html = html
-    .replace(/\[([^\]]+)\]\(([^)\s]+)\)/g, (whole, label, href) => link(label, href) ?? whole)
+  const setAside = (html) => `\u0000${spans.push(html) - 1}\u0000`;
+  const html = emphasis(escapeHtml(text.replace(/\u0000/g, ""))
+    .replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, _ticks, code) => setAside(`<code>${code.trim()}</code>`))
+    .replace(/\[([^\]]+)\]\(([^)\s]+)\)/g, (whole, label, href) => {
+      const built = link(label, href);
+      return built === null ? whole : setAside(built);
+    }));
+  return html.replace(/\u0000(\d+)\u0000/g, (_, n) => spans[Number(n)]);
+}
+
+function emphasis(html) {
+  return html
     .replace(/(\*\*|__)(?=\S)([\s\S]*?\S)\1/g, "<strong>$2</strong>")
     .replace(/(^|[^*\w])\*(?=\S)([^*]*?\S)\*(?!\*)/g, "$1<em>$2</em>")
     .replace(/(^|[^_\w])_(?=\S)([^_]*?\S)_(?![_\w])/g, "$1<em>$2</em>")
     .replace(/~~(?=\S)([\s\S]*?\S)~~/g, "<del>$1</del>");
-  return html.replace(/\u0000(\d+)\u0000/g, (_, n) => spans[Number(n)]);
 }
 
 function link(label, href) {
   // href is escaped text already: &amp; stands for &, and quotes cannot appear unescaped
   if (!/^(https?:\/\/|mailto:)/i.test(href)) return null;
-  return `<a href="${href}" target="_blank" rel="noopener noreferrer">${label}</a>`;
+  return `<a href="${href}" target="_blank" rel="noopener noreferrer">${emphasis(label)}</a>`;
 }

@@ -45,11 +45,14 @@ export class Reply {
   flush() {
     cancelAnimationFrame(this.frame);
     this.frame = 0;
+    const box = this.body.closest("#messages"); // follows the reply while the reader is at the bottom
+    const following = box !== null && box.scrollHeight - box.scrollTop - box.clientHeight < 80;
     for (const index of this.dirty) {
       this.views[index] ??= this.view(this.items[index]);
       this.views[index].update(this.items[index]);
     }
     this.dirty.clear();
+    if (following) box.scrollTop = box.scrollHeight;
     this.body.dataset.text = this.items.filter((i) => i?.type === "message").map(textOf).join("\n\n");
   }
 
