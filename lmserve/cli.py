@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"sequences decoded at once (default {DEFAULT_MAX_NUM_SEQS})")
     serve.add_argument("--max-num-batched-tokens", "-ub", "--ubatch-size", type=positive_int, default=512,
                        help="tokens per engine step (prefill chunk budget)")
-    serve.add_argument("--speculative-ngram", "--spec-ngram-simple-size-m", "--spec-ngram-size-m", type=non_negative_int, default=DEFAULT_SPECULATIVE_TOKENS, metavar="K",
+    serve.add_argument("--speculative-ngram", "--spec-ngram-simple-size-m", "--spec-ngram-size-m",
+                       type=non_negative_int, metavar="K",
                        help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "
                             f"requests while at most 4 run (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off)")
     serve.add_argument("--speculative-sampling", action="store_true",

@@ -120,7 +120,7 @@ def _slot_count(text: str) -> int | None:
 def _spec_type(text: str) -> str:
     """--spec-type's comma-separated types: "ngram-simple" when it is among them (llama.cpp's lookup
     decoding is lmserve's prompt lookup), "none" when that is all; any other type is refused."""
-    types = set(text.split(","))
+    types = {name.strip() for name in text.split(",")}
     others = sorted(types - {"none", "ngram-simple"})
     if others:
         raise argparse.ArgumentTypeError(f"{others[0]!r}: lmserve's speculative decoding is prompt lookup "

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from lmserve.arg_types import parse_size
-from lmserve.config import CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
+from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
 from lmserve.fleet.config_file import read_config
 from lmserve.fleet.download import is_remote
@@ -39,6 +39,20 @@ def default_embedding_model_path() -> Path | None:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+def speculative_tokens(args: argparse.Namespace) -> int:
+    """--speculative-ngram (or its llama-server spellings), with llama-server's --spec-type:
+    "none" turns prompt lookup off, and cannot be given with settings of it."""
+    given = args.speculative_ngram
+    if args.spec_type == "none":
+        if (given or 0) > 0 or args.speculative_sampling:
+            raise ValueError("--spec-type none turns prompt lookup off; it cannot be given with "
+                             "--speculative-ngram N (--spec-ngram-simple-size-m) or --speculative-sampling")
+        return 0
+    if args.spec_type == "ngram-simple" and given == 0:
+        raise ValueError("--spec-type ngram-simple asks for prompt lookup, which --speculative-ngram 0 turns off")
+    return DEFAULT_SPECULATIVE_TOKENS if given is None else given
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine settings every chat model gets (its path and name come from its catalogue entry)."""
     sources = model_sources(args)
@@ -52,7 +66,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(args.block_size, limits.kv_cache_memory_bytes, not args.no_prefix_caching,
                           kv_cache_tokens=limits.kv_cache_tokens),
         scheduler=SchedulerConfig(limits.max_num_seqs, args.max_num_batched_tokens, limits.max_model_len,
-                                  num_speculative_tokens=0 if args.spec_type == "none" else args.speculative_ngram,
+                                  num_speculative_tokens=speculative_tokens(args),
                                   speculative_sampling=args.speculative_sampling),
         chat_template=chat_template(args),
     )

@@ -536,6 +536,9 @@ def test_ctx_size_and_parallel_give_llama_servers_limits(argv, max_model_len, ma
     ("--cors-origins localhost", "--cors-origins localhost (llama-server's shorthand) is not taken here"),
     ("--host 127.0.0.1,::1", "lmserve listens on one address"),
     ("--ssl-key-file k.pem", "HTTPS needs both --ssl-key-file and --ssl-cert-file"),
+    ("--spec-type none --speculative-ngram 8", "--spec-type none turns prompt lookup off"),
+    ("--spec-type none --speculative-sampling", "--spec-type none turns prompt lookup off"),
+    ("--spec-type ngram-simple --spec-ngram-simple-size-m 0", "--spec-type ngram-simple asks for prompt lookup"),
 ])
 def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
     with pytest.raises(ValueError) as refused:

@@ -67,8 +67,8 @@ def conversation_id(body: ResponsesRequest) -> str | None:
 
 
 def wants_logprobs(body: ResponsesRequest) -> bool:
-    """Logprobs on the output text: asked for by `include`, or by `top_logprobs` alone."""
-    return LOGPROBS in (body.include or ()) or body.top_logprobs is not None
+    """Logprobs on the output text: asked for by `include`, or by a `top_logprobs` above 0 alone."""
+    return LOGPROBS in (body.include or ()) or bool(body.top_logprobs)
 
 
 def logprobs_plan(plan: GenerationPlan) -> GenerationPlan:

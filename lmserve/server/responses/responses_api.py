@@ -74,8 +74,12 @@ class OutputItems:
         return events
 
     def finish(self) -> list[Event]:
-        """Close the last item; a reply with nothing in it still answers one (empty) message."""
+        """Close the last item; a reply with nothing in it still answers one (empty) message. Tokens
+        that showed no text (a stop string's) count in the open message's logprobs, as in a whole reply."""
         events = [] if self.items else self._add("message")
+        if self._open is not None and self._open["type"] == "message":
+            self._logprobs += self._pending
+        self._pending = []
         return events + self._close()
 
     def _grow_text(self, kind: str, text: str, logprobs: list[dict[str, Any]] | None = None) -> list[Event]:
