@@ -6,13 +6,14 @@ request one of them followed by a short user turn of its own (16 to 64 tokens) a
 64 to 256 tokens; arrivals are Poisson, at a rate that keeps `--in-flight` requests per replica on
 average. A replica's cache is an LRU of KV block hashes (the prefix cache's hashes, 16-token
 blocks); a request's cached tokens are its leading blocks found there. A request takes
-time for its uncached prompt tokens and its answer (prefill and decode per-token costs), so a
-policy that hits the cache also finishes sooner, and its replica's load drops sooner.
+time for its uncached prompt tokens and its answer (prefill and decode per-token costs), slowed
+by what else its replica runs (1 + in flight / BATCH_KNEE: a replica shares its steps), so a
+policy that hits the cache finishes sooner, and one that piles requests on a replica pays for it.
 
 Reported per policy and replica count: the prefix hit rate (cached prompt tokens / prompt
-tokens), and the load imbalance: the most loaded replica's time-averaged requests in flight
-over the mean (1.0 is perfectly even). The first row is one replica alone with the same cache,
-the hit rate the router tries to keep.
+tokens), the load imbalance (the most loaded replica's time-averaged requests in flight over the
+mean; 1.0 is perfectly even) and the mean time a request takes. The first row is one replica
+alone with the same cache, the hit rate the router tries to keep.
 
     python -m bench.route_sim [--replicas 4,16,64] [--requests 30000] [--prompts 300]
 """
@@ -33,6 +34,7 @@ from lmserve.scale.router import PrefixRouter
 BLOCK_SIZE = 16
 PREFILL_SECONDS_PER_TOKEN = 0.0005
 DECODE_SECONDS_PER_TOKEN = 0.01
+BATCH_KNEE = 16  # requests in flight at which a replica runs each at half speed
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Replica:
         return next((i for i, block in enumerate(hashes) if block not in self.cache), len(hashes))
 
     def admit(self, hashes: list[bytes]) -> None:
-        for block in hashes:
+        for block in reversed(hashes):  # a finished sequence's tail blocks are evicted first (block_pool.py)
             self.cache[block] = None
             self.cache.move_to_end(block)
         while len(self.cache) > self.capacity_blocks:
@@ -106,11 +108,14 @@ def prefix_aware(capacity_blocks: int, rng: random.Random) -> Policy:
     return choose
 
 
-def replay(trace: list[Request], num_replicas: int, capacity_blocks: int, policy: Policy) -> tuple[float, float]:
-    """(prefix hit rate, most loaded replica's mean in-flight over the mean of all)."""
+def replay(trace: list[Request], num_replicas: int, capacity_blocks: int,
+           policy: Policy) -> tuple[float, float, float]:
+    """(prefix hit rate, most loaded replica's mean in-flight over the mean of all, mean seconds
+    a request takes)."""
     replicas = [Replica(capacity_blocks) for _ in range(num_replicas)]
     finishing: list[tuple[float, int]] = []
     cached_tokens = prompt_tokens = 0
+    total_seconds = 0.0
     for request in trace:
         while finishing and finishing[0][0] <= request.arrival:
             done, index = heapq.heappop(finishing)
@@ -119,16 +124,17 @@ def replay(trace: list[Request], num_replicas: int, capacity_blocks: int, policy
         replica = replicas[index]
         cached = replica.cached_blocks(request.hashes) * BLOCK_SIZE
         replica.admit(request.hashes)
-        seconds = ((request.num_prompt_tokens - cached) * PREFILL_SECONDS_PER_TOKEN
-                   + request.num_output_tokens * DECODE_SECONDS_PER_TOKEN)
         replica.set_in_flight(request.arrival, +1)
+        seconds = ((request.num_prompt_tokens - cached) * PREFILL_SECONDS_PER_TOKEN
+                   + request.num_output_tokens * DECODE_SECONDS_PER_TOKEN) * (1 + replica.in_flight / BATCH_KNEE)
+        total_seconds += seconds
         heapq.heappush(finishing, (request.arrival + seconds, index))
         cached_tokens, prompt_tokens = cached_tokens + cached, prompt_tokens + request.num_prompt_tokens
     end = max(done for done, _ in finishing) if finishing else trace[-1].arrival
     for done, index in sorted(finishing):
         replicas[index].set_in_flight(done, -1)
     loads = [r.load_seconds + r.in_flight * (end - r.last_change) for r in replicas]
-    return cached_tokens / prompt_tokens, max(loads) / (sum(loads) / len(loads))
+    return cached_tokens / prompt_tokens, max(loads) / (sum(loads) / len(loads)), total_seconds / len(trace)
 
 
 def mean_request_seconds() -> float:
@@ -137,7 +143,7 @@ def mean_request_seconds() -> float:
     return 672 * PREFILL_SECONDS_PER_TOKEN + 160 * DECODE_SECONDS_PER_TOKEN
 
 
-def run(args: argparse.Namespace) -> list[tuple[int, str, float, float]]:
+def run(args: argparse.Namespace) -> list[tuple[int, str, float, float, float]]:
     rows = []
     for num_replicas in [1, *args.replicas]:
         rate = args.in_flight * num_replicas / mean_request_seconds()
@@ -148,8 +154,7 @@ def run(args: argparse.Namespace) -> list[tuple[int, str, float, float]]:
             "lmserve prefix-aware": lambda: prefix_aware(args.capacity_blocks, random.Random(args.seed)),
         }
         for name, make in policies.items():
-            hit_rate, imbalance = replay(trace, num_replicas, args.capacity_blocks, make())
-            rows.append((num_replicas, name, hit_rate, imbalance))
+            rows.append((num_replicas, name, *replay(trace, num_replicas, args.capacity_blocks, make())))
     return rows
 
 
@@ -165,10 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"{args.requests} requests, {args.prompts} system prompts (Zipf {args.zipf}), "
           f"{args.capacity_blocks} cached blocks per replica, {args.in_flight:g} in flight per replica on average")
-    print("| replicas | policy | prefix hit rate | load imbalance (max / mean) |")
-    print("|---|---|---|---|")
-    for num_replicas, name, hit_rate, imbalance in run(args):
-        print(f"| {num_replicas} | {name} | {hit_rate:.1%} | {imbalance:.2f} |")
+    print("| replicas | policy | prefix hit rate | load imbalance (max / mean) | mean request s |")
+    print("|---|---|---|---|---|")
+    for num_replicas, name, hit_rate, imbalance, seconds in run(args):
+        print(f"| {num_replicas} | {name} | {hit_rate:.1%} | {imbalance:.2f} | {seconds:.2f} |")
 
 
 if __name__ == "__main__":

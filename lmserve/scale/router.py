@@ -3,8 +3,10 @@ the start of its prompt, unless that replica is busy enough that waiting costs m
 
 A replica's prefix cache keeps whole KV blocks by content hash (cache/prefix.py: a block's hash
 covers all tokens before it), so the router keys on the same hashes of a prompt's first blocks.
-It remembers which blocks it sent where, up to a replica's cache capacity (oldest forgotten
-first, as the replica's own cache evicts least recently used blocks), and picks:
+It remembers which blocks it sent where, up to a replica's cache capacity, forgetting as the
+replica's cache evicts: least recently used first, and of one request's blocks the last first
+(a finished sequence gives its tail blocks back first, cache/block_pool.py), so a prompt's
+start is the last of it to go. It picks:
 
 1. among replicas that hold the longest run of the prompt's leading blocks, the least loaded one,
    unless it is overloaded: more than `max_extra_queue` requests beyond the least loaded replica
@@ -28,7 +30,7 @@ from lmserve.cache.prefix import BlockHash
 
 ReplicaId = Hashable
 
-DEFAULT_MAX_BLOCKS = 32  # leading blocks hashed per prompt: 512 tokens at 16 a block
+DEFAULT_MAX_BLOCKS = 32  # leading blocks looked up per prompt: 512 tokens at 16 a block
 DEFAULT_MAX_EXTRA_QUEUE = 4
 DEFAULT_MAX_QUEUE_RATIO = 1.5
 
@@ -56,14 +58,15 @@ class PrefixRouter:
         return self.two_choices(loads)
 
     def longest_holders(self, hashes: Sequence[BlockHash], loads: Mapping[ReplicaId, int]) -> list[ReplicaId]:
-        """The live replicas remembered to hold the longest run of `hashes` from the first."""
-        holders: list[ReplicaId] = []
-        for block in hashes[:self.max_blocks]:
-            deeper = [r for r in self._holders.get(block, ()) if r in loads]
+        """The live replicas remembered to hold the longest run of `hashes` from the first: each
+        level only among those that hold every block before it."""
+        holders = [r for r in loads]
+        for depth, block in enumerate(hashes[:self.max_blocks]):
+            deeper = [r for r in holders if r in self._holders.get(block, ())]
             if not deeper:
-                break
+                return [] if depth == 0 else holders
             holders = deeper
-        return holders
+        return holders if hashes else []
 
     def two_choices(self, loads: Mapping[ReplicaId, int]) -> ReplicaId:
         replicas = list(loads)
@@ -71,9 +74,10 @@ class PrefixRouter:
         return first if loads[first] <= loads[second] else second
 
     def routed(self, replica: ReplicaId, hashes: Sequence[BlockHash]) -> None:
-        """Remember that `replica` now holds the blocks `hashes` (most recently used)."""
+        """Remember that `replica` now holds the blocks `hashes`, all of them (they fill its cache
+        whether looked up or not), most recently used, the first block most of all."""
         held = self._held.setdefault(replica, OrderedDict())
-        for block in hashes[:self.max_blocks]:
+        for block in reversed(hashes):
             held[block] = None
             held.move_to_end(block)
             self._holders.setdefault(block, set()).add(replica)

@@ -71,6 +71,24 @@ def test_a_replica_forgets_its_oldest_blocks_past_its_capacity_and_all_when_it_d
     assert router.longest_holders(old, {"a": 0, "b": 0}) == []
 
 
+def test_each_level_counts_only_replicas_that_hold_every_block_before_it():
+    router = PrefixRouter(capacity_blocks=64, rng=random.Random(0))
+    hashes = blocks(SYSTEM)
+    router.routed("a", hashes[:2])
+    router.routed("b", hashes[:4])
+    router.forget("b")
+    router.routed("b", hashes[1:4])  # b lost the first block: a hit there starts nowhere
+    assert router.longest_holders(hashes, {"a": 0, "b": 0}) == ["a"]
+
+
+def test_a_prompts_first_blocks_are_the_last_forgotten():
+    router = PrefixRouter(capacity_blocks=4, rng=random.Random(0))
+    long_prompt = blocks(list(range(96)))  # six blocks, more than the replica keeps
+    router.routed("a", long_prompt)
+    assert router.longest_holders(long_prompt[:4], {"a": 0}) == ["a"]  # the start stayed
+    assert router.longest_holders(long_prompt[4:], {"a": 0}) == []
+
+
 def test_no_replica_is_a_clear_error():
     with pytest.raises(ValueError, match="no replica"):
         PrefixRouter(capacity_blocks=4).choose([], {})
@@ -79,8 +97,9 @@ def test_no_replica_is_a_clear_error():
 def test_on_a_simulated_trace_the_router_keeps_the_hit_rate_and_the_load_even():
     args = argparse.Namespace(replicas=[8], requests=4000, prompts=100, zipf=1.1, capacity_blocks=1024,
                               in_flight=8.0, seed=0)
-    rows = {name: (hit_rate, imbalance) for _, name, hit_rate, imbalance in run(args)}
+    rows = {name: row for _, name, *row in run(args)}
     alone = rows["one replica"][0]
-    hit_rate, imbalance = rows["lmserve prefix-aware"]
+    hit_rate, imbalance, seconds = rows["lmserve prefix-aware"]
     assert hit_rate > rows["round-robin"][0] + 0.1 and hit_rate > alone
     assert imbalance < 1.3
+    assert seconds < min(rows["round-robin"][2], rows["least-loaded"][2])  # the hits pay for any wait
