@@ -14,7 +14,7 @@ from lmserve.arg_types import parse_size
 from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
 from lmserve.fleet.config_file import read_config
-from lmserve.fleet.download import is_remote
+from lmserve.fleet.sources import is_remote
 from lmserve.llama_options import chat_template, context_limits, model_sources, served_names, ssl_options
 from lmserve.sampling_defaults import sampling_defaults
 

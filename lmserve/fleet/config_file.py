@@ -25,7 +25,7 @@ from typing import Any
 
 from lmserve.config import DTYPE_CHOICES
 from lmserve.fleet.catalogue import ModelEntry, duration_seconds, model_kind
-from lmserve.fleet.download import is_remote
+from lmserve.fleet.sources import is_remote
 
 MODEL_KEYS = frozenset({"source", "aliases", "kind", "dtype", "max_model_len", "kv_cache_memory", "ttl", "pinned",
                         "preload", "defaults"})

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmserve.fleet.download import (
-    _HASH_CHUNK,
+from lmserve.fleet.sources import (
     GGUF_MAGIC,
     MODEL_FILES,
     NOT_MODEL_FILES,
@@ -31,6 +30,8 @@ from lmserve.fleet.download import (
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoSibling
     from tqdm import tqdm
+
+_HASH_CHUNK = 1 << 20
 
 log = logging.getLogger("lmserve.download")
 

@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from lmserve.fleet.download import (
-    _URL_ATTEMPTS,
-    _URL_RETRY_DELAY,
-    _URL_TIMEOUT,
+from lmserve.fleet.sources import (
     GGUF_MAGIC,
     DownloadError,
     Progress,
@@ -27,6 +24,10 @@ from lmserve.fleet.download import (
 
 if TYPE_CHECKING:
     import httpx
+
+_URL_ATTEMPTS = 5
+_URL_RETRY_DELAY = 1.0
+_URL_TIMEOUT = 60.0  # seconds without a byte before an attempt fails
 
 log = logging.getLogger("lmserve.download")
 

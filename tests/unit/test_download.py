@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import constants, try_to_load_from_cache
 from safetensors.numpy import save as save_safetensors
 
-from lmserve.fleet import download as download_module
+from lmserve.fleet import url_download as url_download_module
 from lmserve.fleet.download import DownloadError, add_pull_parser, download, is_remote, parse_source, pull
 from tests.helpers.hub_stand_in import HubStandIn
 
@@ -72,7 +72,7 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))
         monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)  # 10 MiB by default: one call for a small file
-        monkeypatch.setattr(download_module, "_URL_RETRY_DELAY", 0.0)
+        monkeypatch.setattr(url_download_module, "_URL_RETRY_DELAY", 0.0)  # retries at once
         monkeypatch.setattr("pathlib.Path.home", lambda: tmp_path / "home")
         stand_in.add_repo("org/gguf", {"model.gguf": GGUF, "other.Q8_0.gguf": GGUF[:1000], "README.md": b"# tiny"})
         stand_in.add_repo("org/folder", folder_repo())
