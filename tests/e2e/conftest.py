@@ -66,9 +66,11 @@ def hostile_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's chromium, driven by Playwright (the README's test command installs both)."""
+    """Debian's chromium, driven by Playwright (the README's test command installs both). Per
+    module: Playwright's sync API keeps an event loop running in this thread while it is open,
+    and tests after it call asyncio.run()."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

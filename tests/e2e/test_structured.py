@@ -110,14 +110,19 @@ def test_named_tool_choice_calls_that_tool(client, model_id):
         assert choice.finish_reason == "stop"  # as OpenAI answers a forced function
 
 
-def test_streamed_tool_calls_agree_with_non_streamed(client, model_id):
-    kwargs = dict(model=model_id, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=7,
-                  max_tokens=120)
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7}])
+def test_streamed_tool_calls_agree_with_non_streamed(float32_client, sampling):
+    # On the float32 path: the second request finds the prompt in the prefix cache, and only there
+    # are its logits the same bits as the first's (under int4 a greedy run may then part ways).
+    client = float32_client
+    kwargs = dict(model=client.models.list().data[0].id, messages=ASK, tools=TOOLS, tool_choice="required",
+                  max_tokens=120, **sampling)
     whole = client.chat.completions.create(**kwargs).choices[0]
     content, calls, finish = stream_message(client, **kwargs)
-    assert [(c["name"], c["arguments"]) for c in calls] == [
+    assert calls and [(c["name"], c["arguments"]) for c in calls] == [
         (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
-    assert content == (whole.message.content or "") and finish == whole.finish_reason == "tool_calls"
+    assert content == (whole.message.content or "") and finish == whole.finish_reason
+    assert whole.finish_reason in ("tool_calls", "length")  # the small model may go on calling until max_tokens
 
 
 def test_auto_calls_are_valid_when_made(client, model_id):
