@@ -17,7 +17,13 @@ from lmserve.arg_types import (
     shutdown_duration,
     thread_count,
 )
-from lmserve.config import DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_SPECULATIVE_TOKENS, DTYPE_CHOICES, EmbeddingConfig
+from lmserve.config import (
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_SPECULATIVE_TOKENS,
+    DTYPE_CHOICES,
+    KV_CACHE_DTYPES,
+    EmbeddingConfig,
+)
 from lmserve.fleet.download import add_pull_parser, pull
 from lmserve.llama_flags import add_llama_flags
 from lmserve.llama_options import DEFAULT_MAX_NUM_SEQS, add_llama_options, model_sources
@@ -103,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampled requests (temperature > 0, no seed) take prompt-lookup drafts too; the output "
                             "keeps the sampling distribution")
     serve.add_argument("--kv-cache-memory", type=parse_size, help="KV cache budget, e.g. 512MiB (default 1GiB)")
+    serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                       help="auto (the default): keys and values in the weights' float type (bfloat16 under "
+                            "int8/int4 weights); int8: int8 rows with a scale each, half of bfloat16's memory")
     serve.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     serve.add_argument("--no-prefix-caching", "--no-cache-prompt", action="store_true",
                        help="disable automatic prefix caching")

@@ -14,6 +14,7 @@ DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds requests in flight get to finish once the server is stopping
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
 DEFAULT_SPECULATIVE_TOKENS = 4  # the server's prompt-lookup drafts per step (greedy requests)
 
 
@@ -26,6 +27,7 @@ class CacheConfig:
     kv_cache_memory_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
     kv_cache_tokens: int | None = None  # the budget in tokens, whatever a token takes; None: the bytes decide
+    kv_cache_dtype: str = "auto"  # "auto": the weights' float type; "int8": int8 rows with a scale each
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -34,6 +36,8 @@ class CacheConfig:
             raise ValueError("kv cache memory must be > 0")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError("kv_cache_tokens must be >= 1")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
 
 
 @dataclass(frozen=True)

@@ -116,10 +116,9 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
     accepted("--repack", "lmserve lays quantized weights out for its own kernels"),
     refused("-nr, --no-repack", "lmserve always lays quantized weights out for its own kernels"),
     refused("--no-host", _GPU),
-    refused("-ctk, --cache-type-k TYPE", "the KV cache takes the weights' float type (float32, or bfloat16 under "
-                                         "--dtype bfloat16/int8/int4)"),
-    refused("-ctv, --cache-type-v TYPE", "the KV cache takes the weights' float type (float32, or bfloat16 under "
-                                         "--dtype bfloat16/int8/int4)"),
+    honoured("-ctk, --cache-type-k TYPE", "q8_0, with -ctv q8_0: --kv-cache-dtype int8 (other types are refused: "
+                                          "the float KV cache takes the weights' float type)"),
+    honoured("-ctv, --cache-type-v TYPE", "q8_0, with -ctk q8_0: --kv-cache-dtype int8"),
     accepted("-dt, --defrag-thold N", "deprecated in llama.cpp; a paged KV cache needs no defragmenting"),
     refused("--rpc SERVERS", "lmserve runs on this machine only"),
     refused("-lm, --load-mode MODE", "lmserve reads a GGUF through mmap and keeps its own copy of the weights"),

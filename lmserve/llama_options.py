@@ -64,6 +64,10 @@ def _add_context_options(group) -> None:
     group.add_argument("-np", "--parallel", type=_slot_count, metavar="N",
                        help="sequences decoded at once (--max-num-seqs); with -c, each request's context is -c / N; "
                             f"-1: the default ({DEFAULT_MAX_NUM_SEQS})")
+    group.add_argument("-ctk", "--cache-type-k", type=_cache_type, metavar="q8_0",
+                       help="with -ctv q8_0: --kv-cache-dtype int8")
+    group.add_argument("-ctv", "--cache-type-v", type=_cache_type, metavar="q8_0",
+                       help="with -ctk q8_0: --kv-cache-dtype int8")
     group.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=None,
                        help="with -c and -np: each request may use all of -c")
     group.add_argument("-no-kvu", "--no-kv-unified", dest="kv_unified", action="store_false", default=None,
@@ -115,6 +119,26 @@ def _slot_count(text: str) -> int | None:
     if value == 0 or value < -1:
         raise argparse.ArgumentTypeError(f"must be a positive integer or -1, not {text!r}")
     return None if value == -1 else value
+
+
+def _cache_type(text: str) -> str:
+    """-ctk/-ctv: q8_0, which lmserve's int8 KV rows serve; the float types follow the weights."""
+    if text != "q8_0":
+        raise argparse.ArgumentTypeError(f"{text!r}: lmserve's KV cache is the weights' float type, or int8 rows "
+                                         "with -ctk q8_0 -ctv q8_0 (--kv-cache-dtype int8)")
+    return text
+
+
+def kv_cache_dtype(args: argparse.Namespace) -> str:
+    """--kv-cache-dtype, or llama-server's -ctk q8_0 -ctv q8_0 (keys and values together)."""
+    llama = {args.cache_type_k, args.cache_type_v} - {None}
+    if not llama:
+        return args.kv_cache_dtype or "auto"
+    if args.cache_type_k != args.cache_type_v:
+        raise ValueError("lmserve quantizes keys and values together: give -ctk q8_0 with -ctv q8_0")
+    if args.kv_cache_dtype not in (None, "int8"):
+        raise ValueError(f"-ctk/-ctv q8_0 asks for an int8 KV cache; --kv-cache-dtype {args.kv_cache_dtype} another")
+    return "int8"
 
 
 def _spec_type(text: str) -> str:

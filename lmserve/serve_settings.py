@@ -15,7 +15,14 @@ from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, EmbeddingCon
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
 from lmserve.fleet.config_file import read_config
 from lmserve.fleet.sources import is_remote
-from lmserve.llama_options import chat_template, context_limits, model_sources, served_names, ssl_options
+from lmserve.llama_options import (
+    chat_template,
+    context_limits,
+    kv_cache_dtype,
+    model_sources,
+    served_names,
+    ssl_options,
+)
 from lmserve.sampling_defaults import sampling_defaults
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +71,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         num_threads=args.threads,
         cache=CacheConfig(args.block_size, limits.kv_cache_memory_bytes, not args.no_prefix_caching,
-                          kv_cache_tokens=limits.kv_cache_tokens),
+                          kv_cache_tokens=limits.kv_cache_tokens, kv_cache_dtype=kv_cache_dtype(args)),
         scheduler=SchedulerConfig(limits.max_num_seqs, args.max_num_batched_tokens, limits.max_model_len,
                                   num_speculative_tokens=speculative_tokens(args),
                                   speculative_sampling=args.speculative_sampling),

@@ -10,8 +10,13 @@ import torch
 from lmserve.model.config import ModelConfig
 
 
+def row_width(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Elements of one cached (kv head, token) row: head_dim, and an int8 row's 4-byte scale."""
+    return config.head_dim + (4 if dtype == torch.int8 else 0)
+
+
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * row_width(config, dtype)
     return per_token * block_size * dtype.itemsize
 
 
@@ -21,11 +26,11 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dty
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                        device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (keys, values) pair per layer, each (num_kv_heads, num_blocks * block_size, head_dim),
-    all zeros. On the CPU they lie in anonymous mappings: the kernel's zero pages, committed one page
+    """One (keys, values) pair per layer, each (num_kv_heads, num_blocks * block_size, row_width),
+    all zeros (an int8 cache's rows carry their scale: model/attention.py). On the CPU they lie in anonymous mappings: the kernel's zero pages, committed one page
     at a time as blocks are first written, so the budget's unused part costs no resident memory
     (a server started with the default 1 GiB budget holds only what its requests have used)."""
-    shape = (config.num_key_value_heads, num_blocks * block_size, config.head_dim)
+    shape = (config.num_key_value_heads, num_blocks * block_size, row_width(config, dtype))
     return [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(config.num_hidden_layers)]
 
 

@@ -32,7 +32,8 @@ MAGIC = b"LMSKVPFX"
 FORMAT_VERSION = 1
 PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
 DIGEST_BYTES = 32
-KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}  # int8: rows with a scale
+KV_DTYPE_NAMES = {dtype: name for name, dtype in KV_DTYPES.items()}
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
 READ_CHUNK_BYTES = 1 << 20
 
@@ -51,9 +52,14 @@ class KVFileIdentity:
     weights: str  # checkpoint_fingerprint of the weights
 
     @property
+    def row_width(self) -> int:
+        """Elements of a cached row: head_dim, and an int8 row's 4-byte scale (model/attention.py)."""
+        return self.head_dim + (4 if self.kv_dtype == "int8" else 0)
+
+    @property
     def block_bytes(self) -> int:
         """Bytes of one block of one head's keys (or values) in one layer."""
-        return self.block_size * self.head_dim * KV_DTYPES[self.kv_dtype].itemsize
+        return self.block_size * self.row_width * KV_DTYPES[self.kv_dtype].itemsize
 
     def data_bytes(self, num_blocks: int) -> int:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * num_blocks * self.block_bytes
@@ -92,7 +98,7 @@ def write_kv_file(path: Path, identity: KVFileIdentity, token_ids: list[int],
     (num_kv_heads, len(token_ids) // block_size, block_size, head_dim)."""
     header = json.dumps({"identity": asdict(identity), "token_ids": list(token_ids)}).encode()
     num_blocks = len(token_ids) // identity.block_size
-    shape = (identity.num_key_value_heads, num_blocks, identity.block_size, identity.head_dim)
+    shape = (identity.num_key_value_heads, num_blocks, identity.block_size, identity.row_width)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -180,7 +186,7 @@ class KVFile:
         ident = self.identity
         buffer = bytearray(ident.num_key_value_heads * self.num_blocks * ident.block_bytes)
         self._handle.readinto(buffer)
-        shape = (ident.num_key_value_heads, self.num_blocks, ident.block_size, ident.head_dim)
+        shape = (ident.num_key_value_heads, self.num_blocks, ident.block_size, ident.row_width)
         return torch.frombuffer(buffer, dtype=KV_DTYPES[ident.kv_dtype]).view(shape)
 
 

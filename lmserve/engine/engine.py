@@ -11,19 +11,26 @@ import torch
 
 from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.kv_cache import allocate_kv_caches, bytes_per_block
-from lmserve.cache.kv_file import KVFile, KVFileIdentity, checkpoint_fingerprint, open_kv_file, write_kv_file
+from lmserve.cache.kv_file import (
+    KV_DTYPE_NAMES,
+    KVFile,
+    KVFileIdentity,
+    checkpoint_fingerprint,
+    open_kv_file,
+    write_kv_file,
+)
 from lmserve.cache.prefix import BlockHash, hash_full_blocks
-from lmserve.config import DTYPE_NAMES, EngineConfig
+from lmserve.config import EngineConfig
 from lmserve.engine.batch import LiveRequest, SchedulerOutput
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
-from lmserve.engine.sizing import check_sizes
+from lmserve.engine.sizing import check_sizes, kv_dtype
 from lmserve.kernels import paged_decode_attention as native_decode_attention
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmserve.sampling.grammar import GrammarCompiler
 from lmserve.sampling.processors import BiasTensors
 from lmserve.text.detokenizer import IncrementalDetokenizer
-from lmserve.weights.load import DTYPES, LoadedModel, load_model
+from lmserve.weights.load import LoadedModel, load_model
 
 log = logging.getLogger("lmserve.engine")
 
@@ -76,7 +83,8 @@ def _kv_identity(config: EngineConfig, loaded: LoadedModel, block_size: int) -> 
     model = loaded.config
     return KVFileIdentity(family=model.family, num_hidden_layers=model.num_hidden_layers,
                           num_key_value_heads=model.num_key_value_heads, head_dim=model.head_dim,
-                          block_size=block_size, dtype=loaded.dtype, kv_dtype=DTYPE_NAMES[loaded.dtype],
+                          block_size=block_size, dtype=loaded.dtype,
+                          kv_dtype=KV_DTYPE_NAMES[kv_dtype(config.cache, loaded.dtype)],
                           weights=fingerprint)
 
 
@@ -99,13 +107,13 @@ class LLMEngine:
         self.device = torch.device(config.device)
         block_size = config.cache.block_size
         self.dtype = loaded.dtype  # what config.dtype chose ("auto" picks the checkpoint's own)
-        kv_dtype = DTYPES[loaded.dtype]  # the weights' dtype (bf16 under int8)
-        self.kv_block_bytes = bytes_per_block(loaded.config, block_size, kv_dtype)
+        cache_dtype = kv_dtype(config.cache, loaded.dtype)
+        self.kv_block_bytes = bytes_per_block(loaded.config, block_size, cache_dtype)
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, num_blocks * block_size)
         self._pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
         sched_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self._scheduler = Scheduler(sched_config, block_size, self._pool)
-        caches = allocate_kv_caches(loaded.config, num_blocks, block_size, kv_dtype, self.device)
+        caches = allocate_kv_caches(loaded.config, num_blocks, block_size, cache_dtype, self.device)
         self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size)
         self._runner: ModelRunner | None = ModelRunner(loaded.model, caches, block_size, self.device)
         if self.device.type == "cpu":  # load (or, once per machine, compile) now rather than in the first step

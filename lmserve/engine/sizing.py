@@ -12,6 +12,14 @@ from lmserve.config import CacheConfig, EngineConfig
 from lmserve.model.config import ModelConfig
 from lmserve.weights.load import DTYPES
 
+import torch
+
+
+def kv_dtype(cache: CacheConfig, dtype: str) -> torch.dtype:
+    """The KV cache's element type: the weights' float type (bf16 under int4 and int8 weights), or
+    int8 rows with --kv-cache-dtype int8."""
+    return torch.int8 if cache.kv_cache_dtype == "int8" else DTYPES[dtype]
+
 
 def check_sizes(config: EngineConfig, model: ModelConfig, dtype: str) -> tuple[int, int]:
     """(max_model_len, KV blocks) for `config` on a model of `model`'s shape served in `dtype`;
@@ -35,7 +43,7 @@ def num_kv_blocks(cache: CacheConfig, model: ModelConfig, dtype: str) -> int:
     its kv_cache_tokens when set, else as many as its bytes hold."""
     if cache.kv_cache_tokens is not None:
         return -(-cache.kv_cache_tokens // cache.block_size)
-    return num_blocks_for_budget(model, cache.block_size, DTYPES[dtype], cache.kv_cache_memory_bytes)
+    return num_blocks_for_budget(model, cache.block_size, kv_dtype(cache, dtype), cache.kv_cache_memory_bytes)
 
 
 def kv_cache_bytes(config: EngineConfig) -> int:
@@ -48,7 +56,8 @@ def kv_cache_bytes(config: EngineConfig) -> int:
 
     path = Path(config.model_path)
     model, dtype = read_model_config(path), serving_dtype(path, config.dtype, config.device)
-    return num_kv_blocks(config.cache, model, dtype) * bytes_per_block(model, config.cache.block_size, DTYPES[dtype])
+    return num_kv_blocks(config.cache, model, dtype) * bytes_per_block(model, config.cache.block_size,
+                                                                       kv_dtype(config.cache, dtype))
 
 
 def preflight(config: EngineConfig) -> None:

@@ -7,7 +7,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -141,6 +143,19 @@ void store_row(const float* src, T* dst, int64_t n) {
     for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]);  // float -> bf16/half: round to nearest even, as .to()
 }
 
+// An int8 cache row: n values over max|x| / 127, then that scale's 4 bytes, as quantize_rows in
+// model/attention.py computes them (round half to even, as torch.round).
+template <>
+void store_row<int8_t>(const float* src, int8_t* dst, int64_t n) {
+    float top = 0.f;
+    for (int64_t d = 0; d < n; ++d) top = std::max(top, std::fabs(src[d]));
+    const float scale = top / 127.f;
+    const float inv = scale > 0.f ? 1.f / scale : 0.f;
+    for (int64_t d = 0; d < n; ++d)
+        dst[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(src[d] * inv))));
+    std::memcpy(dst + n, &scale, sizeof(scale));
+}
+
 // The attention inputs of a step from its q/k/v projection, in one pass instead of ~14 ATen ops:
 // q and k rotated exactly as apply_rotary in model/rope.py computes them (x * cos, rotated * sin and
 // their sum each rounded once: this file is built without FMA contraction), k and v written to
@@ -152,9 +167,10 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
                                                        int64_t dim, const torch::Tensor& slots,
                                                        const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
     const int64_t n = qkv.size(0), width = qkv.size(1), half = dim / 2, num_slots = k_cache.size(1);
+    const int64_t stride = std::is_same_v<T, int8_t> ? dim + 4 : dim;  // an int8 row ends with its scale
     TORCH_CHECK(qkv.is_contiguous() && width == (heads + 2 * kv_heads) * dim, "qkv: contiguous (n, (H + 2 Hkv) D)");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
-                k_cache.size(0) == kv_heads && k_cache.size(2) == dim, "caches: contiguous (Hkv, slots, D)");
+                k_cache.size(0) == kv_heads && k_cache.size(2) == stride, "caches: contiguous (Hkv, slots, D)");
     TORCH_CHECK(slots.numel() == n && cos.numel() == n * dim && sin.numel() == n * dim, "one slot and angle row per token");
     auto q = torch::empty({n, heads, dim}, qkv.options());
     auto k = torch::empty({n, kv_heads, dim}, qkv.options());
@@ -185,8 +201,8 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
             for (int64_t h = 0; h < kv_heads; ++h) {
                 float* kr = kp + (t * kv_heads + h) * dim;
                 rope(row + (heads + h) * dim, kr);
-                store_row(kr, kc + (h * num_slots + slot[t]) * dim, dim);
-                store_row(row + (heads + kv_heads + h) * dim, vc + (h * num_slots + slot[t]) * dim, dim);
+                store_row(kr, kc + (h * num_slots + slot[t]) * stride, dim);
+                store_row(row + (heads + kv_heads + h) * dim, vc + (h * num_slots + slot[t]) * stride, dim);
             }
         }
     });
@@ -198,10 +214,20 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
 // slots of the whole context when the chunk is not the whole of it.
 using Prefill = std::tuple<int64_t, int64_t, int64_t, std::optional<torch::Tensor>>;
 
-// _gather in model/attention.py
+// _gather in model/attention.py (an int8 row widened and times its scale)
 torch::Tensor gather(const torch::Tensor& cache_part, const torch::Tensor& slots, at::ScalarType dtype) {
-    auto rows = cache_part.index_select(1, slots.reshape(-1)).to(dtype);
-    return rows.view({cache_part.size(0), slots.numel(), cache_part.size(2)});
+    auto rows = cache_part.index_select(1, slots.reshape(-1));
+    if (cache_part.scalar_type() == at::kChar) {
+        const int64_t dim = cache_part.size(2) - 4;
+        const auto scales = rows.narrow(2, dim, 4).contiguous().view(at::kFloat);  // (Hkv, n, 1)
+        return (rows.narrow(2, 0, dim).to(at::kFloat) * scales).to(dtype);
+    }
+    return rows.to(dtype).view({cache_part.size(0), slots.numel(), cache_part.size(2)});
+}
+
+// The dtype prefill attention computes in: the cache's, bfloat16 for int8 rows (as for a bf16 cache).
+at::ScalarType attention_dtype(const torch::Tensor& cache_part) {
+    return cache_part.scalar_type() == at::kChar ? at::kBFloat16 : cache_part.scalar_type();
 }
 
 // _prefill_attention in model/attention.py, op for op.
@@ -209,7 +235,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
                                 double scale) {
     const auto& [query_start, query_len, context_len, slot_ids] = seq;
-    const auto dtype = k_cache.scalar_type();
+    const auto dtype = attention_dtype(k_cache);
     torch::Tensor keys, values;
     std::optional<torch::Tensor> mask;
     bool causal = true;
@@ -280,8 +306,11 @@ class NativeDecoder {
             else if (k_cache.scalar_type() == at::kBFloat16)
                 std::tie(q, k) = rope_and_cache<c10::BFloat16>(qkv, cos_rows, sin_rows, num_heads_, num_kv_heads_,
                                                                head_dim_, slots, k_cache, v_cache);
+            else if (k_cache.scalar_type() == at::kChar)
+                std::tie(q, k) = rope_and_cache<int8_t>(qkv, cos_rows, sin_rows, num_heads_, num_kv_heads_,
+                                                        head_dim_, slots, k_cache, v_cache);
             else
-                TORCH_CHECK(false, "KV cache: float32 or bfloat16");
+                TORCH_CHECK(false, "KV cache: float32, bfloat16 or int8 rows");
             const auto v = qkv.slice(1, q_size + kv_size).view({n, num_kv_heads_, head_dim_});
             // paged_attention in model/attention.py
             auto attn = at::empty_like(q);

@@ -1,6 +1,11 @@
 // Decode attention that reads the paged KV cache in place: one query token per sequence,
 // each (sequence, kv head) pair handled by one task, its group of query heads sharing every
 // key and value row it reads. No gather copy, no padding to the longest sequence.
+//
+// Caches are float32, bfloat16, or int8 rows: head_dim int8 values followed by the row's float32
+// scale (4 bytes), one row per (kv head, slot) as for the float types (model/attention.py
+// quantize_rows). An int8 row's scale multiplies its scores after the dot products and its
+// softmax weight before the values are summed, so the rows are read as stored.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -15,6 +20,21 @@
 #include <vector>
 
 namespace {
+
+// Elements per cached row: head_dim, plus the 4 bytes of an int8 row's scale.
+template <typename T>
+constexpr int64_t row_stride(int64_t dim) { return std::is_same_v<T, int8_t> ? dim + 4 : dim; }
+
+template <typename T>
+inline float row_scale(const T* row, int64_t dim) {
+    if constexpr (std::is_same_v<T, int8_t>) {
+        float scale;
+        std::memcpy(&scale, row + dim, sizeof(scale));
+        return scale;
+    } else {
+        return 1.f;
+    }
+}
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) {
@@ -36,6 +56,10 @@ inline void widen(const c10::BFloat16* src, float* dst, int64_t n) {
     }
 #endif
     for (; d < n; ++d) dst[d] = to_float(src[d]);
+}
+inline void widen(const int8_t* src, float* dst, int64_t n) {  // an int8 row, times its scale
+    const float scale = row_scale(src, n);
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]) * scale;
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -107,6 +131,9 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const int8_t* p) {  // unscaled: the caller applies the row's scale
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 // r[i] = sum of v[i]'s 16 lanes, for 16 vectors at once: 15 shuffle-adds instead of 16 reductions.
@@ -198,24 +225,26 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
         false;
 #endif
     at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+        constexpr int64_t kStride = row_stride<T>(DIM);
+        constexpr bool kInt8 = std::is_same_v<T, int8_t>;
         std::vector<float> scores;
         std::vector<const T*> keys, values;
-        const std::vector<T> zeros(DIM, T(0));
+        const std::vector<T> zeros(kStride, T(0));
         for (int64_t task = begin; task < end; ++task) {
             const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
             const int64_t len = lens[s], padded = (len + 15) / 16 * 16;
             const float* qs = q + (s * num_heads + h * GROUP) * DIM;
             const int64_t* blocks = table + s * max_blocks;
-            const T* kh = k_cache + h * num_slots * DIM;
-            const T* vh = v_cache + h * num_slots * DIM;
+            const T* kh = k_cache + h * num_slots * kStride;
+            const T* vh = v_cache + h * num_slots * kStride;
             // Past the end: a row of zeros, never a branch. Their scores are set to -inf below, which
             // exp16's clamp turns into ~1e-38 each in the sum: nothing in float32 terms.
             keys.assign(padded + kAhead, zeros.data());
             values.resize(padded);
             for (int64_t b = 0, t = 0; t < len; ++b)
                 for (int64_t o = 0, row = blocks[b] * block_size; o < block_size && t < len; ++o, ++t) {
-                    keys[t] = kh + (row + o) * DIM;
-                    values[t] = vh + (row + o) * DIM;
+                    keys[t] = kh + (row + o) * kStride;
+                    values[t] = vh + (row + o) * kStride;
                 }
             scores.resize(GROUP * padded);
 #if defined(__AVX512BF16__)
@@ -235,11 +264,21 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
 #endif
                 score16<GROUP, DIM>(qs, keys.data() + t0, scores.data() + t0, padded, scale);
             }
+            if constexpr (kInt8)  // each key row's scale, on its scores
+                for (int64_t t = 0; t < len; ++t) {
+                    const float ks = row_scale(keys[t], DIM);
+                    for (int g = 0; g < GROUP; ++g) scores[g * padded + t] *= ks;
+                }
             float inv[GROUP];
             for (int g = 0; g < GROUP; ++g) {
                 std::fill(scores.begin() + g * padded + len, scores.begin() + (g + 1) * padded, -INFINITY);
                 inv[g] = softmax_unnormalized(scores.data() + g * padded, padded);
             }
+            if constexpr (kInt8)  // each value row's scale, on its weights
+                for (int64_t t = 0; t < len; ++t) {
+                    const float vs = row_scale(values[t], DIM);
+                    for (int g = 0; g < GROUP; ++g) scores[g * padded + t] *= vs;
+                }
             float* os = out + (s * num_heads + h * GROUP) * DIM;
             for (int c0 = 0; c0 < DIM / 16; c0 += 4) {
                 // Two interleaved accumulator sets when one head alone would leave only four FMA chains.
@@ -291,29 +330,29 @@ template <typename T>
 void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
             const int64_t* lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
             int64_t num_slots, int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale) {
-    const int64_t group = num_heads / num_kv_heads;
+    const int64_t group = num_heads / num_kv_heads, stride = row_stride<T>(head_dim);
     at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores, row(head_dim), acc;
         for (int64_t task = begin; task < end; ++task) {
             const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
             const int64_t len = lens[s];
             const float* qs = q + (s * num_heads + h * group) * head_dim;  // the group's heads are consecutive
-            const T* kh = k_cache + h * num_slots * head_dim;
-            const T* vh = v_cache + h * num_slots * head_dim;
+            const T* kh = k_cache + h * num_slots * stride;
+            const T* vh = v_cache + h * num_slots * stride;
             scores.resize(group * len);
             for (int64_t b = 0, t = 0; t < len; ++b) {  // block by block: no division per position
-                const T* block = kh + table[s * max_blocks + b] * block_size * head_dim;
+                const T* block = kh + table[s * max_blocks + b] * block_size * stride;
                 for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
-                    widen(block + o * head_dim, row.data(), head_dim);
+                    widen(block + o * stride, row.data(), head_dim);
                     for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qs + g * head_dim, row.data(), head_dim) * scale;
                 }
             }
             for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * len, len);
             acc.assign(group * head_dim, 0.f);
             for (int64_t b = 0, t = 0; t < len; ++b) {
-                const T* block = vh + table[s * max_blocks + b] * block_size * head_dim;
+                const T* block = vh + table[s * max_blocks + b] * block_size * stride;
                 for (int64_t o = 0; o < block_size && t < len; ++o, ++t) {
-                    widen(block + o * head_dim, row.data(), head_dim);
+                    widen(block + o * stride, row.data(), head_dim);
                     for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], row.data(), acc.data() + g * head_dim, head_dim);
                 }
             }
@@ -334,7 +373,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0), "context lengths: int64 (S,)");
     const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
     const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
-    TORCH_CHECK(k_cache.size(2) == head_dim && num_heads % num_kv_heads == 0, "head shapes");
+    const bool int8_rows = k_cache.scalar_type() == at::kChar;
+    TORCH_CHECK(k_cache.size(2) == head_dim + (int8_rows ? 4 : 0) && num_heads % num_kv_heads == 0, "head shapes");
     {  // every context within its block-table row, and not empty (the kernels index by these)
         const auto* l = context_lens.data_ptr<int64_t>();
         const int64_t capacity = block_table.size(1) * block_size;
@@ -357,8 +397,12 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
         run(q_used.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), table, lens,
                out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, num_slots, head_dim, block_table.size(1),
                block_size, static_cast<float>(scale));
+    } else if (int8_rows) {
+        run(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), table, lens,
+               out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, num_slots, head_dim, block_table.size(1),
+               block_size, static_cast<float>(scale));
     } else {
-        TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "caches: float32 or bfloat16");
+        TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "caches: float32, bfloat16 or int8 rows");
         run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, lens,
                out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, num_slots, head_dim, block_table.size(1),
                block_size, static_cast<float>(scale));

@@ -1,7 +1,9 @@
 """Attention over the paged KV cache.
 
 The cache of one layer is two tensors of shape (num_kv_heads, num_slots, head_dim), where
-slot = block_id * block_size + offset. Heads lead so that a gather along the slot axis comes out
+slot = block_id * block_size + offset; an int8 cache's rows are head_dim + 4 bytes wide: the
+values over max|row| / 127, then that scale as float32 (quantize_rows), read back by
+dequantize_rows and, in place, by the native kernels. Heads lead so that a gather along the slot axis comes out
 as (num_kv_heads, ...) and feeds the batched matmuls without a transposing copy. The runner
 orders each step's tokens decodes first (one query token per sequence), then prefill chunks.
 """
@@ -41,12 +43,43 @@ class AttentionMetadata:
         return self.decode_bias.shape[-1] // self.decode_blocks.shape[1]
 
 
+SCALE_BYTES = 4  # an int8 row's float32 scale, after its values
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) float -> (..., D + 4) int8 rows: round(x / s) with s = max|x| / 127, then s's bytes."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127  # (..., 1)
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    values = torch.round(x * inv).clamp_(-127, 127).to(torch.int8)
+    return torch.cat([values, scale.view(torch.int8)], dim=-1)
+
+
+def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """quantize_rows' (..., D + 4) int8 rows -> (..., D) values in `dtype`."""
+    head_dim = rows.shape[-1] - SCALE_BYTES
+    scale = rows[..., head_dim:].contiguous().view(torch.float32)  # (..., 1)
+    return (rows[..., :head_dim].float() * scale).to(dtype)
+
+
+def head_dim_of(cache_part: torch.Tensor) -> int:
+    return cache_part.shape[-1] - (SCALE_BYTES if cache_part.dtype == torch.int8 else 0)
+
+
+def _stored(cache_part: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return quantize_rows(x) if cache_part.dtype == torch.int8 else x.to(cache_part.dtype)
+
+
+def _read(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_rows(rows, dtype) if rows.dtype == torch.int8 else rows.to(dtype)
+
+
 def write_kv(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v (num_tokens, num_kv_heads, head_dim) into their slots."""
     k_cache, v_cache = cache
-    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+    k_cache.index_copy_(1, slot_mapping, _stored(k_cache, k.transpose(0, 1)))
+    v_cache.index_copy_(1, slot_mapping, _stored(v_cache, v.transpose(0, 1)))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -65,8 +98,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _gather(cache_part: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # index_select copies whole rows; advanced indexing takes a much slower generic path.
-    num_kv_heads, _, head_dim = cache_part.shape
-    rows = cache_part.index_select(1, slots.reshape(-1)).to(dtype)
+    num_kv_heads, head_dim = cache_part.shape[0], head_dim_of(cache_part)
+    rows = _read(cache_part.index_select(1, slots.reshape(-1)), dtype)
     return rows.view(num_kv_heads, *slots.shape, head_dim)
 
 
@@ -74,12 +107,12 @@ def _gather_blocks(cache_part: torch.Tensor, blocks: torch.Tensor, length: int, 
     """Whole blocks of each sequence, (Hkv, S, max_blocks * block_size, D). Copying a block
     (block_size * D contiguous values) at a time beats slot by slot (bench/RESULTS.md, "Figures the
     code cites")."""
-    num_kv_heads, num_slots, head_dim = cache_part.shape
+    num_kv_heads, num_slots, width = cache_part.shape
     num_seqs, max_blocks = blocks.shape
     block_size = length // max_blocks
-    by_block = cache_part.view(num_kv_heads, num_slots // block_size, block_size * head_dim)
-    rows = by_block.index_select(1, blocks.reshape(-1)).to(dtype)
-    return rows.view(num_kv_heads, num_seqs, length, head_dim)
+    by_block = cache_part.view(num_kv_heads, num_slots // block_size, block_size * width)
+    rows = by_block.index_select(1, blocks.reshape(-1)).view(num_kv_heads, num_seqs * length, width)
+    return _read(rows, dtype).view(num_kv_heads, num_seqs, length, head_dim_of(cache_part))
 
 
 FLOAT32_DECODE_SEQS = 8
@@ -99,7 +132,7 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     # Few sequences widen to float32 instead: a bf16 batched matmul has a fixed cost several times
     # a float32 one of that size on CPU, and the widening copy is small (figures for this function:
     # bench/RESULTS.md, "Figures the code cites").
-    dtype = torch.float32 if num_seqs <= FLOAT32_DECODE_SEQS else k_cache.dtype
+    dtype = torch.float32 if num_seqs <= FLOAT32_DECODE_SEQS else attention_dtype(k_cache)
     keys = _gather_blocks(k_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
     values = _gather_blocks(v_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
     q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1).to(dtype)  # (Hkv, S, G, D)
@@ -109,10 +142,15 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
 
+def attention_dtype(cache_part: torch.Tensor) -> torch.dtype:
+    """What attention over this cache computes in: its dtype, bfloat16 for int8 rows."""
+    return torch.bfloat16 if cache_part.dtype == torch.int8 else cache_part.dtype
+
+
 def _prefill_attention(q, k, v, cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
     # In the cache's dtype: with a bf16 cache the flash kernel runs faster than in float32
     # (bench/RESULTS.md, "Figures the code cites") and accumulates in float32 either way.
-    dtype = cache[0].dtype if cache is not None else q.dtype
+    dtype = attention_dtype(cache[0]) if cache is not None else q.dtype
     if seq.slot_ids is None:
         mask, causal = None, True
         k, v = k.transpose(0, 1).to(dtype), v.transpose(0, 1).to(dtype)  # (Hkv, context_len, D)

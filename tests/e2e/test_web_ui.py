@@ -202,6 +202,23 @@ def test_reload_finds_the_conversation_then_rename_and_delete_it(page, web):
     assert page.locator(".turn").count() == 0 and current_conversation(page) == ""
 
 
+def test_on_a_narrow_screen_the_conversations_open_from_the_header(page, web):
+    items = [{"type": "message", "role": "user", "content": "Kept for the phone."}]
+    conversation = api(web, "POST", "/v1/conversations", json={"items": items, "metadata": {"title": "Phone"}}).json()
+    page.set_viewport_size({"width": 400, "height": 800})
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert not page.is_visible("#sidebar") and page.is_visible("#sidebar-toggle")
+    page.click("#sidebar-toggle")
+    entry = page.locator(f"#conversations li[data-id='{conversation['id']}'] .title")
+    entry.click()
+    page.wait_for_selector(".turn.user")
+    assert page.locator(".turn.user .body").inner_text() == "Kept for the phone."
+    assert not page.is_visible("#sidebar")  # out of the way once one is chosen
+    page.set_viewport_size({"width": 1200, "height": 800})
+    assert page.is_visible("#sidebar") and not page.is_visible("#sidebar-toggle")
+
+
 def test_regenerate_replaces_the_last_reply_and_copy_copies_it(page, web):
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     ask(page, "Name a colour.", temperature=1.0, **{"max-tokens": 12})

@@ -49,18 +49,20 @@ class IdTokenizer:
 
 
 def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_len=None,
-                model_path=None, speculative=0, speculative_sampling=False) -> LLMEngine:
+                model_path=None, speculative=0, speculative_sampling=False, kv_cache_dtype="auto") -> LLMEngine:
     """The real LLMEngine on a tiny random model's HF folder (tests/helpers/tiny_models.py), its
     KV cache `num_blocks` blocks of `block_size` tokens; max_len defaults to all of them. Its
     config names `model_path` instead of the folder if given."""
     from lmserve.cache.kv_cache import bytes_per_block
-    from lmserve.weights.load import DTYPES, LoadedModel, load_weights
+    from lmserve.engine.sizing import kv_dtype
+    from lmserve.weights.load import LoadedModel, load_weights
 
     model, model_config, _ = load_weights(folder, dtype)
     loaded = LoadedModel(model, model_config, IdTokenizer(model_config.vocab_size), dtype)
-    kv_bytes = num_blocks * bytes_per_block(model_config, block_size, DTYPES[dtype])
+    cache = CacheConfig(block_size, 1, kv_cache_dtype=kv_cache_dtype)
+    kv_bytes = num_blocks * bytes_per_block(model_config, block_size, kv_dtype(cache, dtype))
     max_len = max_len or min(num_blocks * block_size, model_config.max_position_embeddings)
-    config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=CacheConfig(block_size, kv_bytes),
+    config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=CacheConfig(block_size, kv_bytes, kv_cache_dtype=kv_cache_dtype),
                           scheduler=SchedulerConfig(4, 64, max_len, num_speculative_tokens=speculative,
                                                     speculative_sampling=speculative_sampling))
     return LLMEngine(config, loaded)

@@ -94,6 +94,16 @@ def test_a_restarted_engine_restored_from_the_file_computes_what_the_first_did(f
         assert_close(restored, uncached)
 
 
+def test_an_int8_kv_cache_is_saved_and_restored_with_its_scales(folder, tmp_path):
+    first = tiny_engine(folder, kv_cache_dtype="int8")
+    uncached, cached = run(first, PROMPT), run(first, PROMPT)
+    assert first.save_prefix(PROMPT, tmp_path / "slot.bin") == 5 * BLOCK
+    restarted = tiny_engine(folder, kv_cache_dtype="int8")
+    assert restarted.restore_prefix(tmp_path / "slot.bin") == 5 * BLOCK
+    restored = run(restarted, PROMPT)
+    assert restored.num_cached_tokens == 5 * BLOCK and restored == cached  # rows and scales came back
+
+
 def test_float32_restore_matches_the_run_without_any_cache(folder, saved):
     path, uncached, _ = saved
     engine = tiny_engine(folder)
@@ -137,7 +147,8 @@ def other_weights(tmp_path_factory):
     ("other_weights", {}, "weights: the file's '"),
     ("folder", {"dtype": "bfloat16"}, "dtype: the file's 'float32', this engine's 'bfloat16'"),
     ("folder", {"block_size": 8, "num_blocks": 32}, "block_size: the file's 4, this engine's 8"),
-], ids=["layers", "weights", "dtype", "block_size"])
+    ("folder", {"kv_cache_dtype": "int8"}, "kv_dtype: the file's 'float32', this engine's 'int8'"),
+], ids=["layers", "weights", "dtype", "block_size", "kv_dtype"])
 def test_a_file_of_another_model_or_layout_is_refused_naming_the_difference(request, saved, model, settings,
                                                                             difference):
     engine = tiny_engine(request.getfixturevalue(model), **settings)

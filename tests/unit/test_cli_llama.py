@@ -440,6 +440,10 @@ HONOURED = [
     ("--timeout 90 --read-timeout 5", lambda s: (s.args.read_timeout, s.args.write_timeout), (5.0, 90.0)),
     ("--models-autoload --no-autoload --models-autoload", lambda s: s.args.no_autoload, False),
     ("--no-models-autoload", lambda s: s.args.no_autoload, True),
+    ("-ctk q8_0 -ctv q8_0", lambda s: s.engine.cache.kv_cache_dtype, "int8"),
+    ("--cache-type-k q8_0 --cache-type-v q8_0 --kv-cache-dtype int8", lambda s: s.engine.cache.kv_cache_dtype, "int8"),
+    ("-ctv q8_0 -ctk q8_0", lambda s: s.engine.cache.kv_cache_dtype, "int8"),
+    ("--cache-type-v q8_0 --cache-type-k q8_0", lambda s: s.engine.cache.kv_cache_dtype, "int8"),
     ("--spec-type ngram-simple", lambda s: s.engine.scheduler.num_speculative_tokens, 4),  # lmserve's default K
     ("--spec-type none", lambda s: s.engine.scheduler.num_speculative_tokens, 0),
     ("--spec-type none,ngram-simple --spec-ngram-simple-size-m 8", lambda s: s.engine.scheduler.num_speculative_tokens, 8),
@@ -536,6 +540,8 @@ def test_ctx_size_and_parallel_give_llama_servers_limits(argv, max_model_len, ma
     ("--cors-origins localhost", "--cors-origins localhost (llama-server's shorthand) is not taken here"),
     ("--host 127.0.0.1,::1", "lmserve listens on one address"),
     ("--ssl-key-file k.pem", "HTTPS needs both --ssl-key-file and --ssl-cert-file"),
+    ("-ctk q8_0", "lmserve quantizes keys and values together"),
+    ("-ctk q8_0 -ctv q8_0 --kv-cache-dtype auto", "-ctk/-ctv q8_0 asks for an int8 KV cache"),
     ("--spec-type none --speculative-ngram 8", "--spec-type none turns prompt lookup off"),
     ("--spec-type none --speculative-sampling", "--spec-type none turns prompt lookup off"),
     ("--spec-type ngram-simple --spec-ngram-simple-size-m 0", "--spec-type ngram-simple asks for prompt lookup"),
@@ -549,7 +555,7 @@ def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
 @pytest.mark.parametrize("argv", ["-np 0", "-np -2", "-n 0", "-c -1", "--models-max -1", "--pooling cls", "-t 0",
                                   "--repeat-last-n -1", "--dry-penalty-last-n -1", "--mirostat 1.5", "--top-k x",
                                   "--spec-type draft-simple", "--spec-type ngram-simple,ngram-mod",
-                                  "--spec-ngram-simple-size-m -1"])
+                                  "--spec-ngram-simple-size-m -1", "-ctk f16", "-ctv q4_0"])
 def test_values_llama_server_refuses_are_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["serve", *argv.split()])

@@ -62,6 +62,14 @@ class Chat {
     });
     for (const id of SETTINGS) $(id).addEventListener("change", () => localStorage.setItem(`lmserve.${id}`, $(id).value));
     $("messages").addEventListener("click", (e) => this.clicked(e));
+    $("sidebar-toggle").addEventListener("click", () => this.showSidebar(!document.body.classList.contains("sidebar-open")));
+    $("conversations").addEventListener("click", (e) => { if (e.target.closest(".title")) this.showSidebar(false); });
+    $("new-chat").addEventListener("click", () => this.showSidebar(false));
+  }
+
+  showSidebar(open) {
+    document.body.classList.toggle("sidebar-open", open);
+    $("sidebar-toggle").setAttribute("aria-expanded", String(open));
   }
 
   // ---- models
