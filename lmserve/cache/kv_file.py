@@ -28,6 +28,8 @@ from typing import BinaryIO
 
 import torch
 
+from lmserve.cache.kv_cache import row_width
+
 MAGIC = b"LMSKVPFX"
 FORMAT_VERSION = 1
 PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
@@ -54,7 +56,7 @@ class KVFileIdentity:
     @property
     def row_width(self) -> int:
         """Elements of a cached row: head_dim, and an int8 row's 4-byte scale (model/attention.py)."""
-        return self.head_dim + (4 if self.kv_dtype == "int8" else 0)
+        return row_width(self.head_dim, KV_DTYPES[self.kv_dtype])
 
     @property
     def block_bytes(self) -> int:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lmserve.cache.kv_cache import bytes_per_block, num_blocks_for_budget
 from lmserve.config import CacheConfig, EngineConfig
 from lmserve.model.config import ModelConfig
 from lmserve.weights.load import DTYPES
-
-import torch
 
 
 def kv_dtype(cache: CacheConfig, dtype: str) -> torch.dtype:

@@ -144,15 +144,15 @@ void store_row(const float* src, T* dst, int64_t n) {
 }
 
 // An int8 cache row: n values over max|x| / 127, then that scale's 4 bytes, as quantize_rows in
-// model/attention.py computes them (round half to even, as torch.round).
+// model/attention.py computes them (int8 activations' rule: the max at least kMinAbsMax of
+// int8_linear.cpp, round half to even as torch.round).
 template <>
 void store_row<int8_t>(const float* src, int8_t* dst, int64_t n) {
-    float top = 0.f;
+    float top = 1e-12f;
     for (int64_t d = 0; d < n; ++d) top = std::max(top, std::fabs(src[d]));
     const float scale = top / 127.f;
-    const float inv = scale > 0.f ? 1.f / scale : 0.f;
     for (int64_t d = 0; d < n; ++d)
-        dst[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(src[d] * inv))));
+        dst[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(src[d] / scale))));
     std::memcpy(dst + n, &scale, sizeof(scale));
 }
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.kernels import paged_decode_attention as native_decode_attention
+from lmserve.model.weight_formats.int8 import quantize_rows_reference as int8_rows
 
 
 @dataclass
@@ -47,12 +48,11 @@ SCALE_BYTES = 4  # an int8 row's float32 scale, after its values
 
 
 def quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) float -> (..., D + 4) int8 rows: round(x / s) with s = max|x| / 127, then s's bytes."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True) / 127  # (..., 1)
-    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    values = torch.round(x * inv).clamp_(-127, 127).to(torch.int8)
-    return torch.cat([values, scale.view(torch.int8)], dim=-1)
+    """(..., D) float -> (..., D + 4) int8 rows: the int8 activations' per-row quantization
+    (round(x / s), s = max|x| / 127), then s's bytes."""
+    *lead, head_dim = x.shape
+    values, scales = int8_rows(x.float().reshape(-1, head_dim))  # (N, D) int8, (N,) float32
+    return torch.cat([values, scales[:, None].view(torch.int8)], dim=-1).view(*lead, head_dim + SCALE_BYTES)
 
 
 def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
