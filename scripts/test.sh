@@ -9,4 +9,6 @@ if ! command -v chromium >/dev/null; then
     sudo=$([ "$(id -u)" = 0 ] || echo sudo)
     $sudo apt-get install -y -q chromium >/dev/null 2>&1 || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium; }
 fi
+# Replicas on Ray Serve are an optional extra (lmserve[ray]); its tests run here too.
+.venv/bin/python -c "import ray.serve, psutil" 2>/dev/null || .venv/bin/python -m pip install -q -e ".[ray]"
 exec .venv/bin/python -m pytest -q "$@"

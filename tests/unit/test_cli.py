@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lmserve import cli
+from lmserve import cli, serve_settings
 from lmserve.cli import build_parser, parse_size
 from lmserve.fleet.catalogue import served_name
 
@@ -33,7 +33,7 @@ def test_non_positive_sizes_are_argparse_errors(option, capsys):
 def test_defaults():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.api_key, args.dtype) == ("127.0.0.1", 8080, [], "auto")
-    config = cli.engine_config(args)  # the limits -c and -np may set are resolved here
+    config = serve_settings.engine_config(args)  # the limits -c and -np may set are resolved here
     assert (config.scheduler.max_num_seqs, config.scheduler.max_model_len) == (64, None)
     assert (config.cache.kv_cache_memory_bytes, config.cache.kv_cache_tokens) == (2**30, None)
     assert (config.scheduler.num_speculative_tokens, config.scheduler.speculative_sampling) == (4, False)
@@ -41,9 +41,9 @@ def test_defaults():
 
 def test_speculative_ngram_sets_the_drafts_per_step(capsys):
     args = build_parser().parse_args(["serve", "--speculative-ngram", "6"])
-    assert cli.engine_config(args).scheduler.num_speculative_tokens == 6
+    assert serve_settings.engine_config(args).scheduler.num_speculative_tokens == 6
     args = build_parser().parse_args(["serve", "--speculative-ngram", "0", "--speculative-sampling"])
-    assert (cli.engine_config(args).scheduler.num_speculative_tokens, cli.engine_config(args).scheduler.speculative_sampling) == (0, True)
+    assert (serve_settings.engine_config(args).scheduler.num_speculative_tokens, serve_settings.engine_config(args).scheduler.speculative_sampling) == (0, True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--speculative-ngram", "-1"])
     assert "--speculative-ngram" in capsys.readouterr().err
@@ -90,18 +90,18 @@ def test_durations_take_ollamas_spellings():
 
 
 def test_the_queue_bound_and_timeout_reach_the_server_state():
-    settings = cli.state_settings(build_parser().parse_args(["serve"]))
+    settings = serve_settings.state_settings(build_parser().parse_args(["serve"]))
     assert (settings["max_queued_requests"], settings["queue_timeout"]) == (None, 60.0)  # None: sized per engine
     argv = ["serve", "--max-queued-requests", "32", "--queue-timeout", "2m"]
-    settings = cli.state_settings(build_parser().parse_args(argv))
+    settings = serve_settings.state_settings(build_parser().parse_args(argv))
     assert (settings["max_queued_requests"], settings["queue_timeout"]) == (32, 120.0)
-    settings = cli.state_settings(build_parser().parse_args(["serve", "--queue-timeout", "-1"]))
+    settings = serve_settings.state_settings(build_parser().parse_args(["serve", "--queue-timeout", "-1"]))
     assert settings["queue_timeout"] is None  # wait without limit
 
 
 def models_of(*argv: str):
     args = build_parser().parse_args(["serve", *argv])
-    return cli.catalogue(args, cli.engine_config(args), cli.embedding_config(args))
+    return serve_settings.catalogue(args, serve_settings.engine_config(args), serve_settings.embedding_config(args))
 
 
 def test_one_model_and_the_embedding_model_load_at_start_as_before(tmp_path):
@@ -144,4 +144,4 @@ def test_a_kv_budget_below_the_context_stops_start_up_before_the_server_is_up(mo
     with pytest.raises(SystemExit, match="KV cache budget holds 2912 tokens, fewer than max_model_len 8192"):
         cli.serve(args)
     fits = build_parser().parse_args(["serve", "--kv-cache-memory", "64MiB", "--max-model-len", "2048"])
-    cli.preflight_pinned(cli.catalogue(fits, cli.engine_config(fits), None), cli.engine_config(fits))  # no error
+    serve_settings.preflight_pinned(serve_settings.catalogue(fits, serve_settings.engine_config(fits), None), serve_settings.engine_config(fits))  # no error

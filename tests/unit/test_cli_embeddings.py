@@ -2,7 +2,8 @@
 
 import pytest
 
-from lmserve.cli import build_parser, default_embedding_model_path, embedding_config
+from lmserve.cli import build_parser, default_embedding_model_path
+from lmserve.serve_settings import embedding_config
 from lmserve.serve_settings import DEFAULT_EMBEDDING_NAME
 
 

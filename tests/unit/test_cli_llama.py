@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lmserve import cli
+from lmserve import cli, serve_settings
 from lmserve.cli import build_parser, default_model_path
 from lmserve.llama_flag_table import LLAMA_SERVER_FLAGS
 from lmserve.text.builtin_templates import BUILTIN_TEMPLATES
@@ -300,11 +300,11 @@ def test_a_refused_flag_is_refused_by_name(name, capsys):
 def served(*argv: str) -> SimpleNamespace:
     """What `lmserve serve ARGV` would serve with: its settings, as serve() builds them."""
     args = build_parser().parse_args(["serve", *argv])
-    engine = cli.engine_config(args)
-    embedding = cli.embedding_config(args)
-    models = cli.catalogue(args, engine, embedding)
+    engine = serve_settings.engine_config(args)
+    embedding = serve_settings.embedding_config(args)
+    models = serve_settings.catalogue(args, engine, embedding)
     return SimpleNamespace(args=args, engine=engine, embedding=embedding, models=models, chat=models.entries()[0],
-                           state=cli.state_settings(args), listen=cli.listen_options(args))
+                           state=serve_settings.state_settings(args), listen=serve_settings.listen_options(args))
 
 
 def comparable(settings: SimpleNamespace) -> tuple:
@@ -494,7 +494,7 @@ def test_help_and_version_print_and_exit(name, capsys):
     ("-c 4096 --max-num-seqs 8", 4096, 8, 4096),
 ])
 def test_ctx_size_and_parallel_give_llama_servers_limits(argv, max_model_len, max_num_seqs, kv_cache_tokens):
-    config = cli.engine_config(build_parser().parse_args(["serve", *argv.split()]))
+    config = serve_settings.engine_config(build_parser().parse_args(["serve", *argv.split()]))
     assert (config.scheduler.max_model_len, config.scheduler.max_num_seqs, config.cache.kv_cache_tokens) == (
         max_model_len, max_num_seqs, kv_cache_tokens)
 
@@ -604,7 +604,7 @@ def test_accepted_flags_are_logged_at_start_up(monkeypatch, caplog):
     import lmserve.server.graceful
 
     monkeypatch.setattr(lmserve.server.graceful, "serve", lambda *a, **k: None)  # no server started
-    monkeypatch.setattr(cli, "preflight_pinned", lambda models, config: None)
+    monkeypatch.setattr(serve_settings, "preflight_pinned", lambda models, config: None)
     with caplog.at_level("INFO", logger="lmserve"):
         cli.serve(build_parser().parse_args(["serve", "-ngl", "99", "--metrics", "--no-embedding-model"]))
     logged = [r.getMessage() for r in caplog.records]

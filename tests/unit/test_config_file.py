@@ -78,11 +78,11 @@ def test_a_mistake_names_the_file_the_model_and_the_key(tmp_path, text, needle):
 
 
 def test_the_cli_serves_the_files_models_beside_the_others(tmp_path):
-    from lmserve import cli
+    from lmserve import cli, serve_settings
 
     def catalogue(*argv):
         args = cli.build_parser().parse_args(["serve", *argv, "--no-embedding-model"])
-        return cli.catalogue(args, cli.engine_config(args), None)
+        return serve_settings.catalogue(args, serve_settings.engine_config(args), None)
 
     path = write(tmp_path, '[models.a]\nsource = "m.gguf"\naliases = ["gpt-4o-mini"]\n')
     alone = catalogue("--config", str(path))  # no MODEL: only the file's, not the packaged default

@@ -1,0 +1,127 @@
+"""lmserve as a Ray Serve application: lmserve's own app as the ingress, and one deployment of
+engine replicas per chat model, routed by prefix (ray_router.py).
+
+    ingress (one replica: every route, the conversation store, the embedding model, /metrics)
+      -> deployment "lmserve-engine-<model>" (N replicas, each an EngineReplica)
+
+`lmserve serve ... --replicas N` builds it from its flags and runs it (launch.py); people with a
+Ray cluster of their own run `serve run lmserve.scale:app argv="MODEL --replicas 4 ..."`, the
+same flags as one string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from lmserve.config import EngineConfig
+from lmserve.fleet.catalogue import ModelEntry
+from lmserve.scale.options import ScaleSettings, scale_settings
+from lmserve.scale.replica import EngineReplica
+
+log = logging.getLogger("lmserve.scale")
+
+APP_NAME = "lmserve"
+INGRESS_MAX_ONGOING_REQUESTS = 100_000  # every HTTP request passes the one ingress; its limits are lmserve's own
+DEFAULT_CAPACITY_BLOCKS = 1024
+_LOGGING = {"enable_access_log": False}  # lmserve's own access log has every HTTP request already
+
+
+def deployment_name(model_id: str) -> str:
+    return "lmserve-engine-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model_id)
+
+
+@serve.ingress()
+class Ingress:
+    """lmserve's app over the fleet of `args`, its chat models served by `engines` (handles by model id)."""
+
+    def __init__(self, args: argparse.Namespace, engines: dict[str, Any]):
+        self._args, self._engines = args, engines
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from lmserve.cli import configure_logging
+        from lmserve.scale.ingress_state import ingress_state
+        from lmserve.server.app import create_app
+
+        configure_logging(self._args.log_level)
+        return create_app(ingress_state(self._args, self._engines, scale_settings(self._args)))
+
+
+def build_application(args: argparse.Namespace) -> Any:
+    """The Ray Serve application `args` (parsed `lmserve serve` flags) describe. ValueError for
+    flags it cannot run with."""
+    from lmserve.serve_settings import catalogue, embedding_config, engine_config, preflight_pinned
+
+    settings = scale_settings(args)
+    if settings is None:
+        settings = scale_settings(argparse.Namespace(**{**vars(args), "replicas": 1}))
+    config = engine_config(args)
+    models = catalogue(args, config, embedding_config(args))
+    preflight_pinned(models, config)
+    engines = {entry.id: _engine_deployment(entry, config, settings).bind(config, entry)
+               for entry in models.entries() if entry.kind == "chat"}
+    ingress = serve.deployment(Ingress, name="lmserve-ingress", num_replicas=1,
+                               max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0},
+                               logging_config=_LOGGING)
+    return ingress.bind(args, engines)
+
+
+def _engine_deployment(entry: ModelEntry, config: EngineConfig, settings: ScaleSettings) -> Any:
+    from lmserve.fleet.models import engine_config_for
+    from lmserve.scale.ray_router import PrefixAwareRequestRouter
+
+    model_config = engine_config_for(config, entry)
+    max_num_seqs = model_config.scheduler.max_num_seqs
+    options: dict[str, Any] = {
+        "name": deployment_name(entry.id),
+        "max_ongoing_requests": 2 * max_num_seqs,  # a batch running and one waiting in the engine's queue
+        "ray_actor_options": {"num_cpus": settings.replica_cpus},
+        "logging_config": _LOGGING,
+        "request_router_config": RequestRouterConfig(
+            request_router_class=PrefixAwareRequestRouter,
+            request_router_kwargs={"block_size": model_config.cache.block_size,
+                                   "capacity_blocks": _capacity_blocks(model_config)}),
+    }
+    if settings.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
+            "initial_replicas": settings.num_replicas,
+            "target_ongoing_requests": settings.target_ongoing_requests or max(1, max_num_seqs // 2),
+            "upscale_delay_s": settings.scale_up_delay, "downscale_delay_s": settings.scale_down_delay,
+        }
+    else:
+        options["num_replicas"] = settings.num_replicas
+    return serve.deployment(EngineReplica).options(**options)
+
+
+def _capacity_blocks(config: EngineConfig) -> int:
+    """About how many blocks a replica's prefix cache holds: its whole KV cache, from the header."""
+    from lmserve.engine.sizing import num_kv_blocks
+    from lmserve.weights.dtype import serving_dtype
+    from lmserve.weights.load import read_model_config
+
+    path = Path(config.model_path)
+    try:
+        return num_kv_blocks(config.cache, read_model_config(path), serving_dtype(path, config.dtype, config.device))
+    except (OSError, ValueError, KeyError):  # a remote source, not downloaded yet
+        return DEFAULT_CAPACITY_BLOCKS
+
+
+def app(args: dict[str, Any]) -> Any:
+    """The application builder `serve run lmserve.scale:app argv="..."` calls: `argv` holds
+    `lmserve serve`'s arguments (a string, or a list in a config file)."""
+    from lmserve.cli import build_parser
+
+    unknown = sorted(set(args) - {"argv"})
+    if unknown:
+        raise ValueError(f"lmserve.scale:app takes one argument, argv (lmserve serve's flags); not {unknown}")
+    argv = args.get("argv", "")
+    argv = shlex.split(argv) if isinstance(argv, str) else [str(a) for a in argv]
+    return build_application(build_parser().parse_args(["serve", *argv]))

@@ -1,0 +1,78 @@
+"""The ingress's ServerState: the server `lmserve serve` builds, with chat models served by replicas.
+
+Every chat model in the catalogue has a deployment (app.py); loading it in the ingress's fleet
+means connecting to it (waiting for a replica to describe the model). Embedding models load in
+the ingress process, as in one process. /metrics keeps the model-level series (aggregated over
+the replicas) and adds per-replica ones: requests routed to each, and each one's load as of its
+last output.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from lmserve.fleet.catalogue import ModelEntry
+from lmserve.scale.options import ScaleSettings
+from lmserve.scale.remote_engine import RemoteChatModel, RemoteEngine
+from lmserve.server.metrics import ServerMetrics
+from lmserve.server.state import ServerState
+
+
+def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: ScaleSettings) -> ServerState:
+    """`engines`: each chat model's deployment handle, by model id."""
+    from lmserve.serve_settings import server_state
+
+    models: dict[str, RemoteEngine] = {}
+    loader = _remote_loader(engines, settings, models)
+    state = server_state(args, loader)
+    state.metrics.registry.register(_ReplicaLoads(models))
+    state.slot_save_path = None  # a saved slot would be one replica's cache: slot saving is refused
+    state.exit_if_pinned_fails = False  # ending the ingress's process would only have Ray Serve restart it
+    return state
+
+
+def _remote_loader(engines: dict[str, Any], settings: ScaleSettings, connected: dict[str, RemoteEngine]) -> Callable:
+    routed_counters: dict[int, Counter] = {}
+
+    def load(entry: ModelEntry, progress: Any, metrics: ServerMetrics) -> RemoteChatModel:
+        handle = engines.get(entry.id)
+        if handle is None:
+            raise ValueError(f"the model {entry.id!r} has no replicas: it was not in the catalogue when the "
+                             "application started (restart lmserve to serve it)")
+        counter = routed_counters.get(id(metrics))
+        if counter is None:
+            counter = routed_counters[id(metrics)] = Counter(
+                "lmserve:replica_requests", "Engine requests by the replica that served them.", ["model", "replica"],
+                registry=metrics.registry)
+        engine = RemoteEngine.connect(handle, num_replicas=settings.most_replicas,
+                                      observers=[metrics.observer(entry.id)],
+                                      routed=lambda replica: counter.labels(entry.id, replica).inc())
+        connected[entry.id] = engine
+        return RemoteChatModel(engine)
+
+    return load
+
+
+class _ReplicaLoads(Collector):
+    """Each replica's engine load, read at scrape time from what its last output reported."""
+
+    def __init__(self, engines: dict[str, RemoteEngine]):
+        self._engines = engines
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running = GaugeMetricFamily("lmserve:replica_num_requests_running", "Sequences being decoded on a "
+                                    "replica, as of its last output.", labels=["model", "replica"])
+        usage = GaugeMetricFamily("lmserve:replica_kv_cache_usage_perc", "Fraction of a replica's KV blocks in "
+                                  "use, as of its last output.", labels=["model", "replica"])
+        for model, engine in self._engines.items():
+            for replica, load in engine.replica_loads().items():
+                running.add_metric([model, replica], load.num_running)
+                usage.add_metric([model, replica], 1.0 - load.num_free_kv_blocks / max(load.num_kv_blocks, 1))
+        yield running
+        yield usage

@@ -1,0 +1,68 @@
+"""`lmserve serve ... --replicas N`: run the application (app.py) on a local Ray instance, or on
+the cluster --ray-address names, until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import threading
+
+from lmserve.scale.options import scale_settings
+
+log = logging.getLogger("lmserve.scale")
+
+
+def serve_on_ray(args: argparse.Namespace) -> None:
+    """Blocks until the server is told to stop. ValueError for flags it cannot run with (before
+    anything starts)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError("--replicas needs Ray Serve: pip install 'lmserve[ray]'") from None
+    from lmserve.scale.app import APP_NAME, build_application
+
+    settings = scale_settings(args)
+    application = build_application(args)
+    ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True)
+    stop = _stop_on_signals()  # after ray.init, whose own SIGTERM handler would end the process at once
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+        log.info("serving on http://%s:%d: %d replica(s) per chat model%s", args.host, args.port,
+                 settings.num_replicas, " (autoscaling)" if settings.autoscaling else "")
+        stop.wait()
+        log.info("stopping")
+    finally:
+        if settings.ray_address is None:
+            _shutdown_local(serve, ray)
+        else:
+            serve.delete(APP_NAME)  # the cluster's Serve goes on serving its other applications
+            ray.shutdown()
+
+
+def _shutdown_local(serve, ray) -> None:
+    """Stop the local Ray instance this command started, and every process it left: its
+    per-node agents outlive ray.shutdown() otherwise (seen with Ray 2.60)."""
+    import psutil
+
+    started = psutil.Process().children(recursive=True)
+    serve.shutdown()
+    ray.shutdown()
+    for process in started:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop

@@ -1,0 +1,99 @@
+"""One replica of a chat model on Ray Serve: an engine of its own, driven by the ingress.
+
+The ingress (lmserve's own app, scale/app.py) turns HTTP requests into token ids and
+SamplingParams, as it does in one process, and calls `generate` here through a deployment
+handle; each output streams back with this replica's load, which the ingress reports as the
+model's. The engine is built as the server builds one (fleet/models.py), so downloads, `preload`
+and the dtype rules are the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from lmserve.config import EmbeddingConfig, EngineConfig
+from lmserve.fleet.catalogue import ModelEntry
+from lmserve.request import RequestOutput, SamplingParams
+
+_STOPPING = "the replica serving this request is stopping; retry the request"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaLoad:
+    """A replica's engine load as of one of its outputs (engine.EngineLoad, with whose it is)."""
+
+    replica: str
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineDescription:
+    """What the ingress needs of a model it does not load: enough to tokenize, render templates,
+    compile constraints and size its queues."""
+
+    config: EngineConfig
+    tokenizer: object  # text.tokenizer.Tokenizer
+    vocab_size: int
+    max_model_len: int
+    kv_block_bytes: int
+    num_kv_blocks: int
+    weights_bytes: int
+
+
+class EngineReplica:
+    """A Ray Serve deployment class (scale/app.py makes it one per chat model)."""
+
+    def __init__(self, defaults: EngineConfig, entry: ModelEntry):
+        from lmserve.fleet.models import model_loader
+
+        self._model = model_loader(defaults, EmbeddingConfig("", ""))(entry)
+        self._replica = _replica_name()
+
+    def describe(self) -> EngineDescription:
+        engine = self._model.engine
+        return EngineDescription(config=engine.config, tokenizer=engine.tokenizer,
+                                 vocab_size=engine.grammar.vocab_size, max_model_len=engine.max_model_len,
+                                 kv_block_bytes=engine.kv_block_bytes, num_kv_blocks=engine.snapshot()["num_kv_blocks"],
+                                 weights_bytes=self._model.weights_bytes)
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[tuple[list[RequestOutput], ReplicaLoad]]:
+        """The request's outputs, as AsyncEngine.generate_batches gathers them (each message
+        through Ray costs about as much as a decode step's share of a token, so outputs that
+        arrived together go together), each batch with this replica's load. Cancelled by the
+        ingress (its client went away), the engine aborts the request."""
+        async for outputs in self._model.engine.generate_batches(request_id, prompt_ids, params):
+            yield outputs, self.load()
+
+    def load(self) -> ReplicaLoad:
+        return ReplicaLoad(replica=self._replica, **self._model.engine.snapshot())
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine has stopped is replaced."""
+        if not self._model.engine.is_running:
+            raise RuntimeError("the engine thread has stopped")
+
+    def __del__(self) -> None:
+        model = getattr(self, "_model", None)
+        if model is not None:
+            model.close(_STOPPING)
+
+
+def _replica_name() -> str:
+    """This replica's id as Ray Serve names it (its unique id), or "local" outside Ray Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - no replica context: built directly (tests, one process)
+        return "local"
+
+
+def load_fields(load: ReplicaLoad) -> dict[str, int]:
+    """The load as AsyncEngine.snapshot() reports one."""
+    return {name: value for name, value in dataclasses.asdict(load).items() if name != "replica"}

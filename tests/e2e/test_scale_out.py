@@ -1,0 +1,150 @@
+"""Replicas on Ray Serve (`lmserve serve --replicas 2`), on a local Ray instance: every kind of
+route through the ingress, requests spread over the replicas, a shared prefix kept on one
+replica, a replica killed without losing requests that had not streamed, and autoscaling."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers.live_server import start_server
+from tests.helpers.prometheus import metric_samples
+from tests.helpers.ray_replicas import engine_replica_pids, leftover_ray_processes, wait_for_replicas
+
+REPLICA_REQUESTS = "lmserve:replica_requests_total"
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url, _ = start_server("--replicas", "2", "--kv-cache-memory", "64MiB")
+    try:
+        wait_for_replicas(proc.pid, 2)
+        yield {"url": url, "pid": proc.pid}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def replicated(server):
+    return server["url"]
+
+
+def stop(proc) -> None:
+    """SIGTERM, as a user's Ctrl-C or a service manager would: the local Ray instance stops too."""
+    started = [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert leftover_ray_processes(started) == []
+
+
+def routed(url: str) -> dict[str, float]:
+    """Engine requests so far, by replica."""
+    samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    return {dict(labels)["replica"]: value for (name, labels), value in samples.items() if name == REPLICA_REQUESTS}
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {replica: count - before.get(replica, 0) for replica, count in after.items()
+            if count - before.get(replica, 0)}
+
+
+def complete(url: str, prompt: str, **fields) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, **fields}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+def test_the_routes_through_the_ingress(replicated):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{replicated}/v1", api_key="unused", max_retries=0, timeout=120)
+    models = {model.id for model in client.models.list().data}
+    assert "SmolLM2-135M-Instruct" in models and "all-MiniLM-L6-v2" in models
+    messages = [{"role": "user", "content": "Name a colour."}]
+    whole = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=8,
+                                           temperature=0)
+    assert whole.usage.completion_tokens == 8 and whole.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True))
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == whole.choices[0].message.content  # greedy: the same reply whichever replica ran it
+    response = client.responses.create(model="SmolLM2-135M-Instruct", input="Say yes.", max_output_tokens=6)
+    assert client.responses.retrieve(response.id).output_text == response.output_text  # stored in the ingress
+    vectors = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a", "b"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384
+    tokens = httpx.post(f"{replicated}/tokenize", json={"content": "hello world"}).json()["tokens"]
+    assert httpx.post(f"{replicated}/detokenize", json={"tokens": tokens}).json()["content"] == "hello world"
+    assert httpx.get(f"{replicated}/health").json()["status"] == "ok"
+    refused = httpx.post(f"{replicated}/v1/embeddings", json={"model": "SmolLM2-135M-Instruct", "input": "x"})
+    assert refused.status_code == 501 and "replicas" in refused.json()["error"]["message"]
+
+
+def test_requests_spread_over_both_replicas(replicated):
+    before = routed(replicated)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: complete(replicated, f"Item {i} of a list of unrelated things:",
+                                                   max_tokens=24, ignore_eos=True), range(8)))
+    assert [answer.status_code for answer in answers] == [200] * 8
+    spread = delta(before, routed(replicated))
+    assert len(spread) == 2 and sum(spread.values()) == 8, spread
+
+
+def test_a_shared_prefix_goes_to_the_replica_that_holds_it(replicated):
+    for topic in ("rivers", "mountains", "deserts", "forests"):
+        system = f"You are a guide to the world's {topic}. " + " ".join(f"Rule {k}: be brief about {topic}."
+                                                                        for k in range(40))
+        before = routed(replicated)
+        replies = [httpx.post(f"{replicated}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": 4, "temperature": 0}).json() for question in ("Which is longest?", "Which is oldest?")]
+        assert replies[0]["usage"]["prompt_tokens"] > 300
+        assert replies[1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256, replies[1]["usage"]
+        assert list(delta(before, routed(replicated)).values()) == [2]  # both on one replica
+
+
+def test_a_killed_replica_loses_no_request_that_had_not_streamed(server):
+    replicated = server["url"]
+    streams: dict[int, list[dict]] = {}
+
+    def stream(i: int) -> None:
+        body = {"prompt": f"Story {i}: " + "once upon a time " * (4 + 3 * i), "max_tokens": 400, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", f"{replicated}/v1/completions", json=body, timeout=120) as response:
+            frames = "".join(response.iter_text()).split("\n\n")  # not iter_lines: the text may hold U+2028
+        streams[i] = [json.loads(frame[6:]) for frame in frames if frame.startswith("data: {")]
+
+    before = routed(replicated)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(stream, i) for i in range(2)]
+        deadline = time.monotonic() + 60
+        while len(delta(before, routed(replicated))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # both streams started, one on each replica
+        os.kill(engine_replica_pids(server["pid"])[0], signal.SIGKILL)
+        after = [complete(replicated, f"Question {k} after the kill:") for k in range(4)]
+        for future in running:
+            future.result()
+    assert [answer.status_code for answer in after] == [200] * 4
+    last_events = sorted(("error" in events[-1], events[-1]) for events in streams.values())
+    assert [failed for failed, _ in last_events] == [False, True]
+    assert last_events[0][1]["choices"][0]["finish_reason"] == "length"
+    assert "replica" in last_events[1][1]["error"]["message"]
+    wait_for_replicas(server["pid"], 2)  # Ray Serve replaced it
+
+
+def test_autoscaling_adds_a_replica_under_load():
+    proc, url, _ = start_server("--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1",
+                                "--scale-up-delay", "1", "--no-embedding-model", "--kv-cache-memory", "64MiB")
+    try:
+        wait_for_replicas(proc.pid, 1)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            load = [pool.submit(complete, url, f"Load {i}: " * 8, max_tokens=600, ignore_eos=True) for i in range(4)]
+            wait_for_replicas(proc.pid, 2, timeout=90)
+            assert [future.result().status_code for future in load] == [200] * 4
+    finally:
+        stop(proc)

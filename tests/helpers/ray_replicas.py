@@ -1,0 +1,45 @@
+"""The engine replicas of a `lmserve serve --replicas` process (its local Ray instance's
+processes descend from it), found by their process titles."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+ENGINE_TITLE = "ray::ServeReplica:lmserve:lmserve-engine-"
+
+
+def engine_replica_pids(server_pid: int) -> list[int]:
+    """Processes running an engine replica of the server `server_pid` (not those still starting)."""
+    pids = []
+    for process in psutil.Process(server_pid).children(recursive=True):
+        try:
+            title = process.cmdline()[0] if process.cmdline() else ""
+        except psutil.Error:  # gone meanwhile
+            continue
+        if title.startswith(ENGINE_TITLE) and "initialize" not in title:
+            pids.append(process.pid)
+    return sorted(pids)
+
+
+def wait_for_replicas(server_pid: int, count: int, timeout: float = 120.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = engine_replica_pids(server_pid)
+        if len(pids) == count:
+            return pids
+        time.sleep(0.5)
+    raise TimeoutError(f"{count} engine replicas did not come up (found {engine_replica_pids(server_pid)})")
+
+
+def leftover_ray_processes(pids: list[int]) -> list[int]:
+    """Of `pids`, those still running (a zombie has finished)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
