@@ -29,6 +29,7 @@ from lmserve.scale.replica import EngineReplica
 log = logging.getLogger("lmserve.scale")
 
 APP_NAME = "lmserve"
+INGRESS_NAME = "lmserve-ingress"  # one replica: engine replicas deliver outputs to it (mailbox.py)
 INGRESS_MAX_ONGOING_REQUESTS = 100_000  # every HTTP request passes the one ingress; its limits are lmserve's own
 DEFAULT_CAPACITY_BLOCKS = 1024
 _LOGGING = {"enable_access_log": False}  # lmserve's own access log has every HTTP request already
@@ -43,7 +44,14 @@ class Ingress:
     """lmserve's app over the fleet of `args`, its chat models served by `engines` (handles by model id)."""
 
     def __init__(self, args: argparse.Namespace, engines: dict[str, Any]):
+        from lmserve.scale.mailbox import Mailbox
+
         self._args, self._engines = args, engines
+        self._mailbox = Mailbox()
+
+    def deliver(self, batch: list, load: Any) -> None:
+        """Outputs from an engine replica (mailbox.py)."""
+        self._mailbox.deliver(batch, load)
 
     def __serve_build_asgi_app__(self) -> Any:
         from lmserve.cli import configure_logging
@@ -51,7 +59,7 @@ class Ingress:
         from lmserve.server.app import create_app
 
         configure_logging(self._args.log_level)
-        return create_app(ingress_state(self._args, self._engines, scale_settings(self._args)))
+        return create_app(ingress_state(self._args, self._engines, scale_settings(self._args), self._mailbox))
 
 
 def build_application(args: argparse.Namespace) -> Any:
@@ -65,9 +73,9 @@ def build_application(args: argparse.Namespace) -> Any:
     config = engine_config(args)
     models = catalogue(args, config, embedding_config(args))
     preflight_pinned(models, config)
-    engines = {entry.id: _engine_deployment(entry, config, settings).bind(config, entry)
+    engines = {entry.id: _engine_deployment(entry, config, settings).bind(config, entry, INGRESS_NAME)
                for entry in models.entries() if entry.kind == "chat"}
-    ingress = serve.deployment(Ingress, name="lmserve-ingress", num_replicas=1,
+    ingress = serve.deployment(Ingress, name=INGRESS_NAME, num_replicas=1,
                                max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0},
                                logging_config=_LOGGING)
     return ingress.bind(args, engines)

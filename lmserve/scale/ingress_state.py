@@ -18,18 +18,21 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lmserve.fleet.catalogue import ModelEntry
+from lmserve.scale.mailbox import Mailbox
 from lmserve.scale.options import ScaleSettings
 from lmserve.scale.remote_engine import RemoteChatModel, RemoteEngine
 from lmserve.server.metrics import ServerMetrics
 from lmserve.server.state import ServerState
 
 
-def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: ScaleSettings) -> ServerState:
-    """`engines`: each chat model's deployment handle, by model id."""
+def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: ScaleSettings,
+                  mailbox: Mailbox) -> ServerState:
+    """`engines`: each chat model's deployment handle, by model id; `mailbox`: where the
+    replicas' outputs arrive."""
     from lmserve.serve_settings import server_state
 
     models: dict[str, RemoteEngine] = {}
-    loader = _remote_loader(engines, settings, models)
+    loader = _remote_loader(engines, settings, mailbox, models)
     state = server_state(args, loader)
     state.metrics.registry.register(_ReplicaLoads(models))
     state.slot_save_path = None  # a saved slot would be one replica's cache: slot saving is refused
@@ -37,7 +40,8 @@ def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: S
     return state
 
 
-def _remote_loader(engines: dict[str, Any], settings: ScaleSettings, connected: dict[str, RemoteEngine]) -> Callable:
+def _remote_loader(engines: dict[str, Any], settings: ScaleSettings, mailbox: Mailbox,
+                   connected: dict[str, RemoteEngine]) -> Callable:
     routed_counters: dict[int, Counter] = {}
 
     def load(entry: ModelEntry, progress: Any, metrics: ServerMetrics) -> RemoteChatModel:
@@ -50,7 +54,7 @@ def _remote_loader(engines: dict[str, Any], settings: ScaleSettings, connected: 
             counter = routed_counters[id(metrics)] = Counter(
                 "lmserve:replica_requests", "Engine requests by the replica that served them.", ["model", "replica"],
                 registry=metrics.registry)
-        engine = RemoteEngine.connect(handle, num_replicas=settings.most_replicas,
+        engine = RemoteEngine.connect(handle, mailbox, num_replicas=settings.most_replicas,
                                       observers=[metrics.observer(entry.id)],
                                       routed=lambda replica: counter.labels(entry.id, replica).inc())
         connected[entry.id] = engine

@@ -17,12 +17,14 @@ import asyncio
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from lmserve.engine.async_engine import EngineObserver
 from lmserve.engine.engine import EngineClosed
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
+from lmserve.scale.mailbox import Mailbox
 from lmserve.scale.replica import EngineDescription, ReplicaLoad, load_fields
 from lmserve.server.errors import APIError
 
@@ -43,7 +45,7 @@ def replica_gone_errors() -> tuple[type[BaseException], ...]:
 
 
 class RemoteEngine:
-    def __init__(self, handle: Any, description: EngineDescription, *, num_replicas: int = 1,
+    def __init__(self, handle: Any, description: EngineDescription, mailbox: Mailbox, *, num_replicas: int = 1,
                  observers: Sequence[EngineObserver] = (), routed: Callable[[str], None] | None = None,
                  max_retries: int = DEFAULT_MAX_RETRIES):
         """`handle`: the model's deployment handle; `description`: what one replica reported;
@@ -63,19 +65,20 @@ class RemoteEngine:
         self._routed = routed if routed is not None else (lambda replica: None)
         self.observers = tuple(observers)
         self.max_retries = max_retries
-        self._handle = handle.options(stream=True)
+        self._handle = handle
+        self._mailbox = mailbox
         self._blocks_per_replica = description.num_kv_blocks
         self._num_replicas = num_replicas
         self._loads: dict[str, ReplicaLoad] = {}  # each replica's load, as of its last output
-        self._running: dict[str, Any] = {}  # request id -> its response stream
+        self._running: dict[str, Any] = {}  # request id -> its call to its replica
         self._accepting = True
         self._refusal = _NOT_ACCEPTING
 
     @classmethod
-    def connect(cls, handle: Any, *, timeout: float | None = None, **options: Any) -> RemoteEngine:
+    def connect(cls, handle: Any, mailbox: Mailbox, *, timeout: float | None = None, **options: Any) -> RemoteEngine:
         """Asks a replica to describe its model (waiting for one to start), then as __init__;
         blocking: call it off the event loop."""
-        return cls(handle, handle.describe.remote().result(timeout_s=timeout), **options)
+        return cls(handle, handle.describe.remote().result(timeout_s=timeout), mailbox, **options)
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -102,34 +105,39 @@ class RemoteEngine:
 
     async def _stream(self, request_id: str, prompt_ids: list[int],
                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        from ray.serve.exceptions import RequestCancelledError
-
-        gone = replica_gone_errors()
+        """The request's outputs as its replica delivers them (mailbox.py); a replica lost before
+        the first is retried on another."""
         for attempt in range(self.max_retries + 1):
-            response = self._running[request_id] = self._handle.generate.remote(request_id, prompt_ids, params)
-            streamed = False
+            inbox = self._mailbox.open(request_id)
+            call = self._running[request_id] = self._handle.generate.remote(request_id, prompt_ids, params)
+            watcher = asyncio.ensure_future(_watch(call, inbox))
+            delivered = False
             try:
-                async for outputs, load in response:
+                while True:
+                    outputs, load = await inbox.get()
+                    if isinstance(outputs, _Ended):
+                        why = outputs.why(self._refusal if not self._accepting else _CANCELLED)
+                        break
                     self._loads[load.replica] = load
-                    if not streamed:
+                    if not delivered:
                         self._routed(load.replica)
-                    streamed = True
+                    delivered = True
                     for output in outputs:
                         yield output
                     if outputs[-1].finished:
                         return
-                why = "its replica ended the stream before the last output"
-            except RequestCancelledError:
-                yield _ended(request_id, prompt_ids, FinishReason.ABORT, self._refusal if not self._accepting
-                             else _CANCELLED)
+            finally:
+                self._mailbox.close(request_id)
+                watcher.cancel()
+            if why.cancelled:
+                yield _ended(request_id, prompt_ids, FinishReason.ABORT, why.message)
                 return
-            except gone as exc:
-                why = f"the replica serving it stopped ({type(exc).__name__})"
-            if streamed or attempt == self.max_retries:
-                log.warning("request %s failed: %s", request_id, why)
-                yield _ended(request_id, prompt_ids, FinishReason.ABORT, f"The request failed: {why}. Retry it.")
+            if delivered or not why.retry or attempt == self.max_retries:
+                log.warning("request %s failed: %s", request_id, why.message)
+                yield _ended(request_id, prompt_ids, FinishReason.ABORT, f"The request failed: {why.message}. "
+                                                                         "Retry it.")
                 return
-            log.info("request %s: %s before it streamed; retrying on another replica", request_id, why)
+            log.info("request %s: %s before its first output; retrying on another replica", request_id, why.message)
             await asyncio.sleep(RETRY_BACKOFF_SECONDS * (attempt + 1))
 
     def abort(self, request_id: str) -> None:
@@ -194,6 +202,45 @@ class RemoteEngine:
 
 
 _NO_SLOT_FILES = "slot files are not served with replicas: each replica has a KV cache of its own"
+
+
+class _Ended:
+    """Put in a request's inbox when its call to the replica has returned or failed."""
+
+    def __init__(self, error: BaseException | None):
+        self.error = error
+
+    def why(self, cancelled_reason: str) -> _Why:
+        from ray.serve.exceptions import RequestCancelledError
+
+        if isinstance(self.error, (RequestCancelledError, asyncio.CancelledError)):
+            return _Why(cancelled_reason, cancelled=True)
+        if isinstance(self.error, replica_gone_errors()):
+            return _Why(f"the replica serving it stopped ({type(self.error).__name__})", retry=True)
+        if self.error is not None:
+            return _Why(f"its replica failed ({type(self.error).__name__}: {self.error})")
+        return _Why("its replica finished it without its last output")
+
+
+@dataclass(frozen=True)
+class _Why:
+    message: str
+    cancelled: bool = False
+    retry: bool = False
+
+
+async def _watch(call: Any, inbox: asyncio.Queue) -> None:
+    """Await the request's call; when it ends, say so in its inbox (after the outputs it delivered)."""
+    try:
+        await call
+    except asyncio.CancelledError as exc:  # the call was cancelled (or this watcher, when it is no use)
+        inbox.put_nowait((_Ended(exc), None))
+        raise
+    except Exception as exc:  # noqa: BLE001 - the request's to report, not the watcher's
+        inbox.put_nowait((_Ended(exc), None))
+    else:
+        await asyncio.sleep(0.5)  # its outputs were sent before it returned; let the last arrive
+        inbox.put_nowait((_Ended(None), None))
 
 
 def _ended(request_id: str, prompt_ids: list[int], reason: FinishReason, why: str) -> RequestOutput:

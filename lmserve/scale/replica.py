@@ -2,20 +2,21 @@
 
 The ingress (lmserve's own app, scale/app.py) turns HTTP requests into token ids and
 SamplingParams, as it does in one process, and calls `generate` here through a deployment
-handle; each output streams back with this replica's load, which the ingress reports as the
-model's. The engine is built as the server builds one (fleet/models.py), so downloads, `preload`
+handle; the outputs go back to the ingress's `deliver`, a step's worth of every request at a
+time (mailbox.py), with this replica's load, which the ingress reports as the model's. The engine is built as the server builds one (fleet/models.py), so downloads, `preload`
 and the dtype rules are the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from lmserve.config import EmbeddingConfig, EngineConfig
 from lmserve.fleet.catalogue import ModelEntry
-from lmserve.request import RequestOutput, SamplingParams
+from lmserve.request import SamplingParams
+from lmserve.scale.mailbox import Batch, Outbox
 
 _STOPPING = "the replica serving this request is stopping; retry the request"
 
@@ -48,11 +49,15 @@ class EngineDescription:
 class EngineReplica:
     """A Ray Serve deployment class (scale/app.py makes it one per chat model)."""
 
-    def __init__(self, defaults: EngineConfig, entry: ModelEntry):
+    def __init__(self, defaults: EngineConfig, entry: ModelEntry, ingress: str):
+        """`ingress`: the name of the deployment whose `deliver` takes this replica's outputs."""
         from lmserve.fleet.models import model_loader
 
         self._model = model_loader(defaults, EmbeddingConfig("", ""))(entry)
         self._replica = _replica_name()
+        self._ingress_name = ingress
+        self._ingress: Any = None  # its deployment handle, made on first use
+        self._outbox = Outbox(self._deliver)
 
     def describe(self) -> EngineDescription:
         engine = self._model.engine
@@ -61,14 +66,22 @@ class EngineReplica:
                                  kv_block_bytes=engine.kv_block_bytes, num_kv_blocks=engine.snapshot()["num_kv_blocks"],
                                  weights_bytes=self._model.weights_bytes)
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[tuple[list[RequestOutput], ReplicaLoad]]:
-        """The request's outputs, as AsyncEngine.generate_batches gathers them (each message
-        through Ray costs about as much as a decode step's share of a token, so outputs that
-        arrived together go together), each batch with this replica's load. Cancelled by the
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> str:
+        """Run the request; its outputs go to the ingress in the batches mailbox.py describes.
+        Returns (this replica's id) once its last output has been delivered. Cancelled by the
         ingress (its client went away), the engine aborts the request."""
         async for outputs in self._model.engine.generate_batches(request_id, prompt_ids, params):
-            yield outputs, self.load()
+            self._outbox.post(request_id, outputs)
+        await self._outbox.flushed()
+        return self._replica
+
+    async def _deliver(self, batch: Batch) -> None:
+        if self._ingress is None:
+            from ray import serve
+
+            self._ingress = serve.get_deployment_handle(self._ingress_name,
+                                                        app_name=serve.get_replica_context().app_name)
+        await self._ingress.deliver.remote(batch, self.load())
 
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(replica=self._replica, **self._model.engine.snapshot())

@@ -1,6 +1,7 @@
 """RemoteEngine, the ingress's view of a model served by Ray Serve replicas, over a stand-in
-deployment handle: outputs and loads stream through, a replica lost before the first output is
-retried elsewhere, one lost after it ends that request alone, and leaving early cancels."""
+deployment handle whose calls deliver through the mailbox: outputs and loads arrive, a replica
+lost before the first output is retried elsewhere, one lost after it ends that request alone,
+and leaving early cancels."""
 
 from __future__ import annotations
 
@@ -13,28 +14,34 @@ from ray.serve.exceptions import RequestCancelledError
 from lmserve.config import EngineConfig, SchedulerConfig
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.scale import remote_engine
+from lmserve.scale.mailbox import Mailbox
 from lmserve.scale.remote_engine import RemoteEngine
 from lmserve.scale.replica import EngineDescription, ReplicaLoad
 
 PROMPT = [1, 2, 3]
 
 
-class Stream:
-    """One call's answer: `items` then, if given, `error` raised (as a replica's death is)."""
+class Call:
+    """One generate call, answered when awaited: its replica delivers `items` through the
+    mailbox, then the call returns, or raises `error` (as a replica's death does)."""
 
-    def __init__(self, items, error: BaseException | None = None, hold: asyncio.Event | None = None):
+    def __init__(self, mailbox: Mailbox, request_id: str, items, error: BaseException | None = None,
+                 hold: asyncio.Event | None = None):
+        self.mailbox, self.request_id = mailbox, request_id
         self.items, self.error, self.hold, self.cancelled = items, error, hold, False
 
-    def __aiter__(self):
-        return self._run()
+    def __await__(self):
+        return self._run().__await__()
 
     async def _run(self):
-        for item in self.items:
-            yield item
+        for outputs, replica_load in self.items:
+            self.mailbox.deliver([(self.request_id, outputs), ("someone-else", outputs)], replica_load)
+            await asyncio.sleep(0)
         if self.hold is not None:
             await self.hold.wait()
         if self.error is not None:
             raise self.error
+        return "replica"
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -44,22 +51,20 @@ class Stream:
 
 
 class Handle:
-    """A deployment handle whose generate calls answer `streams` in turn."""
+    """A deployment handle whose generate calls answer the `scripts` in turn: (items, error, hold)."""
 
-    def __init__(self, *streams: Stream):
-        self.streams, self.calls = list(streams), []
-
-    def options(self, stream: bool) -> Handle:
-        assert stream
-        return self
+    def __init__(self, mailbox: Mailbox, *scripts):
+        self.mailbox, self.scripts, self.calls, self.made = mailbox, list(scripts), [], []
 
     @property
     def generate(self) -> Handle:
         return self
 
-    def remote(self, *args) -> Stream:
-        self.calls.append(args)
-        return self.streams.pop(0)
+    def remote(self, request_id, *args) -> Call:
+        self.calls.append((request_id, *args))
+        items, error, hold = (list(self.scripts.pop(0)) + [None, None])[:3]
+        self.made.append(Call(self.mailbox, request_id, items, error, hold))
+        return self.made[-1]
 
 
 class Observer:
@@ -113,10 +118,16 @@ def no_backoff(monkeypatch):
     monkeypatch.setattr(remote_engine, "RETRY_BACKOFF_SECONDS", 0.0)
 
 
-def test_outputs_stream_with_their_replicas_load():
+def engine_with(*scripts, **options) -> tuple[RemoteEngine, Handle]:
+    mailbox = Mailbox()
+    handle = Handle(mailbox, *scripts)
+    return RemoteEngine(handle, description(options.pop("num_kv_blocks", 100)), mailbox, **options), handle
+
+
+def test_outputs_arrive_through_the_mailbox_with_their_replicas_load():
     routed, observer = [], Observer()
-    handle = Handle(Stream([([token(1), token(2)], load("a")), ([last()], load("a", running=0, free=99))]))
-    engine = RemoteEngine(handle, description(), num_replicas=3, observers=[observer], routed=routed.append)
+    engine, handle = engine_with(([([token(1), token(2)], load("a")), ([last()], load("a", running=0, free=99))],),
+                                 num_replicas=3, observers=[observer], routed=routed.append)
     assert engine.config.scheduler.max_num_seqs == 24  # the ingress's queues are sized for every replica
     assert engine.snapshot()["num_kv_blocks"] == 300  # before any replica has answered
     outputs = collect(engine)
@@ -129,8 +140,7 @@ def test_outputs_stream_with_their_replicas_load():
 
 
 def test_the_load_sums_over_replicas():
-    engine = RemoteEngine(Handle(Stream([([last()], load("a", free=40))]), Stream([([last()], load("b", free=70))])),
-                          description())
+    engine, _ = engine_with(([([last()], load("a", free=40))],), ([([last()], load("b", free=70))],))
     collect(engine)
     collect(engine)
     snapshot = engine.snapshot()
@@ -139,44 +149,49 @@ def test_the_load_sums_over_replicas():
 
 
 def test_a_replica_lost_before_the_first_output_is_retried():
-    handle = Handle(Stream([], ActorDiedError()), Stream([([last()], load("b"))]))
     routed = []
-    outputs = collect(RemoteEngine(handle, description(), routed=routed.append))
+    engine, handle = engine_with(([], ActorDiedError()), ([([last()], load("b"))],), routed=routed.append)
+    outputs = collect(engine)
     assert len(handle.calls) == 2 and [o.finish_reason for o in outputs] == [FinishReason.LENGTH]
     assert routed == ["b"]
 
 
 def test_a_replica_lost_after_output_ends_the_request_with_a_reason():
-    handle = Handle(Stream([([token(1)], load("a"))], ActorDiedError()), Stream([([last()], load("b"))]))
-    outputs = collect(RemoteEngine(handle, description()))
+    engine, handle = engine_with(([([token(1)], load("a"))], ActorDiedError()), ([([last()], load("b"))],))
+    outputs = collect(engine)
     assert len(handle.calls) == 1  # not sent again: its first tokens have reached the client
     assert outputs[-1].finish_reason is FinishReason.ABORT and "replica" in outputs[-1].error
 
 
 def test_retries_stop_after_max_retries():
-    handle = Handle(*(Stream([], ActorDiedError()) for _ in range(3)))
-    outputs = collect(RemoteEngine(handle, description(), max_retries=2))
+    engine, handle = engine_with(*[([], ActorDiedError())] * 3, max_retries=2)
+    outputs = collect(engine)
     assert len(handle.calls) == 3 and outputs[-1].finish_reason is FinishReason.ABORT
 
 
-def test_a_stream_cut_short_without_its_last_output_is_a_failure():
-    handle = Handle(Stream([([token(1)], load("a"))]))
-    outputs = collect(RemoteEngine(handle, description()))
-    assert outputs[-1].finish_reason is FinishReason.ABORT and "before the last output" in outputs[-1].error
+def test_another_failure_of_the_replica_is_not_retried():
+    engine, handle = engine_with(([], RuntimeError("the ingress is gone")), ([([last()], load("b"))],))
+    outputs = collect(engine)
+    assert len(handle.calls) == 1 and "the ingress is gone" in outputs[-1].error
+
+
+def test_a_call_that_returns_without_the_last_output_is_a_failure():
+    engine, _ = engine_with(([([token(1)], load("a"))],))
+    outputs = collect(engine)
+    assert outputs[-1].finish_reason is FinishReason.ABORT and "without its last output" in outputs[-1].error
 
 
 def test_leaving_early_cancels_the_call_on_its_replica():
-    stream, observer = Stream([([token(1)], load("a")), ([token(2)], load("a")), ([last()], load("a"))]), Observer()
-    engine = RemoteEngine(Handle(stream), description(), observers=[observer])
+    observer = Observer()
+    engine, handle = engine_with(([([token(1)], load("a")), ([token(2)], load("a"))], None, asyncio.Event()),
+                                 observers=[observer])
     assert len(collect(engine, limit=1)) == 1
-    assert stream.cancelled and observer.events[-1] == ("aborted", "r")
+    assert handle.made[0].cancelled and observer.events[-1] == ("aborted", "r")
     assert engine.num_requests == 0
 
 
 def test_abort_cancels_and_the_request_ends_as_aborted():
-    hold = asyncio.Event()
-    stream = Stream([([token(1)], load("a"))], hold=hold)
-    engine = RemoteEngine(Handle(stream), description())
+    engine, handle = engine_with(([([token(1)], load("a"))], None, asyncio.Event()))
 
     async def run():
         outputs = []
@@ -187,15 +202,24 @@ def test_abort_cancels_and_the_request_ends_as_aborted():
         return outputs
 
     outputs = asyncio.run(run())
-    assert stream.cancelled and outputs[-1].finish_reason is FinishReason.ABORT
+    assert handle.made[0].cancelled and outputs[-1].finish_reason is FinishReason.ABORT
     assert outputs[-1].error == "the request was cancelled"
 
 
 def test_once_closed_requests_end_at_once_with_the_reason():
-    handle = Handle()
-    engine = RemoteEngine(handle, description())
+    engine, handle = engine_with()
     engine.close("the server is shutting down")
     outputs = collect(engine)
     assert handle.calls == [] and outputs[0].finish_reason is FinishReason.ABORT
     assert outputs[0].error == "the server is shutting down"
     assert asyncio.run(engine.drain(0.1)) is True
+
+
+def test_the_mailbox_refuses_a_request_id_twice():
+    async def run():
+        mailbox = Mailbox()
+        mailbox.open("r")
+        with pytest.raises(ValueError, match="already running"):
+            mailbox.open("r")
+
+    asyncio.run(run())
