@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence, Sized
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -205,12 +205,7 @@ class AsyncEngine:
         finished. False if some were still running after `timeout` seconds."""
         with self._lock:
             self._accepting = False
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._queues:
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await until_empty(self._queues, timeout)
 
     def close(self, why: str = _NOT_ACCEPTING) -> None:
         """Take no new requests, abort the running ones (each gets an ABORT output saying `why`),
@@ -304,11 +299,27 @@ class AsyncEngine:
         self._notify("request_aborted", request_id)
 
     def _notify(self, event: str, *args: object) -> None:
-        for observer in self.observers:
-            try:
-                getattr(observer, event)(*args)
-            except Exception:
-                log.exception("engine observer %r failed on %s", observer, event)
+        notify(self.observers, event, *args)
+
+
+def notify(observers: Sequence[EngineObserver], event: str, *args: object) -> None:
+    """Tell each observer `event`; one that raises is logged, and the others are still told."""
+    for observer in observers:
+        try:
+            getattr(observer, event)(*args)
+        except Exception:
+            log.exception("engine observer %r failed on %s", observer, event)
+
+
+async def until_empty(running: Sized, timeout: float | None) -> bool:
+    """Wait until `running` (requests in flight) is empty: False if it still was not after
+    `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while running:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def _settle(result: asyncio.Future, value: Any, error: BaseException | None) -> None:

@@ -1,6 +1,6 @@
 """The ingress's ServerState: the server `lmserve serve` builds, with chat models served by replicas.
 
-Every chat model in the catalogue has a deployment (app.py); loading it in the ingress's fleet
+Every chat model in the catalogue has a deployment (application.py); loading it in the ingress's fleet
 means connecting to it (waiting for a replica to describe the model). Embedding models load in
 the ingress process, as in one process. /metrics keeps the model-level series (aggregated over
 the replicas) and adds per-replica ones: requests routed to each, and each one's load as of its

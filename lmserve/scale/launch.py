@@ -1,4 +1,4 @@
-"""`lmserve serve ... --replicas N`: run the application (app.py) on a local Ray instance, or on
+"""`lmserve serve ... --replicas N`: run the application (application.py) on a local Ray instance, or on
 the cluster --ray-address names, until SIGINT or SIGTERM."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def serve_on_ray(args: argparse.Namespace) -> None:
         from ray import serve
     except ImportError:
         raise ValueError("--replicas needs Ray Serve: pip install 'lmserve[ray]'") from None
-    from lmserve.scale.app import APP_NAME, build_application
+    from lmserve.scale.application import APP_NAME, build_application
 
     settings = scale_settings(args)
     application = build_application(args)

@@ -29,7 +29,7 @@ class PrefixAwareRequestRouter(RequestRouter):
     def initialize_state(self, block_size: int = 16, capacity_blocks: int = 1024, max_blocks: int = DEFAULT_MAX_BLOCKS,
                          max_extra_queue: int = DEFAULT_MAX_EXTRA_QUEUE,
                          max_queue_ratio: float = DEFAULT_MAX_QUEUE_RATIO, **_: Any) -> None:
-        """From RequestRouterConfig.request_router_kwargs (scale/app.py sets them from the model)."""
+        """From RequestRouterConfig.request_router_kwargs (scale/application.py sets them from the model)."""
         self._block_size = block_size
         self._prefix = PrefixRouter(capacity_blocks, max_blocks=max_blocks, max_extra_queue=max_extra_queue,
                                     max_queue_ratio=max_queue_ratio)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from lmserve.engine.async_engine import EngineObserver
+from lmserve.engine.async_engine import EngineObserver, notify, until_empty
 from lmserve.engine.engine import EngineClosed
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.scale.mailbox import Mailbox
@@ -170,12 +170,7 @@ class RemoteEngine:
 
     async def drain(self, timeout: float | None = None) -> bool:
         self._accepting = False
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._running:
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        return await until_empty(self._running, timeout)
 
     def close(self, why: str = _NOT_ACCEPTING) -> None:
         """Take no new requests and cancel the running ones (each ends with an ABORT saying `why`);
@@ -194,11 +189,7 @@ class RemoteEngine:
         raise EngineClosed(_NO_SLOT_FILES)
 
     def _notify(self, event: str, *args: object) -> None:
-        for observer in self.observers:
-            try:
-                getattr(observer, event)(*args)
-            except Exception:
-                log.exception("engine observer %r failed on %s", observer, event)
+        notify(self.observers, event, *args)
 
 
 _NO_SLOT_FILES = "slot files are not served with replicas: each replica has a KV cache of its own"

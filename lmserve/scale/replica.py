@@ -1,6 +1,6 @@
 """One replica of a chat model on Ray Serve: an engine of its own, driven by the ingress.
 
-The ingress (lmserve's own app, scale/app.py) turns HTTP requests into token ids and
+The ingress (lmserve's own app, scale/application.py) turns HTTP requests into token ids and
 SamplingParams, as it does in one process, and calls `generate` here through a deployment
 handle; the outputs go back to the ingress's `deliver`, a step's worth of every request at a
 time (mailbox.py), with this replica's load, which the ingress reports as the model's. The engine is built as the server builds one (fleet/models.py), so downloads, `preload`
@@ -47,7 +47,7 @@ class EngineDescription:
 
 
 class EngineReplica:
-    """A Ray Serve deployment class (scale/app.py makes it one per chat model)."""
+    """A Ray Serve deployment class (scale/application.py makes it one per chat model)."""
 
     def __init__(self, defaults: EngineConfig, entry: ModelEntry, ingress: str):
         """`ingress`: the name of the deployment whose `deliver` takes this replica's outputs."""

@@ -252,3 +252,21 @@ class CountingEngine:
         self.live.clear()
         self.closed = True
         return outputs
+
+
+class Recorder:
+    """An engine observer (async_engine.EngineObserver) that records what it is told."""
+
+    def __init__(self):
+        self.events = []
+
+    def request_added(self, request_id, now):
+        self.events.append(("added", request_id))
+
+    def request_aborted(self, request_id):
+        self.events.append(("aborted", request_id))
+
+    def step_done(self, stats, outputs, now):
+        self.events.append(("step", None if stats is None else stats.num_scheduled_tokens,
+                            [(o.request_id, o.new_token_ids) for o in outputs]))
+

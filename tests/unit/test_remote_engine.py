@@ -17,6 +17,7 @@ from lmserve.scale import remote_engine
 from lmserve.scale.mailbox import Mailbox
 from lmserve.scale.remote_engine import RemoteEngine
 from lmserve.scale.replica import EngineDescription, ReplicaLoad
+from tests.helpers.fake_engine import Recorder
 
 PROMPT = [1, 2, 3]
 
@@ -67,19 +68,6 @@ class Handle:
         return self.made[-1]
 
 
-class Observer:
-    def __init__(self):
-        self.events = []
-
-    def request_added(self, request_id, now):
-        self.events.append(("added", request_id))
-
-    def request_aborted(self, request_id):
-        self.events.append(("aborted", request_id))
-
-    def step_done(self, stats, outputs, now):
-        self.events.append(("outputs", [output.finish_reason for output in outputs]))
-
 
 def description(num_kv_blocks: int = 100) -> EngineDescription:
     config = EngineConfig("model.gguf", "m", scheduler=SchedulerConfig(max_num_seqs=8))
@@ -125,7 +113,7 @@ def engine_with(*scripts, **options) -> tuple[RemoteEngine, Handle]:
 
 
 def test_outputs_arrive_through_the_mailbox_with_their_replicas_load():
-    routed, observer = [], Observer()
+    routed, observer = [], Recorder()
     engine, handle = engine_with(([([token(1), token(2)], load("a")), ([last()], load("a", running=0, free=99))],),
                                  num_replicas=3, observers=[observer], routed=routed.append)
     assert engine.config.scheduler.max_num_seqs == 24  # the ingress's queues are sized for every replica
@@ -134,8 +122,8 @@ def test_outputs_arrive_through_the_mailbox_with_their_replicas_load():
     assert [o.new_token_ids for o in outputs] == [[1], [2], [9]] and outputs[-1].finish_reason is FinishReason.LENGTH
     assert handle.calls == [("r", PROMPT, SamplingParams(max_tokens=4))]
     assert routed == ["a"]
-    assert observer.events == [("added", "r"), ("outputs", [None]), ("outputs", [None]),
-                               ("outputs", [FinishReason.LENGTH])]
+    assert observer.events == [("added", "r"), ("step", None, [("r", [1])]), ("step", None, [("r", [2])]),
+                               ("step", None, [("r", [9])])]
     assert engine.snapshot() == {"num_running": 0, "num_waiting": 0, "num_kv_blocks": 100, "num_free_kv_blocks": 99}
 
 
@@ -182,7 +170,7 @@ def test_a_call_that_returns_without_the_last_output_is_a_failure():
 
 
 def test_leaving_early_cancels_the_call_on_its_replica():
-    observer = Observer()
+    observer = Recorder()
     engine, handle = engine_with(([([token(1)], load("a")), ([token(2)], load("a"))], None, asyncio.Event()),
                                  observers=[observer])
     assert len(collect(engine, limit=1)) == 1

@@ -12,7 +12,7 @@ from lmserve.engine.async_engine import AsyncEngine
 from lmserve.engine.engine import StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.server.metrics import ServerMetrics
-from tests.helpers.fake_engine import CountingEngine
+from tests.helpers.fake_engine import CountingEngine, Recorder
 from tests.helpers.prometheus import metric_samples
 
 
@@ -139,20 +139,6 @@ def test_two_models_series_stay_apart():
 
 # ---------------------------------------------------------------- AsyncEngine's hook
 
-
-class Recorder:
-    def __init__(self):
-        self.events = []
-
-    def request_added(self, request_id, now):
-        self.events.append(("added", request_id))
-
-    def request_aborted(self, request_id):
-        self.events.append(("aborted", request_id))
-
-    def step_done(self, stats, outputs, now):
-        self.events.append(("step", None if stats is None else stats.num_scheduled_tokens,
-                            [(o.request_id, o.new_token_ids) for o in outputs]))
 
 
 class Broken:

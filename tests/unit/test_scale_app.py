@@ -1,0 +1,41 @@
+"""The Ray Serve application object (`serve run lmserve.scale:app argv="..."`), built without
+starting Ray: what it takes and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+from ray.serve import Application
+
+import lmserve.scale
+from lmserve.scale.application import deployment_name
+
+
+def test_serve_run_finds_the_application_builder():
+    application = lmserve.scale.app({"argv": "--replicas 2 --no-embedding-model --max-model-len 2048"})
+    assert isinstance(application, Application)
+    ingress = application._bound_deployment
+    assert ingress.name == "lmserve-ingress" and ingress._deployment_config.num_replicas == 1
+    engines = ingress.init_args[1]
+    assert list(engines) == ["SmolLM2-135M-Instruct"]
+    engine = engines["SmolLM2-135M-Instruct"]
+    assert engine._bound_deployment.name == "lmserve-engine-SmolLM2-135M-Instruct"
+    assert engine._bound_deployment._deployment_config.num_replicas == 2
+
+
+def test_autoscaling_flags_become_the_deployments_autoscaling_config():
+    application = lmserve.scale.app({"argv": ["--min-replicas", "0", "--max-replicas", "3",
+                                              "--target-ongoing-requests", "6", "--no-embedding-model"]})
+    engine = application._bound_deployment.init_args[1]["SmolLM2-135M-Instruct"]
+    scaling = engine._bound_deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (0, 3, 6)
+
+
+def test_the_builder_takes_argv_only_and_checks_the_flags():
+    with pytest.raises(ValueError, match="argv"):
+        lmserve.scale.app({"model": "x.gguf"})
+    with pytest.raises(ValueError, match="UNIX socket"):
+        lmserve.scale.app({"argv": "--replicas 2 --host /tmp/lmserve.sock"})
+
+
+def test_deployment_names_keep_to_safe_characters():
+    assert deployment_name("org/model:Q4 v2") == "lmserve-engine-org-model-Q4-v2"
