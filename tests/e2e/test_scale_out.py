@@ -121,19 +121,22 @@ def test_a_killed_replica_loses_no_request_that_had_not_streamed(server):
 
     before = routed(replicated)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(stream, i) for i in range(2)]
-        deadline = time.monotonic() + 60
-        while len(delta(before, routed(replicated))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)  # both streams started, one on each replica
+        running = []
+        for count in (1, 2):  # one after the other: the second goes to the replica without a request
+            running.append(pool.submit(stream, count - 1))
+            deadline = time.monotonic() + 60
+            while len(delta(before, routed(replicated))) < count and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert list(delta(before, routed(replicated)).values()) == [1, 1]  # streaming, one on each replica
         os.kill(engine_replica_pids(server["pid"])[0], signal.SIGKILL)
         after = [complete(replicated, f"Question {k} after the kill:") for k in range(4)]
         for future in running:
             future.result()
     assert [answer.status_code for answer in after] == [200] * 4
-    last_events = sorted(("error" in events[-1], events[-1]) for events in streams.values())
-    assert [failed for failed, _ in last_events] == [False, True]
-    assert last_events[0][1]["choices"][0]["finish_reason"] == "length"
-    assert "replica" in last_events[1][1]["error"]["message"]
+    last_events = sorted((events[-1] for events in streams.values()), key=lambda event: "error" in event)
+    assert ["error" in event for event in last_events] == [False, True], last_events
+    assert last_events[0]["choices"][0]["finish_reason"] == "length"
+    assert "replica" in last_events[1]["error"]["message"]
     wait_for_replicas(server["pid"], 2)  # Ray Serve replaced it
 
 
