@@ -49,9 +49,9 @@ class Ingress:
         self._args, self._engines = args, engines
         self._mailbox = Mailbox()
 
-    def deliver(self, batch: list, load: Any) -> None:
-        """Outputs from an engine replica (mailbox.py)."""
-        self._mailbox.deliver(batch, load)
+    def deliver(self, batch: list, load: Any, stats: list) -> None:
+        """Outputs and step stats from an engine replica (mailbox.py)."""
+        self._mailbox.deliver(batch, load, stats)
 
     def __serve_build_asgi_app__(self) -> Any:
         from lmserve.cli import configure_logging

@@ -56,7 +56,8 @@ def _remote_loader(engines: dict[str, Any], settings: ScaleSettings, mailbox: Ma
                 registry=metrics.registry)
         engine = RemoteEngine.connect(handle, mailbox, num_replicas=settings.most_replicas,
                                       observers=[metrics.observer(entry.id)],
-                                      routed=lambda replica: counter.labels(entry.id, replica).inc())
+                                      routed=lambda replica: counter.labels(entry.id, replica).inc(),
+                                      stats_observer=lambda: metrics.observer(entry.id))
         connected[entry.id] = engine
         return RemoteChatModel(engine)
 

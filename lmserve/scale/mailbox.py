@@ -28,6 +28,11 @@ class Mailbox:
 
     def __init__(self) -> None:
         self._inboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats_sinks: dict[str, Callable[[str, list], None]] = {}
+
+    def on_stats(self, model: str, sink: Callable[[str, list], None]) -> None:
+        """`sink(replica, step stats)` hears the step stats of `model`'s replicas."""
+        self._stats_sinks[model] = sink
 
     def open(self, request_id: str) -> asyncio.Queue:
         if request_id in self._inboxes:
@@ -39,8 +44,12 @@ class Mailbox:
     def close(self, request_id: str) -> None:
         self._inboxes.pop(request_id, None)
 
-    def deliver(self, batch: Batch, load: Any) -> None:
-        """A replica's batch (any thread): outputs of requests no longer waiting are dropped."""
+    def deliver(self, batch: Batch, load: Any, stats: list | None = None) -> None:
+        """A replica's batch (any thread): outputs of requests no longer waiting are dropped;
+        `load` (replica.ReplicaLoad) says whose it is, `stats` are its steps' since its last."""
+        sink = self._stats_sinks.get(getattr(load, "model", None))
+        if stats and sink is not None:
+            sink(load.replica, stats)
         for request_id, outputs in batch:
             target = self._inboxes.get(request_id)
             if target is not None:

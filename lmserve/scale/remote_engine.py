@@ -47,10 +47,13 @@ def replica_gone_errors() -> tuple[type[BaseException], ...]:
 class RemoteEngine:
     def __init__(self, handle: Any, description: EngineDescription, mailbox: Mailbox, *, num_replicas: int = 1,
                  observers: Sequence[EngineObserver] = (), routed: Callable[[str], None] | None = None,
+                 stats_observer: Callable[[], EngineObserver] | None = None,
                  max_retries: int = DEFAULT_MAX_RETRIES):
         """`handle`: the model's deployment handle; `description`: what one replica reported;
         `num_replicas`: the most replicas it runs, which the ingress's queues are sized for;
-        `routed(replica)`: told which replica each request's first output came from."""
+        `routed(replica)`: told which replica each request's first output came from;
+        `stats_observer()`: makes the observer that hears one replica's step stats (each
+        replica's counters run from its own start, so each gets its own)."""
         from lmserve.sampling.grammar import GrammarCompiler
 
         scheduler = description.config.scheduler
@@ -67,6 +70,9 @@ class RemoteEngine:
         self.max_retries = max_retries
         self._handle = handle
         self._mailbox = mailbox
+        self._stats_observer = stats_observer
+        self._stats_observers: dict[str, EngineObserver] = {}
+        mailbox.on_stats(description.config.served_model_name, self._replica_stats)
         self._blocks_per_replica = description.num_kv_blocks
         self._num_replicas = num_replicas
         self._loads: dict[str, ReplicaLoad] = {}  # each replica's load, as of its last output
@@ -187,6 +193,16 @@ class RemoteEngine:
 
     async def forget_prefix(self, token_ids: list[int]) -> int:
         raise EngineClosed(_NO_SLOT_FILES)
+
+    def _replica_stats(self, replica: str, stats: list) -> None:
+        if self._stats_observer is None:
+            return
+        observer = self._stats_observers.get(replica)
+        if observer is None:
+            observer = self._stats_observers[replica] = self._stats_observer()
+        now = time.monotonic()
+        for step in stats:
+            notify((observer,), "step_done", step, [], now)
 
     def _notify(self, event: str, *args: object) -> None:
         notify(self.observers, event, *args)

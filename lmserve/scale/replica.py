@@ -9,11 +9,13 @@ and the dtype rules are the same.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from lmserve.config import EmbeddingConfig, EngineConfig
+from lmserve.engine.engine import StepStats
 from lmserve.fleet.catalogue import ModelEntry
 from lmserve.request import SamplingParams
 from lmserve.scale.mailbox import Batch, Outbox
@@ -25,6 +27,7 @@ _STOPPING = "the replica serving this request is stopping; retry the request"
 class ReplicaLoad:
     """A replica's engine load as of one of its outputs (engine.EngineLoad, with whose it is)."""
 
+    model: str
     replica: str
     num_running: int
     num_waiting: int
@@ -53,7 +56,9 @@ class EngineReplica:
         """`ingress`: the name of the deployment whose `deliver` takes this replica's outputs."""
         from lmserve.fleet.models import model_loader
 
-        self._model = model_loader(defaults, EmbeddingConfig("", ""))(entry)
+        self._stats = StepStatsQueue()
+        self._model = model_loader(defaults, EmbeddingConfig("", ""), metrics=self._stats)(entry)
+        self._model_id = entry.id
         self._replica = _replica_name()
         self._ingress_name = ingress
         self._ingress: Any = None  # its deployment handle, made on first use
@@ -81,10 +86,10 @@ class EngineReplica:
 
             self._ingress = serve.get_deployment_handle(self._ingress_name,
                                                         app_name=serve.get_replica_context().app_name)
-        await self._ingress.deliver.remote(batch, self.load())
+        await self._ingress.deliver.remote(batch, self.load(), self._stats.take())
 
     def load(self) -> ReplicaLoad:
-        return ReplicaLoad(replica=self._replica, **self._model.engine.snapshot())
+        return ReplicaLoad(model=self._model_id, replica=self._replica, **self._model.engine.snapshot())
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine has stopped is replaced."""
@@ -95,6 +100,35 @@ class EngineReplica:
         model = getattr(self, "_model", None)
         if model is not None:
             model.close(_STOPPING)
+
+
+class StepStatsQueue:
+    """The engine's step stats since the last batch went to the ingress, which feeds them to
+    /metrics (step times, tokens a step, prefix-cache hits, preemptions, drafts). It is what
+    fleet/models.model_loader takes as `metrics`: the engine's observer, told on its thread."""
+
+    def __init__(self) -> None:
+        self._pending: collections.deque[StepStats] = collections.deque()
+
+    def observer(self, model: str) -> StepStatsQueue:
+        return self
+
+    def request_added(self, request_id: str, now: float) -> None:
+        pass
+
+    def request_aborted(self, request_id: str) -> None:
+        pass
+
+    def step_done(self, stats: StepStats | None, outputs: list, now: float) -> None:
+        if stats is not None:
+            self._pending.append(stats)
+
+    def take(self) -> list[StepStats]:
+        """Every stats recorded since the last take (popleft is atomic: the engine thread may append)."""
+        taken = []
+        while self._pending:
+            taken.append(self._pending.popleft())
+        return taken
 
 
 def _replica_name() -> str:
@@ -109,4 +143,4 @@ def _replica_name() -> str:
 
 def load_fields(load: ReplicaLoad) -> dict[str, int]:
     """The load as AsyncEngine.snapshot() reports one."""
-    return {name: value for name, value in dataclasses.asdict(load).items() if name != "replica"}
+    return {name: value for name, value in dataclasses.asdict(load).items() if name not in ("model", "replica")}

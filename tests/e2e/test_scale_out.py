@@ -106,6 +106,9 @@ def test_a_shared_prefix_goes_to_the_replica_that_holds_it(replicated):
         assert replies[0]["usage"]["prompt_tokens"] > 300
         assert replies[1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256, replies[1]["usage"]
         assert list(delta(before, routed(replicated)).values()) == [2]  # both on one replica
+    samples = metric_samples(httpx.get(f"{replicated}/metrics").text)
+    hits = samples[("lmserve:prefix_cache_hits_total", (("model", "SmolLM2-135M-Instruct"),))]
+    assert hits >= 4 * 256 / 16  # the replicas' step stats reach the ingress's /metrics
 
 
 def test_a_killed_replica_loses_no_request_that_had_not_streamed(server):

@@ -12,6 +12,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import RequestCancelledError
 
 from lmserve.config import EngineConfig, SchedulerConfig
+from lmserve.engine.engine import StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.scale import remote_engine
 from lmserve.scale.mailbox import Mailbox
@@ -76,7 +77,7 @@ def description(num_kv_blocks: int = 100) -> EngineDescription:
 
 
 def load(replica: str, running: int = 1, free: int = 90) -> ReplicaLoad:
-    return ReplicaLoad(replica=replica, num_running=running, num_waiting=0, num_kv_blocks=100, num_free_kv_blocks=free)
+    return ReplicaLoad(model="m", replica=replica, num_running=running, num_waiting=0, num_kv_blocks=100, num_free_kv_blocks=free)
 
 
 def token(index: int) -> RequestOutput:
@@ -211,3 +212,23 @@ def test_the_mailbox_refuses_a_request_id_twice():
             mailbox.open("r")
 
     asyncio.run(run())
+
+
+def test_step_stats_reach_one_observer_per_replica():
+    made = []
+
+    def stats_observer():
+        made.append(Recorder())
+        return made[-1]
+
+    async def run():
+        mailbox = Mailbox()
+        RemoteEngine(Handle(mailbox), description(), mailbox, stats_observer=stats_observer)
+        mailbox.deliver([], load("a"), [StepStats(num_scheduled_tokens=3), StepStats(num_scheduled_tokens=1)])
+        mailbox.deliver([], load("b"), [StepStats(num_scheduled_tokens=5)])
+        mailbox.deliver([], load("a"), [StepStats(num_scheduled_tokens=2)])
+        mailbox.deliver([], ReplicaLoad(model="another", replica="c", num_running=0, num_waiting=0,
+                                        num_kv_blocks=1, num_free_kv_blocks=1), [StepStats(num_scheduled_tokens=9)])
+
+    asyncio.run(run())
+    assert [[event[1] for event in observer.events] for observer in made] == [[3, 1, 2], [5]]
