@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "int4_linear.cpp",
                                                        "sampling.cpp")]
+HEADERS = [Path(__file__).with_name("paged_attention_rows.h")]  # included by the sources: part of the build key
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen
 # paths would not make (int8_linear.cpp matches model/weight_formats/int8.py bit for bit)
@@ -35,7 +36,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=
 def build_directory() -> Path:
     """Keyed by source, flags, torch version and this CPU's feature flags (-march=native)."""
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         key.update(source.read_bytes())
     key.update(" ".join(CFLAGS).encode())
     key.update(torch.__version__.encode())
