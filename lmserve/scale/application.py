@@ -54,7 +54,7 @@ class Ingress:
         self._mailbox.deliver(batch, load, stats)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from lmserve.cli import configure_logging
+        from lmserve.cli_parser import configure_logging
         from lmserve.scale.ingress_state import ingress_state
         from lmserve.server.app import create_app
 
@@ -125,7 +125,7 @@ def _capacity_blocks(config: EngineConfig) -> int:
 def app(args: dict[str, Any]) -> Any:
     """The application builder `serve run lmserve.scale:app argv="..."` calls: `argv` holds
     `lmserve serve`'s arguments (a string, or a list in a config file)."""
-    from lmserve.cli import build_parser
+    from lmserve.cli_parser import build_parser
 
     unknown = sorted(set(args) - {"argv"})
     if unknown:

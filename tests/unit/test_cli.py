@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 
 from lmserve import cli, serve_settings
-from lmserve.cli import build_parser, parse_size
+from lmserve.arg_types import parse_size
+from lmserve.cli import build_parser
 from lmserve.fleet.catalogue import served_name
 
 
@@ -81,7 +82,7 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
 
 
 def test_durations_take_ollamas_spellings():
-    from lmserve.cli import parse_duration
+    from lmserve.arg_types import parse_duration
 
     assert [parse_duration(t) for t in ("300", "30s", "5m", "1h", "250ms", "0")] == [300, 30, 300, 3600, 0.25, 0]
     assert parse_duration("-1") is None  # never

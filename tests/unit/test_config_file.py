@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lmserve.cli import parse_size
+from lmserve.arg_types import parse_size
 from lmserve.fleet.config_file import ConfigError, read_config
 
 

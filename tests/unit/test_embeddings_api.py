@@ -13,7 +13,7 @@ from openai.types import CreateEmbeddingResponse
 from lmserve.embeddings.pooling import Pooling
 from lmserve.embeddings.worker import EmbeddingWorker
 from tests.helpers.fake_engine import ByteTokenizer, FakeEngine
-from tests.helpers.server import MODEL, chat, loading_client, make_client, served_state, wait_until
+from tests.helpers.server import MODEL, chat, loading_client, make_client, wait_until
 
 EMBED_MODEL = "tiny-embed"
 MAX_INPUT = 8

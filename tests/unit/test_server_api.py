@@ -25,7 +25,6 @@ from tests.helpers.server import (
     events,
     loading_client,
     make_client,
-    served_state,
     wait_until,
 )
 
