@@ -14,6 +14,7 @@ error event in a stream), and no other request is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -98,10 +99,11 @@ class RemoteEngine:
         self._notify("request_added", request_id, time.monotonic())
         finished = False
         try:
-            async for output in self._stream(request_id, prompt_ids, params):
-                finished = output.finished
-                self._notify("step_done", None, [output], time.monotonic())
-                yield output
+            async with contextlib.aclosing(self._stream(request_id, prompt_ids, params)) as outputs:
+                async for output in outputs:  # closed on leaving: its inbox and watcher go at once
+                    finished = output.finished
+                    self._notify("step_done", None, [output], time.monotonic())
+                    yield output
         finally:
             response = self._running.pop(request_id, None)
             if not finished:

@@ -232,3 +232,16 @@ def test_step_stats_reach_one_observer_per_replica():
 
     asyncio.run(run())
     assert [[event[1] for event in observer.events] for observer in made] == [[3, 1, 2], [5]]
+
+
+def test_leaving_early_closes_the_requests_inbox_at_once():
+    engine, handle = engine_with(([([token(1)], load("a")), ([token(2)], load("a"))], None, asyncio.Event()))
+
+    async def run():
+        stream = engine.generate("r", PROMPT, SamplingParams())
+        await anext(stream)
+        await stream.aclose()
+        handle.mailbox.deliver([("r", [token(3)])], load("a"))  # a late batch for it: dropped
+        return handle.mailbox.open("r").qsize()  # its id is free again, nothing left for it
+
+    assert asyncio.run(run()) == 0
