@@ -196,10 +196,12 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def server_state(args: argparse.Namespace, chat_loader: Callable | None = None) -> ServerState:
-    """The server `args` describe: its catalogue, fleet, metrics and conversation store. Chat
-    models load in this process, or through `chat_loader(entry, progress, metrics)` when given
-    (replicas on Ray Serve). ValueError (or StoreError) for settings it cannot start with."""
+def server_state(args: argparse.Namespace, chat_loader: Callable | None = None,
+                 metrics: ServerMetrics | None = None) -> ServerState:
+    """The server `args` describe: its catalogue, fleet, metrics (`metrics`, or new ones) and
+    conversation store. Chat models load in this process, or through `chat_loader(entry,
+    progress)` when given (replicas on Ray Serve). ValueError (or StoreError) for settings it
+    cannot start with."""
     from lmserve.fleet.fleet import Fleet
     from lmserve.fleet.models import footprint_estimator, model_loader
     from lmserve.server.metrics import ServerMetrics
@@ -214,11 +216,11 @@ def server_state(args: argparse.Namespace, chat_loader: Callable | None = None) 
     preflight_pinned(models, config)
     settings = state_settings(args)
     store = ConversationStore.in_folder(data_dir(args.data_dir))
-    metrics = ServerMetrics()
+    metrics = metrics if metrics is not None else ServerMetrics()
     load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,
                         pooling=args.chat_embedding_pooling)
     if chat_loader is not None:
-        load = _chat_models_by(chat_loader, load, metrics)
+        load = _chat_models_by(chat_loader, load)
     fleet = Fleet(models, load, max_loaded=args.max_loaded_models, default_ttl=args.default_ttl,
                   autoload=not args.no_autoload, wait_timeout=args.load_timeout, events=metrics,
                   max_memory=args.models_memory, footprint=footprint_estimator(config))
@@ -231,10 +233,10 @@ def server_state(args: argparse.Namespace, chat_loader: Callable | None = None) 
                        shutdown_timeout=args.shutdown_timeout, store=store, **settings)
 
 
-def _chat_models_by(chat_loader: Callable, load: Callable, metrics: ServerMetrics) -> Callable:
+def _chat_models_by(chat_loader: Callable, load: Callable) -> Callable:
     """A fleet loader: chat models from `chat_loader`, embedding models from `load`."""
 
     def either(entry: ModelEntry, progress: Callable[[int, int], None] | None = None):
-        return chat_loader(entry, progress, metrics) if entry.kind == "chat" else load(entry, progress)
+        return (chat_loader if entry.kind == "chat" else load)(entry, progress)
 
     return either

@@ -41,7 +41,7 @@ class EngineObserver(Protocol):
 class AsyncEngine:
     """An LLMEngine run by its own thread, for asyncio callers.
 
-    Its public face: generate (and generate_batches), abort, snapshot, drain, close, save_prefix, restore_prefix,
+    Its public face: generate, abort, snapshot, drain, close, save_prefix, restore_prefix,
     forget_prefix, and what the server reads: config, tokenizer, max_model_len, kv_block_bytes,
     grammar (to validate constraints before they reach the engine) and model (the decoder, for
     embeddings)."""
@@ -105,10 +105,17 @@ class AsyncEngine:
         """Yield outputs as tokens arrive; the last has finish_reason set. Leaving the loop
         early (break, aclose, cancellation) aborts the request and frees its blocks. Once the
         engine drains or closes, a new request gets one ABORT output saying so."""
-        outputs = self._open(request_id, prompt_ids, params)
-        if isinstance(outputs, RequestOutput):
-            yield outputs
-            return
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._queues:
+                raise ValueError(f"request id {request_id!r} is already running")
+            if not self._accepting:
+                yield RequestOutput(request_id, [], finish_reason=FinishReason.ABORT,
+                                    num_prompt_tokens=len(prompt_ids), error=self._refusal)
+                return
+            self._queues[request_id] = (loop, outputs)
+            self._commands.put(("add", request_id, prompt_ids, params))  # under the lock: never after "close"
         finished = False
         try:
             while not finished:
@@ -116,48 +123,10 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
-            self._close(request_id, finished)
-
-    async def generate_batches(self, request_id: str, prompt_ids: list[int],
-                               params: SamplingParams) -> AsyncIterator[list[RequestOutput]]:
-        """As generate, each time with every output that has arrived since the last: one when
-        the caller keeps up, several when it falls behind (fewer, larger messages for a caller
-        that forwards them elsewhere)."""
-        outputs = self._open(request_id, prompt_ids, params)
-        if isinstance(outputs, RequestOutput):
-            yield [outputs]
-            return
-        finished = False
-        try:
-            while not finished:
-                batch = [await outputs.get()]
-                while not outputs.empty():
-                    batch.append(outputs.get_nowait())
-                finished = batch[-1].finished
-                yield batch
-        finally:
-            self._close(request_id, finished)
-
-    def _open(self, request_id: str, prompt_ids: list[int],
-              params: SamplingParams) -> asyncio.Queue | RequestOutput:
-        """The request's output queue, the request posted to the engine thread; or, once the
-        engine takes no more requests, the one ABORT output saying so."""
-        outputs: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if request_id in self._queues:
-                raise ValueError(f"request id {request_id!r} is already running")
-            if not self._accepting:
-                return RequestOutput(request_id, [], finish_reason=FinishReason.ABORT,
-                                     num_prompt_tokens=len(prompt_ids), error=self._refusal)
-            self._queues[request_id] = (asyncio.get_running_loop(), outputs)
-            self._commands.put(("add", request_id, prompt_ids, params))  # under the lock: never after "close"
-        return outputs
-
-    def _close(self, request_id: str, finished: bool) -> None:
-        with self._lock:
-            self._queues.pop(request_id, None)
-        if not finished:
-            self.abort(request_id)
+            with self._lock:
+                self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

@@ -31,7 +31,6 @@ GGUF_MAGIC = b"GGUF"
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # An org or repo name as the Hub accepts it: word characters, '.', '-'; no '--' or '..'; at most 96.
 _HUB_NAME = re.compile(r"^(?!.*(?:--|\.\.))\w(?:[\w.-]{0,94}\w)?$", re.ASCII)
-# URL downloads: attempts in a row without a new byte before giving up, and the pause between them.
 
 
 class DownloadError(ValueError):

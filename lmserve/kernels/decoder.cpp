@@ -15,6 +15,8 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "int8_rows.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -143,16 +145,11 @@ void store_row(const float* src, T* dst, int64_t n) {
     for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]);  // float -> bf16/half: round to nearest even, as .to()
 }
 
-// An int8 cache row: n values over max|x| / 127, then that scale's 4 bytes, as quantize_rows in
-// model/attention.py computes them (int8 activations' rule: the max at least kMinAbsMax of
-// int8_linear.cpp, round half to even as torch.round).
+// An int8 cache row: n values and then their scale's 4 bytes (int8_rows.h), as quantize_rows in
+// model/attention.py computes them.
 template <>
 void store_row<int8_t>(const float* src, int8_t* dst, int64_t n) {
-    float top = 1e-12f;
-    for (int64_t d = 0; d < n; ++d) top = std::max(top, std::fabs(src[d]));
-    const float scale = top / 127.f;
-    for (int64_t d = 0; d < n; ++d)
-        dst[d] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(src[d] / scale))));
+    const float scale = quantize_row(src, dst, n);
     std::memcpy(dst + n, &scale, sizeof(scale));
 }
 
@@ -167,7 +164,7 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
                                                        int64_t dim, const torch::Tensor& slots,
                                                        const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
     const int64_t n = qkv.size(0), width = qkv.size(1), half = dim / 2, num_slots = k_cache.size(1);
-    const int64_t stride = std::is_same_v<T, int8_t> ? dim + 4 : dim;  // an int8 row ends with its scale
+    const int64_t stride = row_stride<T>(dim);  // an int8 row ends with its scale
     TORCH_CHECK(qkv.is_contiguous() && width == (heads + 2 * kv_heads) * dim, "qkv: contiguous (n, (H + 2 Hkv) D)");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                 k_cache.size(0) == kv_heads && k_cache.size(2) == stride, "caches: contiguous (Hkv, slots, D)");
@@ -218,8 +215,8 @@ using Prefill = std::tuple<int64_t, int64_t, int64_t, std::optional<torch::Tenso
 torch::Tensor gather(const torch::Tensor& cache_part, const torch::Tensor& slots, at::ScalarType dtype) {
     auto rows = cache_part.index_select(1, slots.reshape(-1));
     if (cache_part.scalar_type() == at::kChar) {
-        const int64_t dim = cache_part.size(2) - 4;
-        const auto scales = rows.narrow(2, dim, 4).contiguous().view(at::kFloat);  // (Hkv, n, 1)
+        const int64_t dim = cache_part.size(2) - kScaleBytes;
+        const auto scales = rows.narrow(2, dim, kScaleBytes).contiguous().view(at::kFloat);  // (Hkv, n, 1)
         return (rows.narrow(2, 0, dim).to(at::kFloat) * scales).to(dtype);
     }
     return rows.to(dtype).view({cache_part.size(0), slots.numel(), cache_part.size(2)});

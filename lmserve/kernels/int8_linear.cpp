@@ -14,13 +14,14 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "int8_rows.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-constexpr float kMinAbsMax = 1e-12f;  // MIN_ABS_MAX in model/int8.py: an all-zero row gets a finite scale
 
 }  // namespace
 
@@ -93,29 +94,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x_in
                 hadamard(rotated.data(), cols, block);
                 row = rotated.data();
             }
-            int8_t* out = qp + r * cols;
-            float top = 0.f;
-            int64_t c = 0;
-#if defined(__AVX512F__)
-            __m512 topv = _mm512_setzero_ps();
-            for (; c + 16 <= cols; c += 16) topv = _mm512_max_ps(topv, _mm512_abs_ps(_mm512_loadu_ps(row + c)));
-            top = _mm512_reduce_max_ps(topv);
-#endif
-            for (; c < cols; ++c) top = std::max(top, std::fabs(row[c]));
-            const float scale = std::max(top, kMinAbsMax) / 127.f;
-            sp[r] = scale;
-            c = 0;
-#if defined(__AVX512F__)
-            const __m512 sv = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-            for (; c + 16 <= cols; c += 16) {
-                __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + c), sv),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
-            }
-#endif
-            for (; c < cols; ++c)  // nearbyint: round half to even, as torch.round
-                out[c] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[c] / scale))));
+            sp[r] = quantize_row(row, qp + r * cols, cols);
         }
     });
     return {q, scales};

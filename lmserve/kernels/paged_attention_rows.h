@@ -12,11 +12,9 @@
 #include <cstring>
 #include <type_traits>
 
-namespace {
+#include "int8_rows.h"
 
-// Elements per cached row: head_dim, plus the 4 bytes of an int8 row's scale.
-template <typename T>
-constexpr int64_t row_stride(int64_t dim) { return std::is_same_v<T, int8_t> ? dim + 4 : dim; }
+namespace {
 
 template <typename T>
 inline float row_scale(const T* row, int64_t dim) {

@@ -15,6 +15,7 @@ import argparse
 import logging
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ray.serve.config import RequestRouterConfig
 
 from lmserve.config import EngineConfig
 from lmserve.fleet.catalogue import ModelEntry
-from lmserve.scale.options import ScaleSettings, scale_settings
+from lmserve.scale.options import ScaleSettings, replica_settings
 from lmserve.scale.replica import EngineReplica
 
 log = logging.getLogger("lmserve.scale")
@@ -43,10 +44,10 @@ def deployment_name(model_id: str) -> str:
 class Ingress:
     """lmserve's app over the fleet of `args`, its chat models served by `engines` (handles by model id)."""
 
-    def __init__(self, args: argparse.Namespace, engines: dict[str, Any]):
+    def __init__(self, args: argparse.Namespace, settings: ScaleSettings, engines: dict[str, Any]):
         from lmserve.scale.mailbox import Mailbox
 
-        self._args, self._engines = args, engines
+        self._args, self._settings, self._engines = args, settings, engines
         self._mailbox = Mailbox()
 
     def deliver(self, batch: list, load: Any, stats: list) -> None:
@@ -59,7 +60,7 @@ class Ingress:
         from lmserve.server.app import create_app
 
         configure_logging(self._args.log_level)
-        return create_app(ingress_state(self._args, self._engines, scale_settings(self._args), self._mailbox))
+        return create_app(ingress_state(self._args, self._engines, self._settings, self._mailbox))
 
 
 def build_application(args: argparse.Namespace) -> Any:
@@ -67,18 +68,18 @@ def build_application(args: argparse.Namespace) -> Any:
     flags it cannot run with."""
     from lmserve.serve_settings import catalogue, embedding_config, engine_config, preflight_pinned
 
-    settings = scale_settings(args)
-    if settings is None:
-        settings = scale_settings(argparse.Namespace(**{**vars(args), "replicas": 1}))
+    settings = replica_settings(args)
     config = engine_config(args)
     models = catalogue(args, config, embedding_config(args))
     preflight_pinned(models, config)
-    engines = {entry.id: _engine_deployment(entry, config, settings).bind(config, entry, INGRESS_NAME)
+    # Each replica's engine runs as many threads as the CPUs it reserves, unless --threads says.
+    replica_config = replace(config, num_threads=config.num_threads or max(1, int(settings.replica_cpus)))
+    engines = {entry.id: _engine_deployment(entry, config, settings).bind(replica_config, entry, INGRESS_NAME)
                for entry in models.entries() if entry.kind == "chat"}
     ingress = serve.deployment(Ingress, name=INGRESS_NAME, num_replicas=1,
                                max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0},
                                logging_config=_LOGGING)
-    return ingress.bind(args, engines)
+    return ingress.bind(args, settings, engines)
 
 
 def _engine_deployment(entry: ModelEntry, config: EngineConfig, settings: ScaleSettings) -> Any:

@@ -10,7 +10,7 @@ last output.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import Counter
@@ -31,37 +31,27 @@ def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: S
     replicas' outputs arrive."""
     from lmserve.serve_settings import server_state
 
-    models: dict[str, RemoteEngine] = {}
-    loader = _remote_loader(engines, settings, mailbox, models)
-    state = server_state(args, loader)
-    state.metrics.registry.register(_ReplicaLoads(models))
-    state.slot_save_path = None  # a saved slot would be one replica's cache: slot saving is refused
-    state.exit_if_pinned_fails = False  # ending the ingress's process would only have Ray Serve restart it
-    return state
+    metrics = ServerMetrics()
+    routed = Counter("lmserve:replica_requests", "Engine requests by the replica that served them.",
+                     ["model", "replica"], registry=metrics.registry)
+    connected: dict[str, RemoteEngine] = {}
+    metrics.registry.register(_ReplicaLoads(connected))
 
-
-def _remote_loader(engines: dict[str, Any], settings: ScaleSettings, mailbox: Mailbox,
-                   connected: dict[str, RemoteEngine]) -> Callable:
-    routed_counters: dict[int, Counter] = {}
-
-    def load(entry: ModelEntry, progress: Any, metrics: ServerMetrics) -> RemoteChatModel:
+    def load(entry: ModelEntry, progress: Any) -> RemoteChatModel:
         handle = engines.get(entry.id)
         if handle is None:
             raise ValueError(f"the model {entry.id!r} has no replicas: it was not in the catalogue when the "
                              "application started (restart lmserve to serve it)")
-        counter = routed_counters.get(id(metrics))
-        if counter is None:
-            counter = routed_counters[id(metrics)] = Counter(
-                "lmserve:replica_requests", "Engine requests by the replica that served them.", ["model", "replica"],
-                registry=metrics.registry)
-        engine = RemoteEngine.connect(handle, mailbox, num_replicas=settings.most_replicas,
-                                      observers=[metrics.observer(entry.id)],
-                                      routed=lambda replica: counter.labels(entry.id, replica).inc(),
-                                      stats_observer=lambda: metrics.observer(entry.id))
-        connected[entry.id] = engine
+        engine = connected[entry.id] = RemoteEngine.connect(
+            handle, mailbox, num_replicas=settings.most_replicas, observers=[metrics.observer(entry.id)],
+            routed=lambda replica: routed.labels(entry.id, replica).inc(),
+            stats_observer=lambda: metrics.observer(entry.id))
         return RemoteChatModel(engine)
 
-    return load
+    state = server_state(args, load, metrics)
+    state.slot_save_path = None  # a saved slot would be one replica's cache: slot saving is refused
+    state.exit_if_pinned_fails = False  # ending the ingress's process would only have Ray Serve restart it
+    return state
 
 
 class _ReplicaLoads(Collector):

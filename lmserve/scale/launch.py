@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 
-from lmserve.scale.options import scale_settings
+from lmserve.scale.options import replica_settings
 
 log = logging.getLogger("lmserve.scale")
 
@@ -24,7 +24,7 @@ def serve_on_ray(args: argparse.Namespace) -> None:
         raise ValueError("--replicas needs Ray Serve: pip install 'lmserve[ray]'") from None
     from lmserve.scale.application import APP_NAME, build_application
 
-    settings = scale_settings(args)
+    settings = replica_settings(args)
     application = build_application(args)
     ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)

@@ -47,7 +47,7 @@ class Mailbox:
     def deliver(self, batch: Batch, load: Any, stats: list | None = None) -> None:
         """A replica's batch (any thread): outputs of requests no longer waiting are dropped;
         `load` (replica.ReplicaLoad) says whose it is, `stats` are its steps' since its last."""
-        sink = self._stats_sinks.get(getattr(load, "model", None))
+        sink = self._stats_sinks.get(load.model)
         if stats and sink is not None:
             sink(load.replica, stats)
         for request_id, outputs in batch:

@@ -84,6 +84,13 @@ def scale_settings(args: argparse.Namespace) -> ScaleSettings | None:
                          replica_cpus=_or(args.replica_cpus, DEFAULT_REPLICA_CPUS))
 
 
+def replica_settings(args: argparse.Namespace) -> ScaleSettings:
+    """scale_settings, with one replica per chat model when no flag asks for more (the
+    application built for `serve run` from flags that name none)."""
+    settings = scale_settings(args)
+    return settings if settings is not None else scale_settings(argparse.Namespace(**{**vars(args), "replicas": 1}))
+
+
 def _check_listening(args: argparse.Namespace) -> None:
     """Ray Serve's HTTP proxy listens on a host and port, over plain HTTP."""
     if args.host.endswith(".sock"):

@@ -50,8 +50,9 @@ class PrefixAwareRequestRouter(RequestRouter):
         args = getattr(pending_request, "args", None) or ()
         if len(args) <= PROMPT_ARG or not isinstance(args[PROMPT_ARG], list):
             return []  # a call other than generate (describe): any replica
-        prompt_ids = args[PROMPT_ARG][:self._prefix.max_blocks * self._block_size]
-        return hash_full_blocks(prompt_ids, self._block_size)
+        # Every full block: the replica caches them all, and the router forgets a prompt's tail
+        # first as the replica's cache does (the lookup reads only the first max_blocks).
+        return hash_full_blocks(args[PROMPT_ARG], self._block_size)
 
     def on_send_request(self, replica_id: Any) -> None:
         super().on_send_request(replica_id)

@@ -172,10 +172,6 @@ class RemoteEngine:
     def num_requests(self) -> int:
         return len(self._running)
 
-    @property
-    def is_running(self) -> bool:
-        return self._accepting
-
     async def drain(self, timeout: float | None = None) -> bool:
         self._accepting = False
         return await until_empty(self._running, timeout)
@@ -264,7 +260,6 @@ class RemoteChatModel:
     def __init__(self, engine: RemoteEngine):
         self.engine = engine
         self.weights_bytes = engine.weights_bytes
-        self.pooling = "mean"
 
     @property
     def max_model_len(self) -> int:

@@ -75,8 +75,8 @@ class EngineReplica:
         """Run the request; its outputs go to the ingress in the batches mailbox.py describes.
         Returns (this replica's id) once its last output has been delivered. Cancelled by the
         ingress (its client went away), the engine aborts the request."""
-        async for outputs in self._model.engine.generate_batches(request_id, prompt_ids, params):
-            self._outbox.post(request_id, outputs)
+        async for output in self._model.engine.generate(request_id, prompt_ids, params):
+            self._outbox.post(request_id, [output])
         await self._outbox.flushed()
         return self._replica
 

@@ -60,13 +60,14 @@ class PrefixRouter:
     def longest_holders(self, hashes: Sequence[BlockHash], loads: Mapping[ReplicaId, int]) -> list[ReplicaId]:
         """The live replicas remembered to hold the longest run of `hashes` from the first: each
         level only among those that hold every block before it."""
-        holders = [r for r in loads]
+        holders: list[ReplicaId] = []
         for depth, block in enumerate(hashes[:self.max_blocks]):
-            deeper = [r for r in holders if r in self._holders.get(block, ())]
+            held = self._holders.get(block, ())
+            deeper = [r for r in (holders if depth else loads) if r in held]
             if not deeper:
-                return [] if depth == 0 else holders
+                break
             holders = deeper
-        return holders if hashes else []
+        return holders
 
     def two_choices(self, loads: Mapping[ReplicaId, int]) -> ReplicaId:
         replicas = list(loads)

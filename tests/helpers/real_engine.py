@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -60,9 +61,10 @@ def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_
     model, model_config, _ = load_weights(folder, dtype)
     loaded = LoadedModel(model, model_config, IdTokenizer(model_config.vocab_size), dtype)
     cache = CacheConfig(block_size, 1, kv_cache_dtype=kv_cache_dtype)
-    kv_bytes = num_blocks * bytes_per_block(model_config, block_size, kv_dtype(cache, dtype))
+    cache = replace(cache, kv_cache_memory_bytes=num_blocks * bytes_per_block(model_config, block_size,
+                                                                             kv_dtype(cache, dtype)))
     max_len = max_len or min(num_blocks * block_size, model_config.max_position_embeddings)
-    config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=CacheConfig(block_size, kv_bytes, kv_cache_dtype=kv_cache_dtype),
+    config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=cache,
                           scheduler=SchedulerConfig(4, 64, max_len, num_speculative_tokens=speculative,
                                                     speculative_sampling=speculative_sampling))
     return LLMEngine(config, loaded)

@@ -93,37 +93,9 @@ def test_engine_calls_answer_while_draining_raise_the_engines_errors_and_are_ref
         asyncio.run(engine.forget_prefix([1]))
 
 
-def test_generate_batches_gathers_what_arrived_while_the_caller_was_away():
-    engine = AsyncEngine(CountingEngine(length=5))
-
-    async def main():
-        batches, stream = [], engine.generate_batches("a", [1, 2], SamplingParams())
-        batches.append(await anext(stream))
-        await asyncio.sleep(0.2)  # the caller away: every later step's output is queued by now
-        batches += [batch async for batch in stream]
-        return batches
-
-    batches = asyncio.run(main())
-    assert engine.is_running
+def test_is_running_until_closed():
+    engine = AsyncEngine(CountingEngine(length=2))
+    outputs = asyncio.run(collect(engine, "a"))
+    assert engine.is_running and outputs[-1].finish_reason == FinishReason.LENGTH
     engine.close()
     assert not engine.is_running
-    assert [o.new_token_ids for batch in batches for o in batch] == [[1], [2], [3], [4], [5]]
-    assert len(batches) <= 2  # what arrived while away came as one batch
-    assert batches[-1][-1].finish_reason == FinishReason.LENGTH
-
-
-def test_leaving_generate_batches_early_aborts_the_request():
-    gate = threading.Event()
-    gate.set()
-    stub = CountingEngine(length=10**9, gate=gate)  # never finishes on its own
-    engine = AsyncEngine(stub)
-
-    async def main():
-        stream = engine.generate_batches("a", [1, 2], SamplingParams())
-        await anext(stream)
-        gate.clear()
-        await stream.aclose()
-        await until(lambda: engine.num_requests == 0 and not stub.live)
-
-    asyncio.run(main())
-    engine.close()

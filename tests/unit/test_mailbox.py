@@ -10,6 +10,9 @@ import pytest
 
 from lmserve.request import RequestOutput
 from lmserve.scale.mailbox import Mailbox, Outbox
+from lmserve.scale.replica import ReplicaLoad
+
+LOAD = ReplicaLoad(model="m", replica="a", num_running=1, num_waiting=0, num_kv_blocks=8, num_free_kv_blocks=8)
 
 
 def output(request_id: str, token: int) -> list[RequestOutput]:
@@ -57,13 +60,13 @@ def test_the_mailbox_hands_each_request_its_outputs_and_drops_the_rest():
     async def run():
         mailbox = Mailbox()
         inbox = mailbox.open("a")
-        mailbox.deliver([("a", output("a", 1)), ("gone", output("gone", 1)), ("a", output("a", 2))], "load")
+        mailbox.deliver([("a", output("a", 1)), ("gone", output("gone", 1)), ("a", output("a", 2))], LOAD)
         await asyncio.sleep(0)
         got = [inbox.get_nowait(), inbox.get_nowait()]
         mailbox.close("a")
-        mailbox.deliver([("a", output("a", 3))], "load")
+        mailbox.deliver([("a", output("a", 3))], LOAD)
         await asyncio.sleep(0)
         return got, inbox.qsize()
 
     got, left = asyncio.run(run())
-    assert [(outs[0].new_token_ids, load) for outs, load in got] == [([1], "load"), ([2], "load")] and left == 0
+    assert [(outs[0].new_token_ids, load) for outs, load in got] == [([1], LOAD), ([2], LOAD)] and left == 0

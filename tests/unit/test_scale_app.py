@@ -15,17 +15,35 @@ def test_serve_run_finds_the_application_builder():
     assert isinstance(application, Application)
     ingress = application._bound_deployment
     assert ingress.name == "lmserve-ingress" and ingress._deployment_config.num_replicas == 1
-    engines = ingress.init_args[1]
+    engines = ingress.init_args[2]
     assert list(engines) == ["SmolLM2-135M-Instruct"]
     engine = engines["SmolLM2-135M-Instruct"]
     assert engine._bound_deployment.name == "lmserve-engine-SmolLM2-135M-Instruct"
     assert engine._bound_deployment._deployment_config.num_replicas == 2
+    assert engine._bound_deployment.init_args[0].num_threads == 1  # the one CPU each replica reserves (--replica-cpus)
+
+
+def test_replicas_run_the_threads_given_or_their_cpus():
+    def threads(argv: str) -> int:
+        application = lmserve.scale.app({"argv": argv + " --no-embedding-model"})
+        return application._bound_deployment.init_args[2]["SmolLM2-135M-Instruct"]._bound_deployment.init_args[0].num_threads
+
+    assert threads("--replicas 1 --replica-cpus 2") == 2
+    assert threads("--replicas 2 --replica-cpus 2 --threads 3") == 3
+
+
+def test_serve_run_without_replica_flags_runs_one_replica():
+    application = lmserve.scale.app({"argv": "--no-embedding-model"})
+    settings = application._bound_deployment.init_args[1]
+    assert (settings.num_replicas, settings.autoscaling) == (1, False)
+    engine = application._bound_deployment.init_args[2]["SmolLM2-135M-Instruct"]
+    assert engine._bound_deployment._deployment_config.num_replicas == 1
 
 
 def test_autoscaling_flags_become_the_deployments_autoscaling_config():
     application = lmserve.scale.app({"argv": ["--min-replicas", "0", "--max-replicas", "3",
                                               "--target-ongoing-requests", "6", "--no-embedding-model"]})
-    engine = application._bound_deployment.init_args[1]["SmolLM2-135M-Instruct"]
+    engine = application._bound_deployment.init_args[2]["SmolLM2-135M-Instruct"]
     scaling = engine._bound_deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (0, 3, 6)
 

@@ -26,7 +26,7 @@ import torch
 
 from lmserve.kernels import cpu_flags, native_module
 
-MIN_ABS_MAX = 1e-12  # kMinAbsMax in kernels/int8_linear.cpp
+MIN_ABS_MAX = 1e-12  # kMinAbsMax in kernels/int8_rows.h
 HADAMARD_BLOCK = 64  # columns mixed together (smaller where K is not a multiple of it)
 PACK_OUTPUTS, PACK_DEPTH = 16, 4  # a packed weight's blocks: 16 outputs (int32 lanes) x 4 bytes of K
 
