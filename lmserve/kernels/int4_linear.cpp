@@ -15,9 +15,12 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+#include "int4_tiles.h"
 
 std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
 
@@ -62,14 +65,22 @@ inline void quantize_group(const float* v, int8_t* out, float& scale_out, float&
 
 // quantize_groups, and with `residual` M more rows after the first M: what those missed
 // (x - q * scale, rounded as model/int8.py's ATen ops round it), quantized the same way.
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows_in_groups(const torch::Tensor& x_in, bool residual) {
+// With `pad_to`, zero rows follow up to a multiple of it (for the tiles, which read whole tiles).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows_in_groups(const torch::Tensor& x_in, bool residual,
+                                                                              int64_t pad_to = 1) {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % kGroup == 0,
                 "x: float32 (M, K), K a multiple of 32");
     const auto x = x_in.contiguous();
     const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup, out_rows = residual ? 2 * rows : rows;
-    auto q = torch::empty({out_rows, cols}, x.options().dtype(at::kChar));
-    auto scales = torch::empty({out_rows, groups}, x.options());
-    auto sums = torch::empty({out_rows, groups}, x.options());
+    const int64_t padded = (out_rows + pad_to - 1) / pad_to * pad_to;
+    auto q = torch::empty({padded, cols}, x.options().dtype(at::kChar));
+    auto scales = torch::empty({padded, groups}, x.options());
+    auto sums = torch::empty({padded, groups}, x.options());
+    if (padded > out_rows) {
+        q.narrow(0, out_rows, padded - out_rows).zero_();
+        scales.narrow(0, out_rows, padded - out_rows).zero_();
+        sums.narrow(0, out_rows, padded - out_rows).zero_();
+    }
     const float* xp = x.data_ptr<float>();
     int8_t* qp = q.data_ptr<int8_t>();
     float* sp = scales.data_ptr<float>();
@@ -210,11 +221,90 @@ bool int4_linear_supported() {
 #endif
 }
 
+// Whether int4_linear runs steps of 16 rows and more on AMX tiles here (a build for a CPU with
+// AMX-INT8, on an OS that lets this process use them).
+bool int4_tiles_supported() {
+#if defined(LMSERVE_W4A8_TILES) && defined(LMSERVE_W4A8_GEMM)
+    return int4_tiles::usable();
+#else
+    return false;
+#endif
+}
+
+#if defined(LMSERVE_W4A8_GEMM)
+namespace {
+
+// The operands of one product: m rows of quantized activations (a, with their group scales xs and
+// sums xu), the packed weight w with its group scales ws and lows wl, the bias bp or null, and out.
+struct W4A8Operands {
+    int64_t m, k, n, groups;
+    const int8_t* a;
+    const float* xs;
+    const float* xu;
+    const uint8_t* w;
+    const at::Half* ws;
+    const at::Half* wl;
+    const float* bp;
+    float* op;
+};
+
+// On the register tiles: each thread takes an even share of the 16-output blocks and, 64 rows at a
+// time, runs every row against each tile of its blocks.
+void w4a8_registers(const W4A8Operands& p) {
+    const int64_t block_bytes = p.k * 8, blocks = p.n / 16;
+    constexpr int64_t kChunkRows = 64;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t m0 = 0; m0 < p.m; m0 += kChunkRows) {
+            const int64_t rows = std::min(kChunkRows, p.m - m0);
+            for (int64_t j = begin; j < end;) {
+                const int64_t width = std::min<int64_t>(kBlocks, end - j);
+                const float* bj = p.bp != nullptr ? p.bp + j * 16 : nullptr;
+                const int8_t* a = p.a + m0 * p.k;
+                const float* xs = p.xs + m0 * p.groups;
+                const float* xu = p.xu + m0 * p.groups;
+                float* out = p.op + m0 * p.n + j * 16;
+                if (width == 2)
+                    w4a8_rows<2>(rows, a, p.k, xs, xu, p.groups, p.w + j * block_bytes, p.ws + j * 16, p.wl + j * 16,
+                                 p.n, bj, out, p.n);
+                else
+                    w4a8_rows<1>(rows, a, p.k, xs, xu, p.groups, p.w + j * block_bytes, p.ws + j * 16, p.wl + j * 16,
+                                 p.n, bj, out, p.n);
+                j += width;
+            }
+        }
+    });
+}
+
+#if defined(LMSERVE_W4A8_TILES)
+// On AMX tiles: each thread takes an even share of the 16-output blocks, unpacks each block once and
+// runs every 16 rows against it. The activations are padded to whole tiles.
+void w4a8_tiles(const W4A8Operands& p) {
+    const int64_t block_bytes = p.k * 8, blocks = p.n / 16;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<uint8_t> unpacked(p.groups * 512);
+        int4_tiles::configure();
+        for (int64_t j = begin; j < end; ++j) {
+            int4_tiles::unpack_block(p.w + j * block_bytes, p.groups, unpacked.data());
+            for (int64_t m0 = 0; m0 < p.m; m0 += int4_tiles::kRows)
+                int4_tiles::block_rows(p.a + m0 * p.k, p.k, p.xs + m0 * p.groups, p.xu + m0 * p.groups, p.groups,
+                                       unpacked.data(), p.ws + j * 16, p.wl + j * 16, p.n,
+                                       p.bp != nullptr ? p.bp + j * 16 : nullptr, p.op + m0 * p.n + j * 16, p.n,
+                                       std::min(int4_tiles::kRows, p.m - m0));
+        }
+        int4_tiles::release();
+    });
+}
+#endif
+
+}  // namespace
+#endif
+
 // x (M, K) float32, packed (N/16, K/8, 16, 4) uint8 (pack_int4 in model/int8.py), scales and lows
-// (K/32, N) float16, bias (N,) float32 or none -> (M, N) float32. Each thread takes an even share of
-// the 16-output blocks and, 64 rows at a time, runs every row against each tile of its blocks.
+// (K/32, N) float16, bias (N,) float32 or none -> (M, N) float32. Steps of 16 rows and more run on
+// AMX tiles where there are any (int4_tiles_supported()) unless `tiles` is false; the results are
+// the same either way.
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
-                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias) {
+                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, bool tiles) {
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
                 packed.is_contiguous(), "weight: packed uint8 (N/16, K/8, 16, 4)");
     const int64_t blocks = packed.size(0), n = blocks * 16, k = packed.size(1) * 8, groups = k / kGroup;
@@ -227,38 +317,32 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 #if defined(LMSERVE_W4A8_GEMM)
     const int64_t rows_in = x.size(0);
     const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
-    auto [xq, x_scales, x_sums] = quantize_rows_in_groups(x.to(at::kFloat), residual);
+    const int64_t m = residual ? 2 * rows_in : rows_in;
+#if defined(LMSERVE_W4A8_TILES)
+    const bool on_tiles = tiles && m >= int4_tiles::kRows && int4_tiles::usable();
+    const int64_t pad_to = on_tiles ? int4_tiles::kRows : 1;
+#else
+    const bool on_tiles = false;
+    const int64_t pad_to = 1;
+#endif
+    auto [xq, x_scales, x_sums] = quantize_rows_in_groups(x.to(at::kFloat), residual, pad_to);
     std::optional<torch::Tensor> added_bias;
     if (residual) std::swap(added_bias, b);  // added once, after the two halves are summed
-    const int64_t m = xq.size(0);
     auto out = torch::empty({m, n}, x_scales.options());
-    const int8_t* a = xq.data_ptr<int8_t>();
-    const float* xs = x_scales.data_ptr<float>();
-    const float* xu = x_sums.data_ptr<float>();
-    const uint8_t* w = packed.data_ptr<uint8_t>();
-    const at::Half* ws = w_scales.data_ptr<at::Half>();
-    const at::Half* wl = w_lows.data_ptr<at::Half>();
-    const float* bp = b ? b->data_ptr<float>() : nullptr;
-    float* op = out.data_ptr<float>();
-    const int64_t block_bytes = k * 8;
-    constexpr int64_t kChunkRows = 64;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t m0 = 0; m0 < m; m0 += kChunkRows) {
-            const int64_t rows = std::min(kChunkRows, m - m0);
-            for (int64_t j = begin; j < end;) {
-                const int64_t width = std::min<int64_t>(kBlocks, end - j);
-                const float* bj = bp != nullptr ? bp + j * 16 : nullptr;
-                if (width == 2)
-                    w4a8_rows<2>(rows, a + m0 * k, k, xs + m0 * groups, xu + m0 * groups, groups, w + j * block_bytes,
-                                 ws + j * 16, wl + j * 16, n, bj, op + m0 * n + j * 16, n);
-                else
-                    w4a8_rows<1>(rows, a + m0 * k, k, xs + m0 * groups, xu + m0 * groups, groups, w + j * block_bytes,
-                                 ws + j * 16, wl + j * 16, n, bj, op + m0 * n + j * 16, n);
-                j += width;
-            }
-        }
-    });
+    const W4A8Operands operands{m, k, n, groups, xq.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
+                                x_sums.data_ptr<float>(), packed.data_ptr<uint8_t>(), w_scales.data_ptr<at::Half>(),
+                                w_lows.data_ptr<at::Half>(), b ? b->data_ptr<float>() : nullptr,
+                                out.data_ptr<float>()};
+#if defined(LMSERVE_W4A8_TILES)
+    if (on_tiles)
+        w4a8_tiles(operands);
+    else
+        w4a8_registers(operands);
+#else
+    w4a8_registers(operands);
+#endif
     if (residual) {
+        float* op = operands.op;
         const float* ab = added_bias ? added_bias->data_ptr<float>() : nullptr;
         for (int64_t i = 0; i < rows_in * n; ++i) {
             op[i] = op[i] + op[rows_in * n + i];

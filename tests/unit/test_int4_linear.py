@@ -150,7 +150,8 @@ def test_product_matches_the_reference(rows, cols, out):
     assert (int4_linear(x, packed, scales, lows, None) - exact).norm() < 0.03 * exact.norm()
 
 
-def test_extreme_values_do_not_overflow():
+@pytest.mark.parametrize("rows", [3, 20])  # the register tiles, and the AMX tiles where there are any
+def test_extreme_values_do_not_overflow(rows):
     if not int4_linear_supported():
         pytest.skip("this CPU has no AVX512-VNNI")
     # every integer at its largest (15 against +-127) over K = 1536: the largest int32 group sums
@@ -159,11 +160,37 @@ def test_extreme_values_do_not_overflow():
     weight[:, ::INT4_GROUP] = 0.0  # each group's low 0 and scale 2^-6 (exact in float16): q = 15 elsewhere
     q, scales, lows = quantize_int4_groups(weight)
     assert q.max().item() == 15
-    x = torch.full((3, k), 2.0)
+    x = torch.full((rows, k), 2.0)
     x[1] = -2.0
     expected = int4_linear_reference(x, pack_int4(q), scales, lows, None)
     got = int4_linear(x, pack_int4(q), scales, lows, None)
     assert torch.allclose(got, expected, rtol=1e-5) and expected[1].max() < 0 < expected[0].min()
+
+
+def test_amx_tiles_run_exactly_where_the_cpu_has_amx_int8():
+    # so that on such a CPU (this project's machines) the test below compares two different paths
+    flags = cpu_flags()
+    expected = {"amx_tile", "amx_int8"} <= flags and int4_linear_supported()
+    assert native_module().int4_tiles_supported() == expected
+
+
+# rows: one tile, tails of 1 and 15 rows past whole tiles; cols: one group, odd and even numbers of
+# groups (the tiles alternate between two sets); out: one to many 16-output blocks per thread
+@pytest.mark.parametrize("rows, cols, out", [(16, 32, 16), (17, 96, 48), (31, 576, 80), (64, 1536, 576),
+                                             (130, 160, 208)])
+def test_amx_tiles_give_the_register_tiles_results_bit_for_bit(rows, cols, out):
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    module = native_module()
+    q, scales, lows = quantize_int4_groups(q4_1_file_weight(out, cols, seed=rows)[0])
+    packed = pack_int4(q)
+    x = activations(rows, cols, seed=cols)
+    bias = torch.randn(out)
+    for b in (None, bias):
+        on_tiles = module.int4_linear(x, packed, scales, lows, b, tiles=True)
+        on_registers = module.int4_linear(x, packed, scales, lows, b, tiles=False)
+        assert on_tiles.shape == (rows, out) and torch.equal(on_tiles, on_registers)
+        assert torch.equal(on_tiles[5:9], module.int4_linear(x[5:9], packed, scales, lows, b))  # rows alone
 
 
 def test_a_mis_shaped_weight_is_refused():
