@@ -28,10 +28,12 @@ torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor&
                                int64_t block);
 bool int8_packed_supported();
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
-                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, bool tiles);
+                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, const std::string& path);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x);
 bool int4_linear_supported();
 bool int4_tiles_supported();
+bool int4_bf16_tiles_supported();
+std::string int4_linear_path(int64_t rows);
 torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
@@ -57,7 +59,7 @@ struct NativeLinear {
 
     torch::Tensor operator()(const torch::Tensor& x) const {
         if (int4_weight.defined())
-            return int4_linear(x.to(at::kFloat), int4_weight, int4_scales, int4_lows, bias, true).to(x.scalar_type());
+            return int4_linear(x.to(at::kFloat), int4_weight, int4_scales, int4_lows, bias, "auto").to(x.scalar_type());
         if (narrow != kNone && x.size(0) <= small_step_tokens) {
             auto xb = x.to(at::kBFloat16).contiguous();
             auto out = narrow == kInt4 ? at::_weight_int4pack_mm_for_cpu(xb, narrow_weight, kInt4Group, narrow_scales)
@@ -347,10 +349,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int8_weight_rows", &int8_weight_rows, "rows of the float weight an int8_linear weight stands for");
     m.def("int4_linear", &int4_linear, "x @ weight.T with packed 4-bit weights and int8 activations in groups of 32",
           py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_lows"), py::arg("bias"),
-          py::arg("tiles") = true);
+          py::arg("path") = "auto");
     m.def("quantize_groups", &quantize_groups, "int8 in groups of 32 columns, each with its scale and sum");
     m.def("int4_linear_supported", &int4_linear_supported, "whether int4_linear runs here (AVX512-VNNI)");
-    m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX tiles here");
+    m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");
+    m.def("int4_linear_path", &int4_linear_path, "the path int4_linear takes for a step of this many rows");
+    m.def("int4_bf16_tiles_supported", &int4_bf16_tiles_supported, "whether int4_linear runs larger steps on AMX-BF16 tiles here");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")
         .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, bool packed,

@@ -14,12 +14,14 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "int4_bf16_tiles.h"
 #include "int4_tiles.h"
 
 std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
@@ -221,14 +223,34 @@ bool int4_linear_supported() {
 #endif
 }
 
-// Whether int4_linear runs steps of 16 rows and more on AMX tiles here (a build for a CPU with
-// AMX-INT8, on an OS that lets this process use them).
+// Whether int4_linear runs steps of 16 rows and more on AMX-INT8 tiles here (a build for a CPU with
+// them, on an OS that lets this process use them).
 bool int4_tiles_supported() {
 #if defined(LMSERVE_W4A8_TILES) && defined(LMSERVE_W4A8_GEMM)
     return int4_tiles::usable();
 #else
     return false;
 #endif
+}
+
+// Whether int4_linear runs steps of 32 rows and more on AMX-BF16 tiles here.
+bool int4_bf16_tiles_supported() {
+#if defined(LMSERVE_W4_BF16_TILES) && defined(LMSERVE_W4A8_GEMM)
+    return int4_tiles::usable();
+#else
+    return false;
+#endif
+}
+
+// The path int4_linear takes for a step of `rows` rows: "bf16_tiles", "int8_tiles" or "registers".
+std::string int4_linear_path(int64_t rows) {
+#if defined(LMSERVE_W4_BF16_TILES)
+    if (rows >= int4_bf16_tiles::kMinRows && int4_bf16_tiles_supported()) return "bf16_tiles";
+#endif
+#if defined(LMSERVE_W4A8_TILES)
+    if (rows >= int4_tiles::kRows && int4_tiles_supported()) return "int8_tiles";
+#endif
+    return "registers";
 }
 
 #if defined(LMSERVE_W4A8_GEMM)
@@ -296,15 +318,18 @@ void w4a8_tiles(const W4A8Operands& p) {
 }
 #endif
 
+
 }  // namespace
 #endif
 
 // x (M, K) float32, packed (N/16, K/8, 16, 4) uint8 (pack_int4 in model/int8.py), scales and lows
-// (K/32, N) float16, bias (N,) float32 or none -> (M, N) float32. Steps of 16 rows and more run on
-// AMX tiles where there are any (int4_tiles_supported()) unless `tiles` is false; the results are
-// the same either way.
+// (K/32, N) float16, bias (N,) float32 or none -> (M, N) float32. `path` "auto" runs steps of 32 rows
+// and more on AMX-BF16 tiles and of 16 and more on AMX-INT8 tiles where there are any, the rest on the
+// register tiles; "bf16_tiles", "int8_tiles" or "registers" asks for one. The INT8 tiles give the
+// register tiles' results bit for bit; the BF16 tiles round the activations to bfloat16 instead.
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
-                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, bool tiles) {
+                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias,
+                          const std::string& path) {
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
                 packed.is_contiguous(), "weight: packed uint8 (N/16, K/8, 16, 4)");
     const int64_t blocks = packed.size(0), n = blocks * 16, k = packed.size(1) * 8, groups = k / kGroup;
@@ -313,16 +338,25 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
         TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == groups && t->size(1) == n &&
                     t->is_contiguous(), "weight scales and lows: float16 (K/32, N)");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
+    TORCH_CHECK(path == "auto" || path == "bf16_tiles" || path == "int8_tiles" || path == "registers",
+                "path: auto, bf16_tiles, int8_tiles or registers");
+    TORCH_CHECK(path != "bf16_tiles" || int4_bf16_tiles_supported(), "no AMX-BF16 tiles here");
+    TORCH_CHECK(path != "int8_tiles" || int4_tiles_supported(), "no AMX-INT8 tiles here");
     auto b = float_bias(bias, n);
 #if defined(LMSERVE_W4A8_GEMM)
     const int64_t rows_in = x.size(0);
+    const std::string chosen = path == "auto" ? int4_linear_path(rows_in) : path;
+#if defined(LMSERVE_W4_BF16_TILES)
+    if (chosen == "bf16_tiles")
+        return int4_bf16_tiles::product(x.to(at::kFloat), packed, w_scales.data_ptr<at::Half>(), w_lows.data_ptr<at::Half>(),
+                             b ? b->data_ptr<float>() : nullptr);
+#endif
     const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
     const int64_t m = residual ? 2 * rows_in : rows_in;
+    const bool on_tiles = chosen == "int8_tiles";
 #if defined(LMSERVE_W4A8_TILES)
-    const bool on_tiles = tiles && m >= int4_tiles::kRows && int4_tiles::usable();
     const int64_t pad_to = on_tiles ? int4_tiles::kRows : 1;
 #else
-    const bool on_tiles = false;
     const int64_t pad_to = 1;
 #endif
     auto [xq, x_scales, x_sums] = quantize_rows_in_groups(x.to(at::kFloat), residual, pad_to);

@@ -15,6 +15,7 @@ from lmserve.model.weight_formats.int4 import (
     INT4_GROUP,
     can_pack_int4,
     int4_linear,
+    int4_linear_bf16_reference,
     int4_linear_reference,
     int4_linear_supported,
     pack_int4,
@@ -140,8 +141,10 @@ def test_product_matches_the_reference(rows, cols, out):
     packed = pack_int4(q)
     x = activations(rows, cols, seed=rows)
     bias = torch.randn(out)
+    on_bf16_tiles = native_module().int4_linear_path(rows) == "bf16_tiles"
+    reference = int4_linear_bf16_reference if on_bf16_tiles else int4_linear_reference
     for b in (None, bias):
-        expected = int4_linear_reference(x, packed, scales, lows, b)  # float64 sums, rounded once
+        expected = reference(x, packed, scales, lows, b)  # float64 sums, rounded once
         got = int4_linear(x, packed, scales, lows, b)
         # float32 accumulation over cols / 32 groups: far below one int8 step of any activation
         assert (got - expected).abs().max() <= 2e-6 * expected.abs().max() * (cols // INT4_GROUP), (rows, cols, out)
@@ -150,7 +153,7 @@ def test_product_matches_the_reference(rows, cols, out):
     assert (int4_linear(x, packed, scales, lows, None) - exact).norm() < 0.03 * exact.norm()
 
 
-@pytest.mark.parametrize("rows", [3, 20])  # the register tiles, and the AMX tiles where there are any
+@pytest.mark.parametrize("rows", [3, 20, 70])  # the register tiles, and the AMX tiles where there are any
 def test_extreme_values_do_not_overflow(rows):
     if not int4_linear_supported():
         pytest.skip("this CPU has no AVX512-VNNI")
@@ -162,7 +165,7 @@ def test_extreme_values_do_not_overflow(rows):
     assert q.max().item() == 15
     x = torch.full((rows, k), 2.0)
     x[1] = -2.0
-    expected = int4_linear_reference(x, pack_int4(q), scales, lows, None)
+    expected = int4_linear_reference(x, pack_int4(q), scales, lows, None)  # both paths exact here
     got = int4_linear(x, pack_int4(q), scales, lows, None)
     assert torch.allclose(got, expected, rtol=1e-5) and expected[1].max() < 0 < expected[0].min()
 
@@ -187,10 +190,52 @@ def test_amx_tiles_give_the_register_tiles_results_bit_for_bit(rows, cols, out):
     x = activations(rows, cols, seed=cols)
     bias = torch.randn(out)
     for b in (None, bias):
-        on_tiles = module.int4_linear(x, packed, scales, lows, b, tiles=True)
-        on_registers = module.int4_linear(x, packed, scales, lows, b, tiles=False)
+        on_tiles = module.int4_linear(x, packed, scales, lows, b, path="int8_tiles")
+        on_registers = module.int4_linear(x, packed, scales, lows, b, path="registers")
         assert on_tiles.shape == (rows, out) and torch.equal(on_tiles, on_registers)
         assert torch.equal(on_tiles[5:9], module.int4_linear(x[5:9], packed, scales, lows, b))  # rows alone
+
+
+def test_steps_take_the_tiles_where_the_cpu_has_amx():
+    flags, module = cpu_flags(), native_module()
+    amx_int8 = {"amx_tile", "amx_int8"} <= flags and int4_linear_supported()
+    amx_bf16 = amx_int8 and {"amx_bf16", "avx512_bf16", "avx512vbmi"} <= flags
+    assert module.int4_bf16_tiles_supported() == amx_bf16
+    assert module.int4_linear_path(1) == module.int4_linear_path(15) == "registers"
+    assert module.int4_linear_path(16) == module.int4_linear_path(63) == ("int8_tiles" if amx_int8 else "registers")
+    assert module.int4_linear_path(64) == module.int4_linear_path(2048) == (
+        "bf16_tiles" if amx_bf16 else "int8_tiles" if amx_int8 else "registers")
+
+
+# rows: under one tile, one pair of tiles and a tail; out: an odd number of blocks (one block alone
+# at the end of a thread's share) and an even one; cols: one group to the MLP's 1536
+@pytest.mark.parametrize("rows, cols, out", [(5, 32, 16), (32, 96, 48), (70, 576, 80), (64, 1536, 576),
+                                             (130, 160, 208)])
+def test_bf16_tiles_match_their_reference(rows, cols, out):
+    module = native_module()
+    if not module.int4_bf16_tiles_supported():
+        pytest.skip("this CPU has no AMX-BF16")
+    weight = q4_1_file_weight(out, cols, seed=rows + 1)[0]
+    q, scales, lows = quantize_int4_groups(weight)
+    packed = pack_int4(q)
+    x = activations(rows, cols, seed=rows + 2)
+    bias = torch.randn(out)
+    for b in (None, bias):
+        expected = int4_linear_bf16_reference(x, packed, scales, lows, b)
+        got = module.int4_linear(x, packed, scales, lows, b, path="bf16_tiles")
+        assert got.shape == (rows, out)
+        assert (got - expected).abs().max() <= 2e-6 * expected.abs().max() * (cols // INT4_GROUP), (rows, cols, out)
+    # no worse than the int8 activation groups against what the weight stands for
+    exact = x @ weight.t()
+    on_tiles = module.int4_linear(x, packed, scales, lows, None, path="bf16_tiles")
+    on_registers = module.int4_linear(x, packed, scales, lows, None, path="registers")
+    assert (on_tiles - exact).norm() <= (on_registers - exact).norm() * 1.01
+
+
+def test_an_unknown_path_is_refused():
+    q, scales, lows = quantize_int4_groups(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="path: auto, bf16_tiles, int8_tiles or registers"):
+        native_module().int4_linear(torch.zeros(2, 64), pack_int4(q), scales, lows, None, path="fast")
 
 
 def test_a_mis_shaped_weight_is_refused():

@@ -126,6 +126,19 @@ def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
     return out if bias is None else out + bias.float()
 
 
+def int4_linear_bf16_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """kernels/int4_bf16_tiles.h's arithmetic (steps of many rows on AMX-BF16 tiles) in float64 (the
+    tiles accumulate in float32): the weight widened to bfloat16 (q * scale + low, rounded to nearest
+    even) times the activations rounded to bfloat16."""
+    q = unpack_int4(packed)
+    n, k = q.shape
+    weight = (q.float().view(n, -1, INT4_GROUP) * scales.t().float()[..., None]
+              + lows.t().float()[..., None]).view(n, k)
+    out = (x.float().bfloat16().double() @ weight.bfloat16().double().t()).float()
+    return out if bias is None else out + bias.float()
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x (M, K) float32, packed (N/16, K/8, 16, 4) uint8 from pack_int4, scales and lows (K/G, N)
