@@ -22,7 +22,8 @@
 #endif
 
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
-                          const std::optional<torch::Tensor>& bias, int64_t block);
+                          const std::optional<torch::Tensor>& bias, int64_t block, const std::string& path);
+std::string int8_linear_path(int64_t rows, int64_t k);
 std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block);
 torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor& w_scales, const torch::Tensor& ids,
                                int64_t block);
@@ -67,7 +68,7 @@ struct NativeLinear {
             if (bias) out = out + *bias;
             return out.to(x.scalar_type());
         }
-        if (wide_weight.defined()) return int8_linear(x.to(at::kFloat), wide_weight, wide_scales, bias, wide_block).to(x.scalar_type());
+        if (wide_weight.defined()) return int8_linear(x.to(at::kFloat), wide_weight, wide_scales, bias, wide_block, "auto").to(x.scalar_type());
         if (packed) {
             static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
             std::vector<c10::IValue> stack{x.to(weight.scalar_type()), weight,
@@ -341,7 +342,10 @@ class NativeDecoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
-    m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations");
+    m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
+          py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),
+          py::arg("path") = "auto");
+    m.def("int8_linear_path", &int8_linear_path, "the path int8_linear takes for a packed weight in a step of this many rows");
     m.def("argmax_rows", &argmax_rows, "each row's first maximum (NaN counts as the maximum)");
     m.def("rms_norm", &rms_norm, "rms_norm_rows for float32 rows and weight, ATen's rms_norm otherwise");
     m.def("rms_norm_rows", &rms_norm_rows, "float32 rows times 1 / sqrt(mean(x^2) + eps) times a float32 weight");

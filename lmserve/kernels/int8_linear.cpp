@@ -12,10 +12,12 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "int8_rows.h"
+#include "int8_tiles.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -188,7 +190,7 @@ void vnni_rows(int64_t m, const int8_t* a, int64_t k, const uint8_t* w, const in
 // Each thread takes an even share of the 16-output blocks and, 64 rows at a time, runs every row
 // against each tile of its blocks, so a tile's weights are read from memory once per 64 rows.
 torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scales, const torch::Tensor& packed,
-                           const torch::Tensor& w_scales, const float* bias) {
+                           const torch::Tensor& w_scales, const float* bias, bool on_tiles) {
     const int64_t m = xq.size(0), k = xq.size(1), blocks = packed.size(0), n = blocks * 16;
     auto out = torch::empty({m, n}, x_scales.options());
     const int8_t* a = xq.data_ptr<int8_t>();
@@ -207,6 +209,12 @@ torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scale
     const float* xs = x_scales.data_ptr<float>();
     const float* ws = w_scales.data_ptr<float>();
     float* op = out.data_ptr<float>();
+#if defined(LMSERVE_W8A8_TILES)
+    if (on_tiles) {
+        int8_tiles::product(a, m, k, w, blocks, row_offsets.data(), xs, ws, bias, op);
+        return out;
+    }
+#endif
     const int64_t block_bytes = k * 16, lines_per_block = k / 4;
     constexpr int64_t kChunkRows = 64;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -253,12 +261,23 @@ bool int8_packed_supported() {
 #endif
 }
 
+// The path int8_linear takes for a packed weight of K columns in a step of `rows` rows: "int8_tiles"
+// (AMX-INT8, from 16 rows, K a multiple of 64) or "registers" (AVX512-VNNI).
+std::string int8_linear_path(int64_t rows, int64_t k) {
+#if defined(LMSERVE_W8A8_TILES) && defined(LMSERVE_VNNI_GEMM)
+    if (rows >= int8_tiles::kMinRows && int8_tiles::fits(k) && int4_tiles::usable()) return "int8_tiles";
+#endif
+    return "registers";
+}
+
 // x (M, K) float32, weight (N, K) int8 or packed (N/16, K/4, 16, 4) uint8 (pack_weight in
 // model/int8.py) with (N,) float32 scales, bias (N,) float32 or none -> (M, N) float32
 // = (int32 sums * x_scale[m]) * w_scale[n] (+ bias[n]). The weight was quantized after the same
-// blockwise transform (and its 1/block), so the transforms cancel in the product.
+// blockwise transform (and its 1/block), so the transforms cancel in the product. A packed weight
+// runs on int8_linear_path's choice for `path` "auto", or on "int8_tiles" or "registers" as asked:
+// the same results bit for bit.
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
-                          const std::optional<torch::Tensor>& bias, int64_t block) {
+                          const std::optional<torch::Tensor>& bias, int64_t block, const std::string& path) {
     const bool packed = weight.scalar_type() == at::kByte;
     TORCH_CHECK(packed ? weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4 && weight.is_contiguous()
                        : weight.dim() == 2 && weight.scalar_type() == at::kChar,
@@ -267,11 +286,15 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.numel() == n && w_scales.is_contiguous(),
                 "weight scales: float32 (N,)");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
+    TORCH_CHECK(path == "auto" || path == "int8_tiles" || path == "registers", "path: auto, int8_tiles or registers");
+    TORCH_CHECK(path != "int8_tiles" || (packed && int8_linear_path(int8_tiles::kMinRows, k) == "int8_tiles"),
+                "no AMX-INT8 tiles for this weight here");
     const auto b = float_bias(bias, n);
     auto [xq, x_scales] = quantize_rows(x, block);
     if (packed) {
 #if defined(LMSERVE_VNNI_GEMM)
-        return vnni_product(xq, x_scales, weight, w_scales, b ? b->data_ptr<float>() : nullptr);
+        const bool on_tiles = path == "int8_tiles" || (path == "auto" && int8_linear_path(x.size(0), k) == "int8_tiles");
+        return vnni_product(xq, x_scales, weight, w_scales, b ? b->data_ptr<float>() : nullptr, on_tiles);
 #else
         TORCH_CHECK(false, "packed int8 weights need a build with AVX512-VNNI (int8_packed_supported())");
 #endif

@@ -139,12 +139,41 @@ def test_packed_product_matches_the_reference_bit_for_bit(rows, cols, out):
         assert torch.equal(int8_linear_reference(x, packed, scales.float(), b, block), expected)
 
 
-def test_packed_product_sums_saturated_rows_without_overflow():
+def test_packed_products_take_the_amx_tiles_where_the_cpu_has_them():
+    # so that on such a CPU (this project's machines) the test below compares two different paths
+    module = native_module()
+    amx = {"amx_tile", "amx_int8"} <= cpu_flags() and packs_weights()
+    assert module.int8_linear_path(16, 64) == module.int8_linear_path(4096, 1536) == ("int8_tiles" if amx else "registers")
+    assert module.int8_linear_path(15, 64) == "registers"
+    assert module.int8_linear_path(64, 100) == "registers"  # K not in whole 64-column steps
+
+
+# rows: one tile, one and two pairs of tiles with tails; out: an odd number of 16-output blocks (a
+# block alone at the end of a thread's share) and even ones; cols: one step of 64 to the MLP's 1536
+@pytest.mark.parametrize("rows, cols, out", [(16, 64, 16), (31, 128, 48), (33, 576, 80), (100, 1536, 576)])
+def test_amx_tiles_give_the_register_kernels_results_bit_for_bit(rows, cols, out):
+    module = native_module()
+    if module.int8_linear_path(rows, cols) != "int8_tiles":
+        pytest.skip("this CPU has no AMX-INT8")
+    x, weight, bias = w8a8_case(rows, cols, out, seed=rows)
+    block = hadamard_block(cols)
+    q, scales = quantize_int8(rotate_weight(weight, block))
+    packed = pack_weight(q)
+    for b in (None, bias):
+        on_tiles = module.int8_linear(x, packed, scales.float(), b, block, path="int8_tiles")
+        assert torch.equal(on_tiles, module.int8_linear(x, packed, scales.float(), b, block, path="registers"))
+        assert torch.equal(on_tiles, int8_linear_reference(x, q, scales.float(), b, block))
+    with pytest.raises(RuntimeError, match="path: auto, int8_tiles or registers"):
+        module.int8_linear(x, packed, scales.float(), None, block, path="fast")
+
+
+@pytest.mark.parametrize("rows", [5, 20])  # the register kernel, and the AMX tiles where there are any
+def test_packed_product_sums_saturated_rows_without_overflow(rows):
     if not packs_weights():
         pytest.skip("this CPU has no AVX512-VNNI")
     # every activation and weight at +-127: the largest sums the unsigned-offset trick must undo
     k = 1536
-    x = torch.full((5, k), 3.0)
+    x = torch.full((rows, k), 3.0)
     x[1] = -3.0
     x[2, ::2] = -3.0
     weight = torch.full((32, k), 127, dtype=torch.int8)
