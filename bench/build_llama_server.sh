@@ -39,6 +39,7 @@ int main(void) {
     if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) return 1;
     memset(config, 0, sizeof config);
     config[0] = 1; config[16] = 64; config[48] = 16;  /* palette 1, tile 0: 16 rows of 64 bytes */
+    __asm__ volatile("" : : "r"(config) : "memory");  /* else GCC drops the stores ldtilecfg reads */
     _tile_loadconfig(config);
     _tile_zero(0);
     _tile_release();
@@ -58,6 +59,14 @@ if [ ! -f "$SDIST" ]; then
         "llama-cpp-python==$VERSION" -d "$CACHE"
 fi
 [ -d "$SRC/vendor/llama.cpp" ] || tar -xzf "$SDIST" -C "$CACHE"
+
+# GCC 12's _tile_loadconfig tells the compiler that ldtilecfg reads 8 bytes, so the tile rows ggml
+# writes into its stack config before it can be dropped, and its first tile instruction then faults
+# (SIGILL in tinygemm_kernel_amx): a compiler barrier before the load keeps them. Idempotent.
+MMQ="$SRC/vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp"
+if [ -f "$MMQ" ] && ! grep -q "lmserve-bench: barrier" "$MMQ"; then
+    sed -i 's|^    _tile_loadconfig(&tc);|    __asm__ volatile("" : : "r"(\&tc) : "memory");  /* lmserve-bench: barrier */\n    _tile_loadconfig(\&tc);|' "$MMQ"
+fi
 
 # Native CPU kernels; no curl/OpenSSL (the server only ever loads a local file), no tests.
 EXTRA_FLAGS="$(no_amx_flags)"

@@ -30,6 +30,7 @@ struct alignas(64) TileConfig {
 
 inline void configure() {
     static const TileConfig config;
+    asm volatile("" : : "r"(&config) : "memory");  // ldtilecfg reads all 64 bytes; GCC 12's intrinsic says 8
     _tile_loadconfig(&config);
 }
 
