@@ -73,15 +73,18 @@ def write_model(path: Path, quant: str, seed: int = 0) -> Path:
     for key, value in tokenizer_metadata(s["vocab"]).items():
         writer.add_key_value(key, *value)
 
-    def matrix(name: str, rows: int, cols: int) -> None:
+    def matrix(name: str, rows: int, cols: int, as_type: gguf.GGMLQuantizationType = qtype) -> None:
         data = rng.normal(0.0, STD, (rows, cols)).astype(np.float32)
-        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        writer.add_tensor(name, gguf.quants.quantize(data, as_type), raw_dtype=as_type)
 
     def vector(name: str, size: int, value: float | None = None) -> None:
         data = np.full(size, value, np.float32) if value is not None else rng.normal(0.0, STD, size).astype(np.float32)
         writer.add_tensor(name, data)
 
-    matrix("token_embd.weight", s["vocab"], s["hidden"])
+    # The tied embedding (and so the head) at Q8_0 whatever the layers' type: llama-quantize writes a
+    # tied head as Q6_K, or Q8_0 where its rows (896 here, 576 in SmolLM2) are not whole 256-blocks,
+    # which is how the packaged SmolLM2 Q4_1 file has it.
+    matrix("token_embd.weight", s["vocab"], s["hidden"], gguf.GGMLQuantizationType.Q8_0)
     vector("output_norm.weight", s["hidden"], 1.0)
     kv = s["kv_heads"] * head_dim
     for layer in range(s["layers"]):
