@@ -22,22 +22,6 @@ namespace int4_bf16_tiles {
 
 constexpr int64_t kMinRows = 64;  // fewer rows: widening the weight costs more than the tiles gain
 
-// Tiles 0-3: sums for 2 x 2 tiles of 16 rows x 16 outputs; 4 and 5: activations of rows 0-15 and
-// 16-31; 6 and 7: the weights of two blocks.
-struct alignas(64) TileConfig {
-    uint8_t palette = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-inline void configure() {
-    static const TileConfig config;
-    asm volatile("" : : "r"(&config) : "memory");  // ldtilecfg reads all 64 bytes; GCC 12's intrinsic says 8
-    _tile_loadconfig(&config);
-}
-
 // A 16-output block of the packed weight (k * 8 bytes, layout in int4_linear.cpp) widened to B operands,
 // group after group (1,024 bytes each); ws and wl: the block's scales and lows (stride n).
 inline void widen_block(const uint8_t* w, int64_t groups, const at::Half* ws, const at::Half* wl, int64_t n,
@@ -102,12 +86,7 @@ inline void round_rows(const float* x, int64_t m, int64_t k, int64_t padded, uin
 template <bool kTwo>
 inline void tile_rows(const uint16_t* a, int64_t k, const uint16_t* b0, const uint16_t* b1, const float* bias,
                       float* out, int64_t ldo, int64_t rows) {
-    _tile_zero(0);
-    _tile_zero(2);
-    if constexpr (kTwo) {
-        _tile_zero(1);
-        _tile_zero(3);
-    }
+    int4_tiles::zero_square_sums<kTwo>();
     const int64_t a_stride = k * 2;
     for (int64_t c = 0; c < k; c += 32) {  // a group of 32 columns: 16 rows of B each
         _tile_loadd(4, a + c, a_stride);
@@ -122,13 +101,7 @@ inline void tile_rows(const uint16_t* a, int64_t k, const uint16_t* b0, const ui
         }
     }
     alignas(64) float sums[4][256];
-    _tile_stored(0, sums[0], 64);
-    _tile_stored(2, sums[2], 64);
-    if constexpr (kTwo) {
-        _tile_stored(1, sums[1], 64);
-        _tile_stored(3, sums[3], 64);
-    }
-    int4_tiles::memory_barrier();
+    int4_tiles::store_square_sums<kTwo>(sums);
     const int64_t blocks = kTwo ? 2 : 1;
     for (int64_t r = 0; r < rows; ++r) {
         for (int64_t j = 0; j < blocks; ++j) {
@@ -157,7 +130,7 @@ inline torch::Tensor product(const torch::Tensor& x, const torch::Tensor& packed
         std::vector<uint16_t> wide(2 * k * 16);
         uint16_t* b0 = wide.data();
         uint16_t* b1 = b0 + k * 16;
-        configure();
+        int4_tiles::configure_square();
         for (int64_t pair = begin; pair < end; ++pair) {
             const int64_t j = 2 * pair;
             const bool two = j + 1 < blocks;

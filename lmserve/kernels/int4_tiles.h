@@ -88,6 +88,46 @@ LMT_GROUP_SUMS(even, 0, 2, 4)
 LMT_GROUP_SUMS(odd, 1, 3, 5)
 #undef LMT_GROUP_SUMS
 
+// Eight tiles of 16 rows x 64 bytes, for int4_bf16_tiles.h and int8_tiles.h: sums for 2 x 2 tiles
+// of 16 rows x 16 outputs (0-3: rows 0-15 and 16-31 of block j in 0 and 2, of block j + 1 in 1 and
+// 3), two tiles of activation rows (4, 5) and two of weights (6, 7).
+struct alignas(64) SquareConfig {
+    uint8_t palette = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+inline void configure_square() {
+    static const SquareConfig config;
+    asm volatile("" : : "r"(&config) : "memory");  // ldtilecfg reads all 64 bytes; GCC 12's intrinsic says 8
+    _tile_loadconfig(&config);
+}
+
+// The square's sums set to zero: blocks j and j + 1 (kTwo) or j alone.
+template <bool kTwo>
+inline void zero_square_sums() {
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (kTwo) {
+        _tile_zero(1);
+        _tile_zero(3);
+    }
+}
+
+// The square's sums stored to sums[t] (256 values of 4 bytes each) for tile t.
+template <bool kTwo, typename T>
+inline void store_square_sums(T (&sums)[4][256]) {
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(2, sums[2], 64);
+    if constexpr (kTwo) {
+        _tile_stored(1, sums[1], 64);
+        _tile_stored(3, sums[3], 64);
+    }
+    memory_barrier();
+}
+
 #define LMT_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
 
 // out[r, l] for r < rows (at most 16; a has 16 readable rows) and one 16-output block: as

@@ -18,22 +18,6 @@ namespace int8_tiles {
 
 constexpr int64_t kMinRows = 16;
 
-// Tiles 0-3: sums for 2 x 2 tiles of 16 rows x 16 outputs; 4 and 5: rows 0-15 and 16-31 of the
-// activations, 64 columns each; 6 and 7: the same 64 columns of two blocks of the weight.
-struct alignas(64) TileConfig {
-    uint8_t palette = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
-inline void configure() {
-    static const TileConfig config;
-    asm volatile("" : : "r"(&config) : "memory");  // ldtilecfg reads all 64 bytes; GCC 12's intrinsic says 8
-    _tile_loadconfig(&config);
-}
-
 // Whether a weight of K columns fits the tiles: whole 64-column steps.
 inline bool fits(int64_t k) { return k % 64 == 0; }
 
@@ -44,12 +28,7 @@ template <bool kTwo>
 inline void tile_rows(const int8_t* a, int64_t k, const uint8_t* w0, const uint8_t* w1, const int32_t* offsets,
                       const float* x_scales, const float* w_scales, const float* bias, float* out, int64_t ldo,
                       int64_t rows) {
-    _tile_zero(0);
-    _tile_zero(2);
-    if constexpr (kTwo) {
-        _tile_zero(1);
-        _tile_zero(3);
-    }
+    int4_tiles::zero_square_sums<kTwo>();
     for (int64_t c = 0; c < k; c += 64) {
         _tile_loadd(4, a + c, k);
         _tile_loadd(5, a + 16 * k + c, k);
@@ -63,13 +42,7 @@ inline void tile_rows(const int8_t* a, int64_t k, const uint8_t* w0, const uint8
         }
     }
     alignas(64) int32_t sums[4][256];
-    _tile_stored(0, sums[0], 64);
-    _tile_stored(2, sums[2], 64);
-    if constexpr (kTwo) {
-        _tile_stored(1, sums[1], 64);
-        _tile_stored(3, sums[3], 64);
-    }
-    int4_tiles::memory_barrier();
+    int4_tiles::store_square_sums<kTwo>(sums);
     const int64_t blocks = kTwo ? 2 : 1;
     for (int64_t r = 0; r < rows; ++r) {
         const __m512i offset = _mm512_set1_epi32(offsets[r]);
@@ -93,7 +66,7 @@ inline void product(const int8_t* a, int64_t m, int64_t k, const uint8_t* w, int
     std::vector<int8_t> rows(padded * k, 0);
     std::memcpy(rows.data(), a, m * k);
     at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-        configure();
+        int4_tiles::configure_square();
         for (int64_t pair = begin; pair < end; ++pair) {
             const int64_t j = 2 * pair;
             const uint8_t* w0 = w + j * block_bytes;
