@@ -110,12 +110,14 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._queues:
                 raise ValueError(f"request id {request_id!r} is already running")
-            if not self._accepting:
-                yield RequestOutput(request_id, [], finish_reason=FinishReason.ABORT,
-                                    num_prompt_tokens=len(prompt_ids), error=self._refusal)
-                return
-            self._queues[request_id] = (loop, outputs)
-            self._commands.put(("add", request_id, prompt_ids, params))  # under the lock: never after "close"
+            accepted = self._accepting
+            if accepted:
+                self._queues[request_id] = (loop, outputs)
+                self._commands.put(("add", request_id, prompt_ids, params))  # under the lock: never after "close"
+        if not accepted:  # yielded with the lock released: the caller may hold this generator paused
+            yield RequestOutput(request_id, [], finish_reason=FinishReason.ABORT,
+                                num_prompt_tokens=len(prompt_ids), error=self._refusal)
+            return
         finished = False
         try:
             while not finished:

@@ -13,7 +13,7 @@
 #include "int4_tiles.h"
 
 #include <algorithm>
-#include <vector>
+#include <memory>
 
 #if defined(LMSERVE_W4A8_TILES) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define LMSERVE_W4_BF16_TILES 1
@@ -30,13 +30,18 @@ inline void widen_block(const uint8_t* w, int64_t groups, const at::Half* ws, co
     // of B holds a pair of columns for each output: pair c of the low nibbles (c = 0, 1) takes bytes
     // l * 4 + 2c and l * 4 + 2c + 1, and so does pair c of the high ones. Each int32 lane of
     // picks[c][half] receives one such byte, for outputs 0-7 (half 0) or 8-15 (half 1).
-    __m512i picks[2][2];
-    for (int c = 0; c < 2; ++c)
-        for (int half = 0; half < 2; ++half) {
-            alignas(64) uint8_t index[64] = {};
-            for (int e = 0; e < 16; ++e) index[4 * e] = static_cast<uint8_t>((half * 8 + e / 2) * 4 + 2 * c + e % 2);
-            picks[c][half] = _mm512_load_si512(index);
+    struct Picks {
+        alignas(64) uint8_t index[2][2][64] = {};
+        Picks() {
+            for (int c = 0; c < 2; ++c)
+                for (int half = 0; half < 2; ++half)
+                    for (int e = 0; e < 16; ++e)
+                        index[c][half][4 * e] = static_cast<uint8_t>((half * 8 + e / 2) * 4 + 2 * c + e % 2);
         }
+    };
+    static const Picks table;  // built once
+    const __m512i picks[2][2] = {{_mm512_load_si512(table.index[0][0]), _mm512_load_si512(table.index[0][1])},
+                                 {_mm512_load_si512(table.index[1][0]), _mm512_load_si512(table.index[1][1])}};
     const __m512i nibble = _mm512_set1_epi32(0x0F);
     const __m512i first8 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i last8 = _mm512_add_epi32(first8, _mm512_set1_epi32(8));
@@ -127,8 +132,8 @@ inline torch::Tensor product(const torch::Tensor& x, const torch::Tensor& packed
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const int64_t block_bytes = k * 8;
     at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-        std::vector<uint16_t> wide(2 * k * 16);
-        uint16_t* b0 = wide.data();
+        const std::unique_ptr<uint16_t[]> wide(new uint16_t[2 * k * 16]);  // every byte written before it is read
+        uint16_t* b0 = wide.get();
         uint16_t* b1 = b0 + k * 16;
         int4_tiles::configure_square();
         for (int64_t pair = begin; pair < end; ++pair) {

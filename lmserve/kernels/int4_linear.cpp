@@ -15,8 +15,8 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <memory>
 #include <tuple>
-#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -233,7 +233,7 @@ bool int4_tiles_supported() {
 #endif
 }
 
-// Whether int4_linear runs steps of 32 rows and more on AMX-BF16 tiles here.
+// Whether int4_linear runs steps of 64 rows and more on AMX-BF16 tiles here.
 bool int4_bf16_tiles_supported() {
 #if defined(LMSERVE_W4_BF16_TILES) && defined(LMSERVE_W4A8_GEMM)
     return int4_tiles::usable();
@@ -303,13 +303,13 @@ void w4a8_registers(const W4A8Operands& p) {
 void w4a8_tiles(const W4A8Operands& p) {
     const int64_t block_bytes = p.k * 8, blocks = p.n / 16;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<uint8_t> unpacked(p.groups * 512);
+        const std::unique_ptr<uint8_t[]> unpacked(new uint8_t[p.groups * 512]);  // written before it is read
         int4_tiles::configure();
         for (int64_t j = begin; j < end; ++j) {
-            int4_tiles::unpack_block(p.w + j * block_bytes, p.groups, unpacked.data());
+            int4_tiles::unpack_block(p.w + j * block_bytes, p.groups, unpacked.get());
             for (int64_t m0 = 0; m0 < p.m; m0 += int4_tiles::kRows)
                 int4_tiles::block_rows(p.a + m0 * p.k, p.k, p.xs + m0 * p.groups, p.xu + m0 * p.groups, p.groups,
-                                       unpacked.data(), p.ws + j * 16, p.wl + j * 16, p.n,
+                                       unpacked.get(), p.ws + j * 16, p.wl + j * 16, p.n,
                                        p.bp != nullptr ? p.bp + j * 16 : nullptr, p.op + m0 * p.n + j * 16, p.n,
                                        std::min(int4_tiles::kRows, p.m - m0));
         }
@@ -318,14 +318,13 @@ void w4a8_tiles(const W4A8Operands& p) {
 }
 #endif
 
-
 }  // namespace
 #endif
 
 // x (M, K) float32, packed (N/16, K/8, 16, 4) uint8 (pack_int4 in model/int8.py), scales and lows
-// (K/32, N) float16, bias (N,) float32 or none -> (M, N) float32. `path` "auto" runs steps of 32 rows
-// and more on AMX-BF16 tiles and of 16 and more on AMX-INT8 tiles where there are any, the rest on the
-// register tiles; "bf16_tiles", "int8_tiles" or "registers" asks for one. The INT8 tiles give the
+// (K/32, N) float16, bias (N,) float32 or none -> (M, N) float32. `path` "auto" takes
+// int4_linear_path's choice: steps of 64 rows and more on AMX-BF16 tiles and of 16 and more on
+// AMX-INT8 tiles where there are any, the rest on the register tiles; "bf16_tiles", "int8_tiles" or "registers" asks for one. The INT8 tiles give the
 // register tiles' results bit for bit; the BF16 tiles round the activations to bfloat16 instead.
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
                           const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias,

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -21,11 +22,6 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-namespace {
-
-
-}  // namespace
 
 #if defined(__AVX512F__)
 // One butterfly stage of pair distance h (1, 2, 4 or 8) inside a vector of 16: lanes with bit h
@@ -76,13 +72,15 @@ void hadamard(float* row, int64_t cols, int64_t block) {
 
 // x (M, K) float32 -> (M, K) int8 and (M,) float32 scales: x ~ q * scale, scale = max|x| / 127,
 // after a Walsh-Hadamard transform of each `block` values (block 1: none), which spreads a few large
-// channels over their block so that one per-row scale fits every value of the row.
-std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x_in, int64_t block) {
+// channels over their block so that one per-row scale fits every value of the row. With `pad_to`,
+// zero rows of q follow up to a multiple of it (for the tiles, which read whole tiles).
+std::tuple<torch::Tensor, torch::Tensor> quantize_padded_rows(const torch::Tensor& x_in, int64_t block, int64_t pad_to) {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: float32 (M, K)");
     TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0 && x_in.size(1) % block == 0, "block: a power of two dividing K");
     const auto x = x_in.contiguous();
-    const int64_t rows = x.size(0), cols = x.size(1);
-    auto q = torch::empty({rows, cols}, x.options().dtype(at::kChar));
+    const int64_t rows = x.size(0), cols = x.size(1), padded = (rows + pad_to - 1) / pad_to * pad_to;
+    auto q = torch::empty({padded, cols}, x.options().dtype(at::kChar));
+    if (padded > rows) q.narrow(0, rows, padded - rows).zero_();
     auto scales = torch::empty({rows}, x.options());
     const float* xp = x.data_ptr<float>();
     int8_t* qp = q.data_ptr<int8_t>();
@@ -100,6 +98,10 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x_in
         }
     });
     return {q, scales};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block) {
+    return quantize_padded_rows(x, block, 1);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -186,12 +188,13 @@ void vnni_rows(int64_t m, const int8_t* a, int64_t k, const uint8_t* w, const in
     }
 }
 
-// (M, K) int8 rows with (M,) scales times the packed (N/16, K/4, 16, 4) weight -> (M, N) float32.
+// (M, K) int8 rows with (M,) scales (xq may hold zero rows after them) times the packed (N/16, K/4,
+// 16, 4) weight -> (M, N) float32.
 // Each thread takes an even share of the 16-output blocks and, 64 rows at a time, runs every row
 // against each tile of its blocks, so a tile's weights are read from memory once per 64 rows.
 torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scales, const torch::Tensor& packed,
                            const torch::Tensor& w_scales, const float* bias, bool on_tiles) {
-    const int64_t m = xq.size(0), k = xq.size(1), blocks = packed.size(0), n = blocks * 16;
+    const int64_t m = x_scales.size(0), k = xq.size(1), blocks = packed.size(0), n = blocks * 16;
     auto out = torch::empty({m, n}, x_scales.options());
     const int8_t* a = xq.data_ptr<int8_t>();
     std::vector<int32_t> row_offsets(m);
@@ -287,13 +290,17 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
                 "weight scales: float32 (N,)");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
     TORCH_CHECK(path == "auto" || path == "int8_tiles" || path == "registers", "path: auto, int8_tiles or registers");
-    TORCH_CHECK(path != "int8_tiles" || (packed && int8_linear_path(int8_tiles::kMinRows, k) == "int8_tiles"),
-                "no AMX-INT8 tiles for this weight here");
+    const bool tiles_here = packed && int8_linear_path(std::numeric_limits<int64_t>::max(), k) == "int8_tiles";
+    TORCH_CHECK(path != "int8_tiles" || tiles_here, "no AMX-INT8 tiles for this weight here");
+    const bool on_tiles = path == "int8_tiles" || (path == "auto" && packed && int8_linear_path(x.size(0), k) == "int8_tiles");
     const auto b = float_bias(bias, n);
+#if defined(LMSERVE_W8A8_TILES)
+    auto [xq, x_scales] = quantize_padded_rows(x, block, on_tiles ? int8_tiles::kChunkRows : 1);
+#else
     auto [xq, x_scales] = quantize_rows(x, block);
+#endif
     if (packed) {
 #if defined(LMSERVE_VNNI_GEMM)
-        const bool on_tiles = path == "int8_tiles" || (path == "auto" && int8_linear_path(x.size(0), k) == "int8_tiles");
         return vnni_product(xq, x_scales, weight, w_scales, b ? b->data_ptr<float>() : nullptr, on_tiles);
 #else
         TORCH_CHECK(false, "packed int8 weights need a build with AVX512-VNNI (int8_packed_supported())");

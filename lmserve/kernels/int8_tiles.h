@@ -11,12 +11,11 @@
 #define LMSERVE_W8A8_TILES 1
 
 #include <algorithm>
-#include <cstring>
-#include <vector>
 
 namespace int8_tiles {
 
 constexpr int64_t kMinRows = 16;
+constexpr int64_t kChunkRows = 32;  // rows of a pass: two tiles; the activations come padded to a multiple
 
 // Whether a weight of K columns fits the tiles: whole 64-column steps.
 inline bool fits(int64_t k) { return k % 64 == 0; }
@@ -57,27 +56,25 @@ inline void tile_rows(const int8_t* a, int64_t k, const uint8_t* w0, const uint8
     }
 }
 
-// (m, k) int8 rows a with their offsets (128 times each row's sum) and scales times the packed weight
-// (blocks of k * 16 bytes) -> out (m, n). Each thread takes an even share of the pairs of blocks and
-// runs every 32 rows against each pair; the rows are copied once into whole tiles.
+// (m, k) int8 rows a (zero rows after them up to a multiple of kChunkRows) with their offsets (128
+// times each row's sum) and scales times the packed weight (blocks of k * 16 bytes) -> out (m, n).
+// Each thread takes an even share of the pairs of blocks and runs every 32 rows against each pair.
 inline void product(const int8_t* a, int64_t m, int64_t k, const uint8_t* w, int64_t blocks, const int32_t* offsets,
                     const float* x_scales, const float* w_scales, const float* bias, float* out) {
-    const int64_t n = blocks * 16, padded = (m + 31) / 32 * 32, block_bytes = k * 16;
-    std::vector<int8_t> rows(padded * k, 0);
-    std::memcpy(rows.data(), a, m * k);
+    const int64_t n = blocks * 16, block_bytes = k * 16;
     at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t begin, int64_t end) {
         int4_tiles::configure_square();
         for (int64_t pair = begin; pair < end; ++pair) {
             const int64_t j = 2 * pair;
             const uint8_t* w0 = w + j * block_bytes;
             const float* bj = bias != nullptr ? bias + j * 16 : nullptr;
-            for (int64_t m0 = 0; m0 < m; m0 += 32) {
-                const int64_t count = std::min<int64_t>(32, m - m0);
+            for (int64_t m0 = 0; m0 < m; m0 += kChunkRows) {
+                const int64_t count = std::min(kChunkRows, m - m0);
                 if (j + 1 < blocks)
-                    tile_rows<true>(rows.data() + m0 * k, k, w0, w0 + block_bytes, offsets + m0, x_scales + m0,
+                    tile_rows<true>(a + m0 * k, k, w0, w0 + block_bytes, offsets + m0, x_scales + m0,
                                     w_scales + j * 16, bj, out + m0 * n + j * 16, n, count);
                 else
-                    tile_rows<false>(rows.data() + m0 * k, k, w0, nullptr, offsets + m0, x_scales + m0,
+                    tile_rows<false>(a + m0 * k, k, w0, nullptr, offsets + m0, x_scales + m0,
                                      w_scales + j * 16, bj, out + m0 * n + j * 16, n, count);
             }
         }

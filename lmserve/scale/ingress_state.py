@@ -36,6 +36,14 @@ def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: S
                      ["model", "replica"], registry=metrics.registry)
     connected: dict[str, RemoteEngine] = {}
     metrics.registry.register(_ReplicaLoads(connected))
+    # One observer per replica for the ingress's life: a model unloaded and connected again finds
+    # its replicas' counters where it left them.
+    replica_observers: dict[tuple[str, str], Any] = {}
+
+    def replica_observer(model: str, replica: str) -> Any:
+        if (model, replica) not in replica_observers:
+            replica_observers[model, replica] = metrics.observer(model)
+        return replica_observers[model, replica]
 
     def load(entry: ModelEntry, progress: Any) -> RemoteChatModel:
         handle = engines.get(entry.id)
@@ -45,7 +53,7 @@ def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: S
         engine = connected[entry.id] = RemoteEngine.connect(
             handle, mailbox, num_replicas=settings.most_replicas, observers=[metrics.observer(entry.id)],
             routed=lambda replica: routed.labels(entry.id, replica).inc(),
-            stats_observer=lambda: metrics.observer(entry.id))
+            stats_observer=lambda replica: replica_observer(entry.id, replica))
         return RemoteChatModel(engine)
 
     state = server_state(args, load, metrics)

@@ -48,13 +48,14 @@ def replica_gone_errors() -> tuple[type[BaseException], ...]:
 class RemoteEngine:
     def __init__(self, handle: Any, description: EngineDescription, mailbox: Mailbox, *, num_replicas: int = 1,
                  observers: Sequence[EngineObserver] = (), routed: Callable[[str], None] | None = None,
-                 stats_observer: Callable[[], EngineObserver] | None = None,
+                 stats_observer: Callable[[str], EngineObserver] | None = None,
                  max_retries: int = DEFAULT_MAX_RETRIES):
         """`handle`: the model's deployment handle; `description`: what one replica reported;
         `num_replicas`: the most replicas it runs, which the ingress's queues are sized for;
         `routed(replica)`: told which replica each request's first output came from;
-        `stats_observer()`: makes the observer that hears one replica's step stats (each
-        replica's counters run from its own start, so each gets its own)."""
+        `stats_observer(replica)`: the observer that hears that replica's step stats, the same one
+        for as long as the replica runs, whatever engine connects to it (each replica's counters
+        run from its own start, and an observer counts their increases)."""
         from lmserve.sampling.grammar import GrammarCompiler
 
         scheduler = description.config.scheduler
@@ -72,7 +73,6 @@ class RemoteEngine:
         self._handle = handle
         self._mailbox = mailbox
         self._stats_observer = stats_observer
-        self._stats_observers: dict[str, EngineObserver] = {}
         mailbox.on_stats(description.config.served_model_name, self._replica_stats)
         self._blocks_per_replica = description.num_kv_blocks
         self._num_replicas = num_replicas
@@ -195,9 +195,7 @@ class RemoteEngine:
     def _replica_stats(self, replica: str, stats: list) -> None:
         if self._stats_observer is None:
             return
-        observer = self._stats_observers.get(replica)
-        if observer is None:
-            observer = self._stats_observers[replica] = self._stats_observer()
+        observer = self._stats_observer(replica)
         now = time.monotonic()
         for step in stats:
             notify((observer,), "step_done", step, [], now)

@@ -70,6 +70,27 @@ def test_a_closed_engine_answers_new_requests_at_once():
     assert refused.finish_reason == FinishReason.ABORT and refused.num_prompt_tokens == 2
 
 
+def test_a_refused_request_holds_no_lock_while_its_caller_is_paused():
+    """The refusal is yielded with the engine's lock released: a caller holding the generator paused
+    after it (writing the answer out) must not block close or drain, which take that lock."""
+    engine = AsyncEngine(CountingEngine())
+    engine.close()
+
+    async def main():
+        stream = engine.generate("late", [1, 2], SamplingParams())
+        refused = await anext(stream)  # paused right after its one output
+        closer = threading.Thread(target=engine.close)
+        closer.start()
+        closer.join(5)
+        blocked = closer.is_alive()
+        await stream.aclose()
+        closer.join(5)
+        return refused, blocked
+
+    refused, blocked = asyncio.run(main())
+    assert refused.finish_reason == FinishReason.ABORT and not blocked
+
+
 def test_snapshot_reads_the_engines_load():
     engine = AsyncEngine(CountingEngine())
     try:
