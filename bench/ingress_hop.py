@@ -1,7 +1,8 @@
 """`python -m bench.ingress_hop`: what the Ray Serve ingress costs. lmserve served directly, then
 through Ray Serve with one replica (`--replicas 1`, the replica reserving every core), on the
 same GGUF, the same streamed decode workload, one server at a time; prints throughput, TTFT and
-ITL side by side and the ratio (the target: within 10% of direct).
+ITL side by side and the ratio (the target: within 10% of direct). `--cpus 1` on a 2-core machine
+leaves the ingress and Ray's own processes a core, as a machine with cores to spare would.
 
 Needs the bench and ray extras: pip install -e '.[bench,ray]'.
 """
@@ -32,13 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-requests", type=int, help="default: 2 x concurrency")
     parser.add_argument("--gguf", type=Path, help="default: the packaged SmolLM2-135M-Instruct Q4_1")
     parser.add_argument("--lmserve-args", default="", help="extra `lmserve serve` arguments for both")
+    parser.add_argument("--cpus", type=int, help="the engine's threads, directly and in the replica (which reserves "
+                        "as many CPUs); default: every core. Fewer leaves the ingress and Ray cores of their own")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, help="logs folder (default: bench/out/ingress_hop-<time>)")
     args = parser.parse_args(argv)
     gguf = args.gguf or default_gguf()
     workload, = level_workloads([args.concurrency], args.prompt_tokens, args.max_tokens, 0, args.num_requests)
     out = args.out or default_out_dir("ingress_hop")
-    cores = str(os.cpu_count() or 1)
+    cores = str(args.cpus or os.cpu_count() or 1)
     common = ["--no-embedding-model", "--max-model-len", str(slot_tokens(workload)), *shlex.split(args.lmserve_args)]
     runs: dict[str, LevelRun] = {}
     for label, extra in (("direct", ["--threads", cores]), ("ray-serve", ["--replicas", "1", "--replica-cpus", cores])):

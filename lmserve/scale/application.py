@@ -4,9 +4,10 @@ engine replicas per chat model, routed by prefix (ray_router.py).
     ingress (one replica: every route, the conversation store, the embedding model, /metrics)
       -> deployment "lmserve-engine-<model>" (N replicas, each an EngineReplica)
 
-`lmserve serve ... --replicas N` builds it from its flags and runs it (launch.py); people with a
-Ray cluster of their own run `serve run lmserve.scale:app argv="MODEL --replicas 4 ..."`, the
-same flags as one string.
+`lmserve serve ... --replicas N` builds it from its flags and runs it (launch.py), the ingress
+answering HTTP itself on the node it runs on (listener.py); people with a Ray cluster of their
+own run `serve run lmserve.scale:app argv="MODEL --replicas 4 ..."`, the same flags as one
+string, behind Ray Serve's proxy.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ray.serve.config import RequestRouterConfig
 
 from lmserve.config import EngineConfig
 from lmserve.fleet.catalogue import ModelEntry
-from lmserve.scale.options import ScaleSettings, replica_settings
+from lmserve.scale.options import ScaleSettings, check_proxy_listening, replica_settings
 from lmserve.scale.replica import EngineReplica
 
 log = logging.getLogger("lmserve.scale")
@@ -44,28 +45,39 @@ def deployment_name(model_id: str) -> str:
 class Ingress:
     """lmserve's app over the fleet of `args`, its chat models served by `engines` (handles by model id)."""
 
-    def __init__(self, args: argparse.Namespace, settings: ScaleSettings, engines: dict[str, Any]):
+    def __init__(self, args: argparse.Namespace, settings: ScaleSettings, engines: dict[str, Any],
+                 listen: dict[str, Any] | None = None):
+        """`listen`: uvicorn's options when this replica answers HTTP itself (listener.py), None
+        behind Ray Serve's proxy."""
         from lmserve.scale.mailbox import Mailbox
 
-        self._args, self._settings, self._engines = args, settings, engines
+        self._args, self._settings, self._engines, self._listen = args, settings, engines, listen
         self._mailbox = Mailbox()
+        self._http: Any = None  # the listener's task, kept while the replica runs
 
     def deliver(self, batch: list, load: Any, stats: list) -> None:
         """Outputs and step stats from an engine replica (mailbox.py)."""
         self._mailbox.deliver(batch, load, stats)
 
-    def __serve_build_asgi_app__(self) -> Any:
+    async def __serve_build_asgi_app__(self) -> Any:  # on the replica's event loop, where the listener runs
         from lmserve.cli_parser import configure_logging
         from lmserve.scale.ingress_state import ingress_state
         from lmserve.server.app import create_app
 
         configure_logging(self._args.log_level)
-        return create_app(ingress_state(self._args, self._engines, self._settings, self._mailbox))
+        app = create_app(ingress_state(self._args, self._engines, self._settings, self._mailbox))
+        if self._listen is not None:
+            from lmserve.scale import listener
+
+            self._http = listener.start(app, self._listen)
+        return app
 
 
-def build_application(args: argparse.Namespace) -> Any:
+def build_application(args: argparse.Namespace, listen: dict[str, Any] | None = None,
+                      node_ip: str | None = None) -> Any:
     """The Ray Serve application `args` (parsed `lmserve serve` flags) describe. ValueError for
-    flags it cannot run with."""
+    flags it cannot run with. With `listen` (uvicorn's options), the ingress answers HTTP itself,
+    on the node whose address is `node_ip`."""
     from lmserve.serve_settings import catalogue, embedding_config, engine_config, preflight_pinned
 
     settings = replica_settings(args)
@@ -76,10 +88,13 @@ def build_application(args: argparse.Namespace) -> Any:
     replica_config = replace(config, num_threads=config.num_threads or max(1, int(settings.replica_cpus)))
     engines = {entry.id: _engine_deployment(entry, config, settings).bind(replica_config, entry, INGRESS_NAME)
                for entry in models.entries() if entry.kind == "chat"}
+    actor_options: dict[str, Any] = {"num_cpus": 0}
+    if node_ip is not None:
+        actor_options["resources"] = {f"node:{node_ip}": 0.001}  # Ray's own resource of that node
     ingress = serve.deployment(Ingress, name=INGRESS_NAME, num_replicas=1,
-                               max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, ray_actor_options=actor_options,
                                logging_config=_LOGGING)
-    return ingress.bind(args, settings, engines)
+    return ingress.bind(args, settings, engines, listen)
 
 
 def _engine_deployment(entry: ModelEntry, config: EngineConfig, settings: ScaleSettings) -> Any:
@@ -133,4 +148,6 @@ def app(args: dict[str, Any]) -> Any:
         raise ValueError(f"lmserve.scale:app takes one argument, argv (lmserve serve's flags); not {unknown}")
     argv = args.get("argv", "")
     argv = shlex.split(argv) if isinstance(argv, str) else [str(a) for a in argv]
-    return build_application(build_parser().parse_args(["serve", *argv]))
+    parsed = build_parser().parse_args(["serve", *argv])
+    check_proxy_listening(parsed)
+    return build_application(parsed)

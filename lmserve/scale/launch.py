@@ -1,15 +1,17 @@
 """`lmserve serve ... --replicas N`: run the application (application.py) on a local Ray instance, or on
-the cluster --ray-address names, until SIGINT or SIGTERM."""
+the cluster --ray-address names, until SIGINT or SIGTERM. The ingress answers HTTP itself
+(listener.py), on this machine, where --host and --port say: no Ray Serve proxy is started."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import threading
 
-from lmserve.scale.options import replica_settings
+from lmserve.scale.options import check_node_address, replica_settings
 
 log = logging.getLogger("lmserve.scale")
 
@@ -22,18 +24,24 @@ def serve_on_ray(args: argparse.Namespace) -> None:
         from ray import serve
     except ImportError:
         raise ValueError("--replicas needs Ray Serve: pip install 'lmserve[ray]'") from None
+    from lmserve.scale import listener
     from lmserve.scale.application import APP_NAME, build_application
+    from lmserve.serve_settings import connection_options, listen_options
 
     settings = replica_settings(args)
-    application = build_application(args)
+    check_node_address(settings)
+    listen = listen_options(args) | connection_options(args) | {"log_level": args.log_level}
+    listen |= {name: os.path.abspath(listen[name]) for name in ("uds", "ssl_keyfile", "ssl_certfile") if name in listen}
+    listener.check_free(listen)
+    application = build_application(args, listen, ray.util.get_node_ip_address())
     ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)
     stop = _stop_on_signals()  # after ray.init, whose own SIGTERM handler would end the process at once
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(proxy_location="Disabled")  # the ingress listens itself
         serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
-        log.info("serving on http://%s:%d: %d replica(s) per chat model%s", args.host, args.port,
-                 settings.num_replicas, " (autoscaling)" if settings.autoscaling else "")
+        log.info("serving on %s: %d replica(s) per chat model%s", _url(listen), settings.num_replicas,
+                 " (autoscaling)" if settings.autoscaling else "")
         stop.wait()
         log.info("stopping")
     finally:
@@ -42,6 +50,15 @@ def serve_on_ray(args: argparse.Namespace) -> None:
         else:
             serve.delete(APP_NAME)  # the cluster's Serve goes on serving its other applications
             ray.shutdown()
+        if "uds" in listen and os.path.exists(listen["uds"]):
+            os.remove(listen["uds"])
+
+
+def _url(listen: dict) -> str:
+    if "uds" in listen:
+        return f"unix:{listen['uds']}"
+    scheme = "https" if listen.get("ssl_certfile") else "http"
+    return f"{scheme}://{listen['host']}:{listen['port']}"
 
 
 def _shutdown_local(serve, ray) -> None:

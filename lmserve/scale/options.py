@@ -75,7 +75,6 @@ def scale_settings(args: argparse.Namespace) -> ScaleSettings | None:
     start = args.replicas if args.replicas is not None else max(low, 1)
     if autoscaling and not low <= start <= high:
         raise ValueError(f"--replicas {start} is outside --min-replicas {low} .. --max-replicas {high}")
-    _check_listening(args)
     return ScaleSettings(num_replicas=start, ray_address=args.ray_address,
                          min_replicas=low if autoscaling else None, max_replicas=high if autoscaling else None,
                          target_ongoing_requests=args.target_ongoing_requests,
@@ -91,13 +90,24 @@ def replica_settings(args: argparse.Namespace) -> ScaleSettings:
     return settings if settings is not None else scale_settings(argparse.Namespace(**{**vars(args), "replicas": 1}))
 
 
-def _check_listening(args: argparse.Namespace) -> None:
-    """Ray Serve's HTTP proxy listens on a host and port, over plain HTTP."""
+def check_proxy_listening(args: argparse.Namespace) -> None:
+    """Behind Ray Serve's HTTP proxy (`serve run lmserve.scale:app`): it listens on a host and
+    port, over plain HTTP. ValueError for flags asking otherwise."""
     if args.host.endswith(".sock"):
-        raise ValueError("--replicas: Ray Serve listens on a host and port, not a UNIX socket")
+        raise ValueError("serve run: Ray Serve's proxy listens on a host and port, not a UNIX socket "
+                         "(lmserve serve --replicas listens on one)")
     if getattr(args, "ssl_key_file", None) or getattr(args, "ssl_cert_file", None):
-        raise ValueError("--replicas: Ray Serve's proxy speaks plain HTTP; put TLS in front of it "
-                         "(--ssl-key-file and --ssl-cert-file are for one process)")
+        raise ValueError("serve run: Ray Serve's proxy speaks plain HTTP; put TLS in front of it "
+                         "(lmserve serve --replicas takes --ssl-key-file and --ssl-cert-file)")
+
+
+def check_node_address(settings: ScaleSettings) -> None:
+    """`lmserve serve --replicas` answers HTTP from the machine it runs on, which must be a node of
+    the cluster: a Ray client address (ray://) names a cluster from outside it."""
+    if settings.ray_address is not None and settings.ray_address.startswith("ray://"):
+        raise ValueError(f"--ray-address {settings.ray_address}: lmserve serve answers HTTP from the machine it "
+                         "runs on, which must be a node of the cluster: run it on one with --ray-address auto (or "
+                         "HEAD:6379), or deploy with serve run lmserve.scale:app")
 
 
 def _or(value: float | None, default: float) -> float:

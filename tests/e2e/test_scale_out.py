@@ -5,10 +5,13 @@ replica, a replica killed without losing requests that had not streamed, and aut
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
+import socket
 import time
+import urllib.parse
 
 import httpx
 import psutil
@@ -23,7 +26,7 @@ REPLICA_REQUESTS = "lmserve:replica_requests_total"
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url, _ = start_server("--replicas", "2", "--kv-cache-memory", "64MiB")
+    proc, url, _ = start_server("--replicas", "2", "--kv-cache-memory", "64MiB", "--read-timeout", "2")
     try:
         wait_for_replicas(proc.pid, 2)
         yield {"url": url, "pid": proc.pid}
@@ -83,6 +86,26 @@ def test_the_routes_through_the_ingress(replicated):
     assert httpx.get(f"{replicated}/health").json()["status"] == "ok"
     refused = httpx.post(f"{replicated}/v1/embeddings", json={"model": "SmolLM2-135M-Instruct", "input": "x"})
     assert refused.status_code == 501 and "replicas" in refused.json()["error"]["message"]
+
+
+def test_the_ingress_answers_http_itself_with_lmserve_connection_limits(server):
+    """No Ray Serve proxy in front: lmserve's own listener in the ingress, so its connection flags
+    hold (--read-timeout 2: a request head that never ends is answered 408, OpenAI-shaped)."""
+    titles = []
+    for process in psutil.Process(server["pid"]).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            titles.append(" ".join(process.cmdline()))
+    assert any("lmserve-ingress" in title for title in titles) and not any("ProxyActor" in t for t in titles)
+    address = urllib.parse.urlsplit(server["url"])
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+        started, data = time.monotonic(), b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout"
+    assert time.monotonic() - started < 2 + 5
+    assert httpx.get(f"{server['url']}/health").json()["status"] == "ok"
 
 
 def test_requests_spread_over_both_replicas(replicated):

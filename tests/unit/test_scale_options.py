@@ -47,8 +47,6 @@ def test_max_alone_starts_at_the_minimum_of_one():
     (["--replicas", "2", "--scale-down-delay", "5"], "--scale-down-delay"),
     (["--replicas", "5", "--max-replicas", "4"], "--replicas 5"),
     (["--replicas", "1", "--min-replicas", "2", "--max-replicas", "3"], "--min-replicas 2"),
-    (["--replicas", "2", "--host", "/tmp/lmserve.sock"], "UNIX socket"),
-    (["--replicas", "2", "--ssl-key-file", "k.pem", "--ssl-cert-file", "c.pem"], "--ssl-key-file"),
 ])
 def test_contradictions_are_refused_by_name(flags, named):
     with pytest.raises(ValueError, match=named):
