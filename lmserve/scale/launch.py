@@ -37,6 +37,7 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)
     stop = _stop_on_signals()  # after ray.init, whose own SIGTERM handler would end the process at once
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not its "ready at" Ray Serve's proxy address
     try:
         serve.start(proxy_location="Disabled")  # the ingress listens itself
         serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)

@@ -134,36 +134,56 @@ def test_a_shared_prefix_goes_to_the_replica_that_holds_it(replicated):
     assert hits >= 4 * 256 / 16  # the replicas' step stats reach the ingress's /metrics
 
 
-def test_a_killed_replica_loses_no_request_that_had_not_streamed(server):
-    replicated = server["url"]
+def test_a_killed_replica_loses_no_request_that_had_not_streamed():
+    """Each replica runs one sequence at a time (--max-num-seqs 1): a stream on each, and behind
+    each stream a request its replica has taken but not started. Killing one replica ends its
+    stream with an error event; the request waiting on it is sent again to the other replica and
+    answered in full, as are requests sent after the kill."""
+    proc, url, _ = start_server("--replicas", "2", "--max-num-seqs", "1", "--no-embedding-model",
+                                "--kv-cache-memory", "64MiB", "--speculative-ngram", "0")  # streams of some seconds
     streams: dict[int, list[dict]] = {}
 
     def stream(i: int) -> None:
-        body = {"prompt": f"Story {i}: " + "once upon a time " * (4 + 3 * i), "max_tokens": 400, "stream": True,
-                "ignore_eos": True}
-        with httpx.stream("POST", f"{replicated}/v1/completions", json=body, timeout=120) as response:
+        body = {"prompt": f"Story {i}: once upon a time", "max_tokens": 1900, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
             frames = "".join(response.iter_text()).split("\n\n")  # not iter_lines: the text may hold U+2028
         streams[i] = [json.loads(frame[6:]) for frame in frames if frame.startswith("data: {")]
 
-    before = routed(replicated)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = []
-        for count in (1, 2):  # one after the other: the second goes to the replica without a request
-            running.append(pool.submit(stream, count - 1))
-            deadline = time.monotonic() + 60
-            while len(delta(before, routed(replicated))) < count and time.monotonic() < deadline:
-                time.sleep(0.1)
-        assert list(delta(before, routed(replicated)).values()) == [1, 1]  # streaming, one on each replica
-        os.kill(engine_replica_pids(server["pid"])[0], signal.SIGKILL)
-        after = [complete(replicated, f"Question {k} after the kill:") for k in range(4)]
-        for future in running:
-            future.result()
-    assert [answer.status_code for answer in after] == [200] * 4
-    last_events = sorted((events[-1] for events in streams.values()), key=lambda event: "error" in event)
-    assert ["error" in event for event in last_events] == [False, True], last_events
-    assert last_events[0]["choices"][0]["finish_reason"] == "length"
-    assert "replica" in last_events[1]["error"]["message"]
-    wait_for_replicas(server["pid"], 2)  # Ray Serve replaced it
+    def in_flight() -> float:
+        samples = metric_samples(httpx.get(f"{url}/metrics").text)
+        return samples[("lmserve:num_requests_running", (("model", "SmolLM2-135M-Instruct"),))]
+
+    try:
+        wait_for_replicas(proc.pid, 2)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            running = []
+            for count in (1, 2):  # one after the other: the second goes to the replica without a request
+                running.append(pool.submit(stream, count - 1))
+                deadline = time.monotonic() + 60
+                while len(routed(url)) < count and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            assert list(routed(url).values()) == [1, 1]  # streaming, one on each replica
+            # One behind each stream: a replica takes two calls (twice --max-num-seqs) and runs one.
+            waiting = [pool.submit(complete, url, f"Waiting {k}:", ignore_eos=True) for k in range(2)]
+            deadline = time.monotonic() + 30
+            while in_flight() < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # the calls reach their replicas
+            assert all(not future.done() for future in waiting)
+            os.kill(engine_replica_pids(proc.pid)[0], signal.SIGKILL)
+            after = [complete(url, f"Question {k} after the kill:", ignore_eos=True) for k in range(2)]
+            for future in running:
+                future.result()
+            answers = [future.result() for future in waiting] + after
+        assert [answer.status_code for answer in answers] == [200] * 4, [answer.text for answer in answers]
+        assert [answer.json()["usage"]["completion_tokens"] for answer in answers] == [8] * 4
+        last_events = sorted((events[-1] for events in streams.values()), key=lambda event: "error" in event)
+        assert ["error" in event for event in last_events] == [False, True], last_events
+        assert last_events[0]["choices"][0]["finish_reason"] == "length"
+        assert "replica" in last_events[1]["error"]["message"]
+        wait_for_replicas(proc.pid, 2)  # Ray Serve replaced it
+    finally:
+        stop(proc)
 
 
 def test_autoscaling_adds_a_replica_under_load():
