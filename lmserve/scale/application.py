@@ -5,9 +5,15 @@ engine replicas per chat model, routed by prefix (ray_router.py).
       -> deployment "lmserve-engine-<model>" (N replicas, each an EngineReplica)
 
 `lmserve serve ... --replicas N` builds it from its flags and runs it (launch.py), the ingress
-answering HTTP itself on the node it runs on (listener.py); people with a Ray cluster of their
-own run `serve run lmserve.scale:app argv="MODEL --replicas 4 ..."`, the same flags as one
-string, behind Ray Serve's proxy.
+answering HTTP itself on the node it runs on (listener.py). There each chat model's deployment is
+an application of its own ("lmserve-model-<model>", ModelDeployments), deployed when the ingress's
+fleet loads the model and deleted when it unloads it, so the fleet's rules hold for replicas as
+for engines in one process: models load on demand (pinned ones at start), idle ones go after
+their ttl, --max-loaded bounds them, and a model added to --models-dir later is served. People
+with a Ray cluster of their own run `serve run lmserve.scale:app argv="MODEL --replicas 4 ..."`,
+the same flags as one string, behind Ray Serve's proxy: one application whose deployments are
+declared up front (a declarative Serve config cannot have applications added beside it), every
+chat model of the catalogue at start.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from lmserve.scale.replica import EngineReplica
 log = logging.getLogger("lmserve.scale")
 
 APP_NAME = "lmserve"
+MODEL_APP_PREFIX = "lmserve-model-"  # + the model's deployment-safe id: one application per loaded model
 INGRESS_NAME = "lmserve-ingress"  # one replica: engine replicas deliver outputs to it (mailbox.py)
 INGRESS_MAX_ONGOING_REQUESTS = 100_000  # every HTTP request passes the one ingress; its limits are lmserve's own
 DEFAULT_CAPACITY_BLOCKS = 1024
@@ -38,17 +45,67 @@ _LOGGING = {"enable_access_log": False}  # lmserve's own access log has every HT
 
 
 def deployment_name(model_id: str) -> str:
-    return "lmserve-engine-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model_id)
+    return "lmserve-engine-" + _safe(model_id)
+
+
+def model_app_name(model_id: str) -> str:
+    return MODEL_APP_PREFIX + _safe(model_id)
+
+
+def _safe(model_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", model_id)
+
+
+class ModelDeployments:
+    """Each chat model's replicas as a Ray Serve application of its own, deployed when the fleet
+    loads the model and deleted when it unloads it (`lmserve serve --replicas`)."""
+
+    def __init__(self, defaults: EngineConfig, replica_config: EngineConfig, settings: ScaleSettings):
+        self._defaults, self._replica_config, self._settings = defaults, replica_config, settings
+
+    def deploy(self, entry: ModelEntry) -> Any:
+        """Deploy `entry`'s replicas and wait for them to run (blocking: call it off the event
+        loop); its deployment handle. RuntimeError if they cannot start (the model does not load),
+        FleetBusy if there is no room for them."""
+        self._check_room(entry)
+        deployment = _engine_deployment(entry, self._defaults, self._settings)
+        serve.run(deployment.bind(self._replica_config, entry, INGRESS_NAME, APP_NAME), name=model_app_name(entry.id),
+                  route_prefix=None, blocking=False)
+        return serve.get_deployment_handle(deployment_name(entry.id), app_name=model_app_name(entry.id))
+
+    def _check_room(self, entry: ModelEntry) -> None:
+        """On a local Ray instance, whose CPUs are all there will be: FleetBusy (503, the request
+        may be retried, the model stays unloaded) when the model's replicas cannot all be placed
+        now, rather than a load that waits for CPUs forever. (A cluster may grow: there Ray Serve
+        waits for room.)"""
+        if self._settings.ray_address is not None:
+            return
+        import ray
+
+        from lmserve.fleet.fleet import FleetBusy
+
+        needed = self._settings.num_replicas * self._settings.replica_cpus
+        free = ray.available_resources().get("CPU", 0.0)
+        if needed > free:
+            raise FleetBusy(f"no room for {entry.id}'s replicas: {self._settings.num_replicas} x --replica-cpus "
+                               f"{self._settings.replica_cpus:g} = {needed:g} CPUs, and {free:g} of this machine's are "
+                               "not reserved by the replicas already running (unload a model, or lower --replicas or "
+                               "--replica-cpus)")
+
+    def delete(self, model_id: str) -> None:
+        """Stop `model_id`'s replicas (their requests were drained or closed by the ingress)."""
+        serve.delete(model_app_name(model_id), _blocking=False)
 
 
 @serve.ingress()
 class Ingress:
     """lmserve's app over the fleet of `args`, its chat models served by `engines` (handles by model id)."""
 
-    def __init__(self, args: argparse.Namespace, settings: ScaleSettings, engines: dict[str, Any],
+    def __init__(self, args: argparse.Namespace, settings: ScaleSettings, engines: dict[str, Any] | ModelDeployments,
                  listen: dict[str, Any] | None = None):
-        """`listen`: uvicorn's options when this replica answers HTTP itself (listener.py), None
-        behind Ray Serve's proxy."""
+        """`engines`: each chat model's deployment handle by model id, or the ModelDeployments that
+        deploys them as the fleet loads them; `listen`: uvicorn's options when this replica answers
+        HTTP itself (listener.py), None behind Ray Serve's proxy."""
         from lmserve.scale.mailbox import Mailbox
 
         self._args, self._settings, self._engines, self._listen = args, settings, engines, listen
@@ -77,7 +134,8 @@ def build_application(args: argparse.Namespace, listen: dict[str, Any] | None = 
                       node_ip: str | None = None) -> Any:
     """The Ray Serve application `args` (parsed `lmserve serve` flags) describe. ValueError for
     flags it cannot run with. With `listen` (uvicorn's options), the ingress answers HTTP itself,
-    on the node whose address is `node_ip`."""
+    on the node whose address is `node_ip`, and deploys each chat model when its fleet loads it;
+    without, every chat model's deployment is part of the application."""
     from lmserve.serve_settings import catalogue, embedding_config, engine_config, preflight_pinned
 
     settings = replica_settings(args)
@@ -86,8 +144,13 @@ def build_application(args: argparse.Namespace, listen: dict[str, Any] | None = 
     preflight_pinned(models, config)
     # Each replica's engine runs as many threads as the CPUs it reserves, unless --threads says.
     replica_config = replace(config, num_threads=config.num_threads or max(1, int(settings.replica_cpus)))
-    engines = {entry.id: _engine_deployment(entry, config, settings).bind(replica_config, entry, INGRESS_NAME)
-               for entry in models.entries() if entry.kind == "chat"}
+    engines: dict[str, Any] | ModelDeployments
+    if listen is not None:
+        engines = ModelDeployments(config, replica_config, settings)
+    else:
+        engines = {entry.id: _engine_deployment(entry, config, settings).bind(replica_config, entry, INGRESS_NAME,
+                                                                              APP_NAME)
+                   for entry in models.entries() if entry.kind == "chat"}
     actor_options: dict[str, Any] = {"num_cpus": 0}
     if node_ip is not None:
         actor_options["resources"] = {f"node:{node_ip}": 0.001}  # Ray's own resource of that node

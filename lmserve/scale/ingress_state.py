@@ -1,7 +1,9 @@
 """The ingress's ServerState: the server `lmserve serve` builds, with chat models served by replicas.
 
-Every chat model in the catalogue has a deployment (application.py); loading it in the ingress's fleet
-means connecting to it (waiting for a replica to describe the model). Embedding models load in
+Loading a chat model in the ingress's fleet means deploying its replicas (`lmserve serve
+--replicas`: an application per model, deleted again when the fleet unloads it) or finding the
+deployment the application declared (`serve run`), then connecting to it (waiting for a replica
+to describe the model). Embedding models load in
 the ingress process, as in one process. /metrics keeps the model-level series (aggregated over
 the replicas) and adds per-replica ones: requests routed to each, and each one's load as of its
 last output.
@@ -10,6 +12,7 @@ last output.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,10 +28,11 @@ from lmserve.server.metrics import ServerMetrics
 from lmserve.server.state import ServerState
 
 
-def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: ScaleSettings,
+def ingress_state(args: argparse.Namespace, engines: dict[str, Any] | Any, settings: ScaleSettings,
                   mailbox: Mailbox) -> ServerState:
-    """`engines`: each chat model's deployment handle, by model id; `mailbox`: where the
-    replicas' outputs arrive."""
+    """`engines`: each chat model's deployment handle by model id, or the ModelDeployments
+    (application.py) that deploys a model's replicas as it loads; `mailbox`: where the replicas'
+    outputs arrive."""
     from lmserve.serve_settings import server_state
 
     metrics = ServerMetrics()
@@ -46,15 +50,25 @@ def ingress_state(args: argparse.Namespace, engines: dict[str, Any], settings: S
         return replica_observers[model, replica]
 
     def load(entry: ModelEntry, progress: Any) -> RemoteChatModel:
-        handle = engines.get(entry.id)
-        if handle is None:
-            raise ValueError(f"the model {entry.id!r} has no replicas: it was not in the catalogue when the "
-                             "application started (restart lmserve to serve it)")
-        engine = connected[entry.id] = RemoteEngine.connect(
-            handle, mailbox, num_replicas=settings.most_replicas, observers=[metrics.observer(entry.id)],
-            routed=lambda replica: routed.labels(entry.id, replica).inc(),
-            stats_observer=lambda replica: replica_observer(entry.id, replica))
-        return RemoteChatModel(engine)
+        release = None
+        if isinstance(engines, dict):
+            handle = engines.get(entry.id)
+            if handle is None:
+                raise ValueError(f"the model {entry.id!r} has no replicas: it was not in the catalogue when the "
+                                 "application started (redeploy it to serve the model)")
+        else:
+            handle = engines.deploy(entry)
+            release = functools.partial(engines.delete, entry.id)
+        try:
+            engine = connected[entry.id] = RemoteEngine.connect(
+                handle, mailbox, num_replicas=settings.most_replicas, observers=[metrics.observer(entry.id)],
+                routed=lambda replica: routed.labels(entry.id, replica).inc(),
+                stats_observer=lambda replica: replica_observer(entry.id, replica))
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        return RemoteChatModel(engine, release)
 
     state = server_state(args, load, metrics)
     state.slot_save_path = None  # a saved slot would be one replica's cache: slot saving is refused

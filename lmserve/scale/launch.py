@@ -25,7 +25,7 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     except ImportError:
         raise ValueError("--replicas needs Ray Serve: pip install 'lmserve[ray]'") from None
     from lmserve.scale import listener
-    from lmserve.scale.application import APP_NAME, build_application
+    from lmserve.scale.application import APP_NAME, MODEL_APP_PREFIX, build_application
     from lmserve.serve_settings import connection_options, listen_options
 
     settings = replica_settings(args)
@@ -48,8 +48,9 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     finally:
         if settings.ray_address is None:
             _shutdown_local(serve, ray)
-        else:
-            serve.delete(APP_NAME)  # the cluster's Serve goes on serving its other applications
+        else:  # the cluster's Serve goes on serving its other applications
+            for name in [APP_NAME, *(app for app in serve.status().applications if app.startswith(MODEL_APP_PREFIX))]:
+                serve.delete(name)
             ray.shutdown()
         if "uds" in listen and os.path.exists(listen["uds"]):
             os.remove(listen["uds"])

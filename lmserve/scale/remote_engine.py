@@ -255,9 +255,11 @@ class RemoteChatModel:
 
     kind = "chat"
 
-    def __init__(self, engine: RemoteEngine):
+    def __init__(self, engine: RemoteEngine, release: Callable[[], None] | None = None):
+        """`release()`: stops the model's replicas once the fleet lets go of it (None: they stay)."""
         self.engine = engine
         self.weights_bytes = engine.weights_bytes
+        self._release = release
 
     @property
     def max_model_len(self) -> int:
@@ -276,3 +278,5 @@ class RemoteChatModel:
 
     def close(self, why: str) -> None:
         self.engine.close(why)
+        if self._release is not None:
+            self._release()

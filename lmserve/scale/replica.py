@@ -52,15 +52,16 @@ class EngineDescription:
 class EngineReplica:
     """A Ray Serve deployment class (scale/application.py makes it one per chat model)."""
 
-    def __init__(self, defaults: EngineConfig, entry: ModelEntry, ingress: str):
-        """`ingress`: the name of the deployment whose `deliver` takes this replica's outputs."""
+    def __init__(self, defaults: EngineConfig, entry: ModelEntry, ingress: str, ingress_app: str):
+        """`ingress`: the name of the deployment whose `deliver` takes this replica's outputs, in
+        the application `ingress_app`."""
         from lmserve.fleet.models import model_loader
 
         self._stats = StepStatsQueue()
         self._model = model_loader(defaults, EmbeddingConfig("", ""), metrics=self._stats)(entry)
         self._model_id = entry.id
         self._replica = _replica_name()
-        self._ingress_name = ingress
+        self._ingress_name, self._ingress_app = ingress, ingress_app
         self._ingress: Any = None  # its deployment handle, made on first use
         self._outbox = Outbox(self._deliver)
 
@@ -84,8 +85,7 @@ class EngineReplica:
         if self._ingress is None:
             from ray import serve
 
-            self._ingress = serve.get_deployment_handle(self._ingress_name,
-                                                        app_name=serve.get_replica_context().app_name)
+            self._ingress = serve.get_deployment_handle(self._ingress_name, app_name=self._ingress_app)
         await self._ingress.deliver.remote(batch, self.load(), self._stats.take())
 
     def load(self) -> ReplicaLoad:

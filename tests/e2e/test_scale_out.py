@@ -8,8 +8,10 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -17,6 +19,7 @@ import httpx
 import psutil
 import pytest
 
+from lmserve.cli import default_model_path
 from tests.helpers.live_server import start_server
 from tests.helpers.prometheus import metric_samples
 from tests.helpers.ray_replicas import engine_replica_pids, leftover_ray_processes, wait_for_replicas
@@ -25,11 +28,14 @@ REPLICA_REQUESTS = "lmserve:replica_requests_total"
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc, url, _ = start_server("--replicas", "2", "--kv-cache-memory", "64MiB", "--read-timeout", "2")
-    try:
+def server(tmp_path_factory):
+    models_dir = tmp_path_factory.mktemp("models")  # empty at start
+    proc, url, _ = start_server(str(default_model_path()), "--replicas", "2", "--kv-cache-memory", "64MiB",
+                                "--read-timeout", "2", "--models-dir", str(models_dir))
+    try:  # with a models folder, no model loads before it is asked for
+        assert httpx.post(f"{url}/models/load", json={"model": "SmolLM2-135M-Instruct"}, timeout=120).json()["success"]
         wait_for_replicas(proc.pid, 2)
-        yield {"url": url, "pid": proc.pid}
+        yield {"url": url, "pid": proc.pid, "models_dir": models_dir}
     finally:
         stop(proc)
 
@@ -134,6 +140,34 @@ def test_a_shared_prefix_goes_to_the_replica_that_holds_it(replicated):
     assert hits >= 4 * 256 / 16  # the replicas' step stats reach the ingress's /metrics
 
 
+def test_models_are_deployed_as_the_fleet_loads_them_and_deleted_as_it_unloads_them(server):
+    """Each model's replicas live while the fleet holds the model: a model added to --models-dir
+    after start is deployed by its first request, unless its replicas have no CPUs left to run on
+    (503, retry later); unloading a model deletes its replicas, and its next request deploys them
+    again."""
+    url, pid = server["url"], server["pid"]
+    shutil.copyfile(default_model_path(), server["models_dir"] / "second.gguf")  # a file of its own: a model of its own
+
+    def card(model: str) -> str:
+        return httpx.get(f"{url}/models/{model}").json()["status"]["value"]
+
+    full = complete(url, "No room:", model="second")  # SmolLM2's two replicas hold both CPUs
+    assert full.status_code == 503 and full.json()["error"]["code"] == "model_capacity", full.text
+    assert "no room for second's replicas" in full.json()["error"]["message"] and card("second") == "unloaded"
+    answer = httpx.post(f"{url}/models/unload", json={"model": "SmolLM2-135M-Instruct"}, timeout=120)
+    assert answer.json() == {"success": True}
+    wait_for_replicas(pid, 0, timeout=60)
+    assert card("SmolLM2-135M-Instruct") == "unloaded"
+    second = complete(url, "Now there is room:", model="second", max_tokens=4, ignore_eos=True)
+    assert second.status_code == 200 and second.json()["usage"]["completion_tokens"] == 4
+    assert len(engine_replica_pids(pid)) == 2 and card("second") == "loaded"
+    assert httpx.post(f"{url}/models/unload", json={"model": "second"}, timeout=120).json() == {"success": True}
+    wait_for_replicas(pid, 0, timeout=60)
+    again = complete(url, "Back again:", model="SmolLM2-135M-Instruct", max_tokens=4, ignore_eos=True)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+    assert len(engine_replica_pids(pid)) == 2 and card("SmolLM2-135M-Instruct") == "loaded"
+
+
 def test_a_killed_replica_loses_no_request_that_had_not_streamed():
     """Each replica runs one sequence at a time (--max-num-seqs 1): a stream on each, and behind
     each stream a request its replica has taken but not started. Killing one replica ends its
@@ -187,13 +221,28 @@ def test_a_killed_replica_loses_no_request_that_had_not_streamed():
 
 
 def test_autoscaling_adds_a_replica_under_load():
+    """Four streams on one replica, against a target of one request per replica: Ray Serve adds
+    the second (within its metrics' push interval, 10 s); the streams run until it is up."""
     proc, url, _ = start_server("--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1",
                                 "--scale-up-delay", "1", "--no-embedding-model", "--kv-cache-memory", "64MiB")
+    enough = threading.Event()
+
+    def load(i: int) -> int:
+        body = {"prompt": f"Load {i}: " * 8, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            for _ in response.iter_bytes():
+                if enough.is_set():
+                    break
+            return response.status_code
+
     try:
         wait_for_replicas(proc.pid, 1)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            load = [pool.submit(complete, url, f"Load {i}: " * 8, max_tokens=600, ignore_eos=True) for i in range(4)]
-            wait_for_replicas(proc.pid, 2, timeout=90)
-            assert [future.result().status_code for future in load] == [200] * 4
+            streams = [pool.submit(load, i) for i in range(4)]
+            try:
+                wait_for_replicas(proc.pid, 2, timeout=90)
+            finally:
+                enough.set()
+            assert [stream.result() for stream in streams] == [200] * 4
     finally:
         stop(proc)

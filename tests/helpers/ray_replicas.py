@@ -3,11 +3,12 @@ processes descend from it), found by their process titles."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import psutil
 
-ENGINE_TITLE = "ray::ServeReplica:lmserve:lmserve-engine-"
+ENGINE_TITLE = re.compile(r"ray::ServeReplica:lmserve(-model-[^:]+)?:lmserve-engine-")  # its model's app, or the one app
 
 
 def engine_replica_pids(server_pid: int) -> list[int]:
@@ -18,7 +19,7 @@ def engine_replica_pids(server_pid: int) -> list[int]:
             title = process.cmdline()[0] if process.cmdline() else ""
         except psutil.Error:  # gone meanwhile
             continue
-        if title.startswith(ENGINE_TITLE) and "initialize" not in title:
+        if ENGINE_TITLE.match(title) and "initialize" not in title:
             pids.append(process.pid)
     return sorted(pids)
 

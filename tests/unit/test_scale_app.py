@@ -57,3 +57,17 @@ def test_the_builder_takes_argv_only_and_checks_the_flags():
 
 def test_deployment_names_keep_to_safe_characters():
     assert deployment_name("org/model:Q4 v2") == "lmserve-engine-org-model-Q4-v2"
+
+
+def test_lmserve_serve_deploys_models_as_they_load_from_an_ingress_on_its_machine():
+    from lmserve.cli import build_parser
+    from lmserve.scale.application import ModelDeployments, build_application, model_app_name
+
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--no-embedding-model"])
+    application = build_application(args, {"host": "127.0.0.1", "port": 8080}, node_ip="10.1.2.3")
+    ingress = application._bound_deployment
+    engines, listen = ingress.init_args[2], ingress.init_args[3]
+    assert isinstance(engines, ModelDeployments) and listen == {"host": "127.0.0.1", "port": 8080}
+    assert ingress._deployment_config.num_replicas == 1
+    assert ingress.ray_actor_options["resources"] == {"node:10.1.2.3": 0.001}
+    assert model_app_name("org/model:Q4") == "lmserve-model-org-model-Q4"
