@@ -39,8 +39,10 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     stop = _stop_on_signals()  # after ray.init, whose own SIGTERM handler would end the process at once
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not its "ready at" Ray Serve's proxy address
     try:
-        serve.start(proxy_location="Disabled")  # the ingress listens itself
-        serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+        # The ingress listens itself: no proxy is started (a cluster's Serve already running keeps
+        # its own), and the application claims no route on one.
+        serve.start(proxy_location="Disabled")
+        serve.run(application, name=APP_NAME, route_prefix=None, blocking=False)
         log.info("serving on %s: %d replica(s) per chat model%s", _url(listen), settings.num_replicas,
                  " (autoscaling)" if settings.autoscaling else "")
         stop.wait()

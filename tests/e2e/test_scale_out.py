@@ -1,17 +1,15 @@
 """Replicas on Ray Serve (`lmserve serve --replicas 2`), on a local Ray instance: every kind of
-route through the ingress, requests spread over the replicas, a shared prefix kept on one
-replica, a replica killed without losing requests that had not streamed, and autoscaling."""
+route through the ingress, its own listener, requests spread over the replicas, a shared prefix
+kept on one replica, and models' replicas deployed and deleted as the fleet loads and unloads
+them (test_scale_faults.py: faults and autoscaling, on servers of their own)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
-import threading
 import time
 import urllib.parse
 
@@ -22,10 +20,7 @@ import pytest
 from lmserve.cli import default_model_path
 from tests.helpers.live_server import start_server
 from tests.helpers.prometheus import metric_samples
-from tests.helpers.ray_replicas import engine_replica_pids, leftover_ray_processes, wait_for_replicas
-
-REPLICA_REQUESTS = "lmserve:replica_requests_total"
-
+from tests.helpers.ray_replicas import complete, delta, engine_replica_pids, routed, stop, wait_for_replicas
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -43,30 +38,6 @@ def server(tmp_path_factory):
 @pytest.fixture
 def replicated(server):
     return server["url"]
-
-
-def stop(proc) -> None:
-    """SIGTERM, as a user's Ctrl-C or a service manager would: the local Ray instance stops too."""
-    started = [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
-    proc.terminate()
-    proc.wait(timeout=60)
-    assert leftover_ray_processes(started) == []
-
-
-def routed(url: str) -> dict[str, float]:
-    """Engine requests so far, by replica."""
-    samples = metric_samples(httpx.get(f"{url}/metrics").text)
-    return {dict(labels)["replica"]: value for (name, labels), value in samples.items() if name == REPLICA_REQUESTS}
-
-
-def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {replica: count - before.get(replica, 0) for replica, count in after.items()
-            if count - before.get(replica, 0)}
-
-
-def complete(url: str, prompt: str, **fields) -> httpx.Response:
-    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, **fields}
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
 
 
 def test_the_routes_through_the_ingress(replicated):
@@ -166,83 +137,3 @@ def test_models_are_deployed_as_the_fleet_loads_them_and_deleted_as_it_unloads_t
     again = complete(url, "Back again:", model="SmolLM2-135M-Instruct", max_tokens=4, ignore_eos=True)
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
     assert len(engine_replica_pids(pid)) == 2 and card("SmolLM2-135M-Instruct") == "loaded"
-
-
-def test_a_killed_replica_loses_no_request_that_had_not_streamed():
-    """Each replica runs one sequence at a time (--max-num-seqs 1): a stream on each, and behind
-    each stream a request its replica has taken but not started. Killing one replica ends its
-    stream with an error event; the request waiting on it is sent again to the other replica and
-    answered in full, as are requests sent after the kill."""
-    proc, url, _ = start_server("--replicas", "2", "--max-num-seqs", "1", "--no-embedding-model",
-                                "--kv-cache-memory", "64MiB", "--speculative-ngram", "0")  # streams of some seconds
-    streams: dict[int, list[dict]] = {}
-
-    def stream(i: int) -> None:
-        body = {"prompt": f"Story {i}: once upon a time", "max_tokens": 1900, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
-            frames = "".join(response.iter_text()).split("\n\n")  # not iter_lines: the text may hold U+2028
-        streams[i] = [json.loads(frame[6:]) for frame in frames if frame.startswith("data: {")]
-
-    def in_flight() -> float:
-        samples = metric_samples(httpx.get(f"{url}/metrics").text)
-        return samples[("lmserve:num_requests_running", (("model", "SmolLM2-135M-Instruct"),))]
-
-    try:
-        wait_for_replicas(proc.pid, 2)
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            running = []
-            for count in (1, 2):  # one after the other: the second goes to the replica without a request
-                running.append(pool.submit(stream, count - 1))
-                deadline = time.monotonic() + 60
-                while len(routed(url)) < count and time.monotonic() < deadline:
-                    time.sleep(0.1)
-            assert list(routed(url).values()) == [1, 1]  # streaming, one on each replica
-            # One behind each stream: a replica takes two calls (twice --max-num-seqs) and runs one.
-            waiting = [pool.submit(complete, url, f"Waiting {k}:", ignore_eos=True) for k in range(2)]
-            deadline = time.monotonic() + 30
-            while in_flight() < 4 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.5)  # the calls reach their replicas
-            assert all(not future.done() for future in waiting)
-            os.kill(engine_replica_pids(proc.pid)[0], signal.SIGKILL)
-            after = [complete(url, f"Question {k} after the kill:", ignore_eos=True) for k in range(2)]
-            for future in running:
-                future.result()
-            answers = [future.result() for future in waiting] + after
-        assert [answer.status_code for answer in answers] == [200] * 4, [answer.text for answer in answers]
-        assert [answer.json()["usage"]["completion_tokens"] for answer in answers] == [8] * 4
-        last_events = sorted((events[-1] for events in streams.values()), key=lambda event: "error" in event)
-        assert ["error" in event for event in last_events] == [False, True], last_events
-        assert last_events[0]["choices"][0]["finish_reason"] == "length"
-        assert "replica" in last_events[1]["error"]["message"]
-        wait_for_replicas(proc.pid, 2)  # Ray Serve replaced it
-    finally:
-        stop(proc)
-
-
-def test_autoscaling_adds_a_replica_under_load():
-    """Four streams on one replica, against a target of one request per replica: Ray Serve adds
-    the second (within its metrics' push interval, 10 s); the streams run until it is up."""
-    proc, url, _ = start_server("--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1",
-                                "--scale-up-delay", "1", "--no-embedding-model", "--kv-cache-memory", "64MiB")
-    enough = threading.Event()
-
-    def load(i: int) -> int:
-        body = {"prompt": f"Load {i}: " * 8, "max_tokens": 1900, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
-            for _ in response.iter_bytes():
-                if enough.is_set():
-                    break
-            return response.status_code
-
-    try:
-        wait_for_replicas(proc.pid, 1)
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            streams = [pool.submit(load, i) for i in range(4)]
-            try:
-                wait_for_replicas(proc.pid, 2, timeout=90)
-            finally:
-                enough.set()
-            assert [stream.result() for stream in streams] == [200] * 4
-    finally:
-        stop(proc)

@@ -1,12 +1,15 @@
 """The engine replicas of a `lmserve serve --replicas` process (its local Ray instance's
-processes descend from it), found by their process titles."""
+processes descend from it), found by their process titles; what the replica tests ask of it."""
 
 from __future__ import annotations
 
 import re
 import time
 
+import httpx
 import psutil
+
+from tests.helpers.prometheus import metric_samples
 
 ENGINE_TITLE = re.compile(r"ray::ServeReplica:lmserve(-model-[^:]+)?:lmserve-engine-")  # its model's app, or the one app
 
@@ -44,3 +47,30 @@ def leftover_ray_processes(pids: list[int]) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+REPLICA_REQUESTS = "lmserve:replica_requests_total"
+
+
+def stop(proc) -> None:
+    """SIGTERM, as a user's Ctrl-C or a service manager would: the local Ray instance stops too."""
+    started = [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert leftover_ray_processes(started) == []
+
+
+def routed(url: str) -> dict[str, float]:
+    """Engine requests so far, by replica."""
+    samples = metric_samples(httpx.get(f"{url}/metrics").text)
+    return {dict(labels)["replica"]: value for (name, labels), value in samples.items() if name == REPLICA_REQUESTS}
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {replica: count - before.get(replica, 0) for replica, count in after.items()
+            if count - before.get(replica, 0)}
+
+
+def complete(url: str, prompt: str, **fields) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, **fields}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)

@@ -1,0 +1,55 @@
+"""`lmserve serve --ray-address`: joining a Ray cluster started beforehand (`ray start --head` on
+this machine, a cluster of one node) rather than starting a local instance. It deploys there,
+answers on this machine, and on stopping removes its applications and leaves the cluster and
+its Serve running."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.live_server import _free_port, start_server
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def serve_applications(address: str) -> list[str]:
+    """The cluster's Serve applications, asked by a driver of its own."""
+    script = ("import json, ray; from ray import serve; ray.init(address=%r, logging_level='ERROR'); "
+              "print(json.dumps(sorted(serve.status().applications)))" % address)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    # As a cluster's users must: token authentication, which `ray start` turns on, in every driver's
+    # environment (lmserve serve's, and so its replicas', included).
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    address = f"127.0.0.1:{_free_port()}"
+    subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                   timeout=180)
+    try:
+        yield address
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_it_joins_a_cluster_and_leaves_it_as_it_found_it(cluster):
+    proc, url, _ = start_server("--ray-address", cluster, "--replicas", "1", "--no-embedding-model",
+                                "--kv-cache-memory", "64MiB")
+    try:
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": "On a cluster:", "max_tokens": 4,
+                                                           "ignore_eos": True}, timeout=120)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+        assert serve_applications(cluster) == ["lmserve", "lmserve-model-SmolLM2-135M-Instruct"]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=90) == 0
+    assert serve_applications(cluster) == []  # its own removed; the cluster and its Serve still answer
