@@ -212,5 +212,5 @@ def app(args: dict[str, Any]) -> Any:
     argv = args.get("argv", "")
     argv = shlex.split(argv) if isinstance(argv, str) else [str(a) for a in argv]
     parsed = build_parser().parse_args(["serve", *argv])
-    check_proxy_listening(parsed)
+    check_proxy_listening(parsed, build_parser().parse_args(["serve"]))
     return build_application(parsed)

@@ -90,15 +90,24 @@ def replica_settings(args: argparse.Namespace) -> ScaleSettings:
     return settings if settings is not None else scale_settings(argparse.Namespace(**{**vars(args), "replicas": 1}))
 
 
-def check_proxy_listening(args: argparse.Namespace) -> None:
-    """Behind Ray Serve's HTTP proxy (`serve run lmserve.scale:app`): it listens on a host and
-    port, over plain HTTP. ValueError for flags asking otherwise."""
+_PROXY_SETTLES = (("--host", "host"), ("--port", "port"), ("--read-timeout", "read_timeout"),
+                  ("--write-timeout", "write_timeout"), ("--max-connections", "max_connections"))
+
+
+def check_proxy_listening(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+    """Behind Ray Serve's HTTP proxy (`serve run lmserve.scale:app`): it listens where the
+    cluster's Serve is configured to, on a port, over plain HTTP, with its own connection
+    settings. ValueError for flags asking otherwise (`defaults`: the flags' values when not given)."""
     if args.host.endswith(".sock"):
         raise ValueError("serve run: Ray Serve's proxy listens on a host and port, not a UNIX socket "
                          "(lmserve serve --replicas listens on one)")
     if getattr(args, "ssl_key_file", None) or getattr(args, "ssl_cert_file", None):
         raise ValueError("serve run: Ray Serve's proxy speaks plain HTTP; put TLS in front of it "
                          "(lmserve serve --replicas takes --ssl-key-file and --ssl-cert-file)")
+    given = [flag for flag, name in _PROXY_SETTLES if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        raise ValueError(f"serve run: {', '.join(given)} would change nothing: Ray Serve's proxy answers HTTP, "
+                         "as the cluster's Serve configures it (http_options); lmserve serve --replicas takes them")
 
 
 def check_node_address(settings: ScaleSettings) -> None:

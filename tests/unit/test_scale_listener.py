@@ -120,10 +120,17 @@ def test_lmserve_serve_runs_on_a_node_of_the_cluster():
         check_node_address(settings("--ray-address", "ray://head:10001"))
 
 
-def test_behind_ray_serves_proxy_only_plain_http_on_a_port_is_taken(tmp_path):
-    check_proxy_listening(build_parser().parse_args(["serve", "model.gguf", "--replicas", "2"]))
+def test_behind_ray_serves_proxy_no_listening_flag_is_taken(tmp_path):
+    def check(*flags: str) -> None:
+        check_proxy_listening(build_parser().parse_args(["serve", "model.gguf", *flags]),
+                              build_parser().parse_args(["serve"]))
+
+    check("--replicas", "2")
     with pytest.raises(ValueError, match="UNIX socket"):
-        check_proxy_listening(build_parser().parse_args(["serve", "model.gguf", "--host", "/tmp/lmserve.sock"]))
+        check("--host", "/tmp/lmserve.sock")
     with pytest.raises(ValueError, match="plain HTTP"):
-        check_proxy_listening(build_parser().parse_args(["serve", "model.gguf", "--ssl-key-file", "k.pem",
-                                                         "--ssl-cert-file", "c.pem"]))
+        check("--ssl-key-file", "k.pem", "--ssl-cert-file", "c.pem")
+    with pytest.raises(ValueError, match="--port, --read-timeout would change nothing"):
+        check("--port", "9000", "--read-timeout", "7")
+    with pytest.raises(ValueError, match="--max-connections would change nothing"):
+        check("--max-connections", "10")
