@@ -5,12 +5,16 @@ Ray Serve calls `choose_replicas` for each call of a deployment handle; the ingr
 call's second argument, and their full blocks hash as the replicas' prefix caches hash them.
 The answer is ranked: the router's choice first, then the rest from least to most loaded, which
 Ray Serve tries in turn when a replica is at its max_ongoing_requests. Loads are the requests
-this router has in flight on each replica (each ingress routes its own).
+this router has in flight on each replica (each ingress routes its own), counted from the moment
+one is chosen: Ray Serve routes several requests at once and tells the router of a send only
+after the request's routing task has yielded, so a burst would otherwise see every replica idle
+and send one shared prefix's whole burst to one replica.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve._private.request_router.request_router import RequestRouter
@@ -19,6 +23,14 @@ from lmserve.cache.prefix import hash_full_blocks
 from lmserve.scale.router import DEFAULT_MAX_BLOCKS, DEFAULT_MAX_EXTRA_QUEUE, DEFAULT_MAX_QUEUE_RATIO, PrefixRouter
 
 PROMPT_ARG = 1  # EngineReplica.generate(request_id, prompt_ids, params)
+
+
+@dataclass
+class _Claim:
+    """A request this router chose a replica for and has not heard the end of."""
+
+    replica: str  # unique id: the one chosen, then the one Ray Serve assigned
+    future: Any  # the pending request's future: done once Ray Serve assigned a replica or gave up
 
 
 class PrefixAwareRequestRouter(RequestRouter):
@@ -33,16 +45,19 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._block_size = block_size
         self._prefix = PrefixRouter(capacity_blocks, max_blocks=max_blocks, max_extra_queue=max_extra_queue,
                                     max_queue_ratio=max_queue_ratio)
-        self._in_flight: Counter = Counter()  # replica unique id -> requests sent and not completed
+        self._claims: dict[str, _Claim] = {}  # internal request id -> its replica, until completed
 
     async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list[list]:
         if not candidate_replicas:
             return []
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        loads = {replica_id: self._in_flight[replica_id] for replica_id in by_id}
+        in_flight = self._in_flight()
+        loads = {replica_id: in_flight[replica_id] for replica_id in by_id}
         hashes = self._prompt_hashes(pending_request)
         chosen = self._prefix.choose(hashes, loads)
         self._prefix.routed(chosen, hashes)
+        if pending_request is not None:  # a retry or a new attempt replaces the claim
+            self._claims[pending_request.metadata.internal_request_id] = _Claim(chosen, pending_request.future)
         rest = sorted((r for r in by_id if r != chosen), key=loads.__getitem__)
         return [[by_id[chosen]], *([by_id[r]] for r in rest)]
 
@@ -54,14 +69,35 @@ class PrefixAwareRequestRouter(RequestRouter):
         # first as the replica's cache does (the lookup reads only the first max_blocks).
         return hash_full_blocks(args[PROMPT_ARG], self._block_size)
 
-    def on_send_request(self, replica_id: Any) -> None:
-        super().on_send_request(replica_id)
-        self._in_flight[replica_id.unique_id] += 1
+    def _in_flight(self) -> Counter:
+        """Requests per replica: chosen and not completed. A claim follows the replica Ray Serve
+        assigned (the ranked list's next when the first was full) and is dropped when Ray Serve
+        gave up on the request before assigning it."""
+        counts: Counter = Counter()
+        for request_id, claim in list(self._claims.items()):
+            replica = self._assigned(claim)
+            if replica is None:
+                del self._claims[request_id]
+            else:
+                counts[replica] += 1
+        return counts
+
+    @staticmethod
+    def _assigned(claim: _Claim) -> str | None:
+        """The claim's replica as Ray Serve assigned it; None once the request was given up."""
+        if claim.future.done():
+            if claim.future.cancelled() or claim.future.exception() is not None:
+                return None
+            claim.replica = claim.future.result().replica_id.unique_id
+        return claim.replica
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
-        key = replica_id.unique_id
-        self._in_flight[key] = max(0, self._in_flight[key] - 1)
+        claim = self._claims.get(internal_request_id)
+        # An attempt a full replica rejected completes after its retry was chosen: a claim still
+        # being routed, or assigned elsewhere, is the retry's.
+        if claim is not None and claim.future.done() and self._assigned(claim) == replica_id.unique_id:
+            del self._claims[internal_request_id]
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)
@@ -75,4 +111,5 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def _forget(self, replica: str) -> None:
         self._prefix.forget(replica)
-        self._in_flight.pop(replica, None)
+        for request_id in [r for r, claim in self._claims.items() if self._assigned(claim) == replica]:
+            del self._claims[request_id]
