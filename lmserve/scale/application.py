@@ -92,6 +92,15 @@ class ModelDeployments:
                                "not reserved by the replicas already running (unload a model, or lower --replicas or "
                                "--replica-cpus)")
 
+    def clear_leftovers(self) -> None:
+        """Delete the model applications an earlier ingress deployed (blocking). The fleet of an
+        ingress Ray Serve restarted starts empty: replicas no fleet holds would keep their CPUs
+        and run requests whose outputs nobody awaits. A model asked for again is deployed anew."""
+        for name in serve.status().applications:
+            if name.startswith(MODEL_APP_PREFIX):
+                log.info("deleting %s, deployed by an earlier ingress", name)
+                serve.delete(name)
+
     def delete(self, model_id: str) -> None:
         """Stop `model_id`'s replicas (their requests were drained or closed by the ingress)."""
         serve.delete(model_app_name(model_id), _blocking=False)
@@ -109,6 +118,8 @@ class Ingress:
         from lmserve.scale.mailbox import Mailbox
 
         self._args, self._settings, self._engines, self._listen = args, settings, engines, listen
+        if isinstance(engines, ModelDeployments):
+            engines.clear_leftovers()
         self._mailbox = Mailbox()
         self._http: Any = None  # the listener's task, kept while the replica runs
 

@@ -1,14 +1,16 @@
 """Replicas on Ray Serve (`lmserve serve --replicas 2`), on a local Ray instance: every kind of
 route through the ingress, its own listener, requests spread over the replicas, a shared prefix
-kept on one replica, and models' replicas deployed and deleted as the fleet loads and unloads
-them (test_scale_faults.py: faults and autoscaling, on servers of their own)."""
+kept on one replica, models' replicas deployed and deleted as the fleet loads and unloads
+them, and an ingress restarted by Ray Serve (test_scale_faults.py: faults and autoscaling, on servers of their own)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import time
 import urllib.parse
@@ -20,7 +22,8 @@ import pytest
 from lmserve.cli import default_model_path
 from tests.helpers.live_server import start_server
 from tests.helpers.prometheus import metric_samples
-from tests.helpers.ray_replicas import complete, delta, engine_replica_pids, routed, stop, wait_for_replicas
+from tests.helpers.ray_replicas import (complete, delta, engine_replica_pids, ingress_pids, routed, stop,
+                                       wait_for_replicas)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -137,3 +140,27 @@ def test_models_are_deployed_as_the_fleet_loads_them_and_deleted_as_it_unloads_t
     again = complete(url, "Back again:", model="SmolLM2-135M-Instruct", max_tokens=4, ignore_eos=True)
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
     assert len(engine_replica_pids(pid)) == 2 and card("SmolLM2-135M-Instruct") == "loaded"
+
+
+def test_an_ingress_ray_serve_restarts_deletes_the_replicas_no_fleet_holds(server):
+    """The ingress's process dies with SmolLM2's replicas up; Ray Serve starts a new ingress, whose
+    fleet holds no model: it answers HTTP on the same address again, the old replicas are deleted
+    (their CPUs free for `second`), and a model asked for is deployed anew."""
+    url, pid = server["url"], server["pid"]
+    if not (server["models_dir"] / "second.gguf").exists():  # run alone, without the test before
+        shutil.copyfile(default_model_path(), server["models_dir"] / "second.gguf")
+    assert complete(url, "Before:", model="SmolLM2-135M-Instruct").status_code == 200
+    [ingress] = ingress_pids(pid)
+    os.kill(ingress, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200 and ingress_pids(pid) not in ([], [ingress]):
+                break
+        time.sleep(0.5)
+    else:
+        raise TimeoutError("no ingress answered again")
+    wait_for_replicas(pid, 0, timeout=60)
+    second = complete(url, "A new ingress:", model="second", max_tokens=4, ignore_eos=True)
+    assert second.status_code == 200 and second.json()["usage"]["completion_tokens"] == 4, second.text
+    assert len(engine_replica_pids(pid)) == 2

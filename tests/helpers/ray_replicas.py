@@ -14,15 +14,27 @@ from tests.helpers.prometheus import metric_samples
 ENGINE_TITLE = re.compile(r"ray::ServeReplica:lmserve(-model-[^:]+)?:lmserve-engine-")  # its model's app, or the one app
 
 
+INGRESS_TITLE = re.compile(r"ray::ServeReplica:lmserve:lmserve-ingress")
+
+
 def engine_replica_pids(server_pid: int) -> list[int]:
     """Processes running an engine replica of the server `server_pid` (not those still starting)."""
+    return _titled(server_pid, ENGINE_TITLE)
+
+
+def ingress_pids(server_pid: int) -> list[int]:
+    """The process running the server's ingress (not while it starts)."""
+    return _titled(server_pid, INGRESS_TITLE)
+
+
+def _titled(server_pid: int, title_pattern: re.Pattern) -> list[int]:
     pids = []
     for process in psutil.Process(server_pid).children(recursive=True):
         try:
             title = process.cmdline()[0] if process.cmdline() else ""
         except psutil.Error:  # gone meanwhile
             continue
-        if ENGINE_TITLE.match(title) and "initialize" not in title:
+        if title_pattern.match(title) and "initialize" not in title:
             pids.append(process.pid)
     return sorted(pids)
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.cpp_extension import load
 from lmserve.kernels import CFLAGS, SOURCES
 module = load(name="lmserve_native_no_amx", sources=[str(s) for s in SOURCES],
-              extra_cflags=CFLAGS + ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"],
+              extra_cflags=CFLAGS + ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-O0"],  # -O0: what is compiled in, not how fast
               extra_ldflags=["-fopenmp"], build_directory={str(tmp_path)!r})
 print(module.int4_tiles_supported(), module.int4_bf16_tiles_supported(), module.int4_linear_path(100),
       module.int8_linear_path(100, 576))
