@@ -242,7 +242,8 @@ async def _watch(call: Any, inbox: asyncio.Queue) -> None:
     except Exception as exc:  # noqa: BLE001 - the request's to report, not the watcher's
         inbox.put_nowait((_Ended(exc), None))
     else:
-        await asyncio.sleep(0.5)  # its outputs were sent before it returned; let the last arrive
+        # Its outputs were delivered before it returned: the replica awaits each `deliver` call,
+        # which schedules its puts on this loop before returning, so they precede this one.
         inbox.put_nowait((_Ended(None), None))
 
 
