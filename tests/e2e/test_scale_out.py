@@ -88,6 +88,13 @@ def test_the_ingress_answers_http_itself_with_lmserve_connection_limits(server):
     assert httpx.get(f"{server['url']}/health").json()["status"] == "ok"
 
 
+def test_the_local_ray_instance_runs_serve_s_control_loop_at_half_a_second(server):
+    """Ray Serve's controller wakes twice a second rather than ten times: its CPU is the engines'."""
+    [controller] = [process for process in psutil.Process(server["pid"]).children(recursive=True)
+                    if "ServeController" in " ".join(process.cmdline())]
+    assert controller.environ()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+
+
 def test_requests_spread_over_both_replicas(replicated):
     before = routed(replicated)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
