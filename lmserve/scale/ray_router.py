@@ -13,6 +13,7 @@ and send one shared prefix's whole burst to one replica.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +30,9 @@ PROMPT_ARG = 1  # EngineReplica.generate(request_id, prompt_ids, params)
 class _Claim:
     """A request this router chose a replica for and has not heard the end of."""
 
+    request: Any  # the PendingRequest: a retry is routed again as the same object
     replica: str  # unique id: the one chosen, then the one Ray Serve assigned
-    future: Any  # the pending request's future: done once Ray Serve assigned a replica or gave up
+    future: Any  # this attempt's future (a retry gets a new one): done once assigned or given up
 
 
 class PrefixAwareRequestRouter(RequestRouter):
@@ -45,7 +47,12 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._block_size = block_size
         self._prefix = PrefixRouter(capacity_blocks, max_blocks=max_blocks, max_extra_queue=max_extra_queue,
                                     max_queue_ratio=max_queue_ratio)
-        self._claims: dict[str, _Claim] = {}  # internal request id -> its replica, until completed
+        # internal request id -> its requests' claims: behind Ray Serve's proxy the calls one HTTP
+        # request makes (n > 1, several prompts) share the HTTP request's id
+        self._claims: dict[str, list[_Claim]] = {}
+        # (internal request id, replica) -> completions still to come from attempts a full replica
+        # rejected after their retry was chosen: they must not end the retry's claim
+        self._stale: Counter = Counter()
 
     async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list[list]:
         if not candidate_replicas:
@@ -56,10 +63,19 @@ class PrefixAwareRequestRouter(RequestRouter):
         hashes = self._prompt_hashes(pending_request)
         chosen = self._prefix.choose(hashes, loads)
         self._prefix.routed(chosen, hashes)
-        if pending_request is not None:  # a retry or a new attempt replaces the claim
-            self._claims[pending_request.metadata.internal_request_id] = _Claim(chosen, pending_request.future)
+        if pending_request is not None:
+            self._claim(pending_request, chosen)
         rest = sorted((r for r in by_id if r != chosen), key=loads.__getitem__)
         return [[by_id[chosen]], *([by_id[r]] for r in rest)]
+
+    async def _choose_replica_for_request(self, pending_request: Any, *, is_retry: bool = False) -> Any:
+        """Ray Serve's: a caller cancelled while it waits (its client went away) sends nothing,
+        even when a replica was already assigned, so no completion will end its claim."""
+        try:
+            return await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
+        except asyncio.CancelledError:
+            self._release(pending_request)
+            raise
 
     def _prompt_hashes(self, pending_request: Any) -> list[bytes]:
         args = getattr(pending_request, "args", None) or ()
@@ -69,17 +85,39 @@ class PrefixAwareRequestRouter(RequestRouter):
         # first as the replica's cache does (the lookup reads only the first max_blocks).
         return hash_full_blocks(args[PROMPT_ARG], self._block_size)
 
+    def _claim(self, pending_request: Any, chosen: str) -> None:
+        request_id = pending_request.metadata.internal_request_id
+        claims = self._claims.setdefault(request_id, [])
+        for claim in claims:
+            if claim.request is pending_request:  # chosen again: all replicas were full, or a retry
+                if claim.future is not pending_request.future:  # a retry: the attempt before was sent
+                    earlier = self._assigned(claim)
+                    if earlier is not None:
+                        self._stale[request_id, earlier] += 1
+                claim.replica, claim.future = chosen, pending_request.future
+                return
+        claims.append(_Claim(pending_request, chosen, pending_request.future))
+
+    def _release(self, pending_request: Any) -> None:
+        request_id = pending_request.metadata.internal_request_id
+        claims = [claim for claim in self._claims.get(request_id, ()) if claim.request is not pending_request]
+        self._set_claims(request_id, claims)
+
+    def _set_claims(self, request_id: str, claims: list[_Claim]) -> None:
+        if claims:
+            self._claims[request_id] = claims
+        else:
+            self._claims.pop(request_id, None)
+
     def _in_flight(self) -> Counter:
         """Requests per replica: chosen and not completed. A claim follows the replica Ray Serve
         assigned (the ranked list's next when the first was full) and is dropped when Ray Serve
         gave up on the request before assigning it."""
         counts: Counter = Counter()
-        for request_id, claim in list(self._claims.items()):
-            replica = self._assigned(claim)
-            if replica is None:
-                del self._claims[request_id]
-            else:
-                counts[replica] += 1
+        for request_id, claims in list(self._claims.items()):
+            live = [claim for claim in claims if self._assigned(claim) is not None]
+            self._set_claims(request_id, live)
+            counts.update(claim.replica for claim in live)
         return counts
 
     @staticmethod
@@ -93,11 +131,19 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
-        claim = self._claims.get(internal_request_id)
-        # An attempt a full replica rejected completes after its retry was chosen: a claim still
-        # being routed, or assigned elsewhere, is the retry's.
-        if claim is not None and claim.future.done() and self._assigned(claim) == replica_id.unique_id:
-            del self._claims[internal_request_id]
+        replica = replica_id.unique_id
+        if self._stale[internal_request_id, replica]:
+            self._stale[internal_request_id, replica] -= 1
+            if not self._stale[internal_request_id, replica]:
+                del self._stale[internal_request_id, replica]
+            return
+        claims = self._claims.get(internal_request_id, [])
+        # Only an attempt assigned to that replica: a claim still being routed is a retry's.
+        for claim in claims:
+            if claim.future.done() and self._assigned(claim) == replica:
+                claims.remove(claim)
+                break
+        self._set_claims(internal_request_id, claims)
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)
@@ -111,5 +157,7 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def _forget(self, replica: str) -> None:
         self._prefix.forget(replica)
-        for request_id in [r for r, claim in self._claims.items() if self._assigned(claim) == replica]:
-            del self._claims[request_id]
+        for request_id, claims in list(self._claims.items()):
+            self._set_claims(request_id, [claim for claim in claims if self._assigned(claim) != replica])
+        for stale in [key for key in self._stale if key[1] == replica]:
+            del self._stale[stale]

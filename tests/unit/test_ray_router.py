@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
+from ray.serve._private.request_router.request_router import RequestRouter
 
 from lmserve.scale.ray_router import PrefixAwareRequestRouter
 from lmserve.scale.router import DEFAULT_MAX_EXTRA_QUEUE
@@ -25,8 +26,9 @@ def replica(name: str) -> SimpleNamespace:
     return SimpleNamespace(replica_id=ReplicaID(unique_id=name, deployment_id=DEPLOYMENT))
 
 
-def request(n: int, prompt: list[int]) -> PendingRequest:
-    metadata = RequestMetadata(request_id=f"r{n}", internal_request_id=f"internal-{n}", call_method="generate")
+def request(n: int, prompt: list[int], internal_id: str | None = None) -> PendingRequest:
+    metadata = RequestMetadata(request_id=f"r{n}", internal_request_id=internal_id or f"internal-{n}",
+                               call_method="generate")
     return PendingRequest(args=[f"r{n}", prompt, {}], kwargs={}, metadata=metadata)
 
 
@@ -100,6 +102,63 @@ def test_a_rejected_attempt_completing_late_leaves_its_retry_counted(router):
         pending.future.set_result(b)
         router.on_request_completed(b.replica_id, "internal-0")
         assert router._in_flight() == Counter()
+
+    asyncio.run(run())
+
+
+def test_a_rejected_attempt_completing_late_on_the_retry_s_replica_leaves_the_retry_counted(router):
+    """The retry went back to the replica that had rejected it (it had room again by then): the
+    rejected attempt's completion ends nothing; the retry's own completion ends its claim."""
+    a = replica("a")
+
+    async def run():
+        pending = request(0, SHARED)
+        await router.choose_replicas([a], pending)
+        pending.future.set_result(a)
+        pending.reset_future()
+        await router.choose_replicas([a], pending)
+        router.on_request_completed(a.replica_id, "internal-0")  # the rejected attempt
+        assert router._in_flight() == Counter({"a": 1})
+        pending.future.set_result(a)
+        router.on_request_completed(a.replica_id, "internal-0")
+        assert router._in_flight() == Counter() and not router._stale
+
+    asyncio.run(run())
+
+
+def test_calls_sharing_one_request_id_each_count(router):
+    """Behind Ray Serve's proxy the calls of one HTTP request (n > 1, several prompts) share its id."""
+    a, b = replica("a"), replica("b")
+
+    async def run():
+        calls = [request(n, SHARED, internal_id="shared") for n in range(3)]
+        for pending in calls:
+            await router.choose_replicas([a, b], pending)
+        assert sum(router._in_flight().values()) == 3
+        calls[0].future.set_result(a)
+        router.on_request_completed(a.replica_id, "shared")
+        assert sum(router._in_flight().values()) == 2
+
+    asyncio.run(run())
+
+
+def test_a_caller_cancelled_after_its_replica_was_assigned_stops_counting(router, monkeypatch):
+    """Ray Serve assigned a replica, but the caller was cancelled before it woke to send: nothing
+    was sent, so no completion will come."""
+    a = replica("a")
+
+    async def assigned_then_cancelled(self, pending_request, *, is_retry=False):
+        await self.choose_replicas([a], pending_request)
+        pending_request.future.set_result(a)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(RequestRouter, "_choose_replica_for_request", assigned_then_cancelled)
+
+    async def run():
+        pending = request(0, SHARED)
+        with pytest.raises(asyncio.CancelledError):
+            await router._choose_replica_for_request(pending)
+        assert router._in_flight() == Counter() and router._claims == {}
 
     asyncio.run(run())
 
