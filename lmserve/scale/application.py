@@ -92,14 +92,28 @@ class ModelDeployments:
                                "not reserved by the replicas already running (unload a model, or lower --replicas or "
                                "--replica-cpus)")
 
-    def clear_leftovers(self) -> None:
-        """Delete the model applications an earlier ingress deployed (blocking). The fleet of an
-        ingress Ray Serve restarted starts empty: replicas no fleet holds would keep their CPUs
-        and run requests whose outputs nobody awaits. A model asked for again is deployed anew."""
-        for name in serve.status().applications:
-            if name.startswith(MODEL_APP_PREFIX):
+    def clear_leftovers(self, timeout: float = 60.0) -> None:
+        """Delete the model applications an earlier ingress deployed, all at once, and wait for
+        them to go (up to `timeout`: their replicas may spend Ray Serve's graceful shutdown
+        waiting to deliver to the ingress that died). The fleet of an ingress Ray Serve restarted
+        starts empty: replicas no fleet holds would keep their CPUs and run requests whose
+        outputs nobody awaits. A model asked for again is deployed anew. Failures are logged: an
+        ingress that cannot start would only be restarted again."""
+        import time
+
+        try:
+            leftovers = [name for name in serve.status().applications if name.startswith(MODEL_APP_PREFIX)]
+            for name in leftovers:
                 log.info("deleting %s, deployed by an earlier ingress", name)
-                serve.delete(name)
+                serve.delete(name, _blocking=False)
+            deadline = time.monotonic() + timeout
+            while leftovers and time.monotonic() < deadline:
+                time.sleep(0.5)
+                leftovers = [name for name in leftovers if name in serve.status().applications]
+            if leftovers:
+                log.warning("%s still being deleted after %.0f s", ", ".join(leftovers), timeout)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("could not delete the model applications of an earlier ingress")
 
     def delete(self, model_id: str) -> None:
         """Stop `model_id`'s replicas (their requests were drained or closed by the ingress)."""

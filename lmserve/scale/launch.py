@@ -39,9 +39,9 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     application = build_application(args, listen, ray.util.get_node_ip_address())
     if settings.ray_address is None:
         # Ray Serve's controller checks every deployment ten times a second by default; on a small
-        # machine that CPU comes out of the engines' (bench/RESULTS.md, tenth sitting: 0.71x -> 0.75x
-        # of direct throughput at 2 cores). Half a second is still quick enough for health checks
-        # and autoscaling. A cluster keeps its own setting, as does a user who sets it.
+        # machine that CPU comes out of the engines' (bench/RESULTS.md, tenth sitting: the
+        # controller's and GCS's CPU halved). Half a second is still quick enough for health
+        # checks and autoscaling. A cluster keeps its own setting, as does a user who sets it.
         os.environ.setdefault(CONTROL_LOOP_ENV, LOCAL_CONTROL_LOOP_INTERVAL_S)
     ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)
