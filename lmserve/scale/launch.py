@@ -43,7 +43,9 @@ def serve_on_ray(args: argparse.Namespace) -> None:
         # controller's and GCS's CPU halved). Half a second is still quick enough for health
         # checks and autoscaling. A cluster keeps its own setting, as does a user who sets it.
         os.environ.setdefault(CONTROL_LOOP_ENV, LOCAL_CONTROL_LOOP_INTERVAL_S)
-    ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+    # "local": a Ray instance of its own, even where RAY_ADDRESS is set or a `ray start` cluster runs
+    # on this machine (Ray's default would join it, and stopping would then shut its Serve down).
+    ray.init(address=settings.ray_address or "local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)
     stop = _stop_on_signals()  # after ray.init, whose own SIGTERM handler would end the process at once
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not its "ready at" Ray Serve's proxy address

@@ -1,7 +1,8 @@
 """`lmserve serve --ray-address`: joining a Ray cluster started beforehand (`ray start --head` on
 this machine, a cluster of one node) rather than starting a local instance. It deploys there,
 answers on this machine, and on stopping removes its applications and leaves the cluster and
-its Serve running."""
+its Serve running. Without --ray-address it starts an instance of its own even beside such a
+cluster (and with RAY_ADDRESS set), and leaves the cluster alone."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from tests.helpers.live_server import _free_port, start_server
+from tests.helpers.ray_replicas import stop, wait_for_replicas
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -53,3 +55,19 @@ def test_it_joins_a_cluster_and_leaves_it_as_it_found_it(cluster):
         proc.terminate()
         assert proc.wait(timeout=90) == 0
     assert serve_applications(cluster) == []  # its own removed; the cluster and its Serve still answer
+
+
+def test_without_ray_address_it_runs_its_own_instance_beside_a_cluster(cluster, monkeypatch):
+    """Ray's default would join the cluster `ray start` left on this machine (or RAY_ADDRESS's),
+    and stopping would then shut that cluster's Serve down."""
+    monkeypatch.setenv("RAY_ADDRESS", cluster)
+    proc, url, _ = start_server("--replicas", "1", "--no-embedding-model", "--kv-cache-memory", "64MiB")
+    try:
+        wait_for_replicas(proc.pid, 1, timeout=60)  # its replica descends from it: a Ray instance of its own
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": "Beside a cluster:", "max_tokens": 4,
+                                                           "ignore_eos": True}, timeout=120)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+        assert serve_applications(cluster) == []  # nothing deployed on the cluster
+    finally:
+        stop(proc)  # its own instance's processes all gone
+    assert serve_applications(cluster) == []  # the cluster still answers
