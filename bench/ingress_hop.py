@@ -68,5 +68,6 @@ def main(argv: list[str] | None = None) -> None:
         f"{name} {statistics.median(values):.2f}x ({', '.join(f'{v:.2f}' for v in values)})"
         for name, values in ratios.items() if values))
 
+
 if __name__ == "__main__":
     main()

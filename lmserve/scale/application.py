@@ -22,6 +22,7 @@ import argparse
 import logging
 import re
 import shlex
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,6 @@ class ModelDeployments:
         starts empty: replicas no fleet holds would keep their CPUs and run requests whose
         outputs nobody awaits. A model asked for again is deployed anew. Failures are logged: an
         ingress that cannot start would only be restarted again."""
-        import time
-
         try:
             leftovers = [name for name in serve.status().applications if name.startswith(MODEL_APP_PREFIX)]
             for name in leftovers:

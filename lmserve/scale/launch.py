@@ -37,7 +37,8 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     listen |= {name: os.path.abspath(listen[name]) for name in ("uds", "ssl_keyfile", "ssl_certfile") if name in listen}
     listener.check_free(listen)
     application = build_application(args, listen, ray.util.get_node_ip_address())
-    if settings.ray_address is None:
+    local = settings.ray_address is None
+    if local:
         # Ray Serve's controller checks every deployment ten times a second by default; on a small
         # machine that CPU comes out of the engines' (bench/RESULTS.md, tenth sitting: the
         # controller's and GCS's CPU halved). Half a second is still quick enough for health
@@ -45,7 +46,7 @@ def serve_on_ray(args: argparse.Namespace) -> None:
         os.environ.setdefault(CONTROL_LOOP_ENV, LOCAL_CONTROL_LOOP_INTERVAL_S)
     # "local": a Ray instance of its own, even where RAY_ADDRESS is set or a `ray start` cluster runs
     # on this machine (Ray's default would join it, and stopping would then shut its Serve down).
-    ray.init(address=settings.ray_address or "local", include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address="local" if local else settings.ray_address, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)
     stop = _stop_on_signals()  # after ray.init, whose own SIGTERM handler would end the process at once
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not its "ready at" Ray Serve's proxy address
@@ -59,7 +60,7 @@ def serve_on_ray(args: argparse.Namespace) -> None:
         stop.wait()
         log.info("stopping")
     finally:
-        if settings.ray_address is None:
+        if local:
             _shutdown_local(serve, ray)
         else:  # the cluster's Serve goes on serving its other applications
             for name in [APP_NAME, *(app for app in serve.status().applications if app.startswith(MODEL_APP_PREFIX))]:

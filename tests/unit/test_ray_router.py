@@ -58,16 +58,19 @@ def test_a_burst_sharing_a_prefix_spills_once_its_replica_is_overloaded(router):
 
 
 def test_a_claim_follows_the_replica_ray_serve_assigned(router):
-    """Ray Serve tries the ranked list in turn: a request chosen for a full `a` and sent to `b`
-    counts against `b`, and its completion on `b` ends it."""
+    """Counted against the chosen replica before anything is sent; Ray Serve tries the ranked list
+    in turn, so a request chosen for a full replica and sent to the other counts against the
+    other, and its completion there ends it."""
     a, b = replica("a"), replica("b")
 
     async def run():
         pending = request(0, SHARED)
-        assert (await router.choose_replicas([a, b], pending))[0][0] is not None
-        pending.future.set_result(b)
-        assert router._in_flight() == Counter({"b": 1})
-        router.on_request_completed(b.replica_id, "internal-0")
+        chosen = (await router.choose_replicas([a, b], pending))[0][0]
+        other = b if chosen is a else a
+        assert router._in_flight() == Counter({chosen.replica_id.unique_id: 1})
+        pending.future.set_result(other)
+        assert router._in_flight() == Counter({other.replica_id.unique_id: 1})
+        router.on_request_completed(other.replica_id, "internal-0")
         assert router._in_flight() == Counter()
 
     asyncio.run(run())
