@@ -46,6 +46,7 @@ inline void widen_block(const uint8_t* w, int64_t groups, const at::Half* ws, co
     const __m512i first8 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i last8 = _mm512_add_epi32(first8, _mm512_set1_epi32(8));
     for (int64_t g = 0; g < groups; ++g) {
+        int4_params::prefetch(ws, wl, g, n);
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * n)));
         const __m512 l = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + g * n)));
         const __m512 scale[2] = {_mm512_permutexvar_ps(first8, s), _mm512_permutexvar_ps(last8, s)};

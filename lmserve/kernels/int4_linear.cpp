@@ -22,6 +22,7 @@
 #endif
 
 #include "int4_bf16_tiles.h"
+#include "int4_params.h"
 #include "int4_tiles.h"
 
 std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
@@ -146,6 +147,7 @@ inline void w4a8_tile(const int8_t* a, int64_t k, const float* x_scales, const f
     const int64_t block_bytes = k * 8;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int64_t g = 0; g < groups; ++g) {
+        int4_params::prefetch(ws, wl, g, n);
 #define LM4_CLEAR(i, j) __m512i c##i##j = _mm512_setzero_si512();
         LM4_TILE(LM4_CLEAR)
 #undef LM4_CLEAR

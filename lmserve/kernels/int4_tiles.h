@@ -15,6 +15,8 @@
 
 #include <torch/extension.h>
 #include <immintrin.h>
+
+#include "int4_params.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -146,6 +148,7 @@ inline void block_rows(const int8_t* a, int64_t k, const float* x_scales, const 
 #define LMT_GROUP(group, buffer) { \
         const int64_t g = (group); \
         const int32_t* s = (buffer); \
+        int4_params::prefetch(ws, wl, g, n); \
         const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * n))); \
         const __m512 lw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + g * n))); \
         LMT_ROWS(LMT_SCALE) }
