@@ -130,6 +130,8 @@ namespace {
 constexpr int kRows = 4;    // activation rows a register tile covers
 constexpr int kBlocks = 2;  // 16-output blocks a register tile covers: 8 int32 and 8 float accumulators
 
+constexpr int64_t kWeightAhead = 1024;  // bytes; 512 and 2,048 measured no better
+
 #define LM4_TILE(X) X(0, 0) X(0, 1) X(1, 0) X(1, 1) X(2, 0) X(2, 1) X(3, 0) X(3, 1)
 
 // out[i, 16 j + l] for i < R, j < B, from rows a (stride k) with their group scales and sums (stride
@@ -154,6 +156,10 @@ inline void w4a8_tile(const int8_t* a, int64_t k, const float* x_scales, const f
         for (int s = 0; s < 4; ++s) {  // four steps of 8 columns: 32, one group
             const int64_t step = g * 4 + s;
             __m512i lo0, hi0, lo1, hi1;
+            // 16 lines ahead in each block (past a block's end: the next one this thread takes). A
+            // block of a 896-column weight is 7 KB, too short for the prefetchers to get going.
+            __builtin_prefetch(w + step * 64 + kWeightAhead, 0, 3);
+            if constexpr (B > 1) __builtin_prefetch(w + block_bytes + step * 64 + kWeightAhead, 0, 3);
             {
                 const __m512i v = _mm512_loadu_si512(w + step * 64);
                 lo0 = _mm512_and_si512(v, nibble);
