@@ -1,0 +1,49 @@
+"""The native silu(gate) * up (kernels/decoder.cpp's silu_mul_rows), which both the C++ layers and
+model/llama.py's MLP run: against F.silu(gate) * up to float32 rounding, on the 16-wide path and
+its scalar tail, with large and tiny gates; the module takes it for float32 rows and ATen's two ops
+otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmserve.kernels import native_module
+from lmserve.model.config import ModelConfig
+from lmserve.model.llama import MLP
+
+
+@pytest.mark.parametrize("rows, width", [(1, 4864), (64, 1536), (5, 40), (3, 7), (130, 16)])
+def test_native_silu_mul_agrees_with_torch(rows, width):
+    module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
+    g = torch.Generator().manual_seed(rows * width)
+    gate_up = torch.randn(rows, 2 * width, generator=g) * 4
+    gate_up[0, 0], gate_up[0, 1], gate_up[0, 2] = 90.0, -90.0, 0.0  # exp's clamp either way, and silu(0) = 0
+    got = module.silu_mul_rows(gate_up)
+    expected = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+    assert got.shape == (rows, width)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6), (got - expected).abs().max()
+    assert got[0, 0] == pytest.approx(90.0 * gate_up[0, width].item(), rel=1e-6)
+    assert abs(got[0, 1].item()) < 1e-30 and got[0, 2].item() == 0.0
+
+
+def test_mlp_takes_the_native_op_for_float32_rows_and_torch_otherwise():
+    module = native_module()
+    config = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 48,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    mlp = MLP(config)
+    mlp.prepare(torch.float32)
+    x = torch.randn(7, 32)
+    gate_up = mlp.gate_up_proj(x)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), mlp.down_proj(module.silu_mul_rows(gate_up)))
+        # bfloat16 rows go to ATen's silu and mul, which split the row in the same place
+        halves = gate_up.bfloat16().split(48, dim=-1)
+        assert torch.equal(module.silu_mul(gate_up.bfloat16()), F.silu(halves[0]) * halves[1])
+
+
+def test_native_silu_mul_refuses_odd_widths():
+    with pytest.raises(RuntimeError, match="gate_up"):
+        native_module().silu_mul_rows(torch.randn(2, 7))
