@@ -146,8 +146,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 // relative error of ~2e-7 where ATen's Sleef exp has ~1e-7): model/llama.py's MLP calls this too
 // (through silu_mul below), so its layers and these give the same results.
 torch::Tensor silu_mul_rows(const torch::Tensor& gate_up_in) {
-    TORCH_CHECK(gate_up_in.dim() == 2 && gate_up_in.scalar_type() == at::kFloat && gate_up_in.size(1) % 2 == 0,
-                "gate_up: float32 (T, 2I)");
+    TORCH_CHECK(gate_up_in.device().is_cpu() && gate_up_in.dim() == 2 && gate_up_in.scalar_type() == at::kFloat &&
+                gate_up_in.size(1) % 2 == 0, "gate_up: float32 (T, 2I) on the CPU");
     const auto gate_up = gate_up_in.contiguous();
     const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
     auto out = torch::empty({rows, width}, gate_up.options());
@@ -161,10 +161,14 @@ torch::Tensor silu_mul_rows(const torch::Tensor& gate_up_in) {
             float* o = dst + r * width;
             int64_t c = 0;
 #if defined(__AVX512F__)
-            const __m512 one = _mm512_set1_ps(1.f);
+            const __m512 one = _mm512_set1_ps(1.f), below = _mm512_set1_ps(-88.3f), inf = _mm512_set1_ps(INFINITY);
             for (; c + 16 <= width; c += 16) {
                 const __m512 gv = _mm512_loadu_ps(g + c);
-                const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+                // exp16 clamps its argument at 88.3: below -88.3 the denominator is taken as infinite, so
+                // silu is -0 (its exact value is under 4e-37 in magnitude) and NaN for -inf, as ATen's
+                const __m512 denominator = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(gv, below, _CMP_LT_OQ),
+                                                                _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))), inf);
+                const __m512 silu = _mm512_div_ps(gv, denominator);
                 _mm512_storeu_ps(o + c, _mm512_mul_ps(silu, _mm512_loadu_ps(u + c)));
             }
 #endif

@@ -10,6 +10,7 @@
 // 16 outputs the weights of columns 2p and 2p + 1. A operands: 16 rows of 32 bfloat16 activations.
 #pragma once
 
+#include "int4_params.h"
 #include "int4_tiles.h"
 
 #include <algorithm>

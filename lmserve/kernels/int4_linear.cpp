@@ -156,10 +156,10 @@ inline void w4a8_tile(const int8_t* a, int64_t k, const float* x_scales, const f
         for (int s = 0; s < 4; ++s) {  // four steps of 8 columns: 32, one group
             const int64_t step = g * 4 + s;
             __m512i lo0, hi0, lo1, hi1;
-            // 16 lines ahead in each block (past a block's end: the next one this thread takes). A
-            // block of a 896-column weight is 7 KB, too short for the prefetchers to get going.
-            __builtin_prefetch(w + step * 64 + kWeightAhead, 0, 3);
-            if constexpr (B > 1) __builtin_prefetch(w + block_bytes + step * 64 + kWeightAhead, 0, 3);
+            // 16 lines ahead in each block (past a block's end: the block after it, which the next
+            // tile reads). A block of a 896-column weight is 7 KB, too short for the prefetchers.
+            int4_params::prefetch_bytes(w, step * 64 + kWeightAhead);
+            if constexpr (B > 1) int4_params::prefetch_bytes(w, block_bytes + step * 64 + kWeightAhead);
             {
                 const __m512i v = _mm512_loadu_si512(w + step * 64);
                 lo0 = _mm512_and_si512(v, nibble);

@@ -31,6 +31,7 @@ def test_native_silu_mul_agrees_with_torch(rows, width):
 
 def test_mlp_takes_the_native_op_for_float32_rows_and_torch_otherwise():
     module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
     config = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 48,
                                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
     mlp = MLP(config)
@@ -45,5 +46,31 @@ def test_mlp_takes_the_native_op_for_float32_rows_and_torch_otherwise():
 
 
 def test_native_silu_mul_refuses_odd_widths():
+    module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
     with pytest.raises(RuntimeError, match="gate_up"):
-        native_module().silu_mul_rows(torch.randn(2, 7))
+        module.silu_mul_rows(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("width", [16, 19])  # the 16-wide path; then its scalar tail too
+def test_native_silu_mul_edge_gates_agree_with_torch(width):
+    """Gates past exp's range (silu -0, and NaN for -inf as ATen gives it), infinities and NaN, in
+    the vector lanes and in the scalar tail."""
+    module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
+    edges = torch.tensor([float("-inf"), float("nan"), -1e4, -88.5, -88.0, 88.5, 1e4, float("inf")])
+    gate = torch.linspace(-3, 3, width)
+    gate[:8] = edges
+    if width > 16:
+        gate[16:] = edges[[0, 1, 2]]
+    up = torch.linspace(0.5, 2, width)
+    got = module.silu_mul_rows(torch.cat([gate, up])[None])
+    torch.testing.assert_close(got, (F.silu(gate) * up)[None], rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert got[0, 0].isnan() and got[0, 1].isnan() and got[0, 7] == float("inf")
+
+
+def test_silu_mul_falls_back_to_torch_beyond_two_dimensions():
+    module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
+    x = torch.randn(2, 3, 10)
+    assert torch.equal(module.silu_mul(x), F.silu(x[..., :5]) * x[..., 5:])
