@@ -153,7 +153,7 @@ torch::Tensor silu_mul_rows(const torch::Tensor& gate_up_in) {
     auto out = torch::empty({rows, width}, gate_up.options());
     const float* src = gate_up.data_ptr<float>();
     float* dst = out.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1));  // ATen's grain, in elements
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1));  // ATen's, in rows
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
             const float* g = src + r * 2 * width;
@@ -293,7 +293,7 @@ std::optional<torch::Tensor> prefill_mask(const Prefill& seq, const torch::Tenso
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
                                 const std::optional<torch::Tensor>& mask, double scale) {
-    const auto& [query_start, query_len, context_len, slot_ids] = seq;
+    const auto& slot_ids = std::get<3>(seq);
     const auto dtype = attention_dtype(k_cache);
     torch::Tensor keys, values;
     const bool causal = !slot_ids;

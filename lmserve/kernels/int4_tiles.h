@@ -15,12 +15,12 @@
 
 #include <torch/extension.h>
 #include <immintrin.h>
-
-#include "int4_params.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstdint>
+
+#include "int4_params.h"
 
 namespace int4_tiles {
 

@@ -29,7 +29,7 @@ def test_native_silu_mul_agrees_with_torch(rows, width):
     assert abs(got[0, 1].item()) < 1e-30 and got[0, 2].item() == 0.0
 
 
-def test_mlp_takes_the_native_op_for_float32_rows_and_torch_otherwise():
+def test_mlp_takes_the_native_op_for_float32_rows():
     module = native_module()
     assert module is not None, "native kernels not built: run python -m lmserve.kernels"
     config = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 48,
@@ -40,9 +40,6 @@ def test_mlp_takes_the_native_op_for_float32_rows_and_torch_otherwise():
     gate_up = mlp.gate_up_proj(x)
     with torch.no_grad():
         assert torch.equal(mlp(x), mlp.down_proj(module.silu_mul_rows(gate_up)))
-        # bfloat16 rows go to ATen's silu and mul, which split the row in the same place
-        halves = gate_up.bfloat16().split(48, dim=-1)
-        assert torch.equal(module.silu_mul(gate_up.bfloat16()), F.silu(halves[0]) * halves[1])
 
 
 def test_native_silu_mul_refuses_odd_widths():
@@ -69,8 +66,12 @@ def test_native_silu_mul_edge_gates_agree_with_torch(width):
     assert got[0, 0].isnan() and got[0, 1].isnan() and got[0, 7] == float("inf")
 
 
-def test_silu_mul_falls_back_to_torch_beyond_two_dimensions():
+def test_silu_mul_falls_back_to_torch_beyond_two_dimensions_and_for_bfloat16():
+    """ATen's silu and mul, on the row split in the middle as the MLP splits it."""
     module = native_module()
     assert module is not None, "native kernels not built: run python -m lmserve.kernels"
     x = torch.randn(2, 3, 10)
     assert torch.equal(module.silu_mul(x), F.silu(x[..., :5]) * x[..., 5:])
+    rows = torch.randn(7, 96).bfloat16()
+    gate, up = rows.split(48, dim=-1)
+    assert torch.equal(module.silu_mul(rows), F.silu(gate) * up)
