@@ -32,6 +32,7 @@ bool int8_packed_supported();
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
                           const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, const std::string& path);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight);
 bool int4_linear_supported();
 bool int4_tiles_supported();
 bool int4_bf16_tiles_supported();
@@ -185,6 +186,46 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
     if (gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2) return silu_mul_rows(gate_up);
     const auto halves = gate_up.chunk(2, -1);
     return at::silu(halves[0]) * halves[1];
+}
+
+// weights/gguf_blocks.py's dequantization, the same float32 operations in the same order (so the
+// gguf package's values bit for bit): (blocks, type size) uint8 of GGML type Q4_0 (2), Q4_1 (3) or
+// Q8_0 (8) -> (blocks, 32) float32. A block's first 16 values are its bytes' low nibbles.
+torch::Tensor gguf_dequantize(const torch::Tensor& blocks, int64_t qtype) {
+    const int64_t type_size = qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 8 ? 34 : 0;
+    TORCH_CHECK(type_size > 0, "GGML type: Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
+    TORCH_CHECK(blocks.dim() == 2 && blocks.size(1) == type_size && blocks.scalar_type() == at::kByte &&
+                blocks.is_contiguous(), "blocks: contiguous uint8 (n, ", type_size, ")");
+    auto out = torch::empty({blocks.size(0), 32}, blocks.options().dtype(at::kFloat));
+    const uint8_t* in = blocks.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
+    const auto half_at = [](const uint8_t* p) {
+        uint16_t bits;
+        std::memcpy(&bits, p, sizeof(bits));
+        return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+    };
+    at::parallel_for(0, blocks.size(0), 2048, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const uint8_t* b = in + i * type_size;
+            float* o = op + i * 32;
+            const float d = half_at(b);
+            if (qtype == 8) {
+                for (int j = 0; j < 32; ++j) o[j] = static_cast<float>(static_cast<int8_t>(b[2 + j])) * d;
+            } else if (qtype == 3) {
+                const float m = half_at(b + 2);
+                for (int j = 0; j < 16; ++j) {
+                    o[j] = static_cast<float>(b[4 + j] & 0x0F) * d + m;
+                    o[j + 16] = static_cast<float>(b[4 + j] >> 4) * d + m;
+                }
+            } else {
+                for (int j = 0; j < 16; ++j) {
+                    o[j] = (static_cast<float>(b[2 + j] & 0x0F) - 8.f) * d;
+                    o[j + 16] = (static_cast<float>(b[2 + j] >> 4) - 8.f) * d;
+                }
+            }
+        }
+    });
+    return out;
 }
 
 }  // namespace
@@ -416,6 +457,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4_linear", &int4_linear, "x @ weight.T with packed 4-bit weights and int8 activations in groups of 32",
           py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_lows"), py::arg("bias"),
           py::arg("path") = "auto");
+    m.def("gguf_dequantize", &gguf_dequantize, "float32 values of Q4_0, Q4_1 or Q8_0 GGUF blocks");
+    m.def("quantize_int4_groups", &quantize_int4_groups, "float32 weight rows -> 4-bit integers with a float16 scale and low per group of 32");
     m.def("quantize_groups", &quantize_groups, "int8 in groups of 32 columns, each with its scale and sum");
     m.def("int4_linear_supported", &int4_linear_supported, "whether int4_linear runs here (AVX512-VNNI)");
     m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");

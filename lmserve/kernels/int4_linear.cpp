@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <memory>
@@ -395,4 +396,78 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 #else
     TORCH_CHECK(false, "int4_linear needs a build with AVX512-VNNI (int4_linear_supported())");
 #endif
+}
+
+// model/weight_formats/int4.py's _quantize_rows, op for op in float32 (each value rounded where
+// torch rounds it: the scales and lows to float16 and back, q half to even), so the weights it
+// gives are those of the PyTorch version bit for bit: (N, K) float32 -> (N, K) uint8 q in 0..15,
+// (N, K/32) float16 scales and lows. Each group takes Q4_1's grid (min and max at 0 and 15) or
+// Q4_0's ((q - 8) * d, the value of largest magnitude at q = 0) where that one is strictly closer.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                weight.size(1) % kGroup == 0, "weight: contiguous float32 (N, K), K a multiple of 32");
+    const int64_t n = weight.size(0), groups = weight.size(1) / kGroup;
+    auto q = torch::empty({n, groups * kGroup}, weight.options().dtype(at::kByte));
+    auto scales = torch::empty({n, groups}, weight.options().dtype(at::kHalf));
+    auto lows = torch::empty_like(scales);
+    const float* w = weight.data_ptr<float>();
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    at::Half* sp = scales.data_ptr<at::Half>();
+    at::Half* lp = lows.data_ptr<at::Half>();
+    const auto half = [](float x) { return static_cast<float>(static_cast<at::Half>(x)); };
+    at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+            const float* v = w + g * kGroup;
+            float lo = v[0], hi = v[0], extreme = v[0];
+#if defined(__AVX512F__)
+            const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+            lo = _mm512_reduce_min_ps(_mm512_min_ps(a, b));
+            hi = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+            const __m512 abs_a = _mm512_abs_ps(a), abs_b = _mm512_abs_ps(b);
+            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(abs_a, abs_b)));
+            const uint32_t at_top = static_cast<uint32_t>(_mm512_cmp_ps_mask(abs_a, top, _CMP_EQ_OQ)) |
+                                    static_cast<uint32_t>(_mm512_cmp_ps_mask(abs_b, top, _CMP_EQ_OQ)) << 16;
+            extreme = v[at_top != 0 ? __builtin_ctz(at_top) : 0];  // the first of the largest
+#else
+            for (int i = 1; i < kGroup; ++i) {
+                lo = std::min(lo, v[i]);
+                hi = std::max(hi, v[i]);
+                if (std::fabs(v[i]) > std::fabs(extreme)) extreme = v[i];  // the first of the largest
+            }
+#endif
+            const float low1 = half(lo), scale1 = half((hi - low1) / 15.f), scale0 = half(extreme / -8.f);
+            const float grid_scale[2] = {scale1, scale0}, grid_low[2] = {low1, -8.f * scale0};
+            alignas(64) float grid_q[2][kGroup];
+            float error[2];
+            for (int s = 0; s < 2; ++s) {
+                const float divisor = grid_scale[s] == 0.f ? 1.f : grid_scale[s];  // a constant group: q = 0
+#if defined(__AVX512F__)
+                const __m512 low = _mm512_set1_ps(grid_low[s]), scale = _mm512_set1_ps(grid_scale[s]);
+                __m512 worst = _mm512_setzero_ps();
+                for (int h = 0; h < 2; ++h) {
+                    const __m512 x = h == 0 ? a : b;
+                    const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(x, low), _mm512_set1_ps(divisor)),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    const __m512 c = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()), _mm512_set1_ps(15.f));
+                    _mm512_store_ps(grid_q[s] + 16 * h, c);
+                    worst = _mm512_max_ps(worst, _mm512_abs_ps(_mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(c, scale), low), x)));
+                }
+                error[s] = _mm512_reduce_max_ps(worst);
+#else
+                float worst = 0.f;
+                for (int i = 0; i < kGroup; ++i) {
+                    const float x = std::min(std::max(std::nearbyint((v[i] - grid_low[s]) / divisor), 0.f), 15.f);
+                    grid_q[s][i] = x;
+                    worst = std::max(worst, std::fabs(x * grid_scale[s] + grid_low[s] - v[i]));
+                }
+                error[s] = worst;
+#endif
+            }
+            const int s = error[1] < error[0] ? 1 : 0;
+            for (int i = 0; i < kGroup; ++i) qp[g * kGroup + i] = static_cast<uint8_t>(grid_q[s][i]);
+            sp[g] = static_cast<at::Half>(grid_scale[s]);
+            lp[g] = static_cast<at::Half>(grid_low[s]);
+        }
+    });
+    return {q, scales, lows};
 }

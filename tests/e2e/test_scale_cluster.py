@@ -28,19 +28,21 @@ def serve_applications(address: str) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def cluster(monkeypatch):
-    # As a cluster's users must: token authentication, which `ray start` turns on, in every driver's
-    # environment (lmserve serve's, and so its replicas', included).
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    address = f"127.0.0.1:{_free_port()}"
-    subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
-                   timeout=180)
-    try:
-        yield address
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+@pytest.fixture(scope="module")
+def cluster():
+    """One cluster for the file's tests: each leaves it as it found it (the first asserts so)."""
+    with pytest.MonkeyPatch.context() as patch:
+        # As a cluster's users must: token authentication, which `ray start` turns on, in every
+        # driver's environment (lmserve serve's, and so its replicas', included).
+        patch.setenv("RAY_AUTH_MODE", "token")
+        address = f"127.0.0.1:{_free_port()}"
+        subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2",
+                        "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                       timeout=180)
+        try:
+            yield address
+        finally:
+            subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def test_it_joins_a_cluster_and_leaves_it_as_it_found_it(cluster):

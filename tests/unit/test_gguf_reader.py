@@ -204,13 +204,17 @@ def test_an_impossible_tensor_shape_is_named(tmp_path):
         GGUFFile.open(tmp_path / "s.gguf")
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
-def test_fast_block_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
+def test_fast_block_dequantization_is_the_gguf_packages_bit_for_bit(qtype, native):
     from gguf import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
+    from lmserve.kernels import native_module
     from lmserve.memory import LOAD_PIECE_BYTES
     from lmserve.weights.gguf_blocks import dequantize_blocks
+
+    assert native_module() is not None or not native  # the kernels' pass is the one tested
 
     # random bytes over more blocks than one piece (and not a multiple of it); the float16 scales
     # and lows get every finite value class: zero, subnormal, negative, large
@@ -222,6 +226,6 @@ def test_fast_block_dequantization_is_the_gguf_packages_bit_for_bit(qtype):
     for h in range(halves):
         blocks[:, 2 * h + 1] &= 0x7B  # exponent below all-ones: no inf or NaN
         blocks[:3, 2 * h:2 * h + 2] = np.array([[0, 0], [1, 0], [0, 0x80]], dtype=np.uint8)  # 0, subnormal, -0
-    ours = dequantize_blocks(blocks, qtype)
+    ours = dequantize_blocks(blocks, qtype, native=native)
     reference = dequantize(blocks, qtype).reshape(-1)
     assert ours.dtype == np.float32 and np.array_equal(ours, reference)

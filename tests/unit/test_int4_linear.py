@@ -21,8 +21,13 @@ from lmserve.model.weight_formats.int4 import (
     pack_int4,
     quantize_groups_reference,
     quantize_int4_groups,
+    quantize_int4_groups_reference,
     unpack_int4,
 )
+
+# The kernels' quantizer and the torch one (where the kernels are not built) are both held to each property.
+QUANTIZERS = pytest.mark.parametrize("quantize", [quantize_int4_groups, quantize_int4_groups_reference],
+                                     ids=["kernels", "torch"])
 
 
 def q4_1_file_weight(rows: int, cols: int, seed: int = 0):
@@ -61,15 +66,17 @@ def test_packed_layout_puts_two_columns_of_k_in_each_byte_and_round_trips():
     assert torch.equal(unpack_int4(packed), q)
 
 
-def test_a_q4_1_files_weights_come_back_to_their_own_integers_scales_and_lows():
+@QUANTIZERS
+def test_a_q4_1_files_weights_come_back_to_their_own_integers_scales_and_lows(quantize):
     weight, q, d, m = q4_1_file_weight(48, 128)
-    q_out, scales, lows = quantize_int4_groups(weight)
+    q_out, scales, lows = quantize(weight)
     assert scales.dtype == lows.dtype == torch.float16 and scales.shape == (128 // INT4_GROUP, 48)
     assert torch.equal(q_out, q.to(torch.uint8))
     assert torch.equal(scales.t(), d) and torch.equal(lows.t(), m)
 
 
-def test_a_q4_0_files_weights_come_back_exactly_too():
+@QUANTIZERS
+def test_a_q4_0_files_weights_come_back_exactly_too(quantize):
     """Q4_0: w = (q - 8) * d, the group's value of largest magnitude at q = 0, so d takes its
     opposite sign; groups of both signs, most not reaching the other end of the range."""
     g = torch.Generator().manual_seed(3)
@@ -79,16 +86,17 @@ def test_a_q4_0_files_weights_come_back_exactly_too():
     sign = torch.where(torch.rand(rows, cols // INT4_GROUP, 1, generator=g) < 0.5, -1.0, 1.0)
     d = ((torch.rand(rows, cols // INT4_GROUP, 1, generator=g) * 0.02 + 0.001) * sign).half()
     weight = ((q - 8) * d.float()).view(rows, cols)
-    q_out, scales, lows = quantize_int4_groups(weight)
+    q_out, scales, lows = quantize(weight)
     restored = (q_out.float().view(rows, -1, INT4_GROUP) * scales.t().float()[..., None]
                 + lows.t().float()[..., None]).view(rows, cols)
     assert torch.equal(restored, weight)
     assert (scales < 0).any() and (scales > 0).any()
 
 
-def test_other_weights_take_the_closer_grid():
+@QUANTIZERS
+def test_other_weights_take_the_closer_grid(quantize):
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4)) * 0.05
-    q, scales, lows = quantize_int4_groups(weight)
+    q, scales, lows = quantize(weight)
     groups = weight.view(64, -1, INT4_GROUP)
     error = (q.float().view(64, -1, INT4_GROUP) * scales.t().float()[..., None] + lows.t().float()[..., None]
              - groups).abs().amax(-1)
@@ -96,19 +104,43 @@ def test_other_weights_take_the_closer_grid():
     assert (error <= q4_1_step / 2 * 1.01 + 1e-4).all()  # never worse than half a step of Q4_1's grid
     constant = torch.zeros(16, 32)
     constant[3] = 0.25  # a constant group (scale 0) comes back exactly
-    q, scales, lows = quantize_int4_groups(constant)
+    q, scales, lows = quantize(constant)
     assert torch.equal(q.float() * scales.t().float() + lows.t().float(), constant)
 
 
-def test_a_weight_quantized_in_pieces_is_quantized_as_each_row_alone():
+@QUANTIZERS
+def test_a_weight_quantized_in_pieces_is_quantized_as_each_row_alone(quantize):
     # 4096 columns: 16 rows a piece, so 40 rows take three pieces, the last one short
     weight = torch.randn(40, 4096, generator=torch.Generator().manual_seed(5))
     assert LOAD_PIECE_BYTES // (4 * 4096) == 16
-    q, scales, lows = quantize_int4_groups(weight)
+    q, scales, lows = quantize(weight)
     for row in (0, 15, 16, 31, 32, 39):
-        q_row, scales_row, lows_row = quantize_int4_groups(weight[row:row + 1])
+        q_row, scales_row, lows_row = quantize(weight[row:row + 1])
         assert torch.equal(q[row], q_row[0])
         assert torch.equal(scales[:, row], scales_row[:, 0]) and torch.equal(lows[:, row], lows_row[:, 0])
+
+
+def test_the_kernels_quantizer_gives_the_torch_ones_values_bit_for_bit():
+    """Groups of every kind: random, Q4_1- and Q4_0-shaped, constant, all zero, ties for the largest
+    magnitude (+a and -a: the first wins), tiny and large values, rows of odd counts."""
+    assert native_module() is not None
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(37, 512, generator=g) * 0.05
+    weight[0] = q4_1_file_weight(1, 512, seed=1)[0]
+    groups = weight.view(37, -1, INT4_GROUP)
+    groups[1] = 0
+    groups[2] = 0.125
+    groups[3, :, 5], groups[3, :, 9] = 0.3, -0.3
+    groups[4, :, 9], groups[4, :, 5] = 0.3, -0.3
+    groups[5] *= 1e-6
+    groups[6] *= 1e3
+    groups[7, :, 0] = 0.0
+    groups[7, :, 1] = -0.0
+    got, expected = quantize_int4_groups(weight), quantize_int4_groups_reference(weight)
+    for ours, theirs in zip(got, expected):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    for ours, theirs in zip(quantize_int4_groups(weight.bfloat16()), quantize_int4_groups_reference(weight.bfloat16())):
+        assert torch.equal(ours, theirs)  # other float dtypes widen first
 
 
 def test_shape_rules():
