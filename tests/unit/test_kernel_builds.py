@@ -29,8 +29,10 @@ print(module.int4_tiles_supported(), module.int4_bf16_tiles_supported(), module.
 
 _folder = tempfile.mkdtemp(prefix="lmserve-no-amx-")
 with open(os.path.join(_folder, "out"), "w") as _out, open(os.path.join(_folder, "err"), "w") as _err:
+    # A process group of its own (killed whole below) in this session: a new session would be a
+    # scheduler autogroup of its own, with a full share of the CPU whatever its nice value.
     _build = subprocess.Popen([sys.executable, "-c", BUILD, _folder], stdout=_out, stderr=_err,
-                              preexec_fn=lambda: os.nice(19), start_new_session=True)
+                              preexec_fn=lambda: (os.nice(19), os.setpgrp()))
 
 
 @atexit.register
