@@ -19,10 +19,11 @@ from tests.helpers.ray_replicas import complete, engine_replica_pids, routed, st
 
 
 def test_a_killed_replica_loses_no_request_that_had_not_streamed():
-    """Each replica runs one sequence at a time (--max-num-seqs 1): a stream on each, and behind
-    each stream a request its replica has taken but not started. Killing one replica ends its
-    stream with an error event; the request waiting on it is sent again to the other replica and
-    answered in full, as are requests sent after the kill."""
+    """Each replica runs one sequence at a time (--max-num-seqs 1): a stream on each, and two
+    requests behind them waiting at the ingress for a turn. Killing one replica ends its stream
+    with an error event; the waiting requests are answered in full by the other replica, as are
+    requests sent after the kill. (A request lost on a replica before its first output is sent
+    again elsewhere: tests/unit/test_remote_engine.py.)"""
     proc, url, _ = start_server("--replicas", "2", "--max-num-seqs", "1", "--no-embedding-model",
                                 "--kv-cache-memory", "64MiB", "--speculative-ngram", "0")  # streams of some seconds
     streams: dict[int, list[dict]] = {}
@@ -33,9 +34,11 @@ def test_a_killed_replica_loses_no_request_that_had_not_streamed():
             frames = "".join(response.iter_text()).split("\n\n")  # not iter_lines: the text may hold U+2028
         streams[i] = [json.loads(frame[6:]) for frame in frames if frame.startswith("data: {")]
 
-    def in_flight() -> float:
+    def load() -> tuple[float, float]:
+        """Sequences running on the replicas, and requests waiting at the ingress's gate."""
         samples = metric_samples(httpx.get(f"{url}/metrics").text)
-        return samples[("lmserve:num_requests_running", (("model", "SmolLM2-135M-Instruct"),))]
+        model = (("model", "SmolLM2-135M-Instruct"),)
+        return samples[("lmserve:num_requests_running", model)], samples[("lmserve:num_requests_queued", model)]
 
     try:
         wait_for_replicas(proc.pid, 2)
@@ -47,13 +50,11 @@ def test_a_killed_replica_loses_no_request_that_had_not_streamed():
                 while len(routed(url)) < count and time.monotonic() < deadline:
                     time.sleep(0.1)
             assert list(routed(url).values()) == [1, 1]  # streaming, one on each replica
-            # One behind each stream: a replica takes two calls (twice --max-num-seqs) and runs one.
             waiting = [pool.submit(complete, url, f"Waiting {k}:", ignore_eos=True) for k in range(2)]
             deadline = time.monotonic() + 30
-            while in_flight() < 4 and time.monotonic() < deadline:
+            while load() != (2, 2) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.5)  # the calls reach their replicas
-            assert all(not future.done() for future in waiting)
+            assert load() == (2, 2) and all(not future.done() for future in waiting)
             os.kill(engine_replica_pids(proc.pid)[0], signal.SIGKILL)
             after = [complete(url, f"Question {k} after the kill:", ignore_eos=True) for k in range(2)]
             for future in running:
