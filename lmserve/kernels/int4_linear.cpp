@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <memory>
@@ -418,6 +419,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
     at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end; ++g) {
             const float* v = w + g * kGroup;
+            bool has_nan = false;
+            for (int i = 0; i < kGroup; ++i) has_nan |= std::isnan(v[i]);
+            if (has_nan) {  // torch's min, max and argmax take the NaN: scale and low NaN, q 0
+                std::memset(qp + g * kGroup, 0, kGroup);
+                sp[g] = lp[g] = static_cast<at::Half>(std::numeric_limits<float>::quiet_NaN());
+                continue;
+            }
             float lo = v[0], hi = v[0], extreme = v[0];
 #if defined(__AVX512F__)
             const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
@@ -444,21 +452,26 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
 #if defined(__AVX512F__)
                 const __m512 low = _mm512_set1_ps(grid_low[s]), scale = _mm512_set1_ps(grid_scale[s]);
                 __m512 worst = _mm512_setzero_ps();
+                __mmask16 nan = 0;
                 for (int h = 0; h < 2; ++h) {
                     const __m512 x = h == 0 ? a : b;
                     const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(x, low), _mm512_set1_ps(divisor)),
                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                     const __m512 c = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()), _mm512_set1_ps(15.f));
                     _mm512_store_ps(grid_q[s] + 16 * h, c);
-                    worst = _mm512_max_ps(worst, _mm512_abs_ps(_mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(c, scale), low), x)));
+                    const __m512 miss = _mm512_abs_ps(_mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(c, scale), low), x));
+                    nan |= _mm512_cmp_ps_mask(miss, miss, _CMP_UNORD_Q);
+                    worst = _mm512_max_ps(worst, miss);
                 }
-                error[s] = _mm512_reduce_max_ps(worst);
+                error[s] = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(worst);
 #else
                 float worst = 0.f;
                 for (int i = 0; i < kGroup; ++i) {
-                    const float x = std::min(std::max(std::nearbyint((v[i] - grid_low[s]) / divisor), 0.f), 15.f);
+                    const float r = std::nearbyint((v[i] - grid_low[s]) / divisor);
+                    const float x = std::isnan(r) ? 0.f : std::min(std::max(r, 0.f), 15.f);
                     grid_q[s][i] = x;
-                    worst = std::max(worst, std::fabs(x * grid_scale[s] + grid_low[s] - v[i]));
+                    const float miss = std::fabs(x * grid_scale[s] + grid_low[s] - v[i]);
+                    if (!(miss <= worst)) worst = miss;  // a NaN stays
                 }
                 error[s] = worst;
 #endif

@@ -34,7 +34,7 @@ def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType, native: boo
         blocks = torch.from_numpy(np.asarray(data).reshape(-1, type_size))
     module = native_module() if native else None
     if module is not None:
-        return module.gguf_dequantize(blocks, int(qtype)).reshape(-1).numpy()
+        return module.gguf_dequantize(blocks.contiguous(), int(qtype)).reshape(-1).numpy()
     out = torch.empty((blocks.shape[0], block_size), dtype=torch.float32)
     piece_blocks = max(1, LOAD_PIECE_BYTES // (4 * block_size))
     for start in range(0, blocks.shape[0], piece_blocks):

@@ -54,7 +54,8 @@ def test_a_killed_replica_loses_no_request_that_had_not_streamed():
             deadline = time.monotonic() + 30
             while load() != (2, 2) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert load() == (2, 2) and all(not future.done() for future in waiting)
+            assert (now := load()) == (2, 2), now
+            assert all(not future.done() for future in waiting)
             os.kill(engine_replica_pids(proc.pid)[0], signal.SIGKILL)
             after = [complete(url, f"Question {k} after the kill:", ignore_eos=True) for k in range(2)]
             for future in running:

@@ -136,11 +136,18 @@ def test_the_kernels_quantizer_gives_the_torch_ones_values_bit_for_bit():
     groups[6] *= 1e3
     groups[7, :, 0] = 0.0
     groups[7, :, 1] = -0.0
-    got, expected = quantize_int4_groups(weight), quantize_int4_groups_reference(weight)
-    for ours, theirs in zip(got, expected):
-        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
-    for ours, theirs in zip(quantize_int4_groups(weight.bfloat16()), quantize_int4_groups_reference(weight.bfloat16())):
-        assert torch.equal(ours, theirs)  # other float dtypes widen first
+    groups[8, :, 3] = float("nan")  # a NaN group stays NaN (scale and low), as torch's min and max make it
+    groups[9, 0, :] = 6e5  # Q4_0's scale overflows float16: that grid is never the closer one
+    groups[9, 0, 0] = -7e5
+    def same(got, expected):
+        assert torch.equal(got[0], expected[0])
+        for ours, theirs in zip(got[1:], expected[1:]):
+            assert ours.dtype == theirs.dtype and torch.allclose(ours, theirs, rtol=0, atol=0, equal_nan=True)
+
+    got = quantize_int4_groups(weight)
+    assert got[1].isnan().sum() == 512 // INT4_GROUP
+    same(got, quantize_int4_groups_reference(weight))
+    same(quantize_int4_groups(weight.bfloat16()), quantize_int4_groups_reference(weight.bfloat16()))  # widened first
 
 
 def test_shape_rules():

@@ -17,6 +17,8 @@ import sys
 import tempfile
 
 BUILD = f"""
+import os
+os.nice(19)  # the compilers it starts inherit it
 import torch
 from torch.utils.cpp_extension import load
 from lmserve.kernels import CFLAGS, SOURCES
@@ -29,20 +31,30 @@ print(module.int4_tiles_supported(), module.int4_bf16_tiles_supported(), module.
 
 _folder = tempfile.mkdtemp(prefix="lmserve-no-amx-")
 with open(os.path.join(_folder, "out"), "w") as _out, open(os.path.join(_folder, "err"), "w") as _err:
-    # A process group of its own (killed whole below) in this session: a new session would be a
-    # scheduler autogroup of its own, with a full share of the CPU whatever its nice value.
-    _build = subprocess.Popen([sys.executable, "-c", BUILD, _folder], stdout=_out, stderr=_err,
-                              preexec_fn=lambda: (os.nice(19), os.setpgrp()))
+    # A process group of its own in this session: a new session would be a scheduler autogroup
+    # of its own, with a full share of the CPU whatever its nice value.
+    _build = subprocess.Popen([sys.executable, "-c", BUILD, _folder], stdout=_out, stderr=_err, process_group=0)
 
 
 @atexit.register
-def _cleanup() -> None:  # a run that never reaches the test (-k, -x) leaves no compiler running
+def _cleanup() -> None:
+    """A run that ends before the build does (-k, -x, Ctrl-C) stops it: SIGTERM first, on which
+    ninja stops the compilers it started (each in a process group of their own), then SIGKILL."""
     if _build.poll() is None:
-        os.killpg(_build.pid, signal.SIGKILL)  # the build's compilers too
-        _build.wait()
+        os.killpg(_build.pid, signal.SIGTERM)
+        try:
+            _build.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(_build.pid, signal.SIGKILL)
+            _build.wait()
     shutil.rmtree(_folder, ignore_errors=True)
 
 
+def _log(name: str) -> str:
+    with open(os.path.join(_folder, name)) as log:
+        return log.read()
+
+
 def test_the_kernels_build_and_run_without_amx():
-    assert _build.wait(timeout=900) == 0, open(os.path.join(_folder, "err")).read()[-3000:]
-    assert open(os.path.join(_folder, "out")).read().split()[-4:] == ["False", "False", "registers", "registers"]
+    assert _build.wait(timeout=900) == 0, _log("err")[-3000:]
+    assert _log("out").split()[-4:] == ["False", "False", "registers", "registers"], (_log("out"), _log("err")[-3000:])
