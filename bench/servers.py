@@ -93,7 +93,7 @@ def running_server(command: ServerCommand) -> Iterator[int]:
         stop_server(process)
 
 
-def wait_healthy(command: ServerCommand, process: subprocess.Popen) -> None:
+def wait_healthy(command: ServerCommand, process: subprocess.Popen, poll_s: float = 0.25) -> None:
     """Poll /health (both servers answer 503 while loading) until 200; fail fast if the process dies."""
     deadline = time.monotonic() + command.load_timeout_s
     with httpx.Client(timeout=5.0, trust_env=False) as client:
@@ -106,7 +106,7 @@ def wait_healthy(command: ServerCommand, process: subprocess.Popen) -> None:
                     return
             except httpx.HTTPError:
                 pass  # not listening yet
-            time.sleep(0.25)
+            time.sleep(poll_s)
     raise RuntimeError(f"{command.label} not healthy after {command.load_timeout_s:.0f} s:\n"
                        f"{log_tail(command.log_path)}")
 
