@@ -79,15 +79,16 @@ def llama_server_command(binary: Path, gguf: Path, model: str, port: int, worklo
 
 
 @contextmanager
-def running_server(command: ServerCommand) -> Iterator[int]:
-    """Start the server, wait until /health answers 200, yield its pid; always stop it after."""
+def running_server(command: ServerCommand, poll_s: float = 0.25) -> Iterator[int]:
+    """Start the server, wait until /health answers 200 (asked every `poll_s`), yield its pid;
+    always stop it after."""
     command.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(command.log_path, "ab") as log:
         # A session of its own, so stopping it reaches any helper processes it spawned.
         process = subprocess.Popen(command.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     try:
-        wait_healthy(command, process)
+        wait_healthy(command, process, poll_s)
         yield process.pid
     finally:
         stop_server(process)

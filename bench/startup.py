@@ -12,27 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.servers import ServerCommand, free_ports, stop_server, wait_healthy
+from bench.servers import ServerCommand, free_ports, running_server
 from lmserve.cli import default_model_path
 
 
 def seconds_to_healthy(command: ServerCommand) -> float:
-    command.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(command.log_path, "ab") as log:
-        started = time.perf_counter()
-        process = subprocess.Popen(command.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    try:
-        wait_healthy(command, process, poll_s=0.02)
+    started = time.perf_counter()
+    with running_server(command, poll_s=0.02):
         return time.perf_counter() - started
-    finally:
-        stop_server(process)
 
 
 def main() -> None:

@@ -404,9 +404,11 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 // gives are those of the PyTorch version bit for bit: (N, K) float32 -> (N, K) uint8 q in 0..15,
 // (N, K/32) float16 scales and lows. Each group takes Q4_1's grid (min and max at 0 and 15) or
 // Q4_0's ((q - 8) * d, the value of largest magnitude at q = 0) where that one is strictly closer.
+// Built with AVX-512 only: its one caller quantizes for the W4A8 product, which needs AVX512-VNNI.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight) {
     TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                 weight.size(1) % kGroup == 0, "weight: contiguous float32 (N, K), K a multiple of 32");
+#if defined(__AVX512F__)
     const int64_t n = weight.size(0), groups = weight.size(1) / kGroup;
     auto q = torch::empty({n, groups * kGroup}, weight.options().dtype(at::kByte));
     auto scales = torch::empty({n, groups}, weight.options().dtype(at::kHalf));
@@ -419,40 +421,28 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
     at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end; ++g) {
             const float* v = w + g * kGroup;
-            bool has_nan = false;
-            for (int i = 0; i < kGroup; ++i) has_nan |= std::isnan(v[i]);
-            if (has_nan) {  // torch's min, max and argmax take the NaN: scale and low NaN, q 0
+            const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+            if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) {
+                // torch's min, max and argmax take the NaN: scale and low NaN, q 0
                 std::memset(qp + g * kGroup, 0, kGroup);
                 sp[g] = lp[g] = static_cast<at::Half>(std::numeric_limits<float>::quiet_NaN());
                 continue;
             }
-            float lo = v[0], hi = v[0], extreme = v[0];
-#if defined(__AVX512F__)
-            const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
-            lo = _mm512_reduce_min_ps(_mm512_min_ps(a, b));
-            hi = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+            const float lo = _mm512_reduce_min_ps(_mm512_min_ps(a, b)), hi = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
             const __m512 abs_a = _mm512_abs_ps(a), abs_b = _mm512_abs_ps(b);
             const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(abs_a, abs_b)));
             const uint32_t at_top = static_cast<uint32_t>(_mm512_cmp_ps_mask(abs_a, top, _CMP_EQ_OQ)) |
                                     static_cast<uint32_t>(_mm512_cmp_ps_mask(abs_b, top, _CMP_EQ_OQ)) << 16;
-            extreme = v[at_top != 0 ? __builtin_ctz(at_top) : 0];  // the first of the largest
-#else
-            for (int i = 1; i < kGroup; ++i) {
-                lo = std::min(lo, v[i]);
-                hi = std::max(hi, v[i]);
-                if (std::fabs(v[i]) > std::fabs(extreme)) extreme = v[i];  // the first of the largest
-            }
-#endif
+            const float extreme = v[at_top != 0 ? __builtin_ctz(at_top) : 0];  // the first of the largest
             const float low1 = half(lo), scale1 = half((hi - low1) / 15.f), scale0 = half(extreme / -8.f);
             const float grid_scale[2] = {scale1, scale0}, grid_low[2] = {low1, -8.f * scale0};
             alignas(64) float grid_q[2][kGroup];
             float error[2];
             for (int s = 0; s < 2; ++s) {
                 const float divisor = grid_scale[s] == 0.f ? 1.f : grid_scale[s];  // a constant group: q = 0
-#if defined(__AVX512F__)
                 const __m512 low = _mm512_set1_ps(grid_low[s]), scale = _mm512_set1_ps(grid_scale[s]);
                 __m512 worst = _mm512_setzero_ps();
-                __mmask16 nan = 0;
+                __mmask16 nan = 0;  // a grid whose scale overflowed float16 misses by NaN: never the closer one
                 for (int h = 0; h < 2; ++h) {
                     const __m512 x = h == 0 ? a : b;
                     const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(x, low), _mm512_set1_ps(divisor)),
@@ -464,17 +454,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
                     worst = _mm512_max_ps(worst, miss);
                 }
                 error[s] = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(worst);
-#else
-                float worst = 0.f;
-                for (int i = 0; i < kGroup; ++i) {
-                    const float r = std::nearbyint((v[i] - grid_low[s]) / divisor);
-                    const float x = std::isnan(r) ? 0.f : std::min(std::max(r, 0.f), 15.f);
-                    grid_q[s][i] = x;
-                    const float miss = std::fabs(x * grid_scale[s] + grid_low[s] - v[i]);
-                    if (!(miss <= worst)) worst = miss;  // a NaN stays
-                }
-                error[s] = worst;
-#endif
             }
             const int s = error[1] < error[0] ? 1 : 0;
             for (int i = 0; i < kGroup; ++i) qp[g * kGroup + i] = static_cast<uint8_t>(grid_q[s][i]);
@@ -483,4 +462,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
         }
     });
     return {q, scales, lows};
+#else
+    TORCH_CHECK(false, "quantize_int4_groups needs a build with AVX-512 (int4_linear_supported())");
+#endif
 }

@@ -43,16 +43,16 @@ def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     15) and Q4_0's (w = (q - 8) * d, the value of largest magnitude at q = 0, so d and with it the
     scale may be negative). Weights dequantized from a Q4_1 or a Q4_0 file come back to the file's
     own integers, scales and lows; other weights are rounded to the closer grid. The kernels' copy
-    of it gives the same values (a model's load spent a second here in these torch ops)."""
-    module = native_module()
-    if module is not None:
-        q, scale, low = module.quantize_int4_groups(weight.float().contiguous())
+    of it gives the same values (a model's load spent a second here in these torch ops); it is
+    built where the W4A8 product is, the one path that quantizes this way."""
+    if int4_linear_supported():
+        q, scale, low = native_module().quantize_int4_groups(weight.float().contiguous())
         return q, scale.t().contiguous(), low.t().contiguous()
     return quantize_int4_groups_reference(weight)
 
 
 def quantize_int4_groups_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_int4_groups in torch ops (where the kernels are not built)."""
+    """quantize_int4_groups in torch ops (where the W4A8 product is not built)."""
     n, k = weight.shape
     q = torch.empty((n, k), dtype=torch.uint8)
     scale = torch.empty((n, k // INT4_GROUP), dtype=torch.float16)
