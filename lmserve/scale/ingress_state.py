@@ -85,11 +85,15 @@ class _ReplicaLoads(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         running = GaugeMetricFamily("lmserve:replica_num_requests_running", "Sequences being decoded on a "
                                     "replica, as of its last output.", labels=["model", "replica"])
+        waiting = GaugeMetricFamily("lmserve:replica_num_requests_waiting", "Requests a replica holds and has not "
+                                    "started, as of its last output.", labels=["model", "replica"])
         usage = GaugeMetricFamily("lmserve:replica_kv_cache_usage_perc", "Fraction of a replica's KV blocks in "
                                   "use, as of its last output.", labels=["model", "replica"])
         for model, engine in self._engines.items():
             for replica, load in engine.replica_loads().items():
                 running.add_metric([model, replica], load.num_running)
+                waiting.add_metric([model, replica], load.num_waiting)
                 usage.add_metric([model, replica], 1.0 - load.num_free_kv_blocks / max(load.num_kv_blocks, 1))
         yield running
+        yield waiting
         yield usage
