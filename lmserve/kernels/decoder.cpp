@@ -33,6 +33,8 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
                           const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, const std::string& path);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight);
+torch::Tensor pack_int4(const torch::Tensor& q);
+std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weight, int64_t block);
 bool int4_linear_supported();
 bool int4_tiles_supported();
 bool int4_bf16_tiles_supported();
@@ -459,6 +461,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("path") = "auto");
     m.def("gguf_dequantize", &gguf_dequantize, "float32 values of Q4_0, Q4_1 or Q8_0 GGUF blocks");
     m.def("quantize_int4_groups", &quantize_int4_groups, "float32 weight rows -> 4-bit integers with a float16 scale and low per group of 32");
+    m.def("pack_int4", &pack_int4, "4-bit integers (N, K) -> the int4 product's (N/16, K/8, 16, 4) byte layout");
+    m.def("rotated_int8", &rotated_int8, "float32 weight rows -> int8 of their blockwise Hadamard transform, a bfloat16 scale per row");
     m.def("quantize_groups", &quantize_groups, "int8 in groups of 32 columns, each with its scale and sum");
     m.def("int4_linear_supported", &int4_linear_supported, "whether int4_linear runs here (AVX512-VNNI)");
     m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");

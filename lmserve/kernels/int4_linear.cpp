@@ -405,6 +405,27 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 // (N, K/32) float16 scales and lows. Each group takes Q4_1's grid (min and max at 0 and 15) or
 // Q4_0's ((q - 8) * d, the value of largest magnitude at q = 0) where that one is strictly closer.
 // Built with AVX-512 only: its one caller quantizes for the W4A8 product, which needs AVX512-VNNI.
+// pack_int4 (model/weight_formats/int4.py): (N, K) uint8 in 0..15 -> (N/16, K/8, 16, 4) uint8, byte
+// [j, s, l, b] holding q[16 j + l, 8 s + b] in its low nibble and q[16 j + l, 8 s + 4 + b] in its high one.
+torch::Tensor pack_int4(const torch::Tensor& q) {
+    TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(0) % 16 == 0 &&
+                q.size(1) % 8 == 0, "q: contiguous uint8 (N, K), N a multiple of 16 and K of 8");
+    const int64_t n = q.size(0), k = q.size(1), steps = k / 8;
+    auto packed = torch::empty({n / 16, steps, 16, 4}, q.options());
+    const uint8_t* qp = q.data_ptr<uint8_t>();
+    uint8_t* out = packed.data_ptr<uint8_t>();
+    at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j)
+            for (int64_t s = 0; s < steps; ++s)
+                for (int64_t l = 0; l < 16; ++l) {
+                    const uint8_t* row = qp + (16 * j + l) * k + 8 * s;
+                    uint8_t* bytes = out + ((j * steps + s) * 16 + l) * 4;
+                    for (int b = 0; b < 4; ++b) bytes[b] = static_cast<uint8_t>(row[b] | row[4 + b] << 4);
+                }
+    });
+    return packed;
+}
+
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight) {
     TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                 weight.size(1) % kGroup == 0, "weight: contiguous float32 (N, K), K a multiple of 32");

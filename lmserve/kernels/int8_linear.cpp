@@ -100,6 +100,56 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_padded_rows(const torch::Tenso
     return {q, scales};
 }
 
+// A weight's W8A8 copy, as model/weight_formats/int8.py's rotated_int8 gives it: (N, K) float32 ->
+// (N, K) int8 and (N,) bfloat16 scales of W H / block, each row against its own scale (its largest
+// magnitude / 127, rounded to bfloat16 first), round half to even. The transform runs in float64
+// stage by stage as hadamard does, where the torch version multiplies by H in float64: a block's
+// sums of float32 values are exact in float64 (unless its magnitudes span more than ~2^29), so the
+// two agree whatever the order of the additions.
+std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weight, int64_t block) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
+                "weight: contiguous float32 (N, K)");
+    TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0 && weight.size(1) % block == 0, "block: a power of two dividing K");
+    const int64_t rows = weight.size(0), cols = weight.size(1);
+    auto q = torch::empty({rows, cols}, weight.options().dtype(at::kChar));
+    auto scales = torch::empty({rows}, weight.options().dtype(at::kBFloat16));
+    const float* wp = weight.data_ptr<float>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    at::BFloat16* sp = scales.data_ptr<at::BFloat16>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        std::vector<double> wide(cols);
+        std::vector<float> rotated(cols);
+        for (int64_t r = begin; r < end; ++r) {
+            std::copy(wp + r * cols, wp + (r + 1) * cols, wide.begin());
+            for (int64_t h = 1; h < block; h *= 2)
+                for (int64_t j = 0; j < cols; j += 2 * h)
+                    for (int64_t i = j; i < j + h; ++i) {
+                        const double a = wide[i], b = wide[i + h];
+                        wide[i] = a + b;
+                        wide[i + h] = a - b;
+                    }
+            float top = 0.f;
+            bool nan = false;
+            for (int64_t c = 0; c < cols; ++c) {
+                rotated[c] = static_cast<float>(wide[c] / static_cast<double>(block));
+                nan |= std::isnan(rotated[c]);
+                top = std::max(top, std::fabs(rotated[c]));
+            }
+            int8_t* out = qp + r * cols;
+            if (nan) {  // torch's amax takes the NaN: a NaN scale, and nothing in the row to keep
+                sp[r] = at::BFloat16(std::numeric_limits<float>::quiet_NaN());
+                std::fill(out, out + cols, 0);
+                continue;
+            }
+            sp[r] = at::BFloat16(std::max(top, 1e-12f) / 127.f);
+            const float scale = static_cast<float>(sp[r]);
+            for (int64_t c = 0; c < cols; ++c)
+                out[c] = static_cast<int8_t>(std::clamp(std::nearbyint(rotated[c] / scale), -127.f, 127.f));
+        }
+    });
+    return {q, scales};
+}
+
 std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block) {
     return quantize_padded_rows(x, block, 1);
 }

@@ -19,6 +19,7 @@ from lmserve.model.weight_formats.int4 import (
     int4_linear_reference,
     int4_linear_supported,
     pack_int4,
+    pack_int4_reference,
     quantize_groups_reference,
     quantize_int4_groups,
     quantize_int4_groups_reference,
@@ -57,13 +58,16 @@ def test_w4a8_runs_exactly_where_the_cpu_has_avx512_vnni():
     assert int4_linear_supported() == ("avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags())
 
 
-def test_packed_layout_puts_two_columns_of_k_in_each_byte_and_round_trips():
+@pytest.mark.parametrize("pack", [pack_int4, pack_int4_reference], ids=["kernels", "torch"])
+def test_packed_layout_puts_two_columns_of_k_in_each_byte_and_round_trips(pack):
     q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
-    packed = pack_int4(q)
+    packed = pack(q)
     assert packed.shape == (2, 8, 16, 4) and packed.dtype == torch.uint8
     # byte [j, s, l, b]: q[16 j + l, 8 s + b] low, q[16 j + l, 8 s + 4 + b] high
     assert packed[1, 3, 5, 2].item() == q[21, 26].item() | (q[21, 30].item() << 4)
     assert torch.equal(unpack_int4(packed), q)
+    wide = torch.randint(0, 16, (48, 576), dtype=torch.uint8)
+    assert torch.equal(pack(wide), pack_int4_reference(wide))
 
 
 @QUANTIZERS

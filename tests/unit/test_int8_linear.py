@@ -23,6 +23,8 @@ from lmserve.model.weight_formats.int8 import (
     quantize_int8,
     quantize_rows_reference,
     rotate_weight,
+    rotated_int8,
+    rotated_int8_reference,
     unpack_weight,
     weight_rows_reference,
 )
@@ -80,6 +82,34 @@ def test_kernel_matches_the_reference_bit_for_bit(rows, cols, out):
         q_ref, s_ref = quantize_rows_reference(x, blk)
         q_native, s_native = module.quantize_rows(x, blk)
         assert torch.equal(q_native, q_ref) and torch.equal(s_native, s_ref), blk
+
+
+@pytest.mark.parametrize("rows, cols, scale", [(1, 576, 1.0), (37, 576, 1e-4), (64, 96, 3e4), (9, 24, 1.0), (5, 7, 1.0)])
+def test_the_kernels_w8a8_copy_of_a_weight_is_the_torch_one_bit_for_bit(rows, cols, scale):
+    """rotated_int8 (a weight's W8A8 copy, a tied head's included) on the kernels where they are
+    built: the same int8 values and bfloat16 scales as quantize_int8(rotate_weight(.)), whose
+    float64 matrix product it replaces by the transform's stages in float64."""
+    assert native_module() is not None, "native kernels not built: run python -m lmserve.kernels"
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(rows, cols, generator=generator) * torch.exp(2 * torch.randn(rows, cols, generator=generator))
+    weight[0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5])[:min(4, cols)] * scale  # ties for the rounding
+    weight *= scale
+    if rows > 1:
+        weight[1] = 0.0  # a zero row: the smallest scale, q 0
+    block = hadamard_block(cols)
+    q, scales = rotated_int8(weight, block)
+    q_ref, scales_ref = rotated_int8_reference(weight, block)
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16
+    assert torch.equal(q, q_ref) and torch.equal(scales.view(torch.int16), scales_ref.view(torch.int16))
+    assert torch.equal((q_ref, scales_ref)[0], quantize_int8(rotate_weight(weight, block))[0])
+
+
+def test_a_nan_in_a_weight_row_gives_that_row_a_nan_scale_on_both_paths():
+    weight = torch.randn(3, 64)
+    weight[1, 5] = float("nan")
+    for q, scales in (rotated_int8(weight, 64), rotated_int8_reference(weight, 64)):
+        assert scales[1].isnan() and not scales[[0, 2]].isnan().any()
+    assert torch.equal(rotated_int8(weight, 64)[0][[0, 2]], rotated_int8_reference(weight, 64)[0][[0, 2]])
 
 
 def test_rows_round_half_to_even_and_saturate_at_127():

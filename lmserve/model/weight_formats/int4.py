@@ -91,7 +91,16 @@ def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N, K) uint8 in 0..15 -> (N/16, K/8, 16, 4) uint8: byte [j, s, l, b] holds q[16 j + l, 8 s + b]
-    in its low nibble and q[16 j + l, 8 s + 4 + b] in its high one (the kernel's vpdpbusd layout)."""
+    in its low nibble and q[16 j + l, 8 s + 4 + b] in its high one (the kernel's vpdpbusd layout).
+    On the kernels where they are built, else in torch ops (pack_int4_reference)."""
+    module = native_module()
+    if module is not None:
+        return module.pack_int4(q.contiguous())
+    return pack_int4_reference(q)
+
+
+def pack_int4_reference(q: torch.Tensor) -> torch.Tensor:
+    """pack_int4 in torch ops."""
     n, k = q.shape
     r = q.reshape(n // PACK_OUTPUTS, PACK_OUTPUTS, k // INT4_PACK_DEPTH, 2, 4)  # [j, l, s, half, b]
     return (r[:, :, :, 0, :] | (r[:, :, :, 1, :] << 4)).permute(0, 2, 1, 3).contiguous()

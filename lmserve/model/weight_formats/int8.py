@@ -152,9 +152,19 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantized, scales
 
 
-def rotated_int8(weight: torch.Tensor, block: int, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_int8(rotate_weight(weight, block)), `rows` rows at a time (every step is per row):
-    the transform works in float64, which for a whole embedding-sized head is 4x its float32 bytes."""
+def rotated_int8(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8(rotate_weight(weight, block)): in one pass on the kernels where they are built
+    (in torch ops, a tied head's was the largest part of a model's load: bench/RESULTS.md, thirteenth sitting),
+    else rotated_int8_reference."""
+    module = native_module()
+    if module is not None:
+        return module.rotated_int8(weight.float().contiguous(), block)
+    return rotated_int8_reference(weight, block)
+
+
+def rotated_int8_reference(weight: torch.Tensor, block: int, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotated_int8 in torch ops, `rows` rows at a time (every step is per row): the transform
+    works in float64, which for a whole embedding-sized head is 4x its float32 bytes."""
     parts = [quantize_int8(rotate_weight(part.float(), block)) for part in weight.split(rows)]
     return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
 
