@@ -444,6 +444,8 @@ class NativeDecoder {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    // The load's conversions let go of the GIL, as the decoder's forward does: a model loaded on
+    // demand converts its weights on its engine's thread while the others serve.
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
           py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),
@@ -459,10 +461,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4_linear", &int4_linear, "x @ weight.T with packed 4-bit weights and int8 activations in groups of 32",
           py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_lows"), py::arg("bias"),
           py::arg("path") = "auto");
-    m.def("gguf_dequantize", &gguf_dequantize, "float32 values of Q4_0, Q4_1 or Q8_0 GGUF blocks");
-    m.def("quantize_int4_groups", &quantize_int4_groups, "float32 weight rows -> 4-bit integers with a float16 scale and low per group of 32");
-    m.def("pack_int4", &pack_int4, "4-bit integers (N, K) -> the int4 product's (N/16, K/8, 16, 4) byte layout");
-    m.def("rotated_int8", &rotated_int8, "float32 weight rows -> int8 of their blockwise Hadamard transform, a bfloat16 scale per row");
+    m.def("gguf_dequantize", &gguf_dequantize, "float32 values of Q4_0, Q4_1 or Q8_0 GGUF blocks",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("quantize_int4_groups", &quantize_int4_groups, "float32 weight rows -> 4-bit integers with a float16 scale and low per group of 32",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("pack_int4", &pack_int4, "4-bit integers (N, K) -> the int4 product's (N/16, K/8, 16, 4) byte layout",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("rotated_int8", &rotated_int8, "float32 weight rows -> int8 of their blockwise Hadamard transform, a bfloat16 scale per row",
+          py::call_guard<py::gil_scoped_release>());
     m.def("quantize_groups", &quantize_groups, "int8 in groups of 32 columns, each with its scale and sum");
     m.def("int4_linear_supported", &int4_linear_supported, "whether int4_linear runs here (AVX512-VNNI)");
     m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");
