@@ -444,8 +444,6 @@ class NativeDecoder {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    // The load's conversions let go of the GIL, as the decoder's forward does: a model loaded on
-    // demand converts its weights on its engine's thread while the others serve.
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
           py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),
@@ -461,6 +459,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4_linear", &int4_linear, "x @ weight.T with packed 4-bit weights and int8 activations in groups of 32",
           py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_lows"), py::arg("bias"),
           py::arg("path") = "auto");
+    // The load's conversions let go of the GIL, as the decoder's forward does: a model loaded on
+    // demand converts its weights on its engine's thread while the others serve.
     m.def("gguf_dequantize", &gguf_dequantize, "float32 values of Q4_0, Q4_1 or Q8_0 GGUF blocks",
           py::call_guard<py::gil_scoped_release>());
     m.def("quantize_int4_groups", &quantize_int4_groups, "float32 weight rows -> 4-bit integers with a float16 scale and low per group of 32",

@@ -399,12 +399,6 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 #endif
 }
 
-// model/weight_formats/int4.py's _quantize_rows, op for op in float32 (each value rounded where
-// torch rounds it: the scales and lows to float16 and back, q half to even), so the weights it
-// gives are those of the PyTorch version bit for bit: (N, K) float32 -> (N, K) uint8 q in 0..15,
-// (N, K/32) float16 scales and lows. Each group takes Q4_1's grid (min and max at 0 and 15) or
-// Q4_0's ((q - 8) * d, the value of largest magnitude at q = 0) where that one is strictly closer.
-// Built with AVX-512 only: its one caller quantizes for the W4A8 product, which needs AVX512-VNNI.
 // pack_int4 (model/weight_formats/int4.py): (N, K) uint8 in 0..15 -> (N/16, K/8, 16, 4) uint8, byte
 // [j, s, l, b] holding q[16 j + l, 8 s + b] in its low nibble and q[16 j + l, 8 s + 4 + b] in its high one.
 torch::Tensor pack_int4(const torch::Tensor& q) {
@@ -426,6 +420,12 @@ torch::Tensor pack_int4(const torch::Tensor& q) {
     return packed;
 }
 
+// model/weight_formats/int4.py's _quantize_rows, op for op in float32 (each value rounded where
+// torch rounds it: the scales and lows to float16 and back, q half to even), so the weights it
+// gives are those of the PyTorch version bit for bit: (N, K) float32 -> (N, K) uint8 q in 0..15,
+// (N, K/32) float16 scales and lows. Each group takes Q4_1's grid (min and max at 0 and 15) or
+// Q4_0's ((q - 8) * d, the value of largest magnitude at q = 0) where that one is strictly closer.
+// Built with AVX-512 only: its one caller quantizes for the W4A8 product, which needs AVX512-VNNI.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight) {
     TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                 weight.size(1) % kGroup == 0, "weight: contiguous float32 (N, K), K a multiple of 32");

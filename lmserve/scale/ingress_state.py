@@ -85,8 +85,8 @@ class _ReplicaLoads(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         running = GaugeMetricFamily("lmserve:replica_num_requests_running", "Sequences being decoded on a "
                                     "replica, as of its last output.", labels=["model", "replica"])
-        waiting = GaugeMetricFamily("lmserve:replica_num_requests_waiting", "Requests a replica holds and has not "
-                                    "started, as of its last output.", labels=["model", "replica"])
+        waiting = GaugeMetricFamily("lmserve:replica_num_requests_waiting", "Requests waiting in a replica's queue "
+                                    "(not started, or preempted), as of its last output.", labels=["model", "replica"])
         usage = GaugeMetricFamily("lmserve:replica_kv_cache_usage_perc", "Fraction of a replica's KV blocks in "
                                   "use, as of its last output.", labels=["model", "replica"])
         for model, engine in self._engines.items():

@@ -69,7 +69,9 @@ def test_a_killed_replica_loses_no_request_that_had_not_streamed():
                 time.sleep(0.05)
             assert (now := load()) == (2, 2), now
             assert not second.done() and all(not future.done() for future in waiting)
-            os.kill(busiest(pids), signal.SIGKILL)  # the replica decoding the first stream
+            victim = busiest(pids)  # the replica decoding the first stream
+            assert not first.done()
+            os.kill(victim, signal.SIGKILL)
             after = [complete(url, f"Question {k} after the kill:", ignore_eos=True) for k in range(2)]
             first.result()
             second.result()

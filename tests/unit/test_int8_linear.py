@@ -92,7 +92,6 @@ def test_the_kernels_w8a8_copy_of_a_weight_is_the_torch_one_bit_for_bit(rows, co
     assert native_module() is not None, "native kernels not built: run python -m lmserve.kernels"
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(rows, cols, generator=generator) * torch.exp(2 * torch.randn(rows, cols, generator=generator))
-    weight[0, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5])[:min(4, cols)] * scale  # ties for the rounding
     weight *= scale
     if rows > 1:
         weight[1] = 0.0  # a zero row: the smallest scale, q 0
@@ -101,15 +100,31 @@ def test_the_kernels_w8a8_copy_of_a_weight_is_the_torch_one_bit_for_bit(rows, co
     q_ref, scales_ref = rotated_int8_reference(weight, block)
     assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16
     assert torch.equal(q, q_ref) and torch.equal(scales.view(torch.int16), scales_ref.view(torch.int16))
-    assert torch.equal((q_ref, scales_ref)[0], quantize_int8(rotate_weight(weight, block))[0])
 
 
-def test_a_nan_in_a_weight_row_gives_that_row_a_nan_scale_on_both_paths():
-    weight = torch.randn(3, 64)
+@pytest.mark.parametrize("block", [1, 8])
+def test_the_kernels_w8a8_copy_rounds_half_to_even_as_torch_does(block):
+    """Rows whose transform is exactly these values (hadamard_rows of them, since H H = block I):
+    scale exactly 1, and ties that round half to even."""
+    assert native_module() is not None, "native kernels not built: run python -m lmserve.kernels"
+    values = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 63.5, -126.5]])
+    weight = hadamard_rows(values, block)
+    assert torch.equal(rotate_weight(weight, block), values)
+    for q, scales in (rotated_int8(weight, block), rotated_int8_reference(weight, block)):
+        assert scales.float().tolist() == [1.0]
+        assert q.tolist() == [[127, 0, 2, 2, 0, -2, 64, -126]]
+
+
+def test_a_non_finite_weight_row_gives_that_row_a_non_finite_scale_on_both_paths():
+    assert native_module() is not None, "native kernels not built: run python -m lmserve.kernels"
+    weight = torch.randn(4, 64)
     weight[1, 5] = float("nan")
-    for q, scales in (rotated_int8(weight, 64), rotated_int8_reference(weight, 64)):
-        assert scales[1].isnan() and not scales[[0, 2]].isnan().any()
-    assert torch.equal(rotated_int8(weight, 64)[0][[0, 2]], rotated_int8_reference(weight, 64)[0][[0, 2]])
+    weight[2, 9] = float("inf")
+    native, reference = rotated_int8(weight, 64), rotated_int8_reference(weight, 64)
+    for q, scales in (native, reference):
+        assert not scales[[1, 2]].float().isfinite().any() and scales[[0, 3]].float().isfinite().all()
+    assert torch.equal(native[0][[0, 3]], reference[0][[0, 3]])
+    assert not native[0][[1, 2]].any()  # nothing of such a row is kept
 
 
 def test_rows_round_half_to_even_and_saturate_at_127():
@@ -183,12 +198,15 @@ def test_packed_products_take_the_amx_tiles_where_the_cpu_has_them():
 @pytest.mark.parametrize("rows, cols, out", [(16, 64, 16), (31, 128, 48), (33, 576, 80), (100, 1536, 576)])
 def test_amx_tiles_give_the_register_kernels_results_bit_for_bit(rows, cols, out):
     module = native_module()
-    if module.int8_linear_path(rows, cols) != "int8_tiles":
-        pytest.skip("this CPU has no AMX-INT8")
     x, weight, bias = w8a8_case(rows, cols, out, seed=rows)
     block = hadamard_block(cols)
     q, scales = quantize_int8(rotate_weight(weight, block))
     packed = pack_weight(q)
+    if module.int8_linear_path(rows, cols) != "int8_tiles":  # a CPU without them: refused by name, not run
+        assert "amx_int8" not in cpu_flags()
+        with pytest.raises(RuntimeError, match="no AMX-INT8 tiles for this weight here"):
+            module.int8_linear(x, packed, scales.float(), bias, block, path="int8_tiles")
+        return
     for b in (None, bias):
         on_tiles = module.int8_linear(x, packed, scales.float(), b, block, path="int8_tiles")
         assert torch.equal(on_tiles, module.int8_linear(x, packed, scales.float(), b, block, path="registers"))
