@@ -26,8 +26,8 @@ FAST_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GG
 
 def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType, native: bool = True) -> np.ndarray:
     """The float32 values of `data`'s blocks (any shape of whole blocks), flat, for a FAST_TYPES
-    type: in one pass of the kernels' gguf_dequantize (the same operations; a Q4 model's load spent
-    half a second in the torch ops), or in torch ops where they are not built or `native` is False."""
+    type: in one pass of the kernels' gguf_dequantize (the same operations, in a fraction of the
+    torch ops' time: bench/RESULTS.md, twelfth sitting), or in torch ops where they are not built or `native` is False."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     with warnings.catch_warnings():  # a read-only memory map: only read here
         warnings.simplefilter("ignore", UserWarning)

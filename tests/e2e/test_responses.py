@@ -70,9 +70,9 @@ def test_the_clients_conversation_calls_keep_a_chat_on_the_server(client, model_
 
 
 def test_output_text_logprobs_are_the_chat_completions_ones(float32_client):
-    """On the float32 server, whose outputs depend on nothing but the request: int4's depend on the
-    steps that computed each cached block and what shared them, and on the shared server after the
-    other e2e tests the two routes' logprobs differed by up to 0.085 (a CPU without AMX)."""
+    """On the float32 server, whose outputs depend on nothing but the request: on the shared int4
+    server, after the other e2e tests, the two routes' logprobs differed by up to 0.085 (a CPU
+    without AMX; a fresh int4 server gave them equal, with and without another stream running)."""
     client = float32_client
     model_id = client.models.list().data[0].id
     question = "Name a prime number."

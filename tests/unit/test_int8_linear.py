@@ -121,7 +121,7 @@ def test_a_non_finite_weight_row_gives_that_row_a_non_finite_scale_on_both_paths
     weight[1, 5] = float("nan")
     weight[2, 9] = float("inf")
     native, reference = rotated_int8(weight, 64), rotated_int8_reference(weight, 64)
-    for q, scales in (native, reference):
+    for _, scales in (native, reference):
         assert not scales[[1, 2]].float().isfinite().any() and scales[[0, 3]].float().isfinite().all()
     assert torch.equal(native[0][[0, 3]], reference[0][[0, 3]])
     assert not native[0][[1, 2]].any()  # nothing of such a row is kept

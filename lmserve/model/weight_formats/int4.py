@@ -43,8 +43,8 @@ def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     15) and Q4_0's (w = (q - 8) * d, the value of largest magnitude at q = 0, so d and with it the
     scale may be negative). Weights dequantized from a Q4_1 or a Q4_0 file come back to the file's
     own integers, scales and lows; other weights are rounded to the closer grid. The kernels' copy
-    of it gives the same values (a model's load spent a second here in these torch ops); it is
-    built where the W4A8 product is, the one path that quantizes this way."""
+    of it gives the same values (the torch ops were most of a model's load: bench/RESULTS.md,
+    twelfth sitting); it is built where the W4A8 product is, the one path that quantizes this way."""
     if int4_linear_supported():
         q, scale, low = native_module().quantize_int4_groups(weight.float().contiguous())
         return q, scale.t().contiguous(), low.t().contiguous()
