@@ -20,6 +20,7 @@ from lmserve.arg_types import (
     thread_count,
 )
 from lmserve.config import (
+    DEFAULT_DRAFT_TOKENS,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_SPECULATIVE_TOKENS,
     DTYPE_CHOICES,
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--speculative-sampling", action="store_true",
                        help="sampled requests (temperature > 0, no seed) take prompt-lookup drafts too; the output "
                             "keeps the sampling distribution")
+    serve.add_argument("--draft-model", "--spec-draft-model", "-md", "--model-draft", metavar="PATH",
+                       help="speculative decoding with a draft model: a smaller (or more quantized) GGUF or Hugging "
+                            "Face folder with MODEL's vocabulary proposes --draft-tokens tokens, greedily, and MODEL "
+                            "keeps those its own decoding picks (instead of prompt lookup; one MODEL)")
+    serve.add_argument("--draft-dtype", choices=DTYPE_CHOICES,
+                       help="the draft model's dtype, as --dtype (default auto: the checkpoint's own)")
+    serve.add_argument("--draft-tokens", "--spec-draft-n-max", type=positive_int, metavar="N",
+                       help=f"draft tokens per step with --draft-model (default {DEFAULT_DRAFT_TOKENS})")
     serve.add_argument("--kv-cache-memory", type=parse_size, help="KV cache budget, e.g. 512MiB (default 1GiB)")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                        help="auto (the default): keys and values in the weights' float type (bfloat16 under "

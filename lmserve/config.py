@@ -16,6 +16,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds requests in flight get to finish once
 
 KV_CACHE_DTYPES = ("auto", "int8")
 DEFAULT_SPECULATIVE_TOKENS = 4  # the server's prompt-lookup drafts per step (greedy requests)
+DEFAULT_DRAFT_TOKENS = 8  # a draft model's drafts per step (--draft-tokens)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens through the model in one step (chunked prefill budget)
     max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own
-    num_speculative_tokens: int = 0  # prompt-lookup drafts per step and sequence (engine/speculation.py); 0: off
+    num_speculative_tokens: int = 0  # drafts per step and sequence (prompt lookup, or EngineConfig.draft's); 0: off
     speculative_sampling: bool = False  # sampled (not only greedy) requests take drafts too
 
     def __post_init__(self) -> None:
@@ -62,6 +63,18 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class DraftConfig:
+    """A draft model for speculative decoding (--draft-model): its checkpoint and serving dtype."""
+
+    model_path: str
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"unsupported draft dtype {self.dtype!r} ({', '.join(DTYPE_CHOICES)})")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_path: str
     served_model_name: str
@@ -71,6 +84,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     chat_template: str | None = None  # Jinja source used instead of the model's own; None: the model's
+    draft: DraftConfig | None = None  # drafts from this model instead of prompt lookup (engine/draft_model.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:

@@ -59,8 +59,9 @@ def refused(spellings: str, note: str) -> LlamaFlag:
 _CPU = "lmserve runs on the CPU"
 _GPU = f"{_CPU}: there is no GPU to place anything on"
 _THREADS = "CPU affinity and priority: run lmserve under taskset, numactl or nice"
-_DRAFT = ("lmserve has no draft models and none of llama.cpp's other speculative settings; its speculative decoding "
-          "is prompt lookup (--spec-type ngram-simple), --speculative-ngram K")
+_DRAFT = ("lmserve's speculative decoding is prompt lookup (--spec-type ngram-simple, --speculative-ngram K) or a draft "
+          "model (--draft-model PATH, --draft-dtype, --draft-tokens N), run on the model's own threads; llama.cpp's "
+          "other speculative settings are not taken")
 _LOOKUP_N = "lmserve's prompt lookup looks up the sequence's last 4, 3, then 2 tokens; the length is not a setting"
 _ADAPTIVE = "lmserve has no adaptive-p sampler"
 _MEDIA = "lmserve serves text models only"
@@ -328,7 +329,7 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
             _DRAFT),
     refused("--spec-draft-cpu-moe, -cmoed, --cpu-moe-draft", _DRAFT),
     refused("--spec-draft-n-cpu-moe, --spec-draft-ncmoe, -ncmoed, --n-cpu-moe-draft N", _DRAFT),
-    refused("--spec-draft-n-max N", _DRAFT),
+    honoured("--spec-draft-n-max N", "--draft-tokens N: the draft model's tokens per step"),
     refused("--spec-draft-n-min N", _DRAFT),
     refused("--spec-synth-len L", _DRAFT),
     refused("--spec-synth-rates P0,P1,...", _DRAFT),
@@ -337,10 +338,10 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
     refused("--spec-draft-backend-sampling, --no-spec-draft-backend-sampling", _DRAFT),
     refused("--spec-draft-device, -devd, --device-draft <dev1,dev2,..>", _DRAFT),
     refused("--spec-draft-ngl, -ngld, --gpu-layers-draft, --n-gpu-layers-draft N", _DRAFT),
-    refused("--spec-draft-model, -md, --model-draft FNAME", _DRAFT),
+    honoured("--spec-draft-model, -md, --model-draft FNAME", "--draft-model: the draft model's GGUF or folder"),
     honoured("--spec-type none,draft-simple,draft-eagle3,draft-mtp,draft-dflash,draft-dspark,ngram-simple,ngram-map-k,"
              "ngram-map-k4v,ngram-mod,ngram-cache", "ngram-simple: prompt lookup (--speculative-ngram, on by default); "
-             "none: --speculative-ngram 0; the other types are refused"),
+             "draft-simple: the --draft-model's drafts; none: --speculative-ngram 0; the other types are refused"),
     refused("--spec-ngram-mod-n-min N", _DRAFT),
     refused("--spec-ngram-mod-n-max N", _DRAFT),
     refused("--spec-ngram-mod-n-match N", _DRAFT),

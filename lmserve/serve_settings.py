@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmserve.arg_types import parse_size
-from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
+from lmserve.config import DEFAULT_DRAFT_TOKENS, DEFAULT_SPECULATIVE_TOKENS, CacheConfig, EmbeddingConfig, EngineConfig, SchedulerConfig
 from lmserve.fleet.catalogue import Catalogue, ModelEntry, entry_for, served_name
 from lmserve.fleet.config_file import read_config
 from lmserve.fleet.sources import is_remote
@@ -56,6 +56,15 @@ def speculative_tokens(args: argparse.Namespace) -> int:
     """--speculative-ngram (or its llama-server spellings), with llama-server's --spec-type:
     "none" turns prompt lookup off, and cannot be given with settings of it."""
     given = args.speculative_ngram
+    if args.draft_model is None:
+        for flag, value in (("--draft-dtype", args.draft_dtype), ("--draft-tokens", args.draft_tokens)):
+            if value is not None:
+                raise ValueError(f"{flag} sets the draft model's drafts: give --draft-model too")
+        if args.spec_type == "draft-simple":
+            raise ValueError("--spec-type draft-simple asks for a draft model: give --draft-model")
+    elif args.spec_type in ("none", "ngram-simple") or given is not None:
+        raise ValueError("--draft-model drafts instead of prompt lookup: --speculative-ngram and --spec-type "
+                         "none/ngram-simple cannot be given with it (--draft-tokens N sets its drafts per step)")
     if args.spec_type == "none":
         if (given or 0) > 0 or args.speculative_sampling:
             raise ValueError("--spec-type none turns prompt lookup off; it cannot be given with "
@@ -115,15 +124,30 @@ def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: Embeddi
     for path in paths:
         if isinstance(path, Path) and not path.exists():
             raise ValueError(f"model path {str(path)!r} does not exist")
+    settings = draft_settings(args)
+    if settings and len(paths) != 1:
+        raise ValueError("--draft-model drafts for one MODEL; give each model of a --config file its own draft_model")
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise ValueError(f"--models-dir {str(args.models_dir)!r} is not a folder")
     pinned = len(paths) == 1 and args.models_dir is None and not configured
-    entries = [entry_for(path, id=name, aliases=aliases, pinned=pinned) for path in paths]  # a name: one path
+    entries = [entry_for(path, id=name, aliases=aliases, pinned=pinned, settings=settings)
+               for path in paths]  # a name, a draft model: one path
     entries += configured
     if embedding is not None:
         entries.append(ModelEntry(id=embedding.served_model_name, source=embedding.model_path, kind="embedding",
                                   pinned=pinned))
     return Catalogue(entries, models_dir=args.models_dir, sampling_defaults=sampling_defaults(args))
+
+
+def draft_settings(args: argparse.Namespace) -> dict:
+    """--draft-model and its settings, as a --config file's model keys; {} without one."""
+    if args.draft_model is None:
+        return {}
+    path = Path(args.draft_model)
+    if not path.exists():
+        raise ValueError(f"--draft-model {args.draft_model!r} does not exist (a local .gguf file or Hugging Face folder)")
+    return {"draft_model": str(path), "draft_dtype": args.draft_dtype or "auto",
+            "draft_tokens": args.draft_tokens or DEFAULT_DRAFT_TOKENS}
 
 
 def preflight_pinned(models: Catalogue, config: EngineConfig) -> None:

@@ -22,6 +22,7 @@ from lmserve.cache.kv_file import (
 from lmserve.cache.prefix import BlockHash, hash_full_blocks
 from lmserve.config import EngineConfig
 from lmserve.engine.batch import LiveRequest, SchedulerOutput
+from lmserve.engine.draft_model import DraftModel
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sizing import check_sizes, kv_dtype
@@ -97,7 +98,9 @@ class LLMEngine:
     max_model_len, dtype, kv_block_bytes, grammar (the constraint compiler) and model (the
     decoder, for embeddings)."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None = None):
+        """`draft`: a model whose greedy tokens are this one's speculative drafts (draft_model.py),
+        loaded from config.draft by from_config; ValueError if its tokens differ from `loaded`'s."""
         self.config = config
         self.tokenizer = loaded.tokenizer
         if config.chat_template is not None:  # --chat-template: every chat model renders this one
@@ -112,7 +115,9 @@ class LLMEngine:
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, num_blocks * block_size)
         self._pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
         sched_config = replace(config.scheduler, max_model_len=self.max_model_len)
-        self._scheduler = Scheduler(sched_config, block_size, self._pool)
+        self._draft = (None if draft is None else
+                       DraftModel.for_target(draft, loaded, config, self.max_model_len, num_blocks * block_size))
+        self._scheduler = Scheduler(sched_config, block_size, self._pool, self._draft)
         caches = allocate_kv_caches(loaded.config, num_blocks, block_size, cache_dtype, self.device)
         self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size)
         self._runner: ModelRunner | None = ModelRunner(loaded.model, caches, block_size, self.device)
@@ -121,7 +126,7 @@ class LLMEngine:
             log.info("decode attention: %s; the steps' layers: %s",
                      "native kernel" if native_decode_attention() else "PyTorch", "C++" if native_layers else "Python")
         self._live: dict[str, LiveRequest] = {}
-        self.num_draft_tokens = 0  # prompt-lookup drafts verified since start (speculation.py)
+        self.num_draft_tokens = 0  # speculative drafts verified since start (speculation.py, draft_model.py)
         self.num_accepted_tokens = 0  # of those, drafts kept
         self._block_size = block_size
         self._kv_identity = _kv_identity(config, loaded, block_size)
@@ -132,7 +137,13 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         loaded = load_model(config.model_path, config.dtype, config.device,
                             max_positions=config.scheduler.max_model_len)
-        return cls(config, loaded)
+        draft = None
+        if config.draft is not None:
+            draft = load_model(config.draft.model_path, config.draft.dtype, config.device,
+                               max_positions=config.scheduler.max_model_len)
+            log.info("draft model %s (%s) proposes up to %d tokens per step", config.draft.model_path, draft.dtype,
+                     config.scheduler.num_speculative_tokens)
+        return cls(config, loaded, draft)
 
     @property
     def has_unfinished(self) -> bool:
@@ -207,6 +218,8 @@ class LLMEngine:
         self._runner = None
         self.model = None
         self.grammar.close()
+        if self._draft is not None:
+            self._draft.close()
         return outputs
 
     @property

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.prefix import hash_full_blocks
@@ -23,30 +25,39 @@ from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
 from lmserve.request import FinishReason, Request, RequestStatus
 
 
+class Proposer(Protocol):
+    """Where drafts come from instead of prompt lookup (engine/draft_model.py)."""
+
+    def propose(self, wanted: Mapping[str, tuple[Sequence[int], int]]) -> dict[str, list[int]]:
+        """Up to `room` drafts after each sequence's tokens, by request id: {id: (tokens, room)}."""
+        ...
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool):
+    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, proposer: Proposer | None = None):
         self.config = config
         self.block_size = block_size
         self.pool = pool
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.drafters: dict[str, speculation.Drafter] = {}  # request id -> its prompt lookup
+        self.proposer = proposer  # drafts from a draft model, for all of a step's sequences at once
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, self._proposals())
         self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, proposals: Mapping[str, list[int]]) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             count = min(request.num_tokens - request.num_computed_tokens, budget)
-            draft = self._draft(request, budget - count) if count == 1 else []
+            draft = self._draft(request, budget - count, proposals) if count == 1 else []
             if draft and not self._grow(request, count + len(draft)):
                 draft = []  # drafts never cost anyone a preemption; grown, the loop below finds room at once
             while not self._grow(request, count):
@@ -61,17 +72,38 @@ class Scheduler:
                 index += 1
         return budget
 
-    def _draft(self, request: Request, budget: int) -> list[int]:
-        """Prompt-lookup drafts for a decoding request, within the budget, its max_tokens and the
-        context; [] when speculation is off or does not apply (speculation.py)."""
+    def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]]) -> list[int]:
+        """Drafts for a decoding request, within the budget, its max_tokens and the context: the
+        proposer's, or prompt lookup's; [] when speculation is off or does not apply (speculation.py)."""
+        room = self._room(request)
+        if room is None:
+            return []
+        room = min(room, budget)
+        if self.proposer is not None:
+            return proposals.get(request.request_id, [])[:max(room, 0)]
+        drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
+        return drafter.drafts(request.all_ids, room)  # called at no room too: it tallies its last proposal
+
+    def _room(self, request: Request) -> int | None:
+        """The drafts `request` may take this step, budget aside; None when it takes none at all."""
         wanted = self.config.num_speculative_tokens
         if (not wanted or len(self.running) > speculation.MAX_RUNNING
                 or not speculation.drafts_for(request.params, self.config.speculative_sampling)):
-            return []
-        room = min(wanted, budget, request.params.max_tokens - len(request.output_ids) - 1,
+            return None
+        return min(wanted, request.params.max_tokens - len(request.output_ids) - 1,
                    self.config.max_model_len - request.num_tokens - 1)
-        drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
-        return drafter.drafts(request.all_ids, room)
+
+    def _proposals(self) -> dict[str, list[int]]:
+        """The proposer's drafts for every running request that decodes this step and may take
+        them, asked for together (one batch of draft steps); {} without a proposer."""
+        if self.proposer is None:
+            return {}
+        wanted = {}
+        for request in self.running:
+            room = self._room(request) if request.num_tokens - request.num_computed_tokens == 1 else None
+            if room is not None and room > 0:
+                wanted[request.request_id] = (request.all_ids, room)
+        return self.proposer.propose(wanted) if wanted else {}
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         in_flight: set | None = None  # hashes of the prompt blocks running requests are computing

@@ -35,7 +35,7 @@ class ModelEntry:
     aliases: tuple[str, ...] = ()
     ttl: float | None = None  # seconds idle before it is unloaded (inf: never); None: the fleet's default
     pinned: bool = False  # loaded at start and never unloaded
-    settings: dict = field(default_factory=dict, compare=False)  # engine settings: dtype, max_model_len, kv_cache_memory
+    settings: dict = field(default_factory=dict, compare=False)  # engine settings: dtype, max_model_len, kv_cache_memory, draft_*
     defaults: dict = field(default_factory=dict, compare=False)  # sampling defaults a request's own values override
     preload: list[dict[str, str]] | None = field(default=None, compare=False)  # messages prefilled at load
 

@@ -9,6 +9,7 @@
     ttl = "10m"                        # unload when idle this long (-1: never; default: --default-ttl)
     pinned = true                      # load at start-up, never unload
     preload = "You are a terse assistant."   # a system prompt (or a list of messages) prefilled at load
+    draft_model = "/models/qwen2.5-0.5b-instruct-q4_0.gguf"   # as --draft-model (with draft_dtype, draft_tokens)
 
     [models.qwen.defaults]             # sampling defaults; a request's own values win
     temperature = 0.2
@@ -28,7 +29,7 @@ from lmserve.fleet.catalogue import ModelEntry, duration_seconds, model_kind
 from lmserve.fleet.sources import is_remote
 
 MODEL_KEYS = frozenset({"source", "aliases", "kind", "dtype", "max_model_len", "kv_cache_memory", "ttl", "pinned",
-                        "preload", "defaults"})
+                        "preload", "defaults", "draft_model", "draft_dtype", "draft_tokens"})
 # Sampling defaults a model may set, with the types TOML gives them.
 DEFAULT_KEYS: dict[str, tuple[type, ...]] = {
     "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
@@ -85,7 +86,7 @@ def _entry(path: Path, name: str, table: Any, parse_size) -> ModelEntry:
     pinned = table.get("pinned", False)
     if not isinstance(pinned, bool):
         raise fail("pinned", "must be true or false")
-    settings = _engine_settings(table, fail, parse_size)
+    settings = _engine_settings(path, table, fail, parse_size)
     if settings and kind == "embedding":
         raise fail(next(iter(settings)), "applies to chat models only")
     return ModelEntry(id=name, source=str(source_path), kind=kind, aliases=tuple(aliases), pinned=pinned,
@@ -93,7 +94,7 @@ def _entry(path: Path, name: str, table: Any, parse_size) -> ModelEntry:
                       preload=_preload(table, fail))
 
 
-def _engine_settings(table: dict, fail, parse_size) -> dict[str, Any]:
+def _engine_settings(path: Path, table: dict, fail, parse_size) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if "dtype" in table:
         if table["dtype"] not in DTYPE_CHOICES:
@@ -109,6 +110,29 @@ def _engine_settings(table: dict, fail, parse_size) -> dict[str, Any]:
             settings["kv_cache_memory"] = parse_size(str(table["kv_cache_memory"]))
         except Exception as exc:  # noqa: BLE001 - the CLI's parser raises its own error type
             raise fail("kv_cache_memory", f"is not a memory size: {exc}") from None
+    return settings | _draft_settings(path, table, fail)
+
+
+def _draft_settings(path: Path, table: dict, fail) -> dict[str, Any]:
+    if "draft_model" not in table:
+        for key in ("draft_dtype", "draft_tokens"):
+            if key in table:
+                raise fail(key, "sets the draft model's drafts: give draft_model too")
+        return {}
+    draft = table["draft_model"]
+    if not isinstance(draft, str) or not draft or is_remote(draft):
+        raise fail("draft_model", "must name a local .gguf file or Hugging Face folder")
+    draft_path = (path.parent / draft).expanduser() if not Path(draft).is_absolute() else Path(draft)
+    if not draft_path.exists():
+        raise fail("draft_model", f"names {str(draft_path)!r}, which does not exist")
+    settings: dict[str, Any] = {"draft_model": str(draft_path), "draft_dtype": table.get("draft_dtype", "auto")}
+    if settings["draft_dtype"] not in DTYPE_CHOICES:
+        raise fail("draft_dtype", f"must be one of {', '.join(DTYPE_CHOICES)}")
+    if "draft_tokens" in table:
+        tokens = table["draft_tokens"]
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise fail("draft_tokens", "must be a positive integer")
+        settings["draft_tokens"] = tokens
     return settings
 
 

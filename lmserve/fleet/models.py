@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from lmserve.config import EmbeddingConfig, EngineConfig
+from lmserve.config import DEFAULT_DRAFT_TOKENS, DraftConfig, EmbeddingConfig, EngineConfig
 from lmserve.fleet.catalogue import ModelEntry
 
 if TYPE_CHECKING:
@@ -121,12 +121,13 @@ def engine_config_for(defaults: EngineConfig, entry: ModelEntry) -> EngineConfig
     cache = defaults.cache
     if "kv_cache_memory" in settings:
         cache = replace(cache, kv_cache_memory_bytes=settings["kv_cache_memory"], kv_cache_tokens=None)
-    return replace(
-        defaults, model_path=entry.source, served_model_name=entry.id, dtype=settings.get("dtype", defaults.dtype),
-        cache=cache,
-        scheduler=replace(defaults.scheduler, max_model_len=settings.get("max_model_len",
-                                                                         defaults.scheduler.max_model_len)),
-    )
+    scheduler = replace(defaults.scheduler, max_model_len=settings.get("max_model_len", defaults.scheduler.max_model_len))
+    draft = None
+    if "draft_model" in settings:  # its drafts replace prompt lookup's
+        draft = DraftConfig(settings["draft_model"], settings.get("draft_dtype", "auto"))
+        scheduler = replace(scheduler, num_speculative_tokens=settings.get("draft_tokens", DEFAULT_DRAFT_TOKENS))
+    return replace(defaults, model_path=entry.source, served_model_name=entry.id,
+                   dtype=settings.get("dtype", defaults.dtype), cache=cache, scheduler=scheduler, draft=draft)
 
 
 def preload(engine, messages: list[dict[str, str]]) -> int:
@@ -145,7 +146,7 @@ def preload(engine, messages: list[dict[str, str]]) -> int:
 
 def footprint_estimator(engine_defaults: EngineConfig) -> Callable[[ModelEntry], int]:
     """Bytes a catalogue entry will take loaded, from its header alone: weights in the dtype it will
-    be served in, plus its whole KV cache budget (for --models-memory). 0 when the checkpoint
+    be served in (its draft model's too), plus its whole KV cache budget (for --models-memory). 0 when the checkpoint
     cannot be read: loading it will say why."""
 
     def footprint(entry: ModelEntry) -> int:
@@ -155,6 +156,8 @@ def footprint_estimator(engine_defaults: EngineConfig) -> Callable[[ModelEntry],
         config = engine_config_for(engine_defaults, entry) if entry.kind == "chat" else None
         try:
             weights = estimated_weight_bytes(entry.source, config.dtype if config else "float32", engine_defaults.device)
+            if config is not None and config.draft is not None:  # its KV cache is committed only as used
+                weights += estimated_weight_bytes(config.draft.model_path, config.draft.dtype, engine_defaults.device)
             kv_budget = kv_cache_bytes(config) if config else 0
         except (OSError, ValueError, KeyError) as exc:
             log.warning("cannot size %s before loading it: %s", entry.id, exc)

@@ -105,8 +105,8 @@ class ServerMetrics:
                                    registry=r)
         self.prefix_hit_rate = Gauge("lmserve:prefix_cache_hit_rate", "Prefix cache hits / queries since the "
                                      "model loaded.", ["model"], registry=r)
-        self.spec_drafts = Counter("lmserve:spec_decode_num_draft_tokens", "Prompt-lookup draft tokens verified "
-                                   "(--speculative-ngram).", ["model"], registry=r)
+        self.spec_drafts = Counter("lmserve:spec_decode_num_draft_tokens", "Speculative draft tokens verified "
+                                   "(prompt lookup, or --draft-model's).", ["model"], registry=r)
         self.spec_accepted = Counter("lmserve:spec_decode_num_accepted_tokens", "Of those, drafts kept.", ["model"],
                                      registry=r)
         self.loads = Counter("lmserve:model_loads", "Model loads, by outcome (loaded or failed).",

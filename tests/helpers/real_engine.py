@@ -50,16 +50,22 @@ class IdTokenizer:
 
 
 def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_len=None,
-                model_path=None, speculative=0, speculative_sampling=False, kv_cache_dtype="auto") -> LLMEngine:
+                model_path=None, speculative=0, speculative_sampling=False, kv_cache_dtype="auto",
+                draft: Path | None = None) -> LLMEngine:
     """The real LLMEngine on a tiny random model's HF folder (tests/helpers/tiny_models.py), its
     KV cache `num_blocks` blocks of `block_size` tokens; max_len defaults to all of them. Its
-    config names `model_path` instead of the folder if given."""
+    config names `model_path` instead of the folder if given; `draft`, a tiny model's folder, is
+    its draft model (float32)."""
     from lmserve.cache.kv_cache import bytes_per_block
     from lmserve.engine.sizing import kv_dtype
     from lmserve.weights.load import LoadedModel, load_weights
 
-    model, model_config, _ = load_weights(folder, dtype)
-    loaded = LoadedModel(model, model_config, IdTokenizer(model_config.vocab_size), dtype)
+    def tiny(where: Path, dtype: str) -> LoadedModel:
+        model, model_config, _ = load_weights(where, dtype)
+        return LoadedModel(model, model_config, IdTokenizer(model_config.vocab_size), dtype)
+
+    loaded = tiny(folder, dtype)
+    model_config = loaded.config
     cache = CacheConfig(block_size, 1, kv_cache_dtype=kv_cache_dtype)
     cache = replace(cache, kv_cache_memory_bytes=num_blocks * bytes_per_block(model_config, block_size,
                                                                              kv_dtype(cache, dtype)))
@@ -67,4 +73,4 @@ def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_
     config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=cache,
                           scheduler=SchedulerConfig(4, 64, max_len, num_speculative_tokens=speculative,
                                                     speculative_sampling=speculative_sampling))
-    return LLMEngine(config, loaded)
+    return LLMEngine(config, loaded, None if draft is None else tiny(draft, "float32"))

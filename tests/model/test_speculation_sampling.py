@@ -1,8 +1,8 @@
-"""Prompt lookup under sampling keeps the sampling distribution: thousands of 4-token continuations
-drawn with drafts (fixed seed) against the exact distribution transformers gives for the same tiny
-model, by chi-square goodness of fit on each position and each pair of neighbours. Most
-continuations here take drafts and many keep some, so the later positions mostly come from
-drafts' rows."""
+"""Speculation under sampling keeps the sampling distribution: thousands of 4-token continuations
+drawn with drafts (fixed seed; from prompt lookup or a draft model) against the exact distribution
+transformers gives for the same tiny model, by chi-square goodness of fit on each position and
+each pair of neighbours. Most continuations here take drafts and many keep some, so the later
+positions mostly come from drafts' rows."""
 
 from __future__ import annotations
 
@@ -96,13 +96,16 @@ def marginal(exact: dict, positions: tuple[int, ...]) -> dict:
     return out
 
 
+@pytest.mark.parametrize("drafts", ["lookup", "draft model"])
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1.0, max_tokens=NUM_TOKENS, ignore_eos=True),
     SamplingParams(temperature=0.8, top_p=0.9, max_tokens=NUM_TOKENS, ignore_eos=True),
 ], ids=["temperature", "top_p"])
-def test_drafted_sampling_draws_from_the_model_distribution(peaked, params):
+def test_drafted_sampling_draws_from_the_model_distribution(peaked, params, drafts):
+    """Drafts from prompt lookup, or from a draft model (the model itself: its greedy tokens)."""
     model, folder, prompt = peaked
-    engine = tiny_engine(folder, speculative=3, speculative_sampling=True, num_blocks=256)
+    engine = tiny_engine(folder, speculative=3, speculative_sampling=True, num_blocks=256,
+                         draft=folder if drafts == "draft model" else None)
     got = sample(engine, prompt, params)
     assert all(len(seq) == NUM_TOKENS for seq in got)
     assert engine.num_draft_tokens >= SAMPLES // 2 and engine.num_accepted_tokens >= SAMPLES // 4

@@ -9,6 +9,8 @@ import pytest
 
 from lmserve import cli, serve_settings
 from lmserve.cli import build_parser, default_model_path
+from lmserve.config import DraftConfig, EngineConfig
+from lmserve.fleet.models import engine_config_for
 from lmserve.llama_flag_table import LLAMA_SERVER_FLAGS
 from lmserve.text.builtin_templates import BUILTIN_TEMPLATES
 
@@ -307,6 +309,11 @@ def served(*argv: str) -> SimpleNamespace:
                            state=serve_settings.state_settings(args), listen=serve_settings.listen_options(args))
 
 
+def chat_engine(settings: SimpleNamespace) -> EngineConfig:
+    """The engine settings the chat model gets: the server's, with its catalogue entry's on top."""
+    return engine_config_for(settings.engine, settings.chat)
+
+
 def comparable(settings: SimpleNamespace) -> tuple:
     return (settings.engine, settings.embedding, settings.models.entries(), settings.chat.defaults, settings.state,
             settings.listen, vars(settings.args) | {"llama_accepted": ()})
@@ -449,6 +456,11 @@ HONOURED = [
     ("--spec-type none,ngram-simple --spec-ngram-simple-size-m 8", lambda s: s.engine.scheduler.num_speculative_tokens, 8),
     ("--spec-ngram-simple-size-m 6", lambda s: s.engine.scheduler.num_speculative_tokens, 6),
     ("--spec-ngram-size-m 2", lambda s: s.engine.scheduler.num_speculative_tokens, 2),
+    ("-md {gguf}", lambda s: chat_engine(s).draft, DraftConfig("{gguf}")),
+    ("--model-draft {gguf} --spec-type draft-simple", lambda s: chat_engine(s).draft.model_path, "{gguf}"),
+    ("--spec-draft-model {gguf} --draft-dtype int4",
+     lambda s: (chat_engine(s).draft.dtype, chat_engine(s).scheduler.num_speculative_tokens), ("int4", 8)),
+    ("--spec-draft-n-max 6 -md {gguf}", lambda s: chat_engine(s).scheduler.num_speculative_tokens, 6),
     ("--chat-template llama3", lambda s: s.engine.chat_template, BUILTIN_TEMPLATES["llama3"]),
     ("--chat-template-file {jinja}", lambda s: s.engine.chat_template, "{{ messages[0]['content'] }}"),
 ]
@@ -466,6 +478,8 @@ def test_an_honoured_flag_sets_what_it_should(argv, setting, expected, files):
         expected = expected.format(**files)
     elif isinstance(expected, tuple):
         expected = tuple(e.format(**files) if isinstance(e, str) else e for e in expected)
+    elif isinstance(expected, DraftConfig):
+        expected = DraftConfig(expected.model_path.format(**files), expected.dtype)
     assert setting(settings) == expected
 
 
@@ -545,6 +559,8 @@ def test_ctx_size_and_parallel_give_llama_servers_limits(argv, max_model_len, ma
     ("--spec-type none --speculative-ngram 8", "--spec-type none turns prompt lookup off"),
     ("--spec-type none --speculative-sampling", "--spec-type none turns prompt lookup off"),
     ("--spec-type ngram-simple --spec-ngram-simple-size-m 0", "--spec-type ngram-simple asks for prompt lookup"),
+    ("--spec-type draft-simple", "--spec-type draft-simple asks for a draft model"),
+    ("--spec-draft-n-max 6", "--draft-tokens sets the draft model's drafts: give --draft-model too"),
 ])
 def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
     with pytest.raises(ValueError) as refused:
@@ -554,7 +570,8 @@ def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
 
 @pytest.mark.parametrize("argv", ["-np 0", "-np -2", "-n 0", "-c -1", "--models-max -1", "--pooling cls", "-t 0",
                                   "--repeat-last-n -1", "--dry-penalty-last-n -1", "--mirostat 1.5", "--top-k x",
-                                  "--spec-type draft-simple", "--spec-type ngram-simple,ngram-mod",
+                                  "--spec-type draft-eagle3", "--spec-type ngram-simple,ngram-mod",
+                                  "--spec-type ngram-simple,draft-simple",
                                   "--spec-ngram-simple-size-m -1", "-ctk f16", "-ctv q4_0"])
 def test_values_llama_server_refuses_are_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

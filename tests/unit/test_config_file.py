@@ -30,6 +30,9 @@ kv_cache_memory = "512MiB"
 ttl = "10m"
 pinned = true
 preload = "You are terse."
+draft_model = "m.gguf"
+draft_dtype = "int4"
+draft_tokens = 6
 
 [models.qwen.defaults]
 temperature = 1
@@ -44,7 +47,8 @@ ttl = -1
     qwen, embed = read_config(path, parse_size)
     assert (qwen.id, qwen.source, qwen.kind, qwen.aliases, qwen.pinned, qwen.ttl) == (
         "qwen", str(tmp_path / "m.gguf"), "chat", ("gpt-4o-mini", "qwen-small"), True, 600)
-    assert qwen.settings == {"dtype": "int8", "max_model_len": 4096, "kv_cache_memory": 512 * 2**20}
+    assert qwen.settings == {"dtype": "int8", "max_model_len": 4096, "kv_cache_memory": 512 * 2**20,
+                             "draft_model": str(tmp_path / "m.gguf"), "draft_dtype": "int4", "draft_tokens": 6}
     assert qwen.defaults == {"temperature": 1.0, "top_k": 20, "max_tokens": 256, "stop": ["END"]}
     assert isinstance(qwen.defaults["temperature"], float)
     assert qwen.preload == [{"role": "system", "content": "You are terse."}]
@@ -66,6 +70,11 @@ ttl = -1
     ('[models.a]\nsource = "m.gguf"\n[models.a.defaults]\ntemperature = "hot"\n', "'defaults.temperature' has the wrong type"),
     ('[models.a]\nsource = "m.gguf"\n[models.a.defaults]\nmax_tokens = 0\n', "'defaults.max_tokens' must be at least 1"),
     ('[models.e]\nsource = "minilm"\ndtype = "int8"\n', "model 'e': 'dtype' applies to chat models only"),
+    ('[models.a]\nsource = "m.gguf"\ndraft_model = "gone.gguf"\n', "'draft_model' names"),
+    ('[models.a]\nsource = "m.gguf"\ndraft_model = "hf:org/repo/f.gguf"\n', "'draft_model' must name a local"),
+    ('[models.a]\nsource = "m.gguf"\ndraft_tokens = 4\n', "'draft_tokens' sets the draft model's drafts"),
+    ('[models.a]\nsource = "m.gguf"\ndraft_model = "m.gguf"\ndraft_tokens = 0\n', "'draft_tokens' must be a positive"),
+    ('[models.a]\nsource = "m.gguf"\ndraft_model = "m.gguf"\ndraft_dtype = "int2"\n', "'draft_dtype' must be one of"),
     ('[model.a]\nsource = "m.gguf"\n', "unknown table or key 'model'"),
     ('[models]\n', "no models"),
     ('[models.a\n', "not valid TOML"),

@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 
 from lmserve.cli import default_model_path
-from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.config import CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.engine.sizing import check_sizes, kv_cache_bytes
 from lmserve.fleet.catalogue import ModelEntry
-from lmserve.fleet.models import engine_config_for
+from lmserve.fleet.models import engine_config_for, footprint_estimator
+from lmserve.weights.size import estimated_weight_bytes
 
 # The fields of a ModelConfig the sizes are read from: 2 x 3 layers x 2 heads x 16 values, float32.
 MODEL = SimpleNamespace(max_position_embeddings=4096, num_hidden_layers=3, num_key_value_heads=2, head_dim=16)
@@ -57,3 +58,15 @@ def test_a_chat_template_in_the_config_replaces_the_models_own(default_model):
         assert default_model.tokenizer.chat_template != template  # the loaded model's tokenizer is left as it was
     finally:
         engine.close()
+
+
+def test_a_models_draft_is_in_its_engine_settings_and_its_footprint():
+    path = str(default_model_path())
+    server = EngineConfig("x", "x", cache=CacheConfig(16, 1 << 20), scheduler=SchedulerConfig(4, 512, 512, 4))
+    plain = ModelEntry(id="a", source=path)
+    drafted = ModelEntry(id="a", source=path, settings={"draft_model": path, "draft_dtype": "int4", "draft_tokens": 6})
+    config = engine_config_for(server, drafted)
+    assert (config.draft, config.scheduler.num_speculative_tokens) == (DraftConfig(path, "int4"), 6)
+    assert engine_config_for(server, plain).draft is None
+    footprint = footprint_estimator(server)
+    assert footprint(drafted) - footprint(plain) == estimated_weight_bytes(path, "int4", "cpu") > 0

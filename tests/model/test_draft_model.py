@@ -1,0 +1,95 @@
+"""Speculative decoding with a draft model (engine/draft_model.py): on the real default model in
+float32 (batch-invariant, so any difference would be speculation's) with its int4 copy as the
+draft, token for token and text for text what plain greedy decoding gives, in fewer steps; on
+tiny random models, exact where the draft is mostly wrong, and refused where its tokens differ."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve.cli import default_model_path
+from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.engine.engine import LLMEngine
+from lmserve.request import SamplingParams
+from lmserve.weights.load import load_model
+from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine, tiny_engine
+from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
+from tests.model.test_speculation import REPEATING, run
+
+
+@pytest.fixture(scope="module")
+def int4_draft():
+    return load_model(default_model_path(), "int4", max_positions=2048)
+
+
+def drafted_engine(target, draft, tokens=6) -> LLMEngine:
+    config = EngineConfig("unused", "test", cache=CacheConfig(16, 64 << 20),
+                          scheduler=SchedulerConfig(8, 64, 1024, num_speculative_tokens=tokens))
+    return LLMEngine(config, target, draft)
+
+
+@pytest.fixture(scope="module")
+def engines(default_model, int4_draft):
+    return make_engine(default_model), drafted_engine(default_model, int4_draft)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=48),
+    SamplingParams(temperature=0, max_tokens=9),
+    SamplingParams(temperature=0, max_tokens=48, stop=("banana, cherry", "lazy", "\n\n")),
+], ids=["eos", "max_tokens", "stop"])
+def test_draft_model_gives_exactly_plain_greedy_decoding(default_model, engines, params):
+    plain, drafted = engines
+    prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING[:1] + PROMPTS[:3]]
+    for batch in ([prompts[0]], prompts):  # alone, and four at once (speculation's most: MAX_RUNNING)
+        kept = drafted.num_accepted_tokens
+        expected, plain_steps = run(plain, batch, params)
+        got, drafted_steps = run(drafted, batch, params)
+        assert got == expected
+        assert drafted_steps < plain_steps and drafted.num_accepted_tokens > kept
+
+
+def test_kept_drafts_each_save_a_step_and_are_counted(default_model, engines):
+    plain, drafted = engines
+    prompt = chat_ids(default_model.tokenizer, PROMPTS[3])  # no repeats: prompt lookup would find little
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    proposed, kept = drafted.num_draft_tokens, drafted.num_accepted_tokens
+    expected, plain_steps = run(plain, [prompt], params)
+    got, drafted_steps = run(drafted, [prompt], params)
+    assert got == expected and len(got[0][0]) == 60
+    kept = drafted.num_accepted_tokens - kept
+    assert kept >= 30 and drafted.num_draft_tokens - proposed >= kept  # int4 agrees with float32 mostly
+    assert drafted_steps == plain_steps - kept
+
+
+def test_the_draft_engine_reuses_its_cached_blocks_between_proposals(default_model, int4_draft):
+    drafted = drafted_engine(default_model, int4_draft)
+    prompt = chat_ids(default_model.tokenizer, PROMPTS[7])  # ~60 tokens: three full blocks and more
+    run(drafted, [prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    pool = drafted._draft.engine._pool
+    assert pool.num_queries > 0 and pool.num_hits / pool.num_queries > 0.8
+
+
+def test_a_mostly_wrong_draft_model_changes_nothing(tmp_path):
+    target = save_hf_folder(tiny_hf_model("llama", vocab_size=64, seed=1), tmp_path / "target")
+    other = save_hf_folder(tiny_hf_model("llama", vocab_size=64, seed=2), tmp_path / "draft")
+    plain, drafted = tiny_engine(target, num_blocks=128), tiny_engine(target, num_blocks=128, speculative=4, draft=other)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10] * 9, [3, 1, 4, 1, 5, 9, 2, 6]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected, _ = run(plain, prompts, params)
+    assert run(drafted, prompts, params)[0] == expected
+    assert drafted.num_draft_tokens >= 100 and drafted.num_accepted_tokens < drafted.num_draft_tokens / 2
+
+
+def test_a_draft_model_with_other_tokens_is_refused(default_model, tmp_path):
+    from tests.helpers.real_engine import IdTokenizer
+    from lmserve.weights.load import LoadedModel, load_weights
+
+    model, config, _ = load_weights(save_hf_folder(tiny_hf_model("llama", vocab_size=64), tmp_path / "d"), "float32")
+    draft = LoadedModel(model, config, IdTokenizer(64), "float32")
+    with pytest.raises(ValueError, match="the draft model has 64 tokens and the model 49152"):
+        drafted_engine(default_model, draft)
+    # the same count, other tokens: told which token differs
+    same_count = LoadedModel(model, config, IdTokenizer(default_model.tokenizer.vocab_size), "float32")
+    with pytest.raises(ValueError, match=r"token 0 is b'<0>' to the draft model and b'<\|endoftext\|>' to the model"):
+        drafted_engine(default_model, same_count)
