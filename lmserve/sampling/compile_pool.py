@@ -172,13 +172,34 @@ def serve(conn: Any, tokenizer_info_path: str) -> None:
             conn.send(("invalid", str(exc)))
 
 
+# How xgrammar (0.2.8) writes the characters of a string with minLength or maxLength, and how a
+# JSON string's character is written: anything but a control character, a quote or a backslash,
+# or an escape (one escape counting as one character of the bound).
+_BOUNDED_STRING_CHARACTER = '(([^\\"\\\\\\r\\n]))'
+_JSON_STRING_CHARACTER = '(([^\\0-\\x1f\\"\\\\]) | ("\\\\" basic_escape))'
+
+
+def json_schema_grammar(schema: str, strict: bool) -> Any:
+    """xgrammar's grammar of a JSON schema, compact (with free whitespace a sampled model can pad
+    forever between tokens), its length-bounded strings mended: xgrammar writes their characters as
+    any but a quote, a backslash, CR and LF (its issue #800), which let raw control characters in,
+    invalid in JSON (a sampled "\x00" was seen), and no escapes. Here they take a JSON string's
+    characters, as its unbounded strings do."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+    text = str(grammar)
+    if _BOUNDED_STRING_CHARACTER not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER))
+
+
 def compile_with(compiler: Any, kind: str, text: str, strict: bool) -> Any:
     """xgrammar's CompiledGrammar of one GrammarSpec's kind and text."""
     if kind == "json_object":  # any object, compact like json_schema below
-        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        return compiler.compile_grammar(json_schema_grammar('{"type": "object"}', strict=False))
     if kind == "json_schema":
-        # Compact JSON: with free whitespace a sampled model can pad forever between tokens.
-        return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=strict)
+        return compiler.compile_grammar(json_schema_grammar(text, strict))
     if kind == "regex":
         return compiler.compile_regex(text)
     if kind == "ebnf":

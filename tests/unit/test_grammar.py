@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import xgrammar as xgr
 
 from lmserve.request import GrammarSpec
@@ -51,3 +52,34 @@ def test_markup_special_tokens_can_be_written_by_a_grammar_others_cannot():
     assert calls.accept_token(2) and calls.accept_token(ord("x") + 3)
     text = xgr.GrammarMatcher(compiler.compile(GrammarSpec("regex", "<ctrl>")))
     assert not text.accept_token(1)  # an ordinary control token never stands in for its text
+
+
+BOUNDED = {"type": "object", "required": ["colors", "zip"],
+           "properties": {"colors": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 2},
+                          "zip": {"type": "string", "pattern": "^[0-9]{5}$"}, "name": {"type": "string", "minLength": 2}}}
+
+
+def accepts(compiler: GrammarCompiler, spec: GrammarSpec, text: str) -> bool:
+    """Whether `text`, one byte a token, is a whole output of `spec`."""
+    matcher = xgr.GrammarMatcher(compiler.compile(spec), terminate_without_stop_token=True)
+    return all(matcher.accept_token(byte + 3) for byte in text.encode()) and matcher.is_terminated()
+
+
+@pytest.mark.parametrize("text, valid", [
+    ('{"colors": ["red", "blue"], "zip": "12345"}', True),
+    ('{"colors": ["a\\"b", "\\u00e9\\n"], "zip": "12345", "name": "Al"}', True),  # escapes, one character each
+    ('{"colors": ["a\x00b", "blue"], "zip": "12345"}', False),  # a raw control character is not JSON
+    ('{"colors": ["a\tb", "blue"], "zip": "12345"}', False),
+    ('{"colors": ["red", "blue"], "zip": "12345", "name": "A\x1f"}', False),
+    ('{"colors": ["toolong", "blue"], "zip": "12345"}', False),  # the bounds still hold
+    ('{"colors": ["red"], "zip": "12345"}', False),
+    ('{"colors": ["red", "blue"], "zip": "1234"}', False),
+])
+def test_length_bounded_strings_take_json_string_characters_only(text, valid):
+    # xgrammar alone lets raw control characters into strings with minLength/maxLength (a sampled
+    # "\x00" made invalid JSON) and no escapes; json.loads is the judge of what is JSON
+    compiler = GrammarCompiler(MarkupTokenizer(), 259)
+    spec = GrammarSpec("json_schema", json.dumps(BOUNDED), strict=True)
+    assert accepts(compiler, spec, text) == valid
+    if valid:
+        json.loads(text)
