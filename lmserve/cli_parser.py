@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "
                             f"requests while at most 4 run (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off)")
     serve.add_argument("--speculative-sampling", action="store_true",
-                       help="sampled requests (temperature > 0, no seed) take prompt-lookup drafts too; the output "
-                            "keeps the sampling distribution")
+                       help="sampled requests (temperature > 0, no seed) take drafts too (prompt lookup's or "
+                            "--draft-model's); the output keeps the sampling distribution")
     serve.add_argument("--draft-model", "--spec-draft-model", "-md", "--model-draft", metavar="PATH",
                        help="speculative decoding with a draft model: a smaller (or more quantized) GGUF or Hugging "
                             "Face folder with MODEL's vocabulary proposes --draft-tokens tokens, greedily, and MODEL "

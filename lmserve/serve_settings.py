@@ -125,13 +125,16 @@ def catalogue(args: argparse.Namespace, config: EngineConfig, embedding: Embeddi
         if isinstance(path, Path) and not path.exists():
             raise ValueError(f"model path {str(path)!r} does not exist")
     settings = draft_settings(args)
-    if settings and len(paths) != 1:
-        raise ValueError("--draft-model drafts for one MODEL; give each model of a --config file its own draft_model")
+    if settings and (len(paths) != 1 or args.embeddings_only):
+        raise ValueError("--draft-model drafts for one chat MODEL; give each model of a --config file its own "
+                         "draft_model")
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise ValueError(f"--models-dir {str(args.models_dir)!r} is not a folder")
     pinned = len(paths) == 1 and args.models_dir is None and not configured
     entries = [entry_for(path, id=name, aliases=aliases, pinned=pinned, settings=settings)
                for path in paths]  # a name, a draft model: one path
+    if settings and entries[0].kind != "chat":
+        raise ValueError(f"--draft-model drafts for a chat model; {entries[0].source} is an embedding model")
     entries += configured
     if embedding is not None:
         entries.append(ModelEntry(id=embedding.served_model_name, source=embedding.model_path, kind="embedding",

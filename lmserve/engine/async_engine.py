@@ -64,6 +64,7 @@ class AsyncEngine:
         self.kv_block_bytes = engine.kv_block_bytes
         self.grammar = engine.grammar
         self.model = engine.model
+        self.draft_model = engine.draft_model
         self.observers = tuple(observers)
         self._commands: queue.Queue = queue.Queue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -190,7 +191,7 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._commands.put(("close",))
             self._thread.join(timeout=30)
-        self.model = None
+        self.model = self.draft_model = None
 
     def _run(self) -> None:
         while not self._stopped:

@@ -18,26 +18,33 @@ last, partly filled block, the drafts the target kept and the token it added aft
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Mapping, Sequence
 from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from lmserve.engine import speculation
 from lmserve.request import SamplingParams
 from lmserve.weights.load import LoadedModel
 
+log = logging.getLogger("lmserve.engine")
+
+
+def draft_kv_tokens(kv_tokens: int, max_model_len: int) -> int:
+    """The draft engine's KV room: every sequence that may take drafts at full length
+    (speculation.MAX_RUNNING), and no more than the model's own cache holds."""
+    return min(kv_tokens, speculation.MAX_RUNNING * max_model_len)
+
 
 def check_same_tokens(draft: LoadedModel, target: LoadedModel) -> None:
-    """ValueError unless the draft's token ids mean what the target's do: the same vocabulary,
-    token for token, the same end-of-sequence ids, and logits no wider than the target's."""
+    """ValueError unless the draft's token ids mean what the target's do: the same bytes for every
+    id both vocabularies have (one may carry padding tokens past the other's end), and logits no
+    wider than the target's, so every draft is a token the model can verify. End-of-sequence ids
+    need not agree: drafts run past them, and the model alone decides where a sequence ends."""
     mine, theirs = draft.tokenizer, target.tokenizer
-    if mine.vocab_size != theirs.vocab_size:
-        raise ValueError(f"the draft model has {mine.vocab_size} tokens and the model {theirs.vocab_size}: "
-                         "a draft model must share the model's vocabulary")
-    differing = next((i for i in range(mine.vocab_size) if mine.token_bytes(i) != theirs.token_bytes(i)), None)
+    shared = min(mine.vocab_size, theirs.vocab_size)
+    differing = next((i for i in range(shared) if mine.token_bytes(i) != theirs.token_bytes(i)), None)
     if differing is not None:
         raise ValueError(f"token {differing} is {mine.token_bytes(differing)!r} to the draft model and "
                          f"{theirs.token_bytes(differing)!r} to the model: a draft model must share its vocabulary")
-    if set(mine.eos_token_ids) != set(theirs.eos_token_ids):
-        raise ValueError("the draft model ends sequences on other tokens than the model")
     if draft.config.vocab_size > target.config.vocab_size:
         raise ValueError(f"the draft model's logits ({draft.config.vocab_size}) are wider than the model's "
                          f"({target.config.vocab_size})")
@@ -54,39 +61,47 @@ class DraftModel:
     def for_target(cls, draft: LoadedModel, target: LoadedModel, target_config: EngineConfig, max_model_len: int,
                    kv_tokens: int) -> DraftModel:
         """The draft engine for a target engine of `target_config` whose context is `max_model_len`
-        (capped at the draft's own) and whose KV cache holds `kv_tokens`: the draft's holds as many
-        (its memory is committed only as blocks are first written)."""
+        (capped at the draft's own) and whose KV cache holds `kv_tokens` (draft_kv_tokens), in the
+        target's KV cache dtype."""
         from lmserve.engine.engine import LLMEngine
 
         check_same_tokens(draft, target)
+        max_len = min(max_model_len, draft.config.max_position_embeddings)
         config = EngineConfig(
             target_config.draft.model_path if target_config.draft else "draft", "draft", dtype=draft.dtype,
             device=target_config.device,
-            cache=CacheConfig(target_config.cache.block_size, kv_cache_tokens=kv_tokens),
-            scheduler=SchedulerConfig(speculation.MAX_RUNNING, target_config.scheduler.max_num_batched_tokens,
-                                      min(max_model_len, draft.config.max_position_embeddings)),
+            cache=CacheConfig(target_config.cache.block_size, kv_cache_tokens=draft_kv_tokens(kv_tokens, max_len),
+                              kv_cache_dtype=target_config.cache.kv_cache_dtype),
+            scheduler=SchedulerConfig(speculation.MAX_RUNNING, target_config.scheduler.max_num_batched_tokens, max_len),
         )
         return cls(LLMEngine(config, draft))
 
     def propose(self, wanted: Mapping[str, tuple[Sequence[int], int]]) -> dict[str, list[int]]:
         """Up to `room` greedy tokens after each sequence's `tokens`, by request id: {id: (tokens,
-        room)}. A sequence longer than the draft's context gets none."""
-        names = {}
-        for request_id, (tokens, room) in wanted.items():
-            name = f"draft-{next(self._names)}"
-            try:
-                self.engine.add_request(name, list(tokens), SamplingParams(temperature=0, max_tokens=room,
-                                                                            ignore_eos=True))
-            except ValueError:
-                continue
-            names[name] = request_id
-        drafts: dict[str, list[int]] = {request_id: [] for request_id in names.values()}
-        while self.engine.has_unfinished:
-            for out in self.engine.step().outputs:
-                if out.error is not None:  # the draft model failed this step: no drafts for it
-                    drafts[names[out.request_id]] = []
-                else:
-                    drafts[names[out.request_id]].extend(out.new_token_ids)
+        room)}. A sequence longer than the draft's context gets none; if the draft model fails,
+        none get any (logged), and the model decodes on without drafts."""
+        names: dict[str, str] = {}
+        drafts: dict[str, list[int]] = {}
+        try:
+            for request_id, (tokens, room) in wanted.items():
+                name = f"draft-{next(self._names)}"
+                try:
+                    self.engine.add_request(name, list(tokens), SamplingParams(temperature=0, max_tokens=room,
+                                                                                ignore_eos=True))
+                except ValueError:
+                    continue
+                names[name], drafts[request_id] = request_id, []
+            while self.engine.has_unfinished:
+                for out in self.engine.step().outputs:
+                    if out.error is not None:  # the draft model failed this step: no drafts for it
+                        drafts[names[out.request_id]] = []
+                    else:
+                        drafts[names[out.request_id]].extend(out.new_token_ids)
+        except Exception:  # noqa: BLE001 - a draft is an optimisation: its failure must not fail requests
+            log.exception("the draft model failed; this step runs without drafts")
+            for name in names:
+                self.engine.abort_request(name)
+            return {}
         return drafts
 
     def close(self) -> None:

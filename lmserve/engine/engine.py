@@ -223,6 +223,11 @@ class LLMEngine:
         return outputs
 
     @property
+    def draft_model(self):
+        """The draft model's decoder (draft_model.py), or None."""
+        return None if self._draft is None else self._draft.engine.model
+
+    @property
     def closed(self) -> bool:
         return self._runner is None
 

@@ -101,8 +101,8 @@ class Scheduler:
         wanted = {}
         for request in self.running:
             room = self._room(request) if request.num_tokens - request.num_computed_tokens == 1 else None
-            if room is not None and room > 0:
-                wanted[request.request_id] = (request.all_ids, room)
+            if room is not None and room > 0:  # a step's budget is shared: never more than it could take
+                wanted[request.request_id] = (request.all_ids, min(room, self.config.max_num_batched_tokens - 1))
         return self.proposer.propose(wanted) if wanted else {}
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:

@@ -5,6 +5,7 @@ says it is up."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,6 +59,23 @@ def kv_cache_bytes(config: EngineConfig) -> int:
     model, dtype = read_model_config(path), serving_dtype(path, config.dtype, config.device)
     return num_kv_blocks(config.cache, model, dtype) * bytes_per_block(model, config.cache.block_size,
                                                                        kv_dtype(config.cache, dtype))
+
+
+def draft_kv_cache_bytes(config: EngineConfig) -> int:
+    """What the KV cache of `config`'s draft model will take at most (draft_model.draft_kv_tokens),
+    from the two checkpoints' headers."""
+    from lmserve.engine.draft_model import draft_kv_tokens
+    from lmserve.weights.dtype import serving_dtype
+    from lmserve.weights.load import read_model_config
+
+    target_path, draft_path = Path(config.model_path), Path(config.draft.model_path)
+    target, draft = read_model_config(target_path), read_model_config(draft_path)
+    block_size = config.cache.block_size
+    tokens = num_kv_blocks(config.cache, target, serving_dtype(target_path, config.dtype, config.device)) * block_size
+    max_len = min(config.scheduler.max_model_len or target.max_position_embeddings, draft.max_position_embeddings)
+    cache = replace(config.cache, kv_cache_tokens=draft_kv_tokens(tokens, max_len))
+    dtype = serving_dtype(draft_path, config.draft.dtype, config.device)
+    return num_kv_blocks(cache, draft, dtype) * bytes_per_block(draft, block_size, kv_dtype(cache, dtype))
 
 
 def preflight(config: EngineConfig) -> None:

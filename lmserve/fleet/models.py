@@ -57,7 +57,7 @@ class ChatModel:
 
     def __init__(self, engine: AsyncEngine, pooling: str = "mean"):
         self.engine = engine
-        self.weights_bytes = weights_bytes(engine.model) if engine.model is not None else 0
+        self.weights_bytes = sum(weights_bytes(model) for model in (engine.model, engine.draft_model) if model is not None)
         self.pooling = pooling  # how its embeddings pool hidden states: "mean" or "last"
         self._embedder: EmbeddingWorker | None = None
 
@@ -146,19 +146,20 @@ def preload(engine, messages: list[dict[str, str]]) -> int:
 
 def footprint_estimator(engine_defaults: EngineConfig) -> Callable[[ModelEntry], int]:
     """Bytes a catalogue entry will take loaded, from its header alone: weights in the dtype it will
-    be served in (its draft model's too), plus its whole KV cache budget (for --models-memory). 0 when the checkpoint
+    be served in, plus its whole KV cache budget, and its draft model's (for --models-memory). 0 when the checkpoint
     cannot be read: loading it will say why."""
 
     def footprint(entry: ModelEntry) -> int:
-        from lmserve.engine.sizing import kv_cache_bytes
+        from lmserve.engine.sizing import draft_kv_cache_bytes, kv_cache_bytes
         from lmserve.weights.size import estimated_weight_bytes
 
         config = engine_config_for(engine_defaults, entry) if entry.kind == "chat" else None
         try:
             weights = estimated_weight_bytes(entry.source, config.dtype if config else "float32", engine_defaults.device)
-            if config is not None and config.draft is not None:  # its KV cache is committed only as used
-                weights += estimated_weight_bytes(config.draft.model_path, config.draft.dtype, engine_defaults.device)
             kv_budget = kv_cache_bytes(config) if config else 0
+            if config is not None and config.draft is not None:
+                weights += estimated_weight_bytes(config.draft.model_path, config.draft.dtype, engine_defaults.device)
+                kv_budget += draft_kv_cache_bytes(config)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("cannot size %s before loading it: %s", entry.id, exc)
             return 0

@@ -97,7 +97,7 @@ class FakeEngine:
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.config = EngineConfig("/models/fake.gguf", "fake", scheduler=SchedulerConfig(max_num_seqs=max_num_seqs))
         self.max_model_len = max_model_len
-        self.model = None  # no weights
+        self.model = self.draft_model = None  # no weights
         self.kv_block_bytes = 1 << 20
         self.grammar = grammar  # None: no constrained decoding (tested against the real engine)
         self.reply = reply
@@ -196,7 +196,7 @@ class CountingEngine:
     3, ...) and finishes after `length` of them. `idle_steps` steps schedule nothing first; while
     `gate` (a threading.Event) is given and not set, steps make no progress."""
 
-    config = tokenizer = grammar = model = None
+    config = tokenizer = grammar = model = draft_model = None
     max_model_len = 16
     kv_block_bytes = 0
 

@@ -82,14 +82,39 @@ def test_a_mostly_wrong_draft_model_changes_nothing(tmp_path):
 
 
 def test_a_draft_model_with_other_tokens_is_refused(default_model, tmp_path):
-    from tests.helpers.real_engine import IdTokenizer
     from lmserve.weights.load import LoadedModel, load_weights
+    from tests.helpers.real_engine import IdTokenizer
 
     model, config, _ = load_weights(save_hf_folder(tiny_hf_model("llama", vocab_size=64), tmp_path / "d"), "float32")
-    draft = LoadedModel(model, config, IdTokenizer(64), "float32")
-    with pytest.raises(ValueError, match="the draft model has 64 tokens and the model 49152"):
-        drafted_engine(default_model, draft)
-    # the same count, other tokens: told which token differs
-    same_count = LoadedModel(model, config, IdTokenizer(default_model.tokenizer.vocab_size), "float32")
+    other = LoadedModel(model, config, IdTokenizer(64), "float32")
     with pytest.raises(ValueError, match=r"token 0 is b'<0>' to the draft model and b'<\|endoftext\|>' to the model"):
-        drafted_engine(default_model, same_count)
+        drafted_engine(default_model, other)
+    wide, wide_config, _ = load_weights(save_hf_folder(tiny_hf_model("llama", vocab_size=49160), tmp_path / "w"),
+                                        "float32")
+    wider = LoadedModel(wide, wide_config, default_model.tokenizer, "float32")  # the same tokens, padded logits
+    with pytest.raises(ValueError, match=r"the draft model's logits \(49160\) are wider than the model's \(49152\)"):
+        drafted_engine(default_model, wider)
+
+
+def test_a_failing_draft_model_costs_drafts_not_requests(default_model, engines, caplog):
+    plain, _ = engines
+    drafted = drafted_engine(default_model, load_model(default_model_path(), "int4", max_positions=2048))
+    draft_engine, calls = drafted._draft.engine, []
+    real_step = draft_engine.step
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) in (2, 5):  # in the middle of a proposal: its requests are left behind unless aborted
+            raise RuntimeError("draft step failed")
+        return real_step()
+
+    draft_engine.step = failing_step
+    prompt = chat_ids(default_model.tokenizer, PROMPTS[3])
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    expected, _ = run(plain, [prompt], params)
+    with caplog.at_level("ERROR", logger="lmserve.engine"):
+        got, _ = run(drafted, [prompt], params)
+    assert got == expected and len(calls) > 5 and drafted.num_accepted_tokens > 0
+    assert "the draft model failed" in caplog.text and not draft_engine.has_unfinished
+    drafted.close()
+    assert draft_engine.closed  # unloading the model lets go of its draft too

@@ -63,7 +63,8 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
 
     loaded = [[i] for i in range(1000)]  # stands for the model's objects (lists: always tracked)
     monkeypatch.setattr(engine.LLMEngine, "from_config", classmethod(lambda cls, config: loaded))
-    monkeypatch.setattr(async_engine, "AsyncEngine", lambda build, observers: SimpleNamespace(built=build(), model=None))
+    monkeypatch.setattr(async_engine, "AsyncEngine", lambda build, observers: SimpleNamespace(built=build(), model=None,
+                                                                                             draft_model=None))
     trimmed = []  # and the heap pages the loading freed (the GGUF reader's) go back to the OS
     monkeypatch.setattr(memory, "return_freed_memory", lambda: trimmed.append(gc.get_freeze_count()))
     released = []  # then the library pages only start-up touched

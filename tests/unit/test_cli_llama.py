@@ -635,3 +635,15 @@ def test_a_name_given_to_the_one_model_holds_beside_a_models_folder(files, tmp_p
     folder.mkdir()
     entries = served(files["gguf"], "-a", "mine,other", "--models-dir", str(folder)).models.entries()
     assert [(e.id, e.aliases, e.pinned) for e in entries][0] == ("mine", ("other",), False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("{gguf} {gguf} -md {gguf}", "--draft-model drafts for one chat MODEL"),
+    ("--embedding -md {gguf}", "--draft-model drafts for one chat MODEL"),
+    ("-md {dir}/missing.gguf", "does not exist"),
+    ("-md {gguf} --speculative-ngram 2", "--draft-model drafts instead of prompt lookup"),
+    ("-md {gguf} --spec-type none", "--draft-model drafts instead of prompt lookup"),
+])
+def test_a_draft_model_where_it_cannot_apply_stops_start_up(argv, message, files):
+    with pytest.raises(ValueError, match=message):
+        served(*argv.format(**files).split())

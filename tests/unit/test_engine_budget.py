@@ -11,7 +11,7 @@ import pytest
 from lmserve.cli import default_model_path
 from lmserve.config import CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
-from lmserve.engine.sizing import check_sizes, kv_cache_bytes
+from lmserve.engine.sizing import check_sizes, draft_kv_cache_bytes, kv_cache_bytes
 from lmserve.fleet.catalogue import ModelEntry
 from lmserve.fleet.models import engine_config_for, footprint_estimator
 from lmserve.weights.size import estimated_weight_bytes
@@ -62,11 +62,13 @@ def test_a_chat_template_in_the_config_replaces_the_models_own(default_model):
 
 def test_a_models_draft_is_in_its_engine_settings_and_its_footprint():
     path = str(default_model_path())
-    server = EngineConfig("x", "x", cache=CacheConfig(16, 1 << 20), scheduler=SchedulerConfig(4, 512, 512, 4))
+    server = EngineConfig("x", "x", cache=CacheConfig(16, kv_cache_tokens=4096), scheduler=SchedulerConfig(4, 512, 512, 4))
     plain = ModelEntry(id="a", source=path)
     drafted = ModelEntry(id="a", source=path, settings={"draft_model": path, "draft_dtype": "int4", "draft_tokens": 6})
     config = engine_config_for(server, drafted)
     assert (config.draft, config.scheduler.num_speculative_tokens) == (DraftConfig(path, "int4"), 6)
     assert engine_config_for(server, plain).draft is None
     footprint = footprint_estimator(server)
-    assert footprint(drafted) - footprint(plain) == estimated_weight_bytes(path, "int4", "cpu") > 0
+    draft_kv = draft_kv_cache_bytes(config)  # room for 4 sequences of 512 tokens (of the model's 4096) in bfloat16
+    assert draft_kv == 4 * 512 * 2 * 30 * 3 * 64 * 2
+    assert footprint(drafted) - footprint(plain) == estimated_weight_bytes(path, "int4", "cpu") + draft_kv
