@@ -13,6 +13,11 @@ is a request of the sequence's tokens, greedy, `room` tokens out, and every sequ
 runs in the same draft steps. Its prefix cache carries the draft's keys and values from one
 proposal to the next, so a proposal computes only what is new since the last: the tokens of the
 last, partly filled block, the drafts the target kept and the token it added after them.
+
+Drafts run only while they pay here, measured (DraftPacer): a few steps without drafts time plain
+decoding, steps with drafts time drafting, and the faster of the two runs until the next
+measurement. A draft model as dear as the model itself (the same size), or one the text makes
+wrong, then costs a few measured steps rather than every step.
 """
 
 from __future__ import annotations
@@ -50,12 +55,65 @@ def check_same_tokens(draft: LoadedModel, target: LoadedModel) -> None:
                          f"({target.config.vocab_size})")
 
 
+PROBE_STEPS = 8  # decode steps timed without drafts, what plain decoding gives
+TRIAL_STEPS = 8  # decode steps timed with drafts
+KEEP_STEPS = 64  # decode steps the faster way runs at least before both are timed again,
+KEEP_FACTOR = 20  # and at least this many times as long as timing them took: the slower way costs <5%
+
+
+class DraftPacer:
+    """Whether drafts pay, by measurement: PROBE_STEPS decode steps without drafts, then
+    TRIAL_STEPS with them, each timed (proposals included) as output tokens per sequence per
+    second; the faster way then runs for KEEP_STEPS steps and KEEP_FACTOR times the timing's
+    seconds, and the two are timed again (what pays changes with the text, the batch and the
+    machine's load). Only decode steps in which some sequence could take drafts count."""
+
+    def __init__(self) -> None:
+        self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
+        self._keep_drafting = False
+        self._plain = [0.0, 0.0]  # tokens per sequence, seconds
+        self._drafted = [0.0, 0.0]
+        self._kept = 0.0  # seconds of the keep phase so far
+
+    @property
+    def drafting(self) -> bool:
+        return self._phase == "trial" or (self._phase == "keep" and self._keep_drafting)
+
+    def record(self, tokens_per_seq: float, seconds: float) -> None:
+        """One decode step's output tokens per sequence and its seconds, run as `drafting` said."""
+        if self._phase != "keep":
+            totals = self._drafted if self._phase == "trial" else self._plain
+            totals[0] += tokens_per_seq
+            totals[1] += seconds
+        else:
+            self._kept += seconds
+        self._left -= 1
+        if self._left > 0 or (self._phase == "keep" and self._kept < KEEP_FACTOR * (self._plain[1] + self._drafted[1])):
+            return
+        if self._phase == "probe":
+            self._phase, self._left = "trial", TRIAL_STEPS
+        elif self._phase == "trial":
+            self._keep_drafting = self.rate(self._drafted) > self.rate(self._plain)
+            self._phase, self._left = "keep", KEEP_STEPS
+            log.info("drafts %s: %.1f tokens/s per sequence with them, %.1f without",
+                     "pay" if self._keep_drafting else "do not pay", self.rate(self._drafted), self.rate(self._plain))
+        else:
+            self._phase, self._left = "probe", PROBE_STEPS
+            self._plain, self._drafted, self._kept = [0.0, 0.0], [0.0, 0.0], 0.0
+
+    @staticmethod
+    def rate(totals: list[float]) -> float:
+        return totals[0] / totals[1] if totals[1] > 0 else 0.0
+
+
 class DraftModel:
     """Proposes drafts for a target engine's scheduler (Scheduler.proposer)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine  # an LLMEngine on the draft checkpoint
+        self.pacer = DraftPacer()
         self._names = itertools.count()
+        self._asked = False  # the step being scheduled had sequences that could take drafts
 
     @classmethod
     def for_target(cls, draft: LoadedModel, target: LoadedModel, target_config: EngineConfig, max_model_len: int,
@@ -79,7 +137,11 @@ class DraftModel:
     def propose(self, wanted: Mapping[str, tuple[Sequence[int], int]]) -> dict[str, list[int]]:
         """Up to `room` greedy tokens after each sequence's `tokens`, by request id: {id: (tokens,
         room)}. A sequence longer than the draft's context gets none; if the draft model fails,
-        none get any (logged), and the model decodes on without drafts."""
+        none get any (logged), and the model decodes on without drafts. None get any either while
+        the pacer finds that drafts do not pay."""
+        self._asked = True
+        if not self.pacer.drafting:
+            return {}
         names: dict[str, str] = {}
         drafts: dict[str, list[int]] = {}
         try:
@@ -103,6 +165,14 @@ class DraftModel:
                 self.engine.abort_request(name)
             return {}
         return drafts
+
+    def step_done(self, num_decodes: int, num_tokens: int, seconds: float, prefill: bool) -> None:
+        """The model's step is done: `num_tokens` output tokens of `num_decodes` decoding sequences
+        in `seconds`, proposals included; timed for the pacer if drafts could have run in it and no
+        prompt chunk shared it."""
+        if self._asked and not prefill and num_decodes:
+            self.pacer.record(num_tokens / num_decodes, seconds)
+        self._asked = False
 
     def close(self) -> None:
         self.engine.close("the model was unloaded")

@@ -200,7 +200,12 @@ class LLMEngine:
         outputs = self._emit(scheduled, sampled, known)
         self.num_draft_tokens += sampled.num_draft_tokens
         self.num_accepted_tokens += sampled.num_accepted_tokens
-        return EngineStep(failed + outputs, self._stats(scheduled, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        if self._draft is not None:
+            decodes = [seq for seq in scheduled.seqs if seq.runs_as_decode_rows]
+            self._draft.step_done(len(decodes), sum(len(out.new_token_ids) for out in outputs), seconds,
+                                  prefill=len(decodes) < len(scheduled.seqs))
+        return EngineStep(failed + outputs, self._stats(scheduled, seconds))
 
     def fail_all(self, exc: Exception) -> list[RequestOutput]:
         """Finish every live request with an error output (after an unexpected failure)."""

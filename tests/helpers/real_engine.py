@@ -49,13 +49,23 @@ class IdTokenizer:
         return False
 
 
+class AlwaysDraft:
+    """A draft model's pacer that never times plain steps: every step that can take drafts takes
+    them, for tests of what drafts do rather than of when they pay."""
+
+    drafting = True
+
+    def record(self, tokens_per_seq: float, seconds: float) -> None:
+        pass
+
+
 def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_len=None,
                 model_path=None, speculative=0, speculative_sampling=False, kv_cache_dtype="auto",
-                draft: Path | None = None) -> LLMEngine:
+                draft: Path | None = None, paced: bool = False) -> LLMEngine:
     """The real LLMEngine on a tiny random model's HF folder (tests/helpers/tiny_models.py), its
     KV cache `num_blocks` blocks of `block_size` tokens; max_len defaults to all of them. Its
     config names `model_path` instead of the folder if given; `draft`, a tiny model's folder, is
-    its draft model (float32)."""
+    its draft model (float32), drafting at every step unless `paced` (then where drafts pay)."""
     from lmserve.cache.kv_cache import bytes_per_block
     from lmserve.engine.sizing import kv_dtype
     from lmserve.weights.load import LoadedModel, load_weights
@@ -73,4 +83,7 @@ def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_
     config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=cache,
                           scheduler=SchedulerConfig(4, 64, max_len, num_speculative_tokens=speculative,
                                                     speculative_sampling=speculative_sampling))
-    return LLMEngine(config, loaded, None if draft is None else tiny(draft, "float32"))
+    engine = LLMEngine(config, loaded, None if draft is None else tiny(draft, "float32"))
+    if draft is not None and not paced:
+        engine._draft.pacer = AlwaysDraft()
+    return engine

@@ -12,7 +12,7 @@ from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
-from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine, tiny_engine
+from tests.helpers.real_engine import PROMPTS, AlwaysDraft, chat_ids, make_engine, tiny_engine
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
 from tests.model.test_speculation import REPEATING, run
 
@@ -22,10 +22,15 @@ def int4_draft():
     return load_model(default_model_path(), "int4", max_positions=2048)
 
 
-def drafted_engine(target, draft, tokens=6) -> LLMEngine:
+def drafted_engine(target, draft, tokens=6, paced=False) -> LLMEngine:
+    """An engine drafted by `draft`; unless `paced`, drafting at every step (not only where the
+    pacer finds that it pays), so the tests see the drafts' effect on every step."""
     config = EngineConfig("unused", "test", cache=CacheConfig(16, 64 << 20),
                           scheduler=SchedulerConfig(8, 64, 1024, num_speculative_tokens=tokens))
-    return LLMEngine(config, target, draft)
+    engine = LLMEngine(config, target, draft)
+    if not paced:
+        engine._draft.pacer = AlwaysDraft()
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +123,55 @@ def test_a_failing_draft_model_costs_drafts_not_requests(default_model, engines,
     assert "the draft model failed" in caplog.text and not draft_engine.has_unfinished
     drafted.close()
     assert draft_engine.closed  # unloading the model lets go of its draft too
+
+
+def drafts_by_step(engine, prompt, params) -> tuple[list[int], list[int]]:
+    """One request run alone: its tokens, and the drafts verified at each step."""
+    engine.add_request("paced", prompt, params)
+    tokens, drafts = [], []
+    while engine.has_unfinished:
+        before = engine.num_draft_tokens
+        tokens += [t for out in engine.step().outputs for t in out.new_token_ids]
+        drafts.append(engine.num_draft_tokens - before)
+    return tokens, drafts
+
+
+def slowed(engine, seconds: float):
+    """Make every step of `engine` take `seconds` longer."""
+    import time
+
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = slow_step
+
+
+def test_drafts_that_do_not_pay_stop_after_their_trial(tmp_path):
+    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS
+
+    folder = save_hf_folder(tiny_hf_model("llama", vocab_size=64, seed=1), tmp_path / "m")
+    plain = tiny_engine(folder, num_blocks=128)
+    drafted = tiny_engine(folder, num_blocks=128, speculative=4, draft=folder, paced=True)
+    slowed(drafted._draft.engine, 0.004)  # each draft token costs several of the model's steps
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    expected, _ = run(plain, [[1, 2, 3, 4, 5]], params)
+    tokens, drafts = drafts_by_step(drafted, [1, 2, 3, 4, 5], params)
+    assert tokens == expected[0][0]
+    steps = [i for i, d in enumerate(drafts) if d]  # the prompt's step, the probe, then the trial: drafts
+    assert steps and steps[0] == 1 + PROBE_STEPS and len(steps) <= TRIAL_STEPS and steps[-1] < 1 + PROBE_STEPS + TRIAL_STEPS
+    assert len(drafts) > 1 + PROBE_STEPS + TRIAL_STEPS + 5  # and plain steps after them
+
+
+def test_drafts_that_pay_run_after_their_trial(tmp_path):
+    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS
+
+    folder = save_hf_folder(tiny_hf_model("llama", vocab_size=64, seed=1), tmp_path / "m")
+    drafted = tiny_engine(folder, num_blocks=128, speculative=4, draft=folder, paced=True)  # itself: all kept
+    slowed(drafted, 0.01)  # the model's steps are dear, the draft's cheap
+    params = SamplingParams(temperature=0, max_tokens=240, ignore_eos=True)
+    _, drafts = drafts_by_step(drafted, [1, 2, 3, 4, 5], params)
+    trial_end = 1 + PROBE_STEPS + TRIAL_STEPS
+    assert not any(drafts[1:1 + PROBE_STEPS]) and len(drafts) > trial_end + 3 and all(drafts[trial_end:-1])

@@ -89,3 +89,50 @@ def test_sampled_sequences_take_drafts_only_when_the_server_says_so():
 ])
 def test_only_sequences_sampled_from_the_logits_alone_take_drafts(params, expected):
     assert drafts_for(params, sampled=True) is expected
+
+
+# ---------------------------------------------------------------- a draft model's pacer
+
+
+def pace(pacer, steps: int, plain_rate: float, drafted_rate: float, seconds=(1.0, 1.0)) -> list[bool]:
+    """Run `steps` decode steps of one sequence, giving `drafted_rate` tokens in `seconds[1]` when
+    drafting and `plain_rate` in `seconds[0]` otherwise; the modes the pacer chose."""
+    modes = []
+    for _ in range(steps):
+        modes.append(pacer.drafting)
+        pacer.record(drafted_rate if pacer.drafting else plain_rate, seconds[pacer.drafting])
+    return modes
+
+
+def test_the_pacer_keeps_drafting_where_drafts_pay_and_stops_where_they_do_not():
+    from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
+
+    timed = PROBE_STEPS + TRIAL_STEPS
+    cycle = timed + max(KEEP_STEPS, KEEP_FACTOR * timed)  # steps of a second each
+    paying = pace(DraftPacer(), 2 * cycle, plain_rate=1.0, drafted_rate=2.5)
+    assert paying[:PROBE_STEPS] == [False] * PROBE_STEPS  # plain decoding timed first
+    assert all(paying[PROBE_STEPS:cycle]) and not any(paying[cycle:cycle + PROBE_STEPS])  # and again later
+    assert sum(paying) == 2 * (cycle - PROBE_STEPS)
+    losing = pace(DraftPacer(), 2 * cycle, plain_rate=1.0, drafted_rate=0.6)
+    assert sum(losing) == 2 * TRIAL_STEPS  # only the trials draft
+    assert not any(losing[timed:cycle])
+
+
+def test_a_trial_that_took_long_is_kept_from_for_longer():
+    from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
+
+    # drafted steps of 10 s giving 5 tokens, plain ones of 1 s giving 1: the trial took 80 s
+    modes = pace(DraftPacer(), 2000, plain_rate=1.0, drafted_rate=5.0, seconds=(1.0, 10.0))
+    keep = KEEP_FACTOR * (PROBE_STEPS + 10 * TRIAL_STEPS)  # plain steps of a second
+    assert keep > KEEP_STEPS and modes[PROBE_STEPS + TRIAL_STEPS:][:keep + 1] == [False] * keep + [False]
+    assert modes[PROBE_STEPS + TRIAL_STEPS + keep + PROBE_STEPS] is True  # the next trial
+
+
+def test_the_pacer_follows_a_change_in_what_pays():
+    from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
+
+    timed = PROBE_STEPS + TRIAL_STEPS
+    cycle = timed + max(KEEP_STEPS, KEEP_FACTOR * timed)
+    pacer = DraftPacer()
+    assert not any(pace(pacer, cycle, plain_rate=1.0, drafted_rate=0.5)[timed:])
+    assert all(pace(pacer, cycle, plain_rate=1.0, drafted_rate=3.0)[PROBE_STEPS:])  # the text became easy
