@@ -14,10 +14,11 @@ runs in the same draft steps. Its prefix cache carries the draft's keys and valu
 proposal to the next, so a proposal computes only what is new since the last: the tokens of the
 last, partly filled block, the drafts the target kept and the token it added after them.
 
-Drafts run only while they pay here, measured (DraftPacer): a few steps without drafts time plain
-decoding, steps with drafts time drafting, and the faster of the two runs until the next
-measurement. A draft model as dear as the model itself (the same size), or one the text makes
-wrong, then costs a few measured steps rather than every step.
+The draft model drafts only while it pays here, measured (DraftPacer): a few steps with prompt
+lookup's drafts instead (the scheduler's own, what the model does without a draft model), a few
+with the draft model's, each timed, and the faster runs until the next measurement. A draft model
+as dear as the model itself (the same size), or one the text makes wrong, then costs a few
+measured steps rather than every step.
 """
 
 from __future__ import annotations
@@ -55,18 +56,20 @@ def check_same_tokens(draft: LoadedModel, target: LoadedModel) -> None:
                          f"({target.config.vocab_size})")
 
 
-PROBE_STEPS = 8  # decode steps timed without drafts, what plain decoding gives
-TRIAL_STEPS = 8  # decode steps timed with drafts
+PROBE_STEPS = 16  # decode steps timed without the draft model's drafts (prompt lookup's instead)
+TRIAL_STEPS = 16  # decode steps timed with them
 KEEP_STEPS = 64  # decode steps the faster way runs at least before both are timed again,
 KEEP_FACTOR = 20  # and at least this many times as long as timing them took: the slower way costs <5%
 
 
 class DraftPacer:
-    """Whether drafts pay, by measurement: PROBE_STEPS decode steps without drafts, then
-    TRIAL_STEPS with them, each timed (proposals included) as output tokens per sequence per
-    second; the faster way then runs for KEEP_STEPS steps and KEEP_FACTOR times the timing's
-    seconds, and the two are timed again (what pays changes with the text, the batch and the
-    machine's load). Only decode steps in which some sequence could take drafts count."""
+    """Whether the draft model's drafts pay, by measurement: PROBE_STEPS decode steps without them
+    (prompt lookup's instead), then TRIAL_STEPS with them, each timed (proposals included) as
+    output tokens per sequence per second; the faster way then runs for KEEP_STEPS steps and
+    KEEP_FACTOR times the timing's seconds, and the two are timed again (what pays changes with the
+    text, the batch and the machine's load). Only decode steps in which some sequence could take
+    drafts count, and not a trial's first: its proposals catch up on every token since the draft
+    model last ran (the whole prompt, or a keep phase's worth), which the steps after it do not."""
 
     def __init__(self) -> None:
         self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
@@ -74,6 +77,7 @@ class DraftPacer:
         self._plain = [0.0, 0.0]  # tokens per sequence, seconds
         self._drafted = [0.0, 0.0]
         self._kept = 0.0  # seconds of the keep phase so far
+        self._warming = False  # the next step is a trial's first: not timed
 
     @property
     def drafting(self) -> bool:
@@ -81,6 +85,9 @@ class DraftPacer:
 
     def record(self, tokens_per_seq: float, seconds: float) -> None:
         """One decode step's output tokens per sequence and its seconds, run as `drafting` said."""
+        if self._warming:
+            self._warming = False
+            return
         if self._phase != "keep":
             totals = self._drafted if self._phase == "trial" else self._plain
             totals[0] += tokens_per_seq
@@ -91,12 +98,14 @@ class DraftPacer:
         if self._left > 0 or (self._phase == "keep" and self._kept < KEEP_FACTOR * (self._plain[1] + self._drafted[1])):
             return
         if self._phase == "probe":
-            self._phase, self._left = "trial", TRIAL_STEPS
+            self._phase, self._left, self._warming = "trial", TRIAL_STEPS, True
         elif self._phase == "trial":
-            self._keep_drafting = self.rate(self._drafted) > self.rate(self._plain)
+            pays = self.rate(self._drafted) > self.rate(self._plain)
+            if pays != self._keep_drafting:
+                log.info("the draft model's drafts %s: %.1f tokens/s per sequence with them, %.1f without",
+                         "pay" if pays else "do not pay", self.rate(self._drafted), self.rate(self._plain))
+            self._keep_drafting = pays
             self._phase, self._left = "keep", KEEP_STEPS
-            log.info("drafts %s: %.1f tokens/s per sequence with them, %.1f without",
-                     "pay" if self._keep_drafting else "do not pay", self.rate(self._drafted), self.rate(self._plain))
         else:
             self._phase, self._left = "probe", PROBE_STEPS
             self._plain, self._drafted, self._kept = [0.0, 0.0], [0.0, 0.0], 0.0
@@ -141,7 +150,7 @@ class DraftModel:
         the pacer finds that drafts do not pay."""
         self._asked = True
         if not self.pacer.drafting:
-            return {}
+            return {}  # the scheduler drafts by prompt lookup instead
         names: dict[str, str] = {}
         drafts: dict[str, list[int]] = {}
         try:
@@ -165,6 +174,9 @@ class DraftModel:
                 self.engine.abort_request(name)
             return {}
         return drafts
+
+    def step_started(self) -> None:
+        self._asked = False
 
     def step_done(self, num_decodes: int, num_tokens: int, seconds: float, prefill: bool) -> None:
         """The model's step is done: `num_tokens` output tokens of `num_decodes` decoding sequences

@@ -185,6 +185,8 @@ class LLMEngine:
         """Run one batch through the model. If the model fails, every request in the batch
         finishes with an error output and the engine stays usable."""
         started = time.perf_counter()
+        if self._draft is not None:
+            self._draft.step_started()
         scheduled = self._scheduler.schedule()
         if scheduled.is_empty:
             return EngineStep([], None)

@@ -19,17 +19,18 @@ from typing import Protocol
 
 from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.prefix import hash_full_blocks
-from lmserve.config import SchedulerConfig
+from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, SchedulerConfig
 from lmserve.engine import speculation
 from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
 from lmserve.request import FinishReason, Request, RequestStatus
 
 
 class Proposer(Protocol):
-    """Where drafts come from instead of prompt lookup (engine/draft_model.py)."""
+    """Where drafts come from before prompt lookup (engine/draft_model.py)."""
 
     def propose(self, wanted: Mapping[str, tuple[Sequence[int], int]]) -> dict[str, list[int]]:
-        """Up to `room` drafts after each sequence's tokens, by request id: {id: (tokens, room)}."""
+        """Up to `room` drafts after each sequence's tokens, by request id: {id: (tokens, room)};
+        {} for prompt lookup to draft this step instead."""
         ...
 
 
@@ -79,8 +80,10 @@ class Scheduler:
         if room is None:
             return []
         room = min(room, budget)
-        if self.proposer is not None:
+        if proposals:  # the draft model ran this step; when it does not, prompt lookup drafts
             return proposals.get(request.request_id, [])[:max(room, 0)]
+        if self.proposer is not None:  # as many as prompt lookup takes without a draft model
+            room = min(room, DEFAULT_SPECULATIVE_TOKENS)
         drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
         return drafter.drafts(request.all_ids, room)  # called at no room too: it tallies its last proposal
 

@@ -107,32 +107,62 @@ def pace(pacer, steps: int, plain_rate: float, drafted_rate: float, seconds=(1.0
 def test_the_pacer_keeps_drafting_where_drafts_pay_and_stops_where_they_do_not():
     from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
 
-    timed = PROBE_STEPS + TRIAL_STEPS
-    cycle = timed + max(KEEP_STEPS, KEEP_FACTOR * timed)  # steps of a second each
+    trial = TRIAL_STEPS + 1  # a trial's first step is not timed
+    cycle = PROBE_STEPS + trial + max(KEEP_STEPS, KEEP_FACTOR * (PROBE_STEPS + TRIAL_STEPS))  # steps of 1 s
     paying = pace(DraftPacer(), 2 * cycle, plain_rate=1.0, drafted_rate=2.5)
-    assert paying[:PROBE_STEPS] == [False] * PROBE_STEPS  # plain decoding timed first
+    assert paying[:PROBE_STEPS] == [False] * PROBE_STEPS  # without drafts timed first
     assert all(paying[PROBE_STEPS:cycle]) and not any(paying[cycle:cycle + PROBE_STEPS])  # and again later
     assert sum(paying) == 2 * (cycle - PROBE_STEPS)
     losing = pace(DraftPacer(), 2 * cycle, plain_rate=1.0, drafted_rate=0.6)
-    assert sum(losing) == 2 * TRIAL_STEPS  # only the trials draft
-    assert not any(losing[timed:cycle])
+    assert sum(losing) == 2 * trial  # only the trials draft
+    assert not any(losing[PROBE_STEPS + trial:cycle])
 
 
 def test_a_trial_that_took_long_is_kept_from_for_longer():
     from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
 
-    # drafted steps of 10 s giving 5 tokens, plain ones of 1 s giving 1: the trial took 80 s
-    modes = pace(DraftPacer(), 2000, plain_rate=1.0, drafted_rate=5.0, seconds=(1.0, 10.0))
+    # drafted steps of 10 s giving 5 tokens, plain ones of 1 s giving 1: the trial took 160 s timed
+    modes = pace(DraftPacer(), 5000, plain_rate=1.0, drafted_rate=5.0, seconds=(1.0, 10.0))
     keep = KEEP_FACTOR * (PROBE_STEPS + 10 * TRIAL_STEPS)  # plain steps of a second
-    assert keep > KEEP_STEPS and modes[PROBE_STEPS + TRIAL_STEPS:][:keep + 1] == [False] * keep + [False]
-    assert modes[PROBE_STEPS + TRIAL_STEPS + keep + PROBE_STEPS] is True  # the next trial
+    start = PROBE_STEPS + TRIAL_STEPS + 1
+    assert keep > KEEP_STEPS and modes[start:start + keep + PROBE_STEPS] == [False] * (keep + PROBE_STEPS)
+    assert modes[start + keep + PROBE_STEPS] is True  # the next trial
 
 
 def test_the_pacer_follows_a_change_in_what_pays():
     from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
 
-    timed = PROBE_STEPS + TRIAL_STEPS
-    cycle = timed + max(KEEP_STEPS, KEEP_FACTOR * timed)
+    timed = PROBE_STEPS + TRIAL_STEPS + 1
+    cycle = timed + max(KEEP_STEPS, KEEP_FACTOR * (PROBE_STEPS + TRIAL_STEPS))
     pacer = DraftPacer()
     assert not any(pace(pacer, cycle, plain_rate=1.0, drafted_rate=0.5)[timed:])
     assert all(pace(pacer, cycle, plain_rate=1.0, drafted_rate=3.0)[PROBE_STEPS:])  # the text became easy
+
+
+class Recorder:
+    """A pacer that records what it is told; `drafting` as set."""
+
+    def __init__(self, drafting: bool):
+        self.drafting, self.records = drafting, []
+
+    def record(self, tokens_per_seq: float, seconds: float) -> None:
+        self.records.append((tokens_per_seq, seconds))
+
+
+def test_only_decode_steps_that_asked_the_draft_model_are_timed():
+    from lmserve.engine.draft_model import DraftModel
+
+    draft = DraftModel(engine=None)
+    draft.pacer = Recorder(drafting=False)
+    draft.step_started()
+    assert draft.propose({"a": ([1, 2, 3], 4)}) == {}  # not drafting: prompt lookup drafts instead
+    draft.step_done(num_decodes=2, num_tokens=3, seconds=0.5, prefill=False)
+    draft.step_started()  # a step that never asked: not timed
+    draft.step_done(num_decodes=2, num_tokens=2, seconds=0.1, prefill=False)
+    draft.step_started()
+    draft.propose({"a": ([1, 2, 3], 4)})
+    draft.step_done(num_decodes=1, num_tokens=1, seconds=0.9, prefill=True)  # a prompt chunk shared it
+    draft.step_started()
+    draft.propose({"a": ([1, 2, 3], 4)})
+    draft.step_done(num_decodes=0, num_tokens=0, seconds=0.2, prefill=False)  # nothing decoded
+    assert draft.pacer.records == [(1.5, 0.5)]
