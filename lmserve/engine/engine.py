@@ -271,10 +271,12 @@ class LLMEngine:
     def forget_prefix(self, token_ids: list[int]) -> int:
         """Drop the cached content of `token_ids`' full blocks from the prefix cache; blocks a
         running request holds keep theirs (they are shared, and freed when it finishes). This
-        takes blocks other cached prompts share with `token_ids` too (a common system prompt).
-        Returns the tokens forgotten."""
+        takes blocks other cached prompts share with `token_ids` too (a common system prompt), and
+        the draft model's cached blocks of them. Returns the tokens forgotten (the model's)."""
         if self.closed:
             raise EngineClosed("the model was unloaded")
+        if self._draft is not None:
+            self._draft.engine.forget_prefix(token_ids)
         return self._pool.uncache(hash_full_blocks(list(token_ids), self._block_size)) * self._block_size
 
     def _saved_prefix_identity(self) -> KVFileIdentity:

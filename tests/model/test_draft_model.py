@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from lmserve.cache.prefix import hash_full_blocks
 from lmserve.cli import default_model_path
 from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
@@ -73,6 +74,17 @@ def test_the_draft_engine_reuses_its_cached_blocks_between_proposals(default_mod
     run(drafted, [prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     pool = drafted._draft.engine._pool
     assert pool.num_queries > 0 and pool.num_hits / pool.num_queries > 0.8
+
+
+def test_forgetting_a_prefix_forgets_the_draft_models_blocks_of_it_too(default_model, int4_draft):
+    drafted = drafted_engine(default_model, int4_draft)
+    prompt = chat_ids(default_model.tokenizer, PROMPTS[7])  # three full blocks and more
+    run(drafted, [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    draft_pool = drafted._draft.engine._pool
+    hashes = hash_full_blocks(prompt, 16)
+    assert len(draft_pool.cached_run(hashes)) == len(hashes) >= 3  # the draft's proposals cached them
+    assert drafted.forget_prefix(prompt) == 16 * len(hashes)
+    assert draft_pool.cached_run(hashes) == []
 
 
 def test_a_mostly_wrong_draft_model_changes_nothing(tmp_path):
