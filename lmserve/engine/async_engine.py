@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Callable, Sequence, Sized
 from pathlib import Path
 from typing import Any, Protocol
 
-from lmserve.engine.engine import EngineClosed, EngineStep, LLMEngine, StepStats
+from lmserve.engine.engine import LLMEngine
+from lmserve.engine.step_types import EngineClosed, EngineStep, StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger("lmserve.engine")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
+
 from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from lmserve.engine import speculation
 from lmserve.request import SamplingParams
@@ -176,6 +177,7 @@ class DraftModel:
         return drafts
 
     def step_started(self) -> None:
+        """The model's step begins: it has not asked for drafts yet."""
         self._asked = False
 
     def step_done(self, num_decodes: int, num_tokens: int, seconds: float, prefill: bool) -> None:
@@ -184,7 +186,6 @@ class DraftModel:
         prompt chunk shared it."""
         if self._asked and not prefill and num_decodes:
             self.pacer.record(num_tokens / num_decodes, seconds)
-        self._asked = False
 
     def close(self) -> None:
         self.engine.close("the model was unloaded")

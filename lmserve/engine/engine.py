@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from lmserve.engine.draft_model import DraftModel
 from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.sizing import check_sizes, kv_dtype
+from lmserve.engine.step_types import EngineClosed, EngineLoad, EngineStep, StepStats
 from lmserve.kernels import paged_decode_attention as native_decode_attention
 from lmserve.request import FinishReason, Request, RequestOutput, SamplingParams
 from lmserve.sampling.grammar import GrammarCompiler
@@ -34,45 +35,6 @@ from lmserve.text.detokenizer import IncrementalDetokenizer
 from lmserve.weights.load import LoadedModel, load_model
 
 log = logging.getLogger("lmserve.engine")
-
-
-@dataclass(kw_only=True)
-class StepStats:
-    """What one step did; metrics consume these outside the core."""
-
-    num_scheduled_tokens: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    num_preempted: int = 0
-    kv_cache_usage: float = 0.0
-    step_seconds: float = 0.0
-    num_prefix_cache_queries: int = 0  # KV blocks looked up in the prefix cache, since start
-    num_prefix_cache_hits: int = 0  # of those, blocks found cached, since start
-    num_draft_tokens: int = 0  # speculative drafts verified, since start
-    num_accepted_tokens: int = 0  # of those, drafts kept, since start
-
-
-@dataclass
-class EngineStep:
-    """What one call of step() produced: an output per sequence that moved, and the step's stats
-    (None when no batch ran, or the model failed before the step was done)."""
-
-    outputs: list[RequestOutput]
-    stats: StepStats | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineLoad:
-    """How busy the engine is now."""
-
-    num_running: int
-    num_waiting: int
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-
-
-class EngineClosed(RuntimeError):
-    """The engine was closed (its model unloaded); it takes no more requests."""
 
 
 def _kv_identity(config: EngineConfig, loaded: LoadedModel, block_size: int) -> KVFileIdentity | None:

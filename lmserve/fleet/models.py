@@ -146,8 +146,8 @@ def preload(engine, messages: list[dict[str, str]]) -> int:
 
 def footprint_estimator(engine_defaults: EngineConfig) -> Callable[[ModelEntry], int]:
     """Bytes a catalogue entry will take loaded, from its header alone: weights in the dtype it will
-    be served in, plus its whole KV cache budget, and its draft model's (for --models-memory). 0 when the checkpoint
-    cannot be read: loading it will say why."""
+    be served in, plus its whole KV cache budget, and its draft model's (for --models-memory). 0
+    when the checkpoint cannot be read: loading it will say why."""
 
     def footprint(entry: ModelEntry) -> int:
         from lmserve.engine.sizing import draft_kv_cache_bytes, kv_cache_bytes

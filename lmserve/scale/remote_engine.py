@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from lmserve.engine.async_engine import EngineObserver, notify, until_empty
-from lmserve.engine.engine import EngineClosed
+from lmserve.engine.step_types import EngineClosed
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.scale.mailbox import Mailbox
 from lmserve.scale.replica import EngineDescription, ReplicaLoad, load_fields

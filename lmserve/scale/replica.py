@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmserve.config import EmbeddingConfig, EngineConfig
-from lmserve.engine.engine import StepStats
+from lmserve.engine.step_types import StepStats
 from lmserve.fleet.catalogue import ModelEntry
 from lmserve.request import SamplingParams
 from lmserve.scale.mailbox import Batch, Outbox

@@ -25,7 +25,7 @@ from prometheus_client import (
 from lmserve.request import FinishReason, RequestOutput
 
 if TYPE_CHECKING:
-    from lmserve.engine.engine import StepStats
+    from lmserve.engine.step_types import StepStats
     from lmserve.server.middleware.access import AccessRecord
 
 # Buckets as vLLM uses them, in seconds; tokens per step in powers of two.

@@ -6,7 +6,7 @@ import asyncio
 import re
 
 from lmserve.config import EngineConfig, SchedulerConfig
-from lmserve.engine.engine import EngineLoad, EngineStep, StepStats
+from lmserve.engine.step_types import EngineLoad, EngineStep, StepStats
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, SamplingParams, TokenLogprob
 from lmserve.text.chat_template import ChatTemplateError
 from lmserve.text.fim import FimTokens

@@ -209,7 +209,7 @@ def test_a_burst_sharing_a_system_prompt_computes_it_once_and_answers_as_alone(d
 
 
 def test_close_aborts_live_requests_and_lets_go_of_the_model(default_model, prompt_ids):
-    from lmserve.engine.engine import EngineClosed
+    from lmserve.engine.step_types import EngineClosed
 
     engine = make_engine(default_model)
     engine.add_request("running", prompt_ids[0], SamplingParams(temperature=0, max_tokens=50))

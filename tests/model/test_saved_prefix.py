@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmserve.engine.async_engine import AsyncEngine
-from lmserve.engine.engine import EngineClosed
+from lmserve.engine.step_types import EngineClosed
 from lmserve.request import SamplingParams
 from tests.helpers.real_engine import tiny_engine
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from lmserve.engine.async_engine import AsyncEngine
-from lmserve.engine.engine import EngineClosed
+from lmserve.engine.step_types import EngineClosed
 from lmserve.request import FinishReason, SamplingParams
 from tests.helpers.fake_engine import CountingEngine
 

@@ -12,7 +12,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import RequestCancelledError
 
 from lmserve.config import EngineConfig, SchedulerConfig
-from lmserve.engine.engine import StepStats
+from lmserve.engine.step_types import StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.scale import remote_engine
 from lmserve.scale.mailbox import Mailbox

@@ -9,7 +9,7 @@ from contextlib import aclosing
 import pytest
 
 from lmserve.engine.async_engine import AsyncEngine
-from lmserve.engine.engine import StepStats
+from lmserve.engine.step_types import StepStats
 from lmserve.request import FinishReason, RequestOutput, SamplingParams
 from lmserve.server.metrics import ServerMetrics
 from tests.helpers.fake_engine import CountingEngine, Recorder
