@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
+    .venv/bin/python -m bench.engine_steps decode     # decode tok/s of 1-64 sequences at once, contexts 128-1,024+
 """
 
 from __future__ import annotations
@@ -140,14 +141,36 @@ def lookup_matrix(loaded) -> None:
                       f"drafts kept {kept[0]}/{kept[1]}", flush=True)
 
 
+def decode(loaded) -> None:
+    """N sequences decoding together after prompts of P tokens (distinct, so nothing is shared):
+    the decode steps' output tok/s and ms per step, prompts excluded, best of 3 rounds."""
+    for width, prompt_len in ((1, 128), (32, 128), (64, 128), (64, 1024)):
+        e = engine(loaded)
+        params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        best = float("inf")
+        for round_ in range(3):
+            for i in range(width):
+                e.add_request(f"{round_}-{i}", [1000 + (round_ * 997 + i * 131 + j * 7) % 30000 for j in range(prompt_len)],
+                              params)
+            started_ids: set[str] = set()
+            while len(started_ids) < width:  # the prompts, until every sequence has its first token
+                started_ids.update(out.request_id for out in e.step().outputs if out.new_token_ids)
+            started, tokens = time.perf_counter(), 0
+            while e.has_unfinished:
+                tokens += sum(len(out.new_token_ids) for out in e.step().outputs)
+            best = min(best, (time.perf_counter() - started) / tokens)
+        print(f"{width:2d} x {prompt_len:4d}-token prompts: {1 / best:7.1f} tok/s, {best * width * 1000:6.2f} ms per step",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix"))
+    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "decode"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)
-    {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix}[args.what](loaded)
+    {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix, "decode": decode}[args.what](loaded)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,23 @@ def test_native_decode_kernel_matches_the_pytorch_path(num_seqs, num_kv_heads, g
     if cache_dtype == torch.bfloat16:  # the rounding is real: the unrounded query gives other outputs
         unrounded = paged_attention(q, q, q, float_cache, without, head_dim ** -0.5)
         assert not torch.allclose(native, unrounded, atol=2e-5)
+
+
+@pytest.mark.parametrize("rising", [True, False])
+def test_native_decode_kernel_rescales_as_the_maximum_moves(rising):
+    """The tiled kernel keeps a running softmax over 16-position chunks: keys whose scores grow by
+    tens from one chunk to the next (or shrink) make every chunk's maximum the new one (or none but
+    the first), with weights from 1 down to underflow; its outputs must still be the PyTorch path's."""
+    q, (k_cache, v_cache), with_lens, without = paged_case(3, 2, 3, 64, torch.float32, seed=7, block_size=16, max_len=100)
+    for s, n in enumerate(with_lens.decode_lens.tolist()):
+        for t in range(n):
+            slot = int(with_lens.decode_blocks[s, t // 16]) * 16 + t % 16
+            step = t // 16 if rising else 6 - t // 16
+            k_cache[:, slot] *= 1 + 8 * step
+    native = paged_attention(q, q, q, (k_cache, v_cache), with_lens, 64 ** -0.5)
+    expected = paged_attention(q, q, q, (k_cache, v_cache), without, 64 ** -0.5)
+    assert torch.allclose(native, expected, atol=2e-5), (native - expected).abs().max()
+    n = int(with_lens.decode_lens[0])
+    slots = (with_lens.decode_blocks[0, :, None] * 16 + torch.arange(16)).flatten()[:n]
+    scores = q[0, 0] @ k_cache[0, slots].T * 64 ** -0.5
+    assert scores.max() - scores.min() > 100  # weights from 1 down to exp(-100), past float32's range
