@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
-    .venv/bin/python -m bench.engine_steps decode     # decode tok/s of 1-64 sequences at once, contexts 128-1,024+
+    .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024]  # 1-64 sequences decoding at once
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ QUESTIONS = ("What are the main causes of climate change, and what can one perso
              "Give me three ideas for a weekend trip with children, with a packing list for each.",
              "Write a Python function that checks whether a string is a palindrome, and explain it.")
 REPEATS = 5
+DECODE_STEPS = 32
 DECODINGS = {"greedy": dict(temperature=0), "t0.7/p0.9": dict(temperature=0.7, top_p=0.9),
              "t1.0": dict(temperature=1.0)}
 
 
-def engine(loaded, speculative: int = 0) -> LLMEngine:
-    return LLMEngine(EngineConfig("default", "bench", dtype="int4", cache=CacheConfig(16, 1 << 30),
+def engine(loaded, speculative: int = 0, kv_cache_bytes: int = 1 << 30) -> LLMEngine:
+    return LLMEngine(EngineConfig("default", "bench", dtype="int4", cache=CacheConfig(16, kv_cache_bytes),
                                   scheduler=SchedulerConfig(64, 512, 2048, num_speculative_tokens=speculative)),
                      loaded)
 
@@ -141,36 +142,51 @@ def lookup_matrix(loaded) -> None:
                       f"drafts kept {kept[0]}/{kept[1]}", flush=True)
 
 
-def decode(loaded) -> None:
+def decode(loaded, levels: str = "1x128,32x128,64x128,64x1024") -> None:
     """N sequences decoding together after prompts of P tokens (distinct, so nothing is shared):
-    the decode steps' output tok/s and ms per step, prompts excluded, best of 3 rounds."""
-    for width, prompt_len in ((1, 128), (32, 128), (64, 128), (64, 1024)):
-        e = engine(loaded)
-        params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-        best = float("inf")
+    the time until every sequence has its first token (as prompt tok/s: the early ones decode
+    meanwhile), then DECODE_STEPS steps of all N decoding, as output tok/s and ms per step; best of
+    3 rounds each. The KV cache holds every sequence (3 GiB), so nothing is preempted."""
+    for width, prompt_len in (map(int, level.split("x")) for level in levels.split(",")):
+        e = engine(loaded, kv_cache_bytes=3 << 30)
+        params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
+        best, best_prompt = float("inf"), float("inf")
         for round_ in range(3):
-            for i in range(width):
-                e.add_request(f"{round_}-{i}", [1000 + (round_ * 997 + i * 131 + j * 7) % 30000 for j in range(prompt_len)],
+            ids = [f"{round_}-{i}" for i in range(width)]
+            for i, request_id in enumerate(ids):
+                e.add_request(request_id, [1000 + (round_ * 997 + i * 131 + j * 7) % 30000 for j in range(prompt_len)],
                               params)
             started_ids: set[str] = set()
-            while len(started_ids) < width:  # the prompts, until every sequence has its first token
+            started = time.perf_counter()
+            while len(started_ids) < width:
                 started_ids.update(out.request_id for out in e.step().outputs if out.new_token_ids)
-            started, tokens = time.perf_counter(), 0
+            best_prompt = min(best_prompt, (time.perf_counter() - started) / (width * prompt_len))
+            started = time.perf_counter()
+            for _ in range(DECODE_STEPS):
+                tokens = sum(len(out.new_token_ids) for out in e.step().outputs)
+                assert tokens == width, f"a step of {tokens} tokens, not {width}: the batch is not all decoding"
+            best = min(best, (time.perf_counter() - started) / DECODE_STEPS)
+            for request_id in ids:
+                e.abort_request(request_id)
             while e.has_unfinished:
-                tokens += sum(len(out.new_token_ids) for out in e.step().outputs)
-            best = min(best, (time.perf_counter() - started) / tokens)
-        print(f"{width:2d} x {prompt_len:4d}-token prompts: {1 / best:7.1f} tok/s, {best * width * 1000:6.2f} ms per step",
-              flush=True)
+                e.step()
+        print(f"{width:2d} x {prompt_len:4d}-token prompts: prompts {1 / best_prompt:7.1f} tok/s; decode "
+              f"{width / best:7.1f} tok/s, {best * 1000:6.2f} ms per step", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "decode"))
+    parser.add_argument("--levels", default="1x128,32x128,64x128,64x1024",
+                        help="decode: sequences x prompt tokens, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)
-    {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix, "decode": decode}[args.what](loaded)
+    if args.what == "decode":
+        decode(loaded, args.levels)
+    else:
+        {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix}[args.what](loaded)
 
 
 if __name__ == "__main__":
