@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
     .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024]  # 1-64 sequences decoding at once
+    .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share
 """
 
 from __future__ import annotations
@@ -174,10 +175,35 @@ def decode(loaded, levels: str = "1x128,32x128,64x128,64x1024") -> None:
               f"{width / best:7.1f} tok/s, {best * 1000:6.2f} ms per step", flush=True)
 
 
+def prefill(loaded) -> None:
+    """One prompt alone (distinct tokens, nothing cached), best of 3: prompt tok/s, then another
+    under torch.profiler for the time in scaled_dot_product_attention (the prompt's attention; the
+    projections are native kernels the profiler does not see), as a share of the best time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=1)
+    for length in (128, 512, 2000):
+        e = engine(loaded)
+        best = float("inf")
+        for round_ in range(4):
+            prompt = [1000 + (round_ * 997 + j * 7) % 30000 for j in range(length)]
+            if round_ < 3:
+                started = time.perf_counter()
+                e.generate([prompt], params)
+                best = min(best, time.perf_counter() - started)
+                continue
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                e.generate([prompt], params)
+            sdpa = sum(event.cpu_time_total for event in prof.key_averages()
+                       if event.key == "aten::scaled_dot_product_attention") / 1e6
+        print(f"{length:4d}-token prompt: {length / best:7.1f} tok/s ({best * 1000:6.1f} ms); attention "
+              f"{sdpa * 1000:6.1f} ms in a profiled run, {sdpa / best:.0%} of that time", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "decode"))
+    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "decode", "prefill"))
     parser.add_argument("--levels", default="1x128,32x128,64x128,64x1024",
                         help="decode: sequences x prompt tokens, comma-separated")
     args = parser.parse_args()
@@ -186,7 +212,8 @@ def main() -> None:
     if args.what == "decode":
         decode(loaded, args.levels)
     else:
-        {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix}[args.what](loaded)
+        {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix,
+         "prefill": prefill}[args.what](loaded)
 
 
 if __name__ == "__main__":
