@@ -34,6 +34,7 @@ QUESTIONS = ("What are the main causes of climate change, and what can one perso
              "Write a Python function that checks whether a string is a palindrome, and explain it.")
 REPEATS = 5
 DECODE_STEPS = 32
+DECODE_LEVELS = "1x128,32x128,64x128,64x1024"  # sequences x prompt tokens
 DECODINGS = {"greedy": dict(temperature=0), "t0.7/p0.9": dict(temperature=0.7, top_p=0.9),
              "t1.0": dict(temperature=1.0)}
 
@@ -143,7 +144,7 @@ def lookup_matrix(loaded) -> None:
                       f"drafts kept {kept[0]}/{kept[1]}", flush=True)
 
 
-def decode(loaded, levels: str = "1x128,32x128,64x128,64x1024") -> None:
+def decode(loaded, levels: str = DECODE_LEVELS) -> None:
     """N sequences decoding together after prompts of P tokens (distinct, so nothing is shared):
     the time until every sequence has its first token (as prompt tok/s: the early ones decode
     meanwhile), then DECODE_STEPS steps of all N decoding, as output tok/s and ms per step; best of
@@ -184,27 +185,25 @@ def prefill(loaded) -> None:
     params = SamplingParams(temperature=0, max_tokens=1)
     for length in (128, 512, 2000):
         e = engine(loaded)
+        prompts = [[1000 + (round_ * 997 + j * 7) % 30000 for j in range(length)] for round_ in range(4)]
         best = float("inf")
-        for round_ in range(4):
-            prompt = [1000 + (round_ * 997 + j * 7) % 30000 for j in range(length)]
-            if round_ < 3:
-                started = time.perf_counter()
-                e.generate([prompt], params)
-                best = min(best, time.perf_counter() - started)
-                continue
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                e.generate([prompt], params)
-            sdpa = sum(event.cpu_time_total for event in prof.key_averages()
-                       if event.key == "aten::scaled_dot_product_attention") / 1e6
+        for prompt in prompts[:3]:
+            started = time.perf_counter()
+            e.generate([prompt], params)
+            best = min(best, time.perf_counter() - started)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            e.generate([prompts[3]], params)
+        sdpa = sum(event.cpu_time_total for event in prof.key_averages()
+                   if event.key == "aten::scaled_dot_product_attention") / 1e6
         print(f"{length:4d}-token prompt: {length / best:7.1f} tok/s ({best * 1000:6.1f} ms); attention "
-              f"{sdpa * 1000:6.1f} ms in a profiled run, {sdpa / best:.0%} of that time", flush=True)
+              f"{sdpa * 1000:6.1f} ms in a profiled run, {sdpa / best:.0%} of the best time", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "decode", "prefill"))
-    parser.add_argument("--levels", default="1x128,32x128,64x128,64x1024",
+    parser.add_argument("--levels", default=DECODE_LEVELS,
                         help="decode: sequences x prompt tokens, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(2)

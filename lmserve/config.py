@@ -48,7 +48,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens through the model in one step (chunked prefill budget)
     max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own
-    num_speculative_tokens: int = 0  # drafts per step and sequence (prompt lookup, or EngineConfig.draft's); 0: off
+    num_speculative_tokens: int = 0  # prompt lookup's drafts per step and sequence; 0: off
     speculative_sampling: bool = False  # sampled (not only greedy) requests take drafts too
 
     def __post_init__(self) -> None:
@@ -64,14 +64,18 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class DraftConfig:
-    """A draft model for speculative decoding (--draft-model): its checkpoint and serving dtype."""
+    """A draft model for speculative decoding (--draft-model): its checkpoint, serving dtype and
+    drafts per step and sequence (--draft-tokens)."""
 
     model_path: str
     dtype: str = "auto"
+    tokens: int = DEFAULT_DRAFT_TOKENS
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"unsupported draft dtype {self.dtype!r} ({', '.join(DTYPE_CHOICES)})")
+        if self.tokens < 1:
+            raise ValueError("draft tokens must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import itertools
 import logging
 from collections.abc import Mapping, Sequence
 
-from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.config import DEFAULT_DRAFT_TOKENS, CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
 from lmserve.engine import speculation
 from lmserve.request import SamplingParams
 from lmserve.weights.load import LoadedModel
@@ -119,8 +119,9 @@ class DraftPacer:
 class DraftModel:
     """Proposes drafts for a target engine's scheduler (Scheduler.proposer)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, num_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
         self.engine = engine  # an LLMEngine on the draft checkpoint
+        self.num_tokens = num_tokens  # drafts per step and sequence (Proposer)
         self.pacer = DraftPacer()
         self._names = itertools.count()
         self._asked = False  # the step being scheduled had sequences that could take drafts
@@ -135,14 +136,15 @@ class DraftModel:
 
         check_same_tokens(draft, target)
         max_len = min(max_model_len, draft.config.max_position_embeddings)
+        spec = target_config.draft or DraftConfig("draft")  # a draft handed in directly: the defaults
         config = EngineConfig(
-            target_config.draft.model_path if target_config.draft else "draft", "draft", dtype=draft.dtype,
+            spec.model_path, "draft", dtype=draft.dtype,
             device=target_config.device,
             cache=CacheConfig(target_config.cache.block_size, kv_cache_tokens=draft_kv_tokens(kv_tokens, max_len),
                               kv_cache_dtype=target_config.cache.kv_cache_dtype),
             scheduler=SchedulerConfig(speculation.MAX_RUNNING, target_config.scheduler.max_num_batched_tokens, max_len),
         )
-        return cls(LLMEngine(config, draft))
+        return cls(LLMEngine(config, draft), spec.tokens)
 
     def propose(self, wanted: Mapping[str, tuple[Sequence[int], int]]) -> dict[str, list[int]]:
         """Up to `room` greedy tokens after each sequence's `tokens`, by request id: {id: (tokens,

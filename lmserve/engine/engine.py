@@ -104,7 +104,7 @@ class LLMEngine:
             draft = load_model(config.draft.model_path, config.draft.dtype, config.device,
                                max_positions=config.scheduler.max_model_len)
             log.info("draft model %s (%s) proposes up to %d tokens per step", config.draft.model_path, draft.dtype,
-                     config.scheduler.num_speculative_tokens)
+                     config.draft.tokens)
         return cls(config, loaded, draft)
 
     @property

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.prefix import hash_full_blocks
-from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, SchedulerConfig
+from lmserve.config import SchedulerConfig
 from lmserve.engine import speculation
 from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
 from lmserve.request import FinishReason, Request, RequestStatus
@@ -27,6 +27,8 @@ from lmserve.request import FinishReason, Request, RequestStatus
 
 class Proposer(Protocol):
     """Where drafts come from before prompt lookup (engine/draft_model.py)."""
+
+    num_tokens: int  # drafts per step and sequence (prompt lookup's count is the config's)
 
     def propose(self, wanted: Mapping[str, tuple[Sequence[int], int]]) -> dict[str, list[int]]:
         """Up to `room` drafts after each sequence's tokens, by request id: {id: (tokens, room)};
@@ -76,20 +78,18 @@ class Scheduler:
     def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]]) -> list[int]:
         """Drafts for a decoding request, within the budget, its max_tokens and the context: the
         proposer's, or prompt lookup's; [] when speculation is off or does not apply (speculation.py)."""
-        room = self._room(request)
+        if proposals:  # the draft model ran this step; when it does not, prompt lookup drafts
+            room = self._room(request, self.proposer.num_tokens)
+            return [] if room is None else proposals.get(request.request_id, [])[:max(min(room, budget), 0)]
+        room = self._room(request, self.config.num_speculative_tokens)
         if room is None:
             return []
-        room = min(room, budget)
-        if proposals:  # the draft model ran this step; when it does not, prompt lookup drafts
-            return proposals.get(request.request_id, [])[:max(room, 0)]
-        if self.proposer is not None:  # as many as prompt lookup takes without a draft model
-            room = min(room, DEFAULT_SPECULATIVE_TOKENS)
         drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
-        return drafter.drafts(request.all_ids, room)  # called at no room too: it tallies its last proposal
+        return drafter.drafts(request.all_ids, min(room, budget))  # called at no room too: it tallies its last proposal
 
-    def _room(self, request: Request) -> int | None:
-        """The drafts `request` may take this step, budget aside; None when it takes none at all."""
-        wanted = self.config.num_speculative_tokens
+    def _room(self, request: Request, wanted: int) -> int | None:
+        """The drafts `request` may take this step of the `wanted` per step, budget aside; None when
+        it takes none at all."""
         if (not wanted or len(self.running) > speculation.MAX_RUNNING
                 or not speculation.drafts_for(request.params, self.config.speculative_sampling)):
             return None
@@ -103,7 +103,8 @@ class Scheduler:
             return {}
         wanted = {}
         for request in self.running:
-            room = self._room(request) if request.num_tokens - request.num_computed_tokens == 1 else None
+            decoding = request.num_tokens - request.num_computed_tokens == 1
+            room = self._room(request, self.proposer.num_tokens) if decoding else None
             if room is not None and room > 0:  # a step's budget is shared: never more than it could take
                 wanted[request.request_id] = (request.all_ids, min(room, self.config.max_num_batched_tokens - 1))
         return self.proposer.propose(wanted) if wanted else {}

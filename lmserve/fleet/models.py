@@ -123,9 +123,9 @@ def engine_config_for(defaults: EngineConfig, entry: ModelEntry) -> EngineConfig
         cache = replace(cache, kv_cache_memory_bytes=settings["kv_cache_memory"], kv_cache_tokens=None)
     scheduler = replace(defaults.scheduler, max_model_len=settings.get("max_model_len", defaults.scheduler.max_model_len))
     draft = None
-    if "draft_model" in settings:  # its drafts replace prompt lookup's
-        draft = DraftConfig(settings["draft_model"], settings.get("draft_dtype", "auto"))
-        scheduler = replace(scheduler, num_speculative_tokens=settings.get("draft_tokens", DEFAULT_DRAFT_TOKENS))
+    if "draft_model" in settings:  # its drafts come before prompt lookup's
+        draft = DraftConfig(settings["draft_model"], settings.get("draft_dtype", "auto"),
+                            settings.get("draft_tokens", DEFAULT_DRAFT_TOKENS))
     return replace(defaults, model_path=entry.source, served_model_name=entry.id,
                    dtype=settings.get("dtype", defaults.dtype), cache=cache, scheduler=scheduler, draft=draft)
 

@@ -99,7 +99,7 @@ inline void score16(const __m512bh* q, const c10::BFloat16* const* keys, float* 
 // the 16 value rows into the outputs. The cache is far larger than the CPU's caches and a core
 // keeps only a few dozen lines in flight, so the rows kAhead positions ahead are prefetched one
 // position per value row summed, running on into the next task's first rows. Prefetching a
-// chunk's 16 rows at once, as a two-pass version of this kernel did, read 1.2-1.8x slower on
+// chunk's 16 rows at once, as a two-pass version of this kernel did, read 1.1-1.8x slower on
 // the machine above (kAhead's measurement), blocks in order or scattered.
 template <int GROUP, int DIM, typename T>
 void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,

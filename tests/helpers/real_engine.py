@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.config import CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
 
 PROMPTS = [
@@ -81,6 +81,7 @@ def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_
                                                                              kv_dtype(cache, dtype)))
     max_len = max_len or min(num_blocks * block_size, model_config.max_position_embeddings)
     config = EngineConfig(model_path or str(folder), "tiny", dtype=dtype, cache=cache,
+                          draft=None if draft is None else DraftConfig(str(draft), "float32", tokens=speculative),
                           scheduler=SchedulerConfig(4, 64, max_len, num_speculative_tokens=speculative,
                                                     speculative_sampling=speculative_sampling))
     engine = LLMEngine(config, loaded, None if draft is None else tiny(draft, "float32"))

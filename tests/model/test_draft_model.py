@@ -9,7 +9,7 @@ import pytest
 
 from lmserve.cache.prefix import hash_full_blocks
 from lmserve.cli import default_model_path
-from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
@@ -26,8 +26,8 @@ def int4_draft():
 def drafted_engine(target, draft, tokens=6, paced=False) -> LLMEngine:
     """An engine drafted by `draft`; unless `paced`, drafting at every step (not only where the
     pacer finds that it pays), so the tests see the drafts' effect on every step."""
-    config = EngineConfig("unused", "test", cache=CacheConfig(16, 64 << 20),
-                          scheduler=SchedulerConfig(8, 64, 1024, num_speculative_tokens=tokens))
+    config = EngineConfig("unused", "test", cache=CacheConfig(16, 64 << 20), draft=DraftConfig("unused", tokens=tokens),
+                          scheduler=SchedulerConfig(8, 64, 1024, num_speculative_tokens=DEFAULT_SPECULATIVE_TOKENS))
     engine = LLMEngine(config, target, draft)
     if not paced:
         engine._draft.pacer = AlwaysDraft()

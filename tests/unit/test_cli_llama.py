@@ -459,8 +459,8 @@ HONOURED = [
     ("-md {gguf}", lambda s: chat_engine(s).draft, DraftConfig("{gguf}")),
     ("--model-draft {gguf} --spec-type draft-simple", lambda s: chat_engine(s).draft.model_path, "{gguf}"),
     ("--spec-draft-model {gguf} --draft-dtype int4",
-     lambda s: (chat_engine(s).draft.dtype, chat_engine(s).scheduler.num_speculative_tokens), ("int4", 8)),
-    ("--spec-draft-n-max 6 -md {gguf}", lambda s: chat_engine(s).scheduler.num_speculative_tokens, 6),
+     lambda s: (chat_engine(s).draft.dtype, chat_engine(s).draft.tokens), ("int4", 8)),
+    ("--spec-draft-n-max 6 -md {gguf}", lambda s: (chat_engine(s).draft.tokens, chat_engine(s).scheduler.num_speculative_tokens), (6, 4)),
     ("--chat-template llama3", lambda s: s.engine.chat_template, BUILTIN_TEMPLATES["llama3"]),
     ("--chat-template-file {jinja}", lambda s: s.engine.chat_template, "{{ messages[0]['content'] }}"),
 ]

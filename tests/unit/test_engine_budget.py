@@ -66,7 +66,7 @@ def test_a_models_draft_is_in_its_engine_settings_and_its_footprint():
     plain = ModelEntry(id="a", source=path)
     drafted = ModelEntry(id="a", source=path, settings={"draft_model": path, "draft_dtype": "int4", "draft_tokens": 6})
     config = engine_config_for(server, drafted)
-    assert (config.draft, config.scheduler.num_speculative_tokens) == (DraftConfig(path, "int4"), 6)
+    assert (config.draft, config.scheduler) == (DraftConfig(path, "int4", 6), server.scheduler)  # lookup's count kept
     assert engine_config_for(server, plain).draft is None
     footprint = footprint_estimator(server)
     draft_kv = draft_kv_cache_bytes(config)  # room for 4 sequences of 512 tokens (of the model's 4096) in bfloat16

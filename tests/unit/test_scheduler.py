@@ -274,3 +274,28 @@ def test_unseeded_sampling_takes_drafts_when_asked_and_seeded_or_penalised_sampl
                    SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0, logit_bias=((5, 1.0),))):
         assert drafts_after_one_step(spec, params) == [], params
     assert drafts_after_one_step(SchedulerConfig(4, 64, 64), SamplingParams(temperature=0)) == []  # speculation off
+
+
+class FixedProposer:
+    """A draft model that proposes `drafts` for every sequence, or none (prompt lookup drafts then)."""
+
+    def __init__(self, num_tokens: int, drafts: list[int]):
+        self.num_tokens, self.drafts = num_tokens, drafts
+
+    def propose(self, wanted):
+        return {rid: self.drafts[:room] for rid, (_, room) in wanted.items()} if self.drafts else {}
+
+
+def test_the_draft_model_and_prompt_lookup_each_take_their_own_count():
+    """--draft-tokens 6 with prompt lookup's 3: a step the draft model drafts takes up to 6 of its
+    tokens; a step it does not, lookup's up to 3 (a prompt "5 6 7 8 5 6 7 8 5 6" then 7 repeats)."""
+    def first_draft(proposer):
+        sched = Scheduler(SchedulerConfig(4, 64, 64, num_speculative_tokens=3), 4, BlockPool(16), proposer)
+        sched.add(Request("a", [5, 6, 7, 8, 5, 6, 7, 8, 5, 6], SamplingParams(temperature=0, max_tokens=16)))
+        sched.drafters["a"] = Drafter(kept=9.0, missed=1.0)
+        sched.update(sched.schedule(), {"a": 7})
+        return sched.schedule().seqs[0].draft
+
+    assert first_draft(FixedProposer(6, [1, 2, 3, 4, 5, 6, 9, 9])) == [1, 2, 3, 4, 5, 6]
+    assert first_draft(FixedProposer(6, [])) == [8, 5, 6]
+    assert first_draft(FixedProposer(2, [])) == [8, 5, 6]  # a smaller draft count leaves lookup's alone
