@@ -26,7 +26,7 @@ from lmserve.cpu import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "int4_linear.cpp",
-                                                       "sampling.cpp")]
+                                                       "sampling.cpp", "prompt_attention.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("paged_attention_rows.h", "int8_rows.h", "int4_tiles.h", "int4_bf16_tiles.h", "int8_tiles.h",
                                                        "int4_params.h")]  # included by the sources: part of the build key
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]

@@ -38,6 +38,9 @@ std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weigh
 bool int4_linear_supported();
 bool int4_tiles_supported();
 bool int4_bf16_tiles_supported();
+bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
+torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                     const torch::Tensor& slots, double scale);
 std::string int4_linear_path(int64_t rows);
 torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -332,11 +335,16 @@ std::optional<torch::Tensor> prefill_mask(const Prefill& seq, const torch::Tenso
     return at::ones({query_len, context_len}, options.dtype(at::kBool)).tril(context_len - query_len);
 }
 
-// _prefill_attention in model/attention.py, op for op; `mask` is prefill_mask's.
+// _prefill_attention in model/attention.py, op for op; `mask` is prefill_mask's (none when the
+// prompt attention kernel takes the cache).
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
-                                const std::optional<torch::Tensor>& mask, double scale) {
+                                const torch::Tensor& chunk_slots, const std::optional<torch::Tensor>& mask,
+                                double scale) {
     const auto& slot_ids = std::get<3>(seq);
+    if (prompt_attention_supported(k_cache, q.size(1)))  // the chunk's own slots when it is its whole context
+        return paged_prompt_attention(q.to(at::kFloat), k_cache, v_cache, slot_ids ? *slot_ids : chunk_slots, scale)
+            .to(q.scalar_type());
     const auto dtype = attention_dtype(k_cache);
     torch::Tensor keys, values;
     const bool causal = !slot_ids;
@@ -391,7 +399,9 @@ class NativeDecoder {
             TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot ", slot, " outside 0..", num_slots - 1);
         }
         std::vector<std::optional<torch::Tensor>> masks;
-        for (const auto& seq : prefills) masks.push_back(prefill_mask(seq, x.options()));
+        const bool prompt_kernel = !k_caches.empty() && prompt_attention_supported(k_caches[0], num_heads_);
+        for (const auto& seq : prefills)
+            masks.push_back(prompt_kernel ? std::nullopt : prefill_mask(seq, x.options()));  // the kernel masks as it goes
         for (size_t i = 0; i < layers_.size(); ++i) {
             const auto& layer = layers_[i];
             auto h = rms_norm(x, layer.input_norm, eps_);
@@ -424,7 +434,7 @@ class NativeDecoder {
                 const int64_t start = std::get<0>(seq), end = start + std::get<1>(seq);
                 attn.slice(0, start, end).copy_(prefill_attention(q.slice(0, start, end), k.slice(0, start, end),
                                                                   v.slice(0, start, end), k_cache, v_cache, seq,
-                                                                  masks[p], scale_));
+                                                                  slots.slice(0, start, end), masks[p], scale_));
             }
             x = x + layer.o(attn.flatten(1));
             h = rms_norm(x, layer.post_attention_norm, eps_);
@@ -445,6 +455,8 @@ class NativeDecoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+    m.def("paged_prompt_attention", &paged_prompt_attention, "a prefill chunk's causal attention over its context's cache slots");
+    m.def("prompt_attention_supported", &prompt_attention_supported, "whether paged_prompt_attention takes this cache and head count here");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
           py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),
           py::arg("path") = "auto");
