@@ -176,6 +176,11 @@ def decode(loaded, levels: str = DECODE_LEVELS) -> None:
               f"{width / best:7.1f} tok/s, {best * 1000:6.2f} ms per step", flush=True)
 
 
+# The prompt attention's profiler events: lmserve's kernels (kernels/prompt_attention.cpp), or PyTorch's.
+PROMPT_ATTENTION_EVENTS = ("lmserve::prompt_attention", "lmserve::paged_prompt_attention",
+                           "aten::scaled_dot_product_attention")
+
+
 def prefill(loaded) -> None:
     """One prompt alone (distinct tokens, nothing cached), best of 3: prompt tok/s, then another
     under torch.profiler for the time in the prompt's attention (the native kernel on a bf16 or int8
@@ -195,7 +200,7 @@ def prefill(loaded) -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             e.generate([prompts[3]], params)
         sdpa = sum(event.cpu_time_total for event in prof.key_averages()
-                   if event.key in ("lmserve::paged_prompt_attention", "aten::scaled_dot_product_attention")) / 1e6
+                   if event.key in PROMPT_ATTENTION_EVENTS) / 1e6
         print(f"{length:4d}-token prompt: {length / best:7.1f} tok/s ({best * 1000:6.1f} ms); attention "
               f"{sdpa * 1000:6.1f} ms in a profiled run, {sdpa / best:.0%} of the best time", flush=True)
 

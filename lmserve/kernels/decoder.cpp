@@ -41,6 +41,7 @@ bool int4_bf16_tiles_supported();
 bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
 torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                      const torch::Tensor& slots, double scale);
+torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
 std::string int4_linear_path(int64_t rows);
 torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -339,11 +340,11 @@ std::optional<torch::Tensor> prefill_mask(const Prefill& seq, const torch::Tenso
 // prompt attention kernel takes the cache).
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
-                                const torch::Tensor& chunk_slots, const std::optional<torch::Tensor>& mask,
-                                double scale) {
+                                const std::optional<torch::Tensor>& mask, double scale) {
     const auto& slot_ids = std::get<3>(seq);
-    if (prompt_attention_supported(k_cache, q.size(1)))  // the chunk's own slots when it is its whole context
-        return paged_prompt_attention(q.to(at::kFloat), k_cache, v_cache, slot_ids ? *slot_ids : chunk_slots, scale)
+    if (prompt_attention_supported(k_cache, q.size(1)))  // kernels/prompt_attention.cpp
+        return (slot_ids ? paged_prompt_attention(q.to(at::kFloat), k_cache, v_cache, *slot_ids, scale)
+                         : prompt_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale))
             .to(q.scalar_type());
     const auto dtype = attention_dtype(k_cache);
     torch::Tensor keys, values;
@@ -434,7 +435,7 @@ class NativeDecoder {
                 const int64_t start = std::get<0>(seq), end = start + std::get<1>(seq);
                 attn.slice(0, start, end).copy_(prefill_attention(q.slice(0, start, end), k.slice(0, start, end),
                                                                   v.slice(0, start, end), k_cache, v_cache, seq,
-                                                                  slots.slice(0, start, end), masks[p], scale_));
+                                                                  masks[p], scale_));
             }
             x = x + layer.o(attn.flatten(1));
             h = rms_norm(x, layer.post_attention_norm, eps_);
@@ -456,6 +457,7 @@ class NativeDecoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
     m.def("paged_prompt_attention", &paged_prompt_attention, "a prefill chunk's causal attention over its context's cache slots");
+    m.def("prompt_attention", &prompt_attention, "a whole prompt's causal attention over its own keys and values, in bf16");
     m.def("prompt_attention_supported", &prompt_attention_supported, "whether paged_prompt_attention takes this cache and head count here");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
           py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),

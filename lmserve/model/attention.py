@@ -93,22 +93,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], cache, meta, scale)
     for seq in meta.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        kernel = _prompt_kernel(cache, q.shape[1]) if q.device.type == "cpu" else None
-        if kernel is not None:  # reads the context from the cache (the chunk's own slots when it is all of it)
-            slots = seq.slot_ids if seq.slot_ids is not None else meta.slot_mapping[rows]
-            out[rows] = kernel(q[rows].float(), *cache, slots, scale).to(q.dtype)
-        else:
+        module = _prompt_kernels(cache, q.shape[1]) if q.device.type == "cpu" else None
+        if module is None:
             out[rows] = _prefill_attention(q[rows], k[rows], v[rows], cache, seq, scale)
+        elif seq.slot_ids is None:  # a whole prompt: its own keys and values, as _prefill_attention takes them
+            out[rows] = module.prompt_attention(q[rows].float(), k[rows].float(), v[rows].float(), scale).to(q.dtype)
+        else:  # after a cached prefix: the context's rows read from the cache by slot
+            out[rows] = module.paged_prompt_attention(q[rows].float(), *cache, seq.slot_ids, scale).to(q.dtype)
     return out.flatten(1)
 
 
-def _prompt_kernel(cache, num_heads: int):
-    """The native prompt attention (kernels/prompt_attention.cpp) where it takes this cache: bf16
-    or int8 rows on a CPU with AVX512-BF16; None elsewhere (a float32 cache keeps PyTorch's exact path)."""
+def _prompt_kernels(cache, num_heads: int):
+    """The native module where its prompt attention (kernels/prompt_attention.cpp) takes this
+    cache: bf16 or int8 rows on a CPU with AVX512-BF16; None elsewhere (a float32 cache keeps
+    PyTorch's exact path)."""
     module = native_module() if cache is not None else None
     if module is None or not module.prompt_attention_supported(cache[0], num_heads):
         return None
-    return module.paged_prompt_attention
+    return module
 
 
 def _gather(cache_part: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

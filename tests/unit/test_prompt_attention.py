@@ -1,5 +1,6 @@
 """The native prompt attention (kernels/prompt_attention.cpp): a prefill chunk's query rows, the
-last of their context, attend causally to the context's cached rows, read by slot. Against a
+last of their context, attend causally to the context's cached rows, read by slot (or a whole
+prompt to its own keys and values). Against a
 float32 reference over the same cached values (int8 rows widened as dequantize_rows does) with the
 query rounded to bf16 as the kernel rounds it; the kernel also rounds its softmax weights to bf16,
 which bounds the difference (~3e-3 measured)."""
@@ -109,9 +110,10 @@ def test_native_prompt_attention_rescales_as_the_maximum_moves(rising, cache_dty
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
-def test_paged_attention_prefills_through_the_kernel_whole_or_after_a_cached_prefix(cache_dtype):
-    """A whole prompt (its own rows, read back by slot_mapping) and then a second chunk reading
-    the first from the cache: both equal one causal pass over the cached values."""
+def test_paged_attention_prefills_through_the_kernels_whole_or_after_a_cached_prefix(cache_dtype):
+    """A whole prompt attends to its own keys and values as computed (rounded to bf16, the PyTorch
+    path's dtype for these caches); a second chunk reads the first from the cache, int8 rows as
+    their values: each equals one causal pass over what it reads."""
     num_kv_heads, group, head_dim, block = 2, 3, 64, 16
     g = torch.Generator().manual_seed(11)
     total, first = 45, 29
@@ -123,14 +125,23 @@ def test_paged_attention_prefills_through_the_kernel_whole_or_after_a_cached_pre
     width = head_dim + (4 if cache_dtype == torch.int8 else 0)
     cache = tuple(torch.zeros(num_kv_heads, 4 * block, width, dtype=cache_dtype) for _ in range(2))
     write_kv(cache, k, v, slots)
-    values = [dequantize_rows(p, torch.bfloat16).float() if cache_dtype == torch.int8 else p.float() for p in cache]
-    expected = reference(q, values, slots, group, head_dim ** -0.5).flatten(1)
+    scale = head_dim ** -0.5
     whole = paged_attention(q[:first], k[:first], v[:first], cache,
-                            AttentionMetadata(slots[:first], 0, None, None, [PrefillSeq(0, first, first, None)]),
-                            head_dim ** -0.5)
+                            AttentionMetadata(slots[:first], 0, None, None, [PrefillSeq(0, first, first, None)]), scale)
+    own = [x[:first].transpose(0, 1).bfloat16().float() for x in (k, v)]  # (Hkv, first, D)
+    expected = reference(q[:first], own, torch.arange(first), group, scale).flatten(1)
+    assert torch.allclose(whole, expected, atol=TOLERANCE), (whole - expected).abs().max()
     rows = slice(first, total)
     rest = paged_attention(q[rows], k[rows], v[rows], cache,
                            AttentionMetadata(slots[rows], 0, None, None, [PrefillSeq(0, total - first, total, slots)]),
-                           head_dim ** -0.5)
-    assert torch.allclose(whole, expected[:first], atol=TOLERANCE), (whole - expected[:first]).abs().max()
-    assert torch.allclose(rest, expected[rows], atol=TOLERANCE), (rest - expected[rows]).abs().max()
+                           scale)
+    values = [dequantize_rows(p, torch.bfloat16).float() if cache_dtype == torch.int8 else p.float() for p in cache]
+    expected = reference(q, values, slots, group, scale).flatten(1)[rows]
+    assert torch.allclose(rest, expected, atol=TOLERANCE), (rest - expected).abs().max()
+
+
+def test_a_whole_prompt_without_a_kernel_shape_is_refused_by_name():
+    module = native_module()
+    q, k = torch.zeros(4, 6, 80), torch.zeros(4, 2, 80)  # head_dim 80: not a multiple of 32
+    with pytest.raises(RuntimeError, match="prompt attention"):
+        module.prompt_attention(q, k, k, 0.1)
