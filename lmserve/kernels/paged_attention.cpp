@@ -23,6 +23,35 @@
 
 namespace {
 
+// Runs body(begin, end) over the (sequence, kv head) tasks, task = sequence * num_kv_heads + head,
+// one contiguous range per thread, split where the threads' shares of context positions are equal
+// rather than their shares of tasks: a running batch's sequences differ in length (the oldest are
+// longest), and with an even split by count the thread holding the long ones finishes last while
+// the other waits.
+template <typename Body>
+void for_each_task_range(const int64_t* lens, int64_t num_seqs, int64_t num_kv_heads, const Body& body) {
+    constexpr int64_t kTaskCost = 16;  // a task's fixed cost, in positions
+    const int64_t num_tasks = num_seqs * num_kv_heads;
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), num_tasks);
+    if (parts <= 1 || at::in_parallel_region()) {
+        body(0, num_tasks);
+        return;
+    }
+    int64_t total = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) total += (lens[s] + kTaskCost) * num_kv_heads;
+    std::vector<int64_t> bounds(parts + 1, num_tasks);
+    bounds[0] = 0;
+    int64_t done = 0, part = 1;
+    for (int64_t task = 0; task < num_tasks && part < parts; ++task) {
+        while (part < parts && done * parts >= total * part) bounds[part++] = task;
+        done += lens[task / num_kv_heads] + kTaskCost;
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+            if (bounds[i] < bounds[i + 1]) body(bounds[i], bounds[i + 1]);
+    });
+}
+
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
@@ -111,7 +140,7 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
 #else
         false;
 #endif
-    at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for_each_task_range(lens, num_seqs, num_kv_heads, [&](int64_t begin, int64_t end) {
         constexpr int64_t kStride = row_stride<T>(DIM);
         constexpr bool kInt8 = std::is_same_v<T, int8_t>;
         // The row addresses of this task and the next, each padded to whole 16s with a row of zeros
@@ -264,7 +293,7 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
             const int64_t* lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
             int64_t num_slots, int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale) {
     const int64_t group = num_heads / num_kv_heads, stride = row_stride<T>(head_dim);
-    at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for_each_task_range(lens, num_seqs, num_kv_heads, [&](int64_t begin, int64_t end) {
         std::vector<float> scores, row(head_dim), acc;
         for (int64_t task = begin; task < end; ++task) {
             const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
