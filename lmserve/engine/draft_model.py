@@ -70,10 +70,13 @@ class DraftPacer:
     KEEP_FACTOR times the timing's seconds, and the two are timed again (what pays changes with the
     text, the batch and the machine's load). Only decode steps in which some sequence could take
     drafts count, and not a trial's first: its proposals catch up on every token since the draft
-    model last ran (the whole prompt, or a keep phase's worth), which the steps after it do not."""
+    model last ran (the whole prompt, or a keep phase's worth), which the steps after it do not.
+    A probe and its trial compare steps of one batch size (a sequence's rate falls as the batch
+    grows): a step of another size starts the probe again at that size."""
 
     def __init__(self) -> None:
         self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
+        self._num_seqs = 0  # the decoding sequences of this probe and trial's steps (0: none yet)
         self._keep_drafting = False
         self._plain = [0.0, 0.0]  # tokens per sequence, seconds
         self._drafted = [0.0, 0.0]
@@ -84,8 +87,17 @@ class DraftPacer:
     def drafting(self) -> bool:
         return self._phase == "trial" or (self._phase == "keep" and self._keep_drafting)
 
-    def record(self, tokens_per_seq: float, seconds: float) -> None:
-        """One decode step's output tokens per sequence and its seconds, run as `drafting` said."""
+    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
+        """One decode step of `num_seqs` decoding sequences: its output tokens per sequence and its
+        seconds, run as `drafting` said."""
+        if self._phase != "keep" and num_seqs != self._num_seqs:
+            ran_drafts = self.drafting
+            if self._num_seqs:  # what was timed so far was another batch's
+                self._phase, self._left, self._warming = "probe", PROBE_STEPS, False
+                self._plain, self._drafted = [0.0, 0.0], [0.0, 0.0]
+            self._num_seqs = num_seqs
+            if ran_drafts:  # not this step: the probe times steps without drafts
+                return
         if self._warming:
             self._warming = False
             return
@@ -108,7 +120,7 @@ class DraftPacer:
             self._keep_drafting = pays
             self._phase, self._left = "keep", KEEP_STEPS
         else:
-            self._phase, self._left = "probe", PROBE_STEPS
+            self._phase, self._left, self._num_seqs = "probe", PROBE_STEPS, 0
             self._plain, self._drafted, self._kept = [0.0, 0.0], [0.0, 0.0], 0.0
 
     @staticmethod
@@ -175,7 +187,10 @@ class DraftModel:
             log.exception("the draft model failed; this step runs without drafts")
             for name in names:
                 self.engine.abort_request(name)
+            self._asked = False  # nor is the step timed as drafted
             return {}
+        if not any(drafts.values()):  # none drafted (every sequence past the draft's context): prompt
+            self._asked = False  # lookup's drafts run instead, and the step times neither way
         return drafts
 
     def step_started(self) -> None:
@@ -187,7 +202,7 @@ class DraftModel:
         in `seconds`, proposals included; timed for the pacer if drafts could have run in it and no
         prompt chunk shared it."""
         if self._asked and not prefill and num_decodes:
-            self.pacer.record(num_tokens / num_decodes, seconds)
+            self.pacer.record(num_tokens / num_decodes, seconds, num_decodes)
 
     def close(self) -> None:
         self.engine.close("the model was unloaded")

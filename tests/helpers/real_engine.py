@@ -55,7 +55,7 @@ class AlwaysDraft:
 
     drafting = True
 
-    def record(self, tokens_per_seq: float, seconds: float) -> None:
+    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
         pass
 
 

@@ -94,13 +94,13 @@ def test_only_sequences_sampled_from_the_logits_alone_take_drafts(params, expect
 # ---------------------------------------------------------------- a draft model's pacer
 
 
-def pace(pacer, steps: int, plain_rate: float, drafted_rate: float, seconds=(1.0, 1.0)) -> list[bool]:
-    """Run `steps` decode steps of one sequence, giving `drafted_rate` tokens in `seconds[1]` when
-    drafting and `plain_rate` in `seconds[0]` otherwise; the modes the pacer chose."""
+def pace(pacer, steps: int, plain_rate: float, drafted_rate: float, seconds=(1.0, 1.0), num_seqs=1) -> list[bool]:
+    """Run `steps` decode steps of `num_seqs` sequences, giving `drafted_rate` tokens each in
+    `seconds[1]` when drafting and `plain_rate` in `seconds[0]` otherwise; the modes the pacer chose."""
     modes = []
     for _ in range(steps):
         modes.append(pacer.drafting)
-        pacer.record(drafted_rate if pacer.drafting else plain_rate, seconds[pacer.drafting])
+        pacer.record(drafted_rate if pacer.drafting else plain_rate, seconds[pacer.drafting], num_seqs)
     return modes
 
 
@@ -139,14 +139,52 @@ def test_the_pacer_follows_a_change_in_what_pays():
     assert all(pace(pacer, cycle, plain_rate=1.0, drafted_rate=3.0)[PROBE_STEPS:])  # the text became easy
 
 
+def test_a_probe_and_its_trial_compare_steps_of_one_batch_size():
+    """Drafts that lose at 4 sequences but whose trial would run at 1 (where every step is faster
+    per sequence): a change of batch size starts the probe again, so the trial is compared with
+    plain steps of its own size and the drafts are found not to pay."""
+    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS, DraftPacer
+
+    pacer = DraftPacer()
+    assert not any(pace(pacer, PROBE_STEPS, plain_rate=1.0, drafted_rate=0.0, num_seqs=4))  # 1 token/s each
+    assert pacer.drafting  # the trial begins; the batch shrinks to one sequence
+    modes = pace(pacer, 2 * PROBE_STEPS + TRIAL_STEPS + 2, plain_rate=4.0, drafted_rate=3.0, num_seqs=1)
+    assert modes[0] is True and not any(modes[1:PROBE_STEPS + 1])  # its first step drafted, then probed anew
+    assert all(modes[PROBE_STEPS + 1:PROBE_STEPS + TRIAL_STEPS + 2])  # the trial at one sequence
+    assert not any(modes[PROBE_STEPS + TRIAL_STEPS + 2:])  # 3 < 4 tokens/s: not kept
+    # Without the restart the trial's 3 tokens/s would have beaten the 4-sequence probe's 1.
+
+
 class Recorder:
     """A pacer that records what it is told; `drafting` as set."""
 
     def __init__(self, drafting: bool):
         self.drafting, self.records = drafting, []
 
-    def record(self, tokens_per_seq: float, seconds: float) -> None:
+    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
         self.records.append((tokens_per_seq, seconds))
+
+
+class NoRoomEngine:
+    """A draft engine every sequence is too long for (add_request refuses each)."""
+
+    has_unfinished = False
+
+    def add_request(self, *args, **kwargs):
+        raise ValueError("longer than the draft model's context")
+
+
+def test_a_drafting_step_whose_draft_model_drafted_nothing_is_not_timed():
+    """Every sequence past the draft's context: prompt lookup drafts in its place, so the step
+    is timed neither as drafted nor as plain."""
+    from lmserve.engine.draft_model import DraftModel
+
+    draft = DraftModel(engine=NoRoomEngine())
+    draft.pacer = Recorder(drafting=True)
+    draft.step_started()
+    assert draft.propose({"a": ([1, 2, 3], 4), "b": ([4, 5], 4)}) == {}
+    draft.step_done(num_decodes=2, num_tokens=5, seconds=0.5, prefill=False)
+    assert draft.pacer.records == []
 
 
 def test_only_decode_steps_that_asked_the_draft_model_are_timed():
