@@ -146,7 +146,7 @@ def lookup_matrix(loaded) -> None:
 
 def level_prompts(level: str) -> tuple[int, list[int]]:
     """'64x128': 64 prompts of 128 tokens; '64x128-384': 64 prompts of 128 to 384 tokens, evenly
-    spread (the lengths a running batch holds, its oldest sequences longest)."""
+    spread (a running batch's sequences differ in length)."""
     width, span = level.split("x")
     low, _, high = span.partition("-")
     n, first, last = int(width), int(low), int(high or low)

@@ -1,10 +1,12 @@
 """Native CPU kernels, compiled once per machine with the system's C++ compiler.
 
 `paged_decode_attention()` returns the compiled attention op and `native_module()` the whole
-module (also NativeDecoder, the decoder layers of every step with a KV cache, and the W8A8 and
-W4A8 products), or None (with one warning) where it cannot be built: the engine then uses its PyTorch
-path, which gives the same results more slowly, except that on a bf16 KV cache the kernel rounds
-the query to bf16 at any batch size and the PyTorch path only above FLOAT32_DECODE_SEQS sequences.
+module (also NativeDecoder, the decoder layers of every step with a KV cache, the prompt attention
+and the W8A8 and W4A8 products), or None (with one warning) where it cannot be built: the engine
+then uses its PyTorch path, which gives the same results more slowly, except that on a bf16 KV
+cache the decode kernel rounds the query to bf16 at any batch size and the PyTorch path only above
+FLOAT32_DECODE_SEQS sequences, and that prompt attention over a bf16 or int8 cache rounds its
+softmax weights to bf16 where PyTorch's rounds its outputs (within ~1e-2 of each other).
 `python -m lmserve.kernels` builds ahead of time (scripts/setup.sh does), so a server start
 never waits for the compiler. LMSERVE_NATIVE_KERNELS=0 turns the kernels off.
 """

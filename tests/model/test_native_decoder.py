@@ -11,6 +11,7 @@ import torch
 
 from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
+from lmserve.kernels import cpu_flags, native_module
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model import linear
 from lmserve.model.weight_formats.floating import OneDNNPackedWeight
@@ -121,6 +122,23 @@ def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num
     if dtype == "int4":  # W4A8 at every step where the kernels run it
         assert isinstance(qkv.storage, W4A8Weight) == int4_linear_supported() and qkv.weight is None
     assert_native_matches_python(model, num_seqs, torch.float32 if dtype == "float32" else torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_wide_heads_folder(tmp_path_factory):
+    """head_dim 32: steps over a bf16 or int8 cache take the prompt attention kernels."""
+    return save_hf_folder(tiny_hf_model("qwen2", hidden_size=128), tmp_path_factory.mktemp("qwen2-d32"))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_prompt_attention_runs_alike_from_both_layers(tiny_qwen2_wide_heads_folder, kv_dtype):
+    """Whole prompts (the kernel's own-rows entry) and a chunk after cached context (its paged
+    entry), from the C++ layers (which skip the chunk's mask for it) and the Python ones."""
+    model, _, _ = load_weights(tiny_qwen2_wide_heads_folder, "int4")
+    width = 32 + (4 if kv_dtype == torch.int8 else 0)
+    supported = native_module().prompt_attention_supported(torch.zeros(2, 4, width, dtype=kv_dtype), 4)
+    assert supported == ("avx512_bf16" in cpu_flags())  # where this CPU has them, the kernels ran
+    assert_native_matches_python(model, 3, kv_dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int4"])

@@ -66,6 +66,9 @@ def test_the_kernel_takes_bf16_and_int8_caches_where_the_cpu_has_bf16_dot_produc
     (50, 50, 2, 5, 96, torch.bfloat16),  # five heads, head_dim 96
     (200, 1000, 2, 2, 64, torch.bfloat16),  # long rows, many tasks over both threads
     (3, 3, 4, 11, 64, torch.int8),  # a prime group: one head a task
+    (9, 9, 1, 4, 64, torch.bfloat16),  # four heads a task, three rows
+    (20, 30, 2, 6, 64, torch.int8),  # six heads a task
+    (12, 12, 1, 8, 256, torch.bfloat16),  # eight heads a task, the widest head_dim taken
 ])
 def test_native_prompt_attention_matches_a_float32_reference(query_len, context_len, num_kv_heads, group, head_dim,
                                                             cache_dtype):
