@@ -15,6 +15,7 @@ from lmserve.model.attention import (
     PrefillSeq,
     paged_attention,
 )
+from tests.helpers.attention_cases import scattered_context
 
 HKV, GROUP, D, BLOCK = 2, 3, 16, 4
 
@@ -54,13 +55,8 @@ def test_decode_attention_matches_reference(num_seqs):
 def test_chunked_prefill_attends_like_one_shot(cache_dtype, tolerance):
     """A second chunk reads the first from the paged cache (in the cache's dtype) and must
     equal one causal pass over the whole context."""
-    g = torch.Generator().manual_seed(7)
     total, first = 11, 6
-    q = torch.randn(total, HKV * GROUP, D, generator=g)
-    k = torch.randn(total, HKV, D, generator=g)
-    v = torch.randn(total, HKV, D, generator=g)
-    blocks = [2, 0, 3]  # scattered
-    slots = (torch.tensor(blocks)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:total]
+    q, k, v, slots = scattered_context(total, HKV, GROUP, D, BLOCK, [2, 0, 3], seed=7)
     k_cache = torch.zeros(HKV, 4 * BLOCK, D, dtype=cache_dtype)
     v_cache = torch.zeros(HKV, 4 * BLOCK, D, dtype=cache_dtype)
     k_cache[:, slots] = k.transpose(0, 1).to(cache_dtype)

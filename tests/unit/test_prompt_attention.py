@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lmserve.kernels import cpu_flags, native_module
 from lmserve.model.attention import AttentionMetadata, PrefillSeq, dequantize_rows, paged_attention, quantize_rows, write_kv
+from tests.helpers.attention_cases import scattered_context
 
 TOLERANCE = 1.5e-2
 
@@ -118,13 +119,8 @@ def test_paged_attention_prefills_through_the_kernels_whole_or_after_a_cached_pr
     path's dtype for these caches); a second chunk reads the first from the cache, int8 rows as
     their values: each equals one causal pass over what it reads."""
     num_kv_heads, group, head_dim, block = 2, 3, 64, 16
-    g = torch.Generator().manual_seed(11)
     total, first = 45, 29
-    q = torch.randn(total, num_kv_heads * group, head_dim, generator=g)
-    k = torch.randn(total, num_kv_heads, head_dim, generator=g)
-    v = torch.randn(total, num_kv_heads, head_dim, generator=g)
-    blocks = [3, 0, 2]  # scattered
-    slots = (torch.tensor(blocks)[:, None] * block + torch.arange(block)).flatten()[:total]
+    q, k, v, slots = scattered_context(total, num_kv_heads, group, head_dim, block, [3, 0, 2], seed=11)
     width = head_dim + (4 if cache_dtype == torch.int8 else 0)
     cache = tuple(torch.zeros(num_kv_heads, 4 * block, width, dtype=cache_dtype) for _ in range(2))
     write_kv(cache, k, v, slots)
