@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 from lmserve.config import DEFAULT_DRAFT_TOKENS, CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
@@ -71,15 +72,16 @@ class DraftPacer:
     text, the batch and the machine's load). Only decode steps in which some sequence could take
     drafts count, and not a trial's first: its proposals catch up on every token since the draft
     model last ran (the whole prompt, or a keep phase's worth), which the steps after it do not.
-    A probe and its trial compare steps of one batch size (a sequence's rate falls as the batch
-    grows): a step of another size starts the probe again at that size."""
+    A sequence's rate falls as the batch grows, so steps are timed by batch size (decoding
+    sequences) and drafts compared with plain steps of their own size: a trial pays if its rates
+    beat the probe's at the sizes both saw (a mean of the ratios, weighted by steps); with no size
+    in common the two are timed again."""
 
     def __init__(self) -> None:
         self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
-        self._num_seqs = 0  # the decoding sequences of this probe and trial's steps (0: none yet)
         self._keep_drafting = False
-        self._plain = [0.0, 0.0]  # tokens per sequence, seconds
-        self._drafted = [0.0, 0.0]
+        self._plain: dict[int, list[float]] = {}  # by batch size: [tokens per sequence, seconds, steps]
+        self._drafted: dict[int, list[float]] = {}
         self._kept = 0.0  # seconds of the keep phase so far
         self._warming = False  # the next step is a trial's first: not timed
 
@@ -90,38 +92,48 @@ class DraftPacer:
     def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
         """One decode step of `num_seqs` decoding sequences: its output tokens per sequence and its
         seconds, run as `drafting` said."""
-        if self._phase != "keep" and num_seqs != self._num_seqs:
-            ran_drafts = self.drafting
-            if self._num_seqs:  # what was timed so far was another batch's
-                self._phase, self._left, self._warming = "probe", PROBE_STEPS, False
-                self._plain, self._drafted = [0.0, 0.0], [0.0, 0.0]
-            self._num_seqs = num_seqs
-            if ran_drafts:  # not this step: the probe times steps without drafts
-                return
         if self._warming:
             self._warming = False
             return
         if self._phase != "keep":
-            totals = self._drafted if self._phase == "trial" else self._plain
+            totals = (self._drafted if self._phase == "trial" else self._plain).setdefault(num_seqs, [0.0, 0.0, 0])
             totals[0] += tokens_per_seq
             totals[1] += seconds
+            totals[2] += 1
         else:
             self._kept += seconds
         self._left -= 1
-        if self._left > 0 or (self._phase == "keep" and self._kept < KEEP_FACTOR * (self._plain[1] + self._drafted[1])):
+        if self._left > 0 or (self._phase == "keep" and self._kept < KEEP_FACTOR * self._timed_seconds()):
             return
         if self._phase == "probe":
             self._phase, self._left, self._warming = "trial", TRIAL_STEPS, True
         elif self._phase == "trial":
-            pays = self.rate(self._drafted) > self.rate(self._plain)
-            if pays != self._keep_drafting:
-                log.info("the draft model's drafts %s: %.1f tokens/s per sequence with them, %.1f without",
-                         "pay" if pays else "do not pay", self.rate(self._drafted), self.rate(self._plain))
-            self._keep_drafting = pays
-            self._phase, self._left = "keep", KEEP_STEPS
+            self._judge()
         else:
-            self._phase, self._left, self._num_seqs = "probe", PROBE_STEPS, 0
-            self._plain, self._drafted, self._kept = [0.0, 0.0], [0.0, 0.0], 0.0
+            self._time_again()
+
+    def _judge(self) -> None:
+        """The trial is over: keep drafting if the drafts beat plain steps of the same batch sizes."""
+        common = self._plain.keys() & self._drafted.keys()
+        if not common:  # the batch changed between probe and trial: nothing like to compare
+            self._time_again()
+            return
+        weights = {n: min(self._plain[n][2], self._drafted[n][2]) for n in common}
+        log_gain = sum(w * math.log(max(self.rate(self._drafted[n]), 1e-9) / max(self.rate(self._plain[n]), 1e-9))
+                       for n, w in weights.items()) / sum(weights.values())
+        pays = log_gain > 0
+        if pays != self._keep_drafting:
+            log.info("the draft model's drafts %s: %.2fx the tokens/s per sequence without them, at %s sequences",
+                     "pay" if pays else "do not pay", math.exp(log_gain), "/".join(map(str, sorted(common))))
+        self._keep_drafting = pays
+        self._phase, self._left = "keep", KEEP_STEPS
+
+    def _time_again(self) -> None:
+        self._phase, self._left, self._warming = "probe", PROBE_STEPS, False
+        self._plain, self._drafted, self._kept = {}, {}, 0.0
+
+    def _timed_seconds(self) -> float:
+        return sum(t[1] for t in self._plain.values()) + sum(t[1] for t in self._drafted.values())
 
     @staticmethod
     def rate(totals: list[float]) -> float:
@@ -189,8 +201,9 @@ class DraftModel:
                 self.engine.abort_request(name)
             self._asked = False  # nor is the step timed as drafted
             return {}
-        if not any(drafts.values()):  # none drafted (every sequence past the draft's context): prompt
-            self._asked = False  # lookup's drafts run instead, and the step times neither way
+        if not any(drafts.values()):  # none drafted (every sequence past the draft's context, or each
+            self._asked = False  # failed): prompt lookup drafts instead, and the step times neither way
+            return {}
         return drafts
 
     def step_started(self) -> None:

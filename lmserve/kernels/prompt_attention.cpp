@@ -1,16 +1,18 @@
 // Prompt attention over the paged KV cache: a prefill chunk's query rows, the last rows of their
-// context, each attending causally to the cached keys up to itself. For bf16 and int8 caches on
-// CPUs with AVX512-BF16, where it replaces PyTorch's CPU flash attention (which widens bf16 to
-// float32 on such CPUs and took 27% of a 128-token prompt's time, 69% of a 2,000-token one:
-// bench/RESULTS.md, "2026-12-05").
+// context, each attending causally to the keys up to itself. For bf16 and int8 caches on CPUs with
+// AVX512-BF16, where it replaces PyTorch's CPU flash attention (which widens bf16 to float32 on
+// such CPUs and took 27% of a 128-token prompt's time, 69% of a 2,000-token one: bench/RESULTS.md,
+// "2026-12-05").
 //
-// The context's keys and values are read from the cache once per call (by slot, int8 rows times
-// their scale rounded to bf16 as dequantize_rows does) into dpbf16 pairs: keys as 16 positions x
-// 2 dims per vector, values as 2 positions x 16 dims. A task is ROWS query rows x HEADS query heads
-// of one kv head; it walks the keys 64 positions at a time with a running maximum and sum (flash
-// style), skipping the 16-position chunks past its last row, and multiplies the softmax weights,
-// rounded to bf16, into the values. The query rows are rounded to bf16 as PyTorch's path rounds
-// them (the cache's dtype); scores, maximum, sum and outputs are float32. Taking 64 keys per
+// A whole prompt (prompt_attention) reads its own keys and values as computed, rounded to bf16; a
+// chunk after a cached prefix (paged_prompt_attention) reads its context's rows from the cache by
+// slot, int8 rows times their scale rounded to bf16 as dequantize_rows does. Either is packed once
+// per call into dpbf16 pairs: keys as 16 positions x 2 dims per vector, values as 2 positions x 16
+// dims. A task is ROWS query rows x HEADS query heads of one kv head; it walks the keys 64
+// positions at a time with a running maximum and sum (flash style), skipping the 16-position
+// chunks past its last row, and multiplies the softmax weights, rounded to bf16, into the values.
+// The query rows are rounded to bf16 as PyTorch's path rounds them (it computes in the cache's
+// dtype, bf16 for int8 rows); scores, maximum, sum and outputs are float32. Taking 64 keys per
 // maximum instead of 16 (one horizontal maximum and one rescale per 64, the sums kept as vectors)
 // ran 1.3-1.5x faster on a 2-core AMD EPYC; 128 and 5 query rows for 3 heads were no faster.
 #include <torch/extension.h>

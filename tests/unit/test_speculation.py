@@ -139,20 +139,47 @@ def test_the_pacer_follows_a_change_in_what_pays():
     assert all(pace(pacer, cycle, plain_rate=1.0, drafted_rate=3.0)[PROBE_STEPS:])  # the text became easy
 
 
-def test_a_probe_and_its_trial_compare_steps_of_one_batch_size():
-    """Drafts that lose at 4 sequences but whose trial would run at 1 (where every step is faster
-    per sequence): a change of batch size starts the probe again, so the trial is compared with
-    plain steps of its own size and the drafts are found not to pay."""
+def paced_sizes(pacer, sizes: list[int], plain_rate, drafted_rate) -> list[bool]:
+    """Steps of 1 s with sizes[i] sequences decoding; rates by size: the modes the pacer chose."""
+    modes = []
+    for n in sizes:
+        modes.append(pacer.drafting)
+        pacer.record(drafted_rate[n] if pacer.drafting else plain_rate[n], 1.0, n)
+    return modes
+
+
+def test_drafts_are_compared_with_plain_steps_of_their_own_batch_size():
+    """Drafts 10% slower than plain steps at both 1 and 4 sequences, but the trial ran mostly at 1
+    (where every step gives a sequence more tokens/s) and the probe mostly at 4: all steps pooled,
+    the drafts would look 1.7x faster. Compared size by size, they do not pay."""
     from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS, DraftPacer
 
-    pacer = DraftPacer()
-    assert not any(pace(pacer, PROBE_STEPS, plain_rate=1.0, drafted_rate=0.0, num_seqs=4))  # 1 token/s each
-    assert pacer.drafting  # the trial begins; the batch shrinks to one sequence
-    modes = pace(pacer, 2 * PROBE_STEPS + TRIAL_STEPS + 2, plain_rate=4.0, drafted_rate=3.0, num_seqs=1)
-    assert modes[0] is True and not any(modes[1:PROBE_STEPS + 1])  # its first step drafted, then probed anew
-    assert all(modes[PROBE_STEPS + 1:PROBE_STEPS + TRIAL_STEPS + 2])  # the trial at one sequence
-    assert not any(modes[PROBE_STEPS + TRIAL_STEPS + 2:])  # 3 < 4 tokens/s: not kept
-    # Without the restart the trial's 3 tokens/s would have beaten the 4-sequence probe's 1.
+    plain, drafted = {1: 2.0, 4: 0.5}, {1: 1.8, 4: 0.45}
+    probe = [4] * 12 + [1] * 4
+    trial = [1] + [4] * 4 + [1] * 12  # its first step is not timed
+    assert len(probe) == PROBE_STEPS and len(trial) == TRIAL_STEPS + 1
+    pooled = (sum(drafted[n] for n in trial[1:]) / TRIAL_STEPS) / (sum(plain[n] for n in probe) / PROBE_STEPS)
+    assert pooled > 1.5
+    modes = paced_sizes(DraftPacer(), probe + trial + [1] * 10, plain, drafted)
+    assert modes[:PROBE_STEPS] == [False] * PROBE_STEPS and all(modes[PROBE_STEPS:PROBE_STEPS + len(trial)])
+    assert not any(modes[PROBE_STEPS + len(trial):])  # not kept
+    faster = {1: 2.2, 4: 0.55}  # 10% faster at each size: kept
+    modes = paced_sizes(DraftPacer(), probe + trial + [1] * 10, plain, faster)
+    assert all(modes[PROBE_STEPS:])
+
+
+def test_a_trial_with_no_batch_size_of_its_probe_is_timed_again():
+    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS, DraftPacer
+
+    plain, drafted = {1: 4.0, 4: 1.0}, {1: 3.0, 4: 3.0}
+    sizes = [4] * PROBE_STEPS + [1] * (TRIAL_STEPS + 1) + [1] * (PROBE_STEPS + TRIAL_STEPS + 1) + [1] * 10
+    modes = paced_sizes(DraftPacer(), sizes, plain, drafted)
+    first_trial_end = PROBE_STEPS + TRIAL_STEPS + 1
+    assert all(modes[PROBE_STEPS:first_trial_end])  # drafts at 1 against plain at 4: not compared,
+    assert not any(modes[first_trial_end:first_trial_end + PROBE_STEPS])  # both timed again at 1
+    second_trial_end = first_trial_end + PROBE_STEPS + TRIAL_STEPS + 1
+    assert all(modes[first_trial_end + PROBE_STEPS:second_trial_end])
+    assert not any(modes[second_trial_end:])  # 3 < 4 tokens/s at one sequence: not kept
 
 
 class Recorder:
@@ -174,12 +201,29 @@ class NoRoomEngine:
         raise ValueError("longer than the draft model's context")
 
 
-def test_a_drafting_step_whose_draft_model_drafted_nothing_is_not_timed():
-    """Every sequence past the draft's context: prompt lookup drafts in its place, so the step
-    is timed neither as drafted nor as plain."""
+class FailingEngine:
+    """A draft engine whose steps fail."""
+
+    def __init__(self):
+        self.has_unfinished = False
+
+    def add_request(self, *args, **kwargs):
+        self.has_unfinished = True
+
+    def step(self):
+        raise RuntimeError("draft step failed")
+
+    def abort_request(self, name):
+        self.has_unfinished = False
+
+
+@pytest.mark.parametrize("engine", [NoRoomEngine(), FailingEngine()], ids=["past-its-context", "failing"])
+def test_a_drafting_step_whose_draft_model_drafted_nothing_is_not_timed(engine):
+    """Every sequence past the draft's context, or the draft model failing: prompt lookup drafts
+    in its place (no proposals), so the step is timed neither as drafted nor as plain."""
     from lmserve.engine.draft_model import DraftModel
 
-    draft = DraftModel(engine=NoRoomEngine())
+    draft = DraftModel(engine=engine)
     draft.pacer = Recorder(drafting=True)
     draft.step_started()
     assert draft.propose({"a": ([1, 2, 3], 4), "b": ([4, 5], 4)}) == {}
