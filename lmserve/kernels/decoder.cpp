@@ -336,8 +336,9 @@ std::optional<torch::Tensor> prefill_mask(const Prefill& seq, const torch::Tenso
     return at::ones({query_len, context_len}, options.dtype(at::kBool)).tril(context_len - query_len);
 }
 
-// _prefill_attention in model/attention.py, op for op; `mask` is prefill_mask's (none when the
-// prompt attention kernel takes the cache).
+// A prefill chunk's attention as paged_attention in model/attention.py takes it, op for op: the
+// prompt attention kernels where they take the cache, else _prefill_attention's ops with `mask`,
+// prefill_mask's.
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
                                 const std::optional<torch::Tensor>& mask, double scale) {

@@ -91,9 +91,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], cache, meta, scale)
+    module = _prompt_kernels(cache, q.shape[1]) if meta.prefills and q.device.type == "cpu" else None
     for seq in meta.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        module = _prompt_kernels(cache, q.shape[1]) if q.device.type == "cpu" else None
         if module is None:
             out[rows] = _prefill_attention(q[rows], k[rows], v[rows], cache, seq, scale)
         elif seq.slot_ids is None:  # a whole prompt: its own keys and values, as _prefill_attention takes them
