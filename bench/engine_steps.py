@@ -209,10 +209,10 @@ def prefill(loaded) -> None:
             best = min(best, time.perf_counter() - started)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             e.generate([prompts[3]], params)
-        sdpa = sum(event.cpu_time_total for event in prof.key_averages()
-                   if event.key in PROMPT_ATTENTION_EVENTS) / 1e6
+        attention = sum(event.cpu_time_total for event in prof.key_averages()
+                        if event.key in PROMPT_ATTENTION_EVENTS) / 1e6
         print(f"{length:4d}-token prompt: {length / best:7.1f} tok/s ({best * 1000:6.1f} ms); attention "
-              f"{sdpa * 1000:6.1f} ms in a profiled run, {sdpa / best:.0%} of the best time", flush=True)
+              f"{attention * 1000:6.1f} ms in a profiled run, {attention / best:.0%} of the best time", flush=True)
 
 
 def main() -> None:

@@ -199,10 +199,9 @@ class DraftModel:
             log.exception("the draft model failed; this step runs without drafts")
             for name in names:
                 self.engine.abort_request(name)
-            self._asked = False  # nor is the step timed as drafted
-            return {}
-        if not any(drafts.values()):  # none drafted (every sequence past the draft's context, or each
-            self._asked = False  # failed): prompt lookup drafts instead, and the step times neither way
+            drafts = {}
+        if not any(drafts.values()):  # none drafted (every sequence past the draft's context, or the
+            self._asked = False  # draft model failed): prompt lookup drafts instead, and the step times neither way
             return {}
         return drafts
 

@@ -236,12 +236,14 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
                     for (int64_t i = 0; i < n; ++i) {
                         // Position j's rows, or past the end the next task's (written out: a call here
                         // would spill every accumulator).
-                        if (const int64_t j = t0 + i + kAhead; c0 == 0 && j < len) {
-                            prefetch_row<DIM>(keys[j]);
-                            prefetch_row<DIM>(values[j]);
-                        } else if (c0 == 0 && j - len < next_len) {
-                            prefetch_row<DIM>(next_keys[j - len]);
-                            prefetch_row<DIM>(next_values[j - len]);
+                        if (c0 == 0) {
+                            if (const int64_t j = t0 + i + kAhead; j < len) {
+                                prefetch_row<DIM>(keys[j]);
+                                prefetch_row<DIM>(values[j]);
+                            } else if (j - len < next_len) {
+                                prefetch_row<DIM>(next_keys[j - len]);
+                                prefetch_row<DIM>(next_values[j - len]);
+                            }
                         }
                         const int set = kSets == 1 ? 0 : static_cast<int>(i & 1);
                         __m512 v[4];

@@ -50,7 +50,15 @@ inline void widen(const c10::BFloat16* src, float* dst, int64_t n) {
 }
 inline void widen(const int8_t* src, float* dst, int64_t n) {  // an int8 row, times its scale
     const float scale = row_scale(src, n);
-    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (; d + 16 <= n; d += 16) {
+        const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+        _mm512_storeu_ps(dst + d, _mm512_mul_ps(x, sv));
+    }
+#endif
+    for (; d < n; ++d) dst[d] = static_cast<float>(src[d]) * scale;
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {

@@ -23,31 +23,27 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
-#include "paged_attention_rows.h"  // row_scale, exp16
+#include "paged_attention_rows.h"  // widen, exp16
 
 namespace {
 
 #if defined(__AVX512BF16__)
 constexpr int64_t kMaxHeadDim = 256;
 
-// A cached row as bf16 bits: a bf16 row as stored, an int8 row's values times its scale; or a
-// float32 row rounded to bf16.
+// A row as bf16 bits: a bf16 row as stored; a float32 row, or an int8 row's values times its scale
+// (widen), rounded to bf16.
 template <typename T>
 inline void row_bits(const T* row, uint16_t* dst, int64_t dim) {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
         std::memcpy(dst, row, sizeof(uint16_t) * dim);
-    } else if constexpr (std::is_same_v<T, float>) {
-        for (int64_t d = 0; d < dim; d += 16) {
-            const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + d));
-            std::memcpy(dst + d, &b, 32);
-        }
     } else {
-        const __m512 scale = _mm512_set1_ps(row_scale(row, dim));
+        alignas(64) float wide[kMaxHeadDim];
+        widen(row, wide, dim);
         for (int64_t d = 0; d < dim; d += 16) {
-            const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
-            const __m256bh b = _mm512_cvtneps_pbh(_mm512_mul_ps(x, scale));
+            const __m256bh b = _mm512_cvtneps_pbh(_mm512_load_ps(wide + d));
             std::memcpy(dst + d, &b, 32);
         }
     }
@@ -233,10 +229,11 @@ torch::Tensor attend_rows(const torch::Tensor& q, const Rows& rows, int64_t cont
 #if defined(__AVX512BF16__)
     const auto q_rows = q.contiguous();
     const int64_t chunks = (context_len + 15) / 16;
-    std::vector<uint32_t> keys(num_kv_heads * chunks * 16 * dim / 2), values(num_kv_heads * chunks * 16 * dim / 2);
-    pack(rows, context_len, num_kv_heads, dim, keys.data(), values.data());
+    const int64_t packed_words = num_kv_heads * chunks * 16 * dim / 2;  // pack writes every one, padding included
+    const std::unique_ptr<uint32_t[]> keys(new uint32_t[packed_words]), values(new uint32_t[packed_words]);
+    pack(rows, context_len, num_kv_heads, dim, keys.get(), values.get());
     const auto run = [&](auto heads) {
-        attend_heads<decltype(heads)::value>(q_rows.data_ptr<float>(), keys.data(), values.data(), out.data_ptr<float>(),
+        attend_heads<decltype(heads)::value>(q_rows.data_ptr<float>(), keys.get(), values.get(), out.data_ptr<float>(),
                                              query_len, context_len, num_heads, num_kv_heads, dim, static_cast<float>(scale));
     };
     switch (heads_per_task(num_heads / num_kv_heads)) {
