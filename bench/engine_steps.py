@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
-    .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384]  # sequences decoding at once
+    .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64]  # sequences decoding at once
     .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share
 """
 
@@ -144,35 +144,47 @@ def lookup_matrix(loaded) -> None:
                       f"drafts kept {kept[0]}/{kept[1]}", flush=True)
 
 
-def level_prompts(level: str) -> tuple[int, list[int]]:
+def level_prompts(level: str, round_: int) -> list[list[int]]:
     """'64x128': 64 prompts of 128 tokens; '64x128-384': 64 prompts of 128 to 384 tokens, evenly
-    spread (a running batch's sequences differ in length)."""
+    spread (a running batch's sequences differ in length); '64x1024+64': 64 prompts of one shared
+    1,024 tokens (a system prompt, n completions of one prompt) and 64 of their own. Distinct
+    tokens from round to round, so that no round finds another's in the prefix cache."""
     width, span = level.split("x")
-    low, _, high = span.partition("-")
-    n, first, last = int(width), int(low), int(high or low)
-    return n, [first + (last - first) * i // max(1, n - 1) for i in range(n)]
+    n = int(width)
+    shared_text, plus, own_text = span.partition("+")
+    if plus:
+        shared, own = int(shared_text), int(own_text)
+        lens = [own] * n
+        prefix = [1000 + (round_ * 997 + j * 11) % 30000 for j in range(shared)]
+    else:
+        low, _, high = span.partition("-")
+        first, last = int(low), int(high or low)
+        lens = [first + (last - first) * i // max(1, n - 1) for i in range(n)]
+        prefix = []
+    return [prefix + [1000 + (round_ * 997 + i * 131 + j * 7) % 30000 for j in range(length)]
+            for i, length in enumerate(lens)]
 
 
 def decode(loaded, levels: str = DECODE_LEVELS) -> None:
-    """N sequences decoding together after prompts of P tokens (distinct, so nothing is shared):
-    the time until every sequence has its first token (as prompt tok/s: the early ones decode
-    meanwhile), then DECODE_STEPS steps of all N decoding, as output tok/s and ms per step; best of
-    3 rounds each. The KV cache holds every sequence (3 GiB), so nothing is preempted."""
+    """N sequences decoding together after prompts of P tokens (level_prompts): the time until every
+    sequence has its first token (as prompt tok/s: the early ones decode meanwhile), then
+    DECODE_STEPS steps of all N decoding, as output tok/s and ms per step; best of 3 rounds each.
+    The KV cache holds every sequence (3 GiB), so nothing is preempted."""
     for level in levels.split(","):
-        width, prompt_lens = level_prompts(level)
         e = engine(loaded, kv_cache_bytes=3 << 30)
         params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
         best, best_prompt = float("inf"), float("inf")
         for round_ in range(3):
+            prompts = level_prompts(level, round_)
+            width = len(prompts)
             ids = [f"{round_}-{i}" for i in range(width)]
-            for i, request_id in enumerate(ids):
-                e.add_request(request_id,
-                              [1000 + (round_ * 997 + i * 131 + j * 7) % 30000 for j in range(prompt_lens[i])], params)
+            for request_id, prompt in zip(ids, prompts):
+                e.add_request(request_id, prompt, params)
             started_ids: set[str] = set()
             started = time.perf_counter()
             while len(started_ids) < width:
                 started_ids.update(out.request_id for out in e.step().outputs if out.new_token_ids)
-            best_prompt = min(best_prompt, (time.perf_counter() - started) / sum(prompt_lens))
+            best_prompt = min(best_prompt, (time.perf_counter() - started) / sum(map(len, prompts)))
             started = time.perf_counter()
             for _ in range(DECODE_STEPS):
                 tokens = sum(len(out.new_token_ids) for out in e.step().outputs)
@@ -220,7 +232,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "decode", "prefill"))
     parser.add_argument("--levels", default=DECODE_LEVELS,
-                        help="decode: sequences x prompt tokens (or a range, 128-384), comma-separated")
+                        help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, 1024+64), comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)

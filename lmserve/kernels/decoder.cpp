@@ -46,7 +46,8 @@ std::string int4_linear_path(int64_t rows);
 torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
-                                     const torch::Tensor& context_lens, int64_t block_size, double scale);
+                                     const torch::Tensor& context_lens, int64_t block_size, double scale,
+                                     bool share_prefixes);
 
 namespace {
 
@@ -430,7 +431,7 @@ class NativeDecoder {
             if (num_decodes > 0)
                 attn.slice(0, 0, num_decodes).copy_(paged_decode_attention(
                     q.slice(0, 0, num_decodes).to(at::kFloat).contiguous(), k_cache, v_cache, *block_table,
-                    *context_lens, block_size, scale_));
+                    *context_lens, block_size, scale_, true));
             for (size_t p = 0; p < prefills.size(); ++p) {
                 const auto& seq = prefills[p];
                 const int64_t start = std::get<0>(seq), end = start + std::get<1>(seq);
@@ -456,7 +457,9 @@ class NativeDecoder {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+    m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
+          py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("context_lens"),
+          py::arg("block_size"), py::arg("scale"), py::arg("share_prefixes") = true);
     m.def("paged_prompt_attention", &paged_prompt_attention, "a prefill chunk's causal attention over its context's cache slots");
     m.def("prompt_attention", &prompt_attention, "a whole prompt's causal attention over its own keys and values, in bf16");
     m.def("prompt_attention_supported", &prompt_attention_supported, "whether paged_prompt_attention takes this cache and head count here");

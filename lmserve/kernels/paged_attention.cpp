@@ -21,7 +21,73 @@
 
 #include "paged_attention_rows.h"
 
+bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);  // kernels/prompt_attention.cpp
+void shared_prefix_attention(const float* q, int64_t num_rows, int64_t num_heads, int64_t dim,
+                             const torch::Tensor& k_cache, const torch::Tensor& v_cache, const int64_t* blocks,
+                             int64_t context_len, int64_t block_size, double scale, float* out, float* lse);
+
 namespace {
+
+// What paged_decode_attention attended already: for each sequence whose first positions it shares
+// with others (shared_prefixes), where its own positions start, and its query rows' output and
+// log-sum over the shared ones. Empty (starts null) for a step with nothing shared.
+struct Attended {
+    const int64_t* starts = nullptr;    // (S,) whole blocks; 0 for a sequence alone
+    const int64_t* own_lens = nullptr;  // (S,) the positions left to each sequence's own tasks
+    const float* out = nullptr;         // (S, H, D), rows of sequences with a start
+    const float* lse = nullptr;         // (S, H)
+    int64_t first(int64_t s) const { return starts ? starts[s] : 0; }
+};
+
+// The shapes decode_tiled is compiled for: head_dim 64 or 128, 1-8 query heads per kv head.
+inline bool fast_shape(int64_t group, int64_t head_dim) {
+    return (head_dim == 64 || head_dim == 128) && group >= 1 && group <= 8;
+}
+
+// When a shared pass pays (kernel alone, SmolLM2's heads, bench/RESULTS.md "2026-12-05
+// (seventeenth sitting)"): without it the shared rows are read again by each sequence, but from the
+// core's caches, and their products largely hide behind the waits for each sequence's own rows from
+// memory; the pass packs the shared rows once and multiplies them at the prompt kernel's rate. It
+// lost at 2 and 4 sequences (up to 2,000 shared positions: packing, and too few rows to fill both
+// cores), at 128 shared positions, and where the sequences' own positions were as many as half the
+// shared ones; it won 1.2-2.0x from 8 sequences sharing 512 positions up.
+constexpr int64_t kMinSharing = 8;
+constexpr int64_t kMinSharedPositions = 512;
+
+// Sequences whose block tables begin with the same blocks (a prefix cache hit, n completions of one
+// prompt, a system prompt): those holding the same first block form a group, sharing the blocks
+// they all hold in the same places, up to each one's last whole block before its current position
+// (so each keeps at least one position of its own). Groups where the pass pays (above).
+struct SharedPrefix {
+    std::vector<int64_t> members;
+    int64_t positions;
+};
+std::vector<SharedPrefix> shared_prefixes(const int64_t* table, const int64_t* lens, int64_t num_seqs,
+                                          int64_t max_blocks, int64_t block_size) {
+    const auto whole_blocks = [&](int64_t s) { return (lens[s] - 1) / block_size; };
+    std::vector<int64_t> order;
+    for (int64_t s = 0; s < num_seqs; ++s)
+        if (whole_blocks(s) * block_size >= kMinSharedPositions) order.push_back(s);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return table[a * max_blocks] < table[b * max_blocks]; });
+    std::vector<SharedPrefix> groups;
+    for (size_t i = 0, j; i < order.size(); i = j) {
+        const int64_t* lead = table + order[i] * max_blocks;
+        for (j = i + 1; j < order.size() && table[order[j] * max_blocks] == lead[0]; ++j) {}
+        if (static_cast<int64_t>(j - i) < kMinSharing) continue;
+        int64_t blocks = whole_blocks(order[i]), own = 0;
+        for (size_t m = i + 1; m < j; ++m) {
+            const int64_t* row = table + order[m] * max_blocks;
+            const int64_t limit = std::min(blocks, whole_blocks(order[m]));
+            for (blocks = 0; blocks < limit && row[blocks] == lead[blocks]; ++blocks) {}
+        }
+        const int64_t positions = blocks * block_size;
+        for (size_t m = i; m < j; ++m) own += lens[order[m]] - positions;
+        if (positions >= kMinSharedPositions && 2 * own <= positions * static_cast<int64_t>(j - i))
+            groups.push_back({std::vector<int64_t>(order.begin() + i, order.begin() + j), positions});
+    }
+    return groups;
+}
 
 // Runs body(begin, end) over the (sequence, kv head) tasks, task = sequence * num_kv_heads + head,
 // one contiguous range per thread, split where the threads' shares of context positions are equal
@@ -130,17 +196,21 @@ inline void score16(const __m512bh* q, const c10::BFloat16* const* keys, float* 
 // position per value row summed, running on into the next task's first rows. Prefetching a
 // chunk's 16 rows at once, as a two-pass version of this kernel did, read 1.1-1.8x slower on
 // the machine above (kAhead's measurement), blocks in order or scattered.
+//
+// A sequence whose first positions were attended already (paged_decode_attention's shared
+// prefixes: `shared` gives where its own positions start, a whole block, and its rows' output and
+// log-sum over those positions) starts from that state instead of nothing and reads its own.
 template <int GROUP, int DIM, typename T>
 void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
                   const int64_t* lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                  int64_t num_slots, int64_t max_blocks, int64_t block_size, float scale) {
+                  int64_t num_slots, int64_t max_blocks, int64_t block_size, float scale, const Attended& shared) {
     constexpr bool kDotBf16 =
 #if defined(__AVX512BF16__)
         std::is_same_v<T, c10::BFloat16>;
 #else
         false;
 #endif
-    for_each_task_range(lens, num_seqs, num_kv_heads, [&](int64_t begin, int64_t end) {
+    for_each_task_range(shared.own_lens ? shared.own_lens : lens, num_seqs, num_kv_heads, [&](int64_t begin, int64_t end) {
         constexpr int64_t kStride = row_stride<T>(DIM);
         constexpr bool kInt8 = std::is_same_v<T, int8_t>;
         // The row addresses of this task and the next, each padded to whole 16s with a row of zeros
@@ -149,8 +219,9 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
         int64_t lengths[2] = {0, 0};
         const std::vector<T> zeros(kStride, T(0));
         const auto gather = [&](int64_t task, int slot) {
-            const int64_t s = task / num_kv_heads, h = task % num_kv_heads, len = lens[s];
-            const int64_t* blocks = table + s * max_blocks;
+            const int64_t s = task / num_kv_heads, h = task % num_kv_heads, first = shared.first(s);
+            const int64_t len = lens[s] - first;  // the positions this task reads
+            const int64_t* blocks = table + s * max_blocks + first / block_size;
             const T* kh = k_cache + h * num_slots * kStride;
             const T* vh = v_cache + h * num_slots * kStride;
             auto& keys = rows[slot][0];
@@ -188,8 +259,14 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
                     qb[i] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qs + 32 * i + 16), _mm512_loadu_ps(qs + 32 * i));
 #endif
             float top[GROUP], sum[GROUP];
-            for (int g = 0; g < GROUP; ++g) top[g] = -INFINITY, sum[g] = 0.f;
-            std::fill(acc, acc + GROUP * DIM, 0.f);
+            if (shared.first(s) > 0) {  // the shared positions' output as if summed against their log-sum
+                const int64_t row = s * num_heads + h * GROUP;
+                for (int g = 0; g < GROUP; ++g) top[g] = shared.lse[row + g], sum[g] = 1.f;
+                std::memcpy(acc, shared.out + row * DIM, sizeof(float) * GROUP * DIM);
+            } else {
+                for (int g = 0; g < GROUP; ++g) top[g] = -INFINITY, sum[g] = 0.f;
+                std::fill(acc, acc + GROUP * DIM, 0.f);
+            }
             for (int64_t t0 = 0; t0 < padded; t0 += 16) {
 #if defined(__AVX512BF16__)
                 if constexpr (kDotBf16) score16<GROUP, DIM>(qb, keys + t0, weights, 16, scale);
@@ -275,11 +352,11 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
 template <typename T>
 bool decode_fast(int64_t group, const float* q, const T* k, const T* v, const int64_t* table, const int64_t* lens,
                  float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t num_slots,
-                 int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale) {
-    if (head_dim != 64 && head_dim != 128) return false;
+                 int64_t head_dim, int64_t max_blocks, int64_t block_size, float scale, const Attended& shared) {
+    if (!fast_shape(group, head_dim)) return false;
     switch (group * 1000 + head_dim) {
 #define LMSERVE_TILE(G, D) \
-    case G * 1000 + D: decode_tiled<G, D>(q, k, v, table, lens, out, num_seqs, num_heads, num_kv_heads, num_slots, max_blocks, block_size, scale); return true;
+    case G * 1000 + D: decode_tiled<G, D>(q, k, v, table, lens, out, num_seqs, num_heads, num_kv_heads, num_slots, max_blocks, block_size, scale, shared); return true;
 #define LMSERVE_GROUP(G) LMSERVE_TILE(G, 64) LMSERVE_TILE(G, 128)
         LMSERVE_GROUP(1) LMSERVE_GROUP(2) LMSERVE_GROUP(3) LMSERVE_GROUP(4)
         LMSERVE_GROUP(5) LMSERVE_GROUP(6) LMSERVE_GROUP(7) LMSERVE_GROUP(8)
@@ -327,9 +404,15 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
 
 }  // namespace
 
+// One query row per sequence over its context in the paged cache. Where share_prefixes holds and
+// prompt_attention_supported takes the cache (bf16 or int8 rows, AVX512-BF16), sequences that begin
+// with the same cache blocks (shared_prefixes) attend to those together first, each shared row read
+// once for the group (shared_prefix_attention, its bf16 products as a prompt's), then each to its
+// own positions from there.
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
-                                     const torch::Tensor& context_lens, int64_t block_size, double scale) {
+                                     const torch::Tensor& context_lens, int64_t block_size, double scale,
+                                     bool share_prefixes) {
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 (S, H, D)");
     TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: contiguous (Hkv, slots, D)");
     TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "caches of one dtype");
@@ -350,13 +433,46 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     // multiplies bf16 pairs exactly; elsewhere the rounded copy gives the same products in float32).
     const auto q_used = k_cache.scalar_type() == at::kBFloat16 ? q.to(at::kBFloat16).to(at::kFloat) : q;
     const auto* table = block_table.data_ptr<int64_t>();
+    const auto* lens = context_lens.data_ptr<int64_t>();
+    Attended shared;
+    std::vector<int64_t> starts, own_lens;
+    torch::Tensor shared_out, shared_lse;
+    if (share_prefixes && fast_shape(num_heads / num_kv_heads, head_dim) && prompt_attention_supported(k_cache, num_heads)) {
+        const auto groups = shared_prefixes(table, lens, num_seqs, block_table.size(1), block_size);
+        if (!groups.empty()) {
+            starts.assign(num_seqs, 0);
+            shared_out = torch::empty_like(q);
+            shared_lse = torch::empty({num_seqs, num_heads}, q.options());
+            const int64_t row = num_heads * head_dim;  // one sequence's query rows
+            std::vector<float> rows, rows_out, rows_lse;
+            for (const auto& group : groups) {
+                const int64_t n = static_cast<int64_t>(group.members.size());
+                rows.resize(n * row), rows_out.resize(n * row), rows_lse.resize(n * num_heads);
+                for (int64_t i = 0; i < n; ++i)
+                    std::memcpy(rows.data() + i * row, q.data_ptr<float>() + group.members[i] * row, sizeof(float) * row);
+                shared_prefix_attention(rows.data(), n, num_heads, head_dim, k_cache, v_cache,
+                                        table + group.members[0] * block_table.size(1), group.positions, block_size,
+                                        scale, rows_out.data(), rows_lse.data());
+                for (int64_t i = 0; i < n; ++i) {
+                    const int64_t s = group.members[i];
+                    std::memcpy(shared_out.data_ptr<float>() + s * row, rows_out.data() + i * row, sizeof(float) * row);
+                    std::memcpy(shared_lse.data_ptr<float>() + s * num_heads, rows_lse.data() + i * num_heads,
+                                sizeof(float) * num_heads);
+                    starts[s] = group.positions;
+                }
+            }
+            own_lens.resize(num_seqs);
+            for (int64_t s = 0; s < num_seqs; ++s) own_lens[s] = lens[s] - starts[s];
+            shared = {starts.data(), own_lens.data(), shared_out.data_ptr<float>(), shared_lse.data_ptr<float>()};
+        }
+    }
     const auto run = [&](auto... args) {
 #if defined(__AVX512F__)
-        if (decode_fast(num_heads / num_kv_heads, args...)) return;
+        if (decode_fast(num_heads / num_kv_heads, args..., shared)) return;
 #endif
+        TORCH_CHECK(!shared.starts, "decode attention: shared prefixes without the tiled kernel");
         decode(args...);
     };
-    const auto* lens = context_lens.data_ptr<int64_t>();
     if (k_cache.scalar_type() == at::kBFloat16) {
         run(q_used.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), table, lens,
                out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, num_slots, head_dim, block_table.size(1),

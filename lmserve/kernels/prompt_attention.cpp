@@ -23,7 +23,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "paged_attention_rows.h"  // widen, exp16
@@ -37,8 +36,8 @@ constexpr int64_t kMaxHeadDim = 256;
 // (widen), rounded to bf16.
 template <typename T>
 inline void row_bits(const T* row, uint16_t* dst, int64_t dim) {
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        std::memcpy(dst, row, sizeof(uint16_t) * dim);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {  // dim is a multiple of 32: whole vectors, no call
+        for (int64_t d = 0; d < dim; d += 32) _mm512_storeu_si512(dst + d, _mm512_loadu_si512(row + d));
     } else {
         alignas(64) float wide[kMaxHeadDim];
         widen(row, wide, dim);
@@ -47,6 +46,45 @@ inline void row_bits(const T* row, uint16_t* dst, int64_t dim) {
             std::memcpy(dst + d, &b, 32);
         }
     }
+}
+
+// dst[j * 16 + i] = the 32-bit word j of row i, for 16 rows of 16 words each `stride` words apart:
+// pairs, then quads within each 128-bit lane, then the lanes.
+inline void transpose16(const uint16_t* rows, int64_t stride, uint32_t* dst) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(rows);
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * stride);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + c]: rows i..i+3, word 4k + c in 128-bit lane k
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i even_lo = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i odd_lo = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+        const __m512i even_hi = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512i odd_hi = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
+        t[c] = _mm512_shuffle_i32x4(even_lo, even_hi, _MM_SHUFFLE(2, 0, 2, 0));
+        t[8 + c] = _mm512_shuffle_i32x4(even_lo, even_hi, _MM_SHUFFLE(3, 1, 3, 1));
+        t[4 + c] = _mm512_shuffle_i32x4(odd_lo, odd_hi, _MM_SHUFFLE(2, 0, 2, 0));
+        t[12 + c] = _mm512_shuffle_i32x4(odd_lo, odd_hi, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * 16, t[i]);
+}
+
+// dst[d] = a[d] | b[d] << 16 for d < 32: two rows' bf16 values in pairs.
+inline void interleave32(const uint16_t* a, const uint16_t* b, uint32_t* dst) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    const __m512i x = _mm512_loadu_si512(a), y = _mm512_loadu_si512(b);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(x, lo, y));
+    _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(x, hi, y));
 }
 
 // keys (num_kv_heads, chunks, dim / 2, 16) and values (num_kv_heads, chunks, 8, dim) in pairs of
@@ -70,30 +108,29 @@ void pack(const Rows& rows, int64_t context_len, int64_t num_kv_heads, int64_t d
                 rows(h, t, k_rows.data() + lane * dim, v_rows.data() + lane * dim);
             }
             uint32_t* kc = keys + x * (dim / 2) * 16;
-            for (int64_t d2 = 0; d2 < dim / 2; ++d2)
-                for (int lane = 0; lane < 16; ++lane) {
-                    uint32_t word;
-                    std::memcpy(&word, k_rows.data() + lane * dim + 2 * d2, 4);
-                    kc[d2 * 16 + lane] = word;
-                }
+            for (int64_t d2 = 0; d2 < dim / 2; d2 += 16)  // 16 lanes x 16 pairs at a time
+                transpose16(k_rows.data() + 2 * d2, dim / 2, kc + d2 * 16);
             uint32_t* vc = values + x * 8 * dim;
             for (int t2 = 0; t2 < 8; ++t2)
-                for (int64_t d = 0; d < dim; ++d)
-                    vc[t2 * dim + d] = v_rows[2 * t2 * dim + d] | (uint32_t(v_rows[(2 * t2 + 1) * dim + d]) << 16);
+                for (int64_t d = 0; d < dim; d += 32)
+                    interleave32(v_rows.data() + 2 * t2 * dim + d, v_rows.data() + (2 * t2 + 1) * dim + d, vc + t2 * dim + d);
         }
     });
 }
 
-// q (query_len, num_heads, dim) float32 rows at positions context_len - query_len ...; out the same shape.
+// q (query_len, num_heads, dim) float32 rows, row r attending to the keys at positions 0 ..
+// min(offset + r, context_len - 1) (offset context_len - query_len: a prompt chunk, causal; offset
+// context_len - 1: rows that follow the whole context, as decode rows do); out the same shape, and
+// where lse is given, each (row, head)'s log of its softmax sum, lse (query_len, num_heads).
 // Keys are taken 64 at a time (four chunks of 16, fewer past the task's last row): the scores of all
 // four, then one maximum per (row, head) over them, then their weights, then the values; the sums
 // stay vectors until the end.
 template <int HEADS, int ROWS>
-void attend(const float* q, const uint32_t* keys, const uint32_t* values, float* out, int64_t query_len,
-            int64_t context_len, int64_t num_heads, int64_t num_kv_heads, int64_t dim, float scale) {
+void attend(const float* q, const uint32_t* keys, const uint32_t* values, float* out, float* lse, int64_t query_len,
+            int64_t context_len, int64_t offset, int64_t num_heads, int64_t num_kv_heads, int64_t dim, float scale) {
     constexpr int N = HEADS * ROWS;  // (row, head) pairs per task, rows outer
     constexpr int kSub = 4;          // 16-key chunks per block
-    const int64_t group = num_heads / num_kv_heads, head_sets = group / HEADS, offset = context_len - query_len;
+    const int64_t group = num_heads / num_kv_heads, head_sets = group / HEADS;
     const int64_t chunks = (context_len + 15) / 16, row_blocks = (query_len + ROWS - 1) / ROWS;
     const int64_t pairs = dim / 2;
     const int64_t lanes = num_kv_heads * head_sets;
@@ -105,9 +142,10 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
         float top[N];
         __m512 sums[N];
         for (int64_t x = begin; x < end; ++x) {
-            // Row blocks from both ends in turn, so that a contiguous share of tasks (each thread's)
-            // holds as many long rows as short ones.
-            const int64_t lane = x % lanes, turn = x / lanes;
+            // A lane's row blocks one after another (its packed keys and values stay in the core's
+            // cache from one to the next), taken from both ends in turn, so that a contiguous share
+            // of tasks (each thread's) holds as many long rows as short ones.
+            const int64_t lane = x / row_blocks, turn = x % row_blocks;
             const int64_t block = turn % 2 == 0 ? turn / 2 : row_blocks - 1 - turn / 2;
             const int64_t h = lane / head_sets, head0 = h * group + (lane % head_sets) * HEADS;
             const int64_t r0 = block * ROWS, rows = std::min<int64_t>(ROWS, query_len - r0);
@@ -121,7 +159,7 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
                 }
             for (int i = 0; i < N; ++i) top[i] = -INFINITY, sums[i] = _mm512_setzero_ps();
             std::fill(acc, acc + N * dim, 0.f);
-            const int64_t last = offset + r0 + rows - 1;  // the task's last row attends to keys 0..last
+            const int64_t last = std::min(offset + r0 + rows - 1, context_len - 1);  // the task's rows attend to keys 0..last
             const uint32_t* kh = keys + h * chunks * pairs * 16;
             const uint32_t* vh = values + h * chunks * 8 * dim;
             for (int64_t c0 = 0; c0 <= last / 16; c0 += kSub) {
@@ -139,7 +177,7 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
                 }
                 for (int r = 0; r < ROWS; ++r) {
                     // keys of this block the row attends to: 0 past the task's rows
-                    const int64_t n = r >= rows ? 0 : std::min<int64_t>(16 * sub, offset + r0 + r - 16 * c0 + 1);
+                    const int64_t n = r >= rows ? 0 : std::min<int64_t>(16 * sub, std::min(offset + r0 + r, last) - 16 * c0 + 1);
                     for (int g = 0; g < HEADS; ++g) {
                         const int i = r * HEADS + g;
                         if (n <= 0) {
@@ -185,7 +223,9 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
             for (int r = 0; r < rows; ++r)
                 for (int g = 0; g < HEADS; ++g) {
                     const int i = r * HEADS + g;
-                    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums[i]));
+                    const float sum = _mm512_reduce_add_ps(sums[i]);
+                    const __m512 inv = _mm512_set1_ps(1.f / sum);
+                    if (lse) lse[(r0 + r) * num_heads + head0 + g] = top[i] + std::log(sum);
                     float* o = out + ((r0 + r) * num_heads + head0 + g) * dim;
                     for (int64_t d = 0; d < dim; d += 16)
                         _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_load_ps(acc + i * dim + d), inv));
@@ -203,12 +243,13 @@ int64_t heads_per_task(int64_t group) {
 }
 
 template <int HEADS>
-void attend_heads(const float* q, const uint32_t* keys, const uint32_t* values, float* out, int64_t query_len,
-                  int64_t context_len, int64_t num_heads, int64_t num_kv_heads, int64_t dim, float scale) {
+void attend_heads(const float* q, const uint32_t* keys, const uint32_t* values, float* out, float* lse,
+                  int64_t query_len, int64_t context_len, int64_t offset, int64_t num_heads, int64_t num_kv_heads,
+                  int64_t dim, float scale) {
     // About 12 (row, head) pairs per task, as the prototype measured best for 3 heads (4 rows); up to
     // 16 accumulators and a key vector stay within the 32 registers.
     constexpr int kRows = HEADS >= 6 ? 2 : 12 / HEADS;
-    attend<HEADS, kRows>(q, keys, values, out, query_len, context_len, num_heads, num_kv_heads, dim, scale);
+    attend<HEADS, kRows>(q, keys, values, out, lse, query_len, context_len, offset, num_heads, num_kv_heads, dim, scale);
 }
 #else
 template <typename T>
@@ -219,22 +260,24 @@ inline void row_bits(const T*, uint16_t*, int64_t) {}  // never called: attend_r
 
 namespace {
 
-// Attention of q's rows over the context that rows(h, t, k_bits, v_bits) gives, packed first.
+// Attention of q's rows (query_len, num_heads, dim) over the context that rows(h, t, k_bits, v_bits)
+// gives, packed first; offset and lse as attend takes them.
 template <typename Rows>
-torch::Tensor attend_rows(const torch::Tensor& q, const Rows& rows, int64_t context_len, int64_t num_kv_heads,
-                          double scale) {
-    const int64_t query_len = q.size(0), num_heads = q.size(1), dim = q.size(2);
-    TORCH_CHECK(query_len >= 1 && context_len >= query_len, "the query rows are the last of their context");
-    auto out = torch::empty({query_len, num_heads, dim}, q.options());
+void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t dim, const Rows& rows,
+                 int64_t context_len, int64_t offset, int64_t num_kv_heads, double scale, float* out, float* lse) {
 #if defined(__AVX512BF16__)
-    const auto q_rows = q.contiguous();
     const int64_t chunks = (context_len + 15) / 16;
-    const int64_t packed_words = num_kv_heads * chunks * 16 * dim / 2;  // pack writes every one, padding included
-    const std::unique_ptr<uint32_t[]> keys(new uint32_t[packed_words]), values(new uint32_t[packed_words]);
-    pack(rows, context_len, num_kv_heads, dim, keys.get(), values.get());
+    const size_t packed_words = num_kv_heads * chunks * 16 * dim / 2;  // pack writes every one, padding included
+    // Kept by the calling thread (the engine's) from call to call: a fresh buffer this size is mapped
+    // and faulted in page by page each time, 30 times a step.
+    thread_local std::vector<uint32_t> packed;
+    if (packed.size() < 2 * packed_words) packed.resize(2 * packed_words);
+    uint32_t* keys = packed.data();
+    uint32_t* values = keys + packed_words;
+    pack(rows, context_len, num_kv_heads, dim, keys, values);
     const auto run = [&](auto heads) {
-        attend_heads<decltype(heads)::value>(q_rows.data_ptr<float>(), keys.get(), values.get(), out.data_ptr<float>(),
-                                             query_len, context_len, num_heads, num_kv_heads, dim, static_cast<float>(scale));
+        attend_heads<decltype(heads)::value>(q, keys, values, out, lse, query_len, context_len, offset,
+                                             num_heads, num_kv_heads, dim, static_cast<float>(scale));
     };
     switch (heads_per_task(num_heads / num_kv_heads)) {
         case 1: run(std::integral_constant<int, 1>{}); break;
@@ -247,8 +290,21 @@ torch::Tensor attend_rows(const torch::Tensor& q, const Rows& rows, int64_t cont
         default: run(std::integral_constant<int, 8>{}); break;
     }
 #else
-    (void)rows, (void)scale;
+    (void)q, (void)query_len, (void)num_heads, (void)dim, (void)rows, (void)context_len, (void)offset,
+        (void)num_kv_heads, (void)scale, (void)out, (void)lse;
 #endif
+}
+
+// A chunk's rows, the last of their context: causal.
+template <typename Rows>
+torch::Tensor attend_chunk(const torch::Tensor& q, const Rows& rows, int64_t context_len, int64_t num_kv_heads,
+                           double scale) {
+    const int64_t query_len = q.size(0), num_heads = q.size(1), dim = q.size(2);
+    TORCH_CHECK(query_len >= 1 && context_len >= query_len, "the query rows are the last of their context");
+    auto out = torch::empty({query_len, num_heads, dim}, q.options());
+    const auto q_rows = q.contiguous();
+    attend_rows(q_rows.data_ptr<float>(), query_len, num_heads, dim, rows, context_len, context_len - query_len,
+                num_kv_heads, scale, out.data_ptr<float>(), nullptr);
     return out;
 }
 
@@ -259,6 +315,25 @@ bool shape_supported(int64_t dim, int64_t num_heads, int64_t num_kv_heads) {
     (void)dim, (void)num_heads, (void)num_kv_heads;
     return false;
 #endif
+}
+
+// body(rows), rows(h, t, k_bits, v_bits) writing the bf16 bits of position t's key and value rows of
+// kv head h, read from cache slot slot_of(t) of a bf16 or int8 cache.
+template <typename SlotOf, typename Body>
+auto with_cached_rows(const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t dim, const SlotOf& slot_of,
+                      const Body& body) {
+    const int64_t num_slots = k_cache.size(1), stride = k_cache.size(2);
+    const auto cached = [&](const auto* k, const auto* v) {
+        const auto rows = [&](int64_t h, int64_t t, uint16_t* k_bits, uint16_t* v_bits) {
+            const int64_t row = (h * num_slots + slot_of(t)) * stride;
+            row_bits(k + row, k_bits, dim);
+            row_bits(v + row, v_bits, dim);
+        };
+        return body(rows);
+    };
+    if (k_cache.scalar_type() == at::kBFloat16)
+        return cached(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
+    return cached(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
 }
 
 constexpr const char* kRefusal = "prompt attention: a bf16 or int8 cache, head_dim a multiple of 32 up to 256, "
@@ -290,18 +365,26 @@ torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor
     const int64_t* s = slot_ids.data_ptr<int64_t>();
     for (int64_t t = 0; t < context_len; ++t)
         TORCH_CHECK(s[t] >= 0 && s[t] < num_slots, "cache slot ", s[t], " outside 0..", num_slots - 1);
-    const auto cached = [&](const auto* k, const auto* v) {
-        const int64_t stride = k_cache.size(2);
-        const auto rows = [&](int64_t h, int64_t t, uint16_t* k_bits, uint16_t* v_bits) {
-            const int64_t row = (h * num_slots + s[t]) * stride;
-            row_bits(k + row, k_bits, dim);
-            row_bits(v + row, v_bits, dim);
-        };
-        return attend_rows(q, rows, context_len, k_cache.size(0), scale);
-    };
-    if (k_cache.scalar_type() == at::kBFloat16)
-        return cached(k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>());
-    return cached(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
+    return with_cached_rows(k_cache, v_cache, dim, [&](int64_t t) { return s[t]; }, [&](const auto& rows) {
+        return attend_chunk(q, rows, context_len, k_cache.size(0), scale);
+    });
+}
+
+// Decode rows of sequences whose first context_len positions are the same cache blocks (`blocks`,
+// whole blocks of block_size): q (G, H, D) float32, the G sequences' query rows. Writes
+// out (G, H, D), their attention over those positions alone, and lse (G, H), the log of each (row,
+// head)'s softmax sum, from which paged_decode_attention goes on over each sequence's own
+// positions: the shared rows are read once for all G rather than once per sequence. The caller
+// checks prompt_attention_supported.
+void shared_prefix_attention(const float* q, int64_t num_rows, int64_t num_heads, int64_t dim,
+                             const torch::Tensor& k_cache, const torch::Tensor& v_cache, const int64_t* blocks,
+                             int64_t context_len, int64_t block_size, double scale, float* out, float* lse) {
+    RECORD_FUNCTION("lmserve::shared_prefix_attention", std::vector<c10::IValue>());
+    const auto slot_of = [&](int64_t t) { return blocks[t / block_size] * block_size + t % block_size; };
+    with_cached_rows(k_cache, v_cache, dim, slot_of, [&](const auto& rows) {
+        attend_rows(q, num_rows, num_heads, dim, rows, context_len, context_len - 1, k_cache.size(0), scale, out, lse);
+        return 0;
+    });
 }
 
 // A whole prompt, its own rows: q (L, H, D), k and v (L, Hkv, D) float32, attended causally with
@@ -322,5 +405,5 @@ torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, c
         row_bits(kp + (t * num_kv_heads + h) * dim, k_bits, dim);
         row_bits(vp + (t * num_kv_heads + h) * dim, v_bits, dim);
     };
-    return attend_rows(q, rows, k.size(0), num_kv_heads, scale);
+    return attend_chunk(q, rows, k.size(0), num_kv_heads, scale);
 }

@@ -1,0 +1,127 @@
+"""Decode attention over prefixes several sequences share (kernels/paged_attention.cpp,
+shared_prefixes): sequences whose block tables begin with the same blocks attend to those once
+together (the prompt kernel's products, kernels/prompt_attention.cpp) and then each to its own
+positions from that state. Each row must still be its own attention over its whole context, against a
+float32 reference, whatever the grouping; and the shared pass must run exactly where its rule says.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lmserve.kernels import cpu_flags, native_module
+from lmserve.model.attention import dequantize_rows, quantize_rows
+
+BLOCK = 16
+TOLERANCE = 1.5e-2  # the prompt kernel's: its softmax weights are rounded to bf16 (tests/unit/test_prompt_attention.py)
+EVENT = "lmserve::shared_prefix_attention"
+
+
+def layout(sequences, num_blocks):
+    """sequences: (shared blocks, their first block id, own positions) per sequence. Shared blocks are
+    numbered from the id given; each sequence's own blocks come after every shared one, its own."""
+    next_block = num_blocks
+    rows, lens = [], []
+    for shared, first, own in sequences:
+        own_blocks = list(range(next_block, next_block + (own + BLOCK - 1) // BLOCK))
+        next_block += len(own_blocks)
+        rows.append(list(range(first, first + shared)) + own_blocks)
+        lens.append(shared * BLOCK + own)
+    width = max(map(len, rows))
+    table = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    return table, torch.tensor(lens), next_block
+
+
+def cache_pair(num_kv_heads, num_slots, head_dim, cache_dtype, generator):
+    parts = [torch.randn(num_kv_heads, num_slots, head_dim, generator=generator) for _ in range(2)]
+    if cache_dtype == torch.int8:
+        stored = [quantize_rows(p) for p in parts]
+        return stored, [dequantize_rows(p, torch.float32) for p in stored]
+    stored = [p.to(cache_dtype) for p in parts]
+    return stored, [p.float() for p in stored]
+
+
+def reference(q, values, table, lens, group, scale):
+    """Each sequence's one query row over its whole context, in float32 (the query rounded to bf16
+    as the kernels round it)."""
+    out = torch.empty_like(q)
+    for s, length in enumerate(lens.tolist()):
+        slots = (table[s][:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:length]
+        k, v = (part[:, slots].repeat_interleave(group, 0) for part in values)  # (H, L, D)
+        weights = torch.softmax(torch.einsum("hd,hld->hl", q[s].bfloat16().float(), k) * scale, dim=-1)
+        out[s] = torch.einsum("hl,hld->hd", weights, v)
+    return out
+
+
+def shared_passes(module, *args, share_prefixes=True):
+    """The kernel's output and how many shared passes it ran (one per sharing group)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = module.paged_decode_attention(*args, share_prefixes=share_prefixes)
+    return out, sum(event.count for event in prof.key_averages() if event.key == EVENT)
+
+
+def shares_here(cache_dtype):
+    return cache_dtype != torch.float32 and "avx512_bf16" in cpu_flags()
+
+
+# Two groups the rule takes (9 sequences sharing 34 blocks; 8 sharing 40, one of them only 36), and
+# sequences it leaves alone: one by itself, three sharing 40 blocks (too few), 8 sharing 30 (too few
+# positions).
+SEQUENCES = ([(34, 0, own) for own in (1, 7, 16, 17, 33, 40, 3, 29, 12)]
+             + [(40, 100, own) for own in (5, 9, 14, 31, 2, 40, 21)] + [(36, 100, 8)]
+             + [(30, 200, 11)] + [(40, 300, own) for own in (4, 18, 9)]
+             + [(30, 400, own) for own in (6, 13, 2, 27, 8, 19, 1, 36)])
+
+
+@pytest.mark.parametrize("num_kv_heads, group, head_dim, cache_dtype", [
+    (2, 3, 64, torch.bfloat16),  # SmolLM2's group
+    (1, 7, 128, torch.int8),  # seven heads, int8 rows and their scales
+    (2, 1, 64, torch.bfloat16),  # one query head per kv head
+    (1, 8, 128, torch.bfloat16),  # the widest group the decode kernel is built for
+    (2, 2, 64, torch.int8),
+    (2, 3, 64, torch.float32),  # float32 keeps the exact path: nothing shared
+])
+def test_sequences_sharing_a_prefix_attend_each_over_its_whole_context(num_kv_heads, group, head_dim, cache_dtype):
+    module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
+    g = torch.Generator().manual_seed(group * 1000 + head_dim)
+    order = torch.randperm(len(SEQUENCES), generator=g).tolist()  # a group's members need not be neighbours
+    table, lens, num_blocks = layout([SEQUENCES[i] for i in order], num_blocks=500)
+    (k_cache, v_cache), values = cache_pair(num_kv_heads, num_blocks * BLOCK, head_dim, cache_dtype, g)
+    q = 2 * torch.randn(len(order), num_kv_heads * group, head_dim, generator=g)  # sharp weights: a slip shows
+    scale = head_dim ** -0.5
+    args = (q, k_cache, v_cache, table, lens, BLOCK, scale)
+    out, passes = shared_passes(module, *args)
+    alone, none = shared_passes(module, *args, share_prefixes=False)
+    assert none == 0
+    assert passes == (2 if shares_here(cache_dtype) else 0)
+    expected = reference(q, values, table, lens, group, scale)
+    assert torch.allclose(out, expected, atol=TOLERANCE), (out - expected).abs().max()
+    assert torch.allclose(alone, expected, atol=TOLERANCE), (alone - expected).abs().max()
+    shifted = reference(q, values, table, lens, group, scale * 1.25)  # the comparison can tell a wrong scale apart
+    assert not torch.allclose(out, shifted, atol=TOLERANCE)
+    # Rows of sequences no group took are the plain kernel's, bit for bit.
+    left_alone = [i for i, s in enumerate(order) if SEQUENCES[s][1] >= 200]
+    assert torch.equal(out[left_alone], alone[left_alone])
+
+
+@pytest.mark.parametrize("sequences, passes", [
+    ([(32, 0, 10)] * 8, 1),  # 8 sequences sharing 512 positions, few of their own
+    ([(32, 0, 10)] * 7, 0),  # 7 sequences
+    ([(31, 0, 10)] * 8, 0),  # 496 shared positions
+    ([(32, 0, 300)] * 8, 0),  # own positions more than half the shared ones
+    ([(32, 0, 250)] * 8, 1),  # just under half
+    ([(32, 0, 10)] * 8 + [(32, 0, 10)] * 8, 1),  # one first block: one group of 16
+])
+def test_a_shared_pass_runs_where_enough_sequences_share_enough_positions(sequences, passes):
+    module = native_module()
+    table, lens, num_blocks = layout(sequences, num_blocks=64)
+    g = torch.Generator().manual_seed(len(sequences))
+    (k_cache, v_cache), values = cache_pair(1, num_blocks * BLOCK, 64, torch.bfloat16, g)
+    q = torch.randn(len(sequences), 3, 64, generator=g)
+    out, ran = shared_passes(module, q, k_cache, v_cache, table, lens, BLOCK, 0.125)
+    assert ran == (passes if shares_here(torch.bfloat16) else 0)
+    expected = reference(q, values, table, lens, 3, 0.125)
+    assert torch.allclose(out, expected, atol=TOLERANCE), (out - expected).abs().max()
