@@ -404,11 +404,12 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
 
 }  // namespace
 
-// One query row per sequence over its context in the paged cache. Where share_prefixes holds and
-// prompt_attention_supported takes the cache (bf16 or int8 rows, AVX512-BF16), sequences that begin
-// with the same cache blocks (shared_prefixes) attend to those together first, each shared row read
-// once for the group (shared_prefix_attention, its bf16 products as a prompt's), then each to its
-// own positions from there.
+// One query row per sequence over its context in the paged cache. Where share_prefixes holds, the
+// cache is bf16 and prompt_attention_supported takes it (AVX512-BF16), sequences that begin with
+// the same cache blocks (shared_prefixes) attend to those together first, each shared row read once
+// for the group (shared_prefix_attention: the query rounded to bf16 and float32 softmax weights, as
+// here, to ~1e-5), then each to its own positions from there. An int8 cache keeps this kernel's
+// float32 query and exact rows (the prompt kernel would round both to bf16).
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
                                      const torch::Tensor& context_lens, int64_t block_size, double scale,
@@ -437,7 +438,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     Attended shared;
     std::vector<int64_t> starts, own_lens;
     torch::Tensor shared_out, shared_lse;
-    if (share_prefixes && fast_shape(num_heads / num_kv_heads, head_dim) && prompt_attention_supported(k_cache, num_heads)) {
+    if (share_prefixes && k_cache.scalar_type() == at::kBFloat16 && fast_shape(num_heads / num_kv_heads, head_dim) &&
+        prompt_attention_supported(k_cache, num_heads)) {
         const auto groups = shared_prefixes(table, lens, num_seqs, block_table.size(1), block_size);
         if (!groups.empty()) {
             starts.assign(num_seqs, 0);
