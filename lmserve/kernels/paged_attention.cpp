@@ -49,15 +49,17 @@ inline bool fast_shape(int64_t group, int64_t head_dim) {
 // core's caches, and their products largely hide behind the waits for each sequence's own rows from
 // memory; the pass packs the shared rows once and multiplies them at the prompt kernel's rate. It
 // lost at 2 and 4 sequences (up to 2,000 shared positions: packing, and too few rows to fill both
-// cores), at 128 shared positions, and where the sequences' own positions were as many as half the
-// shared ones; it won 1.2-2.0x from 8 sequences sharing 512 positions up.
-constexpr int64_t kMinSharing = 8;
+// cores), at 128 shared positions, and at 8 sequences over 512 with many positions of their own;
+// where this rule takes it, it won 1.06-2.2x (16 sequences over 1,024 up to 64 over 2,000).
+constexpr int64_t kMinSharing = 8;             // sequences
 constexpr int64_t kMinSharedPositions = 512;
+constexpr int64_t kMinSharedReads = 16 * 1024;  // sequences x shared positions
 
 // Sequences whose block tables begin with the same blocks (a prefix cache hit, n completions of one
 // prompt, a system prompt): those holding the same first block form a group, sharing the blocks
 // they all hold in the same places, up to each one's last whole block before its current position
-// (so each keeps at least one position of its own). Groups where the pass pays (above).
+// (so each keeps at least one position of its own). Groups where the pass pays (above): own
+// positions at most half the shared ones on average.
 struct SharedPrefix {
     std::vector<int64_t> members;
     int64_t positions;
@@ -83,7 +85,8 @@ std::vector<SharedPrefix> shared_prefixes(const int64_t* table, const int64_t* l
         }
         const int64_t positions = blocks * block_size;
         for (size_t m = i; m < j; ++m) own += lens[order[m]] - positions;
-        if (positions >= kMinSharedPositions && 2 * own <= positions * static_cast<int64_t>(j - i))
+        const int64_t members = static_cast<int64_t>(j - i);
+        if (positions >= kMinSharedPositions && members * positions >= kMinSharedReads && 2 * own <= positions * members)
             groups.push_back({std::vector<int64_t>(order.begin() + i, order.begin() + j), positions});
     }
     return groups;
@@ -407,9 +410,9 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
 // One query row per sequence over its context in the paged cache. Where share_prefixes holds, the
 // cache is bf16 and prompt_attention_supported takes it (AVX512-BF16), sequences that begin with
 // the same cache blocks (shared_prefixes) attend to those together first, each shared row read once
-// for the group (shared_prefix_attention: the query rounded to bf16 and float32 softmax weights, as
-// here, to ~1e-5), then each to its own positions from there. An int8 cache keeps this kernel's
-// float32 query and exact rows (the prompt kernel would round both to bf16).
+// for the group (shared_prefix_attention: the query rounded to bf16 as here, its softmax weights
+// to bf16 as a prompt's are), then each to its own positions from there. An int8 cache keeps this
+// kernel's float32 query and exact rows (the prompt kernel would round both to bf16).
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
                                      const torch::Tensor& context_lens, int64_t block_size, double scale,

@@ -124,10 +124,8 @@ void pack(const Rows& rows, int64_t context_len, int64_t num_kv_heads, int64_t d
 // where lse is given, each (row, head)'s log of its softmax sum, lse (query_len, num_heads).
 // Keys are taken 64 at a time (four chunks of 16, fewer past the task's last row): the scores of all
 // four, then one maximum per (row, head) over them, then their weights, then the values; the sums
-// stay vectors until the end. The weights multiply the values as bf16; with SPLIT each is two
-// bf16 halves (its bf16 rounding and the rest), so that the products are the float32 weights' to
-// ~1e-5, as the decode kernel's, at two dpbf16 per pair instead of one.
-template <int HEADS, int ROWS, bool SPLIT>
+// stay vectors until the end.
+template <int HEADS, int ROWS>
 void attend(const float* q, const uint32_t* keys, const uint32_t* values, float* out, float* lse, int64_t query_len,
             int64_t context_len, int64_t offset, int64_t num_heads, int64_t num_kv_heads, int64_t dim, float scale) {
     constexpr int N = HEADS * ROWS;  // (row, head) pairs per task, rows outer
@@ -139,8 +137,7 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
     at::parallel_for(0, lanes * row_blocks, 1, [&](int64_t begin, int64_t end) {
         alignas(64) float acc[N * kMaxHeadDim];
         alignas(64) float scores[N * 16 * kSub];
-        alignas(64) uint32_t weight_pairs[(SPLIT ? 2 : 1) * N * 8 * kSub];
-        uint32_t* const weight_lows = weight_pairs + N * 8 * kSub;  // SPLIT: the low halves
+        alignas(64) uint32_t weight_pairs[N * 8 * kSub];
         alignas(64) uint32_t qp[N * kMaxHeadDim / 2];
         float top[N];
         __m512 sums[N];
@@ -185,7 +182,6 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
                         const int i = r * HEADS + g;
                         if (n <= 0) {
                             std::fill_n(weight_pairs + i * 8 * kSub, 8 * sub, 0u);
-                            if constexpr (SPLIT) std::fill_n(weight_lows + i * 8 * kSub, 8 * sub, 0u);
                             continue;
                         }
                         __mmask16 valid[kSub];
@@ -209,13 +205,6 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
                             sums[i] = _mm512_add_ps(sums[i], e);
                             const __m256bh b = _mm512_cvtneps_pbh(e);
                             std::memcpy(weight_pairs + (i * kSub + u) * 8, &b, 32);
-                            if constexpr (SPLIT) {
-                                __m256i bits;
-                                std::memcpy(&bits, &b, 32);
-                                const __m512 high = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-                                const __m256bh low = _mm512_cvtneps_pbh(_mm512_sub_ps(e, high));
-                                std::memcpy(weight_lows + (i * kSub + u) * 8, &low, 32);
-                            }
                         }
                     }
                 }
@@ -225,11 +214,8 @@ void attend(const float* q, const uint32_t* keys, const uint32_t* values, float*
                     for (int i = 0; i < N; ++i) a[i] = _mm512_load_ps(acc + i * dim + d);
                     for (int t2 = 0; t2 < 8 * sub; ++t2) {
                         const __m512bh v = (__m512bh)_mm512_loadu_si512(vb + t2 * dim + d);
-                        for (int i = 0; i < N; ++i) {
+                        for (int i = 0; i < N; ++i)
                             a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32(weight_pairs[i * 8 * kSub + t2]), v);
-                            if constexpr (SPLIT)
-                                a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_set1_epi32(weight_lows[i * 8 * kSub + t2]), v);
-                        }
                     }
                     for (int i = 0; i < N; ++i) _mm512_store_ps(acc + i * dim + d, a[i]);
                 }
@@ -259,14 +245,11 @@ int64_t heads_per_task(int64_t group) {
 template <int HEADS>
 void attend_heads(const float* q, const uint32_t* keys, const uint32_t* values, float* out, float* lse,
                   int64_t query_len, int64_t context_len, int64_t offset, int64_t num_heads, int64_t num_kv_heads,
-                  int64_t dim, float scale, bool split) {
+                  int64_t dim, float scale) {
     // About 12 (row, head) pairs per task, as the prototype measured best for 3 heads (4 rows); up to
     // 16 accumulators and a key vector stay within the 32 registers.
     constexpr int kRows = HEADS >= 6 ? 2 : 12 / HEADS;
-    if (split)
-        attend<HEADS, kRows, true>(q, keys, values, out, lse, query_len, context_len, offset, num_heads, num_kv_heads, dim, scale);
-    else
-        attend<HEADS, kRows, false>(q, keys, values, out, lse, query_len, context_len, offset, num_heads, num_kv_heads, dim, scale);
+    attend<HEADS, kRows>(q, keys, values, out, lse, query_len, context_len, offset, num_heads, num_kv_heads, dim, scale);
 }
 #else
 template <typename T>
@@ -278,11 +261,10 @@ inline void row_bits(const T*, uint16_t*, int64_t) {}  // never called: attend_r
 namespace {
 
 // Attention of q's rows (query_len, num_heads, dim) over the context that rows(h, t, k_bits, v_bits)
-// gives, packed first; offset, lse and split (SPLIT) as attend takes them.
+// gives, packed first; offset and lse as attend takes them.
 template <typename Rows>
 void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t dim, const Rows& rows,
-                 int64_t context_len, int64_t offset, int64_t num_kv_heads, double scale, float* out, float* lse,
-                 bool split = false) {
+                 int64_t context_len, int64_t offset, int64_t num_kv_heads, double scale, float* out, float* lse) {
 #if defined(__AVX512BF16__)
     const int64_t chunks = (context_len + 15) / 16;
     const size_t packed_words = num_kv_heads * chunks * 16 * dim / 2;  // pack writes every one, padding included
@@ -295,7 +277,7 @@ void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t d
     pack(rows, context_len, num_kv_heads, dim, keys, values);
     const auto run = [&](auto heads) {
         attend_heads<decltype(heads)::value>(q, keys, values, out, lse, query_len, context_len, offset,
-                                             num_heads, num_kv_heads, dim, static_cast<float>(scale), split);
+                                             num_heads, num_kv_heads, dim, static_cast<float>(scale));
     };
     switch (heads_per_task(num_heads / num_kv_heads)) {
         case 1: run(std::integral_constant<int, 1>{}); break;
@@ -309,7 +291,7 @@ void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t d
     }
 #else
     (void)q, (void)query_len, (void)num_heads, (void)dim, (void)rows, (void)context_len, (void)offset,
-        (void)num_kv_heads, (void)scale, (void)out, (void)lse, (void)split;
+        (void)num_kv_heads, (void)scale, (void)out, (void)lse;
 #endif
 }
 
@@ -392,17 +374,19 @@ torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor
 // whole blocks of block_size): q (G, H, D) float32, the G sequences' query rows. Writes
 // out (G, H, D), their attention over those positions alone, and lse (G, H), the log of each (row,
 // head)'s softmax sum, from which paged_decode_attention goes on over each sequence's own
-// positions: the shared rows are read once for all G rather than once per sequence. The softmax
-// weights are split into two bf16 halves (attend's SPLIT), so that a sequence's output is the one
-// the decode kernel gives it alone to ~1e-5. The caller checks prompt_attention_supported.
+// positions: the shared rows are read once for all G rather than once per sequence. Its softmax
+// weights are rounded to bf16 as a prompt's are (and as flash attention rounds them for its second
+// product): 0.8-1.2e-3 from the decode kernel's float32 weights on the tests' cases. Splitting
+// each into two bf16 halves came within 3e-6 of it but cost the pass 15-40%, most of what it saves
+// in an engine step (bench/RESULTS.md, "2026-12-05 (seventeenth sitting)"). The caller checks
+// prompt_attention_supported.
 void shared_prefix_attention(const float* q, int64_t num_rows, int64_t num_heads, int64_t dim,
                              const torch::Tensor& k_cache, const torch::Tensor& v_cache, const int64_t* blocks,
                              int64_t context_len, int64_t block_size, double scale, float* out, float* lse) {
     RECORD_FUNCTION("lmserve::shared_prefix_attention", std::vector<c10::IValue>());
     const auto slot_of = [&](int64_t t) { return blocks[t / block_size] * block_size + t % block_size; };
     with_cached_rows(k_cache, v_cache, dim, slot_of, [&](const auto& rows) {
-        attend_rows(q, num_rows, num_heads, dim, rows, context_len, context_len - 1, k_cache.size(0), scale, out, lse,
-                    true);
+        attend_rows(q, num_rows, num_heads, dim, rows, context_len, context_len - 1, k_cache.size(0), scale, out, lse);
         return 0;
     });
 }

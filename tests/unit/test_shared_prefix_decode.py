@@ -2,8 +2,9 @@
 shared_prefixes): sequences whose block tables begin with the same blocks of a bf16 cache attend to
 those once together (the prompt kernel's products, kernels/prompt_attention.cpp) and then each to its
 own positions from that state. Each row must still be its own attention over its whole context, as
-the decode kernel gives it alone and as a float32 reference does, to float32 rounding, whatever the
-grouping; and the shared pass must run exactly where its rule says.
+the decode kernel gives it alone and as a float32 reference does, whatever the grouping (the shared
+part rounds its softmax weights to bf16, as a prompt's attention does: ~1e-3); rows no group took
+are the decode kernel's bit for bit; and the shared pass must run exactly where its rule says.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from lmserve.kernels import cpu_flags, native_module
 from lmserve.model.attention import dequantize_rows, quantize_rows
 
 BLOCK = 16
-TOLERANCE = 1e-4  # float32 rounding over ~1,000 positions (measured: within 4e-6 on these cases)
+TOLERANCE = 1e-2  # the shared part's bf16 weights (measured: up to 1.2e-3 on these cases)
+PLAIN_TOLERANCE = 1e-4  # the decode kernel alone: float32 weights (measured: within 4e-6)
 EVENT = "lmserve::shared_prefix_attention"
 
 
@@ -68,12 +70,12 @@ def shares_here(cache_dtype):
     return cache_dtype == torch.bfloat16 and "avx512_bf16" in cpu_flags()
 
 
-# Two groups the rule takes (9 sequences sharing 34 blocks; 8 sharing 40, one of them only 36), and
-# sequences it leaves alone: one by itself, three sharing 40 blocks (too few), 8 sharing 30 (too few
+# Two groups the rule takes (17 sequences sharing 64 blocks; 16 sharing 66, one of them only 64), and
+# sequences it leaves alone: one by itself, three sharing 66 blocks (too few), 8 sharing 30 (too few
 # positions).
-SEQUENCES = ([(34, 0, own) for own in (1, 7, 16, 17, 33, 40, 3, 29, 12)]
-             + [(40, 100, own) for own in (5, 9, 14, 31, 2, 40, 21)] + [(36, 100, 8)]
-             + [(30, 200, 11)] + [(40, 300, own) for own in (4, 18, 9)]
+SEQUENCES = ([(64, 0, own) for own in (1, 7, 16, 17, 33, 40, 3, 29, 12, 5, 9, 14, 31, 2, 21, 38, 26)]
+             + [(66, 100, own) for own in (5, 9, 14, 31, 2, 40, 21, 1, 7, 16, 17, 33, 3, 29, 12)] + [(64, 100, 8)]
+             + [(30, 200, 11)] + [(66, 300, own) for own in (4, 18, 9)]
              + [(30, 400, own) for own in (6, 13, 2, 27, 8, 19, 1, 36)])
 
 
@@ -101,7 +103,7 @@ def test_sequences_sharing_a_prefix_attend_each_over_its_whole_context(num_kv_he
     assert passes == (2 if shares_here(cache_dtype) else 0)
     expected = reference(q, values, table, lens, group, scale, cache_dtype)
     assert torch.allclose(out, expected, atol=TOLERANCE), (out - expected).abs().max()
-    assert torch.allclose(alone, expected, atol=TOLERANCE), (alone - expected).abs().max()
+    assert torch.allclose(alone, expected, atol=PLAIN_TOLERANCE), (alone - expected).abs().max()
     assert torch.allclose(out, alone, atol=TOLERANCE), (out - alone).abs().max()
     shifted = reference(q, values, table, lens, group, scale * 1.25, cache_dtype)  # the comparison can tell a wrong scale apart
     assert not torch.allclose(out, shifted, atol=TOLERANCE)
@@ -111,16 +113,18 @@ def test_sequences_sharing_a_prefix_attend_each_over_its_whole_context(num_kv_he
 
 
 @pytest.mark.parametrize("sequences, passes", [
-    ([(32, 0, 10)] * 8, 1),  # 8 sequences sharing 512 positions, few of their own
-    ([(32, 0, 10)] * 7, 0),  # 7 sequences
-    ([(31, 0, 10)] * 8, 0),  # 496 shared positions
-    ([(32, 0, 300)] * 8, 0),  # own positions more than half the shared ones
-    ([(32, 0, 250)] * 8, 1),  # just under half
-    ([(32, 0, 10)] * 8 + [(32, 0, 10)] * 8, 1),  # one first block: one group of 16
+    ([(64, 0, 10)] * 16, 1),  # 16 sequences sharing 1,024 positions, few of their own
+    ([(64, 0, 10)] * 15, 0),  # 15 x 1,024 shared reads: under 16,384
+    ([(32, 0, 10)] * 32, 1),  # 32 x 512
+    ([(31, 0, 10)] * 40, 0),  # 496 shared positions
+    ([(160, 0, 10)] * 7, 0),  # 7 sequences
+    ([(64, 0, 520)] * 16, 0),  # own positions more than half the shared ones
+    ([(64, 0, 500)] * 16, 1),  # just under half
+    ([(64, 0, 10)] * 8 + [(64, 0, 10)] * 8, 1),  # one first block: one group of 16
 ])
 def test_a_shared_pass_runs_where_enough_sequences_share_enough_positions(sequences, passes):
     module = native_module()
-    table, lens, num_blocks = layout(sequences, num_blocks=64)
+    table, lens, num_blocks = layout(sequences, num_blocks=max(shared for shared, _, _ in sequences))
     g = torch.Generator().manual_seed(len(sequences))
     (k_cache, v_cache), values = cache_pair(1, num_blocks * BLOCK, 64, torch.bfloat16, g)
     q = torch.randn(len(sequences), 3, 64, generator=g)
