@@ -56,36 +56,40 @@ constexpr int64_t kMinSharedPositions = 512;
 constexpr int64_t kMinSharedReads = 16 * 1024;  // sequences x shared positions
 
 // Sequences whose block tables begin with the same blocks (a prefix cache hit, n completions of one
-// prompt, a system prompt): those holding the same first block form a group, sharing the blocks
-// they all hold in the same places, up to each one's last whole block before its current position
-// (so each keeps at least one position of its own). Groups where the pass pays (above): own
-// positions at most half the shared ones on average.
+// prompt, a system prompt): those holding the same first kMinSharedPositions' blocks form a group
+// (sequences that part before then could not share enough, so they do not cut a group's prefix
+// short), sharing the blocks they all hold in the same places, up to each one's last whole block
+// before its current position (so each keeps at least one position of its own). Groups where the
+// pass pays (above): own positions at most half the shared ones on average.
 struct SharedPrefix {
     std::vector<int64_t> members;
     int64_t positions;
 };
 std::vector<SharedPrefix> shared_prefixes(const int64_t* table, const int64_t* lens, int64_t num_seqs,
                                           int64_t max_blocks, int64_t block_size) {
+    const int64_t key_blocks = (kMinSharedPositions + block_size - 1) / block_size;
     const auto whole_blocks = [&](int64_t s) { return (lens[s] - 1) / block_size; };
+    const auto key = [&](int64_t s) { return table + s * max_blocks; };
     std::vector<int64_t> order;
     for (int64_t s = 0; s < num_seqs; ++s)
-        if (whole_blocks(s) * block_size >= kMinSharedPositions) order.push_back(s);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return table[a * max_blocks] < table[b * max_blocks]; });
+        if (whole_blocks(s) >= key_blocks) order.push_back(s);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return std::lexicographical_compare(key(a), key(a) + key_blocks, key(b), key(b) + key_blocks);
+    });
     std::vector<SharedPrefix> groups;
     for (size_t i = 0, j; i < order.size(); i = j) {
-        const int64_t* lead = table + order[i] * max_blocks;
-        for (j = i + 1; j < order.size() && table[order[j] * max_blocks] == lead[0]; ++j) {}
-        if (static_cast<int64_t>(j - i) < kMinSharing) continue;
+        const int64_t* lead = key(order[i]);
+        for (j = i + 1; j < order.size() && std::equal(lead, lead + key_blocks, key(order[j])); ++j) {}
+        const int64_t members = static_cast<int64_t>(j - i);
+        if (members < kMinSharing) continue;
         int64_t blocks = whole_blocks(order[i]), own = 0;
         for (size_t m = i + 1; m < j; ++m) {
-            const int64_t* row = table + order[m] * max_blocks;
+            const int64_t* row = key(order[m]);
             const int64_t limit = std::min(blocks, whole_blocks(order[m]));
-            for (blocks = 0; blocks < limit && row[blocks] == lead[blocks]; ++blocks) {}
+            for (blocks = key_blocks; blocks < limit && row[blocks] == lead[blocks]; ++blocks) {}
         }
         const int64_t positions = blocks * block_size;
         for (size_t m = i; m < j; ++m) own += lens[order[m]] - positions;
-        const int64_t members = static_cast<int64_t>(j - i);
         if (positions >= kMinSharedPositions && members * positions >= kMinSharedReads && 2 * own <= positions * members)
             groups.push_back({std::vector<int64_t>(order.begin() + i, order.begin() + j), positions});
     }

@@ -260,6 +260,16 @@ inline void row_bits(const T*, uint16_t*, int64_t) {}  // never called: attend_r
 
 namespace {
 
+// Room for `words` packed words, kept by the calling thread (the engine's) from call to call, one
+// buffer for every kind of call: a fresh buffer this size is mapped and faulted in page by page each
+// time, 30 times a step. It keeps the largest context's size (3 kv heads of 64 at 8,192 positions:
+// 6 MiB).
+inline uint32_t* packing_buffer(size_t words) {
+    thread_local std::vector<uint32_t> packed;
+    if (packed.size() < words) packed.resize(words);
+    return packed.data();
+}
+
 // Attention of q's rows (query_len, num_heads, dim) over the context that rows(h, t, k_bits, v_bits)
 // gives, packed first; offset and lse as attend takes them.
 template <typename Rows>
@@ -268,11 +278,7 @@ void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t d
 #if defined(__AVX512BF16__)
     const int64_t chunks = (context_len + 15) / 16;
     const size_t packed_words = num_kv_heads * chunks * 16 * dim / 2;  // pack writes every one, padding included
-    // Kept by the calling thread (the engine's) from call to call: a fresh buffer this size is mapped
-    // and faulted in page by page each time, 30 times a step.
-    thread_local std::vector<uint32_t> packed;
-    if (packed.size() < 2 * packed_words) packed.resize(2 * packed_words);
-    uint32_t* keys = packed.data();
+    uint32_t* keys = packing_buffer(2 * packed_words);
     uint32_t* values = keys + packed_words;
     pack(rows, context_len, num_kv_heads, dim, keys, values);
     const auto run = [&](auto heads) {

@@ -22,16 +22,16 @@ PLAIN_TOLERANCE = 1e-4  # the decode kernel alone: float32 weights (measured: wi
 EVENT = "lmserve::shared_prefix_attention"
 
 
-def layout(sequences, num_blocks):
+def layout(sequences, num_blocks, block=BLOCK):
     """sequences: (shared blocks, their first block id, own positions) per sequence. Shared blocks are
     numbered from the id given; each sequence's own blocks come after every shared one, its own."""
     next_block = num_blocks
     rows, lens = [], []
     for shared, first, own in sequences:
-        own_blocks = list(range(next_block, next_block + (own + BLOCK - 1) // BLOCK))
+        own_blocks = list(range(next_block, next_block + (own + block - 1) // block))
         next_block += len(own_blocks)
         rows.append(list(range(first, first + shared)) + own_blocks)
-        lens.append(shared * BLOCK + own)
+        lens.append(shared * block + own)
     width = max(map(len, rows))
     table = torch.tensor([row + [0] * (width - len(row)) for row in rows])
     return table, torch.tensor(lens), next_block
@@ -46,13 +46,13 @@ def cache_pair(num_kv_heads, num_slots, head_dim, cache_dtype, generator):
     return stored, [p.float() for p in stored]
 
 
-def reference(q, values, table, lens, group, scale, cache_dtype):
+def reference(q, values, table, lens, group, scale, cache_dtype, block=BLOCK):
     """Each sequence's one query row over its whole context, in float32 (over a bf16 cache the query
     rounded to bf16, as the kernels round it there)."""
     out = torch.empty_like(q)
     q = q.bfloat16().float() if cache_dtype == torch.bfloat16 else q
     for s, length in enumerate(lens.tolist()):
-        slots = (table[s][:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:length]
+        slots = (table[s][:, None] * block + torch.arange(block)).flatten()[:length]
         k, v = (part[:, slots].repeat_interleave(group, 0) for part in values)  # (H, L, D)
         weights = torch.softmax(torch.einsum("hd,hld->hl", q[s], k) * scale, dim=-1)
         out[s] = torch.einsum("hl,hld->hd", weights, v)
@@ -79,33 +79,35 @@ SEQUENCES = ([(64, 0, own) for own in (1, 7, 16, 17, 33, 40, 3, 29, 12, 5, 9, 14
              + [(30, 400, own) for own in (6, 13, 2, 27, 8, 19, 1, 36)])
 
 
-@pytest.mark.parametrize("num_kv_heads, group, head_dim, cache_dtype", [
-    (2, 3, 64, torch.bfloat16),  # SmolLM2's group
-    (1, 7, 128, torch.bfloat16),  # seven heads
-    (2, 1, 64, torch.bfloat16),  # one query head per kv head
-    (1, 8, 128, torch.bfloat16),  # the widest group the decode kernel is built for
-    (2, 2, 64, torch.int8),  # int8 rows keep the decode kernel's float32 query: nothing shared
-    (2, 3, 64, torch.float32),  # nor over float32 rows
+@pytest.mark.parametrize("num_kv_heads, group, head_dim, cache_dtype, block", [
+    (2, 3, 64, torch.bfloat16, 16),  # SmolLM2's group
+    (2, 3, 64, torch.bfloat16, 24),  # shared contexts that end inside a 16-key chunk
+    (1, 7, 128, torch.bfloat16, 16),  # seven heads
+    (2, 1, 64, torch.bfloat16, 16),  # one query head per kv head
+    (1, 8, 128, torch.bfloat16, 32),  # the widest group the decode kernel is built for
+    (2, 2, 64, torch.int8, 16),  # int8 rows keep the decode kernel's float32 query: nothing shared
+    (2, 3, 64, torch.float32, 16),  # nor over float32 rows
 ])
-def test_sequences_sharing_a_prefix_attend_each_over_its_whole_context(num_kv_heads, group, head_dim, cache_dtype):
+def test_sequences_sharing_a_prefix_attend_each_over_its_whole_context(num_kv_heads, group, head_dim, cache_dtype,
+                                                                      block):
     module = native_module()
     assert module is not None, "native kernels not built: run python -m lmserve.kernels"
     g = torch.Generator().manual_seed(group * 1000 + head_dim)
     order = torch.randperm(len(SEQUENCES), generator=g).tolist()  # a group's members need not be neighbours
-    table, lens, num_blocks = layout([SEQUENCES[i] for i in order], num_blocks=500)
-    (k_cache, v_cache), values = cache_pair(num_kv_heads, num_blocks * BLOCK, head_dim, cache_dtype, g)
+    table, lens, num_blocks = layout([SEQUENCES[i] for i in order], num_blocks=500, block=block)
+    (k_cache, v_cache), values = cache_pair(num_kv_heads, num_blocks * block, head_dim, cache_dtype, g)
     q = 2 * torch.randn(len(order), num_kv_heads * group, head_dim, generator=g)  # sharp weights: a slip shows
     scale = head_dim ** -0.5
-    args = (q, k_cache, v_cache, table, lens, BLOCK, scale)
+    args = (q, k_cache, v_cache, table, lens, block, scale)
     out, passes = shared_passes(module, *args)
     alone, none = shared_passes(module, *args, share_prefixes=False)
     assert none == 0
     assert passes == (2 if shares_here(cache_dtype) else 0)
-    expected = reference(q, values, table, lens, group, scale, cache_dtype)
+    expected = reference(q, values, table, lens, group, scale, cache_dtype, block)
     assert torch.allclose(out, expected, atol=TOLERANCE), (out - expected).abs().max()
     assert torch.allclose(alone, expected, atol=PLAIN_TOLERANCE), (alone - expected).abs().max()
     assert torch.allclose(out, alone, atol=TOLERANCE), (out - alone).abs().max()
-    shifted = reference(q, values, table, lens, group, scale * 1.25, cache_dtype)  # the comparison can tell a wrong scale apart
+    shifted = reference(q, values, table, lens, group, scale * 1.25, cache_dtype, block)  # the comparison can tell a wrong scale apart
     assert not torch.allclose(out, shifted, atol=TOLERANCE)
     # Rows of sequences no group took are the plain kernel's, bit for bit.
     left_alone = [i for i, s in enumerate(order) if SEQUENCES[s][1] >= 200]
@@ -121,9 +123,12 @@ def test_sequences_sharing_a_prefix_attend_each_over_its_whole_context(num_kv_he
     ([(64, 0, 520)] * 16, 0),  # own positions more than half the shared ones
     ([(64, 0, 500)] * 16, 1),  # just under half
     ([(64, 0, 10)] * 8 + [(64, 0, 10)] * 8, 1),  # one first block: one group of 16
+    ([(1, 0, 600)] + [(64, 0, 10)] * 16, 1),  # one that parts after a block does not cut the rest's prefix short
+    ([(64, 0, 1)] + [(66, 0, 10)] * 15, 1),  # the first sequence the shortest: 64 blocks shared
 ])
 def test_a_shared_pass_runs_where_enough_sequences_share_enough_positions(sequences, passes):
     module = native_module()
+    assert module is not None, "native kernels not built: run python -m lmserve.kernels"
     table, lens, num_blocks = layout(sequences, num_blocks=max(shared for shared, _, _ in sequences))
     g = torch.Generator().manual_seed(len(sequences))
     (k_cache, v_cache), values = cache_pair(1, num_blocks * BLOCK, 64, torch.bfloat16, g)
