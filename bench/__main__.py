@@ -14,7 +14,7 @@ import httpx
 from bench.client import Target
 from bench.report import level_table
 from bench.runner import LevelRun, RunOptions, run_workload
-from bench.workloads import Workload, level_workloads, parse_kinds, workload_set
+from bench.workloads import KINDS, Workload, level_workloads, parse_kinds, workload_set
 
 
 def int_list(text: str) -> list[int]:
@@ -28,8 +28,8 @@ def int_list(text: str) -> list[int]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workloads", help="a named set instead of the level options: default (decode,prefill,prefix,mix,chat) "
-                        "or a comma list of decode, prefill, prefix, mix, chat")
+    parser.add_argument("--workloads", help=f"a named set instead of the level options: default ({','.join(KINDS)}) "
+                        f"or a comma list of {', '.join(KINDS)}")
     parser.add_argument("--quick", action="store_true",
                         help="shrink the workload set for a smoke test (max_tokens 64, few requests)")
     parser.add_argument("--concurrency", type=int_list, help="comma list of concurrent streams")

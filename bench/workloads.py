@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from bench.prompts import make_prompts, random_ids
 
-KINDS = ("decode", "prefill", "prefix", "mix", "chat")  # "prefix" is a pair: shared-prefix and cold
+KINDS = ("decode", "prefill", "prefix", "mix", "chat", "system")  # "prefix" is a pair: shared-prefix and cold
 MIX_MEDIAN_OUTPUT = 64  # tokens; a log-normal of this median with MIX_SIGMA: p95 ~5x the median
 MIX_SIGMA = 1.0
 PROMPT_SIGMA = 0.8
@@ -88,7 +88,7 @@ def level_workloads(
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
-    """'default' or 'all' -> every kind; else a comma list of decode, prefill, prefix."""
+    """'default' or 'all' -> every kind; else a comma list of them (KINDS)."""
     if text in ("default", "all"):
         return KINDS
     kinds = tuple(part.strip() for part in text.split(",") if part.strip())
@@ -125,6 +125,11 @@ def workload_set(
         turns = 3 if quick else 6
         workloads.append(Workload(f"chat-c{concurrency}", "chat", concurrency, turns * concurrency, 48,
                                   64 if quick else 256, shared_prefix_tokens=400, turns=turns))
+    if "system" in kinds:
+        # Long replies under one long system prompt: the prompt computed once, then decode steps
+        # whose sequences all begin with it (kernels/paged_attention.cpp attends to it once for them).
+        workloads.append(Workload(f"system-c{concurrency}", "shared", concurrency, 2 * concurrency, 1600,
+                                  64 if quick else 256, 1500))
     return workloads
 
 

@@ -46,7 +46,7 @@ def test_level_workloads():
 def test_default_and_quick_workload_sets():
     default = {w.name: w for w in workload_set()}
     assert list(default) == ["decode-c1", "decode-c4", "decode-c16", "decode-c32", "decode-c64",
-                             "prefill-2000", "shared-c16", "cold-c16", "mix-c16", "chat-c16"]
+                             "prefill-2000", "shared-c16", "cold-c16", "mix-c16", "chat-c16", "system-c16"]
     assert (default["decode-c64"].num_requests, default["decode-c64"].context_tokens) == (128, 384)
     assert (default["shared-c16"].shared_prefix_tokens, default["cold-c16"].shared_prefix_tokens) == (1500, 0)
     assert (default["chat-c16"].num_requests, default["chat-c16"].context_tokens) == (96, 400 + 6 * (48 + 256))
@@ -90,6 +90,16 @@ def test_each_chat_turn_sends_the_history_so_far_under_one_system_prompt():
         assert all(prompt[: chat.shared_prefix_tokens] == system for prompt, _ in turns)
         assert max(len(prompt) + max_tokens for prompt, max_tokens in turns) <= chat.context_tokens
     assert len({tuple(turns[0][0]) for turns in conversations}) == len(conversations)
+
+
+def test_the_system_workload_sends_long_replies_under_one_long_prompt():
+    (system,) = workload_set(("system",))
+    jobs = workload_jobs(system, "0")
+    prompts = [prompt for (prompt, _), in jobs]
+    assert {max_tokens for (_, max_tokens), in jobs} == {256}
+    assert len(prompts) == system.num_requests + 1 == 2 * system.concurrency + 1  # the warm-up first
+    assert all(len(prompt) == 1600 and prompt[:1500] == prompts[0][:1500] for prompt in prompts)
+    assert len({tuple(prompt[1500:]) for prompt in prompts}) == len(prompts)  # each its own after it
 
 
 def test_the_big_shape_keeps_the_tokenizer_and_pads_its_vocabulary_with_control_tokens():
