@@ -1,6 +1,8 @@
 // Decode attention that reads the paged KV cache in place: one query token per sequence,
 // each (sequence, kv head) pair handled by one task, its group of query heads sharing every
-// key and value row it reads. No gather copy, no padding to the longest sequence.
+// key and value row it reads. No gather copy, no padding to the longest sequence. Sequences that
+// share a long cached prefix attend to it first in one pass for all of them (shared_prefixes,
+// paged_decode_attention).
 //
 // Caches are float32, bfloat16, or int8 rows: head_dim int8 values followed by the row's float32
 // scale (4 bytes), one row per (kv head, slot) as for the float types (model/attention.py
@@ -444,15 +446,15 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     const auto* lens = context_lens.data_ptr<int64_t>();
     Attended shared;
     std::vector<int64_t> starts, own_lens;
-    torch::Tensor shared_out, shared_lse;
+    std::vector<float> shared_out, shared_lse;
     if (share_prefixes && k_cache.scalar_type() == at::kBFloat16 && fast_shape(num_heads / num_kv_heads, head_dim) &&
         prompt_attention_supported(k_cache, num_heads)) {
         const auto groups = shared_prefixes(table, lens, num_seqs, block_table.size(1), block_size);
         if (!groups.empty()) {
-            starts.assign(num_seqs, 0);
-            shared_out = torch::empty_like(q);
-            shared_lse = torch::empty({num_seqs, num_heads}, q.options());
             const int64_t row = num_heads * head_dim;  // one sequence's query rows
+            starts.assign(num_seqs, 0);
+            shared_out.resize(num_seqs * row);
+            shared_lse.resize(num_seqs * num_heads);
             std::vector<float> rows, rows_out, rows_lse;
             for (const auto& group : groups) {
                 const int64_t n = static_cast<int64_t>(group.members.size());
@@ -464,15 +466,15 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                         scale, rows_out.data(), rows_lse.data());
                 for (int64_t i = 0; i < n; ++i) {
                     const int64_t s = group.members[i];
-                    std::memcpy(shared_out.data_ptr<float>() + s * row, rows_out.data() + i * row, sizeof(float) * row);
-                    std::memcpy(shared_lse.data_ptr<float>() + s * num_heads, rows_lse.data() + i * num_heads,
+                    std::memcpy(shared_out.data() + s * row, rows_out.data() + i * row, sizeof(float) * row);
+                    std::memcpy(shared_lse.data() + s * num_heads, rows_lse.data() + i * num_heads,
                                 sizeof(float) * num_heads);
                     starts[s] = group.positions;
                 }
             }
             own_lens.resize(num_seqs);
             for (int64_t s = 0; s < num_seqs; ++s) own_lens[s] = lens[s] - starts[s];
-            shared = {starts.data(), own_lens.data(), shared_out.data_ptr<float>(), shared_lse.data_ptr<float>()};
+            shared = {starts.data(), own_lens.data(), shared_out.data(), shared_lse.data()};
         }
     }
     const auto run = [&](auto... args) {

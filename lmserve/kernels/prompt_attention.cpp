@@ -15,6 +15,10 @@
 // dtype, bf16 for int8 rows); scores, maximum, sum and outputs are float32. Taking 64 keys per
 // maximum instead of 16 (one horizontal maximum and one rescale per 64, the sums kept as vectors)
 // ran 1.3-1.5x faster on a 2-core AMD EPYC; 128 and 5 query rows for 3 heads were no faster.
+//
+// The same tasks serve decode rows over a prefix they share (shared_prefix_attention, called by
+// kernels/paged_attention.cpp): every row follows the whole shared context, and its softmax sum
+// is returned with its output, for the decode kernel to go on from.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
