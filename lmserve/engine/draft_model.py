@@ -78,12 +78,8 @@ class DraftPacer:
     in common the two are timed again."""
 
     def __init__(self) -> None:
-        self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
         self._keep_drafting = False
-        self._plain: dict[int, list[float]] = {}  # by batch size: [tokens per sequence, seconds, steps]
-        self._drafted: dict[int, list[float]] = {}
-        self._kept = 0.0  # seconds of the keep phase so far
-        self._warming = False  # the next step is a trial's first: not timed
+        self._time_again()
 
     @property
     def drafting(self) -> bool:
@@ -129,8 +125,11 @@ class DraftPacer:
         self._phase, self._left = "keep", KEEP_STEPS
 
     def _time_again(self) -> None:
-        self._phase, self._left, self._warming = "probe", PROBE_STEPS, False
-        self._plain, self._drafted, self._kept = {}, {}, 0.0
+        self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
+        self._warming = False  # the next step is a trial's first: not timed
+        self._plain: dict[int, list[float]] = {}  # by batch size: [tokens per sequence, seconds, steps]
+        self._drafted: dict[int, list[float]] = {}
+        self._kept = 0.0  # seconds of the keep phase so far
 
     def _timed_seconds(self) -> float:
         return sum(t[1] for t in self._plain.values()) + sum(t[1] for t in self._drafted.values())

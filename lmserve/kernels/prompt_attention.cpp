@@ -386,8 +386,8 @@ torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor
 // head)'s softmax sum, from which paged_decode_attention goes on over each sequence's own
 // positions: the shared rows are read once for all G rather than once per sequence. Its softmax
 // weights are rounded to bf16 as a prompt's are (and as flash attention rounds them for its second
-// product): 0.8-1.2e-3 from the decode kernel's float32 weights on the tests' cases. Splitting
-// each into two bf16 halves came within 3e-6 of it but cost the pass 15-40%, most of what it saves
+// product): 0.7-1.2e-3 from the decode kernel's float32 weights on the tests' cases. Splitting
+// each into two bf16 halves came within 3e-6 of it but cost the pass 15-44%, most of what it saves
 // in an engine step (bench/RESULTS.md, "2026-12-05 (seventeenth sitting)"). The caller checks
 // prompt_attention_supported.
 void shared_prefix_attention(const float* q, int64_t num_rows, int64_t num_heads, int64_t dim,

@@ -13,19 +13,9 @@ import torch.nn.functional as F
 
 from lmserve.kernels import cpu_flags, native_module
 from lmserve.model.attention import AttentionMetadata, PrefillSeq, dequantize_rows, paged_attention, quantize_rows, write_kv
-from tests.helpers.attention_cases import scattered_context
+from tests.helpers.attention_cases import random_cache, scattered_context
 
 TOLERANCE = 1.5e-2
-
-
-def cached(num_kv_heads, num_slots, head_dim, cache_dtype, generator):
-    """A random cache in `cache_dtype` and the float32 values attention reads from it."""
-    parts = [torch.randn(num_kv_heads, num_slots, head_dim, generator=generator) for _ in range(2)]
-    if cache_dtype == torch.int8:
-        stored = [quantize_rows(p) for p in parts]
-        return stored, [dequantize_rows(p, torch.bfloat16).float() for p in stored]
-    stored = [p.to(cache_dtype) for p in parts]
-    return stored, [p.float() for p in stored]
 
 
 def reference(q, values, slots, group, scale):
@@ -76,7 +66,7 @@ def test_native_prompt_attention_matches_a_float32_reference(query_len, context_
     module = native_module()
     g = torch.Generator().manual_seed(query_len * 1000 + context_len)
     num_slots = context_len + 37
-    (k_cache, v_cache), values = cached(num_kv_heads, num_slots, head_dim, cache_dtype, g)
+    (k_cache, v_cache), values = random_cache(num_kv_heads, num_slots, head_dim, cache_dtype, g, torch.bfloat16)
     slots = torch.randperm(num_slots, generator=g)[:context_len]  # scattered, in no order
     q = 2 * torch.randn(query_len, num_kv_heads * group, head_dim, generator=g)  # sharp weights: a mask slip shows
     scale = head_dim ** -0.5

@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lmserve.kernels import cpu_flags, native_module
-from lmserve.model.attention import dequantize_rows, quantize_rows
+from tests.helpers.attention_cases import block_slots, random_cache
 
 BLOCK = 16
 TOLERANCE = 1e-2  # the shared part's bf16 weights (measured: up to 1.2e-3 on these cases)
@@ -37,22 +37,13 @@ def layout(sequences, num_blocks, block=BLOCK):
     return table, torch.tensor(lens), next_block
 
 
-def cache_pair(num_kv_heads, num_slots, head_dim, cache_dtype, generator):
-    parts = [torch.randn(num_kv_heads, num_slots, head_dim, generator=generator) for _ in range(2)]
-    if cache_dtype == torch.int8:
-        stored = [quantize_rows(p) for p in parts]
-        return stored, [dequantize_rows(p, torch.float32) for p in stored]
-    stored = [p.to(cache_dtype) for p in parts]
-    return stored, [p.float() for p in stored]
-
-
 def reference(q, values, table, lens, group, scale, cache_dtype, block=BLOCK):
     """Each sequence's one query row over its whole context, in float32 (over a bf16 cache the query
     rounded to bf16, as the kernels round it there)."""
     out = torch.empty_like(q)
     q = q.bfloat16().float() if cache_dtype == torch.bfloat16 else q
     for s, length in enumerate(lens.tolist()):
-        slots = (table[s][:, None] * block + torch.arange(block)).flatten()[:length]
+        slots = block_slots(table[s], block, length)
         k, v = (part[:, slots].repeat_interleave(group, 0) for part in values)  # (H, L, D)
         weights = torch.softmax(torch.einsum("hd,hld->hl", q[s], k) * scale, dim=-1)
         out[s] = torch.einsum("hl,hld->hd", weights, v)
@@ -95,7 +86,7 @@ def test_sequences_sharing_a_prefix_attend_each_over_its_whole_context(num_kv_he
     g = torch.Generator().manual_seed(group * 1000 + head_dim)
     order = torch.randperm(len(SEQUENCES), generator=g).tolist()  # a group's members need not be neighbours
     table, lens, num_blocks = layout([SEQUENCES[i] for i in order], num_blocks=500, block=block)
-    (k_cache, v_cache), values = cache_pair(num_kv_heads, num_blocks * block, head_dim, cache_dtype, g)
+    (k_cache, v_cache), values = random_cache(num_kv_heads, num_blocks * block, head_dim, cache_dtype, g)
     q = 2 * torch.randn(len(order), num_kv_heads * group, head_dim, generator=g)  # sharp weights: a slip shows
     scale = head_dim ** -0.5
     args = (q, k_cache, v_cache, table, lens, block, scale)
@@ -131,7 +122,7 @@ def test_a_shared_pass_runs_where_enough_sequences_share_enough_positions(sequen
     assert module is not None, "native kernels not built: run python -m lmserve.kernels"
     table, lens, num_blocks = layout(sequences, num_blocks=max(shared for shared, _, _ in sequences))
     g = torch.Generator().manual_seed(len(sequences))
-    (k_cache, v_cache), values = cache_pair(1, num_blocks * BLOCK, 64, torch.bfloat16, g)
+    (k_cache, v_cache), values = random_cache(1, num_blocks * BLOCK, 64, torch.bfloat16, g)
     q = torch.randn(len(sequences), 3, 64, generator=g)
     out, ran = shared_passes(module, q, k_cache, v_cache, table, lens, BLOCK, 0.125)
     assert ran == (passes if shares_here(torch.bfloat16) else 0)
