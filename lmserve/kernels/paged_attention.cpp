@@ -411,7 +411,25 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
     });
 }
 
+// Whether this cache and head shape take the shared pass: a bf16 cache, a shape decode_fast runs,
+// and the prompt kernel (AVX512-BF16).
+bool shared_pass_runs(const torch::Tensor& k_cache, int64_t num_heads, int64_t head_dim) {
+    return k_cache.scalar_type() == at::kBFloat16 && fast_shape(num_heads / k_cache.size(0), head_dim) &&
+           prompt_attention_supported(k_cache, num_heads);
+}
+
 }  // namespace
+
+// Whether paged_decode_attention(..., share_prefixes=true) over these sequences attends some of
+// their prefixes together (a group of shared_prefixes).
+bool decode_shares_prefixes(const torch::Tensor& k_cache, int64_t num_heads, const torch::Tensor& block_table,
+                            const torch::Tensor& context_lens, int64_t block_size) {
+    if (!shared_pass_runs(k_cache, num_heads, k_cache.size(2))) return false;
+    const auto table = block_table.contiguous();
+    const auto lens = context_lens.contiguous();
+    return !shared_prefixes(table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), lens.numel(), table.size(1),
+                            block_size).empty();
+}
 
 // One query row per sequence over its context in the paged cache. Where share_prefixes holds, the
 // cache is bf16 and prompt_attention_supported takes it (AVX512-BF16), sequences that begin with
@@ -447,8 +465,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     Attended shared;
     std::vector<int64_t> starts, own_lens;
     std::vector<float> shared_out, shared_lse;
-    if (share_prefixes && k_cache.scalar_type() == at::kBFloat16 && fast_shape(num_heads / num_kv_heads, head_dim) &&
-        prompt_attention_supported(k_cache, num_heads)) {
+    if (share_prefixes && shared_pass_runs(k_cache, num_heads, head_dim)) {
         const auto groups = shared_prefixes(table, lens, num_seqs, block_table.size(1), block_size);
         if (!groups.empty()) {
             const int64_t row = num_heads * head_dim;  // one sequence's query rows

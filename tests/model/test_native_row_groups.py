@@ -1,0 +1,173 @@
+"""Decode-only steps of many rows run as groups of rows, each through every layer, with no thread
+waiting for another between kernels (kernels/decoder.cpp, forward_row_groups). Each row's arithmetic
+is the one the whole step's kernels give it, so the hidden states and the KV written must equal the
+Python layers' bit for bit; the groups must keep a sequence's draft rows together (each attends to
+the ones before it, written in the same layer), and steps whose rows share a prefix keep the whole
+step (the shared pass wants all of a group's rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.cache.kv_cache import allocate_kv_caches
+from lmserve.model.attention import AttentionMetadata, PrefillSeq
+from lmserve.model.weight_formats.int4 import int4_linear_supported
+from lmserve.weights.load import load_weights
+from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
+from tests.model.test_native_decoder import hidden_states
+
+BLOCK = 4
+GROUPS = int4_linear_supported()  # every projection W4A8 (AVX512-VNNI): row groups can run
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # head_dim 64: a bf16 cache takes the shared pass where the CPU has AVX512-BF16
+    folder = save_hf_folder(tiny_hf_model("qwen2", hidden_size=256, intermediate_size=128, max_position_embeddings=2048),
+                            tmp_path_factory.mktemp("qwen2-d64"))
+    loaded, _, _ = load_weights(folder, "int4")
+    assert loaded.native is not None, "native decoder not enabled: run python -m lmserve.kernels"
+    return loaded
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    kept = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(kept)
+
+
+def run_both(model, step):
+    """step(native: bool) -> (outputs, caches), once through the Python layers and once through the
+    native decoder; returns both and how many native steps ran as row groups."""
+    before = model.native.row_group_steps
+    native = step(True)
+    taken = model.native.row_group_steps - before
+    kept, model.native = model.native, None
+    try:
+        python = step(False)
+    finally:
+        model.native = kept
+    return python, native, taken
+
+
+def assert_same(python, native):
+    (python_out, python_caches), (native_out, native_caches) = python, native
+    for index, (a, b) in enumerate(zip(python_out, native_out)):
+        assert torch.equal(a, b), (index, (a - b).abs().max())
+    for (k1, v1), (k2, v2) in zip(python_caches, native_caches):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("num_seqs, taken", [(23, 0), (24, 2), (40, 2)])
+def test_decode_steps_of_many_rows_run_as_row_groups_bit_for_bit(model, num_seqs, taken):
+    """hidden_states: prompts one by one, then 4 decode steps of all sequences, the first two with
+    a newcomer's prompt chunk beside them (those keep the whole step): from 24 rows the two
+    decode-only steps run as row groups."""
+    python, native, ran = run_both(model, lambda on: hidden_states(model, num_seqs, 4, torch.bfloat16, native=on))
+    assert ran == (taken if GROUPS else 0)
+    assert_same(python, native)
+
+
+@pytest.mark.parametrize("rows, layer_bytes, taken", [(0, 0, 0), (24, -1, 0), (24, 0, 2)])
+def test_row_groups_turned_off_and_refused_for_large_layers(model, rows, layer_bytes, taken):
+    """row_group_rows 0 turns them off; layers holding more weight bytes than row_group_layer_bytes
+    keep whole steps (each group reads a layer's weights again)."""
+    native = model.native
+    kept = native.row_group_rows, native.row_group_layer_bytes
+    assert (native.largest_layer_bytes > 0) == GROUPS  # W4A8 layers, small ones (below)
+    assert native.largest_layer_bytes <= native.row_group_layer_bytes
+    native.row_group_rows, native.row_group_layer_bytes = rows, native.largest_layer_bytes + layer_bytes
+    try:
+        _, _, ran = run_both(model, lambda on: hidden_states(model, 24, 4, torch.bfloat16, native=on))
+    finally:
+        native.row_group_rows, native.row_group_layer_bytes = kept
+    assert ran == (taken if GROUPS else 0)
+
+
+def draft_steps(model, rows_per_seq: list[int], native: bool, seed: int = 0):
+    """Prompts one by one, then one decode step where sequence s runs rows_per_seq[s] rows (its
+    token and its drafts: consecutive positions, each attending to the context up to itself)."""
+    kept, model.native = model.native, (model.native if native else None)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        vocab, per_seq = model.config.vocab_size, 8
+        num_seqs = len(rows_per_seq)
+        caches = allocate_kv_caches(model.config, num_seqs * per_seq, BLOCK, torch.bfloat16, torch.device("cpu"))
+        outputs, lengths = [], []
+        for s in range(num_seqs):
+            n = 3 + 5 * s % 13
+            slots = torch.arange(n) + s * per_seq * BLOCK
+            meta = AttentionMetadata(slots, 0, None, None, [PrefillSeq(0, n, n, None)])
+            outputs.append(model(torch.randint(vocab, (n,), generator=g), torch.arange(n), caches, meta))
+            lengths.append(n)
+        table_rows, positions, slots, lens = [], [], [], []
+        for s, (n, count) in enumerate(zip(lengths, rows_per_seq)):
+            for position in range(n, n + count):
+                table_rows.append(torch.arange(s * per_seq, (s + 1) * per_seq))
+                positions.append(position)
+                slots.append(s * per_seq * BLOCK + position)
+                lens.append(position + 1)
+        rows = len(positions)
+        bias = torch.full((rows, 1, per_seq * BLOCK), float("-inf"))
+        for r, length in enumerate(lens):
+            bias[r, :, :length] = 0
+        meta = AttentionMetadata(torch.tensor(slots), rows, torch.stack(table_rows), bias, [], torch.tensor(lens))
+        outputs.append(model(torch.randint(vocab, (rows,), generator=g), torch.tensor(positions), caches, meta))
+        return outputs, caches
+    finally:
+        model.native = kept
+
+
+@pytest.mark.parametrize("rows_per_seq", [[3] * 11, [1, 4, 2, 3, 1, 1, 4, 2, 3, 2, 1, 4]])
+def test_a_sequences_draft_rows_stay_in_one_group(model, rows_per_seq):
+    """Quarters of these steps' rows end inside a sequence's rows (33 rows: after rows 7 and 15; 28:
+    after row 13): a group starting there would attend to keys its neighbour had not written yet."""
+    python, native, ran = run_both(model, lambda on: draft_steps(model, rows_per_seq, on))
+    assert ran == GROUPS
+    assert_same(python, native)
+
+
+def shared_prefix_step(model, num_seqs: int, shared: int, native: bool):
+    """num_seqs sequences whose block tables begin with the same blocks (one prompt of `shared`
+    tokens, as the prefix cache lays them out), each with 2 tokens of its own, then one decode step."""
+    kept, model.native = model.native, (model.native if native else None)
+    try:
+        g = torch.Generator().manual_seed(1)
+        vocab = model.config.vocab_size
+        shared_blocks, own_blocks = shared // BLOCK, 2
+        caches = allocate_kv_caches(model.config, shared_blocks + num_seqs * own_blocks, BLOCK, torch.bfloat16,
+                                    torch.device("cpu"))
+        meta = AttentionMetadata(torch.arange(shared), 0, None, None, [PrefillSeq(0, shared, shared, None)])
+        outputs = [model(torch.randint(vocab, (shared,), generator=g), torch.arange(shared), caches, meta)]
+        tables = []
+        for s in range(num_seqs):
+            own = shared_blocks + s * own_blocks
+            tables.append(torch.cat([torch.arange(shared_blocks), torch.arange(own, own + own_blocks)]))
+            slots = torch.arange(2) + own * BLOCK
+            context = torch.cat([torch.arange(shared), slots])
+            meta = AttentionMetadata(slots, 0, None, None, [PrefillSeq(0, 2, shared + 2, context)])
+            outputs.append(model(torch.randint(vocab, (2,), generator=g), torch.arange(shared, shared + 2), caches,
+                                 meta))
+        width = (shared_blocks + own_blocks) * BLOCK
+        lens = torch.full((num_seqs,), shared + 3)
+        slots = torch.tensor([(shared_blocks + s * own_blocks) * BLOCK + 2 for s in range(num_seqs)])
+        bias = torch.zeros(num_seqs, 1, width).masked_fill_(torch.arange(width) >= shared + 3, float("-inf"))
+        meta = AttentionMetadata(slots, num_seqs, torch.stack(tables), bias, [], lens)
+        outputs.append(model(torch.randint(vocab, (num_seqs,), generator=g), torch.full((num_seqs,), shared + 2),
+                             caches, meta))
+        return outputs, caches
+    finally:
+        model.native = kept
+
+
+def test_a_step_sharing_a_prefix_keeps_its_rows_together(model):
+    """32 sequences over one 1,024-token prefix: where the shared pass runs (AVX512-BF16), the step
+    is not split; without it, the groups take it."""
+    from lmserve.kernels import cpu_flags
+
+    python, native, ran = run_both(model, lambda on: shared_prefix_step(model, 32, 1024, on))
+    assert ran == (GROUPS and "avx512_bf16" not in cpu_flags())
+    assert_same(python, native)
