@@ -45,6 +45,7 @@ torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& slots, double scale);
 torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
 std::string int4_linear_path(int64_t rows);
+bool int4_rows_alike(int64_t a, int64_t b);
 torch::Tensor argmax_rows(const torch::Tensor& x);
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_table,
@@ -416,10 +417,13 @@ class NativeDecoder {
         for (const auto& seq : prefills)
             masks.push_back(prompt_kernel ? std::nullopt : prefill_mask(seq, x.options()));  // the kernel masks as it goes
         const StepRows rows{cos_rows, sin_rows, slots, num_decodes, block_table, context_lens, block_size};
-        if (prefills.empty() && take_row_groups(num_decodes, rows, k_caches))
-            return forward_row_groups(x, rows, k_caches, v_caches);
+        if (prefills.empty() && take_row_groups(num_decodes, rows, k_caches)) {
+            const auto starts = group_starts(rows, n, at::get_num_threads() * kGroupsPerThread);
+            if (static_cast<int64_t>(starts.size()) >= at::get_num_threads())
+                return forward_row_groups(x, rows, starts, k_caches, v_caches);
+        }
         for (size_t i = 0; i < layers_.size(); ++i)
-            x = layer_forward(layers_[i], x, rows, k_caches[i], v_caches[i], prefills, masks);
+            x = layer_forward(layers_[i], x, rows, k_caches[i], v_caches[i], prefills, masks, true);
         return x;
     }
 
@@ -438,11 +442,12 @@ class NativeDecoder {
         }
     };
 
-    // One layer over x (T, hidden): model/llama.py's DecoderLayer.forward.
+    // One layer over x (T, hidden): model/llama.py's DecoderLayer.forward (share_prefixes: the
+    // decode rows' attention may take the shared pass, as paged_attention's always may).
     torch::Tensor layer_forward(const NativeLayer& layer, torch::Tensor x, const StepRows& rows,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                 const std::vector<Prefill>& prefills,
-                                const std::vector<std::optional<torch::Tensor>>& masks) const {
+                                const std::vector<std::optional<torch::Tensor>>& masks, bool share_prefixes) const {
         const int64_t n = x.size(0), num_decodes = rows.num_decodes;
         const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
         const auto& cos_rows = rows.cos;
@@ -470,7 +475,7 @@ class NativeDecoder {
         if (num_decodes > 0)
             attn.slice(0, 0, num_decodes).copy_(paged_decode_attention(
                 q.slice(0, 0, num_decodes).to(at::kFloat).contiguous(), k_cache, v_cache, *rows.block_table,
-                *rows.context_lens, rows.block_size, scale_, true));
+                *rows.context_lens, rows.block_size, scale_, share_prefixes));
         for (size_t p = 0; p < prefills.size(); ++p) {
             const auto& seq = prefills[p];
             const int64_t start = std::get<0>(seq), end = start + std::get<1>(seq);
@@ -492,24 +497,25 @@ class NativeDecoder {
     // a thread losing its core for a millisecond held the other there). A thread takes the least
     // advanced group no thread holds, a layer at a time, so the groups of a thread that lost its
     // core go on on the other. Taken where every projection is W4A8 on the same path at a group's
-    // rows as at the step's (its rows computed independently: the same results bit for bit), no
-    // rows attend to a shared prefix together (the shared pass wants the whole group's rows), and
-    // a layer's weights are small enough to be read again by each group from the cores' shared
-    // cache (SmolLM2's 2 MB layers; the Qwen2-0.5B shape's 9.3 MB ones ran 7% slower as groups).
+    // rows as at the step's (group_starts: its rows computed independently, the same results bit
+    // for bit), no rows attend to a shared prefix together (the shared pass wants the whole
+    // group's rows; groups then never take it, since a subset can pass its rule where the whole
+    // step did not), and a layer's weights are small enough to be read again by each group from
+    // the cores' shared cache (SmolLM2's 2 MB layers; the Qwen2-0.5B shape's 9.3 MB ones ran 7%
+    // slower as groups).
     bool take_row_groups(int64_t num_decodes, const StepRows& rows, const std::vector<torch::Tensor>& k_caches) const {
-        const int64_t threads = at::get_num_threads();
-        if (row_group_rows <= 0 || num_decodes < row_group_rows || !all_int4_ || largest_layer_bytes > row_group_layer_bytes ||
-            threads < 2 || at::in_parallel_region())
+        if (row_group_rows <= 0 || num_decodes < row_group_rows || !all_int4_ || layers_.empty() ||
+            largest_layer_bytes > row_group_layer_bytes || at::get_num_threads() < 2 || at::in_parallel_region())
             return false;
-        if (int4_linear_path(num_decodes) != int4_linear_path(num_decodes / (threads * kGroupsPerThread)))
-            return false;  // AMX tiles: a step's rows and a group's take different paths
         return !decode_shares_prefixes(k_caches[0], num_heads_, *rows.block_table, *rows.context_lens,
                                        rows.block_size);
     }
 
-    // The first row of each of `count` groups of near equal size, moved on past rows that attend to
-    // the row before them (a sequence's draft rows attend to the ones before, written in the same
-    // layer): a row whose context holds the block of the row before's slot.
+    // The first row of each of up to `count` groups of near equal size, moved on past rows that
+    // attend to the row before them (a sequence's draft rows attend to the ones before, written in
+    // the same layer: a row whose context holds the block of the row before's slot). A group whose
+    // rows int4_linear would compute otherwise than the step's (one row: the residual pass; AMX
+    // tiles by row count) joins the group before it, or the next; none at all if that fails.
     static std::vector<int64_t> group_starts(const StepRows& rows, int64_t n, int64_t count) {
         const auto table = rows.block_table->contiguous();
         const auto* t = table.data_ptr<int64_t>();
@@ -528,14 +534,22 @@ class NativeDecoder {
             while (r < n && follows(r)) ++r;
             if (r < n) starts.push_back(r);
         }
-        return starts;
+        const auto alike = [&](int64_t rows_in_group) { return int4_rows_alike(rows_in_group, n); };
+        std::vector<int64_t> kept{0};
+        for (size_t g = 1; g < starts.size(); ++g)
+            if (alike(starts[g] - kept.back())) kept.push_back(starts[g]);  // else the group goes on
+        if (kept.size() > 1 && !alike(n - kept.back())) kept.pop_back();  // the last joins the one before
+        kept.push_back(n);
+        for (size_t g = 0; g + 1 < kept.size(); ++g)
+            if (!alike(kept[g + 1] - kept[g])) return {};
+        kept.pop_back();
+        return kept;
     }
 
-    torch::Tensor forward_row_groups(const torch::Tensor& x, const StepRows& rows,
+    torch::Tensor forward_row_groups(const torch::Tensor& x, const StepRows& rows, std::vector<int64_t> starts,
                                      const std::vector<torch::Tensor>& k_caches,
                                      const std::vector<torch::Tensor>& v_caches) const {
         const int64_t n = x.size(0), threads = at::get_num_threads();
-        auto starts = group_starts(rows, n, threads * kGroupsPerThread);
         const int64_t count = static_cast<int64_t>(starts.size());
         starts.push_back(n);
         const int num_layers = static_cast<int>(layers_.size());
@@ -555,6 +569,7 @@ class NativeDecoder {
         const std::vector<Prefill> no_prefills;
         const std::vector<std::optional<torch::Tensor>> no_masks;
         at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+            const c10::InferenceMode inference;  // as the calling thread's forward runs (its workers' is off)
             for (int64_t me = begin; me < end; ++me) {
                 while (!failed.load(std::memory_order_relaxed)) {
                     int64_t pick = -1;
@@ -573,7 +588,7 @@ class NativeDecoder {
                     if (layer < num_layers) {
                         try {
                             hidden[pick] = layer_forward(layers_[layer], hidden[pick], parts[pick], k_caches[layer],
-                                                         v_caches[layer], no_prefills, no_masks);
+                                                         v_caches[layer], no_prefills, no_masks, false);
                         } catch (...) {
                             failed.store(true);
                             held[pick].store(false, std::memory_order_release);

@@ -263,6 +263,12 @@ std::string int4_linear_path(int64_t rows) {
     return "registers";
 }
 
+// Whether int4_linear computes a row alike in steps of `a` and of `b` rows: the same path, and the
+// residual pass for both or neither (each row's arithmetic is then its own, whatever the others).
+bool int4_rows_alike(int64_t a, int64_t b) {
+    return int4_linear_path(a) == int4_linear_path(b) && (a <= kResidualRows) == (b <= kResidualRows);
+}
+
 #if defined(LMSERVE_W4A8_GEMM)
 namespace {
 

@@ -2,8 +2,9 @@
 waiting for another between kernels (kernels/decoder.cpp, forward_row_groups). Each row's arithmetic
 is the one the whole step's kernels give it, so the hidden states and the KV written must equal the
 Python layers' bit for bit; the groups must keep a sequence's draft rows together (each attends to
-the ones before it, written in the same layer), and steps whose rows share a prefix keep the whole
-step (the shared pass wants all of a group's rows)."""
+the ones before it, written in the same layer) and off one-row groups (int4_linear's residual pass),
+steps whose rows share a prefix keep the whole step (the shared pass wants all of a group's rows),
+and groups never take the shared pass the whole step did not."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ GROUPS = int4_linear_supported()  # every projection W4A8 (AVX512-VNNI): row gro
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     # head_dim 64: a bf16 cache takes the shared pass where the CPU has AVX512-BF16
-    folder = save_hf_folder(tiny_hf_model("qwen2", hidden_size=256, intermediate_size=128, max_position_embeddings=2048),
+    folder = save_hf_folder(tiny_hf_model("qwen2", hidden_size=256, intermediate_size=128, max_position_embeddings=4096),
                             tmp_path_factory.mktemp("qwen2-d64"))
     loaded, _, _ = load_weights(folder, "int4")
     assert loaded.native is not None, "native decoder not enabled: run python -m lmserve.kernels"
@@ -121,12 +122,17 @@ def draft_steps(model, rows_per_seq: list[int], native: bool, seed: int = 0):
         model.native = kept
 
 
-@pytest.mark.parametrize("rows_per_seq", [[3] * 11, [1, 4, 2, 3, 1, 1, 4, 2, 3, 2, 1, 4]])
-def test_a_sequences_draft_rows_stay_in_one_group(model, rows_per_seq):
-    """Quarters of these steps' rows end inside a sequence's rows (33 rows: after rows 7 and 15; 28:
-    after row 13): a group starting there would attend to keys its neighbour had not written yet."""
+@pytest.mark.parametrize("rows_per_seq, taken", [
+    ([3] * 11, 1),  # quarters end inside sequences' rows: after rows 7 and 15
+    ([1, 4, 2, 3, 1, 1, 4, 2, 3, 2, 1, 4], 1),  # after row 13
+    ([1] * 5 + [7] + [1] * 12, 1),  # moved past the 7 rows, the second group would be one row
+    ([24], 0),  # one sequence's rows: one group, the whole step
+])
+def test_a_sequences_draft_rows_stay_in_one_group(model, rows_per_seq, taken):
+    """A group starting inside a sequence's rows would attend to keys its neighbour had not written
+    yet; a group of one row would take int4_linear's residual pass, which the whole step does not."""
     python, native, ran = run_both(model, lambda on: draft_steps(model, rows_per_seq, on))
-    assert ran == GROUPS
+    assert ran == (taken if GROUPS else 0)
     assert_same(python, native)
 
 
@@ -170,4 +176,47 @@ def test_a_step_sharing_a_prefix_keeps_its_rows_together(model):
 
     python, native, ran = run_both(model, lambda on: shared_prefix_step(model, 32, 1024, on))
     assert ran == (GROUPS and "avx512_bf16" not in cpu_flags())
+    assert_same(python, native)
+
+
+def deep_and_shallow_sharers(model, native: bool):
+    """32 sequences: 8 over one 2,048-token prompt, 8 more over its first 512 tokens only, 16 of
+    their own; each then writes 2 tokens and decodes one. The whole step does not take the shared
+    pass (16 x 512 shared reads, under its 16,384), the first group of rows (the 8 deep ones,
+    8 x 2,048) would: groups must not."""
+    kept, model.native = model.native, (model.native if native else None)
+    try:
+        g = torch.Generator().manual_seed(2)
+        vocab, shared, shallow = model.config.vocab_size, 2048, 512
+        prompt_blocks, own_blocks = shared // BLOCK, 2
+        caches = allocate_kv_caches(model.config, prompt_blocks + 32 * own_blocks, BLOCK, torch.bfloat16,
+                                    torch.device("cpu"))
+        meta = AttentionMetadata(torch.arange(shared), 0, None, None, [PrefillSeq(0, shared, shared, None)])
+        outputs = [model(torch.randint(vocab, (shared,), generator=g), torch.arange(shared), caches, meta)]
+        tables, lens, slots = [], [], []
+        for s in range(32):
+            prefix = shared if s < 8 else shallow if s < 16 else 0
+            own = prompt_blocks + s * own_blocks
+            table = torch.cat([torch.arange(prefix // BLOCK), torch.arange(own, own + own_blocks)])
+            own_slots = torch.arange(2) + own * BLOCK
+            context = torch.cat([torch.arange(prefix), own_slots])
+            meta = AttentionMetadata(own_slots, 0, None, None, [PrefillSeq(0, 2, prefix + 2, context if prefix else None)])
+            outputs.append(model(torch.randint(vocab, (2,), generator=g), torch.arange(prefix, prefix + 2), caches, meta))
+            tables.append(torch.nn.functional.pad(table, (0, prompt_blocks + own_blocks - len(table))))
+            lens.append(prefix + 3)
+            slots.append(own * BLOCK + 2)
+        width = (prompt_blocks + own_blocks) * BLOCK
+        lens_t = torch.tensor(lens)
+        bias = torch.zeros(32, 1, width).masked_fill_(torch.arange(width)[None, None, :] >= lens_t[:, None, None],
+                                                      float("-inf"))
+        meta = AttentionMetadata(torch.tensor(slots), 32, torch.stack(tables), bias, [], lens_t)
+        outputs.append(model(torch.randint(vocab, (32,), generator=g), lens_t - 1, caches, meta))
+        return outputs, caches
+    finally:
+        model.native = kept
+
+
+def test_groups_never_take_the_shared_pass_the_whole_step_did_not(model):
+    python, native, ran = run_both(model, lambda on: deep_and_shallow_sharers(model, on))
+    assert ran == GROUPS
     assert_same(python, native)
