@@ -34,13 +34,8 @@ def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, nativ
         vocab = model.config.vocab_size
         caches = allocate_kv_caches(model.config, (num_seqs + 1) * BLOCKS_PER_SEQ, BLOCK, kv_dtype,
                                     torch.device("cpu"))
-        outputs, lengths = [], []
-        for s in range(num_seqs):
-            n = 3 + 2 * s % 9
-            slots = torch.arange(n) + s * BLOCKS_PER_SEQ * BLOCK
-            meta = AttentionMetadata(slots, 0, None, None, [PrefillSeq(0, n, n, None)])
-            outputs.append(model(torch.randint(vocab, (n,), generator=g), torch.arange(n), caches, meta))
-            lengths.append(n)
+        lengths = [3 + 2 * s % 9 for s in range(num_seqs)]
+        outputs = prompts_one_by_one(model, caches, lengths, BLOCKS_PER_SEQ, g)
         table = torch.arange(num_seqs * BLOCKS_PER_SEQ).view(num_seqs, BLOCKS_PER_SEQ)
         newcomer = num_seqs * BLOCKS_PER_SEQ * BLOCK  # its first slot
         chunks = [(0, 5), (5, 4)]  # (start, length): the whole context first, then attending to it
@@ -66,6 +61,17 @@ def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, nativ
         return outputs, caches
     finally:
         model.native = kept
+
+
+def prompts_one_by_one(model, caches, lengths: list[int], blocks_per_seq: int, g: torch.Generator) -> list:
+    """A random prompt of lengths[s] tokens for each sequence s, each in a step of its own, in the
+    cache from block s * blocks_per_seq on; returns the steps' hidden states."""
+    outputs = []
+    for s, n in enumerate(lengths):
+        slots = torch.arange(n) + s * blocks_per_seq * BLOCK
+        meta = AttentionMetadata(slots, 0, None, None, [PrefillSeq(0, n, n, None)])
+        outputs.append(model(torch.randint(model.config.vocab_size, (n,), generator=g), torch.arange(n), caches, meta))
+    return outputs
 
 
 class Counting:

@@ -16,9 +16,8 @@ from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model.weight_formats.int4 import int4_linear_supported
 from lmserve.weights.load import load_weights
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
-from tests.model.test_native_decoder import hidden_states
+from tests.model.test_native_decoder import BLOCK, hidden_states, prompts_one_by_one
 
-BLOCK = 4
 GROUPS = int4_linear_supported()  # every projection W4A8 (AVX512-VNNI): row groups can run
 
 
@@ -97,13 +96,8 @@ def draft_steps(model, rows_per_seq: list[int], native: bool, seed: int = 0):
         vocab, per_seq = model.config.vocab_size, 8
         num_seqs = len(rows_per_seq)
         caches = allocate_kv_caches(model.config, num_seqs * per_seq, BLOCK, torch.bfloat16, torch.device("cpu"))
-        outputs, lengths = [], []
-        for s in range(num_seqs):
-            n = 3 + 5 * s % 13
-            slots = torch.arange(n) + s * per_seq * BLOCK
-            meta = AttentionMetadata(slots, 0, None, None, [PrefillSeq(0, n, n, None)])
-            outputs.append(model(torch.randint(vocab, (n,), generator=g), torch.arange(n), caches, meta))
-            lengths.append(n)
+        lengths = [3 + 5 * s % 13 for s in range(num_seqs)]
+        outputs = prompts_one_by_one(model, caches, lengths, per_seq, g)
         table_rows, positions, slots, lens = [], [], [], []
         for s, (n, count) in enumerate(zip(lengths, rows_per_seq)):
             for position in range(n, n + count):
