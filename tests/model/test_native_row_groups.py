@@ -214,3 +214,25 @@ def test_groups_never_take_the_shared_pass_the_whole_step_did_not(model):
     python, native, ran = run_both(model, lambda on: deep_and_shallow_sharers(model, on))
     assert ran == GROUPS
     assert_same(python, native)
+
+
+def test_the_engine_gives_the_same_tokens_with_and_without_row_groups():
+    """32 greedy requests on the default model (int4) through the real runner (its block tables
+    padded with block 0, its slots): the same tokens whether its decode steps run as groups."""
+    from lmserve.cli import default_model_path
+    from lmserve.request import SamplingParams
+    from lmserve.weights.load import load_model
+    from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
+
+    loaded = load_model(default_model_path(), "int4", max_positions=1024)
+    prompts = [chat_ids(loaded.tokenizer, f"{text} ({i})") for i in range(4) for text in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=44, ignore_eos=True)  # a prompt a step is seated
+    tokens, steps = [], []
+    for rows in (0, 24):
+        engine = make_engine(loaded, kv_bytes=256 << 20, budget=512, max_seqs=32, prefix_caching=False)
+        native = engine.model.native
+        native.row_group_rows, before = rows, native.row_group_steps
+        tokens.append(engine.generate(prompts, params))
+        steps.append(native.row_group_steps - before)
+    assert steps[0] == 0 and (steps[1] >= 8) == GROUPS, steps  # steps of 24-32 rows decoding
+    assert tokens[0] == tokens[1]
