@@ -523,10 +523,9 @@ class NativeDecoder {
         const auto* slots = rows.slots.data_ptr<int64_t>();
         const int64_t width = table.size(1);
         const auto follows = [&](int64_t r) {
-            const int64_t block = slots[r - 1] / rows.block_size;
             const int64_t* row = t + r * width;
-            return std::find(row, row + (lens[r] + rows.block_size - 1) / rows.block_size, block) !=
-                   row + (lens[r] + rows.block_size - 1) / rows.block_size;
+            const int64_t* end = row + (lens[r] + rows.block_size - 1) / rows.block_size;  // its context's blocks
+            return std::find(row, end, slots[r - 1] / rows.block_size) != end;
         };
         std::vector<int64_t> starts{0};
         for (int64_t g = 1; g < count; ++g) {
