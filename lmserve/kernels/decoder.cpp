@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -558,12 +557,8 @@ class NativeDecoder {
             hidden[g] = x.slice(0, starts[g], starts[g + 1]);
             parts.push_back(rows.slice(starts[g], starts[g + 1]));
         }
-        std::unique_ptr<std::atomic<int>[]> next_layer(new std::atomic<int>[count]);  // a group's next layer
-        std::unique_ptr<std::atomic<bool>[]> held(new std::atomic<bool>[count]);  // a thread is running it
-        for (int64_t g = 0; g < count; ++g) {
-            next_layer[g].store(0);
-            held[g].store(false);
-        }
+        std::vector<std::atomic<int>> next_layer(count);  // a group's next layer (value-initialized: 0)
+        std::vector<std::atomic<bool>> held(count);       // a thread is running it
         std::atomic<bool> failed{false};
         const std::vector<Prefill> no_prefills;
         const std::vector<std::optional<torch::Tensor>> no_masks;

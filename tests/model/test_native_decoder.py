@@ -95,6 +95,12 @@ def assert_native_matches_python(model, num_seqs: int, kv_dtype: torch.dtype, st
     finally:
         model.native = kept
     assert counting.calls == num_seqs + steps  # every step ran natively, mixed ones included
+    assert_identical((python_out, python_caches), (native_out, native_caches))
+
+
+def assert_identical(python, native):
+    """Two runs' (step outputs, caches), bit for bit."""
+    (python_out, python_caches), (native_out, native_caches) = python, native
     for step, (a, b) in enumerate(zip(python_out, native_out)):
         assert torch.equal(a, b), (step, (a - b).abs().max())
     for (k1, v1), (k2, v2) in zip(python_caches, native_caches):

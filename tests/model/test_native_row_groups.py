@@ -16,7 +16,7 @@ from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model.weight_formats.int4 import int4_linear_supported
 from lmserve.weights.load import load_weights
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
-from tests.model.test_native_decoder import BLOCK, hidden_states, prompts_one_by_one
+from tests.model.test_native_decoder import BLOCK, assert_identical, hidden_states, prompts_one_by_one
 
 GROUPS = int4_linear_supported()  # every projection W4A8 (AVX512-VNNI): row groups can run
 
@@ -40,25 +40,11 @@ def two_threads():
 
 
 def run_both(model, step):
-    """step(native: bool) -> (outputs, caches), once through the Python layers and once through the
-    native decoder; returns both and how many native steps ran as row groups."""
+    """step(native: bool) -> (outputs, caches), once through the native decoder and once through
+    the Python layers; returns (Python's, native's, how many native steps ran as row groups)."""
     before = model.native.row_group_steps
     native = step(True)
-    taken = model.native.row_group_steps - before
-    kept, model.native = model.native, None
-    try:
-        python = step(False)
-    finally:
-        model.native = kept
-    return python, native, taken
-
-
-def assert_same(python, native):
-    (python_out, python_caches), (native_out, native_caches) = python, native
-    for index, (a, b) in enumerate(zip(python_out, native_out)):
-        assert torch.equal(a, b), (index, (a - b).abs().max())
-    for (k1, v1), (k2, v2) in zip(python_caches, native_caches):
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    return step(False), native, model.native.row_group_steps - before
 
 
 @pytest.mark.parametrize("num_seqs, taken", [(23, 0), (24, 2), (40, 2)])
@@ -68,7 +54,7 @@ def test_decode_steps_of_many_rows_run_as_row_groups_bit_for_bit(model, num_seqs
     decode-only steps run as row groups."""
     python, native, ran = run_both(model, lambda on: hidden_states(model, num_seqs, 4, torch.bfloat16, native=on))
     assert ran == (taken if GROUPS else 0)
-    assert_same(python, native)
+    assert_identical(python, native)
 
 
 @pytest.mark.parametrize("rows, layer_bytes, taken", [(0, 0, 0), (24, -1, 0), (24, 0, 2)])
@@ -127,37 +113,37 @@ def test_a_sequences_draft_rows_stay_in_one_group(model, rows_per_seq, taken):
     yet; a group of one row would take int4_linear's residual pass, which the whole step does not."""
     python, native, ran = run_both(model, lambda on: draft_steps(model, rows_per_seq, on))
     assert ran == (taken if GROUPS else 0)
-    assert_same(python, native)
+    assert_identical(python, native)
 
 
-def shared_prefix_step(model, num_seqs: int, shared: int, native: bool):
-    """num_seqs sequences whose block tables begin with the same blocks (one prompt of `shared`
-    tokens, as the prefix cache lays them out), each with 2 tokens of its own, then one decode step."""
+def sharers_step(model, prefixes: list[int], native: bool):
+    """A sequence per entry of `prefixes`, reading that many tokens of one prompt (as the prefix
+    cache lays a shared prompt's blocks out; 0: nothing of it) and writing 2 tokens of its own; then
+    one decode step of all of them."""
     kept, model.native = model.native, (model.native if native else None)
     try:
         g = torch.Generator().manual_seed(1)
-        vocab = model.config.vocab_size
-        shared_blocks, own_blocks = shared // BLOCK, 2
-        caches = allocate_kv_caches(model.config, shared_blocks + num_seqs * own_blocks, BLOCK, torch.bfloat16,
+        vocab, num_seqs, shared = model.config.vocab_size, len(prefixes), max(prefixes)
+        prompt_blocks, own_blocks = shared // BLOCK, 2
+        caches = allocate_kv_caches(model.config, prompt_blocks + num_seqs * own_blocks, BLOCK, torch.bfloat16,
                                     torch.device("cpu"))
         meta = AttentionMetadata(torch.arange(shared), 0, None, None, [PrefillSeq(0, shared, shared, None)])
         outputs = [model(torch.randint(vocab, (shared,), generator=g), torch.arange(shared), caches, meta)]
-        tables = []
-        for s in range(num_seqs):
-            own = shared_blocks + s * own_blocks
-            tables.append(torch.cat([torch.arange(shared_blocks), torch.arange(own, own + own_blocks)]))
-            slots = torch.arange(2) + own * BLOCK
-            context = torch.cat([torch.arange(shared), slots])
-            meta = AttentionMetadata(slots, 0, None, None, [PrefillSeq(0, 2, shared + 2, context)])
-            outputs.append(model(torch.randint(vocab, (2,), generator=g), torch.arange(shared, shared + 2), caches,
-                                 meta))
-        width = (shared_blocks + own_blocks) * BLOCK
-        lens = torch.full((num_seqs,), shared + 3)
-        slots = torch.tensor([(shared_blocks + s * own_blocks) * BLOCK + 2 for s in range(num_seqs)])
-        bias = torch.zeros(num_seqs, 1, width).masked_fill_(torch.arange(width) >= shared + 3, float("-inf"))
-        meta = AttentionMetadata(slots, num_seqs, torch.stack(tables), bias, [], lens)
-        outputs.append(model(torch.randint(vocab, (num_seqs,), generator=g), torch.full((num_seqs,), shared + 2),
-                             caches, meta))
+        tables, slots = [], []
+        for s, prefix in enumerate(prefixes):
+            own = prompt_blocks + s * own_blocks
+            table = torch.cat([torch.arange(prefix // BLOCK), torch.arange(own, own + own_blocks)])
+            own_slots = torch.arange(2) + own * BLOCK
+            context = torch.cat([torch.arange(prefix), own_slots]) if prefix else None
+            meta = AttentionMetadata(own_slots, 0, None, None, [PrefillSeq(0, 2, prefix + 2, context)])
+            outputs.append(model(torch.randint(vocab, (2,), generator=g), torch.arange(prefix, prefix + 2), caches, meta))
+            tables.append(torch.nn.functional.pad(table, (0, prompt_blocks + own_blocks - len(table))))
+            slots.append(own * BLOCK + 2)
+        width = (prompt_blocks + own_blocks) * BLOCK
+        lens = torch.tensor(prefixes) + 3
+        bias = torch.zeros(num_seqs, 1, width).masked_fill_(torch.arange(width) >= lens[:, None, None], float("-inf"))
+        meta = AttentionMetadata(torch.tensor(slots), num_seqs, torch.stack(tables), bias, [], lens)
+        outputs.append(model(torch.randint(vocab, (num_seqs,), generator=g), lens - 1, caches, meta))
         return outputs, caches
     finally:
         model.native = kept
@@ -168,52 +154,18 @@ def test_a_step_sharing_a_prefix_keeps_its_rows_together(model):
     is not split; without it, the groups take it."""
     from lmserve.kernels import cpu_flags
 
-    python, native, ran = run_both(model, lambda on: shared_prefix_step(model, 32, 1024, on))
+    python, native, ran = run_both(model, lambda on: sharers_step(model, [1024] * 32, on))
     assert ran == (GROUPS and "avx512_bf16" not in cpu_flags())
-    assert_same(python, native)
-
-
-def deep_and_shallow_sharers(model, native: bool):
-    """32 sequences: 8 over one 2,048-token prompt, 8 more over its first 512 tokens only, 16 of
-    their own; each then writes 2 tokens and decodes one. The whole step does not take the shared
-    pass (16 x 512 shared reads, under its 16,384), the first group of rows (the 8 deep ones,
-    8 x 2,048) would: groups must not."""
-    kept, model.native = model.native, (model.native if native else None)
-    try:
-        g = torch.Generator().manual_seed(2)
-        vocab, shared, shallow = model.config.vocab_size, 2048, 512
-        prompt_blocks, own_blocks = shared // BLOCK, 2
-        caches = allocate_kv_caches(model.config, prompt_blocks + 32 * own_blocks, BLOCK, torch.bfloat16,
-                                    torch.device("cpu"))
-        meta = AttentionMetadata(torch.arange(shared), 0, None, None, [PrefillSeq(0, shared, shared, None)])
-        outputs = [model(torch.randint(vocab, (shared,), generator=g), torch.arange(shared), caches, meta)]
-        tables, lens, slots = [], [], []
-        for s in range(32):
-            prefix = shared if s < 8 else shallow if s < 16 else 0
-            own = prompt_blocks + s * own_blocks
-            table = torch.cat([torch.arange(prefix // BLOCK), torch.arange(own, own + own_blocks)])
-            own_slots = torch.arange(2) + own * BLOCK
-            context = torch.cat([torch.arange(prefix), own_slots])
-            meta = AttentionMetadata(own_slots, 0, None, None, [PrefillSeq(0, 2, prefix + 2, context if prefix else None)])
-            outputs.append(model(torch.randint(vocab, (2,), generator=g), torch.arange(prefix, prefix + 2), caches, meta))
-            tables.append(torch.nn.functional.pad(table, (0, prompt_blocks + own_blocks - len(table))))
-            lens.append(prefix + 3)
-            slots.append(own * BLOCK + 2)
-        width = (prompt_blocks + own_blocks) * BLOCK
-        lens_t = torch.tensor(lens)
-        bias = torch.zeros(32, 1, width).masked_fill_(torch.arange(width)[None, None, :] >= lens_t[:, None, None],
-                                                      float("-inf"))
-        meta = AttentionMetadata(torch.tensor(slots), 32, torch.stack(tables), bias, [], lens_t)
-        outputs.append(model(torch.randint(vocab, (32,), generator=g), lens_t - 1, caches, meta))
-        return outputs, caches
-    finally:
-        model.native = kept
+    assert_identical(python, native)
 
 
 def test_groups_never_take_the_shared_pass_the_whole_step_did_not(model):
-    python, native, ran = run_both(model, lambda on: deep_and_shallow_sharers(model, on))
+    """8 sequences over a 2,048-token prompt, 8 more over its first 512 tokens, 16 of their own: the
+    whole step does not take the shared pass (16 x 512 shared reads, under its 16,384), the first
+    group of rows (the 8 deep ones, 8 x 2,048) would: groups must not."""
+    python, native, ran = run_both(model, lambda on: sharers_step(model, [2048] * 8 + [512] * 8 + [0] * 16, on))
     assert ran == GROUPS
-    assert_same(python, native)
+    assert_identical(python, native)
 
 
 def test_the_engine_gives_the_same_tokens_with_and_without_row_groups():
