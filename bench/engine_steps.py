@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
+    .venv/bin/python -m bench.engine_steps lookup-busy [--levels 16,32,64]  # off and on, C at once, requests admitted as others finish
     .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64]  # sequences decoding at once
     .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share
 """
@@ -144,6 +145,44 @@ def lookup_matrix(loaded) -> None:
                       f"drafts kept {kept[0]}/{kept[1]}", flush=True)
 
 
+def lookup_busy(loaded, levels: str = "16,32,64", waves: tuple[int, ...] = (1, 6)) -> None:
+    """Prompt lookup off and on (K=4) with C greedy requests running at once, a new one admitted as
+    each finishes, C x W in all (W = 1: one batch that starts and ends together; more: a server's
+    steady flow), 160 tokens each, eos ignored; the texts of lookup-matrix in turn, each request's
+    its own ("(i) " first). Output tok/s and the median on/off ratio of REPEATS // 2 + 1 pairs."""
+    from tests.helpers.real_engine import chat_ids
+
+    texts = [REWRITE, STORY, *QUESTIONS]
+    params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+    engines = {k: engine(loaded, k) for k in (0, 4)}
+
+    def flow(e: LLMEngine, prompts: list[list[int]], width: int) -> float:
+        waiting, running = list(prompts), 0
+        started = time.perf_counter()
+        while waiting or e.has_unfinished:
+            while waiting and running < width:
+                e.add_request(f"busy-{len(waiting)}-{time.perf_counter_ns()}", waiting.pop(0), params)
+                running += 1
+            running -= sum(out.finished for out in e.step().outputs)
+        return len(prompts) * params.max_tokens / (time.perf_counter() - started)
+
+    for width in (int(level) for level in levels.split(",")):
+        for w in waves:
+            prompts = [chat_ids(loaded.tokenizer, f"({i}) {texts[i % len(texts)]}") for i in range(width * w)]
+            for e in engines.values():
+                flow(e, prompts, width)  # prompts cached, as a server's repeated system prompts would be
+            rates: dict[int, list[float]] = {0: [], 4: []}
+            drafted = engines[4].num_draft_tokens, engines[4].num_accepted_tokens
+            for _ in range(REPEATS // 2 + 1):
+                for k, e in engines.items():
+                    rates[k].append(flow(e, prompts, width))
+            ratios = sorted(on / off for off, on in zip(rates[0], rates[4]))
+            kept = (engines[4].num_accepted_tokens - drafted[1], engines[4].num_draft_tokens - drafted[0])
+            print(f"{width:3d} at once x {w:2d}: best off {max(rates[0]):6.1f} on {max(rates[4]):6.1f} tok/s; on/off "
+                  f"median {ratios[len(ratios) // 2]:.3f}x (range {ratios[0]:.3f}-{ratios[-1]:.3f}); drafts kept "
+                  f"{kept[0]}/{kept[1]}", flush=True)
+
+
 def level_prompts(level: str, round_: int) -> list[list[int]]:
     """'64x128': 64 prompts of 128 tokens; '64x128-384': 64 prompts of 128 to 384 tokens, evenly
     spread (a running batch's sequences differ in length); '64x1024+64': 64 prompts of one shared
@@ -230,14 +269,16 @@ def prefill(loaded) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "decode", "prefill"))
-    parser.add_argument("--levels", default=DECODE_LEVELS,
-                        help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, 1024+64), comma-separated")
+    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "lookup-busy", "decode", "prefill"))
+    parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "
+                        f"1024+64), comma-separated (default {DECODE_LEVELS}); lookup-busy: requests at once (16,32,64)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)
     if args.what == "decode":
-        decode(loaded, args.levels)
+        decode(loaded, args.levels or DECODE_LEVELS)
+    elif args.what == "lookup-busy":
+        lookup_busy(loaded, args.levels or "16,32,64")
     else:
         {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix,
          "prefill": prefill}[args.what](loaded)

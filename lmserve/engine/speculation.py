@@ -14,8 +14,15 @@ Drafter runs drafts only while its request's proposals come true.
 Only sequences whose next token depends on nothing but the logits get drafts: greedy ones, and
 with the server's speculative_sampling sampled ones that draw fresh random numbers (a seeded
 request's numbers come one per token from its own generator, so its output stays the same whatever
-else runs); no penalties, biases, constraints, logprobs or llama.cpp sampler chain. And only while a step runs at most MAX_RUNNING sequences: past that a step is bound by
-compute rather than by reading the weights, and verifying drafts costs more than it saves.
+else runs); no penalties, biases, constraints, logprobs or llama.cpp sampler chain.
+
+How sure a draft must be depends on the step. While at most MAX_RUNNING sequences run, a step is
+bound by reading the weights and a few more rows cost little: a draft token runs if it is kept at
+least WORTH of the time. Past that a step is bound by compute and a draft row costs about what a
+decoding row does, so a draft that is not kept is a row lost (and where a batch starts and ends
+together, a kept one saves little): a draft token runs only if it is kept at least BUSY_WORTH of
+the time, as in text that repeats its input or that greedy decoding has sent round a loop
+(bench/RESULTS.md, "Prompt lookup with many sequences running").
 """
 
 from __future__ import annotations
@@ -27,10 +34,16 @@ from lmserve.request import SamplingParams
 
 MAX_NGRAM = 4  # the longest tail looked up
 MIN_NGRAM = 2  # a single repeated token predicts too little
-MAX_RUNNING = 4
+MAX_RUNNING = 4  # the most sequences a step runs while it is bound by reading the weights
 LOOKBACK = 4096  # tokens searched back from the end: the lookup stays cheap on long contexts
-WORTH = 0.3  # a draft token runs only if it is kept at least this often
+WORTH = 0.3  # a draft token runs only if it is kept at least this often, while at most MAX_RUNNING run
+BUSY_WORTH = 0.9  # the same with more running
 DECAY = 0.75  # weight of the past in a request's running tally
+
+
+def worth(num_running: int) -> float:
+    """How often a draft token must be kept to run in a step of `num_running` sequences."""
+    return WORTH if num_running <= MAX_RUNNING else BUSY_WORTH
 
 
 def drafts_for(params: SamplingParams, sampled: bool = False) -> bool:
@@ -53,8 +66,9 @@ class Drafter:
     Every proposal is checked against the tokens that followed it, whether it ran or not (a
     proposal that did not run is checked against the next token alone): the tally of tokens that
     matched and of mismatches, both decayed, gives the chance `rate` that a draft token is kept,
-    and the i-th token of a proposal runs only while rate ** i >= WORTH. A request whose text stops
-    repeating itself soon runs no drafts, and one whose text starts repeating runs them again.
+    and the i-th token of a proposal runs only while rate ** i is at least the step's worth(). A
+    request whose text stops repeating itself soon runs no drafts, and one whose text starts
+    repeating runs them again.
     """
 
     kept: float = 1.0  # a prior of one match and one mismatch: rate 0.5 at the start
@@ -64,14 +78,15 @@ class Drafter:
     ends: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> where its latest occurrence ended
     indexed: int = 0  # n-grams ending at or before this position are in `ends`
 
-    def drafts(self, ids: Sequence[int], room: int) -> list[int]:
-        """The drafts worth running after `ids` (at most `room`), after tallying the last proposal."""
+    def drafts(self, ids: Sequence[int], room: int, worth: float = WORTH) -> list[int]:
+        """The drafts after `ids` (at most `room`) kept at least `worth` of the time by this
+        request's rate, after tallying the last proposal."""
         self._observe(ids)
         proposal = self.lookup(ids, room)
         self.last, self.since = proposal, len(ids)
         rate = self.kept / (self.kept + self.missed)
         count, chance = 0, rate
-        while count < len(proposal) and chance >= WORTH:
+        while count < len(proposal) and chance >= worth:
             count, chance = count + 1, chance * rate
         return proposal[:count]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from lmserve.engine import speculation
 from lmserve.request import SamplingParams
 from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
 
@@ -67,11 +68,24 @@ def test_repeating_text_takes_fewer_steps_and_the_drafts_are_counted(default_mod
     assert spec_steps == plain_steps - kept  # every kept draft saves one step
 
 
-def test_more_requests_than_speculation_serves_decode_without_drafts(default_model):
-    # a budget that lets all six in at the first step: none ever decodes with four or fewer running
+def test_with_more_running_only_text_that_keeps_repeating_takes_drafts(default_model, monkeypatch):
+    # a budget that lets all six in at the first step: six run (> MAX_RUNNING) until some finish
     plain, spec = make_engine(default_model, budget=1024), make_engine(default_model, budget=1024, speculative=4)
-    prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING + PROMPTS[:3]]  # 6 > MAX_RUNNING
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    drafted = spec.num_draft_tokens
+    prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING + PROMPTS[:3]]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ran = []  # (the step's worth, the request's rate, tokens proposed, drafts run) of every call
+    drafts = speculation.Drafter.drafts
+
+    def spy(self, ids, room, worth=speculation.WORTH):
+        out = drafts(self, ids, room, worth)
+        ran.append((worth, self.kept / (self.kept + self.missed), len(self.last), len(out)))
+        return out
+
+    monkeypatch.setattr(speculation.Drafter, "drafts", spy)
     assert run(spec, prompts, params)[0] == run(plain, prompts, params)[0]
-    assert spec.num_draft_tokens == drafted
+    busy = [(rate, proposed, count) for worth, rate, proposed, count in ran if worth == speculation.BUSY_WORTH]
+    assert len(busy) >= 6 * 10 and sum(count for *_, count in busy) >= 10  # drafts ran with six running
+    assert all(rate >= speculation.BUSY_WORTH for rate, _, count in busy if count)
+    # and proposals a step of four would have run were held back
+    assert any(speculation.WORTH <= rate < speculation.BUSY_WORTH and proposed and not count
+               for rate, proposed, count in busy)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lmserve.engine.speculation import LOOKBACK, WORTH, Drafter, drafts_for
+from lmserve.engine.speculation import BUSY_WORTH, LOOKBACK, MAX_RUNNING, WORTH, Drafter, drafts_for, worth
 from lmserve.request import SamplingParams
 
 
@@ -69,6 +69,19 @@ def test_drafts_run_only_while_they_come_true():
         ids += [50 + step]
     assert wrong.drafts(ids + [1, 2], 4) == []
     assert wrong.kept / (wrong.kept + wrong.missed) < WORTH
+
+
+def test_a_busy_step_runs_only_drafts_kept_more_often():
+    assert worth(1) == worth(MAX_RUNNING) == WORTH < BUSY_WORTH == worth(MAX_RUNNING + 1) == worth(64)
+    ids = [1, 2, 3, 4] * 3
+    drafter = Drafter(kept=2.0, missed=1.0)  # rate 2/3
+    assert len(drafter.drafts(ids, 4, worth(MAX_RUNNING))) == 2  # 2/3 and 4/9 >= 0.3
+    drafter = Drafter(kept=2.0, missed=1.0)
+    assert drafter.drafts(ids, 4, worth(MAX_RUNNING + 1)) == [] and drafter.last == [1, 2, 3, 4]  # proposed, not run
+    repeating = Drafter(kept=49.0, missed=1.0)  # rate 0.98: 0.98, 0.96, 0.94, 0.92 >= 0.9
+    assert len(repeating.drafts(ids, 4, worth(64))) == 4
+    fading = Drafter(kept=9.0, missed=1.0)  # rate 0.9: 0.9, then 0.81
+    assert len(fading.drafts(ids, 4, worth(64))) == 1
 
 
 def test_sampled_sequences_take_drafts_only_when_the_server_says_so():
