@@ -81,18 +81,18 @@ class Scheduler:
         if proposals:  # the draft model ran this step; when it does not, prompt lookup drafts
             room = self._room(request, self.proposer.num_tokens)
             return [] if room is None else proposals.get(request.request_id, [])[:max(min(room, budget), 0)]
-        room = self._room(request, self.config.num_speculative_tokens, any_running=True)
+        room = self._room(request, self.config.num_speculative_tokens, lookup=True)
         if room is None:
             return []
         drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
         worth = speculation.worth(len(self.running))
         return drafter.drafts(request.all_ids, min(room, budget), worth)  # called at no room too: it tallies its last proposal
 
-    def _room(self, request: Request, wanted: int, any_running: bool = False) -> int | None:
+    def _room(self, request: Request, wanted: int, lookup: bool = False) -> int | None:
         """The drafts `request` may take this step of the `wanted` per step, budget aside; None when
-        it takes none at all. Only prompt lookup (`any_running`) drafts while more than
-        speculation.MAX_RUNNING sequences run: a draft model's cache holds that many."""
-        if (not wanted or (not any_running and len(self.running) > speculation.MAX_RUNNING)
+        it takes none at all. While more than speculation.MAX_RUNNING sequences run only prompt
+        lookup drafts (`lookup`): a draft model's cache holds that many."""
+        if (not wanted or (not lookup and len(self.running) > speculation.MAX_RUNNING)
                 or not speculation.drafts_for(request.params, self.config.speculative_sampling)):
             return None
         return min(wanted, request.params.max_tokens - len(request.output_ids) - 1,
