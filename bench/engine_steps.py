@@ -36,6 +36,7 @@ QUESTIONS = ("What are the main causes of climate change, and what can one perso
 REPEATS = 5
 DECODE_STEPS = 32
 DECODE_LEVELS = "1x128,32x128,64x128,64x1024"  # sequences x prompt tokens
+BUSY_LEVELS = "16,32,64"  # lookup-busy: requests at once
 DECODINGS = {"greedy": dict(temperature=0), "t0.7/p0.9": dict(temperature=0.7, top_p=0.9),
              "t1.0": dict(temperature=1.0)}
 
@@ -145,7 +146,7 @@ def lookup_matrix(loaded) -> None:
                       f"drafts kept {kept[0]}/{kept[1]}", flush=True)
 
 
-def lookup_busy(loaded, levels: str = "16,32,64", waves: tuple[int, ...] = (1, 6)) -> None:
+def lookup_busy(loaded, levels: str = BUSY_LEVELS, waves: tuple[int, ...] = (1, 6)) -> None:
     """Prompt lookup off and on (K=4) with C greedy requests running at once, a new one admitted as
     each finishes, C x W in all (W = 1: one batch that starts and ends together; more: a server's
     steady flow), 160 tokens each, eos ignored; the texts of lookup-matrix in turn, each request's
@@ -271,14 +272,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "lookup-busy", "decode", "prefill"))
     parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "
-                        f"1024+64), comma-separated (default {DECODE_LEVELS}); lookup-busy: requests at once (16,32,64)")
+                        f"1024+64), comma-separated (default {DECODE_LEVELS}); lookup-busy: requests at once ({BUSY_LEVELS})")
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)
     if args.what == "decode":
         decode(loaded, args.levels or DECODE_LEVELS)
     elif args.what == "lookup-busy":
-        lookup_busy(loaded, args.levels or "16,32,64")
+        lookup_busy(loaded, args.levels or BUSY_LEVELS)
     else:
         {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix,
          "prefill": prefill}[args.what](loaded)

@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--speculative-ngram", "--spec-ngram-simple-size-m", "--spec-ngram-size-m",
                        type=non_negative_int, metavar="K",
                        help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "
-                            "requests, with more than 4 running only where a request's drafts come true "
-                            f"90%% of the time (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off)")
+                            "requests; with more than 4 running, a draft token runs only where the request's "
+                            f"drafts come true at least 90%% of the time (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off)")
     serve.add_argument("--speculative-sampling", action="store_true",
                        help="sampled requests (temperature > 0, no seed) take drafts too (prompt lookup's or "
                             "--draft-model's); the output keeps the sampling distribution")

@@ -60,9 +60,6 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             count = min(request.num_tokens - request.num_computed_tokens, budget)
-            draft = self._draft(request, budget - count, proposals) if count == 1 else []
-            if draft and not self._grow(request, count + len(draft)):
-                draft = []  # drafts never cost anyone a preemption; grown, the loop below finds room at once
             while not self._grow(request, count):
                 victim = self.running.pop()  # the newest request makes room
                 self._preempt(victim)
@@ -70,38 +67,45 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.seqs.append(ScheduledSeq(request, count + len(draft), draft))
-                budget -= count + len(draft)
+                out.seqs.append(ScheduledSeq(request, count))
+                budget -= count
                 index += 1
+        # Drafts come out of what every running request's own tokens left, budget and blocks: they
+        # never keep a request from its token or cost anyone a preemption.
+        threshold = speculation.worth(len(self.running))
+        for position, seq in enumerate(out.seqs):
+            if seq.num_new_tokens == 1:
+                draft = self._draft(seq.request, budget, proposals, threshold)
+                if draft and self._grow(seq.request, 1 + len(draft)):
+                    out.seqs[position] = ScheduledSeq(seq.request, 1 + len(draft), draft)
+                    budget -= len(draft)
         return budget
 
-    def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]]) -> list[int]:
+    def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]], threshold: float) -> list[int]:
         """Drafts for a decoding request, within the budget, its max_tokens and the context: the
         proposer's, or prompt lookup's; [] when speculation is off or does not apply (speculation.py)."""
         if proposals:  # the draft model ran this step; when it does not, prompt lookup drafts
             room = self._room(request, self.proposer.num_tokens)
             return [] if room is None else proposals.get(request.request_id, [])[:max(min(room, budget), 0)]
-        room = self._room(request, self.config.num_speculative_tokens, lookup=True)
+        room = self._room(request, self.config.num_speculative_tokens)
         if room is None:
             return []
         drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
-        worth = speculation.worth(len(self.running))
-        return drafter.drafts(request.all_ids, min(room, budget), worth)  # called at no room too: it tallies its last proposal
+        return drafter.drafts(request.all_ids, min(room, budget), threshold)  # called at no room too: it tallies its last proposal
 
-    def _room(self, request: Request, wanted: int, lookup: bool = False) -> int | None:
+    def _room(self, request: Request, wanted: int) -> int | None:
         """The drafts `request` may take this step of the `wanted` per step, budget aside; None when
-        it takes none at all. While more than speculation.MAX_RUNNING sequences run only prompt
-        lookup drafts (`lookup`): a draft model's cache holds that many."""
-        if (not wanted or (not lookup and len(self.running) > speculation.MAX_RUNNING)
-                or not speculation.drafts_for(request.params, self.config.speculative_sampling)):
+        it takes none at all."""
+        if (not wanted or not speculation.drafts_for(request.params, self.config.speculative_sampling)):
             return None
         return min(wanted, request.params.max_tokens - len(request.output_ids) - 1,
                    self.config.max_model_len - request.num_tokens - 1)
 
     def _proposals(self) -> dict[str, list[int]]:
         """The proposer's drafts for every running request that decodes this step and may take
-        them, asked for together (one batch of draft steps); {} without a proposer."""
-        if self.proposer is None:
+        them, asked for together (one batch of draft steps); {} without a proposer, and while more
+        than speculation.MAX_RUNNING run (its cache holds that many; prompt lookup drafts then)."""
+        if self.proposer is None or len(self.running) > speculation.MAX_RUNNING:
             return {}
         wanted = {}
         for request in self.running:

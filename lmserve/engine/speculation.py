@@ -78,15 +78,20 @@ class Drafter:
     ends: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> where its latest occurrence ended
     indexed: int = 0  # n-grams ending at or before this position are in `ends`
 
-    def drafts(self, ids: Sequence[int], room: int, worth: float = WORTH) -> list[int]:
-        """The drafts after `ids` (at most `room`) kept at least `worth` of the time by this
+    @property
+    def rate(self) -> float:
+        """The chance that a draft token is kept, from the decayed tally."""
+        return self.kept / (self.kept + self.missed)
+
+    def drafts(self, ids: Sequence[int], room: int, threshold: float = WORTH) -> list[int]:
+        """The drafts after `ids` (at most `room`) kept at least `threshold` of the time by this
         request's rate, after tallying the last proposal."""
         self._observe(ids)
         proposal = self.lookup(ids, room)
         self.last, self.since = proposal, len(ids)
-        rate = self.kept / (self.kept + self.missed)
+        rate = self.rate
         count, chance = 0, rate
-        while count < len(proposal) and chance >= worth:
+        while count < len(proposal) and chance >= threshold:
             count, chance = count + 1, chance * rate
         return proposal[:count]
 

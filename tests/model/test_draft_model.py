@@ -47,7 +47,7 @@ def engines(default_model, int4_draft):
 def test_draft_model_gives_exactly_plain_greedy_decoding(default_model, engines, params):
     plain, drafted = engines
     prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING[:1] + PROMPTS[:3]]
-    for batch in ([prompts[0]], prompts):  # alone, and four at once (speculation's most: MAX_RUNNING)
+    for batch in ([prompts[0]], prompts):  # alone, and four at once (the draft model's most: MAX_RUNNING)
         kept = drafted.num_accepted_tokens
         expected, plain_steps = run(plain, batch, params)
         got, drafted_steps = run(drafted, batch, params)

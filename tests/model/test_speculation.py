@@ -48,7 +48,7 @@ def engines(default_model):
 def test_speculation_gives_exactly_plain_greedy_decoding(default_model, engines, params):
     plain, spec = engines
     prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING + PROMPTS[:2]]
-    for batch in ([prompts[0]], prompts[1:]):  # alone, and four at once (speculation's most: MAX_RUNNING)
+    for batch in ([prompts[0]], prompts[1:]):  # alone, and four at once (the most that draft at rate 0.3: MAX_RUNNING)
         expected, plain_steps = run(plain, batch, params)
         got, spec_steps = run(spec, batch, params)
         assert got == expected
@@ -73,18 +73,20 @@ def test_with_more_running_only_text_that_keeps_repeating_takes_drafts(default_m
     plain, spec = make_engine(default_model, budget=1024), make_engine(default_model, budget=1024, speculative=4)
     prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING + PROMPTS[:3]]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    ran = []  # (the step's worth, the request's rate, tokens proposed, drafts run) of every call
+    ran = []  # (the step's threshold, the request's rate, tokens proposed, drafts returned) of every call
     drafts = speculation.Drafter.drafts
 
-    def spy(self, ids, room, worth=speculation.WORTH):
-        out = drafts(self, ids, room, worth)
-        ran.append((worth, self.kept / (self.kept + self.missed), len(self.last), len(out)))
+    def spy(self, ids, room, threshold=speculation.WORTH):
+        out = drafts(self, ids, room, threshold)
+        ran.append((threshold, self.rate, len(self.last), len(out)))
         return out
 
     monkeypatch.setattr(speculation.Drafter, "drafts", spy)
+    drafted = spec.num_draft_tokens
     assert run(spec, prompts, params)[0] == run(plain, prompts, params)[0]
-    busy = [(rate, proposed, count) for worth, rate, proposed, count in ran if worth == speculation.BUSY_WORTH]
+    busy = [(rate, proposed, count) for threshold, rate, proposed, count in ran if threshold == speculation.BUSY_WORTH]
     assert len(busy) >= 6 * 10 and sum(count for *_, count in busy) >= 10  # drafts ran with six running
+    assert spec.num_draft_tokens - drafted >= sum(count for *_, count in busy)  # and went through the model
     assert all(rate >= speculation.BUSY_WORTH for rate, _, count in busy if count)
     # and proposals a step of four would have run were held back
     assert any(speculation.WORTH <= rate < speculation.BUSY_WORTH and proposed and not count

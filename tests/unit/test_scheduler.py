@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from lmserve.cache.block_pool import BlockPool
 from lmserve.config import SchedulerConfig
 from lmserve.engine.scheduler import Scheduler
@@ -299,3 +301,47 @@ def test_the_draft_model_and_prompt_lookup_each_take_their_own_count():
     assert first_draft(FixedProposer(6, [1, 2, 3, 4, 5, 6, 9, 9])) == [1, 2, 3, 4, 5, 6]
     assert first_draft(FixedProposer(6, [])) == [8, 5, 6]
     assert first_draft(FixedProposer(2, [])) == [8, 5, 6]  # a smaller draft count leaves lookup's alone
+
+
+def decoding(sched: Scheduler, n: int) -> None:
+    """`n` greedy requests of the prompt "i 5 6 7 8 5 6 7 8 5 6", past it (each sampled 7 once: the
+    tail "6 7" recurs, followed by 8 5 6 7), every one's proposals kept at a rate of 0.98 before."""
+    for i in range(n):
+        prompt = [50 + i, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # their own first blocks: all admitted at once
+        sched.add(Request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=16)))
+        sched.drafters[f"r{i}"] = Drafter(kept=49.0, missed=1.0)
+    out = sched.schedule()
+    assert [s.num_new_tokens for s in out.seqs] == [11] * n
+    sched.update(out, {s.request.request_id: 7 for s in out.seqs})
+
+
+class CountingProposer(FixedProposer):
+    calls = 0
+
+    def propose(self, wanted):
+        self.calls += 1
+        return super().propose(wanted)
+
+
+def test_with_more_than_four_running_only_prompt_lookup_drafts_and_only_its_surest_tokens():
+    proposer = CountingProposer(6, [1, 2, 3, 4, 5, 6])
+    sched = Scheduler(SchedulerConfig(8, 64, 64, num_speculative_tokens=3), 4, BlockPool(64), proposer)
+    decoding(sched, 4)
+    assert [s.draft for s in sched.schedule().seqs] == [[1, 2, 3, 4, 5, 6]] * 4 and proposer.calls == 1
+
+    proposer = CountingProposer(6, [1, 2, 3, 4, 5, 6])
+    sched = Scheduler(SchedulerConfig(8, 64, 64, num_speculative_tokens=3), 4, BlockPool(64), proposer)
+    decoding(sched, 5)
+    sched.drafters["r4"] = Drafter(kept=2.0, missed=1.0)  # rate 2/3: worth its first token with four running, not five
+    sched.drafters["r3"] = Drafter(kept=9.0, missed=1.0)  # rate 0.9: its first token only
+    drafts = [s.draft for s in sched.schedule().seqs]
+    assert proposer.calls == 0 and drafts == [[8, 5, 6]] * 3 + [[8], []]
+
+
+def test_drafts_come_out_of_what_the_running_requests_own_tokens_leave():
+    sched = Scheduler(SchedulerConfig(8, 128, 64, num_speculative_tokens=3), 4, BlockPool(64))
+    decoding(sched, 6)
+    sched.config = replace(sched.config, max_num_batched_tokens=8)
+    out = sched.schedule()
+    assert [s.num_new_tokens - len(s.draft) for s in out.seqs] == [1] * 6  # every request's own token
+    assert [s.draft for s in out.seqs] == [[8, 5]] + [[]] * 5  # the two rows left: the first request's drafts
