@@ -1,8 +1,8 @@
 """A draft model: speculative drafts from a smaller (or more quantized) model with the same tokens.
 
 For each sequence that takes drafts (speculation.drafts_for's, while at most
-speculation.MAX_RUNNING run; with more, prompt lookup drafts), the draft model decodes a few tokens greedily after the
-sequence so far, and the target verifies them in its next step as it verifies prompt-lookup
+speculation.MAX_RUNNING run; with more, prompt lookup drafts), the draft model decodes a few
+tokens greedily after the sequence so far, and the target verifies them in its next step as it verifies prompt-lookup
 drafts (runner.py): a draft stands only if it is what the target's own sampling picks, so the
 output is what plain decoding gives (token for token under greedy), in fewer target steps where
 the two models agree. Greedy drafts depend on the text alone, as prompt-lookup ones do, which is

@@ -96,7 +96,7 @@ class Scheduler:
     def _room(self, request: Request, wanted: int) -> int | None:
         """The drafts `request` may take this step of the `wanted` per step, budget aside; None when
         it takes none at all."""
-        if (not wanted or not speculation.drafts_for(request.params, self.config.speculative_sampling)):
+        if not wanted or not speculation.drafts_for(request.params, self.config.speculative_sampling):
             return None
         return min(wanted, request.params.max_tokens - len(request.output_ids) - 1,
                    self.config.max_model_len - request.num_tokens - 1)
