@@ -94,14 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                        type=non_negative_int, metavar="K",
                        help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "
                             "requests; with more than 4 running, a draft token runs only where the request's "
-                            f"drafts come true at least 90%% of the time (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off)")
+                            f"drafts come true at least 90%% of the time (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off); "
+                            "with --draft-model, on the steps the draft model does not draft")
     serve.add_argument("--speculative-sampling", action="store_true",
                        help="sampled requests (temperature > 0, no seed) take drafts too (prompt lookup's or "
                             "--draft-model's); the output keeps the sampling distribution")
     serve.add_argument("--draft-model", "--spec-draft-model", "-md", "--model-draft", metavar="PATH",
                        help="speculative decoding with a draft model: a smaller (or more quantized) GGUF or Hugging "
                             "Face folder with MODEL's vocabulary proposes --draft-tokens tokens, greedily, and MODEL "
-                            "keeps those its own decoding picks (instead of prompt lookup; one MODEL)")
+                            "keeps those its own decoding picks (at steps where that beats prompt lookup, with at "
+                            "most 4 running; one MODEL)")
     serve.add_argument("--draft-dtype", choices=DTYPE_CHOICES,
                        help="the draft model's dtype, as --dtype (default auto: the checkpoint's own)")
     serve.add_argument("--draft-tokens", "--spec-draft-n-max", type=positive_int, metavar="N",

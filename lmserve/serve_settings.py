@@ -54,7 +54,8 @@ def default_embedding_model_path() -> Path | None:
 
 def speculative_tokens(args: argparse.Namespace) -> int:
     """--speculative-ngram (or its llama-server spellings), with llama-server's --spec-type:
-    "none" turns prompt lookup off, and cannot be given with settings of it."""
+    "none" turns prompt lookup off, and cannot be given with settings of it. Beside --draft-model
+    it sets prompt lookup's drafts on the steps the draft model does not draft."""
     given = args.speculative_ngram
     if args.draft_model is None:
         for flag, value in (("--draft-dtype", args.draft_dtype), ("--draft-tokens", args.draft_tokens)):
@@ -62,9 +63,10 @@ def speculative_tokens(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} sets the draft model's drafts: give --draft-model too")
         if args.spec_type == "draft-simple":
             raise ValueError("--spec-type draft-simple asks for a draft model: give --draft-model")
-    elif args.spec_type in ("none", "ngram-simple") or given is not None:
-        raise ValueError("--draft-model drafts instead of prompt lookup: --speculative-ngram and --spec-type "
-                         "none/ngram-simple cannot be given with it (--draft-tokens N sets its drafts per step)")
+    elif args.spec_type in ("none", "ngram-simple"):
+        raise ValueError("--spec-type none/ngram-simple cannot be given with --draft-model, which drafts where it pays "
+                         "and leaves the other steps to prompt lookup (--draft-tokens N sets its drafts per step, "
+                         "--speculative-ngram K prompt lookup's; 0 turns lookup off)")
     if args.spec_type == "none":
         if (given or 0) > 0 or args.speculative_sampling:
             raise ValueError("--spec-type none turns prompt lookup off; it cannot be given with "

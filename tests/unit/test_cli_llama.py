@@ -461,6 +461,8 @@ HONOURED = [
     ("--spec-draft-model {gguf} --draft-dtype int4",
      lambda s: (chat_engine(s).draft.dtype, chat_engine(s).draft.tokens), ("int4", 8)),
     ("--spec-draft-n-max 6 -md {gguf}", lambda s: (chat_engine(s).draft.tokens, chat_engine(s).scheduler.num_speculative_tokens), (6, 4)),
+    ("-md {gguf} --spec-ngram-simple-size-m 0",  # only the draft model drafts
+     lambda s: (chat_engine(s).draft.tokens, chat_engine(s).scheduler.num_speculative_tokens), (8, 0)),
     ("--chat-template llama3", lambda s: s.engine.chat_template, BUILTIN_TEMPLATES["llama3"]),
     ("--chat-template-file {jinja}", lambda s: s.engine.chat_template, "{{ messages[0]['content'] }}"),
 ]
@@ -641,8 +643,8 @@ def test_a_name_given_to_the_one_model_holds_beside_a_models_folder(files, tmp_p
     ("{gguf} {gguf} -md {gguf}", "--draft-model drafts for one chat MODEL"),
     ("--embedding -md {gguf}", "--draft-model drafts for one chat MODEL"),
     ("-md {dir}/missing.gguf", "does not exist"),
-    ("-md {gguf} --speculative-ngram 2", "--draft-model drafts instead of prompt lookup"),
-    ("-md {gguf} --spec-type none", "--draft-model drafts instead of prompt lookup"),
+    ("-md {gguf} --spec-type none", "--spec-type none/ngram-simple cannot be given with --draft-model"),
+    ("-md {gguf} --spec-type ngram-simple", "--spec-type none/ngram-simple cannot be given with --draft-model"),
 ])
 def test_a_draft_model_where_it_cannot_apply_stops_start_up(argv, message, files):
     with pytest.raises(ValueError, match=message):

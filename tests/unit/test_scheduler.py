@@ -338,6 +338,15 @@ def test_with_more_than_four_running_only_prompt_lookup_drafts_and_only_its_sure
     assert proposer.calls == 0 and drafts == [[8, 5, 6]] * 3 + [[8], []]
 
 
+def test_a_draft_model_without_prompt_lookup_leaves_busy_steps_undrafted():
+    """--draft-model with --speculative-ngram 0: with more than four running nothing drafts."""
+    for count, drafted in ((4, [[1, 2, 3, 4, 5, 6]] * 4), (5, [[]] * 5)):
+        sched = Scheduler(SchedulerConfig(8, 64, 64, num_speculative_tokens=0), 4, BlockPool(64),
+                          FixedProposer(6, [1, 2, 3, 4, 5, 6]))
+        decoding(sched, count)
+        assert [s.draft for s in sched.schedule().seqs] == drafted
+
+
 def test_drafts_come_out_of_what_the_running_requests_own_tokens_leave():
     sched = Scheduler(SchedulerConfig(8, 128, 64, num_speculative_tokens=3), 4, BlockPool(64))
     decoding(sched, 6)
