@@ -1,9 +1,10 @@
 """Continuous batching by token counts. Pure Python: no torch.
 
 Every step, running requests go first (decodes and unfinished prefill chunks), then waiting
-ones join with whatever their cached prefix saves them, all under one token budget. Prefill,
-chunked prefill, prefix hits and recompute after preemption are the same path: a request
-needs `num_tokens - num_computed_tokens` more tokens through the model.
+ones join with whatever their cached prefix saves them, all under one token budget, and the
+decodes' speculative drafts (speculation.py) take what is left. Prefill, chunked prefill, prefix
+hits and recompute after preemption are the same path: a request needs
+`num_tokens - num_computed_tokens` more tokens through the model.
 
 A waiting request whose next prompt block a running request is computing right now waits for
 it rather than computing it again: a burst of requests sharing a long system prompt prefills
@@ -51,11 +52,12 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens, self._proposals())
-        self._schedule_waiting(out, budget)
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_waiting(out, budget)
+        self._schedule_drafts(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int, proposals: Mapping[str, list[int]]) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -70,8 +72,19 @@ class Scheduler:
                 out.seqs.append(ScheduledSeq(request, count))
                 budget -= count
                 index += 1
-        # Drafts come out of what every running request's own tokens left, budget and blocks: they
-        # never keep a request from its token or cost anyone a preemption.
+        return budget
+
+    def _schedule_drafts(self, out: SchedulerOutput, budget: int) -> None:
+        """Drafts for the step's decodes, out of the budget and blocks that every running request's
+        own tokens and the prompts admitted leave: they never keep a request from its token, hold
+        back a prompt or cost anyone a preemption. With more than speculation.MAX_RUNNING running,
+        a step that computes prompt tokens runs none: it is bound by compute, so its draft rows
+        cost about what they could save and make it longer, and the prompt's first token later
+        (bench/RESULTS.md, "Drafts leave steps that compute a prompt alone")."""
+        busy = len(self.running) > speculation.MAX_RUNNING
+        if busy and not all(seq.runs_as_decode_rows for seq in out.seqs):
+            return
+        proposals = self._proposals()
         threshold = speculation.worth(len(self.running))
         for position, seq in enumerate(out.seqs):
             if seq.num_new_tokens == 1:
@@ -79,7 +92,6 @@ class Scheduler:
                 if draft and self._grow(seq.request, 1 + len(draft)):
                     out.seqs[position] = ScheduledSeq(seq.request, 1 + len(draft), draft)
                     budget -= len(draft)
-        return budget
 
     def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]], threshold: float) -> list[int]:
         """Drafts for a decoding request, within the budget, its max_tokens and the context: the
@@ -115,7 +127,7 @@ class Scheduler:
                 wanted[request.request_id] = (request.all_ids, min(room, self.config.max_num_batched_tokens - 1))
         return self.proposer.propose(wanted) if wanted else {}
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
         in_flight: set | None = None  # hashes of the prompt blocks running requests are computing
         index = 0
         while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -138,6 +150,7 @@ class Scheduler:
             out.seqs.append(ScheduledSeq(request, count))
             in_flight.update(_unregistered_hashes(request))
             budget -= count
+        return budget
 
     def _next_block_hash(self, request: Request):
         """The hash of the first prompt block `request` would compute that the prefix cache could

@@ -22,7 +22,8 @@ least WORTH of the time. Past that a step is bound by compute and a draft row co
 decoding row does, so a draft that is not kept is a row lost (and where a batch starts and ends
 together, a kept one saves little): a draft token runs only if it is kept at least BUSY_WORTH of
 the time, as in text that repeats its input or that greedy decoding has sent round a loop
-(bench/RESULTS.md, "Prompt lookup with many sequences running").
+(bench/RESULTS.md, "Prompt lookup with many sequences running"); and a busy step that computes
+prompt tokens runs no drafts at all (engine/scheduler.py).
 """
 
 from __future__ import annotations

@@ -354,3 +354,24 @@ def test_drafts_come_out_of_what_the_running_requests_own_tokens_leave():
     out = sched.schedule()
     assert [s.num_new_tokens - len(s.draft) for s in out.seqs] == [1] * 6  # every request's own token
     assert [s.draft for s in out.seqs] == [[8, 5]] + [[]] * 5  # the two rows left: the first request's drafts
+
+
+def test_with_more_than_four_running_a_step_that_computes_a_prompt_runs_no_drafts():
+    sched = Scheduler(SchedulerConfig(8, 128, 64, num_speculative_tokens=3), 4, BlockPool(64))
+    decoding(sched, 5)
+    sched.add(Request("new", list(range(200, 210)), SamplingParams(temperature=0, max_tokens=16)))
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.seqs] == [(f"r{i}", 1) for i in range(5)] + [("new", 10)]
+    assert all(not s.draft for s in out.seqs)
+    sched.update(out, {s.request.request_id: 8 for s in out.seqs})  # "... 5 6 7 8": lookup proposes 5 6 7
+    assert [s.draft for s in sched.schedule().seqs] == [[5, 6, 7]] * 5 + [[]]  # all decodes: they draft again
+
+
+def test_a_prompt_takes_the_step_budget_before_drafts_and_with_four_running_they_still_run():
+    sched = Scheduler(SchedulerConfig(8, 128, 64, num_speculative_tokens=3), 4, BlockPool(64))
+    decoding(sched, 3)
+    sched.config = replace(sched.config, max_num_batched_tokens=3 + 10 + 2)
+    sched.add(Request("new", list(range(200, 210)), SamplingParams(temperature=0, max_tokens=16)))
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_new_tokens, s.draft) for s in out.seqs] == [
+        ("r0", 3, [8, 5]), ("r1", 1, []), ("r2", 1, []), ("new", 10, [])]  # the two rows the prompt left
