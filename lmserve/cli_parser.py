@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--draft-model", "--spec-draft-model", "-md", "--model-draft", metavar="PATH",
                        help="speculative decoding with a draft model: a smaller (or more quantized) GGUF or Hugging "
                             "Face folder with MODEL's vocabulary proposes --draft-tokens tokens, greedily, and MODEL "
-                            "keeps those its own decoding picks (at steps where that beats prompt lookup, with at "
-                            "most 4 running; one MODEL)")
+                            "keeps those its own decoding picks (at steps where that pays, measured against the "
+                            "steps without it, with at most 4 running; one MODEL)")
     serve.add_argument("--draft-dtype", choices=DTYPE_CHOICES,
                        help="the draft model's dtype, as --dtype (default auto: the checkpoint's own)")
     serve.add_argument("--draft-tokens", "--spec-draft-n-max", type=positive_int, metavar="N",

@@ -86,7 +86,8 @@ def _add_server_options(group) -> None:
     group.add_argument("--slot-save-path", type=_folder, metavar="DIR", help="where POST /slots saves slots")
     group.add_argument("--spec-type", type=_spec_type, metavar="{none,ngram-simple,draft-simple}",
                        help="ngram-simple: prompt lookup (on by default, --speculative-ngram); draft-simple: "
-                            "--draft-model's drafts; none: --speculative-ngram 0")
+                            "--draft-model's drafts (with ngram-simple too: lookup on the steps it leaves, as by "
+                            "default); none: --speculative-ngram 0, without a draft model")
     group.add_argument("--chat-template", metavar="NAME|JINJA",
                        help="every chat model's template: a llama.cpp built-in name (chatml, llama3, mistral-v7, ...) "
                             "or a Jinja template")
@@ -142,18 +143,16 @@ def kv_cache_dtype(args: argparse.Namespace) -> str:
 
 
 def _spec_type(text: str) -> str:
-    """--spec-type's comma-separated types: "draft-simple" (a draft model, --draft-model) or
-    "ngram-simple" (llama.cpp's lookup decoding is lmserve's prompt lookup) when one is among them,
-    "none" when that is all; any other type, or both, is refused."""
+    """--spec-type's comma-separated types: "draft-simple" (a draft model, --draft-model),
+    "ngram-simple" (llama.cpp's lookup decoding is lmserve's prompt lookup) or both
+    ("draft-simple,ngram-simple": the draft model, and lookup on the steps it leaves) when among
+    them, "none" when that is all; any other type is refused."""
     types = {name.strip() for name in text.split(",")}
     others = sorted(types - {"none", "ngram-simple", "draft-simple"})
     if others:
         raise argparse.ArgumentTypeError(f"{others[0]!r}: lmserve's speculative decoding is prompt lookup "
                                          "(ngram-simple) or a draft model (draft-simple); it has no other kinds")
-    if {"ngram-simple", "draft-simple"} <= types:
-        raise argparse.ArgumentTypeError("lmserve drafts from prompt lookup (ngram-simple) or from a draft model "
-                                         "(draft-simple), not both")
-    return next((kind for kind in ("draft-simple", "ngram-simple") if kind in types), "none")
+    return ",".join(kind for kind in ("draft-simple", "ngram-simple") if kind in types) or "none"
 
 
 def _models_max(text: str) -> int | None:

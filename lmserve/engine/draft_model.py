@@ -15,7 +15,7 @@ proposal to the next, so a proposal computes only what is new since the last: th
 last, partly filled block, the drafts the target kept and the token it added after them.
 
 The draft model drafts only while it pays here, measured (DraftPacer): a few steps with prompt
-lookup's drafts instead (the scheduler's own, what the model does without a draft model), a few
+lookup's drafts instead (the scheduler's own, --speculative-ngram's; none when that is 0), a few
 with the draft model's, each timed, and the faster runs until the next measurement. A draft model
 as dear as the model itself (the same size), or one the text makes wrong, then costs a few
 measured steps rather than every step.

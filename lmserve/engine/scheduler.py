@@ -53,8 +53,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        num_running = len(out.seqs)  # the requests admitted below take no drafts this step
         budget = self._schedule_waiting(out, budget)
-        self._schedule_drafts(out, budget)
+        self._schedule_drafts(out, num_running, budget)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -74,24 +75,25 @@ class Scheduler:
                 index += 1
         return budget
 
-    def _schedule_drafts(self, out: SchedulerOutput, budget: int) -> None:
-        """Drafts for the step's decodes, out of the budget and blocks that every running request's
-        own tokens and the prompts admitted leave: they never keep a request from its token, hold
-        back a prompt or cost anyone a preemption. With more than speculation.MAX_RUNNING running,
-        a step that computes prompt tokens runs none: it is bound by compute, so its draft rows
-        cost about what they could save and make it longer, and the prompt's first token later
-        (bench/RESULTS.md, "Drafts leave steps that compute a prompt alone")."""
-        busy = len(self.running) > speculation.MAX_RUNNING
-        if busy and not all(seq.runs_as_decode_rows for seq in out.seqs):
-            return
-        proposals = self._proposals()
+    def _schedule_drafts(self, out: SchedulerOutput, num_running: int, budget: int) -> None:
+        """Drafts for the decodes of the step's first `num_running` sequences (those running before
+        it), out of the budget and blocks that every running request's own tokens and the prompts
+        admitted leave: they never keep a request from its token, hold back a prompt or cost anyone
+        a preemption. With more than speculation.MAX_RUNNING running, a step that computes prompt
+        tokens runs none (its drafters only tally their last proposals): it is bound by compute, so
+        its draft rows cost about what they could save and make it longer, and the prompt's first
+        token later (bench/RESULTS.md, "Drafts leave steps that compute a prompt alone")."""
+        if len(self.running) > speculation.MAX_RUNNING and not all(seq.runs_as_decode_rows for seq in out.seqs):
+            budget = 0
+        decoding = [position for position in range(num_running) if out.seqs[position].num_new_tokens == 1]
+        proposals = self._proposals([out.seqs[position].request for position in decoding], budget)
         threshold = speculation.worth(len(self.running))
-        for position, seq in enumerate(out.seqs):
-            if seq.num_new_tokens == 1:
-                draft = self._draft(seq.request, budget, proposals, threshold)
-                if draft and self._grow(seq.request, 1 + len(draft)):
-                    out.seqs[position] = ScheduledSeq(seq.request, 1 + len(draft), draft)
-                    budget -= len(draft)
+        for position in decoding:
+            request = out.seqs[position].request
+            draft = self._draft(request, budget, proposals, threshold)
+            if draft and self._grow(request, 1 + len(draft)):
+                out.seqs[position] = ScheduledSeq(request, 1 + len(draft), draft)
+                budget -= len(draft)
 
     def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]], threshold: float) -> list[int]:
         """Drafts for a decoding request, within the budget, its max_tokens and the context: the
@@ -113,18 +115,18 @@ class Scheduler:
         return min(wanted, request.params.max_tokens - len(request.output_ids) - 1,
                    self.config.max_model_len - request.num_tokens - 1)
 
-    def _proposals(self) -> dict[str, list[int]]:
-        """The proposer's drafts for every running request that decodes this step and may take
-        them, asked for together (one batch of draft steps); {} without a proposer, and while more
-        than speculation.MAX_RUNNING run (its cache holds that many; prompt lookup drafts then)."""
-        if self.proposer is None or len(self.running) > speculation.MAX_RUNNING:
+    def _proposals(self, decoding: Sequence[Request], budget: int) -> dict[str, list[int]]:
+        """The proposer's drafts for the `decoding` requests that may take them, asked for together
+        (one batch of draft steps), each at most `budget`; {} without a proposer or budget, and
+        while more than speculation.MAX_RUNNING run (its cache holds that many; prompt lookup
+        drafts then)."""
+        if self.proposer is None or budget <= 0 or len(self.running) > speculation.MAX_RUNNING:
             return {}
         wanted = {}
-        for request in self.running:
-            decoding = request.num_tokens - request.num_computed_tokens == 1
-            room = self._room(request, self.proposer.num_tokens) if decoding else None
-            if room is not None and room > 0:  # a step's budget is shared: never more than it could take
-                wanted[request.request_id] = (request.all_ids, min(room, self.config.max_num_batched_tokens - 1))
+        for request in decoding:
+            room = self._room(request, self.proposer.num_tokens)
+            if room is not None and room > 0:
+                wanted[request.request_id] = (request.all_ids, min(room, budget))
         return self.proposer.propose(wanted) if wanted else {}
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:

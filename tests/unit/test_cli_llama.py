@@ -461,6 +461,8 @@ HONOURED = [
     ("--spec-draft-model {gguf} --draft-dtype int4",
      lambda s: (chat_engine(s).draft.dtype, chat_engine(s).draft.tokens), ("int4", 8)),
     ("--spec-draft-n-max 6 -md {gguf}", lambda s: (chat_engine(s).draft.tokens, chat_engine(s).scheduler.num_speculative_tokens), (6, 4)),
+    ("-md {gguf} --spec-type ngram-simple,draft-simple",  # the draft model, and lookup on the steps it leaves
+     lambda s: (chat_engine(s).draft.tokens, chat_engine(s).scheduler.num_speculative_tokens), (8, 4)),
     ("-md {gguf} --spec-ngram-simple-size-m 0",  # only the draft model drafts
      lambda s: (chat_engine(s).draft.tokens, chat_engine(s).scheduler.num_speculative_tokens), (8, 0)),
     ("--chat-template llama3", lambda s: s.engine.chat_template, BUILTIN_TEMPLATES["llama3"]),
@@ -562,6 +564,7 @@ def test_ctx_size_and_parallel_give_llama_servers_limits(argv, max_model_len, ma
     ("--spec-type none --speculative-sampling", "--spec-type none turns prompt lookup off"),
     ("--spec-type ngram-simple --spec-ngram-simple-size-m 0", "--spec-type ngram-simple asks for prompt lookup"),
     ("--spec-type draft-simple", "--spec-type draft-simple asks for a draft model"),
+    ("--spec-type ngram-simple,draft-simple", "--spec-type draft-simple asks for a draft model"),
     ("--spec-draft-n-max 6", "--draft-tokens sets the draft model's drafts: give --draft-model too"),
 ])
 def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
@@ -573,7 +576,6 @@ def test_settings_that_cannot_hold_stop_start_up_with_the_reason(argv, message):
 @pytest.mark.parametrize("argv", ["-np 0", "-np -2", "-n 0", "-c -1", "--models-max -1", "--pooling cls", "-t 0",
                                   "--repeat-last-n -1", "--dry-penalty-last-n -1", "--mirostat 1.5", "--top-k x",
                                   "--spec-type draft-eagle3", "--spec-type ngram-simple,ngram-mod",
-                                  "--spec-type ngram-simple,draft-simple",
                                   "--spec-ngram-simple-size-m -1", "-ctk f16", "-ctv q4_0"])
 def test_values_llama_server_refuses_are_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -645,6 +647,8 @@ def test_a_name_given_to_the_one_model_holds_beside_a_models_folder(files, tmp_p
     ("-md {dir}/missing.gguf", "does not exist"),
     ("-md {gguf} --spec-type none", "--spec-type none/ngram-simple cannot be given with --draft-model"),
     ("-md {gguf} --spec-type ngram-simple", "--spec-type none/ngram-simple cannot be given with --draft-model"),
+    ("-md {gguf} --spec-type draft-simple,ngram-simple --spec-ngram-simple-size-m 0",
+     "--spec-type ngram-simple asks for prompt lookup"),
 ])
 def test_a_draft_model_where_it_cannot_apply_stops_start_up(argv, message, files):
     with pytest.raises(ValueError, match=message):

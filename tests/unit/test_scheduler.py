@@ -283,8 +283,10 @@ class FixedProposer:
 
     def __init__(self, num_tokens: int, drafts: list[int]):
         self.num_tokens, self.drafts = num_tokens, drafts
+        self.asked: list[dict[str, int]] = []  # per call: request id -> room
 
     def propose(self, wanted):
+        self.asked.append({rid: room for rid, (_, room) in wanted.items()})
         return {rid: self.drafts[:room] for rid, (_, room) in wanted.items()} if self.drafts else {}
 
 
@@ -375,3 +377,29 @@ def test_a_prompt_takes_the_step_budget_before_drafts_and_with_four_running_they
     out = sched.schedule()
     assert [(s.request.request_id, s.num_new_tokens, s.draft) for s in out.seqs] == [
         ("r0", 3, [8, 5]), ("r1", 1, []), ("r2", 1, []), ("new", 10, [])]  # the two rows the prompt left
+
+
+def test_a_busy_step_of_decodes_drafts_while_requests_wait_for_a_slot():
+    sched = Scheduler(SchedulerConfig(5, 128, 64, num_speculative_tokens=3), 4, BlockPool(64))
+    decoding(sched, 5)
+    sched.add(Request("new", list(range(200, 210)), SamplingParams(temperature=0, max_tokens=16)))
+    out = sched.schedule()  # no slot for "new": the step is all decodes, and drafts free slots sooner
+    assert [s.draft for s in out.seqs] == [[8, 5, 6]] * 5 and list(sched.waiting)[0].request_id == "new"
+
+
+def test_the_draft_model_is_asked_only_for_decodes_running_before_the_step_and_within_its_budget():
+    proposer = FixedProposer(6, [1, 2, 3, 4, 5, 6])
+    sched = Scheduler(SchedulerConfig(4, 64, 64, num_speculative_tokens=3), 4, BlockPool(64), proposer)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13]  # two full blocks the prefix cache keeps, and one token
+    sched.add(Request("a", prompt, SamplingParams(temperature=0, max_tokens=16)))
+    sched.update(sched.schedule(), {"a": 7})
+    sched.add(Request("b", prompt, SamplingParams(temperature=0, max_tokens=16)))
+    sched.config = replace(sched.config, max_num_batched_tokens=1 + 1 + 2)
+    out = sched.schedule()  # "b" decodes its last prompt token from the cache, admitted this step
+    assert [(s.request.request_id, s.num_new_tokens, s.draft) for s in out.seqs] == [("a", 3, [1, 2]), ("b", 1, [])]
+    assert proposer.asked == [{"a": 2}]  # not "b", and no more than the two rows left
+
+    sched.update(out, {"a": 3, "b": 7})
+    sched.add(Request("c", list(range(100, 140)), SamplingParams(temperature=0, max_tokens=16)))
+    assert [s.draft for s in sched.schedule().seqs] == [[], [], []]  # the prompt took the budget
+    assert len(proposer.asked) == 1  # with no rows left the draft model was not run
