@@ -341,7 +341,8 @@ LLAMA_SERVER_FLAGS: tuple[LlamaFlag, ...] = (
     honoured("--spec-draft-model, -md, --model-draft FNAME", "--draft-model: the draft model's GGUF or folder"),
     honoured("--spec-type none,draft-simple,draft-eagle3,draft-mtp,draft-dflash,draft-dspark,ngram-simple,ngram-map-k,"
              "ngram-map-k4v,ngram-mod,ngram-cache", "ngram-simple: prompt lookup (--speculative-ngram, on by default); "
-             "draft-simple: the --draft-model's drafts; none: --speculative-ngram 0; the other types are refused"),
+             "draft-simple: the --draft-model's drafts (both: the draft model, and lookup on the steps it leaves); "
+             "none: --speculative-ngram 0; the other types are refused"),
     refused("--spec-ngram-mod-n-min N", _DRAFT),
     refused("--spec-ngram-mod-n-max N", _DRAFT),
     refused("--spec-ngram-mod-n-match N", _DRAFT),
