@@ -61,7 +61,7 @@ def speculative_tokens(args: argparse.Namespace) -> int:
         for flag, value in (("--draft-dtype", args.draft_dtype), ("--draft-tokens", args.draft_tokens)):
             if value is not None:
                 raise ValueError(f"{flag} sets the draft model's drafts: give --draft-model too")
-        if (args.spec_type or "").startswith("draft-simple"):
+        if "draft-simple" in (args.spec_type or ""):
             raise ValueError("--spec-type draft-simple asks for a draft model: give --draft-model")
     elif args.spec_type in ("none", "ngram-simple"):
         raise ValueError("--spec-type none/ngram-simple cannot be given with --draft-model, which drafts where it pays "
@@ -72,7 +72,7 @@ def speculative_tokens(args: argparse.Namespace) -> int:
             raise ValueError("--spec-type none turns prompt lookup off; it cannot be given with "
                              "--speculative-ngram N (--spec-ngram-simple-size-m) or --speculative-sampling")
         return 0
-    if (args.spec_type or "").endswith("ngram-simple") and given == 0:
+    if "ngram-simple" in (args.spec_type or "") and given == 0:
         raise ValueError("--spec-type ngram-simple asks for prompt lookup, which --speculative-ngram 0 turns off")
     return DEFAULT_SPECULATIVE_TOKENS if given is None else given
 
