@@ -6,13 +6,14 @@
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
     .venv/bin/python -m bench.engine_steps lookup-busy [--levels 16,32,64]  # off and on, C at once, requests admitted as others finish
-    .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64]  # sequences decoding at once
+    .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64] [--scattered]  # sequences decoding at once
     .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
@@ -205,13 +206,42 @@ def level_prompts(level: str, round_: int) -> list[list[int]]:
             for i, length in enumerate(lens)]
 
 
-def decode(loaded, levels: str = DECODE_LEVELS) -> None:
+def scatter_free_blocks(e: LLMEngine, seed: int = 7) -> None:
+    """Mixed traffic through `e` (prompts of 16-600 tokens, 1-64 out, 64 at a time) until it has
+    passed twice the cache's tokens, after which its free blocks lie in the order a server's do
+    after a while: a new sequence's blocks scattered over the cache rather than one after another
+    as in a fresh pool."""
+    rng = random.Random(seed)
+    to_pass = 2 * e.load().num_kv_blocks * 16  # tokens; the engine's blocks hold 16
+    live = sent = 0
+    while to_pass > 0 or e.has_unfinished:
+        while to_pass > 0 and live < 64:
+            prompt, max_tokens = [rng.randrange(1000, 40000) for _ in range(rng.randrange(16, 600))], rng.randrange(1, 64)
+            e.add_request(f"scatter-{sent}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            to_pass -= len(prompt) + max_tokens
+            live, sent = live + 1, sent + 1
+        live -= sum(out.finished for out in e.step().outputs)
+
+
+def adjacent_share(e: LLMEngine) -> float:
+    """Of the running sequences' consecutive blocks, the share that lie next to each other (the
+    measurement reaches inside the engine for its block tables)."""
+    running = e._scheduler.running
+    pairs = [(a, b) for request in running for a, b in zip(request.block_ids, request.block_ids[1:])]
+    return sum(b == a + 1 for a, b in pairs) / max(1, len(pairs))
+
+
+def decode(loaded, levels: str = DECODE_LEVELS, scattered: bool = False) -> None:
     """N sequences decoding together after prompts of P tokens (level_prompts): the time until every
     sequence has its first token (as prompt tok/s: the early ones decode meanwhile), then
     DECODE_STEPS steps of all N decoding, as output tok/s and ms per step; best of 3 rounds each.
-    The KV cache holds every sequence (3 GiB), so nothing is preempted."""
+    The KV cache holds every sequence (3 GiB), so nothing is preempted. `scattered`: mixed traffic
+    first (scatter_free_blocks), so that the sequences' blocks lie as on a server that has run a
+    while; the share of neighbouring blocks is printed."""
     for level in levels.split(","):
         e = engine(loaded, kv_cache_bytes=3 << 30)
+        if scattered:
+            scatter_free_blocks(e)
         params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
         best, best_prompt = float("inf"), float("inf")
         for round_ in range(3):
@@ -230,12 +260,13 @@ def decode(loaded, levels: str = DECODE_LEVELS) -> None:
                 tokens = sum(len(out.new_token_ids) for out in e.step().outputs)
                 assert tokens == width, f"a step of {tokens} tokens, not {width}: the batch is not all decoding"
             best = min(best, (time.perf_counter() - started) / DECODE_STEPS)
+            adjacent = adjacent_share(e)
             for request_id in ids:
                 e.abort_request(request_id)
             while e.has_unfinished:
                 e.step()
         print(f"{width:2d} x {level.split('x')[1]:>8s}-token prompts: prompts {1 / best_prompt:7.1f} tok/s; decode "
-              f"{width / best:7.1f} tok/s, {best * 1000:6.2f} ms per step", flush=True)
+              f"{width / best:7.1f} tok/s, {best * 1000:6.2f} ms per step; neighbouring blocks {adjacent:.0%}", flush=True)
 
 
 # The prompt attention's profiler events: lmserve's kernels (kernels/prompt_attention.cpp), or PyTorch's.
@@ -271,13 +302,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "lookup-busy", "decode", "prefill"))
+    parser.add_argument("--scattered", action="store_true", help="decode: mixed traffic first, so that blocks lie "
+                        "scattered as on a server that has run a while")
     parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "
                         f"1024+64), comma-separated (default {DECODE_LEVELS}); lookup-busy: requests at once ({BUSY_LEVELS})")
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)
     if args.what == "decode":
-        decode(loaded, args.levels or DECODE_LEVELS)
+        decode(loaded, args.levels or DECODE_LEVELS, args.scattered)
     elif args.what == "lookup-busy":
         lookup_busy(loaded, args.levels or BUSY_LEVELS)
     else:

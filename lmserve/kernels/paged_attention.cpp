@@ -154,14 +154,59 @@ inline __m512 sum16x16(const __m512* v) {
                          _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Positions between a row's prefetch and its use (measured on a 2-core AMD EPYC, 64 sequences of
-// 200-1,000 positions, 30 layers' caches: 16 and 32 slower, 96 and 128 no faster).
+// Positions between a row's prefetch into L1 and its use (measured on a 2-core AMD EPYC, 64 sequences
+// of 200-1,000 positions, 30 layers' caches: 16 and 32 slower, 96 and 128 no faster), and between a
+// chunk's prefetch into L2 and its use. A server's running sequences hold blocks scattered over the
+// cache (each takes the next free block as it grows, and the free list is in the order blocks were
+// freed), so every 16-position block of a head is a 2 KB piece on its own, where the hardware's
+// prefetchers stop: at each chunk's start the chunk eight chunks ahead is fetched into L2, unless it
+// continues the row before it (blocks in order, which the hardware follows). Kernel alone, 30
+// layers' bf16 caches, blocks shuffled: 64 sequences of 1,024 positions 1.07-1.22x the speed
+// without it in most runs, 64 of 256 1.00-1.11x; blocks in order 0.97-1.04x. Engine alone after
+// mixed traffic scattered the blocks: 64 x 1,024 and 32 x ~1,530 positions 1.08-1.10x and 1.17x the
+// decode tok/s, 64 x 128-384 within the noise (bench/RESULTS.md, "Decode attention over scattered
+// blocks"). int8 rows do not take it (their arithmetic bounds them: 0.83-0.96x with it).
 constexpr int64_t kAhead = 64;
+constexpr int64_t kFarAhead = 128;
 
 template <int DIM, typename T>
 inline void prefetch_row(const T* row) {  // the whole row: DIM values (and an int8 row's scale)
     const char* p = reinterpret_cast<const char*>(row);
     for (int64_t b = 0; b < static_cast<int64_t>(sizeof(T)) * row_stride<T>(DIM); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// The same into L2, as an asm statement: GCC 12 dropped the far chunk's loop of _mm_prefetch calls
+// (a loop with no effect it can see; no prefetcht1 was left in the build).
+template <int DIM, typename T>
+inline void prefetch_row_l2(const T* row) {
+    const char* p = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < static_cast<int64_t>(sizeof(T)) * row_stride<T>(DIM); b += 64)
+        asm volatile("prefetcht1 %0" : : "m"(*(p + b)));
+}
+
+// The keys and values of positions [first, first + 16) of a task (rows keys / values, len of them),
+// then of the next task's past the end, fetched into L2; not when the first key row continues the
+// row before it (blocks in order: the hardware's prefetchers follow them). Out of line: inlined into
+// decode_tiled's chunk loop it cost that loop registers (one sequence of 2,048 positions in order
+// 0.89-1.00x the speed without it; out of line 0.96-0.97x in the medians).
+template <int DIM, typename T>
+__attribute__((noinline)) void prefetch_far_chunk(const T* const* keys, const T* const* values, int64_t len,
+                                                  const T* const* next_keys, const T* const* next_values,
+                                                  int64_t next_len, int64_t first) {
+    constexpr int64_t kStride = row_stride<T>(DIM);
+    const auto at = [&](const T* const* own, const T* const* next, int64_t j) -> const T* {
+        if (j < len) return own[j];
+        return j - len < next_len ? next[j - len] : nullptr;
+    };
+    const T* head = at(keys, next_keys, first);
+    if (head == nullptr) return;
+    if (const T* before = at(keys, next_keys, first - 1); before != nullptr && head == before + kStride) return;
+    for (int64_t j = first; j < first + 16; ++j) {
+        const T* k = at(keys, next_keys, j);
+        if (k == nullptr) break;
+        prefetch_row_l2<DIM>(k);
+        prefetch_row_l2<DIM>(at(values, next_values, j));
+    }
 }
 
 // Scores of 16 positions for each of the GROUP query heads: scores[g * stride + i] = q_g . k_i * scale.
@@ -201,10 +246,11 @@ inline void score16(const __m512bh* q, const c10::BFloat16* const* keys, float* 
 // together: the 16 scores of every query head, then their softmax weights against a running
 // maximum (the sum and the partial outputs rescaled when it grows, as flash attention does), then
 // the 16 value rows into the outputs. The cache is far larger than the CPU's caches and a core
-// keeps only a few dozen lines in flight, so the rows kAhead positions ahead are prefetched one
-// position per value row summed, running on into the next task's first rows. Prefetching a
-// chunk's 16 rows at once, as a two-pass version of this kernel did, read 1.1-1.8x slower on
-// the machine above (kAhead's measurement), blocks in order or scattered.
+// keeps only a few dozen lines in flight, so the rows kAhead positions ahead are prefetched into L1
+// one position per value row summed, and at each chunk's start the chunk kFarAhead positions ahead
+// into L2 (prefetch_far_chunk), both running on into the next task's first rows. Prefetching the
+// next chunk's 16 rows into L1 at once, as a two-pass version of this kernel did, read 1.1-1.8x
+// slower on the machine above (kAhead's measurement), blocks in order or scattered.
 //
 // A sequence whose first positions were attended already (paged_decode_attention's shared
 // prefixes: `shared` gives where its own positions start, a whole block, and its rows' output and
@@ -277,6 +323,8 @@ void decode_tiled(const float* q, const T* k_cache, const T* v_cache, const int6
                 std::fill(acc, acc + GROUP * DIM, 0.f);
             }
             for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+                if constexpr (!kInt8)  // see kFarAhead
+                    prefetch_far_chunk<DIM>(keys, values, len, next_keys, next_values, next_len, t0 + kFarAhead);
 #if defined(__AVX512BF16__)
                 if constexpr (kDotBf16) score16<GROUP, DIM>(qb, keys + t0, weights, 16, scale);
                 else
