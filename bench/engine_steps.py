@@ -216,7 +216,7 @@ def scatter_free_blocks(e: LLMEngine, seed: int = 7) -> None:
     live = sent = 0
     while to_pass > 0 or e.has_unfinished:
         while to_pass > 0 and live < 64:
-            prompt, max_tokens = [rng.randrange(1000, 40000) for _ in range(rng.randrange(16, 600))], rng.randrange(1, 64)
+            prompt, max_tokens = [rng.randrange(1000, 40000) for _ in range(rng.randrange(16, 601))], rng.randrange(1, 65)
             e.add_request(f"scatter-{sent}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
             to_pass -= len(prompt) + max_tokens
             live, sent = live + 1, sent + 1
@@ -237,7 +237,8 @@ def decode(loaded, levels: str = DECODE_LEVELS, scattered: bool = False) -> None
     DECODE_STEPS steps of all N decoding, as output tok/s and ms per step; best of 3 rounds each.
     The KV cache holds every sequence (3 GiB), so nothing is preempted. `scattered`: mixed traffic
     first (scatter_free_blocks), so that the sequences' blocks lie as on a server that has run a
-    while; the share of neighbouring blocks is printed."""
+    while; the share of neighbouring blocks (each the one after the block before) in the last
+    round is printed."""
     for level in levels.split(","):
         e = engine(loaded, kv_cache_bytes=3 << 30)
         if scattered:

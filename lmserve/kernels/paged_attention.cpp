@@ -158,14 +158,16 @@ inline __m512 sum16x16(const __m512* v) {
 // of 200-1,000 positions, 30 layers' caches: 16 and 32 slower, 96 and 128 no faster), and between a
 // chunk's prefetch into L2 and its use. A server's running sequences hold blocks scattered over the
 // cache (each takes the next free block as it grows, and the free list is in the order blocks were
-// freed), so every 16-position block of a head is a 2 KB piece on its own, where the hardware's
-// prefetchers stop: at each chunk's start the chunk eight chunks ahead is fetched into L2, unless it
-// continues the row before it (blocks in order, which the hardware follows). Kernel alone, 30
+// freed), so each block of a head is a piece on its own (16 positions of SmolLM2's bf16 rows: 2 KB),
+// where the hardware's prefetchers stop: at each chunk's start the chunk eight chunks ahead is
+// fetched into L2, unless its rows follow on from the row before (blocks in order, which the
+// hardware follows). Measured with 64-dim bf16 rows and 16-position blocks. Kernel alone, 30
 // layers' bf16 caches, blocks shuffled: 64 sequences of 1,024 positions 1.07-1.22x the speed
-// without it in most runs, 64 of 256 1.00-1.11x; blocks in order 0.97-1.04x. Engine alone after
-// mixed traffic scattered the blocks: 64 x 1,024 and 32 x ~1,530 positions 1.08-1.10x and 1.17x the
-// decode tok/s, 64 x 128-384 within the noise (bench/RESULTS.md, "Decode attention over scattered
-// blocks"). int8 rows do not take it (their arithmetic bounds them: 0.83-0.96x with it).
+// without it, 64 of 256 1.10x; blocks in order 0.97-1.04x (one sequence of 2,048: 0.96-0.97x).
+// Engine alone after mixed traffic scattered the blocks (before the skip rule checked every row of
+// a chunk): 64 x 1,024 and 32 x ~1,530 positions 1.08-1.10x and 1.17x the decode tok/s, 64 x
+// 128-384 within the noise (bench/RESULTS.md, "Decode attention over scattered blocks"). int8 rows
+// do not take it (their arithmetic bounds them: 0.83-0.96x with it).
 constexpr int64_t kAhead = 64;
 constexpr int64_t kFarAhead = 128;
 
@@ -185,10 +187,12 @@ inline void prefetch_row_l2(const T* row) {
 }
 
 // The keys and values of positions [first, first + 16) of a task (rows keys / values, len of them),
-// then of the next task's past the end, fetched into L2; not when the first key row continues the
-// row before it (blocks in order: the hardware's prefetchers follow them). Out of line: inlined into
-// decode_tiled's chunk loop it cost that loop registers (one sequence of 2,048 positions in order
-// 0.89-1.00x the speed without it; out of line 0.96-0.97x in the medians).
+// then of the next task's past the end, fetched into L2; not when each of those key rows continues
+// the row before it (blocks in order, which the hardware's prefetchers follow; a chunk that starts
+// a block, or past a task's end starts mid-block in the next task's, is checked row by row, so any
+// block size and any length take it). Out of line: inlined into decode_tiled's chunk loop it cost
+// that loop registers (one sequence of 2,048 positions in order 0.89-1.00x the speed without it;
+// out of line 0.96-0.97x in the medians).
 template <int DIM, typename T>
 __attribute__((noinline)) void prefetch_far_chunk(const T* const* keys, const T* const* values, int64_t len,
                                                   const T* const* next_keys, const T* const* next_values,
@@ -198,13 +202,17 @@ __attribute__((noinline)) void prefetch_far_chunk(const T* const* keys, const T*
         if (j < len) return own[j];
         return j - len < next_len ? next[j - len] : nullptr;
     };
-    const T* head = at(keys, next_keys, first);
-    if (head == nullptr) return;
-    if (const T* before = at(keys, next_keys, first - 1); before != nullptr && head == before + kStride) return;
-    for (int64_t j = first; j < first + 16; ++j) {
-        const T* k = at(keys, next_keys, j);
-        if (k == nullptr) break;
-        prefetch_row_l2<DIM>(k);
+    int64_t end = first;  // past the chunk's last row
+    bool in_order = true;
+    for (const T* before = at(keys, next_keys, first - 1); end < first + 16; ++end) {
+        const T* key = at(keys, next_keys, end);
+        if (key == nullptr) break;
+        in_order = in_order && before != nullptr && key == before + kStride;
+        before = key;
+    }
+    if (in_order) return;
+    for (int64_t j = first; j < end; ++j) {
+        prefetch_row_l2<DIM>(at(keys, next_keys, j));
         prefetch_row_l2<DIM>(at(values, next_values, j));
     }
 }
