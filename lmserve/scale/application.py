@@ -46,6 +46,13 @@ _LOGGING = {"enable_access_log": False}  # lmserve's own access log has every HT
 # A replica told to stop checks for requests still running every this many seconds, the first time
 # after one wait (Ray Serve's default, 2 s, was most of the 6 s a Ctrl-C took with nothing running).
 SHUTDOWN_POLL_S = 0.2
+# After this process deletes a model's replicas, Ray reports their CPUs free only once the actors
+# are gone and the raylet has told the GCS: a load in that time waits up to ROOM_WAIT_S for them
+# rather than answering 503 for room the unload has just made (the replicas' processes had exited
+# and the next load still found no room, in one suite run).
+RELEASE_WINDOW_S = 60.0
+ROOM_WAIT_S = 10.0
+ROOM_POLL_S = 0.25
 
 
 def deployment_name(model_id: str) -> str:
@@ -66,6 +73,7 @@ class ModelDeployments:
 
     def __init__(self, defaults: EngineConfig, replica_config: EngineConfig, settings: ScaleSettings):
         self._defaults, self._replica_config, self._settings = defaults, replica_config, settings
+        self._deleted_at: float | None = None  # monotonic time of the last delete(): its CPUs may not show yet
 
     def deploy(self, entry: ModelEntry) -> Any:
         """Deploy `entry`'s replicas and wait for them to run (blocking: call it off the event
@@ -90,6 +98,11 @@ class ModelDeployments:
 
         needed = self._settings.num_replicas * self._settings.replica_cpus
         free = ray.available_resources().get("CPU", 0.0)
+        if needed > free and self._releasing():  # a model just unloaded: its CPUs come back shortly
+            deadline = time.monotonic() + ROOM_WAIT_S
+            while needed > free and time.monotonic() < deadline:
+                time.sleep(ROOM_POLL_S)
+                free = ray.available_resources().get("CPU", 0.0)
         if needed > free:
             raise FleetBusy(f"no room for {entry.id}'s replicas: {self._settings.num_replicas} x --replica-cpus "
                                f"{self._settings.replica_cpus:g} = {needed:g} CPUs, and {free:g} of this machine's are "
@@ -120,6 +133,11 @@ class ModelDeployments:
     def delete(self, model_id: str) -> None:
         """Stop `model_id`'s replicas (their requests were drained or closed by the ingress)."""
         serve.delete(model_app_name(model_id), _blocking=False)
+        self._deleted_at = time.monotonic()
+
+    def _releasing(self) -> bool:
+        """Whether replicas this process deleted may still be giving their CPUs back."""
+        return self._deleted_at is not None and time.monotonic() - self._deleted_at < RELEASE_WINDOW_S
 
 
 @serve.ingress()

@@ -71,3 +71,61 @@ def test_lmserve_serve_deploys_models_as_they_load_from_an_ingress_on_its_machin
     assert ingress._deployment_config.num_replicas == 1
     assert ingress.ray_actor_options["resources"] == {"node:10.1.2.3": 0.001}
     assert model_app_name("org/model:Q4") == "lmserve-model-org-model-Q4"
+
+
+def _deployments():
+    from lmserve.cli import build_parser
+    from lmserve.scale.application import build_application
+
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--no-embedding-model"])
+    application = build_application(args, {"host": "127.0.0.1", "port": 8080}, node_ip="10.1.2.3")
+    return application._bound_deployment.init_args[2]  # ModelDeployments: 2 replicas x 1 CPU
+
+
+class _Entry:
+    id = "second"
+
+
+def _free_cpus(monkeypatch, values: list[float]) -> list[float]:
+    """ray.available_resources() answering `values` in turn (the last one after); returns the
+    CPU counts it gave."""
+    import ray
+
+    given: list[float] = []
+
+    def available_resources() -> dict[str, float]:
+        given.append(values[min(len(given), len(values) - 1)])
+        return {"CPU": given[-1]}
+
+    monkeypatch.setattr(ray, "available_resources", available_resources)
+    return given
+
+
+def test_a_load_right_after_an_unload_waits_for_the_cpus_the_unload_frees(monkeypatch):
+    from lmserve.scale import application
+
+    monkeypatch.setattr(application.serve, "delete", lambda *args, **kwargs: None)
+    monkeypatch.setattr(application, "ROOM_POLL_S", 0.0)
+    deployments = _deployments()
+    deployments.delete("SmolLM2-135M-Instruct")
+    given = _free_cpus(monkeypatch, [0.0, 0.0, 1.0, 2.0])
+    deployments._check_room(_Entry())  # no FleetBusy: the room came back
+    assert given == [0.0, 0.0, 1.0, 2.0]
+
+
+def test_no_room_without_an_unload_is_refused_at_once_and_after_one_when_the_cpus_stay_taken(monkeypatch):
+    from lmserve.fleet.fleet import FleetBusy
+    from lmserve.scale import application
+
+    monkeypatch.setattr(application.serve, "delete", lambda *args, **kwargs: None)
+    monkeypatch.setattr(application, "ROOM_POLL_S", 0.0)
+    monkeypatch.setattr(application, "ROOM_WAIT_S", 0.05)
+    deployments = _deployments()
+    given = _free_cpus(monkeypatch, [1.0])
+    with pytest.raises(FleetBusy, match="no room for second's replicas"):
+        deployments._check_room(_Entry())
+    assert given == [1.0]  # asked once: nothing was being released
+    deployments.delete("SmolLM2-135M-Instruct")
+    with pytest.raises(FleetBusy, match="1 of this machine's"):
+        deployments._check_room(_Entry())
+    assert len(given) > 2  # it waited, asking again, before refusing
