@@ -36,6 +36,7 @@ QUESTIONS = ("What are the main causes of climate change, and what can one perso
              "Write a Python function that checks whether a string is a palindrome, and explain it.")
 REPEATS = 5
 DECODE_STEPS = 32
+BLOCK_SIZE = 16  # the engines' KV blocks, in tokens
 DECODE_LEVELS = "1x128,32x128,64x128,64x1024"  # sequences x prompt tokens
 BUSY_LEVELS = "16,32,64"  # lookup-busy: requests at once
 DECODINGS = {"greedy": dict(temperature=0), "t0.7/p0.9": dict(temperature=0.7, top_p=0.9),
@@ -43,7 +44,7 @@ DECODINGS = {"greedy": dict(temperature=0), "t0.7/p0.9": dict(temperature=0.7, t
 
 
 def engine(loaded, speculative: int = 0, kv_cache_bytes: int = 1 << 30) -> LLMEngine:
-    return LLMEngine(EngineConfig("default", "bench", dtype="int4", cache=CacheConfig(16, kv_cache_bytes),
+    return LLMEngine(EngineConfig("default", "bench", dtype="int4", cache=CacheConfig(BLOCK_SIZE, kv_cache_bytes),
                                   scheduler=SchedulerConfig(64, 512, 2048, num_speculative_tokens=speculative)),
                      loaded)
 
@@ -212,7 +213,7 @@ def scatter_free_blocks(e: LLMEngine, seed: int = 7) -> None:
     after a while: a new sequence's blocks scattered over the cache rather than one after another
     as in a fresh pool."""
     rng = random.Random(seed)
-    to_pass = 2 * e.load().num_kv_blocks * 16  # tokens; the engine's blocks hold 16
+    to_pass = 2 * e.load().num_kv_blocks * BLOCK_SIZE  # tokens
     live = sent = 0
     while to_pass > 0 or e.has_unfinished:
         while to_pass > 0 and live < 64:
