@@ -177,14 +177,17 @@ class Scheduler:
         needed = math.ceil((request.num_computed_tokens + count) / self.block_size) - len(request.block_ids)
         if needed <= 0:
             return True
-        blocks = self.pool.allocate(needed)
+        # The most tokens it can hold: its last token's keys and values are never computed.
+        most = min(len(request.prompt_ids) + request.params.max_tokens, self.config.max_model_len) - 1
+        room = math.ceil(most / self.block_size) - len(request.block_ids) - needed  # blocks it may still grow into
+        blocks = self.pool.allocate(needed, request.request_id, room)
         if blocks is None:
             return False
         request.block_ids.extend(blocks)
         return True
 
     def _drop_blocks(self, request: Request) -> None:
-        self.pool.release(request.block_ids)
+        self.pool.release(request.block_ids, request.request_id)
         request.block_ids = []
         request.num_computed_tokens = 0
         request.num_registered_blocks = 0
@@ -255,7 +258,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.pool.release(request.block_ids)
+        self.pool.release(request.block_ids, request.request_id)
         self.drafters.pop(request.request_id, None)
         request.block_ids = []
         request.status = RequestStatus.FINISHED

@@ -15,7 +15,62 @@ def test_release_puts_tail_blocks_first_in_eviction_order():
     pool = BlockPool(4)
     blocks = pool.allocate(4)
     pool.release(blocks)
-    assert pool.allocate(4) == [3, 2, 1, 0]
+    assert [pool.allocate(1)[0] for _ in range(4)] == [3, 2, 1, 0]
+
+
+def test_blocks_taken_together_come_in_ascending_order():
+    pool = BlockPool(8)
+    pool.release(pool.allocate(8))  # the free list now runs 7, 6, ..., 0
+    assert pool.allocate(3) == [5, 6, 7]  # the three least recently freed, in the order they lie
+
+
+def test_a_sequence_grows_into_its_spares_so_sequences_growing_side_by_side_keep_their_blocks_together():
+    pool = BlockPool(32)
+    a, b = [], []
+    for _ in range(4):  # two sequences growing a block at a time, in turn
+        a += pool.allocate(1, "a", room=8)
+        b += pool.allocate(1, "b", room=8)
+    assert a == [0, 1, 2, 3] and b == [9, 10, 11, 12]
+    assert pool.num_free == 32 - 8  # spares count as free
+    pool.release(a, "a")
+    pool.release(b, "b")
+    assert pool.num_free == 32 and pool.spares == {} and pool.ref_counts == [0] * 32
+
+
+def test_spares_stop_at_what_the_sequence_may_still_grow_into():
+    pool = BlockPool(32)
+    assert pool.allocate(2, "a", room=3) == [0, 1]
+    assert pool.spares == {"a": [2, 3, 4]}
+    assert pool.allocate(1, "b", room=0) == [5] and "b" not in pool.spares
+
+
+def test_spares_go_to_whoever_needs_them_when_the_free_list_runs_short():
+    pool = BlockPool(6)
+    assert pool.allocate(1, "a", room=8) == [0]  # spares 1-5: everything else
+    assert pool.allocate(2, "b", room=8) == [4, 5]  # from the far end of a's spares
+    assert pool.allocate(4, "c") is None  # three free in all
+    assert pool.allocate(3, "c") == [1, 2, 3]
+    assert pool.num_free == 0 and pool.spares == {}
+    assert pool.allocate(1, "a") is None
+
+
+def test_spares_keep_their_content_until_used_and_a_lookup_can_still_take_one_back():
+    pool, hashes, blocks = cached_pool(6, list(range(8)), 4)  # free list: 2..5, then the cached 1, 0
+    pool.allocate(4)
+    assert pool.allocate(1, "a", room=8) == [0] and pool.spares == {"a": [1]}  # 1 still holds its content
+    assert pool.cached_run(hashes) == [] and pool.block_hash == {1: hashes[1]}  # the first block went
+    assert pool.lookup(hashes[1:]) == [1]  # a spare: it leaves its owner's spares, content intact
+    assert pool.spares == {} and pool.spare_owner == {} and pool.num_free == 0
+
+
+def test_released_spares_go_back_to_the_head_of_the_free_list():
+    pool, hashes, blocks = cached_pool(12, list(range(8)), 4)  # free list: 2..11, then the cached 1, 0
+    grown = pool.allocate(1, "a", room=8)
+    assert grown == [2] and pool.spares["a"] == list(range(3, 11))
+    pool.release(grown, "a")
+    assert [pool.allocate(1)[0] for _ in range(9)] == [3, 4, 5, 6, 7, 8, 9, 10, 11]  # spares, then the never used
+    assert pool.cached_run(hashes) == blocks and pool.num_free == 3
+
 
 
 def test_hashes_chain_on_parent():
@@ -111,5 +166,5 @@ def test_uncache_forgets_free_blocks_keeps_held_ones_and_reuses_forgotten_first(
     pool.hold(blocks[:1])
     assert pool.uncache(hashes) == 2
     assert pool.cached_run(hashes) == blocks[:1]  # the held first block keeps its content
-    assert pool.allocate(2) == [blocks[2], blocks[1]]  # forgotten blocks go first, tail first
+    assert [pool.allocate(1)[0] for _ in range(2)] == [blocks[2], blocks[1]]  # forgotten blocks go first, tail first
     assert pool.uncache(hash_full_blocks([7, 7, 7, 7], 4)) == 0

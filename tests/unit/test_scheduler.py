@@ -395,3 +395,31 @@ def test_the_draft_model_is_asked_only_for_decodes_running_before_the_step_and_w
     sched.add(Request("c", list(range(100, 140)), SamplingParams(temperature=0, max_tokens=16)))
     assert [s.draft for s in sched.schedule().seqs] == [[], [], []]  # the prompt took the budget
     assert len(proposer.asked) == 1  # with no rows left the draft model was not run
+
+
+def test_sequences_decoding_side_by_side_keep_their_blocks_together():
+    sched, pool = make(num_blocks=64, block_size=4, budget=64)
+    a, b = req("a", 4, max_tokens=20), req("b", 4, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    blocks = {}
+    while sched.running or sched.waiting:
+        step(sched)
+        blocks.update({r.request_id: list(r.block_ids) for r in (a, b) if r.block_ids})
+    assert blocks == {"a": [0, 1, 2, 3, 4, 5], "b": [6, 7, 8, 9, 10, 11]}  # 4 + 20 tokens: six blocks each
+    assert pool.num_free == pool.num_blocks and pool.spares == {}
+
+
+def test_spares_stop_at_the_last_token_a_request_can_compute_and_leave_with_it():
+    sched, pool = make(num_blocks=64, block_size=4, budget=64)
+    r = req("r", 5, max_tokens=4)  # at most 5 + 4 - 1 = 8 tokens of keys and values: two blocks
+    sched.add(r)
+    step(sched)
+    assert len(r.block_ids) == 2 and pool.spares == {}
+    long = req("long", 5, max_tokens=40, first=500)
+    sched.add(long)
+    step(sched)
+    assert pool.spares == {"long": [4, 5, 6, 7, 8, 9, 10, 11]}
+    sched.finish(long, FinishReason.ABORT)
+    assert pool.spares == {} and pool.num_free == pool.num_blocks - 2
+
