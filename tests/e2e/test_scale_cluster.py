@@ -7,6 +7,7 @@ cluster (and with RAY_ADDRESS set), and leaves the cluster alone."""
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,10 @@ def cluster():
     """One cluster for the file's tests: each leaves it as it found it (the first asserts so)."""
     with pytest.MonkeyPatch.context() as patch:
         # As a cluster's users must: token authentication, which `ray start` turns on, in every
-        # driver's environment (lmserve serve's, and so its replicas', included).
+        # driver's environment (lmserve serve's, and so its replicas', included), with the cluster's
+        # token: a fresh machine has none (~/.ray/auth_token), and `ray start` refuses to start without.
         patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         address = f"127.0.0.1:{_free_port()}"
         subprocess.run([RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2",
                         "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
