@@ -40,6 +40,7 @@ bool int4_linear_supported();
 bool int4_tiles_supported();
 bool int4_bf16_tiles_supported();
 bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
+bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads);
 torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                      const torch::Tensor& slots, double scale);
 torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
@@ -348,7 +349,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
                                 const std::optional<torch::Tensor>& mask, double scale) {
     const auto& slot_ids = std::get<3>(seq);
-    if (prompt_attention_supported(k_cache, q.size(1)))  // kernels/prompt_attention.cpp
+    if (prompt_attention_chosen(k_cache, q.size(1)))  // kernels/prompt_attention.cpp
         return (slot_ids ? paged_prompt_attention(q.to(at::kFloat), k_cache, v_cache, *slot_ids, scale)
                          : prompt_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale))
             .to(q.scalar_type());
@@ -412,7 +413,7 @@ class NativeDecoder {
             TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot ", slot, " outside 0..", num_slots - 1);
         }
         std::vector<std::optional<torch::Tensor>> masks;
-        const bool prompt_kernel = !k_caches.empty() && prompt_attention_supported(k_caches[0], num_heads_);
+        const bool prompt_kernel = !k_caches.empty() && prompt_attention_chosen(k_caches[0], num_heads_);
         for (const auto& seq : prefills)
             masks.push_back(prompt_kernel ? std::nullopt : prefill_mask(seq, x.options()));  // the kernel masks as it goes
         const StepRows rows{cos_rows, sin_rows, slots, num_decodes, block_table, context_lens, block_size};
@@ -631,6 +632,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_prompt_attention", &paged_prompt_attention, "a prefill chunk's causal attention over its context's cache slots");
     m.def("prompt_attention", &prompt_attention, "a whole prompt's causal attention over its own keys and values, in bf16");
     m.def("prompt_attention_supported", &prompt_attention_supported, "whether paged_prompt_attention takes this cache and head count here");
+    m.def("prompt_attention_chosen", &prompt_attention_chosen, "whether prefill takes the prompt attention kernels over this cache here");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
           py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),
           py::arg("path") = "auto");

@@ -359,6 +359,17 @@ bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads)
     return shape_supported(k_cache.size(2) - (dtype == at::kChar ? kScaleBytes : 0), num_heads, k_cache.size(0));
 }
 
+bool int4_bf16_tiles_supported();  // int4_linear.cpp: AMX-BF16 tiles usable here
+
+// Whether prefill takes these kernels over this cache: where they take it, except a bf16 cache on
+// a CPU with AMX-BF16 tiles, where PyTorch's flash attention runs its bf16 products on the tiles:
+// 2.0-3.2x these kernels at 512-2,000 positions, whole prompts and chunks after cached context
+// alike (bench/RESULTS.md, "Prompt attention with AMX"). An int8 cache keeps them there.
+bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads) {
+    if (k_cache.scalar_type() == at::kBFloat16 && int4_bf16_tiles_supported()) return false;
+    return prompt_attention_supported(k_cache, num_heads);
+}
+
 // A chunk after a cached prefix: q (query_len, H, D) float32, the last query_len positions of the
 // context whose cache slots are `slots` (context_len,). Returns (query_len, H, D) float32.
 torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,

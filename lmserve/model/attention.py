@@ -104,11 +104,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _prompt_kernels(cache, num_heads: int):
-    """The native module where its prompt attention (kernels/prompt_attention.cpp) takes this
-    cache: bf16 or int8 rows on a CPU with AVX512-BF16; None elsewhere (a float32 cache keeps
-    PyTorch's exact path)."""
+    """The native module where prefill takes its prompt attention (kernels/prompt_attention.cpp)
+    over this cache: bf16 or int8 rows on a CPU with AVX512-BF16, but a bf16 cache on one with
+    AMX-BF16 tiles keeps PyTorch's flash attention, which runs on them (prompt_attention_chosen);
+    None elsewhere (a float32 cache keeps PyTorch's exact path)."""
     module = native_module() if cache is not None else None
-    if module is None or not module.prompt_attention_supported(cache[0], num_heads):
+    if module is None or not module.prompt_attention_chosen(cache[0], num_heads):
         return None
     return module
 

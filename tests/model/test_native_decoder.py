@@ -148,8 +148,10 @@ def test_prompt_attention_runs_alike_from_both_layers(tiny_qwen2_wide_heads_fold
     entry), from the C++ layers (which skip the chunk's mask for it) and the Python ones."""
     model, _, _ = load_weights(tiny_qwen2_wide_heads_folder, "int4")
     width = 32 + (4 if kv_dtype == torch.int8 else 0)
-    supported = native_module().prompt_attention_supported(torch.zeros(2, 4, width, dtype=kv_dtype), 4)
-    assert supported == ("avx512_bf16" in cpu_flags())  # where this CPU has them, the kernels ran
+    module = native_module()
+    chosen = module.prompt_attention_chosen(torch.zeros(2, 4, width, dtype=kv_dtype), 4)
+    amx_keeps_pytorch = kv_dtype == torch.bfloat16 and module.int4_bf16_tiles_supported()
+    assert chosen == ("avx512_bf16" in cpu_flags() and not amx_keeps_pytorch)  # where chosen, the kernels ran
     assert_native_matches_python(model, 3, kv_dtype)
 
 
