@@ -41,6 +41,7 @@ bool int4_tiles_supported();
 bool int4_bf16_tiles_supported();
 bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
 bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads);
+bool amx_bf16_usable();
 torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                      const torch::Tensor& slots, double scale);
 torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
@@ -343,7 +344,7 @@ std::optional<torch::Tensor> prefill_mask(const Prefill& seq, const torch::Tenso
 }
 
 // A prefill chunk's attention as paged_attention in model/attention.py takes it, op for op: the
-// prompt attention kernels where they take the cache, else _prefill_attention's ops with `mask`,
+// prompt attention kernels where prompt_attention_chosen picks them, else _prefill_attention's ops with `mask`,
 // prefill_mask's.
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
@@ -633,6 +634,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("prompt_attention", &prompt_attention, "a whole prompt's causal attention over its own keys and values, in bf16");
     m.def("prompt_attention_supported", &prompt_attention_supported, "whether paged_prompt_attention takes this cache and head count here");
     m.def("prompt_attention_chosen", &prompt_attention_chosen, "whether prefill takes the prompt attention kernels over this cache here");
+    m.def("amx_bf16_usable", &amx_bf16_usable, "whether this CPU has AMX-BF16 tiles this process may use");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
           py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),
           py::arg("path") = "auto");

@@ -29,6 +29,10 @@
 #include <cstring>
 #include <vector>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "paged_attention_rows.h"  // widen, exp16
 
 namespace {
@@ -359,14 +363,31 @@ bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads)
     return shape_supported(k_cache.size(2) - (dtype == at::kChar ? kScaleBytes : 0), num_heads, k_cache.size(0));
 }
 
-bool int4_bf16_tiles_supported();  // int4_linear.cpp: AMX-BF16 tiles usable here
+// Whether this CPU has AMX-BF16 tiles and the system lets this process use them, whatever this
+// build's own instructions (PyTorch's oneDNN decides at run time, as this does).
+bool amx_bf16_usable() {
+    static const bool usable = [] {
+        unsigned int a = 0, b = 0, c = 0, d = 0;
+        if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv works
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22))) return false;  // AMX-BF16
+        unsigned int eax = 0, edx = 0;
+        asm volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+        if ((eax & 0x60000u) != 0x60000u) return false;  // the OS saves the tile state
+        constexpr long kRequestPermission = 0x1023, kTileData = 18;
+        return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+    }();
+    return usable;
+}
 
 // Whether prefill takes these kernels over this cache: where they take it, except a bf16 cache on
 // a CPU with AMX-BF16 tiles, where PyTorch's flash attention runs its bf16 products on the tiles:
 // 2.0-3.2x these kernels at 512-2,000 positions, whole prompts and chunks after cached context
-// alike (bench/RESULTS.md, "Prompt attention with AMX"). An int8 cache keeps them there.
+// alike (bench/RESULTS.md, "Prompt attention with AMX"; chunks of 16 rows or fewer after a long
+// context are the kernel's, by a fraction of a millisecond). An int8 cache keeps the kernels there
+// for now: PyTorch's path was faster over it too in a first look, but the int8 cache's accuracy
+// figures were taken on the kernels.
 bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads) {
-    if (k_cache.scalar_type() == at::kBFloat16 && int4_bf16_tiles_supported()) return false;
+    if (k_cache.scalar_type() == at::kBFloat16 && amx_bf16_usable()) return false;
     return prompt_attention_supported(k_cache, num_heads);
 }
 

@@ -150,7 +150,7 @@ def test_prompt_attention_runs_alike_from_both_layers(tiny_qwen2_wide_heads_fold
     width = 32 + (4 if kv_dtype == torch.int8 else 0)
     module = native_module()
     chosen = module.prompt_attention_chosen(torch.zeros(2, 4, width, dtype=kv_dtype), 4)
-    amx_keeps_pytorch = kv_dtype == torch.bfloat16 and module.int4_bf16_tiles_supported()
+    amx_keeps_pytorch = kv_dtype == torch.bfloat16 and module.amx_bf16_usable()
     assert chosen == ("avx512_bf16" in cpu_flags() and not amx_keeps_pytorch)  # where chosen, the kernels ran
     assert_native_matches_python(model, 3, kv_dtype)
 
