@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-STAMP_INPUTS="pyproject.toml scripts/setup.sh lmserve/kernels/paged_attention.cpp lmserve/kernels/decoder.cpp lmserve/kernels/int8_linear.cpp lmserve/kernels/int4_linear.cpp lmserve/kernels/sampling.cpp lmserve/kernels/prompt_attention.cpp lmserve/kernels/paged_attention_rows.h lmserve/kernels/int8_rows.h lmserve/kernels/int4_tiles.h lmserve/kernels/int4_bf16_tiles.h lmserve/kernels/int8_tiles.h lmserve/kernels/int4_params.h"
+STAMP_INPUTS="pyproject.toml scripts/setup.sh $(ls lmserve/kernels/*.cpp lmserve/kernels/*.h)"  # every kernel source
 stamp=".venv/.setup-$(cat $STAMP_INPUTS | sha256sum | cut -c1-16)"
 
 if [ -f "$stamp" ]; then

@@ -56,7 +56,7 @@ class BlockPool:
         the free list come in ascending order."""
         if count > self.num_free:
             return None
-        blocks = self._take_spares(owner, count) if owner is not None else []
+        blocks = self._pop_spares(owner, count) if owner is not None else []
         need = count - len(blocks)
         if need:
             extra = max(0, min(room, GROWTH_RUN, len(self.free) - need)) if owner is not None else 0
@@ -88,14 +88,14 @@ class BlockPool:
             self.free[block] = None
             self.free.move_to_end(block, last=False)
 
-    def _take_spares(self, owner: Hashable, count: int) -> list[int]:
-        spares = self.spares.get(owner)
+    def _pop_spares(self, owner: Hashable, count: int, far_end: bool = False) -> list[int]:
+        """Up to `count` of `owner`'s spares, from the near end (what it grows into next) or the far one."""
+        spares = self.spares.get(owner, [])
+        cut = slice(max(len(spares) - count, 0), None) if far_end else slice(0, count)
+        taken = spares[cut]
+        del spares[cut]
         if not spares:
-            return []
-        taken = spares[:count]
-        del spares[:count]
-        if not spares:
-            del self.spares[owner]
+            self.spares.pop(owner, None)
         for block in taken:
             del self.spare_owner[block]
         return taken
@@ -108,16 +108,9 @@ class BlockPool:
         what its owner grows into next)."""
         stolen = []
         for owner in list(self.spares):
-            spares = self.spares[owner]
-            take = min(count - len(stolen), len(spares))
-            stolen += spares[len(spares) - take:]
-            del spares[len(spares) - take:]
-            if not spares:
-                del self.spares[owner]
+            stolen += self._pop_spares(owner, count - len(stolen), far_end=True)
             if len(stolen) == count:
                 break
-        for block in stolen:
-            del self.spare_owner[block]
         return stolen
 
     def lookup(self, hashes: list[BlockHash]) -> list[int]:

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "int4_linear.cpp",
                                                        "sampling.cpp", "prompt_attention.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("paged_attention_rows.h", "int8_rows.h", "int4_tiles.h", "int4_bf16_tiles.h", "int8_tiles.h",
-                                                       "int4_params.h")]  # included by the sources: part of the build key
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: part of the build key
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen
 # paths would not make (int8_linear.cpp matches model/weight_formats/int8.py bit for bit)

@@ -15,29 +15,18 @@
 
 #include <torch/extension.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <cstdint>
 
+#include "amx_state.h"
 #include "int4_params.h"
 
 namespace int4_tiles {
 
 constexpr int64_t kRows = 16;  // rows of a tile: steps of fewer rows stay on the register tiles
 
-// Whether this process may use the tiles: the OS saves their state (XCR0 bits 17 and 18) and Linux
-// grants this process the tile data (arch_prctl ARCH_REQ_XCOMP_PERM), asked once.
-inline bool usable() {
-    static const bool granted = [] {
-        unsigned int eax = 0, edx = 0;
-        asm volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-        if ((eax & 0x60000u) != 0x60000u) return false;
-        constexpr long kRequestPermission = 0x1023, kTileData = 18;
-        return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-    }();
-    return granted;
-}
+// Whether this process may use the tiles (amx_state.h).
+inline bool usable() { return amx_tile_state_granted(); }
 
 // The compiler does not know that the tile loads read memory and the tile stores write it.
 inline void memory_barrier() { asm volatile("" ::: "memory"); }

@@ -30,9 +30,8 @@
 #include <vector>
 
 #include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx_state.h"
 #include "paged_attention_rows.h"  // widen, exp16
 
 namespace {
@@ -363,20 +362,12 @@ bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads)
     return shape_supported(k_cache.size(2) - (dtype == at::kChar ? kScaleBytes : 0), num_heads, k_cache.size(0));
 }
 
-// Whether this CPU has AMX-BF16 tiles and the system lets this process use them, whatever this
-// build's own instructions (PyTorch's oneDNN decides at run time, as this does).
+// Whether this CPU has AMX-BF16 tiles and this process may use them, whatever this build's own
+// instructions (PyTorch's oneDNN decides at run time, as this does).
 bool amx_bf16_usable() {
-    static const bool usable = [] {
-        unsigned int a = 0, b = 0, c = 0, d = 0;
-        if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv works
-        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22))) return false;  // AMX-BF16
-        unsigned int eax = 0, edx = 0;
-        asm volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
-        if ((eax & 0x60000u) != 0x60000u) return false;  // the OS saves the tile state
-        constexpr long kRequestPermission = 0x1023, kTileData = 18;
-        return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-    }();
-    return usable;
+    unsigned int a = 0, b = 0, c = 0, d = 0;
+    const bool has_bf16_tiles = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22));
+    return has_bf16_tiles && amx_tile_state_granted();
 }
 
 // Whether prefill takes these kernels over this cache: where they take it, except a bf16 cache on

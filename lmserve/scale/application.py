@@ -97,12 +97,15 @@ class ModelDeployments:
         from lmserve.fleet.fleet import FleetBusy
 
         needed = self._settings.num_replicas * self._settings.replica_cpus
-        free = ray.available_resources().get("CPU", 0.0)
+        def free_cpus() -> float:
+            return ray.available_resources().get("CPU", 0.0)
+
+        free = free_cpus()
         if needed > free and self._releasing():  # a model just unloaded: its CPUs come back shortly
             deadline = time.monotonic() + ROOM_WAIT_S
             while needed > free and time.monotonic() < deadline:
                 time.sleep(ROOM_POLL_S)
-                free = ray.available_resources().get("CPU", 0.0)
+                free = free_cpus()
         if needed > free:
             raise FleetBusy(f"no room for {entry.id}'s replicas: {self._settings.num_replicas} x --replica-cpus "
                                f"{self._settings.replica_cpus:g} = {needed:g} CPUs, and {free:g} of this machine's are "
