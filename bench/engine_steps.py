@@ -7,7 +7,7 @@
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
     .venv/bin/python -m bench.engine_steps lookup-busy [--levels 16,32,64]  # off and on, C at once, requests admitted as others finish
     .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64] [--scattered]  # sequences decoding at once
-    .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share
+    .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share; --kv-cache-dtype int8 for that cache
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ DECODINGS = {"greedy": dict(temperature=0), "t0.7/p0.9": dict(temperature=0.7, t
              "t1.0": dict(temperature=1.0)}
 
 
+KV_CACHE_DTYPE = ["auto"]  # --kv-cache-dtype, for every engine a run builds
+
+
 def engine(loaded, speculative: int = 0, kv_cache_bytes: int = 1 << 30) -> LLMEngine:
-    return LLMEngine(EngineConfig("default", "bench", dtype="int4", cache=CacheConfig(BLOCK_SIZE, kv_cache_bytes),
+    cache = CacheConfig(BLOCK_SIZE, kv_cache_bytes, kv_cache_dtype=KV_CACHE_DTYPE[0])
+    return LLMEngine(EngineConfig("default", "bench", dtype="int4", cache=cache,
                                   scheduler=SchedulerConfig(64, 512, 2048, num_speculative_tokens=speculative)),
                      loaded)
 
@@ -308,7 +312,10 @@ def main() -> None:
                         "scattered as on a server that has run a while")
     parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "
                         f"1024+64), comma-separated (default {DECODE_LEVELS}); lookup-busy: requests at once ({BUSY_LEVELS})")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                        help="the engines' KV cache, as serve's flag (auto: bf16 here)")
     args = parser.parse_args()
+    KV_CACHE_DTYPE[0] = args.kv_cache_dtype
     torch.set_num_threads(2)
     loaded = load_model(default_model_path(), "int4", max_positions=2048)
     if args.what == "decode":

@@ -5,8 +5,8 @@ module (also NativeDecoder, the decoder layers of every step with a KV cache, th
 and the W8A8 and W4A8 products), or None (with one warning) where it cannot be built: the engine
 then uses its PyTorch path, which gives the same results more slowly, except that on a bf16 KV
 cache the decode kernel rounds the query to bf16 at any batch size and the PyTorch path only above
-FLOAT32_DECODE_SEQS sequences, and that prompt attention over a bf16 cache (but on CPUs with
-AMX-BF16 tiles, where prefill keeps PyTorch's: prompt_attention_chosen) or an int8 cache rounds its
+FLOAT32_DECODE_SEQS sequences, and that prompt attention over a bf16 or an int8 cache (but on CPUs
+with AMX-BF16 tiles only chunks of few rows: prompt_attention_chosen) rounds its
 softmax weights to bf16 where PyTorch's rounds its outputs (3.2e-3-1.5e-2 apart on the cases of
 tests/unit/test_prompt_attention.py, the kernel the closer to float32 in each), as decode rows over a
 prefix they share with enough others do over that prefix (0.7-1.2e-3 from the decode kernel's rows

@@ -40,7 +40,8 @@ bool int4_linear_supported();
 bool int4_tiles_supported();
 bool int4_bf16_tiles_supported();
 bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
-bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads);
+bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
+                             bool after_context);
 bool amx_bf16_usable();
 torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                      const torch::Tensor& slots, double scale);
@@ -319,6 +320,11 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
 // slots of the whole context when the chunk is not the whole of it.
 using Prefill = std::tuple<int64_t, int64_t, int64_t, std::optional<torch::Tensor>>;
 
+// Whether this chunk's attention takes the prompt attention kernels (kernels/prompt_attention.cpp).
+bool prompt_kernel_takes(const Prefill& seq, const torch::Tensor& k_cache, int64_t num_heads) {
+    return prompt_attention_chosen(k_cache, num_heads, std::get<1>(seq), std::get<3>(seq).has_value());
+}
+
 // _gather in model/attention.py (an int8 row widened and times its scale)
 torch::Tensor gather(const torch::Tensor& cache_part, const torch::Tensor& slots, at::ScalarType dtype) {
     auto rows = cache_part.index_select(1, slots.reshape(-1));
@@ -344,13 +350,13 @@ std::optional<torch::Tensor> prefill_mask(const Prefill& seq, const torch::Tenso
 }
 
 // A prefill chunk's attention as paged_attention in model/attention.py takes it, op for op: the
-// prompt attention kernels where prompt_attention_chosen picks them, else _prefill_attention's ops with `mask`,
+// prompt attention kernels where prompt_kernel_takes it, else _prefill_attention's ops with `mask`,
 // prefill_mask's.
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
                                 const std::optional<torch::Tensor>& mask, double scale) {
     const auto& slot_ids = std::get<3>(seq);
-    if (prompt_attention_chosen(k_cache, q.size(1)))  // kernels/prompt_attention.cpp
+    if (prompt_kernel_takes(seq, k_cache, q.size(1)))
         return (slot_ids ? paged_prompt_attention(q.to(at::kFloat), k_cache, v_cache, *slot_ids, scale)
                          : prompt_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale))
             .to(q.scalar_type());
@@ -414,9 +420,10 @@ class NativeDecoder {
             TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot ", slot, " outside 0..", num_slots - 1);
         }
         std::vector<std::optional<torch::Tensor>> masks;
-        const bool prompt_kernel = !k_caches.empty() && prompt_attention_chosen(k_caches[0], num_heads_);
-        for (const auto& seq : prefills)
-            masks.push_back(prompt_kernel ? std::nullopt : prefill_mask(seq, x.options()));  // the kernel masks as it goes
+        for (const auto& seq : prefills)  // the kernel masks as it goes
+            masks.push_back(!k_caches.empty() && prompt_kernel_takes(seq, k_caches[0], num_heads_)
+                                ? std::nullopt
+                                : prefill_mask(seq, x.options()));
         const StepRows rows{cos_rows, sin_rows, slots, num_decodes, block_table, context_lens, block_size};
         if (prefills.empty() && take_row_groups(num_decodes, rows, k_caches)) {
             const auto starts = group_starts(rows, n, at::get_num_threads() * kGroupsPerThread);
@@ -633,7 +640,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("paged_prompt_attention", &paged_prompt_attention, "a prefill chunk's causal attention over its context's cache slots");
     m.def("prompt_attention", &prompt_attention, "a whole prompt's causal attention over its own keys and values, in bf16");
     m.def("prompt_attention_supported", &prompt_attention_supported, "whether paged_prompt_attention takes this cache and head count here");
-    m.def("prompt_attention_chosen", &prompt_attention_chosen, "whether prefill takes the prompt attention kernels over this cache here");
+    m.def("prompt_attention_chosen", &prompt_attention_chosen,
+          "whether a prefill chunk of query_rows rows (after cached context or a whole prompt) takes the prompt "
+          "attention kernels over this cache here", py::arg("k_cache"), py::arg("num_heads"), py::arg("query_rows"),
+          py::arg("after_context"));
     m.def("amx_bf16_usable", &amx_bf16_usable, "whether this CPU has AMX-BF16 tiles this process may use");
     m.def("int8_linear", &int8_linear, "x @ weight.T with int8 weights and per-row int8 activations",
           py::arg("x"), py::arg("weight"), py::arg("w_scales"), py::arg("bias"), py::arg("block"),

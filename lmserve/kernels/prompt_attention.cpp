@@ -363,23 +363,32 @@ bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads)
 }
 
 // Whether this CPU has AMX-BF16 tiles and this process may use them, whatever this build's own
-// instructions (PyTorch's oneDNN decides at run time, as this does).
+// instructions (PyTorch's oneDNN decides at run time, as this does). Asked once: under a hypervisor
+// CPUID traps, and every prefill chunk of every layer asks.
 bool amx_bf16_usable() {
-    unsigned int a = 0, b = 0, c = 0, d = 0;
-    const bool has_bf16_tiles = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22));
-    return has_bf16_tiles && amx_tile_state_granted();
+    static const bool usable = [] {
+        unsigned int a = 0, b = 0, c = 0, d = 0;
+        const bool has_bf16_tiles = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22));
+        return has_bf16_tiles && amx_tile_state_granted();
+    }();
+    return usable;
 }
 
-// Whether prefill takes these kernels over this cache: where they take it, except a bf16 cache on
-// a CPU with AMX-BF16 tiles, where PyTorch's flash attention runs its bf16 products on the tiles:
-// 2.0-3.2x these kernels at 512-2,000 positions, whole prompts and chunks after cached context
-// alike (bench/RESULTS.md, "Prompt attention with AMX"; chunks of 16 rows or fewer after a long
-// context are the kernel's, by a fraction of a millisecond). An int8 cache keeps the kernels there
-// for now: PyTorch's path was faster over it too in a first look, but the int8 cache's accuracy
-// figures were taken on the kernels.
-bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads) {
-    if (k_cache.scalar_type() == at::kBFloat16 && amx_bf16_usable()) return false;
-    return prompt_attention_supported(k_cache, num_heads);
+// Whether a prefill chunk of query_rows rows over this cache takes the prompt attention kernels
+// (else PyTorch's attention, in bfloat16 for a bf16 or int8 cache): wherever they run
+// (prompt_attention_supported), except on CPUs with AMX-BF16 tiles, where PyTorch's flash attention
+// runs its products on the tiles and is faster from a few dozen rows on: a whole prompt (its own
+// keys and values) of kAmxWholeRows rows or more, a chunk after cached context (the context's rows
+// read from the cache, an int8 one widened first) of kAmxBf16ChunkRows or kAmxInt8ChunkRows or more
+// (bench/RESULTS.md: the kernel 1.4-4.6x faster below them, PyTorch up to 3x faster above).
+bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
+                             bool after_context) {
+    if (!prompt_attention_supported(k_cache, num_heads)) return false;
+    if (!amx_bf16_usable()) return true;
+    constexpr int64_t kAmxWholeRows = 128, kAmxBf16ChunkRows = 24, kAmxInt8ChunkRows = 32;
+    const int64_t from = !after_context ? kAmxWholeRows
+                         : k_cache.scalar_type() == at::kChar ? kAmxInt8ChunkRows : kAmxBf16ChunkRows;
+    return query_rows < from;
 }
 
 // A chunk after a cached prefix: q (query_len, H, D) float32, the last query_len positions of the

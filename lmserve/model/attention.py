@@ -91,27 +91,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode_attention(q[: meta.num_decodes], cache, meta, scale)
-    module = _prompt_kernels(cache, q.shape[1]) if meta.prefills and q.device.type == "cpu" else None
+    module = native_module() if meta.prefills and cache is not None and q.device.type == "cpu" else None
     for seq in meta.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        if module is None:
+        after_context = seq.slot_ids is not None
+        if module is None or not module.prompt_attention_chosen(cache[0], q.shape[1], seq.query_len, after_context):
+            # PyTorch's attention: a float32 cache, shapes or CPUs the kernels do not take, and on
+            # CPUs with AMX-BF16 tiles chunks of many rows (kernels/prompt_attention.cpp)
             out[rows] = _prefill_attention(q[rows], k[rows], v[rows], cache, seq, scale)
-        elif seq.slot_ids is None:  # a whole prompt: its own keys and values, as _prefill_attention takes them
+        elif not after_context:  # a whole prompt: its own keys and values, as _prefill_attention takes them
             out[rows] = module.prompt_attention(q[rows].float(), k[rows].float(), v[rows].float(), scale).to(q.dtype)
         else:  # after a cached prefix: the context's rows read from the cache by slot
             out[rows] = module.paged_prompt_attention(q[rows].float(), *cache, seq.slot_ids, scale).to(q.dtype)
     return out.flatten(1)
-
-
-def _prompt_kernels(cache, num_heads: int):
-    """The native module where prefill takes its prompt attention (kernels/prompt_attention.cpp)
-    over this cache: bf16 or int8 rows on a CPU with AVX512-BF16, but a bf16 cache on one with
-    AMX-BF16 tiles keeps PyTorch's flash attention, which runs on them (prompt_attention_chosen);
-    None elsewhere (a float32 cache keeps PyTorch's exact path)."""
-    module = native_module() if cache is not None else None
-    if module is None or not module.prompt_attention_chosen(cache[0], num_heads):
-        return None
-    return module
 
 
 def _gather(cache_part: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -24,21 +24,25 @@ BLOCK = 4
 BLOCKS_PER_SEQ = 8  # room for each sequence's prompt and decoded tokens
 
 
-def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, native: bool, seed: int = 0):
+SMALL_CHUNKS = ((0, 5), (5, 4))  # (start, length): the whole context first, then attending to it
+
+
+def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, native: bool, seed: int = 0,
+                  chunks=SMALL_CHUNKS):
     """Prefill num_seqs random prompts of different lengths one by one, then decode `steps` random
-    tokens for all of them together, the first two decode steps also carrying a newcomer's prompt
-    in two chunks; returns every step's output and the caches."""
+    tokens for all of them together, the first decode steps also carrying a newcomer's prompt in
+    `chunks`; returns every step's output and the caches."""
     kept, model.native = model.native, (model.native if native else None)
     try:
         g = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
-        caches = allocate_kv_caches(model.config, (num_seqs + 1) * BLOCKS_PER_SEQ, BLOCK, kv_dtype,
+        newcomer_blocks = max(BLOCKS_PER_SEQ, -(-sum(count for _, count in chunks) // BLOCK))
+        caches = allocate_kv_caches(model.config, num_seqs * BLOCKS_PER_SEQ + newcomer_blocks, BLOCK, kv_dtype,
                                     torch.device("cpu"))
         lengths = [3 + 2 * s % 9 for s in range(num_seqs)]
         outputs = prompts_one_by_one(model, caches, lengths, BLOCKS_PER_SEQ, g)
         table = torch.arange(num_seqs * BLOCKS_PER_SEQ).view(num_seqs, BLOCKS_PER_SEQ)
         newcomer = num_seqs * BLOCKS_PER_SEQ * BLOCK  # its first slot
-        chunks = [(0, 5), (5, 4)]  # (start, length): the whole context first, then attending to it
         for step in range(steps):
             positions = torch.tensor(lengths)
             slots = positions + torch.arange(num_seqs) * BLOCKS_PER_SEQ * BLOCK
@@ -85,13 +89,13 @@ class Counting:
         return self.native.forward(*args)
 
 
-def assert_native_matches_python(model, num_seqs: int, kv_dtype: torch.dtype, steps: int = 3):
+def assert_native_matches_python(model, num_seqs: int, kv_dtype: torch.dtype, steps: int = 3, chunks=SMALL_CHUNKS):
     assert model.native is not None, "native decoder not enabled: run python -m lmserve.kernels"
-    python_out, python_caches = hidden_states(model, num_seqs, steps, kv_dtype, native=False)
+    python_out, python_caches = hidden_states(model, num_seqs, steps, kv_dtype, native=False, chunks=chunks)
     kept = model.native
     model.native = counting = Counting(kept)
     try:
-        native_out, native_caches = hidden_states(model, num_seqs, steps, kv_dtype, native=True)
+        native_out, native_caches = hidden_states(model, num_seqs, steps, kv_dtype, native=True, chunks=chunks)
     finally:
         model.native = kept
     assert counting.calls == num_seqs + steps  # every step ran natively, mixed ones included
@@ -142,17 +146,22 @@ def tiny_qwen2_wide_heads_folder(tmp_path_factory):
     return save_hf_folder(tiny_hf_model("qwen2", hidden_size=128), tmp_path_factory.mktemp("qwen2-d32"))
 
 
+@pytest.mark.parametrize("chunks", [SMALL_CHUNKS, ((0, 130), (130, 40))], ids=["few-rows", "many-rows"])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-def test_prompt_attention_runs_alike_from_both_layers(tiny_qwen2_wide_heads_folder, kv_dtype):
+def test_prompt_attention_runs_alike_from_both_layers(tiny_qwen2_wide_heads_folder, kv_dtype, chunks):
     """Whole prompts (the kernel's own-rows entry) and a chunk after cached context (its paged
-    entry), from the C++ layers (which skip the chunk's mask for it) and the Python ones."""
+    entry), from the C++ layers (which skip the chunk's mask for it) and the Python ones; with
+    AMX-BF16 tiles chunks of many rows take PyTorch's attention instead, from both layers alike."""
     model, _, _ = load_weights(tiny_qwen2_wide_heads_folder, "int4")
     width = 32 + (4 if kv_dtype == torch.int8 else 0)
     module = native_module()
-    chosen = module.prompt_attention_chosen(torch.zeros(2, 4, width, dtype=kv_dtype), 4)
-    amx_keeps_pytorch = kv_dtype == torch.bfloat16 and module.amx_bf16_usable()
-    assert chosen == ("avx512_bf16" in cpu_flags() and not amx_keeps_pytorch)  # where chosen, the kernels ran
-    assert_native_matches_python(model, 3, kv_dtype)
+    cache = torch.zeros(2, 4, width, dtype=kv_dtype)
+    (_, whole), (_, after) = chunks
+    chosen = [module.prompt_attention_chosen(cache, 4, whole, False), module.prompt_attention_chosen(cache, 4, after, True)]
+    kernels = "avx512_bf16" in cpu_flags()
+    amx = module.amx_bf16_usable()
+    assert chosen == [kernels and not (amx and whole >= 128), kernels and not (amx and after >= 24)]
+    assert_native_matches_python(model, 3, kv_dtype, chunks=chunks)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int4"])

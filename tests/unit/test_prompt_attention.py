@@ -47,16 +47,22 @@ def test_the_kernel_takes_bf16_and_int8_caches_where_the_cpu_has_bf16_dot_produc
     assert not module.prompt_attention_supported(torch.zeros(2, 4, 64, dtype=torch.bfloat16), 5)  # heads not grouped
 
 
-def test_prefill_keeps_pytorchs_attention_over_a_bf16_cache_where_the_cpu_has_amx_bf16_tiles():
-    """PyTorch's flash attention runs its bf16 products on AMX tiles, 2.0-3.2x these kernels there;
-    an int8 cache keeps the kernels for now (its accuracy figures were taken on them)."""
+def test_prefill_takes_pytorchs_attention_for_chunks_of_many_rows_where_the_cpu_has_amx_bf16_tiles():
+    """PyTorch's flash attention runs its bf16 products on AMX tiles: from 128 rows of a whole
+    prompt, and 24 (bf16 cache) or 32 (int8 cache) rows of a chunk after cached context, it is faster
+    there than these kernels, which keep the chunks below that. Without the tiles the kernels take
+    every chunk they can."""
     module = native_module()
     has_bf16, tiles = "avx512_bf16" in cpu_flags(), module.amx_bf16_usable()
     assert tiles <= ("amx_bf16" in cpu_flags())  # never without the CPU's tiles
-    assert module.prompt_attention_chosen(torch.zeros(2, 4, 64, dtype=torch.bfloat16), 6) == (has_bf16 and not tiles)
-    assert module.prompt_attention_chosen(torch.zeros(2, 4, 64 + 4, dtype=torch.int8), 6) == has_bf16
-    assert not module.prompt_attention_chosen(torch.zeros(2, 4, 64), 6)  # float32: PyTorch's exact path
-    assert not module.prompt_attention_chosen(torch.zeros(2, 4, 80, dtype=torch.int8), 6)  # not taken at all
+    bf16, int8 = torch.zeros(2, 4, 64, dtype=torch.bfloat16), torch.zeros(2, 4, 64 + 4, dtype=torch.int8)
+    for cache, chunk_rows in ((bf16, 24), (int8, 32)):
+        for rows, after_context, below in ((127, False, True), (128, False, False), (2000, False, False),
+                                           (1, True, True), (chunk_rows - 1, True, True), (chunk_rows, True, False)):
+            expected = has_bf16 and (below or not tiles)
+            assert module.prompt_attention_chosen(cache, 6, rows, after_context) == expected, (cache.dtype, rows)
+    assert not module.prompt_attention_chosen(torch.zeros(2, 4, 64), 6, 1, False)  # float32: PyTorch's exact path
+    assert not module.prompt_attention_chosen(torch.zeros(2, 4, 80, dtype=torch.int8), 6, 1, False)  # not taken
 
 
 @pytest.mark.parametrize("query_len, context_len, num_kv_heads, group, head_dim, cache_dtype", [
