@@ -320,11 +320,6 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
 // slots of the whole context when the chunk is not the whole of it.
 using Prefill = std::tuple<int64_t, int64_t, int64_t, std::optional<torch::Tensor>>;
 
-// Whether this chunk's attention takes the prompt attention kernels (kernels/prompt_attention.cpp).
-bool prompt_kernel_takes(const Prefill& seq, const torch::Tensor& k_cache, int64_t num_heads) {
-    return prompt_attention_chosen(k_cache, num_heads, std::get<1>(seq), std::get<3>(seq).has_value());
-}
-
 // _gather in model/attention.py (an int8 row widened and times its scale)
 torch::Tensor gather(const torch::Tensor& cache_part, const torch::Tensor& slots, at::ScalarType dtype) {
     auto rows = cache_part.index_select(1, slots.reshape(-1));
@@ -341,22 +336,33 @@ at::ScalarType attention_dtype(const torch::Tensor& cache_part) {
     return cache_part.scalar_type() == at::kChar ? at::kBFloat16 : cache_part.scalar_type();
 }
 
-// The causal mask of a chunk that attends to earlier context (_prefill_attention's), or none for a
-// chunk that is the whole of its context: one per step, not one per layer.
-std::optional<torch::Tensor> prefill_mask(const Prefill& seq, const torch::TensorOptions& options) {
+// How a chunk's attention runs in every layer of a step, decided once per step: the prompt attention
+// kernels (prompt_attention_chosen in kernels/prompt_attention.cpp, asked as paged_attention in
+// model/attention.py asks it), or PyTorch's with the causal mask of a chunk that attends to earlier
+// context (_prefill_attention's; none for a chunk that is the whole of its context).
+struct ChunkPlan {
+    bool kernel;
+    std::optional<torch::Tensor> mask;
+};
+
+ChunkPlan chunk_plan(const Prefill& seq, const std::vector<torch::Tensor>& k_caches, int64_t num_heads,
+                     const torch::TensorOptions& options) {
     const auto& [query_start, query_len, context_len, slot_ids] = seq;
-    if (!slot_ids) return std::nullopt;
-    return at::ones({query_len, context_len}, options.dtype(at::kBool)).tril(context_len - query_len);
+    if (!k_caches.empty() && prompt_attention_chosen(k_caches[0], num_heads, query_len, slot_ids.has_value()))
+        return {true, std::nullopt};  // the kernel masks as it goes
+    if (!slot_ids) return {false, std::nullopt};
+    return {false, at::ones({query_len, context_len}, options.dtype(at::kBool)).tril(context_len - query_len)};
 }
 
 // A prefill chunk's attention as paged_attention in model/attention.py takes it, op for op: the
-// prompt attention kernels where prompt_kernel_takes it, else _prefill_attention's ops with `mask`,
-// prefill_mask's.
+// prompt attention kernels where the step's plan has them, else _prefill_attention's ops with the
+// plan's mask.
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
-                                const std::optional<torch::Tensor>& mask, double scale) {
+                                const ChunkPlan& plan, double scale) {
     const auto& slot_ids = std::get<3>(seq);
-    if (prompt_kernel_takes(seq, k_cache, q.size(1)))
+    const auto& mask = plan.mask;
+    if (plan.kernel)
         return (slot_ids ? paged_prompt_attention(q.to(at::kFloat), k_cache, v_cache, *slot_ids, scale)
                          : prompt_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale))
             .to(q.scalar_type());
@@ -419,11 +425,8 @@ class NativeDecoder {
             const int64_t slot = slots.data_ptr<int64_t>()[t];
             TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot ", slot, " outside 0..", num_slots - 1);
         }
-        std::vector<std::optional<torch::Tensor>> masks;
-        for (const auto& seq : prefills)  // the kernel masks as it goes
-            masks.push_back(!k_caches.empty() && prompt_kernel_takes(seq, k_caches[0], num_heads_)
-                                ? std::nullopt
-                                : prefill_mask(seq, x.options()));
+        std::vector<ChunkPlan> plans;
+        for (const auto& seq : prefills) plans.push_back(chunk_plan(seq, k_caches, num_heads_, x.options()));
         const StepRows rows{cos_rows, sin_rows, slots, num_decodes, block_table, context_lens, block_size};
         if (prefills.empty() && take_row_groups(num_decodes, rows, k_caches)) {
             const auto starts = group_starts(rows, n, at::get_num_threads() * kGroupsPerThread);
@@ -431,7 +434,7 @@ class NativeDecoder {
                 return forward_row_groups(x, rows, starts, k_caches, v_caches);
         }
         for (size_t i = 0; i < layers_.size(); ++i)
-            x = layer_forward(layers_[i], x, rows, k_caches[i], v_caches[i], prefills, masks, true);
+            x = layer_forward(layers_[i], x, rows, k_caches[i], v_caches[i], prefills, plans, true);
         return x;
     }
 
@@ -455,7 +458,7 @@ class NativeDecoder {
     torch::Tensor layer_forward(const NativeLayer& layer, torch::Tensor x, const StepRows& rows,
                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                                 const std::vector<Prefill>& prefills,
-                                const std::vector<std::optional<torch::Tensor>>& masks, bool share_prefixes) const {
+                                const std::vector<ChunkPlan>& plans, bool share_prefixes) const {
         const int64_t n = x.size(0), num_decodes = rows.num_decodes;
         const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
         const auto& cos_rows = rows.cos;
@@ -489,7 +492,7 @@ class NativeDecoder {
             const int64_t start = std::get<0>(seq), end = start + std::get<1>(seq);
             attn.slice(0, start, end).copy_(prefill_attention(q.slice(0, start, end), k.slice(0, start, end),
                                                               v.slice(0, start, end), k_cache, v_cache, seq,
-                                                              masks[p], scale_));
+                                                              plans[p], scale_));
         }
         x = x + layer.o(attn.flatten(1));
         h = rms_norm(x, layer.post_attention_norm, eps_);
@@ -570,7 +573,7 @@ class NativeDecoder {
         std::vector<std::atomic<bool>> held(count);       // a thread is running it
         std::atomic<bool> failed{false};
         const std::vector<Prefill> no_prefills;
-        const std::vector<std::optional<torch::Tensor>> no_masks;
+        const std::vector<ChunkPlan> no_plans;
         at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
             const c10::InferenceMode inference;  // as the calling thread's forward runs (its workers' is off)
             for (int64_t me = begin; me < end; ++me) {
@@ -591,7 +594,7 @@ class NativeDecoder {
                     if (layer < num_layers) {
                         try {
                             hidden[pick] = layer_forward(layers_[layer], hidden[pick], parts[pick], k_caches[layer],
-                                                         v_caches[layer], no_prefills, no_masks, false);
+                                                         v_caches[layer], no_prefills, no_plans, false);
                         } catch (...) {
                             failed.store(true);
                             held[pick].store(false, std::memory_order_release);

@@ -2,7 +2,7 @@
 // context, each attending causally to the keys up to itself. For bf16 and int8 caches on CPUs with
 // AVX512-BF16, where it replaces PyTorch's CPU flash attention (which widens bf16 to float32 on
 // such CPUs and took 27% of a 128-token prompt's time, 69% of a 2,000-token one: bench/RESULTS.md,
-// "2026-12-05").
+// "2026-12-05"); on CPUs with AMX-BF16 tiles only for chunks of few rows (prompt_attention_chosen).
 //
 // A whole prompt (prompt_attention) reads its own keys and values as computed, rounded to bf16; a
 // chunk after a cached prefix (paged_prompt_attention) reads its context's rows from the cache by
@@ -380,7 +380,8 @@ bool amx_bf16_usable() {
 // runs its products on the tiles and is faster from a few dozen rows on: a whole prompt (its own
 // keys and values) of kAmxWholeRows rows or more, a chunk after cached context (the context's rows
 // read from the cache, an int8 one widened first) of kAmxBf16ChunkRows or kAmxInt8ChunkRows or more
-// (bench/RESULTS.md: the kernel 1.4-4.6x faster below them, PyTorch up to 3x faster above).
+// (bench/RESULTS.md, "twenty-third sitting": the kernel about as fast to 4.6x faster below them,
+// PyTorch up to 2.3x faster above, 3.2x on a whole 2,000-token prompt).
 bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
                              bool after_context) {
     if (!prompt_attention_supported(k_cache, num_heads)) return false;

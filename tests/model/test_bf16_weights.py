@@ -24,6 +24,7 @@ from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
 # against 1.4-2.1e-3 and 0.984 for int4 weights with the bf16 cache.
 KV_INT8_MAX_KL = 2e-3
 INT4_KV_INT8_MAX_KL = 4e-3
+CHUNKED_MAX_KL = 2e-3  # test_int4_chunked_prefill_tracks_float32: 5.3e-4 and 7.4e-4 measured
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_int4_chunked_prefill_tracks_float32(default_model, int4_model, kv_dtype
     kl = (a.exp() * (a - b)).sum(-1).mean().item()
     agreement = (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
     print(f"KL {kl:.2e}, top-1 agreement {agreement:.3f}")
-    assert 0 < kl < (INT4_KV_INT8_MAX_KL if kv_dtype == torch.int8 else 4e-3) and agreement >= 0.95
+    assert 0 < kl < CHUNKED_MAX_KL and agreement >= 0.95
 
 
 def test_the_native_layers_write_the_int8_rows_the_pytorch_layers_write(default_model, int4_model):

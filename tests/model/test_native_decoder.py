@@ -36,7 +36,7 @@ def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, nativ
     try:
         g = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
-        newcomer_blocks = max(BLOCKS_PER_SEQ, -(-sum(count for _, count in chunks) // BLOCK))
+        newcomer_blocks = max(BLOCKS_PER_SEQ, -(-max(start + count for start, count in chunks) // BLOCK))
         caches = allocate_kv_caches(model.config, num_seqs * BLOCKS_PER_SEQ + newcomer_blocks, BLOCK, kv_dtype,
                                     torch.device("cpu"))
         lengths = [3 + 2 * s % 9 for s in range(num_seqs)]
@@ -146,21 +146,42 @@ def tiny_qwen2_wide_heads_folder(tmp_path_factory):
     return save_hf_folder(tiny_hf_model("qwen2", hidden_size=128), tmp_path_factory.mktemp("qwen2-d32"))
 
 
-@pytest.mark.parametrize("chunks", [SMALL_CHUNKS, ((0, 130), (130, 40))], ids=["few-rows", "many-rows"])
+PROMPT_KERNEL_EVENTS = ("lmserve::prompt_attention", "lmserve::paged_prompt_attention")  # RECORD_FUNCTION names
+
+
+def prompt_kernel_calls(model, kv_dtype, chunks, native: bool) -> tuple[int, int]:
+    """How often each prompt attention kernel entry ran over hidden_states' steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        hidden_states(model, 3, 3, kv_dtype, native=native, chunks=chunks)
+    counts = {event.key: event.count for event in prof.key_averages()}
+    return tuple(counts.get(name, 0) for name in PROMPT_KERNEL_EVENTS)
+
+
+@pytest.mark.parametrize("chunks", [SMALL_CHUNKS, ((0, 100), (100, 40)), ((0, 130), (130, 40))],
+                         ids=["few-rows", "mixed", "many-rows"])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
 def test_prompt_attention_runs_alike_from_both_layers(tiny_qwen2_wide_heads_folder, kv_dtype, chunks):
     """Whole prompts (the kernel's own-rows entry) and a chunk after cached context (its paged
     entry), from the C++ layers (which skip the chunk's mask for it) and the Python ones; with
-    AMX-BF16 tiles chunks of many rows take PyTorch's attention instead, from both layers alike."""
+    AMX-BF16 tiles chunks of many rows take PyTorch's attention instead, from both layers alike,
+    and a step can hold a chunk of each kind."""
     model, _, _ = load_weights(tiny_qwen2_wide_heads_folder, "int4")
     width = 32 + (4 if kv_dtype == torch.int8 else 0)
     module = native_module()
     cache = torch.zeros(2, 4, width, dtype=kv_dtype)
     (_, whole), (_, after) = chunks
     chosen = [module.prompt_attention_chosen(cache, 4, whole, False), module.prompt_attention_chosen(cache, 4, after, True)]
-    kernels = "avx512_bf16" in cpu_flags()
-    amx = module.amx_bf16_usable()
-    assert chosen == [kernels and not (amx and whole >= 128), kernels and not (amx and after >= 24)]
+    kernels, amx = "avx512_bf16" in cpu_flags(), module.amx_bf16_usable()
+    after_rows = 32 if kv_dtype == torch.int8 else 24
+    assert chosen == [kernels and not (amx and whole >= 128), kernels and not (amx and after >= after_rows)]
+    # where chosen, the kernels ran, once a layer, in the prompt's own step (whole prompts of the
+    # decoding sequences: 3 to 7 rows, always the kernel's where it runs) and the newcomer's
+    layers = model.config.num_hidden_layers
+    expected = (layers * (3 * kernels + chosen[0]), layers * chosen[1])
+    for native in (False, True):
+        assert prompt_kernel_calls(model, kv_dtype, chunks, native) == expected, native
     assert_native_matches_python(model, 3, kv_dtype, chunks=chunks)
 
 
