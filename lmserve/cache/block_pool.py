@@ -81,10 +81,7 @@ class BlockPool:
             assert self.ref_counts[block] >= 0, f"block {block} released twice"
             if self.ref_counts[block] == 0:
                 self.free[block] = None
-        spares = self.spares.pop(owner, [])
-        for block in spares:
-            del self.spare_owner[block]
-        for block in reversed(spares):
+        for block in reversed(self._pop_spares(owner, self.num_blocks)):
             self.free[block] = None
             self.free.move_to_end(block, last=False)
 
@@ -94,11 +91,15 @@ class BlockPool:
         cut = slice(max(len(spares) - count, 0), None) if far_end else slice(0, count)
         taken = spares[cut]
         del spares[cut]
-        if not spares:
-            self.spares.pop(owner, None)
-        for block in taken:
-            del self.spare_owner[block]
+        self._unlist_spares(owner, taken)
         return taken
+
+    def _unlist_spares(self, owner: Hashable, blocks: list[int]) -> None:
+        """Forget that `blocks`, already out of `owner`'s list, were its spares."""
+        for block in blocks:
+            del self.spare_owner[block]
+        if owner in self.spares and not self.spares[owner]:
+            del self.spares[owner]
 
     def _pop_free(self, count: int) -> list[int]:
         return [self.free.popitem(last=False)[0] for _ in range(count)]
@@ -138,11 +139,10 @@ class BlockPool:
         for block in blocks:
             self.ref_counts[block] += 1
             self.free.pop(block, None)
-            owner = self.spare_owner.pop(block, None)
+            owner = self.spare_owner.get(block)
             if owner is not None:  # a spare whose content a lookup found: its owner grows elsewhere
                 self.spares[owner].remove(block)
-                if not self.spares[owner]:
-                    del self.spares[owner]
+                self._unlist_spares(owner, [block])
 
     def uncache(self, hashes: list[BlockHash]) -> int:
         """Forget the content of every free block holding one of `hashes` and reuse those blocks

@@ -364,7 +364,7 @@ bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads)
 
 // Whether this CPU has AMX-BF16 tiles and this process may use them, whatever this build's own
 // instructions (PyTorch's oneDNN decides at run time, as this does). Asked once: under a hypervisor
-// CPUID traps, and every prefill chunk of every layer asks.
+// CPUID traps, and every prefill chunk asks (in every layer, in the Python layers).
 bool amx_bf16_usable() {
     static const bool usable = [] {
         unsigned int a = 0, b = 0, c = 0, d = 0;

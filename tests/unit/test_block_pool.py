@@ -72,7 +72,6 @@ def test_released_spares_go_back_to_the_head_of_the_free_list():
     assert pool.cached_run(hashes) == blocks and pool.num_free == 3
 
 
-
 def test_hashes_chain_on_parent():
     a = hash_full_blocks([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
     assert len(a) == 2  # the ninth token is not a full block
