@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
-    .venv/bin/python -m bench.engine_steps lookup-busy [--levels 16,32,64]  # off and on, C at once, requests admitted as others finish
+    .venv/bin/python -m bench.engine_steps lookup-busy [--levels 16,32,64] [--loops]  # off and on, C at once, requests admitted as others finish
     .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64] [--scattered]  # sequences decoding at once
     .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share; --kv-cache-dtype int8 for that cache
 """
@@ -152,14 +152,21 @@ def lookup_matrix(loaded) -> None:
                       f"drafts kept {kept[0]}/{kept[1]}", flush=True)
 
 
-def lookup_busy(loaded, levels: str = BUSY_LEVELS, waves: tuple[int, ...] = (1, 6)) -> None:
+def lookup_busy(loaded, levels: str = BUSY_LEVELS, waves: tuple[int, ...] = (1, 6), loops: bool = False) -> None:
     """Prompt lookup off and on (K=4) with C greedy requests running at once, a new one admitted as
     each finishes, C x W in all (W = 1: one batch that starts and ends together; more: a server's
     steady flow), 160 tokens each, eos ignored; the texts of lookup-matrix in turn, each request's
-    its own ("(i) " first). Output tok/s and the median on/off ratio of REPEATS // 2 + 1 pairs."""
+    its own ("(i) " first), or with `loops` 128 random tokens each (bench compare's fixed-length
+    set: greedy decoding sends such continuations round loops). Output tok/s and the median on/off
+    ratio of REPEATS // 2 + 1 pairs."""
     from tests.helpers.real_engine import chat_ids
 
     texts = [REWRITE, STORY, *QUESTIONS]
+
+    def prompt(i: int) -> list[int]:
+        if loops:
+            return [1000 + (i * 131 + j * 7919) % 30000 for j in range(128)]
+        return chat_ids(loaded.tokenizer, f"({i}) {texts[i % len(texts)]}")
     params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
     engines = {k: engine(loaded, k) for k in (0, 4)}
 
@@ -175,7 +182,7 @@ def lookup_busy(loaded, levels: str = BUSY_LEVELS, waves: tuple[int, ...] = (1, 
 
     for width in (int(level) for level in levels.split(",")):
         for w in waves:
-            prompts = [chat_ids(loaded.tokenizer, f"({i}) {texts[i % len(texts)]}") for i in range(width * w)]
+            prompts = [prompt(i) for i in range(width * w)]
             for e in engines.values():
                 flow(e, prompts, width)  # prompts cached, as a server's repeated system prompts would be
             rates: dict[int, list[float]] = {0: [], 4: []}
@@ -312,6 +319,8 @@ def main() -> None:
                         "scattered as on a server that has run a while")
     parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "
                         f"1024+64), comma-separated (default {DECODE_LEVELS}); lookup-busy: requests at once ({BUSY_LEVELS})")
+    parser.add_argument("--loops", action="store_true", help="lookup-busy: random-token prompts (greedy "
+                        "continuations go round loops) instead of real texts")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                         help="the engines' KV cache, as serve's flag (auto: bf16 here)")
     args = parser.parse_args()
@@ -321,7 +330,7 @@ def main() -> None:
     if args.what == "decode":
         decode(loaded, args.levels or DECODE_LEVELS, args.scattered)
     elif args.what == "lookup-busy":
-        lookup_busy(loaded, args.levels or BUSY_LEVELS)
+        lookup_busy(loaded, args.levels or BUSY_LEVELS, loops=args.loops)
     else:
         {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix,
          "prefill": prefill}[args.what](loaded)

@@ -49,6 +49,7 @@ class SchedulerOutput:
 
     seqs: list[ScheduledSeq] = field(default_factory=list)
     num_preempted: int = 0
+    paced: bool = False  # a busy step of decodes alone, drafted as the scheduler's pacer says and timed for it
 
     @property
     def num_tokens(self) -> int:

@@ -14,9 +14,9 @@ runs in the same draft steps. Its prefix cache carries the draft's keys and valu
 proposal to the next, so a proposal computes only what is new since the last: the tokens of the
 last, partly filled block, the drafts the target kept and the token it added after them.
 
-The draft model drafts only while it pays here, measured (DraftPacer): a few steps with prompt
-lookup's drafts instead (the scheduler's own, --speculative-ngram's; none when that is 0), a few
-with the draft model's, each timed, and the faster runs until the next measurement. A draft model
+The draft model drafts only while it pays here, measured (speculation.Pacer): a few steps with
+prompt lookup's drafts instead (the scheduler's own, --speculative-ngram's; none when that is 0), a
+few with the draft model's, each timed, and the faster runs until the next measurement. A draft model
 as dear as the model itself (the same size), or one the text makes wrong, then costs a few
 measured steps rather than every step.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 from lmserve.config import DEFAULT_DRAFT_TOKENS, CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
@@ -58,94 +57,13 @@ def check_same_tokens(draft: LoadedModel, target: LoadedModel) -> None:
                          f"({target.config.vocab_size})")
 
 
-PROBE_STEPS = 16  # decode steps timed without the draft model's drafts (prompt lookup's instead)
-TRIAL_STEPS = 16  # decode steps timed with them
-KEEP_STEPS = 64  # decode steps the faster way runs at least before both are timed again,
-KEEP_FACTOR = 20  # and at least this many times as long as timing them took: the slower way costs <5%
-
-
-class DraftPacer:
-    """Whether the draft model's drafts pay, by measurement: PROBE_STEPS decode steps without them
-    (prompt lookup's instead), then TRIAL_STEPS with them, each timed (proposals included) as
-    output tokens per sequence per second; the faster way then runs for KEEP_STEPS steps and
-    KEEP_FACTOR times the timing's seconds, and the two are timed again (what pays changes with the
-    text, the batch and the machine's load). Only decode steps in which some sequence could take
-    drafts count, and not a trial's first: its proposals catch up on every token since the draft
-    model last ran (the whole prompt, or a keep phase's worth), which the steps after it do not.
-    A sequence's rate falls as the batch grows, so steps are timed by batch size (decoding
-    sequences) and drafts compared with plain steps of their own size: a trial pays if its rates
-    beat the probe's at the sizes both saw (a mean of the ratios, weighted by steps); with no size
-    in common the two are timed again."""
-
-    def __init__(self) -> None:
-        self._keep_drafting = False
-        self._time_again()
-
-    @property
-    def drafting(self) -> bool:
-        return self._phase == "trial" or (self._phase == "keep" and self._keep_drafting)
-
-    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
-        """One decode step of `num_seqs` decoding sequences: its output tokens per sequence and its
-        seconds, run as `drafting` said."""
-        if self._warming:
-            self._warming = False
-            return
-        if self._phase != "keep":
-            totals = (self._drafted if self._phase == "trial" else self._plain).setdefault(num_seqs, [0.0, 0.0, 0])
-            totals[0] += tokens_per_seq
-            totals[1] += seconds
-            totals[2] += 1
-        else:
-            self._kept += seconds
-        self._left -= 1
-        if self._left > 0 or (self._phase == "keep" and self._kept < KEEP_FACTOR * self._timed_seconds()):
-            return
-        if self._phase == "probe":
-            self._phase, self._left, self._warming = "trial", TRIAL_STEPS, True
-        elif self._phase == "trial":
-            self._judge()
-        else:
-            self._time_again()
-
-    def _judge(self) -> None:
-        """The trial is over: keep drafting if the drafts beat plain steps of the same batch sizes."""
-        common = self._plain.keys() & self._drafted.keys()
-        if not common:  # the batch changed between probe and trial: nothing like to compare
-            self._time_again()
-            return
-        weights = {n: min(self._plain[n][2], self._drafted[n][2]) for n in common}
-        log_gain = sum(w * math.log(max(self.rate(self._drafted[n]), 1e-9) / max(self.rate(self._plain[n]), 1e-9))
-                       for n, w in weights.items()) / sum(weights.values())
-        pays = log_gain > 0
-        if pays != self._keep_drafting:
-            log.info("the draft model's drafts %s: %.2fx the tokens/s per sequence without them, at %s sequences",
-                     "pay" if pays else "do not pay", math.exp(log_gain), "/".join(map(str, sorted(common))))
-        self._keep_drafting = pays
-        self._phase, self._left = "keep", KEEP_STEPS
-
-    def _time_again(self) -> None:
-        self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
-        self._warming = False  # the next step is a trial's first: not timed
-        self._plain: dict[int, list[float]] = {}  # by batch size: [tokens per sequence, seconds, steps]
-        self._drafted: dict[int, list[float]] = {}
-        self._kept = 0.0  # seconds of the keep phase so far
-
-    def _timed_seconds(self) -> float:
-        return sum(t[1] for t in self._plain.values()) + sum(t[1] for t in self._drafted.values())
-
-    @staticmethod
-    def rate(totals: list[float]) -> float:
-        return totals[0] / totals[1] if totals[1] > 0 else 0.0
-
-
 class DraftModel:
     """Proposes drafts for a target engine's scheduler (Scheduler.proposer)."""
 
     def __init__(self, engine, num_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
         self.engine = engine  # an LLMEngine on the draft checkpoint
         self.num_tokens = num_tokens  # drafts per step and sequence (Proposer)
-        self.pacer = DraftPacer()
+        self.pacer = speculation.Pacer("the draft model's drafts")
         self._names = itertools.count()
         self._asked = False  # the step being scheduled had sequences that could take drafts
 

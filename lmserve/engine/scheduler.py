@@ -46,6 +46,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.drafters: dict[str, speculation.Drafter] = {}  # request id -> its prompt lookup
         self.proposer = proposer  # drafts from a draft model, for all of a step's sequences at once
+        self.busy_pacer = speculation.Pacer(f"prompt lookup's drafts with more than {speculation.MAX_RUNNING} running")
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -82,18 +83,34 @@ class Scheduler:
         a preemption. With more than speculation.MAX_RUNNING running, a step that computes prompt
         tokens runs none (its drafters only tally their last proposals): it is bound by compute, so
         its draft rows cost about what they could save and make it longer, and the prompt's first
-        token later (bench/RESULTS.md, "Drafts leave steps that compute a prompt alone")."""
-        if len(self.running) > speculation.MAX_RUNNING and not all(seq.runs_as_decode_rows for seq in out.seqs):
-            budget = 0
+        token later (bench/RESULTS.md, "Drafts leave steps that compute a prompt alone"). A step of
+        decodes alone runs them while busy_pacer finds that they pay, and is timed for it
+        (out.paced) when some request could take them; while the pacer times steps without them,
+        proposals are still made and tallied (a lookup's cost, measured on the plain side)."""
         decoding = [position for position in range(num_running) if out.seqs[position].num_new_tokens == 1]
-        proposals = self._proposals([out.seqs[position].request for position in decoding], budget)
         threshold = speculation.worth(len(self.running))
+        if len(self.running) > speculation.MAX_RUNNING:
+            if not all(seq.runs_as_decode_rows for seq in out.seqs):
+                budget = 0
+            elif budget > 0 and any(self._room(out.seqs[position].request, self.config.num_speculative_tokens)
+                                    for position in decoding):
+                out.paced = True
+                if self.busy_pacer.probing:
+                    threshold = math.inf  # proposals made and tallied, none run: the trial starts from current rates
+                elif not self.busy_pacer.drafting:
+                    budget = 0  # nothing looked up
+        proposals = self._proposals([out.seqs[position].request for position in decoding], budget)
         for position in decoding:
             request = out.seqs[position].request
             draft = self._draft(request, budget, proposals, threshold)
             if draft and self._grow(request, 1 + len(draft)):
                 out.seqs[position] = ScheduledSeq(request, 1 + len(draft), draft)
                 budget -= len(draft)
+
+    def step_done(self, out: SchedulerOutput, num_tokens: int, seconds: float) -> None:
+        """`out` ran, giving `num_tokens` output tokens in `seconds`: timed for busy_pacer if paced."""
+        if out.paced:
+            self.busy_pacer.record(num_tokens / len(out.seqs), seconds, len(out.seqs))
 
     def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]], threshold: float) -> list[int]:
         """Drafts for a decoding request, within the budget, its max_tokens and the context: the

@@ -21,17 +21,24 @@ bound by reading the weights and a few more rows cost little: a draft token runs
 least WORTH of the time. Past that a step is bound by compute and a draft row costs about what a
 decoding row does, so a draft that is not kept is a row lost (and where a batch starts and ends
 together, a kept one saves little): a draft token runs only if it is kept at least BUSY_WORTH of
-the time, as in text that repeats its input or that greedy decoding has sent round a loop
-(bench/RESULTS.md, "Prompt lookup with many sequences running"); and a busy step that computes
-prompt tokens runs no drafts at all (engine/scheduler.py).
+the time, as in text that repeats its input or that greedy decoding has sent round a loop, and a
+busy step that computes prompt tokens runs no drafts at all (engine/scheduler.py). Whether even
+those pay depends on the CPU (bench/RESULTS.md, "Prompt lookup with many sequences running": real
+text about breaks even on a CPU without AMX and loses ~10% on one with it, where a draft row costs
+what a decoding row does, while loops gain on both), so busy steps draft only while the
+scheduler's Pacer measures that they pay, as the draft model's Pacer decides for it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lmserve.request import SamplingParams
+
+log = logging.getLogger("lmserve.engine")
 
 MAX_NGRAM = 4  # the longest tail looked up
 MIN_NGRAM = 2  # a single repeated token predicts too little
@@ -40,6 +47,10 @@ LOOKBACK = 4096  # tokens searched back from the end: the lookup stays cheap on 
 WORTH = 0.3  # a draft token runs only if it is kept at least this often, while at most MAX_RUNNING run
 BUSY_WORTH = 0.9  # the same with more running
 DECAY = 0.75  # weight of the past in a request's running tally
+PROBE_STEPS = 16  # decode steps a Pacer times without the drafts it judges
+TRIAL_STEPS = 16  # decode steps timed with them
+KEEP_STEPS = 64  # decode steps the faster way runs at least before both are timed again,
+KEEP_FACTOR = 20  # and at least this many times as long as timing them took: the slower way costs <5%
 
 
 def worth(num_running: int) -> float:
@@ -125,3 +136,84 @@ class Drafter:
         self.kept = self.kept * DECAY + matched
         self.missed = self.missed * DECAY + (matched < min(len(self.last), len(new)))
         self.last = []
+
+
+class Pacer:
+    """Whether some drafts pay (the draft model's, or prompt lookup's with many running), by
+    measurement: PROBE_STEPS decode steps without them, then TRIAL_STEPS with them, each timed
+    (proposals included) as output tokens per sequence per second; the faster way then runs for
+    KEEP_STEPS steps and KEEP_FACTOR times the timing's seconds, and the two are timed again (what
+    pays changes with the text, the batch and the machine's load). Only decode steps in which some
+    sequence could take the drafts count, and not a trial's first: a draft model's proposals catch
+    up there on every token since it last ran (the whole prompt, or a keep phase's worth), which
+    the steps after it do not. A sequence's rate falls as the batch grows, so steps are timed by
+    batch size (decoding sequences) and drafts compared with plain steps of their own size: a trial
+    pays if its rates beat the probe's at the sizes both saw (a mean of the ratios, weighted by
+    steps); with no size in common the two are timed again."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # the drafts judged, for the log
+        self._keep_drafting = False
+        self._time_again()
+
+    @property
+    def drafting(self) -> bool:
+        return self._phase == "trial" or (self._phase == "keep" and self._keep_drafting)
+
+    @property
+    def probing(self) -> bool:
+        """Timing steps without the drafts, a trial with them next."""
+        return self._phase == "probe"
+
+    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
+        """One decode step of `num_seqs` decoding sequences: its output tokens per sequence and its
+        seconds, run as `drafting` said."""
+        if self._warming:
+            self._warming = False
+            return
+        if self._phase != "keep":
+            totals = (self._drafted if self._phase == "trial" else self._plain).setdefault(num_seqs, [0.0, 0.0, 0])
+            totals[0] += tokens_per_seq
+            totals[1] += seconds
+            totals[2] += 1
+        else:
+            self._kept += seconds
+        self._left -= 1
+        if self._left > 0 or (self._phase == "keep" and self._kept < KEEP_FACTOR * self._timed_seconds()):
+            return
+        if self._phase == "probe":
+            self._phase, self._left, self._warming = "trial", TRIAL_STEPS, True
+        elif self._phase == "trial":
+            self._judge()
+        else:
+            self._time_again()
+
+    def _judge(self) -> None:
+        """The trial is over: keep drafting if the drafts beat plain steps of the same batch sizes."""
+        common = self._plain.keys() & self._drafted.keys()
+        if not common:  # the batch changed between probe and trial: nothing like to compare
+            self._time_again()
+            return
+        weights = {n: min(self._plain[n][2], self._drafted[n][2]) for n in common}
+        log_gain = sum(w * math.log(max(self.rate(self._drafted[n]), 1e-9) / max(self.rate(self._plain[n]), 1e-9))
+                       for n, w in weights.items()) / sum(weights.values())
+        pays = log_gain > 0
+        if pays != self._keep_drafting:
+            log.info("%s %s: %.2fx the tokens/s per sequence without them, at %s sequences",
+                     self.what, "pay" if pays else "do not pay", math.exp(log_gain), "/".join(map(str, sorted(common))))
+        self._keep_drafting = pays
+        self._phase, self._left = "keep", KEEP_STEPS
+
+    def _time_again(self) -> None:
+        self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
+        self._warming = False  # the next step is a trial's first: not timed
+        self._plain: dict[int, list[float]] = {}  # by batch size: [tokens per sequence, seconds, steps]
+        self._drafted: dict[int, list[float]] = {}
+        self._kept = 0.0  # seconds of the keep phase so far
+
+    def _timed_seconds(self) -> float:
+        return sum(t[1] for t in self._plain.values()) + sum(t[1] for t in self._drafted.values())
+
+    @staticmethod
+    def rate(totals: list[float]) -> float:
+        return totals[0] / totals[1] if totals[1] > 0 else 0.0

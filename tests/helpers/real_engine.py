@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lmserve.config import CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
+from tests.helpers.pacing import AlwaysDraft
 
 PROMPTS = [
     "What is the capital of France?",
@@ -47,16 +48,6 @@ class IdTokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return False
-
-
-class AlwaysDraft:
-    """A draft model's pacer that never times plain steps: every step that can take drafts takes
-    them, for tests of what drafts do rather than of when they pay."""
-
-    drafting = True
-
-    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
-        pass
 
 
 def tiny_engine(folder: Path, dtype="float32", num_blocks=64, block_size=4, max_len=None,

@@ -13,7 +13,8 @@ from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, DraftConfig,
 from lmserve.engine.engine import LLMEngine
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
-from tests.helpers.real_engine import PROMPTS, AlwaysDraft, chat_ids, make_engine, tiny_engine
+from tests.helpers.pacing import AlwaysDraft
+from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine, tiny_engine
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
 from tests.model.test_speculation import REPEATING, run
 
@@ -170,7 +171,7 @@ def slowed(engine, seconds: float):
 
 
 def test_drafts_that_do_not_pay_stop_after_their_trial(tmp_path):
-    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS
+    from lmserve.engine.speculation import PROBE_STEPS, TRIAL_STEPS
 
     folder = save_hf_folder(tiny_hf_model("llama", vocab_size=64, seed=1), tmp_path / "m")
     plain = tiny_engine(folder, num_blocks=128)
@@ -186,7 +187,7 @@ def test_drafts_that_do_not_pay_stop_after_their_trial(tmp_path):
 
 
 def test_drafts_that_pay_run_after_their_trial(tmp_path):
-    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS
+    from lmserve.engine.speculation import PROBE_STEPS, TRIAL_STEPS
 
     folder = save_hf_folder(tiny_hf_model("llama", vocab_size=64, seed=1), tmp_path / "m")
     drafted = tiny_engine(folder, num_blocks=128, speculative=4, draft=folder, paced=True)  # itself: all kept

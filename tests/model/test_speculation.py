@@ -8,6 +8,7 @@ import pytest
 
 from lmserve.engine import speculation
 from lmserve.request import SamplingParams
+from tests.helpers.pacing import AlwaysDraft
 from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
 
 REPEATING = [
@@ -82,6 +83,7 @@ def test_with_more_running_only_text_that_keeps_repeating_takes_drafts(default_m
         return out
 
     monkeypatch.setattr(speculation.Drafter, "drafts", spy)
+    spec._scheduler.busy_pacer = AlwaysDraft()  # the pacer's timing aside (the next test)
     drafted = spec.num_draft_tokens
     assert run(spec, prompts, params)[0] == run(plain, prompts, params)[0]
     busy = [(rate, proposed, count) for threshold, rate, proposed, count in ran if threshold == speculation.BUSY_WORTH]
@@ -91,3 +93,27 @@ def test_with_more_running_only_text_that_keeps_repeating_takes_drafts(default_m
     # and proposals a step of four would have run were held back
     assert any(speculation.WORTH <= rate < speculation.BUSY_WORTH and proposed and not count
                for rate, proposed, count in busy)
+
+
+def test_with_more_running_drafts_wait_for_the_pacer_to_time_steps_without_them(default_model, monkeypatch):
+    """The scheduler's pacer times PROBE_STEPS busy steps of decodes without drafts, then a trial
+    with them; only those steps are timed, each of the six sequences decoding."""
+    plain, spec = make_engine(default_model, budget=1024), make_engine(default_model, budget=1024, speculative=4)
+    prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING * 2]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    timed = []  # (drafting, tokens per sequence, sequences, drafts run so far) of every timed step
+    record = speculation.Pacer.record
+
+    def spy(self, tokens_per_seq, seconds, num_seqs):
+        timed.append((self.drafting, tokens_per_seq, num_seqs, spec.num_draft_tokens - drafted))
+        record(self, tokens_per_seq, seconds, num_seqs)
+
+    monkeypatch.setattr(speculation.Pacer, "record", spy)
+    drafted = spec.num_draft_tokens
+    got, steps = run(spec, prompts, params)
+    assert got == run(plain, prompts, params)[0]
+    probe, trial = timed[:speculation.PROBE_STEPS], timed[speculation.PROBE_STEPS:]
+    assert len(trial) >= 4 and steps >= len(timed) + 1  # the first step (the prompts) is not timed
+    assert all(not drafting and tokens == 1.0 and n == 6 and runs == 0 for drafting, tokens, n, runs in probe)
+    # the probe tallied the proposals it did not run, so the trial's first timed step drafts already
+    assert all(drafting and n == 6 and tokens > 1 for drafting, tokens, n, _ in trial[:4])

@@ -1,10 +1,13 @@
 from dataclasses import replace
 
+import pytest
+
 from lmserve.cache.block_pool import BlockPool
 from lmserve.config import SchedulerConfig
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.speculation import Drafter
 from lmserve.request import FinishReason, Request, RequestStatus, SamplingParams
+from tests.helpers.pacing import AlwaysDraft
 
 
 def make(num_blocks=16, block_size=4, budget=8, max_seqs=4, max_len=64):
@@ -152,8 +155,6 @@ def test_preempted_request_recovers_shared_prefix_blocks():
 
 
 def test_seed_outside_int64_is_refused_at_construction():
-    import pytest
-
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**63)
     assert SamplingParams(seed=-(2**63)).seed == -(2**63)
@@ -307,7 +308,9 @@ def test_the_draft_model_and_prompt_lookup_each_take_their_own_count():
 
 def decoding(sched: Scheduler, n: int) -> None:
     """`n` greedy requests of the prompt "i 5 6 7 8 5 6 7 8 5 6", past it (each sampled 7 once: the
-    tail "6 7" recurs, followed by 8 5 6 7), every one's proposals kept at a rate of 0.98 before."""
+    tail "6 7" recurs, followed by 8 5 6 7), every one's proposals kept at a rate of 0.98 before;
+    busy steps draft (the pacer's measurements aside: see the tests of busy_pacer)."""
+    sched.busy_pacer = AlwaysDraft()
     for i in range(n):
         prompt = [50 + i, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # their own first blocks: all admitted at once
         sched.add(Request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=16)))
@@ -339,6 +342,47 @@ def test_a_draft_model_without_prompt_lookup_leaves_busy_steps_undrafted():
                           FixedProposer(6, [1, 2, 3, 4, 5, 6]))
         decoding(sched, count)
         assert [s.draft for s in sched.schedule().seqs] == drafted
+
+
+class Recorder:
+    """A pacer that drafts (or probes) as told and keeps what it is given."""
+
+    def __init__(self, drafting: bool, probing: bool = False):
+        self.drafting, self.probing, self.records = drafting, probing, []
+
+    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
+        self.records.append((tokens_per_seq, seconds, num_seqs))
+
+
+@pytest.mark.parametrize("drafting, probing", [(False, False), (False, True), (True, False)])
+def test_a_busy_step_of_decodes_drafts_as_its_pacer_says_and_is_timed_for_it(drafting, probing):
+    sched = Scheduler(SchedulerConfig(8, 128, 64, num_speculative_tokens=3), 4, BlockPool(64))
+    decoding(sched, 5)
+    sched.busy_pacer = pacer = Recorder(drafting, probing)
+    out = sched.schedule()
+    drafts = [[8, 5, 6] if drafting else [] for _ in range(5)]
+    assert out.paced and [s.draft for s in out.seqs] == drafts
+    # a probe's proposals are tallied, none run; past it, a step without drafts looks nothing up
+    assert [sched.drafters[f"r{i}"].last for i in range(5)] == [[8, 5, 6] if drafting or probing else []] * 5
+    sched.step_done(out, 5 + sum(map(len, drafts)), 0.25)
+    assert pacer.records == [(1 + len(drafts[0]), 0.25, 5)]
+
+
+def test_only_busy_steps_of_decodes_that_could_draft_are_timed_for_the_pacer():
+    def first_step(running: int, speculative: int = 3, prompt: bool = False):
+        sched = Scheduler(SchedulerConfig(8, 128, 64, num_speculative_tokens=speculative), 4, BlockPool(64))
+        decoding(sched, running)
+        sched.busy_pacer = pacer = Recorder(True)
+        if prompt:
+            sched.add(Request("new", list(range(200, 210)), SamplingParams(temperature=0, max_tokens=16)))
+        out = sched.schedule()
+        sched.step_done(out, len(out.seqs), 0.25)
+        return out.paced, pacer.records
+
+    assert first_step(5) == (True, [(1.0, 0.25, 5)])
+    assert first_step(4) == (False, [])  # four running: drafts always run (speculation.WORTH)
+    assert first_step(5, speculative=0) == (False, [])  # nothing could draft
+    assert first_step(5, prompt=True) == (False, [])  # a prompt in the step: no drafts
 
 
 def test_drafts_come_out_of_what_the_running_requests_own_tokens_leave():

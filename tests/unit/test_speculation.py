@@ -104,7 +104,7 @@ def test_only_sequences_sampled_from_the_logits_alone_take_drafts(params, expect
     assert drafts_for(params, sampled=True) is expected
 
 
-# ---------------------------------------------------------------- a draft model's pacer
+# ---------------------------------------------------------------- a pacer (the draft model's, busy steps')
 
 
 def pace(pacer, steps: int, plain_rate: float, drafted_rate: float, seconds=(1.0, 1.0), num_seqs=1) -> list[bool]:
@@ -118,24 +118,24 @@ def pace(pacer, steps: int, plain_rate: float, drafted_rate: float, seconds=(1.0
 
 
 def test_the_pacer_keeps_drafting_where_drafts_pay_and_stops_where_they_do_not():
-    from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
+    from lmserve.engine.speculation import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, Pacer
 
     trial = TRIAL_STEPS + 1  # a trial's first step is not timed
     cycle = PROBE_STEPS + trial + max(KEEP_STEPS, KEEP_FACTOR * (PROBE_STEPS + TRIAL_STEPS))  # steps of 1 s
-    paying = pace(DraftPacer(), 2 * cycle, plain_rate=1.0, drafted_rate=2.5)
+    paying = pace(Pacer("drafts"), 2 * cycle, plain_rate=1.0, drafted_rate=2.5)
     assert paying[:PROBE_STEPS] == [False] * PROBE_STEPS  # without drafts timed first
     assert all(paying[PROBE_STEPS:cycle]) and not any(paying[cycle:cycle + PROBE_STEPS])  # and again later
     assert sum(paying) == 2 * (cycle - PROBE_STEPS)
-    losing = pace(DraftPacer(), 2 * cycle, plain_rate=1.0, drafted_rate=0.6)
+    losing = pace(Pacer("drafts"), 2 * cycle, plain_rate=1.0, drafted_rate=0.6)
     assert sum(losing) == 2 * trial  # only the trials draft
     assert not any(losing[PROBE_STEPS + trial:cycle])
 
 
 def test_a_trial_that_took_long_is_kept_from_for_longer():
-    from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
+    from lmserve.engine.speculation import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, Pacer
 
     # drafted steps of 10 s giving 5 tokens, plain ones of 1 s giving 1: the trial took 160 s timed
-    modes = pace(DraftPacer(), 5000, plain_rate=1.0, drafted_rate=5.0, seconds=(1.0, 10.0))
+    modes = pace(Pacer("drafts"), 5000, plain_rate=1.0, drafted_rate=5.0, seconds=(1.0, 10.0))
     keep = KEEP_FACTOR * (PROBE_STEPS + 10 * TRIAL_STEPS)  # plain steps of a second
     start = PROBE_STEPS + TRIAL_STEPS + 1
     assert keep > KEEP_STEPS and modes[start:start + keep + PROBE_STEPS] == [False] * (keep + PROBE_STEPS)
@@ -143,11 +143,11 @@ def test_a_trial_that_took_long_is_kept_from_for_longer():
 
 
 def test_the_pacer_follows_a_change_in_what_pays():
-    from lmserve.engine.draft_model import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, DraftPacer
+    from lmserve.engine.speculation import KEEP_FACTOR, KEEP_STEPS, PROBE_STEPS, TRIAL_STEPS, Pacer
 
     timed = PROBE_STEPS + TRIAL_STEPS + 1
     cycle = timed + max(KEEP_STEPS, KEEP_FACTOR * (PROBE_STEPS + TRIAL_STEPS))
-    pacer = DraftPacer()
+    pacer = Pacer("drafts")
     assert not any(pace(pacer, cycle, plain_rate=1.0, drafted_rate=0.5)[timed:])
     assert all(pace(pacer, cycle, plain_rate=1.0, drafted_rate=3.0)[PROBE_STEPS:])  # the text became easy
 
@@ -165,7 +165,7 @@ def test_drafts_are_compared_with_plain_steps_of_their_own_batch_size():
     """Drafts 10% slower than plain steps at both 1 and 4 sequences, but the trial ran mostly at 1
     (where every step gives a sequence more tokens/s) and the probe mostly at 4: all steps pooled,
     the drafts would look 1.7x faster. Compared size by size, they do not pay."""
-    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS, DraftPacer
+    from lmserve.engine.speculation import PROBE_STEPS, TRIAL_STEPS, Pacer
 
     plain, drafted = {1: 2.0, 4: 0.5}, {1: 1.8, 4: 0.45}
     probe = [4] * 12 + [1] * 4
@@ -173,20 +173,20 @@ def test_drafts_are_compared_with_plain_steps_of_their_own_batch_size():
     assert len(probe) == PROBE_STEPS and len(trial) == TRIAL_STEPS + 1
     pooled = (sum(drafted[n] for n in trial[1:]) / TRIAL_STEPS) / (sum(plain[n] for n in probe) / PROBE_STEPS)
     assert pooled > 1.5
-    modes = paced_sizes(DraftPacer(), probe + trial + [1] * 10, plain, drafted)
+    modes = paced_sizes(Pacer("drafts"), probe + trial + [1] * 10, plain, drafted)
     assert modes[:PROBE_STEPS] == [False] * PROBE_STEPS and all(modes[PROBE_STEPS:PROBE_STEPS + len(trial)])
     assert not any(modes[PROBE_STEPS + len(trial):])  # not kept
     faster = {1: 2.2, 4: 0.55}  # 10% faster at each size: kept
-    modes = paced_sizes(DraftPacer(), probe + trial + [1] * 10, plain, faster)
+    modes = paced_sizes(Pacer("drafts"), probe + trial + [1] * 10, plain, faster)
     assert all(modes[PROBE_STEPS:])
 
 
 def test_a_trial_with_no_batch_size_of_its_probe_is_timed_again():
-    from lmserve.engine.draft_model import PROBE_STEPS, TRIAL_STEPS, DraftPacer
+    from lmserve.engine.speculation import PROBE_STEPS, TRIAL_STEPS, Pacer
 
     plain, drafted = {1: 4.0, 4: 1.0}, {1: 3.0, 4: 3.0}
     sizes = [4] * PROBE_STEPS + [1] * (TRIAL_STEPS + 1) + [1] * (PROBE_STEPS + TRIAL_STEPS + 1) + [1] * 10
-    modes = paced_sizes(DraftPacer(), sizes, plain, drafted)
+    modes = paced_sizes(Pacer("drafts"), sizes, plain, drafted)
     first_trial_end = PROBE_STEPS + TRIAL_STEPS + 1
     assert all(modes[PROBE_STEPS:first_trial_end])  # drafts at 1 against plain at 4: not compared,
     assert not any(modes[first_trial_end:first_trial_end + PROBE_STEPS])  # both timed again at 1
