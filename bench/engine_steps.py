@@ -156,9 +156,9 @@ def lookup_busy(loaded, levels: str = BUSY_LEVELS, waves: tuple[int, ...] = (1, 
     """Prompt lookup off and on (K=4) with C greedy requests running at once, a new one admitted as
     each finishes, C x W in all (W = 1: one batch that starts and ends together; more: a server's
     steady flow), 160 tokens each, eos ignored; the texts of lookup-matrix in turn, each request's
-    its own ("(i) " first), or with `loops` 128 random tokens each (bench compare's fixed-length
-    set: greedy decoding sends such continuations round loops). Output tok/s and the median on/off
-    ratio of REPEATS // 2 + 1 pairs."""
+    its own ("(i) " first), or with `loops` 128 distinct token ids each, no text (as bench
+    compare's fixed-length set: greedy decoding sends such continuations round loops). Output
+    tok/s and the median on/off ratio of REPEATS // 2 + 1 pairs."""
     from tests.helpers.real_engine import chat_ids
 
     texts = [REWRITE, STORY, *QUESTIONS]
@@ -167,6 +167,7 @@ def lookup_busy(loaded, levels: str = BUSY_LEVELS, waves: tuple[int, ...] = (1, 
         if loops:
             return [1000 + (i * 131 + j * 7919) % 30000 for j in range(128)]
         return chat_ids(loaded.tokenizer, f"({i}) {texts[i % len(texts)]}")
+
     params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
     engines = {k: engine(loaded, k) for k in (0, 4)}
 
@@ -319,8 +320,8 @@ def main() -> None:
                         "scattered as on a server that has run a while")
     parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "
                         f"1024+64), comma-separated (default {DECODE_LEVELS}); lookup-busy: requests at once ({BUSY_LEVELS})")
-    parser.add_argument("--loops", action="store_true", help="lookup-busy: random-token prompts (greedy "
-                        "continuations go round loops) instead of real texts")
+    parser.add_argument("--loops", action="store_true", help="lookup-busy: prompts of distinct token ids "
+                        "(greedy continuations go round loops) instead of real texts")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                         help="the engines' KV cache, as serve's flag (auto: bf16 here)")
     args = parser.parse_args()

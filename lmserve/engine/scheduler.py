@@ -46,7 +46,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.drafters: dict[str, speculation.Drafter] = {}  # request id -> its prompt lookup
         self.proposer = proposer  # drafts from a draft model, for all of a step's sequences at once
-        self.busy_pacer = speculation.Pacer(f"prompt lookup's drafts with more than {speculation.MAX_RUNNING} running")
+        self.busy_pacer = speculation.Pacer(f"prompt lookup's drafts with more than {speculation.MAX_RUNNING} running",
+                                            turn=1, warm=False)  # plain and drafted steps in turn
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -96,9 +97,9 @@ class Scheduler:
                                     for position in decoding):
                 out.paced = True
                 if self.busy_pacer.probing:
-                    threshold = math.inf  # proposals made and tallied, none run: the trial starts from current rates
+                    threshold = math.inf  # proposals made and tallied, none run: rates stay current through the timing
                 elif not self.busy_pacer.drafting:
-                    budget = 0  # nothing looked up
+                    budget = 0  # no proposals (drafters still index the new tokens)
         proposals = self._proposals([out.seqs[position].request for position in decoding], budget)
         for position in decoding:
             request = out.seqs[position].request

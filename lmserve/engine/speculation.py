@@ -18,15 +18,16 @@ else runs); no penalties, biases, constraints, logprobs or llama.cpp sampler cha
 
 How sure a draft must be depends on the step. While at most MAX_RUNNING sequences run, a step is
 bound by reading the weights and a few more rows cost little: a draft token runs if it is kept at
-least WORTH of the time. Past that a step is bound by compute and a draft row costs about what a
-decoding row does, so a draft that is not kept is a row lost (and where a batch starts and ends
-together, a kept one saves little): a draft token runs only if it is kept at least BUSY_WORTH of
-the time, as in text that repeats its input or that greedy decoding has sent round a loop, and a
+least WORTH of the time. Past that a step is bound by compute and a draft row costs at least what a
+decoding row does (with AMX tiles a few can cost a whole pass of 16-32 rows), so a draft that is
+not kept is a row lost (and where a batch starts and ends together, a kept one saves little): a
+draft token runs only if it is kept at least BUSY_WORTH of the time, as in text that repeats its input or that greedy decoding has sent round a loop, and a
 busy step that computes prompt tokens runs no drafts at all (engine/scheduler.py). Whether even
-those pay depends on the CPU (bench/RESULTS.md, "Prompt lookup with many sequences running": real
-text about breaks even on a CPU without AMX and loses ~10% on one with it, where a draft row costs
-what a decoding row does, while loops gain on both), so busy steps draft only while the
-scheduler's Pacer measures that they pay, as the draft model's Pacer decides for it.
+those pay depends on the CPU (bench/RESULTS.md, "Prompt lookup with many sequences running" and
+the twenty-fourth sitting: real text about breaks even on a CPU without AMX and loses 2-15% on one
+with it, where a step's rows cost by whole tile passes of 16-32 and a few drafts can cost a pass,
+while loops gain on both), so busy steps draft only while the scheduler's Pacer measures that they
+pay, as the draft model's Pacer decides for it.
 """
 
 from __future__ import annotations
@@ -140,19 +141,24 @@ class Drafter:
 
 class Pacer:
     """Whether some drafts pay (the draft model's, or prompt lookup's with many running), by
-    measurement: PROBE_STEPS decode steps without them, then TRIAL_STEPS with them, each timed
+    measurement: PROBE_STEPS decode steps without them and TRIAL_STEPS with them, each timed
     (proposals included) as output tokens per sequence per second; the faster way then runs for
     KEEP_STEPS steps and KEEP_FACTOR times the timing's seconds, and the two are timed again (what
     pays changes with the text, the batch and the machine's load). Only decode steps in which some
-    sequence could take the drafts count, and not a trial's first: a draft model's proposals catch
-    up there on every token since it last ran (the whole prompt, or a keep phase's worth), which
-    the steps after it do not. A sequence's rate falls as the batch grows, so steps are timed by
+    sequence could take the drafts count. The two sides are timed in turns of `turn` steps (plain
+    first): the draft model's in one turn each, since each switch to its drafts makes a step catch
+    up on every token since it last ran (the whole prompt, or a keep phase's worth), which the
+    steps after it do not (with `warm`, a trial turn's first step is not timed); busy prompt
+    lookup's a step each, so that the two sides see the same batch (its rate moved 20% between one
+    trial and the next in a steady flow, more than drafts gain or lose: bench/RESULTS.md,
+    twenty-fourth sitting). A sequence's rate falls as the batch grows, so steps are timed by
     batch size (decoding sequences) and drafts compared with plain steps of their own size: a trial
     pays if its rates beat the probe's at the sizes both saw (a mean of the ratios, weighted by
     steps); with no size in common the two are timed again."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, turn: int = PROBE_STEPS, warm: bool = True) -> None:
         self.what = what  # the drafts judged, for the log
+        self.turn, self.warm = turn, warm
         self._keep_drafting = False
         self._time_again()
 
@@ -162,7 +168,7 @@ class Pacer:
 
     @property
     def probing(self) -> bool:
-        """Timing steps without the drafts, a trial with them next."""
+        """Timing a step without the drafts."""
         return self._phase == "probe"
 
     def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
@@ -176,17 +182,26 @@ class Pacer:
             totals[0] += tokens_per_seq
             totals[1] += seconds
             totals[2] += 1
+            self._timed[self._phase] += 1
         else:
             self._kept += seconds
         self._left -= 1
         if self._left > 0 or (self._phase == "keep" and self._kept < KEEP_FACTOR * self._timed_seconds()):
             return
-        if self._phase == "probe":
-            self._phase, self._left, self._warming = "trial", TRIAL_STEPS, True
-        elif self._phase == "trial":
-            self._judge()
-        else:
+        if self._phase == "keep":
             self._time_again()
+        elif self._timed["probe"] >= PROBE_STEPS and self._timed["trial"] >= TRIAL_STEPS:
+            self._judge()
+        else:  # the other side's turn (a side already timed in full waits for the other)
+            other = "trial" if self._phase == "probe" else "probe"
+            if self._timed[other] < self._limit(other):
+                self._phase = other
+                self._warming = self.warm and other == "trial"
+            self._left = min(self.turn, self._limit(self._phase) - self._timed[self._phase])
+
+    @staticmethod
+    def _limit(phase: str) -> int:
+        return TRIAL_STEPS if phase == "trial" else PROBE_STEPS
 
     def _judge(self) -> None:
         """The trial is over: keep drafting if the drafts beat plain steps of the same batch sizes."""
@@ -205,8 +220,9 @@ class Pacer:
         self._phase, self._left = "keep", KEEP_STEPS
 
     def _time_again(self) -> None:
-        self._phase, self._left = "probe", PROBE_STEPS  # probe (plain) -> trial (drafts) -> keep
-        self._warming = False  # the next step is a trial's first: not timed
+        self._phase, self._left = "probe", self.turn  # probe (plain) and trial (drafts) in turns -> keep
+        self._timed = {"probe": 0, "trial": 0}  # steps timed on each side
+        self._warming = False  # True while the next step is a trial turn's first (not timed)
         self._plain: dict[int, list[float]] = {}  # by batch size: [tokens per sequence, seconds, steps]
         self._drafted: dict[int, list[float]] = {}
         self._kept = 0.0  # seconds of the keep phase so far

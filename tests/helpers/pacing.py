@@ -1,4 +1,4 @@
-"""A stand-in for speculation.Pacer, for tests of what drafts do rather than of when they pay."""
+"""Stand-ins for speculation.Pacer: for tests of what drafts do rather than of when they pay."""
 
 from __future__ import annotations
 
@@ -12,3 +12,13 @@ class AlwaysDraft:
 
     def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
         pass
+
+
+class Recorder:
+    """A pacer that drafts (or probes) as told and keeps what it is given."""
+
+    def __init__(self, drafting: bool, probing: bool = False):
+        self.drafting, self.probing, self.records = drafting, probing, []
+
+    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
+        self.records.append((tokens_per_seq, seconds, num_seqs))

@@ -95,25 +95,27 @@ def test_with_more_running_only_text_that_keeps_repeating_takes_drafts(default_m
                for rate, proposed, count in busy)
 
 
-def test_with_more_running_drafts_wait_for_the_pacer_to_time_steps_without_them(default_model, monkeypatch):
-    """The scheduler's pacer times PROBE_STEPS busy steps of decodes without drafts, then a trial
-    with them; only those steps are timed, each of the six sequences decoding."""
+def test_with_more_running_drafts_run_in_every_other_step_until_the_pacer_has_timed_both(default_model, monkeypatch):
+    """The scheduler's pacer times busy steps of decodes without drafts and with them in turn,
+    PROBE_STEPS and TRIAL_STEPS; only those steps are timed, each of the six sequences decoding."""
     plain, spec = make_engine(default_model, budget=1024), make_engine(default_model, budget=1024, speculative=4)
     prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING * 2]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    timed = []  # (drafting, tokens per sequence, sequences, drafts run so far) of every timed step
+    timed = []  # (drafting, tokens per sequence, sequences, drafts run in the step) of every timed step
     record = speculation.Pacer.record
+    drafted = [spec.num_draft_tokens]
 
     def spy(self, tokens_per_seq, seconds, num_seqs):
-        timed.append((self.drafting, tokens_per_seq, num_seqs, spec.num_draft_tokens - drafted))
+        timed.append((self.drafting, tokens_per_seq, num_seqs, spec.num_draft_tokens - drafted[0]))
+        drafted[0] = spec.num_draft_tokens
         record(self, tokens_per_seq, seconds, num_seqs)
 
     monkeypatch.setattr(speculation.Pacer, "record", spy)
-    drafted = spec.num_draft_tokens
     got, steps = run(spec, prompts, params)
     assert got == run(plain, prompts, params)[0]
-    probe, trial = timed[:speculation.PROBE_STEPS], timed[speculation.PROBE_STEPS:]
-    assert len(trial) >= 4 and steps >= len(timed) + 1  # the first step (the prompts) is not timed
+    assert len(timed) >= 16 and steps > len(timed)  # steps that compute prompt tokens are not timed
+    turns = min(len(timed), speculation.PROBE_STEPS + speculation.TRIAL_STEPS)  # then it judges (unit tests)
+    probe, trial = timed[0:turns:2], timed[1:turns:2]
     assert all(not drafting and tokens == 1.0 and n == 6 and runs == 0 for drafting, tokens, n, runs in probe)
-    # the probe tallied the proposals it did not run, so the trial's first timed step drafts already
-    assert all(drafting and n == 6 and tokens > 1 for drafting, tokens, n, _ in trial[:4])
+    assert all(drafting and n == 6 for drafting, _, n, _ in trial)
+    assert sum(runs for *_, runs in trial) >= 20 and max(tokens for _, tokens, _, _ in trial) > 2  # drafts ran and stood

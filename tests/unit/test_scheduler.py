@@ -7,7 +7,7 @@ from lmserve.config import SchedulerConfig
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.speculation import Drafter
 from lmserve.request import FinishReason, Request, RequestStatus, SamplingParams
-from tests.helpers.pacing import AlwaysDraft
+from tests.helpers.pacing import AlwaysDraft, Recorder
 
 
 def make(num_blocks=16, block_size=4, budget=8, max_seqs=4, max_len=64):
@@ -342,16 +342,6 @@ def test_a_draft_model_without_prompt_lookup_leaves_busy_steps_undrafted():
                           FixedProposer(6, [1, 2, 3, 4, 5, 6]))
         decoding(sched, count)
         assert [s.draft for s in sched.schedule().seqs] == drafted
-
-
-class Recorder:
-    """A pacer that drafts (or probes) as told and keeps what it is given."""
-
-    def __init__(self, drafting: bool, probing: bool = False):
-        self.drafting, self.probing, self.records = drafting, probing, []
-
-    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
-        self.records.append((tokens_per_seq, seconds, num_seqs))
 
 
 @pytest.mark.parametrize("drafting, probing", [(False, False), (False, True), (True, False)])

@@ -181,6 +181,36 @@ def test_drafts_are_compared_with_plain_steps_of_their_own_batch_size():
     assert all(modes[PROBE_STEPS:])
 
 
+def test_a_pacer_in_turns_of_one_step_alternates_and_sees_past_a_drifting_rate():
+    """Drafts 3% faster than plain steps at every moment, while every sequence's rate falls 1% a
+    step (contexts growing in a flow): timed one side after the other, the drafts come 17 steps
+    later and look 13% slower; timed a step each in turn, they are kept."""
+    from lmserve.engine.speculation import PROBE_STEPS, TRIAL_STEPS, Pacer
+
+    def drifting(pacer, steps: int) -> list[bool]:
+        modes = []
+        for step in range(steps):
+            modes.append(pacer.drafting)
+            pacer.record(0.99 ** step * (1.03 if pacer.drafting else 1.0), 1.0, 8)
+        return modes
+
+    timed = PROBE_STEPS + TRIAL_STEPS
+    in_turns = drifting(Pacer("drafts", turn=1, warm=False), timed + 10)
+    assert in_turns[:timed] == [False, True] * (timed // 2) and all(in_turns[timed:])
+    one_then_other = drifting(Pacer("drafts"), timed + 1 + 10)  # a trial's first step is not timed
+    assert all(one_then_other[PROBE_STEPS:timed + 1]) and not any(one_then_other[timed + 1:])
+
+
+def test_a_turn_ends_where_its_side_has_been_timed_in_full(monkeypatch):
+    from lmserve.engine import speculation
+
+    monkeypatch.setattr(speculation, "TRIAL_STEPS", 6)
+    modes = pace(speculation.Pacer("drafts", turn=4, warm=False), 16 + 6 + 5, plain_rate=1.0, drafted_rate=0.5)
+    # plain 4, drafted 4, plain 4, drafted 2 (the trial's 6), then plain steps until the probe's 16
+    assert modes[:22] == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 2 + [False] * 8
+    assert not any(modes[22:])  # judged: drafts at half the rate are not kept
+
+
 def test_a_trial_with_no_batch_size_of_its_probe_is_timed_again():
     from lmserve.engine.speculation import PROBE_STEPS, TRIAL_STEPS, Pacer
 
