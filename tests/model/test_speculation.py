@@ -111,9 +111,8 @@ def test_with_more_running_drafts_run_in_every_other_step_until_the_pacer_has_ti
         record(self, tokens_per_seq, seconds, num_seqs)
 
     monkeypatch.setattr(speculation.Pacer, "record", spy)
-    got, steps = run(spec, prompts, params)
-    assert got == run(plain, prompts, params)[0]
-    assert len(timed) >= 16 and steps > len(timed)  # steps that compute prompt tokens are not timed
+    assert run(spec, prompts, params)[0] == run(plain, prompts, params)[0]
+    assert len(timed) >= 16
     turns = min(len(timed), speculation.PROBE_STEPS + speculation.TRIAL_STEPS)  # then it judges (unit tests)
     probe, trial = timed[0:turns:2], timed[1:turns:2]
     assert all(not drafting and tokens == 1.0 and n == 6 and runs == 0 for drafting, tokens, n, runs in probe)
