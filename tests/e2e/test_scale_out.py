@@ -1,7 +1,9 @@
-"""Replicas on Ray Serve (`lmserve serve --replicas 2`), on a local Ray instance: every kind of
-route through the ingress, its own listener, requests spread over the replicas, a shared prefix
-kept on one replica, models' replicas deployed and deleted as the fleet loads and unloads
-them, and an ingress restarted by Ray Serve (test_scale_faults.py: faults and autoscaling, on servers of their own)."""
+"""Replicas on Ray Serve (`lmserve serve --replicas 2 --max-num-seqs 1`), on a local Ray instance:
+every kind of route through the ingress, its own listener, requests spread over the replicas, a
+shared prefix kept on one replica, a replica killed without losing the requests it had taken and
+not started, models' replicas deployed and deleted as the fleet loads and unloads them, and an
+ingress restarted by Ray Serve (test_scale_cluster.py: a Ray cluster, and autoscaling, on servers
+of their own that never run beside this one: two Ray instances running engines would share the cores)."""
 
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from tests.helpers.ray_replicas import (complete, delta, engine_replica_pids, in
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("models")  # empty at start
-    proc, url, _ = start_server(str(default_model_path()), "--replicas", "2", "--kv-cache-memory", "64MiB",
-                                "--read-timeout", "2", "--models-dir", str(models_dir))
+    proc, url, _ = start_server(str(default_model_path()), "--replicas", "2", "--max-num-seqs", "1",
+                                "--kv-cache-memory", "64MiB", "--read-timeout", "2", "--models-dir", str(models_dir))
     try:  # with a models folder, no model loads before it is asked for
         assert httpx.post(f"{url}/models/load", json={"model": "SmolLM2-135M-Instruct"}, timeout=120).json()["success"]
         wait_for_replicas(proc.pid, 2)
@@ -96,8 +98,10 @@ def test_the_local_ray_instance_runs_serve_s_control_loop_at_half_a_second(serve
 
 
 def test_requests_spread_over_both_replicas(replicated):
+    """Two at a time: under --max-num-seqs 1 a replica holds two (one running, one in its queue),
+    so a router that always chose one replica could send it all eight."""
     before = routed(replicated)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda i: complete(replicated, f"Item {i} of a list of unrelated things:",
                                                    max_tokens=24, ignore_eos=True), range(8)))
     assert [answer.status_code for answer in answers] == [200] * 8
@@ -119,6 +123,82 @@ def test_a_shared_prefix_goes_to_the_replica_that_holds_it(replicated):
     samples = metric_samples(httpx.get(f"{replicated}/metrics").text)
     hits = samples[("lmserve:prefix_cache_hits_total", (("model", "SmolLM2-135M-Instruct"),))]
     assert hits >= 4 * 256 / 16  # the replicas' step stats reach the ingress's /metrics
+
+
+def test_a_killed_replica_loses_no_request_that_had_not_streamed(server):
+    """Each replica runs one sequence at a time (--max-num-seqs 1) and holds one more in its queue.
+    A stream runs on one replica; a second stream with the same long prompt start follows it there
+    (prefix-aware routing) and waits in that replica's queue; two requests wait at the ingress for
+    a turn. Killing that replica ends the first stream with an error event; the second, taken but
+    not started, is sent again to the other replica and streams in full, as are the requests that
+    waited at the ingress and those sent after the kill."""
+    url, pid = server["url"], server["pid"]
+    shared = "You are a storyteller. Tell long stories about a lighthouse keeper and the sea. " * 2
+    streams: dict[int, list[dict]] = {}
+
+    def stream(i: int, max_tokens: int) -> None:
+        body = {"prompt": f"{shared}Story {i}:", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            frames = "".join(response.iter_text()).split("\n\n")  # not iter_lines: the text may hold U+2028
+        streams[i] = [json.loads(frame[6:]) for frame in frames if frame.startswith("data: {")]
+
+    def samples() -> dict:
+        return metric_samples(httpx.get(f"{url}/metrics").text)
+
+    def load() -> tuple[float, float]:
+        """Requests on the replicas, and requests waiting at the ingress's gate."""
+        model = (("model", "SmolLM2-135M-Instruct"),)
+        now = samples()
+        return now[("lmserve:num_requests_running", model)], now[("lmserve:num_requests_queued", model)]
+
+    def waiting_on_replicas() -> dict[str, float]:
+        return {dict(labels)["replica"]: value for (name, labels), value in samples().items()
+                if name == "lmserve:replica_num_requests_waiting" and value}
+
+    pids = wait_for_replicas(pid, 2)
+    before = routed(url)  # the requests of the tests before this one
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(stream, 0, 1900)  # still decoding when its replica is killed
+        deadline = time.monotonic() + 60
+        while not delta(before, routed(url)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [replica] = delta(before, routed(url))
+        second = pool.submit(stream, 1, 48)
+        deadline = time.monotonic() + 30
+        while not waiting_on_replicas() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting_on_replicas() == {replica: 1}  # the second stream is in the first's replica's queue
+        waiting = [pool.submit(complete, url, f"Waiting {k}:", ignore_eos=True) for k in range(2)]
+        deadline = time.monotonic() + 30
+        while load() != (2, 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (now := load()) == (2, 2), now
+        assert not second.done() and all(not future.done() for future in waiting)
+        victim = busiest(pids)  # the replica decoding the first stream
+        assert not first.done()
+        os.kill(victim, signal.SIGKILL)
+        after = [complete(url, f"Question {k} after the kill:", ignore_eos=True) for k in range(2)]
+        first.result()
+        second.result()
+        answers = [future.result() for future in waiting] + after
+    assert [answer.status_code for answer in answers] == [200] * 4, [answer.text for answer in answers]
+    assert [answer.json()["usage"]["completion_tokens"] for answer in answers] == [8] * 4
+    assert "error" in streams[0][-1] and "replica" in streams[0][-1]["error"]["message"], streams[0][-1]
+    assert not any("error" in event for event in streams[1]), streams[1]
+    assert streams[1][-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(event["choices"][0]["text"] for event in streams[1])  # its text came, from elsewhere
+    elsewhere = delta(before, routed(url))
+    assert sum(elsewhere.values()) - elsewhere[replica] == 1 + 4  # all but the first stream
+    wait_for_replicas(pid, 2)  # Ray Serve replaced it
+
+
+def busiest(pids: list[int]) -> int:
+    """Of the processes `pids`, the one that used the most CPU time over half a second."""
+    processes = [psutil.Process(pid) for pid in pids]
+    before = [sum(process.cpu_times()[:2]) for process in processes]
+    time.sleep(0.5)
+    used = [sum(process.cpu_times()[:2]) - start for process, start in zip(processes, before)]
+    return pids[used.index(max(used))]
 
 
 def test_models_are_deployed_as_the_fleet_loads_them_and_deleted_as_it_unloads_them(server):
