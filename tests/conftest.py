@@ -12,6 +12,16 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
+def int4_model():
+    """The same GGUF as `lmserve serve` runs it by default (its own Q4_1 blocks: --dtype int4),
+    loaded once per test session: for tests that need the real model but not float32's exact,
+    batch-invariant results."""
+    from lmserve.weights.load import load_model
+
+    return load_model(default_model_path(), "int4", max_positions=2048)
+
+
+@pytest.fixture(scope="session")
 def default_tokenizer():
     """The default model's tokenizer, built from its GGUF once per test session."""
     from lmserve.text.tokenizer import Tokenizer

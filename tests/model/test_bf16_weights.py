@@ -43,11 +43,6 @@ def int8_model():
     return load_model(default_model_path(), "int8", max_positions=2048)
 
 
-@pytest.fixture(scope="module")
-def int4_model():
-    return load_model(default_model_path(), "int4", max_positions=2048)
-
-
 def decoded_logits(model, ids: list[int], num_prompt: int, kv_dtype: torch.dtype) -> torch.Tensor:
     """Logits for positions num_prompt-1 .. len(ids)-2: the prompt prefilled, then each later
     token fed as a one-token decode reading the paged cache, as the engine decodes."""
@@ -75,36 +70,30 @@ def test_bf16_weights_are_actually_bf16(bf16_model):
     assert isinstance(qkv, OneDNNPackedWeight) and isinstance(head, OneDNNPackedWeight)  # oneDNN layout on CPU
 
 
-def test_bf16_tracks_float32_teacher_forced(default_model, bf16_model):
-    prompts = [chat_ids(default_model.tokenizer, p) for p in PROMPTS]
-    reference = make_engine(default_model).generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
-    agree = total = 0
-    kls = []
-    for prompt, output in zip(prompts, reference):
-        ids = prompt + output
-        a = all_logits(default_model.model, ids)[len(prompt) - 1:-1]
-        b = decoded_logits(bf16_model.model, ids, len(prompt), torch.bfloat16)  # bf16 weights and KV cache
-        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
-        total += len(output)
-        kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
-        assert 0 < kl < 2e-3, kl
-        kls.append(kl)
-    print(f"top-1 agreement {agree / total:.3f}, max KL {max(kls):.2e}")
-    assert agree / total >= 0.95
+@pytest.fixture(scope="module")
+def reference(default_model) -> list[tuple[list[int], list[int], torch.Tensor]]:
+    """The float32 model's greedy outputs for the first four prompts, 48 tokens each, and its
+    prefill logits at each output position, computed once for the file's teacher-forced tests:
+    (prompt, output, logits) per prompt."""
+    prompts = [chat_ids(default_model.tokenizer, p) for p in PROMPTS[:4]]
+    outputs = make_engine(default_model).generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    return [(prompt, output, all_logits(default_model.model, prompt + output)[len(prompt) - 1:-1])
+            for prompt, output in zip(prompts, outputs)]
 
 
-def teacher_forced_agreement(reference, model, num_prompts: int, max_kl: float,
+def test_bf16_tracks_float32_teacher_forced(reference, bf16_model):
+    """bf16 weights and KV cache, over the four prompts every teacher-forced test here shares."""
+    assert teacher_forced_agreement(reference, bf16_model, 2e-3) >= 0.95
+
+
+def teacher_forced_agreement(reference, model, max_kl: float,
                              kv_dtype: torch.dtype = torch.bfloat16) -> float:
     """Top-1 agreement of `model`'s one-token decode steps (a `kv_dtype` KV cache) with the float32
     reference's prefill logits over the reference's own greedy outputs; every prompt's mean KL
     must stay under max_kl."""
-    prompts = [chat_ids(reference.tokenizer, p) for p in PROMPTS[:num_prompts]]
-    outputs = make_engine(reference).generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
     agree = total = 0
-    for prompt, output in zip(prompts, outputs):
-        ids = prompt + output
-        a = all_logits(reference.model, ids)[len(prompt) - 1:-1]
-        b = decoded_logits(model.model, ids, len(prompt), kv_dtype)
+    for prompt, output, a in reference:
+        b = decoded_logits(model.model, prompt + output, len(prompt), kv_dtype)
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += len(output)
         kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
@@ -114,7 +103,7 @@ def teacher_forced_agreement(reference, model, num_prompts: int, max_kl: float,
     return agree / total
 
 
-def test_int8_single_token_steps_track_float32_teacher_forced(default_model, int8_model):
+def test_int8_single_token_steps_track_float32_teacher_forced(reference, int8_model):
     """--dtype int8: one-token decode steps run on int8 weight copies (the prompt's prefill on W8A8),
     or on W8A8 too where its weights are packed (faster there from one row: model/linear.py)."""
     layer = int8_model.model.model.layers[0]
@@ -125,10 +114,10 @@ def test_int8_single_token_steps_track_float32_teacher_forced(default_model, int
         else:
             small = linear.small_step_copy.storage
             assert isinstance(small, Int8WeightOnly) and small.weight.dtype == torch.int8
-    assert teacher_forced_agreement(default_model, int8_model, 4, 8e-3) >= 0.95
+    assert teacher_forced_agreement(reference, int8_model, 8e-3) >= 0.95
 
 
-def test_int4_single_token_steps_track_float32_teacher_forced(default_model, int4_model):
+def test_int4_single_token_steps_track_float32_teacher_forced(reference, int4_model):
     """--dtype int4: the Q4_1 projections keep the file's own 4-bit integers, float16 scales and
     lows, and run W4A8 at every step where the kernels do (int8 activations in groups of 32, as
     llama.cpp multiplies Q4_1 by Q8_1; one-token steps quantize the activations twice, the int8
@@ -144,17 +133,17 @@ def test_int4_single_token_steps_track_float32_teacher_forced(default_model, int
             assert isinstance(linear.small_step_copy.storage, Int4WeightOnly)
     head_copy = int4_model.model.lm_head.small_step_copy
     assert (head_copy is None) if packs_weights() else isinstance(head_copy.storage, Int8WeightOnly)
-    assert teacher_forced_agreement(default_model, int4_model, 4, 4e-3) >= 0.95
+    assert teacher_forced_agreement(reference, int4_model, 4e-3) >= 0.95
 
 
-def test_an_int8_kv_cache_alone_stays_close_to_float32(default_model):
+def test_an_int8_kv_cache_alone_stays_close_to_float32(default_model, reference):
     """float32 weights, keys and values stored as int8 rows: what the cache's quantization costs by itself."""
-    assert teacher_forced_agreement(default_model, default_model, 4, KV_INT8_MAX_KL, kv_dtype=torch.int8) >= 0.97
+    assert teacher_forced_agreement(reference, default_model, KV_INT8_MAX_KL, kv_dtype=torch.int8) >= 0.97
 
 
-def test_int4_weights_with_an_int8_kv_cache_track_float32_teacher_forced(default_model, int4_model):
+def test_int4_weights_with_an_int8_kv_cache_track_float32_teacher_forced(reference, int4_model):
     """--kv-cache-dtype int8 on the default path (int4 weights): the two errors together."""
-    assert teacher_forced_agreement(default_model, int4_model, 4, INT4_KV_INT8_MAX_KL, kv_dtype=torch.int8) >= 0.95
+    assert teacher_forced_agreement(reference, int4_model, INT4_KV_INT8_MAX_KL, kv_dtype=torch.int8) >= 0.95
 
 
 def chunked_prefill_logits(model, ids: list[int], chunks: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
@@ -171,16 +160,22 @@ def chunked_prefill_logits(model, ids: list[int], chunks: list[int], kv_dtype: t
     return torch.cat(rows)
 
 
+@pytest.fixture(scope="module")
+def long_prompt(default_model) -> tuple[list[int], torch.Tensor]:
+    """A 512-token prompt and the float32 model's logits over it, for both cache dtypes below."""
+    ids = chat_ids(default_model.tokenizer, " ".join(PROMPTS) * 8)[:512]
+    assert len(ids) == 512
+    return ids, all_logits(default_model.model, ids)
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-def test_int4_chunked_prefill_tracks_float32(default_model, int4_model, kv_dtype):
+def test_int4_chunked_prefill_tracks_float32(long_prompt, int4_model, kv_dtype):
     """A 512-token prompt as a whole first chunk of 128 tokens and six of 64 after it: the prompt
     attention kernels' paths where they run, PyTorch's on CPUs with AMX-BF16 tiles (these chunk
     sizes; kernels/prompt_attention.cpp). Measured on AMX (PyTorch's path): mean KL 5.3e-4 (bf16
     cache) and 7.4e-4 (int8), top-1 0.990. Both paths on a 1,024-token prompt of README text (128,
     then 64s): bf16 cache 1.47e-3 on the kernels, 1.42e-3 on PyTorch's; int8 cache 2.06e-3 and 2.07e-3."""
-    ids = chat_ids(default_model.tokenizer, " ".join(PROMPTS) * 8)[:512]
-    assert len(ids) == 512
-    reference = all_logits(default_model.model, ids)
+    ids, reference = long_prompt
     logits = chunked_prefill_logits(int4_model.model, ids, [128] + [64] * 6, kv_dtype)
     a, b = reference.log_softmax(-1), logits.log_softmax(-1)
     kl = (a.exp() * (a - b)).sum(-1).mean().item()
@@ -229,7 +224,7 @@ def test_a_tied_quantized_model_reads_its_embeddings_from_the_heads_int8_copy(de
     assert relative.max() < 0.02, relative.max()
 
 
-def test_int4_batched_steps_track_float32_teacher_forced(default_model, int4_model):
+def test_int4_batched_steps_track_float32_teacher_forced(reference, int4_model):
     """--dtype int4: the whole sequence in one step. Steps of 64 rows and more run on AMX-BF16 tiles
     where the CPU has them (the weight widened to bfloat16, bfloat16 activations): per-prompt KL
     7.6-8.6e-4, top-1 agreement 1.000; on W4A8 (int8 activations in groups of 32): 2.3-4.7e-3 and
@@ -239,13 +234,10 @@ def test_int4_batched_steps_track_float32_teacher_forced(default_model, int4_mod
     layer = int4_model.model.model.layers[0]
     down = layer.mlp.down_proj
     assert isinstance(down.storage, W4A8Weight) == int4_linear_supported() and down.weight is None
-    prompts = [chat_ids(default_model.tokenizer, p) for p in PROMPTS[:4]]
-    outputs = make_engine(default_model).generate(prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
     agree = total = 0
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output, a in reference:
         ids = prompt + output
         assert len(ids) >= 64  # past the small-step limit, and on the BF16 tiles where there are any
-        a = all_logits(default_model.model, ids)[len(prompt) - 1:-1]
         b = all_logits(int4_model.model, ids)[len(prompt) - 1:-1]
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += len(output)

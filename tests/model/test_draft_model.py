@@ -8,20 +8,13 @@ from __future__ import annotations
 import pytest
 
 from lmserve.cache.prefix import hash_full_blocks
-from lmserve.cli import default_model_path
 from lmserve.config import DEFAULT_SPECULATIVE_TOKENS, CacheConfig, DraftConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
 from lmserve.request import SamplingParams
-from lmserve.weights.load import load_model
 from tests.helpers.pacing import AlwaysDraft
 from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine, tiny_engine
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
 from tests.model.test_speculation import REPEATING, run
-
-
-@pytest.fixture(scope="module")
-def int4_draft():
-    return load_model(default_model_path(), "int4", max_positions=2048)
 
 
 def drafted_engine(target, draft, tokens=6, paced=False) -> LLMEngine:
@@ -36,8 +29,8 @@ def drafted_engine(target, draft, tokens=6, paced=False) -> LLMEngine:
 
 
 @pytest.fixture(scope="module")
-def engines(default_model, int4_draft):
-    return make_engine(default_model), drafted_engine(default_model, int4_draft)
+def engines(default_model, int4_model):
+    return make_engine(default_model), drafted_engine(default_model, int4_model)
 
 
 @pytest.mark.parametrize("params", [
@@ -69,16 +62,16 @@ def test_kept_drafts_each_save_a_step_and_are_counted(default_model, engines):
     assert drafted_steps == plain_steps - kept
 
 
-def test_the_draft_engine_reuses_its_cached_blocks_between_proposals(default_model, int4_draft):
-    drafted = drafted_engine(default_model, int4_draft)
+def test_the_draft_engine_reuses_its_cached_blocks_between_proposals(default_model, int4_model):
+    drafted = drafted_engine(default_model, int4_model)
     prompt = chat_ids(default_model.tokenizer, PROMPTS[7])  # ~60 tokens: three full blocks and more
     run(drafted, [prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     pool = drafted._draft.engine._pool
     assert pool.num_queries > 0 and pool.num_hits / pool.num_queries > 0.8
 
 
-def test_forgetting_a_prefix_forgets_the_draft_models_blocks_of_it_too(default_model, int4_draft):
-    drafted = drafted_engine(default_model, int4_draft)
+def test_forgetting_a_prefix_forgets_the_draft_models_blocks_of_it_too(default_model, int4_model):
+    drafted = drafted_engine(default_model, int4_model)
     prompt = chat_ids(default_model.tokenizer, PROMPTS[7])  # three full blocks and more
     run(drafted, [prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     draft_pool = drafted._draft.engine._pool
@@ -114,9 +107,9 @@ def test_a_draft_model_with_other_tokens_is_refused(default_model, tmp_path):
         drafted_engine(default_model, wider)
 
 
-def test_a_failing_draft_model_costs_drafts_not_requests(default_model, engines, caplog):
+def test_a_failing_draft_model_costs_drafts_not_requests(default_model, int4_model, engines, caplog):
     plain, _ = engines
-    drafted = drafted_engine(default_model, load_model(default_model_path(), "int4", max_positions=2048))
+    drafted = drafted_engine(default_model, int4_model)
     draft_engine, calls = drafted._draft.engine, []
     real_step = draft_engine.step
 

@@ -1,4 +1,5 @@
-"""Constrained decoding on the real default model: sampled at temperature 1.0, every output obeys."""
+"""Constrained decoding on the real default model, sampled at temperature 1.0 on its int4 path
+(what `--dtype auto` serves it as): every output obeys."""
 
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def engine(default_model):
-    return make_engine(default_model, kv_bytes=256 << 20, budget=512, max_seqs=64)
+def engine(int4_model):
+    return make_engine(int4_model, kv_bytes=256 << 20, budget=512, max_seqs=64)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,9 @@ def test_gbnf_outputs_always_match(engine, prompt):
         assert re.fullmatch(r"The answer is [0-9]{1,2}\.", text), text
 
 
-def test_constrained_and_free_requests_share_a_batch(engine, prompt, default_model):
+def test_constrained_and_free_requests_share_a_batch(prompt, default_model):
+    """float32, whose greedy output does not depend on the batch it runs in."""
+    engine = make_engine(default_model, max_seqs=8)
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
     solo = engine.generate([prompt], greedy)[0]
     engine.add_request("free", prompt, greedy)
