@@ -89,21 +89,22 @@ class Scheduler:
         (out.paced) when some request could take them; while the pacer times steps without them,
         proposals are still made and tallied (a lookup's cost, measured on the plain side)."""
         decoding = [position for position in range(num_running) if out.seqs[position].num_new_tokens == 1]
+        rooms = {out.seqs[position].request.request_id: self._room(out.seqs[position].request) for position in decoding}
         threshold = speculation.worth(len(self.running))
         if len(self.running) > speculation.MAX_RUNNING:
             if not all(seq.runs_as_decode_rows for seq in out.seqs):
                 budget = 0
-            elif budget > 0 and any(self._room(out.seqs[position].request, self.config.num_speculative_tokens)
-                                    for position in decoding):
+            elif budget > 0 and self.config.num_speculative_tokens and any(
+                    room is not None and room > 0 for room in rooms.values()):
                 out.paced = True
                 if self.busy_pacer.probing:
                     threshold = math.inf  # proposals made and tallied, none run: rates stay current through the timing
                 elif not self.busy_pacer.drafting:
                     budget = 0  # no proposals (drafters still index the new tokens)
-        proposals = self._proposals([out.seqs[position].request for position in decoding], budget)
+        proposals = self._proposals([out.seqs[position].request for position in decoding], rooms, budget)
         for position in decoding:
             request = out.seqs[position].request
-            draft = self._draft(request, budget, proposals, threshold)
+            draft = self._draft(request, rooms[request.request_id], budget, proposals, threshold)
             if draft and self._grow(request, 1 + len(draft)):
                 out.seqs[position] = ScheduledSeq(request, 1 + len(draft), draft)
                 budget -= len(draft)
@@ -113,38 +114,44 @@ class Scheduler:
         if out.paced:
             self.busy_pacer.record(num_tokens / len(out.seqs), seconds, len(out.seqs))
 
-    def _draft(self, request: Request, budget: int, proposals: Mapping[str, list[int]], threshold: float) -> list[int]:
-        """Drafts for a decoding request, within the budget, its max_tokens and the context: the
-        proposer's, or prompt lookup's; [] when speculation is off or does not apply (speculation.py)."""
+    def _draft(self, request: Request, room: int | None, budget: int, proposals: Mapping[str, list[int]],
+               threshold: float) -> list[int]:
+        """Drafts for a decoding request with `room` (_room), within the budget: the proposer's,
+        or prompt lookup's; [] when speculation is off or does not apply (speculation.py)."""
         if proposals:  # the draft model ran this step; when it does not, prompt lookup drafts
-            room = self._room(request, self.proposer.num_tokens)
-            return [] if room is None else proposals.get(request.request_id, [])[:max(min(room, budget), 0)]
-        room = self._room(request, self.config.num_speculative_tokens)
-        if room is None:
+            if room is None or not self.proposer.num_tokens:
+                return []
+            return proposals.get(request.request_id, [])[:max(min(room, self.proposer.num_tokens, budget), 0)]
+        if room is None or not self.config.num_speculative_tokens:
             return []
         drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
-        return drafter.drafts(request.all_ids, min(room, budget), threshold)  # called at no room too: it tallies its last proposal
+        wanted = min(room, self.config.num_speculative_tokens, budget)
+        return drafter.drafts(request.all_ids, wanted, threshold)  # called at no room too: it tallies its last proposal
 
-    def _room(self, request: Request, wanted: int) -> int | None:
-        """The drafts `request` may take this step of the `wanted` per step, budget aside; None when
-        it takes none at all."""
-        if not wanted or not speculation.drafts_for(request.params, self.config.speculative_sampling):
+    def _room(self, request: Request) -> int | None:
+        """The drafts `request` may take this step within its max_tokens and the context, the
+        drafts per step and the budget aside; None with speculation off or where its sampling
+        takes no drafts (speculation.drafts_for). Asked once per decoding request a step."""
+        if not (self.config.num_speculative_tokens or (self.proposer is not None and self.proposer.num_tokens)):
             return None
-        return min(wanted, request.params.max_tokens - len(request.output_ids) - 1,
+        if not speculation.drafts_for(request.params, self.config.speculative_sampling):
+            return None
+        return min(request.params.max_tokens - len(request.output_ids) - 1,
                    self.config.max_model_len - request.num_tokens - 1)
 
-    def _proposals(self, decoding: Sequence[Request], budget: int) -> dict[str, list[int]]:
-        """The proposer's drafts for the `decoding` requests that may take them, asked for together
-        (one batch of draft steps), each at most `budget`; {} without a proposer or budget, and
-        while more than speculation.MAX_RUNNING run (its cache holds that many; prompt lookup
-        drafts then)."""
+    def _proposals(self, decoding: Sequence[Request], rooms: Mapping[str, int | None],
+                   budget: int) -> dict[str, list[int]]:
+        """The proposer's drafts for the `decoding` requests that have room (`rooms`, by request
+        id), asked for together (one batch of draft steps), each at most `budget`; {} without a
+        proposer or budget, and while more than speculation.MAX_RUNNING run (its cache holds that
+        many; prompt lookup drafts then)."""
         if self.proposer is None or budget <= 0 or len(self.running) > speculation.MAX_RUNNING:
             return {}
         wanted = {}
         for request in decoding:
-            room = self._room(request, self.proposer.num_tokens)
-            if room is not None and room > 0:
-                wanted[request.request_id] = (request.all_ids, min(room, budget))
+            room = rooms[request.request_id]
+            if room is not None and self.proposer.num_tokens and room > 0:
+                wanted[request.request_id] = (request.all_ids, min(room, self.proposer.num_tokens, budget))
         return self.proposer.propose(wanted) if wanted else {}
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
