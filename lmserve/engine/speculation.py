@@ -154,7 +154,8 @@ class Pacer:
     twenty-fourth sitting). A sequence's rate falls as the batch grows, so steps are timed by
     batch size (decoding sequences) and drafts compared with plain steps of their own size: a trial
     pays if its rates beat the probe's at the sizes both saw (a mean of the ratios, weighted by
-    steps); with no size in common the two are timed again."""
+    steps) and its steps gave more tokens a sequence than the probe's; with no size in common the
+    two are timed again."""
 
     def __init__(self, what: str, turn: int = PROBE_STEPS, warm: bool = True) -> None:
         self.what = what  # the drafts judged, for the log
@@ -212,10 +213,16 @@ class Pacer:
         weights = {n: min(self._plain[n][2], self._drafted[n][2]) for n in common}
         log_gain = sum(w * math.log(max(self.rate(self._drafted[n]), 1e-9) / max(self.rate(self._plain[n]), 1e-9))
                        for n, w in weights.items()) / sum(weights.values())
-        pays = log_gain > 0
+        # A trial whose steps gave no more tokens a sequence than the probe's gained nothing from its
+        # drafts, whatever the clock said (busy steps: no draft stood, or none ran; the draft model's:
+        # none beyond what the probe's prompt-lookup drafts give).
+        stood = any(self._drafted[n][0] / self._drafted[n][2] > self._plain[n][0] / self._plain[n][2] + 1e-9
+                    for n in common)
+        pays = stood and log_gain > 0
         if pays != self._keep_drafting:
-            log.info("%s %s: %.2fx the tokens/s per sequence without them, at %s sequences",
-                     self.what, "pay" if pays else "do not pay", math.exp(log_gain), "/".join(map(str, sorted(common))))
+            log.info("%s %s: %.2fx the tokens/s per sequence without them%s, at %s sequences", self.what,
+                     "pay" if pays else "do not pay", math.exp(log_gain), "" if stood else " (no more tokens a step)",
+                     "/".join(map(str, sorted(common))))
         self._keep_drafting = pays
         self._phase, self._left = "keep", KEEP_STEPS
 

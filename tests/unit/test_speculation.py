@@ -201,6 +201,18 @@ def test_a_pacer_in_turns_of_one_step_alternates_and_sees_past_a_drifting_rate()
     assert all(one_then_other[PROBE_STEPS:timed + 1]) and not any(one_then_other[timed + 1:])
 
 
+def test_a_trial_in_which_no_draft_stood_is_not_kept_however_quick_its_steps():
+    """Drafted steps that gave a token a sequence, as plain ones do, but ran 10% quicker (noise, or
+    steps in which no draft ran): the drafts gained nothing, and drafting is not kept."""
+    from lmserve.engine.speculation import PROBE_STEPS, TRIAL_STEPS, Pacer
+
+    timed = PROBE_STEPS + TRIAL_STEPS
+    modes = pace(Pacer("drafts", turn=1, warm=False), timed + 10, plain_rate=1.0, drafted_rate=1.0, seconds=(1.0, 0.9))
+    assert modes[:timed] == [False, True] * (timed // 2) and not any(modes[timed:])
+    modes = pace(Pacer("drafts", turn=1, warm=False), timed + 10, plain_rate=1.0, drafted_rate=1.05, seconds=(1.0, 0.9))
+    assert all(modes[timed:])  # some drafts stood: kept
+
+
 def test_a_turn_ends_where_its_side_has_been_timed_in_full(monkeypatch):
     from lmserve.engine import speculation
 
