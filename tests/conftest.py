@@ -15,7 +15,8 @@ def default_model():
 def int4_model():
     """The same GGUF as `lmserve serve` runs it by default (its own Q4_1 blocks: --dtype int4),
     loaded once per test session: for tests that need the real model but not float32's exact,
-    batch-invariant results."""
+    batch-invariant results. Shared: a test that changes it puts it back (test_native_row_groups.py
+    loads its own)."""
     from lmserve.weights.load import load_model
 
     return load_model(default_model_path(), "int4", max_positions=2048)

@@ -88,6 +88,8 @@ class Scheduler:
         decodes alone runs them while busy_pacer finds that they pay, and is timed for it
         (out.paced) when some request could take them; while the pacer times steps without them,
         proposals are still made and tallied (a lookup's cost, measured on the plain side)."""
+        if not (self.config.num_speculative_tokens or (self.proposer is not None and self.proposer.num_tokens)):
+            return  # speculation off
         decoding = [position for position in range(num_running) if out.seqs[position].num_new_tokens == 1]
         rooms = {out.seqs[position].request.request_id: self._room(out.seqs[position].request) for position in decoding}
         threshold = speculation.worth(len(self.running))
@@ -130,10 +132,8 @@ class Scheduler:
 
     def _room(self, request: Request) -> int | None:
         """The drafts `request` may take this step within its max_tokens and the context, the
-        drafts per step and the budget aside; None with speculation off or where its sampling
-        takes no drafts (speculation.drafts_for). Asked once per decoding request a step."""
-        if not (self.config.num_speculative_tokens or (self.proposer is not None and self.proposer.num_tokens)):
-            return None
+        drafts per step and the budget aside; None where its sampling takes no drafts
+        (speculation.drafts_for). Asked once per decoding request a step."""
         if not speculation.drafts_for(request.params, self.config.speculative_sampling):
             return None
         return min(request.params.max_tokens - len(request.output_ids) - 1,

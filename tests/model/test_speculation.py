@@ -104,15 +104,26 @@ def test_with_more_running_drafts_run_in_every_other_step_until_the_pacer_has_ti
     timed = []  # (drafting, tokens per sequence, sequences, drafts run in the step) of every timed step
     record = speculation.Pacer.record
     drafted = [spec.num_draft_tokens]
+    prompt_steps, timed_steps = [], []  # of every step: whether it computed prompt tokens; the timed ones'
+    step = spec.step
+
+    def counted():
+        drafts = spec.num_draft_tokens
+        done = step()  # the pacer's record() is called within it
+        prompt_steps.append(done.stats.num_scheduled_tokens - (spec.num_draft_tokens - drafts) > len(prompts))
+        return done
 
     def spy(self, tokens_per_seq, seconds, num_seqs):
         timed.append((self.drafting, tokens_per_seq, num_seqs, spec.num_draft_tokens - drafted[0]))
         drafted[0] = spec.num_draft_tokens
+        timed_steps.append(len(prompt_steps))  # this step's index
         record(self, tokens_per_seq, seconds, num_seqs)
 
     monkeypatch.setattr(speculation.Pacer, "record", spy)
+    monkeypatch.setattr(spec, "step", counted)
     assert run(spec, prompts, params)[0] == run(plain, prompts, params)[0]
-    assert len(timed) >= 16
+    assert len(timed) >= 16 and any(prompt_steps)
+    assert not any(prompt_steps[i] for i in timed_steps)  # the steps computing prompt tokens are not timed
     turns = min(len(timed), speculation.PROBE_STEPS + speculation.TRIAL_STEPS)  # then it judges (unit tests)
     probe, trial = timed[0:turns:2], timed[1:turns:2]
     assert all(not drafting and tokens == 1.0 and n == 6 and runs == 0 for drafting, tokens, n, runs in probe)
