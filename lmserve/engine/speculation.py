@@ -183,7 +183,6 @@ class Pacer:
             totals[0] += tokens_per_seq
             totals[1] += seconds
             totals[2] += 1
-            self._timed[self._phase] += 1
         else:
             self._kept += seconds
         self._left -= 1
@@ -191,14 +190,18 @@ class Pacer:
             return
         if self._phase == "keep":
             self._time_again()
-        elif self._timed["probe"] >= PROBE_STEPS and self._timed["trial"] >= TRIAL_STEPS:
+        elif self._timed("probe") >= PROBE_STEPS and self._timed("trial") >= TRIAL_STEPS:
             self._judge()
         else:  # the other side's turn (a side already timed in full waits for the other)
             other = "trial" if self._phase == "probe" else "probe"
-            if self._timed[other] < self._limit(other):
+            if self._timed(other) < self._limit(other):
                 self._phase = other
                 self._warming = self.warm and other == "trial"
-            self._left = min(self.turn, self._limit(self._phase) - self._timed[self._phase])
+            self._left = min(self.turn, self._limit(self._phase) - self._timed(self._phase))
+
+    def _timed(self, phase: str) -> int:
+        """Steps timed so far on one side."""
+        return sum(totals[2] for totals in (self._drafted if phase == "trial" else self._plain).values())
 
     @staticmethod
     def _limit(phase: str) -> int:
@@ -228,7 +231,6 @@ class Pacer:
 
     def _time_again(self) -> None:
         self._phase, self._left = "probe", self.turn  # probe (plain) and trial (drafts) in turns -> keep
-        self._timed = {"probe": 0, "trial": 0}  # steps timed on each side
         self._warming = False  # True while the next step is a trial turn's first (not timed)
         self._plain: dict[int, list[float]] = {}  # by batch size: [tokens per sequence, seconds, steps]
         self._drafted: dict[int, list[float]] = {}
