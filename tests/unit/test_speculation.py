@@ -8,6 +8,7 @@ import pytest
 
 from lmserve.engine.speculation import BUSY_WORTH, LOOKBACK, MAX_RUNNING, WORTH, Drafter, drafts_for, worth
 from lmserve.request import SamplingParams
+from tests.helpers.pacing import Recorder
 
 
 def propose(ids: list[int], num_tokens: int) -> list[int]:
@@ -237,16 +238,6 @@ def test_a_trial_with_no_batch_size_of_its_probe_is_timed_again():
     assert not any(modes[second_trial_end:])  # 3 < 4 tokens/s at one sequence: not kept
 
 
-class Recorder:
-    """A pacer that records what it is told; `drafting` as set."""
-
-    def __init__(self, drafting: bool):
-        self.drafting, self.records = drafting, []
-
-    def record(self, tokens_per_seq: float, seconds: float, num_seqs: int) -> None:
-        self.records.append((tokens_per_seq, seconds))
-
-
 class NoRoomEngine:
     """A draft engine every sequence is too long for (add_request refuses each)."""
 
@@ -302,4 +293,4 @@ def test_only_decode_steps_that_asked_the_draft_model_are_timed():
     draft.step_started()
     draft.propose({"a": ([1, 2, 3], 4)})
     draft.step_done(num_decodes=0, num_tokens=0, seconds=0.2, prefill=False)  # nothing decoded
-    assert draft.pacer.records == [(1.5, 0.5)]
+    assert draft.pacer.records == [(1.5, 0.5, 2)]
