@@ -57,6 +57,10 @@ UNENFORCED_KEYWORDS = {
     "$recursiveRef": "it is not followed",
 }
 NO_OP_VALUES = {"uniqueItems": False, "unevaluatedProperties": True}
+# A string's length bounds beside a pattern, or beside one of these formats, are compiled as if absent.
+LENGTH_KEYWORDS = ("minLength", "maxLength")
+ENFORCED_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uri",
+                              "uri-reference", "uuid", "uri-template", "json-pointer", "relative-json-pointer"})
 
 # Keywords whose value is a schema, a list of schemas, or a map of name -> schema; the rest
 # ("enum", "const", "default", "examples" ...) hold data, whose keys are not keywords.
@@ -125,9 +129,10 @@ def count_tags(tag: Any) -> int:
     return count
 
 
-def unenforced_keywords(schema: Any) -> Iterator[tuple[str, str]]:
-    """(JSON pointer, keyword) for each keyword in UNENFORCED_KEYWORDS used with effect, in schema
-    positions only (a property named "not" is not the keyword)."""
+def unenforced_keywords(schema: Any) -> Iterator[tuple[str, str, str]]:
+    """(JSON pointer, keyword, why) for each keyword in UNENFORCED_KEYWORDS used with effect, and each
+    length bound beside a pattern or an enforced format, in schema positions only (a property
+    named "not" is not the keyword)."""
     stack: list[tuple[str, Any]] = [("", schema)]
     while stack:
         pointer, node = stack.pop()
@@ -135,8 +140,13 @@ def unenforced_keywords(schema: Any) -> Iterator[tuple[str, str]]:
             continue
         for key, value in node.items():
             if key in UNENFORCED_KEYWORDS and _has_effect(key, value):
-                yield pointer or "/", key
+                yield pointer or "/", key, UNENFORCED_KEYWORDS[key]
             stack.extend(_subschemas(f"{pointer}/{_escape(key)}", key, value))
+        beside = "'pattern'" if "pattern" in node else (
+            f"format {node['format']!r}" if node.get("format") in ENFORCED_FORMATS else None)
+        for key in LENGTH_KEYWORDS if beside else ():
+            if key in node:
+                yield pointer or "/", key, f"beside {beside} it is not applied"
 
 
 def _has_effect(key: str, value: Any) -> bool:

@@ -29,7 +29,6 @@ import torch
 from lmserve.request import GrammarSpec
 from lmserve.sampling.compile_pool import CompilePool, CompilerCrashed, CompileTimeout
 from lmserve.sampling.constraint_limits import (
-    UNENFORCED_KEYWORDS,
     ConstraintLimitError,
     GrammarLimits,
     check_choices,
@@ -221,9 +220,9 @@ def _check_document(spec: GrammarSpec, limits: GrammarLimits) -> None:
 
 
 def _check_keywords(spec: GrammarSpec, schema: Any) -> None:
-    for pointer, keyword in unenforced_keywords(schema):
+    for pointer, keyword, why in unenforced_keywords(schema):
         raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: the keyword {keyword!r} (at {pointer}) is "
-                           f"not supported: {UNENFORCED_KEYWORDS[keyword]} when decoding is constrained")
+                           f"not supported: {why} when decoding is constrained")
 
 
 _TOO_DEEP = object()  # JSON nested past the parser's own recursion limit

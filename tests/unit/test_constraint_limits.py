@@ -75,6 +75,8 @@ def test_the_default_limits_let_real_sizes_through(grammar_compiler):
     ("allOf", {"allOf": [{"type": "integer"}, {"minimum": 5}]}),
     ("unevaluatedProperties", {"type": "object", "unevaluatedProperties": False}),
     ("$dynamicRef", {"$defs": {"x": {"$dynamicRef": "#x"}}, "$ref": "#/$defs/x"}),
+    ("maxLength", {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a+$", "maxLength": 3}}}),
+    ("minLength", {"type": "string", "format": "email", "minLength": 8}),
 ])
 def test_keywords_the_compiler_ignores_are_refused_by_name(grammar_compiler, keyword, schema):
     with pytest.raises(GrammarError, match=f"the keyword '{re.escape(keyword)}' .* is not supported"):
@@ -87,6 +89,12 @@ def test_keywords_the_compiler_ignores_are_refused_by_name(grammar_compiler, key
     ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]"),
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
     ({"allOf": [{"type": "integer"}, {"minimum": 5}]}, "1"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 2}, '"aaa"'),
+    *[({"type": "string", "format": name, "maxLength": 1}, f'"{example}"') for name, example in [
+        ("date-time", "2026-12-06T06:00:00Z"), ("time", "06:00:00Z"), ("date", "2026-12-06"), ("duration", "P1D"),
+        ("email", "a@b.co"), ("hostname", "ab"), ("ipv4", "1.2.3.4"), ("ipv6", "::1"), ("uri", "http://a"),
+        ("uri-reference", "/ab"), ("uuid", "12345678-1234-1234-1234-123456789abc"), ("uri-template", "ab"),
+        ("json-pointer", "/ab"), ("relative-json-pointer", "0/a")]],
 ])
 def test_xgrammar_does_ignore_them(default_tokenizer, grammar_compiler, schema, ignored_violation):
     # When an xgrammar upgrade starts enforcing one of these, it can come off the refused list.
@@ -101,6 +109,7 @@ def test_xgrammar_does_ignore_them(default_tokenizer, grammar_compiler, schema, 
     {"type": "array", "uniqueItems": False},
     {"type": "object", "properties": {"a": {"allOf": [{"type": "integer"}]}}},  # one schema: enforced
     {"enum": [{"not": 1}], "default": {"if": 2}},  # data, not schemas
+    {"type": "string", "format": "color", "maxLength": 7},  # a format xgrammar does not know: the bound holds
 ])
 def test_keywords_without_effect_or_outside_schema_positions_are_let_through(grammar_compiler, schema):
     grammar_compiler.compile(GrammarSpec("json_schema", json.dumps(schema)))
