@@ -22,6 +22,8 @@ import time
 import weakref
 from typing import Any
 
+from lmserve.sampling import bounded_strings
+
 # How often a waiting caller looks at its deadline and at its request.
 POLL_INTERVAL_S = 0.02
 # A worker's start: the forkserver's first start imports xgrammar (seconds on a busy machine).
@@ -167,43 +169,36 @@ def serve(conn: Any, tokenizer_info_path: str) -> None:
         except EOFError:
             return
         try:
-            conn.send(("ok", compile_with(compiler, kind, text, strict).serialize_json()))
+            conn.send(("ok", compile_with(compiler, info.vocab_size, kind, text, strict).serialize_json()))
         except (RuntimeError, ValueError, TypeError) as exc:
             conn.send(("invalid", str(exc)))
 
 
-# How xgrammar (0.2.8) writes the characters of a string with minLength or maxLength, and how a
-# JSON string's character is written: anything but a control character, a quote or a backslash,
-# or an escape (one escape counting as one character of the bound).
-_BOUNDED_STRING_CHARACTER = '(([^\\"\\\\\\r\\n]))'
-_JSON_STRING_CHARACTER = '(([^\\0-\\x1f\\"\\\\]) | ("\\\\" basic_escape))'
-
-
-def json_schema_grammar(schema: str, strict: bool) -> Any:
+def json_schema_grammar(schema: str, strict: bool, vocab_size: int) -> Any:
     """xgrammar's grammar of a JSON schema, compact (with free whitespace a sampled model can pad
-    forever between tokens), its length-bounded strings mended: xgrammar writes their characters as
-    any but a quote, a backslash, CR and LF (its issue #800), which let raw control characters in,
-    invalid in JSON (a sampled "\x00" was seen), and no escapes. Here they take a JSON string's
-    characters, as its unbounded strings do."""
+    forever between tokens), its length-bounded strings mended (bounded_strings.py)."""
     import xgrammar as xgr
 
     grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
     text = str(grammar)
-    if _BOUNDED_STRING_CHARACTER not in text:
-        return grammar
-    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER))
+    mended = bounded_strings.mend(text, vocab_size)
+    return grammar if mended == text else xgr.Grammar.from_ebnf(mended)
 
 
-def compile_with(compiler: Any, kind: str, text: str, strict: bool) -> Any:
-    """xgrammar's CompiledGrammar of one GrammarSpec's kind and text."""
+def compile_with(compiler: Any, vocab_size: int, kind: str, text: str, strict: bool) -> Any:
+    """xgrammar's CompiledGrammar of one GrammarSpec's kind and text, for a vocabulary of `vocab_size`."""
     if kind == "json_object":  # any object, compact like json_schema below
-        return compiler.compile_grammar(json_schema_grammar('{"type": "object"}', strict=False))
+        return compiler.compile_grammar(json_schema_grammar('{"type": "object"}', False, vocab_size))
     if kind == "json_schema":
-        return compiler.compile_grammar(json_schema_grammar(text, strict))
+        return compiler.compile_grammar(json_schema_grammar(text, strict, vocab_size))
     if kind == "regex":
         return compiler.compile_regex(text)
     if kind == "ebnf":
         return compiler.compile_grammar(text)
-    if kind == "structural_tag":
-        return compiler.compile_structural_tag(text)
+    if kind == "structural_tag":  # tool calls: their arguments' schemas, mended as above
+        import xgrammar as xgr
+
+        grammar = str(xgr.Grammar.from_structural_tag(text))
+        mended = bounded_strings.mend(grammar, vocab_size)
+        return compiler.compile_structural_tag(text) if mended == grammar else compiler.compile_grammar(mended)
     raise ValueError(f"unknown grammar kind {kind!r}")

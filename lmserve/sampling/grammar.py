@@ -1,13 +1,12 @@
 """Constrained decoding: compile a GrammarSpec once, keep one matcher per request, mask each step.
 
-Backed by xgrammar: its compiler precomputes per-state token masks, yet filling a row's mask inside
-a JSON schema's bounded string costs milliseconds (measured on the 49k-token SmolLM2 vocabulary:
-21 ms a row in bench/grammar_mask.py's state, 8 ms a row on average over 32 rows of a nested
-schema, against ~25 ms for the forward step of 32 int4 decodes: bench/RESULTS.md, twenty-fifth
-sitting), so a batch's masks are filled on as many threads as torch computes on; applying them
-takes well under a millisecond. Compiling is what can be slow, or crash
-on a hostile input: a spec is checked against limits first (constraint_limits.py), then compiled
-in a worker process that is killed at a timeout or when its request is abandoned (compile_pool.py).
+Backed by xgrammar: its compiler precomputes per-state token masks, so filling a row's mask
+costs microseconds in most states; JSON strings with length bounds, which xgrammar masks slowly
+(milliseconds to a second a row), are rewritten first (bounded_strings.py). A batch's masks are
+filled on as many threads as torch computes on; applying them takes well under a millisecond.
+Compiling is what can be slow, or crash on a hostile input: a spec is checked against limits
+first (constraint_limits.py), then compiled in a worker process that is killed at a timeout or
+when its request is abandoned (compile_pool.py).
 
 xgrammar is imported, and its view of the vocabulary built, by the first request that carries a
 constraint (~0.8 s once, in that request's worker thread): importing it pulls in transformers and
@@ -272,7 +271,7 @@ class GrammarMask:
     @classmethod
     def fill(cls, matchers: dict[int, xgr.GrammarMatcher], batch_size: int, vocab_size: int) -> GrammarMask:
         """Masks of the next token for each batch row -> matcher; several rows' on torch's threads
-        (xgrammar's batch matcher: 2 threads filled 32 rows in 142 ms against 267 ms one by one)."""
+        (xgrammar's batch matcher)."""
         import xgrammar as xgr
 
         bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)

@@ -60,6 +60,13 @@ SCHEMAS = {
                        "code": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"}},
         "required": ["phone", "code"],
     },
+    # bounds past 128 characters: chunks of 64, then a regex (xgrammar's own form took about a
+    # second a row a step here, which would hold this test for most of an hour)
+    "long bounded string": {
+        "type": "object",
+        "properties": {"summary": {"type": "string", "minLength": 130, "maxLength": 160}},
+        "required": ["summary"],
+    },
 }
 
 
@@ -82,7 +89,8 @@ def sample_texts(engine, prompt, spec: GrammarSpec, n: int, max_tokens: int = 20
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_sampled_json_always_validates_against_the_schema(engine, prompt, name):
     schema = SCHEMAS[name]
-    texts = sample_texts(engine, prompt, GrammarSpec("json_schema", json.dumps(schema), strict=True), NUM_SAMPLES)
+    texts = sample_texts(engine, prompt, GrammarSpec("json_schema", json.dumps(schema), strict=True), NUM_SAMPLES,
+                         max_tokens=400)  # room for the longest string, even written one character a token
     for text in texts:
         jsonschema.validate(json.loads(text), schema)
     assert len(set(texts)) > 1  # temperature 1.0 really sampled

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import xgrammar as xgr
 
 from lmserve.request import GrammarSpec
+from lmserve.sampling import bounded_strings
+from lmserve.sampling.bounded_strings import REGEX_BUDGET
 from lmserve.sampling.grammar import DEFAULT_MAX_CACHE_BYTES, GrammarCompiler
 
 
@@ -83,3 +86,70 @@ def test_length_bounded_strings_take_json_string_characters_only(text, valid):
     assert accepts(compiler, spec, text) == valid
     if valid:
         json.loads(text)
+
+
+def bounded(low: int, high: int | None) -> GrammarSpec:
+    length = {"minLength": low} | ({} if high is None else {"maxLength": high})
+    return GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["s"],
+                                                  "properties": {"s": {"type": "string", **length}}}))
+
+
+def value(text: str) -> str:
+    return '{"s": "' + text + '"}'
+
+
+# (minLength, maxLength): one regex (up to 128), chunks of 64 then a regex for the rest (with a
+# regex for a lower bound before them, or chunks for one over 128), lower bounds alone
+@pytest.mark.parametrize("low, high", [(0, 6), (2, 40), (0, 128), (0, 129), (3, 300), (150, 1000), (0, 2000),
+                                       (1, None), (130, None)])
+def test_string_length_bounds_hold_exactly_in_every_form_the_grammar_takes(low, high):
+    compiler = GrammarCompiler(MarkupTokenizer(), 259)
+    spec = bounded(low, high)
+    longest = high if high is not None else low + 50
+    assert accepts(compiler, spec, value("a" * low))
+    assert accepts(compiler, spec, value("a" * longest))
+    assert accepts(compiler, spec, value("a" * (longest - 3) + '\\"\\u00e9\\n'))  # an escape is one character
+    assert not accepts(compiler, spec, value("a" * (longest - 2) + "\x01b"))  # raw control characters are not JSON
+    if low:
+        assert not accepts(compiler, spec, value("a" * (low - 1)))
+    if low >= 2:  # six bytes, one character
+        assert not accepts(compiler, spec, value("a" * (low - 2) + "\\u00e9"))
+    if high is not None:
+        assert not accepts(compiler, spec, value("a" * (high + 1)))
+        assert not accepts(compiler, spec, value("a" * (high - 1) + "\\\\\\n"))
+
+
+def schema_text(*bounds: int) -> str:
+    properties = {f"s{i}": {"type": "string", "maxLength": bound} for i, bound in enumerate(bounds)}
+    return str(xgr.Grammar.from_json_schema(json.dumps({"type": "object", "properties": properties,
+                                                        "required": list(properties)}), any_whitespace=False))
+
+
+def kept_repetitions(mended: str) -> list[int]:
+    """The properties whose bound stayed xgrammar's repetition."""
+    return [int(n) for n in re.findall(r"root_prop_(\d+)_characters\{", mended)]
+
+
+def test_bounds_become_regex_rules_until_the_budget_for_the_vocabulary_is_spent():
+    # a regex state holds a precomputed mask (fast to fill, slow to compile), so a grammar writes at
+    # most REGEX_BUDGET / vocabulary states; a chunked bound costs its chunk (once) and its last regex
+    text = schema_text(100, 1000, 90, 70, 6, 2005)
+    mended = bounded_strings.mend(text, REGEX_BUDGET // 512)
+    assert kept_repetitions(mended) == [5]  # 100 + (64 + 104) + 90 + 70 + 6 = 434; then 64 + 21 more pass 512
+    assert bounded_strings.XGRAMMAR_CHARACTER not in mended  # a repetition left takes JSON's characters
+    names = [line.split(" ::= ")[0] for line in mended.splitlines()]
+    assert len(names) == len(set(names))
+    assert kept_repetitions(bounded_strings.mend(text, REGEX_BUDGET // 256)) == [1, 3, 5]  # half the budget
+    assert bounded_strings.mend(schema_text(100, 100), REGEX_BUDGET // 100).count("Regex(") == 1  # one rule, twice
+
+
+def test_a_tool_arguments_bounded_string_takes_json_characters_and_keeps_its_bound():
+    # tool calls compile as structural tags, whose schemas xgrammar writes as it does response formats'
+    compiler = GrammarCompiler(MarkupTokenizer(), 259)
+    arguments = {"type": "object", "required": ["q"], "properties": {"q": {"type": "string", "maxLength": 5}}}
+    spec = GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<call>", "content": {"type": "json_schema", "json_schema": arguments},
+        "end": "</call>"}}))
+    assert accepts(compiler, spec, '<call>{"q": "ab\\"cd"}</call>')
+    assert not accepts(compiler, spec, '<call>{"q": "abcdef"}</call>')
+    assert not accepts(compiler, spec, '<call>{"q": "a\tb"}</call>')
