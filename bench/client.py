@@ -59,26 +59,27 @@ class RequestResult:
                 "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens}
 
 
-def completion_body(model: str, prompt_ids: list[int], max_tokens: int) -> dict:
-    """Greedy, exactly `max_tokens` out (`ignore_eos`, an extension lmserve and llama.cpp share), streamed."""
-    return {
+def completion_body(model: str, prompt_ids: list[int], max_tokens: int, json_schema: dict | None = None) -> dict:
+    """Greedy, streamed, exactly `max_tokens` out (`ignore_eos`, an extension lmserve and llama.cpp
+    share); or, under `json_schema` (another), until the schema's value is complete."""
+    body = {
         "model": model,
         "prompt": prompt_ids,
         "max_tokens": max_tokens,
-        "ignore_eos": True,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    return body | ({"ignore_eos": True} if json_schema is None else {"json_schema": json_schema})
 
 
 async def send_request(
-    client: httpx.AsyncClient, target: Target, prompt_ids: list[int], max_tokens: int
+    client: httpx.AsyncClient, target: Target, prompt_ids: list[int], max_tokens: int, json_schema: dict | None = None
 ) -> RequestResult:
     result = RequestResult()
     sent = time.perf_counter()
     try:
-        body = completion_body(target.model, prompt_ids, max_tokens)
+        body = completion_body(target.model, prompt_ids, max_tokens, json_schema)
         async with client.stream("POST", f"{target.url}/v1/completions", json=body) as response:
             await _read_response(response, sent, result)
     except httpx.HTTPError as exc:
@@ -154,9 +155,11 @@ async def run_jobs(
     jobs: Sequence[Sequence[tuple[list[int], int]]],
     concurrency: int,
     on_done: Callable[[RequestResult], None] = lambda result: None,
+    json_schema: dict | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Run `concurrency` jobs at once (fewer only at the tail); a job is turns of (prompt ids,
-    max_tokens), each sent when the one before it has finished (a conversation).
+    max_tokens), each sent when the one before it has finished (a conversation), each under
+    `json_schema` if one is given.
 
     Returns the results in job then turn order and the wall time from the first send to the last finish.
     """
@@ -166,7 +169,7 @@ async def run_jobs(
     async def worker(client: httpx.AsyncClient) -> None:
         for index, turns in pending:
             for prompt_ids, max_tokens in turns:
-                result = await send_request(client, target, prompt_ids, max_tokens)
+                result = await send_request(client, target, prompt_ids, max_tokens, json_schema)
                 results[index].append(result)
                 on_done(result)
 

@@ -107,6 +107,7 @@ KIND_METRICS = {
     "mix": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "peak_rss_mib", "num_errors"),
     "chat": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "cached_tokens_mean",
              "peak_rss_mib", "num_errors"),
+    "json": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "peak_rss_mib", "num_errors"),
 }
 
 LEVEL_COLUMNS = ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "prefill_tok_s",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from bench.client import RequestResult, Target, run_jobs
 from bench.report import LevelReport, summarize_level
-from bench.workloads import Workload, workload_jobs
+from bench.workloads import Workload, json_schema, workload_jobs
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,16 @@ def run_workload(target: Target, workload: Workload, server: str, server_pid: in
     )
 
     jobs = workload_jobs(workload, options.seed)
+    schema = json_schema(workload)
     if options.warmup:
-        # One short request first: the first request on a fresh server pays one-off costs.
+        # One short request first: the first request on a fresh server pays one-off costs (under a
+        # schema, its compile).
         (prompt_ids, _), = jobs[0]
-        asyncio.run(run_jobs(target, [[(prompt_ids, min(workload.max_tokens, 4))]], 1))
+        asyncio.run(run_jobs(target, [[(prompt_ids, min(workload.max_tokens, 4))]], 1, json_schema=schema))
     bar = _progress(options, f"{server} {workload.name}", workload.num_requests)
     with PeakRSSSampler(server_pid) as sampler, bar:
         results, wall_s = asyncio.run(
-            run_jobs(target, jobs[1:], workload.concurrency, lambda _: bar.update(1))
+            run_jobs(target, jobs[1:], workload.concurrency, lambda _: bar.update(1), schema)
         )
     return LevelRun(summarize_level(server, workload, results, wall_s, sampler.peak_bytes), results)
 

@@ -8,6 +8,9 @@ Next to the fixed-length levels, two realistic mixes:
   user message of `prompt_tokens` ids; reply lengths are drawn as in "mix", capped at `max_tokens`.
   The history carries a reply as random ids of the length the server produced: both servers then
   find the earlier prompt, not the earlier reply, in their prefix caches.
+And structured output: "json" sends the fixed-length levels' prompts with JSON_SCHEMA as the
+`json_schema` extension both servers take on /v1/completions, greedy, ending where the schema
+does (no `ignore_eos`): output lengths may differ between servers, so compare tokens a second.
 """
 
 from __future__ import annotations
@@ -19,10 +22,22 @@ from dataclasses import dataclass, replace
 
 from bench.prompts import make_prompts, random_ids
 
-KINDS = ("decode", "prefill", "prefix", "mix", "chat", "system")  # "prefix" is a pair: shared-prefix and cold
+KINDS = ("decode", "prefill", "prefix", "mix", "chat", "system", "json")  # "prefix" is a pair: shared-prefix and cold
 MIX_MEDIAN_OUTPUT = 64  # tokens; a log-normal of this median with MIX_SIGMA: p95 ~5x the median
 MIX_SIGMA = 1.0
 PROMPT_SIGMA = 0.8
+
+# A record with bounded strings and a bounded array, as an extraction or tool-argument schema has.
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "minLength": 10, "maxLength": 60},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 2, "maxItems": 6},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "summary": {"type": "string", "minLength": 80, "maxLength": 400},
+    },
+    "required": ["title", "tags", "year", "summary"],
+}
 
 Turn = tuple[list[int], int]  # prompt ids, max_tokens
 Job = list[Turn]  # turns sent one after another, each once the previous one has finished
@@ -35,7 +50,7 @@ class Workload:
     """One measured level: `concurrency` requests kept in flight until `num_requests` are done."""
 
     name: str
-    kind: str  # decode | prefill | shared | cold | mix | chat
+    kind: str  # decode | prefill | shared | cold | mix | chat | json
     concurrency: int  # requests in flight; for chat, conversations in flight
     num_requests: int  # for chat, conversations x turns
     prompt_tokens: int  # for mix, the median prompt; for chat, each user message
@@ -130,7 +145,15 @@ def workload_set(
         # whose sequences all begin with it (kernels/paged_attention.cpp attends to it once for them).
         workloads.append(Workload(f"system-c{concurrency}", "shared", concurrency, 2 * concurrency, 1600,
                                   64 if quick else 256, 1500))
+    if "json" in kinds:
+        workloads += [Workload(f"json-c{c}", "json", c, max(2 * c, 4), 128, 64 if quick else 256)
+                      for c in sorted({1, concurrency})]
     return workloads
+
+
+def json_schema(workload: Workload) -> dict | None:
+    """The schema a workload's requests carry, if any."""
+    return JSON_SCHEMA if workload.kind == "json" else None
 
 
 def _prefix_pair(concurrency: int, max_tokens: int) -> list[Workload]:

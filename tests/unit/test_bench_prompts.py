@@ -1,7 +1,17 @@
 import pytest
 
+from bench.client import completion_body
 from bench.prompts import TOKEN_ID_RANGE, make_prompts
-from bench.workloads import Workload, level_workloads, parse_kinds, workload_jobs, workload_prompts, workload_set
+from bench.workloads import (
+    JSON_SCHEMA,
+    Workload,
+    json_schema,
+    level_workloads,
+    parse_kinds,
+    workload_jobs,
+    workload_prompts,
+    workload_set,
+)
 
 
 def test_prompts_have_exact_lengths_and_safe_ids():
@@ -46,7 +56,8 @@ def test_level_workloads():
 def test_default_and_quick_workload_sets():
     default = {w.name: w for w in workload_set()}
     assert list(default) == ["decode-c1", "decode-c4", "decode-c16", "decode-c32", "decode-c64",
-                             "prefill-2000", "shared-c16", "cold-c16", "mix-c16", "chat-c16", "system-c16"]
+                             "prefill-2000", "shared-c16", "cold-c16", "mix-c16", "chat-c16", "system-c16",
+                             "json-c1", "json-c16"]
     assert (default["decode-c64"].num_requests, default["decode-c64"].context_tokens) == (128, 384)
     assert (default["shared-c16"].shared_prefix_tokens, default["cold-c16"].shared_prefix_tokens) == (1500, 0)
     assert (default["chat-c16"].num_requests, default["chat-c16"].context_tokens) == (96, 400 + 6 * (48 + 256))
@@ -113,3 +124,12 @@ def test_the_big_shape_keeps_the_tokenizer_and_pads_its_vocabulary_with_control_
     assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's own come first
     assert tokens[-1] == f"<|extra_{SHAPE['vocab'] - 49152 - 1}|>" and types[-1] == int(gguf.TokenType.CONTROL)
     assert fields["tokenizer.ggml.model"][0] == "gpt2" and len(fields["tokenizer.ggml.merges"][0]) > 1000
+
+
+def test_the_json_workload_sends_its_schema_and_lets_it_end_the_output():
+    levels = workload_set(("json",), concurrencies=[1, 32])
+    assert [(w.name, w.concurrency, w.max_tokens) for w in levels] == [("json-c1", 1, 256), ("json-c16", 16, 256)]
+    body = completion_body("m", [1, 2], 256, json_schema(levels[0]))
+    assert body["json_schema"] == JSON_SCHEMA and "ignore_eos" not in body  # the schema's end is the output's
+    plain = completion_body("m", [1, 2], 256, json_schema(workload_set(("decode",), concurrencies=[1])[0]))
+    assert plain["ignore_eos"] is True and "json_schema" not in plain
