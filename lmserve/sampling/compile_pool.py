@@ -28,6 +28,9 @@ from lmserve.sampling import bounded_strings
 POLL_INTERVAL_S = 0.02
 # A worker's start: the forkserver's first start imports xgrammar (seconds on a busy machine).
 MAX_START_S = 120.0
+# A worker idle this long is stopped: it holds ~90 MiB of its own, more after a large compile
+# (bench/RESULTS.md, twenty-sixth sitting), and a new one starts in a fraction of a second.
+IDLE_WORKER_S = 60.0
 
 
 class CompileTimeout(Exception):
@@ -43,10 +46,11 @@ class CompilerCrashed(Exception):
 
 
 class CompilePool:
-    """Up to `max_workers` worker processes, started when needed, each compiling one grammar at a
-    time against the tokenizer `tokenizer_info_json` (xgrammar's TokenizerInfo) describes. Thread-safe."""
+    """Up to `max_workers` worker processes, started when needed and stopped after `idle_s` unused,
+    each compiling one grammar at a time against the tokenizer `tokenizer_info_json` (xgrammar's
+    TokenizerInfo) describes. Thread-safe."""
 
-    def __init__(self, tokenizer_info_json: str, max_workers: int, timeout_s: float):
+    def __init__(self, tokenizer_info_json: str, max_workers: int, timeout_s: float, idle_s: float = IDLE_WORKER_S):
         # Workers read the tokenizer from a file: as a process argument, its 1.6 MB would block the
         # start until the new worker had imported the main module and read it.
         fd, self.tokenizer_info_path = tempfile.mkstemp(prefix="lmserve-tokenizer-", suffix=".json")
@@ -55,13 +59,15 @@ class CompilePool:
         weakref.finalize(self, os.remove, self.tokenizer_info_path)
         self.max_workers = max_workers
         self.timeout_s = timeout_s
+        self.idle_s = idle_s
         self._context = mp.get_context("forkserver")
         # The forkserver imports xgrammar once; the workers forked from it share it. With the main
         # module preloaded too, a worker does not import it again (lmserve's CLI: ~0.5 s each).
         self._context.set_forkserver_preload(["__main__", "xgrammar", __name__])
-        self._idle: list[_Worker] = []
+        self._idle: list[tuple[_Worker, float]] = []  # and since when, most recently idle last
         self._num_workers = 0
         self._changed = threading.Condition()
+        self._reaper: threading.Thread | None = None
 
     def compile(self, kind: str, text: str, strict: bool, abandoned: threading.Event | None = None) -> tuple[str, str]:
         """("ok", serialized CompiledGrammar) or ("invalid", why) for an input the compiler refused.
@@ -85,7 +91,7 @@ class CompilePool:
         with self._changed:
             idle, self._idle = self._idle, []
             self._num_workers -= len(idle)
-        for worker in idle:
+        for worker, _ in idle:
             worker.stop()
 
     def _acquire(self, abandoned: threading.Event | None) -> _Worker:
@@ -95,7 +101,7 @@ class CompilePool:
                     raise CompileAbandoned()
                 self._changed.wait(POLL_INTERVAL_S)
             if self._idle:
-                return self._idle.pop()
+                return self._idle.pop()[0]
             self._num_workers += 1
         try:
             return _Worker(self._context, self.tokenizer_info_path, abandoned)
@@ -106,10 +112,30 @@ class CompilePool:
     def _release(self, worker: _Worker | None, keep: bool) -> None:
         with self._changed:
             if keep and worker is not None:
-                self._idle.append(worker)
+                self._idle.append((worker, time.monotonic()))
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="lmserve-grammar-reaper", daemon=True)
+                    self._reaper.start()
             else:
                 self._num_workers -= 1
-            self._changed.notify()
+            self._changed.notify_all()
+
+    def _reap(self) -> None:
+        """Stop workers idle for `idle_s`, while any are idle."""
+        while True:
+            with self._changed:
+                if not self._idle:
+                    self._reaper = None
+                    return
+                now = time.monotonic()
+                expired = [worker for worker, since in self._idle if now - since >= self.idle_s]
+                if not expired:
+                    self._changed.wait(min(since for _, since in self._idle) + self.idle_s - now)
+                    continue
+                self._idle = [(worker, since) for worker, since in self._idle if now - since < self.idle_s]
+                self._num_workers -= len(expired)
+            for worker in expired:
+                worker.stop()
 
 
 class _Worker:

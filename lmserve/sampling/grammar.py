@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmserve.request import GrammarSpec
-from lmserve.sampling.compile_pool import CompilePool, CompilerCrashed, CompileTimeout
+from lmserve.sampling.compile_pool import IDLE_WORKER_S, CompilePool, CompilerCrashed, CompileTimeout
 from lmserve.sampling.constraint_limits import (
     ConstraintLimitError,
     GrammarLimits,
@@ -59,17 +59,20 @@ DEFAULT_MAX_COMPILE_WORKERS = 2
 
 
 class GrammarCompiler:
-    """Compiles GrammarSpecs against one tokenizer's vocabulary, in worker processes, after
-    checking them against `limits`. Thread-safe; caches results, up to about `max_cache_bytes`
-    (least recently used evicted first); `cache_bytes` is what it holds now."""
+    """Compiles GrammarSpecs against one tokenizer's vocabulary, in worker processes (each stopped
+    once idle for `idle_worker_s`), after checking them against `limits`. Thread-safe; caches
+    results, up to about `max_cache_bytes` (least recently used evicted first); `cache_bytes` is
+    what it holds now."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
-                 limits: GrammarLimits = GrammarLimits(), max_compile_workers: int = DEFAULT_MAX_COMPILE_WORKERS):
+                 limits: GrammarLimits = GrammarLimits(), max_compile_workers: int = DEFAULT_MAX_COMPILE_WORKERS,
+                 idle_worker_s: float = IDLE_WORKER_S):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_cache_bytes = max_cache_bytes
         self.limits = limits
         self.max_compile_workers = max_compile_workers
+        self.idle_worker_s = idle_worker_s
         self._built: tuple[xgr.TokenizerInfo, CompilePool] | None = None
         self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
         self._cache_bytes = 0
@@ -81,7 +84,7 @@ class GrammarCompiler:
             if self._built is None:
                 info = self._tokenizer_info()
                 self._built = info, CompilePool(info.serialize_json(), self.max_compile_workers,
-                                                self.limits.compile_timeout_s)
+                                                self.limits.compile_timeout_s, self.idle_worker_s)
             return self._built
 
     def _tokenizer_info(self) -> xgr.TokenizerInfo:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import pytest
 import xgrammar as xgr
@@ -177,3 +178,19 @@ def _raised(function, *args):
     except Exception as exc:  # noqa: BLE001 - the test looks at which
         return type(exc)
     return None
+
+
+def test_idle_compile_workers_are_stopped_and_a_new_one_starts_when_needed(default_tokenizer):
+    # an idle worker holds ~90 MiB of its own, more after a large compile
+    compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size, idle_worker_s=0.3)
+    try:
+        assert accepts(compiler, GrammarSpec("regex", "yes|no"), "yes")
+        assert compiler.num_compile_workers == 1
+        deadline = time.monotonic() + 10
+        while compiler.num_compile_workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert compiler.num_compile_workers == 0
+        assert accepts(compiler, GrammarSpec("regex", "maybe|no"), "maybe")  # a new worker compiles it
+        assert compiler.num_compile_workers == 1
+    finally:
+        compiler.close()
