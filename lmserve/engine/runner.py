@@ -68,10 +68,11 @@ class ModelRunner:
         num_sampled = len(inp.sampled_seqs)
         step = self._sample(logits[:num_sampled], [live[seq.request.request_id] for seq in inp.sampled_seqs])
         if num_sampled < logits.shape[0]:
-            self._verify_drafts(logits[num_sampled:], inp.sampled_seqs, step)
+            self._verify_drafts(logits[num_sampled:], inp.sampled_seqs, live, step)
         return step
 
-    def _verify_drafts(self, logits: torch.Tensor, seqs: list[ScheduledSeq], step: StepResult) -> None:
+    def _verify_drafts(self, logits: torch.Tensor, seqs: list[ScheduledSeq], live: Mapping[str, LiveRequest],
+                       step: StepResult) -> None:
         """Keep each sequence's drafts while they are what its sampling picks: draft i stands if the
         token picked before it (the step's own, then the picks at the drafts' rows) equals it; the
         pick after the last standing draft follows it. `logits` holds the drafts' rows in order.
@@ -80,10 +81,12 @@ class ModelRunner:
         a kept token was drawn from exactly the distribution plain decoding draws it from, given
         the same tokens before it, so the output is distributed as plain decoding's (exactly
         greedy decoding's for greedy requests), and a draft stands with the probability its
-        sampling gives it."""
+        sampling gives it. Under a grammar, each draft row is masked as that step would be, by the
+        grammar after the tokens before it, and the kept tokens advance the request's matcher."""
         params = [seq.request.params for seq in seqs for _ in seq.draft]
         meta = SamplingMetadata(params=params, prompt_ids=[[]] * len(params), output_ids=[[]] * len(params),
-                                generators=[None] * len(params))
+                                generators=[None] * len(params),
+                                grammar_mask=self._draft_masks(seqs, live, step, logits.shape[1]))
         picked = self.sampler(logits, meta).token_ids.tolist()
         row = 0
         for seq in seqs:
@@ -101,9 +104,50 @@ class ModelRunner:
                     break
                 kept.append(pick)
                 previous = pick
+            if live[rid].matcher is not None:
+                kept = self._advance_kept(live[rid].matcher, rid, kept, step)
             step.num_accepted_tokens += len(kept)
             if kept:
                 step.accepted[rid] = kept
+
+    @staticmethod
+    def _draft_masks(seqs: list[ScheduledSeq], live: Mapping[str, LiveRequest], step: StepResult,
+                     vocab_size: int) -> GrammarMask | None:
+        """The grammar masks of the draft rows of constrained sequences whose first draft stood:
+        the row after draft i is masked by the grammar after the step's token and drafts 1..i (a
+        fork of the request's matcher walks them); the rows after a draft the grammar refuses stay
+        open, as that draft cannot stand."""
+        states, row = {}, 0
+        for seq in seqs:
+            rid, matcher = seq.request.request_id, live[seq.request.request_id].matcher
+            if (seq.draft and matcher is not None and step.token_ids.get(rid) == seq.draft[0]
+                    and rid not in step.errors and rid not in step.grammar_finished):
+                state = matcher  # after the step's own token, which _sample fed it
+                states[row] = state
+                for index, draft in enumerate(seq.draft[1:], start=1):
+                    state = state.fork()
+                    if not state.accept_token(draft) or state.is_terminated():
+                        break
+                    states[row + index] = state
+            row += len(seq.draft)
+        if not states:
+            return None
+        mask = GrammarMask.fill(states, row, vocab_size)
+        mask.dead_rows()  # opened: a dead state's drafts cannot stand, and sampling needs no NaN
+        return mask
+
+    @staticmethod
+    def _advance_kept(matcher, request_id: str, kept: list[int], step: StepResult) -> list[int]:
+        """Feed the kept tokens to the request's grammar; those it takes, up to where it ends."""
+        if request_id in step.grammar_finished or request_id in step.errors:
+            return []
+        for index, token in enumerate(kept):
+            if not matcher.accept_token(token):  # cannot happen: each was picked under its mask
+                return kept[:index]
+            if matcher.is_terminated():
+                step.grammar_finished.add(request_id)
+                return kept[:index + 1]
+        return kept
 
     def prepare(self, out: SchedulerOutput) -> ModelInput:
         # Decode rows first (batched attention over the paged cache), then prefill chunks. A decode

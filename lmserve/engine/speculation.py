@@ -64,7 +64,7 @@ def drafts_for(params: SamplingParams, sampled: bool = False) -> bool:
     draws from fresh random numbers rather than a seed), its next token depends only on the logits,
     and nothing else it asked for needs the tokens one step at a time."""
     return ((params.greedy or (sampled and params.seed is None)) and params.logprobs is None
-            and params.grammar is None and params.chain is None and not params.logit_bias and params.repetition_penalty == 1.0
+            and params.chain is None and not params.logit_bias and params.repetition_penalty == 1.0
             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and params.min_tokens == 0)
 
 

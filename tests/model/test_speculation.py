@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 
 from lmserve.engine import speculation
-from lmserve.request import SamplingParams
+import json
+
+from lmserve.request import GrammarSpec, SamplingParams
 from tests.helpers.pacing import AlwaysDraft
 from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
 
@@ -54,6 +56,30 @@ def test_speculation_gives_exactly_plain_greedy_decoding(default_model, engines,
         got, spec_steps = run(spec, batch, params)
         assert got == expected
         assert spec_steps <= plain_steps
+
+
+# Constraints the copied text fits (so drafts from the prompt stand) and one it does not (a JSON
+# object: its drafts stand only inside its strings)
+GRAMMARS = {
+    "regex": GrammarSpec("regex", r"[A-Za-z ,.:]{1,200}"),
+    "words": GrammarSpec("ebnf", 'root ::= word (", " word)*\nword ::= [a-z]+'),
+    "json": GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["words"], "properties": {
+        "words": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 12}}})),
+}
+
+
+@pytest.mark.parametrize("name", GRAMMARS)
+def test_under_a_grammar_speculation_gives_exactly_plain_greedy_decoding(default_model, engines, name):
+    plain, spec = engines
+    params = SamplingParams(temperature=0, max_tokens=60, grammar=GRAMMARS[name])
+    prompts = [chat_ids(default_model.tokenizer, text) for text in REPEATING[:2]]
+    accepted = spec.num_accepted_tokens
+    expected, plain_steps = run(plain, prompts, params)
+    got, spec_steps = run(spec, prompts, params)
+    assert got == expected
+    assert spec_steps <= plain_steps
+    if name != "json":  # the copy fits these: drafts of it were kept
+        assert spec.num_accepted_tokens - accepted >= 5
 
 
 def test_repeating_text_takes_fewer_steps_and_the_drafts_are_counted(default_model, engines):

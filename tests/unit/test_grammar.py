@@ -12,6 +12,7 @@ from lmserve.request import GrammarSpec
 from lmserve.sampling import bounded_strings
 from lmserve.sampling.bounded_strings import REGEX_BUDGET
 from lmserve.sampling.grammar import DEFAULT_MAX_CACHE_BYTES, GrammarCompiler
+from tests.helpers.grammar import MarkupTokenizer
 
 
 def schema(i: int) -> GrammarSpec:
@@ -33,20 +34,6 @@ def test_compiled_grammar_cache_is_bounded(default_tokenizer):
 def test_the_cache_is_bounded_by_default(default_tokenizer):
     compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
     assert compiler.max_cache_bytes == DEFAULT_MAX_CACHE_BYTES > 0  # xgrammar's own default: unbounded
-
-
-class MarkupTokenizer:
-    """Bytes 0-255 are ids 3-258; 0 is </s>, 1 an ordinary control token, 2 Mistral's [TOOL_CALLS]."""
-
-    vocab_size = 259
-    eos_token_ids = (0,)
-    specials = [b"</s>", b"<ctrl>", b"[TOOL_CALLS]"]
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.specials[token_id] if token_id < 3 else bytes([token_id - 3])
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id < 3
 
 
 def test_markup_special_tokens_can_be_written_by_a_grammar_others_cannot():

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from lmserve.engine.runner import ModelRunner, StepResult
 from lmserve.engine.speculation import BUSY_WORTH, LOOKBACK, MAX_RUNNING, WORTH, Drafter, drafts_for, worth
-from lmserve.request import SamplingParams
+from lmserve.request import GrammarSpec, SamplingParams
+from lmserve.sampling.grammar import GrammarCompiler
+from lmserve.sampling.sampler import Sampler
+from tests.helpers.grammar import MarkupTokenizer
 from tests.helpers.pacing import Recorder
 
 
@@ -94,6 +100,7 @@ def test_sampled_sequences_take_drafts_only_when_the_server_says_so():
     (SamplingParams(temperature=0), True),
     (SamplingParams(temperature=0, stop=("x",), max_tokens=5, seed=3), True),
     (SamplingParams(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05), True),
+    (SamplingParams(temperature=0, grammar=GrammarSpec("regex", "[a-z ]+")), True),  # each draft row masked
     (SamplingParams(temperature=0.7, seed=3), False),
     (SamplingParams(temperature=0, logprobs=0), False),
     (SamplingParams(temperature=0, logit_bias=((1, 2.0),)), False),
@@ -294,3 +301,29 @@ def test_only_decode_steps_that_asked_the_draft_model_are_timed():
     draft.propose({"a": ([1, 2, 3], 4)})
     draft.step_done(num_decodes=0, num_tokens=0, seconds=0.2, prefill=False)  # nothing decoded
     assert draft.pacer.records == [(1.5, 0.5, 2)]
+
+
+# ---------------------------------------------------------------- drafts under a grammar
+
+
+def test_under_a_grammar_each_draft_row_is_masked_by_the_grammar_after_the_drafts_before_it():
+    # One byte a token (ids 3-258). Grammar "ab+c"; the step picked "a" (its matcher has taken it),
+    # the drafts are "a", "b", "b". The row after the first draft most favours "x", which the
+    # grammar refuses there, then "b"; the row after "ab" favours "c". Masked, the picks are "b"
+    # (the second draft stands) and "c" (the third does not): "b", "c" are kept.
+    compiler = GrammarCompiler(MarkupTokenizer(), 259)
+    matcher = compiler.matcher(GrammarSpec("regex", "ab+c"))
+    byte = lambda text: ord(text) + 3  # noqa: E731
+    assert matcher.accept_token(byte("a"))
+    request = SimpleNamespace(request_id="r", params=SamplingParams(temperature=0))
+    seq = SimpleNamespace(request=request, draft=[byte("a"), byte("b"), byte("b")])
+    logits = torch.zeros(3, 259)
+    logits[0, byte("x")], logits[0, byte("b")] = 9.0, 5.0
+    logits[1, byte("c")], logits[1, byte("b")] = 9.0, 5.0
+    runner = object.__new__(ModelRunner)
+    runner.sampler = Sampler()
+    step = StepResult({"r": byte("a")}, {})
+    runner._verify_drafts(logits, [seq], {"r": SimpleNamespace(matcher=matcher)}, step)
+    assert step.accepted == {"r": [byte("b"), byte("c")]} and step.num_accepted_tokens == 2
+    assert matcher.is_completed()  # the kept tokens were fed to the grammar: "abc"
+    compiler.close()
