@@ -140,3 +140,37 @@ def test_a_tool_arguments_bounded_string_takes_json_characters_and_keeps_its_bou
     assert accepts(compiler, spec, '<call>{"q": "ab\\"cd"}</call>')
     assert not accepts(compiler, spec, '<call>{"q": "abcdef"}</call>')
     assert not accepts(compiler, spec, '<call>{"q": "a\tb"}</call>')
+
+
+def patterned(pattern: str) -> GrammarSpec:
+    return GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["s"],
+                                                  "properties": {"s": {"type": "string", "pattern": pattern}}}))
+
+
+@pytest.mark.parametrize("pattern, longest, outside", [
+    ("^[a-z ]{0,300}$", 300, "A"),  # chunks, then a regex for the rest
+    ("^[0-9]{130,200}$", 200, "x"),
+    ("^.{0,300}$", 300, "\x01"),  # a JSON string's characters, as xgrammar writes a pattern's
+    ("^.{5,}$", 40, "\x01"),  # no upper bound: unrolled already, left alone
+])
+def test_a_pattern_of_one_long_counted_atom_keeps_its_language(pattern, longest, outside):
+    # xgrammar masks a regex count past 128 one token at a time (8.5 ms a row for [a-z ]{0,300})
+    compiler = GrammarCompiler(MarkupTokenizer(), 259)
+    spec, low = patterned(pattern), int(re.search(r"\{(\d+)", pattern).group(1))
+    fill = "7" if "0-9" in pattern else "a"
+    assert accepts(compiler, spec, value(fill * longest)) and accepts(compiler, spec, value(fill * max(low, 1)))
+    assert not accepts(compiler, spec, value(fill * (longest - 1) + outside))
+    if low > 1:
+        assert not accepts(compiler, spec, value(fill * (low - 1)))
+    if "," in pattern and not pattern.endswith(",}$"):
+        assert not accepts(compiler, spec, value(fill * (longest + 1)))
+
+
+def test_only_whole_patterns_of_one_long_counted_atom_are_rewritten():
+    def rewritten(pattern: str) -> bool:
+        text = str(xgr.Grammar.from_json_schema(json.dumps({"type": "string", "pattern": pattern}), any_whitespace=False))
+        return bounded_strings.mend(text, 259) != text
+    assert rewritten("^[a-z ]{0,300}$") and rewritten("^\\d{200}$") and rewritten("^.{1,1000}$")
+    assert not rewritten("^[a-z ]{0,100}$")  # unrolled: fast already
+    assert not rewritten("[a-z]{0,300}")  # matched anywhere in the string: left as it is
+    assert not rewritten("^(ab){0,300}$") and not rewritten("^x[a-z]{0,300}$")  # more than one atom
