@@ -39,11 +39,13 @@ class LevelReport:
     cached_tokens_mean: float | None  # mean of usage.prompt_tokens_details.cached_tokens
     num_errors: int
     first_error: str | None
-    peak_rss_mib: float | None
+    peak_rss_mib: float | None  # the server's processes' RSS summed (shared pages counted in each)
+    peak_pss_mib: float | None = None  # their PSS summed (shared pages split between them)
 
 
 def summarize_level(
-    server: str, workload: Workload, results: Sequence[RequestResult], wall_s: float, peak_rss_bytes: int | None
+    server: str, workload: Workload, results: Sequence[RequestResult], wall_s: float, peak_rss_bytes: int | None,
+    peak_pss_bytes: int | None = None,
 ) -> LevelReport:
     ok = [result for result in results if result.ok]
     errors = [result.error for result in results if not result.ok]
@@ -65,6 +67,7 @@ def summarize_level(
         cached_tokens_mean=mean([r.cached_tokens for r in ok if r.cached_tokens is not None]),
         num_errors=len(errors), first_error=errors[0] if errors else None,
         peak_rss_mib=peak_rss_bytes / 2**20 if peak_rss_bytes else None,
+        peak_pss_mib=peak_pss_bytes / 2**20 if peak_pss_bytes else None,
     )
 
 
@@ -95,23 +98,25 @@ METRICS = {
     "prefill_tok_s": Metric("prefill_tok_s", "prefill tok/s"),
     "cached_tokens_mean": Metric("cached_tokens_mean", "cached prompt tokens", fmt="{:.0f}"),
     "peak_rss_mib": Metric("peak_rss_mib", "peak RSS MiB", fmt="{:.0f}"),
+    "peak_pss_mib": Metric("peak_pss_mib", "peak PSS MiB", fmt="{:.0f}"),
     "num_errors": Metric("num_errors", "errors", fmt="{:d}"),
 }
 
 # What is worth comparing for each kind of workload (the JSON has everything).
+_LATENCY = ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s")
+_MEMORY = ("peak_rss_mib", "peak_pss_mib", "num_errors")
 KIND_METRICS = {
-    "decode": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "peak_rss_mib", "num_errors"),
-    "prefill": ("prefill_tok_s", "ttft_p50_s", "peak_rss_mib", "num_errors"),
-    "shared": ("ttft_p50_s", "ttft_p95_s", "cached_tokens_mean", "output_tok_s", "peak_rss_mib", "num_errors"),
-    "cold": ("ttft_p50_s", "ttft_p95_s", "cached_tokens_mean", "output_tok_s", "peak_rss_mib", "num_errors"),
-    "mix": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "peak_rss_mib", "num_errors"),
-    "chat": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "cached_tokens_mean",
-             "peak_rss_mib", "num_errors"),
-    "json": ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "peak_rss_mib", "num_errors"),
+    "decode": (*_LATENCY, *_MEMORY),
+    "prefill": ("prefill_tok_s", "ttft_p50_s", *_MEMORY),
+    "shared": ("ttft_p50_s", "ttft_p95_s", "cached_tokens_mean", "output_tok_s", *_MEMORY),
+    "cold": ("ttft_p50_s", "ttft_p95_s", "cached_tokens_mean", "output_tok_s", *_MEMORY),
+    "mix": (*_LATENCY, *_MEMORY),
+    "chat": (*_LATENCY, "cached_tokens_mean", *_MEMORY),
+    "json": (*_LATENCY, *_MEMORY),
 }
 
 LEVEL_COLUMNS = ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "prefill_tok_s",
-                 "cached_tokens_mean", "peak_rss_mib", "num_errors")
+                 "cached_tokens_mean", "peak_rss_mib", "peak_pss_mib", "num_errors")
 
 
 def format_value(metric: Metric, value: float | None) -> str:

@@ -1,4 +1,7 @@
-"""Peak resident memory of a server process and its children, sampled on a thread."""
+"""Peak resident memory of a server process and its children, sampled on a thread: the sum of
+their RSS, and the sum of their PSS (proportional set size: a page shared by N processes counts
+1/N in each), which does not count twice the pages a server's processes share (lmserve's grammar
+compile workers fork from a process that shares torch's and xgrammar's code with the server)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class PeakRSSSampler:
-    """`with PeakRSSSampler(pid) as sampler: ...` then `sampler.peak_bytes` (None without a pid).
+    """`with PeakRSSSampler(pid) as sampler: ...` then `sampler.peak_bytes` and `sampler.peak_pss_bytes`
+    (None without a pid, or PSS where the kernel does not give it).
 
     Sampling every 100 ms misses spikes shorter than that; a server's footprint (weights, KV cache,
     activations of a full batch) lasts for the whole level, so the peak is still representative.
@@ -22,6 +26,7 @@ class PeakRSSSampler:
         self.pid = pid
         self.interval_s = interval_s
         self.peak_bytes: int | None = None
+        self.peak_pss_bytes: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
@@ -44,6 +49,9 @@ class PeakRSSSampler:
         rss = tree_rss_bytes(self.pid)
         if rss is not None and (self.peak_bytes is None or rss > self.peak_bytes):
             self.peak_bytes = rss
+        pss = tree_pss_bytes(self.pid)
+        if pss is not None and (self.peak_pss_bytes is None or pss > self.peak_pss_bytes):
+            self.peak_pss_bytes = pss
 
 
 def tree_rss_bytes(pid: int) -> int | None:
@@ -59,4 +67,22 @@ def tree_rss_bytes(pid: int) -> int | None:
             total += process.memory_info().rss
         except psutil.Error:  # a child that exited between listing and sampling
             pass
+    return total
+
+
+def tree_pss_bytes(pid: int) -> int | None:
+    """PSS of `pid` plus all its descendants (Linux's smaps_rollup); None once the process is gone."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/smaps_rollup") as file:
+                total += next(int(line.split()[1]) * 1024 for line in file if line.startswith("Pss:"))
+        except (OSError, StopIteration):  # gone, or no smaps_rollup here
+            if process.pid == pid:
+                return None
     return total

@@ -24,13 +24,14 @@ def test_summarize_level():
     # Binary fractions, so every statistic below is exact.
     results = [result(0.5, [0.5, 0.625, 0.75, 0.875], 4), result(1.0, [1.0, 1.25, 1.5, 1.75], 4),
                result(0, [], 0, "HTTP 500: boom")]
-    report = summarize_level("srv", DECODE, results, wall_s=2.0, peak_rss_bytes=3 * 2**20)
+    report = summarize_level("srv", DECODE, results, wall_s=2.0, peak_rss_bytes=3 * 2**20, peak_pss_bytes=2**20)
     assert (report.output_tokens, report.output_tok_s) == (8, 4.0)  # the failed request counts for nothing
     assert (report.ttft_p50_s, report.e2e_p50_s) == (0.75, 1.3125)
     assert (report.itl_p50_s, report.itl_p95_s) == (0.1875, 0.25)  # gaps 0.125 x3 and 0.25 x3
     assert report.tpot_p50_s == 0.1875  # 0.375 / 3 and 0.75 / 3
     assert report.prefill_tok_s == 128 / 0.75
-    assert (report.num_errors, report.first_error, report.peak_rss_mib) == (1, "HTTP 500: boom", 3.0)
+    assert (report.num_errors, report.first_error, report.peak_rss_mib, report.peak_pss_mib) == (
+        1, "HTTP 500: boom", 3.0, 1.0)
     assert (report.prompt_tokens_reported, report.cached_tokens_mean) == (128, 16)
 
 
@@ -78,3 +79,26 @@ def test_llama_context_is_per_slot_rounded_times_slots():
     assert llama_context_tokens(Workload("d", "decode", 64, 128, 128, 256)) == 64 * 512
     assert llama_context_tokens(Workload("p", "prefill", 1, 3, 2000, 1)) == 2048
     assert llama_context_tokens(Workload("s", "shared", 16, 16, 1600, 32, 1500)) == 16 * 1792
+
+
+def test_a_process_trees_pss_counts_its_shared_pages_once():
+    # a forked child shares its parent's pages: summed RSS counts them twice, summed PSS once
+    import os
+    import time
+
+    from bench.rss import tree_pss_bytes, tree_rss_bytes
+
+    ballast = bytearray(os.urandom(64 * 2**20))  # 64 MiB the child shares until it writes
+    child = os.fork()
+    if child == 0:
+        time.sleep(5)
+        os._exit(0)
+    try:
+        time.sleep(0.2)
+        rss, pss = tree_rss_bytes(os.getpid()), tree_pss_bytes(os.getpid())
+        assert rss - pss > 48 * 2**20  # about the ballast once more, and the interpreter's own pages
+        assert pss > 64 * 2**20
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+    del ballast
