@@ -22,6 +22,7 @@ import time
 import weakref
 from typing import Any
 
+from lmserve.memory import return_freed_memory
 from lmserve.sampling import bounded_strings
 
 # How often a waiting caller looks at its deadline and at its request.
@@ -198,6 +199,7 @@ def serve(conn: Any, tokenizer_info_path: str) -> None:
             conn.send(("ok", compile_with(compiler, info.vocab_size, kind, text, strict).serialize_json()))
         except (RuntimeError, ValueError, TypeError) as exc:
             conn.send(("invalid", str(exc)))
+        return_freed_memory()  # a compile's working memory, which glibc would keep while the worker idles
 
 
 def json_schema_grammar(schema: str, strict: bool, vocab_size: int) -> Any:
