@@ -56,33 +56,33 @@ class PeakRSSSampler:
 
 def tree_rss_bytes(pid: int) -> int | None:
     """RSS of `pid` plus all its descendants; None once the process is gone."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return None
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.Error:  # a child that exited between listing and sampling
-            pass
-    return total
+    return _tree_sum(pid, lambda process: process.memory_info().rss)
 
 
 def tree_pss_bytes(pid: int) -> int | None:
-    """PSS of `pid` plus all its descendants (Linux's smaps_rollup); None once the process is gone."""
+    """PSS of `pid` plus all its descendants (Linux's smaps_rollup); None once the process is gone
+    or where the kernel gives no PSS."""
+    return _tree_sum(pid, _pss_bytes)
+
+
+def _pss_bytes(process: psutil.Process) -> int:
+    try:
+        with open(f"/proc/{process.pid}/smaps_rollup") as file:
+            return next(int(line.split()[1]) * 1024 for line in file if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        raise psutil.NoSuchProcess(process.pid) from None
+
+
+def _tree_sum(pid: int, measure) -> int | None:
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
+        total = measure(root)
     except psutil.Error:
         return None
-    total = 0
-    for process in processes:
+    for process in processes[1:]:
         try:
-            with open(f"/proc/{process.pid}/smaps_rollup") as file:
-                total += next(int(line.split()[1]) * 1024 for line in file if line.startswith("Pss:"))
-        except (OSError, StopIteration):  # gone, or no smaps_rollup here
-            if process.pid == pid:
-                return None
+            total += measure(process)
+        except psutil.Error:  # a child that exited between listing and sampling
+            pass
     return total
