@@ -139,7 +139,7 @@ class ModelRunner:
     @staticmethod
     def _advance_kept(matcher, request_id: str, kept: list[int], step: StepResult) -> list[int]:
         """Feed the kept tokens to the request's grammar; those it takes, up to where it ends."""
-        if request_id in step.grammar_finished or request_id in step.errors:
+        if request_id in step.grammar_finished:  # the step's own token ended it
             return []
         for index, token in enumerate(kept):
             if not matcher.accept_token(token):  # cannot happen: each was picked under its mask

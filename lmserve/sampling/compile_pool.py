@@ -29,8 +29,9 @@ from lmserve.sampling import bounded_strings
 POLL_INTERVAL_S = 0.02
 # A worker's start: the forkserver's first start imports xgrammar (seconds on a busy machine).
 MAX_START_S = 120.0
-# A worker idle this long is stopped: it holds ~90 MiB of its own, more after a large compile
-# (bench/RESULTS.md, twenty-sixth sitting), and a new one starts in a fraction of a second.
+# A worker idle this long is stopped: it holds ~75 MiB of its own (PSS ~136 MiB, after a compile
+# and the heap it handed back; bench/RESULTS.md, twenty-sixth sitting), and a new one starts in
+# ~0.4 s.
 IDLE_WORKER_S = 60.0
 
 
@@ -208,9 +209,16 @@ def json_schema_grammar(schema: str, strict: bool, vocab_size: int) -> Any:
     import xgrammar as xgr
 
     grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+    return _mended(grammar, vocab_size) or grammar
+
+
+def _mended(grammar: Any, vocab_size: int) -> Any:
+    """`grammar` with its length-bounded strings mended (bounded_strings.py); None if it has none."""
+    import xgrammar as xgr
+
     text = str(grammar)
     mended = bounded_strings.mend(text, vocab_size)
-    return grammar if mended == text else xgr.Grammar.from_ebnf(mended)
+    return None if mended == text else xgr.Grammar.from_ebnf(mended)
 
 
 def compile_with(compiler: Any, vocab_size: int, kind: str, text: str, strict: bool) -> Any:
@@ -226,7 +234,6 @@ def compile_with(compiler: Any, vocab_size: int, kind: str, text: str, strict: b
     if kind == "structural_tag":  # tool calls: their arguments' schemas, mended as above
         import xgrammar as xgr
 
-        grammar = str(xgr.Grammar.from_structural_tag(text))
-        mended = bounded_strings.mend(grammar, vocab_size)
-        return compiler.compile_structural_tag(text) if mended == grammar else compiler.compile_grammar(mended)
+        mended = _mended(xgr.Grammar.from_structural_tag(text), vocab_size)
+        return compiler.compile_structural_tag(text) if mended is None else compiler.compile_grammar(mended)
     raise ValueError(f"unknown grammar kind {kind!r}")

@@ -151,7 +151,7 @@ def patterned(pattern: str) -> GrammarSpec:
     ("^[a-z ]{0,300}$", 300, "A"),  # chunks, then a regex for the rest
     ("^[0-9]{130,200}$", 200, "x"),
     ("^.{0,300}$", 300, "\x01"),  # a JSON string's characters, as xgrammar writes a pattern's
-    ("^.{5,}$", 40, "\x01"),  # no upper bound: unrolled already, left alone
+    ("^.{130,}$", 180, "\x01"),  # no upper bound: chunks, then a regex of the rest and any more
 ])
 def test_a_pattern_of_one_long_counted_atom_keeps_its_language(pattern, longest, outside):
     # xgrammar masks a regex count past 128 one token at a time (8.5 ms a row for [a-z ]{0,300})
@@ -168,9 +168,11 @@ def test_a_pattern_of_one_long_counted_atom_keeps_its_language(pattern, longest,
 
 def test_only_whole_patterns_of_one_long_counted_atom_are_rewritten():
     def rewritten(pattern: str) -> bool:
-        text = str(xgr.Grammar.from_json_schema(json.dumps({"type": "string", "pattern": pattern}), any_whitespace=False))
+        schema = json.dumps({"type": "string", "pattern": pattern})
+        text = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
         return bounded_strings.mend(text, 259) != text
     assert rewritten("^[a-z ]{0,300}$") and rewritten("^\\d{200}$") and rewritten("^.{1,1000}$")
+    assert rewritten("^.{130,}$")
     assert not rewritten("^[a-z ]{0,100}$")  # unrolled: fast already
     assert not rewritten("[a-z]{0,300}")  # matched anywhere in the string: left as it is
     assert not rewritten("^(ab){0,300}$") and not rewritten("^x[a-z]{0,300}$")  # more than one atom
