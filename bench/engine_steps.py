@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
+    .venv/bin/python -m bench.engine_steps forced     # tok/s of one request under a JSON schema: no drafts, lookup's, and the forced text's
     .venv/bin/python -m bench.engine_steps lookup-busy [--levels 16,32,64] [--loops]  # off and on, C at once, requests admitted as others finish
     .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64] [--scattered]  # sequences decoding at once
     .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share; --kv-cache-dtype int8 for that cache
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 
@@ -21,7 +23,7 @@ import torch
 from lmserve.cli import default_model_path
 from lmserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from lmserve.engine.engine import LLMEngine
-from lmserve.request import SamplingParams
+from lmserve.request import GrammarSpec, SamplingParams
 from lmserve.weights.load import load_model
 
 PROMPT = list(range(1000, 1128))
@@ -34,6 +36,22 @@ QUESTIONS = ("What are the main causes of climate change, and what can one perso
              "Explain how a hash table works to a new programmer.",
              "Give me three ideas for a weekend trip with children, with a packing list for each.",
              "Write a Python function that checks whether a string is a palindrome, and explain it.")
+EXTRACT = ("Extract the order as JSON. Order from Jane Doe (jane.doe@example.com, +44 20 7946 0958): 2 x SKU A-100 "
+           "at 9.99 each, 1 x SKU B-220 at 24.50. Ship express to 10 Downing Street, London, SW1A 2AA, United "
+           "Kingdom. Gift wrap please.")
+ORDER_SCHEMA = {"type": "object", "required": ["customer", "items", "shipping_address", "priority", "gift_wrap"],
+                "properties": {
+    "customer": {"type": "object", "required": ["name", "email", "phone"], "properties": {
+        "name": {"type": "string", "maxLength": 40}, "email": {"type": "string", "maxLength": 40},
+        "phone": {"type": "string", "maxLength": 20}}},
+    "items": {"type": "array", "maxItems": 4, "items": {"type": "object", "required": ["sku", "quantity", "unit_price"],
+              "properties": {"sku": {"type": "string", "maxLength": 12}, "quantity": {"type": "integer"},
+                             "unit_price": {"type": "number"}}}},
+    "shipping_address": {"type": "object", "required": ["street", "city", "postal_code", "country"], "properties": {
+        "street": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 24},
+        "postal_code": {"type": "string", "maxLength": 10}, "country": {"type": "string", "maxLength": 24}}},
+    "priority": {"type": "string", "enum": ["standard", "express", "overnight"]},
+    "gift_wrap": {"type": "boolean"}}}
 REPEATS = 5
 DECODE_STEPS = 32
 BLOCK_SIZE = 16  # the engines' KV blocks, in tokens
@@ -117,6 +135,36 @@ def lookup(loaded) -> None:
                 best = min(best, time.perf_counter() - started)
             print(f"{name:8s} K={k}: {len(out)} tokens, {len(out) / best:6.1f} tok/s, "
                   f"drafts kept {e.num_accepted_tokens} of {e.num_draft_tokens}")
+
+
+def forced(loaded) -> None:
+    """One greedy request at a time under a JSON schema, prompt cached, best of 3: with no drafts,
+    with prompt lookup's alone, and with the text the grammar forces drafted first (serve's
+    default), K = 4; steps, and drafts kept. An order to extract (many keys) and the json
+    workload's record (bench/workloads.py: long strings, few keys)."""
+    from bench.workloads import JSON_SCHEMA
+    from tests.helpers.real_engine import chat_ids
+
+    ids = chat_ids(loaded.tokenizer, EXTRACT)
+    for name, schema in (("order", ORDER_SCHEMA), ("record", JSON_SCHEMA)):
+        params = SamplingParams(temperature=0, max_tokens=400, grammar=GrammarSpec("json_schema", json.dumps(schema)))
+        for how, k in (("no drafts", 0), ("lookup", 4), ("forced+lookup", 4)):
+            e = engine(loaded, k)
+            if how == "lookup":
+                e._scheduler.forced = None
+            e.generate([ids], params)
+            best, out, steps = float("inf"), [], 0
+            for _ in range(3):
+                e.num_accepted_tokens = e.num_draft_tokens = 0
+                started = time.perf_counter()
+                e.add_request("r", ids, params)
+                out, steps = [], 0
+                while e.has_unfinished:
+                    out.extend(token for o in e.step().outputs for token in o.new_token_ids)
+                    steps += 1
+                best = min(best, time.perf_counter() - started)
+            print(f"{name:6s} {how:13s}: {len(out)} tokens in {steps} steps, {len(out) / best:6.1f} tok/s, "
+                  f"drafts kept {e.num_accepted_tokens} of {e.num_draft_tokens}", flush=True)
 
 
 def lookup_matrix(loaded) -> None:
@@ -315,7 +363,8 @@ def prefill(loaded) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("costly", "chunk", "lookup", "lookup-matrix", "lookup-busy", "decode", "prefill"))
+    parser.add_argument("what", choices=("costly", "chunk", "lookup", "forced", "lookup-matrix", "lookup-busy", "decode",
+                                         "prefill"))
     parser.add_argument("--scattered", action="store_true", help="decode: mixed traffic first, so that blocks lie "
                         "scattered as on a server that has run a while")
     parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "
@@ -333,7 +382,7 @@ def main() -> None:
     elif args.what == "lookup-busy":
         lookup_busy(loaded, args.levels or BUSY_LEVELS, loops=args.loops)
     else:
-        {"costly": costly, "chunk": chunk, "lookup": lookup, "lookup-matrix": lookup_matrix,
+        {"costly": costly, "chunk": chunk, "lookup": lookup, "forced": forced, "lookup-matrix": lookup_matrix,
          "prefill": prefill}[args.what](loaded)
 
 

@@ -48,7 +48,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 512  # tokens through the model in one step (chunked prefill budget)
     max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own
-    num_speculative_tokens: int = 0  # prompt lookup's drafts per step and sequence; 0: off
+    num_speculative_tokens: int = 0  # prompt lookup's (and forced text's) drafts per step and sequence; 0: off
     speculative_sampling: bool = False  # sampled (not only greedy) requests take drafts too
 
     def __post_init__(self) -> None:

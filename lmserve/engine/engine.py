@@ -79,7 +79,7 @@ class LLMEngine:
         sched_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self._draft = (None if draft is None else
                        DraftModel.for_target(draft, loaded, config, self.max_model_len, num_blocks * block_size))
-        self._scheduler = Scheduler(sched_config, block_size, self._pool, self._draft)
+        self._scheduler = Scheduler(sched_config, block_size, self._pool, self._draft, self._forced_ids)
         caches = allocate_kv_caches(loaded.config, num_blocks, block_size, cache_dtype, self.device)
         self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size)
         self._runner: ModelRunner | None = ModelRunner(loaded.model, caches, block_size, self.device)
@@ -137,6 +137,15 @@ class LLMEngine:
             logit_bias=BiasTensors.of(params.logit_bias) if params.logit_bias else None,
         )
         self._scheduler.add(request)
+
+    def _forced_ids(self, request: Request) -> list[int]:
+        """The tokenizer's tokens for the text `request`'s grammar forces next, as it stands after
+        the request's tokens so far ([] where the grammar leaves a choice): drafts (speculation.py)."""
+        matcher = self._live[request.request_id].matcher
+        if matcher is None or matcher.is_terminated():
+            return []
+        text = matcher.find_jump_forward_string()
+        return self.tokenizer.encode_plain(text, add_special_tokens=False) if text else []
 
     def abort_request(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from lmserve.cache.block_pool import BlockPool
@@ -38,7 +38,10 @@ class Proposer(Protocol):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, proposer: Proposer | None = None):
+    def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, proposer: Proposer | None = None,
+                 forced: Callable[[Request], list[int]] | None = None):
+        """`forced`: the tokens of the text a request's constraint forces next ([] for none), asked
+        for constrained requests that may take drafts; they are drafted before any other drafts."""
         self.config = config
         self.block_size = block_size
         self.pool = pool
@@ -46,6 +49,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.drafters: dict[str, speculation.Drafter] = {}  # request id -> its prompt lookup
         self.proposer = proposer  # drafts from a draft model, for all of a step's sequences at once
+        self.forced = forced
+        self.forced_drafters: dict[str, speculation.Drafter] = {}  # request id -> the tally of its forced drafts
         self.busy_pacer = speculation.Pacer(f"prompt lookup's drafts with more than {speculation.MAX_RUNNING} running",
                                             turn=1, warm=False)  # plain and drafted steps in turn
 
@@ -118,8 +123,12 @@ class Scheduler:
 
     def _draft(self, request: Request, room: int | None, budget: int, proposals: Mapping[str, list[int]],
                threshold: float) -> list[int]:
-        """Drafts for a decoding request with `room` (_room), within the budget: the proposer's,
-        or prompt lookup's; [] when speculation is off or does not apply (speculation.py)."""
+        """Drafts for a decoding request with `room` (_room), within the budget: the text its
+        constraint forces, or the proposer's, or prompt lookup's; [] when speculation is off or
+        does not apply (speculation.py)."""
+        forced = self._forced_drafts(request, room, budget, threshold)
+        if forced is not None:
+            return forced
         if proposals:  # the draft model ran this step; when it does not, prompt lookup drafts
             if room is None or not self.proposer.num_tokens:
                 return []
@@ -129,6 +138,21 @@ class Scheduler:
         drafter = self.drafters.setdefault(request.request_id, speculation.Drafter())
         wanted = min(room, self.config.num_speculative_tokens, budget)
         return drafter.drafts(request.all_ids, wanted, threshold)  # called at no room too: it tallies its last proposal
+
+    def _forced_drafts(self, request: Request, room: int | None, budget: int, threshold: float) -> list[int] | None:
+        """Drafts of the text `request`'s constraint forces next (a JSON schema's keys and the
+        punctuation around them: speculation.py), judged by their own tally; None where it forces
+        nothing now, or no drafts may run, and other drafts apply."""
+        if (self.forced is None or request.params.grammar is None or room is None
+                or not self.config.num_speculative_tokens or threshold == math.inf):
+            return None
+        wanted = min(room, self.config.num_speculative_tokens, budget)
+        proposal = self.forced(request)[:wanted] if wanted > 0 else []
+        if not proposal:
+            return None
+        self.drafters.setdefault(request.request_id, speculation.Drafter()).drafts(request.all_ids, 0)  # indexes, tallies
+        drafter = self.forced_drafters.setdefault(request.request_id, speculation.Drafter(kept=speculation.FORCED_PRIOR))
+        return drafter.judge(request.all_ids, proposal, threshold)
 
     def _room(self, request: Request) -> int | None:
         """The drafts `request` may take this step within its max_tokens and the context, the
@@ -285,6 +309,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.pool.release(request.block_ids, request.request_id)
         self.drafters.pop(request.request_id, None)
+        self.forced_drafters.pop(request.request_id, None)
         request.block_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -11,6 +11,14 @@ decoding's for greedy requests), in fewer steps when the text repeats what it ha
 (edits, code, quotes, extraction). A draft stands with the probability the sampler gives it, and a
 Drafter runs drafts only while its request's proposals come true.
 
+Under a constraint the drafts come first from the grammar: where it forces the text that follows
+(a JSON schema's next key with its quotes, colon and comma, the rest of an enum's only match),
+that text's tokens are the draft (engine.py asks xgrammar's jump-forward string, as SGLang's
+jump-forward decoding does). They are checked like any draft, so the output stays what plain
+decoding gives; they are only kept where the model would pick the tokenizer's own spelling of
+the text, which a grammar also allows spelled in other tokens. Their own tally, started at
+FORCED_PRIOR kept tokens to one mismatch, judges them as prompt lookup's tally judges its drafts.
+
 Only sequences whose next token depends on nothing but the logits get drafts: greedy ones, and
 with the server's speculative_sampling sampled ones that draw fresh random numbers (a seeded
 request's numbers come one per token from its own generator, so its output stays the same whatever
@@ -48,6 +56,7 @@ LOOKBACK = 4096  # tokens searched back from the end: the lookup stays cheap on 
 WORTH = 0.3  # a draft token runs only if it is kept at least this often, while at most MAX_RUNNING run
 BUSY_WORTH = 0.9  # the same with more running
 DECAY = 0.75  # weight of the past in a request's running tally
+FORCED_PRIOR = 3.0  # kept tokens a request's tally of forced drafts starts with, to one mismatch (rate 0.75)
 PROBE_STEPS = 16  # decode steps a Pacer times without the drafts it judges
 TRIAL_STEPS = 16  # decode steps timed with them
 KEEP_STEPS = 64  # decode steps the faster way runs at least before both are timed again,
@@ -99,8 +108,12 @@ class Drafter:
     def drafts(self, ids: Sequence[int], room: int, threshold: float = WORTH) -> list[int]:
         """The drafts after `ids` (at most `room`) kept at least `threshold` of the time by this
         request's rate, after tallying the last proposal."""
+        return self.judge(ids, self.lookup(ids, room), threshold)
+
+    def judge(self, ids: Sequence[int], proposal: list[int], threshold: float = WORTH) -> list[int]:
+        """The part of `proposal` (drafts after `ids`) kept at least `threshold` of the time by this
+        request's rate, after tallying the last proposal; `proposal` is tallied in turn."""
         self._observe(ids)
-        proposal = self.lookup(ids, room)
         self.last, self.since = proposal, len(ids)
         rate = self.rate
         count, chance = 0, rate

@@ -4,11 +4,11 @@ gives, stop strings, stop tokens and max_tokens included, in fewer steps when th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lmserve.engine import speculation
-import json
-
 from lmserve.request import GrammarSpec, SamplingParams
 from tests.helpers.pacing import AlwaysDraft
 from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
@@ -80,6 +80,48 @@ def test_under_a_grammar_speculation_gives_exactly_plain_greedy_decoding(default
     assert spec_steps <= plain_steps
     if name != "json":  # the copy fits these: drafts of it were kept
         assert spec.num_accepted_tokens - accepted >= 5
+
+
+ORDER = GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["customer", "items", "priority"],
+                                                "properties": {
+    "customer": {"type": "object", "required": ["name", "email", "phone"], "properties": {
+        "name": {"type": "string", "maxLength": 24}, "email": {"type": "string", "maxLength": 32},
+        "phone": {"type": "string", "maxLength": 20}}},
+    "items": {"type": "array", "maxItems": 2, "items": {"type": "object", "required": ["sku", "quantity"], "properties": {
+        "sku": {"type": "string", "maxLength": 8}, "quantity": {"type": "integer"}}}},
+    "priority": {"type": "string", "enum": ["standard", "express", "overnight"]}}}))
+ORDER_TEXT = ("Extract the order as JSON. Order from Jane Doe (jane.doe@example.com, +44 20 7946 0958): 2 x SKU "
+              "A-100, 1 x SKU B-220. Ship express.")
+
+
+def test_under_a_schema_the_text_it_forces_is_drafted_and_the_output_stays_plain_decoding(default_model, engines):
+    """The keys a schema forces are drafted as the tokenizer spells them: the output is plain greedy
+    decoding's, in fewer steps than with prompt lookup alone."""
+    plain, spec = engines
+    lookup_only = make_engine(default_model, speculative=4)
+    lookup_only._scheduler.forced = None
+    forced_texts = []
+    forced = spec._scheduler.forced
+
+    def recorded(request):
+        ids = forced(request)
+        forced_texts.append(default_model.tokenizer.decode(ids))
+        return ids
+
+    params = SamplingParams(temperature=0, max_tokens=120, grammar=ORDER)
+    prompts = [chat_ids(default_model.tokenizer, ORDER_TEXT)]
+    expected, plain_steps = run(plain, prompts, params)
+    lookup_result, lookup_steps = run(lookup_only, prompts, params)
+    spec._scheduler.forced = recorded
+    try:
+        got, spec_steps = run(spec, prompts, params)
+    finally:
+        spec._scheduler.forced = forced
+    assert got == expected == lookup_result
+    assert json.loads(got[0][1])["priority"] == "express"  # the grammar finished the object
+    assert ' "email": "' in forced_texts  # a key, after the model's own '",'
+    assert 'ress"}' in forced_texts  # the rest of the enum's only match after "exp", and the object's end
+    assert spec_steps < lookup_steps < plain_steps
 
 
 def test_repeating_text_takes_fewer_steps_and_the_drafts_are_counted(default_model, engines):

@@ -6,7 +6,7 @@ from lmserve.cache.block_pool import BlockPool
 from lmserve.config import SchedulerConfig
 from lmserve.engine.scheduler import Scheduler
 from lmserve.engine.speculation import Drafter
-from lmserve.request import FinishReason, Request, RequestStatus, SamplingParams
+from lmserve.request import FinishReason, GrammarSpec, Request, RequestStatus, SamplingParams
 from tests.helpers.pacing import AlwaysDraft, Recorder
 
 
@@ -457,3 +457,80 @@ def test_spares_stop_at_the_last_token_a_request_can_compute_and_leave_with_it()
     sched.finish(long, FinishReason.ABORT)
     assert pool.spares == {} and pool.num_free == pool.num_blocks - 2
 
+
+
+# ---------------------------------------------------------------- drafts of the text a constraint forces
+
+
+SCHEMA = GrammarSpec("json_schema", "{}")  # the scheduler only asks whether a request has a constraint
+
+
+def forced_scheduler(forced: list[int], speculative: int = 3) -> tuple[Scheduler, list[str]]:
+    """A scheduler whose constrained requests' grammars force `forced` next; the ids it asked about."""
+    asked = []
+
+    def hook(request: Request) -> list[int]:
+        asked.append(request.request_id)
+        return list(forced)
+
+    return Scheduler(SchedulerConfig(8, 64, 64, num_speculative_tokens=speculative), 4, BlockPool(64),
+                     forced=hook), asked
+
+
+def past_the_prompt(sched: Scheduler, **params) -> None:
+    """Requests "c" (constrained) and "p" (plain) of the prompts "5 6 7 8 5 6" and "30 5 6 7 8 5 6",
+    each having sampled 7 (prompt lookup would propose 8 5 6 for both), their lookups kept at a rate
+    of 0.9 before."""
+    for rid, grammar, first in (("c", SCHEMA, []), ("p", None, [30])):
+        sched.add(Request(rid, first + [5, 6, 7, 8, 5, 6],
+                          SamplingParams(**{"temperature": 0, "max_tokens": 16, **params}, grammar=grammar)))
+        sched.drafters[rid] = Drafter(kept=9.0, missed=1.0)
+    sched.update(sched.schedule(), {"c": 7, "p": 7})
+
+
+def test_a_constrained_request_drafts_the_text_its_grammar_forces_before_prompt_lookup():
+    sched, asked = forced_scheduler([20, 21, 22, 23, 24])
+    past_the_prompt(sched)
+    drafts = {s.request.request_id: s.draft for s in sched.schedule().seqs}
+    # at most K = 3 of the forced tokens, all three worth running at the prior rate of 0.75
+    assert drafts == {"c": [20, 21, 22], "p": [8, 5, 6]} and asked == ["c"]
+    assert sched.forced_drafters["c"].last == [20, 21, 22] and sched.drafters["c"].last == []  # lookup proposed none
+
+
+def test_forced_drafts_that_do_not_come_true_run_fewer_tokens_then_none():
+    sched, _ = forced_scheduler([20, 21, 22, 23])
+    past_the_prompt(sched)
+    counts = []
+    for _ in range(5):
+        out = sched.schedule()
+        counts.append(len(out.seqs[0].draft))
+        sched.update(out, {"c": 9, "p": 9})  # never the forced text's first token: no draft stands
+    assert counts == [3, 2, 1, 1, 0]  # rates 0.75, 0.56, 0.42, 0.32, 0.24
+
+
+def test_no_forced_drafts_where_the_grammar_forces_nothing_or_drafts_are_off():
+    sched, asked = forced_scheduler([])  # nothing forced now: prompt lookup drafts as for any request
+    past_the_prompt(sched)
+    assert [s.draft for s in sched.schedule().seqs] == [[8, 5, 6], [8, 5, 6]] and asked == ["c"]
+
+    sched, asked = forced_scheduler([20, 21], speculative=0)  # --speculative-ngram 0: no drafts of any kind
+    past_the_prompt(sched)
+    assert [s.draft for s in sched.schedule().seqs] == [[], []] and asked == []
+
+    sched, asked = forced_scheduler([20, 21])  # a seeded sampled request takes no drafts (speculation.drafts_for)
+    past_the_prompt(sched, temperature=0.5, seed=3)
+    assert [s.draft for s in sched.schedule().seqs] == [[], []] and asked == []
+
+
+def test_a_busy_probe_step_runs_no_forced_drafts():
+    sched, asked = forced_scheduler([20, 21, 22])
+    sched.busy_pacer = AlwaysDraft()
+    for i in range(5):
+        sched.add(Request(f"r{i}", [50 + i, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
+                          SamplingParams(temperature=0, max_tokens=16, grammar=SCHEMA)))
+    sched.update(sched.schedule(), {f"r{i}": 7 for i in range(5)})
+    sched.busy_pacer = Recorder(False, True)  # timing plain steps: proposals tallied, none run
+    assert [s.draft for s in sched.schedule().seqs] == [[]] * 5 and asked == []
+    sched.busy_pacer = Recorder(True, False)
+    sched.forced_drafters.update({f"r{i}": Drafter(kept=99.0, missed=1.0) for i in range(5)})
+    assert [s.draft for s in sched.schedule().seqs] == [[20, 21, 22]] * 5  # busy: only sure ones (0.99 ** 3 >= 0.9)
