@@ -81,7 +81,8 @@ class LLMEngine:
                        DraftModel.for_target(draft, loaded, config, self.max_model_len, num_blocks * block_size))
         self._scheduler = Scheduler(sched_config, block_size, self._pool, self._draft, self._forced_ids)
         caches = allocate_kv_caches(loaded.config, num_blocks, block_size, cache_dtype, self.device)
-        self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size)
+        # A compile takes the cores only while nothing decodes (one thread otherwise).
+        self.grammar = GrammarCompiler(self.tokenizer, loaded.config.vocab_size, busy=lambda: bool(self._live))
         self._runner: ModelRunner | None = ModelRunner(loaded.model, caches, block_size, self.device)
         if self.device.type == "cpu":  # load (or, once per machine, compile) now rather than in the first step
             native_layers = getattr(loaded.model, "native", None) is not None

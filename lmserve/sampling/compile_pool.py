@@ -71,13 +71,15 @@ class CompilePool:
         self._changed = threading.Condition()
         self._reaper: threading.Thread | None = None
 
-    def compile(self, kind: str, text: str, strict: bool, abandoned: threading.Event | None = None) -> tuple[str, str]:
-        """("ok", serialized CompiledGrammar) or ("invalid", why) for an input the compiler refused.
-        Raises CompileTimeout, CompileAbandoned (once `abandoned` is set), CompilerCrashed."""
+    def compile(self, kind: str, text: str, strict: bool, abandoned: threading.Event | None = None,
+                threads: int = 1) -> tuple[str, str]:
+        """("ok", serialized CompiledGrammar) or ("invalid", why) for an input the compiler refused,
+        compiled on `threads` threads. Raises CompileTimeout, CompileAbandoned (once `abandoned` is
+        set), CompilerCrashed."""
         worker = self._acquire(abandoned)
         kept = False
         try:
-            reply = worker.run((kind, text, strict), self.timeout_s, abandoned)
+            reply = worker.run((kind, text, strict, threads), self.timeout_s, abandoned)
             kept = True
             return reply
         finally:
@@ -167,7 +169,7 @@ class _Worker:
                 self.stop()
                 raise timed_out
 
-    def run(self, job: tuple[str, str, bool], timeout_s: float, abandoned: threading.Event | None) -> tuple[str, str]:
+    def run(self, job: tuple[str, str, bool, int], timeout_s: float, abandoned: threading.Event | None) -> tuple[str, str]:
         self.conn.send(job)
         self._wait(time.monotonic() + timeout_s, abandoned, CompileTimeout())  # poll is also True once it died
         try:
@@ -183,21 +185,22 @@ class _Worker:
 
 
 def serve(conn: Any, tokenizer_info_path: str) -> None:
-    """A worker's loop: (kind, text, strict) in, ("ok", serialized) or ("invalid", why) out."""
+    """A worker's loop: (kind, text, strict, threads) in, ("ok", serialized) or ("invalid", why) out."""
     import xgrammar as xgr
 
     with open(tokenizer_info_path) as file:
         info = xgr.TokenizerInfo.deserialize_json(file.read())
-    # One thread: a compile must not take the cores decoding runs on. No cache: the caller keeps one.
-    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    compilers = {}  # by threads; no cache: the caller keeps one
     conn.send("ready")
     while True:
         try:
-            kind, text, strict = conn.recv()
+            kind, text, strict, threads = conn.recv()
         except EOFError:
             return
+        if threads not in compilers:
+            compilers[threads] = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         try:
-            conn.send(("ok", compile_with(compiler, info.vocab_size, kind, text, strict).serialize_json()))
+            conn.send(("ok", compile_with(compilers[threads], info.vocab_size, kind, text, strict).serialize_json()))
         except (RuntimeError, ValueError, TypeError) as exc:
             conn.send(("invalid", str(exc)))
         return_freed_memory()  # a compile's working memory, which glibc would keep while the worker idles

@@ -20,6 +20,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,12 +64,18 @@ class GrammarCompiler:
     """Compiles GrammarSpecs against one tokenizer's vocabulary, in worker processes (each stopped
     once idle for `idle_worker_s`), after checking them against `limits`. Thread-safe; caches
     results, up to about `max_cache_bytes` (least recently used evicted first); `cache_bytes` is
-    what it holds now."""
+    what it holds now.
+
+    A compile takes one thread while `busy()` says the model is decoding (it must not take the
+    cores decoding runs on), and as many as the model's (torch's) otherwise: a schema's compile
+    is mostly a mask per grammar state, which xgrammar computes on its threads, so a new schema's
+    first request waits about half as long on two (bench/RESULTS.md, twenty-seventh sitting)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
                  limits: GrammarLimits = GrammarLimits(), max_compile_workers: int = DEFAULT_MAX_COMPILE_WORKERS,
-                 idle_worker_s: float = IDLE_WORKER_S):
+                 idle_worker_s: float = IDLE_WORKER_S, busy: Callable[[], bool] = lambda: False):
         self.tokenizer = tokenizer
+        self.busy = busy
         self.vocab_size = vocab_size
         self.max_cache_bytes = max_cache_bytes
         self.limits = limits
@@ -118,7 +125,8 @@ class GrammarCompiler:
         info, pool = self._backend()
         what = f"invalid {spec.kind.replace('_', ' ')}"
         try:
-            status, payload = pool.compile(spec.kind, spec.text, spec.strict, abandoned)
+            threads = 1 if self.busy() else max(1, torch.get_num_threads())
+            status, payload = pool.compile(spec.kind, spec.text, spec.strict, abandoned, threads)
         except CompileTimeout:
             raise GrammarError(f"{what}: it did not compile within the limit (compile_timeout_s) of "
                                f"{self.limits.compile_timeout_s:g} s") from None

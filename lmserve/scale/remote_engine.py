@@ -64,7 +64,8 @@ class RemoteEngine:
         self.tokenizer = description.tokenizer
         self.max_model_len = description.max_model_len
         self.kv_block_bytes = description.kv_block_bytes
-        self.grammar = GrammarCompiler(description.tokenizer, description.vocab_size)
+        self.grammar = GrammarCompiler(description.tokenizer, description.vocab_size,
+                                       busy=lambda: bool(self._running))  # replicas decoding, maybe on these cores
         self.model = None  # the weights are in the replicas
         self.weights_bytes = description.weights_bytes  # of one replica
         self._routed = routed if routed is not None else (lambda replica: None)

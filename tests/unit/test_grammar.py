@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 import xgrammar as xgr
 
 from lmserve.request import GrammarSpec
@@ -34,6 +35,23 @@ def test_compiled_grammar_cache_is_bounded(default_tokenizer):
 def test_the_cache_is_bounded_by_default(default_tokenizer):
     compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
     assert compiler.max_cache_bytes == DEFAULT_MAX_CACHE_BYTES > 0  # xgrammar's own default: unbounded
+
+
+def test_a_compile_takes_one_thread_while_the_model_decodes_and_the_models_threads_otherwise(
+        default_tokenizer, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the model's threads, whatever this machine has
+    spec = GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "maxLength": 40}}}))
+    compiled, threads = [], []
+    for busy in (True, False):
+        compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size, busy=lambda: busy)
+        pool = compiler._backend()[1]
+        compile_in_pool = pool.compile
+        monkeypatch.setattr(pool, "compile", lambda *args: threads.append(args[-1]) or compile_in_pool(*args))
+        compiled.append(compiler.compile(spec).serialize_json())
+        compiler.close()
+    assert threads == [1, 2]
+    assert compiled[0] == compiled[1]  # the same grammar, its masks included, on either count
 
 
 def test_markup_special_tokens_can_be_written_by_a_grammar_others_cannot():
