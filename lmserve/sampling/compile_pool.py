@@ -237,6 +237,8 @@ def compile_with(compiler: Any, vocab_size: int, kind: str, text: str, strict: b
     if kind == "structural_tag":  # tool calls: their arguments' schemas, mended as above
         import xgrammar as xgr
 
-        mended = _mended(xgr.Grammar.from_structural_tag(text), vocab_size)
-        return compiler.compile_structural_tag(text) if mended is None else compiler.compile_grammar(mended)
+        # The same compiled grammar as compile_structural_tag's (checked: serialized alike), and
+        # its conversion costs ~0.3 ms.
+        grammar = xgr.Grammar.from_structural_tag(text)
+        return compiler.compile_grammar(_mended(grammar, vocab_size) or grammar)
     raise ValueError(f"unknown grammar kind {kind!r}")
