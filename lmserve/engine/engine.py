@@ -36,6 +36,11 @@ from lmserve.weights.load import LoadedModel, load_model
 
 log = logging.getLogger("lmserve.engine")
 
+# Characters of a forced text tokenized for each draft wanted: a forced text's tokens (keys,
+# punctuation) spell a few characters each (SmolLM2's longest token, a run of spaces, 81 bytes); a
+# last token cut short is only a draft that does not stand.
+FORCED_CHARS_PER_TOKEN = 64
+
 
 def _kv_identity(config: EngineConfig, loaded: LoadedModel, block_size: int) -> KVFileIdentity | None:
     """What a saved prefix must match to be restored here; None when the checkpoint is not on disk
@@ -139,14 +144,16 @@ class LLMEngine:
         )
         self._scheduler.add(request)
 
-    def _forced_ids(self, request: Request) -> list[int]:
-        """The tokenizer's tokens for the text `request`'s grammar forces next, as it stands after
-        the request's tokens so far ([] where the grammar leaves a choice): drafts (speculation.py)."""
+    def _forced_ids(self, request: Request, wanted: int) -> list[int]:
+        """Up to `wanted` of the tokenizer's tokens for the text `request`'s grammar forces next, as
+        it stands after the request's tokens so far ([] where the grammar leaves a choice): drafts
+        (speculation.py). A long forced text (a schema's `const`) is cut before it is tokenized:
+        a step's few drafts need only its start."""
         matcher = self._live[request.request_id].matcher
         if matcher is None or matcher.is_terminated():
             return []
-        text = matcher.find_jump_forward_string()
-        return self.tokenizer.encode_plain(text, add_special_tokens=False) if text else []
+        text = matcher.find_jump_forward_string()[:FORCED_CHARS_PER_TOKEN * wanted]
+        return self.tokenizer.encode_plain(text, add_special_tokens=False)[:wanted] if text else []
 
     def abort_request(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)

@@ -39,9 +39,10 @@ class Proposer(Protocol):
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, pool: BlockPool, proposer: Proposer | None = None,
-                 forced: Callable[[Request], list[int]] | None = None):
-        """`forced`: the tokens of the text a request's constraint forces next ([] for none), asked
-        for constrained requests that may take drafts; they are drafted before any other drafts."""
+                 forced: Callable[[Request, int], list[int]] | None = None):
+        """`forced(request, n)`: up to n tokens of the text a request's constraint forces next ([] for
+        none), asked for constrained requests that may take drafts; they are drafted before any
+        other drafts."""
         self.config = config
         self.block_size = block_size
         self.pool = pool
@@ -147,7 +148,7 @@ class Scheduler:
                 or not self.config.num_speculative_tokens or threshold == math.inf):
             return None
         wanted = min(room, self.config.num_speculative_tokens, budget)
-        proposal = self.forced(request)[:wanted] if wanted > 0 else []
+        proposal = self.forced(request, wanted) if wanted > 0 else []
         if not proposal:
             return None
         self.drafters.setdefault(request.request_id, speculation.Drafter()).drafts(request.all_ids, 0)  # indexes, tallies

@@ -5,10 +5,12 @@ gives, stop strings, stop tokens and max_tokens included, in fewer steps when th
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from lmserve.engine import speculation
+from lmserve.engine.engine import FORCED_CHARS_PER_TOKEN
 from lmserve.request import GrammarSpec, SamplingParams
 from tests.helpers.pacing import AlwaysDraft
 from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
@@ -103,8 +105,8 @@ def test_under_a_schema_the_text_it_forces_is_drafted_and_the_output_stays_plain
     forced_texts = []
     forced = spec._scheduler.forced
 
-    def recorded(request):
-        ids = forced(request)
+    def recorded(request, wanted):
+        ids = forced(request, wanted)
         forced_texts.append(default_model.tokenizer.decode(ids))
         return ids
 
@@ -122,6 +124,21 @@ def test_under_a_schema_the_text_it_forces_is_drafted_and_the_output_stays_plain
     assert ' "email": "' in forced_texts  # a key, after the model's own '",'
     assert 'ress"}' in forced_texts  # the rest of the enum's only match after "exp", and the object's end
     assert spec_steps < lookup_steps < plain_steps
+
+
+def test_a_long_forced_text_is_cut_before_it_is_tokenized(default_model, monkeypatch):
+    engine = make_engine(default_model, speculative=4)
+    const = "a long constant, " * 1000
+    params = SamplingParams(temperature=0, max_tokens=8,
+                            grammar=GrammarSpec("json_schema", json.dumps({"const": const})))
+    engine.add_request("r", chat_ids(default_model.tokenizer, "Write it."), params)
+    tokenized = []
+    encode = engine.tokenizer.encode_plain
+    monkeypatch.setattr(engine, "tokenizer", SimpleNamespace(encode_plain=lambda text, **kw: tokenized.append(text)
+                                                             or encode(text, **kw)))
+    ids = engine._forced_ids(engine._live["r"].request, 3)
+    assert default_model.tokenizer.decode(ids) == json.dumps(const)[:len(default_model.tokenizer.decode(ids))]
+    assert len(ids) == 3 and tokenized == [json.dumps(const)[:3 * FORCED_CHARS_PER_TOKEN]]
 
 
 def test_repeating_text_takes_fewer_steps_and_the_drafts_are_counted(default_model, engines):

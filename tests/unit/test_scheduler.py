@@ -469,9 +469,9 @@ def forced_scheduler(forced: list[int], speculative: int = 3) -> tuple[Scheduler
     """A scheduler whose constrained requests' grammars force `forced` next; the ids it asked about."""
     asked = []
 
-    def hook(request: Request) -> list[int]:
+    def hook(request: Request, wanted: int) -> list[int]:
         asked.append(request.request_id)
-        return list(forced)
+        return forced[:wanted]
 
     return Scheduler(SchedulerConfig(8, 64, 64, num_speculative_tokens=speculative), 4, BlockPool(64),
                      forced=hook), asked
