@@ -37,7 +37,8 @@ JSON_CHARACTER_REGEX = r'([^\x00-\x1f"\\]|\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))'
 UNROLLED = 128  # the longest regex count xgrammar unrolls into states; above it, a slow repetition
 CHUNK = 64  # characters of the exact chunk a longer bound repeats
 # Regex states one grammar may write, times the vocabulary's size: 512 on SmolLM2's 49,152 tokens
-# (five distinct bounds of 80-120 characters, 500 states, compiled in 4.6 s: half the timeout).
+# (five distinct bounds of 80-120 characters, 500 states, compiled in 4.6 s: as long as xgrammar's
+# own form of them takes, which also sends back a grammar four times the size; bench/RESULTS.md).
 REGEX_BUDGET = 512 * 49_152
 
 _RULE = re.compile(r"^(\S+) ::= " + re.escape(XGRAMMAR_CHARACTER) + "$", re.MULTILINE)
