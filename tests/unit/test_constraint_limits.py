@@ -172,6 +172,75 @@ def test_a_hostile_compile_does_not_hold_up_another(default_tokenizer):
     assert outcome == [CompileAbandoned]
 
 
+def counting_compiles(compiler: GrammarCompiler) -> list[str]:
+    """The kinds of the compiles `compiler` sends to its workers from now on."""
+    pool, sent = compiler._backend()[1], []
+    compile_in_pool = pool.compile
+    pool.compile = lambda kind, *args: sent.append(kind) or compile_in_pool(kind, *args)
+    return sent
+
+
+def test_a_burst_of_requests_with_one_new_schema_compiles_it_once(default_tokenizer):
+    compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
+    try:
+        sent = counting_compiles(compiler)
+        spec = GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "maxLength": 60}}}))
+        invalid = GrammarSpec("json_schema", '{"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}')
+        results = []
+        burst = [threading.Thread(target=lambda s=s: results.append(_outcome(compiler.compile, s)))
+                 for s in [spec] * 6 + [invalid] * 3]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join()
+        assert sorted(sent) == ["json_schema", "json_schema"]  # each spec once, though nine asked
+        grammars = [result for result in results if not isinstance(result, str)]
+        assert len(grammars) == 6 and all(grammar is grammars[0] for grammar in grammars)
+        errors = [result for result in results if isinstance(result, str)]
+        assert len(errors) == 3 and len(set(errors)) == 1 and "invalid json schema" in errors[0]
+    finally:
+        compiler.close()
+
+
+def test_when_the_request_compiling_a_spec_goes_one_waiting_for_it_compiles_it(default_tokenizer):
+    compiler = GrammarCompiler(default_tokenizer, default_tokenizer.vocab_size)
+    try:
+        sent = counting_compiles(compiler)
+        first_gone, second_gone, outcomes = threading.Event(), threading.Event(), {}
+        first = threading.Thread(target=lambda: outcomes.update(first=_raised(compiler.compile, HOSTILE, first_gone)))
+        first.start()
+        _until(lambda: len(sent) == 1)  # its compile runs (for minutes)
+        second = threading.Thread(target=lambda: outcomes.update(second=_raised(compiler.compile, HOSTILE, second_gone)))
+        second.start()
+        time.sleep(0.3)
+        assert len(sent) == 1 and second.is_alive()  # it waits for the first one's compile
+        first_gone.set()
+        first.join()
+        _until(lambda: len(sent) == 2)  # the second request compiles it now
+        assert second.is_alive() and outcomes == {"first": CompileAbandoned}
+        second_gone.set()
+        second.join()
+        assert outcomes == {"first": CompileAbandoned, "second": CompileAbandoned}
+    finally:
+        compiler.close()
+
+
+def _until(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def _outcome(function, *args):
+    """What `function` returned, or the message of the GrammarError it raised."""
+    try:
+        return function(*args)
+    except GrammarError as exc:
+        return str(exc)
+
+
 def _raised(function, *args):
     try:
         function(*args)
