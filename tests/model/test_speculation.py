@@ -86,10 +86,9 @@ def test_under_a_grammar_speculation_gives_exactly_plain_greedy_decoding(default
 
 ORDER = GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["customer", "items", "priority"],
                                                 "properties": {
-    "customer": {"type": "object", "required": ["name", "email", "phone"], "properties": {
-        "name": {"type": "string", "maxLength": 24}, "email": {"type": "string", "maxLength": 32},
-        "phone": {"type": "string", "maxLength": 20}}},
-    "items": {"type": "array", "maxItems": 2, "items": {"type": "object", "required": ["sku", "quantity"], "properties": {
+    "customer": {"type": "object", "required": ["name", "email"], "properties": {
+        "name": {"type": "string"}, "email": {"type": "string"}}},
+    "items": {"type": "array", "maxItems": 1, "items": {"type": "object", "required": ["sku", "quantity"], "properties": {
         "sku": {"type": "string", "maxLength": 8}, "quantity": {"type": "integer"}}}},
     "priority": {"type": "string", "enum": ["standard", "express", "overnight"]}}}))
 ORDER_TEXT = ("Extract the order as JSON. Order from Jane Doe (jane.doe@example.com, +44 20 7946 0958): 2 x SKU "
@@ -110,7 +109,7 @@ def test_under_a_schema_the_text_it_forces_is_drafted_and_the_output_stays_plain
         forced_texts.append(default_model.tokenizer.decode(ids))
         return ids
 
-    params = SamplingParams(temperature=0, max_tokens=120, grammar=ORDER)
+    params = SamplingParams(temperature=0, max_tokens=80, grammar=ORDER)
     prompts = [chat_ids(default_model.tokenizer, ORDER_TEXT)]
     expected, plain_steps = run(plain, prompts, params)
     lookup_result, lookup_steps = run(lookup_only, prompts, params)
