@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.engine_steps chunk      # ms for a prompt tail of N tokens over 192 cached, and a decode
     .venv/bin/python -m bench.engine_steps lookup     # tok/s of one request with prompt lookup off and on
     .venv/bin/python -m bench.engine_steps lookup-matrix  # off and on across texts, decodings, 1 and 4 at once
-    .venv/bin/python -m bench.engine_steps forced     # tok/s of one request under a JSON schema: no drafts, lookup's, and the forced text's
+    .venv/bin/python -m bench.engine_steps forced     # tok/s of one request under a JSON schema, drafts of each kind
     .venv/bin/python -m bench.engine_steps lookup-busy [--levels 16,32,64] [--loops]  # off and on, C at once, requests admitted as others finish
     .venv/bin/python -m bench.engine_steps decode [--levels 1x128,64x1024,64x128-384,64x1024+64] [--scattered]  # sequences decoding at once
     .venv/bin/python -m bench.engine_steps prefill    # one prompt of 128-2,000 tokens: tok/s, and attention's share; --kv-cache-dtype int8 for that cache
@@ -363,8 +363,8 @@ def prefill(loaded) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("costly", "chunk", "lookup", "forced", "lookup-matrix", "lookup-busy", "decode",
-                                         "prefill"))
+    parser.add_argument("what", choices=("costly", "chunk", "lookup", "forced", "lookup-matrix", "lookup-busy",
+                                         "decode", "prefill"))
     parser.add_argument("--scattered", action="store_true", help="decode: mixed traffic first, so that blocks lie "
                         "scattered as on a server that has run a while")
     parser.add_argument("--levels", help="decode: sequences x prompt tokens (a range, 128-384; or shared + own, "

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--speculative-ngram", "--spec-ngram-simple-size-m", "--spec-ngram-size-m",
                        type=non_negative_int, metavar="K",
                        help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "
-                            "requests (first the text a constrained request's grammar forces); with more than 4 running, a draft token runs only where the request's "
+                            "requests (first the text a constrained request's grammar forces); with more than "
+                            "4 running, a draft token runs only where the request's "
                             f"drafts come true at least 90%% of the time (default {DEFAULT_SPECULATIVE_TOKENS}; 0: off); "
                             "with --draft-model, on the steps the draft model does not draft")
     serve.add_argument("--speculative-sampling", action="store_true",

@@ -151,8 +151,9 @@ class Scheduler:
         proposal = self.forced(request, wanted) if wanted > 0 else []
         if not proposal:
             return None
-        self.drafters.setdefault(request.request_id, speculation.Drafter()).drafts(request.all_ids, 0)  # indexes, tallies
-        drafter = self.forced_drafters.setdefault(request.request_id, speculation.Drafter(kept=speculation.FORCED_PRIOR))
+        rid = request.request_id
+        self.drafters.setdefault(rid, speculation.Drafter()).drafts(request.all_ids, 0)  # indexes, tallies; no proposal
+        drafter = self.forced_drafters.setdefault(rid, speculation.Drafter(kept=speculation.FORCED_PRIOR))
         return drafter.judge(request.all_ids, proposal, threshold)
 
     def _room(self, request: Request) -> int | None:

@@ -169,7 +169,8 @@ class _Worker:
                 self.stop()
                 raise timed_out
 
-    def run(self, job: tuple[str, str, bool, int], timeout_s: float, abandoned: threading.Event | None) -> tuple[str, str]:
+    def run(self, job: tuple[str, str, bool, int], timeout_s: float,
+            abandoned: threading.Event | None) -> tuple[str, str]:
         self.conn.send(job)
         self._wait(time.monotonic() + timeout_s, abandoned, CompileTimeout())  # poll is also True once it died
         try:

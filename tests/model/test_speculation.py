@@ -88,8 +88,9 @@ ORDER = GrammarSpec("json_schema", json.dumps({"type": "object", "required": ["c
                                                 "properties": {
     "customer": {"type": "object", "required": ["name", "email"], "properties": {
         "name": {"type": "string"}, "email": {"type": "string"}}},
-    "items": {"type": "array", "maxItems": 1, "items": {"type": "object", "required": ["sku", "quantity"], "properties": {
-        "sku": {"type": "string", "maxLength": 8}, "quantity": {"type": "integer"}}}},
+    "items": {"type": "array", "maxItems": 1, "items": {"type": "object", "required": ["sku", "quantity"],
+                                                        "properties": {"sku": {"type": "string", "maxLength": 8},
+                                                                       "quantity": {"type": "integer"}}}},
     "priority": {"type": "string", "enum": ["standard", "express", "overnight"]}}}))
 ORDER_TEXT = ("Extract the order as JSON. Order from Jane Doe (jane.doe@example.com, +44 20 7946 0958): 2 x SKU "
               "A-100, 1 x SKU B-220. Ship express.")

@@ -208,10 +208,12 @@ def test_when_the_request_compiling_a_spec_goes_one_waiting_for_it_compiles_it(d
     try:
         sent = counting_compiles(compiler)
         first_gone, second_gone, outcomes = threading.Event(), threading.Event(), {}
-        first = threading.Thread(target=lambda: outcomes.update(first=_raised(compiler.compile, HOSTILE, first_gone)))
+        first = threading.Thread(target=lambda: outcomes.update(first=_raised(compiler.compile, HOSTILE,
+                                                                              first_gone)))
         first.start()
         _until(lambda: len(sent) == 1)  # its compile runs (for minutes)
-        second = threading.Thread(target=lambda: outcomes.update(second=_raised(compiler.compile, HOSTILE, second_gone)))
+        second = threading.Thread(target=lambda: outcomes.update(second=_raised(compiler.compile, HOSTILE,
+                                                                                second_gone)))
         second.start()
         time.sleep(0.3)
         assert len(sent) == 1 and second.is_alive()  # it waits for the first one's compile
