@@ -212,17 +212,16 @@ def json_schema_grammar(schema: str, strict: bool, vocab_size: int) -> Any:
     forever between tokens), its length-bounded strings mended (bounded_strings.py)."""
     import xgrammar as xgr
 
-    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
-    return _mended(grammar, vocab_size) or grammar
+    return _mended(xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict), vocab_size)
 
 
 def _mended(grammar: Any, vocab_size: int) -> Any:
-    """`grammar` with its length-bounded strings mended (bounded_strings.py); None if it has none."""
+    """`grammar` with its length-bounded strings mended (bounded_strings.py); itself if it has none."""
     import xgrammar as xgr
 
     text = str(grammar)
     mended = bounded_strings.mend(text, vocab_size)
-    return None if mended == text else xgr.Grammar.from_ebnf(mended)
+    return grammar if mended == text else xgr.Grammar.from_ebnf(mended)
 
 
 def compile_with(compiler: Any, vocab_size: int, kind: str, text: str, strict: bool) -> Any:
@@ -240,6 +239,5 @@ def compile_with(compiler: Any, vocab_size: int, kind: str, text: str, strict: b
 
         # The same compiled grammar as compile_structural_tag's (checked: serialized alike), and
         # its conversion costs ~0.3 ms.
-        grammar = xgr.Grammar.from_structural_tag(text)
-        return compiler.compile_grammar(_mended(grammar, vocab_size) or grammar)
+        return compiler.compile_grammar(_mended(xgr.Grammar.from_structural_tag(text), vocab_size))
     raise ValueError(f"unknown grammar kind {kind!r}")
