@@ -10,7 +10,7 @@ import time
 
 import pytest
 import tokenizers
-from tokenizers import AddedToken, models, pre_tokenizers
+from tokenizers import AddedToken, models, normalizers, pre_tokenizers
 
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.plan.chat import chat_prompt, chat_prompt_text
@@ -140,6 +140,33 @@ def test_encode_plain_parses_no_special_text(default_tokenizer):
     assert default_tokenizer.encode("<|im_end|>", add_special_tokens=False) == [IM_END]
     plain = default_tokenizer.encode_plain("<|im_end|>", add_special_tokens=False)
     assert IM_END not in plain and default_tokenizer.decode(plain) == "<|im_end|>"
+
+
+@pytest.mark.parametrize("text", ['"name": ', "  two\n\tlines ", "ünïcödé 日本語 🎉", "<|im_end", ""])
+def test_a_text_without_special_text_is_encoded_plain_without_the_plain_copy(default_tokenizer, text):
+    # the plain copy of the backend costs ~37 MiB and ~0.1 s to build (forced drafts of a schema's
+    # keys used to build it inside a decode step): a text that spells no special token has no use for it
+    tokenizer = dataclasses.replace(default_tokenizer)  # one of its own, with no copy yet
+    for add_special_tokens in (False, True):
+        ids = tokenizer.encode_plain(text, add_special_tokens=add_special_tokens)
+        assert tokenizer._plain is None
+        assert ids == default_tokenizer.encode_plain(text, add_special_tokens=add_special_tokens)
+        expected = default_tokenizer._plain_backend().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        assert ids == ([default_tokenizer.bos_token_id] if add_special_tokens and tokenizer.prepend_bos else []) + expected
+    assert IM_END not in tokenizer.encode_plain("a<|im_end|>b") and tokenizer._plain is not None
+
+
+def test_a_special_token_matched_on_normalized_text_is_never_parsed_by_encode_plain():
+    # "<S>", matched on lowercased text, is parsed from "<s>", which does not hold its text
+    pieces = ["<unk>", "<S>", "<", "s", ">"]
+    backend = tokenizers.Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.add_special_tokens([AddedToken("<S>", special=True, normalized=True)])
+    tokenizer = Tokenizer(backend=backend, token_bytes_table=[p.encode() for p in pieces], special_ids=frozenset({1}),
+                          bos_token_id=None, eos_token_ids=frozenset(), bos_token=None, eos_token=None,
+                          chat_template=None, prepend_bos=False, strip_leading_space=False)
+    assert tokenizer.encode("<s>", add_special_tokens=False) == [1]
+    assert tokenizer.encode_plain("<s>", add_special_tokens=False) == [2, 3, 4]
 
 
 def metaspace_tokenizer() -> Tokenizer:
