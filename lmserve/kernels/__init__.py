@@ -2,8 +2,9 @@
 
 `paged_decode_attention()` returns the compiled attention op and `native_module()` the whole
 module (also NativeDecoder, the decoder layers of every step with a KV cache, the prompt attention
-and the W8A8 and W4A8 products), or None (with one warning) where it cannot be built: the engine
-then uses its PyTorch path, which gives the same results more slowly, except that on a bf16 KV
+and the float32, W8A8 and W4A8 products), or None (with one warning) where it cannot be built: the
+engine then uses its PyTorch path, which gives the same results more slowly, except that torch's
+float32 products round differently (and not alike for a row alone and in a batch), that on a bf16 KV
 cache the decode kernel rounds the query to bf16 at any batch size and the PyTorch path only above
 FLOAT32_DECODE_SEQS sequences, and that prompt attention over a bf16 or an int8 cache (but on CPUs
 with AMX-BF16 tiles only chunks of few rows: prompt_attention_chosen) rounds its
@@ -32,7 +33,7 @@ from lmserve.cpu import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "int4_linear.cpp",
-                                                       "sampling.cpp", "prompt_attention.cpp")]
+                                                       "sampling.cpp", "prompt_attention.cpp", "f32_linear.cpp")]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: part of the build key
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen

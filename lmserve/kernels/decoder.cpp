@@ -38,6 +38,8 @@ torch::Tensor pack_int4(const torch::Tensor& q);
 std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weight, int64_t block);
 bool int4_linear_supported();
 bool int4_tiles_supported();
+torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias);
+bool f32_linear_supported();
 bool int4_bf16_tiles_supported();
 bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
 bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
@@ -95,6 +97,7 @@ struct NativeLinear {
             op.callBoxed(&stack);
             return stack[0].toTensor().to(x.scalar_type());
         }
+        if (weight.scalar_type() == at::kFloat) return f32_linear(x.to(at::kFloat), weight, bias).to(x.scalar_type());
         return at::linear(x.to(weight.scalar_type()), weight, bias).to(x.scalar_type());
     }
 };
@@ -677,6 +680,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");
     m.def("int4_linear_path", &int4_linear_path, "the path int4_linear takes for a step of this many rows");
     m.def("int4_bf16_tiles_supported", &int4_bf16_tiles_supported, "whether int4_linear runs larger steps on AMX-BF16 tiles here");
+    m.def("f32_linear", &f32_linear, "x @ weight.T + bias in float32, each output summed in one order whatever the rows",
+          py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+    m.def("f32_linear_supported", &f32_linear_supported, "whether f32_linear runs its own kernel here (AVX-512)");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")
         .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, bool packed,

@@ -1,7 +1,9 @@
-"""float32 and bf16 weights, multiplied by torch: inputs are cast to the weight's dtype and outputs
-back (bf16 weights halve the bytes read per token); on the CPU, bf16 weights in oneDNN's blocked
-layout, so each matmul stops re-laying them out (faster, the same values: bench/RESULTS.md,
-"Figures the code cites")."""
+"""float32 and bf16 weights: inputs are cast to the weight's dtype and outputs back (bf16 weights
+halve the bytes read per token). float32 products run the kernels' f32_linear on the CPU
+(kernels/f32_linear.cpp: batch-invariant by construction, and 2.3-2.6x torch's speed at a few
+rows), torch's elsewhere; bf16 ones torch's, on the CPU with the weight in oneDNN's blocked layout,
+so each matmul stops re-laying it out (faster, the same values: bench/RESULTS.md, "Figures the
+code cites")."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from lmserve.kernels import native_module
 
 PACK_BATCH_HINT = 64  # rows oneDNN picks the blocked weight layout for (any row count works)
 
@@ -21,6 +25,10 @@ class FloatWeight:
     weight: torch.Tensor  # (N, K) float32 or bfloat16: the Linear's `weight` parameter itself
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu":
+            module = native_module()
+            if module is not None:
+                return module.f32_linear(x.float(), self.weight, bias).to(x.dtype)
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
 
     def native_fields(self) -> dict[str, Any]:
