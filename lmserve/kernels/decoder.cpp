@@ -680,7 +680,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");
     m.def("int4_linear_path", &int4_linear_path, "the path int4_linear takes for a step of this many rows");
     m.def("int4_bf16_tiles_supported", &int4_bf16_tiles_supported, "whether int4_linear runs larger steps on AMX-BF16 tiles here");
-    m.def("f32_linear", &f32_linear, "x @ weight.T + bias in float32, each output summed in one order whatever the rows",
+    m.def("f32_linear", &f32_linear,
+          "x @ weight.T + bias in float32, each output summed in one order whatever the rows",
           py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
     m.def("f32_linear_supported", &f32_linear_supported, "whether f32_linear runs its own kernel here (AVX-512)");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");

@@ -5,9 +5,9 @@
 // summed in 16 lanes over K in order (fused multiply-adds, the last partial vector masked), then
 // across the lanes by _mm512_reduce_add_ps, then plus the bias. Nothing in that depends on how many
 // rows the step has, which tile a row falls in, or which thread computes it, so a row's outputs are
-// the same bits in a step of 1 row or of 512. Against the library product it replaces
-// (at::linear: 9-10 GB/s of weights at one row on an AMD EPYC), 2.3-2.6x faster at 1-4 rows, even
-// at 64, ~10% slower at 512 (bench/RESULTS.md, twenty-eighth sitting).
+// the same bits in a step of 1 row or of 512. It also reads the weights of a step of few rows
+// about twice as fast as the library product it replaces (at::linear), and is no slower on prompt
+// chunks (bench/RESULTS.md, twenty-eighth sitting).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -73,8 +73,8 @@ struct Tiles {
 
 // The tile shape only orders the work (which weights stay in registers while which rows pass):
 // one row, eight outputs at a time keep more of the weight's rows streaming; larger steps reuse
-// each weight vector over five rows (5 x 5: 25 accumulators, 31 of the 32 registers; 175 GFLOP/s
-// at 512 rows on the EPYC, where 6 x 4 made 131 and torch 167).
+// each weight vector over five rows (5 x 5: 25 accumulators, 31 of the 32 registers; the fastest
+// of the shapes tried, bench/RESULTS.md).
 template <int R, int C>
 void product(const float* x, const float* w, const float* bias, float* y, int64_t m_size, int64_t n_size,
              int64_t k_size) {
@@ -105,10 +105,12 @@ bool f32_linear_supported() {
 
 // x (..., K) float32, weight (N, K) float32, bias (N,) float32 or none -> (..., N) float32;
 // at::linear where the kernel does not run (no AVX-512, other dtypes or layouts).
-torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias) {
+torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                         const std::optional<torch::Tensor>& bias) {
 #if defined(__AVX512F__)
-    const bool plain = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
-                       weight.is_contiguous() && x.size(-1) == weight.size(1) && x.device().is_cpu() &&
+    const bool plain = x.scalar_type() == at::kFloat && x.device().is_cpu() && weight.scalar_type() == at::kFloat &&
+                       weight.dim() == 2 && weight.is_contiguous() && weight.size(1) > 0 &&
+                       x.size(-1) == weight.size(1) &&
                        (!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous()));
     if (plain) {
         const int64_t k_size = weight.size(1), n_size = weight.size(0);
@@ -116,10 +118,12 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight, co
         const int64_t m_size = rows.size(0);
         auto y = torch::empty({m_size, n_size}, x.options());
         const float* b = bias ? bias->data_ptr<float>() : nullptr;
+        const float* xp = rows.data_ptr<float>();
+        const float* wp = weight.data_ptr<float>();
         if (m_size <= 2)
-            product<1, 8>(rows.data_ptr<float>(), weight.data_ptr<float>(), b, y.data_ptr<float>(), m_size, n_size, k_size);
+            product<1, 8>(xp, wp, b, y.data_ptr<float>(), m_size, n_size, k_size);
         else
-            product<5, 5>(rows.data_ptr<float>(), weight.data_ptr<float>(), b, y.data_ptr<float>(), m_size, n_size, k_size);
+            product<5, 5>(xp, wp, b, y.data_ptr<float>(), m_size, n_size, k_size);
         auto sizes = x.sizes().vec();
         sizes.back() = n_size;
         return y.view(sizes);

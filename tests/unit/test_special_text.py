@@ -151,8 +151,10 @@ def test_a_text_without_special_text_is_encoded_plain_without_the_plain_copy(def
         ids = tokenizer.encode_plain(text, add_special_tokens=add_special_tokens)
         assert tokenizer._plain is None
         assert ids == default_tokenizer.encode_plain(text, add_special_tokens=add_special_tokens)
-        expected = default_tokenizer._plain_backend().encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        assert ids == ([default_tokenizer.bos_token_id] if add_special_tokens and tokenizer.prepend_bos else []) + expected
+        plain = default_tokenizer._plain_backend()
+        expected = plain.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        bos = [tokenizer.bos_token_id] if add_special_tokens and tokenizer.prepend_bos else []
+        assert ids == bos + expected
     assert IM_END not in tokenizer.encode_plain("a<|im_end|>b") and tokenizer._plain is not None
 
 

@@ -1,9 +1,9 @@
 """float32 and bf16 weights: inputs are cast to the weight's dtype and outputs back (bf16 weights
 halve the bytes read per token). float32 products run the kernels' f32_linear on the CPU
-(kernels/f32_linear.cpp: batch-invariant by construction, and 2.3-2.6x torch's speed at a few
-rows), torch's elsewhere; bf16 ones torch's, on the CPU with the weight in oneDNN's blocked layout,
-so each matmul stops re-laying it out (faster, the same values: bench/RESULTS.md, "Figures the
-code cites")."""
+(kernels/f32_linear.cpp: batch-invariant by construction, and faster than torch's:
+bench/RESULTS.md, twenty-eighth sitting), torch's elsewhere; bf16 ones torch's, on the CPU with the
+weight in oneDNN's blocked layout, so each matmul stops re-laying it out (faster, the same values:
+bench/RESULTS.md, "Figures the code cites")."""
 
 from __future__ import annotations
 
