@@ -236,8 +236,8 @@ class Tokenizer:
     def _spells_special(self, text: str) -> bool:
         """Whether encode could parse a special token in `text`. Only such a text needs the plain
         copy of the backend; a text without one encodes alike in both, and the copy is dear to
-        build (SmolLM2's: ~0.1 s and ~37 MiB). A special token matched on normalized text could
-        match where its own text does not occur: with one, every text counts."""
+        build (bench/RESULTS.md, twenty-eighth sitting). A special token matched on normalized
+        text could match where its own text does not occur: with one, every text counts."""
         if self._specials is None:
             added = [t for t in self.backend.get_added_tokens_decoder().values() if t.special]
             self._specials = any(t.normalized for t in added), tuple(t.content for t in added)

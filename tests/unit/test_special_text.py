@@ -144,8 +144,8 @@ def test_encode_plain_parses_no_special_text(default_tokenizer):
 
 @pytest.mark.parametrize("text", ['"name": ', "  two\n\tlines ", "ünïcödé 日本語 🎉", "<|im_end", ""])
 def test_a_text_without_special_text_is_encoded_plain_without_the_plain_copy(default_tokenizer, text):
-    # the plain copy of the backend costs ~37 MiB and ~0.1 s to build (forced drafts of a schema's
-    # keys used to build it inside a decode step): a text that spells no special token has no use for it
+    # the plain copy of the backend is dear to build, and forced drafts of a schema's keys built it
+    # inside a decode step: a text that spells no special token has no use for it
     tokenizer = dataclasses.replace(default_tokenizer)  # one of its own, with no copy yet
     for add_special_tokens in (False, True):
         ids = tokenizer.encode_plain(text, add_special_tokens=add_special_tokens)
