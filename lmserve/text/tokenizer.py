@@ -7,7 +7,6 @@ bytes each token contributes, so that `decode` and the streaming detokenizer agr
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,9 @@ from lmserve.text.chat_template import (
     ChatTemplateError,
     compile_chat_template,
 )
+from lmserve.text import hf_vocab
 from lmserve.text.gguf_vocab import read_gguf_vocab
 from lmserve.text.length_bound import LengthBound, length_bound
-from lmserve.text.token_bytes import byte_level_bytes, sentencepiece_bytes
 from lmserve.weights.gguf import GGUFFile
 
 __all__ = ["ChatTemplateError", "ChatTokenizer", "Tokenizer"]
@@ -150,26 +149,26 @@ class Tokenizer:
         # ids only; length limits are the engine's to enforce with a clear error.
         backend.no_padding()
         backend.no_truncation()
-        config = _read_json(folder / "tokenizer_config.json")
-        generation = _read_json(folder / "generation_config.json")
-        decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
-        kind, strip = _hf_decoder_kind(decoder)
+        config = hf_vocab.read_json(folder / "tokenizer_config.json")
+        generation = hf_vocab.read_json(folder / "generation_config.json")
+        kind, strip = hf_vocab.decoder_kind(backend)
         bos_token, eos_token = (
-            _token_text(config.get("bos_token")),
-            _token_text(config.get("eos_token")),
+            hf_vocab.token_text(config.get("bos_token")),
+            hf_vocab.token_text(config.get("eos_token")),
         )
         bos_id = backend.token_to_id(bos_token) if bos_token else generation.get("bos_token_id")
-        table = _hf_token_bytes(backend, kind)
+        table = hf_vocab.token_bytes_table(backend, kind)
         return cls(
             backend=backend,
             token_bytes_table=table,
             special_ids=frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special),
             bos_token_id=bos_id,
-            eos_token_ids=_hf_end_ids(backend, eos_token, generation),
+            eos_token_ids=hf_vocab.end_ids(backend, eos_token, generation),
             bos_token=bos_token,
             eos_token=eos_token,
-            chat_template=_hf_chat_template(folder, config),
-            prepend_bos=bool(config.get("add_bos_token")) and bos_id is not None and not _adds_bos(backend, bos_id),
+            chat_template=hf_vocab.chat_template(folder, config),
+            prepend_bos=(bool(config.get("add_bos_token")) and bos_id is not None
+                         and not hf_vocab.adds_bos(backend, bos_id)),
             strip_leading_space=strip,
             exact_bytes=kind != "other",
             fim=fim_from_vocabulary(backend.token_to_id),
@@ -239,8 +238,8 @@ class Tokenizer:
         build (bench/RESULTS.md, twenty-eighth sitting). A special token matched on normalized
         text could match where its own text does not occur: with one, every text counts."""
         if self._specials is None:
-            added = [t for t in self.backend.get_added_tokens_decoder().values() if t.special]
-            self._specials = any(t.normalized for t in added), tuple(t.content for t in added)
+            added = self.backend.get_added_tokens_decoder().values()
+            self._specials = any(t.special and t.normalized for t in added), self.special_texts
         normalized, texts = self._specials
         return normalized or any(special in text for special in texts)
 
@@ -330,75 +329,3 @@ def _runs_around(forged: list[int], trusted: list[int], num_tokens: int) -> list
         if not runs or runs[-1] != (first, last):
             runs.append((first, last))
     return runs
-
-
-# ---------------------------------------------------------------------------------------------
-# HF folder helpers
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _token_text(value: Any) -> str | None:
-    """tokenizer_config spells a special token as a string or as an AddedToken dict."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def _hf_decoder_kind(decoder: dict) -> tuple[str, bool]:
-    """("byte_level" | "sentencepiece" | "other", strips one leading space) from the decoder JSON."""
-    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-    names = {part.get("type") for part in parts}
-    if "ByteLevel" in names:
-        return "byte_level", False
-    if names & {"ByteFallback", "Metaspace"} or any(
-        p.get("content") == " " for p in parts if p.get("type") == "Replace"
-    ):
-        strip = any(p.get("type") == "Strip" and p.get("start", 0) > 0 for p in parts) or any(
-            p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts
-        )
-        return "sentencepiece", strip
-    return "other", False
-
-
-def _hf_token_bytes(backend: tokenizers.Tokenizer, kind: str) -> list[bytes]:
-    table = [b""] * backend.get_vocab_size(with_added_tokens=True)
-    added = backend.get_added_tokens_decoder()
-    for token, token_id in backend.get_vocab(with_added_tokens=True).items():
-        if kind == "byte_level":
-            table[token_id] = byte_level_bytes(token)
-        elif kind == "sentencepiece":
-            table[token_id] = token.encode("utf-8") if token_id in added else sentencepiece_bytes(token)
-        else:
-            # WordPiece and the like: a per-token decode is only an approximation of joined text.
-            table[token_id] = backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
-    return table
-
-
-def _hf_end_ids(backend: tokenizers.Tokenizer, eos_token: str | None, generation: dict) -> frozenset[int]:
-    ids = set()
-    if eos_token is not None and backend.token_to_id(eos_token) is not None:
-        ids.add(backend.token_to_id(eos_token))
-    extra = generation.get("eos_token_id")
-    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    return frozenset(ids)
-
-
-def _hf_chat_template(folder: Path, config: dict) -> str | None:
-    """chat_template.jinja if present, else tokenizer_config's chat_template (a string, or a list
-    of named templates of which we take "default")."""
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {entry["name"]: entry["template"] for entry in template}
-        return named.get("default")
-    return template
-
-
-def _adds_bos(backend: tokenizers.Tokenizer, bos_id: int) -> bool:
-    ids = backend.encode("a", add_special_tokens=True).ids
-    return bool(ids) and ids[0] == bos_id
