@@ -33,7 +33,8 @@ from lmserve.cpu import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "decoder.cpp", "int8_linear.cpp", "int4_linear.cpp",
-                                                       "sampling.cpp", "prompt_attention.cpp", "f32_linear.cpp")]
+                                                       "sampling.cpp", "prompt_attention.cpp", "f32_linear.cpp",
+                                                       "bf16_linear.cpp")]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: part of the build key
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 # -fopenmp: at::parallel_for uses both cores; -ffp-contract=off: no fused multiply-adds the ATen

@@ -40,6 +40,10 @@ bool int4_linear_supported();
 bool int4_tiles_supported();
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias);
 bool f32_linear_supported();
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& bias,
+                          int64_t n_size);
+torch::Tensor bf16_panels(const torch::Tensor& weight);
+bool bf16_linear_supported();
 bool int4_bf16_tiles_supported();
 bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
 bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
@@ -63,12 +67,14 @@ namespace {
 constexpr int64_t kInt4Group = 32;  // INT4_GROUP in model/int8.py
 
 enum Narrow : int64_t { kNone = 0, kInt8 = 1, kInt4 = 2 };
+enum Layout : int64_t { kPlain = 0, kOneDNN = 1, kPanels = 2 };  // a float weight's (model/weight_formats/floating.py)
 
 // One projection as model/llama.py's Linear holds it.
 struct NativeLinear {
-    torch::Tensor weight;  // plain (N, K) or oneDNN-packed; undefined once quantized
+    torch::Tensor weight;  // plain (N, K), oneDNN-packed or bf16 panels (Layout); undefined once quantized
     std::optional<torch::Tensor> bias;
-    bool packed;
+    int64_t layout;  // Layout
+    int64_t outputs;  // N, for panels (their shape rounds it up)
     int64_t narrow;  // Narrow
     torch::Tensor narrow_weight, narrow_scales;
     int64_t small_step_tokens;  // steps of at most this many tokens use the narrow copy
@@ -87,7 +93,8 @@ struct NativeLinear {
             return out.to(x.scalar_type());
         }
         if (wide_weight.defined()) return int8_linear(x.to(at::kFloat), wide_weight, wide_scales, bias, wide_block, "auto").to(x.scalar_type());
-        if (packed) {
+        if (layout == kPanels) return bf16_linear(x, weight, bias, outputs).to(x.scalar_type());
+        if (layout == kOneDNN) {
             static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
             std::vector<c10::IValue> stack{x.to(weight.scalar_type()), weight,
                                            bias ? c10::IValue(*bias) : c10::IValue(),
@@ -684,15 +691,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "x @ weight.T + bias in float32, each output summed in one order whatever the rows",
           py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
     m.def("f32_linear_supported", &f32_linear_supported, "whether f32_linear runs its own kernel here (AVX-512)");
+    m.def("bf16_linear", &bf16_linear, "x @ weight.T + bias for a bf16 weight in bf16_panels' layout, in float32",
+          py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("n_size"));
+    m.def("bf16_panels", &bf16_panels, "(N, K) bf16 weight -> bf16_linear's (N/32, K/2, 32, 2) panels",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("bf16_linear_supported", &bf16_linear_supported, "whether bf16_linear runs its own kernel here (AVX512-BF16)");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")
-        .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, bool packed,
-                         int64_t narrow, std::optional<torch::Tensor> narrow_weight,
+        .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, int64_t layout,
+                         int64_t outputs, int64_t narrow, std::optional<torch::Tensor> narrow_weight,
                          std::optional<torch::Tensor> narrow_scales, int64_t small_step_tokens,
                          std::optional<torch::Tensor> wide_weight, std::optional<torch::Tensor> wide_scales,
                          int64_t wide_block, std::optional<torch::Tensor> int4_weight,
                          std::optional<torch::Tensor> int4_scales, std::optional<torch::Tensor> int4_lows) {
-            return NativeLinear{weight.value_or(torch::Tensor()), std::move(bias), packed, narrow,
+            return NativeLinear{weight.value_or(torch::Tensor()), std::move(bias), layout, outputs, narrow,
                                 narrow_weight.value_or(torch::Tensor()), narrow_scales.value_or(torch::Tensor()),
                                 small_step_tokens, wide_weight.value_or(torch::Tensor()),
                                 wide_scales.value_or(torch::Tensor()), wide_block,

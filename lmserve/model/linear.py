@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmserve.model.weight_formats import WeightStorage
-from lmserve.model.weight_formats.floating import FloatWeight, OneDNNPackedWeight
+from lmserve.model.weight_formats.floating import FloatWeight, pack_bf16
 from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, can_pack_int4, int4_linear_supported
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, packs_weights
 
@@ -57,8 +57,8 @@ class Linear(nn.Linear):
         return storage.forward(x, self.bias)
 
     def pack_for_cpu(self) -> None:
-        """Replace a bf16 weight by oneDNN's blocked layout of it (OneDNNPackedWeight)."""
-        self._replace_weight(OneDNNPackedWeight.pack(self.weight.detach()))
+        """Replace a bf16 weight by its layout for the CPU's product (floating.pack_bf16)."""
+        self._replace_weight(pack_bf16(self.weight.detach()))
 
     def quantize(self, kind: str, w8a8: bool = True) -> None:
         """Replace the weight by quantized copies. "int4" where the kernels' W4A8 product runs
@@ -90,7 +90,7 @@ class Linear(nn.Linear):
 # kernels/decoder.cpp's NativeLinear fields, in the order its constructor takes them, with the
 # values of a Linear that uses none of them.
 NATIVE_LINEAR_DEFAULTS = {
-    "weight": None, "bias": None, "packed": False,  # a float weight, plain or oneDNN-packed
+    "weight": None, "bias": None, "layout": 0, "outputs": 0,  # a float weight: plain, oneDNN-packed or panels
     "narrow": 0, "narrow_weight": None, "narrow_scales": None, "small_step_tokens": 0,  # a small-step copy
     "wide_weight": None, "wide_scales": None, "wide_block": 1,  # W8A8
     "int4_weight": None, "int4_scales": None, "int4_lows": None,  # W4A8

@@ -19,6 +19,7 @@ from lmserve.model.config import ModelConfig
 from lmserve.model.linear import HeadEmbedding, Linear, fuse_linears, native_linear
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
 from lmserve.model.unfilled import unfilled_embedding
+from lmserve.model.weight_formats.floating import packs_bf16
 from lmserve.model.weight_formats.int8 import W8A8Weight, int8_matmul_pays
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -176,10 +177,10 @@ class LlamaForCausalLM(nn.Module):
         return True
 
     def pack_for_cpu(self) -> bool:
-        """Lay bf16 projection weights out for oneDNN (after prepare and quantize); False, and
-        nothing changed, where oneDNN is missing or the weights are not bf16."""
+        """Lay bf16 projection weights out for the CPU's product (floating.pack_bf16; after prepare
+        and quantize); False, and nothing changed, where it has no layout or the weights are not bf16."""
         linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight is not None]  # None: a quantized storage
-        if not linears or not torch.backends.mkldnn.is_available() or any(m.weight.dtype != torch.bfloat16 for m in linears):
+        if not linears or not packs_bf16() or any(m.weight.dtype != torch.bfloat16 for m in linears):
             return False
         for module in linears:
             module.pack_for_cpu()

@@ -14,7 +14,8 @@ from lmserve.cli import default_model_path
 from lmserve.kernels import cpu_flags, native_module
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model import linear
-from lmserve.model.weight_formats.floating import OneDNNPackedWeight
+from lmserve.model.weight_formats import floating
+from lmserve.model.weight_formats.floating import Bf16Panels, OneDNNPackedWeight
 from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, int4_linear_supported
 from lmserve.model.weight_formats.int8 import W8A8Weight
 from lmserve.weights.load import load_weights
@@ -116,7 +117,7 @@ def tiny_qwen2_folder(tmp_path_factory):
     return save_hf_folder(tiny_hf_model("qwen2"), tmp_path_factory.mktemp("qwen2"))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4", "int4-without-kernels"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-onednn", "int8", "int4", "int4-without-kernels"])
 @pytest.mark.parametrize("num_seqs", [1, 3, 10])  # 10 rows: past int8's and int4's small-step limits
 def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num_seqs, monkeypatch):
     if dtype == "int4-without-kernels":  # quantized as where the W4A8 and packed W8A8 products do not
@@ -129,10 +130,16 @@ def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num
         assert isinstance(qkv.storage, W8A8Weight) and qkv.storage.weight.dtype == torch.int8
         assert_native_matches_python(model, num_seqs, torch.bfloat16)
         return
+    if dtype == "bfloat16-onednn":  # bf16 as CPUs the panels do not serve lay it out
+        monkeypatch.setattr(floating, "bf16_panels_run", lambda: False)
+        model, _, _ = load_weights(tiny_qwen2_folder, "bfloat16")
+        assert isinstance(model.model.layers[0].self_attn.qkv_proj.storage, OneDNNPackedWeight)
+        assert_native_matches_python(model, num_seqs, torch.bfloat16)
+        return
     model, _, _ = load_weights(tiny_qwen2_folder, dtype)
     qkv = model.model.layers[0].self_attn.qkv_proj
-    if dtype == "bfloat16":
-        assert isinstance(qkv.storage, OneDNNPackedWeight)  # the oneDNN path is exercised too
+    if dtype == "bfloat16":  # the kernels' panels where they run, oneDNN's layout elsewhere
+        assert isinstance(qkv.storage, Bf16Panels if floating.bf16_panels_run() else OneDNNPackedWeight)
     if dtype == "int8":
         assert isinstance(qkv.storage, W8A8Weight) and qkv.weight is None  # and past the small-step limit, W8A8
     if dtype == "int4":  # W4A8 at every step where the kernels run it

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from lmserve.model import linear
 from lmserve.model.linear import SMALL_STEP_TOKENS, Linear
-from lmserve.model.weight_formats.floating import FloatWeight, OneDNNPackedWeight
+from lmserve.model.weight_formats import floating
+from lmserve.model.weight_formats.floating import Bf16Panels, FloatWeight, OneDNNPackedWeight
 from lmserve.model.weight_formats.int4 import (INT4_GROUP, Int4WeightOnly, W4A8Weight, int4_linear,
                                                int4_linear_supported, quantize_int4, unpack_int4)
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_linear_reference, packs_weights
@@ -143,8 +144,9 @@ def test_without_int8_products_larger_steps_keep_bf16():
     assert torch.equal(layer(x), F.linear(x.bfloat16(), layer.weight, layer.bias).float())
 
 
-def test_packed_weights_give_the_plain_products():
+def test_onednn_packed_weights_give_the_plain_products(monkeypatch):
     """oneDNN's blocked layout changes how the weight is stored, never the product."""
+    monkeypatch.setattr(floating, "bf16_panels_run", lambda: False)  # the layout of CPUs the panels do not serve
     torch.manual_seed(3)
     layer = Linear(96, 48, bias=True)
     layer.to(torch.bfloat16)
@@ -154,6 +156,24 @@ def test_packed_weights_give_the_plain_products():
     for rows in (1, 9, 64, 300):
         x = torch.randn(rows, 96)
         assert torch.equal(layer(x), F.linear(x.bfloat16(), plain_weight, bias).float()), rows
+
+
+def test_bf16_weights_take_the_panels_where_the_kernel_serves_them():
+    """Where bf16_linear runs without AMX tiles, pack_for_cpu lays the weight out in its panels, and
+    the products are those of the same bf16 values, summed in float32 (oneDNN rounds them to bf16)."""
+    torch.manual_seed(3)
+    layer = Linear(96, 48, bias=True)
+    layer.to(torch.bfloat16)
+    plain_weight, bias = layer.weight.detach().clone(), layer.bias.detach()
+    layer.pack_for_cpu()
+    assert isinstance(layer.storage, Bf16Panels if floating.bf16_panels_run() else OneDNNPackedWeight)
+    if not floating.bf16_panels_run():
+        return  # the test above covers this CPU's layout
+    assert layer.weight is None
+    for rows in (1, 9, 64, 300):
+        x = torch.randn(rows, 96)
+        exact = F.linear(x.bfloat16().double(), plain_weight.double(), bias.double())
+        assert (layer(x).double() - exact).abs().max() < 1e-4, rows
 
 
 def test_model_packs_only_bf16_weights(default_model):
