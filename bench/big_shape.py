@@ -28,23 +28,10 @@ def tokenizer_metadata(vocab: int) -> dict[str, tuple]:
     """SmolLM2's tokenizer fields, its tokens padded with control tokens to `vocab` entries."""
     import gguf
 
+    from bench.float_gguf import read_fields
     from lmserve.cli import default_model_path
 
-    reader = gguf.GGUFReader(default_model_path())
-    fields = {}
-    for name, field in reader.fields.items():
-        if not name.startswith("tokenizer."):
-            continue
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            item = field.types[-1]
-            values = [field.parts[i].tobytes().decode() if item == gguf.GGUFValueType.STRING
-                      else field.parts[i].tolist()[0] for i in field.data]
-            fields[name] = (values, gguf.GGUFValueType.ARRAY, item)
-        elif kind == gguf.GGUFValueType.STRING:
-            fields[name] = (field.parts[field.data[0]].tobytes().decode(), kind)
-        else:
-            fields[name] = (field.parts[field.data[0]].tolist()[0], kind)
+    fields = read_fields(gguf.GGUFReader(default_model_path()), lambda name: name.startswith("tokenizer."))
     tokens, types = fields["tokenizer.ggml.tokens"][0], fields["tokenizer.ggml.token_type"][0]
     extra = vocab - len(tokens)
     tokens += [f"<|extra_{i}|>" for i in range(extra)]

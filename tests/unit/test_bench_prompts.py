@@ -133,3 +133,32 @@ def test_the_json_workload_sends_its_schema_and_lets_it_end_the_output():
     assert body["json_schema"] == JSON_SCHEMA and "ignore_eos" not in body  # the schema's end is the output's
     plain = completion_body("m", [1, 2], 256, json_schema(workload_set(("decode",), concurrencies=[1])[0]))
     assert plain["ignore_eos"] is True and "json_schema" not in plain
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_the_float_copy_widens_every_matrix_and_keeps_the_rest(tmp_path, kind):
+    import gguf
+    import numpy as np
+
+    from bench.float_gguf import write_float_copy
+    from lmserve.weights.dtype import checkpoint_dtype, gguf_weight_type
+    from lmserve.weights.gguf import GGUFFile
+    from tests.helpers.tiny_models import tiny_hf_model, write_gguf
+
+    source = write_gguf(tiny_hf_model("llama"), tmp_path / "tiny.Q8_0.gguf", "llama", quant="Q8_0")
+    copy = gguf.GGUFReader(write_float_copy(source, tmp_path / f"tiny.{kind}.gguf", kind))
+    original = gguf.GGUFReader(source)
+    assert [t.name for t in copy.tensors] == [t.name for t in original.tensors]
+    for new, old in zip(copy.tensors, original.tensors):
+        values = gguf.quants.dequantize(old.data, old.tensor_type)
+        if values.ndim == 1:
+            assert new.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(new.data, values)
+            continue
+        assert new.tensor_type == gguf.GGMLQuantizationType[kind]
+        widened = gguf.quants.dequantize(new.data, new.tensor_type)
+        assert widened.shape == values.shape and np.abs(widened - values).max() <= 2 ** -7 * np.abs(values).max()
+    for name in ("llama.block_count", "llama.embedding_length", "general.architecture"):
+        assert copy.fields[name].parts[-1].tolist() == original.fields[name].parts[-1].tolist()
+    assert copy.fields["general.file_type"].parts[-1].tolist() == [{"F16": 1, "BF16": 32}[kind]]
+    kept = gguf_weight_type(GGUFFile.open(tmp_path / f"tiny.{kind}.gguf").tensors)
+    assert kept == kind and checkpoint_dtype("gguf:" + kept) == "bfloat16"  # what `lmserve serve` runs it as
