@@ -12,13 +12,11 @@ with control tokens to 151,936 entries; the benchmark sends token ids, so only t
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 
-CACHE = Path.home() / ".cache" / "lmserve-bench"
+from bench.gguf_files import finish, read_fields, write_files
 SHAPE = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "ffn": 4864, "vocab": 151_936,
          "context": 32_768, "rope_theta": 1_000_000.0, "rms_eps": 1e-6}
 STD = 0.02  # the initializer range of Qwen2's config: activations stay finite through 24 layers
@@ -28,7 +26,6 @@ def tokenizer_metadata(vocab: int) -> dict[str, tuple]:
     """SmolLM2's tokenizer fields, its tokens padded with control tokens to `vocab` entries."""
     import gguf
 
-    from bench.float_gguf import read_fields
     from lmserve.cli import default_model_path
 
     fields = read_fields(gguf.GGUFReader(default_model_path()), lambda name: name.startswith("tokenizer."))
@@ -88,25 +85,13 @@ def write_model(path: Path, quant: str, seed: int = 0) -> Path:
         matrix(f"{blk}.ffn_gate.weight", s["ffn"], s["hidden"])
         matrix(f"{blk}.ffn_up.weight", s["ffn"], s["hidden"])
         matrix(f"{blk}.ffn_down.weight", s["hidden"], s["ffn"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.big_shape", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quant", default="Q4_1,Q8_0", help="comma list of GGUF types")
-    parser.add_argument("--out", type=Path, default=CACHE)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for quant in args.quant.split(","):
-        path = args.out / f"qwen2-0.5b-shape.{quant}.gguf"
-        started = time.monotonic()
-        write_model(path, quant)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.monotonic() - started:.0f} s")
+    write_files("python -m bench.big_shape", __doc__, "--quant", "Q4_1,Q8_0", "comma list of GGUF types",
+                lambda quant: f"qwen2-0.5b-shape.{quant}.gguf", write_model)
 
 
 if __name__ == "__main__":

@@ -9,36 +9,12 @@ against llama-server on the same file. Vectors (the norms) stay F32, as converte
 
 from __future__ import annotations
 
-import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-CACHE = Path.home() / ".cache" / "lmserve-bench"
+from bench.gguf_files import finish, read_fields, write_files
 FILE_TYPES = {"F16": 1, "BF16": 32}  # general.file_type: LLAMA_FTYPE_MOSTLY_F16 / _BF16
-
-
-def read_fields(reader, keep: Callable[[str], bool]) -> dict[str, tuple]:
-    """A GGUF's key-value fields whose names `keep` accepts, as GGUFWriter.add_key_value takes them."""
-    import gguf
-
-    fields = {}
-    for name, field in reader.fields.items():
-        if not keep(name):
-            continue
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            item = field.types[-1]
-            values = [field.parts[i].tobytes().decode() if item == gguf.GGUFValueType.STRING
-                      else field.parts[i].tolist()[0] for i in field.data]
-            fields[name] = (values, gguf.GGUFValueType.ARRAY, item)
-        elif kind == gguf.GGUFValueType.STRING:
-            fields[name] = (field.parts[field.data[0]].tobytes().decode(), kind)
-        else:
-            fields[name] = (field.parts[field.data[0]].tolist()[0], kind)
-    return fields
 
 
 def write_float_copy(source: Path, path: Path, kind: str) -> Path:
@@ -59,27 +35,16 @@ def write_float_copy(source: Path, path: Path, kind: str) -> Path:
             writer.add_tensor(tensor.name, values.astype(np.float32))
         else:
             writer.add_tensor(tensor.name, gguf.quants.quantize(values.astype(np.float32), target), raw_dtype=target)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
 def main() -> None:
     from lmserve.cli import default_model_path
 
-    parser = argparse.ArgumentParser(prog="python -m bench.float_gguf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", default="F16", help="comma list of F16, BF16")
-    parser.add_argument("--out", type=Path, default=CACHE)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for kind in args.kind.split(","):
-        path = args.out / f"smollm2-135m.{kind}.gguf"
-        started = time.monotonic()
-        write_float_copy(Path(default_model_path()), path, kind)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.monotonic() - started:.0f} s")
+    write_files("python -m bench.float_gguf", __doc__, "--kind", "F16", "comma list of F16, BF16",
+                lambda kind: f"smollm2-135m.{kind}.gguf",
+                lambda path, kind: write_float_copy(Path(default_model_path()), path, kind))
 
 
 if __name__ == "__main__":
