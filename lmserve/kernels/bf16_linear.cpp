@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <optional>
 #include <utility>
 #if defined(__AVX512BF16__)
@@ -93,6 +94,36 @@ torch::Tensor bf16_panels(const torch::Tensor& weight_in) {
                 uint16_t* base = dst + b * pairs * kPanel * 2 + c * 2;
                 for (int64_t k = 0; k < k_size; ++k) base[(k / 2) * kPanel * 2 + (k % 2)] = row[k];
             }
+    });
+    return out;
+}
+
+// Rows `ids` of the (N, K) weight the panels hold, as float32 (T, K): a tied model's embeddings
+// read from its head (model/linear.py's HeadEmbedding), the same values as the bf16 table it replaces.
+torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& ids_in, int64_t n_size,
+                              int64_t k_size) {
+    TORCH_CHECK(panels.dim() == 4 && panels.size(2) == kPanel && panels.size(3) == 2 &&
+                panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), "panels: bf16_panels' layout");
+    TORCH_CHECK((k_size + 1) / 2 == panels.size(1) && n_size > 0 && (n_size + kPanel - 1) / kPanel == panels.size(0),
+                "n_size or k_size do not fit the panels");
+    const auto ids = ids_in.reshape({-1}).to(at::kLong).contiguous();
+    const int64_t count = ids.numel(), pairs = panels.size(1);
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    for (int64_t t = 0; t < count; ++t)
+        TORCH_CHECK(idp[t] >= 0 && idp[t] < n_size, "id ", idp[t], " out of range for ", n_size, " rows");
+    auto out = torch::empty({count, k_size}, panels.options().dtype(at::kFloat));
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(panels.data_ptr());
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+            const int64_t n = idp[t];
+            const uint16_t* base = wp + (n / kPanel) * pairs * kPanel * 2 + (n % kPanel) * 2;
+            float* row = op + t * k_size;
+            for (int64_t k = 0; k < k_size; ++k) {
+                const uint32_t bits = static_cast<uint32_t>(base[(k / 2) * kPanel * 2 + (k % 2)]) << 16;
+                std::memcpy(row + k, &bits, sizeof(float));  // bf16 -> float32: the high half, exactly
+            }
+        }
     });
     return out;
 }

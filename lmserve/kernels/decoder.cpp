@@ -43,6 +43,7 @@ bool f32_linear_supported();
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& bias,
                           int64_t n_size);
 torch::Tensor bf16_panels(const torch::Tensor& weight);
+torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& ids, int64_t n_size, int64_t k_size);
 bool bf16_linear_supported();
 bool int4_bf16_tiles_supported();
 bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
@@ -695,6 +696,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("n_size"));
     m.def("bf16_panels", &bf16_panels, "(N, K) bf16 weight -> bf16_linear's (N/32, K/2, 32, 2) panels",
           py::call_guard<py::gil_scoped_release>());
+    m.def("bf16_panel_rows", &bf16_panel_rows, "rows of the (N, K) weight bf16_panels laid out, as float32");
     m.def("bf16_linear_supported", &bf16_linear_supported, "whether bf16_linear runs its own kernel here (AVX512-BF16)");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")

@@ -1,7 +1,7 @@
 """The projection decoder layers are built from (`Linear`, y = x W^T + b), with W held in one of the
 weight formats of model/weight_formats/; which one, for each --dtype and CPU, is decided here
 (`Linear.quantize`). Also the kernels' view of a Linear (`native_linear`), fused projections, and a
-tied model's embeddings read from its head's W8A8 copy (`HeadEmbedding`)."""
+tied model's embeddings read from its head's W8A8 or bf16-panel copy (`HeadEmbedding`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lmserve.model.weight_formats import WeightStorage
-from lmserve.model.weight_formats.floating import FloatWeight, pack_bf16
+from lmserve.model.weight_formats.floating import Bf16Panels, FloatWeight, pack_bf16
 from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, can_pack_int4, int4_linear_supported
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, packs_weights
 
@@ -120,11 +120,12 @@ def fuse_linears(parts: list[nn.Linear], dtype: torch.dtype) -> Linear:
 
 
 class HeadEmbedding(nn.Module):
-    """A tied model's token embeddings read from its head's W8A8 copy (W8A8Weight.rows): one table
-    instead of two, the int8 head half the bytes of the bf16 table it replaces; rows come back
-    within int8 rounding of the file's Q8_0 ones (bench/RESULTS.md, "Figures the code cites")."""
+    """A tied model's token embeddings read from its head's copy (`rows`): one table instead of two.
+    A W8A8 head is half the bytes of the bf16 table it replaces, its rows within int8 rounding of the
+    file's Q8_0 ones (bench/RESULTS.md, "Figures the code cites"); a bf16 head in the kernels'
+    panels (Bf16Panels) gives the bf16 table's own values."""
 
-    def __init__(self, head: W8A8Weight):
+    def __init__(self, head: W8A8Weight | Bf16Panels):
         super().__init__()
         self.head = head  # the head's own tensors, not copies
 

@@ -19,7 +19,7 @@ from lmserve.model.config import ModelConfig
 from lmserve.model.linear import HeadEmbedding, Linear, fuse_linears, native_linear
 from lmserve.model.rope import RotaryEmbedding, apply_rotary
 from lmserve.model.unfilled import unfilled_embedding
-from lmserve.model.weight_formats.floating import packs_bf16
+from lmserve.model.weight_formats.floating import Bf16Panels, packs_bf16
 from lmserve.model.weight_formats.int8 import W8A8Weight, int8_matmul_pays
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -178,12 +178,18 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_for_cpu(self) -> bool:
         """Lay bf16 projection weights out for the CPU's product (floating.pack_bf16; after prepare
-        and quantize); False, and nothing changed, where it has no layout or the weights are not bf16."""
+        and quantize); False, and nothing changed, where it has no layout or the weights are not bf16.
+        A tied model whose head takes the kernels' panels then reads its embeddings from them
+        (HeadEmbedding), its own bf16 table dropped: the same values, one copy."""
         linears = [m for m in self.modules() if isinstance(m, Linear) and m.weight is not None]  # None: a quantized storage
         if not linears or not packs_bf16() or any(m.weight.dtype != torch.bfloat16 for m in linears):
             return False
         for module in linears:
             module.pack_for_cpu()
+        embed, head = self.model.embed_tokens, self.lm_head.storage
+        if (self.config.tie_word_embeddings and isinstance(head, Bf16Panels) and isinstance(embed, nn.Embedding)
+                and embed.weight.dtype == torch.bfloat16):
+            self.model.embed_tokens = HeadEmbedding(head)
         return True
 
     def quantize(self, kind: str, head_kind: str = "int8") -> None:

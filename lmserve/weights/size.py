@@ -15,6 +15,7 @@ import struct
 from math import prod
 from pathlib import Path
 
+from lmserve.model.weight_formats.floating import bf16_panels_run
 from lmserve.weights.dtype import serving_dtype
 
 MATRIX_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 1 / 32, "int4": 0.5 + 4 / 32}
@@ -35,17 +36,19 @@ def estimated_weight_bytes(path: str | Path, dtype: str, device: str = "cpu") ->
     for name, shape in shapes.items():
         is_layer_matrix = len(shape) == 2 and (name.startswith("blk.") or ".layers." in name)
         total += prod(shape) * (MATRIX_BYTES[dtype] if is_layer_matrix else other)
-    return int(total + _embedding_and_head(dtype, embedding, head))
+    shared = device == "cpu" and dtype == "bfloat16" and bf16_panels_run()
+    return int(total + _embedding_and_head(dtype, embedding, head, shared))
 
 
-def _embedding_and_head(dtype: str, embedding: int, head: int | None) -> float:
+def _embedding_and_head(dtype: str, embedding: int, head: int | None, bf16_shared: bool = False) -> float:
     """The token table and the output head, as the loader keeps them: float32 shares a tied table;
-    bfloat16 keeps a head copy beside the table; int8 and int4 keep an int8 head, and a tied model
-    reads its embeddings from it rather than keeping a table."""
+    bfloat16 keeps a head copy beside the table, except that a tied model whose head is in the
+    kernels' panels (`bf16_shared`) reads its embeddings from them; int8 and int4 keep an int8 head,
+    and a tied model reads its embeddings from it rather than keeping a table."""
     if dtype == "float32":
         return 4.0 * (embedding + (head or 0))
     if dtype == "bfloat16":
-        return 2.0 * (embedding + (head if head is not None else embedding))
+        return 2.0 * (embedding + (head if head is not None else 0 if bf16_shared else embedding))
     if head is None:
         return MATRIX_BYTES["int8"] * embedding
     return 2.0 * embedding + MATRIX_BYTES["int8"] * head

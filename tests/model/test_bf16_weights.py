@@ -68,7 +68,21 @@ def test_bf16_weights_are_actually_bf16(bf16_model):
     for storage in (qkv, head):
         assert (storage.panels if layout is Bf16Panels else storage.weight).dtype == torch.bfloat16
     assert layer.input_layernorm.weight.dtype == torch.float32
-    assert bf16_model.model.model.embed_tokens.weight.dtype == torch.bfloat16  # half the table's memory
+    embed = bf16_model.model.model.embed_tokens
+    if layout is Bf16Panels:  # the tied model reads its embeddings from the head's panels: one copy
+        assert isinstance(embed, HeadEmbedding) and embed.head is head and list(embed.parameters()) == []
+    else:
+        assert embed.weight.dtype == torch.bfloat16  # half the table's memory
+
+
+def test_a_tied_bf16_model_reads_the_tables_own_values_from_the_heads_panels(default_model, bf16_model):
+    if not bf16_panels_run():  # oneDNN's layout cannot give rows back: the model keeps its bf16 table
+        assert isinstance(bf16_model.model.model.embed_tokens, torch.nn.Embedding)
+        return
+    ids = torch.tensor([0, 1, 2, 7, 4095, 4096, 30000, default_model.config.vocab_size - 1])
+    table = default_model.model.model.embed_tokens.weight.detach()  # float32
+    got = bf16_model.model.model.embed_tokens(ids)
+    assert got.dtype == torch.float32 and torch.equal(got, table[ids].bfloat16().float())
 
 
 @pytest.fixture(scope="module")

@@ -77,3 +77,14 @@ def test_inputs_that_do_not_fit_the_panels_are_refused():
         native_module().bf16_linear(x, panels, bias[:39], 40)
     with pytest.raises(RuntimeError, match="bfloat16"):
         native_module().bf16_panels(weight.float())
+
+
+def test_rows_come_back_exactly_and_ids_out_of_range_are_refused():
+    _, weight, _ = case(1, 33, 70, seed=5)
+    storage = Bf16Panels.pack(weight)
+    ids = torch.tensor([0, 31, 32, 69, 5, 5])
+    got = storage.rows(ids)
+    assert got.dtype == torch.float32 and torch.equal(got, weight[ids].float())
+    for bad in (70, -1):
+        with pytest.raises(RuntimeError, match="out of range"):
+            storage.rows(torch.tensor([3, bad]))

@@ -62,14 +62,19 @@ class Bf16Panels:
 
     panels: torch.Tensor  # (ceil(N/32), ceil(K/2), 32, 2) bfloat16
     out_features: int  # N
+    in_features: int  # K
 
     @classmethod
     def pack(cls, weight: torch.Tensor) -> Bf16Panels:
         """(N, K) bf16 -> its panels."""
-        return cls(native_module().bf16_panels(weight), weight.shape[0])
+        return cls(native_module().bf16_panels(weight), *weight.shape)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return native_module().bf16_linear(x, self.panels, bias, self.out_features).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T,) ids -> (T, K) float32: those rows of the weight, exactly."""
+        return native_module().bf16_panel_rows(self.panels, ids, self.out_features, self.in_features)
 
     def native_fields(self) -> dict[str, Any]:
         return {"weight": self.panels, "layout": LAYOUT_PANELS, "outputs": self.out_features}
