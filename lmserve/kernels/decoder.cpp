@@ -697,7 +697,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("bf16_panels", &bf16_panels, "(N, K) bf16 weight -> bf16_linear's (N/32, K/2, 32, 2) panels",
           py::call_guard<py::gil_scoped_release>());
     m.def("bf16_panel_rows", &bf16_panel_rows, "rows of the (N, K) weight bf16_panels laid out, as float32");
-    m.def("bf16_linear_supported", &bf16_linear_supported, "whether bf16_linear runs its own kernel here (AVX512-BF16)");
+    m.def("bf16_linear_supported", &bf16_linear_supported,
+          "whether bf16_linear runs its own kernel here (AVX512-BF16)");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")
         .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, int64_t layout,

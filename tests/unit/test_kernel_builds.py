@@ -1,6 +1,7 @@
 """The native kernels build for CPUs other than this one's: the AMX tile paths are compiled in only
 where the compiler targets AMX, and the rest must build and choose the register kernels without them.
-A build for this machine cannot show that, so one is made here with AMX turned off.
+A build for this machine cannot show that, so one is made here with AMX turned off, and AVX512-BF16
+with it (bf16_linear's branch for CPUs without it).
 
 The build (about a minute of compiling) starts when this file is collected, at the lowest CPU
 priority, so it takes only the time the tests before it leave idle (waiting on servers and
@@ -23,10 +24,17 @@ import torch
 from torch.utils.cpp_extension import load
 from lmserve.kernels import CFLAGS, SOURCES
 module = load(name="lmserve_native_no_amx", sources=[str(s) for s in SOURCES],
-              extra_cflags=CFLAGS + ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-O0"],  # -O0: what is compiled in, not how fast
+              # -O0: what is compiled in, not how fast
+              extra_cflags=CFLAGS + ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-mno-avx512bf16", "-O0"],
               extra_ldflags=["-fopenmp"], build_directory=__import__("sys").argv[1])
 print(module.int4_tiles_supported(), module.int4_bf16_tiles_supported(), module.int4_linear_path(100),
       module.int8_linear_path(100, 576))
+# bf16_linear without bf16 dot products: the panels unpacked, the product in float32
+w, x, b = torch.randn(40, 33).bfloat16(), torch.randn(3, 33), torch.randn(40)
+panels = module.bf16_panels(w)
+exact = torch.nn.functional.linear(x.bfloat16().double(), w.double(), b.double())
+print(module.bf16_linear_supported(), (module.bf16_linear(x, panels, b, 40).double() - exact).abs().max().item() < 1e-4,
+      torch.equal(module.bf16_panel_rows(panels, torch.tensor([0, 39]), 40, 33), w[[0, 39]].float()))
 """
 
 _folder = tempfile.mkdtemp(prefix="lmserve-no-amx-")
@@ -57,4 +65,7 @@ def _log(name: str) -> str:
 
 def test_the_kernels_build_and_run_without_amx():
     assert _build.wait(timeout=900) == 0, _log("err")[-3000:]
-    assert _log("out").split()[-4:] == ["False", "False", "registers", "registers"], (_log("out"), _log("err")[-3000:])
+    out = _log("out").split()
+    assert out[-7:-3] == ["False", "False", "registers", "registers"], (out, _log("err")[-3000:])
+    # and without AVX512-BF16 (turned off too): bf16_linear's other branch gives the same products
+    assert out[-3:] == ["False", "True", "True"], (out, _log("err")[-3000:])
