@@ -6,9 +6,9 @@
 // row then reads the whole weight front to back, one stream, and each vector is one vdpbf16ps into
 // two accumulators' 16 outputs each after a broadcast of the row's pair: no sums across lanes.
 // Larger steps keep up to 12 rows' accumulators for the panel (24 of the 32 registers), so each
-// weight vector loaded serves 12 rows. It reads the weight about twice as fast as oneDNN's product
-// on its own blocked layout at 1-8 rows and is as fast from 64 rows on (bench/RESULTS.md,
-// twenty-ninth sitting), in the same memory.
+// weight vector loaded serves 12 rows. It reads the weight 1.6-1.9x as fast as oneDNN's product on
+// its own blocked layout at 1-8 rows, 1.2-1.4x at 16-64, and is about as fast on prompt chunks
+// (bench/RESULTS.md, twenty-ninth sitting), in the same memory.
 //
 // x is rounded to bf16 (nearest even) and the products summed in float32: oneDNN's arithmetic,
 // except that outputs stay float32 where oneDNN rounds them to bf16.
@@ -67,6 +67,14 @@ constexpr std::array<Tile, sizeof...(Rs)> tiles_of(std::integer_sequence<int, Rs
 constexpr auto kTiles = tiles_of(std::make_integer_sequence<int, kMaxRows>());
 #endif
 
+// Panels as bf16_panels lays them out, of an (n_size, k_size) weight.
+void check_panels(const torch::Tensor& panels, int64_t n_size, int64_t k_size) {
+    TORCH_CHECK(panels.dim() == 4 && panels.size(2) == kPanel && panels.size(3) == 2 &&
+                panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), "panels: bf16_panels' layout");
+    TORCH_CHECK((k_size + 1) / 2 == panels.size(1) && n_size > 0 && (n_size + kPanel - 1) / kPanel == panels.size(0),
+                "the weight's N or K do not fit the panels");
+}
+
 }  // namespace
 
 bool bf16_linear_supported() {
@@ -102,10 +110,7 @@ torch::Tensor bf16_panels(const torch::Tensor& weight_in) {
 // read from its head (model/linear.py's HeadEmbedding), the same values as the bf16 table it replaces.
 torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& ids_in, int64_t n_size,
                               int64_t k_size) {
-    TORCH_CHECK(panels.dim() == 4 && panels.size(2) == kPanel && panels.size(3) == 2 &&
-                panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), "panels: bf16_panels' layout");
-    TORCH_CHECK((k_size + 1) / 2 == panels.size(1) && n_size > 0 && (n_size + kPanel - 1) / kPanel == panels.size(0),
-                "n_size or k_size do not fit the panels");
+    check_panels(panels, n_size, k_size);
     const auto ids = ids_in.reshape({-1}).to(at::kLong).contiguous();
     const int64_t count = ids.numel(), pairs = panels.size(1);
     const int64_t* idp = ids.data_ptr<int64_t>();
@@ -131,11 +136,8 @@ torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& 
 // x (..., K) float32 or bf16, panels of an (N, K) weight, bias (N,) or none -> (..., N) float32.
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& bias,
                           int64_t n_size) {
-    TORCH_CHECK(panels.dim() == 4 && panels.size(2) == kPanel && panels.size(3) == 2 &&
-                panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), "panels: bf16_panels' layout");
     const int64_t k_size = x.size(-1), pairs = panels.size(1);
-    TORCH_CHECK((k_size + 1) / 2 == pairs && n_size > 0 && (n_size + kPanel - 1) / kPanel == panels.size(0),
-                "x or n_size do not fit the panels");
+    check_panels(panels, n_size, k_size);
     TORCH_CHECK(!bias || bias->numel() == n_size, "bias: (N,)");
 #if defined(__AVX512BF16__)
     // Rows of x in bf16, padded to whole pairs of columns (the panels' are zero past K).

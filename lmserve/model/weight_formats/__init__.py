@@ -1,6 +1,7 @@
 """How a projection's weight is stored and multiplied, one module per weight type:
 
-    floating.py   float32 and bf16 weights (FloatWeight), bf16 in oneDNN's blocked layout (OneDNNPackedWeight)
+    floating.py   float32 and bf16 weights (FloatWeight); bf16 in the kernels' panels (Bf16Panels) or in
+                  oneDNN's blocked layout (OneDNNPackedWeight)
     int8.py       int8 weights: W8A8 with int8 activations (W8A8Weight), weight-only (Int8WeightOnly)
     int4.py       4-bit weights: W4A8 with int8 activations (W4A8Weight), weight-only (Int4WeightOnly)
 

@@ -3,8 +3,8 @@ halve the bytes read per token). float32 products run the kernels' f32_linear on
 (kernels/f32_linear.cpp: batch-invariant by construction, and faster than torch's:
 bench/RESULTS.md, twenty-eighth sitting), torch's elsewhere. On the CPU a bf16 weight is laid out
 once for its product: in the kernels' panels (Bf16Panels, kernels/bf16_linear.cpp) where the CPU
-has AVX512-BF16 and no AMX tiles, about twice oneDNN's speed at the few rows of a decode step and
-even from 64 rows (bench/RESULTS.md, twenty-ninth sitting); elsewhere in oneDNN's blocked layout,
+has AVX512-BF16 and no AMX tiles, 1.6-1.9x oneDNN's speed at the few rows of a decode step and
+about even on prompt chunks (bench/RESULTS.md, twenty-ninth sitting); elsewhere in oneDNN's blocked layout,
 so each matmul stops re-laying it out (faster than the plain weight, the same values:
 bench/RESULTS.md, "Figures the code cites"), and AMX tiles run its larger steps."""
 
