@@ -32,6 +32,10 @@ torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor&
 bool int8_packed_supported();
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
                           const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, const std::string& path);
+torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pairs,
+                                const std::optional<torch::Tensor>& bias);
+torch::Tensor pack_int4_pairs(const torch::Tensor& packed, const torch::Tensor& w_scales,
+                              const torch::Tensor& w_lows);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight);
 torch::Tensor pack_int4(const torch::Tensor& q);
@@ -81,9 +85,12 @@ struct NativeLinear {
     int64_t small_step_tokens;  // steps of at most this many tokens use the narrow copy
     torch::Tensor wide_weight, wide_scales;  // int8 (N, K) or packed, float32 (N,): larger steps, int8 activations
     int64_t wide_block;  // Hadamard block of the wide weight's columns (model/int8.py)
-    torch::Tensor int4_weight, int4_scales, int4_lows;  // W4A8 for every step (int4_linear.cpp), or undefined
+    // W4A8 for every step (int4_linear.cpp), or undefined; scales and lows undefined in the pairs layout
+    torch::Tensor int4_weight, int4_scales, int4_lows;
 
     torch::Tensor operator()(const torch::Tensor& x) const {
+        if (int4_weight.defined() && !int4_scales.defined())
+            return int4_pairs_linear(x.to(at::kFloat), int4_weight, bias).to(x.scalar_type());
         if (int4_weight.defined())
             return int4_linear(x.to(at::kFloat), int4_weight, int4_scales, int4_lows, bias, "auto").to(x.scalar_type());
         if (narrow != kNone && x.size(0) <= small_step_tokens) {
@@ -407,8 +414,8 @@ class NativeDecoder {
         int64_t bytes = 0;
         for (const auto& linear : linears) {
             all_int4_ = all_int4_ && linear.int4_weight.defined();
-            if (linear.int4_weight.defined())
-                bytes += linear.int4_weight.nbytes() + linear.int4_scales.nbytes() + linear.int4_lows.nbytes();
+            for (const auto* t : {&linear.int4_weight, &linear.int4_scales, &linear.int4_lows})
+                if (t->defined()) bytes += t->nbytes();
         }
         largest_layer_bytes = std::max(largest_layer_bytes, bytes);
     }
@@ -673,6 +680,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4_linear", &int4_linear, "x @ weight.T with packed 4-bit weights and int8 activations in groups of 32",
           py::arg("x"), py::arg("packed"), py::arg("w_scales"), py::arg("w_lows"), py::arg("bias"),
           py::arg("path") = "auto");
+    m.def("int4_pairs_linear", &int4_pairs_linear, "int4_linear on a weight in pack_int4_pairs' layout",
+          py::arg("x"), py::arg("pairs"), py::arg("bias") = py::none());
     // The load's conversions let go of the GIL, as the decoder's forward does: a model loaded on
     // demand converts its weights on its engine's thread while the others serve.
     m.def("gguf_dequantize", &gguf_dequantize, "float32 values of Q4_0, Q4_1 or Q8_0 GGUF blocks",
@@ -680,6 +689,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("quantize_int4_groups", &quantize_int4_groups, "float32 weight rows -> 4-bit integers with a float16 scale and low per group of 32",
           py::call_guard<py::gil_scoped_release>());
     m.def("pack_int4", &pack_int4, "4-bit integers (N, K) -> the int4 product's (N/16, K/8, 16, 4) byte layout",
+          py::call_guard<py::gil_scoped_release>());
+    m.def("pack_int4_pairs", &pack_int4_pairs, "pack_int4's layout with its scales and lows -> one stream a pair of blocks",
           py::call_guard<py::gil_scoped_release>());
     m.def("rotated_int8", &rotated_int8, "float32 weight rows -> int8 of their blockwise Hadamard transform, a bfloat16 scale per row",
           py::call_guard<py::gil_scoped_release>());

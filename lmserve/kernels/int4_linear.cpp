@@ -25,6 +25,7 @@
 
 #include "int4_bf16_tiles.h"
 #include "int4_params.h"
+#include "int4_registers.h"
 #include "int4_tiles.h"
 
 std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
@@ -122,106 +123,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const to
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define LMSERVE_W4A8_GEMM 1
-
-namespace {
-
-// The packed weight: (N/16, K/8, 16, 4) uint8. Byte [j, s, l, b] holds q[16 j + l, 8 s + b] in its
-// low nibble and q[16 j + l, 8 s + 4 + b] in its high one, so that one 64-byte load, masked or
-// shifted, gives vpdpbusd (unsigned bytes times signed bytes, four products summed into each int32
-// lane) four columns of K for 16 outputs, twice. Weights are 0..15: no offset to undo.
-constexpr int kRows = 4;    // activation rows a register tile covers
-constexpr int kBlocks = 2;  // 16-output blocks a register tile covers: 8 int32 and 8 float accumulators
-
-constexpr int64_t kWeightAhead = 1024;  // bytes; 512 and 2,048 measured no better
-
-#define LM4_TILE(X) X(0, 0) X(0, 1) X(1, 0) X(1, 1) X(2, 0) X(2, 1) X(3, 0) X(3, 1)
-
-// out[i, 16 j + l] for i < R, j < B, from rows a (stride k) with their group scales and sums (stride
-// groups) and B blocks of the packed weight from w (each k * 8 bytes, one after another), the
-// weight's group scales and lows from ws / wl (stride n, float16). Named accumulators and an
-// inline-asm vpdpbusd, as in int8_linear.cpp (an array of vectors gets spilled by GCC 12).
-template <int R, int B>
-inline void w4a8_tile(const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
-                      const uint8_t* w, const at::Half* ws, const at::Half* wl, int64_t n, const float* bias,
-                      float* out, int64_t ldo) {
-    static_assert(R >= 1 && R <= kRows && B >= 1 && B <= kBlocks, "tile size");
-#define LM4_ZERO(i, j) __m512 f##i##j = _mm512_setzero_ps();
-    LM4_TILE(LM4_ZERO)
-#undef LM4_ZERO
-    const int64_t block_bytes = k * 8;
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    for (int64_t g = 0; g < groups; ++g) {
-        int4_params::prefetch(ws, wl, g, n);
-#define LM4_CLEAR(i, j) __m512i c##i##j = _mm512_setzero_si512();
-        LM4_TILE(LM4_CLEAR)
-#undef LM4_CLEAR
-        for (int s = 0; s < 4; ++s) {  // four steps of 8 columns: 32, one group
-            const int64_t step = g * 4 + s;
-            __m512i lo0, hi0, lo1, hi1;
-            // 16 lines ahead in each block (past a block's end: the block after it, which the next
-            // tile reads). A block of a 896-column weight is 7 KB, too short for the prefetchers.
-            int4_params::prefetch_bytes(w, step * 64 + kWeightAhead);
-            if constexpr (B > 1) int4_params::prefetch_bytes(w, block_bytes + step * 64 + kWeightAhead);
-            {
-                const __m512i v = _mm512_loadu_si512(w + step * 64);
-                lo0 = _mm512_and_si512(v, nibble);
-                hi0 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-            }
-            if constexpr (B > 1) {
-                const __m512i v = _mm512_loadu_si512(w + block_bytes + step * 64);
-                lo1 = _mm512_and_si512(v, nibble);
-                hi1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-            }
-#define LM4_DOT(i, j) if constexpr (R > i && B > j) { \
-                const int8_t* ai = a + i * k + step * 8; \
-                const __m512i al = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ai)); \
-                const __m512i ah = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(ai + 4)); \
-                asm("vpdpbusd %2, %1, %0" : "+v"(c##i##j) : "v"(lo##j), "v"(al)); \
-                asm("vpdpbusd %2, %1, %0" : "+v"(c##i##j) : "v"(hi##j), "v"(ah)); }
-            LM4_TILE(LM4_DOT)
-#undef LM4_DOT
-        }
-        // f += (float) sum * (w_scale * x_scale) + w_low * x_sum
-        const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * n)));
-        const __m512 l0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + g * n)));
-        __m512 s1 = s0, l1 = l0;
-        if constexpr (B > 1) {
-            s1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + g * n + 16)));
-            l1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wl + g * n + 16)));
-        }
-#define LM4_SCALE(i, j) if constexpr (R > i && B > j) { \
-            f##i##j = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##i##j), _mm512_mul_ps(s##j, _mm512_set1_ps(x_scales[i * groups + g])), f##i##j); \
-            f##i##j = _mm512_fmadd_ps(l##j, _mm512_set1_ps(x_sums[i * groups + g]), f##i##j); }
-        LM4_TILE(LM4_SCALE)
-#undef LM4_SCALE
-    }
-#define LM4_STORE(i, j) if constexpr (R > i && B > j) { \
-        __m512 v = f##i##j; \
-        if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j * 16)); \
-        _mm512_storeu_ps(out + i * ldo + j * 16, v); }
-    LM4_TILE(LM4_STORE)
-#undef LM4_STORE
-}
-#undef LM4_TILE
-
-template <int B>
-void w4a8_rows(int64_t m, const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
-               const uint8_t* w, const at::Half* ws, const at::Half* wl, int64_t n, const float* bias, float* out,
-               int64_t ldo) {
-    int64_t i = 0;
-    for (; i + kRows <= m; i += kRows)
-        w4a8_tile<kRows, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, w, ws, wl, n, bias,
-                            out + i * ldo, ldo);
-    switch (m - i) {
-#define LM4_TAIL(r) case r: w4a8_tile<r, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, w, ws, \
-                                            wl, n, bias, out + i * ldo, ldo); break;
-        LM4_TAIL(1) LM4_TAIL(2) LM4_TAIL(3)
-#undef LM4_TAIL
-        default: break;
-    }
-}
-
-}  // namespace
 #endif
 
 // Whether int4_linear runs here (built for a CPU with AVX512-VNNI).
@@ -286,30 +187,44 @@ struct W4A8Operands {
     float* op;
 };
 
-// On the register tiles: each thread takes an even share of the 16-output blocks and, 64 rows at a
-// time, runs every row against each tile of its blocks.
+constexpr int64_t kChunkRows = 64;  // rows a register tile's weights serve before the next tile's
+
+// On the register tiles, the blocks layout: each thread takes an even share of the 16-output blocks
+// and, 64 rows at a time, runs every row against each tile of its blocks.
 void w4a8_registers(const W4A8Operands& p) {
     const int64_t block_bytes = p.k * 8, blocks = p.n / 16;
-    constexpr int64_t kChunkRows = 64;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t m0 = 0; m0 < p.m; m0 += kChunkRows) {
             const int64_t rows = std::min(kChunkRows, p.m - m0);
             for (int64_t j = begin; j < end;) {
-                const int64_t width = std::min<int64_t>(kBlocks, end - j);
+                const int64_t width = std::min<int64_t>(int4_registers::kBlocks, end - j);
                 const float* bj = p.bp != nullptr ? p.bp + j * 16 : nullptr;
                 const int8_t* a = p.a + m0 * p.k;
                 const float* xs = p.xs + m0 * p.groups;
                 const float* xu = p.xu + m0 * p.groups;
                 float* out = p.op + m0 * p.n + j * 16;
+                const int4_registers::Blocks layout{p.w + j * block_bytes, block_bytes, p.ws + j * 16, p.wl + j * 16,
+                                                    p.n};
                 if (width == 2)
-                    w4a8_rows<2>(rows, a, p.k, xs, xu, p.groups, p.w + j * block_bytes, p.ws + j * 16, p.wl + j * 16,
-                                 p.n, bj, out, p.n);
+                    int4_registers::rows<2>(rows, a, p.k, xs, xu, p.groups, layout, bj, out, p.n);
                 else
-                    w4a8_rows<1>(rows, a, p.k, xs, xu, p.groups, p.w + j * block_bytes, p.ws + j * 16, p.wl + j * 16,
-                                 p.n, bj, out, p.n);
+                    int4_registers::rows<1>(rows, a, p.k, xs, xu, p.groups, layout, bj, out, p.n);
                 j += width;
             }
         }
+    });
+}
+
+// On the register tiles, the pairs layout (int4_registers.h; p.ws and p.wl unused): each thread
+// takes an even share of the pairs and, 64 rows at a time, runs every row against each.
+void w4a8_pairs(const W4A8Operands& p) {
+    const int64_t pair_bytes = p.groups * int4_registers::kPairGroupBytes;
+    at::parallel_for(0, p.n / 32, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t m0 = 0; m0 < p.m; m0 += kChunkRows)
+            for (int64_t j = begin; j < end; ++j)
+                int4_registers::rows<2>(std::min(kChunkRows, p.m - m0), p.a + m0 * p.k, p.k, p.xs + m0 * p.groups,
+                                        p.xu + m0 * p.groups, p.groups, int4_registers::Pair{p.w + j * pair_bytes},
+                                        p.bp != nullptr ? p.bp + j * 32 : nullptr, p.op + m0 * p.n + j * 32, p.n);
     });
 }
 
@@ -333,6 +248,32 @@ void w4a8_tiles(const W4A8Operands& p) {
     });
 }
 #endif
+
+// Quantizes x's rows in groups (each row twice in a step of kResidualRows or fewer: the int8 rows,
+// then what they missed), has `run` multiply them by the weight into (m, n) (the operands' weight
+// fields left for it to fill), and in a residual step sums each row's two halves and adds the bias
+// once.
+template <typename Run>
+torch::Tensor w4a8_product(const torch::Tensor& x, int64_t n, std::optional<torch::Tensor> bias, int64_t pad_to,
+                           const Run& run) {
+    const int64_t rows_in = x.size(0), k = x.size(1);
+    const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
+    const int64_t m = residual ? 2 * rows_in : rows_in;
+    auto [xq, x_scales, x_sums] = quantize_rows_in_groups(x.to(at::kFloat), residual, pad_to);
+    std::optional<torch::Tensor> added_bias;
+    if (residual) std::swap(added_bias, bias);  // added once, after the two halves are summed
+    auto out = torch::empty({m, n}, x_scales.options());
+    float* op = out.data_ptr<float>();
+    run(W4A8Operands{m, k, n, k / kGroup, xq.data_ptr<int8_t>(), x_scales.data_ptr<float>(), x_sums.data_ptr<float>(),
+                     nullptr, nullptr, nullptr, bias ? bias->data_ptr<float>() : nullptr, op});
+    if (!residual) return out;
+    const float* ab = added_bias ? added_bias->data_ptr<float>() : nullptr;
+    for (int64_t i = 0; i < rows_in * n; ++i) {
+        op[i] = op[i] + op[rows_in * n + i];
+        if (ab != nullptr) op[i] = op[i] + ab[i % n];
+    }
+    return out.narrow(0, 0, rows_in);
+}
 
 }  // namespace
 #endif
@@ -366,43 +307,79 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
         return int4_bf16_tiles::product(x.to(at::kFloat), packed, w_scales.data_ptr<at::Half>(), w_lows.data_ptr<at::Half>(),
                              b ? b->data_ptr<float>() : nullptr);
 #endif
-    const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
-    const int64_t m = residual ? 2 * rows_in : rows_in;
     const bool on_tiles = chosen == "int8_tiles";
 #if defined(LMSERVE_W4A8_TILES)
     const int64_t pad_to = on_tiles ? int4_tiles::kRows : 1;
 #else
     const int64_t pad_to = 1;
 #endif
-    auto [xq, x_scales, x_sums] = quantize_rows_in_groups(x.to(at::kFloat), residual, pad_to);
-    std::optional<torch::Tensor> added_bias;
-    if (residual) std::swap(added_bias, b);  // added once, after the two halves are summed
-    auto out = torch::empty({m, n}, x_scales.options());
-    const W4A8Operands operands{m, k, n, groups, xq.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
-                                x_sums.data_ptr<float>(), packed.data_ptr<uint8_t>(), w_scales.data_ptr<at::Half>(),
-                                w_lows.data_ptr<at::Half>(), b ? b->data_ptr<float>() : nullptr,
-                                out.data_ptr<float>()};
+    return w4a8_product(x, n, b, pad_to, [&](const W4A8Operands& operands) {
+        W4A8Operands p = operands;
+        p.w = packed.data_ptr<uint8_t>();
+        p.ws = w_scales.data_ptr<at::Half>();
+        p.wl = w_lows.data_ptr<at::Half>();
 #if defined(LMSERVE_W4A8_TILES)
-    if (on_tiles)
-        w4a8_tiles(operands);
-    else
-        w4a8_registers(operands);
-#else
-    w4a8_registers(operands);
-#endif
-    if (residual) {
-        float* op = operands.op;
-        const float* ab = added_bias ? added_bias->data_ptr<float>() : nullptr;
-        for (int64_t i = 0; i < rows_in * n; ++i) {
-            op[i] = op[i] + op[rows_in * n + i];
-            if (ab != nullptr) op[i] = op[i] + ab[i % n];
+        if (on_tiles) {
+            w4a8_tiles(p);
+            return;
         }
-        return out.narrow(0, 0, rows_in);
-    }
-    return out;
+#endif
+        w4a8_registers(p);
+    });
 #else
     TORCH_CHECK(false, "int4_linear needs a build with AVX512-VNNI (int4_linear_supported())");
 #endif
+}
+
+// int4_linear on the weight in the pairs layout (int4_registers.h; pack_int4_pairs), on the register
+// tiles at every step: x (M, K) float32, pairs (N/32, K/32, 640) uint8, bias (N,) or none -> (M, N)
+// float32, the register tiles' results bit for bit.
+torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pairs,
+                                const std::optional<torch::Tensor>& bias) {
+    TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 && pairs.size(2) == 640 && pairs.is_contiguous(),
+                "weight: uint8 pairs (N/32, K/32, 640)");
+    const int64_t n = pairs.size(0) * 32, k = pairs.size(1) * kGroup;
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
+    auto b = float_bias(bias, n);
+#if defined(LMSERVE_W4A8_GEMM)
+    static_assert(int4_registers::kPairGroupBytes == 640, "the pairs layout's group");
+    return w4a8_product(x, n, b, 1, [&](const W4A8Operands& operands) {
+        W4A8Operands p = operands;
+        p.w = pairs.data_ptr<uint8_t>();
+        w4a8_pairs(p);
+    });
+#else
+    TORCH_CHECK(false, "int4_pairs_linear needs a build with AVX512-VNNI (int4_linear_supported())");
+#endif
+}
+
+// The blocks layout (packed (N/16, K/8, 16, 4) uint8 with (K/32, N) float16 scales and lows) ->
+// the pairs layout (N/32, K/32, 640) uint8 (int4_registers.h), N a multiple of 32.
+torch::Tensor pack_int4_pairs(const torch::Tensor& packed, const torch::Tensor& w_scales, const torch::Tensor& w_lows) {
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
+                packed.is_contiguous() && packed.size(0) % 2 == 0 && packed.size(1) % 4 == 0,
+                "weight: packed uint8 (N/16, K/8, 16, 4), N a multiple of 32 and K of 32");
+    const int64_t n = packed.size(0) * 16, groups = packed.size(1) / 4;
+    for (const auto* t : {&w_scales, &w_lows})
+        TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == groups && t->size(1) == n &&
+                    t->is_contiguous(), "weight scales and lows: float16 (K/32, N)");
+    constexpr int64_t kBlockGroup = 256, kPairGroup = 640;  // int4_registers::kGroupBytes, kPairGroupBytes
+    auto pairs = torch::empty({n / 32, groups, kPairGroup}, packed.options());
+    const uint8_t* w = packed.data_ptr<uint8_t>();
+    const auto* ws = reinterpret_cast<const uint8_t*>(w_scales.data_ptr<at::Half>());
+    const auto* wl = reinterpret_cast<const uint8_t*>(w_lows.data_ptr<at::Half>());
+    uint8_t* out = pairs.data_ptr<uint8_t>();
+    at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p)
+            for (int64_t g = 0; g < groups; ++g) {
+                uint8_t* dst = out + (p * groups + g) * kPairGroup;
+                for (int64_t j = 0; j < 2; ++j)
+                    std::memcpy(dst + j * kBlockGroup, w + ((2 * p + j) * groups + g) * kBlockGroup, kBlockGroup);
+                std::memcpy(dst + 2 * kBlockGroup, ws + (g * n + 32 * p) * 2, 64);
+                std::memcpy(dst + 2 * kBlockGroup + 64, wl + (g * n + 32 * p) * 2, 64);
+            }
+    });
+    return pairs;
 }
 
 // pack_int4 (model/weight_formats/int4.py): (N, K) uint8 in 0..15 -> (N/16, K/8, 16, 4) uint8, byte

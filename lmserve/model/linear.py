@@ -13,7 +13,7 @@ from torch import nn
 
 from lmserve.model.weight_formats import WeightStorage
 from lmserve.model.weight_formats.floating import Bf16Panels, FloatWeight, pack_bf16
-from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, can_pack_int4, int4_linear_supported
+from lmserve.model.weight_formats.int4 import Int4WeightOnly, can_pack_int4, int4_linear_supported, quantize_w4a8
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, packs_weights
 
 # Steps of at most this many tokens run a weight-only copy: at a few rows the product is bound by
@@ -69,7 +69,7 @@ class Linear(nn.Linear):
         w8a8=False keeps the weight, cast to bf16, for the larger steps instead."""
         weight = self.weight.detach()
         if kind == "int4" and w8a8 and int4_linear_supported() and can_pack_int4(weight):
-            self._replace_weight(W4A8Weight.quantize(weight))
+            self._replace_weight(quantize_w4a8(weight))
             return
         small_format = Int4WeightOnly if kind == "int4" and can_pack_int4(weight) else Int8WeightOnly
         large = W8A8Weight.quantize(weight, pack=packs_weights()) if w8a8 else None

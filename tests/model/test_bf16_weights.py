@@ -12,7 +12,8 @@ from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model.linear import HeadEmbedding
 from lmserve.model.weight_formats.floating import Bf16Panels, OneDNNPackedWeight, bf16_panels_run
-from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, int4_linear_supported
+from lmserve.model.weight_formats.int4 import (Int4WeightOnly, W4A8Pairs, W4A8Weight, int4_linear_supported,
+                                               int4_pairs_run)
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_matmul_pays, packs_weights
 from lmserve.request import SamplingParams
 from lmserve.weights.load import load_model
@@ -143,7 +144,8 @@ def test_int4_single_token_steps_track_float32_teacher_forced(reference, int4_mo
     layer = int4_model.model.model.layers[0]
     for linear in (layer.mlp.gate_up_proj, layer.self_attn.qkv_proj):
         if int4_linear_supported():
-            assert isinstance(linear.storage, W4A8Weight) and linear.small_step_copy is None
+            assert isinstance(linear.storage, W4A8Pairs if int4_pairs_run() else W4A8Weight)
+            assert linear.small_step_copy is None
         else:
             assert isinstance(linear.small_step_copy.storage, Int4WeightOnly)
     head_copy = int4_model.model.lm_head.small_step_copy
@@ -248,7 +250,8 @@ def test_int4_batched_steps_track_float32_teacher_forced(reference, int4_model):
     3.5-6.4e-3 and 0.979; W8A8 without the transform: 3.6e-2 and 0.89."""
     layer = int4_model.model.model.layers[0]
     down = layer.mlp.down_proj
-    assert isinstance(down.storage, W4A8Weight) == int4_linear_supported() and down.weight is None
+    assert isinstance(down.storage, W4A8Pairs if int4_pairs_run() else W4A8Weight) == int4_linear_supported()
+    assert down.weight is None
     agree = total = 0
     for prompt, output, a in reference:
         ids = prompt + output

@@ -16,7 +16,8 @@ from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model import linear
 from lmserve.model.weight_formats import floating
 from lmserve.model.weight_formats.floating import Bf16Panels, OneDNNPackedWeight
-from lmserve.model.weight_formats.int4 import Int4WeightOnly, W4A8Weight, int4_linear_supported
+from lmserve.model.weight_formats.int4 import (Int4WeightOnly, W4A8Pairs, W4A8Weight, int4_linear_supported,
+                                               int4_pairs_run)
 from lmserve.model.weight_formats.int8 import W8A8Weight
 from lmserve.weights.load import load_weights
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
@@ -143,7 +144,8 @@ def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num
     if dtype == "int8":
         assert isinstance(qkv.storage, W8A8Weight) and qkv.weight is None  # and past the small-step limit, W8A8
     if dtype == "int4":  # W4A8 at every step where the kernels run it
-        assert isinstance(qkv.storage, W4A8Weight) == int4_linear_supported() and qkv.weight is None
+        assert isinstance(qkv.storage, W4A8Pairs if int4_pairs_run() else W4A8Weight) == int4_linear_supported()
+        assert qkv.weight is None
     assert_native_matches_python(model, num_seqs, torch.float32 if dtype == "float32" else torch.bfloat16)
 
 

@@ -13,8 +13,8 @@ from lmserve.model import linear
 from lmserve.model.linear import SMALL_STEP_TOKENS, Linear
 from lmserve.model.weight_formats import floating
 from lmserve.model.weight_formats.floating import Bf16Panels, FloatWeight, OneDNNPackedWeight
-from lmserve.model.weight_formats.int4 import (INT4_GROUP, Int4WeightOnly, W4A8Weight, int4_linear,
-                                               int4_linear_supported, quantize_int4, unpack_int4)
+from lmserve.model.weight_formats.int4 import (INT4_GROUP, Int4WeightOnly, W4A8Pairs, W4A8Weight, int4_linear,
+                                               int4_linear_supported, int4_pairs_run, quantize_int4, unpack_int4)
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_linear_reference, packs_weights
 
 
@@ -93,8 +93,11 @@ def test_int4_runs_w4a8_at_every_step_where_the_kernels_do():
     layer = Linear(128, 64, bias=True)
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
     layer.quantize("int4")
-    assert isinstance(layer.storage, W4A8Weight) and layer.weight is None and layer.small_step_copy is None
-    packed, scales, lows = layer.storage.weight, layer.storage.scales, layer.storage.lows
+    assert layer.weight is None and layer.small_step_copy is None
+    # in one stream a pair of blocks where the register tiles serve every step, the same values
+    assert isinstance(layer.storage, W4A8Pairs if int4_pairs_run() else W4A8Weight)
+    blocks = W4A8Weight.quantize(weight)
+    packed, scales, lows = blocks.weight, blocks.scales, blocks.lows
     restored = (unpack_int4(packed).float() * scales.t().float().repeat_interleave(INT4_GROUP, 1)
                 + lows.t().float().repeat_interleave(INT4_GROUP, 1))
     assert (restored - weight).abs().max() < scales.float().max() / 2 + 1e-3  # half a step and float16 rounding

@@ -298,3 +298,47 @@ def test_a_mis_shaped_weight_is_refused():
         int4_linear(torch.zeros(2, 32), packed, scales, lows, None)
     with pytest.raises(RuntimeError, match="float16"):
         int4_linear(torch.zeros(2, 64), packed, scales.float(), lows, None)
+
+
+# rows: the residual one-row step, tiles and tails, more than one 64-row chunk; out: one pair, an
+# odd number of pairs (one thread takes more), many; cols: one group to the MLP's 1536
+@pytest.mark.parametrize("rows, cols, out", [(1, 32, 32), (1, 1536, 576), (2, 64, 96), (3, 576, 960), (5, 96, 160),
+                                             (17, 160, 64), (70, 576, 3072), (130, 1536, 576)])
+def test_the_pairs_layout_gives_the_register_tiles_results_bit_for_bit(rows, cols, out):
+    """kernels/int4_registers.h: each pair of 16-output blocks holds, group after group, block 0's
+    256 bytes of the group, block 1's, then the group's 32 scales and 32 lows; the product over it
+    is the blocks layout's on the register tiles, bit for bit."""
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    module = native_module()
+    q, scales, lows = quantize_int4_groups(q4_1_file_weight(out, cols, seed=rows + out)[0])
+    packed = pack_int4(q)
+    pairs = module.pack_int4_pairs(packed, scales, lows)
+    groups = cols // INT4_GROUP
+    assert pairs.shape == (out // 32, groups, 640) and pairs.dtype == torch.uint8
+    blocks = packed.view(out // 16, groups, 256)
+    halves = [t.view(groups, out // 32, 32).transpose(0, 1).contiguous().view(torch.uint8).view(out // 32, groups, 64)
+              for t in (scales, lows)]
+    assert torch.equal(pairs, torch.cat([blocks[0::2], blocks[1::2], *halves], dim=2))
+    x = activations(rows, cols, seed=cols + 3)
+    for b in (None, torch.randn(out)):
+        got = module.int4_pairs_linear(x, pairs, b)
+        assert got.shape == (rows, out)
+        assert torch.equal(got, module.int4_linear(x, packed, scales, lows, b, path="registers")), (rows, cols, out)
+
+
+def test_a_mis_shaped_pairs_weight_is_refused():
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    module = native_module()
+    q, scales, lows = quantize_int4_groups(torch.randn(48, 64))
+    with pytest.raises(RuntimeError, match="N a multiple of 32"):  # three blocks: no whole pairs
+        module.pack_int4_pairs(pack_int4(q), scales, lows)
+    q, scales, lows = quantize_int4_groups(torch.randn(32, 64))
+    pairs = module.pack_int4_pairs(pack_int4(q), scales, lows)
+    with pytest.raises(RuntimeError, match="float16"):
+        module.pack_int4_pairs(pack_int4(q), scales.float(), lows)
+    with pytest.raises(RuntimeError, match=r"uint8 pairs \(N/32, K/32, 640\)"):
+        module.int4_pairs_linear(torch.zeros(2, 64), pairs.view(1, 4, 320), None)
+    with pytest.raises(RuntimeError, match="the weight's K"):
+        module.int4_pairs_linear(torch.zeros(2, 32), pairs, None)

@@ -3,7 +3,8 @@
     floating.py   float32 and bf16 weights (FloatWeight); bf16 in the kernels' panels (Bf16Panels) or in
                   oneDNN's blocked layout (OneDNNPackedWeight)
     int8.py       int8 weights: W8A8 with int8 activations (W8A8Weight), weight-only (Int8WeightOnly)
-    int4.py       4-bit weights: W4A8 with int8 activations (W4A8Weight), weight-only (Int4WeightOnly)
+    int4.py       4-bit weights: W4A8 with int8 activations (W4A8Weight; W4A8Pairs in one stream a pair of
+                  blocks, where the register tiles serve every step), weight-only (Int4WeightOnly)
 
 model/linear.py's Linear holds one of them and picks which (Linear.quantize).
 """
