@@ -5,8 +5,9 @@
 //   group scales and lows from four places, the scales of successive groups a page or more apart;
 // - pairs: (N/32, K/32, 640) uint8, for CPUs without those tiles. Each pair of 16-output blocks holds,
 //   group after group, block 0's 256 bytes of the group, block 1's, then the group's 32 scales and 32
-//   lows as float16: one stream, read front to back. One-row steps on SmolLM2's 120 projections,
-//   out of cache: 4.0-5.2 ms on blocks, 2.9-3.3 ms on pairs (bench/RESULTS.md, thirtieth sitting).
+//   lows as float16: one stream, read front to back. Steps of 1-4 rows over SmolLM2's 120
+//   projections, out of cache, run 1.2-1.5x faster on pairs, 16 rows 1.1x, 64 and more alike
+//   (`python -m bench.int4_layouts`; bench/RESULTS.md, thirtieth sitting).
 // Both give the same results bit for bit: the same loads, products and float32 arithmetic, in the
 // same order, from other addresses.
 #pragma once

@@ -214,8 +214,8 @@ class W4A8Weight:
 class W4A8Pairs:
     """A W4A8Weight's integers with their scales and lows in one stream per pair of 16-output blocks,
     group after group (kernels/int4_registers.h), for the register tiles: the same results bit for
-    bit, and a one-row step's projections read 1.3-1.6x faster than from the blocks layout, whose
-    scales lie a page apart group after group (bench/RESULTS.md, thirtieth sitting)."""
+    bit, and steps of 1-4 rows 1.2-1.5x faster than on the blocks layout, whose scales lie a page
+    apart group after group (`python -m bench.int4_layouts`; bench/RESULTS.md, thirtieth sitting)."""
 
     weight: torch.Tensor  # (N/32, K/G, 640) uint8 from pack_int4_pairs
 
