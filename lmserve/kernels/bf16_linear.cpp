@@ -24,9 +24,16 @@
 #include <immintrin.h>
 #endif
 
+std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
+
 namespace {
 
 constexpr int64_t kPanel = 32;  // outputs per panel: two vectors of 16 float32 accumulators
+
+// Where the panels of a weight with `pairs` pairs of columns hold its value [n, k].
+inline int64_t panel_offset(int64_t n, int64_t k, int64_t pairs) {
+    return (n / kPanel) * pairs * kPanel * 2 + (k / 2) * kPanel * 2 + (n % kPanel) * 2 + k % 2;
+}
 
 #if defined(__AVX512BF16__)
 constexpr int kVectors = kPanel / 16;
@@ -97,10 +104,9 @@ torch::Tensor bf16_panels(const torch::Tensor& weight_in) {
     uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b)
-            for (int64_t c = 0; c < std::min<int64_t>(kPanel, n_size - b * kPanel); ++c) {
-                const uint16_t* row = src + (b * kPanel + c) * k_size;
-                uint16_t* base = dst + b * pairs * kPanel * 2 + c * 2;
-                for (int64_t k = 0; k < k_size; ++k) base[(k / 2) * kPanel * 2 + (k % 2)] = row[k];
+            for (int64_t n = b * kPanel; n < std::min(n_size, (b + 1) * kPanel); ++n) {
+                const uint16_t* row = src + n * k_size;
+                for (int64_t k = 0; k < k_size; ++k) dst[panel_offset(n, k, pairs)] = row[k];
             }
     });
     return out;
@@ -122,10 +128,9 @@ torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& 
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
             const int64_t n = idp[t];
-            const uint16_t* base = wp + (n / kPanel) * pairs * kPanel * 2 + (n % kPanel) * 2;
             float* row = op + t * k_size;
             for (int64_t k = 0; k < k_size; ++k) {
-                const uint32_t bits = static_cast<uint32_t>(base[(k / 2) * kPanel * 2 + (k % 2)]) << 16;
+                const uint32_t bits = static_cast<uint32_t>(wp[panel_offset(n, k, pairs)]) << 16;
                 std::memcpy(row + k, &bits, sizeof(float));  // bf16 -> float32: the high half, exactly
             }
         }
@@ -138,7 +143,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, c
                           int64_t n_size) {
     const int64_t k_size = x.size(-1), pairs = panels.size(1);
     check_panels(panels, n_size, k_size);
-    TORCH_CHECK(!bias || bias->numel() == n_size, "bias: (N,)");
+    const auto b = float_bias(bias, n_size);
 #if defined(__AVX512BF16__)
     // Rows of x in bf16, padded to whole pairs of columns (the panels' are zero past K).
     auto rows = x.reshape({-1, k_size}).to(at::kBFloat16);
@@ -146,8 +151,6 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, c
     rows = rows.contiguous();
     const int64_t m_size = rows.size(0);
     auto y = torch::empty({m_size, n_size}, x.options().dtype(at::kFloat));
-    std::optional<torch::Tensor> b;
-    if (bias) b = bias->to(at::kFloat).contiguous();
     const float* bp = b ? b->data_ptr<float>() : nullptr;
     const uint32_t* xp = reinterpret_cast<const uint32_t*>(rows.data_ptr());
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(panels.data_ptr());
@@ -168,7 +171,6 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, c
 #else
     // The same values without the instructions: the weight unpacked, the product in float32.
     auto weight = panels.permute({0, 2, 1, 3}).reshape({-1, pairs * 2}).narrow(0, 0, n_size).narrow(1, 0, k_size);
-    return at::linear(x.to(at::kBFloat16).to(at::kFloat), weight.to(at::kFloat),
-                      bias ? std::optional<torch::Tensor>(bias->to(at::kFloat)) : std::nullopt);
+    return at::linear(x.to(at::kBFloat16).to(at::kFloat), weight.to(at::kFloat), b);
 #endif
 }

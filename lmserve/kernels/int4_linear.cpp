@@ -336,13 +336,13 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 // float32, the register tiles' results bit for bit.
 torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pairs,
                                 const std::optional<torch::Tensor>& bias) {
-    TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 && pairs.size(2) == 640 && pairs.is_contiguous(),
+    TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 &&
+                pairs.size(2) == int4_registers::kPairGroupBytes && pairs.is_contiguous(),
                 "weight: uint8 pairs (N/32, K/32, 640)");
     const int64_t n = pairs.size(0) * 32, k = pairs.size(1) * kGroup;
     TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
     auto b = float_bias(bias, n);
 #if defined(LMSERVE_W4A8_GEMM)
-    static_assert(int4_registers::kPairGroupBytes == 640, "the pairs layout's group");
     return w4a8_product(x, n, b, 1, [&](const W4A8Operands& operands) {
         W4A8Operands p = operands;
         p.w = pairs.data_ptr<uint8_t>();
@@ -363,7 +363,7 @@ torch::Tensor pack_int4_pairs(const torch::Tensor& packed, const torch::Tensor& 
     for (const auto* t : {&w_scales, &w_lows})
         TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == groups && t->size(1) == n &&
                     t->is_contiguous(), "weight scales and lows: float16 (K/32, N)");
-    constexpr int64_t kBlockGroup = 256, kPairGroup = 640;  // int4_registers::kGroupBytes, kPairGroupBytes
+    constexpr int64_t kBlockGroup = int4_registers::kGroupBytes, kPairGroup = int4_registers::kPairGroupBytes;
     auto pairs = torch::empty({n / 32, groups, kPairGroup}, packed.options());
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const auto* ws = reinterpret_cast<const uint8_t*>(w_scales.data_ptr<at::Half>());

@@ -12,12 +12,20 @@
 // same order, from other addresses.
 #pragma once
 
+#include <cstdint>
+
+namespace int4_registers {
+
+// The layouts' sizes, which pack_int4_pairs writes by (built for any CPU).
+constexpr int64_t kGroupBytes = 256;  // a block's bytes for one group of 32 columns: 4 steps of 64
+constexpr int64_t kPairGroupBytes = 2 * kGroupBytes + 2 * 32 * 2;  // two blocks, 32 scales and 32 lows
+
+}  // namespace int4_registers
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
 #include <torch/extension.h>
 #include <immintrin.h>
-
-#include <cstdint>
 
 #include "int4_params.h"
 
@@ -29,8 +37,6 @@ namespace int4_registers {
 // columns of K for 16 outputs, twice. Weights are 0..15: no offset to undo.
 constexpr int kRows = 4;    // activation rows a register tile covers
 constexpr int kBlocks = 2;  // 16-output blocks a register tile covers: 8 int32 and 8 float accumulators
-constexpr int64_t kGroupBytes = 256;  // a block's bytes for one group of 32 columns: 4 steps of 64
-constexpr int64_t kPairGroupBytes = 2 * kGroupBytes + 2 * 32 * 2;  // two blocks, 32 scales and 32 lows
 constexpr int64_t kWeightAhead = 1024;  // blocks: bytes ahead in each block; 512 and 2,048 measured no better
 constexpr int64_t kPairAhead = 2 * kPairGroupBytes;  // pairs: 1 and 4 groups ahead measured no better
 
@@ -46,7 +52,7 @@ struct Blocks {
     const uint8_t* bytes(int j, int64_t g, int s) const { return w + j * block_bytes + (g * 4 + s) * 64; }
     const at::Half* scales(int j, int64_t g) const { return ws + g * n + j * 16; }
     const at::Half* lows(int j, int64_t g) const { return wl + g * n + j * 16; }
-    void prefetch_group(int64_t g, int) const { int4_params::prefetch(ws, wl, g, n); }
+    void prefetch_group(int64_t g) const { int4_params::prefetch(ws, wl, g, n); }
     // 16 lines ahead in each block (past a block's end: the block after it, which the next tile
     // reads). A block of a 896-column weight is 7 KB, too short for the prefetchers.
     void prefetch_step(int64_t g, int s, int blocks) const {
@@ -64,7 +70,7 @@ struct Pair {
         return reinterpret_cast<const at::Half*>(w + g * kPairGroupBytes + 2 * kGroupBytes) + j * 16;
     }
     const at::Half* lows(int j, int64_t g) const { return scales(j, g) + 32; }
-    void prefetch_group(int64_t g, int) const {
+    void prefetch_group(int64_t g) const {
         for (int64_t line = 0; line < kPairGroupBytes; line += 64)
             int4_params::prefetch_bytes(w, g * kPairGroupBytes + kPairAhead + line);
     }
@@ -85,7 +91,7 @@ inline void tile(const int8_t* a, int64_t k, const float* x_scales, const float*
 #undef LM4_ZERO
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int64_t g = 0; g < groups; ++g) {
-        layout.prefetch_group(g, B);
+        layout.prefetch_group(g);
 #define LM4_CLEAR(i, j) __m512i c##i##j = _mm512_setzero_si512();
         LM4_TILE(LM4_CLEAR)
 #undef LM4_CLEAR

@@ -298,7 +298,7 @@ torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scale
 #endif
 
 // A projection's optional bias as contiguous float32, checked to hold N values (int8_linear,
-// int4_linear).
+// int4_linear, bf16_linear).
 std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n) {
     if (!bias) return std::nullopt;
     auto b = bias->to(at::kFloat).contiguous();
