@@ -41,11 +41,12 @@ class LevelReport:
     first_error: str | None
     peak_rss_mib: float | None  # the server's processes' RSS summed (shared pages counted in each)
     peak_pss_mib: float | None = None  # their PSS summed (shared pages split between them)
+    peak_hwm_mib: float | None = None  # their VmHWM summed: the kernel's peak, start-up and load included
 
 
 def summarize_level(
     server: str, workload: Workload, results: Sequence[RequestResult], wall_s: float, peak_rss_bytes: int | None,
-    peak_pss_bytes: int | None = None,
+    peak_pss_bytes: int | None = None, peak_hwm_bytes: int | None = None,
 ) -> LevelReport:
     ok = [result for result in results if result.ok]
     errors = [result.error for result in results if not result.ok]
@@ -68,6 +69,7 @@ def summarize_level(
         num_errors=len(errors), first_error=errors[0] if errors else None,
         peak_rss_mib=peak_rss_bytes / 2**20 if peak_rss_bytes else None,
         peak_pss_mib=peak_pss_bytes / 2**20 if peak_pss_bytes else None,
+        peak_hwm_mib=peak_hwm_bytes / 2**20 if peak_hwm_bytes else None,
     )
 
 
@@ -99,12 +101,13 @@ METRICS = {
     "cached_tokens_mean": Metric("cached_tokens_mean", "cached prompt tokens", fmt="{:.0f}"),
     "peak_rss_mib": Metric("peak_rss_mib", "peak RSS MiB", fmt="{:.0f}"),
     "peak_pss_mib": Metric("peak_pss_mib", "peak PSS MiB", fmt="{:.0f}"),
+    "peak_hwm_mib": Metric("peak_hwm_mib", "VmHWM MiB", fmt="{:.0f}"),
     "num_errors": Metric("num_errors", "errors", fmt="{:d}"),
 }
 
 # What is worth comparing for each kind of workload (the JSON has everything).
 _LATENCY = ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s")
-_MEMORY = ("peak_rss_mib", "peak_pss_mib", "num_errors")
+_MEMORY = ("peak_rss_mib", "peak_pss_mib", "peak_hwm_mib", "num_errors")
 KIND_METRICS = {
     "decode": (*_LATENCY, *_MEMORY),
     "prefill": ("prefill_tok_s", "ttft_p50_s", *_MEMORY),
@@ -116,7 +119,7 @@ KIND_METRICS = {
 }
 
 LEVEL_COLUMNS = ("output_tok_s", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "itl_p95_s", "prefill_tok_s",
-                 "cached_tokens_mean", "peak_rss_mib", "peak_pss_mib", "num_errors")
+                 "cached_tokens_mean", "peak_rss_mib", "peak_pss_mib", "peak_hwm_mib", "num_errors")
 
 
 def format_value(metric: Metric, value: float | None) -> str:

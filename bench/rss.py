@@ -1,7 +1,9 @@
 """Peak resident memory of a server process and its children, sampled on a thread: the sum of
 their RSS, and the sum of their PSS (proportional set size: a page shared by N processes counts
 1/N in each), which does not count twice the pages a server's processes share (lmserve's grammar
-compile workers fork from a process that shares torch's and xgrammar's code with the server)."""
+compile workers fork from a process that shares torch's and xgrammar's code with the server).
+Beside them the kernel's own peak, VmHWM: the most each process was ever resident, which no sample
+misses, start-up and loading the model included (the RSS and PSS samples start with the level)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ if TYPE_CHECKING:
 
 
 class PeakRSSSampler:
-    """`with PeakRSSSampler(pid) as sampler: ...` then `sampler.peak_bytes` and `sampler.peak_pss_bytes`
-    (None without a pid, or PSS where the kernel does not give it).
+    """`with PeakRSSSampler(pid) as sampler: ...` then `sampler.peak_bytes`, `sampler.peak_pss_bytes`
+    and `sampler.peak_hwm_bytes` (None without a pid, or PSS where the kernel does not give it).
 
     Sampling every 100 ms misses spikes shorter than that; a server's footprint (weights, KV cache,
     activations of a full batch) lasts for the whole level, so the peak is still representative.
@@ -27,6 +29,7 @@ class PeakRSSSampler:
         self.interval_s = interval_s
         self.peak_bytes: int | None = None
         self.peak_pss_bytes: int | None = None
+        self.peak_hwm_bytes: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
@@ -52,6 +55,9 @@ class PeakRSSSampler:
         pss = tree_pss_bytes(self.pid)
         if pss is not None and (self.peak_pss_bytes is None or pss > self.peak_pss_bytes):
             self.peak_pss_bytes = pss
+        hwm = tree_hwm_bytes(self.pid)  # each process's only grows: the largest sum is the last one taken
+        if hwm is not None and (self.peak_hwm_bytes is None or hwm > self.peak_hwm_bytes):
+            self.peak_hwm_bytes = hwm
 
 
 def tree_rss_bytes(pid: int) -> int | None:
@@ -62,13 +68,20 @@ def tree_rss_bytes(pid: int) -> int | None:
 def tree_pss_bytes(pid: int) -> int | None:
     """PSS of `pid` plus all its descendants (Linux's smaps_rollup); None once the process is gone
     or where the kernel gives no PSS."""
-    return _tree_sum(pid, _pss_bytes)
+    return _tree_sum(pid, lambda process: _proc_bytes(process, "smaps_rollup", "Pss:"))
 
 
-def _pss_bytes(process: psutil.Process) -> int:
+def tree_hwm_bytes(pid: int) -> int | None:
+    """VmHWM (the kernel's peak resident set) of `pid` plus all its descendants; None once the
+    process is gone."""
+    return _tree_sum(pid, lambda process: _proc_bytes(process, "status", "VmHWM:"))
+
+
+def _proc_bytes(process: psutil.Process, file_name: str, field: str) -> int:
+    """A size in kB that /proc/<pid>/<file_name> gives on its line starting `field`, in bytes."""
     try:
-        with open(f"/proc/{process.pid}/smaps_rollup") as file:
-            return next(int(line.split()[1]) * 1024 for line in file if line.startswith("Pss:"))
+        with open(f"/proc/{process.pid}/{file_name}") as file:
+            return next(int(line.split()[1]) * 1024 for line in file if line.startswith(field))
     except (OSError, StopIteration):
         raise psutil.NoSuchProcess(process.pid) from None
 

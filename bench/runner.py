@@ -44,7 +44,8 @@ def run_workload(target: Target, workload: Workload, server: str, server_pid: in
         results, wall_s = asyncio.run(
             run_jobs(target, jobs[1:], workload.concurrency, lambda _: bar.update(1), schema)
         )
-    return LevelRun(summarize_level(server, workload, results, wall_s, sampler.peak_bytes, sampler.peak_pss_bytes), results)
+    return LevelRun(summarize_level(server, workload, results, wall_s, sampler.peak_bytes, sampler.peak_pss_bytes,
+                                     sampler.peak_hwm_bytes), results)
 
 
 def _progress(options: RunOptions, description: str, total: int):

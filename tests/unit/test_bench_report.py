@@ -24,14 +24,15 @@ def test_summarize_level():
     # Binary fractions, so every statistic below is exact.
     results = [result(0.5, [0.5, 0.625, 0.75, 0.875], 4), result(1.0, [1.0, 1.25, 1.5, 1.75], 4),
                result(0, [], 0, "HTTP 500: boom")]
-    report = summarize_level("srv", DECODE, results, wall_s=2.0, peak_rss_bytes=3 * 2**20, peak_pss_bytes=2**20)
+    report = summarize_level("srv", DECODE, results, wall_s=2.0, peak_rss_bytes=3 * 2**20, peak_pss_bytes=2**20,
+                             peak_hwm_bytes=5 * 2**20)
     assert (report.output_tokens, report.output_tok_s) == (8, 4.0)  # the failed request counts for nothing
     assert (report.ttft_p50_s, report.e2e_p50_s) == (0.75, 1.3125)
     assert (report.itl_p50_s, report.itl_p95_s) == (0.1875, 0.25)  # gaps 0.125 x3 and 0.25 x3
     assert report.tpot_p50_s == 0.1875  # 0.375 / 3 and 0.75 / 3
     assert report.prefill_tok_s == 128 / 0.75
-    assert (report.num_errors, report.first_error, report.peak_rss_mib, report.peak_pss_mib) == (
-        1, "HTTP 500: boom", 3.0, 1.0)
+    assert (report.num_errors, report.first_error, report.peak_rss_mib, report.peak_pss_mib, report.peak_hwm_mib) == (
+        1, "HTTP 500: boom", 3.0, 1.0, 5.0)
     assert (report.prompt_tokens_reported, report.cached_tokens_mean) == (128, 16)
 
 
@@ -102,3 +103,27 @@ def test_a_process_trees_pss_counts_its_shared_pages_once():
         os.kill(child, 9)
         os.waitpid(child, 0)
     del ballast
+
+
+def test_a_process_trees_vmhwm_keeps_a_peak_its_rss_has_left():
+    # a child resident with 64 MiB more for a moment: its RSS falls back, the kernel's peak stays
+    import os
+    import time
+
+    from bench.rss import tree_hwm_bytes, tree_rss_bytes
+
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        ballast = bytearray(os.urandom(64 * 2**20))  # its own mapping, touched, then unmapped
+        del ballast
+        os.write(ready_write, b"x")
+        time.sleep(60)  # until killed
+        os._exit(0)
+    try:
+        assert os.read(ready_read, 1) == b"x"
+        assert tree_hwm_bytes(child) - tree_rss_bytes(child) > 48 * 2**20
+        assert tree_hwm_bytes(os.getpid()) >= tree_hwm_bytes(child) + tree_rss_bytes(os.getpid())  # the tree's sum
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
