@@ -1,10 +1,11 @@
 """Giving memory back to the OS once the server is up.
 
-Two kinds of pages stay resident after start-up without being used again:
+Three kinds of pages stay resident after start-up without being used again:
 - freed heap pages, which glibc keeps for later allocations (`return_freed_memory`);
 - pages of the shared libraries' code and read-only data that only importing touched: libtorch's
   static initializers register thousands of operators, touching ~60 MiB of its 400 MiB of code,
-  little of which a step runs again (`release_startup_pages`).
+  little of which a step runs again (`release_startup_pages`);
+- pages of a mapped checkpoint whose tensors have been read and copied (`drop_mapped_pages`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import contextlib
 import ctypes
 import gc
 
+MADV_DONTNEED = 4  # unmap these pages from this process (a file mapping's come back from the file when touched)
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (file pages are re-read when touched again)
+PAGE_BYTES = 4096  # the kernel's page on the CPUs served; madvise takes page-aligned starts
 
 
 def return_freed_memory() -> None:
@@ -58,6 +61,23 @@ def release_startup_pages() -> int:
         # Fails (EINVAL) on kernels without MADV_PAGEOUT, and for a mapping gone meanwhile: no harm.
         madvise(start, end - start, MADV_PAGEOUT)
     return max(0, before - resident_bytes())
+
+
+def drop_mapped_pages(address: int, length: int) -> None:
+    """Take the pages of a read-only file mapping under [address, address + length) out of this
+    process's resident set: a loaded checkpoint's tensors once they are read and copied, which
+    would otherwise stay resident (and count in the server's peak) until the file is closed. The
+    file's contents stay in the page cache; a later read of the range faults them back in. Pages
+    the range shares with a neighbour come back the same way when it is read."""
+    if length <= 0:
+        return
+    start = address - address % PAGE_BYTES
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise(start, address + length - start, MADV_DONTNEED)
 
 
 def resident_bytes() -> int:

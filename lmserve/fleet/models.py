@@ -202,6 +202,7 @@ def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingCon
                 return engine
 
             observers = [metrics.observer(entry.id)] if metrics is not None else []
+            memory.release_startup_pages()
             with memory.large_blocks_mapped_apart():
                 model = ChatModel(AsyncEngine(build, observers=observers), pooling)
         released = memory.settle_after_load()

@@ -5,6 +5,7 @@ tied model's embeddings read from its head's W8A8 or bf16-panel copy (`HeadEmbed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 from lmserve.model.weight_formats import WeightStorage
 from lmserve.model.weight_formats.floating import Bf16Panels, FloatWeight, pack_bf16
 from lmserve.model.weight_formats.int4 import Int4WeightOnly, can_pack_int4, int4_linear_supported, quantize_w4a8
-from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, packs_weights
+from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, can_pack, int8_matmul_pays, packs_weights
 
 # Steps of at most this many tokens run a weight-only copy: at a few rows the product is bound by
 # the bytes of weights read, and weight-only int8/int4 kernels read a half or a quarter of bf16's;
@@ -81,6 +82,16 @@ class Linear(nn.Linear):
             self._replace_weight(large)  # every step now runs on one of the copies
         else:
             self.to(torch.bfloat16)  # weight and bias, as prepare() casts an unquantized bf16 model
+
+    def quantize_rows(self, rows: Callable[[int, int], torch.Tensor]) -> bool:
+        """quantize("int8") of a weight not filled yet, read as rows(start, stop) a piece at a time
+        (W8A8Weight.quantize_rows), where that gives one copy for every step: a W8A8 weight the
+        kernels pack, on a CPU where int8 products pay. False, and nothing done, elsewhere (a
+        weight-only copy for small steps, or bf16 for large ones, needs the weight whole)."""
+        if not (int8_matmul_pays() and packs_weights() and can_pack(self.weight)):
+            return False
+        self._replace_weight(W8A8Weight.quantize_rows(rows, tuple(self.weight.shape)))
+        return True
 
     def _replace_weight(self, storage: WeightStorage) -> None:
         self.weight = None

@@ -9,6 +9,8 @@ inputs and the KV cache it is handed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,8 +128,8 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(config, max_positions, rope_freq_factors)
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.config.tie_word_embeddings and isinstance(self.model.embed_tokens, nn.Embedding):
+            self.lm_head.weight = self.model.embed_tokens.weight  # (a head quantized from rows is tied already)
 
     def prepare(self, weight_dtype: torch.dtype, embed_dtype: torch.dtype | None = None) -> None:
         """Fuse projections and cast matmul weights to `weight_dtype`. The embedding table is stored
@@ -211,10 +213,29 @@ class LlamaForCausalLM(nn.Module):
                 module.quantize(kind, w8a8)
 
     def quantize_head(self, head_kind: str) -> None:
-        """quantize() for the prepared head; a tied model's embeddings then read its W8A8 copy."""
+        """quantize() for the prepared head; a tied model's embeddings then read its W8A8 copy. A head
+        quantize_head_rows() made is left as it is."""
+        if self.lm_head.weight is None:
+            return
         self.lm_head.quantize(head_kind, int8_matmul_pays())
         if self.config.tie_word_embeddings and isinstance(self.lm_head.storage, W8A8Weight):
             self.model.embed_tokens = HeadEmbedding(self.lm_head.storage)
+
+    @property
+    def head_name(self) -> str:
+        """The checkpoint tensor the head is made from: a tied model's embedding table."""
+        return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+
+    def quantize_head_rows(self, rows: Callable[[int, int], torch.Tensor]) -> bool:
+        """quantize_head("int8") before the model is filled, its weight read as rows(start, stop) a
+        piece at a time (Linear.quantize_rows), so that loading never holds it whole; a tied model's
+        embeddings then read that copy, and the checkpoint's table is not filled at all. False, and
+        nothing done, where the copy needs the weight whole."""
+        if not self.lm_head.quantize_rows(rows):
+            return False
+        if self.config.tie_word_embeddings:
+            self.model.embed_tokens = HeadEmbedding(self.lm_head.storage)
+        return True
 
     @property
     def device(self) -> torch.device:

@@ -94,6 +94,11 @@ def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str) -> 
     # quantized, and their float32 copies dropped before the next layer is read, so loading holds
     # one layer's float32 weights at a time rather than the whole model's.
     weight_dtype = torch.float32 if quantized else DTYPES[dtype]  # copies are taken from float32
+    # The head first, a piece at a time where the checkpoint reads rows: its float32 table (a tied
+    # model's embeddings) is the largest tensor of a small model, and held whole beside the layers'
+    # copies it made the load's peak (bench/RESULTS.md, thirty-first sitting).
+    rows = tensors.row_reader(model.head_name) if quantized and HEAD_KIND == "int8" else None
+    head_done = rows is not None and model.quantize_head_rows(lambda start, stop: torch.from_numpy(rows(start, stop)))
     for index, layer in enumerate(model.model.layers):
         fill_parameters(layer, tensors, torch.float32, prefix=f"model.layers.{index}.")
         model.prepare_layer(layer, weight_dtype)
@@ -101,7 +106,7 @@ def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str) -> 
             model.quantize_layer(layer, dtype)
     fill_parameters(model, tensors, torch.float32, skip="model.layers.")
     model.tie_weights()
-    if quantized:  # before the table is cast: a tied head's copy then stands in for it
+    if quantized and not head_done:  # before the table is cast: a tied head's copy then stands in for it
         model.quantize_head(HEAD_KIND)
     model.prepare_outer(weight_dtype, embed_dtype=DTYPES[dtype])
     if torch.device(device).type == "cpu":
@@ -114,10 +119,18 @@ def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str) -> 
 
 
 class LazyTensors(Mapping):
-    """A checkpoint's tensors by HF name, each read (and dequantized) when looked up, not kept."""
+    """A checkpoint's tensors by HF name, each read (and dequantized) when looked up, not kept; some
+    also by rows (row_reader)."""
 
-    def __init__(self, readers: dict[str, Callable[[], np.ndarray | torch.Tensor]]):
+    def __init__(self, readers: dict[str, Callable[[], np.ndarray | torch.Tensor]],
+                 row_readers: dict[str, Callable[[int, int], np.ndarray]] | None = None):
         self._readers = readers
+        self._row_readers = row_readers or {}
+
+    def row_reader(self, name: str) -> Callable[[int, int], np.ndarray] | None:
+        """rows(start, stop) -> those rows of the 2-D tensor `name`, as a lookup gives them, reading
+        only theirs; None where the checkpoint does not offer it."""
+        return self._row_readers.get(name)
 
     def __getitem__(self, name: str) -> np.ndarray | torch.Tensor:
         return self._readers[name]()
@@ -141,8 +154,9 @@ def _read_gguf(gguf: GGUFFile):
     gguf.check_quant_types()
     names = gguf.tensor_names()
     config = ModelConfig.from_gguf(gguf.metadata, "output.weight" in names)
-    readers = {}
+    readers, row_readers = {}, {}
     freqs = None
+    shapes = {tensor.name: tensor.shape for tensor in gguf.tensors}
     for name in names:
         if name == ROPE_FREQS:
             freqs = torch.from_numpy(gguf.read_tensor(name))
@@ -150,22 +164,25 @@ def _read_gguf(gguf: GGUFFile):
         hf_name = gguf_to_hf(name)
         if hf_name is not None:
             readers[hf_name] = functools.partial(_read_gguf_tensor, gguf, config, name, hf_name)
-    return config, LazyTensors(readers), freqs
+            if len(shapes[name]) == 2 and not _rope_rows_permuted(hf_name, gguf.architecture):
+                row_readers[hf_name] = functools.partial(gguf.read_rows, name)
+    return config, LazyTensors(readers, row_readers), freqs
 
 
 def _read_gguf_tensor(gguf: GGUFFile, config: ModelConfig, name: str, hf_name: str) -> np.ndarray:
     return _fix_rope_layout(config, hf_name, gguf.read_tensor(name), gguf.architecture)
 
 
+def _rope_rows_permuted(hf_name: str, arch: str) -> bool:
+    """llama.cpp permutes Q/K rows of `llama` GGUFs for adjacent-pair RoPE; qwen2 keeps HF's layout."""
+    return arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name)
+
+
 def _fix_rope_layout(config: ModelConfig, hf_name: str, array: np.ndarray, arch: str) -> np.ndarray:
-    # llama.cpp permutes Q/K rows of `llama` GGUFs for adjacent-pair RoPE; qwen2 keeps HF's layout.
-    if arch != "llama":
+    if not _rope_rows_permuted(hf_name, arch):
         return array
-    if ".q_proj." in hf_name:
-        return unpermute_rope_rows(array, config.num_attention_heads)
-    if ".k_proj." in hf_name:
-        return unpermute_rope_rows(array, config.num_key_value_heads)
-    return array
+    heads = config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads
+    return unpermute_rope_rows(array, heads)
 
 
 def _read_hf_folder(path: Path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmserve.model.llama import LlamaForCausalLM
 from lmserve.weights import load
@@ -139,3 +140,28 @@ def test_a_broken_built_module_is_built_again(tmp_path):
     broken.write_bytes(b"\x7fELF cut short")
     assert _import_built(broken) is None
     assert _import_built(tmp_path / "absent.so") is None
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_quantized_head_is_made_from_rows_without_its_whole_float_table(tmp_path, monkeypatch, tie):
+    """Where the head's W8A8 copy is packed (the kernels' VNNI product), it is made from the
+    checkpoint's rows a piece at a time, before the layers: the whole float32 table (a tied model's
+    embeddings) is never read, and the model is the one the whole table gives."""
+    from lmserve.model.weight_formats.int8 import W8A8Weight, int8_matmul_pays, packs_weights
+
+    path = write_gguf(tiny_hf_model("llama", tie=tie, vocab_size=320), tmp_path / "tiny.gguf", "llama", "Q8_0")
+    reads = []
+    read = load._read_gguf_tensor
+    monkeypatch.setattr(load, "_read_gguf_tensor", lambda gguf, config, name, hf_name: (
+        reads.append(hf_name), read(gguf, config, name, hf_name))[1])
+    model, _, _ = load.load_weights(path, "int4")
+    head_name = "model.embed_tokens.weight" if tie else "lm_head.weight"
+    by_rows = int8_matmul_pays() and packs_weights()
+    assert (head_name not in reads) == by_rows and isinstance(model.lm_head.storage, W8A8Weight)
+    monkeypatch.setattr(load.LazyTensors, "row_reader", lambda self, name: None)
+    reference, _, _ = load.load_weights(path, "int4")
+    assert torch.equal(model.lm_head.storage.weight, reference.lm_head.storage.weight)
+    assert torch.equal(model.lm_head.storage.scales, reference.lm_head.storage.scales)
+    ids = torch.arange(0, 320, 7)
+    assert torch.equal(model.model.embed_tokens(ids).float(), reference.model.embed_tokens(ids).float())
+    assert type(model.model.embed_tokens) is type(reference.model.embed_tokens)

@@ -67,7 +67,7 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
                                                                                              draft_model=None))
     trimmed = []  # and the heap pages the loading freed (the GGUF reader's) go back to the OS
     monkeypatch.setattr(memory, "return_freed_memory", lambda: trimmed.append(gc.get_freeze_count()))
-    released = []  # then the library pages only start-up touched
+    released = []  # and the library pages only start-up touched: before the load and after it
     monkeypatch.setattr(memory, "release_startup_pages", lambda: released.append(len(trimmed)) or 0)
     assert any(o is loaded[0] for o in gc.get_objects())
     load = model_loader(EngineConfig("m.gguf", "m"), EmbeddingConfig("", ""))
@@ -75,7 +75,7 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
         model = load(ModelEntry(id="m", source="m.gguf"))
         assert model.engine.built is loaded
         assert len(trimmed) == 1 and trimmed[0] >= len(loaded)  # once, after the collection
-        assert released == [1]  # once, after the trim
+        assert released == [0, 1]  # before the load (no trim yet), and again after the trim
         assert gc.get_freeze_count() >= len(loaded)
         assert not any(o is loaded[0] for o in gc.get_objects())  # frozen objects are not collected
     finally:

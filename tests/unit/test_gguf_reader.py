@@ -229,3 +229,55 @@ def test_fast_block_dequantization_is_the_gguf_packages_bit_for_bit(qtype, nativ
     ours = dequantize_blocks(blocks, qtype, native=native)
     reference = dequantize(blocks, qtype).reshape(-1)
     assert ours.dtype == np.float32 and np.array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("name", ["f32", "f16", "q8_0", "q4_1"])
+def test_rows_read_as_the_whole_tensor_reads_them(tmp_path, name):
+    ours = GGUFFile.open(_write(tmp_path / "m.gguf"))
+    whole = ours.read_tensor(name)
+    count = whole.shape[0]
+    for start, stop in ((0, 1), (1, count), (0, count)):
+        rows = ours.read_rows(name, start, stop)
+        assert rows.dtype == np.float32 and rows.shape == (stop - start, whole.shape[1])
+        np.testing.assert_array_equal(rows, whole[start:stop])
+    with pytest.raises(ValueError, match=rf"rows \[1, {count + 1}\) of tensor '{name}', which has {count}"):
+        ours.read_rows(name, 1, count + 1)
+    with pytest.raises(ValueError, match="'vector' has 1 dimensions"):
+        ours.read_rows("vector", 0, 1)
+
+
+def _mapped_resident_bytes(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_a_tensor_read_leaves_the_resident_set_and_keeps_its_values():
+    """A dequantized tensor's bytes in the mapped file are dropped from the process's resident set
+    (a load would otherwise hold the whole file beside the weights made from it), and read again
+    from the file alike. An F32 tensor, returned as the file's own bytes, keeps them."""
+    from lmserve.cli import default_model_path
+
+    path = default_model_path()
+    ours = GGUFFile.open(path)
+    table = next(t for t in ours.tensors if t.name == "token_embd.weight")  # Q8_0, ~30 MB
+    assert table.tensor_type == GGMLQuantizationType.Q8_0 and table.data.nbytes > 20 * 2**20
+    before = _mapped_resident_bytes(path)
+    checksum = int(table.data.sum(dtype=np.int64))  # every page of it touched
+    touched = _mapped_resident_bytes(path)
+    assert touched - before > 0.9 * table.data.nbytes
+    first = ours.read_rows("token_embd.weight", 0, 64)
+    whole = ours.read_tensor("token_embd.weight")
+    assert touched - _mapped_resident_bytes(path) > 0.9 * table.data.nbytes
+    np.testing.assert_array_equal(whole[:64], first)
+    assert int(table.data.sum(dtype=np.int64)) == checksum  # back from the file, unchanged
+    norm = next(t for t in ours.tensors if t.tensor_type == GGMLQuantizationType.F32 and len(t.shape) == 1)
+    values = ours.read_tensor(norm.name)
+    assert np.shares_memory(values, norm.data) and float(values.sum()) == float(norm.data.sum())

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lmserve.kernels import cpu_flags, native_module
+from lmserve.memory import LOAD_PIECE_BYTES
 from lmserve.model.weight_formats.int8 import (
+    W8A8Weight,
     can_pack,
     hadamard_block,
     hadamard_rows,
@@ -263,3 +265,19 @@ def test_weight_rows_refuse_an_id_out_of_range(bad):
     q, scales = quantize_int8(rotate_weight(torch.randn(48, 64), 64))
     with pytest.raises((RuntimeError, IndexError), match="out of range"):
         int8_weight_rows(pack_weight(q), scales.float(), torch.tensor([0, bad]), 64)
+
+
+@pytest.mark.parametrize("rows", [16, 112, 4096 + 48])  # within one piece, and over several with a short last one
+def test_a_w8a8_copy_made_from_rows_a_piece_at_a_time_is_the_whole_weights(rows):
+    weight = torch.randn(rows, 576)
+    asked = []
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        asked.append((start, stop))
+        return weight[start:stop]
+
+    whole, pieces = W8A8Weight.quantize(weight, pack=True), W8A8Weight.quantize_rows(read, tuple(weight.shape))
+    assert pieces.packed and torch.equal(pieces.weight, whole.weight)
+    assert torch.equal(pieces.scales, whole.scales) and pieces.block == whole.block
+    assert asked[0][0] == 0 and asked[-1][1] == rows and all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
+    assert max(stop - start for start, stop in asked) * 576 * 4 <= max(LOAD_PIECE_BYTES, 16 * 576 * 4)

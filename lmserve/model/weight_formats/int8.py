@@ -19,12 +19,14 @@ its block (what that does to the error against float32: the same section).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmserve.kernels import cpu_flags, native_module
+from lmserve.memory import LOAD_PIECE_BYTES
 
 MIN_ABS_MAX = 1e-12  # kMinAbsMax in kernels/int8_rows.h
 HADAMARD_BLOCK = 64  # columns mixed together (smaller where K is not a multiple of it)
@@ -185,6 +187,25 @@ class W8A8Weight:
         if pack and can_pack(quantized):
             quantized = pack_weight(quantized)
         return cls(quantized, scales.float(), block)
+
+    @classmethod
+    def quantize_rows(cls, rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int]) -> W8A8Weight:
+        """quantize(weight, pack=True) for a weight of `shape` that packs (can_pack), read as
+        rows(start, stop) a piece at a time (memory.LOAD_PIECE_BYTES of float32, whole packed
+        groups of rows): the same bytes (every step of the copy is per row), without the whole
+        float weight or its unpacked copy ever held (a tied head's table is the largest tensor of a
+        small model: 113 MB of float32 for the default one's)."""
+        n, k = shape
+        block = hadamard_block(k)
+        piece = max(1, LOAD_PIECE_BYTES // (4 * k * PACK_OUTPUTS)) * PACK_OUTPUTS
+        packed = torch.empty(n // PACK_OUTPUTS, k // PACK_DEPTH, PACK_OUTPUTS, PACK_DEPTH, dtype=torch.uint8)
+        scales = torch.empty(n, dtype=torch.float32)
+        for start in range(0, n, piece):
+            stop = min(n, start + piece)
+            quantized, piece_scales = rotated_int8(rows(start, stop), block)
+            packed[start // PACK_OUTPUTS:stop // PACK_OUTPUTS] = pack_weight(quantized)
+            scales[start:stop] = piece_scales
+        return cls(packed, scales, block)
 
     @property
     def packed(self) -> bool:
