@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 
 MADV_DONTNEED = 4  # unmap these pages from this process (a file mapping's come back from the file when touched)
@@ -49,14 +50,15 @@ def release_startup_pages() -> int:
     touch (~20 MiB of ~100 on the default model); the rest were needed only to start. Pages that
     another process maps too are left to it (the kernel skips them). Returns how far the resident
     set fell, in bytes: 0 where the platform cannot (not Linux, or a kernel older than 5.4)."""
+    madvise = _madvise()
+    if madvise is None:
+        return 0
     try:
         with open("/proc/self/maps") as f:
             mappings = read_only_file_mappings(f.read())
-        madvise = ctypes.CDLL(None).madvise
         before = resident_bytes()
-    except (OSError, AttributeError):
+    except OSError:
         return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for start, end, _path in mappings:
         # Fails (EINVAL) on kernels without MADV_PAGEOUT, and for a mapping gone meanwhile: no harm.
         madvise(start, end - start, MADV_PAGEOUT)
@@ -69,15 +71,22 @@ def drop_mapped_pages(address: int, length: int) -> None:
     would otherwise stay resident (and count in the server's peak) until the file is closed. The
     file's contents stay in the page cache; a later read of the range faults them back in. Pages
     the range shares with a neighbour come back the same way when it is read."""
-    if length <= 0:
+    madvise = _madvise()
+    if madvise is None or length <= 0:
         return
     start = address - address % PAGE_BYTES
+    madvise(start, address + length - start, MADV_DONTNEED)
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise(addr, length, advice), typed; None where there is none to call."""
     try:
         madvise = ctypes.CDLL(None).madvise
     except (OSError, AttributeError):
-        return
+        return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise(start, address + length - start, MADV_DONTNEED)
+    return madvise
 
 
 def resident_bytes() -> int:

@@ -86,9 +86,11 @@ class Linear(nn.Linear):
     def quantize_rows(self, rows: Callable[[int, int], torch.Tensor]) -> bool:
         """quantize("int8") of a weight not filled yet, read as rows(start, stop) a piece at a time
         (W8A8Weight.quantize_rows), where that gives one copy for every step: a W8A8 weight the
-        kernels pack, on a CPU where int8 products pay. False, and nothing done, elsewhere (a
-        weight-only copy for small steps, or bf16 for large ones, needs the weight whole)."""
-        if not (int8_matmul_pays() and packs_weights() and can_pack(self.weight)):
+        kernels pack, on a CPU where int8 products pay, with no weight-only copy beside it
+        (PACKED_SMALL_STEP_TOKENS). False, and nothing done, elsewhere (a weight-only copy for small
+        steps, or bf16 for large ones, needs the weight whole)."""
+        if not (int8_matmul_pays() and packs_weights() and can_pack(self.weight)
+                and PACKED_SMALL_STEP_TOKENS[Int8WeightOnly] == 0):
             return False
         self._replace_weight(W8A8Weight.quantize_rows(rows, tuple(self.weight.shape)))
         return True

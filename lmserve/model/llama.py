@@ -213,10 +213,7 @@ class LlamaForCausalLM(nn.Module):
                 module.quantize(kind, w8a8)
 
     def quantize_head(self, head_kind: str) -> None:
-        """quantize() for the prepared head; a tied model's embeddings then read its W8A8 copy. A head
-        quantize_head_rows() made is left as it is."""
-        if self.lm_head.weight is None:
-            return
+        """quantize() for the prepared head; a tied model's embeddings then read its W8A8 copy."""
         self.lm_head.quantize(head_kind, int8_matmul_pays())
         if self.config.tie_word_embeddings and isinstance(self.lm_head.storage, W8A8Weight):
             self.model.embed_tokens = HeadEmbedding(self.lm_head.storage)

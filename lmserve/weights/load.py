@@ -129,7 +129,8 @@ class LazyTensors(Mapping):
 
     def row_reader(self, name: str) -> Callable[[int, int], np.ndarray] | None:
         """rows(start, stop) -> those rows of the 2-D tensor `name`, as a lookup gives them, reading
-        only theirs; None where the checkpoint does not offer it."""
+        only theirs (a ValueError for a tensor of other dimensions); None where the checkpoint does
+        not offer it."""
         return self._row_readers.get(name)
 
     def __getitem__(self, name: str) -> np.ndarray | torch.Tensor:
@@ -156,7 +157,6 @@ def _read_gguf(gguf: GGUFFile):
     config = ModelConfig.from_gguf(gguf.metadata, "output.weight" in names)
     readers, row_readers = {}, {}
     freqs = None
-    shapes = {tensor.name: tensor.shape for tensor in gguf.tensors}
     for name in names:
         if name == ROPE_FREQS:
             freqs = torch.from_numpy(gguf.read_tensor(name))
@@ -164,7 +164,7 @@ def _read_gguf(gguf: GGUFFile):
         hf_name = gguf_to_hf(name)
         if hf_name is not None:
             readers[hf_name] = functools.partial(_read_gguf_tensor, gguf, config, name, hf_name)
-            if len(shapes[name]) == 2 and not _rope_rows_permuted(hf_name, gguf.architecture):
+            if not _rope_rows_permuted(hf_name, gguf.architecture):
                 row_readers[hf_name] = functools.partial(gguf.read_rows, name)
     return config, LazyTensors(readers, row_readers), freqs
 

@@ -276,8 +276,12 @@ def test_a_w8a8_copy_made_from_rows_a_piece_at_a_time_is_the_whole_weights(rows)
         asked.append((start, stop))
         return weight[start:stop]
 
-    whole, pieces = W8A8Weight.quantize(weight, pack=True), W8A8Weight.quantize_rows(read, tuple(weight.shape))
-    assert pieces.packed and torch.equal(pieces.weight, whole.weight)
-    assert torch.equal(pieces.scales, whole.scales) and pieces.block == whole.block
+    block = hadamard_block(576)
+    quantized, scales = rotated_int8(weight, block)  # the whole weight's copy, in one pass
+    pieces = W8A8Weight.quantize_rows(read, tuple(weight.shape))
+    assert pieces.packed and torch.equal(pieces.weight, pack_weight(quantized))
+    assert torch.equal(pieces.scales, scales.float()) and pieces.block == block
+    whole = W8A8Weight.quantize(weight, pack=True)
+    assert torch.equal(whole.weight, pieces.weight) and torch.equal(whole.scales, pieces.scales)
     assert asked[0][0] == 0 and asked[-1][1] == rows and all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
     assert max(stop - start for start, stop in asked) * 576 * 4 <= max(LOAD_PIECE_BYTES, 16 * 576 * 4)

@@ -182,22 +182,23 @@ class W8A8Weight:
     @classmethod
     def quantize(cls, weight: torch.Tensor, pack: bool) -> W8A8Weight:
         """(N, K) float -> its W8A8 copy, packed for the kernels' product where `pack` and its shape allow."""
+        if pack and can_pack(weight):
+            return cls.quantize_rows(lambda start, stop: weight[start:stop], tuple(weight.shape), weight.shape[0])
         block = hadamard_block(weight.shape[1])
         quantized, scales = rotated_int8(weight, block)
-        if pack and can_pack(quantized):
-            quantized = pack_weight(quantized)
         return cls(quantized, scales.float(), block)
 
     @classmethod
-    def quantize_rows(cls, rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int]) -> W8A8Weight:
-        """quantize(weight, pack=True) for a weight of `shape` that packs (can_pack), read as
-        rows(start, stop) a piece at a time (memory.LOAD_PIECE_BYTES of float32, whole packed
-        groups of rows): the same bytes (every step of the copy is per row), without the whole
-        float weight or its unpacked copy ever held (a tied head's table is the largest tensor of a
-        small model: 113 MB of float32 for the default one's)."""
+    def quantize_rows(cls, rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int],
+                      piece: int | None = None) -> W8A8Weight:
+        """The packed copy of a weight of `shape` that packs (can_pack), read as rows(start, stop)
+        `piece` rows at a time (by default memory.LOAD_PIECE_BYTES of float32, whole packed groups of
+        rows): the same bytes whatever the pieces (every step of the copy is per row), without the
+        whole float weight or its unpacked copy ever held (a tied head's table is the largest tensor
+        of a small model: 113 MB of float32 for the default one's)."""
         n, k = shape
         block = hadamard_block(k)
-        piece = max(1, LOAD_PIECE_BYTES // (4 * k * PACK_OUTPUTS)) * PACK_OUTPUTS
+        piece = piece or max(1, LOAD_PIECE_BYTES // (4 * k * PACK_OUTPUTS)) * PACK_OUTPUTS
         packed = torch.empty(n // PACK_OUTPUTS, k // PACK_DEPTH, PACK_OUTPUTS, PACK_DEPTH, dtype=torch.uint8)
         scales = torch.empty(n, dtype=torch.float32)
         for start in range(0, n, piece):
