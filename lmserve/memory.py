@@ -30,38 +30,52 @@ def return_freed_memory() -> None:
         pass
 
 
-def read_only_file_mappings(maps: str) -> list[tuple[int, int, str]]:
-    """(start, end, path) of each mapping of a file that is not writable, from /proc/<pid>/maps text.
-    Such pages are clean copies of the file: dropping them loses nothing, a later touch re-reads them.
-    Writable private mappings (relocated data) are left alone: their pages may differ from the file."""
+def read_only_file_mappings(smaps: str) -> list[tuple[int, int, str, bool]]:
+    """(start, end, path, copied) of each mapping of a file that is not writable, from
+    /proc/<pid>/smaps text; `copied` if some of its pages are private copies (Anonymous above 0):
+    a library's relocated constants, written before they were made read-only. The others' pages
+    are clean copies of the file: dropping them loses nothing, a later touch reads them again.
+    Writable private mappings (relocated data) are left out: their pages may differ from the file."""
     found = []
-    for line in maps.splitlines():
+    for line in smaps.splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].startswith("/") or "w" in fields[1]:
+        if fields and fields[0] == "Anonymous:":
+            if found and found[-1][3] is None:  # this mapping's
+                found[-1][3] = int(fields[1]) > 0
             continue
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        found.append((start, end, fields[5]))
-    return found
+        if len(fields) < 5 or "-" not in fields[0] or fields[0].endswith(":"):
+            continue  # another field of a mapping
+        if found and found[-1][3] is None:
+            found[-1][3] = True  # no Anonymous line: assume the worst
+        if len(fields) == 6 and fields[5].startswith("/") and "w" not in fields[1]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            found.append([start, end, fields[5], None])
+    if found and found[-1][3] is None:
+        found[-1][3] = True
+    return [tuple(mapping) for mapping in found]
 
 
 def release_startup_pages() -> int:
-    """Ask the kernel to reclaim the resident pages of this process's read-only file mappings
-    (shared libraries' code and constants). The ones the server still uses come back on their next
-    touch (~20 MiB of ~100 on the default model); the rest were needed only to start. Pages that
-    another process maps too are left to it (the kernel skips them). Returns how far the resident
-    set fell, in bytes: 0 where the platform cannot (not Linux, or a kernel older than 5.4)."""
+    """Take the resident pages of this process's read-only file mappings (shared libraries' code
+    and constants) out of its resident set. The ones the server still uses come back on their
+    next touch (~20 MiB of ~100 on the default model); the rest were needed only to start or to
+    load. Clean pages are unmapped (MADV_DONTNEED: they stay in the page cache, so a later touch
+    costs a minor fault, not a read of the file); a mapping holding private copies (relocated
+    constants) is reclaimed instead (MADV_PAGEOUT), which keeps what was written, and pages another
+    process maps too are left to it. Returns how far the resident set fell, in bytes: 0 where the
+    platform cannot (not Linux)."""
     madvise = _madvise()
     if madvise is None:
         return 0
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/smaps") as f:
             mappings = read_only_file_mappings(f.read())
         before = resident_bytes()
     except OSError:
         return 0
-    for start, end, _path in mappings:
-        # Fails (EINVAL) on kernels without MADV_PAGEOUT, and for a mapping gone meanwhile: no harm.
-        madvise(start, end - start, MADV_PAGEOUT)
+    for start, end, _path, copied in mappings:
+        # Fails (EINVAL) on kernels without MADV_PAGEOUT (5.4+), and for a mapping gone meanwhile: no harm.
+        madvise(start, end - start, MADV_PAGEOUT if copied else MADV_DONTNEED)
     return max(0, before - resident_bytes())
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from lmserve.config import DTYPE_CHOICES, DTYPE_NAMES
-from lmserve.memory import return_freed_memory
+from lmserve.memory import release_startup_pages, return_freed_memory
 from lmserve.model.config import ModelConfig
 from lmserve.model.registry import build_model
 from lmserve.text.tokenizer import Tokenizer
@@ -48,6 +48,9 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
     """Load model and tokenizer from a `.gguf` file or a folder with config.json and *.safetensors.
     `dtype` "auto" takes the checkpoint's own (lmserve/weights/dtype.py)."""
     model, config, gguf, dtype = _load(path, dtype, device, max_positions)
+    # The library code that made the weights (~30 MiB of the default model's resident set) would be
+    # held beside what building the tokenizer allocates: the load's peak (bench/RESULTS.md).
+    release_startup_pages()
     tokenizer = Tokenizer.from_gguf(gguf) if gguf is not None else Tokenizer.from_hf_folder(path)
     return LoadedModel(model, config, tokenizer, dtype)
 
@@ -94,16 +97,20 @@ def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str) -> 
     # quantized, and their float32 copies dropped before the next layer is read, so loading holds
     # one layer's float32 weights at a time rather than the whole model's.
     weight_dtype = torch.float32 if quantized else DTYPES[dtype]  # copies are taken from float32
-    # The head first, a piece at a time where the checkpoint reads rows: its float32 table (a tied
-    # model's embeddings) is the largest tensor of a small model, and held whole beside the layers'
-    # copies it made the load's peak (bench/RESULTS.md, thirty-first sitting).
-    rows = tensors.row_reader(model.head_name) if quantized and HEAD_KIND == "int8" else None
-    head_done = rows is not None and model.quantize_head_rows(lambda start, stop: torch.from_numpy(rows(start, stop)))
     for index, layer in enumerate(model.model.layers):
         fill_parameters(layer, tensors, torch.float32, prefix=f"model.layers.{index}.")
         model.prepare_layer(layer, weight_dtype)
         if quantized:
             model.quantize_layer(layer, dtype)
+        # Each layer's float32 copies, freed among the small pieces kept, go back to the OS now
+        # rather than after the last layer (~21 MiB of the default model's heap by then).
+        return_freed_memory()
+    # The head after the layers, a piece at a time where the checkpoint reads rows: its float32
+    # table (a tied model's embeddings) is the largest tensor of a small model and is never whole,
+    # and the last layer's copies, the largest temporaries, are made before the head's bytes are
+    # held (bench/RESULTS.md, thirty-first and thirty-second sittings).
+    rows = tensors.row_reader(model.head_name) if quantized and HEAD_KIND == "int8" else None
+    head_done = rows is not None and model.quantize_head_rows(lambda start, stop: torch.from_numpy(rows(start, stop)))
     fill_parameters(model, tensors, torch.float32, skip="model.layers.")
     model.tie_weights()
     if quantized and not head_done:  # before the table is cast: a tied head's copy then stands in for it

@@ -9,39 +9,49 @@ import sys
 
 from lmserve.memory import read_only_file_mappings
 
-MAPS = """\
-55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 123  /usr/bin/python3.11
-55d0c0a01000-55d0c0c00000 r-xp 00001000 08:01 123  /usr/bin/python3.11
-55d0c0e00000-55d0c0e10000 rw-p 00400000 08:01 123  /usr/bin/python3.11
-55d0c1000000-55d0c5000000 rw-p 00000000 00:00 0    [heap]
-7f0000000000-7f0004000000 rw-p 00000000 00:00 0
-7f1000000000-7f1010000000 r-xp 00100000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so
-7f1010000000-7f1010100000 r--p 10100000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so
-7f1010100000-7f1010200000 rw-p 10200000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so
-7f2000000000-7f2000001000 r--s 00000000 08:01 789  /tmp/shared with spaces.bin
-7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0    [stack]
-7ffc00100000-7ffc00102000 r-xp 00000000 00:00 0    [vdso]
-"""
+def _smaps(*mappings: tuple[str, int]) -> str:
+    """/proc/<pid>/smaps text: each mapping's /proc/<pid>/maps line, then some of its fields."""
+    return "".join(f"{line}\nSize:               4 kB\nRss:                4 kB\nAnonymous:   {anon} kB\n"
+                   f"VmFlags: rd mr mw me\n" for line, anon in mappings)
+
+
+SMAPS = _smaps(
+    ("55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 123  /usr/bin/python3.11", 4),  # relocated, then read-only
+    ("55d0c0a01000-55d0c0c00000 r-xp 00001000 08:01 123  /usr/bin/python3.11", 0),
+    ("55d0c0e00000-55d0c0e10000 rw-p 00400000 08:01 123  /usr/bin/python3.11", 64),
+    ("55d0c1000000-55d0c5000000 rw-p 00000000 00:00 0    [heap]", 4096),
+    ("7f0000000000-7f0004000000 rw-p 00000000 00:00 0", 512),
+    ("7f1000000000-7f1010000000 r-xp 00100000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so", 0),
+    ("7f1010000000-7f1010100000 r--p 10100000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so", 0),
+    ("7f1010100000-7f1010200000 rw-p 10200000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so", 8),
+    ("7f2000000000-7f2000001000 r--s 00000000 08:01 789  /tmp/shared with spaces.bin", 0),
+    ("7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0    [stack]", 132),
+    ("7ffc00100000-7ffc00102000 r-xp 00000000 00:00 0    [vdso]", 0),
+)
 
 
 def test_only_read_only_file_mappings_are_released():
-    """Code and constants of files: yes. Relocated data (rw-p), the heap, anonymous memory, the
-    stack and the vdso: never (their pages may exist nowhere else)."""
-    found = read_only_file_mappings(MAPS)
-    assert [(hex(start), hex(end), path) for start, end, path in found] == [
-        ("0x55d0c0a00000", "0x55d0c0a01000", "/usr/bin/python3.11"),
-        ("0x55d0c0a01000", "0x55d0c0c00000", "/usr/bin/python3.11"),
-        ("0x7f1000000000", "0x7f1010000000", "/venv/lib/torch/lib/libtorch_cpu.so"),
-        ("0x7f1010000000", "0x7f1010100000", "/venv/lib/torch/lib/libtorch_cpu.so"),
-        ("0x7f2000000000", "0x7f2000001000", "/tmp/shared with spaces.bin"),
+    """Code and constants of files: yes, and those with private copies (relocated constants) so
+    marked. Relocated data (rw-p), the heap, anonymous memory, the stack and the vdso: never (their
+    pages may exist nowhere else)."""
+    found = read_only_file_mappings(SMAPS)
+    assert [(hex(start), hex(end), path, copied) for start, end, path, copied in found] == [
+        ("0x55d0c0a00000", "0x55d0c0a01000", "/usr/bin/python3.11", True),
+        ("0x55d0c0a01000", "0x55d0c0c00000", "/usr/bin/python3.11", False),
+        ("0x7f1000000000", "0x7f1010000000", "/venv/lib/torch/lib/libtorch_cpu.so", False),
+        ("0x7f1010000000", "0x7f1010100000", "/venv/lib/torch/lib/libtorch_cpu.so", False),
+        ("0x7f2000000000", "0x7f2000001000", "/tmp/shared with spaces.bin", False),
     ]
+    # Without an Anonymous field, a mapping is taken to hold private copies.
+    bare = "7f1000000000-7f1010000000 r-xp 00100000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so\n"
+    assert read_only_file_mappings(bare) == [(0x7F1000000000, 0x7F1010000000, "/venv/lib/torch/lib/libtorch_cpu.so", True)]
 
 
 PROBE = """
-import json, mmap, sys, torch
+import ctypes, json, mmap, os, sys, torch
 from lmserve.memory import release_startup_pages, resident_bytes
 
-def resident(start, end):
+def resident(start):
     # Rss of the mapping that begins at `start`
     inside = False
     for line in open("/proc/self/smaps"):
@@ -54,38 +64,57 @@ def resident(start, end):
 size = 16 << 20
 with open(sys.argv[1], "wb") as f:
     f.write(bytes(range(256)) * (size // 256))
+    f.flush()
+    os.fsync(f.fileno())  # clean in the page cache, as a library's pages are
 f = open(sys.argv[1], "rb")
 shown = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # read-only: a library's code, say
 kept = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private and written: relocated data
 kept[:5] = b"local"
+fixed = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # written, then read-only: relocated constants
+fixed[:5] = b"fixed"
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+fixed_at = ctypes.addressof(ctypes.c_char.from_buffer(fixed))
+assert libc.mprotect(fixed_at, size, mmap.PROT_READ) == 0
 checksum = sum(shown[i] for i in range(0, size, 4096))  # touch every page
 a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
 expected = (a @ a.T).tolist()
-maps = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in open("/proc/self/maps")
-        if line.rstrip().endswith(sys.argv[1])]
-before = {m: resident(*m) for m in maps}
+def cached_pages(start):
+    # pages of the file under `shown` that the page cache holds (mincore)
+    vector = (ctypes.c_ubyte * (size // 4096))()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(size), vector) == 0
+    return sum(v & 1 for v in vector)
+
+starts = {m: int(line.split("-")[0], 16) for line in open("/proc/self/maps") if line.rstrip().endswith(sys.argv[1])
+          for m in [{"r--s": "shown", "rw-p": "kept", "r--p": "fixed"}[line.split()[1]]]}
+before = {m: resident(start) for m, start in starts.items()}
 released = release_startup_pages()
-after = {m: resident(*m) for m in maps}
-print(json.dumps({"before": sorted(before.values()), "after": sorted(after.values()), "released": released,
-                  "same": (a @ a.T).tolist() == expected and bytes(kept[:6]) == b"local\x05"
-                          and sum(shown[i] for i in range(0, size, 4096)) == checksum}))
+after = {m: resident(start) for m, start in starts.items()}
+cached = cached_pages(starts["shown"])
+same = sum(shown[i] for i in range(0, size, 4096)) == checksum
+print(json.dumps({"before": before, "after": after, "released": released, "cached_pages": cached,
+                  "same": same and (a @ a.T).tolist() == expected and bytes(kept[:6]) == b"local\x05"
+                          and bytes(fixed[:6]) == b"fixed\x05"}))
 """
 
 
 def test_releasing_startup_pages_frees_read_only_file_pages_only(tmp_path):
     """In a fresh process: the pages of a read-only file mapping this process alone maps go (a
-    library's code, as libtorch's; those shared with another process stay, the kernel skips them),
-    a written private mapping of the same file keeps its pages and its writes, what reads the
-    released pages reads the same bytes again, and torch computes the same."""
+    library's code, as libtorch's) and stay in the page cache, so reading them again reads no file;
+    written private mappings of the same file keep their writes, whether still writable (relocated
+    data) or made read-only since (relocated constants); what reads the released pages reads the
+    same bytes again, and torch computes the same."""
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "lib.bin")], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     mib = 2**20
-    kept_before, shown_before = got["before"]  # the written copy holds 1 page; the read one, all 16 MiB
-    assert kept_before <= 8 << 10 and shown_before >= 15 * mib
-    assert got["after"] == [0, kept_before]
+    before, after = got["before"], got["after"]
+    # The written copies hold a page each; the read one, all 16 MiB.
+    assert before["kept"] <= 8 << 10 and before["fixed"] <= 8 << 10 and before["shown"] >= 15 * mib
+    assert after == {"shown": 0, "kept": before["kept"], "fixed": before["fixed"]}
     assert got["released"] >= 15 * mib
+    assert got["cached_pages"] == 4096  # all of them: reading them again is a minor fault each
     assert got["same"]
 
 
