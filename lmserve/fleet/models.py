@@ -202,12 +202,12 @@ def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingCon
                 return engine
 
             observers = [metrics.observer(entry.id)] if metrics is not None else []
-            memory.release_startup_pages()
+            memory.release_library_pages()  # what start-up touched is not held beside the load's work
             with memory.large_blocks_mapped_apart():
                 model = ChatModel(AsyncEngine(build, observers=observers), pooling)
         released = memory.settle_after_load()
-        log.info("model %s ready: %d MiB of weights (%d MiB of start-up-only library pages released)", entry.id,
-                 model.weights_bytes >> 20, released >> 20)
+        log.info("model %s ready: %d MiB of weights (%d MiB of library pages only start-up and loading used "
+                 "released)", entry.id, model.weights_bytes >> 20, released >> 20)
         return model
 
     return load

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from lmserve.config import DTYPE_CHOICES, DTYPE_NAMES
-from lmserve.memory import release_startup_pages, return_freed_memory
+from lmserve.memory import release_library_pages, return_freed_memory
 from lmserve.model.config import ModelConfig
 from lmserve.model.registry import build_model
 from lmserve.text.tokenizer import Tokenizer
@@ -50,7 +50,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
     model, config, gguf, dtype = _load(path, dtype, device, max_positions)
     # The library code that made the weights (~30 MiB of the default model's resident set) would be
     # held beside what building the tokenizer allocates: the load's peak (bench/RESULTS.md).
-    release_startup_pages()
+    release_library_pages()
     tokenizer = Tokenizer.from_gguf(gguf) if gguf is not None else Tokenizer.from_hf_folder(path)
     return LoadedModel(model, config, tokenizer, dtype)
 

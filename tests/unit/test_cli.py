@@ -68,7 +68,7 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
     trimmed = []  # and the heap pages the loading freed (the GGUF reader's) go back to the OS
     monkeypatch.setattr(memory, "return_freed_memory", lambda: trimmed.append(gc.get_freeze_count()))
     released = []  # and the library pages only start-up touched: before the load and after it
-    monkeypatch.setattr(memory, "release_startup_pages", lambda: released.append(len(trimmed)) or 0)
+    monkeypatch.setattr(memory, "release_library_pages", lambda: released.append(len(trimmed)) or 0)
     assert any(o is loaded[0] for o in gc.get_objects())
     load = model_loader(EngineConfig("m.gguf", "m"), EmbeddingConfig("", ""))
     try:

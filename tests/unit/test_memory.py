@@ -49,7 +49,7 @@ def test_only_read_only_file_mappings_are_released():
 
 PROBE = """
 import ctypes, json, mmap, os, sys, torch
-from lmserve.memory import release_startup_pages, resident_bytes
+from lmserve.memory import release_library_pages, resident_bytes
 
 def resident(start):
     # Rss of the mapping that begins at `start`
@@ -88,7 +88,7 @@ def cached_pages(start):
 starts = {m: int(line.split("-")[0], 16) for line in open("/proc/self/maps") if line.rstrip().endswith(sys.argv[1])
           for m in [{"r--s": "shown", "rw-p": "kept", "r--p": "fixed"}[line.split()[1]]]}
 before = {m: resident(start) for m, start in starts.items()}
-released = release_startup_pages()
+released = release_library_pages()
 after = {m: resident(start) for m, start in starts.items()}
 cached = cached_pages(starts["shown"])
 same = sum(shown[i] for i in range(0, size, 4096)) == checksum
@@ -98,7 +98,7 @@ print(json.dumps({"before": before, "after": after, "released": released, "cache
 """
 
 
-def test_releasing_startup_pages_frees_read_only_file_pages_only(tmp_path):
+def test_releasing_library_pages_frees_read_only_file_pages_only(tmp_path):
     """In a fresh process: the pages of a read-only file mapping this process alone maps go (a
     library's code, as libtorch's) and stay in the page cache, so reading them again reads no file;
     written private mappings of the same file keep their writes, whether still writable (relocated
