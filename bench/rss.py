@@ -8,12 +8,19 @@ misses, start-up and loading the model included (the RSS and PSS samples start w
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import psutil
 
 if TYPE_CHECKING:
     from typing import Self  # 3.11+, and only for the checker
+
+# PSS is read at most as often as keeps its reads under this share of a core. Reading it walks the
+# server's page tables under its memory-map lock: ~29 ms of CPU for a 1.1 GiB lmserve at 64 streams,
+# so at every 100 ms sample it took 12-14% of that server's output tok/s on a 2-vCPU machine
+# (bench/RESULTS.md, thirty-second sitting). RSS and VmHWM are ~1 ms reads of /proc/<pid>/status.
+PSS_CPU_SHARE = 0.01
 
 
 class PeakRSSSampler:
@@ -22,6 +29,7 @@ class PeakRSSSampler:
 
     Sampling every 100 ms misses spikes shorter than that; a server's footprint (weights, KV cache,
     activations of a full batch) lasts for the whole level, so the peak is still representative.
+    PSS is sampled more sparsely where reading it is costly (PSS_CPU_SHARE).
     """
 
     def __init__(self, pid: int | None, interval_s: float = 0.1) -> None:
@@ -30,6 +38,7 @@ class PeakRSSSampler:
         self.peak_bytes: int | None = None
         self.peak_pss_bytes: int | None = None
         self.peak_hwm_bytes: int | None = None
+        self._next_pss = 0.0  # time.monotonic() of the next PSS sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
@@ -52,9 +61,13 @@ class PeakRSSSampler:
         rss = tree_rss_bytes(self.pid)
         if rss is not None and (self.peak_bytes is None or rss > self.peak_bytes):
             self.peak_bytes = rss
-        pss = tree_pss_bytes(self.pid)
-        if pss is not None and (self.peak_pss_bytes is None or pss > self.peak_pss_bytes):
-            self.peak_pss_bytes = pss
+        now = time.monotonic()
+        if now >= self._next_pss:
+            spent = time.thread_time()  # this thread's CPU, the kernel's walk of the page tables included
+            pss = tree_pss_bytes(self.pid)
+            self._next_pss = now + max(self.interval_s, (time.thread_time() - spent) / PSS_CPU_SHARE)
+            if pss is not None and (self.peak_pss_bytes is None or pss > self.peak_pss_bytes):
+                self.peak_pss_bytes = pss
         hwm = tree_hwm_bytes(self.pid)  # each process's only grows: the largest sum is the last one taken
         if hwm is not None and (self.peak_hwm_bytes is None or hwm > self.peak_hwm_bytes):
             self.peak_hwm_bytes = hwm

@@ -130,3 +130,31 @@ def test_a_process_trees_vmhwm_keeps_a_peak_its_rss_has_left():
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
+
+
+def test_the_sampler_reads_pss_only_as_often_as_its_cost_allows(monkeypatch):
+    # a PSS read costing 20 ms of CPU is taken every 2 s at most (1% of a core), RSS every interval
+    import time
+
+    import bench.rss as rss
+
+    calls = {"rss": 0, "pss": 0}
+
+    def costly_pss(pid):
+        calls["pss"] += 1
+        spent = time.thread_time()
+        while time.thread_time() - spent < 0.02:
+            pass
+        return 2**20
+
+    def rss_bytes(pid):
+        calls["rss"] += 1
+        return 2**20
+
+    monkeypatch.setattr(rss, "tree_pss_bytes", costly_pss)
+    monkeypatch.setattr(rss, "tree_rss_bytes", rss_bytes)
+    monkeypatch.setattr(rss, "tree_hwm_bytes", lambda pid: 2**20)
+    with rss.PeakRSSSampler(1, interval_s=0.01) as sampler:
+        time.sleep(0.6)
+    assert calls["rss"] >= 20 and calls["pss"] == 1
+    assert sampler.peak_pss_bytes == sampler.peak_bytes == sampler.peak_hwm_bytes == 2**20
