@@ -70,6 +70,28 @@ def test_layers_are_read_one_at_a_time(tmp_path, monkeypatch, dtype):
     assert events[-1][0] == "read" and not events[-1][1].startswith("model.layers.")  # then the rest
 
 
+def test_the_load_holds_its_largest_pieces_apart(tmp_path, monkeypatch):
+    """The order that keeps the load's peak below the serving level (bench/RESULTS.md, thirty-second
+    sitting): the heap is trimmed after each layer; the head comes after the last layer, so the
+    layers' float32 copies are never held beside it; the library pages making the weights touched
+    are released before the tokenizer is built, so they are not held beside its allocations."""
+    path = write_gguf(tiny_hf_model("llama", tie=True, vocab_size=320), tmp_path / "tiny.gguf", "llama", "Q8_0")
+    events = []
+    quantize_layer, head_rows = LlamaForCausalLM.quantize_layer, LlamaForCausalLM.quantize_head_rows
+    monkeypatch.setattr(LlamaForCausalLM, "quantize_layer", staticmethod(lambda layer, kind: (
+        events.append("layer"), quantize_layer(layer, kind))[1]))
+    monkeypatch.setattr(LlamaForCausalLM, "quantize_head_rows", lambda self, rows: (
+        events.append("head"), head_rows(self, rows))[1])
+    monkeypatch.setattr(load, "return_freed_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(load, "release_library_pages", lambda: events.append("release") or 0)
+    monkeypatch.setattr(load.Tokenizer, "from_gguf", lambda gguf: events.append("tokenizer"))  # the file has none
+    loaded = load.load_model(path, "int4")
+    layers = loaded.config.num_hidden_layers
+    assert events[:2 * layers] == ["layer", "trim"] * layers
+    assert events[2 * layers] == "head"
+    assert events[-2:] == ["release", "tokenizer"]
+
+
 def test_a_missing_tensor_fails_before_any_is_read(tmp_path, monkeypatch):
     path = write_gguf(tiny_hf_model("llama"), tmp_path / "tiny.gguf", "llama")
     real = load._read_gguf
@@ -145,7 +167,7 @@ def test_a_broken_built_module_is_built_again(tmp_path):
 @pytest.mark.parametrize("tie", [True, False])
 def test_a_quantized_head_is_made_from_rows_without_its_whole_float_table(tmp_path, monkeypatch, tie):
     """Where the head's W8A8 copy is packed (the kernels' VNNI product), it is made from the
-    checkpoint's rows a piece at a time, before the layers: the whole float32 table (a tied model's
+    checkpoint's rows a piece at a time, after the layers: the whole float32 table (a tied model's
     embeddings) is never read, and the model is the one the whole table gives."""
     from lmserve.model.weight_formats.int8 import W8A8Weight, int8_matmul_pays, packs_weights
 
