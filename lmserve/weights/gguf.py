@@ -70,7 +70,6 @@ class GGUFFile:
     metadata: dict[str, Any]
     mapped: np.ndarray | None = None  # the whole file, mapped: where reads drop the pages they touched
 
-
     @classmethod
     def open(cls, path: str | Path) -> GGUFFile:
         """Raises ValueError for a file that is not a GGUF lmserve can read, naming the problem."""

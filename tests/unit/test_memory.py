@@ -43,8 +43,9 @@ def test_only_read_only_file_mappings_are_released():
         ("0x7f2000000000", "0x7f2000001000", "/tmp/shared with spaces.bin", False),
     ]
     # Without an Anonymous field, a mapping is taken to hold private copies.
-    bare = "7f1000000000-7f1010000000 r-xp 00100000 08:01 456  /venv/lib/torch/lib/libtorch_cpu.so\n"
-    assert read_only_file_mappings(bare) == [(0x7F1000000000, 0x7F1010000000, "/venv/lib/torch/lib/libtorch_cpu.so", True)]
+    library = "/venv/lib/torch/lib/libtorch_cpu.so"
+    bare = f"7f1000000000-7f1010000000 r-xp 00100000 08:01 456  {library}\n"
+    assert read_only_file_mappings(bare) == [(0x7F1000000000, 0x7F1010000000, library, True)]
 
 
 PROBE = """
