@@ -4,7 +4,7 @@ Three kinds of pages stay resident after start-up or a load without being used a
 - freed heap pages, which glibc keeps for later allocations (`return_freed_memory`);
 - pages of the shared libraries' code and read-only data that only importing or loading touched:
   libtorch's static initializers register thousands of operators, touching ~60 MiB of its 400 MiB
-  of code, and making the weights runs ~30 MiB more, little of which a step runs again
+  of code, and making the weights runs ~25 MiB more, little of which a step runs again
   (`release_library_pages`);
 - pages of a mapped checkpoint whose tensors have been read and copied (`drop_mapped_pages`).
 """
@@ -38,21 +38,17 @@ def read_only_file_mappings(smaps: str) -> list[tuple[int, int, str, bool]]:
     are clean copies of the file: dropping them loses nothing, a later touch reads them again.
     Writable private mappings (relocated data) are left out: their pages may differ from the file."""
     found = []
+    current = None  # the read-only file mapping whose fields follow, as a list to complete
     for line in smaps.splitlines():
         fields = line.split(maxsplit=5)
-        if fields and fields[0] == "Anonymous:":
-            if found and found[-1][3] is None:  # this mapping's
-                found[-1][3] = int(fields[1]) > 0
-            continue
-        if len(fields) < 5 or "-" not in fields[0] or fields[0].endswith(":"):
-            continue  # another field of a mapping
-        if found and found[-1][3] is None:
-            found[-1][3] = True  # no Anonymous line: assume the worst
-        if len(fields) == 6 and fields[5].startswith("/") and "w" not in fields[1]:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            found.append([start, end, fields[5], None])
-    if found and found[-1][3] is None:
-        found[-1][3] = True
+        if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
+            current = None
+            if len(fields) == 6 and fields[5].startswith("/") and "w" not in fields[1]:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                current = [start, end, fields[5], True]  # copies assumed until its Anonymous field says not
+                found.append(current)
+        elif current is not None and fields and fields[0] == "Anonymous:":
+            current[3] = int(fields[1]) > 0
     return [tuple(mapping) for mapping in found]
 
 

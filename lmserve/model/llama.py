@@ -224,10 +224,10 @@ class LlamaForCausalLM(nn.Module):
         return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
 
     def quantize_head_rows(self, rows: Callable[[int, int], torch.Tensor]) -> bool:
-        """quantize_head("int8") before the model is filled, its weight read as rows(start, stop) a
-        piece at a time (Linear.quantize_rows), so that loading never holds it whole; a tied model's
-        embeddings then read that copy, and the checkpoint's table is not filled at all. False, and
-        nothing done, where the copy needs the weight whole."""
+        """quantize_head("int8") before the embeddings and head are filled, its weight read as
+        rows(start, stop) a piece at a time (Linear.quantize_rows), so that loading never holds it
+        whole; a tied model's embeddings then read that copy, and the checkpoint's table is not
+        filled at all. False, and nothing done, where the copy needs the weight whole."""
         if not self.lm_head.quantize_rows(rows):
             return False
         if self.config.tie_word_embeddings:

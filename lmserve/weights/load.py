@@ -48,7 +48,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
     """Load model and tokenizer from a `.gguf` file or a folder with config.json and *.safetensors.
     `dtype` "auto" takes the checkpoint's own (lmserve/weights/dtype.py)."""
     model, config, gguf, dtype = _load(path, dtype, device, max_positions)
-    # The library code that made the weights (~30 MiB of the default model's resident set) would be
+    # The library code that made the weights (~25 MiB of the default model's resident set) would be
     # held beside what building the tokenizer allocates: the load's peak (bench/RESULTS.md).
     release_library_pages()
     tokenizer = Tokenizer.from_gguf(gguf) if gguf is not None else Tokenizer.from_hf_folder(path)
