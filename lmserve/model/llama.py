@@ -9,7 +9,7 @@ inputs and the KV cache it is handed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,13 @@ from lmserve.model.rope import RotaryEmbedding, apply_rotary
 from lmserve.model.unfilled import unfilled_embedding
 from lmserve.model.weight_formats.floating import Bf16Panels, packs_bf16
 from lmserve.model.weight_formats.int8 import W8A8Weight, int8_matmul_pays
+
+# A decoder layer's modules that prepare() fuses, by the checkpoint modules they are made from
+# (weights/names.py FUSED_MATRICES, by GGUF names).
+FUSED_PARTS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,7 +60,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * d, h, bias=False)
         self.scale = d ** -0.5
 
-    def prepare(self, dtype: torch.dtype) -> None:
+    def prepare(self, dtype: torch.dtype) -> None:  # FUSED_PARTS names what this fuses
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj], dtype)
         del self.q_proj, self.k_proj, self.v_proj
         self.o_proj.to(dtype)
@@ -79,7 +86,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = Linear(i, h, bias=False)
 
-    def prepare(self, dtype: torch.dtype) -> None:
+    def prepare(self, dtype: torch.dtype) -> None:  # FUSED_PARTS names what this fuses
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj], dtype)
         del self.gate_proj, self.up_proj
         self.down_proj.to(dtype)
@@ -205,12 +212,14 @@ class LlamaForCausalLM(nn.Module):
         self.quantize_head(head_kind)
 
     @staticmethod
-    def quantize_layer(layer: DecoderLayer, kind: str) -> None:
-        """quantize() for one prepared decoder layer."""
+    def quantize_layer(layer: DecoderLayer, kind: str, int8_parts: Collection[str] = ()) -> None:
+        """quantize() for one prepared decoder layer; under "int4", a module made from one of
+        `int8_parts` (its checkpoint modules, "self_attn.v_proj") is int8."""
         w8a8 = int8_matmul_pays()
-        for module in layer.modules():
+        for name, module in layer.named_modules():
             if isinstance(module, Linear):
-                module.quantize(kind, w8a8)
+                wider = kind == "int4" and any(part in int8_parts for part in FUSED_PARTS.get(name, (name,)))
+                module.quantize("int8" if wider else kind, w8a8)
 
     def quantize_head(self, head_kind: str) -> None:
         """quantize() for the prepared head; a tied model's embeddings then read its W8A8 copy."""

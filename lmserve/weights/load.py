@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from lmserve.memory import release_library_pages, return_freed_memory
 from lmserve.model.config import ModelConfig
 from lmserve.model.registry import build_model
 from lmserve.text.tokenizer import Tokenizer
-from lmserve.weights.dtype import choose_dtype, gguf_weight_type, hf_dtype_source
+from lmserve.weights.dtype import GGUF_TYPE_DTYPES, choose_dtype, gguf_weight_type, hf_dtype_source, int8_matrices
 from lmserve.weights.gguf import GGUFFile
 from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 
@@ -75,11 +76,14 @@ def _load(path: str | Path, dtype: str, device: str, max_positions: int | None):
     else:
         gguf = GGUFFile.open(path)
         config, tensors, freqs = _read_gguf(gguf)
+    int8_parts: dict[int, frozenset[str]] = {}
     if dtype == "auto":
         dtype = _auto_dtype(path, gguf, device)
+        if dtype == "int4" and gguf is not None:
+            int8_parts = _int8_parts(gguf)
     model = build_model(config, max_positions or config.max_position_embeddings, freqs)
     check_parameters(model, tensors)  # before any tensor is read: a missing one fails fast
-    return _fill(model, tensors, dtype, device), config, gguf, dtype
+    return _fill(model, tensors, dtype, device, int8_parts), config, gguf, dtype
 
 
 def _auto_dtype(path: Path, gguf: GGUFFile | None, device: str) -> str:
@@ -89,7 +93,29 @@ def _auto_dtype(path: Path, gguf: GGUFFile | None, device: str) -> str:
     return choice.dtype
 
 
-def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str) -> torch.nn.Module:
+def _int8_parts(gguf: GGUFFile) -> dict[int, frozenset[str]]:
+    """dtype.int8_matrices by layer, as module names within it ("self_attn.v_proj"), logged."""
+    matrices = int8_matrices(gguf.tensors)
+    parts: dict[int, set[str]] = {}
+    for name in matrices:
+        hf_name = gguf_to_hf(name)
+        if hf_name is None:
+            continue
+        index, _, module = hf_name.removeprefix("model.layers.").removesuffix(".weight").partition(".")
+        parts.setdefault(int(index), set()).add(module)
+    wider = Counter(t.tensor_type.name for t in gguf.tensors if t.name in matrices
+                    and GGUF_TYPE_DTYPES.get(t.tensor_type.name, "int4") != "int4")
+    if wider:
+        held = ", ".join(f"{count} {name}" for name, count in sorted(wider.items()))
+        log.info("--dtype auto: int8 for the layer matrices the file holds at more than 4 bits (%s) and the %d "
+                 "fused with them", held, len(matrices) - sum(wider.values()))
+    return {index: frozenset(names) for index, names in parts.items()}
+
+
+def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str,
+          int8_parts: Mapping[int, frozenset[str]] | None = None) -> torch.nn.Module:
+    """The model's weights from `tensors` in `dtype`; under int4, the modules int8_parts names for a
+    layer (by index) are int8."""
     quantized = dtype in ("int8", "int4") and torch.device(device).type == "cpu"
     if not quantized and dtype in ("int8", "int4"):  # the int8/int4 kernels are CPU ones
         log.warning("--dtype %s: no %s kernels on %s; serving bfloat16 weights", dtype, dtype, device)
@@ -101,7 +127,7 @@ def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str) -> 
         fill_parameters(layer, tensors, torch.float32, prefix=f"model.layers.{index}.")
         model.prepare_layer(layer, weight_dtype)
         if quantized:
-            model.quantize_layer(layer, dtype)
+            model.quantize_layer(layer, dtype, (int8_parts or {}).get(index, frozenset()))
         # Each layer's float32 copies, freed among the small pieces kept, go back to the OS now
         # rather than after the last layer (~21 MiB of the default model's heap by then).
         return_freed_memory()

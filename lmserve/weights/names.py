@@ -25,6 +25,9 @@ _LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Layer matrices the model multiplies as one (model/llama.py's prepare fuses them): a choice of
+# format for one is a choice for all (weights/dtype.py int8_matrices).
+FUSED_MATRICES = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 frequency factors, not a module parameter
 

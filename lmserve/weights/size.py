@@ -3,7 +3,8 @@ alone (a GGUF's tensor table, safetensors' JSON headers): what the fleet needs t
 loads a model under `--models-memory`.
 
 Layer matrices take the dtype's bytes per element (int4: 4 bits plus a float16 scale and low per
-group of 32; int8: a byte plus a float32 scale per row, counted per element as 1/32 more); norms
+group of 32; int8: a byte plus a float32 scale per row, counted per element as 1/32 more; under
+`auto`, an int4 GGUF's matrices held at more bits are int8, dtype.int8_matrices); norms
 and biases are counted at bfloat16, or float32 under float32; the token table and the head as
 the loader keeps them. The estimate is held to what a loaded model's tensors take (tests).
 """
@@ -16,7 +17,7 @@ from math import prod
 from pathlib import Path
 
 from lmserve.model.weight_formats.floating import bf16_panels_run
-from lmserve.weights.dtype import serving_dtype
+from lmserve.weights.dtype import int8_matrices, serving_dtype
 
 MATRIX_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 1 / 32, "int4": 0.5 + 4 / 32}
 EMBEDDING_NAMES = ("token_embd.weight", "model.embed_tokens.weight")
@@ -27,15 +28,16 @@ def estimated_weight_bytes(path: str | Path, dtype: str, device: str = "cpu") ->
     """Bytes the weights of the checkpoint at `path` take loaded in `dtype` ("auto" resolved as the
     loader resolves it)."""
     path = Path(path)
-    dtype = serving_dtype(path, dtype, device)
+    requested, dtype = dtype, serving_dtype(path, dtype, device)
     other = 4.0 if dtype == "float32" else 2.0
     shapes = dict(_tensor_shapes(path))
+    wider = _gguf_int8_matrices(path) if requested == "auto" and dtype == "int4" else frozenset()
     embedding = next((prod(shapes.pop(n)) for n in EMBEDDING_NAMES if n in shapes), 0)
     head = next((prod(shapes.pop(n)) for n in HEAD_NAMES if n in shapes), None)
     total = 0.0
     for name, shape in shapes.items():
         is_layer_matrix = len(shape) == 2 and (name.startswith("blk.") or ".layers." in name)
-        total += prod(shape) * (MATRIX_BYTES[dtype] if is_layer_matrix else other)
+        total += prod(shape) * (MATRIX_BYTES["int8" if name in wider else dtype] if is_layer_matrix else other)
     shared = device == "cpu" and dtype == "bfloat16" and bf16_panels_run()
     return int(total + _embedding_and_head(dtype, embedding, head, shared))
 
@@ -52,6 +54,14 @@ def _embedding_and_head(dtype: str, embedding: int, head: int | None, bf16_share
     if head is None:
         return MATRIX_BYTES["int8"] * embedding
     return 2.0 * embedding + MATRIX_BYTES["int8"] * head
+
+
+def _gguf_int8_matrices(path: Path) -> frozenset[str]:
+    if path.is_dir():
+        return frozenset()
+    from lmserve.weights.gguf import GGUFFile
+
+    return int8_matrices(GGUFFile.open(path).tensors)
 
 
 def _tensor_shapes(path: Path) -> list[tuple[str, tuple[int, ...]]]:

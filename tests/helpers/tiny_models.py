@@ -86,8 +86,10 @@ def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(model, path: Path, arch: str, quant: str = "F32", tokenizer_metadata=None) -> Path:
-    """Write the model as a GGUF file; 2-D weights in `quant` (F32, F16, Q8_0, ...), norms in F32."""
+def write_gguf(model, path: Path, arch: str, quant: str = "F32", tokenizer_metadata=None,
+               tensor_quants: dict[str, str] | None = None) -> Path:
+    """Write the model as a GGUF file; 2-D weights in `quant` (F32, F16, Q8_0, ...) or the type
+    `tensor_quants` names for that GGUF tensor ("blk.0.attn_v.weight": "Q8_0"), norms in F32."""
     import gguf
 
     config = model.config
@@ -103,8 +105,8 @@ def write_gguf(model, path: Path, arch: str, quant: str = "F32", tokenizer_metad
     writer.add_vocab_size(config.vocab_size)
     for key, value in (tokenizer_metadata or {}).items():
         writer.add_key_value(key, *value)  # (value, type) or, for an array, (values, ARRAY, item type)
-    qtype = gguf.GGMLQuantizationType[quant]
     for name, array in gguf_tensors(model, arch).items():
+        qtype = gguf.GGMLQuantizationType[(tensor_quants or {}).get(name, quant)]
         if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(array, qtype)
             writer.add_tensor(name, data, raw_dtype=qtype)  # shape read from the byte layout

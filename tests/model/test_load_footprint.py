@@ -53,8 +53,8 @@ def test_layers_are_read_one_at_a_time(tmp_path, monkeypatch, dtype):
         events.append(("read", hf_name)), read(gguf, config, name, hf_name))[1])
     done = LlamaForCausalLM.quantize_layer if dtype == "int4" else LlamaForCausalLM.prepare_layer
     name = done.__name__
-    monkeypatch.setattr(LlamaForCausalLM, name, staticmethod(lambda layer, kind: (
-        events.append(("done", id(layer))), done(layer, kind))[1]))
+    monkeypatch.setattr(LlamaForCausalLM, name, staticmethod(lambda layer, kind, *more: (
+        events.append(("done", id(layer))), done(layer, kind, *more))[1]))
     model, _, _ = load.load_weights(path, dtype)
     index = {id(layer): i for i, layer in enumerate(model.model.layers)}
     open_layers, finished = set(), []
@@ -78,8 +78,8 @@ def test_the_load_holds_its_largest_pieces_apart(tmp_path, monkeypatch):
     path = write_gguf(tiny_hf_model("llama", tie=True, vocab_size=320), tmp_path / "tiny.gguf", "llama", "Q8_0")
     events = []
     quantize_layer, head_rows = LlamaForCausalLM.quantize_layer, LlamaForCausalLM.quantize_head_rows
-    monkeypatch.setattr(LlamaForCausalLM, "quantize_layer", staticmethod(lambda layer, kind: (
-        events.append("layer"), quantize_layer(layer, kind))[1]))
+    monkeypatch.setattr(LlamaForCausalLM, "quantize_layer", staticmethod(lambda layer, kind, *more: (
+        events.append("layer"), quantize_layer(layer, kind, *more))[1]))
     monkeypatch.setattr(LlamaForCausalLM, "quantize_head_rows", lambda self, rows: (
         events.append("head"), head_rows(self, rows))[1])
     monkeypatch.setattr(load, "return_freed_memory", lambda: events.append("trim"))

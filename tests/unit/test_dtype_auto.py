@@ -89,3 +89,29 @@ def test_auto_is_the_default_everywhere():
     assert EngineConfig("m.gguf", "m").dtype == "auto"
     with pytest.raises(ValueError, match="float16"):
         EngineConfig("m.gguf", "m", dtype="float16")
+
+
+# A Q4_K_M file's way (llama-quantize keeps attn_v and some ffn_down at Q6_K), written with the types
+# the gguf package writes: Q4_0 layers, two matrices at Q8_0.
+MIXED = {"blk.0.attn_v.weight": "Q8_0", "blk.1.ffn_down.weight": "Q8_0"}
+
+
+def test_an_int4_file_keeps_its_wider_matrices_and_those_fused_with_them_at_int8(tmp_path):
+    path = write_gguf(tiny_hf_model("llama"), tmp_path / "m.gguf", "llama", "Q4_0", tensor_quants=MIXED)
+    tensors = GGUFFile.open(path).tensors
+    assert gguf_weight_type(tensors) == "Q4_0"
+    assert auto.int8_matrices(tensors) == {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight",
+                                           "blk.1.ffn_down.weight"}
+    plain = write_gguf(tiny_hf_model("llama"), tmp_path / "plain.gguf", "llama", "Q4_0")
+    assert auto.int8_matrices(GGUFFile.open(plain).tensors) == frozenset()
+
+
+def test_the_size_estimate_counts_the_wider_matrices_at_int8(tmp_path, monkeypatch):
+    from lmserve.weights.size import MATRIX_BYTES, estimated_weight_bytes
+
+    monkeypatch.setattr(auto, "cpu_flags", lambda: FULL)
+    path = write_gguf(tiny_hf_model("llama"), tmp_path / "m.gguf", "llama", "Q4_0", tensor_quants=MIXED)
+    tensors = GGUFFile.open(path).tensors
+    wider = sum(int(t.shape[0]) * int(t.shape[1]) for t in tensors if t.name in auto.int8_matrices(tensors))
+    difference = estimated_weight_bytes(path, "auto") - estimated_weight_bytes(path, "int4")
+    assert wider > 0 and abs(difference - wider * (MATRIX_BYTES["int8"] - MATRIX_BYTES["int4"])) <= 1
