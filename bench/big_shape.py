@@ -36,15 +36,18 @@ def tokenizer_metadata(vocab: int) -> dict[str, tuple]:
     return fields
 
 
-def write_model(path: Path, quant: str, seed: int = 0) -> Path:
+def write_model(path: Path, quant: str, seed: int = 0, shape: dict | None = None, arch: str = "qwen2",
+                embedding_quant: str = "Q8_0", name: str = "qwen2-0.5b-shape") -> Path:
+    """The file: SHAPE (or `shape`) with random weights, its layers' matrices in `quant` and the tied
+    embedding in `embedding_quant`; "qwen2" has biases on q, k and v, "llama" none."""
     import gguf
 
-    s = SHAPE
+    s = shape or SHAPE
     head_dim = s["hidden"] // s["heads"]
     rng = np.random.default_rng(seed)
     qtype = gguf.GGMLQuantizationType[quant]
-    writer = gguf.GGUFWriter(str(path), "qwen2")
-    writer.add_name("qwen2-0.5b-shape")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
     writer.add_block_count(s["layers"])
     writer.add_context_length(s["context"])
     writer.add_embedding_length(s["hidden"])
@@ -68,7 +71,7 @@ def write_model(path: Path, quant: str, seed: int = 0) -> Path:
     # The tied embedding (and so the head) at Q8_0 whatever the layers' type: llama-quantize writes a
     # tied head as Q6_K, or Q8_0 where its rows (896 here, 576 in SmolLM2) are not whole 256-blocks,
     # which is how the packaged SmolLM2 Q4_1 file has it.
-    matrix("token_embd.weight", s["vocab"], s["hidden"], gguf.GGMLQuantizationType.Q8_0)
+    matrix("token_embd.weight", s["vocab"], s["hidden"], gguf.GGMLQuantizationType[embedding_quant])
     vector("output_norm.weight", s["hidden"], 1.0)
     kv = s["kv_heads"] * head_dim
     for layer in range(s["layers"]):
@@ -76,11 +79,14 @@ def write_model(path: Path, quant: str, seed: int = 0) -> Path:
         vector(f"{blk}.attn_norm.weight", s["hidden"], 1.0)
         vector(f"{blk}.ffn_norm.weight", s["hidden"], 1.0)
         matrix(f"{blk}.attn_q.weight", s["hidden"], s["hidden"])
-        vector(f"{blk}.attn_q.bias", s["hidden"])
+        if arch == "qwen2":
+            vector(f"{blk}.attn_q.bias", s["hidden"])
         matrix(f"{blk}.attn_k.weight", kv, s["hidden"])
-        vector(f"{blk}.attn_k.bias", kv)
+        if arch == "qwen2":
+            vector(f"{blk}.attn_k.bias", kv)
         matrix(f"{blk}.attn_v.weight", kv, s["hidden"])
-        vector(f"{blk}.attn_v.bias", kv)
+        if arch == "qwen2":
+            vector(f"{blk}.attn_v.bias", kv)
         matrix(f"{blk}.attn_output.weight", s["hidden"], s["hidden"])
         matrix(f"{blk}.ffn_gate.weight", s["ffn"], s["hidden"])
         matrix(f"{blk}.ffn_up.weight", s["ffn"], s["hidden"])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server, the peer of `python -m bench compare`, from the llama.cpp that the
-# llama-cpp-python sdist vendors (a pinned, known version), under ~/.cache/lmserve-bench.
+# Build llama.cpp's llama-server, the peer of `python -m bench compare`, and its llama-quantize
+# (bench.kquant_shape), from the llama.cpp that the llama-cpp-python sdist vendors (a pinned, known
+# version), under ~/.cache/lmserve-bench.
 # Idempotent: each step is skipped when its result exists. Nothing lands in the repository.
 #   bash bench/build_llama_server.sh            # prints the binary's path at the end
 #   JOBS=4 LMSERVE_BENCH_CACHE=/tmp/lb bash bench/build_llama_server.sh
@@ -12,7 +13,7 @@ BIN="$CACHE/build/bin/llama-server"
 SDIST="$CACHE/llama_cpp_python-$VERSION.tar.gz"
 SRC="$CACHE/llama_cpp_python-$VERSION"
 
-if [ -x "$BIN" ]; then
+if [ -x "$BIN" ] && [ -x "$CACHE/build/bin/llama-quantize" ]; then
     echo "$BIN"
     exit 0
 fi
@@ -74,5 +75,5 @@ EXTRA_FLAGS="$(no_amx_flags)"
 cmake -S "$SRC/vendor/llama.cpp" -B "$CACHE/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF \
     -DCMAKE_C_FLAGS="$EXTRA_FLAGS" -DCMAKE_CXX_FLAGS="$EXTRA_FLAGS"
-cmake --build "$CACHE/build" --target llama-server -j"${JOBS:-2}"
+cmake --build "$CACHE/build" --target llama-server llama-quantize -j"${JOBS:-2}"
 echo "$BIN"
