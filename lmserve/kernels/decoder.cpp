@@ -500,11 +500,15 @@ class NativeDecoder {
             TORCH_CHECK(false, "KV cache: float32, bfloat16 or int8 rows");
         const auto v = qkv.slice(1, q_size + kv_size).view({n, num_kv_heads_, head_dim_});
         // paged_attention in model/attention.py
+        const auto decode_attention = [&] {
+            return paged_decode_attention(q.slice(0, 0, num_decodes).to(at::kFloat).contiguous(), k_cache, v_cache,
+                                          *rows.block_table, *rows.context_lens, rows.block_size, scale_,
+                                          share_prefixes);
+        };
+        if (prefills.empty() && num_decodes == n)  // a decode-only step: its rows are the output
+            return finish_layer(layer, x, decode_attention());
         auto attn = at::empty_like(q);
-        if (num_decodes > 0)
-            attn.slice(0, 0, num_decodes).copy_(paged_decode_attention(
-                q.slice(0, 0, num_decodes).to(at::kFloat).contiguous(), k_cache, v_cache, *rows.block_table,
-                *rows.context_lens, rows.block_size, scale_, share_prefixes));
+        if (num_decodes > 0) attn.slice(0, 0, num_decodes).copy_(decode_attention());
         for (size_t p = 0; p < prefills.size(); ++p) {
             const auto& seq = prefills[p];
             const int64_t start = std::get<0>(seq), end = start + std::get<1>(seq);
@@ -512,12 +516,16 @@ class NativeDecoder {
                                                               v.slice(0, start, end), k_cache, v_cache, seq,
                                                               plans[p], scale_));
         }
+        return finish_layer(layer, x, attn);
+    }
+
+    // The layer after its attention: the output projection and residual, then the MLP.
+    torch::Tensor finish_layer(const NativeLayer& layer, torch::Tensor x, const torch::Tensor& attn) const {
         x = x + layer.o(attn.flatten(1));
-        h = rms_norm(x, layer.post_attention_norm, eps_);
+        const auto h = rms_norm(x, layer.post_attention_norm, eps_);
         const auto gate_up = layer.gate_up(h);
         TORCH_CHECK(gate_up.size(1) == 2 * intermediate_size_, "gate_up: (T, 2 * intermediate_size)");
-        x = x + layer.down(silu_mul(gate_up));
-        return x;
+        return x + layer.down(silu_mul(gate_up));
     }
 
     // A decode-only step of many rows as independent groups of rows, each through every layer: no
