@@ -3,8 +3,8 @@
 A GGUF keeps its quantization: the type holding most of its layers' projection weights decides
 (4-bit -> int4, which keeps a Q4_0/Q4_1 file's own integers; 5- to 8-bit -> int8, the narrowest
 path that loses nothing the file has; F16/BF16 -> bfloat16; F32 -> float32), and under int4 the
-layer matrices the file holds at more bits take int8 (int8_matrices: a Q4_K_M's Q6_K ones). A Hugging Face folder
-follows its config's `torch_dtype`. Then the CPU is asked: int8 and int4 run on int8 dot products
+layer matrices the file holds at more bits take int8 (int8_matrices: a Q4_K_M's Q6_K ones). A
+Hugging Face folder follows its config's `torch_dtype`. Then the CPU is asked: int8 and int4 run on int8 dot products
 and bfloat16 on bf16 ones; a CPU without them gets the next path it has, and the log says why.
 
 Torch-free, so the benchmark can plan a server's KV cache without importing torch.
@@ -49,13 +49,18 @@ def gguf_weight_type(tensors) -> str:
     return counts.most_common(1)[0][0]
 
 
+def wider_than_int4(type_name: str) -> bool:
+    """Whether a GGUF tensor type holds more than int4 keeps (Q5_*, Q6_K, Q8_0, the float types)."""
+    return GGUF_TYPE_DTYPES.get(type_name, "int4") != "int4"
+
+
 def int8_matrices(tensors) -> frozenset[str]:
     """The layer matrices (GGUF names) an int4 model of `tensors` serves as int8: those the file holds
     at more than 4 bits, as a Q4_K_M file holds attn_v and half the ffn_down at Q6_K (llama.cpp's
     choice for the tensors the output is most sensitive to), and the matrices multiplied as one with
     them (names.FUSED_MATRICES). int4 would round their 6 or 8 bits to 4."""
     wider = {tensor.name for tensor in tensors if tensor.name.startswith("blk.") and len(tensor.shape) == 2
-             and GGUF_TYPE_DTYPES.get(tensor.tensor_type.name, "int4") != "int4"}
+             and wider_than_int4(tensor.tensor_type.name)}
     fused = set()
     for name in wider:
         block, _, rest = name.partition(".")[2].partition(".")  # blk.<block>.<matrix>.weight

@@ -23,7 +23,7 @@ from lmserve.memory import release_library_pages, return_freed_memory
 from lmserve.model.config import ModelConfig
 from lmserve.model.registry import build_model
 from lmserve.text.tokenizer import Tokenizer
-from lmserve.weights.dtype import GGUF_TYPE_DTYPES, choose_dtype, gguf_weight_type, hf_dtype_source, int8_matrices
+from lmserve.weights.dtype import choose_dtype, gguf_weight_type, hf_dtype_source, int8_matrices, wider_than_int4
 from lmserve.weights.gguf import GGUFFile
 from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
 
@@ -103,8 +103,8 @@ def _int8_parts(gguf: GGUFFile) -> dict[int, frozenset[str]]:
             continue
         index, _, module = hf_name.removeprefix("model.layers.").removesuffix(".weight").partition(".")
         parts.setdefault(int(index), set()).add(module)
-    wider = Counter(t.tensor_type.name for t in gguf.tensors if t.name in matrices
-                    and GGUF_TYPE_DTYPES.get(t.tensor_type.name, "int4") != "int4")
+    wider = Counter(t.tensor_type.name for t in gguf.tensors
+                    if t.name in matrices and wider_than_int4(t.tensor_type.name))
     if wider:
         held = ", ".join(f"{count} {name}" for name, count in sorted(wider.items()))
         log.info("--dtype auto: int8 for the layer matrices the file holds at more than 4 bits (%s) and the %d "
