@@ -68,9 +68,10 @@ def write_model(path: Path, quant: str, seed: int = 0, shape: dict | None = None
         data = np.full(size, value, np.float32) if value is not None else rng.normal(0.0, STD, size).astype(np.float32)
         writer.add_tensor(name, data)
 
-    # The tied embedding (and so the head) at Q8_0 whatever the layers' type: llama-quantize writes a
-    # tied head as Q6_K, or Q8_0 where its rows (896 here, 576 in SmolLM2) are not whole 256-blocks,
-    # which is how the packaged SmolLM2 Q4_1 file has it.
+    # The tied embedding (and so the head) at Q8_0 by default whatever the layers' type: llama-quantize
+    # writes a tied head as Q6_K, or Q8_0 where its rows (896 here, 576 in SmolLM2) are not whole
+    # 256-blocks, which is how the packaged SmolLM2 Q4_1 file has it (bench.kquant_shape writes F16
+    # for llama-quantize to make its Q6_K).
     matrix("token_embd.weight", s["vocab"], s["hidden"], gguf.GGMLQuantizationType[embedding_quant])
     vector("output_norm.weight", s["hidden"], 1.0)
     kv = s["kv_heads"] * head_dim
