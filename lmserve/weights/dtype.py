@@ -112,14 +112,17 @@ def hf_dtype_source(folder: Path) -> str:
     return f"hf:{config.get('torch_dtype') or config.get('dtype') or ''}"
 
 
-def serving_dtype(path: str | Path, requested: str, device: str = "cpu") -> str:
+def serving_dtype(path: str | Path, requested: str, device: str = "cpu", tensors=None) -> str:
     """`requested` itself, or for "auto" what the checkpoint at `path` chooses (opening a GGUF's
-    header: for callers that have not opened the checkpoint, such as the benchmark)."""
+    header unless its `tensors` are given: for callers that have not loaded the checkpoint, such as
+    the benchmark and the size estimate)."""
     if requested != "auto":
         return requested
     path = Path(path)
     if path.is_dir():
         return choose_dtype(hf_dtype_source(path), device).dtype
-    from lmserve.weights.gguf import GGUFFile
+    if tensors is None:
+        from lmserve.weights.gguf import GGUFFile
 
-    return choose_dtype("gguf:" + gguf_weight_type(GGUFFile.open(path).tensors), device).dtype
+        tensors = GGUFFile.open(path).tensors
+    return choose_dtype("gguf:" + gguf_weight_type(tensors), device).dtype

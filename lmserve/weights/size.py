@@ -28,10 +28,15 @@ def estimated_weight_bytes(path: str | Path, dtype: str, device: str = "cpu") ->
     """Bytes the weights of the checkpoint at `path` take loaded in `dtype` ("auto" resolved as the
     loader resolves it)."""
     path = Path(path)
-    requested, dtype = dtype, serving_dtype(path, dtype, device)
+    tensors = None
+    if not path.is_dir():  # its header, parsed once (~60 ms for the default model's)
+        from lmserve.weights.gguf import GGUFFile
+
+        tensors = GGUFFile.open(path).tensors
+    requested, dtype = dtype, serving_dtype(path, dtype, device, tensors)
     other = 4.0 if dtype == "float32" else 2.0
-    shapes = dict(_tensor_shapes(path))
-    wider = _gguf_int8_matrices(path) if requested == "auto" and dtype == "int4" else frozenset()
+    shapes = dict(_tensor_shapes(path, tensors))
+    wider = int8_matrices(tensors) if tensors is not None and requested == "auto" and dtype == "int4" else frozenset()
     embedding = next((prod(shapes.pop(n)) for n in EMBEDDING_NAMES if n in shapes), 0)
     head = next((prod(shapes.pop(n)) for n in HEAD_NAMES if n in shapes), None)
     total = 0.0
@@ -56,16 +61,9 @@ def _embedding_and_head(dtype: str, embedding: int, head: int | None, bf16_share
     return 2.0 * embedding + MATRIX_BYTES["int8"] * head
 
 
-def _gguf_int8_matrices(path: Path) -> frozenset[str]:
-    if path.is_dir():
-        return frozenset()
-    from lmserve.weights.gguf import GGUFFile
-
-    return int8_matrices(GGUFFile.open(path).tensors)
-
-
-def _tensor_shapes(path: Path) -> list[tuple[str, tuple[int, ...]]]:
-    if path.is_dir():
+def _tensor_shapes(path: Path, tensors) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor's (name, shape): a GGUF's from its `tensors`, a folder's from safetensors' headers."""
+    if tensors is None:
         shapes = []
         for file in sorted(path.glob("*.safetensors")):
             with open(file, "rb") as handle:
@@ -73,6 +71,4 @@ def _tensor_shapes(path: Path) -> list[tuple[str, tuple[int, ...]]]:
                 header = json.loads(handle.read(length))
             shapes += [(name, tuple(info["shape"])) for name, info in header.items() if name != "__metadata__"]
         return shapes
-    from lmserve.weights.gguf import GGUFFile
-
-    return [(tensor.name, tuple(int(d) for d in tensor.shape)) for tensor in GGUFFile.open(path).tensors]
+    return [(tensor.name, tuple(int(d) for d in tensor.shape)) for tensor in tensors]

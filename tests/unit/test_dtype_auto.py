@@ -115,3 +115,16 @@ def test_the_size_estimate_counts_the_wider_matrices_at_int8(tmp_path, monkeypat
     wider = sum(int(t.shape[0]) * int(t.shape[1]) for t in tensors if t.name in auto.int8_matrices(tensors))
     difference = estimated_weight_bytes(path, "auto") - estimated_weight_bytes(path, "int4")
     assert wider > 0 and abs(difference - wider * (MATRIX_BYTES["int8"] - MATRIX_BYTES["int4"])) <= 1
+
+
+def test_the_size_estimate_parses_a_gguf_header_once(tmp_path, monkeypatch):
+    """~60 ms a parse of the default model's header, and the fleet estimates each model it plans."""
+    from lmserve.weights.size import estimated_weight_bytes
+
+    monkeypatch.setattr(auto, "cpu_flags", lambda: FULL)
+    path = write_gguf(tiny_hf_model("llama"), tmp_path / "m.gguf", "llama", "Q4_0", tensor_quants=MIXED)
+    opened = []
+    real_open = GGUFFile.open.__func__
+    monkeypatch.setattr(GGUFFile, "open", classmethod(lambda cls, p: (opened.append(p), real_open(cls, p))[1]))
+    assert estimated_weight_bytes(path, "auto") > estimated_weight_bytes(path, "int4")
+    assert len(opened) == 2  # one for each estimate
