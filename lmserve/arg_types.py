@@ -54,6 +54,17 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_float(text: str) -> float:
+    """--max-step-ms: a number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, not {text!r}")
+    return value
+
+
 def thread_count(text: str) -> int | None:
     """--threads (-t): a positive count, or -1 (llama-server's default) for torch's own (None)."""
     return None if text.strip() == "-1" else positive_int(text)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lmserve.arg_types import (
+    non_negative_float,
     non_negative_int,
     parse_duration,
     parse_size,
@@ -21,6 +22,7 @@ from lmserve.arg_types import (
 )
 from lmserve.config import (
     DEFAULT_DRAFT_TOKENS,
+    DEFAULT_MAX_STEP_MS,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_SPECULATIVE_TOKENS,
     DTYPE_CHOICES,
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"sequences decoded at once (default {DEFAULT_MAX_NUM_SEQS})")
     serve.add_argument("--max-num-batched-tokens", "-ub", "--ubatch-size", type=positive_int, default=512,
                        help="tokens per engine step (prefill chunk budget)")
+    serve.add_argument("--max-step-ms", type=non_negative_float, default=DEFAULT_MAX_STEP_MS, metavar="MS",
+                       help="a step that decodes for running streams takes only the prompt tokens that keep it "
+                            "within about MS milliseconds, by the steps' measured time (never less than twice its "
+                            f"decodes' own time), so that a new prompt does not stall them (default "
+                            f"{DEFAULT_MAX_STEP_MS:g}; 0: the token budget alone)")
     serve.add_argument("--speculative-ngram", "--spec-ngram-simple-size-m", "--spec-ngram-size-m",
                        type=non_negative_int, metavar="K",
                        help="prompt-lookup speculative decoding: up to K draft tokens per step for greedy "

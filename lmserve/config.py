@@ -17,6 +17,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds requests in flight get to finish once
 KV_CACHE_DTYPES = ("auto", "int8")
 DEFAULT_SPECULATIVE_TOKENS = 4  # the server's prompt-lookup drafts per step (greedy requests)
 DEFAULT_DRAFT_TOKENS = 8  # a draft model's drafts per step (--draft-tokens)
+DEFAULT_MAX_STEP_MS = 150.0  # the time bound on a step's prompt tokens beside decodes (--max-step-ms)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class SchedulerConfig:
     max_model_len: int | None = None  # prompt + output tokens of one sequence; None: the model's own
     num_speculative_tokens: int = 0  # prompt lookup's (and forced text's) drafts per step and sequence; 0: off
     speculative_sampling: bool = False  # sampled (not only greedy) requests take drafts too
+    # a step that decodes takes the prompt tokens that keep it within about this many ms (step_cost.py); 0: no bound
+    max_step_ms: float = DEFAULT_MAX_STEP_MS
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -60,6 +63,8 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.num_speculative_tokens < 0:
             raise ValueError("num_speculative_tokens must be >= 0")
+        if not self.max_step_ms >= 0:
+            raise ValueError("max_step_ms must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                           kv_cache_tokens=limits.kv_cache_tokens, kv_cache_dtype=kv_cache_dtype(args)),
         scheduler=SchedulerConfig(limits.max_num_seqs, args.max_num_batched_tokens, limits.max_model_len,
                                   num_speculative_tokens=speculative_tokens(args),
-                                  speculative_sampling=args.speculative_sampling),
+                                  speculative_sampling=args.speculative_sampling, max_step_ms=args.max_step_ms),
         chat_template=chat_template(args),
     )
 

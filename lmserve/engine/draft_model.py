@@ -83,7 +83,9 @@ class DraftModel:
             device=target_config.device,
             cache=CacheConfig(target_config.cache.block_size, kv_cache_tokens=draft_kv_tokens(kv_tokens, max_len),
                               kv_cache_dtype=target_config.cache.kv_cache_dtype),
-            scheduler=SchedulerConfig(speculation.MAX_RUNNING, target_config.scheduler.max_num_batched_tokens, max_len),
+            # its steps run inside one of the target's, which bounds its own prompts: no bound of its own
+            scheduler=SchedulerConfig(speculation.MAX_RUNNING, target_config.scheduler.max_num_batched_tokens, max_len,
+                                      max_step_ms=0),
         )
         return cls(LLMEngine(config, draft), spec.tokens)
 

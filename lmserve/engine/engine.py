@@ -182,12 +182,11 @@ class LLMEngine:
         self.num_draft_tokens += sampled.num_draft_tokens
         self.num_accepted_tokens += sampled.num_accepted_tokens
         seconds = time.perf_counter() - started
-        if scheduled.paced or self._draft is not None:  # timed for a pacer: the tokens the step gave
-            num_tokens = sum(len(out.new_token_ids) for out in outputs)
-            self._scheduler.step_done(scheduled, num_tokens, seconds)
-            if self._draft is not None:
-                decodes = sum(seq.runs_as_decode_rows for seq in scheduled.seqs)
-                self._draft.step_done(decodes, num_tokens, seconds, prefill=decodes < len(scheduled.seqs))
+        num_tokens = sum(len(out.new_token_ids) for out in outputs)  # the tokens the step gave
+        self._scheduler.step_done(scheduled, num_tokens, seconds)  # timed for its cost and pacers
+        if self._draft is not None:
+            decodes = sum(seq.runs_as_decode_rows for seq in scheduled.seqs)
+            self._draft.step_done(decodes, num_tokens, seconds, prefill=decodes < len(scheduled.seqs))
         return EngineStep(failed + outputs, self._stats(scheduled, seconds))
 
     def fail_all(self, exc: Exception) -> list[RequestOutput]:

@@ -2,8 +2,10 @@
 
 Every step, running requests go first (decodes and unfinished prefill chunks), then waiting
 ones join with whatever their cached prefix saves them, all under one token budget, and the
-decodes' speculative drafts (speculation.py) take what is left. Prefill, chunked prefill, prefix
-hits and recompute after preemption are the same path: a request needs
+decodes' speculative drafts (speculation.py) take what is left. A step that decodes also bounds
+its prompt tokens by time: as many as keep it within config.max_step_ms by the steps' measured
+cost (step_cost.py), so that a prompt does not stall the streams decoding beside it. Prefill,
+chunked prefill, prefix hits and recompute after preemption are the same path: a request needs
 `num_tokens - num_computed_tokens` more tokens through the model.
 
 A waiting request whose next prompt block a running request is computing right now waits for
@@ -22,6 +24,7 @@ from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.prefix import hash_full_blocks
 from lmserve.config import SchedulerConfig
 from lmserve.engine import speculation
+from lmserve.engine.step_cost import StepCost, prompt_budget
 from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
 from lmserve.request import FinishReason, Request, RequestStatus
 
@@ -54,23 +57,34 @@ class Scheduler:
         self.forced_drafters: dict[str, speculation.Drafter] = {}  # request id -> the tally of its forced drafts
         self.busy_pacer = speculation.Pacer(f"prompt lookup's drafts with more than {speculation.MAX_RUNNING} running",
                                             turn=1, warm=False)  # plain and drafted steps in turn
+        self.step_cost = StepCost()  # every step's tokens and seconds (step_done)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        decodes = sum(request.num_tokens - request.num_computed_tokens == 1 for request in self.running)
+        prompt = prompt_budget(self.step_cost.fit(), decodes, self.config.max_step_ms)
+        budget = self.config.max_num_batched_tokens
+        prompt = budget if prompt is None else prompt  # prompt tokens (all but decodes) the step may take
+        budget, prompt = self._schedule_running(out, budget, prompt)
         num_running = len(out.seqs)  # the requests admitted below take no drafts this step
-        budget = self._schedule_waiting(out, budget)
+        budget = self._schedule_waiting(out, budget, prompt)
         self._schedule_drafts(out, num_running, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, prompt: int) -> tuple[int, int]:
+        """Each running request's tokens in turn within `budget`, a prefill chunk's within `prompt`
+        too: (budget, prompt) left."""
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            count = min(remaining, budget) if remaining == 1 else min(remaining, budget, prompt)
+            if count == 0:  # a prefill chunk past the prompt bound: next step
+                index += 1
+                continue
             while not self._grow(request, count):
                 victim = self.running.pop()  # the newest request makes room
                 self._preempt(victim)
@@ -80,8 +94,9 @@ class Scheduler:
             else:
                 out.seqs.append(ScheduledSeq(request, count))
                 budget -= count
+                prompt -= count if remaining > 1 else 0
                 index += 1
-        return budget
+        return budget, prompt
 
     def _schedule_drafts(self, out: SchedulerOutput, num_running: int, budget: int) -> None:
         """Drafts for the decodes of the step's first `num_running` sequences (those running before
@@ -118,7 +133,9 @@ class Scheduler:
                 budget -= len(draft)
 
     def step_done(self, out: SchedulerOutput, num_tokens: int, seconds: float) -> None:
-        """`out` ran, giving `num_tokens` output tokens in `seconds`: timed for busy_pacer if paced."""
+        """`out` ran, giving `num_tokens` output tokens in `seconds`: timed for the step cost, and
+        for busy_pacer if paced."""
+        self.step_cost.record(sum(seq.num_new_tokens for seq in out.seqs), seconds)
         if out.paced:
             self.busy_pacer.record(num_tokens / len(out.seqs), seconds, len(out.seqs))
 
@@ -180,10 +197,13 @@ class Scheduler:
                 wanted[request.request_id] = (request.all_ids, min(room, self.proposer.num_tokens, budget))
         return self.proposer.propose(wanted) if wanted else {}
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, prompt: int) -> int:
+        """Waiting requests join while `budget`, `prompt` (their tokens' own bound) and the
+        sequences allow: the budget left."""
         in_flight: set | None = None  # hashes of the prompt blocks running requests are computing
         index = 0
-        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (index < len(self.waiting) and min(budget, prompt) > 0
+               and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[index]
             if not request.block_ids:
                 self._take_cached_prefix(request)
@@ -193,7 +213,7 @@ class Scheduler:
                 self._drop_blocks(request)  # it waits for them to be cached; the lookup is redone then
                 index += 1
                 continue
-            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            count = min(request.num_tokens - request.num_computed_tokens, budget, prompt)
             if not self._grow(request, count):
                 self._drop_blocks(request)  # hold nothing while waiting; the lookup is redone next time
                 break  # waiting requests never preempt running ones
@@ -203,6 +223,7 @@ class Scheduler:
             out.seqs.append(ScheduledSeq(request, count))
             in_flight.update(_unregistered_hashes(request))
             budget -= count
+            prompt -= count
         return budget
 
     def _next_block_hash(self, request: Request):

@@ -22,9 +22,11 @@ PROMPTS = [
 
 
 def make_engine(loaded, kv_bytes=64 << 20, budget=64, max_seqs=8, max_len=1024, prefix_caching=True,
-                speculative=0) -> LLMEngine:
+                speculative=0, max_step_ms=0.0) -> LLMEngine:
+    """No time bound on a step's prompt tokens unless asked (it follows the machine's speed)."""
     config = EngineConfig("unused", "test", cache=CacheConfig(16, kv_bytes, enable_prefix_caching=prefix_caching),
-                          scheduler=SchedulerConfig(max_seqs, budget, max_len, num_speculative_tokens=speculative))
+                          scheduler=SchedulerConfig(max_seqs, budget, max_len, num_speculative_tokens=speculative,
+                                                    max_step_ms=max_step_ms))
     return LLMEngine(config, loaded)
 
 

@@ -76,6 +76,43 @@ def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model,
     assert got == alone
 
 
+class SlowTokens:
+    """A step cost whose fit says each token takes a second: a step that decodes may take
+    step_cost.MIN_PROMPT_TOKENS prompt tokens (as many as its decodes, if more). Keeps what the
+    engine records."""
+
+    def __init__(self):
+        self.records = []
+
+    def record(self, tokens, seconds):
+        self.records.append((tokens, seconds))
+
+    def fit(self):
+        return 0.0, 1.0
+
+
+def test_a_time_bound_on_prompts_beside_decodes_chunks_them_without_changing_outputs(default_model, prompt_ids):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    roomy = make_engine(default_model)
+    alone = [roomy.generate([ids], params)[0] for ids in prompt_ids]
+    bounded = make_engine(default_model, budget=512, max_step_ms=100)
+    cost = bounded._scheduler.step_cost = SlowTokens()
+    schedule, steps = bounded._scheduler.schedule, []
+
+    def recording_schedule():
+        out = schedule()
+        steps.append([(seq.num_new_tokens, seq.runs_as_decode_rows) for seq in out.seqs])
+        return out
+
+    bounded._scheduler.schedule = recording_schedule
+    assert run_staggered(bounded, prompt_ids, params, start_every=1) == alone
+    mixed = [step for step in steps if any(decode for _, decode in step)]
+    prompt_tokens = [sum(n for n, decode in step if not decode) for step in mixed]
+    assert max(prompt_tokens) == 16 and max(len(ids) for ids in prompt_ids) > 16  # bounded, and it had to be
+    assert max(sum(n for n, decode in step if not decode) for step in steps) > 16  # steps without decodes: not
+    assert [tokens for tokens, _ in cost.records] == [sum(n for n, _ in step) for step in steps if step]
+
+
 def test_seeded_sampling_ignores_batch_neighbours(engine, prompt_ids):
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
     [alone] = engine.generate([prompt_ids[1]], seeded)

@@ -50,6 +50,17 @@ def test_speculative_ngram_sets_the_drafts_per_step(capsys):
     assert "--speculative-ngram" in capsys.readouterr().err
 
 
+def test_max_step_ms_bounds_a_steps_prompt_time(capsys):
+    assert serve_settings.engine_config(build_parser().parse_args(["serve"])).scheduler.max_step_ms == 150
+    args = build_parser().parse_args(["serve", "--max-step-ms", "80.5"])
+    assert serve_settings.engine_config(args).scheduler.max_step_ms == 80.5
+    assert serve_settings.engine_config(build_parser().parse_args(["serve", "--max-step-ms", "0"])).scheduler.max_step_ms == 0
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--max-step-ms", bad])
+        assert "--max-step-ms" in capsys.readouterr().err
+
+
 def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
     """A full collection over the loaded model's objects stalls every stream: the fleet's loader
     puts them out of the collector's reach once the engine is up."""
