@@ -24,8 +24,8 @@ from lmserve.cache.block_pool import BlockPool
 from lmserve.cache.prefix import hash_full_blocks
 from lmserve.config import SchedulerConfig
 from lmserve.engine import speculation
-from lmserve.engine.step_cost import StepCost, prompt_budget
 from lmserve.engine.batch import ScheduledSeq, SchedulerOutput
+from lmserve.engine.step_cost import StepCost, prompt_budget
 from lmserve.request import FinishReason, Request, RequestStatus
 
 
