@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per engine step (prefill chunk budget)")
     serve.add_argument("--max-step-ms", type=non_negative_float, default=DEFAULT_MAX_STEP_MS, metavar="MS",
                        help="a step that decodes for running streams takes only the prompt tokens that keep it "
-                            "within about MS milliseconds, by the steps' measured time (never less than twice its "
-                            f"decodes' own time), so that a new prompt does not stall them (default "
+                            "within about MS milliseconds, by a fit of the steps' measured time (never less than "
+                            f"twice its decodes' own time), so that a new prompt does not stall them (default "
                             f"{DEFAULT_MAX_STEP_MS:g}; 0: the token budget alone)")
     serve.add_argument("--speculative-ngram", "--spec-ngram-simple-size-m", "--spec-ngram-size-m",
                        type=non_negative_int, metavar="K",

@@ -17,7 +17,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds requests in flight get to finish once
 KV_CACHE_DTYPES = ("auto", "int8")
 DEFAULT_SPECULATIVE_TOKENS = 4  # the server's prompt-lookup drafts per step (greedy requests)
 DEFAULT_DRAFT_TOKENS = 8  # a draft model's drafts per step (--draft-tokens)
-DEFAULT_MAX_STEP_MS = 150.0  # the time bound on a step's prompt tokens beside decodes (--max-step-ms)
+DEFAULT_MAX_STEP_MS = 250.0  # the time bound on a step's prompt tokens beside decodes (--max-step-ms)
 
 
 @dataclass(frozen=True)

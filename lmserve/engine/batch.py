@@ -50,6 +50,7 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     num_preempted: int = 0
     paced: bool = False  # a busy step of decodes alone, drafted as the scheduler's pacer says and timed for it
+    prompt_bounded: bool = False  # the time bound beside decodes (SchedulerConfig.max_step_ms) held prompt tokens back
 
     @property
     def num_tokens(self) -> int:

@@ -366,6 +366,7 @@ class LLMEngine:
             num_prefix_cache_hits=self._pool.num_hits,
             num_draft_tokens=self.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens,
+            prompt_bounded=scheduled.prompt_bounded,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

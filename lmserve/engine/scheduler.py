@@ -82,6 +82,7 @@ class Scheduler:
             request = self.running[index]
             remaining = request.num_tokens - request.num_computed_tokens
             count = min(remaining, budget) if remaining == 1 else min(remaining, budget, prompt)
+            out.prompt_bounded |= remaining > 1 and prompt < min(remaining, budget)
             if count == 0:  # a prefill chunk past the prompt bound: next step
                 index += 1
                 continue
@@ -135,7 +136,8 @@ class Scheduler:
     def step_done(self, out: SchedulerOutput, num_tokens: int, seconds: float) -> None:
         """`out` ran, giving `num_tokens` output tokens in `seconds`: timed for the step cost, and
         for busy_pacer if paced."""
-        self.step_cost.record(sum(seq.num_new_tokens for seq in out.seqs), seconds)
+        decode_rows = sum(seq.num_new_tokens for seq in out.seqs if seq.runs_as_decode_rows)
+        self.step_cost.record(decode_rows, out.num_tokens - decode_rows, seconds)
         if out.paced:
             self.busy_pacer.record(num_tokens / len(out.seqs), seconds, len(out.seqs))
 
@@ -214,6 +216,7 @@ class Scheduler:
                 index += 1
                 continue
             count = min(request.num_tokens - request.num_computed_tokens, budget, prompt)
+            out.prompt_bounded |= prompt < min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._grow(request, count):
                 self._drop_blocks(request)  # hold nothing while waiting; the lookup is redone next time
                 break  # waiting requests never preempt running ones
@@ -224,6 +227,8 @@ class Scheduler:
             in_flight.update(_unregistered_hashes(request))
             budget -= count
             prompt -= count
+        out.prompt_bounded |= (prompt <= 0 < budget and index < len(self.waiting)
+                               and len(self.running) < self.config.max_num_seqs)  # one left waiting for it
         return budget
 
     def _next_block_hash(self, request: Request):

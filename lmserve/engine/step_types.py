@@ -22,6 +22,7 @@ class StepStats:
     num_prefix_cache_hits: int = 0  # of those, blocks found cached, since start
     num_draft_tokens: int = 0  # speculative drafts verified, since start
     num_accepted_tokens: int = 0  # of those, drafts kept, since start
+    prompt_bounded: bool = False  # the time bound beside decodes (--max-step-ms) held prompt tokens back
 
 
 @dataclass

@@ -85,6 +85,8 @@ class ServerMetrics:
                                          "step.", ["model"], buckets=STEP_TOKEN_BUCKETS, registry=r)
         self.step_seconds = Histogram("lmserve:step_duration_seconds", "Wall time of one engine step.",
                                       ["model"], buckets=STEP_SECONDS_BUCKETS, registry=r)
+        self.bounded_steps = Counter("lmserve:prompt_bounded_steps", "Engine steps that decoded and held prompt "
+                                     "tokens back to stay within --max-step-ms.", ["model"], registry=r)
 
     def _define_engine_state(self) -> None:
         r = self.registry
@@ -171,8 +173,8 @@ class ModelMetrics:
         self._last_prefix_counts = (0, 0)  # (queries, hits) at the previous step: this engine's since it loaded
         self._last_draft_counts = (0, 0)  # (drafted, accepted) likewise
         for series in (metrics.prompt_tokens, metrics.generation_tokens, metrics.ttft, metrics.itl, metrics.e2e,
-                       metrics.tokens_per_step, metrics.step_seconds, metrics.preemptions, metrics.prefix_queries,
-                       metrics.prefix_hits, metrics.spec_drafts, metrics.spec_accepted):
+                       metrics.tokens_per_step, metrics.step_seconds, metrics.bounded_steps, metrics.preemptions,
+                       metrics.prefix_queries, metrics.prefix_hits, metrics.spec_drafts, metrics.spec_accepted):
             series.labels(model)  # exported from the start, at zero, rather than from the first event
         for reason in ("queue_full", "queue_timeout"):
             metrics.rejected.labels(model, reason)
@@ -195,6 +197,7 @@ class ModelMetrics:
         m, model = self._m, self.model
         m.tokens_per_step.labels(model).observe(stats.num_scheduled_tokens)
         m.step_seconds.labels(model).observe(stats.step_seconds)
+        m.bounded_steps.labels(model).inc(stats.prompt_bounded)
         m.preemptions.labels(model).inc(stats.num_preempted)
         queries, hits = stats.num_prefix_cache_queries, stats.num_prefix_cache_hits
         last_queries, last_hits = self._last_prefix_counts

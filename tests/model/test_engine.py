@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from lmserve.engine.step_cost import Fit
 from lmserve.request import FinishReason, SamplingParams
 from tests.helpers.real_engine import PROMPTS, chat_ids, make_engine
 
@@ -84,11 +85,11 @@ class SlowTokens:
     def __init__(self):
         self.records = []
 
-    def record(self, tokens, seconds):
-        self.records.append((tokens, seconds))
+    def record(self, decode_rows, prompt_tokens, seconds):
+        self.records.append((decode_rows, prompt_tokens, seconds))
 
     def fit(self):
-        return 0.0, 1.0
+        return Fit(0.0, 1.0, 1.0)
 
 
 def test_a_time_bound_on_prompts_beside_decodes_chunks_them_without_changing_outputs(default_model, prompt_ids):
@@ -105,12 +106,23 @@ def test_a_time_bound_on_prompts_beside_decodes_chunks_them_without_changing_out
         return out
 
     bounded._scheduler.schedule = recording_schedule
+    step, marked = bounded.step, []
+
+    def marking_step():
+        done = step()
+        marked.append(done.stats is not None and done.stats.prompt_bounded)
+        return done
+
+    bounded.step = marking_step
     assert run_staggered(bounded, prompt_ids, params, start_every=1) == alone
     mixed = [step for step in steps if any(decode for _, decode in step)]
     prompt_tokens = [sum(n for n, decode in step if not decode) for step in mixed]
     assert max(prompt_tokens) == 16 and max(len(ids) for ids in prompt_ids) > 16  # bounded, and it had to be
+    assert marked[0] is False and sum(marked) >= 1  # the steps' stats say which were (the metrics count them)
     assert max(sum(n for n, decode in step if not decode) for step in steps) > 16  # steps without decodes: not
-    assert [tokens for tokens, _ in cost.records] == [sum(n for n, _ in step) for step in steps if step]
+    assert [(d, p) for d, p, _ in cost.records] == [(sum(n for n, decode in step if decode),
+                                                     sum(n for n, decode in step if not decode))
+                                                    for step in steps if step]
 
 
 def test_seeded_sampling_ignores_batch_neighbours(engine, prompt_ids):

@@ -51,7 +51,7 @@ def test_speculative_ngram_sets_the_drafts_per_step(capsys):
 
 
 def test_max_step_ms_bounds_a_steps_prompt_time(capsys):
-    assert serve_settings.engine_config(build_parser().parse_args(["serve"])).scheduler.max_step_ms == 150
+    assert serve_settings.engine_config(build_parser().parse_args(["serve"])).scheduler.max_step_ms == 250
     args = build_parser().parse_args(["serve", "--max-step-ms", "80.5"])
     assert serve_settings.engine_config(args).scheduler.max_step_ms == 80.5
     assert serve_settings.engine_config(build_parser().parse_args(["serve", "--max-step-ms", "0"])).scheduler.max_step_ms == 0

@@ -50,6 +50,16 @@ def test_token_counts_and_latencies_from_one_request():
     assert value(metrics, "lmserve:tokens_per_step_bucket", le="4.0") == 2
 
 
+def test_steps_the_time_bound_held_prompts_back_are_counted():
+    metrics = ServerMetrics()
+    observer = metrics.observer("m")
+    assert value(metrics, "lmserve:prompt_bounded_steps_total") == 0  # exported before any step
+    observer.step_done(StepStats(num_scheduled_tokens=40, prompt_bounded=True), [], now=1.0)
+    observer.step_done(StepStats(num_scheduled_tokens=300), [], now=2.0)
+    observer.step_done(StepStats(num_scheduled_tokens=40, prompt_bounded=True), [], now=3.0)
+    assert value(metrics, "lmserve:prompt_bounded_steps_total") == 2
+
+
 def test_aborted_requests_leave_no_latency_and_unknown_ids_are_ignored():
     metrics = ServerMetrics()
     observer = metrics.observer("m")
