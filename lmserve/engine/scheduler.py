@@ -57,7 +57,7 @@ class Scheduler:
         self.forced_drafters: dict[str, speculation.Drafter] = {}  # request id -> the tally of its forced drafts
         self.busy_pacer = speculation.Pacer(f"prompt lookup's drafts with more than {speculation.MAX_RUNNING} running",
                                             turn=1, warm=False)  # plain and drafted steps in turn
-        self.step_cost = StepCost()  # every step's tokens and seconds (step_done)
+        self.step_cost = StepCost()  # every step's decode rows, prompt tokens and seconds (step_done)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -215,8 +215,9 @@ class Scheduler:
                 self._drop_blocks(request)  # it waits for them to be cached; the lookup is redone then
                 index += 1
                 continue
-            count = min(request.num_tokens - request.num_computed_tokens, budget, prompt)
-            out.prompt_bounded |= prompt < min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            count = min(remaining, budget, prompt)
+            out.prompt_bounded |= prompt < min(remaining, budget)
             if not self._grow(request, count):
                 self._drop_blocks(request)  # hold nothing while waiting; the lookup is redone next time
                 break  # waiting requests never preempt running ones

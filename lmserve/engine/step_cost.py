@@ -3,8 +3,8 @@ a step may take beside its decodes within a time bound (SchedulerConfig.max_step
 Python: no torch.
 
 A step that computes a prompt chunk holds back every stream decoding in it: on a Q4_K_M model of
-hidden 1,024 and 24 layers at 32 streams, 512-token chunks made the gaps between tokens 487-528 ms
-at the 95th percentile against 76-86 at the median (a 250 ms bound: 262-263 at the same median and
+hidden 1,024 and 24 layers at 32 streams, 512-token chunks made the gaps between tokens 494-544 ms
+at the 95th percentile against 71-87 at the median (a 250 ms bound: 250-270 at the same median and
 tokens/s; bench/RESULTS.md, thirty-fourth sitting). The token budget cannot bound that time across
 models, whose tokens cost different times; the seconds a step takes can. A step's time is close to
 linear in its rows: seconds ~ fixed + per_decode * decode rows + per_prompt * prompt tokens (a

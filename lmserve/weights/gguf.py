@@ -43,8 +43,8 @@ _STRING, _ARRAY = 8, 9
 _PLAIN_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 # A page fault in a file mapping maps the file's pages around it that the page cache holds, which a
 # read touched without reading: fault_around_bytes' worth (64 KiB by default), or the whole folio the
-# page sits in, which on file systems with large folios (ext4 from Linux 6.16) is up to PMD size,
-# 2 MiB on x86-64 (64 KiB margins left 3.7 MiB of the default model resident on Linux 6.18).
+# page sits in, which where the page cache keeps large folios is up to PMD size, 2 MiB on x86-64
+# (64 KiB margins left 3.7 MiB of the default model resident on Linux 6.18's ext4).
 MAPPED_AROUND_BYTES = 2 << 20
 
 

@@ -54,7 +54,8 @@ def test_max_step_ms_bounds_a_steps_prompt_time(capsys):
     assert serve_settings.engine_config(build_parser().parse_args(["serve"])).scheduler.max_step_ms == 250
     args = build_parser().parse_args(["serve", "--max-step-ms", "80.5"])
     assert serve_settings.engine_config(args).scheduler.max_step_ms == 80.5
-    assert serve_settings.engine_config(build_parser().parse_args(["serve", "--max-step-ms", "0"])).scheduler.max_step_ms == 0
+    args = build_parser().parse_args(["serve", "--max-step-ms", "0"])
+    assert serve_settings.engine_config(args).scheduler.max_step_ms == 0
     for bad in ("-1", "soon", "nan", "inf"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--max-step-ms", bad])
