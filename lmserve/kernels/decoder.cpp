@@ -89,10 +89,13 @@ struct NativeLinear {
     torch::Tensor int4_weight, int4_scales, int4_lows;
 
     torch::Tensor operator()(const torch::Tensor& x) const {
-        if (int4_weight.defined() && !int4_scales.defined())
-            return int4_pairs_linear(x.to(at::kFloat), int4_weight, bias).to(x.scalar_type());
-        if (int4_weight.defined())
-            return int4_linear(x.to(at::kFloat), int4_weight, int4_scales, int4_lows, bias, "auto").to(x.scalar_type());
+        if (int4_weight.defined()) {  // float32 rows in and out; the decoder's are (no cast: ~240 calls a step)
+            const bool as_is = x.scalar_type() == at::kFloat;
+            const auto rows = as_is ? x : x.to(at::kFloat);
+            auto out = int4_scales.defined() ? int4_linear(rows, int4_weight, int4_scales, int4_lows, bias, "auto")
+                                             : int4_pairs_linear(rows, int4_weight, bias);
+            return as_is ? out : out.to(x.scalar_type());
+        }
         if (narrow != kNone && x.size(0) <= small_step_tokens) {
             auto xb = x.to(at::kBFloat16).contiguous();
             auto out = narrow == kInt4 ? at::_weight_int4pack_mm_for_cpu(xb, narrow_weight, kInt4Group, narrow_scales)
@@ -430,6 +433,7 @@ class NativeDecoder {
                           const std::vector<Prefill>& prefills) const {
         TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
         TORCH_CHECK(num_decodes == 0 || (block_table && context_lens), "decodes need a block table and lengths");
+        TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: float32 (T, hidden)");
         const int64_t n = x.size(0);
         // The rope tables are float32 (model/rope.py), the projections return float32 and the
         // attention kernel takes float32 or bf16 caches: the fused pass below covers every step.
@@ -445,6 +449,9 @@ class NativeDecoder {
         }
         std::vector<ChunkPlan> plans;
         for (const auto& seq : prefills) plans.push_back(chunk_plan(seq, k_caches, num_heads_, x.options()));
+        // The layers add their residuals into a copy of x in place (a new tensor for each sum was two
+        // allocations a layer, beside the ~6 the products make: bench/RESULTS.md, thirty-fifth sitting).
+        x = x.clone(at::MemoryFormat::Contiguous);
         const StepRows rows{cos_rows, sin_rows, slots, num_decodes, block_table, context_lens, block_size};
         if (prefills.empty() && take_row_groups(num_decodes, rows, k_caches)) {
             const auto starts = group_starts(rows, n, at::get_num_threads() * kGroupsPerThread);
@@ -521,11 +528,12 @@ class NativeDecoder {
 
     // The layer after its attention: the output projection and residual, then the MLP.
     torch::Tensor finish_layer(const NativeLayer& layer, torch::Tensor x, const torch::Tensor& attn) const {
-        x = x + layer.o(attn.flatten(1));
+        x.add_(layer.o(attn.flatten(1)));  // x is forward's own copy: the sums go into it in place
         const auto h = rms_norm(x, layer.post_attention_norm, eps_);
         const auto gate_up = layer.gate_up(h);
         TORCH_CHECK(gate_up.size(1) == 2 * intermediate_size_, "gate_up: (T, 2 * intermediate_size)");
-        return x + layer.down(silu_mul(gate_up));
+        x.add_(layer.down(silu_mul(gate_up)));
+        return x;
     }
 
     // A decode-only step of many rows as independent groups of rows, each through every layer: no

@@ -19,6 +19,7 @@
 #include <string>
 #include <memory>
 #include <tuple>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -69,28 +70,43 @@ inline void quantize_group(const float* v, int8_t* out, float& scale_out, float&
 #endif
 }
 
-// quantize_groups, and with `residual` M more rows after the first M: what those missed
-// (x - q * scale, rounded as model/int8.py's ATen ops round it), quantized the same way.
-// With `pad_to`, zero rows follow up to a multiple of it (for the tiles, which read whole tiles).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows_in_groups(const torch::Tensor& x_in, bool residual,
-                                                                              int64_t pad_to = 1) {
-    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % kGroup == 0,
-                "x: float32 (M, K), K a multiple of 32");
-    const auto x = x_in.contiguous();
-    const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup, out_rows = residual ? 2 * rows : rows;
+// Where a row block's int8 values, scales and sums go (quantize_into).
+struct GroupRows {
+    int8_t* q;
+    float* scales;
+    float* sums;
+};
+
+// A buffer of the calling thread, grown as needed and kept between calls: a one-row step runs ~120
+// products, and each allocated its activations' three tensors and a narrowed output (with ATen's
+// bookkeeping ~0.5-1 us each, on the main thread while the other waits: one-row steps 4-5% faster
+// without them on SmolLM2, bench/RESULTS.md). What stays held is the largest step's int8 rows
+// (~1 MB a thread for SmolLM2's 512-token chunks).
+template <typename T>
+T* thread_buffer(std::vector<T>& buffer, int64_t size) {
+    if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+    return buffer.data();
+}
+
+// quantize_groups of x (rows, cols) into the calling thread's buffers, and with `residual` `rows`
+// more rows after the first: what those missed (x - q * scale, rounded as model/int8.py's ATen ops
+// round it), quantized the same way. With `pad_to`, zero rows follow up to a multiple of it (for the
+// tiles, which read whole tiles). Valid until the thread's next call.
+GroupRows quantize_into(const float* xp, int64_t rows, int64_t cols, bool residual, int64_t pad_to) {
+    static thread_local std::vector<int8_t> q_buffer;
+    static thread_local std::vector<float> scale_buffer, sum_buffer;
+    const int64_t groups = cols / kGroup, out_rows = residual ? 2 * rows : rows;
     const int64_t padded = (out_rows + pad_to - 1) / pad_to * pad_to;
-    auto q = torch::empty({padded, cols}, x.options().dtype(at::kChar));
-    auto scales = torch::empty({padded, groups}, x.options());
-    auto sums = torch::empty({padded, groups}, x.options());
+    const GroupRows out{thread_buffer(q_buffer, padded * cols), thread_buffer(scale_buffer, padded * groups),
+                        thread_buffer(sum_buffer, padded * groups)};
     if (padded > out_rows) {
-        q.narrow(0, out_rows, padded - out_rows).zero_();
-        scales.narrow(0, out_rows, padded - out_rows).zero_();
-        sums.narrow(0, out_rows, padded - out_rows).zero_();
+        std::fill(out.q + out_rows * cols, out.q + padded * cols, int8_t{0});
+        std::fill(out.scales + out_rows * groups, out.scales + padded * groups, 0.f);
+        std::fill(out.sums + out_rows * groups, out.sums + padded * groups, 0.f);
     }
-    const float* xp = x.data_ptr<float>();
-    int8_t* qp = q.data_ptr<int8_t>();
-    float* sp = scales.data_ptr<float>();
-    float* up = sums.data_ptr<float>();
+    int8_t* qp = out.q;
+    float* sp = out.scales;
+    float* up = out.sums;
     const int64_t second = rows * groups;  // the residual rows' first group
     at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
         float missed[kGroup];
@@ -110,15 +126,31 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_rows_in_groups(
             quantize_group(missed, qp + (second + i) * kGroup, sp[second + i], up[second + i]);
         }
     });
-    return {q, scales, sums};
+    return out;
+}
+
+// x (M, K) float32 as a float32 tensor of contiguous rows, without a copy where it is one.
+torch::Tensor float_rows(const torch::Tensor& x) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) % kGroup == 0, "x: (M, K), K a multiple of 32");
+    return (x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).contiguous();
 }
 
 }  // namespace
 
 // x (M, K) float32 -> (M, K) int8, (M, K/32) float32 scales and (M, K/32) float32 sums: in each group
 // of 32 columns x ~ q * scale, scale = max|x| / 127, rounded half to even, and sum = scale * sum(q).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x) {
-    return quantize_rows_in_groups(x, false);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x_in) {
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x: float32 (M, K)");
+    const auto x = float_rows(x_in);
+    const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup;
+    const GroupRows quantized = quantize_into(x.data_ptr<float>(), rows, cols, false, 1);
+    auto q = torch::empty({rows, cols}, x.options().dtype(at::kChar));
+    auto scales = torch::empty({rows, groups}, x.options());
+    auto sums = torch::empty({rows, groups}, x.options());
+    std::copy(quantized.q, quantized.q + rows * cols, q.data_ptr<int8_t>());
+    std::copy(quantized.scales, quantized.scales + rows * groups, scales.data_ptr<float>());
+    std::copy(quantized.sums, quantized.sums + rows * groups, sums.data_ptr<float>());
+    return {q, scales, sums};
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -254,25 +286,28 @@ void w4a8_tiles(const W4A8Operands& p) {
 // fields left for it to fill), and in a residual step sums each row's two halves and adds the bias
 // once.
 template <typename Run>
-torch::Tensor w4a8_product(const torch::Tensor& x, int64_t n, std::optional<torch::Tensor> bias, int64_t pad_to,
+torch::Tensor w4a8_product(const torch::Tensor& x_in, int64_t n, std::optional<torch::Tensor> bias, int64_t pad_to,
                            const Run& run) {
+    const auto x = float_rows(x_in);
     const int64_t rows_in = x.size(0), k = x.size(1);
     const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
     const int64_t m = residual ? 2 * rows_in : rows_in;
-    auto [xq, x_scales, x_sums] = quantize_rows_in_groups(x.to(at::kFloat), residual, pad_to);
+    const GroupRows quantized = quantize_into(x.data_ptr<float>(), rows_in, k, residual, pad_to);
     std::optional<torch::Tensor> added_bias;
     if (residual) std::swap(added_bias, bias);  // added once, after the two halves are summed
-    auto out = torch::empty({m, n}, x_scales.options());
-    float* op = out.data_ptr<float>();
-    run(W4A8Operands{m, k, n, k / kGroup, xq.data_ptr<int8_t>(), x_scales.data_ptr<float>(), x_sums.data_ptr<float>(),
+    auto out = torch::empty({rows_in, n}, x.options());
+    static thread_local std::vector<float> both_buffer;  // a residual step's two halves, summed into out
+    float* op = residual ? thread_buffer(both_buffer, m * n) : out.data_ptr<float>();
+    run(W4A8Operands{m, k, n, k / kGroup, quantized.q, quantized.scales, quantized.sums,
                      nullptr, nullptr, nullptr, bias ? bias->data_ptr<float>() : nullptr, op});
     if (!residual) return out;
     const float* ab = added_bias ? added_bias->data_ptr<float>() : nullptr;
+    float* sum = out.data_ptr<float>();
     for (int64_t i = 0; i < rows_in * n; ++i) {
-        op[i] = op[i] + op[rows_in * n + i];
-        if (ab != nullptr) op[i] = op[i] + ab[i % n];
+        sum[i] = op[i] + op[rows_in * n + i];
+        if (ab != nullptr) sum[i] = sum[i] + ab[i % n];
     }
-    return out.narrow(0, 0, rows_in);
+    return out;
 }
 
 }  // namespace

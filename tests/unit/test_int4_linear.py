@@ -327,6 +327,38 @@ def test_the_pairs_layout_gives_the_register_tiles_results_bit_for_bit(rows, col
         assert torch.equal(got, module.int4_linear(x, packed, scales, lows, b, path="registers")), (rows, cols, out)
 
 
+def test_a_product_gives_the_same_results_whatever_ran_before_it():
+    """A thread's products keep their int8 activations and a one-row step's two halves in buffers
+    of the thread, grown and reused (kernels/int4_linear.cpp): a product after larger and smaller
+    ones, and a one-row step after many rows, gives what it gave the first time, bit for bit, and
+    what the reference gives."""
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    module = native_module()
+    shapes = [(1, 576, 64), (1, 1536, 576), (70, 1536, 96), (3, 96, 32), (1, 64, 32), (130, 576, 64)]
+    weights, inputs = {}, {}
+    for rows, cols, out in shapes:
+        q, scales, lows = quantize_int4_groups(q4_1_file_weight(out, cols, seed=cols + out)[0])
+        weights[(cols, out)] = (pack_int4(q), scales, lows)
+        inputs[(rows, cols)] = activations(rows, cols, seed=rows + cols)
+
+    def product(rows, cols, out, pairs):
+        packed, scales, lows = weights[(cols, out)]
+        x = inputs[(rows, cols)]
+        if pairs:
+            return module.int4_pairs_linear(x, module.pack_int4_pairs(packed, scales, lows), None)
+        return module.int4_linear(x, packed, scales, lows, None, path="registers")
+
+    for pairs in (False, True):
+        first = {shape: product(*shape, pairs) for shape in shapes}
+        for shape in reversed(shapes + shapes[::2]):
+            assert torch.equal(product(*shape, pairs), first[shape]), (shape, pairs)
+        for (rows, cols, out), got in first.items():
+            packed, scales, lows = weights[(cols, out)]
+            want = int4_linear_reference(inputs[(rows, cols)], packed, scales, lows, None)
+            assert (got - want).abs().max() <= 2e-6 * want.abs().max() * (cols // INT4_GROUP), (rows, cols, out)
+
+
 def test_a_mis_shaped_pairs_weight_is_refused():
     if not int4_linear_supported():
         pytest.skip("this CPU has no AVX512-VNNI")
