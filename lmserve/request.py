@@ -195,6 +195,11 @@ class Request:
         return len(self.all_ids)
 
     @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens not yet through the model: 1 for a decode, more for a prompt (or after preemption)."""
+        return len(self.all_ids) - self.num_computed_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 

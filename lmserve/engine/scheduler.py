@@ -6,7 +6,7 @@ decodes' speculative drafts (speculation.py) take what is left. A step that deco
 its prompt tokens by time: as many as keep it within config.max_step_ms by the steps' measured
 cost (step_cost.py), so that a prompt does not stall the streams decoding beside it. Prefill,
 chunked prefill, prefix hits and recompute after preemption are the same path: a request needs
-`num_tokens - num_computed_tokens` more tokens through the model.
+`num_uncomputed_tokens` (request.py) more tokens through the model.
 
 A waiting request whose next prompt block a running request is computing right now waits for
 it rather than computing it again: a burst of requests sharing a long system prompt prefills
@@ -64,7 +64,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        decodes = sum(request.num_tokens - request.num_computed_tokens == 1 for request in self.running)
+        decodes = sum(request.num_uncomputed_tokens == 1 for request in self.running)
         prompt = prompt_budget(self.step_cost.fit(), decodes, self.config.max_step_ms)
         budget = self.config.max_num_batched_tokens
         prompt = budget if prompt is None else prompt  # prompt tokens (all but decodes) the step may take
@@ -80,7 +80,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            remaining = request.num_tokens - request.num_computed_tokens
+            remaining = request.num_uncomputed_tokens
             count = min(remaining, budget) if remaining == 1 else min(remaining, budget, prompt)
             out.prompt_bounded |= remaining > 1 and prompt < min(remaining, budget)
             if count == 0:  # a prefill chunk past the prompt bound: next step
@@ -215,7 +215,7 @@ class Scheduler:
                 self._drop_blocks(request)  # it waits for them to be cached; the lookup is redone then
                 index += 1
                 continue
-            remaining = request.num_tokens - request.num_computed_tokens
+            remaining = request.num_uncomputed_tokens
             count = min(remaining, budget, prompt)
             out.prompt_bounded |= prompt < min(remaining, budget)
             if not self._grow(request, count):
