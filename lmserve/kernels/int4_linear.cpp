@@ -217,6 +217,7 @@ struct W4A8Operands {
     const at::Half* wl;
     const float* bp;
     float* op;
+    bool add = false;  // the product added to what op holds (the register tiles only)
 };
 
 constexpr int64_t kChunkRows = 64;  // rows a register tile's weights serve before the next tile's
@@ -256,7 +257,8 @@ void w4a8_pairs(const W4A8Operands& p) {
             for (int64_t j = begin; j < end; ++j)
                 int4_registers::rows<2>(std::min(kChunkRows, p.m - m0), p.a + m0 * p.k, p.k, p.xs + m0 * p.groups,
                                         p.xu + m0 * p.groups, p.groups, int4_registers::Pair{p.w + j * pair_bytes},
-                                        p.bp != nullptr ? p.bp + j * 32 : nullptr, p.op + m0 * p.n + j * 32, p.n);
+                                        p.bp != nullptr ? p.bp + j * 32 : nullptr, p.op + m0 * p.n + j * 32, p.n,
+                                        p.add);
     });
 }
 
@@ -284,10 +286,12 @@ void w4a8_tiles(const W4A8Operands& p) {
 // Quantizes x's rows in groups (each row twice in a step of kResidualRows or fewer: the int8 rows,
 // then what they missed), has `run` multiply them by the weight into (m, n) (the operands' weight
 // fields left for it to fill), and in a residual step sums each row's two halves and adds the bias
-// once.
+// once. With `add_to` ((M, N) float32 rows) the product is added to those instead (out + (product
+// + bias), as ATen's add_ gives it) and no tensor is returned; `run` must then honour the
+// operands' `add` (w4a8_pairs does).
 template <typename Run>
 torch::Tensor w4a8_product(const torch::Tensor& x_in, int64_t n, std::optional<torch::Tensor> bias, int64_t pad_to,
-                           const Run& run) {
+                           const Run& run, float* add_to = nullptr) {
     const auto x = float_rows(x_in);
     const int64_t rows_in = x.size(0), k = x.size(1);
     const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
@@ -295,17 +299,21 @@ torch::Tensor w4a8_product(const torch::Tensor& x_in, int64_t n, std::optional<t
     const GroupRows quantized = quantize_into(x.data_ptr<float>(), rows_in, k, residual, pad_to);
     std::optional<torch::Tensor> added_bias;
     if (residual) std::swap(added_bias, bias);  // added once, after the two halves are summed
-    auto out = torch::empty({rows_in, n}, x.options());
+    torch::Tensor out;
+    if (add_to == nullptr) out = torch::empty({rows_in, n}, x.options());
     static thread_local std::vector<float> both_buffer;  // a residual step's two halves, summed into out
-    float* op = residual ? thread_buffer(both_buffer, m * n) : out.data_ptr<float>();
-    run(W4A8Operands{m, k, n, k / kGroup, quantized.q, quantized.scales, quantized.sums,
-                     nullptr, nullptr, nullptr, bias ? bias->data_ptr<float>() : nullptr, op});
+    float* op = residual ? thread_buffer(both_buffer, m * n) : add_to != nullptr ? add_to : out.data_ptr<float>();
+    W4A8Operands operands{m, k, n, k / kGroup, quantized.q, quantized.scales, quantized.sums,
+                          nullptr, nullptr, nullptr, bias ? bias->data_ptr<float>() : nullptr, op};
+    operands.add = add_to != nullptr && !residual;
+    run(operands);
     if (!residual) return out;
     const float* ab = added_bias ? added_bias->data_ptr<float>() : nullptr;
-    float* sum = out.data_ptr<float>();
+    float* sum = add_to != nullptr ? add_to : out.data_ptr<float>();
     for (int64_t i = 0; i < rows_in * n; ++i) {
-        sum[i] = op[i] + op[rows_in * n + i];
-        if (ab != nullptr) sum[i] = sum[i] + ab[i % n];
+        float v = op[i] + op[rows_in * n + i];
+        if (ab != nullptr) v = v + ab[i % n];
+        sum[i] = add_to != nullptr ? sum[i] + v : v;
     }
     return out;
 }
@@ -385,6 +393,29 @@ torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pai
     });
 #else
     TORCH_CHECK(false, "int4_pairs_linear needs a build with AVX512-VNNI (int4_linear_supported())");
+#endif
+}
+
+// out += int4_pairs_linear(x, pairs, bias), bit for bit, with no tensor between: out (M, N) contiguous
+// float32 (the native decoder's residual sums, which took a new tensor and an ATen add each).
+void int4_pairs_linear_add(const torch::Tensor& x, const torch::Tensor& pairs, const std::optional<torch::Tensor>& bias,
+                           torch::Tensor& out) {
+    TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 &&
+                pairs.size(2) == int4_registers::kPairGroupBytes && pairs.is_contiguous(),
+                "weight: uint8 pairs (N/32, K/32, 640)");
+    const int64_t n = pairs.size(0) * 32, k = pairs.size(1) * kGroup;
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0) &&
+                out.size(1) == n, "out: contiguous float32 (M, N)");
+    auto b = float_bias(bias, n);
+#if defined(LMSERVE_W4A8_GEMM)
+    w4a8_product(x, n, b, 1, [&](const W4A8Operands& operands) {
+        W4A8Operands p = operands;
+        p.w = pairs.data_ptr<uint8_t>();
+        w4a8_pairs(p);
+    }, out.data_ptr<float>());
+#else
+    TORCH_CHECK(false, "int4_pairs_linear_add needs a build with AVX512-VNNI (int4_linear_supported())");
 #endif
 }
 

@@ -80,11 +80,12 @@ struct Pair {
 #define LM4_TILE(X) X(0, 0) X(0, 1) X(1, 0) X(1, 1) X(2, 0) X(2, 1) X(3, 0) X(3, 1)
 
 // out[i, 16 j + l] for i < R, j < B, from rows a (stride k) with their group scales and sums (stride
-// groups) and B blocks of the weight as `layout` finds them. Named accumulators and an inline-asm
-// vpdpbusd, as in int8_linear.cpp (an array of vectors gets spilled by GCC 12).
+// groups) and B blocks of the weight as `layout` finds them; with `add`, added to what out holds
+// (out + (product + bias), as ATen's add_ of the product would give it). Named accumulators and an
+// inline-asm vpdpbusd, as in int8_linear.cpp (an array of vectors gets spilled by GCC 12).
 template <int R, int B, typename Layout>
 inline void tile(const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
-                 const Layout& layout, const float* bias, float* out, int64_t ldo) {
+                 const Layout& layout, const float* bias, float* out, int64_t ldo, bool add) {
     static_assert(R >= 1 && R <= kRows && B >= 1 && B <= kBlocks, "tile size");
 #define LM4_ZERO(i, j) __m512 f##i##j = _mm512_setzero_ps();
     LM4_TILE(LM4_ZERO)
@@ -138,6 +139,7 @@ inline void tile(const int8_t* a, int64_t k, const float* x_scales, const float*
 #define LM4_STORE(i, j) if constexpr (R > i && B > j) { \
         __m512 v = f##i##j; \
         if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j * 16)); \
+        if (add) v = _mm512_add_ps(_mm512_loadu_ps(out + i * ldo + j * 16), v); \
         _mm512_storeu_ps(out + i * ldo + j * 16, v); }
     LM4_TILE(LM4_STORE)
 #undef LM4_STORE
@@ -147,14 +149,14 @@ inline void tile(const int8_t* a, int64_t k, const float* x_scales, const float*
 // All m rows against B blocks, a register tile of rows at a time.
 template <int B, typename Layout>
 void rows(int64_t m, const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
-          const Layout& layout, const float* bias, float* out, int64_t ldo) {
+          const Layout& layout, const float* bias, float* out, int64_t ldo, bool add = false) {
     int64_t i = 0;
     for (; i + kRows <= m; i += kRows)
         tile<kRows, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, layout, bias, out + i * ldo,
-                       ldo);
+                       ldo, add);
     switch (m - i) {
 #define LM4_TAIL(r) case r: tile<r, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, layout, bias, \
-                                       out + i * ldo, ldo); break;
+                                       out + i * ldo, ldo, add); break;
         LM4_TAIL(1) LM4_TAIL(2) LM4_TAIL(3)
 #undef LM4_TAIL
         default: break;

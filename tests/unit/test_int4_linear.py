@@ -359,6 +359,26 @@ def test_a_product_gives_the_same_results_whatever_ran_before_it():
             assert (got - want).abs().max() <= 2e-6 * want.abs().max() * (cols // INT4_GROUP), (rows, cols, out)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 70])  # the residual one-row step, a tail, more than a 64-row chunk
+def test_a_product_added_in_place_is_the_product_added_after(rows):
+    """int4_pairs_linear_add (the native decoder's residual sums) gives out + int4_pairs_linear(x)
+    bit for bit, bias or none, and refuses rows it cannot add into."""
+    if not int4_linear_supported():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    module = native_module()
+    q, scales, lows = quantize_int4_groups(q4_1_file_weight(96, 576, seed=rows)[0])
+    pairs = module.pack_int4_pairs(pack_int4(q), scales, lows)
+    x = activations(rows, 576, seed=rows + 1)
+    for bias in (None, torch.randn(96)):
+        out = torch.randn(rows, 96)
+        want = out + module.int4_pairs_linear(x, pairs, bias)
+        module.int4_pairs_linear_add(x, pairs, bias, out)
+        assert torch.equal(out, want), (rows, bias is None)
+    for wrong in (torch.zeros(rows, 64), torch.zeros(rows, 96, dtype=torch.bfloat16), torch.zeros(rows, 192)[:, ::2]):
+        with pytest.raises(RuntimeError, match=r"out: contiguous float32 \(M, N\)"):
+            module.int4_pairs_linear_add(x, pairs, None, wrong)
+
+
 def test_a_mis_shaped_pairs_weight_is_refused():
     if not int4_linear_supported():
         pytest.skip("this CPU has no AVX512-VNNI")
