@@ -23,13 +23,8 @@ from lmserve.model.rope import RotaryEmbedding, apply_rotary
 from lmserve.model.unfilled import unfilled_embedding
 from lmserve.model.weight_formats.floating import Bf16Panels, packs_bf16
 from lmserve.model.weight_formats.int8 import W8A8Weight, int8_matmul_pays
+from lmserve.weights.names import FUSED_PARTS  # what prepare() fuses
 
-# A decoder layer's modules that prepare() fuses, by the checkpoint modules they are made from
-# (weights/names.py FUSED_MATRICES, by GGUF names).
-FUSED_PARTS = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

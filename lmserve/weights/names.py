@@ -25,9 +25,17 @@ _LAYER = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-# Layer matrices the model multiplies as one (model/llama.py's prepare fuses them): a choice of
-# format for one is a choice for all (weights/dtype.py int8_matrices).
-FUSED_MATRICES = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+# A decoder layer's modules the model multiplies as one (model/llama.py's prepare fuses them), by
+# the checkpoint modules they are made from: a choice of format for one is a choice for all
+# (weights/dtype.py int8_matrices).
+FUSED_PARTS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+# The same groups by GGUF names ("attn_q").
+_GGUF_MODULES = {hf.removesuffix(".weight"): gguf.removesuffix(".weight")
+                 for gguf, hf in _LAYER.items() if gguf.endswith(".weight")}
+FUSED_MATRICES = tuple(tuple(_GGUF_MODULES[part] for part in parts) for parts in FUSED_PARTS.values())
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 frequency factors, not a module parameter
 
