@@ -461,8 +461,8 @@ class NativeDecoder {
         }
         std::vector<ChunkPlan> plans;
         for (const auto& seq : prefills) plans.push_back(chunk_plan(seq, k_caches, num_heads_, x.options()));
-        // The layers add their residuals into a copy of x in place (a new tensor for each sum was two
-        // allocations a layer, beside the ~6 the products make: bench/RESULTS.md, thirty-fifth sitting).
+        // The layers add their residuals into a copy of x in place (a new tensor for each of a layer's
+        // two sums was an allocation and an ATen add each: bench/RESULTS.md, thirty-fifth sitting).
         x = x.clone(at::MemoryFormat::Contiguous);
         const StepRows rows{cos_rows, sin_rows, slots, num_decodes, block_table, context_lens, block_size};
         if (prefills.empty() && take_row_groups(num_decodes, rows, k_caches)) {

@@ -79,26 +79,30 @@ struct GroupRows {
 
 // A buffer of the calling thread, grown as needed and kept between calls: a one-row step runs ~120
 // products, and each allocated its activations' three tensors and a narrowed output (with ATen's
-// bookkeeping ~0.5-1 us each, on the main thread while the other waits: one-row steps 4-5% faster
-// without them on SmolLM2, bench/RESULTS.md). What stays held is the largest step's int8 rows
-// (~1 MB a thread for SmolLM2's 512-token chunks).
+// bookkeeping ~0.5-1 us each, on the main thread while the other waits: one-row steps on SmolLM2
+// took 0.953-0.963 of the time without them, paired; bench/RESULTS.md). What stays held is the
+// largest step's int8 rows (by their size ~1 MB a thread for SmolLM2's 512-token chunks).
 template <typename T>
 T* thread_buffer(std::vector<T>& buffer, int64_t size) {
     if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
     return buffer.data();
 }
 
-// quantize_groups of x (rows, cols) into the calling thread's buffers, and with `residual` `rows`
-// more rows after the first: what those missed (x - q * scale, rounded as model/int8.py's ATen ops
-// round it), quantized the same way. With `pad_to`, zero rows follow up to a multiple of it (for the
-// tiles, which read whole tiles). Valid until the thread's next call.
-GroupRows quantize_into(const float* xp, int64_t rows, int64_t cols, bool residual, int64_t pad_to) {
+// Room for `rows` rows of `cols` columns in the calling thread's buffers, valid until its next call.
+GroupRows thread_group_rows(int64_t rows, int64_t cols) {
     static thread_local std::vector<int8_t> q_buffer;
     static thread_local std::vector<float> scale_buffer, sum_buffer;
+    const int64_t groups = cols / kGroup;
+    return {thread_buffer(q_buffer, rows * cols), thread_buffer(scale_buffer, rows * groups),
+            thread_buffer(sum_buffer, rows * groups)};
+}
+
+// quantize_groups of x (rows, cols) into `out`, and with `residual` `rows` more rows after the first:
+// what those missed (x - q * scale, rounded as model/int8.py's ATen ops round it), quantized the
+// same way. With `padded` past those rows, zero rows follow up to it (for the tiles, which read
+// whole tiles).
+void quantize_into(const float* xp, int64_t rows, int64_t cols, bool residual, int64_t padded, const GroupRows& out) {
     const int64_t groups = cols / kGroup, out_rows = residual ? 2 * rows : rows;
-    const int64_t padded = (out_rows + pad_to - 1) / pad_to * pad_to;
-    const GroupRows out{thread_buffer(q_buffer, padded * cols), thread_buffer(scale_buffer, padded * groups),
-                        thread_buffer(sum_buffer, padded * groups)};
     if (padded > out_rows) {
         std::fill(out.q + out_rows * cols, out.q + padded * cols, int8_t{0});
         std::fill(out.scales + out_rows * groups, out.scales + padded * groups, 0.f);
@@ -126,7 +130,6 @@ GroupRows quantize_into(const float* xp, int64_t rows, int64_t cols, bool residu
             quantize_group(missed, qp + (second + i) * kGroup, sp[second + i], up[second + i]);
         }
     });
-    return out;
 }
 
 // x (M, K) float32 as a float32 tensor of contiguous rows, without a copy where it is one.
@@ -143,13 +146,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const to
     TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x: float32 (M, K)");
     const auto x = float_rows(x_in);
     const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup;
-    const GroupRows quantized = quantize_into(x.data_ptr<float>(), rows, cols, false, 1);
     auto q = torch::empty({rows, cols}, x.options().dtype(at::kChar));
     auto scales = torch::empty({rows, groups}, x.options());
     auto sums = torch::empty({rows, groups}, x.options());
-    std::copy(quantized.q, quantized.q + rows * cols, q.data_ptr<int8_t>());
-    std::copy(quantized.scales, quantized.scales + rows * groups, scales.data_ptr<float>());
-    std::copy(quantized.sums, quantized.sums + rows * groups, sums.data_ptr<float>());
+    quantize_into(x.data_ptr<float>(), rows, cols, false, rows,
+                  {q.data_ptr<int8_t>(), scales.data_ptr<float>(), sums.data_ptr<float>()});
     return {q, scales, sums};
 }
 
@@ -295,8 +296,9 @@ torch::Tensor w4a8_product(const torch::Tensor& x_in, int64_t n, std::optional<t
     const auto x = float_rows(x_in);
     const int64_t rows_in = x.size(0), k = x.size(1);
     const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
-    const int64_t m = residual ? 2 * rows_in : rows_in;
-    const GroupRows quantized = quantize_into(x.data_ptr<float>(), rows_in, k, residual, pad_to);
+    const int64_t m = residual ? 2 * rows_in : rows_in, padded = (m + pad_to - 1) / pad_to * pad_to;
+    const GroupRows quantized = thread_group_rows(padded, k);
+    quantize_into(x.data_ptr<float>(), rows_in, k, residual, padded, quantized);
     std::optional<torch::Tensor> added_bias;
     if (residual) std::swap(added_bias, bias);  // added once, after the two halves are summed
     torch::Tensor out;
@@ -374,11 +376,11 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 #endif
 }
 
-// int4_linear on the weight in the pairs layout (int4_registers.h; pack_int4_pairs), on the register
-// tiles at every step: x (M, K) float32, pairs (N/32, K/32, 640) uint8, bias (N,) or none -> (M, N)
-// float32, the register tiles' results bit for bit.
-torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pairs,
-                                const std::optional<torch::Tensor>& bias) {
+namespace {
+
+// The product over a pairs weight, returned, or added to `add_to` ((M, N) float32 rows) where given.
+torch::Tensor pairs_product(const torch::Tensor& x, const torch::Tensor& pairs, const std::optional<torch::Tensor>& bias,
+                            float* add_to) {
     TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 &&
                 pairs.size(2) == int4_registers::kPairGroupBytes && pairs.is_contiguous(),
                 "weight: uint8 pairs (N/32, K/32, 640)");
@@ -390,33 +392,29 @@ torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pai
         W4A8Operands p = operands;
         p.w = pairs.data_ptr<uint8_t>();
         w4a8_pairs(p);
-    });
+    }, add_to);
 #else
-    TORCH_CHECK(false, "int4_pairs_linear needs a build with AVX512-VNNI (int4_linear_supported())");
+    TORCH_CHECK(false, "the pairs layout's product needs a build with AVX512-VNNI (int4_linear_supported())");
 #endif
+}
+
+}  // namespace
+
+// int4_linear on the weight in the pairs layout (int4_registers.h; pack_int4_pairs), on the register
+// tiles at every step: x (M, K) float32, pairs (N/32, K/32, 640) uint8, bias (N,) or none -> (M, N)
+// float32, the register tiles' results bit for bit.
+torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pairs,
+                                const std::optional<torch::Tensor>& bias) {
+    return pairs_product(x, pairs, bias, nullptr);
 }
 
 // out += int4_pairs_linear(x, pairs, bias), bit for bit, with no tensor between: out (M, N) contiguous
 // float32 (the native decoder's residual sums, which took a new tensor and an ATen add each).
 void int4_pairs_linear_add(const torch::Tensor& x, const torch::Tensor& pairs, const std::optional<torch::Tensor>& bias,
                            torch::Tensor& out) {
-    TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 &&
-                pairs.size(2) == int4_registers::kPairGroupBytes && pairs.is_contiguous(),
-                "weight: uint8 pairs (N/32, K/32, 640)");
-    const int64_t n = pairs.size(0) * 32, k = pairs.size(1) * kGroup;
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x: (M, K) with the weight's K");
     TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0) &&
-                out.size(1) == n, "out: contiguous float32 (M, N)");
-    auto b = float_bias(bias, n);
-#if defined(LMSERVE_W4A8_GEMM)
-    w4a8_product(x, n, b, 1, [&](const W4A8Operands& operands) {
-        W4A8Operands p = operands;
-        p.w = pairs.data_ptr<uint8_t>();
-        w4a8_pairs(p);
-    }, out.data_ptr<float>());
-#else
-    TORCH_CHECK(false, "int4_pairs_linear_add needs a build with AVX512-VNNI (int4_linear_supported())");
-#endif
+                out.size(1) == pairs.size(0) * 32, "out: contiguous float32 (M, N)");
+    pairs_product(x, pairs, bias, out.data_ptr<float>());
 }
 
 // The blocks layout (packed (N/16, K/8, 16, 4) uint8 with (K/32, N) float16 scales and lows) ->
