@@ -118,5 +118,5 @@ def _prefill_meta(lengths: list[int], device: torch.device) -> AttentionMetadata
     prefills = [PrefillSeq(start, n, n, None) for start, n in zip(starts, lengths)]
     slots = torch.arange(sum(lengths), dtype=torch.long, device=device)  # (T,)
     # by keyword: the engine's metadata grows fields for decoding, which this path never uses
-    return AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_blocks=None, decode_bias=None,
+    return AttentionMetadata(slot_mapping=slots, num_decodes=0, decode_blocks=None, decode_lens=None,
                              prefills=prefills)

@@ -177,10 +177,10 @@ class ModelRunner:
                 logits_rows.append(len(ids) - 1 - len(seq.draft))
                 sampled.append(seq)
                 draft_rows.extend(range(len(ids) - len(seq.draft), len(ids)))
-        table, bias = self._decode_tables(rows)
         lens = self._long([length for _, length in rows]) if rows else None
-        meta = AttentionMetadata(slot_mapping=self._long(slots), num_decodes=len(rows), decode_blocks=table,
-                                 decode_bias=bias, prefills=prefill_meta, decode_lens=lens)
+        meta = AttentionMetadata(slot_mapping=self._long(slots), num_decodes=len(rows),
+                                 decode_blocks=self._decode_table(rows), decode_lens=lens, prefills=prefill_meta,
+                                 block_size=self.block_size)
         return ModelInput(input_ids=self._long(ids), positions=self._long(positions), meta=meta,
                           logits_indices=self._long(logits_rows + draft_rows), sampled_seqs=sampled)
 
@@ -213,19 +213,15 @@ class ModelRunner:
         offsets = torch.arange(self.block_size, device=self.device)
         return (blocks[:, None] * self.block_size + offsets).flatten()[:length]  # (length,)
 
-    def _decode_tables(self, rows: list[tuple[list[int], int]]):
-        """Block table and bias of the decode rows, each (block ids, context length)."""
+    def _decode_table(self, rows: list[tuple[list[int], int]]) -> torch.Tensor | None:
+        """Block table of the decode rows, each (block ids, context length), padded with block 0
+        (attention reads no further than each row's length)."""
         if not rows:
-            return None, None
-        context_lens = np.array([length for _, length in rows])
-        max_blocks = max(len(block_ids) for block_ids, _ in rows)
-        table = np.zeros((len(rows), max_blocks), dtype=np.int64)  # padded with block 0, masked below
+            return None
+        table = np.zeros((len(rows), max(len(block_ids) for block_ids, _ in rows)), dtype=np.int64)
         for row, (block_ids, _) in enumerate(rows):
             table[row, : len(block_ids)] = block_ids
-        length = max_blocks * self.block_size
-        valid = torch.from_numpy(np.arange(length)[None, :] < context_lens[:, None]).to(self.device)
-        bias = torch.zeros(valid.shape, device=self.device).masked_fill_(~valid, float("-inf"))
-        return torch.from_numpy(table).to(self.device), bias[:, None, :]  # (S, B), (S, 1, B * block_size)
+        return torch.from_numpy(table).to(self.device)  # (S, B)
 
     def _sample(self, logits: torch.Tensor, rows: list[LiveRequest]) -> StepResult:
         """Sample the whole batch; if that raises, sample row by row so only the rows that

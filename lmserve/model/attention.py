@@ -11,6 +11,7 @@ orders each step's tokens decodes first (one query token per sequence), then pre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +36,18 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (num_tokens,) cache slot written by each token
     num_decodes: int  # the first num_decodes tokens are decode rows: each attends to the cache up to itself
     decode_blocks: torch.Tensor | None  # (num_decodes, max_blocks) block table, padded with block 0
-    decode_bias: torch.Tensor | None  # (num_decodes, 1, max_blocks * block_size) 0, or -inf past the context
+    decode_lens: torch.Tensor | None  # (num_decodes,) int64 context lengths
     prefills: list[PrefillSeq]
-    decode_lens: torch.Tensor | None = None  # (num_decodes,) int64 context lengths, for the native kernel
+    block_size: int = 0  # tokens per KV block, as the decode table lays them out
+    decode_kernel: bool = True  # decode rows may take the native kernels; False: PyTorch's path (for comparisons)
 
-    @property
-    def block_size(self) -> int:
-        """Tokens per KV block, as the decode table and bias lay them out."""
-        return self.decode_bias.shape[-1] // self.decode_blocks.shape[1]
+    @cached_property
+    def decode_bias(self) -> torch.Tensor:
+        """(num_decodes, 1, max_blocks * block_size): 0 within each row's context, -inf past it.
+        Made when first asked: only PyTorch's decode attention reads it."""
+        positions = torch.arange(self.decode_blocks.shape[1] * self.block_size, device=self.decode_lens.device)
+        past = positions[None, :] >= self.decode_lens[:, None]
+        return torch.zeros(past.shape, device=past.device).masked_fill_(past, float("-inf"))[:, None, :]
 
 
 SCALE_BYTES = 4  # an int8 row's float32 scale, after its values
@@ -132,7 +137,7 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     # A grouped matmul + softmax beats SDPA for single-token queries on CPU.
     k_cache, v_cache = cache
     num_seqs, num_heads, head_dim = q.shape
-    kernel = native_decode_attention() if meta.decode_lens is not None and q.device.type == "cpu" else None
+    kernel = native_decode_attention() if meta.decode_kernel and q.device.type == "cpu" else None
     if kernel is not None:  # reads the blocks in place, faster than the gather + matmuls below
         return kernel(q.float().contiguous(), k_cache, v_cache, meta.decode_blocks, meta.decode_lens, meta.block_size,
                       scale)
@@ -143,8 +148,9 @@ def _decode_attention(q: torch.Tensor, cache, meta: AttentionMetadata, scale: fl
     # a float32 one of that size on CPU, and the widening copy is small (figures for this function:
     # bench/RESULTS.md, "Figures the code cites").
     dtype = torch.float32 if num_seqs <= FLOAT32_DECODE_SEQS else attention_dtype(k_cache)
-    keys = _gather_blocks(k_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
-    values = _gather_blocks(v_cache, meta.decode_blocks, meta.decode_bias.shape[-1], dtype)  # (Hkv, S, L, D)
+    length = meta.decode_blocks.shape[1] * meta.block_size
+    keys = _gather_blocks(k_cache, meta.decode_blocks, length, dtype)  # (Hkv, S, L, D)
+    values = _gather_blocks(v_cache, meta.decode_blocks, length, dtype)  # (Hkv, S, L, D)
     q = q.view(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1).to(dtype)  # (Hkv, S, G, D)
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # (Hkv, S, G, L)
     probs = torch.softmax(scores + meta.decode_bias, dim=-1).to(dtype)  # softmax in fp32

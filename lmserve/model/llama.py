@@ -247,13 +247,12 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids).float()
         rotary = self.rope(positions)  # gathered once, shared by every layer
-        if (self.native is not None and (meta.num_decodes == 0 or meta.decode_lens is not None)
+        if (self.native is not None and (meta.num_decodes == 0 or meta.decode_kernel)
                 and kv_caches and kv_caches[0] is not None):  # no caches: decoder embeddings
-            block_size = meta.block_size if meta.num_decodes else 0
             prefills = [(p.query_start, p.query_len, p.context_len, p.slot_ids) for p in meta.prefills]
             x = self.native.forward(x, *rotary, [k for k, _ in kv_caches], [v for _, v in kv_caches],
                                     meta.slot_mapping, meta.num_decodes, meta.decode_blocks, meta.decode_lens,
-                                    block_size, prefills)
+                                    meta.block_size, prefills)
             return self.model.norm(x)
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, rotary, cache, meta)

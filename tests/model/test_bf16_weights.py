@@ -54,9 +54,7 @@ def decoded_logits(model, ids: list[int], num_prompt: int, kv_dtype: torch.dtype
     rows = [model.compute_logits(model(prompt, torch.arange(num_prompt), caches, meta))[-1]]
     table = torch.arange(num_blocks)[None, :]  # (1, num_blocks)
     for pos in range(num_prompt, len(ids) - 1):
-        bias = torch.full((1, 1, num_blocks * 16), float("-inf"))
-        bias[..., : pos + 1] = 0
-        step = AttentionMetadata(torch.tensor([pos]), 1, table, bias, [])
+        step = AttentionMetadata(torch.tensor([pos]), 1, table, torch.tensor([pos + 1]), [], 16, decode_kernel=False)
         rows.append(model.compute_logits(model(torch.tensor([ids[pos]]), torch.tensor([pos]), caches, step))[-1])
     return torch.stack(rows)
 

@@ -35,7 +35,8 @@ def run_paged(model, config, ids: list[int], chunks: list[int]) -> torch.Tensor:
         end = start + size
         all_slots = _slots(block_ids, end)
         if size == 1:
-            meta = AttentionMetadata(all_slots[start:end], 1, all_slots[None, :], torch.zeros(1, 1, end), [])
+            meta = AttentionMetadata(all_slots[start:end], 1, all_slots[None, :], torch.tensor([end]), [], 1,
+                                     decode_kernel=False)
         else:
             meta = AttentionMetadata(all_slots[start:end], 0, None, None,
                                      [PrefillSeq(0, size, end, all_slots if start else None)])

@@ -49,9 +49,6 @@ def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, nativ
             positions = torch.tensor(lengths)
             slots = positions + torch.arange(num_seqs) * BLOCKS_PER_SEQ * BLOCK
             ids = torch.randint(vocab, (num_seqs,), generator=g)
-            bias = torch.full((num_seqs, 1, BLOCKS_PER_SEQ * BLOCK), float("-inf"))
-            for s, n in enumerate(lengths):
-                bias[s, :, : n + 1] = 0
             prefills = []
             if step < len(chunks):
                 start, count = chunks[step]
@@ -61,7 +58,7 @@ def hidden_states(model, num_seqs: int, steps: int, kv_dtype: torch.dtype, nativ
                 positions = torch.cat([positions, torch.arange(start, end)])
                 slots = torch.cat([slots, torch.arange(start, end) + newcomer])
                 ids = torch.cat([ids, torch.randint(vocab, (count,), generator=g)])
-            meta = AttentionMetadata(slots, num_seqs, table, bias, prefills, torch.tensor(lengths) + 1)
+            meta = AttentionMetadata(slots, num_seqs, table, torch.tensor(lengths) + 1, prefills, BLOCK)
             outputs.append(model(ids, positions, caches, meta))
             lengths = [n + 1 for n in lengths]
         return outputs, caches

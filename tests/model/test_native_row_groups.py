@@ -104,10 +104,7 @@ def draft_steps(model, rows_per_seq: list[int], native: bool, seed: int = 0):
                 slots.append(s * per_seq * BLOCK + position)
                 lens.append(position + 1)
         rows = len(positions)
-        bias = torch.full((rows, 1, per_seq * BLOCK), float("-inf"))
-        for r, length in enumerate(lens):
-            bias[r, :, :length] = 0
-        meta = AttentionMetadata(torch.tensor(slots), rows, torch.stack(table_rows), bias, [], torch.tensor(lens))
+        meta = AttentionMetadata(torch.tensor(slots), rows, torch.stack(table_rows), torch.tensor(lens), [], BLOCK)
         outputs.append(model(torch.randint(vocab, (rows,), generator=g), torch.tensor(positions), caches, meta))
         return outputs, caches
     finally:
@@ -151,10 +148,8 @@ def sharers_step(model, prefixes: list[int], native: bool):
             outputs.append(model(torch.randint(vocab, (2,), generator=g), torch.arange(prefix, prefix + 2), caches, meta))
             tables.append(torch.nn.functional.pad(table, (0, prompt_blocks + own_blocks - len(table))))
             slots.append(own * BLOCK + 2)
-        width = (prompt_blocks + own_blocks) * BLOCK
         lens = torch.tensor(prefixes) + 3
-        bias = torch.zeros(num_seqs, 1, width).masked_fill_(torch.arange(width) >= lens[:, None, None], float("-inf"))
-        meta = AttentionMetadata(torch.tensor(slots), num_seqs, torch.stack(tables), bias, [], lens)
+        meta = AttentionMetadata(torch.tensor(slots), num_seqs, torch.stack(tables), lens, [], BLOCK)
         outputs.append(model(torch.randint(vocab, (num_seqs,), generator=g), lens - 1, caches, meta))
         return outputs, caches
     finally:

@@ -38,12 +38,11 @@ def test_decode_attention_matches_reference(num_seqs):
     tables = [order[4 * i: 4 * i + (n + BLOCK - 1) // BLOCK] for i, n in enumerate(lengths)]
     max_blocks = max(len(t) for t in tables)
     table = torch.zeros(num_seqs, max_blocks, dtype=torch.long)  # padding points at block 0
-    bias = torch.full((num_seqs, 1, max_blocks * BLOCK), float("-inf"))
-    for i, (t, n) in enumerate(zip(tables, lengths)):
+    for i, t in enumerate(tables):
         table[i, : len(t)] = torch.tensor(t)
-        bias[i, :, :n] = 0
     q = torch.randn(num_seqs, HKV * GROUP, D, generator=g)
-    meta = AttentionMetadata(torch.zeros(num_seqs, dtype=torch.long), num_seqs, table, bias, [])
+    meta = AttentionMetadata(torch.zeros(num_seqs, dtype=torch.long), num_seqs, table, torch.tensor(lengths), [],
+                             BLOCK, decode_kernel=False)
     out = paged_attention(q, q, q, (k_cache, v_cache), meta, D ** -0.5).view(num_seqs, HKV * GROUP, D)
     for i in range(num_seqs):
         expected = reference(q[i], k_cache, v_cache, tables[i], lengths[i])
@@ -83,14 +82,12 @@ def paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed, block
     tables = [order[per_seq * i: per_seq * i + (n + block_size - 1) // block_size] for i, n in enumerate(lens)]
     width = max(len(t) for t in tables)
     table = torch.zeros(num_seqs, width, dtype=torch.long)
-    bias = torch.full((num_seqs, 1, width * block_size), float("-inf"))
-    for i, (t, n) in enumerate(zip(tables, lens)):
+    for i, t in enumerate(tables):
         table[i, : len(t)] = torch.tensor(t)
-        bias[i, :, :n] = 0
     q = torch.randn(num_seqs, num_kv_heads * group, head_dim, generator=g)
     slots = torch.zeros(num_seqs, dtype=torch.long)
-    with_lens = AttentionMetadata(slots, num_seqs, table, bias, [], torch.tensor(lens))
-    without = AttentionMetadata(slots, num_seqs, table, bias, [])
+    with_lens = AttentionMetadata(slots, num_seqs, table, torch.tensor(lens), [], block_size)
+    without = AttentionMetadata(slots, num_seqs, table, torch.tensor(lens), [], block_size, decode_kernel=False)
     return q, (k_cache, v_cache), with_lens, without
 
 

@@ -64,10 +64,8 @@ def test_the_pytorch_path_reads_int8_rows_as_their_values(num_seqs_dtype):
     q, k_rows, v_rows, table, lens = decode_case(3, 64, seed=1)
     if num_seqs_dtype == "bfloat16":  # past FLOAT32_DECODE_SEQS sequences the path computes in bf16
         q, table, lens = q.repeat(4, 1, 1), table.repeat(4, 1), lens.repeat(4)
-    bias = torch.full((len(lens), 1, table.shape[1] * BLOCK_SIZE), float("-inf"))
-    for row, length in enumerate(lens.tolist()):
-        bias[row, :, :length] = 0
-    meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), table, bias, [])  # no lens: PyTorch
+    meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long), len(lens), table, lens, [], BLOCK_SIZE,
+                             decode_kernel=False)
     out = _decode_attention(q, (k_rows, v_rows), meta, 0.125)
     floats = (dequantize_rows(k_rows, torch.float32), dequantize_rows(v_rows, torch.float32))
     reference = _decode_attention(q, floats, meta, 0.125)
