@@ -53,7 +53,8 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `positions`, each (num_tokens, 1, head_dim), for apply_rotary."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        # index_select copies whole rows; indexing with a tensor takes ATen's slower generic path
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
