@@ -111,10 +111,14 @@ def resident_bytes() -> int:
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+DEFAULT_MMAP_MAX = 65536  # glibc's own limit on blocks mapped apart
 MAPPED_APART_BYTES = 1 << 20  # while loading, allocations this large or larger get their own mapping
 # Load-time work done a piece at a time keeps each piece's temporaries this small, well under
 # MAPPED_APART_BYTES: a temporary above it is mapped and faulted in afresh at every allocation.
 LOAD_PIECE_BYTES = MAPPED_APART_BYTES // 4
+# While serving, freed heap memory up to this much stays at the heap's top for the next step's blocks.
+SERVING_TRIM_BYTES = 256 << 20
 
 
 @contextlib.contextmanager
@@ -122,19 +126,35 @@ def large_blocks_mapped_apart(threshold: int = MAPPED_APART_BYTES):
     """While loading, every allocation of `threshold` bytes or more gets its own mapping, returned to
     the OS when freed. Loading frees large float32 staging copies between the small ones it keeps;
     with glibc's adaptive threshold (raised to the largest block freed, up to 32 MiB) they land in
-    the heap among the kept ones and leave it fragmented. Afterwards the thresholds are those the
-    adaptive rule reaches anyway on a server: 32 MiB for mappings, twice that for trimming."""
+    the heap among the kept ones and leave it fragmented. Afterwards, serve_from_heap()."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         yield
         return
+    mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
     mallopt(M_MMAP_THRESHOLD, threshold)
     try:
         yield
     finally:
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        serve_from_heap()
+
+
+def serve_from_heap() -> None:
+    """Once a model is loaded: every block comes from the heap, none gets a mapping of its own, and
+    up to SERVING_TRIM_BYTES freed at the heap's top stay there. A step's large temporaries are
+    then the previous step's memory again. A block mapped apart is zeroed and faulted in page by
+    page at each allocation: glibc maps apart every block above 32 MiB whatever its thresholds,
+    such as the logits of a 151,936-token vocabulary at 64 rows (39 MB of float32) and the
+    sampler's copies of them, which cost a 64-row step 10-25 ms each way (bench/RESULTS.md,
+    thirty-sixth sitting). Memory freed in the middle of the heap stays until return_freed_memory()."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, SERVING_TRIM_BYTES)
 
 
 def settle_after_load() -> int:

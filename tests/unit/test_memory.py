@@ -120,7 +120,7 @@ def test_releasing_library_pages_frees_read_only_file_pages_only(tmp_path):
 
 
 MALLOC_PROBE = """
-import ctypes
+import ctypes, resource
 from lmserve.memory import large_blocks_mapped_apart
 
 class Mallinfo2(ctypes.Structure):
@@ -139,17 +139,31 @@ def mapped_apart(size):
     libc.free(block)
     return apart
 
+def faults_again(size):
+    # a block of `size` written, freed, then allocated and written again: the page faults of the second
+    libc.free(ctypes.memset(libc.malloc(size), 1, size))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(block)
+    return faults
+
 with large_blocks_mapped_apart():
-    inside = [mapped_apart(2 << 20), mapped_apart(512 << 10)]
-after = [mapped_apart(2 << 20), mapped_apart(40 << 20)]
+    inside = [mapped_apart(2 << 20), mapped_apart(512 << 10), faults_again(40 << 20)]
+after = [mapped_apart(2 << 20), mapped_apart(40 << 20), faults_again(40 << 20)]
 print(inside + after)
 """
 
 
-def test_loading_maps_large_blocks_apart_then_restores_server_thresholds():
+def test_loading_maps_large_blocks_apart_then_serves_from_the_heap():
     """In a fresh process (the thresholds are process-wide): inside, a 2 MiB block gets its own
-    mapping and a 512 KiB one does not; after, 2 MiB comes from the heap again and only blocks
-    above 32 MiB are mapped apart."""
+    mapping and a 512 KiB one does not, and a 40 MiB block is faulted in afresh (10,240 pages)
+    each time it is allocated; after, blocks of any size come from the heap, and a 40 MiB block
+    freed is the next one's memory, its pages already there."""
     done = subprocess.run([sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [1, 0, 0, 1]
+    inside_2m, inside_512k, inside_faults, after_2m, after_40m, after_faults = json.loads(done.stdout)
+    assert (inside_2m, inside_512k, after_2m, after_40m) == (1, 0, 0, 0)
+    assert inside_faults >= 10_000
+    assert after_faults < 100
