@@ -107,6 +107,7 @@ def test_a_process_trees_pss_counts_its_shared_pages_once():
 
 def test_a_process_trees_vmhwm_keeps_a_peak_its_rss_has_left():
     # a child resident with 64 MiB more for a moment: its RSS falls back, the kernel's peak stays
+    import mmap
     import os
     import time
 
@@ -115,8 +116,11 @@ def test_a_process_trees_vmhwm_keeps_a_peak_its_rss_has_left():
     ready_read, ready_write = os.pipe()
     child = os.fork()
     if child == 0:
-        ballast = bytearray(os.urandom(64 * 2**20))  # its own mapping, touched, then unmapped
-        del ballast
+        # A mapping of its own, touched, then unmapped (malloc's choice would depend on the
+        # process's settings: a server's, set by an earlier test, keeps blocks in its heap).
+        ballast = mmap.mmap(-1, 64 * 2**20)
+        ballast.write(os.urandom(64 * 2**20))
+        ballast.close()
         os.write(ready_write, b"x")
         time.sleep(60)  # until killed
         os._exit(0)
