@@ -34,6 +34,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="shrink the workload set for a smoke test (max_tokens 64, few requests)")
     parser.add_argument("--concurrency", type=int_list, help="comma list of concurrent streams")
     parser.add_argument("--max-tokens", type=int, help="output tokens per request (ignore_eos: exactly this many)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="of every request (default 0: greedy); each server's other sampling settings its own")
     parser.add_argument("--seed", default="0",
                         help="prompt RNG seed; change it to re-run on a server whose prefix cache is warm")
     parser.add_argument("--no-warmup", action="store_true",
@@ -89,7 +91,8 @@ def run_workloads(args: argparse.Namespace) -> list[Workload]:
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(seed=args.seed, warmup=not args.no_warmup, progress=not args.no_progress)
+    return RunOptions(seed=args.seed, warmup=not args.no_warmup, progress=not args.no_progress,
+                      temperature=args.temperature)
 
 
 def served_model(url: str) -> str:

@@ -59,14 +59,16 @@ class RequestResult:
                 "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens}
 
 
-def completion_body(model: str, prompt_ids: list[int], max_tokens: int, json_schema: dict | None = None) -> dict:
-    """Greedy, streamed, exactly `max_tokens` out (`ignore_eos`, an extension lmserve and llama.cpp
-    share); or, under `json_schema` (another), until the schema's value is complete."""
+def completion_body(model: str, prompt_ids: list[int], max_tokens: int, json_schema: dict | None = None,
+                    temperature: float = 0.0) -> dict:
+    """Streamed at `temperature` (0: greedy; each server's other sampling settings its defaults),
+    exactly `max_tokens` out (`ignore_eos`, an extension lmserve and llama.cpp share); or, under
+    `json_schema` (another), until the schema's value is complete."""
     body = {
         "model": model,
         "prompt": prompt_ids,
         "max_tokens": max_tokens,
-        "temperature": 0,
+        "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -74,12 +76,13 @@ def completion_body(model: str, prompt_ids: list[int], max_tokens: int, json_sch
 
 
 async def send_request(
-    client: httpx.AsyncClient, target: Target, prompt_ids: list[int], max_tokens: int, json_schema: dict | None = None
+    client: httpx.AsyncClient, target: Target, prompt_ids: list[int], max_tokens: int, json_schema: dict | None = None,
+    temperature: float = 0.0,
 ) -> RequestResult:
     result = RequestResult()
     sent = time.perf_counter()
     try:
-        body = completion_body(target.model, prompt_ids, max_tokens, json_schema)
+        body = completion_body(target.model, prompt_ids, max_tokens, json_schema, temperature)
         async with client.stream("POST", f"{target.url}/v1/completions", json=body) as response:
             await _read_response(response, sent, result)
     except httpx.HTTPError as exc:
@@ -156,10 +159,11 @@ async def run_jobs(
     concurrency: int,
     on_done: Callable[[RequestResult], None] = lambda result: None,
     json_schema: dict | None = None,
+    temperature: float = 0.0,
 ) -> tuple[list[RequestResult], float]:
     """Run `concurrency` jobs at once (fewer only at the tail); a job is turns of (prompt ids,
     max_tokens), each sent when the one before it has finished (a conversation), each under
-    `json_schema` if one is given.
+    `json_schema` if one is given, all at `temperature`.
 
     Returns the results in job then turn order and the wall time from the first send to the last finish.
     """
@@ -169,7 +173,7 @@ async def run_jobs(
     async def worker(client: httpx.AsyncClient) -> None:
         for index, turns in pending:
             for prompt_ids, max_tokens in turns:
-                result = await send_request(client, target, prompt_ids, max_tokens, json_schema)
+                result = await send_request(client, target, prompt_ids, max_tokens, json_schema, temperature)
                 results[index].append(result)
                 on_done(result)
 

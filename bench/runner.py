@@ -18,6 +18,7 @@ class RunOptions:
     seed: str = "0"
     warmup: bool = True
     progress: bool = True
+    temperature: float = 0.0  # of every request (0: greedy)
 
 
 @dataclass
@@ -38,11 +39,12 @@ def run_workload(target: Target, workload: Workload, server: str, server_pid: in
         # One short request first: the first request on a fresh server pays one-off costs (under a
         # schema, its compile).
         (prompt_ids, _), = jobs[0]
-        asyncio.run(run_jobs(target, [[(prompt_ids, min(workload.max_tokens, 4))]], 1, json_schema=schema))
+        asyncio.run(run_jobs(target, [[(prompt_ids, min(workload.max_tokens, 4))]], 1, json_schema=schema,
+                             temperature=options.temperature))
     bar = _progress(options, f"{server} {workload.name}", workload.num_requests)
     with PeakRSSSampler(server_pid) as sampler, bar:
         results, wall_s = asyncio.run(
-            run_jobs(target, jobs[1:], workload.concurrency, lambda _: bar.update(1), schema)
+            run_jobs(target, jobs[1:], workload.concurrency, lambda _: bar.update(1), schema, options.temperature)
         )
     return LevelRun(summarize_level(server, workload, results, wall_s, sampler.peak_bytes, sampler.peak_pss_bytes,
                                      sampler.peak_hwm_bytes), results)

@@ -179,3 +179,33 @@ def test_the_float_copy_widens_every_matrix_and_keeps_the_rest(tmp_path, kind):
     assert copy.fields["general.file_type"].parts[-1].tolist() == [{"F16": 1, "BF16": 32}[kind]]
     kept = gguf_weight_type(GGUFFile.open(tmp_path / f"tiny.{kind}.gguf").tensors)
     assert kept == kind and checkpoint_dtype("gguf:" + kept) == "bfloat16"  # what `lmserve serve` runs it as
+
+
+def test_the_temperature_option_reaches_every_request(monkeypatch):
+    """--temperature goes into the run options and from there into each request's body, the
+    warm-up's too; without it every request is greedy, as before."""
+    import asyncio
+    import json as json_module
+
+    import httpx
+
+    from bench import client as bench_client
+    from bench.__main__ import build_parser, run_options
+
+    sent = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(json_module.loads(request.content)["temperature"])
+        stream = 'data: {"choices": [{"index": 0, "text": "a"}]}\n\ndata: [DONE]\n\n'
+        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
+
+    monkeypatch.setattr(bench_client, "new_client",
+                        lambda target, concurrency: httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+    for argv, expected in ((["--temperature", "0.8"], 0.8), ([], 0.0)):
+        options = run_options(build_parser().parse_args(["run", "--url", "http://stand-in", *argv]))
+        assert options.temperature == expected
+        results, _ = asyncio.run(bench_client.run_jobs(bench_client.Target("http://stand-in", "m"), [[([1, 2], 4)]] * 3,
+                                                       2, temperature=options.temperature))
+        assert all(result.ok for result in results)
+        assert sent == [expected] * 3
+        sent.clear()
