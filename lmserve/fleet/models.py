@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from lmserve import memory
 from lmserve.config import DEFAULT_DRAFT_TOKENS, DraftConfig, EmbeddingConfig, EngineConfig
 from lmserve.fleet.catalogue import ModelEntry
 
@@ -82,11 +83,14 @@ class ChatModel:
         return await self.engine.drain(timeout)
 
     def close(self, why: str) -> None:
-        """Stop; the requests still running end with an error saying `why`."""
+        """Stop; the requests still running end with an error saying `why`. The memory its steps
+        freed, which stays in the heap for the next step while a model serves
+        (memory.serve_from_heap), goes back to the OS with the engine's."""
         if self._embedder is not None:
             self._embedder.shutdown()
             self._embedder = None
         self.engine.close(why)
+        memory.return_freed_memory()
 
 
 class EmbeddingModel:
@@ -176,7 +180,6 @@ def model_loader(engine_defaults: EngineConfig, embedding_defaults: EmbeddingCon
     model that cannot be served."""
 
     def load(entry: ModelEntry, progress: Callable[[int, int], None] | None = None) -> ChatModel | EmbeddingModel:
-        from lmserve import memory
         from lmserve.fleet.download import download, is_remote
 
         if is_remote(entry.source):  # into the Hugging Face cache (or lmserve's), reported as it arrives

@@ -94,6 +94,19 @@ def test_loading_a_model_freezes_what_it_loaded(monkeypatch):
         gc.unfreeze()
 
 
+def test_closing_a_chat_model_hands_its_freed_memory_back_after_its_engine(monkeypatch):
+    """While a model serves, the blocks its steps free stay in the heap for the next step
+    (memory.serve_from_heap): unloading it gives them back to the OS once its engine has let go."""
+    from lmserve import memory
+    from lmserve.fleet.models import ChatModel
+
+    events = []
+    engine = SimpleNamespace(model=None, draft_model=None, close=lambda why: events.append(("close", why)))
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: events.append(("trim",)))
+    ChatModel(engine).close("unloaded")
+    assert events == [("close", "unloaded"), ("trim",)]
+
+
 def test_durations_take_ollamas_spellings():
     from lmserve.arg_types import parse_duration
 
