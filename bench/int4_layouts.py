@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(2)
     module = native_module()
     if module is None or not module.int4_linear_supported():
-        raise SystemExit("the W4A8 product needs the native kernels on a CPU with AVX512-VNNI")
+        raise SystemExit("the W4A8 product needs the native kernels on a CPU with AVX512-VNNI or AVX2")
     with mock.patch.object(int4, "int4_pairs_run", lambda: False):  # the blocks layout, whatever the CPU
         model = load_model(default_model_path(), "int4", max_positions=2048).model
     blocks = [layer.get_submodule(name).storage for layer in model.model.layers for name in PROJECTIONS]

@@ -43,6 +43,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
 torch::Tensor pack_int4(const torch::Tensor& q);
 std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weight, int64_t block);
 bool int4_linear_supported();
+bool int4_quantize_supported();
 bool int4_tiles_supported();
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias);
 bool f32_linear_supported();
@@ -725,14 +726,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rotated_int8", &rotated_int8, "float32 weight rows -> int8 of their blockwise Hadamard transform, a bfloat16 scale per row",
           py::call_guard<py::gil_scoped_release>());
     m.def("quantize_groups", &quantize_groups, "int8 in groups of 32 columns, each with its scale and sum");
-    m.def("int4_linear_supported", &int4_linear_supported, "whether int4_linear runs here (AVX512-VNNI)");
+    m.def("int4_linear_supported", &int4_linear_supported, "whether int4_linear runs here (AVX512-VNNI or AVX2)");
+    m.def("int4_quantize_supported", &int4_quantize_supported, "whether quantize_int4_groups runs here (AVX-512)");
     m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");
     m.def("int4_linear_path", &int4_linear_path, "the path int4_linear takes for a step of this many rows");
     m.def("int4_bf16_tiles_supported", &int4_bf16_tiles_supported, "whether int4_linear runs larger steps on AMX-BF16 tiles here");
     m.def("f32_linear", &f32_linear,
           "x @ weight.T + bias in float32, each output summed in one order whatever the rows",
           py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
-    m.def("f32_linear_supported", &f32_linear_supported, "whether f32_linear runs its own kernel here (AVX-512)");
+    m.def("f32_linear_supported", &f32_linear_supported, "whether f32_linear runs its own kernel here (AVX-512 or AVX2)");
     m.def("bf16_linear", &bf16_linear, "x @ weight.T + bias for a bf16 weight in bf16_panels' layout, in float32",
           py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("n_size"));
     m.def("bf16_panels", &bf16_panels, "(N, K) bf16 weight -> bf16_linear's (N/32, K/2, 32, 2) panels",

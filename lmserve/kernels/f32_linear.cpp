@@ -2,8 +2,8 @@
 // floating.py, and decoder.cpp's NativeLinear).
 //
 // Batch-invariant by construction: each output is one dot product of a row of x and a row of W,
-// summed in 16 lanes over K in order (fused multiply-adds, the last partial vector masked), then
-// across the lanes by _mm512_reduce_add_ps, then plus the bias. Nothing in that depends on how many
+// summed in 16 lanes over K in order (8 on AVX2; fused multiply-adds, the last partial vector
+// masked), then across the lanes in a fixed order, then plus the bias. Nothing in that depends on how many
 // rows the step has, which tile a row falls in, or which thread computes it, so a row's outputs are
 // the same bits in a step of 1 row or of 512. It also reads the weights of a step of few rows
 // about twice as fast as the library product it replaces (at::linear), and is no slower on prompt
@@ -15,40 +15,78 @@
 #include <array>
 #include <optional>
 #include <utility>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define LMSERVE_F32_LINEAR 1
 #endif
 
-#if defined(__AVX512F__)
+#if defined(LMSERVE_F32_LINEAR)
 namespace {
+
+// The vector the tiles sum in: 16 lanes on AVX-512, 8 on AVX2.
+#if defined(__AVX512F__)
+struct Lanes {
+    using V = __m512;
+    static constexpr int64_t kWidth = 16;
+    static V zero() { return _mm512_setzero_ps(); }
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static V load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+    static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+// one row, eight outputs at a time keep more of the weight's rows streaming; larger steps reuse
+// each weight vector over five rows (5 x 5: 25 accumulators, 31 of the 32 registers; the fastest
+// of the shapes tried, bench/RESULTS.md)
+constexpr int kFewRows[2] = {1, 8}, kManyRows[2] = {5, 5};
+#else
+struct Lanes {
+    using V = __m256;
+    static constexpr int64_t kWidth = 8;
+    static V zero() { return _mm256_setzero_ps(); }
+    static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static V load_first(const float* p, int64_t n) {
+        return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    }
+    static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static float sum(V v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+};
+// 16 registers: 1 x 6 (6 accumulators, 6 weight vectors) and 3 x 3 (9, 3)
+constexpr int kFewRows[2] = {1, 6}, kManyRows[2] = {3, 3};
+#endif
 
 // R rows of x by C rows of W: R x C outputs, each a dot product over the K columns.
 template <int R, int C>
 void tile(const float* x, const float* w, int64_t k_size, float* y, int64_t ldy, const float* bias) {
-    __m512 acc[R][C];
+    using V = Lanes::V;
+    constexpr int64_t kWidth = Lanes::kWidth;
+    V acc[R][C];
     for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c) acc[r][c] = Lanes::zero();
     int64_t k = 0;
-    for (; k + 16 <= k_size; k += 16) {
-        __m512 wv[C];
-        for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(w + c * k_size + k);
+    for (; k + kWidth <= k_size; k += kWidth) {
+        V wv[C];
+        for (int c = 0; c < C; ++c) wv[c] = Lanes::load(w + c * k_size + k);
         for (int r = 0; r < R; ++r) {
-            const __m512 xv = _mm512_loadu_ps(x + r * k_size + k);
-            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+            const V xv = Lanes::load(x + r * k_size + k);
+            for (int c = 0; c < C; ++c) acc[r][c] = Lanes::fmadd(xv, wv[c], acc[r][c]);
         }
     }
     if (k < k_size) {  // the same multiply-adds, the lanes past K zero (masked loads in the loop above halve its speed)
-        const __mmask16 mask = __mmask16((1u << (k_size - k)) - 1);
-        __m512 wv[C];
-        for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(mask, w + c * k_size + k);
+        V wv[C];
+        for (int c = 0; c < C; ++c) wv[c] = Lanes::load_first(w + c * k_size + k, k_size - k);
         for (int r = 0; r < R; ++r) {
-            const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * k_size + k);
-            for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+            const V xv = Lanes::load_first(x + r * k_size + k, k_size - k);
+            for (int c = 0; c < C; ++c) acc[r][c] = Lanes::fmadd(xv, wv[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) {
-            const float sum = _mm512_reduce_add_ps(acc[r][c]);
+            const float sum = Lanes::sum(acc[r][c]);
             y[r * ldy + c] = bias != nullptr ? sum + bias[c] : sum;
         }
 }
@@ -72,9 +110,7 @@ struct Tiles {
 };
 
 // The tile shape only orders the work (which weights stay in registers while which rows pass):
-// one row, eight outputs at a time keep more of the weight's rows streaming; larger steps reuse
-// each weight vector over five rows (5 x 5: 25 accumulators, 31 of the 32 registers; the fastest
-// of the shapes tried, bench/RESULTS.md).
+// kFewRows and kManyRows above.
 template <int R, int C>
 void product(const float* x, const float* w, const float* bias, float* y, int64_t m_size, int64_t n_size,
              int64_t k_size) {
@@ -96,7 +132,7 @@ void product(const float* x, const float* w, const float* bias, float* y, int64_
 #endif
 
 bool f32_linear_supported() {
-#if defined(__AVX512F__)
+#if defined(LMSERVE_F32_LINEAR)
     return true;
 #else
     return false;
@@ -104,10 +140,10 @@ bool f32_linear_supported() {
 }
 
 // x (..., K) float32, weight (N, K) float32, bias (N,) float32 or none -> (..., N) float32;
-// at::linear where the kernel does not run (no AVX-512, other dtypes or layouts).
+// at::linear where the kernel does not run (neither AVX-512 nor AVX2, other dtypes or layouts).
 torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight,
                          const std::optional<torch::Tensor>& bias) {
-#if defined(__AVX512F__)
+#if defined(LMSERVE_F32_LINEAR)
     const bool plain = x.scalar_type() == at::kFloat && x.device().is_cpu() && weight.scalar_type() == at::kFloat &&
                        weight.dim() == 2 && weight.is_contiguous() && weight.size(1) > 0 &&
                        x.size(-1) == weight.size(1) &&
@@ -121,9 +157,9 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight,
         const float* xp = rows.data_ptr<float>();
         const float* wp = weight.data_ptr<float>();
         if (m_size <= 2)
-            product<1, 8>(xp, wp, b, y.data_ptr<float>(), m_size, n_size, k_size);
+            product<kFewRows[0], kFewRows[1]>(xp, wp, b, y.data_ptr<float>(), m_size, n_size, k_size);
         else
-            product<5, 5>(xp, wp, b, y.data_ptr<float>(), m_size, n_size, k_size);
+            product<kManyRows[0], kManyRows[1]>(xp, wp, b, y.data_ptr<float>(), m_size, n_size, k_size);
         auto sizes = x.sizes().vec();
         sizes.back() = n_size;
         return y.view(sizes);

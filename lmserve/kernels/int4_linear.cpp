@@ -154,11 +154,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const to
     return {q, scales, sums};
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define LMSERVE_W4A8_GEMM 1
-#endif
-
-// Whether int4_linear runs here (built for a CPU with AVX512-VNNI).
+// Whether int4_linear runs here (built for a CPU with AVX512-VNNI or AVX2: int4_registers.h).
 bool int4_linear_supported() {
 #if defined(LMSERVE_W4A8_GEMM)
     return true;
@@ -372,7 +368,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
         w4a8_registers(p);
     });
 #else
-    TORCH_CHECK(false, "int4_linear needs a build with AVX512-VNNI (int4_linear_supported())");
+    TORCH_CHECK(false, "int4_linear needs a build with AVX512-VNNI or AVX2 (int4_linear_supported())");
 #endif
 }
 
@@ -394,7 +390,7 @@ torch::Tensor pairs_product(const torch::Tensor& x, const torch::Tensor& pairs, 
         w4a8_pairs(p);
     }, add_to);
 #else
-    TORCH_CHECK(false, "the pairs layout's product needs a build with AVX512-VNNI (int4_linear_supported())");
+    TORCH_CHECK(false, "the pairs layout's product needs a build with AVX512-VNNI or AVX2 (int4_linear_supported())");
 #endif
 }
 
@@ -472,7 +468,16 @@ torch::Tensor pack_int4(const torch::Tensor& q) {
 // gives are those of the PyTorch version bit for bit: (N, K) float32 -> (N, K) uint8 q in 0..15,
 // (N, K/32) float16 scales and lows. Each group takes Q4_1's grid (min and max at 0 and 15) or
 // Q4_0's ((q - 8) * d, the value of largest magnitude at q = 0) where that one is strictly closer.
-// Built with AVX-512 only: its one caller quantizes for the W4A8 product, which needs AVX512-VNNI.
+// Built with AVX-512 only (int4_quantize_supported); elsewhere model/weight_formats/int4.py runs its
+// PyTorch version.
+bool int4_quantize_supported() {
+#if defined(__AVX512F__)
+    return true;
+#else
+    return false;
+#endif
+}
+
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight) {
     TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                 weight.size(1) % kGroup == 0, "weight: contiguous float32 (N, K), K a multiple of 32");
@@ -531,6 +536,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
     });
     return {q, scales, lows};
 #else
-    TORCH_CHECK(false, "quantize_int4_groups needs a build with AVX-512 (int4_linear_supported())");
+    TORCH_CHECK(false, "quantize_int4_groups needs a build with AVX-512 (int4_quantize_supported())");
 #endif
 }

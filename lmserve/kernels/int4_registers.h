@@ -1,5 +1,5 @@
-// The W4A8 product of int4_linear.cpp on AVX512-VNNI registers, over either of the weight's two
-// layouts:
+// The W4A8 product of int4_linear.cpp on registers, over either of the weight's two layouts, with
+// AVX512-VNNI where the CPU has it and AVX2 elsewhere (int4_avx2.h):
 // - blocks: (N/16, K/8, 16, 4) uint8 with (K/32, N) float16 scales and lows beside it, the layout the
 //   AMX tiles unpack (int4_tiles.h, int4_bf16_tiles.h). A tile reads its two blocks' bytes and their
 //   group scales and lows from four places, the scales of successive groups a page or more apart;
@@ -9,7 +9,8 @@
 //   projections, out of cache, run 1.2-1.5x faster on pairs, 16 rows 1.1x, 64 and more alike
 //   (`python -m bench.int4_layouts`; bench/RESULTS.md, thirtieth sitting).
 // Both give the same results bit for bit: the same loads, products and float32 arithmetic, in the
-// same order, from other addresses.
+// same order, from other addresses. So do the two instruction sets: each group's integer sums are
+// exact on both, and the float32 arithmetic on them is the same.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +24,13 @@ constexpr int64_t kPairGroupBytes = 2 * kGroupBytes + 2 * 32 * 2;  // two blocks
 }  // namespace int4_registers
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LMSERVE_W4A8_VNNI 1
+#endif
+#if defined(LMSERVE_W4A8_VNNI) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define LMSERVE_W4A8_GEMM 1  // int4_linear runs here
+#endif
+
+#if defined(LMSERVE_W4A8_GEMM)
 
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -35,8 +43,6 @@ namespace int4_registers {
 // q[16 j + l, 8 s + 4 + b] in its high one, so that one 64-byte load, masked or shifted, gives
 // vpdpbusd (unsigned bytes times signed bytes, four products summed into each int32 lane) four
 // columns of K for 16 outputs, twice. Weights are 0..15: no offset to undo.
-constexpr int kRows = 4;    // activation rows a register tile covers
-constexpr int kBlocks = 2;  // 16-output blocks a register tile covers: 8 int32 and 8 float accumulators
 constexpr int64_t kWeightAhead = 1024;  // blocks: bytes ahead in each block; 512 and 2,048 measured no better
 constexpr int64_t kPairAhead = 2 * kPairGroupBytes;  // pairs: 1 and 4 groups ahead measured no better
 
@@ -76,6 +82,15 @@ struct Pair {
     }
     void prefetch_step(int64_t, int, int) const {}
 };
+
+}  // namespace int4_registers
+
+#if defined(LMSERVE_W4A8_VNNI)
+
+namespace int4_registers {
+
+constexpr int kRows = 4;    // activation rows a register tile covers
+constexpr int kBlocks = 2;  // 16-output blocks a register tile covers: 8 int32 and 8 float accumulators
 
 #define LM4_TILE(X) X(0, 0) X(0, 1) X(1, 0) X(1, 1) X(2, 0) X(2, 1) X(3, 0) X(3, 1)
 
@@ -146,6 +161,25 @@ inline void tile(const int8_t* a, int64_t k, const float* x_scales, const float*
 }
 #undef LM4_TILE
 
+}  // namespace int4_registers
+#else
+#include "int4_avx2.h"
+#endif
+
+namespace int4_registers {
+
+// The last m < kRows rows (R or fewer) against B blocks, in one tile of their number.
+template <int R, int B, typename Layout>
+void tail(int64_t m, const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
+          const Layout& layout, const float* bias, float* out, int64_t ldo, bool add) {
+    if constexpr (R >= 1) {
+        if (m == R)
+            tile<R, B>(a, k, x_scales, x_sums, groups, layout, bias, out, ldo, add);
+        else
+            tail<R - 1, B>(m, a, k, x_scales, x_sums, groups, layout, bias, out, ldo, add);
+    }
+}
+
 // All m rows against B blocks, a register tile of rows at a time.
 template <int B, typename Layout>
 void rows(int64_t m, const int8_t* a, int64_t k, const float* x_scales, const float* x_sums, int64_t groups,
@@ -154,13 +188,8 @@ void rows(int64_t m, const int8_t* a, int64_t k, const float* x_scales, const fl
     for (; i + kRows <= m; i += kRows)
         tile<kRows, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, layout, bias, out + i * ldo,
                        ldo, add);
-    switch (m - i) {
-#define LM4_TAIL(r) case r: tile<r, B>(a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, layout, bias, \
-                                       out + i * ldo, ldo, add); break;
-        LM4_TAIL(1) LM4_TAIL(2) LM4_TAIL(3)
-#undef LM4_TAIL
-        default: break;
-    }
+    if (i < m) tail<kRows - 1, B>(m - i, a + i * k, k, x_scales + i * groups, x_sums + i * groups, groups, layout, bias,
+                                  out + i * ldo, ldo, add);
 }
 
 }  // namespace int4_registers

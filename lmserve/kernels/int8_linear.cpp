@@ -19,7 +19,7 @@
 
 #include "int8_rows.h"
 #include "int8_tiles.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -156,16 +156,23 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, i
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define LMSERVE_VNNI_GEMM 1
+#define LMSERVE_VNNI_GEMM 1  // the packed product runs here, on AVX512-VNNI
+#define LMSERVE_W8A8_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LMSERVE_VNNI_GEMM 1  // and on AVX2 (int8_avx2.h)
+#endif
 
+#if defined(LMSERVE_VNNI_GEMM)
 namespace {
 
+constexpr int32_t kOffset = 128;  // the packed weight holds w + 128 (below)
+
+#if defined(LMSERVE_W8A8_VNNI)
 // The packed weight: (N/16, K/4, 16, 4) uint8 holding w + 128, so that vpdpbusd (unsigned bytes
 // times signed bytes, four products summed into each int32 lane) takes 64 bytes of weight, four
 // columns of K for 16 outputs, against four bytes of one activation row broadcast to every lane.
 // sum_k (w + 128) a = sum_k w a + 128 sum_k a: the second term (kOffset times the row sum) is
 // subtracted before scaling, so the int32 sums are exactly at::_int_mm's.
-constexpr int32_t kOffset = 128;
 constexpr int kRows = 4;    // activation rows a register tile covers
 constexpr int kBlocks = 4;  // 16-output blocks a register tile covers: 16 int32 accumulators
 
@@ -214,6 +221,11 @@ inline void vnni_tile(const int8_t* a, int64_t k, const uint8_t* w, const int32_
 #undef LM_STORE
 }
 #undef LM_TILE
+#else
+}  // namespace
+#include "int8_avx2.h"
+namespace {
+#endif
 
 // Rows [0, m) against B weight blocks, kRows at a time; `next_lines` cache lines of the weights
 // that follow are prefetched, spread over the full-height tiles.
@@ -248,7 +260,8 @@ torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scale
     const int64_t m = x_scales.size(0), k = xq.size(1), blocks = packed.size(0), n = blocks * 16;
     auto out = torch::empty({m, n}, x_scales.options());
     const int8_t* a = xq.data_ptr<int8_t>();
-    std::vector<int32_t> row_offsets(m);
+    std::vector<int32_t> row_offsets(m);  // zeros on AVX2, whose tile multiplies w itself (int8_avx2.h)
+#if defined(LMSERVE_W8A8_VNNI)
     const __m512i ones = _mm512_set1_epi8(1);
     for (int64_t r = 0; r < m; ++r) {
         const int8_t* row = a + r * k;
@@ -259,6 +272,7 @@ torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scale
         for (; c < k; ++c) total += row[c];
         row_offsets[r] = kOffset * total;
     }
+#endif
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const float* xs = x_scales.data_ptr<float>();
     const float* ws = w_scales.data_ptr<float>();
@@ -306,7 +320,7 @@ std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias
     return b;
 }
 
-// Whether int8_linear takes packed weights here (built for a CPU with AVX512-VNNI).
+// Whether int8_linear takes packed weights here (built for a CPU with AVX512-VNNI or AVX2).
 bool int8_packed_supported() {
 #if defined(LMSERVE_VNNI_GEMM)
     return true;
@@ -354,7 +368,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 #if defined(LMSERVE_VNNI_GEMM)
         return vnni_product(xq, x_scales, weight, w_scales, b ? b->data_ptr<float>() : nullptr, on_tiles);
 #else
-        TORCH_CHECK(false, "packed int8 weights need a build with AVX512-VNNI (int8_packed_supported())");
+        TORCH_CHECK(false, "packed int8 weights need a build with AVX512-VNNI or AVX2 (int8_packed_supported())");
 #endif
     }
     const auto sums = at::_int_mm(xq, weight.t());  // (M, N) int32

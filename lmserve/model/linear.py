@@ -63,13 +63,14 @@ class Linear(nn.Linear):
 
     def quantize(self, kind: str, w8a8: bool = True) -> None:
         """Replace the weight by quantized copies. "int4" where the kernels' W4A8 product runs
-        (int4_linear_supported(), N % 16 and K % 32): one copy, the weight's 4-bit integers with
-        int8 activations, for every step. Otherwise a weight-only copy for small steps ("int4" falls
-        back to int8 where the shape rules do not hold) and a W8A8 one for larger steps (int8
-        activations); where the packed W8A8 product serves every step, no weight-only copy.
-        w8a8=False keeps the weight, cast to bf16, for the larger steps instead."""
+        (int4_linear_supported(): AVX512-VNNI or AVX2; N % 16 and K % 32): one copy, the weight's
+        4-bit integers with int8 activations, for every step. Otherwise a weight-only copy for small
+        steps ("int4" falls back to int8 where the shape rules do not hold) and a W8A8 one for larger
+        steps (int8 activations); where the packed W8A8 product serves every step, no weight-only
+        copy. w8a8=False (no int8 dot products: int8_matmul_pays) keeps the weight, cast to bf16, for
+        the larger steps instead."""
         weight = self.weight.detach()
-        if kind == "int4" and w8a8 and int4_linear_supported() and can_pack_int4(weight):
+        if kind == "int4" and int4_linear_supported() and can_pack_int4(weight):
             self._replace_weight(quantize_w4a8(weight))
             return
         small_format = Int4WeightOnly if kind == "int4" and can_pack_int4(weight) else Int8WeightOnly

@@ -4,8 +4,9 @@ A GGUF keeps its quantization: the type holding most of its layers' projection w
 (4-bit -> int4, which keeps a Q4_0/Q4_1 file's own integers; 5- to 8-bit -> int8, the narrowest
 path that loses nothing the file has; F16/BF16 -> bfloat16; F32 -> float32), and under int4 the
 layer matrices the file holds at more bits take int8 (int8_matrices: a Q4_K_M's Q6_K ones). A
-Hugging Face folder follows its config's `torch_dtype`. Then the CPU is asked: int8 and int4 run on int8 dot products
-and bfloat16 on bf16 ones; a CPU without them gets the next path it has, and the log says why.
+Hugging Face folder follows its config's `torch_dtype`. Then the CPU is asked: int8 runs on int8 dot
+products, int4 on them or on AVX2, bfloat16 on bf16 dot products; a CPU without them gets the next
+path it has, and the log says why.
 
 Torch-free, so the benchmark can plan a server's KV cache without importing torch.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from lmserve.cpu import cpu_flags, has_bf16_dot_products, has_int8_dot_products
+from lmserve.cpu import cpu_flags, has_bf16_dot_products, has_int4_products, has_int8_dot_products
 from lmserve.weights.names import FUSED_MATRICES
 
 # GGUF tensor type name -> the dtype that keeps it.
@@ -88,9 +89,11 @@ def fit_to_device(dtype: str, device: str, flags: frozenset[str]) -> tuple[str, 
         return "bfloat16", f"{dtype} kernels are CPU ones; on {device}: bfloat16"
     if device != "cpu":
         return dtype, ""
-    if dtype in ("int8", "int4") and not has_int8_dot_products(flags):
-        moved = "bfloat16" if has_bf16_dot_products(flags) else "float32"
-        return moved, f"this CPU has no int8 dot products (AVX512-VNNI or AVX-VNNI) for {dtype}: {moved}"
+    moved = "bfloat16" if has_bf16_dot_products(flags) else "float32"
+    if dtype == "int8" and not has_int8_dot_products(flags):
+        return moved, f"this CPU has no int8 dot products (AVX512-VNNI or AVX-VNNI) for int8: {moved}"
+    if dtype == "int4" and not has_int4_products(flags):
+        return moved, f"this CPU has no int8 dot products (AVX512-VNNI, AVX-VNNI) nor AVX2 for int4: {moved}"
     if dtype == "bfloat16" and not has_bf16_dot_products(flags):
         return "float32", "this CPU has no bf16 dot products (AVX512-BF16 or AMX-BF16): float32"
     return dtype, ""

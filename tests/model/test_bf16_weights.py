@@ -11,7 +11,7 @@ from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model.linear import HeadEmbedding
-from lmserve.model.weight_formats.floating import Bf16Panels, OneDNNPackedWeight, bf16_panels_run
+from lmserve.model.weight_formats.floating import Bf16Panels, bf16_layout, bf16_panels_run
 from lmserve.model.weight_formats.int4 import (Int4WeightOnly, W4A8Pairs, W4A8Weight, int4_linear_supported,
                                                int4_pairs_run)
 from lmserve.model.weight_formats.int8 import Int8WeightOnly, W8A8Weight, int8_matmul_pays, packs_weights
@@ -62,7 +62,7 @@ def decoded_logits(model, ids: list[int], num_prompt: int, kv_dtype: torch.dtype
 def test_bf16_weights_are_actually_bf16(bf16_model):
     layer = bf16_model.model.model.layers[0]
     qkv, head = layer.self_attn.qkv_proj.storage, bf16_model.model.lm_head.storage
-    layout = Bf16Panels if bf16_panels_run() else OneDNNPackedWeight  # laid out for the CPU's product
+    layout = bf16_layout()  # laid out for the CPU's product where it has one
     assert isinstance(qkv, layout) and isinstance(head, layout)
     for storage in (qkv, head):
         assert (storage.panels if layout is Bf16Panels else storage.weight).dtype == torch.bfloat16

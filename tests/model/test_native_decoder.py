@@ -15,7 +15,7 @@ from lmserve.kernels import cpu_flags, native_module
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model import linear
 from lmserve.model.weight_formats import floating
-from lmserve.model.weight_formats.floating import Bf16Panels, OneDNNPackedWeight
+from lmserve.model.weight_formats.floating import Bf16Panels, FloatWeight, OneDNNPackedWeight
 from lmserve.model.weight_formats.int4 import (Int4WeightOnly, W4A8Pairs, W4A8Weight, int4_linear_supported,
                                                int4_pairs_run)
 from lmserve.model.weight_formats.int8 import W8A8Weight
@@ -132,16 +132,17 @@ def test_tiny_qwen2_native_decode_is_bit_identical(tiny_qwen2_folder, dtype, num
         assert isinstance(qkv.storage, W8A8Weight) and qkv.storage.weight.dtype == torch.int8
         assert_native_matches_python(model, num_seqs, torch.bfloat16)
         return
-    if dtype == "bfloat16-onednn":  # bf16 as CPUs the panels do not serve lay it out
+    if dtype == "bfloat16-onednn":  # bf16 as CPUs the panels do not serve lay it out (plain without AVX512-BW)
         monkeypatch.setattr(floating, "bf16_panels_run", lambda: False)
         model, _, _ = load_weights(tiny_qwen2_folder, "bfloat16")
-        assert isinstance(model.model.layers[0].self_attn.qkv_proj.storage, OneDNNPackedWeight)
+        layout = OneDNNPackedWeight if floating.packs_bf16() else FloatWeight
+        assert isinstance(model.model.layers[0].self_attn.qkv_proj.storage, layout)
         assert_native_matches_python(model, num_seqs, torch.bfloat16)
         return
     model, _, _ = load_weights(tiny_qwen2_folder, dtype)
     qkv = model.model.layers[0].self_attn.qkv_proj
     if dtype == "bfloat16":  # the kernels' panels where they run, oneDNN's layout elsewhere
-        assert isinstance(qkv.storage, Bf16Panels if floating.bf16_panels_run() else OneDNNPackedWeight)
+        assert isinstance(qkv.storage, floating.bf16_layout())
     if dtype == "int8":
         assert isinstance(qkv.storage, W8A8Weight) and qkv.weight is None  # and past the small-step limit, W8A8
     if dtype == "int4":  # W4A8 at every step where the kernels run it

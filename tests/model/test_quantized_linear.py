@@ -50,7 +50,8 @@ def test_int4_reproduces_a_q4_1_grid():
     assert (out - exact).abs().max().item() < 0.05 * exact.abs().max().item()
 
 
-def test_int4_is_closer_than_int8_on_a_q4_grid():
+def test_int4_is_closer_than_int8_on_a_q4_grid(monkeypatch):
+    monkeypatch.setattr(linear, "int4_linear_supported", lambda: False)  # the weight-only copies
     weight = q4_1_weight(128, 512, seed=1)
     x = torch.randn(4, 512)
     exact = x @ weight.t()
@@ -59,7 +60,9 @@ def test_int4_is_closer_than_int8_on_a_q4_grid():
     assert err4 < err8, (err4, err8)
 
 
-def test_int4_falls_back_to_int8_where_the_kernel_cannot_pack():
+def test_int4_falls_back_to_int8_where_the_kernel_cannot_pack(monkeypatch):
+    monkeypatch.setattr(linear, "int4_linear_supported", lambda: False)  # the weight-only copies
+
     def small_step_format(weight):
         return type(linear_with(weight, "int4", w8a8=False).small_step_copy.storage)
 
@@ -88,7 +91,7 @@ def test_int4_runs_w4a8_at_every_step_where_the_kernels_do():
     """One copy, the weight's 4-bit integers (tests/unit/test_int4_linear.py: a Q4_1 file's own,
     exactly), for every step size."""
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     weight = q4_1_weight(64, 128, seed=5)
     layer = Linear(128, 64, bias=True)
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -132,8 +135,10 @@ def test_without_the_kernels_small_steps_use_the_weight_only_copy_and_larger_one
         assert (large_out - exact).abs().max() < 0.06 * exact.abs().max(), rows  # and both compute x W^T
 
 
-def test_without_int8_products_larger_steps_keep_bf16():
-    """On a CPU without int8 dot products (quantize(w8a8=False)) larger steps run the bf16 weight."""
+def test_without_int8_products_larger_steps_keep_bf16(monkeypatch):
+    """On a CPU without int8 dot products (quantize(w8a8=False)) nor the W4A8 product (no AVX2)
+    larger steps run the bf16 weight."""
+    monkeypatch.setattr(linear, "int4_linear_supported", lambda: False)
     weight = q4_1_weight(64, 128, seed=4)
     layer = Linear(128, 64, bias=True)
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -154,6 +159,10 @@ def test_onednn_packed_weights_give_the_plain_products(monkeypatch):
     layer = Linear(96, 48, bias=True)
     layer.to(torch.bfloat16)
     plain_weight, bias = layer.weight.detach().clone(), layer.bias.detach()
+    if not floating.packs_bf16():  # oneDNN without a bf16 product here (AVX2 alone): it refuses, as packs_bf16 says
+        with pytest.raises(RuntimeError, match="bf16"):
+            layer.pack_for_cpu()
+        return
     layer.pack_for_cpu()
     assert isinstance(layer.storage, OneDNNPackedWeight) and layer.storage.weight.is_mkldnn and layer.weight is None
     for rows in (1, 9, 64, 300):
@@ -168,10 +177,10 @@ def test_bf16_weights_take_the_panels_where_the_kernel_serves_them():
     layer = Linear(96, 48, bias=True)
     layer.to(torch.bfloat16)
     plain_weight, bias = layer.weight.detach().clone(), layer.bias.detach()
-    layer.pack_for_cpu()
-    assert isinstance(layer.storage, Bf16Panels if floating.bf16_panels_run() else OneDNNPackedWeight)
     if not floating.bf16_panels_run():
-        return  # the test above covers this CPU's layout
+        return  # the test above covers this CPU's layout, or that it has none
+    layer.pack_for_cpu()
+    assert isinstance(layer.storage, Bf16Panels)
     assert layer.weight is None
     for rows in (1, 9, 64, 300):
         x = torch.randn(rows, 96)

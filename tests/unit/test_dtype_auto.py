@@ -13,7 +13,8 @@ from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model, write_gguf
 
 FULL = frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})  # this project's machines
 AVX_VNNI_ONLY = frozenset({"avx2", "avx_vnni"})
-NO_DOT_PRODUCTS = frozenset({"avx2"})
+AVX2_ONLY = frozenset({"avx", "avx2", "fma", "f16c"})  # x86-64-v3, as AMD's Zen 1-3
+NO_DOT_PRODUCTS = frozenset({"avx", "sse4_2"})
 BF16_ONLY = frozenset({"avx512f", "avx512_bf16"})
 
 
@@ -31,6 +32,10 @@ def test_the_checkpoint_decides_on_a_cpu_with_every_path(source, expected):
     ("gguf:Q4_1", AVX_VNNI_ONLY, "int4"),  # AVX-VNNI runs the int8 products too
     ("gguf:Q4_1", BF16_ONLY, "bfloat16"),
     ("gguf:Q8_0", BF16_ONLY, "bfloat16"),
+    ("gguf:Q4_1", AVX2_ONLY, "int4"),  # the W4A8 product on vpmaddubsw
+    ("gguf:Q4_K", AVX2_ONLY, "int4"),
+    ("gguf:Q8_0", AVX2_ONLY, "float32"),
+    ("gguf:Q4_1", AVX2_ONLY - {"f16c"}, "float32"),
     ("gguf:Q4_1", NO_DOT_PRODUCTS, "float32"),
     ("gguf:F16", NO_DOT_PRODUCTS, "float32"),
     ("hf:bfloat16", AVX_VNNI_ONLY, "float32"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmserve.cpu import has_int4_products
 from lmserve.kernels import cpu_flags, native_module
 from lmserve.memory import LOAD_PIECE_BYTES
 from lmserve.model.weight_formats.int4 import (
@@ -53,9 +54,10 @@ def activations(rows: int, cols: int, seed: int) -> torch.Tensor:
     return x
 
 
-def test_w4a8_runs_exactly_where_the_cpu_has_avx512_vnni():
-    # so that on such a CPU (this project's machines) the kernel tests below cannot pass unrun
-    assert int4_linear_supported() == ("avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags())
+def test_w4a8_runs_exactly_where_the_cpu_has_avx512_vnni_or_avx2():
+    # so that on such a CPU (any x86-64 of the last decade) the kernel tests below cannot pass unrun
+    flags = cpu_flags()
+    assert int4_linear_supported() == (("avx512_vnni" in flags and "avx512bw" in flags) or has_int4_products(flags))
 
 
 @pytest.mark.parametrize("pack", [pack_int4, pack_int4_reference], ids=["kernels", "torch"])
@@ -180,7 +182,7 @@ def test_activation_groups_quantize_as_the_reference_bit_for_bit():
                                              (64, 576, 3072), (130, 1536, 576), (67, 128, 208)])
 def test_product_matches_the_reference(rows, cols, out):
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     weight = q4_1_file_weight(out, cols, seed=rows + cols)[0]
     q, scales, lows = quantize_int4_groups(weight)
     packed = pack_int4(q)
@@ -201,7 +203,7 @@ def test_product_matches_the_reference(rows, cols, out):
 @pytest.mark.parametrize("rows", [3, 20, 70])  # the register tiles, and the AMX tiles where there are any
 def test_extreme_values_do_not_overflow(rows):
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     # every integer at its largest (15 against +-127) over K = 1536: the largest int32 group sums
     k = 1536
     weight = torch.full((32, k), 15.0 * 2**-6)
@@ -213,6 +215,24 @@ def test_extreme_values_do_not_overflow(rows):
     expected = int4_linear_reference(x, pack_int4(q), scales, lows, None)  # both paths exact here
     got = int4_linear(x, pack_int4(q), scales, lows, None)
     assert torch.allclose(got, expected, rtol=1e-5) and expected[1].max() < 0 < expected[0].min()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])  # residual rows, a whole tile and a tail
+def test_a_group_of_the_largest_integers_sums_exactly(rows):
+    """Every weight integer 15 against activations at +-127: a group's largest sums (on AVX2 each
+    int16 lane adds 16 such products, 30,480, just under 32,767), through the packed weight itself."""
+    if not int4_linear_supported():
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
+    k, n = 1536, 64
+    q = torch.full((n, k), 15, dtype=torch.uint8)
+    scales = torch.full((k // INT4_GROUP, n), 2.0**-6, dtype=torch.float16)
+    lows = torch.zeros_like(scales)
+    x = torch.full((rows, k), 2.0)
+    x[-1] = -2.0  # each group's values equal: int8 127 (and -127) with scale 2 / 127
+    expected = int4_linear_reference(x, pack_int4(q), scales, lows, None)
+    got = int4_linear(x, pack_int4(q), scales, lows, None)
+    assert torch.allclose(expected, torch.full_like(expected, 15 * 2.0**-6 * 2 * k).copysign(x[:, :1]), rtol=1e-5)
+    assert torch.allclose(got, expected, rtol=1e-5)
 
 
 def test_amx_tiles_run_exactly_where_the_cpu_has_amx_int8():
@@ -289,7 +309,7 @@ def test_an_unknown_path_is_refused():
 
 def test_a_mis_shaped_weight_is_refused():
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     q, scales, lows = quantize_int4_groups(torch.randn(32, 64))
     packed = pack_int4(q)
     with pytest.raises(RuntimeError, match="packed uint8"):
@@ -309,7 +329,7 @@ def test_the_pairs_layout_gives_the_register_tiles_results_bit_for_bit(rows, col
     256 bytes of the group, block 1's, then the group's 32 scales and 32 lows; the product over it
     is the blocks layout's on the register tiles, bit for bit."""
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     module = native_module()
     q, scales, lows = quantize_int4_groups(q4_1_file_weight(out, cols, seed=rows + out)[0])
     packed = pack_int4(q)
@@ -333,7 +353,7 @@ def test_a_product_gives_the_same_results_whatever_ran_before_it():
     ones, and a one-row step after many rows, gives what it gave the first time, bit for bit, and
     what the reference gives."""
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     module = native_module()
     shapes = [(1, 576, 64), (1, 1536, 576), (70, 1536, 96), (3, 96, 32), (1, 64, 32), (130, 576, 64)]
     weights, inputs = {}, {}
@@ -364,7 +384,7 @@ def test_a_product_added_in_place_is_the_product_added_after(rows):
     """int4_pairs_linear_add (the native decoder's residual sums) gives out + int4_pairs_linear(x)
     bit for bit, bias or none, and refuses rows it cannot add into."""
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     module = native_module()
     q, scales, lows = quantize_int4_groups(q4_1_file_weight(96, 576, seed=rows)[0])
     pairs = module.pack_int4_pairs(pack_int4(q), scales, lows)
@@ -381,7 +401,7 @@ def test_a_product_added_in_place_is_the_product_added_after(rows):
 
 def test_a_mis_shaped_pairs_weight_is_refused():
     if not int4_linear_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     module = native_module()
     q, scales, lows = quantize_int4_groups(torch.randn(48, 64))
     with pytest.raises(RuntimeError, match="N a multiple of 32"):  # three blocks: no whole pairs

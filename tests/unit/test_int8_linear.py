@@ -164,9 +164,10 @@ def test_packed_layout_groups_four_bytes_of_sixteen_outputs_and_round_trips():
     assert can_pack(weight) and not can_pack(weight[:24]) and not can_pack(weight[:, :6])
 
 
-def test_packed_products_exist_exactly_where_the_cpu_has_avx512_vnni():
-    # so that on such a CPU (this project's machines) the packed tests below cannot pass unrun
-    assert packs_weights() == ("avx512_vnni" in cpu_flags() and "avx512bw" in cpu_flags())
+def test_packed_products_exist_exactly_where_the_cpu_has_avx512_vnni_or_avx2():
+    # so that on such a CPU (any x86-64 of the last decade) the packed tests below cannot pass unrun
+    flags = cpu_flags()
+    assert packs_weights() == (("avx512_vnni" in flags and "avx512bw" in flags) or {"avx2", "fma"} <= flags)
 
 
 # rows: full 4-row tiles, 1-3 row tails, more than one 64-row chunk; out: 1-4 blocks of 16 per
@@ -175,7 +176,7 @@ def test_packed_products_exist_exactly_where_the_cpu_has_avx512_vnni():
                                              (64, 576, 3072), (130, 1536, 576), (67, 100, 208)])
 def test_packed_product_matches_the_reference_bit_for_bit(rows, cols, out):
     if not packs_weights():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     x, weight, bias = w8a8_case(rows, cols, out, seed=rows + cols)
     block = hadamard_block(cols)
     q, scales = quantize_int8(rotate_weight(weight, block))
@@ -220,7 +221,7 @@ def test_amx_tiles_give_the_register_kernels_results_bit_for_bit(rows, cols, out
 @pytest.mark.parametrize("rows", [5, 20])  # the register kernel, and the AMX tiles where there are any
 def test_packed_product_sums_saturated_rows_without_overflow(rows):
     if not packs_weights():
-        pytest.skip("this CPU has no AVX512-VNNI")
+        pytest.skip("this CPU has neither AVX512-VNNI nor AVX2")
     # every activation and weight at +-127: the largest sums the unsigned-offset trick must undo
     k = 1536
     x = torch.full((rows, k), 3.0)

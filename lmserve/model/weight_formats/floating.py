@@ -46,8 +46,15 @@ def bf16_panels_run() -> bool:
 
 
 def packs_bf16() -> bool:
-    """Whether pack_bf16 has a layout here."""
-    return bf16_panels_run() or torch.backends.mkldnn.is_available()
+    """Whether pack_bf16 has a layout here: the kernels' panels, or oneDNN's where it multiplies bf16
+    on this CPU (AVX512-BW or AVX-NE-CONVERT; on AVX2 alone its reorder refuses bf16 weights)."""
+    return bf16_panels_run() or (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_layout() -> type:
+    """The format a bf16 projection weight takes here: the kernels' panels, oneDNN's layout, or the
+    plain weight where neither has a bf16 product (packs_bf16)."""
+    return Bf16Panels if bf16_panels_run() else OneDNNPackedWeight if packs_bf16() else FloatWeight
 
 
 def pack_bf16(weight: torch.Tensor) -> Bf16Panels | OneDNNPackedWeight:

@@ -26,7 +26,7 @@ RESIDUAL_ROWS = 1
 
 
 def int4_linear_supported() -> bool:
-    """Whether int4_linear here runs on the kernels' W4A8 product (built with AVX512-VNNI)."""
+    """Whether int4_linear here runs on the kernels' W4A8 product (built with AVX512-VNNI or AVX2)."""
     module = native_module()
     return module is not None and module.int4_linear_supported()
 
@@ -51,15 +51,16 @@ def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scale may be negative). Weights dequantized from a Q4_1 or a Q4_0 file come back to the file's
     own integers, scales and lows; other weights are rounded to the closer grid. The kernels' copy
     of it gives the same values (the torch ops were most of a model's load: bench/RESULTS.md,
-    twelfth sitting); it is built where the W4A8 product is, the one path that quantizes this way."""
-    if int4_linear_supported():
-        q, scale, low = native_module().quantize_int4_groups(weight.float().contiguous())
+    twelfth sitting); it is built with AVX-512 (elsewhere the torch ops run)."""
+    module = native_module()
+    if module is not None and module.int4_quantize_supported():
+        q, scale, low = module.quantize_int4_groups(weight.float().contiguous())
         return q, scale.t().contiguous(), low.t().contiguous()
     return quantize_int4_groups_reference(weight)
 
 
 def quantize_int4_groups_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_int4_groups in torch ops (where the W4A8 product is not built)."""
+    """quantize_int4_groups in torch ops (where the kernels' copy is not built: int4_quantize_supported)."""
     n, k = weight.shape
     q = torch.empty((n, k), dtype=torch.uint8)
     scale = torch.empty((n, k // INT4_GROUP), dtype=torch.float16)

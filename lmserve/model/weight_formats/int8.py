@@ -35,9 +35,10 @@ PACK_OUTPUTS, PACK_DEPTH = 16, 4  # a packed weight's blocks: 16 outputs (int32 
 
 def int8_matmul_pays() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX512-VNNI or AVX-VNNI), on which the
-    W8A8 product outruns bf16's (bench/RESULTS.md, "Figures the code cites"). Elsewhere (unmeasured)
-    larger steps keep bf16 weights."""
-    return not cpu_flags().isdisjoint({"avx512_vnni", "avx_vnni"})
+    W8A8 product outruns bf16's (bench/RESULTS.md, "Figures the code cites"), or the kernels' packed
+    W8A8 product runs here on AVX2 (packs_weights), where bf16 has no instructions of its own.
+    Elsewhere larger steps keep bf16 weights."""
+    return not cpu_flags().isdisjoint({"avx512_vnni", "avx_vnni"}) or packs_weights()
 
 
 def hadamard_block(k: int) -> int:
@@ -79,7 +80,7 @@ def quantize_rows_reference(x: torch.Tensor, block: int = 1) -> tuple[torch.Tens
 
 
 def packs_weights() -> bool:
-    """Whether int8_linear here takes weights packed by pack_weight (kernels built with AVX512-VNNI)."""
+    """Whether int8_linear here takes weights packed by pack_weight (kernels built with AVX512-VNNI or AVX2)."""
     module = native_module()
     return module is not None and module.int8_packed_supported()
 
