@@ -6,7 +6,8 @@
 // llama.cpp's AVX2 dot products do): a pair is then at most 2 * 127 * 127 = 32,258, and vpmaddwd by
 // ones widens each pair to int32 before they are added. The int32 sums are sum_k w a exactly, so
 // the row offsets VNNI's tile subtracts are zero here, and the float32 arithmetic after them is
-// VNNI's: both give the same results bit for bit. Included from int8_linear.cpp, inside no namespace.
+// VNNI's: both give the same results bit for bit by construction (tests/unit/test_int8_linear.py
+// holds this tile to at::_int_mm's sums bit for bit). Included from int8_linear.cpp, inside no namespace.
 #pragma once
 
 namespace {

@@ -165,14 +165,13 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, i
 #if defined(LMSERVE_VNNI_GEMM)
 namespace {
 
-constexpr int32_t kOffset = 128;  // the packed weight holds w + 128 (below)
-
 #if defined(LMSERVE_W8A8_VNNI)
 // The packed weight: (N/16, K/4, 16, 4) uint8 holding w + 128, so that vpdpbusd (unsigned bytes
 // times signed bytes, four products summed into each int32 lane) takes 64 bytes of weight, four
 // columns of K for 16 outputs, against four bytes of one activation row broadcast to every lane.
 // sum_k (w + 128) a = sum_k w a + 128 sum_k a: the second term (kOffset times the row sum) is
 // subtracted before scaling, so the int32 sums are exactly at::_int_mm's.
+constexpr int32_t kOffset = 128;
 constexpr int kRows = 4;    // activation rows a register tile covers
 constexpr int kBlocks = 4;  // 16-output blocks a register tile covers: 16 int32 accumulators
 

@@ -19,7 +19,7 @@ def case(rows: int, cols: int, out: int, seed: int) -> tuple[torch.Tensor, torch
 
 
 def test_the_kernel_runs_exactly_where_the_cpu_has_avx512_or_avx2():
-    # so that on such a CPU (any x86-64 of the last decade) the tests below test the kernel, not torch
+    # so that on such a CPU (x86-64 from Haswell and Zen on) the tests below test the kernel, not torch
     flags = cpu_flags()
     assert native_module().f32_linear_supported() == ("avx512f" in flags or {"avx2", "fma"} <= flags)
 

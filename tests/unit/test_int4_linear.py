@@ -55,7 +55,7 @@ def activations(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def test_w4a8_runs_exactly_where_the_cpu_has_avx512_vnni_or_avx2():
-    # so that on such a CPU (any x86-64 of the last decade) the kernel tests below cannot pass unrun
+    # so that on such a CPU (x86-64 from Haswell and Zen on) the kernel tests below cannot pass unrun
     flags = cpu_flags()
     assert int4_linear_supported() == (("avx512_vnni" in flags and "avx512bw" in flags) or has_int4_products(flags))
 
@@ -215,6 +215,40 @@ def test_extreme_values_do_not_overflow(rows):
     expected = int4_linear_reference(x, pack_int4(q), scales, lows, None)  # both paths exact here
     got = int4_linear(x, pack_int4(q), scales, lows, None)
     assert torch.allclose(got, expected, rtol=1e-5) and expected[1].max() < 0 < expected[0].min()
+
+
+def register_tiles_float32(x, packed, scales, lows, bias):
+    """The register tiles' own float32 arithmetic, step for step, for steps of more than
+    RESIDUAL_ROWS rows: per group f = fma(sum, w_scale * x_scale, f), then f = fma(w_low, x_sum, f)
+    (an fma as float64 of float32 operands, whose product is exact, rounded once to float32), then
+    plus the bias."""
+    xq, x_scales, x_sums = quantize_groups_reference(x)
+    q = unpack_int4(packed).long()
+    m, k = x.shape
+    groups = k // INT4_GROUP
+    sums = torch.einsum("mgc,ngc->mng", xq.long().view(m, groups, INT4_GROUP), q.view(-1, groups, INT4_GROUP))
+    f = torch.zeros(m, q.shape[0])
+    for g in range(groups):
+        scale = scales[g].float()[None, :] * x_scales[:, g:g + 1]  # float32, as _mm*_mul_ps
+        f = (sums[..., g].double() * scale.double() + f.double()).float()
+        f = (lows[g].float().double()[None, :] * x_sums[:, g:g + 1].double() + f.double()).float()
+    return f if bias is None else f + bias
+
+
+@pytest.mark.parametrize("rows, cols, out", [(2, 64, 48), (5, 576, 96), (9, 1536, 64)])
+def test_the_register_tiles_give_their_float32_arithmetics_bits(rows, cols, out):
+    """Bit for bit against the arithmetic both register tiles (AVX512-VNNI and AVX2) spell out: so
+    the two instruction sets, never built on one machine together, give the same results."""
+    if not int4_linear_supported() or native_module().int4_linear_path(rows) != "registers":
+        pytest.skip("this CPU runs these steps on neither register tile")
+    weight = q4_1_file_weight(out, cols, seed=rows + cols)[0]
+    q, scales, lows = quantize_int4_groups(weight)
+    packed = pack_int4(q)
+    x, bias = activations(rows, cols, seed=rows), torch.randn(out)
+    for b in (None, bias):
+        expected = register_tiles_float32(x, packed, scales, lows, b)
+        assert torch.equal(int4_linear(x, packed, scales, lows, b), expected)
+        assert not torch.equal(expected, int4_linear_reference(x, packed, scales, lows, b).float())  # float32 sums show
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])  # residual rows, a whole tile and a tail

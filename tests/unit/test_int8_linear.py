@@ -165,7 +165,7 @@ def test_packed_layout_groups_four_bytes_of_sixteen_outputs_and_round_trips():
 
 
 def test_packed_products_exist_exactly_where_the_cpu_has_avx512_vnni_or_avx2():
-    # so that on such a CPU (any x86-64 of the last decade) the packed tests below cannot pass unrun
+    # so that on such a CPU (x86-64 from Haswell and Zen on) the packed tests below cannot pass unrun
     flags = cpu_flags()
     assert packs_weights() == (("avx512_vnni" in flags and "avx512bw" in flags) or {"avx2", "fma"} <= flags)
 
