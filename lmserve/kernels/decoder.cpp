@@ -727,7 +727,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::call_guard<py::gil_scoped_release>());
     m.def("quantize_groups", &quantize_groups, "int8 in groups of 32 columns, each with its scale and sum");
     m.def("int4_linear_supported", &int4_linear_supported, "whether int4_linear runs here (AVX512-VNNI or AVX2)");
-    m.def("int4_quantize_supported", &int4_quantize_supported, "whether quantize_int4_groups runs here (AVX-512)");
+    m.def("int4_quantize_supported", &int4_quantize_supported, "whether quantize_int4_groups runs here (AVX-512 or AVX2)");
     m.def("int4_tiles_supported", &int4_tiles_supported, "whether int4_linear runs larger steps on AMX-INT8 tiles here");
     m.def("int4_linear_path", &int4_linear_path, "the path int4_linear takes for a step of this many rows");
     m.def("int4_bf16_tiles_supported", &int4_bf16_tiles_supported, "whether int4_linear runs larger steps on AMX-BF16 tiles here");

@@ -55,6 +55,31 @@ inline void quantize_group(const float* v, int8_t* out, float& scale_out, float&
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(q1));
     scale_out = scale;
     sum_out = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1))) * scale;
+#elif defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 x[4];
+    for (int h = 0; h < 4; ++h) x[h] = _mm256_loadu_ps(v + 8 * h);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x[0]), _mm256_andnot_ps(sign, x[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, x[2]), _mm256_andnot_ps(sign, x[3])));
+    __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+    const float top = _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
+    const float scale = std::max(top, kMinAbsMax) / 127.f;
+    const __m256 sv = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    __m256i q[4];
+    for (int h = 0; h < 4; ++h)  // nearbyint: round half to even
+        q[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(
+            _mm256_round_ps(_mm256_div_ps(x[h], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+    // packs work within 128-bit lanes: the bytes come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4] | q0[4:8] ...
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i total8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i total4 = _mm_add_epi32(_mm256_castsi256_si128(total8), _mm256_extracti128_si256(total8, 1));
+    total4 = _mm_add_epi32(total4, _mm_shuffle_epi32(total4, 0x4E));
+    total4 = _mm_add_epi32(total4, _mm_shuffle_epi32(total4, 0xB1));
+    scale_out = scale;
+    sum_out = static_cast<float>(_mm_cvtsi128_si32(total4)) * scale;
 #else
     float top = 0.f;
     for (int64_t c = 0; c < kGroup; ++c) top = std::max(top, std::fabs(v[c]));
@@ -468,10 +493,10 @@ torch::Tensor pack_int4(const torch::Tensor& q) {
 // gives are those of the PyTorch version bit for bit: (N, K) float32 -> (N, K) uint8 q in 0..15,
 // (N, K/32) float16 scales and lows. Each group takes Q4_1's grid (min and max at 0 and 15) or
 // Q4_0's ((q - 8) * d, the value of largest magnitude at q = 0) where that one is strictly closer.
-// Built with AVX-512 only (int4_quantize_supported); elsewhere model/weight_formats/int4.py runs its
-// PyTorch version.
+// Built with AVX-512 or AVX2 (int4_quantize_supported); elsewhere model/weight_formats/int4.py runs
+// its PyTorch version.
 bool int4_quantize_supported() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     return true;
 #else
     return false;
@@ -535,7 +560,78 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
         }
     });
     return {q, scales, lows};
+#elif defined(__AVX2__)
+    // The AVX-512 steps above in 8 lanes, four vectors a group; the bits are the same (each value is
+    // one float32 operation on the same operands; only the min and max reductions are ordered otherwise).
+    const int64_t n = weight.size(0), groups = weight.size(1) / kGroup;
+    auto q = torch::empty({n, groups * kGroup}, weight.options().dtype(at::kByte));
+    auto scales = torch::empty({n, groups}, weight.options().dtype(at::kHalf));
+    auto lows = torch::empty_like(scales);
+    const float* w = weight.data_ptr<float>();
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    at::Half* sp = scales.data_ptr<at::Half>();
+    at::Half* lp = lows.data_ptr<at::Half>();
+    const auto half = [](float x) { return static_cast<float>(static_cast<at::Half>(x)); };
+    const auto fold = [](__m256 v, auto op) {  // op over the 8 lanes
+        __m128 s = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = op(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(op(s, _mm_movehdup_ps(s)));
+    };
+    const auto min4 = [](__m128 a, __m128 b) { return _mm_min_ps(a, b); };
+    const auto max4 = [](__m128 a, __m128 b) { return _mm_max_ps(a, b); };
+    const auto unordered = [](__m256 a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); };
+    at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+        const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.f);
+        for (int64_t g = begin; g < end; ++g) {
+            const float* v = w + g * kGroup;
+            __m256 x[4], magnitude[4];
+            int nan = 0;
+            for (int h = 0; h < 4; ++h) {
+                x[h] = _mm256_loadu_ps(v + 8 * h);
+                magnitude[h] = _mm256_andnot_ps(sign, x[h]);
+                nan |= unordered(x[h]);
+            }
+            if (nan) {  // torch's min, max and argmax take the NaN: scale and low NaN, q 0
+                std::memset(qp + g * kGroup, 0, kGroup);
+                sp[g] = lp[g] = static_cast<at::Half>(std::numeric_limits<float>::quiet_NaN());
+                continue;
+            }
+            const float lo = fold(_mm256_min_ps(_mm256_min_ps(x[0], x[1]), _mm256_min_ps(x[2], x[3])), min4);
+            const float hi = fold(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])), max4);
+            const __m256 top = _mm256_set1_ps(fold(_mm256_max_ps(_mm256_max_ps(magnitude[0], magnitude[1]),
+                                                                 _mm256_max_ps(magnitude[2], magnitude[3])), max4));
+            uint32_t at_top = 0;
+            for (int h = 0; h < 4; ++h)
+                at_top |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(magnitude[h], top, _CMP_EQ_OQ))) << 8 * h;
+            const float extreme = v[at_top != 0 ? __builtin_ctz(at_top) : 0];  // the first of the largest
+            const float low1 = half(lo), scale1 = half((hi - low1) / 15.f), scale0 = half(extreme / -8.f);
+            const float grid_scale[2] = {scale1, scale0}, grid_low[2] = {low1, -8.f * scale0};
+            alignas(32) float grid_q[2][kGroup];
+            float error[2];
+            for (int s = 0; s < 2; ++s) {
+                const float divisor = grid_scale[s] == 0.f ? 1.f : grid_scale[s];  // a constant group: q = 0
+                const __m256 low = _mm256_set1_ps(grid_low[s]), scale = _mm256_set1_ps(grid_scale[s]);
+                __m256 worst = zero;
+                int missed_by_nan = 0;  // a grid whose scale overflowed float16 misses by NaN: never the closer one
+                for (int h = 0; h < 4; ++h) {
+                    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(x[h], low), _mm256_set1_ps(divisor)),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    const __m256 c = _mm256_min_ps(_mm256_max_ps(r, zero), fifteen);
+                    _mm256_store_ps(grid_q[s] + 8 * h, c);
+                    const __m256 miss = _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(c, scale), low), x[h]));
+                    missed_by_nan |= unordered(miss);
+                    worst = _mm256_max_ps(worst, miss);
+                }
+                error[s] = missed_by_nan ? std::numeric_limits<float>::quiet_NaN() : fold(worst, max4);
+            }
+            const int s = error[1] < error[0] ? 1 : 0;
+            for (int i = 0; i < kGroup; ++i) qp[g * kGroup + i] = static_cast<uint8_t>(grid_q[s][i]);
+            sp[g] = static_cast<at::Half>(grid_scale[s]);
+            lp[g] = static_cast<at::Half>(grid_low[s]);
+        }
+    });
+    return {q, scales, lows};
 #else
-    TORCH_CHECK(false, "quantize_int4_groups needs a build with AVX-512 (int4_quantize_supported())");
+    TORCH_CHECK(false, "quantize_int4_groups needs a build with AVX-512 or AVX2 (int4_quantize_supported())");
 #endif
 }

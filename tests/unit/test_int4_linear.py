@@ -131,7 +131,7 @@ def test_a_weight_quantized_in_pieces_is_quantized_as_each_row_alone(quantize):
 def test_the_kernels_quantizer_gives_the_torch_ones_values_bit_for_bit():
     """Groups of every kind: random, Q4_1- and Q4_0-shaped, constant, all zero, ties for the largest
     magnitude (+a and -a: the first wins), tiny and large values, rows of odd counts."""
-    assert int4_linear_supported()  # the kernels' quantizer is the one called
+    assert native_module().int4_quantize_supported()  # the kernels' quantizer is the one called
     g = torch.Generator().manual_seed(6)
     weight = torch.randn(37, 512, generator=g) * 0.05
     weight[0] = q4_1_file_weight(1, 512, seed=1)[0]

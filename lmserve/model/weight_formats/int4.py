@@ -51,7 +51,7 @@ def quantize_int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scale may be negative). Weights dequantized from a Q4_1 or a Q4_0 file come back to the file's
     own integers, scales and lows; other weights are rounded to the closer grid. The kernels' copy
     of it gives the same values (the torch ops were most of a model's load: bench/RESULTS.md,
-    twelfth sitting); it is built with AVX-512 (elsewhere the torch ops run)."""
+    twelfth sitting); it is built with AVX-512 or AVX2 (elsewhere the torch ops run)."""
     module = native_module()
     if module is not None and module.int4_quantize_supported():
         q, scale, low = module.quantize_int4_groups(weight.float().contiguous())
