@@ -5,9 +5,9 @@
 // most 15 * 127 in magnitude (the activations are int8 in -127..127): 30,480 < 32,767, so a group
 // sums in int16 without saturating, and one vpmaddwd by ones then gives its int32 sums, exact as
 // VNNI's. The float32 arithmetic after it is VNNI's, operation for operation, so both give the
-// same results bit for bit by construction (one machine builds one of them, so no test compares
-// the two; tests/unit/test_int4_linear.py holds each to the float64 reference, and to the exact
-// sums at the int16 bound).
+// same results bit for bit (one machine builds one of them; tests/unit/test_int4_linear.py holds
+// each to one float32 spelling of that arithmetic bit for bit, and to the exact sums at the int16
+// bound).
 #pragma once
 
 namespace int4_registers {
