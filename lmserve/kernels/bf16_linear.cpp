@@ -12,8 +12,7 @@
 //
 // x is rounded to bf16 (nearest even) and the products summed in float32: oneDNN's arithmetic,
 // except that outputs stay float32 where oneDNN rounds them to bf16.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 
 #include <algorithm>
 #include <array>
@@ -24,7 +23,7 @@
 #include <immintrin.h>
 #endif
 
-std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
+std::optional<at::Tensor> float_bias(const std::optional<at::Tensor>& bias, int64_t n);  // int8_linear.cpp
 
 namespace {
 
@@ -75,7 +74,7 @@ constexpr auto kTiles = tiles_of(std::make_integer_sequence<int, kMaxRows>());
 #endif
 
 // Panels as bf16_panels lays them out, of an (n_size, k_size) weight.
-void check_panels(const torch::Tensor& panels, int64_t n_size, int64_t k_size) {
+void check_panels(const at::Tensor& panels, int64_t n_size, int64_t k_size) {
     TORCH_CHECK(panels.dim() == 4 && panels.size(2) == kPanel && panels.size(3) == 2 &&
                 panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(), "panels: bf16_panels' layout");
     TORCH_CHECK((k_size + 1) / 2 == panels.size(1) && n_size > 0 && (n_size + kPanel - 1) / kPanel == panels.size(0),
@@ -93,13 +92,13 @@ bool bf16_linear_supported() {
 }
 
 // (N, K) bf16 -> panels (ceil(N/32), ceil(K/2), 32, 2), outputs and columns past the weight zero.
-torch::Tensor bf16_panels(const torch::Tensor& weight_in) {
+at::Tensor bf16_panels(const at::Tensor& weight_in) {
     TORCH_CHECK(weight_in.dim() == 2 && weight_in.scalar_type() == at::kBFloat16 && weight_in.device().is_cpu(),
                 "weight: (N, K) bfloat16 on the CPU");
     const auto weight = weight_in.contiguous();
     const int64_t n_size = weight.size(0), k_size = weight.size(1);
     const int64_t panels = (n_size + kPanel - 1) / kPanel, pairs = (k_size + 1) / 2;
-    auto out = torch::zeros({panels, pairs, kPanel, 2}, weight.options());
+    auto out = at::zeros({panels, pairs, kPanel, 2}, weight.options());
     const uint16_t* src = reinterpret_cast<const uint16_t*>(weight.data_ptr());
     uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
@@ -114,7 +113,7 @@ torch::Tensor bf16_panels(const torch::Tensor& weight_in) {
 
 // Rows `ids` of the (N, K) weight the panels hold, as float32 (T, K): a tied model's embeddings
 // read from its head (model/linear.py's HeadEmbedding), the same values as the bf16 table it replaces.
-torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& ids_in, int64_t n_size,
+at::Tensor bf16_panel_rows(const at::Tensor& panels, const at::Tensor& ids_in, int64_t n_size,
                               int64_t k_size) {
     check_panels(panels, n_size, k_size);
     const auto ids = ids_in.reshape({-1}).to(at::kLong).contiguous();
@@ -122,7 +121,7 @@ torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& 
     const int64_t* idp = ids.data_ptr<int64_t>();
     for (int64_t t = 0; t < count; ++t)
         TORCH_CHECK(idp[t] >= 0 && idp[t] < n_size, "id ", idp[t], " out of range for ", n_size, " rows");
-    auto out = torch::empty({count, k_size}, panels.options().dtype(at::kFloat));
+    auto out = at::empty({count, k_size}, panels.options().dtype(at::kFloat));
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(panels.data_ptr());
     float* op = out.data_ptr<float>();
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
@@ -139,7 +138,7 @@ torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& 
 }
 
 // x (..., K) float32 or bf16, panels of an (N, K) weight, bias (N,) or none -> (..., N) float32.
-torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& bias,
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                           int64_t n_size) {
     const int64_t k_size = x.size(-1), pairs = panels.size(1);
     check_panels(panels, n_size, k_size);
@@ -150,7 +149,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, c
     if (k_size % 2 != 0) rows = at::constant_pad_nd(rows, {0, 1});
     rows = rows.contiguous();
     const int64_t m_size = rows.size(0);
-    auto y = torch::empty({m_size, n_size}, x.options().dtype(at::kFloat));
+    auto y = at::empty({m_size, n_size}, x.options().dtype(at::kFloat));
     const float* bp = b ? b->data_ptr<float>() : nullptr;
     const uint32_t* xp = reinterpret_cast<const uint32_t*>(rows.data_ptr());
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(panels.data_ptr());

@@ -3,9 +3,10 @@
 // same results, bit for bit), without ~50
 // Python-level op calls per layer. At a few sequences a step is dominated by that dispatch, not by
 // arithmetic, and steps that carry a prompt chunk beside many decodes are as common as decode-only ones.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 
 #include <algorithm>
 #include <atomic>
@@ -23,52 +24,52 @@
 #include <immintrin.h>
 #endif
 
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
-                          const std::optional<torch::Tensor>& bias, int64_t block, const std::string& path);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scales,
+                          const std::optional<at::Tensor>& bias, int64_t block, const std::string& path);
 std::string int8_linear_path(int64_t rows, int64_t k);
-std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block);
-torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor& w_scales, const torch::Tensor& ids,
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t block);
+at::Tensor int8_weight_rows(const at::Tensor& weight, const at::Tensor& w_scales, const at::Tensor& ids,
                                int64_t block);
 bool int8_packed_supported();
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
-                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias, const std::string& path);
-torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pairs,
-                                const std::optional<torch::Tensor>& bias);
-void int4_pairs_linear_add(const torch::Tensor& x, const torch::Tensor& pairs, const std::optional<torch::Tensor>& bias,
-                           torch::Tensor& out);
-torch::Tensor pack_int4_pairs(const torch::Tensor& packed, const torch::Tensor& w_scales,
-                              const torch::Tensor& w_lows);
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x);
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight);
-torch::Tensor pack_int4(const torch::Tensor& q);
-std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weight, int64_t block);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
+                          const at::Tensor& w_lows, const std::optional<at::Tensor>& bias, const std::string& path);
+at::Tensor int4_pairs_linear(const at::Tensor& x, const at::Tensor& pairs,
+                                const std::optional<at::Tensor>& bias);
+void int4_pairs_linear_add(const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
+                           at::Tensor& out);
+at::Tensor pack_int4_pairs(const at::Tensor& packed, const at::Tensor& w_scales,
+                              const at::Tensor& w_lows);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_groups(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Tensor& weight);
+at::Tensor pack_int4(const at::Tensor& q);
+std::tuple<at::Tensor, at::Tensor> rotated_int8(const at::Tensor& weight, int64_t block);
 bool int4_linear_supported();
 bool int4_quantize_supported();
 bool int4_tiles_supported();
-torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias);
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 bool f32_linear_supported();
-torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& bias,
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
                           int64_t n_size);
-torch::Tensor bf16_panels(const torch::Tensor& weight);
-torch::Tensor bf16_panel_rows(const torch::Tensor& panels, const torch::Tensor& ids, int64_t n_size, int64_t k_size);
+at::Tensor bf16_panels(const at::Tensor& weight);
+at::Tensor bf16_panel_rows(const at::Tensor& panels, const at::Tensor& ids, int64_t n_size, int64_t k_size);
 bool bf16_linear_supported();
 bool int4_bf16_tiles_supported();
-bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);
-bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
+bool prompt_attention_supported(const at::Tensor& k_cache, int64_t num_heads);
+bool prompt_attention_chosen(const at::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
                              bool after_context);
 bool amx_bf16_usable();
-torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                     const torch::Tensor& slots, double scale);
-torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
+at::Tensor paged_prompt_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& slots, double scale);
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 std::string int4_linear_path(int64_t rows);
 bool int4_rows_alike(int64_t a, int64_t b);
-torch::Tensor argmax_rows(const torch::Tensor& x);
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                     const torch::Tensor& v_cache, const torch::Tensor& block_table,
-                                     const torch::Tensor& context_lens, int64_t block_size, double scale,
+at::Tensor argmax_rows(const at::Tensor& x);
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, const at::Tensor& block_table,
+                                     const at::Tensor& context_lens, int64_t block_size, double scale,
                                      bool share_prefixes);
-bool decode_shares_prefixes(const torch::Tensor& k_cache, int64_t num_heads, const torch::Tensor& block_table,
-                            const torch::Tensor& context_lens, int64_t block_size);
+bool decode_shares_prefixes(const at::Tensor& k_cache, int64_t num_heads, const at::Tensor& block_table,
+                            const at::Tensor& context_lens, int64_t block_size);
 
 namespace {
 
@@ -79,19 +80,19 @@ enum Layout : int64_t { kPlain = 0, kOneDNN = 1, kPanels = 2 };  // a float weig
 
 // One projection as model/llama.py's Linear holds it.
 struct NativeLinear {
-    torch::Tensor weight;  // plain (N, K), oneDNN-packed or bf16 panels (Layout); undefined once quantized
-    std::optional<torch::Tensor> bias;
+    at::Tensor weight;  // plain (N, K), oneDNN-packed or bf16 panels (Layout); undefined once quantized
+    std::optional<at::Tensor> bias;
     int64_t layout;  // Layout
     int64_t outputs;  // N, for panels (their shape rounds it up)
     int64_t narrow;  // Narrow
-    torch::Tensor narrow_weight, narrow_scales;
+    at::Tensor narrow_weight, narrow_scales;
     int64_t small_step_tokens;  // steps of at most this many tokens use the narrow copy
-    torch::Tensor wide_weight, wide_scales;  // int8 (N, K) or packed, float32 (N,): larger steps, int8 activations
+    at::Tensor wide_weight, wide_scales;  // int8 (N, K) or packed, float32 (N,): larger steps, int8 activations
     int64_t wide_block;  // Hadamard block of the wide weight's columns (model/int8.py)
     // W4A8 for every step (int4_linear.cpp), or undefined; scales and lows undefined in the pairs layout
-    torch::Tensor int4_weight, int4_scales, int4_lows;
+    at::Tensor int4_weight, int4_scales, int4_lows;
 
-    torch::Tensor operator()(const torch::Tensor& x) const {
+    at::Tensor operator()(const at::Tensor& x) const {
         if (int4_weight.defined()) {  // float32 rows in and out; the decoder's are (no cast: ~240 calls a step)
             const bool as_is = x.scalar_type() == at::kFloat;
             const auto rows = as_is ? x : x.to(at::kFloat);
@@ -124,7 +125,7 @@ struct NativeLinear {
 
     // target += (*this)(x), bit for bit: a W4A8 pairs weight adds into float32 rows as it stores them
     // (no product tensor, no ATen add: two of each a layer; one-row steps 1.5% faster on SmolLM2).
-    void add_to(const torch::Tensor& x, torch::Tensor& target) const {
+    void add_to(const at::Tensor& x, at::Tensor& target) const {
         if (int4_weight.defined() && !int4_scales.defined() && x.scalar_type() == at::kFloat &&
             target.scalar_type() == at::kFloat && target.is_contiguous())
             int4_pairs_linear_add(x, int4_weight, bias, target);
@@ -138,13 +139,13 @@ struct NativeLinear {
 // ~5 ops (8-16 us a call from Python at 1-64 rows against 0.8-4; 61 calls a step). model/llama.py's RMSNorm calls this too
 // (through rms_norm below), so its layers and these give the same results; against F.rms_norm they agree
 // to float32 rounding (a test holds them to that).
-torch::Tensor rms_norm_rows(const torch::Tensor& x_in, const torch::Tensor& weight, double eps) {
+at::Tensor rms_norm_rows(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: float32 (M, H)");
     TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x_in.size(1),
                 "weight: float32 (H,)");
     const auto x = x_in.contiguous();
     const int64_t rows = x.size(0), cols = x.size(1);
-    auto out = torch::empty_like(x);
+    auto out = at::empty_like(x);
     const float* xp = x.data_ptr<float>();
     const float* wp = weight.data_ptr<float>();
     float* op = out.data_ptr<float>();
@@ -181,7 +182,7 @@ namespace {
 
 // rms_norm_rows for float32 rows and weight, ATen's rms_norm otherwise. Bound as `rms_norm`:
 // model/llama.py's RMSNorm calls it on the CPU too, so the rule is written once.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     if (weight.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && x.dim() == 2)
         return rms_norm_rows(x, weight, eps);
     return at::rms_norm(x, {x.size(-1)}, weight, eps);
@@ -194,12 +195,12 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 // Qwen2-0.5B shape, bench/RESULTS.md). silu(g) = g / (1 + exp(-g)), exp as exp16 computes it (a
 // relative error of ~2e-7 where ATen's Sleef exp has ~1e-7): model/llama.py's MLP calls this too
 // (through silu_mul below), so its layers and these give the same results.
-torch::Tensor silu_mul_rows(const torch::Tensor& gate_up_in) {
+at::Tensor silu_mul_rows(const at::Tensor& gate_up_in) {
     TORCH_CHECK(gate_up_in.device().is_cpu() && gate_up_in.dim() == 2 && gate_up_in.scalar_type() == at::kFloat &&
                 gate_up_in.size(1) % 2 == 0, "gate_up: float32 (T, 2I) on the CPU");
     const auto gate_up = gate_up_in.contiguous();
     const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
-    auto out = torch::empty({rows, width}, gate_up.options());
+    auto out = at::empty({rows, width}, gate_up.options());
     const float* src = gate_up.data_ptr<float>();
     float* dst = out.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1));  // ATen's, in rows
@@ -230,7 +231,7 @@ torch::Tensor silu_mul_rows(const torch::Tensor& gate_up_in) {
 namespace {
 
 // silu_mul_rows for float32 rows, ATen's silu and mul otherwise. Bound as `silu_mul`.
-torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+at::Tensor silu_mul(const at::Tensor& gate_up) {
     if (gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2) return silu_mul_rows(gate_up);
     const auto halves = gate_up.chunk(2, -1);
     return at::silu(halves[0]) * halves[1];
@@ -239,12 +240,12 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 // weights/gguf_blocks.py's dequantization, the same float32 operations in the same order (so the
 // gguf package's values bit for bit): (blocks, type size) uint8 of GGML type Q4_0 (2), Q4_1 (3) or
 // Q8_0 (8) -> (blocks, 32) float32. A block's first 16 values are its bytes' low nibbles.
-torch::Tensor gguf_dequantize(const torch::Tensor& blocks, int64_t qtype) {
+at::Tensor gguf_dequantize(const at::Tensor& blocks, int64_t qtype) {
     const int64_t type_size = qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 8 ? 34 : 0;
     TORCH_CHECK(type_size > 0, "GGML type: Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
     TORCH_CHECK(blocks.dim() == 2 && blocks.size(1) == type_size && blocks.scalar_type() == at::kByte &&
                 blocks.is_contiguous(), "blocks: contiguous uint8 (n, ", type_size, ")");
-    auto out = torch::empty({blocks.size(0), 32}, blocks.options().dtype(at::kFloat));
+    auto out = at::empty({blocks.size(0), 32}, blocks.options().dtype(at::kFloat));
     const uint8_t* in = blocks.data_ptr<uint8_t>();
     float* op = out.data_ptr<float>();
     const auto half_at = [](const uint8_t* p) {
@@ -280,7 +281,7 @@ torch::Tensor gguf_dequantize(const torch::Tensor& blocks, int64_t qtype) {
 
 struct NativeLayer {
     NativeLinear qkv, o, gate_up, down;
-    torch::Tensor input_norm, post_attention_norm;
+    at::Tensor input_norm, post_attention_norm;
 };
 
 template <typename T>
@@ -302,18 +303,18 @@ void store_row<int8_t>(const float* src, int8_t* dst, int64_t n) {
 // their cache slots (checked by the caller) in the cache's dtype as write_kv's index_copy_ after
 // .to() does. Returns q (n, H, D) and k (n, Hkv, D).
 template <typename T>
-std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv, const torch::Tensor& cos,
-                                                       const torch::Tensor& sin, int64_t heads, int64_t kv_heads,
-                                                       int64_t dim, const torch::Tensor& slots,
-                                                       const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+std::pair<at::Tensor, at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos,
+                                                       const at::Tensor& sin, int64_t heads, int64_t kv_heads,
+                                                       int64_t dim, const at::Tensor& slots,
+                                                       const at::Tensor& k_cache, const at::Tensor& v_cache) {
     const int64_t n = qkv.size(0), width = qkv.size(1), half = dim / 2, num_slots = k_cache.size(1);
     const int64_t stride = row_stride<T>(dim);  // an int8 row ends with its scale
     TORCH_CHECK(qkv.is_contiguous() && width == (heads + 2 * kv_heads) * dim, "qkv: contiguous (n, (H + 2 Hkv) D)");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                 k_cache.size(0) == kv_heads && k_cache.size(2) == stride, "caches: contiguous (Hkv, slots, D)");
     TORCH_CHECK(slots.numel() == n && cos.numel() == n * dim && sin.numel() == n * dim, "one slot and angle row per token");
-    auto q = torch::empty({n, heads, dim}, qkv.options());
-    auto k = torch::empty({n, kv_heads, dim}, qkv.options());
+    auto q = at::empty({n, heads, dim}, qkv.options());
+    auto k = at::empty({n, kv_heads, dim}, qkv.options());
     const float* src = qkv.data_ptr<float>();
     const float* cp = cos.data_ptr<float>();
     const float* sp = sin.data_ptr<float>();
@@ -352,10 +353,10 @@ std::pair<torch::Tensor, torch::Tensor> rope_and_cache(const torch::Tensor& qkv,
 // One sequence's chunk of prompt tokens in a step (PrefillSeq in model/attention.py): the rows
 // [query_start, query_start + query_len), attending to context_len tokens; slot_ids holds the cache
 // slots of the whole context when the chunk is not the whole of it.
-using Prefill = std::tuple<int64_t, int64_t, int64_t, std::optional<torch::Tensor>>;
+using Prefill = std::tuple<int64_t, int64_t, int64_t, std::optional<at::Tensor>>;
 
 // _gather in model/attention.py (an int8 row widened and times its scale)
-torch::Tensor gather(const torch::Tensor& cache_part, const torch::Tensor& slots, at::ScalarType dtype) {
+at::Tensor gather(const at::Tensor& cache_part, const at::Tensor& slots, at::ScalarType dtype) {
     auto rows = cache_part.index_select(1, slots.reshape(-1));
     if (cache_part.scalar_type() == at::kChar) {
         const int64_t dim = cache_part.size(2) - kScaleBytes;
@@ -366,7 +367,7 @@ torch::Tensor gather(const torch::Tensor& cache_part, const torch::Tensor& slots
 }
 
 // The dtype prefill attention computes in: the cache's, bfloat16 for int8 rows (as for a bf16 cache).
-at::ScalarType attention_dtype(const torch::Tensor& cache_part) {
+at::ScalarType attention_dtype(const at::Tensor& cache_part) {
     return cache_part.scalar_type() == at::kChar ? at::kBFloat16 : cache_part.scalar_type();
 }
 
@@ -376,11 +377,11 @@ at::ScalarType attention_dtype(const torch::Tensor& cache_part) {
 // context (_prefill_attention's; none for a chunk that is the whole of its context).
 struct ChunkPlan {
     bool kernel;
-    std::optional<torch::Tensor> mask;
+    std::optional<at::Tensor> mask;
 };
 
-ChunkPlan chunk_plan(const Prefill& seq, const std::vector<torch::Tensor>& k_caches, int64_t num_heads,
-                     const torch::TensorOptions& options) {
+ChunkPlan chunk_plan(const Prefill& seq, const std::vector<at::Tensor>& k_caches, int64_t num_heads,
+                     const at::TensorOptions& options) {
     const auto& [query_start, query_len, context_len, slot_ids] = seq;
     if (!k_caches.empty() && prompt_attention_chosen(k_caches[0], num_heads, query_len, slot_ids.has_value()))
         return {true, std::nullopt};  // the kernel masks as it goes
@@ -391,8 +392,8 @@ ChunkPlan chunk_plan(const Prefill& seq, const std::vector<torch::Tensor>& k_cac
 // A prefill chunk's attention as paged_attention in model/attention.py takes it, op for op: the
 // prompt attention kernels where the step's plan has them, else _prefill_attention's ops with the
 // plan's mask.
-torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const torch::Tensor& k_cache, const torch::Tensor& v_cache, const Prefill& seq,
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache, const Prefill& seq,
                                 const ChunkPlan& plan, double scale) {
     const auto& slot_ids = std::get<3>(seq);
     const auto& mask = plan.mask;
@@ -401,7 +402,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
                          : prompt_attention(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), scale))
             .to(q.scalar_type());
     const auto dtype = attention_dtype(k_cache);
-    torch::Tensor keys, values;
+    at::Tensor keys, values;
     const bool causal = !slot_ids;
     if (!slot_ids) {
         keys = k.transpose(0, 1).to(dtype);
@@ -422,8 +423,8 @@ class NativeDecoder {
         : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
           intermediate_size_(intermediate_size), eps_(eps), scale_(scale) {}
 
-    void add_layer(const std::vector<NativeLinear>& linears, torch::Tensor input_norm,
-                   torch::Tensor post_attention_norm) {
+    void add_layer(const std::vector<NativeLinear>& linears, at::Tensor input_norm,
+                   at::Tensor post_attention_norm) {
         TORCH_CHECK(linears.size() == 4, "qkv, o, gate_up, down");
         layers_.push_back({linears[0], linears[1], linears[2], linears[3], std::move(input_norm),
                            std::move(post_attention_norm)});
@@ -438,11 +439,11 @@ class NativeDecoder {
 
     // x (T, hidden) float32: the step's first num_decodes rows are single-token decodes, then the
     // prefill chunks; returns the hidden states after the last layer.
-    torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
-                          const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
-                          const torch::Tensor& slot_mapping, int64_t num_decodes,
-                          const std::optional<torch::Tensor>& block_table,
-                          const std::optional<torch::Tensor>& context_lens, int64_t block_size,
+    at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                          const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                          const at::Tensor& slot_mapping, int64_t num_decodes,
+                          const std::optional<at::Tensor>& block_table,
+                          const std::optional<at::Tensor>& context_lens, int64_t block_size,
                           const std::vector<Prefill>& prefills) const {
         TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
         TORCH_CHECK(num_decodes == 0 || (block_table && context_lens), "decodes need a block table and lengths");
@@ -480,9 +481,9 @@ class NativeDecoder {
     // What a step's rows need besides their hidden states: their rope angles and cache slots and,
     // for the decode rows (the first num_decodes), their block tables and context lengths.
     struct StepRows {
-        torch::Tensor cos, sin, slots;
+        at::Tensor cos, sin, slots;
         int64_t num_decodes;
-        std::optional<torch::Tensor> block_table, context_lens;
+        std::optional<at::Tensor> block_table, context_lens;
         int64_t block_size;
 
         StepRows slice(int64_t begin, int64_t end) const {  // decode rows [begin, end)
@@ -493,8 +494,8 @@ class NativeDecoder {
 
     // One layer over x (T, hidden): model/llama.py's DecoderLayer.forward (share_prefixes: the
     // decode rows' attention may take the shared pass, as paged_attention's always may).
-    torch::Tensor layer_forward(const NativeLayer& layer, torch::Tensor x, const StepRows& rows,
-                                const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+    at::Tensor layer_forward(const NativeLayer& layer, at::Tensor x, const StepRows& rows,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const std::vector<Prefill>& prefills,
                                 const std::vector<ChunkPlan>& plans, bool share_prefixes) const {
         const int64_t n = x.size(0), num_decodes = rows.num_decodes;
@@ -506,7 +507,7 @@ class NativeDecoder {
         const auto qkv = layer.qkv(h).contiguous();
         TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == v_cache.scalar_type(),
                     "float32 projections, one cache dtype");
-        torch::Tensor q, k;
+        at::Tensor q, k;
         if (k_cache.scalar_type() == at::kFloat)
             std::tie(q, k) = rope_and_cache<float>(qkv, cos_rows, sin_rows, num_heads_, num_kv_heads_, head_dim_,
                                                    slots, k_cache, v_cache);
@@ -540,7 +541,7 @@ class NativeDecoder {
     }
 
     // The layer after its attention: the output projection and residual, then the MLP.
-    torch::Tensor finish_layer(const NativeLayer& layer, torch::Tensor x, const torch::Tensor& attn) const {
+    at::Tensor finish_layer(const NativeLayer& layer, at::Tensor x, const at::Tensor& attn) const {
         layer.o.add_to(attn.flatten(1), x);  // x is forward's own copy: the sums go into it in place
         const auto h = rms_norm(x, layer.post_attention_norm, eps_);
         const auto gate_up = layer.gate_up(h);
@@ -561,7 +562,7 @@ class NativeDecoder {
     // step did not), and a layer's weights are small enough to be read again by each group from
     // the cores' shared cache (SmolLM2's 2 MB layers; the Qwen2-0.5B shape's 9.3 MB ones ran 7%
     // slower as groups).
-    bool take_row_groups(int64_t num_decodes, const StepRows& rows, const std::vector<torch::Tensor>& k_caches) const {
+    bool take_row_groups(int64_t num_decodes, const StepRows& rows, const std::vector<at::Tensor>& k_caches) const {
         if (row_group_rows <= 0 || num_decodes < row_group_rows || !all_int4_ || layers_.empty() ||
             largest_layer_bytes > row_group_layer_bytes || at::get_num_threads() < 2 || at::in_parallel_region())
             return false;
@@ -603,14 +604,14 @@ class NativeDecoder {
         return kept;
     }
 
-    torch::Tensor forward_row_groups(const torch::Tensor& x, const StepRows& rows, std::vector<int64_t> starts,
-                                     const std::vector<torch::Tensor>& k_caches,
-                                     const std::vector<torch::Tensor>& v_caches) const {
+    at::Tensor forward_row_groups(const at::Tensor& x, const StepRows& rows, std::vector<int64_t> starts,
+                                     const std::vector<at::Tensor>& k_caches,
+                                     const std::vector<at::Tensor>& v_caches) const {
         const int64_t n = x.size(0), threads = at::get_num_threads();
         const int64_t count = static_cast<int64_t>(starts.size());
         starts.push_back(n);
         const int num_layers = static_cast<int>(layers_.size());
-        std::vector<torch::Tensor> hidden(count);
+        std::vector<at::Tensor> hidden(count);
         std::vector<StepRows> parts;
         for (int64_t g = 0; g < count; ++g) {
             hidden[g] = x.slice(0, starts[g], starts[g + 1]);
@@ -744,18 +745,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "whether bf16_linear runs its own kernel here (AVX512-BF16)");
     m.def("int8_packed_supported", &int8_packed_supported, "whether int8_linear takes packed weights (AVX512-VNNI)");
     py::class_<NativeLinear>(m, "NativeLinear")
-        .def(py::init([](std::optional<torch::Tensor> weight, std::optional<torch::Tensor> bias, int64_t layout,
-                         int64_t outputs, int64_t narrow, std::optional<torch::Tensor> narrow_weight,
-                         std::optional<torch::Tensor> narrow_scales, int64_t small_step_tokens,
-                         std::optional<torch::Tensor> wide_weight, std::optional<torch::Tensor> wide_scales,
-                         int64_t wide_block, std::optional<torch::Tensor> int4_weight,
-                         std::optional<torch::Tensor> int4_scales, std::optional<torch::Tensor> int4_lows) {
-            return NativeLinear{weight.value_or(torch::Tensor()), std::move(bias), layout, outputs, narrow,
-                                narrow_weight.value_or(torch::Tensor()), narrow_scales.value_or(torch::Tensor()),
-                                small_step_tokens, wide_weight.value_or(torch::Tensor()),
-                                wide_scales.value_or(torch::Tensor()), wide_block,
-                                int4_weight.value_or(torch::Tensor()), int4_scales.value_or(torch::Tensor()),
-                                int4_lows.value_or(torch::Tensor())};
+        .def(py::init([](std::optional<at::Tensor> weight, std::optional<at::Tensor> bias, int64_t layout,
+                         int64_t outputs, int64_t narrow, std::optional<at::Tensor> narrow_weight,
+                         std::optional<at::Tensor> narrow_scales, int64_t small_step_tokens,
+                         std::optional<at::Tensor> wide_weight, std::optional<at::Tensor> wide_scales,
+                         int64_t wide_block, std::optional<at::Tensor> int4_weight,
+                         std::optional<at::Tensor> int4_scales, std::optional<at::Tensor> int4_lows) {
+            return NativeLinear{weight.value_or(at::Tensor()), std::move(bias), layout, outputs, narrow,
+                                narrow_weight.value_or(at::Tensor()), narrow_scales.value_or(at::Tensor()),
+                                small_step_tokens, wide_weight.value_or(at::Tensor()),
+                                wide_scales.value_or(at::Tensor()), wide_block,
+                                int4_weight.value_or(at::Tensor()), int4_scales.value_or(at::Tensor()),
+                                int4_lows.value_or(at::Tensor())};
         }));
     py::class_<NativeDecoder>(m, "NativeDecoder")
         .def(py::init<int64_t, int64_t, int64_t, int64_t, double, double>())

@@ -8,8 +8,7 @@
 // the same bits in a step of 1 row or of 512. It also reads the weights of a step of few rows
 // about twice as fast as the library product it replaces (at::linear), and is no slower on prompt
 // chunks (bench/RESULTS.md, twenty-eighth sitting).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 
 #include <algorithm>
 #include <array>
@@ -141,8 +140,8 @@ bool f32_linear_supported() {
 
 // x (..., K) float32, weight (N, K) float32, bias (N,) float32 or none -> (..., N) float32;
 // at::linear where the kernel does not run (neither AVX-512 nor AVX2, other dtypes or layouts).
-torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                         const std::optional<torch::Tensor>& bias) {
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
 #if defined(LMSERVE_F32_LINEAR)
     const bool plain = x.scalar_type() == at::kFloat && x.device().is_cpu() && weight.scalar_type() == at::kFloat &&
                        weight.dim() == 2 && weight.is_contiguous() && weight.size(1) > 0 &&
@@ -152,7 +151,7 @@ torch::Tensor f32_linear(const torch::Tensor& x, const torch::Tensor& weight,
         const int64_t k_size = weight.size(1), n_size = weight.size(0);
         const auto rows = x.reshape({-1, k_size}).contiguous();
         const int64_t m_size = rows.size(0);
-        auto y = torch::empty({m_size, n_size}, x.options());
+        auto y = at::empty({m_size, n_size}, x.options());
         const float* b = bias ? bias->data_ptr<float>() : nullptr;
         const float* xp = rows.data_ptr<float>();
         const float* wp = weight.data_ptr<float>();

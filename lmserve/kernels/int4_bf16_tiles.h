@@ -121,15 +121,15 @@ inline void tile_rows(const uint16_t* a, int64_t k, const uint16_t* b0, const ui
 
 // On AMX-BF16 tiles: each thread takes an even share of the pairs of 16-output blocks, widens each pair
 // once and runs every 32 rows against it.
-inline torch::Tensor product(const torch::Tensor& x, const torch::Tensor& packed, const at::Half* ws,
+inline at::Tensor product(const at::Tensor& x, const at::Tensor& packed, const at::Half* ws,
                             const at::Half* wl, const float* bias) {
     const int64_t m = x.size(0), k = x.size(1), blocks = packed.size(0), n = blocks * 16, groups = k / 32;
     const int64_t padded = (m + 31) / 32 * 32;
     const auto xc = x.contiguous();
-    auto xb = torch::empty({padded, k}, x.options().dtype(at::kBFloat16));
+    auto xb = at::empty({padded, k}, x.options().dtype(at::kBFloat16));
     auto* a = reinterpret_cast<uint16_t*>(xb.data_ptr());
     round_rows(xc.data_ptr<float>(), m, k, padded, a);
-    auto out = torch::empty({m, n}, x.options());
+    auto out = at::empty({m, n}, x.options());
     float* op = out.data_ptr<float>();
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const int64_t block_bytes = k * 8;

@@ -8,8 +8,7 @@
 // activation scales keep one large channel from coarsening the rest of its row (no Hadamard
 // transform needed), and the weight stays the GGUF's own 4-bit values at half the bytes of int8.
 // model/int8.py's int4_linear_reference spells the same arithmetic out in float64.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,7 +28,7 @@
 #include "int4_registers.h"
 #include "int4_tiles.h"
 
-std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n);  // int8_linear.cpp
+std::optional<at::Tensor> float_bias(const std::optional<at::Tensor>& bias, int64_t n);  // int8_linear.cpp
 
 namespace {
 
@@ -158,7 +157,7 @@ void quantize_into(const float* xp, int64_t rows, int64_t cols, bool residual, i
 }
 
 // x (M, K) float32 as a float32 tensor of contiguous rows, without a copy where it is one.
-torch::Tensor float_rows(const torch::Tensor& x) {
+at::Tensor float_rows(const at::Tensor& x) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) % kGroup == 0, "x: (M, K), K a multiple of 32");
     return (x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).contiguous();
 }
@@ -167,13 +166,13 @@ torch::Tensor float_rows(const torch::Tensor& x) {
 
 // x (M, K) float32 -> (M, K) int8, (M, K/32) float32 scales and (M, K/32) float32 sums: in each group
 // of 32 columns x ~ q * scale, scale = max|x| / 127, rounded half to even, and sum = scale * sum(q).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_groups(const torch::Tensor& x_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_groups(const at::Tensor& x_in) {
     TORCH_CHECK(x_in.scalar_type() == at::kFloat, "x: float32 (M, K)");
     const auto x = float_rows(x_in);
     const int64_t rows = x.size(0), cols = x.size(1), groups = cols / kGroup;
-    auto q = torch::empty({rows, cols}, x.options().dtype(at::kChar));
-    auto scales = torch::empty({rows, groups}, x.options());
-    auto sums = torch::empty({rows, groups}, x.options());
+    auto q = at::empty({rows, cols}, x.options().dtype(at::kChar));
+    auto scales = at::empty({rows, groups}, x.options());
+    auto sums = at::empty({rows, groups}, x.options());
     quantize_into(x.data_ptr<float>(), rows, cols, false, rows,
                   {q.data_ptr<int8_t>(), scales.data_ptr<float>(), sums.data_ptr<float>()});
     return {q, scales, sums};
@@ -312,7 +311,7 @@ void w4a8_tiles(const W4A8Operands& p) {
 // + bias), as ATen's add_ gives it) and no tensor is returned; `run` must then honour the
 // operands' `add` (w4a8_pairs does).
 template <typename Run>
-torch::Tensor w4a8_product(const torch::Tensor& x_in, int64_t n, std::optional<torch::Tensor> bias, int64_t pad_to,
+at::Tensor w4a8_product(const at::Tensor& x_in, int64_t n, std::optional<at::Tensor> bias, int64_t pad_to,
                            const Run& run, float* add_to = nullptr) {
     const auto x = float_rows(x_in);
     const int64_t rows_in = x.size(0), k = x.size(1);
@@ -320,10 +319,10 @@ torch::Tensor w4a8_product(const torch::Tensor& x_in, int64_t n, std::optional<t
     const int64_t m = residual ? 2 * rows_in : rows_in, padded = (m + pad_to - 1) / pad_to * pad_to;
     const GroupRows quantized = thread_group_rows(padded, k);
     quantize_into(x.data_ptr<float>(), rows_in, k, residual, padded, quantized);
-    std::optional<torch::Tensor> added_bias;
+    std::optional<at::Tensor> added_bias;
     if (residual) std::swap(added_bias, bias);  // added once, after the two halves are summed
-    torch::Tensor out;
-    if (add_to == nullptr) out = torch::empty({rows_in, n}, x.options());
+    at::Tensor out;
+    if (add_to == nullptr) out = at::empty({rows_in, n}, x.options());
     static thread_local std::vector<float> both_buffer;  // a residual step's two halves, summed into out
     float* op = residual ? thread_buffer(both_buffer, m * n) : add_to != nullptr ? add_to : out.data_ptr<float>();
     W4A8Operands operands{m, k, n, k / kGroup, quantized.q, quantized.scales, quantized.sums,
@@ -349,8 +348,8 @@ torch::Tensor w4a8_product(const torch::Tensor& x_in, int64_t n, std::optional<t
 // int4_linear_path's choice: steps of 64 rows and more on AMX-BF16 tiles and of 16 and more on
 // AMX-INT8 tiles where there are any, the rest on the register tiles; "bf16_tiles", "int8_tiles" or "registers" asks for one. The INT8 tiles give the
 // register tiles' results bit for bit; the BF16 tiles round the activations to bfloat16 instead.
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& w_scales,
-                          const torch::Tensor& w_lows, const std::optional<torch::Tensor>& bias,
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
+                          const at::Tensor& w_lows, const std::optional<at::Tensor>& bias,
                           const std::string& path) {
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
                 packed.is_contiguous(), "weight: packed uint8 (N/16, K/8, 16, 4)");
@@ -400,7 +399,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 namespace {
 
 // The product over a pairs weight, returned, or added to `add_to` ((M, N) float32 rows) where given.
-torch::Tensor pairs_product(const torch::Tensor& x, const torch::Tensor& pairs, const std::optional<torch::Tensor>& bias,
+at::Tensor pairs_product(const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
                             float* add_to) {
     TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 &&
                 pairs.size(2) == int4_registers::kPairGroupBytes && pairs.is_contiguous(),
@@ -424,15 +423,15 @@ torch::Tensor pairs_product(const torch::Tensor& x, const torch::Tensor& pairs, 
 // int4_linear on the weight in the pairs layout (int4_registers.h; pack_int4_pairs), on the register
 // tiles at every step: x (M, K) float32, pairs (N/32, K/32, 640) uint8, bias (N,) or none -> (M, N)
 // float32, the register tiles' results bit for bit.
-torch::Tensor int4_pairs_linear(const torch::Tensor& x, const torch::Tensor& pairs,
-                                const std::optional<torch::Tensor>& bias) {
+at::Tensor int4_pairs_linear(const at::Tensor& x, const at::Tensor& pairs,
+                                const std::optional<at::Tensor>& bias) {
     return pairs_product(x, pairs, bias, nullptr);
 }
 
 // out += int4_pairs_linear(x, pairs, bias), bit for bit, with no tensor between: out (M, N) contiguous
 // float32 (the native decoder's residual sums, which took a new tensor and an ATen add each).
-void int4_pairs_linear_add(const torch::Tensor& x, const torch::Tensor& pairs, const std::optional<torch::Tensor>& bias,
-                           torch::Tensor& out) {
+void int4_pairs_linear_add(const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
+                           at::Tensor& out) {
     TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == x.size(0) &&
                 out.size(1) == pairs.size(0) * 32, "out: contiguous float32 (M, N)");
     pairs_product(x, pairs, bias, out.data_ptr<float>());
@@ -440,7 +439,7 @@ void int4_pairs_linear_add(const torch::Tensor& x, const torch::Tensor& pairs, c
 
 // The blocks layout (packed (N/16, K/8, 16, 4) uint8 with (K/32, N) float16 scales and lows) ->
 // the pairs layout (N/32, K/32, 640) uint8 (int4_registers.h), N a multiple of 32.
-torch::Tensor pack_int4_pairs(const torch::Tensor& packed, const torch::Tensor& w_scales, const torch::Tensor& w_lows) {
+at::Tensor pack_int4_pairs(const at::Tensor& packed, const at::Tensor& w_scales, const at::Tensor& w_lows) {
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
                 packed.is_contiguous() && packed.size(0) % 2 == 0 && packed.size(1) % 4 == 0,
                 "weight: packed uint8 (N/16, K/8, 16, 4), N a multiple of 32 and K of 32");
@@ -449,7 +448,7 @@ torch::Tensor pack_int4_pairs(const torch::Tensor& packed, const torch::Tensor& 
         TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == groups && t->size(1) == n &&
                     t->is_contiguous(), "weight scales and lows: float16 (K/32, N)");
     constexpr int64_t kBlockGroup = int4_registers::kGroupBytes, kPairGroup = int4_registers::kPairGroupBytes;
-    auto pairs = torch::empty({n / 32, groups, kPairGroup}, packed.options());
+    auto pairs = at::empty({n / 32, groups, kPairGroup}, packed.options());
     const uint8_t* w = packed.data_ptr<uint8_t>();
     const auto* ws = reinterpret_cast<const uint8_t*>(w_scales.data_ptr<at::Half>());
     const auto* wl = reinterpret_cast<const uint8_t*>(w_lows.data_ptr<at::Half>());
@@ -469,11 +468,11 @@ torch::Tensor pack_int4_pairs(const torch::Tensor& packed, const torch::Tensor& 
 
 // pack_int4 (model/weight_formats/int4.py): (N, K) uint8 in 0..15 -> (N/16, K/8, 16, 4) uint8, byte
 // [j, s, l, b] holding q[16 j + l, 8 s + b] in its low nibble and q[16 j + l, 8 s + 4 + b] in its high one.
-torch::Tensor pack_int4(const torch::Tensor& q) {
+at::Tensor pack_int4(const at::Tensor& q) {
     TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous() && q.size(0) % 16 == 0 &&
                 q.size(1) % 8 == 0, "q: contiguous uint8 (N, K), N a multiple of 16 and K of 8");
     const int64_t n = q.size(0), k = q.size(1), steps = k / 8;
-    auto packed = torch::empty({n / 16, steps, 16, 4}, q.options());
+    auto packed = at::empty({n / 16, steps, 16, 4}, q.options());
     const uint8_t* qp = q.data_ptr<uint8_t>();
     uint8_t* out = packed.data_ptr<uint8_t>();
     at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
@@ -503,14 +502,14 @@ bool int4_quantize_supported() {
 #endif
 }
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(const torch::Tensor& weight) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Tensor& weight) {
     TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                 weight.size(1) % kGroup == 0, "weight: contiguous float32 (N, K), K a multiple of 32");
 #if defined(__AVX512F__)
     const int64_t n = weight.size(0), groups = weight.size(1) / kGroup;
-    auto q = torch::empty({n, groups * kGroup}, weight.options().dtype(at::kByte));
-    auto scales = torch::empty({n, groups}, weight.options().dtype(at::kHalf));
-    auto lows = torch::empty_like(scales);
+    auto q = at::empty({n, groups * kGroup}, weight.options().dtype(at::kByte));
+    auto scales = at::empty({n, groups}, weight.options().dtype(at::kHalf));
+    auto lows = at::empty_like(scales);
     const float* w = weight.data_ptr<float>();
     uint8_t* qp = q.data_ptr<uint8_t>();
     at::Half* sp = scales.data_ptr<at::Half>();
@@ -564,9 +563,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> quantize_int4_groups(con
     // The AVX-512 steps above in 8 lanes, four vectors a group; the bits are the same (each value is
     // one float32 operation on the same operands; only the min and max reductions are ordered otherwise).
     const int64_t n = weight.size(0), groups = weight.size(1) / kGroup;
-    auto q = torch::empty({n, groups * kGroup}, weight.options().dtype(at::kByte));
-    auto scales = torch::empty({n, groups}, weight.options().dtype(at::kHalf));
-    auto lows = torch::empty_like(scales);
+    auto q = at::empty({n, groups * kGroup}, weight.options().dtype(at::kByte));
+    auto scales = at::empty({n, groups}, weight.options().dtype(at::kHalf));
+    auto lows = at::empty_like(scales);
     const float* w = weight.data_ptr<float>();
     uint8_t* qp = q.data_ptr<uint8_t>();
     at::Half* sp = scales.data_ptr<at::Half>();

@@ -5,7 +5,7 @@
 // Qwen2-0.5B-shaped model: 44 -> 50 tok/s, engine alone; bench/RESULTS.md).
 #pragma once
 
-#include <torch/extension.h>
+#include "aten.h"
 
 #include <cstdint>
 

@@ -32,7 +32,7 @@ constexpr int64_t kPairGroupBytes = 2 * kGroupBytes + 2 * 32 * 2;  // two blocks
 
 #if defined(LMSERVE_W4A8_GEMM)
 
-#include <torch/extension.h>
+#include "aten.h"
 #include <immintrin.h>
 
 #include "int4_params.h"

@@ -13,7 +13,7 @@
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
 #define LMSERVE_W4A8_TILES 1
 
-#include <torch/extension.h>
+#include "aten.h"
 #include <immintrin.h>
 
 #include <cstdint>

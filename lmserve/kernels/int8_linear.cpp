@@ -6,8 +6,7 @@
 // the one lmserve/model/int8.py spells out in ATen ops, step for step, so both give the same
 // results bit for bit (this file is built with -ffp-contract=off: no fused multiply-adds where the
 // ATen ops round twice).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 
 #include <algorithm>
 #include <cmath>
@@ -80,14 +79,14 @@ void hadamard(float* row, int64_t cols, int64_t block) {
 // after a Walsh-Hadamard transform of each `block` values (block 1: none), which spreads a few large
 // channels over their block so that one per-row scale fits every value of the row. With `pad_to`,
 // zero rows of q follow up to a multiple of it (for the tiles, which read whole tiles).
-std::tuple<torch::Tensor, torch::Tensor> quantize_padded_rows(const torch::Tensor& x_in, int64_t block, int64_t pad_to) {
+std::tuple<at::Tensor, at::Tensor> quantize_padded_rows(const at::Tensor& x_in, int64_t block, int64_t pad_to) {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x: float32 (M, K)");
     TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0 && x_in.size(1) % block == 0, "block: a power of two dividing K");
     const auto x = x_in.contiguous();
     const int64_t rows = x.size(0), cols = x.size(1), padded = (rows + pad_to - 1) / pad_to * pad_to;
-    auto q = torch::empty({padded, cols}, x.options().dtype(at::kChar));
+    auto q = at::empty({padded, cols}, x.options().dtype(at::kChar));
     if (padded > rows) q.narrow(0, rows, padded - rows).zero_();
-    auto scales = torch::empty({rows}, x.options());
+    auto scales = at::empty({rows}, x.options());
     const float* xp = x.data_ptr<float>();
     int8_t* qp = q.data_ptr<int8_t>();
     float* sp = scales.data_ptr<float>();
@@ -113,13 +112,13 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_padded_rows(const torch::Tenso
 // sums of float32 values are exact in float64 unless its magnitudes span more than ~2^23, and
 // even then the two round to the same float32 all but never (tested on heavy-tailed rows). A row
 // holding a NaN or an infinity keeps torch's scale (NaN, inf) and q 0.
-std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weight, int64_t block) {
+std::tuple<at::Tensor, at::Tensor> rotated_int8(const at::Tensor& weight, int64_t block) {
     TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
                 "weight: contiguous float32 (N, K)");
     TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0 && weight.size(1) % block == 0, "block: a power of two dividing K");
     const int64_t rows = weight.size(0), cols = weight.size(1);
-    auto q = torch::empty({rows, cols}, weight.options().dtype(at::kChar));
-    auto scales = torch::empty({rows}, weight.options().dtype(at::kBFloat16));
+    auto q = at::empty({rows, cols}, weight.options().dtype(at::kChar));
+    auto scales = at::empty({rows}, weight.options().dtype(at::kBFloat16));
     const float* wp = weight.data_ptr<float>();
     int8_t* qp = q.data_ptr<int8_t>();
     at::BFloat16* sp = scales.data_ptr<at::BFloat16>();
@@ -151,7 +150,7 @@ std::tuple<torch::Tensor, torch::Tensor> rotated_int8(const torch::Tensor& weigh
     return {q, scales};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> quantize_rows(const torch::Tensor& x, int64_t block) {
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t block) {
     return quantize_padded_rows(x, block, 1);
 }
 
@@ -254,10 +253,10 @@ void vnni_rows(int64_t m, const int8_t* a, int64_t k, const uint8_t* w, const in
 // 16, 4) weight -> (M, N) float32.
 // Each thread takes an even share of the 16-output blocks and, 64 rows at a time, runs every row
 // against each tile of its blocks, so a tile's weights are read from memory once per 64 rows.
-torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scales, const torch::Tensor& packed,
-                           const torch::Tensor& w_scales, const float* bias, bool on_tiles) {
+at::Tensor vnni_product(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& packed,
+                           const at::Tensor& w_scales, const float* bias, bool on_tiles) {
     const int64_t m = x_scales.size(0), k = xq.size(1), blocks = packed.size(0), n = blocks * 16;
-    auto out = torch::empty({m, n}, x_scales.options());
+    auto out = at::empty({m, n}, x_scales.options());
     const int8_t* a = xq.data_ptr<int8_t>();
     std::vector<int32_t> row_offsets(m);  // zeros on AVX2, whose tile multiplies w itself (int8_avx2.h)
 #if defined(LMSERVE_W8A8_VNNI)
@@ -312,7 +311,7 @@ torch::Tensor vnni_product(const torch::Tensor& xq, const torch::Tensor& x_scale
 
 // A projection's optional bias as contiguous float32, checked to hold N values (int8_linear,
 // int4_linear, bf16_linear).
-std::optional<torch::Tensor> float_bias(const std::optional<torch::Tensor>& bias, int64_t n) {
+std::optional<at::Tensor> float_bias(const std::optional<at::Tensor>& bias, int64_t n) {
     if (!bias) return std::nullopt;
     auto b = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(b.numel() == n, "bias: (N,)");
@@ -343,8 +342,8 @@ std::string int8_linear_path(int64_t rows, int64_t k) {
 // blockwise transform (and its 1/block), so the transforms cancel in the product. A packed weight
 // runs on int8_linear_path's choice for `path` "auto", or on "int8_tiles" or "registers" as asked:
 // the same results bit for bit.
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& w_scales,
-                          const std::optional<torch::Tensor>& bias, int64_t block, const std::string& path) {
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scales,
+                          const std::optional<at::Tensor>& bias, int64_t block, const std::string& path) {
     const bool packed = weight.scalar_type() == at::kByte;
     TORCH_CHECK(packed ? weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4 && weight.is_contiguous()
                        : weight.dim() == 2 && weight.scalar_type() == at::kChar,
@@ -372,7 +371,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
     }
     const auto sums = at::_int_mm(xq, weight.t());  // (M, N) int32
     const int64_t rows = sums.size(0), cols = sums.size(1);
-    auto out = torch::empty({rows, cols}, x.options());
+    auto out = at::empty({rows, cols}, x.options());
     const int32_t* ap = sums.data_ptr<int32_t>();
     const float* xs = x_scales.data_ptr<float>();
     const float* ws = w_scales.data_ptr<float>();
@@ -407,7 +406,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 // -> (T, K) float32 = hadamard(q[id]) * scale[id], since (W H / block) H = W. A tied head's W8A8
 // copy serves as the embedding table this way (weight_rows_reference in model/int8.py: the same
 // values bit for bit; the transform of small integers is exact in float32).
-torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor& w_scales, const torch::Tensor& ids_in,
+at::Tensor int8_weight_rows(const at::Tensor& weight, const at::Tensor& w_scales, const at::Tensor& ids_in,
                                int64_t block) {
     const bool packed = weight.scalar_type() == at::kByte;
     TORCH_CHECK(packed ? weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4 && weight.is_contiguous()
@@ -422,7 +421,7 @@ torch::Tensor int8_weight_rows(const torch::Tensor& weight, const torch::Tensor&
     const int64_t rows = ids.size(0);
     const int64_t* ip = ids.data_ptr<int64_t>();
     for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < n, "id ", ip[r], " out of range [0, ", n, ")");
-    auto out = torch::empty({rows, k}, w_scales.options());
+    auto out = at::empty({rows, k}, w_scales.options());
     const float* sp = w_scales.data_ptr<float>();
     float* op = out.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {

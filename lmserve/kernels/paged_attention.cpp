@@ -8,8 +8,7 @@
 // scale (4 bytes), one row per (kv head, slot) as for the float types (model/attention.py
 // quantize_rows). An int8 row's scale multiplies its scores after the dot products and its
 // softmax weight before the values are summed, so the rows are read as stored.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 
 #include <cmath>
 #if defined(__AVX512F__)
@@ -23,9 +22,9 @@
 
 #include "paged_attention_rows.h"
 
-bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads);  // kernels/prompt_attention.cpp
+bool prompt_attention_supported(const at::Tensor& k_cache, int64_t num_heads);  // kernels/prompt_attention.cpp
 void shared_prefix_attention(const float* q, int64_t num_rows, int64_t num_heads, int64_t dim,
-                             const torch::Tensor& k_cache, const torch::Tensor& v_cache, const int64_t* blocks,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* blocks,
                              int64_t context_len, int64_t block_size, double scale, float* out, float* lse);
 
 namespace {
@@ -469,7 +468,7 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
 
 // Whether this cache and head shape take the shared pass: a bf16 cache, a shape decode_fast runs,
 // and the prompt kernel (AVX512-BF16).
-bool shared_pass_runs(const torch::Tensor& k_cache, int64_t num_heads, int64_t head_dim) {
+bool shared_pass_runs(const at::Tensor& k_cache, int64_t num_heads, int64_t head_dim) {
     return k_cache.scalar_type() == at::kBFloat16 && fast_shape(num_heads / k_cache.size(0), head_dim) &&
            prompt_attention_supported(k_cache, num_heads);
 }
@@ -478,8 +477,8 @@ bool shared_pass_runs(const torch::Tensor& k_cache, int64_t num_heads, int64_t h
 
 // Whether paged_decode_attention(..., share_prefixes=true) over these sequences attends some of
 // their prefixes together (a group of shared_prefixes).
-bool decode_shares_prefixes(const torch::Tensor& k_cache, int64_t num_heads, const torch::Tensor& block_table,
-                            const torch::Tensor& context_lens, int64_t block_size) {
+bool decode_shares_prefixes(const at::Tensor& k_cache, int64_t num_heads, const at::Tensor& block_table,
+                            const at::Tensor& context_lens, int64_t block_size) {
     if (!shared_pass_runs(k_cache, num_heads, k_cache.size(2))) return false;
     const auto table = block_table.contiguous();
     const auto lens = context_lens.contiguous();
@@ -493,9 +492,9 @@ bool decode_shares_prefixes(const torch::Tensor& k_cache, int64_t num_heads, con
 // for the group (shared_prefix_attention: the query rounded to bf16 as here, its softmax weights
 // to bf16 as a prompt's are), then each to its own positions from there. An int8 cache keeps this
 // kernel's float32 query and exact rows (the prompt kernel would round both to bf16).
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                     const torch::Tensor& v_cache, const torch::Tensor& block_table,
-                                     const torch::Tensor& context_lens, int64_t block_size, double scale,
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, const at::Tensor& block_table,
+                                     const at::Tensor& context_lens, int64_t block_size, double scale,
                                      bool share_prefixes) {
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 (S, H, D)");
     TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: contiguous (Hkv, slots, D)");
@@ -512,7 +511,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
         for (int64_t s = 0; s < num_seqs; ++s)
             TORCH_CHECK(l[s] >= 1 && l[s] <= capacity, "context length ", l[s], " outside 1..", capacity);
     }
-    auto out = torch::empty_like(q);
+    auto out = at::empty_like(q);
     // A bf16 cache is attended with the query rounded to bf16 too, on every CPU (the dpbf16 kernel
     // multiplies bf16 pairs exactly; elsewhere the rounded copy gives the same products in float32).
     // The dpbf16 kernel rounds the query itself as it packs its pairs (round to nearest even, as

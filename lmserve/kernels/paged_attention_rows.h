@@ -2,7 +2,7 @@
 // values with their float32 scale), widening, dot products and softmax, portable or AVX-512.
 #pragma once
 
-#include <torch/extension.h>
+#include "aten.h"
 
 #include <cmath>
 #if defined(__AVX512F__)

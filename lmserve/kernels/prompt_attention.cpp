@@ -19,8 +19,7 @@
 // The same tasks serve decode rows over a prefix they share (shared_prefix_attention, called by
 // kernels/paged_attention.cpp): every row follows the whole shared context, and its softmax sum
 // is returned with its output, for the decode kernel to go on from.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 #include <ATen/record_function.h>
 
 #include <algorithm>
@@ -310,11 +309,11 @@ void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t d
 
 // A chunk's rows, the last of their context: causal.
 template <typename Rows>
-torch::Tensor attend_chunk(const torch::Tensor& q, const Rows& rows, int64_t context_len, int64_t num_kv_heads,
+at::Tensor attend_chunk(const at::Tensor& q, const Rows& rows, int64_t context_len, int64_t num_kv_heads,
                            double scale) {
     const int64_t query_len = q.size(0), num_heads = q.size(1), dim = q.size(2);
     TORCH_CHECK(query_len >= 1 && context_len >= query_len, "the query rows are the last of their context");
-    auto out = torch::empty({query_len, num_heads, dim}, q.options());
+    auto out = at::empty({query_len, num_heads, dim}, q.options());
     const auto q_rows = q.contiguous();
     attend_rows(q_rows.data_ptr<float>(), query_len, num_heads, dim, rows, context_len, context_len - query_len,
                 num_kv_heads, scale, out.data_ptr<float>(), nullptr);
@@ -333,7 +332,7 @@ bool shape_supported(int64_t dim, int64_t num_heads, int64_t num_kv_heads) {
 // body(rows), rows(h, t, k_bits, v_bits) writing the bf16 bits of position t's key and value rows of
 // kv head h, read from cache slot slot_of(t) of a bf16 or int8 cache.
 template <typename SlotOf, typename Body>
-auto with_cached_rows(const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t dim, const SlotOf& slot_of,
+auto with_cached_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t dim, const SlotOf& slot_of,
                       const Body& body) {
     const int64_t num_slots = k_cache.size(1), stride = k_cache.size(2);
     const auto cached = [&](const auto* k, const auto* v) {
@@ -356,7 +355,7 @@ constexpr const char* kRefusal = "prompt attention: a bf16 or int8 cache, head_d
 
 // Whether the prompt attention kernels take a step over this cache: bf16 or int8 rows (a float32
 // cache keeps PyTorch's exact path), head_dim a multiple of 32 up to 256, AVX512-BF16.
-bool prompt_attention_supported(const torch::Tensor& k_cache, int64_t num_heads) {
+bool prompt_attention_supported(const at::Tensor& k_cache, int64_t num_heads) {
     const auto dtype = k_cache.scalar_type();
     if (dtype != at::kBFloat16 && dtype != at::kChar) return false;
     return shape_supported(k_cache.size(2) - (dtype == at::kChar ? kScaleBytes : 0), num_heads, k_cache.size(0));
@@ -382,7 +381,7 @@ bool amx_bf16_usable() {
 // read from the cache, an int8 one widened first) of kAmxBf16ChunkRows or kAmxInt8ChunkRows or more
 // (bench/RESULTS.md, "twenty-third sitting": the kernel about as fast to 4.6x faster below them,
 // PyTorch up to 2.3x faster above, 3.2x on a whole 2,000-token prompt).
-bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
+bool prompt_attention_chosen(const at::Tensor& k_cache, int64_t num_heads, int64_t query_rows,
                              bool after_context) {
     if (!prompt_attention_supported(k_cache, num_heads)) return false;
     if (!amx_bf16_usable()) return true;
@@ -394,8 +393,8 @@ bool prompt_attention_chosen(const torch::Tensor& k_cache, int64_t num_heads, in
 
 // A chunk after a cached prefix: q (query_len, H, D) float32, the last query_len positions of the
 // context whose cache slots are `slots` (context_len,). Returns (query_len, H, D) float32.
-torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                     const torch::Tensor& slots, double scale) {
+at::Tensor paged_prompt_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& slots, double scale) {
     RECORD_FUNCTION("lmserve::paged_prompt_attention", std::vector<c10::IValue>());  // torch.profiler sees it
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q: float32 (query_len, H, D)");
     TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -424,7 +423,7 @@ torch::Tensor paged_prompt_attention(const torch::Tensor& q, const torch::Tensor
 // in an engine step (bench/RESULTS.md, "2026-12-05 (seventeenth sitting)"). The caller checks
 // prompt_attention_supported.
 void shared_prefix_attention(const float* q, int64_t num_rows, int64_t num_heads, int64_t dim,
-                             const torch::Tensor& k_cache, const torch::Tensor& v_cache, const int64_t* blocks,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* blocks,
                              int64_t context_len, int64_t block_size, double scale, float* out, float* lse) {
     RECORD_FUNCTION("lmserve::shared_prefix_attention", std::vector<c10::IValue>());
     const auto slot_of = [&](int64_t t) { return blocks[t / block_size] * block_size + t % block_size; };
@@ -437,7 +436,7 @@ void shared_prefix_attention(const float* q, int64_t num_rows, int64_t num_heads
 // A whole prompt, its own rows: q (L, H, D), k and v (L, Hkv, D) float32, attended causally with
 // keys and values rounded to bf16 (what a bf16 cache holds; an int8 cache's prompt attends to its
 // rows as computed, as PyTorch's path does, and later chunks to their int8 rows).
-torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
     RECORD_FUNCTION("lmserve::prompt_attention", std::vector<c10::IValue>());
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                     v.scalar_type() == at::kFloat && k.dim() == 3 && k.sizes() == v.sizes() &&

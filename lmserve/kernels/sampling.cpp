@@ -1,6 +1,5 @@
 // Sampling helpers over a step's logits.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten.h"
 
 #include <cmath>
 #include <cstdint>
@@ -11,11 +10,11 @@
 // (B, V) float32 -> (B,) int64: each row's first maximum, a NaN counting as the maximum (as
 // torch.max(dim) returns it). Greedy sampling over 64 x 49,152 logits: 0.22 ms against max(dim)'s 0.85
 // (both with the logits in cache).
-torch::Tensor argmax_rows(const torch::Tensor& x_in) {
+at::Tensor argmax_rows(const at::Tensor& x_in) {
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) > 0, "x: float32 (B, V), V > 0");
     const auto x = x_in.contiguous();
     const int64_t rows = x.size(0), cols = x.size(1);
-    auto out = torch::empty({rows}, x.options().dtype(at::kLong));
+    auto out = at::empty({rows}, x.options().dtype(at::kLong));
     const float* xp = x.data_ptr<float>();
     int64_t* op = out.data_ptr<int64_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
