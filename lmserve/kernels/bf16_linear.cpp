@@ -114,7 +114,7 @@ at::Tensor bf16_panels(const at::Tensor& weight_in) {
 // Rows `ids` of the (N, K) weight the panels hold, as float32 (T, K): a tied model's embeddings
 // read from its head (model/linear.py's HeadEmbedding), the same values as the bf16 table it replaces.
 at::Tensor bf16_panel_rows(const at::Tensor& panels, const at::Tensor& ids_in, int64_t n_size,
-                              int64_t k_size) {
+                           int64_t k_size) {
     check_panels(panels, n_size, k_size);
     const auto ids = ids_in.reshape({-1}).to(at::kLong).contiguous();
     const int64_t count = ids.numel(), pairs = panels.size(1);
@@ -139,7 +139,7 @@ at::Tensor bf16_panel_rows(const at::Tensor& panels, const at::Tensor& ids_in, i
 
 // x (..., K) float32 or bf16, panels of an (N, K) weight, bias (N,) or none -> (..., N) float32.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
-                          int64_t n_size) {
+                       int64_t n_size) {
     const int64_t k_size = x.size(-1), pairs = panels.size(1);
     check_panels(panels, n_size, k_size);
     const auto b = float_bias(bias, n_size);

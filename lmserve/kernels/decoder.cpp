@@ -25,20 +25,20 @@
 #endif
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scales,
-                          const std::optional<at::Tensor>& bias, int64_t block, const std::string& path);
+                       const std::optional<at::Tensor>& bias, int64_t block, const std::string& path);
 std::string int8_linear_path(int64_t rows, int64_t k);
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t block);
 at::Tensor int8_weight_rows(const at::Tensor& weight, const at::Tensor& w_scales, const at::Tensor& ids,
-                               int64_t block);
+                            int64_t block);
 bool int8_packed_supported();
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
-                          const at::Tensor& w_lows, const std::optional<at::Tensor>& bias, const std::string& path);
+                       const at::Tensor& w_lows, const std::optional<at::Tensor>& bias, const std::string& path);
 at::Tensor int4_pairs_linear(const at::Tensor& x, const at::Tensor& pairs,
-                                const std::optional<at::Tensor>& bias);
+                             const std::optional<at::Tensor>& bias);
 void int4_pairs_linear_add(const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
                            at::Tensor& out);
 at::Tensor pack_int4_pairs(const at::Tensor& packed, const at::Tensor& w_scales,
-                              const at::Tensor& w_lows);
+                           const at::Tensor& w_lows);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_groups(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Tensor& weight);
 at::Tensor pack_int4(const at::Tensor& q);
@@ -49,7 +49,7 @@ bool int4_tiles_supported();
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 bool f32_linear_supported();
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
-                          int64_t n_size);
+                       int64_t n_size);
 at::Tensor bf16_panels(const at::Tensor& weight);
 at::Tensor bf16_panel_rows(const at::Tensor& panels, const at::Tensor& ids, int64_t n_size, int64_t k_size);
 bool bf16_linear_supported();
@@ -59,15 +59,15 @@ bool prompt_attention_chosen(const at::Tensor& k_cache, int64_t num_heads, int64
                              bool after_context);
 bool amx_bf16_usable();
 at::Tensor paged_prompt_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                     const at::Tensor& slots, double scale);
+                                  const at::Tensor& slots, double scale);
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 std::string int4_linear_path(int64_t rows);
 bool int4_rows_alike(int64_t a, int64_t b);
 at::Tensor argmax_rows(const at::Tensor& x);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                     const at::Tensor& v_cache, const at::Tensor& block_table,
-                                     const at::Tensor& context_lens, int64_t block_size, double scale,
-                                     bool share_prefixes);
+                                  const at::Tensor& v_cache, const at::Tensor& block_table,
+                                  const at::Tensor& context_lens, int64_t block_size, double scale,
+                                  bool share_prefixes);
 bool decode_shares_prefixes(const at::Tensor& k_cache, int64_t num_heads, const at::Tensor& block_table,
                             const at::Tensor& context_lens, int64_t block_size);
 
@@ -304,9 +304,9 @@ void store_row<int8_t>(const float* src, int8_t* dst, int64_t n) {
 // .to() does. Returns q (n, H, D) and k (n, Hkv, D).
 template <typename T>
 std::pair<at::Tensor, at::Tensor> rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos,
-                                                       const at::Tensor& sin, int64_t heads, int64_t kv_heads,
-                                                       int64_t dim, const at::Tensor& slots,
-                                                       const at::Tensor& k_cache, const at::Tensor& v_cache) {
+                                                 const at::Tensor& sin, int64_t heads, int64_t kv_heads,
+                                                 int64_t dim, const at::Tensor& slots,
+                                                 const at::Tensor& k_cache, const at::Tensor& v_cache) {
     const int64_t n = qkv.size(0), width = qkv.size(1), half = dim / 2, num_slots = k_cache.size(1);
     const int64_t stride = row_stride<T>(dim);  // an int8 row ends with its scale
     TORCH_CHECK(qkv.is_contiguous() && width == (heads + 2 * kv_heads) * dim, "qkv: contiguous (n, (H + 2 Hkv) D)");
@@ -393,8 +393,8 @@ ChunkPlan chunk_plan(const Prefill& seq, const std::vector<at::Tensor>& k_caches
 // prompt attention kernels where the step's plan has them, else _prefill_attention's ops with the
 // plan's mask.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& k_cache, const at::Tensor& v_cache, const Prefill& seq,
-                                const ChunkPlan& plan, double scale) {
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const Prefill& seq,
+                             const ChunkPlan& plan, double scale) {
     const auto& slot_ids = std::get<3>(seq);
     const auto& mask = plan.mask;
     if (plan.kernel)
@@ -440,11 +440,11 @@ class NativeDecoder {
     // x (T, hidden) float32: the step's first num_decodes rows are single-token decodes, then the
     // prefill chunks; returns the hidden states after the last layer.
     at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
-                          const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                          const at::Tensor& slot_mapping, int64_t num_decodes,
-                          const std::optional<at::Tensor>& block_table,
-                          const std::optional<at::Tensor>& context_lens, int64_t block_size,
-                          const std::vector<Prefill>& prefills) const {
+                       const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                       const at::Tensor& slot_mapping, int64_t num_decodes,
+                       const std::optional<at::Tensor>& block_table,
+                       const std::optional<at::Tensor>& context_lens, int64_t block_size,
+                       const std::vector<Prefill>& prefills) const {
         TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
         TORCH_CHECK(num_decodes == 0 || (block_table && context_lens), "decodes need a block table and lengths");
         TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: float32 (T, hidden)");
@@ -495,9 +495,9 @@ class NativeDecoder {
     // One layer over x (T, hidden): model/llama.py's DecoderLayer.forward (share_prefixes: the
     // decode rows' attention may take the shared pass, as paged_attention's always may).
     at::Tensor layer_forward(const NativeLayer& layer, at::Tensor x, const StepRows& rows,
-                                const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                const std::vector<Prefill>& prefills,
-                                const std::vector<ChunkPlan>& plans, bool share_prefixes) const {
+                             const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const std::vector<Prefill>& prefills,
+                             const std::vector<ChunkPlan>& plans, bool share_prefixes) const {
         const int64_t n = x.size(0), num_decodes = rows.num_decodes;
         const int64_t q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
         const auto& cos_rows = rows.cos;
@@ -605,8 +605,8 @@ class NativeDecoder {
     }
 
     at::Tensor forward_row_groups(const at::Tensor& x, const StepRows& rows, std::vector<int64_t> starts,
-                                     const std::vector<at::Tensor>& k_caches,
-                                     const std::vector<at::Tensor>& v_caches) const {
+                                  const std::vector<at::Tensor>& k_caches,
+                                  const std::vector<at::Tensor>& v_caches) const {
         const int64_t n = x.size(0), threads = at::get_num_threads();
         const int64_t count = static_cast<int64_t>(starts.size());
         starts.push_back(n);

@@ -141,7 +141,7 @@ bool f32_linear_supported() {
 // x (..., K) float32, weight (N, K) float32, bias (N,) float32 or none -> (..., N) float32;
 // at::linear where the kernel does not run (neither AVX-512 nor AVX2, other dtypes or layouts).
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias) {
+                      const std::optional<at::Tensor>& bias) {
 #if defined(LMSERVE_F32_LINEAR)
     const bool plain = x.scalar_type() == at::kFloat && x.device().is_cpu() && weight.scalar_type() == at::kFloat &&
                        weight.dim() == 2 && weight.is_contiguous() && weight.size(1) > 0 &&

@@ -312,7 +312,7 @@ void w4a8_tiles(const W4A8Operands& p) {
 // operands' `add` (w4a8_pairs does).
 template <typename Run>
 at::Tensor w4a8_product(const at::Tensor& x_in, int64_t n, std::optional<at::Tensor> bias, int64_t pad_to,
-                           const Run& run, float* add_to = nullptr) {
+                        const Run& run, float* add_to = nullptr) {
     const auto x = float_rows(x_in);
     const int64_t rows_in = x.size(0), k = x.size(1);
     const bool residual = rows_in <= kResidualRows;  // what the int8 rows missed, run as more rows
@@ -349,8 +349,8 @@ at::Tensor w4a8_product(const at::Tensor& x_in, int64_t n, std::optional<at::Ten
 // AMX-INT8 tiles where there are any, the rest on the register tiles; "bf16_tiles", "int8_tiles" or "registers" asks for one. The INT8 tiles give the
 // register tiles' results bit for bit; the BF16 tiles round the activations to bfloat16 instead.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scales,
-                          const at::Tensor& w_lows, const std::optional<at::Tensor>& bias,
-                          const std::string& path) {
+                       const at::Tensor& w_lows, const std::optional<at::Tensor>& bias,
+                       const std::string& path) {
     TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4 &&
                 packed.is_contiguous(), "weight: packed uint8 (N/16, K/8, 16, 4)");
     const int64_t blocks = packed.size(0), n = blocks * 16, k = packed.size(1) * 8, groups = k / kGroup;
@@ -400,7 +400,7 @@ namespace {
 
 // The product over a pairs weight, returned, or added to `add_to` ((M, N) float32 rows) where given.
 at::Tensor pairs_product(const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
-                            float* add_to) {
+                         float* add_to) {
     TORCH_CHECK(pairs.scalar_type() == at::kByte && pairs.dim() == 3 &&
                 pairs.size(2) == int4_registers::kPairGroupBytes && pairs.is_contiguous(),
                 "weight: uint8 pairs (N/32, K/32, 640)");
@@ -424,7 +424,7 @@ at::Tensor pairs_product(const at::Tensor& x, const at::Tensor& pairs, const std
 // tiles at every step: x (M, K) float32, pairs (N/32, K/32, 640) uint8, bias (N,) or none -> (M, N)
 // float32, the register tiles' results bit for bit.
 at::Tensor int4_pairs_linear(const at::Tensor& x, const at::Tensor& pairs,
-                                const std::optional<at::Tensor>& bias) {
+                             const std::optional<at::Tensor>& bias) {
     return pairs_product(x, pairs, bias, nullptr);
 }
 

@@ -254,7 +254,7 @@ void vnni_rows(int64_t m, const int8_t* a, int64_t k, const uint8_t* w, const in
 // Each thread takes an even share of the 16-output blocks and, 64 rows at a time, runs every row
 // against each tile of its blocks, so a tile's weights are read from memory once per 64 rows.
 at::Tensor vnni_product(const at::Tensor& xq, const at::Tensor& x_scales, const at::Tensor& packed,
-                           const at::Tensor& w_scales, const float* bias, bool on_tiles) {
+                        const at::Tensor& w_scales, const float* bias, bool on_tiles) {
     const int64_t m = x_scales.size(0), k = xq.size(1), blocks = packed.size(0), n = blocks * 16;
     auto out = at::empty({m, n}, x_scales.options());
     const int8_t* a = xq.data_ptr<int8_t>();
@@ -343,7 +343,7 @@ std::string int8_linear_path(int64_t rows, int64_t k) {
 // runs on int8_linear_path's choice for `path` "auto", or on "int8_tiles" or "registers" as asked:
 // the same results bit for bit.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scales,
-                          const std::optional<at::Tensor>& bias, int64_t block, const std::string& path) {
+                       const std::optional<at::Tensor>& bias, int64_t block, const std::string& path) {
     const bool packed = weight.scalar_type() == at::kByte;
     TORCH_CHECK(packed ? weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4 && weight.is_contiguous()
                        : weight.dim() == 2 && weight.scalar_type() == at::kChar,
@@ -407,7 +407,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 // copy serves as the embedding table this way (weight_rows_reference in model/int8.py: the same
 // values bit for bit; the transform of small integers is exact in float32).
 at::Tensor int8_weight_rows(const at::Tensor& weight, const at::Tensor& w_scales, const at::Tensor& ids_in,
-                               int64_t block) {
+                            int64_t block) {
     const bool packed = weight.scalar_type() == at::kByte;
     TORCH_CHECK(packed ? weight.dim() == 4 && weight.size(2) == 16 && weight.size(3) == 4 && weight.is_contiguous()
                        : weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),

@@ -493,9 +493,9 @@ bool decode_shares_prefixes(const at::Tensor& k_cache, int64_t num_heads, const 
 // to bf16 as a prompt's are), then each to its own positions from there. An int8 cache keeps this
 // kernel's float32 query and exact rows (the prompt kernel would round both to bf16).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                     const at::Tensor& v_cache, const at::Tensor& block_table,
-                                     const at::Tensor& context_lens, int64_t block_size, double scale,
-                                     bool share_prefixes) {
+                                  const at::Tensor& v_cache, const at::Tensor& block_table,
+                                  const at::Tensor& context_lens, int64_t block_size, double scale,
+                                  bool share_prefixes) {
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 (S, H, D)");
     TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(), "caches: contiguous (Hkv, slots, D)");
     TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "caches of one dtype");

@@ -310,7 +310,7 @@ void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t d
 // A chunk's rows, the last of their context: causal.
 template <typename Rows>
 at::Tensor attend_chunk(const at::Tensor& q, const Rows& rows, int64_t context_len, int64_t num_kv_heads,
-                           double scale) {
+                        double scale) {
     const int64_t query_len = q.size(0), num_heads = q.size(1), dim = q.size(2);
     TORCH_CHECK(query_len >= 1 && context_len >= query_len, "the query rows are the last of their context");
     auto out = at::empty({query_len, num_heads, dim}, q.options());
@@ -394,7 +394,7 @@ bool prompt_attention_chosen(const at::Tensor& k_cache, int64_t num_heads, int64
 // A chunk after a cached prefix: q (query_len, H, D) float32, the last query_len positions of the
 // context whose cache slots are `slots` (context_len,). Returns (query_len, H, D) float32.
 at::Tensor paged_prompt_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                     const at::Tensor& slots, double scale) {
+                                  const at::Tensor& slots, double scale) {
     RECORD_FUNCTION("lmserve::paged_prompt_attention", std::vector<c10::IValue>());  // torch.profiler sees it
     TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "q: float32 (query_len, H, D)");
     TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
