@@ -40,6 +40,18 @@ constexpr float kMinAbsMax = 1e-12f;  // MIN_ABS_MAX in model/int8.py
 // build without; RESIDUAL_ROWS in model/int8.py).
 constexpr int64_t kResidualRows = 1;
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// `op` (two __m128 -> __m128, as _mm_max_ps) over the 8 lanes of `v`: the AVX2 quantizers' reductions.
+template <typename Op>
+inline float fold8(__m256 v, Op op) {
+    __m128 s = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = op(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(op(s, _mm_movehdup_ps(s)));
+}
+inline __m128 max4(__m128 a, __m128 b) { return _mm_max_ps(a, b); }
+inline __m128 min4(__m128 a, __m128 b) { return _mm_min_ps(a, b); }
+#endif
+
 // One group of 32: v ~ out * scale, scale = max|v| / 127, rounded half to even; sum = scale * sum(out).
 inline void quantize_group(const float* v, int8_t* out, float& scale_out, float& sum_out) {
 #if defined(__AVX512F__)
@@ -60,9 +72,7 @@ inline void quantize_group(const float* v, int8_t* out, float& scale_out, float&
     for (int h = 0; h < 4; ++h) x[h] = _mm256_loadu_ps(v + 8 * h);
     const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x[0]), _mm256_andnot_ps(sign, x[1])),
                                    _mm256_max_ps(_mm256_andnot_ps(sign, x[2]), _mm256_andnot_ps(sign, x[3])));
-    __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
-    const float top = _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
+    const float top = fold8(m, max4);
     const float scale = std::max(top, kMinAbsMax) / 127.f;
     const __m256 sv = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
     __m256i q[4];
@@ -571,13 +581,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Te
     at::Half* sp = scales.data_ptr<at::Half>();
     at::Half* lp = lows.data_ptr<at::Half>();
     const auto half = [](float x) { return static_cast<float>(static_cast<at::Half>(x)); };
-    const auto fold = [](__m256 v, auto op) {  // op over the 8 lanes
-        __m128 s = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s = op(s, _mm_movehl_ps(s, s));
-        return _mm_cvtss_f32(op(s, _mm_movehdup_ps(s)));
-    };
-    const auto min4 = [](__m128 a, __m128 b) { return _mm_min_ps(a, b); };
-    const auto max4 = [](__m128 a, __m128 b) { return _mm_max_ps(a, b); };
     const auto unordered = [](__m256 a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)); };
     at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
         const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.f);
@@ -595,10 +598,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Te
                 sp[g] = lp[g] = static_cast<at::Half>(std::numeric_limits<float>::quiet_NaN());
                 continue;
             }
-            const float lo = fold(_mm256_min_ps(_mm256_min_ps(x[0], x[1]), _mm256_min_ps(x[2], x[3])), min4);
-            const float hi = fold(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])), max4);
-            const __m256 top = _mm256_set1_ps(fold(_mm256_max_ps(_mm256_max_ps(magnitude[0], magnitude[1]),
-                                                                 _mm256_max_ps(magnitude[2], magnitude[3])), max4));
+            const float lo = fold8(_mm256_min_ps(_mm256_min_ps(x[0], x[1]), _mm256_min_ps(x[2], x[3])), min4);
+            const float hi = fold8(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])), max4);
+            const __m256 top = _mm256_set1_ps(fold8(_mm256_max_ps(_mm256_max_ps(magnitude[0], magnitude[1]),
+                                                                  _mm256_max_ps(magnitude[2], magnitude[3])), max4));
             uint32_t at_top = 0;
             for (int h = 0; h < 4; ++h)
                 at_top |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(magnitude[h], top, _CMP_EQ_OQ))) << 8 * h;
@@ -621,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Te
                     missed_by_nan |= unordered(miss);
                     worst = _mm256_max_ps(worst, miss);
                 }
-                error[s] = missed_by_nan ? std::numeric_limits<float>::quiet_NaN() : fold(worst, max4);
+                error[s] = missed_by_nan ? std::numeric_limits<float>::quiet_NaN() : fold8(worst, max4);
             }
             const int s = error[1] < error[0] ? 1 : 0;
             for (int i = 0; i < kGroup; ++i) qp[g * kGroup + i] = static_cast<uint8_t>(grid_q[s][i]);
