@@ -1,7 +1,7 @@
 // The ATen the kernels use, and no more: <torch/extension.h> (PyTorch's C++ frontend, autograd and
-// Python bindings) took 40 s to parse per source file on a 2-core AVX2 host, ATen's tensor with these
-// ops 9 s, so the build is mostly the kernels' own code (bench/RESULTS.md, "the kernels' build").
-// decoder.cpp, which binds the module to Python, adds torch/csrc/utils/pybind.h.
+// Python bindings) took 40 s to parse per source file on a 2-core AVX2 host, this header 11-12 s
+// (<ATen/ATen.h>, every op, 12.6 s: the whole build 82 s against 73-76 s with this list; bench/RESULTS.md,
+// "the kernels' build"). decoder.cpp, which binds the module to Python, adds torch/csrc/utils/pybind.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

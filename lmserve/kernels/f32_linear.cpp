@@ -19,6 +19,8 @@
 #define LMSERVE_F32_LINEAR 1
 #endif
 
+#include "avx2_fold.h"
+
 #if defined(LMSERVE_F32_LINEAR)
 namespace {
 
@@ -48,11 +50,7 @@ struct Lanes {
                                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
     }
     static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-    static float sum(V v) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-    }
+    static float sum(V v) { return avx2_fold::fold(v, avx2_fold::add); }
 };
 // 16 registers: 1 x 6 (6 accumulators, 6 weight vectors) and 3 x 3 (9, 3)
 constexpr int kFewRows[2] = {1, 6}, kManyRows[2] = {3, 3};

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx2_fold.h"
 #include "int4_bf16_tiles.h"
 #include "int4_params.h"
 #include "int4_registers.h"
@@ -39,18 +40,6 @@ constexpr float kMinAbsMax = 1e-12f;  // MIN_ABS_MAX in model/int8.py
 // where int8 keeps 7, for 18-21% more time on a one-row step's 120 projections (measured against the
 // build without; RESIDUAL_ROWS in model/int8.py).
 constexpr int64_t kResidualRows = 1;
-
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// `op` (two __m128 -> __m128, as _mm_max_ps) over the 8 lanes of `v`: the AVX2 quantizers' reductions.
-template <typename Op>
-inline float fold8(__m256 v, Op op) {
-    __m128 s = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = op(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(op(s, _mm_movehdup_ps(s)));
-}
-inline __m128 max4(__m128 a, __m128 b) { return _mm_max_ps(a, b); }
-inline __m128 min4(__m128 a, __m128 b) { return _mm_min_ps(a, b); }
-#endif
 
 // One group of 32: v ~ out * scale, scale = max|v| / 127, rounded half to even; sum = scale * sum(out).
 inline void quantize_group(const float* v, int8_t* out, float& scale_out, float& sum_out) {
@@ -72,7 +61,7 @@ inline void quantize_group(const float* v, int8_t* out, float& scale_out, float&
     for (int h = 0; h < 4; ++h) x[h] = _mm256_loadu_ps(v + 8 * h);
     const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x[0]), _mm256_andnot_ps(sign, x[1])),
                                    _mm256_max_ps(_mm256_andnot_ps(sign, x[2]), _mm256_andnot_ps(sign, x[3])));
-    const float top = fold8(m, max4);
+    const float top = avx2_fold::fold(m, avx2_fold::max);
     const float scale = std::max(top, kMinAbsMax) / 127.f;
     const __m256 sv = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
     __m256i q[4];
@@ -598,10 +587,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Te
                 sp[g] = lp[g] = static_cast<at::Half>(std::numeric_limits<float>::quiet_NaN());
                 continue;
             }
-            const float lo = fold8(_mm256_min_ps(_mm256_min_ps(x[0], x[1]), _mm256_min_ps(x[2], x[3])), min4);
-            const float hi = fold8(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])), max4);
-            const __m256 top = _mm256_set1_ps(fold8(_mm256_max_ps(_mm256_max_ps(magnitude[0], magnitude[1]),
-                                                                  _mm256_max_ps(magnitude[2], magnitude[3])), max4));
+            using avx2_fold::fold, avx2_fold::max, avx2_fold::min;
+            const float lo = fold(_mm256_min_ps(_mm256_min_ps(x[0], x[1]), _mm256_min_ps(x[2], x[3])), min);
+            const float hi = fold(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])), max);
+            const __m256 top = _mm256_set1_ps(fold(_mm256_max_ps(_mm256_max_ps(magnitude[0], magnitude[1]),
+                                                                 _mm256_max_ps(magnitude[2], magnitude[3])), max));
             uint32_t at_top = 0;
             for (int h = 0; h < 4; ++h)
                 at_top |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(magnitude[h], top, _CMP_EQ_OQ))) << 8 * h;
@@ -624,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_groups(const at::Te
                     missed_by_nan |= unordered(miss);
                     worst = _mm256_max_ps(worst, miss);
                 }
-                error[s] = missed_by_nan ? std::numeric_limits<float>::quiet_NaN() : fold8(worst, max4);
+                error[s] = missed_by_nan ? std::numeric_limits<float>::quiet_NaN() : fold(worst, max);
             }
             const int s = error[1] < error[0] ? 1 : 0;
             for (int i = 0; i < kGroup; ++i) qp[g * kGroup + i] = static_cast<uint8_t>(grid_q[s][i]);
