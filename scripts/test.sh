@@ -11,4 +11,8 @@ if ! command -v chromium >/dev/null; then
 fi
 # Replicas on Ray Serve are an optional extra (lmserve[ray]); its tests run here too.
 .venv/bin/python -c "import ray.serve, psutil" 2>/dev/null || .venv/bin/python -m pip install -q -e ".[ray]"
+# Bytecode is cached (in __pycache__, ignored by git) even where the environment turns it off:
+# otherwise every run compiles and rewrites the tests' modules again (5 s of collecting here) and
+# every server and replica the suite starts compiles lmserve's.
+unset PYTHONDONTWRITEBYTECODE
 exec .venv/bin/python -m pytest -q "$@"
