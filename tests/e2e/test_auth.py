@@ -6,17 +6,9 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.live_server import start_server
+from tests.helpers.live_server import KEYS
 
-KEY = "e2e-secret"
-
-
-@pytest.fixture(scope="module")
-def keyed_server():
-    proc, url, _ = start_server("--api-key", KEY, "--api-key", "second-key", "--max-num-seqs", "2")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+KEY = KEYS[0]  # the session's keyed_server (tests/e2e/conftest.py) takes KEY and "second-key"
 
 
 def test_both_header_styles_and_every_key_work(keyed_server):

@@ -117,28 +117,11 @@ def test_an_openai_model_name_and_the_wrong_kind(client):
 
 
 @pytest.fixture(scope="module")
-def tiny_bert_server(tmp_path_factory):
-    """A second server: --embedding-model pointing at a random 2-layer BERT that shares MiniLM's
-    tokenizer files, under its own name, with last-token pooling for the chat model, in float32 like
-    the local decoder its embeddings are compared with."""
-    import shutil
-
-    import transformers
-
-    from lmserve.cli import default_embedding_model_path
-    from tests.helpers.live_server import start_server
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64)
-    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_embedding_model_path() / name, folder / name)
-    proc, url, _ = start_server("--dtype", "float32", "--embedding-model", str(folder), "--embedding-model-name", "tiny-bert",
-                                "--chat-embedding-pooling", "last")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+def tiny_bert_server(float32_server):
+    """The session's float32 server (tests/e2e/conftest.py): --embedding-model pointing at a random
+    2-layer BERT under its own name, with last-token pooling for the chat model, in float32 like the
+    local decoder its embeddings are compared with."""
+    return float32_server
 
 
 def test_an_explicit_embedding_model_folder(tiny_bert_server):

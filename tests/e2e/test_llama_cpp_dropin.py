@@ -1,6 +1,6 @@
 """A script written for llama.cpp's server, run against `lmserve serve` started with llama-server's
 flags: its native routes and parameter names, plain HTTP as its clients send them, and slots
-saved, the server restarted, and restored into the prefix cache."""
+saved by one server and restored into the prefix cache of another started on the same folder."""
 
 from __future__ import annotations
 
@@ -143,16 +143,14 @@ def test_ops_routes(served):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "filename"
 
 
-def test_a_saved_slot_survives_a_restart(tmp_path):
-    proc, url, _ = start(tmp_path)
-    try:
-        first = complete(url, prompt=STORY, n_predict=4, temperature=0, id_slot=1)
-        assert first["id_slot"] == 1
-        saved = httpx.post(f"{url}/slots/1?action=save", json={"filename": "story.bin"}, timeout=60).json()
-        assert saved["n_saved"] >= first["tokens_evaluated"] - 16 and saved["n_written"] > 0
-    finally:
-        stop(proc)
-    proc, url, _ = start(tmp_path)
+def test_a_saved_slot_survives_a_restart(served):
+    """Saved by the module's server, restored by a new process on the same folder."""
+    url, slot_dir = served
+    first = complete(url, prompt=STORY, n_predict=4, temperature=0, id_slot=1)
+    assert first["id_slot"] == 1
+    saved = httpx.post(f"{url}/slots/1?action=save", json={"filename": "story.bin"}, timeout=60).json()
+    assert saved["n_saved"] >= first["tokens_evaluated"] - 16 and saved["n_written"] > 0
+    proc, url, _ = start(slot_dir)
     try:
         cold = complete(url, prompt="Something else entirely.", n_predict=1)
         assert cold["tokens_cached"] == 0

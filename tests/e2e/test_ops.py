@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -20,14 +21,24 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def ops_server(tmp_path_factory):
-    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+def ops(tmp_path_factory):
+    """The server and the file its stdout goes to (--log-level info: the access log)."""
+    folder = tmp_path_factory.mktemp("ops")
+    key_file = folder / "keys.txt"
     key_file.write_text(f"# operators\n\n{KEY}\n")
-    proc, url, _ = start_server("--api-key-file", str(key_file), "--allowed-origins", f"{ORIGIN},http://other.example",
-                                "--max-request-body", "64KiB", "--no-embedding-model", "--max-num-seqs", "4")
-    yield url
+    log_path = folder / "stdout.txt"
+    with log_path.open("w") as log_file:
+        proc, url, _ = start_server("--api-key-file", str(key_file), "--allowed-origins", f"{ORIGIN},http://other.example",
+                                    "--max-request-body", "64KiB", "--no-embedding-model", "--max-num-seqs", "4",
+                                    "--log-level", "info", stdout=log_file)
+    yield url, log_path
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ops_server(ops):
+    return ops[0]
 
 
 def test_tokenize_round_trip_with_pieces(ops_server):
@@ -120,20 +131,20 @@ def test_an_empty_key_file_stops_start_up_with_a_message(tmp_path):
     assert "holds no keys" in result.stderr and str(key_file) in result.stderr
 
 
-def test_access_log_is_one_json_line_per_request_on_stdout(tmp_path):
-    log_path = tmp_path / "stdout.txt"
-    with log_path.open("w") as log_file:
-        proc, url, _ = start_server("--log-level", "info", "--no-embedding-model", stdout=log_file)
-    try:
-        httpx.post(f"{url}/tokenize", json={"content": "hi"})
-        httpx.post(f"{url}/v1/completions", timeout=60,
-                   json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True})
-        httpx.get(f"{url}/nope")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    stdout = log_path.read_text().splitlines()
-    requests = [json.loads(line) for line in stdout if line.startswith("{") and '"/health"' not in line]
+def test_access_log_is_one_json_line_per_request_on_stdout(ops):
+    ops_server, log_path = ops
+    already = len(log_path.read_text().splitlines())
+    httpx.post(f"{ops_server}/tokenize", headers=AUTH, json={"content": "hi"})
+    httpx.post(f"{ops_server}/v1/completions", headers=AUTH, timeout=60,
+               json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "ignore_eos": True, "stream": True})
+    httpx.get(f"{ops_server}/nope", headers=AUTH)
+    deadline = time.monotonic() + 10
+    while True:  # the server writes a request's line once its response is done
+        stdout = log_path.read_text().splitlines()
+        requests = [json.loads(line) for line in stdout[already:] if line.startswith("{") and '"/health"' not in line]
+        if len(requests) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert [(r["path"], r["status"]) for r in requests] == [("/tokenize", 200), ("/v1/completions", 200),
                                                             ("/nope", 404)]
     assert requests[1]["completion_tokens"] == 2 and requests[1]["prompt_tokens"] > 0

@@ -9,21 +9,16 @@ import asyncio
 import httpx
 import pytest
 
-from tests.helpers.live_server import start_server
+from tests.helpers.live_server import KEYED_MAX_QUEUED as MAX_QUEUED, KEYED_MAX_RUNNING as MAX_RUNNING, KEYS
 from tests.helpers.prometheus import metric_samples
 
 BURST = 40
-MAX_RUNNING = 2  # --max-num-seqs
-MAX_QUEUED = 4
+FLOOD_KEY, PROBE_KEY = KEYS
 
 
 @pytest.fixture(scope="module")
-def url():
-    proc, url, _ = start_server("--api-key", "key-a", "--api-key", "key-b", "--max-num-seqs", str(MAX_RUNNING),
-                                "--max-queued-requests", str(MAX_QUEUED), "--no-embedding-model")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+def url(keyed_server):
+    return keyed_server
 
 
 async def chat(http: httpx.AsyncClient, key: str, tag: str, finished: list[str]) -> httpx.Response:
@@ -45,11 +40,11 @@ async def overload(url: str) -> tuple[list[httpx.Response], httpx.Response, list
     finished: list[str] = []
     limits = httpx.Limits(max_connections=BURST + 8)
     async with httpx.AsyncClient(base_url=url, timeout=180, limits=limits) as http:
-        burst = [asyncio.ensure_future(chat(http, "key-a", f"a{i}", finished)) for i in range(BURST)]
+        burst = [asyncio.ensure_future(chat(http, FLOOD_KEY, f"a{i}", finished)) for i in range(BURST)]
         while await queued(http) < MAX_QUEUED - 1:  # the flood holds the queue
             await asyncio.sleep(0.01)
         finished.append("probe sent")
-        probe = await chat(http, "key-b", "probe", finished)
+        probe = await chat(http, PROBE_KEY, "probe", finished)
         answers = await asyncio.gather(*burst)
         samples = metric_samples((await http.get("/metrics")).text)
     return answers, probe, finished, samples

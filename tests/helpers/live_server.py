@@ -12,6 +12,12 @@ import httpx
 
 MAX_MODEL_LEN = 2048
 
+# The keyed server the end-to-end tests share (tests/e2e/conftest.py): test_auth.py's keys, and
+# test_overload.py's limits (its flood and its probe are told apart by key).
+KEYS = ("e2e-secret", "second-key")
+KEYED_MAX_RUNNING = 2  # --max-num-seqs
+KEYED_MAX_QUEUED = 4  # --max-queued-requests
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
