@@ -59,6 +59,30 @@ def decoded_logits(model, ids: list[int], num_prompt: int, kv_dtype: torch.dtype
     return torch.stack(rows)
 
 
+def decoded_logits_together(model, seqs: list[tuple[list[int], int]], kv_dtype: torch.dtype) -> list[torch.Tensor]:
+    """decoded_logits of several (ids, num_prompt) at once, as the engine decodes a batch: each prompt
+    prefilled alone into its own blocks, then one decode step per position with a row for each
+    sequence (all must have as many tokens after their prompt)."""
+    num_blocks = [(len(ids) + 15) // 16 for ids, _ in seqs]
+    firsts = [sum(num_blocks[:i]) for i in range(len(seqs))]
+    caches = allocate_kv_caches(model.config, sum(num_blocks), 16, kv_dtype, torch.device("cpu"))
+    rows = []
+    for (ids, n), first in zip(seqs, firsts):
+        meta = AttentionMetadata(first * 16 + torch.arange(n), 0, None, None, [PrefillSeq(0, n, n, None)])
+        rows.append([model.compute_logits(model(torch.tensor(ids[:n]), torch.arange(n), caches, meta))[-1]])
+    table = torch.tensor([[first + min(j, count - 1) for j in range(max(num_blocks))]
+                          for count, first in zip(num_blocks, firsts)])  # padded with each one's last block
+    [steps] = {len(ids) - 1 - n for ids, n in seqs}
+    for step in range(steps):
+        positions = torch.tensor([n + step for _, n in seqs])
+        meta = AttentionMetadata(torch.tensor(firsts) * 16 + positions, len(seqs), table, positions + 1, [], 16,
+                                 decode_kernel=False)
+        logits = model.compute_logits(model(torch.tensor([ids[n + step] for ids, n in seqs]), positions, caches, meta))
+        for row, out in zip(logits, rows):
+            out.append(row)
+    return [torch.stack(out) for out in rows]
+
+
 def test_bf16_weights_are_actually_bf16(bf16_model):
     layer = bf16_model.model.model.layers[0]
     qkv, head = layer.self_attn.qkv_proj.storage, bf16_model.model.lm_head.storage
@@ -97,17 +121,23 @@ def reference(default_model) -> list[tuple[list[int], list[int], torch.Tensor]]:
 
 def test_bf16_tracks_float32_teacher_forced(reference, bf16_model):
     """bf16 weights and KV cache, over the four prompts every teacher-forced test here shares."""
-    assert teacher_forced_agreement(reference, bf16_model, 2e-3) >= 0.95
+    assert teacher_forced_agreement(reference, bf16_model, 2e-3, one_row_steps=False) >= 0.95
 
 
 def teacher_forced_agreement(reference, model, max_kl: float,
-                             kv_dtype: torch.dtype = torch.bfloat16) -> float:
-    """Top-1 agreement of `model`'s one-token decode steps (a `kv_dtype` KV cache) with the float32
-    reference's prefill logits over the reference's own greedy outputs; every prompt's mean KL
-    must stay under max_kl."""
+                             kv_dtype: torch.dtype = torch.bfloat16, one_row_steps: bool = True) -> float:
+    """Top-1 agreement of `model`'s decode steps (a `kv_dtype` KV cache; one token a step, or with
+    one_row_steps False the prompts side by side, a row each) with the float32 reference's prefill
+    logits over the reference's own greedy outputs; every prompt's mean KL must stay under max_kl.
+    Side by side gives the same logits where no path depends on the step's rows (bf16 weights,
+    float32 ones) and a quarter of the steps; the int4 and int8 weights' one-row paths are their own."""
+    if one_row_steps:
+        decoded = [decoded_logits(model.model, prompt + output, len(prompt), kv_dtype) for prompt, output, _ in reference]
+    else:  # the prompts decoded together, a row each per step
+        decoded = decoded_logits_together(model.model, [(prompt + output, len(prompt)) for prompt, output, _ in reference],
+                                          kv_dtype)
     agree = total = 0
-    for prompt, output, a in reference:
-        b = decoded_logits(model.model, prompt + output, len(prompt), kv_dtype)
+    for (prompt, output, a), b in zip(reference, decoded):
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += len(output)
         kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1).mean().item()
@@ -153,7 +183,8 @@ def test_int4_single_token_steps_track_float32_teacher_forced(reference, int4_mo
 
 def test_an_int8_kv_cache_alone_stays_close_to_float32(default_model, reference):
     """float32 weights, keys and values stored as int8 rows: what the cache's quantization costs by itself."""
-    assert teacher_forced_agreement(reference, default_model, KV_INT8_MAX_KL, kv_dtype=torch.int8) >= 0.97
+    assert teacher_forced_agreement(reference, default_model, KV_INT8_MAX_KL, kv_dtype=torch.int8,
+                                    one_row_steps=False) >= 0.97
 
 
 def test_int4_weights_with_an_int8_kv_cache_track_float32_teacher_forced(reference, int4_model):
@@ -269,6 +300,10 @@ def test_decode_path_matches_prefill_logits(default_model):
     ids = chat_ids(default_model.tokenizer, PROMPTS[0]) + [28, 29, 30, 31, 32, 33]
     expected = all_logits(default_model.model, ids)[len(ids) - 7:-1]
     assert torch.allclose(decoded_logits(default_model.model, ids, len(ids) - 6, torch.float32), expected, atol=1e-3)
+    other = chat_ids(default_model.tokenizer, PROMPTS[1]) + [28, 29, 30, 31, 32, 33]  # another length, beside it
+    together = decoded_logits_together(default_model.model, [(ids, len(ids) - 6), (other, len(other) - 6)], torch.float32)
+    assert torch.allclose(together[0], expected, atol=1e-3)
+    assert torch.allclose(together[1], all_logits(default_model.model, other)[len(other) - 7:-1], atol=1e-3)
 
 
 # Phrasings whose first answer token leads the float32 runner-up by > 1 nat. The bare "What is the

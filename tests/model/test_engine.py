@@ -42,23 +42,31 @@ def prompt_ids(default_model):
     return [chat_ids(default_model.tokenizer, p) for p in PROMPTS]
 
 
+GREEDY_12 = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def alone(default_model, prompt_ids):
+    """Each prompt's GREEDY_12 tokens run alone on a cold engine (no prefix cache), computed once
+    for the tests that compare batching, chunking, preemption and prefix hits with it."""
+    cold = make_engine(default_model, prefix_caching=False)
+    return [cold.generate([ids], GREEDY_12)[0] for ids in prompt_ids]
+
+
 def test_paris(engine, default_model):
     [out] = engine.generate([chat_ids(default_model.tokenizer, PROMPTS[0])], SamplingParams(temperature=0, max_tokens=20))
     assert "Paris" in default_model.tokenizer.decode(out)
 
 
-def test_staggered_batch_equals_each_prompt_alone(engine, prompt_ids):
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    alone = [engine.generate([ids], params)[0] for ids in prompt_ids]
+def test_staggered_batch_equals_each_prompt_alone(engine, prompt_ids, alone):
+    params = GREEDY_12
     assert len({len(ids) for ids in prompt_ids}) == len(prompt_ids)  # all lengths differ
     assert run_staggered(engine, prompt_ids, params) == alone
     assert_all_blocks_free(engine)
 
 
-def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model, prompt_ids):
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    roomy = make_engine(default_model)
-    alone = [roomy.generate([ids], params)[0] for ids in prompt_ids]
+def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model, prompt_ids, alone):
+    params = GREEDY_12
     # 15 blocks of 16 tokens: not enough for all 8 at once, so requests get preempted.
     tight = make_engine(default_model, kv_bytes=15 * 16 * 46080, budget=16, max_len=240)
     assert tight.load().num_kv_blocks == 15
@@ -92,10 +100,9 @@ class SlowTokens:
         return Fit(0.0, 1.0, 1.0)
 
 
-def test_a_time_bound_on_prompts_beside_decodes_chunks_them_without_changing_outputs(default_model, prompt_ids):
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    roomy = make_engine(default_model)
-    alone = [roomy.generate([ids], params)[0] for ids in prompt_ids]
+def test_a_time_bound_on_prompts_beside_decodes_chunks_them_without_changing_outputs(default_model, prompt_ids,
+                                                                                       alone):
+    params = GREEDY_12
     bounded = make_engine(default_model, budget=512, max_step_ms=100)
     cost = bounded._scheduler.step_cost = SlowTokens()
     schedule, steps = bounded._scheduler.schedule, []
@@ -208,10 +215,8 @@ def test_a_request_the_sampler_cannot_sample_fails_alone(engine, prompt_ids):
     assert_all_blocks_free(engine)
 
 
-def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids):
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    cold_engine = make_engine(default_model, prefix_caching=False)
-    cold = [cold_engine.generate([ids], params)[0] for ids in prompt_ids]
+def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids, alone):
+    params, cold = GREEDY_12, alone
     warm_engine = make_engine(default_model)
     warm_engine.generate([prompt_ids[7]], params)  # caches the shared system prompt and more
     cached = []

@@ -40,7 +40,9 @@ def run(engine, prompts, params) -> tuple[list[tuple[list[int], str, object]], i
 
 @pytest.fixture(scope="module")
 def engines(default_model):
-    return make_engine(default_model), make_engine(default_model, speculative=4)
+    plain, spec = make_engine(default_model), make_engine(default_model, speculative=4)
+    spec.grammar = plain.grammar  # each constraint compiled once for both (the {1,200} regex takes seconds)
+    return plain, spec
 
 
 @pytest.mark.parametrize("params", [
@@ -102,6 +104,7 @@ def test_under_a_schema_the_text_it_forces_is_drafted_and_the_output_stays_plain
     plain, spec = engines
     lookup_only = make_engine(default_model, speculative=4)
     lookup_only._scheduler.forced = None
+    lookup_only.grammar = plain.grammar
     forced_texts = []
     forced = spec._scheduler.forced
 
