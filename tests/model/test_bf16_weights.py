@@ -44,25 +44,11 @@ def int8_model():
     return load_model(default_model_path(), "int8", max_positions=2048)
 
 
-def decoded_logits(model, ids: list[int], num_prompt: int, kv_dtype: torch.dtype) -> torch.Tensor:
-    """Logits for positions num_prompt-1 .. len(ids)-2: the prompt prefilled, then each later
-    token fed as a one-token decode reading the paged cache, as the engine decodes."""
-    num_blocks = (len(ids) + 15) // 16
-    caches = allocate_kv_caches(model.config, num_blocks, 16, kv_dtype, torch.device("cpu"))
-    prompt = torch.tensor(ids[:num_prompt])
-    meta = AttentionMetadata(torch.arange(num_prompt), 0, None, None, [PrefillSeq(0, num_prompt, num_prompt, None)])
-    rows = [model.compute_logits(model(prompt, torch.arange(num_prompt), caches, meta))[-1]]
-    table = torch.arange(num_blocks)[None, :]  # (1, num_blocks)
-    for pos in range(num_prompt, len(ids) - 1):
-        step = AttentionMetadata(torch.tensor([pos]), 1, table, torch.tensor([pos + 1]), [], 16, decode_kernel=False)
-        rows.append(model.compute_logits(model(torch.tensor([ids[pos]]), torch.tensor([pos]), caches, step))[-1])
-    return torch.stack(rows)
-
-
-def decoded_logits_together(model, seqs: list[tuple[list[int], int]], kv_dtype: torch.dtype) -> list[torch.Tensor]:
-    """decoded_logits of several (ids, num_prompt) at once, as the engine decodes a batch: each prompt
-    prefilled alone into its own blocks, then one decode step per position with a row for each
-    sequence (all must have as many tokens after their prompt)."""
+def decoded_logits(model, seqs: list[tuple[list[int], int]], kv_dtype: torch.dtype) -> list[torch.Tensor]:
+    """For each (ids, num_prompt) in `seqs`, the logits for positions num_prompt-1 .. len(ids)-2: each
+    prompt prefilled alone into its own blocks, then each later token fed as a decode step reading the
+    paged cache, as the engine decodes: one row a step for one sequence, a row for each sequence
+    beside it for several (all must have as many tokens after their prompt)."""
     num_blocks = [(len(ids) + 15) // 16 for ids, _ in seqs]
     firsts = [sum(num_blocks[:i]) for i in range(len(seqs))]
     caches = allocate_kv_caches(model.config, sum(num_blocks), 16, kv_dtype, torch.device("cpu"))
@@ -131,11 +117,11 @@ def teacher_forced_agreement(reference, model, max_kl: float,
     logits over the reference's own greedy outputs; every prompt's mean KL must stay under max_kl.
     Side by side gives the same logits where no path depends on the step's rows (bf16 weights,
     float32 ones) and a quarter of the steps; the int4 and int8 weights' one-row paths are their own."""
+    seqs = [(prompt + output, len(prompt)) for prompt, output, _ in reference]
     if one_row_steps:
-        decoded = [decoded_logits(model.model, prompt + output, len(prompt), kv_dtype) for prompt, output, _ in reference]
+        decoded = [decoded_logits(model.model, [seq], kv_dtype)[0] for seq in seqs]
     else:  # the prompts decoded together, a row each per step
-        decoded = decoded_logits_together(model.model, [(prompt + output, len(prompt)) for prompt, output, _ in reference],
-                                          kv_dtype)
+        decoded = decoded_logits(model.model, seqs, kv_dtype)
     agree = total = 0
     for (prompt, output, a), b in zip(reference, decoded):
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
@@ -299,9 +285,10 @@ def test_decode_path_matches_prefill_logits(default_model):
     """The helper above is the engine's decode path: with float32 everything it equals prefill."""
     ids = chat_ids(default_model.tokenizer, PROMPTS[0]) + [28, 29, 30, 31, 32, 33]
     expected = all_logits(default_model.model, ids)[len(ids) - 7:-1]
-    assert torch.allclose(decoded_logits(default_model.model, ids, len(ids) - 6, torch.float32), expected, atol=1e-3)
+    [alone] = decoded_logits(default_model.model, [(ids, len(ids) - 6)], torch.float32)
+    assert torch.allclose(alone, expected, atol=1e-3)
     other = chat_ids(default_model.tokenizer, PROMPTS[1]) + [28, 29, 30, 31, 32, 33]  # another length, beside it
-    together = decoded_logits_together(default_model.model, [(ids, len(ids) - 6), (other, len(other) - 6)], torch.float32)
+    together = decoded_logits(default_model.model, [(ids, len(ids) - 6), (other, len(other) - 6)], torch.float32)
     assert torch.allclose(together[0], expected, atol=1e-3)
     assert torch.allclose(together[1], all_logits(default_model.model, other)[len(other) - 7:-1], atol=1e-3)
 

@@ -59,14 +59,12 @@ def test_paris(engine, default_model):
 
 
 def test_staggered_batch_equals_each_prompt_alone(engine, prompt_ids, alone):
-    params = GREEDY_12
     assert len({len(ids) for ids in prompt_ids}) == len(prompt_ids)  # all lengths differ
-    assert run_staggered(engine, prompt_ids, params) == alone
+    assert run_staggered(engine, prompt_ids, GREEDY_12) == alone
     assert_all_blocks_free(engine)
 
 
 def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model, prompt_ids, alone):
-    params = GREEDY_12
     # 15 blocks of 16 tokens: not enough for all 8 at once, so requests get preempted.
     tight = make_engine(default_model, kv_bytes=15 * 16 * 46080, budget=16, max_len=240)
     assert tight.load().num_kv_blocks == 15
@@ -80,7 +78,7 @@ def test_tiny_budget_chunks_and_preempts_without_changing_outputs(default_model,
         return step
 
     tight.step = counting_step
-    got = run_staggered(tight, prompt_ids, params, start_every=1)
+    got = run_staggered(tight, prompt_ids, GREEDY_12, start_every=1)
     assert preempted > 0
     assert got == alone
 
@@ -102,7 +100,6 @@ class SlowTokens:
 
 def test_a_time_bound_on_prompts_beside_decodes_chunks_them_without_changing_outputs(default_model, prompt_ids,
                                                                                        alone):
-    params = GREEDY_12
     bounded = make_engine(default_model, budget=512, max_step_ms=100)
     cost = bounded._scheduler.step_cost = SlowTokens()
     schedule, steps = bounded._scheduler.schedule, []
@@ -121,7 +118,7 @@ def test_a_time_bound_on_prompts_beside_decodes_chunks_them_without_changing_out
         return done
 
     bounded.step = marking_step
-    assert run_staggered(bounded, prompt_ids, params, start_every=1) == alone
+    assert run_staggered(bounded, prompt_ids, GREEDY_12, start_every=1) == alone
     mixed = [step for step in steps if any(decode for _, decode in step)]
     prompt_tokens = [sum(n for n, decode in step if not decode) for step in mixed]
     assert max(prompt_tokens) == 16 and max(len(ids) for ids in prompt_ids) > 16  # bounded, and it had to be
@@ -216,18 +213,17 @@ def test_a_request_the_sampler_cannot_sample_fails_alone(engine, prompt_ids):
 
 
 def test_prefix_cache_hit_gives_the_cold_output(default_model, prompt_ids, alone):
-    params, cold = GREEDY_12, alone
     warm_engine = make_engine(default_model)
-    warm_engine.generate([prompt_ids[7]], params)  # caches the shared system prompt and more
+    warm_engine.generate([prompt_ids[7]], GREEDY_12)  # caches the shared system prompt and more
     cached = []
     for ids in prompt_ids:
-        warm_engine.add_request("w", ids, params)
+        warm_engine.add_request("w", ids, GREEDY_12)
         tokens = []
         while warm_engine.has_unfinished:
             for out in warm_engine.step().outputs:
                 tokens.extend(out.new_token_ids)
                 cached.append(out.num_cached_tokens)
-        assert tokens == cold[prompt_ids.index(ids)]
+        assert tokens == alone[prompt_ids.index(ids)]
     assert min(cached) >= 16  # every prompt reused at least the system prompt's first block
 
 

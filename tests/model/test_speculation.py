@@ -41,7 +41,8 @@ def run(engine, prompts, params) -> tuple[list[tuple[list[int], str, object]], i
 @pytest.fixture(scope="module")
 def engines(default_model):
     plain, spec = make_engine(default_model), make_engine(default_model, speculative=4)
-    spec.grammar = plain.grammar  # each constraint compiled once for both (the {1,200} regex takes seconds)
+    # One compiler for both: a compile depends on the tokenizer only, and the {1,200} regex takes seconds.
+    spec.grammar = plain.grammar
     return plain, spec
 
 
