@@ -5,7 +5,9 @@ serves one model), runs alternating between the two:
     .venv/bin/python -m bench.startup --llama-server PATH [--gguf FILE] [--runs 3]
 
 Both answer 503 while loading, so this is what a user (or a fleet loading on demand, or a
-service manager) waits for before the first request can run.
+service manager) waits for before the first request can run. Then each server's first request with
+a JSON schema (`response_format`, 8 tokens) and a second one with another schema: what the first
+constrained request adds over the ones after it (a constraint's machinery starts on first use).
 """
 
 from __future__ import annotations
@@ -17,14 +19,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from bench.servers import ServerCommand, free_ports, running_server
 from lmserve.cli import default_model_path
 
+SCHEMAS = ({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+           {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]})
 
-def seconds_to_healthy(command: ServerCommand) -> float:
+
+def timed_start(command: ServerCommand) -> list[float]:
+    """Seconds to healthy, then the seconds of the first and the second constrained request."""
     started = time.perf_counter()
     with running_server(command, poll_s=0.02):
-        return time.perf_counter() - started
+        times = [time.perf_counter() - started]
+        for schema in SCHEMAS:
+            body = {"messages": [{"role": "user", "content": "A person as JSON."}], "max_tokens": 8,
+                    "temperature": 0, "response_format": {"type": "json_schema",
+                                                          "json_schema": {"name": "person", "schema": schema}}}
+            sent = time.perf_counter()
+            httpx.post(f"{command.url}/v1/chat/completions", json=body, timeout=300, trust_env=False).raise_for_status()
+            times.append(time.perf_counter() - sent)
+        return times
 
 
 def main() -> None:
@@ -34,7 +50,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="lmserve-startup-"))
-    times: dict[str, list[float]] = {"lmserve": [], "llama.cpp": []}
+    times: dict[str, list[list[float]]] = {"lmserve": [], "llama.cpp": []}
     for run in range(args.runs):
         port, llama_port = free_ports(2)
         commands = [
@@ -44,11 +60,17 @@ def main() -> None:
                                         "--port", str(llama_port)], llama_port, logs / "llama.log"),
         ]
         for command in commands if run % 2 == 0 else commands[::-1]:
-            times[command.label].append(seconds_to_healthy(command))
-    for label, values in times.items():
-        print(f"{label:10s} " + " ".join(f"{value:.2f}" for value in values) + f" s (median {statistics.median(values):.2f})")
-    ratio = statistics.median(times["lmserve"]) / statistics.median(times["llama.cpp"])
-    print(f"lmserve / llama.cpp, median time to healthy: {ratio:.2f}x (below 1: lmserve is ready sooner)")
+            times[command.label].append(timed_start(command))
+    medians = {}
+    for what, column in (("to healthy", 0), ("first schema", 1), ("second schema", 2)):
+        for label, runs in times.items():
+            values = [run[column] for run in runs]
+            medians[label, column] = statistics.median(values)
+            print(f"{what:13s} {label:10s} " + " ".join(f"{value:.2f}" for value in values)
+                  + f" s (median {medians[label, column]:.2f})")
+    for what, column in (("time to healthy", 0), ("first constrained request", 1)):
+        ratio = medians["lmserve", column] / medians["llama.cpp", column]
+        print(f"lmserve / llama.cpp, median {what}: {ratio:.2f}x (below 1: lmserve is sooner)")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,20 @@ MAX_START_S = 120.0
 IDLE_WORKER_S = 60.0
 
 
+def start_forkserver() -> Any:
+    """The forkserver context the workers start from, its server process started now if it was
+    not: it imports xgrammar once (torch and transformers with it, ~3.5 s in a new process here)
+    and the workers forked from it share it. With the main module preloaded too, a worker does not
+    import it again (lmserve's CLI: ~0.5 s each). Returns at once: the process imports on its own,
+    so a caller can do other work while it does."""
+    from multiprocessing import forkserver
+
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", "xgrammar", __name__])
+    forkserver.ensure_running()
+    return context
+
+
 class CompileTimeout(Exception):
     """The compile ran past the timeout; its worker was killed."""
 
@@ -62,10 +76,7 @@ class CompilePool:
         self.max_workers = max_workers
         self.timeout_s = timeout_s
         self.idle_s = idle_s
-        self._context = mp.get_context("forkserver")
-        # The forkserver imports xgrammar once; the workers forked from it share it. With the main
-        # module preloaded too, a worker does not import it again (lmserve's CLI: ~0.5 s each).
-        self._context.set_forkserver_preload(["__main__", "xgrammar", __name__])
+        self._context = start_forkserver()
         self._idle: list[tuple[_Worker, float]] = []  # and since when, most recently idle last
         self._num_workers = 0
         self._changed = threading.Condition()

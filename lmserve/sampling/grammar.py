@@ -9,9 +9,11 @@ first (constraint_limits.py), then compiled in a worker process that is killed a
 when its request is abandoned (compile_pool.py).
 
 xgrammar is imported, and its view of the vocabulary built, by the first request that carries a
-constraint (~0.8 s once, in that request's worker thread): importing it pulls in transformers and
-huggingface_hub, ~33 MiB resident for the server's whole life, which a server that never sees a
-constraint does not need.
+constraint, in that request's worker thread, while the compile workers' forkserver starts beside it:
+importing it pulls in transformers and huggingface_hub, ~33 MiB resident for the server's whole
+life, and the forkserver holds more, which a server that never sees a constraint does not need.
+That first request waits ~4 s for them here, a later new schema ~0.2 s (bench/RESULTS.md,
+forty-first sitting).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from lmserve.sampling.compile_pool import (
     CompilePool,
     CompilerCrashed,
     CompileTimeout,
+    start_forkserver,
 )
 from lmserve.sampling.constraint_limits import (
     ConstraintLimitError,
@@ -151,6 +154,10 @@ class GrammarCompiler:
             pending.done.set()
 
     def _compile(self, spec: GrammarSpec, abandoned: threading.Event | None) -> xgr.CompiledGrammar:
+        if self._built is None:
+            # The workers' forkserver imports xgrammar in a process of its own while this one
+            # imports it and builds its view of the vocabulary (bench/RESULTS.md, forty-first sitting).
+            start_forkserver()
         import xgrammar as xgr
 
         info, pool = self._backend()
