@@ -23,8 +23,6 @@ log = logging.getLogger("lmserve")
 
 def serve(args: argparse.Namespace) -> None:
     from lmserve.scale.options import scale_settings
-    from lmserve.server.app import create_app
-    from lmserve.server.graceful import serve as run_server
     from lmserve.store.conversations import StoreError
 
     try:
@@ -39,6 +37,9 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"lmserve: {exc}") from None
     for given, why in args.llama_accepted:
         log.info("%s changes nothing: %s", given, why)
+    from lmserve.server.app import create_app  # after the flags' checks: a mistake is told at once
+    from lmserve.server.graceful import serve as run_server
+
     # lmserve's own access log (lmserve.access) replaces uvicorn's.
     run_server(create_app(state), state, **listen, **connection_options(args), log_level=args.log_level,
                access_log=False)

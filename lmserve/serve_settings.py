@@ -214,8 +214,6 @@ def data_dir(given: str | None) -> Path | None:
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     """--api-key values (each maybe comma-separated), then the keys of --api-key-file; a bad key
     file ends start-up."""
-    from lmserve.server.middleware.auth import read_api_key_file
-
     keys = [key.strip() for value in args.api_key for key in value.split(",") if key.strip()]
     if args.api_key_file:
         try:
@@ -225,25 +223,39 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def read_api_key_file(path: str | Path) -> tuple[str, ...]:
+    """The keys in `path`: one per line, surrounding whitespace stripped, blank lines and lines
+    starting with '#' skipped. A missing, unreadable or keyless file raises ValueError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read API key file {str(path)!r}: {exc}") from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"API key file {str(path)!r} holds no keys (one per line; '#' starts a comment)")
+    return keys
+
+
 def server_state(args: argparse.Namespace, chat_loader: Callable | None = None,
                  metrics: ServerMetrics | None = None) -> ServerState:
     """The server `args` describe: its catalogue, fleet, metrics (`metrics`, or new ones) and
     conversation store. Chat models load in this process, or through `chat_loader(entry,
     progress)` when given (replicas on Ray Serve). ValueError (or StoreError) for settings it
     cannot start with."""
+    config = engine_config(args)
+    embedding = embedding_config(args)
+    if embedding is not None and not Path(embedding.model_path).is_dir():
+        raise ValueError(f"embedding model folder {embedding.model_path!r} does not exist")
+    models = catalogue(args, config, embedding)
+    settings = state_settings(args)
+    preflight_pinned(models, config)  # reads the models' headers, with torch imported
+    # The server's modules (torch, the engine, the routes: ~2 s here) once the flags are known good.
     from lmserve.fleet.fleet import Fleet
     from lmserve.fleet.models import footprint_estimator, model_loader
     from lmserve.server.metrics import ServerMetrics
     from lmserve.server.state import ServerState
     from lmserve.store.conversations import ConversationStore
 
-    config = engine_config(args)
-    embedding = embedding_config(args)
-    if embedding is not None and not Path(embedding.model_path).is_dir():
-        raise ValueError(f"embedding model folder {embedding.model_path!r} does not exist")
-    models = catalogue(args, config, embedding)
-    preflight_pinned(models, config)
-    settings = state_settings(args)
     store = ConversationStore.in_folder(data_dir(args.data_dir))
     metrics = metrics if metrics is not None else ServerMetrics()
     load = model_loader(config, embedding or EmbeddingConfig("", ""), metrics=metrics,

@@ -1,4 +1,6 @@
 import argparse
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -172,3 +174,27 @@ def test_a_kv_budget_below_the_context_stops_start_up_before_the_server_is_up(mo
         cli.serve(args)
     fits = build_parser().parse_args(["serve", "--kv-cache-memory", "64MiB", "--max-model-len", "2048"])
     serve_settings.preflight_pinned(serve_settings.catalogue(fits, serve_settings.engine_config(fits), None), serve_settings.engine_config(fits))  # no error
+
+
+FIRST_MISTAKE = """
+import sys
+from lmserve.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    print(exc)
+    print(sorted(name for name in ("torch", "lmserve.server.app", "lmserve.server.state") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("mistake", [["--dry-base", "0.5"], ["--api-key-file", "KEYS"]])
+def test_a_flag_s_mistake_is_told_before_the_server_s_modules_are_imported(mistake, tmp_path):
+    """A mistyped flag is told in under a second, not after the ~2 s of torch and the routes."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# none yet\n")
+    argv = ["serve", "--no-embedding-model", *[str(keys) if word == "KEYS" else word for word in mistake]]
+    done = subprocess.run([sys.executable, "-c", FIRST_MISTAKE, *argv], capture_output=True, text=True, timeout=60,
+                          check=True)
+    told, imported = done.stdout.splitlines()
+    assert ("dry_base must be >= 1" in told) if mistake[0] == "--dry-base" else ("holds no keys" in told)
+    assert imported == "[]"

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from lmserve.cli import build_parser
-from lmserve.serve_settings import api_keys, state_settings
-from lmserve.server.middleware.auth import read_api_key_file
+from lmserve.serve_settings import api_keys, read_api_key_file, state_settings
 from lmserve.server.middleware.cors import parse_origins
 from lmserve.server.middleware.hosts import default_allowed_hosts, host_allowed, machine_names
 from lmserve.server.middleware.limits import BodyLimitMiddleware

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -47,19 +46,6 @@ class ApiKeyMiddleware:
         if path == "/" and wants_page(headers):
             return True
         return key_matches(presented_key(headers), self.state.api_keys)
-
-
-def read_api_key_file(path: str | Path) -> tuple[str, ...]:
-    """The keys in `path`: one per line, surrounding whitespace stripped, blank lines and lines
-    starting with '#' skipped. A missing, unreadable or keyless file raises ValueError."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read API key file {str(path)!r}: {exc}") from None
-    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
-    if not keys:
-        raise ValueError(f"API key file {str(path)!r} holds no keys (one per line; '#' starts a comment)")
-    return keys
 
 
 def owner_of(request: Request, state: ServerState) -> str:

@@ -11,7 +11,6 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from lmserve.request import GrammarSpec
-from lmserve.sampling.grammar import GrammarError, choice_spec
 from lmserve.server.errors import bad_request, unsupported
 from lmserve.server.protocol import ResponseFormat, SamplingFields, StructuredOutputs
 
@@ -39,6 +38,10 @@ def check_compiles(spec: GrammarSpec, compiler: GrammarCompiler | RequestCompile
     compiler does not support."""
     if compiler is None:
         raise unsupported(param, f"{feature} on this model")
+    # Here, not at the top: the compiler's module imports torch, and `lmserve serve` plans its
+    # sampling defaults as a request's fields before it imports torch (sampling_defaults.py).
+    from lmserve.sampling.grammar import GrammarError
+
     try:
         compiler.compile(spec)
     except GrammarError as exc:
@@ -141,4 +144,6 @@ def _choice(choices: list[str] | None, param: str) -> GrammarSpec | None:
         return None
     if not choices or any(c == "" for c in choices):
         raise bad_request(f"{param} must be a non-empty list of non-empty strings", param=param)
+    from lmserve.sampling.grammar import choice_spec  # as GrammarError above
+
     return choice_spec(choices)
