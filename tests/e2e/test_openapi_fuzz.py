@@ -51,7 +51,8 @@ def capped(path: str, body, negative: bool):
     if not isinstance(body, dict):
         return body
     if not negative:
-        body = {key: min(value, CAPS[key]) if key in CAPS and type(value) is int and value > CAPS[key] else value
+        # a whole float is an integer too (2.0 is 2): capped alike
+        body = {key: CAPS[key] if key in CAPS and type(value) in (int, float) and value > CAPS[key] else value
                 for key, value in body.items()}
     length = GENERATING.get(path)
     if length is not None and body.get(length) is None and body.get("n_predict") in (None, -1):

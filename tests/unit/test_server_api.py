@@ -279,6 +279,9 @@ def test_malformed_json_is_400():
 
 def test_wrong_type_names_the_field():
     assert_error(chat(make_client(), temperature="hot"), 400, "temperature", contains=["temperature"])
+    # a field of several types: what is wrong with the value, not that another type was wanted
+    no_messages = make_client().post("/v1/chat/completions", json={"messages": []})
+    assert_error(no_messages, 400, "messages", contains=["at least 1 item"])
     bad_role = {"messages": [{"role": "wizard", "content": "x"}]}
     assert_error(make_client().post("/v1/chat/completions", json=bad_role), 400, "messages[0].role")
     assert_error(make_client().post("/v1/chat/completions", json={}), 400, "messages", contains=["Missing"])
@@ -289,7 +292,8 @@ def test_wrong_type_names_the_field():
     ("fields", "param"),
     [
         ({"n": "2"}, "n"),
-        ({"n": 2.0}, "n"),
+        ({"n": 2.5}, "n"),
+        ({"max_tokens": 2.5}, "max_tokens"),
         ({"stream": "yes"}, "stream"),
         ({"logprobs": "1"}, "logprobs"),
         ({"temperature": True}, "temperature"),
@@ -300,6 +304,22 @@ def test_wrong_type_names_the_field():
 )
 def test_wrong_json_types_are_not_coerced(fields, param):
     assert_error(chat(make_client(), **fields), 400, param)
+
+
+def test_a_whole_number_with_a_fraction_is_an_integer():
+    """JSON Schema's integer, which /openapi.json promises, includes 2.0: taken as 2 wherever an
+    integer is, so the engine runs what the integers would have asked for."""
+    fields = {"n": 2, "max_tokens": 3, "seed": 7, "top_k": 40, "stop_token_ids": [5], "logprobs": True,
+              "top_logprobs": 2}
+    runs = []
+    for numbers in (fields, {key: float(value) if type(value) is int else [float(v) for v in value]
+                             if isinstance(value, list) else value for key, value in fields.items()}):
+        engine = FakeEngine()
+        response = chat(make_client(engine), **numbers)
+        assert response.status_code == 200, response.text
+        runs.append(([params for _, _, params in engine.calls], len(response.json()["choices"])))
+    assert runs[1] == runs[0] and runs[0][1] == 2
+    assert runs[0][0][0].max_tokens == 3 and runs[0][0][0].top_k == 40 and runs[0][0][0].logprobs == 2
 
 
 def raw_chat(client, body: str):

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmserve.server.protocol.requests import Int
+
 
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
@@ -20,7 +22,7 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     tools: list[dict[str, Any]] | None = None
@@ -36,6 +38,6 @@ class ResponsesRequest(BaseModel):
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     include: list[str] | None = None  # "message.output_text.logprobs" only
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    max_tool_calls: int | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    max_tool_calls: Int | None = None
     prompt: dict[str, Any] | None = None

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from lmserve.server.errors import APIError, bad_request
 from lmserve.server.middleware.auth import owner_of
 from lmserve.server.protocol import ChatCompletionRequest
+from lmserve.server.protocol.requests import Int
 from lmserve.server.requests.plan import GenerationPlan, chat_plan
 from lmserve.server.requests.responses_input import chat_messages, input_items, message_item
 from lmserve.server.responses.choices import ChoiceResult, ResponseMeta, finish_name, new_results, recorded_outputs
@@ -41,20 +42,20 @@ class InteractiveRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     prompt: str | list[dict[str, Any]]
-    session_id: int = -1
+    session_id: Int = -1
     interactive_mode: bool = False
     stream: bool = False
     stop: str | list[str] | None = None
-    request_output_len: int | None = Field(None, ge=0)
+    request_output_len: Int | None = Field(None, ge=0)
     top_p: float = Field(0.8, gt=0.0, le=1.0)
-    top_k: int = Field(40, ge=0)
+    top_k: Int = Field(40, ge=0)
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     cancel: bool = False
-    seed: int | None = None
-    min_new_tokens: int | None = Field(None, ge=0)
+    seed: Int | None = None
+    min_new_tokens: Int | None = Field(None, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     model: str | None = None
     # declared so a value is refused by name rather than ignored
@@ -173,7 +174,7 @@ async def _cancel(body: InteractiveRequest, session: str | None, state: ServerSt
     return JSONResponse(EMPTY)
 
 
-def _session_key(owner: str, session_id: int) -> str:
+def _session_key(owner: str, session_id: Int) -> str:
     """The store's conversation id of a session: an owner's session ids are their own."""
     return f"session_{owner[:16] or 'open'}_{session_id}"
 
