@@ -134,7 +134,7 @@ def _request_id(request: Request) -> str:
 
 def validation_error(errors: list[dict]) -> APIError:
     """Turn pydantic's error list into one 400 naming the first offending field."""
-    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    first = _most_telling(errors) if errors else {"type": "", "loc": (), "msg": "invalid request"}
     if first["type"] == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return bad_request(f"malformed JSON body: {detail}".rstrip(": "))
@@ -146,6 +146,18 @@ def validation_error(errors: list[dict]) -> APIError:
     if first["type"] == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param)
     return bad_request(f"Invalid value for '{param}': {first['msg']}", param=param)
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """The first error, unless it only says a union's member wants another type while another
+    member of the same field says what is wrong with the value ("messages": [] is a list that
+    is too short, not "should be a valid string")."""
+    first = errors[0]
+    if first["type"].endswith("_type"):
+        for error in errors[1:]:
+            if not error["type"].endswith("_type") and error_param(error["loc"]) == error_param(first["loc"]):
+                return error
+    return first
 
 
 # Where FastAPI says a failing value came from: not part of the parameter's name.

@@ -101,6 +101,19 @@ def test_what_lmserve_does_not_serve_is_refused_by_name():
         assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
+def test_a_prompt_without_messages_is_a_400_naming_the_prompt():
+    """An empty list of messages was a 500 (the turn's chat request failed validation in the route)."""
+    engine = FakeEngine(reply="x", max_model_len=1024)
+    client = make_client(engine)
+    turn(client, "Hi", session_id=3, interactive_mode=True)
+    for fields in ({}, {"session_id": 3, "interactive_mode": True}):
+        response = client.post(URL, json={"prompt": [], **fields})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "prompt" and "at least 1 item" in error["message"]
+    assert len(engine.calls) == 1
+
+
 def test_cancel_stops_the_sessions_running_request():
     engine = FakeEngine(reply="a long answer", max_model_len=1024, hang_after=2)
     app = make_app(engine)

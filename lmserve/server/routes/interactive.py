@@ -17,14 +17,15 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+import pydantic
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from lmserve.server.errors import APIError, bad_request
+from lmserve.server.errors import APIError, bad_request, error_param
 from lmserve.server.middleware.auth import owner_of
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.protocol.requests import Int
@@ -41,7 +42,7 @@ router = APIRouter(tags=["lmdeploy"])
 class InteractiveRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
-    prompt: str | list[dict[str, Any]]
+    prompt: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
     session_id: Int = -1
     interactive_mode: bool = False
     stream: bool = False
@@ -174,7 +175,7 @@ async def _cancel(body: InteractiveRequest, session: str | None, state: ServerSt
     return JSONResponse(EMPTY)
 
 
-def _session_key(owner: str, session_id: Int) -> str:
+def _session_key(owner: str, session_id: int) -> str:
     """The store's conversation id of a session: an owner's session ids are their own."""
     return f"session_{owner[:16] or 'open'}_{session_id}"
 
@@ -191,4 +192,9 @@ def _chat_body(body: InteractiveRequest, messages: list[dict[str, Any]]) -> Chat
         fields["stop"] = body.stop
     if body.min_new_tokens:
         fields["min_tokens"] = body.min_new_tokens
-    return ChatCompletionRequest.model_validate(fields, strict=False)
+    try:
+        return ChatCompletionRequest.model_validate(fields, strict=False)
+    except pydantic.ValidationError as exc:  # the messages are the session's and the prompt's
+        first = exc.errors()[0]
+        param = "prompt" if first["loc"][:1] == ("messages",) else error_param(first["loc"])
+        raise bad_request(f"Invalid value for '{param}': {first['msg']}", param=param) from None
