@@ -213,6 +213,8 @@ def serve(conn: Any, tokenizer_info_path: str) -> None:
             compilers[threads] = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         try:
             conn.send(("ok", compile_with(compilers[threads], info.vocab_size, kind, text, strict).serialize_json()))
+        except UnicodeDecodeError as exc:  # the compiler's message, cut inside a character of the input's
+            conn.send(("invalid", exc.object.decode("utf-8", "replace") if isinstance(exc.object, bytes) else str(exc)))
         except (RuntimeError, ValueError, TypeError) as exc:
             conn.send(("invalid", str(exc)))
         return_freed_memory()  # a compile's working memory, which glibc would keep while the worker idles

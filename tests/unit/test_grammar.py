@@ -194,3 +194,14 @@ def test_only_whole_patterns_of_one_long_counted_atom_are_rewritten():
     assert not rewritten("^[a-z ]{0,100}$")  # unrolled: fast already
     assert not rewritten("[a-z]{0,300}")  # matched anywhere in the string: left as it is
     assert not rewritten("^(ab){0,300}$") and not rewritten("^x[a-z]{0,300}$")  # more than one atom
+
+
+def test_a_non_ascii_grammar_the_compiler_refuses_gets_its_parse_error_not_a_decoding_one():
+    """The compiler's message quotes the input cut inside a character; the refusal still says
+    where and why (with the cut character replaced)."""
+    from lmserve.sampling.grammar import GrammarError
+
+    with pytest.raises(GrammarError) as refused:
+        GrammarCompiler(MarkupTokenizer(), 259).compile(GrammarSpec("ebnf", "èe"))
+    assert str(refused.value).startswith("invalid ebnf: EBNF lexer error at line 1, column 1: Unexpected character")
+    assert "codec" not in str(refused.value)
