@@ -1,12 +1,18 @@
 // The row helpers of paged_attention.cpp: what one cached row holds (float32, bfloat16, or int8
-// values with their float32 scale), widening, dot products and softmax, portable or AVX-512.
+// values with their float32 scale), widening, dot products and softmax: AVX-512, AVX2 with FMA, or
+// portable. The portable loops' float32 sums are not vectorized by the compiler (the build does not
+// reorder float arithmetic), so a one-row step over 1,600 positions spent ~17 ms in them on an AVX2
+// host (bench/RESULTS.md, forty-first sitting).
 #pragma once
 
 #include "aten.h"
 
 #include <cmath>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define LMSERVE_ROWS_AVX2 1
 #endif
 #include <cstdint>
 #include <cstring>
@@ -45,6 +51,11 @@ inline void widen(const c10::BFloat16* src, float* dst, int64_t n) {
         __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + d));
         _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
     }
+#elif defined(LMSERVE_ROWS_AVX2)
+    for (; d + 8 <= n; d += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + d));
+        _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
 #endif
     for (; d < n; ++d) dst[d] = to_float(src[d]);
 }
@@ -57,9 +68,23 @@ inline void widen(const int8_t* src, float* dst, int64_t n) {  // an int8 row, t
         const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
         _mm512_storeu_ps(dst + d, _mm512_mul_ps(x, sv));
     }
+#elif defined(LMSERVE_ROWS_AVX2)
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; d + 8 <= n; d += 8) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d));
+        _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), sv));
+    }
 #endif
     for (; d < n; ++d) dst[d] = static_cast<float>(src[d]) * scale;
 }
+
+#if defined(LMSERVE_ROWS_AVX2)
+inline float sum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#endif
 
 inline float dot(const float* a, const float* b, int64_t n) {
     int64_t d = 0;
@@ -68,6 +93,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
     total = _mm512_reduce_add_ps(acc);
+#elif defined(LMSERVE_ROWS_AVX2)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains of FMA latency, not one
+    for (; d + 16 <= n; d += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
+    }
+    for (; d + 8 <= n; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
+    total = sum8(_mm256_add_ps(acc0, acc1));
 #endif
     for (; d < n; ++d) total += a[d] * b[d];
     return total;
@@ -78,6 +111,9 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {  // y += p * x
 #if defined(__AVX512F__)
     const __m512 pv = _mm512_set1_ps(p);
     for (; d + 16 <= n; d += 16) _mm512_storeu_ps(y + d, _mm512_fmadd_ps(pv, _mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d)));
+#elif defined(LMSERVE_ROWS_AVX2)
+    const __m256 pv = _mm256_set1_ps(p);
+    for (; d + 8 <= n; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
 #endif
     for (; d < n; ++d) y[d] += p * x[d];
 }
@@ -99,14 +135,41 @@ inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
 }
+#elif defined(LMSERVE_ROWS_AVX2)
+// exp16's arithmetic in 8 lanes; 2^n (n in -126..127 after the clamp) is built in the exponent field.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
 #endif
 
 // In place: s[0:n] = softmax(s[0:n]), in float32.
 inline void softmax(float* s, int64_t n) {
     float top = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) top = s[t] > top ? s[t] : top;
-    float total = 0.f;
     int64_t t = 0;
+#if defined(LMSERVE_ROWS_AVX2)
+    if (n >= 8) {
+        __m256 most = _mm256_loadu_ps(s);
+        for (t = 8; t + 8 <= n; t += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(s + t));
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, most);
+        for (float lane : lanes) top = lane > top ? lane : top;
+    }
+#endif
+    for (; t < n; ++t) top = s[t] > top ? s[t] : top;
+    float total = 0.f;
+    t = 0;
 #if defined(__AVX512F__)
     const __m512 topv = _mm512_set1_ps(top);
     __m512 sum = _mm512_setzero_ps();
@@ -116,6 +179,15 @@ inline void softmax(float* s, int64_t n) {
         sum = _mm512_add_ps(sum, e);
     }
     total = _mm512_reduce_add_ps(sum);
+#elif defined(LMSERVE_ROWS_AVX2)
+    const __m256 topv = _mm256_set1_ps(top);
+    __m256 sum = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), topv));
+        _mm256_storeu_ps(s + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    total = sum8(sum);
 #endif
     for (; t < n; ++t) {
         s[t] = std::exp(s[t] - top);

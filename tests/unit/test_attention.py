@@ -92,7 +92,7 @@ def paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed, block
 
 
 @pytest.mark.parametrize("num_seqs, num_kv_heads, group, head_dim, block_size, max_len", [
-    (5, 2, 1, 32, 4, 23), (24, 1, 7, 24, 4, 23),  # the generic kernel (head_dim not 64/128), its scalar tail
+    (5, 2, 1, 32, 4, 23), (24, 1, 7, 24, 4, 23), (2, 1, 3, 20, 4, 19),  # the generic kernel (head_dim not 64/128)
     (1, 3, 3, 64, 4, 23), (3, 3, 3, 64, 16, 150), (2, 1, 1, 64, 16, 77), (4, 2, 4, 128, 16, 61),
     (3, 1, 8, 64, 8, 40),  # the tiled kernel, blocks of 4-16 positions
 ])
@@ -100,8 +100,9 @@ def paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed, block
 def test_native_decode_kernel_matches_the_pytorch_path(num_seqs, num_kv_heads, group, head_dim, block_size, max_len,
                                                        cache_dtype):
     """The compiled kernel (built by scripts/setup.sh; this fails if it was not) reads the blocks
-    in place; head_dim 24 exercises its scalar tail, group 7 a long group of query heads, head_dim
-    64/128 the tiled kernel over several 16-position tiles with a partial last one. A bf16 cache is
+    in place; head_dim 24 and 20 exercise its 8-lane step and scalar tail (AVX-512: 16 lanes and
+    the tail), group 7 a long group of query heads, head_dim 64/128 the tiled kernel (AVX-512; the
+    generic one on AVX2) over several 16-position tiles with a partial last one. A bf16 cache is
     attended with the query rounded to bf16 (every product then exact in float32)."""
     assert native_decode_attention() is not None, "native kernel not built: run python -m lmserve.kernels"
     q, cache, with_lens, without = paged_case(num_seqs, num_kv_heads, group, head_dim, cache_dtype, seed=num_seqs,
