@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from lmserve.server.errors import APIError, bad_request, error_param
+from lmserve.server.errors import APIError, bad_request, validation_error
 from lmserve.server.middleware.auth import owner_of
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.protocol.requests import Int
@@ -194,7 +194,6 @@ def _chat_body(body: InteractiveRequest, messages: list[dict[str, Any]]) -> Chat
         fields["min_tokens"] = body.min_new_tokens
     try:
         return ChatCompletionRequest.model_validate(fields, strict=False)
-    except pydantic.ValidationError as exc:  # the messages are the session's and the prompt's
-        first = exc.errors()[0]
-        param = "prompt" if first["loc"][:1] == ("messages",) else error_param(first["loc"])
-        raise bad_request(f"Invalid value for '{param}': {first['msg']}", param=param) from None
+    except pydantic.ValidationError as exc:  # the messages are the session's and the prompt's: named so
+        raise validation_error([{**error, "loc": ("prompt", *error["loc"][1:])} if error["loc"][:1] == ("messages",)
+                                else error for error in exc.errors()]) from None
