@@ -102,16 +102,18 @@ def test_what_lmserve_does_not_serve_is_refused_by_name():
 
 
 def test_a_prompt_without_messages_is_a_400_naming_the_prompt():
-    """An empty list of messages was a 500 (the turn's chat request failed validation in the route)."""
+    """An empty list, or reasoning items alone, were a 500 (the turn's chat request had no messages)."""
     engine = FakeEngine(reply="x", max_model_len=1024)
     client = make_client(engine)
     turn(client, "Hi", session_id=3, interactive_mode=True)
-    for fields in ({}, {"session_id": 3, "interactive_mode": True}):
-        response = client.post(URL, json={"prompt": [], **fields})
+    for prompt, told in (([], "at least 1 item"), ([{"type": "reasoning", "summary": []}], "no message to answer")):
+        response = client.post(URL, json={"prompt": prompt})
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["param"] == "prompt" and "at least 1 item" in error["message"]
-    assert len(engine.calls) == 1
+        assert error["param"] == "prompt" and told in error["message"]
+    # in a session, its history is the prompt's messages
+    assert turn(client, [{"type": "reasoning", "summary": []}], session_id=3, interactive_mode=True)["text"] == "x"
+    assert len(engine.calls) == 2
 
 
 def test_cancel_stops_the_sessions_running_request():

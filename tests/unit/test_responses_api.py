@@ -209,6 +209,7 @@ def test_logprobs_with_a_parsed_reply_are_refused_by_name():
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
     ({"input": [{"role": "critic", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),  # no message to answer: was a 500
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
 ])
 def test_what_is_not_served_is_refused_by_name(fields, param):

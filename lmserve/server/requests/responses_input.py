@@ -145,8 +145,9 @@ def _text(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def chat_messages(items: list[dict[str, Any]], instructions: str | None) -> list[dict[str, Any]]:
-    """The chat messages of a context of stored items."""
+def chat_messages(items: list[dict[str, Any]], instructions: str | None, field: str = "input") -> list[dict[str, Any]]:
+    """The chat messages of a context of stored items; a 400 naming `field` (where the items came
+    from) if none is left: reasoning items alone are no prompt."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
     for item in items:
         kind = item.get("type", "message")
@@ -165,6 +166,9 @@ def chat_messages(items: list[dict[str, Any]], instructions: str | None) -> list
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": output if isinstance(output, str) else str(output)})
+    if not messages:
+        raise bad_request(f"'{field}' holds no message to answer (reasoning items are left out of the prompt)",
+                          param=field)
     return messages
 
 

@@ -20,12 +20,11 @@ from contextlib import aclosing
 from typing import Annotated, Any
 
 import anyio
-import pydantic
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from lmserve.server.errors import APIError, bad_request, validation_error
+from lmserve.server.errors import APIError, bad_request
 from lmserve.server.middleware.auth import owner_of
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.protocol.requests import Int
@@ -84,7 +83,7 @@ async def chat_interactive(body: InteractiveRequest, request: Request, state: St
     found = None if session is None else await anyio.to_thread.run_sync(state.store.get_conversation, owner, session)
     history = await anyio.to_thread.run_sync(state.store.items, owner, session) if found else []
     turn = _Turn(state, owner, session, found, input_items(body.prompt, field="prompt"), body.interactive_mode)
-    chat_body = _chat_body(body, chat_messages((history or []) + turn.items, None))
+    chat_body = _chat_body(body, chat_messages((history or []) + turn.items, None, field="prompt"))
     try:
         return await generate(chat_body, request, state, turn.shape())
     finally:
@@ -192,8 +191,4 @@ def _chat_body(body: InteractiveRequest, messages: list[dict[str, Any]]) -> Chat
         fields["stop"] = body.stop
     if body.min_new_tokens:
         fields["min_tokens"] = body.min_new_tokens
-    try:
-        return ChatCompletionRequest.model_validate(fields, strict=False)
-    except pydantic.ValidationError as exc:  # the messages are the session's and the prompt's: named so
-        raise validation_error([{**error, "loc": ("prompt", *error["loc"][1:])} if error["loc"][:1] == ("messages",)
-                                else error for error in exc.errors()]) from None
+    return ChatCompletionRequest.model_validate(fields, strict=False)
