@@ -116,30 +116,24 @@ def test_an_openai_model_name_and_the_wrong_kind(client):
     assert "embedding model" in info.value.body["message"]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_server(float32_server):
-    """The session's float32 server (tests/e2e/conftest.py): --embedding-model pointing at a random
-    2-layer BERT under its own name, with last-token pooling for the chat model, in float32 like the
-    local decoder its embeddings are compared with."""
-    return float32_server
-
-
-def test_an_explicit_embedding_model_folder(tiny_bert_server):
-    cards = httpx.get(f"{tiny_bert_server}/v1/models").json()["data"]
+# The session's float32 server serves a random 2-layer BERT as tiny-bert beside the chat model, with
+# last-token pooling for the chat model (tests/e2e/conftest.py).
+def test_an_explicit_embedding_model_folder(float32_server):
+    cards = httpx.get(f"{float32_server}/v1/models").json()["data"]
     assert [(c["kind"], c["max_model_len"]) for c in cards] == [("chat", 2048), ("embedding", 64)]
-    body = httpx.post(f"{tiny_bert_server}/v1/embeddings", json={"input": ["hello", "world"]}, timeout=60).json()
+    body = httpx.post(f"{float32_server}/v1/embeddings", json={"input": ["hello", "world"]}, timeout=60).json()
     assert body["model"] == "tiny-bert" and len(body["data"][0]["embedding"]) == 32
     got = np.array([d["embedding"] for d in body["data"]])
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # no modules.json: mean + normalise
-    too_long = httpx.post(f"{tiny_bert_server}/v1/embeddings", json={"input": "word " * 70}, timeout=60)
+    too_long = httpx.post(f"{float32_server}/v1/embeddings", json={"input": "word " * 70}, timeout=60)
     assert too_long.status_code == 400 and "64 tokens" in too_long.json()["error"]["message"]
 
 
-def test_chat_embedding_pooling_flag_reaches_the_decoder(tiny_bert_server, model_id, default_model):
+def test_chat_embedding_pooling_flag_reaches_the_decoder(float32_server, model_id, default_model):
     from lmserve.embeddings.embedder import DecoderEmbedder
     from lmserve.embeddings.pooling import Pooling
 
-    body = httpx.post(f"{tiny_bert_server}/v1/embeddings", timeout=60,
+    body = httpx.post(f"{float32_server}/v1/embeddings", timeout=60,
                       json={"model": model_id, "input": "Paris is lovely.", "encoding_format": "float"}).json()
     ids = default_model.tokenizer.encode("Paris is lovely.")
     local = {mode: DecoderEmbedder(default_model.model, None, Pooling(mode, True), 2048).embed([ids])[0]

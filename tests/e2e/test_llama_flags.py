@@ -47,6 +47,7 @@ def test_llama_server_sampler_flags_are_the_defaults_props_shows_and_requests_ru
     ran = httpx.post(f"{url}/completion", json={"prompt": "Hi", "n_predict": 2}, timeout=120).json()
     settings = ran["generation_settings"]  # what the request ran with, in llama.cpp's names
     assert (settings["repeat_penalty"], settings["repeat_last_n"], settings["mirostat"]) == (1.5, 32, 2)
+    # vLLM's name for the penalty wins over the server's llama.cpp one, with no 400 for disagreeing
     own = httpx.post(f"{url}/completion", json={"prompt": "Hi", "n_predict": 2, "repetition_penalty": 1.1,
                                                 "mirostat": 0}, timeout=120)
     assert own.status_code == 200, own.text

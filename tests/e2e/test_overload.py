@@ -7,18 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-import pytest
 
 from tests.helpers.live_server import KEYED_MAX_QUEUED as MAX_QUEUED, KEYED_MAX_RUNNING as MAX_RUNNING, KEYS
 from tests.helpers.prometheus import metric_samples
 
 BURST = 40
 FLOOD_KEY, PROBE_KEY = KEYS
-
-
-@pytest.fixture(scope="module")
-def url(keyed_server):
-    return keyed_server
 
 
 async def chat(http: httpx.AsyncClient, key: str, tag: str, finished: list[str]) -> httpx.Response:
@@ -50,8 +44,8 @@ async def overload(url: str) -> tuple[list[httpx.Response], httpx.Response, list
     return answers, probe, finished, samples
 
 
-def test_a_flood_is_answered_at_once_and_does_not_keep_another_client_waiting(url):
-    answers, probe, finished, samples = asyncio.run(overload(url))
+def test_a_flood_is_answered_at_once_and_does_not_keep_another_client_waiting(keyed_server):
+    answers, probe, finished, samples = asyncio.run(overload(keyed_server))
     statuses = [answer.status_code for answer in answers]
     assert set(statuses) <= {200, 429, 503}, statuses
     assert all("Retry-After" in answer.headers for answer in answers if answer.status_code != 200)
