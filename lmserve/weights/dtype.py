@@ -127,5 +127,5 @@ def serving_dtype(path: str | Path, requested: str, device: str = "cpu", tensors
     if tensors is None:
         from lmserve.weights.gguf import GGUFFile
 
-        tensors = GGUFFile.open(path).tensors
+        tensors = GGUFFile.open(path, arrays=False).tensors
     return choose_dtype("gguf:" + gguf_weight_type(tensors), device).dtype

@@ -180,7 +180,7 @@ def read_model_config(path: Path) -> ModelConfig:
     """The model's shape from its header (a GGUF's metadata, or config.json), no weights read."""
     if path.is_dir():
         return _read_hf_folder(path)[0]
-    gguf = GGUFFile.open(path)
+    gguf = GGUFFile.open(path, arrays=False)  # the vocabulary's size is its length
     return ModelConfig.from_gguf(gguf.metadata, "output.weight" in gguf.tensor_names())
 
 

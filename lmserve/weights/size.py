@@ -29,10 +29,10 @@ def estimated_weight_bytes(path: str | Path, dtype: str, device: str = "cpu") ->
     loader resolves it)."""
     path = Path(path)
     tensors = None
-    if not path.is_dir():  # its header, parsed once (~60 ms for the default model's)
+    if not path.is_dir():  # its header, parsed once, its vocabulary stepped over
         from lmserve.weights.gguf import GGUFFile
 
-        tensors = GGUFFile.open(path).tensors
+        tensors = GGUFFile.open(path, arrays=False).tensors
     requested, dtype = dtype, serving_dtype(path, dtype, device, tensors)
     other = 4.0 if dtype == "float32" else 2.0
     shapes = dict(_tensor_shapes(path, tensors))

@@ -123,13 +123,14 @@ def test_the_size_estimate_counts_the_wider_matrices_at_int8(tmp_path, monkeypat
 
 
 def test_the_size_estimate_parses_a_gguf_header_once(tmp_path, monkeypatch):
-    """~60 ms a parse of the default model's header, and the fleet estimates each model it plans."""
+    """The fleet estimates each model it plans: its header parsed once, without its vocabulary."""
     from lmserve.weights.size import estimated_weight_bytes
 
     monkeypatch.setattr(auto, "cpu_flags", lambda: FULL)
     path = write_gguf(tiny_hf_model("llama"), tmp_path / "m.gguf", "llama", "Q4_0", tensor_quants=MIXED)
     opened = []
     real_open = GGUFFile.open.__func__
-    monkeypatch.setattr(GGUFFile, "open", classmethod(lambda cls, p: (opened.append(p), real_open(cls, p))[1]))
+    monkeypatch.setattr(GGUFFile, "open",
+                        classmethod(lambda cls, p, **kw: (opened.append((p, kw)), real_open(cls, p, **kw))[1]))
     assert estimated_weight_bytes(path, "auto") > estimated_weight_bytes(path, "int4")
-    assert len(opened) == 2  # one for each estimate
+    assert opened == [(path, {"arrays": False})] * 2  # one for each estimate

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from lmserve.weights.gguf import GGUFFile, UnsupportedModelError
+from lmserve.weights.gguf import GGUFFile, UnreadArray, UnsupportedModelError
 
 T = gguf.GGUFValueType
 
@@ -87,18 +87,58 @@ def test_nested_arrays_read_as_lists_of_lists(tmp_path):
     assert metadata["nested"] == [[1, 2], [3]] and metadata["nested_strs"] == [["a", "b"], ["c"]]
 
 
+def test_a_header_read_without_arrays_has_the_rest_and_each_array_s_length(tmp_path):
+    path = _write(tmp_path / "m.gguf", 64)
+    writer = gguf.GGUFWriter(str(tmp_path / "n.gguf"), "llama")
+    writer.add_array("nested_strs", [["a", "b"], ["c"]])
+    writer.add_uint32("after", 7)
+    _finish(writer)
+    for file in (path, tmp_path / "n.gguf"):
+        whole, header = GGUFFile.open(file), GGUFFile.open(file, arrays=False)
+        arrays = {key for key, value in whole.metadata.items() if isinstance(value, list)}
+        assert arrays and header.metadata.keys() == whole.metadata.keys()
+        assert {key: header.metadata[key] for key in whole.metadata.keys() - arrays} == \
+            {key: whole.metadata[key] for key in whole.metadata.keys() - arrays}
+        assert {key: header.metadata[key] for key in arrays} == {key: UnreadArray(len(whole.metadata[key]))
+                                                                  for key in arrays}
+        assert [(t.name, t.tensor_type, t.shape) for t in header.tensors] == \
+            [(t.name, t.tensor_type, t.shape) for t in whole.tensors]
+        for tensor in whole.tensors:
+            np.testing.assert_array_equal(header.read_tensor(tensor.name), whole.read_tensor(tensor.name))
+    with pytest.raises(TypeError):
+        iter(header.metadata["nested_strs"])  # nothing read, nothing to iterate
+
+
+def test_a_default_model_header_without_arrays_gives_its_shape():
+    from lmserve.cli import default_model_path
+    from lmserve.model.config import ModelConfig
+    from lmserve.weights.load import read_model_config
+
+    whole, header = GGUFFile.open(default_model_path()), GGUFFile.open(default_model_path(), arrays=False)
+    assert read_model_config(default_model_path()) == ModelConfig.from_gguf(whole.metadata, False)
+    # without a vocab_size key, the vocabulary's length
+    unsized = [{key: value for key, value in opened.metadata.items() if key != "llama.vocab_size"}
+               for opened in (whole, header)]
+    assert ModelConfig.from_gguf(unsized[1], False) == ModelConfig.from_gguf(unsized[0], False)
+    assert ModelConfig.from_gguf(unsized[1], False).vocab_size == 49152
+
+
 def test_not_a_gguf_file(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(ValueError, match="not a GGUF file"):
         GGUFFile.open(tmp_path / "x.gguf")
 
 
-@pytest.mark.parametrize("keep", [6, 30, 300])
-def test_a_header_cut_short_is_named_truncated(tmp_path, keep):
+@pytest.mark.parametrize("keep", [6, 30, 300, "in an array of strings", "in an array of numbers"])
+@pytest.mark.parametrize("arrays", [True, False])
+def test_a_header_cut_short_is_named_truncated(tmp_path, keep, arrays):
     raw = _write(tmp_path / "m.gguf").read_bytes()
+    marks = {"in an array of strings": "日本".encode(), "in an array of numbers": struct.pack("<f", 1e-3)}
+    if keep in marks:
+        keep = raw.index(marks[keep]) + 2
     (tmp_path / "cut.gguf").write_bytes(raw[:keep])
     with pytest.raises(ValueError, match="truncated or not a valid GGUF"):
-        GGUFFile.open(tmp_path / "cut.gguf")
+        GGUFFile.open(tmp_path / "cut.gguf", arrays=arrays)
 
 
 def test_tensor_data_cut_short_is_named_truncated(tmp_path):
