@@ -1,6 +1,21 @@
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from lmserve.cli import default_model_path
+
+
+def pytest_configure(config):
+    """Converted weights (lmserve/weights/converted.py) go to a folder of the session's, for this
+    process and every server it starts: not the user's cache, which the tiny models' would fill."""
+    config.weights_cache = tempfile.mkdtemp(prefix="lmserve-weights-")
+    os.environ["LMSERVE_WEIGHTS_CACHE"] = config.weights_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "weights_cache", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from lmserve.memory import release_library_pages, return_freed_memory
 from lmserve.model.config import ModelConfig
 from lmserve.model.registry import build_model
 from lmserve.text.tokenizer import Tokenizer
+from lmserve.weights import converted
 from lmserve.weights.dtype import choose_dtype, gguf_weight_type, hf_dtype_source, int8_matrices, wider_than_int4
 from lmserve.weights.gguf import GGUFFile
 from lmserve.weights.names import ROPE_FREQS, gguf_to_hf, unpermute_rope_rows
@@ -76,14 +77,21 @@ def _load(path: str | Path, dtype: str, device: str, max_positions: int | None):
     else:
         gguf = GGUFFile.open(path)
         config, tensors, freqs = _read_gguf(gguf)
-    int8_parts: dict[int, frozenset[str]] = {}
+    requested, int8_parts = dtype, {}
     if dtype == "auto":
         dtype = _auto_dtype(path, gguf, device)
         if dtype == "int4" and gguf is not None:
             int8_parts = _int8_parts(gguf)
-    model = build_model(config, max_positions or config.max_position_embeddings, freqs)
-    check_parameters(model, tensors)  # before any tensor is read: a missing one fails fast
-    return _fill(model, tensors, dtype, device, int8_parts), config, gguf, dtype
+    entry = converted.entry_path(path, requested, dtype, device, max_positions)
+    model = converted.load(entry) if entry is not None else None
+    if model is None:
+        model = build_model(config, max_positions or config.max_position_embeddings, freqs)
+        check_parameters(model, tensors)  # before any tensor is read: a missing one fails fast
+        model = _fill(model, tensors, dtype, device, int8_parts)
+        if entry is not None:
+            converted.save(entry, model)
+    model.enable_native_layers()
+    return model, config, gguf, dtype
 
 
 def _auto_dtype(path: Path, gguf: GGUFFile | None, device: str) -> str:
@@ -146,9 +154,7 @@ def _fill(model: torch.nn.Module, tensors: Mapping, dtype: str, device: str,
         model.pack_for_cpu()
     del tensors
     return_freed_memory()
-    model = model.to(device).eval()
-    model.enable_native_layers()
-    return model
+    return model.to(device).eval()  # its native layers are the caller's to enable, after any save
 
 
 class LazyTensors(Mapping):

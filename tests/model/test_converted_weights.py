@@ -1,0 +1,124 @@
+"""Converted weights kept ready to map (lmserve/weights/converted.py): a second load of an int4 or
+int8 model maps the first one's converted copy, with the same logits bit for bit and none of the
+conversion; what is not cached, a changed checkpoint, an unreadable entry and an unwritable cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lmserve.weights import load as load_module
+from lmserve.weights.load import load_weights
+from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model, write_gguf
+from tests.model.test_llama_logits import run_paged
+
+IDS = list(range(5, 25))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", str(folder))
+    return folder
+
+
+def logits(path, dtype):
+    model, config, _ = load_weights(path, dtype)
+    return run_paged(model, config, IDS, [12, 1, 7]), model
+
+
+def entries(folder):
+    return sorted(folder.glob("*.pt")) if folder.exists() else []
+
+
+def mapped_files(model) -> set[str]:
+    """The files whose mappings hold the model's tensors' bytes."""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, end, fields[5]))
+    pointers = [t.data_ptr() for t in model.state_dict().values() if t.numel()]
+    return {name for start, end, name in spans if any(start <= p < end for p in pointers)}
+
+
+def no_conversion(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(load_module, "_fill", refuse)
+
+
+@pytest.mark.parametrize("source, dtype", [("Q4_0", "auto"), ("Q4_1", "int4"), ("Q8_0", "int8"), ("hf", "int4")])
+def test_a_second_load_maps_the_first_one_s_converted_weights(tmp_path, cache, monkeypatch, source, dtype):
+    hf = tiny_hf_model("llama", seed=3)
+    path = (save_hf_folder(hf, tmp_path / "m") if source == "hf"
+            else write_gguf(hf, tmp_path / "m.gguf", "llama", source))
+    first, _ = logits(path, dtype)
+    [entry] = entries(cache)
+    no_conversion(monkeypatch)
+    second, model = logits(path, dtype)
+    assert torch.equal(first, second)
+    assert str(entry) in mapped_files(model)  # mapped from the entry, not read into memory
+    assert entries(cache) == [entry]
+
+
+def test_float_models_and_a_cache_of_none_write_nothing(tmp_path, cache, monkeypatch):
+    path = write_gguf(tiny_hf_model("llama", seed=4), tmp_path / "m.gguf", "llama", "Q4_0")
+    logits(path, "float32")
+    logits(path, "bfloat16")
+    assert entries(cache) == []
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", "none")
+    logits(path, "int4")
+    assert not cache.exists()
+
+
+def test_a_changed_checkpoint_is_converted_again_and_replaces_its_entry(tmp_path, cache, monkeypatch):
+    path = tmp_path / "m.gguf"
+    before, _ = logits(write_gguf(tiny_hf_model("llama", seed=5), path, "llama", "Q4_0"), "int4")
+    [old] = entries(cache)
+    write_gguf(tiny_hf_model("llama", seed=6), path, "llama", "Q4_0")  # the same path, other weights
+    after, _ = logits(path, "int4")
+    [new] = entries(cache)
+    assert new != old and not torch.equal(before, after)
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", "none")
+    assert torch.equal(after, logits(path, "int4")[0])  # as converted with no cache
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", str(cache))
+    assert torch.equal(logits(path, "int4")[0], after)  # the new entry, read back
+
+
+def test_another_context_length_is_another_entry(tmp_path, cache):
+    path = write_gguf(tiny_hf_model("llama", seed=7), tmp_path / "m.gguf", "llama", "Q4_0")
+    load_weights(path, "int4", max_positions=128)
+    [short] = entries(cache)
+    load_weights(path, "int4", max_positions=256)
+    [long] = entries(cache)  # the checkpoint's older entry replaced
+    assert long != short and str(long) in mapped_files(load_weights(path, "int4", max_positions=256)[0])
+
+
+def test_an_unreadable_entry_is_converted_again(tmp_path, cache, monkeypatch, caplog):
+    path = write_gguf(tiny_hf_model("llama", seed=8), tmp_path / "m.gguf", "llama", "Q4_0")
+    first, _ = logits(path, "int4")
+    [entry] = entries(cache)
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # cut short
+    with caplog.at_level(logging.WARNING, logger="lmserve.weights.converted"):
+        again, _ = logits(path, "int4")
+    assert torch.equal(first, again) and "unreadable" in caplog.text
+    no_conversion(monkeypatch)
+    assert torch.equal(logits(path, "int4")[0], first)  # saved whole again
+
+
+def test_an_unwritable_cache_still_loads(tmp_path, monkeypatch):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", str(blocked / "cache"))
+    path = write_gguf(tiny_hf_model("llama", seed=9), tmp_path / "m.gguf", "llama", "Q4_0")
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", "none")
+    expected, _ = logits(path, "int4")
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", str(blocked / "cache"))
+    assert torch.equal(logits(path, "int4")[0], expected)
+    assert blocked.read_text() == "not a folder"
