@@ -7,7 +7,8 @@ the page cache's, so servers and replicas of one model on a machine share them.
 An entry is keyed by the checkpoint (the path, and the size and modification time of each file the
 load reads), the dtype asked for and the one served, the context the model is built for, and
 everything that decides the converted layout: lmserve's model and weights code, torch's version,
-this CPU's flags and the kernels' build (or their absence). A checkpoint keeps one entry: a new one
+this CPU's flags, the kernels' build (or their absence) and the formats the conversion would choose
+with them. A checkpoint keeps one entry: a new one
 replaces it. Nothing is written for float32 and bfloat16 models (their load converts little, and a
 copy would double their bytes on disk) nor where the model holds a tensor that cannot be saved
 (oneDNN's bf16 layout).
@@ -59,6 +60,7 @@ def entry_path(path: Path, requested: str, served: str, device: str, max_positio
     key.update(f"{requested}\0{served}\0{max_positions}\0{torch.__version__}\0{platform.machine()}\0".encode())
     key.update(" ".join(sorted(cpu_flags())).encode())
     key.update(_kernels_key().encode())
+    key.update(_layout_key().encode())
     key.update(_code_key())
     return root / f"{_source_key(source)}-{key.hexdigest()[:16]}.pt"
 
@@ -109,6 +111,17 @@ def _kernels_key() -> str:
     from lmserve.kernels import build_directory, native_module
 
     return build_directory().name if native_module() is not None else "no kernels"
+
+
+def _layout_key() -> str:
+    """What the projections' conversion asks of this machine, asked as it asks it (through the
+    modules that choose the formats): the CPU's flags and the kernels' build decide these, and so
+    does a test that stands one of them in."""
+    from lmserve.model import linear
+    from lmserve.model.weight_formats import floating
+
+    return repr([linear.int4_linear_supported(), linear.packs_weights(), linear.int8_matmul_pays(),
+                 floating.bf16_panels_run(), floating.packs_bf16()])
 
 
 def _code_key() -> bytes:

@@ -122,3 +122,20 @@ def test_an_unwritable_cache_still_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", str(blocked / "cache"))
     assert torch.equal(logits(path, "int4")[0], expected)
     assert blocked.read_text() == "not a folder"
+
+
+def test_what_the_conversion_asks_of_the_machine_is_part_of_the_key(tmp_path, cache, monkeypatch):
+    """The formats a CPU's kernels choose (here those of a CPU without the W4A8 and packed W8A8
+    products): a load that would choose others converts again."""
+    from lmserve.model import linear
+    from lmserve.model.weight_formats.int4 import Int4WeightOnly
+
+    path = write_gguf(tiny_hf_model("llama", seed=10), tmp_path / "m.gguf", "llama", "Q4_0")
+    load_weights(path, "int4")
+    [first] = entries(cache)
+    monkeypatch.setattr(linear, "int4_linear_supported", lambda: False)
+    monkeypatch.setattr(linear, "packs_weights", lambda: False)
+    model, _, _ = load_weights(path, "int4")
+    [second] = entries(cache)
+    assert second != first and isinstance(model.model.layers[0].self_attn.qkv_proj.small_step_copy.storage,
+                                          Int4WeightOnly)
