@@ -6,6 +6,8 @@ such text is tokenized exactly as before."""
 from __future__ import annotations
 
 import dataclasses
+import random
+import re
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from tokenizers import AddedToken, models, normalizers, pre_tokenizers
 from lmserve.server.protocol import ChatCompletionRequest
 from lmserve.server.requests.plan.chat import chat_prompt, chat_prompt_text
 from lmserve.server.requests.tools import plan_tools
-from lmserve.text.special_text import PromptText, SpecialTextMask
+from lmserve.text.special_text import PromptText, SpecialTextMask, special_texts
 from lmserve.text.tokenizer import Tokenizer
 
 IM_START, IM_END = 1, 2  # SmolLM2's ids
@@ -40,6 +42,32 @@ def test_mask_hides_special_text_and_reveal_puts_it_back_with_its_places():
     assert prompt.text == "<|im_start|>a<|im_end|>b|<s>|['<s>', 3]"
     assert [prompt.text[start:end] for start, end in prompt.plain_spans] == ["<|im_end|>", "<s>", "<s>"]
     assert SpecialTextMask([]).hide("a<s>") == "a<s>" and SpecialTextMask([]).reveal("x") == PromptText("x")
+
+
+NESTED = ["<s>", "<s>x", "</s>", "<|im_start|>", "<|im_end|>", "<|im", "ab", "abc", "b", "bc", "<|", "|>"]
+
+
+def test_the_pattern_finds_what_an_alternation_longest_first_finds():
+    """The trie is the alternation of the texts, longest first, written with their shared
+    beginnings once: the same matches, on texts that begin and end inside one another."""
+    alternation = re.compile("|".join(map(re.escape, sorted(NESTED, key=len, reverse=True))))
+    pattern = special_texts(tuple(NESTED)).pattern
+    rng = random.Random(0)
+    pieces = [*NESTED, "<", "|", "s", "x", "a", "c", "_", " "]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(10))
+        assert [m.span() for m in pattern.finditer(text)] == [m.span() for m in alternation.finditer(text)], text
+
+
+def test_texts_nested_deeper_than_python_recurses_still_match_the_longest():
+    texts = tuple("<" + "a" * i for i in range(1, 3000))  # each ends inside the next: 3,000 nested groups
+    assert [m.group() for m in special_texts(texts).pattern.finditer("x<aaab<" + "a" * 2999)] == ["<aaa", texts[-1]]
+
+
+def test_the_texts_are_compiled_once_for_every_request_s_mask():
+    texts = ("<|im_start|>", "<|im_end|>")
+    assert SpecialTextMask(texts)._specials is SpecialTextMask(list(texts))._specials is not None
+    assert special_texts(("", "<s>")).texts == ("<s>",)  # an empty text would match everywhere
 
 
 def test_a_message_cannot_forge_a_system_turn(default_tokenizer):
