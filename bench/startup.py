@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def main() -> None:
             medians[label, column] = statistics.median(values)
             print(f"{what:13s} {label:10s} " + " ".join(f"{value:.2f}" for value in values)
                   + f" s (median {medians[label, column]:.2f})")
+    shutil.rmtree(logs / "weights", ignore_errors=True)  # the converted weights: the size of the model
     for what, column in (("time to healthy", 0), ("first constrained request", 1)):
         ratio = medians["lmserve", column] / medians["llama.cpp", column]
         print(f"lmserve / llama.cpp, median {what}: {ratio:.2f}x (below 1: lmserve is sooner)")

@@ -18,7 +18,6 @@ would no longer find it there.
 
 from __future__ import annotations
 
-import functools
 import re
 import secrets
 from collections.abc import Sequence
@@ -40,17 +39,16 @@ class PromptText:
 @dataclass(frozen=True, eq=False)
 class SpecialTexts:
     """A vocabulary's special-token texts, numbered, and one pattern that finds any of them, the
-    longest where several start at one place. Made once per vocabulary (special_texts): for
-    vocabularies with many special tokens it is dear (102,801 of them: 3.3 s), and each request
-    then only matches."""
+    longest where several start at one place. Made once per tokenizer, which keeps it
+    (Tokenizer.special_text_set): for vocabularies with many special tokens it is dear (102,801 of
+    them: 3.3 s), and each request then only matches."""
 
     texts: tuple[str, ...]
     index: dict[str, int]
     pattern: re.Pattern | None  # None: no special text
 
 
-@functools.lru_cache(maxsize=8)
-def special_texts(texts: tuple[str, ...]) -> SpecialTexts:
+def special_texts(texts: Sequence[str]) -> SpecialTexts:
     """SpecialTexts of `texts`. The pattern is a trie (the texts' shared beginnings written once,
     each branch trying longer texts before it ends): an alternation of every text took 4.7 s to
     compile for 102,801 texts and 217 ms a match over a 3,500-character message; the trie 3.3 s
@@ -92,8 +90,8 @@ def _trie_pattern(texts: Sequence[str]) -> str:
 class SpecialTextMask:
     """Hides special-token text in a request's strings from a chat template, for one request."""
 
-    def __init__(self, texts: Sequence[str]) -> None:
-        specials = special_texts(tuple(texts))
+    def __init__(self, texts: SpecialTexts | Sequence[str]) -> None:
+        specials = texts if isinstance(texts, SpecialTexts) else special_texts(texts)
         self.special_texts, self._index, self._specials = specials.texts, specials.index, specials.pattern
         nonce = secrets.token_hex(8)
         # ASCII letters and digits only, matched in either case: they pass tojson, escaping and upper().

@@ -8,13 +8,14 @@ An entry is keyed by the checkpoint (the path, and the size and modification tim
 load reads), the dtype asked for and the one served, the context the model is built for, and
 everything that decides the converted layout: lmserve's model and weights code, torch's version,
 this CPU's flags, the kernels' build (or their absence) and the formats the conversion would choose
-with them. A checkpoint keeps one entry: a new one
-replaces it. Nothing is written for float32 and bfloat16 models (their load converts little, and a
-copy would double their bytes on disk) nor where the model holds a tensor that cannot be saved
-(oneDNN's bf16 layout).
+with them. A checkpoint keeps one entry for each dtype it is served in: a new one replaces it.
+Nothing is written for float32 and bfloat16 models (their load converts little, and a copy would
+double their bytes on disk) nor where the model holds a tensor that cannot be saved (oneDNN's bf16
+layout).
 
 LMSERVE_WEIGHTS_CACHE names the folder (default ~/.cache/lmserve/weights), or "none" for no cache.
-The files are pickles of the model object, trusted as the kernels' built modules beside them are.
+The files are pickles of the model object, trusted as the kernels' built modules beside them are:
+a folder another user owns or may write to is not used (a warning says so).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def entry_path(path: Path, requested: str, served: str, device: str, max_positio
     """Where the converted copy of the checkpoint at `path` lives (whether or not it is there yet);
     None when such a model is not cached."""
     root = cache_root()
-    if root is None or served not in CACHED_DTYPES or torch.device(device).type != "cpu":
+    if root is None or served not in CACHED_DTYPES or torch.device(device).type != "cpu" or not _private(root):
         return None
     source = path.resolve()
     key = hashlib.sha256()
@@ -62,7 +63,7 @@ def entry_path(path: Path, requested: str, served: str, device: str, max_positio
     key.update(_kernels_key().encode())
     key.update(_layout_key().encode())
     key.update(_code_key())
-    return root / f"{_source_key(source)}-{key.hexdigest()[:16]}.pt"
+    return root / f"{_source_key(source, served)}-{key.hexdigest()[:16]}.pt"
 
 
 def load(entry: Path) -> torch.nn.Module | None:
@@ -84,7 +85,7 @@ def save(entry: Path, model: torch.nn.Module) -> bool:
     """Write `model` (as the load leaves it, before its native layers) to `entry`, replacing the
     checkpoint's older entries; False, with a log line, where it cannot be saved."""
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=entry.parent, prefix=".partial-", suffix=".pt", delete=False) as out:
             partial = Path(out.name)
             try:
@@ -103,8 +104,22 @@ def save(entry: Path, model: torch.nn.Module) -> bool:
     return True
 
 
-def _source_key(source: Path) -> str:
-    return hashlib.sha256(str(source).encode()).hexdigest()[:16]
+def _source_key(source: Path, served: str) -> str:
+    return hashlib.sha256(f"{source}\0{served}".encode()).hexdigest()[:16]
+
+
+def _private(root: Path) -> bool:
+    """Whether `root` is absent or this user's alone: its files are loaded as code would be."""
+    try:
+        status = root.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if status.st_uid != os.getuid() or status.st_mode & 0o022:
+        log.warning("converted weights not kept in %s: another user owns it or may write to it", root)
+        return False
+    return True
 
 
 def _kernels_key() -> str:

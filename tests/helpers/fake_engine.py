@@ -10,6 +10,7 @@ from lmserve.engine.step_types import EngineLoad, EngineStep, StepStats
 from lmserve.request import FinishReason, RequestOutput, SampleLogprobs, SamplingParams, TokenLogprob
 from lmserve.text.chat_template import ChatTemplateError
 from lmserve.text.fim import FimTokens
+from lmserve.text.special_text import special_texts as special_texts_of
 
 
 class ByteTokenizer:
@@ -33,6 +34,7 @@ class ByteTokenizer:
         return ([0] if add_special_tokens else []) + self.encode_prompt(text)
 
     special_texts = ("<s>", "</s>")  # encode parses them: "<s>" in a text is id 0
+    special_text_set = special_texts_of(special_texts)
 
     def encode_plain(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([0] if add_special_tokens else []) + [b + 2 for b in text.encode()]

@@ -139,3 +139,27 @@ def test_what_the_conversion_asks_of_the_machine_is_part_of_the_key(tmp_path, ca
     [second] = entries(cache)
     assert second != first and isinstance(model.model.layers[0].self_attn.qkv_proj.small_step_copy.storage,
                                           Int4WeightOnly)
+
+
+def test_a_checkpoint_keeps_an_entry_for_each_dtype_it_is_served_in(tmp_path, cache, monkeypatch):
+    path = write_gguf(tiny_hf_model("llama", seed=11), tmp_path / "m.gguf", "llama", "Q8_0")
+    load_weights(path, "int4")
+    load_weights(path, "int8")
+    assert len(entries(cache)) == 2
+    no_conversion(monkeypatch)
+    for dtype in ("int4", "int8"):  # both mapped, neither converted again
+        model, _, _ = load_weights(path, dtype)
+        assert mapped_files(model) & {str(entry) for entry in entries(cache)}
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_folder_others_may_write_to_is_not_used(tmp_path, monkeypatch, caplog, mode):
+    """Its files would be loaded as code is: a folder writable by others could hand the server theirs."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", str(shared))
+    path = write_gguf(tiny_hf_model("llama", seed=12), tmp_path / "m.gguf", "llama", "Q4_0")
+    with caplog.at_level(logging.WARNING, logger="lmserve.weights.converted"):
+        logits(path, "int4")
+    assert entries(shared) == [] and "may write to it" in caplog.text

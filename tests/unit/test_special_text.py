@@ -64,9 +64,12 @@ def test_texts_nested_deeper_than_python_recurses_still_match_the_longest():
     assert [m.group() for m in special_texts(texts).pattern.finditer("x<aaab<" + "a" * 1300)] == ["<aaa", texts[-1]]
 
 
-def test_the_texts_are_compiled_once_for_every_request_s_mask():
-    texts = ("<|im_start|>", "<|im_end|>")
-    assert SpecialTextMask(texts)._specials is SpecialTextMask(list(texts))._specials is not None
+def test_the_texts_are_compiled_once_for_every_request_s_mask(default_tokenizer):
+    """The tokenizer keeps them: each chat request's mask only matches."""
+    specials = default_tokenizer.special_text_set
+    assert specials is default_tokenizer.special_text_set
+    assert specials.texts == tuple(sorted(default_tokenizer.special_texts))
+    assert SpecialTextMask(specials)._specials is SpecialTextMask(specials)._specials is specials.pattern
     assert special_texts(("", "<s>")).texts == ("<s>",)  # an empty text would match everywhere
 
 

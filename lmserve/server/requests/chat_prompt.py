@@ -37,7 +37,7 @@ def render_chat(request: ChatCompletionRequest, tokenizer: ChatTokenizer, tools:
     """The prompt text, ending with the assistant's turn opened (or, with continue_final_message,
     inside the last assistant message), and where in it the request spelled special tokens.
     Template errors are 400s."""
-    mask = SpecialTextMask(() if request.parse_special else tokenizer.special_texts)
+    mask = SpecialTextMask(() if request.parse_special else tokenizer.special_text_set)
     messages = chat_messages(request.messages)
     rendered = mask.hide([_template_message(message, i) for i, message in enumerate(messages)])
     offered_tools = mask.hide(list(tools.tools)) if tools is not None else None
