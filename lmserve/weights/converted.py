@@ -4,8 +4,8 @@ same checkpoint map that file instead of converting again (the default model her
 conversion against 0.03 s of mapping; bench/RESULTS.md, "forty-second sitting"). Mapped pages are
 the page cache's, so servers and replicas of one model on a machine share them.
 
-An entry is keyed by the checkpoint (the path, and the size and modification time of each file the
-load reads), the dtype asked for and the one served, the context the model is built for, and
+An entry is keyed by the checkpoint (the path, and the size, times and inode of each file the load
+reads), the dtype asked for and the one served, the context the model is built for, and
 everything that decides the converted layout: lmserve's model and weights code, torch's version,
 this CPU's flags, the kernels' build (or their absence) and the formats the conversion would choose
 with them. A checkpoint keeps one entry for each dtype it is served in: a new one replaces it.
@@ -57,7 +57,9 @@ def entry_path(path: Path, requested: str, served: str, device: str, max_positio
     files = sorted(f for f in source.iterdir() if f.suffix in _CHECKPOINT_SUFFIXES) if source.is_dir() else [source]
     for file in files:
         stat = file.stat()
-        key.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        # ctime and inode too: a file put in place keeping the old one's size and time (rsync -t,
+        # cp -p, a requantization of the same size) still has a new change time, or a new inode
+        key.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\0".encode())
     key.update(f"{requested}\0{served}\0{max_positions}\0{torch.__version__}\0{platform.machine()}\0".encode())
     key.update(" ".join(sorted(cpu_flags())).encode())
     key.update(_kernels_key().encode())

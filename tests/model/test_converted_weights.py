@@ -91,6 +91,23 @@ def test_a_changed_checkpoint_is_converted_again_and_replaces_its_entry(tmp_path
     assert torch.equal(logits(path, "int4")[0], after)  # the new entry, read back
 
 
+def test_a_file_put_in_place_with_the_old_one_s_size_and_times_is_converted_again(tmp_path, cache):
+    """As `cp -p` or `rsync -t` leave it: another file, the same size and modification time."""
+    import os
+    import shutil
+
+    path = write_gguf(tiny_hf_model("llama", seed=13), tmp_path / "m.gguf", "llama", "Q4_0")
+    before, _ = logits(path, "int4")
+    other = write_gguf(tiny_hf_model("llama", seed=14), tmp_path / "other.gguf", "llama", "Q4_0")
+    os.utime(other, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    assert other.stat().st_size == path.stat().st_size
+    shutil.copy2(other, tmp_path / "incoming.gguf")
+    os.replace(tmp_path / "incoming.gguf", path)
+    after, _ = logits(path, "int4")
+    assert not torch.equal(before, after)
+    assert torch.equal(after, logits(other, "int4")[0])
+
+
 def test_another_context_length_is_another_entry(tmp_path, cache):
     path = write_gguf(tiny_hf_model("llama", seed=7), tmp_path / "m.gguf", "llama", "Q4_0")
     load_weights(path, "int4", max_positions=128)
@@ -115,7 +132,6 @@ def test_an_unreadable_entry_is_converted_again(tmp_path, cache, monkeypatch, ca
 def test_an_unwritable_cache_still_loads(tmp_path, monkeypatch):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", str(blocked / "cache"))
     path = write_gguf(tiny_hf_model("llama", seed=9), tmp_path / "m.gguf", "llama", "Q4_0")
     monkeypatch.setenv("LMSERVE_WEIGHTS_CACHE", "none")
     expected, _ = logits(path, "int4")
