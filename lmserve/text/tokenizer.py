@@ -109,7 +109,6 @@ class Tokenizer:
     length_bound: LengthBound | None = None  # see min_num_tokens; None: no bound is known
     _template: jinja2.Template | None = field(default=None, init=False, repr=False)
     _plain: tokenizers.Tokenizer | None = field(default=None, init=False, repr=False)  # see _plain_backend
-    _specials: tuple[bool, SpecialTexts] | None = field(default=None, init=False, repr=False)  # see _spells_special
 
     @property
     def vocab_size(self) -> int:
@@ -251,11 +250,13 @@ class Tokenizer:
         copy of the backend; a text without one encodes alike in both, and the copy is dear to
         build (bench/RESULTS.md, twenty-eighth sitting). A special token matched on normalized
         text could match where its own text does not occur: with one, every text counts."""
-        if self._specials is None:
-            added = self.backend.get_added_tokens_decoder().values()
-            self._specials = any(t.special and t.normalized for t in added), self.special_text_set
-        normalized, texts = self._specials
-        return normalized or (texts.pattern is not None and texts.pattern.search(text) is not None)
+        pattern = self.special_text_set.pattern
+        return self._special_normalized or (pattern is not None and pattern.search(text) is not None)
+
+    @functools.cached_property
+    def _special_normalized(self) -> bool:
+        """Whether a special token is matched on normalized text (see _spells_special)."""
+        return any(t.special and t.normalized for t in self.backend.get_added_tokens_decoder().values())
 
     def _plain_backend(self) -> tokenizers.Tokenizer:
         """A copy of the backend that encodes special-token text as plain text, and knows _ANCHOR."""
