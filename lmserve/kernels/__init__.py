@@ -7,11 +7,12 @@ engine then uses its PyTorch path, which gives the same results more slowly, exc
 float32 products round differently (and not alike for a row alone and in a batch), that on a bf16 KV
 cache the decode kernel rounds the query to bf16 at any batch size and the PyTorch path only above
 FLOAT32_DECODE_SEQS sequences, and that prompt attention over a bf16 or an int8 cache (but on CPUs
-with AMX-BF16 tiles only chunks of few rows: prompt_attention_chosen) rounds its
-softmax weights to bf16 where PyTorch's rounds its outputs (3.2e-3-1.5e-2 apart on the cases of
-tests/unit/test_prompt_attention.py, the kernel the closer to float32 in each), as decode rows over a
-prefix they share with enough others do over that prefix (0.7-1.2e-3 from the decode kernel's rows
-alone on the cases of tests/unit/test_shared_prefix_decode.py).
+with AMX-BF16 tiles only chunks of few rows: prompt_attention_chosen) keeps its softmax weights in
+float32 on AVX2 and rounds them to bf16 on AVX512-BF16, where PyTorch's rounds its outputs
+(3.2e-3-1.5e-2 apart on the cases of tests/unit/test_prompt_attention.py, the kernel the closer to
+float32 in each), as decode rows over a prefix they share with enough others do over that prefix
+on AVX512-BF16 (0.7-1.2e-3 from the decode kernel's rows alone on the cases of
+tests/unit/test_shared_prefix_decode.py).
 `python -m lmserve.kernels` builds ahead of time (scripts/setup.sh does), so a server start
 never waits for the compiler. LMSERVE_NATIVE_KERNELS=0 turns the kernels off.
 """

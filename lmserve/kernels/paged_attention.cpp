@@ -467,10 +467,15 @@ void decode(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
 }
 
 // Whether this cache and head shape take the shared pass: a bf16 cache, a shape decode_fast runs,
-// and the prompt kernel (AVX512-BF16).
+// and the prompt kernel's dpbf16 path (AVX512-BF16; its float32 path, on AVX2, is for prompts only).
 bool shared_pass_runs(const at::Tensor& k_cache, int64_t num_heads, int64_t head_dim) {
+#if defined(__AVX512BF16__)
     return k_cache.scalar_type() == at::kBFloat16 && fast_shape(num_heads / k_cache.size(0), head_dim) &&
            prompt_attention_supported(k_cache, num_heads);
+#else
+    (void)k_cache, (void)num_heads, (void)head_dim;
+    return false;
+#endif
 }
 
 }  // namespace

@@ -11,8 +11,11 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__)
+#define LMSERVE_AVX2_FMA 1  // exp8 and sum8 (the prompt kernel's float32 path takes them beside AVX-512F too)
+#if !defined(__AVX512F__)
 #define LMSERVE_ROWS_AVX2 1
+#endif
 #endif
 #include <cstdint>
 #include <cstring>
@@ -78,7 +81,7 @@ inline void widen(const int8_t* src, float* dst, int64_t n) {  // an int8 row, t
     for (; d < n; ++d) dst[d] = static_cast<float>(src[d]) * scale;
 }
 
-#if defined(LMSERVE_ROWS_AVX2)
+#if defined(LMSERVE_AVX2_FMA)
 inline float sum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -118,7 +121,7 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {  // y += p * x
     for (; d < n; ++d) y[d] += p * x[d];
 }
 
-#if defined(__AVX512F__) || defined(LMSERVE_ROWS_AVX2)
+#if defined(__AVX512F__) || defined(LMSERVE_AVX2_FMA)
 // exp's arithmetic, in 16 lanes (exp16) or 8 (exp8): x clamped to [kExpLow, kExpHigh], n = round(x
 // log2 e), r = x - n ln2 (ln2 in two parts, |r| <= ln2/2), a degree-6 polynomial on r (Horner's
 // rule on kExpTerms, 1/6! first) times 2^n; relative error ~2e-7, as libm would give within float32
@@ -138,7 +141,8 @@ inline __m512 exp16(__m512 x) {
     for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTerms[i]));
     return _mm512_scalef_ps(p, n);
 }
-#elif defined(LMSERVE_ROWS_AVX2)
+#endif
+#if defined(LMSERVE_AVX2_FMA)
 // 2^n (n in -126..127 after the clamp) is built in the exponent field: AVX2 has no scalef.
 inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(kExpHigh)), _mm256_set1_ps(kExpLow));

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from lmserve.kernels import cpu_flags
 from lmserve.model.attention import dequantize_rows, quantize_rows
+
+
+def prompt_kernel_path() -> str | None:
+    """Which path of the prompt attention kernels this CPU runs, read off its flags: "bf16" (bf16
+    dot products, its softmax weights rounded to bf16), "float32" (AVX2 with FMA) or None."""
+    flags = cpu_flags()
+    if "avx512_bf16" in flags:
+        return "bf16"
+    return "float32" if {"avx2", "fma"} <= flags else None
 
 
 def block_slots(blocks, block: int, total: int) -> torch.Tensor:

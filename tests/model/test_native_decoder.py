@@ -11,7 +11,7 @@ import torch
 
 from lmserve.cache.kv_cache import allocate_kv_caches
 from lmserve.cli import default_model_path
-from lmserve.kernels import cpu_flags, native_module
+from lmserve.kernels import native_module
 from lmserve.model.attention import AttentionMetadata, PrefillSeq
 from lmserve.model import linear
 from lmserve.model.weight_formats import floating
@@ -20,6 +20,7 @@ from lmserve.model.weight_formats.int4 import (Int4WeightOnly, W4A8Pairs, W4A8We
                                                int4_pairs_run)
 from lmserve.model.weight_formats.int8 import W8A8Weight
 from lmserve.weights.load import load_weights
+from tests.helpers.attention_cases import prompt_kernel_path
 from tests.helpers.tiny_models import save_hf_folder, tiny_hf_model
 
 BLOCK = 4
@@ -184,7 +185,7 @@ def test_prompt_attention_runs_alike_from_both_layers(tiny_qwen2_wide_heads_fold
     cache = torch.zeros(2, 4, width, dtype=kv_dtype)
     (_, whole), (_, after) = chunks
     chosen = [module.prompt_attention_chosen(cache, 4, whole, False), module.prompt_attention_chosen(cache, 4, after, True)]
-    kernels, amx = "avx512_bf16" in cpu_flags(), module.amx_bf16_usable()
+    kernels, amx = prompt_kernel_path() is not None, module.amx_bf16_usable()
     after_rows = 32 if kv_dtype == torch.int8 else 24
     assert chosen == [kernels and not (amx and whole >= 128), kernels and not (amx and after >= after_rows)]
     # where chosen, the kernels ran, once a layer, in the prompt's own step (whole prompts of the
