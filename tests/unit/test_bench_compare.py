@@ -1,5 +1,8 @@
 from pathlib import Path
 
+import contextlib
+
+from bench import compare
 from bench.compare import CompareConfig, lmserve_kv_value_bytes, plan_workload
 from bench.workloads import Workload
 
@@ -87,3 +90,37 @@ def test_the_driver_maps_none_of_the_servers_libraries():
     values = 2 * 30 * 3 * 64  # SmolLM2-135M: 30 layers, 3 KV heads of 64
     assert sizes.split() == [str(values * 2), str(512 * values * 2)]  # bf16 K/V under int4
     assert imported == ""
+
+
+def test_lmserve_starts_once_unmeasured_before_each_new_set_of_arguments(monkeypatch):
+    """A start that converts the weights (the first with a set of arguments, which replaces the set
+    kept before it) is not the measured one: each measured lmserve run whose arguments differ from
+    the last lmserve start's, other than port and KV budget, comes after an unmeasured start with
+    the same ones; llama-server's never."""
+    events = []
+
+    @contextlib.contextmanager
+    def started(command):
+        events.append(("unmeasured", command.label, command.argv))
+        yield 1
+
+    def measured(command, workload, model, options):
+        events.append(("measured", command.label, command.argv))
+        return compare.failed_run(command.label, workload, "not run")
+
+    monkeypatch.setattr(compare, "check_binaries", lambda config: None)
+    monkeypatch.setattr(compare, "kv_bytes_per_token_apart", lambda config: 400)
+    monkeypatch.setattr(compare, "running_server", started)
+    monkeypatch.setattr(compare, "_measure", measured)
+    again = Workload("decode-c8", "decode", 8, 8, 128, 256)  # DECODE's context, another KV budget
+    compare.run_compare(config(workloads=[DECODE, again, SHARED, DECODE]))
+    kinds = [(kind, label) for kind, label, _ in events]
+    assert kinds == [("unmeasured", "lmserve"), ("measured", "lmserve"), ("measured", "llama.cpp"),
+                     ("measured", "lmserve"), ("measured", "llama.cpp"),
+                     ("unmeasured", "lmserve"), ("measured", "lmserve"), ("measured", "llama.cpp"),
+                     ("unmeasured", "lmserve"), ("measured", "lmserve"), ("measured", "llama.cpp")]
+    lmserve = [(kind, argv) for kind, label, argv in events if label == "lmserve"]
+    pairs = zip(lmserve, lmserve[1:])
+    assert all(argv == following for (kind, argv), (_, following) in pairs if kind == "unmeasured")
+    assert option(lmserve[1][1], "--kv-cache-memory") != option(lmserve[2][1], "--kv-cache-memory")
+    assert option(lmserve[2][1], "--max-model-len") != option(lmserve[4][1], "--max-model-len")
