@@ -178,6 +178,9 @@ void attend_heads(const float* q, const float* keys, const float* values, float*
         alignas(32) float scores[N * kBlockKeys];   // then the block's weights
         float top[N], sums[N];
         const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const auto first = [&](int64_t m) {  // a mask of the first m lanes (none for m <= 0, all from 8)
+            return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), lane_index));
+        };
         for (int64_t x = begin; x < end; ++x) {
             // a lane's row blocks one after another, taken from both ends in turn (as the dpbf16 attend)
             const int64_t lane = x / row_blocks, turn = x % row_blocks;
@@ -194,7 +197,8 @@ void attend_heads(const float* q, const float* keys, const float* values, float*
             std::fill_n(top, N, -INFINITY);
             std::fill_n(sums, N, 0.f);
             std::fill_n(acc, pairs * dim, 0.f);
-            const int64_t last = std::min(offset + r0 + rows - 1, context_len - 1);  // the task's rows attend to keys 0..last
+            // the task's rows attend to keys 0..last
+            const int64_t last = std::min(offset + r0 + rows - 1, context_len - 1);
             const float* kh = keys + h * chunks * 8 * dim;
             const float* vh = values + h * chunks * 8 * dim;
             for (int64_t c0 = 0; c0 <= last; c0 += kBlockKeys) {
@@ -214,8 +218,7 @@ void attend_heads(const float* q, const float* keys, const float* values, float*
                     }
                     __m256 most = _mm256_set1_ps(-INFINITY);
                     for (int u = 0; u < 2 * halves; ++u) {
-                        const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - 8 * u)), lane_index);
-                        most = _mm256_max_ps(most, _mm256_blendv_ps(most, _mm256_load_ps(s + 8 * u), _mm256_castsi256_ps(valid)));
+                        most = _mm256_max_ps(most, _mm256_blendv_ps(most, _mm256_load_ps(s + 8 * u), first(n - 8 * u)));
                     }
                     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(most), _mm256_extractf128_ps(most, 1));
                     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
@@ -231,9 +234,8 @@ void attend_heads(const float* q, const float* keys, const float* values, float*
                     const __m256 tv = _mm256_set1_ps(top[i]);
                     __m256 total = _mm256_setzero_ps();
                     for (int u = 0; u < 2 * halves; ++u) {
-                        const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - 8 * u)), lane_index);
-                        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_load_ps(s + 8 * u), tv)),
-                                                       _mm256_castsi256_ps(valid));
+                        const __m256 scores_u = _mm256_load_ps(s + 8 * u);
+                        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(scores_u, tv)), first(n - 8 * u));
                         _mm256_store_ps(s + 8 * u, e);
                         total = _mm256_add_ps(total, e);
                     }
@@ -251,7 +253,8 @@ void attend_heads(const float* q, const float* keys, const float* values, float*
                     const __m256 inv = _mm256_set1_ps(1.f / sums[i]);
                     if (lse) lse[(r0 + r) * num_heads + head0 + g] = top[i] + std::log(sums[i]);
                     float* o = out + ((r0 + r) * num_heads + head0 + g) * dim;
-                    for (int64_t d = 0; d < dim; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_load_ps(acc + i * dim + d), inv));
+                    for (int64_t d = 0; d < dim; d += 8)
+                        _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_load_ps(acc + i * dim + d), inv));
                 }
         }
     });
