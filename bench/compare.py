@@ -153,8 +153,8 @@ def _first_start(command: ServerCommand) -> None:
     one's (_weights_args): a start converts the checkpoint's weights for those arguments and keeps them, one set per
     checkpoint and dtype (lmserve/weights/converted.py), and later starts map them, as a user's
     server does from its second start on. A measured start that converted would count the
-    conversion in its peak memory (the Qwen2-0.5B-shaped file's 2,000-token prefill: 840 MiB, against 761 on a
-    start that mapped them)."""
+    conversion in its peak memory (the Qwen2-0.5B-shaped file's 2,000-token prefill: 840 MiB, against 761 the
+    sitting before, on a start that mapped them)."""
     print(f"[{command.label}] a first start, unmeasured (converted weights kept for the measured one)",
           file=sys.stderr)
     try:

@@ -4,7 +4,7 @@
 // - dpbf16 (AVX512-BF16, kernels/prompt_attention_bf16.h): PyTorch widens bf16 to float32 on such
 //   CPUs and took 27% of a 128-token prompt's time, 69% of a 2,000-token one (bench/RESULTS.md,
 //   "2026-12-05"); on CPUs with AMX-BF16 tiles only for chunks of few rows (prompt_attention_chosen).
-// - float32 (AVX2 with FMA, kernels/prompt_attention_f32.h): 1.4x PyTorch's speed on chunks of a
+// - float32 (AVX2 with FMA, kernels/prompt_attention_f32.h): 1.4-1.6x PyTorch's speed on chunks of a
 //   2,000-token prompt, 2.2-2.7x on prompts of 64-512 tokens, 5-9x on one row (bench/RESULTS.md,
 //   "forty-third sitting").
 //
@@ -33,6 +33,7 @@
 
 #include "amx_state.h"
 
+#include "constant_dispatch.h"
 #include "paged_attention_rows.h"  // widen
 #include "prompt_attention_bf16.h"
 #include "prompt_attention_f32.h"
@@ -57,7 +58,7 @@ int64_t heads_per_task(int64_t group) {
 // Room for `words` packed words, kept by the calling thread (the engine's) from call to call, one
 // buffer for every kind of call: a fresh buffer this size is mapped and faulted in page by page each
 // time, 30 times a step. It keeps the largest context's size (3 kv heads of 64 at 8,192 positions:
-// 6 MiB).
+// 6 MiB in bf16 pairs, 12 MiB in float32).
 inline uint32_t* packing_buffer(size_t words) {
     thread_local std::vector<uint32_t> packed;
     if (packed.size() < words) packed.resize(words);
@@ -70,33 +71,16 @@ template <typename Rows>
 void attend_rows(const float* q, int64_t query_len, int64_t num_heads, int64_t dim, const Rows& rows,
                  int64_t context_len, int64_t offset, int64_t num_kv_heads, double scale, float* out, float* lse) {
 #if defined(LMSERVE_PROMPT_BF16) || defined(LMSERVE_PROMPT_F32)
-    // pack writes every word, padding included: 16-position steps of dim elements, keys and values
-    const size_t packed_words = num_kv_heads * ((context_len + 15) / 16) * 16 * dim * sizeof(Element) / 4;
-    Element* keys = reinterpret_cast<Element*>(packing_buffer(2 * packed_words));
-    Element* values = reinterpret_cast<Element*>(reinterpret_cast<uint32_t*>(keys) + packed_words);
-#if defined(LMSERVE_PROMPT_BF16)  // in dpbf16 pairs
-    pack(rows, context_len, num_kv_heads, dim, reinterpret_cast<uint32_t*>(keys), reinterpret_cast<uint32_t*>(values));
-    const auto* k_packed = reinterpret_cast<const uint32_t*>(keys);
-    const auto* v_packed = reinterpret_cast<const uint32_t*>(values);
-#else
+    // pack writes every element, padding included: 16-position steps of dim values, keys and values
+    const size_t packed = num_kv_heads * ((context_len + 15) / 16) * 16 * dim * sizeof(Element) / sizeof(Packed);
+    Packed* keys = reinterpret_cast<Packed*>(packing_buffer(2 * packed * sizeof(Packed) / sizeof(uint32_t)));
+    Packed* values = keys + packed;
     pack(rows, context_len, num_kv_heads, dim, keys, values);
-    const float* k_packed = keys;
-    const float* v_packed = values;
-#endif
     const auto run = [&](auto heads) {
-        attend_heads<decltype(heads)::value>(q, k_packed, v_packed, out, lse, query_len, context_len, offset,
+        attend_heads<decltype(heads)::value>(q, keys, values, out, lse, query_len, context_len, offset,
                                              num_heads, num_kv_heads, dim, static_cast<float>(scale));
     };
-    switch (heads_per_task(num_heads / num_kv_heads)) {
-        case 1: run(std::integral_constant<int, 1>{}); break;
-        case 2: run(std::integral_constant<int, 2>{}); break;
-        case 3: run(std::integral_constant<int, 3>{}); break;
-        case 4: run(std::integral_constant<int, 4>{}); break;
-        case 5: run(std::integral_constant<int, 5>{}); break;
-        case 6: run(std::integral_constant<int, 6>{}); break;
-        case 7: run(std::integral_constant<int, 7>{}); break;
-        default: run(std::integral_constant<int, 8>{}); break;
-    }
+    with_constant<8>(heads_per_task(num_heads / num_kv_heads), run);
 #else
     (void)q, (void)query_len, (void)num_heads, (void)dim, (void)rows, (void)context_len, (void)offset,
         (void)num_kv_heads, (void)scale, (void)out, (void)lse;

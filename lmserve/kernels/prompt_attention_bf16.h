@@ -22,7 +22,8 @@ namespace {
 #if defined(__AVX512BF16__)
 #define LMSERVE_PROMPT_BF16 1
 constexpr int64_t kMaxHeadDim = 256;
-using Element = uint16_t;  // what pack() holds of a row: bf16 bits
+using Element = uint16_t;  // what pack_row() writes of a row: bf16 bits
+using Packed = uint32_t;   // what pack() writes and attend reads: pairs of them
 
 // A row as bf16 bits: a bf16 row as stored; a float32 row, or an int8 row's values times its scale
 // (widen), rounded to bf16.

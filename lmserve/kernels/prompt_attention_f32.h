@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "constant_dispatch.h"
 #include "paged_attention_rows.h"  // widen, exp8, sum8
 
 namespace {
@@ -26,7 +27,8 @@ namespace {
 #if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
 #define LMSERVE_PROMPT_F32 1
 constexpr int64_t kMaxHeadDim = 256;
-using Element = float;  // what pack() holds of a row
+using Element = float;  // what pack_row() writes of a row
+using Packed = float;   // what pack() writes and attend reads
 
 // x rounded to bf16 (to nearest, ties to even, as PyTorch's conversion rounds), held as float32.
 inline __m256 round_bf16(__m256 x) {
@@ -146,19 +148,6 @@ void group_values(const float* weights, const float* values, int64_t dim, int ke
     }
 }
 
-// f.template operator()<P>() for P = n (1..kGroup).
-template <typename F>
-inline void with_group_size(int n, const F& f) {
-    switch (n) {
-        case 1: f(std::integral_constant<int, 1>{}); break;
-        case 2: f(std::integral_constant<int, 2>{}); break;
-        case 3: f(std::integral_constant<int, 3>{}); break;
-        case 4: f(std::integral_constant<int, 4>{}); break;
-        case 5: f(std::integral_constant<int, 5>{}); break;
-        default: f(std::integral_constant<int, 6>{}); break;
-    }
-}
-
 // As the dpbf16 attend: q (query_len, num_heads, dim), row r attending to keys 0 ..
 // min(offset + r, context_len - 1); out the same shape, lse where given. A task is ROWS rows x
 // HEADS heads of one kv head (kTaskPairs pairs, about); it walks the keys kBlockKeys at a time:
@@ -204,7 +193,7 @@ void attend_heads(const float* q, const float* keys, const float* values, float*
             for (int64_t c0 = 0; c0 <= last; c0 += kBlockKeys) {
                 const int halves = static_cast<int>((std::min<int64_t>(kBlockKeys, last + 1 - c0) + 15) / 16);
                 for (int i0 = 0; i0 < pairs; i0 += kGroup)
-                    with_group_size(std::min(kGroup, pairs - i0), [&](auto p) {
+                    with_constant<kGroup>(std::min(kGroup, pairs - i0), [&](auto p) {
                         group_scores<decltype(p)::value>(qs + i0 * dim, kh + c0 * dim, dim, halves, scale,
                                                          scores + i0 * kBlockKeys);
                     });
@@ -242,7 +231,7 @@ void attend_heads(const float* q, const float* keys, const float* values, float*
                     sums[i] += sum8(total);
                 }
                 for (int i0 = 0; i0 < pairs; i0 += kGroup)
-                    with_group_size(std::min(kGroup, pairs - i0), [&](auto p) {
+                    with_constant<kGroup>(std::min(kGroup, pairs - i0), [&](auto p) {
                         group_values<decltype(p)::value>(scores + i0 * kBlockKeys, vh + c0 * dim, dim, 16 * halves,
                                                          acc + i0 * dim);
                     });

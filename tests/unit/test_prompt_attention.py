@@ -18,6 +18,7 @@ from tests.helpers.attention_cases import prompt_kernel_path, random_cache, scat
 
 TOLERANCE = 1.5e-2
 FLOAT32_TOLERANCE = 2e-5  # the float32 path: products and weights in float32
+KERNEL_TOLERANCE = FLOAT32_TOLERANCE if prompt_kernel_path() == "float32" else TOLERANCE  # this CPU's path
 
 
 def reference(q, values, slots, group, scale):
@@ -95,8 +96,7 @@ def test_native_prompt_attention_matches_a_float32_reference(query_len, context_
         return
     expected = reference(q, values, slots, group, scale)
     assert out.shape == expected.shape
-    tolerance = FLOAT32_TOLERANCE if prompt_kernel_path() == "float32" else TOLERANCE
-    assert torch.allclose(out, expected, atol=tolerance), (out - expected).abs().max()
+    assert torch.allclose(out, expected, atol=KERNEL_TOLERANCE), (out - expected).abs().max()
     shifted = reference(q, values, slots, group, scale * 1.25)  # the comparison can tell a wrong scale apart
     assert not torch.allclose(out, shifted, atol=TOLERANCE)
 
@@ -119,8 +119,7 @@ def test_native_prompt_attention_rescales_as_the_maximum_moves(rising, cache_dty
     if out is None:
         return
     expected = reference(q, values, slots, 3, 0.125)
-    tolerance = FLOAT32_TOLERANCE if prompt_kernel_path() == "float32" else TOLERANCE
-    assert torch.allclose(out, expected, atol=tolerance), (out - expected).abs().max()
+    assert torch.allclose(out, expected, atol=KERNEL_TOLERANCE), (out - expected).abs().max()
     scores = q[-1, 0].bfloat16().float() @ values[0][0].T * 0.125
     assert scores.max() - scores.min() > 100  # weights from 1 down to exp(-100), past float32's range
 
@@ -141,15 +140,14 @@ def test_paged_attention_prefills_through_the_kernels_whole_or_after_a_cached_pr
                             AttentionMetadata(slots[:first], 0, None, None, [PrefillSeq(0, first, first, None)]), scale)
     own = [x[:first].transpose(0, 1).bfloat16().float() for x in (k, v)]  # (Hkv, first, D)
     expected = reference(q[:first], own, torch.arange(first), group, scale).flatten(1)
-    tolerance = FLOAT32_TOLERANCE if prompt_kernel_path() == "float32" else TOLERANCE
-    assert torch.allclose(whole, expected, atol=tolerance), (whole - expected).abs().max()
+    assert torch.allclose(whole, expected, atol=KERNEL_TOLERANCE), (whole - expected).abs().max()
     rows = slice(first, total)
     rest = paged_attention(q[rows], k[rows], v[rows], cache,
                            AttentionMetadata(slots[rows], 0, None, None, [PrefillSeq(0, total - first, total, slots)]),
                            scale)
     values = [dequantize_rows(p, torch.bfloat16).float() if cache_dtype == torch.int8 else p.float() for p in cache]
     expected = reference(q, values, slots, group, scale).flatten(1)[rows]
-    assert torch.allclose(rest, expected, atol=tolerance), (rest - expected).abs().max()
+    assert torch.allclose(rest, expected, atol=KERNEL_TOLERANCE), (rest - expected).abs().max()
 
 
 def test_a_whole_prompt_without_a_kernel_shape_is_refused_by_name():
